@@ -1,0 +1,1 @@
+"""Lictor's built-in protocol addons. They use only the public ``lictor`` API."""

@@ -1,0 +1,1 @@
+"""Lictor: the gateway between autonomous agents and production."""
