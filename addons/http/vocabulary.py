@@ -1,0 +1,150 @@
+"""The ``when:`` vocabularies of HTTP and Kubernetes rules."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from lictor import Request
+from lictor.vocabulary import Custom, Enum, Glob, Number, Predicate, Quantifier, Vocabulary, glob_to_regex
+
+_TEMPLATE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
+def path_pattern(pattern: str) -> re.Pattern[str]:
+    """``/v1/customers/{id}`` matches one path segment per ``{name}``; ``*`` and ``?`` are globs."""
+    if _TEMPLATE.search(pattern):
+        parts = _TEMPLATE.split(pattern)
+        regex = "[^/]+".join(glob_to_regex(p, case_sensitive=True).pattern[4:-3] for p in parts)
+        return re.compile(f"(?s:{regex})\\Z")
+    return glob_to_regex(pattern, case_sensitive=True)
+
+
+def _paths(value: Any) -> Predicate:
+    patterns = [path_pattern(str(v)) for v in ([value] if isinstance(value, str) else value)]
+
+    def pred(request: Request, quantifier: Quantifier) -> bool:
+        path = request.attrs.get("path")
+        return isinstance(path, str) and any(p.match(path) for p in patterns)
+
+    return pred
+
+
+def _mapping_of_globs(attr: str, case_insensitive_keys: bool) -> Any:
+    def compile_(value: Any) -> Predicate:
+        wanted = {
+            (k.lower() if case_insensitive_keys else k): [
+                glob_to_regex(str(p), case_sensitive=True)
+                for p in ([v] if isinstance(v, (str, int, float, bool)) else v)
+            ]
+            for k, v in value.items()
+        }
+
+        def pred(request: Request, quantifier: Quantifier) -> bool:
+            have = request.attrs.get(attr)
+            if not isinstance(have, Mapping):
+                return False
+            for key, pats in wanted.items():
+                values = have.get(key)
+                if values is None:
+                    return False
+                vals = [values] if isinstance(values, (str, int, float, bool)) else list(values)
+                if not any(p.match(str(v)) for v in vals for p in pats):
+                    return False
+            return True
+
+        return pred
+
+    return compile_
+
+
+_GLOB_MAP = {
+    "type": "object",
+    "minProperties": 1,
+    "additionalProperties": {
+        "oneOf": [
+            {"type": ["string", "number", "boolean"]},
+            {"type": "array", "items": {"type": ["string", "number", "boolean"]}, "minItems": 1},
+        ]
+    },
+}
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+
+HTTP_VOCABULARY = Vocabulary(
+    protocol="http",
+    fields=(
+        Enum("methods", attr="method", values=HTTP_METHODS, description="HTTP methods"),
+        Glob("hosts", attr="host", description="request host (globs)"),
+        Custom(
+            "paths",
+            json_schema={
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+                "description": "path globs or templates like /v1/customers/{id}",
+            },
+            compiler=_paths,
+        ),
+        Custom(
+            "query",
+            json_schema={**_GLOB_MAP, "description": "query parameter name -> value globs"},
+            compiler=_mapping_of_globs("query", False),
+        ),
+        Custom(
+            "headers",
+            json_schema={**_GLOB_MAP, "description": "header name -> value globs"},
+            compiler=_mapping_of_globs("headers", True),
+        ),
+        Custom(
+            "json",
+            json_schema={**_GLOB_MAP, "description": "JSON path ($.a.b) -> value globs"},
+            compiler=_mapping_of_globs("json", False),
+        ),
+        Number("body_size", description="request body size in bytes: {max: N}"),
+    ),
+    index="methods",
+    description="HTTP requests through the reverse proxy",
+)
+
+K8S_VERBS = (
+    "get",
+    "list",
+    "watch",
+    "create",
+    "update",
+    "patch",
+    "delete",
+    "deletecollection",
+    "exec",
+    "attach",
+    "portforward",
+    "proxy",
+    "impersonate",
+    "logs",
+)
+
+K8S_VOCABULARY = Vocabulary(
+    protocol="kubernetes",
+    fields=(
+        Enum(
+            "verbs",
+            attr="verb",
+            values=K8S_VERBS,
+            description="exec/attach/portforward/proxy/impersonate are verbs of their own here",
+        ),
+        Glob(
+            "resources",
+            attr="resource",
+            description="resource, or resource/subresource (pods/log); `*` covers subresources too",
+        ),
+        Glob("subresources", attr="subresource", description="subresource (log, exec, status, scale, ...)"),
+        Glob("api_groups", attr="api_group", description="API group; `core` is the core group"),
+        Glob("namespaces", attr="namespace", description="namespace; cluster-scoped requests have none"),
+        Glob("names", attr="name", description="object names"),
+        Glob("paths", attr="path", description="non-resource URLs such as /api, /version (discovery)"),
+        Glob("commands", attr="command", description="kubectl exec command line (space-joined)"),
+    ),
+    index="verbs",
+    secondary="resources",
+    description="Kubernetes API requests, mapped like the API server's RBAC",
+)

@@ -1,0 +1,81 @@
+"""Turn SQL text into policy requests (shared by the listener and ``lictor test``)."""
+
+from __future__ import annotations
+
+from lictor import Request
+
+from ._classify import ClassificationError, Statement, classify
+
+
+def statement_attrs(st: Statement, database: str = "") -> dict[str, object]:
+    return {
+        "kind": st.kind,
+        "kinds": st.kinds,
+        "tables": st.tables_read | st.tables_written,
+        "tables_read": st.tables_read,
+        "tables_written": st.tables_written,
+        "functions": st.functions,
+        "columns": st.columns,
+        "has_where": st.has_where,
+        "limit": st.limit,
+        "modifies": st.modifies,
+        "dynamic_sql": st.dynamic_sql,
+        "read_write_attempt": st.read_write_attempt,
+        "settings": st.settings,
+        "database": database,
+    }
+
+
+def request_for_statement(st: Statement, *, target: str, database: str = "", reason: str | None = None) -> Request:
+    return Request(
+        protocol="postgres",
+        action=st.kind,
+        attrs=statement_attrs(st, database),
+        target=target,
+        summary=f"{st.kind.upper().replace('_', ' ')}: {st.text.strip()[:200]}",
+        payload=st.text,
+        reason=reason,
+    )
+
+
+def requests_for_sql(sql: str, *, target: str, database: str = "", reason: str | None = None) -> list[Request]:
+    """One request per statement. A statement the grammar rejects becomes an ``unknown`` request,
+    which no rule allows unless it names ``unknown`` explicitly (fail closed)."""
+    try:
+        statements = classify(sql)
+    except ClassificationError as exc:
+        return [
+            Request(
+                protocol="postgres",
+                action="unknown",
+                attrs={
+                    "kind": "unknown",
+                    "kinds": frozenset({"unknown"}),
+                    "parse_error": str(exc),
+                    "tables": frozenset(),
+                    "database": database,
+                },
+                target=target,
+                summary=f"unparsable SQL ({exc}): {sql.strip()[:200]}",
+                payload=sql,
+                reason=reason,
+            )
+        ]
+    if not statements:
+        return [
+            Request(
+                protocol="postgres",
+                action="empty",
+                attrs={
+                    "kind": "empty",
+                    "kinds": frozenset({"empty"}),
+                    "tables": frozenset(),
+                    "database": database,
+                },
+                target=target,
+                summary="empty query",
+                payload=sql,
+                reason=reason,
+            )
+        ]
+    return [request_for_statement(st, target=target, database=database, reason=reason) for st in statements]

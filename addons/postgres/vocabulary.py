@@ -1,0 +1,131 @@
+"""The ``when:`` vocabulary of PostgreSQL rules.
+
+A request is one SQL statement (a multi-statement string is several requests, decided together;
+deny wins). Its attributes come from the real PostgreSQL grammar (libpg_query), see
+``_classify.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lictor import Request
+from lictor.vocabulary import Boolean, Enum, Glob, Number, Vocabulary
+
+STATEMENT_KINDS = (
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "merge",
+    "select_into",
+    "create_table",
+    "create_table_as",
+    "create_index",
+    "create_view",
+    "create_function",
+    "create_schema",
+    "create_role",
+    "create_extension",
+    "create_trigger",
+    "create_rule",
+    "create_policy",
+    "create_other",
+    "alter_table",
+    "alter_role",
+    "alter_system",
+    "alter_other",
+    "drop",
+    "truncate",
+    "copy_to",
+    "copy_from",
+    "copy_program",
+    "grant",
+    "revoke",
+    "set",
+    "reset",
+    "show",
+    "set_role",
+    "set_session_authorization",
+    "set_transaction",
+    "do",
+    "call",
+    "explain",
+    "explain_analyze",
+    "begin",
+    "commit",
+    "rollback",
+    "savepoint",
+    "release",
+    "prepare",
+    "execute",
+    "deallocate",
+    "listen",
+    "notify",
+    "unlisten",
+    "vacuum",
+    "analyze",
+    "cluster",
+    "reindex",
+    "lock",
+    "discard",
+    "checkpoint",
+    "load",
+    "comment",
+    "security_label",
+    "declare_cursor",
+    "fetch",
+    "close_cursor",
+    "refresh_matview",
+    "reassign_owned",
+    "drop_owned",
+    "import_foreign_schema",
+    "function_call",
+    "empty",
+    "unknown",
+)
+
+VOCABULARY_FIELDS = (
+    Enum(
+        "statements",
+        attr="kinds",
+        values=STATEMENT_KINDS,
+        description="statement kinds, nested ones included (a CTE DELETE inside a SELECT is a delete)",
+    ),
+    Glob("tables", description="tables read or written (schema.table or table; globs)"),
+    Glob("tables_read", description="tables read"),
+    Glob("tables_written", description="tables written"),
+    Glob("functions", description="functions called anywhere in the statement (bare or schema-qualified)"),
+    Glob("columns", description="columns referenced, where known"),
+    Boolean("where", attr="has_where", description="UPDATE/DELETE has a WHERE clause"),
+    Number("limit", description="constant LIMIT of a SELECT: {max: N}"),
+    Boolean("modifies", description="the statement changes data or schema anywhere inside"),
+    Boolean("dynamic_sql", description="runs SQL the gateway cannot see (PL/pgSQL EXECUTE of an expression)"),
+    Boolean(
+        "leaves_read_only",
+        attr="read_write_attempt",
+        description="tries to turn off read-only mode (SET/RESET/set_config, BEGIN READ WRITE)",
+    ),
+    Glob("settings", description="names of settings changed by SET/RESET"),
+    Glob("databases", attr="database", description="the database the agent connected to"),
+)
+
+
+def _build(case: Mapping[str, Any], target: str) -> Sequence[Request]:
+    from ._requests import requests_for_sql
+
+    sql = case.get("sql")
+    if not isinstance(sql, str):
+        raise ValueError("a postgres test request needs `sql:`")
+    return requests_for_sql(sql, target=target, database=str(case.get("database", "")))
+
+
+VOCABULARY = Vocabulary(
+    protocol="postgres",
+    fields=VOCABULARY_FIELDS,
+    index="statements",
+    secondary="tables",
+    description="PostgreSQL statements, classified with the real PostgreSQL grammar",
+    build_requests=_build,
+)

@@ -1,0 +1,144 @@
+"""YAML loading that remembers where every value came from.
+
+Rule-pack authors need ``FILE:LINE:COL: message`` for every problem, including problems found
+long after parsing (JSON Schema validation, unknown role references, re2 refusing a pattern).
+PyYAML's composer knows the marks of every node; we keep them by building ``LocDict`` /
+``LocList`` containers that carry the position of each key and item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """A position in a source file, 1-based like editors show it."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+class LocDict(dict[str, Any]):
+    """A mapping that knows the location of itself, its keys and its values."""
+
+    loc: Location
+    key_locs: dict[str, Location]
+    value_locs: dict[str, Location]
+
+
+class LocList(list[Any]):
+    """A sequence that knows the location of itself and of each item."""
+
+    loc: Location
+    item_locs: list[Location]
+
+
+class YamlError(ValueError):
+    """A file that is not valid YAML, with the position the parser stopped at."""
+
+    def __init__(self, loc: Location, message: str) -> None:
+        super().__init__(f"{loc}: {message}")
+        self.loc = loc
+        self.message = message
+
+
+def _loc(file: str, node: yaml.Node) -> Location:
+    return Location(file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that builds LocDict/LocList and refuses duplicate keys."""
+
+    filename = "<string>"
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LocDict:
+    loader.flatten_mapping(node)
+    result = LocDict()
+    result.loc = _loc(loader.filename, node)
+    result.key_locs = {}
+    result.value_locs = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            key = str(key)
+        if key in result:
+            raise YamlError(_loc(loader.filename, key_node), f"duplicate key {key!r}")
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.key_locs[key] = _loc(loader.filename, key_node)
+        result.value_locs[key] = _loc(loader.filename, value_node)
+    return result
+
+
+def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> LocList:
+    result = LocList(loader.construct_object(child, deep=True) for child in node.value)
+    result.loc = _loc(loader.filename, node)
+    result.item_locs = [_loc(loader.filename, child) for child in node.value]
+    return result
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+def load_documents(text: str, filename: str) -> list[Any]:
+    """Parse every YAML document in ``text``; raise YamlError with the position on failure."""
+    loader = _Loader(text)
+    loader.filename = filename
+    try:
+        docs = []
+        while loader.check_data():  # type: ignore[no-untyped-call]
+            docs.append(loader.get_data())  # type: ignore[no-untyped-call]
+        return docs
+    except YamlError:
+        raise
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        col = mark.column + 1 if mark else 1
+        raise YamlError(Location(filename, line, col), str(exc.problem or exc)) from None
+    except yaml.YAMLError as exc:
+        raise YamlError(Location(filename, 1, 1), str(exc)) from None
+    finally:
+        loader.dispose()
+
+
+def locate(root: Any, path: Iterable[Any], fallback: Location) -> Location:
+    """The location of the value at ``path`` (keys and indexes) inside ``root``."""
+    loc = getattr(root, "loc", fallback)
+    node = root
+    for part in path:
+        if isinstance(node, LocDict) and isinstance(part, str) and part in node:
+            loc = node.value_locs.get(part, loc)
+            node = node[part]
+        elif isinstance(node, LocList) and isinstance(part, int) and 0 <= part < len(node):
+            loc = node.item_locs[part]
+            node = node[part]
+        else:
+            break
+    return loc
+
+
+def key_location(mapping: Any, key: str, fallback: Location) -> Location:
+    """The location of ``key`` itself inside a LocDict (for "unknown key" errors)."""
+    if isinstance(mapping, LocDict):
+        return mapping.key_locs.get(key, mapping.loc)
+    return fallback
+
+
+def plain(value: Any) -> Any:
+    """Convert LocDict/LocList trees into plain dicts and lists (for hashing, JSON, tests)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value

@@ -1,0 +1,226 @@
+"""The addon framework: plain classes with hook methods, called through one manager.
+
+An addon is any object. The manager calls the methods it has, named after the hooks:
+
+==================  ===========================================================================
+``load(loader)``    declare options, the rule vocabulary and the target schema of a protocol
+``configure(gw)``   validate the gateway config for this addon; raise to refuse it
+``running(gw)``     (async) start listeners
+``done(gw)``        (async) stop accepting, finish or deny in-flight work
+``policy_loaded``   ``(policy)`` a new policy went live
+``session_start``   ``(session)`` an agent connected and authenticated
+``request``         ``(flow)`` before the policy decides; may ``flow.deny(...)``
+``decision``        ``(flow)`` after the policy decided; may only tighten (``flow.deny``)
+``session_end``     ``(session)`` the connection ended
+==================  ===========================================================================
+
+Unlike mitmproxy's ``safecall``, which logs and swallows an addon's exception and lets the flow
+continue, this manager re-raises every hook failure as :class:`HookError`; the gateway turns a
+failure during a request into an audited denial (fail closed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .vocabulary import Vocabulary
+
+__all__ = ["AddonManager", "HookError", "Loader", "Option", "load_addon_spec"]
+
+log = logging.getLogger("lictor.addons")
+
+HOOKS = (
+    "load",
+    "configure",
+    "running",
+    "done",
+    "policy_loaded",
+    "session_start",
+    "request",
+    "decision",
+    "session_end",
+)
+
+
+class HookError(RuntimeError):
+    """An addon's hook raised; ``addon`` and ``hook`` say which."""
+
+    def __init__(self, addon: str, hook: str, exc: BaseException) -> None:
+        super().__init__(f"addon {addon!r} failed in hook {hook!r}: {type(exc).__name__}: {exc}")
+        self.addon = addon
+        self.hook = hook
+        self.original = exc
+
+
+@dataclass
+class Option:
+    name: str
+    type: type
+    default: Any
+    help: str
+    value: Any = None
+
+
+def addon_name(addon: Any) -> str:
+    return str(getattr(addon, "name", None) or type(addon).__name__)
+
+
+class Loader:
+    """Handed to ``load(loader)``: what an addon declares about itself."""
+
+    def __init__(self, manager: AddonManager, addon: Any) -> None:
+        self._manager = manager
+        self._addon = addon
+
+    def add_option(self, name: str, typespec: type, default: Any, help: str) -> None:
+        """Declare an option, settable under ``options:`` in the gateway config."""
+        if name in self._manager.options:
+            raise ValueError(f"option {name!r} declared twice")
+        self._manager.options[name] = Option(name, typespec, default, help, default)
+
+    def add_vocabulary(self, vocabulary: Vocabulary) -> None:
+        """Teach rule packs the ``when:`` fields of a protocol."""
+        existing = self._manager.vocabularies.get(vocabulary.protocol)
+        if existing is not None and existing is not vocabulary:
+            raise ValueError(f"protocol {vocabulary.protocol!r} already has a vocabulary")
+        self._manager.vocabularies[vocabulary.protocol] = vocabulary
+        self._manager.vocabulary_owner[vocabulary.protocol] = self._addon
+
+    def add_target_schema(self, protocol: str, schema: Mapping[str, Any]) -> None:
+        """The JSON Schema of this protocol's ``targets:`` entries in the gateway config."""
+        self._manager.target_schemas[protocol] = dict(schema)
+
+
+class AddonManager:
+    """Holds the addons in order and calls their hooks."""
+
+    def __init__(self) -> None:
+        self.addons: list[Any] = []
+        self.options: dict[str, Option] = {}
+        self.vocabularies: dict[str, Vocabulary] = {}
+        self.vocabulary_owner: dict[str, Any] = {}
+        self.target_schemas: dict[str, dict[str, Any]] = {}
+        self._hooks: dict[str, list[tuple[str, Callable[..., Any]]]] = {}
+
+    def add(self, *addons: Any) -> None:
+        """Register addons and call their ``load`` hook (errors propagate: a broken addon stops start-up)."""
+        for addon in addons:
+            name = addon_name(addon)
+            if any(addon_name(a) == name for a in self.addons):
+                raise ValueError(f"an addon named {name!r} is already loaded")
+            self.addons.append(addon)
+            load = getattr(addon, "load", None)
+            if load is not None:
+                try:
+                    load(Loader(self, addon))
+                except Exception as exc:
+                    self.addons.remove(addon)
+                    raise HookError(name, "load", exc) from exc
+        self._rebuild()
+
+    def remove(self, addon: Any) -> None:
+        self.addons.remove(addon)
+        for proto, owner in list(self.vocabulary_owner.items()):
+            if owner is addon:
+                del self.vocabulary_owner[proto]
+                del self.vocabularies[proto]
+        self._rebuild()
+
+    def get(self, name: str) -> Any | None:
+        for a in self.addons:
+            if addon_name(a) == name:
+                return a
+        return None
+
+    def _rebuild(self) -> None:
+        self._hooks = {}
+        for hook in HOOKS:
+            entries = []
+            for addon in self.addons:
+                fn = getattr(addon, hook, None)
+                if callable(fn):
+                    entries.append((addon_name(addon), fn))
+            self._hooks[hook] = entries
+
+    def has(self, hook: str) -> bool:
+        return bool(self._hooks.get(hook))
+
+    def set_options(self, values: Mapping[str, Any]) -> None:
+        for key, value in values.items():
+            opt = self.options.get(key)
+            if opt is None:
+                known = ", ".join(sorted(self.options)) or "none"
+                raise ValueError(f"unknown option {key!r} (declared options: {known})")
+            if not isinstance(value, opt.type):
+                raise ValueError(f"option {key!r} must be {opt.type.__name__}, got {type(value).__name__}")
+            opt.value = value
+
+    def option(self, name: str) -> Any:
+        return self.options[name].value
+
+    async def trigger(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` on every addon in order; the first failure raises HookError."""
+        for name, fn in self._hooks.get(hook, ()):
+            try:
+                result = fn(*args)
+                if inspect.isawaitable(result):
+                    await result
+            except HookError:
+                raise
+            except Exception as exc:
+                raise HookError(name, hook, exc) from exc
+
+    def trigger_sync(self, hook: str, *args: Any) -> None:
+        """Call a synchronous hook on every addon; an async implementation is an error."""
+        for name, fn in self._hooks.get(hook, ()):
+            try:
+                result = fn(*args)
+                if inspect.isawaitable(result):
+                    result.close()  # type: ignore[attr-defined]
+                    raise TypeError(f"hook {hook!r} must be synchronous")
+            except Exception as exc:
+                raise HookError(name, hook, exc) from exc
+
+
+def load_addon_spec(spec: str, base: Path | None = None) -> list[Any]:
+    """Instantiate the addons named by ``spec``: a module path (``pkg.mod``) or a ``.py`` file.
+
+    The module provides ``addons = [...]`` (mitmproxy's convention) or a single ``addon``.
+    """
+    module: ModuleType
+    if spec.endswith(".py") or "/" in spec:
+        path = Path(spec)
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        if not path.exists():
+            raise FileNotFoundError(f"addon file {path} does not exist")
+        mod_name = f"lictor_user_addon_{path.stem}_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError(f"cannot load addon file {path}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(mod_name, None)
+            raise
+    else:
+        module = importlib.import_module(spec)
+    found: Iterable[Any]
+    if hasattr(module, "addons"):
+        found = module.addons
+    elif hasattr(module, "addon"):
+        found = [module.addon]
+    else:
+        raise ImportError(f"{spec}: defines neither `addons = [...]` nor `addon`")
+    return list(found)

@@ -1,0 +1,217 @@
+"""The audit log: every decision, hash-chained with a forward-ratcheting HMAC key.
+
+Theory of operation
+-------------------
+The log starts from a secret ``K0`` (``audit-verify.key`` in the state directory; an operator may
+move it offline: only ``lictor audit verify`` needs it). Event ``i`` (1-based) is stored with
+
+    mac_i = HMAC-SHA256(K_{i-1}, mac_{i-1} || seq_i || canonical_json(event_i))
+    K_i   = SHA-256("lictor-ratchet" || K_{i-1})
+
+and only the newest key ``K_n`` is kept next to the log. Because the ratchet is one-way, someone
+who takes the gateway's storage cannot re-MAC older events, so:
+
+* an edited event fails its MAC;
+* a deleted event leaves a gap in ``seq`` and breaks the chain of the next one;
+* reordered events fail their MACs (seq and the previous MAC are inside each MAC);
+* a truncated tail is caught because the stored head (``seq``, ``K_n``) must equal the state
+  reached by ratcheting ``K0`` once per event present; rolling the head back would need an
+  older key, which no longer exists anywhere but in the verifier's ``K0``.
+
+Writes use SQLite in WAL mode with one commit per event, so an event is on disk (safe from a
+process crash) before the command it describes is forwarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AuditError", "AuditLog", "VerifyResult"]
+
+_RATCHET = b"lictor-ratchet"
+
+
+class AuditError(RuntimeError):
+    """The audit store could not record an event (callers fail closed)."""
+
+
+def _canonical(event: Mapping[str, Any]) -> bytes:
+    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def _ratchet(key: bytes) -> bytes:
+    return hashlib.sha256(_RATCHET + key).digest()
+
+
+def _mac(key: bytes, prev: bytes, seq: int, body: bytes) -> bytes:
+    return hmac.new(key, prev + seq.to_bytes(8, "big") + body, hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    events: int
+    first_bad: int | None = None
+    problem: str = ""
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"audit log OK: {self.events} events, chain intact"
+        return f"audit log BROKEN at event {self.first_bad}: {self.problem}"
+
+
+class AuditLog:
+    """Append-only, hash-chained audit store on SQLite."""
+
+    def __init__(self, path: str | Path, verify_key_path: str | Path | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.verify_key_path = Path(verify_key_path or self.path.parent / "audit-verify.key")
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS events (
+                seq INTEGER PRIMARY KEY,
+                ts REAL NOT NULL,
+                kind TEXT NOT NULL,
+                body TEXT NOT NULL,
+                mac TEXT NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
+            CREATE TABLE IF NOT EXISTS head (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                seq INTEGER NOT NULL,
+                key TEXT NOT NULL,
+                mac TEXT NOT NULL
+            );
+            """
+        )
+        row = self._db.execute("SELECT seq, key, mac FROM head WHERE id = 1").fetchone()
+        if row is None:
+            k0 = self._load_or_create_k0()
+            self._db.execute("INSERT INTO head (id, seq, key, mac) VALUES (1, 0, ?, ?)", (k0.hex(), (b"\0" * 32).hex()))
+            self._seq, self._key, self._prev = 0, k0, b"\0" * 32
+        else:
+            self._seq, self._key, self._prev = int(row[0]), bytes.fromhex(row[1]), bytes.fromhex(row[2])
+
+    def _load_or_create_k0(self) -> bytes:
+        if self.verify_key_path.exists():
+            return bytes.fromhex(self.verify_key_path.read_text().strip())
+        k0 = secrets.token_bytes(32)
+        fd = os.open(self.verify_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(k0.hex() + "\n")
+        return k0
+
+    def append(self, kind: str, event: Mapping[str, Any]) -> int:
+        """Record one event durably; return its sequence number. Raises AuditError on failure."""
+        record = {"kind": kind, "ts": time.time(), **event}
+        body = _canonical(record)
+        with self._lock:
+            seq = self._seq + 1
+            mac = _mac(self._key, self._prev, seq, body)
+            key = _ratchet(self._key)
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT INTO events (seq, ts, kind, body, mac) VALUES (?, ?, ?, ?, ?)",
+                    (seq, record["ts"], kind, body.decode(), mac.hex()),
+                )
+                self._db.execute("UPDATE head SET seq = ?, key = ?, mac = ? WHERE id = 1", (seq, key.hex(), mac.hex()))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise AuditError(f"audit store {self.path}: {exc}") from exc
+            self._seq, self._key, self._prev = seq, key, mac
+            return seq
+
+    def events(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        filters: Mapping[str, str] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Events in order, newest last, filtered on time, kind and top-level fields."""
+        sql = "SELECT seq, body FROM events WHERE 1=1"
+        args: list[Any] = []
+        if since is not None:
+            sql += " AND ts >= ?"
+            args.append(since)
+        if until is not None:
+            sql += " AND ts <= ?"
+            args.append(until)
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        sql += " ORDER BY seq"
+        count = 0
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        for seq, body in rows:
+            event = json.loads(body)
+            event["seq"] = seq
+            if filters and not all(_field_matches(event, k, v) for k, v in filters.items()):
+                continue
+            yield event
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+    def verify(self, verify_key: bytes | None = None) -> VerifyResult:
+        """Walk the whole chain from K0; name the first event that does not verify."""
+        k0 = verify_key if verify_key is not None else bytes.fromhex(self.verify_key_path.read_text().strip())
+        key, prev, expected = k0, b"\0" * 32, 1
+        with self._lock:
+            rows = self._db.execute("SELECT seq, body, mac FROM events ORDER BY seq").fetchall()
+            head = self._db.execute("SELECT seq, key, mac FROM head WHERE id = 1").fetchone()
+        for seq, body, mac in rows:
+            if seq != expected:
+                return VerifyResult(False, len(rows), expected, f"event {expected} is missing (deleted)")
+            if not hmac.compare_digest(_mac(key, prev, seq, body.encode()), bytes.fromhex(mac)):
+                return VerifyResult(False, len(rows), seq, "MAC does not verify (edited or reordered)")
+            prev, key, expected = bytes.fromhex(mac), _ratchet(key), expected + 1
+        if head is None:
+            return VerifyResult(False, len(rows), 1, "chain head is missing")
+        head_seq, head_key, head_mac = int(head[0]), bytes.fromhex(head[1]), bytes.fromhex(head[2])
+        if head_seq != expected - 1 or not hmac.compare_digest(head_key, key) or head_mac != prev:
+            if head_seq > expected - 1:
+                return VerifyResult(
+                    False, len(rows), expected, f"events {expected}..{head_seq} are missing (truncated)"
+                )
+            return VerifyResult(False, len(rows), expected, "chain head does not match the events (tampered)")
+        return VerifyResult(True, len(rows))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _field_matches(event: Mapping[str, Any], key: str, value: str) -> bool:
+    node: Any = event
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    if isinstance(node, list):
+        return value in [str(x) for x in node]
+    return str(node) == value

@@ -1,0 +1,451 @@
+"""The ``lictor`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._yaml import YamlError, load_documents, plain
+from .addons import AddonManager, load_addon_spec
+from .audit import AuditLog
+from .config import ConfigError, GatewayConfig, load_config
+from .identity import LocalIssuer, parse_duration
+from .policy import Trace
+from .policy_types import combine
+from .policytest import build_requests, format_report, identity_from_spec, run_tests
+from .rulepacks import load_policy, schema_json
+
+log = logging.getLogger("lictor")
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _manager(config: GatewayConfig | None) -> AddonManager:
+    from lictor_addons import default_addons
+
+    manager = AddonManager()
+    manager.add(*default_addons())
+    if config is not None:
+        base = config.path.parent if config.path else None
+        for spec in config.addons:
+            manager.add(*load_addon_spec(spec, base))
+    return manager
+
+
+def _config(args: argparse.Namespace) -> GatewayConfig | None:
+    path = getattr(args, "config", None)
+    if path:
+        return load_config(path)
+    default = Path("lictor.yaml")
+    if getattr(args, "use_default_config", False) and default.exists():
+        return load_config(default)
+    return None
+
+
+def _state_dir(args: argparse.Namespace, config: GatewayConfig | None) -> Path:
+    if getattr(args, "state_dir", None):
+        return Path(args.state_dir)
+    if config is not None:
+        return config.state_dir
+    return Path(os.environ.get("LICTOR_STATE_DIR", "state"))
+
+
+# -- check / test / explain / schema --------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    manager = _manager(config)
+    targets = {t.name: t.protocol for t in config.targets.values()} if config else None
+    paths = args.paths or (config.rulepacks if config else [])
+    result = load_policy(paths, manager.vocabularies, targets=targets)
+    for problem in result.problems:
+        print(problem)
+    if result.errors:
+        print(f"{len(result.errors)} error(s), {len(result.warnings)} warning(s) in {len(result.files)} pack file(s)")
+        return EXIT_FAIL
+    assert result.policy is not None
+    print(
+        f"OK: {len(result.files)} pack file(s), {len(result.policy.roles)} roles, {len(result.policy.rules)} rules, "
+        f"policy version {result.policy.version}" + (f", {len(result.warnings)} warning(s)" if result.warnings else "")
+    )
+    return EXIT_FAIL if (args.strict and result.warnings) else EXIT_OK
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    config = _config(args)
+    manager = _manager(config)
+    paths = args.paths or (config.rulepacks if config else [])
+    result = load_policy(paths, manager.vocabularies)
+    if result.policy is None:
+        for problem in result.errors:
+            print(problem)
+        print("rule packs do not load; fix them first (lictor check)")
+        return EXIT_FAIL
+    if not result.test_files:
+        print("no test files (format: lictor-tests/v1) found under " + ", ".join(map(str, paths)))
+        return EXIT_FAIL
+    report = run_tests(result.policy, result.test_files)
+    for line in format_report(result.policy, report, verbose=not args.quiet):
+        print(line)
+    return EXIT_FAIL if report.failed or not report.cases else EXIT_OK
+
+
+def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        value: Any = v
+        if "," in v:
+            value = [x for x in v.split(",") if x]
+        if k in out:
+            prev = out[k] if isinstance(out[k], list) else [out[k]]
+            value = prev + (value if isinstance(value, list) else [value])
+        out[k] = value
+    return out
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    config = _config(args)
+    manager = _manager(config)
+    paths = args.paths or (config.rulepacks if config else [])
+    result = load_policy(paths, manager.vocabularies)
+    if result.policy is None:
+        for problem in result.errors:
+            print(problem)
+        return EXIT_FAIL
+    policy = result.policy
+    claims = _parse_kv(args.claim)
+    if args.sub:
+        claims["sub"] = args.sub
+    identity = identity_from_spec(claims)
+    spec: dict[str, Any] = {}
+    if args.request:
+        try:
+            docs = load_documents(args.request, "<--request>")
+        except YamlError as exc:
+            print(exc)
+            return EXIT_USAGE
+        spec = plain(docs[0]) if docs and isinstance(docs[0], dict) else {}
+    for key in ("protocol", "target", "sql", "method", "path", "command"):
+        value = getattr(args, key, None)
+        if value:
+            spec[key] = value
+    try:
+        requests = build_requests(policy, spec)
+    except ValueError as exc:
+        print(f"cannot build the request: {exc}")
+        return EXIT_USAGE
+    print(
+        f"policy {policy.version}; identity {identity.subject} claims {json.dumps(dict(identity.claims), default=str)}"
+    )
+    decisions = []
+    for req in requests:
+        trace = Trace()
+        decision = policy.decide(identity, req, trace=trace)
+        decisions.append(decision)
+        print(f"\nrequest: {req.summary or req.action}")
+        print(f"  roles: {', '.join(trace.roles) or '(none: no identity mapping matched)'}")
+        if not trace.steps:
+            print("  no candidate rules for this protocol/action in these roles")
+        for rule, ok, why in trace.steps:
+            mark = "MATCH" if ok else "skip "
+            shadow = " (shadow)" if not rule.enforce else ""
+            print(f"  {mark} {rule.id} [{rule.action}{shadow}] role {rule.role} {rule.source}: {why}")
+        print(f"  => {decision.action.upper()} ({decision.explanation})")
+        if decision.message:
+            print(f"     message: {decision.message}")
+        if decision.mask_rule_ids:
+            print(f"     masking by: {', '.join(decision.mask_rule_ids)}")
+        if decision.shadow_rule_ids:
+            print(f"     would also be stopped by (shadow): {', '.join(decision.shadow_rule_ids)}")
+    final = combine(decisions)
+    if len(decisions) > 1:
+        print(f"\ncombined: {final.action.upper()} (deny wins over approve, approve over allow)")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    manager = _manager(_config(args))
+    text = schema_json(manager.vocabularies)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    config = _config(args)
+    issuer = LocalIssuer(_state_dir(args, config))
+    claims = _parse_kv(args.claim)
+    token = issuer.issue(args.sub, claims, ttl=parse_duration(args.ttl))
+    print(token)
+    return EXIT_OK
+
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    import yaml
+
+    cluster: dict[str, Any] = {"server": args.server}
+    if args.ca:
+        cluster["certificate-authority"] = str(Path(args.ca).resolve())
+    if args.insecure:
+        cluster["insecure-skip-tls-verify"] = True
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "lictor", "cluster": cluster}],
+        "users": [{"name": "lictor-agent", "user": {"token": args.token}}],
+        "contexts": [
+            {
+                "name": "lictor",
+                "context": {
+                    "cluster": "lictor",
+                    "user": "lictor-agent",
+                    **({"namespace": args.namespace} if args.namespace else {}),
+                },
+            }
+        ],
+        "current-context": "lictor",
+    }
+    sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
+    return EXIT_OK
+
+
+# -- audit ----------------------------------------------------------------------------------------
+
+
+def _audit(args: argparse.Namespace) -> AuditLog:
+    config = _config(args)
+    state = _state_dir(args, config)
+    db = Path(args.db) if getattr(args, "db", None) else None
+    if db is None and config is not None and config.section("audit").get("sqlite"):
+        db = config.resolve(str(config.section("audit")["sqlite"]))
+    db = db or state / "audit.db"
+    if not db.exists():
+        raise SystemExit(f"no audit log at {db}")
+    return AuditLog(db, verify_key_path=args.key if getattr(args, "key", None) else db.parent / "audit-verify.key")
+
+
+def cmd_audit_list(args: argparse.Namespace) -> int:
+    audit = _audit(args)
+    since = time.time() - parse_duration(args.since) if args.since else None
+    filters = dict(_parse_kv(args.where)) if args.where else {}
+    events = list(audit.events(since=since, kind=args.kind, filters={k: str(v) for k, v in filters.items()}))
+    if args.limit:
+        events = events[-args.limit :]
+    if args.json:
+        for e in events:
+            print(json.dumps(e, default=str))
+        return EXIT_OK
+    print(f"{'SEQ':>6} {'TIME':19} {'KIND':16} {'WHO':16} {'PROTO':10} {'ACTION':8} {'RULES':28} SUMMARY")
+    for e in events:
+        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("ts", 0)))
+        who = (e.get("identity") or {}).get("sub", "")
+        req = e.get("request") or {}
+        rules = ",".join(e.get("rule_ids", []))
+        summary = req.get("summary", e.get("reason", "")) or ""
+        print(
+            f"{e['seq']:>6} {ts:19} {e.get('kind', ''):16} {who[:16]:16} {str(e.get('protocol', ''))[:10]:10} "
+            f"{str(e.get('action', ''))[:8]:8} {rules[:28]:28} {str(summary)[:80]}"
+        )
+    return EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    audit = _audit(args)
+    result = audit.verify()
+    print(result)
+    return EXIT_OK if result.ok else EXIT_FAIL
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+
+def _setup_logging(config: GatewayConfig | None, level: str | None, fmt: str | None) -> None:
+    section = config.section("log") if config else {}
+    fmt = fmt or str(section.get("format", "text"))
+    level_name = (level or str(section.get("level", "info"))).upper()
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+
+        class JsonFormatter(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                entry = {
+                    "ts": round(record.created, 3),
+                    "level": record.levelname.lower(),
+                    "logger": record.name,
+                    "msg": record.getMessage(),
+                }
+                if record.exc_info:
+                    entry["exc"] = self.formatException(record.exc_info)
+                return json.dumps(entry)
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level_name, logging.INFO))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_FAIL
+    _setup_logging(config, args.log_level, args.log_format)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    from .runner import run_gateway
+
+    return asyncio.run(run_gateway(config, _manager(config), ready_file=args.ready_file))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lictor", description="Lictor: the gateway between agents and production.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", help="gateway config (lictor.yaml): targets, extra addons")
+
+    sp = sub.add_parser("check", help="validate rule packs; problems as FILE:LINE:COL")
+    sp.add_argument("paths", nargs="*", help="rule pack files or directories")
+    with_config(sp)
+    sp.add_argument("--strict", action="store_true", help="warnings fail too")
+    sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("test", help="run policy tests (format lictor-tests/v1) with rule coverage")
+    sp.add_argument("paths", nargs="*")
+    with_config(sp)
+    sp.add_argument("-q", "--quiet", action="store_true", help="print failures and the summary only")
+    sp.set_defaults(func=cmd_test)
+
+    sp = sub.add_parser("explain", help="which rules matched a request, in which order, and why")
+    sp.add_argument("paths", nargs="*")
+    with_config(sp)
+    sp.add_argument("--sub", help="the identity's subject")
+    sp.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--request", help="the request as YAML/JSON, e.g. '{protocol: postgres, sql: \"...\"}'")
+    sp.add_argument("--protocol")
+    sp.add_argument("--target")
+    sp.add_argument("--sql")
+    sp.add_argument("--method")
+    sp.add_argument("--path")
+    sp.add_argument("--command")
+    sp.set_defaults(func=cmd_explain)
+
+    sp = sub.add_parser("schema", help="print the composed rule-pack JSON Schema")
+    with_config(sp)
+    sp.add_argument("--out")
+    sp.set_defaults(func=cmd_schema)
+
+    tok = sub.add_parser("token", help="Lictor's own token issuer").add_subparsers(dest="token_cmd", required=True)
+    sp = tok.add_parser("issue", help="print a token signed by the gateway's issuer key")
+    sp.add_argument("--sub", required=True)
+    sp.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--ttl", default="1h")
+    sp.add_argument("--state-dir")
+    with_config(sp)
+    sp.set_defaults(func=cmd_token_issue, use_default_config=True)
+
+    sp = sub.add_parser("kubeconfig", help="print a kubeconfig that points kubectl at the gateway")
+    sp.add_argument("--server", required=True)
+    sp.add_argument("--token", required=True)
+    sp.add_argument("--ca", help="CA file of the gateway's certificate")
+    sp.add_argument("--insecure", action="store_true")
+    sp.add_argument("--namespace")
+    sp.set_defaults(func=cmd_kubeconfig)
+
+    audit = sub.add_parser("audit", help="list or verify the audit log")
+    audit_sub = audit.add_subparsers(dest="audit_cmd")
+    for name, func in (("list", cmd_audit_list), ("verify", cmd_audit_verify)):
+        sp = audit_sub.add_parser(name)
+        with_config(sp)
+        sp.add_argument("--state-dir")
+        sp.add_argument("--db")
+        sp.add_argument("--key", help="the audit verification key (default: state/audit-verify.key)")
+        if name == "list":
+            sp.add_argument("--json", action="store_true")
+            sp.add_argument("--since", help="e.g. 1h")
+            sp.add_argument("--kind")
+            sp.add_argument(
+                "--where",
+                action="append",
+                default=[],
+                metavar="FIELD=VALUE",
+                help="filter on a field, e.g. action=deny, identity.sub=agent-1",
+            )
+            sp.add_argument("--limit", type=int)
+        sp.set_defaults(func=func, use_default_config=True)
+    audit.set_defaults(
+        func=cmd_audit_list,
+        use_default_config=True,
+        json=False,
+        since=None,
+        kind=None,
+        where=[],
+        limit=None,
+        state_dir=None,
+        db=None,
+        key=None,
+        config=None,
+    )
+
+    sp = sub.add_parser("run", help="run the gateway")
+    sp.add_argument("-c", "--config", required=True)
+    sp.add_argument("--log-level")
+    sp.add_argument("--log-format", choices=["text", "json"])
+    sp.add_argument("--ready-file", help="write this file once every listener is up")
+    sp.set_defaults(func=cmd_run)
+
+    for register in _extra_commands():
+        register(sub)
+    return p
+
+
+def _extra_commands() -> list[Any]:
+    """Subcommands contributed by core modules with their own CLI (approvals, sessions)."""
+    registrations: list[Any] = []
+    return registrations
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+def _entry() -> None:  # pragma: no cover
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _entry()

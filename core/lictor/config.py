@@ -1,0 +1,206 @@
+"""The gateway config (``lictor.yaml``): listeners, targets, credentials references, stores, issuers.
+
+Written by whoever deploys the gateway; never mixed with rule packs. Strings may use
+``${VAR}`` and ``${VAR:-default}`` to take values from the environment (a missing variable
+without a default is an error, not an empty string). Relative paths are relative to the file.
+Each protocol addon validates the targets of its protocol with the schema it declares.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from ._yaml import Location, LocDict, LocList, YamlError, key_location, load_documents, locate, plain
+
+__all__ = ["ConfigError", "GatewayConfig", "Target", "load_config"]
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A gateway config that cannot be used, with ``FILE:LINE:COL`` where known."""
+
+
+CONFIG_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "Lictor gateway config",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "version": {"const": 1},
+        "state_dir": {"type": "string"},
+        "log": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"format": {"enum": ["text", "json"]}, "level": {"type": "string"}},
+        },
+        "identity": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "leeway": {"type": ["string", "number"]},
+                "issuers": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["type"],
+                        "properties": {
+                            "type": {"enum": ["lictor", "jwks", "static"]},
+                            "name": {"type": "string"},
+                            "issuer": {"type": "string"},
+                            "audience": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                            "algorithms": {"type": "array", "items": {"type": "string"}},
+                            "jwks_url": {"type": "string"},
+                            "public_keys": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                },
+            },
+        },
+        "rulepacks": {"type": "array", "items": {"type": "string"}},
+        "audit": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"sqlite": {"type": "string"}, "postgres": {"type": "string"}},
+        },
+        "recordings": {"type": "object"},
+        "approvals": {"type": "object"},
+        "masking": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"hash_key_file": {"type": "string"}},
+        },
+        "addons": {"type": "array", "items": {"type": "string"}},
+        "options": {"type": "object"},
+        "targets": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["protocol"],
+                "properties": {"protocol": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One configured target: its name, protocol and the protocol-specific settings."""
+
+    name: str
+    protocol: str
+    settings: Mapping[str, Any]
+    loc: Location | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.settings.get(key, default)
+
+
+@dataclass
+class GatewayConfig:
+    path: Path | None
+    state_dir: Path
+    raw: Mapping[str, Any]
+    targets: dict[str, Target] = field(default_factory=dict)
+    rulepacks: list[Path] = field(default_factory=list)
+    addons: list[str] = field(default_factory=list)
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        value = self.raw.get(name) or {}
+        return value if isinstance(value, Mapping) else {}
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.path is not None:
+            p = self.path.parent / p
+        return p
+
+    def targets_for(self, protocol: str) -> list[Target]:
+        return [t for t in self.targets.values() if t.protocol == protocol]
+
+    @classmethod
+    def default(cls, state_dir: str | Path, rulepacks: list[str] | None = None) -> GatewayConfig:
+        raw: dict[str, Any] = {"version": 1, "state_dir": str(state_dir), "rulepacks": rulepacks or []}
+        return cls(None, Path(state_dir), raw, rulepacks=[Path(p) for p in rulepacks or []])
+
+
+def _interpolate(value: Any, where: Any, loc: Location, env: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env and env[name] != "":
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{loc}: environment variable {name} is not set (use ${{{name}:-default}})")
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, LocDict):
+        out = LocDict()
+        out.loc, out.key_locs, out.value_locs = value.loc, value.key_locs, value.value_locs
+        for k, v in value.items():
+            out[k] = _interpolate(v, value, value.value_locs.get(k, loc), env)
+        return out
+    if isinstance(value, LocList):
+        out_list = LocList(_interpolate(v, value, value.item_locs[i], env) for i, v in enumerate(value))
+        out_list.loc, out_list.item_locs = value.loc, value.item_locs
+        return out_list
+    if isinstance(value, list):
+        return [_interpolate(v, value, loc, env) for v in value]
+    return value
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Load and validate ``lictor.yaml``; raise ConfigError with the position of the problem."""
+    path = Path(path)
+    env = os.environ if env is None else env
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        docs = [d for d in load_documents(text, str(path)) if d is not None]
+    except YamlError as exc:
+        raise ConfigError(str(exc)) from None
+    if len(docs) != 1 or not isinstance(docs[0], LocDict):
+        raise ConfigError(f"{path}:1:1: the gateway config must be one YAML mapping")
+    fallback = Location(str(path), 1, 1)
+    doc = _interpolate(docs[0], None, fallback, env)
+    validator = jsonschema.Draft202012Validator(CONFIG_SCHEMA)
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = []
+        for error in errors:
+            p = list(error.absolute_path)
+            if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+                allowed = set(error.schema.get("properties", {}))
+                extra = [k for k in error.instance if k not in allowed]
+                node = doc
+                for part in p:
+                    node = node[part]
+                loc = key_location(node, extra[0], fallback) if extra else locate(doc, p, fallback)
+                lines.append(f"{loc}: unknown key {extra[0] if extra else '?'!r}")
+            else:
+                where = ".".join(map(str, p))
+                lines.append(f"{locate(doc, p, fallback)}: {where + ': ' if where else ''}{error.message}")
+        raise ConfigError("\n".join(lines))
+    state_dir = Path(str(doc.get("state_dir", "state")))
+    if not state_dir.is_absolute():
+        state_dir = path.parent / state_dir
+    cfg = GatewayConfig(path=path.resolve(), state_dir=state_dir.resolve(), raw=plain(doc))
+    cfg.rulepacks = [cfg.resolve(p) for p in doc.get("rulepacks", [])]
+    cfg.addons = [str(a) for a in doc.get("addons", [])]
+    for name, body in (doc.get("targets") or {}).items():
+        tloc = doc["targets"].key_locs.get(name) if isinstance(doc["targets"], LocDict) else None
+        cfg.targets[name] = Target(name, str(body["protocol"]), plain(body), tloc)
+    return cfg

@@ -1,0 +1,457 @@
+"""The gateway: what protocol addons talk to.
+
+A protocol addon owns its listener. For each agent connection it authenticates the agent
+(:meth:`Gateway.authenticate`), opens a :class:`Session`, turns each thing the agent asks for into
+a :class:`~lictor.Request` and awaits :meth:`Session.decide`, which
+
+1. runs the ``request`` hooks of every addon (they may deny),
+2. asks the live policy,
+3. runs the ``decision`` hooks (they may only tighten),
+4. writes the decision to the audit log *before* returning (a failed write denies),
+5. holds an ``approve`` decision for a human through the approval broker,
+
+and turns any exception on the way into an audited denial. The addon then forwards, masks
+(:meth:`Session.mask_plan`) and records (:meth:`Session.record`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .addons import AddonManager, HookError
+from .audit import AuditError, AuditLog
+from .config import GatewayConfig, Target
+from .identity import AuthError, Identity, IssuerConfig, LocalIssuer, TokenVerifier, parse_duration
+from .policy import Policy
+from .policy_types import ADDON_ERROR, NO_POLICY, Decision, Request
+from .rulepacks import LoadResult, load_policy
+
+__all__ = ["ApprovalBroker", "Flow", "Gateway", "Recorder", "Session"]
+
+log = logging.getLogger("lictor")
+
+_RANK = {"allow": 0, "approve": 1, "deny": 2}
+
+HoldNotifier = Callable[[str, str], Awaitable[None]]
+
+
+class ApprovalBroker(Protocol):
+    """Holds ``approve`` decisions for humans (``lictor.approvals`` provides the real one)."""
+
+    async def hold(
+        self, session: Session, request: Request, decision: Decision, notify: HoldNotifier | None
+    ) -> Decision: ...
+
+    def elevated_roles(self, identity: Identity, target: str) -> tuple[str, ...]: ...
+
+
+class Recorder(Protocol):
+    """Receives session events (``lictor.recorder`` provides the durable one)."""
+
+    def open(self, session: Session) -> None: ...
+
+    def event(self, session: Session, kind: str, data: Mapping[str, Any]) -> None: ...
+
+    def close(self, session: Session) -> None: ...
+
+
+class Flow:
+    """One request on its way through the hooks. Hooks may deny it; nothing may loosen it."""
+
+    __slots__ = ("_decision", "metadata", "request", "session")
+
+    def __init__(self, session: Session, request: Request) -> None:
+        self.session = session
+        self.request = request
+        self._decision: Decision | None = None
+        self.metadata: dict[str, Any] = {}
+
+    @property
+    def decision(self) -> Decision | None:
+        return self._decision
+
+    def deny(self, message: str, rule_id: str) -> None:
+        """Deny this request with ``message`` (shown to the agent), naming ``rule_id``."""
+        version = self._decision.policy_version if self._decision else self.session.gateway.policy.version
+        self._decision = Decision.deny(message, rule_id, version)
+
+    def _set(self, decision: Decision) -> None:
+        if self._decision is not None and _RANK[decision.action] < _RANK[self._decision.action]:
+            return  # a hook denied before the policy ran: the policy may not loosen that
+        self._decision = decision
+
+
+@dataclass(eq=False)
+class Session:
+    """One agent connection."""
+
+    gateway: Gateway
+    identity: Identity
+    protocol: str
+    target: str
+    peer: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started_at: float = field(default_factory=time.time)
+    meta: dict[str, Any] = field(default_factory=dict)
+    closed: bool = False
+    _roles_version: str = ""
+    _roles: tuple[str, ...] = ()
+
+    def roles(self, policy: Policy) -> tuple[str, ...]:
+        """The identity's roles under ``policy`` (cached per policy version)."""
+        if self._roles_version != policy.version:
+            self._roles = policy.roles_for(self.identity)
+            self._roles_version = policy.version
+        return self._roles
+
+    @property
+    def policy(self) -> Policy:
+        return self.gateway.policy
+
+    async def decide(self, request: Request, notify: HoldNotifier | None = None) -> Decision:
+        """Decide, audit and (for approvals) hold ``request``. Never raises; fails closed."""
+        return await self.gateway.decide(self, request, notify)
+
+    def decide_now(self, request: Request) -> Decision:
+        """Synchronous variant for the hot path of protocols without hooks that await.
+
+        Same steps as :meth:`decide` except holding for approval: an ``approve`` decision is
+        returned as is and the caller must go through :meth:`decide` to hold it.
+        """
+        return self.gateway.decide_sync(self, request)
+
+    def record(self, kind: str, data: Mapping[str, Any]) -> None:
+        """Append an event to this session's recording (durable locally when it returns)."""
+        self.gateway.recorder.event(self, kind, data)
+
+    def mask_plan(self, decision: Decision) -> Any:
+        """The compiled masking plan for ``decision`` (``MaskPlan.EMPTY`` when nothing is masked)."""
+        return self.gateway.mask_plan(decision)
+
+    async def close(self, **summary: Any) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.gateway.end_session(self, summary)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "protocol": self.protocol,
+            "target": self.target,
+            "peer": self.peer,
+            "identity": self.identity.to_json(),
+        }
+
+
+class JsonlRecorder:
+    """A plain per-session JSON-lines recorder under ``state/recordings``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._files: dict[str, Any] = {}
+
+    def open(self, session: Session) -> None:
+        self._files[session.id] = (self.directory / f"{session.id}.jsonl").open("a", buffering=1)
+        self.event(session, "session.start", session.to_json())
+
+    def event(self, session: Session, kind: str, data: Mapping[str, Any]) -> None:
+        import json
+
+        fh = self._files.get(session.id)
+        if fh is None:
+            return
+        fh.write(json.dumps({"t": time.time(), "kind": kind, **data}, default=str) + "\n")
+
+    def close(self, session: Session) -> None:
+        fh = self._files.pop(session.id, None)
+        if fh is not None:
+            fh.close()
+
+
+class Gateway:
+    """Shared state of one gateway process: config, live policy, audit, approvals, recorder."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        addons: AddonManager | None = None,
+        *,
+        audit: AuditLog | None = None,
+    ) -> None:
+        self.config = config
+        self.state_dir = config.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.addons = addons or AddonManager()
+        self.policy: Policy = Policy.empty(self.addons.vocabularies)
+        self.policy_problems: list[str] = []
+        self.audit = audit or AuditLog(
+            config.resolve(str(config.section("audit").get("sqlite", self.state_dir / "audit.db")))
+        )
+        self.issuer = LocalIssuer(self.state_dir)
+        self.verifier = self._make_verifier()
+        self.approvals: ApprovalBroker | None = None
+        self.recorder: Recorder = JsonlRecorder(self.state_dir / "recordings")
+        self.sessions: dict[str, Session] = {}
+        self._mask_key = self._load_mask_key()
+        self._mask_cache: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self.started = time.time()
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _load_mask_key(self) -> bytes:
+        path_s = self.config.section("masking").get("hash_key_file")
+        path = self.config.resolve(str(path_s)) if path_s else self.state_dir / "mask.key"
+        if path.exists():
+            return bytes.fromhex(path.read_text().strip())
+        key = secrets.token_bytes(32)
+        path.write_text(key.hex() + "\n")
+        path.chmod(0o600)
+        return key
+
+    def _make_verifier(self) -> TokenVerifier:
+        section = self.config.section("identity")
+        issuers_cfg = section.get("issuers") or [{"type": "lictor"}]
+        issuers: list[IssuerConfig] = []
+        for entry in issuers_cfg:
+            kind = entry["type"]
+            if kind == "lictor":
+                issuers.append(self.issuer.config())
+                continue
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+            audience = entry.get("audience", "lictor")
+            auds = (audience,) if isinstance(audience, str) else tuple(audience)
+            keys = tuple(load_pem_public_key(self.config.resolve(p).read_bytes()) for p in entry.get("public_keys", []))
+            issuers.append(
+                IssuerConfig(
+                    name=str(entry.get("name", entry.get("issuer", kind))),
+                    type=kind,
+                    issuer=str(entry["issuer"]),
+                    audience=auds,
+                    algorithms=tuple(entry.get("algorithms", ["RS256", "ES256", "EdDSA"])),
+                    jwks_url=str(entry.get("jwks_url", "")),
+                    public_keys=keys,
+                )
+            )
+        return TokenVerifier(issuers, leeway=parse_duration(section.get("leeway", 30)))
+
+    # -- policy -------------------------------------------------------------------------------
+
+    def load_policy(self) -> LoadResult:
+        """Load the configured rule packs off to the side; swap them in only if they are valid."""
+        targets = {t.name: t.protocol for t in self.config.targets.values()}
+        result = load_policy(self.config.rulepacks, self.addons.vocabularies, targets=targets, mask_key=self._mask_key)
+        if result.policy is None:
+            self.policy_problems = [str(p) for p in result.errors]
+            for problem in result.errors:
+                log.error("rule pack problem, keeping policy %s: %s", self.policy.version, problem)
+            self.audit_event(
+                "policy.rejected",
+                {"kept_version": self.policy.version, "problems": self.policy_problems[:50]},
+                fail_closed=False,
+            )
+            return result
+        for problem in result.warnings:
+            log.warning("%s", problem)
+        old = self.policy.version
+        self.policy = result.policy  # one assignment: requests see the old or the new policy
+        self.policy_problems = []
+        self._mask_cache.clear()
+        self.audit_event(
+            "policy.loaded",
+            {"version": result.policy.version, "previous": old, "files": [str(f) for f in result.files]},
+            fail_closed=False,
+        )
+        log.info(
+            "policy %s live (%d rules from %d files)",
+            result.policy.version,
+            len(result.policy.rules),
+            len(result.files),
+        )
+        return result
+
+    # -- identity -----------------------------------------------------------------------------
+
+    def authenticate(self, token: str, *, protocol: str, target: str, peer: str) -> Identity:
+        """Verify an agent token; failures are audited and raise AuthError (message for the agent)."""
+        try:
+            identity = self.verifier.verify(token)
+        except AuthError as exc:
+            self.audit_event(
+                "auth.failed",
+                {"protocol": protocol, "target": target, "peer": peer, "reason": str(exc)},
+                fail_closed=False,
+            )
+            raise
+        return identity
+
+    async def open_session(
+        self, identity: Identity, *, protocol: str, target: str, peer: str, method: str = "jwt"
+    ) -> Session:
+        session = Session(self, identity, protocol, target, peer)
+        session.meta["auth_method"] = method
+        self.sessions[session.id] = session
+        self.audit_event("session.start", session.to_json())
+        self.recorder.open(session)
+        await self.addons.trigger("session_start", session)
+        return session
+
+    async def end_session(self, session: Session, summary: Mapping[str, Any]) -> None:
+        self.sessions.pop(session.id, None)
+        try:
+            await self.addons.trigger("session_end", session)
+        except HookError as exc:
+            log.error("%s", exc)
+        self.recorder.close(session)
+        self.audit_event("session.end", {"session": session.id, **summary}, fail_closed=False)
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def _policy_decision(self, session: Session, request: Request) -> Decision:
+        policy = self.policy
+        extra: tuple[str, ...] = ()
+        if self.approvals is not None:
+            extra = self.approvals.elevated_roles(session.identity, session.target)
+        return policy.decide(session.identity, request, roles=session.roles(policy), extra_roles=extra)
+
+    def decide_sync(self, session: Session, request: Request) -> Decision:
+        try:
+            if self.addons.has("request") or self.addons.has("decision"):
+                flow = Flow(session, request)
+                self.addons.trigger_sync("request", flow)
+                flow._set(self._policy_decision(session, request))
+                self.addons.trigger_sync("decision", flow)
+                decision = flow.decision
+                assert decision is not None
+            else:
+                decision = self._policy_decision(session, request)
+        except Exception as exc:
+            decision = self._failure(exc)
+        return self._audited(session, request, decision)
+
+    async def decide(self, session: Session, request: Request, notify: HoldNotifier | None = None) -> Decision:
+        try:
+            flow = Flow(session, request)
+            await self.addons.trigger("request", flow)
+            flow._set(self._policy_decision(session, request))
+            await self.addons.trigger("decision", flow)
+            decision = flow.decision
+            assert decision is not None
+        except Exception as exc:
+            decision = self._failure(exc)
+        decision = self._audited(session, request, decision)
+        if decision.action != "approve":
+            return decision
+        if self.approvals is None:
+            final = Decision.deny(
+                f"{decision.message} — but this gateway has no approval service configured, so it is denied",
+                decision.rule_ids[0],
+                decision.policy_version,
+            )
+        else:
+            try:
+                final = await self.approvals.hold(session, request, decision, notify)
+            except Exception as exc:
+                final = self._failure(exc)
+        return self._audited(session, request, final, phase="approval")
+
+    def _failure(self, exc: BaseException) -> Decision:
+        if isinstance(exc, HookError):
+            log.error("%s — request denied (fail closed)", exc)
+            where = f"addon {exc.addon!r}"
+        else:
+            log.exception("internal error while deciding — request denied (fail closed)")
+            where = "the gateway"
+        return Decision.deny(
+            f"internal error in {where} while checking this request; it was denied (fail closed). "
+            "Retry later or contact the gateway operators.",
+            ADDON_ERROR,
+            self.policy.version,
+        )
+
+    def _audited(self, session: Session, request: Request, decision: Decision, phase: str = "decision") -> Decision:
+        event = {
+            "session": session.id,
+            "identity": session.identity.to_json(),
+            "protocol": request.protocol,
+            "target": request.target or session.target,
+            "request": {
+                "action": request.action,
+                "summary": request.summary[:2000],
+                "digest": request.digest(),
+            },
+            "reason": request.reason,
+            "phase": phase,
+            **decision.to_json(),
+        }
+        try:
+            self.audit.append("decision", event)
+        except (AuditError, OSError) as exc:
+            log.error("audit write failed, denying: %s", exc)
+            return Decision.deny(
+                "the audit store is unavailable, so nothing can be allowed right now (fail closed); retry later",
+                "lictor:audit-unavailable",
+                decision.policy_version,
+            )
+        return decision
+
+    def audit_event(self, kind: str, event: Mapping[str, Any], *, fail_closed: bool = True) -> None:
+        try:
+            self.audit.append(kind, event)
+        except (AuditError, OSError):
+            if fail_closed:
+                raise
+            log.exception("audit write failed for %s", kind)
+
+    def no_policy_decision(self, request: Request) -> Decision:
+        return Decision.deny("no policy is loaded; everything is denied", NO_POLICY, self.policy.version)
+
+    # -- masking ------------------------------------------------------------------------------
+
+    def mask_plan(self, decision: Decision) -> Any:
+        from .masking import MaskPlan
+
+        if not decision.masks:
+            return MaskPlan.EMPTY
+        key = (decision.policy_version, decision.mask_rule_ids)
+        plan = self._mask_cache.get(key)
+        if plan is None:
+            plan = MaskPlan.compile(list(decision.masks), custom_detectors=self.policy.detectors, key=self._mask_key)
+            if len(self._mask_cache) > 1024:
+                self._mask_cache.clear()
+            self._mask_cache[key] = plan
+        return plan
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def targets(self, protocol: str) -> list[Target]:
+        return self.config.targets_for(protocol)
+
+    async def start(self) -> None:
+        self.addons.trigger_sync("configure", self)
+        self.load_policy()
+        await self.addons.trigger("policy_loaded", self.policy)
+        await self.addons.trigger("running", self)
+
+    async def stop(self) -> None:
+        try:
+            await self.addons.trigger("done", self)
+        finally:
+            for session in list(self.sessions.values()):
+                await session.close(reason="gateway stopping")
+            self.audit_event("gateway.stop", {"uptime": time.time() - self.started}, fail_closed=False)
+            self.audit.close()
+
+
+async def wait_forever() -> None:
+    await asyncio.Event().wait()

@@ -1,0 +1,229 @@
+"""Who the agent is: JWT verification and Lictor's own token issuer.
+
+Identity says *who*; the rule packs say *what that identity may do*. Tokens are verified with
+pyjwt against one of the configured issuers:
+
+* ``lictor`` — Lictor's own issuer for setups without an identity provider. An Ed25519 key in
+  the state directory signs short tokens (well under OpenSSH's 1023-byte password limit).
+* ``jwks`` — an identity provider's JWKS URL, cached, refreshed when a token names an unknown
+  ``kid``.
+* ``static`` — one or more PEM public keys.
+
+Only asymmetric algorithms are accepted and each issuer has its own allow-list, so neither
+``alg: none`` nor the HMAC/RSA confusion (a public key used as an HMAC secret) can pass.
+``exp``, ``iss`` and ``aud`` are required; ``nbf`` and ``iat`` are checked when present.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+__all__ = ["AuthError", "Identity", "IssuerConfig", "LocalIssuer", "TokenVerifier", "parse_duration"]
+
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
+LOCAL_ISSUER = "lictor"
+LOCAL_AUDIENCE = "lictor"
+
+
+class AuthError(Exception):
+    """The agent could not be authenticated; the message is safe to show to the agent."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A verified agent: the token's subject, its claims and the issuer that vouched for it."""
+
+    subject: str
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    issuer: str = ""
+    token_id: str = ""
+    expires_at: float | None = None
+    method: str = "jwt"
+
+    def claim(self, name: str) -> Any:
+        if name == "sub":
+            return self.subject
+        return self.claims.get(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sub": self.subject, "iss": self.issuer, "jti": self.token_id, "method": self.method}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Parse ``90``, ``90s``, ``15m``, ``1h``, ``2d`` or ``1h30m`` into seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = text.strip().lower()
+    if not s:
+        raise ValueError("empty duration")
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    total = 0.0
+    number = ""
+    for ch in s:
+        if ch.isdigit() or ch == ".":
+            number += ch
+        elif ch in units and number:
+            total += float(number) * units[ch]
+            number = ""
+        else:
+            raise ValueError(f"bad duration {text!r}: use forms like 30s, 15m, 1h, 2d")
+    if number:
+        total += float(number)
+    return total
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    """One trusted token issuer from the gateway config."""
+
+    name: str
+    type: str  # "lictor" | "jwks" | "static"
+    issuer: str
+    audience: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    jwks_url: str = ""
+    public_keys: tuple[Any, ...] = ()
+
+
+class LocalIssuer:
+    """Lictor's own token issuer: an Ed25519 key kept in the state directory."""
+
+    def __init__(self, state_dir: Path, issuer: str = LOCAL_ISSUER, audience: str = LOCAL_AUDIENCE) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self.key_path = Path(state_dir) / "issuer.key"
+        self._key = self._load_or_create()
+
+    def _load_or_create(self) -> ed25519.Ed25519PrivateKey:
+        if self.key_path.exists():
+            key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+            if not isinstance(key, ed25519.Ed25519PrivateKey):
+                raise AuthError(f"{self.key_path}: not an Ed25519 private key")
+            return key
+        self.key_path.parent.mkdir(parents=True, exist_ok=True)
+        key = ed25519.Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        return key
+
+    @property
+    def public_key(self) -> ed25519.Ed25519PublicKey:
+        return self._key.public_key()
+
+    def issue(self, subject: str, claims: Mapping[str, Any] | None = None, ttl: float = 3600.0) -> str:
+        """Sign a token for ``subject`` with extra ``claims``, valid for ``ttl`` seconds."""
+        now = int(time.time())
+        payload: dict[str, Any] = dict(claims or {})
+        payload.update(
+            {
+                "sub": subject,
+                "iss": self.issuer,
+                "aud": self.audience,
+                "iat": now,
+                "nbf": now,
+                "exp": now + int(ttl),
+                "jti": uuid.uuid4().hex[:16],
+            }
+        )
+        return jwt.encode(payload, self._key, algorithm="EdDSA")
+
+    def config(self) -> IssuerConfig:
+        return IssuerConfig(
+            name="lictor",
+            type="lictor",
+            issuer=self.issuer,
+            audience=(self.audience,),
+            algorithms=("EdDSA",),
+            public_keys=(self.public_key,),
+        )
+
+
+class TokenVerifier:
+    """Verifies agent JWTs against the configured issuers."""
+
+    def __init__(self, issuers: Sequence[IssuerConfig], leeway: float = 30.0) -> None:
+        if not issuers:
+            raise ValueError("at least one token issuer must be configured")
+        self.issuers = {i.issuer: i for i in issuers}
+        self.leeway = leeway
+        self._jwks: dict[str, jwt.PyJWKClient] = {}
+        for cfg in issuers:
+            bad = [a for a in cfg.algorithms if a not in ASYMMETRIC_ALGORITHMS]
+            if bad:
+                raise ValueError(f"issuer {cfg.name}: algorithms {bad} are not allowed (asymmetric only)")
+            if cfg.type == "jwks":
+                self._jwks[cfg.issuer] = jwt.PyJWKClient(cfg.jwks_url, cache_keys=True, lifespan=300)
+
+    def verify(self, token: str) -> Identity:
+        """Return the identity in ``token`` or raise AuthError with a reason the agent can act on."""
+        token = token.strip()
+        if token.lower().startswith("bearer "):
+            token = token[7:].strip()
+        if not token or token.count(".") != 2:
+            raise AuthError("no valid JWT presented: pass a token from your identity provider or `lictor token issue`")
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"malformed token: {exc}") from None
+        iss = unverified.get("iss")
+        cfg = self.issuers.get(iss) if isinstance(iss, str) else None
+        if cfg is None:
+            raise AuthError(f"token issuer {iss!r} is not trusted by this gateway")
+        alg = header.get("alg")
+        if alg not in cfg.algorithms:
+            raise AuthError(f"token algorithm {alg!r} is not allowed for issuer {iss!r}")
+        keys: list[Any]
+        if cfg.type == "jwks":
+            try:
+                keys = [self._jwks[cfg.issuer].get_signing_key_from_jwt(token).key]
+            except jwt.PyJWTError as exc:
+                raise AuthError(f"cannot find the token's signing key: {exc}") from None
+        else:
+            keys = list(cfg.public_keys)
+        last: Exception | None = None
+        for key in keys:
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=list(cfg.algorithms),
+                    audience=list(cfg.audience),
+                    issuer=cfg.issuer,
+                    leeway=self.leeway,
+                    options={"require": ["exp", "iss", "aud", "sub"]},
+                )
+            except jwt.InvalidSignatureError as exc:
+                last = exc
+                continue
+            except jwt.ExpiredSignatureError:
+                raise AuthError("token expired: get a fresh one") from None
+            except jwt.ImmatureSignatureError:
+                raise AuthError("token not valid yet (nbf/iat in the future)") from None
+            except jwt.PyJWTError as exc:
+                raise AuthError(f"invalid token: {exc}") from None
+            sub = claims.get("sub")
+            if not isinstance(sub, str) or not sub:
+                raise AuthError("token has no subject")
+            return Identity(
+                subject=sub,
+                claims=claims,
+                issuer=cfg.issuer,
+                token_id=str(claims.get("jti", "")),
+                expires_at=float(claims["exp"]),
+            )
+        raise AuthError(f"token signature does not verify ({last})")

@@ -1,0 +1,347 @@
+"""The compiled, immutable policy and its decision procedure.
+
+Order of decision, for one request and one identity (docs/rulepacks.md has the long form):
+
+1. The identity's roles are the union of the roles of every identity mapping that matches it,
+   across all loaded packs, plus the roles those roles inherit, plus any time-boxed elevation.
+2. Candidate rules are those of these roles for the request's protocol, found through an index
+   by ``Request.action`` (and, inside a bucket, by a secondary literal field), never by scanning.
+3. A rule matches when its targets, ``when`` and ``unless`` hold (see ``lictor.vocabulary`` for
+   the all/any reading of lists).
+4. Among matching enforced rules: any ``deny`` wins; else any ``approve`` holds the request; else
+   any ``allow`` allows it; else the request is denied by default. ``mask`` rules never allow on
+   their own: they add masking to what an allowed request returns.
+5. ``enforce: false`` rules are evaluated the same way and reported as shadow results
+   ("would deny"), without changing the decision.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._yaml import Location
+from .identity import Identity
+from .policy_types import DEFAULT_DENY, Decision, Request
+from .vocabulary import Predicate, Quantifier, Vocabulary
+
+__all__ = ["CompiledRule", "IdentityMapping", "Policy", "Role", "Trace"]
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledRule:
+    id: str
+    pack: str
+    role: str
+    protocol: str
+    action: str  # allow | deny | approve | mask
+    enforce: bool
+    message: str
+    order: int
+    targets: tuple[str, ...] = ()
+    when: tuple[tuple[str, Predicate], ...] = ()
+    unless: tuple[tuple[str, Predicate], ...] = ()
+    index_values: frozenset[str] | None = None  # None: any action
+    secondary_values: frozenset[str] | None = None
+    mask: Mapping[str, Any] | None = None
+    approval: Mapping[str, Any] | None = None
+    source: str = ""  # FILE:LINE:COL of the rule
+    location: Location | None = None
+    when_raw: Mapping[str, Any] = field(default_factory=dict)
+    unless_raw: Mapping[str, Any] = field(default_factory=dict)
+
+    def target_matches(self, target: str) -> bool:
+        if not self.targets:
+            return True
+        return any(fnmatch.fnmatchcase(target, t) for t in self.targets)
+
+    def evaluate(self, request: Request) -> tuple[bool, str]:
+        """Whether this rule matches ``request``, and a one-line reason."""
+        if not self.target_matches(request.target):
+            return False, f"target {request.target!r} not in {list(self.targets)}"
+        quantifier: Quantifier = "all" if self.action == "allow" else "any"
+        for name, pred in self.when:
+            if not pred(request, quantifier):
+                return False, f"when.{name} does not match"
+        for name, pred in self.unless:
+            if pred(request, "any"):
+                return False, f"unless.{name} matches"
+        return True, "matches"
+
+
+@dataclass(frozen=True)
+class IdentityMapping:
+    """``identities:`` entry: claim conditions and the roles they grant."""
+
+    id: str
+    pack: str
+    conditions: tuple[tuple[str, tuple[str, ...]], ...]  # (claim name, globs)
+    roles: tuple[str, ...]
+
+    def matches(self, identity: Identity) -> bool:
+        for claim, patterns in self.conditions:
+            value = identity.claim(claim)
+            values: Iterable[Any]
+            if value is None:
+                return False
+            if isinstance(value, (list, tuple, set, frozenset)):
+                values = value
+            else:
+                values = (value,)
+            if not any(fnmatch.fnmatchcase(str(v), p) for v in values for p in patterns):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    pack: str
+    description: str
+    inherits: tuple[str, ...]
+    recording: str
+    rules: tuple[CompiledRule, ...]
+
+
+class _Bucket:
+    """Rules of one role and protocol that share an index value, with a secondary index."""
+
+    __slots__ = ("by_secondary", "residual", "rules")
+
+    def __init__(self) -> None:
+        self.rules: list[CompiledRule] = []
+        self.by_secondary: dict[str, list[CompiledRule]] = {}
+        self.residual: list[CompiledRule] = []
+
+    def add(self, rule: CompiledRule) -> None:
+        self.rules.append(rule)
+        if rule.secondary_values is None:
+            self.residual.append(rule)
+        else:
+            for v in rule.secondary_values:
+                self.by_secondary.setdefault(v, []).append(rule)
+
+    def candidates(self, request: Request, secondary_attr: str | None) -> Iterable[CompiledRule]:
+        if not self.by_secondary or secondary_attr is None:
+            return self.rules
+        raw = request.attrs.get(secondary_attr)
+        values: Sequence[Any]
+        if raw is None:
+            values = ()
+        elif isinstance(raw, str):
+            values = (raw,)
+        else:
+            values = list(raw)
+        if not values:
+            # Vacuous "all" matches are possible: every rule is a candidate.
+            return self.rules
+        found: list[CompiledRule] = list(self.residual)
+        for v in values:
+            found.extend(self.by_secondary.get(str(v).lower(), ()))
+        return found
+
+
+@dataclass
+class Trace:
+    """Everything ``lictor explain`` shows: roles, each candidate rule and its verdict."""
+
+    roles: list[str] = field(default_factory=list)
+    steps: list[tuple[CompiledRule, bool, str]] = field(default_factory=list)
+    decision: Decision | None = None
+
+
+class Policy:
+    """A compiled, immutable set of rule packs. Thread-safe for reading; replaced, never mutated."""
+
+    def __init__(
+        self,
+        version: str,
+        packs: Mapping[str, Mapping[str, Any]],
+        roles: Mapping[str, Role],
+        mappings: Sequence[IdentityMapping],
+        vocabularies: Mapping[str, Vocabulary],
+        detectors: Mapping[str, Any],
+    ) -> None:
+        self.version = version
+        self.packs = dict(packs)
+        self.roles = dict(roles)
+        self.mappings = tuple(mappings)
+        self.vocabularies = dict(vocabularies)
+        self.detectors = dict(detectors)
+        self.rules = tuple(r for role in self.roles.values() for r in role.rules)
+        self.rules_by_id = {r.id: r for r in self.rules}
+        # role -> protocol -> index value ("*" for rules without one) -> bucket
+        self._index: dict[str, dict[str, dict[str, _Bucket]]] = {}
+        for role in self.roles.values():
+            per_protocol = self._index.setdefault(role.name, {})
+            for rule in role.rules:
+                buckets = per_protocol.setdefault(rule.protocol, {})
+                keys = rule.index_values if rule.index_values is not None else frozenset({"*"})
+                for key in keys:
+                    buckets.setdefault(key, _Bucket()).add(rule)
+        self._secondary_attr: dict[str, str | None] = {}
+        self._index_attr: dict[str, str | None] = {}
+        for name, vocab in self.vocabularies.items():
+            self._secondary_attr[name] = vocab.field(vocab.secondary).attribute if vocab.secondary else None
+            self._index_attr[name] = vocab.field(vocab.index).attribute if vocab.index else None
+
+    @classmethod
+    def empty(cls, vocabularies: Mapping[str, Vocabulary] | None = None) -> Policy:
+        return cls("empty", {}, {}, (), vocabularies or {}, {})
+
+    # -- identities ---------------------------------------------------------------------------
+
+    def roles_for(self, identity: Identity, extra_roles: Iterable[str] = ()) -> tuple[str, ...]:
+        """Every role ``identity`` holds, inherited roles included, in a stable order."""
+        direct: list[str] = []
+        for mapping in self.mappings:
+            if mapping.matches(identity):
+                direct.extend(r for r in mapping.roles if r not in direct)
+        direct.extend(r for r in extra_roles if r not in direct)
+        result: list[str] = []
+        stack = list(reversed(direct))
+        while stack:
+            name = stack.pop()
+            if name in result or name not in self.roles:
+                continue
+            result.append(name)
+            stack.extend(reversed(self.roles[name].inherits))
+        return tuple(result)
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def decide(
+        self,
+        identity: Identity,
+        request: Request,
+        *,
+        roles: Sequence[str] | None = None,
+        extra_roles: Iterable[str] = (),
+        trace: Trace | None = None,
+    ) -> Decision:
+        """Decide ``request`` for ``identity``. Never raises for a well-formed request."""
+        held = tuple(roles) if roles is not None else self.roles_for(identity, extra_roles)
+        if roles is not None and extra_roles:
+            held = tuple(dict.fromkeys([*held, *self.roles_for(identity, extra_roles)]))
+        if trace is not None:
+            trace.roles = list(held)
+        secondary = self._secondary_attr.get(request.protocol)
+        index_attr = self._index_attr.get(request.protocol)
+        keys: list[str] = [request.action]
+        if index_attr is not None:
+            raw = request.attrs.get(index_attr)
+            if isinstance(raw, str):
+                keys = [raw]
+            elif raw is not None:
+                keys = [str(v) for v in raw]
+        keys.append("*")
+        seen: set[int] = set()
+        deny: list[CompiledRule] = []
+        approve: list[CompiledRule] = []
+        allow: list[CompiledRule] = []
+        mask: list[CompiledRule] = []
+        shadow: list[CompiledRule] = []
+        for role_name in held:
+            buckets = self._index.get(role_name, {}).get(request.protocol)
+            if not buckets:
+                continue
+            for key in keys:
+                bucket = buckets.get(key)
+                if bucket is None:
+                    continue
+                for rule in bucket.candidates(request, secondary):
+                    if id(rule) in seen:
+                        continue
+                    seen.add(id(rule))
+                    ok, why = rule.evaluate(request)
+                    if trace is not None:
+                        trace.steps.append((rule, ok, why))
+                    if not ok:
+                        continue
+                    if not rule.enforce:
+                        if rule.action in ("deny", "approve"):
+                            shadow.append(rule)
+                        continue
+                    {"deny": deny, "approve": approve, "allow": allow, "mask": mask}[rule.action].append(rule)
+        decision = self._conclude(request, held, deny, approve, allow, mask, shadow)
+        if trace is not None:
+            trace.decision = decision
+        return decision
+
+    def _conclude(
+        self,
+        request: Request,
+        held: tuple[str, ...],
+        deny: list[CompiledRule],
+        approve: list[CompiledRule],
+        allow: list[CompiledRule],
+        mask: list[CompiledRule],
+        shadow: list[CompiledRule],
+    ) -> Decision:
+        by_order = sorted
+        shadow_ids = tuple(r.id for r in by_order(shadow, key=lambda r: r.order))
+        recording = "strict" if any(self.roles[r].recording == "strict" for r in held) else "best_effort"
+        what = request.summary or f"{request.protocol} {request.action}"
+        if deny:
+            rules = by_order(deny, key=lambda r: r.order)
+            first = rules[0]
+            msg = first.message or f"{what} is not allowed for your roles"
+            return Decision(
+                "deny",
+                tuple(r.id for r in rules),
+                msg,
+                self.version,
+                shadow_rule_ids=shadow_ids,
+                explanation=f"denied by rule {first.id} ({first.source})",
+                recording=recording,
+            )
+        masks = by_order(mask + [r for r in allow + approve if r.mask], key=lambda r: r.order)
+        mask_blocks = tuple(r.mask for r in masks if r.mask is not None)
+        mask_ids = tuple(r.id for r in masks)
+        if approve:
+            rules = by_order(approve, key=lambda r: r.order)
+            first = rules[0]
+            msg = first.message or f"{what} needs approval by a human"
+            return Decision(
+                "approve",
+                tuple(r.id for r in rules),
+                msg,
+                self.version,
+                masks=mask_blocks,
+                mask_rule_ids=mask_ids,
+                shadow_rule_ids=shadow_ids,
+                approval=first.approval or {},
+                explanation=f"held for approval by rule {first.id} ({first.source})",
+                recording=recording,
+            )
+        if allow:
+            rules = by_order(allow, key=lambda r: r.order)
+            return Decision(
+                "allow",
+                tuple(r.id for r in rules),
+                "",
+                self.version,
+                masks=mask_blocks,
+                mask_rule_ids=mask_ids,
+                shadow_rule_ids=shadow_ids,
+                explanation=f"allowed by rule {rules[0].id} ({rules[0].source})",
+                recording=recording,
+            )
+        roles_text = ", ".join(held) if held else "none"
+        return Decision(
+            "deny",
+            (DEFAULT_DENY,),
+            f"no rule allows {what} for your roles ({roles_text}); ask your security team for a rule "
+            "that allows it, or use an approval",
+            self.version,
+            shadow_rule_ids=shadow_ids,
+            explanation="no rule of the identity's roles matched: default deny",
+            recording=recording,
+        )
+
+    def approver_roles_ok(self, identity: Identity, approvers: Sequence[str]) -> bool:
+        """Whether ``identity`` holds one of the ``approvers`` roles."""
+        held = set(self.roles_for(identity))
+        return any(a in held for a in approvers)

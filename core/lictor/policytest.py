@@ -1,0 +1,164 @@
+"""``lictor test``: policy unit tests in YAML, with per-rule coverage.
+
+A test file (``format: lictor-tests/v1``) lists cases; each gives identity claims, a request in
+the protocol's own terms (``sql:`` for PostgreSQL, ``method``/``path`` for HTTP, ``command:`` for
+SSH, or ``action`` + ``attrs`` for any protocol) and the expected outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._yaml import YamlError, load_documents, plain
+from .identity import Identity
+from .policy import Policy
+from .policy_types import Decision, Request, combine
+from .rulepacks import TESTS_FORMAT
+
+__all__ = ["CaseResult", "TestReport", "build_requests", "identity_from_spec", "run_tests"]
+
+
+@dataclass
+class CaseResult:
+    file: str
+    line: int
+    name: str
+    passed: bool
+    decision: Decision | None
+    message: str
+
+
+@dataclass
+class TestReport:
+    cases: list[CaseResult] = field(default_factory=list)
+    covered: set[str] = field(default_factory=set)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for c in self.cases if not c.passed) + len(self.errors)
+
+    @property
+    def passed(self) -> int:
+        return sum(1 for c in self.cases if c.passed)
+
+
+def identity_from_spec(spec: Mapping[str, Any]) -> Identity:
+    """``{sub: x, claims: {...}}`` or a flat mapping of claims with ``sub``."""
+    claims = dict(spec.get("claims") or {})
+    for k, v in spec.items():
+        if k not in ("claims",):
+            claims.setdefault(k, v)
+    sub = str(claims.get("sub", "test-agent"))
+    claims["sub"] = sub
+    return Identity(subject=sub, claims=claims, issuer=str(claims.get("iss", "lictor")))
+
+
+def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
+    protocol = str(spec.get("protocol", ""))
+    target = str(spec.get("target", ""))
+    if "action" in spec:
+        return [
+            Request(
+                protocol=protocol,
+                action=str(spec["action"]),
+                attrs=dict(spec.get("attrs") or {}),
+                target=target,
+                summary=str(spec.get("summary", spec["action"])),
+                payload=str(spec.get("payload", "")),
+            )
+        ]
+    vocab = policy.vocabularies.get(protocol)
+    if vocab is None:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    if vocab.build_requests is None:
+        raise ValueError(f"protocol {protocol!r} needs `action` and `attrs` in test requests")
+    return list(vocab.build_requests(spec, target))
+
+
+def _expectation(expect: Any) -> dict[str, Any]:
+    if isinstance(expect, str):
+        return {"action": expect}
+    if isinstance(expect, Mapping):
+        return dict(expect)
+    raise ValueError("expect must be an action or a mapping with action/rule/masked")
+
+
+def _check(decision: Decision, expect: Mapping[str, Any]) -> str:
+    problems = []
+    if decision.action != expect.get("action"):
+        problems.append(f"expected {expect.get('action')}, got {decision.action}")
+    rule = expect.get("rule")
+    if rule is not None and rule not in decision.rule_ids:
+        problems.append(f"expected rule {rule}, got {', '.join(decision.rule_ids)}")
+    masked = expect.get("masked")
+    if masked is not None:
+        want = set([masked] if isinstance(masked, str) else masked)
+        if not want <= set(decision.mask_rule_ids):
+            problems.append(f"expected mask rules {sorted(want)}, got {list(decision.mask_rule_ids)}")
+    if expect.get("shadow") is not None:
+        want = set([expect["shadow"]] if isinstance(expect["shadow"], str) else expect["shadow"])
+        if not want <= set(decision.shadow_rule_ids):
+            problems.append(f"expected shadow rules {sorted(want)}, got {list(decision.shadow_rule_ids)}")
+    return "; ".join(problems)
+
+
+def run_tests(policy: Policy, files: Iterable[Path]) -> TestReport:
+    report = TestReport()
+    for path in files:
+        try:
+            docs = load_documents(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, YamlError) as exc:
+            report.errors.append(str(exc))
+            continue
+        for doc in docs:
+            if not isinstance(doc, dict) or doc.get("format") != TESTS_FORMAT:
+                continue
+            for i, case in enumerate(doc.get("cases") or []):
+                line = case.loc.line if hasattr(case, "loc") else 0
+                name = str(case.get("name", f"case {i + 1}"))
+                try:
+                    identity = identity_from_spec(plain(case.get("identity") or {}))
+                    requests = build_requests(policy, plain(case.get("request") or {}))
+                    decision = combine(policy.decide(identity, r) for r in requests)
+                    problem = _check(decision, _expectation(plain(case.get("expect"))))
+                except Exception as exc:
+                    report.cases.append(CaseResult(str(path), line, name, False, None, f"error: {exc}"))
+                    continue
+                report.covered.update(decision.rule_ids)
+                report.covered.update(decision.mask_rule_ids)
+                report.covered.update(decision.shadow_rule_ids)
+                report.cases.append(CaseResult(str(path), line, name, not problem, decision, problem))
+    return report
+
+
+def format_report(policy: Policy, report: TestReport, verbose: bool = True) -> list[str]:
+    lines: list[str] = []
+    for c in report.cases:
+        d = c.decision
+        outcome = f"{d.action} by {', '.join(d.rule_ids)}" if d else "no decision"
+        if c.passed:
+            if verbose:
+                lines.append(f"PASS {c.file}:{c.line} {c.name} -> {outcome}")
+        else:
+            lines.append(f"FAIL {c.file}:{c.line} {c.name} -> {outcome}: {c.message}")
+    lines.extend(f"ERROR {e}" for e in report.errors)
+    rules = policy.rules
+    covered = [r for r in rules if r.id in report.covered]
+    pct = 100.0 * len(covered) / len(rules) if rules else 100.0
+    lines.append(f"coverage: {len(covered)}/{len(rules)} rules exercised ({pct:.0f}%)")
+    by_pack: dict[str, list[int]] = {}
+    for r in rules:
+        entry = by_pack.setdefault(r.pack, [0, 0])
+        entry[1] += 1
+        entry[0] += r.id in report.covered
+    for pack, (n_cov, n_all) in sorted(by_pack.items()):
+        lines.append(f"  {pack}: {n_cov}/{n_all}")
+    missing: Sequence[Any] = [r for r in rules if r.id not in report.covered]
+    for r in missing:
+        lines.append(f"  not exercised: {r.source} {r.id}")
+    lines.append(f"{report.passed} passed, {report.failed} failed")
+    return lines

@@ -1,0 +1,639 @@
+"""Rule packs: YAML written by security teams, validated, compiled into an immutable Policy.
+
+Loading happens off to the side: every file is parsed, validated against the JSON Schema (the
+core's part composed with the ``when:`` vocabulary of every loaded protocol addon), cross-checked
+(duplicate ids, dangling role references, unknown detectors, patterns google-re2 refuses) and
+compiled. Only a load without errors yields a Policy; a caller swaps it in with one assignment.
+
+Every problem carries ``FILE:LINE:COL``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from ._yaml import Location, LocDict, LocList, YamlError, key_location, load_documents, locate, plain
+from .identity import parse_duration
+from .policy import CompiledRule, IdentityMapping, Policy, Role
+from .vocabulary import Predicate, Vocabulary
+
+__all__ = [
+    "FORMAT",
+    "TESTS_FORMAT",
+    "LoadResult",
+    "PolicyLoadError",
+    "Problem",
+    "compose_schema",
+    "discover",
+    "load_policy",
+]
+
+FORMAT = "lictor/v1"
+TESTS_FORMAT = "lictor-tests/v1"
+ACTIONS = ("allow", "deny", "approve", "mask")
+IDENT = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$"
+
+
+@dataclass(frozen=True)
+class Problem:
+    loc: Location
+    message: str
+    severity: str = "error"  # error | warning
+
+    def __str__(self) -> str:
+        tag = "" if self.severity == "error" else "warning: "
+        return f"{self.loc}: {tag}{self.message}"
+
+
+class PolicyLoadError(ValueError):
+    """Rule packs that did not load; ``problems`` lists each with its position."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems if p.severity == "error"))
+
+
+@dataclass
+class LoadResult:
+    policy: Policy | None
+    problems: list[Problem] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    test_files: list[Path] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+
+# -- schema ---------------------------------------------------------------------------------------
+
+_STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}}
+_STRING_OR_STRINGS = {"oneOf": [{"type": "string", "minLength": 1}, _STRINGS]}
+_DURATION = {"oneOf": [{"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?[smhd]?)+$"}, {"type": "number"}]}
+
+
+def _approval_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["approvers"],
+        "properties": {
+            "approvers": {**_STRINGS, "minItems": 1, "description": "roles whose holders may approve"},
+            "required": {"type": "integer", "minimum": 1, "description": "approvals needed (N of the group)"},
+            "timeout": {**_DURATION, "description": "how long the request waits (default 15m)"},
+            "scope": {"enum": ["once", "elevation"], "description": "this exact request once, or elevation"},
+            "elevate": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["roles", "duration"],
+                "properties": {"roles": _STRINGS, "duration": _DURATION},
+            },
+            "mode": {"enum": ["hold", "ticket"], "description": "hold the request, or answer with an id"},
+        },
+    }
+
+
+def _rule_schema(protocols: Sequence[str]) -> dict[str, Any]:
+    from .masking import MASK_SCHEMA
+
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["id", "protocol", "action"],
+        "properties": {
+            "id": {"type": "string", "pattern": IDENT, "description": "unique across all loaded packs"},
+            "description": {"type": "string"},
+            "protocol": {"type": "string", "enum": list(protocols)},
+            "targets": {**_STRING_OR_STRINGS, "description": "target names (globs); default: all"},
+            "when": {"type": "object", "description": "conditions; vocabulary depends on the protocol"},
+            "unless": {"type": "object", "description": "exemptions; same vocabulary as when"},
+            "action": {"enum": list(ACTIONS)},
+            "message": {"type": "string", "description": "shown to the agent on deny/approve"},
+            "enforce": {"type": "boolean", "description": "false: shadow mode, audit only"},
+            "mask": MASK_SCHEMA,
+            "approval": _approval_schema(),
+        },
+    }
+
+
+def compose_schema(vocabularies: Mapping[str, Vocabulary]) -> dict[str, Any]:
+    """The full rule-pack JSON Schema: the core's part plus each protocol's ``when:`` vocabulary."""
+    from .masking import DETECTOR_SCHEMA
+
+    protocols = sorted(vocabularies)
+    rule = _rule_schema(protocols)
+    rule["allOf"] = [
+        {
+            "if": {"properties": {"protocol": {"const": name}}, "required": ["protocol"]},
+            "then": {
+                "properties": {
+                    "when": vocabularies[name].when_schema(),
+                    "unless": vocabularies[name].when_schema(),
+                }
+            },
+        }
+        for name in protocols
+    ]
+    match_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "properties": {
+            "sub": _STRING_OR_STRINGS,
+            "email": _STRING_OR_STRINGS,
+            "groups": _STRING_OR_STRINGS,
+            "issuer": _STRING_OR_STRINGS,
+            "claims": {"type": "object", "additionalProperties": _STRING_OR_STRINGS},
+        },
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://lictor.dev/schema/rulepack.schema.json",
+        "title": "Lictor rule pack",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["format", "metadata"],
+        "properties": {
+            "format": {"const": FORMAT},
+            "metadata": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "pattern": IDENT},
+                    "description": {"type": "string"},
+                    "owner": {"type": "string"},
+                    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+            "detectors": {"type": "object", "additionalProperties": DETECTOR_SCHEMA},
+            "identities": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["match", "roles"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "description": {"type": "string"},
+                        "match": match_schema,
+                        "roles": {**_STRINGS, "minItems": 1},
+                    },
+                },
+            },
+            "roles": {
+                "type": "object",
+                "propertyNames": {"pattern": IDENT},
+                "additionalProperties": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "description": {"type": "string"},
+                        "inherits": _STRINGS,
+                        "recording": {"enum": ["strict", "best_effort"]},
+                        "rules": {"type": "array", "items": rule},
+                    },
+                },
+            },
+        },
+    }
+
+
+# -- discovery ------------------------------------------------------------------------------------
+
+
+def discover(paths: Iterable[str | Path]) -> list[Path]:
+    """YAML files under ``paths`` (files as given, directories recursively), sorted."""
+    found: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found.extend(sorted(x for x in p.rglob("*") if x.suffix in (".yaml", ".yml") and x.is_file()))
+        else:
+            found.append(p)
+    seen: set[Path] = set()
+    result = []
+    for f in found:
+        r = f.resolve()
+        if r not in seen:
+            seen.add(r)
+            result.append(f)
+    return result
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def _error_location(doc: Any, error: jsonschema.ValidationError, fallback: Location) -> tuple[Location, str]:
+    path = list(error.absolute_path)
+    message = error.message
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = set(error.schema.get("properties", {}))
+        extra = [k for k in error.instance if k not in allowed]
+        if extra:
+            node = doc
+            for part in path:
+                node = node[part]
+            loc = key_location(node, extra[0], locate(doc, path, fallback))
+            where = ".".join(str(p) for p in path) or "top level"
+            hint = f"; expected one of: {', '.join(sorted(allowed))}" if allowed else ""
+            return loc, f"unknown key {extra[0]!r} in {where}{hint}"
+    if error.validator == "required":
+        where = ".".join(str(p) for p in path) or "top level"
+        return locate(doc, path, fallback), f"{where}: {message}"
+    where = ".".join(str(p) for p in path)
+    return locate(doc, path, fallback), f"{where}: {message}" if where else message
+
+
+def _validate(doc: Any, schema: Mapping[str, Any], fallback: Location) -> list[Problem]:
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = []
+    for error in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
+        # oneOf errors are noisy; report the most specific sub-error.
+        best = jsonschema.exceptions.best_match([error])
+        loc, msg = _error_location(doc, best, fallback)
+        problems.append(Problem(loc, msg))
+    return problems
+
+
+def _pack_schema_without_when(protocols: Sequence[str]) -> dict[str, Any]:
+    return compose_schema({p: Vocabulary(p, ()) for p in protocols}) | {}
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)
+
+
+class _Compiler:
+    def __init__(
+        self,
+        vocabularies: Mapping[str, Vocabulary],
+        targets: Mapping[str, str] | None,
+        mask_key: bytes,
+    ) -> None:
+        self.vocabularies = vocabularies
+        self.targets = targets  # target name -> protocol (None: not checked)
+        self.mask_key = mask_key
+        self.problems: list[Problem] = []
+        self.roles: dict[str, tuple[Role, Location]] = {}
+        self.role_refs: list[tuple[str, Location, str]] = []
+        self.mappings: list[IdentityMapping] = []
+        self.rule_ids: dict[str, Location] = {}
+        self.pack_names: dict[str, Location] = {}
+        self.detectors: dict[str, Any] = {}
+        self.packs: dict[str, Mapping[str, Any]] = {}
+        self.mask_blocks: list[tuple[Mapping[str, Any], Location]] = []
+        self.order = 0
+        base = {name: Vocabulary(name, ()) for name in vocabularies}
+        schema = compose_schema(base)
+        rule = schema["properties"]["roles"]["additionalProperties"]["properties"]["rules"]["items"]
+        rule.pop("allOf", None)
+        self.base_schema = schema
+
+    def error(self, loc: Location, message: str) -> None:
+        self.problems.append(Problem(loc, message))
+
+    def warn(self, loc: Location, message: str) -> None:
+        self.problems.append(Problem(loc, message, "warning"))
+
+    def add_document(self, doc: Any, path: Path, fallback: Location) -> None:
+        problems = _validate(doc, self.base_schema, fallback)
+        if problems:
+            self.problems.extend(problems)
+            if isinstance(doc, dict) and doc.get("format") != FORMAT:
+                return
+        if not isinstance(doc, LocDict):
+            return
+        meta = doc.get("metadata") or {}
+        name = str(meta.get("name", path.stem)) if isinstance(meta, dict) else path.stem
+        if name in self.pack_names:
+            self.error(
+                locate(doc, ["metadata", "name"], fallback),
+                f"duplicate pack name {name!r} (also at {self.pack_names[name]})",
+            )
+        self.pack_names[name] = locate(doc, ["metadata", "name"], fallback)
+        self.packs[name] = {"file": str(path), **plain(meta)} if isinstance(meta, dict) else {}
+        self._detectors(doc, fallback)
+        for i, entry in enumerate(doc.get("identities") or []):
+            if not isinstance(entry, dict):
+                continue
+            self._identity(doc, name, i, entry, fallback)
+        roles = doc.get("roles") or {}
+        if isinstance(roles, LocDict):
+            for role_name, body in roles.items():
+                if isinstance(body, dict):
+                    self._role(doc, name, role_name, body, fallback)
+
+    def _detectors(self, doc: LocDict, fallback: Location) -> None:
+        from .masking import MaskingError, compile_detector
+
+        dets = doc.get("detectors") or {}
+        if not isinstance(dets, dict):
+            return
+        for det_name, spec in dets.items():
+            loc = locate(doc, ["detectors", det_name], fallback)
+            if det_name in self.detectors:
+                self.error(loc, f"duplicate detector {det_name!r}")
+                continue
+            if not isinstance(spec, dict) or "pattern" not in spec:
+                continue
+            try:
+                self.detectors[det_name] = compile_detector(
+                    det_name, str(spec["pattern"]), spec.get("validator"), int(spec.get("group", 0))
+                )
+            except MaskingError as exc:
+                self.error(locate(doc, ["detectors", det_name, "pattern"], loc), str(exc))
+
+    def _identity(self, doc: LocDict, pack: str, i: int, entry: Mapping[str, Any], fb: Location) -> None:
+        match = entry.get("match") or {}
+        conditions: list[tuple[str, tuple[str, ...]]] = []
+        if isinstance(match, dict):
+            for key in ("sub", "email", "groups", "issuer"):
+                if key in match:
+                    claim = "iss" if key == "issuer" else key
+                    conditions.append((claim, _strings(match[key])))
+            for claim, value in (match.get("claims") or {}).items():
+                conditions.append((str(claim), _strings(value)))
+        roles = _strings(entry.get("roles"))
+        roles_node = entry.get("roles")
+        for j, role in enumerate(roles):
+            loc = roles_node.item_locs[j] if isinstance(roles_node, LocList) else locate(doc, ["identities", i], fb)
+            self.role_refs.append((role, loc, "identity mapping"))
+        self.mappings.append(IdentityMapping(str(entry.get("id", f"{pack}#{i}")), pack, tuple(conditions), roles))
+
+    def _role(self, doc: LocDict, pack: str, role_name: str, body: Mapping[str, Any], fb: Location) -> None:
+        loc = key_location(doc["roles"], role_name, fb)
+        if role_name in self.roles:
+            self.error(loc, f"duplicate role {role_name!r} (also at {self.roles[role_name][1]})")
+            return
+        inherits = _strings(body.get("inherits"))
+        inh_node = body.get("inherits")
+        for j, parent in enumerate(inherits):
+            ploc = inh_node.item_locs[j] if isinstance(inh_node, LocList) else loc
+            self.role_refs.append((parent, ploc, f"role {role_name!r} inherits"))
+        rules: list[CompiledRule] = []
+        for k, rule in enumerate(body.get("rules") or []):
+            if isinstance(rule, dict):
+                compiled = self._rule(doc, pack, role_name, k, rule, fb)
+                if compiled is not None:
+                    rules.append(compiled)
+        self._shadowed(rules, doc, role_name, fb)
+        role = Role(
+            role_name,
+            pack,
+            str(body.get("description", "")),
+            inherits,
+            str(body.get("recording", "best_effort")),
+            tuple(rules),
+        )
+        self.roles[role_name] = (role, loc)
+
+    def _conditions(
+        self, doc: LocDict, path: list[Any], vocab: Vocabulary, block: Any, fb: Location
+    ) -> tuple[tuple[tuple[str, Predicate], ...], bool]:
+        preds: list[tuple[str, Predicate]] = []
+        ok = True
+        if not isinstance(block, dict):
+            return (), True
+        schema = vocab.when_schema()
+        where = ".".join(str(p) for p in path)
+        for problem in _validate(block, schema, locate(doc, path, fb)):
+            self.error(problem.loc, problem.message.replace("in top level", f"in {where}", 1))
+            ok = False
+        if not ok:
+            return (), False
+        for name, value in block.items():
+            try:
+                preds.append((name, vocab.field(name).compile(plain(value))))
+            except (ValueError, KeyError) as exc:
+                self.error(locate(doc, [*path, name], fb), f"{'.'.join(map(str, path))}.{name}: {exc}")
+                ok = False
+        return tuple(preds), ok
+
+    def _rule(
+        self, doc: LocDict, pack: str, role: str, k: int, rule: Mapping[str, Any], fb: Location
+    ) -> CompiledRule | None:
+        path: list[Any] = ["roles", role, "rules", k]
+        loc = locate(doc, path, fb)
+        rid = str(rule.get("id", ""))
+        if rid in self.rule_ids:
+            self.error(locate(doc, [*path, "id"], loc), f"duplicate rule id {rid!r} (also at {self.rule_ids[rid]})")
+            return None
+        self.rule_ids[rid] = locate(doc, [*path, "id"], loc)
+        protocol = str(rule.get("protocol", ""))
+        vocab = self.vocabularies.get(protocol)
+        if vocab is None:
+            self.error(locate(doc, [*path, "protocol"], loc), f"unknown protocol {protocol!r}")
+            return None
+        targets = _strings(rule.get("targets"))
+        if self.targets is not None:
+            tnode = rule.get("targets")
+            for j, t in enumerate(targets):
+                if any(c in t for c in "*?["):
+                    continue
+                tloc = tnode.item_locs[j] if isinstance(tnode, LocList) else locate(doc, [*path, "targets"], loc)
+                if t not in self.targets:
+                    known = ", ".join(sorted(self.targets)) or "none"
+                    self.error(tloc, f"unknown target {t!r} (targets in the gateway config: {known})")
+                elif self.targets[t] != protocol and not (
+                    protocol == "kubernetes" and self.targets[t] in ("http", "kubernetes")
+                ):
+                    self.error(tloc, f"target {t!r} is a {self.targets[t]} target, not {protocol}")
+        when, ok1 = self._conditions(doc, [*path, "when"], vocab, rule.get("when"), fb)
+        unless, ok2 = self._conditions(doc, [*path, "unless"], vocab, rule.get("unless"), fb)
+        action = str(rule.get("action"))
+        mask = rule.get("mask")
+        if action == "mask" and not mask:
+            self.error(loc, f"rule {rid!r}: action mask needs a mask: block")
+        if action == "deny" and mask:
+            self.warn(locate(doc, [*path, "mask"], loc), f"rule {rid!r}: mask on a deny rule has no effect")
+        if mask:
+            self.mask_blocks.append((plain(mask), locate(doc, [*path, "mask"], loc)))
+        approval = rule.get("approval")
+        if action == "approve":
+            approval = approval or {}
+            if not approval.get("approvers"):
+                self.error(
+                    loc,
+                    f"rule {rid!r}: an approve rule needs approval.approvers (the roles that may approve)",
+                )
+            for j, a in enumerate(_strings(approval.get("approvers"))):
+                anode = approval.get("approvers")
+                aloc = anode.item_locs[j] if isinstance(anode, LocList) else loc
+                self.role_refs.append((a, aloc, f"rule {rid!r} approvers"))
+            el = approval.get("elevate") or {}
+            for a in _strings(el.get("roles")):
+                self.role_refs.append((a, locate(doc, [*path, "approval", "elevate"], loc), f"rule {rid!r} elevation"))
+            for key in ("timeout",):
+                if key in approval:
+                    try:
+                        parse_duration(approval[key])
+                    except ValueError as exc:
+                        self.error(locate(doc, [*path, "approval", key], loc), str(exc))
+            if approval.get("scope") == "elevation" and not el:
+                self.error(loc, f"rule {rid!r}: scope elevation needs approval.elevate (roles, duration)")
+        elif approval:
+            self.warn(
+                locate(doc, [*path, "approval"], loc),
+                f"rule {rid!r}: approval block on a {action} rule is ignored",
+            )
+        if not (ok1 and ok2):
+            return None
+        when_raw = plain(rule.get("when") or {})
+        index_values: frozenset[str] | None = None
+        secondary_values: frozenset[str] | None = None
+        if vocab.index and vocab.index in when_raw:
+            index_values = vocab.field(vocab.index).literals(when_raw[vocab.index])
+        if vocab.secondary and vocab.secondary in when_raw:
+            secondary_values = vocab.field(vocab.secondary).literals(when_raw[vocab.secondary])
+        self.order += 1
+        return CompiledRule(
+            id=rid,
+            pack=pack,
+            role=role,
+            protocol=protocol,
+            action=action,
+            enforce=bool(rule.get("enforce", True)),
+            message=str(rule.get("message", "")).strip(),
+            order=self.order,
+            targets=targets,
+            when=when,
+            unless=unless,
+            index_values=index_values,
+            secondary_values=secondary_values,
+            mask=plain(mask) if mask else None,
+            approval=plain(approval) if approval else None,
+            source=str(loc),
+            location=loc,
+            when_raw=when_raw,
+            unless_raw=plain(rule.get("unless") or {}),
+        )
+
+    def _shadowed(self, rules: list[CompiledRule], doc: LocDict, role: str, fb: Location) -> None:
+        """Warn about rules an earlier unconditional-enough deny makes unreachable."""
+        for i, later in enumerate(rules):
+            if later.action == "deny":
+                continue
+            for earlier in rules[:i]:
+                if earlier.action != "deny" or not earlier.enforce or earlier.protocol != later.protocol:
+                    continue
+                if earlier.unless_raw or (earlier.targets and earlier.targets != later.targets):
+                    continue
+                covers = all(later.when_raw.get(k) == v for k, v in earlier.when_raw.items())
+                if earlier.when_raw and not covers:
+                    idx = self.vocabularies[later.protocol].index
+                    only_index = idx is not None and set(earlier.when_raw) == {idx}
+                    if not (
+                        only_index
+                        and earlier.index_values is not None
+                        and later.index_values is not None
+                        and later.index_values <= earlier.index_values
+                    ):
+                        continue
+                self.warn(
+                    later.location or fb,
+                    f"rule {later.id!r} can never match: rule {earlier.id!r} ({earlier.source}) denies "
+                    "everything it covers first",
+                )
+                break
+
+    def finish(self) -> None:
+        from .masking import MaskingError, MaskPlan
+
+        for role_name, loc, what in self.role_refs:
+            if role_name not in self.roles:
+                known = ", ".join(sorted(self.roles)) or "none"
+                self.error(loc, f"{what}: unknown role {role_name!r} (roles defined: {known})")
+        for block, loc in self.mask_blocks:
+            try:
+                MaskPlan.compile([block], custom_detectors=self.detectors, key=self.mask_key)
+            except MaskingError as exc:
+                self.error(loc, str(exc))
+        # inheritance cycles
+        for name, (role, loc) in self.roles.items():
+            seen: set[str] = set()
+            stack = list(role.inherits)
+            while stack:
+                r = stack.pop()
+                if r == name:
+                    self.error(loc, f"role {name!r} inherits itself (cycle)")
+                    break
+                if r in seen or r not in self.roles:
+                    continue
+                seen.add(r)
+                stack.extend(self.roles[r][0].inherits)
+
+
+def load_policy(
+    paths: Iterable[str | Path],
+    vocabularies: Mapping[str, Vocabulary],
+    *,
+    targets: Mapping[str, str] | None = None,
+    mask_key: bytes = b"lictor-check",
+) -> LoadResult:
+    """Load every rule pack under ``paths``. The result has a Policy only when there are no errors.
+
+    Files whose ``format`` is ``lictor-tests/v1`` are policy tests: listed, not loaded.
+    """
+    files = discover(paths)
+    result = LoadResult(policy=None, files=[])
+    compiler = _Compiler(vocabularies, targets, mask_key)
+    digest = hashlib.sha256()
+    for path in files:
+        fallback = Location(str(path), 1, 1)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            compiler.error(fallback, f"cannot read: {exc}")
+            continue
+        try:
+            docs = load_documents(text, str(path))
+        except YamlError as exc:
+            compiler.error(exc.loc, exc.message)
+            continue
+        docs = [d for d in docs if d is not None]
+        if not docs:
+            compiler.warn(fallback, "empty file")
+            continue
+        if all(isinstance(d, dict) and d.get("format") == TESTS_FORMAT for d in docs):
+            result.test_files.append(path)
+            continue
+        result.files.append(path)
+        digest.update(path.name.encode() + b"\0" + text.encode() + b"\0")
+        for doc in docs:
+            if not isinstance(doc, dict):
+                compiler.error(getattr(doc, "loc", fallback), "a rule pack must be a mapping")
+                continue
+            if doc.get("format") != FORMAT:
+                compiler.error(
+                    locate(doc, ["format"], fallback),
+                    f"unsupported format {doc.get('format')!r}: expected {FORMAT!r} (or {TESTS_FORMAT!r} for tests)",
+                )
+                continue
+            compiler.add_document(doc, path, fallback)
+    compiler.finish()
+    result.problems = sorted(compiler.problems, key=lambda p: (p.loc.file, p.loc.line, p.loc.col))
+    if not result.errors:
+        roles = {name: role for name, (role, _) in compiler.roles.items()}
+        version = digest.hexdigest()[:16] if result.files else "empty"
+        result.policy = Policy(version, compiler.packs, roles, compiler.mappings, vocabularies, compiler.detectors)
+    return result
+
+
+def schema_json(vocabularies: Mapping[str, Vocabulary]) -> str:
+    return json.dumps(compose_schema(vocabularies), indent=2, sort_keys=True) + "\n"

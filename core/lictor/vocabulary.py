@@ -1,0 +1,268 @@
+"""Rule vocabularies: how a protocol addon teaches rule packs its ``when:`` fields.
+
+A protocol addon declares a :class:`Vocabulary`: the protocol name, the fields a rule's ``when:``
+(and ``unless:``) block may use, and how to build requests from a policy test case. The core
+composes the JSON Schema of every loaded vocabulary into the rule-pack schema, so a new protocol
+extends the format without editing the core.
+
+Matching semantics, the same for every field kind that takes a list:
+
+* A request attribute may hold one value (``"select"``) or several (the tables a statement
+  touches). A rule value may be one pattern or a list of patterns.
+* For an ``allow`` rule, **every** value of the request attribute must match one of the rule's
+  patterns: a permission must cover everything the request touches
+  (``SELECT * FROM orders JOIN secrets`` is not covered by ``tables: [orders]``).
+* For ``deny``, ``approve`` and ``mask`` rules, **any** value matching is enough: a restriction
+  fires on anything it touches.
+* Inside ``unless:`` the ``any`` reading applies: ``unless: {resources: [secrets]}`` exempts every
+  request that touches a secret.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .policy_types import Request
+
+Quantifier = Literal["all", "any"]
+Predicate = Callable[[Request, Quantifier], bool]
+
+__all__ = [
+    "Boolean",
+    "Custom",
+    "Enum",
+    "Field",
+    "Glob",
+    "Number",
+    "Predicate",
+    "Quantifier",
+    "Vocabulary",
+    "glob_to_regex",
+]
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def glob_to_regex(pattern: str, *, case_sensitive: bool = False) -> re.Pattern[str]:
+    """Compile a shell-style glob (``*``, ``?``, ``[...]``) into an anchored regex.
+
+    Globs come from rule-pack authors; translating them with fnmatch yields only linear-time
+    constructs, so Python's ``re`` is safe here.
+    """
+    flags = 0 if case_sensitive else re.IGNORECASE
+    return re.compile(fnmatch.translate(pattern), flags | re.DOTALL)
+
+
+def _values(value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        return tuple(value)
+    if isinstance(value, (str, bytes, int, float, bool)):
+        return (value,)
+    if isinstance(value, Iterable):
+        return tuple(value)
+    return (value,)
+
+
+def _quantify(values: tuple[Any, ...], test: Callable[[Any], bool], quantifier: Quantifier) -> bool:
+    if quantifier == "all":
+        return all(test(v) for v in values)
+    return any(test(v) for v in values)
+
+
+@dataclass(frozen=True)
+class Field:
+    """Base of all field kinds: ``name`` is the key in ``when:``; ``attr`` the request attribute."""
+
+    name: str
+    attr: str = ""
+    description: str = ""
+
+    @property
+    def attribute(self) -> str:
+        return self.attr or self.name
+
+    def schema(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def compile(self, value: Any) -> Predicate:
+        raise NotImplementedError
+
+    def literals(self, value: Any) -> frozenset[str] | None:
+        """Exact values this condition can match, or None when it uses patterns."""
+        return None
+
+
+@dataclass(frozen=True)
+class Glob(Field):
+    """One glob or a list of globs matched against a string (or strings) attribute."""
+
+    case_sensitive: bool = False
+
+    def schema(self) -> dict[str, Any]:
+        item = {"type": "string", "minLength": 1}
+        return {
+            "description": self.description,
+            "oneOf": [item, {"type": "array", "items": item, "minItems": 1}],
+        }
+
+    def compile(self, value: Any) -> Predicate:
+        patterns = [str(p) for p in _values(value)]
+        attr = self.attribute
+        exact = {p if self.case_sensitive else p.lower() for p in patterns if not _GLOB_CHARS.search(p)}
+        regexes = [glob_to_regex(p, case_sensitive=self.case_sensitive) for p in patterns if _GLOB_CHARS.search(p)]
+        fold = not self.case_sensitive
+
+        def one(v: Any) -> bool:
+            s = str(v)
+            if (s.lower() if fold else s) in exact:
+                return True
+            return any(r.match(s) for r in regexes)
+
+        def predicate(request: Request, quantifier: Quantifier) -> bool:
+            raw = request.attrs.get(attr)
+            if raw is None:  # unknown is never covered, even vacuously
+                return False
+            return _quantify(_values(raw), one, quantifier)
+
+        return predicate
+
+    def literals(self, value: Any) -> frozenset[str] | None:
+        patterns = [str(p) for p in _values(value)]
+        if any(_GLOB_CHARS.search(p) for p in patterns):
+            return None
+        return frozenset(p if self.case_sensitive else p.lower() for p in patterns)
+
+
+@dataclass(frozen=True)
+class Enum(Field):
+    """One value or a list from a fixed set (statement kinds, Kubernetes verbs)."""
+
+    values: tuple[str, ...] = ()
+    wildcard: bool = True
+
+    def schema(self) -> dict[str, Any]:
+        allowed = [*self.values, "*"] if self.wildcard else list(self.values)
+        item = {"type": "string", "enum": allowed}
+        return {
+            "description": self.description,
+            "oneOf": [item, {"type": "array", "items": item, "minItems": 1}],
+        }
+
+    def compile(self, value: Any) -> Predicate:
+        wanted = frozenset(str(v) for v in _values(value))
+        attr = self.attribute
+        if "*" in wanted:
+            return lambda request, quantifier: True
+
+        def predicate(request: Request, quantifier: Quantifier) -> bool:
+            raw = request.attrs.get(attr)
+            if raw is None:
+                return False
+            return _quantify(_values(raw), wanted.__contains__, quantifier)
+
+        return predicate
+
+    def literals(self, value: Any) -> frozenset[str] | None:
+        wanted = frozenset(str(v) for v in _values(value))
+        return None if "*" in wanted else wanted
+
+
+@dataclass(frozen=True)
+class Boolean(Field):
+    """True or false; matches when the request attribute equals it (a missing attribute is false)."""
+
+    def schema(self) -> dict[str, Any]:
+        return {"description": self.description, "type": "boolean"}
+
+    def compile(self, value: Any) -> Predicate:
+        wanted = bool(value)
+        attr = self.attribute
+        return lambda request, quantifier: bool(request.attrs.get(attr, False)) is wanted
+
+
+@dataclass(frozen=True)
+class Number(Field):
+    """A numeric bound: ``{max: N}``, ``{min: N}`` or both. A missing attribute does not match."""
+
+    def schema(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "properties": {"max": {"type": "number"}, "min": {"type": "number"}},
+        }
+
+    def compile(self, value: Any) -> Predicate:
+        lo = value.get("min")
+        hi = value.get("max")
+        attr = self.attribute
+
+        def predicate(request: Request, quantifier: Quantifier) -> bool:
+            v = request.attrs.get(attr)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                return False
+            return (lo is None or v >= lo) and (hi is None or v <= hi)
+
+        return predicate
+
+
+@dataclass(frozen=True)
+class Custom(Field):
+    """A field with its own schema and compiler, for what the built-in kinds cannot express."""
+
+    json_schema: Mapping[str, Any] = field(default_factory=dict)
+    compiler: Callable[[Any], Predicate] | None = None
+
+    def schema(self) -> dict[str, Any]:
+        return dict(self.json_schema)
+
+    def compile(self, value: Any) -> Predicate:
+        if self.compiler is None:
+            raise ValueError(f"field {self.name!r} has no compiler")
+        return self.compiler(value)
+
+
+RequestBuilder = Callable[[Mapping[str, Any], str], Sequence[Request]]
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a protocol contributes to rule packs.
+
+    ``index`` names the field whose values correspond to ``Request.action`` (statement kind,
+    HTTP method, Kubernetes verb, program name): the policy engine buckets rules by it.
+    ``secondary`` optionally names a field with mostly literal values (tables, resources) that
+    the engine uses as an inverted index inside a bucket.
+
+    ``build_requests(case, target)`` turns the ``request:`` mapping of a policy test case into
+    the requests the addon would produce (for instance one per SQL statement). Without it, a test
+    case must spell out ``action`` and ``attrs``.
+    """
+
+    protocol: str
+    fields: tuple[Field, ...]
+    index: str | None = None
+    secondary: str | None = None
+    description: str = ""
+    build_requests: RequestBuilder | None = None
+    test_request_schema: Mapping[str, Any] | None = None
+
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def when_schema(self) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {f.name: f.schema() for f in self.fields},
+        }
