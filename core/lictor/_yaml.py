@@ -97,7 +97,7 @@ def load_documents(text: str, filename: str) -> list[Any]:
     try:
         docs = []
         while loader.check_data():  # type: ignore[no-untyped-call]
-            docs.append(loader.get_data())  # type: ignore[no-untyped-call]
+            docs.append(loader.get_data())
         return docs
     except YamlError:
         raise

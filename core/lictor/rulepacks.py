@@ -584,7 +584,7 @@ def load_policy(
     vocabularies: Mapping[str, Vocabulary],
     *,
     targets: Mapping[str, str] | None = None,
-    mask_key: bytes = b"lictor-check",
+    mask_key: bytes = b"lictor-check-only-key-32-bytes!!",
 ) -> LoadResult:
     """Load every rule pack under ``paths``. The result has a Policy only when there are no errors.
 

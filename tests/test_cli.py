@@ -1,0 +1,108 @@
+"""The command line as security teams use it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from tests.conftest import ROOT, lictor
+
+
+def test_check_shipped_packs_pass():
+    out = lictor("check", str(ROOT / "rulepacks")).stdout
+    assert out.startswith("OK:")
+
+
+def test_test_shipped_packs_pass_with_coverage():
+    proc = lictor("test", str(ROOT / "rulepacks"))
+    assert "coverage: " in proc.stdout and " failed" in proc.stdout
+    assert proc.stdout.strip().endswith(" 0 failed")
+
+
+def test_check_reports_file_line_and_exit_1(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "format: lictor/v1\nmetadata: {name: b}\nidentities:\n  - match: {sub: '*'}\n    roles: [ghost]\n"
+        "roles:\n  r:\n    rules:\n      - {id: x, protocol: postgres, action: allow, when: {tables: ['(']}}\n"
+    )
+    proc = lictor("check", str(bad), check=False)
+    assert proc.returncode == 1
+    assert f"{bad}:5:13: identity mapping: unknown role 'ghost'" in proc.stdout
+
+
+def test_test_exits_1_on_a_failing_case(tmp_path: Path):
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: p}\nidentities: [{match: {sub: '*'}, roles: [r]}]\n"
+        "roles:\n  r:\n    rules:\n      - {id: ok, protocol: ssh, when: {programs: ls}, action: allow}\n"
+    )
+    (tmp_path / "p.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n"
+        "  - {name: ls ok, identity: {sub: a}, request: {protocol: ssh, action: ls, attrs: {program: ls}}, expect: allow}\n"
+        "  - {name: rm allowed, identity: {sub: a}, request: {protocol: ssh, action: rm, attrs: {program: rm}}, expect: allow}\n"
+    )
+    proc = lictor("test", str(tmp_path), check=False)
+    assert proc.returncode == 1
+    assert "PASS" in proc.stdout and "FAIL" in proc.stdout and "expected allow, got deny" in proc.stdout
+    assert "1 passed, 1 failed" in proc.stdout
+    assert "coverage: 1/1 rules exercised (100%)" in proc.stdout
+
+
+def test_explain_shows_roles_rules_and_outcome():
+    out = lictor(
+        "explain",
+        str(ROOT / "rulepacks"),
+        "--claim",
+        "access=read",
+        "--sub",
+        "agent-9",
+        "--request",
+        "{protocol: kubernetes, action: get, attrs: {verb: get, resource: secrets, api_group: core, namespace: apps}}",
+    ).stdout
+    assert "roles: " in out and "read-only" in out
+    assert "skip  ro-kubernetes-read" in out and "unless.resources matches" in out
+    assert "=> DENY" in out
+
+
+def test_token_issue_is_short_and_verifiable(tmp_path: Path):
+    token = lictor(
+        "token",
+        "issue",
+        "--state-dir",
+        str(tmp_path),
+        "--sub",
+        "agent-1",
+        "--claim",
+        "role=readonly",
+        "--claim",
+        "groups=a,b",
+        "--ttl",
+        "30m",
+    ).stdout.strip()
+    assert token.count(".") == 2 and len(token) < 1000
+    import base64
+
+    body = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert body["sub"] == "agent-1" and body["role"] == "readonly" and body["groups"] == ["a", "b"]
+    assert body["exp"] - body["iat"] == 1800
+
+
+def test_audit_verify_detects_tampering_through_the_cli(tmp_path: Path):
+    from lictor import AuditLog
+
+    log = AuditLog(tmp_path / "audit.db")
+    for i in range(5):
+        log.append("decision", {"n": i})
+    log.close()
+    assert lictor("audit", "verify", "--state-dir", str(tmp_path)).returncode == 0
+    sqlite3.connect(tmp_path / "audit.db", isolation_level=None).execute("DELETE FROM events WHERE seq = 3")
+    proc = lictor("audit", "verify", "--state-dir", str(tmp_path), check=False)
+    assert proc.returncode == 1 and "event 3 is missing (deleted)" in proc.stdout
+
+
+def test_kubeconfig_prints_a_usable_config(tmp_path: Path):
+    import yaml
+
+    doc = yaml.safe_load(lictor("kubeconfig", "--server", "https://127.0.0.1:8443", "--token", "T").stdout)
+    assert doc["clusters"][0]["cluster"]["server"] == "https://127.0.0.1:8443"
+    assert doc["users"][0]["user"]["token"] == "T"

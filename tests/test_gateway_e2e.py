@@ -1,0 +1,155 @@
+"""The gateway process end to end, through a protocol addon that uses only the public API.
+
+Covers fault injection (an addon that raises → audited denial), hot reload (a broken edit keeps
+the old policy; a good edit goes live without dropping connections), SIGTERM, and the CLI's
+audit commands against what the process wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from tests.conftest import ROOT, free_port, lictor, wait_port
+
+PACK = """
+format: lictor/v1
+metadata: {name: lines}
+identities:
+  - match: {claims: {role: reader}}
+    roles: [reader]
+roles:
+  reader:
+    rules:
+      - id: line-get
+        protocol: line
+        when: {verbs: [get]}
+        action: allow
+      - id: line-no-secrets
+        protocol: line
+        when: {commands: ["* secret*"]}
+        action: deny
+        message: secrets are off limits
+"""
+
+
+class Client:
+    def __init__(self, port: int, token: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.file = self.sock.makefile("rwb")
+        self.send(f"AUTH {token}")
+        self.greeting = self.recv()
+
+    def send(self, line: str) -> None:
+        self.file.write(line.encode() + b"\n")
+        self.file.flush()
+
+    def recv(self) -> str:
+        return self.file.readline().decode().strip()
+
+    def ask(self, line: str) -> str:
+        self.send(line)
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def line_gateway(gateway_factory, tmp_path, monkeypatch):
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "lines.yaml").write_text(PACK)
+    port = free_port()
+    monkeypatch.setenv("LINEPROTO_FAIL_ON", "explode")
+    gw = gateway_factory(
+        {
+            "rulepacks": [str(packs)],
+            "addons": [str(ROOT / "tests" / "addons" / "lineproto.py")],
+            "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{port}"}},
+        }
+    )
+    wait_port(port)
+    gw.port = port
+    gw.packs = packs
+    return gw
+
+
+def audit_events(gw, *extra: str) -> list[dict]:
+    out = lictor("audit", "list", "--json", "--state-dir", str(gw.state_dir), *extra).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_allow_deny_and_bad_token(line_gateway):
+    gw = line_gateway
+    c = Client(gw.port, gw.token("agent-1", role="reader"))
+    assert c.greeting == "READY"
+    assert c.ask("get orders").startswith("OK line-get ")
+    assert c.ask("get secret-plans") == "DENIED line-no-secrets: secrets are off limits"
+    denied = c.ask("put orders")
+    assert denied.startswith("DENIED lictor:default-deny: no rule allows put orders for your roles (reader)")
+    c.close()
+    bad = Client(gw.port, "not-a-token")
+    assert bad.greeting.startswith("ERROR no valid JWT")
+    events = audit_events(gw)
+    decisions = [e for e in events if e["kind"] == "decision"]
+    assert [d["action"] for d in decisions] == ["allow", "deny", "deny"]
+    assert decisions[1]["rule_ids"] == ["line-no-secrets"]
+    assert any(e["kind"] == "auth.failed" for e in events)
+
+
+def test_fault_in_an_addon_hook_is_an_audited_denial(line_gateway):
+    gw = line_gateway
+    c = Client(gw.port, gw.token("agent-1", role="reader"))
+    reply = c.ask("get explode")  # the rule would allow it; the hook raises
+    assert reply.startswith("DENIED lictor:addon-error: internal error in addon 'lineproto'")
+    assert c.ask("get fine").startswith("OK")  # the connection survives
+    decisions = audit_events(gw, "--kind", "decision")
+    assert decisions[0]["rule_ids"] == ["lictor:addon-error"] and decisions[0]["action"] == "deny"
+    assert "injected fault" in gw.log()
+
+
+def test_hot_reload_keeps_connections_and_rejects_broken_edits(line_gateway):
+    gw = line_gateway
+    c = Client(gw.port, gw.token("agent-1", role="reader"))
+    first = c.ask("get a").split()[2]  # policy version
+    pack = gw.packs / "lines.yaml"
+
+    # a broken edit (unknown key) keeps the last good policy
+    pack.write_text(PACK.replace("action: allow", "action: allow\n        colour: red"))
+    deadline = time.monotonic() + 10
+    while "colour" not in gw.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "lines.yaml:14:9: unknown key 'colour'" in gw.log()
+    assert c.ask("get a").split()[2] == first
+
+    # a good edit, saved the way editors do (write elsewhere, rename over), goes live
+    tmp = gw.packs / ".lines.yaml.swp"
+    tmp.write_text(PACK.replace("verbs: [get]", "verbs: [get, put]"))
+    os.replace(tmp, pack)
+    deadline = time.monotonic() + 10
+    reply = c.ask("put a")
+    while not reply.startswith("OK") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        reply = c.ask("put a")
+    assert reply.startswith("OK line-get"), reply
+    assert reply.split()[2] != first
+    kinds = [e["kind"] for e in audit_events(gw)]
+    assert "policy.rejected" in kinds and kinds.count("policy.loaded") >= 2
+    c.close()
+
+
+def test_sigterm_stops_cleanly_and_audit_verifies(line_gateway):
+    gw = line_gateway
+    c = Client(gw.port, gw.token("agent-2", role="reader"))
+    c.ask("get x")
+    assert gw.stop() == 0
+    kinds = [e["kind"] for e in audit_events(gw)]
+    assert kinds[-1] == "gateway.stop" and "session.end" in kinds
+    assert "chain intact" in lictor("audit", "verify", "--state-dir", str(gw.state_dir)).stdout
+    table = lictor("audit", "list", "--state-dir", str(gw.state_dir), "--where", "action=allow").stdout
+    assert "get x" in table and "line-get" in table

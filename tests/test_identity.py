@@ -1,0 +1,105 @@
+"""JWT verification: algorithm allow-list, signature, exp/nbf/iss/aud, Lictor's own issuer."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from lictor import AuthError, LocalIssuer, TokenVerifier
+from lictor.identity import IssuerConfig, parse_duration
+
+
+@pytest.fixture
+def issuer(tmp_path):
+    return LocalIssuer(tmp_path)
+
+
+@pytest.fixture
+def verifier(issuer):
+    return TokenVerifier([issuer.config()])
+
+
+def test_local_tokens_verify_and_stay_short(issuer, verifier):
+    token = issuer.issue("agent-1", {"role": "readonly", "groups": ["a", "b"]}, ttl=3600)
+    assert len(token) < 1000
+    ident = verifier.verify(token)
+    assert ident.subject == "agent-1" and ident.claims["role"] == "readonly"
+    assert verifier.verify("Bearer " + token).subject == "agent-1"
+
+
+def test_key_persists_in_state_dir(tmp_path, issuer):
+    token = issuer.issue("a")
+    assert (tmp_path / "issuer.key").stat().st_mode & 0o777 == 0o600
+    assert TokenVerifier([LocalIssuer(tmp_path).config()]).verify(token).subject == "a"
+
+
+def test_expired_and_not_yet_valid(issuer, verifier):
+    with pytest.raises(AuthError, match="expired"):
+        verifier.verify(issuer.issue("a", ttl=-120))
+    key = issuer._key
+    future = int(time.time()) + 3600
+    token = jwt.encode({"sub": "a", "iss": "lictor", "aud": "lictor", "exp": future + 60, "nbf": future}, key, "EdDSA")
+    with pytest.raises(AuthError, match="not valid yet"):
+        verifier.verify(token)
+
+
+def test_alg_none_is_refused(issuer, verifier):
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "none", "typ": "JWT"}).encode()).rstrip(b"=")
+    body = base64.urlsafe_b64encode(
+        json.dumps({"sub": "root", "iss": "lictor", "aud": "lictor", "exp": time.time() + 60}).encode()
+    ).rstrip(b"=")
+    with pytest.raises(AuthError, match="algorithm"):
+        verifier.verify(f"{header.decode()}.{body.decode()}.")
+
+
+def test_hmac_with_public_key_is_refused(tmp_path):
+    priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pub = priv.public_key()
+    pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    cfg = IssuerConfig("idp", "static", "https://idp", ("lictor",), ("RS256",), public_keys=(pub,))
+    v = TokenVerifier([cfg])
+    good = jwt.encode({"sub": "a", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}, priv, "RS256")
+    assert v.verify(good).subject == "a"
+    # classic confusion: sign with HS256 using the public key bytes as the secret
+    import hashlib
+    import hmac as _hmac
+
+    h = base64.urlsafe_b64encode(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()).rstrip(b"=")
+    b = base64.urlsafe_b64encode(
+        json.dumps({"sub": "admin", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}).encode()
+    ).rstrip(b"=")
+    sig = base64.urlsafe_b64encode(_hmac.new(pem, h + b"." + b, hashlib.sha256).digest()).rstrip(b"=")
+    with pytest.raises(AuthError, match="algorithm"):
+        v.verify(b".".join([h, b, sig]).decode())
+    with pytest.raises(ValueError, match="asymmetric"):
+        TokenVerifier([IssuerConfig("x", "static", "x", ("a",), ("HS256",))])
+
+
+def test_wrong_issuer_audience_signature(issuer, verifier, tmp_path):
+    other = LocalIssuer(tmp_path / "other")
+    with pytest.raises(AuthError, match="signature"):
+        verifier.verify(other.issue("a"))
+    key = issuer._key
+    exp = time.time() + 60
+    with pytest.raises(AuthError, match="not trusted"):
+        verifier.verify(jwt.encode({"sub": "a", "iss": "evil", "aud": "lictor", "exp": exp}, key, "EdDSA"))
+    with pytest.raises(AuthError, match="invalid token"):
+        verifier.verify(jwt.encode({"sub": "a", "iss": "lictor", "aud": "other", "exp": exp}, key, "EdDSA"))
+    with pytest.raises(AuthError, match="invalid token"):
+        verifier.verify(jwt.encode({"sub": "a", "iss": "lictor", "aud": "lictor"}, key, "EdDSA"))
+    with pytest.raises(AuthError, match="no valid JWT"):
+        verifier.verify("hunter2")
+
+
+def test_parse_duration():
+    assert parse_duration("90") == 90
+    assert parse_duration("15m") == 900
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration(2) == 2
+    with pytest.raises(ValueError):
+        parse_duration("soon")

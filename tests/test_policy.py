@@ -1,0 +1,167 @@
+"""Decision semantics of the policy engine, on packs written for the test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lictor import Identity, Request, Trace, load_policy
+
+from tests.addons.lineproto import VOCABULARY as LINE
+
+PACK = """
+format: lictor/v1
+metadata: {name: t}
+identities:
+  - match: {claims: {role: reader}}
+    roles: [reader]
+  - match: {sub: "ops-*", groups: [sre]}
+    roles: [operator]
+roles:
+  reader:
+    rules:
+      - id: read
+        protocol: line
+        when: {verbs: [get, list]}
+        action: allow
+      - id: no-secrets
+        protocol: line
+        when: {commands: ["* secret*"]}
+        action: deny
+        message: secrets are off limits
+      - id: shadow-list-all
+        protocol: line
+        when: {commands: ["list *all*"]}
+        action: deny
+        enforce: false
+  operator:
+    inherits: [reader]
+    rules:
+      - id: restart-needs-approval
+        protocol: line
+        when: {verbs: restart}
+        action: approve
+        approval: {approvers: [reader]}
+      - id: delete
+        protocol: line
+        when: {verbs: delete}
+        unless: {commands: ["delete prod*"]}
+        action: allow
+"""
+
+
+@pytest.fixture
+def policy(tmp_path: Path):
+    (tmp_path / "p.yaml").write_text(PACK)
+    result = load_policy([tmp_path], {"line": LINE})
+    assert not result.errors, result.errors
+    assert result.policy is not None
+    return result.policy
+
+
+def req(line: str) -> Request:
+    verb = line.split()[0]
+    return Request("line", verb, {"command": line, "verb": verb}, summary=line, payload=line)
+
+
+reader = Identity("agent-1", {"role": "reader"})
+operator = Identity("ops-7", {"groups": ["dev", "sre"]})
+nobody = Identity("stranger", {"role": "guest"})
+
+
+def test_default_deny_names_the_roles(policy):
+    d = policy.decide(nobody, req("get x"))
+    assert d.action == "deny"
+    assert d.rule_ids == ("lictor:default-deny",)
+    assert "none" in d.message
+    assert d.policy_version == policy.version
+
+
+def test_allow_and_deny_wins(policy):
+    assert policy.decide(reader, req("get orders")).rule_ids == ("read",)
+    d = policy.decide(reader, req("get secrets"))
+    assert d.action == "deny" and d.rule_ids == ("no-secrets",)
+    assert d.message == "secrets are off limits"
+
+
+def test_shadow_rules_report_but_do_not_enforce(policy):
+    d = policy.decide(reader, req("list all things"))
+    assert d.action == "allow"
+    assert d.shadow_rule_ids == ("shadow-list-all",)
+
+
+def test_inheritance_approval_and_unless(policy):
+    assert policy.roles_for(operator) == ("operator", "reader")
+    assert policy.decide(operator, req("get x")).action == "allow"
+    d = policy.decide(operator, req("restart web"))
+    assert d.action == "approve" and d.approval == {"approvers": ["reader"]}
+    assert policy.decide(operator, req("delete staging-db")).action == "allow"
+    assert policy.decide(operator, req("delete prod-db")).action == "deny"
+
+
+def test_identity_globs_and_list_claims(policy):
+    assert policy.roles_for(Identity("ops-1", {"groups": "sre"})) == ("operator", "reader")
+    assert policy.roles_for(Identity("dev-1", {"groups": ["sre"]})) == ()
+    assert policy.roles_for(Identity("ops-1", {})) == ()
+
+
+def test_elevation_adds_roles(policy):
+    assert policy.decide(reader, req("delete x")).action == "deny"
+    assert policy.decide(reader, req("delete x"), extra_roles=["operator"]).action == "allow"
+
+
+def test_allow_must_cover_every_value_and_deny_fires_on_any(tmp_path: Path):
+    from lictor_addons.postgres.vocabulary import VOCABULARY as PG
+
+    (tmp_path / "p.yaml").write_text(
+        """
+format: lictor/v1
+metadata: {name: pg}
+identities: [{match: {sub: "*"}, roles: [r]}]
+roles:
+  r:
+    rules:
+      - {id: orders, protocol: postgres, when: {statements: select, tables: [orders, "public.orders"]}, action: allow}
+      - {id: no-del, protocol: postgres, when: {statements: delete}, action: deny}
+"""
+    )
+    policy = load_policy([tmp_path], {"postgres": PG}).policy
+    assert policy is not None
+    who = Identity("a")
+
+    def pg(kinds: set[str], tables: set[str]) -> Request:
+        return Request("postgres", sorted(kinds)[0], {"kinds": frozenset(kinds), "tables": frozenset(tables)})
+
+    assert policy.decide(who, pg({"select"}, {"orders"})).action == "allow"
+    # a JOIN on another table is not covered by the permission on orders
+    assert policy.decide(who, pg({"select"}, {"orders", "secrets"})).action == "deny"
+    # a data-modifying CTE inside a SELECT is found through the nested kind
+    d = policy.decide(who, pg({"select", "delete"}, {"orders"}))
+    assert d.action == "deny" and d.rule_ids == ("no-del",)
+    # a missing attribute is never covered, even vacuously
+    assert policy.decide(who, Request("postgres", "select", {"kinds": frozenset({"select"})})).action == "deny"
+
+
+def test_trace_lists_candidates_in_order(policy):
+    trace = Trace()
+    policy.decide(reader, req("get secret-key"), trace=trace)
+    assert trace.roles == ["reader"]
+    names = [(r.id, ok) for r, ok, _ in trace.steps]
+    assert ("read", True) in names and ("no-secrets", True) in names
+    assert trace.decision is not None and trace.decision.action == "deny"
+
+
+def test_index_does_not_lose_rules_with_many_rules(tmp_path: Path):
+    rules = "\n".join(
+        f"      - {{id: r{i}, protocol: line, when: {{verbs: v{i % 50}, commands: ['v{i % 50} t{i}']}}, action: allow}}"
+        for i in range(2000)
+    )
+    (tmp_path / "p.yaml").write_text(
+        f"format: lictor/v1\nmetadata: {{name: big}}\nidentities: [{{match: {{sub: '*'}}, roles: [r]}}]\n"
+        f"roles:\n  r:\n    rules:\n{rules}\n"
+    )
+    policy = load_policy([tmp_path], {"line": LINE}).policy
+    assert policy is not None
+    who = Identity("x")
+    assert policy.decide(who, req("v7 t1957")).rule_ids == ("r1957",)
+    assert policy.decide(who, req("v7 t1958")).action == "deny"

@@ -1,0 +1,145 @@
+"""Rule pack loading and checking: every problem at FILE:LINE:COL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lictor import load_policy
+from lictor.addons import AddonManager
+from lictor.rulepacks import schema_json
+from lictor_addons import default_addons
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def vocabularies():
+    m = AddonManager()
+    m.add(*default_addons())
+    return m.vocabularies
+
+
+def write(tmp_path: Path, text: str, name: str = "pack.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text.lstrip("\n"))
+    return p
+
+
+GOOD = """
+format: lictor/v1
+metadata: {name: good, owner: security}
+identities:
+  - match: {claims: {role: readonly}}
+    roles: [ro]
+roles:
+  ro:
+    rules:
+      - id: ro-select
+        protocol: postgres
+        when: {statements: [select]}
+        action: allow
+"""
+
+
+def problems(tmp_path: Path, text: str, **kw):
+    path = write(tmp_path, text)
+    result = load_policy([path], vocabularies(), **kw)
+    return path, result
+
+
+def test_good_pack_compiles_with_content_hash_version(tmp_path):
+    _, result = problems(tmp_path, GOOD)
+    assert not result.problems
+    assert result.policy is not None and len(result.policy.version) == 16
+    _, again = problems(tmp_path, GOOD.replace("security", "sec"))
+    assert again.policy is not None and again.policy.version != result.policy.version
+
+
+def test_unknown_key_reports_its_line(tmp_path):
+    path, result = problems(
+        tmp_path, GOOD.replace("        action: allow", "        action: allow\n        colour: red")
+    )
+    assert result.policy is None
+    assert [str(p) for p in result.errors] == [
+        f"{path}:13:9: unknown key 'colour' in roles.ro.rules.0; expected one of: action, approval, description, "
+        "enforce, id, mask, message, protocol, targets, unless, when"
+    ]
+
+
+def test_unknown_when_field_names_the_vocabulary(tmp_path):
+    path, result = problems(tmp_path, GOOD.replace("{statements: [select]}", "{statements: [select], tabels: [x]}"))
+    (err,) = result.errors
+    assert err.loc.line == 11 and "unknown key 'tabels' in roles.ro.rules.0.when" in err.message
+    assert "tables" in err.message
+
+
+def test_dangling_role_reference(tmp_path):
+    path, result = problems(tmp_path, GOOD.replace("roles: [ro]", "roles: [read-only]"))
+    (err,) = result.errors
+    assert (err.loc.file, err.loc.line) == (str(path), 5)
+    assert "unknown role 'read-only'" in err.message
+
+
+def test_pattern_re2_refuses(tmp_path):
+    text = GOOD + "detectors:\n  backref:\n    pattern: '(a)\\1'\n"
+    path, result = problems(tmp_path, text)
+    (err,) = result.errors
+    assert err.loc.line == 15, str(err)
+    assert "backref" in str(err) or "re2" in str(err).lower()
+
+
+def test_unknown_detector_reference(tmp_path):
+    text = GOOD.replace("        action: allow", "        action: allow\n        mask: {detectors: [cardz]}")
+    path, result = problems(tmp_path, text)
+    (err,) = result.errors
+    assert err.loc.line == 13 and "cardz" in err.message
+
+
+def test_wrong_format_version_and_types(tmp_path):
+    _, result = problems(tmp_path, GOOD.replace("lictor/v1", "lictor/v2"))
+    assert "unsupported format 'lictor/v2'" in result.errors[0].message
+    _, result = problems(tmp_path, GOOD.replace("action: allow", "action: permit"))
+    assert result.errors[0].loc.line == 12 and "permit" in result.errors[0].message
+
+
+def test_duplicate_ids_across_files(tmp_path):
+    write(tmp_path, GOOD, "a.yaml")
+    write(
+        tmp_path,
+        GOOD.replace("name: good", "name: other").replace("  ro:", "  ro2:").replace("[ro]", "[ro2]"),
+        "b.yaml",
+    )
+    result = load_policy([tmp_path], vocabularies())
+    msgs = [str(p) for p in result.errors]
+    assert any("b.yaml:9:13: duplicate rule id 'ro-select' (also at" in m for m in msgs), msgs
+
+
+def test_unknown_target_reference(tmp_path):
+    text = GOOD.replace("        protocol: postgres", "        protocol: postgres\n        targets: [prod]")
+    path, result = problems(tmp_path, text, targets={"main": "postgres"})
+    (err,) = result.errors
+    assert err.loc.line == 11 and "unknown target 'prod'" in err.message
+
+
+def test_yaml_syntax_error_has_position(tmp_path):
+    path, result = problems(tmp_path, "format: lictor/v1\nmetadata: {name: x\n")
+    (err,) = result.errors
+    assert err.loc.file == str(path) and err.loc.line >= 2
+
+
+def test_shadowed_rule_is_a_warning(tmp_path):
+    text = GOOD.replace(
+        "      - id: ro-select",
+        "      - id: deny-all\n        protocol: postgres\n        action: deny\n      - id: ro-select",
+    )
+    _, result = problems(tmp_path, text)
+    assert result.policy is not None
+    (w,) = result.warnings
+    assert w.loc.line == 12 and "ro-select" in w.message and "can never match" in w.message
+
+
+def test_shipped_schema_is_up_to_date():
+    shipped = (ROOT / "schema" / "rulepack.schema.json").read_text()
+    assert json.loads(shipped) == json.loads(schema_json(vocabularies())), (
+        "run: lictor schema --out schema/rulepack.schema.json"
+    )
