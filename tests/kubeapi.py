@@ -9,7 +9,10 @@ field selectors, ``dryRun=All``, and ``Status`` errors. ``pods/NAME/exec`` runs 
 WebSocket channel protocol (``v5.channel.k8s.io``, ``v4.channel.k8s.io``); SPDY upgrades are refused.
 
 Every request needs ``Authorization: Bearer <token>`` and is recorded (:attr:`KubeAPIServer.requests`) so
-tests can assert what reached the upstream. State lives in memory.
+tests can assert what reached the upstream. State lives in memory. kubectl >= 1.32 sends the objects it builds
+itself (``kubectl create deployment``, ``kubectl run``, ``kubectl create secret`` ...) as protobuf; the
+fields those commands set are decoded (:func:`protobuf_to_object`). Answers are always JSON. Note that kubectl
+never sends a bearer token over plain HTTP: use ``tls=False`` only behind something that adds the token.
 
 In a test (``from tests.kubeapi import KubeAPIServer``)::
 
@@ -1130,6 +1133,13 @@ class _ExecIO:
         if data:
             self._send(1 if self.tty else 2, data)
 
+    def to_stderr(self) -> "_ExecIO":
+        """The same streams with stdout sent to stderr (``>&2``)."""
+        redirected = _ExecIO(lambda _channel, data: self.err(data), False)
+        redirected.stdin = self.stdin
+        redirected._stdin_done = self._stdin_done
+        return redirected
+
     async def read(self) -> bytes | None:
         if self._stdin_done:
             return None
@@ -1517,6 +1527,17 @@ class KubeAPIServer:
             await self._send_json(writer, 200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}, req)
             return True
         parts = path.strip("/").split("/")
+        if len(parts) == 2 and parts[0] == "apis" and parts[1] in _GROUPS:
+            version = {"groupVersion": f"{parts[1]}/{_GROUPS[parts[1]]}", "version": _GROUPS[parts[1]]}
+            group_info = {
+                "kind": "APIGroup",
+                "apiVersion": "v1",
+                "name": parts[1],
+                "versions": [version],
+                "preferredVersion": version,
+            }
+            await self._send_json(writer, 200, group_info, req)
+            return True
         if parts[0] == "api" and len(parts) >= 2 and parts[1] == "v1":
             group, rest = "", parts[2:]
         elif parts[0] == "apis" and len(parts) >= 3 and _GROUPS.get(parts[1]) == parts[2]:
@@ -1526,8 +1547,6 @@ class KubeAPIServer:
         if not rest:
             await self._send_json(writer, 200, self._resource_list(group), req)
             return True
-        if req.method == "GET" and "".join(rest) == "":
-            raise APIError(404, "NotFound", "the server could not find the requested resource")
         namespace = ""
         if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in ("status", "finalize"):
             namespace, rest = rest[1], rest[2:]
@@ -2030,6 +2049,9 @@ class KubeAPIServer:
             return await self._command(argv, io, env, top=True)
         except _ShellExit as exc:
             return exc.code
+        except ValueError as exc:  # e.g. "sleep abc", "exit x"
+            io.err(f"{argv[0]}: {exc}\n")
+            return 2
 
     async def _command(self, argv: list[str], io: _ExecIO, env: dict[str, str], *, top: bool = False) -> int:
         prog, args = argv[0], argv[1:]
@@ -2154,12 +2176,7 @@ class KubeAPIServer:
                 to_stderr, words = True, words[:-3]
             if not words:
                 continue
-            sub_io = io
-            if to_stderr:
-                sub_io = _ExecIO(io.err, False)
-                sub_io._send = lambda _channel, data: io.err(data)
-                sub_io.stdin = io.stdin
-            last = await self._command(words, sub_io, env)
+            last = await self._command(words, io.to_stderr() if to_stderr else io, env)
         return last
 
 

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 from lictor_addons.http._k8s import Impersonation, K8sRequest, UnknownRequest, resolve
-from mitmproxy.http import Headers
+from mitmproxy.http import Headers, Request
 
 NS = "/api/v1/namespaces/apps"
 
@@ -71,9 +71,7 @@ CASES: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [
         "GET",
         "/apis/rbac.authorization.k8s.io/v1/clusterroles/system:aggregate-to-admin",
         {},
-        dict(
-            api_group="rbac.authorization.k8s.io", resource="clusterroles", name="system:aggregate-to-admin"
-        ),
+        dict(api_group="rbac.authorization.k8s.io", resource="clusterroles", name="system:aggregate-to-admin"),
     ),
     # --- the namespace object itself
     ("GET", "/api/v1/namespaces", {}, dict(verb="list", resource="namespaces", namespace="", name="")),
@@ -198,9 +196,7 @@ CASES: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [
         "POST",
         f"{NS}/services/http:web:80/proxy/api/v2/items/",
         {},
-        dict(
-            verb="create", resource="services", name="http:web:80", subpath="/api/v2/items/", action="proxy"
-        ),
+        dict(verb="create", resource="services", name="http:web:80", subpath="/api/v2/items/", action="proxy"),
     ),
     ("GET", "/api/v1/nodes/node-1/proxy/metrics", {}, dict(resource="nodes", subpath="/metrics")),
     (
@@ -306,15 +302,25 @@ def test_query_as_string_or_mapping_gives_the_same_answer() -> None:
     assert from_string.exec_command == ("echo", "a b")
 
 
+def test_mitmproxy_query_multidict_keeps_every_value() -> None:
+    request = Request.make("GET", "https://k8s/api/v1/namespaces/apps/pods/web-0/exec?command=ls&command=-la&tty=1")
+    req = resolve(request.method, request.path.partition("?")[0], request.query, request.headers)
+    assert req.exec_command == ("ls", "-la")
+    assert req.tty
+
+
+def test_mapping_with_single_string_values_is_refused() -> None:
+    with pytest.raises(UnknownRequest):
+        resolve("GET", "/api/v1/namespaces/apps/pods/web-0/exec", {"command": "rm"}, {})  # type: ignore[dict-item]
+
+
 def test_query_in_path_and_separately_is_ambiguous() -> None:
     with pytest.raises(UnknownRequest):
         resolve("GET", "/api/v1/pods?watch=1", "watch=0", {})
 
 
 def test_repeated_impersonation_headers_are_each_visible() -> None:
-    headers = Headers(
-        [(b"Impersonate-User", b"bob"), (b"Impersonate-Group", b"a,b"), (b"impersonate-group", b"c")]
-    )
+    headers = Headers([(b"Impersonate-User", b"bob"), (b"Impersonate-Group", b"a,b"), (b"impersonate-group", b"c")])
     req = resolve("GET", "/api/v1/pods", "", headers)
     assert req.action == "impersonate"
     assert req.impersonate == (

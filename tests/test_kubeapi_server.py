@@ -393,3 +393,34 @@ def test_protobuf_body_is_decoded() -> None:
         "metadata": {"name": "ns1", "labels": {"team": "a"}},
     }
     assert PROTOBUF == "application/vnd.kubernetes.protobuf"
+
+
+@pytest.mark.parametrize("subprotocol", ["v5.channel.k8s.io", "v4.channel.k8s.io"])
+def test_exec_channel_protocol(kubeapi: KubeAPIServer, subprotocol: str) -> None:
+    from websockets.sync.client import connect
+
+    context = ssl.create_default_context(cafile=str(kubeapi.ca_path))
+    url = kubeapi.url.replace("https", "wss") + "/api/v1/namespaces/apps/pods/web-0/exec"
+    stdin = subprotocol.startswith("v5")  # only v5 can tell the server that stdin is closed
+    query = "?command=sh&command=-c&command=cat%3B+echo+err+%3E%262%3B+exit+7&stdout=true&stderr=true"
+    query += "&stdin=true" if stdin else ""
+    with connect(
+        url + query,
+        ssl=context,
+        subprotocols=[subprotocol],  # type: ignore[list-item]
+        additional_headers={"Authorization": f"Bearer {kubeapi.token}"},
+        open_timeout=TIMEOUT,
+    ) as ws:
+        assert ws.subprotocol == subprotocol
+        if stdin:
+            ws.send(b"\x00piped in\n")
+            ws.send(b"\xff\x00")  # v5: close stdin
+        frames: dict[int, bytes] = {}
+        for message in ws:
+            assert isinstance(message, bytes)
+            frames[message[0]] = frames.get(message[0], b"") + message[1:]
+    assert frames.get(1, b"") == (b"piped in\n" if stdin else b"")
+    assert frames[2] == b"err\n"
+    status = json.loads(frames[3])
+    assert status["status"] == "Failure" and status["reason"] == "NonZeroExitCode"
+    assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "7"}]

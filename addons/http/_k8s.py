@@ -196,7 +196,7 @@ def resolve(
     :param path: the raw (still percent-encoded) request path. It may carry the query string after ``?``
         when ``query`` is empty.
     :param query: the raw query string (preferred: it is parsed here the way the server parses it), or an
-        already parsed mapping of parameter to all its values in order.
+        already parsed mapping of parameter to all its values in order (mitmproxy's ``request.query`` works too).
     :param headers: the request headers; matched case-insensitively. If the mapping has ``get_all`` (as
         mitmproxy's headers do), repeated headers such as ``Impersonate-Group`` are read one by one.
     :raises UnknownRequest: when the request cannot be mapped without guessing.
@@ -209,7 +209,7 @@ def resolve(
         if query:
             raise UnknownRequest("query string given both in the path and separately")
         query = raw_query
-    params = _parse_query(query) if isinstance(query, str) else {k: list(v) for k, v in query.items()}
+    params = _parse_query(query) if isinstance(query, str) else _params_from_mapping(query)
     decoded = _decode_path(path)
     impersonate, upgrade = _read_headers(headers)
 
@@ -220,11 +220,7 @@ def resolve(
     if segments == [""]:
         segments = []
 
-    if (
-        len(segments) < 3
-        or segments[0] not in ("api", "apis")
-        or (segments[0] == "apis" and len(segments) < 4)
-    ):
+    if len(segments) < 3 or segments[0] not in ("api", "apis") or (segments[0] == "apis" and len(segments) < 4):
         return _non_resource(method, decoded, trailing_slash, impersonate, upgrade)
     for segment in segments:
         if segment in ("", ".", ".."):
@@ -400,6 +396,18 @@ def _parse_query(query: str) -> dict[str, list[str]]:
             continue
         key, _, value = pair.partition("=")
         params.setdefault(_unquote_component(key), []).append(_unquote_component(value))
+    return params
+
+
+def _params_from_mapping(query: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """Copy parsed parameters; mitmproxy's multi-dict (``get_all``) is read value by value."""
+    get_all = getattr(query, "get_all", None)
+    params: dict[str, list[str]] = {}
+    for key in query:
+        values = get_all(key) if callable(get_all) else query[key]
+        if isinstance(values, str | bytes) or not all(isinstance(v, str) for v in values):
+            raise UnknownRequest(f"query parameter {key!r} must map to a list of strings")
+        params[key] = list(values)
     return params
 
 
