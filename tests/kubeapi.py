@@ -1196,6 +1196,7 @@ class KubeAPIServer:
             self._tmp = tempfile.TemporaryDirectory(prefix="kubeapi-")
             workdir = self._tmp.name
         self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.ca_path: Path | None = None
         self._store = _Store()
         if seed:
