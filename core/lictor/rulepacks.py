@@ -256,8 +256,10 @@ def _error_location(doc: Any, error: jsonschema.ValidationError, fallback: Locat
     return locate(doc, path, fallback), f"{where}: {message}" if where else message
 
 
-def _validate(doc: Any, schema: Mapping[str, Any], fallback: Location) -> list[Problem]:
-    validator = jsonschema.Draft202012Validator(schema)
+def _validate(
+    doc: Any, schema: Mapping[str, Any], fallback: Location, validator: jsonschema.Draft202012Validator | None = None
+) -> list[Problem]:
+    validator = validator or jsonschema.Draft202012Validator(schema)
     problems = []
     for error in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
         # oneOf errors are noisy; report the most specific sub-error.
@@ -299,6 +301,7 @@ class _Compiler:
         self.packs: dict[str, Mapping[str, Any]] = {}
         self.mask_blocks: list[tuple[Mapping[str, Any], Location]] = []
         self.order = 0
+        self._when_validators: dict[str, jsonschema.Draft202012Validator] = {}
         base = {name: Vocabulary(name, ()) for name in vocabularies}
         schema = compose_schema(base)
         rule = schema["properties"]["roles"]["additionalProperties"]["properties"]["rules"]["items"]
@@ -410,9 +413,12 @@ class _Compiler:
         ok = True
         if not isinstance(block, dict):
             return (), True
-        schema = vocab.when_schema()
+        validator = self._when_validators.get(vocab.protocol)
+        if validator is None:
+            validator = jsonschema.Draft202012Validator(vocab.when_schema())
+            self._when_validators[vocab.protocol] = validator
         where = ".".join(str(p) for p in path)
-        for problem in _validate(block, schema, locate(doc, path, fb)):
+        for problem in _validate(block, {}, locate(doc, path, fb), validator):
             self.error(problem.loc, problem.message.replace("in top level", f"in {where}", 1))
             ok = False
         if not ok:
