@@ -153,3 +153,47 @@ def test_sigterm_stops_cleanly_and_audit_verifies(line_gateway):
     assert "chain intact" in lictor("audit", "verify", "--state-dir", str(gw.state_dir)).stdout
     table = lictor("audit", "list", "--state-dir", str(gw.state_dir), "--where", "action=allow").stdout
     assert "get x" in table and "line-get" in table
+
+
+def test_addon_file_reload_and_broken_edit_denies(gateway_factory, tmp_path):
+    import shutil
+
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "lines.yaml").write_text(PACK)
+    hook = tmp_path / "denyword.py"
+    shutil.copy(ROOT / "tests" / "addons" / "denyword.py", hook)
+    port = free_port()
+    gw = gateway_factory(
+        {
+            "rulepacks": [str(packs)],
+            "addons": [str(ROOT / "tests" / "addons" / "lineproto.py"), str(hook)],
+            "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{port}"}},
+        }
+    )
+    wait_port(port)
+    c = Client(port, gw.token("agent-1", role="reader"))
+    assert c.ask("get forbidden").startswith("DENIED denyword:block")
+    assert c.ask("get other").startswith("OK")
+
+    def until(predicate, line):
+        deadline = time.monotonic() + 10
+        reply = c.ask(line)
+        while not predicate(reply) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            reply = c.ask(line)
+        return reply
+
+    hook.write_text(hook.read_text().replace('DENY_WORD = "forbidden"', 'DENY_WORD = "other"'))
+    assert until(lambda r: r.startswith("DENIED"), "get other").startswith("DENIED denyword:block")
+    assert c.ask("get forbidden").startswith("OK")
+
+    hook.write_text("this is not python(\n")
+    reply = until(lambda r: "lictor:addon-broken" in r, "get anything")
+    assert reply.startswith("DENIED lictor:addon-broken: the addon 'denyword' failed to reload (SyntaxError")
+
+    hook.write_text((ROOT / "tests" / "addons" / "denyword.py").read_text())
+    assert until(lambda r: r.startswith("OK"), "get anything").startswith("OK")
+    assert c.ask("get forbidden").startswith("DENIED denyword:block")
+    kinds = [e["kind"] for e in audit_events(gw)]
+    assert "addon.reload_failed" in kinds and "addon.reloaded" in kinds

@@ -29,7 +29,8 @@ log = logging.getLogger("lictor")
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _manager(config: GatewayConfig | None) -> AddonManager:
+def _manager(config: GatewayConfig | None, specs: dict[str, list[Any]] | None = None) -> AddonManager:
+    """The built-in addons plus those the gateway config names (``specs`` collects the latter)."""
     from lictor_addons import default_addons
 
     manager = AddonManager()
@@ -37,7 +38,10 @@ def _manager(config: GatewayConfig | None) -> AddonManager:
     if config is not None:
         base = config.path.parent if config.path else None
         for spec in config.addons:
-            manager.add(*load_addon_spec(spec, base))
+            loaded = load_addon_spec(spec, base)
+            manager.add(*loaded)
+            if specs is not None:
+                specs[spec] = loaded
     return manager
 
 
@@ -319,7 +323,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         pass
     from .runner import run_gateway
 
-    return asyncio.run(run_gateway(config, _manager(config), ready_file=args.ready_file))
+    specs: dict[str, list[Any]] = {}
+    manager = _manager(config, specs)
+    return asyncio.run(run_gateway(config, manager, ready_file=args.ready_file, addon_specs=specs))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Any]:
     """Subcommands contributed by core modules with their own CLI (approvals, sessions)."""
     registrations: list[Any] = []
+    registrations.append(__import__("lictor.approvals.cli", fromlist=["register"]).register)
     return registrations
 
 

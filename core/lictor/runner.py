@@ -112,7 +112,128 @@ class PolicyWatcher:
             self._observer.join(timeout=2)
 
 
-async def run_gateway(config: GatewayConfig, manager: AddonManager, ready_file: str | None = None) -> int:
+class BrokenAddon:
+    """Stands in for an addon whose file failed to reload: it denies every request.
+
+    The requests the broken addon would have inspected are never passed through unchecked; the
+    denial names the file and the error so an operator sees what to fix.
+    """
+
+    def __init__(self, name: str, spec: str, error: str) -> None:
+        self.name = name
+        self.spec = spec
+        self.error = error
+
+    def request(self, flow: Any) -> None:
+        flow.deny(
+            f"the addon {self.name!r} failed to reload ({self.error}); requests are denied until it is fixed",
+            "lictor:addon-broken",
+        )
+
+
+class AddonWatcher:
+    """Reloads addons loaded from files when the file changes (mitmproxy's script reloading, but
+    a failed reload denies instead of silently dropping the addon's hooks)."""
+
+    def __init__(self, gateway: Gateway, loop: asyncio.AbstractEventLoop, specs: dict[str, list[Any]]) -> None:
+        self.gateway = gateway
+        self.loop = loop
+        self.specs = specs  # spec -> addon instances currently loaded for it
+        self._observer: Any = None
+        self._mtimes: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+        self._pending: dict[str, asyncio.TimerHandle] = {}
+
+    def _path(self, spec: str) -> Path:
+        p = Path(spec)
+        if not p.is_absolute() and self.gateway.config.path is not None:
+            p = self.gateway.config.path.parent / p
+        return p
+
+    def start(self) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        files = {str(self._path(s).resolve()): s for s in self.specs if s.endswith(".py")}
+        if not files:
+            return
+        watcher = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                for p in (str(event.src_path), str(getattr(event, "dest_path", "") or "")):
+                    spec = files.get(p)
+                    if spec is not None and event.event_type not in ("opened", "closed_no_write"):
+                        watcher.loop.call_soon_threadsafe(watcher.schedule, spec)
+
+        observer = Observer()
+        for d in {str(Path(p).parent) for p in files}:
+            observer.schedule(Handler(), d, recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def schedule(self, spec: str) -> None:
+        handle = self._pending.pop(spec, None)
+        if handle is not None:
+            handle.cancel()
+        self._pending[spec] = self.loop.call_later(0.3, lambda: asyncio.ensure_future(self.reload(spec)))
+
+    async def reload(self, spec: str) -> None:
+        from .addons import addon_name, load_addon_spec
+
+        async with self._lock:
+            gw = self.gateway
+            old = self.specs.get(spec, [])
+            for addon in old:
+                try:
+                    done = getattr(addon, "done", None)
+                    if done is not None:
+                        result = done(gw)
+                        if asyncio.iscoroutine(result):
+                            await result
+                except Exception:
+                    log.exception("addon %s failed while stopping for reload", addon_name(addon))
+                gw.addons.remove(addon)
+            names = [addon_name(a) for a in old] or [Path(spec).stem]
+            try:
+                new = load_addon_spec(spec, gw.config.path.parent if gw.config.path else None)
+                gw.addons.add(*new)
+                for addon in new:
+                    configure = getattr(addon, "configure", None)
+                    if configure is not None:
+                        configure(gw)
+                    running = getattr(addon, "running", None)
+                    if running is not None:
+                        result = running(gw)
+                        if asyncio.iscoroutine(result):
+                            await result
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("addon file %s failed to reload; its requests are denied: %s", spec, error)
+                for addon in list(gw.addons.addons):
+                    if addon_name(addon) in names:
+                        gw.addons.remove(addon)
+                new = [BrokenAddon(n, spec, error) for n in names]
+                gw.addons.add(*new)
+                gw.audit_event("addon.reload_failed", {"spec": spec, "error": error}, fail_closed=False)
+            else:
+                log.info("addon file %s reloaded", spec)
+                gw.audit_event("addon.reloaded", {"spec": spec}, fail_closed=False)
+            self.specs[spec] = new
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=2)
+
+
+async def run_gateway(
+    config: GatewayConfig,
+    manager: AddonManager,
+    ready_file: str | None = None,
+    addon_specs: dict[str, list[Any]] | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit status."""
     loop = asyncio.get_running_loop()
     try:
@@ -135,6 +256,8 @@ async def run_gateway(config: GatewayConfig, manager: AddonManager, ready_file: 
         log.error("no valid policy loaded; every request will be denied until the rule packs are fixed")
     watcher = PolicyWatcher(gateway, loop)
     watcher.start()
+    addon_watcher = AddonWatcher(gateway, loop, dict(addon_specs or {}))
+    addon_watcher.start()
     gateway.audit_event(
         "gateway.start",
         {"policy": gateway.policy.version, "targets": sorted(config.targets)},
@@ -146,6 +269,7 @@ async def run_gateway(config: GatewayConfig, manager: AddonManager, ready_file: 
     await stop.wait()
     log.info("stopping: no new connections; finishing in-flight requests")
     watcher.stop()
+    addon_watcher.stop()
     await gateway.stop()
     return 0
 

@@ -1,0 +1,72 @@
+"""Addons use only Lictor's public API: no ``lictor._private`` modules, no names outside ``__all__``."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+PUBLIC_MODULES = {
+    "lictor",
+    "lictor.vocabulary",
+    "lictor.masking",
+    "lictor.testing",
+    "lictor.policy_types",
+}
+
+
+def addon_files() -> list[Path]:
+    files = sorted((ROOT / "addons").rglob("*.py"))
+    files += sorted((ROOT / "examples").rglob("*.py"))
+    files += sorted((ROOT / "tests" / "addons").rglob("*.py"))
+    return files
+
+
+def private_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            mod = node.module
+            if mod == "lictor" or mod.startswith("lictor."):
+                if mod not in PUBLIC_MODULES:
+                    problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports from {mod}")
+                    continue
+                exported = set(getattr(importlib.import_module(mod), "__all__", ()))
+                for alias in node.names:
+                    if alias.name not in exported:
+                        problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: {mod}.{alias.name} is not public")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if (alias.name == "lictor" or alias.name.startswith("lictor.")) and alias.name not in PUBLIC_MODULES:
+                    problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {alias.name}")
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "lictor":
+            if node.attr.startswith("_"):
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: uses lictor.{node.attr}")
+    return problems
+
+
+@pytest.mark.parametrize("path", addon_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_addon_uses_only_public_names(path: Path):
+    assert private_imports(path) == []
+
+
+def test_the_checker_catches_private_imports(tmp_path: Path):
+    bad = ROOT / "tests" / "addons" / "_tmp_bad_addon_for_checker.py"
+    try:
+        bad.write_text("from lictor._yaml import plain\nfrom lictor import Policy, _secret\nimport lictor.audit\n")
+        problems = private_imports(bad)
+    finally:
+        bad.unlink()
+    assert len(problems) == 3
+
+
+def test_public_names_exist():
+    for mod in PUBLIC_MODULES:
+        m = importlib.import_module(mod)
+        for name in getattr(m, "__all__", ()):
+            assert hasattr(m, name), f"{mod}.__all__ names missing {name}"

@@ -1,0 +1,61 @@
+"""The addon kit: the helpers addon authors use to test their addons."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from lictor import testing
+
+from tests.addons.lineproto import LineProtocol
+from tests.conftest import free_port
+
+PACK = """
+format: lictor/v1
+metadata: {name: kit}
+identities: [{match: {claims: {role: reader}}, roles: [reader]}]
+roles:
+  reader:
+    rules:
+      - {id: get, protocol: line, when: {verbs: get}, action: allow}
+      - {id: mask-cards, protocol: line, action: mask, mask: {detectors: [card]}}
+"""
+
+
+def test_policy_identity_request_helpers():
+    policy = testing.policy(PACK, LineProtocol())
+    d = policy.decide(testing.identity("a", role="reader"), testing.request("line", "get", verb="get", command="get x"))
+    testing.assert_decision(d, "allow", rule="get", masked=["mask-cards"])
+    with pytest.raises(AssertionError, match="expected deny"):
+        testing.assert_decision(d, "deny")
+    with pytest.raises(ValueError, match=r"pack0.yaml:\d+:\d+: unknown key"):
+        testing.policy(PACK.replace("action: allow", "action: allow, colour: red"), LineProtocol())
+
+
+async def test_harness_drives_hooks_audit_and_recorder():
+    async with testing.harness(LineProtocol(), rulepacks=PACK) as h:
+        session = await h.session(testing.identity("a", role="reader"), protocol="line")
+        allowed = await session.decide(testing.request("line", "get", verb="get", command="get x"))
+        denied = await session.decide(testing.request("line", "put", verb="put", command="put x"))
+        testing.assert_decision(allowed, "allow", rule="get")
+        testing.assert_decision(denied, "deny", rule="lictor:default-deny")
+        session.record("command", {"command": "get x"})
+        assert h.events(session, "command") == [{"command": "get x"}]
+        assert [e["action"] for e in h.audit("decision")] == ["allow", "deny"]
+        plan = session.mask_plan(allowed)
+        masked, counts = plan.mask_text("card 4111 1111 1111 1111")
+        assert "4111 1111 1111 1111" not in masked and counts["card"] == 1
+
+
+async def test_harness_starts_listeners_of_a_protocol_addon(monkeypatch):
+    monkeypatch.delenv("LINEPROTO_FAIL_ON", raising=False)
+    port = free_port()
+    targets = {"t": {"protocol": "line", "listen": f"127.0.0.1:{port}"}}
+    async with testing.harness(LineProtocol(), rulepacks=PACK, targets=targets, start=True) as h:
+        token = h.gateway.issuer.issue("agent", {"role": "reader"})
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"AUTH {token}\nget a\nput b\n".encode())
+        await writer.drain()
+        lines = [(await reader.readline()).decode().strip() for _ in range(3)]
+        assert lines[0] == "READY" and lines[1].startswith("OK get") and lines[2].startswith("DENIED")
+        writer.close()
