@@ -103,3 +103,61 @@ def test_parse_duration():
     assert parse_duration(2) == 2
     with pytest.raises(ValueError):
         parse_duration("soon")
+
+
+def test_jwks_is_cached_and_refreshed_on_unknown_kid():
+    """A real JWKS endpoint: keys fetched once, fetched again when a token names a new kid."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from jwt.algorithms import RSAAlgorithm
+
+    keys = {"k1": rsa.generate_private_key(public_exponent=65537, key_size=2048)}
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            jwks = {"keys": []}
+            for kid, k in keys.items():
+                jwk = json.loads(RSAAlgorithm.to_jwk(k.public_key()))
+                jwk.update({"kid": kid, "alg": "RS256", "use": "sig"})
+                jwks["keys"].append(jwk)
+            body = json.dumps(jwks).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/jwks.json"
+        v = TokenVerifier(
+            [IssuerConfig("idp", "jwks", "https://idp", ("lictor",), ("RS256",), jwks_url=url)], jwks_cooldown=0
+        )
+
+        def token(kid):
+            claims = {"sub": f"agent-{kid}", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}
+            return jwt.encode(claims, keys[kid], "RS256", headers={"kid": kid})
+
+        assert v.verify(token("k1")).subject == "agent-k1"
+        assert v.verify(token("k1")).subject == "agent-k1"
+        assert len(hits) == 1  # cached
+        keys["k2"] = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # key rotation
+        assert v.verify(token("k2")).subject == "agent-k2"
+        assert len(hits) == 2  # refreshed for the unknown kid
+        forged = jwt.encode(
+            {"sub": "x", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60},
+            rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            "RS256",
+            headers={"kid": "k1"},
+        )
+        with pytest.raises(AuthError, match="signature"):
+            v.verify(forged)
+    finally:
+        server.shutdown()

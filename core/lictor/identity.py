@@ -155,7 +155,9 @@ class LocalIssuer:
 class TokenVerifier:
     """Verifies agent JWTs against the configured issuers."""
 
-    def __init__(self, issuers: Sequence[IssuerConfig], leeway: float = 30.0) -> None:
+    def __init__(self, issuers: Sequence[IssuerConfig], leeway: float = 30.0, jwks_cooldown: float = 30.0) -> None:
+        """``jwks_cooldown``: minimum seconds between refetches of a JWKS for unknown ``kid`` values,
+        so tokens with random kids cannot make the gateway hammer the identity provider."""
         if not issuers:
             raise ValueError("at least one token issuer must be configured")
         self.issuers = {i.issuer: i for i in issuers}
@@ -166,7 +168,9 @@ class TokenVerifier:
             if bad:
                 raise ValueError(f"issuer {cfg.name}: algorithms {bad} are not allowed (asymmetric only)")
             if cfg.type == "jwks":
-                self._jwks[cfg.issuer] = jwt.PyJWKClient(cfg.jwks_url, cache_keys=True, lifespan=300)
+                self._jwks[cfg.issuer] = jwt.PyJWKClient(
+                    cfg.jwks_url, cache_keys=False, lifespan=300, timeout=10, cooldown_duration=jwks_cooldown
+                )
 
     def verify(self, token: str) -> Identity:
         """Return the identity in ``token`` or raise AuthError with a reason the agent can act on."""
