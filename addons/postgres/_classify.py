@@ -1,0 +1,1028 @@
+"""Classify SQL with the real PostgreSQL grammar (libpg_query, through ``pgparse``).
+
+Every decision the PostgreSQL addon makes about a statement starts here. The text is parsed exactly as the
+server parses it, so comments, quoting, dollar quotes and multi-statement strings cannot hide a keyword;
+there is no keyword matching anywhere. What the parse tree cannot show is reported as such instead of being
+guessed: ``dynamic_sql`` when SQL is built at run time, ``unknown`` for a statement type this module does not
+map, :class:`ClassificationError` when the text does not parse. The addon denies all three by default.
+
+Theory of operation
+===================
+
+``pgparse.parse`` returns one raw statement per ``;``-separated statement, as JSON-like dicts. A node is
+written ``{"TypeName": {fields}}`` where its field is typed as a generic node, and as the bare ``{fields}``
+where the field has a fixed type (``InsertStmt.relation`` is a bare RangeVar). The walker is iterative (a
+deep expression cannot exhaust Python's stack) and visits every node of every statement:
+
+* a statement node adds its kind to ``kinds`` (nested ones too: data-modifying CTEs, ``EXPLAIN ANALYZE``,
+  ``PREPARE``, ``CREATE TABLE AS``, rule actions, ``BEGIN ATOMIC`` bodies);
+* a RangeVar is a table read, unless it sits where the statement writes (its target), or it names a CTE
+  visible at that point (CTE scoping follows the server: a non-recursive CTE sees the CTEs before it);
+* a FuncCall adds its name (bare and schema-qualified);
+* code the statement carries but the core grammar does not parse is parsed on its own and folded in:
+  ``DO`` blocks and ``CREATE FUNCTION`` bodies in PL/pgSQL (``pgparse.parse_pgsql``, then every SQL
+  statement and expression inside), SQL-language function bodies, and ``EXECUTE`` of a constant string in
+  PL/pgSQL. ``EXECUTE`` of anything else, and bodies in other languages, set ``dynamic_sql``.
+
+Parsing assumes ``standard_conforming_strings = on`` and UTF-8, like libpg_query: the listener must keep
+the session there (see :data:`PARSER_SENSITIVE_SETTINGS`), or the server could split a string differently.
+"""
+
+import functools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pgparse
+
+__all__ = [
+    "MODIFYING_KINDS",
+    "PARSER_SENSITIVE_SETTINGS",
+    "READ_ONLY_GUCS",
+    "READ_ONLY_KINDS",
+    "SQL_EXECUTING_FUNCTIONS",
+    "ClassificationError",
+    "Statement",
+    "classify",
+    "fingerprint",
+]
+
+
+class ClassificationError(ValueError):
+    """The SQL could not be classified (parse error, or a body that could not be analyzed).
+
+    ``position`` is the parser's 1-based character position in the text it was given, when known.
+    """
+
+    def __init__(self, message: str, position: int | None = None) -> None:
+        super().__init__(message if position is None else f"{message} (at character {position})")
+        self.message = message
+        self.position = position
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """What one statement does, as far as the grammar can tell."""
+
+    kind: str
+    """Kind of the top-level statement, e.g. ``select``, ``delete``, ``create_table``, ``unknown``."""
+    kinds: frozenset[str]
+    """Every kind involved, nested ones included (``{"select", "delete"}`` for a DELETE in a CTE)."""
+    text: str
+    """The statement's own text, from its multi-statement string."""
+    node: str
+    """The parse-tree node type of the top-level statement (``SelectStmt``, ...)."""
+    tables_read: frozenset[str]
+    tables_written: frozenset[str]
+    functions: frozenset[str]
+    """Functions called anywhere: the bare name always, ``schema.name`` too when qualified."""
+    columns: frozenset[str]
+    """Best effort: columns named in target and RETURNING lists (``*`` for a star)."""
+    settings: frozenset[str]
+    """Run-time parameters (GUCs) set or reset, lower-cased; ``all`` for RESET ALL / DISCARD ALL."""
+    has_where: bool | None
+    """None without UPDATE/DELETE; False if any UPDATE/DELETE anywhere in the statement has no WHERE."""
+    limit: int | None
+    """The constant LIMIT / FETCH FIRST of a top-level SELECT."""
+    modifies: bool
+    """Any data or schema modification anywhere inside (or code that cannot be seen)."""
+    read_write_attempt: bool
+    """The statement tries to leave read-only mode (or could, through a value the parser cannot see)."""
+    dynamic_sql: bool
+    """The statement runs SQL the parser cannot see (dynamic EXECUTE, a body in another language, ...)."""
+    prepared_name: str | None = None
+    """Name of the prepared statement for PREPARE / EXECUTE / DEALLOCATE (None for DEALLOCATE ALL)."""
+    object_type: str | None = None
+    """For DDL, GRANT, COMMENT...: the object type, e.g. ``table``, ``function``, ``role``."""
+    copy_target: str | None = None
+    """For COPY: ``stdin``, ``stdout``, ``file`` (server-side file) or ``program``."""
+    copy_file: str | None = None
+    copy_program: str | None = None
+    languages: frozenset[str] = frozenset()
+    """Languages of DO blocks and function bodies involved (``plpgsql``, ``sql``, ``plpython3u``...)."""
+
+
+READ_ONLY_GUCS = frozenset({"default_transaction_read_only", "transaction_read_only"})
+
+# The parser assumes these keep their defaults; a session that changes them reads SQL differently.
+PARSER_SENSITIVE_SETTINGS = frozenset({"standard_conforming_strings", "backslash_quote", "client_encoding"})
+
+# Functions that run SQL given as a string (locally or on another server).
+SQL_EXECUTING_FUNCTIONS = frozenset(
+    {
+        "query_to_xml",
+        "query_to_xmlschema",
+        "query_to_xml_and_xmlschema",
+        "ts_stat",
+        "dblink",
+        "dblink_exec",
+        "dblink_open",
+        "dblink_send_query",
+    }
+)
+
+READ_ONLY_KINDS = frozenset(
+    {
+        "select",
+        "show",
+        "explain",
+        "explain_analyze",
+        "begin",
+        "commit",
+        "rollback",
+        "savepoint",
+        "release",
+        "set",
+        "reset",
+        "set_role",
+        "set_session_authorization",
+        "set_transaction",
+        "set_constraints",
+        "prepare",
+        "execute",
+        "deallocate",
+        "listen",
+        "unlisten",
+        "notify",
+        "fetch",
+        "close_cursor",
+        "declare_cursor",
+        "discard",
+        "do",
+        "return",
+        "copy_to",
+    }
+)
+
+_SIMPLE_KINDS: dict[str, str] = {
+    "InsertStmt": "insert",
+    "UpdateStmt": "update",
+    "DeleteStmt": "delete",
+    "MergeStmt": "merge",
+    "CreateStmt": "create_table",
+    "IndexStmt": "create_index",
+    "ViewStmt": "create_view",
+    "CreateFunctionStmt": "create_function",
+    "CreateSchemaStmt": "create_schema",
+    "CreateRoleStmt": "create_role",
+    "CreateExtensionStmt": "create_extension",
+    "CreateTrigStmt": "create_trigger",
+    "RuleStmt": "create_rule",
+    "CreatePolicyStmt": "create_policy",
+    "CreateSeqStmt": "create_sequence",
+    "CreatedbStmt": "create_database",
+    "CreateForeignTableStmt": "create_foreign_table",
+    "CreateEventTrigStmt": "create_event_trigger",
+    "CreatePublicationStmt": "create_publication",
+    "CreateSubscriptionStmt": "create_subscription",
+    "CreateDomainStmt": "create_other",
+    "CompositeTypeStmt": "create_other",
+    "CreateEnumStmt": "create_other",
+    "CreateRangeStmt": "create_other",
+    "DefineStmt": "create_other",
+    "CreateTableSpaceStmt": "create_other",
+    "CreateFdwStmt": "create_other",
+    "CreateForeignServerStmt": "create_other",
+    "CreateUserMappingStmt": "create_other",
+    "CreatePLangStmt": "create_other",
+    "CreateCastStmt": "create_other",
+    "CreateConversionStmt": "create_other",
+    "CreateOpClassStmt": "create_other",
+    "CreateOpFamilyStmt": "create_other",
+    "CreateStatsStmt": "create_other",
+    "CreateTransformStmt": "create_other",
+    "CreateAmStmt": "create_other",
+    "AlterTableStmt": "alter_table",
+    "ReplicaIdentityStmt": "alter_table",
+    "AlterRoleStmt": "alter_role",
+    "AlterRoleSetStmt": "alter_role",
+    "AlterSystemStmt": "alter_system",
+    "AlterDefaultPrivilegesStmt": "alter_default_privileges",
+    "AlterDatabaseStmt": "alter_other",
+    "AlterDatabaseSetStmt": "alter_other",
+    "AlterDatabaseRefreshCollStmt": "alter_other",
+    "AlterDomainStmt": "alter_other",
+    "AlterEnumStmt": "alter_other",
+    "AlterExtensionStmt": "alter_other",
+    "AlterExtensionContentsStmt": "alter_other",
+    "AlterFunctionStmt": "alter_other",
+    "AlterSeqStmt": "alter_other",
+    "AlterTableSpaceOptionsStmt": "alter_other",
+    "AlterTableMoveAllStmt": "alter_other",
+    "AlterPolicyStmt": "alter_other",
+    "AlterPublicationStmt": "alter_other",
+    "AlterSubscriptionStmt": "alter_other",
+    "AlterEventTrigStmt": "alter_other",
+    "AlterFdwStmt": "alter_other",
+    "AlterForeignServerStmt": "alter_other",
+    "AlterUserMappingStmt": "alter_other",
+    "AlterOpFamilyStmt": "alter_other",
+    "AlterOperatorStmt": "alter_other",
+    "AlterTypeStmt": "alter_other",
+    "AlterStatsStmt": "alter_other",
+    "AlterTSDictionaryStmt": "alter_other",
+    "AlterTSConfigurationStmt": "alter_other",
+    "AlterCollationStmt": "alter_other",
+    "AlterObjectDependsStmt": "alter_other",
+    "DropStmt": "drop",
+    "DropRoleStmt": "drop",
+    "DropdbStmt": "drop",
+    "DropTableSpaceStmt": "drop",
+    "DropSubscriptionStmt": "drop",
+    "DropUserMappingStmt": "drop",
+    "DropOwnedStmt": "drop_owned",
+    "ReassignOwnedStmt": "reassign_owned",
+    "TruncateStmt": "truncate",
+    "VariableShowStmt": "show",
+    "DoStmt": "do",
+    "CallStmt": "call",
+    "PrepareStmt": "prepare",
+    "ExecuteStmt": "execute",
+    "DeallocateStmt": "deallocate",
+    "ListenStmt": "listen",
+    "NotifyStmt": "notify",
+    "UnlistenStmt": "unlisten",
+    "ClusterStmt": "cluster",
+    "ReindexStmt": "reindex",
+    "LockStmt": "lock",
+    "DiscardStmt": "discard",
+    "CheckPointStmt": "checkpoint",
+    "LoadStmt": "load",
+    "CommentStmt": "comment",
+    "SecLabelStmt": "security_label",
+    "DeclareCursorStmt": "declare_cursor",
+    "FetchStmt": "fetch",
+    "ClosePortalStmt": "close_cursor",
+    "RefreshMatViewStmt": "refresh_matview",
+    "ImportForeignSchemaStmt": "import_foreign_schema",
+    "ConstraintsSetStmt": "set_constraints",
+    "ReturnStmt": "return",
+}
+
+_TRANSACTION_KINDS = {
+    "TRANS_STMT_BEGIN": "begin",
+    "TRANS_STMT_START": "begin",
+    "TRANS_STMT_COMMIT": "commit",
+    "TRANS_STMT_ROLLBACK": "rollback",
+    "TRANS_STMT_SAVEPOINT": "savepoint",
+    "TRANS_STMT_RELEASE": "release",
+    "TRANS_STMT_ROLLBACK_TO": "rollback",
+    "TRANS_STMT_PREPARE": "prepare_transaction",
+    "TRANS_STMT_COMMIT_PREPARED": "commit_prepared",
+    "TRANS_STMT_ROLLBACK_PREPARED": "rollback_prepared",
+}
+
+# Every kind this module can report (besides "unknown").
+_ALL_KINDS = frozenset(
+    {
+        *_SIMPLE_KINDS.values(),
+        *_TRANSACTION_KINDS.values(),
+        "select",
+        "select_into",
+        "create_table_as",
+        "create_matview",
+        "alter_other",
+        "copy_to",
+        "copy_from",
+        "copy_program",
+        "grant",
+        "revoke",
+        "set",
+        "reset",
+        "set_role",
+        "set_session_authorization",
+        "set_transaction",
+        "explain",
+        "explain_analyze",
+        "vacuum",
+        "analyze",
+    }
+)
+MODIFYING_KINDS = frozenset({*(_ALL_KINDS - READ_ONLY_KINDS), "unknown"})
+
+# Where a statement names the relation it writes (bare RangeVars, or lists of them).
+_WRITE_KEYS: dict[str, tuple[str, ...]] = {
+    "InsertStmt": ("relation",),
+    "UpdateStmt": ("relation",),
+    "DeleteStmt": ("relation",),
+    "MergeStmt": ("relation",),
+    "CreateStmt": ("relation",),
+    "CreateForeignTableStmt": ("base",),
+    "CreateTableAsStmt": ("into",),
+    "SelectStmt": ("intoClause",),
+    "IndexStmt": ("relation",),
+    "AlterTableStmt": ("relation",),
+    "ClusterStmt": ("relation",),
+    "ReindexStmt": ("relation",),
+    "RenameStmt": ("relation",),
+    "RefreshMatViewStmt": ("relation",),
+    "CreateTrigStmt": ("relation",),
+    "RuleStmt": ("relation",),
+    "AlterObjectSchemaStmt": ("relation",),
+    "AlterOwnerStmt": ("relation",),
+    "ViewStmt": ("view",),
+    "CreatePolicyStmt": ("table",),
+    "AlterPolicyStmt": ("table",),
+    "CreateSeqStmt": ("sequence",),
+    "AlterSeqStmt": ("sequence",),
+    "CompositeTypeStmt": ("typevar",),
+    "TruncateStmt": ("relations",),
+    "LockStmt": ("relations",),
+    "VacuumStmt": ("rels",),
+}
+_RELATION_OBJECTS = frozenset(
+    {"OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_INDEX", "OBJECT_SEQUENCE", "OBJECT_FOREIGN_TABLE"}
+)
+_OBJECT_TYPE_KEYS = ("removeType", "objtype", "renameType", "objectType")
+
+# PL/pgSQL statements whose expression is a string of SQL built at run time.
+_PLPGSQL_DYNAMIC = {
+    "PLpgSQL_stmt_dynexecute": "query",
+    "PLpgSQL_stmt_dynfors": "query",
+    "PLpgSQL_stmt_return_query": "dynquery",
+    "PLpgSQL_stmt_open": "dynquery",
+}
+_PLPGSQL_KINDS = {"PLpgSQL_stmt_commit": "commit", "PLpgSQL_stmt_rollback": "rollback"}
+
+_WRITE = 1
+_TARGET = 2
+_NO_CTES: frozenset[str] = frozenset()
+MAX_NESTING = 8  # DO inside EXECUTE inside a function body...
+_MAX_ASSIGNMENT_SPLITS = 64
+_CACHE_SIZE = 4096
+_CACHE_MAX_TEXT = 16384
+
+type _Node = dict[str, Any]
+
+
+def _parse(sql: str, where: str) -> list[_Node]:
+    try:
+        tree: list[_Node] = pgparse.parse(sql)
+        return tree
+    except pgparse.PGQueryError as exc:
+        position = getattr(exc, "position", None)
+        message = getattr(exc, "message", None) or str(exc)
+        raise ClassificationError(f"{where}: {message}" if where else message, position or None) from None
+    except RecursionError:
+        # pgparse decodes the tree with the json module, which recurses once per level of nesting.
+        message = "statement nested too deeply to analyze"
+        raise ClassificationError(f"{where}: {message}" if where else message) from None
+
+
+def _sval(node: Any) -> str | None:
+    """The value of a String node or of a string constant, through casts and COLLATE."""
+    while isinstance(node, dict) and len(node) == 1:
+        ((key, body),) = node.items()
+        if key == "String":
+            return str(body.get("sval", ""))
+        if key == "A_Const":
+            sval = body.get("sval")
+            return str(sval.get("sval", "")) if isinstance(sval, dict) else None
+        if key in ("TypeCast", "CollateClause"):
+            node = body.get("arg")
+            continue
+        return None
+    return None
+
+
+def _names(items: Iterable[Any]) -> list[str]:
+    return [str(item.get("String", {}).get("sval", "")) for item in items if isinstance(item, dict)]
+
+
+def _bool_option(arg: Any) -> bool:
+    """A DefElem value as PostgreSQL reads a boolean option; no value means true, anything odd true."""
+    if arg is None:
+        return True
+    ((key, body),) = arg.items()
+    if key == "String":
+        return str(body.get("sval", "")).lower() not in ("false", "off", "0", "no")
+    if key == "Integer":
+        return bool(body.get("ival", 0))
+    if key == "Boolean":
+        return bool(body.get("boolval", False))
+    return True
+
+
+def _const_int(node: Any) -> int | None:
+    if isinstance(node, dict) and "A_Const" in node:
+        const = node["A_Const"]
+        if "ival" in const:
+            return int(const["ival"].get("ival", 0))
+    return None
+
+
+_OBJECT_TYPES = {
+    "CreateRoleStmt": "role",
+    "AlterRoleStmt": "role",
+    "AlterRoleSetStmt": "role",
+    "DropRoleStmt": "role",
+    "GrantRoleStmt": "role",
+    "CreatedbStmt": "database",
+    "DropdbStmt": "database",
+    "AlterDatabaseStmt": "database",
+    "AlterDatabaseSetStmt": "database",
+    "CreateSchemaStmt": "schema",
+    "CreateExtensionStmt": "extension",
+    "CreateStmt": "table",
+    "CreateTableAsStmt": "table",
+    "IndexStmt": "index",
+    "ViewStmt": "view",
+    "CreateSeqStmt": "sequence",
+    "CreateTrigStmt": "trigger",
+    "RuleStmt": "rule",
+    "CreatePolicyStmt": "policy",
+}
+
+
+def _object_type(node_type: str, body: _Node) -> str | None:
+    if node_type == "CreateFunctionStmt":
+        return "procedure" if body.get("is_procedure") else "function"
+    for key in _OBJECT_TYPE_KEYS:
+        value = body.get(key)
+        if isinstance(value, str) and value.startswith("OBJECT_"):
+            return value[7:].lower()
+    return _OBJECT_TYPES.get(node_type)
+
+
+def _dollar_quote(body: str) -> str:
+    """A dollar-quote tag that cannot end early inside ``body`` (no ``$tag`` anywhere in it)."""
+    tag = "lictor_do"
+    n = 0
+    while f"${tag}" in body:
+        n += 1
+        tag = f"lictor_do{n}"
+    return f"${tag}$"
+
+
+def _slice(sql: str, encoded: bytes | None, location: int, length: int) -> str:
+    """libpg_query locations are byte offsets into the UTF-8 text."""
+    if encoded is None:
+        piece = sql[location : location + length] if length else sql[location:]
+        return piece.strip()
+    raw = encoded[location : location + length] if length else encoded[location:]
+    return raw.decode("utf-8").strip()
+
+
+class _Analysis:
+    """Accumulates what the statements and bodies under one top-level statement do."""
+
+    def __init__(self) -> None:
+        self.kinds: set[str] = set()
+        self.read: set[str] = set()
+        self.written: set[str] = set()
+        self.functions: set[str] = set()
+        self.columns: set[str] = set()
+        self.settings: set[str] = set()
+        self.languages: set[str] = set()
+        self.wheres: list[bool] = []
+        self.read_write_attempt = False
+        self.dynamic = False
+        self.copy_target: str | None = None
+        self.copy_file: str | None = None
+        self.copy_program: str | None = None
+        self.root_kind: str | None = None
+
+    # -- entry points ---------------------------------------------------------------------------------
+
+    def sql(self, text: str, depth: int, where: str) -> None:
+        """Fold in every statement of a piece of SQL found inside another statement."""
+        if depth > MAX_NESTING:
+            raise ClassificationError(f"{where}: nested more than {MAX_NESTING} levels deep")
+        if "\0" in text:
+            raise ClassificationError(f"{where}: NUL character in SQL text")
+        encoded = None if text.isascii() else text.encode("utf-8")
+        for raw in _parse(text, where):
+            location = raw.get("stmt_location", 0)
+            length = raw.get("stmt_len", 0)
+            self.statement(raw["stmt"], lambda loc=location, n=length: _slice(text, encoded, loc, n), depth)
+
+    def statement(self, stmt: _Node, text: Any, depth: int) -> None:
+        """Walk one statement (``text`` returns its text, needed only for PL/pgSQL function bodies)."""
+        self._walk(stmt, depth, text, root=True)
+
+    # -- the tree walk --------------------------------------------------------------------------------
+
+    def _walk(self, start: _Node, depth: int, text: Any, root: bool) -> None:
+        """Visit every node under ``start``; ``root``: ``start`` is a statement of its own (not nested)."""
+        stack: list[tuple[Any, frozenset[str], int]] = [(start, _NO_CTES, 0)]
+        first = True
+        while stack:
+            node, ctes, flags = stack.pop()
+            if type(node) is list:
+                stack.extend((item, ctes, flags) for item in node if type(item) is dict or type(item) is list)
+                continue
+            if len(node) == 1:
+                ((key, body),) = node.items()
+                if type(body) is dict and key[:1].isupper():
+                    is_root = first and root
+                    first = False
+                    self._node(key, body, ctes, flags, stack, depth, text, is_root)
+                    continue
+            first = False
+            if "relname" in node:
+                self._range_var(node, ctes, flags)
+                continue
+            stack.extend((v, ctes, flags) for v in node.values() if type(v) is dict or type(v) is list)
+
+    def _push_children(
+        self, body: _Node, ctes: frozenset[str], flags: int, stack: list[tuple[Any, frozenset[str], int]]
+    ) -> None:
+        stack.extend((v, ctes, flags) for v in body.values() if type(v) is dict or type(v) is list)
+
+    def _node(
+        self,
+        key: str,
+        body: _Node,
+        ctes: frozenset[str],
+        flags: int,
+        stack: list[tuple[Any, frozenset[str], int]],
+        depth: int,
+        text: Any,
+        is_root: bool,
+    ) -> None:
+        if key == "RangeVar":
+            self._range_var(body, ctes, flags)
+        elif key == "FuncCall":
+            self._func_call(body, depth)
+            self._push_children(body, ctes, flags, stack)
+        elif key == "ColumnRef":
+            if flags & _TARGET:
+                fields = body.get("fields", ())
+                if fields:
+                    last = fields[-1]
+                    self.columns.add("*" if "A_Star" in last else str(last.get("String", {}).get("sval", "")).lower())
+        elif key in ("A_Const", "String", "Integer", "Float", "Boolean", "ParamRef", "TypeName", "A_Star"):
+            pass
+        elif key.endswith("Stmt"):
+            self._statement(key, body, ctes, stack, depth, text, is_root)
+        else:
+            self._push_children(body, ctes, flags, stack)
+
+    def _range_var(self, rv: _Node, ctes: frozenset[str], flags: int) -> None:
+        name = str(rv.get("relname", ""))
+        schema = rv.get("schemaname")
+        catalog = rv.get("catalogname")
+        if flags & _WRITE:
+            target = self.written
+        else:
+            if not schema and not catalog and name in ctes:
+                return
+            target = self.read
+        parts = [p for p in (catalog, schema, name) if p]
+        target.add(".".join(parts).lower())
+
+    def _func_call(self, body: _Node, depth: int) -> None:
+        names = _names(body.get("funcname", ()))
+        if not names:
+            return
+        bare = names[-1].lower()
+        self.functions.add(bare)
+        if len(names) > 1:
+            self.functions.add(".".join(names).lower())
+        if bare == "set_config":
+            self._set_config(body.get("args", []))
+        elif bare in SQL_EXECUTING_FUNCTIONS:
+            self.dynamic = True
+            for arg in body.get("args", []):
+                sql = _sval(arg.get("NamedArgExpr", {}).get("arg") if "NamedArgExpr" in arg else arg)
+                if sql:
+                    # Best effort: a constant argument that parses as SQL is folded in (a connection
+                    # string does not parse and is skipped); the call stays dynamic either way.
+                    try:
+                        self.sql(sql, depth + 1, f"in {bare}() argument")
+                    except ClassificationError:
+                        continue
+
+    def _set_config(self, args: list[_Node]) -> None:
+        # Positional arguments come first in a call; the first one is the parameter name.
+        positional = [arg for arg in args if "NamedArgExpr" not in arg]
+        named = {a["NamedArgExpr"].get("name"): a["NamedArgExpr"].get("arg") for a in args if "NamedArgExpr" in a}
+        name = _sval(positional[0] if positional else named.get("setting_name"))
+        if name is None:
+            self.read_write_attempt = True  # the parameter name is computed: it could be any of them
+            return
+        name = name.strip().lower()
+        self.settings.add(name)
+        if name in READ_ONLY_GUCS:
+            self.read_write_attempt = True
+
+    # -- statements -----------------------------------------------------------------------------------
+
+    def _statement(
+        self,
+        key: str,
+        body: _Node,
+        ctes: frozenset[str],
+        stack: list[tuple[Any, frozenset[str], int]],
+        depth: int,
+        text: Any,
+        is_root: bool,
+    ) -> None:
+        if key == "VariableSetStmt":
+            kind = self._variable_set(body)
+            # Nested, it is a function's SET clause: no SET runs now, but the setting changes whenever the
+            # function runs, so settings and read_write_attempt are recorded all the same.
+            if is_root:
+                self.kinds.add(kind)
+                self.root_kind = self.root_kind or kind
+            return
+        kind = self._kind(key, body)
+        self.kinds.add(kind)
+        if is_root:
+            self.root_kind = self.root_kind or kind
+        write_keys = _WRITE_KEYS.get(key, ())
+
+        if key in ("UpdateStmt", "DeleteStmt"):
+            self.wheres.append("whereClause" in body)
+        if key in ("UpdateStmt", "InsertStmt"):
+            for item in body.get("targetList" if key == "UpdateStmt" else "cols", ()):
+                name = item.get("ResTarget", {}).get("name")
+                if name:
+                    self.columns.add(str(name).lower())
+        elif key == "CopyStmt":
+            self._copy(body)
+            write_keys = ("relation",) if body.get("is_from") else ()
+        elif key == "TransactionStmt":
+            self._transaction_modes(body.get("options", ()))
+        elif key == "DiscardStmt":
+            if body.get("target") == "DISCARD_ALL":  # includes RESET ALL
+                self.settings.add("all")
+                self.read_write_attempt = True
+        elif key in ("AlterRoleSetStmt", "AlterDatabaseSetStmt", "AlterSystemStmt"):
+            setstmt = body.get("setstmt")
+            if setstmt:
+                self._variable_set(setstmt)
+        elif key == "CallStmt":
+            call = body.get("funccall")
+            if call:
+                self._func_call(call, depth)
+        elif key in ("CreateTrigStmt", "CreateEventTrigStmt"):
+            names = _names(body.get("funcname", ()))
+            if names:
+                self.functions.add(names[-1].lower())
+                if len(names) > 1:
+                    self.functions.add(".".join(names).lower())
+        elif key == "DropStmt":
+            if body.get("removeType") in _RELATION_OBJECTS:
+                for obj in body.get("objects", ()):
+                    items = obj.get("List", {}).get("items", ())
+                    self.written.add(".".join(_names(items)).lower())
+        elif key == "GrantStmt":
+            if body.get("objtype") in _RELATION_OBJECTS:
+                if body.get("targtype") == "ACL_TARGET_ALL_IN_SCHEMA":
+                    for schema in _names(body.get("objects", ())):
+                        self.written.add(f"{schema.lower()}.*")
+                else:
+                    write_keys = ("objects",)
+        elif key == "DoStmt":
+            self._do(body, depth)
+        elif key == "CreateFunctionStmt":
+            self._create_function(body, depth, text)
+
+        inner = ctes
+        with_clause = body.get("withClause")
+        if with_clause:
+            inner = self._with(with_clause, ctes, stack)
+        for field, value in body.items():
+            if type(value) is not dict and type(value) is not list:
+                continue
+            if field == "withClause":
+                continue
+            if field in write_keys:
+                stack.append((value, inner, _WRITE))
+            elif field in ("targetList", "returningList"):
+                stack.append((value, inner, _TARGET))
+            else:
+                stack.append((value, inner, 0))
+
+    def _with(
+        self, with_clause: _Node, ctes: frozenset[str], stack: list[tuple[Any, frozenset[str], int]]
+    ) -> frozenset[str]:
+        entries = [cte.get("CommonTableExpr", {}) for cte in with_clause.get("ctes", ())]
+        names = [str(entry.get("ctename", "")) for entry in entries]
+        recursive = bool(with_clause.get("recursive"))
+        for index, entry in enumerate(entries):
+            visible = ctes | frozenset(names if recursive else names[:index])
+            stack.append((entry, visible, 0))
+        return ctes | frozenset(names)
+
+    def _kind(self, key: str, body: _Node) -> str:
+        kind = _SIMPLE_KINDS.get(key)
+        if kind is not None:
+            return kind
+        if key == "SelectStmt":
+            return "select_into" if "intoClause" in body else "select"
+        if key == "CreateTableAsStmt":
+            return "create_matview" if body.get("objtype") == "OBJECT_MATVIEW" else "create_table_as"
+        if key in ("RenameStmt", "AlterObjectSchemaStmt", "AlterOwnerStmt"):
+            return "alter_table" if "relation" in body else "alter_other"
+        if key == "CopyStmt":
+            if body.get("is_program"):
+                self.kinds.add("copy_from" if body.get("is_from") else "copy_to")
+                return "copy_program"
+            return "copy_from" if body.get("is_from") else "copy_to"
+        if key in ("GrantStmt", "GrantRoleStmt"):
+            return "grant" if body.get("is_grant") else "revoke"
+        if key == "ExplainStmt":
+            for option in body.get("options", ()):
+                elem = option.get("DefElem", {})
+                if elem.get("defname") == "analyze" and _bool_option(elem.get("arg")):
+                    return "explain_analyze"
+            return "explain"
+        if key == "VacuumStmt":
+            return "vacuum" if body.get("is_vacuumcmd") else "analyze"
+        if key == "TransactionStmt":
+            return _TRANSACTION_KINDS.get(str(body.get("kind")), "unknown")
+        return "unknown"
+
+    def _variable_set(self, body: _Node) -> str:
+        kind = body.get("kind", "")
+        name = str(body.get("name", "")).lower()
+        if kind == "VAR_SET_MULTI":
+            if name == "transaction snapshot":
+                self.settings.add("transaction_snapshot")
+            else:
+                prefix = "default_" if name == "session characteristics" else ""
+                for option in body.get("args", ()):
+                    elem = option.get("DefElem", {})
+                    self.settings.add(prefix + str(elem.get("defname", "")))
+                self._transaction_modes(body.get("args", ()))
+            return "set_transaction"
+        if kind == "VAR_RESET_ALL":
+            self.settings.add("all")
+            self.read_write_attempt = True
+            return "reset"
+        self.settings.add(name)
+        if name in READ_ONLY_GUCS:
+            self.read_write_attempt = True  # any value: setting it at all is how read-only is left
+        if kind == "VAR_RESET":
+            return "reset"
+        if name == "role":
+            return "set_role"
+        if name == "session_authorization":
+            return "set_session_authorization"
+        return "set"
+
+    def _transaction_modes(self, options: Iterable[_Node]) -> None:
+        """BEGIN / SET TRANSACTION / SESSION CHARACTERISTICS: READ WRITE leaves read-only mode."""
+        for option in options:
+            elem = option.get("DefElem", {})
+            if elem.get("defname") == "transaction_read_only":
+                value = _const_int(elem.get("arg"))
+                if value is None or value == 0:
+                    self.read_write_attempt = True
+
+    def _copy(self, body: _Node) -> None:
+        target = body.get("filename")
+        if body.get("is_program"):
+            where, program, path = "program", target, None
+        elif target is not None:
+            where, program, path = "file", None, target
+        else:
+            where, program, path = ("stdin" if body.get("is_from") else "stdout"), None, None
+        if self.copy_target is None or where in ("program", "file"):
+            self.copy_target, self.copy_program, self.copy_file = where, program, path
+
+    # -- bodies ---------------------------------------------------------------------------------------
+
+    def _do(self, body: _Node, depth: int) -> None:
+        language = "plpgsql"
+        code = None
+        for arg in body.get("args", ()):
+            elem = arg.get("DefElem", {})
+            if elem.get("defname") == "language":
+                language = str(_sval(elem.get("arg")) or "").lower()
+            elif elem.get("defname") == "as":
+                code = _sval(elem.get("arg"))
+        self.languages.add(language)
+        if language != "plpgsql":
+            self.dynamic = True  # code in another language: the grammar cannot see what it runs
+            return
+        if code is None:
+            raise ClassificationError("DO block without a body")
+        quote = _dollar_quote(code)
+        source = f"CREATE FUNCTION lictor_do() RETURNS void AS {quote}{code}{quote} LANGUAGE plpgsql"
+        self._plpgsql(source, depth + 1, "in DO block")
+
+    def _create_function(self, body: _Node, depth: int, text: Any) -> None:
+        language = None
+        code: list[str] = []
+        for option in body.get("options", ()):
+            elem = option.get("DefElem", {})
+            if elem.get("defname") == "language":
+                language = str(_sval(elem.get("arg")) or "").lower()
+            elif elem.get("defname") == "as":
+                arg = elem.get("arg", {})
+                items = arg.get("List", {}).get("items", ()) if "List" in arg else [arg]
+                code = [s for s in (_sval(item) for item in items) if s is not None]
+        if "sql_body" in body:
+            self.languages.add("sql")  # BEGIN ATOMIC ... END: already parsed, walked with the statement
+            return
+        language = language or ""
+        self.languages.add(language)
+        if language == "sql" and len(code) == 1:
+            self.sql(code[0], depth + 1, "in SQL function body")
+        elif language == "plpgsql" and len(code) == 1:
+            self._plpgsql(text(), depth + 1, "in PL/pgSQL function body")
+        else:
+            self.dynamic = True  # C, internal, plpython, ...: runs code the grammar cannot see
+
+    def _plpgsql(self, source: str, depth: int, where: str) -> None:
+        if depth > MAX_NESTING:
+            raise ClassificationError(f"{where}: nested more than {MAX_NESTING} levels deep")
+        try:
+            functions = pgparse.parse_pgsql(source)
+        except pgparse.PGQueryError as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            raise ClassificationError(f"{where}: {message}") from None
+        except RecursionError:
+            raise ClassificationError(f"{where}: body nested too deeply to analyze") from None
+        bodies = [f.get("PLpgSQL_function", {}) for f in functions]
+        if not bodies or not all("action" in b for b in bodies):
+            raise ClassificationError(f"{where}: the PL/pgSQL body could not be analyzed")
+        stack: list[tuple[Any, bool]] = [(b, False) for b in bodies]
+        while stack:
+            node, dynamic = stack.pop()
+            if type(node) is list:
+                stack.extend((item, False) for item in node)
+                continue
+            if type(node) is not dict:
+                continue
+            for key, value in node.items():
+                if key == "PLpgSQL_expr":
+                    self._plpgsql_expr(value, dynamic, depth, where)
+                    continue
+                if key in _PLPGSQL_KINDS:
+                    self.kinds.add(_PLPGSQL_KINDS[key])
+                dynamic_field = _PLPGSQL_DYNAMIC.get(key)
+                if dynamic_field is not None and type(value) is dict:
+                    stack.extend((v, k == dynamic_field) for k, v in value.items())
+                elif type(value) is dict or type(value) is list:
+                    stack.append((value, False))
+
+    def _plpgsql_expr(self, expr: _Node, dynamic: bool, depth: int, where: str) -> None:
+        query = str(expr.get("query", ""))
+        mode = expr.get("parseMode", 0)
+        if dynamic and mode != 2:
+            self.dynamic = True  # not the expression shape EXECUTE has: do not guess
+        if mode == 0:  # a whole SQL statement
+            self.sql(query, depth, where)
+            return
+        if mode in (3, 4, 5):  # assignment: target := expression
+            self._assignment(query, depth, where)
+            return
+        if mode != 2:
+            raise ClassificationError(f"{where}: unsupported PL/pgSQL expression mode {mode}")
+        tree = _parse("SELECT " + query, where)
+        if dynamic:
+            constant = _constant_select(tree)
+            if constant is None:
+                self.dynamic = True
+            else:
+                self.sql(constant, depth + 1, f"{where}, EXECUTE")
+                return
+        self._fold(tree, depth)
+
+    def _assignment(self, query: str, depth: int, where: str) -> None:
+        """``target := expr`` (or ``=``): find the split where both sides parse, the left as a target.
+
+        The core grammar parses assignments only in a PL/pgSQL mode that pgparse does not expose; trying
+        each ``=`` in turn with the real parser finds the same split (a wrong split cannot parse on both
+        sides, since the target is only names, dots and subscripts), and both sides are walked.
+        """
+        tries = 0
+        for index, char in enumerate(query):
+            if char != "=":
+                continue
+            tries += 1
+            if tries > _MAX_ASSIGNMENT_SPLITS:
+                break
+            lhs = query[: index - 1] if index and query[index - 1] == ":" else query[:index]
+            try:
+                left = _parse("SELECT " + lhs, where)
+                right = _parse("SELECT " + query[index + 1 :], where)
+            except ClassificationError:
+                continue
+            if _is_assignment_target(left):
+                self._fold(left, depth)
+                self._fold(right, depth)
+                return
+        raise ClassificationError(f"{where}: cannot analyze the assignment {query!r}")
+
+    def _fold(self, tree: list[_Node], depth: int) -> None:
+        """Walk a PL/pgSQL expression parsed as ``SELECT <expression>``: everything but that wrapper."""
+        for raw in tree:
+            stmt = raw["stmt"]
+            select = stmt.get("SelectStmt")
+            self._walk(select if select is not None else stmt, depth, str, root=False)
+
+
+def _constant_select(tree: list[_Node]) -> str | None:
+    """The string if ``tree`` is exactly ``SELECT '<constant>'``."""
+    if len(tree) != 1:
+        return None
+    select = tree[0]["stmt"].get("SelectStmt")
+    if select is None or set(select) - {"targetList", "limitOption", "op"}:
+        return None
+    targets = select.get("targetList", ())
+    if len(targets) != 1:
+        return None
+    target = targets[0].get("ResTarget", {})
+    value = target.get("val", {})
+    if set(value) != {"A_Const"}:
+        return None
+    sval = value["A_Const"].get("sval")
+    return str(sval.get("sval", "")) if isinstance(sval, dict) else None
+
+
+def _is_assignment_target(tree: list[_Node]) -> bool:
+    if len(tree) != 1:
+        return False
+    select = tree[0]["stmt"].get("SelectStmt")
+    if select is None or set(select) - {"targetList", "limitOption", "op"}:
+        return False
+    targets = select.get("targetList", ())
+    if len(targets) != 1:
+        return False
+    value = targets[0].get("ResTarget", {}).get("val", {})
+    if "A_Indirection" in value:
+        value = value["A_Indirection"].get("arg", {})
+    return "ColumnRef" in value
+
+
+def _limit(stmt: _Node) -> int | None:
+    select = stmt.get("SelectStmt")
+    if select is None:
+        return None
+    return _const_int(select.get("limitCount"))
+
+
+def _statements(sql: str) -> Iterator[Statement]:
+    if "\0" in sql:
+        raise ClassificationError("NUL character in SQL text")
+    encoded = None if sql.isascii() else sql.encode("utf-8")
+    for raw in _parse(sql, ""):
+        stmt: _Node = raw["stmt"]
+        location = raw.get("stmt_location", 0)
+        length = raw.get("stmt_len", 0)
+        text = _slice(sql, encoded, location, length)
+        ((node_type, body),) = stmt.items()
+        analysis = _Analysis()
+        analysis.statement(stmt, lambda text=text: text, 0)
+        kind = analysis.root_kind or "unknown"
+        analysis.kinds.add(kind)
+        kinds = frozenset(analysis.kinds)
+        prepared = body.get("name") if node_type in ("PrepareStmt", "ExecuteStmt", "DeallocateStmt") else None
+        dynamic = analysis.dynamic
+        modifies = bool(kinds & MODIFYING_KINDS) or dynamic or analysis.copy_target in ("file", "program")
+        yield Statement(
+            kind=kind,
+            kinds=kinds,
+            text=text,
+            node=node_type,
+            tables_read=frozenset(analysis.read),
+            tables_written=frozenset(analysis.written),
+            functions=frozenset(analysis.functions),
+            columns=frozenset(analysis.columns),
+            settings=frozenset(analysis.settings),
+            has_where=(all(analysis.wheres) if analysis.wheres else None),
+            limit=_limit(stmt),
+            modifies=modifies,
+            read_write_attempt=analysis.read_write_attempt,
+            dynamic_sql=dynamic,
+            prepared_name=str(prepared) if prepared is not None else None,
+            object_type=_object_type(node_type, body),
+            copy_target=analysis.copy_target,
+            copy_file=analysis.copy_file,
+            copy_program=analysis.copy_program,
+            languages=frozenset(analysis.languages),
+        )
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _classify_cached(sql: str) -> tuple[Statement, ...]:
+    return tuple(_statements(sql))
+
+
+def classify(sql: str) -> list[Statement]:
+    """One :class:`Statement` per statement of ``sql``, in order (empty for a blank or ``;``-only text).
+
+    Raises :class:`ClassificationError` when the text, or a body inside it, does not parse.
+    Results for texts up to 16 KiB are cached (LRU, 4096 entries); Statements are immutable.
+    """
+    if len(sql) <= _CACHE_MAX_TEXT:
+        return list(_classify_cached(sql))
+    return list(_statements(sql))
+
+
+def fingerprint(sql: str) -> str:
+    """libpg_query's fingerprint: equal for statements that differ only in constants and formatting."""
+    if "\0" in sql:
+        raise ClassificationError("NUL character in SQL text")
+    try:
+        return str(pgparse.fingerprint(sql))
+    except RecursionError:
+        raise ClassificationError("statement nested too deeply to analyze") from None
+    except pgparse.PGQueryError as exc:
+        position = getattr(exc, "position", None)
+        raise ClassificationError(getattr(exc, "message", None) or str(exc), position or None) from None

@@ -1,0 +1,499 @@
+"""SQL classification with the real PostgreSQL grammar, including the known evasions."""
+
+import pytest
+from lictor_addons.postgres import _classify
+from lictor_addons.postgres import _protocol as pg
+from lictor_addons.postgres._classify import ClassificationError, Statement, classify, fingerprint
+
+from tests.conftest import require
+
+# (sql, expected fields of the single statement). Sets are compared exactly.
+CASES: list[tuple[str, dict[str, object]]] = [
+    # Plain DML and reads
+    (
+        "SELECT a, b FROM t WHERE c > 1 LIMIT 10",
+        {"kind": "select", "kinds": {"select"}, "tables_read": {"t"}, "columns": {"a", "b"}, "limit": 10},
+    ),
+    ("SELECT 1 FETCH FIRST 3 ROWS ONLY", {"limit": 3, "modifies": False, "tables_read": set()}),
+    ("SELECT 1 LIMIT ALL", {"limit": None}),
+    ("SELECT 1 LIMIT $1", {"limit": None}),
+    ("SELECT 1 LIMIT 0", {"limit": 0}),
+    (
+        'SELECT * FROM Public."MyTable" AS "A" JOIN u USING (id) WHERE x IN (SELECT y FROM s.v)',
+        {"tables_read": {"public.mytable", "u", "s.v"}, "columns": {"*", "y"}},
+    ),
+    ("TABLE t", {"kind": "select", "tables_read": {"t"}}),
+    ("UPDATE t SET a = 1", {"kind": "update", "has_where": False, "tables_written": {"t"}, "modifies": True}),
+    (
+        "UPDATE t SET a = 1 FROM u WHERE t.id = u.id RETURNING t.secret",
+        {"has_where": True, "tables_written": {"t"}, "tables_read": {"u"}, "columns": {"a", "secret"}},
+    ),
+    ("DELETE FROM t", {"kind": "delete", "kinds": {"delete"}, "has_where": False, "tables_written": {"t"}}),
+    (
+        "DELETE FROM s.t USING u WHERE t.id = u.id",
+        {"has_where": True, "tables_written": {"s.t"}, "tables_read": {"u"}},
+    ),
+    (
+        "INSERT INTO t (a, b) SELECT a, b FROM src RETURNING id",
+        {"kind": "insert", "kinds": {"insert", "select"}, "tables_written": {"t"}, "tables_read": {"src"}},
+    ),
+    (
+        "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET n = excluded.n",
+        {"kind": "insert", "tables_written": {"t"}, "has_where": None},
+    ),
+    (
+        "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE WHEN NOT MATCHED THEN INSERT VALUES (s.id)",
+        {"kind": "merge", "kinds": {"merge"}, "tables_written": {"t"}, "tables_read": {"s"}, "modifies": True},
+    ),
+    # Data-modifying CTEs, CTE names are not tables
+    (
+        "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+        {"kind": "select", "kinds": {"select", "delete"}, "tables_written": {"t"}, "tables_read": set()},
+    ),
+    (
+        "WITH a AS (SELECT * FROM b), c AS (SELECT * FROM a) SELECT * FROM c, t",
+        {"tables_read": {"b", "t"}, "modifies": False},
+    ),
+    ("WITH a AS (SELECT * FROM a) SELECT * FROM a", {"tables_read": {"a"}}),  # not recursive: a real table
+    ("WITH RECURSIVE a AS (SELECT * FROM a) SELECT * FROM a", {"tables_read": set()}),
+    ("SELECT * FROM (WITH x AS (SELECT 1) SELECT * FROM x) s, x", {"tables_read": {"x"}}),  # out of scope
+    ("WITH t AS (SELECT 1) DELETE FROM t", {"tables_written": {"t"}}),  # a target is always a table
+    ("WITH u AS (UPDATE t SET a = 1 RETURNING a) SELECT 1", {"kinds": {"select", "update"}, "has_where": False}),
+    # Comments and quoting cannot hide anything
+    ("/* SELECT */ DELETE FROM t", {"kind": "delete"}),
+    ("-- SELECT 1\nDELETE FROM t -- trailing", {"kind": "delete", "text": "-- SELECT 1\nDELETE FROM t -- trailing"}),
+    ("/* nested /* comment */ DROP TABLE x */ SELECT 1", {"kind": "select", "kinds": {"select"}}),
+    ("SELECT $$; DROP TABLE t; $$", {"kind": "select", "kinds": {"select"}, "tables_written": set()}),
+    ("SELECT $x$ $$; DROP TABLE t; $x$", {"kind": "select", "kinds": {"select"}}),
+    ("SELECT E'\\'; DROP TABLE t; --'", {"kind": "select", "kinds": {"select"}}),  # escape string: one literal
+    ('SELECT 1 AS "; DROP TABLE t; --"', {"kind": "select", "kinds": {"select"}}),
+    # Functions, wherever they are called
+    ("SELECT pg_read_file('/etc/passwd')", {"functions": {"pg_read_file"}, "modifies": False}),
+    ("SELECT pg_catalog.pg_ls_dir('.')", {"functions": {"pg_ls_dir", "pg_catalog.pg_ls_dir"}}),
+    ("SELECT lo_import('/etc/passwd')", {"functions": {"lo_import"}}),
+    ("SELECT * FROM t WHERE a = ANY(SELECT unnest(f(x)))", {"functions": {"unnest", "f"}}),
+    ("SELECT count(*) FILTER (WHERE g(a)) OVER (ORDER BY h(b)) FROM t", {"functions": {"count", "g", "h"}}),
+    (
+        "CREATE TABLE z (a int DEFAULT nextval('s'), b text CHECK (length(b) < 5) REFERENCES other (id))",
+        {"kind": "create_table", "functions": {"nextval", "length"}, "tables_written": {"z"}, "tables_read": {"other"}},
+    ),
+    (
+        "SELECT trim(both from x), extract(year from now())",
+        {"functions": {"btrim", "pg_catalog.btrim", "extract", "pg_catalog.extract", "now"}},
+    ),
+    ("CALL s.p(f())", {"kind": "call", "functions": {"p", "s.p", "f"}, "modifies": True}),
+    (
+        "SELECT * FROM dblink('dbname=x', 'DELETE FROM t') AS r(a int)",
+        {"functions": {"dblink"}, "dynamic_sql": True, "kinds": {"select", "delete"}, "tables_written": {"t"}},
+    ),
+    ("SELECT query_to_xml(q, true, false, '') FROM queries", {"dynamic_sql": True, "modifies": True}),
+    # SELECT INTO, CREATE TABLE AS, views
+    (
+        "SELECT * INTO newt FROM t",
+        {"kind": "select_into", "tables_written": {"newt"}, "tables_read": {"t"}, "modifies": True},
+    ),
+    (
+        "CREATE TABLE x AS SELECT * FROM y",
+        {
+            "kind": "create_table_as",
+            "kinds": {"create_table_as", "select"},
+            "tables_written": {"x"},
+            "tables_read": {"y"},
+        },
+    ),
+    ("CREATE MATERIALIZED VIEW mv AS SELECT * FROM y", {"kind": "create_matview", "tables_written": {"mv"}}),
+    ("CREATE VIEW v AS SELECT secret FROM y", {"kind": "create_view", "tables_written": {"v"}, "tables_read": {"y"}}),
+    # EXPLAIN
+    ("EXPLAIN ANALYZE DELETE FROM t", {"kind": "explain_analyze", "kinds": {"explain_analyze", "delete"}}),
+    ("EXPLAIN (ANALYZE, BUFFERS) UPDATE t SET a = 1", {"kinds": {"explain_analyze", "update"}}),
+    ("EXPLAIN (ANALYZE off) DELETE FROM t", {"kind": "explain", "kinds": {"explain", "delete"}}),
+    ("EXPLAIN (ANALYZE 0) SELECT 1", {"kind": "explain", "modifies": False}),
+    ("EXPLAIN SELECT 1", {"kind": "explain", "modifies": False}),
+    # COPY
+    (
+        "COPY t TO PROGRAM 'sh -c id'",
+        {
+            "kind": "copy_program",
+            "kinds": {"copy_program", "copy_to"},
+            "copy_program": "sh -c id",
+            "copy_target": "program",
+        },
+    ),
+    (
+        "COPY t FROM PROGRAM 'curl x'",
+        {"kinds": {"copy_program", "copy_from"}, "tables_written": {"t"}, "modifies": True},
+    ),
+    (
+        "COPY (SELECT * FROM secrets) TO STDOUT",
+        {
+            "kind": "copy_to",
+            "kinds": {"copy_to", "select"},
+            "copy_target": "stdout",
+            "tables_read": {"secrets"},
+            "modifies": False,
+        },
+    ),
+    ("COPY t FROM STDIN", {"kind": "copy_from", "copy_target": "stdin", "tables_written": {"t"}, "modifies": True}),
+    ("COPY t TO '/tmp/out'", {"kind": "copy_to", "copy_target": "file", "copy_file": "/tmp/out", "modifies": True}),
+    # PREPARE / EXECUTE
+    ("PREPARE p AS DELETE FROM t", {"kind": "prepare", "kinds": {"prepare", "delete"}, "prepared_name": "p"}),
+    ("EXECUTE p(1, f())", {"kind": "execute", "prepared_name": "p", "dynamic_sql": False, "functions": {"f"}}),
+    ("DEALLOCATE p", {"kind": "deallocate", "prepared_name": "p"}),
+    ("DEALLOCATE ALL", {"kind": "deallocate", "prepared_name": None}),
+    # Roles, settings and read-only mode
+    ("SET ROLE postgres", {"kind": "set_role", "settings": {"role"}, "read_write_attempt": False}),
+    ("RESET ROLE", {"kind": "reset", "settings": {"role"}}),
+    ("SET SESSION AUTHORIZATION postgres", {"kind": "set_session_authorization"}),
+    ("SET search_path = evil, public", {"kind": "set", "settings": {"search_path"}, "modifies": False}),
+    ("SET TIME ZONE 'UTC'", {"settings": {"timezone"}}),
+    ("SET NAMES 'SJIS'", {"settings": {"client_encoding"}}),
+    (
+        "SET default_transaction_read_only = off",
+        {"read_write_attempt": True, "settings": {"default_transaction_read_only"}},
+    ),
+    ("SET default_transaction_read_only = on", {"read_write_attempt": True}),  # any SET of it counts
+    ("SET LOCAL transaction_read_only TO DEFAULT", {"read_write_attempt": True}),
+    ('SET "Transaction_Read_Only" = off', {"read_write_attempt": True}),
+    ("RESET transaction_read_only", {"kind": "reset", "read_write_attempt": True}),
+    ("RESET ALL", {"kind": "reset", "settings": {"all"}, "read_write_attempt": True}),
+    ("DISCARD ALL", {"kind": "discard", "read_write_attempt": True}),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE", {"kind": "set_transaction", "read_write_attempt": True}),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", {"read_write_attempt": False}),
+    ("SET TRANSACTION READ WRITE", {"kind": "set_transaction", "read_write_attempt": True}),
+    (
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        {"read_write_attempt": False, "settings": {"transaction_isolation"}},
+    ),
+    ("BEGIN READ WRITE", {"kind": "begin", "read_write_attempt": True}),
+    ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE", {"kind": "begin", "read_write_attempt": True}),
+    ("BEGIN READ ONLY", {"kind": "begin", "read_write_attempt": False}),
+    ("BEGIN", {"kind": "begin", "read_write_attempt": False, "modifies": False}),
+    ("SELECT set_config('default_transaction_read_only', 'off', false)", {"read_write_attempt": True}),
+    ("SELECT pg_catalog.set_config('Transaction_Read_Only'::text, 'off', true)", {"read_write_attempt": True}),
+    (
+        "SELECT 1 WHERE set_config(is_local => false, new_value => 'off', setting_name => 'transaction_read_only') = ''",
+        {"read_write_attempt": True},
+    ),
+    ("SELECT set_config('search_path', 'x', false)", {"read_write_attempt": False, "settings": {"search_path"}}),
+    ("SELECT set_config(name, 'off', false) FROM names", {"read_write_attempt": True}),  # computed name
+    ("SELECT set_config('default_' || 'transaction_read_only', 'off', false)", {"read_write_attempt": True}),
+    ("ALTER ROLE me SET default_transaction_read_only = off", {"kind": "alter_role", "read_write_attempt": True}),
+    ("ALTER DATABASE d SET default_transaction_read_only = off", {"kind": "alter_other", "read_write_attempt": True}),
+    ("ALTER SYSTEM SET default_transaction_read_only = off", {"kind": "alter_system", "read_write_attempt": True}),
+    (
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET transaction_read_only = off AS 'SELECT 1'",
+        {"read_write_attempt": True, "kinds": {"create_function", "select"}},
+    ),
+    # DO blocks
+    (
+        "DO $$ BEGIN DELETE FROM t; END $$",
+        {"kind": "do", "kinds": {"do", "delete"}, "tables_written": {"t"}, "has_where": False, "dynamic_sql": False},
+    ),
+    ("DO $$ BEGIN EXECUTE 'DROP TABLE ' || 't'; END $$", {"kind": "do", "dynamic_sql": True, "modifies": True}),
+    ("DO $$ BEGIN EXECUTE format('DROP TABLE %I', 't'); END $$", {"dynamic_sql": True, "functions": {"format"}}),
+    (
+        "DO $$ BEGIN EXECUTE 'DROP TABLE t'; END $$",
+        {"kinds": {"do", "drop"}, "tables_written": {"t"}, "dynamic_sql": False},
+    ),
+    ("DO $$ BEGIN EXECUTE E'DELETE\\x20FROM t'; END $$", {"kinds": {"do", "delete"}, "dynamic_sql": False}),
+    (
+        "DO $$ DECLARE r record; BEGIN FOR r IN EXECUTE 'SELECT 1' || '' LOOP END LOOP; END $$",
+        {"dynamic_sql": True},
+    ),
+    (
+        "DO $$ DECLARE c refcursor; BEGIN OPEN c FOR EXECUTE q(); END $$",
+        {"dynamic_sql": True, "functions": {"q"}},
+    ),
+    (
+        "DO $$ BEGIN PERFORM pg_sleep(1); IF (SELECT count(*) FROM secrets) > 0 THEN "
+        "UPDATE t SET a = 1 WHERE id = 2; END IF; END $$",
+        {"functions": {"pg_sleep", "count"}, "tables_read": {"secrets"}, "tables_written": {"t"}, "has_where": True},
+    ),
+    (
+        "DO $$ DECLARE x text := pg_read_file('/etc/passwd'); arr int[]; BEGIN arr[g(1)] := 2; x = h(x); END $$",
+        {"functions": {"pg_read_file", "g", "h"}},
+    ),
+    ("DO $$ BEGIN SET LOCAL transaction_read_only = off; END $$", {"read_write_attempt": True, "kinds": {"do", "set"}}),
+    ("DO $$ BEGIN COMMIT; END $$", {"kinds": {"do", "commit"}}),
+    ("DO $$ BEGIN PERFORM 1; -- $lictor_do$\nEND $$", {"kind": "do", "dynamic_sql": False}),  # tag collision
+    ("DO $q$ BEGIN EXECUTE 'DO $$ BEGIN DROP TABLE t; END $$'; END $q$", {"kinds": {"do", "drop"}}),
+    ("DO LANGUAGE plpython3u $$ plpy.execute('DROP TABLE t') $$", {"dynamic_sql": True, "modifies": True}),
+    ("DO 'BEGIN DELETE FROM t; END'", {"kinds": {"do", "delete"}}),
+    # Function bodies are classified when created
+    (
+        "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $f$ BEGIN UPDATE t SET a = pg_sleep(1); END $f$",
+        {"kind": "create_function", "kinds": {"create_function", "update"}, "functions": {"pg_sleep"}},
+    ),
+    (
+        "CREATE FUNCTION f(a int, OUT b int) LANGUAGE plpgsql AS $f$ BEGIN b := a + 1; END $f$",
+        {"kinds": {"create_function"}, "dynamic_sql": False},
+    ),
+    (
+        "CREATE FUNCTION f() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN NEW.a := now(); RETURN NEW; END $f$",
+        {"functions": {"now"}},
+    ),
+    (
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'DELETE FROM t RETURNING 1'",
+        {"kinds": {"create_function", "delete"}},
+    ),
+    (
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC DELETE FROM t; SELECT 1; END",
+        {"kinds": {"create_function", "delete", "select"}},
+    ),
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE c AS 'lib', 'sym'", {"dynamic_sql": True, "languages": {"c"}}),
+    ("CREATE FUNCTION r() RETURNS text LANGUAGE internal AS 'pg_read_file_off_len'", {"dynamic_sql": True}),
+    (
+        "CREATE PROCEDURE p() LANGUAGE plpgsql AS $$ BEGIN TRUNCATE t; END $$",
+        {"kinds": {"create_function", "truncate"}, "object_type": "procedure"},
+    ),
+    # DDL, privileges, maintenance
+    ("DROP TABLE a.b, c CASCADE", {"kind": "drop", "tables_written": {"a.b", "c"}, "object_type": "table"}),
+    ("DROP FUNCTION f(int)", {"kind": "drop", "tables_written": set(), "object_type": "function"}),
+    ("DROP ROLE bob", {"kind": "drop", "object_type": "role"}),
+    ("TRUNCATE a, ONLY b", {"kind": "truncate", "tables_written": {"a", "b"}}),
+    (
+        "ALTER TABLE t ADD COLUMN c int DEFAULT f()",
+        {"kind": "alter_table", "tables_written": {"t"}, "functions": {"f"}},
+    ),
+    ("ALTER TABLE t RENAME TO u", {"kind": "alter_table", "tables_written": {"t"}}),
+    ("ALTER FUNCTION f() OWNER TO bob", {"kind": "alter_other"}),
+    ("CREATE INDEX ON t (lower(a))", {"kind": "create_index", "tables_written": {"t"}, "functions": {"lower"}}),
+    (
+        "CREATE SCHEMA s CREATE TABLE s.x (a int)",
+        {"kinds": {"create_schema", "create_table"}, "tables_written": {"s.x"}},
+    ),
+    ("CREATE ROLE r SUPERUSER", {"kind": "create_role"}),
+    ("ALTER ROLE r SUPERUSER", {"kind": "alter_role"}),
+    ("CREATE EXTENSION dblink", {"kind": "create_extension"}),
+    (
+        "CREATE TRIGGER tr AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION s.trf()",
+        {"kind": "create_trigger", "functions": {"trf", "s.trf"}},
+    ),
+    (
+        "CREATE RULE r AS ON INSERT TO t DO INSTEAD DELETE FROM u",
+        {"kind": "create_rule", "kinds": {"create_rule", "delete"}},
+    ),
+    ("CREATE POLICY p ON t USING (owner = current_user)", {"kind": "create_policy", "tables_written": {"t"}}),
+    ("CREATE SEQUENCE sq", {"kind": "create_sequence", "tables_written": {"sq"}}),
+    ("CREATE TYPE ty AS (a int)", {"kind": "create_other"}),
+    ("GRANT SELECT ON t, s.u TO bob", {"kind": "grant", "tables_written": {"t", "s.u"}}),
+    ("GRANT SELECT ON ALL TABLES IN SCHEMA s TO bob", {"kind": "grant", "tables_written": {"s.*"}}),
+    ("GRANT pg_read_server_files TO bob", {"kind": "grant", "object_type": "role"}),
+    ("REVOKE ALL ON t FROM bob", {"kind": "revoke", "tables_written": {"t"}}),
+    ("ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO bob", {"kind": "alter_default_privileges"}),
+    ("VACUUM FULL t", {"kind": "vacuum", "tables_written": {"t"}}),
+    ("ANALYZE t", {"kind": "analyze"}),
+    ("CLUSTER t USING i", {"kind": "cluster"}),
+    ("REINDEX TABLE t", {"kind": "reindex"}),
+    ("LOCK TABLE t IN ACCESS EXCLUSIVE MODE", {"kind": "lock", "modifies": True}),
+    ("CHECKPOINT", {"kind": "checkpoint"}),
+    ("LOAD 'auto_explain'", {"kind": "load", "modifies": True}),
+    ("COMMENT ON TABLE t IS 'x'", {"kind": "comment", "object_type": "table"}),
+    ("SECURITY LABEL ON TABLE t IS 'x'", {"kind": "security_label"}),
+    ("REFRESH MATERIALIZED VIEW mv", {"kind": "refresh_matview", "tables_written": {"mv"}}),
+    ("REASSIGN OWNED BY a TO b", {"kind": "reassign_owned"}),
+    ("DROP OWNED BY a", {"kind": "drop_owned"}),
+    ("IMPORT FOREIGN SCHEMA s FROM SERVER srv INTO t", {"kind": "import_foreign_schema"}),
+    ("CREATE DATABASE d", {"kind": "create_database"}),
+    # Session and transaction control
+    ("SHOW search_path", {"kind": "show", "modifies": False}),
+    ("COMMIT", {"kind": "commit", "modifies": False}),
+    ("ROLLBACK", {"kind": "rollback"}),
+    ("SAVEPOINT s", {"kind": "savepoint"}),
+    ("RELEASE SAVEPOINT s", {"kind": "release"}),
+    ("ROLLBACK TO SAVEPOINT s", {"kind": "rollback"}),
+    ("PREPARE TRANSACTION 'x'", {"kind": "prepare_transaction", "modifies": True}),
+    ("COMMIT PREPARED 'x'", {"kind": "commit_prepared"}),
+    ("LISTEN c", {"kind": "listen", "modifies": False}),
+    ("NOTIFY c, 'x'", {"kind": "notify"}),
+    ("UNLISTEN *", {"kind": "unlisten"}),
+    ("DECLARE c CURSOR FOR SELECT * FROM secrets", {"kind": "declare_cursor", "tables_read": {"secrets"}}),
+    ("FETCH 10 FROM c", {"kind": "fetch"}),
+    ("CLOSE c", {"kind": "close_cursor"}),
+    ("SET CONSTRAINTS ALL DEFERRED", {"kind": "set_constraints"}),
+    # Non-ASCII text: locations are byte offsets, text is sliced right
+    ("SELECT 'é' FROM ü", {"tables_read": {"ü"}, "text": "SELECT 'é' FROM ü"}),
+]
+
+
+def field_value(statement: Statement, name: str) -> object:
+    value = getattr(statement, name)
+    return set(value) if isinstance(value, frozenset) else value
+
+
+@pytest.mark.parametrize(("sql", "expected"), CASES, ids=[sql[:60] for sql, _ in CASES])
+def test_classification(sql: str, expected: dict[str, object]) -> None:
+    (statement,) = classify(sql)
+    for name, value in expected.items():
+        assert field_value(statement, name) == value, f"{name} of {sql!r}"
+    assert statement.kind in statement.kinds
+    if statement.kinds & _classify.MODIFYING_KINDS:
+        assert statement.modifies
+
+
+def test_unmapped_statement_kinds_are_unknown_and_modifying() -> None:
+    # Every kind the module reports is either read-only or modifying; nothing falls in between.
+    assert not (_classify.READ_ONLY_KINDS & _classify.MODIFYING_KINDS)
+    assert "unknown" in _classify.MODIFYING_KINDS
+
+
+# Multi-statement strings: the evasions the addon exists to catch.
+
+
+def kinds_of(sql: str) -> list[str]:
+    return [s.kind for s in classify(sql)]
+
+
+def test_backslash_quote_does_not_hide_a_second_statement() -> None:
+    """Under standard_conforming_strings (the default, and what libpg_query assumes) ``'\\'`` is a whole
+    literal: the DROP after it is a statement of its own, and the server runs it (see the real-server test).
+    """
+    statements = classify("SELECT '\\'; DROP TABLE t; --'")
+    assert [s.kind for s in statements] == ["select", "drop"]
+    assert statements[1].tables_written == {"t"}
+    assert statements[0].text == "SELECT '\\'"
+    assert statements[1].text == "DROP TABLE t"
+
+
+def test_multi_statement_strings() -> None:
+    assert kinds_of("SELECT 1; DELETE FROM t; /* c */ UPDATE t SET a = 1 WHERE b") == ["select", "delete", "update"]
+    assert kinds_of("PREPARE p AS DELETE FROM t; EXECUTE p") == ["prepare", "execute"]
+    statements = classify("SELECT 1;SELECT 'ü';  DROP TABLE x")
+    assert [s.text for s in statements] == ["SELECT 1", "SELECT 'ü'", "DROP TABLE x"]
+    prepare, execute = classify("PREPARE p AS DELETE FROM t; EXECUTE p")
+    assert prepare.prepared_name == execute.prepared_name == "p"
+    assert prepare.kinds == {"prepare", "delete"}
+
+
+def test_blank_text_has_no_statements() -> None:
+    assert classify("") == []
+    assert classify(" ; ;\n-- only a comment\n") == []
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELEC 1",
+        "SELECT 1; DELETE FROM",
+        "SELECT 'unterminated",
+        "DO $$ BEGIN DELETE FROM ; END $$",
+        "DO $$ BEGIN undeclared := 1; END $$",
+        "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN SELEC 1; END $$",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELEC 1'",
+        "DO $$ BEGIN EXECUTE 'DROP TABL t'; END $$",
+        "SELECT 1\0; DROP TABLE t",
+        "SELECT " + " || ".join(["x"] * 3000),
+    ],
+    ids=lambda sql: sql[:50],
+)
+def test_unparseable_text_raises(sql: str) -> None:
+    with pytest.raises(ClassificationError):
+        classify(sql)
+
+
+def test_parse_error_reports_message_and_position() -> None:
+    with pytest.raises(ClassificationError) as info:
+        classify("SELECT 1; SELEC 2")
+    assert info.value.message == 'syntax error at or near "SELEC"'
+    assert info.value.position == 11
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(ClassificationError, match="in DO block"):
+        classify("DO $$ BEGIN DELETE FROM ; END $$")
+
+
+def test_nesting_is_bounded() -> None:
+    def nest(levels: int) -> str:
+        sql = "DELETE FROM t"
+        for level in range(levels):
+            literal = "'" + sql.replace("'", "''") + "'"
+            sql = f"DO $q{level}$ BEGIN EXECUTE {literal}; END $q{level}$"
+        return sql
+
+    (statement,) = classify(nest(3))
+    assert statement.kinds == {"do", "delete"} and not statement.dynamic_sql
+    with pytest.raises(ClassificationError, match="nested"):
+        classify(nest(_classify.MAX_NESTING + 2))
+
+
+def test_cache_returns_equal_immutable_results() -> None:
+    sql = "SELECT a FROM cached_table WHERE id = 1"
+    first = classify(sql)
+    second = classify(sql)
+    assert first == second and first is not second  # fresh lists, shared immutable Statements
+    first.clear()
+    assert classify(sql) == second
+    with pytest.raises(AttributeError):
+        second[0].kind = "delete"  # type: ignore[misc]
+
+
+def test_fingerprint() -> None:
+    assert fingerprint("SELECT * FROM t WHERE id = 1") == fingerprint("select *  from t where id = 42")
+    assert fingerprint("SELECT * FROM t") != fingerprint("DELETE FROM t")
+    with pytest.raises(ClassificationError):
+        fingerprint("SELEC 1")
+
+
+# The server agrees: statement boundaries seen by the classifier are the ones the server executes.
+
+
+SERVER_CASES = [
+    "SELECT '\\'; DROP TABLE lictor_cls_t; --'",
+    "SELECT $$; DROP TABLE lictor_cls_t; $$",
+    "/* DROP TABLE lictor_cls_t; */ SELECT 1 -- ; DROP TABLE lictor_cls_t",
+    "WITH d AS (DELETE FROM lictor_cls_t RETURNING *) SELECT * FROM d",
+    "DO $$ BEGIN DELETE FROM lictor_cls_t; END $$",
+    "SELECT 1; UPDATE lictor_cls_t SET a = 2; SELECT * INTO lictor_cls_new FROM lictor_cls_t",
+    "PREPARE lictor_p AS DELETE FROM lictor_cls_t; EXECUTE lictor_p; DEALLOCATE lictor_p",
+]
+TAG_KINDS = {
+    "SELECT": "select",
+    "DROP TABLE": "drop",
+    "DELETE": "delete",
+    "DO": "do",
+    "UPDATE": "update",
+    "PREPARE": "prepare",
+    "EXECUTE": "execute",
+    "DEALLOCATE": "deallocate",
+}
+
+
+@pytest.mark.parametrize("sql", SERVER_CASES)
+def test_server_runs_the_statements_the_classifier_sees(sql: str) -> None:
+    from tests.pgcluster import WireClient
+
+    try:
+        client = WireClient("127.0.0.1", 5432)
+    except OSError:
+        require(False, "PostgreSQL is not running on 127.0.0.1:5432")
+        raise
+    with client:
+        client.login("postgres", "test")
+        assert client.parameters["standard_conforming_strings"] == "on"
+        setup = client.simple("BEGIN; CREATE TEMP TABLE lictor_cls_t (a int); INSERT INTO lictor_cls_t VALUES (1)")
+        assert not any(isinstance(m, pg.ErrorResponse) for m in setup)
+        messages = client.simple(sql)
+        client.simple("ROLLBACK")
+    errors = [m for m in messages if isinstance(m, pg.ErrorResponse)]
+    assert not errors, errors[0].message if errors else ""
+    tags = [m.tag for m in messages if isinstance(m, pg.CommandComplete)]
+    server_kinds = []
+    for tag in tags:
+        words = tag.split()
+        key = " ".join(words[:2]) if " ".join(words[:2]) in TAG_KINDS else words[0]
+        server_kinds.append(TAG_KINDS[key])
+    # SELECT INTO reports "SELECT n" like a plain SELECT; EXECUTE reports the prepared statement's tag, which
+    # the addon finds by mapping prepared_name to the classification stored at PREPARE.
+    prepared: dict[str | None, str] = {}
+    ours = []
+    for statement in classify(sql):
+        if statement.kind == "prepare":
+            (inner,) = statement.kinds - {"prepare"}
+            prepared[statement.prepared_name] = inner
+        ours.append(
+            prepared[statement.prepared_name]
+            if statement.kind == "execute"
+            else "select"
+            if statement.kind == "select_into"
+            else statement.kind
+        )
+    assert ours == server_kinds
