@@ -199,7 +199,9 @@ class Gateway:
         )
         self.issuer = LocalIssuer(self.state_dir)
         self.verifier = self._make_verifier()
-        self.approvals: ApprovalBroker | None = None
+        from .approvals import ApprovalBroker as _ApprovalBroker
+
+        self.approvals: ApprovalBroker | None = _ApprovalBroker.from_config(self, config.section("approvals"))
         self.recorder: Recorder = JsonlRecorder(self.state_dir / "recordings")
         self.sessions: dict[str, Session] = {}
         self._mask_key = self._load_mask_key()
@@ -441,10 +443,14 @@ class Gateway:
         self.addons.trigger_sync("configure", self)
         self.load_policy()
         await self.addons.trigger("policy_loaded", self.policy)
+        if (start_approvals := getattr(self.approvals, "start", None)) is not None:
+            await start_approvals()  # approval page/API, expiry sweeper, webhooks, LISTEN
         await self.addons.trigger("running", self)
 
     async def stop(self) -> None:
         try:
+            if (stop_approvals := getattr(self.approvals, "stop", None)) is not None:
+                await stop_approvals()  # held requests are denied before the listeners drain
             await self.addons.trigger("done", self)
         finally:
             for session in list(self.sessions.values()):

@@ -1,0 +1,695 @@
+"""The approval broker: hold → notify → approve / deny / expire, bound to the exact request.
+
+Theory of operation
+-------------------
+When the policy answers ``approve``, :meth:`ApprovalBroker.hold` stores an :class:`Approval`: the
+exact request and its digest, the requester (subject *and* issuer), the rule and its approval block.
+
+* ``mode: hold`` (default): the agent's request waits. ``notify(id, message)`` is called once so
+  the protocol can tell the agent it is waiting and under which id; then the broker waits for a
+  local decision (an event), a change announced by another replica (PostgreSQL ``NOTIFY``) or,
+  as a safety net, the next poll of the store. On expiry the store transition
+  ``pending → expired`` decides the race with a late approval.
+* ``mode: ticket``: the request is denied at once with the id; once approved the agent retries
+  with the id (HTTP ``X-Lictor-Approval``). The protocol addon calls :meth:`redeem`, which uses the
+  approval up (single use, same digest, same requester, approved, not stale) and leaves a short-
+  lived pass that the next :meth:`hold` of the same request by the same identity consumes.
+
+Votes (:meth:`vote`) are checked against the live policy: the approver must hold one of the rule's
+approver roles and must not be the requester; each approver counts once (the store's primary key).
+One denial decides; ``required`` approvals approve.
+
+When a held request resumes after approval it is decided again by the policy live *now*: deny →
+denied; allow → allowed; approve → the approval counts only if it is for this very request (digest)
+and its votes still satisfy the live rule's approver roles and count. The approval is then used up.
+
+``scope: elevation`` also grants the rule's ``elevate.roles`` to the requester on that target for
+``elevate.duration``. :meth:`elevated_roles` is on every decision's path, so it reads an in-memory
+map refreshed from the store (on local approvals, on notifications, and every few seconds); expiry
+is checked against the clock on each call, so a stale map never extends an elevation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from ..identity import Identity, parse_duration
+from ..policy_types import Decision, Request
+from ._model import (
+    APPROVED,
+    DENIED,
+    EXPIRED,
+    MAX_PAYLOAD,
+    PENDING,
+    WITHDRAWN,
+    Approval,
+    ApprovalError,
+    ApprovalSpec,
+    format_duration,
+    new_approval_id,
+)
+from .store import Elevation, PostgresStore, _SqlStore, open_store
+from .webhooks import Webhooks, WebhookTarget
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway, Session
+    from .http import HttpServer
+    from .web import WebApp
+
+__all__ = ["CONFIG_SCHEMA", "ApprovalBroker"]
+
+log = logging.getLogger("lictor.approvals")
+
+Notifier = Callable[[str, str], Awaitable[None]]
+
+APPROVAL_RULE = "lictor:approval"
+
+CONFIG_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "listen": {"type": "string", "description": "host:port of the approval page and API"},
+        "public_url": {"type": "string", "description": "how approvers reach the page (links in messages)"},
+        "store": {"enum": ["sqlite", "postgres"]},
+        "sqlite": {"type": "string", "description": "SQLite file (default: state/approvals.db)"},
+        "dsn": {"type": "string", "description": "PostgreSQL connection string (store: postgres)"},
+        "schema": {"type": "string", "description": "PostgreSQL schema for the tables (default lictor)"},
+        "poll_interval": {"type": ["string", "number"]},
+        "session_ttl": {"type": ["string", "number"], "description": "web login lifetime (default 8h)"},
+        "webhook_attempts": {"type": "integer", "minimum": 1, "maximum": 20},
+        "webhook_backoff": {"type": ["string", "number"]},
+        "webhooks": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["url"],
+                "properties": {
+                    "url": {"type": "string"},
+                    "format": {"enum": ["slack", "generic"]},
+                    "secret": {"type": "string"},
+                    "events": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+
+PASS_TTL = 60.0  # seconds a redeemed ticket waits for the retried request to reach hold()
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"approvals.listen {text!r}: use host:port, e.g. 127.0.0.1:8470")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class ApprovalBroker:
+    """Holds ``approve`` decisions until enough approvers decide; see the module docstring."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        store: _SqlStore,
+        *,
+        listen: tuple[str, int] | None = None,
+        public_url: str = "",
+        webhooks: Webhooks | None = None,
+        poll_interval: float = 2.0,
+        session_ttl: float = 8 * 3600.0,
+    ) -> None:
+        self.gateway = gateway
+        self.store = store
+        self.listen = listen
+        self.public_url = public_url.rstrip("/")
+        self.webhooks = webhooks or Webhooks([], self.public_url)
+        self.poll_interval = poll_interval
+        self.session_ttl = session_ttl
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.server: HttpServer | None = None
+        self.web: WebApp | None = None
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._elevations: dict[tuple[str, str, str], tuple[Elevation, ...]] = {}
+        self._passes: dict[tuple[str, str, str], tuple[str, float]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._refresh_wanted: asyncio.Event | None = None
+        self._stopping = False
+        self._started = False
+        self._idle = asyncio.Event()  # set while no request is held
+        self._idle.set()
+
+    @classmethod
+    def from_config(cls, gateway: Gateway, section: Mapping[str, Any]) -> ApprovalBroker:
+        """Build the broker from the gateway config's ``approvals:`` section (ValueError if invalid)."""
+        import jsonschema
+
+        problems = [
+            f"approvals.{'.'.join(map(str, e.absolute_path)) or ''}: {e.message}"
+            for e in jsonschema.Draft202012Validator(CONFIG_SCHEMA).iter_errors(dict(section))
+        ]
+        if problems:
+            from ..config import ConfigError
+
+            raise ConfigError("\n".join(problems))
+        listen = parse_listen(str(section["listen"])) if section.get("listen") else None
+        public_url = str(section.get("public_url") or "")
+        if not public_url and listen is not None:
+            host = f"[{listen[0]}]" if ":" in listen[0] else listen[0]
+            public_url = f"http://{host}:{listen[1]}"
+        targets = [WebhookTarget.parse(w) for w in section.get("webhooks") or []]
+        webhooks = Webhooks(
+            targets,
+            public_url,
+            attempts=int(section.get("webhook_attempts", 5)),
+            backoff=parse_duration(section.get("webhook_backoff", 1.0)),
+        )
+        store = open_store(section, gateway.state_dir, gateway.config.resolve)
+        return cls(
+            gateway,
+            store,
+            listen=listen,
+            public_url=public_url,
+            webhooks=webhooks,
+            poll_interval=parse_duration(section.get("poll_interval", 2.0)),
+            session_ttl=parse_duration(section.get("session_ttl", "8h")),
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the web server (if ``listen`` is set), the sweeper, webhooks and (PostgreSQL) LISTEN."""
+        if self._started:
+            return
+        self._started = True
+        self._stopping = False
+        loop = asyncio.get_running_loop()
+        self._refresh_wanted = asyncio.Event()
+        if isinstance(self.store, PostgresStore):
+            await asyncio.to_thread(self.store.ensure)
+            self._tasks.append(
+                loop.create_task(self.store.listen(self._on_change, lambda: self._stopping), name="approvals-listen")
+            )
+        await self._refresh_elevations()
+        self.webhooks.start()
+        self._tasks.append(loop.create_task(self._sweeper(), name="approvals-sweeper"))
+        if self.listen is not None:
+            from .http import HttpServer
+            from .web import WebApp
+
+            self.server = HttpServer(*self.listen)
+            self.web = WebApp(self, self.server)
+            await self.server.start()
+            log.info("approvals: page and API on %s", self.server.url)
+
+    async def stop(self) -> None:
+        """Release every held request (denied: the gateway is stopping) and stop background work."""
+        self._stopping = True
+        for event in self._waiters.values():
+            event.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), 5.0)
+        except TimeoutError:
+            log.warning("approvals: %d held requests did not finish", len(self._waiters))
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("approvals: background task failed")
+        self._tasks.clear()
+        await self.webhooks.stop()
+        try:
+            await asyncio.to_thread(self.store.close)
+        except Exception:
+            log.exception("approvals: closing the store failed")
+        self._started = False
+
+    async def _sweeper(self) -> None:
+        """Expire overdue requests (ticket mode has nobody waiting) and refresh elevations."""
+        assert self._refresh_wanted is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._refresh_wanted.wait(), self.poll_interval)
+            except TimeoutError:
+                pass
+            self._refresh_wanted.clear()
+            try:
+                for approval_id in await asyncio.to_thread(self.store.expire_due, time.time()):
+                    await self._announce_expired(approval_id)
+                await self._refresh_elevations()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("approvals: store unavailable (%s); held requests keep waiting or expire", exc)
+
+    def _on_change(self, approval_id: str) -> None:
+        """Another replica (or this one) changed ``approval_id`` ("" = anything)."""
+        if approval_id:
+            event = self._waiters.get(approval_id)
+            if event is not None:
+                event.set()
+        else:
+            for event in self._waiters.values():
+                event.set()
+        if self._refresh_wanted is not None:
+            self._refresh_wanted.set()
+
+    # -- elevation ----------------------------------------------------------------------------------
+
+    def elevated_roles(self, identity: Identity, target: str) -> tuple[str, ...]:
+        """Roles ``identity`` holds on ``target`` through a live time-boxed elevation. Fast: memory only."""
+        entries = self._elevations.get((identity.subject, identity.issuer, target))
+        if not entries:
+            return ()
+        now = time.time()
+        roles: list[str] = []
+        for e in entries:
+            if e.until > now:
+                roles.extend(r for r in e.roles if r not in roles)
+        return tuple(roles)
+
+    async def _refresh_elevations(self) -> None:
+        rows = await asyncio.to_thread(self.store.elevations, time.time())
+        fresh: dict[tuple[str, str, str], list[Elevation]] = {}
+        for e in rows:
+            fresh.setdefault(e.key, []).append(e)
+        self._elevations = {k: tuple(v) for k, v in fresh.items()}  # one assignment: readers see old or new
+
+    def _add_elevation(self, approval: Approval) -> None:
+        if approval.elevated_until is None:
+            return
+        e = Elevation(
+            approval.requester_sub,
+            approval.requester_iss,
+            approval.target,
+            approval.spec.elevate_roles,
+            approval.elevated_until,
+            approval.id,
+        )
+        current = dict(self._elevations)
+        current[e.key] = (*current.get(e.key, ()), e)
+        self._elevations = current
+
+    # -- holding ----------------------------------------------------------------------------------
+
+    def review_url(self, approval_id: str) -> str:
+        return f"{self.public_url}/approvals/{approval_id}" if self.public_url else ""
+
+    def _how_to_decide(self, approval_id: str) -> str:
+        url = self.review_url(approval_id)
+        cli = f"`lictor approvals approve {approval_id}`"
+        return f"an approver can decide at {url} or with {cli}" if url else f"an approver can decide with {cli}"
+
+    def _deny(self, decision: Decision, approval_id: str | None, message: str) -> Decision:
+        rule = decision.rule_ids[0] if decision.rule_ids else APPROVAL_RULE
+        denied = Decision.deny(message, rule, decision.policy_version)
+        return replace(denied, approval_id=approval_id, masks=(), mask_rule_ids=())
+
+    async def hold(self, session: Session, request: Request, decision: Decision, notify: Notifier | None) -> Decision:
+        """Hold ``request`` (policy said ``approve``) until approved, denied or expired."""
+        try:
+            spec = ApprovalSpec.parse(decision.approval)
+        except ValueError as exc:
+            return self._deny(decision, None, f"{decision.message} — and its approval rule is unusable ({exc}); denied")
+        if self._stopping:
+            return self._deny(decision, None, "the gateway is stopping; retry in a moment")
+        identity = session.identity
+        digest = request.digest()
+        ticket = self._take_pass(identity, digest)
+        if ticket is not None:
+            return await self._resume(session, request, decision, ticket, consumed=True)
+
+        approval = self._new_approval(session, request, decision, spec, digest)
+        await asyncio.to_thread(self.store.create, approval)
+        try:
+            self.gateway.audit_event("approval.created", self._audit_record(approval))
+        except BaseException:
+            await asyncio.to_thread(self.store.withdraw, approval.id, "audit store unavailable", time.time())
+            raise
+        self.webhooks.emit("approval.created", approval)
+        log.info("approval %s requested by %s for %s", approval.id, identity.subject, request.summary[:200])
+
+        if spec.mode == "ticket":
+            return self._deny(
+                decision,
+                approval.id,
+                f"{decision.message} — this needs approval {approval.id} ({spec.describe()}); "
+                f"{self._how_to_decide(approval.id)}. Once it is approved, retry the same request with "
+                f"approval id {approval.id} (HTTP: header X-Lictor-Approval: {approval.id}) within "
+                f"{format_duration(spec.timeout)} of the approval.",
+            )
+
+        event = asyncio.Event()
+        self._waiters[approval.id] = event
+        self._idle.clear()
+        try:
+            if notify is not None:
+                await notify(
+                    approval.id,
+                    f"waiting for approval {approval.id}: {decision.message} — needs {spec.describe()}; "
+                    f"expires in {format_duration(spec.timeout)}; {self._how_to_decide(approval.id)}",
+                )
+            final = await self._wait(approval, event)
+        except asyncio.CancelledError:
+            # The agent went away (or the gateway is cancelling): nobody waits for this any more.
+            self._withdraw_now(approval.id, "the agent stopped waiting")
+            raise
+        except BaseException:
+            self._withdraw_now(approval.id, "error while waiting")
+            raise
+        finally:
+            self._waiters.pop(approval.id, None)
+            if not self._waiters:
+                self._idle.set()
+        return await self._conclude(session, request, decision, final)
+
+    def _withdraw_now(self, approval_id: str, reason: str) -> None:
+        try:
+            if self.store.withdraw(approval_id, reason, time.time()):
+                self.gateway.audit_event("approval.withdrawn", {"id": approval_id, "reason": reason}, fail_closed=False)
+        except Exception:
+            log.exception("approvals: cannot withdraw %s", approval_id)
+
+    def _new_approval(
+        self, session: Session, request: Request, decision: Decision, spec: ApprovalSpec, digest: str
+    ) -> Approval:
+        now = time.time()
+        payload = request.payload or request.summary
+        import json
+
+        try:
+            attrs = json.loads(json.dumps(dict(request.attrs), default=str))
+        except (TypeError, ValueError):
+            attrs = {"unserializable": repr(request.attrs)[:2000]}
+        return Approval(
+            id=new_approval_id(),
+            status=PENDING,
+            created_at=now,
+            expires_at=now + spec.timeout,
+            requester_sub=session.identity.subject,
+            requester_iss=session.identity.issuer,
+            session_id=session.id,
+            peer=session.peer,
+            protocol=request.protocol,
+            target=session.target,
+            action=request.action,
+            summary=request.summary[:4000],
+            payload=payload[:MAX_PAYLOAD],
+            payload_truncated=len(payload) > MAX_PAYLOAD,
+            attrs=attrs,
+            reason=request.reason,
+            digest=digest,
+            rule_ids=decision.rule_ids,
+            rule_message=decision.message,
+            policy_version=decision.policy_version,
+            spec=spec,
+            replica=self.replica,
+        )
+
+    def _audit_record(self, a: Approval) -> dict[str, Any]:
+        return {
+            "id": a.id,
+            "session": a.session_id,
+            "requester": {"sub": a.requester_sub, "iss": a.requester_iss},
+            "protocol": a.protocol,
+            "target": a.target,
+            "request": {"action": a.action, "summary": a.summary[:2000], "digest": a.digest},
+            "reason": a.reason,
+            "rule_ids": list(a.rule_ids),
+            "policy_version": a.policy_version,
+            "approval": a.spec.to_json(),
+            "expires_at": a.expires_at,
+        }
+
+    async def _wait(self, approval: Approval, event: asyncio.Event) -> Approval:
+        """Wait until the request is decided or expires; return its final record."""
+        current = approval
+        while True:
+            if self._stopping:
+                if await asyncio.to_thread(self.store.withdraw, approval.id, "the gateway stopped", time.time()):
+                    self.gateway.audit_event(
+                        "approval.withdrawn", {"id": approval.id, "reason": "gateway stopping"}, fail_closed=False
+                    )
+                got = await asyncio.to_thread(self.store.get, approval.id)
+                return got or current
+            remaining = current.expires_at - time.time()
+            if remaining <= 0:
+                if await asyncio.to_thread(self.store.expire, approval.id, time.time()):
+                    await self._announce_expired(approval.id)
+                got = await asyncio.to_thread(self.store.get, approval.id)
+                if got is None:
+                    raise ApprovalError(f"approval {approval.id} vanished from the store", 500)
+                if got.status != PENDING:
+                    return got
+                continue  # pragma: no cover - expire() lost to nobody yet still pending: re-check
+            try:
+                await asyncio.wait_for(event.wait(), min(self.poll_interval, remaining))
+            except TimeoutError:
+                pass
+            event.clear()
+            try:
+                got = await asyncio.to_thread(self.store.get, approval.id)
+            except Exception as exc:
+                log.warning("approvals: cannot read %s (%s); still waiting", approval.id, exc)
+                continue
+            if got is None:
+                raise ApprovalError(f"approval {approval.id} vanished from the store", 500)
+            current = got
+            if current.status != PENDING:
+                return current
+
+    async def _announce_expired(self, approval_id: str) -> None:
+        got = await asyncio.to_thread(self.store.get, approval_id)
+        if got is None:
+            return
+        self.gateway.audit_event(
+            "approval.expired",
+            {"id": got.id, "approvals_given": got.approvals_given, "required": got.spec.required},
+            fail_closed=False,
+        )
+        self.webhooks.emit("approval.expired", got)
+        self._on_change(approval_id)
+
+    async def _conclude(self, session: Session, request: Request, decision: Decision, final: Approval) -> Decision:
+        if final.status == APPROVED:
+            return await self._resume(session, request, decision, final.id, consumed=False)
+        if final.status == DENIED:
+            who = ", ".join(final.decided_by) or "an approver"
+            why = f": {final.decision_reason}" if final.decision_reason else ""
+            return self._deny(decision, final.id, f"approval {final.id} was denied by {who}{why}")
+        if final.status == EXPIRED:
+            return self._deny(
+                decision,
+                final.id,
+                f"approval {final.id} expired after {format_duration(final.spec.timeout)} "
+                f"({final.approvals_given} of {final.spec.required} approvals given); retry to ask again",
+            )
+        if final.status == WITHDRAWN:
+            why = final.decision_reason or "withdrawn"
+            return self._deny(decision, final.id, f"approval {final.id} was withdrawn ({why}); retry to ask again")
+        return self._deny(decision, final.id, f"approval {final.id} is {final.status}; it cannot be used again")
+
+    async def _resume(
+        self, session: Session, request: Request, decision: Decision, approval_id: str, *, consumed: bool
+    ) -> Decision:
+        """Decide ``request`` again under the live policy and use the approval up if it still applies."""
+        identity = session.identity
+        policy = self.gateway.policy
+        live = policy.decide(
+            identity,
+            request,
+            roles=session.roles(policy),
+            extra_roles=self.elevated_roles(identity, session.target),
+        )
+        now = time.time()
+        if live.action == "deny":
+            if not consumed:
+                await asyncio.to_thread(
+                    self.store.withdraw, approval_id, f"the live policy now denies it ({live.rule_ids[0]})", now
+                )
+            return replace(
+                live,
+                approval_id=approval_id,
+                message=f"approval {approval_id} was given, but the policy live now denies this request: "
+                f"{live.message}",
+            )
+        approval = await asyncio.to_thread(self.store.get, approval_id)
+        if approval is None:
+            return self._deny(decision, approval_id, f"approval {approval_id} is not in the store; denied")
+        digest = request.digest()
+        if approval.digest != digest or not approval.is_requester(identity):
+            return self._deny(
+                decision, approval_id, f"approval {approval_id} was given for a different request; denied"
+            )
+        if live.action == "approve":
+            problem = self._still_satisfies(approval, live)
+            if problem:
+                if not consumed:
+                    await asyncio.to_thread(self.store.withdraw, approval_id, problem, now)
+                return self._deny(live, approval_id, f"approval {approval_id} no longer suffices: {problem}")
+        if not consumed:
+            ok = await asyncio.to_thread(
+                self.store.consume, approval_id, digest, identity, now, now - approval.spec.timeout
+            )
+            if not ok:
+                return self._deny(decision, approval_id, f"approval {approval_id} was already used; denied")
+        self.gateway.audit_event(
+            "approval.used",
+            {"id": approval_id, "session": session.id, "digest": digest, "live_action": live.action},
+        )
+        if approval.elevated_until is not None:
+            self._add_elevation(approval)
+        if live.action == "allow":
+            return replace(live, approval_id=approval_id)
+        return live.with_approval(approval_id)
+
+    def _still_satisfies(self, approval: Approval, live: Decision) -> str:
+        """Why the votes do not satisfy the live ``approve`` decision ("" if they do)."""
+        try:
+            spec = ApprovalSpec.parse(live.approval)
+        except ValueError as exc:
+            return f"the live approval rule is unusable ({exc})"
+        policy = self.gateway.policy
+        valid = 0
+        for vote in approval.votes:
+            if vote.verdict != "approve" or approval.is_requester(vote.identity()):
+                continue
+            if set(policy.roles_for(vote.identity())) & set(spec.approvers):
+                valid += 1
+        if valid < spec.required:
+            return (
+                f"the live rule {live.rule_ids[0]} needs {spec.describe()} and {valid} of the given approvals "
+                "qualify; retry to ask again"
+            )
+        return ""
+
+    # -- tickets ----------------------------------------------------------------------------------
+
+    def redeem(self, identity: Identity, request: Request, approval_id: str) -> bool:
+        """Use an approved ticket for ``request`` (synchronous; called by a protocol before deciding).
+
+        True when approval ``approval_id`` is approved, for this exact request (digest), asked by the
+        same identity, and not used or stale; it is then used up, and the next ``hold`` of this
+        request by this identity on this gateway is allowed (after the live policy re-check).
+        """
+        now = time.time()
+        digest = request.digest()
+        try:
+            approval = self.store.get(approval_id)
+            if approval is None or approval.status != APPROVED:
+                return False
+            if approval.digest != digest or not approval.is_requester(identity):
+                return False
+            if not self.store.consume(approval_id, digest, identity, now, now - approval.spec.timeout):
+                return False
+        except Exception:
+            log.exception("approvals: cannot redeem %s (denying)", approval_id)
+            return False
+        self.gateway.audit_event(
+            "approval.redeemed",
+            {"id": approval_id, "identity": identity.to_json(), "digest": digest},
+            fail_closed=False,
+        )
+        self._passes = {k: v for k, v in self._passes.items() if v[1] > now}
+        if len(self._passes) < 10_000:
+            self._passes[(identity.subject, identity.issuer, digest)] = (approval_id, now + PASS_TTL)
+        if approval.elevated_until is not None:
+            self._add_elevation(approval)
+        return True
+
+    def _take_pass(self, identity: Identity, digest: str) -> str | None:
+        entry = self._passes.pop((identity.subject, identity.issuer, digest), None)
+        if entry is None or entry[1] <= time.time():
+            return None
+        return entry[0]
+
+    # -- approvers --------------------------------------------------------------------------------
+
+    def approver_roles(self, identity: Identity, approval: Approval) -> tuple[str, ...]:
+        """The roles through which ``identity`` may decide ``approval`` under the live policy."""
+        held = self.gateway.policy.roles_for(identity)
+        return tuple(r for r in approval.spec.approvers if r in held)
+
+    def may_view(self, identity: Identity, approval: Approval) -> bool:
+        return bool(self.approver_roles(identity, approval))
+
+    def is_approver(self, identity: Identity) -> bool:
+        """Whether ``identity`` may approve anything under the live policy (to log in to the page)."""
+        policy = self.gateway.policy
+        held = set(policy.roles_for(identity))
+        for rule in policy.rules:
+            if rule.action == "approve" and rule.approval and held & set(rule.approval.get("approvers") or ()):
+                return True
+        return False
+
+    async def get(self, approval_id: str) -> Approval | None:
+        return await asyncio.to_thread(self.store.get, approval_id)
+
+    async def recent(self, *, pending: bool | None = None, limit: int = 100) -> list[Approval]:
+        """The newest approvals (``pending`` True: waiting ones; False: decided ones; None: all)."""
+        return await asyncio.to_thread(lambda: self.store.recent(pending=pending, limit=limit))
+
+    async def vote(self, approver: Identity, approval_id: str, verdict: str, reason: str = "") -> Approval:
+        """Record ``approver``'s ``approve``/``deny``; raises ApprovalError with a reason if refused."""
+        reason = reason.strip()[:2000]
+        if verdict == "deny" and not reason:
+            raise ApprovalError("a denial needs a reason (the agent is told why)", 400)
+        approval = await asyncio.to_thread(self.store.get, approval_id)
+        if approval is None:
+            raise ApprovalError(f"no approval request {approval_id}", 404)
+        if approval.is_requester(approver):
+            self.gateway.audit_event(
+                "approval.refused",
+                {"id": approval_id, "approver": approver.to_json(), "why": "self-approval"},
+                fail_closed=False,
+            )
+            raise ApprovalError("you cannot decide your own request", 403)
+        if not self.approver_roles(approver, approval):
+            self.gateway.audit_event(
+                "approval.refused",
+                {"id": approval_id, "approver": approver.to_json(), "why": "not an approver"},
+                fail_closed=False,
+            )
+            raise ApprovalError(
+                f"approval {approval_id} needs one of the roles {', '.join(approval.spec.approvers)}; "
+                "you hold none of them",
+                403,
+            )
+        result = await asyncio.to_thread(self.store.vote, approval_id, approver, verdict, reason, time.time())
+        after = result.approval
+        self.gateway.audit_event(
+            "approval.voted",
+            {"id": approval_id, "approver": approver.to_json(), "verdict": verdict, "reason": reason},
+        )
+        if result.decided:
+            self.gateway.audit_event(
+                "approval.decided",
+                {
+                    "id": approval_id,
+                    "status": after.status,
+                    "decided_by": list(after.decided_by),
+                    "reason": after.decision_reason,
+                    "votes": [v.to_json() for v in after.votes],
+                    "elevated_until": after.elevated_until,
+                },
+            )
+            self.webhooks.emit("approval.decided", after)
+            if after.status == APPROVED:
+                self._add_elevation(after)
+            log.info("approval %s %s by %s", approval_id, after.status, ", ".join(after.decided_by))
+        self._on_change(approval_id)
+        return after

@@ -1,0 +1,238 @@
+"""``lictor approvals list | show ID | approve ID | deny ID``: decide from a terminal.
+
+The CLI talks to the running gateway's approvals API (``approvals.listen`` in the config, or
+``--url``) as an approver, with a token from ``--token`` or ``LICTOR_TOKEN``. The gateway checks the
+token and the approver's roles exactly as for the web page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+__all__ = ["register"]
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _safe(text: Any, limit: int | None = None) -> str:
+    """Agent-controlled text without terminal control sequences."""
+    s = "" if text is None else str(text)
+    out = "".join(ch if ch.isprintable() or ch in "\n\t" else f"\\x{ord(ch):02x}" for ch in s)
+    if limit is not None and len(out) > limit:
+        out = out[: limit - 1] + "…"
+    return out
+
+
+def _one_line(text: Any, limit: int) -> str:
+    return _safe(" ".join(str(text or "").split()), limit)
+
+
+def _base_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return str(args.url).rstrip("/")
+    from ..config import load_config
+
+    path = args.config or ("lictor.yaml" if Path("lictor.yaml").exists() else None)
+    if path is None:
+        raise CliError("no gateway to talk to: pass --url http://HOST:PORT or -c lictor.yaml", EXIT_USAGE)
+    config = load_config(path)
+    listen = config.section("approvals").get("listen")
+    if not listen:
+        raise CliError(
+            f"{path}: approvals.listen is not set, so the gateway serves no approvals API; "
+            "set it (e.g. 127.0.0.1:8470) or pass --url",
+            EXIT_USAGE,
+        )
+    host, _, port = str(listen).rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    token = args.token or os.environ.get("LICTOR_TOKEN", "")
+    if not token:
+        raise CliError("no token: pass --token or set LICTOR_TOKEN (an approver's token)", EXIT_USAGE)
+    url = _base_url(args) + path
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - http(s) URL from config/--url
+    req.add_header("Authorization", f"Bearer {token.strip()}")
+    req.add_header("Accept", "application/json")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:  # noqa: S310
+            result = json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", "")
+        except ValueError:
+            message = ""
+        raise CliError(f"gateway refused ({exc.code}): {message or exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CliError(f"cannot reach the gateway's approvals API at {url}: {reason}") from None
+    if not isinstance(result, dict):
+        raise CliError("unexpected answer from the gateway")
+    return result
+
+
+def _left(a: dict[str, Any], now: float) -> str:
+    from ._model import format_duration
+
+    if a.get("status") != "pending":
+        return str(a.get("status", ""))
+    return format_duration(max(0.0, float(a["expires_at"]) - now))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    which = "all" if args.all else ("decided" if args.decided else "pending")
+    result = _call(args, "GET", f"/api/approvals?status={which}&limit={args.limit}")
+    items = result.get("approvals", [])
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return EXIT_OK
+    if not items:
+        print("no pending approval requests" if which == "pending" else "no approval requests")
+        return EXIT_OK
+    now = float(result.get("now", time.time()))
+    print(f"{'ID':14} {'LEFT/STATUS':12} {'REQUESTER':18} {'TARGET':14} {'RULE':20} {'OK':5} REQUEST")
+    for a in items:
+        print(
+            f"{_one_line(a['id'], 14):14} {_left(a, now):12} {_one_line(a['requester']['sub'], 18):18} "
+            f"{_one_line(a['target'], 14):14} {_one_line(','.join(a['rule_ids']), 20):20} "
+            f"{a['approvals_given']}/{a['approval']['required']:<3} {_one_line(a['summary'] or a['action'], 80)}"
+        )
+    return EXIT_OK
+
+
+def _print_approval(a: dict[str, Any], now: float) -> None:
+    spec = a["approval"]
+    rows = [
+        ("id", a["id"]),
+        ("status", a["status"]),
+        ("requester", f"{a['requester']['sub']} (issuer {a['requester']['iss']})"),
+        ("target", f"{a['target']} ({a['protocol']})"),
+        ("action", a["action"]),
+        ("rule", f"{', '.join(a['rule_ids'])}: {a['rule_message']}"),
+        ("needs", f"{spec['required']} of roles {', '.join(spec['approvers'])} (scope {spec['scope']})"),
+        ("approvals", f"{a['approvals_given']} of {spec['required']}"),
+        ("time left", _left(a, now)),
+        ("agent's reason", a.get("reason") or "(none)"),
+        ("digest", a["digest"]),
+        ("session", f"{a['session']} from {a['peer']}"),
+    ]
+    if a.get("decided_by"):
+        rows.append(("decided by", ", ".join(a["decided_by"])))
+    if a.get("decision_reason"):
+        rows.append(("decision reason", a["decision_reason"]))
+    for k, v in rows:
+        print(f"{k + ':':16} {_one_line(v, 400)}")
+    for v in a.get("votes", []):
+        print(f"{'vote:':16} {_one_line(v['sub'], 40)} {v['verdict']} {_one_line(v.get('reason', ''), 200)}")
+    print("request:")
+    for line in _safe(a["payload"]).splitlines() or [""]:
+        print(f"  {line}")
+    if a.get("payload_truncated"):
+        print("  … (truncated; the approval is bound to the digest of the whole request)")
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    result = _call(args, "GET", f"/api/approvals/{quote(args.id, safe='')}")
+    if args.json:
+        print(json.dumps(result["approval"], indent=2))
+    else:
+        _print_approval(result["approval"], float(result.get("now", time.time())))
+    return EXIT_OK
+
+
+def _vote(args: argparse.Namespace, verdict: str) -> int:
+    reason = args.reason or ""
+    if verdict == "deny" and not reason.strip():
+        raise CliError("deny needs --reason (the agent is told why)", EXIT_USAGE)
+    result = _call(args, "POST", f"/api/approvals/{quote(args.id, safe='')}/{verdict}", {"reason": reason})
+    a = result["approval"]
+    if a["status"] == "pending":
+        print(
+            f"{verdict}d {_safe(a['id'])}: {a['approvals_given']} of {a['approval']['required']} approvals; "
+            "still waiting for more"
+        )
+    else:
+        print(f"{_safe(a['id'])} is now {a['status']}")
+    return EXIT_OK
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    return _vote(args, "approve")
+
+
+def cmd_deny(args: argparse.Namespace) -> int:
+    return _vote(args, "deny")
+
+
+def _guard(func: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args))
+        except CliError as exc:
+            print(f"lictor approvals: {exc}", file=sys.stderr)
+            return exc.code
+
+    return run
+
+
+def register(subparsers: Any) -> None:
+    """Add ``lictor approvals ...`` to the ``lictor`` command line."""
+    parser = subparsers.add_parser("approvals", help="list and decide approval requests on a running gateway")
+    sub = parser.add_subparsers(dest="approvals_cmd", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", help="gateway config: the API address comes from approvals.listen")
+        sp.add_argument("--url", help="the approvals API, e.g. http://127.0.0.1:8470 (overrides the config)")
+        sp.add_argument("--token", help="your approver token (default: $LICTOR_TOKEN)")
+        sp.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the gateway")
+
+    sp = sub.add_parser("list", help="pending requests (or --all / --decided)")
+    common(sp)
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--all", action="store_true")
+    group.add_argument("--decided", action="store_true")
+    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_guard(cmd_list))
+
+    sp = sub.add_parser("show", help="the full request and context of one approval")
+    common(sp)
+    sp.add_argument("id")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_guard(cmd_show))
+
+    sp = sub.add_parser("approve", help="approve a request (counts once per approver)")
+    common(sp)
+    sp.add_argument("id")
+    sp.add_argument("--reason", default="")
+    sp.set_defaults(func=_guard(cmd_approve))
+
+    sp = sub.add_parser("deny", help="deny a request; the agent is told the reason")
+    common(sp)
+    sp.add_argument("id")
+    sp.add_argument("--reason", required=True)
+    sp.set_defaults(func=_guard(cmd_deny))

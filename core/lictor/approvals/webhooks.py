@@ -1,0 +1,274 @@
+"""Outgoing webhooks on approval events: Slack-compatible or generic JSON, HMAC-signed, retried.
+
+Deliveries run in the background: :meth:`Webhooks.emit` only queues, so a slow or broken receiver
+never delays an agent. A delivery is retried with exponential backoff on connection errors, 5xx,
+408 and 429, up to ``attempts`` times; other 4xx answers are final.
+
+Signature: ``X-Lictor-Timestamp: <unix seconds>`` and ``X-Lictor-Signature: sha256=<hex>`` where the
+hex is ``HMAC-SHA256(secret, "<timestamp>." + body)``. Signing the timestamp with the body lets a
+receiver refuse replays (reject timestamps older than a few minutes).
+
+Messages never carry an approve button: deciding from chat would let whoever can click in the
+channel (the agent's own integration, say) approve. They link to the approval page instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import random
+import ssl
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from ._model import Approval, format_duration
+
+__all__ = ["WebhookTarget", "Webhooks", "sign"]
+
+log = logging.getLogger("lictor.approvals")
+
+EVENTS = ("approval.created", "approval.decided", "approval.expired")
+
+
+def sign(secret: bytes, timestamp: str, body: bytes) -> str:
+    """The ``X-Lictor-Signature`` value for ``body`` sent at ``timestamp``."""
+    return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    url: str
+    format: str = "generic"  # slack | generic
+    secret: bytes | None = None
+    events: frozenset[str] = frozenset(EVENTS)
+
+    @classmethod
+    def parse(cls, entry: Mapping[str, Any]) -> WebhookTarget:
+        url = str(entry.get("url", ""))
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"approvals.webhooks: url {url!r} must be http(s)://host/...")
+        fmt = str(entry.get("format", "generic"))
+        if fmt not in ("slack", "generic"):
+            raise ValueError(f"approvals.webhooks: format {fmt!r} is not slack or generic")
+        secret = entry.get("secret")
+        events = entry.get("events") or EVENTS
+        unknown = [e for e in events if e not in EVENTS]
+        if unknown:
+            raise ValueError(f"approvals.webhooks: unknown events {unknown} (known: {', '.join(EVENTS)})")
+        return cls(url, fmt, str(secret).encode() if secret else None, frozenset(events))
+
+
+def _slack_escape(text: str) -> str:
+    # Slack reads <...> as links/mentions (<!channel>); agent-controlled text must not create either.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("```", "'''")
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Webhooks:
+    """Queues and delivers approval events to the configured receivers."""
+
+    def __init__(
+        self,
+        targets: Sequence[WebhookTarget],
+        public_url: str = "",
+        *,
+        attempts: int = 5,
+        backoff: float = 1.0,
+        timeout: float = 10.0,
+        queue_size: int = 1000,
+        concurrency: int = 8,
+    ) -> None:
+        self.targets = list(targets)
+        self.public_url = public_url.rstrip("/")
+        self.attempts = max(1, attempts)
+        self.backoff = backoff
+        self.timeout = timeout
+        self._queue: asyncio.Queue[tuple[WebhookTarget, str, bytes]] | None = None
+        self._queue_size = queue_size
+        self._worker: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._concurrency = concurrency
+        self._sem: asyncio.Semaphore | None = None
+        self.delivered = 0
+        self.failed = 0
+
+    # -- messages ---------------------------------------------------------------------------------
+
+    def link(self, approval_id: str) -> str:
+        return f"{self.public_url}/approvals/{approval_id}" if self.public_url else ""
+
+    def body(self, target: WebhookTarget, event: str, approval: Approval) -> bytes:
+        if target.format == "slack":
+            doc = self._slack(event, approval)
+        else:
+            doc = {"event": event, "approval": approval.to_json(), "url": self.link(approval.id) or None}
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+    def _slack(self, event: str, a: Approval) -> dict[str, Any]:
+        who = _slack_escape(a.requester_sub)
+        target = _slack_escape(a.target)
+        rule = _slack_escape(", ".join(a.rule_ids))
+        summary = _slack_escape(_clip(a.summary or a.action, 200))
+        if event == "approval.created":
+            head = f"Approval {a.id} requested: {who} wants to run {summary} on {target}"
+        elif event == "approval.expired":
+            head = f"Approval {a.id} expired after {format_duration(a.spec.timeout)}: {summary} on {target}"
+        else:
+            by = _slack_escape(", ".join(a.decided_by) or "?")
+            head = f"Approval {a.id} {a.status} by {by}: {summary} on {target}"
+        details = [
+            f"*Requester:* {who}",
+            f"*Target:* {target} ({_slack_escape(a.protocol)})",
+            f"*Rule:* {rule}",
+            f"*Needs:* {_slack_escape(a.spec.describe())}",
+        ]
+        if a.reason:
+            details.append(f"*Agent's reason:* {_slack_escape(_clip(a.reason, 500))}")
+        if a.decision_reason and event != "approval.created":
+            details.append(f"*Decision reason:* {_slack_escape(_clip(a.decision_reason, 500))}")
+        blocks: list[dict[str, Any]] = [
+            {"type": "section", "text": {"type": "mrkdwn", "text": head}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(details)}},
+            {
+                "type": "section",
+                "text": {"type": "mrkdwn", "text": "```" + _slack_escape(_clip(a.payload or a.summary, 1500)) + "```"},
+            },
+        ]
+        link = self.link(a.id)
+        footer = f"digest {a.digest[:16]}… · policy {a.policy_version}"
+        if link:
+            footer = f"<{link}|Review and decide in Lictor> · " + footer
+        else:
+            footer = f"decide with `lictor approvals approve {a.id}` · " + footer
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": footer}]})
+        return {"text": head, "blocks": blocks}
+
+    # -- delivery ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._worker is None and self.targets:
+            self._queue = asyncio.Queue(self._queue_size)
+            self._sem = asyncio.Semaphore(self._concurrency)
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="lictor-webhooks")
+
+    def emit(self, event: str, approval: Approval) -> None:
+        """Queue ``event`` for every receiver that wants it; never blocks, never raises."""
+        if self._queue is None:
+            return
+        for target in self.targets:
+            if event not in target.events:
+                continue
+            try:
+                self._queue.put_nowait((target, event, self.body(target, event, approval)))
+            except asyncio.QueueFull:
+                self.failed += 1
+                log.error("approvals: webhook queue full, dropping %s for %s", event, target.url)
+            except Exception:
+                self.failed += 1
+                log.exception("approvals: cannot build webhook %s for %s", event, target.url)
+
+    async def _run(self) -> None:
+        assert self._queue is not None and self._sem is not None
+        while True:
+            target, event, body = await self._queue.get()
+            await self._sem.acquire()
+            task = asyncio.get_running_loop().create_task(self._deliver(target, event, body))
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if self._sem is not None:
+            self._sem.release()
+        if self._queue is not None:
+            self._queue.task_done()
+
+    async def _deliver(self, target: WebhookTarget, event: str, body: bytes) -> None:
+        for attempt in range(self.attempts):
+            try:
+                status = await asyncio.wait_for(self._post(target, event, body), self.timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                status, problem = 0, f"{type(exc).__name__}: {exc}"
+            else:
+                problem = f"HTTP {status}"
+            if 200 <= status < 300:
+                self.delivered += 1
+                return
+            final = 400 <= status < 500 and status not in (408, 429)
+            if final or attempt + 1 == self.attempts:
+                self.failed += 1
+                log.error("approvals: webhook %s to %s failed (%s), giving up", event, target.url, problem)
+                return
+            delay = self.backoff * (2**attempt) * random.uniform(0.9, 1.1)
+            log.warning("approvals: webhook %s to %s failed (%s); retry in %.1fs", event, target.url, problem, delay)
+            await asyncio.sleep(delay)
+
+    async def _post(self, target: WebhookTarget, event: str, body: bytes) -> int:
+        """POST ``body`` over HTTP/1.1 and return the status code."""
+        parts = urlsplit(target.url)
+        host = parts.hostname or ""
+        tls = parts.scheme == "https"
+        port = parts.port or (443 if tls else 80)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        ts = str(int(time.time()))
+        headers = [
+            ("Host", parts.netloc.rsplit("@", 1)[-1]),
+            ("User-Agent", "lictor-approvals"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+            ("X-Lictor-Event", event),
+            ("X-Lictor-Timestamp", ts),
+        ]
+        if target.secret:
+            headers.append(("X-Lictor-Signature", sign(target.secret, ts, body)))
+        head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ssl.create_default_context() if tls else None, server_hostname=host if tls else None
+        )
+        try:
+            writer.write(head.encode("latin-1") + body)
+            await writer.drain()
+            line = await reader.readline()
+            fields = line.decode("latin-1").split(" ", 2)
+            if len(fields) < 2 or not fields[0].startswith("HTTP/1.") or not fields[1].isdigit():
+                raise ValueError(f"not an HTTP response: {line[:80]!r}")
+            return int(fields[1])
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (OSError, ssl.SSLError):
+                pass
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Give queued and in-flight deliveries ``grace`` seconds, then cancel them."""
+        if self._queue is not None:
+            try:
+                await asyncio.wait_for(self._queue.join(), grace)
+            except TimeoutError:
+                log.warning("approvals: stopping with %d webhook deliveries unfinished", len(self._inflight))
+        tasks = [*self._inflight, *([self._worker] if self._worker else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # pragma: no cover - delivery errors are handled inside
+                log.exception("approvals: webhook task failed")
+        self._worker = None
+        self._queue = None

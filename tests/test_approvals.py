@@ -1,0 +1,647 @@
+"""The approval broker against real Gateway objects: holds, votes, re-checks, expiry, elevation,
+tickets, webhooks, the HTTP API and page, and two replicas sharing PostgreSQL.
+
+Requests are real SQL classified by the PostgreSQL addon's vocabulary; agents' requests go
+through ``Session.decide`` exactly as a protocol addon sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from lictor import AddonManager, Decision, Gateway, GatewayConfig, Identity, Request, load_policy
+from lictor.approvals import ApprovalError, PostgresStore
+from lictor.policytest import build_requests
+from lictor_addons import default_addons
+
+from tests.conftest import free_port, require
+
+PACK = """
+format: lictor/v1
+metadata: {name: approvals-test}
+identities:
+  - match: {claims: {role: agent}}
+    roles: [agent]
+  - match: {claims: {role: dba}}
+    roles: [dba]
+  - match: {claims: {role: reader}}
+    roles: [reader]
+roles:
+  reader:
+    rules:
+      - id: read
+        protocol: postgres
+        when: {statements: [select]}
+        action: allow
+  agent:
+    inherits: [reader]
+    rules:
+      - id: update-once
+        protocol: postgres
+        when: {statements: [update]}
+        action: approve
+        message: updates need a DBA
+        approval: {approvers: [dba], timeout: 20s}
+      - id: delete-two
+        protocol: postgres
+        when: {statements: [delete]}
+        action: approve
+        message: deleting needs two DBAs
+        approval: {approvers: [dba], required: 2, timeout: 20s}
+      - id: truncate-quick
+        protocol: postgres
+        when: {statements: [truncate]}
+        action: approve
+        approval: {approvers: [dba], timeout: 1s}
+      - id: alter-elevates
+        protocol: postgres
+        when: {statements: [alter_table]}
+        action: approve
+        approval: {approvers: [dba], scope: elevation, elevate: {roles: [writer], duration: 1s}, timeout: 20s}
+      - id: drop-ticket
+        protocol: postgres
+        when: {statements: [drop]}
+        action: approve
+        message: drops need a ticket
+        approval: {approvers: [dba], mode: ticket, timeout: 20s}
+  writer:
+    rules:
+      - id: writer-insert
+        protocol: postgres
+        when: {statements: [insert, select]}
+        action: allow
+  dba:
+    rules: []
+"""
+
+# The same pack after three different edits, for the re-check at resume.
+PACK_UPDATE_DENIED = PACK.replace(
+    "      - id: update-once",
+    "      - id: no-updates\n        protocol: postgres\n        when: {statements: [update]}\n"
+    "        action: deny\n        message: updates are frozen\n      - id: update-once",
+)
+PACK_UPDATE_ALLOWED = PACK.replace("action: approve\n        message: updates need a DBA", "action: allow")
+PACK_UPDATE_NEEDS_TWO = PACK.replace(
+    "approval: {approvers: [dba], timeout: 20s}", "approval: {approvers: [dba], required: 2}"
+)
+
+
+def ident(sub: str, role: str | list[str], issuer: str = "lictor") -> Identity:
+    return Identity(subject=sub, claims={"sub": sub, "role": role}, issuer=issuer)
+
+
+AGENT = ident("agent-1", ["agent", "dba"])  # an agent that also holds the approver role
+DBA1, DBA2, DBA3 = ident("dba-1", "dba"), ident("dba-2", "dba"), ident("dba-3", "dba")
+READER = ident("reader-1", "reader")
+
+
+def write_pack(directory: Path, text: str = PACK) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pack.yaml").write_text(text)
+    return directory
+
+
+async def make_gateway(tmp_path: Path, approvals: dict[str, Any] | None = None, name: str = "gw") -> Gateway:
+    packs = write_pack(tmp_path / "packs")
+    state = tmp_path / name
+    raw = {"version": 1, "state_dir": str(state), "rulepacks": [str(packs)], "approvals": approvals or {}}
+    config = GatewayConfig(None, state, raw, rulepacks=[packs])
+    manager = AddonManager()
+    manager.add(*default_addons())
+    gateway = Gateway(config, manager)
+    await gateway.start()
+    assert gateway.policy.version != "empty", gateway.policy_problems
+    return gateway
+
+
+def policy_from(gateway: Gateway, text: str, tmp_path: Path) -> Any:
+    directory = write_pack(tmp_path / f"pack-{secrets.token_hex(3)}", text)
+    result = load_policy([directory], gateway.addons.vocabularies)
+    assert result.policy is not None, result.errors
+    return result.policy
+
+
+def sql(gateway: Gateway, text: str, reason: str | None = None) -> Request:
+    (req,) = build_requests(gateway.policy, {"protocol": "postgres", "sql": text, "target": "db"})
+    if reason is not None:
+        req = Request(req.protocol, req.action, req.attrs, req.target, req.summary, req.payload, reason)
+    return req
+
+
+class Agent:
+    """One agent session and its held requests, with the notices the protocol would relay."""
+
+    def __init__(self, gateway: Gateway, identity: Identity) -> None:
+        self.gateway = gateway
+        self.identity = identity
+        self.notices: list[tuple[str, str]] = []
+        self.session: Any = None
+
+    async def open(self) -> Agent:
+        self.session = await self.gateway.open_session(self.identity, protocol="postgres", target="db", peer="test")
+        return self
+
+    async def notify(self, approval_id: str, message: str) -> None:
+        self.notices.append((approval_id, message))
+
+    def ask(self, request: Request) -> asyncio.Task[Decision]:
+        return asyncio.get_running_loop().create_task(self.session.decide(request, self.notify))
+
+    async def held(self, count: int = 1, timeout: float = 5.0) -> str:
+        """Wait until ``count`` requests have been announced as held; the newest approval id."""
+        deadline = time.monotonic() + timeout
+        while len(self.notices) < count:
+            assert time.monotonic() < deadline, "the request was never held"
+            await asyncio.sleep(0.01)
+        return self.notices[count - 1][0]
+
+
+def audit(gateway: Gateway, kind: str) -> list[dict[str, Any]]:
+    return list(gateway.audit.events(kind=kind))
+
+
+def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro_fn(), 40))
+
+
+# -- holding, voting ------------------------------------------------------------------------------
+
+
+def test_held_request_is_released_by_an_approver_and_never_by_its_requester(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        agent = await (Agent(gw, AGENT)).open()
+        task = agent.ask(sql(gw, "UPDATE t SET a = 1 WHERE id = 1", reason="fix ticket 42"))
+        aid = await agent.held()
+        assert re.fullmatch(r"ap-[0-9a-f]{10}", aid)
+        message = agent.notices[0][1]
+        assert f"waiting for approval {aid}" in message and "updates need a DBA" in message
+        assert "1 approval(s) from role dba" in message and "expires in 20s" in message
+
+        record = await gw.approvals.get(aid)  # type: ignore[union-attr]
+        assert record is not None and record.status == "pending"
+        assert record.reason == "fix ticket 42" and record.rule_ids == ("update-once",)
+        assert record.payload == "UPDATE t SET a = 1 WHERE id = 1" and record.target == "db"
+        assert record.requester_sub == "agent-1" and record.requester_iss == "lictor"
+
+        broker = gw.approvals
+        assert broker is not None
+        with pytest.raises(ApprovalError, match="your own request"):
+            await broker.vote(AGENT, aid, "approve")  # holds dba, but it is the requester
+        with pytest.raises(ApprovalError, match="needs one of the roles dba"):
+            await broker.vote(READER, aid, "approve")
+        with pytest.raises(ApprovalError, match="needs a reason"):
+            await broker.vote(DBA1, aid, "deny", "  ")
+        assert not task.done()
+
+        # the same subject from another issuer is another principal: it may approve
+        after = await broker.vote(ident("agent-1", "dba", issuer="https://idp.example"), aid, "approve", "ok")
+        assert after.status == "approved"
+        decision = await task
+        assert decision.action == "allow" and decision.approval_id == aid
+        assert decision.rule_ids == ("update-once",)
+        assert (await broker.get(aid)).status == "used"  # type: ignore[union-attr]
+        with pytest.raises(ApprovalError, match="already used"):
+            await broker.vote(DBA1, aid, "approve")
+
+        created = audit(gw, "approval.created")
+        assert [e["id"] for e in created] == [aid] and created[0]["reason"] == "fix ticket 42"
+        decided = audit(gw, "approval.decided")
+        assert decided[0]["status"] == "approved" and decided[0]["decided_by"] == ["agent-1"]
+        assert [e["why"] for e in audit(gw, "approval.refused")] == ["self-approval", "not an approver"]
+        phases = [(e["phase"], e["action"]) for e in audit(gw, "decision")]
+        assert phases == [("decision", "approve"), ("approval", "allow")]
+        await gw.stop()
+
+    run(scenario)
+
+
+def test_two_of_three_approvers_each_counting_once_and_one_denial_decides(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        broker = gw.approvals
+        assert broker is not None
+        agent = await Agent(gw, ident("agent-2", "agent")).open()
+        task = agent.ask(sql(gw, "DELETE FROM orders WHERE id = 7"))
+        aid = await agent.held()
+        assert "2 approval(s) from role dba" in agent.notices[0][1]
+        first = await broker.vote(DBA1, aid, "approve")
+        assert first.status == "pending" and first.approvals_given == 1
+        with pytest.raises(ApprovalError, match="each approver counts once"):
+            await broker.vote(DBA1, aid, "approve")
+        await asyncio.sleep(0.1)
+        assert not task.done()
+        second = await broker.vote(DBA3, aid, "approve", "checked the ticket")
+        assert second.status == "approved" and second.decided_by == ("dba-1", "dba-3")
+        decision = await task
+        assert decision.allowed and decision.approval_id == aid
+
+        task2 = agent.ask(sql(gw, "DELETE FROM orders WHERE id = 8"))
+        aid2 = await agent.held(2)
+        await broker.vote(DBA2, aid2, "approve")
+        await broker.vote(DBA1, aid2, "deny", "order 8 is still open")
+        denied = await task2
+        assert denied.action == "deny" and denied.approval_id == aid2
+        assert denied.message == f"approval {aid2} was denied by dba-1: order 8 is still open"
+        assert denied.rule_ids == ("delete-two",)
+        await gw.stop()
+
+    run(scenario)
+
+
+def test_an_unanswered_request_expires_and_the_agent_is_told(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        agent = await Agent(gw, ident("agent-3", "agent")).open()
+        started = time.monotonic()
+        decision = await agent.ask(sql(gw, "TRUNCATE audit_trail"))
+        waited = time.monotonic() - started
+        aid = agent.notices[0][0]
+        assert 0.9 <= waited < 3.0
+        assert decision.action == "deny" and decision.approval_id == aid
+        assert decision.message == f"approval {aid} expired after 1s (0 of 1 approvals given); retry to ask again"
+        assert [e["id"] for e in audit(gw, "approval.expired")] == [aid]
+        with pytest.raises(ApprovalError, match="already expired"):
+            await gw.approvals.vote(DBA1, aid, "approve")  # type: ignore[union-attr]
+        await gw.stop()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("pack", "action", "text"),
+    [
+        (PACK_UPDATE_DENIED, "deny", "the policy live now denies this request: updates are frozen"),
+        (PACK_UPDATE_ALLOWED, "allow", ""),
+        (PACK_UPDATE_NEEDS_TWO, "deny", "no longer suffices: the live rule update-once needs 2 approval(s)"),
+    ],
+    ids=["now-denied", "now-allowed", "now-needs-two"],
+)
+def test_resumed_request_is_decided_again_under_the_live_policy(
+    tmp_path: Path, pack: str, action: str, text: str
+) -> None:
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        agent = await Agent(gw, ident("agent-4", "agent")).open()
+        task = agent.ask(sql(gw, "UPDATE t SET a = 2 WHERE id = 2"))
+        aid = await agent.held()
+        gw.policy = policy_from(gw, pack, tmp_path)  # a hot reload while the request is held
+        await gw.approvals.vote(DBA1, aid, "approve")  # type: ignore[union-attr]
+        decision = await task
+        assert decision.action == action, decision
+        assert decision.approval_id == aid
+        assert text in decision.message
+        status = (await gw.approvals.get(aid)).status  # type: ignore[union-attr]
+        assert status == ("used" if action == "allow" else "withdrawn")
+        await gw.stop()
+
+    run(scenario)
+
+
+def test_elevation_grants_roles_on_that_target_for_a_while(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        broker = gw.approvals
+        assert broker is not None
+        who = ident("agent-5", "agent")
+        agent = await Agent(gw, who).open()
+        insert = sql(gw, "INSERT INTO t VALUES (1)")
+        assert (await agent.session.decide(insert)).action == "deny"  # not a writer yet
+        task = agent.ask(sql(gw, "ALTER TABLE t ADD COLUMN note text"))
+        aid = await agent.held()
+        assert "grants roles writer on this target for 1s" in agent.notices[0][1]
+        await broker.vote(DBA2, aid, "approve")
+        decision = await task
+        assert decision.allowed and decision.approval_id == aid
+        assert broker.elevated_roles(who, "db") == ("writer",)
+        assert broker.elevated_roles(who, "other-db") == ()
+        assert broker.elevated_roles(ident("agent-6", "agent"), "db") == ()
+        allowed = await agent.session.decide(insert)
+        assert allowed.allowed and allowed.rule_ids == ("writer-insert",)
+        await asyncio.sleep(1.1)
+        assert broker.elevated_roles(who, "db") == ()
+        expired = await agent.session.decide(insert)
+        assert expired.action == "deny" and expired.rule_ids == ("lictor:default-deny",)
+        await gw.stop()
+
+    run(scenario)
+
+
+def test_ticket_is_single_use_and_bound_to_the_request_and_requester(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        broker = gw.approvals
+        assert broker is not None
+        who = ident("agent-7", "agent")
+        agent = await Agent(gw, who).open()
+        drop = sql(gw, "DROP TABLE staging_2023")
+        first = await agent.session.decide(drop, agent.notify)
+        assert first.action == "deny" and first.approval_id and not agent.notices  # ticket: no waiting
+        aid = first.approval_id
+        assert f"this needs approval {aid}" in first.message
+        assert f"header X-Lictor-Approval: {aid}" in first.message
+        assert not broker.redeem(who, drop, aid)  # not approved yet
+        await broker.vote(DBA1, aid, "approve")
+        other = sql(gw, "DROP TABLE customers")
+        assert not broker.redeem(who, other, aid)  # another request: other digest
+        assert not broker.redeem(ident("agent-8", "agent"), drop, aid)  # another requester
+        assert not broker.redeem(ident("agent-7", "agent", issuer="elsewhere"), drop, aid)
+        assert broker.redeem(who, drop, aid)
+        assert not broker.redeem(who, drop, aid)  # single use
+        allowed = await agent.session.decide(drop)
+        assert allowed.allowed and allowed.approval_id == aid
+        again = await agent.session.decide(drop)  # the pass is gone too: a new ticket
+        assert again.action == "deny" and again.approval_id not in (None, aid)
+        assert [e["id"] for e in audit(gw, "approval.redeemed")] == [aid]
+        await gw.stop()
+
+    run(scenario)
+
+
+def test_store_transitions_bind_the_digest_and_happen_once(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        broker = gw.approvals
+        assert broker is not None
+        who = ident("agent-9", "agent")
+        agent = await Agent(gw, who).open()
+        result = await agent.session.decide(sql(gw, "DROP TABLE x"))
+        aid = result.approval_id
+        assert aid
+        await broker.vote(DBA1, aid, "approve")
+        store, now = broker.store, time.time()
+        assert not store.consume(aid, "0" * 64, who, now, now - 60)  # wrong digest
+        record = store.get(aid)
+        assert record is not None and record.status == "approved"
+        assert not store.consume(aid, record.digest, who, now, now + 1)  # approval too old
+        assert store.consume(aid, record.digest, who, now, now - 60)
+        assert not store.consume(aid, record.digest, who, now, now - 60)
+        assert not store.expire(aid, now) and not store.withdraw(aid, "x", now)
+        await gw.stop()
+
+    run(scenario)
+
+
+def test_stopping_the_gateway_denies_held_requests(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        agent = await Agent(gw, ident("agent-10", "agent")).open()
+        task = agent.ask(sql(gw, "UPDATE t SET a = 3 WHERE id = 3"))
+        aid = await agent.held()
+        await gw.approvals.stop()  # type: ignore[union-attr]
+        decision = await task
+        assert decision.action == "deny" and "withdrawn (the gateway stopped)" in decision.message
+        assert decision.approval_id == aid
+        gw.audit.close()
+
+    run(scenario)
+
+
+def test_an_agent_that_goes_away_withdraws_its_request(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        agent = await Agent(gw, ident("agent-11", "agent")).open()
+        task = agent.ask(sql(gw, "UPDATE t SET a = 4 WHERE id = 4"))
+        aid = await agent.held()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert (await gw.approvals.get(aid)).status == "withdrawn"  # type: ignore[union-attr]
+        with pytest.raises(ApprovalError, match="already withdrawn"):
+            await gw.approvals.vote(DBA1, aid, "approve")  # type: ignore[union-attr]
+        await gw.stop()
+
+    run(scenario)
+
+
+def test_bad_approvals_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="colour"):
+        asyncio.run(make_gateway(tmp_path, {"colour": "red"}))
+    with pytest.raises(ValueError, match="format"):
+        asyncio.run(make_gateway(tmp_path, {"webhooks": [{"url": "http://x/", "format": "teams"}]}, name="g2"))
+    with pytest.raises(ValueError, match="host:port"):
+        asyncio.run(make_gateway(tmp_path, {"listen": "8470"}, name="g3"))
+
+
+# -- webhooks ---------------------------------------------------------------------------------------
+
+
+class Receiver:
+    """A real HTTP server that records deliveries and answers 500 to the first one."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict[str, str], bytes]] = []
+        self.statuses = [500]
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        path = head[0].split(" ")[1]
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+        body = await reader.readexactly(int(headers["content-length"]))
+        self.received.append((path, headers, body))
+        status = self.statuses.pop(0) if self.statuses else 200
+        writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    def events(self, path: str) -> list[tuple[dict[str, str], bytes]]:
+        return [(h, b) for p, h, b in self.received if p == path]
+
+
+def test_webhooks_are_signed_slack_compatible_and_retried_after_a_500(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        receiver = Receiver()
+        await receiver.start()
+        base = f"http://127.0.0.1:{receiver.port}"
+        gw = await make_gateway(
+            tmp_path,
+            {
+                "public_url": "https://approvals.example",
+                "webhook_backoff": 0.05,
+                "webhooks": [
+                    {"url": f"{base}/slack", "format": "slack", "secret": "s3cret"},
+                    {"url": f"{base}/generic", "secret": "other", "events": ["approval.decided"]},
+                ],
+            },
+        )
+        agent = await Agent(gw, ident("agent-<b>", "agent")).open()
+        task = agent.ask(sql(gw, "UPDATE t SET a = 5 WHERE id = 5", reason="<!channel> please <http://evil|click>"))
+        aid = await agent.held()
+        await gw.approvals.vote(DBA1, aid, "approve")  # type: ignore[union-attr]
+        assert (await task).allowed
+        deadline = time.monotonic() + 5
+        while (len(receiver.events("/slack")) < 3 or not receiver.events("/generic")) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        slack = receiver.events("/slack")
+        assert len(slack) == 3  # created (500), created again (200), decided
+        signed = [(b"s3cret", h, b) for h, b in slack] + [(b"other", h, b) for h, b in receiver.events("/generic")]
+        for secret, headers, body in signed:
+            ts = headers["x-lictor-timestamp"]
+            assert abs(int(ts) - time.time()) < 30
+            expected = "sha256=" + hmac.new(secret, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+            assert hmac.compare_digest(headers["x-lictor-signature"], expected)
+        kinds = sorted(h["x-lictor-event"] for h, _ in slack)
+        assert kinds == ["approval.created", "approval.created", "approval.decided"]
+        first, retry = [b for h, b in slack if h["x-lictor-event"] == "approval.created"]
+        assert first == retry  # the retry carries the same message (freshly signed)
+        created = json.loads(first)
+        assert created["text"].startswith(f"Approval {aid} requested: agent-&lt;b&gt; wants to run")
+        text = json.dumps(created)
+        assert "<!channel>" not in text and "<http://evil" not in text and "&lt;!channel&gt;" in text
+        assert f"<https://approvals.example/approvals/{aid}|Review and decide in Lictor>" in text
+        assert all(block["type"] in ("section", "context") for block in created["blocks"])  # no buttons
+        decided = json.loads(next(b for h, b in slack if h["x-lictor-event"] == "approval.decided"))
+        assert decided["text"].startswith(f"Approval {aid} approved by dba-1")
+        (generic,) = receiver.events("/generic")
+        doc = json.loads(generic[1])
+        assert doc["event"] == "approval.decided" and doc["approval"]["id"] == aid
+        assert doc["approval"]["reason"] == "<!channel> please <http://evil|click>"
+        assert generic[0]["x-lictor-event"] == "approval.decided"
+        await gw.stop()
+        assert receiver.server is not None
+        receiver.server.close()
+
+    run(scenario)
+
+
+# -- HTTP API and page ------------------------------------------------------------------------------
+
+
+def test_api_and_page_authenticate_escape_and_check_csrf(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        port = free_port()
+        gw = await make_gateway(tmp_path, {"listen": f"127.0.0.1:{port}"})
+        base = f"http://127.0.0.1:{port}"
+        dba = gw.issuer.issue("dba-1", {"role": "dba"}, ttl=600)
+        reader = gw.issuer.issue("reader-1", {"role": "reader"}, ttl=600)
+        agent = await Agent(gw, gw.verifier.verify(gw.issuer.issue("agent-x", {"role": "agent"}))).open()
+        task = agent.ask(sql(gw, "UPDATE t SET a = '<script>alert(1)</script>' WHERE id = 6", reason="<img src=x>"))
+        aid = await agent.held()
+        async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            assert (await http.get("/api/approvals")).status_code == 401
+            bad = await http.get("/api/approvals", headers={"Authorization": "Bearer nope"})
+            assert bad.status_code == 401 and "authentication failed" in bad.json()["error"]
+            listed = await http.get("/api/approvals", headers={"Authorization": f"Bearer {dba}"})
+            assert [a["id"] for a in listed.json()["approvals"]] == [aid]
+            hidden = await http.get("/api/approvals", headers={"Authorization": f"Bearer {reader}"})
+            assert hidden.json()["approvals"] == []
+            refused = await http.post(f"/api/approvals/{aid}/approve", headers={"Authorization": f"Bearer {reader}"})
+            assert refused.status_code == 403
+            no_reason = await http.post(
+                f"/api/approvals/{aid}/deny", json={"reason": ""}, headers={"Authorization": f"Bearer {dba}"}
+            )
+            assert no_reason.status_code == 400
+
+            # the page: a login form with a CSRF token, then a session cookie
+            assert (await http.get("/approvals")).headers["location"] == "/login"
+            form = await http.get("/login")
+            csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+            assert csrf and "HttpOnly" in form.headers["set-cookie"]
+            assert "default-src 'none'" in form.headers["content-security-policy"]
+            assert form.headers["x-frame-options"] == "DENY"
+            wrong = await http.post("/login", data={"csrf": "forged", "token": dba})
+            assert wrong.status_code == 403 and "login form expired" in wrong.text
+            csrf = re.search(r'name="csrf" value="([^"]+)"', wrong.text)  # a fresh form came back
+            assert csrf
+            denied = await http.post("/login", data={"csrf": csrf.group(1), "token": reader})
+            assert denied.status_code == 403 and "may approve anything" in denied.text
+            form = await http.get("/login")
+            csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+            assert csrf
+            login = await http.post("/login", data={"csrf": csrf.group(1), "token": dba})
+            assert login.status_code == 303
+            cookie = login.headers["set-cookie"]
+            assert "lictor_session=" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+            page = await http.get(f"/approvals/{aid}")
+            assert page.status_code == 200
+            assert "<script>" not in page.text and "<img" not in page.text
+            assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and "&lt;img src=x&gt;" in page.text
+            record = await gw.approvals.get(aid)  # type: ignore[union-attr]
+            assert record is not None and record.digest in page.text
+            listing = await http.get("/approvals")
+            assert f'href="/approvals/{aid}"' in listing.text and "update-once" in listing.text
+            forged = await http.post(f"/approvals/{aid}/approve", data={"csrf": "x", "reason": ""})
+            assert forged.status_code == 403 and not task.done()
+            token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+            assert token
+            ok = await http.post(f"/approvals/{aid}/approve", data={"csrf": token.group(1), "reason": "looks fine"})
+            assert ok.status_code == 303 and ok.headers["location"] == f"/approvals/{aid}?done=approve"
+        decision = await task
+        assert decision.allowed and decision.approval_id == aid
+        await gw.stop()
+
+    run(scenario)
+
+
+# -- replicas -------------------------------------------------------------------------------------
+
+
+def _postgres_up() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=2):
+            return True
+    except Exception:
+        return False
+
+
+def test_approval_on_one_replica_releases_the_request_held_on_another(tmp_path: Path) -> None:
+    require(_postgres_up(), "PostgreSQL at 127.0.0.1:5432 (database test) is not reachable")
+    schema = f"lictor_test_{secrets.token_hex(4)}"
+    dsn = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+    # A long poll interval: only LISTEN/NOTIFY can wake the holding replica in time.
+    section = {"store": "postgres", "dsn": dsn, "schema": schema, "poll_interval": 30}
+
+    async def scenario() -> None:
+        a = await make_gateway(tmp_path, section, name="replica-a")
+        b = await make_gateway(tmp_path, section, name="replica-b")
+        try:
+            agent = await Agent(a, ident("agent-12", "agent")).open()
+            task = agent.ask(sql(a, "UPDATE t SET a = 7 WHERE id = 7"))
+            aid = await agent.held()
+            listed = await b.approvals.recent(pending=True)  # type: ignore[union-attr]
+            assert [x.id for x in listed] == [aid]
+            started = time.monotonic()
+            await b.approvals.vote(DBA1, aid, "approve", "from replica b")  # type: ignore[union-attr]
+            decision = await asyncio.wait_for(task, 5)
+            assert decision.allowed and decision.approval_id == aid
+            assert time.monotonic() - started < 3
+
+            # an elevation held and approved on b reaches a's in-memory map through the notification
+            who = ident("agent-13", "agent")
+            elevated = await Agent(b, who).open()
+            task = elevated.ask(sql(b, "ALTER TABLE t ADD COLUMN c int"))
+            aid2 = await elevated.held()
+            assert a.approvals.elevated_roles(who, "db") == ()  # type: ignore[union-attr]
+            await b.approvals.vote(DBA2, aid2, "approve")  # type: ignore[union-attr]
+            assert (await asyncio.wait_for(task, 5)).allowed
+            deadline = time.monotonic() + 3
+            while not a.approvals.elevated_roles(who, "db") and time.monotonic() < deadline:  # type: ignore[union-attr]
+                await asyncio.sleep(0.02)
+            assert a.approvals.elevated_roles(who, "db") == ("writer",)  # type: ignore[union-attr]
+            on_a = await Agent(a, who).open()
+            assert (await on_a.session.decide(sql(a, "INSERT INTO t VALUES (2)"))).allowed
+        finally:
+            await a.stop()
+            await b.stop()
+            PostgresStore(dsn, schema).drop()
+
+    run(scenario)
