@@ -331,10 +331,19 @@ def test_classification(sql: str, expected: dict[str, object]) -> None:
         assert statement.modifies
 
 
-def test_unmapped_statement_kinds_are_unknown_and_modifying() -> None:
+def test_unmapped_statement_kinds_are_unknown_and_modifying(monkeypatch: pytest.MonkeyPatch) -> None:
     # Every kind the module reports is either read-only or modifying; nothing falls in between.
     assert not (_classify.READ_ONLY_KINDS & _classify.MODIFYING_KINDS)
     assert "unknown" in _classify.MODIFYING_KINDS
+    # A statement type the module does not know (as after a grammar upgrade) is "unknown", never allowed
+    # by accident, and so is one nested inside a known statement.
+    kinds = dict(_classify._SIMPLE_KINDS)
+    del kinds["CheckPointStmt"], kinds["DeleteStmt"]
+    monkeypatch.setattr(_classify, "_SIMPLE_KINDS", kinds)
+    (statement,) = _classify._statements("CHECKPOINT")
+    assert (statement.kind, statement.kinds, statement.modifies) == ("unknown", {"unknown"}, True)
+    (statement,) = _classify._statements("WITH d AS (DELETE FROM t RETURNING 1) SELECT * FROM d")
+    assert statement.kind == "select" and statement.kinds == {"select", "unknown"} and statement.modifies
 
 
 # Multi-statement strings: the evasions the addon exists to catch.
