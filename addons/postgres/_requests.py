@@ -7,10 +7,20 @@ from lictor import Request
 from ._classify import ClassificationError, Statement, classify
 
 
+def rule_kinds(st: Statement) -> frozenset[str]:
+    """The kinds rules match with ``statements:``: the statement's own kind plus every nested kind
+    except plain reads. A nested SELECT (``INSERT ... VALUES``/``SELECT``, a subquery in UPDATE) is a
+    read and shows up in ``tables_read``; a nested DELETE in a CTE, an EXPLAIN ANALYZE'd UPDATE or a
+    DROP in a DO body is exactly what ``statements:`` must see."""
+    if st.kind == "select":
+        return st.kinds
+    return frozenset({st.kind} | (st.kinds - {"select"}))
+
+
 def statement_attrs(st: Statement, database: str = "") -> dict[str, object]:
     return {
         "kind": st.kind,
-        "kinds": st.kinds,
+        "kinds": rule_kinds(st),
         "tables": st.tables_read | st.tables_written,
         "tables_read": st.tables_read,
         "tables_written": st.tables_written,
