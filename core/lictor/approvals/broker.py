@@ -136,6 +136,13 @@ class ApprovalBroker:
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.server: HttpServer | None = None
         self.web: WebApp | None = None
+        if listen is not None:
+            from .http import HttpServer
+            from .web import WebApp
+
+            # Created now so other parts of the gateway can mount routes before it starts listening.
+            self.server = HttpServer(*listen)
+            self.web = WebApp(self, self.server)
         self._waiters: dict[str, asyncio.Event] = {}
         self._elevations: dict[tuple[str, str, str], tuple[Elevation, ...]] = {}
         self._passes: dict[tuple[str, str, str], tuple[str, float]] = {}
@@ -152,7 +159,7 @@ class ApprovalBroker:
         import jsonschema
 
         problems = [
-            f"approvals.{'.'.join(map(str, e.absolute_path)) or ''}: {e.message}"
+            ".".join(["approvals", *map(str, e.absolute_path)]) + f": {e.message}"
             for e in jsonschema.Draft202012Validator(CONFIG_SCHEMA).iter_errors(dict(section))
         ]
         if problems:
@@ -200,12 +207,7 @@ class ApprovalBroker:
         await self._refresh_elevations()
         self.webhooks.start()
         self._tasks.append(loop.create_task(self._sweeper(), name="approvals-sweeper"))
-        if self.listen is not None:
-            from .http import HttpServer
-            from .web import WebApp
-
-            self.server = HttpServer(*self.listen)
-            self.web = WebApp(self, self.server)
+        if self.server is not None:
             await self.server.start()
             log.info("approvals: page and API on %s", self.server.url)
 
@@ -220,7 +222,6 @@ class ApprovalBroker:
             log.warning("approvals: %d held requests did not finish", len(self._waiters))
         if self.server is not None:
             await self.server.stop()
-            self.server = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -301,6 +302,8 @@ class ApprovalBroker:
             approval.id,
         )
         current = dict(self._elevations)
+        if any(x.approval_id == e.approval_id for x in current.get(e.key, ())):
+            return
         current[e.key] = (*current.get(e.key, ()), e)
         self._elevations = current
 

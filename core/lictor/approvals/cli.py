@@ -114,11 +114,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no pending approval requests" if which == "pending" else "no approval requests")
         return EXIT_OK
     now = float(result.get("now", time.time()))
-    print(f"{'ID':14} {'LEFT/STATUS':12} {'REQUESTER':18} {'TARGET':14} {'RULE':20} {'OK':5} REQUEST")
+    print(f"{'ID':14} {'LEFT/STATUS':12} {'REQUESTER':18} {'TARGET':14} {'RULE':26} {'OK':5} REQUEST")
     for a in items:
         print(
             f"{_one_line(a['id'], 14):14} {_left(a, now):12} {_one_line(a['requester']['sub'], 18):18} "
-            f"{_one_line(a['target'], 14):14} {_one_line(','.join(a['rule_ids']), 20):20} "
+            f"{_one_line(a['target'], 14):14} {_one_line(','.join(a['rule_ids']), 26):26} "
             f"{a['approvals_given']}/{a['approval']['required']:<3} {_one_line(a['summary'] or a['action'], 80)}"
         )
     return EXIT_OK

@@ -201,6 +201,8 @@ class HttpServer:
             await self._write(writer, response, head_only=method == "HEAD")
         except (ConnectionError, asyncio.CancelledError):
             pass
+        except Exception:
+            log.exception("error answering %s", peer_s)
         finally:
             if task is not None:
                 self._conns.discard(task)

@@ -1,0 +1,316 @@
+"""Approvals end to end: a real ``lictor run`` process holds an agent's command (through the line
+protocol test addon, loaded from the config's ``addons:`` list) until an approver decides with
+``lictor approvals`` or on the web page in headless Chromium (driven over the DevTools protocol,
+with page scripts disabled: the page must work without JavaScript).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+from tests.conftest import ROOT, free_port, lictor, require, wait_port
+
+CHROMIUM = "/usr/bin/chromium"
+
+PACK = """
+format: lictor/v1
+metadata: {name: lines-approvals}
+identities:
+  - match: {claims: {role: agent}}
+    roles: [agent]
+  - match: {claims: {role: dba}}
+    roles: [dba]
+roles:
+  agent:
+    rules:
+      - id: line-get
+        protocol: line
+        when: {verbs: [get]}
+        action: allow
+      - id: restart-needs-approval
+        protocol: line
+        when: {verbs: [restart]}
+        action: approve
+        message: restarts need an on-call approval
+        approval: {approvers: [dba], timeout: 60s}
+  dba:
+    rules: []
+"""
+
+
+class LineAgent:
+    """An agent on the line protocol: ``AUTH``, then one command per line."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.file = self.sock.makefile("rwb")
+        self.send(f"AUTH {token}")
+        assert self.recv() == "READY"
+
+    def send(self, line: str) -> None:
+        self.file.write(line.encode() + b"\n")
+        self.file.flush()
+
+    def recv(self) -> str:
+        return self.file.readline().decode().strip()
+
+    def held(self, command: str) -> tuple[str, str]:
+        """Send ``command``; it must be held: returns (approval id, the notice)."""
+        self.send(command)
+        notice = self.recv()
+        m = re.match(r"WAIT (ap-[0-9a-f]{10}) (.*)", notice)
+        assert m, notice
+        return m.group(1), m.group(2)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def approvals_gateway(gateway_factory: Any, tmp_path: Path) -> Any:
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "lines.yaml").write_text(PACK)
+    line_port, api_port = free_port(), free_port()
+    gw = gateway_factory(
+        {
+            "rulepacks": [str(packs)],
+            "addons": [str(ROOT / "tests" / "addons" / "lineproto.py")],
+            "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{line_port}"}},
+            "approvals": {"listen": f"127.0.0.1:{api_port}"},
+        }
+    )
+    wait_port(line_port)
+    wait_port(api_port)
+    gw.line_port = line_port
+    gw.url = f"http://127.0.0.1:{api_port}"
+    return gw
+
+
+def audit_kinds(gw: Any) -> list[str]:
+    out = lictor("audit", "list", "--json", "--state-dir", str(gw.state_dir)).stdout
+    return [json.loads(line)["kind"] for line in out.splitlines() if line.strip()]
+
+
+def test_cli_lists_shows_approves_and_denies_held_commands(approvals_gateway: Any) -> None:
+    gw = approvals_gateway
+    dba = gw.token("dba-1", role="dba")
+    agent_token = gw.token("agent-1", role="agent,dba")  # the agent also holds the approver role
+    agent = LineAgent(gw.line_port, agent_token)
+    agent.send("get status")
+    assert agent.recv().startswith("OK line-get")
+
+    aid, notice = agent.held("restart api #reason: deploy the fix for INC-7")
+    assert notice.startswith(f"waiting for approval {aid}: restarts need an on-call approval")
+    assert f"{gw.url}/approvals/{aid}" in notice and f"lictor approvals approve {aid}" in notice
+
+    listed = lictor("approvals", "list", "--url", gw.url, "--token", dba).stdout
+    (row,) = [line for line in listed.splitlines() if line.startswith(aid)]
+    assert "agent-1" in row and "restart-needs-approval" in row and "0/1" in row and "restart api" in row
+
+    shown = lictor("approvals", "show", aid, "-c", str(gw.config_path), env={**os.environ, "LICTOR_TOKEN": dba})
+    assert "agent's reason:  deploy the fix for INC-7" in shown.stdout
+    assert "status:          pending" in shown.stdout and "  restart api" in shown.stdout
+
+    own = lictor("approvals", "approve", aid, "--url", gw.url, "--token", agent_token, check=False)
+    assert own.returncode == 1 and "you cannot decide your own request" in own.stderr
+    no_token = lictor("approvals", "list", "--url", gw.url, check=False, env={**os.environ, "LICTOR_TOKEN": ""})
+    assert no_token.returncode == 2 and "no token" in no_token.stderr
+
+    approved = lictor("approvals", "approve", aid, "--url", gw.url, "--token", dba, "--reason", "on call ok")
+    assert approved.stdout.strip() == f"{aid} is now approved"
+    assert agent.recv().startswith("OK restart-needs-approval ")
+
+    aid2, _ = agent.held("restart db")
+    denied = lictor("approvals", "deny", aid2, "--url", gw.url, "--token", dba, "--reason", "not during peak")
+    assert denied.stdout.strip() == f"{aid2} is now denied"
+    assert agent.recv() == f"DENIED restart-needs-approval: approval {aid2} was denied by dba-1: not during peak"
+    again = lictor("approvals", "approve", aid2, "--url", gw.url, "--token", dba, check=False)
+    assert again.returncode == 1 and f"approval {aid2} is already denied" in again.stderr
+
+    history = lictor("approvals", "list", "--decided", "--url", gw.url, "--token", dba).stdout
+    assert f"{aid}" in history and "used" in history and f"{aid2}" in history and "denied" in history
+    agent.close()
+    kinds = audit_kinds(gw)
+    assert kinds.count("approval.created") == 2 and kinds.count("approval.decided") == 2
+    assert "approval.refused" in kinds and "approval.used" in kinds
+
+
+def test_cli_explains_a_gateway_without_an_approvals_listener(tmp_path: Path) -> None:
+    config = tmp_path / "lictor.yaml"
+    config.write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\n")
+    result = lictor("approvals", "list", "-c", str(config), "--token", "x", check=False)
+    assert result.returncode == 2 and "approvals.listen is not set" in result.stderr
+
+
+# -- the web page in Chromium ---------------------------------------------------------------------
+
+
+class DevTools:
+    """Just enough of the Chrome DevTools Protocol: DOM queries, real mouse clicks, typing."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.next_id = 0
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.loaded = asyncio.Event()
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            msg = json.loads(raw)
+            if "id" in msg:
+                fut = self.pending.pop(msg["id"])
+                if "error" in msg:
+                    fut.set_exception(RuntimeError(f"{msg['error']}"))
+                else:
+                    fut.set_result(msg.get("result", {}))
+            elif msg.get("method") == "Page.loadEventFired":
+                self.loaded.set()
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[self.next_id] = fut
+        await self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        return await asyncio.wait_for(fut, 10)
+
+    async def node(self, selector: str) -> int:
+        root = (await self.call("DOM.getDocument", depth=0))["root"]["nodeId"]
+        return int((await self.call("DOM.querySelector", nodeId=root, selector=selector))["nodeId"])
+
+    async def html(self) -> str:
+        root = (await self.call("DOM.getDocument", depth=0))["root"]["nodeId"]
+        return str((await self.call("DOM.getOuterHTML", nodeId=root))["outerHTML"])
+
+    async def url(self) -> str:
+        history = await self.call("Page.getNavigationHistory")
+        return str(history["entries"][history["currentIndex"]]["url"])
+
+    async def navigate(self, url: str) -> None:
+        self.loaded.clear()
+        await self.call("Page.navigate", url=url)
+        await asyncio.wait_for(self.loaded.wait(), 10)
+
+    async def type(self, selector: str, text: str) -> None:
+        node = await self.node(selector)
+        assert node, f"no {selector} on the page"
+        await self.call("DOM.focus", nodeId=node)
+        await self.call("Input.insertText", text=text)
+
+    async def click(self, selector: str) -> None:
+        """A real mouse click on ``selector``; waits for the page it leads to."""
+        node = await self.node(selector)
+        assert node, f"no {selector} on the page"
+        await self.call("DOM.scrollIntoViewIfNeeded", nodeId=node)
+        quad = (await self.call("DOM.getBoxModel", nodeId=node))["model"]["content"]
+        x, y = sum(quad[0::2]) / 4, sum(quad[1::2]) / 4
+        self.loaded.clear()
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+        await asyncio.wait_for(self.loaded.wait(), 10)
+
+
+def _chromium_usable() -> bool:
+    return os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)
+
+
+async def _browse(url: str, token: str, aid: str, profile: Path) -> dict[str, Any]:
+    proc = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen: dict[str, Any] = {}
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 20
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "chromium did not start"
+            await asyncio.sleep(0.05)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as resp:
+            targets = json.loads(resp.read())
+        page = next(t for t in targets if t["type"] == "page")
+        async with websockets.connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+            tools = DevTools(ws)
+            await tools.call("Page.enable")
+            await tools.call("Emulation.setScriptExecutionDisabled", value=True)
+            await tools.navigate(f"{url}/approvals")
+            seen["redirected_to"] = await tools.url()
+            await tools.type("#token", token)
+            await tools.click("form[action='/login'] button")
+            seen["after_login"] = await tools.url()
+            seen["list"] = await tools.html()
+            await tools.click(f"a[href='/approvals/{aid}']")
+            seen["detail"] = await tools.html()
+            seen["injected_elements"] = await tools.node("dd b, pre b")
+            await tools.type("#approve-reason", "checked from the browser")
+            await tools.click("#approve")
+            seen["after_approve_url"] = await tools.url()
+            seen["after_approve"] = await tools.html()
+            tools.reader.cancel()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return seen
+
+
+def test_web_page_in_chromium_logs_in_shows_the_request_and_approves_it(approvals_gateway: Any) -> None:
+    require(_chromium_usable(), f"chromium is not installed at {CHROMIUM}")
+    gw = approvals_gateway
+    dba = gw.token("dba-2", role="dba")
+    agent = LineAgent(gw.line_port, gw.token("agent-2", role="agent"))
+    aid, _ = agent.held("restart payments --force #reason: <b>urgent</b> & customers waiting")
+    profile = Path(tempfile.mkdtemp(prefix="lictor-chromium-"))
+    try:
+        seen = asyncio.run(asyncio.wait_for(_browse(gw.url, dba, aid, profile), 60))
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    assert seen["redirected_to"] == f"{gw.url}/login"
+    assert seen["after_login"] == f"{gw.url}/approvals"
+    assert f">{aid}</a>" in seen["list"] and "restart payments --force" in seen["list"]
+    detail = seen["detail"]
+    assert "restart-needs-approval" in detail and "agent-2" in detail
+    assert "&lt;b&gt;urgent&lt;/b&gt; &amp; customers waiting" in detail
+    assert seen["injected_elements"] == 0  # the agent's markup stayed text
+    assert '<pre id="payload">restart payments --force</pre>' in detail
+    assert seen["after_approve_url"] == f"{gw.url}/approvals/{aid}?done=approve"
+    assert "Your approval was recorded." in seen["after_approve"]
+    assert 'class="status-used"' in seen["after_approve"] or 'class="status-approved"' in seen["after_approve"]
+    assert agent.recv().startswith("OK restart-needs-approval ")
+    agent.close()
+    shown = lictor("approvals", "show", aid, "--json", "--url", gw.url, "--token", dba).stdout
+    record = json.loads(shown)
+    assert record["status"] == "used" and record["votes"][0]["reason"] == "checked from the browser"
