@@ -9,6 +9,8 @@ from typing import Any
 from lictor import Request
 from lictor.vocabulary import Custom, Enum, Glob, Number, Predicate, Quantifier, Vocabulary, glob_to_regex
 
+from ._requests import build_http_requests, build_k8s_requests, value_text
+
 _TEMPLATE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
@@ -35,7 +37,7 @@ def _mapping_of_globs(attr: str, case_insensitive_keys: bool) -> Any:
     def compile_(value: Any) -> Predicate:
         wanted = {
             (k.lower() if case_insensitive_keys else k): [
-                glob_to_regex(str(p), case_sensitive=True)
+                glob_to_regex(value_text(p), case_sensitive=True)
                 for p in ([v] if isinstance(v, (str, int, float, bool)) else v)
             ]
             for k, v in value.items()
@@ -50,7 +52,7 @@ def _mapping_of_globs(attr: str, case_insensitive_keys: bool) -> Any:
                 if values is None:
                     return False
                 vals = [values] if isinstance(values, (str, int, float, bool)) else list(values)
-                if not any(p.match(str(v)) for v in vals for p in pats):
+                if not any(p.match(value_text(v)) for v in vals for p in pats):
                     return False
             return True
 
@@ -104,6 +106,7 @@ HTTP_VOCABULARY = Vocabulary(
     ),
     index="methods",
     description="HTTP requests through the reverse proxy",
+    build_requests=build_http_requests,
 )
 
 K8S_VERBS = (
@@ -121,6 +124,10 @@ K8S_VERBS = (
     "proxy",
     "impersonate",
     "logs",
+    "reveal",
+    "head",
+    "post",
+    "put",
 )
 
 K8S_VOCABULARY = Vocabulary(
@@ -130,7 +137,11 @@ K8S_VOCABULARY = Vocabulary(
             "verbs",
             attr="verb",
             values=K8S_VERBS,
-            description="exec/attach/portforward/proxy/impersonate are verbs of their own here",
+            description=(
+                "exec/attach/portforward/proxy/impersonate/logs are verbs of their own here; `reveal` is asked "
+                "for responses carrying Secret values (masked unless allowed); non-resource URLs other than GET "
+                "use the lower-case HTTP method (head, post, put)"
+            ),
         ),
         Glob(
             "resources",
@@ -147,4 +158,5 @@ K8S_VOCABULARY = Vocabulary(
     index="verbs",
     secondary="resources",
     description="Kubernetes API requests, mapped like the API server's RBAC",
+    build_requests=build_k8s_requests,
 )

@@ -1,0 +1,271 @@
+"""Masking of response bodies: whole JSON documents, Kubernetes Secrets, watch streams and byte streams.
+
+Theory of operation
+-------------------
+A body is transformed in one of three ways, chosen when the response headers arrive:
+
+* **Whole document** (JSON that needs JSON-path masking or Secret masking): parsed, masked with
+  :meth:`MaskPlan.mask_json` and re-serialized. Bounded by ``limit``; a bigger document is not relayed.
+* **JSON stream** (Kubernetes ``watch``): one JSON object per event; each is masked on its own.
+  Bounded per event.
+* **Byte stream** (text, logs, ``logs -f``, anything else): detectors only, through a
+  :class:`~lictor.masking.StreamMasker` that holds back the undecided tail across chunks.
+
+Stream functions for mitmproxy's ``response.stream`` return a *list* of chunks: an empty ``bytes`` chunk
+would end a chunked body early. A stream function that cannot continue raises :class:`BodyError`; the proxy
+then closes the client connection, so the agent sees a truncated response, never unmasked data.
+
+Kubernetes Secrets: values under ``data`` (base64) and ``stringData`` of every Secret object are replaced
+(``data`` by valid base64 of ``[REDACTED:lictor]``, so typed clients still decode the object), and the
+``kubectl.kubernetes.io/last-applied-configuration`` annotation, which repeats them, is masked the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+REDACTED = "[REDACTED:lictor]"
+REDACTED_B64 = base64.b64encode(REDACTED.encode()).decode()
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+RECORD_LIMIT = 64 * 1024
+
+
+class BodyError(Exception):
+    """A body could not be masked; it must not be relayed."""
+
+
+def _loads(data: bytes | str) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise BodyError(f"the body is not valid JSON: {exc}") from None
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+
+
+def _mask_secret_object(obj: dict[str, Any], counts: Counter[str]) -> None:
+    data = obj.get("data")
+    if isinstance(data, dict):
+        for key in data:
+            data[key] = REDACTED_B64
+            counts["secret"] += 1
+    elif data is not None and "data" in obj:
+        obj["data"] = {}
+    string_data = obj.get("stringData")
+    if isinstance(string_data, dict):
+        for key in string_data:
+            string_data[key] = REDACTED
+            counts["secret"] += 1
+    elif string_data is not None:
+        obj["stringData"] = {}
+    metadata = obj.get("metadata")
+    if isinstance(metadata, dict):
+        annotations = metadata.get("annotations")
+        if isinstance(annotations, dict) and LAST_APPLIED in annotations:
+            raw = annotations[LAST_APPLIED]
+            try:
+                inner = json.loads(raw) if isinstance(raw, str) else None
+            except ValueError:
+                inner = None
+            if isinstance(inner, dict):
+                _mask_secret_object(inner, counts)
+                annotations[LAST_APPLIED] = json.dumps(inner, separators=(",", ":"))
+            else:
+                annotations[LAST_APPLIED] = REDACTED
+            counts["secret"] += 1
+
+
+def mask_secrets(doc: Any, counts: Counter[str], *, secrets_response: bool) -> Any:
+    """Mask Secret values in a parsed Kubernetes response, in place; returns ``doc``.
+
+    Every object with ``kind: Secret`` is masked, at any depth (watch events, Table rows, lists). With
+    ``secrets_response`` (the request was about the ``secrets`` resource), objects *without* a kind that
+    look like API objects (``metadata`` plus ``data``/``stringData``) are masked too: list items carry no
+    kind on the wire.
+    """
+    stack: list[Any] = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            kind = node.get("kind")
+            if kind == "Secret" or (
+                secrets_response and kind is None and "metadata" in node and ("data" in node or "stringData" in node)
+            ):
+                _mask_secret_object(node, counts)
+            for key, value in node.items():
+                if isinstance(value, (dict, list)) and key not in ("data", "stringData"):
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return doc
+
+
+class Masking:
+    """Everything that applies to one response: the decision's plan and Kubernetes Secret masking."""
+
+    def __init__(self, plan: Any, *, kubernetes: bool, secrets: bool, secrets_response: bool) -> None:
+        self.plan = plan
+        self.kubernetes = kubernetes
+        self.secrets = secrets  # mask Secret values (not revealed)
+        self.secrets_response = secrets_response
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def plan_empty(self) -> bool:
+        return bool(self.plan.is_empty)
+
+    @property
+    def needs_document(self) -> bool:
+        """JSON must be parsed as a whole (paths, Secrets)."""
+        return bool(self.plan.has_json_paths) or (self.secrets and self.secrets_response)
+
+    @property
+    def active(self) -> bool:
+        return not self.plan_empty or (self.secrets and self.secrets_response)
+
+    def mask_document(self, doc: Any) -> Any:
+        if self.secrets:
+            mask_secrets(doc, self.counts, secrets_response=self.secrets_response)
+        if not self.plan_empty:
+            doc, counts = self.plan.mask_json(doc)
+            self.counts.update(counts)
+        return doc
+
+    def mask_json_bytes(self, data: bytes) -> bytes:
+        if not data.strip():
+            return data
+        return dumps(self.mask_document(_loads(data)))
+
+    def mask_bytes(self, data: bytes) -> bytes:
+        if self.plan_empty:
+            return data
+        out, counts = self.plan.mask_bytes(data)
+        self.counts.update(counts)
+        return bytes(out)
+
+
+class Tap:
+    """Counts what went through and keeps the first bytes for the recording."""
+
+    def __init__(self, limit: int = RECORD_LIMIT) -> None:
+        self.size_in = 0
+        self.size_out = 0
+        self.limit = limit
+        self.head = bytearray()
+
+    def seen(self, chunk: bytes) -> None:
+        self.size_in += len(chunk)
+
+    def sent(self, chunks: list[bytes]) -> list[bytes]:
+        for chunk in chunks:
+            self.size_out += len(chunk)
+            room = self.limit - len(self.head)
+            if room > 0:
+                self.head += chunk[:room]
+        return chunks
+
+
+StreamFn = Callable[[bytes], list[bytes]]
+
+
+def _guard(fn: Callable[[bytes, bool], list[bytes]], tap: Tap, on_error: Callable[[Exception], None]) -> StreamFn:
+    """Adapt ``fn(chunk, final)`` to mitmproxy's stream protocol: ``b""`` marks the end, never return b""."""
+    failed = False
+
+    def stream(chunk: bytes) -> list[bytes]:
+        nonlocal failed
+        if failed:
+            return []
+        try:
+            tap.seen(chunk)
+            return tap.sent([c for c in fn(chunk, chunk == b"") if c])
+        except Exception as exc:  # fail closed: nothing more is relayed
+            failed = True
+            on_error(exc)
+            return []
+
+    return stream
+
+
+def passthrough(tap: Tap, on_error: Callable[[Exception], None]) -> StreamFn:
+    return _guard(lambda chunk, final: [chunk], tap, on_error)
+
+
+def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None]) -> StreamFn:
+    """Detector masking across chunk boundaries."""
+    masker = masking.plan.stream()
+
+    def fn(chunk: bytes, final: bool) -> list[bytes]:
+        if final:
+            out = masker.close()
+            masking.counts.update(masker.counts)
+            return [out]
+        return [masker.feed(chunk)]
+
+    return _guard(fn, tap, on_error)
+
+
+def document_stream(masking: Masking, limit: int, tap: Tap, on_error: Callable[[Exception], None]) -> StreamFn:
+    """Buffer a JSON document of unknown length (up to ``limit`` bytes), mask it whole at the end."""
+    buf = bytearray()
+
+    def fn(chunk: bytes, final: bool) -> list[bytes]:
+        if not final:
+            buf.extend(chunk)
+            if len(buf) > limit:
+                raise BodyError(f"JSON response larger than {limit} bytes cannot be masked as a whole")
+            return []
+        return [masking.mask_json_bytes(bytes(buf))]
+
+    return _guard(fn, tap, on_error)
+
+
+def json_event_stream(masking: Masking, limit: int, tap: Tap, on_error: Callable[[Exception], None]) -> StreamFn:
+    """A stream of JSON values (Kubernetes watch: one object per line), each masked on its own.
+
+    Values are split at newlines; a segment that does not parse yet (an object spread over lines) waits for
+    the next newline. One value may not exceed ``limit`` bytes.
+    """
+    buf = bytearray()
+
+    def emit(segment: bytes) -> bytes:
+        return masking.mask_json_bytes(segment) + b"\n"
+
+    def fn(chunk: bytes, final: bool) -> list[bytes]:
+        out: list[bytes] = []
+        if final:
+            if bytes(buf).strip():
+                out.append(emit(bytes(buf)))
+            buf.clear()
+            return out
+        start = len(buf)
+        buf.extend(chunk)
+        search = start
+        begin = 0
+        while True:
+            nl = buf.find(b"\n", search)
+            if nl < 0:
+                break
+            segment = bytes(buf[begin:nl])
+            if segment.strip():
+                try:
+                    doc = json.loads(segment)
+                except ValueError:
+                    search = nl + 1  # incomplete: keep accumulating
+                    continue
+                except RecursionError as exc:
+                    raise BodyError(f"watch event nested too deeply: {exc}") from None
+                out.append(dumps(masking.mask_document(doc)) + b"\n")
+            begin = search = nl + 1
+        del buf[:begin]
+        if len(buf) > limit:
+            raise BodyError(f"a streamed JSON value is larger than {limit} bytes")
+        return out
+
+    return _guard(fn, tap, on_error)

@@ -1,0 +1,1316 @@
+"""The embedded mitmproxy: one reverse-proxy listener per target, enforced request by request.
+
+Theory of operation
+-------------------
+One mitmproxy ``Master`` runs on the gateway's event loop with a reverse-proxy mode per target
+(``reverse:UPSTREAM@LISTEN``) and only the mitmproxy addons a reverse proxy needs (proxy server, next layer,
+TLS). :class:`LictorProxy` sits before mitmproxy's TLS addon; :class:`FailClosedGate` is the last addon.
+
+mitmproxy's addon manager catches an addon's exception, logs it and carries on with the flow: a failing
+hook would forward the request it should have stopped. So:
+
+1. **Default deny.** The ``request`` hook first marks the flow not allowed and sets the mark to allowed only
+   as its very last step, after the decision was ``allow`` and the request was rewritten for the upstream.
+2. **Every hook body is wrapped**; an exception answers the flow with a denial (or, once a response has
+   started streaming, closes the client connection) instead of propagating into ``safecall``.
+3. **The gate** runs after every other addon and kills a request that is not marked allowed and has no
+   answer, and replaces a response whose Lictor hook did not finish. It is deliberately tiny: it holds even
+   if everything before it failed.
+
+Requests are never streamed to the upstream (``stream_large_bodies`` stays unset: a streamed request body
+would reach the upstream before the ``request`` hook decides). Request bodies must declare their length
+and stay within the target's ``max_body``; the flow is killed at ``requestheaders`` otherwise. Responses
+are relayed through ``response.stream`` functions that mask on the way (see :mod:`._bodies`), or buffered
+(known length up to ``http_buffer_limit``) and masked in the ``response`` hook.
+
+Sessions: one Lictor session per client connection and identity. The bearer token is verified on every
+request (verified tokens are cached until they expire, for at most a minute); a request without one is
+answered 401. Agent credentials (``Authorization``, ``Proxy-Authorization``) and ``X-Lictor-*`` headers
+never reach the upstream; the target's credentials are set instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from lictor import AuthError, Decision, Gateway, Identity, Request, Session
+from mitmproxy import http, tls
+from mitmproxy.addons import next_layer, proxyserver, tlsconfig
+from mitmproxy.connection import Client
+from mitmproxy.master import Master
+from mitmproxy.options import Options
+from OpenSSL import SSL
+
+from . import _bodies as bodies
+from ._config import HttpTarget
+from ._requests import (
+    SECRET_HEADERS,
+    K8sCall,
+    Unreadable,
+    http_request,
+    is_json_type,
+    k8s_request,
+    payload,
+    reason_of,
+    reveal_request,
+)
+from ._responses import Answer, denial, error
+from ._tls import client_context, upstream_connection, upstream_context
+
+log = logging.getLogger("lictor.http")
+
+ALLOWED = "lictor.allowed"
+STATE = "lictor.state"
+ANSWERED = "lictor.answered"
+HEADERS_DONE = "lictor.responseheaders"
+RESPONSE_DONE = "lictor.response"
+WS_SEEN = "lictor.ws_seen"
+
+DEFAULT_DENY = "lictor:default-deny"
+UNREADABLE = "lictor:unreadable-request"
+INTERNAL = "lictor:addon-error"
+SPDY_RULE = "lictor:spdy-refused"
+PASSTHROUGH_BUFFER = 256 * 1024  # unmasked responses above this (or of unknown length) stream through
+TOKEN_CACHE_TTL = 60.0
+TOKEN_CACHE_SIZE = 10_000
+WS_RECORD_LIMIT = 4096
+STDIN_LINE_LIMIT = 64 * 1024
+CHANNEL_PROTOCOLS = (
+    "v5.channel.k8s.io",
+    "v4.channel.k8s.io",
+    "v3.channel.k8s.io",
+    "v2.channel.k8s.io",
+    "channel.k8s.io",
+)
+WS_BEARER_PREFIX = "base64url.bearer.authorization.k8s.io."
+SHELLS = frozenset(["sh", "bash", "ash", "dash", "zsh", "ksh", "mksh", "fish", "busybox"])
+SECRET_QUERY_WORDS = ("token", "key", "secret", "password", "passwd", "signature", "auth", "credential")
+SPDY_MESSAGE = (
+    "this gateway relays exec, attach and port-forward only over WebSockets, where it can inspect and record "
+    "them; SPDY is refused. Use kubectl 1.30 or newer (WebSockets are the default since 1.31; on 1.29/1.30 "
+    "set KUBECTL_REMOTE_COMMAND_WEBSOCKETS=true)"
+)
+
+
+class BadAuth(ValueError):
+    """The request's credentials are malformed (message for the agent)."""
+
+
+@dataclass
+class WsState:
+    """A relayed WebSocket: Kubernetes channel protocol (exec/attach) or opaque messages."""
+
+    channels: bool
+    inspect_stdin: bool
+    maskers: dict[int, Any] = field(default_factory=dict)
+    stdin_buf: bytes = b""
+    messages: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass
+class FlowState:
+    """What Lictor knows about one allowed flow."""
+
+    target: HttpTarget
+    session: Session
+    request: Request
+    decision: Decision
+    call: K8sCall | None
+    masking: bodies.Masking
+    tap: bodies.Tap = field(default_factory=bodies.Tap)
+    started: float = field(default_factory=time.monotonic)
+    ws: WsState | None = None
+    streamed: bool = False
+    request_path: str = ""
+
+
+@dataclass
+class ConnState:
+    target: HttpTarget
+    peer: str
+    sessions: dict[str, Session] = field(default_factory=dict)
+
+
+def _peer(client: Client) -> str:
+    addr = client.peername
+    if not addr:
+        return ""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _identity_key(identity: Identity) -> str:
+    claims = {k: v for k, v in identity.claims.items() if k not in ("exp", "iat", "nbf", "jti")}
+    return json.dumps([identity.issuer, identity.subject, claims], sort_keys=True, default=str)
+
+
+def redact_query(raw_path: str) -> str:
+    """The path with values of query parameters that look like credentials replaced (for recordings)."""
+    path, sep, query = raw_path.partition("?")
+    if not sep:
+        return path
+    parts = []
+    for pair in query.split("&"):
+        name, eq, _ = pair.partition("=")
+        if eq and any(word in name.lower() for word in SECRET_QUERY_WORDS):
+            parts.append(f"{name}=[REDACTED]")
+        else:
+            parts.append(pair)
+    return f"{path}?{'&'.join(parts)}"
+
+
+def _headers_for_record(headers: http.Headers) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers.items(multi=True):
+        key = name.lower()
+        if key in SECRET_HEADERS:
+            value = "[REDACTED]"
+        out[key] = f"{out[key]}, {value}" if key in out else value
+    return out
+
+
+def _body_for_record(data: bytes, truncated: bool = False) -> dict[str, Any]:
+    if not data:
+        return {}
+    try:
+        return {"body": data.decode("utf-8"), "body_truncated": truncated}
+    except UnicodeDecodeError:
+        return {"body_b64": base64.b64encode(data).decode(), "body_truncated": truncated}
+
+
+def _is_shell(argv: tuple[str, ...]) -> bool:
+    if not argv:
+        return False
+    name = argv[0].rsplit("/", 1)[-1]
+    if name not in SHELLS:
+        return False
+    args = argv[1:]
+    if name == "busybox":
+        if not args or args[0] not in ("sh", "ash"):
+            return False
+        args = args[1:]
+    return not any(a == "-c" or (a.startswith("-") and not a.startswith("--") and "c" in a) for a in args)
+
+
+class LictorProxy:
+    """The mitmproxy addon that enforces Lictor's policy on every request of every HTTP/Kubernetes target."""
+
+    def __init__(self, gateway: Gateway, targets: Iterable[HttpTarget], *, buffer_limit: int) -> None:
+        self.gateway = gateway
+        self.targets = {t.mode_spec: t for t in targets}
+        self.buffer_limit = buffer_limit
+        self.upstream_contexts: dict[str, SSL.Context] = {}
+        self.client_contexts: dict[str, SSL.Context] = {}
+        for target in self.targets.values():
+            if target.scheme == "https":
+                self.upstream_contexts[target.name] = upstream_context(target)
+            ctx = client_context(target)
+            if ctx is not None:
+                self.client_contexts[target.name] = ctx
+        self.conns: dict[str, ConnState] = {}
+        self._tokens: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+        self._recent_denials: OrderedDict[tuple[str, str], tuple[float, Decision]] = OrderedDict()
+        self.proxyserver: proxyserver.Proxyserver | None = None
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _target(self, client: Client) -> HttpTarget | None:
+        mode = client.proxy_mode
+        return self.targets.get(mode.full_spec) if mode is not None else None
+
+    def _answer(self, flow: http.HTTPFlow, answer: Answer) -> None:
+        flow.metadata[ALLOWED] = False
+        flow.metadata[ANSWERED] = True
+        headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **answer.headers}
+        flow.response = http.Response.make(answer.status, answer.encode(), headers)
+
+    def _internal_error(self, flow: http.HTTPFlow, where: str) -> None:
+        """Fail closed from anywhere in request handling: answer 500, or kill if even that fails."""
+        flow.metadata[ALLOWED] = False
+        try:
+            target = self._target(flow.client_conn)
+            kubernetes = bool(target and target.kubernetes)
+            self._answer(
+                flow,
+                error(
+                    500,
+                    f"internal error in the gateway while {where}; the request was not forwarded (fail closed)",
+                    "retry later or contact the gateway operators",
+                    kubernetes=kubernetes,
+                    rule=INTERNAL,
+                ),
+            )
+        except Exception:
+            log.exception("cannot even answer the failed flow; killing it")
+            if flow.killable:
+                flow.kill()
+
+    def close_client(self, flow: http.HTTPFlow) -> None:
+        """Close the agent's connection (a response already under way cannot be relayed safely)."""
+        ps = self.proxyserver
+        handler = ps.connections.get(flow.client_conn.id) if ps is not None else None
+        if handler is not None:
+            asyncio.get_running_loop().call_soon(handler.close_connection, handler.client)
+        elif flow.killable:
+            flow.kill()
+
+    def _authenticate(self, token: str, target: HttpTarget, peer: str) -> Identity:
+        now = time.time()
+        cached = self._tokens.get(token)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        identity = self.gateway.authenticate(token, protocol=target.protocol, target=target.name, peer=peer)
+        until = now + TOKEN_CACHE_TTL
+        if identity.expires_at is not None:
+            until = min(until, identity.expires_at)
+        if len(self._tokens) >= TOKEN_CACHE_SIZE:
+            self._tokens.popitem(last=False)
+        self._tokens[token] = (identity, until)
+        return identity
+
+    @staticmethod
+    def _token(flow: http.HTTPFlow) -> str | None:
+        tokens: set[str] = set()
+        for name in ("authorization", "proxy-authorization"):
+            for value in flow.request.headers.get_all(name):
+                scheme, _, credential = value.strip().partition(" ")
+                if scheme.lower() != "bearer" or not credential.strip():
+                    raise BadAuth(f"the {name.title()} header must be `Bearer <token>` (a Lictor-accepted JWT)")
+                tokens.add(credential.strip())
+        for value in flow.request.headers.get_all("sec-websocket-protocol"):
+            for proto in value.split(","):
+                proto = proto.strip()
+                if proto.startswith(WS_BEARER_PREFIX):
+                    encoded = proto[len(WS_BEARER_PREFIX) :]
+                    try:
+                        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+                        tokens.add(raw.decode("ascii"))
+                    except (binascii.Error, UnicodeDecodeError):
+                        raise BadAuth("malformed bearer token in Sec-WebSocket-Protocol") from None
+        if len(tokens) > 1:
+            raise BadAuth("the request carries several different tokens")
+        return tokens.pop() if tokens else None
+
+    async def _session(self, flow: http.HTTPFlow, identity: Identity, target: HttpTarget) -> Session:
+        conn = self.conns.get(flow.client_conn.id)
+        if conn is None:  # client_connected did not run (or failed): track the connection now
+            conn = self.conns[flow.client_conn.id] = ConnState(target, _peer(flow.client_conn))
+        key = _identity_key(identity)
+        session = conn.sessions.get(key)
+        if session is None or session.closed:
+            session = await self.gateway.open_session(
+                identity, protocol=target.protocol, target=target.name, peer=conn.peer, method="jwt"
+            )
+            session.meta["client_connection"] = flow.client_conn.id
+            conn.sessions[key] = session
+        else:
+            session.identity = identity  # same subject and claims; keep the newest expiry
+        return session
+
+    def _audit(self, session: Session, request: Request, decision: Decision, phase: str) -> None:
+        """Audit a decision the proxy made itself (unreadable requests, stdin lines, reveals)."""
+        self.gateway.audit_event(
+            "decision",
+            {
+                "session": session.id,
+                "identity": session.identity.to_json(),
+                "protocol": request.protocol,
+                "target": request.target or session.target,
+                "request": {"action": request.action, "summary": request.summary[:2000], "digest": request.digest()},
+                "reason": request.reason,
+                "phase": phase,
+                **decision.to_json(),
+            },
+        )
+
+    def _policy_decide(self, session: Session, request: Request) -> Decision:
+        policy = self.gateway.policy
+        extra: tuple[str, ...] = ()
+        approvals = self.gateway.approvals
+        if approvals is not None:
+            extra = approvals.elevated_roles(session.identity, session.target)
+        return policy.decide(session.identity, request, roles=session.roles(policy), extra_roles=extra)
+
+    def _remember_denial(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        key = (flow.client_conn.id, flow.request.path)
+        self._recent_denials[key] = (time.monotonic() + 30, decision)
+        while len(self._recent_denials) > 1000:
+            self._recent_denials.popitem(last=False)
+
+    def _recent_denial(self, flow: http.HTTPFlow) -> Decision | None:
+        entry = self._recent_denials.get((flow.client_conn.id, flow.request.path))
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    # -- connections --------------------------------------------------------------------------------
+
+    def client_connected(self, client: Client) -> None:
+        try:
+            target = self._target(client)
+            if target is None:
+                client.error = "no Lictor target for this listener"
+                return
+            self.conns[client.id] = ConnState(target, _peer(client))
+        except Exception:
+            log.exception("client_connected failed; refusing the connection")
+            client.error = "internal error"
+
+    async def client_disconnected(self, client: Client) -> None:
+        conn = self.conns.pop(client.id, None)
+        if conn is None:
+            return
+        for session in list(conn.sessions.values()):
+            try:
+                await session.close(reason="client disconnected")
+            except Exception:
+                log.exception("closing session %s failed", session.id)
+
+    # -- TLS ----------------------------------------------------------------------------------------
+
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        try:
+            target = self._target(data.context.client)
+            ctx = self.client_contexts.get(target.name) if target else None
+            if ctx is not None and data.ssl_conn is None:
+                conn = SSL.Connection(ctx)
+                conn.set_accept_state()
+                data.ssl_conn = conn
+        except Exception:
+            log.exception("TLS setup towards the agent failed")
+            data.conn.error = "TLS setup failed"
+
+    def tls_start_server(self, data: tls.TlsData) -> None:
+        try:
+            target = self._target(data.context.client)
+            if target is None:
+                raise RuntimeError("no target for this connection")
+            data.ssl_conn = upstream_connection(self.upstream_contexts[target.name], target)
+        except Exception:
+            # mitmproxy's own TLS addon would then use the global options, which trust nothing (see
+            # EmbeddedProxy); mark the connection failed as well.
+            log.exception("TLS setup towards the upstream failed")
+            data.conn.error = "TLS setup towards the upstream failed"
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        flow.metadata[ALLOWED] = False
+        try:
+            target = self._target(flow.client_conn)
+            if target is None:
+                raise RuntimeError("no target for this connection")
+            headers = flow.request.headers
+            lengths = headers.get_all("content-length")
+            problem = ""
+            if "transfer-encoding" in headers:
+                problem = "request bodies need a Content-Length header (chunked uploads are not inspected)"
+            elif len(set(lengths)) > 1:
+                problem = "conflicting Content-Length headers"
+            elif lengths:
+                try:
+                    size = int(lengths[0])
+                except ValueError:
+                    size = -1
+                if size < 0:
+                    problem = "invalid Content-Length"
+                elif size > target.max_body:
+                    problem = f"request body of {size} bytes is larger than this target's max_body ({target.max_body})"
+            if problem:
+                log.warning("refusing request from %s: %s", _peer(flow.client_conn), problem)
+                self.gateway.audit_event(
+                    "http.refused",
+                    {"target": target.name, "peer": _peer(flow.client_conn), "problem": problem},
+                    fail_closed=False,
+                )
+                if flow.killable:
+                    flow.kill()
+        except Exception:
+            log.exception("requestheaders failed; killing the flow (fail closed)")
+            if flow.killable:
+                flow.kill()
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        flow.metadata[ALLOWED] = False
+        if flow.error is not None or flow.response is not None:
+            return
+        try:
+            await self._request(flow)
+        except Exception:
+            log.exception("request handling failed; denying (fail closed)")
+            self._internal_error(flow, "checking this request")
+
+    async def _request(self, flow: http.HTTPFlow) -> None:
+        target = self._target(flow.client_conn)
+        if target is None:
+            raise RuntimeError("no target for this connection")
+        k8s = target.kubernetes
+        if target.tls and not flow.client_conn.tls_established:
+            self._answer(flow, error(400, "this listener only accepts TLS", "connect with https://", kubernetes=k8s))
+            return
+        peer = _peer(flow.client_conn)
+        try:
+            token = self._token(flow)
+        except BadAuth as exc:
+            self._answer(flow, error(401, str(exc), "send Authorization: Bearer <token>", kubernetes=k8s))
+            return
+        if token is None:
+            self._answer(
+                flow,
+                error(
+                    401,
+                    "no bearer token: every request needs Authorization: Bearer <token>",
+                    "get a token from your identity provider or `lictor token issue`",
+                    kubernetes=k8s,
+                ),
+            )
+            return
+        try:
+            identity = self._authenticate(token, target, peer)
+        except AuthError as exc:
+            self._answer(flow, error(401, f"token rejected: {exc}", "get a fresh token", kubernetes=k8s))
+            return
+        session = await self._session(flow, identity, target)
+
+        headers = flow.request.headers
+        reason = reason_of(headers.get("x-lictor-reason"))
+        method = flow.request.method.upper()
+        try:
+            raw_path = flow.request.data.path.decode("ascii")
+        except UnicodeDecodeError:
+            raw_path = flow.request.data.path.decode("ascii", "backslashreplace")
+            await self._unreadable(flow, session, target, method, raw_path, b"", reason, "non-ASCII bytes in the path")
+            return
+        try:
+            body = flow.request.get_content(strict=True) or b""
+        except ValueError as exc:
+            await self._unreadable(flow, session, target, method, raw_path, b"", reason, f"body encoding: {exc}")
+            return
+        if len(body) > target.max_body:
+            await self._unreadable(flow, session, target, method, raw_path, b"", reason, "body larger than max_body")
+            return
+
+        call: K8sCall | None = None
+        try:
+            if k8s:
+                call = k8s_request(
+                    method=method, raw_path=raw_path, headers=headers, body=body, target=target.name, reason=reason
+                )
+                request = call.request
+            else:
+                request = http_request(
+                    method=method,
+                    raw_path=raw_path,
+                    host=target.upstream_host,
+                    headers=headers.items(multi=True),
+                    body=body,
+                    content_type=headers.get("content-type", ""),
+                    target=target.name,
+                    reason=reason,
+                )
+        except Unreadable as exc:
+            await self._unreadable(flow, session, target, method, raw_path, body, reason, str(exc))
+            return
+
+        upgrade = headers.get("upgrade", "").strip().lower()
+        if k8s and upgrade.startswith("spdy"):
+            self._refuse_spdy(flow, session, request)
+            return
+
+        approval_id = headers.get("x-lictor-approval", "").strip()
+        if approval_id:
+            approvals = self.gateway.approvals
+            redeem = getattr(approvals, "redeem", None)
+            ok = False
+            if redeem is not None:
+                ok = bool(await asyncio.to_thread(redeem, session.identity, request, approval_id))
+            if not ok:
+                decision = Decision.deny(
+                    f"approval {approval_id} cannot be used for this request: it is not approved (yet), was "
+                    "already used, has expired, or was given for a different request or requester",
+                    "lictor:approval-not-redeemable",
+                    self.gateway.policy.version,
+                )
+                self._audit(session, request, decision, "approval")
+                self._deny(flow, session, request, decision, k8s)
+                return
+
+        decision = await self._decide(flow, session, request, target)
+        if decision.action != "allow":
+            if decision.action == "approve":  # never forwarded without a human's approval
+                decision = Decision.deny(decision.message, decision.rule_ids[0], decision.policy_version)
+            self._deny(flow, session, request, decision, k8s)
+            if call is not None and call.info.subresource in ("exec", "attach", "portforward"):
+                self._remember_denial(flow, decision)
+            return
+
+        secrets_response = bool(call and call.info.is_resource_request and call.info.resource == "secrets")
+        reveal = False
+        if secrets_response and call is not None:
+            reveal = self._reveal(session, call)
+        masking = bodies.Masking(
+            session.mask_plan(decision),
+            kubernetes=k8s,
+            secrets=k8s and not reveal,
+            secrets_response=secrets_response,
+        )
+        state = FlowState(target, session, request, decision, call, masking)
+
+        if upgrade:
+            answer = self._prepare_upgrade(flow, state, upgrade)
+            if answer is not None:
+                self._record_request(flow, state, body)
+                self._answer(flow, answer)
+                return
+
+        state.request_path = flow.request.path
+        self._prepare_upstream(flow, target, call)
+        flow.metadata[STATE] = state
+        self._record_request(flow, state, body)
+        if decision.approval_id:
+            flow.metadata["lictor.approval_id"] = decision.approval_id
+        flow.metadata[ALLOWED] = True  # the one place a flow becomes forwardable
+
+    async def _decide(self, flow: http.HTTPFlow, session: Session, request: Request, target: HttpTarget) -> Decision:
+        async def notify(approval_id: str, message: str) -> None:
+            flow.metadata["lictor.approval_id"] = approval_id
+            log.info("request %s held: %s", flow.id, message)
+            session.record("http.approval", {"flow": flow.id, "approval_id": approval_id, "message": message})
+
+        if target.approval_mode != "ticket":
+            return await session.decide(request, notify)
+        decision = session.decide_now(request)
+        if decision.action != "approve":
+            return decision
+        approvals = self.gateway.approvals
+        if approvals is None:
+            return Decision.deny(
+                f"{decision.message} — but this gateway has no approval service configured, so it is denied",
+                decision.rule_ids[0],
+                decision.policy_version,
+            )
+        ticket = replace(decision, approval={**dict(decision.approval or {}), "mode": "ticket"})
+        final = await approvals.hold(session, request, ticket, notify)
+        self._audit(session, request, final, "approval")
+        return final
+
+    def _reveal(self, session: Session, call: K8sCall) -> bool:
+        """May this identity see Secret values in this response? Only an explicit ``reveal`` allow says yes."""
+        request = reveal_request(call)
+        decision = self._policy_decide(session, request)
+        if decision.action != "allow":
+            return False
+        self._audit(session, request, decision, "reveal")
+        return True
+
+    async def _unreadable(
+        self,
+        flow: http.HTTPFlow,
+        session: Session,
+        target: HttpTarget,
+        method: str,
+        raw_path: str,
+        body: bytes,
+        reason: str | None,
+        problem: str,
+    ) -> None:
+        request = Request(
+            protocol=target.protocol,
+            action="unreadable",
+            attrs={},
+            target=target.name,
+            summary=f"{method} {raw_path[:500]}",
+            payload=payload(method, raw_path, body),
+            reason=reason,
+        )
+        what = "Kubernetes API request" if target.kubernetes else "request"
+        decision = Decision.deny(
+            f"this {what} cannot be inspected safely, so it is denied: {problem}",
+            UNREADABLE,
+            self.gateway.policy.version,
+        )
+        self._audit(session, request, decision, "decision")
+        self._deny(flow, session, request, decision, target.kubernetes, status=403 if target.kubernetes else 400)
+
+    def _deny(
+        self,
+        flow: http.HTTPFlow,
+        session: Session,
+        request: Request,
+        decision: Decision,
+        kubernetes: bool,
+        status: int = 403,
+        hint: str | None = None,
+    ) -> None:
+        answer = denial(decision, kubernetes=kubernetes, status=status, hint=hint)
+        session.record(
+            "http",
+            {
+                "direction": "in",
+                "flow": flow.id,
+                "method": flow.request.method,
+                "url": redact_query(flow.request.path),
+                "summary": request.summary[:2000],
+                "decision": decision.action,
+                "rules": list(decision.rule_ids),
+                "approval_id": decision.approval_id,
+                "message": decision.message,
+                "status": answer.status,
+                "request_size": len(flow.request.raw_content or b""),
+            },
+        )
+        self._answer(flow, answer)
+
+    def _refuse_spdy(self, flow: http.HTTPFlow, session: Session, request: Request) -> None:
+        """SPDY cannot be inspected: answer with the policy's denial if there is one, else explain."""
+        earlier = self._recent_denial(flow)
+        if earlier is not None:
+            self._deny(flow, session, request, earlier, True)
+            return
+        decision = session.decide_now(request)
+        if decision.action == "deny":
+            self._deny(flow, session, request, decision, True)
+            return
+        refusal = Decision.deny(SPDY_MESSAGE, SPDY_RULE, decision.policy_version)
+        self._audit(session, request, refusal, "protocol")
+        self._deny(
+            flow,
+            session,
+            request,
+            refusal,
+            True,
+            status=403,
+            hint="kubectl falls back to SPDY only when the WebSocket attempt fails: check that one",
+        )
+
+    def _prepare_upgrade(self, flow: http.HTTPFlow, state: FlowState, upgrade: str) -> Answer | None:
+        """Allowed requests that ask to switch protocols: only WebSockets, and on Kubernetes only channels."""
+        headers = flow.request.headers
+        k8s = state.target.kubernetes
+        if upgrade != "websocket":
+            # h2c and anything else: not relayed; the request goes on as plain HTTP/1.1.
+            headers.pop("upgrade", None)
+            headers.pop("http2-settings", None)
+            connection = [t.strip() for t in headers.get("connection", "").split(",")]
+            kept = [t for t in connection if t and t.lower() not in ("upgrade", "http2-settings")]
+            if kept:
+                headers["connection"] = ", ".join(kept)
+            else:
+                headers.pop("connection", None)
+            return None
+        offered = [
+            p.strip()
+            for value in headers.get_all("sec-websocket-protocol")
+            for p in value.split(",")
+            if p.strip() and not p.strip().startswith(WS_BEARER_PREFIX)
+        ]
+        if k8s:
+            info = state.call.info if state.call else None
+            if info is None or info.subresource not in ("exec", "attach", "portforward"):
+                return error(
+                    400,
+                    "WebSocket upgrades are relayed only for exec, attach and portforward",
+                    "use plain HTTP requests for this API",
+                    kubernetes=True,
+                )
+            if info.subresource == "portforward":
+                state.ws = WsState(channels=False, inspect_stdin=False)
+            else:
+                kept_protocols = [p for p in offered if p in CHANNEL_PROTOCOLS]
+                if not kept_protocols:
+                    return error(
+                        400,
+                        "none of the offered WebSocket subprotocols can be inspected "
+                        f"(supported: {', '.join(CHANNEL_PROTOCOLS)})",
+                        "use kubectl 1.30 or newer",
+                        kubernetes=True,
+                    )
+                offered = kept_protocols
+                inspect = info.subresource == "exec" and info.stdin and not info.tty and _is_shell(info.exec_command)
+                state.ws = WsState(channels=True, inspect_stdin=inspect)
+        else:
+            state.ws = WsState(channels=False, inspect_stdin=False)
+        headers.pop("sec-websocket-protocol", None)
+        if offered:
+            headers["sec-websocket-protocol"] = ", ".join(offered)
+        return None
+
+    def _prepare_upstream(self, flow: http.HTTPFlow, target: HttpTarget, call: K8sCall | None) -> None:
+        headers = flow.request.headers
+        for name in list(dict.fromkeys(k.lower() for k in headers)):
+            if name in ("authorization", "proxy-authorization") or name.startswith("x-lictor-"):
+                del headers[name]
+        for name, value in target.credentials.headers:
+            headers[name] = value
+        if "upgrade" not in headers:
+            headers["accept-encoding"] = "identity"
+        if call is not None:
+            accept = headers.get("accept", "")
+            kept = [
+                part.strip()
+                for part in accept.split(",")
+                if part.strip()
+                and part.split(";", 1)[0].strip().lower()
+                in ("application/json", "*/*", "application/*", "text/plain", "text/*")
+            ]
+            headers["accept"] = ", ".join(kept) if kept else "application/json, */*"
+        if target.base_path:
+            flow.request.data.path = target.base_path.encode() + flow.request.data.path
+
+    # -- recording ----------------------------------------------------------------------------------
+
+    def _record_request(self, flow: http.HTTPFlow, state: FlowState, body: bytes) -> None:
+        data: dict[str, Any] = {
+            "direction": "in",
+            "flow": flow.id,
+            "method": flow.request.method,
+            "url": redact_query(flow.request.path),
+            "summary": state.request.summary[:2000],
+            "decision": state.decision.action,
+            "rules": list(state.decision.rule_ids),
+            "mask_rules": list(state.decision.mask_rule_ids),
+            "approval_id": state.decision.approval_id,
+            "headers": _headers_for_record(flow.request.headers),
+            "request_size": len(body),
+        }
+        if body:
+            data.update(self._recordable(body, flow.request.headers.get("content-type", ""), state))
+        state.session.record("http", data)
+
+    def _recordable(self, body: bytes, content_type: str, state: FlowState) -> dict[str, Any]:
+        head = body[: bodies.RECORD_LIMIT]
+        truncated = len(body) > len(head)
+        masking = bodies.Masking(
+            state.masking.plan, kubernetes=state.target.kubernetes, secrets=True, secrets_response=True
+        )
+        if not truncated and (is_json_type(content_type) or body.lstrip()[:1] in (b"{", b"[")):
+            try:
+                return _body_for_record(masking.mask_json_bytes(body))
+            except bodies.BodyError:
+                log.debug("request body of a JSON request is not JSON; recorded as bytes")
+        if state.target.kubernetes and state.call and state.call.info.resource == "secrets":
+            return {"body_omitted": "secret values"}
+        return _body_for_record(masking.mask_bytes(head), truncated)
+
+    def _record_response(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        resp = flow.response
+        if resp is None:
+            return
+        tap = state.tap
+        if state.streamed:
+            body = bytes(tap.head)
+            size_out, size_in = tap.size_out, tap.size_in
+        else:
+            body = resp.raw_content or b""
+            size_out = len(body)
+            size_in = int(flow.metadata.get("lictor.upstream_size", size_out))
+            body = body[: bodies.RECORD_LIMIT]
+        data: dict[str, Any] = {
+            "direction": "out",
+            "flow": flow.id,
+            "method": flow.request.method,
+            "url": redact_query(state.request_path),
+            "status": resp.status_code,
+            "headers": _headers_for_record(resp.headers),
+            "response_size": size_out,
+            "upstream_response_size": size_in,
+            "masked": dict(state.masking.counts),
+            "duration_ms": round((time.monotonic() - state.started) * 1000, 3),
+        }
+        if state.target.kubernetes and state.masking.secrets_response and not state.masking.secrets:
+            data["body_omitted"] = "revealed secret values"
+        elif (resp.headers.get("content-encoding", "identity").lower() or "identity") == "identity":
+            data.update(_body_for_record(body, size_out > len(body)))
+        state.session.record("http", data)
+        self.gateway.audit_event(
+            "http.response",
+            {
+                "session": state.session.id,
+                "target": state.target.name,
+                "request": state.request.summary[:500],
+                "status": resp.status_code,
+                "bytes": size_out,
+                "masked": dict(state.masking.counts),
+            },
+            fail_closed=False,
+        )
+
+    # -- responses ----------------------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._responseheaders(flow)
+        except Exception:
+            log.exception("responseheaders failed; the response is not relayed (fail closed)")
+            self.replace_at_headers(flow, 502, "the gateway could not check the upstream's response")
+        flow.metadata[HEADERS_DONE] = True
+
+    def replace_at_headers(self, flow: http.HTTPFlow, status: int, message: str) -> None:
+        """Answer instead of an upstream response whose headers are known but whose body is not relayed."""
+        target = self._target(flow.client_conn)
+        kubernetes = bool(target and target.kubernetes)
+        answer = error(status, message, "retry later or contact the gateway operators", kubernetes=kubernetes)
+        body = answer.encode()
+        resp = flow.response
+        assert resp is not None
+        resp.status_code = status
+        resp.reason = ""
+        resp.headers = http.Headers(
+            [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        )
+        sent = False
+
+        def stream(chunk: bytes) -> list[bytes]:
+            nonlocal sent
+            if chunk == b"" and not sent:
+                sent = True
+                return [body]
+            return []
+
+        resp.stream = stream
+        flow.metadata[ANSWERED] = True
+        state = flow.metadata.get(STATE)
+        if isinstance(state, FlowState):
+            state.session.record("http", {"direction": "out", "flow": flow.id, "status": status, "error": message})
+
+    def _streamed(self, flow: http.HTTPFlow, state: FlowState, fn: bodies.StreamFn, transformed: bool) -> None:
+        resp = flow.response
+        assert resp is not None
+        if transformed:
+            resp.headers.pop("content-length", None)
+            resp.headers["transfer-encoding"] = "chunked"
+        resp.stream = fn
+        state.streamed = True
+
+    def _responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(ANSWERED):
+            return
+        state = flow.metadata.get(STATE)
+        if not isinstance(state, FlowState):
+            raise RuntimeError("upstream response for a flow Lictor did not allow")
+        resp = flow.response
+        assert resp is not None
+        if resp.status_code == 101:
+            return
+        if flow.request.method.upper() == "HEAD" or resp.status_code in (204, 304):
+            return
+        masking = state.masking
+        ctype = resp.headers.get("content-type", "")
+        encoding = (resp.headers.get("content-encoding", "") or "identity").strip().lower()
+        length_s = resp.headers.get("content-length")
+        length = int(length_s) if length_s is not None and length_s.isdigit() else None
+        info = state.call.info if state.call else None
+        live = bool(info and (info.watch or info.follow)) or ctype.lower().startswith("text/event-stream")
+
+        def failed(exc: Exception) -> None:
+            log.error("masking %s failed, closing the connection (fail closed): %s", flow.id, exc)
+            state.session.record("http", {"direction": "out", "flow": flow.id, "error": f"masking failed: {exc}"})
+            self.close_client(flow)
+
+        if not masking.active:
+            if live or length is None or length > PASSTHROUGH_BUFFER:
+                self._streamed(flow, state, bodies.passthrough(state.tap, failed), transformed=False)
+            return
+        if encoding != "identity":
+            self.replace_at_headers(
+                flow, 502, f"the upstream sent a {encoding}-encoded body that the gateway must mask but cannot decode"
+            )
+            return
+        json_body = is_json_type(ctype)
+        if masking.needs_document and not json_body:
+            self.replace_at_headers(
+                flow,
+                502,
+                f"the upstream answered {ctype or 'without a content type'}; the gateway masks this response only "
+                "as JSON",
+            )
+            return
+        if json_body and live:
+            self._streamed(flow, state, bodies.json_event_stream(masking, self.buffer_limit, state.tap, failed), True)
+        elif json_body and length is not None and length <= self.buffer_limit:
+            return  # buffered; masked whole in the response hook
+        elif json_body:
+            self._streamed(flow, state, bodies.document_stream(masking, self.buffer_limit, state.tap, failed), True)
+        else:
+            self._streamed(flow, state, bodies.byte_stream(masking, state.tap, failed), True)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._response(flow)
+        except Exception:
+            log.exception("response handling failed; the response is not relayed (fail closed)")
+            self._fail_response(flow, "the gateway could not check the upstream's response")
+        flow.metadata[RESPONSE_DONE] = True
+
+    def _fail_response(self, flow: http.HTTPFlow, message: str) -> None:
+        state = flow.metadata.get(STATE)
+        if isinstance(state, FlowState) and state.streamed:
+            self.close_client(flow)
+            return
+        target = self._target(flow.client_conn)
+        kubernetes = bool(target and target.kubernetes)
+        answer = error(502, message, "retry later or contact the gateway operators", kubernetes=kubernetes)
+        flow.response = http.Response.make(502, answer.encode(), {"Content-Type": "application/json"})
+        flow.metadata[ANSWERED] = True
+
+    def _response(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(ANSWERED):
+            return
+        state = flow.metadata.get(STATE)
+        if not isinstance(state, FlowState):
+            raise RuntimeError("upstream response for a flow Lictor did not allow")
+        resp = flow.response
+        assert resp is not None
+        if state.streamed or resp.status_code == 101:
+            self._record_response(flow, state)
+            return
+        raw = resp.raw_content or b""
+        flow.metadata["lictor.upstream_size"] = len(raw)
+        if raw and state.masking.active:
+            encoding = (resp.headers.get("content-encoding", "") or "identity").strip().lower()
+            if encoding != "identity":
+                self._fail_response(flow, f"the upstream sent a {encoding}-encoded body the gateway cannot mask")
+                return
+            if is_json_type(resp.headers.get("content-type", "")):
+                try:
+                    masked = state.masking.mask_json_bytes(raw)
+                except bodies.BodyError as exc:
+                    if state.masking.needs_document:
+                        self._fail_response(flow, f"the upstream's JSON could not be masked: {exc}")
+                        return
+                    masked = state.masking.mask_bytes(raw)
+            else:
+                masked = state.masking.mask_bytes(raw)
+            resp.content = masked
+        if flow.metadata.get("lictor.approval_id"):
+            resp.headers["X-Lictor-Approval"] = str(flow.metadata["lictor.approval_id"])
+        self._record_response(flow, state)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        try:
+            state = flow.metadata.get(STATE)
+            if isinstance(state, FlowState) and flow.error is not None:
+                state.session.record("http.error", {"flow": flow.id, "error": flow.error.msg})
+        except Exception:
+            log.exception("recording a flow error failed")
+
+    # -- WebSockets ---------------------------------------------------------------------------------
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        try:
+            state = flow.metadata.get(STATE)
+            if isinstance(state, FlowState) and flow.response is not None:
+                state.session.record(
+                    "http.websocket",
+                    {
+                        "flow": flow.id,
+                        "event": "start",
+                        "subprotocol": flow.response.headers.get("sec-websocket-protocol", ""),
+                    },
+                )
+        except Exception:
+            log.exception("recording a WebSocket start failed")
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        try:
+            state = flow.metadata.get(STATE)
+            if isinstance(state, FlowState) and state.ws is not None:
+                state.session.record(
+                    "http.websocket",
+                    {
+                        "flow": flow.id,
+                        "event": "end",
+                        "messages": state.ws.messages,
+                        "bytes_from_agent": state.ws.bytes_in,
+                        "bytes_to_agent": state.ws.bytes_out,
+                        "masked": dict(state.masking.counts),
+                    },
+                )
+        except Exception:
+            log.exception("recording a WebSocket end failed")
+
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        assert flow.websocket is not None
+        message = flow.websocket.messages[-1]
+        try:
+            if not message.injected:
+                await self._websocket_message(flow, message)
+            flow.metadata[WS_SEEN] = id(message)
+        except Exception:
+            log.exception("WebSocket message handling failed; closing (fail closed)")
+            message.drop()
+            flow.metadata[WS_SEEN] = id(message)
+            self.close_client(flow)
+
+    def _inject(self, flow: http.HTTPFlow, to_client: bool, data: bytes) -> None:
+        if self.proxyserver is not None:
+            self.proxyserver.inject_websocket(flow, to_client, data, False)
+
+    async def _websocket_message(self, flow: http.HTTPFlow, message: Any) -> None:
+        state = flow.metadata.get(STATE)
+        if not isinstance(state, FlowState) or state.ws is None:
+            raise RuntimeError("WebSocket message on a flow Lictor did not allow")
+        ws = state.ws
+        ws.messages += 1
+        content: bytes = message.content
+        if message.from_client:
+            ws.bytes_in += len(content)
+        else:
+            ws.bytes_out += len(content)
+        direction = "from_agent" if message.from_client else "to_agent"
+        if not ws.channels:
+            if not message.from_client and not state.masking.plan_empty:
+                content = state.masking.mask_bytes(content)
+                message.content = content
+            self._record_ws(state, flow, direction, None, content)
+            return
+        if not content:
+            return
+        channel, data = content[0], content[1:]
+        if message.from_client:
+            if channel == 0:
+                if ws.inspect_stdin:
+                    await self._inspect_stdin(flow, state, message, data, final=False)
+                else:
+                    self._record_ws(state, flow, direction, "stdin", data)
+            elif channel == 4:
+                self._record_ws(state, flow, direction, "resize", data)
+            elif channel == 255:
+                if ws.inspect_stdin and ws.stdin_buf:
+                    await self._inspect_stdin(flow, state, message, b"", final=True)
+                    self._inject(flow, False, content)  # the close signal, after the last line
+                self._record_ws(state, flow, direction, "close", data)
+            else:
+                message.drop()
+                self._record_ws(state, flow, direction, f"refused channel {channel}", data)
+        else:
+            if channel in (1, 2) and not state.masking.plan_empty:
+                masker = ws.maskers.get(channel)
+                if masker is None:
+                    masker = ws.maskers[channel] = state.masking.plan.stream()
+                out = masker.feed(data) + masker.flush()
+                state.masking.counts.update(masker.counts)
+                masker.counts.clear()
+                data = out
+                message.content = bytes([channel]) + data
+            name = {1: "stdout", 2: "stderr", 3: "status", 4: "resize"}.get(channel, f"channel {channel}")
+            self._record_ws(state, flow, direction, name, data)
+
+    async def _inspect_stdin(
+        self, flow: http.HTTPFlow, state: FlowState, message: Any, data: bytes, final: bool
+    ) -> None:
+        """Line-inspected stdin of a non-interactive shell: each line is checked before it reaches the shell."""
+        ws = state.ws
+        assert ws is not None
+        buf = ws.stdin_buf + data
+        lines = buf.split(b"\n")
+        rest = lines.pop()  # the unfinished line (empty when buf ends with a newline)
+        complete = [line + b"\n" for line in lines]
+        if final and rest:
+            complete.append(rest)
+            rest = b""
+        if len(rest) > STDIN_LINE_LIMIT:
+            complete.append(rest)
+            rest = b""
+        ws.stdin_buf = rest
+        forward: list[bytes] = []
+        for line in complete:
+            text = line.decode("utf-8", "replace").strip()
+            verdict = self._check_line(state, text) if text else None
+            self._record_ws(state, flow, "from_agent", "stdin", line, blocked=verdict is not None)
+            if verdict is None:
+                forward.append(line)
+            else:
+                notice = f"lictor: denied by rule {verdict.rule_ids[0]}: {verdict.message}\n".encode()
+                self._inject(flow, True, b"\x02" + notice)
+        if forward:
+            message.content = b"\x00" + b"".join(forward)
+        else:
+            message.drop()
+
+    def _check_line(self, state: FlowState, line: str) -> Decision | None:
+        """A ``deny`` rule on this command line blocks it (the session itself was already allowed)."""
+        call = state.call
+        assert call is not None
+        attrs = {**call.request.attrs, "command": line}
+        request = Request(
+            protocol="kubernetes",
+            action=str(attrs["verb"]),
+            attrs=attrs,
+            target=state.target.name,
+            summary=f"{call.request.summary} | stdin: {line[:500]}",
+            payload=f"stdin {call.request.payload} {line}",
+        )
+        decision = self._policy_decide(state.session, request)
+        if decision.action == "deny" and decision.rule_ids and decision.rule_ids[0] != DEFAULT_DENY:
+            self._audit(state.session, request, decision, "stdin")
+            return decision
+        return None
+
+    def _record_ws(
+        self, state: FlowState, flow: http.HTTPFlow, direction: str, channel: str | None, data: bytes, **extra: Any
+    ) -> None:
+        """Terminal channels as ``input``/``output``/``resize`` (replayable); other messages as ``http.ws``."""
+        head = data[:WS_RECORD_LIMIT]
+        event: dict[str, Any] = {"flow": flow.id, "size": len(data), **extra}
+        if channel is not None:
+            event["channel"] = channel
+        if channel in ("stdin", "stdout", "stderr"):
+            event["data"] = head.decode("utf-8", "replace")
+            if len(data) > len(head):
+                event["truncated"] = True
+            state.session.record("input" if channel == "stdin" else "output", event)
+            return
+        if channel == "resize":
+            try:
+                size = json.loads(data)
+                event["width"], event["height"] = int(size["Width"]), int(size["Height"])
+            except (ValueError, KeyError, TypeError):
+                event.update(_body_for_record(head))
+            state.session.record("resize", event)
+            return
+        event["direction"] = "in" if direction == "from_agent" else "out"
+        event.update(_body_for_record(head, len(data) > len(head)))
+        state.session.record("http.ws", event)
+
+
+class FailClosedGate:
+    """The last addon: whatever happened before, nothing undecided is forwarded or relayed."""
+
+    name = "lictor-gate"
+
+    def __init__(self, proxy: LictorProxy) -> None:
+        self.proxy = proxy
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(ALLOWED) is True or flow.response is not None or flow.error is not None:
+            return
+        log.error("flow %s reached the gate undecided; killing it (fail closed)", flow.id)
+        if flow.killable:
+            flow.kill()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(HEADERS_DONE) or flow.metadata.get(ANSWERED):
+            return
+        log.error("response of %s was not checked; replacing it (fail closed)", flow.id)
+        try:
+            self.proxy.replace_at_headers(flow, 502, "the gateway could not check the upstream's response")
+        except Exception:
+            if flow.killable:
+                flow.kill()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(RESPONSE_DONE) or flow.metadata.get(ANSWERED):
+            return
+        log.error("response of %s was not finished by Lictor; not relaying it (fail closed)", flow.id)
+        state = flow.metadata.get(STATE)
+        if isinstance(state, FlowState) and state.streamed:
+            self.proxy.close_client(flow)
+        else:
+            flow.response = http.Response.make(502, b'{"error":"bad_gateway"}', {"Content-Type": "application/json"})
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        assert flow.websocket is not None
+        message = flow.websocket.messages[-1]
+        if flow.metadata.get(WS_SEEN) != id(message):
+            log.error("WebSocket message of %s was not checked; dropping it (fail closed)", flow.id)
+            message.drop()
+            self.proxy.close_client(flow)
+        del flow.websocket.messages[:-1]  # bounded memory: mitmproxy keeps every message otherwise
+
+
+class EmbeddedProxy:
+    """One mitmproxy ``Master`` on the running event loop, with a listener per target."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        targets: list[HttpTarget],
+        *,
+        confdir: str,
+        untrusted_ca: str,
+        idle_timeout: int,
+        buffer_limit: int,
+    ) -> None:
+        self.gateway = gateway
+        self.targets = targets
+        self.confdir = confdir
+        self.untrusted_ca = untrusted_ca
+        self.idle_timeout = idle_timeout
+        self.buffer_limit = buffer_limit
+        self.master: Master | None = None
+        self.lictor: LictorProxy | None = None
+        self.proxyserver: proxyserver.Proxyserver | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if not log.isEnabledFor(logging.DEBUG):
+            logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # per-connection chatter
+        opts = Options()
+        master = Master(opts, event_loop=loop, with_termlog=False)
+        self.lictor = LictorProxy(self.gateway, self.targets, buffer_limit=self.buffer_limit)
+        ps = proxyserver.Proxyserver()
+        self.lictor.proxyserver = ps
+        master.addons.add(ps, next_layer.NextLayer(), self.lictor, tlsconfig.TlsConfig(), FailClosedGate(self.lictor))
+        opts.update(
+            mode=[t.mode_spec for t in self.targets],
+            confdir=self.confdir,
+            ssl_insecure=False,
+            ssl_verify_upstream_trusted_ca=self.untrusted_ca,  # mitmproxy's own fallback trusts nothing
+            upstream_cert=False,
+            http2=False,
+            http3=False,
+            websocket=True,
+            rawtcp=False,
+            connection_strategy="lazy",
+            tcp_timeout=self.idle_timeout,
+            stream_large_bodies=None,
+            body_size_limit=None,
+            keep_host_header=False,
+            validate_inbound_headers=True,
+            store_streamed_bodies=False,
+        )
+        self.master, self.proxyserver = master, ps
+        if not await ps.setup_servers():
+            raise RuntimeError(
+                "cannot listen for the HTTP/Kubernetes targets: "
+                + ", ".join(f"{t.name} on {t.listen_host}:{t.listen_port}" for t in self.targets)
+            )
+        await master.running()
+        for target in self.targets:
+            log.info(
+                "%s target %r listening on %s:%d (%s) -> %s",
+                target.protocol,
+                target.name,
+                target.listen_host or "*",
+                target.listen_port,
+                "https" if target.tls else "http",
+                target.upstream_url,
+            )
+
+    async def stop(self) -> None:
+        master, ps = self.master, self.proxyserver
+        if master is None or ps is None:
+            return
+        try:
+            await ps.servers.update([])
+        finally:
+            for handler in list(ps.connections.values()):
+                try:
+                    handler.close_connection(handler.client)
+                except Exception:
+                    log.exception("closing a connection failed")
+            await asyncio.sleep(0)
+            await master.done()
+            self.master = None

@@ -1,0 +1,371 @@
+"""Turn an HTTP or Kubernetes API request into the :class:`lictor.Request` the policy decides on.
+
+Theory of operation
+-------------------
+A rule must see what the upstream will act on, so anything two parsers could read differently is refused
+(:class:`Unreadable`, which the proxy turns into an audited denial) rather than guessed:
+
+* **Path.** Percent escapes are decoded once; an escape for ``/``, ``\\``, ``.``, ``%``, ``?``, ``#`` or a
+  control character, a raw ``\\`` or ``;`` (path parameters that Java servers strip), non-ASCII bytes,
+  empty segments (``//``) and ``.``/``..`` segments are refused. Rules match the decoded path.
+* **Query.** Parsed like Go's ``url.ParseQuery`` (``;`` separators and bad escapes refused); a parameter
+  keeps all its values in order.
+* **JSON body.** A body that says it is JSON (``application/json``, ``*+json``) or that parses as a JSON
+  object or array is flattened into ``$.a.b`` (``$.items[*].id`` for arrays, ``$['odd.key']`` for keys
+  that are not plain names) -> value text (``true``, ``null``, ``12``, strings as they are). Duplicate
+  keys, ``NaN``, nesting deeper than :data:`MAX_DEPTH` and more than :data:`MAX_LEAVES` leaves are
+  refused: a ``deny`` rule on ``$.force`` must not be dodged by ``{"force": false, "force": true}``.
+* **Kubernetes.** :func:`lictor_addons.http._k8s.resolve` maps the request the way the API server does;
+  attributes follow the ``kubernetes`` vocabulary (``verb`` is the friendly verb: ``exec``, ``logs``,
+  ``impersonate``...; ``api_group`` is ``core`` for the core group; ``path`` is only set for non-resource
+  URLs so that a ``paths:`` rule can never cover a resource).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lictor import Request
+
+from ._k8s import K8sRequest, UnknownRequest, _decode_path, _parse_query, resolve
+
+MAX_DEPTH = 64
+MAX_LEAVES = 100_000
+MAX_REASON = 500
+SECRET_HEADERS = frozenset(
+    [
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api-key",
+        "x-auth-token",
+        "x-amz-security-token",
+        "x-csrf-token",
+        "x-xsrf-token",
+    ]
+)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+class Unreadable(ValueError):
+    """The request cannot be read without guessing; it must be denied (the message is for the agent)."""
+
+
+def value_text(value: Any) -> str:
+    """How a JSON scalar (or a rule value) is compared: ``true``, ``false``, ``null``, numbers, strings."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return json.dumps(value)
+    return str(value)
+
+
+def canonical_path(raw: str) -> str:
+    """The decoded path rules match on; :class:`Unreadable` for anything ambiguous."""
+    try:
+        path = _decode_path(raw)
+    except UnknownRequest as exc:
+        raise Unreadable(str(exc)) from None
+    if ";" in path:
+        raise Unreadable(f"';' in path {raw!r} (path parameters are ambiguous)")
+    segments = path.split("/")[1:]
+    for i, segment in enumerate(segments):
+        if segment in (".", ".."):
+            raise Unreadable(f"dot segment in path {raw!r}")
+        if segment == "" and i != len(segments) - 1:
+            raise Unreadable(f"empty segment in path {raw!r}")
+    return path
+
+
+def parse_query(raw: str) -> dict[str, list[str]]:
+    try:
+        return _parse_query(raw)
+    except UnknownRequest as exc:
+        raise Unreadable(str(exc)) from None
+
+
+def is_json_type(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def loads_strict(data: bytes | str) -> Any:
+    """``json.loads`` refusing duplicate keys and NaN/Infinity (ValueError, RecursionError)."""
+    return json.loads(data, object_pairs_hook=_pairs, parse_constant=_reject_constant)
+
+
+def _key(prefix: str, key: str) -> str:
+    if _NAME.fullmatch(key):
+        return f"{prefix}.{key}"
+    return f"{prefix}[{json.dumps(key)}]"
+
+
+def flatten_json(doc: Any, max_leaves: int = MAX_LEAVES) -> dict[str, Any]:
+    """``{"a": {"b": [1, 2]}}`` -> ``{"$.a.b[*]": ["1", "2"]}``; one value or a list per path."""
+    out: dict[str, Any] = {}
+    count = 0
+    stack: list[tuple[str, Any, int]] = [("$", doc, 0)]
+    while stack:
+        path, node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise Unreadable(f"JSON body nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            for k, v in node.items():
+                stack.append((_key(path, k), v, depth + 1))
+        elif isinstance(node, list):
+            for v in node:
+                stack.append((path + "[*]", v, depth + 1))
+        else:
+            count += 1
+            if count > max_leaves:
+                raise Unreadable(f"JSON body has more than {max_leaves} values")
+            text = value_text(node)
+            have = out.get(path)
+            if have is None:
+                out[path] = text
+            elif isinstance(have, list):
+                have.append(text)
+            else:
+                out[path] = [have, text]
+    for value in out.values():
+        if isinstance(value, list):
+            value.reverse()  # the stack visits arrays backwards
+    return out
+
+
+def json_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
+    """The ``json`` attribute of a request body, None when the body is not JSON."""
+    declared = is_json_type(content_type)
+    stripped = body.lstrip()
+    if not declared and not stripped.startswith((b"{", b"[")):
+        return None
+    if not stripped:
+        return {} if declared else None
+    try:
+        doc = loads_strict(body)
+    except (ValueError, RecursionError) as exc:
+        if declared:
+            raise Unreadable(f"the body is declared as JSON but is not valid JSON: {exc}") from None
+        return None
+    return flatten_json(doc)
+
+
+def header_attrs(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Lower-case header name -> value (repeats joined with ``, ``), without credentials and X-Lictor-*."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        key = name.lower()
+        if key in SECRET_HEADERS or key.startswith("x-lictor-"):
+            continue
+        out[key] = f"{out[key]}, {value}" if key in out else value
+    return out
+
+
+def payload(method: str, raw_path: str, body: bytes) -> str:
+    """What an approval is bound to: method, raw path with query, and a digest of the body."""
+    return f"{method.upper()} {raw_path} sha256:{hashlib.sha256(body).hexdigest()}"
+
+
+def reason_of(value: str | None) -> str | None:
+    if not value:
+        return None
+    text = "".join(ch for ch in value if ch.isprintable()).strip()
+    return text[:MAX_REASON] or None
+
+
+def http_request(
+    *,
+    method: str,
+    raw_path: str,
+    host: str,
+    headers: Iterable[tuple[str, str]],
+    body: bytes,
+    content_type: str,
+    target: str,
+    reason: str | None = None,
+) -> Request:
+    """The ``http`` protocol request for one HTTP request (``raw_path`` may carry the query)."""
+    path_part, _, query = raw_path.partition("?")
+    path = canonical_path(path_part)
+    attrs: dict[str, Any] = {
+        "method": method.upper(),
+        "host": host.lower(),
+        "path": path,
+        "query": parse_query(query),
+        "headers": header_attrs(headers),
+        "body_size": len(body),
+    }
+    flattened = json_attrs(body, content_type)
+    if flattened is not None:
+        attrs["json"] = flattened
+    return Request(
+        protocol="http",
+        action=method.upper(),
+        attrs=attrs,
+        target=target,
+        summary=f"{method.upper()} {path}" + (f"?{query}" if query else ""),
+        payload=payload(method, raw_path, body),
+        reason=reason,
+    )
+
+
+@dataclass(frozen=True)
+class K8sCall:
+    """A Kubernetes API request: what the server sees, and the policy request built from it."""
+
+    info: K8sRequest
+    request: Request
+
+
+def k8s_attrs(info: K8sRequest) -> dict[str, Any]:
+    if not info.is_resource_request:
+        return {"verb": info.action, "path": info.path}
+    attrs: dict[str, Any] = {
+        "verb": info.action,
+        "resource": f"{info.resource}/{info.subresource}" if info.subresource else info.resource,
+        "api_group": info.api_group or "core",
+        "namespace": info.namespace,
+    }
+    if info.subresource:
+        attrs["subresource"] = info.subresource
+    if info.name:
+        attrs["name"] = info.name
+    if info.subresource == "exec":
+        attrs["command"] = " ".join(info.exec_command)
+    return attrs
+
+
+def k8s_summary(info: K8sRequest) -> str:
+    if not info.is_resource_request:
+        return f"{info.action} {info.path}"
+    where = f" -n {info.namespace}" if info.namespace else (" --all-namespaces" if info.all_namespaces else "")
+    group = f".{info.api_group}" if info.api_group else ""
+    what = f"{info.resource}{group}" + (f"/{info.name}" if info.name else "")
+    text = f"{info.action} {what}{where}"
+    if info.subresource and info.action != info.subresource:
+        text += f" ({info.subresource})"
+    if info.exec_command:
+        text += " -- " + " ".join(info.exec_command)
+    return text
+
+
+def k8s_request(
+    *,
+    method: str,
+    raw_path: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    target: str,
+    reason: str | None = None,
+) -> K8sCall:
+    """The ``kubernetes`` protocol request; :class:`Unreadable` for paths the API server could read otherwise."""
+    path_part, _, query = raw_path.partition("?")
+    try:
+        info = resolve(method, path_part, query, headers)
+    except UnknownRequest as exc:
+        raise Unreadable(str(exc)) from None
+    attrs = k8s_attrs(info)
+    request = Request(
+        protocol="kubernetes",
+        action=str(attrs["verb"]),
+        attrs=attrs,
+        target=target,
+        summary=k8s_summary(info),
+        payload=payload(method, raw_path, body),
+        reason=reason,
+    )
+    return K8sCall(info, request)
+
+
+def reveal_request(call: K8sCall) -> Request:
+    """The second question asked for responses that carry Secret values: may this identity see them?"""
+    info = call.info
+    attrs = {
+        "verb": "reveal",
+        "resource": "secrets",
+        "api_group": "core",
+        "namespace": info.namespace,
+        **({"name": info.name} if info.name else {}),
+    }
+    return Request(
+        protocol="kubernetes",
+        action="reveal",
+        attrs=attrs,
+        target=call.request.target,
+        summary=f"reveal secret values of: {call.request.summary}",
+        payload="reveal " + call.request.payload,
+        reason=call.request.reason,
+    )
+
+
+# -- policy tests ------------------------------------------------------------------------------------
+
+
+def _test_body(case: Mapping[str, Any]) -> tuple[bytes, str]:
+    if "json" in case and case["json"] is not None:
+        return json.dumps(case["json"]).encode(), "application/json"
+    body = case.get("body", "")
+    return (body.encode() if isinstance(body, str) else bytes(body)), str(case.get("content_type", ""))
+
+
+def build_http_requests(case: Mapping[str, Any], target: str) -> Sequence[Request]:
+    """``request: {method: GET, path: /v1/x?y=1, headers: {...}, json: {...} | body: "..."}``."""
+    body, content_type = _test_body(case)
+    headers = [(str(k), str(v)) for k, v in (case.get("headers") or {}).items()]
+    if content_type and not any(k.lower() == "content-type" for k, _ in headers):
+        headers.append(("content-type", content_type))
+    ctype = next((v for k, v in headers if k.lower() == "content-type"), "")
+    return [
+        http_request(
+            method=str(case.get("method", "GET")),
+            raw_path=str(case.get("path", "/")),
+            host=str(case.get("host", "upstream")),
+            headers=headers,
+            body=body,
+            content_type=ctype,
+            target=target,
+            reason=case.get("reason"),
+        )
+    ]
+
+
+def build_k8s_requests(case: Mapping[str, Any], target: str) -> Sequence[Request]:
+    """``request: {method: GET, path: /api/v1/namespaces/apps/pods}`` (``reveal: true`` asks the reveal
+    question instead, as the proxy does for responses with Secret values)."""
+    body, _ = _test_body(case)
+    headers = {str(k): str(v) for k, v in (case.get("headers") or {}).items()}
+    call = k8s_request(
+        method=str(case.get("method", "GET")),
+        raw_path=str(case.get("path", "/")),
+        headers=headers,
+        body=body,
+        target=target,
+        reason=case.get("reason"),
+    )
+    if case.get("reveal"):
+        return [reveal_request(call)]
+    return [call.request]

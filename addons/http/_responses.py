@@ -1,0 +1,120 @@
+"""What the agent gets back when Lictor answers instead of the upstream: denials it can act on.
+
+HTTP targets answer with a JSON body (``error``, ``message``, ``rule``, ``policy_version``, ``hint``);
+Kubernetes targets with a ``Status`` object, so that kubectl prints ``Error from server (Forbidden): ...``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from lictor import Decision
+
+_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    411: "LengthRequired",
+    413: "RequestEntityTooLarge",
+    500: "InternalError",
+    502: "BadGateway",
+    503: "ServiceUnavailable",
+}
+_ERRORS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    411: "length_required",
+    413: "too_large",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "unavailable",
+}
+
+
+@dataclass
+class Answer:
+    """A response Lictor sends itself: status, JSON body and extra headers."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps(self.body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _hint(decision: Decision) -> str:
+    if decision.approval_id:
+        return (
+            f"once approval {decision.approval_id} is approved, retry the same request with the header "
+            f"X-Lictor-Approval: {decision.approval_id}"
+        )
+    rule = decision.rule_ids[0] if decision.rule_ids else ""
+    if rule.startswith("lictor:default-deny"):
+        return "no rule allows this request for your roles; ask the gateway operators for access"
+    if rule.startswith("lictor:"):
+        return "the gateway could not check this request; retry later or contact the gateway operators"
+    return f"rule {rule!r} decided this; ask its owners if you need it, or add X-Lictor-Reason to explain why"
+
+
+def denial(decision: Decision, *, kubernetes: bool, status: int = 403, hint: str | None = None) -> Answer:
+    """The answer for a denied request (``decision.action == "deny"``)."""
+    hint = hint or _hint(decision)
+    rule = decision.rule_ids[0] if decision.rule_ids else ""
+    headers = {"X-Lictor-Rule": rule, "X-Lictor-Policy": decision.policy_version}
+    if decision.approval_id:
+        headers["X-Lictor-Approval"] = decision.approval_id
+    if kubernetes:
+        details: dict[str, Any] = {"causes": [{"reason": "LictorPolicy", "message": hint, "field": rule}]}
+        if decision.approval_id:
+            details["name"] = decision.approval_id
+            details["kind"] = "approval"
+        message = f"lictor: {decision.message} (rule {rule}; {hint})"
+        return Answer(status, k8s_status(status, message, details), headers)
+    body: dict[str, Any] = {
+        "error": _ERRORS.get(status, "forbidden"),
+        "message": decision.message,
+        "rule": rule,
+        "rules": list(decision.rule_ids),
+        "policy_version": decision.policy_version,
+        "hint": hint,
+    }
+    if decision.approval_id:
+        body["error"] = "approval_required"
+        body["approval_id"] = decision.approval_id
+    return Answer(status, body, headers)
+
+
+def error(status: int, message: str, hint: str, *, kubernetes: bool, rule: str = "") -> Answer:
+    """An answer that is not a policy decision: missing token (401), unreadable request (400)..."""
+    headers: dict[str, str] = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="lictor"'
+    if rule:
+        headers["X-Lictor-Rule"] = rule
+    if kubernetes:
+        return Answer(status, k8s_status(status, f"lictor: {message} ({hint})"), headers)
+    body = {"error": _ERRORS.get(status, "error"), "message": message, "hint": hint}
+    if rule:
+        body["rule"] = rule
+    return Answer(status, body, headers)
+
+
+def k8s_status(code: int, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ``meta/v1 Status`` failure as the API server writes it."""
+    status: dict[str, Any] = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": _REASONS.get(code, "Forbidden" if code == 403 else "InternalError"),
+        "code": code,
+    }
+    if details:
+        status["details"] = details
+    return status
