@@ -521,7 +521,68 @@ def test_webhooks_are_signed_slack_compatible_and_retried_after_a_500(tmp_path: 
     run(scenario)
 
 
+def test_unclaimed_tickets_expire_in_the_background_with_a_webhook(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        receiver = Receiver()
+        receiver.statuses = []
+        await receiver.start()
+        url = f"http://127.0.0.1:{receiver.port}/hook"
+        gw = await make_gateway(
+            tmp_path, {"poll_interval": 0.05, "webhooks": [{"url": url, "events": ["approval.expired"]}]}
+        )
+        gw.policy = policy_from(gw, PACK.replace("mode: ticket, timeout: 20s", "mode: ticket, timeout: 0.3s"), tmp_path)
+        agent = await Agent(gw, ident("agent-14", "agent")).open()
+        ticket = await agent.session.decide(sql(gw, "DROP TABLE old_orders"))
+        aid = ticket.approval_id
+        assert ticket.action == "deny" and aid
+        deadline = time.monotonic() + 5
+        while not receiver.events("/hook") and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        (hook,) = receiver.events("/hook")
+        doc = json.loads(hook[1])
+        assert doc["event"] == "approval.expired" and doc["approval"]["id"] == aid
+        assert doc["approval"]["status"] == "expired" and "x-lictor-signature" not in hook[0]
+        assert [e["id"] for e in audit(gw, "approval.expired")] == [aid]
+        await gw.stop()
+        assert receiver.server is not None
+        receiver.server.close()
+
+    run(scenario)
+
+
 # -- HTTP API and page ------------------------------------------------------------------------------
+
+
+def test_http_server_refuses_what_it_does_not_understand(tmp_path: Path) -> None:
+    async def raw(port: int, data: bytes) -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        return answer.decode("latin-1")
+
+    async def scenario() -> None:
+        port = free_port()
+        gw = await make_gateway(tmp_path, {"listen": f"127.0.0.1:{port}"})
+        assert (await raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")).startswith("HTTP/1.1 200 OK")
+        assert (await raw(port, b"GET /nothing-here HTTP/1.1\r\n\r\n")).startswith("HTTP/1.1 404")
+        assert (await raw(port, b"DELETE /api/approvals/x HTTP/1.1\r\n\r\n")).startswith("HTTP/1.1 405")
+        assert (await raw(port, b"GARBAGE\r\n\r\n")).startswith("HTTP/1.1 400")
+        assert (await raw(port, b"GET http://evil/ HTTP/1.1\r\n\r\n")).startswith("HTTP/1.1 400")
+        chunked = b"POST /login HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        assert (await raw(port, chunked)).startswith("HTTP/1.1 501")
+        big = b"POST /login HTTP/1.1\r\nContent-Length: 10000000\r\n\r\n"
+        assert (await raw(port, big)).startswith("HTTP/1.1 413")
+        twice = b"GET /healthz HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n"
+        assert (await raw(port, twice)).startswith("HTTP/1.1 400")
+        long_line = b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n"
+        assert (await raw(port, long_line)).startswith("HTTP/1.1 414")
+        json_as_form = b"POST /login HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        assert (await raw(port, json_as_form)).startswith("HTTP/1.1 415")
+        await gw.stop()
+
+    run(scenario)
 
 
 def test_api_and_page_authenticate_escape_and_check_csrf(tmp_path: Path) -> None:

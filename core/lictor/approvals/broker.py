@@ -35,6 +35,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
@@ -146,6 +147,7 @@ class ApprovalBroker:
         self._waiters: dict[str, asyncio.Event] = {}
         self._elevations: dict[tuple[str, str, str], tuple[Elevation, ...]] = {}
         self._passes: dict[tuple[str, str, str], tuple[str, float]] = {}
+        self._lock = threading.Lock()  # redeem() may run in a worker thread
         self._tasks: list[asyncio.Task[None]] = []
         self._refresh_wanted: asyncio.Event | None = None
         self._stopping = False
@@ -200,11 +202,17 @@ class ApprovalBroker:
         loop = asyncio.get_running_loop()
         self._refresh_wanted = asyncio.Event()
         if isinstance(self.store, PostgresStore):
-            await asyncio.to_thread(self.store.ensure)
+            try:
+                await asyncio.to_thread(self.store.ensure)
+            except Exception as exc:  # the gateway runs; approve decisions are denied until it is back
+                log.error("approvals: PostgreSQL store unreachable (%s); held requests are denied until it is", exc)
             self._tasks.append(
                 loop.create_task(self.store.listen(self._on_change, lambda: self._stopping), name="approvals-listen")
             )
-        await self._refresh_elevations()
+        try:
+            await self._refresh_elevations()
+        except Exception as exc:
+            log.error("approvals: cannot read elevations (%s)", exc)
         self.webhooks.start()
         self._tasks.append(loop.create_task(self._sweeper(), name="approvals-sweeper"))
         if self.server is not None:
@@ -242,6 +250,7 @@ class ApprovalBroker:
     async def _sweeper(self) -> None:
         """Expire overdue requests (ticket mode has nobody waiting) and refresh elevations."""
         assert self._refresh_wanted is not None
+        healthy = True
         while True:
             try:
                 await asyncio.wait_for(self._refresh_wanted.wait(), self.poll_interval)
@@ -252,10 +261,15 @@ class ApprovalBroker:
                 for approval_id in await asyncio.to_thread(self.store.expire_due, time.time()):
                     await self._announce_expired(approval_id)
                 await self._refresh_elevations()
+                if not healthy:
+                    log.warning("approvals: the store is reachable again")
+                    healthy = True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("approvals: store unavailable (%s); held requests keep waiting or expire", exc)
+                if healthy:  # once per outage, not once per poll
+                    log.error("approvals: store unavailable (%s); new approvals are denied until it is back", exc)
+                    healthy = False
 
     def _on_change(self, approval_id: str) -> None:
         """Another replica (or this one) changed ``approval_id`` ("" = anything)."""
@@ -288,7 +302,8 @@ class ApprovalBroker:
         fresh: dict[tuple[str, str, str], list[Elevation]] = {}
         for e in rows:
             fresh.setdefault(e.key, []).append(e)
-        self._elevations = {k: tuple(v) for k, v in fresh.items()}  # one assignment: readers see old or new
+        with self._lock:
+            self._elevations = {k: tuple(v) for k, v in fresh.items()}  # one assignment: readers see old or new
 
     def _add_elevation(self, approval: Approval) -> None:
         if approval.elevated_until is None:
@@ -301,11 +316,12 @@ class ApprovalBroker:
             approval.elevated_until,
             approval.id,
         )
-        current = dict(self._elevations)
-        if any(x.approval_id == e.approval_id for x in current.get(e.key, ())):
-            return
-        current[e.key] = (*current.get(e.key, ()), e)
-        self._elevations = current
+        with self._lock:
+            current = dict(self._elevations)
+            if any(x.approval_id == e.approval_id for x in current.get(e.key, ())):
+                return
+            current[e.key] = (*current.get(e.key, ()), e)
+            self._elevations = current
 
     # -- holding ----------------------------------------------------------------------------------
 
@@ -607,15 +623,17 @@ class ApprovalBroker:
             {"id": approval_id, "identity": identity.to_json(), "digest": digest},
             fail_closed=False,
         )
-        self._passes = {k: v for k, v in self._passes.items() if v[1] > now}
-        if len(self._passes) < 10_000:
-            self._passes[(identity.subject, identity.issuer, digest)] = (approval_id, now + PASS_TTL)
+        with self._lock:
+            self._passes = {k: v for k, v in self._passes.items() if v[1] > now}
+            if len(self._passes) < 10_000:
+                self._passes[(identity.subject, identity.issuer, digest)] = (approval_id, now + PASS_TTL)
         if approval.elevated_until is not None:
             self._add_elevation(approval)
         return True
 
     def _take_pass(self, identity: Identity, digest: str) -> str | None:
-        entry = self._passes.pop((identity.subject, identity.issuer, digest), None)
+        with self._lock:
+            entry = self._passes.pop((identity.subject, identity.issuer, digest), None)
         if entry is None or entry[1] <= time.time():
             return None
         return entry[0]
