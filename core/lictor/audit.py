@@ -18,8 +18,10 @@ who takes the gateway's storage cannot re-MAC older events, so:
   reached by ratcheting ``K0`` once per event present; rolling the head back would need an
   older key, which no longer exists anywhere but in the verifier's ``K0``.
 
-Writes use SQLite in WAL mode with one commit per event, so an event is on disk (safe from a
-process crash) before the command it describes is forwarded.
+Writes use SQLite in WAL mode. In a running gateway, events reach this log through the recording
+spool (``lictor.recorder``), which makes them durable before the command they describe goes
+ahead; its local sink hands them over in batches with :meth:`AuditLog.append_batch`, which
+remembers the spool position in the same transaction so a replayed batch is not appended twice.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,8 +100,15 @@ class AuditLog:
                 key TEXT NOT NULL,
                 mac TEXT NOT NULL
             );
+            CREATE TABLE IF NOT EXISTS sources (
+                name TEXT PRIMARY KEY,
+                position INTEGER NOT NULL
+            );
             """
         )
+        self._batch_sync = False
+        # Called before reads so they see events still on their way from the spool.
+        self.before_read: Callable[[], None] | None = None
         row = self._db.execute("SELECT seq, key, mac FROM head WHERE id = 1").fetchone()
         if row is None:
             k0 = self._load_or_create_k0()
@@ -142,6 +151,62 @@ class AuditLog:
             self._seq, self._key, self._prev = seq, key, mac
             return seq
 
+    def append_batch(self, records: Sequence[tuple[int, Mapping[str, Any]]], *, source: str) -> int:
+        """Append ``(position, record)`` pairs from ``source`` in one transaction; return how many.
+
+        Each record already holds its ``kind`` and ``ts``. Records at or below the position stored
+        for ``source`` were appended before and are skipped; the new position is stored in the same
+        transaction, so a batch replayed after a crash adds nothing twice. The commit is fsync'd
+        (``synchronous=FULL``): the caller deletes its own copy once this returns.
+        """
+        with self._lock:
+            if not self._batch_sync:
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._batch_sync = True
+            row = self._db.execute("SELECT position FROM sources WHERE name = ?", (source,)).fetchone()
+            done = int(row[0]) if row else 0
+            todo = [(pos, rec) for pos, rec in records if pos > done]
+            if not todo:
+                return 0
+            seq, key, prev = self._seq, self._key, self._prev
+            rows = []
+            for _, record in todo:
+                body = _canonical(record)
+                seq += 1
+                mac = _mac(key, prev, seq, body)
+                rows.append(
+                    (seq, float(record.get("ts") or time.time()), str(record.get("kind", "")), body.decode(), mac.hex())
+                )
+                prev, key = mac, _ratchet(key)
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("INSERT INTO events (seq, ts, kind, body, mac) VALUES (?, ?, ?, ?, ?)", rows)
+                self._db.execute("UPDATE head SET seq = ?, key = ?, mac = ? WHERE id = 1", (seq, key.hex(), prev.hex()))
+                self._db.execute(
+                    "INSERT INTO sources (name, position) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET position = excluded.position",
+                    (source, todo[-1][0]),
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise AuditError(f"audit store {self.path}: {exc}") from exc
+            self._seq, self._key, self._prev = seq, key, prev
+            return len(todo)
+
+    def position(self, source: str) -> int:
+        """The last position appended from ``source`` by :meth:`append_batch` (0 if none)."""
+        with self._lock:
+            row = self._db.execute("SELECT position FROM sources WHERE name = ?", (source,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _catch_up(self) -> None:
+        if self.before_read is not None:
+            self.before_read()
+
     def events(
         self,
         *,
@@ -165,6 +230,7 @@ class AuditLog:
             args.append(kind)
         sql += " ORDER BY seq"
         count = 0
+        self._catch_up()
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         for seq, body in rows:
@@ -181,6 +247,7 @@ class AuditLog:
         """Walk the whole chain from K0; name the first event that does not verify."""
         k0 = verify_key if verify_key is not None else bytes.fromhex(self.verify_key_path.read_text().strip())
         key, prev, expected = k0, b"\0" * 32, 1
+        self._catch_up()
         with self._lock:
             rows = self._db.execute("SELECT seq, body, mac FROM events ORDER BY seq").fetchall()
             head = self._db.execute("SELECT seq, key, mac FROM head WHERE id = 1").fetchone()

@@ -434,6 +434,7 @@ def _extra_commands() -> list[Any]:
     """Subcommands contributed by core modules with their own CLI (approvals, sessions)."""
     registrations: list[Any] = []
     registrations.append(__import__("lictor.approvals.cli", fromlist=["register"]).register)
+    registrations.append(__import__("lictor.recorder", fromlist=["register"]).register)
     return registrations
 
 

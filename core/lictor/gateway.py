@@ -23,7 +23,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from .addons import AddonManager, HookError
@@ -32,6 +31,7 @@ from .config import GatewayConfig, Target
 from .identity import AuthError, Identity, IssuerConfig, LocalIssuer, TokenVerifier, parse_duration
 from .policy import Policy
 from .policy_types import ADDON_ERROR, NO_POLICY, Decision, Request
+from .recorder import SessionRecorder
 from .rulepacks import LoadResult, load_policy
 
 __all__ = ["ApprovalBroker", "Flow", "Gateway", "Recorder", "Session"]
@@ -54,7 +54,7 @@ class ApprovalBroker(Protocol):
 
 
 class Recorder(Protocol):
-    """Receives session events (``lictor.recorder`` provides the durable one)."""
+    """Receives session events (``lictor.recorder.SessionRecorder`` is the durable one)."""
 
     def open(self, session: Session) -> None: ...
 
@@ -152,32 +152,6 @@ class Session:
         }
 
 
-class JsonlRecorder:
-    """A plain per-session JSON-lines recorder under ``state/recordings``."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._files: dict[str, Any] = {}
-
-    def open(self, session: Session) -> None:
-        self._files[session.id] = (self.directory / f"{session.id}.jsonl").open("a", buffering=1)
-        self.event(session, "session.start", session.to_json())
-
-    def event(self, session: Session, kind: str, data: Mapping[str, Any]) -> None:
-        import json
-
-        fh = self._files.get(session.id)
-        if fh is None:
-            return
-        fh.write(json.dumps({"t": time.time(), "kind": kind, **data}, default=str) + "\n")
-
-    def close(self, session: Session) -> None:
-        fh = self._files.pop(session.id, None)
-        if fh is not None:
-            fh.close()
-
-
 class Gateway:
     """Shared state of one gateway process: config, live policy, audit, approvals, recorder."""
 
@@ -199,10 +173,12 @@ class Gateway:
         )
         self.issuer = LocalIssuer(self.state_dir)
         self.verifier = self._make_verifier()
+        # The spool every audit and session event goes through before anything is forwarded.
+        self.recordings = SessionRecorder.for_gateway(config, self.audit)
+        self.recorder: Recorder = self.recordings
         from .approvals import ApprovalBroker as _ApprovalBroker
 
         self.approvals: ApprovalBroker | None = _ApprovalBroker.from_config(self, config.section("approvals"))
-        self.recorder: Recorder = JsonlRecorder(self.state_dir / "recordings")
         self.sessions: dict[str, Session] = {}
         self._mask_key = self._load_mask_key()
         self._mask_cache: dict[tuple[str, tuple[str, ...]], Any] = {}
@@ -397,7 +373,7 @@ class Gateway:
             **decision.to_json(),
         }
         try:
-            self.audit.append("decision", event)
+            self.recordings.audit("decision", event, strict=decision.recording == "strict")
         except (AuditError, OSError) as exc:
             log.error("audit write failed, denying: %s", exc)
             return Decision.deny(
@@ -409,7 +385,7 @@ class Gateway:
 
     def audit_event(self, kind: str, event: Mapping[str, Any], *, fail_closed: bool = True) -> None:
         try:
-            self.audit.append(kind, event)
+            self.recordings.audit(kind, event)
         except (AuditError, OSError):
             if fail_closed:
                 raise
@@ -440,6 +416,7 @@ class Gateway:
         return self.config.targets_for(protocol)
 
     async def start(self) -> None:
+        self.recordings.start()
         self.addons.trigger_sync("configure", self)
         self.load_policy()
         await self.addons.trigger("policy_loaded", self.policy)
@@ -456,6 +433,7 @@ class Gateway:
             for session in list(self.sessions.values()):
                 await session.close(reason="gateway stopping")
             self.audit_event("gateway.stop", {"uptime": time.time() - self.started}, fail_closed=False)
+            self.recordings.stop()
             self.audit.close()
 
 

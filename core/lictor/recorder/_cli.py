@@ -1,0 +1,233 @@
+"""``lictor sessions list|verify|export`` and ``lictor replay``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, load_config
+from ._chain import SessionVerdict
+from ._recorder import RecordingsConfig
+from ._replay import asciicast_lines, replay
+from ._sinks import PostgresSink, Retention, S3Sink
+from ._store import LocalStore, RemoteStore, Store, parse_events, resolve_id, select_sessions, verify
+from ._util import RecordingError, parse_interval
+
+__all__ = ["register"]
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _store(args: argparse.Namespace) -> Store:
+    if args.dir:
+        return LocalStore(args.dir, args.state_dir or Path(args.dir).parent)
+    config_path = args.config or ("lictor.yaml" if Path("lictor.yaml").exists() and not args.state_dir else None)
+    if config_path:
+        config = load_config(config_path)
+        rec = RecordingsConfig.from_gateway_config(config)
+        if args.source and args.source != "local":
+            sink_cfg = next((s for s in rec.sinks if s.name == args.source), None)
+            if sink_cfg is None:
+                names = ", ".join(s.name for s in rec.sinks)
+                raise RecordingError(f"no recordings sink named {args.source!r} in {config_path} (sinks: {names})")
+            gid_path = rec.spool_dir / "gateway-id"
+            gid = gid_path.read_text().strip() if gid_path.exists() else ""
+            o = sink_cfg.options
+            sink: PostgresSink | S3Sink
+            if sink_cfg.type == "postgres":
+                sink = PostgresSink(
+                    sink_cfg.name, str(o["dsn"]), gid, Retention(), prefix=str(o.get("table_prefix", "lictor_"))
+                )
+            elif sink_cfg.type == "s3":
+                sink = S3Sink(
+                    sink_cfg.name,
+                    gid,
+                    Retention(),
+                    bucket=str(o["bucket"]),
+                    prefix=str(o.get("prefix", "")),
+                    endpoint_url=o.get("endpoint_url"),
+                    region=o.get("region"),
+                    access_key_id=o.get("access_key_id"),
+                    secret_access_key=o.get("secret_access_key"),
+                )
+            else:
+                raise RecordingError(f"sink {args.source!r} cannot be read back")
+            return RemoteStore(sink, rec.state_dir)
+        return LocalStore(rec.local_dir, rec.state_dir)
+    state = Path(args.state_dir or os.environ.get("LICTOR_STATE_DIR", "state"))
+    return LocalStore(state / "recordings", state)
+
+
+def _ts(t: Any) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t))) if t else "-"
+
+
+def _duration(row: dict[str, Any]) -> str:
+    if not row.get("started_at"):
+        return "-"
+    end = row.get("ended_at") or time.time()
+    seconds = max(0, int(end - row["started_at"]))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    filters: dict[str, Any] = {
+        k: getattr(args, k) for k in ("sub", "target", "protocol", "since", "until", "decision", "limit")
+    }
+    if args.open or args.ended:
+        filters["open"] = bool(args.open)
+    store = _store(args)
+    rows = select_sessions(store.rows(), {k: v for k, v in filters.items() if v is not None})
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return EXIT_OK
+    print(
+        f"{'ID':12} {'STARTED':19} {'DURATION':>8} {'SUB':16} {'TARGET':14} {'PROTOCOL':10} "
+        f"{'EVENTS':>6} {'ALLOW':>5} {'DENY':>5} {'APPR':>5} STATE"
+    )
+    for r in rows:
+        state = "open" if r["open"] else ("interrupted" if r["interrupted"] else "ended")
+        d = r["decisions"]
+        print(
+            f"{r['id'][:12]:12} {_ts(r['started_at']):19} {_duration(r):>8} {str(r['sub'])[:16]:16} "
+            f"{str(r['target'])[:14]:14} {str(r['protocol'])[:10]:10} {r['events']:>6} {d['allow']:>5} "
+            f"{d['deny']:>5} {d['approve']:>5} {state}"
+        )
+    if not rows:
+        print("(no sessions match)")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.all:
+        ids = [str(r["id"]) for r in sorted(store.rows(), key=lambda r: r.get("started_at") or 0.0)]
+    elif args.id:
+        ids = [resolve_id(store, args.id)]
+    else:
+        print("give a session id or --all", file=sys.stderr)
+        return EXIT_USAGE
+    verdicts: list[SessionVerdict] = verify(store, ids, args.key)
+    bad = 0
+    for verdict in verdicts:
+        print(verdict)
+        if not verdict.ok or (args.strict and not verdict.signed):
+            bad += 1
+    print(f"{len(verdicts)} session(s) checked, {bad} failed" + ("" if not bad else " — recordings were altered"))
+    return EXIT_FAIL if bad else EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = _store(args)
+    sid = resolve_id(store, args.id)
+    manifest_raw, lines = store.load_raw(sid)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        if args.format == "jsonl":
+            for line in lines:
+                out.write(line.decode() + "\n")
+            if manifest_raw is not None:
+                out.write(manifest_raw.decode() + "\n")
+        else:
+            manifest = json.loads(manifest_raw)["manifest"] if manifest_raw else None
+            for text in asciicast_lines(manifest, parse_events(lines), title=f"lictor session {sid}"):
+                out.write(text + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    store = _store(args)
+    sid = resolve_id(store, args.id)
+    _, lines = store.load_raw(sid)
+    if args.speed <= 0:
+        print("--speed must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        replay(
+            parse_events(lines),
+            sys.stdout,
+            speed=args.speed,
+            wait=not args.no_wait,
+            max_idle=parse_interval(args.max_idle, "--max-idle"),
+            show_input=args.input,
+        )
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK
+
+
+def _run(func: Any) -> Any:
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args))
+        except (RecordingError, ValueError, OSError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            print(f"lictor: {exc}", file=sys.stderr)
+            return EXIT_FAIL
+
+    return wrapped
+
+
+def _where(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("-c", "--config", help="gateway config (lictor.yaml); default ./lictor.yaml if present")
+    sp.add_argument("--state-dir", help="the gateway's state directory (default: $LICTOR_STATE_DIR or ./state)")
+    sp.add_argument("--dir", help="a local recordings directory (default: STATE/recordings)")
+    sp.add_argument("--source", help="read from this configured sink (postgres or s3) instead of the local one")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``sessions`` and ``replay`` to the ``lictor`` command line."""
+    sessions = subparsers.add_parser("sessions", help="list, verify and export recorded sessions")
+    sub = sessions.add_subparsers(dest="sessions_cmd", required=True)
+
+    sp = sub.add_parser("list", help="recorded sessions, newest first")
+    _where(sp)
+    sp.add_argument("--sub", help="agent subject (glob)")
+    sp.add_argument("--target", help="target name (glob)")
+    sp.add_argument("--protocol", help="protocol (glob)")
+    sp.add_argument("--since", help="active since: a duration ago (2h) or a time (2024-05-01T12:00)")
+    sp.add_argument("--until", help="started before: a duration ago or a time")
+    sp.add_argument("--decision", choices=["allow", "deny", "approve"], help="had at least one such decision")
+    state = sp.add_mutually_exclusive_group()
+    state.add_argument("--open", action="store_true", help="sessions still open")
+    state.add_argument("--ended", action="store_true", help="ended sessions only")
+    sp.add_argument("--limit", type=int)
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.set_defaults(func=_run(cmd_list))
+
+    sp = sub.add_parser("verify", help="check hash chains and manifest signatures; names the first bad event")
+    _where(sp)
+    sp.add_argument("id", nargs="?", help="session id (or a unique prefix)")
+    sp.add_argument("--all", action="store_true", help="every recorded session")
+    sp.add_argument("--key", help="the recording public key (default: STATE/recording.pub)")
+    sp.add_argument("--strict", action="store_true", help="unsigned (open or undrained) sessions fail too")
+    sp.set_defaults(func=_run(cmd_verify))
+
+    sp = sub.add_parser("export", help="write a session as asciicast v2 or JSON lines")
+    _where(sp)
+    sp.add_argument("id")
+    sp.add_argument("--format", choices=["asciicast", "jsonl"], default="jsonl")
+    sp.add_argument("-o", "--output", help="file to write (default: stdout)")
+    sp.set_defaults(func=_run(cmd_export))
+
+    sp = subparsers.add_parser("replay", help="replay a recorded session in the terminal, with its timing")
+    _where(sp)
+    sp.add_argument("id")
+    sp.add_argument("--speed", type=float, default=1.0, help="playback speed factor (2 = twice as fast)")
+    sp.add_argument("--no-wait", action="store_true", help="print everything at once")
+    sp.add_argument("--max-idle", default="2s", help="cap pauses at this long (default 2s)")
+    sp.add_argument("--input", action="store_true", help="also show terminal input (dimmed)")
+    sp.set_defaults(func=_run(cmd_replay))

@@ -1,0 +1,675 @@
+"""The gateway's recorder: session events and audit events into the spool, drained to the sinks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jsonschema
+
+from ..audit import AuditLog
+from ..config import ConfigError
+from ._chain import GENESIS, SigningKey
+from ._sinks import Drainer, LocalSink, PostgresSink, Retention, S3Sink, Sink
+from ._spool import AUDIT, CARRY, MANIFEST, SESSION, Offset, Spool, SpoolReader
+from ._util import RecordingError, canonical, encode, parse_interval, parse_size, sha256_hex
+
+if TYPE_CHECKING:
+    from ..config import GatewayConfig
+    from ..gateway import Session
+
+__all__ = ["RecordingsConfig", "SessionRecorder", "SinkConfig", "current_recorder"]
+
+log = logging.getLogger("lictor.recorder")
+
+# -- configuration ----------------------------------------------------------------------------------
+
+_SIZE = {"type": ["string", "integer"]}
+_DURATION = {"type": ["string", "number"]}
+_RETENTION = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"max_age": _DURATION, "max_bytes": _SIZE},
+}
+_COMMON = {"type": {"type": "string"}, "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,40}$"}}
+_SINK_SCHEMAS: dict[str, dict[str, Any]] = {
+    "local": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {**_COMMON, "path": {"type": "string"}, "retention": _RETENTION},
+    },
+    "postgres": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["dsn"],
+        "properties": {
+            **_COMMON,
+            "dsn": {"type": "string"},
+            "table_prefix": {"type": "string"},
+            "connect_timeout": _DURATION,
+            "retention": _RETENTION,
+        },
+    },
+    "s3": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["bucket"],
+        "properties": {
+            **_COMMON,
+            "bucket": {"type": "string"},
+            "prefix": {"type": "string"},
+            "endpoint_url": {"type": "string"},
+            "region": {"type": "string"},
+            "access_key_id": {"type": "string"},
+            "secret_access_key": {"type": "string"},
+            "create_bucket": {"type": "boolean"},
+            "timeout": _DURATION,
+            "retention": _RETENTION,
+        },
+    },
+}
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "mode": {"enum": ["best_effort", "strict"]},
+        "spool": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "path": {"type": "string"},
+                "max_bytes": _SIZE,
+                "segment_bytes": _SIZE,
+                "reserve_bytes": _SIZE,
+                "fsync_interval": _DURATION,
+            },
+        },
+        "sinks": {
+            "type": "array",
+            "items": {"type": "object", "required": ["type"], "properties": {"type": {"enum": list(_SINK_SCHEMAS)}}},
+        },
+        "retention": _RETENTION,
+        "retention_interval": _DURATION,
+        "stop_timeout": _DURATION,
+    },
+}
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    type: str
+    name: str
+    options: Mapping[str, Any]
+    retention: Retention
+
+
+@dataclass(frozen=True)
+class RecordingsConfig:
+    """The ``recordings:`` section of the gateway config, validated, with defaults applied."""
+
+    state_dir: Path
+    spool_dir: Path
+    local_dir: Path
+    mode: str = "best_effort"
+    max_bytes: int = 1 << 30
+    segment_bytes: int = 16 << 20
+    reserve_bytes: int = 1 << 20
+    fsync_interval: float = 0.005
+    retention_interval: float = 3600.0
+    stop_timeout: float = 10.0
+    sinks: tuple[SinkConfig, ...] = ()
+
+    @classmethod
+    def from_section(
+        cls, section: Mapping[str, Any], state_dir: Path, resolve: Callable[[str], Path] | None = None
+    ) -> RecordingsConfig:
+        """Validate ``section``; raise :class:`~lictor.ConfigError` naming the offending key."""
+        resolve = resolve or (lambda p: Path(p) if Path(p).is_absolute() else Path(state_dir) / p)
+
+        def fail(where: str, message: str) -> ConfigError:
+            return ConfigError(f"recordings{'.' + where if where else ''}: {message}")
+
+        errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(dict(section)), key=lambda e: e.path)
+        if errors:
+            e = errors[0]
+            raise fail(".".join(map(str, e.absolute_path)), e.message)
+        spool = section.get("spool") or {}
+        try:
+            default_retention = _retention(section.get("retention") or {}, "recordings.retention")
+            sinks: list[SinkConfig] = []
+            names: set[str] = set()
+            raw_sinks = list(section.get("sinks") or [])
+            if not any(s.get("type") == "local" for s in raw_sinks):
+                raw_sinks.insert(0, {"type": "local"})
+            for index, raw in enumerate(raw_sinks):
+                kind = str(raw["type"])
+                sink_errors = list(jsonschema.Draft202012Validator(_SINK_SCHEMAS[kind]).iter_errors(raw))
+                if sink_errors:
+                    raise fail(f"sinks.{index}", sink_errors[0].message)
+                name = str(raw.get("name") or kind)
+                if name in names:
+                    raise fail(f"sinks.{index}", f"two sinks are named {name!r}; give them distinct names")
+                if kind == "local" and any(s.type == "local" for s in sinks):
+                    raise fail(f"sinks.{index}", "only one local sink is supported")
+                names.add(name)
+                retention = (
+                    _retention(raw["retention"], f"recordings.sinks.{index}.retention")
+                    if "retention" in raw
+                    else default_retention
+                )
+                options = {k: v for k, v in raw.items() if k not in ("type", "name", "retention")}
+                sinks.append(SinkConfig(kind, name, options, retention))
+            local = next(s for s in sinks if s.type == "local")
+            local_dir = resolve(str(local.options["path"])) if local.options.get("path") else state_dir / "recordings"
+            spool_dir = resolve(str(spool["path"])) if spool.get("path") else state_dir / "spool"
+            max_bytes = parse_size(spool.get("max_bytes", 1 << 30), "recordings.spool.max_bytes")
+            return cls(
+                state_dir=Path(state_dir),
+                spool_dir=spool_dir,
+                local_dir=local_dir,
+                mode=str(section.get("mode", "best_effort")),
+                max_bytes=max_bytes,
+                segment_bytes=max(
+                    4096,
+                    parse_size(
+                        spool.get("segment_bytes", min(16 << 20, max(max_bytes // 8, 4096))),
+                        "recordings.spool.segment_bytes",
+                    ),
+                ),
+                reserve_bytes=parse_size(
+                    spool.get("reserve_bytes", min(1 << 20, max(max_bytes // 64, 4096))),
+                    "recordings.spool.reserve_bytes",
+                ),
+                fsync_interval=parse_interval(spool.get("fsync_interval", "5ms"), "recordings.spool.fsync_interval"),
+                retention_interval=parse_interval(
+                    section.get("retention_interval", "1h"), "recordings.retention_interval"
+                ),
+                stop_timeout=parse_interval(section.get("stop_timeout", "10s"), "recordings.stop_timeout"),
+                sinks=tuple(sinks),
+            )
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(str(exc)) from None
+
+    @classmethod
+    def from_gateway_config(cls, config: GatewayConfig) -> RecordingsConfig:
+        return cls.from_section(config.section("recordings"), config.state_dir, config.resolve)
+
+
+def _retention(raw: Mapping[str, Any], where: str) -> Retention:
+    return Retention(
+        max_age=parse_interval(raw["max_age"], f"{where}.max_age") if "max_age" in raw else 0.0,
+        max_bytes=parse_size(raw["max_bytes"], f"{where}.max_bytes") if "max_bytes" in raw else 0,
+    )
+
+
+# -- per-session state --------------------------------------------------------------------------------
+
+# The direction of an event when its data does not say (``data["direction"]``): "in" is what the
+# agent sent, "out" what it received, "gw" what the gateway itself did.
+DIRECTIONS = {
+    "input": "in",
+    "resize": "in",
+    "command": "in",
+    "statement": "in",
+    "http": "in",
+    "output": "out",
+    "decision": "gw",
+    "session.start": "gw",
+    "session.end": "gw",
+}
+
+
+@dataclass(slots=True)
+class _Live:
+    """What the recorder keeps per open session: the chain head and what the manifest needs."""
+
+    n: int = 0
+    prev: str = GENESIS
+    strict: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    first_seq: int = 0
+    last_seq: int = 0
+    started_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "prev": self.prev,
+            "strict": self.strict,
+            "meta": self.meta,
+            "counts": self.counts,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "started_at": self.started_at,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> _Live:
+        return cls(
+            n=int(doc["n"]),
+            prev=str(doc["prev"]),
+            strict=bool(doc.get("strict")),
+            meta=dict(doc.get("meta") or {}),
+            counts={str(k): int(v) for k, v in (doc.get("counts") or {}).items()},
+            first_seq=int(doc.get("first_seq") or 0),
+            last_seq=int(doc.get("last_seq") or 0),
+            started_at=float(doc.get("started_at") or 0.0),
+        )
+
+
+_CURRENT: list[weakref.ref[SessionRecorder]] = []
+
+
+def current_recorder() -> SessionRecorder | None:
+    """The recorder of the gateway running in this process (the newest one), if any."""
+    while _CURRENT:
+        recorder = _CURRENT[-1]()
+        if recorder is not None and not recorder._stopped:
+            return recorder
+        _CURRENT.pop()
+    return None
+
+
+class SessionRecorder:
+    """Records sessions and audit events durably; implements the gateway's ``Recorder``.
+
+    Every event is appended to the spool before the call returns (``strict`` sessions: and
+    fsync'd); drainer threads then copy the spool, in order, to each configured sink. Calls
+    raise :class:`RecordingError` (an :class:`~lictor.AuditError`) when an event cannot be
+    made durable; the gateway then refuses the command.
+    """
+
+    def __init__(self, config: RecordingsConfig, *, audit: AuditLog | None = None) -> None:
+        self.config = config
+        self.audit_log = audit
+        self.spool = Spool(
+            config.spool_dir,
+            max_bytes=config.max_bytes,
+            segment_bytes=config.segment_bytes,
+            fsync_interval=config.fsync_interval,
+            reserve_bytes=config.reserve_bytes,
+        )
+        try:
+            self.key = SigningKey(config.state_dir)
+            self._lock = threading.RLock()
+            self._sessions: dict[str, _Live] = {}
+            self._rotate_after = 0.0
+            self._started = False
+            self._stopped = False
+            orphans = self._recover()
+            self._sessions.update(orphans)
+            self.spool.start_segment((CARRY, self._carry()))
+            self.sinks: list[Sink] = [self._make_sink(s) for s in config.sinks]
+            self.drainers = [
+                Drainer(
+                    sink,
+                    self.spool,
+                    Offset(config.spool_dir / "offsets" / f"{sink.name}.off"),
+                    on_commit=self._release,
+                    retention_interval=config.retention_interval,
+                )
+                for sink in self.sinks
+            ]
+        except BaseException:
+            self.spool.close()
+            raise
+        self.local = next(d for d in self.drainers if isinstance(d.sink, LocalSink))
+        self.interrupted: list[str] = []
+        for sid in sorted(orphans):
+            log.warning("session %s was interrupted (the gateway stopped without closing it): signing it now", sid)
+            with self._lock:
+                try:
+                    self._finish(
+                        sid, self._sessions[sid], interrupted=True, reason="interrupted: the gateway restarted"
+                    )
+                except RecordingError as exc:
+                    log.error("session %s stays open in the spool (signed at next start): %s", sid, exc)
+                    continue
+                del self._sessions[sid]
+                self.interrupted.append(sid)
+        if audit is not None:
+            audit.before_read = self._catch_up_local
+        _CURRENT.append(weakref.ref(self))
+
+    @classmethod
+    def for_gateway(cls, config: GatewayConfig, audit: AuditLog | None) -> SessionRecorder:
+        return cls(RecordingsConfig.from_gateway_config(config), audit=audit)
+
+    def _make_sink(self, cfg: SinkConfig) -> Sink:
+        gid = self.spool.gateway_id
+        o = cfg.options
+        if cfg.type == "local":
+            return LocalSink(cfg.name, self.config.local_dir, self.audit_log, gid, cfg.retention)
+        if cfg.type == "postgres":
+            return PostgresSink(
+                cfg.name,
+                str(o["dsn"]),
+                gid,
+                cfg.retention,
+                prefix=str(o.get("table_prefix", "lictor_")),
+                connect_timeout=parse_interval(o.get("connect_timeout", 3), f"recordings sink {cfg.name}"),
+            )
+        return S3Sink(
+            cfg.name,
+            gid,
+            cfg.retention,
+            bucket=str(o["bucket"]),
+            prefix=str(o.get("prefix", "")),
+            endpoint_url=o.get("endpoint_url"),
+            region=o.get("region"),
+            access_key_id=o.get("access_key_id"),
+            secret_access_key=o.get("secret_access_key"),
+            create_bucket=bool(o.get("create_bucket", False)),
+            timeout=parse_interval(o.get("timeout", 5), f"recordings sink {cfg.name}"),
+        )
+
+    # -- recovery ------------------------------------------------------------------------------------
+
+    def _recover(self) -> dict[str, _Live]:
+        """The sessions left open by the previous run: from the newest carry record onwards."""
+        state: dict[str, _Live] = {}
+        after = 0
+        for segment in reversed(self.spool.segments):
+            reader = SpoolReader(self.spool, segment.first_seq - 1)
+            try:
+                first = reader.read(1)
+            finally:
+                reader.close()
+            if first and first[0].type == CARRY and first[0].seq == segment.first_seq:
+                state = self._parse_carry(first[0].body)
+                after = first[0].seq
+                break
+        for record in self.spool.records(after):
+            if record.type == SESSION:
+                doc = json.loads(record.body)
+                sid = str(doc["s"])
+                live = state.get(sid)
+                if live is None:
+                    live = state[sid] = _Live(first_seq=record.seq, started_at=float(doc.get("t") or 0))
+                if doc.get("kind") == "session.start" and isinstance(doc.get("data"), dict):
+                    live.meta = _meta(doc["data"])
+                    live.started_at = float(doc.get("t") or 0)
+                    live.strict = bool(doc["data"].get("recording") == "strict")
+                live.n = int(doc["n"]) + 1
+                live.prev = sha256_hex(record.body)
+                live.last_seq = record.seq
+            elif record.type == MANIFEST:
+                state.pop(str(json.loads(record.body)["manifest"]["session"]), None)
+            elif record.type == AUDIT:
+                doc = json.loads(record.body)
+                if doc.get("kind") == "decision" and doc.get("session") in state:
+                    live = state[str(doc["session"])]
+                    action = str(doc.get("action"))
+                    live.counts[action] = live.counts.get(action, 0) + 1
+            elif record.type == CARRY:
+                state = self._parse_carry(record.body)
+        return state
+
+    @staticmethod
+    def _parse_carry(body: bytes) -> dict[str, _Live]:
+        doc = json.loads(body)
+        return {str(sid): _Live.from_json(v) for sid, v in (doc.get("sessions") or {}).items()}
+
+    def _carry(self) -> bytes:
+        return encode(
+            {"v": 1, "t": time.time(), "sessions": {k: v.to_json() for k, v in self._sessions.items()}}
+        ).encode()
+
+    # -- the hot path ----------------------------------------------------------------------------------
+
+    def _append(self, rtype: int, body: bytes, reserve: bool = False) -> int:
+        spool = self.spool
+        if spool.active_size >= spool.segment_bytes and time.monotonic() >= self._rotate_after:
+            try:
+                spool.start_segment((CARRY, self._carry()))
+            except OSError as exc:  # RecordingError is an AuditError, not an OSError: caught below
+                self._rotate_later(exc)
+            except RecordingError as exc:
+                self._rotate_later(exc)
+        return spool.append(rtype, body, reserve=reserve)
+
+    def _rotate_later(self, exc: BaseException) -> None:
+        log.warning("could not start a new spool segment (%s); appending to the current one", exc)
+        self._rotate_after = time.monotonic() + 1.0
+
+    def _session_event(self, sid: str, live: _Live, kind: str, data: Mapping[str, Any], reserve: bool = False) -> int:
+        if type(data) is not dict or "direction" in data:
+            data = dict(data)
+        direction = data.pop("direction", None) if "direction" in data else None
+        body = encode(
+            {
+                "s": sid,
+                "n": live.n,
+                "t": time.time(),
+                "kind": kind,
+                "dir": direction or DIRECTIONS.get(kind, ""),
+                "data": data,
+                "prev": live.prev,
+            }
+        ).encode()
+        seq = self._append(SESSION, body, reserve)
+        live.n += 1
+        live.prev = sha256_hex(body)
+        live.last_seq = seq
+        if not live.first_seq:
+            live.first_seq = seq
+        return seq
+
+    def _sync(self, seq: int) -> None:
+        self.spool.sync(seq)
+
+    def open(self, session: Session) -> None:
+        """Start recording ``session`` (its first event, ``session.start``)."""
+        strict = self._strict_for(session)
+        data = {
+            **session.to_json(),
+            "auth_method": session.meta.get("auth_method", ""),
+            "started_at": session.started_at,
+            "recording": "strict" if strict else "best_effort",
+        }
+        live = _Live(strict=strict, meta=_meta(data), started_at=session.started_at)
+        with self._lock:
+            if session.id in self._sessions:
+                raise RecordingError(f"session {session.id} is already being recorded")
+            seq = self._session_event(session.id, live, "session.start", data)
+            self._sessions[session.id] = live
+        if strict:
+            self._sync(seq)
+
+    def event(self, session: Session, kind: str, data: Mapping[str, Any]) -> None:
+        """Append one event (``kind`` + JSON ``data``, masked as the agent saw it) to ``session``."""
+        with self._lock:
+            live = self._sessions.get(session.id)
+            if live is None:
+                raise RecordingError(f"session {session.id} is not being recorded (closed, or never opened)")
+            seq = self._session_event(session.id, live, kind, data)
+        if live.strict or self.config.mode == "strict":
+            self._sync(seq)
+
+    def audit(self, kind: str, event: Mapping[str, Any], *, strict: bool = False) -> None:
+        """Append an audit event; decisions other than ``allow`` also go into their session."""
+        body = encode({"kind": kind, "ts": time.time(), **event}).encode()
+        sid = event.get("session") if kind == "decision" else None
+        with self._lock:
+            seq = self._append(AUDIT, body)
+            live = self._sessions.get(sid) if isinstance(sid, str) else None
+            if live is not None:
+                assert isinstance(sid, str)
+                action = str(event.get("action"))
+                live.counts[action] = live.counts.get(action, 0) + 1
+                if strict:
+                    live.strict = True
+                strict = strict or live.strict
+                if action != "allow":
+                    request = event.get("request") or {}
+                    seq = self._session_event(
+                        sid,
+                        live,
+                        "decision",
+                        {
+                            "action": action,
+                            "rule_ids": event.get("rule_ids", []),
+                            "message": event.get("message", ""),
+                            "summary": request.get("summary", "") if isinstance(request, Mapping) else "",
+                            "phase": event.get("phase", "decision"),
+                            "approval_id": event.get("approval_id"),
+                        },
+                    )
+        if strict or self.config.mode == "strict":
+            self._sync(seq)
+
+    def close(self, session: Session) -> None:
+        """End the recording of ``session``: ``session.end`` and the signed manifest."""
+        with self._lock:
+            live = self._sessions.get(session.id)
+            if live is None:
+                return
+            try:
+                seq = self._finish(session.id, live, interrupted=False, reason="closed")
+            except RecordingError as exc:
+                log.error("could not close the recording of session %s (retried at stop): %s", session.id, exc)
+                return
+            del self._sessions[session.id]
+        if live.strict or self.config.mode == "strict":
+            try:
+                self._sync(seq)
+            except RecordingError as exc:
+                log.error("session %s: the end of its recording is not durable: %s", session.id, exc)
+
+    def _finish(self, sid: str, live: _Live, *, interrupted: bool, reason: str) -> int:
+        end_seq = self._session_event(
+            sid, live, "session.end", {"reason": reason, "decisions": dict(live.counts)}, reserve=True
+        )
+        meta = live.meta
+        manifest = {
+            "v": 1,
+            "session": sid,
+            "gateway": self.spool.gateway_id,
+            "started_at": live.started_at,
+            "ended_at": time.time(),
+            "events": live.n,
+            "head": live.prev,
+            "identity": meta.get("identity") or {},
+            "protocol": meta.get("protocol", ""),
+            "target": meta.get("target", ""),
+            "peer": meta.get("peer", ""),
+            "decisions": dict(live.counts),
+            "interrupted": interrupted,
+            "spool": {"gateway": self.spool.gateway_id, "first": live.first_seq, "last": end_seq},
+        }
+        return self.spool.append(MANIFEST, canonical(self.key.sign(manifest)), reserve=True)
+
+    def _strict_for(self, session: Session) -> bool:
+        if self.config.mode == "strict":
+            return True
+        try:
+            policy = session.gateway.policy
+            roles = session.roles(policy)
+            return any(getattr(policy.roles.get(r), "recording", "") == "strict" for r in roles)
+        except Exception:
+            log.exception("could not tell the recording mode of session %s; recording it strictly", session.id)
+            return True
+
+    # -- draining ----------------------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        upto = min(d.committed for d in self.drainers)
+        self.spool.release(upto)
+
+    def _catch_up_local(self) -> None:
+        if self._stopped:
+            return
+        try:
+            self.local.drain(time.monotonic() + 5.0)
+        except Exception as exc:
+            log.warning("could not catch up the local recording store: %s", exc)
+
+    def start(self) -> None:
+        """Start the group-commit thread and one drainer thread per sink."""
+        if self._started:
+            return
+        self._started = True
+        self.spool.start_sync_thread()
+        for drainer in self.drainers:
+            drainer.start()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every sink has committed everything appended so far; False on timeout."""
+        deadline = time.monotonic() + timeout
+        target = self.spool.written_seq
+        for drainer in self.drainers:
+            if drainer._thread is None:
+                drainer.drain(deadline)
+                continue
+            while drainer.committed < target and time.monotonic() < deadline:
+                drainer.wake()
+                time.sleep(0.005)
+        return all(d.committed >= target for d in self.drainers)
+
+    def status(self) -> dict[str, Any]:
+        """Spool size and, per sink, the committed position and health (for /status pages)."""
+        return {
+            "spool": {
+                "bytes": self.spool.total_bytes,
+                "max_bytes": self.spool.max_bytes,
+                "written": self.spool.written_seq,
+                "synced": self.spool.synced_seq,
+                "broken": self.spool.broken,
+            },
+            "sinks": [vars(d.status()) for d in self.drainers],
+            "open_sessions": len(self._sessions),
+        }
+
+    def stop(self) -> None:
+        """Close what is still open, drain the sinks (up to ``stop_timeout``), close the spool."""
+        if self._stopped:
+            return
+        with self._lock:
+            for sid, live in list(self._sessions.items()):
+                try:
+                    self._finish(sid, live, interrupted=False, reason="gateway stopping")
+                    del self._sessions[sid]
+                except RecordingError as exc:
+                    log.error("session %s stays open in the spool (signed at next start): %s", sid, exc)
+        deadline = time.monotonic() + self.config.stop_timeout
+        for drainer in self.drainers:
+            drainer.stop(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+        for drainer in self.drainers:
+            if drainer._thread is None and not drainer.drain(deadline):
+                log.warning(
+                    "recording sink %s is %d events behind; they stay in the spool and are sent at next start",
+                    drainer.name,
+                    self.spool.written_seq - drainer.committed,
+                )
+        self._stopped = True
+        if self.audit_log is not None and self.audit_log.before_read == self._catch_up_local:
+            self.audit_log.before_read = None
+        for drainer in self.drainers:
+            if drainer._thread is None:
+                drainer.close()
+        self.spool.close()
+
+    # -- reading -----------------------------------------------------------------------------------------
+
+    @property
+    def local_dir(self) -> Path:
+        return self.config.local_dir
+
+
+def _meta(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "identity": data.get("identity") or {},
+        "protocol": data.get("protocol", ""),
+        "target": data.get("target", ""),
+        "peer": data.get("peer", ""),
+    }

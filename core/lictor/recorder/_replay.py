@@ -1,0 +1,177 @@
+"""Showing a recorded session: the dialogue as text with its timing, and asciicast v2 export."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TextIO
+
+__all__ = ["asciicast_lines", "is_terminal", "render", "replay"]
+
+
+def _when(t: Any) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(float(t)).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OverflowError):
+        return "?"
+
+
+def _pretty_sql(sql: str) -> str:
+    import sqlparse  # display only: decisions never depend on it
+
+    try:
+        return str(sqlparse.format(sql, reindent=True, keyword_case="upper")).strip()
+    except Exception:
+        return sql.strip()
+
+
+def _indent(text: str, first: str, rest: str) -> str:
+    lines = text.splitlines() or [""]
+    return "\n".join([first + lines[0], *(rest + line for line in lines[1:])])
+
+
+def render(event: Mapping[str, Any], *, show_input: bool = False) -> str | None:
+    """The text of one event as the replay shows it (None: nothing to show).
+
+    ``output`` data is returned raw (terminal bytes as recorded); everything else is a line
+    or a block ending in a newline.
+    """
+    kind = str(event.get("kind", ""))
+    data = event.get("data")
+    d: Mapping[str, Any] = data if isinstance(data, Mapping) else {}
+    if kind == "output":
+        return str(d.get("data", ""))
+    if kind == "input":
+        return f"\x1b[2m{d.get('data', '')}\x1b[0m" if show_input else None
+    if kind == "resize":
+        return None
+    if kind == "session.start":
+        ident = d.get("identity") if isinstance(d.get("identity"), Mapping) else {}
+        assert isinstance(ident, Mapping)
+        return (
+            f"── session {event.get('s')} · {ident.get('sub', '?')} → {d.get('target', '?')} "
+            f"({d.get('protocol', '?')}) from {d.get('peer', '?')} · {_when(event.get('t'))}\n"
+        )
+    if kind == "session.end":
+        return f"── end of session ({d.get('reason', '')}) · {_when(event.get('t'))}\n"
+    if kind == "statement":
+        text = _indent(_pretty_sql(str(d.get("sql", ""))), "sql> ", "     ")
+        if d.get("params"):
+            text += f"\n     params: {json.dumps(d.get('params'), ensure_ascii=False, default=str)}"
+        outcome = [str(d[k]) for k in ("decision", "tag") if d.get(k)]
+        if d.get("rows") is not None:
+            outcome.append(f"{d['rows']} rows")
+        if d.get("ms") is not None:
+            outcome.append(f"{d['ms']} ms")
+        if d.get("error"):
+            outcome.append(f"error: {d['error']}")
+        return text + ("\n  ← " + " · ".join(outcome) if outcome else "") + "\n"
+    if kind == "http":
+        line = f"→ {d.get('method', '?')} {d.get('url', d.get('path', '?'))}"
+        if d.get("status") is not None:
+            line += f"\n← {d.get('status')}"
+            sizes = [f"{k.replace('_', ' ')} {d[k]}" for k in ("request_size", "response_size") if d.get(k) is not None]
+            if sizes:
+                line += f" ({', '.join(sizes)} bytes)"
+        return line + "\n"
+    if kind == "command":
+        return f"$ {d.get('command', '')}\n"
+    if kind == "decision":
+        rules = ", ".join(map(str, d.get("rule_ids") or [])) or "?"
+        what = str(d.get("action", "?")).upper()
+        text = f"✗ {what} [{rules}] {d.get('summary', '')}"
+        if d.get("message"):
+            text += f"\n  {d.get('message')}"
+        return text + "\n"
+    return f"[{kind}] {json.dumps(d, ensure_ascii=False, default=str)}\n"
+
+
+def replay(
+    events: Sequence[Mapping[str, Any]],
+    out: TextIO,
+    *,
+    speed: float = 1.0,
+    wait: bool = True,
+    max_idle: float = 2.0,
+    show_input: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Write the dialogue to ``out``, pausing between events as they happened (``speed`` x)."""
+    previous: float | None = None
+    for event in events:
+        t = float(event.get("t") or 0.0)
+        if wait and previous is not None and t > previous:
+            delay = min(t - previous, max_idle) / max(speed, 1e-6)
+            if delay > 0.0005:
+                out.flush()
+                sleep(delay)
+        previous = t
+        text = render(event, show_input=show_input)
+        if text:
+            out.write(text)
+    out.flush()
+
+
+def is_terminal(events: Sequence[Mapping[str, Any]]) -> bool:
+    return any(e.get("kind") in ("output", "input") for e in events)
+
+
+def _size(data: Mapping[str, Any]) -> tuple[int, int] | None:
+    for wk, hk in (("width", "height"), ("cols", "rows"), ("columns", "lines")):
+        if isinstance(data.get(wk), int) and isinstance(data.get(hk), int):
+            return int(data[wk]), int(data[hk])
+    return None
+
+
+def asciicast_lines(
+    manifest: Mapping[str, Any] | None, events: Sequence[Mapping[str, Any]], *, title: str = ""
+) -> Iterator[str]:
+    """asciicast v2: a header line, then ``[time, code, data]`` lines.
+
+    Terminal sessions (``output``/``input``/``resize`` events) map to ``o``/``i``/``r``; any
+    other session is rendered as the text dialogue (``o`` events), so it plays in any player.
+    """
+    start = float(events[0].get("t") or 0.0) if events else 0.0
+    width, height = 80, 24
+    for event in events:
+        data = event.get("data")
+        if isinstance(data, Mapping):
+            size = _size(data)
+            if size is not None:
+                width, height = size
+                break
+        if event.get("kind") == "output":
+            break
+    header: dict[str, Any] = {
+        "version": 2,
+        "width": width,
+        "height": height,
+        "timestamp": int(start),
+        "env": {"TERM": "xterm-256color"},
+    }
+    if title:
+        header["title"] = title
+    if manifest and isinstance(manifest.get("ended_at"), (int, float)):
+        header["duration"] = round(float(manifest["ended_at"]) - start, 6)
+    yield json.dumps(header)
+    terminal = is_terminal(events)
+    for event in events:
+        at = round(max(float(event.get("t") or start) - start, 0.0), 6)
+        kind = event.get("kind")
+        data = event.get("data")
+        d: Mapping[str, Any] = data if isinstance(data, Mapping) else {}
+        if terminal:
+            if kind == "output":
+                yield json.dumps([at, "o", str(d.get("data", ""))])
+            elif kind == "input":
+                yield json.dumps([at, "i", str(d.get("data", ""))])
+            elif kind == "resize":
+                size = _size(d)
+                if size is not None:
+                    yield json.dumps([at, "r", f"{size[0]}x{size[1]}"])
+            continue
+        text = render(event)
+        if text:
+            yield json.dumps([at, "o", text.replace("\r\n", "\n").replace("\n", "\r\n")])

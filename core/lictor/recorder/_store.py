@@ -1,0 +1,224 @@
+"""Reading recordings back: listing sessions, loading one, verifying chains and manifests."""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import json
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from ._chain import SessionVerdict, load_public_key, verify_session
+from ._sinks import INDEX_COLUMNS, PostgresSink, S3Sink
+from ._util import RecordingError, parse_interval
+
+__all__ = ["LocalStore", "RemoteStore", "Store", "parse_time", "select_sessions"]
+
+
+class Store(Protocol):
+    """Where recordings are read from."""
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One summary per session (unfiltered)."""
+        ...
+
+    def load_raw(self, session_id: str) -> tuple[bytes | None, list[bytes]]:
+        """(signed manifest bytes or None, the stored event bytes in order)."""
+        ...
+
+    def public_key_path(self) -> Path | None: ...
+
+
+def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "started_at": row.get("started_at"),
+        "ended_at": row.get("ended_at"),
+        "open": row.get("ended_at") is None,
+        "sub": row.get("sub", ""),
+        "protocol": row.get("protocol", ""),
+        "target": row.get("target", ""),
+        "peer": row.get("peer", ""),
+        "events": int(row.get("events") or 0),
+        "decisions": {k: int(row.get(k) or 0) for k in ("allow", "deny", "approve")},
+        "interrupted": bool(row.get("interrupted")),
+        "signed": bool(row.get("signed")),
+        "bytes": int(row.get("bytes") or 0),
+    }
+
+
+class LocalStore:
+    """The local directory sink's files (``recordings/`` in the state directory by default)."""
+
+    def __init__(self, directory: str | Path, state_dir: str | Path | None = None) -> None:
+        self.directory = Path(directory)
+        self.state_dir = Path(state_dir) if state_dir is not None else self.directory.parent
+        if not (self.directory / "index.db").exists():
+            raise RecordingError(f"no recordings at {self.directory} (index.db is missing)")
+
+    def _db(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.directory / 'index.db'}?mode=ro", uri=True, timeout=10)
+
+    def rows(self) -> list[dict[str, Any]]:
+        db = self._db()
+        try:
+            cur = db.execute(f"SELECT {','.join(INDEX_COLUMNS)} FROM sessions")  # noqa: S608
+            return [_summary(dict(zip(INDEX_COLUMNS, r, strict=True))) for r in cur.fetchall()]
+        finally:
+            db.close()
+
+    def _path(self, session_id: str) -> Path | None:
+        db = self._db()
+        try:
+            row = db.execute("SELECT path FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        finally:
+            db.close()
+        return self.directory / row[0] if row else None
+
+    def load_raw(self, session_id: str) -> tuple[bytes | None, list[bytes]]:
+        path = self._path(session_id)
+        if path is None:
+            raise RecordingError(f"no recorded session {session_id!r} in {self.directory}")
+        lines = path.read_bytes().splitlines() if path.exists() else []
+        manifest_path = path.with_name(path.name.removesuffix(".jsonl") + ".manifest.json")
+        manifest = manifest_path.read_bytes().rstrip(b"\n") if manifest_path.exists() else None
+        return manifest, lines
+
+    def public_key_path(self) -> Path | None:
+        path = self.state_dir / "recording.pub"
+        return path if path.exists() else None
+
+
+class RemoteStore:
+    """A PostgreSQL or S3 sink, read back."""
+
+    def __init__(self, sink: PostgresSink | S3Sink, state_dir: Path | None = None) -> None:
+        self.sink = sink
+        self.state_dir = state_dir
+
+    def rows(self) -> list[dict[str, Any]]:
+        if isinstance(self.sink, PostgresSink):
+            return [_summary(r) for r in self.sink.list_rows()]
+        out = []
+        for body in self.sink.manifests():
+            m = json.loads(body)["manifest"]
+            counts = m.get("decisions") or {}
+            out.append(
+                _summary(
+                    {
+                        "id": m["session"],
+                        "started_at": m.get("started_at"),
+                        "ended_at": m.get("ended_at"),
+                        "sub": (m.get("identity") or {}).get("sub", ""),
+                        "protocol": m.get("protocol", ""),
+                        "target": m.get("target", ""),
+                        "peer": m.get("peer", ""),
+                        "events": m.get("events", 0),
+                        "interrupted": m.get("interrupted", False),
+                        "signed": True,
+                        **{k: counts.get(k, 0) for k in ("allow", "deny", "approve")},
+                    }
+                )
+            )
+        return out
+
+    def load_raw(self, session_id: str) -> tuple[bytes | None, list[bytes]]:
+        return self.sink.load(session_id)
+
+    def public_key_path(self) -> Path | None:
+        if self.state_dir is None:
+            return None
+        path = self.state_dir / "recording.pub"
+        return path if path.exists() else None
+
+
+def parse_time(value: Any, what: str) -> float:
+    """Epoch seconds from a number, an ISO date/time, or a duration meaning "that long ago"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    try:
+        return time.time() - parse_interval(text, what)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{what}: expected a time like 2024-05-01T12:00, or a duration like 2h (ago)") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return moment.timestamp()
+
+
+FILTER_KEYS = ("sub", "target", "protocol", "since", "until", "decision", "open", "id", "limit")
+
+
+def select_sessions(rows: Sequence[Mapping[str, Any]], filters: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Filter summaries; newest first. See :func:`lictor.recorder.list_sessions` for the keys."""
+    filters = dict(filters or {})
+    unknown = sorted(set(filters) - set(FILTER_KEYS))
+    if unknown:
+        raise ValueError(f"unknown session filter(s) {', '.join(unknown)}; known: {', '.join(FILTER_KEYS)}")
+    since = parse_time(filters["since"], "since") if filters.get("since") is not None else None
+    until = parse_time(filters["until"], "until") if filters.get("until") is not None else None
+    decision = filters.get("decision")
+    if decision is not None and decision not in ("allow", "deny", "approve"):
+        raise ValueError(f"decision filter must be allow, deny or approve, not {decision!r}")
+    out = []
+    for row in rows:
+        if filters.get("id") and not str(row["id"]).startswith(str(filters["id"])):
+            continue
+        if any(
+            filters.get(k) is not None and not fnmatch.fnmatchcase(str(row.get(k, "")), str(filters[k]))
+            for k in ("sub", "target", "protocol")
+        ):
+            continue
+        started = row.get("started_at") or 0.0
+        ended = row.get("ended_at")
+        if since is not None and (ended if ended is not None else time.time()) < since:
+            continue
+        if until is not None and started > until:
+            continue
+        if decision is not None and not row["decisions"].get(decision):
+            continue
+        if filters.get("open") is not None and bool(row["open"]) != bool(filters["open"]):
+            continue
+        out.append(dict(row))
+    out.sort(key=lambda r: r.get("started_at") or 0.0, reverse=True)
+    if filters.get("limit"):
+        out = out[: int(filters["limit"])]
+    return out
+
+
+def resolve_id(store: Store, session_id: str) -> str:
+    """A full session id from an unambiguous prefix."""
+    ids = [str(r["id"]) for r in store.rows() if str(r["id"]).startswith(session_id)]
+    if session_id in ids:
+        return session_id
+    if len(ids) == 1:
+        return ids[0]
+    if not ids:
+        raise RecordingError(f"no recorded session matches {session_id!r}")
+    raise RecordingError(f"{session_id!r} matches {len(ids)} sessions; give more of the id")
+
+
+def parse_events(lines: Sequence[bytes]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines]
+
+
+def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = None) -> list[SessionVerdict]:
+    key_path = Path(public_key) if public_key else store.public_key_path()
+    public = load_public_key(key_path) if key_path is not None else None
+    verdicts = []
+    for sid in ids:
+        manifest_raw, lines = store.load_raw(sid)
+        try:
+            manifest = json.loads(manifest_raw) if manifest_raw is not None else None
+        except ValueError:
+            verdicts.append(SessionVerdict(sid, False, len(lines), False, None, "the manifest is not valid JSON"))
+            continue
+        verdicts.append(verify_session(sid, lines, manifest, public))
+    return verdicts

@@ -1,0 +1,217 @@
+"""The recording spool: records, segments, recovery after torn writes, full disks, offsets."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.conftest import require
+
+from lictor.recorder import Offset, RecordingError, Spool, SpoolFull
+from lictor.recorder._spool import AUDIT, CARRY, SESSION, encode_record
+
+
+def _spool(path: Path, **kw: int | float) -> Spool:
+    spool = Spool(path, **kw)  # type: ignore[arg-type]
+    spool.start_segment()
+    return spool
+
+
+def _bodies(spool: Spool, after: int = 0) -> list[tuple[int, int, bytes]]:
+    return [(r.seq, r.type, r.body) for r in spool.records(after)]
+
+
+def test_append_read_in_order_across_segments(tmp_path: Path) -> None:
+    spool = _spool(tmp_path / "spool", segment_bytes=4096)
+    expected = []
+    for i in range(500):
+        body = b'{"i":%d,"pad":"%s"}' % (i, b"x" * (i % 50))
+        if spool.active_size >= spool.segment_bytes:
+            spool.start_segment((CARRY, b'{"sessions":{}}'))
+            expected.append(CARRY)
+        seq = spool.append(SESSION if i % 2 else AUDIT, body)
+        expected.append(seq)
+    assert len(spool.segments) > 5
+    records = list(spool.records())
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    assert [r.body for r in records if r.type != CARRY] == [
+        b'{"i":%d,"pad":"%s"}' % (i, b"x" * (i % 50)) for i in range(500)
+    ]
+    # reading from the middle starts right after the given position
+    assert [r.seq for r in spool.records(250)][0] == 251
+    spool.close()
+
+
+def test_torn_tail_is_cut_on_reopen_and_sequence_continues(tmp_path: Path) -> None:
+    spool = _spool(tmp_path / "spool")
+    for i in range(10):
+        spool.append(SESSION, b'{"i":%d}' % i)
+    path = spool.segments[-1].path
+    spool.close()
+    whole = encode_record(11, SESSION, b'{"i":10,"never":"finished"}')
+    with open(path, "ab") as fh:
+        fh.write(whole[: len(whole) // 2])  # a write the machine did not finish
+    spool = Spool(tmp_path / "spool")
+    assert spool.recovery_problems and "incomplete record" in spool.recovery_problems[0]
+    assert path.stat().st_size == spool.segments[0].size
+    spool.start_segment()
+    assert spool.append(SESSION, b'{"i":"next"}') == 11
+    assert [r.body for r in spool.records()][-2:] == [b'{"i":9}', b'{"i":"next"}']
+    spool.close()
+
+
+def test_flipped_byte_is_detected_by_the_checksum(tmp_path: Path) -> None:
+    spool = _spool(tmp_path / "spool")
+    for i in range(5):
+        spool.append(SESSION, b'{"value":"%d"}' % i)
+    path = spool.segments[-1].path
+    spool.close()
+    data = bytearray(path.read_bytes())
+    data[data.index(b'"value":"3"') + 9] ^= 0x01
+    path.write_bytes(bytes(data))
+    spool = Spool(tmp_path / "spool")
+    assert "checksum" in spool.recovery_problems[0]
+    assert [r.seq for r in spool.records()] == [1, 2, 3]  # cut at the bad record, reported
+    spool.close()
+
+
+def test_spool_full_refuses_without_changing_anything(tmp_path: Path) -> None:
+    spool = _spool(tmp_path / "spool", max_bytes=2000, segment_bytes=500, reserve_bytes=200)
+    acknowledged = []
+    with pytest.raises(SpoolFull, match="full"):
+        for i in range(1000):
+            if spool.active_size >= spool.segment_bytes:
+                spool.start_segment()
+            acknowledged.append(spool.append(SESSION, b'{"i":%d,"pad":"0123456789012345678901234567890"}' % i))
+    before = (spool.written_seq, spool.total_bytes)
+    with pytest.raises(SpoolFull):
+        spool.append(SESSION, b"{}" * 40)
+    assert (spool.written_seq, spool.total_bytes) == before
+    # the reserve lets the records that close a session through
+    closing = spool.append(SESSION, b'{"kind":"session.end"}', reserve=True)
+    assert closing == before[0] + 1
+    # releasing what every sink committed makes room again
+    freed = spool.release(acknowledged[-1])
+    assert freed > 0
+    assert spool.append(SESSION, b'{"after":"release"}') == closing + 1
+    assert [r.seq for r in spool.records()][-1] == closing + 1
+    spool.close()
+
+
+def test_release_keeps_the_active_and_uncommitted_segments(tmp_path: Path) -> None:
+    spool = _spool(tmp_path / "spool", segment_bytes=200)
+    for i in range(40):
+        if spool.active_size >= spool.segment_bytes:
+            spool.start_segment()
+        spool.append(SESSION, b'{"i":%d,"pad":"........................"}' % i)
+    segments = list(spool.segments)
+    middle = segments[len(segments) // 2]
+    spool.release(middle.last_seq - 1)  # the middle segment is not fully committed
+    assert spool.segments[0] is middle
+    assert all(s.path.exists() for s in spool.segments)
+    assert not segments[0].path.exists()
+    spool.release(10**9)
+    assert spool.segments == [segments[-1]]  # the active one stays: it carries the next sequence number
+    assert spool.records(0).__next__().seq == segments[-1].first_seq
+    spool.close()
+
+
+def test_sequence_numbers_are_never_reused(tmp_path: Path) -> None:
+    spool = _spool(tmp_path / "spool")
+    for _ in range(7):
+        spool.append(SESSION, b"{}")
+    spool.start_segment()  # empty active segment, previous one released
+    spool.release(7)
+    spool.close()
+    for path in (tmp_path / "spool").glob("*.seg"):
+        path.unlink()  # even with every segment gone
+    spool = _spool(tmp_path / "spool")
+    assert spool.append(SESSION, b"{}") == 8
+    spool.close()
+
+
+def test_offset_survives_a_torn_slot(tmp_path: Path) -> None:
+    off = Offset(tmp_path / "sink.off")
+    assert not off.exists and off.position == 0
+    for pos in (5, 17, 42):
+        off.commit(pos)
+    off.close()
+    again = Offset(tmp_path / "sink.off")
+    assert again.position == 42 and again.exists
+    again.close()
+    data = bytearray((tmp_path / "sink.off").read_bytes())
+    slot = (3 % 2) * 32  # generation 3 was written to slot 1
+    data[slot + 9] ^= 0xFF  # tear the newest slot
+    (tmp_path / "sink.off").write_bytes(bytes(data))
+    torn = Offset(tmp_path / "sink.off")
+    assert torn.position == 17  # the previous commit, never garbage
+    torn.close()
+
+
+def test_one_gateway_per_spool_directory(tmp_path: Path) -> None:
+    spool = _spool(tmp_path / "spool")
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom lictor.recorder import Spool, RecordingError\n"
+        "try:\n    Spool(Path(sys.argv[1]))\nexcept RecordingError as e:\n    print(e); sys.exit(3)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "spool")], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 3 and "in use by another gateway process" in proc.stdout
+    # in the same process, a new instance takes over (the old one refuses from then on)
+    second = _spool(tmp_path / "spool")
+    with pytest.raises(RecordingError, match="closed"):
+        spool.append(SESSION, b"{}")
+    assert second.append(SESSION, b"{}") == 1
+    second.close()
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    require(mounted.returncode == 0, f"cannot mount a tmpfs (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_disk_full_rolls_back_and_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    with tiny_tmpfs(tmp_path / "disk", "256k") as disk:
+        spool = _spool(disk / "spool", max_bytes=10 << 20, segment_bytes=16 << 10)
+        acknowledged: dict[int, bytes] = {}
+        failures = 0
+        for i in range(100_000):
+            body = b'{"i":%d,"pad":"%s"}' % (i, b"z" * 300)
+            try:
+                if spool.active_size >= spool.segment_bytes:
+                    try:
+                        spool.start_segment((CARRY, b"{}"))
+                    except OSError:
+                        pass
+                acknowledged[spool.append(SESSION, body)] = body
+            except RecordingError as exc:
+                assert "disk full" in str(exc) or "No space" in str(exc)
+                failures += 1
+                if failures > 20:
+                    break
+        assert failures > 20 and len(acknowledged) > 100
+        spool.sync()
+        got = {r.seq: r.body for r in spool.records() if r.type == SESSION}
+        assert got == acknowledged  # every acknowledged record, nothing half-written
+        spool.close()
+        reopened = Spool(disk / "spool")
+        assert reopened.recovery_problems == []  # failed writes were rolled back, not left torn
+        assert all(r.type == CARRY for r in reopened.records(max(acknowledged)))
+        # freeing space (every sink committed) lets new records in again
+        reopened.release(reopened.written_seq)
+        reopened.start_segment()
+        assert reopened.append(SESSION, b'{"after":"space"}') > max(acknowledged)
+        reopened.close()
+    assert os.path.ismount(tmp_path / "disk") is False
