@@ -1,0 +1,136 @@
+"""Response body masking for the HTTP/Kubernetes proxy (lictor_addons.http._bodies)."""
+
+import base64
+import json
+from collections import Counter
+
+import pytest
+from lictor.masking import MaskPlan
+from lictor_addons.http import _bodies as bodies
+
+PLAN = MaskPlan.compile([{"detectors": ["email", "card"]}], key=b"k" * 32)
+EMAIL = b"jane.doe@example.com"
+CARD = b"4111 1111 1111 1111"
+
+
+def masking(plan: MaskPlan = PLAN, *, kubernetes: bool = False, secrets: bool = False) -> bodies.Masking:
+    return bodies.Masking(plan, kubernetes=kubernetes, secrets=secrets, secrets_response=secrets)
+
+
+def run(fn: bodies.StreamFn, chunks: list[bytes]) -> list[bytes]:
+    out: list[bytes] = []
+    for chunk in [*chunks, b""]:
+        produced = fn(chunk)
+        assert isinstance(produced, list)
+        assert all(c != b"" for c in produced), "an empty chunk would end a chunked body early"
+        out.extend(produced)
+    return out
+
+
+def errors() -> tuple[list[Exception], object]:
+    seen: list[Exception] = []
+    return seen, seen.append
+
+
+def test_byte_stream_masks_matches_split_across_chunks() -> None:
+    text = b"contact " + EMAIL + b" card " + CARD + b" end\n"
+    for cut in range(1, len(text)):
+        seen, on_error = errors()
+        m = masking()
+        out = b"".join(run(bodies.byte_stream(m, bodies.Tap(), on_error), [text[:cut], text[cut:]]))  # type: ignore[arg-type]
+        assert EMAIL not in out and b"1111 1111" not in out, cut
+        assert out.startswith(b"contact ") and out.endswith(b" end\n")
+        assert not seen
+    assert m.counts["email"] == 1 and m.counts["card"] == 1
+
+
+def test_byte_stream_of_many_small_chunks_equals_whole_masking() -> None:
+    text = (b"line " + EMAIL + b"\n") * 200
+    seen, on_error = errors()
+    tap = bodies.Tap(limit=100)
+    out = b"".join(run(bodies.byte_stream(masking(), tap, on_error), [text[i : i + 7] for i in range(0, len(text), 7)]))  # type: ignore[arg-type]
+    assert out == PLAN.mask_bytes(text)[0]
+    assert tap.size_in == len(text) and tap.size_out == len(out) and len(tap.head) == 100
+
+
+def test_passthrough_never_emits_empty_chunks() -> None:
+    seen, on_error = errors()
+    out = run(bodies.passthrough(bodies.Tap(), on_error), [b"a", b"", b"b"][:1] + [b"b"])  # type: ignore[arg-type]
+    assert out == [b"a", b"b"]
+
+
+def test_document_stream_masks_whole_json_and_enforces_its_limit() -> None:
+    doc = json.dumps({"users": [{"email": EMAIL.decode(), "card": CARD.decode()}] * 3}).encode()
+    seen, on_error = errors()
+    out = b"".join(run(bodies.document_stream(masking(), 1 << 20, bodies.Tap(), on_error), [doc[:10], doc[10:]]))  # type: ignore[arg-type]
+    parsed = json.loads(out)
+    assert all(u["email"] == "[REDACTED:email]" and u["card"] == "[REDACTED:card]" for u in parsed["users"])
+    seen, on_error = errors()
+    out = b"".join(run(bodies.document_stream(masking(), 50, bodies.Tap(), on_error), [doc[:40], doc[40:]]))  # type: ignore[arg-type]
+    assert out == b"" and len(seen) == 1 and isinstance(seen[0], bodies.BodyError)
+    seen, on_error = errors()
+    out = b"".join(run(bodies.document_stream(masking(), 1 << 20, bodies.Tap(), on_error), [b"{not json"]))  # type: ignore[arg-type]
+    assert out == b"" and len(seen) == 1
+
+
+def secret(name: str, **data: str) -> dict:  # type: ignore[type-arg]
+    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    last = json.dumps({"apiVersion": "v1", "kind": "Secret", "data": encoded, "metadata": {"name": name}})
+    return {
+        "metadata": {"name": name, "annotations": {bodies.LAST_APPLIED: last}},
+        "data": encoded,
+        "stringData": {"plain": "hunter2"},
+        "type": "Opaque",
+    }
+
+
+def test_secrets_are_masked_in_objects_lists_and_annotations() -> None:
+    item = secret("db", password="s3cr3t-value")
+    lst = {"kind": "SecretList", "apiVersion": "v1", "items": [item]}  # list items carry no kind
+    counts: Counter[str] = Counter()
+    bodies.mask_secrets(lst, counts, secrets_response=True)
+    text = json.dumps(lst)
+    assert "s3cr3t" not in text and base64.b64encode(b"s3cr3t-value").decode() not in text and "hunter2" not in text
+    masked = lst["items"][0]
+    assert base64.b64decode(masked["data"]["password"]) == bodies.REDACTED.encode()  # still valid base64
+    assert json.loads(masked["metadata"]["annotations"][bodies.LAST_APPLIED])["data"]["password"] == bodies.REDACTED_B64
+    # Outside a secrets response only objects that say they are Secrets are touched.
+    configmap = {"kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"k": "v"}}
+    bodies.mask_secrets(configmap, counts, secrets_response=False)
+    assert configmap["data"] == {"k": "v"}
+    table = {"kind": "Table", "rows": [{"object": {"kind": "Secret", "metadata": {}, "data": {"a": "eA=="}}}]}
+    bodies.mask_secrets(table, counts, secrets_response=False)
+    assert table["rows"][0]["object"]["data"]["a"] == bodies.REDACTED_B64
+
+
+def test_watch_events_are_masked_one_by_one_whatever_the_chunking() -> None:
+    events = [
+        {"type": "ADDED", "object": {"kind": "Secret", "metadata": {"name": f"s{i}"}, "data": {"p": "c2VjcmV0"}}}
+        for i in range(5)
+    ]
+    stream = b"".join(json.dumps(e).encode() + b"\n" for e in events)
+    for size in (1, 7, 64, len(stream)):
+        seen, on_error = errors()
+        m = masking(MaskPlan.EMPTY, kubernetes=True, secrets=True)
+        fn = bodies.json_event_stream(m, 1 << 20, bodies.Tap(), on_error)  # type: ignore[arg-type]
+        out = b"".join(run(fn, [stream[i : i + size] for i in range(0, len(stream), size)]))
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert [e["object"]["metadata"]["name"] for e in lines] == [f"s{i}" for i in range(5)]
+        assert all(e["object"]["data"]["p"] == bodies.REDACTED_B64 for e in lines)
+        assert not seen
+
+
+def test_watch_event_size_is_bounded() -> None:
+    seen, on_error = errors()
+    fn = bodies.json_event_stream(masking(), 100, bodies.Tap(), on_error)  # type: ignore[arg-type]
+    out = run(fn, [b'{"a": "' + b"x" * 200])
+    assert out == [] and len(seen) == 1
+
+
+@pytest.mark.parametrize("limit", [10])
+def test_masking_failures_stop_the_stream(limit: int) -> None:
+    seen, on_error = errors()
+    fn = bodies.document_stream(masking(), limit, bodies.Tap(), on_error)  # type: ignore[arg-type]
+    assert fn(b"x" * 20) == []
+    assert fn(b"more") == [] and fn(b"") == []  # nothing after a failure, not even the end
+    assert len(seen) == 1

@@ -1,0 +1,261 @@
+"""Fault injection into the embedded mitmproxy: a failure anywhere in Lictor's handling never forwards.
+
+mitmproxy's addon manager logs an addon's exception and lets the flow continue. These tests run the real
+gateway (addons, policy, embedded mitmproxy, real sockets) in this process, break Lictor's hooks one by one
+and prove with the upstream's own record of requests that nothing undecided reached it, and that nothing
+unmasked reached the agent.
+"""
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from lictor import AddonManager, Gateway, load_config
+from lictor_addons import default_addons
+from lictor_addons.http import _bodies, _proxy
+
+from .conftest import free_port
+
+EMAIL = "jane.doe@example.com"
+
+
+class Upstream:
+    """A local HTTP API that records every request it receives."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                upstream.requests.append((self.command, self.path, dict(self.headers)))
+                if self.path.startswith("/chunked"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for _ in range(50):
+                        chunk = f"user {EMAIL}\n".encode() * 100
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
+                body = json.dumps({"email": EMAIL, "path": self.path}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+PACK = {
+    "format": "lictor/v1",
+    "metadata": {"name": "failclosed", "owner": "tests"},
+    "identities": [{"match": {"claims": {"role": "agent"}}, "roles": ["agent"]}],
+    "roles": {
+        "agent": {
+            "rules": [
+                {"id": "read", "protocol": "http", "when": {"methods": ["GET"]}, "action": "allow"},
+                {"id": "pii", "protocol": "http", "when": {"methods": ["GET"]}, "action": "mask", "mask": {"detectors": ["email"]}},
+            ]
+        }
+    },
+}
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    up = Upstream()
+    yield up
+    up.close()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, upstream: Upstream) -> AsyncIterator[tuple[Gateway, str, str]]:
+    (tmp_path / "packs").mkdir()
+    (tmp_path / "packs" / "p.yaml").write_text(yaml.safe_dump(PACK))
+    port = free_port()
+    config = {
+        "version": 1,
+        "state_dir": str(tmp_path / "state"),
+        "rulepacks": ["packs"],
+        "targets": {
+            "api": {
+                "protocol": "http",
+                "listen": f"127.0.0.1:{port}",
+                "upstream": upstream.url,
+                "tls": {"enabled": False},
+                "credentials": {"bearer": "upstream-secret"},
+            }
+        },
+    }
+    (tmp_path / "lictor.yaml").write_text(yaml.safe_dump(config))
+    manager = AddonManager()
+    manager.add(*default_addons())
+    gw = Gateway(load_config(tmp_path / "lictor.yaml"), manager)
+    await gw.start()
+    token = gw.issuer.issue("agent-1", {"role": "agent"}, ttl=600)
+    try:
+        yield gw, f"http://127.0.0.1:{port}", token
+    finally:
+        await gw.stop()
+
+
+def proxy_of(gw: Gateway) -> _proxy.LictorProxy:
+    addon = gw.addons.get("http")
+    assert addon is not None and addon.proxy is not None
+    lictor = addon.proxy.lictor
+    assert isinstance(lictor, _proxy.LictorProxy)
+    return lictor
+
+
+def boom(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("injected fault")
+
+
+async def get(url: str, token: str, path: str = "/ok") -> httpx.Response:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await client.get(url + path, headers={"Authorization": f"Bearer {token}"})
+
+
+async def test_the_setup_forwards_and_masks(gateway: tuple[Gateway, str, str], upstream: Upstream) -> None:
+    gw, url, token = gateway
+    resp = await get(url, token)
+    assert resp.status_code == 200 and resp.json()["email"] == "[REDACTED:email]"
+    assert len(upstream.requests) == 1
+    headers = {k.lower(): v for k, v in upstream.requests[0][2].items()}
+    assert headers["authorization"] == "Bearer upstream-secret"  # the agent's token never goes upstream
+
+
+async def test_failure_while_deciding_answers_500_and_forwards_nothing(
+    gateway: tuple[Gateway, str, str], upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, url, token = gateway
+    monkeypatch.setattr(proxy_of(gw), "_prepare_upstream", boom)  # after the policy allowed it
+    resp = await get(url, token)
+    assert resp.status_code == 500
+    assert resp.json()["rule"] == "lictor:addon-error"
+    assert upstream.requests == []
+
+
+async def test_failure_of_the_failure_path_is_caught_by_the_gate(
+    gateway: tuple[Gateway, str, str], upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, url, token = gateway
+    lictor = proxy_of(gw)
+    monkeypatch.setattr(lictor, "_request", boom)
+    monkeypatch.setattr(lictor, "_answer", boom)
+    with pytest.raises(httpx.HTTPError):
+        await get(url, token)
+    assert upstream.requests == []
+
+
+async def test_an_exception_escaping_the_hook_is_swallowed_by_mitmproxy_but_the_gate_holds(
+    gateway: tuple[Gateway, str, str], upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, url, token = gateway
+    monkeypatch.setattr(proxy_of(gw), "request", boom)  # mitmproxy's safecall logs this and carries on
+    with pytest.raises(httpx.HTTPError):
+        await get(url, token)
+    assert upstream.requests == []
+
+
+async def test_unchecked_response_headers_are_not_relayed(
+    gateway: tuple[Gateway, str, str], upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, url, token = gateway
+    monkeypatch.setattr(proxy_of(gw), "_responseheaders", boom)
+    resp = await get(url, token)
+    assert resp.status_code == 502 and EMAIL not in resp.text
+
+
+async def test_unchecked_response_body_is_not_relayed(
+    gateway: tuple[Gateway, str, str], upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, url, token = gateway
+    monkeypatch.setattr(proxy_of(gw), "_response", boom)
+    resp = await get(url, token)
+    assert resp.status_code == 502 and EMAIL not in resp.text
+    monkeypatch.setattr(proxy_of(gw), "response", boom)  # even the wrapper: the gate replaces the response
+    resp = await get(url, token)
+    assert resp.status_code == 502 and EMAIL not in resp.text
+
+
+async def test_masking_failure_mid_stream_cuts_the_response(
+    gateway: tuple[Gateway, str, str], upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, url, token = gateway
+    resp = await get(url, token, "/chunked")  # works without the fault, masked on the way
+    assert resp.status_code == 200 and EMAIL not in resp.text and resp.text.count("[REDACTED:email]") == 5000
+
+    real = _bodies.Masking.__init__
+    calls = {"n": 0}
+
+    def failing_plan(self: _bodies.Masking, plan: Any, **kw: Any) -> None:
+        class Broken:
+            is_empty = False
+            has_json_paths = False
+            has_detectors = True
+
+            def stream(self) -> Any:
+                class S:
+                    counts: dict[str, int] = {}
+
+                    def feed(self, chunk: bytes) -> bytes:
+                        calls["n"] += 1
+                        if calls["n"] > 3:
+                            raise RuntimeError("injected masking fault")
+                        return plan.mask_bytes(chunk)[0]
+
+                    def close(self) -> bytes:
+                        return b""
+
+                return S()
+
+        real(self, Broken(), **kw)
+
+    monkeypatch.setattr(_bodies.Masking, "__init__", failing_plan)
+    async with httpx.AsyncClient(timeout=10) as client:
+        received = b""
+        with pytest.raises(httpx.HTTPError):
+            async with client.stream("GET", url + "/chunked", headers={"Authorization": f"Bearer {token}"}) as r:
+                async for chunk in r.aiter_raw():
+                    received += chunk
+    assert EMAIL.encode() not in received
+    assert received.count(b"[REDACTED:email]") <= 3 * 100 + 100
+
+
+async def test_requests_without_length_or_too_big_are_not_read(
+    gateway: tuple[Gateway, str, str], upstream: Upstream
+) -> None:
+    gw, url, token = gateway
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"x" * 10
+        await asyncio.sleep(0)
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        with pytest.raises(httpx.HTTPError):
+            await client.post(url + "/ok", content=body(), headers={"Authorization": f"Bearer {token}"})
+        with pytest.raises(httpx.HTTPError):
+            await client.post(url + "/ok", content=b"x" * (17 * 1024 * 1024), headers={"Authorization": f"Bearer {token}"})
+    assert upstream.requests == []

@@ -1,0 +1,215 @@
+"""How HTTP and Kubernetes requests become policy requests (lictor_addons.http._requests)."""
+
+import json
+
+import pytest
+from lictor import Identity, load_policy
+from lictor_addons import default_addons
+from lictor_addons.http._requests import (
+    Unreadable,
+    canonical_path,
+    flatten_json,
+    http_request,
+    json_attrs,
+    k8s_request,
+    loads_strict,
+    reveal_request,
+)
+from lictor_addons.http.vocabulary import HTTP_VOCABULARY, K8S_VOCABULARY
+
+
+def _http(path: str, method: str = "GET", body: bytes = b"", ctype: str = "", **headers: str):
+    return http_request(
+        method=method,
+        raw_path=path,
+        host="API.example.com",
+        headers=list(headers.items()),
+        body=body,
+        content_type=ctype,
+        target="api",
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "decoded"),
+    [
+        ("/v1/customers/42", "/v1/customers/42"),
+        ("/v1/customers/", "/v1/customers/"),
+        ("/v1/na%20me", "/v1/na me"),
+        ("/", "/"),
+    ],
+)
+def test_canonical_paths(raw: str, decoded: str) -> None:
+    assert canonical_path(raw) == decoded
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/v1/customers/../admin",
+        "/v1/./customers",
+        "/v1//customers",
+        "/v1/%2e%2e/admin",
+        "/v1/a%2fb",
+        "/v1/a%252fb",
+        "/v1/admin;jsessionid=1",
+        "/v1/a\\b",
+        "/v1/%00",
+        "/v1/%zz",
+        "v1/customers",
+    ],
+)
+def test_ambiguous_paths_are_refused(raw: str) -> None:
+    with pytest.raises(Unreadable):
+        canonical_path(raw)
+
+
+def test_http_request_attrs() -> None:
+    body = json.dumps({"name": "x", "tags": ["a", "b"], "force": True, "n": 1.5, "odd.key": None}).encode()
+    req = _http(
+        "/v1/customers?limit=10&tag=a&tag=b",
+        "post",
+        body,
+        "application/json; charset=utf-8",
+        Authorization="Bearer secret",
+        Cookie="s=1",
+        **{"X-Lictor-Reason": "why", "Content-Type": "application/json", "X-Trace": "t1"},
+    )
+    assert req.protocol == "http" and req.action == "POST" and req.target == "api"
+    a = req.attrs
+    assert a["method"] == "POST" and a["host"] == "api.example.com" and a["path"] == "/v1/customers"
+    assert a["query"] == {"limit": ["10"], "tag": ["a", "b"]}
+    assert a["headers"] == {"content-type": "application/json", "x-trace": "t1"}  # no credentials, no X-Lictor-*
+    assert a["json"] == {
+        "$.name": "x",
+        "$.tags[*]": ["a", "b"],
+        "$.force": "true",
+        "$.n": "1.5",
+        '$["odd.key"]': "null",
+    }
+    assert a["body_size"] == len(body)
+    assert req.summary == "POST /v1/customers?limit=10&tag=a&tag=b"
+    assert req.payload.startswith("POST /v1/customers?limit=10&tag=a&tag=b sha256:")
+    assert _http("/v1/customers?limit=10&tag=a&tag=b", "POST", body + b" ").digest() != req.digest()
+
+
+def test_json_bodies_that_could_be_read_two_ways_are_refused() -> None:
+    with pytest.raises(Unreadable):
+        json_attrs(b'{"force": false, "force": true}', "application/json")
+    with pytest.raises(Unreadable):
+        json_attrs(b'{"n": NaN}', "application/json")
+    with pytest.raises(Unreadable):
+        json_attrs(b'{"a": ', "application/json")
+    with pytest.raises(Unreadable):
+        json_attrs(b"[" * 100 + b"]" * 100, "application/json")
+    with pytest.raises(Unreadable):
+        flatten_json(list(range(20)), max_leaves=10)
+    # Undeclared JSON is still read when it parses; text that does not parse is just not JSON.
+    assert json_attrs(b'{"force": true}', "text/plain") == {"$.force": "true"}
+    assert json_attrs(b"{not json", "text/plain") is None
+    assert json_attrs(b"plain", "") is None
+    with pytest.raises(ValueError):
+        loads_strict(b'{"a":1,"a":2}')
+
+
+def test_query_separators_that_servers_disagree_on_are_refused() -> None:
+    with pytest.raises(Unreadable):
+        _http("/v1/x?a=1;b=2")
+
+
+def test_kubernetes_attrs() -> None:
+    call = k8s_request(
+        method="GET",
+        raw_path="/api/v1/namespaces/apps/pods/web-0/exec?command=ls&command=-la&stdin=true&stdout=true",
+        headers={},
+        body=b"",
+        target="cluster",
+    )
+    assert call.request.action == "exec"
+    assert call.request.attrs == {
+        "verb": "exec",
+        "resource": "pods/exec",
+        "subresource": "exec",
+        "api_group": "core",
+        "namespace": "apps",
+        "name": "web-0",
+        "command": "ls -la",
+    }
+    assert call.request.summary == "exec pods/web-0 -n apps -- ls -la"
+    lst = k8s_request(method="GET", raw_path="/apis/apps/v1/deployments", headers={}, body=b"", target="c")
+    assert lst.request.attrs == {"verb": "list", "resource": "deployments", "api_group": "apps", "namespace": ""}
+    disc = k8s_request(method="GET", raw_path="/apis/apps/v1", headers={}, body=b"", target="c")
+    assert disc.request.attrs == {"verb": "get", "path": "/apis/apps/v1"}  # paths only for non-resource URLs
+    reveal = reveal_request(
+        k8s_request(method="GET", raw_path="/api/v1/namespaces/apps/secrets/db", headers={}, body=b"", target="c")
+    )
+    assert reveal.action == "reveal" and reveal.attrs["resource"] == "secrets" and reveal.attrs["name"] == "db"
+    with pytest.raises(Unreadable):
+        k8s_request(method="GET", raw_path="/api/v1/namespaces/apps/pods/../secrets", headers={}, body=b"", target="c")
+    with pytest.raises(Unreadable):
+        k8s_request(method="GET", raw_path="/internal/debug", headers={}, body=b"", target="c")
+
+
+PACK = """
+format: lictor/v1
+metadata: {name: t, owner: sec}
+identities:
+  - match: {claims: {role: agent}}
+    roles: [agent]
+roles:
+  agent:
+    rules:
+      - id: read-customer
+        protocol: http
+        when: {methods: [GET], paths: ["/v1/customers/{id}"], query: {expand: ["none", "address"]}}
+        action: allow
+      - id: no-force
+        protocol: http
+        when: {json: {"$.force": true}}
+        action: deny
+      - id: post
+        protocol: http
+        when: {methods: [POST], headers: {content-type: "application/json*"}, body_size: {max: 100}}
+        action: allow
+      - id: pods
+        protocol: kubernetes
+        when: {verbs: [get, list], resources: [pods], namespaces: [apps]}
+        action: allow
+"""
+
+
+def test_rules_match_the_attributes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "p.yaml").write_text(PACK)
+    vocabularies = {"http": HTTP_VOCABULARY, "kubernetes": K8S_VOCABULARY}
+    result = load_policy([tmp_path], vocabularies)
+    assert result.policy is not None, result.errors
+    policy = result.policy
+    who = Identity("a", {"role": "agent"})
+
+    def decide(req):  # type: ignore[no-untyped-def]
+        return policy.decide(who, req)
+
+    assert decide(_http("/v1/customers/42?expand=none")).action == "allow"
+    assert decide(_http("/v1/customers/42?expand=all")).action == "deny"
+    assert decide(_http("/v1/customers/42/x?expand=none")).action == "deny"  # {id} is one segment
+    small = json.dumps({"force": False}).encode()
+    ok = _http("/v1/x", "POST", small, "application/json", **{"content-type": "application/json"})
+    assert decide(ok).action == "allow"
+    forced = _http("/v1/x", "POST", b'{"force": true}', "application/json", **{"content-type": "application/json"})
+    assert decide(forced).rule_ids == ("no-force",)
+    big = _http("/v1/x", "POST", b'{"a": "' + b"x" * 200 + b'"}', "application/json", **{"content-type": "application/json"})
+    assert decide(big).action == "deny"
+    pods = k8s_request(method="GET", raw_path="/api/v1/namespaces/apps/pods", headers={}, body=b"", target="c")
+    assert decide(pods.request).action == "allow"
+    logs = k8s_request(method="GET", raw_path="/api/v1/namespaces/apps/pods/x/log", headers={}, body=b"", target="c")
+    assert decide(logs.request).action == "deny"  # logs is a verb of its own
+
+
+def test_default_addons_declare_both_protocols() -> None:
+    http_addon = next(a for a in default_addons() if a.name == "http")
+    assert http_addon is not None
+    assert HTTP_VOCABULARY.build_requests is not None and K8S_VOCABULARY.build_requests is not None
+    reqs = HTTP_VOCABULARY.build_requests({"method": "POST", "path": "/v1/a?b=1", "json": {"x": 1}}, "api")
+    assert reqs[0].attrs["json"] == {"$.x": "1"} and reqs[0].attrs["query"] == {"b": ["1"]}
+    reqs = K8S_VOCABULARY.build_requests({"method": "GET", "path": "/api/v1/namespaces/a/secrets", "reveal": True}, "c")
+    assert reqs[0].action == "reveal"
