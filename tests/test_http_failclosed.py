@@ -75,7 +75,13 @@ PACK = {
         "agent": {
             "rules": [
                 {"id": "read", "protocol": "http", "when": {"methods": ["GET"]}, "action": "allow"},
-                {"id": "pii", "protocol": "http", "when": {"methods": ["GET"]}, "action": "mask", "mask": {"detectors": ["email"]}},
+                {
+                    "id": "pii",
+                    "protocol": "http",
+                    "when": {"methods": ["GET"]},
+                    "action": "mask",
+                    "mask": {"detectors": ["email"]},
+                },
             ]
         }
     },
@@ -257,5 +263,7 @@ async def test_requests_without_length_or_too_big_are_not_read(
         with pytest.raises(httpx.HTTPError):
             await client.post(url + "/ok", content=body(), headers={"Authorization": f"Bearer {token}"})
         with pytest.raises(httpx.HTTPError):
-            await client.post(url + "/ok", content=b"x" * (17 * 1024 * 1024), headers={"Authorization": f"Bearer {token}"})
+            await client.post(
+                url + "/ok", content=b"x" * (17 * 1024 * 1024), headers={"Authorization": f"Bearer {token}"}
+            )
     assert upstream.requests == []

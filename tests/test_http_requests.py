@@ -197,7 +197,9 @@ def test_rules_match_the_attributes(tmp_path) -> None:  # type: ignore[no-untype
     assert decide(ok).action == "allow"
     forced = _http("/v1/x", "POST", b'{"force": true}', "application/json", **{"content-type": "application/json"})
     assert decide(forced).rule_ids == ("no-force",)
-    big = _http("/v1/x", "POST", b'{"a": "' + b"x" * 200 + b'"}', "application/json", **{"content-type": "application/json"})
+    big = _http(
+        "/v1/x", "POST", b'{"a": "' + b"x" * 200 + b'"}', "application/json", **{"content-type": "application/json"}
+    )
     assert decide(big).action == "deny"
     pods = k8s_request(method="GET", raw_path="/api/v1/namespaces/apps/pods", headers={}, body=b"", target="c")
     assert decide(pods.request).action == "allow"

@@ -1,0 +1,400 @@
+"""curl and httpx through a real ``lictor run`` gateway to a real local HTTPS API (examples/http's rules).
+
+The upstream records every request it receives, so each test proves what did (and did not) reach it.
+"""
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from .conftest import ROOT, GatewayProcess, free_port, lictor, require_binary
+
+EMAIL = "jane.doe@example.com"
+CARD = "4111 1111 1111 1111"
+UPSTREAM_TOKEN = "upstream-api-token-9f8e7d"
+EXPORT_LINES = 40_000  # ~2.4 MB, streamed in chunks by the upstream
+
+
+def make_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1: (ca, cert, key)."""
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test upstream CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "customers-api")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "upstream-ca.pem", directory / "upstream.pem", directory / "upstream.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+class CustomersAPI:
+    """The upstream: a small customers API over HTTPS that records what it receives."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _record(self, body: bytes = b"") -> None:
+                with api.lock:
+                    api.requests.append(
+                        {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+                    )
+
+            def _json(self, status: int, doc: Any) -> None:
+                body = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._record()
+                if self.path == "/v1/export":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/csv")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    lines = [f"{i},{EMAIL},{CARD}\n".encode() for i in range(EXPORT_LINES)]
+                    data = b"".join(lines)
+                    for i in range(0, len(data), 8191):  # odd size: matches straddle chunk boundaries
+                        chunk = data[i : i + 8191]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
+                match = re.fullmatch(r"/v1/customers/(\w+)", self.path)
+                if match:
+                    self._json(200, {"id": match.group(1), "email": EMAIL, "card": CARD, "plan": "gold"})
+                else:
+                    self._json(404, {"error": "not found"})
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self._record(body)
+                self._json(201, {"created": json.loads(body or b"{}"), "email": EMAIL})
+
+            def do_DELETE(self) -> None:
+                self._record()
+                self._json(204, {})
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def seen(self, method: str | None = None, path: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r for r in self.requests if (method in (None, r["method"])) and (path in (None, r["path"]))]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+EXPORT_PACK = {
+    "format": "lictor/v1",
+    "metadata": {"name": "exports", "owner": "tests"},
+    "identities": [{"match": {"claims": {"role": "support-agent"}}, "roles": ["exporter"]}],
+    "roles": {
+        "exporter": {
+            "rules": [
+                {
+                    "id": "export",
+                    "protocol": "http",
+                    "when": {"methods": ["GET"], "paths": ["/v1/export"]},
+                    "action": "allow",
+                },
+                {
+                    "id": "export-mask",
+                    "protocol": "http",
+                    "when": {"paths": ["/v1/export"]},
+                    "action": "mask",
+                    "mask": {"detectors": ["email", "card"]},
+                },
+            ]
+        }
+    },
+}
+
+
+class Env:
+    def __init__(self, gw: GatewayProcess, api: CustomersAPI, ports: dict[str, int], workdir: Path) -> None:
+        self.gw = gw
+        self.api = api
+        self.ports = ports
+        self.workdir = workdir
+        self.ca = str(gw.state_dir / "tls" / "ca.crt")
+        self.agent = gw.token("agent-1", **{"role": "support-agent"})
+        self.lead = gw.token("lead-1", **{"role": "support-lead"})
+
+    def url(self, target: str = "customers") -> str:
+        return f"https://127.0.0.1:{self.ports[target]}"
+
+    def curl(self, *args: str, target: str = "customers", token: str | None = None) -> tuple[int, bytes]:
+        curl = require_binary("curl")
+        cmd = [curl, "-sS", "--cacert", self.ca, "-o", "-", "-w", "\n%{http_code}", *args]
+        if token is not None:
+            cmd += ["-H", f"Authorization: Bearer {token}"]
+        proc = subprocess.run(cmd, capture_output=True, timeout=30)
+        body, _, code = proc.stdout.rpartition(b"\n")
+        return int(code or 0), body
+
+    def approve(self, approval_id: str) -> None:
+        lictor(
+            "approvals",
+            "approve",
+            approval_id,
+            "--url",
+            f"http://127.0.0.1:{self.ports['approvals']}",
+            "--token",
+            self.lead,
+        )
+
+    def pending(self) -> list[str]:
+        out = lictor("approvals", "list", "--url", f"http://127.0.0.1:{self.ports['approvals']}", "--token", self.lead)
+        return re.findall(r"\bap-[0-9a-f]+\b", out.stdout)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    workdir = tmp_path_factory.mktemp("http")
+    ca, cert, key = make_ca(workdir)
+    api = CustomersAPI(cert, key)
+    ports = {"customers": free_port(), "tickets": free_port(), "untrusted": free_port(), "approvals": free_port()}
+    (workdir / "extra").mkdir()
+    (workdir / "extra" / "exports.yaml").write_text(yaml.safe_dump(EXPORT_PACK))
+    example = yaml.safe_load((ROOT / "examples" / "http" / "lictor.yaml").read_text())
+    example["rulepacks"] = [str(ROOT / "examples" / "http" / "rulepacks"), str(workdir / "extra")]
+    customers = example["targets"]["customers"]
+    example["targets"]["tickets"] = {**customers, "listen": f"127.0.0.1:{ports['tickets']}", "approval_mode": "ticket"}
+    example["targets"]["untrusted"] = {**customers, "listen": f"127.0.0.1:{ports['untrusted']}", "upstream_ca": ""}
+    env_vars = {
+        "LICTOR_HTTP_UPSTREAM": api.url,
+        "LICTOR_HTTP_TOKEN": UPSTREAM_TOKEN,
+        "LICTOR_HTTP_UPSTREAM_CA": str(ca),
+        "LICTOR_HTTP_LISTEN": f"127.0.0.1:{ports['customers']}",
+        "LICTOR_APPROVALS_LISTEN": f"127.0.0.1:{ports['approvals']}",
+    }
+    saved = {k: os.environ.get(k) for k in env_vars}
+    os.environ.update(env_vars)
+    example["state_dir"] = str(workdir / "state")
+    gw = GatewayProcess(workdir, example)
+    try:
+        gw.start()
+        yield Env(gw, api, ports, workdir)
+    finally:
+        gw.stop()
+        api.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_allowed_request_is_forwarded_with_gateway_credentials_and_masked(env: Env) -> None:
+    code, body = env.curl(env.url() + "/v1/customers/42", "-H", "X-Lictor-Reason: ticket 123", token=env.agent)
+    assert code == 200, body
+    doc = json.loads(body)
+    assert doc == {"id": "42", "email": "[REDACTED:email]", "card": "[REDACTED:card]", "plan": "gold"}
+    seen = env.api.seen("GET", "/v1/customers/42")
+    assert len(seen) == 1
+    headers = {k.lower(): v for k, v in seen[0]["headers"].items()}
+    assert headers["authorization"] == f"Bearer {UPSTREAM_TOKEN}"
+    assert env.agent not in json.dumps(headers)
+    assert not any(k.startswith("x-lictor") for k in headers)
+    assert headers["accept-encoding"] == "identity"
+
+
+def test_httpx_client_sees_the_same(env: Env) -> None:
+    with httpx.Client(
+        verify=ssl.create_default_context(cafile=env.ca), headers={"Authorization": f"Bearer {env.agent}"}
+    ) as client:
+        resp = client.get(env.url() + "/v1/customers/7", headers={"Accept-Encoding": "gzip, br"})
+        assert resp.status_code == 200 and resp.json()["email"] == "[REDACTED:email]"
+        resp = client.get(env.url() + "/v1/customers/7/cards")
+        assert resp.status_code == 403 and resp.json()["rule"] == "lictor:default-deny"
+
+
+def test_requests_without_a_valid_token_are_401_and_never_forwarded(env: Env) -> None:
+    before = len(env.api.seen())
+    code, body = env.curl(env.url() + "/v1/customers/1")
+    assert code == 401 and json.loads(body)["error"] == "unauthorized"
+    code, body = env.curl(env.url() + "/v1/customers/1", token=env.agent[:-4] + "AAAA")
+    assert code == 401 and "token rejected" in json.loads(body)["message"]
+    code, body = env.curl(env.url() + "/v1/customers/1", "-u", "agent:password")
+    assert code == 401
+    assert len(env.api.seen()) == before
+
+
+def test_denials_name_the_rule_and_what_to_do(env: Env) -> None:
+    code, body = env.curl(env.url() + "/v1/customers/42", "-X", "DELETE", token=env.agent)
+    assert code == 403
+    doc = json.loads(body)
+    assert doc["error"] == "forbidden" and doc["rule"] == "customers-no-delete"
+    assert "open a ticket" in doc["message"] and doc["policy_version"] and doc["hint"]
+    code, body = env.curl(
+        env.url() + "/v1/customers",
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "--data",
+        json.dumps({"name": "Jane", "credit_limit": 10**6}),
+        token=env.agent,
+    )
+    assert code == 403 and json.loads(body)["rule"] == "customers-no-credit-limit"
+    assert env.api.seen("DELETE") == [] and env.api.seen("POST") == []
+
+
+def test_paths_that_could_be_read_two_ways_are_refused(env: Env) -> None:
+    before = len(env.api.seen())
+    for path in ("/v1/customers/../export", "/v1/customers/%2e%2e/export", "/v1/customers/1;x=1", "//v1/customers/1"):
+        code, body = env.curl("--path-as-is", env.url() + path, token=env.agent)
+        assert code == 400, (path, body)
+        assert json.loads(body)["rule"] == "lictor:unreadable-request"
+    assert len(env.api.seen()) == before
+
+
+def test_plain_http_to_a_tls_listener_is_refused(env: Env) -> None:
+    with httpx.Client() as client:
+        resp = client.get(
+            f"http://127.0.0.1:{env.ports['customers']}/v1/customers/1",
+            headers={"Authorization": f"Bearer {env.agent}"},
+        )
+    assert resp.status_code == 400
+
+
+def test_upstream_certificate_is_verified(env: Env) -> None:
+    before = len(env.api.seen())
+    code, _ = env.curl(env.url("untrusted") + "/v1/customers/1", token=env.agent)
+    assert code == 502
+    assert len(env.api.seen()) == before
+
+
+def test_big_streamed_response_is_masked_across_chunks(env: Env) -> None:
+    code, body = env.curl(env.url() + "/v1/export", token=env.agent)
+    assert code == 200
+    lines = body.split(b"\n")
+    assert len(lines) == EXPORT_LINES + 1
+    assert EMAIL.encode() not in body and b"1111 1111" not in body
+    assert body.count(b"[REDACTED:email]") == EXPORT_LINES and body.count(b"[REDACTED:card]") == EXPORT_LINES
+
+
+def test_held_request_is_forwarded_once_after_approval(env: Env) -> None:
+    def post() -> httpx.Response:
+        with httpx.Client(verify=ssl.create_default_context(cafile=env.ca), timeout=60) as client:
+            return client.post(
+                env.url() + "/v1/customers",
+                json={"name": "Held Customer"},
+                headers={"Authorization": f"Bearer {env.agent}", "X-Lictor-Reason": "CRM sync"},
+            )
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(post)
+        deadline = time.monotonic() + 15
+        pending: list[str] = []
+        while not pending and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pending = env.pending()
+        assert len(pending) == 1
+        assert env.api.seen("POST") == []  # held: not forwarded yet
+        env.approve(pending[0])
+        resp = future.result(timeout=30)
+    assert resp.status_code == 201, resp.text
+    assert resp.headers["x-lictor-approval"] == pending[0]
+    assert resp.json()["email"] == "[REDACTED:email]"
+    posts = env.api.seen("POST", "/v1/customers")
+    assert len(posts) == 1 and json.loads(posts[0]["body"]) == {"name": "Held Customer"}
+
+
+def test_ticket_mode_answers_at_once_and_the_retry_redeems_it_once(env: Env) -> None:
+    url = env.url("tickets") + "/v1/customers"
+    body = json.dumps({"name": "Ticket Customer"})
+    args = ("-X", "POST", "-H", "Content-Type: application/json", "--data", body)
+    code, out = env.curl(url, *args, token=env.agent)
+    assert code == 403
+    doc = json.loads(out)
+    assert doc["error"] == "approval_required"
+    approval_id = doc["approval_id"]
+    code, out = env.curl(url, *args, "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent)
+    assert code == 403 and json.loads(out)["rule"] == "lictor:approval-not-redeemable"  # not approved yet
+    env.approve(approval_id)
+    other = ("-X", "POST", "-H", "Content-Type: application/json", "--data", json.dumps({"name": "Other"}))
+    code, out = env.curl(url, *other, "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent)
+    assert code == 403  # the approval is bound to the exact request
+    code, out = env.curl(url, *args, "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent)
+    assert code == 201, out
+    code, out = env.curl(url, *args, "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent)
+    assert code == 403  # single use
+    posts = [r for r in env.api.seen("POST") if json.loads(r["body"]).get("name") in ("Ticket Customer", "Other")]
+    assert len(posts) == 1
+
+
+def test_recordings_and_audit_never_hold_credentials(env: Env) -> None:
+    env.curl(env.url() + "/v1/customers/99", token=env.agent)
+    env.gw.stop()  # flush everything to disk
+    found_request = False
+    for path in env.gw.state_dir.rglob("*"):
+        if not path.is_file() or path.suffix in (".key", ".pem", ".crt", ".p12", ".cer", ".pub"):
+            continue
+        data = path.read_bytes()
+        assert env.agent.encode() not in data, path
+        assert UPSTREAM_TOKEN.encode() not in data, path
+        found_request = found_request or b'"/v1/customers/99"' in data
+    assert found_request
+    assert env.agent not in env.gw.log() and UPSTREAM_TOKEN not in env.gw.log()
+    env.gw.start()
