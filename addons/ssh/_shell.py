@@ -1,0 +1,3310 @@
+"""Static analysis of shell command lines for the SSH addon.
+
+Theory of operation
+===================
+
+An agent that reaches a host through Lictor's SSH gateway sends text that a shell on the target will
+parse and run: an ``exec`` request's command string, or one line typed into an interactive shell. The
+rules of a rule pack speak about *programs* (``allow: systemctl status *``, ``deny: rm -rf *``), so before
+anything is forwarded the gateway must know every program that text would start, with its arguments
+and redirections. :func:`analyse` computes that list without running anything. It is a security
+boundary, so it follows one principle: **whatever cannot be known with certainty raises
+ShellParseError**, and the caller denies the request. It never guesses in the agent's favour.
+
+The pipeline is classic: a hand-written lexer and recursive-descent parser that follow the POSIX Shell
+Command Language (2.3 token recognition, 2.6 expansions, 2.10 grammar) plus the bash extensions an
+agent is likely to type (``[[ ]]``, ``(( ))``, ``$'...'``, ``<(...)``, ``|&``, ``&>``, ``<<<``,
+``function``, ``select``, ``coproc``), then a walk over the syntax tree that emits one
+:class:`Invocation` per program.
+
+Words. A word is kept as a list of segments: literal text (remembering whether it was quoted),
+parameter expansions, command substitutions, arithmetic and process substitutions. Quote removal is
+done exactly as the shell does it, so ``r''m``, ``\\rm``, ``"rm"`` and ``$'\\x72\\x6d'`` are all the
+program ``rm``. Expansions keep their source text (``$HOME/x``): their values are unknown at the
+gateway, rules see them verbatim. Nested command substitutions, backquotes (with their extra level of
+backslash processing), process substitutions and the bodies of unquoted here-documents are parsed
+recursively and their invocations reported, tagged with how they were reached (``via``).
+
+What makes a command unknowable, and therefore an error:
+
+* a command name that comes from an expansion (``$x``, ``$(printf rm)``, ``"$@"``), contains glob or
+  brace-expansion characters, or starts with ``=`` (zsh's ``=cmd`` path expansion);
+* program text the gateway cannot see: a shell or interpreter reading its program from a pipe, from
+  the session's own input, from a process substitution or ``/dev/stdin``; ``sh -c``/``eval``/``ssh``
+  bodies built from expansions; a ``find -exec``/``xargs -I`` placeholder inside code;
+* constructs that make the shell evaluate text later: alias definitions, ``hash -p``, ``enable -f``,
+  ``fc``, ``bind -x``, ``mapfile -C``, ``compgen -C``, ``${x@P}``, indirect ``${!x}``, locale strings;
+* assignments to variables that change what runs or load code (``PATH``, ``LD_*``, ``BASH_ENV``,
+  ``PS4``, ``PROMPT_COMMAND``, pager and editor variables, ``BASH_FUNC_*``...);
+* bash's arithmetic evaluates array subscripts, and a subscript may hold a command substitution:
+  ``x='a[$(rm -rf /)]'; echo $((x))`` runs ``rm``. So arithmetic (``$((..))``, ``((..))``, ``let``,
+  ``[[ a -eq b ]]``, ``declare -i``, ``${s:off:len}``) may only contain numbers, operators and names,
+  and a name used there must not receive text from this command line (assignments other than integer
+  literals, ``read``, ``for``, ``${x:=..}``...) nor be a variable whose value the agent controls
+  (``_``, ``REPLY``, ``BASH_REMATCH``, ``TERM``, ``LANG``, ``LC_*``, ``SSH_*``...). Builtins that take a
+  variable name (``read``, ``unset``, ``printf -v``, ``declare``, ``test -v``...) must get a plain
+  literal name: ``unset 'a[$(rm -rf /)]'`` runs ``rm`` too;
+* anything the parser does not understand: syntax errors, unbalanced quotes or brackets, NUL bytes,
+  more than :data:`MAX_COMMAND_BYTES` of input, nesting deeper than the limits below.
+
+Wrappers. Programs that run another program are unwrapped, and both are reported: ``sudo``, ``env``,
+``nohup``, ``timeout``, ``nice``, ``ionice``, ``stdbuf``, ``time``, ``command``, ``builtin``, ``exec``,
+``setsid``, ``chroot``, ``flock``, ``watch``, ``su``/``runuser``, ``doas``, ``pkexec``, ``xargs``,
+``find -exec``, ``busybox``, ``ssh`` (the remote command), the shells' ``-c`` and ``eval``/``trap``
+bodies, ``rsync -e``. Their options are parsed with their real option tables; an unknown option or an
+option position filled by an expansion raises, because it could shift which word is the program.
+Interpreters with inline code (``python -c``, ``perl -e``, ``awk``...) are reported with their
+arguments and left to the rules; only POSIX shells' bodies are parsed recursively (at most
+:data:`MAX_SHELL_DEPTH` levels).
+
+Shell dialects. The target may run bash, dash or zsh. Where they disagree the analysis takes the
+union or refuses: ``<(..)`` and ``{a,b}`` are treated as bash does, ``$'..'`` is decoded, zsh's
+``=cmd`` is refused, and ``fish``/``csh`` bodies are refused. ``interactive=True`` adds the rules of
+an interactive shell with a terminal: history expansion (``!!``, ``^a^b``) and zsh without
+``INTERACTIVE_COMMENTS`` are refused, as are programs that take commands from keystrokes (editors,
+pagers).
+
+Known limits (documented, not guessed): the content of files the command runs (``sh script.sh``,
+``source f``) and the environment the target's sshd provides (the SSH addon must not forward
+agent-chosen environment variables) are outside what text analysis can see.
+"""
+
+import posixpath
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import NoReturn
+
+__all__ = [
+    "MAX_COMMAND_BYTES",
+    "MAX_SHELL_DEPTH",
+    "Analysis",
+    "Invocation",
+    "Redirect",
+    "ShellParseError",
+    "analyse",
+]
+
+MAX_COMMAND_BYTES = 64 * 1024
+"""Longest command line accepted, in UTF-8 bytes."""
+MAX_SHELL_DEPTH = 8
+"""How many shells deep (``sh -c``, ``eval``, ``ssh``, here-documents fed to a shell) we follow."""
+MAX_NESTING = 48
+"""Deepest syntactic nesting (``$(``, ``(``, ``{``, ``if``...) inside one shell."""
+MAX_WRAPPERS = 32
+"""Longest chain of wrappers (``sudo env nice timeout ...``)."""
+MAX_INVOCATIONS = 20_000
+
+
+class ShellParseError(ValueError):
+    """The command line cannot be analysed with certainty; the request must be denied."""
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """One redirection. ``op`` includes the descriptor prefix (``2>``, ``2>&``, ``{fd}>``)."""
+
+    op: str
+    target: str
+    writes: bool
+    body: str | None = None
+    """Text fed by a here-document (``<<``) or here-string (``<<<``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """A program the command line would start."""
+
+    program: str
+    """As written after quote removal: ``/bin/rm``, ``rm``."""
+    name: str
+    """Basename of ``program``: ``rm``."""
+    args: tuple[str, ...]
+    """Arguments after quote removal; expansions keep their source text (``$HOME/x``)."""
+    argv_text: str
+    """``args`` joined with single spaces, for glob rules such as ``rm -rf *``."""
+    redirects: tuple[Redirect, ...] = ()
+    via: str | None = None
+    """How it is reached: None at top level, else ``pipeline``, ``subshell``, ``command_substitution``,
+    ``process_substitution``, ``function``, ``sh -c``, ``sh stdin``, ``eval``, ``trap``, ``xargs``,
+    ``find -exec``, or the wrapper's name (``sudo``, ``env``, ``timeout``, ``ssh``...)."""
+    assignments: tuple[str, ...] = ()
+    """``VAR=value`` words placed before the program (or given to ``env``/``sudo``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """Every program a command line would run, in execution order."""
+
+    invocations: tuple[Invocation, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(inv.name for inv in self.invocations)
+
+
+def analyse(command: str, *, interactive: bool = False) -> Analysis:
+    """Return every program ``command`` would run, or raise :class:`ShellParseError`.
+
+    ``command`` is an SSH ``exec`` command string (here-document bodies follow on the next lines) or
+    one line of an interactive shell. Pass ``interactive=True`` for lines typed into a shell with a
+    terminal: history expansion, comments and keystroke-driven programs are then refused as well.
+    Pure function: no I/O, bounded time and memory.
+    """
+    if not isinstance(command, str):
+        raise ShellParseError("the command must be text")
+    if len(command) > MAX_COMMAND_BYTES or len(command.encode("utf-8", "surrogatepass")) > MAX_COMMAND_BYTES:
+        raise ShellParseError(f"the command is longer than {MAX_COMMAND_BYTES} bytes")
+    if "\x00" in command:
+        raise ShellParseError("the command contains a NUL byte")
+    if interactive:
+        for line in command.split("\n"):
+            if line.startswith("^"):
+                raise ShellParseError("'^old^new' history substitution is not allowed in interactive lines")
+    ctx = _Ctx(interactive=interactive)
+    env = _Env(via=None, stdin=_CHANNEL, redirects=(), depth=0)
+    try:
+        _analyse_text(command, env, ctx, interactive=interactive)
+    except RecursionError:
+        raise ShellParseError("the command is nested too deeply") from None
+    ctx.finish()
+    return Analysis(tuple(ctx.out))
+
+
+# --------------------------------------------------------------------------------------------------
+# Words and syntax tree
+# --------------------------------------------------------------------------------------------------
+
+
+def _fs(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+def _words_list(text: str) -> list[str]:
+    return text.split()
+
+
+_LIT, _PARAM, _SUB, _ARITH, _PROC = range(5)
+
+
+@dataclass(slots=True)
+class _Seg:
+    text: str  # literal text after quote removal, or the source text of an expansion
+    quoted: bool
+    kind: int = _LIT
+    name: str | None = None  # _PARAM: the variable of a plain $NAME / ${NAME}
+    int_safe: bool = False  # expansion whose value is always an integer ($#, ${#x}, $((..)))
+
+
+class _Word:
+    __slots__ = ("_chars", "_quoted", "segs", "subs")
+
+    def __init__(self) -> None:
+        self.segs: list[_Seg] = []
+        self.subs: list[tuple[str, _Node, bool]] = []  # (via, body, stdin is a pipe)
+        self._chars: list[str] = []
+        self._quoted = False
+
+    def lit(self, text: str, quoted: bool) -> None:
+        if self._chars and self._quoted != quoted:
+            self._flush()
+        self._quoted = quoted
+        self._chars.append(text)
+
+    def add(self, seg: _Seg) -> None:
+        self._flush()
+        self.segs.append(seg)
+
+    def _flush(self) -> None:
+        if self._chars:
+            self.segs.append(_Seg("".join(self._chars), self._quoted))
+            self._chars = []
+
+    def done(self) -> "_Word":
+        self._flush()
+        return self
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segs)
+
+    @property
+    def literal(self) -> bool:
+        return all(s.kind == _LIT for s in self.segs)
+
+    def bare(self) -> str | None:
+        """The text when the word is a single unquoted literal (reserved words, names), else None."""
+        if len(self.segs) == 1 and self.segs[0].kind == _LIT and not self.segs[0].quoted:
+            return self.segs[0].text
+        return None
+
+
+@dataclass(slots=True)
+class _Redir:
+    prefix: str  # io number or {varname}
+    op: str
+    target: _Word | None = None
+    delim: str = ""
+    quoted: bool = False  # here-document with a quoted delimiter: body is literal
+    strip_tabs: bool = False
+    body: str | None = None
+    body_word: _Word | None = None  # unquoted here-document body, parsed for expansions
+
+
+@dataclass(slots=True)
+class _Simple:
+    assigns: list[_Word]
+    words: list[_Word]
+    redirs: list[_Redir]
+
+
+@dataclass(slots=True)
+class _Pipeline:
+    cmds: list["_Node"]
+    timed: tuple[str, ...] | None  # `time` keyword and its options
+
+
+@dataclass(slots=True)
+class _List:
+    items: list["_Node"]
+
+
+@dataclass(slots=True)
+class _Compound:
+    kind: str  # subshell group if while until for select case cond arith function coproc
+    bodies: list["_Node"] = field(default_factory=list)
+    words: list[_Word] = field(default_factory=list)
+    redirs: list[_Redir] = field(default_factory=list)
+    name: str | None = None  # function name, loop variable
+
+
+_Node = _Simple | _Pipeline | _List | _Compound
+
+# --------------------------------------------------------------------------------------------------
+# Lexer and parser
+# --------------------------------------------------------------------------------------------------
+
+_META = frozenset(" \t\n;&|<>()")
+_DELIM_LOOKAHEAD = r"(?=[ \t\n;&|<>()]|$)"
+_RESERVED_RE = re.compile(
+    r"(?:if|then|else|elif|fi|do|done|case|esac|while|until|for|in|select|function|time|coproc"
+    r"|\{|\}|!|\[\[|\]\])" + _DELIM_LOOKAHEAD
+)
+_OPS = (
+    ";;&",
+    "&>>",
+    "<<<",
+    "<<-",
+    ";;",
+    ";&",
+    "&&",
+    "||",
+    "|&",
+    "&>",
+    "<<",
+    "<&",
+    "<>",
+    ">>",
+    ">&",
+    ">|",
+    ";",
+    "&",
+    "|",
+    "(",
+    ")",
+    "<",
+    ">",
+    "\n",
+)
+_REDIR_OPS = frozenset({"<", ">", ">>", ">|", "<>", "<&", ">&", "&>", "&>>", "<<", "<<-", "<<<"})
+_IONUM_RE = re.compile(r"(?:[0-9]+|\{[A-Za-z_][A-Za-z0-9_]*\})(?=[<>])")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_FDVAR_LIKE_RE = re.compile(r"\{[^\s;&|<>()]*\}(?=[<>])")
+_PLAIN_RUN_RE = re.compile(r"[^ \t\n;&|<>()'\"\\$`!]+")
+_DQUOTE_RUN_RE = re.compile(r'[^"\\$`!]+')
+_PARAM_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+|[@*#?$!0-]")
+_FUNC_NAME_RE = re.compile(r"[^\s'\"\\$`=;&|<>()]+")
+_PARAM_OPS = (":-", ":=", ":?", ":+", "-", "=", "?", "+", "##", "#", "%%", "%", "//", "/#", "/%", "/", "^^", "^")
+_PARAM_OPS2 = (",,", ",", "@", ":")
+_ARITH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_ \t\n+-*/%<>=!&|^~?:,()#@${};")
+_ARITH_TOKEN_RE = re.compile(
+    r"(?P<ws>\s+)|(?P<num>[0-9][0-9A-Za-z_@#]*)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|\$(?:(?P<dname>[A-Za-z_][A-Za-z0-9_]*)|\{(?P<bname>[A-Za-z_][A-Za-z0-9_]*)\}|(?P<special>[#?$!]))"
+    r"|(?P<nested>\$(?=\(\())|(?P<op>[-+*/%<>=!&|^~?:,();])"
+)
+_ANSI_SIMPLE = {
+    "a": "\a",
+    "b": "\b",
+    "e": "\x1b",
+    "E": "\x1b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "v": "\v",
+    "\\": "\\",
+    "'": "'",
+    '"': '"',
+    "?": "?",
+}
+_OCT_RE = re.compile(r"[0-7]{0,2}")
+_HEX_RES = {
+    "x": re.compile(r"[0-9A-Fa-f]{1,2}"),
+    "u": re.compile(r"[0-9A-Fa-f]{1,4}"),
+    "U": re.compile(r"[0-9A-Fa-f]{1,8}"),
+}
+_TIME_P_RE = re.compile(r"-p" + _DELIM_LOOKAHEAD)
+_DASHDASH_RE = re.compile(r"--" + _DELIM_LOOKAHEAD)
+_COMPOUND_START = frozenset({"{", "if", "while", "until", "for", "select", "case", "[["})
+_UNEXPECTED_RESERVED = frozenset({"then", "else", "elif", "fi", "do", "done", "esac", "}"})
+_NO_WORDS: frozenset[str] = frozenset()
+
+
+class _Parser:
+    """Recursive-descent parser over one shell's source text.
+
+    Command substitutions ``$(...)`` and process substitutions are parsed by the same parser (so
+    pending here-documents and quoting work across them, as in bash); backquote bodies, ``sh -c``
+    bodies and here-document text get a parser of their own sharing the analysis context.
+    """
+
+    def __init__(self, src: str, ctx: "_Ctx", *, interactive: bool, nest: int = 0) -> None:
+        self.src = src
+        self.n = len(src)
+        self.pos = 0
+        self.ctx = ctx
+        self.interactive = interactive
+        self.nest = nest
+        self.pending: list[_Redir] = []
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def fail(self, message: str) -> NoReturn:
+        raise ShellParseError(f"{message} (at offset {self.pos})")
+
+    def enter(self) -> None:
+        self.nest += 1
+        if self.nest > MAX_NESTING:
+            self.fail("the command is nested too deeply")
+
+    def leave(self) -> None:
+        self.nest -= 1
+
+    def describe_next(self) -> str:
+        if self.pos >= self.n:
+            return "end of input"
+        op = self.peek_op()
+        if op == "\n":
+            return "newline"
+        if op is not None:
+            return f"'{op}'"
+        return repr(self.src[self.pos : self.pos + 20])
+
+    def skip_blanks(self) -> None:
+        s, n = self.src, self.n
+        while self.pos < n:
+            c = s[self.pos]
+            if c == " " or c == "\t":
+                self.pos += 1
+            elif c == "\\" and self.pos + 1 < n and s[self.pos + 1] == "\n":
+                self.pos += 2
+            else:
+                break
+
+    def skip_comment(self, *, command_start: bool) -> bool:
+        if self.pos >= self.n or self.src[self.pos] != "#":
+            return False
+        end = self.src.find("\n", self.pos)
+        end = self.n if end < 0 else end
+        if self.interactive:
+            text = self.src[self.pos + 1 : end]
+            if not command_start or any(c in text for c in ";&|<>()$`'\"\\{}"):
+                self.fail(
+                    "comments after a command or holding shell syntax are not allowed in interactive "
+                    "lines (zsh treats them as words)"
+                )
+        self.pos = end
+        return True
+
+    def skip_blanks_comments(self) -> None:
+        self.skip_blanks()
+        self.skip_comment(command_start=False)
+
+    def skip_space(self) -> None:
+        """Skip blanks, comments and newlines (reading any here-document bodies that are due)."""
+        while True:
+            self.skip_blanks()
+            if self.skip_comment(command_start=True):
+                continue
+            if self.pos < self.n and self.src[self.pos] == "\n":
+                self.consume_newline()
+                continue
+            return
+
+    def consume_newline(self) -> None:
+        self.pos += 1
+        if self.pending:
+            self.read_heredoc_bodies()
+
+    def peek_op(self) -> str | None:
+        s, p = self.src, self.pos
+        if p >= self.n:
+            return None
+        c = s[p]
+        if c not in ";&|<>()\n":
+            return None
+        if (c == "<" or c == ">") and p + 1 < self.n and s[p + 1] == "(":
+            return None  # process substitution: a word
+        for op in _OPS:
+            if s.startswith(op, p):
+                return op
+        return None  # pragma: no cover - every metacharacter is an operator prefix
+
+    def peek_reserved(self) -> str | None:
+        m = _RESERVED_RE.match(self.src, self.pos)
+        return m.group() if m else None
+
+    def expect_reserved(self, word: str) -> None:
+        self.skip_space()
+        if self.peek_reserved() != word:
+            self.fail(f"expected '{word}' but found {self.describe_next()}")
+        self.pos += len(word)
+
+    def expect_op(self, op: str) -> None:
+        self.skip_blanks()
+        if self.peek_op() != op:
+            self.fail(f"expected '{op}' but found {self.describe_next()}")
+        self.pos += len(op)
+
+    def history_check(self, in_dquote: bool) -> None:
+        nxt = self.src[self.pos + 1] if self.pos + 1 < self.n else ""
+        if nxt in ("", " ", "\t", "\n", "=", "(") or (in_dquote and nxt == '"'):
+            return
+        self.fail("history expansion ('!') is not allowed in interactive lines")
+
+    # -- grammar ------------------------------------------------------------------------------------
+
+    def parse_program(self) -> _Node:
+        node = self.parse_list(_NO_WORDS, _NO_WORDS)
+        if self.pos < self.n:
+            self.fail(f"unexpected {self.describe_next()}")
+        if self.pending:
+            self.fail(f"here-document delimited by '{self.pending[0].delim}' has no body")
+        return node
+
+    def parse_list(self, stop_words: frozenset[str], stop_ops: frozenset[str]) -> _List:
+        self.enter()
+        items: list[_Node] = []
+        while True:
+            self.skip_space()
+            if self.pos >= self.n:
+                break
+            op = self.peek_op()
+            if op is not None and op in stop_ops:
+                break
+            rw = self.peek_reserved()
+            if rw is not None and rw in stop_words:
+                break
+            items.append(self.parse_and_or())
+            self.skip_blanks_comments()
+            op = self.peek_op()
+            if op == ";" or op == "&":
+                self.pos += 1
+                continue
+            if op == "\n" or self.pos >= self.n:
+                continue
+            if op is not None and op in stop_ops:
+                break
+            rw = self.peek_reserved()
+            if rw is not None and rw in stop_words:
+                break
+            self.fail(f"unexpected {self.describe_next()}")
+        self.leave()
+        return _List(items)
+
+    def parse_and_or(self) -> _Node:
+        items: list[_Node] = [self.parse_pipeline()]
+        while True:
+            self.skip_blanks_comments()
+            op = self.peek_op()
+            if op != "&&" and op != "||":
+                break
+            self.pos += 2
+            self.skip_space()
+            items.append(self.parse_pipeline())
+        return items[0] if len(items) == 1 else _List(items)
+
+    def parse_pipeline(self) -> _Node:
+        timed: tuple[str, ...] | None = None
+        while True:
+            self.skip_blanks()
+            rw = self.peek_reserved()
+            if rw == "!":
+                self.pos += 1
+                continue
+            if rw == "time" and timed is None:
+                self.pos += 4
+                self.skip_blanks()
+                opts: list[str] = []
+                if _TIME_P_RE.match(self.src, self.pos):
+                    opts.append("-p")
+                    self.pos += 2
+                    self.skip_blanks()
+                if _DASHDASH_RE.match(self.src, self.pos):
+                    self.pos += 2
+                    self.skip_blanks()
+                elif self.pos < self.n and self.src[self.pos] == "-":
+                    self.fail("'time' with options other than -p (dash and bash disagree on them)")
+                timed = tuple(opts)
+                continue
+            break
+        cmds: list[_Node] = [self.parse_command()]
+        while True:
+            self.skip_blanks_comments()
+            op = self.peek_op()
+            if op != "|" and op != "|&":
+                break
+            self.pos += len(op)
+            self.skip_space()
+            cmds.append(self.parse_command())
+        if timed is None and len(cmds) == 1:
+            return cmds[0]
+        return _Pipeline(cmds, timed)
+
+    def parse_command(self) -> _Node:
+        self.skip_blanks()
+        if self.src.startswith("((", self.pos):
+            self.pos += 2
+            self.check_arith(self.scan_arith("))"))
+            return _Compound("arith", redirs=self.parse_trailing_redirects())
+        op = self.peek_op()
+        if op == "(":
+            self.pos += 1
+            body = self.parse_list(_NO_WORDS, frozenset({")"}))
+            self.expect_op(")")
+            return _Compound("subshell", [body], redirs=self.parse_trailing_redirects())
+        rw = self.peek_reserved()
+        if rw is not None:
+            if rw == "{":
+                self.pos += 1
+                body = self.parse_list(frozenset({"}"}), _NO_WORDS)
+                self.expect_reserved("}")
+                return _Compound("group", [body], redirs=self.parse_trailing_redirects())
+            if rw == "if":
+                return self.parse_if()
+            if rw == "while" or rw == "until":
+                self.pos += len(rw)
+                cond = self.parse_list(frozenset({"do"}), _NO_WORDS)
+                self.expect_reserved("do")
+                body = self.parse_list(frozenset({"done"}), _NO_WORDS)
+                self.expect_reserved("done")
+                return _Compound(rw, [cond, body], redirs=self.parse_trailing_redirects())
+            if rw == "for" or rw == "select":
+                return self.parse_for(rw)
+            if rw == "case":
+                return self.parse_case()
+            if rw == "[[":
+                return self.parse_cond()
+            if rw == "function":
+                self.pos += len(rw)
+                self.skip_blanks()
+                name = self.read_word()
+                bare = name.bare()
+                if bare is None or not _FUNC_NAME_RE.fullmatch(bare):
+                    self.fail("bad function name")
+                self.skip_blanks()
+                if self.src.startswith("(", self.pos) and not self.src.startswith("((", self.pos):
+                    self.pos += 1
+                    self.expect_op(")")
+                return self.parse_function_body(bare)
+            if rw == "coproc":
+                return self.parse_coproc()
+            if rw in _UNEXPECTED_RESERVED:
+                self.fail(f"unexpected '{rw}'")
+            if rw in ("!", "time"):
+                self.fail(f"'{rw}' is only allowed at the start of a pipeline")
+        return self.parse_simple()
+
+    def parse_if(self) -> _Compound:
+        self.pos += 2
+        bodies: list[_Node] = [self.parse_list(frozenset({"then"}), _NO_WORDS)]
+        self.expect_reserved("then")
+        bodies.append(self.parse_list(frozenset({"elif", "else", "fi"}), _NO_WORDS))
+        while True:
+            self.skip_space()
+            rw = self.peek_reserved()
+            if rw == "elif":
+                self.pos += 4
+                bodies.append(self.parse_list(frozenset({"then"}), _NO_WORDS))
+                self.expect_reserved("then")
+                bodies.append(self.parse_list(frozenset({"elif", "else", "fi"}), _NO_WORDS))
+                continue
+            if rw == "else":
+                self.pos += 4
+                bodies.append(self.parse_list(frozenset({"fi"}), _NO_WORDS))
+            self.expect_reserved("fi")
+            break
+        return _Compound("if", bodies, redirs=self.parse_trailing_redirects())
+
+    def parse_for(self, keyword: str) -> _Compound:
+        self.pos += len(keyword)
+        self.skip_blanks()
+        if keyword == "for" and self.src.startswith("((", self.pos):
+            self.pos += 2
+            self.check_arith(self.scan_arith("))"), for_loop=True)
+            self.skip_blanks()
+            if self.peek_op() == ";":
+                self.pos += 1
+            self.expect_reserved("do")
+            body = self.parse_list(frozenset({"done"}), _NO_WORDS)
+            self.expect_reserved("done")
+            return _Compound("for_arith", [body], redirs=self.parse_trailing_redirects())
+        var = self.read_word().bare()
+        if var is None or not _NAME_RE.fullmatch(var):
+            self.fail(f"'{keyword}' needs a variable name")
+        words: list[_Word] = []
+        has_in = False
+        self.skip_space()
+        if self.peek_reserved() == "in":
+            has_in = True
+            self.pos += 2
+            while True:
+                self.skip_blanks()
+                if self.skip_comment(command_start=False):
+                    break
+                op = self.peek_op()
+                if op == ";" or op == "\n":
+                    break
+                if op is not None or self.pos >= self.n:
+                    self.fail(f"unexpected {self.describe_next()} in '{keyword}' word list")
+                words.append(self.read_word())
+            if self.peek_op() == ";":
+                self.pos += 1
+        elif self.peek_op() == ";":
+            self.pos += 1
+        self.expect_reserved("do")
+        body = self.parse_list(frozenset({"done"}), _NO_WORDS)
+        self.expect_reserved("done")
+        node = _Compound(keyword, [body], words, self.parse_trailing_redirects(), name=var)
+        if not has_in:
+            node.kind = keyword + "_positional"
+        return node
+
+    def parse_case(self) -> _Compound:
+        self.pos += 4
+        self.skip_blanks()
+        words = [self.read_word()]
+        self.expect_reserved("in")
+        bodies: list[_Node] = []
+        terminators = frozenset({";;", ";&", ";;&"})
+        while True:
+            self.skip_space()
+            if self.peek_reserved() == "esac":
+                self.pos += 4
+                break
+            if self.pos >= self.n:
+                self.fail("'case' without 'esac'")
+            if self.peek_op() == "(":
+                self.pos += 1
+            while True:
+                self.skip_blanks()
+                if self.pos >= self.n or self.peek_op() is not None:
+                    self.fail(f"expected a case pattern but found {self.describe_next()}")
+                words.append(self.read_word())
+                self.skip_blanks()
+                op = self.peek_op()
+                if op == "|":
+                    self.pos += 1
+                    continue
+                if op == ")":
+                    self.pos += 1
+                    break
+                self.fail(f"expected ')' after a case pattern but found {self.describe_next()}")
+            bodies.append(self.parse_list(frozenset({"esac"}), terminators))
+            self.skip_blanks_comments()
+            op = self.peek_op()
+            if op is not None and op in terminators:
+                self.pos += len(op)
+        return _Compound("case", bodies, words, self.parse_trailing_redirects())
+
+    def parse_cond(self) -> _Compound:
+        """``[[ ... ]]``: operands may hold substitutions; arithmetic operators evaluate operands."""
+        self.pos += 2
+        tokens: list[str | _Word] = []
+        while True:
+            self.skip_blanks()
+            if self.pos < self.n and self.src[self.pos] == "\n":
+                self.consume_newline()
+                continue
+            if self.pos >= self.n:
+                self.fail("'[[' without ']]'")
+            if self.peek_reserved() == "]]":
+                self.pos += 2
+                break
+            s, p = self.src, self.pos
+            if s.startswith("&&", p) or s.startswith("||", p):
+                tokens.append(s[p : p + 2])
+                self.pos += 2
+                continue
+            c = s[p]
+            if c in "()" or (c in "<>" and not s.startswith("(", p + 1)):
+                tokens.append(c)
+                self.pos += 1
+                continue
+            if c in ";&|\n":
+                self.fail(f"unexpected {self.describe_next()} inside '[[ ]]'")
+            regex = bool(tokens) and isinstance(tokens[-1], _Word) and tokens[-1].bare() == "=~"
+            tokens.append(self.read_word(regex=regex))
+        words = [t for t in tokens if isinstance(t, _Word)]
+        for i, tok in enumerate(tokens):
+            if not isinstance(tok, _Word):
+                continue
+            op = tok.bare()
+            if op in ("-eq", "-ne", "-lt", "-le", "-gt", "-ge"):
+                for j in (i - 1, i + 1):
+                    if 0 <= j < len(tokens) and isinstance(tokens[j], _Word):
+                        operand = tokens[j]
+                        assert isinstance(operand, _Word)
+                        self.ctx.arith_word(operand, "[[ ]]")
+            elif op == "-v" and i + 1 < len(tokens) and isinstance(tokens[i + 1], _Word):
+                target = tokens[i + 1]
+                assert isinstance(target, _Word)
+                self.ctx.variable_name(target.text if target.literal else None, "[[ -v ]]", assign=False)
+        return _Compound("cond", words=words, redirs=self.parse_trailing_redirects())
+
+    def parse_function_body(self, name: str) -> _Compound:
+        self.skip_space()
+        rw = self.peek_reserved()
+        if not (rw in _COMPOUND_START or self.peek_op() == "(" or self.src.startswith("((", self.pos)):
+            self.fail(f"function '{name}' needs a compound command as its body")
+        body = self.parse_command()
+        return _Compound("function", [body], name=name)
+
+    def parse_coproc(self) -> _Compound:
+        self.pos += 6
+        self.skip_blanks()
+        if self.at_compound_start():
+            return _Compound("coproc", [self.parse_command()])
+        save = self.pos
+        word = self.read_word()
+        self.skip_blanks()
+        if word.bare() is not None and self.at_compound_start():
+            if not _NAME_RE.fullmatch(word.bare() or ""):
+                self.fail("bad coprocess name")
+            return _Compound("coproc", [self.parse_command()], name=word.bare())
+        self.pos = save
+        return _Compound("coproc", [self.parse_simple()])
+
+    def at_compound_start(self) -> bool:
+        rw = self.peek_reserved()
+        return rw in _COMPOUND_START or self.peek_op() == "("
+
+    def parse_trailing_redirects(self) -> list[_Redir]:
+        redirs: list[_Redir] = []
+        while True:
+            self.skip_blanks()
+            r = self.try_redirect()
+            if r is None:
+                return redirs
+            redirs.append(r)
+
+    def parse_simple(self) -> _Node:
+        assigns: list[_Word] = []
+        words: list[_Word] = []
+        redirs: list[_Redir] = []
+        start = self.pos
+        while True:
+            self.skip_blanks()
+            if self.pos >= self.n:
+                break
+            if self.src[self.pos] == "#":
+                self.skip_comment(command_start=not (words or assigns or redirs))
+                break
+            r = self.try_redirect()
+            if r is not None:
+                redirs.append(r)
+                continue
+            if self.peek_op() is not None:
+                break
+            if _FDVAR_LIKE_RE.match(self.src, self.pos):
+                self.fail("a {name}> descriptor variable must be a plain name (subscripts run commands)")
+            word = self.read_word()
+            if not words and _assignment_name(word) is not None:
+                assigns.append(word)
+                continue
+            words.append(word)
+            if len(words) == 1 and not assigns and not redirs:
+                save = self.pos
+                self.skip_blanks()
+                if self.src.startswith("(", self.pos) and not self.src.startswith("((", self.pos):
+                    self.pos += 1
+                    self.skip_blanks()
+                    if self.src.startswith(")", self.pos):
+                        self.pos += 1
+                        bare = word.bare()
+                        if bare is None or not _FUNC_NAME_RE.fullmatch(bare):
+                            self.fail("bad function name")
+                        return self.parse_function_body(bare)
+                    self.fail("unexpected '(' after a command name")
+                self.pos = save
+        if not (assigns or words or redirs):
+            self.pos = start
+            self.fail(f"unexpected {self.describe_next()}")
+        return _Simple(assigns, words, redirs)
+
+    def try_redirect(self) -> _Redir | None:
+        s = self.src
+        save = self.pos
+        prefix = ""
+        m = _IONUM_RE.match(s, self.pos)
+        if m:
+            prefix = m.group()
+            self.pos = m.end()
+        op = self.peek_op()
+        if op is None or op not in _REDIR_OPS:
+            self.pos = save
+            return None
+        self.pos += len(op)
+        self.skip_blanks()
+        if self.pos >= self.n or (s[self.pos] in _META and self.peek_op() is not None):
+            self.fail(f"'{op}' needs a target")
+        word = self.read_word()
+        if op in ("<<", "<<-"):
+            if not word.literal:
+                self.fail("here-document delimiters must be literal")
+            redir = _Redir(prefix, op, word, delim=word.text, quoted=any(g.quoted for g in word.segs))
+            redir.strip_tabs = op == "<<-"
+            if "\n" in redir.delim:
+                self.fail("here-document delimiter contains a newline")
+            self.pending.append(redir)
+            return redir
+        return _Redir(prefix, op, word)
+
+    def read_heredoc_bodies(self) -> None:
+        pending, self.pending = self.pending, []
+        s = self.src
+        for redir in pending:
+            lines: list[str] = []
+            while True:
+                if self.pos >= self.n:
+                    self.fail(f"here-document delimited by '{redir.delim}' is not terminated")
+                end = s.find("\n", self.pos)
+                line_end = self.n if end < 0 else end
+                line = s[self.pos : line_end]
+                self.pos = self.n if end < 0 else end + 1
+                if redir.strip_tabs:
+                    line = line.lstrip("\t")
+                if line == redir.delim:
+                    break
+                lines.append(line + "\n")
+            redir.body = "".join(lines)
+            if not redir.quoted:
+                redir.body_word = self.parse_heredoc_text(redir.body)
+
+    def parse_heredoc_text(self, text: str) -> _Word:
+        """An unquoted here-document undergoes parameter expansion and command substitution."""
+        sub = _Parser(text, self.ctx, interactive=False, nest=self.nest + 1)
+        w = _Word()
+        while sub.pos < sub.n:
+            c = text[sub.pos]
+            if c == "\\":
+                d = text[sub.pos + 1] if sub.pos + 1 < sub.n else ""
+                if d == "\n":
+                    sub.pos += 2
+                elif d in ("$", "`", "\\"):
+                    w.lit(d, True)
+                    sub.pos += 2
+                else:
+                    w.lit("\\", True)
+                    sub.pos += 1
+            elif c == "$":
+                sub.read_dollar(w, quoted=True)
+            elif c == "`":
+                sub.read_backtick(w, quoted=True)
+            else:
+                w.lit(c, True)
+                sub.pos += 1
+        if sub.pending:
+            sub.fail("here-document inside a here-document body")
+        return w.done()
+
+    # -- words --------------------------------------------------------------------------------------
+
+    def read_word(self, *, regex: bool = False) -> _Word:
+        w = _Word()
+        s, n = self.src, self.n
+        start = self.pos
+        depth = 0
+        while self.pos < n:
+            c = s[self.pos]
+            if (c == "<" or c == ">") and self.pos + 1 < n and s[self.pos + 1] == "(" and not regex:
+                self.read_procsub(w)
+                continue
+            if regex:
+                if c == "(":
+                    depth += 1
+                elif c == ")":
+                    if depth == 0:
+                        break
+                    depth -= 1
+                elif c == "|" or (depth > 0 and c in " \t<>&;"):
+                    w.lit(c, False)
+                    self.pos += 1
+                    continue
+            if c in _META and not (regex and c in "()"):
+                break
+            if not regex:
+                m = _PLAIN_RUN_RE.match(s, self.pos)
+                if m:
+                    w.lit(m.group(), False)
+                    self.pos = m.end()
+                    continue
+            if c == "\\":
+                if self.pos + 1 >= n:
+                    w.lit("\\", False)
+                    self.pos += 1
+                elif s[self.pos + 1] == "\n":
+                    self.pos += 2
+                else:
+                    w.lit(s[self.pos + 1], True)
+                    self.pos += 2
+            elif c == "'":
+                end = s.find("'", self.pos + 1)
+                if end < 0:
+                    self.fail("unterminated single quote")
+                w.lit(s[self.pos + 1 : end], True)
+                self.pos = end + 1
+            elif c == '"':
+                self.read_dquote(w)
+            elif c == "$":
+                self.read_dollar(w, quoted=False)
+            elif c == "`":
+                self.read_backtick(w, quoted=False)
+            else:
+                if c == "!" and self.interactive:
+                    self.history_check(False)
+                w.lit(c, False)
+                self.pos += 1
+        if self.pos == start:
+            self.fail(f"expected a word but found {self.describe_next()}")
+        return w.done()
+
+    def read_dquote(self, w: _Word) -> None:
+        s, n = self.src, self.n
+        self.pos += 1
+        w.lit("", True)
+        while True:
+            if self.pos >= n:
+                self.fail("unterminated double quote")
+            m = _DQUOTE_RUN_RE.match(s, self.pos)
+            if m:
+                w.lit(m.group(), True)
+                self.pos = m.end()
+                continue
+            c = s[self.pos]
+            if c == '"':
+                self.pos += 1
+                return
+            if c == "\\":
+                d = s[self.pos + 1] if self.pos + 1 < n else ""
+                if d == "\n":
+                    self.pos += 2
+                elif d in ("$", "`", '"', "\\"):
+                    w.lit(d, True)
+                    self.pos += 2
+                else:
+                    w.lit("\\", True)
+                    self.pos += 1
+            elif c == "$":
+                self.read_dollar(w, quoted=True)
+            elif c == "`":
+                self.read_backtick(w, quoted=True)
+            else:
+                if c == "!" and self.interactive:
+                    self.history_check(True)
+                w.lit(c, True)
+                self.pos += 1
+
+    def read_procsub(self, w: _Word) -> None:
+        start = self.pos
+        pipe_in = self.src[start] == ">"
+        self.pos += 2
+        self.enter()
+        body = self.parse_list(_NO_WORDS, frozenset({")"}))
+        self.expect_op(")")
+        self.leave()
+        w.add(_Seg(self.src[start : self.pos], False, _PROC))
+        w.subs.append(("process_substitution", body, pipe_in))
+
+    def read_dollar(self, w: _Word, *, quoted: bool) -> None:
+        s, p = self.src, self.pos
+        nxt = s[p + 1] if p + 1 < self.n else ""
+        if nxt == "'" and not quoted:
+            self.read_ansi_c(w)
+            return
+        if nxt == '"' and not quoted:
+            self.fail('$"..." locale-translated strings are not supported')
+        if nxt == "(":
+            if s.startswith("((", p + 1):
+                self.pos = p + 3
+                self.check_arith(self.scan_arith("))"))
+                w.add(_Seg(s[p : self.pos], quoted, _ARITH, int_safe=True))
+                return
+            self.pos = p + 2
+            self.enter()
+            body = self.parse_list(_NO_WORDS, frozenset({")"}))
+            self.expect_op(")")
+            self.leave()
+            w.add(_Seg(s[p : self.pos], quoted, _SUB))
+            w.subs.append(("command_substitution", body, False))
+            return
+        if nxt == "[":
+            self.pos = p + 2
+            self.check_arith(self.scan_arith("]"))
+            w.add(_Seg(s[p : self.pos], quoted, _ARITH, int_safe=True))
+            return
+        if nxt == "{":
+            self.read_braced_param(w, quoted)
+            return
+        m = _NAME_RE.match(s, p + 1)
+        if m:
+            self.pos = m.end()
+            w.add(_Seg(s[p : self.pos], quoted, _PARAM, name=m.group()))
+            return
+        if nxt and (nxt in "@*#?-$!" or (nxt.isdigit() and nxt.isascii())):
+            self.pos = p + 2
+            w.add(_Seg(s[p : self.pos], quoted, _PARAM, name=nxt, int_safe=nxt in "#?$!"))
+            return
+        if nxt and nxt in "~=^+" and not quoted:
+            self.fail(f"'${nxt}' is a zsh expansion; not supported")
+        w.lit("$", quoted)
+        self.pos = p + 1
+
+    def read_braced_param(self, w: _Word, quoted: bool) -> None:
+        s, n = self.src, self.n
+        start = self.pos
+        p = start + 2
+        self.enter()
+        length = False
+        if p < n and s[p] == "#" and p + 1 < n and s[p + 1] != "}":
+            length = True
+            p += 1
+        elif p < n and s[p] == "!" and p + 1 < n and s[p + 1] != "}":
+            self.pos = p
+            self.fail("indirect expansion ${!...} is not supported")
+        m = _PARAM_NAME_RE.match(s, p)
+        if not m:
+            self.pos = p
+            self.fail("bad ${...} substitution")
+        name = m.group()
+        p = m.end()
+        if p < n and s[p] == "[":
+            close = s.find("]", p)
+            if close < 0:
+                self.pos = p
+                self.fail("unterminated array subscript")
+            sub = s[p + 1 : close]
+            if sub not in ("@", "*") and not (sub.isdigit() and sub.isascii()):
+                self.pos = p
+                self.fail("array subscripts other than [@], [*] or a number are not supported")
+            p = close + 1
+        if p >= n:
+            self.pos = p
+            self.fail("unterminated ${")
+        if s[p] == "}":
+            self.pos = p + 1
+            plain = None if length else name
+            w.add(_Seg(s[start : self.pos], quoted, _PARAM, name=plain, int_safe=length or name in "#?$!"))
+            self.leave()
+            return
+        if length:
+            self.pos = p
+            self.fail("bad ${#...} substitution")
+        op = next((o for o in _PARAM_OPS + _PARAM_OPS2 if s.startswith(o, p)), None)
+        if op is None:
+            self.pos = p
+            self.fail("bad ${...} substitution")
+        p += len(op)
+        self.pos = p
+        if op == "@":
+            if p + 1 < n and s[p] in "QEAKaUuLk" and s[p + 1] == "}":
+                self.pos = p + 2
+                w.add(_Seg(s[start : self.pos], quoted, _PARAM))
+                self.leave()
+                return
+            self.fail("${...@P} and unknown ${...@} transformations are not supported")
+        if op == ":":
+            depth = 0
+            q = p
+            while True:
+                if q >= n:
+                    self.fail("unterminated ${")
+                c = s[q]
+                if c == "{":
+                    depth += 1
+                elif c == "}":
+                    if depth == 0:
+                        break
+                    depth -= 1
+                elif c not in _ARITH_CHARS:
+                    self.pos = q
+                    self.fail(f"unsupported character {c!r} in a ${{...:offset:length}} expansion")
+                q += 1
+            for part in s[p:q].split(":", 1):
+                self.check_arith(part)
+            self.pos = q + 1
+            w.add(_Seg(s[start : self.pos], quoted, _PARAM))
+            self.leave()
+            return
+        if op in ("=", ":="):
+            self.ctx.variable_name(name, "${...=...}", assign=True)
+        inner = _Word()
+        self.read_param_word(inner, quoted)
+        self.pos += 1  # the closing brace
+        w.subs.extend(inner.subs)
+        w.add(_Seg(s[start : self.pos], quoted, _PARAM))
+        self.leave()
+
+    def read_param_word(self, w: _Word, quoted: bool) -> None:
+        """Read the word of ``${x:-word}`` up to (not including) the matching ``}``."""
+        s, n = self.src, self.n
+        while True:
+            if self.pos >= n:
+                self.fail("unterminated ${")
+            c = s[self.pos]
+            if c == "}":
+                return
+            if c == "\\":
+                if self.pos + 1 >= n:
+                    self.fail("unterminated ${")
+                self.pos += 2
+            elif c == "'":
+                if quoted:
+                    self.fail("single quotes inside a double-quoted ${...} are ambiguous")
+                end = s.find("'", self.pos + 1)
+                if end < 0:
+                    self.fail("unterminated single quote")
+                self.pos = end + 1
+            elif c == '"':
+                self.read_dquote(w)
+            elif c == "$":
+                self.read_dollar(w, quoted=quoted)
+            elif c == "`":
+                self.read_backtick(w, quoted=quoted)
+            else:
+                self.pos += 1
+
+    def read_ansi_c(self, w: _Word) -> None:
+        s, n = self.src, self.n
+        p = self.pos + 2
+        out = bytearray()
+        while True:
+            if p >= n:
+                self.fail("unterminated $'...' string")
+            c = s[p]
+            if c == "'":
+                p += 1
+                break
+            if c != "\\":
+                out += c.encode("utf-8", "surrogatepass")
+                p += 1
+                continue
+            if p + 1 >= n:
+                self.fail("unterminated $'...' string")
+            d = s[p + 1]
+            p += 2
+            value: int | None = None
+            if d in _ANSI_SIMPLE:
+                out += _ANSI_SIMPLE[d].encode()
+                continue
+            if d in "01234567":
+                m = _OCT_RE.match(s, p)
+                assert m is not None
+                value = int(d + m.group(), 8)
+                p = m.end()
+                if value > 0xFF:
+                    self.fail("octal escape out of range in $'...'")
+            elif d in _HEX_RES:
+                m = _HEX_RES[d].match(s, p)
+                if m is None:
+                    out += ("\\" + d).encode()
+                    continue
+                value = int(m.group(), 16)
+                p = m.end()
+                if d != "x":
+                    if value == 0 or value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
+                        self.fail("invalid \\u escape in $'...'")
+                    out += chr(value).encode()
+                    continue
+            elif d == "c":
+                if p >= n or not s[p].isascii():
+                    self.fail("invalid \\c escape in $'...'")
+                value = 0x7F if s[p] == "?" else ord(s[p]) & 0x1F
+                p += 1
+            else:
+                out += ("\\" + d).encode("utf-8", "surrogatepass")
+                continue
+            if value == 0:
+                self.fail("NUL escape in $'...' (it would truncate the word)")
+            out.append(value)
+        self.pos = p
+        w.lit(out.decode("utf-8", "surrogateescape"), True)
+
+    def read_backtick(self, w: _Word, *, quoted: bool) -> None:
+        s, n = self.src, self.n
+        start = self.pos
+        p = start + 1
+        buf: list[str] = []
+        while True:
+            if p >= n:
+                self.pos = start
+                self.fail("unterminated backquote")
+            c = s[p]
+            if c == "`":
+                p += 1
+                break
+            if c == "\\" and p + 1 < n:
+                d = s[p + 1]
+                if d in "$`\\" or (quoted and d == '"'):
+                    buf.append(d)
+                else:
+                    buf.append(c + d)
+                p += 2
+                continue
+            buf.append(c)
+            p += 1
+        self.pos = p
+        if self.nest + 1 > MAX_NESTING:
+            self.fail("the command is nested too deeply")
+        inner = _Parser("".join(buf), self.ctx, interactive=self.interactive, nest=self.nest + 1)
+        body = inner.parse_program()
+        w.add(_Seg(s[start:p], quoted, _SUB))
+        w.subs.append(("command_substitution", body, False))
+
+    # -- arithmetic ---------------------------------------------------------------------------------
+
+    def scan_arith(self, closer: str) -> str:
+        s, n = self.src, self.n
+        start = self.pos
+        depth = 0
+        while True:
+            if self.pos >= n:
+                self.fail("unterminated arithmetic expression")
+            c = s[self.pos]
+            if closer == "]":
+                if c == "]":
+                    self.pos += 1
+                    return s[start : self.pos - 1]
+            elif c == "(":
+                depth += 1
+            elif c == ")":
+                if depth == 0:
+                    if s.startswith("))", self.pos):
+                        self.pos += 2
+                        return s[start : self.pos - 2]
+                    self.fail("unsupported arithmetic expression (write '$( (...) )' for a subshell)")
+                depth -= 1
+            if c not in _ARITH_CHARS:
+                self.fail(f"unsupported character {c!r} in an arithmetic expression")
+            self.pos += 1
+
+    def check_arith(self, text: str, *, for_loop: bool = False) -> None:
+        try:
+            self.ctx.check_arith(text, for_loop=for_loop)
+        except ShellParseError as exc:
+            self.fail(str(exc))
+
+
+def _assignment_name(word: _Word) -> str | None:
+    """Name assigned by an assignment word (``NAME=`` / ``NAME+=`` unquoted at its start)."""
+    if not word.segs or word.segs[0].kind != _LIT or word.segs[0].quoted:
+        return None
+    first = word.segs[0].text
+    m = _NAME_RE.match(first)
+    if not m:
+        return None
+    rest = first[m.end() :]
+    if rest.startswith("=") or rest.startswith("+="):
+        return m.group()
+    if rest.startswith("[") and "=" in word.text:
+        raise ShellParseError(f"array element assignment '{word.text}' is not supported")
+    return None
+
+
+def _split_assignment(word: _Word) -> tuple[str, list[_Seg]] | None:
+    """Split ``NAME=value`` (the ``=`` inside leading literal text) into the name and value segments."""
+    prefix: list[str] = []
+    for index, seg in enumerate(word.segs):
+        if seg.kind != _LIT:
+            return None
+        eq = seg.text.find("=")
+        if eq >= 0:
+            prefix.append(seg.text[:eq])
+            value = [_Seg(seg.text[eq + 1 :], seg.quoted), *word.segs[index + 1 :]]
+            return "".join(prefix), value
+        prefix.append(seg.text)
+    return None
+
+
+def _word_of(segs: list[_Seg]) -> _Word:
+    word = _Word()
+    for seg in segs:
+        word.add(seg)
+    return word
+
+
+def _int_safe_value(value: list[_Seg]) -> bool:
+    """True when an assigned value is certainly an integer (so arithmetic on it cannot run code)."""
+    parts = [s for s in value if not (s.kind == _LIT and s.text == "")]
+    if all(s.kind == _LIT for s in parts):
+        return re.fullmatch(r"[-+]?[0-9]*", "".join(s.text for s in parts)) is not None
+    return len(parts) == 1 and parts[0].int_safe
+
+
+# --------------------------------------------------------------------------------------------------
+# Analysis context
+# --------------------------------------------------------------------------------------------------
+
+# Assigning these changes which program runs, loads code into programs, or makes a program run a
+# command named in the variable. Refused in every form of assignment.
+_DANGEROUS_VARS = _words(
+    "PATH BASH_ENV ENV PS0 PS1 PS2 PS3 PS4 PROMPT_COMMAND SHELLOPTS BASHOPTS EXECIGNORE"
+    " BASH_LOADABLES_PATH BASH_XTRACEFD HOME XDG_CONFIG_HOME SHELL ZDOTDIR FPATH PYTHONPATH"
+    " PYTHONHOME PYTHONSTARTUP PYTHONINSPECT PYTHONUSERBASE PERL5OPT PERL5LIB PERLLIB PERL5DB"
+    " RUBYOPT RUBYLIB NODE_OPTIONS NODE_PATH PAGER MANPAGER MANOPT SYSTEMD_PAGER SYSTEMD_EDITOR"
+    " EDITOR VISUAL SUDO_EDITOR SUDO_ASKPASS SSH_ASKPASS LESSOPEN LESSCLOSE LESSKEY BROWSER"
+    " TAR_OPTIONS RSYNC_RSH RSYNC_CONNECT_PROG GCONV_PATH HOSTALIASES LOCPATH NLSPATH OPENSSL_CONF"
+    " OPENSSL_ENGINES TERMINFO TERMINFO_DIRS MAIL TMOUT"
+)
+_DANGEROUS_PREFIXES = ("LD_", "DYLD_", "BASH_FUNC_", "GIT_", "PYTHON", "MALLOC_", "GLIBC_")
+# Variables whose value the agent can choose (or that copy text of the command line); they may not
+# be evaluated as arithmetic.
+_AGENT_CONTROLLED = _words(
+    "_ REPLY OPTARG MAPFILE BASH_REMATCH BASH_COMMAND BASH_EXECUTION_STRING BASH_ARGV BASH_ARGV0"
+    " BASH_ARGC BASH_SOURCE FUNCNAME COPROC READLINE_LINE COMP_LINE COMP_WORDS COMPREPLY PWD"
+    " OLDPWD DIRSTACK TERM LANG LANGUAGE DISPLAY TZ COLUMNS LINES"
+)
+_INTEGER_SPECIALS = frozenset(
+    {"RANDOM", "SRANDOM", "SECONDS", "EPOCHSECONDS", "LINENO", "BASHPID", "PPID", "UID", "EUID", "OPTIND"}
+)
+
+
+def _dangerous_var(name: str) -> bool:
+    return name in _DANGEROUS_VARS or name.startswith(_DANGEROUS_PREFIXES)
+
+
+class _Ctx:
+    """State shared by every parser and walker of one analysis."""
+
+    def __init__(self, *, interactive: bool) -> None:
+        self.interactive = interactive
+        self.out: list[Invocation] = []
+        self.tainted: set[str] = set()
+        self.taint_all = False
+        self.arith_names: set[str] = set()
+        self.assigned: dict[str, list[_Word | None]] = {}  # non-integer values given to each name
+        self.int_vars: set[str] = set()  # declared -i: every assigned value is evaluated as arithmetic
+
+    def emit(self, inv: Invocation) -> None:
+        if len(self.out) >= MAX_INVOCATIONS:
+            raise ShellParseError(f"the command starts more than {MAX_INVOCATIONS} programs")
+        self.out.append(inv)
+
+    def check_arith(self, text: str, *, for_loop: bool = False) -> None:
+        """Arithmetic may hold numbers, operators and variable names only (see the module docstring)."""
+        pos = 0
+        semicolons = 0
+        while pos < len(text):
+            m = _ARITH_TOKEN_RE.match(text, pos)
+            if m is None:
+                raise ShellParseError(f"unsupported arithmetic expression {text!r}")
+            pos = m.end()
+            if m.group("op") == ";":
+                semicolons += 1
+            name = m.group("name") or m.group("dname") or m.group("bname")
+            if name:
+                self.arith_names.add(name)
+        if semicolons != (2 if for_loop else 0):
+            raise ShellParseError(f"unsupported arithmetic expression {text!r}")
+
+    def arith_word(self, word: _Word, what: str) -> None:
+        """A word whose expanded value bash evaluates as an arithmetic expression."""
+        parts: list[str] = []
+        for seg in word.segs:
+            if seg.kind == _LIT:
+                parts.append(seg.text)
+            elif seg.int_safe:
+                parts.append("0")
+            elif seg.kind == _PARAM and seg.name is not None and _NAME_RE.fullmatch(seg.name):
+                parts.append(seg.name)
+            else:
+                raise ShellParseError(f"{what}: {word.text!r} is evaluated as arithmetic and its value cannot be known")
+        self.check_arith(" ".join(parts))
+
+    def variable_name(
+        self, name: str | None, what: str, *, assign: bool, int_safe: bool = False, value: _Word | None = None
+    ) -> None:
+        """Check a variable name given to a builtin; when ``assign``, record what it receives.
+
+        ``value`` is the assigned word when the text is in the command line (None: read at run time).
+        """
+        if name is None or not _NAME_RE.fullmatch(name):
+            shown = "an expansion" if name is None else repr(name)
+            raise ShellParseError(
+                f"{what}: the variable name must be a literal identifier, not {shown} "
+                "(bash evaluates subscripts in names, which can run commands)"
+            )
+        if assign:
+            if _dangerous_var(name):
+                raise ShellParseError(f"{what}: assigning {name} can change which program runs")
+            if not int_safe:
+                self.tainted.add(name)
+                self.assigned.setdefault(name, []).append(value)
+
+    def finish(self) -> None:
+        for name in sorted(self.int_vars):
+            for value in self.assigned.get(name, []):
+                if value is None:
+                    raise ShellParseError(
+                        f"{name} is declared integer and receives a value only known at run time; bash "
+                        "evaluates it as arithmetic"
+                    )
+                self.arith_word(value, f"assignment to integer variable {name}")
+        bad = sorted(
+            name
+            for name in self.arith_names
+            if name not in _INTEGER_SPECIALS
+            and (
+                self.taint_all or name in self.tainted or name in _AGENT_CONTROLLED or name.startswith(("LC_", "SSH_"))
+            )
+        )
+        if bad:
+            raise ShellParseError(
+                f"arithmetic uses {', '.join(bad)}, whose value comes from this command line or the "
+                "client; an array subscript in it would run commands"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class _Stdin:
+    kind: str  # channel pipe null file text unknown
+    text: str | None = None  # kind == "text": the literal program text, None when it has expansions
+
+
+_CHANNEL = _Stdin("channel")
+_PIPE = _Stdin("pipe")
+_NULL = _Stdin("null")
+_FILE = _Stdin("file")
+_UNKNOWN = _Stdin("unknown")
+
+
+@dataclass(frozen=True, slots=True)
+class _Env:
+    via: str | None
+    stdin: _Stdin
+    redirects: tuple[Redirect, ...]
+    depth: int  # shells deep
+    placeholders: tuple[str, ...] = ()  # find's {} / xargs -I: replaced by input at run time
+    placeholder_splits: bool = False  # find -exec ... {} + : one placeholder becomes many words
+    appended: bool = False  # xargs appends input words to the command
+    transport: bool = False  # rsync -e / scp -S: the caller appends host and command
+    wrappers: int = 0
+
+
+def _analyse_text(text: str, env: _Env, ctx: _Ctx, *, interactive: bool = False) -> None:
+    if env.depth > MAX_SHELL_DEPTH:
+        raise ShellParseError(f"commands nested more than {MAX_SHELL_DEPTH} shells deep")
+    node = _Parser(text, ctx, interactive=interactive).parse_program()
+    _walk(node, env, ctx)
+
+
+# --------------------------------------------------------------------------------------------------
+# Walking the tree
+# --------------------------------------------------------------------------------------------------
+
+
+def _walk(node: _Node, env: _Env, ctx: _Ctx) -> None:
+    if isinstance(node, _List):
+        for item in node.items:
+            _walk(item, env, ctx)
+    elif isinstance(node, _Pipeline):
+        first = env
+        if node.timed is not None:
+            ctx.emit(Invocation("time", "time", node.timed, " ".join(node.timed), env.redirects, env.via))
+            first = replace(env, via="time")
+        for index, cmd in enumerate(node.cmds):
+            _walk(cmd, first if index == 0 else replace(env, via="pipeline", stdin=_PIPE), ctx)
+    elif isinstance(node, _Simple):
+        _walk_simple(node, env, ctx)
+    else:
+        _walk_compound(node, env, ctx)
+
+
+def _walk_subs(word: _Word, env: _Env, ctx: _Ctx) -> None:
+    for via, body, pipe_in in word.subs:
+        _walk(body, replace(env, via=via, redirects=(), stdin=_PIPE if pipe_in else env.stdin), ctx)
+
+
+def _walk_simple(node: _Simple, env: _Env, ctx: _Ctx) -> None:
+    for word in node.assigns:
+        _walk_subs(word, env, ctx)
+    for word in node.words:
+        _walk_subs(word, env, ctx)
+    own = _convert_redirects(node.redirs, env, ctx)
+    stdin = _stdin_after(node.redirs, env.stdin)
+    assigns: list[str] = []
+    for word in node.assigns:
+        split = _split_assignment(word)
+        assert split is not None
+        name, value = split
+        ctx.variable_name(
+            name.removesuffix("+"),
+            "assignment",
+            assign=True,
+            int_safe=_int_safe_value(value),
+            value=_word_of(value),
+        )
+        assigns.append(word.text)
+    redirects = env.redirects + own
+    if not node.words:
+        if own:  # `> file` alone truncates a file: the rules must see it
+            ctx.emit(Invocation("", "", (), "", redirects, env.via, tuple(assigns)))
+        return
+    _run([_Arg.of(w) for w in node.words], env, ctx, stdin, redirects, tuple(assigns))
+
+
+def _walk_compound(node: _Compound, env: _Env, ctx: _Ctx) -> None:
+    for word in node.words:
+        _walk_subs(word, env, ctx)
+    own = _convert_redirects(node.redirs, env, ctx)
+    body_env = replace(env, redirects=env.redirects + own, stdin=_stdin_after(node.redirs, env.stdin))
+    kind = node.kind
+    if kind == "subshell":
+        body_env = replace(body_env, via="subshell")
+    elif kind == "coproc":
+        body_env = replace(body_env, via="coproc")
+    elif kind == "function":
+        # The body runs wherever the function is called, perhaps at the end of a pipe.
+        body_env = replace(body_env, via="function", stdin=_UNKNOWN)
+    elif kind in ("for", "select", "for_positional", "select_positional"):
+        numbers = kind == "for" and all(w.literal and re.fullmatch(r"-?[0-9]+", w.text) for w in node.words)
+        ctx.variable_name(node.name, kind.split("_")[0], assign=True, int_safe=numbers)
+    for body in node.bodies:
+        _walk(body, body_env, ctx)
+
+
+_WRITE_OPS = frozenset({">", ">>", ">|", "&>", "&>>", "<>"})
+
+
+def _convert_redirects(redirs: list[_Redir], env: _Env, ctx: _Ctx) -> tuple[Redirect, ...]:
+    out: list[Redirect] = []
+    for r in redirs:
+        op = r.prefix + r.op
+        if r.op in ("<<", "<<-"):
+            if r.body_word is not None:
+                _walk_subs(r.body_word, env, ctx)
+            out.append(Redirect(op, r.delim, False, r.body))
+            continue
+        assert r.target is not None
+        _walk_subs(r.target, env, ctx)
+        target = r.target.text
+        if r.op == "<<<":
+            out.append(Redirect(op, target, False, target))
+        elif r.op == ">&":
+            dup = r.target.literal and (target == "-" or (target.isdigit() and target.isascii()))
+            out.append(Redirect(op, target, not dup))
+        else:
+            out.append(Redirect(op, target, r.op in _WRITE_OPS))
+    return tuple(out)
+
+
+_STDIN_PATH_RE = re.compile(r"(?:^|/)dev/(?:stdin|tty|console|fd(?:/|$)|pts/|tcp/|udp/)|(?:^|/)proc/[^/]+/fd(?:/|$)")
+
+
+def _is_stdin_path(path: str) -> bool:
+    """Paths that read the session, a descriptor or the network rather than a file."""
+    norm = posixpath.normpath(path) if path else path
+    return bool(_STDIN_PATH_RE.search(norm)) or path == "-"
+
+
+def _stdin_after(redirs: list[_Redir], stdin: _Stdin) -> _Stdin:
+    for r in redirs:
+        if r.prefix.startswith("{") or r.op in ("&>", "&>>"):
+            continue
+        fd = int(r.prefix) if r.prefix else (0 if r.op.startswith("<") else 1)
+        if fd != 0:
+            continue
+        if r.op in ("<<", "<<-"):
+            if r.quoted:
+                stdin = _Stdin("text", r.body)
+            else:
+                bw = r.body_word
+                stdin = _Stdin("text", bw.text if bw is not None and bw.literal else None)
+            continue
+        assert r.target is not None
+        if r.op == "<<<":
+            stdin = _Stdin("text", r.target.text + "\n" if r.target.literal else None)
+        elif r.op in ("<&", ">&"):
+            stdin = _NULL if r.target.literal and r.target.text == "-" else _UNKNOWN
+        elif not r.target.literal or _is_stdin_path(r.target.text):
+            stdin = _UNKNOWN
+        else:
+            stdin = _FILE
+    return stdin
+
+
+@dataclass(frozen=True, slots=True)
+class _Arg:
+    """One argument word as the analysis of a program sees it."""
+
+    text: str
+    literal: bool  # no expansion at all
+    fixed: bool  # certainly exactly one word at run time
+    lead: str  # literal text before the first expansion
+    glob: bool = False
+    brace: bool = False
+    procsub: bool = False
+    word: _Word | None = None
+
+    @staticmethod
+    def of(word: _Word) -> "_Arg":
+        segs = word.segs
+        glob, brace = _shape(segs)
+        splits = any(
+            (s.kind in (_PARAM, _SUB, _ARITH) and not s.quoted) or (s.kind == _PARAM and "@" in s.text) for s in segs
+        )
+        lead: list[str] = []
+        for s in segs:
+            if s.kind != _LIT:
+                break
+            lead.append(s.text)
+        return _Arg(
+            word.text,
+            word.literal,
+            not (splits or glob or brace),
+            "".join(lead),
+            glob,
+            brace,
+            any(s.kind == _PROC for s in segs),
+            word,
+        )
+
+    @staticmethod
+    def plain(text: str) -> "_Arg":
+        return _Arg(text, True, True, text)
+
+
+def _shape(segs: list[_Seg]) -> tuple[bool, bool]:
+    """(glob, brace): unquoted pattern characters / brace expansion in a word."""
+    chars: list[tuple[str, bool]] = []
+    for s in segs:
+        if s.kind == _LIT:
+            chars.extend((c, not s.quoted) for c in s.text)
+        else:
+            chars.append(("", False))
+    glob = False
+    closes = [False] * (len(chars) + 1)
+    for i in range(len(chars) - 1, -1, -1):
+        closes[i] = closes[i + 1] or chars[i][0] == "]"
+    first_open = last_close = -1
+    for i, (c, active) in enumerate(chars):
+        if not active:
+            continue
+        if c == "*" or c == "?" or (c == "[" and closes[i + 1]):
+            glob = True
+        elif c == "{" and first_open < 0:
+            first_open = i
+        elif c == "}":
+            last_close = i
+    brace = False
+    if 0 <= first_open < last_close:
+        inner = chars[first_open + 1 : last_close]
+        for i, (c, active) in enumerate(inner):
+            if active and (c == "," or (c == "." and i + 1 < len(inner) and inner[i + 1] == (".", True))):
+                brace = True
+                break
+    return glob, brace
+
+
+def _basename(program: str) -> str:
+    return program.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _check_name(arg: _Arg, env: _Env) -> None:
+    if any(p in arg.text for p in env.placeholders):
+        raise ShellParseError(f"the program {arg.text!r} would come from the input of find or xargs")
+    if not arg.literal:
+        raise ShellParseError(f"the command name {arg.text!r} comes from an expansion; what it runs cannot be known")
+    if arg.glob:
+        raise ShellParseError(f"the command name {arg.text!r} contains glob characters")
+    if arg.brace:
+        raise ShellParseError(f"the command name {arg.text!r} contains a brace expansion")
+    if arg.text.startswith("="):
+        raise ShellParseError(f"the command name {arg.text!r} starts with '=' (zsh expands it to a path)")
+    if not _basename(arg.text):
+        raise ShellParseError(f"empty command name {arg.text!r}")
+
+
+def _run(
+    args: list[_Arg],
+    env: _Env,
+    ctx: _Ctx,
+    stdin: _Stdin,
+    redirects: tuple[Redirect, ...],
+    assignments: tuple[str, ...] = (),
+) -> None:
+    if env.wrappers > MAX_WRAPPERS:
+        raise ShellParseError("too many nested wrapper programs")
+    head = args[0]
+    _check_name(head, env)
+    name = _basename(head.text)
+    rest = args[1:]
+    texts = tuple(a.text for a in rest)
+    ctx.emit(Invocation(head.text, name, texts, " ".join(texts), redirects, env.via, assignments))
+    handler = _handler_for(name)
+    if handler is not None:
+        handler(_Call(name, rest, env, ctx, stdin, redirects))
+
+
+@dataclass(slots=True)
+class _Call:
+    """A program about to run, as seen by its handler."""
+
+    name: str
+    args: list[_Arg]
+    env: _Env
+    ctx: _Ctx
+    stdin: _Stdin
+    redirects: tuple[Redirect, ...]
+
+    def fail(self, message: str) -> NoReturn:
+        raise ShellParseError(f"{self.name}: {message}")
+
+    def placeholder(self, arg: _Arg) -> bool:
+        return any(p in arg.text for p in self.env.placeholders)
+
+    def known(self, arg: _Arg) -> bool:
+        """The argument's text is certain (no expansion, no find/xargs placeholder)."""
+        return arg.literal and not self.placeholder(arg)
+
+    def single(self, arg: _Arg) -> bool:
+        """The argument is certainly one word (its text may be unknown)."""
+        return arg.fixed and not (self.env.placeholder_splits and self.placeholder(arg))
+
+    def code(self, arg: _Arg, what: str) -> str:
+        """Text of an argument that will be parsed as shell code: it must be certain."""
+        if not self.known(arg):
+            self.fail(f"{what} {arg.text!r} is only known at run time, so its commands cannot be inspected")
+        return arg.text
+
+    def run(
+        self,
+        argv: list[_Arg],
+        via: str | None = None,
+        *,
+        assignments: tuple[str, ...] = (),
+        stdin: _Stdin | None = None,
+        **changes: object,
+    ) -> None:
+        if not argv:
+            if self.env.appended:
+                self.fail("the program it runs would come from the input of xargs")
+            return
+        env = replace(self.env, via=via or self.name, wrappers=self.env.wrappers + 1, **changes)  # type: ignore[arg-type]
+        _run(argv, env, self.ctx, self.stdin if stdin is None else stdin, self.redirects, assignments)
+
+    def nested(self, text: str, via: str, *, stdin: _Stdin | None = None, transport: bool = False) -> None:
+        env = _Env(
+            via=via,
+            stdin=self.stdin if stdin is None else stdin,
+            redirects=self.redirects,
+            depth=self.env.depth + 1,
+            transport=transport,
+        )
+        _analyse_text(text, env, self.ctx)
+
+    def program_from_stdin(self, *, posix: bool, via: str = "sh stdin") -> None:
+        """The program reads the code it runs from its standard input."""
+        if self.env.appended:
+            self.fail("its program could come from the input of xargs")
+        kind = self.stdin.kind
+        if kind in ("null", "file"):
+            return
+        if kind == "text":
+            if not posix:
+                return
+            if self.stdin.text is None:
+                self.fail("the here-document or here-string it reads has expansions; its commands are unknown")
+            self.nested(self.stdin.text, via, stdin=_UNKNOWN)
+            return
+        if kind == "pipe":
+            raise ShellParseError(f"program text piped into {self.name} cannot be inspected")
+        if kind == "channel":
+            raise ShellParseError(
+                f"{self.name} would read its program from the session's input, which cannot be inspected"
+            )
+        raise ShellParseError(f"{self.name} would read its program from a source that cannot be inspected")
+
+
+# --------------------------------------------------------------------------------------------------
+# Option parsing for the programs we look inside
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Opts:
+    flags: str = ""  # short options without a value
+    valued: str = ""  # short options with a value (attached or the next word)
+    optional: str = ""  # short options with an optional attached value
+    long_flags: frozenset[str] = frozenset()
+    long_valued: frozenset[str] = frozenset()
+    long_optional: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class _Opt:
+    name: str
+    value: str | None = None
+    value_known: bool = True
+
+
+def _long_option(call: _Call, key: str, spec: _Opts) -> str:
+    every = spec.long_flags | spec.long_valued | spec.long_optional
+    if key in every:
+        return key
+    matches = [o for o in every if o.startswith(key)]
+    if len(matches) == 1:
+        return matches[0]
+    call.fail(f"unknown option {key}")
+
+
+def _getopt(call: _Call, spec: _Opts, start: int = 0, *, permute: bool = False) -> tuple[list[_Opt], int]:
+    """Parse options like getopt_long("+..."): stop at the first operand or ``--``.
+
+    Returns the options and the index of the first operand. An option position holding a word whose
+    text is only known at run time raises: it could be an option that shifts the program's position.
+    """
+    args = call.args
+    opts: list[_Opt] = []
+    i = start
+    while i < len(args):
+        a = args[i]
+        t = a.text
+        if not call.known(a):
+            if a.lead and not a.lead.startswith("-"):
+                break
+            call.fail(f"the option position holding {t!r} is only known at run time")
+        if t == "--":
+            return opts, i + 1
+        if t.startswith("--") and len(t) > 2:
+            key, eq, value = t.partition("=")
+            full = _long_option(call, key, spec)
+            if full in spec.long_flags:
+                opts.append(_Opt(full))
+            elif full in spec.long_optional:
+                opts.append(_Opt(full, value if eq else None))
+            elif eq:
+                opts.append(_Opt(full, value))
+            else:
+                opts.append(_value_opt(call, full, i + 1))
+                i += 1
+            i += 1
+            continue
+        if t.startswith("-") and len(t) > 1:
+            j = 1
+            while j < len(t):
+                ch = t[j]
+                if ch in spec.flags:
+                    opts.append(_Opt("-" + ch))
+                    j += 1
+                    continue
+                if ch in spec.optional:
+                    opts.append(_Opt("-" + ch, t[j + 1 :] or None))
+                elif ch in spec.valued:
+                    if j + 1 < len(t):
+                        opts.append(_Opt("-" + ch, t[j + 1 :]))
+                    else:
+                        opts.append(_value_opt(call, "-" + ch, i + 1))
+                        i += 1
+                else:
+                    call.fail(f"unknown option -{ch}")
+                break
+            i += 1
+            continue
+        break
+    return opts, i
+
+
+def _value_opt(call: _Call, name: str, index: int) -> _Opt:
+    if index >= len(call.args):
+        call.fail(f"option {name} needs a value")
+    value = call.args[index]
+    if not call.single(value):
+        call.fail(f"the value of {name} ({value.text!r}) may expand to several words")
+    return _Opt(name, value.text, call.known(value))
+
+
+def _permute(call: _Call, spec: _Opts) -> tuple[list[_Opt], list[_Arg]]:
+    """GNU getopt without '+': options may follow operands (until ``--``)."""
+    opts: list[_Opt] = []
+    operands: list[_Arg] = []
+    i = 0
+    args = call.args
+    while i < len(args):
+        got, j = _getopt(call, spec, i)
+        opts.extend(got)
+        if j > i and args[j - 1].text == "--" and args[j - 1].literal:
+            operands.extend(args[j:])
+            break
+        if j >= len(args):
+            break
+        operands.append(args[j])
+        i = j + 1
+    return opts, operands
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrappers: programs that run the program named by their operands
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _WrapSpec:
+    opts: _Opts = _Opts()
+    positional: int = 0  # operands before the program (timeout DURATION, chroot NEWROOT)
+    assignments: bool = False  # NAME=value words before the program (env, sudo)
+    no_run: frozenset[str] = frozenset()  # options after which nothing is run
+    shell_opts: frozenset[str] = frozenset()  # options that start a shell when no program is given
+    shell_without_program: bool = False
+    numeric: bool = False  # nice -10
+
+
+_HELP = _fs("--help", "--version")
+
+
+def _wrapper(spec: _WrapSpec) -> Callable[[_Call], None]:
+    def handle(call: _Call) -> None:
+        args = call.args
+        start = 0
+        if spec.numeric and args and call.known(args[0]) and re.fullmatch(r"-[0-9]+", args[0].text):
+            start = 1
+        opts, i = _getopt(call, spec.opts, start)
+        names = {o.name for o in opts}
+        if names & spec.no_run:
+            return
+        for _ in range(spec.positional):
+            if i >= len(args):
+                if call.env.appended:
+                    call.fail("its operands would come from the input of xargs")
+                return
+            if not call.single(args[i]):
+                call.fail(f"the operand {args[i].text!r} may expand to several words")
+            i += 1
+        assigns: list[str] = []
+        while spec.assignments and i < len(args) and "=" in args[i].lead:
+            a = args[i]
+            name = a.lead.split("=", 1)[0]
+            if not _NAME_RE.fullmatch(name):
+                call.fail(f"unusual environment variable name in {a.text!r}")
+            split = _split_assignment(a.word) if a.word is not None else None
+            call.ctx.variable_name(
+                name,
+                call.name,
+                assign=True,
+                int_safe=split is not None and _int_safe_value(split[1]),
+                value=_word_of(split[1]) if split is not None else None,
+            )
+            assigns.append(a.text)
+            i += 1
+        if i >= len(args):
+            if call.env.appended:
+                call.fail("the program it runs would come from the input of xargs")
+            if spec.shell_without_program or names & spec.shell_opts:
+                call.program_from_stdin(posix=True, via=call.name)
+            return
+        call.run(args[i:], assignments=tuple(assigns))
+
+    return handle
+
+
+_WRAPPERS: dict[str, _WrapSpec] = {
+    "env": _WrapSpec(
+        _Opts(
+            flags="i0v",
+            valued="uC",
+            long_flags=_fs(
+                "--ignore-environment", "--null", "--debug", "--help", "--version", "--list-signal-handling"
+            ),
+            long_valued=_fs("--unset", "--chdir"),
+            long_optional=_fs("--default-signal", "--ignore-signal", "--block-signal"),
+        ),
+        assignments=True,
+        no_run=_HELP | {"--list-signal-handling"},
+    ),
+    "sudo": _WrapSpec(
+        _Opts(
+            flags="ABbEeHhiKklNnPSsVv",
+            valued="aCcDgpRrTtUu",
+            long_flags=_words(
+                "--askpass --background --bell --edit --set-home --help --login --remove-timestamp"
+                " --reset-timestamp --list --non-interactive --preserve-groups --stdin --shell --version"
+                " --validate"
+            ),
+            long_valued=_words(
+                "--close-from --chdir --group --host --prompt --chroot --role --type --command-timeout"
+                " --other-user --user"
+            ),
+            long_optional=_fs("--preserve-env"),
+        ),
+        assignments=True,
+        no_run=_HELP | {"-h", "-V", "-e", "--edit", "-l", "--list", "-K", "--remove-timestamp", "-v", "--validate"},
+        shell_opts=_fs("-s", "--shell", "-i", "--login"),
+    ),
+    "doas": _WrapSpec(_Opts(flags="Lns", valued="Cu"), no_run=_fs("-C", "-L"), shell_opts=_fs("-s")),
+    "pkexec": _WrapSpec(
+        _Opts(
+            long_flags=_fs("--version", "--help", "--disable-internal-agent", "--keep-cwd"),
+            long_valued=_fs("--user"),
+        ),
+        no_run=_HELP,
+        shell_without_program=True,
+    ),
+    "nohup": _WrapSpec(_Opts(long_flags=_HELP), no_run=_HELP),
+    "timeout": _WrapSpec(
+        _Opts(
+            flags="v",
+            valued="sk",
+            long_flags=_fs("--preserve-status", "--foreground", "--verbose") | _HELP,
+            long_valued=_fs("--signal", "--kill-after"),
+        ),
+        positional=1,
+        no_run=_HELP,
+    ),
+    "nice": _WrapSpec(_Opts(valued="n", long_flags=_HELP, long_valued=_fs("--adjustment")), no_run=_HELP, numeric=True),
+    "ionice": _WrapSpec(
+        _Opts(
+            flags="tpPuhV",
+            valued="cn",
+            long_flags=_fs("--ignore", "--pid", "--pgid", "--uid") | _HELP,
+            long_valued=_fs("--class", "--classdata"),
+        ),
+        no_run=_HELP | {"-p", "-P", "-u", "-h", "-V", "--pid", "--pgid", "--uid"},
+    ),
+    "stdbuf": _WrapSpec(
+        _Opts(valued="ioe", long_flags=_HELP, long_valued=_fs("--input", "--output", "--error")), no_run=_HELP
+    ),
+    "time": _WrapSpec(
+        _Opts(
+            flags="pvqa",
+            valued="fo",
+            long_flags=_fs("--portability", "--verbose", "--quiet", "--append") | _HELP,
+            long_valued=_fs("--format", "--output"),
+        ),
+        no_run=_HELP,
+    ),
+    "command": _WrapSpec(_Opts(flags="pvV"), no_run=_fs("-v", "-V")),
+    "builtin": _WrapSpec(),
+    "exec": _WrapSpec(_Opts(flags="cl", valued="a")),
+    "setsid": _WrapSpec(
+        _Opts(flags="cfwhV", long_flags=_fs("--ctty", "--fork", "--wait") | _HELP), no_run=_HELP | {"-h", "-V"}
+    ),
+    "chroot": _WrapSpec(
+        _Opts(long_flags=_fs("--skip-chdir") | _HELP, long_valued=_fs("--userspec", "--groups")),
+        positional=1,
+        no_run=_HELP,
+        shell_without_program=True,
+    ),
+    "unbuffer": _WrapSpec(_Opts(flags="p")),
+    "fakeroot": _WrapSpec(
+        _Opts(
+            flags="uhv",
+            valued="is",
+            long_flags=_fs("--unknown-is-real") | _HELP,
+            long_valued=_fs("--lib", "--faked"),
+        ),
+        no_run=_HELP | {"-h", "-v"},
+        shell_without_program=True,
+    ),
+    "catchsegv": _WrapSpec(),
+    # zsh precommand modifiers and `repeat N cmd`
+    "noglob": _WrapSpec(),
+    "nocorrect": _WrapSpec(),
+    "-": _WrapSpec(),
+    "repeat": _WrapSpec(positional=1),
+    "systemd-run": _WrapSpec(
+        _Opts(
+            flags="hqPGdSrtV",
+            valued="uEpHMs",
+            long_flags=_words(
+                "--user --system --scope --wait --no-block --no-ask-password --pipe --pty --quiet --collect"
+                " --shell --same-dir --send-sighup --remain-after-exit"
+            )
+            | _HELP,
+            long_valued=_words(
+                "--unit --property --setenv --host --machine --slice --uid --gid --nice --working-directory"
+                " --description --service-type --on-active --on-boot --on-startup --on-unit-active"
+                " --on-unit-inactive --on-calendar --on-clock-change --on-timezone-change --timer-property"
+                " --path-property --socket-property --expand-environment"
+            ),
+        ),
+        no_run=_HELP | {"-h", "-V"},
+        shell_opts=_words("-S --shell"),
+    ),
+    "taskset": _WrapSpec(
+        _Opts(flags="acphV", long_flags=_fs("--all-tasks", "--cpu-list", "--pid") | _HELP),
+        positional=1,
+        no_run=_HELP | {"-p", "--pid", "-h", "-V"},
+    ),
+    "chrt": _WrapSpec(
+        _Opts(
+            flags="bdefiorapmRvhV",
+            valued="TPD",
+            long_flags=_words(
+                "--batch --deadline --fifo --idle --other --rr --all-tasks --pid --max --reset-on-fork --verbose"
+            )
+            | _HELP,
+            long_valued=_fs("--sched-runtime", "--sched-period", "--sched-deadline"),
+        ),
+        positional=1,
+        no_run=_HELP | {"-p", "--pid", "-m", "--max", "-h", "-V"},
+    ),
+}
+
+
+def _h_systemd_run(call: _Call) -> None:
+    for i, a in enumerate(call.args):
+        t = a.text
+        value = call.args[i + 1].text if t in ("-E", "--setenv") and i + 1 < len(call.args) else None
+        if t.startswith("--setenv="):
+            value = t[9:]
+        elif t.startswith("-E") and len(t) > 2:
+            value = t[2:]
+        if value is not None and _dangerous_var(value.split("=", 1)[0]):
+            call.fail(f"--setenv {value.split('=', 1)[0]} can change which program runs")
+    _wrapper(_WRAPPERS["systemd-run"])(call)
+
+
+def _h_socat(call: _Call) -> None:
+    for a in call.args:
+        if not call.known(a):
+            call.fail(f"the address {a.text!r} is only known at run time")
+        if re.search(r"(?:^|[!,])\s*(?:exec|system)\s*:", a.text, re.IGNORECASE):
+            call.fail("EXEC and SYSTEM addresses run a program fed from the connection")
+
+
+def _h_netcat(call: _Call) -> None:
+    for a in call.args:
+        t = a.text
+        if t.startswith(("--exec", "--sh-exec", "--lua-exec")) or re.fullmatch(r"-[A-Za-z]*[ec].*", t):
+            call.fail("-e/-c run a program fed from the network")
+
+
+def _h_env(call: _Call) -> None:
+    # `env -` is `env -i`; -S/--split-string builds a command from one string: refused as an unknown option.
+    while call.args and call.args[0].literal and call.args[0].text == "-":
+        call.args = call.args[1:]
+    _wrapper(_WRAPPERS["env"])(call)
+
+
+def _h_xargs(call: _Call) -> None:
+    spec = _Opts(
+        flags="0prtxo",
+        valued="aEdILnPs",
+        optional="eil",
+        long_flags=_fs(
+            "--null", "--interactive", "--no-run-if-empty", "--verbose", "--exit", "--show-limits", "--open-tty"
+        )
+        | _HELP,
+        long_valued=_fs("--arg-file", "--delimiter", "--max-args", "--max-procs", "--max-chars", "--process-slot-var"),
+        long_optional=_fs("--eof", "--replace", "--max-lines"),
+    )
+    opts, i = _getopt(call, spec)
+    replace_str: str | None = None
+    arg_file = open_tty = False
+    for o in opts:
+        if o.name in _HELP:
+            return
+        if o.name == "-I":
+            replace_str = o.value
+        elif o.name in ("-i", "--replace"):
+            replace_str = o.value or "{}"
+        elif o.name in ("-a", "--arg-file"):
+            arg_file = True
+        elif o.name in ("-o", "--open-tty"):
+            open_tty = True
+        elif o.name == "--process-slot-var":
+            call.ctx.variable_name(o.value if o.value_known else None, "xargs", assign=True, int_safe=True)
+    if replace_str is not None and not replace_str:
+        call.fail("empty replacement string")
+    argv = call.args[i:] or [_Arg.plain("echo")]
+    # GNU xargs gives the command /dev/null as input, unless -a (input unchanged) or -o (the terminal).
+    stdin = _CHANNEL if open_tty else call.stdin if arg_file else _NULL
+    if replace_str is not None:
+        call.run(argv, "xargs", stdin=stdin, placeholders=(*call.env.placeholders, replace_str))
+    else:
+        call.run(argv, "xargs", stdin=stdin, appended=True)
+
+
+_FIND_ARITY = {
+    **dict.fromkeys(
+        _words_list(
+            "-delete -print -print0 -ls -prune -quit -true -false -empty -executable -readable -writable"
+            " -nouser -nogroup -depth -d -mount -xdev -noleaf -follow -ignore_readdir_race"
+            " -noignore_readdir_race -daystart -warn -nowarn -not -a -and -o -or ! ( ) , -help --help"
+            " -version --version"
+        ),
+        0,
+    ),
+    **dict.fromkeys(
+        _words_list(
+            "-name -iname -path -ipath -wholename -iwholename -regex -iregex -regextype -type -xtype"
+            " -user -group -uid -gid -perm -size -mtime -mmin -atime -amin -ctime -cmin -newer -anewer"
+            " -cnewer -links -inum -samefile -maxdepth -mindepth -fstype -lname -ilname -used -printf"
+            " -fprint -fprint0 -fls -context -files0-from"
+        ),
+        1,
+    ),
+    "-fprintf": 2,
+}
+_FIND_EXEC = frozenset({"-exec", "-execdir", "-ok", "-okdir"})
+
+
+def _h_find(call: _Call) -> None:
+    args = call.args
+    i = 0
+    while (
+        i < len(args) and call.known(args[i]) and (args[i].text in ("-H", "-L", "-P") or args[i].text.startswith("-O"))
+    ):
+        i += 1
+    if i < len(args) and call.known(args[i]) and args[i].text == "-D":
+        i += 2
+    while i < len(args):
+        a = args[i]
+        t = a.text
+        if not call.known(a):
+            # A word only known at run time could be a primary such as -exec, unless it cannot
+            # start with '-' or is a plain variable the command line does not set.
+            if a.lead and a.lead[0] not in "-(!),":
+                i += 1
+                continue
+            segs = a.word.segs if a.word is not None else []
+            params = [s for s in segs if s.kind == _PARAM]
+            if len(segs) == 1 and params and params[0].name and _NAME_RE.fullmatch(params[0].name):
+                _require_untainted(call, params[0].name)
+                i += 1
+                continue
+            call.fail(f"the argument {t!r} is only known at run time and could be a primary such as -exec")
+        if t in _FIND_EXEC:
+            j = i + 1
+            while j < len(args) and not (
+                call.known(args[j]) and (args[j].text == ";" or (args[j].text == "+" and args[j - 1].text == "{}"))
+            ):
+                j += 1
+            if j >= len(args):
+                call.fail(f"{t} without a terminating ';' or '+'")
+            if j == i + 1:
+                call.fail(f"{t} without a command")
+            call.run(
+                args[i + 1 : j],
+                f"find {t}",
+                placeholders=(*call.env.placeholders, "{}"),
+                placeholder_splits=args[j].text == "+",
+            )
+            i = j + 1
+            continue
+        arity = _FIND_ARITY.get(t)
+        if arity is None:
+            if re.fullmatch(r"-newer[aBcmt][aBcmt]", t):
+                arity = 1
+            elif t.startswith("-"):
+                call.fail(f"unknown primary {t}")
+            else:
+                arity = 0  # a starting point
+        if i + arity >= len(args) and arity:
+            call.fail(f"{t} needs {arity} value(s)")
+        for k in range(i + 1, i + 1 + arity):
+            if not call.single(args[k]):
+                call.fail(f"the value of {t} ({args[k].text!r}) may expand to several words")
+        i += 1 + arity
+
+
+def _require_untainted(call: _Call, name: str) -> None:
+    """The variable's value must not come from this command line (checked when the analysis ends)."""
+    if name in _AGENT_CONTROLLED or name.startswith(("LC_", "SSH_")):
+        call.fail(f"${name} is controlled by the client and could inject options")
+    call.ctx.arith_names.add(name)  # same rule as arithmetic: not set by this command line
+
+
+def _h_watch(call: _Call) -> None:
+    spec = _Opts(
+        flags="bcCeghptwrx",
+        valued="nq",
+        optional="d",
+        long_flags=_words(
+            "--beep --color --no-color --errexit --chgexit --precise --no-title --no-wrap --no-rerun --exec"
+        )
+        | _HELP,
+        long_valued=_fs("--interval", "--equexit", "--shotsdir"),
+        long_optional=_fs("--differences"),
+    )
+    opts, i = _getopt(call, spec)
+    names = {o.name for o in opts}
+    if names & _HELP:
+        return
+    rest = call.args[i:]
+    if not rest:
+        return
+    if names & {"-x", "--exec"}:
+        call.run(rest, "watch")
+        return
+    call.nested(" ".join(call.code(a, "the command") for a in rest), "watch")
+
+
+def _h_flock(call: _Call) -> None:
+    spec = _Opts(
+        flags="sxeunoFhV",
+        valued="wE",
+        long_flags=_fs("--shared", "--exclusive", "--unlock", "--nonblock", "--nb", "--close", "--no-fork", "--verbose")
+        | _HELP,
+        long_valued=_fs("--wait", "--timeout", "--conflict-exit-code"),
+    )
+    opts, i = _getopt(call, spec)
+    if {o.name for o in opts} & (_HELP | {"-h", "-V"}):
+        return
+    rest = call.args[i + 1 :]
+    if not rest:
+        return
+    if call.known(rest[0]) and rest[0].text in ("-c", "--command"):
+        if len(rest) != 2:
+            call.fail("-c takes exactly one command string")
+        call.nested(call.code(rest[1], "the command string"), "flock")
+        return
+    call.run(rest, "flock")
+
+
+def _h_su(call: _Call) -> None:
+    spec = _Opts(
+        flags="lmpfPhV",
+        valued="cgGswu" if call.name == "runuser" else "cgGsw",
+        long_flags=_fs("--login", "--preserve-environment", "--fast", "--pty") | _HELP,
+        long_valued=_fs(
+            "--command", "--session-command", "--group", "--supp-group", "--shell", "--whitelist-environment"
+        )
+        | ({"--user"} if call.name == "runuser" else set()),
+    )
+    opts, operands = _permute(call, spec)
+    names = {o.name for o in opts}
+    if names & (_HELP | {"-h", "-V"}):
+        return
+    command: _Opt | None = None
+    for o in opts:
+        if o.name in ("-c", "--command", "--session-command"):
+            command = o
+        elif o.name in ("-s", "--shell"):
+            if not o.value_known or _basename(o.value or "") not in _POSIX_SHELLS:
+                call.fail(f"the shell {o.value!r} is not a POSIX shell we can analyse")
+    if operands and operands[0].literal and operands[0].text == "-":
+        operands = operands[1:]
+    if names & {"-u", "--user"}:
+        if command is None:
+            if operands:
+                call.run(operands, call.name)
+            else:
+                call.program_from_stdin(posix=True, via=call.name)
+            return
+        operands = []
+    extra = operands[1:]
+    if command is not None:
+        if not command.value_known or command.value is None:
+            call.fail("the command string is only known at run time")
+        call.nested(command.value, call.name)
+        return
+    if extra:
+        call.run([_Arg.plain("sh"), *extra], call.name)
+        return
+    call.program_from_stdin(posix=True, via=call.name)
+
+
+def _h_busybox(call: _Call) -> None:
+    if call.args and call.known(call.args[0]) and not call.args[0].text.startswith("-"):
+        call.run(call.args, "busybox")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shells and interpreters
+# --------------------------------------------------------------------------------------------------
+
+_POSIX_SHELLS = _words("sh bash dash ash ksh ksh93 mksh lksh pdksh oksh zsh yash posh rbash hush")
+_OTHER_SHELLS = frozenset(
+    {"fish", "csh", "tcsh", "xonsh", "nu", "elvish", "pwsh", "powershell", "rc", "es", "ion", "osh", "ysh"}
+)
+_SHELL_LONG = _words(
+    "--norc --noprofile --posix --login --restricted --verbose --noediting --debugger"
+    " --dump-strings --dump-po-strings --pretty-print --protected --version --help"
+)
+
+
+def _h_posix_shell(call: _Call) -> None:
+    args = call.args
+    i = 0
+    command = read_stdin = info = False
+    while i < len(args):
+        a = args[i]
+        t = a.text
+        if not call.known(a):
+            if a.lead and a.lead[0] not in "-+":
+                break
+            call.fail(f"the option position holding {t!r} is only known at run time")
+        if t in ("-", "--"):
+            i += 1
+            break
+        if t.startswith("--"):
+            if t in ("--rcfile", "--init-file", "--emulate"):
+                _value_opt(call, t, i + 1)
+                i += 2
+                continue
+            if t.startswith(("--rcfile=", "--init-file=", "--emulate=")):
+                i += 1
+                continue
+            if t in _SHELL_LONG or (call.name == "zsh" and re.fullmatch(r"--[a-z][a-z0-9_-]*", t)):
+                info = info or t in _HELP
+                i += 1
+                continue
+            call.fail(f"unknown option {t}")
+        if t[:1] in ("-", "+") and len(t) > 1:
+            step = 1
+            for j, ch in enumerate(t[1:], start=1):
+                if ch == "c":
+                    command = True
+                elif ch == "s":
+                    read_stdin = True
+                elif ch in "oO":
+                    if j + 1 == len(t):
+                        _value_opt(call, "-" + ch, i + 1)
+                        step = 2
+                        if t[0] == "-":
+                            _check_shell_option_cluster(call, t, args[i + 1].text)
+                    break
+                elif ch in "kH" and t[0] == "-":
+                    call.fail(f"option {t} changes how commands are read")
+                elif not (ch.isascii() and ch.isalpha()):
+                    call.fail(f"unknown option {t}")
+            i += step
+            continue
+        break
+    if info:
+        return
+    operands = args[i:]
+    if command:
+        if not operands:
+            if call.env.appended:
+                call.fail("its command string would come from the input of xargs")
+            call.fail("-c needs a command string")
+        call.nested(call.code(operands[0], "the command string"), "sh -c")
+        return
+    if operands and not read_stdin:
+        script = operands[0]
+        if script.procsub:
+            call.fail("it would run a program from a process substitution, which cannot be inspected")
+        if call.known(script) and _is_stdin_path(script.text):
+            call.program_from_stdin(posix=True)
+        return
+    call.program_from_stdin(posix=True)
+
+
+def _h_other_shell(call: _Call) -> None:
+    if not call.args:
+        if call.stdin.kind not in ("null", "file") or call.env.appended:
+            call.fail(f"{call.name} syntax is not analysed; its commands cannot be inspected")
+        return
+    first = call.args[0]
+    if call.known(first) and not first.text.startswith("-") and not _is_stdin_path(first.text):
+        return  # a script file: the rules decide
+    call.fail(f"{call.name} syntax is not analysed; only POSIX shells' -c bodies are")
+
+
+@dataclass(frozen=True, slots=True)
+class _Interp:
+    inline: frozenset[str] = frozenset()  # options whose value is program text
+    values: frozenset[str] = frozenset()  # options that take the next word as value (when bare)
+    flags: str = ""  # single-letter options without value
+    attached: str = ""  # letters whose value is the rest of the word
+    long_flags: frozenset[str] = frozenset()
+    script: frozenset[str] = frozenset()  # options naming the program file or module
+    interactive: frozenset[str] = frozenset()  # read more program from stdin afterwards
+    info: frozenset[str] = frozenset()  # print something and exit
+    operand_is_script: bool = True  # the first operand is the program file (psql: a database)
+
+
+_INTERPRETERS: dict[str, _Interp] = {
+    "python": _Interp(
+        inline=_fs("-c"),
+        values=_fs("-W", "-X", "--check-hash-based-pycs"),
+        flags="bBdEIOPqRsSuvx",
+        script=_fs("-m"),
+        interactive=_fs("-i"),
+        info=_fs("-h", "-V", "-?", "--help", "--version", "--help-env", "--help-xoptions", "--help-all"),
+    ),
+    "perl": _Interp(
+        inline=_fs("-e", "-E"),
+        values=_fs("-I", "-M", "-m"),
+        flags="acnpsStTuUwWX",
+        attached="0CdDFiIlmMx",
+        info=_fs("-v", "-V", "-h", "--help", "--version"),
+    ),
+    "ruby": _Interp(
+        inline=_fs("-e"),
+        values=_fs("-I", "-r", "-C", "-E"),
+        flags="acdlnpsSvwWyU",
+        attached="0FiKTWx",
+        info=_fs("-h", "--help", "--version"),
+    ),
+    "node": _Interp(
+        inline=_fs("-e", "--eval", "-p", "--print"),
+        values=_words(
+            "-r --require --import --loader --experimental-loader -C --conditions --input-type"
+            " --title --env-file --inspect-port"
+        ),
+        flags="c",
+        long_flags=_words(
+            "--no-warnings --trace-warnings --inspect --inspect-brk --expose-gc --enable-source-maps"
+            " --no-deprecation --trace-deprecation --preserve-symlinks --abort-on-uncaught-exception"
+            " --check --experimental-vm-modules"
+        ),
+        interactive=_fs("-i", "--interactive"),
+        info=_fs("-v", "--version", "-h", "--help", "--v8-options"),
+    ),
+    "php": _Interp(
+        inline=_fs("-r", "-B", "-R", "-E"),
+        values=_fs("-c", "-d", "-z", "-t"),
+        flags="nqsHwlCe",
+        script=_fs("-f", "-S"),
+        interactive=_fs("-a"),
+        info=_fs("-v", "-h", "-i", "-m", "--version", "--help", "--info", "--modules"),
+    ),
+    "lua": _Interp(inline=_fs("-e"), values=_fs("-l"), flags="EW", interactive=_fs("-i"), info=_fs("-v")),
+    "tclsh": _Interp(values=_fs("-encoding")),
+    "expect": _Interp(inline=_fs("-c"), flags="bdDinNv", script=_fs("-f"), interactive=_fs("-i")),
+    "Rscript": _Interp(inline=_fs("-e"), info=_fs("--version", "--help")),
+    "R": _Interp(inline=_fs("-e"), script=_fs("-f", "--file"), info=_fs("--version", "--help")),
+    "osascript": _Interp(inline=_fs("-e"), values=_fs("-l", "-s")),
+    "dc": _Interp(inline=_fs("-e", "--expression"), script=_fs("-f", "--file"), info=_words("-h -V --help --version")),
+    "psql": _Interp(
+        inline=_fs("-c", "--command"),
+        script=_fs("-f", "--file"),
+        values=_words(
+            "-d -h -p -U -v -P -o -L -T -F -R --dbname --host --port --username --set --variable"
+            " --pset --output --log-file"
+        ),
+        flags="aAbeEHnqsStxXwW01",
+        long_flags=_fs("--no-psqlrc", "--quiet", "--echo-all", "--echo-errors", "--echo-queries", "--tuples-only"),
+        info=_fs("-V", "--version", "-?", "--help", "-l", "--list"),
+        operand_is_script=False,
+    ),
+    "mysql": _Interp(
+        inline=_fs("-e", "--execute"),
+        values=_fs("-h", "-u", "-P", "-D", "-S", "--host", "--user", "--port", "--database", "--socket"),
+        flags="BNrstvEfnqX",
+        attached="p",
+        long_flags=_fs("--batch", "--silent", "--skip-column-names", "--raw", "--table", "--verbose"),
+        info=_fs("-V", "--version", "--help", "-?"),
+        operand_is_script=False,
+    ),
+}
+_INTERPRETERS["nodejs"] = _INTERPRETERS["node"]
+_INTERPRETERS["luajit"] = _INTERPRETERS["lua"]
+_INTERPRETERS["wish"] = _INTERPRETERS["tclsh"]
+_INTERPRETERS["mariadb"] = _INTERPRETERS["mysql"]
+_INTERPRETER_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(?:python|pypy)[0-9.]*(?:-dbg)?"), "python"),
+    (re.compile(r"perl[0-9.]*"), "perl"),
+    (re.compile(r"ruby[0-9.]*"), "ruby"),
+    (re.compile(r"node(?:js)?[0-9.]*"), "node"),
+    (re.compile(r"php(?:-?cli)?[0-9.]*(?:-cli)?"), "php"),
+    (re.compile(r"lua(?:jit)?[0-9.]*"), "lua"),
+    (re.compile(r"tclsh[0-9.]*"), "tclsh"),
+    (re.compile(r"(?:bash|zsh|ksh)[0-9.]+"), "sh"),
+)
+
+
+def _interpreter(spec: _Interp) -> Callable[[_Call], None]:
+    def handle(call: _Call) -> None:
+        args = call.args
+        i = 0
+        interactive = uncertain = False
+        result = "stdin"
+        script: _Arg | None = None
+        while i < len(args):
+            a = args[i]
+            t = a.text
+            if not call.known(a) and not (a.lead and a.lead[0] != "-"):
+                call.fail(f"the option position holding {t!r} is only known at run time")
+            if t == "-":
+                break
+            if t == "--" or not t.startswith("-"):
+                if t == "--":
+                    i += 1
+                    if i >= len(args):
+                        break
+                if spec.operand_is_script:
+                    script = args[i]
+                    result = "script"
+                    break
+                i += 1
+                continue
+            step = 1
+            if t.startswith("--"):
+                key = t.split("=", 1)[0]
+                if key in spec.inline:
+                    result = "inline"
+                elif key in spec.info:
+                    result = "info"
+                elif key in spec.script:
+                    result = "script"
+                elif key in spec.interactive:
+                    interactive = True
+                elif key in spec.values and "=" not in t:
+                    step = 2
+                elif not (key in spec.long_flags or key in spec.values or "=" in t):
+                    uncertain = True
+            else:
+                for j in range(1, len(t)):
+                    opt = "-" + t[j]
+                    if opt in spec.inline:
+                        result = "inline"
+                    elif opt in spec.info:
+                        result = "info"
+                    elif opt in spec.script:
+                        result = "script"
+                    elif opt in spec.values and j + 1 == len(t):
+                        step = 2
+                    elif t[j] in spec.attached:
+                        pass
+                    elif opt in spec.interactive:
+                        interactive = True
+                        continue
+                    elif t[j] not in spec.flags:
+                        uncertain = True
+                    else:
+                        continue
+                    break
+            if result != "stdin":
+                break
+            i += step
+        if result == "info":
+            return
+        if script is not None:
+            if script.procsub:
+                call.fail("it would run a program from a process substitution, which cannot be inspected")
+            if call.known(script) and _is_stdin_path(script.text):
+                interactive = True
+        if result == "stdin" or interactive or (uncertain and result == "script"):
+            call.program_from_stdin(posix=False)
+
+    return handle
+
+
+def _h_sqlite(call: _Call) -> None:
+    operands = [a for a in call.args if not (call.known(a) and a.text.startswith("-"))]
+    if len(operands) >= 2:  # the second operand is SQL text given inline
+        return
+    if any(
+        call.known(a) and a.text in ("-cmd", "-init", "-version", "-help", "--version", "--help") for a in call.args
+    ):
+        return
+    call.program_from_stdin(posix=False)
+
+
+def _h_awk(call: _Call) -> None:
+    spec = _Opts(
+        flags="bcCdDgMNOPrStVhkz",
+        valued="FvfEieLlo",
+        long_flags=_words(
+            "--characters-as-bytes --traditional --copyright --debug --gen-pot --bignum"
+            " --use-lc-numeric --non-decimal-data --optimize --posix --re-interval --sandbox --lint"
+            " --version --help"
+        ),
+        long_valued=_fs("--field-separator", "--assign", "--file", "--exec", "--source", "--include", "--load"),
+        long_optional=_fs("--dump-variables", "--profile", "--pretty-print"),
+    )
+    opts, _ = _getopt(call, spec)
+    for o in opts:
+        if o.name in ("-l", "--load"):
+            call.fail("-l loads a shared library")
+        if o.name in ("-f", "-E", "--file", "--exec") and (not o.value_known or _is_stdin_path(o.value or "")):
+            call.program_from_stdin(posix=False)
+
+
+def _h_sed(call: _Call) -> None:
+    for i, a in enumerate(call.args):
+        t = a.text
+        value: str | None = None
+        if t in ("-f", "--file") and i + 1 < len(call.args):
+            value = call.args[i + 1].text
+        elif t.startswith("--file="):
+            value = t[7:]
+        elif re.fullmatch(r"-[a-zA-Z]*f.*", t) and not t.startswith("--"):
+            value = t.split("f", 1)[1] or (call.args[i + 1].text if i + 1 < len(call.args) else None)
+        if value is not None and _is_stdin_path(value):
+            call.program_from_stdin(posix=False)
+
+
+def _h_source(call: _Call) -> None:
+    call.ctx.taint_all = True  # the file may set any variable
+    args = call.args
+    if args and args[0].literal and args[0].text == "--":
+        args = args[1:]
+    if not args:
+        return
+    script = args[0]
+    if script.procsub:
+        call.fail("it would run a program from a process substitution, which cannot be inspected")
+    if call.known(script) and _is_stdin_path(script.text):
+        call.program_from_stdin(posix=True)
+
+
+def _h_command_reader(call: _Call) -> None:
+    """Programs that take commands (able to start a shell) from the terminal or their input."""
+    if call.ctx.interactive:
+        call.fail("it takes commands typed at the terminal, which cannot be inspected")
+    if call.name in ("sftp",):
+        for i, a in enumerate(call.args):
+            if a.text == "-b" and i + 1 < len(call.args):
+                if _is_stdin_path(call.args[i + 1].text):
+                    call.program_from_stdin(posix=False)
+                return
+            if a.text.startswith("-b") and len(a.text) > 2:
+                if _is_stdin_path(a.text[2:]):
+                    call.program_from_stdin(posix=False)
+                return
+    if call.name in ("tmux", "screen", "script"):
+        return
+    call.program_from_stdin(posix=False)
+
+
+def _h_pager(call: _Call) -> None:
+    if call.ctx.interactive:
+        call.fail("it takes commands typed at the terminal (such as '!cmd'), which cannot be inspected")
+    for a in call.args:
+        if a.text.startswith("+") and any(c in a.text for c in "!|"):
+            call.fail(f"the startup command {a.text!r} runs a shell command")
+
+
+def _h_script(call: _Call) -> None:
+    spec = _Opts(
+        flags="aefqhV",
+        valued="cEIOBTm",
+        optional="t",
+        long_flags=_fs("--append", "--return", "--flush", "--force", "--quiet") | _HELP,
+        long_valued=_fs("--command", "--echo", "--log-in", "--log-out", "--log-io", "--log-timing", "--logging-format"),
+        long_optional=_fs("--timing"),
+    )
+    opts, _ = _getopt(call, spec)
+    if {o.name for o in opts} & (_HELP | {"-h", "-V"}):
+        return
+    for o in opts:
+        if o.name in ("-c", "--command"):
+            if not o.value_known or o.value is None:
+                call.fail("the command string is only known at run time")
+            call.nested(o.value, "script")
+            return
+    if call.ctx.interactive:
+        call.fail("it starts a shell reading the terminal, which cannot be inspected")
+    call.program_from_stdin(posix=True, via="script")
+
+
+def _h_at(call: _Call) -> None:
+    spec = _Opts(flags="mMvVlrdcbKh", valued="qftT", long_flags=_HELP)
+    opts, _ = _getopt(call, spec)
+    names = {o.name for o in opts}
+    if names & {"-l", "-r", "-d", "-c", "-V", "-h", "--help", "--version"} or "-f" in names:
+        return
+    call.program_from_stdin(posix=True, via="at")
+
+
+def _h_crontab(call: _Call) -> None:
+    opts, i = _getopt(call, _Opts(flags="lreisThV", valued="uc", long_flags=_HELP))
+    names = {o.name for o in opts}
+    if names & {"-l", "-r", "-T", "-h", "-V", "--help", "--version"}:
+        return
+    operands = call.args[i:]
+    if "-e" in names or not operands or (call.known(operands[0]) and _is_stdin_path(operands[0].text)):
+        if call.stdin.kind in ("null", "file") and not call.env.appended:
+            return
+        call.fail("crontab entries read from its input or an editor cannot be inspected")
+
+
+# --------------------------------------------------------------------------------------------------
+# Builtins that evaluate text or take variable names
+# --------------------------------------------------------------------------------------------------
+
+
+def _h_eval(call: _Call) -> None:
+    text = " ".join(call.code(a, "the evaluated text") for a in call.args)
+    if text.strip():
+        call.nested(text, "eval")
+
+
+def _h_trap(call: _Call) -> None:
+    args = call.args
+    if args and call.known(args[0]) and args[0].text == "--":
+        args = args[1:]
+    if len(args) < 2:
+        return  # list, print or reset
+    if call.known(args[0]) and args[0].text in ("-", "-l", "-p", "-P"):
+        return
+    text = call.code(args[0], "the trap command")
+    if text.strip():
+        call.nested(text, "trap")
+
+
+def _h_declare(call: _Call) -> None:
+    flags: set[str] = set()
+    for a in call.args:
+        t = a.text
+        if a.literal and t[:1] in ("-", "+") and len(t) > 1:
+            if t != "--":
+                flags.update(t[1:])
+            continue
+        if flags & {"f", "F"}:
+            continue  # function names
+        if "n" in flags:
+            call.fail("name references (-n) are not supported: they hide which variable is assigned")
+        split = _split_assignment(a.word) if a.word is not None else None
+        if split is None:
+            if not a.literal:
+                call.fail(f"cannot tell which variable {t!r} names")
+            call.ctx.variable_name(t, call.name, assign=False)
+            if "i" in flags:
+                call.ctx.int_vars.add(t)
+            continue
+        name, value = split
+        name = name.removesuffix("+")
+        value_word = _word_of(value)
+        if "i" in flags:
+            call.ctx.int_vars.add(name)
+        call.ctx.variable_name(name, call.name, assign=True, int_safe=_int_safe_value(value), value=value_word)
+
+
+def _h_set(call: _Call) -> None:
+    args = call.args
+    for i, a in enumerate(args):
+        t = a.text
+        if not call.known(a):
+            call.fail(f"{t!r} could be an option such as -k; use 'set -- ...' for positional parameters")
+        if t in ("--", "-"):
+            return
+        if t.startswith("-") and not t.startswith("--"):
+            _check_shell_option_cluster(call, t, args[i + 1].text if i + 1 < len(args) else "")
+
+
+def _check_shell_option_cluster(call: _Call, cluster: str, following: str) -> None:
+    """-k puts later NAME=value arguments in the environment; -H/history enable history expansion."""
+    if "k" in cluster[1:] or "H" in cluster[1:]:
+        call.fail(f"option {cluster} changes how commands are read (keyword assignments or history)")
+    if cluster.endswith("o") and following in ("keyword", "histexpand", "history"):
+        call.fail(f"-o {following} changes how commands are read")
+
+
+def _h_unset(call: _Call) -> None:
+    functions = False
+    for a in call.args:
+        t = a.text
+        if a.literal and t.startswith("-") and len(t) > 1:
+            functions = functions or "f" in t
+            continue
+        if functions:
+            continue
+        call.ctx.variable_name(t if a.literal else None, "unset", assign=False)
+
+
+def _h_read(call: _Call) -> None:
+    opts, i = _getopt(call, _Opts(flags="ers", valued="adinNptu"))
+    for o in opts:
+        if o.name == "-a":
+            call.ctx.variable_name(o.value if o.value_known else None, "read -a", assign=True)
+    for a in call.args[i:]:
+        call.ctx.variable_name(a.text if call.known(a) else None, "read", assign=True)
+
+
+def _h_mapfile(call: _Call) -> None:
+    opts, i = _getopt(call, _Opts(flags="t", valued="dnOsuCc"))
+    if any(o.name == "-C" for o in opts):
+        call.fail("-C evaluates a callback as shell code")
+    for a in call.args[i : i + 1]:
+        call.ctx.variable_name(a.text if call.known(a) else None, call.name, assign=True)
+
+
+def _h_printf(call: _Call) -> None:
+    args = call.args
+    if args and call.known(args[0]) and args[0].text.startswith("-v"):
+        name = args[0].text[2:] or (args[1].text if len(args) > 1 and call.known(args[1]) else None)
+        call.ctx.variable_name(name, "printf -v", assign=True)
+
+
+def _h_getopts(call: _Call) -> None:
+    if len(call.args) >= 2:
+        call.ctx.variable_name(call.args[1].text if call.known(call.args[1]) else None, "getopts", assign=True)
+
+
+def _h_test(call: _Call) -> None:
+    args = call.args
+    for i, a in enumerate(args[:-1]):
+        if a.literal and a.text == "-v":
+            target = args[i + 1]
+            call.ctx.variable_name(target.text if call.known(target) else None, f"{call.name} -v", assign=False)
+
+
+def _h_let(call: _Call) -> None:
+    for a in call.args:
+        if a.word is None or call.placeholder(a):
+            call.fail("its expression is only known at run time")
+        call.ctx.arith_word(a.word, "let")
+
+
+def _h_wait(call: _Call) -> None:
+    opts, _ = _getopt(call, _Opts(flags="nf", valued="p"))
+    for o in opts:
+        call.ctx.variable_name(o.value if o.value_known else None, "wait -p", assign=True, int_safe=True)
+
+
+def _refuse(reason: str) -> Callable[[_Call], None]:
+    def handle(call: _Call) -> None:
+        call.fail(reason)
+
+    return handle
+
+
+def _refuse_options(letters: str, reason: str, *, defining: bool = False) -> Callable[[_Call], None]:
+    def handle(call: _Call) -> None:
+        for a in call.args:
+            if not call.known(a):
+                call.fail(f"{a.text!r} is only known at run time")
+            t = a.text
+            if t.startswith("-") and not t.startswith("--") and any(c in letters for c in t[1:]):
+                call.fail(reason)
+            if defining and "=" in t:
+                call.fail(reason)
+
+    return handle
+
+
+# --------------------------------------------------------------------------------------------------
+# Programs with options that run commands
+# --------------------------------------------------------------------------------------------------
+
+_SSH_OPTS = _Opts(flags="46AaCfGgKkMNnqsTtVvXxYy", valued="BbcDEeFIiJLlmOopQRSWw")
+_SSH_COMMAND_KEYS = frozenset({"proxycommand", "localcommand", "knownhostscommand"})
+
+
+def _ssh_config_option(call: _Call, opt: _Opt) -> str | None:
+    """Check one ``-o`` option; return the remote command it sets, if any."""
+    if not opt.value_known or opt.value is None:
+        call.fail("an -o option is only known at run time")
+    m = re.match(r"\s*([A-Za-z]+)\s*(?:=\s*|\s+)(.*)", opt.value, re.S)
+    key, value = (m.group(1).lower(), m.group(2).strip()) if m else (opt.value.strip().lower(), "")
+    if key in ("match", "include", "host"):
+        call.fail(f"-o {key} is not supported")
+    if key in _SSH_COMMAND_KEYS and value.lower() != "none":
+        call.nested(value, f"{call.name} -o {key}", stdin=_UNKNOWN)
+    if key in ("setenv", "sendenv"):
+        for item in value.split():
+            name = item.split("=", 1)[0]
+            if _dangerous_var(name) or "*" in name:
+                call.fail(f"-o {key} {name} can change which program runs on the remote host")
+    if key == "remotecommand" and value.lower() != "none":
+        return value
+    return None
+
+
+def _h_ssh(call: _Call) -> None:
+    opts, i = _getopt(call, _SSH_OPTS)
+    args = call.args
+    if i >= len(args):
+        return  # usage, -V, -G without destination...
+    more, j = _getopt(call, _SSH_OPTS, i + 1)  # OpenSSH reads options after the destination too
+    opts += more
+    names = {o.name for o in opts}
+    remote: str | None = None
+    for o in opts:
+        if o.name == "-o":
+            remote = _ssh_config_option(call, o) or remote
+    if names & {"-N", "-W", "-O", "-G", "-V", "-Q", "-s"}:
+        return
+    command = args[j:]
+    stdin = _NULL if names & {"-n", "-f"} else call.stdin
+    if command:
+        call.nested(" ".join(call.code(a, "the remote command") for a in command), "ssh", stdin=stdin)
+        return
+    if remote is not None:
+        call.nested(remote, "ssh", stdin=stdin)
+        return
+    if call.env.transport or names & {"-n", "-f"}:
+        return
+    call.program_from_stdin(posix=True, via="ssh")
+
+
+def _h_scp(call: _Call) -> None:
+    if call.name == "scp":
+        spec = _Opts(flags="346ABCOpqRrTv", valued="cDFiJlPSoX")
+    else:
+        spec = _Opts(flags="46aCfNpqrv", valued="BbcDFiJlPRSos")
+    opts, _ = _permute(call, spec)
+    for o in opts:
+        if o.name == "-o":
+            _ssh_config_option(call, o)
+        elif o.name == "-S" or (o.name == "-D" and call.name == "sftp"):
+            if not o.value_known or not o.value:
+                call.fail(f"the program given to {o.name} is only known at run time")
+            call.run([_Arg.plain(o.value)], f"{call.name} {o.name}", transport=True)
+        elif o.name == "-b" and call.name == "sftp":
+            if not o.value_known or _is_stdin_path(o.value or ""):
+                call.program_from_stdin(posix=False)
+            return
+    if call.name == "sftp":
+        _h_command_reader(call)
+
+
+def _h_rsync(call: _Call) -> None:
+    args = call.args
+    i = 0
+    while i < len(args):
+        a = args[i]
+        t = a.text
+        if not call.known(a):
+            if a.lead and not a.lead.startswith("-"):
+                i += 1
+                continue
+            call.fail(f"the option position holding {t!r} is only known at run time")
+        if t == "--":
+            break
+        value: str | None = None
+        option = ""
+        step = 1
+        if t.startswith("--"):
+            key, eq, rest = t.partition("=")
+            for full in ("--rsh", "--rsync-path"):
+                if len(key) > 4 and full.startswith(key):
+                    option = full
+                    if eq:
+                        value = rest
+                    elif i + 1 < len(args):
+                        value = call.code(args[i + 1], f"the value of {full}")
+                        step = 2
+        elif t.startswith("-") and len(t) > 1:
+            for j in range(1, len(t)):
+                if t[j] in "BfMT@":
+                    if j + 1 == len(t):
+                        step = 2
+                    break
+                if t[j] == "e":
+                    option = "-e"
+                    if j + 1 < len(t):
+                        value = t[j + 1 :]
+                    elif i + 1 < len(args):
+                        value = call.code(args[i + 1], "the value of -e")
+                        step = 2
+                    break
+        if option and value is None:
+            call.fail(f"{option} needs a value")
+        if option == "-e" or option == "--rsh":
+            call.nested(value or "", "rsync -e", stdin=_UNKNOWN, transport=True)
+        elif option == "--rsync-path":
+            call.nested(value or "", "rsync --rsync-path", stdin=_UNKNOWN, transport=True)
+        i += step
+
+
+_TAR_DANGEROUS = (
+    "--to-command",
+    "--checkpoint-action",
+    "--use-compress-program",
+    "--rsh-command",
+    "--info-script",
+    "--new-volume-script",
+)
+
+
+def _h_tar(call: _Call) -> None:
+    for index, a in enumerate(call.args):
+        if not call.known(a):
+            if a.lead and not a.lead.startswith("-"):
+                continue
+            call.fail(f"the option position holding {a.text!r} is only known at run time")
+        t = a.text
+        if t.startswith("--"):
+            key = t.split("=", 1)[0]
+            if len(key) > 3 and any(d.startswith(key) for d in _TAR_DANGEROUS):
+                call.fail(f"option {key} runs a command")
+        elif (t.startswith("-") or index == 0) and re.fullmatch(r"-?[A-Za-z0-9]+", t) and any(c in t for c in "IF"):
+            call.fail(f"option cluster {t!r} includes -I or -F, which run a command")
+
+
+_GIT_DANGEROUS_KEY = re.compile(
+    r"(?:alias|credential|filter|diff|merge|pager|gpg|uploadpack|receivepack|sendemail|protocol|remote|url"
+    r"|include|includeif|http|ssh|interactive|instaweb|browser|web|man|difftool|mergetool|submodule|sequence"
+    r"|init|trailer|uploadarchive|tar|hook)\.|core\.(?:sshcommand|pager|editor|fsmonitor|hookspath|gitproxy"
+    r"|askpass|attributesfile|worktree|alternaterefscommand)",
+    re.IGNORECASE,
+)
+_GIT_DANGEROUS_SUB = {
+    "rebase": ("-x", "--exec", "-i", "--interactive"),
+    "bisect": ("run",),
+    "submodule": ("foreach",),
+    "filter-branch": ("",),
+    "difftool": ("-x", "--extcmd", "-t", "--tool"),
+    "mergetool": ("",),
+    "grep": ("-O", "--open-files-in-pager"),
+    "clone": ("-u", "--upload-pack", "--template", "-c", "--config"),
+    "fetch": ("--upload-pack",),
+    "pull": ("--upload-pack",),
+    "ls-remote": ("--upload-pack",),
+    "push": ("--receive-pack", "--exec"),
+    "archive": ("--exec",),
+    "send-pack": ("--receive-pack", "--exec"),
+    "fetch-pack": ("--upload-pack", "--exec"),
+}
+
+
+def _h_git(call: _Call) -> None:
+    args = call.args
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not call.known(a):
+            call.fail(f"the argument {a.text!r} before the subcommand is only known at run time")
+        t = a.text
+        if t == "-c":
+            if i + 1 >= len(args) or not call.known(args[i + 1]):
+                call.fail("-c needs a literal key=value")
+            if _GIT_DANGEROUS_KEY.match(args[i + 1].text):
+                call.fail(f"-c {args[i + 1].text.split('=')[0]} can make git run a command")
+            i += 2
+            continue
+        if t.startswith("--config-env") or t.startswith("--exec-path="):
+            call.fail(f"{t.split('=')[0]} can make git run a command")
+        if t in ("-C", "--git-dir", "--work-tree", "--namespace", "--super-prefix"):
+            i += 2
+            continue
+        if t.startswith("-"):
+            i += 1
+            continue
+        break
+    if i >= len(args):
+        return
+    sub = args[i].text
+    rest = args[i + 1 :]
+    if sub == "config":
+        operands = [r for r in rest if not r.text.startswith("-")]
+        if len(operands) >= 2 and _GIT_DANGEROUS_KEY.match(operands[0].text):
+            call.fail(f"setting {operands[0].text} can make git run a command")
+        return
+    dangerous = _GIT_DANGEROUS_SUB.get(sub)
+    if dangerous is None:
+        return
+    if dangerous == ("",):
+        call.fail(f"'git {sub}' runs commands")
+    for r in rest:
+        t = r.text
+        for d in dangerous:
+            if (
+                t == d
+                or (d.startswith("--") and t.startswith(d + "="))
+                or (len(d) == 2 and d.startswith("-") and t.startswith(d) and not t.startswith("--"))
+            ):
+                call.fail(f"'git {sub} {d}' runs a command")
+
+
+def _h_zip(call: _Call) -> None:
+    for a in call.args:
+        if a.text.startswith("-TT") or (a.text.startswith("--unzip") and len(a.text) > 7):
+            call.fail("the test command option runs a command")
+
+
+def _h_man(call: _Call) -> None:
+    for a in call.args:
+        t = a.text
+        if re.match(r"-[A-Za-z]*[PH]", t) or t.startswith(("--pager", "--html")):
+            call.fail("a pager or browser option runs a command")
+    _h_pager(call)
+
+
+_KEYSTROKE_READERS = ("ed", "red", "ex", "vi", "vim", "nvim", "view", "vimdiff", "rvim", "emacs", "nano", "pico")
+_COMMAND_READERS = ("gdb", "ftp", "lftp", "tmux", "screen", "telnet", "mail", "mutt")
+_PAGERS = ("less", "more", "most", "pager", "pg")
+
+_HANDLERS: dict[str, Callable[[_Call], None]] = {
+    **{name: _wrapper(spec) for name, spec in _WRAPPERS.items()},
+    "env": _h_env,
+    "xargs": _h_xargs,
+    "find": _h_find,
+    "watch": _h_watch,
+    "flock": _h_flock,
+    "su": _h_su,
+    "runuser": _h_su,
+    "busybox": _h_busybox,
+    "toybox": _h_busybox,
+    **dict.fromkeys(_POSIX_SHELLS, _h_posix_shell),
+    **dict.fromkeys(_OTHER_SHELLS, _h_other_shell),
+    **{name: _interpreter(spec) for name, spec in _INTERPRETERS.items()},
+    "sqlite3": _h_sqlite,
+    **dict.fromkeys(("awk", "gawk", "mawk", "nawk", "busybox-awk"), _h_awk),
+    "sed": _h_sed,
+    "source": _h_source,
+    ".": _h_source,
+    **dict.fromkeys(_KEYSTROKE_READERS + _COMMAND_READERS, _h_command_reader),
+    **dict.fromkeys(_PAGERS, _h_pager),
+    "man": _h_man,
+    "script": _h_script,
+    "at": _h_at,
+    "batch": _h_at,
+    "crontab": _h_crontab,
+    "eval": _h_eval,
+    "trap": _h_trap,
+    **dict.fromkeys(("declare", "typeset", "local", "export", "readonly"), _h_declare),
+    "unset": _h_unset,
+    "read": _h_read,
+    "mapfile": _h_mapfile,
+    "readarray": _h_mapfile,
+    "printf": _h_printf,
+    "getopts": _h_getopts,
+    "test": _h_test,
+    "[": _h_test,
+    "let": _h_let,
+    "wait": _h_wait,
+    "alias": _refuse_options("", "alias definitions are not allowed (aliases can hide any command)", defining=True),
+    "hash": _refuse_options("p", "hash -p and name=path make a name run another program", defining=True),
+    "enable": _refuse_options("f", "enable -f loads code into the shell"),
+    "compgen": _refuse_options("CW", "compgen -C/-W evaluate text as shell code"),
+    "complete": _refuse_options("CW", "complete -C/-W evaluate text as shell code"),
+    "bind": _refuse_options("x", "bind -x runs shell code from key bindings"),
+    "fc": _refuse("fc runs commands from the history"),
+    "r": _refuse("zsh's r runs commands from the history"),
+    "sched": _refuse("zsh's sched runs a command string later"),
+    "zpty": _refuse("zsh's zpty runs a command string"),
+    "emulate": _refuse_options("c", "emulate -c evaluates a command string"),
+    "set": _h_set,
+    "systemd-run": _h_systemd_run,
+    "socat": _h_socat,
+    **dict.fromkeys(("nc", "ncat", "netcat", "nc.traditional", "nc.openbsd"), _h_netcat),
+    "ssh": _h_ssh,
+    "scp": _h_scp,
+    "sftp": _h_scp,
+    "rsync": _h_rsync,
+    "tar": _h_tar,
+    "git": _h_git,
+    "zip": _h_zip,
+}
+
+
+def _handler_for(name: str) -> Callable[[_Call], None] | None:
+    handler = _HANDLERS.get(name)
+    if handler is not None:
+        return handler
+    for pattern, family in _INTERPRETER_PATTERNS:
+        if pattern.fullmatch(name):
+            return _h_posix_shell if family == "sh" else _HANDLERS[family]
+    return None
