@@ -119,7 +119,10 @@ class JsonMasker:
         return frozenset(nxt), done
 
     def mask(self, value: Any, counts: Counter[str]) -> Any:
-        return self._walk(value, self.start, counts)
+        try:
+            return self._walk(value, self.start, counts)
+        except RecursionError:
+            raise MaskingError("JSON document nested too deeply to mask") from None
 
     def _walk(self, value: Any, state: State, counts: Counter[str]) -> Any:
         if isinstance(value, dict):

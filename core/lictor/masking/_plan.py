@@ -228,7 +228,7 @@ class MaskPlan:
         if self._scanner is None:
             return 0
         ext = max((d.extend_limit for d in self._detectors), default=0)
-        return 2 * self._scanner.reach + ext
+        return 2 * self._scanner.reach + self._scanner.back + ext
 
     def _style_of(self, name: str) -> Style | None:
         for det, style in zip(self._detectors, self._detector_styles, strict=True):

@@ -115,7 +115,9 @@ class _Extension:
             return e if complete else -1
         end = self.match(ANCHOR_START, data, e, endpos)[0][1]
         if self.greedy:
-            if end == n and not complete:
+            # The run may go on in the next chunk: it reached the end of the buffer, or it
+            # stopped at what may be only the first bytes of a multi-byte character.
+            if not complete and (end == n or (data[end] >= 0x80 and n - end < 4)):
                 return -1
             return max(end, e)
         if end >= 0:
@@ -225,9 +227,10 @@ class Scanner:
                     ms -= slot.back(data[lo:ms][::-1])
                 if ms >= 0 and ext is not None:
                     me = ext.end(data, me, n, eof)
-                    if me < 0:  # an open token or block whose end is not here yet
-                        out.append(data[emitted:ms])
-                        return ms
+                    if me < 0:  # an open token or block whose end is not here yet: wait
+                        hold = min(s, ms)
+                        out.append(data[emitted:hold])
+                        return hold
                 if ms >= 0 and slot.validator is not None:
                     me = slot.validator(data, ms, me)
                 if ms >= 0 and me > ms:
