@@ -335,6 +335,8 @@ def test_custom_patterns_run_in_linear_time() -> None:
 
 
 def test_custom_name_may_not_shadow_builtin() -> None:
+    with pytest.raises(MaskingError, match="built-in"):
+        compile_detector("card", r"\d{4}")
     det = compile_detector("my_card", r"\d{4}")
     with pytest.raises(MaskingError, match="built-in"):
         MaskPlan.compile([{"detectors": ["card"]}], {"card": det})

@@ -45,6 +45,12 @@ EMAIL_LIMIT = 256
 
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 RESERVED_LABELS = frozenset({"column", "path"})
+_BUILTIN_NAMES = frozenset(
+    {
+        "private_key", "jwt", "aws_access_key_id", "github_token", "slack_token", "stripe_key",
+        "secret_assignment", "aws_secret_access_key", "card", "iban", "ssn", "email", "ipv6", "ipv4", "phone",
+    }
+)  # fmt: skip
 
 
 def re2_options() -> Any:
@@ -91,6 +97,8 @@ def _check_name(name: str) -> None:
         )
     if name in RESERVED_LABELS:
         raise MaskingError(f"detector name {name!r} is reserved")
+    if name in _BUILTIN_NAMES:
+        raise MaskingError(f"detector name {name!r} is the name of a built-in detector")
 
 
 def compile_detector(
@@ -254,4 +262,5 @@ _BUILTINS = (
 )
 
 BUILTIN_DETECTORS: Mapping[str, Detector] = MappingProxyType({d.name: d for d in _BUILTINS})
+assert set(BUILTIN_DETECTORS) == _BUILTIN_NAMES
 """Built-in detectors by name, in the order they take precedence when two match at one place."""

@@ -1,6 +1,7 @@
 """MaskPlan: the compiled union of the ``mask:`` blocks that apply to a request."""
 
 import fnmatch
+import functools
 import json
 import secrets
 from collections import Counter
@@ -15,6 +16,15 @@ from ._stream import StreamMasker
 from ._styles import DEFAULT_KEEP, STYLES, Style, apply_style
 
 _PROCESS_KEY = secrets.token_bytes(32)
+
+
+@functools.lru_cache(maxsize=128)
+def _scanner(detectors: tuple[Detector, ...], styles: tuple[Style, ...], key: bytes) -> Scanner:
+    """Scanners are immutable and costly to build (re2 compiles the combined automaton), and the
+    same combinations of rules come back request after request: share them."""
+    return Scanner(detectors, styles, key)
+
+
 _MASK_KEYS = frozenset({"detectors", "columns", "json_paths", "style", "keep"})
 _UTF8 = "utf-8"
 _SURR = "surrogatepass"
@@ -108,7 +118,7 @@ class MaskPlan:
         self._detector_styles = tuple(detector_styles)
         self._columns = tuple((glob.lower(), style) for glob, style in columns)
         self._json_paths = tuple(json_paths)
-        self._scanner = Scanner(self._detectors, self._detector_styles, key) if self._detectors else None
+        self._scanner = _scanner(self._detectors, self._detector_styles, key) if self._detectors else None
         parsed: tuple[tuple[tuple[Step, ...], Style], ...] = tuple(
             (parse_path(path), style) for path, style in self._json_paths
         )

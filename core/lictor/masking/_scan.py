@@ -173,13 +173,11 @@ class Scanner:
         self.back = max(d.back_limit for d in self.detectors)
         patterns = [d.pattern for d in self.detectors]
         self._find = _matcher("|".join(f"(?:{p})" for p in patterns), captures=False)
-        self._single = len(patterns) == 1
-        self._sets = (_set(patterns, ""), _set(patterns, "\\C")) if not self._single else None
+        self._sets = (_set(patterns, ""), _set(patterns, "\\C")) if len(patterns) > 1 else None
 
-    def _candidates(self, data: bytes, s: int, n: int) -> list[int]:
+    def _candidates(self, data: bytes, s: int) -> list[int]:
         """Indexes of the detectors that match at ``s`` (in context), in precedence order."""
-        if self._sets is None:
-            return [0]
+        assert self._sets is not None
         if s == 0:
             found = self._sets[0].Match(data[: self.reach])
         else:
@@ -199,6 +197,7 @@ class Scanner:
         find = self._find
         slots = self.slots
         candidates = self._candidates
+        only = [0] if self._sets is None else None
         c = emitted = pos
         while True:
             s, e = find(UNANCHORED, data, c, n)[0]
@@ -209,7 +208,7 @@ class Scanner:
             slot = None
             ms = me = -1
             first = True
-            for di in candidates(data, s, n):
+            for di in only or candidates(data, s):
                 slot = slots[di]
                 ext = slot.extensions[0]
                 if first and slot.simple:
