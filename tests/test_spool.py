@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import require
-
 from lictor.recorder import Offset, RecordingError, Spool, SpoolFull
 from lictor.recorder._spool import AUDIT, CARRY, SESSION, encode_record
+
+from tests.conftest import require
 
 
 def _spool(path: Path, **kw: int | float) -> Spool:
@@ -43,7 +43,7 @@ def test_append_read_in_order_across_segments(tmp_path: Path) -> None:
         b'{"i":%d,"pad":"%s"}' % (i, b"x" * (i % 50)) for i in range(500)
     ]
     # reading from the middle starts right after the given position
-    assert [r.seq for r in spool.records(250)][0] == 251
+    assert next(r.seq for r in spool.records(250)) == 251
     spool.close()
 
 

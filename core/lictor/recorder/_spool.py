@@ -150,12 +150,12 @@ class Spool:
         self.segment_bytes = segment_bytes
         self.fsync_interval = fsync_interval
         self.reserve_bytes = reserve_bytes
+        self._closed = True  # until the directory is ours (see __del__)
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._pending_fds: list[int] = []
         self._dir_dirty = False
         self._failed: str = ""
-        self._closed = False
         self._stop = threading.Event()
         self._sync_thread: threading.Thread | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -170,6 +170,15 @@ class Spool:
             ) from None
         os.ftruncate(self._lock_fd, 0)
         os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+        try:
+            self._open_files()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        with _OPEN_LOCK:
+            _OPEN[str(self.directory.resolve())] = self
+
+    def _open_files(self) -> None:
         self.gateway_id = self._gateway_id()
         self.recovery_problems: list[str] = []
         # The first sequence number of the newest segment ever started, kept in place (no new
@@ -182,8 +191,7 @@ class Spool:
         self.synced_seq = self.written_seq
         self._active: Segment | None = None
         self._fd = -1
-        with _OPEN_LOCK:
-            _OPEN[str(self.directory.resolve())] = self
+        self._closed = False
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -296,6 +304,8 @@ class Spool:
                 raise RecordingError(f"spool {self.directory} has no active segment")
             seq = self.written_seq + 1
             length = len(body)
+            if length > MAX_BODY:
+                raise RecordingError(f"event of {length} bytes is larger than the spool's limit of {MAX_BODY}")
             limit = self.max_bytes + (self.reserve_bytes if reserve else 0)
             if self.total_bytes + length + HEADER_SIZE > limit:
                 raise SpoolFull(

@@ -40,8 +40,16 @@ class SpoolFull(RecordingError):
 # One encoder instance: ``json.dumps`` with options builds a new encoder per call, which costs
 # more than the encoding of a small event. ASCII output keeps every body valid UTF-8 (lone
 # surrogates from undecodable terminal bytes are escaped) and never contains a raw newline.
-encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-_canonical = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=str).encode
+def _default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+encode = json.JSONEncoder(separators=(",", ":"), default=_default).encode
+_canonical = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=_default).encode
 
 
 def canonical(value: Mapping[str, Any]) -> bytes:

@@ -1,0 +1,499 @@
+"""Session recording through a real Gateway: chains, manifests, listing, replay, export, verify."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lictor import AddonManager, ConfigError, Decision, Gateway, GatewayConfig, Glob, Identity, Loader, Request
+from lictor import Vocabulary as _Vocabulary
+from lictor.recorder import (
+    LocalSink,
+    Offset,
+    RecordingError,
+    RecordingsConfig,
+    Retention,
+    SessionRecorder,
+    asciicast_lines,
+    list_sessions,
+    load_session,
+    replay,
+    verify_sessions,
+)
+
+from tests.conftest import LICTOR
+
+PACK = """
+format: lictor/v1
+metadata: {name: recording-tests, owner: sec}
+identities:
+  - match: {claims: {role: ops}}
+    roles: [ops]
+  - match: {claims: {role: careful}}
+    roles: [careful]
+roles:
+  ops:
+    rules:
+      - {id: ok, protocol: line, when: {verbs: [echo, select, ls]}, action: allow}
+      - {id: no-rm, protocol: line, when: {verbs: [rm]}, action: deny, message: no deleting here}
+  careful:
+    recording: strict
+    rules:
+      - {id: careful-ok, protocol: line, when: {verbs: [echo]}, action: allow}
+"""
+
+
+class LineVocabulary:
+    """Just the rule vocabulary of the ``line`` test protocol."""
+
+    name = "line-vocabulary"
+
+    def load(self, loader: Loader) -> None:
+        loader.add_vocabulary(
+            _Vocabulary(
+                protocol="line",
+                fields=(Glob("commands", attr="command"), Glob("verbs", attr="verb")),
+                index="verbs",
+            )
+        )
+
+
+def make_gateway(tmp: Path, recordings: Mapping[str, Any] | None = None) -> Gateway:
+    pack = tmp / "packs" / "pack.yaml"
+    pack.parent.mkdir(parents=True, exist_ok=True)
+    pack.write_text(PACK)
+    config = GatewayConfig.default(tmp / "state", [str(pack.parent)])
+    if recordings is not None:
+        config.raw = {**config.raw, "recordings": dict(recordings)}
+    manager = AddonManager()
+    manager.add(LineVocabulary())
+    return Gateway(config, manager)
+
+
+def request(command: str) -> Request:
+    verb = command.split()[0]
+    return Request("line", verb, {"command": command, "verb": verb}, target="db", summary=command, payload=command)
+
+
+def who(sub: str, role: str = "ops") -> Identity:
+    return Identity(sub, {"role": role}, issuer="lictor")
+
+
+async def run_session(gw: Gateway, sub: str, commands: list[str], *, target: str = "db", role: str = "ops") -> str:
+    session = await gw.open_session(who(sub, role), protocol="line", target=target, peer="127.0.0.1:5555")
+    for command in commands:
+        decision = await session.decide(request(command))
+        if decision.allowed:
+            session.record("command", {"command": command})
+    await session.close()
+    return session.id
+
+
+def lictor_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([LICTOR, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_session_is_recorded_chained_and_signed(tmp_path: Path) -> None:
+    async def main() -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        sid = await run_session(gw, "agent-1", ["echo hello", "rm -rf /data", "ls /tmp"])
+        await gw.stop()
+        return sid
+
+    sid = asyncio.run(main())
+    recordings = tmp_path / "state" / "recordings"
+    manifest, events = load_session(sid, source=recordings)
+    assert [e["kind"] for e in events] == ["session.start", "command", "decision", "command", "session.end"]
+    assert [e["n"] for e in events] == list(range(5))
+    assert events[1]["data"] == {"command": "echo hello"} and events[1]["dir"] == "in"
+    denied = events[2]["data"]
+    assert denied["action"] == "deny" and denied["rule_ids"] == ["no-rm"] and denied["summary"] == "rm -rf /data"
+    assert manifest is not None and manifest["events"] == 5 and manifest["interrupted"] is False
+    assert manifest["decisions"] == {"allow": 2, "deny": 1}
+    assert manifest["identity"]["sub"] == "agent-1"
+    [verdict] = verify_sessions(source=recordings)
+    assert verdict.ok and verdict.signed, verdict
+    # every decision reached the audit chain exactly once, through the spool
+    from lictor import AuditLog
+
+    audit = AuditLog(tmp_path / "state" / "audit.db")
+    decisions = [e for e in audit.events(kind="decision") if e.get("session") == sid]
+    assert [d["request"]["summary"] for d in decisions] == ["echo hello", "rm -rf /data", "ls /tmp"]
+    assert audit.verify().ok
+    audit.close()
+
+
+def test_cli_verify_names_the_first_altered_event(tmp_path: Path) -> None:
+    async def main() -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        sid = await run_session(gw, "agent-1", [f"echo {i}" for i in range(6)])
+        await run_session(gw, "agent-2", ["echo other"])
+        await gw.stop()
+        return sid
+
+    sid = asyncio.run(main())
+    state = str(tmp_path / "state")
+    ok = lictor_cli("sessions", "verify", "--all", "--state-dir", state)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "2 session(s) checked, 0 failed" in ok.stdout
+    [path] = (tmp_path / "state" / "recordings" / "sessions").glob(f"*/{sid}.jsonl")
+    original = path.read_bytes()
+    lines = original.splitlines(keepends=True)
+    lines[3] = lines[3].replace(b"echo 2", b"echo 9")  # event 3 is the third command
+    path.write_bytes(b"".join(lines))
+    bad = lictor_cli("sessions", "verify", "--all", "--state-dir", state)
+    assert bad.returncode == 1
+    assert f"{sid}: BROKEN at event 3" in bad.stdout, bad.stdout
+    assert "1 failed" in bad.stdout
+    # a deleted event
+    path.write_bytes(b"".join(original.splitlines(keepends=True)[:2] + original.splitlines(keepends=True)[3:]))
+    gone = lictor_cli("sessions", "verify", sid[:10], "--state-dir", state)
+    assert gone.returncode == 1 and "at event 2" in gone.stdout and "deleted" in gone.stdout
+    # a truncated tail is caught by the signed manifest
+    path.write_bytes(b"".join(original.splitlines(keepends=True)[:-2]))
+    cut = lictor_cli("sessions", "verify", sid, "--state-dir", state)
+    assert cut.returncode == 1 and "truncated" in cut.stdout
+    # an edited manifest fails its signature
+    path.write_bytes(original)
+    manifest_path = path.with_name(f"{sid}.manifest.json")
+    doc = json.loads(manifest_path.read_text())
+    doc["manifest"]["identity"]["sub"] = "someone-else"
+    manifest_path.write_text(json.dumps(doc))
+    forged = lictor_cli("sessions", "verify", sid, "--state-dir", state)
+    assert forged.returncode == 1 and "signature does not verify" in forged.stdout
+
+
+def test_asciicast_export_of_a_terminal_session(tmp_path: Path) -> None:
+    async def main() -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        session = await gw.open_session(who("agent-ssh"), protocol="ssh", target="host", peer="127.0.0.1:2222")
+        session.record("resize", {"width": 100, "height": 30})
+        session.record("output", {"data": "$ "})
+        await asyncio.sleep(0.02)
+        session.record("input", {"data": "ls\r"})
+        session.record("output", {"data": "ls\r\nfile-a  file-b  caf\u00e9\r\n$ "})
+        session.record("resize", {"width": 120, "height": 40})
+        await session.close()
+        await gw.stop()
+        return session.id
+
+    sid = asyncio.run(main())
+    out = lictor_cli("sessions", "export", sid, "--format", "asciicast", "--state-dir", str(tmp_path / "state"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = json.loads(lines[0])
+    assert header["version"] == 2 and header["width"] == 100 and header["height"] == 30
+    assert isinstance(header["timestamp"], int) and abs(header["timestamp"] - time.time()) < 60
+    frames = [json.loads(line) for line in lines[1:]]
+    for frame in frames:
+        assert isinstance(frame, list) and len(frame) == 3
+        assert isinstance(frame[0], float | int) and frame[1] in ("o", "i", "r") and isinstance(frame[2], str)
+    assert [f[0] for f in frames] == sorted(f[0] for f in frames)
+    assert [f[1:] for f in frames] == [
+        ["r", "100x30"],
+        ["o", "$ "],
+        ["i", "ls\r"],
+        ["o", "ls\r\nfile-a  file-b  caf\u00e9\r\n$ "],
+        ["r", "120x40"],
+    ]
+    assert frames[2][0] >= 0.02
+    # JSON lines: the stored events, byte for byte, then the signed manifest
+    jsonl = lictor_cli("sessions", "export", sid, "--format", "jsonl", "--state-dir", str(tmp_path / "state"))
+    [path] = (tmp_path / "state" / "recordings" / "sessions").glob(f"*/{sid}.jsonl")
+    exported = jsonl.stdout.splitlines()
+    assert exported[:-1] == path.read_text().splitlines()
+    assert json.loads(exported[-1])["manifest"]["session"] == sid
+
+
+def test_replay_pretty_prints_sql_and_keeps_the_timing(tmp_path: Path) -> None:
+    async def main() -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        session = await gw.open_session(who("agent-pg"), protocol="postgres", target="db", peer="127.0.0.1:1")
+        session.record(
+            "statement",
+            {"sql": "select id, email from accounts where id = $1", "params": ["***"], "tag": "SELECT 1", "rows": 1},
+        )
+        await asyncio.sleep(0.05)
+        session.record("http", {"method": "GET", "url": "https://api/x", "status": 200, "response_size": 12})
+        await session.close()
+        await gw.stop()
+        return session.id
+
+    sid = asyncio.run(main())
+    out = lictor_cli("replay", sid, "--no-wait", "--state-dir", str(tmp_path / "state"))
+    assert out.returncode == 0, out.stderr
+    assert "sql> SELECT id,\n            email\n     FROM accounts\n     WHERE id = $1" in out.stdout, out.stdout
+    assert '["***"]' in out.stdout and "SELECT 1 · 1 rows" in out.stdout
+    assert "→ GET https://api/x\n← 200 (response size 12 bytes)" in out.stdout
+    _, events = load_session(sid, source=tmp_path / "state" / "recordings")
+    pauses: list[float] = []
+    sink = _Text()
+    replay(events, sink, speed=2.0, sleep=pauses.append)
+    gap = events[2]["t"] - events[1]["t"]
+    assert gap >= 0.05 and any(abs(p - gap / 2) < 1e-6 for p in pauses), (gap, pauses)
+    capped: list[float] = []
+    replay(events, _Text(), speed=1.0, max_idle=0.01, sleep=capped.append)
+    assert capped and max(capped) <= 0.01 + 1e-9
+    none: list[float] = []
+    replay(events, _Text(), wait=False, sleep=none.append)
+    assert none == []
+
+
+class _Text:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_list_filters_table_and_json(tmp_path: Path) -> None:
+    async def main() -> tuple[str, str]:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        a = await run_session(gw, "agent-a", ["echo 1", "rm x"], target="orders")
+        b = await run_session(gw, "agent-b", ["echo 2"], target="billing")
+        # the in-process API reads the running gateway's store, caught up with the spool
+        assert {r["id"] for r in list_sessions()} == {a, b}
+        await gw.stop()
+        return a, b
+
+    a, b = asyncio.run(main())
+    src = tmp_path / "state" / "recordings"
+    assert [r["id"] for r in list_sessions({"sub": "agent-a"}, source=src)] == [a]
+    assert [r["id"] for r in list_sessions({"decision": "deny"}, source=src)] == [a]
+    assert [r["id"] for r in list_sessions({"target": "bill*"}, source=src)] == [b]
+    assert [r["id"] for r in list_sessions({"protocol": "line", "since": "1h"}, source=src)] == [b, a]
+    assert list_sessions({"until": time.time() - 3600}, source=src) == []
+    assert [r["id"] for r in list_sessions({"limit": 1}, source=src)] == [b]
+    with pytest.raises(ValueError, match="unknown session filter"):
+        list_sessions({"color": "red"}, source=src)
+    row = list_sessions({"sub": "agent-a"}, source=src)[0]
+    assert row["decisions"] == {"allow": 1, "deny": 1, "approve": 0} and row["events"] == 4 and not row["open"]
+    state = str(tmp_path / "state")
+    out = lictor_cli("sessions", "list", "--json", "--decision", "deny", "--state-dir", state)
+    assert out.returncode == 0, out.stderr
+    assert [r["id"] for r in json.loads(out.stdout)] == [a]
+    table = lictor_cli("sessions", "list", "--state-dir", state).stdout.splitlines()
+    assert table[0].split()[:4] == ["ID", "STARTED", "DURATION", "SUB"]
+    assert any(line.startswith(a[:12]) and "agent-a" in line and "orders" in line for line in table[1:])
+
+
+def test_strict_role_is_fsynced_before_returning(tmp_path: Path) -> None:
+    async def main() -> None:
+        # a group commit that never comes within the test: only strict calls fsync
+        gw = make_gateway(tmp_path, {"spool": {"fsync_interval": "1h"}})
+        await gw.start()
+        spool = gw.recordings.spool
+        relaxed = await gw.open_session(who("agent-x"), protocol="line", target="db", peer="p")
+        assert (await relaxed.decide(request("echo relaxed"))).allowed
+        relaxed.record("command", {"command": "echo relaxed"})
+        assert spool.synced_seq < spool.written_seq  # best_effort: in the page cache, fsync later
+        careful = await gw.open_session(who("agent-y", "careful"), protocol="line", target="db", peer="p")
+        assert spool.synced_seq == spool.written_seq
+        decision = await careful.decide(request("echo careful"))
+        assert decision.allowed and decision.recording == "strict"
+        assert spool.synced_seq == spool.written_seq
+        careful.record("output", {"data": "careful"})
+        assert spool.synced_seq == spool.written_seq
+        await relaxed.close()
+        await careful.close()
+        await gw.stop()
+
+    asyncio.run(main())
+
+
+def test_replayed_batches_after_a_lost_offset_commit_add_nothing(tmp_path: Path) -> None:
+    async def record(first: int) -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        sid = await run_session(gw, "agent-1", [f"echo {i}" for i in range(first, first + 50)])
+        await gw.stop()
+        return sid
+
+    sid = asyncio.run(record(0))
+    state = tmp_path / "state"
+    [path] = (state / "recordings" / "sessions").glob(f"*/{sid}.jsonl")
+    lines_before = path.read_bytes()
+    from lictor import AuditLog
+
+    audit = AuditLog(state / "audit.db")
+    count_before = len(list(audit.events()))
+    audit.close()
+    # a crash after the local sink wrote but before it committed its offset: it starts over
+    offset = Offset(state / "spool" / "offsets" / "local.off")
+    assert offset.position > 100
+    offset.commit(0)
+    offset.close()
+    sid2 = asyncio.run(record(50))
+    assert path.read_bytes() == lines_before  # nothing appended twice to the first session
+    audit = AuditLog(state / "audit.db")
+    summaries = [e["request"]["summary"] for e in audit.events(kind="decision")]
+    assert summaries == [f"echo {i}" for i in range(100)]  # each decision exactly once, in order
+    assert audit.verify().ok
+    audit.close()
+    verdicts = verify_sessions(source=state / "recordings")
+    assert {v.session for v in verdicts} == {sid, sid2} and all(v.ok and v.signed for v in verdicts)
+    assert len(list_sessions(source=state / "recordings")) == 2
+    assert count_before > 50
+
+
+def test_sessions_a_crash_left_open_are_signed_as_interrupted(tmp_path: Path) -> None:
+    async def crash() -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="p")
+        for i in range(5):
+            assert (await session.decide(request(f"echo {i}"))).allowed
+            session.record("command", {"command": f"echo {i}"})
+        for drainer in gw.recordings.drainers:
+            drainer.stop()
+        return session.id  # no close, no stop: the process "dies" here
+
+    sid = asyncio.run(crash())
+    recorder = SessionRecorder(RecordingsConfig.from_section({}, tmp_path / "state"))
+    assert recorder.interrupted == [sid]
+    recorder.start()
+    assert recorder.flush(10)
+    recorder.stop()
+    manifest, events = load_session(sid, source=tmp_path / "state" / "recordings")
+    assert manifest is not None and manifest["interrupted"] is True and manifest["events"] == len(events) == 7
+    assert [e["data"].get("command") for e in events[1:6]] == [f"echo {i}" for i in range(5)]
+    assert events[-1]["kind"] == "session.end" and "interrupted" in events[-1]["data"]["reason"]
+    [verdict] = verify_sessions(source=tmp_path / "state" / "recordings")
+    assert verdict.ok and verdict.signed and verdict.interrupted
+
+
+def test_record_after_close_and_unknown_sessions_fail_closed(tmp_path: Path) -> None:
+    async def main() -> None:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="p")
+        await session.close()
+        with pytest.raises(RecordingError, match="not being recorded"):
+            session.record("command", {"command": "late"})
+        await gw.stop()
+        with pytest.raises(RecordingError):
+            gw.recordings.audit("decision", {"session": "x"})
+
+    asyncio.run(main())
+
+
+def test_retention_by_size_and_age(tmp_path: Path) -> None:
+    async def main() -> list[str]:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        ids = [await run_session(gw, f"agent-{i}", [f"echo {j}" for j in range(20)]) for i in range(3)]
+        await gw.stop()
+        return ids
+
+    ids = asyncio.run(main())
+    directory = tmp_path / "state" / "recordings"
+    rows = {r["id"]: r for r in list_sessions(source=directory)}
+    one = rows[ids[0]]["bytes"]
+    sink = LocalSink("local", directory, None, "gw", Retention(max_bytes=int(one * 2.5)))
+    assert sink.apply_retention(time.time()) == 1
+    assert {r["id"] for r in list_sessions(source=directory)} == set(ids[1:])  # the oldest went
+    assert not list(directory.glob(f"sessions/*/{ids[0]}*"))
+    sink.retention = Retention(max_age=3600)
+    assert sink.apply_retention(time.time()) == 0
+    assert sink.apply_retention(time.time() + 7200) == 2
+    assert list_sessions(source=directory) == []
+    sink.close()
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"sinks": [{"type": "ftp"}]}, "recordings.sinks.0"),
+        ({"spool": {"max_bytes": "lots"}}, "recordings.spool.max_bytes"),
+        ({"spool": {"fsync_interval": "soon"}}, "fsync_interval"),
+        ({"sinks": [{"type": "postgres"}]}, "'dsn' is a required property"),
+        ({"sinks": [{"type": "s3", "bucket": "b", "name": "x"}, {"type": "s3", "bucket": "c", "name": "x"}]}, "two"),
+        ({"mode": "sometimes"}, "recordings.mode"),
+        ({"retention": {"max_age": "forever"}}, "max_age"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_bad_recordings_config_is_refused(tmp_path: Path, section: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("'", ".")):
+        RecordingsConfig.from_section(section, tmp_path)
+
+
+def test_config_defaults_and_sizes(tmp_path: Path) -> None:
+    cfg = RecordingsConfig.from_section(
+        {
+            "spool": {"max_bytes": "64MiB", "fsync_interval": "2ms"},
+            "retention": {"max_age": "30d", "max_bytes": "10GB"},
+            "sinks": [{"type": "s3", "bucket": "rec", "retention": {"max_age": "1d"}}],
+        },
+        tmp_path,
+    )
+    assert cfg.max_bytes == 64 << 20 and cfg.fsync_interval == 0.002
+    assert [s.type for s in cfg.sinks] == ["local", "s3"]  # the local store (and audit chain) is always there
+    assert cfg.sinks[0].retention == Retention(30 * 86400, 10 * 1000**3)
+    assert cfg.sinks[1].retention == Retention(86400, 0)
+    assert cfg.local_dir == tmp_path / "recordings" and cfg.spool_dir == tmp_path / "spool"
+
+
+def test_denied_when_recording_cannot_be_made_durable(tmp_path: Path) -> None:
+    async def main() -> None:
+        gw = make_gateway(tmp_path, {"spool": {"max_bytes": 60_000, "segment_bytes": 8192, "reserve_bytes": 8192}})
+        await gw.start()
+        for drainer in gw.recordings.drainers:
+            drainer.stop()  # the only sink stops taking events: the spool fills up
+        session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="p")
+        acknowledged = []
+        refused: Decision | None = None
+        for i in range(1000):
+            decision = await session.decide(request(f"echo {i}"))
+            if not decision.allowed:
+                refused = decision
+                break
+            try:
+                session.record("command", {"command": f"echo {i}"})
+            except RecordingError as exc:
+                assert "full" in str(exc)
+                continue  # not acknowledged: the addon must not answer OK
+            acknowledged.append(f"echo {i}")
+        assert refused is not None and refused.rule_ids == ("lictor:audit-unavailable",)
+        with pytest.raises(RecordingError, match=r"spool .* is full"):
+            await gw.open_session(who("agent-2"), protocol="line", target="db", peer="p")
+        gw.sessions.clear()
+        for drainer in gw.recordings.drainers:
+            drainer.start()
+        assert gw.recordings.flush(10)
+        assert (await session.decide(request("echo again"))).allowed  # room again once drained
+        session.record("command", {"command": "echo again"})
+        acknowledged.append("echo again")
+        await session.close()
+        await gw.stop()
+        _, events = load_session(session.id, source=tmp_path / "state" / "recordings")
+        assert [e["data"]["command"] for e in events if e["kind"] == "command"] == acknowledged
+        assert all(v.ok and v.signed for v in verify_sessions(source=tmp_path / "state" / "recordings"))
+
+    asyncio.run(main())
+
+
+def test_asciicast_of_a_non_terminal_session_renders_the_dialogue() -> None:
+    events = [
+        {"s": "x", "n": 0, "t": 100.0, "kind": "session.start", "data": {"identity": {"sub": "a"}}},
+        {"s": "x", "n": 1, "t": 101.5, "kind": "command", "data": {"command": "echo hi"}},
+    ]
+    lines = list(asciicast_lines(None, events))
+    assert json.loads(lines[0])["version"] == 2 and json.loads(lines[0])["timestamp"] == 100
+    assert json.loads(lines[2]) == [1.5, "o", "$ echo hi\r\n"]

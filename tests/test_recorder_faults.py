@@ -1,0 +1,421 @@
+"""Recording under faults, with real servers and processes: a sink that goes away during 1,000
+commands (a throwaway PostgreSQL cluster, an S3 server), a gateway killed with SIGKILL mid-session,
+and a full disk under the spool in strict mode. Each ends with every acknowledged event stored
+exactly once, in order, and every chain verifying."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lictor import AuditLog
+from lictor.recorder import (
+    PostgresSink,
+    RecordingError,
+    RemoteStore,
+    Retention,
+    S3Sink,
+    list_sessions,
+    load_session,
+    verify_sessions,
+)
+
+from tests.conftest import ROOT, GatewayProcess, free_port, lictor, require, wait_port
+from tests.pgcluster import PgCluster, running_cluster
+from tests.test_recorder import PACK, make_gateway, request, who
+from tests.test_spool import tiny_tmpfs
+
+MAIN_PG = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=2"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class MotoS3:
+    """An S3 server (moto's server mode) that can be stopped and started again on its port."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self._factory = ThreadedMotoServer
+        self._server: Any = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._server = self._factory("127.0.0.1", self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop()
+        self._server._server.server_close()  # stop() alone leaves the port listening
+
+    def sink(self, bucket: str) -> dict[str, Any]:
+        return {
+            "type": "s3",
+            "name": "s3",
+            "bucket": bucket,
+            "prefix": "recordings",
+            "endpoint_url": self.url,
+            "region": "us-east-1",
+            "access_key_id": "testing",
+            "secret_access_key": "testing",
+            "create_bucket": True,
+            "timeout": 2,
+        }
+
+
+@pytest.fixture(scope="module")
+def moto_s3() -> Iterator[MotoS3]:
+    try:
+        server = MotoS3()
+    except ImportError:
+        require(False, "moto[server] is not installed")
+        raise
+    yield server
+    with contextlib.suppress(Exception):
+        server.stop()
+
+
+def s3_reader(moto: MotoS3, bucket: str) -> S3Sink:
+    cfg = moto.sink(bucket)
+    return S3Sink(
+        "read",
+        "",
+        Retention(),
+        bucket=bucket,
+        prefix=cfg["prefix"],
+        endpoint_url=cfg["endpoint_url"],
+        region="us-east-1",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+
+
+def pg_ctl(cluster: PgCluster, *args: str) -> None:
+    result = cluster._run(str(cluster.bindir / "pg_ctl"), "-D", str(cluster.data), "-l", str(cluster.log), "-w", *args)
+    assert result.returncode == 0, result.stderr
+
+
+def assert_exactly_once_in_order(sid: str, bodies: list[bytes], local_lines: list[bytes], commands: list[str]) -> None:
+    """The remote copy is byte-identical to the local one, numbered without gaps, with ``commands``."""
+    events = [json.loads(b) for b in bodies]
+    assert [e["n"] for e in events] == list(range(len(events)))
+    assert all(e["s"] == sid for e in events)
+    assert bodies == local_lines
+    assert [e["data"]["command"] for e in events if e["kind"] == "command"] == commands
+
+
+def test_postgres_sink_outage_during_1000_commands(tmp_path: Path) -> None:
+    with running_cluster() as cluster:
+        dsn = f"host=127.0.0.1 port={cluster.port} user=postgres dbname=postgres connect_timeout=1"
+        commands = [f"echo {i}" for i in range(1010)]
+
+        async def main() -> str:
+            gw = make_gateway(tmp_path, {"sinks": [{"type": "postgres", "name": "pg", "dsn": dsn}]})
+            await gw.start()
+            session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="p")
+            for command in commands[:10]:
+                assert (await session.decide(request(command))).allowed
+                session.record("command", {"command": command})
+            assert gw.recordings.flush(10)
+            pg_ctl(cluster, "-m", "fast", "stop")
+            started = time.monotonic()
+            for command in commands[10:]:
+                assert (await session.decide(request(command))).allowed  # agents are not held up
+                session.record("command", {"command": command})
+            took = time.monotonic() - started
+            pg = next(d for d in gw.recordings.drainers if d.name == "pg")
+            wait_until(lambda: not pg.healthy, 10, "the sink to notice the outage")
+            assert pg.committed < gw.recordings.spool.written_seq
+            assert gw.recordings.spool.total_bytes > 100_000  # held in the spool meanwhile
+            assert took < 10, f"1000 commands took {took:.1f}s while the sink was down"
+            pg_ctl(cluster, "start")
+            assert gw.recordings.flush(30), gw.recordings.status()
+            assert pg.healthy
+            await session.close()
+            await gw.stop()
+            return session.id
+
+        sid = asyncio.run(main())
+        sink = PostgresSink("pg", dsn, "", Retention())
+        records = sink.records()
+        assert len({(r[0], r[1]) for r in records}) == len(records)
+        assert [r[1] for r in records] == sorted(r[1] for r in records)
+        manifest_raw, bodies = sink.load(sid)
+        _, local = RemoteStore(sink).load_raw(sid)
+        local_lines = (
+            next((tmp_path / "state" / "recordings" / "sessions").glob(f"*/{sid}.jsonl")).read_bytes().splitlines()
+        )
+        assert_exactly_once_in_order(sid, bodies, local_lines, commands)
+        decisions = [json.loads(r[3]) for r in records if r[2] == "audit" and json.loads(r[3])["kind"] == "decision"]
+        assert [d["request"]["summary"] for d in decisions] == commands
+        [verdict] = verify_sessions([sid], source=RemoteStore(sink, tmp_path / "state"))
+        assert verdict.ok and verdict.signed, verdict
+        assert json.loads(manifest_raw or b"{}")["manifest"]["events"] == len(bodies)
+        sink.close()
+
+
+def test_s3_sink_outage_during_1000_commands(tmp_path: Path, moto_s3: MotoS3) -> None:
+    bucket = f"rec-{uuid.uuid4().hex[:8]}"
+    commands = [f"echo {i}" for i in range(1000)]
+
+    async def main() -> str:
+        gw = make_gateway(tmp_path, {"sinks": [moto_s3.sink(bucket)]})
+        await gw.start()
+        session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="p")
+        assert gw.recordings.flush(10)
+        moto_s3.stop()
+        try:
+            for command in commands:
+                assert (await session.decide(request(command))).allowed
+                session.record("command", {"command": command})
+            s3 = next(d for d in gw.recordings.drainers if d.name == "s3")
+            wait_until(lambda: not s3.healthy, 10, "the sink to notice the outage")
+        finally:
+            moto_s3.start()
+        assert gw.recordings.flush(30), gw.recordings.status()
+        await session.close()
+        await gw.stop()
+        return session.id
+
+    sid = asyncio.run(main())
+    reader = s3_reader(moto_s3, bucket)
+    [gid] = reader.gateways()
+    records = list(reader.records(gid))
+    seqs = [r[0] for r in records]
+    assert seqs == sorted(set(seqs))  # no record twice, in spool order
+    manifest_raw, bodies = reader.load(sid)
+    local_lines = (
+        next((tmp_path / "state" / "recordings" / "sessions").glob(f"*/{sid}.jsonl")).read_bytes().splitlines()
+    )
+    assert_exactly_once_in_order(sid, bodies, local_lines, commands)
+    decisions = [json.loads(b) for _, t, b in records if t == "audit"]
+    assert [d["request"]["summary"] for d in decisions if d["kind"] == "decision"] == commands
+    [verdict] = verify_sessions([sid], source=RemoteStore(reader, tmp_path / "state"))
+    assert verdict.ok and verdict.signed, verdict
+    assert [r["id"] for r in RemoteStore(reader).rows()] == [sid]
+
+
+def test_s3_adopts_a_batch_whose_offset_commit_was_lost(tmp_path: Path, moto_s3: MotoS3) -> None:
+    from lictor.recorder import Record
+
+    bucket = f"rec-{uuid.uuid4().hex[:8]}"
+    cfg = moto_s3.sink(bucket)
+    args: dict[str, Any] = {
+        k: cfg[k] for k in ("bucket", "prefix", "endpoint_url", "region", "access_key_id", "secret_access_key")
+    }
+    sink = S3Sink("s3", "gw1", Retention(), create_bucket=True, **args)
+    assert sink.prepare(0) == 0
+    batch = [Record(seq, 2, b'{"kind":"x","ts":1,"i":%d}' % seq) for seq in range(1, 41)]
+    sink.write(batch[:25])  # written, then the gateway died before committing offset 25
+    restarted = S3Sink("s3", "gw1", Retention(), **args)
+    committed = restarted.prepare(0)
+    assert committed == 25  # the object is adopted instead of written again with other boundaries
+    restarted.write(batch[25:])
+    assert [r[0] for r in restarted.records("gw1")] == list(range(1, 41))
+
+
+def line_client(port: int, token: str) -> tuple[socket.socket, Any]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    reader = sock.makefile("rb")
+    sock.sendall(f"AUTH {token}\n".encode())
+    assert reader.readline() == b"READY\n"
+    return sock, reader
+
+
+def test_gateway_killed_mid_session_drains_leftover_spool_on_restart(tmp_path: Path) -> None:
+    import psycopg
+
+    try:
+        psycopg.connect(MAIN_PG).close()
+    except psycopg.OperationalError as exc:
+        require(False, f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
+    prefix = f"rec_{uuid.uuid4().hex[:8]}_"
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "pack.yaml").write_text(PACK)
+    port = free_port()
+    dead = free_port()  # nothing listens there: the PostgreSQL sink is unreachable in the first run
+    config: dict[str, Any] = {
+        "rulepacks": [str(packs)],
+        "addons": [str(ROOT / "tests" / "addons" / "lineproto.py")],
+        "targets": {"db": {"protocol": "line", "listen": f"127.0.0.1:{port}"}},
+        "recordings": {
+            "sinks": [
+                {
+                    "type": "postgres",
+                    "name": "pg",
+                    "dsn": f"host=127.0.0.1 port={dead} user=postgres dbname=test connect_timeout=1",
+                    "table_prefix": prefix,
+                }
+            ]
+        },
+    }
+    workdir = tmp_path / "gw"
+    workdir.mkdir()
+    gateway = GatewayProcess(workdir, config).start()
+    try:
+        wait_port(port)
+        token = gateway.token("agent-1", role="ops")
+        sock, reader = line_client(port, token)
+        acked: list[str] = []
+        for i in range(300):
+            sock.sendall(f"echo {i}\n".encode())
+            assert reader.readline().startswith(b"OK ")
+            acked.append(f"echo {i}")
+        sock.sendall(b"".join(f"echo {i}\n".encode() for i in range(300, 3000)))
+        time.sleep(0.05)
+        os.kill(gateway.pid, signal.SIGKILL)  # mid-stream: commands in flight, nothing flushed
+        assert gateway.proc is not None and gateway.proc.wait(10) == -signal.SIGKILL
+        with contextlib.suppress(OSError):
+            for line in iter(reader.readline, b""):
+                assert line.startswith(b"OK ")
+                acked.append(f"echo {len(acked)}")
+        sock.close()
+        assert 300 < len(acked) < 3000, len(acked)
+
+        with psycopg.connect(MAIN_PG) as conn:  # the first run never reached PostgreSQL
+            exists = conn.execute("SELECT to_regclass(%s)", (f"{prefix}events",)).fetchone()
+            assert exists == (None,)
+        # restart with PostgreSQL reachable: the leftover spool goes out, the session gets signed
+        config["recordings"]["sinks"][0]["dsn"] = MAIN_PG
+        gateway.start()
+        recordings = gateway.state_dir / "recordings"
+
+        def signed_everywhere() -> bool:
+            rows = list_sessions(source=recordings)
+            if not rows or not all(r["signed"] for r in rows):
+                return False
+            try:
+                with psycopg.connect(MAIN_PG) as conn:
+                    row = conn.execute(f"SELECT count(*) FROM {prefix}sessions WHERE manifest IS NOT NULL").fetchone()
+            except psycopg.errors.UndefinedTable:
+                return False  # the sink has not connected yet
+            return row == (1,)
+
+        wait_until(signed_everywhere, 30, "the restarted gateway to drain and sign the interrupted session")
+        [row] = list_sessions(source=recordings)
+        sid = row["id"]
+        assert row["interrupted"]
+        manifest, events = load_session(sid, source=recordings)
+        recorded = [e["data"]["command"] for e in events if e["kind"] == "command"]
+        assert recorded == [f"echo {i}" for i in range(len(recorded))]  # no gap, no duplicate
+        assert recorded[: len(acked)] == acked  # every acknowledged command is there
+        assert manifest is not None and manifest["interrupted"] and events[-1]["kind"] == "session.end"
+
+        pg = PostgresSink("pg", MAIN_PG, "", Retention(), prefix=prefix)
+        _, bodies = pg.load(sid)
+        local_lines = next(recordings.glob(f"sessions/*/{sid}.jsonl")).read_bytes().splitlines()
+        assert_exactly_once_in_order(sid, bodies, local_lines, recorded)
+        keys = [(r[0], r[1]) for r in pg.records()]
+        assert len(keys) == len(set(keys))
+
+        gateway.stop()
+        audit = AuditLog(gateway.state_dir / "audit.db")
+        summaries = [e["request"]["summary"] for e in audit.events(kind="decision") if e.get("session") == sid]
+        audit.close()
+        assert summaries == [f"echo {i}" for i in range(len(summaries))] and len(summaries) >= len(recorded)
+
+        state = str(gateway.state_dir)
+        verified = lictor("sessions", "verify", "--all", "--state-dir", state)
+        assert "1 session(s) checked, 0 failed" in verified.stdout and "interrupted" in verified.stdout
+        from_pg = lictor("sessions", "verify", "--all", "-c", str(gateway.config_path), "--source", "pg")
+        assert "0 failed" in from_pg.stdout
+        assert "chain intact" in lictor("audit", "verify", "--state-dir", state).stdout
+        pg.close()
+    finally:
+        gateway.stop()
+        with psycopg.connect(MAIN_PG, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {prefix}events, {prefix}sessions")
+
+
+def test_strict_mode_on_a_full_disk_refuses_and_loses_nothing(tmp_path: Path, moto_s3: MotoS3) -> None:
+    bucket = f"rec-{uuid.uuid4().hex[:8]}"
+    with tiny_tmpfs(tmp_path / "disk", "1m") as disk:
+
+        async def main() -> tuple[str, list[str]]:
+            gw = make_gateway(
+                tmp_path,
+                {
+                    "spool": {
+                        "path": str(disk / "spool"),
+                        "max_bytes": "64MiB",  # the disk fills long before the spool limit
+                        "segment_bytes": "32KiB",
+                        "fsync_interval": "1h",  # only strict fsyncs happen in this test
+                    },
+                    "sinks": [moto_s3.sink(bucket)],
+                },
+            )
+            await gw.start()
+            spool = gw.recordings.spool
+            assert gw.recordings.flush(10)
+            moto_s3.stop()  # the S3 sink goes away: the spool keeps everything for it
+            acked: list[str] = []
+            refused = 0
+            try:
+                session = await gw.open_session(who("agent-1", "careful"), protocol="line", target="db", peer="p")
+                for i in range(20_000):
+                    command = f"echo {i}"
+                    decision = await session.decide(request(command))
+                    if not decision.allowed:
+                        assert decision.rule_ids == ("lictor:audit-unavailable",)
+                        refused += 1
+                    else:
+                        try:
+                            session.record("command", {"command": command})
+                        except RecordingError as exc:
+                            assert "No space" in str(exc) or "disk full" in str(exc)
+                            refused += 1
+                        else:
+                            assert spool.synced_seq == spool.written_seq  # strict: fsync'd before returning
+                            acked.append(command)
+                    if refused >= 20:
+                        break
+                assert refused >= 20 and len(acked) > 100, (refused, len(acked))
+                assert os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize < 8192
+            finally:
+                moto_s3.start()
+            assert gw.recordings.flush(30), gw.recordings.status()  # the sink catches up, segments go
+            for i in range(3):
+                command = f"echo after {i}"
+                assert (await session.decide(request(command))).allowed
+                session.record("command", {"command": command})
+                acked.append(command)
+            await session.close()
+            await gw.stop()
+            return session.id, acked
+
+        sid, acked = asyncio.run(main())
+    recordings = tmp_path / "state" / "recordings"
+    manifest, events = load_session(sid, source=recordings)
+    recorded = [e["data"]["command"] for e in events if e["kind"] == "command"]
+    assert recorded == acked  # every acknowledged command, once, in order; nothing refused sneaked in
+    [verdict] = verify_sessions(source=recordings)
+    assert verdict.ok and verdict.signed, verdict
+    reader = s3_reader(moto_s3, bucket)
+    _, bodies = reader.load(sid)
+    assert_exactly_once_in_order(
+        sid, bodies, next(recordings.glob(f"sessions/*/{sid}.jsonl")).read_bytes().splitlines(), acked
+    )
+    assert manifest is not None and manifest["events"] == len(events)
