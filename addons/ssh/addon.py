@@ -1,12 +1,26 @@
-"""The SSH protocol addon: vocabulary and target schema."""
+"""The SSH protocol addon: vocabulary, target schema, and the listeners of ``protocol: ssh`` targets.
+
+Hooks: ``load`` declares the vocabulary and the target schema; ``configure`` loads every target's
+keys and files (a problem refuses the config); ``running`` starts one asyncssh listener per target;
+``done`` stops accepting, closes agent connections and the upstream pool; ``request`` denies a
+command line the shell analysis could not read (rule ``lictor:ssh-unparsable``), before the policy
+sees it. See docs/ssh.md.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from lictor import Loader
+from lictor import Flow, Gateway, Loader
 
+from ._config import SshTargetConfig, parse_target
+from ._requests import UNPARSABLE_RULE
 from .vocabulary import VOCABULARY
+
+__all__ = ["TARGET_SCHEMA", "SshAddon"]
+
+log = logging.getLogger("lictor.ssh")
 
 TARGET_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -15,7 +29,7 @@ TARGET_SCHEMA: dict[str, Any] = {
     "properties": {
         "protocol": {"const": "ssh"},
         "description": {"type": "string"},
-        "listen": {"type": "string"},
+        "listen": {"type": "string", "description": "host:port the agents connect to"},
         "host_key": {"type": "string", "description": "the gateway's own host key (created if missing)"},
         "upstream": {
             "type": "object",
@@ -25,9 +39,11 @@ TARGET_SCHEMA: dict[str, Any] = {
                 "host": {"type": "string"},
                 "port": {"type": ["integer", "string"]},
                 "user": {"type": "string"},
-                "key": {"type": "string"},
-                "certificate": {"type": "string"},
-                "known_hosts": {"type": "string"},
+                "key": {"type": "string", "description": "private key file held by the gateway"},
+                "certificate": {"type": "string", "description": "OpenSSH certificate for that key"},
+                "known_hosts": {"type": "string", "description": "pinned host keys of the target"},
+                "max_sessions": {"type": "integer", "minimum": 1, "maximum": 1000},
+                "connect_timeout": {"type": ["number", "string"]},
             },
         },
         "public_keys": {
@@ -37,22 +53,60 @@ TARGET_SCHEMA: dict[str, Any] = {
                 "additionalProperties": False,
                 "required": ["key", "sub"],
                 "properties": {
-                    "key": {"type": "string"},
+                    "key": {"type": "string", "description": "an OpenSSH public key line or a .pub file"},
                     "sub": {"type": "string"},
                     "claims": {"type": "object"},
                 },
             },
         },
-        "user_ca": {"type": "array", "items": {"type": "string"}},
+        "user_ca": {"type": "array", "items": {"type": "string"}, "description": "trusted user CA key files"},
+        "line_shell": {"type": "string", "description": "bash on the target, for line-inspected shells"},
+        "record_output_limit": {"type": "integer", "minimum": 0},
     },
 }
 
 
 class SshAddon:
-    """Declares the ``ssh`` protocol."""
+    """Declares the ``ssh`` protocol and serves its targets."""
 
     name = "ssh"
+
+    def __init__(self) -> None:
+        self.targets: dict[str, SshTargetConfig] = {}
+        self.listeners: list[Any] = []
 
     def load(self, loader: Loader) -> None:
         loader.add_vocabulary(VOCABULARY)
         loader.add_target_schema("ssh", TARGET_SCHEMA)
+
+    def configure(self, gateway: Gateway) -> None:
+        targets: dict[str, SshTargetConfig] = {}
+        for target in gateway.config.targets_for("ssh"):
+            targets[target.name] = parse_target(target.name, target.settings, gateway.config.resolve, gateway.state_dir)
+        self.targets = targets
+        if targets:  # asyncssh logs every channel at INFO; Lictor records what matters itself
+            logging.getLogger("asyncssh").setLevel(max(logging.WARNING, logging.getLogger("asyncssh").level))
+
+    async def running(self, gateway: Gateway) -> None:
+        from ._server import SshListener
+
+        for config in self.targets.values():
+            listener = SshListener(gateway, config)
+            await listener.start()
+            self.listeners.append(listener)
+
+    async def done(self, gateway: Gateway) -> None:
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            try:
+                await listener.stop()
+            except Exception:
+                log.exception("ssh target %s: error while stopping", listener.config.name)
+
+    def request(self, flow: Flow) -> None:
+        request = flow.request
+        if request.protocol != "ssh":
+            return
+        error = request.attrs.get("parse_error")
+        if error is not None:
+            flow.deny(f"the command line cannot be analysed: {error}", UNPARSABLE_RULE)

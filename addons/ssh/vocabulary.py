@@ -6,6 +6,10 @@ run; each program is one request, and all of them are decided together (deny win
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lictor import Request
 from lictor.vocabulary import Boolean, Enum, Glob, Vocabulary
 
 CHANNELS = (
@@ -20,6 +24,33 @@ CHANNELS = (
     "agent_forwarding",
     "x11",
 )
+
+
+def _build(case: Mapping[str, Any], target: str) -> Sequence[Request]:
+    """``lictor test`` requests: ``command:`` (exec, or ``channel: shell_line``), or sftp/scp
+    ``operation:`` with ``path:``/``paths:``, or ``channel:`` alone (shell, raw_shell, ...)."""
+    from ._requests import channel_request, forward_request, requests_for_command, sftp_request
+
+    channel = str(case.get("channel", "exec"))
+    if channel not in CHANNELS:
+        raise ValueError(f"unknown ssh channel {channel!r} (one of {', '.join(CHANNELS)})")
+    reason = case.get("reason")
+    if "command" in case:
+        command = case["command"]
+        if not isinstance(command, str):
+            raise ValueError("`command:` must be a string")
+        interactive = bool(case.get("pty", channel == "shell_line"))
+        return requests_for_command(command, target=target, channel=channel, interactive=interactive, reason=reason)
+    if "operation" in case:
+        paths = case.get("paths") or ([case["path"]] if "path" in case else [])
+        if not paths:
+            raise ValueError("an sftp test request needs `path:` or `paths:`")
+        return [sftp_request(str(case["operation"]), [str(p) for p in paths], target=target, channel=channel)]
+    if "destination" in case:
+        host, _, port = str(case["destination"]).rpartition(":")
+        return [forward_request(str(case.get("direction", "local")), host, int(port), target=target)]
+    return [channel_request(channel, target=target, reason=reason)]
+
 
 VOCABULARY = Vocabulary(
     protocol="ssh",
@@ -52,15 +83,18 @@ VOCABULARY = Vocabulary(
                 "mkdir",
                 "rmdir",
                 "symlink",
+                "link",
                 "setstat",
             ),
             description="sftp operations",
         ),
         Boolean(
             "via_wrapper",
-            description="the program is started by another (sh -c, xargs, find -exec, sudo ...)",
+            description="the program is started by another (sh -c, xargs, find -exec, sudo, $(...) ...)",
         ),
+        Glob("destinations", attr="destination", description="port forwarding destination, host:port"),
     ),
     index="programs",
     description="SSH exec requests, shell lines, sftp/scp and forwarding",
+    build_requests=_build,
 )

@@ -1,0 +1,554 @@
+"""One agent session channel: an exec request or a shell, decided and relayed to the target.
+
+Theory of operation
+===================
+
+asyncssh hands each session channel to :func:`handle_process` as an ``SSHServerProcess`` created
+with ``encoding=None`` (bytes in both directions: a channel's encoding is fixed when it is created,
+and a text channel would mangle binary output). SFTP and legacy ``scp -t/-f`` never come here:
+asyncssh runs them against :mod:`._sftp`.
+
+Exec. The command line is analysed (``_shell``) into the programs it would run; each is a request
+and all are decided together (deny wins). A denial writes ``lictor: denied ...`` to stderr and exits
+with status 126; an ``approve`` decision holds the channel (the approval id goes to stderr) until a
+human decides. When allowed, the exact same command line is run on the target through a pooled
+upstream connection, and the two processes are joined: stdin, stdout and stderr as bytes, window
+size changes, signals and breaks, and the exit status or exit signal at the end. Output goes
+through the decision's masking plan (a streaming masker with bounded hold-back; nothing is copied
+when nothing is masked) and is recorded as the agent saw it.
+
+Shells. A shell request needs channel ``shell``. If the identity also holds ``raw_shell``, the
+target's login shell is joined raw (full-screen programs work; input and output are recorded).
+Otherwise the shell runs in line mode: the gateway is the line editor (:mod:`._lineedit`), and a
+line reaches the target only after it has been analysed and allowed (channel ``shell_line``). The
+target runs ``line_shell`` (bash) with the terminal's echo off, no rc files and no readline, so what
+it reads is exactly what was decided. A denied line is never sent; the denial is printed and the
+prompt shown again. Without a terminal (a script piped into ``ssh``), lines are decided the same way
+but the first denied line ends the session with 126: a script must not go on after a step of it
+was refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shlex
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+from lictor import Decision, Request, Session, combine
+
+from ._lineedit import Echo, Eof, Line, LineEditor, Signal
+from ._record import StreamRecord
+from ._requests import channel_request, denial_text, first_denied, requests_for_command
+from ._upstream import Lease, UpstreamError
+
+if TYPE_CHECKING:
+    from ._server import AgentConnection
+
+__all__ = ["decide_all", "handle_process"]
+
+log = logging.getLogger("lictor.ssh")
+
+CHUNK = 256 * 1024
+FLUSH_IDLE = 0.05
+"""Seconds of upstream silence after which a masker's held-back tail is released (interactive)."""
+DENIED_STATUS = 126
+UNREACHABLE_STATUS = 255
+PTY_ECHO = 53  # RFC 4254 terminal mode opcode
+PROMPT_KEEP = 512
+
+Notify = Callable[[str, str], Awaitable[None]]
+
+
+async def decide_all(session: Session, requests: Sequence[Request], notify: Notify | None) -> tuple[Decision, Request]:
+    """Decide the requests of one command line together; hold approvals one by one.
+
+    Every request is decided first without holding; if any is denied, that is the answer (no human
+    is asked to approve part of a command line whose other part is refused). Then each request that
+    needs an approval is held in turn. Returns the combined decision and the request it names.
+    """
+    first = [session.decide_now(r) for r in requests]
+    combined = combine(first)
+    if combined.action == "deny":
+        req, dec = first_denied(requests, first)
+        return combined if dec is combined else _with(dec, combined), req
+    if combined.action == "allow":
+        return combined, requests[0]
+    finals: list[Decision] = []
+    for request, decision in zip(requests, first, strict=True):
+        if decision.action != "approve":
+            finals.append(decision)
+            continue
+        held = await session.decide(request, notify)
+        if held.action != "allow":
+            return held, request
+        finals.append(held)
+    return combine(finals), requests[0]
+
+
+def _with(deciding: Decision, combined: Decision) -> Decision:
+    """The deciding request's decision, carrying the combined masks and shadow results."""
+    from dataclasses import replace
+
+    return replace(
+        deciding,
+        masks=combined.masks,
+        mask_rule_ids=combined.mask_rule_ids,
+        shadow_rule_ids=combined.shadow_rule_ids,
+    )
+
+
+def _decision_event(channel: int, decision: Decision) -> dict[str, Any]:
+    return {
+        "channel": channel,
+        "action": decision.action,
+        "rule_ids": list(decision.rule_ids),
+        "message": decision.message,
+        "policy_version": decision.policy_version,
+        "approval_id": decision.approval_id,
+        "mask_rule_ids": list(decision.mask_rule_ids),
+    }
+
+
+async def handle_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
+    """asyncssh's ``process_factory``: route the channel to its agent connection."""
+    conn = process.get_extra_info("connection")
+    agent = conn.get_owner() if conn is not None else None
+    if agent is None:
+        process.exit(UNREACHABLE_STATUS)
+        return
+    handler = ChannelHandler(agent, process)
+    try:
+        await handler.run()
+    except Exception:
+        log.exception("ssh channel failed")
+        with contextlib.suppress(Exception):
+            process.stderr.write(b"lictor: internal error in the gateway; the channel was closed\n")
+            process.exit(UNREACHABLE_STATUS)
+
+
+class ChannelHandler:
+    """Decides and relays one session channel of one agent connection."""
+
+    def __init__(self, agent: AgentConnection, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        self.agent = agent
+        self.process = process
+        self.number = agent.next_channel()
+        self.session: Session | None = None
+        env = process.env
+        self.reason: str | None = (env.get("LICTOR_REASON") or None) if env else None
+        self.approval_id: str | None = (env.get("LICTOR_APPROVAL") or None) if env else None
+        self.pty = process.term_type is not None
+        self.upstream: asyncssh.SSHClientProcess[bytes] | None = None
+        self.lease: Lease | None = None
+        self._prompt = b""
+        self._final_status: int | None = None
+        self._plan: Any = None
+        self._mask_source: Decision | None = None
+        self._maskers: dict[str, Any] = {}
+        self._records: dict[str, StreamRecord] = {}
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    @property
+    def target(self) -> str:
+        return self.agent.config.name
+
+    def record(self, kind: str, data: dict[str, Any]) -> None:
+        """Record a session event (a recording failure raises: the command is not run or stops)."""
+        session = self.session
+        assert session is not None
+        if session.closed:  # the connection ended while this channel was finishing
+            return
+        session.record(kind, data)
+
+    async def _write_err(self, text: str) -> None:
+        data = (text.replace("\n", "\r\n") if self.pty else text).encode("utf-8", "replace")
+        with contextlib.suppress(Exception):
+            self.process.stderr.write(data)
+            self._record_out("stderr", data)
+            await self.process.stderr.drain()
+
+    async def _notify_stderr(self, approval_id: str, message: str) -> None:
+        self.record("approval.waiting", {"channel": self.number, "approval_id": approval_id})
+        await self._write_err(f"lictor: {message}\n")
+
+    def _exit(self, status: int) -> None:
+        with contextlib.suppress(Exception):
+            self.process.exit(status)
+
+    async def _decide(self, requests: Sequence[Request]) -> tuple[Decision, Request]:
+        assert self.session is not None
+        if self.approval_id:
+            broker = self.agent.gateway.approvals
+            redeem = getattr(broker, "redeem", None)
+            if redeem is not None:
+                for request in requests:
+                    with contextlib.suppress(Exception):
+                        redeem(self.session.identity, request, self.approval_id)
+        decide = asyncio.ensure_future(decide_all(self.session, requests, self._notify_stderr))
+        closed = asyncio.ensure_future(self.process.channel.wait_closed())
+        try:
+            done, _ = await asyncio.wait({decide, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if decide not in done:  # the agent went away while a human was being asked: withdraw
+            decide.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await decide
+            raise ConnectionError("the agent closed the channel while waiting for a decision")
+        return decide.result()
+
+    # -- entry --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            self.session = await self.agent.ready()
+        except Exception as exc:
+            self.process.stderr.write(f"lictor: the session could not be opened: {exc}\n".encode())
+            self._exit(UNREACHABLE_STATUS)
+            return
+        command = self.process.command
+        try:
+            if command is not None:
+                await self._exec(command)
+            else:
+                await self._shell()
+        except ConnectionError as exc:
+            log.info("ssh channel %s: %s", self.number, exc)
+            self._close_upstream()
+        finally:
+            for name in list(self._records):
+                self._records.pop(name).close()
+            if self.lease is not None:
+                self.lease.release()
+
+    # -- exec ---------------------------------------------------------------------------------
+
+    async def _exec(self, command: str) -> None:
+        self.record(
+            "command",
+            {"channel": self.number, "kind": "exec", "command": command, "pty": self.pty, "reason": self.reason},
+        )
+        requests = requests_for_command(
+            command, target=self.target, channel="exec", interactive=self.pty, reason=self.reason
+        )
+        decision, deciding = await self._decide(requests)
+        self.record("decision", _decision_event(self.number, decision))
+        if decision.action != "allow":
+            await self._write_err(denial_text(deciding, decision) + "\n")
+            self._exit(DENIED_STATUS)
+            return
+        self._plan = self.agent.session_mask_plan(decision)
+        if not await self._open_upstream(command, raw=True):
+            return
+        await self._join(line_mode=False)
+
+    # -- shells -------------------------------------------------------------------------------
+
+    async def _shell(self) -> None:
+        assert self.session is not None
+        shell_req = channel_request("shell", target=self.target, summary="interactive shell", reason=self.reason)
+        self.record("command", {"channel": self.number, "kind": "shell", "pty": self.pty})
+        decision, _ = await self._decide([shell_req])
+        self.record("decision", _decision_event(self.number, decision))
+        if decision.action != "allow":
+            await self._write_err(denial_text(shell_req, decision) + "\n")
+            self._exit(DENIED_STATUS)
+            return
+        raw = False
+        if self.pty:
+            raw_req = channel_request("raw_shell", target=self.target, summary="raw interactive shell")
+            raw = self.session.decide_now(raw_req).action == "allow"
+        self.record("shell", {"channel": self.number, "mode": "raw" if raw else "line", "pty": self.pty})
+        self._plan = self.agent.session_mask_plan(decision)
+        self._mask_source = decision
+        if raw:
+            if not await self._open_upstream(None, raw=True):
+                return
+            await self._join(line_mode=False)
+            return
+        shell = shlex.quote(self.agent.config.line_shell)
+        if self.pty:
+            command = f"exec env PS1='\\u@\\h:\\w\\$ ' {shell} --noprofile --norc --noediting -i"
+        else:
+            command = f"exec {shell} --noprofile --norc"
+        if not await self._open_upstream(command, raw=False):
+            return
+        await self._join(line_mode=True)
+
+    # -- upstream -----------------------------------------------------------------------------
+
+    async def _open_upstream(self, command: str | None, *, raw: bool) -> bool:
+        try:
+            self.lease = await self.agent.pool.acquire()
+            kwargs: dict[str, Any] = {"encoding": None}
+            if self.pty:
+                modes = dict(self.process.term_modes)
+                if not raw:
+                    modes[PTY_ECHO] = 0
+                kwargs.update(
+                    term_type=self.process.term_type,
+                    term_size=self.process.term_size,
+                    term_modes=modes,
+                    request_pty="force",
+                )
+            else:
+                kwargs["request_pty"] = False
+            if command is None:
+                self.upstream = await self.lease.conn.create_process(**kwargs)
+            else:
+                self.upstream = await self.lease.conn.create_process(command, **kwargs)
+        except UpstreamError as exc:
+            await self._write_err(f"lictor: {exc}\n")
+            self._exit(UNREACHABLE_STATUS)
+            return False
+        except (OSError, asyncssh.Error) as exc:
+            log.error("ssh target %s: opening a channel failed: %s", self.target, exc)
+            await self._write_err("lictor: the target refused the channel; retry later\n")
+            self._exit(UNREACHABLE_STATUS)
+            return False
+        return True
+
+    def _close_upstream(self) -> None:
+        if self.upstream is not None:
+            with contextlib.suppress(Exception):
+                self.upstream.close()
+
+    async def _join(self, *, line_mode: bool) -> None:
+        up = self.upstream
+        assert up is not None
+        out = asyncio.ensure_future(self._pump_out(up.stdout, self.process.stdout, "stdout"))
+        err = asyncio.ensure_future(self._pump_out(up.stderr, self.process.stderr, "stderr"))
+        feed = asyncio.ensure_future(self._line_input() if line_mode else self._raw_input())
+        closed = asyncio.ensure_future(self.process.channel.wait_closed())
+        try:
+            pending: set[asyncio.Future[Any]] = {out, err, closed}
+            while out in pending or err in pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if closed in done:  # the agent went away: stop the command
+                    self._close_upstream()
+                    break
+            for task in (out, err):
+                if task.done() and not task.cancelled() and not self.process.channel.is_closing():
+                    exc = task.exception()
+                    if exc is not None:
+                        raise exc
+        finally:
+            feed.cancel()
+            closed.cancel()
+            for task in (out, err, feed):
+                if not task.done():
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await feed
+        if self.process.channel.is_closing():
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(up.wait_closed(), 10)
+        signal = up.exit_signal
+        status = up.exit_status
+        self.record("exit", {"channel": self.number, "status": status, "signal": signal[0] if signal else None})
+        if signal is not None and self._final_status is None:
+            name, core, message, lang = signal
+            with contextlib.suppress(Exception):
+                self.process.exit_with_signal(name, core, message, lang)
+            return
+        if self._final_status is not None:
+            status = self._final_status
+        elif status is None:
+            await self._write_err("lictor: the connection to the target was lost\n")
+            status = UNREACHABLE_STATUS
+        self._exit(status)
+
+    # -- output -------------------------------------------------------------------------------
+
+    def _record_out(self, stream: str, data: bytes) -> None:
+        rec = self._records.get(stream)
+        if rec is None:
+            assert self.session is not None
+            rec = StreamRecord(self.record, self.number, stream, self.agent.config.record_output_limit)
+            self._records[stream] = rec
+        rec.feed(data)
+
+    def _emit(self, writer: asyncssh.SSHWriter[bytes], stream: str, data: bytes) -> None:
+        if not data:
+            return
+        writer.write(data)
+        self._record_out(stream, data)
+        if stream == "stdout" and self.pty:
+            cut = data.rfind(b"\n")
+            self._prompt = (data[cut + 1 :] if cut >= 0 else self._prompt + data)[-PROMPT_KEEP:]
+
+    def _masker(self, stream: str) -> Any:
+        masker = self._maskers.get(stream)
+        if masker is None and self._plan is not None and not self._plan.is_empty:
+            masker = self._plan.stream()
+            self._maskers[stream] = masker
+        return masker
+
+    async def _pump_out(
+        self, reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes], stream: str
+    ) -> None:
+        pending_read: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                masker = self._masker(stream)
+                if masker is not None and masker.pending:
+                    if pending_read is None:
+                        pending_read = asyncio.ensure_future(reader.read(CHUNK))
+                    done, _ = await asyncio.wait({pending_read}, timeout=FLUSH_IDLE)
+                    if not done:  # the target is quiet: release what the masker holds back
+                        self._emit(writer, stream, masker.flush())
+                        await writer.drain()
+                        continue
+                if pending_read is not None:
+                    data = await pending_read
+                    pending_read = None
+                else:
+                    data = await reader.read(CHUNK)
+                if not data:
+                    break
+                masker = self._masker(stream)  # a shell line may have added masks meanwhile
+                self._emit(writer, stream, masker.feed(data) if masker is not None else data)
+                await writer.drain()
+            masker = self._maskers.pop(stream, None)
+            if masker is not None:
+                self._emit(writer, stream, masker.close())
+                await writer.drain()
+        finally:
+            if pending_read is not None and not pending_read.done():
+                pending_read.cancel()
+
+    def _set_plan(self, decision: Decision) -> None:
+        """Line mode: the masks of a shell only grow (the union over the shell and its allowed lines)."""
+        source = combine([self._mask_source, decision]) if self._mask_source is not None else decision
+        if self._mask_source is not None and set(source.mask_rule_ids) == set(self._mask_source.mask_rule_ids):
+            return
+        self._mask_source = source
+        for stream, masker in list(self._maskers.items()):
+            writer = self.process.stdout if stream == "stdout" else self.process.stderr
+            self._emit(writer, stream, masker.close())
+        self._maskers.clear()
+        self._plan = self.agent.session_mask_plan(source)
+
+    # -- input --------------------------------------------------------------------------------
+
+    async def _read_input(self) -> bytes:
+        """Read the agent's input, applying window changes, signals and breaks as they come."""
+        up = self.upstream
+        assert up is not None
+        while True:
+            try:
+                return await self.process.stdin.read(CHUNK)
+            except asyncssh.TerminalSizeChanged as exc:
+                with contextlib.suppress(Exception):
+                    up.change_terminal_size(exc.width, exc.height, exc.pixwidth, exc.pixheight)
+                self.record("resize", {"channel": self.number, "width": exc.width, "height": exc.height})
+            except asyncssh.SignalReceived as exc:
+                self.record("signal", {"channel": self.number, "signal": exc.signal})
+                with contextlib.suppress(Exception):
+                    up.send_signal(exc.signal)
+            except asyncssh.BreakReceived as exc:
+                with contextlib.suppress(Exception):
+                    up.send_break(exc.msec)
+
+    async def _raw_input(self) -> None:
+        up = self.upstream
+        assert up is not None and self.session is not None
+        recorder = StreamRecord(self.record, self.number, "stdin", self.agent.config.record_output_limit)
+        try:
+            while True:
+                data = await self._read_input()
+                if not data:
+                    up.stdin.write_eof()
+                    return
+                if self.pty:
+                    self.record("input", {"channel": self.number, "data": data.decode("utf-8", "replace")})
+                else:
+                    recorder.total += len(data)
+                up.stdin.write(data)
+                await up.stdin.drain()
+        finally:
+            if not self.pty and recorder.total:
+                self.record("input.bytes", {"channel": self.number, "bytes": recorder.total})
+
+    async def _line_input(self) -> None:
+        up = self.upstream
+        assert up is not None
+        if not self.pty:
+            await self._script_input()
+            return
+        editor = LineEditor()
+        while True:
+            data = await self._read_input()
+            if not data:
+                up.stdin.write_eof()
+                return
+            self.record("input", {"channel": self.number, "data": data.decode("utf-8", "replace")})
+            for event in editor.feed(data):
+                if isinstance(event, Echo):
+                    self.process.stdout.write(event.data)
+                    self._record_out("stdout", event.data)
+                elif isinstance(event, Signal):
+                    up.stdin.write(event.char)
+                elif isinstance(event, Eof):
+                    up.stdin.write(b"\x04")
+                elif isinstance(event, Line):
+                    await self._shell_line(event.text)
+            await self.process.stdout.drain()
+
+    async def _script_input(self) -> None:
+        up = self.upstream
+        assert up is not None
+        buffer = b""
+        while True:
+            data = await self._read_input()
+            if not data:
+                if buffer.strip() and not await self._shell_line(buffer.decode("utf-8", "replace")):
+                    return
+                up.stdin.write_eof()
+                return
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if not await self._shell_line(line.decode("utf-8", "replace")):
+                    return
+            if len(buffer) > 64 * 1024:
+                await self._shell_line(buffer.decode("utf-8", "replace"))  # too long: denied by the parser
+                return
+
+    async def _shell_line(self, text: str) -> bool:
+        """Decide one line; send it to the target only if allowed. False ends a script session."""
+        up = self.upstream
+        assert up is not None
+        if not text.strip():
+            up.stdin.write(b"\n")
+            return True
+        self.record("command", {"channel": self.number, "kind": "shell_line", "command": text, "reason": self.reason})
+        requests = requests_for_command(
+            text, target=self.target, channel="shell_line", interactive=self.pty, reason=self.reason
+        )
+        decision, deciding = await self._decide(requests)
+        self.record("decision", _decision_event(self.number, decision))
+        if decision.action == "allow":
+            self._set_plan(decision)
+            up.stdin.write(text.encode("utf-8") + b"\n")
+            await up.stdin.drain()
+            return True
+        message = denial_text(deciding, decision)
+        if self.pty:
+            self._emit(self.process.stdout, "stdout", f"{message}\r\n".encode())
+            if self._prompt:
+                self.process.stdout.write(self._prompt)
+            return True
+        # A script: what was already sent finishes on the target, nothing after the denied line is
+        # sent, and the session ends with 126 once the target's shell has exited.
+        await self._write_err(message + "\n")
+        self._final_status = DENIED_STATUS
+        with contextlib.suppress(Exception):
+            up.stdin.write_eof()
+        return False

@@ -1,0 +1,206 @@
+"""Turn what an SSH agent asks for into policy requests, and decisions into messages it can act on.
+
+Shared by the listener and by ``lictor test`` (``request: {protocol: ssh, command: "..."}``).
+
+A command line (an exec request or one line typed into a shell) becomes one request per program it
+would run (see ``_shell``); they are decided together and deny wins. A command line that cannot be
+analysed becomes a single request carrying ``parse_error``: the addon's ``request`` hook denies it
+before the policy sees it, under the rule id ``lictor:ssh-unparsable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from lictor import Decision, Request
+
+from ._shell import Invocation, ShellParseError, analyse
+
+__all__ = [
+    "NOT_WRAPPED",
+    "UNPARSABLE_RULE",
+    "channel_request",
+    "denial_text",
+    "first_denied",
+    "forward_request",
+    "invocation_attrs",
+    "requests_for_command",
+    "sftp_request",
+]
+
+UNPARSABLE_RULE = "lictor:ssh-unparsable"
+
+NOT_WRAPPED = frozenset({"pipeline", "subshell"})
+"""``via`` values that do not count as "started by another program" for ``via_wrapper``: a program in
+a pipeline or a ``( ... )`` subshell is started by the agent's own shell, like a top-level one.
+Command and process substitutions, ``sh -c``, ``eval``, ``xargs``, ``find -exec``, ``sudo``, ``env``...
+do count."""
+
+HARMLESS_WRITES = frozenset({"/dev/null"})
+"""Redirection targets left out of ``writes``: writing them changes nothing."""
+
+
+def invocation_attrs(inv: Invocation, channel: str) -> dict[str, object]:
+    """The rule attributes of one program a command line would run."""
+    writes = [r.target for r in inv.redirects if r.writes and r.target not in HARMLESS_WRITES]
+    return {
+        "channel": channel,
+        "program": inv.name,
+        "command": f"{inv.name} {inv.argv_text}".strip(),
+        "argv": inv.argv_text,
+        "writes": writes,
+        "via_wrapper": inv.via is not None and inv.via not in NOT_WRAPPED,
+        "via": inv.via,
+        "paths": [],
+    }
+
+
+def requests_for_command(
+    command: str,
+    *,
+    target: str,
+    channel: str = "exec",
+    interactive: bool = False,
+    reason: str | None = None,
+) -> list[Request]:
+    """One request per program ``command`` would run; one ``parse_error`` request if it cannot be
+    analysed; one ``empty`` request (no program) for a blank line."""
+    try:
+        analysis = analyse(command, interactive=interactive)
+    except ShellParseError as exc:
+        return [
+            Request(
+                protocol="ssh",
+                action="unparsable",
+                attrs={"channel": channel, "parse_error": str(exc)},
+                target=target,
+                summary=f"{channel}: unparsable command ({exc}): {command[:300]}",
+                payload=command,
+                reason=reason,
+            )
+        ]
+    invocations = analysis.invocations
+    if not invocations:
+        return [
+            Request(
+                protocol="ssh",
+                action="empty",
+                attrs={"channel": channel, "writes": [], "paths": []},
+                target=target,
+                summary=f"{channel}: (no program) {command[:300]}",
+                payload=command,
+                reason=reason,
+            )
+        ]
+    out: list[Request] = []
+    for i, inv in enumerate(invocations):
+        attrs = invocation_attrs(inv, channel)
+        whole = command if len(command) <= 300 else command[:300] + "..."
+        out.append(
+            Request(
+                protocol="ssh",
+                action=inv.name,
+                attrs=attrs,
+                target=target,
+                summary=f"{attrs['command']}" + ("" if len(invocations) == 1 else f"  (part of: {whole})"),
+                payload=f"{command}\n[{i}] {attrs['command']}",
+                reason=reason,
+            )
+        )
+    return out
+
+
+def channel_request(channel: str, *, target: str, summary: str = "", reason: str | None = None) -> Request:
+    """A request for a kind of channel: ``shell``, ``raw_shell``, ``agent_forwarding``, ``x11``..."""
+    return Request(
+        protocol="ssh",
+        action=channel,
+        attrs={"channel": channel},
+        target=target,
+        summary=summary or channel.replace("_", " "),
+        payload=channel,
+        reason=reason,
+    )
+
+
+def forward_request(direction: str, host: str, port: int, *, target: str) -> Request:
+    """A port forwarding request (``direction`` is ``local`` for ``-L``/``-D``, ``remote`` for ``-R``)."""
+    destination = f"{host}:{port}"
+    return Request(
+        protocol="ssh",
+        action="port_forward",
+        attrs={"channel": "port_forward", "destination": destination, "direction": direction},
+        target=target,
+        summary=f"port forwarding ({direction}) to {destination}",
+        payload=f"port_forward {direction} {destination}",
+    )
+
+
+def sftp_request(
+    operation: str, paths: Sequence[str], *, target: str, channel: str = "sftp", reason: str | None = None
+) -> Request:
+    """One SFTP (or legacy scp) operation on ``paths`` (already absolute and normalised)."""
+    shown = " -> ".join(paths)
+    return Request(
+        protocol="ssh",
+        action=operation,
+        attrs={"channel": channel, "operation": operation, "paths": list(paths)},
+        target=target,
+        summary=f"{channel} {operation} {shown}",
+        payload=f"{channel} {operation} " + "\x00".join(paths),
+        reason=reason,
+    )
+
+
+def first_denied(requests: Sequence[Request], decisions: Sequence[Decision]) -> tuple[Request, Decision]:
+    """The request that decided a combined decision (the first deny, else the first approve)."""
+    for wanted in ("deny", "approve"):
+        for request, decision in zip(requests, decisions, strict=True):
+            if decision.action == wanted:
+                return request, decision
+    return requests[0], decisions[0]
+
+
+def _what(request: Request) -> str:
+    attrs = request.attrs
+    if "parse_error" in attrs:
+        return "this command line"
+    if attrs.get("command"):
+        return f"`{attrs['command']}`"
+    if attrs.get("destination"):
+        return f"port forwarding ({attrs.get('direction', 'local')}) to {attrs['destination']}"
+    if attrs.get("operation"):
+        return f"{attrs.get('channel', 'sftp')} {attrs['operation']} of {', '.join(map(str, attrs.get('paths') or []))}"
+    return str(attrs.get("channel", request.action)).replace("_", " ")
+
+
+def _next_step(request: Request, decision: Decision) -> str:
+    rule = decision.rule_ids[0] if decision.rule_ids else ""
+    if "parse_error" in request.attrs or rule == UNPARSABLE_RULE:
+        return (
+            "The gateway only forwards command lines it can fully analyse; rewrite it as plain "
+            "programs with literal arguments (no expansions in program names, no code built at run time)."
+        )
+    if rule == "lictor:default-deny":
+        return ""  # the policy's default-deny message already says what to do
+    if decision.approval_id or (decision.approval is not None):
+        return "The approval was not granted; ask an approver, or run something else."
+    if rule.startswith("lictor:"):
+        return "Retry later or contact the gateway operators."
+    return "This is a deliberate restriction; do it another way or ask the rule pack owners."
+
+
+def denial_text(request: Request, decision: Decision) -> str:
+    """``lictor: denied <what> by rule <id>: <message> (policy <version>). <next step>``"""
+    rule = ", ".join(decision.rule_ids) or "lictor:default-deny"
+    message = decision.message.rstrip(".") or "denied"
+    error = request.attrs.get("parse_error")
+    if error is not None:  # denied whatever the policy says; name the real reason
+        rule, message = UNPARSABLE_RULE, f"the command line cannot be analysed: {error}".rstrip(".")
+    text = f"lictor: denied {_what(request)} by rule {rule}: {message} (policy {decision.policy_version})."
+    step = _next_step(request, decision)
+    return f"{text} {step}" if step else text
+
+
+def describe(requests: Iterable[Request]) -> list[str]:
+    return [str(r.attrs.get("command") or r.action) for r in requests]

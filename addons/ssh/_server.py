@@ -1,0 +1,301 @@
+"""The SSH listener of one target and the agent connections it accepts.
+
+Authentication (theory of operation)
+====================================
+
+Three ways in, each ending in an :class:`~lictor.Identity`:
+
+* **password**: the password is a JWT, verified by the gateway's issuers (``Gateway.authenticate``;
+  failures are audited and the reason is sent to the agent as an authentication banner). The SSH
+  user name is ignored. OpenSSH cuts passwords at 1023 bytes: prefer short tokens.
+* **public key** registered in the target's ``public_keys`` (``{key, sub, claims}``).
+* **OpenSSH user certificate** signed by a CA listed in ``user_ca``; asyncssh checks the signature,
+  validity and that the SSH user name is one of the certificate's principals; the identity's
+  subject is that user name.
+
+asyncssh calls ``validate_public_key``/``validate_ca_key`` *before* it checks the signature that
+proves possession of the key (and also for the "would you accept this key?" probe that carries no
+signature). So those callbacks only remember a candidate; the identity is granted in
+``auth_completed``, which runs only after a signature (or a password) was verified. Each callback
+first clears the previous candidate, and asyncssh evaluates one authentication request at a time
+and runs no other method here (no keyboard-interactive, host-based or GSS), so the candidate at
+``auth_completed`` is the one whose proof succeeded.
+
+Agent forwarding and X11 forwarding are switched off in asyncssh (it would otherwise accept agent
+forwarding by default): forwarding an agent's keys or display to the target defeats a gateway that
+holds the credentials. Port forwarding is decided by rules (channel ``port_forward``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+import asyncssh
+from lictor import AuthError, Decision, Gateway, Identity, Session
+
+from ._channel import handle_process
+from ._config import SshTargetConfig
+from ._forward import Bridge
+from ._requests import denial_text, forward_request
+from ._sftp import make_sftp_server
+from ._upstream import UpstreamError, UpstreamPool
+
+__all__ = ["AgentConnection", "SshListener"]
+
+log = logging.getLogger("lictor.ssh")
+
+LOGIN_TIMEOUT = 60.0
+
+
+class SshListener:
+    """Accepts agents for one target."""
+
+    def __init__(self, gateway: Gateway, config: SshTargetConfig) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.pool = UpstreamPool(config.upstream, config.name)
+        self.server: asyncssh.SSHAcceptor | None = None
+        self.connections: set[AgentConnection] = set()
+        self.closing: set[asyncio.Future[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.server = await asyncssh.create_server(
+            lambda: AgentConnection(self),
+            cfg.listen_host,
+            cfg.listen_port,
+            server_host_keys=[cfg.host_key],
+            process_factory=handle_process,
+            sftp_factory=make_sftp_server,
+            allow_scp=True,
+            encoding=None,
+            line_editor=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_pty=True,
+            kbdint_auth=False,
+            host_based_auth=False,
+            gss_host=None,
+            password_auth=True,
+            public_key_auth=bool(cfg.public_keys or cfg.user_cas),
+            login_timeout=LOGIN_TIMEOUT,
+            config=None,
+            server_version="Lictor",
+        )
+        log.info("ssh target %s: listening on %s:%s", cfg.name, cfg.listen_host, self.port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await self.server.wait_closed()
+            self.server = None
+        for agent in list(self.connections):
+            agent.close()
+        if self.closing:
+            await asyncio.wait(list(self.closing), timeout=5)
+        await self.pool.close()
+
+
+class AgentConnection(asyncssh.SSHServer):
+    """One agent's SSH connection: authentication, its gateway session, and its channels."""
+
+    def __init__(self, listener: SshListener) -> None:
+        self.listener = listener
+        self.gateway = listener.gateway
+        self.config = listener.config
+        self.pool = listener.pool
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.peer = ""
+        self.username = ""
+        self._candidate: tuple[Identity, str] | None = None
+        self._session: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        self._channels = 0
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("", 0)
+        self.peer = f"{peer[0]}:{peer[1]}"
+        self.listener.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.connections.discard(self)
+        if not self._session.done():
+            self._session.set_exception(ConnectionError("the connection was closed"))
+            self._session.exception()  # nobody waits: mark it retrieved
+            return
+        if self._session.exception() is None:
+            session = self._session.result()
+            task = asyncio.ensure_future(session.close(channels=self._channels, reason=str(exc) if exc else "closed"))
+            self.listener.closing.add(task)
+            task.add_done_callback(self.listener.closing.discard)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    def next_channel(self) -> int:
+        self._channels += 1
+        return self._channels
+
+    async def ready(self) -> Session:
+        """The gateway session, once authentication has completed."""
+        return await asyncio.shield(self._session)
+
+    def session_mask_plan(self, decision: Decision) -> Any:
+        session = self._session.result()
+        return session.mask_plan(decision)
+
+    # -- authentication -------------------------------------------------------------------------
+
+    def begin_auth(self, username: str) -> bool:
+        self.username = username
+        return True  # authentication is always required
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def validate_password(self, username: str, password: str) -> bool:
+        self._candidate = None
+        try:
+            identity = self.gateway.authenticate(password, protocol="ssh", target=self.config.name, peer=self.peer)
+        except AuthError as exc:
+            self._banner(f"lictor: authentication failed: {exc}\n")
+            return False
+        except Exception:
+            log.exception("ssh target %s: token verification failed", self.config.name)
+            self._banner("lictor: authentication failed: internal error\n")
+            return False
+        self._candidate = (identity, "jwt")
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return bool(self.config.public_keys or self.config.user_cas)
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        self._candidate = None
+        entry = self.config.key_identity(key)
+        if entry is None:
+            return False
+        identity = Identity(
+            subject=entry.subject,
+            claims={**entry.claims, "sub": entry.subject},
+            issuer=f"ssh-public-key:{self.config.name}",
+            token_id=entry.fingerprint,
+            method="publickey",
+        )
+        self._candidate = (identity, "publickey")
+        return True
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        self._candidate = None
+        if not self.config.is_trusted_ca(key) or not username:
+            return False
+        identity = Identity(
+            subject=username,
+            claims={"sub": username},
+            issuer=f"ssh-user-ca:{key.get_fingerprint('sha256')}",
+            method="certificate",
+        )
+        self._candidate = (identity, "certificate")
+        return True
+
+    async def auth_completed(self) -> None:
+        candidate, self._candidate = self._candidate, None
+        if candidate is None:  # cannot happen with the methods enabled; refuse rather than guess
+            log.error("ssh target %s: authentication completed without an identity; closing", self.config.name)
+            self._session.set_exception(ConnectionError("no identity"))
+            self._session.exception()
+            self.close()
+            return
+        identity, method = candidate
+        try:
+            session = await self.gateway.open_session(
+                identity, protocol="ssh", target=self.config.name, peer=self.peer, method=method
+            )
+        except Exception as exc:
+            log.exception("ssh target %s: could not open a session", self.config.name)
+            if not self._session.done():
+                self._session.set_exception(ConnectionError(f"the session could not be recorded ({exc})"))
+                self._session.exception()
+            self.close()
+            return
+        session.meta["ssh_user"] = self.username
+        if self._session.done():  # the connection went away meanwhile
+            await session.close(reason="closed during authentication")
+            return
+        self._session.set_result(session)
+
+    def _banner(self, text: str) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.send_auth_banner(text)
+
+    # -- forwarding -----------------------------------------------------------------------------
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Awaitable[asyncssh.SSHTCPSession[bytes]]:
+        return self._forward_local(dest_host, dest_port)
+
+    async def _forward_local(self, host: str, port: int) -> asyncssh.SSHTCPSession[bytes]:
+        session = await self.ready()
+        request = forward_request("local", host, port, target=self.config.name)
+        decision = session.decide_now(request)
+        if decision.action == "approve":
+            decision = await session.decide(request)
+        session.record(
+            "forward",
+            {
+                "direction": "local",
+                "destination": f"{host}:{port}",
+                "action": decision.action,
+                "rule_ids": list(decision.rule_ids),
+            },
+        )
+        if decision.action != "allow":
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, denial_text(request, decision))
+        try:
+            lease = await self.pool.acquire()
+        except UpstreamError as exc:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"lictor: {exc}") from None
+        bridge = Bridge(lease)
+        try:
+            await lease.conn.create_connection(bridge.upstream_session, host, port)
+        except (OSError, asyncssh.Error) as exc:
+            lease.release()
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED, f"lictor: the target could not connect to {host}:{port}: {exc}"
+            ) from None
+        return bridge.agent_session()
+
+    def server_requested(self, listen_host: str, listen_port: int) -> Awaitable[bool]:
+        return self._forward_remote(listen_host, listen_port)
+
+    async def _forward_remote(self, host: str, port: int) -> bool:
+        session = await self.ready()
+        request = forward_request("remote", host, port, target=self.config.name)
+        decision = session.decide_now(request)
+        session.record(
+            "forward",
+            {
+                "direction": "remote",
+                "destination": f"{host}:{port}",
+                "action": decision.action,
+                "rule_ids": list(decision.rule_ids),
+            },
+        )
+        if decision.action == "allow":
+            log.warning("ssh target %s: remote port forwarding allowed by policy, not supported", self.config.name)
+        return False  # remote forwarding (-R) is not supported by this gateway

@@ -1,0 +1,413 @@
+"""SFTP (and legacy scp) through the gateway: every operation decided, then replayed on the target.
+
+asyncssh runs the agent's SFTP subsystem, and the ``scp -t``/``scp -f`` exec requests of legacy
+scp (``scp -O``), against :class:`ProxySFTPServer`. Each operation becomes a request with channel
+``sftp`` (or ``scp``), an ``operation`` and the ``paths`` it touches, and is forwarded to an SFTP
+client session on the target only when allowed; a denial is an SFTP "permission denied" status whose
+text is the usual ``lictor: denied ...`` message. OpenSSH 9's ``scp`` speaks SFTP, so rules for
+channel ``sftp`` govern it.
+
+Paths. Rules see absolute, normalised paths: a relative path is joined to the target account's home
+directory and ``..`` is resolved lexically; the target's ``realpath`` (which follows symlinks) is
+then asked for the real location (for a path that does not exist yet, the real location of its
+parent). When they differ, both are in ``paths``, so an allow rule must cover both (a symlink in an
+allowed directory does not reach outside it) and a deny rule fires on either. The operation is then
+run on the real path.
+
+Operations: ``read`` (open for reading), ``write`` (open with write, append, create or truncate
+flags), ``list``, ``stat`` (stat, lstat, readlink, statvfs), ``setstat``, ``remove``, ``rename``
+(both paths), ``mkdir``, ``rmdir``, ``symlink`` and ``link`` (the new link and what it points to).
+``realpath`` itself is answered without a decision: SFTP clients canonicalise their working
+directory before anything else, and it reveals only a path name.
+
+Transfers are recorded when the file is closed: path, operation, bytes, and the SHA-256 of the
+data when it was transferred in order from offset 0 (what sftp and scp do). Content whose decision
+carries masks is not transferred (reads are denied): masking changes lengths, which file transfer
+protocols cannot express; read such files with ``cat`` over exec, where output is masked.
+
+Every method of asyncssh's ``SFTPServer`` that would touch the gateway's own file system is
+overridden here; a test checks that no new one appears unnoticed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import posixpath
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+from asyncssh import SFTPAttrs, SFTPName, SFTPServer
+from lictor import Session
+
+from ._requests import denial_text, sftp_request
+from ._upstream import Lease, UpstreamError
+
+if TYPE_CHECKING:
+    from ._server import AgentConnection
+
+__all__ = ["OVERRIDDEN", "ProxySFTPServer", "make_sftp_server"]
+
+log = logging.getLogger("lictor.ssh")
+
+_WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_APPEND | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
+
+OVERRIDDEN = frozenset(
+    {
+        "open",
+        "open56",
+        "close",
+        "read",
+        "write",
+        "lstat",
+        "fstat",
+        "setstat",
+        "lsetstat",
+        "fsetstat",
+        "scandir",
+        "remove",
+        "mkdir",
+        "rmdir",
+        "realpath",
+        "stat",
+        "rename",
+        "readlink",
+        "symlink",
+        "link",
+        "lock",
+        "unlock",
+        "posix_rename",
+        "statvfs",
+        "fstatvfs",
+        "fsync",
+        "exit",
+        "map_path",
+        "reverse_map_path",
+        "format_user",
+        "format_group",
+    }
+)
+"""The ``SFTPServer`` methods this proxy replaces (the rest only format or convert values)."""
+
+
+class _Handle:
+    """An open file on the target, and what has flowed through it."""
+
+    __slots__ = ("file", "hash", "next", "operation", "path", "read_bytes", "sequential", "written_bytes")
+
+    def __init__(self, file: Any, path: str, operation: str) -> None:
+        self.file = file
+        self.path = path
+        self.operation = operation
+        self.hash = hashlib.sha256()
+        self.next = 0
+        self.sequential = True
+        self.read_bytes = 0
+        self.written_bytes = 0
+
+    def account(self, offset: int, data: bytes) -> None:
+        if offset != self.next:
+            self.sequential = False
+        elif self.sequential:
+            self.hash.update(data)
+        self.next = offset + len(data)
+
+    def seek(self, *args: Any) -> int:
+        raise asyncssh.SFTPOpUnsupported("sparse ranges are not supported through the gateway")
+
+
+async def make_sftp_server(chan: asyncssh.SSHServerChannel[bytes]) -> ProxySFTPServer:
+    """asyncssh's ``sftp_factory``: open the upstream SFTP session once the agent's session is ready."""
+    agent: AgentConnection = chan.get_connection().get_owner()  # type: ignore[assignment]
+    session = await agent.ready()
+    command = chan.get_command() or ""
+    channel = "scp" if command.startswith("scp ") else "sftp"
+    number = agent.next_channel()
+    session.record("command", {"channel": number, "kind": channel, "command": command or "sftp"})
+    try:
+        lease = await agent.pool.acquire()
+    except UpstreamError as exc:
+        raise asyncssh.SFTPConnectionLost(f"lictor: {exc}") from None
+    try:
+        client = await lease.conn.start_sftp_client()
+        home = await client.realpath(b".")
+    except Exception:
+        lease.release()
+        raise
+    reason = chan.get_environment().get("LICTOR_REASON") or None
+    return ProxySFTPServer(chan, agent, session, client, lease, bytes(home), channel, number, reason)
+
+
+class ProxySFTPServer(SFTPServer):
+    """An SFTP server whose file system is the target's, seen through the policy."""
+
+    def __init__(
+        self,
+        chan: asyncssh.SSHServerChannel[bytes],
+        agent: AgentConnection,
+        session: Session,
+        client: asyncssh.SFTPClient,
+        lease: Lease,
+        home: bytes,
+        channel: str,
+        number: int,
+        reason: str | None,
+    ) -> None:
+        super().__init__(chan)
+        self.agent = agent
+        self.session = session
+        self.client = client
+        self.lease = lease
+        self.home = home.decode("utf-8", "surrogateescape")
+        self.kind = channel
+        self.number = number
+        self.reason = reason
+        self._closed = False
+
+    # -- deciding -----------------------------------------------------------------------------
+
+    def _text(self, path: bytes) -> str:
+        try:
+            return path.decode("utf-8")
+        except UnicodeDecodeError:
+            raise asyncssh.SFTPPermissionDenied("lictor: path names must be UTF-8 through the gateway") from None
+
+    def _lexical(self, path: bytes) -> str:
+        text = self._text(path)
+        if "\x00" in text:
+            raise asyncssh.SFTPPermissionDenied("lictor: NUL in a path name")
+        joined = posixpath.normpath(posixpath.join(self.home, text))
+        if joined.startswith("//"):
+            joined = "/" + joined.lstrip("/")
+        return joined
+
+    async def _real(self, lexical: str) -> str:
+        try:
+            real = await self.client.realpath(lexical.encode())
+            return bytes(real).decode("utf-8", "surrogateescape")
+        except asyncssh.SFTPError:
+            parent, name = posixpath.split(lexical)
+            if not name or parent == lexical:
+                return lexical
+            try:
+                real_parent = bytes(await self.client.realpath(parent.encode())).decode("utf-8", "surrogateescape")
+            except asyncssh.SFTPError:
+                return lexical
+            return posixpath.join(real_parent, name)
+
+    async def _paths(self, path: bytes) -> tuple[list[str], str]:
+        """(paths for the rules, the real path to operate on)."""
+        lexical = self._lexical(path)
+        real = await self._real(lexical)
+        return ([lexical] if real == lexical else [lexical, real]), real
+
+    async def _decide(self, operation: str, paths: Sequence[str], *, content: bool = False) -> None:
+        request = sftp_request(operation, paths, target=self.agent.config.name, channel=self.kind, reason=self.reason)
+        decision = self.session.decide_now(request)
+        if decision.action == "approve":
+            decision = await self.session.decide(request)
+        self.session.record(
+            "sftp",
+            {
+                "channel": self.number,
+                "operation": operation,
+                "paths": list(paths),
+                "action": decision.action,
+                "rule_ids": list(decision.rule_ids),
+            },
+        )
+        if decision.action != "allow":
+            raise asyncssh.SFTPPermissionDenied(denial_text(request, decision))
+        if content and decision.masks:
+            message = (
+                f"lictor: denied {self.kind} {operation} of {paths[-1]}: its content would be masked "
+                f"(rule {', '.join(decision.mask_rule_ids)}) and file transfers cannot be masked; "
+                "read it with `cat` over an exec request instead, where output is masked"
+            )
+            self.session.record("sftp.masked_refused", {"channel": self.number, "paths": list(paths)})
+            raise asyncssh.SFTPPermissionDenied(message)
+
+    async def _one(self, operation: str, path: bytes) -> bytes:
+        paths, real = await self._paths(path)
+        await self._decide(operation, paths)
+        return real.encode("utf-8", "surrogateescape")
+
+    # -- files --------------------------------------------------------------------------------
+
+    async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> _Handle:
+        paths, real = await self._paths(path)
+        writes = bool(pflags & _WRITE_FLAGS)
+        reads = bool(pflags & asyncssh.FXF_READ) or not writes
+        if writes:
+            await self._decide("write", paths)
+        if reads:
+            await self._decide("read", paths, content=True)
+        file = await self.client.open(real.encode("utf-8", "surrogateescape"), pflags, attrs, encoding=None)
+        return _Handle(file, real, "write" if writes else "read")
+
+    def open56(self, *args: Any, **kwargs: Any) -> Any:
+        raise asyncssh.SFTPOpUnsupported("only SFTP version 3 is supported through the gateway")
+
+    async def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        handle = self._handle(file_obj)
+        data = bytes(await handle.file.read(size, offset))
+        handle.read_bytes += len(data)
+        handle.account(offset, data)
+        return data
+
+    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        handle = self._handle(file_obj)
+        if handle.operation != "write":
+            raise asyncssh.SFTPPermissionDenied("lictor: the file was not opened for writing")
+        await handle.file.write(data, offset)
+        handle.written_bytes += len(data)
+        handle.account(offset, data)
+        return len(data)
+
+    async def close(self, file_obj: object) -> None:
+        handle = self._handle(file_obj)
+        try:
+            await handle.file.close()
+        finally:
+            moved = handle.written_bytes if handle.operation == "write" else handle.read_bytes
+            self.session.record(
+                "transfer",
+                {
+                    "channel": self.number,
+                    "operation": handle.operation,
+                    "path": handle.path,
+                    "bytes": moved,
+                    "sha256": handle.hash.hexdigest() if handle.sequential else None,
+                    "sequential": handle.sequential,
+                },
+            )
+
+    async def fstat(self, file_obj: object) -> SFTPAttrs:
+        attrs: SFTPAttrs = await self._handle(file_obj).file.stat()
+        return attrs
+
+    async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
+        handle = self._handle(file_obj)
+        await self._decide("setstat", [handle.path])
+        await handle.file.setstat(attrs)
+
+    async def fsync(self, file_obj: object) -> None:
+        await self._handle(file_obj).file.fsync()
+
+    async def fstatvfs(self, file_obj: object) -> Any:
+        return await self._handle(file_obj).file.statvfs()
+
+    def lock(self, *args: Any, **kwargs: Any) -> Any:
+        raise asyncssh.SFTPOpUnsupported("byte-range locks are not supported through the gateway")
+
+    def unlock(self, *args: Any, **kwargs: Any) -> Any:
+        raise asyncssh.SFTPOpUnsupported("byte-range locks are not supported through the gateway")
+
+    @staticmethod
+    def _handle(file_obj: object) -> _Handle:
+        if not isinstance(file_obj, _Handle):
+            raise asyncssh.SFTPInvalidHandle("invalid handle")
+        return file_obj
+
+    # -- names --------------------------------------------------------------------------------
+
+    async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
+        real = await self._one("list", path)
+        async for name in self.client.scandir(real):
+            yield name
+
+    async def stat(self, path: bytes) -> SFTPAttrs:
+        return await self.client.stat(await self._one("stat", path))
+
+    async def lstat(self, path: bytes) -> SFTPAttrs:
+        paths, _ = await self._paths(path)
+        await self._decide("stat", paths)
+        return await self.client.lstat(paths[0].encode("utf-8", "surrogateescape"))
+
+    async def readlink(self, path: bytes) -> bytes:
+        paths, _ = await self._paths(path)
+        await self._decide("stat", paths)
+        return bytes(await self.client.readlink(paths[0].encode("utf-8", "surrogateescape")))
+
+    async def statvfs(self, path: bytes) -> Any:
+        return await self.client.statvfs(await self._one("stat", path))
+
+    async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        await self.client.setstat(await self._one("setstat", path), attrs)
+
+    async def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        paths, _ = await self._paths(path)
+        await self._decide("setstat", paths)
+        await self.client.setstat(paths[0].encode("utf-8", "surrogateescape"), attrs, follow_symlinks=False)
+
+    async def remove(self, path: bytes) -> None:
+        paths, _ = await self._paths(path)
+        await self._decide("remove", paths)
+        await self.client.remove(paths[0].encode("utf-8", "surrogateescape"))  # removes the link, not its target
+
+    async def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
+        await self.client.mkdir(await self._one("mkdir", path), attrs)
+
+    async def rmdir(self, path: bytes) -> None:
+        await self.client.rmdir(await self._one("rmdir", path))
+
+    async def _two(self, operation: str, old: bytes, new: bytes) -> tuple[bytes, bytes]:
+        old_paths, _ = await self._paths(old)
+        new_paths, new_real = await self._paths(new)
+        await self._decide(operation, [*old_paths, *new_paths])
+        return old_paths[0].encode("utf-8", "surrogateescape"), new_real.encode("utf-8", "surrogateescape")
+
+    async def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        old, new = await self._two("rename", oldpath, newpath)
+        await self.client.rename(old, new)
+
+    async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        old, new = await self._two("rename", oldpath, newpath)
+        await self.client.posix_rename(old, new)
+
+    async def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        # ``oldpath`` is what the link will point to, stored verbatim; rules see where it resolves
+        # from the link's directory, and the link itself.
+        link_paths, link_real = await self._paths(newpath)
+        target_text = self._text(oldpath)
+        pointed = posixpath.normpath(posixpath.join(posixpath.dirname(link_paths[0]), target_text))
+        await self._decide("symlink", [*link_paths, pointed])
+        await self.client.symlink(oldpath, link_real.encode("utf-8", "surrogateescape"))
+
+    async def link(self, oldpath: bytes, newpath: bytes) -> None:
+        old, new = await self._two("link", oldpath, newpath)
+        await self.client.link(old, new)
+
+    def realpath(self, path: bytes) -> Any:
+        return self._realpath(path)
+
+    async def _realpath(self, path: bytes) -> bytes:
+        return bytes(await self.client.realpath(self._lexical(path).encode("utf-8", "surrogateescape")))
+
+    def map_path(self, path: bytes) -> bytes:
+        raise asyncssh.SFTPOpUnsupported("local paths are never used by the gateway")
+
+    def reverse_map_path(self, path: bytes) -> bytes:
+        raise asyncssh.SFTPOpUnsupported("local paths are never used by the gateway")
+
+    def format_user(self, uid: int | None) -> str:
+        return str(uid) if uid is not None else ""
+
+    def format_group(self, gid: int | None) -> str:
+        return str(gid) if gid is not None else ""
+
+    def exit(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.session.record("sftp.end", {"channel": self.number})
+        try:
+            self.client.exit()
+        finally:
+            self.lease.release()
+            # asyncssh would close the channel without an exit status, which OpenSSH's scp reports
+            # as a failure; the SFTP session itself ended normally.
+            with contextlib.suppress(Exception):
+                self.channel.exit(0)

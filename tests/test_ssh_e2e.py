@@ -1,0 +1,735 @@
+"""The SSH addon end to end: the real OpenSSH ``ssh``, ``scp`` and ``sftp`` through a real ``lictor run``
+gateway to a real OpenSSH sshd started for these tests (tests/sshd.py).
+
+Every denial is proven twice: the client sees exit status 126 and the ``lictor: denied`` message, and
+the target is unchanged (marker files still there with their content, files not created).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import GatewayProcess, free_port, lictor, require, require_binary
+from tests.sshd import SSHD, GatewayClient, Sshd, ssh_keygen, start_sshd
+
+pytestmark = pytest.mark.timeout(120)
+
+CARD = "4111 1111 1111 1111"
+
+
+def _pack(work: Path) -> dict[str, Any]:
+    read_programs = ["ls", "cat", "echo", "id", "whoami", "head", "printf", "sha256sum", "stty", "true", "sleep"]
+    return {
+        "format": "lictor/v1",
+        "metadata": {"name": "ssh-e2e", "owner": "tests"},
+        "identities": [
+            {"match": {"claims": {"role": "observer"}}, "roles": ["observer"]},
+            {"match": {"claims": {"role": "operator"}}, "roles": ["operator"]},
+            {"match": {"claims": {"role": "admin"}}, "roles": ["admin"]},
+            {"match": {"claims": {"role": "approver"}}, "roles": ["approver"]},
+            {"match": {"claims": {"mask": "yes"}}, "roles": ["masked"]},
+            {"match": {"sub": "cert-alice"}, "roles": ["observer"]},
+        ],
+        "roles": {
+            "observer": {
+                "rules": [
+                    {
+                        "id": "obs-read",
+                        "protocol": "ssh",
+                        "when": {"channels": ["exec", "shell_line"], "programs": read_programs},
+                        "action": "allow",
+                    },
+                    {
+                        "id": "obs-no-writes",
+                        "protocol": "ssh",
+                        "when": {"writes": "*"},
+                        "action": "deny",
+                        "message": "observers do not write files",
+                    },
+                ]
+            },
+            "operator": {
+                "inherits": ["observer"],
+                "rules": [
+                    {"id": "op-shell", "protocol": "ssh", "when": {"channels": ["shell"]}, "action": "allow"},
+                    {
+                        "id": "op-shell-builtins",
+                        "protocol": "ssh",
+                        "when": {"channels": ["shell_line"], "programs": ["cd", "pwd", "exit"]},
+                        "action": "allow",
+                    },
+                    {
+                        "id": "op-touch",
+                        "protocol": "ssh",
+                        "when": {"programs": ["touch"]},
+                        "action": "approve",
+                        "message": "creating files needs an approver",
+                        "approval": {"approvers": ["approver"], "timeout": "30s"},
+                    },
+                    {
+                        "id": "op-mkdir",
+                        "protocol": "ssh",
+                        "when": {"programs": ["mkdir"]},
+                        "action": "approve",
+                        "message": "directories need an approver",
+                        "approval": {"approvers": ["approver"], "timeout": "2s"},
+                    },
+                    {
+                        "id": "op-files",
+                        "protocol": "ssh",
+                        "when": {"channels": ["sftp", "scp"], "paths": [str(work), f"{work}/*"]},
+                        "action": "allow",
+                    },
+                    {
+                        "id": "op-no-secret-files",
+                        "protocol": "ssh",
+                        "when": {"channels": ["sftp", "scp"], "paths": [f"{work}/secret*"]},
+                        "action": "deny",
+                        "message": "secret files stay on the host",
+                    },
+                ],
+            },
+            "admin": {
+                "rules": [
+                    {
+                        "id": "admin-all",
+                        "protocol": "ssh",
+                        "when": {"channels": ["exec", "shell_line"], "programs": "*"},
+                        "action": "allow",
+                    },
+                    {
+                        "id": "admin-shells",
+                        "protocol": "ssh",
+                        "when": {"channels": ["shell", "raw_shell"]},
+                        "action": "allow",
+                    },
+                    {
+                        "id": "admin-forward",
+                        "protocol": "ssh",
+                        "when": {"channels": ["port_forward"], "destinations": ["127.0.0.1:*"]},
+                        "action": "allow",
+                    },
+                ]
+            },
+            "approver": {"rules": []},
+            "masked": {
+                "rules": [
+                    {
+                        "id": "mask-cards",
+                        "protocol": "ssh",
+                        "when": {"channels": ["exec", "shell_line", "shell", "sftp"]},
+                        "action": "mask",
+                        "mask": {"detectors": ["card"], "style": "redact"},
+                    }
+                ]
+            },
+        },
+    }
+
+
+@dataclass
+class Env:
+    sshd: Sshd
+    gw: GatewayProcess
+    client: GatewayClient
+    bad_client: GatewayClient
+    approvals_url: str
+    tokens: dict[str, str]
+    user_key: Path
+    cert_key: Path
+    tmp: Path
+
+    @property
+    def work(self) -> Path:
+        return self.sshd.work
+
+    def direct(self, command: str) -> subprocess.CompletedProcess[bytes]:
+        return self.sshd.run(command)
+
+    def ssh(self, role: str, command: str, *extra: str, **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        return self.client.ssh(self.tokens[role], command, *extra, **kw)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    for binary in ("ssh", "scp", "sftp", "ssh-keygen"):
+        require_binary(binary)
+    require(os.path.exists(SSHD), f"{SSHD} (openssh-server) is not installed")
+    tmp = tmp_path_factory.mktemp("ssh")
+    sshd = start_sshd(tmp / "sshd")
+    try:
+        work = sshd.work
+        setup = (
+            f"cd {work} && printf keep > marker && printf keep > marker2 && "
+            f"head -c 1000000 /dev/urandom > random.bin && printf 'card {CARD} end\\n' > card.txt && "
+            "printf 'top secret\\n' > secret.txt && printf 'hello file\\n' > hello.txt"
+        )
+        assert sshd.run(setup).returncode == 0, sshd.log()
+        gw_dir = tmp / "gw"
+        gw_dir.mkdir()
+        (gw_dir / "packs").mkdir()
+        (gw_dir / "packs" / "e2e.yaml").write_text(yaml.safe_dump(_pack(work), sort_keys=False))
+        host_key = ssh_keygen(gw_dir / "gateway_host_key", "gateway")
+        user_key = ssh_keygen(tmp / "bob_key", "bob")
+        cert_key = ssh_keygen(tmp / "alice_key", "alice")
+        ca_key = ssh_keygen(tmp / "user_ca", "user-ca")
+        subprocess.run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-s",
+                str(ca_key),
+                "-I",
+                "alice",
+                "-n",
+                "cert-alice",
+                "-V",
+                "-5m:+1h",
+                f"{cert_key}.pub",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        wrong_known = tmp / "wrong_known_hosts"
+        other = ssh_keygen(tmp / "other_host_key", "other")
+        wrong_known.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(Path(f'{other}.pub').read_text().split()[:2])}\n")
+        port, bad_port, approvals_port = free_port(), free_port(), free_port()
+        upstream = {
+            "host": "127.0.0.1",
+            "port": sshd.port,
+            "user": sshd.user,
+            "key": str(sshd.client_key),
+            "known_hosts": str(sshd.known_hosts),
+        }
+        config = {
+            "version": 1,
+            "state_dir": str(gw_dir / "state"),
+            "rulepacks": [str(gw_dir / "packs")],
+            "approvals": {"listen": f"127.0.0.1:{approvals_port}"},
+            "targets": {
+                "web1": {
+                    "protocol": "ssh",
+                    "listen": f"127.0.0.1:{port}",
+                    "host_key": str(host_key),
+                    "upstream": upstream,
+                    "public_keys": [
+                        {
+                            "key": Path(f"{user_key}.pub").read_text().strip(),
+                            "sub": "key-bob",
+                            "claims": {"role": "operator"},
+                        }
+                    ],
+                    "user_ca": [f"{ca_key}.pub"],
+                },
+                "pinned-wrong": {
+                    "protocol": "ssh",
+                    "listen": f"127.0.0.1:{bad_port}",
+                    "host_key": str(host_key),
+                    "upstream": {**upstream, "known_hosts": str(wrong_known)},
+                },
+            },
+        }
+        gw = GatewayProcess(gw_dir, config).start()
+        try:
+            host_public = " ".join(Path(f"{host_key}.pub").read_text().split()[:2])
+            client = GatewayClient.create(tmp / "client", port, host_public)
+            bad_client = GatewayClient.create(tmp / "bad_client", bad_port, host_public)
+            tokens = {
+                "observer": gw.token("agent-obs", role="observer"),
+                "operator": gw.token("agent-op", role="operator"),
+                "admin": gw.token("agent-admin", role="admin"),
+                "approver": gw.token("human-approver", role="approver"),
+                "masked": gw.token("agent-masked", role="observer", mask="yes"),
+            }
+            yield Env(
+                sshd, gw, client, bad_client, f"http://127.0.0.1:{approvals_port}", tokens, user_key, cert_key, tmp
+            )
+        finally:
+            gw.stop()
+    finally:
+        sshd.stop()
+
+
+def _err(proc: subprocess.CompletedProcess[bytes]) -> str:
+    return proc.stderr.decode("utf-8", "replace")
+
+
+def _assert_denied(proc: subprocess.CompletedProcess[bytes], rule: str | None = None) -> str:
+    err = _err(proc)
+    assert proc.returncode == 126, (proc.returncode, proc.stdout, err)
+    assert "lictor: denied" in err, err
+    if rule is not None:
+        assert f"by rule {rule}" in err, err
+    assert "(policy " in err
+    return err
+
+
+def _markers_intact(env: Env) -> None:
+    out = env.direct(f"cd {env.work} && cat marker && echo / && cat marker2")
+    assert out.stdout == b"keep/\nkeep", out
+
+
+# -- exec ------------------------------------------------------------------------------------------
+
+
+def test_allowed_exec_runs_with_output_and_exit_status(env: Env) -> None:
+    proc = env.ssh("observer", "echo hello; id -un")
+    assert proc.returncode == 0, _err(proc)
+    assert proc.stdout == f"hello\n{env.sshd.user}\n".encode()
+
+    missing = env.ssh("observer", "ls /definitely/not/here")
+    assert missing.returncode == 2
+    assert b"No such file" in missing.stderr
+
+    status = env.ssh("admin", "sh -c 'exit 7'")
+    assert status.returncode == 7, _err(status)
+
+
+def test_denied_exec_exits_126_names_the_rule_and_changes_nothing(env: Env) -> None:
+    proc = env.ssh("observer", f"rm {env.work}/marker")
+    err = _assert_denied(proc, "lictor:default-deny")
+    assert f"`rm {env.work}/marker`" in err
+    redirect = env.ssh("observer", f"echo gone > {env.work}/marker")
+    assert "observers do not write files" in _assert_denied(redirect, "obs-no-writes")
+    _markers_intact(env)
+
+
+def test_binary_output_is_byte_identical(env: Env) -> None:
+    direct = env.direct(f"cat {env.work}/random.bin")
+    assert direct.returncode == 0 and len(direct.stdout) == 1_000_000
+    through = env.ssh("observer", f"cat {env.work}/random.bin")
+    assert through.returncode == 0, _err(through)
+    assert hashlib.sha256(through.stdout).hexdigest() == hashlib.sha256(direct.stdout).hexdigest()
+    # stdin is relayed byte for byte too
+    echoed = env.ssh("observer", "cat", input=direct.stdout[:300_000])
+    assert echoed.stdout == direct.stdout[:300_000]
+
+
+EVASIONS = [
+    "ls; rm {m}",
+    "ls && rm {m}",
+    "false || rm {m}",
+    "ls\nrm {m}",
+    "echo $(rm {m})",
+    "echo `rm {m}`",
+    "ls $(rm {m})",
+    "X=$(rm {m}) ls",
+    "(rm {m})",
+    "{{ rm {m}; }}",
+    "ls | rm {m}",
+    "cat <(rm {m})",
+    "bash -c 'rm {m}'",
+    'sh -c "rm {m}"',
+    "eval 'rm {m}'",
+    "echo {b64} | base64 -d | sh",
+    "base64 -d <<< {b64} | bash",
+    "find {w} -name marker -exec rm {{}} \\;",
+    "find {w} -name marker -delete",
+    "echo {m} | xargs rm",
+    "xargs rm < /dev/null",
+    "r\\m {m}",
+    "'rm' {m}",
+    "$'\\x72\\x6d' {m}",
+    "/bin/rm {m}",
+    "env rm {m}",
+    "nohup rm {m}",
+    "timeout 5 rm {m}",
+    "a=rm; $a {m}",
+    "cat {m} > {m}2",
+    "echo x >> {m}",
+    "cp /dev/null {m}",
+    "python3 -c 'import os; os.remove(\"{m}\")'",
+]
+
+
+@pytest.mark.parametrize("template", EVASIONS)
+def test_command_line_evasions_are_denied_and_the_target_is_unchanged(env: Env, template: str) -> None:
+    marker = f"{env.work}/marker"
+    b64 = base64.b64encode(f"rm {marker}".encode()).decode()
+    command = template.format(m=marker, w=env.work, b64=b64)
+    proc = env.ssh("observer", command)
+    _assert_denied(proc)
+    assert proc.stdout == b"", "nothing may run when part of a command line is denied"
+
+
+def test_evasions_left_every_marker_in_place(env: Env) -> None:
+    # runs after the parametrized evasions (file order): each of them was denied and changed nothing
+    _markers_intact(env)
+
+
+def test_unparsable_command_is_denied_with_the_parsers_reason(env: Env) -> None:
+    proc = env.ssh("admin", "echo 'unterminated")
+    err = _assert_denied(proc, "lictor:ssh-unparsable")
+    assert "cannot be analysed" in err
+
+
+def test_exit_signal_and_stderr_are_relayed(env: Env) -> None:
+    asyncssh = pytest.importorskip("asyncssh")
+
+    async def run() -> Any:
+        async with asyncssh.connect(
+            "127.0.0.1",
+            env.client.port,
+            username="agent",
+            password=env.tokens["admin"],
+            known_hosts=str(env.client.known_hosts),
+            client_keys=None,
+            agent_path=None,
+            config=None,
+        ) as conn:
+            killed = await conn.run("sh -c 'echo to-stderr >&2; kill -TERM $$'", encoding=None)
+            return killed
+
+    result = asyncio.run(run())
+    assert result.exit_signal is not None and result.exit_signal[0] == "TERM", result
+    assert result.stderr == b"to-stderr\n"
+
+
+def test_reason_from_environment_reaches_the_audit_log(env: Env) -> None:
+    proc = env.ssh("observer", "echo reasoned", "-o", "SetEnv=LICTOR_REASON=checking-the-deploy")
+    assert proc.returncode == 0, _err(proc)
+    listing = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+    assert "checking-the-deploy" in listing.stdout
+
+
+# -- authentication --------------------------------------------------------------------------------
+
+
+def test_bad_token_is_refused_with_a_reason(env: Env) -> None:
+    proc = env.client.ssh("not-a-jwt", "id")
+    assert proc.returncode == 255
+    assert b"lictor: authentication failed" in proc.stderr or b"Permission denied" in proc.stderr
+
+
+def test_registered_public_key_gets_its_identity(env: Env) -> None:
+    args = ["-i", str(env.user_key), "-o", "IdentitiesOnly=yes", "-o", "PreferredAuthentications=publickey"]
+    ok = env.client.ssh(None, "echo as-bob", *args, password=False, user="bob")
+    assert ok.returncode == 0, _err(ok)
+    assert ok.stdout == b"as-bob\n"
+    # key-bob is an operator: an approve rule applies to it, a shell would be allowed, rm is not
+    _assert_denied(env.client.ssh(None, f"rm {env.work}/marker", *args, password=False, user="bob"))
+    stranger = ssh_keygen(env.tmp / "stranger_key", "stranger")
+    refused = env.client.ssh(
+        None,
+        "id",
+        "-i",
+        str(stranger),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "PreferredAuthentications=publickey",
+        password=False,
+    )
+    assert refused.returncode == 255
+
+
+def test_user_certificate_principal_is_the_identity(env: Env) -> None:
+    args = [
+        "-i", str(env.cert_key), "-o", f"CertificateFile={env.cert_key}-cert.pub", "-o", "IdentitiesOnly=yes",
+        "-o", "PreferredAuthentications=publickey",
+    ]  # fmt: skip
+    ok = env.client.ssh(None, "echo certified", *args, password=False, user="cert-alice")
+    assert ok.returncode == 0, _err(ok)
+    assert ok.stdout == b"certified\n"
+    wrong_principal = env.client.ssh(None, "echo x", *args, password=False, user="mallory")
+    assert wrong_principal.returncode == 255
+
+
+def test_unknown_upstream_host_key_is_refused(env: Env) -> None:
+    proc = env.bad_client.ssh(env.tokens["observer"], "echo should-not-run")
+    assert proc.returncode == 255
+    assert proc.stdout == b""
+    assert b"host key does not match" in proc.stderr
+
+
+# -- forwarding -------------------------------------------------------------------------------------
+
+
+def test_port_forwarding_is_decided_by_rules(env: Env) -> None:
+    asyncssh = pytest.importorskip("asyncssh")
+
+    async def attempt(role: str) -> bytes | str:
+        async with asyncssh.connect(
+            "127.0.0.1",
+            env.client.port,
+            username="agent",
+            password=env.tokens[role],
+            known_hosts=str(env.client.known_hosts),
+            client_keys=None,
+            agent_path=None,
+            config=None,
+        ) as conn:
+            try:
+                reader, writer = await conn.open_connection("127.0.0.1", env.sshd.port)
+            except asyncssh.ChannelOpenError as exc:
+                return exc.reason
+            banner = await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            return bytes(banner)
+
+    assert asyncio.run(attempt("admin")).startswith(b"SSH-2.0-OpenSSH")
+    denied = asyncio.run(attempt("observer"))
+    assert isinstance(denied, str) and "lictor: denied port forwarding (local) to 127.0.0.1:" in denied
+
+
+# -- approvals -------------------------------------------------------------------------------------
+
+
+def test_approval_holds_the_command_until_an_approver_decides(env: Env) -> None:
+    target = env.work / "approved_file"
+    proc = subprocess.Popen(
+        env.client.ssh_argv(f"touch {target}"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env.client.env(env.tokens["operator"]),
+        start_new_session=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        match = re.search(r"waiting for approval (\S+?):", line)
+        assert match, line
+        assert env.direct(f"test -e {target}").returncode == 1, "nothing runs before the approval"
+        approve = lictor(
+            "approvals", "approve", match.group(1), "--url", env.approvals_url, "--token", env.tokens["approver"],
+            check=False,
+        )  # fmt: skip
+        assert approve.returncode == 0, approve.stdout + approve.stderr
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert env.direct(f"test -e {target}").returncode == 0
+
+
+def test_approval_that_expires_is_a_denial(env: Env) -> None:
+    target = env.work / "never_made"
+    started = time.monotonic()
+    proc = env.ssh("operator", f"mkdir {target}")
+    err = _assert_denied(proc, "op-mkdir")
+    assert "waiting for approval" in err and "expired" in err
+    assert time.monotonic() - started >= 1.5
+    assert env.direct(f"test -e {target}").returncode == 1
+
+
+# -- shells ----------------------------------------------------------------------------------------
+
+
+PROMPT = rb"\$ $"
+
+
+def test_line_mode_shell_checks_each_line_before_the_target_sees_it(env: Env) -> None:
+    shell = env.client.shell(env.tokens["operator"])
+    try:
+        shell.expect(PROMPT)
+        shell.send(b"echo first-line\r")
+        assert b"first-line\r\n" in shell.expect(PROMPT)
+        denied_file = env.work / "from_denied_line"
+        shell.send(f"echo ok; cat > {denied_file} </dev/null\r".encode())
+        out = shell.expect(rb"lictor: denied[^\n]*\n")
+        assert b"obs-no-writes" in out
+        shell.send(f"r\x7f\x7frm {env.work}/marker\r".encode())  # backspace editing, then a denied line
+        shell.expect(rb"lictor: denied `rm [^\n]*\n")
+        shell.send(b"echo still-usable\r")
+        assert b"still-usable" in shell.expect(rb"still-usable\r\n[^\n]*\$ $")
+        shell.send(b"sleep 30\r")
+        time.sleep(0.5)
+        shell.send(b"\x03")  # Ctrl-C interrupts the running command
+        shell.expect(PROMPT, timeout=10)
+        shell.resize(40, 100)
+        time.sleep(0.3)
+        shell.send(b"stty size\r")
+        assert b"40 100" in shell.expect(PROMPT)
+        shell.send(b"exit 3\r")
+        assert shell.wait(timeout=15) == 3
+    finally:
+        shell.close()
+    assert env.direct(f"test -e {denied_file}").returncode == 1, "a denied line must never reach the target"
+    _markers_intact(env)
+
+
+def test_observer_gets_no_shell(env: Env) -> None:
+    shell = env.client.shell(env.tokens["observer"])
+    try:
+        out = shell.expect(rb"lictor: denied[^\n]*\n")
+        assert b"shell" in out
+        assert shell.wait(timeout=15) == 126
+    finally:
+        shell.close()
+
+
+def test_script_piped_into_a_shell_stops_at_the_first_denied_line(env: Env) -> None:
+    created = env.work / "after_denial"
+    script = f"echo step-one\nrm {env.work}/marker\ntouch {created}\n".encode()
+    argv = env.client.ssh_argv(None, "-T")
+    run = subprocess.run(
+        argv, input=script, capture_output=True, env=env.client.env(env.tokens["operator"]), timeout=30,
+        start_new_session=True,
+    )  # fmt: skip
+    assert run.stdout == b"step-one\n", run
+    assert run.returncode == 126
+    assert b"lictor: denied `rm" in run.stderr
+    assert env.direct(f"test -e {created}").returncode == 1
+    _markers_intact(env)
+
+
+def test_raw_shell_for_trusted_roles(env: Env) -> None:
+    shell = env.client.shell(env.tokens["admin"])
+    try:
+        shell.expect(rb"[$#] $")
+        shell.send(b"printf 'raw-%s\\n' mode\r")
+        shell.expect(rb"raw-mode\r\n")
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+
+
+# -- sftp and scp ----------------------------------------------------------------------------------
+
+
+def test_sftp_put_get_ls_and_denied_paths(env: Env) -> None:
+    local = env.tmp / "upload.txt"
+    local.write_bytes(b"uploaded through sftp\n" * 100)
+    fetched = env.tmp / "fetched.txt"
+    secret = env.tmp / "secret_copy.txt"
+    outside = env.tmp / "outside.txt"
+    w = env.work
+    proc = env.client.sftp(
+        env.tokens["operator"],
+        f"put {local} {w}/uploaded.txt\nls -l {w}\nget {w}/uploaded.txt {fetched}\nget {w}/secret.txt {secret}\n"
+        f"get /etc/hostname {outside}\nrm {w}/marker2\n",
+    )
+    assert proc.returncode in (0, 1), _err(proc)
+    assert b"uploaded.txt" in proc.stdout
+    assert fetched.read_bytes() == local.read_bytes()
+    assert not secret.exists() and not outside.exists()
+    assert env.direct(f"cat {w}/uploaded.txt").stdout == local.read_bytes()
+    assert env.direct(f"test -e {w}/marker2").returncode == 1  # removing inside the work directory is allowed
+    assert env.direct(f"printf keep > {w}/marker2").returncode == 0
+
+
+def test_scp_over_sftp_and_legacy_scp(env: Env) -> None:
+    local = env.tmp / "scp_up.bin"
+    local.write_bytes(os.urandom(200_000))
+    w = env.work
+    up = env.client.scp(env.tokens["operator"], str(local), env.client.remote(f"{w}/scp_up.bin"))
+    assert up.returncode == 0, _err(up)
+    back = env.tmp / "scp_back.bin"
+    down = env.client.scp(env.tokens["operator"], env.client.remote(f"{w}/scp_up.bin"), str(back))
+    assert down.returncode == 0, _err(down)
+    assert back.read_bytes() == local.read_bytes()
+    legacy = env.client.scp(env.tokens["operator"], "-O", str(local), env.client.remote(f"{w}/legacy.bin"))
+    assert legacy.returncode == 0, _err(legacy)
+    assert (
+        env.direct(f"sha256sum < {w}/legacy.bin").stdout.split()[0].decode()
+        == hashlib.sha256(local.read_bytes()).hexdigest()
+    )
+    refused = env.client.scp(env.tokens["operator"], "-O", str(local), env.client.remote("/tmp/outside-work.bin"))
+    assert refused.returncode != 0
+    assert b"lictor: denied" in refused.stderr
+    observer = env.client.scp(env.tokens["observer"], str(local), env.client.remote(f"{w}/obs.bin"))
+    assert observer.returncode != 0
+    assert env.direct(f"test -e {w}/obs.bin").returncode == 1
+
+
+# -- masking and recording -------------------------------------------------------------------------
+
+
+def test_output_is_masked_by_detectors(env: Env) -> None:
+    plain = env.ssh("observer", f"cat {env.work}/card.txt")
+    assert CARD.encode() in plain.stdout
+    masked = env.ssh("masked", f"cat {env.work}/card.txt")
+    assert masked.returncode == 0, _err(masked)
+    assert CARD.encode() not in masked.stdout
+    assert masked.stdout.startswith(b"card ") and masked.stdout.endswith(b" end\n")
+    shell = env.client.shell(env.tokens["masked"])
+    try:
+        shell.expect(rb"lictor: denied[^\n]*\n")  # observers get no shell, masked or not
+    finally:
+        shell.close()
+
+
+def _session_events(env: Env, sub: str) -> list[dict[str, Any]]:
+    listing = lictor("sessions", "list", "--state-dir", str(env.gw.state_dir), "--sub", sub, "--json")
+    rows = json.loads(listing.stdout)
+    events: list[dict[str, Any]] = []
+    for row in rows:
+        sid = row.get("id") or row.get("session")
+        out = lictor("sessions", "export", sid, "--state-dir", str(env.gw.state_dir), "--format", "jsonl")
+        events.extend(json.loads(line) for line in out.stdout.splitlines() if line.strip())
+    return events
+
+
+def test_sessions_are_recorded_with_commands_decisions_and_output(env: Env) -> None:
+    token = env.gw.token("agent-recorded", role="operator")
+    assert env.client.ssh(token, "echo recorded-output").returncode == 0
+    assert env.client.ssh(token, f"rm {env.work}/marker").returncode == 126
+    shell = env.client.shell(token)
+    try:
+        shell.expect(PROMPT)
+        shell.send(b"echo in-the-shell\r")
+        shell.expect(PROMPT)
+        shell.send(b"exit\r")
+        shell.wait(timeout=15)
+    finally:
+        shell.close()
+    deadline = time.monotonic() + 10
+    while True:
+        events = _session_events(env, "agent-recorded")
+        kinds = [e.get("kind") for e in events]
+        texts = json.dumps(events)
+        if ("in-the-shell" in texts and "recorded-output" in texts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert "command" in kinds and "decision" in kinds and "output" in kinds and "input" in kinds, kinds
+    assert "recorded-output" in texts and "in-the-shell" in texts
+    assert f"rm {env.work}/marker" in texts
+    # the shell plays back as asciicast v2
+    listing = json.loads(
+        lictor("sessions", "list", "--state-dir", str(env.gw.state_dir), "--sub", "agent-recorded", "--json").stdout
+    )
+    casts = [
+        lictor("sessions", "export", r.get("id") or r.get("session"), "--state-dir", str(env.gw.state_dir),
+               "--format", "asciicast").stdout
+        for r in listing
+    ]  # fmt: skip
+    shell_cast = next(c for c in casts if "in-the-shell" in c)
+    header, *lines = shell_cast.splitlines()
+    assert json.loads(header)["version"] == 2
+    codes = {json.loads(line)[1] for line in lines}
+    assert {"o", "i"} <= codes
+
+
+def test_sftp_transfers_are_recorded_with_sizes_and_hashes(env: Env) -> None:
+    token = env.gw.token("agent-transfer", role="operator")
+    local = env.tmp / "hashed.bin"
+    payload = os.urandom(70_000)
+    local.write_bytes(payload)
+    proc = env.client.sftp(token, f"put {local} {env.work}/hashed.bin\n")
+    assert proc.returncode == 0, _err(proc)
+    deadline = time.monotonic() + 10
+    while True:
+        transfers = [e for e in _session_events(env, "agent-transfer") if e.get("kind") == "transfer"]
+        if transfers or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    data = transfers[0].get("data", transfers[0])
+    assert data["bytes"] == len(payload)
+    assert data["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert data["path"] == f"{env.work}/hashed.bin"
