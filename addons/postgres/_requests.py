@@ -33,6 +33,8 @@ def statement_attrs(st: Statement, database: str = "") -> dict[str, object]:
         "read_write_attempt": st.read_write_attempt,
         "settings": st.settings,
         "database": database,
+        "copy_target": st.copy_target,
+        "languages": st.languages,
     }
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lictor import Loader
 
 from .vocabulary import VOCABULARY
+
+if TYPE_CHECKING:
+    from lictor import Gateway
+
+    from ._listener import PostgresListener
 
 TARGET_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -20,9 +25,18 @@ TARGET_SCHEMA: dict[str, Any] = {
         "tls": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {"cert": {"type": "string"}, "key": {"type": "string"}},
+            "description": "TLS towards agents; without cert/key the gateway makes a CA and a certificate",
+            "properties": {
+                "enabled": {"type": "boolean", "description": "answer SSLRequest (default true)"},
+                "cert": {"type": "string"},
+                "key": {"type": "string"},
+            },
         },
-        "read_only_roles": {"type": "array", "items": {"type": "string"}},
+        "read_only_roles": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "roles whose sessions run with default_transaction_read_only=on at the database",
+        },
         "upstream": {
             "type": "object",
             "additionalProperties": False,
@@ -36,6 +50,7 @@ TARGET_SCHEMA: dict[str, Any] = {
                 "sslmode": {"enum": ["disable", "prefer", "require", "verify-ca", "verify-full"]},
                 "sslrootcert": {"type": "string"},
                 "pool_size": {"type": "integer", "minimum": 0},
+                "connect_timeout": {"type": "number", "exclusiveMinimum": 0},
             },
         },
     },
@@ -43,10 +58,33 @@ TARGET_SCHEMA: dict[str, Any] = {
 
 
 class PostgresAddon:
-    """Declares the ``postgres`` protocol; the listener module adds ``running``/``done``."""
+    """The ``postgres`` protocol: its rule vocabulary, its target schema and its listeners."""
 
     name = "postgres"
+
+    def __init__(self) -> None:
+        self.listener: PostgresListener | None = None
 
     def load(self, loader: Loader) -> None:
         loader.add_vocabulary(VOCABULARY)
         loader.add_target_schema("postgres", TARGET_SCHEMA)
+
+    def configure(self, gateway: Gateway) -> None:
+        """Check the postgres targets (listen addresses, upstreams) and prepare TLS; raise to refuse."""
+        targets = gateway.config.targets_for("postgres")
+        if not targets:
+            self.listener = None
+            return
+        from ._listener import PostgresListener
+
+        listener = PostgresListener(gateway)
+        listener.configure(targets)
+        self.listener = listener
+
+    async def running(self, gateway: Gateway) -> None:
+        if self.listener is not None:
+            await self.listener.start()
+
+    async def done(self, gateway: Gateway) -> None:
+        if self.listener is not None:
+            await self.listener.stop()

@@ -81,6 +81,19 @@ STATEMENT_KINDS = (
     "reassign_owned",
     "drop_owned",
     "import_foreign_schema",
+    "create_sequence",
+    "create_database",
+    "create_matview",
+    "create_foreign_table",
+    "create_event_trigger",
+    "create_publication",
+    "create_subscription",
+    "alter_default_privileges",
+    "set_constraints",
+    "prepare_transaction",
+    "commit_prepared",
+    "rollback_prepared",
+    "return",
     "function_call",
     "empty",
     "unknown",
@@ -109,6 +122,16 @@ VOCABULARY_FIELDS = (
     ),
     Glob("settings", description="names of settings changed by SET/RESET"),
     Glob("databases", attr="database", description="the database the agent connected to"),
+    Enum(
+        "copy",
+        attr="copy_target",
+        values=("stdin", "stdout", "file", "program"),
+        description="where COPY reads or writes: the client (stdin/stdout), a server file or a server program",
+    ),
+    Glob(
+        "languages",
+        description="languages of DO blocks and function bodies involved (plpgsql, sql, plpython3u, c, ...)",
+    ),
 )
 
 

@@ -1,0 +1,129 @@
+"""One side of a proxied connection as an asyncio protocol.
+
+During the handshake (startup, TLS, authentication) a coroutine reads from the pipe with ``await
+pipe.read()``. Once the session is established the pipe switches to callbacks: every received chunk goes
+straight to ``on_data`` (no task switch, no queue), which is what keeps the relay cheap.
+
+Flow control: when this side's transport buffers too much outgoing data (the peer reads slower than we
+write), asyncio calls ``pause_writing``; the pipe then pauses reading on the *other* side until
+``resume_writing``. Several reasons may pause reading at once (back-pressure, an approval hold), so
+pausing is counted by reason.
+"""
+
+import asyncio
+from collections.abc import Callable
+
+__all__ = ["Pipe", "PipeClosed"]
+
+
+class PipeClosed(ConnectionError):
+    """The peer closed the connection (or it broke) while the handshake was reading from it."""
+
+
+class Pipe(asyncio.Protocol):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.on_data: Callable[[bytes], None] | None = None
+        self.on_close: Callable[[Exception | None], None] | None = None
+        self.peer: Pipe | None = None
+        self.closed = False
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._pause_reasons: set[str] = set()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        handler = self.on_data
+        if handler is not None:
+            handler(data)
+            return
+        self._buf += data
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._wake()
+        callback = self.on_close
+        if callback is not None:
+            callback(exc)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading("backpressure")
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.resume_reading("backpressure")
+
+    # -- reading during the handshake ---------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        """Wait for data; return everything buffered. Raises PipeClosed at end of stream."""
+        while not self._buf:
+            if self.closed:
+                raise PipeClosed(f"{self.name} closed the connection")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def take_buffered(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    # -- writing and flow control -------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.write(data)
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._pause_reasons and self.transport is not None and not self.closed:
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
+        self._pause_reasons.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and self.transport is not None and not self.closed:
+            try:
+                self.transport.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def set_transport(self, transport: asyncio.Transport) -> None:
+        """After ``loop.start_tls`` the protocol is driven by the new (TLS) transport."""
+        self.transport = transport

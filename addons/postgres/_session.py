@@ -1,0 +1,1569 @@
+"""The relay engine of one agent connection, after login: inspect, decide, forward, mask, record.
+
+Theory of operation
+===================
+
+Both directions are driven by callbacks (``Pipe.on_data``): the agent's bytes are split into messages by the
+codec's :class:`FrontendReader` without decoding (``feed_block``), and only the messages that carry SQL
+(Query, Parse), name statements or portals (Bind, Execute, Describe, Close) or need a decision of their own
+(FunctionCall) are looked at. Everything the gateway forwards for one received chunk is written to the target
+in one write, so a pipeline of Parse/Bind/Execute/Sync costs one system call.
+
+Decisions. A Query is classified (``_classify``, cached per text) and every statement is decided with
+``Session.decide_now`` (audited); the combined decision (deny > approve > allow) applies to the whole
+message. A Parse is decided once when it arrives and the decision is kept with the prepared statement; Bind
+and Execute use it (it is re-decided when the policy version changes and at least every
+``REDECIDE_SECONDS``, so an expired elevation does not outlive its time). SQL-level ``PREPARE`` stores the
+classification of the statement it prepares (the classifier folds the inner statement in); ``EXECUTE name``
+is decided as the stored statement, and ``EXECUTE`` of a name the gateway did not see prepared is denied.
+``DECLARE`` stores the cursor's decision, so ``FETCH`` results are masked like the query behind the cursor.
+
+Responses are matched to requests. Every forwarded message that the server answers pushes an expectation
+on ``_expect`` (ParseComplete for a Parse, rows and a CommandComplete for an Execute, ReadyForQuery for a
+Sync...). Walking the server's messages against that queue is what lets the gateway know which result a
+DataRow belongs to (masking), when a statement finished (recording), and where the server stopped skipping
+after an error. DataRows that need no masking are never decoded: the walk jumps over runs of them with one
+regular-expression search over the block's type bytes, and the block is forwarded as received.
+
+Denials keep client and server in step. The gateway does not answer a denied message itself: it sends the
+target, in place of the denied message, a statement that cannot parse (``LICTOR_DENIED_<random>``), and
+replaces the server's syntax error with its own 42501 ErrorResponse. So the server goes through exactly the
+error path the agent believes happened: in the extended protocol it skips to the next Sync (the gateway
+also drops the agent's messages up to that Sync, none of them reach the server) and the pipeline's implicit
+transaction rolls back; inside a transaction block the transaction is aborted, and the ReadyForQuery status
+the agent gets ('E') is the server's own. Nothing of a batch after a denied message is ever forwarded.
+
+Parser-sensitive text. The classifier reads SQL with ``standard_conforming_strings=on`` and UTF-8, as the
+gateway sets them at login. A statement run earlier could change them (``set_config``, a function), and a
+text with a backslash or a non-ASCII character could then be read differently by the server. So such a
+text is forwarded only when every earlier statement has finished and its ReadyForQuery has been seen (the
+server reports changed settings just before it); a ParameterStatus that shows either setting changed, or
+``default_transaction_read_only`` turned off in a read-only session, ends the connection.
+"""
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lictor import Decision, Request, combine
+
+from . import _protocol as pg
+from ._pipe import Pipe
+
+if TYPE_CHECKING:
+    from lictor import Session, Target
+
+    from ._listener import PostgresListener
+
+__all__ = ["Relay"]
+
+log = logging.getLogger("lictor.postgres")
+
+REDECIDE_SECONDS = 30.0
+MAX_PREPARED = 10_000  # prepared statements / cursors tracked per connection
+RECORD_SQL_LIMIT = 8192
+RECORD_PARAM_LIMIT = 256
+
+# Frontend message types.
+_F_QUERY, _F_PARSE, _F_BIND, _F_DESCRIBE, _F_EXECUTE = b"QPBDE"
+_F_SYNC, _F_FLUSH, _F_CLOSE, _F_FCALL, _F_TERMINATE = b"SHCFX"
+_F_COPYDATA, _F_COPYDONE, _F_COPYFAIL = b"dcf"
+# Backend message types.
+_B_ROWDESC, _B_DATAROW, _B_COMPLETE, _B_READY, _B_ERROR, _B_NOTICE = b"TDCZEN"
+_B_NOTIFY, _B_PARAM, _B_PARSEOK, _B_BINDOK, _B_CLOSEOK, _B_NODATA = b"AS123n"
+_B_PARAMDESC, _B_SUSPENDED, _B_EMPTY, _B_COPYIN, _B_COPYOUT, _B_COPYBOTH = b"tsIGHW"
+_B_COPYDATA, _B_COPYDONE, _B_FCRESULT = b"dcV"
+
+_NOT_DATAROW = re.compile(rb"[^D]")
+
+# Expectation kinds: what the server owes for a message the gateway forwarded.
+_K_PARSE, _K_BIND, _K_DESC_S, _K_DESC_P, _K_EXEC, _K_CLOSE = range(6)
+_K_SYNC, _K_QUERY, _K_FCALL, _K_DENY_P, _K_DENY_Q, _K_ABORT = range(6, 12)
+_Z_KINDS = frozenset({_K_SYNC, _K_QUERY, _K_FCALL, _K_DENY_Q, _K_ABORT})
+
+# Types whose binary representation is the text itself (text, varchar, bpchar, name, char, unknown, json,
+# xml, citext is an extension and has no fixed oid). jsonb's binary form is a version byte then the text.
+_TEXT_LIKE = frozenset({25, 1043, 1042, 19, 18, 705, 114, 142})
+_JSONB = 3802
+
+_REASON = re.compile(r"/\*\s*reason\s*:\s*(.*?)\s*\*/|--\s*reason\s*:\s*([^\r\n]*)", re.IGNORECASE | re.DOTALL)
+
+# Kinds after which the gateway reads names from the parse tree (prepared statements and cursors).
+_NAMING_KINDS = frozenset({"prepare", "execute", "deallocate", "declare_cursor", "fetch", "close_cursor", "discard"})
+
+
+def reason_of(sql: str) -> str | None:
+    """The agent's reason, from a ``/* reason: ... */`` (or ``-- reason: ...``) comment."""
+    if "reason" not in sql and "REASON" not in sql and "Reason" not in sql:
+        return None
+    m = _REASON.search(sql)
+    if m is None:
+        return None
+    text = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+    return text[:500] or None
+
+
+def _cstring_at(raw: bytes, pos: int) -> tuple[str, int]:
+    end = raw.index(b"\0", pos)
+    return raw[pos:end].decode("utf-8"), end + 1
+
+
+def _lexer_sensitive(raw: bytes) -> bool:
+    """A text whose reading depends on standard_conforming_strings or the client encoding."""
+    return b"\\" in raw or not raw.isascii()
+
+
+@dataclass(eq=False)
+class Classified:
+    """A SQL text as the gateway understands it: one request per statement, plus naming side effects."""
+
+    requests: tuple[Request, ...]
+    kinds: frozenset[str]
+    prepares: tuple[tuple[str, Request], ...] = ()  # PREPARE name -> its request
+    executes: tuple[str, ...] = ()  # names run by EXECUTE (also inside EXPLAIN / CREATE TABLE AS)
+    deallocates: tuple[str | None, ...] = ()  # None: DEALLOCATE ALL
+    cursors: tuple[str, ...] = ()  # DECLARE name
+    fetches: tuple[str, ...] = ()  # FETCH / MOVE name
+    closes: tuple[str | None, ...] = ()  # CLOSE name; None: CLOSE ALL
+    discard_all: bool = False
+    copy_to: bool = False
+    copy_from: bool = False
+    statements: int = 1
+
+
+@dataclass(eq=False)
+class Prepared:
+    """A prepared statement known to the gateway (protocol Parse or SQL PREPARE)."""
+
+    name: str
+    text: str
+    classified: Classified
+    decision: Decision
+    decided_at: float
+    plan: Any
+    fields: tuple[pg.FieldDescription, ...] | None = None
+
+
+@dataclass(eq=False)
+class Portal:
+    name: str
+    stmt: Prepared
+    bind_raw: bytes
+    formats: tuple[int, ...]
+    fields: tuple[pg.FieldDescription, ...] | None = None
+    describe_pending: bool = False
+
+
+class RowMasker:
+    """Masks DataRows of one result: text values and binary values of text-like types."""
+
+    __slots__ = ("counts", "jsonb", "masker", "targets")
+
+    def __init__(self, masker: Any, fields: Sequence[pg.FieldDescription], formats: Sequence[int] | None) -> None:
+        self.masker = masker
+        self.counts: Counter[str] = masker.counts
+        targets: list[int] = []
+        jsonb: set[int] = set()
+        for i, f in enumerate(fields):
+            if masker.action(i) == "pass":
+                continue
+            fmt = formats[i] if formats is not None else f.format
+            if fmt == 1:
+                if f.type_oid == _JSONB:
+                    jsonb.add(i)
+                elif f.type_oid not in _TEXT_LIKE:
+                    raise _BinaryRefused(f.name, f.type_oid)
+            targets.append(i)
+        self.targets = tuple(targets)
+        self.jsonb = frozenset(jsonb)
+
+    def mask(self, raw: bytes) -> bytes:
+        values = pg.decode_datarow(raw)
+        mask_value = self.masker.mask_value
+        changed = False
+        for i in self.targets:
+            value = values[i]
+            if value is None:
+                continue
+            if i in self.jsonb and value[:1] == b"\x01":
+                new = b"\x01" + mask_value(i, value[1:])
+            else:
+                new = mask_value(i, value)
+            if new != value:
+                values[i] = new
+                changed = True
+        return pg.encode_datarow(values) if changed else raw
+
+
+class _BinaryRefused(Exception):
+    def __init__(self, column: str, type_oid: int) -> None:
+        super().__init__(column)
+        self.column = column
+        self.type_oid = type_oid
+
+
+def result_formats(bind_formats: Sequence[int], count: int) -> tuple[int, ...] | None:
+    """Per-column formats of a Bind's result format codes (None: unknown count)."""
+    if not bind_formats:
+        return (0,) * count
+    if len(bind_formats) == 1:
+        return (bind_formats[0],) * count
+    if len(bind_formats) == count:
+        return tuple(bind_formats)
+    return None
+
+
+class Execution:
+    """One statement execution, for recording (and masking its rows)."""
+
+    __slots__ = (
+        "copy_masking",
+        "decision",
+        "error",
+        "masker_done",
+        "params",
+        "plan",
+        "portal",
+        "rows",
+        "sql",
+        "stmt_name",
+        "t0",
+    )
+
+    def __init__(self, sql: str, decision: Decision, plan: Any, stmt_name: str | None = None) -> None:
+        self.sql = sql
+        self.decision = decision
+        self.plan = plan
+        self.stmt_name = stmt_name
+        self.t0 = time.perf_counter()
+        self.rows = 0
+        self.params: bytes | None = None
+        self.portal: Portal | None = None
+        self.error: str | None = None
+        self.copy_masking = False
+        self.masker_done = False
+
+
+class _QueryRun:
+    """A simple Query in flight: its statements, and which one the server is answering."""
+
+    __slots__ = ("decision", "index", "plan", "t0", "texts")
+
+    def __init__(self, texts: list[str], decision: Decision, plan: Any) -> None:
+        self.texts = texts
+        self.decision = decision
+        self.plan = plan
+        self.index = 0
+        self.t0 = time.perf_counter()
+
+
+class _Expect:
+    __slots__ = ("data", "kind", "run")
+
+    def __init__(self, kind: int, data: Any = None, run: Any = None) -> None:
+        self.kind = kind
+        self.data = data
+        self.run = run
+
+
+@dataclass
+class Stats:
+    statements: int = 0
+    denied: int = 0
+    rows: int = 0
+    masked: Counter[str] = field(default_factory=Counter)
+
+
+Handler = Callable[[bytes], "bytes | Coroutine[Any, Any, bytes | None] | None"]
+
+
+class Relay:
+    """Drives one established agent connection; see the module docstring."""
+
+    def __init__(
+        self,
+        listener: "PostgresListener",
+        target: "Target",
+        session: "Session",
+        agent: Pipe,
+        upstream: Pipe,
+        *,
+        reader: pg.FrontendReader,
+        database: str,
+        read_only: bool,
+        status: str,
+        on_done: Callable[["Relay"], None],
+    ) -> None:
+        self.listener = listener
+        self.target = target
+        self.session = session
+        self.agent = agent
+        self.upstream = upstream
+        self.database = database
+        self.read_only = read_only
+        self.status = status
+        self._on_done = on_done
+        self._fe = reader
+        self._be = pg.BackendReader()
+        self._expect: deque[_Expect] = deque()
+        self._up: list[bytes] = []
+        self._pending: deque[tuple[bytes, list[int], bytes, int]] = deque()
+        self._holding = False
+        self._discard = False  # dropping the agent's messages until Sync, after a denial
+        self._be_skip = False  # the server is skipping messages until Sync, after an error
+        self._segment_execs = 0  # Executes forwarded since the last forwarded Sync
+        self._pending_z = 0  # ReadyForQuery messages the server still owes
+        self._clean_waiters: list[asyncio.Future[None]] = []
+        self._rows: RowMasker | None = None
+        self._exec_pending_masker = False  # an Execute with a mask plan is queued: build its masker lazily
+        self._copy_plan: Any = None
+        self._drop_segment = False  # swallowing the rest of a poisoned result, up to ReadyForQuery
+        self._poison_error: bytes | None = None
+        self._prepared: dict[str, Prepared] = {}
+        self._portals: dict[str, Portal] = {}
+        self._cursors: dict[str, Decision] = {}
+        self._token = "LICTOR_DENIED_" + secrets.token_hex(8)
+        self._deny_query = pg.query(f"/* lictor: statement denied */ {self._token}")
+        self._deny_parse = pg.parse(f"lictor_denied_{secrets.token_hex(8)}", self._token)
+        self.stats = Stats()
+        self.closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._handlers: dict[int, Handler] = {
+            _F_QUERY: self._on_query,
+            _F_PARSE: self._on_parse,
+            _F_BIND: self._on_bind,
+            _F_EXECUTE: self._on_execute,
+            _F_DESCRIBE: self._on_describe,
+            _F_CLOSE: self._on_close,
+            _F_SYNC: self._on_sync,
+            _F_FCALL: self._on_function_call,
+            _F_TERMINATE: self._on_terminate,
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self, agent_leftover: bytes, upstream_leftover: bytes) -> None:
+        self.agent.peer = self.upstream
+        self.upstream.peer = self.agent
+        self.agent.on_close = lambda exc: self.shutdown("agent closed the connection")
+        self.upstream.on_close = lambda exc: self.shutdown("target closed the connection")
+        self.agent.on_data = self._on_agent
+        self.upstream.on_data = self._on_upstream
+        if upstream_leftover:
+            self._on_upstream(upstream_leftover)
+        if agent_leftover:
+            self._on_agent(agent_leftover)
+        if self.agent.closed:
+            self.shutdown("agent closed the connection")
+        elif self.upstream.closed:
+            self.shutdown("target closed the connection")
+
+    def shutdown(self, why: str, fatal: bytes | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if fatal is not None:
+            self.agent.write(fatal)
+        self.agent.on_data = None
+        self.upstream.on_data = None
+        self.upstream.close()
+        self.agent.close()
+        for waiter in self._clean_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionError(why))
+        self._clean_waiters.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        log.debug("session %s ended: %s", self.session.id, why)
+        self._on_done(self)
+
+    def _fatal(self, sqlstate: str, message: str) -> bytes:
+        return pg.error_response("FATAL", sqlstate, message)
+
+    def _protocol_violation(self, what: str) -> None:
+        self.shutdown(f"protocol violation: {what}", self._fatal("08P01", f"lictor: protocol violation: {what}"))
+
+    # -- frontend --------------------------------------------------------------------------------------
+
+    def _on_agent(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            block = self._fe.feed_block(data)
+        except pg.ProtocolError as exc:
+            self._protocol_violation(str(exc))
+            return
+        if not block:
+            return
+        if self._holding or self._pending:
+            self._pending.append((block.data, block.offsets, block.types, 0))
+            self._pump()
+            return
+        self._run_frontend(block.data, block.offsets, block.types, 0)
+        self._flush_up()
+
+    def _pump(self) -> None:
+        while self._pending and not self._holding and not self.closed:
+            data, offsets, types, index = self._pending.popleft()
+            self._run_frontend(data, offsets, types, index)
+        self._flush_up()
+
+    def _flush_up(self) -> None:
+        up = self._up
+        if up:
+            self.upstream.write(up[0] if len(up) == 1 else b"".join(up))
+            up.clear()
+
+    def _run_frontend(self, data: bytes, offsets: list[int], types: bytes, index: int) -> None:
+        """Handle messages ``index``.. of a block; forwarded runs are appended to ``_up`` as slices."""
+        n = len(offsets)
+        size = len(data)
+        up = self._up
+        handlers = self._handlers
+        fwd = offsets[index] if index < n else size
+        i = index
+        try:
+            while i < n:
+                start = offsets[i]
+                end = offsets[i + 1] if i + 1 < n else size
+                t = types[i]
+                if self._discard:
+                    if fwd < start:
+                        up.append(data[fwd:start])
+                    fwd = end
+                    if t == _F_SYNC:
+                        self._discard = False
+                        up.append(data[start:end])
+                        self._push_sync()
+                    elif t == _F_TERMINATE:
+                        up.append(data[start:end])
+                        self._on_terminate(data[start:end])
+                    i += 1
+                    continue
+                handler = handlers.get(t)
+                if handler is None:  # Flush, CopyData, CopyDone, CopyFail: forwarded as they are
+                    i += 1
+                    continue
+                result = handler(data[start:end])
+                if result is None:
+                    i += 1
+                    continue
+                if fwd < start:
+                    up.append(data[fwd:start])
+                fwd = end
+                if isinstance(result, bytes):
+                    if result:
+                        up.append(result)
+                    i += 1
+                    continue
+                # The handler needs to wait (approval, an earlier statement to finish): hold the rest.
+                if i + 1 < n:
+                    self._pending.appendleft((data, offsets, types, i + 1))
+                self._hold(result)
+                return
+        except pg.ProtocolError as exc:
+            self._protocol_violation(str(exc))
+            return
+        except UnicodeDecodeError:
+            self._protocol_violation("text is not valid UTF-8")
+            return
+        except Exception:
+            log.exception("internal error in the PostgreSQL relay; closing the connection (fail closed)")
+            self.shutdown(
+                "internal error",
+                self._fatal("XX000", "lictor: internal error in the gateway; the connection is closed (fail closed)"),
+            )
+            return
+        if fwd < size:
+            up.append(data[fwd:] if fwd else data)
+
+    def _hold(self, coro: Coroutine[Any, Any, bytes | None]) -> None:
+        self._holding = True
+        self._flush_up()
+        self.agent.pause_reading("hold")
+        task = asyncio.ensure_future(self._held(coro))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _held(self, coro: Coroutine[Any, Any, bytes | None]) -> None:
+        try:
+            result = await coro
+        except asyncio.CancelledError:
+            raise
+        except ConnectionError:
+            return
+        except Exception:
+            log.exception("internal error while holding a statement; closing the connection (fail closed)")
+            self.shutdown(
+                "internal error",
+                self._fatal("XX000", "lictor: internal error in the gateway; the connection is closed (fail closed)"),
+            )
+            return
+        if self.closed:
+            return
+        if result:
+            self._up.append(result)
+        self._holding = False
+        self.agent.resume_reading("hold")
+        self._pump()
+
+    # -- expectations ----------------------------------------------------------------------------------
+
+    def _push(self, kind: int, data: Any = None, run: Any = None) -> None:
+        if kind == _K_EXEC and run.plan is not None:
+            self._exec_pending_masker = True
+        if self._be_skip:
+            # The server is skipping everything up to the next Sync: it will not answer this.
+            if kind == _K_EXEC and isinstance(run, Execution):
+                run.error = "skipped"
+                self._record_exec(run)
+            return
+        self._expect.append(_Expect(kind, data, run))
+
+    def _push_sync(self) -> None:
+        self._be_skip = False
+        self._segment_execs = 0
+        self._pending_z += 1
+        self._expect.append(_Expect(_K_SYNC))
+
+    def _push_z(self, kind: int, data: Any = None, run: Any = None) -> None:
+        self._pending_z += 1
+        self._expect.append(_Expect(kind, data, run))
+
+    def _is_clean(self) -> bool:
+        return self._pending_z == 0 and self._segment_execs == 0 and not self._expect
+
+    async def _wait_clean(self) -> None:
+        while not (self._pending_z == 0 and not self._expect):
+            waiter = asyncio.get_running_loop().create_future()
+            self._clean_waiters.append(waiter)
+            self._flush_up()
+            await waiter
+
+    # -- classification and decisions ------------------------------------------------------------------
+
+    def _classify(self, sql: str) -> Classified:
+        return self.listener.classify(self.target.name, self.database, sql)
+
+    def _decide(self, classified: Classified, extra: Sequence[Decision] = ()) -> tuple[Decision, list[Decision]]:
+        decide_now = self.session.decide_now
+        decisions = [decide_now(r) for r in classified.requests]
+        # EXECUTE / FETCH are decided as the statement they run.
+        for name in classified.executes:
+            stmt = self._prepared.get(name)
+            if stmt is None:
+                decisions.append(
+                    Decision.deny(
+                        f"prepared statement {name!r} was not prepared through the gateway, so its statement "
+                        "is unknown; prepare it again in this connection",
+                        "lictor:unknown-prepared-statement",
+                        self.session.policy.version,
+                    )
+                )
+            else:
+                decisions.append(self._stmt_decision(stmt))
+        for name in classified.fetches:
+            cursor = self._cursors.get(name)
+            if cursor is None:
+                decisions.append(
+                    Decision.deny(
+                        f"cursor {name!r} was not declared through the gateway, so its query is unknown; "
+                        "declare it with DECLARE in this connection",
+                        "lictor:unknown-cursor",
+                        self.session.policy.version,
+                    )
+                )
+            else:
+                decisions.append(cursor)
+        decisions.extend(extra)
+        final = decisions[0] if len(decisions) == 1 else combine(decisions)
+        return final, decisions
+
+    def _stmt_decision(self, stmt: Prepared) -> Decision:
+        now = time.monotonic()
+        decision = stmt.decision
+        if decision.policy_version != self.session.policy.version or now - stmt.decided_at > REDECIDE_SECONDS:
+            decision, _ = self._decide(stmt.classified)
+            if decision.action == "approve" and stmt.decision.action == "allow" and stmt.decision.approval_id:
+                # Approved once for this connection's statement: the approval stands for its executions.
+                decision = stmt.decision
+            stmt.decision = decision
+            stmt.decided_at = now
+            stmt.plan = self.session.mask_plan(decision) if decision.action != "deny" else None
+        return decision
+
+    async def _approve(self, classified: Classified, decision: Decision, decisions: list[Decision]) -> Decision:
+        """Hold an ``approve`` decision for a human, statement by statement; deny wins."""
+
+        async def notify(approval_id: str, message: str) -> None:
+            self.agent.write(
+                pg.notice_response(
+                    "NOTICE",
+                    "01000",
+                    f"lictor: waiting for approval {approval_id}: {message}",
+                    hint="The statement runs as soon as an approver allows it; cancel the query to give up.",
+                )
+            )
+
+        finals: list[Decision] = []
+        for request, d in zip(classified.requests, decisions, strict=False):
+            if d.action == "approve":
+                finals.append(await self.session.decide(request, notify))
+            else:
+                finals.append(d)
+        finals.extend(d for d in decisions[len(classified.requests) :] if d.action != "approve")
+        if any(d.action == "approve" for d in decisions[len(classified.requests) :]):
+            finals.append(
+                Decision.deny(
+                    "a prepared statement or cursor behind this statement needs approval; execute it directly",
+                    decision.rule_ids[0],
+                    decision.policy_version,
+                )
+            )
+        final = combine(finals)
+        if final.action == "approve":  # defensive: a broker must resolve to allow or deny
+            return Decision.deny("approval did not resolve", final.rule_ids[0], final.policy_version)
+        return final
+
+    # -- denials ---------------------------------------------------------------------------------------
+
+    def _denial_error(
+        self, classified: Classified | None, decisions: Sequence[Decision], final: Decision, what: str = "statement"
+    ) -> bytes:
+        denied = [d for d in decisions if d.action == "deny"] or [final]
+        first = denied[0]
+        if classified is not None:
+            for request, d in zip(classified.requests, decisions, strict=False):
+                if d.action == "deny":
+                    what = request.summary or request.action
+                    break
+            else:
+                if classified.requests:
+                    what = classified.requests[0].summary or classified.requests[0].action
+        rules = ", ".join(first.rule_ids) or "none"
+        detail = f"Denied by rule {rules} (policy version {first.policy_version or 'none'})."
+        if first.approval_id:
+            detail += f" Approval {first.approval_id}."
+        if first.rule_ids and first.rule_ids[0] == "lictor:default-deny":
+            hint = (
+                "No rule allows this for your roles. Run only what your role allows, or ask your security team "
+                "for a rule (or an approval rule) that covers it."
+            )
+        elif first.approval_id or "approval" in first.message:
+            hint = "An approver must allow this statement; retry once it is approved, or ask an approver."
+        else:
+            hint = "This statement is blocked by policy. Rewrite it within your permissions, or ask your security team."
+        if len(decisions) > 1:
+            hint += " A message with several statements is denied as a whole."
+        reason = first.message or "denied"
+        if first.rule_ids and first.rule_ids[0] == "lictor:default-deny":
+            roles = ", ".join(self.session.roles(self.session.policy)) or "none"
+            reason = f"no rule allows it for your roles ({roles})"
+        message = f"lictor: {what} — {reason}"
+        return pg.error_response("ERROR", "42501", message[:4000], detail, hint)
+
+    def _deny_simple(self, error: bytes) -> bytes:
+        """Send the target a failing statement in place of the denied Query or FunctionCall."""
+        self.stats.denied += 1
+        self._push_z(_K_DENY_Q, error)
+        return self._deny_query
+
+    def _deny_extended(self, error: bytes) -> bytes:
+        """Fail the target's pipeline like the denied message would have, then drop until Sync."""
+        self.stats.denied += 1
+        self._discard = True
+        self._push(_K_DENY_P, error)
+        return self._deny_parse
+
+    def _record_denial(self, sql: str, decision: Decision, kind: str = "statement") -> None:
+        self.session.record(
+            kind,
+            {
+                "sql": sql[:RECORD_SQL_LIMIT],
+                "decision": decision.action,
+                "rules": list(decision.rule_ids),
+                "message": decision.message,
+                "policy": decision.policy_version,
+            },
+        )
+
+    # -- Query -----------------------------------------------------------------------------------------
+
+    def _on_query(self, raw: bytes) -> bytes | Coroutine[Any, Any, bytes | None] | None:
+        if raw[-1] != 0:
+            raise pg.ProtocolError("malformed Query message")
+        sql = raw[5:-1].decode("utf-8")
+        if "\0" in sql:
+            raise pg.ProtocolError("malformed Query message: NUL inside the text")
+        if _lexer_sensitive(raw) and not self._is_clean():
+            if self._segment_execs:
+                return self._refuse_sensitive_query(sql)
+            return self._query_when_clean(raw, sql)
+        return self._query(raw, sql)
+
+    def _refuse_sensitive_query(self, sql: str) -> bytes:
+        decision = Decision.deny(
+            "a statement with a backslash or a non-ASCII character cannot follow unsynchronized statements "
+            "in a pipeline (the gateway must see the server's settings first); send Sync before it",
+            "lictor:pipeline-sensitive-text",
+            self.session.policy.version,
+        )
+        self._record_denial(sql, decision)
+        return self._deny_simple(self._denial_error(None, [decision], decision, _short(sql)))
+
+    async def _query_when_clean(self, raw: bytes, sql: str) -> bytes | None:
+        await self._wait_clean()
+        result = self._query(raw, sql)
+        if isinstance(result, Coroutine):
+            return await result
+        return raw if result is None else result
+
+    def _query(self, raw: bytes, sql: str) -> bytes | Coroutine[Any, Any, bytes | None] | None:
+        classified = self._classify(sql)
+        decision, decisions = self._decide(classified)
+        action = decision.action
+        if action == "allow":
+            return self._allow_query(raw, sql, classified, decision)
+        if action == "approve":
+            return self._query_after_approval(raw, sql, classified, decision, decisions)
+        self._record_denial(sql, decision)
+        return self._deny_simple(self._denial_error(classified, decisions, decision))
+
+    async def _query_after_approval(
+        self, raw: bytes, sql: str, classified: Classified, decision: Decision, decisions: list[Decision]
+    ) -> bytes | None:
+        final = await self._approve(classified, decision, decisions)
+        if self.closed:
+            return None
+        if final.action == "allow":
+            result = self._allow_query(raw, sql, classified, final)
+            return raw if result is None else result
+        self._record_denial(sql, final)
+        return self._deny_simple(self._denial_error(classified, [final], final))
+
+    def _allow_query(self, raw: bytes, sql: str, classified: Classified, decision: Decision) -> bytes | None:
+        plan = self.session.mask_plan(decision)
+        if plan.is_empty:
+            plan = None
+        elif classified.copy_to and plan.has_columns:
+            denial = Decision.deny(
+                "COPY ... TO is not available when column masking applies to your results; use SELECT, "
+                "whose columns the gateway can mask",
+                decision.mask_rule_ids[0] if decision.mask_rule_ids else "lictor:copy-masking",
+                decision.policy_version,
+            )
+            self._record_denial(sql, denial)
+            return self._deny_simple(self._denial_error(classified, [denial], denial))
+        self._apply_names(classified, decision)
+        if classified.statements == 1:
+            texts = [sql]
+        else:
+            texts = [r.payload for r in classified.requests]
+        self.stats.statements += len(texts)
+        self._push_z(_K_QUERY, None, _QueryRun(texts, decision, plan))
+        return None
+
+    def _apply_names(self, classified: Classified, decision: Decision) -> None:
+        """Track prepared statements and cursors the statement creates or removes (optimistically)."""
+        if classified.discard_all:
+            self._prepared.clear()
+            self._cursors.clear()
+        for name in classified.deallocates:
+            if name is None:
+                self._prepared.clear()
+            else:
+                self._prepared.pop(name, None)
+        for name, request in classified.prepares:
+            inner = Classified(requests=(request,), kinds=frozenset(request.attrs.get("kinds") or ()))
+            d = self.session.decide_now(request) if len(classified.requests) > 1 else decision
+            self._remember(Prepared(name, request.payload, inner, d, time.monotonic(), self.session.mask_plan(d)))
+        for name in classified.closes:
+            if name is None:
+                self._cursors.clear()
+            else:
+                self._cursors.pop(name, None)
+        for name in classified.cursors:
+            if len(self._cursors) >= MAX_PREPARED:
+                self._cursors.clear()
+            self._cursors[name] = decision
+
+    def _remember(self, stmt: Prepared) -> None:
+        if len(self._prepared) >= MAX_PREPARED and stmt.name not in self._prepared:
+            # Forgetting fails closed: a Bind to a forgotten name is denied.
+            self._prepared.pop(next(iter(self._prepared)))
+        self._prepared[stmt.name] = stmt
+
+    # -- extended protocol -----------------------------------------------------------------------------
+
+    def _on_parse(self, raw: bytes) -> bytes | Coroutine[Any, Any, bytes | None] | None:
+        name, pos = _cstring_at(raw, 5)
+        sql, pos = _cstring_at(raw, pos)
+        if _lexer_sensitive(raw) and not self._is_clean():
+            if self._segment_execs:
+                decision = Decision.deny(
+                    "a statement with a backslash or a non-ASCII character cannot follow unsynchronized "
+                    "Execute messages in a pipeline (the gateway must see the server's settings first); "
+                    "send Sync before it",
+                    "lictor:pipeline-sensitive-text",
+                    self.session.policy.version,
+                )
+                self._record_denial(sql, decision)
+                return self._deny_extended(self._denial_error(None, [decision], decision, _short(sql)))
+            return self._parse_when_clean(raw, name, sql)
+        return self._parse(raw, name, sql)
+
+    async def _parse_when_clean(self, raw: bytes, name: str, sql: str) -> bytes | None:
+        # Only earlier, already synchronized work is outstanding: it finishes without us.
+        await self._wait_clean()
+        result = self._parse(raw, name, sql)
+        if isinstance(result, Coroutine):
+            return await result
+        return raw if result is None else result
+
+    def _parse(self, raw: bytes, name: str, sql: str) -> bytes | Coroutine[Any, Any, bytes | None] | None:
+        classified = self._classify(sql)
+        decision, decisions = self._decide(classified)
+        if decision.action == "allow":
+            self._allow_parse(name, sql, classified, decision)
+            return None
+        if decision.action == "approve":
+            return self._parse_after_approval(raw, name, sql, classified, decision, decisions)
+        self._prepared.pop(name, None)
+        self._record_denial(sql, decision)
+        return self._deny_extended(self._denial_error(classified, decisions, decision))
+
+    async def _parse_after_approval(
+        self, raw: bytes, name: str, sql: str, classified: Classified, decision: Decision, decisions: list[Decision]
+    ) -> bytes | None:
+        final = await self._approve(classified, decision, decisions)
+        if self.closed:
+            return None
+        if final.action == "allow":
+            self._allow_parse(name, sql, classified, final)
+            return raw
+        self._prepared.pop(name, None)
+        self._record_denial(sql, final)
+        return self._deny_extended(self._denial_error(classified, [final], final))
+
+    def _allow_parse(self, name: str, sql: str, classified: Classified, decision: Decision) -> None:
+        self._apply_names(classified, decision)
+        plan = self.session.mask_plan(decision)
+        self._remember(Prepared(name, sql, classified, decision, time.monotonic(), plan))
+        self._push(_K_PARSE, name)
+
+    def _on_bind(self, raw: bytes) -> bytes | None:
+        portal_name, pos = _cstring_at(raw, 5)
+        stmt_name, pos = _cstring_at(raw, pos)
+        stmt = self._prepared.get(stmt_name)
+        if stmt is None:
+            decision = Decision.deny(
+                f"prepared statement {stmt_name!r} is unknown to the gateway (it was not prepared through it, "
+                "or its preparation was denied); prepare it again",
+                "lictor:unknown-prepared-statement",
+                self.session.policy.version,
+            )
+            self._record_denial(f"BIND {stmt_name}", decision)
+            return self._deny_extended(self._denial_error(None, [decision], decision, f"Bind of {stmt_name!r}"))
+        decision = self._stmt_decision(stmt)
+        if decision.action != "allow":
+            if decision.action == "approve":
+                decision = Decision.deny(
+                    f"{decision.message} — the approval for this prepared statement is no longer valid; "
+                    "prepare it again to ask for a new approval",
+                    decision.rule_ids[0],
+                    decision.policy_version,
+                )
+            self._record_denial(stmt.text, decision)
+            return self._deny_extended(self._denial_error(stmt.classified, [decision], decision))
+        formats = self._bind_result_formats(raw, pos)
+        plan = stmt.plan
+        if plan is not None and not plan.is_empty and 1 in formats:
+            refusal = self._binary_refusal(stmt, formats)
+            if refusal is not None:
+                denial = Decision.deny(
+                    refusal,
+                    decision.mask_rule_ids[0] if decision.mask_rule_ids else "lictor:mask",
+                    decision.policy_version,
+                )
+                self._record_denial(stmt.text, denial)
+                return self._deny_extended(self._denial_error(stmt.classified, [denial], denial))
+        self._portals[portal_name] = Portal(portal_name, stmt, raw, formats)
+        self._push(_K_BIND)
+        return None
+
+    @staticmethod
+    def _bind_result_formats(raw: bytes, pos: int) -> tuple[int, ...]:
+        count = int.from_bytes(raw[pos : pos + 2], "big")
+        pos += 2 + 2 * count
+        nparams = int.from_bytes(raw[pos : pos + 2], "big")
+        pos += 2
+        for _ in range(nparams):
+            n = int.from_bytes(raw[pos : pos + 4], "big", signed=True)
+            pos += 4 + max(n, 0)
+        count = int.from_bytes(raw[pos : pos + 2], "big")
+        pos += 2
+        if pos + 2 * count != len(raw):
+            raise pg.ProtocolError("malformed Bind message")
+        return tuple(int.from_bytes(raw[pos + 2 * i : pos + 2 * i + 2], "big", signed=True) for i in range(count))
+
+    def _binary_refusal(self, stmt: Prepared, formats: tuple[int, ...]) -> str | None:
+        base = (
+            "binary result format is refused for results the gateway masks (it can only mask the text form); "
+            "ask for text results (psycopg: binary=False)"
+        )
+        if stmt.fields is None:
+            return base
+        per_column = result_formats(formats, len(stmt.fields))
+        if per_column is None:
+            return base
+        try:
+            RowMasker(stmt.plan.columns([f.name for f in stmt.fields]), stmt.fields, per_column)
+        except _BinaryRefused as exc:
+            return f"{base}; column {exc.column!r} (type oid {exc.type_oid}) would be masked"
+        return None
+
+    def _on_execute(self, raw: bytes) -> bytes | None:
+        portal_name, _ = _cstring_at(raw, 5)
+        portal = self._portals.get(portal_name)
+        if portal is None:
+            if portal_name in self._cursors:
+                # A SQL cursor executed as a portal: decided and masked like its DECLARE.
+                decision = self._cursors[portal_name]
+                plan = self.session.mask_plan(decision)
+                run = Execution(f"EXECUTE PORTAL {portal_name}", decision, None if plan.is_empty else plan)
+                if run.plan is not None:
+                    prefix = pg.describe("P", portal_name)
+                    self._push(_K_DESC_P, None, run)
+                    self._segment_execs += 1
+                    self.stats.statements += 1
+                    self._push(_K_EXEC, None, run)
+                    return prefix + raw
+                self._segment_execs += 1
+                self.stats.statements += 1
+                self._push(_K_EXEC, None, run)
+                return None
+            decision = Decision.deny(
+                f"portal {portal_name!r} is unknown to the gateway; bind it again",
+                "lictor:unknown-portal",
+                self.session.policy.version,
+            )
+            self._record_denial(f"EXECUTE {portal_name}", decision)
+            return self._deny_extended(self._denial_error(None, [decision], decision, f"Execute of {portal_name!r}"))
+        stmt = portal.stmt
+        plan = stmt.plan
+        run = Execution(stmt.text, stmt.decision, None if plan is None or plan.is_empty else plan, stmt.name)
+        run.params = portal.bind_raw
+        run.portal = portal
+        self._segment_execs += 1
+        self.stats.statements += 1
+        if run.plan is not None and portal.fields is None and not portal.describe_pending:
+            # The gateway needs the column names to mask: ask the server, and keep the answer to itself.
+            portal.describe_pending = True
+            self._push(_K_DESC_P, portal, run)
+            self._push(_K_EXEC, None, run)
+            return pg.describe("P", portal_name) + raw
+        self._push(_K_EXEC, None, run)
+        return None
+
+    def _on_describe(self, raw: bytes) -> bytes | None:
+        kind = raw[5:6]
+        name, _ = _cstring_at(raw, 6)
+        if kind == b"S":
+            self._push(_K_DESC_S, self._prepared.get(name))
+        elif kind == b"P":
+            portal = self._portals.get(name)
+            if portal is not None:
+                portal.describe_pending = True
+            self._push(_K_DESC_P, portal)
+        else:
+            raise pg.ProtocolError("malformed Describe message")
+        return None
+
+    def _on_close(self, raw: bytes) -> bytes | None:
+        kind = raw[5:6]
+        name, _ = _cstring_at(raw, 6)
+        if kind == b"S":
+            self._prepared.pop(name, None)
+        elif kind == b"P":
+            self._portals.pop(name, None)
+            self._cursors.pop(name, None)
+        else:
+            raise pg.ProtocolError("malformed Close message")
+        self._push(_K_CLOSE)
+        return None
+
+    def _on_sync(self, raw: bytes) -> bytes | None:
+        self._push_sync()
+        # Unnamed portals end with the transaction; named ones live on in a transaction block.
+        self._portals.pop("", None)
+        return None
+
+    def _on_function_call(self, raw: bytes) -> bytes | None:
+        message = pg.decode_frontend(raw)
+        assert isinstance(message, pg.FunctionCall)
+        request = Request(
+            protocol="postgres",
+            action="function_call",
+            attrs={
+                "kind": "function_call",
+                "kinds": frozenset({"function_call"}),
+                "tables": frozenset(),
+                "database": self.database,
+                "function_oid": message.oid,
+            },
+            target=self.target.name,
+            summary=f"FUNCTION CALL: function oid {message.oid} (protocol-level call)",
+            payload=f"function_call:{message.oid}",
+        )
+        decision = self.session.decide_now(request)
+        if decision.action != "allow":
+            if decision.action == "approve":
+                decision = Decision.deny(
+                    f"{decision.message} — protocol-level function calls cannot wait for approval; use SELECT",
+                    decision.rule_ids[0],
+                    decision.policy_version,
+                )
+            self._record_denial(request.summary, decision)
+            return self._deny_simple(self._denial_error(None, [decision], decision, request.summary))
+        self.stats.statements += 1
+        run = Execution(request.summary, decision, None)
+        self._push_z(_K_FCALL, None, run)
+        return None
+
+    def _on_terminate(self, raw: bytes) -> bytes | None:
+        self.agent.on_data = None
+        return None
+
+    # -- backend ---------------------------------------------------------------------------------------
+
+    def _on_upstream(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            block = self._be.feed_block(data)
+            if block:
+                out = self._run_backend(block.data, block.offsets, block.types)
+                if out and not self.closed:
+                    self.agent.write(out)
+        except pg.ProtocolError as exc:
+            self.shutdown(
+                f"target protocol error: {exc}",
+                self._fatal("08P01", "lictor: the target sent data the gateway could not read; connection closed"),
+            )
+        except _Fatal as exc:
+            self.shutdown(str(exc), self._fatal(exc.sqlstate, f"lictor: {exc}"))
+        except Exception:
+            log.exception("internal error relaying the target's answer; closing the connection (fail closed)")
+            self.shutdown(
+                "internal error",
+                self._fatal("XX000", "lictor: internal error in the gateway; the connection is closed (fail closed)"),
+            )
+
+    def _run_backend(self, data: bytes, offsets: list[int], types: bytes) -> bytes:
+        n = len(offsets)
+        size = len(data)
+        out: list[bytes] | None = None
+        keep = 0  # start of the run of messages forwarded unchanged
+        i = 0
+        while i < n:
+            t = types[i]
+            if t == _B_DATAROW:
+                rows = self._rows
+                if rows is None and self._exec_pending_masker:
+                    rows = self._exec_masker()
+                if rows is None and not self._drop_segment:
+                    m = _NOT_DATAROW.search(types, i)
+                    j = m.start() if m is not None else n
+                    self._count_rows(j - i)
+                    i = j
+                    continue
+                start = offsets[i]
+                end = offsets[i + 1] if i + 1 < n else size
+                if self._drop_segment:
+                    new = b""
+                else:
+                    assert rows is not None
+                    raw = data[start:end]
+                    new = rows.mask(raw)
+                    self._count_rows(1)
+                    if new is raw:
+                        i += 1
+                        continue
+                if out is None:
+                    out = []
+                if keep < start:
+                    out.append(data[keep:start])
+                if new:
+                    out.append(new)
+                keep = end
+                i += 1
+                continue
+            start = offsets[i]
+            end = offsets[i + 1] if i + 1 < n else size
+            raw = data[start:end]
+            replacement = self._backend_message(t, raw)
+            if replacement is not None:
+                if out is None:
+                    out = []
+                if keep < start:
+                    out.append(data[keep:start])
+                if replacement:
+                    out.append(replacement)
+                keep = end
+            i += 1
+        if out is None:
+            return data
+        if keep < size:
+            out.append(data[keep:])
+        return b"".join(out)
+
+    def _count_rows(self, count: int) -> None:
+        head = self._expect[0] if self._expect else None
+        if head is None:
+            return
+        if head.kind == _K_EXEC or head.kind == _K_QUERY:
+            run = head.run
+            if isinstance(run, Execution):
+                run.rows += count
+        self.stats.rows += count
+
+    def _backend_message(self, t: int, raw: bytes) -> bytes | None:
+        """Handle one non-DataRow message; return its replacement (b"" drops it) or None to keep it."""
+        if t == _B_NOTICE or t == _B_NOTIFY:
+            return b"" if self._drop_segment else None
+        if t == _B_PARAM:
+            self._check_parameter(raw)
+            return None
+        expect = self._expect
+        if not expect:
+            return None  # an asynchronous error (FATAL) or a message after a protocol desync: relay
+        head = expect[0]
+        kind = head.kind
+        if self._drop_segment and t != _B_READY:
+            if t == _B_ERROR and kind in (_K_DENY_P, _K_DENY_Q):
+                pass  # handled below: it must still end the expectation
+            else:
+                self._advance_dropped(t, head)
+                return b""
+        if kind == _K_QUERY:
+            return self._query_message(t, raw, head)
+        if kind == _K_EXEC:
+            return self._exec_message(t, raw, head)
+        if kind == _K_SYNC:
+            if t == _B_READY:
+                expect.popleft()
+                self._ready(raw)
+                return self._poisoned_ready(raw)
+            return None
+        if kind == _K_PARSE:
+            if t == _B_PARSEOK:
+                expect.popleft()
+                return None
+            if t == _B_ERROR:
+                self._prepared.pop(head.data, None)
+                self._extended_error(None)
+            return None
+        if kind == _K_BIND:
+            if t == _B_BINDOK:
+                expect.popleft()
+            elif t == _B_ERROR:
+                self._extended_error(None)
+            return None
+        if kind == _K_DESC_S:
+            if t == _B_PARAMDESC:
+                return None
+            if t == _B_ROWDESC or t == _B_NODATA:
+                expect.popleft()
+                stmt = head.data
+                if isinstance(stmt, Prepared):
+                    stmt.fields = self._fields(raw) if t == _B_ROWDESC else ()
+                return None
+            if t == _B_ERROR:
+                self._extended_error(None)
+            return None
+        if kind == _K_DESC_P:
+            if t == _B_ROWDESC or t == _B_NODATA:
+                expect.popleft()
+                fields = self._fields(raw) if t == _B_ROWDESC else ()
+                portal = head.data
+                if isinstance(portal, Portal):
+                    portal.describe_pending = False
+                    portal.fields = fields
+                    if portal.stmt.fields is None and all(f.format == 0 for f in fields):
+                        portal.stmt.fields = fields
+                if head.run is not None:  # the gateway asked for this one: the agent did not
+                    run = head.run
+                    run.portal = run.portal or Portal("", _dummy_stmt(run), b"", (), fields)
+                    if run.portal.fields is None:
+                        run.portal.fields = fields
+                    return b""
+                return None
+            if t == _B_ERROR:
+                self._extended_error(None)
+            return None
+        if kind == _K_CLOSE:
+            if t == _B_CLOSEOK:
+                expect.popleft()
+            elif t == _B_ERROR:
+                self._extended_error(None)
+            return None
+        if kind == _K_FCALL:
+            if t == _B_READY:
+                expect.popleft()
+                self._finish(head.run, None)
+                self._ready(raw)
+                return None
+            if t == _B_ERROR:
+                head.run.error = pg.decode_backend(raw).sqlstate  # type: ignore[union-attr]
+            return None
+        if kind == _K_DENY_P:
+            if t == _B_ERROR:
+                expect.popleft()
+                self._extended_error(None, popped=True)
+                return bytes(head.data)
+            return None
+        if kind == _K_DENY_Q:
+            if t == _B_ERROR:
+                return bytes(head.data)
+            if t == _B_READY:
+                expect.popleft()
+                self._ready(raw)
+            return None
+        if kind == _K_ABORT:
+            if t == _B_READY:
+                expect.popleft()
+                self._ready(raw)
+            return b""
+        return None
+
+    def _advance_dropped(self, t: int, head: _Expect) -> None:
+        """While a poisoned segment is swallowed, keep the expectation queue in step."""
+        kind = head.kind
+        if kind == _K_EXEC and t in (_B_COMPLETE, _B_EMPTY, _B_SUSPENDED, _B_ERROR):
+            self._expect.popleft()
+            run = head.run
+            run.error = run.error or "refused"
+            self._record_exec(run)
+            self._rows = None
+        elif kind == _K_QUERY and t == _B_ERROR:
+            pass
+        elif kind in (_K_PARSE,) and t in (_B_PARSEOK, _B_ERROR):
+            self._expect.popleft()
+        elif kind == _K_BIND and t in (_B_BINDOK, _B_ERROR):
+            self._expect.popleft()
+        elif kind == _K_CLOSE and t in (_B_CLOSEOK, _B_ERROR):
+            self._expect.popleft()
+        elif kind == _K_DESC_S and t in (_B_ROWDESC, _B_NODATA, _B_ERROR):
+            self._expect.popleft()
+        elif kind == _K_DESC_P and t in (_B_ROWDESC, _B_NODATA, _B_ERROR):
+            self._expect.popleft()
+        if t == _B_ERROR and kind in (_K_PARSE, _K_BIND, _K_CLOSE, _K_DESC_S, _K_DESC_P, _K_EXEC):
+            self._extended_error(None, popped=True)
+
+    def _poisoned_ready(self, raw: bytes) -> bytes | None:
+        """At the end of a segment whose result was refused: the error, then a consistent status."""
+        if not self._drop_segment:
+            return None
+        self._drop_segment = False
+        error = self._poison_error or b""
+        self._poison_error = None
+        status = chr(raw[5])
+        if status == "T":
+            # The agent sees its transaction failed; make the server's fail too before anything else runs.
+            self._push_z(_K_ABORT)
+            self._up.append(self._deny_query)
+            self._flush_up()
+            return error + pg.ready_for_query("E")
+        return error + raw
+
+    def _poison(self, message: str, run: Execution | None) -> None:
+        """Refuse the result being streamed: swallow the rest of the segment and report ``message``."""
+        self._drop_segment = True
+        self._rows = None
+        self._copy_plan = None
+        self.stats.denied += 1
+        self._poison_error = pg.error_response(
+            "ERROR",
+            "42501",
+            f"lictor: {message}",
+            "The rest of this result was withheld by the gateway.",
+            "Ask for text format, or a query whose result the gateway can mask.",
+        )
+        if run is not None:
+            run.error = "refused"
+        self.session.record("refused", {"sql": (run.sql if run else "")[:RECORD_SQL_LIMIT], "message": message})
+
+    def _query_message(self, t: int, raw: bytes, head: _Expect) -> bytes | None:
+        q: _QueryRun = head.run
+        if t == _B_ROWDESC:
+            self._rows = None
+            if q.plan is not None:
+                fields = self._fields(raw)
+                masker = q.plan.columns([f.name for f in fields])
+                if masker.needs_masking:
+                    try:
+                        self._rows = RowMasker(masker, fields, None)
+                    except _BinaryRefused as exc:
+                        self._poison(
+                            f"binary result for masked column {exc.column!r} (type oid {exc.type_oid}) is refused; "
+                            "the gateway can only mask text results",
+                            None,
+                        )
+                        return b""
+            return None
+        if t == _B_COMPLETE or t == _B_EMPTY:
+            self._statement_done(q, raw if t == _B_COMPLETE else None, None)
+            return None
+        if t == _B_ERROR:
+            self._statement_done(q, None, raw)
+            return None
+        if t == _B_READY:
+            self._expect.popleft()
+            self._rows = None
+            self._copy_plan = None
+            self._ready(raw)
+            return self._poisoned_ready(raw)
+        if t == _B_COPYOUT or t == _B_COPYBOTH:
+            if q.plan is not None:
+                fmt = raw[5]
+                if fmt != 0 or t == _B_COPYBOTH:
+                    self._poison("binary COPY output is refused where masking applies; use text or CSV format", None)
+                    return b""
+                self._copy_plan = q.plan
+            return None
+        if t == _B_COPYDATA:
+            plan = self._copy_plan
+            if plan is not None:
+                masked, counts = plan.mask_bytes(raw[5:])
+                if counts:
+                    self.stats.masked.update(counts)
+                    return pg.copy_data(masked)
+            return None
+        if t == _B_COPYDONE:
+            self._copy_plan = None
+            return None
+        return None
+
+    def _statement_done(self, q: _QueryRun, complete: bytes | None, error: bytes | None) -> None:
+        self._rows = None
+        self._copy_plan = None
+        index = q.index
+        q.index += 1
+        now = time.perf_counter()
+        rows_run = self._expect[0].run if self._expect else None
+        record: dict[str, Any] = {
+            "sql": (q.texts[index] if index < len(q.texts) else q.texts[-1])[:RECORD_SQL_LIMIT],
+            "decision": q.decision.action,
+            "rules": list(q.decision.rule_ids),
+            "ms": round((now - q.t0) * 1000, 3),
+        }
+        q.t0 = now
+        if complete is not None:
+            tag = complete[5:-1].decode("utf-8", "replace")
+            record["tag"] = tag
+            record["rows"] = _rows_of(tag)
+        elif error is not None:
+            message = pg.decode_backend(error)
+            record["error"] = getattr(message, "sqlstate", "")
+        if q.decision.approval_id:
+            record["approval"] = q.decision.approval_id
+        if rows_run is q and self._rows is None and q.plan is not None:
+            pass
+        self.session.record("statement", record)
+
+    def _exec_message(self, t: int, raw: bytes, head: _Expect) -> bytes | None:
+        run: Execution = head.run
+        if t == _B_COMPLETE or t == _B_EMPTY or t == _B_SUSPENDED:
+            self._expect.popleft()
+            self._rows = None
+            self._copy_plan = None
+            self._finish(run, raw if t == _B_COMPLETE else None)
+            return None
+        if t == _B_ERROR:
+            run.error = _sqlstate(raw)
+            self._extended_error(None)
+            return None
+        if t == _B_COPYOUT or t == _B_COPYBOTH:
+            if run.plan is not None:
+                if raw[5] != 0 or t == _B_COPYBOTH:
+                    self._poison("binary COPY output is refused where masking applies; use text or CSV format", run)
+                    return b""
+                self._copy_plan = run.plan
+            return None
+        if t == _B_COPYDATA:
+            plan = self._copy_plan
+            if plan is not None:
+                masked, counts = plan.mask_bytes(raw[5:])
+                if counts:
+                    self.stats.masked.update(counts)
+                    return pg.copy_data(masked)
+            return None
+        if t == _B_COPYDONE:
+            self._copy_plan = None
+        return None
+
+    def _exec_masker(self) -> RowMasker | None:
+        """The row masker of the Execute at the head of the queue, built when its rows start."""
+        expect = self._expect
+        if not expect or expect[0].kind != _K_EXEC:
+            return None
+        run: Execution = expect[0].run
+        if run.plan is None or run.masker_done:
+            return None
+        run.masker_done = True
+        portal = run.portal
+        fields = portal.fields if portal is not None else None
+        if fields is None:
+            self._poison("the gateway could not learn the result's columns, so it cannot mask them", run)
+            return None
+        masker = run.plan.columns([f.name for f in fields])
+        if not masker.needs_masking:
+            return None
+        try:
+            self._rows = RowMasker(masker, fields, None)
+        except _BinaryRefused as exc:
+            self._poison(
+                f"binary result for masked column {exc.column!r} (type oid {exc.type_oid}) is refused; "
+                "the gateway can only mask text results",
+                run,
+            )
+            return None
+        return self._rows
+
+    def _extended_error(self, _unused: Any, popped: bool = False) -> None:
+        """The server reported an error in the extended protocol: it skips everything up to Sync."""
+        expect = self._expect
+        if not popped and expect:
+            head = expect.popleft()
+            if head.kind == _K_EXEC:
+                self._finish(head.run, None)
+        self._rows = None
+        self._copy_plan = None
+        while expect and expect[0].kind not in _Z_KINDS:
+            item = expect.popleft()
+            if item.kind == _K_EXEC:
+                item.run.error = item.run.error or "skipped"
+                self._finish(item.run, None)
+        if not expect:
+            self._be_skip = True
+
+    def _finish(self, run: Execution | None, complete: bytes | None) -> None:
+        if run is None:
+            return
+        tag = complete[5:-1].decode("utf-8", "replace") if complete is not None else None
+        self._record_exec(run, tag)
+
+    def _record_exec(self, run: Execution, tag: str | None = None) -> None:
+        record: dict[str, Any] = {
+            "sql": run.sql[:RECORD_SQL_LIMIT],
+            "decision": run.decision.action,
+            "rules": list(run.decision.rule_ids),
+            "ms": round((time.perf_counter() - run.t0) * 1000, 3),
+        }
+        if run.stmt_name:
+            record["statement"] = run.stmt_name
+        if run.params is not None:
+            record["params"] = _params_for_record(run.params, run.plan)
+        if tag is not None:
+            record["tag"] = tag
+            record["rows"] = _rows_of(tag)
+        elif run.error:
+            record["error"] = run.error
+        if run.decision.approval_id:
+            record["approval"] = run.decision.approval_id
+        self.session.record("statement", record)
+
+    def _ready(self, raw: bytes) -> None:
+        self.status = chr(raw[5])
+        self._pending_z -= 1
+        if self._pending_z <= 0:
+            self._pending_z = 0
+            if not self._expect:
+                waiters, self._clean_waiters = self._clean_waiters, []
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+    @staticmethod
+    def _fields(raw: bytes) -> tuple[pg.FieldDescription, ...]:
+        message = pg.decode_backend(raw)
+        assert isinstance(message, pg.RowDescription)
+        return message.fields
+
+    def _check_parameter(self, raw: bytes) -> None:
+        message = pg.decode_backend(raw)
+        assert isinstance(message, pg.ParameterStatus)
+        name, value = message.name, message.value
+        if name == "standard_conforming_strings" and value != "on":
+            raise _Fatal(
+                "the session turned standard_conforming_strings off, which would let SQL text be read "
+                "differently by the server and the gateway; the connection is closed",
+                "42501",
+            )
+        if name == "client_encoding" and value.upper() not in ("UTF8", "UNICODE"):
+            raise _Fatal(
+                f"the session changed client_encoding to {value}; the gateway reads SQL as UTF-8 only, so the "
+                "connection is closed",
+                "42501",
+            )
+        if name == "default_transaction_read_only" and self.read_only and value != "on":
+            raise _Fatal(
+                "the session left read-only mode (default_transaction_read_only), which your role may not do; "
+                "the connection is closed",
+                "42501",
+            )
+
+
+class _Fatal(Exception):
+    def __init__(self, message: str, sqlstate: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+def _short(sql: str) -> str:
+    text = " ".join(sql.split())
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _dummy_stmt(run: Execution) -> Prepared:
+    return Prepared("", run.sql, Classified((), frozenset()), run.decision, 0.0, run.plan)
+
+
+def _sqlstate(raw: bytes) -> str:
+    try:
+        message = pg.decode_backend(raw)
+    except pg.ProtocolError:
+        return ""
+    return str(getattr(message, "sqlstate", ""))
+
+
+def _rows_of(tag: str) -> int | None:
+    last = tag.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else None
+
+
+def _params_for_record(bind_raw: bytes, plan: Any) -> list[str | None]:
+    try:
+        message = pg.decode_frontend(bind_raw)
+    except pg.ProtocolError:
+        return []
+    assert isinstance(message, pg.Bind)
+    out: list[str | None] = []
+    for i, value in enumerate(message.params):
+        if value is None:
+            out.append(None)
+            continue
+        if message.param_format(i) == 1:
+            out.append(f"<binary {len(value)} bytes>")
+            continue
+        text = value[:RECORD_PARAM_LIMIT].decode("utf-8", "replace")
+        if plan is not None:
+            text, _ = plan.mask_text(text)
+        out.append(text + ("…" if len(value) > RECORD_PARAM_LIMIT else ""))
+    return out

@@ -1,0 +1,207 @@
+"""The gateway's own connection to the target PostgreSQL server.
+
+The gateway logs in with the credentials of the gateway config (trust, cleartext, md5 or SCRAM-SHA-256),
+with TLS as ``sslmode`` says. Nothing of this exchange reaches the agent: on failure the agent gets a
+generic error and the details (without the password) go to the gateway log.
+"""
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _protocol as pg
+from ._pipe import Pipe, PipeClosed
+from ._scram import SCRAM_SHA_256, ScramClient, ScramError, choose_mechanism, md5_password
+from ._tls import client_context
+
+__all__ = ["Upstream", "UpstreamConfig", "UpstreamError", "connect", "send_cancel"]
+
+log = logging.getLogger("lictor.postgres")
+
+
+class UpstreamError(Exception):
+    """The target refused or broke the login. ``sqlstate`` is the server's when it sent one."""
+
+    def __init__(self, message: str, sqlstate: str = "08006") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    host: str
+    port: int
+    user: str
+    password: str = field(repr=False, default="")
+    database: str = ""
+    sslmode: str = "prefer"
+    sslrootcert: Path | None = None
+    connect_timeout: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], resolve: Any) -> "UpstreamConfig":
+        port = int(settings.get("port") or 5432)
+        root = settings.get("sslrootcert")
+        return cls(
+            host=str(settings["host"]),
+            port=port,
+            user=str(settings.get("user") or "postgres"),
+            password=str(settings.get("password") or ""),
+            database=str(settings.get("database") or settings.get("user") or "postgres"),
+            sslmode=str(settings.get("sslmode") or "prefer"),
+            sslrootcert=resolve(str(root)) if root else None,
+            connect_timeout=float(settings.get("connect_timeout") or 10.0),
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return client_context(self.sslmode, self.sslrootcert)
+
+
+@dataclass
+class Upstream:
+    """A logged-in upstream connection, ready for queries."""
+
+    pipe: Pipe
+    pid: int
+    key: bytes
+    parameters: dict[str, str]
+    status: str
+    leftover: bytes
+    tls: bool
+
+
+async def _open(config: UpstreamConfig, name: str) -> tuple[Pipe, bool]:
+    """TCP connection, then the SSLRequest dance per sslmode. Returns the pipe and whether TLS is on."""
+    loop = asyncio.get_running_loop()
+    transport, pipe = await loop.create_connection(lambda: Pipe(name), config.host, config.port)
+    ctx = config.ssl_context()
+    if ctx is None:
+        return pipe, False
+    reader = pg.BackendReader()
+    reader.expect_encryption_response()
+    pipe.write(pg.ssl_request())
+    answer: list[pg.BackendMessage] = []
+    while not answer:
+        answer = reader.feed(await pipe.read())
+    first = answer[0]
+    if isinstance(first, pg.EncryptionResponse) and first.accepted:
+        server_hostname = config.host if config.sslmode == "verify-full" else None
+        tls_transport = await loop.start_tls(
+            transport, pipe, ctx, server_side=False, server_hostname=server_hostname or None
+        )
+        if tls_transport is None:
+            raise UpstreamError("TLS handshake with the target failed")
+        pipe.set_transport(tls_transport)
+        return pipe, True
+    if config.sslmode in ("require", "verify-ca", "verify-full"):
+        pipe.abort()
+        raise UpstreamError(f"the target refused TLS but sslmode is {config.sslmode}")
+    # prefer: fall back to plaintext on the same connection if the server said N, else reconnect.
+    if isinstance(first, pg.EncryptionResponse):
+        return pipe, False
+    pipe.abort()
+    transport, pipe = await loop.create_connection(lambda: Pipe(name), config.host, config.port)
+    return pipe, False
+
+
+async def connect(config: UpstreamConfig, params: Mapping[str, str], name: str = "upstream") -> Upstream:
+    """Connect and log in; ``params`` are extra startup parameters (application_name, options...)."""
+    try:
+        return await asyncio.wait_for(_connect(config, params, name), config.connect_timeout)
+    except TimeoutError:
+        raise UpstreamError(f"timed out connecting to {config.host}:{config.port}") from None
+    except (OSError, PipeClosed) as exc:
+        raise UpstreamError(f"cannot reach {config.host}:{config.port}: {exc}") from None
+    except ssl.SSLError as exc:
+        raise UpstreamError(f"TLS with {config.host}:{config.port} failed: {exc}") from None
+    except pg.ProtocolError as exc:
+        raise UpstreamError(f"protocol error from {config.host}:{config.port}: {exc}") from None
+
+
+async def _connect(config: UpstreamConfig, params: Mapping[str, str], name: str) -> Upstream:
+    pipe, tls = await _open(config, name)
+    ok = False
+    try:
+        startup = {"user": config.user, "database": config.database, **params}
+        pipe.write(pg.startup_message(startup))
+        reader = pg.BackendReader()
+        scram: ScramClient | None = None
+        parameters: dict[str, str] = {}
+        pid, key = 0, b""
+        while True:
+            data = await pipe.read()
+            messages = reader.feed(data)
+            for index, message in enumerate(messages):
+                if isinstance(message, pg.AuthenticationOk):
+                    if scram is not None and not scram.done:
+                        raise UpstreamError("the target skipped the SCRAM server signature")
+                elif isinstance(message, pg.AuthenticationCleartextPassword):
+                    if not tls:
+                        log.warning("target %s:%s asks for a cleartext password without TLS", config.host, config.port)
+                    pipe.write(pg.password_message(config.password))
+                elif isinstance(message, pg.AuthenticationMD5Password):
+                    pipe.write(pg.password_message(md5_password(config.user, config.password, message.salt)))
+                elif isinstance(message, pg.AuthenticationSASL):
+                    try:
+                        mechanism = choose_mechanism(message.mechanisms)
+                    except ScramError as exc:
+                        raise UpstreamError(str(exc)) from None
+                    assert mechanism == SCRAM_SHA_256
+                    scram = ScramClient(config.password)
+                    pipe.write(pg.sasl_initial_response(mechanism, scram.client_first()))
+                elif isinstance(message, pg.AuthenticationSASLContinue):
+                    if scram is None:
+                        raise UpstreamError("SASL continue without a SASL exchange")
+                    try:
+                        pipe.write(pg.sasl_response(scram.client_final(message.data)))
+                    except ScramError as exc:
+                        raise UpstreamError(f"SCRAM: {exc}") from None
+                elif isinstance(message, pg.AuthenticationSASLFinal):
+                    if scram is None:
+                        raise UpstreamError("SASL final without a SASL exchange")
+                    try:
+                        scram.verify_server_final(message.data)
+                    except ScramError as exc:
+                        raise UpstreamError(f"SCRAM: {exc}") from None
+                elif isinstance(message, pg.AuthenticationRequest):
+                    raise UpstreamError(f"the target asks for an unsupported authentication method {message.auth_code}")
+                elif isinstance(message, pg.ParameterStatus):
+                    parameters[message.name] = message.value
+                elif isinstance(message, pg.BackendKeyData):
+                    pid, key = message.pid, message.key
+                elif isinstance(message, pg.ErrorResponse):
+                    raise UpstreamError(message.message, message.sqlstate or "08006")
+                elif isinstance(message, pg.ReadyForQuery):
+                    if index != len(messages) - 1 or reader.buffered:
+                        raise UpstreamError("the target sent data after ReadyForQuery during login")
+                    ok = True
+                    return Upstream(pipe, pid, key, parameters, message.status, b"", tls)
+                elif isinstance(message, (pg.NoticeResponse, pg.NegotiateProtocolVersion)):
+                    continue
+                else:
+                    raise UpstreamError(f"unexpected {type(message).__name__} during login")
+    finally:
+        if not ok:
+            pipe.abort()
+
+
+async def send_cancel(config: UpstreamConfig, pid: int, key: bytes) -> None:
+    """Ask the target to cancel the query running in backend ``pid`` (fire and forget)."""
+    try:
+        pipe, _ = await asyncio.wait_for(_open(config, "cancel"), config.connect_timeout)
+    except (OSError, TimeoutError, UpstreamError, PipeClosed, ssl.SSLError, pg.ProtocolError) as exc:
+        log.warning("cancel request to %s:%s failed: %s", config.host, config.port, exc)
+        return
+    try:
+        pipe.write(pg.cancel_request(pid, key))
+        # The server closes the connection once it has handled the request.
+        try:
+            await asyncio.wait_for(pipe.read(), 5)
+        except (PipeClosed, TimeoutError):
+            pass
+    finally:
+        pipe.close()

@@ -1,0 +1,822 @@
+"""PostgreSQL through a real ``lictor run`` gateway: real clients (psql, psycopg, pgbench) against the
+PostgreSQL server at 127.0.0.1:5432, with the example rule pack (examples/postgres/rulepacks).
+
+Every test database is created for this module (``lictor_test_<random>``) and dropped afterwards. A denied
+statement is proven denied *and* the data proven unchanged by checking directly against PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lictor_addons.postgres import _protocol as pg
+
+from tests.conftest import ROOT, GatewayProcess, free_port, lictor, require
+
+pytestmark = pytest.mark.timeout(120)
+
+ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+EXAMPLE_PACKS = ROOT / "examples" / "postgres" / "rulepacks"
+
+CARDS = ["4111111111111111", "5500 0000 0000 0004", "3400-000000-00009", "6011000000000004"]
+
+
+def _server_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(ADMIN_DSN):
+            return True
+    except Exception:
+        return False
+
+
+class PgEnv:
+    """The test database, the gateway in front of it, and helpers to talk to both."""
+
+    def __init__(self, workdir: Path, dbname: str) -> None:
+        self.workdir = workdir
+        self.dbname = dbname
+        self.port = free_port()
+        self.approvals_port = free_port()
+        self.gateway: GatewayProcess | None = None
+        self.tokens: dict[str, str] = {}
+
+    # -- direct access (the gateway's view is never trusted to check itself) -------------------
+
+    def admin(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname={self.dbname}", autocommit=True)
+
+    def direct(self, sql: str, params: Any = None) -> list[Any]:
+        with self.admin() as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the evasions must not change: every table's content, and the set of tables."""
+        tables = [r[0] for r in self.direct("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
+        out: dict[str, Any] = {"tables": tables}
+        for t in ("customers", "orders", "accounts"):
+            out[t] = self.direct(
+                f"SELECT count(*), md5(coalesce(string_agg(x::text, ',' ORDER BY x::text), '')) FROM {t} x"
+            )
+        return out
+
+    # -- through the gateway -----------------------------------------------------------------------
+
+    def dsn(self, role: str, **extra: str) -> str:
+        parts = {
+            "host": "127.0.0.1",
+            "port": str(self.port),
+            "user": f"agent-{role}",
+            "dbname": "app",
+            "password": self.tokens[role],
+            "sslmode": "disable",
+            "connect_timeout": "5",
+        }
+        parts.update(extra)
+        return " ".join(f"{k}={v}" for k, v in parts.items())
+
+    def connect(self, role: str, **kw: Any) -> Any:
+        import psycopg
+
+        extra = kw.pop("dsn_extra", {})
+        kw.setdefault("autocommit", True)
+        return psycopg.connect(self.dsn(role, **extra), **kw)
+
+    def psql(self, role: str, *args: str, check: bool = False, sslmode: str = "disable", **kw: Any) -> Any:
+        env = {**os.environ, "PGPASSWORD": self.tokens[role], "PGSSLMODE": sslmode, "PGCONNECT_TIMEOUT": "5"}
+        env.update(kw.pop("env", {}))
+        env.pop("PGSERVICE", None)
+        cmd = [
+            "psql",
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=0",
+            "-h",
+            kw.pop("host", "127.0.0.1"),
+            "-p",
+            str(self.port),
+            "-U",
+            f"agent-{role}",
+            "-d",
+            "app",
+            *args,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, **kw)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"psql failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+
+SETUP_SQL = """
+CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text, card text, note text);
+CREATE TABLE orders (id serial PRIMARY KEY, customer_id int REFERENCES customers, amount numeric(10,2));
+CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL);
+INSERT INTO accounts SELECT g, 100 FROM generate_series(1, 10) g;
+CREATE FUNCTION sneaky_write() RETURNS int LANGUAGE sql AS 'UPDATE accounts SET balance = 0 RETURNING 1';
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgEnv]:
+    require(_server_available(), "PostgreSQL at 127.0.0.1:5432 (user postgres, trust) is not reachable")
+    for tool in ("psql", "pgbench"):
+        require(shutil.which(tool) is not None, f"{tool} is not installed")
+    import psycopg
+
+    dbname = f"lictor_test_{secrets.token_hex(4)}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {dbname}")
+    workdir = tmp_path_factory.mktemp("pg-e2e")
+    e = PgEnv(workdir, dbname)
+    try:
+        with e.admin() as conn:
+            conn.execute(SETUP_SQL)
+            for i in range(1, 21):
+                conn.execute(
+                    "INSERT INTO customers VALUES (%s, %s, %s, %s, %s)",
+                    (i, f"Customer {i}", f"user{i}@example.com", CARDS[i % len(CARDS)], f"note {i}"),
+                )
+            conn.execute("INSERT INTO orders (customer_id, amount) SELECT g, g * 1.5 FROM generate_series(1, 20) g")
+        subprocess.run(
+            ["pgbench", "-i", "-s", "1", "-q", "-h", "127.0.0.1", "-U", "postgres", dbname],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        config = {
+            "version": 1,
+            "state_dir": str(workdir / "state"),
+            "log": {"level": "info"},
+            "identity": {"issuers": [{"type": "lictor"}]},
+            "rulepacks": [str(EXAMPLE_PACKS)],
+            "approvals": {"listen": f"127.0.0.1:{e.approvals_port}", "poll_interval": "1s"},
+            "targets": {
+                "app": {
+                    "protocol": "postgres",
+                    "listen": f"127.0.0.1:{e.port}",
+                    "upstream": {
+                        "host": "127.0.0.1",
+                        "port": 5432,
+                        "user": "postgres",
+                        "database": dbname,
+                        "sslmode": "disable",
+                    },
+                    "read_only_roles": ["pg-readonly"],
+                }
+            },
+        }
+        gw = GatewayProcess(workdir, config)
+        gw.start()
+        e.gateway = gw
+        for role in ("readonly", "writer", "dba", "approver"):
+            e.tokens[role] = gw.token(f"agent-{role}", role=role)
+        yield e
+    finally:
+        if e.gateway is not None:
+            e.gateway.stop()
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+
+
+# -- a raw protocol client, for byte-exact checks ------------------------------------------------------
+
+
+class RawClient:
+    """Speaks the v3 protocol directly (with the codec's builders), to check message sequences."""
+
+    def __init__(self, port: int, token: str, *, tls: bool = False, database: str = "app") -> None:
+        self.sock: Any = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.reader = pg.BackendReader()
+        if tls:
+            self.sock.sendall(pg.ssl_request())
+            assert self.sock.recv(1) == b"S"
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            self.sock = ctx.wrap_socket(self.sock)
+        self.sock.sendall(pg.startup_message({"user": "raw", "database": database}))
+        first = self.read_messages(1)[0]
+        assert isinstance(first, pg.AuthenticationCleartextPassword), first
+        self.sock.sendall(pg.password_message(token))
+        self.hello = self.until_ready()
+        self.key = next(m for m in self.hello if isinstance(m, pg.BackendKeyData))
+
+    def read_messages(self, count: int) -> list[pg.BackendMessage]:
+        out: list[pg.BackendMessage] = []
+        while len(out) < count:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            out.extend(self.reader.feed(data))
+        return out
+
+    def until_ready(self) -> list[pg.BackendMessage]:
+        out: list[pg.BackendMessage] = []
+        while not out or not isinstance(out[-1], pg.ReadyForQuery):
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"closed after {out}")
+            out.extend(self.reader.feed(data))
+        return out
+
+    def send(self, *messages: bytes) -> None:
+        self.sock.sendall(b"".join(messages))
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(pg.terminate())
+        finally:
+            self.sock.close()
+
+
+def names(messages: list[pg.BackendMessage]) -> list[str]:
+    return [type(m).__name__ for m in messages]
+
+
+def errors(messages: list[pg.BackendMessage]) -> list[pg.ErrorResponse]:
+    return [m for m in messages if isinstance(m, pg.ErrorResponse)]
+
+
+# -- connection set-up -----------------------------------------------------------------------------------
+
+
+def test_psql_readonly_reads_masked_rows_over_tls(env: PgEnv) -> None:
+    ca = env.gateway.state_dir / "tls" / "postgres" / "ca.pem"  # type: ignore[union-attr]
+    proc = env.psql(
+        "readonly",
+        "-At",
+        "-c",
+        "SELECT id, email, card FROM customers ORDER BY id LIMIT 4",
+        "-c",
+        "SHOW ssl",
+        sslmode="verify-full",
+        host="localhost",
+        env={"PGSSLROOTCERT": str(ca)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|") for line in proc.stdout.splitlines()[:4]]
+    assert [r[0] for r in rows] == ["1", "2", "3", "4"]
+    for _, email, card in rows:
+        assert "@example.com" not in email and "[REDACTED:email]" in email
+        assert card.endswith(("0004", "0009", "1111")) and "*" in card
+        assert not any(c in card for c in CARDS)
+
+
+def test_bad_or_missing_token_is_refused_with_28P01(env: PgEnv) -> None:
+    import psycopg
+
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(env.dsn("readonly", password="not-a-token"))
+    assert "lictor: authentication failed" in str(info.value)
+    tampered = env.tokens["dba"][:-4] + ("AAAA" if not env.tokens["dba"].endswith("AAAA") else "BBBB")
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(env.dsn("dba", password=tampered))
+    assert "authentication failed" in str(info.value)
+
+
+def test_gssenc_refused_and_ssl_accepted_on_raw_socket(env: PgEnv) -> None:
+    with socket.create_connection(("127.0.0.1", env.port), timeout=5) as sock:
+        sock.sendall(pg.gssenc_request())
+        assert sock.recv(1) == b"N"
+        sock.sendall(pg.ssl_request())
+        assert sock.recv(1) == b"S"
+    raw = RawClient(env.port, env.tokens["readonly"], tls=True)
+    raw.send(pg.query("SELECT 1"))
+    assert names(raw.until_ready()) == ["RowDescription", "DataRow", "CommandComplete", "ReadyForQuery"]
+    raw.close()
+
+
+def test_startup_options_that_bypass_the_policy_are_refused(env: PgEnv) -> None:
+    import psycopg
+
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(env.dsn("readonly", options="'-c default_transaction_read_only=off'"))
+    assert "startup parameter 'options' is not accepted" in str(info.value)
+
+
+# -- the readonly role ------------------------------------------------------------------------------------
+
+
+def test_psql_meta_commands_work_for_readonly(env: PgEnv) -> None:
+    proc = env.psql("readonly", "-c", r"\dt", "-c", r"\d customers", "-c", r"\df sneaky*", "-c", r"\dn")
+    assert proc.returncode == 0, proc.stderr
+    assert "ERROR" not in proc.stderr, proc.stderr
+    assert "customers" in proc.stdout and "orders" in proc.stdout
+    assert 'Table "public.customers"' in proc.stdout and "customers_pkey" in proc.stdout
+    assert "sneaky_write" in proc.stdout
+
+
+def test_psql_file_with_several_statements(env: PgEnv, tmp_path: Path) -> None:
+    script = tmp_path / "report.sql"
+    script.write_text(
+        "SELECT count(*) AS n FROM customers;\n"
+        "SELECT name FROM customers WHERE id = 3;\n"
+        "DELETE FROM orders;\n"
+        "SELECT 'still connected' AS status;\n"
+    )
+    before = env.fingerprint()
+    proc = env.psql("readonly", "-At", "-f", str(script))
+    assert proc.stdout.splitlines() == ["20", "Customer 3", "still connected"], proc.stdout
+    assert "42501" in proc.stderr or "lictor:" in proc.stderr
+    assert env.fingerprint() == before
+
+
+def test_readonly_session_is_read_only_at_the_database(env: PgEnv) -> None:
+    import psycopg
+
+    before = env.fingerprint()
+    with env.connect("readonly") as conn:
+        assert conn.execute("SHOW default_transaction_read_only").fetchone()[0] == "on"
+        # A write hidden in a function passes the statement check (it is a SELECT) but not the database.
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("SELECT sneaky_write()")
+        for sql in (
+            "BEGIN READ WRITE",
+            "SET default_transaction_read_only = off",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+            "RESET default_transaction_read_only",
+            "SELECT set_config('default_transaction_read_only', 'off', false)",
+            "SET TRANSACTION READ WRITE",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                conn.execute(sql)
+            assert "lictor:" in str(info.value), sql
+        assert conn.execute("SHOW default_transaction_read_only").fetchone()[0] == "on"
+        assert conn.execute("SELECT count(*) FROM accounts").fetchone()[0] == 10
+    assert env.fingerprint() == before
+
+
+# -- evasions ---------------------------------------------------------------------------------------------
+
+EVASIONS: list[tuple[str, str]] = [
+    ("readonly", "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d"),
+    ("readonly", "SELECT 1; DELETE FROM orders"),
+    ("readonly", "SELECT 1 /* harmless */; /* really */ DELETE FROM orders -- done"),
+    ("readonly", "SELECT 1 -- comment \n; UPDATE accounts SET balance = 0"),
+    ("readonly", "SELECT '\\'; DELETE FROM orders; --'"),
+    ("readonly", "SELECT $$ ; $$; DELETE FROM orders"),
+    ("readonly", "SELECT $a$ $$ $a$; DROP TABLE orders"),
+    ("readonly", "DO $$ BEGIN DELETE FROM orders; END $$"),
+    ("writer", "DO $$ BEGIN EXECUTE 'DELETE FROM ' || 'orders'; END $$"),
+    ("dba", "DO $$ BEGIN EXECUTE 'DROP TABLE ' || 'orders'; END $$"),
+    ("dba", "COPY orders TO PROGRAM 'touch /tmp/lictor-copy-program-ran'"),
+    ("dba", "COPY (SELECT 1) TO '/tmp/lictor-copy-file-written'"),
+    ("readonly", "PREPARE p1 AS DELETE FROM orders"),
+    ("readonly", "EXECUTE never_prepared_here"),
+    ("readonly", "SET ROLE postgres"),
+    ("writer", "SET SESSION AUTHORIZATION postgres"),
+    ("dba", "SELECT pg_read_file('/etc/passwd')"),
+    ("dba", "SELECT pg_catalog.pg_ls_dir('.')"),
+    ("dba", "SELECT lo_import('/etc/passwd')"),
+    ("dba", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"),
+    ("dba", "SELECT * FROM dblink('dbname=postgres', 'select 1') AS t(x int)"),
+    ("readonly", "SELECT * INTO stolen FROM customers"),
+    ("readonly", "CREATE TABLE stolen AS SELECT * FROM customers"),
+    ("readonly", "EXPLAIN ANALYZE DELETE FROM orders"),
+    ("readonly", "EXPLAIN (ANALYZE) UPDATE accounts SET balance = 0"),
+    ("writer", "DELETE FROM orders"),
+    ("writer", "UPDATE accounts SET balance = 0"),
+    ("writer", "WITH x AS (UPDATE accounts SET balance = 0 RETURNING 1) SELECT 1"),
+    ("dba", "SET standard_conforming_strings = off"),
+    ("dba", "SELECT set_config('client_encoding', 'SJIS', false)"),
+    ("dba", "CREATE FUNCTION evil() RETURNS void LANGUAGE plpython3u AS 'import os'"),
+    ("dba", "ALTER SYSTEM SET archive_command = 'curl evil'"),
+    ("readonly", "SELEC * FRM customers"),
+    ("readonly", "VACUUM orders"),
+    ("readonly", "LOCK TABLE orders"),
+    ("readonly", "TRUNCATE orders"),
+    ("readonly", "NOTIFY x; DELETE FROM orders"),
+]
+
+
+@pytest.mark.parametrize(("role", "sql"), EVASIONS, ids=[f"{r}:{s[:40]}" for r, s in EVASIONS])
+def test_evasion_denied_simple_protocol(env: PgEnv, role: str, sql: str) -> None:
+    import psycopg
+
+    before = env.fingerprint()
+    with env.connect(role) as conn:
+        cur = psycopg.ClientCursor(conn)  # client-side binding: the simple query protocol
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            cur.execute(sql)
+        assert str(info.value).startswith("lictor: "), str(info.value)
+        diag = info.value.diag
+        assert diag.sqlstate == "42501"
+        assert diag.message_detail and "policy version" in diag.message_detail
+        assert diag.message_hint
+        # The connection stays usable.
+        assert conn.execute("SELECT 42").fetchone() == (42,)
+    assert env.fingerprint() == before
+    assert not Path("/tmp/lictor-copy-program-ran").exists()
+    assert not Path("/tmp/lictor-copy-file-written").exists()
+
+
+SINGLE_EVASIONS = [(r, s) for r, s in EVASIONS if ";" not in s.replace("'\\'; DELETE", "")]
+
+
+@pytest.mark.parametrize(("role", "sql"), SINGLE_EVASIONS[:12], ids=[f"{r}:{s[:40]}" for r, s in SINGLE_EVASIONS[:12]])
+def test_evasion_denied_extended_protocol(env: PgEnv, role: str, sql: str) -> None:
+    import psycopg
+
+    before = env.fingerprint()
+    with env.connect(role) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(sql, prepare=True)
+        assert conn.execute("SELECT %s::int", [7]).fetchone() == (7,)
+    assert env.fingerprint() == before
+
+
+def test_function_call_message_is_denied(env: PgEnv) -> None:
+    raw = RawClient(env.port, env.tokens["readonly"])
+    oid = 2240  # pg_read_file(text) in any catalog; the oid alone is all the message carries
+    raw.send(pg.function_call(oid, [b"/etc/passwd"], [0], 0))
+    reply = raw.until_ready()
+    assert names(reply) == ["ErrorResponse", "ReadyForQuery"]
+    assert reply[0].sqlstate == "42501" and "function" in reply[0].message.lower()  # type: ignore[union-attr]
+    raw.send(pg.query("SELECT 1"))
+    assert names(raw.until_ready())[-1] == "ReadyForQuery"
+    raw.close()
+
+
+# -- consistency after a denial ------------------------------------------------------------------------
+
+
+def test_denied_message_in_a_pipeline_stops_the_batch(env: PgEnv) -> None:
+    raw = RawClient(env.port, env.tokens["writer"])
+    before = env.direct("SELECT count(*) FROM orders")
+    raw.send(
+        pg.parse("", "INSERT INTO orders (customer_id, amount) VALUES (1, 1)"),
+        pg.bind("", ""),
+        pg.execute(""),
+        pg.parse("", "DELETE FROM orders"),  # denied: no WHERE
+        pg.bind("", ""),
+        pg.execute(""),
+        pg.parse("", "INSERT INTO orders (customer_id, amount) VALUES (1, 2)"),
+        pg.bind("", ""),
+        pg.execute(""),
+        pg.sync(),
+    )
+    reply = raw.until_ready()
+    assert names(reply) == [
+        "ParseComplete",
+        "BindComplete",
+        "CommandComplete",
+        "ErrorResponse",
+        "ReadyForQuery",
+    ]
+    assert reply[3].sqlstate == "42501"  # type: ignore[union-attr]
+    assert reply[-1].status == "I"  # type: ignore[union-attr]
+    # Like a failed statement, the denial rolled back the pipeline's implicit transaction.
+    assert env.direct("SELECT count(*) FROM orders") == before
+    raw.send(pg.parse("", "SELECT count(*) FROM orders"), pg.bind("", ""), pg.execute(""), pg.sync())
+    reply = raw.until_ready()
+    assert names(reply) == ["ParseComplete", "BindComplete", "DataRow", "CommandComplete", "ReadyForQuery"]
+    raw.close()
+
+
+def test_denial_inside_a_transaction_fails_the_transaction(env: PgEnv) -> None:
+    import psycopg
+
+    before = env.fingerprint()
+    with env.connect("writer", autocommit=False) as conn:
+        conn.execute("INSERT INTO orders (customer_id, amount) VALUES (2, 99)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("DELETE FROM orders")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 1")
+        conn.rollback()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        conn.rollback()
+    assert env.fingerprint() == before
+    # The simple protocol, inside a transaction block: the server's transaction failed too.
+    raw = RawClient(env.port, env.tokens["writer"])
+    raw.send(pg.query("BEGIN"))
+    assert raw.until_ready()[-1].status == "T"  # type: ignore[union-attr]
+    raw.send(pg.query("INSERT INTO orders (customer_id, amount) VALUES (3, 3)"))
+    raw.until_ready()
+    raw.send(pg.query("DELETE FROM orders"))
+    reply = raw.until_ready()
+    assert names(reply) == ["ErrorResponse", "ReadyForQuery"] and reply[-1].status == "E"  # type: ignore[union-attr]
+    raw.send(pg.query("COMMIT"))  # a COMMIT of a failed transaction rolls back, on the server too
+    reply = raw.until_ready()
+    assert reply[-1].status == "I"  # type: ignore[union-attr]
+    assert any(isinstance(m, pg.CommandComplete) and m.tag == "ROLLBACK" for m in reply)
+    raw.close()
+    assert env.fingerprint() == before
+
+
+def test_connection_usable_after_denials_simple_and_extended(env: PgEnv) -> None:
+    import psycopg
+
+    with env.connect("readonly") as conn:
+        for _ in range(3):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                psycopg.ClientCursor(conn).execute("DELETE FROM orders WHERE id = 1")
+            assert psycopg.ClientCursor(conn).execute("SELECT 1").fetchone() == (1,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("DELETE FROM orders WHERE id = %s", [1])
+            assert conn.execute("SELECT %s::text", ["ok"]).fetchone() == ("ok",)
+
+
+# -- psycopg: extended protocol, pipeline, binary, prepared ---------------------------------------------
+
+
+def test_psycopg_pipeline_mode_with_a_denial(env: PgEnv) -> None:
+    import psycopg
+
+    before = env.fingerprint()
+    with env.connect("writer") as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with conn.pipeline():
+                c1 = conn.execute("SELECT %s::int", [1])
+                conn.execute("UPDATE accounts SET balance = balance WHERE id = %s", [1])
+                conn.execute("DELETE FROM accounts")  # denied
+                conn.execute("SELECT %s::int", [3])
+        assert c1.fetchone() == (1,)
+        with conn.pipeline():
+            cursors = [conn.execute("SELECT %s::int * 2", [i]) for i in range(20)]
+        assert [c.fetchone()[0] for c in cursors] == [i * 2 for i in range(20)]
+    assert env.fingerprint() == before
+
+
+def test_psycopg_binary_results_and_prepared_statements(env: PgEnv) -> None:
+    import psycopg
+
+    with env.connect("writer", prepare_threshold=0) as conn:
+        cur = conn.cursor(binary=True)
+        for i in range(3):
+            row = cur.execute("SELECT id, balance, now() AS t FROM accounts WHERE id = %s", [i + 1]).fetchone()
+            assert row[0] == i + 1 and row[1] == 100
+        assert len(conn.execute("SELECT * FROM customers", binary=True).fetchall()) == 20
+    with env.connect("readonly") as conn:
+        # Masked results cannot be binary: the gateway masks the text form only, and says so.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.cursor(binary=True).execute("SELECT id, email FROM customers WHERE id = %s", [1])
+        assert "binary" in str(info.value)
+        row = conn.execute("SELECT email, card FROM customers WHERE id = %s", [1]).fetchone()
+        assert row[0] == "[REDACTED:email]" and row[1].endswith("0004") and "*" in row[1]
+
+
+def test_sql_prepare_and_execute(env: PgEnv) -> None:
+    import psycopg
+
+    before = env.fingerprint()
+    with env.connect("readonly") as conn:
+        cur = psycopg.ClientCursor(conn)
+        cur.execute("PREPARE q(int) AS SELECT email FROM customers WHERE id = $1")
+        assert cur.execute("EXECUTE q(2)").fetchone()[0] == "[REDACTED:email]"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            cur.execute("DEALLOCATE q; PREPARE q AS DELETE FROM orders")
+        assert cur.execute("EXECUTE q(3)").fetchone()[0] == "[REDACTED:email]"
+        cur.execute("DEALLOCATE q")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            cur.execute("EXECUTE q(3)")
+    with env.connect("writer") as conn:
+        cur = psycopg.ClientCursor(conn)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            cur.execute("PREPARE wipe AS DELETE FROM orders")
+        cur.execute("PREPARE one(int) AS DELETE FROM orders WHERE id = $1 AND false")
+        cur.execute("EXECUTE one(1)")
+        # EXPLAIN ANALYZE EXECUTE runs the statement: it is decided as that statement.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            cur.execute("EXPLAIN ANALYZE EXECUTE wipe")
+    assert env.fingerprint() == before
+
+
+def test_cursor_fetch_is_masked_like_its_query(env: PgEnv) -> None:
+    import psycopg
+
+    with env.connect("readonly", autocommit=False) as conn:
+        cur = psycopg.ClientCursor(conn)
+        cur.execute("DECLARE c CURSOR FOR SELECT email FROM customers ORDER BY id")
+        rows = cur.execute("FETCH 3 FROM c").fetchall()
+        assert rows == [("[REDACTED:email]",)] * 3
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            cur.execute('FETCH ALL FROM "some other cursor"')
+        conn.rollback()
+    with env.connect("readonly") as conn:
+        with conn.transaction():
+            named = conn.cursor(name="server_side")
+            named.execute("SELECT email FROM customers ORDER BY id")
+            assert named.fetchmany(2) == [("[REDACTED:email]",)] * 2
+
+
+# -- COPY ------------------------------------------------------------------------------------------------
+
+
+def test_copy_from_stdin_and_copy_to_stdout_masked(env: PgEnv) -> None:
+    with env.connect("writer") as conn:
+        with conn.cursor().copy("COPY orders (customer_id, amount) FROM STDIN") as copy:
+            for i in range(5):
+                copy.write_row((4, 10 + i))
+        assert conn.execute("SELECT count(*) FROM orders WHERE customer_id = 4 AND amount >= 10").fetchone()[0] == 5
+        conn.execute("DELETE FROM orders WHERE customer_id = 4 AND amount >= 10")
+    with env.connect("readonly") as conn:
+        out = bytearray()
+        with conn.cursor().copy("COPY (SELECT id, email, card FROM customers ORDER BY id) TO STDOUT") as copy:
+            for chunk in copy:
+                out += chunk
+        text = out.decode()
+        assert text.count("\n") == 20
+        assert "@example.com" not in text and "[REDACTED:email]" in text
+        assert not any(c in text for c in CARDS)
+        out = bytearray()
+        with conn.cursor().copy("COPY customers TO STDOUT (FORMAT csv)") as copy:
+            for chunk in copy:
+                out += chunk
+        assert "@example.com" not in out.decode() and out.decode().count("\n") == 20
+    proc = env.psql("readonly", "-c", r"\copy customers TO STDOUT")
+    assert proc.returncode == 0 and proc.stdout.count("\n") == 20 and "@example.com" not in proc.stdout
+
+
+# -- cancel ------------------------------------------------------------------------------------------
+
+
+def test_cancel_reaches_the_right_backend(env: PgEnv) -> None:
+    import psycopg
+
+    with env.connect("readonly") as conn, env.connect("readonly") as other:
+        timer = threading.Timer(0.5, conn.cancel)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(20)")
+        assert time.monotonic() - started < 10
+        timer.join()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert other.execute("SELECT 2").fetchone() == (2,)
+    # psql's cancel (SIGINT) goes through the same CancelRequest path.
+    env_vars = {**os.environ, "PGPASSWORD": env.tokens["readonly"], "PGSSLMODE": "disable"}
+    proc = subprocess.Popen(
+        ["psql", "-X", "-h", "127.0.0.1", "-p", str(env.port), "-U", "a", "-d", "app", "-c", "SELECT pg_sleep(20)"],
+        env=env_vars,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    proc.send_signal(2)
+    _, err = proc.communicate(timeout=10)
+    assert "canceling statement due to user request" in err
+
+
+# -- clients -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
+def test_pgbench_through_the_gateway(env: PgEnv, mode: str) -> None:
+    env_vars = {**os.environ, "PGPASSWORD": env.tokens["writer"], "PGSSLMODE": "disable"}
+    proc = subprocess.run(
+        [
+            "pgbench",
+            "-n",
+            "-M",
+            mode,
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-t",
+            "50",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(env.port),
+            "-U",
+            "bench",
+            "app",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_vars,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "number of transactions actually processed: 200/200" in proc.stdout
+    assert "number of failed transactions: 0" in proc.stdout
+
+
+def test_writer_ddl_waits_for_an_approval(env: PgEnv) -> None:
+    import psycopg
+
+    notices: list[str] = []
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            with env.connect("writer") as conn:
+                conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+                conn.execute("/* reason: ticket OPS-1 */ CREATE TABLE approved_table (id int)")
+                result["ok"] = True
+        except psycopg.Error as exc:
+            result["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 15
+    approval_id = None
+    while time.monotonic() < deadline and approval_id is None:
+        time.sleep(0.2)
+        for note in notices:
+            if "waiting for approval" in note:
+                approval_id = note.split("waiting for approval ", 1)[1].split(":", 1)[0]
+    assert approval_id, notices
+    env_cli = {**os.environ, "LICTOR_TOKEN": env.tokens["dba"]}
+    url = f"http://127.0.0.1:{env.approvals_port}"
+    shown = lictor("approvals", "show", approval_id, "--url", url, env=env_cli)
+    assert "ticket OPS-1" in shown.stdout
+    lictor("approvals", "approve", approval_id, "--url", url, "--reason", "ok", env=env_cli)
+    worker.join(20)
+    assert result.get("ok"), result
+    assert env.direct("SELECT to_regclass('approved_table') IS NOT NULL") == [(True,)]
+    env.direct("DROP TABLE approved_table")
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{field} not found")
+
+
+def test_million_row_result_streams_with_bounded_memory(env: PgEnv) -> None:
+    pid = env.gateway.pid  # type: ignore[union-attr]
+    start_rss = _rss_kib(pid, "VmRSS")
+    sql = "SELECT g, md5(g::text) AS h, 'row ' || g AS note FROM generate_series(1, 1000000) g"
+    raw = RawClient(env.port, env.tokens["writer"])
+    raw.send(pg.query(sql))
+    rows = 0
+    done = False
+    reader = pg.BackendReader()
+    while not done:
+        data = raw.sock.recv(1 << 20)
+        assert data
+        block = reader.feed_block(data)
+        rows += block.types.count(b"D")
+        done = b"Z" in block.types
+        time.sleep(0.0005)  # a slow reader: the gateway must apply back-pressure, not buffer
+    raw.close()
+    assert rows == 1_000_000
+    peak = _rss_kib(pid, "VmHWM")
+    assert peak - start_rss < 150 * 1024, f"gateway peak RSS grew by {(peak - start_rss) // 1024} MiB"
+    # The masked path streams too (rows decoded, masked and re-encoded one by one).
+    with env.connect("readonly") as conn:
+        count = 0
+        for row in conn.cursor().stream("SELECT 'user' || g || '@example.com' FROM generate_series(1, 100000) g"):
+            assert row[0] == "[REDACTED:email]"
+            count += 1
+        assert count == 100000
+    peak = _rss_kib(pid, "VmHWM")
+    assert peak - start_rss < 150 * 1024
+
+
+# -- recording ------------------------------------------------------------------------------------
+
+
+def test_statements_are_recorded_with_masked_params_and_tags(env: PgEnv) -> None:
+    with env.connect("readonly") as conn:
+        conn.execute("SELECT id FROM customers WHERE email = %s", ["user5@example.com"]).fetchall()
+        psql_marker = secrets.token_hex(4)
+        conn.execute(f"SELECT '{psql_marker}' AS marker").fetchall()
+    gw = env.gateway
+    assert gw is not None
+    deadline = time.monotonic() + 15
+    events: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        listing = lictor("sessions", "list", "--json", "--state-dir", str(gw.state_dir), check=False)
+        if listing.returncode == 0:
+            for session in json.loads(listing.stdout or "[]"):
+                out = lictor("sessions", "export", session["id"], "--state-dir", str(gw.state_dir), check=False)
+                if psql_marker in out.stdout:
+                    events = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+                    break
+        if events:
+            break
+        time.sleep(0.5)
+    assert events, "the session recording did not show up"
+    statements = [e["data"] for e in events if e.get("kind") == "statement"]
+    lookup = next(s for s in statements if "WHERE email" in s["sql"])
+    assert lookup["params"] == ["[REDACTED:email]"]
+    assert lookup["tag"] == "SELECT 1" and lookup["rows"] == 1 and lookup["decision"] == "allow"
+    assert "ms" in lookup
+    text = json.dumps(events)
+    assert "user5@example.com" not in text
