@@ -1,0 +1,169 @@
+"""The Redis addon: vocabulary, target schema, listeners, and the commands it never relays."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from typing import Any
+
+from lictor import Flow, Gateway, Loader
+
+from .proxy import Connection, RedisTarget
+from .vocabulary import PROTOCOL, VOCABULARY
+
+__all__ = ["TARGET_SCHEMA", "UNSUPPORTED", "RedisAddon"]
+
+log = logging.getLogger("lictor.redis")
+
+TARGET_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["protocol", "listen", "upstream"],
+    "properties": {
+        "protocol": {"const": PROTOCOL},
+        "description": {"type": "string"},
+        "listen": {"type": "string", "pattern": "^.+:[0-9]+$", "description": "HOST:PORT the agents connect to"},
+        "allow_plaintext": {
+            "type": "boolean",
+            "description": "listen on a non-loopback address although tokens then cross the network in clear",
+        },
+        "auth_timeout": {"type": "number", "exclusiveMinimum": 0, "description": "seconds to authenticate"},
+        "limits": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "max_command_bytes": {"type": "integer", "minimum": 1024},
+                "mask_max_value": {"type": "integer", "minimum": 1024},
+            },
+        },
+        "upstream": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["host"],
+            "description": "the Redis server; its credentials stay in the gateway",
+            "properties": {
+                "host": {"type": "string"},
+                "port": {"type": ["integer", "string"]},
+                "username": {"type": "string"},
+                "password": {"type": "string"},
+                "db": {"type": "integer", "minimum": 0},
+                "connect_timeout": {"type": "number", "exclusiveMinimum": 0},
+            },
+        },
+    },
+}
+
+# Commands that change how the connection's replies flow (subscriptions, MONITOR, replication,
+# CLIENT REPLY/TRACKING) or undo the gateway's upstream login (RESET): the gateway could not
+# keep replies matched to commands, or the agent would escape its identity. They are denied
+# whatever the rule packs say.
+_STREAMING = "is not supported through the gateway: it turns the connection into a stream of pushed messages"
+UNSUPPORTED: dict[str, str] = {
+    "subscribe": _STREAMING,
+    "psubscribe": _STREAMING,
+    "ssubscribe": _STREAMING,
+    "unsubscribe": _STREAMING,
+    "punsubscribe": _STREAMING,
+    "sunsubscribe": _STREAMING,
+    "monitor": _STREAMING,
+    "sync": "is the replication protocol, not supported through the gateway",
+    "psync": "is the replication protocol, not supported through the gateway",
+    "replconf": "is the replication protocol, not supported through the gateway",
+    "client tracking": _STREAMING + " (invalidations)",
+    "client caching": "is only meaningful with CLIENT TRACKING, which is not supported through the gateway",
+    "client reply": "is not supported through the gateway: every command gets a reply",
+    "reset": "is not supported through the gateway: it would log the connection out of the server",
+}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RedisAddon:
+    """The ``redis`` protocol: a RESP2/RESP3 listener per ``protocol: redis`` target."""
+
+    name = "redis"
+
+    def __init__(self) -> None:
+        self.targets: dict[str, RedisTarget] = {}
+        self.servers: list[asyncio.Server] = []
+        self.connections: set[asyncio.Task[None]] = set()
+
+    def load(self, loader: Loader) -> None:
+        loader.add_vocabulary(VOCABULARY)
+        loader.add_target_schema(PROTOCOL, TARGET_SCHEMA)
+
+    def configure(self, gateway: Gateway) -> None:
+        """Read the redis targets; refuse a plaintext listener off loopback unless allowed."""
+        targets: dict[str, RedisTarget] = {}
+        for t in gateway.targets(PROTOCOL):
+            target = RedisTarget.from_settings(t.name, t.settings)
+            if not _is_loopback(target.host) and not t.get("allow_plaintext", False):
+                raise ValueError(
+                    f"target {t.name!r} listens on {target.host}, which is not a loopback address: agents would "
+                    "send their tokens in clear. Put it behind a TLS terminator on the same host, or set "
+                    "allow_plaintext: true"
+                )
+            targets[t.name] = target
+        self.targets = targets
+
+    def request(self, flow: Flow) -> None:
+        """Deny, whatever the policy says, what the gateway cannot relay safely."""
+        request = flow.request
+        if request.protocol != PROTOCOL:
+            return
+        command = str(request.attrs.get("command", ""))
+        reason = UNSUPPORTED.get(command)
+        if reason is not None:
+            flow.deny(f"{command.upper()} {reason}", "redis:unsupported")
+        elif command == "select":
+            target = self.targets.get(request.target or flow.session.target)
+            db = target.db if target is not None else 0
+            flow.deny(
+                f"this target is pinned to database {db}; connect to a target configured for another database",
+                "redis:db-pinned",
+            )
+
+    async def running(self, gateway: Gateway) -> None:
+        if not self.targets:
+            self.configure(gateway)
+        for target in self.targets.values():
+
+            async def handle(
+                reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: RedisTarget = target
+            ) -> None:
+                task = asyncio.current_task()
+                assert task is not None
+                self.connections.add(task)
+                try:
+                    await Connection(gateway, target, reader, writer).run()
+                except asyncio.CancelledError:
+                    pass  # the addon is stopping; run() has closed the connection and its session
+                finally:
+                    self.connections.discard(task)
+
+            server = await asyncio.start_server(handle, target.host, target.port)
+            self.servers.append(server)
+            log.info("redis target %s listening on %s:%s", target.name, target.host, target.port)
+
+    async def done(self, gateway: Gateway) -> None:
+        """Stop accepting, then end open connections (their sessions close and are audited)."""
+        for server in self.servers:
+            server.close()
+        for task in list(self.connections):
+            task.cancel()
+        for task in list(self.connections):
+            with contextlib.suppress(BaseException):
+                await task
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        self.servers = []

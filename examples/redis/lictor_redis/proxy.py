@@ -1,0 +1,740 @@
+"""The asyncio side: one :class:`Connection` per agent, relaying RESP to the upstream Redis.
+
+Per connection two tasks share the work, so pipelines stay pipelined and replies stay in order:
+
+* the **reader** parses the agent's commands (:class:`~lictor_redis.resp.CommandParser`),
+  authenticates the agent, asks the policy about each command (``await session.decide``),
+  records it, forwards allowed commands upstream (re-encoded from the parsed arguments: upstream
+  executes exactly what was decided) and queues one :class:`Slot` per command saying how its
+  reply is produced;
+* the **responder** takes the slots in order: a slot either carries a reply the gateway
+  makes itself (a denial, ``+QUEUED``...) or says "the next upstream reply, masked with this
+  plan". Upstream replies stream through as events (:class:`~lictor_redis.resp.ReplyParser`);
+  only string values that must be masked are buffered (up to ``mask_max_value`` bytes each).
+
+Transactions: the gateway tracks ``MULTI``. A command inside it is decided like any other; if
+it is denied, the agent gets the denial in place of ``+QUEUED`` and the transaction is marked
+aborted: ``EXEC`` then discards the upstream transaction and answers ``-EXECABORT``, as Redis
+does after a queueing error. The elements of an ``EXEC`` reply are masked with the plans of
+the commands they answer.
+
+Approval: a held command waits in ``session.decide``; RESP has no way to tell the client
+mid-command, so the agent simply waits (later pipelined commands wait behind it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from lictor import AuthError, Decision, Gateway, Session
+from lictor.masking import MaskPlan
+
+from .commands import Classified, classify, quote
+from .resp import (
+    ARRAY,
+    ATTRIBUTE,
+    BULK_ERROR,
+    BULK_STRING,
+    ERROR,
+    PUSH,
+    SIMPLE_STRING,
+    TYPE_NAMES,
+    VERBATIM,
+    AggregateStart,
+    BulkChunk,
+    BulkEnd,
+    BulkStart,
+    Command,
+    CommandParser,
+    ProtocolError,
+    ReplyParser,
+    Simple,
+    encode_command,
+    encode_error,
+)
+from .vocabulary import PROTOCOL, request_for
+
+__all__ = ["Connection", "RedisTarget", "UpstreamError"]
+
+log = logging.getLogger("lictor.redis")
+
+OK = b"+OK\r\n"
+NOAUTH = encode_error("NOAUTH Authentication required.")
+NOAUTH_HELLO = encode_error(
+    "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> "
+    "AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol "
+    "version at the same time"
+)
+EXECABORT = encode_error("EXECABORT Transaction discarded because of previous errors.")
+MAX_AUTH_FAILURES = 3
+PREAUTH_MAX_BYTES = 64 * 1024  # a JWT fits; nothing big is parsed before the agent is known
+PREAUTH_MAX_ARGS = 16
+
+# Arguments whose values are secrets, redacted in recordings whatever the masking rules say.
+_SECRET_CONFIG = (b"pass", b"auth", b"secret", b"key")
+
+# Detectors applied to the argument summaries in recordings (values are recorded masked even
+# for denied commands, which have no masking plan of their own).
+RECORD_PLAN = MaskPlan.compile(
+    [
+        {
+            "detectors": [
+                "private_key",
+                "jwt",
+                "aws_access_key_id",
+                "aws_secret_access_key",
+                "github_token",
+                "slack_token",
+                "stripe_key",
+                "secret_assignment",
+                "card",
+                "iban",
+                "ssn",
+                "email",
+            ]
+        }
+    ]
+)
+
+
+class UpstreamError(RuntimeError):
+    """The upstream Redis server is unreachable, refused our login or broke the protocol."""
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A ``protocol: redis`` target of the gateway config."""
+
+    name: str
+    host: str
+    port: int
+    upstream_host: str
+    upstream_port: int
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    connect_timeout: float = 5.0
+    auth_timeout: float = 30.0
+    max_command_bytes: int = 64 * 1024 * 1024
+    mask_max_value: int = 16 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, name: str, settings: Any) -> RedisTarget:
+        listen = str(settings.get("listen", ""))
+        host, sep, port = listen.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"target {name!r}: listen must be HOST:PORT, got {listen!r}")
+        up = dict(settings.get("upstream") or {})
+        password = up.get("password")
+        limits = dict(settings.get("limits") or {})
+        return cls(
+            name=name,
+            host=host.strip("[]") or "127.0.0.1",
+            port=int(port),
+            upstream_host=str(up.get("host", "127.0.0.1")),
+            upstream_port=int(up.get("port", 6379)),
+            username=str(up["username"]) if up.get("username") else None,
+            password=None if password in (None, "") else str(password),
+            db=int(up.get("db", 0)),
+            connect_timeout=float(up.get("connect_timeout", 5.0)),
+            auth_timeout=float(settings.get("auth_timeout", 30.0)),
+            max_command_bytes=int(limits.get("max_command_bytes", 64 * 1024 * 1024)),
+            mask_max_value=int(limits.get("mask_max_value", 16 * 1024 * 1024)),
+        )
+
+
+@dataclass
+class _Multi:
+    """A transaction being queued: the plans of the commands upstream queued, in order."""
+
+    plans: list[Any] = field(default_factory=list)
+    aborted: bool = False
+
+
+@dataclass
+class Slot:
+    """How the reply to one command is produced (see the module docstring)."""
+
+    local: bytes | None = None  # the gateway's own reply
+    plan: Any = MaskPlan.EMPTY  # masking plan of an upstream reply
+    element_plans: list[Any] | None = None  # EXEC: one plan per element of the reply array
+    replace: bytes | None = None  # read the upstream reply, drop it, send this instead
+    seq: int = 0
+    command: str = ""
+    close: bool = False
+    queued_in: _Multi | None = None  # inside MULTI: on "+QUEUED", ``plan`` joins this transaction
+
+
+def _denial(name: str, decision: Decision) -> bytes:
+    rule = decision.rule_ids[0] if decision.rule_ids else "lictor:default-deny"
+    message = decision.message or "not allowed"
+    return encode_error(f"NOPERM lictor: {name} denied by rule {rule}: {message} (policy {decision.policy_version})")
+
+
+def _args_summary(c: Classified, max_args: int = 16, limit: int = 64) -> str:
+    """Arguments for the recording: truncated, with secret-bearing ones redacted."""
+    shown: list[str] = []
+    redact = 0
+    for i, arg in enumerate(c.args[:max_args]):
+        low = arg.lower()
+        if redact:
+            shown.append("[REDACTED]")
+            redact -= 1
+        elif c.command == "migrate" and low in (b"auth", b"auth2"):
+            shown.append(quote(arg))
+            redact = 1 if low == b"auth" else 2
+        elif c.command == "config set" and i % 2 == 1 and any(s in c.args[i - 1].lower() for s in _SECRET_CONFIG):
+            shown.append("[REDACTED]")
+        elif c.command.startswith("acl ") and arg[:1] in (b">", b"<", b"#", b"!"):
+            shown.append("[REDACTED]")
+        else:
+            shown.append(quote(arg, limit))
+    if len(c.args) > max_args:
+        shown.append(f"…(+{len(c.args) - max_args} args)")
+    return " ".join(shown)
+
+
+class Connection:
+    """One agent connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        target: RedisTarget,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.gateway = gateway
+        self.target = target
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        self.parser = CommandParser(max_command_bytes=PREAUTH_MAX_BYTES, max_args=PREAUTH_MAX_ARGS)
+        self.replies = ReplyParser()
+        self.queue: asyncio.Queue[Slot | None] = asyncio.Queue(maxsize=1024)
+        self.session: Session | None = None
+        self.up_reader: asyncio.StreamReader | None = None
+        self.up_writer: asyncio.StreamWriter | None = None
+        self.multi: _Multi | None = None
+        self.auth_failures = 0
+        self.seq = 0
+        self.counts: Counter[str] = Counter()
+        self.stop_reading = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        responder = asyncio.create_task(self._respond())
+        reading = asyncio.create_task(self._read_loop())
+        try:
+            done, _ = await asyncio.wait({responder, reading}, return_when=asyncio.FIRST_COMPLETED)
+            if reading in done and not reading.cancelled():
+                if reading.exception() is not None:
+                    log.error("redis connection %s failed", self.peer, exc_info=reading.exception())
+                # Let the responder deliver what is queued (the agent may have half-closed).
+                if not responder.done():
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._drain_replies(responder), timeout=30)
+            if responder.done() and not responder.cancelled() and responder.exception() is not None:
+                exc = responder.exception()
+                if isinstance(exc, (UpstreamError, ConnectionError, ProtocolError)):
+                    log.warning("redis connection %s: %s", self.peer, exc)
+                else:
+                    log.error("redis connection %s failed", self.peer, exc_info=exc)
+        finally:
+            for task in (reading, responder):
+                task.cancel()
+            for task in (reading, responder):
+                with contextlib.suppress(BaseException):
+                    await task
+            await self._close()
+
+    async def _drain_replies(self, responder: asyncio.Task[None]) -> None:
+        await self.queue.put(None)
+        await responder
+
+    async def _close(self) -> None:
+        for w in (self.up_writer, self.writer):
+            if w is not None:
+                with contextlib.suppress(Exception):
+                    w.close()
+        for w in (self.up_writer, self.writer):
+            if w is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(w.wait_closed(), 2)
+        if self.session is not None:
+            with contextlib.suppress(Exception):
+                await self.session.close(commands=self.seq, **dict(self.counts))
+
+    # -- reading commands -----------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while not self.stop_reading:
+            if self.session is None:
+                try:
+                    data = await asyncio.wait_for(self.reader.read(65536), self.target.auth_timeout)
+                except TimeoutError:
+                    await self._local(encode_error("ERR lictor: authentication timed out"), close=True)
+                    return
+            else:
+                data = await self.reader.read(65536)
+            if not data:
+                return
+            self.parser.feed(data)
+            while not self.stop_reading:
+                try:
+                    command = self.parser.next_command()
+                except ProtocolError as exc:
+                    await self._local(encode_error(f"ERR Protocol error: {exc}"), close=True)
+                    return
+                if command is None:
+                    break
+                await self._handle(command)
+
+    async def _local(self, reply: bytes, *, close: bool = False, seq: int = 0, command: str = "") -> None:
+        if close:
+            self.stop_reading = True
+        await self.queue.put(Slot(local=reply, close=close, seq=seq, command=command))
+
+    async def _forward(self, args: tuple[bytes, ...] | list[bytes], slot: Slot) -> None:
+        assert self.up_writer is not None
+        self.up_writer.write(encode_command(args))
+        await self.queue.put(slot)
+        await self.up_writer.drain()
+
+    def _record(self, kind: str, data: dict[str, Any], strict: bool = False) -> bool:
+        """Record an event; False when a strict recording could not be written."""
+        if self.session is None:
+            return True
+        try:
+            self.session.record(kind, data)
+        except Exception:
+            log.exception("recording failed for session %s", self.session.id)
+            return not strict
+        return True
+
+    async def _handle(self, command: Command) -> None:
+        args = command.args
+        name = args[0].lower()
+        if self.session is None:
+            await self._before_auth(args)
+            return
+        if name == b"quit":
+            await self._local(OK, close=True)
+            return
+        if name == b"multi":
+            await self._multi(args)
+            return
+        if name == b"exec":
+            await self._exec(args)
+            return
+        if name == b"discard":
+            self.multi = None
+            await self._plain(args, "DISCARD")
+            return
+        if name in (b"auth", b"hello", b"select"):
+            if self.multi is not None:
+                self.multi.aborted = True
+                await self._local(encode_error(f"ERR lictor: {name.decode().upper()} is not allowed inside MULTI"))
+                return
+            if name == b"auth":
+                sub = self.session.identity.subject
+                await self._local(
+                    encode_error(
+                        f"ERR lictor: already authenticated as {sub}; open a new connection to change identity"
+                    )
+                )
+                return
+            if name == b"hello":
+                await self._hello(args)
+                return
+            if len(args) == 2 and args[1].strip() == str(self.target.db).encode():
+                await self._local(OK)  # already there: the gateway pins the database
+                return
+        await self._command(args)
+
+    async def _plain(self, args: tuple[bytes, ...] | list[bytes], what: str) -> None:
+        """Forward a transaction-control command (decided by the gateway, recorded)."""
+        self.seq += 1
+        self._record("command", {"n": self.seq, "command": what, "decision": "gateway"})
+        await self._forward(args, Slot(seq=self.seq, command=what))
+
+    # -- authentication -------------------------------------------------------------------------
+
+    async def _before_auth(self, args: tuple[bytes, ...]) -> None:
+        name = args[0].lower()
+        if name == b"auth":
+            if len(args) not in (2, 3):
+                await self._local(encode_error("ERR wrong number of arguments for 'auth' command"))
+                return
+            user = args[1] if len(args) == 3 else None
+            if await self._login(args[-1], user, "AUTH"):
+                await self._local(OK)
+            return
+        if name == b"hello":
+            proto, options, error = self._parse_hello(args)
+            if error is not None:
+                await self._local(error)
+                return
+            auth = options.pop(b"auth", None)
+            if auth is None:
+                await self._local(NOAUTH_HELLO)
+                return
+            if await self._login(auth[1], auth[0], "HELLO"):
+                await self._hello_upstream(proto, options)
+            return
+        if name == b"quit":
+            await self._local(OK, close=True)
+            return
+        await self._local(NOAUTH)
+
+    @staticmethod
+    def _parse_hello(args: tuple[bytes, ...]) -> tuple[bytes | None, dict[bytes, list[bytes]], bytes | None]:
+        """``HELLO [protover [AUTH user pass] [SETNAME name]]`` -> (protover, options, error)."""
+        if len(args) == 1:
+            return None, {}, None
+        proto = args[1]
+        if proto not in (b"2", b"3"):
+            return None, {}, encode_error("NOPROTO unsupported protocol version")
+        options: dict[bytes, list[bytes]] = {}
+        i = 2
+        while i < len(args):
+            opt = args[i].lower()
+            if opt == b"auth" and i + 2 < len(args):
+                options[b"auth"] = [args[i + 1], args[i + 2]]
+                i += 3
+            elif opt == b"setname" and i + 1 < len(args):
+                options[b"setname"] = [args[i + 1]]
+                i += 2
+            else:
+                return None, {}, encode_error(f"ERR Syntax error in HELLO option '{args[i].decode(errors='replace')}'")
+        return proto, options, None
+
+    async def _login(self, token: bytes, user: bytes | None, via: str) -> bool:
+        target = self.target
+        try:
+            identity = self.gateway.authenticate(
+                token.decode("utf-8", "replace"), protocol=PROTOCOL, target=target.name, peer=self.peer
+            )
+        except AuthError as exc:
+            self.auth_failures += 1
+            close = self.auth_failures >= MAX_AUTH_FAILURES
+            await self._local(encode_error(f"WRONGPASS lictor: {exc}"), close=close)
+            return False
+        except Exception:
+            log.exception("redis target %s: token verification failed", target.name)
+            await self._local(encode_error("ERR lictor: the token could not be verified; retry later"), close=True)
+            return False
+        try:
+            await self._connect_upstream()
+        except (OSError, TimeoutError, UpstreamError, ProtocolError) as exc:
+            log.error(
+                "redis target %s: upstream %s:%s: %s", target.name, target.upstream_host, target.upstream_port, exc
+            )
+            await self._local(
+                encode_error("ERR lictor: the Redis server behind the gateway is unavailable"), close=True
+            )
+            return False
+        self.session = await self.gateway.open_session(
+            identity, protocol=PROTOCOL, target=target.name, peer=self.peer, method="jwt"
+        )
+        self.parser.max_command_bytes = target.max_command_bytes
+        self.parser.max_args = 1024 * 1024
+        user_text = user.decode("utf-8", "replace")[:200] if user is not None else None
+        self._record("auth", {"via": via, "user": user_text, "subject": identity.subject})
+        return True
+
+    async def _connect_upstream(self) -> None:
+        t = self.target
+        self.up_reader, up_writer = await asyncio.wait_for(
+            asyncio.open_connection(t.upstream_host, t.upstream_port), t.connect_timeout
+        )
+        self.up_writer = up_writer
+        steps: list[list[bytes]] = []
+        if t.password is not None:
+            steps.append([b"AUTH", *([t.username.encode()] if t.username else []), t.password.encode()])
+        if t.db:
+            steps.append([b"SELECT", str(t.db).encode()])
+        for step in steps:
+            up_writer.write(encode_command(step))
+            await up_writer.drain()
+            prefix, body = await asyncio.wait_for(self._read_small_reply(), t.connect_timeout)
+            if prefix != SIMPLE_STRING:
+                raise UpstreamError(f"{step[0].decode()} failed: {body.decode(errors='replace')[:200]}")
+
+    async def _read_small_reply(self) -> tuple[int, bytes]:
+        """One short upstream reply during the handshake: (type byte, text of a one-line reply)."""
+        first: tuple[int, bytes] | None = None
+        total = 0
+        while True:
+            event = self.replies.next_event()
+            if event is None:
+                assert self.up_reader is not None
+                data = await self.up_reader.read(65536)
+                if not data:
+                    raise UpstreamError("connection closed during the handshake")
+                total += len(data)
+                if total > 1024 * 1024:
+                    raise UpstreamError("handshake reply too large")
+                self.replies.feed(data)
+                continue
+            if first is None:
+                body = event.body if isinstance(event, Simple) else b""
+                prefix = event.prefix if isinstance(event, (Simple, AggregateStart, BulkStart)) else 0
+                first = (prefix, body)
+            if event.done:
+                return first
+
+    async def _hello(self, args: tuple[bytes, ...]) -> None:
+        proto, options, error = self._parse_hello(args)
+        if error is not None:
+            await self._local(error)
+            return
+        if b"auth" in options:
+            sub = self.session.identity.subject if self.session else "?"
+            await self._local(
+                encode_error(f"ERR lictor: already authenticated as {sub}; open a new connection to change identity")
+            )
+            return
+        await self._hello_upstream(proto, options)
+
+    async def _hello_upstream(self, proto: bytes | None, options: dict[bytes, list[bytes]]) -> None:
+        """Switch the upstream connection to the agent's protocol version (never forwarding AUTH)."""
+        args = [b"HELLO"]
+        if proto is not None:
+            args.append(proto)
+            if b"setname" in options:
+                args += [b"SETNAME", options[b"setname"][0]]
+        self.seq += 1
+        self._record("command", {"n": self.seq, "command": "HELLO", "args": " ".join(quote(a) for a in args[1:])})
+        await self._forward(args, Slot(seq=self.seq, command="HELLO"))
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    async def _multi(self, args: tuple[bytes, ...]) -> None:
+        if self.multi is None:
+            self.multi = _Multi()
+        await self._plain(args, "MULTI")
+
+    async def _exec(self, args: tuple[bytes, ...]) -> None:
+        multi, self.multi = self.multi, None
+        if multi is None:
+            await self._plain(args, "EXEC")  # upstream answers "EXEC without MULTI"
+            return
+        self.seq += 1
+        if multi.aborted:
+            self._record("command", {"n": self.seq, "command": "EXEC", "decision": "gateway", "aborted": True})
+            await self._forward([b"DISCARD"], Slot(replace=EXECABORT, seq=self.seq, command="EXEC"))
+            return
+        self._record("command", {"n": self.seq, "command": "EXEC", "decision": "gateway"})
+        await self._forward(args, Slot(element_plans=multi.plans, seq=self.seq, command="EXEC"))
+
+    # -- ordinary commands ----------------------------------------------------------------------
+
+    async def _command(self, args: tuple[bytes, ...]) -> None:
+        assert self.session is not None
+        session = self.session
+        c = classify(args)
+        self.seq += 1
+        seq = self.seq
+        base = {"n": seq, "command": c.name, "keys": None if c.keys is None else [quote(k, 200) for k in c.keys[:32]]}
+        if self.multi is not None:
+            base["multi"] = True
+        if not c.arity_ok:
+            self.counts["errors"] += 1
+            if self.multi is not None:
+                self.multi.aborted = True
+            self._record("command", {**base, "decision": "error", "error": "wrong number of arguments"})
+            await self._local(encode_error(f"ERR wrong number of arguments for '{c.command}' command"), seq=seq)
+            return
+        request = request_for(c, args, target=self.target.name)
+
+        async def notify(approval_id: str, message: str) -> None:
+            # RESP cannot carry a notice in the middle of a command: the agent just waits.
+            self._record("approval", {"n": seq, "approval_id": approval_id, "message": message})
+
+        decision = await session.decide(request, notify)
+        plan = session.mask_plan(decision) if decision.allowed else MaskPlan.EMPTY
+        summary, _ = RECORD_PLAN.mask_text(_args_summary(c))
+        if not plan.is_empty:
+            summary, _ = plan.mask_text(summary)
+        record = {
+            **base,
+            "args": summary,
+            "decision": decision.action,
+            "rules": list(decision.rule_ids),
+            "policy": decision.policy_version,
+        }
+        if decision.approval_id:
+            record["approval_id"] = decision.approval_id
+        if decision.mask_rule_ids:
+            record["mask_rules"] = list(decision.mask_rule_ids)
+        recorded = self._record("command", record, strict=decision.recording == "strict")
+        if decision.allowed and not recorded:
+            decision = Decision.deny(
+                "the session recording is unavailable and this role requires it; retry later",
+                "lictor:recording-unavailable",
+                decision.policy_version,
+            )
+        if not decision.allowed:
+            self.counts["denied"] += 1
+            if self.multi is not None:
+                self.multi.aborted = True
+            await self._local(_denial(c.name, decision), seq=seq, command=c.name)
+            return
+        self.counts["allowed"] += 1
+        await self._forward(args, Slot(plan=plan, seq=seq, command=c.name, queued_in=self.multi))
+
+    # -- replies --------------------------------------------------------------------------------
+
+    async def _respond(self) -> None:
+        while True:
+            slot = await self.queue.get()
+            if slot is None:
+                return
+            if slot.local is not None:
+                self.writer.write(slot.local)
+                if slot.seq:
+                    self._record(
+                        "reply",
+                        {"n": slot.seq, "direction": "out", "type": "error", "bytes": len(slot.local), "gateway": True},
+                    )
+            else:
+                info = await self._relay(slot)
+                self._record("reply", {"n": slot.seq, "direction": "out", **info})
+            if slot.close:
+                await self.writer.drain()
+                return
+            if self.queue.empty() or self.writer.transport.get_write_buffer_size() > 256 * 1024:
+                await self.writer.drain()
+
+    async def _next_event(self) -> Any:
+        while True:
+            event = self.replies.next_event()
+            if event is not None:
+                return event
+            assert self.up_reader is not None
+            data = await self.up_reader.read(256 * 1024)
+            if not data:
+                raise UpstreamError("the upstream Redis server closed the connection")
+            self.replies.feed(data)
+
+    async def _relay(self, slot: Slot) -> dict[str, Any]:
+        """Relay one upstream reply to the agent, masking strings; returns what to record."""
+        out = bytearray()
+        masked: Counter[str] = Counter()
+        size = 0
+        first: int | None = None
+        element = -1
+        plan = slot.plan
+        buffering: bytearray | None = None
+        bulk_prefix = BULK_STRING
+        oversize = False
+        drop = slot.replace is not None
+        while True:
+            event = await self._next_event()
+            depth = event.depth
+            if depth == 0 and isinstance(event, AggregateStart) and event.prefix == PUSH and first is None:
+                await self._skip_push(event)
+                continue
+            if first is None and not (isinstance(event, AggregateStart) and event.prefix == ATTRIBUTE):
+                first = event.prefix if isinstance(event, (Simple, AggregateStart, BulkStart)) else None
+                if slot.element_plans is not None and not drop:
+                    if not (isinstance(event, AggregateStart) and event.prefix == ARRAY):
+                        plan = MaskPlan.EMPTY  # an error or a null (WATCH failed): nothing of the data
+                    elif event.count != len(slot.element_plans):
+                        log.error(
+                            "EXEC reply has %d elements for %d queued commands", event.count, len(slot.element_plans)
+                        )
+                        drop = True
+                        slot.replace = encode_error("ERR lictor: the transaction reply does not match; it was withheld")
+            if slot.element_plans is not None and depth == 1 and first == ARRAY:
+                starts_item = isinstance(event, (Simple, BulkStart)) or (
+                    isinstance(event, AggregateStart) and event.prefix != ATTRIBUTE
+                )
+                if starts_item:
+                    element += 1
+                    plan = slot.element_plans[element] if 0 <= element < len(slot.element_plans) else MaskPlan.EMPTY
+            if drop:
+                if event.done:
+                    break
+                continue
+            if isinstance(event, Simple):
+                if slot.queued_in is not None and depth == 0 and event.prefix == SIMPLE_STRING:
+                    if event.body == b"QUEUED":
+                        # Redis queued it (WATCH inside MULTI, for one, runs at once): EXEC's
+                        # reply will have an element for it, masked with its plan.
+                        slot.queued_in.plans.append(slot.plan)
+                    out += event.raw
+                elif event.prefix in (SIMPLE_STRING, ERROR) and not plan.is_empty:
+                    body, counts = plan.mask_bytes(event.body)
+                    masked.update(counts)
+                    out += bytes([event.prefix]) + body.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
+                else:
+                    out += event.raw
+            elif isinstance(event, BulkStart):
+                if event.length >= 0 and not plan.is_empty and event.prefix in (BULK_STRING, BULK_ERROR, VERBATIM):
+                    buffering = bytearray()
+                    bulk_prefix = event.prefix
+                    oversize = event.length > self.target.mask_max_value
+                else:
+                    out += event.raw
+            elif isinstance(event, BulkChunk):
+                if buffering is not None:
+                    if not oversize:
+                        buffering += event.data
+                else:
+                    out += event.data
+            elif isinstance(event, BulkEnd):
+                if buffering is not None:
+                    if oversize:
+                        masked["oversize"] += 1
+                        out += encode_error(
+                            f"ERR lictor: a value larger than {self.target.mask_max_value} bytes cannot be masked; "
+                            "it was withheld"
+                        )
+                    else:
+                        out += self._mask_bulk(bulk_prefix, bytes(buffering), plan, masked)
+                    buffering = None
+                else:
+                    out += b"\r\n"
+            else:
+                out += event.raw
+            if len(out) >= 64 * 1024:
+                size += len(out)
+                self.writer.write(bytes(out))
+                out.clear()
+                await self.writer.drain()
+            if event.done:
+                break
+        if drop:
+            assert slot.replace is not None
+            out += slot.replace
+            first = slot.replace[0]
+        size += len(out)
+        self.writer.write(bytes(out))
+        info: dict[str, Any] = {"type": TYPE_NAMES.get(first or 0, "?"), "bytes": size}
+        if masked:
+            info["masked"] = dict(masked)
+        return info
+
+    @staticmethod
+    def _mask_bulk(prefix: int, value: bytes, plan: Any, masked: Counter[str]) -> bytes:
+        head = value[:4] if prefix == VERBATIM else b""  # "txt:" of a verbatim string stays
+        body, counts = plan.mask_bytes(value[len(head) :])
+        masked.update(counts)
+        data = head + body
+        return b"%c%d\r\n%b\r\n" % (prefix, len(data), data)
+
+    async def _skip_push(self, event: AggregateStart) -> None:
+        """Out-of-band pushes are not expected (subscriptions and tracking are refused): drop them."""
+        log.warning("redis connection %s: dropped an unexpected push message from upstream", self.peer)
+        self._record("push", {"dropped": True})
+        while not event.done:
+            event = await self._next_event()

@@ -1,0 +1,103 @@
+"""The ``redis`` rule vocabulary and how a command becomes a :class:`lictor.Request`.
+
+``when:`` fields of ``protocol: redis`` rules:
+
+==============  ==================================================================================
+``commands``    globs over the command name, case-insensitive: ``GET``, ``CLIENT KILL``, ``H*``
+                (a container command is named with its subcommand; ``CLIENT *`` covers them all)
+``categories``  permission categories (see :mod:`lictor_redis.commands`): ``read``, ``write``,
+                ``keyspace``, ``admin``, ``dangerous``, ``pubsub``, ``scripting``, ``connection``,
+                ``transaction``, ``blocking``, ``other``
+``types``       data types the command works on: ``string``, ``hash``, ``list``, ``set``, ...
+``keys``        globs over key names, case-sensitive (``app:*``)
+``args``        globs over each argument after the command name, case-insensitive
+==============  ==================================================================================
+
+An ``allow`` rule must cover **every** category, type, key and argument of a command; ``deny``,
+``approve`` and ``mask`` rules fire on **any**. Unknown things are ``None`` and never match:
+a command the gateway does not know has action ``unknown`` and no categories, types or keys, so
+only a rule naming it in ``commands`` (or ``commands: "*"``) can allow it; a command whose keys
+cannot be determined (scripts, ``SORT``, ``KEYS``, ``SCAN``, ``FLUSHALL``...) is never allowed
+by a rule with ``keys``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lictor import Enum, Glob, Request, Vocabulary
+
+from .commands import CATEGORIES, TYPES, Classified, classify, display, quote
+from .resp import ProtocolError, split_inline
+
+__all__ = ["PROTOCOL", "VOCABULARY", "build_requests", "request_for"]
+
+PROTOCOL = "redis"
+
+
+def _text(value: bytes) -> str:
+    # surrogateescape keeps the mapping from bytes to text one-to-one, so a glob cannot be
+    # fooled by two different keys that decode to the same text.
+    return value.decode("utf-8", "surrogateescape")
+
+
+def request_for(c: Classified, args: Sequence[bytes], target: str = "", reason: str | None = None) -> Request:
+    """The request the policy decides for the command ``args`` (classified as ``c``)."""
+    attrs: dict[str, Any] = {
+        "command": c.command,
+        "categories": c.categories,
+        "types": c.types,
+        "keys": None if c.keys is None else frozenset(_text(k) for k in c.keys),
+        "args": tuple(_text(a) for a in c.args),
+    }
+    return Request(
+        protocol=PROTOCOL,
+        action=c.command if c.known else "unknown",
+        attrs=attrs,
+        target=target,
+        summary=display(c),
+        payload=" ".join(quote(a) for a in args),
+        reason=reason,
+    )
+
+
+def build_requests(case: Mapping[str, Any], target: str) -> list[Request]:
+    """Requests of a policy test case: ``command: "SET app:1 x"`` (split like redis-cli input)
+    or ``args: [SET, app:1, x]``."""
+    if "args" in case:
+        raw = case["args"]
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("`args` must be a non-empty list")
+        args = [str(a).encode() for a in raw]
+    elif "command" in case:
+        try:
+            args = split_inline(str(case["command"]).encode())
+        except ProtocolError as exc:
+            raise ValueError(f"cannot split the command: {exc}") from None
+        if not args:
+            raise ValueError("`command` is empty")
+    else:
+        raise ValueError('a redis test request needs `command: "GET key"` or `args: [GET, key]`')
+    return [request_for(classify(args), args, target=target, reason=case.get("reason"))]
+
+
+VOCABULARY = Vocabulary(
+    protocol=PROTOCOL,
+    fields=(
+        Glob("commands", attr="command", description="command names, e.g. GET or CLIENT KILL (globs)"),
+        Enum(
+            "categories",
+            attr="categories",
+            values=CATEGORIES,
+            wildcard=False,
+            description="permission categories of the command (Redis ACL categories, stricter)",
+        ),
+        Enum("types", attr="types", values=TYPES, wildcard=False, description="data types the command works on"),
+        Glob("keys", attr="keys", case_sensitive=True, description="key names (globs, case-sensitive)"),
+        Glob("args", attr="args", description="arguments after the command name (globs)"),
+    ),
+    index="commands",
+    description="Redis commands (RESP2/RESP3), decided one by one, in pipelines and MULTI/EXEC too",
+    build_requests=build_requests,
+)

@@ -1,0 +1,170 @@
+"""The Redis addon tested the way an outsider tests an addon: with ``lictor.testing``.
+
+The harness is a real gateway (policy engine, audit log in a temporary directory, approval broker,
+in-memory recorder); with ``start=True`` the addon's listener runs in this event loop, in front
+of the real Redis server on 127.0.0.1:6379.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from lictor import testing
+
+from tests.conftest import ROOT, free_port, require
+
+sys.path.insert(0, str(ROOT / "examples" / "redis"))
+
+from lictor_redis import RedisAddon, build_requests
+
+PACK = (ROOT / "examples" / "redis" / "rulepacks" / "redis.yaml").read_text()
+CARD = "4111 1111 1111 1111"
+
+
+def _redis_up() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def req(line: str):
+    (request,) = build_requests({"command": line}, "cache")
+    return request
+
+
+# -- decisions, without a listener ------------------------------------------------------------------
+
+
+async def test_decisions_use_the_vocabulary_and_the_pack():
+    async with testing.harness(RedisAddon(), rulepacks=PACK) as h:
+        reader = await h.session(testing.identity("r", role="reader"), protocol="redis", target="cache")
+        testing.assert_decision(
+            await reader.decide(req("GET app:1")), "allow", rule="redis-read-app", masked=["redis-mask-pii"]
+        )
+        testing.assert_decision(await reader.decide(req("SET app:1 x")), "deny", rule="lictor:default-deny")
+        testing.assert_decision(await reader.decide(req("EVAL x 0")), "deny", rule="redis-no-scripts")
+        assert [e["action"] for e in h.audit("decision")] == ["allow", "deny", "deny"]
+        assert h.audit("decision")[0]["request"]["summary"] == "GET app:1"
+
+
+async def test_the_request_hook_refuses_what_cannot_be_relayed_whatever_the_policy():
+    async with testing.harness(RedisAddon(), rulepacks=PACK) as h:
+        admin = await h.session(testing.identity("a", role="admin"), protocol="redis", target="cache")
+        testing.assert_decision(await admin.decide(req("CONFIG GET maxmemory")), "allow", rule="redis-admin-all")
+        for line in ["SUBSCRIBE ch", "MONITOR", "CLIENT TRACKING ON", "CLIENT REPLY OFF", "RESET", "PSYNC ? -1"]:
+            decision = await admin.decide(req(line))
+            testing.assert_decision(decision, "deny", rule="redis:unsupported")
+            assert line.split()[0] in decision.message
+        testing.assert_decision(await admin.decide(req("SELECT 5")), "deny", rule="redis:db-pinned")
+
+
+def test_a_plaintext_listener_off_loopback_is_refused():
+    targets = {"cache": {"protocol": "redis", "listen": "0.0.0.0:6390", "upstream": {"host": "127.0.0.1"}}}
+
+    async def start() -> None:
+        async with testing.harness(RedisAddon(), rulepacks=PACK, targets=targets, start=True):
+            pass
+
+    with pytest.raises(Exception, match="not a loopback address"):
+        asyncio.run(start())
+
+
+# -- the listener, in process -----------------------------------------------------------------------
+
+
+class Env:
+    def __init__(self, h: testing.Harness, port: int, prefix: str) -> None:
+        self.h = h
+        self.port = port
+        self.prefix = prefix
+
+    def client(self, role: str, protocol: int = 2) -> aioredis.Redis:
+        token = self.h.gateway.issuer.issue(f"agent-{role}", {"role": role})
+        return aioredis.Redis(port=self.port, username="agent", password=token, protocol=protocol)
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    require(_redis_up(), "redis-server on 127.0.0.1:6379")
+    port = free_port()
+    targets = {"cache": {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": {"host": "127.0.0.1"}}}
+    prefix = f"app:test-{secrets.token_hex(4)}:"
+    direct = redis.Redis()
+    try:
+        async with testing.harness(RedisAddon(), rulepacks=PACK, targets=targets, start=True, state_dir=tmp_path) as h:
+            yield Env(h, port, prefix)
+    finally:
+        keys = direct.keys(prefix + "*")
+        if keys:
+            direct.delete(*keys)
+        direct.close()
+
+
+async def test_listener_masks_records_and_audits(env: Env):
+    key = env.prefix + "card"
+    redis.Redis().set(key, f"card {CARD} of bob@example.com")
+    reader = env.client("reader")
+    try:
+        value = await reader.get(key)
+        assert value is not None and CARD not in value.decode() and value.decode().endswith("1111 of ***@******e.com")
+        with pytest.raises(redis.exceptions.NoPermissionError, match="SET denied by rule lictor:default-deny"):
+            await reader.set(key, "x")
+    finally:
+        await reader.aclose()
+    commands = env.h.events(kind="command")
+    get = next(e for e in commands if e["command"] == "GET")
+    assert get["keys"] == [key] and get["decision"] == "allow" and get["mask_rules"] == ["redis-mask-pii"]
+    replies = {e["n"]: e for e in env.h.events(kind="reply")}
+    assert replies[get["n"]]["masked"] == {"card": 1, "email": 1}
+    assert replies[get["n"]]["type"] == "bulk"
+    denied = next(e for e in commands if e["command"] == "SET")
+    assert denied["decision"] == "deny" and denied["args"] == f"{key} x"
+    assert [e["via"] for e in env.h.events(kind="auth")] == ["AUTH"]
+    actions = [(e["request"]["action"], e["action"]) for e in env.h.audit("decision")]
+    assert ("get", "allow") in actions and ("set", "deny") in actions
+
+
+async def test_recorded_arguments_are_masked_even_for_denied_commands(env: Env):
+    writer = env.client("writer")
+    try:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await writer.set("other:1", f"card {CARD}")
+        await writer.set(env.prefix + "x", f"card {CARD}")
+    finally:
+        await writer.aclose()
+    args = [e["args"] for e in env.h.events(kind="command") if e["command"] == "SET"]
+    assert len(args) == 2 and all(CARD not in a and "[REDACTED:card]" in a for a in args)
+
+
+async def test_a_held_command_waits_for_an_approval(env: Env):
+    key = env.prefix + "doomed"
+    redis.Redis().set(key, "1")
+    writer = env.client("writer")
+    try:
+        pending = asyncio.create_task(writer.delete(key))
+        for _ in range(200):
+            waits = env.h.events(kind="approval")
+            if waits:
+                break
+            await asyncio.sleep(0.02)
+        assert waits, "the DEL was not held"
+        assert not pending.done()
+        assert redis.Redis().exists(key) == 1  # nothing forwarded while held
+        approver = testing.identity("human", role="approver")
+        await env.h.gateway.approvals.vote(approver, waits[0]["approval_id"], "approve")  # type: ignore[union-attr]
+        assert await asyncio.wait_for(pending, 10) == 1
+        assert redis.Redis().exists(key) == 0
+    finally:
+        await writer.aclose()
+    (deleted,) = [e for e in env.h.events(kind="command") if e["command"] == "DEL"]
+    assert deleted["decision"] == "allow" and deleted["approval_id"] == waits[0]["approval_id"]

@@ -1,0 +1,427 @@
+"""The Redis addon end to end: a real ``lictor run`` process loading examples/redis/redis_addon.py,
+the real ``redis-cli`` and redis-py, in front of the real Redis server on 127.0.0.1:6379.
+
+Every test works on its own key prefix (``app:test-<random>:``) and deletes its keys afterwards;
+nothing here flushes the shared server (FLUSHALL/FLUSHDB denials are covered by the policy tests,
+which never reach a server).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from lictor import LocalIssuer
+
+from tests.conftest import ROOT, GatewayProcess, free_port, lictor, require, require_binary
+
+sys.path.insert(0, str(ROOT / "examples" / "redis"))
+
+from lictor_redis.resp import ReplyParser, encode_command
+
+CARD = "4111 1111 1111 1111"
+ADDON = str(ROOT / "examples" / "redis" / "redis_addon.py")
+RULEPACKS = str(ROOT / "examples" / "redis" / "rulepacks")
+
+
+def _redis_up() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _config(targets: dict[str, Any]) -> dict[str, Any]:
+    return {"addons": [ADDON], "rulepacks": [RULEPACKS], "approvals": {}, "targets": targets}
+
+
+class Gw:
+    """The running gateway with helpers to get tokens and read its audit log and recordings."""
+
+    def __init__(self, proc: GatewayProcess, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.issuer = LocalIssuer(proc.state_dir)
+
+    def token(self, role: str, sub: str | None = None) -> str:
+        return self.issuer.issue(sub or f"agent-{role}-{secrets.token_hex(3)}", {"role": role}, ttl=600)
+
+    def client(self, role: str, protocol: int = 2, sub: str | None = None) -> redis.Redis:
+        return redis.Redis(port=self.port, username="agent", password=self.token(role, sub), protocol=protocol)
+
+    def cli(
+        self, token: str | None, *args: str, resp3: bool = False, user: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [require_binary("redis-cli"), "-p", str(self.port), "--no-auth-warning"]
+        if resp3:
+            cmd += ["-3", "--no-raw"]  # formatted output shows the RESP3 types
+        if token is not None:
+            cmd += ["--user", "agent", "--pass", token] if user else ["-a", token]
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=20)
+
+    def audit(self, kind: str | None = None) -> list[dict[str, Any]]:
+        args = ["audit", "list", "--json", "--state-dir", str(self.proc.state_dir)]
+        if kind:
+            args += ["--kind", kind]
+        return [json.loads(line) for line in lictor(*args).stdout.splitlines() if line.strip()]
+
+    def decisions(self, sub: str) -> list[dict[str, Any]]:
+        return [e for e in self.audit("decision") if e["identity"]["sub"] == sub]
+
+    def recording(self, sub: str, index: int = -1) -> list[dict[str, Any]]:
+        """The events of a recorded session of ``sub`` (the last one by default)."""
+        state = str(self.proc.state_dir)
+        sessions = [e for e in self.audit("session.start") if e["identity"]["sub"] == sub]
+        assert sessions, f"no session of {sub}"
+        out = lictor("sessions", "export", "--state-dir", state, "--format", "jsonl", sessions[index]["id"]).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip() and '"kind"' in line]
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gw]:
+    require(_redis_up(), "redis-server on 127.0.0.1:6379")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis-gw")
+    target = {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": {"host": "127.0.0.1", "port": 6379}}
+    proc = GatewayProcess(workdir, _config({"cache": target})).start()
+    try:
+        yield Gw(proc, port)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    p = f"app:test-{secrets.token_hex(4)}:"
+    yield p
+    direct = redis.Redis()
+    for db in (0, 2):
+        direct.select(db)
+        keys = direct.keys(p + "*")
+        if keys:
+            direct.delete(*keys)
+    direct.close()
+
+
+def _raw(port: int, payload: bytes, replies: int) -> list[bytes]:
+    """Send ``payload`` in one write; return ``replies`` top-level replies as raw bytes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        parser = ReplyParser()
+        out: list[bytes] = []
+        current = bytearray()
+        while len(out) < replies:
+            data = s.recv(65536)
+            if not data:
+                break
+            parser.feed(data)
+            for event in parser.events():
+                current += (
+                    event.data if hasattr(event, "data") else (b"\r\n" if not hasattr(event, "prefix") else event.raw)
+                )
+                if event.done:
+                    out.append(bytes(current))
+                    current.clear()
+        return out
+
+
+def cmd(*args: str | bytes) -> bytes:
+    return encode_command([a.encode() if isinstance(a, str) else a for a in args])
+
+
+# -- redis-cli --------------------------------------------------------------------------------------
+
+
+def test_redis_cli_allowed_and_denied(gw: Gw, prefix: str):
+    writer, reader, admin = gw.token("writer"), gw.token("reader"), gw.token("admin")
+    assert gw.cli(None, "GET", prefix + "k").stdout.strip() == "NOAUTH Authentication required."
+    assert gw.cli(writer, "SET", prefix + "k", "hello").stdout.strip() == "OK"
+    assert gw.cli(reader, "GET", prefix + "k", user=False).stdout.strip() == "hello"  # AUTH <token>
+    denied = gw.cli(reader, "SET", prefix + "k", "x").stdout.strip()
+    assert denied.startswith("NOPERM lictor: SET denied by rule lictor:default-deny: ")
+    version = gw.audit("decision")[-1]["policy_version"]
+    assert denied.endswith(f"(policy {version})")
+    eval_denied = gw.cli(writer, "EVAL", "return redis.call('get', KEYS[1])", "1", prefix + "k").stdout
+    assert "NOPERM lictor: EVAL denied by rule redis-no-scripts: scripts run code" in eval_denied
+    assert "denied by rule redis-no-dangerous" in gw.cli(writer, "KEYS", prefix + "*").stdout
+    assert "denied by rule redis-admin-no-destroy" in gw.cli(admin, "DEBUG", "SLEEP", "0").stdout
+    assert gw.cli(admin, "GET", prefix + "k").stdout.strip() == "hello"
+    assert redis.Redis().get(prefix + "k") == b"hello"
+
+
+def test_redis_cli_resp3_and_masking(gw: Gw, prefix: str):
+    redis.Redis().hset(prefix + "customer", mapping={"email": "bob@example.com", "card": CARD, "plan": "gold"})
+    out = gw.cli(gw.token("reader"), "HGETALL", prefix + "customer", resp3=True).stdout
+    assert '"plan" => "gold"' in out  # a RESP3 map, as redis-cli prints maps
+    assert "bob@example.com" not in out and CARD not in out
+    assert "**** **** **** 1111" in out and "***@******e.com" in out
+    hello = gw.cli(gw.token("reader"), "HELLO", "3", resp3=True).stdout
+    assert '"proto" => (integer) 3' in hello
+
+
+def test_authentication_failures(gw: Gw):
+    other = LocalIssuer(gw.proc.workdir / "other-issuer").issue("mallory", {"role": "admin"})
+    res = gw.cli(other, "GET", "app:1")
+    assert "WRONGPASS lictor:" in res.stderr + res.stdout
+    good = gw.token("reader")
+    tampered = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+    replies = _raw(
+        gw.port,
+        cmd("HELLO", "3")
+        + cmd("HELLO", "4", "AUTH", "agent", good)
+        + cmd("AUTH", "a", "b", "c")
+        + cmd("AUTH", "agent", tampered)
+        + cmd("AUTH", "garbage")
+        + cmd("AUTH", "agent", "x.y.z")
+        + cmd("PING"),
+        7,
+    )
+    assert replies[0].startswith(b"-NOAUTH HELLO must be called with the client already authenticated")
+    assert replies[1] == b"-NOPROTO unsupported protocol version\r\n"
+    assert replies[2] == b"-ERR wrong number of arguments for 'auth' command\r\n"
+    assert all(r.startswith(b"-WRONGPASS lictor: ") for r in replies[3:6])
+    assert len(replies) == 6  # the third failure closes the connection; PING never gets a reply
+    failed = [e for e in gw.audit("auth.failed") if e["protocol"] == "redis"]
+    assert len(failed) >= 4 and all(e["target"] == "cache" for e in failed)
+
+
+# -- redis-py: RESP2 and RESP3, masking ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_redis_py_masks_a_stored_card_number(gw: Gw, prefix: str, protocol: int):
+    direct = redis.Redis()
+    direct.set(prefix + "card", f"paid with {CARD}")
+    direct.hset(prefix + "h", mapping={"card": CARD, "n": "1"})
+    reader = gw.client("reader", protocol=protocol)
+    assert reader.get(prefix + "card") == b"paid with **** **** **** 1111"
+    assert reader.hgetall(prefix + "h") == {b"card": b"**** **** **** 1111", b"n": b"1"}
+    assert reader.mget(prefix + "card", prefix + "missing") == [b"paid with **** **** **** 1111", None]
+    admin = gw.client("admin", protocol=protocol)
+    assert admin.get(prefix + "card") == f"paid with {CARD}".encode()  # admins see values unmasked
+    if protocol == 3:
+        assert reader.connection_pool.get_connection().protocol == 3
+    reader.close()
+    admin.close()
+
+
+def test_hello_3_auth_authenticates(gw: Gw, prefix: str):
+    sub = f"hello-{secrets.token_hex(3)}"
+    client = gw.client("writer", protocol=3, sub=sub)  # redis-py sends HELLO 3 AUTH <user> <token>
+    assert client.set(prefix + "x", "1") is True
+    client.close()
+    auth = [e for e in gw.recording(sub) if e["kind"] == "auth"]
+    assert auth and auth[0]["data"]["via"] == "HELLO" and auth[0]["data"]["user"] == "agent"
+
+
+# -- pipelines and transactions ---------------------------------------------------------------------
+
+
+def test_a_pipeline_in_one_write_is_decided_command_by_command(gw: Gw, prefix: str):
+    sub = f"pipe-{secrets.token_hex(3)}"
+    token = gw.token("writer", sub=sub)
+    payload = cmd("AUTH", "agent", token)
+    for i in range(100):
+        payload += cmd("GET", "other:secret") if i == 50 else cmd("SET", f"{prefix}{i}", str(i))
+    replies = _raw(gw.port, payload, 101)
+    assert replies[0] == b"+OK\r\n"
+    assert replies[1:51] == [b"+OK\r\n"] * 50 and replies[52:] == [b"+OK\r\n"] * 49
+    assert replies[51].startswith(b"-NOPERM lictor: GET denied by rule lictor:default-deny")
+    direct = redis.Redis()
+    assert direct.get(f"{prefix}99") == b"99" and direct.exists(f"{prefix}50") == 0
+    decisions = gw.decisions(sub)
+    assert len(decisions) == 100
+    assert [d["action"] for d in decisions].count("deny") == 1
+
+
+def test_redis_py_pipeline_without_transaction_continues_after_a_denial(gw: Gw, prefix: str):
+    client = gw.client("writer")
+    pipe = client.pipeline(transaction=False)
+    pipe.set(prefix + "a", "1").get("other:1").incr(prefix + "a").get(prefix + "a")
+    results = pipe.execute(raise_on_error=False)
+    assert results[0] is True and results[2] == 2 and results[3] == b"2"
+    assert isinstance(results[1], redis.exceptions.NoPermissionError)
+    client.close()
+
+
+def test_transaction_with_a_denied_command_is_aborted(gw: Gw, prefix: str):
+    redis.Redis().set(prefix + "n", "10")
+    token = gw.token("writer")
+    replies = _raw(
+        gw.port,
+        cmd("AUTH", token)
+        + cmd("MULTI")
+        + cmd("INCR", prefix + "n")
+        + cmd("GET", "other:1")
+        + cmd("INCR", prefix + "n")
+        + cmd("EXEC")
+        + cmd("GET", prefix + "n"),
+        7,
+    )
+    assert replies[:3] == [b"+OK\r\n", b"+OK\r\n", b"+QUEUED\r\n"]
+    assert replies[3].startswith(b"-NOPERM lictor: GET denied by rule")
+    assert replies[4] == b"+QUEUED\r\n"
+    assert replies[5] == b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+    assert replies[6] == b"$2\r\n10\r\n"  # nothing of the transaction ran; the connection goes on
+    client = gw.client("writer")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        client.pipeline(transaction=True).incr(prefix + "n").get("other:1").execute()
+    assert redis.Redis().get(prefix + "n") == b"10"
+    client.close()
+
+
+def test_commands_redis_runs_at_once_inside_multi_get_no_element_in_exec(gw: Gw, prefix: str):
+    redis.Redis().set(prefix + "c", f"card {CARD}")
+    replies = _raw(
+        gw.port,
+        cmd("AUTH", gw.token("writer"))
+        + cmd("MULTI")
+        + cmd("WATCH", prefix + "c")  # Redis answers at once with an error and queues nothing
+        + cmd("GET", prefix + "c")
+        + cmd("EXEC"),
+        5,
+    )
+    assert replies[2] == b"-ERR WATCH inside MULTI is not allowed\r\n"
+    assert replies[3] == b"+QUEUED\r\n"
+    assert replies[4] == b"*1\r\n$24\r\ncard **** **** **** 1111\r\n"
+
+
+def test_transaction_results_are_masked_per_command(gw: Gw, prefix: str):
+    client = gw.client("writer", protocol=3)
+    pipe = client.pipeline(transaction=True)
+    pipe.set(prefix + "c", f"card {CARD}").get(prefix + "c").hset(prefix + "h", "email", "bob@example.com")
+    pipe.hgetall(prefix + "h")
+    assert pipe.execute() == [True, b"card **** **** **** 1111", 1, {b"email": b"***@******e.com"}]
+    assert redis.Redis().get(prefix + "c") == f"card {CARD}".encode()  # stored as sent
+    client.close()
+
+
+# -- protocol details -------------------------------------------------------------------------------
+
+
+def test_inline_commands_and_what_is_never_relayed(gw: Gw):
+    token = gw.token("admin")
+    replies = _raw(
+        gw.port,
+        b"PING\r\n"
+        + f"AUTH {token}\r\n".encode()
+        + b"PING\r\n"
+        + b"SELECT 0\r\n"
+        + b"SELECT 1\r\n"
+        + b"SUBSCRIBE news\r\n"
+        + b"CLIENT REPLY OFF\r\n"
+        + b'ECHO "two words"\r\n'
+        + b"QUIT\r\n",
+        9,
+    )
+    assert replies[0] == b"-NOAUTH Authentication required.\r\n"
+    assert replies[1:4] == [b"+OK\r\n", b"+PONG\r\n", b"+OK\r\n"]
+    assert replies[4].startswith(b"-NOPERM lictor: SELECT denied by rule redis:db-pinned: ")
+    assert replies[5].startswith(b"-NOPERM lictor: SUBSCRIBE denied by rule redis:unsupported: ")
+    assert replies[6].startswith(b"-NOPERM lictor: CLIENT REPLY denied by rule redis:unsupported: ")
+    assert replies[7] == b"$9\r\ntwo words\r\n"
+    assert replies[8] == b"+OK\r\n"
+
+
+def test_protocol_errors_close_the_connection(gw: Gw):
+    replies = _raw(gw.port, cmd("AUTH", gw.token("reader")) + b"*1\r\n+PING\r\n", 3)
+    assert replies == [b"+OK\r\n", b"-ERR Protocol error: expected '$', got '+'\r\n"]
+
+
+# -- recording --------------------------------------------------------------------------------------
+
+
+def test_commands_and_replies_are_recorded_masked(gw: Gw, prefix: str):
+    redis.Redis().set(prefix + "card", CARD)
+    sub = f"rec-{secrets.token_hex(3)}"
+    token = gw.token("reader", sub=sub)
+    assert gw.cli(token, "GET", prefix + "card").stdout.strip() == "**** **** **** 1111"
+    assert "NOPERM" in gw.cli(token, "SET", prefix + "card", CARD).stdout
+    decisions = gw.decisions(sub)
+    assert [(d["request"]["action"], d["action"], d["rule_ids"][0]) for d in decisions] == [
+        ("get", "allow", "redis-read-app"),
+        ("set", "deny", "lictor:default-deny"),
+    ]
+    assert decisions[0]["request"]["summary"] == f"GET {prefix}card"
+    assert len([e for e in gw.audit("session.start") if e["identity"]["sub"] == sub]) == 2  # one per redis-cli call
+    get = gw.recording(sub, 0)
+    assert [e["kind"] for e in get] == ["session.start", "auth", "command", "reply", "session.end"]
+    command, reply = get[2], get[3]
+    assert command["dir"] == "in" and reply["dir"] == "out"
+    assert command["data"]["command"] == "GET" and command["data"]["keys"] == [prefix + "card"]
+    assert command["data"]["decision"] == "allow" and command["data"]["mask_rules"] == ["redis-mask-pii"]
+    assert reply["data"]["type"] == "bulk" and reply["data"]["masked"] == {"card": 1}
+    denied = gw.recording(sub, 1)
+    command = next(e["data"] for e in denied if e["kind"] == "command")
+    assert command["command"] == "SET" and command["decision"] == "deny" and "[REDACTED:card]" in command["args"]
+    assert CARD not in json.dumps(get + denied) and token not in json.dumps(get + denied)
+
+
+def test_raw_card_numbers_and_tokens_stay_out_of_audit_and_recordings(gw: Gw, prefix: str):
+    redis.Redis().set(prefix + "card", CARD)
+    token = gw.token("reader")
+    gw.cli(token, "GET", prefix + "card")
+    gw.cli(token, "SET", prefix + "x", f"card {CARD}")
+    for path in Path(gw.proc.state_dir).rglob("*"):
+        if path.is_file() and "approvals" not in path.name:
+            data = path.read_bytes()
+            assert CARD.encode() not in data, path
+            assert token.encode() not in data, path
+
+
+# -- upstream credentials ---------------------------------------------------------------------------
+
+
+def test_upstream_credentials_and_database_stay_in_the_gateway(
+    gateway_factory: Callable[..., GatewayProcess], prefix: str
+):
+    require(_redis_up(), "redis-server on 127.0.0.1:6379")
+    direct = redis.Redis()
+    user, password = f"lictor-test-{secrets.token_hex(4)}", secrets.token_hex(16)
+    direct.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["app:*"], commands=["+@all"])
+    try:
+        good, bad = free_port(), free_port()
+        upstream = {"host": "127.0.0.1", "port": 6379, "username": user, "password": password, "db": 2}
+        proc = gateway_factory(
+            _config(
+                {
+                    "cache": {"protocol": "redis", "listen": f"127.0.0.1:{good}", "upstream": upstream},
+                    "broken": {
+                        "protocol": "redis",
+                        "listen": f"127.0.0.1:{bad}",
+                        "upstream": {**upstream, "password": "wrong"},
+                    },
+                }
+            )
+        )
+        issuer = LocalIssuer(proc.state_dir)
+        writer = redis.Redis(port=good, username="agent", password=issuer.issue("w", {"role": "writer"}))
+        assert writer.set(prefix + "k", "v") is True
+        assert writer.get(prefix + "k") == b"v"
+        direct.select(2)
+        assert direct.get(prefix + "k") == b"v"  # in the target's database
+        direct.select(0)
+        assert direct.get(prefix + "k") is None
+        admin = redis.Redis(port=good, username="agent", password=issuer.issue("a", {"role": "admin"}))
+        assert admin.acl_whoami() == user  # the upstream login is the gateway's, not the agent's
+        with pytest.raises(redis.exceptions.ResponseError, match="unavailable"):
+            redis.Redis(port=bad, username="agent", password=issuer.issue("w", {"role": "writer"})).ping()
+        writer.close()
+        admin.close()
+        proc.stop()
+        for path in Path(proc.state_dir).rglob("*"):
+            if path.is_file():
+                assert password.encode() not in path.read_bytes(), path
+        assert password not in proc.log()
+    finally:
+        direct.acl_deluser(user)
+        direct.close()
