@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from lictor import Identity, Request, load_policy
-from lictor_addons import default_addons
 from lictor.addons import AddonManager
+from lictor_addons import default_addons
 
 KINDS = ["select", "insert", "update", "delete", "truncate", "copy_to"]
 
@@ -40,7 +40,9 @@ def pack(n: int) -> str:
             f"      - {{id: rule-{i}, protocol: postgres, when: {{statements: [{kind}], "
             f"tables: [app.t{i}], functions: ['f{i % 97}*']}}, unless: {{where: false}}, action: {action}}}"
         )
-    lines.append("      - {id: any-select, protocol: postgres, when: {statements: select, tables: ['reports.*']}, action: allow}")
+    lines.append(
+        "      - {id: any-select, protocol: postgres, when: {statements: select, tables: ['reports.*']}, action: allow}"
+    )
     return "\n".join(lines) + "\n"
 
 
