@@ -29,11 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "core"))
 
-from lictor.masking import (
-    BUILTIN_DETECTORS,
-    MaskPlan,
-    _scan,
-)
+from lictor.masking import BUILTIN_DETECTORS, MaskPlan, _plan, _scan
 
 MiB = 1 << 20
 
@@ -158,11 +154,33 @@ def stream_through(plan: MaskPlan, corpus: Corpus, total: int, chunk: int) -> tu
     return time.perf_counter() - t0, out
 
 
+WORST_CASES = {
+    "random bytes": lambda n: random.Random(1).randbytes(n),
+    "base64": lambda n: __import__("base64").b64encode(random.Random(2).randbytes(n * 3 // 4)),
+    "digits, spaces and dashes": lambda n: bytes(random.Random(3).choices(b"0123456789 -", k=n)),
+    "card-shaped, Luhn fails": lambda n: b"4111 1111 1111 1112 " * (n // 20),
+    "e-mail-shaped, bad TLD": lambda n: b"a@b." * (n // 4),
+    "JWT-shaped, no dots": lambda n: b"eyJaaaaaaaa-" * (n // 12),
+    "PEM BEGIN lines only": lambda n: b"-----BEGIN RSA PRIVATE KEY-----\n" * (n // 32),
+}
+
+
+def worst_cases(plan: MaskPlan, size: int) -> None:
+    """Inputs crafted to put a candidate every few bytes: each costs a check in Python."""
+    for name, make in WORST_CASES.items():
+        data = make(size)
+        t0 = time.perf_counter()
+        plan.mask_bytes(data)
+        dt = time.perf_counter() - t0
+        print(f"  {name:26s}: {len(data) / dt / 1e6:7.1f} MB/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, default=100, help="MiB of data for re2 (default 100)")
     ap.add_argument("--baseline-mb", type=int, default=4, help="MiB of data for Python re (default 4)")
     ap.add_argument("--traced-mb", type=int, default=20, help="MiB streamed under tracemalloc (default 20)")
+    ap.add_argument("--worst", action="store_true", help="also time crafted worst-case inputs (1 MiB each)")
     args = ap.parse_args()
 
     specs = [{"detectors": list(BUILTIN_DETECTORS)}]
@@ -201,10 +219,12 @@ def main() -> None:
     # 4. Python re doing the same job: the same scanner with re in place of re2
     original = _scan._matcher, _scan._set
     _scan._matcher, _scan._set = _python_re_matcher, _PythonReSet
+    _plan._scanner.cache_clear()  # compiled scanners are shared between plans
     try:
         baseline = MaskPlan.compile(specs, key=key)
     finally:
         _scan._matcher, _scan._set = original
+        _plan._scanner.cache_clear()
     small = list(corpus.blocks(args.baseline_mb * MiB))
     t_re, c_re = measure(baseline, small)
     t_re2, c_re2 = measure(plan, small, repeat=3)
@@ -212,6 +232,10 @@ def main() -> None:
     print(f"python re       : {size:7.1f} MB in {t_re:6.2f} s = {size / t_re:6.1f} MB/s")
     print(f"re2, same slice : {size / t_re2:6.1f} MB/s; same masked values: {c_re == c_re2}")
     print(f"ratio re2 / re  : {t_re / t_re2:.1f}x on the same slice")
+
+    if args.worst:
+        print("worst cases (re2):")
+        worst_cases(plan, MiB)
 
 
 if __name__ == "__main__":

@@ -218,6 +218,16 @@ def test_private_key_block_is_masked_whole_and_truncated_block_too() -> None:
     assert masked("private_key", truncated + "$ ") == red("private_key") + "\n$ "
 
 
+def test_jwt_runs_without_dots_are_rejected_at_once() -> None:
+    from lictor.masking._validators import jwt
+
+    run = b"eyJaaaaaaaa-eyJbbbbbbbb-eyJcccccccc"
+    assert jwt(run, 0, len(run)) == -(len(run) + 2)  # no later start in the run can pass
+    assert masked("jwt", run.decode()) == run.decode()
+    dotted = (b"eyJaaaaaaaa." * 7).decode()  # 7 and 6 dots: no; 5 dots and a full stop: a JWE
+    assert masked("jwt", dotted) == dotted[:24] + red("jwt") + "."
+
+
 def test_jwt_sentence_full_stop_kept() -> None:
     token = POSITIVES["jwt"][0]
     assert masked("jwt", f"token {token}.") == f"token {red('jwt')}."

@@ -47,6 +47,9 @@ FRAGMENTS = [
     PEM,
     b"-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nu",  # truncated block
     b"EMP-123456",
+    b"eyJaaaaaaaa.",
+    b"eyJaaaaaaaa-",
+    b"-----BEGIN RSA PRIVATE KEY-----\n",
     b"the order shipped",
     b"12:30:45",
     "naïve café 日本語 ☃ 😀".encode(),

@@ -4,8 +4,10 @@ Every pattern must have a bounded match length (see :mod:`._regex`): that bound 
 stream masker holds back between chunks. Some built-ins use an *extension* instead of a long
 counted repetition: the pattern matches a short, distinctive head and a second, anchored
 pattern extends the masked group up to ``extend_limit`` bytes past the pattern's match (the
-rest of a token, a JWT's payload and signature, a PEM block up to its END line, a secret's
-value). The e-mail detector also extends backwards, over at most ``back_limit`` bytes of its
+rest of a token, a JWT's payload and signature, a secret's value). A *terminated* extension
+(PEM blocks) looks for the literal ``extend_find`` where ``extend`` must match (the END line),
+never past ``extend_stop`` (the next BEGIN line), and falls back to ``extend_fallback`` when there
+is none. The e-mail detector also extends backwards, over at most ``back_limit`` bytes of its
 ``extend_back`` class, to the start of the local part: a counted repetition there, in front of
 ``@``, multiplies the states of the combined automaton and made scanning base64 very slow.
 Long counted repetitions make re2 programs large, and a large program makes every match
@@ -81,6 +83,8 @@ class Detector:
     extend: tuple[str | None, ...] = ()
     extend_fallback: str | None = None
     extend_limit: int = 0
+    extend_find: str | None = None
+    extend_stop: str | None = None
     extend_back: str | None = None
     back_limit: int = 0
 
@@ -178,7 +182,9 @@ _BUILTINS = (
     _builtin(
         "private_key",
         r"-----BEGIN (?:[A-Z0-9]{1,20} ){0,3}PRIVATE KEY(?: BLOCK)?-----",
-        extend=(r"(?s:.)*?-----END (?:[A-Z0-9]{1,20} ){0,3}PRIVATE KEY(?: BLOCK)?-----",),
+        extend=(r"-----END (?:[A-Z0-9]{1,20} ){0,3}PRIVATE KEY(?: BLOCK)?-----",),
+        extend_find="-----END ",
+        extend_stop="-----BEGIN ",
         extend_fallback=r"(?:(?:\r?\n|\\r\\n|\\n)(?:[A-Za-z0-9+/=]{1,128}|[A-Za-z-]{1,32}: ?[^\r\n]{0,128}))*",
         extend_limit=PEM_LIMIT,
     ),

@@ -95,37 +95,55 @@ def _back_matcher(char_class: str) -> Callable[[bytes], int]:
 
 
 class _Extension:
-    """Continues a masked group past the pattern (see _detectors): greedy, or lazy with a fallback."""
+    """Continues a masked group past its pattern (see _detectors): a greedy run of one class,
+    or a block terminated by a line found with ``find`` before the next ``stop``."""
 
-    __slots__ = ("fallback", "greedy", "limit", "match")
+    __slots__ = ("fallback", "find", "greedy", "limit", "match", "stop")
 
-    def __init__(self, pattern: str, fallback: str | None, limit: int) -> None:
+    def __init__(self, pattern: str, det: Detector) -> None:
         self.match = _matcher(pattern)
-        self.greedy = fallback is None
-        self.fallback = _matcher(fallback) if fallback else None
-        self.limit = limit
+        self.greedy = det.extend_find is None
+        self.find = det.extend_find.encode() if det.extend_find else b""
+        self.stop = det.extend_stop.encode() if det.extend_stop else b""
+        self.fallback = _matcher(det.extend_fallback) if det.extend_fallback else None
+        self.limit = det.extend_limit
 
-    def end(self, data: bytes, e: int, n: int, eof: bool) -> int:
+    def end(self, data: bytes, e: int, n: int, eof: bool, runs: dict[int, tuple[int, int]]) -> int:
         """End of a group extended from ``e`` (at most ``limit`` bytes), or -1 when more input
-        is needed to decide."""
+        is needed to decide. ``runs`` remembers greedy runs already measured in this scan, so
+        that many candidates inside one long run cost one pass over it, not one each."""
         hard = e + self.limit
         endpos = min(n, hard)
         complete = eof or n >= hard
         if e >= endpos:
             return e if complete else -1
-        end = self.match(ANCHOR_START, data, e, endpos)[0][1]
         if self.greedy:
+            # A run of the class from `e` ends where the run from any earlier start inside it
+            # ends; a run cut by the limit is only resumed from where it was cut.
+            start = e
+            known = runs.get(id(self))
+            if known is not None and known[0] <= e < known[1]:
+                start = known[1]
+            end = self.match(ANCHOR_START, data, start, endpos)[0][1] if start < endpos else start
             # The run may go on in the next chunk: it reached the end of the buffer, or it
             # stopped at what may be only the first bytes of a multi-byte character.
             if not complete and (end == n or (data[end] >= 0x80 and n - end < 4)):
                 return -1
+            if end > e:
+                runs[id(self)] = (e, end)
             return max(end, e)
-        if end >= 0:
-            return end
-        if not complete:
+        stop = data.find(self.stop, e, endpos) if self.stop else -1
+        upto = endpos if stop < 0 else stop
+        at = data.find(self.find, e, upto)
+        while at >= 0:
+            spans = self.match(ANCHOR_START, data, at, endpos)
+            if spans[0][0] >= 0:
+                return spans[0][1]
+            at = data.find(self.find, at + 1, upto)
+        if stop < 0 and not complete:
             return -1
         assert self.fallback is not None
-        return max(self.fallback(ANCHOR_START, data, e, endpos)[0][1], e)
+        return max(self.fallback(ANCHOR_START, data, e, upto)[0][1], e)
 
 
 class _Slot:
@@ -151,7 +169,7 @@ class _Slot:
         self.groups = det.mask_groups
         self.validator: Validator | None = VALIDATORS[det.validator] if det.validator else None
         self.extensions: tuple[_Extension | None, ...] = tuple(
-            _Extension(ext, det.extend_fallback, det.extend_limit) if ext else None for ext in det.extend
+            _Extension(ext, det) if ext else None for ext in det.extend
         ) or (None,) * len(self.groups)
         # Masks the whole match: the span found by the combined search is enough.
         self.simple = self.groups == (0,)
@@ -198,6 +216,8 @@ class Scanner:
         slots = self.slots
         candidates = self._candidates
         only = [0] if self._sets is None else None
+        runs: dict[int, tuple[int, int]] = {}
+        skip: dict[int, int] = {}  # detector index -> no candidate of it can pass before this
         c = emitted = pos
         while True:
             s, e = find(UNANCHORED, data, c, n)[0]
@@ -209,6 +229,8 @@ class Scanner:
             ms = me = -1
             first = True
             for di in only or candidates(data, s):
+                if skip and skip.get(di, -1) > s:
+                    continue
                 slot = slots[di]
                 ext = slot.extensions[0]
                 if first and slot.simple:
@@ -225,13 +247,15 @@ class Scanner:
                     lo = max(emitted, ms - slot.back_limit)
                     ms -= slot.back(data[lo:ms][::-1])
                 if ms >= 0 and ext is not None:
-                    me = ext.end(data, me, n, eof)
+                    me = ext.end(data, me, n, eof, runs)
                     if me < 0:  # an open token or block whose end is not here yet: wait
                         hold = min(s, ms)
                         out.append(data[emitted:hold])
                         return hold
                 if ms >= 0 and slot.validator is not None:
                     me = slot.validator(data, ms, me)
+                    if me < -1:  # rejected, and so is any candidate of this detector before -me - 2
+                        skip[di] = -me - 2
                 if ms >= 0 and me > ms:
                     break
                 slot = None

@@ -2,10 +2,13 @@
 
 A validator is called as ``validator(data, start, end)`` where ``data[start:end]`` is the
 candidate (the span that would be masked) and the rest of ``data`` is context: at least one
-byte before ``start`` and one byte after ``end`` are present when they exist in the input, so
+byte before ``start`` and two bytes after ``end`` are present when they exist in the input, so
 a validator may look at its neighbours. It returns the end of the accepted span, which may be
 shorter than ``end`` when a trailing group was swallowed by the pattern (``4111 1111 1111 1111
-12`` accepts ``4111 1111 1111 1111``), or -1 to reject the candidate.
+12`` accepts ``4111 1111 1111 1111``), or -1 to reject the candidate. A validator that knows
+that every candidate of its detector starting before some position ``p`` would be rejected too
+may return ``-(p + 2)``: the scanner then skips them without asking (this keeps crafted input
+from making the scan quadratic).
 
 Validators only run on candidates, never on every byte, and they never allocate more than a
 copy of the candidate.
@@ -18,27 +21,30 @@ Validator = Callable[[bytes, int, int], int]
 
 _SEPARATORS = b" -"
 _DIGITS = frozenset(b"0123456789")
-_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _HEXCOLON = frozenset(b"0123456789ABCDEFabcdef:")
 _WORD = _ALNUM | frozenset(b"_")
 
 
+_LUHN_DOUBLE = bytes(sum(divmod(2 * (b - 48), 10)) if 48 <= b <= 57 else 0 for b in range(256))
+_LUHN_SINGLE = bytes(b - 48 if 48 <= b <= 57 else 0 for b in range(256))
+
+
 def luhn_ok(digits: bytes) -> bool:
-    """Luhn checksum over ASCII digits (no separators)."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ch - 48
-        total += _DOUBLED[d] if i & 1 else d
-    return total % 10 == 0
+    """Luhn checksum over ASCII digits (no separators); table lookups, no per-digit Python."""
+    rev = digits[::-1]
+    return (sum(rev[0::2].translate(_LUHN_SINGLE)) + sum(rev[1::2].translate(_LUHN_DOUBLE))) % 10 == 0
 
 
-def _trim_groups(data: bytes, start: int, end: int, check: Callable[[bytes], bool], seps: bytes) -> int:
-    """Accept ``data[start:end]`` or its longest prefix ending before a separator that passes."""
-    while end > start:
+def _trim_groups(data: bytes, start: int, end: int, check: Callable[[bytes], bool], seps: bytes, tries: int = 4) -> int:
+    """Accept ``data[start:end]`` or, failing that, one of its prefixes that end before a
+    separator (longest first, at most ``tries`` spans in all)."""
+    for _ in range(tries):
         if check(data[start:end]):
             return end
-        cut = max(data.rfind(sep, start, end) for sep in seps)
+        cut = -1
+        for sep in seps:
+            cut = max(cut, data.rfind(sep, start, end))
         if cut <= start:
             return -1
         end = cut
@@ -53,8 +59,11 @@ def _card_ok(span: bytes) -> bool:
 
 
 def card(data: bytes, start: int, end: int) -> int:
-    """Payment card: 13-19 digits (spaces or dashes allowed), not starting with 0, Luhn valid."""
-    return _trim_groups(data, start, end, _card_ok, b" -")
+    """Payment card: 13-19 digits (spaces or dashes allowed), not starting with 0, Luhn valid.
+
+    A trailing group the pattern took in (``4111 1111 1111 1111 123``) may be dropped; a
+    grouped card has at most two groups too many to be tried."""
+    return _trim_groups(data, start, end, _card_ok, b" -", 3)
 
 
 def luhn(data: bytes, start: int, end: int) -> int:
@@ -200,12 +209,21 @@ def email(data: bytes, start: int, end: int) -> int:
 
 
 def jwt(data: bytes, start: int, end: int) -> int:
-    """JWT (JWS or JWE compact form): base64url segments joined by 2 or 4 dots."""
-    dots = data.count(b".", start, end)
-    if data[end - 1] == 46 and dots in (3, 5):  # a sentence's full stop after the token
+    """JWT (JWS or JWE compact form): base64url segments joined by 2 or 4 dots.
+
+    With fewer than 2 dots, no token starting later in the same run can have more: the
+    candidates up to ``end`` are all rejected at once (see ``Validator``)."""
+    dots: list[int] = []
+    at = data.find(b".", start, end)
+    while at >= 0 and len(dots) < 6:
+        dots.append(at)
+        at = data.find(b".", at + 1, end)
+    if len(dots) < 2:
+        return -(end + 2)
+    if len(dots) in (3, 5) and dots[-1] == end - 1:  # a sentence's full stop after the token
         end -= 1
-        dots -= 1
-    if dots not in (2, 4) or data.find(b".", start, end) - start < 10:
+        dots.pop()
+    if len(dots) not in (2, 4) or dots[0] - start < 10:
         return -1
     return end
 
