@@ -260,6 +260,15 @@ def test_rejected_candidate_does_not_hide_another_detector_at_same_place() -> No
     assert plan.mask_text("1234-5678") == (f"{red('second')}-{red('second')}", {"second": 2})
 
 
+def test_skipped_detector_does_not_lend_its_span_to_the_next() -> None:
+    # "a" is rejected by the jwt check (no dots) with a hint that skips its later candidates in
+    # the run; "b" then matches at those places with its own, shorter span
+    a = compile_detector("a", r"[a-z]{3}[a-z]{0,5}", "jwt")
+    b = compile_detector("b", r"[a-z]{2}")
+    plan = MaskPlan.compile([{"detectors": ["a", "b"]}], {"a": a, "b": b}, key=KEY)
+    assert plan.mask_text("abcdefghij") == (red("b") * 5, {"b": 5})
+
+
 def test_validators_listed() -> None:
     assert {"luhn", "iban", "mod97", "ssn", "card", "phone", "ipv4", "ipv6"} <= set(VALIDATORS)
 

@@ -227,13 +227,14 @@ class Scanner:
                 break
             slot = None
             ms = me = -1
-            first = True
-            for di in only or candidates(data, s):
+            found = only or candidates(data, s)
+            first = found[0]  # the alternative the combined search matched: (s, e) is its span
+            for di in found:
                 if skip and skip.get(di, -1) > s:
                     continue
                 slot = slots[di]
                 ext = slot.extensions[0]
-                if first and slot.simple:
+                if di == first and slot.simple:
                     ms, me = s, e
                 else:
                     spans = slot.find(ANCHOR_START, data, s, n)
@@ -242,7 +243,6 @@ class Scanner:
                         if ms >= 0:
                             ext = slot.extensions[i]
                             break
-                first = False
                 if ms >= 0 and slot.back is not None:
                     lo = max(emitted, ms - slot.back_limit)
                     ms -= slot.back(data[lo:ms][::-1])
