@@ -322,9 +322,9 @@ class GatewayClient:
     def remote(self, path: str | Path) -> str:
         return f"agent@{self.host}:{path}"
 
-    def shell(self, token: str, *extra: str, rows: int = 24, cols: int = 80) -> PtyProcess:
-        """An interactive ``ssh -tt`` session on a real pseudo-terminal."""
-        return PtyProcess(self.ssh_argv(None, "-tt", *extra), self.env(token), rows=rows, cols=cols)
+    def shell(self, token: str, command: str | None = None, *, rows: int = 24, cols: int = 80) -> PtyProcess:
+        """An interactive ``ssh -tt`` session (a shell, or ``command``) on a real pseudo-terminal."""
+        return PtyProcess(self.ssh_argv(command, "-tt"), self.env(token), rows=rows, cols=cols)
 
 
 class PtyProcess:

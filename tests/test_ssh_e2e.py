@@ -32,7 +32,7 @@ CARD = "4111 1111 1111 1111"
 
 
 def _pack(work: Path) -> dict[str, Any]:
-    read_programs = ["ls", "cat", "echo", "id", "whoami", "head", "printf", "sha256sum", "stty", "true", "sleep"]
+    read_programs = ["ls", "cat", "echo", "id", "whoami", "head", "printf", "sha256sum", "stty", "true", "sleep", "tty"]
     return {
         "format": "lictor/v1",
         "metadata": {"name": "ssh-e2e", "owner": "tests"},
@@ -586,6 +586,25 @@ def test_script_piped_into_a_shell_stops_at_the_first_denied_line(env: Env) -> N
     assert b"lictor: denied `rm" in run.stderr
     assert env.direct(f"test -e {created}").returncode == 1
     _markers_intact(env)
+
+
+def test_exec_with_a_terminal_gets_one_only_with_raw_shell(env: Env) -> None:
+    # observer: no terminal on the target (a pager's `!cmd` could not be inspected); the gateway
+    # plays the terminal: echo, Enter, line editing, ^D
+    shell = env.client.shell(env.tokens["observer"], "tty; head -n 1")
+    try:
+        shell.expect(rb"not a tty\r\n")
+        shell.send(b"helo\x7flo\r")
+        shell.expect(rb"hello\r\n")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+    admin = env.client.shell(env.tokens["admin"], "tty")
+    try:
+        admin.expect(rb"/dev/pts/\d+")
+        assert admin.wait(timeout=15) == 0
+    finally:
+        admin.close()
 
 
 def test_raw_shell_for_trusted_roles(env: Env) -> None:

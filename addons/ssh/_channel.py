@@ -59,6 +59,11 @@ DENIED_STATUS = 126
 UNREACHABLE_STATUS = 255
 PTY_ECHO = 53  # RFC 4254 terminal mode opcode
 PROMPT_KEEP = 512
+LINE_SHELL_ENV = (
+    "PS1='\\u@\\h:\\w\\$ ' PAGER=cat MANPAGER=cat GIT_PAGER=cat SYSTEMD_PAGER=cat SYSTEMD_COLORS=0 LESSSECURE=1"
+)
+"""Environment of line-mode shells: a readable prompt, and no pager that would read keystrokes (a pager's
+``!command`` would run something no rule saw)."""
 
 Notify = Callable[[str, str], Awaitable[None]]
 
@@ -142,6 +147,8 @@ class ChannelHandler:
         self.reason: str | None = (env.get("LICTOR_REASON") or None) if env else None
         self.approval_id: str | None = (env.get("LICTOR_APPROVAL") or None) if env else None
         self.pty = process.term_type is not None
+        self.cooked = False
+        """The agent has a terminal but the target does not: translate newlines and control keys."""
         self.upstream: asyncssh.SSHClientProcess[bytes] | None = None
         self.lease: Lease | None = None
         self._prompt = b""
@@ -229,12 +236,19 @@ class ChannelHandler:
     # -- exec ---------------------------------------------------------------------------------
 
     async def _exec(self, command: str) -> None:
+        assert self.session is not None
         self.record(
             "command",
             {"channel": self.number, "kind": "exec", "command": command, "pty": self.pty, "reason": self.reason},
         )
+        if self.pty:
+            # Keystrokes to a program on a terminal are commands the gateway cannot inspect (a
+            # pager's `!cmd`, an editor's `:!cmd`): only roles granted raw_shell get a real terminal
+            # on the target; the others run without one and the gateway plays the terminal.
+            raw_req = channel_request("raw_shell", target=self.target, summary=f"terminal for: {command[:200]}")
+            self.cooked = self.session.decide_now(raw_req).action != "allow"
         requests = requests_for_command(
-            command, target=self.target, channel="exec", interactive=self.pty, reason=self.reason
+            command, target=self.target, channel="exec", interactive=self.pty and not self.cooked, reason=self.reason
         )
         decision, deciding = await self._decide(requests)
         self.record("decision", _decision_event(self.number, decision))
@@ -273,7 +287,7 @@ class ChannelHandler:
             return
         shell = shlex.quote(self.agent.config.line_shell)
         if self.pty:
-            command = f"exec env PS1='\\u@\\h:\\w\\$ ' {shell} --noprofile --norc --noediting -i"
+            command = f"exec env {LINE_SHELL_ENV} {shell} --noprofile --norc --noediting -i"
         else:
             command = f"exec {shell} --noprofile --norc"
         if not await self._open_upstream(command, raw=False):
@@ -286,7 +300,7 @@ class ChannelHandler:
         try:
             self.lease = await self.agent.pool.acquire()
             kwargs: dict[str, Any] = {"encoding": None}
-            if self.pty:
+            if self.pty and not self.cooked:
                 modes = dict(self.process.term_modes)
                 if not raw:
                     modes[PTY_ECHO] = 0
@@ -377,6 +391,8 @@ class ChannelHandler:
     def _emit(self, writer: asyncssh.SSHWriter[bytes], stream: str, data: bytes) -> None:
         if not data:
             return
+        if self.cooked:  # what a terminal's ONLCR would do
+            data = data.replace(b"\n", b"\r\n")
         writer.write(data)
         self._record_out(stream, data)
         if stream == "stdout" and self.pty:
@@ -458,8 +474,9 @@ class ChannelHandler:
 
     async def _raw_input(self) -> None:
         up = self.upstream
-        assert up is not None and self.session is not None
-        recorder = StreamRecord(self.record, self.number, "stdin", self.agent.config.record_output_limit)
+        assert up is not None
+        editor = LineEditor() if self.cooked else None
+        total = 0
         try:
             while True:
                 data = await self._read_input()
@@ -468,13 +485,38 @@ class ChannelHandler:
                     return
                 if self.pty:
                     self.record("input", {"channel": self.number, "data": data.decode("utf-8", "replace")})
+                total += len(data)
+                if editor is not None:
+                    if not self._cooked_input(editor, data):
+                        return
                 else:
-                    recorder.total += len(data)
-                up.stdin.write(data)
+                    up.stdin.write(data)
                 await up.stdin.drain()
         finally:
-            if not self.pty and recorder.total:
-                self.record("input.bytes", {"channel": self.number, "bytes": recorder.total})
+            if not self.pty and total:
+                self.record("input.bytes", {"channel": self.number, "bytes": total})
+
+    def _cooked_input(self, editor: LineEditor, data: bytes) -> bool:
+        """The agent's terminal keys for a program that has no terminal on the target: the gateway is
+        the line discipline (echo, editing, Enter sends the line, ^C/^\\ are signals, ^D is the end
+        of input: returns False). The lines are data for the allowed program, not commands."""
+        up = self.upstream
+        assert up is not None
+        for event in editor.feed(data):
+            if isinstance(event, Echo):
+                self.process.stdout.write(event.data)
+            elif isinstance(event, Line):
+                up.stdin.write(event.text.encode("utf-8") + b"\n")
+            elif isinstance(event, Signal):
+                if event.char in (b"\x03", b"\x1c"):
+                    with contextlib.suppress(Exception):
+                        up.send_signal("INT" if event.char == b"\x03" else "QUIT")
+            elif isinstance(event, Eof):
+                if editor.text:
+                    up.stdin.write(editor.text.encode("utf-8"))
+                up.stdin.write_eof()
+                return False
+        return True
 
     async def _line_input(self) -> None:
         up = self.upstream

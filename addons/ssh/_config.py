@@ -103,8 +103,9 @@ def _load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
             fh.write(key.export_private_key())
         Path(f"{path}.pub").write_bytes(key.export_public_key())
         return key
+    data = _read(path, "host_key")
     try:
-        return asyncssh.import_private_key(_read(path, "host_key"))
+        return asyncssh.import_private_key(data)
     except (asyncssh.KeyImportError, ValueError) as exc:
         raise ValueError(f"host_key: {path} is not a usable private key: {exc}") from None
 
@@ -140,15 +141,17 @@ def _parse(name: str, settings: Mapping[str, Any], resolve: Callable[[str], Path
 
     up = settings["upstream"]
     key_path = resolve(str(up["key"]))
+    key_data = _read(key_path, "upstream.key")
     try:
-        key = asyncssh.import_private_key(_read(key_path, "upstream.key"))
+        key = asyncssh.import_private_key(key_data)
     except (asyncssh.KeyImportError, ValueError) as exc:
         raise ValueError(f"upstream.key: {key_path} is not a usable unencrypted private key: {exc}") from None
     certificate = None
     if up.get("certificate"):
         cert_path = resolve(str(up["certificate"]))
+        cert_data = _read(cert_path, "upstream.certificate")
         try:
-            certificate = asyncssh.import_certificate(_read(cert_path, "upstream.certificate"))
+            certificate = asyncssh.import_certificate(cert_data)
         except (asyncssh.KeyImportError, ValueError) as exc:
             raise ValueError(f"upstream.certificate: {cert_path} is not an OpenSSH certificate: {exc}") from None
     known_hosts = resolve(str(up["known_hosts"]))
