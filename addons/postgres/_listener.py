@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import re
 import secrets
 import ssl
 from collections.abc import Iterable, Mapping
@@ -26,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pgparse
 from lictor import AuthError, Request, Target
 
 from . import _protocol as pg
-from ._classify import MODIFYING_KINDS, ClassificationError, classify
+from ._classify import MODIFYING_KINDS, SQL_EXECUTING_FUNCTIONS, ClassificationError, classify
 from ._pipe import Pipe, PipeClosed
 from ._requests import request_for_statement, requests_for_sql
 from ._session import Classified, Relay, reason_of
@@ -120,6 +122,7 @@ class PostgresListener:
         self.relays: set[Relay] = set()
         self._cancel: dict[int, _CancelEntry] = {}
         self._cache: dict[tuple[str, str, str], Classified] = {}
+        self._shapes: dict[tuple[str, str, str], Classified] = {}
         self._handshakes: set[asyncio.Task[Any]] = set()
 
     # -- configuration -----------------------------------------------------------------------------
@@ -194,16 +197,37 @@ class PostgresListener:
     # -- classification cache ----------------------------------------------------------------------
 
     def classify(self, target: str, database: str, sql: str) -> Classified:
+        """Classify ``sql``, from a cache when the same text (or the same statement with other
+        constants, see :func:`constant_insensitive`) was classified before."""
         key = (target, database, sql)
         found = self._cache.get(key)
         if found is not None:
             return found
+        if len(sql) > CACHE_TEXT_LIMIT:
+            return build_classified(sql, target, database)
+        shape_key: tuple[str, str, str] | None = None
+        try:
+            shape_key = (target, database, pgparse.normalize(sql))
+        except Exception:  # does not parse: the full classification says so
+            shape_key = None
+        if shape_key is not None:
+            template = self._shapes.get(shape_key)
+            if template is not None:
+                result = template.for_text(sql, reason_of(sql))
+                self._store(key, result)
+                return result
         result = build_classified(sql, target, database)
-        if len(sql) <= CACHE_TEXT_LIMIT:
-            if len(self._cache) >= CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[key] = result
+        self._store(key, result)
+        if shape_key is not None and constant_insensitive(result, shape_key[2]):
+            if len(self._shapes) >= CACHE_LIMIT:
+                self._shapes.clear()
+            self._shapes[shape_key] = result
         return result
+
+    def _store(self, key: tuple[str, str, str], result: Classified) -> None:
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[key] = result
 
     # -- cancel ------------------------------------------------------------------------------------
 
@@ -284,10 +308,37 @@ def build_classified(sql: str, target: str, database: str) -> Classified:
     )
 
 
+_SHAPE_KINDS = frozenset({"select", "insert", "update", "delete", "merge"})
+# Functions whose constant arguments the classifier reads (a setting name, SQL text).
+_CONSTANT_READERS = frozenset({"set_config", *SQL_EXECUTING_FUNCTIONS})
+_SHAPE_KEYWORDS = re.compile(r"\b(limit|fetch|offset)\b", re.IGNORECASE)
+
+
+def constant_insensitive(classified: Classified, normalized: str) -> bool:
+    """Whether every text that normalizes like this one (same statement, other constants) classifies
+    the same way, so the classification can be reused for it.
+
+    True only for one plain SELECT/INSERT/UPDATE/DELETE/MERGE whose classification reads no constant:
+    no ``set_config`` or SQL-running function (their arguments are read), no LIMIT/FETCH/OFFSET (the
+    limit is an attribute), no settings, no dynamic SQL, no bodies, no COPY.
+    """
+    if classified.statements != 1 or len(classified.requests) != 1:
+        return False
+    attrs = classified.requests[0].attrs
+    if not classified.kinds <= _SHAPE_KINDS:
+        return False
+    if attrs.get("limit") is not None or attrs.get("dynamic_sql") or attrs.get("read_write_attempt"):
+        return False
+    if attrs.get("settings") or attrs.get("languages") or attrs.get("copy_target") is not None:
+        return False
+    functions = attrs.get("functions") or ()
+    if any(str(f).rsplit(".", 1)[-1] in _CONSTANT_READERS for f in functions):
+        return False
+    return _SHAPE_KEYWORDS.search(normalized) is None
+
+
 def _nodes(sql: str) -> list[tuple[str, dict[str, Any]]]:
     """Every parse-tree node of ``sql`` whose key ends in ``Stmt`` (iteratively)."""
-    import pgparse
-
     found: list[tuple[str, dict[str, Any]]] = []
     try:
         stack: list[Any] = [pgparse.parse(sql)]

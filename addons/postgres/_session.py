@@ -48,7 +48,7 @@ import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from lictor import Decision, Request, combine
@@ -135,6 +135,13 @@ class Classified:
     copy_to: bool = False
     copy_from: bool = False
     statements: int = 1
+
+    def for_text(self, sql: str, reason: str | None) -> "Classified":
+        """This classification for another text of the same single statement (other constants)."""
+        (request,) = self.requests
+        payload = sql.strip()
+        summary = f"{request.action.upper().replace('_', ' ')}: {payload[:200]}"
+        return replace(self, requests=(replace(request, payload=payload, summary=summary, reason=reason),))
 
 
 @dataclass(eq=False)
@@ -729,7 +736,7 @@ class Relay:
         decision, decisions = self._decide(classified)
         action = decision.action
         if action == "allow":
-            return self._allow_query(raw, sql, classified, decision)
+            return self._allow_query(raw, sql, classified, decision, decisions)
         if action == "approve":
             return self._query_after_approval(raw, sql, classified, decision, decisions)
         self._record_denial(sql, decision)
@@ -747,7 +754,14 @@ class Relay:
         self._record_denial(sql, final)
         return self._deny_simple(self._denial_error(classified, [final], final))
 
-    def _allow_query(self, raw: bytes, sql: str, classified: Classified, decision: Decision) -> bytes | None:
+    def _allow_query(
+        self,
+        raw: bytes,
+        sql: str,
+        classified: Classified,
+        decision: Decision,
+        decisions: Sequence[Decision] | None = None,
+    ) -> bytes | None:
         plan = self.session.mask_plan(decision)
         if plan.is_empty:
             plan = None
@@ -760,7 +774,7 @@ class Relay:
             )
             self._record_denial(sql, denial)
             return self._deny_simple(self._denial_error(classified, [denial], denial))
-        self._apply_names(classified, decision)
+        self._apply_names(classified, decision, decisions)
         if classified.statements == 1:
             texts = [sql]
         else:
@@ -769,7 +783,9 @@ class Relay:
         self._push_z(_K_QUERY, None, _QueryRun(texts, decision, plan))
         return None
 
-    def _apply_names(self, classified: Classified, decision: Decision) -> None:
+    def _apply_names(
+        self, classified: Classified, decision: Decision, decisions: Sequence[Decision] | None = None
+    ) -> None:
         """Track prepared statements and cursors the statement creates or removes (optimistically)."""
         if classified.discard_all:
             self._prepared.clear()
@@ -781,7 +797,11 @@ class Relay:
                 self._prepared.pop(name, None)
         for name, request in classified.prepares:
             inner = Classified(requests=(request,), kinds=frozenset(request.attrs.get("kinds") or ()))
-            d = self.session.decide_now(request) if len(classified.requests) > 1 else decision
+            d = decision
+            if decisions is not None and len(classified.requests) > 1:
+                index = classified.requests.index(request)
+                if index < len(decisions) and decisions[index].action == "allow":
+                    d = decisions[index]
             self._remember(Prepared(name, request.payload, inner, d, time.monotonic(), self.session.mask_plan(d)))
         for name in classified.closes:
             if name is None:
@@ -893,6 +913,8 @@ class Relay:
                 )
                 self._record_denial(stmt.text, denial)
                 return self._deny_extended(self._denial_error(stmt.classified, [denial], denial))
+        if len(self._portals) >= MAX_PREPARED and portal_name not in self._portals:
+            self._portals.pop(next(iter(self._portals)))  # forgetting fails closed: Execute is denied
         self._portals[portal_name] = Portal(portal_name, stmt, raw, formats)
         self._push(_K_BIND)
         return None
@@ -1146,11 +1168,8 @@ class Relay:
         head = expect[0]
         kind = head.kind
         if self._drop_segment and t != _B_READY:
-            if t == _B_ERROR and kind in (_K_DENY_P, _K_DENY_Q):
-                pass  # handled below: it must still end the expectation
-            else:
-                self._advance_dropped(t, head)
-                return b""
+            self._advance_dropped(t, head)
+            return b""
         if kind == _K_QUERY:
             return self._query_message(t, raw, head)
         if kind == _K_EXEC:
@@ -1263,7 +1282,9 @@ class Relay:
             self._expect.popleft()
         elif kind == _K_DESC_P and t in (_B_ROWDESC, _B_NODATA, _B_ERROR):
             self._expect.popleft()
-        if t == _B_ERROR and kind in (_K_PARSE, _K_BIND, _K_CLOSE, _K_DESC_S, _K_DESC_P, _K_EXEC):
+        elif kind == _K_DENY_P and t == _B_ERROR:
+            self._expect.popleft()
+        if t == _B_ERROR and kind in (_K_PARSE, _K_BIND, _K_CLOSE, _K_DESC_S, _K_DESC_P, _K_EXEC, _K_DENY_P):
             self._extended_error(None, popped=True)
 
     def _poisoned_ready(self, raw: bytes) -> bytes | None:
