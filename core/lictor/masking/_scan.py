@@ -216,6 +216,8 @@ class Scanner:
         slots = self.slots
         candidates = self._candidates
         only = [0] if self._sets is None else None
+        in_context = self._sets[1].Match if self._sets is not None else None
+        reach = self.reach
         runs: dict[int, tuple[int, int]] = {}
         skip: dict[int, int] = {}  # detector index -> no candidate of it can pass before this
         c = emitted = pos
@@ -227,7 +229,14 @@ class Scanner:
                 break
             slot = None
             ms = me = -1
-            found = only or candidates(data, s)
+            if only is not None:
+                found = only
+            elif s and in_context is not None:  # the usual case, inlined: this runs per match
+                found = in_context(data[s - 1 : s + reach])
+                if len(found) > 1:
+                    found.sort()
+            else:
+                found = candidates(data, s)
             first = found[0]  # the alternative the combined search matched: (s, e) is its span
             for di in found:
                 if skip and skip.get(di, -1) > s:
