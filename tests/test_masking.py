@@ -353,6 +353,19 @@ def test_custom_patterns_run_in_linear_time() -> None:
     assert time.perf_counter() - t0 < 10
 
 
+def test_custom_pattern_flags_stay_inside_their_detector() -> None:
+    loose = compile_detector("loose", r"(?i)zzz\d{2}")
+    strict = compile_detector("strict", r"XYZ\d{2}")
+    plan = MaskPlan.compile([{"detectors": ["loose", "strict"]}], {"loose": loose, "strict": strict}, key=KEY)
+    assert plan.mask_text("ZZZ12 xyz12 XYZ12") == (f"{red('loose')} xyz12 {red('strict')}", {"loose": 1, "strict": 1})
+
+
+def test_custom_anchors() -> None:
+    line = compile_detector("line", r"(?m)^ERR-\d{3}$")
+    plan = MaskPlan.compile([{"detectors": ["line"]}], {"line": line}, key=KEY)
+    assert plan.mask_text("ERR-404\nx ERR-500\nERR-501") == (f"{red('line')}\nx ERR-500\n{red('line')}", {"line": 2})
+
+
 def test_custom_name_may_not_shadow_builtin() -> None:
     with pytest.raises(MaskingError, match="built-in"):
         compile_detector("card", r"\d{4}")

@@ -46,6 +46,8 @@ FRAGMENTS = [
     PEM,
     b"-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nu",  # truncated block
     b"EMP-123456",
+    b"ERR-404",
+    b"\nERR-500\n",
     b"eyJaaaaaaaa.",
     b"eyJaaaaaaaa-",
     b"-----BEGIN RSA PRIVATE KEY-----\n",
@@ -69,9 +71,10 @@ FRAGMENTS = [
 def full_plan(style: str = "redact") -> MaskPlan:
     emp = compile_detector("emp", r"\bEMP-\d{6}\b")
     name = compile_detector("name", r"(?i)caf[eé]\s{1,3}(\S{1,8})", group=1)
+    line = compile_detector("line", r"(?m)^ERR-\d{3}$")  # anchors depend on the neighbours
     return MaskPlan.compile(
-        [{"detectors": [*BUILTIN_DETECTORS, "emp", "name"], "style": style}],
-        {"emp": emp, "name": name},
+        [{"detectors": [*BUILTIN_DETECTORS, "emp", "name", "line"], "style": style}],
+        {"emp": emp, "name": name, "line": line},
         key=KEY,
     )
 
