@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from lictor import LocalIssuer
+from lictor import AuditLog, LocalIssuer
 
 from tests.conftest import ROOT, GatewayProcess, free_port, lictor, require, require_binary
 
@@ -425,3 +427,51 @@ def test_upstream_credentials_and_database_stay_in_the_gateway(
     finally:
         direct.acl_deluser(user)
         direct.close()
+
+
+# -- reloading the addon file -----------------------------------------------------------------------
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_editing_the_addon_file_reloads_it_and_a_broken_edit_fails_closed(
+    gateway_factory: Callable[..., GatewayProcess], tmp_path: Path, prefix: str
+):
+    require(_redis_up(), "redis-server on 127.0.0.1:6379")
+    copy = tmp_path / "redis"
+    shutil.copytree(ROOT / "examples" / "redis", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    port = free_port()
+    target = {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": {"host": "127.0.0.1"}}
+    config = _config({"cache": target}) | {"addons": [str(copy / "redis_addon.py")]}
+    proc = gateway_factory(config)
+    token = LocalIssuer(proc.state_dir).issue("w", {"role": "writer"})
+
+    def works() -> bool:
+        try:
+            return redis.Redis(port=port, username="a", password=token, socket_timeout=2).set(prefix + "k", "1") is True
+        except redis.exceptions.ConnectionError:
+            return False
+
+    audit = AuditLog(proc.state_dir / "audit.db")
+
+    def audited(kind: str, count: int) -> Callable[[], bool]:
+        return lambda: len(list(audit.events(kind=kind))) >= count
+
+    assert works()
+    addon = copy / "redis_addon.py"
+    source = addon.read_text()
+    addon.write_text(source + "\n# edited\n")
+    _wait_for(audited("addon.reloaded", 1))
+    _wait_for(works)  # the new listener is up on the same port
+    addon.write_text(source + "\nthis is not python\n")
+    _wait_for(audited("addon.reload_failed", 1))
+    assert not works()  # the listener is gone: nothing is relayed unchecked
+    addon.write_text(source)
+    _wait_for(audited("addon.reloaded", 2))
+    _wait_for(works)
+    audit.close()

@@ -226,6 +226,8 @@ class Connection:
         self.seq = 0
         self.counts: Counter[str] = Counter()
         self.stop_reading = False
+        self.up_buffer = bytearray()  # commands decided but not yet written upstream
+        self.out = bytearray()  # replies not yet written to the agent
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -296,17 +298,39 @@ class Connection:
                 if command is None:
                     break
                 await self._handle(command)
+            # Pipelined commands went out in one write; now wait for the agent's next bytes.
+            await self._flush_upstream()
+
+    async def _enqueue(self, slot: Slot) -> None:
+        if self.queue.full():
+            # The responder may be waiting for the reply to a command still in our buffer.
+            await self._flush_upstream()
+        await self.queue.put(slot)
 
     async def _local(self, reply: bytes, *, close: bool = False, seq: int = 0, command: str = "") -> None:
         if close:
             self.stop_reading = True
-        await self.queue.put(Slot(local=reply, close=close, seq=seq, command=command))
+            await self._flush_upstream()
+        await self._enqueue(Slot(local=reply, close=close, seq=seq, command=command))
 
     async def _forward(self, args: tuple[bytes, ...] | list[bytes], slot: Slot) -> None:
-        assert self.up_writer is not None
-        self.up_writer.write(encode_command(args))
-        await self.queue.put(slot)
-        await self.up_writer.drain()
+        """Queue ``args`` for upstream; commands of one pipeline leave in one write."""
+        self.up_buffer += encode_command(args)
+        if len(self.up_buffer) >= 64 * 1024:
+            await self._flush_upstream()
+        await self._enqueue(slot)
+
+    async def _flush_upstream(self) -> None:
+        if self.up_buffer and self.up_writer is not None:
+            self.up_writer.write(bytes(self.up_buffer))
+            self.up_buffer.clear()
+            await self.up_writer.drain()
+
+    async def _flush_agent(self) -> None:
+        if self.out:
+            self.writer.write(bytes(self.out))
+            self.out.clear()
+        await self.writer.drain()
 
     def _record(self, kind: str, data: dict[str, Any], strict: bool = False) -> bool:
         """Record an event; False when a strict recording could not be written."""
@@ -556,7 +580,9 @@ class Connection:
         request = request_for(c, args, target=self.target.name)
 
         async def notify(approval_id: str, message: str) -> None:
-            # RESP cannot carry a notice in the middle of a command: the agent just waits.
+            # RESP cannot carry a notice in the middle of a command: the agent just waits. What
+            # was decided before goes out now, so its replies do not wait for the approval.
+            await self._flush_upstream()
             self._record("approval", {"n": seq, "approval_id": approval_id, "message": message})
 
         decision = await session.decide(request, notify)
@@ -599,7 +625,7 @@ class Connection:
             if slot is None:
                 return
             if slot.local is not None:
-                self.writer.write(slot.local)
+                self.out += slot.local
                 if slot.seq:
                     self._record(
                         "reply",
@@ -608,11 +634,10 @@ class Connection:
             else:
                 info = await self._relay(slot)
                 self._record("reply", {"n": slot.seq, "direction": "out", **info})
+            if slot.close or self.queue.empty() or len(self.out) >= 64 * 1024:
+                await self._flush_agent()
             if slot.close:
-                await self.writer.drain()
                 return
-            if self.queue.empty() or self.writer.transport.get_write_buffer_size() > 256 * 1024:
-                await self.writer.drain()
 
     async def _next_event(self) -> Any:
         while True:
@@ -620,6 +645,8 @@ class Connection:
             if event is not None:
                 return event
             assert self.up_reader is not None
+            if self.out:
+                await self._flush_agent()  # do not hold finished replies while upstream works
             data = await self.up_reader.read(256 * 1024)
             if not data:
                 raise UpstreamError("the upstream Redis server closed the connection")
@@ -708,9 +735,9 @@ class Connection:
                 out += event.raw
             if len(out) >= 64 * 1024:
                 size += len(out)
-                self.writer.write(bytes(out))
+                self.out += out
                 out.clear()
-                await self.writer.drain()
+                await self._flush_agent()
             if event.done:
                 break
         if drop:
@@ -718,7 +745,7 @@ class Connection:
             out += slot.replace
             first = slot.replace[0]
         size += len(out)
-        self.writer.write(bytes(out))
+        self.out += out
         info: dict[str, Any] = {"type": TYPE_NAMES.get(first or 0, "?"), "bytes": size}
         if masked:
             info["masked"] = dict(masked)
