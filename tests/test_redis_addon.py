@@ -24,6 +24,7 @@ from tests.conftest import ROOT, free_port, require
 sys.path.insert(0, str(ROOT / "examples" / "redis"))
 
 from lictor_redis import RedisAddon, build_requests
+from lictor_redis.resp import encode_command
 
 PACK = (ROOT / "examples" / "redis" / "rulepacks" / "redis.yaml").read_text()
 CARD = "4111 1111 1111 1111"
@@ -168,3 +169,30 @@ async def test_a_held_command_waits_for_an_approval(env: Env):
         await writer.aclose()
     (deleted,) = [e for e in env.h.events(kind="command") if e["command"] == "DEL"]
     assert deleted["decision"] == "allow" and deleted["approval_id"] == waits[0]["approval_id"]
+
+
+async def test_a_held_command_is_withdrawn_when_the_agent_hangs_up(env: Env):
+    key = env.prefix + "kept"
+    redis.Redis().set(key, "1")
+    token = env.h.gateway.issuer.issue("agent-w", {"role": "writer"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    writer.write(encode_command([b"AUTH", token.encode()]) + encode_command([b"DEL", key.encode()]))
+    await writer.drain()
+    assert await reader.readline() == b"+OK\r\n"
+    for _ in range(200):
+        waits = env.h.events(kind="approval")
+        if waits:
+            break
+        await asyncio.sleep(0.02)
+    assert waits, "the DEL was not held"
+    writer.close()
+    approval_id = waits[0]["approval_id"]
+    broker = env.h.gateway.approvals
+    assert broker is not None
+    for _ in range(100):
+        approval = await broker.get(approval_id)  # type: ignore[attr-defined]
+        if approval.status != "pending":
+            break
+        await asyncio.sleep(0.05)
+    assert approval.status == "withdrawn"
+    assert redis.Redis().exists(key) == 1

@@ -228,12 +228,13 @@ class Connection:
         self.stop_reading = False
         self.up_buffer = bytearray()  # commands decided but not yet written upstream
         self.out = bytearray()  # replies not yet written to the agent
+        self.reading: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def run(self) -> None:
         responder = asyncio.create_task(self._respond())
-        reading = asyncio.create_task(self._read_loop())
+        reading = self.reading = asyncio.create_task(self._read_loop())
         try:
             done, _ = await asyncio.wait({responder, reading}, return_when=asyncio.FIRST_COMPLETED)
             if reading in done and not reading.cancelled():
@@ -584,8 +585,14 @@ class Connection:
             # was decided before goes out now, so its replies do not wait for the approval.
             await self._flush_upstream()
             self._record("approval", {"n": seq, "approval_id": approval_id, "message": message})
+            watchers.append(asyncio.create_task(self._watch_agent()))
 
-        decision = await session.decide(request, notify)
+        watchers: list[asyncio.Task[None]] = []
+        try:
+            decision = await session.decide(request, notify)
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
         plan = session.mask_plan(decision) if decision.allowed else MaskPlan.EMPTY
         summary, _ = RECORD_PLAN.mask_text(_args_summary(c))
         if not plan.is_empty:
@@ -616,6 +623,16 @@ class Connection:
             return
         self.counts["allowed"] += 1
         await self._forward(args, Slot(plan=plan, seq=seq, command=c.name, queued_in=self.multi))
+
+    async def _watch_agent(self) -> None:
+        """While a command is held: if the agent hangs up, stop waiting (the approval is withdrawn
+        instead of running the command for nobody)."""
+        while True:
+            await asyncio.sleep(0.2)
+            if self.reader.at_eof() or self.writer.transport.is_closing():
+                if self.reading is not None:
+                    self.reading.cancel()
+                return
 
     # -- replies --------------------------------------------------------------------------------
 
