@@ -419,3 +419,65 @@ def test_strict_mode_on_a_full_disk_refuses_and_loses_nothing(tmp_path: Path, mo
         sid, bodies, next(recordings.glob(f"sessions/*/{sid}.jsonl")).read_bytes().splitlines(), acked
     )
     assert manifest is not None and manifest["events"] == len(events)
+
+
+def test_retention_in_postgres_and_s3(tmp_path: Path, moto_s3: MotoS3) -> None:
+    import psycopg
+
+    try:
+        psycopg.connect(MAIN_PG).close()
+    except psycopg.OperationalError as exc:
+        require(False, f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
+    prefix = f"ret_{uuid.uuid4().hex[:8]}_"
+    bucket = f"ret-{uuid.uuid4().hex[:8]}"
+
+    async def main() -> list[str]:
+        gw = make_gateway(
+            tmp_path,
+            {
+                "sinks": [
+                    {"type": "postgres", "name": "pg", "dsn": MAIN_PG, "table_prefix": prefix},
+                    moto_s3.sink(bucket),
+                ]
+            },
+        )
+        await gw.start()
+        ids = []
+        for n in range(3):
+            session = await gw.open_session(who(f"agent-{n}"), protocol="line", target="db", peer="p")
+            for i in range(10):
+                assert (await session.decide(request(f"echo {i}"))).allowed
+                session.record("command", {"command": f"echo {i}"})
+            await session.close()
+            assert gw.recordings.flush(10)  # one batch (one S3 object) per session
+            ids.append(session.id)
+        await gw.stop()
+        return ids
+
+    ids = asyncio.run(main())
+    try:
+        pg = PostgresSink("pg", MAIN_PG, "", Retention(max_age=3600), prefix=prefix)
+        assert pg.apply_retention(time.time()) == 0
+        assert {r["id"] for r in pg.list_rows()} == set(ids)
+        pg.retention = Retention(max_bytes=1)
+        assert pg.apply_retention(time.time()) == 3  # oldest first, until under the limit
+        pg.retention = Retention(max_age=60)
+        pg.apply_retention(time.time() + 3600)
+        assert pg.list_rows() == [] and pg.records() == []  # sessions and old audit events are gone
+        pg.close()
+    finally:
+        with psycopg.connect(MAIN_PG, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {prefix}events, {prefix}sessions")
+    s3 = s3_reader(moto_s3, bucket)
+    [gid] = s3.gateways()
+    objects = sorted(o["Key"] for o in s3._objects(s3.prefix))
+    total = sum(int(o["Size"]) for o in s3._objects(s3.prefix))
+    s3.retention = Retention(max_bytes=total // 2)
+    removed = s3.apply_retention(time.time())
+    left = sorted(o["Key"] for o in s3._objects(s3.prefix))
+    assert removed > 0 and len(left) == len(objects) - removed
+    assert sum(int(o["Size"]) for o in s3._objects(s3.prefix)) <= total // 2
+    s3.retention = Retention(max_age=60)
+    assert s3.apply_retention(time.time()) == 0
+    assert s3.apply_retention(time.time() + 3600) == len(left)
+    assert list(s3._objects(s3.prefix)) == []

@@ -15,7 +15,7 @@ from ._chain import SessionVerdict
 from ._recorder import RecordingsConfig
 from ._replay import asciicast_lines, replay
 from ._sinks import PostgresSink, Retention, S3Sink
-from ._store import LocalStore, RemoteStore, Store, parse_events, resolve_id, select_sessions, verify
+from ._store import LocalStore, RemoteStore, Store, iter_events, resolve_id, select_sessions, verify
 from ._util import RecordingError, parse_interval
 
 __all__ = ["register"]
@@ -129,7 +129,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     store = _store(args)
     sid = resolve_id(store, args.id)
-    manifest_raw, lines = store.load_raw(sid)
+    manifest_raw, lines = store.stream_raw(sid)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         if args.format == "jsonl":
@@ -139,7 +139,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 out.write(manifest_raw.decode() + "\n")
         else:
             manifest = json.loads(manifest_raw)["manifest"] if manifest_raw else None
-            for text in asciicast_lines(manifest, parse_events(lines), title=f"lictor session {sid}"):
+            for text in asciicast_lines(manifest, iter_events(lines), title=f"lictor session {sid}"):
                 out.write(text + "\n")
     finally:
         if out is not sys.stdout:
@@ -150,13 +150,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     store = _store(args)
     sid = resolve_id(store, args.id)
-    _, lines = store.load_raw(sid)
+    _, lines = store.stream_raw(sid)
     if args.speed <= 0:
         print("--speed must be positive", file=sys.stderr)
         return EXIT_USAGE
     try:
         replay(
-            parse_events(lines),
+            iter_events(lines),
             sys.stdout,
             speed=args.speed,
             wait=not args.no_wait,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TextIO
 
 __all__ = ["asciicast_lines", "is_terminal", "render", "replay"]
@@ -89,7 +90,7 @@ def render(event: Mapping[str, Any], *, show_input: bool = False) -> str | None:
 
 
 def replay(
-    events: Sequence[Mapping[str, Any]],
+    events: Iterable[Mapping[str, Any]],
     out: TextIO,
     *,
     speed: float = 1.0,
@@ -114,8 +115,11 @@ def replay(
     out.flush()
 
 
-def is_terminal(events: Sequence[Mapping[str, Any]]) -> bool:
+def is_terminal(events: Iterable[Mapping[str, Any]]) -> bool:
     return any(e.get("kind") in ("output", "input") for e in events)
+
+
+_PEEK = 1000  # events looked at to find the terminal size and whether it is a terminal at all
 
 
 def _size(data: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -126,16 +130,19 @@ def _size(data: Mapping[str, Any]) -> tuple[int, int] | None:
 
 
 def asciicast_lines(
-    manifest: Mapping[str, Any] | None, events: Sequence[Mapping[str, Any]], *, title: str = ""
+    manifest: Mapping[str, Any] | None, events: Iterable[Mapping[str, Any]], *, title: str = ""
 ) -> Iterator[str]:
     """asciicast v2: a header line, then ``[time, code, data]`` lines.
 
-    Terminal sessions (``output``/``input``/``resize`` events) map to ``o``/``i``/``r``; any
-    other session is rendered as the text dialogue (``o`` events), so it plays in any player.
+    Terminal sessions (``output``/``input`` events among the first events) map ``output``,
+    ``input`` and ``resize`` to ``o``/``i``/``r``; any other session is rendered as the text
+    dialogue (``o`` events), so it plays in any player. Events are consumed as they come.
     """
-    start = float(events[0].get("t") or 0.0) if events else 0.0
+    stream = iter(events)
+    head = list(itertools.islice(stream, _PEEK))
+    start = float(head[0].get("t") or 0.0) if head else 0.0
     width, height = 80, 24
-    for event in events:
+    for event in head:
         data = event.get("data")
         if isinstance(data, Mapping):
             size = _size(data)
@@ -156,8 +163,8 @@ def asciicast_lines(
     if manifest and isinstance(manifest.get("ended_at"), (int, float)):
         header["duration"] = round(float(manifest["ended_at"]) - start, 6)
     yield json.dumps(header)
-    terminal = is_terminal(events)
-    for event in events:
+    terminal = is_terminal(head)
+    for event in itertools.chain(head, stream):
         at = round(max(float(event.get("t") or start) - start, 0.0), 6)
         kind = event.get("kind")
         data = event.get("data")

@@ -7,7 +7,7 @@ import fnmatch
 import json
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +27,10 @@ class Store(Protocol):
 
     def load_raw(self, session_id: str) -> tuple[bytes | None, list[bytes]]:
         """(signed manifest bytes or None, the stored event bytes in order)."""
+        ...
+
+    def stream_raw(self, session_id: str) -> tuple[bytes | None, Iterator[bytes]]:
+        """Like :meth:`load_raw`, with the events read as they are consumed (bounded memory)."""
         ...
 
     def public_key_path(self) -> Path | None: ...
@@ -79,13 +83,16 @@ class LocalStore:
         return self.directory / row[0] if row else None
 
     def load_raw(self, session_id: str) -> tuple[bytes | None, list[bytes]]:
+        manifest, lines = self.stream_raw(session_id)
+        return manifest, list(lines)
+
+    def stream_raw(self, session_id: str) -> tuple[bytes | None, Iterator[bytes]]:
         path = self._path(session_id)
         if path is None:
             raise RecordingError(f"no recorded session {session_id!r} in {self.directory}")
-        lines = path.read_bytes().splitlines() if path.exists() else []
         manifest_path = path.with_name(path.name.removesuffix(".jsonl") + ".manifest.json")
         manifest = manifest_path.read_bytes().rstrip(b"\n") if manifest_path.exists() else None
-        return manifest, lines
+        return manifest, _read_lines(path)
 
     def public_key_path(self) -> Path | None:
         path = self.state_dir / "recording.pub"
@@ -127,6 +134,10 @@ class RemoteStore:
 
     def load_raw(self, session_id: str) -> tuple[bytes | None, list[bytes]]:
         return self.sink.load(session_id)
+
+    def stream_raw(self, session_id: str) -> tuple[bytes | None, Iterator[bytes]]:
+        manifest, lines = self.sink.load(session_id)
+        return manifest, iter(lines)
 
     def public_key_path(self) -> Path | None:
         if self.state_dir is None:
@@ -205,8 +216,21 @@ def resolve_id(store: Store, session_id: str) -> str:
     raise RecordingError(f"{session_id!r} matches {len(ids)} sessions; give more of the id")
 
 
-def parse_events(lines: Sequence[bytes]) -> list[dict[str, Any]]:
+def _read_lines(path: Path) -> Iterator[bytes]:
+    if not path.exists():
+        return
+    with path.open("rb") as fh:
+        for line in fh:
+            yield line.rstrip(b"\n")
+
+
+def parse_events(lines: Iterable[bytes]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines]
+
+
+def iter_events(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        yield json.loads(line)
 
 
 def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = None) -> list[SessionVerdict]:
@@ -214,11 +238,11 @@ def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = Non
     public = load_public_key(key_path) if key_path is not None else None
     verdicts = []
     for sid in ids:
-        manifest_raw, lines = store.load_raw(sid)
+        manifest_raw, lines = store.stream_raw(sid)
         try:
             manifest = json.loads(manifest_raw) if manifest_raw is not None else None
         except ValueError:
-            verdicts.append(SessionVerdict(sid, False, len(lines), False, None, "the manifest is not valid JSON"))
+            verdicts.append(SessionVerdict(sid, False, 0, False, None, "the manifest is not valid JSON (edited)"))
             continue
         verdicts.append(verify_session(sid, lines, manifest, public))
     return verdicts
