@@ -21,6 +21,7 @@ from lictor.recorder import (
     Retention,
     SessionRecorder,
     asciicast_lines,
+    current_recorder,
     list_sessions,
     load_session,
     replay,
@@ -360,12 +361,13 @@ def test_sessions_a_crash_left_open_are_signed_as_interrupted(tmp_path: Path) ->
         for i in range(5):
             assert (await session.decide(request(f"echo {i}"))).allowed
             session.record("command", {"command": f"echo {i}"})
-        for drainer in gw.recordings.drainers:
-            drainer.stop()
-        return session.id  # no close, no stop: the process "dies" here
+        return session.id  # no close, no stop: the process "dies" here (its drainers keep running)
 
     sid = asyncio.run(crash())
+    previous = current_recorder()
+    assert previous is not None and all(d._thread is not None for d in previous.drainers)
     recorder = SessionRecorder(RecordingsConfig.from_section({}, tmp_path / "state"))
+    assert all(d._thread is None for d in previous.drainers)  # the old drainers let go of the spool
     assert recorder.interrupted == [sid]
     recorder.start()
     assert recorder.flush(10)

@@ -339,6 +339,7 @@ class SessionRecorder:
                 self.interrupted.append(sid)
         if audit is not None:
             audit.before_read = self._catch_up_local
+        self.spool.on_takeover = self._abandon
         _CURRENT.append(weakref.ref(self))
 
     @classmethod
@@ -629,6 +630,14 @@ class SessionRecorder:
             "sinks": [vars(d.status()) for d in self.drainers],
             "open_sessions": len(self._sessions),
         }
+
+    def _abandon(self) -> None:
+        """Another recorder took the spool over in this process: stop draining, touch nothing."""
+        self._stopped = True
+        for drainer in self.drainers:
+            drainer.stop(timeout=5.0)
+        if self.audit_log is not None and self.audit_log.before_read == self._catch_up_local:
+            self.audit_log.before_read = None
 
     def stop(self) -> None:
         """Close what is still open, drain the sinks (up to ``stop_timeout``), close the spool."""

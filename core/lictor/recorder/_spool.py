@@ -38,7 +38,7 @@ import threading
 import uuid
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +158,9 @@ class Spool:
         self._failed: str = ""
         self._stop = threading.Event()
         self._sync_thread: threading.Thread | None = None
+        # Called when another instance in this process takes the directory over (its owner
+        # must stop using it: drainers, offsets).
+        self.on_takeover: Callable[[], None] | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
         self._take_over()
         self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -201,6 +204,8 @@ class Spool:
             old = _OPEN.pop(str(self.directory.resolve()), None)
         if old is not None:
             log.warning("spool %s reopened in the same process: closing the previous instance", self.directory)
+            if old.on_takeover is not None:
+                old.on_takeover()
             old.close()
 
     def _gateway_id(self) -> str:
