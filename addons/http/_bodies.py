@@ -197,8 +197,13 @@ def passthrough(tap: Tap, on_error: Callable[[Exception], None]) -> StreamFn:
     return _guard(lambda chunk, final: [chunk], tap, on_error)
 
 
-def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None]) -> StreamFn:
-    """Detector masking across chunk boundaries."""
+def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None], *, live: bool = False) -> StreamFn:
+    """Detector masking across chunk boundaries.
+
+    ``live`` streams (``logs -f``, server-sent events) must not sit on a finished line until more output
+    comes: when a chunk ends with a newline the held-back tail is decided at once (a match cannot span that
+    newline unless it is a multi-line one such as a PEM block, which is then masked by its fallback pattern).
+    """
     masker = masking.plan.stream()
 
     def fn(chunk: bytes, final: bool) -> list[bytes]:
@@ -206,7 +211,10 @@ def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None
             out = masker.close()
             masking.counts.update(masker.counts)
             return [out]
-        return [masker.feed(chunk)]
+        out = masker.feed(chunk)
+        if live and chunk.endswith(b"\n"):
+            out += masker.flush()
+        return [out]
 
     return _guard(fn, tap, on_error)
 

@@ -257,11 +257,20 @@ class LictorProxy:
                 flow.kill()
 
     def close_client(self, flow: http.HTTPFlow) -> None:
-        """Close the agent's connection (a response already under way cannot be relayed safely)."""
+        """Abort the agent's connection at once (a response already under way cannot be relayed safely).
+
+        The socket is aborted synchronously, so nothing queued after this point (not even the terminating
+        chunk of a chunked body, which would make a truncated response look complete) reaches the agent.
+        """
         ps = self.proxyserver
         handler = ps.connections.get(flow.client_conn.id) if ps is not None else None
         if handler is not None:
-            asyncio.get_running_loop().call_soon(handler.close_connection, handler.client)
+            io = handler.transports.get(handler.client)
+            writer = io.writer if io is not None else None
+            transport = getattr(writer, "transport", None)
+            if transport is not None:
+                transport.abort()
+            handler.close_connection(handler.client)
         elif flow.killable:
             flow.kill()
 
@@ -943,7 +952,7 @@ class LictorProxy:
         elif json_body:
             self._streamed(flow, state, bodies.document_stream(masking, self.buffer_limit, state.tap, failed), True)
         else:
-            self._streamed(flow, state, bodies.byte_stream(masking, state.tap, failed), True)
+            self._streamed(flow, state, bodies.byte_stream(masking, state.tap, failed, live=live), True)
 
     def response(self, flow: http.HTTPFlow) -> None:
         try:

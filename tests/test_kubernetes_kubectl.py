@@ -1,0 +1,341 @@
+"""The real kubectl through a real ``lictor run`` gateway (examples/kubernetes) to a Kubernetes-API-compatible
+test server (tests/kubeapi.py), which records every request that reaches it."""
+
+import base64
+import json
+import os
+import queue
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import ROOT, GatewayProcess, free_port, lictor, require_binary
+from .kubeapi import KubeAPIServer
+
+REDACTED_B64 = base64.b64encode(b"[REDACTED:lictor]").decode()
+
+# Roles only the tests need, next to the example's rule pack.
+TEST_PACK = {
+    "format": "lictor/v1",
+    "metadata": {"name": "kubectl-tests", "owner": "tests"},
+    "identities": [
+        {"match": {"claims": {"role": "secret-lister"}}, "roles": ["secret-lister"]},
+        {"match": {"claims": {"role": "secret-reader"}}, "roles": ["secret-reader"]},
+        {"match": {"claims": {"role": "viewer"}}, "roles": ["log-masking"]},
+    ],
+    "roles": {
+        "secret-lister": {
+            "inherits": ["viewer"],
+            "rules": [
+                {
+                    "id": "t-secrets-read",
+                    "protocol": "kubernetes",
+                    "when": {"verbs": ["get", "list", "watch"], "resources": ["secrets"], "namespaces": ["apps"]},
+                    "action": "allow",
+                }
+            ],
+        },
+        "secret-reader": {
+            "inherits": ["secret-lister"],
+            "rules": [
+                {
+                    "id": "t-secrets-reveal",
+                    "protocol": "kubernetes",
+                    "when": {"verbs": ["reveal"], "resources": ["secrets"], "namespaces": ["apps"]},
+                    "action": "allow",
+                }
+            ],
+        },
+        "log-masking": {
+            "rules": [
+                {
+                    "id": "t-logs-mask",
+                    "protocol": "kubernetes",
+                    "when": {"verbs": ["logs"]},
+                    "action": "mask",
+                    "mask": {"detectors": ["email"]},
+                }
+            ]
+        },
+    },
+}
+
+
+class Cluster:
+    def __init__(self, gw: GatewayProcess, kube: KubeAPIServer, ports: dict[str, int]) -> None:
+        self.gw = gw
+        self.kube = kube
+        self.ports = ports
+        self.kubectl_bin = require_binary("kubectl")
+        self.oncall = gw.token("oncall-1", role="oncall")
+        self.kubeconfigs: dict[str, Path] = {}
+        for role in ("viewer", "deployer", "secret-lister", "secret-reader"):
+            token = gw.token(f"{role}-1", role=role)
+            out = lictor(
+                "kubeconfig",
+                "--server",
+                f"https://127.0.0.1:{ports['gateway']}",
+                "--token",
+                token,
+                "--ca",
+                str(gw.state_dir / "tls" / "ca.crt"),
+                "--namespace",
+                "apps",
+            ).stdout
+            path = gw.workdir / f"{role}.kubeconfig"
+            path.write_text(out)
+            self.kubeconfigs[role] = path
+        self.tokens = [yaml.safe_load(p.read_text())["users"][0]["user"]["token"] for p in self.kubeconfigs.values()]
+
+    def env(self, role: str, **extra: str) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfigs[role]), "HOME": str(self.gw.workdir), **extra}
+
+    def kubectl(self, role: str, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.kubectl_bin, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            input=stdin,
+            env=self.env(role, **env),
+        )
+
+    def popen(self, role: str, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [self.kubectl_bin, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env(role)
+        )
+
+    def approvals_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['approvals']}"
+
+    def wait_pending(self, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = lictor("approvals", "list", "--url", self.approvals_url(), "--token", self.oncall).stdout
+            found = re.findall(r"\bap-[0-9a-f]+\b", out)
+            if found:
+                return found[0]
+            time.sleep(0.2)
+        raise AssertionError("no approval request appeared")
+
+    def approve(self, approval_id: str) -> None:
+        lictor("approvals", "approve", approval_id, "--url", self.approvals_url(), "--token", self.oncall)
+
+    def upstream(self, method: str | None = None, pattern: str = "") -> list[Any]:
+        return [r for r in self.kube.requests if method in (None, r.method) and re.search(pattern, r.path)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    require_binary("kubectl")
+    workdir = tmp_path_factory.mktemp("k8s")
+    ports = {"gateway": free_port(), "approvals": free_port()}
+    with KubeAPIServer(workdir=workdir / "kube") as kube:
+        (workdir / "extra").mkdir()
+        (workdir / "extra" / "tests.yaml").write_text(yaml.safe_dump(TEST_PACK))
+        config = yaml.safe_load((ROOT / "examples" / "kubernetes" / "lictor.yaml").read_text())
+        example_dir = ROOT / "examples" / "kubernetes"
+        config["rulepacks"] = [str((example_dir / p).resolve()) for p in config["rulepacks"]] + [str(workdir / "extra")]
+        config["state_dir"] = str(workdir / "state")
+        env_vars = {
+            "LICTOR_K8S_SERVER": kube.url,
+            "LICTOR_K8S_TOKEN": kube.token,
+            "LICTOR_K8S_CA": str(kube.ca_path),
+            "LICTOR_K8S_LISTEN": f"127.0.0.1:{ports['gateway']}",
+            "LICTOR_APPROVALS_LISTEN": f"127.0.0.1:{ports['approvals']}",
+        }
+        saved = {k: os.environ.get(k) for k in env_vars}
+        os.environ.update(env_vars)
+        gw = GatewayProcess(workdir, config)
+        try:
+            gw.start()
+            yield Cluster(gw, kube, ports)
+        finally:
+            gw.stop()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def test_viewer_discovers_and_reads(cluster: Cluster) -> None:
+    out = cluster.kubectl("viewer", "version", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["serverVersion"]["gitVersion"]
+    out = cluster.kubectl("viewer", "get", "pods")
+    assert out.returncode == 0 and "web-0" in out.stdout, out.stderr
+    out = cluster.kubectl("viewer", "get", "namespaces", "-o", "name")
+    assert "namespace/apps" in out.stdout
+    out = cluster.kubectl("viewer", "get", "deployments", "--all-namespaces", "-o", "json")
+    assert out.returncode == 0 and json.loads(out.stdout)["items"][0]["metadata"]["name"] == "web"
+    # The upstream saw the gateway's credentials, never an agent's token.
+    for request in cluster.kube.requests:
+        assert request.header("authorization") == f"Bearer {cluster.kube.token}"
+        assert not any(token in json.dumps(request.headers) for token in cluster.tokens)
+
+
+def test_viewer_is_refused_secrets_writes_and_exec_with_readable_errors(cluster: Cluster) -> None:
+    out = cluster.kubectl("viewer", "get", "secrets")
+    assert out.returncode == 1
+    assert out.stderr.startswith("Error from server (Forbidden): lictor: no rule allows list secrets -n apps")
+    out = cluster.kubectl("viewer", "delete", "deployment", "web")
+    assert out.returncode == 1 and "Error from server (Forbidden)" in out.stderr
+    out = cluster.kubectl("viewer", "exec", "web-0", "--", "ls", "/")
+    assert out.returncode == 1 and "Forbidden" in out.stderr
+    out = cluster.kubectl("viewer", "get", "--raw", "/debug/pprof/heap")
+    assert out.returncode == 1 and "cannot be inspected safely" in out.stderr
+    assert cluster.upstream(pattern="/secrets") == []
+    assert cluster.upstream(pattern="/exec") == []
+    assert cluster.upstream("DELETE") == []
+    assert cluster.upstream(pattern="pprof") == []
+
+
+def test_deployer_rolls_out_in_apps_only(cluster: Cluster) -> None:
+    out = cluster.kubectl("deployer", "create", "deployment", "api", "--image=nginx:1.27")
+    assert out.returncode == 0, out.stderr
+    assert cluster.kube.get_object("deployments", "api", "apps") is not None
+    out = cluster.kubectl("deployer", "scale", "deployment", "api", "--replicas=3")
+    assert out.returncode == 0, out.stderr
+    out = cluster.kubectl("deployer", "patch", "deployment", "api", "-p", '{"metadata":{"labels":{"tier":"web"}}}')
+    assert out.returncode == 0, out.stderr
+    dep = cluster.kube.get_object("deployments", "api", "apps")
+    assert dep is not None and dep["spec"]["replicas"] == 3 and dep["metadata"]["labels"]["tier"] == "web"
+    out = cluster.kubectl("deployer", "create", "deployment", "api", "--image=nginx", "-n", "default")
+    assert out.returncode == 1 and "lictor: no rule allows create deployments.apps -n default" in out.stderr
+    assert cluster.kube.get_object("deployments", "api", "default") is None
+    out = cluster.kubectl("deployer", "create", "secret", "generic", "x", "--from-literal=a=b")
+    assert out.returncode == 1 and cluster.upstream("POST", "/secrets") == []
+
+
+def test_deleting_a_deployment_waits_for_on_call(cluster: Cluster) -> None:
+    cluster.kube.put_object(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "old", "namespace": "apps"},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "old"}}, "template": {}},
+        }
+    )
+    proc = cluster.popen("deployer", "delete", "deployment", "old")
+    approval_id = cluster.wait_pending()
+    assert cluster.kube.get_object("deployments", "old", "apps") is not None  # held, not forwarded
+    cluster.approve(approval_id)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert 'deployment.apps "old" deleted' in stdout
+    assert cluster.kube.get_object("deployments", "old", "apps") is None
+
+
+def test_exec_over_websocket_after_approval_with_stdin_inspected(cluster: Cluster) -> None:
+    proc = cluster.popen("deployer", "exec", "web-0", "--", "cat", "/etc/hostname")
+    cluster.approve(cluster.wait_pending())
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert stdout.strip() == "web-0"
+    upgrades = cluster.upstream("GET", "/exec$")
+    assert upgrades and all(r.header("upgrade") == "websocket" for r in upgrades)
+
+    script = "echo hello\nrm -rf /data\necho after\n"
+    proc = subprocess.Popen(
+        [cluster.kubectl_bin, "exec", "-i", "web-0", "--", "sh"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cluster.env("deployer"),
+    )
+    cluster.approve(cluster.wait_pending())
+    stdout, stderr = proc.communicate(script, timeout=30)
+    assert proc.returncode == 0, stderr
+    assert stdout.splitlines() == ["hello", "after"]
+    assert "lictor: denied by rule k8s-exec-no-destructive-commands" in stderr
+    assert "sh: rm: not found" not in stderr  # the test server's shell never saw the rm line
+
+    out = cluster.kubectl("deployer", "exec", "web-0", "--", "rm", "-rf", "/data")
+    assert out.returncode == 1 and "destructive commands" in out.stderr
+
+
+def test_spdy_is_refused_with_a_message_kubectl_prints(cluster: Cluster) -> None:
+    before = len(cluster.upstream(pattern="/exec"))
+    out = cluster.kubectl("deployer", "exec", "web-0", "--", "ls", "/", KUBECTL_REMOTE_COMMAND_WEBSOCKETS="false")
+    assert out.returncode == 1
+    assert "Error from server (Forbidden)" in out.stderr and "only over WebSockets" in out.stderr
+    assert len(cluster.upstream(pattern="/exec")) == before
+
+
+class Lines:
+    """Lines of a running process's stdout, read in a thread so that a test can wait with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.queue: queue.Queue[str] = queue.Queue()
+        self.proc = proc
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.queue.put(line.rstrip("\n"))
+
+    def until(self, wanted: str, timeout: float = 10) -> list[str]:
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while wanted not in seen:
+            seen.append(self.queue.get(timeout=max(0.01, deadline - time.monotonic())))
+        return seen
+
+
+def test_logs_follow_streams_and_is_masked(cluster: Cluster) -> None:
+    proc = cluster.popen("viewer", "logs", "-f", "web-0")
+    try:
+        lines = Lines(proc)
+        assert lines.until("GET /healthz 200") == ["starting web-0", "listening on :8080", "GET /healthz 200"]
+        cluster.kube.append_log("apps", "web-0", "login by jane.doe@example.com")
+        assert lines.until("login by [REDACTED:email]") == ["login by [REDACTED:email]"]
+        assert proc.poll() is None  # still following: the lines came while the stream stayed open
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_watch_streams(cluster: Cluster) -> None:
+    proc = cluster.popen("viewer", "get", "deployments", "--watch", "-o", "name")
+    try:
+        lines = Lines(proc)
+        lines.until("deployment.apps/web")
+        cluster.kube.put_object(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "watched", "namespace": "apps"},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "w"}}, "template": {}},
+            }
+        )
+        lines.until("deployment.apps/watched")
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_secret_values_are_masked_unless_revealed(cluster: Cluster) -> None:
+    out = cluster.kubectl("secret-lister", "get", "secret", "db-creds", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    secret = json.loads(out.stdout)
+    assert secret["data"] and all(v == REDACTED_B64 for v in secret["data"].values())
+    out = cluster.kubectl("secret-lister", "get", "secrets", "-o", "json")
+    assert all(v == REDACTED_B64 for item in json.loads(out.stdout)["items"] for v in item["data"].values())
+    out = cluster.kubectl("secret-lister", "describe", "secret", "db-creds")  # typed clients still decode it
+    assert out.returncode == 0 and "db-creds" in out.stdout, out.stderr
+    out = cluster.kubectl("secret-reader", "get", "secret", "db-creds", "-o", "json")
+    revealed = json.loads(out.stdout)["data"]
+    assert all(v != REDACTED_B64 for v in revealed.values())
+    stored = cluster.kube.get_object("secrets", "db-creds", "apps")
+    assert stored is not None and revealed == stored["data"]
