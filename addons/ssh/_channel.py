@@ -179,6 +179,11 @@ class ChannelHandler:
             self._record_out("stderr", data)
             await self.process.stderr.drain()
 
+    def _record_decision(self, decision: Decision) -> None:
+        # The gateway already puts every decision other than allow into the session's recording.
+        if decision.action == "allow":
+            self.record("decision", _decision_event(self.number, decision))
+
     async def _notify_stderr(self, approval_id: str, message: str) -> None:
         self.record("approval.waiting", {"channel": self.number, "approval_id": approval_id})
         await self._write_err(f"lictor: {message}\n")
@@ -251,7 +256,7 @@ class ChannelHandler:
             command, target=self.target, channel="exec", interactive=self.pty and not self.cooked, reason=self.reason
         )
         decision, deciding = await self._decide(requests)
-        self.record("decision", _decision_event(self.number, decision))
+        self._record_decision(decision)
         if decision.action != "allow":
             await self._write_err(denial_text(deciding, decision) + "\n")
             self._exit(DENIED_STATUS)
@@ -268,7 +273,7 @@ class ChannelHandler:
         shell_req = channel_request("shell", target=self.target, summary="interactive shell", reason=self.reason)
         self.record("command", {"channel": self.number, "kind": "shell", "pty": self.pty})
         decision, _ = await self._decide([shell_req])
-        self.record("decision", _decision_event(self.number, decision))
+        self._record_decision(decision)
         if decision.action != "allow":
             await self._write_err(denial_text(shell_req, decision) + "\n")
             self._exit(DENIED_STATUS)
@@ -575,7 +580,7 @@ class ChannelHandler:
             text, target=self.target, channel="shell_line", interactive=self.pty, reason=self.reason
         )
         decision, deciding = await self._decide(requests)
-        self.record("decision", _decision_event(self.number, decision))
+        self._record_decision(decision)
         if decision.action == "allow":
             self._set_plan(decision)
             up.stdin.write(text.encode("utf-8") + b"\n")

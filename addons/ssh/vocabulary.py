@@ -92,6 +92,11 @@ VOCABULARY = Vocabulary(
             "via_wrapper",
             description="the program is started by another (sh -c, xargs, find -exec, sudo, $(...) ...)",
         ),
+        Glob(
+            "via",
+            description="how the program is reached: pipeline, subshell, command_substitution, sh -c, eval, "
+            "xargs, find -exec, sudo, env, ... (absent at top level)",
+        ),
         Glob("destinations", attr="destination", description="port forwarding destination, host:port"),
     ),
     index="programs",

@@ -1,0 +1,138 @@
+"""examples/ssh as shipped: its policy tests pass, and its gateway config runs unchanged (only the
+LICTOR_SSH_* environment variables point it at a real sshd) and keeps the contracts of its README
+with the real OpenSSH client."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LICTOR, ROOT, free_port, lictor, require, require_binary
+from tests.sshd import SSHD, GatewayClient, Sshd, start_sshd
+
+EXAMPLE = ROOT / "examples" / "ssh"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_example_policy_tests_pass() -> None:
+    proc = lictor("test", str(EXAMPLE / "rulepacks"), "-q", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 failed" in proc.stdout
+    assert "100%" in proc.stdout
+
+
+class Running:
+    def __init__(self, sshd: Sshd, client: GatewayClient, state: Path) -> None:
+        self.sshd = sshd
+        self.client = client
+        self.state = state
+        self.tokens: dict[str, str] = {}
+
+    def token(self, role: str) -> str:
+        if role not in self.tokens:
+            out = lictor(
+                "token", "issue", "--state-dir", str(self.state), "--sub", f"{role}-bot", "--claim", f"role={role}"
+            )
+            self.tokens[role] = out.stdout.strip()
+        return self.tokens[role]
+
+    def ssh(self, role: str, command: str) -> subprocess.CompletedProcess[bytes]:
+        return self.client.ssh(self.token(role), command)
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    require_binary("ssh")
+    require(os.path.exists(SSHD), f"{SSHD} (openssh-server) is not installed")
+    tmp = tmp_path_factory.mktemp("ssh-example")
+    sshd = start_sshd(tmp / "sshd")
+    port = free_port()
+    state = tmp / "state"
+    env = {
+        **os.environ,
+        "LICTOR_STATE_DIR": str(state),
+        "LICTOR_SSH_HOST": sshd.host,
+        "LICTOR_SSH_PORT": str(sshd.port),
+        "LICTOR_SSH_USER": sshd.user,
+        "LICTOR_SSH_KEY": str(sshd.client_key),
+        "LICTOR_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
+        "LICTOR_SSH_LISTEN_PORT": str(port),
+        "LICTOR_APPROVALS_PORT": str(free_port()),
+    }
+    ready = tmp / "ready"
+    log = (tmp / "gateway.log").open("ab")
+    proc = subprocess.Popen(
+        [LICTOR, "run", "-c", str(EXAMPLE / "lictor.yaml"), "--ready-file", str(ready)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None, (tmp / "gateway.log").read_text()
+            assert time.monotonic() < deadline, (tmp / "gateway.log").read_text()
+            time.sleep(0.05)
+        host_key = state / "ssh" / "host1_host_ed25519.pub"
+        host_public = " ".join(host_key.read_text().split()[:2])
+        yield Running(sshd, GatewayClient.create(tmp / "client", port, host_public), state)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        sshd.stop()
+
+
+def test_observer_contract(running: Running) -> None:
+    ok = running.ssh("observer", "/bin/ls -d / && whoami && id -un && echo done")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == f"/\n{running.sshd.user}\n{running.sshd.user}\ndone\n".encode()
+    for command in ("cat /etc/hostname | grep x", "ls; rm x", f"echo x > {running.sshd.work}/f", "sh -c ls"):
+        denied = running.ssh("observer", command)
+        assert denied.returncode == 126, (command, denied.stderr)
+        assert b"lictor: denied" in denied.stderr
+    shell = running.client.shell(running.token("observer"))
+    try:
+        shell.expect(rb"lictor: denied shell")
+        assert shell.wait(timeout=15) == 126
+    finally:
+        shell.close()
+
+
+def test_operator_contract(running: Running) -> None:
+    held = running.ssh("operator", "systemctl status lictor-example-unit; systemctl restart lictor-example-unit; rm x")
+    assert held.returncode == 126 and b"by rule lictor:default-deny" in held.stderr  # not held: part is denied
+    shell = running.client.shell(running.token("operator"))
+    try:
+        shell.expect(rb"\$ $")
+        shell.send(b"cd / && pwd\r")
+        shell.expect(rb"\r\n/\r\n")
+        shell.send(b"cat /etc/hostname | grep x\r")
+        shell.expect(rb"lictor: denied `grep x`")
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+
+
+def test_admin_contract(running: Running) -> None:
+    marker = running.sshd.work / "admin_marker"
+    ok = running.ssh("admin", f"touch {marker} && ls {marker}")
+    assert ok.returncode == 0, ok.stderr
+    for command in (
+        "rm -rf /",
+        "sudo rm -rf /*",
+        f"cd / && rm -rf * {marker}",
+        "mkfs.ext4 /dev/sdz9",
+        "dd if=/dev/zero of=/dev/sdz",
+    ):
+        denied = running.ssh("admin", command)
+        assert denied.returncode == 126, (command, denied.stderr)
+        assert b"lictor: denied `" in denied.stderr
+    assert running.sshd.run(f"test -e {marker}").returncode == 0
