@@ -29,12 +29,17 @@ log = logging.getLogger("lictor")
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _manager(config: GatewayConfig | None, specs: dict[str, list[Any]] | None = None) -> AddonManager:
-    """The built-in addons plus those the gateway config names (``specs`` collects the latter)."""
+def _manager(
+    config: GatewayConfig | None, specs: dict[str, list[Any]] | None = None, extra: Sequence[str] = ()
+) -> AddonManager:
+    """The built-in addons, those named with ``--addon``, and those the gateway config names
+    (``specs`` collects the latter)."""
     from lictor_addons import default_addons
 
     manager = AddonManager()
     manager.add(*default_addons())
+    for spec in extra:
+        manager.add(*load_addon_spec(spec, Path.cwd()))
     if config is not None:
         base = config.path.parent if config.path else None
         for spec in config.addons:
@@ -68,7 +73,7 @@ def _state_dir(args: argparse.Namespace, config: GatewayConfig | None) -> Path:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
-    manager = _manager(config)
+    manager = _manager(config, extra=args.addon)
     targets = {t.name: t.protocol for t in config.targets.values()} if config else None
     paths = args.paths or (config.rulepacks if config else [])
     result = load_policy(paths, manager.vocabularies, targets=targets)
@@ -87,7 +92,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     config = _config(args)
-    manager = _manager(config)
+    manager = _manager(config, extra=args.addon)
     paths = args.paths or (config.rulepacks if config else [])
     result = load_policy(paths, manager.vocabularies)
     if result.policy is None:
@@ -122,7 +127,7 @@ def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     config = _config(args)
-    manager = _manager(config)
+    manager = _manager(config, extra=args.addon)
     paths = args.paths or (config.rulepacks if config else [])
     result = load_policy(paths, manager.vocabularies)
     if result.policy is None:
@@ -181,7 +186,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    manager = _manager(_config(args))
+    manager = _manager(_config(args), extra=args.addon)
     text = schema_json(manager.vocabularies)
     if args.out:
         Path(args.out).write_text(text)
@@ -335,21 +340,33 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-c", "--config", help="gateway config (lictor.yaml): targets, extra addons")
 
+    def with_addons(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--addon",
+            action="append",
+            default=[],
+            metavar="FILE_OR_MODULE",
+            help="load a third-party addon for its rule vocabulary (repeatable)",
+        )
+
     sp = sub.add_parser("check", help="validate rule packs; problems as FILE:LINE:COL")
     sp.add_argument("paths", nargs="*", help="rule pack files or directories")
     with_config(sp)
+    with_addons(sp)
     sp.add_argument("--strict", action="store_true", help="warnings fail too")
     sp.set_defaults(func=cmd_check)
 
     sp = sub.add_parser("test", help="run policy tests (format lictor-tests/v1) with rule coverage")
     sp.add_argument("paths", nargs="*")
     with_config(sp)
+    with_addons(sp)
     sp.add_argument("-q", "--quiet", action="store_true", help="print failures and the summary only")
     sp.set_defaults(func=cmd_test)
 
     sp = sub.add_parser("explain", help="which rules matched a request, in which order, and why")
     sp.add_argument("paths", nargs="*")
     with_config(sp)
+    with_addons(sp)
     sp.add_argument("--sub", help="the identity's subject")
     sp.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE")
     sp.add_argument("--request", help="the request as YAML/JSON, e.g. '{protocol: postgres, sql: \"...\"}'")
@@ -363,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("schema", help="print the composed rule-pack JSON Schema")
     with_config(sp)
+    with_addons(sp)
     sp.add_argument("--out")
     sp.set_defaults(func=cmd_schema)
 

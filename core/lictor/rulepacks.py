@@ -306,6 +306,7 @@ class _Compiler:
         schema = compose_schema(base)
         rule = schema["properties"]["roles"]["additionalProperties"]["properties"]["rules"]["items"]
         rule.pop("allOf", None)
+        rule["properties"]["protocol"] = {"type": "string"}  # unknown protocols: one clearer error below
         self.base_schema = schema
 
     def error(self, loc: Location, message: str) -> None:
@@ -444,7 +445,11 @@ class _Compiler:
         protocol = str(rule.get("protocol", ""))
         vocab = self.vocabularies.get(protocol)
         if vocab is None:
-            self.error(locate(doc, [*path, "protocol"], loc), f"unknown protocol {protocol!r}")
+            known = ", ".join(sorted(self.vocabularies)) or "none"
+            self.error(
+                locate(doc, [*path, "protocol"], loc),
+                f"unknown protocol {protocol!r} (loaded: {known}; load its addon with -c lictor.yaml or --addon)",
+            )
             return None
         targets = _strings(rule.get("targets"))
         if self.targets is not None:

@@ -138,6 +138,22 @@ class Harness:
         self.gateway.policy = result.policy
         return result.policy
 
+    async def approve(self, approval_id: str, approver: Identity, reason: str = "") -> Any:
+        """Approve a held request as ``approver`` (who must hold an approver role), as the CLI or
+        the web page would. Returns the approval record."""
+        return await self._vote(approval_id, approver, "approve", reason)
+
+    async def deny(self, approval_id: str, approver: Identity, reason: str = "denied in a test") -> Any:
+        """Deny a held request as ``approver``."""
+        return await self._vote(approval_id, approver, "deny", reason)
+
+    async def _vote(self, approval_id: str, approver: Identity, verdict: str, reason: str) -> Any:
+        broker = self.gateway.approvals
+        vote = getattr(broker, "vote", None)
+        if vote is None:
+            raise RuntimeError("this gateway has no approval broker that accepts votes")
+        return await vote(approver, approval_id, verdict, reason)
+
     def events(self, session: Session | None = None, kind: str | None = None) -> list[dict[str, Any]]:
         """Recorded session events, optionally of one session and one kind."""
         return [
