@@ -278,8 +278,8 @@ class Gateway:
     ) -> Session:
         session = Session(self, identity, protocol, target, peer)
         session.meta["auth_method"] = method
+        self.audit_event("session.start", session.to_json())  # raises (refusing the session) if not durable
         self.sessions[session.id] = session
-        self.audit_event("session.start", session.to_json())
         self.recorder.open(session)
         await self.addons.trigger("session_start", session)
         return session
