@@ -323,7 +323,7 @@ _OPS = (
 _REDIR_OPS = frozenset({"<", ">", ">>", ">|", "<>", "<&", ">&", "&>", "&>>", "<<", "<<-", "<<<"})
 _IONUM_RE = re.compile(r"(?:[0-9]+|\{[A-Za-z_][A-Za-z0-9_]*\})(?=[<>])")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_FDVAR_LIKE_RE = re.compile(r"\{[^\s;&|<>()]*\}(?=[<>])")
+_PATTERN_CHAR_RE = re.compile(r"[*?\[{]")
 _PLAIN_RUN_RE = re.compile(r"[^ \t\n;&|<>()'\"\\$`!]+")
 _DQUOTE_RUN_RE = re.compile(r'[^"\\$`!]+')
 _PARAM_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+|[@*#?$!0-]")
@@ -625,8 +625,9 @@ class _Parser:
                 return self.parse_coproc()
             if rw in _UNEXPECTED_RESERVED:
                 self.fail(f"unexpected '{rw}'")
-            if rw in ("!", "time"):
-                self.fail(f"'{rw}' is only allowed at the start of a pipeline")
+            if rw == "!":
+                self.fail("'!' is only allowed at the start of a pipeline")
+            # `time` after a pipe is the program /usr/bin/time, not the keyword
         return self.parse_simple()
 
     def parse_if(self) -> _Compound:
@@ -830,9 +831,14 @@ class _Parser:
                 continue
             if self.peek_op() is not None:
                 break
-            if _FDVAR_LIKE_RE.match(self.src, self.pos):
-                self.fail("a {name}> descriptor variable must be a plain name (subscripts run commands)")
+            word_start = self.pos
             word = self.read_word()
+            if (
+                self.src.startswith("{", word_start)
+                and self.src.startswith("}", self.pos - 1)
+                and self.src[self.pos : self.pos + 1] in ("<", ">")
+            ):
+                self.fail("a {name}> descriptor variable must be a plain name (subscripts run commands)")
             if not words and _assignment_name(word) is not None:
                 assigns.append(word)
                 continue
@@ -1408,6 +1414,7 @@ class _Ctx:
         self.arith_names: set[str] = set()
         self.assigned: dict[str, list[_Word | None]] = {}  # non-integer values given to each name
         self.int_vars: set[str] = set()  # declared -i: every assigned value is evaluated as arithmetic
+        self.untainted: set[str] = set()  # expanded where options are parsed: must come from the target
 
     def emit(self, inv: Invocation) -> None:
         if len(self.out) >= MAX_INVOCATIONS:
@@ -1474,6 +1481,7 @@ class _Ctx:
                         "evaluates it as arithmetic"
                     )
                 self.arith_word(value, f"assignment to integer variable {name}")
+            self.tainted.discard(name)  # every value it receives is evaluated into an integer
         bad = sorted(
             name
             for name in self.arith_names
@@ -1486,6 +1494,12 @@ class _Ctx:
             raise ShellParseError(
                 f"arithmetic uses {', '.join(bad)}, whose value comes from this command line or the "
                 "client; an array subscript in it would run commands"
+            )
+        bad = sorted(n for n in self.untainted if self.taint_all or n in self.tainted)
+        if bad:
+            raise ShellParseError(
+                f"${bad[0]} is set by this command line and expanded where options are read; it could "
+                "inject an option such as -exec"
             )
 
 
@@ -1586,7 +1600,7 @@ def _walk_compound(node: _Compound, env: _Env, ctx: _Ctx) -> None:
     if kind == "subshell":
         body_env = replace(body_env, via="subshell")
     elif kind == "coproc":
-        body_env = replace(body_env, via="coproc")
+        body_env = replace(body_env, via="coproc", stdin=_PIPE)  # the shell writes to it
     elif kind == "function":
         # The body runs wherever the function is called, perhaps at the end of a pipe.
         body_env = replace(body_env, via="function", stdin=_UNKNOWN)
@@ -1664,7 +1678,7 @@ class _Arg:
     text: str
     literal: bool  # no expansion at all
     fixed: bool  # certainly exactly one word at run time
-    lead: str  # literal text before the first expansion
+    lead: str  # text every word it expands to starts with (up to an expansion, glob or brace)
     glob: bool = False
     brace: bool = False
     procsub: bool = False
@@ -1681,6 +1695,11 @@ class _Arg:
         for s in segs:
             if s.kind != _LIT:
                 break
+            if not s.quoted:
+                m = _PATTERN_CHAR_RE.search(s.text)
+                if m:
+                    lead.append(s.text[: m.start()])
+                    break
             lead.append(s.text)
         return _Arg(
             word.text,
@@ -1795,10 +1814,20 @@ class _Call:
         """The argument is certainly one word (its text may be unknown)."""
         return arg.fixed and not (self.env.placeholder_splits and self.placeholder(arg))
 
+    def certain(self, arg: _Arg) -> bool:
+        """Exactly one word whose text is known now."""
+        return self.known(arg) and self.single(arg)
+
+    def operand_like(self, arg: _Arg) -> bool:
+        """Whatever it expands to cannot be taken for an option."""
+        return bool(arg.lead) and arg.lead[0] not in "-+"
+
     def code(self, arg: _Arg, what: str) -> str:
         """Text of an argument that will be parsed as shell code: it must be certain."""
         if not self.known(arg):
             self.fail(f"{what} {arg.text!r} is only known at run time, so its commands cannot be inspected")
+        if not self.single(arg):
+            self.fail(f"{what} {arg.text!r} undergoes glob or brace expansion, so the code is not its text")
         return arg.text
 
     def run(
@@ -1894,9 +1923,11 @@ def _getopt(call: _Call, spec: _Opts, start: int = 0, *, permute: bool = False) 
     while i < len(args):
         a = args[i]
         t = a.text
-        if not call.known(a):
-            if a.lead and not a.lead.startswith("-"):
+        if not call.certain(a):
+            if call.operand_like(a):
                 break
+            if call.placeholder(a):
+                call.fail(f"the option position holding {t!r} would come from the input of find or xargs")
             call.fail(f"the option position holding {t!r} is only known at run time")
         if t == "--":
             return opts, i + 1
@@ -2007,6 +2038,8 @@ def _wrapper(spec: _WrapSpec) -> Callable[[_Call], None]:
         assigns: list[str] = []
         while spec.assignments and i < len(args) and "=" in args[i].lead:
             a = args[i]
+            if not call.single(a):
+                call.fail(f"{a.text!r} may expand to several words, one of which could be the program")
             name = a.lead.split("=", 1)[0]
             if not _NAME_RE.fullmatch(name):
                 call.fail(f"unusual environment variable name in {a.text!r}")
@@ -2285,15 +2318,15 @@ def _h_find(call: _Call) -> None:
     while i < len(args):
         a = args[i]
         t = a.text
-        if not call.known(a):
-            # A word only known at run time could be a primary such as -exec, unless it cannot
-            # start with '-' or is a plain variable the command line does not set.
+        if not call.certain(a):
+            # A word only known at run time (or expanded into several) could be a primary such as
+            # -exec, unless it cannot start with '-' or is a plain variable the command line does not set.
             if a.lead and a.lead[0] not in "-(!),":
                 i += 1
                 continue
-            segs = a.word.segs if a.word is not None else []
-            params = [s for s in segs if s.kind == _PARAM]
-            if len(segs) == 1 and params and params[0].name and _NAME_RE.fullmatch(params[0].name):
+            segs = [g for g in a.word.segs if g.text] if a.word is not None else []
+            params = [g for g in segs if g.kind == _PARAM]
+            if len(segs) == 1 and call.single(a) and params and params[0].name and _NAME_RE.fullmatch(params[0].name):
                 _require_untainted(call, params[0].name)
                 i += 1
                 continue
@@ -2336,7 +2369,7 @@ def _require_untainted(call: _Call, name: str) -> None:
     """The variable's value must not come from this command line (checked when the analysis ends)."""
     if name in _AGENT_CONTROLLED or name.startswith(("LC_", "SSH_")):
         call.fail(f"${name} is controlled by the client and could inject options")
-    call.ctx.arith_names.add(name)  # same rule as arithmetic: not set by this command line
+    call.ctx.untainted.add(name)
 
 
 def _h_watch(call: _Call) -> None:
@@ -2455,8 +2488,12 @@ def _h_posix_shell(call: _Call) -> None:
     while i < len(args):
         a = args[i]
         t = a.text
-        if not call.known(a):
-            if a.lead and a.lead[0] not in "-+":
+        if not call.certain(a):
+            if command:
+                break  # the command string: checked below
+            if a.procsub:
+                call.fail("it would run a program from a process substitution, which cannot be inspected")
+            if call.operand_like(a):
                 break
             call.fail(f"the option position holding {t!r} is only known at run time")
         if t in ("-", "--"):
@@ -2641,7 +2678,9 @@ def _interpreter(spec: _Interp) -> Callable[[_Call], None]:
         while i < len(args):
             a = args[i]
             t = a.text
-            if not call.known(a) and not (a.lead and a.lead[0] != "-"):
+            if a.procsub:
+                call.fail("it would run a program from a process substitution, which cannot be inspected")
+            if not call.certain(a) and not call.operand_like(a):
                 call.fail(f"the option position holding {t!r} is only known at run time")
             if t == "-":
                 break
@@ -2866,13 +2905,13 @@ def _h_declare(call: _Call) -> None:
     flags: set[str] = set()
     for a in call.args:
         t = a.text
-        if a.literal and t[:1] in ("-", "+") and len(t) > 1:
-            if t != "--":
+        if a.literal and t[:1] in ("-", "+"):
+            if t not in ("--", "-"):
                 flags.update(t[1:])
             continue
         if flags & {"f", "F"}:
             continue  # function names
-        if "n" in flags:
+        if "n" in flags and call.name != "export":
             call.fail("name references (-n) are not supported: they hide which variable is assigned")
         split = _split_assignment(a.word) if a.word is not None else None
         if split is None:
@@ -3075,8 +3114,8 @@ def _h_rsync(call: _Call) -> None:
     while i < len(args):
         a = args[i]
         t = a.text
-        if not call.known(a):
-            if a.lead and not a.lead.startswith("-"):
+        if not call.certain(a):
+            if call.operand_like(a):
                 i += 1
                 continue
             call.fail(f"the option position holding {t!r} is only known at run time")
@@ -3130,14 +3169,14 @@ _TAR_DANGEROUS = (
 
 def _h_tar(call: _Call) -> None:
     for index, a in enumerate(call.args):
-        if not call.known(a):
-            if a.lead and not a.lead.startswith("-"):
+        if not call.certain(a):
+            if call.operand_like(a):
                 continue
             call.fail(f"the option position holding {a.text!r} is only known at run time")
         t = a.text
         if t.startswith("--"):
             key = t.split("=", 1)[0]
-            if len(key) > 3 and any(d.startswith(key) for d in _TAR_DANGEROUS):
+            if len(key) > 3 and key != "--checkpoint" and any(d.startswith(key) for d in _TAR_DANGEROUS):
                 call.fail(f"option {key} runs a command")
         elif (t.startswith("-") or index == 0) and re.fullmatch(r"-?[A-Za-z0-9]+", t) and any(c in t for c in "IF"):
             call.fail(f"option cluster {t!r} includes -I or -F, which run a command")
