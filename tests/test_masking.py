@@ -5,6 +5,7 @@ import time
 
 import jsonschema
 import pytest
+import re2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lictor.masking import (
@@ -695,3 +696,25 @@ def test_every_schema_valid_block_compiles() -> None:
     }
     jsonschema.validate(block, MASK_SCHEMA)
     assert not MaskPlan.compile([block]).is_empty
+
+
+WIDTH_PATTERNS = [
+    r"[a-z]{2,5}(?:-[0-9]{1,3}){0,2}",
+    r"(?:ab|c(?:de|f{2,3}))\.x?",
+    r"(?i)k[^a]{1,3}",
+    r"[^\x00-\x7f]{1,2}é",
+    r"[A-Za-z0-9_]{1,4}[ \t][^A-Za-z0-9_]",
+    r"(a|bc|def){1,3}",
+    r"[0-9]{3}(?:[ -][0-9]{2}){1,2}",
+]
+
+
+@pytest.mark.parametrize("pattern", WIDTH_PATTERNS)
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_pattern_width_bounds_every_match(pattern: str, data: st.DataObject) -> None:
+    det = compile_detector("w", pattern)
+    text = data.draw(st.from_regex(pattern, fullmatch=True))
+    encoded = text.encode("utf-8", "surrogatepass")
+    assert re2.fullmatch(pattern, encoded) is not None
+    assert len(encoded) <= det.max_len
