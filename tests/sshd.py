@@ -76,6 +76,8 @@ class Sshd:
     known_hosts: Path
     host_public_key: str
     keys_dir: Path | None = None
+    user_ca: Path | None = None
+    """A CA the server trusts for user certificates (``TrustedUserCAKeys``)."""
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=Path)
 
@@ -111,6 +113,17 @@ class Sshd:
             [*self.ssh_args(), command], input=input, capture_output=True, timeout=timeout, check=False
         )
 
+    def certify(self, key: Path, validity: str = "-5m:+1h") -> Path:
+        """Sign ``key``'s public half for the target account; returns the certificate file."""
+        assert self.user_ca is not None
+        subprocess.run(
+            ["ssh-keygen", "-q", "-s", str(self.user_ca), "-I", "lictor-gateway", "-n", self.user, "-V", validity,
+             f"{key}.pub"],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        return Path(f"{key}-cert.pub")
+
     def chown(self, path: Path) -> None:
         os.chown(path, self.uid, self.gid)
 
@@ -144,12 +157,16 @@ def start_sshd(directory: Path, *, timeout: float = 10.0) -> Sshd:
     directory.mkdir(parents=True, exist_ok=True)
     host_key = ssh_keygen(directory / "ssh_host_ed25519_key", "sshd-host")
     client_key = ssh_keygen(directory / "client_ed25519", "lictor-gateway")
+    user_ca = ssh_keygen(directory / "user_ca", "sshd-user-ca")
     # sshd reads authorized_keys as the target user: keep it in a directory that user can read.
     keys_dir = Path(tempfile.mkdtemp(prefix="lictor-sshd-keys-", dir="/tmp"))
     keys_dir.chmod(0o755)
     authorized = keys_dir / "authorized_keys"
     authorized.write_text(Path(f"{client_key}.pub").read_text())
     authorized.chmod(0o644)
+    trusted_ca = keys_dir / "trusted_user_ca.pub"
+    trusted_ca.write_text(Path(f"{user_ca}.pub").read_text())
+    trusted_ca.chmod(0o644)
     work = Path(tempfile.mkdtemp(prefix="lictor-sshd-work-", dir="/tmp"))
     work.chmod(0o755)
     os.chown(work, account.pw_uid, account.pw_gid)
@@ -165,6 +182,7 @@ def start_sshd(directory: Path, *, timeout: float = 10.0) -> Sshd:
                 f"HostKey {host_key}",
                 f"PidFile {directory / 'sshd.pid'}",
                 f"AuthorizedKeysFile {authorized}",
+                f"TrustedUserCAKeys {trusted_ca}",
                 "PubkeyAuthentication yes",
                 "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no",
@@ -200,6 +218,7 @@ def start_sshd(directory: Path, *, timeout: float = 10.0) -> Sshd:
         known_hosts=known_hosts,
         host_public_key=f"{host_public[0]} {host_public[1]}",
         keys_dir=keys_dir,
+        user_ca=user_ca,
         log_path=log_path,
     )
     with log_path.open("ab") as log:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 import yaml
 
@@ -147,6 +148,7 @@ class Env:
     gw: GatewayProcess
     client: GatewayClient
     bad_client: GatewayClient
+    cert_client: GatewayClient
     approvals_url: str
     tokens: dict[str, str]
     user_key: Path
@@ -207,7 +209,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         wrong_known = tmp / "wrong_known_hosts"
         other = ssh_keygen(tmp / "other_host_key", "other")
         wrong_known.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(Path(f'{other}.pub').read_text().split()[:2])}\n")
-        port, bad_port, approvals_port = free_port(), free_port(), free_port()
+        cert_upstream_key = ssh_keygen(tmp / "gateway_cert_key", "gateway-cert")
+        cert_upstream = sshd.certify(cert_upstream_key)
+        port, bad_port, cert_port, approvals_port = free_port(), free_port(), free_port(), free_port()
         upstream = {
             "host": "127.0.0.1",
             "port": sshd.port,
@@ -235,6 +239,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                     ],
                     "user_ca": [f"{ca_key}.pub"],
                 },
+                "via-certificate": {
+                    "protocol": "ssh",
+                    "listen": f"127.0.0.1:{cert_port}",
+                    "host_key": str(host_key),
+                    "upstream": {**upstream, "key": str(cert_upstream_key), "certificate": str(cert_upstream)},
+                },
                 "pinned-wrong": {
                     "protocol": "ssh",
                     "listen": f"127.0.0.1:{bad_port}",
@@ -248,6 +258,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             host_public = " ".join(Path(f"{host_key}.pub").read_text().split()[:2])
             client = GatewayClient.create(tmp / "client", port, host_public)
             bad_client = GatewayClient.create(tmp / "bad_client", bad_port, host_public)
+            cert_client = GatewayClient.create(tmp / "cert_client", cert_port, host_public)
             tokens = {
                 "observer": gw.token("agent-obs", role="observer"),
                 "operator": gw.token("agent-op", role="operator"),
@@ -256,8 +267,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 "masked": gw.token("agent-masked", role="observer", mask="yes"),
             }
             yield Env(
-                sshd, gw, client, bad_client, f"http://127.0.0.1:{approvals_port}", tokens, user_key, cert_key, tmp
-            )
+                sshd, gw, client, bad_client, cert_client, f"http://127.0.0.1:{approvals_port}", tokens, user_key,
+                cert_key, tmp,
+            )  # fmt: skip
         finally:
             gw.stop()
     finally:
@@ -378,8 +390,6 @@ def test_unparsable_command_is_denied_with_the_parsers_reason(env: Env) -> None:
 
 
 def test_exit_signal_and_stderr_are_relayed(env: Env) -> None:
-    asyncssh = pytest.importorskip("asyncssh")
-
     async def run() -> Any:
         async with asyncssh.connect(
             "127.0.0.1",
@@ -456,12 +466,22 @@ def test_unknown_upstream_host_key_is_refused(env: Env) -> None:
     assert b"host key does not match" in proc.stderr
 
 
+def test_gateway_logs_in_upstream_with_a_certificate(env: Env) -> None:
+    proc = env.cert_client.ssh(env.tokens["observer"], "echo via-certificate")
+    assert proc.returncode == 0, _err(proc)
+    assert proc.stdout == b"via-certificate\n"
+
+
+def test_other_subsystems_are_decided(env: Env) -> None:
+    proc = env.client.ssh(env.tokens["admin"], "netconf", "-s")
+    err = _assert_denied(proc, "lictor:default-deny")
+    assert "`netconf`" in err
+
+
 # -- forwarding -------------------------------------------------------------------------------------
 
 
 def test_port_forwarding_is_decided_by_rules(env: Env) -> None:
-    asyncssh = pytest.importorskip("asyncssh")
-
     async def attempt(role: str) -> bytes | str:
         async with asyncssh.connect(
             "127.0.0.1",
@@ -682,6 +702,22 @@ def test_output_is_masked_by_detectors(env: Env) -> None:
         shell.expect(rb"lictor: denied[^\n]*\n")  # observers get no shell, masked or not
     finally:
         shell.close()
+
+
+def test_shell_output_is_masked_too(env: Env) -> None:
+    token = env.gw.token("agent-masked-op", role="operator", mask="yes")
+    shell = env.client.shell(token)
+    try:
+        shell.expect(PROMPT)
+        shell.send(f"cat {env.work}/card.txt\r".encode())
+        out = shell.expect(rb"end\r\n")
+        assert CARD.encode() not in out
+        assert b"card " in out
+        shell.send(b"exit\r")
+        shell.wait(timeout=15)
+    finally:
+        shell.close()
+    assert CARD.encode() not in shell.seen
 
 
 def _session_events(env: Env, sub: str) -> list[dict[str, Any]]:

@@ -125,9 +125,8 @@ async def handle_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
     if agent is None:
         process.exit(UNREACHABLE_STATUS)
         return
-    handler = ChannelHandler(agent, process)
     try:
-        await handler.run()
+        await ChannelHandler(agent, process).run()
     except Exception:
         log.exception("ssh channel failed")
         with contextlib.suppress(Exception):
@@ -224,15 +223,18 @@ class ChannelHandler:
             self._exit(UNREACHABLE_STATUS)
             return
         command = self.process.command
+        subsystem = self.process.subsystem
         try:
-            if command is not None:
+            if subsystem is not None:
+                await self._subsystem(subsystem)
+            elif command is not None:
                 await self._exec(command)
             else:
                 await self._shell()
         except ConnectionError as exc:
             log.info("ssh channel %s: %s", self.number, exc)
-            self._close_upstream()
         finally:
+            self._close_upstream()  # whatever happened, nothing keeps running on the target
             for name in list(self._records):
                 self._records.pop(name).close()
             if self.lease is not None:
@@ -263,6 +265,30 @@ class ChannelHandler:
             return
         self._plan = self.agent.session_mask_plan(decision)
         if not await self._open_upstream(command, raw=True):
+            return
+        await self._join(line_mode=False)
+
+    # -- other subsystems (sftp never comes here) ---------------------------------------------
+
+    async def _subsystem(self, name: str) -> None:
+        request = Request(
+            protocol="ssh",
+            action=name,
+            attrs={"channel": "subsystem", "program": name, "command": name, "argv": ""},
+            target=self.target,
+            summary=f"subsystem {name}",
+            payload=f"subsystem {name}",
+            reason=self.reason,
+        )
+        self.record("command", {"channel": self.number, "kind": "subsystem", "command": name})
+        decision, _ = await self._decide([request])
+        self._record_decision(decision)
+        if decision.action != "allow":
+            await self._write_err(denial_text(request, decision) + "\n")
+            self._exit(DENIED_STATUS)
+            return
+        self._plan = None  # an uninspected protocol: relayed as is, recorded by size and hash
+        if not await self._open_upstream(None, raw=True, subsystem=name):
             return
         await self._join(line_mode=False)
 
@@ -301,7 +327,7 @@ class ChannelHandler:
 
     # -- upstream -----------------------------------------------------------------------------
 
-    async def _open_upstream(self, command: str | None, *, raw: bool) -> bool:
+    async def _open_upstream(self, command: str | None, *, raw: bool, subsystem: str | None = None) -> bool:
         try:
             self.lease = await self.agent.pool.acquire()
             kwargs: dict[str, Any] = {"encoding": None}
@@ -317,7 +343,9 @@ class ChannelHandler:
                 )
             else:
                 kwargs["request_pty"] = False
-            if command is None:
+            if subsystem is not None:
+                self.upstream = await self.lease.conn.create_process(subsystem=subsystem, **kwargs)
+            elif command is None:
                 self.upstream = await self.lease.conn.create_process(**kwargs)
             else:
                 self.upstream = await self.lease.conn.create_process(command, **kwargs)
