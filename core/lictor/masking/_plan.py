@@ -18,7 +18,7 @@ from ._styles import DEFAULT_KEEP, STYLES, Style, apply_style
 _PROCESS_KEY = secrets.token_bytes(32)
 
 
-@functools.lru_cache(maxsize=128)
+@functools.lru_cache(maxsize=64)
 def _scanner(detectors: tuple[Detector, ...], styles: tuple[Style, ...], key: bytes) -> Scanner:
     """Scanners are immutable and costly to build (re2 compiles the combined automaton), and the
     same combinations of rules come back request after request: share them."""
