@@ -748,6 +748,44 @@ def test_writer_ddl_waits_for_an_approval(env: PgEnv) -> None:
     env.direct("DROP TABLE approved_table")
 
 
+def test_held_statement_denied_by_an_approver_or_cancelled_by_the_agent(env: PgEnv) -> None:
+    import psycopg
+
+    env_cli = {**os.environ, "LICTOR_TOKEN": env.tokens["approver"]}
+    url = f"http://127.0.0.1:{env.approvals_port}"
+    with env.connect("writer") as conn:
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+
+        def deny_when_asked() -> None:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                for note in list(notices):
+                    if "waiting for approval " in note:
+                        approval = note.split("waiting for approval ", 1)[1].split(":", 1)[0]
+                        lictor("approvals", "deny", approval, "--url", url, "--reason", "not now", env=env_cli)
+                        return
+                time.sleep(0.1)
+
+        denier = threading.Thread(target=deny_when_asked)
+        denier.start()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute("DROP TABLE orders")
+        denier.join()
+        assert "not now" in str(info.value) or "denied" in str(info.value)
+        assert conn.execute("SELECT count(*) FROM orders").fetchone()[0] > 0
+        # The agent gives up a held statement with an ordinary cancel.
+        notices.clear()
+        timer = threading.Timer(1.0, conn.cancel)
+        timer.start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("TRUNCATE orders")
+        timer.join()
+        assert any("waiting for approval" in n for n in notices)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert env.direct("SELECT count(*) > 0 FROM orders") == [(True,)]
+
+
 # -- memory ---------------------------------------------------------------------------------------
 
 

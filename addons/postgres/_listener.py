@@ -110,6 +110,7 @@ class _CancelEntry:
     upstream: UpstreamConfig
     pid: int
     real_key: bytes
+    relay: Relay | None = None
 
 
 class PostgresListener:
@@ -240,6 +241,11 @@ class PostgresListener:
         self._cancel[fake_pid] = _CancelEntry(fake_key, upstream, pid, real_key)
         return fake_pid, fake_key
 
+    def attach_cancel(self, fake_pid: int, relay: Relay) -> None:
+        entry = self._cancel.get(fake_pid)
+        if entry is not None:
+            entry.relay = relay
+
     def forget_cancel(self, fake_pid: int) -> None:
         self._cancel.pop(fake_pid, None)
 
@@ -248,6 +254,8 @@ class PostgresListener:
         if entry is None or not hmac.compare_digest(entry.key, key):
             log.info("ignoring a cancel request with an unknown key")
             return
+        if entry.relay is not None:
+            entry.relay.cancel_hold()  # a statement waiting in the gateway (approval) is given up
         await send_cancel(entry.upstream, entry.pid, entry.real_key)
 
 
@@ -614,5 +622,6 @@ class _Handshake:
             on_done=done,
         )
         self.listener.relays.add(relay)
+        self.listener.attach_cancel(fake_pid, relay)
         self.agent.write(b"".join(hello))
         relay.start(self.agent.take_buffered(), upstream.pipe.take_buffered())

@@ -341,6 +341,8 @@ class Relay:
         self.stats = Stats()
         self.closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._hold_task: asyncio.Task[Any] | None = None
+        self._user_cancel = False
         self._handlers: dict[int, Handler] = {
             _F_QUERY: self._on_query,
             _F_PARSE: self._on_parse,
@@ -472,7 +474,7 @@ class Relay:
                 # The handler needs to wait (approval, an earlier statement to finish): hold the rest.
                 if i + 1 < n:
                     self._pending.appendleft((data, offsets, types, i + 1))
-                self._hold(result)
+                self._hold(result, t)
                 return
         except pg.ProtocolError as exc:
             self._protocol_violation(str(exc))
@@ -490,19 +492,38 @@ class Relay:
         if fwd < size:
             up.append(data[fwd:] if fwd else data)
 
-    def _hold(self, coro: Coroutine[Any, Any, bytes | None]) -> None:
+    def _hold(self, coro: Coroutine[Any, Any, bytes | None], kind: int) -> None:
         self._holding = True
         self._flush_up()
         self.agent.pause_reading("hold")
-        task = asyncio.ensure_future(self._held(coro))
+        task = asyncio.ensure_future(self._held(coro, kind))
+        self._hold_task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _held(self, coro: Coroutine[Any, Any, bytes | None]) -> None:
+    def cancel_hold(self) -> bool:
+        """The agent sent a CancelRequest: give up a statement held in the gateway (e.g. for approval)."""
+        task = self._hold_task
+        if not self._holding or task is None or task.done():
+            return False
+        self._user_cancel = True
+        task.cancel()
+        return True
+
+    async def _held(self, coro: Coroutine[Any, Any, bytes | None], kind: int) -> None:
         try:
             result = await coro
         except asyncio.CancelledError:
-            raise
+            if not self._user_cancel or self.closed:
+                raise
+            self._user_cancel = False
+            error = pg.error_response(
+                "ERROR",
+                "57014",
+                "lictor: canceling statement due to user request (it was held by the gateway)",
+                hint="Run it again to ask again.",
+            )
+            result = self._deny_simple(error) if kind in (_F_QUERY, _F_FCALL) else self._deny_extended(error)
         except ConnectionError:
             return
         except Exception:
@@ -609,11 +630,12 @@ class Relay:
         """Hold an ``approve`` decision for a human, statement by statement; deny wins."""
 
         async def notify(approval_id: str, message: str) -> None:
+            text = message if approval_id in message else f"waiting for approval {approval_id}: {message}"
             self.agent.write(
                 pg.notice_response(
                     "NOTICE",
                     "01000",
-                    f"lictor: waiting for approval {approval_id}: {message}",
+                    f"lictor: {text}",
                     hint="The statement runs as soon as an approver allows it; cancel the query to give up.",
                 )
             )
