@@ -268,7 +268,7 @@ class GatewayClient:
         askpass.chmod(0o700)
         return cls(host, port, known, askpass)
 
-    def options(self, *, password: bool = True) -> list[str]:
+    def options(self, *, password: bool = True, log_level: str = "ERROR") -> list[str]:
         opts = [
             "-F",
             "/dev/null",
@@ -277,7 +277,7 @@ class GatewayClient:
             "-o",
             f"UserKnownHostsFile={self.known_hosts}",
             "-o",
-            "LogLevel=ERROR",
+            f"LogLevel={log_level}",
             "-o",
             "ConnectTimeout=10",
         ]
@@ -292,8 +292,11 @@ class GatewayClient:
         env["LICTOR_TEST_PASSWORD"] = token or ""
         return env
 
-    def ssh_argv(self, command: str | None, *extra: str, user: str = "agent", password: bool = True) -> list[str]:
-        argv = ["ssh", *self.options(password=password), "-p", str(self.port), *extra, f"{user}@{self.host}"]
+    def ssh_argv(
+        self, command: str | None, *extra: str, user: str = "agent", password: bool = True, log_level: str = "ERROR"
+    ) -> list[str]:
+        opts = self.options(password=password, log_level=log_level)
+        argv = ["ssh", *opts, "-p", str(self.port), *extra, f"{user}@{self.host}"]
         return [*argv, command] if command is not None else argv
 
     def ssh(

@@ -420,9 +420,13 @@ def test_reason_from_environment_reaches_the_audit_log(env: Env) -> None:
 
 
 def test_bad_token_is_refused_with_a_reason(env: Env) -> None:
-    proc = env.client.ssh("not-a-jwt", "id")
+    argv = env.client.ssh_argv("id", "-o", "NumberOfPasswordPrompts=1", log_level="INFO")
+    proc = subprocess.run(
+        argv, capture_output=True, env=env.client.env("not-a-jwt"), timeout=30, start_new_session=True, check=False
+    )
     assert proc.returncode == 255
-    assert b"lictor: authentication failed" in proc.stderr or b"Permission denied" in proc.stderr
+    assert b"lictor: authentication failed" in proc.stderr, proc.stderr  # the banner names the reason
+    assert b"Permission denied" in proc.stderr
 
 
 def test_registered_public_key_gets_its_identity(env: Env) -> None:

@@ -394,8 +394,16 @@ class ChannelHandler:
                 await feed
         if self.process.channel.is_closing():
             return
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(up.wait_closed(), 10)
+        # Output is done; the exit status follows (a command may also close its output and run on).
+        up_closed = asyncio.ensure_future(up.wait_closed())
+        agent_closed = asyncio.ensure_future(self.process.channel.wait_closed())
+        try:
+            await asyncio.wait({up_closed, agent_closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            up_closed.cancel()
+            agent_closed.cancel()
+        if self.process.channel.is_closing():
+            return
         signal = up.exit_signal
         status = up.exit_status
         self.record("exit", {"channel": self.number, "status": status, "signal": signal[0] if signal else None})
