@@ -143,3 +143,16 @@ def test_shipped_schema_is_up_to_date():
     assert json.loads(shipped) == json.loads(schema_json(vocabularies())), (
         "run: lictor schema --out schema/rulepack.schema.json"
     )
+
+
+def test_custom_detector_keeps_its_own_style(tmp_path):
+    from lictor.masking import MaskPlan
+
+    text = GOOD.replace("        action: allow", "        action: allow\n        mask: {detectors: [employee]}") + (
+        "detectors:\n  employee: {pattern: 'EMP-[0-9]{6}', style: partial, keep: 2}\n"
+    )
+    _, result = problems(tmp_path, text)
+    assert not result.errors, result.errors
+    plan = MaskPlan.compile([{"detectors": ["employee"]}], custom_detectors=result.policy.detectors, key=b"k" * 32)
+    masked, counts = plan.mask_text("id EMP-123456 ok")
+    assert counts["employee"] == 1 and masked.endswith("56 ok") and "EMP-1234" not in masked

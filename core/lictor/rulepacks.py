@@ -358,7 +358,12 @@ class _Compiler:
                 continue
             try:
                 self.detectors[det_name] = compile_detector(
-                    det_name, str(spec["pattern"]), spec.get("validator"), int(spec.get("group", 0))
+                    det_name,
+                    str(spec["pattern"]),
+                    spec.get("validator"),
+                    int(spec.get("group", 0)),
+                    style=spec.get("style"),
+                    keep=spec.get("keep"),
                 )
             except MaskingError as exc:
                 self.error(locate(doc, ["detectors", det_name, "pattern"], loc), str(exc))
