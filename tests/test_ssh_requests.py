@@ -49,7 +49,7 @@ def _attrs(command: str, **kw: object) -> list[dict[str, object]]:
 
 
 def test_each_program_of_a_command_line_is_a_request() -> None:
-    attrs = _attrs("cat /etc/hostname | grep x > /tmp/out 2>/dev/null")
+    attrs = _attrs("cat /etc/hostname | grep x > /tmp/out 2>/dev/null >&/dev/stderr")
     assert [a["program"] for a in attrs] == ["cat", "grep"]
     assert attrs[0] == {
         "channel": "exec",
@@ -62,7 +62,7 @@ def test_each_program_of_a_command_line_is_a_request() -> None:
         "paths": [],
     }
     assert attrs[1]["via_wrapper"] is False  # a pipeline member is started by the agent's own shell
-    assert attrs[1]["writes"] == ["/tmp/out"]  # /dev/null is left out
+    assert attrs[1]["writes"] == ["/tmp/out"]  # /dev/null and /dev/stderr are left out
 
 
 def test_wrapped_programs_are_marked() -> None:

@@ -36,8 +36,8 @@ a pipeline or a ``( ... )`` subshell is started by the agent's own shell, like a
 Command and process substitutions, ``sh -c``, ``eval``, ``xargs``, ``find -exec``, ``sudo``, ``env``...
 do count."""
 
-HARMLESS_WRITES = frozenset({"/dev/null"})
-"""Redirection targets left out of ``writes``: writing them changes nothing."""
+HARMLESS_WRITES = frozenset({"/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tty"})
+"""Redirection targets left out of ``writes``: they change no file (the terminal or the channel)."""
 
 
 def invocation_attrs(inv: Invocation, channel: str) -> dict[str, object]:
