@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def start_gateway(workdir: Path, sshd: Sshd) -> tuple[subprocess.Popen[bytes], i
         text=True,
     ).stdout.strip()
     host_public = " ".join(Path(f"{host_key}.pub").read_text().split()[:2])
-    return proc, port, Path(tempfile.mkdtemp(prefix="lictor-bench-client-")), host_public + "\n" + token
+    return proc, port, workdir / "client", host_public + "\n" + token
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
@@ -201,6 +202,7 @@ def main() -> int:
             gateway.terminate()
             gateway.wait(timeout=15)
         sshd.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     ms = 1000.0
     d_new, g_new = statistics.median(direct_new), statistics.median(gw_new)
