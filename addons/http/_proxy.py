@@ -219,7 +219,7 @@ class LictorProxy:
             if ctx is not None:
                 self.client_contexts[target.name] = ctx
         self.conns: dict[str, ConnState] = {}
-        self._tokens: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+        self._tokens: OrderedDict[str, tuple[Identity, float, str]] = OrderedDict()
         self._recent_denials: OrderedDict[tuple[str, str], tuple[float, Decision]] = OrderedDict()
         self.proxyserver: proxyserver.Proxyserver | None = None
 
@@ -274,19 +274,21 @@ class LictorProxy:
         elif flow.killable:
             flow.kill()
 
-    def _authenticate(self, token: str, target: HttpTarget, peer: str) -> Identity:
+    def _authenticate(self, token: str, target: HttpTarget, peer: str) -> tuple[Identity, str]:
+        """The verified identity behind ``token`` and its session key (same subject, issuer and claims)."""
         now = time.time()
         cached = self._tokens.get(token)
         if cached is not None and cached[1] > now:
-            return cached[0]
+            return cached[0], cached[2]
         identity = self.gateway.authenticate(token, protocol=target.protocol, target=target.name, peer=peer)
         until = now + TOKEN_CACHE_TTL
         if identity.expires_at is not None:
             until = min(until, identity.expires_at)
         if len(self._tokens) >= TOKEN_CACHE_SIZE:
             self._tokens.popitem(last=False)
-        self._tokens[token] = (identity, until)
-        return identity
+        key = _identity_key(identity)
+        self._tokens[token] = (identity, until, key)
+        return identity, key
 
     @staticmethod
     def _token(flow: http.HTTPFlow) -> str | None:
@@ -311,11 +313,10 @@ class LictorProxy:
             raise BadAuth("the request carries several different tokens")
         return tokens.pop() if tokens else None
 
-    async def _session(self, flow: http.HTTPFlow, identity: Identity, target: HttpTarget) -> Session:
+    async def _session(self, flow: http.HTTPFlow, identity: Identity, key: str, target: HttpTarget) -> Session:
         conn = self.conns.get(flow.client_conn.id)
         if conn is None:  # client_connected did not run (or failed): track the connection now
             conn = self.conns[flow.client_conn.id] = ConnState(target, _peer(flow.client_conn))
-        key = _identity_key(identity)
         session = conn.sessions.get(key)
         if session is None or session.closed:
             session = await self.gateway.open_session(
@@ -323,7 +324,7 @@ class LictorProxy:
             )
             session.meta["client_connection"] = flow.client_conn.id
             conn.sessions[key] = session
-        else:
+        elif session.identity is not identity:
             session.identity = identity  # same subject and claims; keep the newest expiry
         return session
 
@@ -486,11 +487,11 @@ class LictorProxy:
             )
             return
         try:
-            identity = self._authenticate(token, target, peer)
+            identity, key = self._authenticate(token, target, peer)
         except AuthError as exc:
             self._answer(flow, error(401, f"token rejected: {exc}", "get a fresh token", kubernetes=k8s))
             return
-        session = await self._session(flow, identity, target)
+        session = await self._session(flow, identity, key, target)
 
         headers = flow.request.headers
         reason = reason_of(headers.get("x-lictor-reason"))
@@ -842,18 +843,6 @@ class LictorProxy:
         elif (resp.headers.get("content-encoding", "identity").lower() or "identity") == "identity":
             data.update(_body_for_record(body, size_out > len(body)))
         state.session.record("http", data)
-        self.gateway.audit_event(
-            "http.response",
-            {
-                "session": state.session.id,
-                "target": state.target.name,
-                "request": state.request.summary[:500],
-                "status": resp.status_code,
-                "bytes": size_out,
-                "masked": dict(state.masking.counts),
-            },
-            fail_closed=False,
-        )
 
     # -- responses ----------------------------------------------------------------------------------
 
