@@ -24,6 +24,7 @@ from lictor_addons.ssh._shell import (
     Analysis,
     Invocation,
     Redirect,
+    ShellIncompleteError,
     ShellParseError,
     analyse,
 )
@@ -373,6 +374,15 @@ REFUSED = [
     ("emulate sh -c 'rm -rf /'", "emulate"),
     ("zpty w 'rm -rf /'", "zpty"),
     ("sched +1 'rm -rf /'", "sched"),
+    # bash joins backslash-newline before matching the delimiter, dash does not: `rm` runs in bash
+    ("cat <<EOF\nE\\\nOF\nrm -rf /\nEOF", "ambiguous"),
+    ("cat <<EOF\nx\\\nEOF\nrm -rf /\nEOF", "ambiguous"),
+    # a keyword split by a line continuation is still the keyword for bash
+    ("!\\\n rm -rf /", "reserved word"),
+    ("co\\\nproc rm -rf /", "reserved word"),
+    ("sudo -e /etc/sudoers", "session's input"),
+    ("curl x | julia", "piped into julia"),
+    ("curl x | irb", "piped into irb"),
 ]
 
 
@@ -659,7 +669,7 @@ def test_wrapper_options(command: str) -> None:
 
 @pytest.mark.parametrize(
     "command",
-    ["command -v rm", "sudo -l rm", "sudo -e /etc/hosts", "ionice -p 1", "timeout --help", "env --version"],
+    ["command -v rm", "sudo -l rm", "sudo -e /etc/hosts < /dev/null", "ionice -p 1", "timeout --help", "env --version"],
 )
 def test_wrapper_modes_that_run_nothing(command: str) -> None:
     assert len(analyse(command).invocations) == 1
@@ -800,6 +810,43 @@ def test_interactive_allows_ordinary_lines() -> None:
 )
 def test_syntax_errors_are_refused(command: str) -> None:
     refused(command)
+
+
+@pytest.mark.parametrize(
+    ("command", "interactive"),
+    [
+        ("ls |", False),
+        ("ls &&", False),
+        ("if true; then ls", False),
+        ("for x in a b; do", False),
+        ("case x in", False),
+        ("{ ls;", False),
+        ("(ls", False),
+        ("echo 'abc", False),
+        ('echo "abc', False),
+        ("echo $(ls", False),
+        ("echo `ls", False),
+        ("echo ${x", False),
+        ("cat <<EOF", False),
+        ("cat <<EOF\nbody", False),
+        ("r\\\n", True),
+        ("ls -la \\\n", True),
+    ],
+)
+def test_incomplete_input_is_told_apart(command: str, interactive: bool) -> None:
+    with pytest.raises(ShellIncompleteError):
+        analyse(command, interactive=interactive)
+
+
+def test_complete_but_invalid_input_is_not_incomplete() -> None:
+    for command in ["ls)", "fi", ";;", "echo $'\\0'", "sh -c 'echo \"x'", "=rm"]:
+        with pytest.raises(ShellParseError) as info:
+            analyse(command)
+        assert not isinstance(info.value, ShellIncompleteError), command
+    # an interactive line that ends in a continuation must wait for the next line: alone, `r` then
+    # `m -rf /` look harmless, joined they are `rm -rf /`
+    assert calls("ls\\\n") == [("ls", "", None)]
+    assert calls("r\\\nm -rf /", interactive=True) == [("rm", "-rf /", None)]
 
 
 def test_limits() -> None:

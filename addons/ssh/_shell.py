@@ -81,6 +81,7 @@ __all__ = [
     "Analysis",
     "Invocation",
     "Redirect",
+    "ShellIncompleteError",
     "ShellParseError",
     "analyse",
 ]
@@ -98,6 +99,15 @@ MAX_INVOCATIONS = 20_000
 
 class ShellParseError(ValueError):
     """The command line cannot be analysed with certainty; the request must be denied."""
+
+
+class ShellIncompleteError(ShellParseError):
+    """The text stops in the middle of a command: an open quote, ``if`` without ``fi``, a trailing
+    ``|`` or ``&&``, a here-document without its body, or (interactive lines) a final backslash.
+
+    An interactive shell would wait for more lines; the SSH addon can keep buffering and analyse the
+    whole text once it is complete. Everything else treats it as the ShellParseError it is.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,7 +382,8 @@ class _Parser:
     bodies and here-document text get a parser of their own sharing the analysis context.
     """
 
-    def __init__(self, src: str, ctx: "_Ctx", *, interactive: bool, nest: int = 0) -> None:
+    def __init__(self, src: str, ctx: "_Ctx", *, interactive: bool, nest: int = 0, top: bool = False) -> None:
+        self.top = top  # the text the session sent (not a backquote body, sh -c string...)
         self.src = src
         self.n = len(src)
         self.pos = 0
@@ -384,7 +395,13 @@ class _Parser:
     # -- helpers ------------------------------------------------------------------------------------
 
     def fail(self, message: str) -> NoReturn:
+        if self.top and (self.pos >= self.n or message.startswith("unterminated")):
+            raise ShellIncompleteError(f"incomplete command: {message}")
         raise ShellParseError(f"{message} (at offset {self.pos})")
+
+    def continuation_at_end(self) -> None:
+        if self.pos >= self.n and self.interactive and self.top:
+            self.fail("the line ends with a line continuation")
 
     def enter(self) -> None:
         self.nest += 1
@@ -412,6 +429,7 @@ class _Parser:
                 self.pos += 1
             elif c == "\\" and self.pos + 1 < n and s[self.pos + 1] == "\n":
                 self.pos += 2
+                self.continuation_at_end()
             else:
                 break
 
@@ -895,18 +913,34 @@ class _Parser:
         s = self.src
         for redir in pending:
             lines: list[str] = []
+            # bash joins backslash-newline in unquoted bodies before looking for the delimiter, dash
+            # compares physical lines: where they disagree the end of the body is ambiguous.
+            logical = ""
+            joined_end = -1 if not redir.quoted else None
             while True:
                 if self.pos >= self.n:
                     self.fail(f"here-document delimited by '{redir.delim}' is not terminated")
                 end = s.find("\n", self.pos)
-                line_end = self.n if end < 0 else end
-                line = s[self.pos : line_end]
+                line = s[self.pos : self.n if end < 0 else end]
                 self.pos = self.n if end < 0 else end + 1
                 if redir.strip_tabs:
                     line = line.lstrip("\t")
+                if joined_end == -1:
+                    if (len(line) - len(line.rstrip("\\"))) % 2 == 1 and end >= 0:
+                        logical += line[:-1]
+                    else:
+                        logical += line
+                        if logical == redir.delim:
+                            joined_end = self.pos
+                        logical = ""
                 if line == redir.delim:
                     break
                 lines.append(line + "\n")
+            if joined_end is not None and joined_end != self.pos:
+                self.fail(
+                    f"a line continuation makes the end of the here-document '{redir.delim}' ambiguous "
+                    "(bash and dash disagree); quote the delimiter"
+                )
             redir.body = "".join(lines)
             if not redir.quoted:
                 redir.body_word = self.parse_heredoc_text(redir.body)
@@ -945,6 +979,7 @@ class _Parser:
         s, n = self.src, self.n
         start = self.pos
         depth = 0
+        continued = False
         while self.pos < n:
             c = s[self.pos]
             if (c == "<" or c == ">") and self.pos + 1 < n and s[self.pos + 1] == "(" and not regex:
@@ -975,6 +1010,8 @@ class _Parser:
                     self.pos += 1
                 elif s[self.pos + 1] == "\n":
                     self.pos += 2
+                    continued = True
+                    self.continuation_at_end()
                 else:
                     w.lit(s[self.pos + 1], True)
                     self.pos += 2
@@ -997,7 +1034,10 @@ class _Parser:
                 self.pos += 1
         if self.pos == start:
             self.fail(f"expected a word but found {self.describe_next()}")
-        return w.done()
+        w.done()
+        if continued and _RESERVED_RE.fullmatch(w.bare() or ""):
+            self.fail("a reserved word split by a line continuation is ambiguous")
+        return w
 
     def read_dquote(self, w: _Word) -> None:
         s, n = self.src, self.n
@@ -1532,7 +1572,7 @@ class _Env:
 def _analyse_text(text: str, env: _Env, ctx: _Ctx, *, interactive: bool = False) -> None:
     if env.depth > MAX_SHELL_DEPTH:
         raise ShellParseError(f"commands nested more than {MAX_SHELL_DEPTH} shells deep")
-    node = _Parser(text, ctx, interactive=interactive).parse_program()
+    node = _Parser(text, ctx, interactive=interactive, top=env.depth == 0).parse_program()
     _walk(node, env, ctx)
 
 
@@ -2094,7 +2134,7 @@ _WRAPPERS: dict[str, _WrapSpec] = {
             long_optional=_fs("--preserve-env"),
         ),
         assignments=True,
-        no_run=_HELP | {"-h", "-V", "-e", "--edit", "-l", "--list", "-K", "--remove-timestamp", "-v", "--validate"},
+        no_run=_HELP | {"-V", "-l", "--list", "-K", "--remove-timestamp", "-v", "--validate"},
         shell_opts=_fs("-s", "--shell", "-i", "--login"),
     ),
     "doas": _WrapSpec(_Opts(flags="Lns", valued="Cu"), no_run=_fs("-C", "-L"), shell_opts=_fs("-s")),
@@ -2206,6 +2246,14 @@ _WRAPPERS: dict[str, _WrapSpec] = {
         no_run=_HELP | {"-p", "--pid", "-m", "--max", "-h", "-V"},
     ),
 }
+
+
+def _h_sudo(call: _Call) -> None:
+    opts, _ = _getopt(call, _WRAPPERS["sudo"].opts)
+    if any(o.name in ("-e", "--edit") for o in opts):
+        _h_command_reader(call)  # sudoedit: an editor driven by the session
+        return
+    _wrapper(_WRAPPERS["sudo"])(call)
 
 
 def _h_systemd_run(call: _Call) -> None:
@@ -2652,6 +2700,31 @@ _INTERPRETERS: dict[str, _Interp] = {
         operand_is_script=False,
     ),
 }
+# Read-eval-print loops: a script operand or inline code is reported, a program from stdin is refused.
+for _repl, _inline in {
+    "irb": "-e",
+    "ipython": "-c",
+    "ipython3": "-c",
+    "bpython": "-c",
+    "jshell": "",
+    "ghci": "-e",
+    "julia": "-e --eval",
+    "sbcl": "--eval",
+    "guile": "-c",
+    "racket": "-e --eval",
+    "erl": "-eval",
+    "iex": "-e",
+    "elixir": "-e --eval",
+    "octave": "--eval",
+    "gnuplot": "-e",
+    "sqlplus": "",
+    "mongo": "--eval",
+    "mongosh": "--eval",
+    "lldb": "-o --one-line",
+    "deno": "eval",
+    "bun": "-e --eval",
+}.items():
+    _INTERPRETERS.setdefault(_repl, _Interp(inline=_words(_inline)))
 _INTERPRETERS["nodejs"] = _INTERPRETERS["node"]
 _INTERPRETERS["luajit"] = _INTERPRETERS["lua"]
 _INTERPRETERS["wish"] = _INTERPRETERS["tclsh"]
@@ -3271,13 +3344,17 @@ def _h_man(call: _Call) -> None:
     _h_pager(call)
 
 
-_KEYSTROKE_READERS = ("ed", "red", "ex", "vi", "vim", "nvim", "view", "vimdiff", "rvim", "emacs", "nano", "pico")
+_KEYSTROKE_READERS = (
+    *("ed", "red", "ex", "vi", "vim", "nvim", "view", "vimdiff", "rvim", "emacs", "nano", "pico"),
+    *("sudoedit", "visudo", "vipw", "vigr"),
+)
 _COMMAND_READERS = ("gdb", "ftp", "lftp", "tmux", "screen", "telnet", "mail", "mutt")
 _PAGERS = ("less", "more", "most", "pager", "pg")
 
 _HANDLERS: dict[str, Callable[[_Call], None]] = {
     **{name: _wrapper(spec) for name, spec in _WRAPPERS.items()},
     "env": _h_env,
+    "sudo": _h_sudo,
     "xargs": _h_xargs,
     "find": _h_find,
     "watch": _h_watch,
