@@ -103,7 +103,20 @@ def real_pid(proc: subprocess.Popen[bytes]) -> int:
     return int(children[0]) if children else proc.pid
 
 
-def start_lictor(work: Path, port: int, db: str) -> tuple[subprocess.Popen[bytes], Path]:
+# For --diagnose only: the same gateway with the recorder's audit and session writes replaced by no-ops.
+STUBBED = """
+import sys
+from lictor.recorder import _recorder
+_recorder.SessionRecorder.audit = lambda self, kind, event, strict=False: None
+_recorder.SessionRecorder.event = lambda self, session, kind, data: None
+from lictor.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_lictor(work: Path, port: int, db: str, stubbed: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
+    work = work / ("lictor-stubbed" if stubbed else "lictor")
+    work.mkdir()
     state = work / "lictor-state"
     config = {
         "version": 1,
@@ -123,8 +136,9 @@ def start_lictor(work: Path, port: int, db: str) -> tuple[subprocess.Popen[bytes
     path = work / "lictor.yaml"
     path.write_text(yaml.safe_dump(config))
     ready = work / "lictor.ready"
+    command = [sys.executable, "-c", STUBBED] if stubbed else [LICTOR]
     proc = subprocess.Popen(
-        [LICTOR, "run", "-c", str(path), "--ready-file", str(ready)],
+        [*command, "run", "-c", str(path), "--ready-file", str(ready)],
         stdout=open(work / "lictor.log", "ab"),
         stderr=subprocess.STDOUT,
     )
@@ -181,6 +195,12 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=1)
     ap.add_argument("--role", default="writer", help="token role for Lictor (writer: no masking; readonly: masked)")
     ap.add_argument("--modes", default="simple,prepared")
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also run a second Lictor whose audit and recording writes are stubbed out (diagnosis only: "
+        "shows what the relay itself costs, never a configuration to deploy)",
+    )
     args = ap.parse_args()
     for tool in ("psql", "pgbench"):
         if not shutil.which(tool):
@@ -213,6 +233,27 @@ def main() -> int:
             ("pgbouncer", bouncer_port, None, bouncer_pid),
             ("lictor", lictor_port, token, gateway.pid),
         ]
+        if args.diagnose:
+            stub_port = free_port()
+            stubbed, stub_state = start_lictor(work, stub_port, db, stubbed=True)
+            procs.append(stubbed)
+            stub_token = subprocess.run(
+                [
+                    LICTOR,
+                    "token",
+                    "issue",
+                    "--state-dir",
+                    str(stub_state),
+                    "--sub",
+                    "bench",
+                    "--claim",
+                    f"role={args.role}",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            targets.append(("lictor-nr", stub_port, stub_token, stubbed.pid))
         print(
             f"pgbench -S, {args.clients} clients, {args.seconds} s per run, scale {args.scale}; "
             f"Lictor role {args.role!r} with the example rule pack; {os.cpu_count()} CPUs"
@@ -241,6 +282,8 @@ def main() -> int:
                 )
             tps_l, tps_b = results["lictor"][0], results["pgbouncer"][0]
             print(f"{mode:9} Lictor / pgbouncer TPS ratio: {tps_l / tps_b:.2f}\n")
+        if args.diagnose:
+            print("lictor-nr: the same gateway with audit and recording writes stubbed out (diagnosis only)")
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:

@@ -45,10 +45,11 @@ import asyncio
 import logging
 import re
 import secrets
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lictor import Decision, Request, combine
@@ -141,7 +142,8 @@ class Classified:
         (request,) = self.requests
         payload = sql.strip()
         summary = f"{request.action.upper().replace('_', ' ')}: {payload[:200]}"
-        return replace(self, requests=(replace(request, payload=payload, summary=summary, reason=reason),))
+        new = Request(request.protocol, request.action, request.attrs, request.target, summary, payload, reason)
+        return Classified((new,), self.kinds, statements=1)
 
 
 @dataclass(eq=False)
@@ -161,7 +163,7 @@ class Prepared:
 class Portal:
     name: str
     stmt: Prepared
-    bind_raw: bytes
+    params: tuple[tuple[int, ...], list[bytes | None]]  # parameter format codes, values
     formats: tuple[int, ...]
     fields: tuple[pg.FieldDescription, ...] | None = None
     describe_pending: bool = False
@@ -250,7 +252,7 @@ class Execution:
         self.stmt_name = stmt_name
         self.t0 = time.perf_counter()
         self.rows = 0
-        self.params: bytes | None = None
+        self.params: tuple[tuple[int, ...], list[bytes | None]] | None = None
         self.portal: Portal | None = None
         self.error: str | None = None
         self.copy_masking = False
@@ -900,8 +902,7 @@ class Relay:
         self._push(_K_PARSE, name)
 
     def _on_bind(self, raw: bytes) -> bytes | None:
-        portal_name, pos = _cstring_at(raw, 5)
-        stmt_name, pos = _cstring_at(raw, pos)
+        portal_name, stmt_name, param_formats, params, formats = _parse_bind(raw)
         stmt = self._prepared.get(stmt_name)
         if stmt is None:
             decision = Decision.deny(
@@ -923,7 +924,6 @@ class Relay:
                 )
             self._record_denial(stmt.text, decision)
             return self._deny_extended(self._denial_error(stmt.classified, [decision], decision))
-        formats = self._bind_result_formats(raw, pos)
         plan = stmt.plan
         if plan is not None and not plan.is_empty and 1 in formats:
             refusal = self._binary_refusal(stmt, formats)
@@ -937,24 +937,9 @@ class Relay:
                 return self._deny_extended(self._denial_error(stmt.classified, [denial], denial))
         if len(self._portals) >= MAX_PREPARED and portal_name not in self._portals:
             self._portals.pop(next(iter(self._portals)))  # forgetting fails closed: Execute is denied
-        self._portals[portal_name] = Portal(portal_name, stmt, raw, formats)
+        self._portals[portal_name] = Portal(portal_name, stmt, (param_formats, params), formats)
         self._push(_K_BIND)
         return None
-
-    @staticmethod
-    def _bind_result_formats(raw: bytes, pos: int) -> tuple[int, ...]:
-        count = int.from_bytes(raw[pos : pos + 2], "big")
-        pos += 2 + 2 * count
-        nparams = int.from_bytes(raw[pos : pos + 2], "big")
-        pos += 2
-        for _ in range(nparams):
-            n = int.from_bytes(raw[pos : pos + 4], "big", signed=True)
-            pos += 4 + max(n, 0)
-        count = int.from_bytes(raw[pos : pos + 2], "big")
-        pos += 2
-        if pos + 2 * count != len(raw):
-            raise pg.ProtocolError("malformed Bind message")
-        return tuple(int.from_bytes(raw[pos + 2 * i : pos + 2 * i + 2], "big", signed=True) for i in range(count))
 
     def _binary_refusal(self, stmt: Prepared, formats: tuple[int, ...]) -> str | None:
         base = (
@@ -1002,7 +987,7 @@ class Relay:
         stmt = portal.stmt
         plan = stmt.plan
         run = Execution(stmt.text, stmt.decision, None if plan is None or plan.is_empty else plan, stmt.name)
-        run.params = portal.bind_raw
+        run.params = portal.params
         run.portal = portal
         self._segment_execs += 1
         self.stats.statements += 1
@@ -1231,8 +1216,12 @@ class Relay:
         if kind == _K_DESC_P:
             if t == _B_ROWDESC or t == _B_NODATA:
                 expect.popleft()
-                fields = self._fields(raw) if t == _B_ROWDESC else ()
                 portal = head.data
+                if head.run is None and (portal is None or portal.stmt.plan is None or portal.stmt.plan.is_empty):
+                    if portal is not None:  # nothing to mask: the columns are not needed
+                        portal.describe_pending = False
+                    return None
+                fields = self._fields(raw) if t == _B_ROWDESC else ()
                 if isinstance(portal, Portal):
                     portal.describe_pending = False
                     portal.fields = fields
@@ -1240,7 +1229,7 @@ class Relay:
                         portal.stmt.fields = fields
                 if head.run is not None:  # the gateway asked for this one: the agent did not
                     run = head.run
-                    run.portal = run.portal or Portal("", _dummy_stmt(run), b"", (), fields)
+                    run.portal = run.portal or Portal("", _dummy_stmt(run), ((), []), (), fields)
                     if run.portal.fields is None:
                         run.portal.fields = fields
                     return b""
@@ -1591,18 +1580,60 @@ def _rows_of(tag: str) -> int | None:
     return int(last) if last.isdigit() else None
 
 
-def _params_for_record(bind_raw: bytes, plan: Any) -> list[str | None]:
+_U16 = struct.Struct("!H")
+_I32 = struct.Struct("!i")
+
+
+def _parse_bind(raw: bytes) -> tuple[str, str, tuple[int, ...], list[bytes | None], tuple[int, ...]]:
+    """Portal, statement, parameter formats, parameter values and result formats of a Bind message."""
     try:
-        message = pg.decode_frontend(bind_raw)
-    except pg.ProtocolError:
-        return []
-    assert isinstance(message, pg.Bind)
+        end = raw.index(b"\0", 5)
+        portal = raw[5:end].decode("utf-8")
+        pos = end + 1
+        end = raw.index(b"\0", pos)
+        statement = raw[pos:end].decode("utf-8")
+        pos = end + 1
+        (count,) = _U16.unpack_from(raw, pos)
+        pos += 2
+        param_formats = struct.unpack_from(f"!{count}h", raw, pos) if count else ()
+        pos += 2 * count
+        (nparams,) = _U16.unpack_from(raw, pos)
+        pos += 2
+        if len(param_formats) not in (0, 1, nparams):
+            raise pg.ProtocolError("malformed Bind message: parameter formats do not match the parameters")
+        params: list[bytes | None] = []
+        unpack = _I32.unpack_from
+        for _ in range(nparams):
+            (n,) = unpack(raw, pos)
+            pos += 4
+            if n < 0:
+                if n != -1:
+                    raise pg.ProtocolError("malformed Bind message: invalid value length")
+                params.append(None)
+                continue
+            if pos + n > len(raw):
+                raise pg.ProtocolError("malformed Bind message: truncated")
+            params.append(raw[pos : pos + n])
+            pos += n
+        (count,) = _U16.unpack_from(raw, pos)
+        pos += 2
+        if pos + 2 * count != len(raw):
+            raise pg.ProtocolError("malformed Bind message")
+        formats = struct.unpack_from(f"!{count}h", raw, pos) if count else ()
+    except (ValueError, struct.error):
+        raise pg.ProtocolError("malformed Bind message") from None
+    return portal, statement, param_formats, params, formats
+
+
+def _params_for_record(bound: tuple[tuple[int, ...], list[bytes | None]], plan: Any) -> list[str | None]:
+    param_formats, params = bound
     out: list[str | None] = []
-    for i, value in enumerate(message.params):
+    for i, value in enumerate(params):
         if value is None:
             out.append(None)
             continue
-        if message.param_format(i) == 1:
+        fmt = param_formats[0] if len(param_formats) == 1 else param_formats[i] if param_formats else 0
+        if fmt == 1:
             out.append(f"<binary {len(value)} bytes>")
             continue
         text = value[:RECORD_PARAM_LIMIT].decode("utf-8", "replace")
