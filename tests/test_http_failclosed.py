@@ -267,3 +267,37 @@ async def test_requests_without_length_or_too_big_are_not_read(
                 url + "/ok", content=b"x" * (17 * 1024 * 1024), headers={"Authorization": f"Bearer {token}"}
             )
     assert upstream.requests == []
+
+
+async def _raw(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(4096), 5)
+    finally:
+        writer.close()
+
+
+async def test_proxy_style_and_ambiguous_requests_are_refused(
+    gateway: tuple[Gateway, str, str], upstream: Upstream
+) -> None:
+    gw, url, token = gateway
+    auth = f"Authorization: Bearer {token}\r\n".encode()
+    absolute = await _raw(
+        url, b"GET http://elsewhere.example/ok HTTP/1.1\r\nHost: elsewhere.example\r\n" + auth + b"\r\n"
+    )
+    assert absolute.startswith(b"HTTP/1.1 400") and b"origin-form" in absolute
+    connect = await _raw(
+        url, b"CONNECT elsewhere.example:443 HTTP/1.1\r\nHost: elsewhere.example:443\r\n" + auth + b"\r\n"
+    )
+    assert connect.startswith(b"HTTP/1.1 4")
+    smuggled = await _raw(
+        url,
+        b"POST /ok HTTP/1.1\r\nHost: x\r\n"
+        + auth
+        + b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+    )
+    assert smuggled == b"" or smuggled.startswith(b"HTTP/1.1 4")
+    assert upstream.requests == []

@@ -140,6 +140,7 @@ class ConnState:
     target: HttpTarget
     peer: str
     sessions: dict[str, Session] = field(default_factory=dict)
+    waiting: set[asyncio.Task[Any]] = field(default_factory=set)  # request hooks of this connection
 
 
 def _peer(client: Client) -> str:
@@ -381,6 +382,8 @@ class LictorProxy:
         conn = self.conns.pop(client.id, None)
         if conn is None:
             return
+        for task in list(conn.waiting):
+            task.cancel()  # a held request nobody waits for any more: its approval is withdrawn
         for session in list(conn.sessions.values()):
             try:
                 await session.close(reason="client disconnected")
@@ -414,6 +417,17 @@ class LictorProxy:
             data.conn.error = "TLS setup towards the upstream failed"
 
     # -- requests -----------------------------------------------------------------------------------
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """CONNECT would open a tunnel that no request hook sees: never."""
+        try:
+            flow.metadata[ALLOWED] = False
+            flow.response = http.Response.make(405, b"CONNECT is not supported by this gateway\n")
+            flow.metadata[ANSWERED] = True
+        except Exception:
+            log.exception("http_connect failed; killing the flow")
+            if flow.killable:
+                flow.kill()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         flow.metadata[ALLOWED] = False
@@ -455,11 +469,18 @@ class LictorProxy:
         flow.metadata[ALLOWED] = False
         if flow.error is not None or flow.response is not None:
             return
+        conn = self.conns.get(flow.client_conn.id)
+        task = asyncio.current_task()
+        if conn is not None and task is not None:
+            conn.waiting.add(task)  # cancelled if the agent goes away (e.g. while held for approval)
         try:
             await self._request(flow)
         except Exception:
             log.exception("request handling failed; denying (fail closed)")
             self._internal_error(flow, "checking this request")
+        finally:
+            if conn is not None and task is not None:
+                conn.waiting.discard(task)
 
     async def _request(self, flow: http.HTTPFlow) -> None:
         target = self._target(flow.client_conn)
@@ -468,6 +489,19 @@ class LictorProxy:
         k8s = target.kubernetes
         if target.tls and not flow.client_conn.tls_established:
             self._answer(flow, error(400, "this listener only accepts TLS", "connect with https://", kubernetes=k8s))
+            return
+        if flow.request.authority or flow.request.method.upper() == "CONNECT":
+            # An absolute-form target (GET http://other-host/...) would reach the upstream as such, and an
+            # origin server routes by the host in it: the request must look exactly like what was decided.
+            self._answer(
+                flow,
+                error(
+                    400,
+                    "this is a reverse proxy: send origin-form requests (GET /path), not proxy requests",
+                    "use the gateway's URL as the API's base URL instead of configuring it as a proxy",
+                    kubernetes=k8s,
+                ),
+            )
             return
         peer = _peer(flow.client_conn)
         try:
@@ -1190,6 +1224,12 @@ class FailClosedGate:
 
     def __init__(self, proxy: LictorProxy) -> None:
         self.proxy = proxy
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None or not 400 <= flow.response.status_code < 600:
+            log.error("CONNECT %s was not refused; killing it (fail closed)", flow.id)
+            if flow.killable:
+                flow.kill()
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(ALLOWED) is True or flow.response is not None or flow.error is not None:
