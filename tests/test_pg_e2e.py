@@ -290,6 +290,20 @@ def test_bad_or_missing_token_is_refused_with_28P01(env: PgEnv) -> None:
     assert "authentication failed" in str(info.value)
 
 
+def test_a_connection_ends_when_its_token_expires(env: PgEnv) -> None:
+    import psycopg
+
+    gw = env.gateway
+    assert gw is not None
+    short = gw.token("agent-short", ttl="3s", role="readonly")
+    with psycopg.connect(env.dsn("readonly", password=short), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        time.sleep(3.5)
+        with pytest.raises(psycopg.OperationalError) as info:
+            conn.execute("SELECT 1")
+        assert "token has expired" in str(info.value)
+
+
 def test_gssenc_refused_and_ssl_accepted_on_raw_socket(env: PgEnv) -> None:
     with socket.create_connection(("127.0.0.1", env.port), timeout=5) as sock:
         sock.sendall(pg.gssenc_request())
@@ -302,12 +316,29 @@ def test_gssenc_refused_and_ssl_accepted_on_raw_socket(env: PgEnv) -> None:
     raw.close()
 
 
-def test_startup_options_that_bypass_the_policy_are_refused(env: PgEnv) -> None:
+def test_startup_settings_are_decided_like_set(env: PgEnv) -> None:
     import psycopg
 
     with pytest.raises(psycopg.OperationalError) as info:
         psycopg.connect(env.dsn("readonly", options="'-c default_transaction_read_only=off'"))
-    assert "startup parameter 'options' is not accepted" in str(info.value)
+    assert "default_transaction_read_only" in str(info.value) and "not allowed" in str(info.value)
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(env.dsn("dba", options="'-c standard_conforming_strings=off'"))
+    assert "not allowed" in str(info.value)
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(env.dsn("readonly", options="'-D /tmp'"))
+    assert "not accepted" in str(info.value)
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(env.dsn("readonly", replication="database"))
+    assert "replication" in str(info.value)
+    # Ordinary settings pass (the policy allows SET of them for readonly).
+    dsn = env.dsn("readonly", options="'-c search_path=public,pg_catalog -c statement_timeout=5s'")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("5s",)
+        assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(env.dsn("readonly", options="'-c statement_timeout=banana'"))
+    assert "statement_timeout" in str(info.value)
 
 
 # -- the readonly role ------------------------------------------------------------------------------------

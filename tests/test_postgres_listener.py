@@ -23,6 +23,7 @@ from lictor_addons.postgres._listener import (
     build_classified,
     constant_insensitive,
     parse_listen,
+    parse_options,
     read_only_session,
 )
 from lictor_addons.postgres._pipe import Pipe
@@ -146,6 +147,19 @@ def test_parse_listen() -> None:
     for bad in ("127.0.0.1", "host:0", "host:99999", "host:x"):
         with pytest.raises(ValueError):
             parse_listen(bad)
+
+
+def test_parse_options() -> None:
+    assert parse_options("-c search_path=a,b -cstatement_timeout=5s --work-mem=64MB") == [
+        ("search_path", "a,b"),
+        ("statement_timeout", "5s"),
+        ("work_mem", "64MB"),
+    ]
+    assert parse_options(r"-c application_name=two\ words") == [("application_name", "two words")]
+    assert parse_options("") == []
+    for bad in ("-D /data", "-c nameonly", "-P", "plain"):
+        with pytest.raises(Exception, match=r"not accepted|name=value"):
+            parse_options(bad)
 
 
 def test_reason_comment() -> None:

@@ -51,8 +51,59 @@ CACHE_TEXT_LIMIT = 16_384
 
 # Startup parameters passed on to the target (the gateway sets the ones that matter for parsing itself).
 _PASSED_PARAMETERS = frozenset({"application_name", "datestyle", "timezone", "intervalstyle", "extra_float_digits"})
-# Parameters a client may send that the gateway ignores.
+# Parameters a client may send that the gateway ignores (it sets client_encoding itself).
 _IGNORED_PARAMETERS = frozenset({"user", "database", "client_encoding", "fallback_application_name"})
+# Settings the gateway fixes at login: an agent's value is decided like a SET, then the gateway's wins.
+_FIXED_SETTINGS = frozenset({"client_encoding", "standard_conforming_strings", "default_transaction_read_only"})
+
+
+_SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
+
+
+def parse_options(text: str) -> list[tuple[str, str]]:
+    """The settings of a libpq ``options`` string: ``-c name=value`` / ``--name=value``, space-separated,
+    backslash escaping a space or a backslash. Any other switch is refused (ValueError becomes _Refused)."""
+    words: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for ch in text:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch.isspace():
+            if current:
+                words.append("".join(current))
+                current = []
+        else:
+            current.append(ch)
+    if current:
+        words.append("".join(current))
+    settings: list[tuple[str, str]] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "-c" and i + 1 < len(words):
+            assignment = words[i + 1]
+            i += 2
+        elif word.startswith("-c") and len(word) > 2:
+            assignment = word[2:]
+            i += 1
+        elif word.startswith("--") and "=" in word:
+            assignment = word[2:]
+            i += 1
+        else:
+            raise _Refused(
+                "42501",
+                f"startup option {word!r} is not accepted by the gateway",
+                "Only -c name=value settings may be given in options.",
+            )
+        name, sep, value = assignment.partition("=")
+        if not sep:
+            raise _Refused("42501", f"startup option {assignment!r} needs name=value")
+        settings.append((name.replace("-", "_"), value))
+    return settings
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -430,7 +481,7 @@ class _Handshake:
                 self.agent.close()
                 return
             target = self._select_target(startup)
-            params = self._check_parameters(startup)
+            params, settings = self._check_parameters(startup)
             identity = await asyncio.wait_for(self._authenticate(target), STARTUP_TIMEOUT)
             session = await self.gateway.open_session(
                 identity, protocol="postgres", target=target.name, peer=self.peer_text, method="jwt"
@@ -438,10 +489,17 @@ class _Handshake:
             session.meta["pg_user"] = startup.user or ""
             session.meta["pg_database"] = startup.database or ""
             session.meta["tls"] = self.tls
+            self._decide_settings(session, target, settings)
+            params.update((name.lower(), value) for name, value in settings if name.lower() not in _FIXED_SETTINGS)
             await self._relay(session, target, startup, params)
         except _Refused as exc:
             self.agent.write(pg.error_response("FATAL", exc.sqlstate, f"lictor: {exc}", hint=exc.hint))
             self.agent.close()
+            self.gateway.audit_event(
+                "connection.refused",
+                {"protocol": "postgres", "peer": self.peer_text, "sqlstate": exc.sqlstate, "reason": str(exc)},
+                fail_closed=False,
+            )
             if session is not None:
                 await session.close(reason=str(exc))
         except pg.ProtocolError as exc:
@@ -514,23 +572,40 @@ class _Handshake:
             )
         return target
 
-    def _check_parameters(self, startup: pg.StartupMessage) -> dict[str, str]:
+    def _check_parameters(self, startup: pg.StartupMessage) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        """Split the startup parameters: passed on as they are, or settings the policy must decide."""
         passed: dict[str, str] = {}
+        settings: list[tuple[str, str]] = []
         for name, value in startup.params.items():
             lname = name.lower()
             if lname in _IGNORED_PARAMETERS or name.startswith("_pq_."):
                 continue
-            if lname == "options" and not value.strip():
-                continue
             if lname in _PASSED_PARAMETERS:
                 passed[name] = value
-                continue
-            raise _Refused(
-                "42501",
-                f"startup parameter {name!r} is not accepted by the gateway",
-                "Remove it from the connection string; settings go through SET, which the policy checks.",
-            )
-        return passed
+            elif lname == "options":
+                settings.extend(parse_options(value))
+            elif lname == "replication":
+                raise _Refused("42501", "replication connections are not served by the gateway")
+            else:
+                settings.append((name, value))
+        for name, _ in settings:
+            if not _SETTING_NAME.fullmatch(name):
+                raise _Refused("42501", f"startup setting {name!r} is not a valid setting name")
+        return passed, settings
+
+    def _decide_settings(self, session: "Session", target: Target, settings: list[tuple[str, str]]) -> None:
+        """Startup settings are decided exactly like the SET statements they amount to."""
+        for name, value in settings:
+            sql = f"SET {name} = '{value.replace(chr(39), chr(39) * 2)}'"
+            classified = self.listener.classify(target.name, "", sql)
+            for request in classified.requests:
+                decision = session.decide_now(request)
+                if decision.action != "allow":
+                    raise _Refused(
+                        "42501",
+                        f"startup setting {name}={value!r} is not allowed: {decision.message}",
+                        f"Remove it from the connection string (rule {', '.join(decision.rule_ids)}).",
+                    )
 
     async def _authenticate(self, target: Target) -> Any:
         if not (self.tls or _is_loopback(self.peer) or self.route.allow_plaintext):
@@ -573,6 +648,9 @@ class _Handshake:
             upstream = await connect(config, upstream_params, name=f"upstream:{target.name}")
         except UpstreamError as exc:
             log.warning("target %s: login failed: %s", target.name, exc)
+            if exc.sqlstate[:2] in ("22", "42") and exc.sqlstate != "42501":
+                # A bad startup setting of the agent's (invalid value, unknown parameter): say which.
+                raise _Refused(exc.sqlstate, f"the target refused the connection: {exc}") from None
             raise _Refused(
                 "08006",
                 f"cannot connect to target {target.name!r}",

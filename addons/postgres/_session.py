@@ -344,6 +344,7 @@ class Relay:
         self.closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._hold_task: asyncio.Task[Any] | None = None
+        self._expires_at = session.identity.expires_at
         self._user_cancel = False
         self._handlers: dict[int, Handler] = {
             _F_QUERY: self._on_query,
@@ -404,6 +405,19 @@ class Relay:
 
     def _on_agent(self, data: bytes) -> None:
         if self.closed:
+            return
+        expires = self._expires_at
+        if expires is not None and time.time() > expires:
+            # A connection does not outlive the token that opened it.
+            self.shutdown(
+                "token expired",
+                pg.error_response(
+                    "FATAL",
+                    "28000",
+                    "lictor: your token has expired; the connection is closed",
+                    hint="Reconnect with a fresh token.",
+                ),
+            )
             return
         try:
             block = self._fe.feed_block(data)
