@@ -1402,7 +1402,6 @@ class Relay:
         index = q.index
         q.index += 1
         now = time.perf_counter()
-        rows_run = self._expect[0].run if self._expect else None
         record: dict[str, Any] = {
             "sql": (q.texts[index] if index < len(q.texts) else q.texts[-1])[:RECORD_SQL_LIMIT],
             "decision": q.decision.action,
@@ -1419,8 +1418,6 @@ class Relay:
             record["error"] = getattr(message, "sqlstate", "")
         if q.decision.approval_id:
             record["approval"] = q.decision.approval_id
-        if rows_run is q and self._rows is None and q.plan is not None:
-            pass
         self.session.record("statement", record)
 
     def _exec_message(self, t: int, raw: bytes, head: _Expect) -> bytes | None:
