@@ -215,3 +215,54 @@ def test_default_addons_declare_both_protocols() -> None:
     assert reqs[0].attrs["json"] == {"$.x": "1"} and reqs[0].attrs["query"] == {"b": ["1"]}
     reqs = K8S_VOCABULARY.build_requests({"method": "GET", "path": "/api/v1/namespaces/a/secrets", "reveal": True}, "c")
     assert reqs[0].action == "reveal"
+
+
+def test_method_and_path_overrides_are_refused() -> None:
+    with pytest.raises(Unreadable, match="x-http-method-override"):
+        _http("/v1/customers", "POST", **{"X-HTTP-Method-Override": "DELETE"})
+    with pytest.raises(Unreadable):
+        _http("/v1/public", "GET", **{"X-Original-URL": "/admin"})
+    with pytest.raises(Unreadable, match="_method"):
+        _http("/v1/customers/1?_method=DELETE", "POST")
+    with pytest.raises(Unreadable, match="_method"):
+        _http("/v1/customers/1", "POST", b"a=1&_method=DELETE", "application/x-www-form-urlencoded")
+
+
+RESTRICT = """
+format: lictor/v1
+metadata: {name: r, owner: sec}
+identities:
+  - match: {claims: {role: admin}}
+    roles: [admin]
+roles:
+  admin:
+    rules:
+      - id: everything
+        protocol: http
+        when: {methods: ["*"]}
+        action: allow
+      - id: no-admin
+        protocol: http
+        when: {paths: ["/admin", "/admin/*"]}
+        action: deny
+      - id: only-lowercase-reports
+        protocol: http
+        when: {methods: [GET], paths: ["/reports/{id}"]}
+        action: allow
+"""
+
+
+def test_restrictions_match_case_and_trailing_slash_variants_permissions_do_not(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "p.yaml").write_text(RESTRICT)
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY, "kubernetes": K8S_VOCABULARY})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "admin"})
+    for path in ("/admin", "/ADMIN", "/Admin/", "/admin/users", "/aDmIn/USERS/"):
+        assert result.policy.decide(who, _http(path)).rule_ids == ("no-admin",), path
+    assert result.policy.decide(who, _http("/administrators")).action == "allow"
+    # A permission is exact: the path rule covers /reports/1, not /REPORTS/1 (the wildcard rule does).
+    from lictor_addons.http.vocabulary import _paths
+
+    pred = _paths(["/reports/{id}"])
+    assert pred(_http("/reports/1"), "all") and not pred(_http("/REPORTS/1"), "all")
+    assert pred(_http("/REPORTS/1/"), "any")

@@ -53,6 +53,7 @@ from OpenSSL import SSL
 from . import _bodies as bodies
 from ._config import HttpTarget
 from ._requests import (
+    FORWARDING_HEADERS,
     SECRET_HEADERS,
     K8sCall,
     Unreadable,
@@ -794,6 +795,8 @@ class LictorProxy:
         headers = flow.request.headers
         for name in list(dict.fromkeys(k.lower() for k in headers)):
             if name in ("authorization", "proxy-authorization") or name.startswith("x-lictor-"):
+                del headers[name]
+            elif name in FORWARDING_HEADERS:
                 del headers[name]
         for name, value in target.credentials.headers:
             headers[name] = value

@@ -37,6 +37,34 @@ from ._k8s import K8sRequest, UnknownRequest, _decode_path, _parse_query, resolv
 MAX_DEPTH = 64
 MAX_LEAVES = 100_000
 MAX_REASON = 500
+# Headers some frameworks read as another method or path than the request line's: a request carrying one
+# would be decided as one request and executed as another, so it is refused.
+OVERRIDE_HEADERS = frozenset(
+    [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-override-url",
+        "x-original-method",
+    ]
+)
+# Headers through which an agent could make the upstream believe another client address, host or scheme;
+# removed before forwarding.
+FORWARDING_HEADERS = frozenset(
+    [
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+    ]
+)
 SECRET_HEADERS = frozenset(
     [
         "authorization",
@@ -211,11 +239,20 @@ def http_request(
     """The ``http`` protocol request for one HTTP request (``raw_path`` may carry the query)."""
     path_part, _, query = raw_path.partition("?")
     path = canonical_path(path_part)
+    headers = list(headers)
+    override = sorted({name.lower() for name, _ in headers} & OVERRIDE_HEADERS)
+    if override:
+        raise Unreadable(f"header {override[0]} would make the API run another method or path than decided")
+    params = parse_query(query)
+    if "_method" in params or (
+        b"_method=" in body and content_type.split(";", 1)[0].strip().lower() == "application/x-www-form-urlencoded"
+    ):
+        raise Unreadable("a _method parameter would make the API run another method than decided")
     attrs: dict[str, Any] = {
         "method": method.upper(),
         "host": host.lower(),
         "path": path,
-        "query": parse_query(query),
+        "query": params,
         "headers": header_attrs(headers),
         "body_size": len(body),
     }

@@ -24,11 +24,21 @@ def path_pattern(pattern: str) -> re.Pattern[str]:
 
 
 def _paths(value: Any) -> Predicate:
-    patterns = [path_pattern(str(v)) for v in ([value] if isinstance(value, str) else value)]
+    """Allow rules (``all``) match the path exactly. Restrictions (``any``: deny, approve, mask) also match
+    other spellings many servers treat as the same resource: any letter case and with or without a trailing
+    slash, so ``/ADMIN/`` cannot dodge a deny on ``/admin`` at a case-insensitive upstream."""
+    exact = [path_pattern(str(v)) for v in ([value] if isinstance(value, str) else value)]
+    loose = [re.compile(p.pattern, p.flags | re.IGNORECASE) for p in exact]
 
     def pred(request: Request, quantifier: Quantifier) -> bool:
         path = request.attrs.get("path")
-        return isinstance(path, str) and any(p.match(path) for p in patterns)
+        if not isinstance(path, str):
+            return False
+        if quantifier == "all":
+            return any(p.match(path) for p in exact)
+        bare = path.rstrip("/") or "/"
+        variants = (path, bare, bare + "/") if bare != "/" else (path,)
+        return any(p.match(v) for p in loose for v in variants)
 
     return pred
 
