@@ -496,3 +496,19 @@ async def test_parser_sensitive_text_waits_for_the_earlier_pipeline(rig_factory:
     forwarded = frontend(bytes(rig.upstream.take()))
     assert [m.sql for m in forwarded] == [r"SELECT 'C:\temp'"]
     assert "hold" not in rig.agent.paused
+
+
+async def test_statement_description_serves_later_executions_without_describe(rig_factory: Any) -> None:
+    rig = await rig_factory("readonly")
+    rig.send(pg.parse("S_1", "SELECT email FROM customers WHERE id = $1"), pg.describe("S", "S_1"), pg.sync())
+    rig.reply(
+        pg.parse_complete(),
+        pg.parameter_description([23]),
+        pg.row_description([("email", 0, 0, 25, -1, -1, 0)]),
+        ready(),
+    )
+    for i in range(2):
+        forwarded = rig.send(pg.bind("", "S_1", [str(i).encode()]), pg.execute(""), pg.sync())
+        assert [type(m).__name__ for m in forwarded] == ["Bind", "Execute", "Sync"]  # no Describe injected
+        got = rig.reply(pg.bind_complete(), pg.data_row([b"eve@example.net"]), pg.command_complete("SELECT 1"), ready())
+        assert [m.values for m in got if isinstance(m, pg.DataRow)] == [[b"[REDACTED:email]"]]

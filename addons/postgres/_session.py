@@ -1005,6 +1005,10 @@ class Relay:
         run.portal = portal
         self._segment_execs += 1
         self.stats.statements += 1
+        if run.plan is not None and portal.fields is None and stmt.fields is not None:
+            formats = result_formats(portal.formats, len(stmt.fields))
+            if formats is not None:  # the statement's description plus the Bind's formats describe the portal
+                portal.fields = tuple(f._replace(format=fmt) for f, fmt in zip(stmt.fields, formats, strict=True))
         if run.plan is not None and portal.fields is None and not portal.describe_pending:
             # The gateway needs the column names to mask: ask the server, and keep the answer to itself.
             portal.describe_pending = True
