@@ -252,6 +252,60 @@ def rule_pack(n_rules: int) -> dict[str, Any]:
     }
 
 
+# For --diagnose only: the same gateway with the recorder's audit and session writes replaced by no-ops.
+STUBBED = """
+import sys
+from lictor.recorder import _recorder
+_recorder.SessionRecorder.audit = lambda self, kind, event, strict=False: None
+_recorder.SessionRecorder.event = lambda self, session, kind, data: None
+from lictor.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_lictor(
+    work: Path, name: str, port: int, upstream: str, args: argparse.Namespace, *, stubbed: bool
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """A ``lictor run`` process with the benchmark's policy; returns it and its state directory."""
+    work = work / name
+    (work / "packs").mkdir(parents=True)
+    (work / "packs" / "bench.yaml").write_text(yaml.safe_dump(rule_pack(args.rules)))
+    state = work / "state"
+    config = {
+        "version": 1,
+        "state_dir": str(state),
+        "log": {"level": "warning"},
+        "rulepacks": ["packs"],
+        "targets": {
+            "api": {
+                "protocol": "http",
+                "listen": f"127.0.0.1:{port}",
+                "upstream": upstream,
+                "tls": {"enabled": args.tls},
+                "credentials": {"bearer": "upstream-token"},
+            }
+        },
+    }
+    (work / "lictor.yaml").write_text(yaml.safe_dump(config))
+    ready = work / "ready"
+    command = [sys.executable, "-c", STUBBED] if stubbed else [LICTOR]
+    with (work / "gateway.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [*command, "run", "-c", str(work / "lictor.yaml"), "--ready-file", str(ready)], stdout=log, stderr=log
+        )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((work / "gateway.log").read_text())
+        time.sleep(0.1)
+    return proc, state
+
+
+def issue_token(state: Path) -> str:
+    command = [LICTOR, "token", "issue", "--state-dir", str(state), "--sub", "bench-agent", "--claim", "role=agent"]
+    return subprocess.run([*command, "--ttl", "2h"], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=15, help="seconds of load per target, split into rounds")
@@ -261,6 +315,11 @@ def main() -> int:
     ap.add_argument("--tls", action="store_true", help="TLS between the load generator and the proxies")
     ap.add_argument(
         "--python-load", action="store_true", help="use the asyncio/httpx load generator even if wrk exists"
+    )
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also measure a gateway whose audit and recording writes are no-ops (where does the time go?)",
     )
     ap.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--serve-plain", nargs=4, help=argparse.SUPPRESS)
@@ -281,37 +340,15 @@ def main() -> int:
         procs.append(subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(up_port)]))
         wait_port(up_port)
 
-        (work / "packs").mkdir()
-        (work / "packs" / "bench.yaml").write_text(yaml.safe_dump(rule_pack(args.rules)))
-        config = {
-            "version": 1,
-            "state_dir": str(work / "state"),
-            "log": {"level": "warning"},
-            "rulepacks": ["packs"],
-            "targets": {
-                "api": {
-                    "protocol": "http",
-                    "listen": f"127.0.0.1:{lictor_port}",
-                    "upstream": upstream,
-                    "tls": {"enabled": args.tls},
-                    "credentials": {"bearer": "upstream-token"},
-                }
-            },
-        }
-        (work / "lictor.yaml").write_text(yaml.safe_dump(config))
-        ready = work / "ready"
-        with (work / "gateway.log").open("wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    [LICTOR, "run", "-c", str(work / "lictor.yaml"), "--ready-file", str(ready)], stdout=log, stderr=log
-                )
+        lictor_proc, lictor_state = start_lictor(work, "lictor", lictor_port, upstream, args, stubbed=False)
+        procs.append(lictor_proc)
+        stubbed_port = free_port()
+        if args.diagnose:
+            stubbed_proc, stubbed_state = start_lictor(
+                work, "lictor-stubbed", stubbed_port, upstream, args, stubbed=True
             )
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if procs[-1].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((work / "gateway.log").read_text())
-            time.sleep(0.1)
-        confdir = str(work / "state" / "tls")
+            procs.append(stubbed_proc)
+        confdir = str(lictor_state / "tls")
         procs.append(
             subprocess.Popen(
                 [
@@ -326,25 +363,8 @@ def main() -> int:
             )
         )
         wait_port(plain_port)
-        token = subprocess.run(
-            [
-                LICTOR,
-                "token",
-                "issue",
-                "--state-dir",
-                str(work / "state"),
-                "--sub",
-                "bench-agent",
-                "--claim",
-                "role=agent",
-                "--ttl",
-                "2h",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-
+        token = issue_token(lictor_state)
+        tokens = {"lictor-stubbed": issue_token(stubbed_state)} if args.diagnose else {}
         scheme = "https" if args.tls else "http"
         path = "/v1/customers/42"
         targets = {
@@ -352,7 +372,9 @@ def main() -> int:
             "mitmproxy": f"{scheme}://127.0.0.1:{plain_port}{path}",
             "lictor": f"{scheme}://127.0.0.1:{lictor_port}{path}",
         }
-        cafile = str(work / "state" / "tls" / "ca.crt") if args.tls else None
+        if args.diagnose:
+            targets["lictor-stubbed"] = f"{scheme}://127.0.0.1:{stubbed_port}{path}"
+        cafile = str(lictor_state / "tls" / "ca.crt") if args.tls else None
         use_wrk = shutil.which("wrk") is not None and not args.python_load and not args.tls
         generator = "wrk" if use_wrk else "asyncio/httpx (2 processes)"
 
@@ -361,19 +383,20 @@ def main() -> int:
         check = httpx.get(targets["lictor"], headers={"Authorization": f"Bearer {token}"}, verify=cafile or True)
         assert check.status_code == 200 and "[REDACTED:email]" in check.text, check.text
 
-        def load(url: str, seconds: int) -> dict[str, float]:
+        def load(name: str, seconds: int) -> dict[str, float]:
+            url, tok = targets[name], tokens.get(name, token)
             if use_wrk:
-                return run_wrk(url, token, seconds, args.connections)
-            return run_python_load(url, token, seconds, args.connections, cafile)
+                return run_wrk(url, tok, seconds, args.connections)
+            return run_python_load(url, tok, seconds, args.connections, cafile)
 
-        for url in targets.values():
-            load(url, 2)  # warm-up
+        for name in targets:
+            load(name, 2)  # warm-up
         # Interleaved rounds: a burst of other load on the machine hits all three alike.
         rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         per_round = max(2, args.duration // args.rounds)
         for _ in range(args.rounds):
-            for name, url in targets.items():
-                rounds[name].append(load(url, per_round))
+            for name in targets:
+                rounds[name].append(load(name, per_round))
         results = {
             name: {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms")}
             for name, runs in rounds.items()
@@ -385,14 +408,17 @@ def main() -> int:
         )
         tls = ", TLS" if args.tls else ""
         print(f"Lictor: JWT on every request, {args.rules} rules, e-mail/card masking, audit + recording{tls}")
-        print(f"{'':12}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+        print(f"{'':16}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
         for name, r in results.items():
-            print(f"{name:12}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
+            print(f"{name:16}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
         ratio = results["lictor"]["rps"] / results["mitmproxy"]["rps"]
         print(f"lictor / plain mitmproxy throughput: {ratio:.2f}x (goal >= 0.90x)")
         lictor_r, plain_r, direct_r = results["lictor"], results["mitmproxy"], results["direct"]
         print(f"lictor / direct throughput:          {lictor_r['rps'] / direct_r['rps']:.2f}x")
         print(f"added p50 latency vs mitmproxy:      {lictor_r['p50_ms'] - plain_r['p50_ms']:+.2f} ms")
+        if args.diagnose:
+            stub_ratio = results["lictor-stubbed"]["rps"] / plain_r["rps"]
+            print(f"diagnosis: without audit/recording writes, lictor / plain mitmproxy = {stub_ratio:.2f}x")
         return 0
     finally:
         for proc in reversed(procs):

@@ -266,3 +266,43 @@ def test_restrictions_match_case_and_trailing_slash_variants_permissions_do_not(
     pred = _paths(["/reports/{id}"])
     assert pred(_http("/reports/1"), "all") and not pred(_http("/REPORTS/1"), "all")
     assert pred(_http("/REPORTS/1/"), "any")
+
+
+def test_the_path_index_never_hides_a_rule(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Decisions with the path index equal decisions that evaluate every rule, for many paths and patterns."""
+    import dataclasses
+    import random
+
+    rng = random.Random(7)
+    segments = ["v1", "V1", "customers", "admin", "a", "x.json", "{id}", "*", "cust*", "?"]
+    patterns = ["*", "/", "/*", "/admin", "/admin/", "/ADMIN/*"]
+    for _ in range(60):
+        patterns.append("/" + "/".join(rng.choice(segments) for _ in range(rng.randint(1, 4))))
+    rules = []
+    for i, pattern in enumerate(patterns):
+        action = rng.choice(["allow", "deny", "approve"])
+        rule = {"id": f"r{i}", "protocol": "http", "when": {"paths": [pattern]}, "action": action}
+        if action == "approve":
+            rule["approval"] = {"approvers": ["agent"]}
+        rules.append(rule)
+    pack = {
+        "format": "lictor/v1",
+        "metadata": {"name": "idx", "owner": "t"},
+        "identities": [{"match": {"claims": {"role": "agent"}}, "roles": ["agent"]}],
+        "roles": {"agent": {"rules": rules}},
+    }
+    (tmp_path / "p.yaml").write_text(json.dumps(pack))
+    plain_vocab = dataclasses.replace(HTTP_VOCABULARY, secondary=None)
+    indexed = load_policy([tmp_path], {"http": HTTP_VOCABULARY}).policy
+    unindexed = load_policy([tmp_path], {"http": plain_vocab}).policy
+    assert indexed is not None and unindexed is not None
+    assert indexed._secondary_attr["http"] == "path_keys"  # the index is in use
+    who = Identity("a", {"role": "agent"})
+    words = ["v1", "V1", "customers", "admin", "ADMIN", "a", "x.json", "42", "cust1", "b"]
+    for _ in range(2000):
+        path = "/" + "/".join(rng.choice(words) for _ in range(rng.randint(0, 4))) + rng.choice(["", "/"])
+        if path == "//":
+            continue
+        req = _http(path)
+        a, b = indexed.decide(who, req), unindexed.decide(who, req)
+        assert (a.action, a.rule_ids) == (b.action, b.rule_ids), path

@@ -34,6 +34,20 @@ from lictor import Request
 
 from ._k8s import K8sRequest, UnknownRequest, _decode_path, _parse_query, resolve
 
+
+def path_keys(path: str) -> list[str]:
+    """The keys a request path is looked up under in the rule index: each prefix at a segment boundary."""
+    bare = path.rstrip("/").lower()
+    keys = ["/"]
+    i = bare.find("/", 1)
+    while i != -1:
+        keys.append(bare[:i])
+        i = bare.find("/", i + 1)
+    if bare:
+        keys.append(bare)
+    return keys
+
+
 MAX_DEPTH = 64
 MAX_LEAVES = 100_000
 MAX_REASON = 500
@@ -252,6 +266,7 @@ def http_request(
         "method": method.upper(),
         "host": host.lower(),
         "path": path,
+        "path_keys": path_keys(path),
         "query": params,
         "headers": header_attrs(headers),
         "body_size": len(body),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from lictor import Request
@@ -41,6 +42,33 @@ def _paths(value: Any) -> Predicate:
         return any(p.match(v) for p in loose for v in variants)
 
     return pred
+
+
+_SPECIAL = re.compile(r"[*?\[{]")
+
+
+def _index_key(pattern: str) -> str | None:
+    """The literal path prefix (at a segment boundary, lower-case) every path matching ``pattern`` starts
+    with, or None when the pattern starts with a wildcard."""
+    special = _SPECIAL.search(pattern)
+    literal = pattern if special is None else pattern[: special.start()]
+    if not literal.startswith("/"):
+        return None
+    if special is not None:
+        literal = literal[: literal.rfind("/")]
+    return (literal.rstrip("/") or "/").lower()
+
+
+@dataclass(frozen=True)
+class _Paths(Custom):
+    """``paths:`` with an index: rules are looked up by the literal prefix of their patterns, so a request
+    is checked only against rules whose paths could match it (and rules without ``paths``)."""
+
+    def literals(self, value: Any) -> frozenset[str] | None:
+        keys = [_index_key(str(v)) for v in ([value] if isinstance(value, str) else value)]
+        if any(k is None for k in keys):
+            return None
+        return frozenset(k for k in keys if k is not None)
 
 
 def _mapping_of_globs(attr: str, case_insensitive_keys: bool) -> Any:
@@ -89,8 +117,9 @@ HTTP_VOCABULARY = Vocabulary(
     fields=(
         Enum("methods", attr="method", values=HTTP_METHODS, description="HTTP methods"),
         Glob("hosts", attr="host", description="request host (globs)"),
-        Custom(
+        _Paths(
             "paths",
+            attr="path_keys",  # the index; the predicate itself reads `path`
             json_schema={
                 "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
                 "description": "path globs or templates like /v1/customers/{id}",
@@ -115,6 +144,7 @@ HTTP_VOCABULARY = Vocabulary(
         Number("body_size", description="request body size in bytes: {max: N}"),
     ),
     index="methods",
+    secondary="paths",
     description="HTTP requests through the reverse proxy",
     build_requests=build_http_requests,
 )
