@@ -264,7 +264,14 @@ class Policy:
                         if rule.action in ("deny", "approve"):
                             shadow.append(rule)
                         continue
-                    {"deny": deny, "approve": approve, "allow": allow, "mask": mask}[rule.action].append(rule)
+                    if rule.action == "allow":
+                        allow.append(rule)
+                    elif rule.action == "deny":
+                        deny.append(rule)
+                    elif rule.action == "approve":
+                        approve.append(rule)
+                    else:
+                        mask.append(rule)
         decision = self._conclude(request, held, deny, approve, allow, mask, shadow)
         if trace is not None:
             trace.decision = decision

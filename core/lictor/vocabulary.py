@@ -57,19 +57,28 @@ def glob_to_regex(pattern: str, *, case_sensitive: bool = False) -> re.Pattern[s
     return re.compile(fnmatch.translate(pattern), flags | re.DOTALL)
 
 
-def _values(value: Any) -> tuple[Any, ...]:
+_SCALARS = (str, bytes, int, float, bool)
+_COLLECTIONS = (frozenset, set, tuple, list)
+
+
+def _values(value: Any) -> tuple[Any, ...] | frozenset[Any] | set[Any] | list[Any]:
+    kind = type(value)
+    if kind in _COLLECTIONS:  # the hot path: exact types, no ABC checks
+        return value  # type: ignore[no-any-return]
+    if kind in _SCALARS:
+        return (value,)
     if value is None:
         return ()
-    if isinstance(value, Mapping):
-        return tuple(value)
     if isinstance(value, (str, bytes, int, float, bool)):
         return (value,)
+    if isinstance(value, Mapping):
+        return tuple(value)
     if isinstance(value, Iterable):
         return tuple(value)
     return (value,)
 
 
-def _quantify(values: tuple[Any, ...], test: Callable[[Any], bool], quantifier: Quantifier) -> bool:
+def _quantify(values: Iterable[Any], test: Callable[[Any], bool], quantifier: Quantifier) -> bool:
     if quantifier == "all":
         return all(test(v) for v in values)
     return any(test(v) for v in values)
