@@ -68,9 +68,16 @@ def test_document_stream_masks_whole_json_and_enforces_its_limit() -> None:
     seen, on_error = errors()
     out = b"".join(run(bodies.document_stream(masking(), 50, bodies.Tap(), on_error), [doc[:40], doc[40:]]))  # type: ignore[arg-type]
     assert out == b"" and len(seen) == 1 and isinstance(seen[0], bodies.BodyError)
+    # A document that must be masked by JSON path but is not JSON is not relayed at all...
+    paths = MaskPlan.compile([{"json_paths": ["$.email"]}], key=b"k" * 32)
     seen, on_error = errors()
-    out = b"".join(run(bodies.document_stream(masking(), 1 << 20, bodies.Tap(), on_error), [b"{not json"]))  # type: ignore[arg-type]
+    out = b"".join(run(bodies.document_stream(masking(paths), 1 << 20, bodies.Tap(), on_error), [b"{not json"]))  # type: ignore[arg-type]
     assert out == b"" and len(seen) == 1
+    # ...while detectors alone mask it as text.
+    seen, on_error = errors()
+    broken = b'{"email": "' + EMAIL + b'", oops'
+    out = b"".join(run(bodies.document_stream(masking(), 1 << 20, bodies.Tap(), on_error), [broken]))  # type: ignore[arg-type]
+    assert EMAIL not in out and not seen
 
 
 def secret(name: str, **data: str) -> dict:  # type: ignore[type-arg]

@@ -581,7 +581,7 @@ class LictorProxy:
             redeem = getattr(approvals, "redeem", None)
             ok = False
             if redeem is not None:
-                ok = bool(await asyncio.to_thread(redeem, session.identity, request, approval_id))
+                ok = bool(redeem(session.identity, request, approval_id))  # synchronous by contract
             if not ok:
                 decision = Decision.deny(
                     f"approval {approval_id} cannot be used for this request: it is not approved (yet), was "

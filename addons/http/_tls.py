@@ -41,7 +41,7 @@ def ensure_ca(state_dir: Path) -> Path:
 
 
 def _alpn_http11(conn: SSL.Connection, offered: list[bytes]) -> bytes:
-    return _HTTP11 if _HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[no-any-return]
+    return _HTTP11 if _HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
 
 
 def client_context(target: HttpTarget) -> SSL.Context | None:
