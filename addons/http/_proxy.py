@@ -136,6 +136,7 @@ class FlowState:
     ws: WsState | None = None
     streamed: bool = False
     request_path: str = ""
+    pending: dict[str, Any] | None = None  # the request's recording, written with the response
 
 
 @dataclass
@@ -184,13 +185,13 @@ def _headers_for_record(headers: http.Headers) -> dict[str, str]:
     return out
 
 
-def _body_for_record(data: bytes, truncated: bool = False) -> dict[str, Any]:
+def _body_for_record(data: bytes, truncated: bool = False, prefix: str = "") -> dict[str, Any]:
     if not data:
         return {}
     try:
-        return {"body": data.decode("utf-8"), "body_truncated": truncated}
+        return {f"{prefix}body": data.decode("utf-8"), f"{prefix}body_truncated": truncated}
     except UnicodeDecodeError:
-        return {"body_b64": base64.b64encode(data).decode(), "body_truncated": truncated}
+        return {f"{prefix}body_b64": base64.b64encode(data).decode(), f"{prefix}body_truncated": truncated}
 
 
 def _is_shell(argv: tuple[str, ...]) -> bool:
@@ -624,7 +625,10 @@ class LictorProxy:
         state.request_path = flow.request.path
         self._prepare_upstream(flow, target, call)
         flow.metadata[STATE] = state
-        self._record_request(flow, state, body)
+        if state.ws is not None or (call is not None and (call.info.watch or call.info.follow)):
+            self._record_request(flow, state, body)  # long-lived: recorded now, its response when it ends
+        else:
+            state.pending = self._request_fields(flow, state, body)  # one event with the response
         if decision.approval_id:
             flow.metadata["lictor.approval_id"] = decision.approval_id
         flow.metadata[ALLOWED] = True  # the one place a flow becomes forwardable
@@ -819,23 +823,28 @@ class LictorProxy:
 
     # -- recording ----------------------------------------------------------------------------------
 
-    def _record_request(self, flow: http.HTTPFlow, state: FlowState, body: bytes) -> None:
+    def _request_fields(self, flow: http.HTTPFlow, state: FlowState, body: bytes) -> dict[str, Any]:
         data: dict[str, Any] = {
             "direction": "in",
             "flow": flow.id,
             "method": flow.request.method,
-            "url": redact_query(flow.request.path),
+            "url": redact_query(state.request_path or flow.request.path),
             "summary": state.request.summary[:2000],
             "decision": state.decision.action,
             "rules": list(state.decision.rule_ids),
             "mask_rules": list(state.decision.mask_rule_ids),
             "approval_id": state.decision.approval_id,
-            "headers": _headers_for_record(flow.request.headers),
+            "request_headers": _headers_for_record(flow.request.headers),
             "request_size": len(body),
         }
         if body:
             data.update(self._recordable(body, flow.request.headers.get("content-type", ""), state))
-        state.session.record("http", data)
+        return data
+
+    def _record_request(self, flow: http.HTTPFlow, state: FlowState, body: bytes) -> None:
+        """Record the request on its own (long-lived exchanges; ordinary ones are recorded with their
+        response as one event, and their decision is in the audit log before they are forwarded)."""
+        state.session.record("http", self._request_fields(flow, state, body))
 
     def _recordable(self, body: bytes, content_type: str, state: FlowState) -> dict[str, Any]:
         head = body[: bodies.RECORD_LIMIT]
@@ -845,12 +854,12 @@ class LictorProxy:
         )
         if not truncated and (is_json_type(content_type) or body.lstrip()[:1] in (b"{", b"[")):
             try:
-                return _body_for_record(masking.mask_json_bytes(body))
+                return _body_for_record(masking.mask_json_bytes(body), prefix="request_")
             except bodies.BodyError:
                 log.debug("request body of a JSON request is not JSON; recorded as bytes")
         if state.target.kubernetes and state.call and state.call.info.resource == "secrets":
-            return {"body_omitted": "secret values"}
-        return _body_for_record(masking.mask_bytes(head), truncated)
+            return {"request_body_omitted": "secret values"}
+        return _body_for_record(masking.mask_bytes(head), truncated, prefix="request_")
 
     def _record_response(self, flow: http.HTTPFlow, state: FlowState) -> None:
         resp = flow.response
@@ -865,22 +874,27 @@ class LictorProxy:
             size_out = len(body)
             size_in = int(flow.metadata.get("lictor.upstream_size", size_out))
             body = body[: bodies.RECORD_LIMIT]
-        data: dict[str, Any] = {
+        pending, state.pending = state.pending, None
+        data: dict[str, Any] = pending or {
             "direction": "out",
             "flow": flow.id,
             "method": flow.request.method,
             "url": redact_query(state.request_path),
-            "status": resp.status_code,
-            "headers": _headers_for_record(resp.headers),
-            "response_size": size_out,
-            "upstream_response_size": size_in,
-            "masked": dict(state.masking.counts),
-            "duration_ms": round((time.monotonic() - state.started) * 1000, 3),
         }
+        data.update(
+            {
+                "status": resp.status_code,
+                "response_headers": _headers_for_record(resp.headers),
+                "response_size": size_out,
+                "upstream_response_size": size_in,
+                "masked": dict(state.masking.counts),
+                "duration_ms": round((time.monotonic() - state.started) * 1000, 3),
+            }
+        )
         if state.target.kubernetes and state.masking.secrets_response and not state.masking.secrets:
-            data["body_omitted"] = "revealed secret values"
+            data["response_body_omitted"] = "revealed secret values"
         elif (resp.headers.get("content-encoding", "identity").lower() or "identity") == "identity":
-            data.update(_body_for_record(body, size_out > len(body)))
+            data.update(_body_for_record(body, size_out > len(body), prefix="response_"))
         state.session.record("http", data)
 
     # -- responses ----------------------------------------------------------------------------------
@@ -919,7 +933,7 @@ class LictorProxy:
         flow.metadata[ANSWERED] = True
         state = flow.metadata.get(STATE)
         if isinstance(state, FlowState):
-            state.session.record("http", {"direction": "out", "flow": flow.id, "status": status, "error": message})
+            self._record_failure(flow, state, status=status, error=message)
 
     def _streamed(self, flow: http.HTTPFlow, state: FlowState, fn: bodies.StreamFn, transformed: bool) -> None:
         resp = flow.response
@@ -952,7 +966,7 @@ class LictorProxy:
 
         def failed(exc: Exception) -> None:
             log.error("masking %s failed, closing the connection (fail closed): %s", flow.id, exc)
-            state.session.record("http", {"direction": "out", "flow": flow.id, "error": f"masking failed: {exc}"})
+            self._record_failure(flow, state, error=f"masking failed: {exc}")
             self.close_client(flow)
 
         if not masking.active:
@@ -990,11 +1004,18 @@ class LictorProxy:
             self._fail_response(flow, "the gateway could not check the upstream's response")
         flow.metadata[RESPONSE_DONE] = True
 
+    def _record_failure(self, flow: http.HTTPFlow, state: FlowState, **details: Any) -> None:
+        pending, state.pending = state.pending, None
+        base = pending or {"direction": "out", "flow": flow.id, "method": flow.request.method}
+        state.session.record("http", {**base, **details})
+
     def _fail_response(self, flow: http.HTTPFlow, message: str) -> None:
         state = flow.metadata.get(STATE)
-        if isinstance(state, FlowState) and state.streamed:
-            self.close_client(flow)
-            return
+        if isinstance(state, FlowState):
+            self._record_failure(flow, state, status=502, error=message)
+            if state.streamed:
+                self.close_client(flow)
+                return
         target = self._target(flow.client_conn)
         kubernetes = bool(target and target.kubernetes)
         answer = error(502, message, "retry later or contact the gateway operators", kubernetes=kubernetes)
@@ -1038,7 +1059,11 @@ class LictorProxy:
         try:
             state = flow.metadata.get(STATE)
             if isinstance(state, FlowState) and flow.error is not None:
-                state.session.record("http.error", {"flow": flow.id, "error": flow.error.msg})
+                pending, state.pending = state.pending, None
+                if pending is not None:
+                    state.session.record("http", {**pending, "error": flow.error.msg})
+                else:
+                    state.session.record("http.error", {"flow": flow.id, "error": flow.error.msg})
         except Exception:
             log.exception("recording a flow error failed")
 
