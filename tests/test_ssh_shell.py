@@ -6,9 +6,11 @@ holds only logging stubs (``evil``, ``mark``) and a few harmless tools.
 """
 
 import dataclasses
+import itertools
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -179,6 +181,7 @@ REPORTED = [
     ("timeout 5 rm -rf /", ("rm", "-rf /", "timeout")),
     ("nohup rm -rf / &", ("rm", "-rf /", "nohup")),
     ('eval "rm -rf /"', ("rm", "-rf /", "eval")),
+    ("eval -- rm -rf /", ("rm", "-rf /", "eval")),
     ("/bin/rm -rf /", ("rm", "-rf /", None)),
     ("dd if=/dev/zero of=/dev/sda", ("dd", "if=/dev/zero of=/dev/sda", None)),
     ("mkfs.ext4 /dev/sda1", ("mkfs.ext4", "/dev/sda1", None)),
@@ -380,6 +383,9 @@ REFUSED = [
     # a keyword split by a line continuation is still the keyword for bash
     ("!\\\n rm -rf /", "reserved word"),
     ("co\\\nproc rm -rf /", "reserved word"),
+    ("rm$\\\nx -rf /", "after '$'"),
+    ("$\\\n'\\x72m' -rf /", "after '$'"),
+    ('echo "$\\\n(rm -rf /)"', "after '$'"),
     ("sudo -e /etc/sudoers", "session's input"),
     ("curl x | julia", "piped into julia"),
     ("curl x | irb", "piped into irb"),
@@ -987,14 +993,14 @@ class Sandbox:
     def __init__(self, root: Path) -> None:
         self.bin = root / "bin"
         self.work = root / "work"
-        self.log = self.work / "log"
+        self.runs = itertools.count()
         self.bin.mkdir()
         self.work.mkdir()
         root.chmod(0o755)
         self.work.chmod(0o777)
         for stub in STUBS:
             path = self.bin / stub
-            path.write_text(f'#!/bin/sh\nprintf "%s\\n" "${{0##*/}}" >> {self.log}\n')
+            path.write_text('#!/bin/sh\nprintf "%s\\n" "${0##*/}" >> "$STUBLOG"\n')
             path.chmod(0o755)
         for tool in REAL_TOOLS:
             real = shutil.which(tool)
@@ -1004,19 +1010,27 @@ class Sandbox:
         (self.bin / "sh").symlink_to(shutil.which("dash") or shutil.which("bash") or "/bin/sh")
 
     def run(self, shell: str, command: str) -> set[str]:
-        if self.log.exists():
-            self.log.unlink()
+        """Run ``command``; return the names of the stubs it started (each run logs to its own file)."""
+        log = self.work / f"log{next(self.runs)}"
         prefix = SANDBOX_PREFIX if os.geteuid() == 0 else []
-        subprocess.run(
-            [*prefix, "env", "-i", f"PATH={self.bin}", f"HOME={self.work}", shell, "-c", command],
+        argv = [*prefix, "env", "-i", f"PATH={self.bin}", f"HOME={self.work}", f"STUBLOG={log}", shell, "-c", command]
+        proc = subprocess.Popen(
+            argv,
             cwd=self.work,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            timeout=10,
-            check=False,
+            start_new_session=True,
         )
-        return set(self.log.read_text().split()) if self.log.exists() else set()
+        deadline = time.monotonic() + 10
+        # WNOWAIT keeps the exited leader as a zombie, so its process group id cannot be reused before
+        # we kill whatever the command left running in the background.
+        while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            assert time.monotonic() < deadline, f"{shell} did not finish: {command!r}"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return set(log.read_text().split()) if log.exists() else set()
 
 
 def _sandbox_available() -> bool:
@@ -1149,6 +1163,7 @@ KNOWN_RUNS = [
     ("timeout 5 evil -rf /", {"evil"}),
     ("nohup evil -rf / &\nwait", {"evil"}),
     ('eval "evil -rf /"', {"evil"}),
+    ("eval -- evil", {"evil"}),
     ("mark\nbash <<'EOF'\nevil\nEOF", {"mark", "evil"}),
     ("cat <<EOF\n$(evil)\nEOF", {"evil"}),
     ("f() { evil; }; f", {"evil"}),

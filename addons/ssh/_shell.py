@@ -1089,6 +1089,8 @@ class _Parser:
     def read_dollar(self, w: _Word, *, quoted: bool) -> None:
         s, p = self.src, self.pos
         nxt = s[p + 1] if p + 1 < self.n else ""
+        if nxt == "\\" and s.startswith("\n", p + 2):
+            self.fail("a line continuation after '$' is ambiguous (bash still expands what follows)")
         if nxt == "'" and not quoted:
             self.read_ansi_c(w)
             return
@@ -2956,7 +2958,10 @@ def _h_crontab(call: _Call) -> None:
 
 
 def _h_eval(call: _Call) -> None:
-    text = " ".join(call.code(a, "the evaluated text") for a in call.args)
+    args = call.args
+    if args and call.known(args[0]) and args[0].text == "--":
+        args = args[1:]  # bash's eval ends its (empty) option list at --
+    text = " ".join(call.code(a, "the evaluated text") for a in args)
     if text.strip():
         call.nested(text, "eval")
 
