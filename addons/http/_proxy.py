@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import gc
 import json
 import logging
 import time
@@ -175,10 +176,23 @@ def redact_query(raw_path: str) -> str:
     return f"{path}?{'&'.join(parts)}"
 
 
-def _headers_for_record(headers: http.Headers) -> dict[str, str]:
+def _header_list(headers: http.Headers) -> list[tuple[str, str]]:
+    """All header fields as (lower-case name, value) text, in order: one pass over mitmproxy's fields."""
+    return [
+        (k.decode("utf-8", "surrogateescape").lower(), v.decode("utf-8", "surrogateescape")) for k, v in headers.fields
+    ]
+
+
+def _first(fields: list[tuple[str, str]]) -> dict[str, str]:
     out: dict[str, str] = {}
-    for name, value in headers.items(multi=True):
-        key = name.lower()
+    for k, v in fields:
+        out.setdefault(k, v)
+    return out
+
+
+def _headers_for_record(headers: http.Headers | list[tuple[str, str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in headers if isinstance(headers, list) else _header_list(headers):
         if key in SECRET_HEADERS:
             value = "[REDACTED]"
         out[key] = f"{out[key]}, {value}" if key in out else value
@@ -224,6 +238,7 @@ class LictorProxy:
             if ctx is not None:
                 self.client_contexts[target.name] = ctx
         self.conns: dict[str, ConnState] = {}
+        self._drop_headers: dict[str, frozenset[bytes]] = {}
         self._tokens: OrderedDict[str, tuple[Identity, float, str]] = OrderedDict()
         self._recent_denials: OrderedDict[tuple[str, str], tuple[float, Decision]] = OrderedDict()
         self.proxyserver: proxyserver.Proxyserver | None = None
@@ -296,15 +311,16 @@ class LictorProxy:
         return identity, key
 
     @staticmethod
-    def _token(flow: http.HTTPFlow) -> str | None:
+    def _token(fields: list[tuple[str, str]]) -> str | None:
         tokens: set[str] = set()
-        for name in ("authorization", "proxy-authorization"):
-            for value in flow.request.headers.get_all(name):
+        for name, value in fields:
+            if name in ("authorization", "proxy-authorization"):
                 scheme, _, credential = value.strip().partition(" ")
                 if scheme.lower() != "bearer" or not credential.strip():
                     raise BadAuth(f"the {name.title()} header must be `Bearer <token>` (a Lictor-accepted JWT)")
                 tokens.add(credential.strip())
-        for value in flow.request.headers.get_all("sec-websocket-protocol"):
+            if name != "sec-websocket-protocol":
+                continue
             for proto in value.split(","):
                 proto = proto.strip()
                 if proto.startswith(WS_BEARER_PREFIX):
@@ -508,8 +524,10 @@ class LictorProxy:
             )
             return
         peer = _peer(flow.client_conn)
+        fields = _header_list(flow.request.headers)
+        first = _first(fields)
         try:
-            token = self._token(flow)
+            token = self._token(fields)
         except BadAuth as exc:
             self._answer(flow, error(401, str(exc), "send Authorization: Bearer <token>", kubernetes=k8s))
             return
@@ -532,7 +550,7 @@ class LictorProxy:
         session = await self._session(flow, identity, key, target)
 
         headers = flow.request.headers
-        reason = reason_of(headers.get("x-lictor-reason"))
+        reason = reason_of(first.get("x-lictor-reason"))
         method = flow.request.method.upper()
         try:
             raw_path = flow.request.data.path.decode("ascii")
@@ -561,9 +579,9 @@ class LictorProxy:
                     method=method,
                     raw_path=raw_path,
                     host=target.upstream_host,
-                    headers=headers.items(multi=True),
+                    headers=fields,
                     body=body,
-                    content_type=headers.get("content-type", ""),
+                    content_type=first.get("content-type", ""),
                     target=target.name,
                     reason=reason,
                 )
@@ -571,12 +589,12 @@ class LictorProxy:
             await self._unreadable(flow, session, target, method, raw_path, body, reason, str(exc))
             return
 
-        upgrade = headers.get("upgrade", "").strip().lower()
+        upgrade = first.get("upgrade", "").strip().lower()
         if k8s and upgrade.startswith("spdy"):
             self._refuse_spdy(flow, session, request)
             return
 
-        approval_id = headers.get("x-lictor-approval", "").strip()
+        approval_id = first.get("x-lictor-approval", "").strip()
         if approval_id:
             approvals = self.gateway.approvals
             redeem = getattr(approvals, "redeem", None)
@@ -618,17 +636,17 @@ class LictorProxy:
         if upgrade:
             answer = self._prepare_upgrade(flow, state, upgrade)
             if answer is not None:
-                self._record_request(flow, state, body)
+                self._record_request(flow, state, body, fields)
                 self._answer(flow, answer)
                 return
 
         state.request_path = flow.request.path
+        if state.ws is not None or (call is not None and (call.info.watch or call.info.follow)):
+            self._record_request(flow, state, body, fields)  # long-lived: recorded now, the response at its end
+        else:
+            state.pending = self._request_fields(flow, state, body, fields)  # one event with the response
         self._prepare_upstream(flow, target, call)
         flow.metadata[STATE] = state
-        if state.ws is not None or (call is not None and (call.info.watch or call.info.follow)):
-            self._record_request(flow, state, body)  # long-lived: recorded now, its response when it ends
-        else:
-            state.pending = self._request_fields(flow, state, body)  # one event with the response
         if decision.approval_id:
             flow.metadata["lictor.approval_id"] = decision.approval_id
         flow.metadata[ALLOWED] = True  # the one place a flow becomes forwardable
@@ -798,32 +816,49 @@ class LictorProxy:
         return None
 
     def _prepare_upstream(self, flow: http.HTTPFlow, target: HttpTarget, call: K8sCall | None) -> None:
+        """Rewrite the headers for the upstream in one pass: agent credentials, ``X-Lictor-*`` and
+        forwarding headers out; the target's credentials and ``Accept-Encoding: identity`` in."""
         headers = flow.request.headers
-        for name in list(dict.fromkeys(k.lower() for k in headers)):
-            if name in ("authorization", "proxy-authorization") or name.startswith("x-lictor-"):
-                del headers[name]
-            elif name in FORWARDING_HEADERS:
-                del headers[name]
-        for name, value in target.credentials.headers:
-            headers[name] = value
-        if "upgrade" not in headers:
-            headers["accept-encoding"] = "identity"
+        drop = self._drop_headers.get(target.name)
+        if drop is None:
+            names = {"authorization", "proxy-authorization", "accept-encoding", *FORWARDING_HEADERS}
+            names |= {n.lower() for n, _ in target.credentials.headers}
+            drop = self._drop_headers[target.name] = frozenset(n.encode() for n in names)
+        upgrade = "upgrade" in headers
+        kept: list[tuple[bytes, bytes]] = []
+        accept: list[bytes] = []
+        for name, value in headers.fields:
+            lname = name.lower()
+            if lname in drop or lname.startswith(b"x-lictor-"):
+                if lname == b"accept-encoding" and upgrade:
+                    kept.append((name, value))
+                continue
+            if call is not None and lname == b"accept":
+                accept.append(value)
+                continue
+            kept.append((name, value))
+        kept.extend((n.encode(), v.encode()) for n, v in target.credentials.headers)
+        if not upgrade:
+            kept.append((b"accept-encoding", b"identity"))
         if call is not None:
-            accept = headers.get("accept", "")
-            kept = [
+            media = [
                 part.strip()
-                for part in accept.split(",")
+                for value in accept
+                for part in value.decode("latin-1").split(",")
                 if part.strip()
                 and part.split(";", 1)[0].strip().lower()
                 in ("application/json", "*/*", "application/*", "text/plain", "text/*")
             ]
-            headers["accept"] = ", ".join(kept) if kept else "application/json, */*"
+            kept.append((b"accept", (", ".join(media) if media else "application/json, */*").encode("latin-1")))
+        headers.fields = tuple(kept)
         if target.base_path:
             flow.request.data.path = target.base_path.encode() + flow.request.data.path
 
     # -- recording ----------------------------------------------------------------------------------
 
-    def _request_fields(self, flow: http.HTTPFlow, state: FlowState, body: bytes) -> dict[str, Any]:
+    def _request_fields(
+        self, flow: http.HTTPFlow, state: FlowState, body: bytes, fields: list[tuple[str, str]]
+    ) -> dict[str, Any]:
         data: dict[str, Any] = {
             "direction": "in",
             "flow": flow.id,
@@ -834,17 +869,19 @@ class LictorProxy:
             "rules": list(state.decision.rule_ids),
             "mask_rules": list(state.decision.mask_rule_ids),
             "approval_id": state.decision.approval_id,
-            "request_headers": _headers_for_record(flow.request.headers),
+            "request_headers": _headers_for_record(fields),
             "request_size": len(body),
         }
         if body:
-            data.update(self._recordable(body, flow.request.headers.get("content-type", ""), state))
+            data.update(self._recordable(body, _first(fields).get("content-type", ""), state))
         return data
 
-    def _record_request(self, flow: http.HTTPFlow, state: FlowState, body: bytes) -> None:
+    def _record_request(
+        self, flow: http.HTTPFlow, state: FlowState, body: bytes, fields: list[tuple[str, str]]
+    ) -> None:
         """Record the request on its own (long-lived exchanges; ordinary ones are recorded with their
         response as one event, and their decision is in the audit log before they are forwarded)."""
-        state.session.record("http", self._request_fields(flow, state, body))
+        state.session.record("http", self._request_fields(flow, state, body, fields))
 
     def _recordable(self, body: bytes, content_type: str, state: FlowState) -> dict[str, Any]:
         head = body[: bodies.RECORD_LIMIT]
@@ -957,9 +994,10 @@ class LictorProxy:
         if flow.request.method.upper() == "HEAD" or resp.status_code in (204, 304):
             return
         masking = state.masking
-        ctype = resp.headers.get("content-type", "")
-        encoding = (resp.headers.get("content-encoding", "") or "identity").strip().lower()
-        length_s = resp.headers.get("content-length")
+        first = _first(_header_list(resp.headers))
+        ctype = first.get("content-type", "")
+        encoding = (first.get("content-encoding", "") or "identity").strip().lower()
+        length_s = first.get("content-length")
         length = int(length_s) if length_s is not None and length_s.isdigit() else None
         info = state.call.info if state.call else None
         live = bool(info and (info.watch or info.follow)) or ctype.lower().startswith("text/event-stream")
@@ -1381,6 +1419,9 @@ class EmbeddedProxy:
                 + ", ".join(f"{t.name} on {t.listen_host}:{t.listen_port}" for t in self.targets)
             )
         await master.running()
+        # Everything loaded so far (mitmproxy, policy, detectors) lives as long as the process; keep the
+        # cyclic garbage collector from walking it again on every collection of per-request objects.
+        gc.freeze()
         for target in self.targets:
             log.info(
                 "%s target %r listening on %s:%d (%s) -> %s",
