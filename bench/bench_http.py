@@ -375,7 +375,7 @@ def main() -> int:
         if args.diagnose:
             targets["lictor-stubbed"] = f"{scheme}://127.0.0.1:{stubbed_port}{path}"
         cafile = str(lictor_state / "tls" / "ca.crt") if args.tls else None
-        use_wrk = shutil.which("wrk") is not None and not args.python_load and not args.tls
+        use_wrk = shutil.which("wrk") is not None and not args.python_load
         generator = "wrk" if use_wrk else "asyncio/httpx (2 processes)"
 
         import httpx
