@@ -284,10 +284,11 @@ class Lines:
         for line in self.proc.stdout:
             self.queue.put(line.rstrip("\n"))
 
-    def until(self, wanted: str, timeout: float = 10) -> list[str]:
+    def until(self, wanted: str, timeout: float = 10, *, partial: bool = False) -> list[str]:
+        """Lines up to the first that is ``wanted`` (or contains it, with ``partial``)."""
         seen: list[str] = []
         deadline = time.monotonic() + timeout
-        while wanted not in seen:
+        while not seen or not (wanted in seen[-1] if partial else seen[-1] == wanted):
             seen.append(self.queue.get(timeout=max(0.01, deadline - time.monotonic())))
         return seen
 
@@ -339,3 +340,23 @@ def test_secret_values_are_masked_unless_revealed(cluster: Cluster) -> None:
     assert all(v != REDACTED_B64 for v in revealed.values())
     stored = cluster.kube.get_object("secrets", "db-creds", "apps")
     assert stored is not None and revealed == stored["data"]
+
+
+def test_watched_secrets_are_masked_as_they_stream(cluster: Cluster) -> None:
+    proc = cluster.popen("secret-lister", "get", "secrets", "--watch", "--output-watch-events", "-o", "json")
+    try:
+        lines = Lines(proc)
+        cluster.kube.put_object(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "fresh", "namespace": "apps"},
+                "data": {"token": base64.b64encode(b"super-secret-token").decode()},
+            }
+        )
+        event = json.loads(lines.until('"name":"fresh"', partial=True)[-1])  # one event per line
+        assert event["type"] == "ADDED" and event["object"]["data"] == {"token": REDACTED_B64}
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
