@@ -480,6 +480,7 @@ class LictorProxy:
                 )
                 if flow.killable:
                     flow.kill()
+                self.close_client(flow)  # reset at once: the agent may still be sending the body
         except Exception:
             log.exception("requestheaders failed; killing the flow (fail closed)")
             if flow.killable:
