@@ -59,14 +59,29 @@ arguments and left to the rules; only POSIX shells' bodies are parsed recursivel
 
 Shell dialects. The target may run bash, dash or zsh. Where they disagree the analysis takes the
 union or refuses: ``<(..)`` and ``{a,b}`` are treated as bash does, ``$'..'`` is decoded, zsh's
-``=cmd`` is refused, and ``fish``/``csh`` bodies are refused. ``interactive=True`` adds the rules of
-an interactive shell with a terminal: history expansion (``!!``, ``^a^b``) and zsh without
-``INTERACTIVE_COMMENTS`` are refused, as are programs that take commands from keystrokes (editors,
-pagers).
+``=cmd``, ``$~x`` and precommand modifiers are handled, ``fish``/``csh`` bodies are refused. Line
+continuations (backslash-newline) are removed by bash before it tokenizes, so they are refused where
+they could join tokens differently from how they read: after ``$``, inside a reserved word, or where
+they move the end of a here-document (bash joins lines before matching the delimiter, dash does not).
+
+Interactive lines. ``interactive=True`` adds the rules of an interactive shell with a terminal:
+history expansion (``!!``, ``^a^b``), comments after a command (zsh without ``INTERACTIVE_COMMENTS``
+reads them as words) and programs that take commands from keystrokes (editors, pagers, REPLs) are
+refused. Text that stops mid-command (open quote, ``if`` without ``fi``, trailing ``|``, a
+here-document without its body, a final backslash) raises :class:`ShellIncompleteError`, so the
+caller can buffer lines and analyse the whole command before anything reaches the shell.
+
+How it is checked. Besides tables of cases and fuzzing, the tests run generated commands under real
+bash and dash in a sandbox where every program is a logging stub, and require that everything the
+shells ran was reported.
 
 Known limits (documented, not guessed): the content of files the command runs (``sh script.sh``,
-``source f``) and the environment the target's sshd provides (the SSH addon must not forward
-agent-chosen environment variables) are outside what text analysis can see.
+``source f``, ``~/.bashrc``, git or ssh configuration), the environment the target's sshd provides
+(the SSH addon must not forward agent-chosen variables), the login shell of the target account (it
+must be a POSIX shell), a program copied under another name, and programs that run commands from
+their own arguments but are not modelled here (``strace``, ``parallel``, ``make``, ``kubectl exec``,
+``docker run``, GNU ``sed``'s ``e`` command...) are outside what text analysis can see: such programs
+are reported as themselves and the rules must treat them as able to run anything.
 """
 
 import posixpath
@@ -2794,8 +2809,8 @@ def _interpreter(spec: _Interp) -> Callable[[_Call], None]:
                         result = "info"
                     elif opt in spec.script:
                         result = "script"
-                    elif opt in spec.values and j + 1 == len(t):
-                        step = 2
+                    elif opt in spec.values:
+                        step = 2 if j + 1 == len(t) else 1  # the value is the next word or the rest of this one
                     elif t[j] in spec.attached:
                         pass
                     elif opt in spec.interactive:
