@@ -765,11 +765,20 @@ def test_ssh_and_transports() -> None:
 
 @pytest.mark.parametrize(
     "command",
-    ["!!", "!-1", "!rm", "echo !$", 'echo "a!b"', "^ls^rm", "ls # note", "# x; rm", "vim x", "less f", "script"],
+    # history expansion, zsh without INTERACTIVE_COMMENTS, programs driven by keystrokes
+    ["!!", "!-1", "!rm", "echo !$", 'echo "a!b"', "^ls^rm", "ls # note", "# x; rm", "less f", "top | less"],
 )
 def test_interactive_only_refusals(command: str) -> None:
-    analyse(command.replace("vim x", "vim x < /dev/null").replace("script", "script -c ls"))
+    analyse(command)  # an exec command string: no history, comments are comments, no terminal
     refused(command, interactive=True)
+
+
+def test_keystroke_programs() -> None:
+    refused("vim x", "session's input")  # exec: vim reads ex commands from the session's input
+    analyse("vim -es x < /dev/null")
+    refused("vim -es x < /dev/null", interactive=True)
+    analyse("script -c ls /dev/null")
+    refused("script", "session's input")
 
 
 def test_interactive_allows_ordinary_lines() -> None:
