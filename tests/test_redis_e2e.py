@@ -240,7 +240,12 @@ def test_a_pipeline_in_one_write_is_decided_command_by_command(gw: Gw, prefix: s
     assert replies[51].startswith(b"-NOPERM lictor: GET denied by rule lictor:default-deny")
     direct = redis.Redis()
     assert direct.get(f"{prefix}99") == b"99" and direct.exists(f"{prefix}50") == 0
+    # the audit sink drains the spool in the background: wait for it (bounded), do not sleep blindly
+    deadline = time.monotonic() + 10
     decisions = gw.decisions(sub)
+    while len(decisions) < 100 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        decisions = gw.decisions(sub)
     assert len(decisions) == 100
     assert [d["action"] for d in decisions].count("deny") == 1
 

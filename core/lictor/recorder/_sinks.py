@@ -904,7 +904,7 @@ class Drainer:
     # After a partial batch, wait this long before the next one (flush() wakes it early). The spool
     # already holds every event durably, so a sink may lag a little; fewer, larger batches keep the
     # drainer's Python work (and fdatasyncs) from competing with the event loop for the GIL.
-    linger: float = 0.25
+    linger: float = 0.05
     _last_batch: int = 0
     retention_interval: float = 3600.0
     committed: int = 0
