@@ -11,7 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lictor import AddonManager, ConfigError, Decision, Gateway, GatewayConfig, Glob, Identity, Loader, Request
+from lictor import (
+    AddonManager,
+    AuditLog,
+    ConfigError,
+    Decision,
+    Gateway,
+    GatewayConfig,
+    Glob,
+    Identity,
+    Loader,
+    Request,
+)
 from lictor import Vocabulary as _Vocabulary
 from lictor.recorder import (
     LocalSink,
@@ -353,9 +364,10 @@ def test_replayed_batches_after_a_lost_offset_commit_add_nothing(tmp_path: Path)
     assert count_before > 50
 
 
-def test_sessions_a_crash_left_open_are_signed_as_interrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("drain", ["process", "thread"])
+def test_sessions_a_crash_left_open_are_signed_as_interrupted(tmp_path: Path, drain: str) -> None:
     async def crash() -> str:
-        gw = make_gateway(tmp_path)
+        gw = make_gateway(tmp_path, {"drain": drain})
         await gw.start()
         session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="p")
         for i in range(5):
@@ -365,9 +377,17 @@ def test_sessions_a_crash_left_open_are_signed_as_interrupted(tmp_path: Path) ->
 
     sid = asyncio.run(crash())
     previous = current_recorder()
-    assert previous is not None and all(d._thread is not None for d in previous.drainers)
-    recorder = SessionRecorder(RecordingsConfig.from_section({}, tmp_path / "state"))
+    assert previous is not None
+    child = previous._proc.pid if previous._proc is not None else None
+    if drain == "process":
+        assert child is not None and all(d._thread is None for d in previous.drainers)
+        wait_until(lambda: previous.status()["sinks"][0]["committed"] > 0, 10, "the drain process to commit")
+    else:
+        assert all(d._thread is not None for d in previous.drainers)
+    recorder = SessionRecorder(RecordingsConfig.from_section({"drain": drain}, tmp_path / "state"))
     assert all(d._thread is None for d in previous.drainers)  # the old drainers let go of the spool
+    if child is not None:
+        assert not pid_alive(child)  # and so did the old drain process
     assert recorder.interrupted == [sid]
     recorder.start()
     assert recorder.flush(10)
@@ -454,7 +474,10 @@ def test_config_defaults_and_sizes(tmp_path: Path) -> None:
 
 def test_denied_when_recording_cannot_be_made_durable(tmp_path: Path) -> None:
     async def main() -> None:
-        gw = make_gateway(tmp_path, {"spool": {"max_bytes": 60_000, "segment_bytes": 8192, "reserve_bytes": 8192}})
+        gw = make_gateway(
+            tmp_path,
+            {"drain": "thread", "spool": {"max_bytes": 60_000, "segment_bytes": 8192, "reserve_bytes": 8192}},
+        )
         await gw.start()
         for drainer in gw.recordings.drainers:
             drainer.stop()  # the only sink stops taking events: the spool fills up
@@ -499,3 +522,111 @@ def test_asciicast_of_a_non_terminal_session_renders_the_dialogue() -> None:
     lines = list(asciicast_lines(None, events))
     assert json.loads(lines[0])["version"] == 2 and json.loads(lines[0])["timestamp"] == 100
     assert json.loads(lines[2]) == [1.5, "o", "$ echo hi\r\n"]
+
+
+def pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not reaped yet) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_drain_process_killed_is_restarted_and_delivers_exactly_once(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    async def main() -> str:
+        gw = make_gateway(tmp_path, {"spool": {"segment_bytes": 8192}})
+        await gw.start()
+        proc = gw.recordings._proc
+        assert proc is not None
+        wait_until(lambda: proc.pid is not None, 10, "the drain process")
+        session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="p")
+        for i in range(300):
+            assert (await session.decide(request(f"echo {i}"))).allowed
+            session.record("command", {"command": f"echo {i}"})
+            if i == 150:
+                first = proc.pid
+                assert first is not None
+                os.kill(first, signal.SIGKILL)  # mid-stream: the gateway notices and starts another one
+        wait_until(lambda: proc.restarts >= 1 and proc.pid not in (None, first), 10, "a new drain process")
+        assert gw.recordings.flush(10), gw.recordings.status()
+        assert gw.recordings.status()["drain"]["restarts"] >= 1
+        segments = len(list((tmp_path / "state" / "spool").glob("*.seg")))
+        assert segments == 1  # every drained segment was deleted (the gateway owns deletion)
+        assert len(list(gw.audit.events(kind="decision"))) == 300  # in-process reads see everything
+        await session.close()
+        await gw.stop()
+        assert proc.pid is None or not pid_alive(proc.pid)
+        return session.id
+
+    sid = asyncio.run(main())
+    manifest, events = load_session(sid, source=tmp_path / "state" / "recordings")
+    assert [e["data"]["command"] for e in events if e["kind"] == "command"] == [f"echo {i}" for i in range(300)]
+    assert manifest is not None and manifest["events"] == len(events)
+    [verdict] = verify_sessions(source=tmp_path / "state" / "recordings")
+    assert verdict.ok and verdict.signed
+    audit = AuditLog(tmp_path / "state" / "audit.db")
+    assert audit.verify().ok and len(list(audit.events(kind="decision"))) == 300
+
+
+_ORPHAN = """
+import sys, time
+from pathlib import Path
+from lictor.recorder import RecordingsConfig, SessionRecorder
+recorder = SessionRecorder(RecordingsConfig.from_section({"drain": sys.argv[2]}, Path(sys.argv[1])))
+recorder.start()
+for i in range(200):
+    recorder.audit("test", {"i": i})
+while recorder._proc is not None and recorder._proc.pid is None:
+    time.sleep(0.01)
+print(recorder._proc.pid if recorder._proc is not None else 0, flush=True)
+time.sleep(60)
+"""
+
+
+def test_drain_process_exits_with_a_killed_gateway_and_leftovers_drain_on_restart(tmp_path: Path) -> None:
+    import os
+    import signal
+    import sys
+
+    state = tmp_path / "state"
+    gateway = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN, str(state), "process"], stdout=subprocess.PIPE, text=True
+    )
+    assert gateway.stdout is not None
+    child = int(gateway.stdout.readline())
+    assert child > 0 and pid_alive(child)
+    os.kill(gateway.pid, signal.SIGKILL)
+    gateway.wait(10)
+    wait_until(lambda: not pid_alive(child), 10, "the drain process to follow its gateway")
+    recorder = SessionRecorder(RecordingsConfig.from_section({}, state), audit=AuditLog(state / "audit.db"))
+    recorder.start()
+    assert recorder.flush(10)
+    assert [e["i"] for e in recorder.audit_log.events(kind="test")] == list(range(200))  # type: ignore[union-attr]
+    recorder.stop()
+
+
+def test_drain_mode_is_validated(tmp_path: Path) -> None:
+    assert RecordingsConfig.from_section({}, tmp_path).drain == "process"
+    assert RecordingsConfig.from_section({"drain": "thread"}, tmp_path).drain == "thread"
+    with pytest.raises(ConfigError, match=r"recordings\.drain"):
+        RecordingsConfig.from_section({"drain": "fork"}, tmp_path)
+    cfg = RecordingsConfig.from_section(
+        {"sinks": [{"type": "s3", "bucket": "b", "retention": {"max_age": "1d"}}]}, tmp_path
+    )
+    assert RecordingsConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lictor.recorder import Offset, RecordingError, Spool, SpoolFull
+from lictor.recorder import Offset, RecordingError, Spool, SpoolFull, SpoolReader, SpoolView
 from lictor.recorder._spool import AUDIT, CARRY, SESSION, encode_record
 
 from tests.conftest import require
@@ -215,3 +215,49 @@ def test_disk_full_rolls_back_and_loses_nothing_acknowledged(tmp_path: Path) -> 
         assert reopened.append(SESSION, b'{"after":"space"}') > max(acknowledged)
         reopened.close()
     assert os.path.ismount(tmp_path / "disk") is False
+
+
+def test_view_from_another_process_reads_what_is_published(tmp_path: Path) -> None:
+
+    spool = Spool(tmp_path / "spool", segment_bytes=2048)
+    spool.start_segment((CARRY, b'{"sessions":{}}'))
+    view = SpoolView(tmp_path / "spool")
+    reader = SpoolReader(view, 0)
+    seen: list[int] = []
+    written: list[int] = [1]
+    for i in range(300):
+        if spool.active_size >= spool.segment_bytes:
+            written.append(spool.start_segment((CARRY, b'{"sessions":{}}')).first_seq)
+        written.append(spool.append(SESSION, b'{"i":%d}' % i))
+        if i % 7 == 0:
+            seen += [r.seq for r in reader.read()]
+    seen += [r.seq for r in reader.read()]
+    assert seen == written and len(spool.segments) > 3
+
+    # a record still being written (or about to be rolled back) is not read, and is read again later
+    active = spool.segments[-1].path
+    size = active.stat().st_size
+    with open(active, "ab") as fh:
+        fh.write(encode_record(spool.written_seq + 1, AUDIT, b'{"torn":true}')[:25])
+    assert reader.read() == []
+    os.truncate(active, size)
+    seq = spool.append(AUDIT, b'{"whole":true}')
+    assert [(r.seq, r.body) for r in reader.read()] == [(seq, b'{"whole":true}')]
+
+    # a segment whose start has not completed (or failed) does not seal the active one
+    (tmp_path / "spool" / f"{spool.written_seq + 1:020d}.seg").write_bytes(b"")
+    seq = spool.append(AUDIT, b'{"after":1}')
+    assert [r.seq for r in reader.read()] == [seq]
+    assert not view.segments[-1].sealed and view.segments[-1].path == active
+    (tmp_path / "spool" / f"{spool.written_seq:020d}.seg").unlink(missing_ok=True)
+
+    # segments released by the writer disappear from the view; a new reader starts after them
+    spool.release(seq)
+    assert len(list((tmp_path / "spool").glob("*.seg"))) == 1
+    view.refresh()
+    assert len(view.segments) == 1 and view.first_seq() == spool.segments[0].first_seq
+    later = SpoolReader(view, seen[-1])
+    assert [r.seq for r in later.read()][-1] == seq
+    reader.close()
+    later.close()
+    spool.close()

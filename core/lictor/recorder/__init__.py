@@ -26,7 +26,7 @@ from ._cli import register
 from ._recorder import DIRECTIONS, RecordingsConfig, SessionRecorder, SinkConfig, current_recorder
 from ._replay import asciicast_lines, render, replay
 from ._sinks import LocalSink, PostgresSink, Retention, S3Sink
-from ._spool import Offset, Record, Spool, SpoolReader
+from ._spool import Offset, Record, Spool, SpoolReader, SpoolView
 from ._store import LocalStore, RemoteStore, Store, parse_events, select_sessions
 from ._store import verify as _verify
 from ._util import RecordingError, SpoolFull
@@ -50,6 +50,7 @@ __all__ = [
     "Spool",
     "SpoolFull",
     "SpoolReader",
+    "SpoolView",
     "Store",
     "asciicast_lines",
     "current_recorder",

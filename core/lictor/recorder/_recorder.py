@@ -17,6 +17,7 @@ import jsonschema
 from ..audit import AuditLog
 from ..config import ConfigError
 from ._chain import GENESIS, SigningKey
+from ._drainproc import DrainProcess
 from ._sinks import Drainer, LocalSink, PostgresSink, Retention, S3Sink, Sink
 from ._spool import AUDIT, CARRY, MANIFEST, SESSION, Offset, Spool, SpoolReader
 from ._util import RecordingError, canonical, encode, parse_interval, parse_size, sha256_hex
@@ -80,6 +81,7 @@ SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
     "properties": {
         "mode": {"enum": ["best_effort", "strict"]},
+        "drain": {"enum": ["process", "thread"]},
         "spool": {
             "type": "object",
             "additionalProperties": False,
@@ -125,6 +127,59 @@ class RecordingsConfig:
     retention_interval: float = 3600.0
     stop_timeout: float = 10.0
     sinks: tuple[SinkConfig, ...] = ()
+    # "process": the sinks are fed by a child process (the gateway process only appends to the
+    # spool); "thread": by threads of the gateway process.
+    drain: str = "process"
+
+    def to_json(self) -> dict[str, Any]:
+        """This configuration as JSON (for the drain process)."""
+        return {
+            "state_dir": str(self.state_dir),
+            "spool_dir": str(self.spool_dir),
+            "local_dir": str(self.local_dir),
+            "mode": self.mode,
+            "max_bytes": self.max_bytes,
+            "segment_bytes": self.segment_bytes,
+            "reserve_bytes": self.reserve_bytes,
+            "fsync_interval": self.fsync_interval,
+            "retention_interval": self.retention_interval,
+            "stop_timeout": self.stop_timeout,
+            "drain": self.drain,
+            "sinks": [
+                {
+                    "type": s.type,
+                    "name": s.name,
+                    "options": dict(s.options),
+                    "retention": [s.retention.max_age, s.retention.max_bytes],
+                }
+                for s in self.sinks
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> RecordingsConfig:
+        return cls(
+            state_dir=Path(doc["state_dir"]),
+            spool_dir=Path(doc["spool_dir"]),
+            local_dir=Path(doc["local_dir"]),
+            mode=str(doc["mode"]),
+            max_bytes=int(doc["max_bytes"]),
+            segment_bytes=int(doc["segment_bytes"]),
+            reserve_bytes=int(doc["reserve_bytes"]),
+            fsync_interval=float(doc["fsync_interval"]),
+            retention_interval=float(doc["retention_interval"]),
+            stop_timeout=float(doc["stop_timeout"]),
+            drain=str(doc["drain"]),
+            sinks=tuple(
+                SinkConfig(
+                    str(s["type"]),
+                    str(s["name"]),
+                    dict(s["options"]),
+                    Retention(float(s["retention"][0]), int(s["retention"][1])),
+                )
+                for s in doc["sinks"]
+            ),
+        )
 
     @classmethod
     def from_section(
@@ -193,6 +248,7 @@ class RecordingsConfig:
                 ),
                 stop_timeout=parse_interval(section.get("stop_timeout", "10s"), "recordings.stop_timeout"),
                 sinks=tuple(sinks),
+                drain=str(section.get("drain", "process")),
             )
         except ValueError as exc:
             if isinstance(exc, ConfigError):
@@ -306,6 +362,7 @@ class SessionRecorder:
             self._rotate_after = 0.0
             self._started = False
             self._stopped = False
+            self._proc: DrainProcess | None = None
             orphans = self._recover()
             self._sessions.update(orphans)
             self.spool.start_segment((CARRY, self._carry()))
@@ -347,32 +404,7 @@ class SessionRecorder:
         return cls(RecordingsConfig.from_gateway_config(config), audit=audit)
 
     def _make_sink(self, cfg: SinkConfig) -> Sink:
-        gid = self.spool.gateway_id
-        o = cfg.options
-        if cfg.type == "local":
-            return LocalSink(cfg.name, self.config.local_dir, self.audit_log, gid, cfg.retention)
-        if cfg.type == "postgres":
-            return PostgresSink(
-                cfg.name,
-                str(o["dsn"]),
-                gid,
-                cfg.retention,
-                prefix=str(o.get("table_prefix", "lictor_")),
-                connect_timeout=parse_interval(o.get("connect_timeout", 3), f"recordings sink {cfg.name}"),
-            )
-        return S3Sink(
-            cfg.name,
-            gid,
-            cfg.retention,
-            bucket=str(o["bucket"]),
-            prefix=str(o.get("prefix", "")),
-            endpoint_url=o.get("endpoint_url"),
-            region=o.get("region"),
-            access_key_id=o.get("access_key_id"),
-            secret_access_key=o.get("secret_access_key"),
-            create_bucket=bool(o.get("create_bucket", False)),
-            timeout=parse_interval(o.get("timeout", 5), f"recordings sink {cfg.name}"),
-        )
+        return make_sink(cfg, self.config, self.spool.gateway_id, self.audit_log)
 
     # -- recovery ------------------------------------------------------------------------------------
 
@@ -588,7 +620,12 @@ class SessionRecorder:
         self.spool.release(upto)
 
     def _catch_up_local(self) -> None:
+        """Before an in-process read of the local store: let it catch up with the spool (bounded)."""
         if self._stopped:
+            return
+        if self._proc is not None:
+            if not self._proc.wait(self.spool.written_seq, time.monotonic() + 5.0, [self.local.name]):
+                log.warning("the local recording store is behind the spool; reading what it has")
             return
         try:
             self.local.drain(time.monotonic() + 5.0)
@@ -596,11 +633,17 @@ class SessionRecorder:
             log.warning("could not catch up the local recording store: %s", exc)
 
     def start(self) -> None:
-        """Start the group-commit thread and one drainer thread per sink."""
+        """Start the group-commit thread, and the drain process (or one drainer thread per sink)."""
         if self._started:
             return
         self._started = True
         self.spool.start_sync_thread()
+        if self.config.drain == "process":
+            for drainer in self.drainers:
+                drainer.close_reader()  # the drain process reads the spool from now on
+            self._proc = DrainProcess(self.config, self.spool, self.drainers, self.audit_log)
+            self._proc.start()
+            return
         for drainer in self.drainers:
             drainer.start()
 
@@ -608,6 +651,8 @@ class SessionRecorder:
         """Wait until every sink has committed everything appended so far; False on timeout."""
         deadline = time.monotonic() + timeout
         target = self.spool.written_seq
+        if self._proc is not None:
+            return self._proc.wait(target, deadline)
         for drainer in self.drainers:
             if drainer._thread is None:
                 drainer.drain(deadline)
@@ -620,6 +665,9 @@ class SessionRecorder:
     def status(self) -> dict[str, Any]:
         """Spool size and, per sink, the committed position and health (for /status pages)."""
         return {
+            "drain": {"mode": "process", "pid": self._proc.pid, "restarts": self._proc.restarts}
+            if self._proc is not None
+            else {"mode": "thread" if self._started else "none"},
             "spool": {
                 "bytes": self.spool.total_bytes,
                 "max_bytes": self.spool.max_bytes,
@@ -634,6 +682,8 @@ class SessionRecorder:
     def _abandon(self) -> None:
         """Another recorder took the spool over in this process: stop draining, touch nothing."""
         self._stopped = True
+        if self._proc is not None:
+            self._proc.kill()
         for drainer in self.drainers:
             drainer.stop(timeout=5.0)
         if self.audit_log is not None and self.audit_log.before_read == self._catch_up_local:
@@ -651,10 +701,15 @@ class SessionRecorder:
                 except RecordingError as exc:
                     log.error("session %s stays open in the spool (signed at next start): %s", sid, exc)
         deadline = time.monotonic() + self.config.stop_timeout
+        if self._proc is not None:
+            self._proc.stop(self.config.stop_timeout)
         for drainer in self.drainers:
             drainer.stop(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
         for drainer in self.drainers:
-            if drainer._thread is None and not drainer.drain(deadline):
+            behind = drainer.committed < self.spool.written_seq
+            if self._proc is None and drainer._thread is None:
+                behind = not drainer.drain(deadline)
+            if behind:
                 log.warning(
                     "recording sink %s is %d events behind; they stay in the spool and are sent at next start",
                     drainer.name,
@@ -673,6 +728,35 @@ class SessionRecorder:
     @property
     def local_dir(self) -> Path:
         return self.config.local_dir
+
+
+def make_sink(cfg: SinkConfig, config: RecordingsConfig, gateway_id: str, audit: AuditLog | None) -> Sink:
+    """The sink ``cfg`` describes (nothing is connected yet)."""
+    o = cfg.options
+    if cfg.type == "local":
+        return LocalSink(cfg.name, config.local_dir, audit, gateway_id, cfg.retention)
+    if cfg.type == "postgres":
+        return PostgresSink(
+            cfg.name,
+            str(o["dsn"]),
+            gateway_id,
+            cfg.retention,
+            prefix=str(o.get("table_prefix", "lictor_")),
+            connect_timeout=parse_interval(o.get("connect_timeout", 3), f"recordings sink {cfg.name}"),
+        )
+    return S3Sink(
+        cfg.name,
+        gateway_id,
+        cfg.retention,
+        bucket=str(o["bucket"]),
+        prefix=str(o.get("prefix", "")),
+        endpoint_url=o.get("endpoint_url"),
+        region=o.get("region"),
+        access_key_id=o.get("access_key_id"),
+        secret_access_key=o.get("secret_access_key"),
+        create_bucket=bool(o.get("create_bucket", False)),
+        timeout=parse_interval(o.get("timeout", 5), f"recordings sink {cfg.name}"),
+    )
 
 
 def _meta(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..audit import AuditLog
-from ._spool import AUDIT, CARRY, MANIFEST, SESSION, TYPE_NAMES, Offset, Record, Spool, SpoolReader
+from ._spool import AUDIT, CARRY, MANIFEST, SESSION, TYPE_NAMES, Offset, Record, Spool, SpoolReader, SpoolView
 from ._util import fsync_dir, write_atomic
 
 __all__ = ["Drainer", "LocalSink", "PostgresSink", "Retention", "S3Sink", "Sink", "session_file_name"]
@@ -896,7 +896,7 @@ class Drainer:
     """Feeds one sink from the spool in order and commits its offset after each batch."""
 
     sink: Sink
-    spool: Spool
+    spool: Spool | SpoolView
     offset: Offset
     on_commit: Callable[[], None] = lambda: None
     batch_records: int = 2048
@@ -1051,6 +1051,14 @@ class Drainer:
                 log.info("recording sink %s: retention removed %d sessions/objects", self.name, removed)
         except Exception as exc:
             log.warning("recording sink %s: retention failed: %s", self.name, exc)
+
+    def close_reader(self) -> None:
+        """Let go of the spool files (another reader takes over); the committed offset stays."""
+        with self._lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+            self._batch = []
 
     def close(self) -> None:
         with self._lock:

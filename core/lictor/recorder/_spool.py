@@ -44,7 +44,18 @@ from pathlib import Path
 
 from ._util import RecordingError, SpoolFull, fsync_dir
 
-__all__ = ["AUDIT", "CARRY", "MANIFEST", "SESSION", "Offset", "Record", "Segment", "Spool", "SpoolReader"]
+__all__ = [
+    "AUDIT",
+    "CARRY",
+    "MANIFEST",
+    "SESSION",
+    "Offset",
+    "Record",
+    "Segment",
+    "Spool",
+    "SpoolReader",
+    "SpoolView",
+]
 
 log = logging.getLogger("lictor.recorder")
 
@@ -127,6 +138,25 @@ def _scan(path: Path, first_seq: int) -> tuple[int, int, str]:
         pos = parsed[1]
         seq += 1
     return pos, seq - 1, problem
+
+
+def _next_segment(segments: list[Segment], segment: Segment) -> Segment | None:
+    for candidate in segments:
+        if candidate.first_seq > segment.first_seq:
+            return candidate
+    return None
+
+
+def _segment_for(segments: list[Segment], seq: int) -> Segment | None:
+    found: Segment | None = None
+    for segment in segments:
+        if segment.first_seq <= seq:
+            found = segment
+        elif found is None or found.last_seq < seq:
+            return segment
+        else:
+            break
+    return found
 
 
 _OPEN: weakref.WeakValueDictionary[str, Spool] = weakref.WeakValueDictionary()
@@ -383,28 +413,19 @@ class Spool:
 
     # -- reading and releasing ---------------------------------------------------------------------
 
+    def refresh(self) -> None:
+        """Readers call this before reading; the writing process knows its segments already."""
+
     def first_seq(self) -> int:
         segments = self.segments
         return segments[0].first_seq if segments else self.written_seq + 1
 
     def next_segment(self, segment: Segment) -> Segment | None:
-        segments = self.segments
-        for candidate in segments:
-            if candidate.first_seq > segment.first_seq:
-                return candidate
-        return None
+        return _next_segment(self.segments, segment)
 
     def segment_for(self, seq: int) -> Segment | None:
         """The segment holding ``seq`` (or the first one after it, if ``seq`` was released)."""
-        found: Segment | None = None
-        for segment in self.segments:
-            if segment.first_seq <= seq:
-                found = segment
-            elif found is None or found.last_seq < seq:
-                return segment
-            else:
-                break
-        return found
+        return _segment_for(self.segments, seq)
 
     def release(self, upto: int) -> int:
         """Delete sealed segments whose records are all at or below ``upto``; return bytes freed."""
@@ -489,12 +510,83 @@ class Spool:
         self._floor.close()
 
 
+def _first_record_complete(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(HEADER_SIZE)
+            if len(header) < HEADER_SIZE:
+                return False
+            length = _HEADER.unpack(header)[2]
+            return bool(os.fstat(fh.fileno()).st_size >= HEADER_SIZE + int(length))
+    except FileNotFoundError:
+        return False
+
+
+class SpoolView:
+    """The segments of a spool written by another process, for readers (the drain process).
+
+    It never writes or deletes anything and takes no lock. :meth:`refresh` lists the directory:
+    a segment counts once its first record (the carry record the writer starts it with) is
+    complete, so a segment whose start failed and is being removed is never read; a segment is
+    sealed, with its final size, once a newer one counts (the writer has stopped appending to it
+    before it creates the next). The active segment's size is the file's size: a record still
+    being written (or rolled back) is incomplete there and read again later.
+    """
+
+    def __init__(self, directory: Path, written_seq: int = 0) -> None:
+        self.directory = Path(directory)
+        # The writer's position when this view was made (only a sanity bound for committed offsets).
+        self.written_seq = written_seq
+        self.segments: list[Segment] = []
+        self._known: dict[int, Segment] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            names = []
+        firsts = sorted(int(n[: -len(_SUFFIX)]) for n in names if n.endswith(_SUFFIX) and n[: -len(_SUFFIX)].isdigit())
+        segments: list[Segment] = []
+        for first in firsts:
+            segment = self._known.get(first)
+            if segment is None:
+                path = self.directory / f"{first:020d}{_SUFFIX}"
+                if not _first_record_complete(path):
+                    continue
+                segment = Segment(first, path, 0, first - 1)
+            segments.append(segment)
+        for index, segment in enumerate(segments):
+            if segment.sealed:
+                continue
+            try:
+                size = os.stat(segment.path).st_size
+            except FileNotFoundError:
+                continue
+            segment.size = size
+            if index + 1 < len(segments):
+                segment.last_seq = segments[index + 1].first_seq - 1  # numbering is gap-free
+                segment.sealed = True
+        self._known = {s.first_seq: s for s in segments}
+        self.segments = segments
+
+    def first_seq(self) -> int:
+        segments = self.segments
+        return segments[0].first_seq if segments else self.written_seq + 1
+
+    def next_segment(self, segment: Segment) -> Segment | None:
+        return _next_segment(self.segments, segment)
+
+    def segment_for(self, seq: int) -> Segment | None:
+        return _segment_for(self.segments, seq)
+
+
 class SpoolReader:
     """Reads published records after a sequence number, segment by segment, from its own descriptors."""
 
     CHUNK = 1 << 20
 
-    def __init__(self, spool: Spool, after: int) -> None:
+    def __init__(self, spool: Spool | SpoolView, after: int) -> None:
         self.spool = spool
         self.position = after  # the last sequence number handed out
         self._segment: Segment | None = None
@@ -518,6 +610,7 @@ class SpoolReader:
         """Up to ``max_records`` records (about ``max_bytes``) after :attr:`position`; [] when caught up."""
         out: list[Record] = []
         size = 0
+        self.spool.refresh()
         while len(out) < max_records and size < max_bytes:
             if self._segment is None:
                 segment = self.spool.segment_for(self.position + 1)
@@ -564,6 +657,10 @@ class SpoolReader:
                 self._open(following)
                 continue
             break
+        if self._buf and self._segment is not None and not self._segment.sealed:
+            # An incomplete record at the end of the active segment: read it again next time (in
+            # another process a failed write may still be rolled back and its bytes replaced).
+            self._buf = b""
         return out
 
     def close(self) -> None:
