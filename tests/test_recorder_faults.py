@@ -284,10 +284,14 @@ def test_gateway_killed_mid_session_drains_leftover_spool_on_restart(tmp_path: P
             sock.sendall(f"echo {i}\n".encode())
             assert reader.readline().startswith(b"OK ")
             acked.append(f"echo {i}")
+        drain_lock = gateway.state_dir / "spool" / "drain.lock"
+        wait_until(lambda: drain_lock.exists() and drain_lock.read_text().strip() != "", 10, "the drain process")
+        drain_pid = int(drain_lock.read_text())
         sock.sendall(b"".join(f"echo {i}\n".encode() for i in range(300, 3000)))
         time.sleep(0.05)
         os.kill(gateway.pid, signal.SIGKILL)  # mid-stream: commands in flight, nothing flushed
         assert gateway.proc is not None and gateway.proc.wait(10) == -signal.SIGKILL
+        wait_until(lambda: not _running(drain_pid), 10, "the drain process to exit with its gateway")
         with contextlib.suppress(OSError):
             for line in iter(reader.readline, b""):
                 assert line.startswith(b"OK ")
@@ -481,3 +485,11 @@ def test_retention_in_postgres_and_s3(tmp_path: Path, moto_s3: MotoS3) -> None:
     assert s3.apply_retention(time.time()) == 0
     assert s3.apply_retention(time.time() + 3600) == len(left)
     assert list(s3._objects(s3.prefix)) == []
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not reaped yet, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

@@ -2,8 +2,9 @@
 
 A session is one agent connection. The gateway's :class:`SessionRecorder` appends each of its
 events (``session.record(kind, data)``: time, direction, kind and the payload as the agent saw
-it, masked) and every audit event to a local spool before the call returns; drainer threads copy
-the spool in order to the sinks (local directory with the audit SQLite chain, PostgreSQL, S3).
+it, masked) and every audit event to a local spool before the call returns; drainers (in a child
+process of the gateway by default, see ``_drainproc``) copy the spool in order to the sinks (local
+directory with the audit SQLite chain, PostgreSQL, S3).
 Sessions are hash-chained and end with a manifest signed by the gateway's Ed25519 recording key.
 See ``docs/recording.md`` for the durability guarantees and the configuration.
 

@@ -340,7 +340,8 @@ class SessionRecorder:
     """Records sessions and audit events durably; implements the gateway's ``Recorder``.
 
     Every event is appended to the spool before the call returns (``strict`` sessions: and
-    fsync'd); drainer threads then copy the spool, in order, to each configured sink. Calls
+    fsync'd); drainers then copy the spool, in order, to each configured sink: in a child
+    process (``recordings.drain: process``, the default) or in threads of this one. Calls
     raise :class:`RecordingError` (an :class:`~lictor.AuditError`) when an event cannot be
     made durable; the gateway then refuses the command.
     """
