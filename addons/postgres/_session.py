@@ -700,7 +700,9 @@ class Relay:
                 "No rule allows this for your roles. Run only what your role allows, or ask your security team "
                 "for a rule (or an approval rule) that covers it."
             )
-        elif first.approval_id or "approval" in first.message:
+        elif first.approval_id or any(
+            getattr(self.session.policy.rules_by_id.get(rule), "action", "") == "approve" for rule in first.rule_ids
+        ):
             hint = "An approver must allow this statement; retry once it is approved, or ask an approver."
         else:
             hint = "This statement is blocked by policy. Rewrite it within your permissions, or ask your security team."
