@@ -40,7 +40,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -349,30 +349,6 @@ class LictorProxy:
             session.identity = identity  # same subject and claims; keep the newest expiry
         return session
 
-    def _audit(self, session: Session, request: Request, decision: Decision, phase: str) -> None:
-        """Audit a decision the proxy made itself (unreadable requests, stdin lines, reveals)."""
-        self.gateway.audit_event(
-            "decision",
-            {
-                "session": session.id,
-                "identity": session.identity.to_json(),
-                "protocol": request.protocol,
-                "target": request.target or session.target,
-                "request": {"action": request.action, "summary": request.summary[:2000], "digest": request.digest()},
-                "reason": request.reason,
-                "phase": phase,
-                **decision.to_json(),
-            },
-        )
-
-    def _policy_decide(self, session: Session, request: Request) -> Decision:
-        policy = self.gateway.policy
-        extra: tuple[str, ...] = ()
-        approvals = self.gateway.approvals
-        if approvals is not None:
-            extra = approvals.elevated_roles(session.identity, session.target)
-        return policy.decide(session.identity, request, roles=session.roles(policy), extra_roles=extra)
-
     def _remember_denial(self, flow: http.HTTPFlow, decision: Decision) -> None:
         key = (flow.client_conn.id, flow.request.path)
         self._recent_denials[key] = (time.monotonic() + 30, decision)
@@ -609,7 +585,7 @@ class LictorProxy:
                     "lictor:approval-not-redeemable",
                     self.gateway.policy.version,
                 )
-                self._audit(session, request, decision, "approval")
+                session.audit(request, decision, "approval")
                 self._deny(flow, session, request, decision, k8s)
                 return
 
@@ -658,30 +634,16 @@ class LictorProxy:
             log.info("request %s held: %s", flow.id, message)
             session.record("http.approval", {"flow": flow.id, "approval_id": approval_id, "message": message})
 
-        if target.approval_mode != "ticket":
-            return await session.decide(request, notify)
-        decision = session.decide_now(request)
-        if decision.action != "approve":
-            return decision
-        approvals = self.gateway.approvals
-        if approvals is None:
-            return Decision.deny(
-                f"{decision.message} — but this gateway has no approval service configured, so it is denied",
-                decision.rule_ids[0],
-                decision.policy_version,
-            )
-        ticket = replace(decision, approval={**dict(decision.approval or {}), "mode": "ticket"})
-        final = await approvals.hold(session, request, ticket, notify)
-        self._audit(session, request, final, "approval")
-        return final
+        ticket = {"mode": "ticket"} if target.approval_mode == "ticket" else None
+        return await session.decide(request, notify, approval=ticket)
 
     def _reveal(self, session: Session, call: K8sCall) -> bool:
         """May this identity see Secret values in this response? Only an explicit ``reveal`` allow says yes."""
         request = reveal_request(call)
-        decision = self._policy_decide(session, request)
+        decision = session.policy_decision(request)
         if decision.action != "allow":
             return False
-        self._audit(session, request, decision, "reveal")
+        session.audit(request, decision, "reveal")
         return True
 
     async def _unreadable(
@@ -710,7 +672,7 @@ class LictorProxy:
             UNREADABLE,
             self.gateway.policy.version,
         )
-        self._audit(session, request, decision, "decision")
+        session.audit(request, decision, "decision")
         self._deny(flow, session, request, decision, target.kubernetes, status=403 if target.kubernetes else 400)
 
     def _deny(
@@ -753,7 +715,7 @@ class LictorProxy:
             self._deny(flow, session, request, decision, True)
             return
         refusal = Decision.deny(SPDY_MESSAGE, SPDY_RULE, decision.policy_version)
-        self._audit(session, request, refusal, "protocol")
+        session.audit(request, refusal, "protocol")
         self._deny(
             flow,
             session,
@@ -1253,9 +1215,9 @@ class LictorProxy:
             summary=f"{call.request.summary} | stdin: {line[:500]}",
             payload=f"stdin {call.request.payload} {line}",
         )
-        decision = self._policy_decide(state.session, request)
+        decision = state.session.policy_decision(request)
         if decision.action == "deny" and decision.rule_ids and decision.rule_ids[0] != DEFAULT_DENY:
-            self._audit(state.session, request, decision, "stdin")
+            state.session.audit(request, decision, "stdin")
             return decision
         return None
 

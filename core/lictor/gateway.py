@@ -16,13 +16,12 @@ and turns any exception on the way into an audited denial. The addon then forwar
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .addons import AddonManager, HookError
@@ -30,7 +29,7 @@ from .audit import AuditError, AuditLog
 from .config import GatewayConfig, Target
 from .identity import AuthError, Identity, IssuerConfig, LocalIssuer, TokenVerifier, parse_duration
 from .policy import Policy
-from .policy_types import ADDON_ERROR, NO_POLICY, Decision, Request
+from .policy_types import ADDON_ERROR, Decision, Request
 from .recorder import SessionRecorder
 from .rulepacks import LoadResult, load_policy
 
@@ -116,9 +115,28 @@ class Session:
     def policy(self) -> Policy:
         return self.gateway.policy
 
-    async def decide(self, request: Request, notify: HoldNotifier | None = None) -> Decision:
-        """Decide, audit and (for approvals) hold ``request``. Never raises; fails closed."""
-        return await self.gateway.decide(self, request, notify)
+    async def decide(
+        self, request: Request, notify: HoldNotifier | None = None, *, approval: Mapping[str, Any] | None = None
+    ) -> Decision:
+        """Decide, audit and (for approvals) hold ``request``. Never raises; fails closed.
+
+        ``approval`` overrides keys of the deciding rule's approval block for this request, e.g.
+        ``{"mode": "ticket"}`` for a target configured to answer with an approval id at once.
+        """
+        return await self.gateway.decide(self, request, notify, approval=approval)
+
+    def policy_decision(self, request: Request) -> Decision:
+        """What the live policy alone says (time-boxed elevations included): no hooks, no audit.
+
+        For sub-decisions an addon makes inside an already decided request (may this response
+        reveal a value, is this stdin line denied); audit the ones it acts on with :meth:`audit`.
+        """
+        return self.gateway._policy_decision(self, request)
+
+    def audit(self, request: Request, decision: Decision, phase: str = "decision") -> None:
+        """Audit a decision the addon made or acted on itself; raises ``AuditError`` when the
+        event cannot be made durable (the caller fails closed)."""
+        self.gateway._write_decision(self, request, decision, phase)
 
     def decide_now(self, request: Request) -> Decision:
         """Synchronous variant for the hot path of protocols without hooks that await.
@@ -317,7 +335,14 @@ class Gateway:
             decision = self._failure(exc)
         return self._audited(session, request, decision)
 
-    async def decide(self, session: Session, request: Request, notify: HoldNotifier | None = None) -> Decision:
+    async def decide(
+        self,
+        session: Session,
+        request: Request,
+        notify: HoldNotifier | None = None,
+        *,
+        approval: Mapping[str, Any] | None = None,
+    ) -> Decision:
         try:
             flow = Flow(session, request)
             await self.addons.trigger("request", flow)
@@ -337,6 +362,8 @@ class Gateway:
                 decision.policy_version,
             )
         else:
+            if approval:
+                decision = replace(decision, approval={**dict(decision.approval or {}), **approval})
             try:
                 final = await self.approvals.hold(session, request, decision, notify)
             except Exception as exc:
@@ -357,7 +384,7 @@ class Gateway:
             self.policy.version,
         )
 
-    def _audited(self, session: Session, request: Request, decision: Decision, phase: str = "decision") -> Decision:
+    def _write_decision(self, session: Session, request: Request, decision: Decision, phase: str) -> None:
         event = {
             "session": session.id,
             "identity": session.identity.to_json(),
@@ -372,8 +399,11 @@ class Gateway:
             "phase": phase,
             **decision.to_json(),
         }
+        self.recordings.audit("decision", event, strict=decision.recording == "strict")
+
+    def _audited(self, session: Session, request: Request, decision: Decision, phase: str = "decision") -> Decision:
         try:
-            self.recordings.audit("decision", event, strict=decision.recording == "strict")
+            self._write_decision(session, request, decision, phase)
         except (AuditError, OSError) as exc:
             log.error("audit write failed, denying: %s", exc)
             return Decision.deny(
@@ -390,9 +420,6 @@ class Gateway:
             if fail_closed:
                 raise
             log.exception("audit write failed for %s", kind)
-
-    def no_policy_decision(self, request: Request) -> Decision:
-        return Decision.deny("no policy is loaded; everything is denied", NO_POLICY, self.policy.version)
 
     # -- masking ------------------------------------------------------------------------------
 
@@ -435,7 +462,3 @@ class Gateway:
             self.audit_event("gateway.stop", {"uptime": time.time() - self.started}, fail_closed=False)
             self.recordings.stop()
             self.audit.close()
-
-
-async def wait_forever() -> None:
-    await asyncio.Event().wait()

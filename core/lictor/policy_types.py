@@ -15,7 +15,6 @@ Action = Literal["allow", "deny", "approve"]
 # Rule ids the core itself uses when no rule pack rule is responsible.
 DEFAULT_DENY = "lictor:default-deny"
 ADDON_ERROR = "lictor:addon-error"
-NO_POLICY = "lictor:no-policy"
 
 
 @dataclass(frozen=True, slots=True)
