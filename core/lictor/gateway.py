@@ -243,10 +243,16 @@ class Gateway:
 
     # -- policy -------------------------------------------------------------------------------
 
-    def load_policy(self) -> LoadResult:
-        """Load the configured rule packs off to the side; swap them in only if they are valid."""
+    def compile_policy(self) -> LoadResult:
+        """Parse, validate and compile the configured rule packs off to the side (no swap)."""
         targets = {t.name: t.protocol for t in self.config.targets.values()}
-        result = load_policy(self.config.rulepacks, self.addons.vocabularies, targets=targets, mask_key=self._mask_key)
+        return load_policy(self.config.rulepacks, self.addons.vocabularies, targets=targets, mask_key=self._mask_key)
+
+    def apply_policy(self, result: LoadResult) -> bool:
+        """Swap in a compiled policy if it is valid and new; True when a new version went live.
+
+        An invalid result keeps the live policy; both outcomes are logged and audited.
+        """
         if result.policy is None:
             self.policy_problems = [str(p) for p in result.errors]
             for problem in result.errors:
@@ -256,7 +262,34 @@ class Gateway:
                 {"kept_version": self.policy.version, "problems": self.policy_problems[:50]},
                 fail_closed=False,
             )
-            return result
+            return False
+        self.policy_problems = []
+        old = self.policy.version
+        if result.policy.version == old:
+            return False
+        for problem in result.warnings:
+            log.warning("%s", problem)
+        self.policy = result.policy  # one assignment: requests see the old or the new policy
+        self._mask_cache.clear()
+        self.audit_event(
+            "policy.loaded",
+            {"version": result.policy.version, "previous": old, "files": [str(f) for f in result.files]},
+            fail_closed=False,
+        )
+        log.info(
+            "policy %s live (was %s; %d rules from %d files)",
+            result.policy.version,
+            old,
+            len(result.policy.rules),
+            len(result.files),
+        )
+        return True
+
+    def load_policy(self) -> LoadResult:
+        """Compile the configured rule packs and swap them in only if they are valid."""
+        result = self.compile_policy()
+        self.apply_policy(result)
+        return result
         for problem in result.warnings:
             log.warning("%s", problem)
         old = self.policy.version

@@ -347,8 +347,3 @@ class Policy:
             explanation="no rule of the identity's roles matched: default deny",
             recording=recording,
         )
-
-    def approver_roles_ok(self, identity: Identity, approvers: Sequence[str]) -> bool:
-        """Whether ``identity`` holds one of the ``approvers`` roles."""
-        held = set(self.roles_for(identity))
-        return any(a in held for a in approvers)

@@ -269,10 +269,6 @@ def _validate(
     return problems
 
 
-def _pack_schema_without_when(protocols: Sequence[str]) -> dict[str, Any]:
-    return compose_schema({p: Vocabulary(p, ()) for p in protocols}) | {}
-
-
 def _strings(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()

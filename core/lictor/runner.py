@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -68,39 +67,10 @@ class PolicyWatcher:
     async def reload(self) -> None:
         async with self._lock:
             gw = self.gateway
-            old = gw.policy.version
-            from .rulepacks import load_policy
-
-            targets = {t.name: t.protocol for t in gw.config.targets.values()}
-            result = await asyncio.to_thread(
-                load_policy,
-                gw.config.rulepacks,
-                gw.addons.vocabularies,
-                targets=targets,
-                mask_key=gw._mask_key,
-            )
-            if result.policy is None:
-                gw.policy_problems = [str(p) for p in result.errors]
-                for problem in result.errors:
-                    log.error("reload rejected, keeping policy %s: %s", old, problem)
-                gw.audit_event(
-                    "policy.rejected",
-                    {"kept_version": old, "problems": gw.policy_problems[:50]},
-                    fail_closed=False,
-                )
+            result = await asyncio.to_thread(gw.compile_policy)
+            if not gw.apply_policy(result):
                 return
-            if result.policy.version == old:
-                return
-            gw.policy = result.policy  # the swap: one assignment
-            gw.policy_problems = []
-            gw._mask_cache.clear()
             self.reloads += 1
-            gw.audit_event(
-                "policy.loaded",
-                {"version": result.policy.version, "previous": old, "files": [str(f) for f in result.files]},
-                fail_closed=False,
-            )
-            log.info("policy %s live (was %s)", result.policy.version, old)
             try:
                 await gw.addons.trigger("policy_loaded", gw.policy)
             except HookError as exc:
@@ -293,7 +263,3 @@ def _validate_targets(config: GatewayConfig, manager: AddonManager) -> None:
             problems.append(f"{where}target {target.name!r}{': ' + path if path else ''}: {error.message}")
     if problems:
         raise ConfigError("\n".join(problems))
-
-
-def _thread_count() -> int:  # used by tests to check watchers are stopped
-    return threading.active_count()
