@@ -71,11 +71,16 @@ def _state_dir(args: argparse.Namespace, config: GatewayConfig | None) -> Path:
 # -- check / test / explain / schema --------------------------------------------------------------
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _packs(args: argparse.Namespace) -> tuple[GatewayConfig | None, AddonManager, list[Any]]:
+    """The config, addons and rule-pack paths a pack command works on (paths default to the config's)."""
     config = _config(args)
     manager = _manager(config, extra=args.addon)
+    return config, manager, args.paths or (config.rulepacks if config else [])
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config, manager, paths = _packs(args)
     targets = {t.name: t.protocol for t in config.targets.values()} if config else None
-    paths = args.paths or (config.rulepacks if config else [])
     result = load_policy(paths, manager.vocabularies, targets=targets)
     for problem in result.problems:
         print(problem)
@@ -91,9 +96,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    config = _config(args)
-    manager = _manager(config, extra=args.addon)
-    paths = args.paths or (config.rulepacks if config else [])
+    _, manager, paths = _packs(args)
     result = load_policy(paths, manager.vocabularies)
     if result.policy is None:
         for problem in result.errors:
@@ -126,9 +129,7 @@ def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    config = _config(args)
-    manager = _manager(config, extra=args.addon)
-    paths = args.paths or (config.rulepacks if config else [])
+    _, manager, paths = _packs(args)
     result = load_policy(paths, manager.vocabularies)
     if result.policy is None:
         for problem in result.errors:

@@ -133,7 +133,7 @@ class GatewayConfig:
         return cls(None, Path(state_dir), raw, rulepacks=[Path(p) for p in rulepacks or []])
 
 
-def _interpolate(value: Any, where: Any, loc: Location, env: Mapping[str, str]) -> Any:
+def _interpolate(value: Any, loc: Location, env: Mapping[str, str]) -> Any:
     if isinstance(value, str):
 
         def sub(m: re.Match[str]) -> str:
@@ -149,14 +149,14 @@ def _interpolate(value: Any, where: Any, loc: Location, env: Mapping[str, str]) 
         out = LocDict()
         out.loc, out.key_locs, out.value_locs = value.loc, value.key_locs, value.value_locs
         for k, v in value.items():
-            out[k] = _interpolate(v, value, value.value_locs.get(k, loc), env)
+            out[k] = _interpolate(v, value.value_locs.get(k, loc), env)
         return out
     if isinstance(value, LocList):
-        out_list = LocList(_interpolate(v, value, value.item_locs[i], env) for i, v in enumerate(value))
+        out_list = LocList(_interpolate(v, value.item_locs[i], env) for i, v in enumerate(value))
         out_list.loc, out_list.item_locs = value.loc, value.item_locs
         return out_list
     if isinstance(value, list):
-        return [_interpolate(v, value, loc, env) for v in value]
+        return [_interpolate(v, loc, env) for v in value]
     return value
 
 
@@ -175,7 +175,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Gatew
     if len(docs) != 1 or not isinstance(docs[0], LocDict):
         raise ConfigError(f"{path}:1:1: the gateway config must be one YAML mapping")
     fallback = Location(str(path), 1, 1)
-    doc = _interpolate(docs[0], None, fallback, env)
+    doc = _interpolate(docs[0], fallback, env)
     validator = jsonschema.Draft202012Validator(CONFIG_SCHEMA)
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
