@@ -1381,26 +1381,7 @@ class Relay:
             self._copy_plan = None
             self._ready(raw)
             return self._poisoned_ready(raw)
-        if t == _B_COPYOUT or t == _B_COPYBOTH:
-            if q.plan is not None:
-                fmt = raw[5]
-                if fmt != 0 or t == _B_COPYBOTH:
-                    self._poison("binary COPY output is refused where masking applies; use text or CSV format", None)
-                    return b""
-                self._copy_plan = q.plan
-            return None
-        if t == _B_COPYDATA:
-            plan = self._copy_plan
-            if plan is not None:
-                masked, counts = plan.mask_bytes(raw[5:])
-                if counts:
-                    self.stats.masked.update(counts)
-                    return pg.copy_data(masked)
-            return None
-        if t == _B_COPYDONE:
-            self._copy_plan = None
-            return None
-        return None
+        return self._copy_out(t, raw, q.plan, None)
 
     def _statement_done(self, q: _QueryRun, complete: bytes | None, error: bytes | None) -> None:
         self._rows = None
@@ -1438,17 +1419,22 @@ class Relay:
             run.error = _sqlstate(raw)
             self._extended_error(None)
             return None
+        return self._copy_out(t, raw, run.plan, run)
+
+    def _copy_out(self, t: int, raw: bytes, plan: Any, run: Execution | None) -> bytes | None:
+        """COPY ... TO STDOUT of a simple query or a portal: binary output is refused where masking
+        applies; text/CSV CopyData is masked message by message. Other message types pass."""
         if t == _B_COPYOUT or t == _B_COPYBOTH:
-            if run.plan is not None:
+            if plan is not None:
                 if raw[5] != 0 or t == _B_COPYBOTH:
                     self._poison("binary COPY output is refused where masking applies; use text or CSV format", run)
                     return b""
-                self._copy_plan = run.plan
+                self._copy_plan = plan
             return None
         if t == _B_COPYDATA:
-            plan = self._copy_plan
-            if plan is not None:
-                masked, counts = plan.mask_bytes(raw[5:])
+            copy_plan = self._copy_plan
+            if copy_plan is not None:
+                masked, counts = copy_plan.mask_bytes(raw[5:])
                 if counts:
                     self.stats.masked.update(counts)
                     return pg.copy_data(masked)
