@@ -35,6 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.conftest import free_port  # noqa: E402
 from tests.sshd import GatewayClient, Sshd, ssh_keygen, start_sshd  # noqa: E402
 
 LICTOR = str(Path(sys.executable).parent / "lictor")
@@ -56,14 +57,6 @@ roles:
         when: {commands: ["rm -rf /"]}
         action: deny
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_gateway(workdir: Path, sshd: Sshd) -> tuple[subprocess.Popen[bytes], int, Path, str]:

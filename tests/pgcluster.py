@@ -35,6 +35,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import free_port
+
 __all__ = ["DEFAULT_HBA", "PgCluster", "WireClient", "find_bindir", "pg_cluster", "running_cluster"]
 
 SUPERUSER = "postgres"
@@ -77,12 +79,6 @@ def _unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"throwaway PostgreSQL cluster unavailable under CI: {reason}")
     pytest.skip(f"throwaway PostgreSQL cluster unavailable: {reason}")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PgCluster:
@@ -166,7 +162,7 @@ def running_cluster(hba: Sequence[str] = DEFAULT_HBA, settings: Mapping[str, str
     base = Path(tempfile.mkdtemp(prefix="lictor-pg-"))
     if run_as:
         os.chown(base, owner.pw_uid, owner.pw_gid)
-    cluster = PgCluster(base, bindir, _free_port(), run_as)
+    cluster = PgCluster(base, bindir, free_port(), run_as)
     try:
         cluster.start(hba, settings or {})
         yield cluster

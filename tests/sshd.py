@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.conftest import free_port
+
 __all__ = ["SSHD", "TARGET_USER", "GatewayClient", "PtyProcess", "Sshd", "ssh_keygen", "start_sshd"]
 
 SSHD = "/usr/sbin/sshd"
@@ -143,14 +145,6 @@ class Sshd:
             shutil.rmtree(self.keys_dir, ignore_errors=True)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_sshd(directory: Path, *, timeout: float = 10.0) -> Sshd:
     """Start sshd with its configuration in ``directory``; the caller calls :meth:`Sshd.stop`."""
     account = _target_account()
@@ -172,7 +166,7 @@ def start_sshd(directory: Path, *, timeout: float = 10.0) -> Sshd:
     os.chown(work, account.pw_uid, account.pw_gid)
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation directory
-    port = _free_port()
+    port = free_port()
     config = directory / "sshd_config"
     config.write_text(
         "\n".join(
