@@ -378,6 +378,11 @@ def test_sessions_a_crash_left_open_are_signed_as_interrupted(tmp_path: Path, dr
     sid = asyncio.run(crash())
     previous = current_recorder()
     assert previous is not None
+    if drain == "process":
+        # the child is spawned by a supervisor thread: under load it may not exist yet
+        proc = previous._proc
+        assert proc is not None
+        wait_until(lambda: proc.pid is not None, 10, "the drain process to be spawned")
     child = previous._proc.pid if previous._proc is not None else None
     if drain == "process":
         assert child is not None and all(d._thread is None for d in previous.drainers)
