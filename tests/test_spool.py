@@ -261,3 +261,72 @@ def test_view_from_another_process_reads_what_is_published(tmp_path: Path) -> No
     reader.close()
     later.close()
     spool.close()
+
+
+def test_group_commit_in_another_process_syncs_grown_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lictor.recorder._spool import GroupCommit
+
+    spool = _spool(tmp_path / "spool", segment_bytes=4096)
+    spool.sync_elsewhere()
+    assert spool._sync_thread is None
+    spool.start_sync_thread()  # a no-op once another process syncs
+    assert spool._sync_thread is None
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    failures: list[str] = []
+    group = GroupCommit(tmp_path / "spool", 0.005, failures.append)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    group.sync_once()
+    assert len(synced) == 1  # the active segment, opened by the group commit itself
+    group.sync_once()
+    assert len(synced) == 1  # nothing grew: nothing to sync
+    spool.append(SESSION, b'{"x":1}')
+    group.sync_once()
+    assert len(synced) == 2
+    before = len(spool.segments)
+    while len(spool.segments) == before:  # rotation syncs and closes the sealed segment in the writer
+        spool.append(SESSION, b'{"pad":"%s"}' % (b"x" * 500))
+        if spool.active_size >= spool.segment_bytes:
+            spool.start_segment((CARRY, b'{"sessions":{}}'))
+    assert spool._pending_fds == []
+    synced.clear()
+    group.sync_once()
+    assert len(synced) == 2  # the sealed segment grew since the last round, and the new one
+    spool.release(spool.written_seq)
+    group.sync_once()
+    assert set(group._fds) == {s.path.name for s in spool.segments}  # descriptors of deleted files closed
+    assert failures == []
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    spool.append(SESSION, b'{"x":2}')
+    monkeypatch.setattr(os, "fdatasync", broken)
+    group.sync_once()
+    assert failures and "Input/output error" in failures[0]
+    spool.fail(failures[0])  # what the gateway does with the drain process's report
+    with pytest.raises(RecordingError, match="Input/output error"):
+        spool.append(SESSION, b'{"x":3}')
+    monkeypatch.setattr(os, "fdatasync", real)
+    group.stop()
+    spool.close()
+
+
+def test_a_failed_group_commit_in_the_drain_process_breaks_the_spool(tmp_path: Path) -> None:
+    import io
+
+    from lictor.recorder._drainproc import DrainProcess
+
+    spool = _spool(tmp_path / "spool")
+    spool.append(SESSION, b'{"x":1}')
+    proc = DrainProcess(None, spool, [], None)  # type: ignore[arg-type]
+    proc._read(io.BytesIO(b'{"fsync_failed": "fdatasync failed: [Errno 5] Input/output error"}\n'))
+    assert "Input/output error" in spool.broken
+    with pytest.raises(RecordingError, match="drain process"):
+        spool.append(SESSION, b'{"x":2}')
+    spool.close()

@@ -151,8 +151,11 @@ class AuditLog:
             self._seq, self._key, self._prev = seq, key, mac
             return seq
 
-    def append_batch(self, records: Sequence[tuple[int, Mapping[str, Any]]], *, source: str) -> int:
-        """Append ``(position, record)`` pairs from ``source`` in one transaction; return how many.
+    def append_batch(
+        self, records: Sequence[tuple[int, Mapping[str, Any]] | tuple[int, Mapping[str, Any], bytes]], *, source: str
+    ) -> int:
+        """Append ``(position, record)`` pairs (or ``(position, record, json_text)`` when the
+        caller holds the record's JSON text already) from ``source`` in one transaction; return how many.
 
         Each record already holds its ``kind`` and ``ts``. Records at or below the position stored
         for ``source`` were appended before and are skipped; the new position is stored in the same
@@ -165,13 +168,16 @@ class AuditLog:
                 self._batch_sync = True
             row = self._db.execute("SELECT position FROM sources WHERE name = ?", (source,)).fetchone()
             done = int(row[0]) if row else 0
-            todo = [(pos, rec) for pos, rec in records if pos > done]
+            todo = [item for item in records if item[0] > done]
             if not todo:
                 return 0
             seq, key, prev = self._seq, self._key, self._prev
             rows = []
-            for _, record in todo:
-                body = _canonical(record)
+            for item in todo:
+                record = item[1]
+                # The JSON text the caller already has (the spool record) is chained as it is: the MAC
+                # covers the stored text, whatever its key order, so there is no need to encode it again.
+                body = item[2] if len(item) > 2 else _canonical(record)
                 seq += 1
                 mac = _mac(key, prev, seq, body)
                 rows.append(

@@ -15,7 +15,12 @@ Protocol, one line each way:
   for SIGKILL when its parent dies). Whatever it had not committed is sent again by the next
   drain process: writes are idempotent and offsets are committed after the writes.
 * child -> gateway (stdout): one JSON status per sink after each commit and whenever its health
-  changes: ``{"name", "committed", "healthy", "last_error", "failures"}``.
+  changes: ``{"name", "committed", "healthy", "last_error", "failures"}``; and
+  ``{"fsync_failed": MESSAGE}`` if the group commit failed (the gateway then refuses new events).
+
+The child also runs the spool's group commit (:class:`~lictor.recorder._spool.GroupCommit`: an
+``fdatasync`` of the grown segment files every ``fsync_interval``), so that the gateway process
+has no thread waking up 200 times a second to take its interpreter lock.
 
 The gateway keeps ownership of the spool: it deletes a segment (:meth:`Spool.release`) once every
 sink's reported committed position is past it; the child never deletes or writes spool files.
@@ -42,7 +47,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ._sinks import Drainer
-from ._spool import Spool, SpoolView
+from ._spool import GroupCommit, Spool, SpoolView
 
 if TYPE_CHECKING:
     from ..audit import AuditLog
@@ -160,6 +165,9 @@ class DrainProcess:
         for raw in stream:
             try:
                 doc = json.loads(raw)
+                if "fsync_failed" in doc:
+                    self.spool.fail(f"fdatasync failed in the drain process: {doc['fsync_failed']}")
+                    continue
                 drainer = self._by_name[str(doc["name"])]
                 drainer.committed = int(doc["committed"])
                 drainer.healthy = bool(doc["healthy"])
@@ -321,6 +329,15 @@ def main() -> int:
             except OSError:
                 os._exit(0)  # the gateway is gone
 
+    def fsync_failed(message: str) -> None:
+        with out_lock:
+            try:
+                os.write(1, json.dumps({"fsync_failed": message}).encode() + b"\n")
+            except OSError:
+                os._exit(0)
+
+    group = GroupCommit(config.spool_dir, config.fsync_interval, fsync_failed)
+    group.start()
     drainers: list[Drainer] = []
     for cfg in config.sinks:
         drainer = Drainer(
@@ -358,6 +375,7 @@ def main() -> int:
                 for drainer in drainers:
                     drainer.wake()
             elif words[0] == "q":
+                group.stop()
                 _finish(drainers, view, float(words[1]), int(words[2]), report)
                 if audit is not None:
                     audit.close()

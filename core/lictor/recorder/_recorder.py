@@ -638,13 +638,14 @@ class SessionRecorder:
         if self._started:
             return
         self._started = True
-        self.spool.start_sync_thread()
         if self.config.drain == "process":
+            self.spool.sync_elsewhere()  # the drain process runs the group commit (GroupCommit)
             for drainer in self.drainers:
                 drainer.close_reader()  # the drain process reads the spool from now on
             self._proc = DrainProcess(self.config, self.spool, self.drainers, self.audit_log)
             self._proc.start()
             return
+        self.spool.start_sync_thread()
         for drainer in self.drainers:
             drainer.start()
 

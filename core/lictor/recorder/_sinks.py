@@ -210,14 +210,14 @@ class LocalSink:
 
     def write(self, records: Sequence[Record]) -> None:
         parsed: list[tuple[Record, dict[str, Any]]] = []
-        audit_rows: list[tuple[int, Mapping[str, Any]]] = []
+        audit_rows: list[tuple[int, Mapping[str, Any], bytes]] = []
         ids: list[str] = []
         for record in records:
             if record.type == CARRY:
                 continue
             doc = _json(record.body)
             if record.type == AUDIT:
-                audit_rows.append((record.seq, doc))
+                audit_rows.append((record.seq, doc, record.body))
                 sid = doc.get("session") if doc.get("kind") == "decision" else None
             elif record.type == SESSION:
                 sid = doc.get("s")

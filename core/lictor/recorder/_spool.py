@@ -13,8 +13,11 @@ Durability:
 
 * When :meth:`Spool.append` returns, the record is in the kernel's page cache: it survives the
   gateway process being killed (even with SIGKILL), not a kernel crash or power loss.
-* A background thread calls ``fdatasync`` every ``fsync_interval`` (group commit). After a power
-  loss, at most the records appended during the last interval can be missing.
+* ``fdatasync`` runs every ``fsync_interval`` (group commit): in a background thread of the
+  writing process, or, after :meth:`Spool.sync_elsewhere`, in another process that opens the
+  segment files itself (the drain process: :class:`GroupCommit`), so the writer's interpreter is
+  not interrupted 200 times a second. After a power loss, at most the records appended during the
+  last interval can be missing.
 * :meth:`Spool.sync` makes everything appended so far durable before it returns (``strict``).
 * A failed or short write is rolled back (``ftruncate`` to the previous end) and raises
   :class:`RecordingError`; a failed ``fdatasync`` marks the spool broken: from then on every
@@ -49,6 +52,7 @@ __all__ = [
     "CARRY",
     "MANIFEST",
     "SESSION",
+    "GroupCommit",
     "Offset",
     "Record",
     "Segment",
@@ -188,6 +192,7 @@ class Spool:
         self._failed: str = ""
         self._stop = threading.Event()
         self._sync_thread: threading.Thread | None = None
+        self._sync_elsewhere = False
         # Called when another instance in this process takes the directory over (its owner
         # must stop using it: drainers, offsets).
         self.on_takeover: Callable[[], None] | None = None
@@ -318,7 +323,17 @@ class Spool:
             self._active, self._fd = segment, fd
             self.segments = [*self.segments, segment]
             self._dir_dirty = True
-            return segment
+        if self._sync_elsewhere:
+            # Rare (a new segment every segment_bytes): seal the previous one here and now rather
+            # than keep its descriptor open for a sync thread that does not run in this process.
+            self.sync()
+        return segment
+
+    def fail(self, message: str) -> None:
+        """Records may not be durable (another process's ``fdatasync`` failed): refuse new ones."""
+        if not self._failed:
+            self._failed = message
+            log.critical("spool %s: %s; refusing new events from now on", self.directory, message)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -372,8 +387,18 @@ class Spool:
 
     # -- durability ----------------------------------------------------------------------------
 
+    def sync_elsewhere(self) -> None:
+        """Another process runs the periodic ``fdatasync`` (:class:`GroupCommit`); no thread here.
+
+        :meth:`sync` (strict events) still runs here, and a rotated segment is synced and closed
+        when the next one starts.
+        """
+        self._sync_elsewhere = True
+        if self._pending_fds or self._dir_dirty:
+            self.sync()
+
     def start_sync_thread(self) -> None:
-        if self._sync_thread is not None or self.fsync_interval <= 0:
+        if self._sync_thread is not None or self._sync_elsewhere or self.fsync_interval <= 0:
             return
         self._sync_thread = threading.Thread(target=self._sync_loop, name="lictor-spool-fsync", daemon=True)
         self._sync_thread.start()
@@ -520,6 +545,82 @@ def _first_record_complete(path: Path) -> bool:
             return bool(os.fstat(fh.fileno()).st_size >= HEADER_SIZE + int(length))
     except FileNotFoundError:
         return False
+
+
+class GroupCommit:
+    """The periodic ``fdatasync`` of a spool written by another process (see :meth:`Spool.sync_elsewhere`).
+
+    Every ``interval`` it syncs each segment file that grew since its last sync, and the directory
+    when segment files appeared. ``fdatasync`` works on any descriptor of the file: the pages the
+    writer's ``os.write`` dirtied are flushed all the same. A failure is reported through
+    ``on_failure`` (the writer then refuses new events, as its own sync thread would).
+    """
+
+    def __init__(self, directory: Path, interval: float, on_failure: Callable[[str], None]) -> None:
+        self.directory = Path(directory)
+        self.interval = interval
+        self.on_failure = on_failure
+        self._fds: dict[str, tuple[int, int]] = {}  # name -> (descriptor, size synced)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.failed = ""
+
+    def start(self) -> None:
+        if self.interval <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="lictor-spool-fsync", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval) and not self.failed:
+            self.sync_once()
+
+    def sync_once(self) -> None:
+        try:
+            names = {n for n in os.listdir(self.directory) if n.endswith(_SUFFIX)}
+        except OSError as exc:
+            self._fail(f"cannot list the spool: {exc}")
+            return
+        dir_changed = False
+        for name in list(self._fds):
+            if name not in names:
+                fd, _ = self._fds.pop(name)
+                os.close(fd)
+        try:
+            for name in sorted(names):
+                entry = self._fds.get(name)
+                if entry is None:
+                    try:
+                        fd = os.open(self.directory / name, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        continue  # released in between
+                    entry = self._fds[name] = (fd, -1)
+                    dir_changed = True
+                fd, synced = entry
+                size = os.fstat(fd).st_size
+                if size != synced:
+                    os.fdatasync(fd)
+                    self._fds[name] = (fd, size)
+            if dir_changed:
+                fsync_dir(self.directory)
+        except OSError as exc:
+            self._fail(f"fdatasync failed: {exc}")
+
+    def _fail(self, message: str) -> None:
+        self.failed = message
+        log.critical("spool %s: %s", self.directory, message)
+        self.on_failure(message)
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)
+        if not self.failed:
+            self.sync_once()
+        for fd, _ in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class SpoolView:
