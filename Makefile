@@ -37,7 +37,8 @@ unit: setup system
 
 test: setup system lint typecheck unit
 
-bench: setup system
+bench: setup
+	scripts/ensure-system.sh bench
 	$(BIN)/python bench/bench_policy.py
 
 clean:

@@ -15,6 +15,9 @@ have kubectl /usr/bin/kubectl || need+=(kubectl)
 have redis-cli /usr/bin/redis-cli || need+=(redis-tools)
 have curl /usr/bin/curl || need+=(curl)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+# `ensure-system.sh bench`: also the load generator of bench/bench_http.py (it falls back to a
+# Python client without it, which takes CPU from the proxies it measures).
+if [ "${1:-}" = bench ]; then have wrk /usr/bin/wrk || need+=(wrk); fi
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

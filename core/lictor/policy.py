@@ -25,9 +25,11 @@ from typing import Any
 from ._yaml import Location
 from .identity import Identity
 from .policy_types import DEFAULT_DENY, Decision, Request
-from .vocabulary import Predicate, Quantifier, Vocabulary
+from .vocabulary import Custom, Predicate, Quantifier, Vocabulary
 
 __all__ = ["CompiledRule", "IdentityMapping", "Policy", "Role", "Trace"]
+
+_MEMO_LIMIT = 4096  # memoized allow decisions per compiled policy (cleared when full)
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,6 +185,12 @@ class Policy:
                     buckets.setdefault(key, _Bucket()).add(rule)
         self._secondary_attr: dict[str, str | None] = {}
         self._index_attr: dict[str, str | None] = {}
+        # Protocols whose rules only read request attributes (built-in field kinds: Custom fields may
+        # read anything): their ``allow`` decisions are memoized by roles, target, action and attrs.
+        self._memo_ok: dict[str, bool] = {
+            name: not any(isinstance(f, Custom) for f in vocab.fields) for name, vocab in self.vocabularies.items()
+        }
+        self._memo: dict[Any, Decision] = {}
         for name, vocab in self.vocabularies.items():
             self._secondary_attr[name] = vocab.field(vocab.secondary).attribute if vocab.secondary else None
             self._index_attr[name] = vocab.field(vocab.index).attribute if vocab.index else None
@@ -225,8 +233,19 @@ class Policy:
         held = tuple(roles) if roles is not None else self.roles_for(identity, extra_roles)
         if roles is not None and extra_roles:
             held = tuple(dict.fromkeys([*held, *self.roles_for(identity, extra_roles)]))
+        memo_key: Any = None
         if trace is not None:
             trace.roles = list(held)
+        elif self._memo_ok.get(request.protocol):
+            # Agents repeat the same kinds of requests (a statement with other constants, the same API call):
+            # the rules' verdicts depend on nothing else, and an allow's message names no request.
+            try:
+                memo_key = (held, request.protocol, request.target, request.action, tuple(request.attrs.items()))
+                hit = self._memo.get(memo_key)
+            except TypeError:  # an unhashable attribute value: decide without the memo
+                memo_key = hit = None
+            if hit is not None:
+                return hit
         secondary = self._secondary_attr.get(request.protocol)
         index_attr = self._index_attr.get(request.protocol)
         keys: list[str] = [request.action]
@@ -275,6 +294,10 @@ class Policy:
         decision = self._conclude(request, held, deny, approve, allow, mask, shadow)
         if trace is not None:
             trace.decision = decision
+        elif memo_key is not None and decision.action == "allow":
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()
+            self._memo[memo_key] = decision
         return decision
 
     def _conclude(

@@ -345,6 +345,10 @@ def main() -> int:
             view,
             Offset(config.spool_dir / "offsets" / f"{cfg.name}.off"),
             retention_interval=config.retention_interval,
+            # Each batch costs fixed fdatasyncs (session files, audit and index databases, offset): in
+            # this process latency does not matter (the spool holds every event, flush() wakes the
+            # drainer at once), cores do, so batches are gathered for longer than in the gateway.
+            linger=0.25,
         )
         drainer.on_commit = functools.partial(report, drainer)
         drainers.append(drainer)

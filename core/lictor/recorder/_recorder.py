@@ -20,7 +20,7 @@ from ._chain import GENESIS, SigningKey
 from ._drainproc import DrainProcess
 from ._sinks import Drainer, LocalSink, PostgresSink, Retention, S3Sink, Sink
 from ._spool import AUDIT, CARRY, MANIFEST, SESSION, Offset, Spool, SpoolReader
-from ._util import RecordingError, canonical, encode, parse_interval, parse_size, sha256_hex
+from ._util import RecordingError, canonical, encode_bytes, parse_interval, parse_size, sha256_hex
 
 if TYPE_CHECKING:
     from ..config import GatewayConfig
@@ -455,9 +455,7 @@ class SessionRecorder:
         return {str(sid): _Live.from_json(v) for sid, v in (doc.get("sessions") or {}).items()}
 
     def _carry(self) -> bytes:
-        return encode(
-            {"v": 1, "t": time.time(), "sessions": {k: v.to_json() for k, v in self._sessions.items()}}
-        ).encode()
+        return encode_bytes({"v": 1, "t": time.time(), "sessions": {k: v.to_json() for k, v in self._sessions.items()}})
 
     # -- the hot path ----------------------------------------------------------------------------------
 
@@ -480,7 +478,7 @@ class SessionRecorder:
         if type(data) is not dict or "direction" in data:
             data = dict(data)
         direction = data.pop("direction", None) if "direction" in data else None
-        body = encode(
+        body = encode_bytes(
             {
                 "s": sid,
                 "n": live.n,
@@ -490,7 +488,7 @@ class SessionRecorder:
                 "data": data,
                 "prev": live.prev,
             }
-        ).encode()
+        )
         seq = self._append(SESSION, body, reserve)
         live.n += 1
         live.prev = sha256_hex(body)
@@ -532,7 +530,7 @@ class SessionRecorder:
 
     def audit(self, kind: str, event: Mapping[str, Any], *, strict: bool = False) -> None:
         """Append an audit event; decisions other than ``allow`` also go into their session."""
-        body = encode({"kind": kind, "ts": time.time(), **event}).encode()
+        body = encode_bytes({"kind": kind, "ts": time.time(), **event})
         sid = event.get("session") if kind == "decision" else None
         with self._lock:
             seq = self._append(AUDIT, body)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from ..audit import AuditLog
 from ._spool import AUDIT, CARRY, MANIFEST, SESSION, TYPE_NAMES, Offset, Record, Spool, SpoolReader, SpoolView
-from ._util import fsync_dir, write_atomic
+from ._util import decode_json, fsync_dir, write_atomic
 
 __all__ = ["Drainer", "LocalSink", "PostgresSink", "Retention", "S3Sink", "Sink", "session_file_name"]
 
@@ -81,7 +81,7 @@ class Sink(Protocol):
 
 
 def _json(body: bytes) -> dict[str, Any]:
-    value = json.loads(body)
+    value = decode_json(body)
     if not isinstance(value, dict):
         raise ValueError("record body is not a JSON object")
     return value

@@ -561,6 +561,9 @@ class GroupCommit:
         self.interval = interval
         self.on_failure = on_failure
         self._fds: dict[str, tuple[int, int]] = {}  # name -> (descriptor, size synced)
+        self._newest: str | None = None
+        self._dir_mtime = -1
+        self._ticks = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failed = ""
@@ -576,35 +579,49 @@ class GroupCommit:
             self.sync_once()
 
     def sync_once(self) -> None:
+        # The writer syncs a segment itself when it seals it, so only the newest one needs this; the
+        # directory is listed again only when it changed (a segment started or was released).
         try:
-            names = {n for n in os.listdir(self.directory) if n.endswith(_SUFFIX)}
+            mtime = os.stat(self.directory).st_mtime_ns
+            self._ticks += 1
+            # mtimes are coarse (two changes within one clock tick look like one): list anyway now and then.
+            if mtime != self._dir_mtime or self._ticks >= 20:
+                self._dir_mtime = mtime
+                self._ticks = 0
+                self._rescan()
+            if self._newest is not None:
+                fd, synced = self._fds[self._newest]
+                size = os.fstat(fd).st_size
+                if size != synced:
+                    os.fdatasync(fd)
+                    self._fds[self._newest] = (fd, size)
         except OSError as exc:
-            self._fail(f"cannot list the spool: {exc}")
-            return
-        dir_changed = False
+            self._fail(f"fdatasync failed: {exc}")
+
+    def _rescan(self) -> None:
+        names = {n for n in os.listdir(self.directory) if n.endswith(_SUFFIX)}
         for name in list(self._fds):
             if name not in names:
                 fd, _ = self._fds.pop(name)
                 os.close(fd)
-        try:
-            for name in sorted(names):
-                entry = self._fds.get(name)
-                if entry is None:
-                    try:
-                        fd = os.open(self.directory / name, os.O_RDONLY | os.O_CLOEXEC)
-                    except FileNotFoundError:
-                        continue  # released in between
-                    entry = self._fds[name] = (fd, -1)
-                    dir_changed = True
-                fd, synced = entry
-                size = os.fstat(fd).st_size
-                if size != synced:
-                    os.fdatasync(fd)
-                    self._fds[name] = (fd, size)
-            if dir_changed:
-                fsync_dir(self.directory)
-        except OSError as exc:
-            self._fail(f"fdatasync failed: {exc}")
+        new = False
+        for name in sorted(names):
+            entry = self._fds.get(name)
+            if entry is None:
+                try:
+                    fd = os.open(self.directory / name, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue  # released in between
+                entry = self._fds[name] = (fd, -1)
+                new = True
+            fd, synced = entry
+            size = os.fstat(fd).st_size
+            if size != synced:  # every segment once (the newest is the writer's alone afterwards)
+                os.fdatasync(fd)
+                self._fds[name] = (fd, size)
+        self._newest = max(self._fds) if self._fds else None
+        if new:
+            fsync_dir(self.directory)
 
     def _fail(self, message: str) -> None:
         self.failed = message

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from ..audit import AuditError
 
 __all__ = [
@@ -49,6 +51,30 @@ def _default(value: Any) -> Any:
 
 
 encode = json.JSONEncoder(separators=(",", ":"), default=_default).encode
+_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def encode_bytes(value: Any) -> bytes:
+    """Compact JSON as bytes, for events on the hot path: orjson (about 10x the standard encoder).
+
+    Its output is UTF-8 with control characters escaped (never a raw newline). What orjson
+    refuses (lone surrogates, integers beyond 64 bits) goes through the standard encoder, whose
+    ASCII output is valid UTF-8 too.
+    """
+    try:
+        return orjson.dumps(value, default=_default, option=_ORJSON_OPTIONS)
+    except (orjson.JSONEncodeError, TypeError):
+        return encode(value).encode()
+
+
+def decode_json(data: bytes) -> Any:
+    """Parse JSON bytes (orjson; the standard parser for what it refuses, such as NaN)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 _canonical = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=_default).encode
 
 
