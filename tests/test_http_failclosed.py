@@ -24,6 +24,7 @@ from lictor_addons.http import _bodies, _proxy
 from .conftest import free_port
 
 EMAIL = "jane.doe@example.com"
+MAX_BODY = 1024 * 1024
 
 
 class Upstream:
@@ -31,6 +32,7 @@ class Upstream:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.bodies: list[bytes] = []
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,6 +57,27 @@ class Upstream:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_POST(self) -> None:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    body = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            break
+                        body += self.rfile.read(size)
+                        self.rfile.readline()
+                else:
+                    body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                upstream.requests.append((self.command, self.path, dict(self.headers)))
+                upstream.bodies.append(body)
+                answer = json.dumps({"received": len(body)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -75,6 +98,12 @@ PACK = {
         "agent": {
             "rules": [
                 {"id": "read", "protocol": "http", "when": {"methods": ["GET"]}, "action": "allow"},
+                {
+                    "id": "upload",
+                    "protocol": "http",
+                    "when": {"methods": ["POST"], "paths": ["/upload"]},
+                    "action": "allow",
+                },
                 {
                     "id": "pii",
                     "protocol": "http",
@@ -111,6 +140,7 @@ async def gateway(tmp_path: Path, upstream: Upstream) -> AsyncIterator[tuple[Gat
                 "upstream": upstream.url,
                 "tls": {"enabled": False},
                 "credentials": {"bearer": "upstream-secret"},
+                "max_body": MAX_BODY,
             }
         },
     }
@@ -250,23 +280,47 @@ async def test_masking_failure_mid_stream_cuts_the_response(
     assert received.count(b"[REDACTED:email]") <= 3 * 100 + 100
 
 
-async def test_requests_without_length_or_too_big_are_not_read(
+async def test_chunked_uploads_are_inspected_and_bodies_over_max_body_answered_413(
     gateway: tuple[Gateway, str, str], upstream: Upstream
 ) -> None:
     gw, url, token = gateway
+    auth = {"Authorization": f"Bearer {token}"}
 
-    async def body() -> AsyncIterator[bytes]:
-        yield b"x" * 10
-        await asyncio.sleep(0)
+    async def chunks(total: int, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+        sent = 0
+        while sent < total:
+            piece = min(size, total - sent)
+            yield b"x" * piece
+            sent += piece
+            await asyncio.sleep(0)
 
-    async with httpx.AsyncClient(timeout=10) as client:
-        with pytest.raises(httpx.HTTPError):
-            await client.post(url + "/ok", content=body(), headers={"Authorization": f"Bearer {token}"})
-        with pytest.raises(httpx.HTTPError):
-            await client.post(
-                url + "/ok", content=b"x" * (17 * 1024 * 1024), headers={"Authorization": f"Bearer {token}"}
-            )
-    assert upstream.requests == []
+    async with httpx.AsyncClient(timeout=20) as client:
+        # A chunked upload within max_body is read whole, decided, and forwarded as it came.
+        ok = await client.post(url + "/upload", content=chunks(100_000), headers=auth)
+        assert ok.status_code == 200, ok.text
+        assert ok.json() == {"received": 100_000}
+        assert upstream.bodies == [b"x" * 100_000]
+        # ...and one the policy denies is read and denied like any other request.
+        denied = await client.post(url + "/other", content=chunks(10), headers=auth)
+        assert denied.status_code == 403 and denied.json()["rule"] == "lictor:default-deny"
+        # A declared length over max_body: 413 before the body is read.
+        big = await client.post(url + "/upload", content=b"x" * (MAX_BODY + 1), headers=auth)
+        assert big.status_code == 413, big.text
+    # A chunked body that grows past max_body: 413 once it does (raw socket: the answer comes mid-upload).
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    piece = b"x" * 65536
+    for _ in range(MAX_BODY // len(piece) + 2):
+        writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+    await writer.drain()
+    head = await asyncio.wait_for(reader.read(4096), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    assert len(upstream.requests) == 1  # only the first upload reached the upstream
 
 
 async def _raw(url: str, data: bytes) -> bytes:

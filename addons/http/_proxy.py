@@ -18,8 +18,10 @@ hook would forward the request it should have stopped. So:
    if everything before it failed.
 
 Requests are never streamed to the upstream (``stream_large_bodies`` stays unset: a streamed request body
-would reach the upstream before the ``request`` hook decides). Request bodies must declare their length
-and stay within the target's ``max_body``; the flow is killed at ``requestheaders`` otherwise. Responses
+would reach the upstream before the ``request`` hook decides). mitmproxy buffers request bodies, chunked or
+not, up to ``body_size_limit`` (the largest ``max_body`` of the targets) and answers 413 itself for a body
+that declares or reaches more, before buffering it; a body over its own target's ``max_body`` is answered
+413 by the ``request`` hook. Responses
 are relayed through ``response.stream`` functions that mask on the way (see :mod:`._bodies`), or buffered
 (known length up to ``http_buffer_limit``) and masked in the ``response`` hook.
 
@@ -229,6 +231,8 @@ class LictorProxy:
         self.gateway = gateway
         self.targets = {t.mode_spec: t for t in targets}
         self.buffer_limit = buffer_limit
+        # mitmproxy's body_size_limit: it buffers no request body beyond the largest max_body.
+        self.body_size_limit = max((t.max_body for t in self.targets.values()), default=0)
         self.upstream_contexts: dict[str, SSL.Context] = {}
         self.client_contexts: dict[str, SSL.Context] = {}
         for target in self.targets.values():
@@ -434,8 +438,8 @@ class LictorProxy:
             headers = flow.request.headers
             lengths = headers.get_all("content-length")
             problem = ""
-            if "transfer-encoding" in headers:
-                problem = "request bodies need a Content-Length header (chunked uploads are not inspected)"
+            if lengths and "transfer-encoding" in headers:
+                problem = "both Content-Length and Transfer-Encoding (request smuggling)"
             elif len(set(lengths)) > 1:
                 problem = "conflicting Content-Length headers"
             elif lengths:
@@ -445,8 +449,20 @@ class LictorProxy:
                     size = -1
                 if size < 0:
                     problem = "invalid Content-Length"
-                elif size > target.max_body:
-                    problem = f"request body of {size} bytes is larger than this target's max_body ({target.max_body})"
+                elif size > self.body_size_limit:
+                    # mitmproxy answers 413 without reading the body (check_body_size, before this hook
+                    # returns); audit the refusal, forward nothing.
+                    self.gateway.audit_event(
+                        "http.refused",
+                        {
+                            "target": target.name,
+                            "peer": _peer(flow.client_conn),
+                            "problem": f"request body of {size} bytes is larger than max_body "
+                            f"({self.body_size_limit}); answered 413",
+                        },
+                        fail_closed=False,
+                    )
+                    return
             if problem:
                 log.warning("refusing request from %s: %s", _peer(flow.client_conn), problem)
                 self.gateway.audit_event(
@@ -541,7 +557,18 @@ class LictorProxy:
             await self._unreadable(flow, session, target, method, raw_path, b"", reason, f"body encoding: {exc}")
             return
         if len(body) > target.max_body:
-            await self._unreadable(flow, session, target, method, raw_path, b"", reason, "body larger than max_body")
+            await self._unreadable(
+                flow,
+                session,
+                target,
+                method,
+                raw_path,
+                b"",
+                reason,
+                f"the request body ({len(body)} bytes) is larger than this target's max_body ({target.max_body}); "
+                "send less per request",
+                status=413,
+            )
             return
 
         call: K8sCall | None = None
@@ -656,6 +683,7 @@ class LictorProxy:
         body: bytes,
         reason: str | None,
         problem: str,
+        status: int | None = None,
     ) -> None:
         request = Request(
             protocol=target.protocol,
@@ -673,7 +701,9 @@ class LictorProxy:
             self.gateway.policy.version,
         )
         session.audit(request, decision, "decision")
-        self._deny(flow, session, request, decision, target.kubernetes, status=403 if target.kubernetes else 400)
+        if status is None:
+            status = 403 if target.kubernetes else 400
+        self._deny(flow, session, request, decision, target.kubernetes, status=status)
 
     def _deny(
         self,
@@ -1059,6 +1089,18 @@ class LictorProxy:
     def error(self, flow: http.HTTPFlow) -> None:
         try:
             state = flow.metadata.get(STATE)
+            if state is None and flow.error is not None and "body_size_limit" in flow.error.msg:
+                # A chunked request body grew past max_body: mitmproxy answered 413 and closed.
+                target = self._target(flow.client_conn)
+                self.gateway.audit_event(
+                    "http.refused",
+                    {
+                        "target": target.name if target is not None else "",
+                        "peer": _peer(flow.client_conn),
+                        "problem": f"request body larger than max_body ({self.body_size_limit}); answered 413",
+                    },
+                    fail_closed=False,
+                )
             if isinstance(state, FlowState) and flow.error is not None:
                 pending, state.pending = state.pending, None
                 if pending is not None:
@@ -1368,7 +1410,7 @@ class EmbeddedProxy:
             connection_strategy="lazy",
             tcp_timeout=self.idle_timeout,
             stream_large_bodies=None,
-            body_size_limit=None,
+            body_size_limit=str(max(t.max_body for t in self.targets)),  # mitmproxy answers 413 beyond
             keep_host_header=False,
             validate_inbound_headers=True,
             store_streamed_bodies=False,
