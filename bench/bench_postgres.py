@@ -114,6 +114,44 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# For --diagnose only: the cheapest relay Python can be (uvloop, protocol callbacks, bytes passed through
+# untouched: no parsing, no policy, no audit). What Lictor does per statement comes on top of this.
+BARE_RELAY = """
+import asyncio, sys, uvloop
+UP = (sys.argv[2], int(sys.argv[3]))
+class Side(asyncio.Protocol):
+    def __init__(self, peer=None):
+        self.peer, self.transport, self.early = peer, None, []
+    def connection_made(self, transport):
+        self.transport = transport
+        if self.peer is None:
+            asyncio.ensure_future(self.connect())
+    async def connect(self):
+        _, up = await asyncio.get_running_loop().create_connection(lambda: Side(self), *UP)
+        self.peer = up
+        if self.early:
+            up.transport.write(b"".join(self.early))
+    def data_received(self, data):
+        if self.peer is None or self.peer.transport is None:
+            self.early.append(data)
+        else:
+            self.peer.transport.write(data)
+    def connection_lost(self, exc):
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+async def main():
+    server = await asyncio.get_running_loop().create_server(Side, "127.0.0.1", int(sys.argv[1]))
+    await server.serve_forever()
+uvloop.run(main())
+"""
+
+
+def start_bare_relay(port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-c", BARE_RELAY, str(port), PG["host"], str(PG["port"])])
+    wait_port(port)
+    return proc
+
+
 def start_lictor(work: Path, port: int, db: str, stubbed: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
     work = work / ("lictor-stubbed" if stubbed else "lictor")
     work.mkdir()
@@ -198,8 +236,8 @@ def main() -> int:
     ap.add_argument(
         "--diagnose",
         action="store_true",
-        help="also run a second Lictor whose audit and recording writes are stubbed out (diagnosis only: "
-        "shows what the relay itself costs, never a configuration to deploy)",
+        help="also run a second Lictor whose audit and recording writes are stubbed out, and a bare Python "
+        "relay (diagnosis only: what the relay itself costs, and the ceiling for any Python proxy)",
     )
     args = ap.parse_args()
     for tool in ("psql", "pgbench"):
@@ -254,6 +292,10 @@ def main() -> int:
                 text=True,
             ).stdout.strip()
             targets.append(("lictor-nr", stub_port, stub_token, stubbed.pid))
+            bare_port = free_port()
+            bare = start_bare_relay(bare_port)
+            procs.append(bare)
+            targets.append(("bare-relay", bare_port, None, bare.pid))
         print(
             f"pgbench -S, {args.clients} clients, {args.seconds} s per run, scale {args.scale}; "
             f"Lictor role {args.role!r} with the example rule pack; {os.cpu_count()} CPUs"
@@ -284,6 +326,7 @@ def main() -> int:
             print(f"{mode:9} Lictor / pgbouncer TPS ratio: {tps_l / tps_b:.2f}\n")
         if args.diagnose:
             print("lictor-nr: the same gateway with audit and recording writes stubbed out (diagnosis only)")
+            print("bare-relay: a minimal uvloop TCP relay in Python, no parsing or policy (the ceiling for Python)")
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
