@@ -59,3 +59,41 @@ async def test_harness_starts_listeners_of_a_protocol_addon(monkeypatch):
         lines = [(await reader.readline()).decode().strip() for _ in range(3)]
         assert lines[0] == "READY" and lines[1].startswith("OK get") and lines[2].startswith("DENIED")
         writer.close()
+
+
+class _DenyPuts:
+    """A guard addon for the `line` protocol only (``protocols``), and one for every protocol."""
+
+    name = "deny-puts"
+    protocols = ("line",)
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def request(self, flow):
+        self.seen.append(flow.request.protocol)
+        if flow.request.action == "put":
+            flow.deny("no puts", "test:no-puts")
+
+
+class _Everywhere:
+    name = "everywhere"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def decision(self, flow):
+        self.seen.append(flow.request.protocol)
+
+
+async def test_request_hooks_run_for_the_protocols_an_addon_names():
+    guard, watcher = _DenyPuts(), _Everywhere()
+    async with testing.harness(LineProtocol(), guard, watcher, rulepacks=PACK) as h:
+        session = await h.session(testing.identity("a", role="reader"), protocol="line")
+        put = testing.request("line", "put", verb="get", command="put x")  # a rule would allow its verb
+        testing.assert_decision(await session.decide(put), "deny", rule="test:no-puts")
+        testing.assert_decision(session.decide_now(put), "deny", rule="test:no-puts")
+        other = testing.request("other", "put", command="put x")
+        testing.assert_decision(session.decide_now(other), "deny", rule="lictor:default-deny")
+        assert guard.seen == ["line", "line"]  # never called for the `other` protocol
+        assert watcher.seen == ["line", "line", "other"]  # no `protocols`: every request

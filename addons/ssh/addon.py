@@ -70,6 +70,7 @@ class SshAddon:
     """Declares the ``ssh`` protocol and serves its targets."""
 
     name = "ssh"
+    protocols = ("ssh",)  # its request hook inspects ssh requests only
 
     def __init__(self) -> None:
         self.targets: dict[str, SshTargetConfig] = {}

@@ -14,6 +14,10 @@ An addon is any object. The manager calls the methods it has, named after the ho
 ``session_end``     ``(session)`` the connection ended
 ==================  ===========================================================================
 
+An addon that inspects only some protocols says so with a ``protocols`` attribute (a tuple of
+protocol names): its ``request`` and ``decision`` hooks then run only for requests of those
+protocols (the other requests do not pay for them). Without it they run for every request.
+
 Unlike mitmproxy's ``safecall``, which logs and swallows an addon's exception and lets the flow
 continue, this manager re-raises every hook failure as :class:`HookError`; the gateway turns a
 failure during a request into an audited denial (fail closed).
@@ -110,6 +114,7 @@ class AddonManager:
         self.vocabulary_owner: dict[str, Any] = {}
         self.target_schemas: dict[str, dict[str, Any]] = {}
         self._hooks: dict[str, list[tuple[str, Callable[..., Any]]]] = {}
+        self._for_protocol: dict[tuple[str, str], list[tuple[str, Callable[..., Any]]]] = {}
 
     def add(self, *addons: Any) -> None:
         """Register addons and call their ``load`` hook (errors propagate: a broken addon stops start-up)."""
@@ -142,6 +147,7 @@ class AddonManager:
         return None
 
     def _rebuild(self) -> None:
+        self._for_protocol = {}
         self._hooks = {}
         for hook in HOOKS:
             entries = []
@@ -172,7 +178,7 @@ class AddonManager:
         for name, fn in self._hooks.get(hook, ()):
             try:
                 result = fn(*args)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     await result
             except HookError:
                 raise
@@ -181,10 +187,43 @@ class AddonManager:
 
     def trigger_sync(self, hook: str, *args: Any) -> None:
         """Call a synchronous hook on every addon; an async implementation is an error."""
-        for name, fn in self._hooks.get(hook, ()):
+        self._run_sync(hook, self._hooks.get(hook, ()), args)
+
+    def hooks_for(self, hook: str, protocol: str) -> list[tuple[str, Callable[..., Any]]]:
+        """The ``hook`` entries that apply to requests of ``protocol`` (see ``protocols`` above)."""
+        key = (hook, protocol)
+        entries = self._for_protocol.get(key)
+        if entries is None:
+            entries = []
+            for name, fn in self._hooks.get(hook, ()):
+                wanted = getattr(getattr(fn, "__self__", None), "protocols", None)
+                if wanted is None or protocol in wanted:
+                    entries.append((name, fn))
+            self._for_protocol[key] = entries
+        return entries
+
+    async def trigger_for(self, hook: str, protocol: str, *args: Any) -> None:
+        """:meth:`trigger` for the addons that inspect ``protocol``."""
+        for name, fn in self.hooks_for(hook, protocol):
             try:
                 result = fn(*args)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            except HookError:
+                raise
+            except Exception as exc:
+                raise HookError(name, hook, exc) from exc
+
+    def trigger_sync_for(self, hook: str, protocol: str, *args: Any) -> None:
+        """:meth:`trigger_sync` for the addons that inspect ``protocol``."""
+        self._run_sync(hook, self.hooks_for(hook, protocol), args)
+
+    @staticmethod
+    def _run_sync(hook: str, entries: Iterable[tuple[str, Callable[..., Any]]], args: tuple[Any, ...]) -> None:
+        for name, fn in entries:
+            try:
+                result = fn(*args)
+                if result is not None and inspect.isawaitable(result):
                     result.close()  # type: ignore[attr-defined]
                     raise TypeError(f"hook {hook!r} must be synchronous")
             except Exception as exc:

@@ -355,11 +355,12 @@ class Gateway:
 
     def decide_sync(self, session: Session, request: Request) -> Decision:
         try:
-            if self.addons.has("request") or self.addons.has("decision"):
+            addons, protocol = self.addons, request.protocol
+            if addons.hooks_for("request", protocol) or addons.hooks_for("decision", protocol):
                 flow = Flow(session, request)
-                self.addons.trigger_sync("request", flow)
+                addons.trigger_sync_for("request", protocol, flow)
                 flow._set(self._policy_decision(session, request))
-                self.addons.trigger_sync("decision", flow)
+                addons.trigger_sync_for("decision", protocol, flow)
                 decision = flow.decision
                 assert decision is not None
             else:
@@ -377,12 +378,16 @@ class Gateway:
         approval: Mapping[str, Any] | None = None,
     ) -> Decision:
         try:
-            flow = Flow(session, request)
-            await self.addons.trigger("request", flow)
-            flow._set(self._policy_decision(session, request))
-            await self.addons.trigger("decision", flow)
-            decision = flow.decision
-            assert decision is not None
+            addons, protocol = self.addons, request.protocol
+            if addons.hooks_for("request", protocol) or addons.hooks_for("decision", protocol):
+                flow = Flow(session, request)
+                await addons.trigger_for("request", protocol, flow)
+                flow._set(self._policy_decision(session, request))
+                await addons.trigger_for("decision", protocol, flow)
+                decision = flow.decision
+                assert decision is not None
+            else:
+                decision = self._policy_decision(session, request)
         except Exception as exc:
             decision = self._failure(exc)
         decision = self._audited(session, request, decision)
