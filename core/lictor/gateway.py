@@ -200,6 +200,7 @@ class Gateway:
         self.sessions: dict[str, Session] = {}
         self._mask_key = self._load_mask_key()
         self._mask_cache: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._empty_plan: Any = None
         self.started = time.time()
 
     # -- setup --------------------------------------------------------------------------------
@@ -462,13 +463,18 @@ class Gateway:
     # -- masking ------------------------------------------------------------------------------
 
     def mask_plan(self, decision: Decision) -> Any:
-        from .masking import MaskPlan
-
         if not decision.masks:
-            return MaskPlan.EMPTY
+            empty = self._empty_plan
+            if empty is None:  # the masking package (re2) is imported on first use, not with lictor
+                from .masking import MaskPlan
+
+                empty = self._empty_plan = MaskPlan.EMPTY
+            return empty
         key = (decision.policy_version, decision.mask_rule_ids)
         plan = self._mask_cache.get(key)
         if plan is None:
+            from .masking import MaskPlan
+
             plan = MaskPlan.compile(list(decision.masks), custom_detectors=self.policy.detectors, key=self._mask_key)
             if len(self._mask_cache) > 1024:
                 self._mask_cache.clear()
