@@ -175,15 +175,7 @@ class AddonManager:
 
     async def trigger(self, hook: str, *args: Any) -> None:
         """Call ``hook`` on every addon in order; the first failure raises HookError."""
-        for name, fn in self._hooks.get(hook, ()):
-            try:
-                result = fn(*args)
-                if result is not None and inspect.isawaitable(result):
-                    await result
-            except HookError:
-                raise
-            except Exception as exc:
-                raise HookError(name, hook, exc) from exc
+        await self._run(hook, self._hooks.get(hook, ()), args)
 
     def trigger_sync(self, hook: str, *args: Any) -> None:
         """Call a synchronous hook on every addon; an async implementation is an error."""
@@ -204,7 +196,15 @@ class AddonManager:
 
     async def trigger_for(self, hook: str, protocol: str, *args: Any) -> None:
         """:meth:`trigger` for the addons that inspect ``protocol``."""
-        for name, fn in self.hooks_for(hook, protocol):
+        await self._run(hook, self.hooks_for(hook, protocol), args)
+
+    def trigger_sync_for(self, hook: str, protocol: str, *args: Any) -> None:
+        """:meth:`trigger_sync` for the addons that inspect ``protocol``."""
+        self._run_sync(hook, self.hooks_for(hook, protocol), args)
+
+    @staticmethod
+    async def _run(hook: str, entries: Iterable[tuple[str, Callable[..., Any]]], args: tuple[Any, ...]) -> None:
+        for name, fn in entries:
             try:
                 result = fn(*args)
                 if result is not None and inspect.isawaitable(result):
@@ -213,10 +213,6 @@ class AddonManager:
                 raise
             except Exception as exc:
                 raise HookError(name, hook, exc) from exc
-
-    def trigger_sync_for(self, hook: str, protocol: str, *args: Any) -> None:
-        """:meth:`trigger_sync` for the addons that inspect ``protocol``."""
-        self._run_sync(hook, self.hooks_for(hook, protocol), args)
 
     @staticmethod
     def _run_sync(hook: str, entries: Iterable[tuple[str, Callable[..., Any]]], args: tuple[Any, ...]) -> None:
