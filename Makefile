@@ -37,9 +37,14 @@ unit: setup system
 
 test: setup system lint typecheck unit
 
+# Every benchmark, each against its baseline measured in the same run (several minutes).
 bench: setup
 	scripts/ensure-system.sh bench
 	$(BIN)/python bench/bench_policy.py
+	$(BIN)/python bench/bench_masking.py
+	$(BIN)/python bench/bench_postgres.py
+	$(BIN)/python bench/bench_http.py
+	$(BIN)/python bench/bench_ssh.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

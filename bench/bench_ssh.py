@@ -12,7 +12,7 @@ front of it, then measures with the real OpenSSH client:
 * bulk throughput: ``cat`` of a random file of ``--megabytes`` MB to /dev/null, direct and
   through the gateway, and their ratio (the output is also checked byte for byte by sha256).
 
-Goals (issue 6): at most 20 ms added per exec, at least 0.5x direct throughput.
+Goals: at most 20 ms added per exec, at least 0.5x direct throughput.
 """
 
 from __future__ import annotations
