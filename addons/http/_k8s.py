@@ -346,13 +346,18 @@ def _check(pattern: re.Pattern[str], value: str, what: str) -> None:
         raise UnknownRequest(f"invalid {what} {value!r}")
 
 
+# Outside printable ASCII, or a backslash or '#': refused before decoding (one regex search, not a loop).
+_BAD_PATH_CHAR = re.compile(r"[^\x21-\x7e]|[\\#]")
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _decode_path(path: str) -> str:
     """Decode percent escapes once, refusing anything that could make two parsers split it differently."""
     if not path.startswith("/"):
         raise UnknownRequest(f"path must start with '/': {path!r}")
-    for ch in path:
-        if not 0x20 < ord(ch) < 0x7F or ch in "\\#":
-            raise UnknownRequest(f"invalid character {ch!r} in path")
+    bad = _BAD_PATH_CHAR.search(path)
+    if bad is not None:
+        raise UnknownRequest(f"invalid character {bad.group()!r} in path")
     i = path.find("%")
     while i != -1:
         escape = path[i + 1 : i + 3]
@@ -365,7 +370,7 @@ def _decode_path(path: str) -> str:
         decoded = unquote_to_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
         raise UnknownRequest(f"path is not UTF-8: {path!r}") from None
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded):
+    if _CONTROL_CHAR.search(decoded) is not None:
         raise UnknownRequest(f"control character in path {path!r}")
     return decoded
 
