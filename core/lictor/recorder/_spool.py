@@ -550,9 +550,10 @@ def _first_record_complete(path: Path) -> bool:
 class GroupCommit:
     """The periodic ``fdatasync`` of a spool written by another process (see :meth:`Spool.sync_elsewhere`).
 
-    Every ``interval`` it syncs each segment file that grew since its last sync, and the directory
-    when segment files appeared. ``fdatasync`` works on any descriptor of the file: the pages the
-    writer's ``os.write`` dirtied are flushed all the same. A failure is reported through
+    Every ``interval`` it syncs the newest segment file if it grew (the writer syncs a segment
+    itself when it seals it), and, when the directory changed, every segment that grew and the
+    directory. ``fdatasync`` works on any descriptor of the file: the pages the writer's
+    ``os.write`` dirtied are flushed all the same. A failure is reported through
     ``on_failure`` (the writer then refuses new events, as its own sync thread would).
     """
 
