@@ -165,3 +165,47 @@ def test_index_does_not_lose_rules_with_many_rules(tmp_path: Path):
     who = Identity("x")
     assert policy.decide(who, req("v7 t1957")).rule_ids == ("r1957",)
     assert policy.decide(who, req("v7 t1958")).action == "deny"
+
+
+def test_allow_decisions_are_memoized_by_roles_and_attributes_only(policy):
+    first = policy.decide(reader, req("get a"))
+    again = policy.decide(reader, Request("line", "get", {"command": "get a", "verb": "get"}, summary="other text"))
+    assert first.action == "allow" and again is first  # same roles, action and attributes: the memo
+    other = policy.decide(reader, req("get b"))
+    assert other.action == "allow" and other is not first  # other attributes: decided again
+    # A denial names the request in its message: never memoized, so each names its own.
+    one, two = policy.decide(nobody, req("get x")), policy.decide(nobody, req("get y"))
+    assert "get x" in one.message and "get y" in two.message
+    # Other roles, same request: the other roles' rules decide (the secret rule does not apply to `get a`,
+    # but the operator's inherited roles are in the key).
+    assert policy.decide(operator, req("get a")) is not first
+    denied = policy.decide(reader, req("get secret"))
+    assert denied.action == "deny" and denied.rule_ids == ("no-secrets",)
+    # explain (a trace) never reads or fills the memo.
+    trace = Trace()
+    traced = policy.decide(reader, req("get a"), trace=trace)
+    assert traced is not first and traced.action == "allow" and trace.steps
+    # Unhashable attribute values: decided without the memo, same result.
+    odd = policy.decide(reader, Request("line", "get", {"command": "get a", "verb": "get", "x": ["list"]}))
+    assert odd.action == "allow"
+
+
+def test_no_memo_for_protocols_with_custom_fields(tmp_path: Path):
+    from lictor import Custom, Vocabulary
+
+    def compile_text(value):  # a Custom predicate may read anything, here the request's summary
+        return lambda request, quantifier: value in request.summary
+
+    vocab = Vocabulary(
+        protocol="txt",
+        fields=(Custom("mentions", json_schema={"type": "string"}, compiler=compile_text),),
+    )
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: t}\nidentities: [{match: {claims: {role: r}}, roles: [r]}]\n"
+        "roles: {r: {rules: [{id: ok, protocol: txt, when: {mentions: hello}, action: allow}]}}\n"
+    )
+    result = load_policy([tmp_path], {"txt": vocab})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "r"})
+    assert result.policy.decide(who, Request("txt", "say", {}, summary="hello there")).action == "allow"
+    assert result.policy.decide(who, Request("txt", "say", {}, summary="goodbye")).action == "deny"
