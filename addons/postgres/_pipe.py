@@ -4,6 +4,13 @@ During the handshake (startup, TLS, authentication) a coroutine reads from the p
 pipe.read()``. Once the session is established the pipe switches to callbacks: every received chunk goes
 straight to ``on_data`` (no task switch, no queue), which is what keeps the relay cheap.
 
+Output: the relay queues what it forwards with ``write_soon``; the queue of every pipe is written
+once the loop has run all the callbacks of its current turn (one write per pipe and turn). Writing at
+once would wake the peer (a PostgreSQL backend, the agent) while the gateway still has other
+connections' input to handle, and on a busy machine the woken peer takes the CPU from it: under
+pgbench with 8 clients on 2 cores, deferring the writes raised throughput by about a quarter. A
+direct ``write``, ``close`` or ``flush`` sends what is queued first; ``abort`` drops it.
+
 Flow control: when this side's transport buffers too much outgoing data (the peer reads slower than we
 write), asyncio calls ``pause_writing``; the pipe then pauses reading on the *other* side until
 ``resume_writing``. Several reasons may pause reading at once (back-pressure, an approval hold), so
@@ -11,13 +18,33 @@ pausing is counted by reason.
 """
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 __all__ = ["Pipe", "PipeClosed"]
 
+log = logging.getLogger("lictor.postgres")
+
 
 class PipeClosed(ConnectionError):
     """The peer closed the connection (or it broke) while the handshake was reading from it."""
+
+
+class _Soon:
+    """The pipes with output queued by :meth:`Pipe.write_soon`, flushed once per turn of the loop."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+    pipes: list["Pipe"] = []
+
+
+def _flush_soon() -> None:
+    pipes, _Soon.pipes = _Soon.pipes, []
+    for pipe in pipes:
+        try:
+            pipe.flush()
+        except Exception:  # one broken connection must not leave the others' output queued
+            log.exception("writing to %s failed; aborting that connection", pipe.name)
+            pipe.abort()
 
 
 class Pipe(asyncio.Protocol):
@@ -31,6 +58,7 @@ class Pipe(asyncio.Protocol):
         self._buf = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._pause_reasons: set[str] = set()
+        self._soon: list[bytes] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -94,9 +122,36 @@ class Pipe(asyncio.Protocol):
     # -- writing and flow control -------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        if self._soon is not None:
+            self.flush()
         transport = self.transport
         if transport is not None and not self.closed:
             transport.write(data)
+
+    def write_soon(self, data: bytes) -> None:
+        """Queue ``data`` until the loop has run every callback of this turn (one write per pipe).
+
+        The relay answers several connections per turn; writing at once wakes each peer, which then
+        takes the CPU from the gateway before it has handled the other connections.
+        """
+        if self.transport is None or self.closed:
+            return
+        soon = self._soon
+        if soon is not None:
+            soon.append(data)
+            return
+        self._soon = [data]
+        loop = asyncio.get_running_loop()
+        if _Soon.loop is not loop:
+            _Soon.loop, _Soon.pipes = loop, []
+        if not _Soon.pipes:
+            loop.call_soon(_flush_soon)
+        _Soon.pipes.append(self)
+
+    def flush(self) -> None:
+        soon, self._soon = self._soon, None
+        if soon and self.transport is not None and not self.closed:
+            self.transport.write(soon[0] if len(soon) == 1 else b"".join(soon))
 
     def pause_reading(self, reason: str) -> None:
         if not self._pause_reasons and self.transport is not None and not self.closed:
@@ -117,10 +172,12 @@ class Pipe(asyncio.Protocol):
                 pass
 
     def close(self) -> None:
+        self.flush()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        self._soon = None
         if self.transport is not None:
             self.transport.abort()
 

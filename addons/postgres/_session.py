@@ -442,7 +442,7 @@ class Relay:
     def _flush_up(self) -> None:
         up = self._up
         if up:
-            self.upstream.write(up[0] if len(up) == 1 else b"".join(up))
+            self.upstream.write_soon(up[0] if len(up) == 1 else b"".join(up))
             up.clear()
 
     def _run_frontend(self, data: bytes, offsets: list[int], types: bytes, index: int) -> None:
@@ -1099,7 +1099,7 @@ class Relay:
             if block:
                 out = self._run_backend(block.data, block.offsets, block.types)
                 if out and not self.closed:
-                    self.agent.write(out)
+                    self.agent.write_soon(out)
         except pg.ProtocolError as exc:
             self.shutdown(
                 f"target protocol error: {exc}",
