@@ -452,24 +452,15 @@ class LictorProxy:
                 elif size > self.body_size_limit:
                     # mitmproxy answers 413 without reading the body (check_body_size, before this hook
                     # returns); audit the refusal, forward nothing.
-                    self.gateway.audit_event(
-                        "http.refused",
-                        {
-                            "target": target.name,
-                            "peer": _peer(flow.client_conn),
-                            "problem": f"request body of {size} bytes is larger than max_body "
-                            f"({self.body_size_limit}); answered 413",
-                        },
-                        fail_closed=False,
+                    self._audit_refused(
+                        flow,
+                        target,
+                        f"request body of {size} bytes is larger than max_body ({self.body_size_limit}); answered 413",
                     )
                     return
             if problem:
                 log.warning("refusing request from %s: %s", _peer(flow.client_conn), problem)
-                self.gateway.audit_event(
-                    "http.refused",
-                    {"target": target.name, "peer": _peer(flow.client_conn), "problem": problem},
-                    fail_closed=False,
-                )
+                self._audit_refused(flow, target, problem)
                 if flow.killable:
                     flow.kill()
                 self.close_client(flow)  # reset at once: the agent may still be sending the body
@@ -927,6 +918,14 @@ class LictorProxy:
             data.update(_body_for_record(body, size_out > len(body), prefix="response_"))
         state.session.record("http", data)
 
+    def _audit_refused(self, flow: http.HTTPFlow, target: HttpTarget | None, problem: str) -> None:
+        """Audit a request refused before any decision (its body was never forwarded)."""
+        self.gateway.audit_event(
+            "http.refused",
+            {"target": target.name if target is not None else "", "peer": _peer(flow.client_conn), "problem": problem},
+            fail_closed=False,
+        )
+
     # -- responses ----------------------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -1091,15 +1090,10 @@ class LictorProxy:
             state = flow.metadata.get(STATE)
             if state is None and flow.error is not None and "body_size_limit" in flow.error.msg:
                 # A chunked request body grew past max_body: mitmproxy answered 413 and closed.
-                target = self._target(flow.client_conn)
-                self.gateway.audit_event(
-                    "http.refused",
-                    {
-                        "target": target.name if target is not None else "",
-                        "peer": _peer(flow.client_conn),
-                        "problem": f"request body larger than max_body ({self.body_size_limit}); answered 413",
-                    },
-                    fail_closed=False,
+                self._audit_refused(
+                    flow,
+                    self._target(flow.client_conn),
+                    f"request body larger than max_body ({self.body_size_limit}); answered 413",
                 )
             if isinstance(state, FlowState) and flow.error is not None:
                 pending, state.pending = state.pending, None
