@@ -34,7 +34,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,27 +129,10 @@ class AuditLog:
     def append(self, kind: str, event: Mapping[str, Any]) -> int:
         """Record one event durably; return its sequence number. Raises AuditError on failure."""
         record = {"kind": kind, "ts": time.time(), **event}
-        body = _canonical(record)
         with self._lock:
-            seq = self._seq + 1
-            mac = _mac(self._key, self._prev, seq, body)
-            key = _ratchet(self._key)
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(
-                    "INSERT INTO events (seq, ts, kind, body, mac) VALUES (?, ?, ?, ?, ?)",
-                    (seq, record["ts"], kind, body.decode(), mac.hex()),
-                )
-                self._db.execute("UPDATE head SET seq = ?, key = ?, mac = ? WHERE id = 1", (seq, key.hex(), mac.hex()))
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                raise AuditError(f"audit store {self.path}: {exc}") from exc
-            self._seq, self._key, self._prev = seq, key, mac
-            return seq
+            chained = self._chain([(kind, record["ts"], _canonical(record))])
+            self._commit(*chained)
+            return self._seq
 
     def append_batch(
         self, records: Sequence[tuple[int, Mapping[str, Any]] | tuple[int, Mapping[str, Any], bytes]], *, source: str
@@ -171,37 +154,62 @@ class AuditLog:
             todo = [item for item in records if item[0] > done]
             if not todo:
                 return 0
-            seq, key, prev = self._seq, self._key, self._prev
-            rows = []
-            for item in todo:
-                record = item[1]
-                # The JSON text the caller already has (the spool record) is chained as it is: the MAC
-                # covers the stored text, whatever its key order, so there is no need to encode it again.
-                body = item[2] if len(item) > 2 else _canonical(record)
-                seq += 1
-                mac = _mac(key, prev, seq, body)
-                rows.append(
-                    (seq, float(record.get("ts") or time.time()), str(record.get("kind", "")), body.decode(), mac.hex())
+            # The JSON text the caller already has (the spool record) is chained as it is: the MAC covers
+            # the stored text, whatever its key order, so there is no need to encode it again.
+            chained = self._chain(
+                (
+                    str(item[1].get("kind", "")),
+                    float(item[1].get("ts") or time.time()),
+                    item[2] if len(item) > 2 else _canonical(item[1]),
                 )
-                prev, key = mac, _ratchet(key)
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("INSERT INTO events (seq, ts, kind, body, mac) VALUES (?, ?, ?, ?, ?)", rows)
-                self._db.execute("UPDATE head SET seq = ?, key = ?, mac = ? WHERE id = 1", (seq, key.hex(), prev.hex()))
-                self._db.execute(
+                for item in todo
+            )
+            self._commit(
+                *chained,
+                (
                     "INSERT INTO sources (name, position) VALUES (?, ?) "
                     "ON CONFLICT(name) DO UPDATE SET position = excluded.position",
                     (source, todo[-1][0]),
-                )
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                raise AuditError(f"audit store {self.path}: {exc}") from exc
-            self._seq, self._key, self._prev = seq, key, prev
+                ),
+            )
             return len(todo)
+
+    def _chain(
+        self, items: Iterable[tuple[str, float, bytes]]
+    ) -> tuple[list[tuple[int, float, str, str, str]], int, bytes, bytes]:
+        """The rows for ``(kind, ts, body)`` items after the head, and the head that follows them."""
+        seq, key, prev = self._seq, self._key, self._prev
+        rows = []
+        for kind, ts, body in items:
+            seq += 1
+            mac = _mac(key, prev, seq, body)
+            rows.append((seq, ts, kind, body.decode(), mac.hex()))
+            prev, key = mac, _ratchet(key)
+        return rows, seq, key, prev
+
+    def _commit(
+        self,
+        rows: list[tuple[int, float, str, str, str]],
+        seq: int,
+        key: bytes,
+        prev: bytes,
+        *also: tuple[str, tuple[Any, ...]],
+    ) -> None:
+        """Insert ``rows`` and move the head in one transaction (with ``also``); then adopt the new head."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT INTO events (seq, ts, kind, body, mac) VALUES (?, ?, ?, ?, ?)", rows)
+            self._db.execute("UPDATE head SET seq = ?, key = ?, mac = ? WHERE id = 1", (seq, key.hex(), prev.hex()))
+            for statement, args in also:
+                self._db.execute(statement, args)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise AuditError(f"audit store {self.path}: {exc}") from exc
+        self._seq, self._key, self._prev = seq, key, prev
 
     def position(self, source: str) -> int:
         """The last position appended from ``source`` by :meth:`append_batch` (0 if none)."""
