@@ -20,7 +20,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,10 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import free_port, wait_port  # noqa: E402
+
 LICTOR = str(Path(sys.executable).parent / "lictor")
 BODY = json.dumps(
     {
@@ -43,23 +46,6 @@ BODY = json.dumps(
         "notes": "customer since 2019; prefers e-mail; " * 4,
     }
 ).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port}")
 
 
 # -- upstream: a minimal keep-alive HTTP/1.1 server (never the bottleneck) -----------------------------
@@ -338,7 +324,7 @@ def main() -> int:
         up_port, plain_port, lictor_port = free_port(), free_port(), free_port()
         upstream = f"http://127.0.0.1:{up_port}"
         procs.append(subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(up_port)]))
-        wait_port(up_port)
+        wait_port(up_port, timeout=20)
 
         lictor_proc, lictor_state = start_lictor(work, "lictor", lictor_port, upstream, args, stubbed=False)
         procs.append(lictor_proc)
@@ -362,7 +348,7 @@ def main() -> int:
                 ]
             )
         )
-        wait_port(plain_port)
+        wait_port(plain_port, timeout=20)
         token = issue_token(lictor_state)
         tokens = {"lictor-stubbed": issue_token(stubbed_state)} if args.diagnose else {}
         scheme = "https" if args.tls else "http"
