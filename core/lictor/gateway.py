@@ -291,24 +291,6 @@ class Gateway:
         result = self.compile_policy()
         self.apply_policy(result)
         return result
-        for problem in result.warnings:
-            log.warning("%s", problem)
-        old = self.policy.version
-        self.policy = result.policy  # one assignment: requests see the old or the new policy
-        self.policy_problems = []
-        self._mask_cache.clear()
-        self.audit_event(
-            "policy.loaded",
-            {"version": result.policy.version, "previous": old, "files": [str(f) for f in result.files]},
-            fail_closed=False,
-        )
-        log.info(
-            "policy %s live (%d rules from %d files)",
-            result.policy.version,
-            len(result.policy.rules),
-            len(result.files),
-        )
-        return result
 
     # -- identity -----------------------------------------------------------------------------
 
