@@ -591,11 +591,7 @@ class GroupCommit:
                 self._ticks = 0
                 self._rescan()
             if self._newest is not None:
-                fd, synced = self._fds[self._newest]
-                size = os.fstat(fd).st_size
-                if size != synced:
-                    os.fdatasync(fd)
-                    self._fds[self._newest] = (fd, size)
+                self._sync_if_grown(self._newest)
         except OSError as exc:
             self._fail(f"fdatasync failed: {exc}")
 
@@ -607,22 +603,24 @@ class GroupCommit:
                 os.close(fd)
         new = False
         for name in sorted(names):
-            entry = self._fds.get(name)
-            if entry is None:
+            if name not in self._fds:
                 try:
                     fd = os.open(self.directory / name, os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     continue  # released in between
-                entry = self._fds[name] = (fd, -1)
+                self._fds[name] = (fd, -1)
                 new = True
-            fd, synced = entry
-            size = os.fstat(fd).st_size
-            if size != synced:  # every segment once (the newest is the writer's alone afterwards)
-                os.fdatasync(fd)
-                self._fds[name] = (fd, size)
+            self._sync_if_grown(name)  # every segment once (the newest is the writer's alone afterwards)
         self._newest = max(self._fds) if self._fds else None
         if new:
             fsync_dir(self.directory)
+
+    def _sync_if_grown(self, name: str) -> None:
+        fd, synced = self._fds[name]
+        size = os.fstat(fd).st_size
+        if size != synced:
+            os.fdatasync(fd)
+            self._fds[name] = (fd, size)
 
     def _fail(self, message: str) -> None:
         self.failed = message
