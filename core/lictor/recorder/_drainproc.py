@@ -311,30 +311,31 @@ def main() -> int:
     out_lock = threading.Lock()
     sent: dict[str, tuple[int, bool, str, int]] = {}
 
+    def send(doc: dict[str, Any]) -> None:  # called with out_lock held
+        try:
+            os.write(1, json.dumps(doc).encode() + b"\n")
+        except OSError:
+            os._exit(0)  # the gateway is gone
+
     def report(drainer: Drainer) -> None:
         state = (drainer.committed, drainer.healthy, drainer.last_error, drainer.failures)
         with out_lock:
             if sent.get(drainer.name) == state:
                 return
             sent[drainer.name] = state
-            doc = {
-                "name": drainer.name,
-                "committed": state[0],
-                "healthy": state[1],
-                "last_error": state[2],
-                "failures": state[3],
-            }
-            try:
-                os.write(1, json.dumps(doc).encode() + b"\n")
-            except OSError:
-                os._exit(0)  # the gateway is gone
+            send(
+                {
+                    "name": drainer.name,
+                    "committed": state[0],
+                    "healthy": state[1],
+                    "last_error": state[2],
+                    "failures": state[3],
+                }
+            )
 
     def fsync_failed(message: str) -> None:
         with out_lock:
-            try:
-                os.write(1, json.dumps({"fsync_failed": message}).encode() + b"\n")
-            except OSError:
-                os._exit(0)
+            send({"fsync_failed": message})
 
     group = GroupCommit(config.spool_dir, config.fsync_interval, fsync_failed)
     group.start()
