@@ -157,9 +157,6 @@ class AddonManager:
                     entries.append((addon_name(addon), fn))
             self._hooks[hook] = entries
 
-    def has(self, hook: str) -> bool:
-        return bool(self._hooks.get(hook))
-
     def set_options(self, values: Mapping[str, Any]) -> None:
         for key, value in values.items():
             opt = self.options.get(key)
