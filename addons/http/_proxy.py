@@ -1404,7 +1404,7 @@ class EmbeddedProxy:
             connection_strategy="lazy",
             tcp_timeout=self.idle_timeout,
             stream_large_bodies=None,
-            body_size_limit=str(max(t.max_body for t in self.targets)),  # mitmproxy answers 413 beyond
+            body_size_limit=str(self.lictor.body_size_limit),  # mitmproxy answers 413 beyond it
             keep_host_header=False,
             validate_inbound_headers=True,
             store_streamed_bodies=False,
