@@ -7,12 +7,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, load_config
 from ._chain import SessionVerdict
-from ._recorder import RecordingsConfig
+from ._recorder import RecordingsConfig, make_sink
 from ._replay import asciicast_lines, replay
 from ._sinks import PostgresSink, Retention, S3Sink
 from ._store import LocalStore, RemoteStore, Store, iter_events, resolve_id, select_sessions, verify
@@ -37,26 +38,11 @@ def _store(args: argparse.Namespace) -> Store:
                 raise RecordingError(f"no recordings sink named {args.source!r} in {config_path} (sinks: {names})")
             gid_path = rec.spool_dir / "gateway-id"
             gid = gid_path.read_text().strip() if gid_path.exists() else ""
-            o = sink_cfg.options
-            sink: PostgresSink | S3Sink
-            if sink_cfg.type == "postgres":
-                sink = PostgresSink(
-                    sink_cfg.name, str(o["dsn"]), gid, Retention(), prefix=str(o.get("table_prefix", "lictor_"))
-                )
-            elif sink_cfg.type == "s3":
-                sink = S3Sink(
-                    sink_cfg.name,
-                    gid,
-                    Retention(),
-                    bucket=str(o["bucket"]),
-                    prefix=str(o.get("prefix", "")),
-                    endpoint_url=o.get("endpoint_url"),
-                    region=o.get("region"),
-                    access_key_id=o.get("access_key_id"),
-                    secret_access_key=o.get("secret_access_key"),
-                )
-            else:
+            if sink_cfg.type not in ("postgres", "s3"):
                 raise RecordingError(f"sink {args.source!r} cannot be read back")
+            # The sink as the gateway builds it, without retention: reading never deletes anything.
+            sink = make_sink(replace(sink_cfg, retention=Retention()), rec, gid, None)
+            assert isinstance(sink, (PostgresSink, S3Sink))
             return RemoteStore(sink, rec.state_dir)
         return LocalStore(rec.local_dir, rec.state_dir)
     state = Path(args.state_dir or os.environ.get("LICTOR_STATE_DIR", "state"))
