@@ -1041,9 +1041,29 @@ class Sandbox:
         while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             assert time.monotonic() < deadline, f"{shell} did not finish: {command!r}"
             time.sleep(0.005)
+        # What the command started asynchronously (a process substitution inside a pipeline, which
+        # `wait` cannot wait for) may still be starting: give the group a moment to finish by itself.
+        settle = time.monotonic() + 2
+        while _group_running(proc.pid) and time.monotonic() < settle:
+            time.sleep(0.005)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         return set(log.read_text().split()) if log.exists() else set()
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a live (not zombie) process other than the leader is in process group ``pgid``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == pgid:
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _sandbox_available() -> bool:
