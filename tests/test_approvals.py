@@ -706,3 +706,18 @@ def test_approval_on_one_replica_releases_the_request_held_on_another(tmp_path: 
             PostgresStore(dsn, schema).drop()
 
     run(scenario)
+
+
+def test_request_digest_is_stable_and_unambiguous() -> None:
+    # Held approvals and redeemable tickets stored by an earlier gateway version are bound to this digest:
+    # its definition (length-prefixed protocol, target, action, payload) must not drift.
+    request = Request("postgres", "delete", target="app", payload="DELETE FROM t")
+    text = "8:postgres3:app6:delete13:DELETE FROM t"
+    assert request.digest() == hashlib.sha256(text.encode()).hexdigest()
+    # The summary and the reason describe the request; they are not part of it.
+    assert (
+        request.digest()
+        == Request("postgres", "delete", target="app", payload="DELETE FROM t", summary="other", reason="why").digest()
+    )
+    # Field boundaries cannot be shifted: "ab"+"c" differs from "a"+"bc".
+    assert Request("p", "c", target="ab").digest() != Request("p", "bc", target="a").digest()

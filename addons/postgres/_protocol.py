@@ -1213,6 +1213,14 @@ class _TypedReader:
             raise ValueError(f"max_message_size must be in 1..{LARGE_MESSAGE_LIMIT}")
         self.max_message_size = max_message_size
         self._buf = bytearray()
+        # The limit of every type byte, -1 for an invalid type: one list lookup per message in _scan.
+        self._limits = [self._limit_or_invalid(t) for t in range(256)]
+
+    def _limit_or_invalid(self, type_byte: int) -> int:
+        try:
+            return self._limit(type_byte)
+        except ProtocolError:
+            return -1
 
     @property
     def buffered(self) -> int:
@@ -1229,12 +1237,15 @@ class _TypedReader:
         pos = 0
         size = len(data)
         unpack = _I32.unpack_from
+        limits = self._limits
         while pos + 5 <= size:
             type_byte = data[pos]
             (length,) = unpack(data, pos + 1)
             if length < 4:
                 raise ProtocolError(f"invalid {self._side} message length {length} (type {chr(type_byte)!r})")
-            limit = self._limit(type_byte)
+            limit = limits[type_byte]
+            if limit < 0:
+                self._limit(type_byte)  # raises, naming the type
             if length - 4 > limit:
                 raise ProtocolError(
                     f"{self._side} message of type {chr(type_byte)!r} is {length - 4} bytes, over the limit of {limit}"

@@ -37,8 +37,8 @@ class Request:
     def digest(self) -> str:
         """SHA-256 over what makes this request this request (not the reason or summary)."""
         # Length-prefixed fields: unambiguous whatever the fields contain, and cheaper than JSON.
-        parts = (self.protocol, self.target, self.action, self.payload or self.summary)
-        text = "".join(f"{len(p)}:{p}" for p in parts)
+        protocol, target, action, payload = self.protocol, self.target, self.action, self.payload or self.summary
+        text = f"{len(protocol)}:{protocol}{len(target)}:{target}{len(action)}:{action}{len(payload)}:{payload}"
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
