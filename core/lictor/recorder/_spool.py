@@ -144,30 +144,40 @@ def _scan(path: Path, first_seq: int) -> tuple[int, int, str]:
     return pos, seq - 1, problem
 
 
-def _next_segment(segments: list[Segment], segment: Segment) -> Segment | None:
-    for candidate in segments:
-        if candidate.first_seq > segment.first_seq:
-            return candidate
-    return None
+class _SegmentList:
+    """Lookups over ``segments`` (ordered by first sequence number), shared by the writer and the view."""
 
+    segments: list[Segment]
+    written_seq: int
 
-def _segment_for(segments: list[Segment], seq: int) -> Segment | None:
-    found: Segment | None = None
-    for segment in segments:
-        if segment.first_seq <= seq:
-            found = segment
-        elif found is None or found.last_seq < seq:
-            return segment
-        else:
-            break
-    return found
+    def first_seq(self) -> int:
+        segments = self.segments
+        return segments[0].first_seq if segments else self.written_seq + 1
+
+    def next_segment(self, segment: Segment) -> Segment | None:
+        for candidate in self.segments:
+            if candidate.first_seq > segment.first_seq:
+                return candidate
+        return None
+
+    def segment_for(self, seq: int) -> Segment | None:
+        """The segment holding ``seq`` (or the first one after it, if ``seq`` was released)."""
+        found: Segment | None = None
+        for segment in self.segments:
+            if segment.first_seq <= seq:
+                found = segment
+            elif found is None or found.last_seq < seq:
+                return segment
+            else:
+                break
+        return found
 
 
 _OPEN: weakref.WeakValueDictionary[str, Spool] = weakref.WeakValueDictionary()
 _OPEN_LOCK = threading.Lock()
 
 
-class Spool:
+class Spool(_SegmentList):
     """The segment files of one spool directory (one gateway process at a time)."""
 
     def __init__(
@@ -441,17 +451,6 @@ class Spool:
     def refresh(self) -> None:
         """Readers call this before reading; the writing process knows its segments already."""
 
-    def first_seq(self) -> int:
-        segments = self.segments
-        return segments[0].first_seq if segments else self.written_seq + 1
-
-    def next_segment(self, segment: Segment) -> Segment | None:
-        return _next_segment(self.segments, segment)
-
-    def segment_for(self, seq: int) -> Segment | None:
-        """The segment holding ``seq`` (or the first one after it, if ``seq`` was released)."""
-        return _segment_for(self.segments, seq)
-
     def release(self, upto: int) -> int:
         """Delete sealed segments whose records are all at or below ``upto``; return bytes freed."""
         with self._lock:
@@ -639,7 +638,7 @@ class GroupCommit:
         self._fds.clear()
 
 
-class SpoolView:
+class SpoolView(_SegmentList):
     """The segments of a spool written by another process, for readers (the drain process).
 
     It never writes or deletes anything and takes no lock. :meth:`refresh` lists the directory:
@@ -686,16 +685,6 @@ class SpoolView:
                 segment.sealed = True
         self._known = {s.first_seq: s for s in segments}
         self.segments = segments
-
-    def first_seq(self) -> int:
-        segments = self.segments
-        return segments[0].first_seq if segments else self.written_seq + 1
-
-    def next_segment(self, segment: Segment) -> Segment | None:
-        return _next_segment(self.segments, segment)
-
-    def segment_for(self, seq: int) -> Segment | None:
-        return _segment_for(self.segments, seq)
 
 
 class SpoolReader:
