@@ -1203,6 +1203,9 @@ class Block:
         return chr(self.data[self.offsets[index] + 5])
 
 
+_LIMIT_TABLES: dict[tuple[type, int], tuple[int, ...]] = {}
+
+
 class _TypedReader:
     """Splits a stream of typed messages; subclasses say how long each type may be."""
 
@@ -1214,7 +1217,12 @@ class _TypedReader:
         self.max_message_size = max_message_size
         self._buf = bytearray()
         # The limit of every type byte, -1 for an invalid type: one list lookup per message in _scan.
-        self._limits = [self._limit_or_invalid(t) for t in range(256)]
+        # Computed once per reader class and size limit, not per connection.
+        key = (type(self), max_message_size)
+        limits = _LIMIT_TABLES.get(key)
+        if limits is None:
+            limits = _LIMIT_TABLES[key] = tuple(self._limit_or_invalid(t) for t in range(256))
+        self._limits = limits
 
     def _limit_or_invalid(self, type_byte: int) -> int:
         try:
