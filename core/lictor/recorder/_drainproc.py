@@ -344,7 +344,7 @@ def main() -> int:
         drainer = Drainer(
             make_sink(cfg, config, str(hello["gateway_id"]), audit),
             view,
-            Offset(config.spool_dir / "offsets" / f"{cfg.name}.off"),
+            Offset(config.offset_path(cfg.name)),
             retention_interval=config.retention_interval,
             # Each batch costs fixed fdatasyncs (session files, audit and index databases, offset): in
             # this process latency does not matter (the spool holds every event, flush() wakes the

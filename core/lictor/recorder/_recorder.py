@@ -131,6 +131,10 @@ class RecordingsConfig:
     # spool); "thread": by threads of the gateway process.
     drain: str = "process"
 
+    def offset_path(self, sink: str) -> Path:
+        """Where the committed position of ``sink`` is kept (by whichever process drains it)."""
+        return self.spool_dir / "offsets" / f"{sink}.off"
+
     def to_json(self) -> dict[str, Any]:
         """This configuration as JSON (for the drain process)."""
         return {
@@ -372,7 +376,7 @@ class SessionRecorder:
                 Drainer(
                     sink,
                     self.spool,
-                    Offset(config.spool_dir / "offsets" / f"{sink.name}.off"),
+                    Offset(config.offset_path(sink.name)),
                     on_commit=self._release,
                     retention_interval=config.retention_interval,
                 )
