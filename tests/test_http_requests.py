@@ -306,3 +306,32 @@ def test_the_path_index_never_hides_a_rule(tmp_path) -> None:  # type: ignore[no
         req = _http(path)
         a, b = indexed.decide(who, req), unindexed.decide(who, req)
         assert (a.action, a.rule_ids) == (b.action, b.rule_ids), path
+
+
+@pytest.mark.parametrize("pattern", ["/v1/users/{user-id}", "/v1/users/{id", "/v1/users/id}", "/v1/{}/x"])
+def test_path_braces_that_are_not_templates_are_errors(tmp_path, pattern: str) -> None:  # type: ignore[no-untyped-def]
+    # A deny rule on "/v1/users/{user-id}" that was read as a literal would never match: an error instead.
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: p, owner: sec}\nroles:\n  r:\n    rules:\n"
+        f"      - {{id: d, protocol: http, when: {{paths: [{json.dumps(pattern)}]}}, action: deny}}\n"
+    )
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})
+    assert result.policy is None
+    assert [str(e.loc.line) + ": " + e.message for e in result.errors] == [
+        f"6: roles.r.rules.0.when.paths: {pattern!r}: "
+        + (f"{'{' if '{' in pattern else '}'!r}")
+        + " is not part of a template parameter {name} (letters, digits and _); write [{] or [}] for a literal brace"
+    ]
+
+
+def test_a_bracketed_brace_is_a_literal(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: p, owner: sec}\nidentities: [{match: {claims: {role: a}}, roles: [r]}]\n"
+        "roles:\n  r:\n    rules:\n"
+        "      - {id: a, protocol: http, when: {paths: ['/v1/[{]x[}]/{id}']}, action: allow}\n"
+    )
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "a"})
+    assert result.policy.decide(who, _http("/v1/%7Bx%7D/42")).action == "allow"
+    assert result.policy.decide(who, _http("/v1/x/42")).action == "deny"

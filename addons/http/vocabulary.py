@@ -13,10 +13,22 @@ from lictor.vocabulary import Custom, Enum, Glob, Number, Predicate, Quantifier,
 from ._requests import build_http_requests, build_k8s_requests, value_text
 
 _TEMPLATE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+_BRACKETED = re.compile(r"\[[^\]]*\]")  # glob character classes such as [{]
+_STRAY_BRACE = re.compile(r"[{}]")
 
 
 def path_pattern(pattern: str) -> re.Pattern[str]:
-    """``/v1/customers/{id}`` matches one path segment per ``{name}``; ``*`` and ``?`` are globs."""
+    """``/v1/customers/{id}`` matches one path segment per ``{name}``; ``*`` and ``?`` are globs.
+
+    A brace that is not part of a ``{name}`` is an error, not a literal: ``/users/{user-id}`` or an
+    unclosed ``/users/{id`` would otherwise never match, and a deny rule written that way would
+    silently protect nothing. ``[{]`` matches a literal brace."""
+    stray = _STRAY_BRACE.search(_TEMPLATE.sub("", _BRACKETED.sub("", pattern)))
+    if stray is not None:
+        raise ValueError(
+            f"{pattern!r}: {stray.group()!r} is not part of a template parameter {{name}} (letters, digits and _); "
+            "write [{] or [}] for a literal brace"
+        )
     if _TEMPLATE.search(pattern):
         parts = _TEMPLATE.split(pattern)
         regex = "[^/]+".join(glob_to_regex(p, case_sensitive=True).pattern[4:-3] for p in parts)
