@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -338,21 +339,28 @@ class GatewayClient:
     def remote(self, path: str | Path) -> str:
         return f"agent@{self.host}:{path}"
 
-    def shell(self, token: str, command: str | None = None, *, rows: int = 24, cols: int = 80) -> PtyProcess:
-        """An interactive ``ssh -tt`` session (a shell, or ``command``) on a real pseudo-terminal."""
-        return PtyProcess(self.ssh_argv(command, "-tt"), self.env(token), rows=rows, cols=cols)
+    def shell(
+        self, token: str, command: str | None = None, *, rows: int = 24, cols: int = 80, stty: Sequence[str] = ()
+    ) -> PtyProcess:
+        """An interactive ``ssh -tt`` session (a shell, or ``command``) on a real pseudo-terminal, whose
+        settings are first changed with ``stty`` arguments (ssh sends them to the server)."""
+        return PtyProcess(self.ssh_argv(command, "-tt"), self.env(token), rows=rows, cols=cols, stty=stty)
 
 
 class PtyProcess:
     """A process on its own pseudo-terminal, driven expect-style."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], rows: int = 24, cols: int = 80) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str], rows: int = 24, cols: int = 80, stty: Sequence[str] = ()
+    ) -> None:
         import fcntl
         import pty
         import termios
 
         self.master, slave = pty.openpty()
         self._winsize(slave, rows, cols)
+        if stty:
+            subprocess.run(["stty", *stty], stdin=slave, check=True)
 
         def controlling_tty() -> None:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)

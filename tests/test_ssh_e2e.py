@@ -587,6 +587,24 @@ def test_line_mode_shell_checks_each_line_before_the_target_sees_it(env: Env) ->
     _markers_intact(env)
 
 
+def test_the_agents_terminal_settings_cannot_edit_a_checked_line(env: Env) -> None:
+    # With the agent's own modes on the target's terminal, `stty kill @` turned the checked line
+    # "echo @touch X" into "touch X" there, and `iuclc` turned "echo ABC" into "echo abc".
+    marker = env.work / "edited_after_check"
+    shell = env.client.shell(env.tokens["operator"], stty=["kill", "@", "erase", "~", "eol", "%", "iuclc"])
+    try:
+        shell.expect(PROMPT)
+        shell.send(f"echo @touch {marker}\r".encode())
+        assert f"@touch {marker}".encode() in shell.expect(PROMPT)
+        shell.send(b"echo A~B%C\r")
+        assert b"A~B%C\r\n" in shell.expect(PROMPT)
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+    assert env.direct(f"test -e {marker}").returncode == 1
+
+
 def test_observer_gets_no_shell(env: Env) -> None:
     shell = env.client.shell(env.tokens["observer"])
     try:

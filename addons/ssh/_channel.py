@@ -58,6 +58,26 @@ FLUSH_IDLE = 0.05
 DENIED_STATUS = 126
 UNREACHABLE_STATUS = 255
 PTY_ECHO = 53  # RFC 4254 terminal mode opcode
+_DISABLED = 255  # RFC 4254: "255 if none"
+LINE_MODE_TERM_MODES: dict[int, int] = {
+    # Special characters (opcodes 1-18): the signals and end-of-file the gateway itself sends...
+    1: 0x03,  # VINTR ^C
+    2: 0x1C,  # VQUIT ^\
+    5: 0x04,  # VEOF ^D
+    10: 0x1A,  # VSUSP ^Z
+    # ...and nothing else: erase, kill, word-erase, literal-next, reprint and the extra end-of-line
+    # characters would let the target's terminal edit or split a line after the gateway checked it.
+    **{op: _DISABLED for op in (3, 4, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 18)},
+    # Input: no case folding, bit stripping or CR/NL games that would change the checked text.
+    30: 0, 31: 0, 32: 0, 33: 0, 34: 0, 35: 0, 36: 1, 37: 0, 38: 0, 39: 0, 40: 0, 41: 0, 42: 1,
+    # Local: canonical input with signals, no echo (the gateway echoes), no extended editing.
+    50: 1, 51: 1, 52: 0, 53: 0, 54: 0, 55: 0, 56: 0, 57: 0, 58: 0, 59: 0, 60: 0, 61: 0, 62: 0,
+    # Output and character size: the usual.
+    70: 1, 71: 0, 72: 1, 73: 0, 74: 0, 75: 0, 91: 1, 92: 0,
+}  # fmt: skip
+"""The terminal modes of a line-mode shell on the target. Never the agent's own: with ``stty kill @`` or
+``stty iuclc`` passed through, the target's line discipline would turn the checked ``echo @rm -rf /``
+into ``rm -rf /``, or ``RM`` into ``rm``."""
 PROMPT_KEEP = 512
 LINE_SHELL_ENV = (
     "PS1='\\u@\\h:\\w\\$ ' PAGER=cat MANPAGER=cat GIT_PAGER=cat SYSTEMD_PAGER=cat SYSTEMD_COLORS=0 LESSSECURE=1"
@@ -332,9 +352,8 @@ class ChannelHandler:
             self.lease = await self.agent.pool.acquire()
             kwargs: dict[str, Any] = {"encoding": None}
             if self.pty and not self.cooked:
-                modes = dict(self.process.term_modes)
-                if not raw:
-                    modes[PTY_ECHO] = 0
+                # raw: nothing is checked line by line, the agent's terminal settings apply as they are
+                modes = dict(self.process.term_modes) if raw else dict(LINE_MODE_TERM_MODES)
                 kwargs.update(
                     term_type=self.process.term_type,
                     term_size=self.process.term_size,
