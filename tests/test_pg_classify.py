@@ -23,6 +23,44 @@ CASES: list[tuple[str, dict[str, object]]] = [
         {"tables_read": {"public.mytable", "u", "s.v"}, "columns": {"*", "y"}},
     ),
     ("TABLE t", {"kind": "select", "tables_read": {"t"}}),
+    # MERGE updating or deleting matched rows needs a condition on the target, like UPDATE/DELETE's WHERE
+    ("MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE", {"kind": "merge", "has_where": False}),
+    ("MERGE INTO t USING s ON 1 = 1 WHEN MATCHED THEN UPDATE SET a = 1", {"has_where": False}),
+    ("MERGE INTO t USING s ON s.id = 3 WHEN MATCHED THEN DELETE", {"has_where": False}),
+    ("MERGE INTO t USING s ON s.id = t.id WHEN MATCHED THEN DELETE", {"has_where": True}),
+    ("MERGE INTO t AS x USING s ON s.id = x.id WHEN MATCHED THEN DELETE", {"has_where": True}),
+    ("MERGE INTO t USING s ON true WHEN MATCHED AND t.id = 5 THEN DELETE", {"has_where": True}),
+    ("MERGE INTO t USING s ON s.id = 1 WHEN NOT MATCHED THEN INSERT VALUES (1)", {"has_where": None}),
+    # set_config() of role / session_authorization is SET ROLE / SET SESSION AUTHORIZATION
+    ("SELECT set_config('role', 'pg_read_all_data', false)", {"kinds": {"select", "set_role"}}),
+    ("SELECT set_config('Session_Authorization', 'root', false)", {"kinds": {"select", "set_session_authorization"}}),
+    (
+        "SELECT set_config(name, 'x', false) FROM t",
+        {"kinds": {"select", "set_role", "set_session_authorization"}, "read_write_attempt": True},
+    ),
+    # writes that PostgreSQL allows in a read-only transaction (large objects) or that reach other sessions
+    ("SELECT lo_from_bytea(0, 'x')", {"kind": "select", "modifies": True}),
+    ("SELECT pg_catalog.lo_unlink(16400)", {"modifies": True}),
+    ("SELECT pg_notify('ch', 'x')", {"modifies": True}),
+    ("SELECT pg_stat_reset()", {"modifies": True}),
+    ("SELECT lo_get(16400)", {"modifies": False}),
+    # functions an object will call are functions of the statement that creates it
+    (
+        "CREATE OPERATOR ==> (PROCEDURE = pg_catalog.pg_read_file, RIGHTARG = text)",
+        {"functions": {"pg_read_file", "pg_catalog.pg_read_file"}},
+    ),
+    ("CREATE AGGREGATE a(text) (SFUNC = pg_read_file, STYPE = text)", {"functions": {"pg_read_file"}}),
+    ("CREATE CAST (text AS int) WITH FUNCTION pg_read_file(text)", {"functions": {"pg_read_file"}}),
+    ("CREATE TYPE x (INPUT = pg_read_file, OUTPUT = textout)", {"functions": {"pg_read_file", "textout"}}),
+    # file_fdw options are COPY FROM PROGRAM / FROM a server file
+    (
+        "CREATE FOREIGN TABLE ft (l text) SERVER fs OPTIONS (program 'id')",
+        {"copy_target": "program", "copy_program": "id", "modifies": True},
+    ),
+    (
+        "ALTER FOREIGN TABLE ft OPTIONS (SET filename '/etc/passwd')",
+        {"copy_target": "file", "copy_file": "/etc/passwd"},
+    ),
     ("UPDATE t SET a = 1", {"kind": "update", "has_where": False, "tables_written": {"t"}, "modifies": True}),
     (
         "UPDATE t SET a = 1 FROM u WHERE t.id = u.id RETURNING t.secret",

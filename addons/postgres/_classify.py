@@ -36,6 +36,7 @@ from typing import Any
 import pgparse
 
 __all__ = [
+    "MODIFYING_FUNCTIONS",
     "MODIFYING_KINDS",
     "PARSER_SENSITIVE_SETTINGS",
     "READ_ONLY_GUCS",
@@ -120,6 +121,88 @@ SQL_EXECUTING_FUNCTIONS = frozenset(
         "dblink_send_query",
     }
 )
+
+# Built-in functions that change the database even inside a read-only transaction (PostgreSQL lets
+# large objects be written there), or change what other sessions see: calling one modifies.
+MODIFYING_FUNCTIONS = frozenset(
+    {
+        "lo_create",
+        "lo_creat",
+        "lo_from_bytea",
+        "lo_put",
+        "lo_unlink",
+        "lo_truncate",
+        "lo_truncate64",
+        "lowrite",
+        "lo_import",
+        "lo_export",
+        "pg_notify",
+        "nextval",
+        "setval",
+        "pg_stat_reset",
+        "pg_stat_reset_shared",
+        "pg_stat_reset_single_table_counters",
+        "pg_stat_reset_single_function_counters",
+        "pg_stat_reset_slru",
+        "pg_stat_reset_replication_slot",
+        "pg_stat_reset_subscription_stats",
+        "pg_stat_statements_reset",
+        "pg_create_restore_point",
+        "pg_switch_wal",
+        "pg_replication_origin_create",
+        "pg_replication_origin_drop",
+    }
+)
+
+# Statement options that name a function the object will call later (CREATE OPERATOR ... PROCEDURE,
+# CREATE AGGREGATE ... SFUNC, CREATE TYPE ... INPUT, ...): the function is "called" by the statement.
+_FUNCTION_OPTIONS = frozenset(
+    {
+        "procedure",
+        "function",
+        "restrict",
+        "join",
+        "sfunc",
+        "finalfunc",
+        "combinefunc",
+        "serialfunc",
+        "deserialfunc",
+        "msfunc",
+        "minvfunc",
+        "mfinalfunc",
+        "input",
+        "output",
+        "receive",
+        "send",
+        "typmod_in",
+        "typmod_out",
+        "analyze",
+        "subscript",
+        "handler",
+        "validator",
+        "inline",
+        "canonical",
+        "subtype_diff",
+    }
+)
+_FUNCTION_REFERENCING = frozenset(
+    {
+        "DefineStmt",
+        "AlterOperatorStmt",
+        "AlterTypeStmt",
+        "CreateCastStmt",
+        "CreateTransformStmt",
+        "CreateConversionStmt",
+        "CreateOpClassStmt",
+        "AlterOpFamilyStmt",
+        "CreatePLangStmt",
+        "CreateFdwStmt",
+        "AlterFdwStmt",
+        "CreateRangeStmt",
+    }
+)
+# Foreign-table and server options with which file_fdw reads server files or runs programs.
+_FDW_SERVER_ACCESS = {"program": "program", "filename": "file"}
 
 READ_ONLY_KINDS = frozenset(
     {
@@ -385,6 +468,30 @@ def _sval(node: Any) -> str | None:
     return None
 
 
+def _refers_to(node: Any, tables: set[str]) -> bool:
+    """Whether an expression has a column reference that is, or may be, a column of one of ``tables``
+    (qualified by one of those names, or unqualified)."""
+    stack: list[Any] = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            ref = item.get("ColumnRef")
+            if isinstance(ref, dict):
+                fields = list(ref.get("fields", ()))
+                qualifiers = [
+                    str(f["String"].get("sval", "")).lower()
+                    for f in fields[:-1]
+                    if isinstance(f, dict) and "String" in f
+                ]
+                if not qualifiers or qualifiers[-1] in tables:
+                    return True
+                continue
+            stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
+    return False
+
+
 def _names(items: Iterable[Any]) -> list[str]:
     return [str(item.get("String", {}).get("sval", "")) for item in items if isinstance(item, dict)]
 
@@ -593,18 +700,97 @@ class _Analysis:
                     except ClassificationError:
                         continue
 
+    def _add_function(self, names: list[str]) -> None:
+        names = [n for n in names if n]
+        if names:
+            self.functions.add(names[-1].lower())
+            if len(names) > 1:
+                self.functions.add(".".join(names).lower())
+
+    def _referenced_functions(self, body: _Node) -> None:
+        """Functions an object created here will call (operators, aggregates, casts, types, ...)."""
+        stack: list[Any] = [body]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, list):
+                stack.extend(node)
+                continue
+            if not isinstance(node, dict):
+                continue
+            for key, value in node.items():
+                if key == "DefElem" and isinstance(value, dict):
+                    if str(value.get("defname", "")).lower() in _FUNCTION_OPTIONS:
+                        arg = value.get("arg")
+                        if isinstance(arg, dict) and "TypeName" in arg:
+                            self._add_function(_names(arg["TypeName"].get("names", ())))
+                        elif isinstance(arg, dict) and "List" in arg:
+                            self._add_function(_names(arg["List"].get("items", ())))
+                        elif isinstance(arg, list):
+                            self._add_function(_names(arg))
+                        elif _sval(arg):
+                            self._add_function([str(_sval(arg))])
+                elif key in ("objname", "funcname", "handler_name", "plhandler", "plinline", "plvalidator"):
+                    if isinstance(value, list):
+                        self._add_function(_names(value))
+                if isinstance(value, (dict, list)):
+                    stack.append(value)
+
+    def _fdw_options(self, body: _Node) -> None:
+        """``OPTIONS (program '...')`` / ``(filename '...')``: file_fdw's COPY PROGRAM and COPY FROM a file."""
+        stack: list[Any] = [body]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, list):
+                stack.extend(node)
+            elif isinstance(node, dict):
+                elem = node.get("DefElem")
+                if isinstance(elem, dict):
+                    where = _FDW_SERVER_ACCESS.get(str(elem.get("defname", "")).lower())
+                    if where is not None and elem.get("defaction") != "DEFELEM_DROP":
+                        value = _sval(elem.get("arg"))
+                        if self.copy_target != "program":
+                            self.copy_target = where
+                        if where == "program":
+                            self.copy_program = value
+                        else:
+                            self.copy_file = value
+                stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+
+    def _merge_where(self, body: _Node) -> None:
+        """A MERGE that updates or deletes matched rows is a WHERE-less write unless a condition (the join
+        condition, or the WHEN MATCHED clause's AND) looks at the target table: ``ON true`` touches every row."""
+        relation = body.get("relation") or {}
+        names = {str(relation.get("relname", "")).lower()}
+        alias = (relation.get("alias") or {}).get("aliasname")
+        if alias:
+            names = {str(alias).lower()}
+        join_refers = _refers_to(body.get("joinCondition"), names)
+        for clause in body.get("mergeWhenClauses", ()):
+            when = clause.get("MergeWhenClause", {})
+            matched = when.get("matchKind") == "MERGE_WHEN_MATCHED" or when.get("matched") is True
+            if matched and when.get("commandType") in ("CMD_UPDATE", "CMD_DELETE"):
+                self.wheres.append(join_refers or _refers_to(when.get("condition"), names))
+
     def _set_config(self, args: list[_Node]) -> None:
         # Positional arguments come first in a call; the first one is the parameter name.
         positional = [arg for arg in args if "NamedArgExpr" not in arg]
         named = {a["NamedArgExpr"].get("name"): a["NamedArgExpr"].get("arg") for a in args if "NamedArgExpr" in a}
         name = _sval(positional[0] if positional else named.get("setting_name"))
         if name is None:
-            self.read_write_attempt = True  # the parameter name is computed: it could be any of them
+            # The parameter name is computed: it could be any of them, the identity switches included.
+            self.read_write_attempt = True
+            self.kinds.update(("set_role", "set_session_authorization"))
             return
         name = name.strip().lower()
         self.settings.add(name)
         if name in READ_ONLY_GUCS:
             self.read_write_attempt = True
+        # set_config('role', ...) is SET ROLE, set_config('session_authorization', ...) is SET SESSION
+        # AUTHORIZATION: the same identity switch by a function call.
+        if name == "role":
+            self.kinds.add("set_role")
+        elif name == "session_authorization":
+            self.kinds.add("set_session_authorization")
 
     # -- statements -----------------------------------------------------------------------------------
 
@@ -634,6 +820,12 @@ class _Analysis:
 
         if key in ("UpdateStmt", "DeleteStmt"):
             self.wheres.append("whereClause" in body)
+        elif key == "MergeStmt":
+            self._merge_where(body)
+        if key in _FUNCTION_REFERENCING:
+            self._referenced_functions(body)
+        if key in ("CreateForeignTableStmt", "AlterTableStmt", "CreateForeignServerStmt", "AlterForeignServerStmt"):
+            self._fdw_options(body)
         if key in ("UpdateStmt", "InsertStmt"):
             for item in body.get("targetList" if key == "UpdateStmt" else "cols", ()):
                 name = item.get("ResTarget", {}).get("name")
@@ -974,7 +1166,12 @@ def _statements(sql: str) -> Iterator[Statement]:
         kinds = frozenset(analysis.kinds)
         prepared = body.get("name") if node_type in ("PrepareStmt", "ExecuteStmt", "DeallocateStmt") else None
         dynamic = analysis.dynamic
-        modifies = bool(kinds & MODIFYING_KINDS) or dynamic or analysis.copy_target in ("file", "program")
+        modifies = (
+            bool(kinds & MODIFYING_KINDS)
+            or dynamic
+            or analysis.copy_target in ("file", "program")
+            or not analysis.functions.isdisjoint(MODIFYING_FUNCTIONS)
+        )
         yield Statement(
             kind=kind,
             kinds=kinds,
