@@ -1213,3 +1213,27 @@ def test_differential_known_evasions(sandbox: Sandbox, command: str, expected: s
     ran = sandbox.run(bash, command)
     assert ran == expected  # the sandbox really runs them ...
     assert ran <= set(analyse(command).names)  # ... and the analysis reports them
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "sh /dev/stdi?",
+        "sh /dev/[s]tdin",
+        "sh /dev/std${x}in",
+        "sh /proc/$$/fd/0",
+        "bash /dev/std{in,out}",
+        ". /proc/$PPID/fd/0",
+        "python3 /proc/$$/fd/0",
+        "zsh /dev/std?n",
+    ],
+)
+def test_a_program_file_known_only_at_run_time_may_be_the_session(command: str) -> None:
+    # The script could be /dev/stdin once expanded: the program would come from the agent, unseen.
+    refused(command, "would read its program from the session's input")
+
+
+def test_a_program_file_named_exactly_is_left_to_the_rules() -> None:
+    assert names("sh ./deploy.sh") == ["sh"]
+    assert names("python3 tools/report.py --all") == ["python3"]
+    assert names("bash deploy-$ENV.sh </dev/null") == ["bash"]  # the input is known: nothing else to read

@@ -1702,6 +1702,12 @@ def _is_stdin_path(path: str) -> bool:
     return bool(_STDIN_PATH_RE.search(norm)) or path == "-"
 
 
+def _may_read_session(call: "_Call", script: "_Arg") -> bool:
+    """A program file that is, or may be at run time, the session's input: ``/dev/stdin`` and its
+    kin, and any path not known exactly now (``/dev/stdi?``, ``/proc/$$/fd/0``, ``$f``)."""
+    return not call.known(script) or script.glob or script.brace or _is_stdin_path(script.text)
+
+
 def _stdin_after(redirs: list[_Redir], stdin: _Stdin) -> _Stdin:
     for r in redirs:
         if r.prefix.startswith("{") or r.op in ("&>", "&>>"):
@@ -2612,7 +2618,7 @@ def _h_posix_shell(call: _Call) -> None:
         script = operands[0]
         if script.procsub:
             call.fail("it would run a program from a process substitution, which cannot be inspected")
-        if call.known(script) and _is_stdin_path(script.text):
+        if _may_read_session(call, script):
             call.program_from_stdin(posix=True)
         return
     call.program_from_stdin(posix=True)
@@ -2624,7 +2630,7 @@ def _h_other_shell(call: _Call) -> None:
             call.fail(f"{call.name} syntax is not analysed; its commands cannot be inspected")
         return
     first = call.args[0]
-    if call.known(first) and not first.text.startswith("-") and not _is_stdin_path(first.text):
+    if not first.text.startswith("-") and not _may_read_session(call, first):
         return  # a script file: the rules decide
     call.fail(f"{call.name} syntax is not analysed; only POSIX shells' -c bodies are")
 
@@ -2829,7 +2835,7 @@ def _interpreter(spec: _Interp) -> Callable[[_Call], None]:
         if script is not None:
             if script.procsub:
                 call.fail("it would run a program from a process substitution, which cannot be inspected")
-            if call.known(script) and _is_stdin_path(script.text):
+            if _may_read_session(call, script):
                 interactive = True
         if result == "stdin" or interactive or (uncertain and result == "script"):
             call.program_from_stdin(posix=False)
@@ -2892,7 +2898,7 @@ def _h_source(call: _Call) -> None:
     script = args[0]
     if script.procsub:
         call.fail("it would run a program from a process substitution, which cannot be inspected")
-    if call.known(script) and _is_stdin_path(script.text):
+    if _may_read_session(call, script):
         call.program_from_stdin(posix=True)
 
 
