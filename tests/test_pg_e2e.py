@@ -630,6 +630,44 @@ def test_sql_prepare_and_execute(env: PgEnv) -> None:
     assert env.fingerprint() == before
 
 
+def test_errors_notices_notifications_and_settings_are_masked_too(env: PgEnv) -> None:
+    # Row data also comes back in messages that are not rows: an error quoting the bad value, a
+    # notice, a NOTIFY payload, a setting's new value reported with ParameterStatus.
+    import psycopg
+
+    with env.connect("dba") as conn:
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION note(t text) RETURNS void LANGUAGE plpgsql AS $$BEGIN RAISE NOTICE 'value: %', t; END$$"
+        )
+    notices: list[str] = []
+    with env.connect("readonly") as conn:
+        conn.add_notice_handler(lambda d: notices.append(f"{d.message_primary} {d.message_detail or ''}"))
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation) as info:
+            conn.execute("SELECT email::int FROM customers ORDER BY id LIMIT 1")
+        assert "[REDACTED:email]" in str(info.value) and "@example.com" not in str(info.value)
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation) as info:
+            conn.execute("SELECT card::int FROM customers ORDER BY id LIMIT 1")
+        assert "****" in str(info.value) and not any(c in str(info.value) for c in CARDS)
+        conn.execute(
+            "SELECT pg_catalog.set_config('application_name', email, false) FROM customers ORDER BY id LIMIT 1"
+        )
+        app = conn.info.parameter_status("application_name") or ""
+        assert "@example.com" not in app and "[REDACTED:email]" in app
+        conn.execute("LISTEN lictor_masking")
+        conn.execute("SELECT note(email) FROM customers ORDER BY id LIMIT 1")
+        assert len(notices) == 1 and "[REDACTED:email]" in notices[0] and "@" not in notices[0], notices
+        gen = conn.notifies(timeout=5, stop_after=1)
+        with env.connect("dba") as other:
+            other.execute("SELECT pg_notify('lictor_masking', email) FROM customers ORDER BY id LIMIT 1")
+        payloads = [n.payload for n in gen]
+        assert payloads == ["[REDACTED:email]"], payloads
+    with env.connect("dba") as conn:  # the dba's notice is not masked: the rule is readonly's
+        dba_notices: list[str] = []
+        conn.add_notice_handler(lambda d: dba_notices.append(d.message_primary))
+        conn.execute("SELECT note(email) FROM customers ORDER BY id LIMIT 1")
+        assert dba_notices and "@example.com" in dba_notices[0]
+
+
 def test_cursor_fetch_is_masked_like_its_query(env: PgEnv) -> None:
     import psycopg
 

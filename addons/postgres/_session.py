@@ -292,6 +292,43 @@ class Stats:
 Handler = Callable[[bytes], "bytes | Coroutine[Any, Any, bytes | None] | None"]
 
 
+_TEXT_MESSAGES = frozenset((_B_ERROR, _B_NOTICE, _B_NOTIFY, _B_PARAM))
+_REPORT_CODES_KEPT = frozenset(b"SVCPpFLR")  # severity, SQLSTATE, positions, source location
+
+
+def _mask_cstring(plan: Any, value: bytes) -> bytes:
+    masked, _ = plan.mask_text(value.decode("utf-8", "surrogateescape"))
+    return bytes(masked.encode("utf-8", "surrogateescape").replace(b"\0", b""))
+
+
+def _masked_texts(plan: Any, t: int, raw: bytes) -> bytes | None:
+    """``raw`` with its text fields masked by ``plan``'s detectors; None if unchanged."""
+    body = raw[5:]
+    parts: list[bytes] = []
+    if t == _B_NOTIFY:
+        cut = body.index(b"\0", 4)
+        channel, payload = body[4:cut], body[cut + 1 : body.index(b"\0", cut + 1)]
+        parts = [body[:4], _mask_cstring(plan, channel), b"\0", _mask_cstring(plan, payload), b"\0"]
+    elif t == _B_PARAM:
+        cut = body.index(b"\0")
+        value = body[cut + 1 : body.index(b"\0", cut + 1)]
+        parts = [body[: cut + 1], _mask_cstring(plan, value), b"\0"]
+    else:
+        i = 0
+        while body[i] != 0:
+            end = body.index(b"\0", i + 1)
+            value = body[i + 1 : end]
+            if body[i] not in _REPORT_CODES_KEPT and value:
+                value = _mask_cstring(plan, value)
+            parts += [body[i : i + 1], value, b"\0"]
+            i = end + 1
+        parts.append(b"\0")
+    new = b"".join(parts)
+    if new == body:
+        return None
+    return raw[:1] + (len(new) + 4).to_bytes(4, "big") + new
+
+
 class Relay:
     """Drives one established agent connection; see the module docstring."""
 
@@ -332,6 +369,9 @@ class Relay:
         self._rows: RowMasker | None = None
         self._exec_pending_masker = False  # an Execute with a mask plan is queued: build its masker lazily
         self._copy_plan: Any = None
+        # The latest mask plan with detectors decided on this connection: server messages that are not
+        # rows (errors, notices, notifications, parameter values) can echo masked data too.
+        self._text_plan: Any = None
         self._drop_segment = False  # swallowing the rest of a poisoned result, up to ReadyForQuery
         self._poison_error: bytes | None = None
         self._prepared: dict[str, Prepared] = {}
@@ -639,7 +679,7 @@ class Relay:
                 decision = stmt.decision
             stmt.decision = decision
             stmt.decided_at = now
-            stmt.plan = self.session.mask_plan(decision) if decision.action != "deny" else None
+            stmt.plan = self._mask_plan(decision) if decision.action != "deny" else None
         return decision
 
     async def _approve(self, classified: Classified, decision: Decision, decisions: list[Decision]) -> Decision:
@@ -802,7 +842,7 @@ class Relay:
         decision: Decision,
         decisions: Sequence[Decision] | None = None,
     ) -> bytes | None:
-        plan = self.session.mask_plan(decision)
+        plan = self._mask_plan(decision)
         if plan.is_empty:
             plan = None
         elif classified.copy_to and plan.has_columns:
@@ -842,7 +882,7 @@ class Relay:
                 index = classified.requests.index(request)
                 if index < len(decisions) and decisions[index].action == "allow":
                     d = decisions[index]
-            self._remember(Prepared(name, request.payload, inner, d, time.monotonic(), self.session.mask_plan(d)))
+            self._remember(Prepared(name, request.payload, inner, d, time.monotonic(), self._mask_plan(d)))
         for name in classified.closes:
             if name is None:
                 self._cursors.clear()
@@ -913,7 +953,7 @@ class Relay:
 
     def _allow_parse(self, name: str, sql: str, classified: Classified, decision: Decision) -> None:
         self._apply_names(classified, decision)
-        plan = self.session.mask_plan(decision)
+        plan = self._mask_plan(decision)
         self._remember(Prepared(name, sql, classified, decision, time.monotonic(), plan))
         self._push(_K_PARSE, name)
 
@@ -980,7 +1020,7 @@ class Relay:
             if portal_name in self._cursors:
                 # A SQL cursor executed as a portal: decided and masked like its DECLARE.
                 decision = self._cursors[portal_name]
-                plan = self.session.mask_plan(decision)
+                plan = self._mask_plan(decision)
                 run = Execution(f"EXECUTE PORTAL {portal_name}", decision, None if plan.is_empty else plan)
                 if run.plan is not None:
                     prefix = pg.describe("P", portal_name)
@@ -1157,6 +1197,8 @@ class Relay:
             end = offsets[i + 1] if i + 1 < n else size
             raw = data[start:end]
             replacement = self._backend_message(t, raw)
+            if replacement is None and self._text_plan is not None and t in _TEXT_MESSAGES:
+                replacement = self._mask_server_text(t, raw)
             if replacement is not None:
                 if out is None:
                     out = []
@@ -1181,6 +1223,25 @@ class Relay:
             if isinstance(run, Execution):
                 run.rows += count
         self.stats.rows += count
+
+    def _mask_plan(self, decision: Decision) -> Any:
+        plan = self.session.mask_plan(decision)
+        if plan is not None and plan.has_detectors:
+            self._text_plan = plan
+        return plan
+
+    def _mask_server_text(self, t: int, raw: bytes) -> bytes | None:
+        """``raw`` (an ErrorResponse, NoticeResponse, NotificationResponse or ParameterStatus) with detector
+        matches masked in its texts, or None when nothing needed masking. ``invalid input syntax for type
+        integer: "ann@example.com"``, a RAISE NOTICE or a pg_notify() payload carry row data too."""
+        plan = self._text_plan
+        try:
+            return _masked_texts(plan, t, raw)
+        except (ValueError, IndexError):
+            # Not well formed: nothing of it reaches the agent unmasked.
+            if t == _B_ERROR:
+                return pg.error_response("ERROR", "XX000", "lictor: the server's error message was withheld")
+            return b""
 
     def _backend_message(self, t: int, raw: bytes) -> bytes | None:
         """Handle one non-DataRow message; return its replacement (b"" drops it) or None to keep it."""
