@@ -107,7 +107,7 @@ NEAR_MISSES = {
         "0000 0000 0000 0000",  # passes Luhn, but no card number starts with 0
         "411111111111",  # 12 digits
         "41111111111111111111",  # 20 digits
-        "x4111111111111111",  # glued to a word
+        "x41111111111111112",  # glued to a word, Luhn fails
         "4111.1111.1111.1111",
         "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16",
     ],
@@ -168,6 +168,24 @@ def test_near_miss_left_alone(name: str, value: str) -> None:
 def test_luhn_near_miss_not_masked_by_any_detector() -> None:
     text = "order 4111111111111112 and ssn 000-12-3456 and iban GB82WEST12345698765433"
     assert plan_for(*ALL).mask_text(text) == (text, {})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a4111111111111111", "a{card}"),  # 'a' || card
+        ("4111111111111111z", "{card}z"),
+        ("Ann4111111111111111", "Ann{card}"),
+        ("_4111111111111111_", "_{card}_"),
+        ("4111111111111111,5500000000000004", "{card},{card}"),
+        ("ann@example.com1", "{email}1"),  # email || '1'
+        ("x ann@example.com2024 y", "x {email}2024 y"),
+    ],
+)
+def test_values_glued_to_other_text_are_masked(text: str, expected: str) -> None:
+    # SQL concatenation ('a' || card, email || '1') must not get a value past its detector.
+    plan = MaskPlan.compile([{"detectors": ["card", "email"]}])
+    assert plan.mask_text(text)[0] == expected.format(card=red("card"), email=red("email"))
 
 
 def test_card_trailing_group_not_swallowed() -> None:

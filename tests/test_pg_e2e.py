@@ -653,6 +653,8 @@ def test_errors_notices_notifications_and_settings_are_masked_too(env: PgEnv) ->
         )
         app = conn.info.parameter_status("application_name") or ""
         assert "@example.com" not in app and "[REDACTED:email]" in app
+        glued = conn.execute("SELECT 'a' || card, card || 'z', email || '1' FROM customers ORDER BY id").fetchall()
+        assert glued and not any(c in v for row in glued for v in row for c in [*CARDS, "@example.com"]), glued
         conn.execute("LISTEN lictor_masking")
         conn.execute("SELECT note(email) FROM customers ORDER BY id LIMIT 1")
         assert len(notices) == 1 and "[REDACTED:email]" in notices[0] and "@" not in notices[0], notices

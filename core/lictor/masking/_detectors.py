@@ -236,9 +236,12 @@ _BUILTINS = (
     ),
     _builtin(
         "card",
-        r"\b(?:\d{13,19}|\d{4}(?: \d{4}){2} \d{1,4}(?: \d{1,3})?|\d{4}(?:-\d{4}){2}-\d{1,4}(?:-\d{1,3})?"
-        r"|\d{4}[ -]\d{6}[ -]\d{4,5})\b",
+        # Bounded by non-digits, not only by word boundaries: 'a'||card or card||'z' glues letters to it.
+        # (Not [^0-9]: in UTF-8 mode that cannot match a byte of invalid UTF-8 next to the number.)
+        r"(?:\b|[A-Za-z_])(\d{13,19}|\d{4}(?: \d{4}){2} \d{1,4}(?: \d{1,3})?|\d{4}(?:-\d{4}){2}-\d{1,4}(?:-\d{1,3})?"
+        r"|\d{4}[ -]\d{6}[ -]\d{4,5})(?:\b|[A-Za-z_])",
         "card",
+        group=1,
     ),
     _builtin("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", "iban"),
     _builtin("ssn", r"\b\d{3}(?:-\d{2}-|\ \d{2}\ )\d{4}\b", "ssn"),

@@ -190,8 +190,12 @@ def aws_secret(data: bytes, start: int, end: int) -> int:
     return end
 
 
+_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
 def email(data: bytes, start: int, end: int) -> int:
-    """E-mail address: the domain is trimmed to its last label of 2-24 letters after a dot."""
+    """E-mail address: the domain is trimmed to its last label of 2-24 letters after a dot (digits
+    right after those letters are not part of it)."""
     at = data.find(b"@", start, end)
     if at < 0:
         return -1
@@ -202,8 +206,10 @@ def email(data: bytes, start: int, end: int) -> int:
         if dot < 0:
             return -1
         tld = data[dot + 1 : end]
-        if 2 <= len(tld) <= 24 and tld.isalpha():
-            return end
+        letters = len(tld) - len(tld.lstrip(_LETTERS))
+        # ann@example.com1 (text glued to the address, as by email||'1'): the address ends with the letters
+        if 2 <= letters <= 24 and (letters == len(tld) or tld[letters:].isdigit()):
+            return dot + 1 + letters
         end = dot
     return -1
 
