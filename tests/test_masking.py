@@ -736,3 +736,12 @@ def test_pattern_width_bounds_every_match(pattern: str, data: st.DataObject) -> 
     encoded = text.encode("utf-8", "surrogatepass")
     assert re2.fullmatch(pattern, encoded) is not None
     assert len(encoded) <= det.max_len
+
+
+def test_json_columns_stay_json_when_masked() -> None:
+    plan = MaskPlan.compile([{"detectors": ["card"]}, {"columns": ["doc_whole"], "style": "redact"}])
+    columns = plan.columns(["doc", "doc_whole"])
+    doc = b'{"card": 4111111111111111, "list": ["4111 1111 1111 1111"], "ok": 7}'
+    assert json.loads(columns.mask_json_value(0, doc)) == {"card": red("card"), "list": [red("card")], "ok": 7}
+    assert json.loads(columns.mask_json_value(1, doc)) == "[REDACTED:column]"
+    assert columns.mask_json_value(0, b"not json 4111111111111111") == b"not json " + red("card").encode()

@@ -655,6 +655,14 @@ def test_errors_notices_notifications_and_settings_are_masked_too(env: PgEnv) ->
         assert "@example.com" not in app and "[REDACTED:email]" in app
         glued = conn.execute("SELECT 'a' || card, card || 'z', email || '1' FROM customers ORDER BY id").fetchall()
         assert glued and not any(c in v for row in glued for v in row for c in [*CARDS, "@example.com"]), glued
+        # masked values still parse as their column's type: JSON stays JSON, a masked number is NULL
+        row = conn.execute(
+            "SELECT 4111111111111111::bigint, 42::bigint, row_to_json(x), jsonb_build_object('n', 4111111111111111) "
+            "FROM (SELECT email, 4111111111111111::bigint AS n FROM customers ORDER BY id LIMIT 1) x"
+        ).fetchone()
+        assert row is not None and row[:2] == (None, 42)
+        assert row[2] == {"email": "[REDACTED:email]", "n": "************1111"}, row
+        assert row[3] == {"n": "************1111"}
         conn.execute("LISTEN lictor_masking")
         conn.execute("SELECT note(email) FROM customers ORDER BY id LIMIT 1")
         assert len(notices) == 1 and "[REDACTED:email]" in notices[0] and "@" not in notices[0], notices

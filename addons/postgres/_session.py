@@ -92,6 +92,8 @@ _Z_KINDS = frozenset({_K_SYNC, _K_QUERY, _K_FCALL, _K_DENY_Q, _K_ABORT})
 # xml, citext is an extension and has no fixed oid). jsonb's binary form is a version byte then the text.
 _TEXT_LIKE = frozenset({25, 1043, 1042, 19, 18, 705, 114, 142})
 _JSONB = 3802
+_JSON_TYPES = frozenset({114, _JSONB})
+_NUMERIC_TYPES = frozenset({20, 21, 23, 26, 700, 701, 790, 1700})  # int8 int2 int4 oid float4/8 money numeric
 
 _REASON = re.compile(r"/\*\s*reason\s*:\s*(.*?)\s*\*/|--\s*reason\s*:\s*([^\r\n]*)", re.IGNORECASE | re.DOTALL)
 
@@ -170,40 +172,58 @@ class Portal:
 
 
 class RowMasker:
-    """Masks DataRows of one result: text values and binary values of text-like types."""
+    """Masks DataRows of one result: text values and binary values of text-like types.
 
-    __slots__ = ("counts", "jsonb", "masker", "targets")
+    A masked value must still parse as its column's type, or the agent's driver fails on the whole
+    result: JSON documents are masked as JSON (a card number in a JSON number becomes a string), and
+    a number that masking changed (a card stored as bigint) comes back as NULL."""
+
+    __slots__ = ("binary_jsonb", "counts", "json", "masker", "numeric", "targets")
 
     def __init__(self, masker: Any, fields: Sequence[pg.FieldDescription], formats: Sequence[int] | None) -> None:
         self.masker = masker
         self.counts: Counter[str] = masker.counts
         targets: list[int] = []
-        jsonb: set[int] = set()
+        binary_jsonb: set[int] = set()
+        as_json: set[int] = set()
+        numeric: set[int] = set()
         for i, f in enumerate(fields):
             if masker.action(i) == "pass":
                 continue
             fmt = formats[i] if formats is not None else f.format
             if fmt == 1:
                 if f.type_oid == _JSONB:
-                    jsonb.add(i)
+                    binary_jsonb.add(i)
                 elif f.type_oid not in _TEXT_LIKE:
                     raise _BinaryRefused(f.name, f.type_oid)
+            if f.type_oid in _JSON_TYPES:
+                as_json.add(i)
+            elif f.type_oid in _NUMERIC_TYPES:
+                numeric.add(i)
             targets.append(i)
         self.targets = tuple(targets)
-        self.jsonb = frozenset(jsonb)
+        self.binary_jsonb = frozenset(binary_jsonb)
+        self.json = frozenset(as_json)
+        self.numeric = frozenset(numeric)
 
     def mask(self, raw: bytes) -> bytes:
-        values = pg.decode_datarow(raw)
-        mask_value = self.masker.mask_value
+        values: list[bytes | None] = pg.decode_datarow(raw)
+        masker = self.masker
         changed = False
         for i in self.targets:
             value = values[i]
             if value is None:
                 continue
-            if i in self.jsonb and value[:1] == b"\x01":
-                new = b"\x01" + mask_value(i, value[1:])
+            new: bytes | None
+            if i in self.json:
+                if i in self.binary_jsonb and value[:1] == b"\x01":
+                    new = b"\x01" + masker.mask_json_value(i, value[1:])
+                else:
+                    new = masker.mask_json_value(i, value)
             else:
-                new = mask_value(i, value)
+                new = masker.mask_value(i, value)
+                if i in self.numeric and new != value:
+                    new = None
             if new != value:
                 values[i] = new
                 changed = True

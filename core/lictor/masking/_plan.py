@@ -91,6 +91,22 @@ class ColumnMasker:
         self.counts["column"] += 1
         return apply_style(style, plan._key, "column", value)
 
+    def mask_json_value(self, index: int, value: bytes) -> bytes:
+        """Like :meth:`mask_value` for a column holding a JSON document: the result stays valid JSON
+        (a detector match in a number becomes a string, a masked whole value a JSON string)."""
+        style = self._style(index)
+        if style is None:
+            return value
+        if style is self._DETECT:
+            try:
+                masked, counts = self._plan.mask_json_bytes(value)
+            except MaskingError:  # not JSON after all: mask it as text
+                return self.mask_value(index, value)
+            self.counts.update(counts)
+            return masked
+        whole = self.mask_value(index, value)
+        return json.dumps(whole.decode("utf-8", "replace"), ensure_ascii=False).encode()
+
 
 class MaskPlan:
     """What to mask and how, compiled once per rule-pack version and shared by all requests.
