@@ -1237,3 +1237,25 @@ def test_a_program_file_named_exactly_is_left_to_the_rules() -> None:
     assert names("sh ./deploy.sh") == ["sh"]
     assert names("python3 tools/report.py --all") == ["python3"]
     assert names("bash deploy-$ENV.sh </dev/null") == ["bash"]  # the input is known: nothing else to read
+
+
+@pytest.mark.parametrize(
+    ("arg", "plain"),
+    [
+        ("///*", "/*"),
+        ("/.//*", "/*"),
+        ("/*/", "/*"),
+        ("/dev/../dev/sda", "/dev/sda"),
+        ("of=//dev/./sda", "of=/dev/sda"),
+        ("--target=/a//b/", "--target=/a/b"),
+        ("-rf", "-rf"),
+        ("a=b", "a=b"),
+    ],
+)
+def test_paths_are_also_given_spelled_plainly(arg: str, plain: str) -> None:
+    from lictor_addons.ssh._requests import lexical_path, requests_for_command
+
+    assert lexical_path(arg) == plain
+    (request,) = requests_for_command(f"rm {arg}", target="t")
+    argv = request.attrs["argv"]
+    assert argv == arg if arg == plain else argv == [arg, plain]

@@ -10,6 +10,8 @@ before the policy sees it, under the rule id ``lictor:ssh-unparsable``.
 
 from __future__ import annotations
 
+import posixpath
+import re
 from collections.abc import Iterable, Sequence
 
 from lictor import Decision, Request
@@ -40,14 +42,38 @@ HARMLESS_WRITES = frozenset({"/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tt
 """Redirection targets left out of ``writes``: they change no file (the terminal or the channel)."""
 
 
+_SLASHES = re.compile(r"/{2,}")
+
+
+def lexical_path(arg: str) -> str:
+    """``arg`` with its path spelled plainly: repeated slashes, ``.`` and ``..`` resolved as text
+    (``//dev/./sda`` -> ``/dev/sda``, ``/etc/../*`` -> ``/*``); for ``of=PATH`` / ``--opt=PATH``, the
+    part after ``=``. Text without a slash is returned as it is."""
+    if "/" not in arg:
+        return arg
+    if "=" in arg and not arg.startswith(("/", ".")):
+        key, _, value = arg.partition("=")
+        return f"{key}={lexical_path(value)}" if "/" in value else arg
+    return posixpath.normpath(_SLASHES.sub("/", arg))
+
+
+def _with_plain(text: str, plain: str) -> str | list[str]:
+    """One value, or both spellings when they differ: deny rules match either, allow rules need both."""
+    return text if plain == text else [text, plain]
+
+
 def invocation_attrs(inv: Invocation, channel: str) -> dict[str, object]:
-    """The rule attributes of one program a command line would run."""
+    """The rule attributes of one program a command line would run. Arguments, commands and written
+    files are also given with their paths spelled plainly (:func:`lexical_path`), so that a rule on
+    ``/dev/sd*`` or ``/`` is not walked past by ``//dev/./sda`` or ``/.//``."""
     writes = [r.target for r in inv.redirects if r.writes and r.target not in HARMLESS_WRITES]
+    writes += [p for p in (lexical_path(w) for w in writes) if p not in writes]
+    plain_argv = " ".join(lexical_path(a) for a in inv.args)
     return {
         "channel": channel,
         "program": inv.name,
-        "command": f"{inv.name} {inv.argv_text}".strip(),
-        "argv": inv.argv_text,
+        "command": _with_plain(f"{inv.name} {inv.argv_text}".strip(), f"{inv.name} {plain_argv}".strip()),
+        "argv": _with_plain(inv.argv_text, plain_argv),
         "writes": writes,
         "via_wrapper": inv.via is not None and inv.via not in NOT_WRAPPED,
         "via": inv.via,
@@ -166,7 +192,7 @@ def _what(request: Request) -> str:
     if "parse_error" in attrs:
         return "this command line"
     if attrs.get("command"):
-        return f"`{attrs['command']}`"
+        return f"`{_as_written(attrs['command'])}`"
     if attrs.get("destination"):
         return f"port forwarding ({attrs.get('direction', 'local')}) to {attrs['destination']}"
     if attrs.get("operation"):
@@ -203,4 +229,9 @@ def denial_text(request: Request, decision: Decision) -> str:
 
 
 def describe(requests: Iterable[Request]) -> list[str]:
-    return [str(r.attrs.get("command") or r.action) for r in requests]
+    return [str(_as_written(r.attrs.get("command")) or r.action) for r in requests]
+
+
+def _as_written(value: object) -> object:
+    """The spelling the agent wrote, of an attribute that may also carry its plain spelling."""
+    return value[0] if isinstance(value, list) and value else value
