@@ -1259,3 +1259,4 @@ def test_paths_are_also_given_spelled_plainly(arg: str, plain: str) -> None:
     (request,) = requests_for_command(f"rm {arg}", target="t")
     argv = request.attrs["argv"]
     assert argv == arg if arg == plain else argv == [arg, plain]
+    assert request.summary == f"rm {arg}"  # what the agent wrote, in messages and approvals

@@ -121,6 +121,7 @@ def requests_for_command(
     out: list[Request] = []
     for i, inv in enumerate(invocations):
         attrs = invocation_attrs(inv, channel)
+        written = _as_written(attrs["command"])
         whole = command if len(command) <= 300 else command[:300] + "..."
         out.append(
             Request(
@@ -128,8 +129,8 @@ def requests_for_command(
                 action=inv.name,
                 attrs=attrs,
                 target=target,
-                summary=f"{attrs['command']}" + ("" if len(invocations) == 1 else f"  (part of: {whole})"),
-                payload=f"{command}\n[{i}] {attrs['command']}",
+                summary=f"{written}" + ("" if len(invocations) == 1 else f" (part of: {whole})"),
+                payload=f"{command}\n[{i}] {written}",
                 reason=reason,
             )
         )
