@@ -596,9 +596,19 @@ def test_psycopg_binary_results_and_prepared_statements(env: PgEnv) -> None:
             assert row[0] == i + 1 and row[1] == 100
         assert len(conn.execute("SELECT * FROM customers", binary=True).fetchall()) == 20
     with env.connect("readonly") as conn:
-        # Masked results cannot be binary: the gateway masks the text form only, and says so.
+        # Binary results are masked where the gateway can read them: text-like values, and numbers (a
+        # number that holds a card comes back as NULL); other binary values are refused, with the reason.
+        cur = conn.cursor(binary=True)
+        row = cur.execute(
+            "SELECT id, email, card, 4111111111111111::bigint, 4111111111111111::numeric, 7::bigint, now() "
+            "FROM customers WHERE id = %s",
+            [1],
+        ).fetchone()
+        assert row is not None and row[0] == 1 and row[1] == "[REDACTED:email]" and "*" in row[2], row
+        assert row[3:6] == (None, None, 7), row
+        assert cur.execute("SELECT 1").fetchone() == (1,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
-            conn.cursor(binary=True).execute("SELECT id, email FROM customers WHERE id = %s", [1])
+            cur.execute("SELECT ARRAY[email] FROM customers WHERE id = %s", [1]).fetchall()
         assert "binary" in str(info.value)
         row = conn.execute("SELECT email, card FROM customers WHERE id = %s", [1]).fetchone()
         assert row[0] == "[REDACTED:email]" and row[1].endswith("0004") and "*" in row[1]

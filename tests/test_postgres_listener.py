@@ -464,17 +464,42 @@ async def test_masked_execute_without_describe_gets_one_from_the_gateway(rig_fac
     assert got[2].values == [b"[REDACTED:email]"]
 
 
-async def test_binary_results_refused_for_masked_statements(rig_factory: Any) -> None:
+async def test_binary_results_are_masked_or_refused_when_their_columns_are_known(rig_factory: Any) -> None:
+    # Columns unknown at Bind (no statement Describe, as psycopg does it): decided on the portal's
+    # RowDescription, before any row reaches the agent.
     rig = await rig_factory("readonly")
-    forwarded = rig.send(
-        pg.parse("", "SELECT email FROM customers"),
-        pg.bind("", "", result_formats=[1]),
-        pg.execute(""),
-        pg.sync(),
+    query = "SELECT email, n, ok, tags FROM customers"
+    forwarded = rig.send(pg.parse("", query), pg.bind("", "", result_formats=[1]), pg.execute(""), pg.sync())
+    assert [type(m).__name__ for m in forwarded] == ["Parse", "Bind", "Describe", "Execute", "Sync"]
+    fields = [("email", 0, 0, 25, -1, -1, 1), ("n", 0, 0, 20, 8, -1, 1), ("ok", 0, 0, 20, 8, -1, 1)]
+    got = rig.reply(
+        pg.parse_complete(),
+        pg.bind_complete(),
+        pg.row_description(fields),
+        pg.data_row([b"bob@example.org", (4111111111111111).to_bytes(8, "big"), (7).to_bytes(8, "big")]),
+        pg.command_complete("SELECT 1"),
+        ready(),
     )
-    assert [type(m).__name__ for m in forwarded] == ["Parse", "Parse", "Sync"]
-    got = rig.reply(pg.parse_complete(), syntax_error(), ready())
-    assert got[1].sqlstate == "42501" and "binary" in got[1].message
+    assert [type(m).__name__ for m in got] == [
+        "ParseComplete",
+        "BindComplete",
+        "DataRow",
+        "CommandComplete",
+        "ReadyForQuery",
+    ]
+    assert got[2].values == [b"[REDACTED:email]", None, (7).to_bytes(8, "big")]
+    # an array of text in binary cannot be masked: the result is withheld
+    rig.send(pg.parse("", query), pg.bind("", "", result_formats=[1]), pg.execute(""), pg.sync())
+    got = rig.reply(
+        pg.parse_complete(),
+        pg.bind_complete(),
+        pg.row_description([("tags", 0, 0, 1009, -1, -1, 1)]),
+        pg.data_row([b"\x00binary array with bob@example.org"]),
+        pg.command_complete("SELECT 1"),
+        ready(),
+    )
+    assert [type(m).__name__ for m in got] == ["ParseComplete", "BindComplete", "ErrorResponse", "ReadyForQuery"]
+    assert got[2].sqlstate == "42501" and "binary" in got[2].message
 
 
 async def test_parser_sensitive_text_waits_for_the_earlier_pipeline(rig_factory: Any) -> None:

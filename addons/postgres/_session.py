@@ -94,6 +94,31 @@ _TEXT_LIKE = frozenset({25, 1043, 1042, 19, 18, 705, 114, 142})
 _JSONB = 3802
 _JSON_TYPES = frozenset({114, _JSONB})
 _NUMERIC_TYPES = frozenset({20, 21, 23, 26, 700, 701, 790, 1700})  # int8 int2 int4 oid float4/8 money numeric
+# Binary values of these types cannot hold what a detector looks for (at most 10 digits, or no digits
+# in a row): a detector has nothing to find; a column mask turns them into NULL.
+_BINARY_NOTHING_TO_DETECT = frozenset({16, 21, 23, 26, 700, 1082, 1083, 1114, 1184, 1186, 1266, 2950})
+_INT8, _FLOAT8, _MONEY, _NUMERIC = 20, 701, 790, 1700
+
+
+def _binary_number_text(type_oid: int, value: bytes) -> bytes:
+    """The text form of a binary int8, float8, money or numeric value (for the detectors)."""
+    if type_oid in (_INT8, _MONEY):
+        (n,) = struct.unpack("!q", value)
+        return str(n).encode()
+    if type_oid == _FLOAT8:
+        (f,) = struct.unpack("!d", value)
+        return repr(f).encode()
+    ndigits, weight, sign, _scale = struct.unpack_from("!hhHh", value)
+    if sign in (0xC000, 0xD000, 0xF000):  # NaN, +Infinity, -Infinity
+        return b"NaN"
+    digits = struct.unpack_from(f"!{ndigits}h", value, 8)
+    groups = [*digits[: max(weight + 1, 0)], *[0] * max(weight + 1 - ndigits, 0)]
+    whole = "".join(f"{d:04d}" for d in groups).lstrip("0") or "0"
+    frac = "".join(f"{d:04d}" for d in digits[max(weight + 1, 0) :])
+    frac = "0000" * max(-weight - 1, 0) + frac
+    text = whole + (f".{frac}" if frac else "")
+    return (("-" if sign == 0x4000 else "") + text).encode()
+
 
 _REASON = re.compile(r"/\*\s*reason\s*:\s*(.*?)\s*\*/|--\s*reason\s*:\s*([^\r\n]*)", re.IGNORECASE | re.DOTALL)
 
@@ -178,7 +203,7 @@ class RowMasker:
     result: JSON documents are masked as JSON (a card number in a JSON number becomes a string), and
     a number that masking changed (a card stored as bigint) comes back as NULL."""
 
-    __slots__ = ("binary_jsonb", "counts", "json", "masker", "numeric", "targets")
+    __slots__ = ("binary_jsonb", "binary_numbers", "counts", "json", "masker", "numeric", "targets", "to_null")
 
     def __init__(self, masker: Any, fields: Sequence[pg.FieldDescription], formats: Sequence[int] | None) -> None:
         self.masker = masker
@@ -187,13 +212,23 @@ class RowMasker:
         binary_jsonb: set[int] = set()
         as_json: set[int] = set()
         numeric: set[int] = set()
+        binary_numbers: dict[int, int] = {}
+        to_null: set[int] = set()
         for i, f in enumerate(fields):
-            if masker.action(i) == "pass":
+            action = masker.action(i)
+            if action == "pass":
                 continue
             fmt = formats[i] if formats is not None else f.format
             if fmt == 1:
                 if f.type_oid == _JSONB:
                     binary_jsonb.add(i)
+                elif f.type_oid in _BINARY_NOTHING_TO_DETECT or f.type_oid in (_INT8, _FLOAT8, _MONEY, _NUMERIC):
+                    if action == "whole":
+                        to_null.add(i)
+                    elif f.type_oid not in _BINARY_NOTHING_TO_DETECT:
+                        binary_numbers[i] = f.type_oid
+                    else:
+                        continue
                 elif f.type_oid not in _TEXT_LIKE:
                     raise _BinaryRefused(f.name, f.type_oid)
             if f.type_oid in _JSON_TYPES:
@@ -205,6 +240,8 @@ class RowMasker:
         self.binary_jsonb = frozenset(binary_jsonb)
         self.json = frozenset(as_json)
         self.numeric = frozenset(numeric)
+        self.binary_numbers = binary_numbers
+        self.to_null = frozenset(to_null)
 
     def mask(self, raw: bytes) -> bytes:
         values: list[bytes | None] = pg.decode_datarow(raw)
@@ -215,7 +252,15 @@ class RowMasker:
             if value is None:
                 continue
             new: bytes | None
-            if i in self.json:
+            if i in self.to_null:
+                new = None
+            elif i in self.binary_numbers:
+                try:
+                    text = _binary_number_text(self.binary_numbers[i], value)
+                    new = None if masker.mask_value(i, text) != text else value
+                except struct.error:  # not a value of its type: nothing of it is relayed
+                    new = None
+            elif i in self.json:
                 if i in self.binary_jsonb and value[:1] == b"\x01":
                     new = b"\x01" + masker.mask_json_value(i, value[1:])
                 else:
@@ -1023,7 +1068,7 @@ class Relay:
             "ask for text results (psycopg: binary=False)"
         )
         if stmt.fields is None:
-            return base
+            return None  # decided when the portal's columns are known, before its first row
         per_column = result_formats(formats, len(stmt.fields))
         if per_column is None:
             return base
