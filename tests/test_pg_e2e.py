@@ -875,6 +875,31 @@ def test_held_statement_denied_by_an_approver_or_cancelled_by_the_agent(env: PgE
     assert env.direct("SELECT count(*) > 0 FROM orders") == [(True,)]
 
 
+def test_a_held_statement_is_withdrawn_when_its_agent_goes_away(env: PgEnv) -> None:
+    # Reading from the agent is paused during a hold; its disconnect must still end the request, so
+    # that nobody approves a statement whose agent is gone.
+    env_cli = {**os.environ, "LICTOR_TOKEN": env.tokens["dba"]}
+    url = f"http://127.0.0.1:{env.approvals_port}"
+    raw = RawClient(env.port, env.tokens["writer"])
+    raw.send(pg.query("DROP TABLE orders"))
+    deadline = time.monotonic() + 10
+    approval = None
+    while approval is None and time.monotonic() < deadline:
+        pending = json.loads(lictor("approvals", "list", "--json", "--url", url, env=env_cli).stdout)
+        approval = next((a for a in pending if "DROP TABLE orders" in a.get("summary", "")), None)
+        time.sleep(0.2)
+    assert approval is not None and approval["status"] == "pending"
+    raw.sock.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        shown = json.loads(lictor("approvals", "show", approval["id"], "--json", "--url", url, env=env_cli).stdout)
+        if shown["status"] != "pending":
+            break
+        time.sleep(0.2)
+    assert shown["status"] == "withdrawn", shown
+    assert env.direct("SELECT count(*) > 0 FROM orders") == [(True,)]
+
+
 # -- memory ---------------------------------------------------------------------------------------
 
 

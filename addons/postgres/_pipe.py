@@ -18,6 +18,8 @@ pausing is counted by reason.
 """
 
 import asyncio
+import os
+import socket
 import logging
 from collections.abc import Callable
 
@@ -152,6 +154,24 @@ class Pipe(asyncio.Protocol):
         soon, self._soon = self._soon, None
         if soon and self.transport is not None and not self.closed:
             self.transport.write(soon[0] if len(soon) == 1 else b"".join(soon))
+
+    def peer_gone(self) -> bool:
+        """Whether the other end closed the connection, found without reading (for a paused pipe, whose
+        transport does not notice end of file until it reads again)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return True
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            with socket.socket(fileno=os.dup(sock.fileno())) as peek:
+                data = peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return data == b""
 
     def pause_reading(self, reason: str) -> None:
         if not self._pause_reasons and self.transport is not None and not self.closed:

@@ -354,6 +354,9 @@ class Stats:
     masked: Counter[str] = field(default_factory=Counter)
 
 
+HOLD_WATCH_INTERVAL = 1.0
+"""Seconds between checks that an agent whose statement is held is still connected."""
+
 Handler = Callable[[bytes], "bytes | Coroutine[Any, Any, bytes | None] | None"]
 
 
@@ -621,6 +624,18 @@ class Relay:
         self._hold_task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        watcher = asyncio.ensure_future(self._watch_agent_while_held(task))
+        self._tasks.add(watcher)
+        watcher.add_done_callback(self._tasks.discard)
+
+    async def _watch_agent_while_held(self, task: asyncio.Task[Any]) -> None:
+        """Reading from the agent is paused during a hold, so its going away would go unnoticed until the
+        hold ends: look every second, and end the session (which withdraws the approval request)."""
+        while not task.done() and not self.closed:
+            await asyncio.sleep(HOLD_WATCH_INTERVAL)
+            if not task.done() and self.agent.peer_gone():
+                self.shutdown("agent closed the connection while a statement was held")
+                return
 
     def cancel_hold(self) -> bool:
         """The agent sent a CancelRequest: give up a statement held in the gateway (e.g. for approval)."""
