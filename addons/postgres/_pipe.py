@@ -18,9 +18,9 @@ pausing is counted by reason.
 """
 
 import asyncio
+import logging
 import os
 import socket
-import logging
 from collections.abc import Callable
 
 __all__ = ["Pipe", "PipeClosed"]
