@@ -110,6 +110,10 @@ class CustomersAPI:
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                     self.wfile.write(b"0\r\n\r\n")
                     return
+                if self.path == "/v1/customers/big":  # larger than the example's max_body (1 MiB)
+                    rows = [{"id": i, "email": EMAIL, "card": CARD, "note": "x" * 200} for i in range(5000)]
+                    self._json(200, {"id": "big", "rows": rows})
+                    return
                 match = re.fullmatch(r"/v1/customers/(\w+)", self.path)
                 if match:
                     self._json(200, {"id": match.group(1), "email": EMAIL, "card": CARD, "plan": "gold"})
@@ -332,6 +336,17 @@ def test_big_streamed_response_is_masked_across_chunks(env: Env) -> None:
     assert len(lines) == EXPORT_LINES + 1
     assert EMAIL.encode() not in body and b"1111 1111" not in body
     assert body.count(b"[REDACTED:email]") == EXPORT_LINES and body.count(b"[REDACTED:card]") == EXPORT_LINES
+
+
+def test_masked_json_larger_than_max_body_is_masked_not_refused(env: Env) -> None:
+    # max_body limits request bodies; mitmproxy applies its body_size_limit to responses it buffers
+    # too, so a large JSON response must be masked as a stream, not buffered.
+    status, body = env.curl(f"{env.url()}/v1/customers/big", token=env.agent)
+    assert status == 200, body[:300]
+    assert len(body) > 1 << 20
+    doc = json.loads(body)
+    assert len(doc["rows"]) == 5000
+    assert EMAIL.encode() not in body and CARD.encode() not in body
 
 
 def test_held_request_is_forwarded_once_after_approval(env: Env) -> None:

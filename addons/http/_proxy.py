@@ -21,7 +21,9 @@ Requests are never streamed to the upstream (``stream_large_bodies`` stays unset
 would reach the upstream before the ``request`` hook decides). mitmproxy buffers request bodies, chunked or
 not, up to ``body_size_limit`` (the largest ``max_body`` of the targets) and answers 413 itself for a body
 that declares or reaches more, before buffering it; a body over its own target's ``max_body`` is answered
-413 by the ``request`` hook. Responses
+413 by the ``request`` hook. mitmproxy applies the same limit to responses, before any hook sees them, so
+a download larger than ``max_body`` would get a 502: :func:`_request_bodies_only` keeps that check to
+requests (what a response buffers is bounded by the ``responseheaders`` hook). Responses
 are relayed through ``response.stream`` functions that mask on the way (see :mod:`._bodies`), or buffered
 (known length up to ``http_buffer_limit``) and masked in the ``response`` hook.
 
@@ -53,6 +55,7 @@ from mitmproxy.addons import next_layer, proxyserver, tlsconfig
 from mitmproxy.connection import Client
 from mitmproxy.master import Master
 from mitmproxy.options import Options
+from mitmproxy.proxy.layers import http as http_layers
 from OpenSSL import SSL
 
 from . import _bodies as bodies
@@ -1338,6 +1341,25 @@ class FailClosedGate:
 _MITMPROXY_DIR = str(Path(mitmproxy.__file__).parent)
 
 
+def _request_bodies_only() -> None:
+    """Make mitmproxy's ``body_size_limit`` a limit on request bodies only (see the module docstring).
+
+    mitmproxy 12 checks a response's declared length against the same option before the
+    ``responseheaders`` hook, and answers 502 for a larger one, whether Lictor would stream it or not."""
+    stream_class = http_layers.HttpStream
+    original = stream_class.check_body_size
+    if getattr(original, "lictor_requests_only", False):
+        return
+
+    def check_body_size(self: Any, request: bool) -> Any:
+        if not request:
+            return False
+        return (yield from original(self, request))
+
+    check_body_size.lictor_requests_only = True  # type: ignore[attr-defined]
+    stream_class.check_body_size = check_body_size
+
+
 def _eager_for_mitmproxy(previous: Any) -> Any:
     """A task factory that starts mitmproxy's own tasks eagerly, as ``mitmproxy``'s ``master.run()`` does.
 
@@ -1385,6 +1407,7 @@ class EmbeddedProxy:
         loop = asyncio.get_running_loop()
         if not log.isEnabledFor(logging.DEBUG):
             logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # per-connection chatter
+        _request_bodies_only()
         opts = Options()
         master = Master(opts, event_loop=loop, with_termlog=False)
         self.lictor = LictorProxy(self.gateway, self.targets, buffer_limit=self.buffer_limit)
