@@ -376,6 +376,33 @@ def test_held_request_is_forwarded_once_after_approval(env: Env) -> None:
     assert len(posts) == 1 and json.loads(posts[0]["body"]) == {"name": "Held Customer"}
 
 
+def test_a_denied_approval_is_not_presented_as_one_to_wait_for(env: Env) -> None:
+    def post() -> httpx.Response:
+        with httpx.Client(verify=ssl.create_default_context(cafile=env.ca), timeout=60) as client:
+            return client.post(
+                env.url() + "/v1/customers",
+                json={"name": "Refused Customer"},
+                headers={"Authorization": f"Bearer {env.agent}"},
+            )
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(post)
+        deadline = time.monotonic() + 15
+        pending: list[str] = []
+        while not pending and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pending = env.pending()
+        assert len(pending) == 1
+        url = f"http://127.0.0.1:{env.ports['approvals']}"
+        lictor("approvals", "deny", pending[0], "--url", url, "--token", env.lead, "--reason", "no way")
+        resp = future.result(timeout=30)
+    assert resp.status_code == 403
+    doc = resp.json()
+    assert doc["error"] == "approval_not_granted" and doc["approval_status"] == "denied", doc
+    assert "no way" in doc["message"] and "X-Lictor-Approval:" not in doc["hint"], doc
+    assert not any(b"Refused Customer" in r["body"] for r in env.api.seen("POST"))
+
+
 def test_ticket_mode_answers_at_once_and_the_retry_redeems_it_once(env: Env) -> None:
     url = env.url("tickets") + "/v1/customers"
     body = json.dumps({"name": "Ticket Customer"})

@@ -47,11 +47,21 @@ class Answer:
         return json.dumps(self.body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def _waiting(decision: Decision) -> bool:
+    """The denial names an approval that may still be granted (ticket mode): retrying with it can help."""
+    return bool(decision.approval_id) and decision.approval_status == "pending"
+
+
 def _hint(decision: Decision) -> str:
-    if decision.approval_id:
+    if _waiting(decision):
         return (
             f"once approval {decision.approval_id} is approved, retry the same request with the header "
             f"X-Lictor-Approval: {decision.approval_id}"
+        )
+    if decision.approval_id:
+        return (
+            f"approval {decision.approval_id} was not granted and cannot be used; send the request again "
+            "(without X-Lictor-Approval) to ask for a new approval, or ask an approver why"
         )
     rule = decision.rule_ids[0] if decision.rule_ids else ""
     if rule.startswith("lictor:default-deny"):
@@ -84,8 +94,10 @@ def denial(decision: Decision, *, kubernetes: bool, status: int = 403, hint: str
         "hint": hint,
     }
     if decision.approval_id:
-        body["error"] = "approval_required"
+        body["error"] = "approval_required" if _waiting(decision) else "approval_not_granted"
         body["approval_id"] = decision.approval_id
+        if decision.approval_status:
+            body["approval_status"] = decision.approval_status
     return Answer(status, body, headers)
 
 

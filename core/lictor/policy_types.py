@@ -69,6 +69,9 @@ class Decision:
     approval_id: str | None = None
     explanation: str = ""
     recording: str = "best_effort"
+    approval_status: str | None = None
+    """With ``approval_id`` on a denial: ``pending`` (ticket mode: retry once it is approved), or how the
+    request ended (``denied``, ``expired``, ``withdrawn``...), when retrying with it cannot help."""
 
     @property
     def allowed(self) -> bool:

@@ -333,10 +333,10 @@ class ApprovalBroker:
         cli = f"`lictor approvals approve {approval_id}`"
         return f"an approver can decide at {url} or with {cli}" if url else f"an approver can decide with {cli}"
 
-    def _deny(self, decision: Decision, approval_id: str | None, message: str) -> Decision:
+    def _deny(self, decision: Decision, approval_id: str | None, message: str, status: str | None = None) -> Decision:
         rule = decision.rule_ids[0] if decision.rule_ids else APPROVAL_RULE
         denied = Decision.deny(message, rule, decision.policy_version)
-        return replace(denied, approval_id=approval_id, masks=(), mask_rule_ids=())
+        return replace(denied, approval_id=approval_id, masks=(), mask_rule_ids=(), approval_status=status)
 
     async def hold(self, session: Session, request: Request, decision: Decision, notify: Notifier | None) -> Decision:
         """Hold ``request`` (policy said ``approve``) until approved, denied or expired."""
@@ -370,6 +370,7 @@ class ApprovalBroker:
                 f"{self._how_to_decide(approval.id)}. Once it is approved, retry the same request with "
                 f"approval id {approval.id} (HTTP: header X-Lictor-Approval: {approval.id}) within "
                 f"{format_duration(spec.timeout)} of the approval.",
+                PENDING,
             )
 
         event = asyncio.Event()
@@ -509,18 +510,23 @@ class ApprovalBroker:
         if final.status == DENIED:
             who = ", ".join(final.decided_by) or "an approver"
             why = f": {final.decision_reason}" if final.decision_reason else ""
-            return self._deny(decision, final.id, f"approval {final.id} was denied by {who}{why}")
+            return self._deny(decision, final.id, f"approval {final.id} was denied by {who}{why}", final.status)
         if final.status == EXPIRED:
             return self._deny(
                 decision,
                 final.id,
                 f"approval {final.id} expired after {format_duration(final.spec.timeout)} "
                 f"({final.approvals_given} of {final.spec.required} approvals given); retry to ask again",
+                final.status,
             )
         if final.status == WITHDRAWN:
             why = final.decision_reason or "withdrawn"
-            return self._deny(decision, final.id, f"approval {final.id} was withdrawn ({why}); retry to ask again")
-        return self._deny(decision, final.id, f"approval {final.id} is {final.status}; it cannot be used again")
+            return self._deny(
+                decision, final.id, f"approval {final.id} was withdrawn ({why}); retry to ask again", final.status
+            )
+        return self._deny(
+            decision, final.id, f"approval {final.id} is {final.status}; it cannot be used again", final.status
+        )
 
     async def _resume(
         self, session: Session, request: Request, decision: Decision, approval_id: str, *, consumed: bool
