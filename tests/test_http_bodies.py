@@ -141,3 +141,17 @@ def test_masking_failures_stop_the_stream(limit: int) -> None:
     assert fn(b"x" * 20) == []
     assert fn(b"more") == [] and fn(b"") == []  # nothing after a failure, not even the end
     assert len(seen) == 1
+
+
+def test_scrubber_blanks_credentials_across_chunks_without_delaying_lines() -> None:
+    secret = b"Bearer upstream-secret-1234"
+    text = b"line one\nyou sent " + secret + b" ok\nlast " + secret
+    for size in (1, 2, 5, 7, 13, len(text)):
+        scrubber = bodies.Scrubber([secret, secret.split(b" ", 1)[1]])
+        out = b"".join(
+            b"".join(scrubber.feed([text[i : i + size]], False)) for i in range(0, len(text), size)
+        ) + b"".join(scrubber.feed([], True))
+        assert out == text.replace(secret, b"*" * len(secret)), size
+        assert len(out) == len(text)
+    scrubber = bodies.Scrubber([secret])
+    assert scrubber.feed([b'{"event": 1}\n'], False) == [b'{"event": 1}\n']  # a finished line is not held

@@ -110,6 +110,26 @@ class CustomersAPI:
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                     self.wfile.write(b"0\r\n\r\n")
                     return
+                if self.path in ("/v1/customers/echo", "/v1/customers/echostream"):
+                    # a debug endpoint that reflects the request, credentials included
+                    auth = self.headers.get("Authorization", "")
+                    body = json.dumps({"headers": dict(self.headers), "note": f"you sent {auth}"}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("X-Echo-Authorization", auth)
+                    if self.path.endswith("stream"):  # chunked, the token split across chunks
+                        self.send_header("Transfer-Encoding", "chunked")
+                        self.end_headers()
+                        for i in range(0, len(body), 7):
+                            part = body[i : i + 7]
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                            self.wfile.flush()
+                        self.wfile.write(b"0\r\n\r\n")
+                    else:
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body)
+                    return
                 if self.path == "/v1/customers/big":  # larger than the example's max_body (1 MiB)
                     rows = [{"id": i, "email": EMAIL, "card": CARD, "note": "x" * 200} for i in range(5000)]
                     self._json(200, {"id": "big", "rows": rows})
@@ -349,6 +369,22 @@ def test_masked_json_larger_than_max_body_is_masked_not_refused(env: Env) -> Non
     assert EMAIL.encode() not in body and CARD.encode() not in body
 
 
+@pytest.mark.parametrize("path", ["/v1/customers/echo", "/v1/customers/echostream"])
+def test_the_upstream_credential_never_reaches_the_agent_even_when_echoed(env: Env, path: str) -> None:
+    curl = require_binary("curl")
+    proc = subprocess.run(
+        [curl, "-sS", "-i", "--cacert", env.ca, "-H", f"Authorization: Bearer {env.agent}", env.url() + path],
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert b" 200" in proc.stdout.split(b"\r\n", 1)[0]
+    assert UPSTREAM_TOKEN.encode() not in proc.stdout
+    assert env.api.seen("GET", path)[-1]["headers"]["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"  # it was sent
+    body = proc.stdout.split(b"\r\n\r\n", 1)[1]
+    assert json.loads(body)["note"] == "you sent " + "*" * len(f"Bearer {UPSTREAM_TOKEN}")
+
+
 def test_held_request_is_forwarded_once_after_approval(env: Env) -> None:
     def post() -> httpx.Response:
         with httpx.Client(verify=ssl.create_default_context(cafile=env.ca), timeout=60) as client:
@@ -428,6 +464,7 @@ def test_ticket_mode_answers_at_once_and_the_retry_redeems_it_once(env: Env) -> 
 
 def test_recordings_and_audit_never_hold_credentials(env: Env) -> None:
     env.curl(env.url() + "/v1/customers/99", token=env.agent)
+    env.curl(env.url() + "/v1/customers/echostream", token=env.agent)  # the upstream echoes its credential
     env.gw.stop()  # flush everything to disk
     found_request = False
     for path in env.gw.state_dir.rglob("*"):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 REDACTED = "[REDACTED:lictor]"
@@ -154,6 +154,35 @@ class Masking:
         return bytes(out)
 
 
+class Scrubber:
+    """Blanks the target's own credentials (the values the gateway injects) out of what the upstream
+    answers, should it echo them (a debug endpoint reflecting request headers): same length, ``*``, so a
+    declared Content-Length stays right. Across chunks, the bytes that could begin a credential are
+    held back, but never past a newline (credentials have none), so line-by-line streams are not delayed."""
+
+    def __init__(self, secrets: Iterable[bytes]) -> None:
+        self.secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+        self.keep = max((len(s) for s in self.secrets), default=1) - 1
+        self.held = b""
+        self.count = 0
+
+    def whole(self, data: bytes) -> bytes:
+        for secret in self.secrets:
+            if secret in data:
+                self.count += data.count(secret)
+                data = data.replace(secret, b"*" * len(secret))
+        return data
+
+    def feed(self, chunks: list[bytes], final: bool) -> list[bytes]:
+        data = self.whole(self.held + b"".join(chunks))
+        if final:
+            self.held = b""
+            return [data] if data else []
+        cut = max(len(data) - self.keep, data.rfind(b"\n") + 1, 0)
+        self.held = data[cut:]
+        return [data[:cut]] if cut else []
+
+
 class Tap:
     """Counts what went through and keeps the first bytes for the recording."""
 
@@ -162,11 +191,14 @@ class Tap:
         self.size_out = 0
         self.limit = limit
         self.head = bytearray()
+        self.scrubber: Scrubber | None = None
 
     def seen(self, chunk: bytes) -> None:
         self.size_in += len(chunk)
 
-    def sent(self, chunks: list[bytes]) -> list[bytes]:
+    def sent(self, chunks: list[bytes], final: bool = False) -> list[bytes]:
+        if self.scrubber is not None:
+            chunks = self.scrubber.feed(chunks, final)
         for chunk in chunks:
             self.size_out += len(chunk)
             room = self.limit - len(self.head)
@@ -188,7 +220,8 @@ def _guard(fn: Callable[[bytes, bool], list[bytes]], tap: Tap, on_error: Callabl
             return []
         try:
             tap.seen(chunk)
-            return tap.sent([c for c in fn(chunk, chunk == b"") if c])
+            final = chunk == b""
+            return tap.sent([c for c in fn(chunk, final) if c], final)
         except Exception as exc:  # fail closed: nothing more is relayed
             failed = True
             on_error(exc)

@@ -249,6 +249,8 @@ class LictorProxy:
         self._tokens: OrderedDict[str, tuple[Identity, float, str]] = OrderedDict()
         self._recent_denials: OrderedDict[tuple[str, str], tuple[float, Decision]] = OrderedDict()
         self.proxyserver: proxyserver.Proxyserver | None = None
+        # The credentials each target's upstream gets, as they could come back in an answer.
+        self._secrets: dict[str, tuple[bytes, ...]] = {t.name: _credential_forms(t) for t in self.targets.values()}
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -630,6 +632,9 @@ class LictorProxy:
             secrets_response=secrets_response,
         )
         state = FlowState(target, session, request, decision, call, masking)
+        secrets = self._secrets.get(target.name)
+        if secrets:
+            state.tap.scrubber = bodies.Scrubber(secrets)
 
         if upgrade:
             answer = self._prepare_upgrade(flow, state, upgrade)
@@ -984,6 +989,12 @@ class LictorProxy:
             raise RuntimeError("upstream response for a flow Lictor did not allow")
         resp = flow.response
         assert resp is not None
+        scrubber = state.tap.scrubber
+        if scrubber is not None:
+            fields = resp.headers.fields
+            cleaned = tuple((name, scrubber.whole(value)) for name, value in fields)
+            if cleaned != fields:
+                resp.headers.fields = cleaned
         if resp.status_code == 101:
             return
         if flow.request.method.upper() == "HEAD" or resp.status_code in (204, 304):
@@ -1084,6 +1095,11 @@ class LictorProxy:
             else:
                 masked = state.masking.mask_bytes(raw)
             resp.content = masked
+        scrubber = state.tap.scrubber
+        if scrubber is not None and resp.raw_content:
+            cleaned = scrubber.whole(resp.raw_content)
+            if cleaned != resp.raw_content:
+                resp.raw_content = cleaned
         if flow.metadata.get("lictor.approval_id"):
             resp.headers["X-Lictor-Approval"] = str(flow.metadata["lictor.approval_id"])
         self._record_response(flow, state)
@@ -1171,6 +1187,10 @@ class LictorProxy:
         else:
             ws.bytes_out += len(content)
         direction = "from_agent" if message.from_client else "to_agent"
+        if not message.from_client and state.tap.scrubber is not None and content:
+            cleaned = state.tap.scrubber.whole(content)
+            if cleaned != content:
+                message.content = content = cleaned
         if not ws.channels:
             if not message.from_client and not state.masking.plan_empty:
                 content = state.masking.mask_bytes(content)
@@ -1339,6 +1359,18 @@ class FailClosedGate:
 
 
 _MITMPROXY_DIR = str(Path(mitmproxy.__file__).parent)
+
+
+def _credential_forms(target: HttpTarget) -> tuple[bytes, ...]:
+    """The injected credential values, whole and without their scheme (``Bearer xyz`` and ``xyz``); values
+    shorter than 8 bytes are left out (blanking them would blank ordinary text)."""
+    forms: set[bytes] = set()
+    for value in target.credentials.secret_values:
+        for form in (value, value.split(" ", 1)[1] if " " in value.strip() else ""):
+            raw = form.strip().encode("utf-8", "surrogateescape")
+            if len(raw) >= 8:
+                forms.add(raw)
+    return tuple(forms)
 
 
 def _request_bodies_only() -> None:
