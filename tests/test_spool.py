@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -329,4 +330,44 @@ def test_a_failed_group_commit_in_the_drain_process_breaks_the_spool(tmp_path: P
     assert "Input/output error" in spool.broken
     with pytest.raises(RecordingError, match="drain process"):
         spool.append(SESSION, b'{"x":2}')
+    spool.close()
+
+
+def test_a_drain_retries_a_failing_sink_until_its_deadline(tmp_path: Path) -> None:
+    # At shutdown the gateway drains for up to stop_timeout: one transient sink error (a timeout, a
+    # reset connection) must be retried, not leave the rest of the spool behind.
+    from lictor.recorder._sinks import Drainer, Retention
+
+    class FlakySink:
+        name = "flaky"
+        retention = Retention()
+
+        def __init__(self) -> None:
+            self.failures_left = 2
+            self.got: list[int] = []
+
+        def prepare(self, committed: int) -> int:
+            return committed
+
+        def write(self, records: list) -> None:  # type: ignore[type-arg]
+            if self.failures_left:
+                self.failures_left -= 1
+                raise ConnectionResetError("connection reset by peer")
+            self.got.extend(r.seq for r in records)
+
+        def apply_retention(self, now: float) -> int:
+            return 0
+
+        def close(self) -> None:
+            pass
+
+    spool = Spool(tmp_path / "spool")
+    spool.start_segment()
+    seqs = [spool.append(SESSION, b'{"n": %d}' % i) for i in range(20)]
+    sink = FlakySink()
+    drainer = Drainer(sink, spool, Offset(tmp_path / "flaky.off"))  # type: ignore[arg-type]
+    assert drainer.drain(time.monotonic() + 10)
+    assert sink.got[-20:] == seqs and len(set(sink.got)) == len(sink.got)  # all of them, once, in order
+    assert drainer.failures == 2
+    drainer.close()
     spool.close()

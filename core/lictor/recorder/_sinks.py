@@ -1024,7 +1024,11 @@ class Drainer:
         self.committed = position
 
     def drain(self, deadline: float) -> bool:
-        """Drain synchronously until caught up or ``deadline`` (monotonic); True when caught up."""
+        """Drain synchronously until caught up or ``deadline`` (monotonic); True when caught up.
+
+        A failing sink is retried with backoff until the deadline: one transient error (a timeout, a
+        reset connection) must not leave events behind at shutdown when there is time to send them."""
+        backoff = 0.05
         while time.monotonic() < deadline:
             target = self.spool.written_seq
             if self.committed >= target:
@@ -1032,9 +1036,11 @@ class Drainer:
             try:
                 if not self.drain_once():
                     return self.committed >= self.spool.written_seq
+                backoff = 0.05
             except Exception as exc:
                 self._failed(exc)
-                return False
+                time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
+                backoff = min(backoff * 2, 1.0)
         return self.committed >= self.spool.written_seq
 
     def _retention(self) -> None:
