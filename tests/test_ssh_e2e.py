@@ -412,7 +412,13 @@ def test_exit_signal_and_stderr_are_relayed(env: Env) -> None:
 def test_reason_from_environment_reaches_the_audit_log(env: Env) -> None:
     proc = env.ssh("observer", "echo reasoned", "-o", "SetEnv=LICTOR_REASON=checking-the-deploy")
     assert proc.returncode == 0, _err(proc)
-    listing = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+    # The audit log is fed from the spool by the drain process: poll it (under load it lags a little).
+    deadline = time.monotonic() + 15
+    while True:
+        listing = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+        if "checking-the-deploy" in listing.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert "checking-the-deploy" in listing.stdout
 
 
