@@ -3,6 +3,7 @@
 The upstream records every request it receives, so each test proves what did (and did not) reach it.
 """
 
+import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -13,7 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -385,13 +386,17 @@ def test_the_upstream_credential_never_reaches_the_agent_even_when_echoed(env: E
     assert json.loads(body)["note"] == "you sent " + "*" * len(f"Bearer {UPSTREAM_TOKEN}")
 
 
-def test_held_request_is_forwarded_once_after_approval(env: Env) -> None:
+@contextlib.contextmanager
+def held_post(env: Env, name: str, **headers: str) -> Iterator[tuple[Future[httpx.Response], str]]:
+    """POST a new customer (an approve rule holds it) from a thread; yields the pending response and the
+    approval id once the request waits."""
+
     def post() -> httpx.Response:
         with httpx.Client(verify=ssl.create_default_context(cafile=env.ca), timeout=60) as client:
             return client.post(
                 env.url() + "/v1/customers",
-                json={"name": "Held Customer"},
-                headers={"Authorization": f"Bearer {env.agent}", "X-Lictor-Reason": "CRM sync"},
+                json={"name": name},
+                headers={"Authorization": f"Bearer {env.agent}", **headers},
             )
 
     with ThreadPoolExecutor(1) as pool:
@@ -402,35 +407,25 @@ def test_held_request_is_forwarded_once_after_approval(env: Env) -> None:
             time.sleep(0.2)
             pending = env.pending()
         assert len(pending) == 1
+        yield future, pending[0]
+
+
+def test_held_request_is_forwarded_once_after_approval(env: Env) -> None:
+    with held_post(env, "Held Customer", **{"X-Lictor-Reason": "CRM sync"}) as (future, approval_id):
         assert env.api.seen("POST") == []  # held: not forwarded yet
-        env.approve(pending[0])
+        env.approve(approval_id)
         resp = future.result(timeout=30)
     assert resp.status_code == 201, resp.text
-    assert resp.headers["x-lictor-approval"] == pending[0]
+    assert resp.headers["x-lictor-approval"] == approval_id
     assert resp.json()["email"] == "[REDACTED:email]"
     posts = env.api.seen("POST", "/v1/customers")
     assert len(posts) == 1 and json.loads(posts[0]["body"]) == {"name": "Held Customer"}
 
 
 def test_a_denied_approval_is_not_presented_as_one_to_wait_for(env: Env) -> None:
-    def post() -> httpx.Response:
-        with httpx.Client(verify=ssl.create_default_context(cafile=env.ca), timeout=60) as client:
-            return client.post(
-                env.url() + "/v1/customers",
-                json={"name": "Refused Customer"},
-                headers={"Authorization": f"Bearer {env.agent}"},
-            )
-
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(post)
-        deadline = time.monotonic() + 15
-        pending: list[str] = []
-        while not pending and time.monotonic() < deadline:
-            time.sleep(0.2)
-            pending = env.pending()
-        assert len(pending) == 1
+    with held_post(env, "Refused Customer") as (future, approval_id):
         url = f"http://127.0.0.1:{env.ports['approvals']}"
-        lictor("approvals", "deny", pending[0], "--url", url, "--token", env.lead, "--reason", "no way")
+        lictor("approvals", "deny", approval_id, "--url", url, "--token", env.lead, "--reason", "no way")
         resp = future.result(timeout=30)
     assert resp.status_code == 403
     doc = resp.json()

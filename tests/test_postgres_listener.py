@@ -442,25 +442,28 @@ async def test_prepared_statement_decided_once_and_executed_many_times(rig_facto
     assert [s["params"] for s in statements[-2:]] == [["1", "3"], ["1", "4"]]
 
 
+ONE_ROW_RELAYED = ["ParseComplete", "BindComplete", "DataRow", "CommandComplete", "ReadyForQuery"]
+
+
+def reply_one_row(rig: Any, fields: list[tuple[str, int, int, int, int, int, int]], values: list[Any]) -> list[Any]:
+    """The server's answer to Parse, Bind, the gateway's Describe, Execute and Sync: one row."""
+    return rig.reply(  # type: ignore[no-any-return]
+        pg.parse_complete(),
+        pg.bind_complete(),
+        pg.row_description(fields),
+        pg.data_row(values),
+        pg.command_complete("SELECT 1"),
+        ready(),
+    )
+
+
 async def test_masked_execute_without_describe_gets_one_from_the_gateway(rig_factory: Any) -> None:
     rig = await rig_factory("readonly")
     forwarded = rig.send(pg.parse("", "SELECT email FROM customers"), pg.bind("", ""), pg.execute(""), pg.sync())
     assert [type(m).__name__ for m in forwarded] == ["Parse", "Bind", "Describe", "Execute", "Sync"]
-    got = rig.reply(
-        pg.parse_complete(),
-        pg.bind_complete(),
-        pg.row_description([("email", 0, 0, 25, -1, -1, 0)]),  # the gateway's Describe: not relayed
-        pg.data_row([b"bob@example.org"]),
-        pg.command_complete("SELECT 1"),
-        ready(),
-    )
-    assert [type(m).__name__ for m in got] == [
-        "ParseComplete",
-        "BindComplete",
-        "DataRow",
-        "CommandComplete",
-        "ReadyForQuery",
-    ]
+    # the gateway's Describe is not relayed
+    got = reply_one_row(rig, [("email", 0, 0, 25, -1, -1, 0)], [b"bob@example.org"])
+    assert [type(m).__name__ for m in got] == ONE_ROW_RELAYED
     assert got[2].values == [b"[REDACTED:email]"]
 
 
@@ -472,32 +475,13 @@ async def test_binary_results_are_masked_or_refused_when_their_columns_are_known
     forwarded = rig.send(pg.parse("", query), pg.bind("", "", result_formats=[1]), pg.execute(""), pg.sync())
     assert [type(m).__name__ for m in forwarded] == ["Parse", "Bind", "Describe", "Execute", "Sync"]
     fields = [("email", 0, 0, 25, -1, -1, 1), ("n", 0, 0, 20, 8, -1, 1), ("ok", 0, 0, 20, 8, -1, 1)]
-    got = rig.reply(
-        pg.parse_complete(),
-        pg.bind_complete(),
-        pg.row_description(fields),
-        pg.data_row([b"bob@example.org", (4111111111111111).to_bytes(8, "big"), (7).to_bytes(8, "big")]),
-        pg.command_complete("SELECT 1"),
-        ready(),
-    )
-    assert [type(m).__name__ for m in got] == [
-        "ParseComplete",
-        "BindComplete",
-        "DataRow",
-        "CommandComplete",
-        "ReadyForQuery",
-    ]
+    values = [b"bob@example.org", (4111111111111111).to_bytes(8, "big"), (7).to_bytes(8, "big")]
+    got = reply_one_row(rig, fields, values)
+    assert [type(m).__name__ for m in got] == ONE_ROW_RELAYED
     assert got[2].values == [b"[REDACTED:email]", None, (7).to_bytes(8, "big")]
     # an array of text in binary cannot be masked: the result is withheld
     rig.send(pg.parse("", query), pg.bind("", "", result_formats=[1]), pg.execute(""), pg.sync())
-    got = rig.reply(
-        pg.parse_complete(),
-        pg.bind_complete(),
-        pg.row_description([("tags", 0, 0, 1009, -1, -1, 1)]),
-        pg.data_row([b"\x00binary array with bob@example.org"]),
-        pg.command_complete("SELECT 1"),
-        ready(),
-    )
+    got = reply_one_row(rig, [("tags", 0, 0, 1009, -1, -1, 1)], [b"\x00binary array with bob@example.org"])
     assert [type(m).__name__ for m in got] == ["ParseComplete", "BindComplete", "ErrorResponse", "ReadyForQuery"]
     assert got[2].sqlstate == "42501" and "binary" in got[2].message
 

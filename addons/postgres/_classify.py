@@ -468,27 +468,30 @@ def _sval(node: Any) -> str | None:
     return None
 
 
-def _refers_to(node: Any, tables: set[str]) -> bool:
-    """Whether an expression has a column reference that is, or may be, a column of one of ``tables``
-    (qualified by one of those names, or unqualified)."""
+def _dicts(node: Any) -> Iterator[_Node]:
+    """Every mapping in a parse (sub)tree, depth first."""
     stack: list[Any] = [node]
     while stack:
         item = stack.pop()
         if isinstance(item, list):
             stack.extend(item)
         elif isinstance(item, dict):
-            ref = item.get("ColumnRef")
-            if isinstance(ref, dict):
-                fields = list(ref.get("fields", ()))
-                qualifiers = [
-                    str(f["String"].get("sval", "")).lower()
-                    for f in fields[:-1]
-                    if isinstance(f, dict) and "String" in f
-                ]
-                if not qualifiers or qualifiers[-1] in tables:
-                    return True
-                continue
+            yield item
             stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
+
+
+def _refers_to(node: Any, tables: set[str]) -> bool:
+    """Whether an expression has a column reference that is, or may be, a column of one of ``tables``
+    (qualified by one of those names, or unqualified)."""
+    for item in _dicts(node):
+        ref = item.get("ColumnRef")
+        if isinstance(ref, dict):
+            fields = list(ref.get("fields", ()))
+            qualifiers = [
+                str(f["String"].get("sval", "")).lower() for f in fields[:-1] if isinstance(f, dict) and "String" in f
+            ]
+            if not qualifiers or qualifiers[-1] in tables:
+                return True
     return False
 
 
@@ -709,14 +712,7 @@ class _Analysis:
 
     def _referenced_functions(self, body: _Node) -> None:
         """Functions an object created here will call (operators, aggregates, casts, types, ...)."""
-        stack: list[Any] = [body]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, list):
-                stack.extend(node)
-                continue
-            if not isinstance(node, dict):
-                continue
+        for node in _dicts(body):
             for key, value in node.items():
                 if key == "DefElem" and isinstance(value, dict):
                     if str(value.get("defname", "")).lower() in _FUNCTION_OPTIONS:
@@ -732,29 +728,21 @@ class _Analysis:
                 elif key in ("objname", "funcname", "handler_name", "plhandler", "plinline", "plvalidator"):
                     if isinstance(value, list):
                         self._add_function(_names(value))
-                if isinstance(value, (dict, list)):
-                    stack.append(value)
 
     def _fdw_options(self, body: _Node) -> None:
         """``OPTIONS (program '...')`` / ``(filename '...')``: file_fdw's COPY PROGRAM and COPY FROM a file."""
-        stack: list[Any] = [body]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, list):
-                stack.extend(node)
-            elif isinstance(node, dict):
-                elem = node.get("DefElem")
-                if isinstance(elem, dict):
-                    where = _FDW_SERVER_ACCESS.get(str(elem.get("defname", "")).lower())
-                    if where is not None and elem.get("defaction") != "DEFELEM_DROP":
-                        value = _sval(elem.get("arg"))
-                        if self.copy_target != "program":
-                            self.copy_target = where
-                        if where == "program":
-                            self.copy_program = value
-                        else:
-                            self.copy_file = value
-                stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        for node in _dicts(body):
+            elem = node.get("DefElem")
+            if isinstance(elem, dict):
+                where = _FDW_SERVER_ACCESS.get(str(elem.get("defname", "")).lower())
+                if where is not None and elem.get("defaction") != "DEFELEM_DROP":
+                    value = _sval(elem.get("arg"))
+                    if self.copy_target != "program":
+                        self.copy_target = where
+                    if where == "program":
+                        self.copy_program = value
+                    else:
+                        self.copy_file = value
 
     def _merge_where(self, body: _Node) -> None:
         """A MERGE that updates or deletes matched rows is a WHERE-less write unless a condition (the join
