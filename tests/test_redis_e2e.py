@@ -76,16 +76,30 @@ class Gw:
             args += ["--kind", kind]
         return [json.loads(line) for line in lictor(*args).stdout.splitlines() if line.strip()]
 
-    def decisions(self, sub: str) -> list[dict[str, Any]]:
-        return [e for e in self.audit("decision") if e["identity"]["sub"] == sub]
+    def decisions(self, sub: str, count: int = 0) -> list[dict[str, Any]]:
+        """The audited decisions of ``sub``; waits (bounded) for ``count`` of them: the audit log is fed
+        from the spool by the drain process, a batch behind."""
+        deadline = time.monotonic() + 10
+        while True:
+            found = [e for e in self.audit("decision") if e["identity"]["sub"] == sub]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
 
     def recording(self, sub: str, index: int = -1) -> list[dict[str, Any]]:
-        """The events of a recorded session of ``sub`` (the last one by default)."""
+        """The events of a recorded session of ``sub`` (the last one by default), once it has ended."""
         state = str(self.proc.state_dir)
-        sessions = [e for e in self.audit("session.start") if e["identity"]["sub"] == sub]
-        assert sessions, f"no session of {sub}"
-        out = lictor("sessions", "export", "--state-dir", state, "--format", "jsonl", sessions[index]["id"]).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip() and '"kind"' in line]
+        deadline = time.monotonic() + 10
+        while True:
+            sessions = [e for e in self.audit("session.start") if e["identity"]["sub"] == sub]
+            if len(sessions) > (index if index >= 0 else -index - 1):
+                out = lictor("sessions", "export", "--state-dir", state, "--format", "jsonl", sessions[index]["id"])
+                events = [json.loads(line) for line in out.stdout.splitlines() if line.strip() and '"kind"' in line]
+                if any(e["kind"] == "session.end" for e in events) or time.monotonic() > deadline:
+                    return events
+            elif time.monotonic() > deadline:
+                raise AssertionError(f"no session {index} of {sub}")
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +206,11 @@ def test_authentication_failures(gw: Gw):
     assert replies[2] == b"-ERR wrong number of arguments for 'auth' command\r\n"
     assert all(r.startswith(b"-WRONGPASS lictor: ") for r in replies[3:6])
     assert len(replies) == 6  # the third failure closes the connection; PING never gets a reply
-    failed = [e for e in gw.audit("auth.failed") if e["protocol"] == "redis"]
-    assert len(failed) >= 4 and all(e["target"] == "cache" for e in failed)
+    deadline = time.monotonic() + 10  # the audit log is a batch behind the spool
+    while len(failed := [e for e in gw.audit("auth.failed") if e["protocol"] == "redis"]) < 4:
+        assert time.monotonic() < deadline, failed
+        time.sleep(0.1)
+    assert all(e["target"] == "cache" for e in failed)
 
 
 # -- redis-py: RESP2 and RESP3, masking ---------------------------------------------------------------
@@ -241,11 +258,7 @@ def test_a_pipeline_in_one_write_is_decided_command_by_command(gw: Gw, prefix: s
     direct = redis.Redis()
     assert direct.get(f"{prefix}99") == b"99" and direct.exists(f"{prefix}50") == 0
     # the audit sink drains the spool in the background: wait for it (bounded), do not sleep blindly
-    deadline = time.monotonic() + 10
-    decisions = gw.decisions(sub)
-    while len(decisions) < 100 and time.monotonic() < deadline:
-        time.sleep(0.1)
-        decisions = gw.decisions(sub)
+    decisions = gw.decisions(sub, count=100)
     assert len(decisions) == 100
     assert [d["action"] for d in decisions].count("deny") == 1
 
@@ -353,7 +366,7 @@ def test_commands_and_replies_are_recorded_masked(gw: Gw, prefix: str):
     token = gw.token("reader", sub=sub)
     assert gw.cli(token, "GET", prefix + "card").stdout.strip() == "**** **** **** 1111"
     assert "NOPERM" in gw.cli(token, "SET", prefix + "card", CARD).stdout
-    decisions = gw.decisions(sub)
+    decisions = gw.decisions(sub, count=2)
     assert [(d["request"]["action"], d["action"], d["rule_ids"][0]) for d in decisions] == [
         ("get", "allow", "redis-read-app"),
         ("set", "deny", "lictor:default-deny"),
