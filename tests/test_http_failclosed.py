@@ -7,6 +7,7 @@ unmasked reached the agent.
 """
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -321,6 +322,35 @@ async def test_chunked_uploads_are_inspected_and_bodies_over_max_body_answered_4
     writer.close()
     assert head.startswith(b"HTTP/1.1 413"), head[:200]
     assert len(upstream.requests) == 1  # only the first upload reached the upstream
+
+
+async def test_a_chunked_body_over_max_body_after_100_continue_still_gets_an_answer(
+    gateway: tuple[Gateway, str, str], upstream: Upstream
+) -> None:
+    # curl sends Expect: 100-continue for large bodies; mitmproxy answers 100 itself, and when the body then
+    # grows past the limit it had no final answer left to give: the agent waited for ever.
+    gw, url, token = gateway
+    before = len(upstream.requests)
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Expect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    assert (await asyncio.wait_for(reader.read(4096), 5)).startswith(b"HTTP/1.1 100 Continue")
+    piece = b"x" * 65536
+    with contextlib.suppress(ConnectionError):  # the gateway may close while the client still sends
+        for _ in range(MAX_BODY // len(piece) + 8):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 413") and b"Connection: close" in head, head
+    length = int(head.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
+    assert json.loads(await reader.readexactly(length))["error"] == "too_large"
+    with contextlib.suppress(ConnectionError):  # then the gateway ends the connection
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    assert len(upstream.requests) == before
 
 
 async def _raw(url: str, data: bytes) -> bytes:

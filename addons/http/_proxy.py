@@ -45,6 +45,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,8 @@ log = logging.getLogger("lictor.http")
 ALLOWED = "lictor.allowed"
 STATE = "lictor.state"
 ANSWERED = "lictor.answered"
+EXPECTS_CONTINUE = "lictor.expect_continue"
+LINGER_CLOSE = 2.0  # seconds between a final answer written by Lictor itself and closing the connection
 HEADERS_DONE = "lictor.responseheaders"
 RESPONSE_DONE = "lictor.response"
 WS_SEEN = "lictor.ws_seen"
@@ -285,6 +288,25 @@ class LictorProxy:
             if flow.killable:
                 flow.kill()
 
+    def _final_answer_and_close(self, flow: http.HTTPFlow, answer: Answer) -> None:
+        """Write ``answer`` straight to the agent's connection and close it (after mitmproxy gave up on
+        the flow, when its own layers will not answer any more)."""
+        ps = self.proxyserver
+        handler = ps.connections.get(flow.client_conn.id) if ps is not None else None
+        io = handler.transports.get(handler.client) if handler is not None else None
+        writer = io.writer if io is not None else None
+        if writer is None or writer.is_closing():
+            return
+        body = answer.encode()
+        reason = HTTPStatus(answer.status).phrase
+        head = [f"HTTP/1.1 {answer.status} {reason}", "Content-Type: application/json", f"Content-Length: {len(body)}"]
+        head += [f"{name}: {value}" for name, value in answer.headers.items()]
+        head.append("Connection: close")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        # Close a little later, not now: a client still uploading would get a reset that can discard the
+        # answer before it reads it (mitmproxy keeps reading, and dropping, what arrives meanwhile).
+        asyncio.get_running_loop().call_later(LINGER_CLOSE, writer.close)
+
     def close_client(self, flow: http.HTTPFlow) -> None:
         """Abort the agent's connection at once (a response already under way cannot be relayed safely).
 
@@ -436,6 +458,8 @@ class LictorProxy:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         flow.metadata[ALLOWED] = False
+        # mitmproxy answers Expect: 100-continue itself (and drops the header) once this hook returns
+        flow.metadata[EXPECTS_CONTINUE] = flow.request.headers.get("expect", "").lower() == "100-continue"
         try:
             target = self._target(flow.client_conn)
             if target is None:
@@ -1109,11 +1133,22 @@ class LictorProxy:
             state = flow.metadata.get(STATE)
             if state is None and flow.error is not None and "body_size_limit" in flow.error.msg:
                 # A chunked request body grew past max_body: mitmproxy answered 413 and closed.
+                target = self._target(flow.client_conn)
                 self._audit_refused(
-                    flow,
-                    self._target(flow.client_conn),
-                    f"request body larger than max_body ({self.body_size_limit}); answered 413",
+                    flow, target, f"request body larger than max_body ({self.body_size_limit}); answered 413"
                 )
+                if flow.metadata.get(EXPECTS_CONTINUE):
+                    # mitmproxy already sent "100 Continue" and then has no final answer to give: the agent
+                    # would wait for ever. Give it one, then end the connection.
+                    self._final_answer_and_close(
+                        flow,
+                        error(
+                            413,
+                            f"the request body is larger than this gateway's limit ({self.body_size_limit} bytes)",
+                            "send a smaller body",
+                            kubernetes=bool(target and target.kubernetes),
+                        ),
+                    )
             if isinstance(state, FlowState) and flow.error is not None:
                 pending, state.pending = state.pending, None
                 if pending is not None:
