@@ -371,3 +371,30 @@ def test_a_drain_retries_a_failing_sink_until_its_deadline(tmp_path: Path) -> No
     assert drainer.failures == 2
     drainer.close()
     spool.close()
+
+
+def test_readers_in_another_process_wait_for_the_local_store_of_a_running_gateway(tmp_path: Path) -> None:
+    import threading
+
+    from lictor.recorder import RecordingsConfig
+    from lictor.recorder._recorder import wait_for_local_store
+
+    state = tmp_path / "state"
+    config = RecordingsConfig.from_section({}, state)
+    spool = Spool(config.spool_dir)  # this process is "the gateway": spool/lock names its pid
+    spool.start_segment()
+    seqs = [spool.append(AUDIT, b'{"kind": "decision"}') for _ in range(5)]
+    offset = Offset(config.offset_path("local"))
+    offset.commit(seqs[1])  # the drain process is three events behind
+    started = time.monotonic()
+    assert not wait_for_local_store(config, timeout=0.3)
+    assert time.monotonic() - started >= 0.3
+    threading.Timer(0.2, offset.commit, [seqs[-1]]).start()
+    assert wait_for_local_store(config, timeout=5)
+    assert Offset.peek(config.offset_path("local")) == seqs[-1]
+    spool.close()  # the gateway is gone: nothing to wait for
+    (config.spool_dir / "lock").write_text("999999999\n")
+    offset.commit(seqs[0])
+    started = time.monotonic()
+    assert wait_for_local_store(config, timeout=5) and time.monotonic() - started < 1
+    offset.close()

@@ -249,7 +249,22 @@ def _audit(args: argparse.Namespace) -> AuditLog:
     db = db or state / "audit.db"
     if not db.exists():
         raise SystemExit(f"no audit log at {db}")
+    _settle_recordings(config, state)
     return AuditLog(db, verify_key_path=args.key if getattr(args, "key", None) else db.parent / "audit-verify.key")
+
+
+def _settle_recordings(config: GatewayConfig | None, state: Path) -> None:
+    """Let a running gateway's drain process write what its spool holds now (bounded), so that what was
+    just done shows up."""
+    from .recorder import RecordingsConfig
+    from .recorder._recorder import wait_for_local_store
+
+    try:
+        rec = RecordingsConfig.from_gateway_config(config) if config else RecordingsConfig.from_section({}, state)
+        if not wait_for_local_store(rec):
+            print("lictor: the gateway's drain process is behind; showing what is stored so far", file=sys.stderr)
+    except (ConfigError, OSError, ValueError):
+        pass  # reading what is there is still right
 
 
 def cmd_audit_list(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import ConfigError, load_config
 from ._chain import SessionVerdict
-from ._recorder import RecordingsConfig, make_sink
+from ._recorder import RecordingsConfig, make_sink, wait_for_local_store
 from ._replay import asciicast_lines, replay
 from ._sinks import PostgresSink, Retention, S3Sink
 from ._store import LocalStore, RemoteStore, Store, iter_events, resolve_id, select_sessions, verify
@@ -44,8 +44,10 @@ def _store(args: argparse.Namespace) -> Store:
             sink = make_sink(replace(sink_cfg, retention=Retention()), rec, gid, None)
             assert isinstance(sink, (PostgresSink, S3Sink))
             return RemoteStore(sink, rec.state_dir)
+        wait_for_local_store(rec)
         return LocalStore(rec.local_dir, rec.state_dir)
     state = Path(args.state_dir or os.environ.get("LICTOR_STATE_DIR", "state"))
+    wait_for_local_store(RecordingsConfig.from_section({}, state))
     return LocalStore(state / "recordings", state)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import weakref
@@ -19,7 +20,7 @@ from ..config import ConfigError
 from ._chain import GENESIS, SigningKey
 from ._drainproc import DrainProcess
 from ._sinks import Drainer, LocalSink, PostgresSink, Retention, S3Sink, Sink
-from ._spool import AUDIT, CARRY, MANIFEST, SESSION, Offset, Spool, SpoolReader
+from ._spool import AUDIT, CARRY, MANIFEST, SESSION, Offset, Spool, SpoolReader, SpoolView
 from ._util import RecordingError, canonical, encode_bytes, parse_interval, parse_size, sha256_hex
 
 if TYPE_CHECKING:
@@ -262,6 +263,37 @@ class RecordingsConfig:
     @classmethod
     def from_gateway_config(cls, config: GatewayConfig) -> RecordingsConfig:
         return cls.from_section(config.section("recordings"), config.state_dir, config.resolve)
+
+
+def wait_for_local_store(config: RecordingsConfig, timeout: float = 3.0) -> bool:
+    """For readers in another process (``lictor audit list``, ``lictor sessions``): wait, at most
+    ``timeout`` seconds, until a running gateway's local store (the audit log and local recordings)
+    holds every event its spool holds now. The drain process writes them a batch behind the spool;
+    without a running gateway there is nothing to wait for. True when caught up."""
+    spool_dir = config.spool_dir
+    try:
+        pid = int((spool_dir / "lock").read_text().split()[0])  # the gateway that writes the spool
+        os.kill(pid, 0)
+    except (FileNotFoundError, IndexError, ValueError, ProcessLookupError):
+        return True  # no gateway running: nothing more will be drained now
+    except PermissionError:
+        pass  # alive, another user's
+    local = next((s.name for s in config.sinks if s.type == "local"), "local")
+    offset = config.offset_path(local)
+    committed = Offset.peek(offset) or 0
+    reader = SpoolReader(SpoolView(spool_dir), committed)
+    try:
+        last = committed
+        while batch := reader.read():
+            last = batch[-1].seq
+    finally:
+        reader.close()
+    deadline = time.monotonic() + timeout
+    while (Offset.peek(offset) or 0) < last:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _retention(raw: Mapping[str, Any], where: str) -> Retention:

@@ -803,6 +803,22 @@ class Offset:
             os.pwrite(self._fd, b"\0" * (2 * self._SLOT_SIZE - len(data)), len(data))
             os.fsync(self._fd)
 
+    @classmethod
+    def peek(cls, path: Path) -> int | None:
+        """The committed position stored at ``path``, read without opening it for writing (None if none)."""
+        try:
+            data = path.read_bytes()[: 2 * cls._SLOT_SIZE]
+        except FileNotFoundError:
+            return None
+        best, position = 0, None
+        for slot in range(2):
+            raw = data[slot * cls._SLOT_SIZE : slot * cls._SLOT_SIZE + cls._SLOT.size]
+            if len(raw) == cls._SLOT.size:
+                gen, pos, crc = cls._SLOT.unpack(raw)
+                if gen and zlib.crc32(raw[:16]) == crc and gen > best:
+                    best, position = gen, pos
+        return position
+
     def commit(self, position: int) -> None:
         gen = self.generation + 1
         raw = struct.pack("<QQ", gen, position)
