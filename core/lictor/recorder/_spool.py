@@ -790,18 +790,24 @@ class Offset:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         data = os.pread(self._fd, 2 * self._SLOT_SIZE, 0)
-        self.generation, self.position = 0, 0
-        self.exists = False
-        for slot in range(2):
-            raw = data[slot * self._SLOT_SIZE : slot * self._SLOT_SIZE + self._SLOT.size]
-            if len(raw) < self._SLOT.size:
-                continue
-            gen, pos, crc = self._SLOT.unpack(raw)
-            if gen and zlib.crc32(raw[:16]) == crc and gen > self.generation:
-                self.generation, self.position, self.exists = gen, pos, True
+        self.generation, self.position = self._newest(data)
+        self.exists = self.generation > 0
         if len(data) < 2 * self._SLOT_SIZE:
             os.pwrite(self._fd, b"\0" * (2 * self._SLOT_SIZE - len(data)), len(data))
             os.fsync(self._fd)
+
+    @classmethod
+    def _newest(cls, data: bytes) -> tuple[int, int]:
+        """(generation, position) of the newer valid slot in ``data``; (0, 0) when neither is valid."""
+        best = (0, 0)
+        for slot in range(2):
+            raw = data[slot * cls._SLOT_SIZE : slot * cls._SLOT_SIZE + cls._SLOT.size]
+            if len(raw) < cls._SLOT.size:
+                continue
+            gen, pos, crc = cls._SLOT.unpack(raw)
+            if gen and zlib.crc32(raw[:16]) == crc and gen > best[0]:
+                best = (gen, pos)
+        return best
 
     @classmethod
     def peek(cls, path: Path) -> int | None:
@@ -810,14 +816,8 @@ class Offset:
             data = path.read_bytes()[: 2 * cls._SLOT_SIZE]
         except FileNotFoundError:
             return None
-        best, position = 0, None
-        for slot in range(2):
-            raw = data[slot * cls._SLOT_SIZE : slot * cls._SLOT_SIZE + cls._SLOT.size]
-            if len(raw) == cls._SLOT.size:
-                gen, pos, crc = cls._SLOT.unpack(raw)
-                if gen and zlib.crc32(raw[:16]) == crc and gen > best:
-                    best, position = gen, pos
-        return position
+        generation, position = cls._newest(data)
+        return position if generation else None
 
     def commit(self, position: int) -> None:
         gen = self.generation + 1
