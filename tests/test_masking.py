@@ -180,6 +180,9 @@ def test_luhn_near_miss_not_masked_by_any_detector() -> None:
         ("4111111111111111,5500000000000004", "{card},{card}"),
         ("ann@example.com1", "{email}1"),  # email || '1'
         ("x ann@example.com2024 y", "x {email}2024 y"),
+        ("ann@example.com4111111111111111", "{email}{card}"),  # email || card
+        ("ann@example.com-4111111111111111", "{email}-{card}"),
+        ("a4111111111111111b5500000000000004", "a{card}b{card}"),
     ],
 )
 def test_values_glued_to_other_text_are_masked(text: str, expected: str) -> None:
@@ -741,7 +744,12 @@ def test_pattern_width_bounds_every_match(pattern: str, data: st.DataObject) -> 
 def test_json_columns_stay_json_when_masked() -> None:
     plan = MaskPlan.compile([{"detectors": ["card"]}, {"columns": ["doc_whole"], "style": "redact"}])
     columns = plan.columns(["doc", "doc_whole"])
-    doc = b'{"card": 4111111111111111, "list": ["4111 1111 1111 1111"], "ok": 7}'
-    assert json.loads(columns.mask_json_value(0, doc)) == {"card": red("card"), "list": [red("card")], "ok": 7}
+    doc = b'{"card": 4111111111111111, "list": ["4111 1111 1111 1111", 4111111111111111.0], "ok": 7, "f": 2.5}'
+    assert json.loads(columns.mask_json_value(0, doc)) == {
+        "card": red("card"),
+        "list": [red("card"), red("card")],
+        "ok": 7,
+        "f": 2.5,
+    }
     assert json.loads(columns.mask_json_value(1, doc)) == "[REDACTED:column]"
     assert columns.mask_json_value(0, b"not json 4111111111111111") == b"not json " + red("card").encode()

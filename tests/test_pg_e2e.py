@@ -673,6 +673,18 @@ def test_errors_notices_notifications_and_settings_are_masked_too(env: PgEnv) ->
         assert row is not None and row[:2] == (None, 42)
         assert row[2] == {"email": "[REDACTED:email]", "n": "************1111"}, row
         assert row[3] == {"n": "************1111"}
+        # the same number spelled by float8, money or a non-integral JSON number
+        row = conn.execute(
+            "SELECT 4111111111111111::float8, 4111111111111111::numeric::money, 7::float8, "
+            "json_build_object('n', 4111111111111111::numeric(20, 1)), email || card, email || '-' || card "
+            "FROM customers ORDER BY id LIMIT 1"
+        ).fetchone()
+        assert row is not None and row[:3] == (None, None, 7.0), row
+        assert row[3] == {"n": "************1111"}, row
+        assert not any(c in str(row[4:]) for c in [*CARDS, "@example.com"]), row
+        # binary values of types that cannot hold a match are read, not refused
+        with conn.cursor(binary=True) as cur:
+            assert cur.execute("SELECT '{1,2}'::int4[], '10.0.0.1'::inet, true").fetchone()[0] == [1, 2]
         conn.execute("LISTEN lictor_masking")
         conn.execute("SELECT note(email) FROM customers ORDER BY id LIMIT 1")
         assert len(notices) == 1 and "[REDACTED:email]" in notices[0] and "@" not in notices[0], notices

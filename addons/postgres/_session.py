@@ -50,6 +50,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 from lictor import Decision, Request, combine
@@ -96,8 +97,30 @@ _JSON_TYPES = frozenset({114, _JSONB})
 _NUMERIC_TYPES = frozenset({20, 21, 23, 26, 700, 701, 790, 1700})  # int8 int2 int4 oid float4/8 money numeric
 # Binary values of these types cannot hold what a detector looks for (at most 10 digits, or no digits
 # in a row): a detector has nothing to find; a column mask turns them into NULL.
-_BINARY_NOTHING_TO_DETECT = frozenset({16, 21, 23, 26, 700, 1082, 1083, 1114, 1184, 1186, 1266, 2950})
+_BINARY_NOTHING_TO_DETECT = frozenset(
+    {
+        *(16, 21, 23, 26, 700, 1082, 1083, 1114, 1184, 1186, 1266, 2950),  # bool int2 int4 oid float4, times, uuid
+        *(1000, 1005, 1007, 1021, 1182, 1183, 1115, 1185, 1187, 2951),  # arrays of those
+        *(869, 650, 829, 600, 3904, 3912, 3908, 3910),  # inet cidr macaddr point, int4/date/ts/tstz ranges
+    }
+)
 _INT8, _FLOAT8, _MONEY, _NUMERIC = 20, 701, 790, 1700
+
+
+def _number_hides_a_match(masker: Any, index: int, text: bytes) -> bool:
+    """Whether a number's text form (``4.111111111111111e+15``, ``$4,111,111,111,111,111.00``) is, spelled
+    with plain digits, something a detector masks."""
+    if len(text) - len(text.translate(None, b"0123456789")) < 12 and b"e" not in text.lower():
+        return False  # too few digits for anything a built-in detector looks for (and no exponent)
+    kept = bytes(c for c in text if c in b"0123456789.-+eE")
+    try:
+        number = Decimal(kept.decode())
+    except (InvalidOperation, UnicodeDecodeError):
+        return False
+    if not number.is_finite() or abs(number) >= Decimal("1e40"):
+        return False
+    plain = format(number.to_integral_value() if number == number.to_integral_value() else number, "f").encode()
+    return bool(masker.mask_value(index, plain) != plain)
 
 
 def _binary_number_text(type_oid: int, value: bytes) -> bytes:
@@ -267,7 +290,7 @@ class RowMasker:
                     new = masker.mask_json_value(i, value)
             else:
                 new = masker.mask_value(i, value)
-                if i in self.numeric and new != value:
+                if i in self.numeric and (new != value or _number_hides_a_match(masker, i, value)):
                     new = None
             if new != value:
                 values[i] = new

@@ -180,6 +180,11 @@ class JsonMasker:
             text = str(value)
             masked = self.mask_text(text, counts)
             return value if masked == text else masked
+        if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+            # 4111111111111111.0 (a numeric(20,1) or float8 in JSON): the digits a detector would see
+            text = str(int(value))
+            masked = self.mask_text(text, counts)
+            return value if masked == text else masked
         return value
 
 

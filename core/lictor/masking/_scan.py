@@ -252,6 +252,8 @@ class Scanner:
                         if ms >= 0:
                             ext = slot.extensions[i]
                             break
+                if 0 <= ms < emitted:  # it would overlap what was just masked (see the resume below)
+                    ms = -1
                 if ms >= 0 and slot.back is not None:
                     lo = max(emitted, ms - slot.back_limit)
                     ms -= slot.back(data[lo:ms][::-1])
@@ -274,7 +276,10 @@ class Scanner:
             out.append(data[emitted:ms])
             out.append(slot.redact or apply_style(slot.style, self.key, slot.name, data[ms:me]))
             counts[slot.name] += 1
-            emitted = c = me
+            # Resume one byte early: a pattern that starts with one byte of left context (a card after
+            # a letter) may begin on the last byte of this match; its masked part starts at or after it.
+            emitted = me
+            c = me - 1 if me - 1 > ms else me
         if done > emitted:
             out.append(data[emitted:done])
         return done

@@ -207,8 +207,9 @@ def email(data: bytes, start: int, end: int) -> int:
             return -1
         tld = data[dot + 1 : end]
         letters = len(tld) - len(tld.lstrip(_LETTERS))
-        # ann@example.com1 (text glued to the address, as by email||'1'): the address ends with the letters
-        if 2 <= letters <= 24 and (letters == len(tld) or tld[letters:].isdigit()):
+        # ann@example.com1, ann@example.com-4111... (text glued to the address, as by email||'1'): the
+        # address ends with the letters
+        if 2 <= letters <= 24:
             return dot + 1 + letters
         end = dot
     return -1
