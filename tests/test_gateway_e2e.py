@@ -127,6 +127,14 @@ def test_hot_reload_keeps_connections_and_rejects_broken_edits(line_gateway):
     assert "lines.yaml:14:9: unknown key 'colour'" in gw.log()
     assert c.ask("get a").split()[2] == first
 
+    # a half-saved edit (the file truncated first, as `cat > lines.yaml` does) is broken too, not "no rules"
+    pack.write_text("")
+    deadline = time.monotonic() + 10
+    while "lines.yaml:1:1: empty file" not in gw.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "lines.yaml:1:1: empty file" in gw.log()
+    assert c.ask("get a").split()[2] == first
+
     # a good edit, saved the way editors do (write elsewhere, rename over), goes live
     tmp = gw.packs / ".lines.yaml.swp"
     tmp.write_text(PACK.replace("verbs: [get]", "verbs: [get, put]"))

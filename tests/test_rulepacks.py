@@ -156,3 +156,28 @@ def test_custom_detector_keeps_its_own_style(tmp_path):
     plan = MaskPlan.compile([{"detectors": ["employee"]}], custom_detectors=result.policy.detectors, key=b"k" * 32)
     masked, counts = plan.mask_text("id EMP-123456 ok")
     assert counts["employee"] == 1 and masked.endswith("56 ok") and "EMP-1234" not in masked
+
+
+def test_an_empty_pack_file_is_an_error_not_a_pack_without_rules(tmp_path):
+    path, result = problems(tmp_path, "# nothing here yet\n")
+    assert result.policy is None
+    assert [str(p) for p in result.errors] == [
+        f"{path}:1:1: empty file: a rule pack file must hold a pack (delete the file to remove one)"
+    ]
+
+
+def test_nested_aliases_cannot_expand_a_small_file_into_billions_of_values(tmp_path):
+    lines = ["format: lictor/v1", "metadata: {name: bomb, owner: x}", "x0: &a0 [t, t, t, t, t, t, t, t, t, t]"]
+    lines += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    lines += ["roles: {r: {rules: [{id: a, protocol: postgres, when: {tables: *a8}, action: deny}]}}"]
+    path, result = problems(tmp_path, "\n".join(lines))
+    assert result.policy is None
+    [error] = result.errors
+    assert str(error).startswith(f"{path}:") and "expands to more than 200000 values" in str(error)
+
+
+def test_anchors_and_merge_keys_within_bounds_still_work(tmp_path):
+    text = GOOD.replace("        when: {statements: [select]}", "        when: &w {statements: [select]}")
+    text += "      - {id: ro-select-2, protocol: postgres, when: *w, action: allow}\n"
+    _, result = problems(tmp_path, text)
+    assert result.policy is not None, result.errors

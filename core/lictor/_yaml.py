@@ -93,14 +93,57 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
+MAX_BYTES = 8 << 20
+"""Largest YAML file read (a rule pack is a few kilobytes; a huge one is a mistake or an attack)."""
+MAX_VALUES = 200_000
+"""Most values one document may expand to: aliases (``*a``) repeat what their anchor holds, so a
+kilobyte of nested aliases can stand for billions of values (the "billion laughs")."""
+
+
+def _expanded_size(root: yaml.Node, filename: str) -> int:
+    """How many values ``root`` stands for once aliases are expanded (shared nodes counted each time)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if key in sizes and not done:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        if not done:
+            sizes[key] = -1  # in progress (a recursive alias is refused by the composer)
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+            continue
+        total = 1 + sum(max(sizes.get(id(child), 1), 1) for child in children)
+        if total > MAX_VALUES:
+            raise YamlError(
+                _loc(filename, node),
+                f"this document expands to more than {MAX_VALUES} values (nested YAML aliases?); "
+                "write the values out or split the pack",
+            )
+        sizes[key] = total
+    return sizes[id(root)]
+
+
 def load_documents(text: str, filename: str) -> list[Any]:
     """Parse every YAML document in ``text``; raise YamlError with the position on failure."""
+    if len(text) > MAX_BYTES:
+        raise YamlError(Location(filename, 1, 1), f"file larger than {MAX_BYTES >> 20} MiB; split it")
     loader = _Loader(text)
     loader.filename = filename
     try:
         docs = []
-        while loader.check_data():
-            docs.append(loader.get_data())
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            _expanded_size(node, filename)
+            docs.append(loader.construct_document(node))
         return docs
     except YamlError:
         raise

@@ -41,6 +41,13 @@ ACTIONS = ("allow", "deny", "approve", "mask")
 IDENT = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$"
 
 
+MAX_MESSAGE = 2000  # a problem quotes the offending value; a huge value is cut, not logged whole
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
+
+
 @dataclass(frozen=True)
 class Problem:
     loc: Location
@@ -306,10 +313,10 @@ class _Compiler:
         self.base_schema = schema
 
     def error(self, loc: Location, message: str) -> None:
-        self.problems.append(Problem(loc, message))
+        self.problems.append(Problem(loc, _bounded(message)))
 
     def warn(self, loc: Location, message: str) -> None:
-        self.problems.append(Problem(loc, message, "warning"))
+        self.problems.append(Problem(loc, _bounded(message), "warning"))
 
     def add_document(self, doc: Any, path: Path, fallback: Location) -> None:
         problems = _validate(doc, self.base_schema, fallback)
@@ -620,7 +627,9 @@ def load_policy(
             continue
         docs = [d for d in docs if d is not None]
         if not docs:
-            compiler.warn(fallback, "empty file")
+            # An error, not a warning: a half-saved edit (`cat > pack.yaml`) would otherwise drop the pack's
+            # rules from a running gateway. To remove a pack, delete its file.
+            compiler.error(fallback, "empty file: a rule pack file must hold a pack (delete the file to remove one)")
             continue
         if all(isinstance(d, dict) and d.get("format") == TESTS_FORMAT for d in docs):
             result.test_files.append(path)
