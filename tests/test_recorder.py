@@ -635,3 +635,17 @@ def test_drain_mode_is_validated(tmp_path: Path) -> None:
         {"sinks": [{"type": "s3", "bucket": "b", "retention": {"max_age": "1d"}}]}, tmp_path
     )
     assert RecordingsConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+
+
+def test_replay_and_audit_list_show_an_agents_control_characters_escaped() -> None:
+    # An agent's statement is text it controls: ESC/CR/BEL must not reach the auditor's terminal raw.
+    from lictor._text import printable
+    from lictor.recorder._replay import render
+
+    evil = "select 1 /* \r\x1b[2K\x1b]0;PWNED\x07 */"
+    shown = render({"kind": "statement", "t": 0, "data": {"sql": evil, "decision": "allow"}})
+    assert shown is not None and "\x1b" not in shown and "\r" not in shown and "\x07" not in shown
+    assert "\\x1b[2K" in shown
+    terminal = render({"kind": "output", "t": 0, "data": {"data": "\x1b[1mbold\x1b[0m"}})
+    assert terminal == "\x1b[1mbold\x1b[0m"  # a terminal session replays as it was sent
+    assert printable("a\x1bb\nc", keep="") == "a\\x1bb\\x0ac"

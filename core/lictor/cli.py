@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._text import printable
 from ._yaml import YamlError, load_documents, plain
 from .addons import AddonManager, load_addon_spec
 from .audit import AuditLog
@@ -286,8 +287,9 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
         rules = ",".join(e.get("rule_ids", []))
         summary = req.get("summary", e.get("reason", "")) or ""
         print(
-            f"{e['seq']:>6} {ts:19} {e.get('kind', ''):16} {who[:16]:16} {str(e.get('protocol', ''))[:10]:10} "
-            f"{str(e.get('action', ''))[:8]:8} {rules[:28]:28} {str(summary)[:80]}"
+            f"{e['seq']:>6} {ts:19} {e.get('kind', ''):16} {printable(who)[:16]:16} "
+            f"{printable(e.get('protocol', ''))[:10]:10} {printable(e.get('action', ''))[:8]:8} "
+            f"{printable(rules)[:28]:28} {printable(summary, keep='')[:80]}"
         )
     return EXIT_OK
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from .._text import printable
+
 __all__ = ["register"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -31,11 +33,7 @@ class CliError(Exception):
 
 def _safe(text: Any, limit: int | None = None) -> str:
     """Agent-controlled text without terminal control sequences."""
-    s = "" if text is None else str(text)
-    out = "".join(ch if ch.isprintable() or ch in "\n\t" else f"\\x{ord(ch):02x}" for ch in s)
-    if limit is not None and len(out) > limit:
-        out = out[: limit - 1] + "…"
-    return out
+    return printable(text, limit)
 
 
 def _one_line(text: Any, limit: int) -> str:

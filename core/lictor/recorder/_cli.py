@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .._text import printable
 from ..config import ConfigError, load_config
 from ._chain import SessionVerdict
 from ._recorder import RecordingsConfig, make_sink, wait_for_local_store
@@ -86,8 +87,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         state = "open" if r["open"] else ("interrupted" if r["interrupted"] else "ended")
         d = r["decisions"]
         print(
-            f"{r['id'][:12]:12} {_ts(r['started_at']):19} {_duration(r):>8} {str(r['sub'])[:16]:16} "
-            f"{str(r['target'])[:14]:14} {str(r['protocol'])[:10]:10} {r['events']:>6} {d['allow']:>5} "
+            f"{r['id'][:12]:12} {_ts(r['started_at']):19} {_duration(r):>8} {printable(r['sub'])[:16]:16} "
+            f"{printable(r['target'])[:14]:14} {printable(r['protocol'])[:10]:10} {r['events']:>6} {d['allow']:>5} "
             f"{d['deny']:>5} {d['approve']:>5} {state}"
         )
     if not rows:

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TextIO
 
+from .._text import printable
+
 __all__ = ["asciicast_lines", "is_terminal", "render", "replay"]
 
 
@@ -36,9 +38,17 @@ def _indent(text: str, first: str, rest: str) -> str:
 def render(event: Mapping[str, Any], *, show_input: bool = False) -> str | None:
     """The text of one event as the replay shows it (None: nothing to show).
 
-    ``output`` data is returned raw (terminal bytes as recorded); everything else is a line
-    or a block ending in a newline.
+    ``output`` data is returned raw (terminal bytes as recorded, as a terminal replay must); everything
+    else is a line or a block ending in a newline, with control characters escaped: a statement, a
+    command or a URL is the agent's text, and must not drive the auditor's terminal.
     """
+    text = _render(event, show_input=show_input)
+    if text is None or str(event.get("kind", "")) in ("output", "input"):
+        return text
+    return printable(text)
+
+
+def _render(event: Mapping[str, Any], *, show_input: bool = False) -> str | None:
     kind = str(event.get("kind", ""))
     data = event.get("data")
     d: Mapping[str, Any] = data if isinstance(data, Mapping) else {}
