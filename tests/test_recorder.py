@@ -181,6 +181,11 @@ def test_cli_verify_names_the_first_altered_event(tmp_path: Path) -> None:
     manifest_path.write_text(json.dumps(doc))
     forged = lictor_cli("sessions", "verify", sid, "--state-dir", state)
     assert forged.returncode == 1 and "signature does not verify" in forged.stdout
+    # the manifest deleted and the tail cut: the chain alone looks fine, the index knows it ended
+    manifest_path.unlink()
+    path.write_bytes(b"".join(original.splitlines(keepends=True)[:3]))
+    unsigned = lictor_cli("sessions", "verify", sid, "--state-dir", state)
+    assert unsigned.returncode == 1 and "manifest is missing" in unsigned.stdout, unsigned.stdout
 
 
 def test_asciicast_export_of_a_terminal_session(tmp_path: Path) -> None:

@@ -237,6 +237,7 @@ def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = Non
     key_path = Path(public_key) if public_key else store.public_key_path()
     public = load_public_key(key_path) if key_path is not None else None
     verdicts = []
+    index: dict[str, dict[str, Any]] | None = None
     for sid in ids:
         manifest_raw, lines = store.stream_raw(sid)
         try:
@@ -244,5 +245,22 @@ def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = Non
         except ValueError:
             verdicts.append(SessionVerdict(sid, False, 0, False, None, "the manifest is not valid JSON (edited)"))
             continue
-        verdicts.append(verify_session(sid, lines, manifest, public))
+        verdict = verify_session(sid, lines, manifest, public)
+        if manifest is None:
+            # No manifest: a session still open, or one whose manifest was deleted (perhaps with the events
+            # after some point). The index says which: an ended or signed session must have its manifest.
+            if index is None:
+                index = {str(r["id"]): r for r in store.rows()}
+            row = index.get(sid)
+            if row is not None and (not row["open"] or row["signed"]):
+                verdict = SessionVerdict(
+                    sid,
+                    False,
+                    verdict.events,
+                    False,
+                    None,
+                    f"the manifest is missing, but the index records the session as ended with {row['events']} "
+                    "events (deleted or truncated?)",
+                )
+        verdicts.append(verdict)
     return verdicts
