@@ -194,6 +194,7 @@ def test_held_request_is_released_by_an_approver_and_never_by_its_requester(tmp_
         assert record.reason == "fix ticket 42" and record.rule_ids == ("update-once",)
         assert record.payload == "UPDATE t SET a = 1 WHERE id = 1" and record.target == "db"
         assert record.requester_sub == "agent-1" and record.requester_iss == "lictor"
+        assert record.attrs["tables"] == ["t"]  # what approvers read: a list, not "frozenset({'t'})"
 
         broker = gw.approvals
         assert broker is not None

@@ -412,7 +412,7 @@ class ApprovalBroker:
         import json
 
         try:
-            attrs = json.loads(json.dumps(dict(request.attrs), default=str))
+            attrs = json.loads(json.dumps(dict(request.attrs), default=_plain))
         except (TypeError, ValueError):
             attrs = {"unserializable": repr(request.attrs)[:2000]}
         return Approval(
@@ -720,3 +720,11 @@ class ApprovalBroker:
             log.info("approval %s %s by %s", approval_id, after.status, ", ".join(after.decided_by))
         self._on_change(approval_id)
         return after
+
+
+def _plain(value: Any) -> Any:
+    """A request attribute as approvers read it: sets as sorted lists (not ``frozenset({...})``)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)
+
