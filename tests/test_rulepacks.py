@@ -181,3 +181,20 @@ def test_anchors_and_merge_keys_within_bounds_still_work(tmp_path):
     text += "      - {id: ro-select-2, protocol: postgres, when: *w, action: allow}\n"
     _, result = problems(tmp_path, text)
     assert result.policy is not None, result.errors
+
+
+def test_check_strict_fails_on_warnings_without_saying_ok(tmp_path):
+    from tests.conftest import lictor
+
+    write(
+        tmp_path,
+        GOOD.replace(
+            "      - id: ro-select",
+            "      - id: deny-all\n        protocol: postgres\n        action: deny\n      - id: ro-select",
+        ),
+    )
+    relaxed = lictor("check", str(tmp_path), check=False)
+    assert relaxed.returncode == 0 and relaxed.stdout.splitlines()[-1].startswith("OK: ")
+    strict = lictor("check", "--strict", str(tmp_path), check=False)
+    assert strict.returncode == 1 and "OK" not in strict.stdout
+    assert strict.stdout.splitlines()[-1] == "0 error(s), 1 warning(s) in 1 pack file(s); --strict fails on warnings"
