@@ -90,9 +90,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     assert result.policy is not None
     if args.strict and result.warnings:
-        print(
-            f"0 error(s), {len(result.warnings)} warning(s) in {len(result.files)} pack file(s); --strict fails on them"
-        )
+        count = f"{len(result.warnings)} warning(s) in {len(result.files)} pack file(s)"
+        print(f"0 error(s), {count}; --strict fails on warnings")
         return EXIT_FAIL
     print(
         f"OK: {len(result.files)} pack file(s), {len(result.policy.roles)} roles, {len(result.policy.rules)} rules, "
