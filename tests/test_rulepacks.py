@@ -198,3 +198,17 @@ def test_check_strict_fails_on_warnings_without_saying_ok(tmp_path):
     strict = lictor("check", "--strict", str(tmp_path), check=False)
     assert strict.returncode == 1 and "OK" not in strict.stdout
     assert strict.stdout.splitlines()[-1] == "0 error(s), 1 warning(s) in 1 pack file(s); --strict fails on warnings"
+
+
+def test_a_glob_with_an_unclosed_bracket_is_an_error(tmp_path):
+    # fnmatch reads "[abc" as a literal: a deny rule written that way would never match what was meant
+    path, result = problems(
+        tmp_path, GOOD.replace("{statements: [select]}", '{statements: [select], tables: ["t[ab"]}')
+    )
+    assert result.policy is None
+    [error] = result.errors
+    assert str(error).startswith(f"{path}:11:") and "'[' at position 2 is never closed" in str(error)
+    _, ok = problems(
+        tmp_path, GOOD.replace("{statements: [select]}", '{statements: [select], tables: ["t[ab]", "[[]x"]}')
+    )
+    assert ok.policy is not None, ok.errors

@@ -53,8 +53,31 @@ def glob_to_regex(pattern: str, *, case_sensitive: bool = False) -> re.Pattern[s
     Globs come from rule-pack authors; translating them with fnmatch yields only linear-time
     constructs, so Python's ``re`` is safe here.
     """
+    at = _unclosed_bracket(pattern)
+    if at is not None:
+        # fnmatch would read it as a literal "[", so "tables: [app_[ab]" would never match what was meant
+        raise ValueError(f"{pattern!r}: the '[' at position {at + 1} is never closed; write [[] for a literal '['")
     flags = 0 if case_sensitive else re.IGNORECASE
     return re.compile(fnmatch.translate(pattern), flags | re.DOTALL)
+
+
+def _unclosed_bracket(pattern: str) -> int | None:
+    """The index of a ``[`` that starts no character class (fnmatch's reading), or None."""
+    i, n = 0, len(pattern)
+    while i < n:
+        if pattern[i] == "[":
+            j = i + 1
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            end = pattern.find("]", j)
+            if end < 0:
+                return i
+            i = end + 1
+        else:
+            i += 1
+    return None
 
 
 _SCALARS = (str, bytes, int, float, bool)
