@@ -654,3 +654,23 @@ def test_replay_and_audit_list_show_an_agents_control_characters_escaped() -> No
     terminal = render({"kind": "output", "t": 0, "data": {"data": "\x1b[1mbold\x1b[0m"}})
     assert terminal == "\x1b[1mbold\x1b[0m"  # a terminal session replays as it was sent
     assert printable("a\x1bb\nc", keep="") == "a\\x1bb\\x0ac"
+
+
+def test_listing_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path) -> None:
+    async def main() -> None:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        for i in range(3):
+            await run_session(gw, f"agent-{i}", ["echo x"])
+        await gw.stop()
+
+    asyncio.run(main())
+    state = str(tmp_path / "state")
+    for command in (["sessions", "list"], ["audit", "list"]):
+        proc = subprocess.Popen(
+            [LICTOR, *command, "--state-dir", state], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # like `| head -0`: the reader is gone before anything is written
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=30) == 0 and err == "", (command, err)

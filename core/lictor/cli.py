@@ -488,6 +488,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `lictor audit list | head`: the reader has what it wanted; say nothing more (and let the
+        # interpreter's final flush of stdout go nowhere instead of failing again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _entry() -> None:  # pragma: no cover

@@ -161,6 +161,8 @@ def _run(func: Any) -> Any:
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return int(func(args))
+        except BrokenPipeError:
+            raise  # the reader of our output went away (| head): the command line ends quietly
         except (RecordingError, ValueError, OSError) as exc:
             if isinstance(exc, ConfigError):
                 raise
