@@ -48,6 +48,23 @@ def test_test_exits_1_on_a_failing_case(tmp_path: Path):
     assert "coverage: 1/1 rules exercised (100%)" in proc.stdout
 
 
+def test_test_names_a_misspelt_key_in_a_case_with_its_line(tmp_path: Path):
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: p}\nidentities: [{match: {sub: '*'}, roles: [r]}]\n"
+        "roles:\n  r:\n    rules:\n      - {id: ok, protocol: ssh, when: {programs: ls}, action: allow}\n"
+    )
+    (tmp_path / "p.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n  - name: typo\n    identity: {sub: a}\n"
+        "    requets: {protocol: ssh, action: ls, attrs: {program: ls}}\n    expect: allow\n"
+    )
+    proc = lictor("test", str(tmp_path), check=False)
+    assert proc.returncode == 1
+    assert (
+        f"FAIL {tmp_path / 'p.tests.yaml'}:5 typo -> no decision: unknown key 'requets' in a test case; "
+        "expected one of: expect, identity, name, request"
+    ) in proc.stdout
+
+
 def test_explain_shows_roles_rules_and_outcome():
     out = lictor(
         "explain",

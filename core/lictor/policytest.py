@@ -106,6 +106,10 @@ def _check(decision: Decision, expect: Mapping[str, Any]) -> str:
     return "; ".join(problems)
 
 
+_CASE_KEYS = frozenset({"name", "identity", "request", "expect"})
+_CASE_KEY_LIST = ", ".join(sorted(_CASE_KEYS))
+
+
 def run_tests(policy: Policy, files: Iterable[Path]) -> TestReport:
     report = TestReport()
     for path in files:
@@ -119,7 +123,24 @@ def run_tests(policy: Policy, files: Iterable[Path]) -> TestReport:
                 continue
             for i, case in enumerate(doc.get("cases") or []):
                 line = case.loc.line if hasattr(case, "loc") else 0
+                if not isinstance(case, Mapping):
+                    report.cases.append(CaseResult(str(path), line, f"case {i + 1}", False, None, "not a mapping"))
+                    continue
                 name = str(case.get("name", f"case {i + 1}"))
+                unknown = sorted(set(case) - _CASE_KEYS)
+                if unknown:
+                    where = case.key_locs.get(unknown[0]) if hasattr(case, "key_locs") else None
+                    report.cases.append(
+                        CaseResult(
+                            str(path),
+                            where.line if where else line,
+                            name,
+                            False,
+                            None,
+                            f"unknown key {unknown[0]!r} in a test case; expected one of: {_CASE_KEY_LIST}",
+                        )
+                    )
+                    continue
                 try:
                     identity = identity_from_spec(plain(case.get("identity") or {}))
                     requests = build_requests(policy, plain(case.get("request") or {}))
