@@ -172,6 +172,7 @@ __all__ = [
     "portal_suspended",
     "query",
     "ready_for_query",
+    "report",
     "row_description",
     "sasl_initial_response",
     "sasl_response",
@@ -1713,11 +1714,16 @@ def _report(
         items["D"] = detail
     if hint is not None:
         items["H"] = hint
-    for key, value in (fields or {}).items():
+    items.update(fields or {})
+    return report(code, items)
+
+
+def report(code: bytes, fields: Mapping[str, str]) -> bytes:
+    """An ErrorResponse (``b"E"``) or NoticeResponse (``b"N"``) with exactly ``fields``, in their order."""
+    for key in fields:
         if len(key) != 1 or key == "\0":
             raise ValueError(f"invalid field code {key!r}")
-        items[key] = value
-    return _msg(code, b"".join(k.encode() + _cstr(v) for k, v in items.items()) + b"\0")
+    return _msg(code, b"".join(k.encode() + _cstr(v) for k, v in fields.items()) + b"\0")
 
 
 def error_response(

@@ -384,40 +384,28 @@ Handler = Callable[[bytes], "bytes | Coroutine[Any, Any, bytes | None] | None"]
 
 
 _TEXT_MESSAGES = frozenset((_B_ERROR, _B_NOTICE, _B_NOTIFY, _B_PARAM))
-_REPORT_CODES_KEPT = frozenset(b"SVCPpFLR")  # severity, SQLSTATE, positions, source location
+_REPORT_CODES_KEPT = frozenset("SVCPpFLR")  # severity, SQLSTATE, positions, source location
 
 
-def _mask_cstring(plan: Any, value: bytes) -> bytes:
-    masked, _ = plan.mask_text(value.decode("utf-8", "surrogateescape"))
-    return bytes(masked.encode("utf-8", "surrogateescape").replace(b"\0", b""))
+def _masked_texts(plan: Any, raw: bytes) -> bytes | None:
+    """``raw`` (decoded and encoded by the codec) with its texts masked by ``plan``'s detectors; None if
+    unchanged. Raises :class:`pg.ProtocolError` when it does not decode."""
 
+    def mask(text: str) -> str:
+        return str(plan.mask_text(text)[0]).replace("\0", "")
 
-def _masked_texts(plan: Any, t: int, raw: bytes) -> bytes | None:
-    """``raw`` with its text fields masked by ``plan``'s detectors; None if unchanged."""
-    body = raw[5:]
-    parts: list[bytes] = []
-    if t == _B_NOTIFY:
-        cut = body.index(b"\0", 4)
-        channel, payload = body[4:cut], body[cut + 1 : body.index(b"\0", cut + 1)]
-        parts = [body[:4], _mask_cstring(plan, channel), b"\0", _mask_cstring(plan, payload), b"\0"]
-    elif t == _B_PARAM:
-        cut = body.index(b"\0")
-        value = body[cut + 1 : body.index(b"\0", cut + 1)]
-        parts = [body[: cut + 1], _mask_cstring(plan, value), b"\0"]
-    else:
-        i = 0
-        while body[i] != 0:
-            end = body.index(b"\0", i + 1)
-            value = body[i + 1 : end]
-            if body[i] not in _REPORT_CODES_KEPT and value:
-                value = _mask_cstring(plan, value)
-            parts += [body[i : i + 1], value, b"\0"]
-            i = end + 1
-        parts.append(b"\0")
-    new = b"".join(parts)
-    if new == body:
-        return None
-    return raw[:1] + (len(new) + 4).to_bytes(4, "big") + new
+    message = pg.decode_backend(raw)
+    if isinstance(message, pg.NotificationResponse):
+        channel, payload = mask(message.channel), mask(message.payload)
+        if (channel, payload) == (message.channel, message.payload):
+            return None
+        return pg.notification_response(message.pid, channel, payload)
+    if isinstance(message, pg.ParameterStatus):
+        value = mask(message.value)
+        return None if value == message.value else pg.parameter_status(message.name, value)
+    assert isinstance(message, (pg.ErrorResponse, pg.NoticeResponse))
+    fields = {k: v if k in _REPORT_CODES_KEPT or not v else mask(v) for k, v in message.fields.items()}
+    return None if fields == message.fields else pg.report(raw[:1], fields)
 
 
 class Relay:
@@ -1337,10 +1325,9 @@ class Relay:
         """``raw`` (an ErrorResponse, NoticeResponse, NotificationResponse or ParameterStatus) with detector
         matches masked in its texts, or None when nothing needed masking. ``invalid input syntax for type
         integer: "ann@example.com"``, a RAISE NOTICE or a pg_notify() payload carry row data too."""
-        plan = self._text_plan
         try:
-            return _masked_texts(plan, t, raw)
-        except (ValueError, IndexError):
+            return _masked_texts(self._text_plan, raw)
+        except (pg.ProtocolError, ValueError):
             # Not well formed: nothing of it reaches the agent unmasked.
             if t == _B_ERROR:
                 return pg.error_response("ERROR", "XX000", "lictor: the server's error message was withheld")
