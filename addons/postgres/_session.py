@@ -105,11 +105,14 @@ _BINARY_NOTHING_TO_DETECT = frozenset(
     }
 )
 _INT8, _FLOAT8, _MONEY, _NUMERIC = 20, 701, 790, 1700
+_BINARY_NUMBERS = frozenset({_INT8, _FLOAT8, _MONEY, _NUMERIC})  # read as numbers by _binary_number_text
 
 
-def _number_hides_a_match(masker: Any, index: int, text: bytes) -> bool:
-    """Whether a number's text form (``4.111111111111111e+15``, ``$4,111,111,111,111,111.00``) is, spelled
-    with plain digits, something a detector masks."""
+def _number_masked(masker: Any, index: int, text: bytes) -> bool:
+    """Whether masking would change a number's text form (``4111111111111111``), or the same number spelled
+    with plain digits (``4.111111111111111e+15``, ``$4,111,111,111,111,111.00``): it then comes back NULL."""
+    if masker.mask_value(index, text) != text:
+        return True
     if len(text) - len(text.translate(None, b"0123456789")) < 12 and b"e" not in text.lower():
         return False  # too few digits for anything a built-in detector looks for (and no exponent)
     kept = bytes(c for c in text if c in b"0123456789.-+eE")
@@ -245,7 +248,7 @@ class RowMasker:
             if fmt == 1:
                 if f.type_oid == _JSONB:
                     binary_jsonb.add(i)
-                elif f.type_oid in _BINARY_NOTHING_TO_DETECT or f.type_oid in (_INT8, _FLOAT8, _MONEY, _NUMERIC):
+                elif f.type_oid in _BINARY_NOTHING_TO_DETECT or f.type_oid in _BINARY_NUMBERS:
                     if action == "whole":
                         to_null.add(i)
                     elif f.type_oid not in _BINARY_NOTHING_TO_DETECT:
@@ -279,8 +282,9 @@ class RowMasker:
                 new = None
             elif i in self.binary_numbers:
                 try:
-                    text = _binary_number_text(self.binary_numbers[i], value)
-                    new = None if masker.mask_value(i, text) != text else value
+                    new = (
+                        None if _number_masked(masker, i, _binary_number_text(self.binary_numbers[i], value)) else value
+                    )
                 except struct.error:  # not a value of its type: nothing of it is relayed
                     new = None
             elif i in self.json:
@@ -289,9 +293,10 @@ class RowMasker:
                 else:
                     new = masker.mask_json_value(i, value)
             else:
-                new = masker.mask_value(i, value)
-                if i in self.numeric and (new != value or _number_hides_a_match(masker, i, value)):
-                    new = None
+                if i in self.numeric:
+                    new = None if _number_masked(masker, i, value) else value
+                else:
+                    new = masker.mask_value(i, value)
             if new != value:
                 values[i] = new
                 changed = True
