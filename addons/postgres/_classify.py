@@ -201,6 +201,8 @@ _FUNCTION_REFERENCING = frozenset(
         "CreateRangeStmt",
     }
 )
+# Settings whose change is an identity switch (SET ROLE, SET SESSION AUTHORIZATION), by their statement kind.
+_IDENTITY_SETTINGS = {"role": "set_role", "session_authorization": "set_session_authorization"}
 # Foreign-table and server options with which file_fdw reads server files or runs programs.
 _FDW_SERVER_ACCESS = {"program": "program", "filename": "file"}
 
@@ -686,9 +688,7 @@ class _Analysis:
         if not names:
             return
         bare = names[-1].lower()
-        self.functions.add(bare)
-        if len(names) > 1:
-            self.functions.add(".".join(names).lower())
+        self._add_function(names)
         if bare == "set_config":
             self._set_config(body.get("args", []))
         elif bare in SQL_EXECUTING_FUNCTIONS:
@@ -767,7 +767,7 @@ class _Analysis:
         if name is None:
             # The parameter name is computed: it could be any of them, the identity switches included.
             self.read_write_attempt = True
-            self.kinds.update(("set_role", "set_session_authorization"))
+            self.kinds.update(_IDENTITY_SETTINGS.values())
             return
         name = name.strip().lower()
         self.settings.add(name)
@@ -775,10 +775,8 @@ class _Analysis:
             self.read_write_attempt = True
         # set_config('role', ...) is SET ROLE, set_config('session_authorization', ...) is SET SESSION
         # AUTHORIZATION: the same identity switch by a function call.
-        if name == "role":
-            self.kinds.add("set_role")
-        elif name == "session_authorization":
-            self.kinds.add("set_session_authorization")
+        if name in _IDENTITY_SETTINGS:
+            self.kinds.add(_IDENTITY_SETTINGS[name])
 
     # -- statements -----------------------------------------------------------------------------------
 
@@ -837,11 +835,7 @@ class _Analysis:
             if call:
                 self._func_call(call, depth)
         elif key in ("CreateTrigStmt", "CreateEventTrigStmt"):
-            names = _names(body.get("funcname", ()))
-            if names:
-                self.functions.add(names[-1].lower())
-                if len(names) > 1:
-                    self.functions.add(".".join(names).lower())
+            self._add_function(_names(body.get("funcname", ())))
         elif key == "DropStmt":
             if body.get("removeType") in _RELATION_OBJECTS:
                 for obj in body.get("objects", ()):
@@ -937,11 +931,7 @@ class _Analysis:
             self.read_write_attempt = True  # any value: setting it at all is how read-only is left
         if kind == "VAR_RESET":
             return "reset"
-        if name == "role":
-            return "set_role"
-        if name == "session_authorization":
-            return "set_session_authorization"
-        return "set"
+        return _IDENTITY_SETTINGS.get(name, "set")
 
     def _transaction_modes(self, options: Iterable[_Node]) -> None:
         """BEGIN / SET TRANSACTION / SESSION CHARACTERISTICS: READ WRITE leaves read-only mode."""
