@@ -164,12 +164,10 @@ class Scrubber:
         self.secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
         self.keep = max((len(s) for s in self.secrets), default=1) - 1
         self.held = b""
-        self.count = 0
 
     def whole(self, data: bytes) -> bytes:
         for secret in self.secrets:
             if secret in data:
-                self.count += data.count(secret)
                 data = data.replace(secret, b"*" * len(secret))
         return data
 

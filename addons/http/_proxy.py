@@ -291,10 +291,7 @@ class LictorProxy:
     def _final_answer_and_close(self, flow: http.HTTPFlow, answer: Answer) -> None:
         """Write ``answer`` straight to the agent's connection and close it (after mitmproxy gave up on
         the flow, when its own layers will not answer any more)."""
-        ps = self.proxyserver
-        handler = ps.connections.get(flow.client_conn.id) if ps is not None else None
-        io = handler.transports.get(handler.client) if handler is not None else None
-        writer = io.writer if io is not None else None
+        _, writer = self._agent_connection(flow)
         if writer is None or writer.is_closing():
             return
         body = answer.encode()
@@ -313,17 +310,23 @@ class LictorProxy:
         The socket is aborted synchronously, so nothing queued after this point (not even the terminating
         chunk of a chunked body, which would make a truncated response look complete) reaches the agent.
         """
-        ps = self.proxyserver
-        handler = ps.connections.get(flow.client_conn.id) if ps is not None else None
+        handler, writer = self._agent_connection(flow)
         if handler is not None:
-            io = handler.transports.get(handler.client)
-            writer = io.writer if io is not None else None
             transport = getattr(writer, "transport", None)
             if transport is not None:
                 transport.abort()
             handler.close_connection(handler.client)
         elif flow.killable:
             flow.kill()
+
+    def _agent_connection(self, flow: http.HTTPFlow) -> tuple[Any, Any]:
+        """mitmproxy's handler of the agent's connection and its stream writer (None, None once gone)."""
+        ps = self.proxyserver
+        handler = ps.connections.get(flow.client_conn.id) if ps is not None else None
+        if handler is None:
+            return None, None
+        io = handler.transports.get(handler.client)
+        return handler, (io.writer if io is not None else None)
 
     def _authenticate(self, token: str, target: HttpTarget, peer: str) -> tuple[Identity, str]:
         """The verified identity behind ``token`` and its session key (same subject, issuer and claims)."""
