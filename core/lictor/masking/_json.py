@@ -176,12 +176,10 @@ class JsonMasker:
             return value
         if isinstance(value, str):
             return self.mask_text(value, counts)
-        if isinstance(value, int) and not isinstance(value, bool):
-            text = str(value)
-            masked = self.mask_text(text, counts)
-            return value if masked == text else masked
-        if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
-            # 4111111111111111.0 (a numeric(20,1) or float8 in JSON): the digits a detector would see
+        # A number is checked as its digits: 4111111111111111, and 4111111111111111.0 (a numeric(20,1) or
+        # float8 in JSON) as the same digits.
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 1e21)
+        if integral and not isinstance(value, bool):
             text = str(int(value))
             masked = self.mask_text(text, counts)
             return value if masked == text else masked

@@ -15,6 +15,7 @@ copy of the candidate.
 """
 
 import ipaddress
+import string
 from collections.abc import Callable, Mapping
 
 Validator = Callable[[bytes, int, int], int]
@@ -190,7 +191,7 @@ def aws_secret(data: bytes, start: int, end: int) -> int:
     return end
 
 
-_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_LETTERS = string.ascii_letters.encode()
 
 
 def email(data: bytes, start: int, end: int) -> int:
