@@ -31,11 +31,16 @@ def test_check_reports_file_line_and_exit_1(tmp_path: Path):
     assert f"{bad}:5:13: identity mapping: unknown role 'ghost'" in proc.stdout
 
 
-def test_test_exits_1_on_a_failing_case(tmp_path: Path):
+def _ls_pack(tmp_path: Path) -> None:
+    """A pack whose only rule allows `ls` over SSH to everyone."""
     (tmp_path / "p.yaml").write_text(
         "format: lictor/v1\nmetadata: {name: p}\nidentities: [{match: {sub: '*'}, roles: [r]}]\n"
         "roles:\n  r:\n    rules:\n      - {id: ok, protocol: ssh, when: {programs: ls}, action: allow}\n"
     )
+
+
+def test_test_exits_1_on_a_failing_case(tmp_path: Path):
+    _ls_pack(tmp_path)
     (tmp_path / "p.tests.yaml").write_text(
         "format: lictor-tests/v1\ncases:\n"
         "  - {name: ls ok, identity: {sub: a}, request: {protocol: ssh, action: ls, attrs: {program: ls}}, expect: allow}\n"
@@ -49,10 +54,7 @@ def test_test_exits_1_on_a_failing_case(tmp_path: Path):
 
 
 def test_test_names_a_misspelt_key_in_a_case_with_its_line(tmp_path: Path):
-    (tmp_path / "p.yaml").write_text(
-        "format: lictor/v1\nmetadata: {name: p}\nidentities: [{match: {sub: '*'}, roles: [r]}]\n"
-        "roles:\n  r:\n    rules:\n      - {id: ok, protocol: ssh, when: {programs: ls}, action: allow}\n"
-    )
+    _ls_pack(tmp_path)
     (tmp_path / "p.tests.yaml").write_text(
         "format: lictor-tests/v1\ncases:\n  - name: typo\n    identity: {sub: a}\n"
         "    requets: {protocol: ssh, action: ls, attrs: {program: ls}}\n    expect: allow\n"
