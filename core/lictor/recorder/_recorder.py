@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import weakref
@@ -20,7 +19,7 @@ from ..config import ConfigError
 from ._chain import GENESIS, SigningKey
 from ._drainproc import DrainProcess
 from ._sinks import Drainer, LocalSink, PostgresSink, Retention, S3Sink, Sink
-from ._spool import AUDIT, CARRY, MANIFEST, SESSION, Offset, Spool, SpoolReader, SpoolView
+from ._spool import AUDIT, CARRY, MANIFEST, SESSION, Offset, Spool, SpoolReader, SpoolView, writer_alive
 from ._util import RecordingError, canonical, encode_bytes, parse_interval, parse_size, sha256_hex
 
 if TYPE_CHECKING:
@@ -271,13 +270,8 @@ def wait_for_local_store(config: RecordingsConfig, timeout: float = 3.0) -> bool
     holds every event its spool holds now. The drain process writes them a batch behind the spool;
     without a running gateway there is nothing to wait for. True when caught up."""
     spool_dir = config.spool_dir
-    try:
-        pid = int((spool_dir / "lock").read_text().split()[0])  # the gateway that writes the spool
-        os.kill(pid, 0)
-    except (FileNotFoundError, IndexError, ValueError, ProcessLookupError):
+    if not writer_alive(spool_dir):
         return True  # no gateway running: nothing more will be drained now
-    except PermissionError:
-        pass  # alive, another user's
     local = next((s.name for s in config.sinks if s.type == "local"), "local")
     offset = config.offset_path(local)
     committed = Offset.peek(offset) or 0

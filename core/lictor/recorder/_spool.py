@@ -173,6 +173,21 @@ class _SegmentList:
         return found
 
 
+_LOCK = "lock"  # held (flock) by the one process writing the spool, and naming its pid
+
+
+def writer_alive(directory: Path) -> bool:
+    """Whether a live process is writing the spool in ``directory`` (read from its lock file, without
+    taking the lock: a reader must never make the gateway's own start fail)."""
+    try:
+        os.kill(int((directory / _LOCK).read_text().split()[0]), 0)
+    except (FileNotFoundError, IndexError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
 _OPEN: weakref.WeakValueDictionary[str, Spool] = weakref.WeakValueDictionary()
 _OPEN_LOCK = threading.Lock()
 
@@ -208,7 +223,7 @@ class Spool(_SegmentList):
         self.on_takeover: Callable[[], None] | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
         self._take_over()
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock_fd = os.open(self.directory / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
