@@ -77,3 +77,13 @@ def test_chain_continues_across_reopen(tmp_path):
     assert b.verify().ok and b.verify().events == 2
     assert [e["n"] for e in b.events()] == [1, 2]
     assert [e["n"] for e in b.events(filters={"n": "2"})] == [2]
+
+
+def test_unauthenticated_columns_cannot_hide_an_event(log):
+    # kind and ts are stored next to the MAC'd body: editing them must not hide an event from a
+    # filtered listing while verify still says OK.
+    raw(log).execute("UPDATE events SET kind = 'x', ts = 0 WHERE seq = 5")
+    assert 5 in [e["seq"] for e in log.events(kind="decision")]
+    assert 5 in [e["seq"] for e in log.events(since=1.0)]
+    r = log.verify()
+    assert not r.ok and r.first_bad == 5

@@ -231,25 +231,24 @@ class AuditLog:
         filters: Mapping[str, str] | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Events in order, newest last, filtered on time, kind and top-level fields."""
-        sql = "SELECT seq, body FROM events WHERE 1=1"
-        args: list[Any] = []
-        if since is not None:
-            sql += " AND ts >= ?"
-            args.append(since)
-        if until is not None:
-            sql += " AND ts <= ?"
-            args.append(until)
-        if kind is not None:
-            sql += " AND kind = ?"
-            args.append(kind)
-        sql += " ORDER BY seq"
+        # The ``ts`` and ``kind`` columns are not covered by the MAC (only ``body`` is): filter on the
+        # authenticated body, so that editing a column cannot hide an event from a filtered listing.
+        sql = "SELECT seq, body FROM events ORDER BY seq"
         count = 0
         self._catch_up()
         with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+            rows = self._db.execute(sql).fetchall()
         for seq, body in rows:
             event = json.loads(body)
             event["seq"] = seq
+            ts = event.get("ts")
+            ts = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None
+            if since is not None and (ts is None or ts < since):
+                continue
+            if until is not None and (ts is None or ts > until):
+                continue
+            if kind is not None and event.get("kind") != kind:
+                continue
             if filters and not all(_field_matches(event, k, v) for k, v in filters.items()):
                 continue
             yield event
@@ -263,13 +262,24 @@ class AuditLog:
         key, prev, expected = k0, b"\0" * 32, 1
         self._catch_up()
         with self._lock:
-            rows = self._db.execute("SELECT seq, body, mac FROM events ORDER BY seq").fetchall()
+            rows = self._db.execute("SELECT seq, body, mac, kind, ts FROM events ORDER BY seq").fetchall()
             head = self._db.execute("SELECT seq, key, mac FROM head WHERE id = 1").fetchone()
-        for seq, body, mac in rows:
+        for seq, body, mac, kind, ts in rows:
             if seq != expected:
                 return VerifyResult(False, len(rows), expected, f"event {expected} is missing (deleted)")
             if not hmac.compare_digest(_mac(key, prev, seq, body.encode()), bytes.fromhex(mac)):
                 return VerifyResult(False, len(rows), seq, "MAC does not verify (edited or reordered)")
+            # kind and ts are stored next to the MAC'd body (for filtering): they must say what it says.
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = None
+            if (
+                not isinstance(doc, dict)
+                or str(doc.get("kind", "")) != kind
+                or (isinstance(doc.get("ts"), (int, float)) and doc["ts"] and float(doc["ts"]) != float(ts))
+            ):
+                return VerifyResult(False, len(rows), seq, "the kind or ts column does not match the event (edited)")
             prev, key, expected = bytes.fromhex(mac), _ratchet(key), expected + 1
         if head is None:
             return VerifyResult(False, len(rows), 1, "chain head is missing")
