@@ -674,3 +674,22 @@ def test_listing_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path) -> 
         proc.stdout.close()  # like `| head -0`: the reader is gone before anything is written
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=30) == 0 and err == "", (command, err)
+
+
+def test_verify_reports_a_non_object_manifest_and_checks_the_other_sessions(tmp_path: Path) -> None:
+    async def main() -> tuple[str, str]:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        first = await run_session(gw, "agent-1", ["echo 1"])
+        second = await run_session(gw, "agent-2", ["echo 2"])
+        await gw.stop()
+        return first, second
+
+    first, second = asyncio.run(main())
+    recordings = tmp_path / "state" / "recordings"
+    [manifest_path] = (recordings / "sessions").glob(f"*/{first}.manifest.json")
+    for text in ("[]", "null", "42"):
+        manifest_path.write_text(text + "\n")
+        verdicts = {v.session: v for v in verify_sessions(source=recordings)}
+        assert not verdicts[first].ok and "manifest" in verdicts[first].problem, (text, verdicts[first])
+        assert verdicts[second].ok and verdicts[second].signed

@@ -168,7 +168,7 @@ def verify_session(
         count = index + 1
     if manifest is None:
         return SessionVerdict(session_id, True, count, False, None, "no manifest yet (session open, or not drained)")
-    body = manifest.get("manifest")
+    body = manifest.get("manifest") if isinstance(manifest, Mapping) else None
     if not isinstance(body, Mapping) or body.get("session") != session_id:
         return SessionVerdict(session_id, False, count, False, None, "the manifest is malformed or for another session")
     interrupted = bool(body.get("interrupted"))

@@ -245,6 +245,10 @@ def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = Non
         except ValueError:
             verdicts.append(SessionVerdict(sid, False, 0, False, None, "the manifest is not valid JSON (edited)"))
             continue
+        if manifest_raw is not None and not isinstance(manifest, dict):
+            # e.g. ``null`` or ``[]``: a manifest file is there, but it is not a signed manifest document
+            verdicts.append(SessionVerdict(sid, False, 0, False, None, "the manifest is not a JSON object (edited)"))
+            continue
         verdict = verify_session(sid, lines, manifest, public)
         if manifest is None:
             # No manifest: a session still open, or one whose manifest was deleted (perhaps with the events
