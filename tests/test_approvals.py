@@ -723,3 +723,34 @@ def test_request_digest_is_stable_and_unambiguous() -> None:
     )
     # Field boundaries cannot be shifted: "ab"+"c" differs from "a"+"bc".
     assert Request("p", "c", target="ab").digest() != Request("p", "bc", target="a").digest()
+
+
+def test_requests_held_by_a_crashed_gateway_are_withdrawn_at_restart(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        agent = await Agent(gw, ident("agent-40", "agent")).open()
+        task = agent.ask(sql(gw, "UPDATE t SET a = 40 WHERE id = 40"))
+        held = await agent.held()
+        ticket = await agent.ask(sql(gw, "DROP TABLE t40"))
+        assert ticket.action == "deny" and ticket.approval_id
+        # The process dies with the request held: no withdraw, no stop (SIGKILL).
+        gw.approvals._stopping = True  # type: ignore[union-attr]
+        task.cancel()
+        gw.approvals._withdraw_now = lambda *a: None  # type: ignore[union-attr]
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert (await gw.approvals.get(held)).status == "pending"  # type: ignore[union-attr]
+        gw.approvals.store.close()  # type: ignore[union-attr]
+        gw.audit.close()
+
+        again = await make_gateway(tmp_path)  # same state directory: the restarted gateway
+        try:
+            assert (await again.approvals.get(held)).status == "withdrawn"  # type: ignore[union-attr]
+            with pytest.raises(ApprovalError, match="already withdrawn"):
+                await again.approvals.vote(DBA1, held, "approve")  # type: ignore[union-attr]
+            # a ticket's agent comes back with the id later: it stays pending
+            assert (await again.approvals.get(ticket.approval_id)).status == "pending"  # type: ignore[union-attr]
+        finally:
+            await again.stop()
+
+    run(scenario)

@@ -209,6 +209,15 @@ class ApprovalBroker:
             self._tasks.append(
                 loop.create_task(self.store.listen(self._on_change, lambda: self._stopping), name="approvals-listen")
             )
+        if not self.store.notifies:
+            # One gateway per SQLite store: a request still pending in ``hold`` mode was held by a process
+            # that is gone (crash, SIGKILL), together with its agent's connection. Nobody waits for it, so
+            # approving it would only mislead the approver (and, for elevations, grant roles nobody asked
+            # for any more). Ticket requests stay: their agents come back with the id.
+            try:
+                await asyncio.to_thread(self._withdraw_orphans)
+            except Exception as exc:
+                log.error("approvals: cannot withdraw requests left by a previous run (%s)", exc)
         try:
             await self._refresh_elevations()
         except Exception as exc:
@@ -396,6 +405,15 @@ class ApprovalBroker:
             if not self._waiters:
                 self._idle.set()
         return await self._conclude(session, request, decision, final)
+
+    def _withdraw_orphans(self) -> None:
+        reason = "the gateway restarted while the request was held; the agent was disconnected"
+        for a in self.store.recent(pending=True, limit=1_000_000):
+            if a.spec.mode == "hold" and self.store.withdraw(a.id, reason, time.time()):
+                log.warning("approvals: %s withdrawn: %s", a.id, reason)
+                self.gateway.audit_event(
+                    "approval.withdrawn", {"id": a.id, "reason": "gateway restarted"}, fail_closed=False
+                )
 
     def _withdraw_now(self, approval_id: str, reason: str) -> None:
         try:
