@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -493,3 +494,39 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def test_after_the_fact_audit_events_wait_out_a_full_disk(tmp_path: Path) -> None:
+    # auth.failed, session.end, approvals' outcomes: nothing is left to refuse, so while the spool's
+    # disk is full they wait in memory and reach the audit log, in order, once it takes writes again.
+    with tiny_tmpfs(tmp_path / "disk", "1m") as disk:
+
+        async def main() -> None:
+            gw = make_gateway(
+                tmp_path, {"spool": {"path": str(disk / "spool"), "max_bytes": "64MiB", "segment_bytes": "32KiB"}}
+            )
+            await gw.start()
+            filler = disk / "filler"
+            subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True)
+            try:
+                for i in range(40):  # 40 x 300 bytes: more than the page the segment's end still has
+                    reason = "bad token " + "x" * 300
+                    gw.audit_event("auth.failed", {"peer": f"10.0.0.{i}", "reason": reason}, fail_closed=False)
+                session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="p")
+            except RecordingError:
+                session = None  # refused while the disk is full: nothing acknowledged
+            assert session is None
+            filler.unlink()
+            await gw.open_session(who("agent-2"), protocol="line", target="db", peer="p")  # writes the backlog first
+            assert gw.recordings.flush(30)
+            await gw.stop()
+
+        asyncio.run(main())
+    log = AuditLog(tmp_path / "state" / "audit.db")
+    try:
+        failed = list(log.events(kind="auth.failed"))
+        assert [e["peer"] for e in failed] == [f"10.0.0.{i}" for i in range(40)]
+        assert any(e.get("delayed") is True for e in failed)  # the disk was full for some of them
+        assert log.verify().ok
+    finally:
+        log.close()

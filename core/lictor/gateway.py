@@ -20,6 +20,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -38,6 +39,11 @@ __all__ = ["ApprovalBroker", "Flow", "Gateway", "Recorder", "Session"]
 log = logging.getLogger("lictor")
 
 _RANK = {"allow": 0, "approve": 1, "deny": 2}
+
+# Audit events that report what already happened (``auth.failed``, ``session.end``, approvals'
+# outcomes) cannot be refused like a decision: while the spool takes no writes they wait in memory,
+# up to this many, and are written, with their own time, before the next event that gets through.
+AUDIT_BACKLOG_LIMIT = 10_000
 
 HoldNotifier = Callable[[str, str], Awaitable[None]]
 
@@ -201,6 +207,8 @@ class Gateway:
         self._mask_key = self._load_mask_key()
         self._mask_cache: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._empty_plan: Any = None
+        self._audit_backlog: deque[tuple[str, dict[str, Any]]] = deque()
+        self._audit_overflow = 0
         self.started = time.time()
 
     # -- setup --------------------------------------------------------------------------------
@@ -424,6 +432,8 @@ class Gateway:
 
     def _audited(self, session: Session, request: Request, decision: Decision, phase: str = "decision") -> Decision:
         try:
+            if self._audit_backlog:
+                self._write_backlog()
             self._write_decision(session, request, decision, phase)
         except (AuditError, OSError) as exc:
             log.error("audit write failed, denying: %s", exc)
@@ -435,12 +445,37 @@ class Gateway:
         return decision
 
     def audit_event(self, kind: str, event: Mapping[str, Any], *, fail_closed: bool = True) -> None:
+        """Append an audit event. ``fail_closed=False`` is for events that report what already happened
+        (nothing is left to refuse): if the spool takes no writes, the event waits in a bounded backlog
+        and is written before the next event that gets through (see :data:`AUDIT_BACKLOG_LIMIT`)."""
         try:
+            if self._audit_backlog:
+                self._write_backlog()
             self.recordings.audit(kind, event)
-        except (AuditError, OSError):
+        except (AuditError, OSError) as exc:
             if fail_closed:
                 raise
-            log.exception("audit write failed for %s", kind)
+            self._keep_for_later(kind, event, exc)
+
+    def _keep_for_later(self, kind: str, event: Mapping[str, Any], exc: BaseException) -> None:
+        if len(self._audit_backlog) >= AUDIT_BACKLOG_LIMIT:
+            self._audit_overflow += 1
+            log.error("audit write failed for %s and the backlog is full; event lost: %s", kind, exc)
+            return
+        self._audit_backlog.append((kind, {"ts": time.time(), **event, "delayed": True}))
+        log.warning("audit write failed for %s (%s); kept in memory until the audit store takes writes", kind, exc)
+
+    def _write_backlog(self) -> None:
+        """Write the events kept while the spool took no writes (oldest first); raises on failure."""
+        backlog = self._audit_backlog
+        while backlog:
+            kind, event = backlog[0]
+            self.recordings.audit(kind, event)
+            backlog.popleft()
+        if self._audit_overflow:
+            lost, self._audit_overflow = self._audit_overflow, 0
+            self.recordings.audit("audit.lost", {"events": lost, "reason": "the in-memory backlog was full"})
+        log.info("the audit events kept in memory are written")
 
     # -- masking ------------------------------------------------------------------------------
 
@@ -486,5 +521,12 @@ class Gateway:
             for session in list(self.sessions.values()):
                 await session.close(reason="gateway stopping")
             self.audit_event("gateway.stop", {"uptime": time.time() - self.started}, fail_closed=False)
+            if self._audit_backlog:
+                log.error(
+                    "%d audit events kept in memory could not be written before stopping (the spool takes no "
+                    "writes); they are lost: %s",
+                    len(self._audit_backlog),
+                    ", ".join(kind for kind, _ in self._audit_backlog),
+                )
             self.recordings.stop()
             self.audit.close()
