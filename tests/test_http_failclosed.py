@@ -385,3 +385,107 @@ async def test_proxy_style_and_ambiguous_requests_are_refused(
     )
     assert smuggled == b"" or smuggled.startswith(b"HTTP/1.1 4")
     assert upstream.requests == []
+
+
+@pytest.fixture
+async def tls_gateway(tmp_path: Path, upstream: Upstream) -> AsyncIterator[tuple[Gateway, str, str, Path]]:
+    """The same gateway with its default TLS listener (as every example runs it)."""
+    (tmp_path / "packs").mkdir()
+    (tmp_path / "packs" / "p.yaml").write_text(yaml.safe_dump(PACK))
+    port = free_port()
+    config = {
+        "version": 1,
+        "state_dir": str(tmp_path / "state"),
+        "rulepacks": ["packs"],
+        "targets": {
+            "api": {
+                "protocol": "http",
+                "listen": f"127.0.0.1:{port}",
+                "upstream": upstream.url,
+                "credentials": {"bearer": "upstream-secret"},
+                "max_body": MAX_BODY,
+            }
+        },
+    }
+    (tmp_path / "lictor.yaml").write_text(yaml.safe_dump(config))
+    manager = AddonManager()
+    manager.add(*default_addons())
+    gw = Gateway(load_config(tmp_path / "lictor.yaml"), manager)
+    await gw.start()
+    token = gw.issuer.issue("agent-1", {"role": "agent"}, ttl=600)
+    try:
+        yield gw, f"127.0.0.1:{port}", token, tmp_path / "state" / "tls" / "ca.crt"
+    finally:
+        await gw.stop()
+
+
+async def _tls_open(address: str, ca: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    import ssl
+
+    host, port = address.split(":")
+    ctx = ssl.create_default_context(cafile=str(ca))
+    return await asyncio.open_connection(host, int(port), ssl=ctx, server_hostname=host)
+
+
+async def test_over_tls_a_chunked_body_over_max_body_after_100_continue_gets_a_readable_413(
+    tls_gateway: tuple[Gateway, str, str, Path], upstream: Upstream
+) -> None:
+    # The final answer used to be written as plaintext onto the TLS socket: curl reported
+    # "SSL routines::wrong version number" instead of the 413.
+    gw, address, token, ca = tls_gateway
+    reader, writer = await _tls_open(address, ca)
+    writer.write(
+        f"POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Expect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 100 Continue")
+    piece = b"x" * 65536
+    with contextlib.suppress(ConnectionError):
+        for _ in range(MAX_BODY // len(piece) + 8):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 413"), head
+    length = int(head.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
+    assert json.loads(await reader.readexactly(length))["error"] == "too_large"
+    writer.close()
+    assert upstream.requests == []
+
+
+async def _one_answer_to_an_oversized_declared_length(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str
+) -> bytes:
+    writer.write(
+        f"POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Expect: 100-continue\r\nContent-Length: {MAX_BODY * 2}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    data = b""
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        while chunk := await asyncio.wait_for(reader.read(65536), 10):
+            data += chunk
+    writer.close()
+    return data
+
+
+async def test_a_declared_length_over_max_body_with_expect_gets_exactly_one_answer(
+    gateway: tuple[Gateway, str, str], upstream: Upstream
+) -> None:
+    # mitmproxy answers 413 itself before any "100 Continue": Lictor must not add a second answer.
+    _, url, token = gateway
+    host, port = url.removeprefix("http://").split(":")
+    data = await _one_answer_to_an_oversized_declared_length(*await asyncio.open_connection(host, int(port)), token)
+    assert data.startswith(b"HTTP/1.1 413"), data[:200]
+    assert data.count(b"HTTP/1.1 ") == 1, data
+    assert upstream.requests == []
+
+
+async def test_over_tls_a_declared_length_over_max_body_with_expect_gets_a_readable_413(
+    tls_gateway: tuple[Gateway, str, str, Path], upstream: Upstream
+) -> None:
+    # The extra answer was plaintext on the encrypted socket: the agent saw a TLS error, not the 413.
+    _, address, token, ca = tls_gateway
+    data = await _one_answer_to_an_oversized_declared_length(*await _tls_open(address, ca), token)
+    assert data.startswith(b"HTTP/1.1 413"), data[:200]
+    assert data.count(b"HTTP/1.1 ") == 1, data
+    assert upstream.requests == []

@@ -56,7 +56,9 @@ from mitmproxy.addons import next_layer, proxyserver, tlsconfig
 from mitmproxy.connection import Client
 from mitmproxy.master import Master
 from mitmproxy.options import Options
+from mitmproxy.proxy import layer as proxy_layer
 from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers import tls as tls_layers
 from OpenSSL import SSL
 
 from . import _bodies as bodies
@@ -291,7 +293,7 @@ class LictorProxy:
     def _final_answer_and_close(self, flow: http.HTTPFlow, answer: Answer) -> None:
         """Write ``answer`` straight to the agent's connection and close it (after mitmproxy gave up on
         the flow, when its own layers will not answer any more)."""
-        _, writer = self._agent_connection(flow)
+        handler, writer = self._agent_connection(flow)
         if writer is None or writer.is_closing():
             return
         body = answer.encode()
@@ -299,7 +301,16 @@ class LictorProxy:
         head = [f"HTTP/1.1 {answer.status} {reason}", "Content-Type: application/json", f"Content-Length: {len(body)}"]
         head += [f"{name}: {value}" for name, value in answer.headers.items()]
         head.append("Connection: close")
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        data = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        if flow.client_conn.tls:
+            # The socket carries TLS records: plaintext written to it is garbage to the agent (its TLS
+            # stack reports "wrong version number" instead of the answer). Encrypt with the connection's
+            # own TLS session.
+            data = _tls_records(handler, data)
+            if data is None:
+                writer.close()
+                return
+        writer.write(data)
         # Close a little later, not now: a client still uploading would get a reset that can discard the
         # answer before it reads it (mitmproxy keeps reading, and dropping, what arrives meanwhile).
         asyncio.get_running_loop().call_later(LINGER_CLOSE, writer.close)
@@ -483,7 +494,8 @@ class LictorProxy:
                     problem = "invalid Content-Length"
                 elif size > self.body_size_limit:
                     # mitmproxy answers 413 without reading the body (check_body_size, before this hook
-                    # returns); audit the refusal, forward nothing.
+                    # returns, and before any "100 Continue"); audit the refusal, forward nothing.
+                    flow.metadata[EXPECTS_CONTINUE] = False
                     self._audit_refused(
                         flow,
                         target,
@@ -1409,6 +1421,27 @@ def _credential_forms(target: HttpTarget) -> tuple[bytes, ...]:
             if len(raw) >= 8:
                 forms.add(raw)
     return tuple(forms)
+
+
+def _tls_records(handler: Any, data: bytes) -> bytes | None:
+    """``data`` encrypted as TLS records of the agent's connection (None if its TLS layer is not found)."""
+    current: Any = getattr(handler, "layer", None)
+    for _ in range(32):
+        if current is None:
+            return None
+        if isinstance(current, tls_layers.ClientTLSLayer) and current.conn is handler.client and current.tls:
+            try:
+                current.tls.sendall(data)
+            except SSL.Error:
+                return None
+            out = bytearray()
+            while True:
+                try:
+                    out += current.tls.bio_read(65535)
+                except SSL.WantReadError:
+                    return bytes(out)
+        current = current.layer if isinstance(current, proxy_layer.NextLayer) else getattr(current, "child_layer", None)
+    return None
 
 
 def _request_bodies_only() -> None:
