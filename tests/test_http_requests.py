@@ -335,3 +335,15 @@ def test_a_bracketed_brace_is_a_literal(tmp_path) -> None:  # type: ignore[no-un
     who = Identity("a", {"role": "a"})
     assert result.policy.decide(who, _http("/v1/%7Bx%7D/42")).action == "allow"
     assert result.policy.decide(who, _http("/v1/x/42")).action == "deny"
+
+
+@pytest.mark.parametrize("kubernetes", [False, True])
+@pytest.mark.parametrize("rule", ["lictor:unreadable-request", "lictor:approval-not-redeemable"])
+def test_deterministic_refusals_do_not_tell_the_agent_to_retry_later(rule: str, kubernetes: bool) -> None:
+    # These refusals are not gateway failures: the same request is refused again, whenever it is retried.
+    from lictor import Decision
+    from lictor_addons.http._responses import denial
+
+    answer = denial(Decision.deny("non-canonical path '/a//b'", rule, "v1"), kubernetes=kubernetes)
+    text = json.dumps(answer.body)
+    assert "retry later" not in text and "could not check" not in text, text

@@ -66,6 +66,18 @@ def _hint(decision: Decision) -> str:
     rule = decision.rule_ids[0] if decision.rule_ids else ""
     if rule.startswith("lictor:default-deny"):
         return "no rule allows this request for your roles; ask the gateway operators for access"
+    if rule == "lictor:unreadable-request":
+        # Deterministic: the same request is refused again, so "retry later" would send the agent in circles.
+        return (
+            "retrying the same request cannot help; send it in its plain form (no '.', '..' or empty path "
+            "segments, no trailing slash on Kubernetes, no encoded '/', '\\', '%' or '.', no ';') as the "
+            "message says"
+        )
+    if rule == "lictor:approval-not-redeemable":
+        return (
+            "check the approval id and that the request is exactly the one approved (method, URL, body); "
+            "without X-Lictor-Approval the request asks for a new approval"
+        )
     if rule.startswith("lictor:"):
         return "the gateway could not check this request; retry later or contact the gateway operators"
     return f"rule {rule!r} decided this; ask its owners if you need it, or add X-Lictor-Reason to explain why"
