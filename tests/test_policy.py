@@ -142,6 +142,44 @@ roles:
     assert policy.decide(who, Request("postgres", "select", {"kinds": frozenset({"select"})})).action == "deny"
 
 
+def test_unless_lifts_a_deny_or_an_approval_only_when_every_value_is_excepted(tmp_path: Path):
+    # `unless` narrows a rule. On an allow rule any excepted value withdraws the permission; on a deny,
+    # approve or mask rule the exception must cover every value, or one excepted table would carry
+    # the others past the rule.
+    from lictor_addons.postgres.vocabulary import VOCABULARY as PG
+
+    (tmp_path / "p.yaml").write_text(
+        """
+format: lictor/v1
+metadata: {name: pg}
+identities: [{match: {sub: "*"}, roles: [r]}]
+roles:
+  r:
+    rules:
+      - {id: writes, protocol: postgres, when: {statements: [delete, drop]}, action: allow}
+      - {id: no-delete, protocol: postgres, when: {statements: delete}, unless: {tables: ["scratch_*"]}, action: deny}
+      - {id: drop-held, protocol: postgres, when: {statements: drop}, unless: {tables: ["tmp_*"]}, action: approve,
+         approval: {approvers: [r]}}
+      - {id: reads, protocol: postgres, when: {statements: select}, unless: {tables: ["secret_*"]}, action: allow}
+"""
+    )
+    policy = load_policy([tmp_path], {"postgres": PG}).policy
+    assert policy is not None
+    who = Identity("a")
+
+    def pg(kind: str, tables: set[str]) -> Request:
+        return Request("postgres", kind, {"kinds": frozenset({kind}), "tables": frozenset(tables)})
+
+    assert policy.decide(who, pg("delete", {"scratch_a"})).action == "allow"
+    assert policy.decide(who, pg("delete", {"scratch_a", "orders"})).action == "deny"
+    assert policy.decide(who, pg("drop", {"tmp_a"})).action == "allow"
+    assert policy.decide(who, pg("drop", {"tmp_a", "orders"})).action == "approve"
+    assert policy.decide(who, pg("select", {"orders"})).action == "allow"
+    assert policy.decide(who, pg("select", {"orders", "secret_keys"})).action == "deny"
+    # an attribute the protocol could not determine never lifts a deny
+    assert policy.decide(who, Request("postgres", "delete", {"kinds": frozenset({"delete"})})).action == "deny"
+
+
 def test_trace_lists_candidates_in_order(policy):
     trace = Trace()
     policy.decide(reader, req("get secret-key"), trace=trace)

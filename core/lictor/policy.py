@@ -63,12 +63,15 @@ class CompiledRule:
         """Whether this rule matches ``request``, and a one-line reason."""
         if not self.target_matches(request.target):
             return False, f"target {request.target!r} not in {list(self.targets)}"
+        # An allow rule must cover every value of a list attribute and loses it if any value is excepted;
+        # a deny/approve/mask rule fires on any value and is lifted only if every value is excepted.
         quantifier: Quantifier = "all" if self.action == "allow" else "any"
+        exception: Quantifier = "any" if self.action == "allow" else "all"
         for name, pred in self.when:
             if not pred(request, quantifier):
                 return False, f"when.{name} does not match"
         for name, pred in self.unless:
-            if pred(request, "any"):
+            if pred(request, exception):
                 return False, f"unless.{name} matches"
         return True, "matches"
 
