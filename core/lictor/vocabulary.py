@@ -14,8 +14,10 @@ Matching semantics, the same for every field kind that takes a list:
   (``SELECT * FROM orders JOIN secrets`` is not covered by ``tables: [orders]``).
 * For ``deny``, ``approve`` and ``mask`` rules, **any** value matching is enough: a restriction
   fires on anything it touches.
-* Inside ``unless:`` the ``any`` reading applies: ``unless: {resources: [secrets]}`` exempts every
-  request that touches a secret.
+* Inside ``unless:`` the reading is the other way round: on an ``allow`` rule any value is enough
+  (``unless: {resources: [secrets]}`` withdraws the permission from every request that touches a
+  secret); on a ``deny``, ``approve`` or ``mask`` rule every value must match, so an exception
+  never carries the values it does not name past the rule.
 """
 
 from __future__ import annotations
