@@ -347,3 +347,53 @@ def test_deterministic_refusals_do_not_tell_the_agent_to_retry_later(rule: str, 
     answer = denial(Decision.deny("non-canonical path '/a//b'", rule, "v1"), kubernetes=kubernetes)
     text = json.dumps(answer.body)
     assert "retry later" not in text and "could not check" not in text, text
+
+
+JSON_PACK = """format: lictor/v1
+metadata: {name: p, owner: sec}
+identities: [{match: {claims: {role: a}}, roles: [r]}]
+roles:
+  r:
+    rules:
+      - {id: writes, protocol: http, when: {methods: [POST]}, action: allow}
+      - {id: no-limit, protocol: http, when: {methods: [POST], json: {"$.credit_limit": "*"}}, action: deny}
+      - {id: no-admin, protocol: http, when: {methods: [POST], json: {'$["rôle"]': admin}}, action: deny}
+      - {id: safe-items, protocol: http, when: {methods: [PUT], json: {"$.items[*].kind": safe}}, action: allow}
+      - {id: expand, protocol: http, when: {methods: [GET], query: {expand: [none, address]}}, action: allow}
+"""
+
+
+def test_json_keys_in_another_case_do_not_walk_past_a_deny(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Go's encoding/json, ASP.NET and case-insensitive Jackson read "Credit_Limit" as credit_limit.
+    (tmp_path / "p.yaml").write_text(JSON_PACK)
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "a"})
+
+    def post(body: str) -> str:
+        return result.policy.decide(who, _http("/v1/c", "POST", body.encode(), "application/json")).action  # type: ignore[union-attr]
+
+    assert post('{"name": "x"}') == "allow"
+    for spelling in ("credit_limit", "Credit_Limit", "CREDIT_LIMIT"):
+        assert post(f'{{"name": "x", "{spelling}": 5}}') == "deny", spelling
+    assert post('{"RÔLE": "admin"}') == "deny"  # non-ASCII keys fold too
+    # both spellings in one object: two parsers would disagree on which one counts
+    with pytest.raises(Unreadable, match="differ only in case"):
+        _http("/v1/c", "POST", b'{"limit": 1, "Limit": 2}', "application/json")
+
+
+def test_a_permission_covers_every_value_of_a_json_path_or_query_parameter(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "p.yaml").write_text(JSON_PACK)
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "a"})
+    decide = result.policy.decide
+
+    def put(body: str) -> str:
+        return decide(who, _http("/v1/c", "PUT", body.encode(), "application/json")).action
+
+    assert put('{"items": [{"kind": "safe"}, {"kind": "safe"}]}') == "allow"
+    assert put('{"items": [{"kind": "safe"}, {"kind": "wipe"}]}') == "deny"
+    assert put('{"items": [{"Kind": "safe"}]}') == "deny"  # a permission reads keys exactly
+    assert decide(who, _http("/v1/c?expand=none&expand=address")).action == "allow"
+    assert decide(who, _http("/v1/c?expand=none&expand=secrets")).action == "deny"

@@ -148,22 +148,44 @@ def _reject_constant(name: str) -> Any:
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    folded: dict[str, str] = {}
     for key, value in pairs:
         if key in out:
             raise ValueError(f"duplicate key {key!r}")
+        other = folded.setdefault(key.casefold(), key)
+        if other != key:
+            # Go's encoding/json, ASP.NET and case-insensitive Jackson read both as one field (the last
+            # wins), while the rules would see two: as ambiguous as a duplicate.
+            raise ValueError(f"keys {other!r} and {key!r} differ only in case")
         out[key] = value
     return out
 
 
 def loads_strict(data: bytes | str) -> Any:
-    """``json.loads`` refusing duplicate keys and NaN/Infinity (ValueError, RecursionError)."""
+    """``json.loads`` refusing duplicate keys (also ignoring case) and NaN/Infinity (ValueError,
+    RecursionError)."""
     return json.loads(data, object_pairs_hook=_pairs, parse_constant=_reject_constant)
 
 
 def _key(prefix: str, key: str) -> str:
     if _NAME.fullmatch(key):
         return f"{prefix}.{key}"
-    return f"{prefix}[{json.dumps(key)}]"
+    return f"{prefix}[{json.dumps(key, ensure_ascii=False)}]"
+
+
+def fold_paths(flattened: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened body with case-folded paths (``$.Credit_Limit`` -> ``$.credit_limit``), values of
+    paths that fold together merged: what a server that reads keys ignoring case may see."""
+    out: dict[str, Any] = {}
+    for path, value in flattened.items():
+        key = path.casefold()
+        have = out.get(key)
+        if have is None:
+            out[key] = value
+        else:
+            merged = have if isinstance(have, list) else [have]
+            out[key] = merged + (value if isinstance(value, list) else [value])
+    return out
 
 
 def flatten_json(doc: Any, max_leaves: int = MAX_LEAVES) -> dict[str, Any]:
@@ -274,6 +296,7 @@ def http_request(
     flattened = json_attrs(body, content_type)
     if flattened is not None:
         attrs["json"] = flattened
+        attrs["json_folded"] = fold_paths(flattened)
     return Request(
         protocol="http",
         action=method.upper(),

@@ -83,7 +83,15 @@ class _Paths(Custom):
         return frozenset(k for k in keys if k is not None)
 
 
-def _mapping_of_globs(attr: str, case_insensitive_keys: bool) -> Any:
+def _mapping_of_globs(attr: str, case_insensitive_keys: bool, folded_attr: str | None = None) -> Any:
+    """A ``name -> value globs`` condition. Every named key must be present; for an ``allow`` rule
+    (``all``) every value under it must match, for the others (``any``) one is enough.
+
+    With ``folded_attr`` (JSON bodies) the ``any`` reading also looks at keys spelled in another case,
+    as a server that reads keys ignoring case would: ``{"Credit_Limit": 5}`` does not walk past a deny
+    on ``$.credit_limit``. The ``all`` reading of a permission stays exact.
+    """
+
     def compile_(value: Any) -> Predicate:
         wanted = {
             (k.lower() if case_insensitive_keys else k): [
@@ -92,17 +100,23 @@ def _mapping_of_globs(attr: str, case_insensitive_keys: bool) -> Any:
             ]
             for k, v in value.items()
         }
+        folded = {k.casefold(): pats for k, pats in wanted.items()} if folded_attr else wanted
 
         def pred(request: Request, quantifier: Quantifier) -> bool:
-            have = request.attrs.get(attr)
+            if folded_attr is not None and quantifier == "any":
+                have, keys = request.attrs.get(folded_attr), folded
+            else:
+                have, keys = request.attrs.get(attr), wanted
             if not isinstance(have, Mapping):
                 return False
-            for key, pats in wanted.items():
+            every = quantifier == "all"
+            for key, pats in keys.items():
                 values = have.get(key)
                 if values is None:
                     return False
                 vals = [values] if isinstance(values, (str, int, float, bool)) else list(values)
-                if not any(p.match(value_text(v)) for v in vals for p in pats):
+                matched = (any(p.match(value_text(v)) for p in pats) for v in vals)
+                if not vals or not (all(matched) if every else any(matched)):
                     return False
             return True
 
@@ -151,7 +165,7 @@ HTTP_VOCABULARY = Vocabulary(
         Custom(
             "json",
             json_schema={**_GLOB_MAP, "description": "JSON path ($.a.b) -> value globs"},
-            compiler=_mapping_of_globs("json", False),
+            compiler=_mapping_of_globs("json", False, "json_folded"),
         ),
         Number("body_size", description="request body size in bytes: {max: N}"),
     ),
