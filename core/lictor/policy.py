@@ -367,7 +367,7 @@ class Policy:
             "deny",
             (DEFAULT_DENY,),
             f"no rule allows {what} for your roles ({roles_text}); ask your security team for a rule "
-            "that allows it, or use an approval",
+            "that allows it (or one that lets an approver allow it)",
             self.version,
             shadow_rule_ids=shadow_ids,
             explanation="no rule of the identity's roles matched: default deny",
