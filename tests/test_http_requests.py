@@ -397,3 +397,54 @@ def test_a_permission_covers_every_value_of_a_json_path_or_query_parameter(tmp_p
     assert put('{"items": [{"Kind": "safe"}]}') == "deny"  # a permission reads keys exactly
     assert decide(who, _http("/v1/c?expand=none&expand=address")).action == "allow"
     assert decide(who, _http("/v1/c?expand=none&expand=secrets")).action == "deny"
+
+
+# What kubectl 'auth can-i get pods -n apps' sends (application/vnd.kubernetes.protobuf).
+KUBECTL_CAN_I = (
+    b'k8s\x00\n2\n\x17authorization.k8s.io/v1\x12\x17SelfSubjectAccessReview\x129\n\x10\n\x00\x12\x00\x1a\x00"\x00*'
+    b'\x002\x008\x00B\x00\x12\x1b\n\x19\n\x04apps\x12\x03get\x1a\x00"\x00*\x04pods2\x00:\x00\x1a\x08\x08\x00\x12'
+    b'\x00\x1a\x00 \x00\x1a\x00"\x00'
+)
+PROTOBUF = "application/vnd.kubernetes.protobuf"
+
+
+def test_access_reviews_are_read_from_protobuf_and_json() -> None:
+    from lictor_addons.http._requests import access_review_document, access_review_request
+
+    doc = access_review_document(KUBECTL_CAN_I, PROTOBUF)
+    assert doc == {
+        "spec": {
+            "resourceAttributes": {
+                "namespace": "apps", "verb": "get", "group": "", "version": "", "resource": "pods",
+                "subresource": "", "name": "",
+            }
+        }
+    }  # fmt: skip
+    request = access_review_request(doc, "k8s")
+    assert request.action == "get" and request.attrs["resource"] == "pods" and request.attrs["namespace"] == "apps"
+    body = b'{"spec": {"resourceAttributes": {"verb": "create", "resource": "pods", "subresource": "exec"}}}'
+    exec_request = access_review_request(access_review_document(body, "application/json"), "k8s")
+    assert exec_request.action == "exec" and exec_request.attrs["resource"] == "pods/exec"
+    raw = b'{"spec": {"nonResourceAttributes": {"verb": "get", "path": "/healthz"}}}'
+    health = access_review_request(access_review_document(raw, "application/json"), "k8s")
+    assert health.attrs == {"verb": "get", "path": "/healthz"}
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype"),
+    [
+        (KUBECTL_CAN_I[:-9], PROTOBUF),  # truncated
+        (b"k8s\x01" + KUBECTL_CAN_I[4:], PROTOBUF),  # not the magic
+        (KUBECTL_CAN_I[:4] + b"\xff" * 12, PROTOBUF),  # a varint that never ends
+        (b"k8s\x00\x12\x00", PROTOBUF),  # no review in it
+        (b'{"spec": {}}', "application/json"),
+        (b'{"spec": {"resourceAttributes": {"verb": 1, "resource": "pods"}}}', "application/json"),
+        (b'{"spec": {"resourceAttributes": {"verb": "get"}}}', "application/json"),
+        (b"[]", "application/json"),
+    ],
+)
+def test_unreadable_access_reviews_are_refused(body: bytes, ctype: str) -> None:
+    from lictor_addons.http._requests import access_review_document, access_review_request
+
+    with pytest.raises((Unreadable, ValueError)):
+        access_review_request(access_review_document(body, ctype), "k8s")

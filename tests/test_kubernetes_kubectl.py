@@ -360,3 +360,29 @@ def test_watched_secrets_are_masked_as_they_stream(cluster: Cluster) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_auth_can_i_answers_from_lictors_policy_for_the_agent(cluster: Cluster) -> None:
+    # Forwarded, the review would be answered for the gateway's own account; Lictor answers for the agent.
+    def can_i(role: str, *args: str) -> tuple[int, str]:
+        out = cluster.kubectl(role, "auth", "can-i", *args)
+        return out.returncode, out.stdout.strip() + out.stderr.strip()
+
+    assert can_i("viewer", "get", "pods") == (0, "yes")
+    assert can_i("viewer", "list", "deployments", "-n", "apps") == (0, "yes")
+    code, text = can_i("viewer", "get", "secrets")
+    assert code == 1 and text.startswith("no - Lictor denies it"), text
+    code, text = can_i("viewer", "create", "pods/exec", "-n", "apps")
+    assert code == 1 and text.startswith("no"), text
+    assert can_i("deployer", "patch", "deployments", "-n", "apps") == (0, "yes")
+    code, text = can_i("deployer", "create", "deployments", "-n", "default")
+    assert code == 1 and "no rule allows create deployments.apps -n default" in text, text
+    code, text = can_i("deployer", "delete", "deployments", "-n", "apps")
+    assert code == 1 and "only with a human's approval" in text, text
+    assert cluster.upstream(pattern="selfsubjectaccessreviews") == []
+    # the review is audited as what it asked
+    out = lictor("audit", "list", "--state-dir", str(cluster.gw.state_dir), "--kind", "decision", "--json").stdout
+    reviews = [e for e in map(json.loads, out.splitlines()) if e["rule_ids"] == ["lictor:access-review"]]
+    summaries = [e["request"]["summary"] for e in reviews]
+    assert "can-i delete deployments.apps -n apps -> approve" in summaries, summaries
+    assert "can-i get secrets -n apps -> deny" in summaries, summaries

@@ -44,7 +44,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,8 @@ from ._requests import (
     SECRET_HEADERS,
     K8sCall,
     Unreadable,
+    access_review_document,
+    access_review_request,
     http_request,
     is_json_type,
     k8s_request,
@@ -628,6 +630,10 @@ class LictorProxy:
             await self._unreadable(flow, session, target, method, raw_path, body, reason, str(exc))
             return
 
+        if call is not None and _is_access_review(call):
+            self._access_review(flow, session, request, call, body)
+            return
+
         upgrade = first.get("upgrade", "").strip().lower()
         if k8s and upgrade.startswith("spdy"):
             self._refuse_spdy(flow, session, request)
@@ -768,6 +774,74 @@ class LictorProxy:
                 "message": decision.message,
                 "status": answer.status,
                 "request_size": len(flow.request.raw_content or b""),
+            },
+        )
+        self._answer(flow, answer)
+
+    def _access_review(
+        self, flow: http.HTTPFlow, session: Session, request: Request, call: K8sCall, body: bytes
+    ) -> None:
+        """Answer ``kubectl auth can-i`` (a SelfSubjectAccessReview) from Lictor's policy for the agent.
+
+        Forwarded, the cluster would answer for the gateway's own account, not for the agent. The review
+        itself reveals only what the agent could find out by trying; an explicit deny rule on
+        ``selfsubjectaccessreviews`` still refuses it.
+        """
+        own = session.policy_decision(request)
+        if own.action == "deny" and own.rule_ids and own.rule_ids[0] != "lictor:default-deny":
+            session.audit(request, own)
+            self._deny(flow, session, request, own, True)
+            return
+        try:
+            review = access_review_document(body, flow.request.headers.get("content-type", ""))
+            asked = access_review_request(review, session.target)
+        except (ValueError, RecursionError, Unreadable) as exc:
+            refusal = Decision.deny(f"unreadable access review: {exc}", "lictor:unreadable-request", own.policy_version)
+            session.audit(request, refusal)
+            self._deny(flow, session, request, refusal, True, status=400)
+            return
+        verdict = session.policy_decision(asked)
+        answered = Decision(
+            "allow",
+            ("lictor:access-review",),
+            f"answered by the gateway: {asked.summary} -> {verdict.action}",
+            own.policy_version,
+        )
+        session.audit(replace(request, summary=f"can-i {asked.summary} -> {verdict.action}"), answered)
+        rules = ", ".join(verdict.rule_ids)
+        status: dict[str, Any] = {"allowed": verdict.action == "allow"}
+        if verdict.action == "allow":
+            status["reason"] = (
+                f"Lictor allows it (rule {rules}); the cluster's RBAC for the gateway's account applies too"
+            )
+        elif verdict.action == "approve":
+            status["reason"] = f"only with a human's approval (rule {rules}): {verdict.message}"
+        else:
+            status["denied"] = True
+            status["reason"] = f"Lictor denies it (rule {rules}): {verdict.message}"
+        answer = Answer(
+            201,
+            {
+                "kind": "SelfSubjectAccessReview",
+                "apiVersion": f"authorization.k8s.io/{call.info.api_version or 'v1'}",
+                "metadata": {"creationTimestamp": None},
+                "spec": review.get("spec", {}),
+                "status": status,
+            },
+        )
+        session.record(
+            "http",
+            {
+                "direction": "in",
+                "flow": flow.id,
+                "method": flow.request.method,
+                "url": redact_query(flow.request.path),
+                "summary": f"{request.summary}: {asked.summary}",
+                "decision": "allow",
+                "rules": ["lictor:access-review"],
+                "answer": verdict.action,
+                "status": answer.status,
+                "request_size": len(body),
             },
         )
         self._answer(flow, answer)
@@ -1442,6 +1516,19 @@ def _tls_records(handler: Any, data: bytes) -> bytes | None:
                     return bytes(out)
         current = current.layer if isinstance(current, proxy_layer.NextLayer) else getattr(current, "child_layer", None)
     return None
+
+
+def _is_access_review(call: K8sCall) -> bool:
+    info = call.info
+    return (
+        info.is_resource_request
+        and info.verb == "create"
+        and info.api_group == "authorization.k8s.io"
+        and info.resource == "selfsubjectaccessreviews"
+        and not info.subresource
+        and not info.name
+        and not info.impersonate
+    )
 
 
 def _request_bodies_only() -> None:

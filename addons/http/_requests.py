@@ -32,7 +32,7 @@ from typing import Any
 
 from lictor import Request
 
-from ._k8s import K8sRequest, UnknownRequest, _decode_path, _parse_query, resolve
+from ._k8s import _SUBRESOURCE_ACTIONS, K8sRequest, UnknownRequest, _decode_path, _parse_query, resolve
 
 
 def path_keys(path: str) -> list[str]:
@@ -93,6 +93,7 @@ SECRET_HEADERS = frozenset(
         "x-xsrf-token",
     ]
 )
+_MAX_REVIEW_FIELD = 1024
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
@@ -374,6 +375,163 @@ def k8s_request(
         reason=reason,
     )
     return K8sCall(info, request)
+
+
+_PROTOBUF_MAGIC = b"k8s\x00"
+_RESOURCE_ATTRIBUTE_FIELDS = {
+    1: "namespace",
+    2: "verb",
+    3: "group",
+    4: "version",
+    5: "resource",
+    6: "subresource",
+    7: "name",
+}
+_NON_RESOURCE_ATTRIBUTE_FIELDS = {1: "path", 2: "verb"}
+
+
+def _protobuf_fields(data: bytes) -> list[tuple[int, int, bytes | int]]:
+    """``(field number, wire type, value)`` of one protobuf message, bounded; :class:`Unreadable` when
+    it is not one."""
+    out: list[tuple[int, int, bytes | int]] = []
+    pos, end = 0, len(data)
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= end or shift > 63:
+                raise Unreadable("truncated protobuf varint in the access review")
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    while pos < end:
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            out.append((number, wire, varint()))
+        elif wire == 2:
+            length = varint()
+            if pos + length > end:
+                raise Unreadable("truncated protobuf field in the access review")
+            out.append((number, wire, data[pos : pos + length]))
+            pos += length
+        elif wire == 1 and pos + 8 <= end:
+            out.append((number, wire, data[pos : pos + 8]))
+            pos += 8
+        elif wire == 5 and pos + 4 <= end:
+            out.append((number, wire, data[pos : pos + 4]))
+            pos += 4
+        else:
+            raise Unreadable(f"unexpected protobuf wire type {wire} in the access review")
+    return out
+
+
+def _protobuf_message(data: bytes, number: int) -> bytes | None:
+    found = [v for n, w, v in _protobuf_fields(data) if n == number and w == 2]
+    if len(found) > 1:
+        raise Unreadable(f"protobuf field {number} appears twice in the access review")
+    return found[0] if found and isinstance(found[0], bytes) else None
+
+
+def _protobuf_strings(data: bytes, names: Mapping[int, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for number, wire, value in _protobuf_fields(data):
+        name = names.get(number)
+        if name is None:
+            continue  # selectors and later additions: the policy does not read them
+        if wire != 2 or not isinstance(value, bytes) or name in out:
+            raise Unreadable(f"protobuf field {name!r} of the access review is not one string")
+        try:
+            out[name] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Unreadable(f"protobuf field {name!r} of the access review is not UTF-8") from None
+    return out
+
+
+def access_review_document(body: bytes, content_type: str) -> Any:
+    """A ``SelfSubjectAccessReview`` request body as its JSON document. kubectl sends it as Kubernetes
+    protobuf (``application/vnd.kubernetes.protobuf``): the magic ``k8s\\0``, then a ``runtime.Unknown``
+    whose ``raw`` (field 2) is the review; only its spec's attributes are read."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/vnd.kubernetes.protobuf":
+        return loads_strict(body)
+    if not body.startswith(_PROTOBUF_MAGIC):
+        raise Unreadable("a Kubernetes protobuf body starts with k8s\\0")
+    raw = _protobuf_message(body[len(_PROTOBUF_MAGIC) :], 2)
+    spec = _protobuf_message(raw, 2) if raw is not None else None
+    if spec is None:
+        raise Unreadable("the access review has no spec")
+    resource = _protobuf_message(spec, 1)
+    non_resource = _protobuf_message(spec, 2)
+    doc: dict[str, Any] = {}
+    if resource is not None:
+        doc["resourceAttributes"] = _protobuf_strings(resource, _RESOURCE_ATTRIBUTE_FIELDS)
+    if non_resource is not None:
+        doc["nonResourceAttributes"] = _protobuf_strings(non_resource, _NON_RESOURCE_ATTRIBUTE_FIELDS)
+    return {"spec": doc}
+
+
+def access_review_request(review: Any, target: str) -> Request:
+    """The request a ``SelfSubjectAccessReview`` (``kubectl auth can-i``) asks about, as the policy sees it.
+
+    Raises :class:`Unreadable` for a review that is not an object with ``spec.resourceAttributes`` or
+    ``spec.nonResourceAttributes`` holding string fields.
+    """
+    spec = review.get("spec") if isinstance(review, dict) else None
+    if not isinstance(spec, dict):
+        raise Unreadable("the access review has no spec object")
+
+    def text(attrs: Mapping[str, Any], key: str, required: bool = False) -> str:
+        value = attrs.get(key, "")
+        if value is None:
+            value = ""
+        if not isinstance(value, str) or len(value) > _MAX_REVIEW_FIELD or (required and not value):
+            raise Unreadable(
+                f"the access review's {key!r} must be a non-empty string"
+                if required
+                else f"the access review's {key!r} must be a string"
+            )
+        return value
+
+    resource_attrs = spec.get("resourceAttributes")
+    non_resource = spec.get("nonResourceAttributes")
+    if isinstance(resource_attrs, dict):
+        verb = text(resource_attrs, "verb", True)
+        subresource = text(resource_attrs, "subresource")
+        info = K8sRequest(
+            method="",
+            path="",
+            verb=verb,
+            action=_SUBRESOURCE_ACTIONS.get(subresource, verb) if verb in ("create", "get") else verb,
+            is_resource_request=True,
+            api_group=text(resource_attrs, "group"),
+            api_version=text(resource_attrs, "version"),
+            resource=text(resource_attrs, "resource", True),
+            subresource=subresource,
+            namespace=text(resource_attrs, "namespace"),
+            name=text(resource_attrs, "name"),
+        )
+    elif isinstance(non_resource, dict):
+        verb = text(non_resource, "verb", True)
+        info = K8sRequest(
+            method="", path=text(non_resource, "path", True), verb=verb, action=verb, is_resource_request=False
+        )
+    else:
+        raise Unreadable("the access review names neither resourceAttributes nor nonResourceAttributes")
+    summary = k8s_summary(info)
+    return Request(
+        protocol="kubernetes",
+        action=info.action,
+        attrs=k8s_attrs(info),
+        target=target,
+        summary=summary,
+        payload="can-i " + summary,
+    )
 
 
 def reveal_request(call: K8sCall) -> Request:
