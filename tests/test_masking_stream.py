@@ -130,6 +130,19 @@ def test_every_split_point_of_each_secret() -> None:
             assert stream_chunks(plan, [data[:i], data[i:]]) == whole, (frag, i)
 
 
+@pytest.mark.parametrize("style", sorted(PLANS))
+def test_values_glued_together_at_every_split_point(style: str) -> None:
+    # A card right after an e-mail address ("...example.com4111 ...") starts with one byte of left
+    # context on the address's last byte: a chunk boundary right after the address used to lose it.
+    plan = PLANS[style]
+    for first in (b"john.doe@example.com", b"a@b.co", b"10.0.0.1", b"password=hunter2"):
+        for second in FRAGMENTS:
+            data = b"x " + first + second + b" y" + b"." * 160
+            whole = plan.mask_bytes(data)
+            for i in range(len(data) + 1):
+                assert stream_chunks(plan, [data[:i], data[i:]]) == whole, (first, second, i)
+
+
 def test_byte_at_a_time() -> None:
     plan = PLANS["preserve-length"]
     data = b" | ".join(FRAGMENTS) * 3

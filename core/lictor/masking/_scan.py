@@ -220,7 +220,11 @@ class Scanner:
         reach = self.reach
         runs: dict[int, tuple[int, int]] = {}
         skip: dict[int, int] = {}  # detector index -> no candidate of it can pass before this
-        c = emitted = pos
+        emitted = pos
+        # Start one byte early, as a scan resumes after a match (see the end of the loop): a stream's
+        # previous scan may have stopped right after a masked value, and a card glued to it begins
+        # with one byte of left context on that value's last byte. Nothing before ``pos`` is emitted.
+        c = pos - 1 if pos > 0 else pos
         while True:
             s, e = find(UNANCHORED, data, c, n)[0]
             if s < 0 or s > limit:
