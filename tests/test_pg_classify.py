@@ -189,12 +189,14 @@ CASES: list[tuple[str, dict[str, object]]] = [
         "SET default_transaction_read_only = off",
         {"read_write_attempt": True, "settings": {"default_transaction_read_only"}},
     ),
-    ("SET default_transaction_read_only = on", {"read_write_attempt": True}),  # any SET of it counts
+    ("SET default_transaction_read_only = on", {"read_write_attempt": False}),  # stays read-only
+    ("SET default_transaction_read_only = 'of'", {"read_write_attempt": True}),  # any other value counts
     ("SET LOCAL transaction_read_only TO DEFAULT", {"read_write_attempt": True}),
     ('SET "Transaction_Read_Only" = off', {"read_write_attempt": True}),
     ("RESET transaction_read_only", {"kind": "reset", "read_write_attempt": True}),
-    ("RESET ALL", {"kind": "reset", "settings": {"all"}, "read_write_attempt": True}),
-    ("DISCARD ALL", {"kind": "discard", "read_write_attempt": True}),
+    # the reset value of default_transaction_read_only is the gateway's startup setting
+    ("RESET ALL", {"kind": "reset", "settings": {"all"}, "read_write_attempt": False}),
+    ("DISCARD ALL", {"kind": "discard", "read_write_attempt": False}),
     ("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE", {"kind": "set_transaction", "read_write_attempt": True}),
     ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", {"read_write_attempt": False}),
     ("SET TRANSACTION READ WRITE", {"kind": "set_transaction", "read_write_attempt": True}),

@@ -608,7 +608,7 @@ def test_psycopg_binary_results_and_prepared_statements(env: PgEnv) -> None:
         assert row[3:6] == (None, None, 7), row
         assert cur.execute("SELECT 1").fetchone() == (1,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
-            cur.execute("SELECT ARRAY[email] FROM customers WHERE id = %s", [1]).fetchall()
+            cur.execute("SELECT ROW(email, 1) FROM customers WHERE id = %s", [1]).fetchall()
         assert "binary" in str(info.value)
         row = conn.execute("SELECT email, card FROM customers WHERE id = %s", [1]).fetchone()
         assert row[0] == "[REDACTED:email]" and row[1].endswith("0004") and "*" in row[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -479,9 +480,23 @@ async def test_binary_results_are_masked_or_refused_when_their_columns_are_known
     got = reply_one_row(rig, fields, values)
     assert [type(m).__name__ for m in got] == ONE_ROW_RELAYED
     assert got[2].values == [b"[REDACTED:email]", None, (7).to_bytes(8, "big")]
-    # an array of text in binary cannot be masked: the result is withheld
+
+    # a binary array of text is masked element by element; one that does not decode comes back NULL
+    def text_array(*items: bytes | None) -> bytes:
+        out = struct.pack("!iiIii", 1, int(None in items), 25, len(items), 1)
+        return out + b"".join(b"\xff\xff\xff\xff" if i is None else struct.pack("!i", len(i)) + i for i in items)
+
     rig.send(pg.parse("", query), pg.bind("", "", result_formats=[1]), pg.execute(""), pg.sync())
-    got = reply_one_row(rig, [("tags", 0, 0, 1009, -1, -1, 1)], [b"\x00binary array with bob@example.org"])
+    got = reply_one_row(
+        rig,
+        [("tags", 0, 0, 1009, -1, -1, 1), ("bad", 0, 0, 1009, -1, -1, 1)],
+        [text_array(b"bob@example.org", None, b"x"), b"\x00binary array with bob@example.org"],
+    )
+    assert [type(m).__name__ for m in got] == ONE_ROW_RELAYED
+    assert got[2].values == [text_array(b"[REDACTED:email]", None, b"x"), None]
+    # a bytea in binary cannot be masked: the result is withheld
+    rig.send(pg.parse("", query), pg.bind("", "", result_formats=[1]), pg.execute(""), pg.sync())
+    got = reply_one_row(rig, [("tags", 0, 0, 17, -1, -1, 1)], [b"\x00binary bytes with bob@example.org"])
     assert [type(m).__name__ for m in got] == ["ParseComplete", "BindComplete", "ErrorResponse", "ReadyForQuery"]
     assert got[2].sqlstate == "42501" and "binary" in got[2].message
 

@@ -108,6 +108,38 @@ READ_ONLY_GUCS = frozenset({"default_transaction_read_only", "transaction_read_o
 # The parser assumes these keep their defaults; a session that changes them reads SQL differently.
 PARSER_SENSITIVE_SETTINGS = frozenset({"standard_conforming_strings", "backslash_quote", "client_encoding"})
 
+# SET of these to the value the gateway holds them at changes nothing (pg_dump/pg_restore scripts and
+# many drivers send ``SET client_encoding = 'UTF8'`` and ``SET standard_conforming_strings = on``): such a
+# SET is not reported as a setting change. Encoding names are compared as PostgreSQL does (case and
+# punctuation ignored).
+_TRUE_WORDS = frozenset({"on", "true", "yes", "1", "t", "y"})
+_UTF8_NAMES = frozenset({"utf8", "unicode"})
+
+
+def _set_value(body: Any) -> str | None:
+    """The single constant value of ``SET name = value`` (lower-cased), or None."""
+    if body.get("kind") != "VAR_SET_VALUE":
+        return None
+    args = body.get("args") or ()
+    if len(args) != 1:
+        return None
+    value = _sval(args[0])
+    if value is None:
+        number = _const_int(args[0])
+        return None if number is None else str(number)
+    return value.strip().lower()
+
+
+def _keeps_fixed_value(name: str, value: str | None) -> bool:
+    if value is None:
+        return False
+    if name == "client_encoding":
+        return "".join(ch for ch in value if ch.isalnum()) in _UTF8_NAMES
+    if name == "standard_conforming_strings":
+        return value in _TRUE_WORDS
+    return False
+
+
 # Functions that run SQL given as a string (locally or on another server).
 SQL_EXECUTING_FUNCTIONS = frozenset(
     {
@@ -823,9 +855,8 @@ class _Analysis:
         elif key == "TransactionStmt":
             self._transaction_modes(body.get("options", ()))
         elif key == "DiscardStmt":
-            if body.get("target") == "DISCARD_ALL":  # includes RESET ALL
+            if body.get("target") == "DISCARD_ALL":  # includes RESET ALL (see _variable_set)
                 self.settings.add("all")
-                self.read_write_attempt = True
         elif key in ("AlterRoleSetStmt", "AlterDatabaseSetStmt", "AlterSystemStmt"):
             setstmt = body.get("setstmt")
             if setstmt:
@@ -923,12 +954,18 @@ class _Analysis:
                 self._transaction_modes(body.get("args", ()))
             return "set_transaction"
         if kind == "VAR_RESET_ALL":
+            # RESET ALL returns default_transaction_read_only to the session's reset value: in a read-only
+            # session that is the gateway's startup setting (on), so it does not leave read-only mode
+            # (asyncpg's pool sends RESET ALL whenever a connection goes back to the pool).
             self.settings.add("all")
-            self.read_write_attempt = True
             return "reset"
-        self.settings.add(name)
-        if name in READ_ONLY_GUCS:
-            self.read_write_attempt = True  # any value: setting it at all is how read-only is left
+        value = _set_value(body)
+        if not _keeps_fixed_value(name, value):
+            self.settings.add(name)
+        if name in READ_ONLY_GUCS and value not in _TRUE_WORDS:
+            # any other value, RESET or DEFAULT: setting it is how read-only is left (SET ... = on, as
+            # psycopg2's set_session(readonly=True) sends in autocommit, stays read-only)
+            self.read_write_attempt = True
         if kind == "VAR_RESET":
             return "reset"
         return _IDENTITY_SETTINGS.get(name, "set")

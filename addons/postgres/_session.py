@@ -102,8 +102,27 @@ _BINARY_NOTHING_TO_DETECT = frozenset(
         *(16, 21, 23, 26, 700, 1082, 1083, 1114, 1184, 1186, 1266, 2950),  # bool int2 int4 oid float4, times, uuid
         *(1000, 1005, 1007, 1021, 1182, 1183, 1115, 1185, 1187, 2951),  # arrays of those
         *(869, 650, 829, 600, 3904, 3912, 3908, 3910),  # inet cidr macaddr point, int4/date/ts/tstz ranges
+        # void (pg_sleep(), functions returning nothing), oid-valued types and their arrays (catalog
+        # queries of drivers: asyncpg's type introspection returns oid[]), int2vector, oidvector, xid, cid
+        *(2278, 24, 2202, 2203, 2204, 2205, 2206, 4089, 4096, 3769, 4191, 1028, 1008, 2207, 2210, 2211),
+        *(22, 30, 28, 29),
     }
 )
+# Arrays whose elements can be masked one by one in binary: element type of each array type.
+_BINARY_ARRAYS = {
+    1009: 25,
+    1015: 1043,
+    1014: 1042,
+    1003: 19,
+    1002: 18,
+    199: 114,
+    3807: 3802,
+    143: 142,  # text-like
+    1016: 20,
+    1022: 701,
+    791: 790,
+    1231: 1700,  # int8 float8 money numeric
+}
 _INT8, _FLOAT8, _MONEY, _NUMERIC = 20, 701, 790, 1700
 _BINARY_NUMBERS = frozenset({_INT8, _FLOAT8, _MONEY, _NUMERIC})  # read as numbers by _binary_number_text
 
@@ -229,7 +248,17 @@ class RowMasker:
     result: JSON documents are masked as JSON (a card number in a JSON number becomes a string), and
     a number that masking changed (a card stored as bigint) comes back as NULL."""
 
-    __slots__ = ("binary_jsonb", "binary_numbers", "counts", "json", "masker", "numeric", "targets", "to_null")
+    __slots__ = (
+        "binary_arrays",
+        "binary_jsonb",
+        "binary_numbers",
+        "counts",
+        "json",
+        "masker",
+        "numeric",
+        "targets",
+        "to_null",
+    )
 
     def __init__(self, masker: Any, fields: Sequence[pg.FieldDescription], formats: Sequence[int] | None) -> None:
         self.masker = masker
@@ -239,6 +268,7 @@ class RowMasker:
         as_json: set[int] = set()
         numeric: set[int] = set()
         binary_numbers: dict[int, int] = {}
+        binary_arrays: dict[int, int] = {}
         to_null: set[int] = set()
         for i, f in enumerate(fields):
             action = masker.action(i)
@@ -255,6 +285,13 @@ class RowMasker:
                         binary_numbers[i] = f.type_oid
                     else:
                         continue
+                elif f.type_oid in _BINARY_ARRAYS:
+                    if action == "whole":
+                        to_null.add(i)
+                    else:
+                        binary_arrays[i] = _BINARY_ARRAYS[f.type_oid]
+                    targets.append(i)
+                    continue
                 elif f.type_oid not in _TEXT_LIKE:
                     raise _BinaryRefused(f.name, f.type_oid)
             if f.type_oid in _JSON_TYPES:
@@ -267,7 +304,19 @@ class RowMasker:
         self.json = frozenset(as_json)
         self.numeric = frozenset(numeric)
         self.binary_numbers = binary_numbers
+        self.binary_arrays = binary_arrays
         self.to_null = frozenset(to_null)
+
+    def _array_element_masker(self, index: int) -> Callable[[bytes], bytes | None]:
+        masker = self.masker
+        elem = self.binary_arrays[index]
+        if elem in _BINARY_NUMBERS:
+            return lambda v: None if _number_masked(masker, index, _binary_number_text(elem, v)) else v
+        if elem == _JSONB:
+            return lambda v: b"\x01" + masker.mask_json_value(index, v[1:]) if v[:1] == b"\x01" else None
+        if elem in _JSON_TYPES:
+            return lambda v: masker.mask_json_value(index, v)
+        return lambda v: masker.mask_value(index, v)
 
     def mask(self, raw: bytes) -> bytes:
         values: list[bytes | None] = pg.decode_datarow(raw)
@@ -280,6 +329,11 @@ class RowMasker:
             new: bytes | None
             if i in self.to_null:
                 new = None
+            elif i in self.binary_arrays:
+                try:
+                    new = _mask_binary_array(value, self._array_element_masker(i))
+                except struct.error:  # not a value of its type: nothing of it is relayed
+                    new = None
             elif i in self.binary_numbers:
                 try:
                     new = (
@@ -301,6 +355,45 @@ class RowMasker:
                 values[i] = new
                 changed = True
         return pg.encode_datarow(values) if changed else raw
+
+
+def _mask_binary_array(value: bytes, mask_element: Callable[[bytes], bytes | None]) -> bytes:
+    """Masks each element of a binary array value (ndim, flags, element oid, dimensions, then elements
+    as int32 length + bytes, -1 for NULL); an element masked to None becomes NULL."""
+    ndim, _flags, elem_oid = struct.unpack_from("!iiI", value)
+    if ndim < 0 or ndim > 6:
+        raise struct.error("bad array header")
+    offset = 12 + 8 * ndim
+    header = value[12:offset]
+    if len(header) != 8 * ndim:
+        raise struct.error("short array header")
+    count = 1
+    for d in range(ndim):
+        count *= struct.unpack_from("!i", header, 8 * d)[0]
+    if ndim == 0:
+        count = 0
+    parts: list[bytes] = []
+    has_null = False
+    for _ in range(count):
+        (length,) = struct.unpack_from("!i", value, offset)
+        offset += 4
+        if length < 0:
+            parts.append(b"\xff\xff\xff\xff")
+            has_null = True
+            continue
+        element = value[offset : offset + length]
+        if len(element) != length:
+            raise struct.error("short array element")
+        offset += length
+        new = mask_element(element)
+        if new is None:
+            parts.append(b"\xff\xff\xff\xff")
+            has_null = True
+        else:
+            parts.append(struct.pack("!i", len(new)) + new)
+    if offset != len(value):
+        raise struct.error("trailing bytes in array")
+    return struct.pack("!iiI", ndim, 1 if has_null else 0, elem_oid) + header + b"".join(parts)
 
 
 class _BinaryRefused(Exception):

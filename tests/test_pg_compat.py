@@ -1,0 +1,125 @@
+"""Compatibility of standard clients through a real gateway (examples/postgres rule pack): things a
+legitimate agent's driver sends on its own, which must work as they do directly against PostgreSQL.
+
+Shares the database and gateway of test_pg_e2e (its module fixture ``env``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from lictor_addons.postgres._classify import classify
+
+from tests.test_pg_e2e import PgEnv, env  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# -- classification (no server) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "leaves"),
+    [
+        ("SET default_transaction_read_only = on", False),  # psycopg2 set_session(readonly=True), autocommit
+        ("SET default_transaction_read_only TO 'on'", False),
+        ("SET transaction_read_only = true", False),
+        ("RESET ALL", False),  # asyncpg's pool reset; the reset value is the gateway's startup setting
+        ("DISCARD ALL", False),
+        ("SET default_transaction_read_only = off", True),
+        ("SET default_transaction_read_only = 'o'", True),
+        ("SET default_transaction_read_only TO DEFAULT", True),
+        ("RESET default_transaction_read_only", True),
+        ("SET transaction_read_only = 0", True),
+        ("SELECT set_config('default_transaction_read_only', 'on', false)", True),
+    ],
+)
+def test_read_only_settings_that_stay_read_only(sql: str, leaves: bool) -> None:
+    assert classify(sql)[0].read_write_attempt is leaves
+
+
+@pytest.mark.parametrize(
+    ("sql", "settings"),
+    [
+        ("SET client_encoding = 'UTF8'", set()),  # pg_dump scripts, pg_restore
+        ("SET NAMES 'utf-8'", set()),
+        ("SET client_encoding TO unicode", set()),
+        ("SET standard_conforming_strings = on", set()),
+        ("SET client_encoding = 'LATIN1'", {"client_encoding"}),
+        ("SET client_encoding TO DEFAULT", {"client_encoding"}),
+        ("SET standard_conforming_strings = off", {"standard_conforming_strings"}),
+        ("SET standard_conforming_strings = 'o'", {"standard_conforming_strings"}),
+    ],
+)
+def test_setting_a_fixed_setting_to_its_fixed_value_changes_nothing(sql: str, settings: set[str]) -> None:
+    assert set(classify(sql)[0].settings) == settings
+
+
+# -- through the gateway -------------------------------------------------------------------------------
+
+
+def test_readonly_driver_resets_keep_the_session_read_only(env: PgEnv) -> None:  # noqa: F811
+    import psycopg
+
+    with env.connect("readonly") as conn:
+        for sql in ("RESET ALL", "DISCARD ALL", "SET default_transaction_read_only = on"):
+            conn.execute(sql)
+            assert conn.execute("SHOW default_transaction_read_only").fetchone()[0] == "on", sql
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("SELECT sneaky_write()")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SET default_transaction_read_only = off")
+
+
+def test_dump_script_settings_run_through_psql(env: PgEnv, tmp_path) -> None:  # noqa: F811
+    script = tmp_path / "dump.sql"
+    script.write_text(
+        "SET statement_timeout = 0;\n"
+        "SET client_encoding = 'UTF8';\n"
+        "SET standard_conforming_strings = on;\n"
+        "SELECT pg_catalog.set_config('search_path', '', false);\n"
+        "SELECT 'restored' AS done;\n"
+    )
+    proc = env.psql("dba", "-v", "ON_ERROR_STOP=1", "-f", str(script))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "restored" in proc.stdout
+    proc = env.psql("dba", "-c", "SET client_encoding = 'LATIN1'")
+    assert "lictor:" in proc.stderr and "keeps it fixed" in proc.stderr
+
+
+def test_readonly_binary_arrays_and_void_are_masked_not_refused(env: PgEnv) -> None:  # noqa: F811
+    with env.connect("readonly") as conn:
+        cur = conn.cursor(binary=True)
+        row = cur.execute(
+            "SELECT ARRAY[email, NULL, 'plain'], ARRAY[4111111111111111::bigint, 7], "
+            "ARRAY[ARRAY[card]], pg_sleep(0), ARRAY['customers'::regclass::oid] "
+            "FROM customers WHERE id = %s",
+            [1],
+        ).fetchone()
+        assert row is not None
+        assert row[0] == ["[REDACTED:email]", None, "plain"], row
+        assert row[1] == [None, 7], row
+        assert "*" in row[2][0][0] and not row[2][0][0].startswith("5500"), row
+        assert row[3] in (None, b"", "") and len(row[4]) == 1, row  # void: as psycopg loads it directly
+        assert cur.execute("SELECT array_agg(email ORDER BY id) FROM customers").fetchone()[0][0] == "[REDACTED:email]"
+
+
+def test_asyncpg_pool_and_introspection_for_readonly(env: PgEnv) -> None:  # noqa: F811
+    import asyncpg
+
+    async def main() -> list[object]:
+        kw = dict(host="127.0.0.1", port=env.port, database="app", user="agent", password=env.tokens["readonly"])
+        pool = await asyncpg.create_pool(min_size=1, max_size=1, ssl=False, **kw)
+        out: list[object] = []
+        for i in range(3):  # each release sends asyncpg's reset query (..., RESET ALL)
+            async with pool.acquire() as conn:
+                out.append(await conn.fetchval("SELECT email FROM customers WHERE id = $1", 1))
+        async with pool.acquire() as conn:
+            out.append(await conn.fetchval("SELECT array_agg(email ORDER BY id) FROM customers"))
+            out.append(await conn.fetchval("SELECT pg_sleep(0)"))
+        await pool.close()
+        return out
+
+    out = asyncio.run(main())
+    assert out[:3] == ["[REDACTED:email]"] * 3
+    assert out[3][0] == "[REDACTED:email]" and out[4] is None
