@@ -50,7 +50,15 @@ POSITIVES = {
         "3782 822463 10005",
         "6011000000000004",
     ],
-    "email": ["john.doe@example.com", "a+tag@sub.example.co.uk", "x@y.io", "first_last-9@mail.example.org"],
+    "email": [
+        "john.doe@example.com",
+        "a+tag@sub.example.co.uk",
+        "x@y.io",
+        "first_last-9@mail.example.org",
+        "zoe@exämple.com",
+        "zoë.müller@bücher.de",
+        "用户@例子.com",  # internationalized addresses
+    ],
     "ssn": ["123-45-6789", "123 45 6789", "078-05-1120"],
     "iban": [
         "DE89 3704 0044 0532 0130 00",

@@ -25,6 +25,7 @@ FRAGMENTS = [
     b"4111111111111112",
     b"john.doe@example.com",
     b"a@b.co",
+    "zoë@exämple.com".encode(),
     b"123-45-6789",
     b"000-12-3456",
     b"DE89 3704 0044 0532 0130 00",

@@ -247,11 +247,12 @@ _BUILTINS = (
     _builtin("ssn", r"\b\d{3}(?:-\d{2}-|\ \d{2}\ )\d{4}\b", "ssn"),
     _builtin(
         "email",
-        r"[A-Za-z0-9._%+-]@[A-Za-z0-9]",
+        # Internationalized addresses too (zoë@exämple.com): any non-ASCII character counts as a letter.
+        r"(?:[A-Za-z0-9._%+-]|[^\x00-\x7f])@(?:[A-Za-z0-9]|[^\x00-\x7f])",
         "email",
-        extend=(r"[A-Za-z0-9.-]*",),
+        extend=(r"(?:[A-Za-z0-9.-]|[^\x00-\x7f])*",),
         extend_limit=EMAIL_LIMIT,
-        extend_back=r"[A-Za-z0-9._%+-]",
+        extend_back=r"[A-Za-z0-9._%+\x80-\xff-]",
         back_limit=63,
     ),
     _builtin(
