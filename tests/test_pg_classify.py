@@ -546,3 +546,25 @@ def test_server_runs_the_statements_the_classifier_sees(sql: str) -> None:
             else statement.kind
         )
     assert ours == server_kinds
+
+
+@pytest.mark.parametrize(
+    ("sql", "shown"),
+    [
+        ("ALTER ROLE bob PASSWORD 'hunter2'", "ALTER ROLE bob PASSWORD [REDACTED]"),
+        (
+            "CREATE ROLE c WITH LOGIN ENCRYPTED PASSWORD E'x\\'y' VALID UNTIL 'infinity'",
+            "CREATE ROLE c WITH LOGIN PASSWORD [REDACTED] VALID UNTIL 'infinity'",
+        ),
+        (
+            "SELECT 1; CREATE USER MAPPING FOR bob SERVER s OPTIONS (user 'x', password 'p2'); SELECT 2",
+            "SELECT 1; CREATE USER MAPPING FOR bob SERVER s OPTIONS (user 'x', PASSWORD [REDACTED]; SELECT 2",
+        ),
+        ("SELECT 'password' AS password", "SELECT 'password' AS password"),
+        ("ALTER ROLE bob PASSWORD 'unterminated", "ALTER ROLE bob PASSWORD 'unterminated"),  # does not parse
+    ],
+)
+def test_role_passwords_are_redacted_for_display_and_records(sql: str, shown: str) -> None:
+    from lictor_addons.postgres._classify import redact_secrets
+
+    assert redact_secrets(sql) == shown

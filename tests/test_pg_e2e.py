@@ -984,3 +984,36 @@ def test_statements_are_recorded_with_masked_params_and_tags(env: PgEnv) -> None
     assert "ms" in lookup
     text = json.dumps(events)
     assert "user5@example.com" not in text
+
+
+def test_role_passwords_are_neither_recorded_nor_audited(env: PgEnv) -> None:
+    import psycopg
+
+    secret_dba, secret_ro = "s3cret-" + secrets.token_hex(6), "s3cret-" + secrets.token_hex(6)
+    role = "lictor_pw_" + secrets.token_hex(3)
+    with env.connect("dba") as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{secret_dba}' VALID UNTIL 'infinity'")
+        conn.execute(f"ALTER ROLE {role} WITH PASSWORD '{secret_dba}x'")
+        conn.execute(f"DROP ROLE {role}")
+    with env.connect("readonly") as conn, pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+        conn.execute(f"ALTER ROLE postgres PASSWORD '{secret_ro}'")
+    assert secret_ro not in str(info.value)
+    gw = env.gateway
+    assert gw is not None
+    deadline = time.monotonic() + 15
+    seen: dict[str, str] = {}
+    while time.monotonic() < deadline and len(seen) < 2:
+        listing = lictor("sessions", "list", "--json", "--state-dir", str(gw.state_dir), check=False)
+        for session in json.loads(listing.stdout or "[]") if listing.returncode == 0 else []:
+            out = lictor("sessions", "export", session["id"], "--state-dir", str(gw.state_dir), check=False).stdout
+            for marker in (role, "ALTER ROLE postgres"):
+                if marker in out:
+                    seen[marker] = out
+        time.sleep(0.3)
+    assert len(seen) == 2, "the sessions' recordings did not show up"
+    recorded = "".join(seen.values())
+    assert "PASSWORD [REDACTED]" in recorded and "VALID UNTIL 'infinity'" in recorded
+    audit = lictor("audit", "list", "--json", "--state-dir", str(gw.state_dir)).stdout
+    assert role in audit and "PASSWORD [REDACTED]" in audit
+    for secret in (secret_dba, secret_ro):
+        assert secret not in recorded and secret not in audit

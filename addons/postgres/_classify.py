@@ -29,6 +29,7 @@ the session there (see :data:`PARSER_SENSITIVE_SETTINGS`), or the server could s
 """
 
 import functools
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -1214,6 +1215,53 @@ def _statements(sql: str) -> Iterator[Statement]:
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _classify_cached(sql: str) -> tuple[Statement, ...]:
     return tuple(_statements(sql))
+
+
+_PASSWORD_WORD = re.compile(r"(?i)password")
+# Statements whose options may carry a password in clear text (a role's, a user mapping's).
+_PASSWORD_OPTION_NODES = frozenset({"CreateRoleStmt", "AlterRoleStmt", "CreateUserMappingStmt", "AlterUserMappingStmt"})
+REDACTED_PASSWORD = b"PASSWORD [REDACTED]"
+
+
+def redact_secrets(sql: str) -> str:
+    """``sql`` as it may be shown and recorded: the password of ``CREATE/ALTER ROLE ... PASSWORD`` and
+    of user mappings' ``OPTIONS (password ...)`` replaced by ``[REDACTED]`` (up to the next option).
+    Texts that never say "password", or that do not parse, come back as they are."""
+    if _PASSWORD_WORD.search(sql) is None:
+        return sql
+    try:
+        raws = _parse(sql, "")
+    except ClassificationError:
+        return sql
+    data = sql.encode("utf-8")
+    cuts: list[tuple[int, int, bytes]] = []
+    for raw in raws:
+        ((node_type, body),) = raw["stmt"].items()
+        if node_type not in _PASSWORD_OPTION_NODES:
+            continue
+        stmt_start = int(raw.get("stmt_location", 0))
+        stmt_end = stmt_start + int(raw["stmt_len"]) if raw.get("stmt_len") else len(data)
+        options = [o["DefElem"] for o in body.get("options") or () if isinstance(o, dict) and "DefElem" in o]
+        starts = sorted(int(o.get("location", -1)) for o in options)
+        for option in options:
+            if option.get("defname") != "password" or int(option.get("location", -1)) < stmt_start:
+                continue
+            start = int(option["location"])
+            later = [at for at in starts if at > start]
+            if later:
+                cuts.append((start, later[0], REDACTED_PASSWORD + b" "))
+            else:
+                cuts.append((start, stmt_end, REDACTED_PASSWORD))
+    if not cuts:
+        return sql
+    out, last = [], 0
+    for start, end, replacement in sorted(cuts):
+        if start < last:
+            continue
+        out += [data[last:start], replacement]
+        last = end
+    out.append(data[last:])
+    return b"".join(out).decode("utf-8", "replace")
 
 
 def classify(sql: str) -> list[Statement]:

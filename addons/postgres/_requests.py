@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lictor import Request
 
-from ._classify import ClassificationError, Statement, classify
+from ._classify import ClassificationError, Statement, classify, redact_secrets
 
 
 def rule_kinds(st: Statement) -> frozenset[str]:
@@ -39,13 +39,15 @@ def statement_attrs(st: Statement, database: str = "") -> dict[str, object]:
 
 
 def request_for_statement(st: Statement, *, target: str, database: str = "", reason: str | None = None) -> Request:
+    # Shown to approvers, sent to webhooks and audited: a role's password is not (see redact_secrets).
+    text = redact_secrets(st.text)
     return Request(
         protocol="postgres",
         action=st.kind,
         attrs=statement_attrs(st, database),
         target=target,
-        summary=f"{st.kind.upper().replace('_', ' ')}: {st.text.strip()[:200]}",
-        payload=st.text,
+        summary=f"{st.kind.upper().replace('_', ' ')}: {text.strip()[:200]}",
+        payload=text,
         reason=reason,
     )
 

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 from lictor import Decision, Request, combine
 
 from . import _protocol as pg
+from ._classify import redact_secrets
 from ._pipe import Pipe
 
 if TYPE_CHECKING:
@@ -961,7 +962,7 @@ class Relay:
         self.session.record(
             kind,
             {
-                "sql": sql[:RECORD_SQL_LIMIT],
+                "sql": redact_secrets(sql)[:RECORD_SQL_LIMIT],
                 "decision": decision.action,
                 "rules": list(decision.rule_ids),
                 "message": decision.message,
@@ -1598,7 +1599,9 @@ class Relay:
         )
         if run is not None:
             run.error = "refused"
-        self.session.record("refused", {"sql": (run.sql if run else "")[:RECORD_SQL_LIMIT], "message": message})
+        self.session.record(
+            "refused", {"sql": redact_secrets(run.sql if run else "")[:RECORD_SQL_LIMIT], "message": message}
+        )
 
     def _query_message(self, t: int, raw: bytes, head: _Expect) -> bytes | None:
         q: _QueryRun = head.run
@@ -1639,7 +1642,7 @@ class Relay:
         q.index += 1
         now = time.perf_counter()
         record: dict[str, Any] = {
-            "sql": (q.texts[index] if index < len(q.texts) else q.texts[-1])[:RECORD_SQL_LIMIT],
+            "sql": redact_secrets(q.texts[index] if index < len(q.texts) else q.texts[-1])[:RECORD_SQL_LIMIT],
             "decision": q.decision.action,
             "rules": list(q.decision.rule_ids),
             "ms": round((now - q.t0) * 1000, 3),
@@ -1745,7 +1748,7 @@ class Relay:
 
     def _record_exec(self, run: Execution, tag: str | None = None) -> None:
         record: dict[str, Any] = {
-            "sql": run.sql[:RECORD_SQL_LIMIT],
+            "sql": redact_secrets(run.sql)[:RECORD_SQL_LIMIT],
             "decision": run.decision.action,
             "rules": list(run.decision.rule_ids),
             "ms": round((time.perf_counter() - run.t0) * 1000, 3),
@@ -1811,7 +1814,7 @@ class _Fatal(Exception):
 
 
 def _short(sql: str) -> str:
-    text = " ".join(sql.split())
+    text = " ".join(redact_secrets(sql).split())
     return text if len(text) <= 200 else text[:199] + "…"
 
 
