@@ -161,3 +161,37 @@ def test_jwks_is_cached_and_refreshed_on_unknown_kid():
             v.verify(forged)
     finally:
         server.shutdown()
+
+
+def test_static_keys_of_different_types_each_verify_their_tokens():
+    # key rotation from RS256 to ES256: pyjwt's TypeError for the RSA key must not end the search
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    r = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    e = ec.generate_private_key(ec.SECP256R1())
+    claims = {"sub": "a", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}
+    for keys in ((r, e), (e, r)):
+        cfg = IssuerConfig(
+            "idp",
+            "static",
+            "https://idp",
+            ("lictor",),
+            ("RS256", "ES256"),
+            public_keys=tuple(k.public_key() for k in keys),
+        )
+        verifier = TokenVerifier([cfg])
+        assert verifier.verify(jwt.encode(claims, r, "RS256")).subject == "a"
+        assert verifier.verify(jwt.encode(claims, e, "ES256")).subject == "a"
+    only_rsa = TokenVerifier(
+        [IssuerConfig("idp", "static", "https://idp", ("lictor",), ("RS256", "ES256"), public_keys=(r.public_key(),))]
+    )
+    with pytest.raises(AuthError, match="no key for algorithm 'ES256'"):
+        only_rsa.verify(jwt.encode(claims, e, "ES256"))
+
+
+def test_two_issuer_entries_with_the_same_iss_are_refused():
+    r = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    a = IssuerConfig("old", "static", "https://idp", ("lictor",), ("RS256",), public_keys=(r.public_key(),))
+    b = IssuerConfig("new", "static", "https://idp", ("lictor",), ("ES256",), public_keys=())
+    with pytest.raises(ValueError, match="both have issuer 'https://idp'"):
+        TokenVerifier([a, b])

@@ -160,7 +160,15 @@ class TokenVerifier:
         so tokens with random kids cannot make the gateway hammer the identity provider."""
         if not issuers:
             raise ValueError("at least one token issuer must be configured")
-        self.issuers = {i.issuer: i for i in issuers}
+        self.issuers: dict[str, IssuerConfig] = {}
+        for cfg in issuers:
+            if cfg.issuer in self.issuers:
+                # one would silently replace the other: tokens of the first would stop verifying
+                raise ValueError(
+                    f"issuers {self.issuers[cfg.issuer].name} and {cfg.name} both have issuer {cfg.issuer!r}; "
+                    "list all of its public keys and algorithms in one entry"
+                )
+            self.issuers[cfg.issuer] = cfg
         self.leeway = leeway
         self._jwks: dict[str, jwt.PyJWKClient] = {}
         for cfg in issuers:
@@ -199,6 +207,19 @@ class TokenVerifier:
                 raise AuthError(f"cannot find the token's signing key: {exc}") from None
         else:
             keys = list(cfg.public_keys)
+        # Only keys of the token's algorithm's type: pyjwt raises TypeError for an EC key given to RS256 (and
+        # the reverse), which would end the loop before the key that signed the token was tried.
+        algorithm = jwt.get_algorithm_by_name(alg)
+        usable = []
+        for key in keys:
+            try:
+                algorithm.prepare_key(key)
+            except (jwt.PyJWTError, TypeError, ValueError):
+                continue
+            usable.append(key)
+        if not usable:
+            raise AuthError(f"issuer {iss!r} has no key for algorithm {alg!r}")
+        keys = usable
         last: Exception | None = None
         for key in keys:
             try:
