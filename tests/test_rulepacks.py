@@ -212,3 +212,30 @@ def test_a_glob_with_an_unclosed_bracket_is_an_error(tmp_path):
         tmp_path, GOOD.replace("{statements: [select]}", '{statements: [select], tables: ["t[ab]", "[[]x"]}')
     )
     assert ok.policy is not None, ok.errors
+
+
+def test_empty_lists_and_empty_claims_are_refused(tmp_path):
+    # `claims: {}` held for every identity (the mapping's roles for everyone); `targets: []` meant every target
+    text = GOOD.replace("{claims: {role: readonly}}", "{claims: {}}").replace(
+        "        protocol: postgres", "        protocol: postgres\n        targets: []"
+    )
+    path, result = problems(tmp_path, text)
+    assert result.policy is None
+    assert sorted(str(p) for p in result.errors) == [
+        f"{path}:11:18: roles.ro.rules.0.targets: [] should be non-empty",
+        f"{path}:4:21: identities.0.match.claims: {{}} should be non-empty",
+    ]
+    _, result = problems(tmp_path, GOOD.replace("{claims: {role: readonly}}", "{sub: []}"))
+    assert "identities.0.match.sub: [] should be non-empty" in str(result.errors[0])
+
+
+def test_a_dangling_symlinked_pack_is_an_error_not_a_missing_pack(tmp_path):
+    # e.g. a pack linked from a release directory that is being replaced: skipping it would drop its rules
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    write(packs, GOOD)
+    (packs / "guardrails.yaml").symlink_to(tmp_path / "gone" / "guardrails.yaml")
+    result = load_policy([packs], vocabularies())
+    assert result.policy is None
+    assert [e.loc.file for e in result.errors] == [str(packs / "guardrails.yaml")]
+    assert "cannot read" in result.errors[0].message

@@ -86,7 +86,10 @@ class LoadResult:
 # -- schema ---------------------------------------------------------------------------------------
 
 _STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}}
-_STRING_OR_STRINGS = {"oneOf": [{"type": "string", "minLength": 1}, _STRINGS]}
+# An empty list is refused: it would read as "no condition" (``targets: []`` would mean every target)
+# or as a condition nothing can meet, and an author who wrote one (or a template that rendered one)
+# meant neither.
+_STRING_OR_STRINGS = {"oneOf": [{"type": "string", "minLength": 1}, {**_STRINGS, "minItems": 1}]}
 _DURATION = {"oneOf": [{"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?[smhd]?)+$"}, {"type": "number"}]}
 
 
@@ -161,7 +164,8 @@ def compose_schema(vocabularies: Mapping[str, Vocabulary]) -> dict[str, Any]:
             "email": _STRING_OR_STRINGS,
             "groups": _STRING_OR_STRINGS,
             "issuer": _STRING_OR_STRINGS,
-            "claims": {"type": "object", "additionalProperties": _STRING_OR_STRINGS},
+            # `claims: {}` would be a condition that always holds: the mapping's roles for every identity
+            "claims": {"type": "object", "minProperties": 1, "additionalProperties": _STRING_OR_STRINGS},
         },
     }
     return {
@@ -226,7 +230,11 @@ def discover(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found.extend(sorted(x for x in p.rglob("*") if x.suffix in (".yaml", ".yml") and x.is_file()))
+            # A symlinked pack whose target is gone is kept (reading it fails with an error): skipping it would
+            # silently drop the pack's rules, deny rules included, from a running gateway.
+            found.extend(
+                sorted(x for x in p.rglob("*") if x.suffix in (".yaml", ".yml") and (x.is_file() or x.is_symlink()))
+            )
         else:
             found.append(p)
     seen: set[Path] = set()
