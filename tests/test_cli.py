@@ -125,3 +125,45 @@ def test_kubeconfig_prints_a_usable_config(tmp_path: Path):
     doc = yaml.safe_load(lictor("kubeconfig", "--server", "https://127.0.0.1:8443", "--token", "T").stdout)
     assert doc["clusters"][0]["cluster"]["server"] == "https://127.0.0.1:8443"
     assert doc["users"][0]["user"]["token"] == "T"
+
+
+def test_test_names_a_misspelt_key_in_expect(tmp_path: Path):
+    # `mask:` for `masked:` would be ignored and the case pass without checking what it means to check
+    _ls_pack(tmp_path)
+    (tmp_path / "p.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n  - name: typo\n    identity: {sub: a}\n"
+        "    request: {protocol: ssh, action: ls, attrs: {program: ls}}\n    expect: {action: allow, mask: [m]}\n"
+    )
+    proc = lictor("test", str(tmp_path), check=False)
+    assert proc.returncode == 1
+    assert "unknown key 'mask' in expect; expected one of: action, masked, rule, shadow" in proc.stdout
+
+
+def test_test_names_a_misspelt_cases_key(tmp_path: Path):
+    _ls_pack(tmp_path)
+    (tmp_path / "a.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n"
+        "  - {name: ls ok, identity: {sub: a}, request: {protocol: ssh, action: ls, attrs: {program: ls}}, expect: allow}\n"
+    )
+    (tmp_path / "b.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncase:\n"
+        "  - {name: rm denied, identity: {sub: a}, request: {protocol: ssh, action: rm, attrs: {program: rm}}, expect: allow}\n"
+    )
+    proc = lictor("test", str(tmp_path), check=False)
+    assert proc.returncode == 1
+    assert f"{tmp_path / 'b.tests.yaml'}:2:1: unknown key 'case' in a test file" in proc.stdout
+
+
+def test_explain_and_test_need_a_target_when_rules_are_scoped_to_targets(tmp_path: Path):
+    # Real requests always name their target; against none, `targets: [prod]` rules were skipped and a deny
+    # reported as allowed.
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: p}\nidentities: [{match: {sub: '*'}, roles: [r]}]\n"
+        "roles:\n  r:\n    rules:\n      - {id: ok, protocol: ssh, when: {programs: [ls, rm]}, action: allow}\n"
+        "      - {id: no-rm, protocol: ssh, targets: [prod], when: {programs: rm}, action: deny}\n"
+    )
+    proc = lictor("explain", str(tmp_path), "--sub", "a", "--protocol", "ssh", "--command", "rm x", check=False)
+    assert "ALLOW" not in proc.stdout and "the request needs a target (rules no-rm" in proc.stdout
+    assert proc.returncode == 2
+    out = lictor("explain", str(tmp_path), "--sub", "a", "--protocol", "ssh", "--target", "prod", "--command", "rm x")
+    assert "=> DENY (denied by rule no-rm" in out.stdout

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._yaml import YamlError, load_documents, plain
+from ._yaml import Location, YamlError, key_location, load_documents, plain
 from .identity import Identity
 from .policy import Policy
 from .policy_types import Decision, Request, combine
@@ -60,6 +60,12 @@ def identity_from_spec(spec: Mapping[str, Any]) -> Identity:
 def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
     protocol = str(spec.get("protocol", ""))
     target = str(spec.get("target", ""))
+    if not target:
+        # Every real request names its target; evaluated against no target, rules scoped to targets would be
+        # skipped and a deny on `targets: [prod]` reported as allowed.
+        scoped = sorted({r.id for r in policy.rules if r.protocol == protocol and r.targets})
+        if scoped:
+            raise ValueError(f"the request needs a target (rules {', '.join(scoped[:5])} apply only to some targets)")
     if "action" in spec:
         return [
             Request(
@@ -79,10 +85,20 @@ def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
     return list(vocab.build_requests(spec, target))
 
 
+_EXPECT_KEYS = frozenset({"action", "rule", "masked", "shadow"})
+
+
 def _expectation(expect: Any) -> dict[str, Any]:
     if isinstance(expect, str):
         return {"action": expect}
     if isinstance(expect, Mapping):
+        # A misspelt key (`mask:` for `masked:`) would otherwise be ignored and the case pass unchecked.
+        unknown = sorted(set(expect) - _EXPECT_KEYS)
+        if unknown:
+            allowed = ", ".join(sorted(_EXPECT_KEYS))
+            raise ValueError(f"unknown key {unknown[0]!r} in expect; expected one of: {allowed}")
+        if "action" not in expect:
+            raise ValueError("expect needs an action (allow, deny or approve)")
         return dict(expect)
     raise ValueError("expect must be an action or a mapping with action/rule/masked")
 
@@ -120,6 +136,16 @@ def run_tests(policy: Policy, files: Iterable[Path]) -> TestReport:
             continue
         for doc in docs:
             if not isinstance(doc, dict) or doc.get("format") != TESTS_FORMAT:
+                continue
+            unknown_top = sorted(set(doc) - {"format", "cases"})
+            if unknown_top or not isinstance(doc.get("cases"), list):
+                # `case:` for `cases:` would otherwise run nothing from this file, silently
+                key = unknown_top[0] if unknown_top else "cases"
+                at = key_location(doc, key, Location(str(path), 1, 1))
+                what = (
+                    f"unknown key {key!r} in a test file; expected: format, cases" if unknown_top else "no cases: list"
+                )
+                report.errors.append(f"{at}: {what}")
                 continue
             for i, case in enumerate(doc.get("cases") or []):
                 line = case.loc.line if hasattr(case, "loc") else 0
