@@ -151,6 +151,50 @@ def test_hot_reload_keeps_connections_and_rejects_broken_edits(line_gateway):
     c.close()
 
 
+def _wait_reply(c: Client, line: str, want: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    reply = c.ask(line)
+    while not reply.startswith(want) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        reply = c.ask(line)
+    return reply
+
+
+def test_a_replaced_rulepack_directory_is_watched_again(line_gateway):
+    # Deploys swap the whole directory (mv new packs) or a symlink to it: the new packs must go live, and so
+    # must later edits of them, instead of the gateway enforcing the old directory's policy for good.
+    gw = line_gateway
+    c = Client(gw.port, gw.token("agent-1", role="reader"))
+    assert c.ask("get orders").startswith("OK")
+    new = gw.packs.parent / "packs.new"
+    new.mkdir()
+    (new / "lines.yaml").write_text(PACK.replace('["* secret*"]', '["* secret*", "* orders*"]'))
+    os.rename(gw.packs, gw.packs.parent / "packs.old")
+    os.rename(new, gw.packs)
+    assert _wait_reply(c, "get orders", "DENIED").startswith("DENIED line-no-secrets")
+    # and the new directory is watched: an edit in it goes live too
+    (gw.packs / "lines.yaml").write_text(PACK.replace('["* secret*"]', '["* secret*", "* invoices*"]'))
+    assert _wait_reply(c, "get invoices", "DENIED").startswith("DENIED line-no-secrets")
+    c.close()
+
+
+def test_a_pack_still_being_written_does_not_go_live(line_gateway):
+    # The first part of a pack parses as a pack without its last rule (a deny): loading it while the file is
+    # still open for writing would allow what the deny stops.
+    gw = line_gateway
+    c = Client(gw.port, gw.token("agent-1", role="reader"))
+    assert c.ask("get secret-plans").startswith("DENIED line-no-secrets")
+    head, sep, tail = PACK.partition("      - id: line-no-secrets")
+    with open(gw.packs / "lines.yaml", "w") as fh:
+        fh.write(head)
+        fh.flush()
+        time.sleep(2)  # well past the reload debounce
+        assert c.ask("get secret-plans").startswith("DENIED line-no-secrets")
+        fh.write(sep + tail.replace("secrets are off limits", "still off limits"))
+    assert _wait_reply(c, "get secret-plans", "DENIED line-no-secrets: still").endswith("still off limits")
+    c.close()
+
+
 def test_sigterm_stops_cleanly_and_audit_verifies(line_gateway):
     gw = line_gateway
     c = Client(gw.port, gw.token("agent-2", role="reader"))

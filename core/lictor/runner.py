@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -22,22 +23,67 @@ class PolicyWatcher:
 
     Events are debounced; the reload runs on the event loop (parse/validate/compile happen in a
     worker thread, the swap is one assignment on the loop), so requests never see half a policy.
+
+    Two things a directory watch alone misses are handled here:
+
+    * A file still being written (``cat > pack.yaml``, a slow copy) may already parse as a smaller pack
+      whose last rules, deny rules among them, are missing. Where the platform reports when a written file
+      is closed (inotify), a reload waits until no pack file is open for writing (at most ``write_grace``).
+    * A watch follows the directory it was set on: when the configured directory is renamed away, replaced
+      (``mv new rulepacks``), re-created or is a symlink switched to another directory, its events stop.
+      The configured paths are polled every ``poll_interval`` seconds; when what they name changes, the
+      watches are set again and the packs reloaded.
     """
 
-    def __init__(self, gateway: Gateway, loop: asyncio.AbstractEventLoop, debounce: float = 0.3) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        loop: asyncio.AbstractEventLoop,
+        debounce: float = 0.3,
+        poll_interval: float = 1.0,
+        write_grace: float = 30.0,
+    ) -> None:
         self.gateway = gateway
         self.loop = loop
         self.debounce = debounce
+        self.poll_interval = poll_interval
+        self.write_grace = write_grace
         self._observer: Any = None
         self._pending: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
+        self._writing: dict[str, float] = {}  # pack files open for writing -> when first seen
+        self._roots: dict[Path, tuple[int, int]] = {}
+        self._poller: asyncio.Task[None] | None = None
         self.reloads = 0
 
+    def _watched_roots(self) -> dict[Path, tuple[int, int]]:
+        """The directories to watch, each with the (device, inode) it names now."""
+        roots: dict[Path, tuple[int, int]] = {}
+        for p in self.gateway.config.rulepacks:
+            d = p if p.is_dir() else p.parent
+            try:
+                st = d.stat()
+            except OSError:
+                continue
+            roots.setdefault(d, (st.st_dev, st.st_ino))
+        return roots
+
     def start(self) -> None:
+        self._start_observer()
+        self._poller = self.loop.create_task(self._poll())
+
+    def _start_observer(self) -> None:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
         from watchdog.observers import Observer
 
         watcher = self
+        observer = Observer()
+        try:
+            from watchdog.observers.inotify import InotifyObserver
+
+            reports_close = isinstance(observer, InotifyObserver)
+        except ImportError:  # pragma: no cover - not Linux
+            reports_close = False
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
@@ -45,26 +91,68 @@ class PolicyWatcher:
                     return
                 src = str(event.src_path)
                 dest = str(getattr(event, "dest_path", "") or "")
-                if any(p.endswith((".yaml", ".yml")) for p in (src, dest)) or event.is_directory:
-                    watcher.loop.call_soon_threadsafe(watcher.schedule)
+                if not (any(p.endswith((".yaml", ".yml")) for p in (src, dest)) or event.is_directory):
+                    return
+                writing = (
+                    reports_close
+                    and not event.is_directory
+                    and event.event_type in ("created", "modified")
+                    and not os.path.islink(src)
+                )
+                watcher.loop.call_soon_threadsafe(watcher._file_event, src, dest, event.event_type, writing)
 
-        observer = Observer()
-        dirs: set[Path] = set()
-        for p in self.gateway.config.rulepacks:
-            d = p if p.is_dir() else p.parent
-            if d.exists() and d not in dirs:
-                dirs.add(d)
-                observer.schedule(Handler(), str(d), recursive=True)
+        for d in self._watched_roots():
+            observer.schedule(Handler(), str(d), recursive=True)
         observer.daemon = True
         observer.start()
         self._observer = observer
+        self._roots = self._watched_roots()
 
-    def schedule(self) -> None:
+    def _file_event(self, src: str, dest: str, kind: str, writing: bool) -> None:
+        if writing:
+            self._writing.setdefault(src, self.loop.time())
+        else:
+            self._writing.pop(src, None)
+            if dest:
+                self._writing.pop(dest, None)
+        self.schedule()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                roots = await asyncio.to_thread(self._watched_roots)
+                if roots != self._roots:
+                    log.warning(
+                        "rule-pack directories were renamed, replaced or re-created (%s); watching them again "
+                        "and reloading",
+                        ", ".join(str(d) for d in sorted(set(roots) | set(self._roots))),
+                    )
+                    self._stop_observer()
+                    self._start_observer()
+                    self.schedule()
+            except Exception:
+                log.exception("checking the rule-pack directories failed")
+
+    def schedule(self, delay: float | None = None) -> None:
         if self._pending is not None:
             self._pending.cancel()
-        self._pending = self.loop.call_later(self.debounce, lambda: asyncio.ensure_future(self.reload()))
+        self._pending = self.loop.call_later(
+            self.debounce if delay is None else delay, lambda: asyncio.ensure_future(self.reload())
+        )
 
     async def reload(self) -> None:
+        if self._writing:
+            oldest = min(self._writing.values())
+            if self.loop.time() - oldest < self.write_grace:
+                self.schedule()  # a pack file is still open for writing: it may be half written
+                return
+            log.warning(
+                "rule-pack files open for writing for over %.0fs (%s); loading them as they are",
+                self.write_grace,
+                ", ".join(sorted(self._writing)),
+            )
+            self._writing.clear()
         async with self._lock:
             gw = self.gateway
             result = await asyncio.to_thread(gw.compile_policy)
@@ -76,10 +164,17 @@ class PolicyWatcher:
             except HookError as exc:
                 log.error("%s", exc)
 
-    def stop(self) -> None:
+    def _stop_observer(self) -> None:
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=2)
+            self._observer = None
+
+    def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        self._stop_observer()
 
 
 class BrokenAddon:
