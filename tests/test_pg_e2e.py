@@ -1000,20 +1000,32 @@ def test_role_passwords_are_neither_recorded_nor_audited(env: PgEnv) -> None:
     assert secret_ro not in str(info.value)
     gw = env.gateway
     assert gw is not None
-    deadline = time.monotonic() + 15
-    seen: dict[str, str] = {}
-    while time.monotonic() < deadline and len(seen) < 2:
-        listing = lictor("sessions", "list", "--json", "--state-dir", str(gw.state_dir), check=False)
-        for session in json.loads(listing.stdout or "[]") if listing.returncode == 0 else []:
-            out = lictor("sessions", "export", session["id"], "--state-dir", str(gw.state_dir), check=False).stdout
-            for marker in (role, "ALTER ROLE postgres"):
-                if marker in out:
-                    seen[marker] = out
+    # The two sessions, found through their decisions in the audit log; then their recordings.
+    deadline = time.monotonic() + 30
+    sessions: set[str] = set()
+    audit = ""
+    while time.monotonic() < deadline:
+        audit = lictor("audit", "list", "--json", "--kind", "decision", "--state-dir", str(gw.state_dir)).stdout
+        decisions = [json.loads(line) for line in audit.splitlines() if line.strip()]
+        sessions = {
+            str(d["session"])
+            for d in decisions
+            if role in d["request"]["summary"] or "ALTER ROLE postgres" in d["request"]["summary"]
+        }
+        if len(sessions) == 2:
+            break
         time.sleep(0.3)
-    assert len(seen) == 2, "the sessions' recordings did not show up"
-    recorded = "".join(seen.values())
-    assert "PASSWORD [REDACTED]" in recorded and "VALID UNTIL 'infinity'" in recorded
-    audit = lictor("audit", "list", "--json", "--state-dir", str(gw.state_dir)).stdout
+    assert len(sessions) == 2, sessions
     assert role in audit and "PASSWORD [REDACTED]" in audit
+    recorded = ""
+    while time.monotonic() < deadline:
+        exports = [
+            lictor("sessions", "export", sid, "--state-dir", str(gw.state_dir), check=False).stdout for sid in sessions
+        ]
+        recorded = "".join(exports)
+        if role in recorded and "ALTER ROLE postgres" in recorded:
+            break
+        time.sleep(0.3)
+    assert "PASSWORD [REDACTED]" in recorded and "VALID UNTIL 'infinity'" in recorded
     for secret in (secret_dba, secret_ro):
         assert secret not in recorded and secret not in audit
