@@ -97,3 +97,23 @@ async def test_request_hooks_run_for_the_protocols_an_addon_names():
         testing.assert_decision(session.decide_now(other), "deny", rule="lictor:default-deny")
         assert guard.seen == ["line", "line"]  # never called for the `other` protocol
         assert watcher.seen == ["line", "line", "other"]  # no `protocols`: every request
+
+
+class _WithOption:
+    name = "with-option"
+
+    def load(self, loader):
+        loader.add_option("with_option_limit", int, 10, "a limit")
+
+
+def test_an_addon_with_options_can_be_removed_and_loaded_again_keeping_the_configured_value():
+    # what the addon-file watcher does on a reload: remove the old instance, add the new one
+    from lictor import AddonManager
+
+    manager = AddonManager()
+    old = _WithOption()
+    manager.add(old)
+    manager.set_options({"with_option_limit": 3})
+    manager.remove(old)
+    manager.add(_WithOption())
+    assert manager.option("with_option_limit") == 3

@@ -87,9 +87,17 @@ class Loader:
 
     def add_option(self, name: str, typespec: type, default: Any, help: str) -> None:
         """Declare an option, settable under ``options:`` in the gateway config."""
-        if name in self._manager.options:
+        manager = self._manager
+        if name in manager.options:
             raise ValueError(f"option {name!r} declared twice")
-        self._manager.options[name] = Option(name, typespec, default, help, default)
+        option = Option(name, typespec, default, help, default)
+        if name in manager.configured_options:  # a reloaded addon gets the value the config set
+            value = manager.configured_options[name]
+            if not isinstance(value, typespec):
+                raise ValueError(f"option {name!r} must be {typespec.__name__}, got {type(value).__name__}")
+            option.value = value
+        manager.options[name] = option
+        manager.option_owner[name] = self._addon
 
     def add_vocabulary(self, vocabulary: Vocabulary) -> None:
         """Teach rule packs the ``when:`` fields of a protocol."""
@@ -110,6 +118,8 @@ class AddonManager:
     def __init__(self) -> None:
         self.addons: list[Any] = []
         self.options: dict[str, Option] = {}
+        self.option_owner: dict[str, Any] = {}
+        self.configured_options: dict[str, Any] = {}  # what set_options was given (kept for reloads)
         self.vocabularies: dict[str, Vocabulary] = {}
         self.vocabulary_owner: dict[str, Any] = {}
         self.target_schemas: dict[str, dict[str, Any]] = {}
@@ -128,12 +138,16 @@ class AddonManager:
                 try:
                     load(Loader(self, addon))
                 except Exception as exc:
-                    self.addons.remove(addon)
+                    self.remove(addon)
                     raise HookError(name, "load", exc) from exc
         self._rebuild()
 
     def remove(self, addon: Any) -> None:
         self.addons.remove(addon)
+        for name, owner in list(self.option_owner.items()):
+            if owner is addon:  # a reloaded addon declares its options again
+                del self.option_owner[name]
+                del self.options[name]
         for proto, owner in list(self.vocabulary_owner.items()):
             if owner is addon:
                 del self.vocabulary_owner[proto]
@@ -166,6 +180,7 @@ class AddonManager:
             if not isinstance(value, opt.type):
                 raise ValueError(f"option {key!r} must be {opt.type.__name__}, got {type(value).__name__}")
             opt.value = value
+            self.configured_options[key] = value
 
     def option(self, name: str) -> Any:
         return self.options[name].value
