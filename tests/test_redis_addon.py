@@ -196,3 +196,87 @@ async def test_a_held_command_is_withdrawn_when_the_agent_hangs_up(env: Env):
         await asyncio.sleep(0.05)
     assert approval.status == "withdrawn"
     assert redis.Redis().exists(key) == 1
+
+
+async def test_commands_that_write_to_another_database_are_pinned():
+    async with testing.harness(RedisAddon(), rulepacks=PACK) as h:
+        writer = await h.session(testing.identity("w", role="writer"), protocol="redis", target="cache")
+        for line in ["MOVE app:1 1", "COPY app:1 app:2 DB 1", "COPY app:1 app:2 db 3 REPLACE"]:
+            testing.assert_decision(await writer.decide(req(line)), "deny", rule="redis:db-pinned")
+        admin = await h.session(testing.identity("a", role="admin"), protocol="redis", target="cache")
+        testing.assert_decision(await admin.decide(req("SWAPDB 0 1")), "deny")
+        testing.assert_decision(await writer.decide(req("COPY app:1 app:2")), "allow", rule="redis-write-app")
+        testing.assert_decision(await writer.decide(req("COPY app:1 app:2 DB 0")), "allow", rule="redis-write-app")
+
+
+async def test_resp3_doubles_are_masked_like_their_resp2_bulk_strings(env: Env):
+    key = env.prefix + "scores"
+    redis.Redis().zadd(key, {"m": 4111111111111111})
+    token = env.h.gateway.issuer.issue("agent-r", {"role": "reader"})
+    for hello in (b"", encode_command([b"HELLO", b"3"])):
+        reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+        writer.write(
+            encode_command([b"AUTH", token.encode()])
+            + hello
+            + encode_command([b"ZSCORE", key.encode(), b"m"])
+            + encode_command([b"QUIT"])
+        )
+        data = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert b"4111111111111111" not in data and b"************1111" in data, (hello, data[-80:])
+
+
+async def test_a_held_command_is_withdrawn_when_the_agent_hangs_up_behind_pipelined_commands(env: Env):
+    key = env.prefix + "kept2"
+    redis.Redis().set(key, "1")
+    token = env.h.gateway.issuer.issue("agent-w", {"role": "writer"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    writer.write(encode_command([b"AUTH", token.encode()]))
+    await writer.drain()
+    assert await reader.readline() == b"+OK\r\n"
+    # more than one read's worth of commands queued behind the held DEL, then the agent hangs up
+    writer.write(encode_command([b"DEL", key.encode()]) + encode_command([b"PING"]) * 20000)
+    await writer.drain()
+    for _ in range(200):
+        waits = env.h.events(kind="approval")
+        if waits:
+            break
+        await asyncio.sleep(0.02)
+    assert waits, "the DEL was not held"
+    writer.close()
+    broker = env.h.gateway.approvals
+    assert broker is not None
+    for _ in range(100):
+        approval = await broker.get(waits[0]["approval_id"])  # type: ignore[attr-defined]
+        if approval.status != "pending":
+            break
+        await asyncio.sleep(0.05)
+    assert approval.status == "withdrawn"
+    assert redis.Redis().exists(key) == 1
+
+
+async def test_commands_pipelined_behind_a_held_command_still_run_after_the_approval(env: Env):
+    key = env.prefix + "held"
+    redis.Redis().set(key, "1")
+    token = env.h.gateway.issuer.issue("agent-w", {"role": "writer"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    writer.write(encode_command([b"AUTH", token.encode()]))
+    await writer.drain()
+    assert await reader.readline() == b"+OK\r\n"
+    writer.write(encode_command([b"DEL", key.encode()]) + encode_command([b"PING"]) * 3000)
+    await writer.drain()
+    for _ in range(200):
+        waits = env.h.events(kind="approval")
+        if waits:
+            break
+        await asyncio.sleep(0.02)
+    assert waits
+    await env.h.gateway.approvals.vote(  # type: ignore[union-attr]
+        testing.identity("human", role="approver"), waits[0]["approval_id"], "approve"
+    )
+    assert await asyncio.wait_for(reader.readline(), 10) == b":1\r\n"
+    pongs = 0
+    while pongs < 3000:
+        assert await asyncio.wait_for(reader.readline(), 10) == b"+PONG\r\n"
+        pongs += 1
+    writer.close()

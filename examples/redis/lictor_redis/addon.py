@@ -78,6 +78,21 @@ UNSUPPORTED: dict[str, str] = {
 }
 
 
+def _copy_db(attrs: Any) -> str | None:
+    """The DB option of ``COPY source destination [DB n] [REPLACE]`` (the last one wins, as in
+    Redis), or None when there is none."""
+    args = list(attrs.get("args") or ())
+    db = None
+    i = 2
+    while i < len(args):
+        if args[i].lower() == "db":
+            db = args[i + 1].strip() if i + 1 < len(args) else ""
+            i += 2
+        else:
+            i += 1
+    return db
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -124,9 +139,13 @@ class RedisAddon:
         reason = UNSUPPORTED.get(command)
         if reason is not None:
             flow.deny(f"{command.upper()} {reason}", "redis:unsupported")
-        elif command == "select":
+        elif command in ("select", "move", "swapdb") or (command == "copy" and _copy_db(request.attrs) is not None):
+            # SELECT switches the connection; MOVE, SWAPDB and COPY ... DB n write to another
+            # database than the target's (whatever their keys are called there).
             target = self.targets.get(request.target or flow.session.target)
             db = target.db if target is not None else 0
+            if command == "copy" and _copy_db(request.attrs) == str(db):
+                return
             flow.deny(
                 f"this target is pinned to database {db}; connect to a target configured for another database",
                 "redis:db-pinned",

@@ -38,8 +38,10 @@ from .commands import Classified, classify, quote
 from .resp import (
     ARRAY,
     ATTRIBUTE,
+    BIG_NUMBER,
     BULK_ERROR,
     BULK_STRING,
+    DOUBLE,
     ERROR,
     PUSH,
     SIMPLE_STRING,
@@ -593,6 +595,8 @@ class Connection:
         finally:
             for watcher in watchers:
                 watcher.cancel()
+            if watchers:  # a watcher's read() must be over before the read loop reads again
+                await asyncio.wait(watchers)
         plan = session.mask_plan(decision) if decision.allowed else MaskPlan.EMPTY
         summary, _ = RECORD_PLAN.mask_text(_args_summary(c))
         if not plan.is_empty:
@@ -626,13 +630,25 @@ class Connection:
 
     async def _watch_agent(self) -> None:
         """While a command is held: if the agent hangs up, stop waiting (the approval is withdrawn
-        instead of running the command for nobody)."""
+        instead of running the command for nobody).
+
+        The read loop is parked in ``session.decide``, so the watcher reads for it: what the agent
+        pipelined behind the held command goes to the parser (handled once the hold ends), and the
+        end of the stream is seen even behind such bytes (``reader.at_eof()`` alone stays False
+        while unread bytes are buffered, and a full buffer pauses reading before the EOF arrives).
+        More than ``max_command_bytes`` queued behind a held command ends the connection too."""
         while True:
-            await asyncio.sleep(0.2)
-            if self.reader.at_eof() or self.writer.transport.is_closing():
-                if self.reading is not None:
-                    self.reading.cancel()
-                return
+            if self.writer.transport.is_closing():
+                break
+            data = await self.reader.read(65536)
+            if not data:
+                break
+            self.parser.feed(data)
+            if self.parser.buffered > self.target.max_command_bytes:
+                log.warning("redis connection %s: too much pipelined behind a held command", self.peer)
+                break
+        if self.reading is not None:
+            self.reading.cancel()
 
     # -- replies --------------------------------------------------------------------------------
 
@@ -720,6 +736,16 @@ class Connection:
                     body, counts = plan.mask_bytes(event.body)
                     masked.update(counts)
                     out += bytes([event.prefix]) + body.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
+                elif event.prefix in (DOUBLE, BIG_NUMBER) and not plan.is_empty:
+                    # RESP2 sends these as bulk strings, which are masked: HELLO 3 must not unmask
+                    # them (a card number stored as a sorted-set score). A masked number is no longer
+                    # a number, so it goes out as a bulk string, as RESP2 would have sent it.
+                    body, counts = plan.mask_bytes(event.body)
+                    if body != event.body:
+                        masked.update(counts)
+                        out += b"$%d\r\n%b\r\n" % (len(body), body)
+                    else:
+                        out += event.raw
                 else:
                     out += event.raw
             elif isinstance(event, BulkStart):
