@@ -117,3 +117,33 @@ def test_an_addon_with_options_can_be_removed_and_loaded_again_keeping_the_confi
     manager.remove(old)
     manager.add(_WithOption())
     assert manager.option("with_option_limit") == 3
+
+
+class _RefusesSessions:
+    name = "refuses-sessions"
+
+    async def session_start(self, session):
+        raise RuntimeError("no sessions today")
+
+
+async def test_a_session_refused_by_a_session_start_hook_is_ended_not_left_open():
+    from lictor import HookError
+
+    async with testing.harness(LineProtocol(), _RefusesSessions(), rulepacks=PACK) as h:
+        with pytest.raises(HookError, match="no sessions today"):
+            await h.session(testing.identity("a", role="reader"), protocol="line")
+        assert h.gateway.sessions == {}
+        [started] = h.audit("session.start")
+        [ended] = h.audit("session.end")
+        assert ended["session"] == started["id"] and "refused" in ended["reason"]
+
+
+def test_protocols_must_name_protocols_not_be_one_string():
+    from lictor import AddonManager
+
+    class Guard:
+        name = "guard"
+        protocols = "redis"  # would match "re" and "is" by substring
+
+    with pytest.raises(ValueError, match="protocols must be a tuple"):
+        AddonManager().add(Guard())

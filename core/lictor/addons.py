@@ -132,6 +132,12 @@ class AddonManager:
             name = addon_name(addon)
             if any(addon_name(a) == name for a in self.addons):
                 raise ValueError(f"an addon named {name!r} is already loaded")
+            wanted = getattr(addon, "protocols", None)
+            if wanted is not None and (
+                isinstance(wanted, (str, bytes)) or not all(isinstance(p, str) and p for p in wanted)
+            ):
+                # a plain string would be matched by substring, and a guard meant for "redis" run for "re"
+                raise ValueError(f"addon {name!r}: protocols must be a tuple of protocol names, got {wanted!r}")
             self.addons.append(addon)
             load = getattr(addon, "load", None)
             if load is not None:

@@ -323,7 +323,19 @@ class Gateway:
         self.audit_event("session.start", session.to_json())  # raises (refusing the session) if not durable
         self.sessions[session.id] = session
         self.recorder.open(session)
-        await self.addons.trigger("session_start", session)
+        try:
+            await self.addons.trigger("session_start", session)
+        except BaseException:
+            # The session is refused: the caller never gets it, so nobody would ever close it.
+            self.sessions.pop(session.id, None)
+            session.closed = True
+            self.recorder.close(session)
+            self.audit_event(
+                "session.end",
+                {"session": session.id, "reason": "refused: a session_start hook failed"},
+                fail_closed=False,
+            )
+            raise
         return session
 
     async def end_session(self, session: Session, summary: Mapping[str, Any]) -> None:
