@@ -611,6 +611,53 @@ def test_the_agents_terminal_settings_cannot_edit_a_checked_line(env: Env) -> No
     assert env.direct(f"test -e {marker}").returncode == 1
 
 
+def test_a_denied_line_shows_the_prompt_again(env: Env) -> None:
+    shell = env.client.shell(env.tokens["operator"])
+    try:
+        shell.expect(PROMPT)
+        shell.send(f"rm {env.work}/marker\r".encode())
+        shell.expect(rb"lictor: denied `rm [^\n]*\n[^\n]*\$ $", timeout=5)  # nothing typed after the denial
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+    _markers_intact(env)
+
+
+def test_a_line_longer_than_the_targets_terminal_line_is_denied(env: Env) -> None:
+    # The target's terminal (canonical mode) keeps 4095 bytes of a line and silently drops the rest:
+    # an allowed `echo 'AAAA...'` lost its closing quote there, so bash read the next (allowed) line
+    # `echo "';touch X;#"` as the end of that string followed by `touch X`.
+    marker = env.work / "after_a_cut_line"
+    shell = env.client.shell(env.tokens["operator"])
+    try:
+        shell.expect(PROMPT)
+        line = b"echo '" + b"A" * 4200 + b"'\r"
+        for i in range(0, len(line), 512):
+            shell.send(line[i : i + 512])
+            time.sleep(0.02)
+        shell.expect(rb"lictor: denied[^\n]*\n", timeout=10)
+        shell.send(f'echo "\';touch {marker};#"\r'.encode())
+        shell.expect(PROMPT)
+        shell.send(b"exit\r")
+        shell.wait(timeout=15)
+    finally:
+        shell.close()
+    assert env.direct(f"test -e {marker}").returncode == 1, "a command no rule allowed ran on the target"
+
+
+def test_a_line_ending_in_a_backslash_is_denied(env: Env) -> None:
+    # Each line is decided alone, but the target joins `echo one \` and `echo two` into one command.
+    argv = env.client.ssh_argv(None, "-T")
+    run = subprocess.run(
+        argv, input=b"echo one \\\necho two\n", capture_output=True, env=env.client.env(env.tokens["operator"]),
+        timeout=30, start_new_session=True,
+    )  # fmt: skip
+    assert run.returncode == 126, run
+    assert run.stdout == b""
+    assert b"line continuation" in run.stderr
+
+
 def test_observer_gets_no_shell(env: Env) -> None:
     shell = env.client.shell(env.tokens["observer"])
     try:

@@ -1260,3 +1260,23 @@ def test_paths_are_also_given_spelled_plainly(arg: str, plain: str) -> None:
     argv = request.attrs["argv"]
     assert argv == arg if arg == plain else argv == [arg, plain]
     assert request.summary == f"rm {arg}"  # what the agent wrote, in messages and approvals
+
+
+# A line of a line-inspected shell reaches the target followed by a newline: a final backslash joins
+# the next line to it there (`r\` then `m -rf /` is `rm -rf /`), so it cannot be read as a literal.
+@pytest.mark.parametrize("line", ["r\\", "ls \\", "echo x; ca\\", "echo ok \\"])
+@pytest.mark.parametrize("interactive", [True, False])
+def test_a_shell_line_ending_in_a_backslash_is_incomplete(line: str, interactive: bool) -> None:
+    with pytest.raises(ShellParseError, match="line continuation"):
+        analyse(line, interactive=interactive, line=True)
+    assert analyse(line + "\\", interactive=interactive, line=True).invocations  # an escaped backslash is text
+    assert analyse(line).invocations  # as an exec command (bash -c), the backslash is a literal
+
+
+def test_shell_line_requests_refuse_a_final_backslash_and_overlong_lines() -> None:
+    from lictor_addons.ssh._requests import requests_for_command
+
+    (req,) = requests_for_command("r\\", target="t", channel="shell_line", line=True)
+    assert "line continuation" in req.attrs["parse_error"]
+    (req,) = requests_for_command("echo " + "A" * 4100, target="t", channel="shell_line", max_bytes=4000)
+    assert "longer than 4000 bytes" in req.attrs["parse_error"]

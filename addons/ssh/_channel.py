@@ -79,6 +79,11 @@ LINE_MODE_TERM_MODES: dict[int, int] = {
 ``stty iuclc`` passed through, the target's line discipline would turn the checked ``echo @rm -rf /``
 into ``rm -rf /``, or ``RM`` into ``rm``."""
 PROMPT_KEEP = 512
+TTY_LINE_MAX = 4000
+"""Longest line (UTF-8 bytes, without its newline) sent to a line-mode shell on a terminal. The
+target's terminal is in canonical mode, whose line buffer holds 4095 bytes: Linux silently drops what
+goes past it, so a longer line would reach the shell cut short (an allowed ``echo '...'`` losing its
+closing quote would join the next line into a different command)."""
 LINE_SHELL_ENV = (
     "PS1='\\u@\\h:\\w\\$ ' PAGER=cat MANPAGER=cat GIT_PAGER=cat SYSTEMD_PAGER=cat SYSTEMD_COLORS=0 LESSSECURE=1"
 )
@@ -584,7 +589,7 @@ class ChannelHandler:
         if not self.pty:
             await self._script_input()
             return
-        editor = LineEditor()
+        editor = LineEditor(max_line=TTY_LINE_MAX)
         while True:
             data = await self._read_input()
             if not data:
@@ -632,7 +637,13 @@ class ChannelHandler:
             return True
         self.record("command", {"channel": self.number, "kind": "shell_line", "command": text, "reason": self.reason})
         requests = requests_for_command(
-            text, target=self.target, channel="shell_line", interactive=self.pty, reason=self.reason
+            text,
+            target=self.target,
+            channel="shell_line",
+            interactive=self.pty,
+            line=True,
+            max_bytes=TTY_LINE_MAX if self.pty else None,
+            reason=self.reason,
         )
         decision, deciding = await self._decide(requests)
         self._record_decision(decision)
@@ -643,9 +654,11 @@ class ChannelHandler:
             return True
         message = denial_text(deciding, decision)
         if self.pty:
+            prompt = self._prompt  # _emit would replace it with what follows the message's newline
             self._emit(self.process.stdout, "stdout", f"{message}\r\n".encode())
-            if self._prompt:
-                self.process.stdout.write(self._prompt)
+            if prompt:
+                self._prompt = prompt
+                self.process.stdout.write(prompt)
             return True
         # A script: what was already sent finishes on the target, nothing after the denied line is
         # sent, and the session ends with 126 once the target's shell has exited.

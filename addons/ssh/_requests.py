@@ -87,12 +87,22 @@ def requests_for_command(
     target: str,
     channel: str = "exec",
     interactive: bool = False,
+    line: bool = False,
+    max_bytes: int | None = None,
     reason: str | None = None,
 ) -> list[Request]:
     """One request per program ``command`` would run; one ``parse_error`` request if it cannot be
-    analysed; one ``empty`` request (no program) for a blank line."""
+    analysed; one ``empty`` request (no program) for a blank line.
+
+    ``line``: ``command`` is one line of a line-inspected shell, sent with a newline (see
+    :func:`analyse`). ``max_bytes``: longest line the target will read whole (a terminal in
+    canonical mode silently cuts longer lines, which would run something else than was decided)."""
     try:
-        analysis = analyse(command, interactive=interactive)
+        if max_bytes is not None and len(command.encode("utf-8", "surrogatepass")) > max_bytes:
+            raise ShellParseError(
+                f"the line is longer than {max_bytes} bytes, which the target's terminal would cut short"
+            )
+        analysis = analyse(command, interactive=interactive, line=line)
     except ShellParseError as exc:
         return [
             Request(

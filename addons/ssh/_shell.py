@@ -168,12 +168,15 @@ class Analysis:
         return tuple(inv.name for inv in self.invocations)
 
 
-def analyse(command: str, *, interactive: bool = False) -> Analysis:
+def analyse(command: str, *, interactive: bool = False, line: bool = False) -> Analysis:
     """Return every program ``command`` would run, or raise :class:`ShellParseError`.
 
     ``command`` is an SSH ``exec`` command string (here-document bodies follow on the next lines) or
     one line of an interactive shell. Pass ``interactive=True`` for lines typed into a shell with a
     terminal: history expansion, comments and keystroke-driven programs are then refused as well.
+    Pass ``line=True`` when ``command`` is one line that a shell reads from its input and that is
+    sent followed by a newline (line-inspected shells): a final unquoted backslash then joins the
+    next line to it, so it is refused as incomplete instead of read as a literal backslash.
     Pure function: no I/O, bounded time and memory.
     """
     if not isinstance(command, str):
@@ -187,6 +190,7 @@ def analyse(command: str, *, interactive: bool = False) -> Analysis:
             if line.startswith("^"):
                 raise ShellParseError("'^old^new' history substitution is not allowed in interactive lines")
     ctx = _Ctx(interactive=interactive)
+    ctx.line = line
     env = _Env(via=None, stdin=_CHANNEL, redirects=(), depth=0)
     try:
         _analyse_text(command, env, ctx, interactive=interactive)
@@ -1021,6 +1025,8 @@ class _Parser:
                     continue
             if c == "\\":
                 if self.pos + 1 >= n:
+                    if self.top and self.ctx.line:  # the newline sent after the line follows it
+                        self.fail("the line ends with a line continuation")
                     w.lit("\\", False)
                     self.pos += 1
                 elif s[self.pos + 1] == "\n":
@@ -1465,6 +1471,7 @@ class _Ctx:
 
     def __init__(self, *, interactive: bool) -> None:
         self.interactive = interactive
+        self.line = False  # the text is a line sent with a newline after it (see analyse)
         self.out: list[Invocation] = []
         self.tainted: set[str] = set()
         self.taint_all = False
