@@ -779,6 +779,40 @@ def test_output_is_masked_by_detectors(env: Env) -> None:
         shell.close()
 
 
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_masked_output_faster_than_masking_keeps_memory_bounded(env: Env) -> None:
+    # The target writes faster than the gateway masks. asyncssh granted the upstream channel a full
+    # window again each time reading resumed, with data still buffered, so the target could keep
+    # sending: the gateway grew by tens of MB a second until the kernel killed it.
+    assert env.gw.proc is not None
+    pid = env.gw.proc.pid
+    before = _rss_kib(pid)
+    proc = subprocess.Popen(
+        env.client.ssh_argv("head -c 2000000000 /dev/urandom"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,  # the agent reads everything at once: the masking is the bottleneck
+        stderr=subprocess.DEVNULL,
+        env=env.client.env(env.tokens["masked"]),
+        start_new_session=True,
+    )
+    peak = before
+    try:
+        for _ in range(40):
+            time.sleep(0.25)
+            peak = max(peak, _rss_kib(pid))
+            assert proc.poll() is None, "the command ended early"
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert (peak - before) < 96 * 1024, f"the gateway grew by {(peak - before) // 1024} MiB"
+
+
 def test_shell_output_is_masked_too(env: Env) -> None:
     token = env.gw.token("agent-masked-op", role="operator", mask="yes")
     shell = env.client.shell(token)

@@ -90,7 +90,10 @@ class SshAddon:
 
     async def running(self, gateway: Gateway) -> None:
         from ._server import SshListener
+        from ._window import bound_receive_windows
 
+        if self.targets:
+            bound_receive_windows()  # channels read slower than their peer writes must not buffer without bound
         for config in self.targets.values():
             listener = SshListener(gateway, config)
             await listener.start()
