@@ -11,6 +11,7 @@ import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -125,26 +126,22 @@ def upstream() -> Iterator[Upstream]:
     up.close()
 
 
-@pytest.fixture
-async def gateway(tmp_path: Path, upstream: Upstream) -> AsyncIterator[tuple[Gateway, str, str]]:
+@asynccontextmanager
+async def _running_gateway(tmp_path: Path, upstream: Upstream, *, tls: bool) -> AsyncIterator[tuple[Gateway, int, str]]:
+    """A gateway in front of ``upstream`` with PACK; plain HTTP, or TLS as every example runs it."""
     (tmp_path / "packs").mkdir()
     (tmp_path / "packs" / "p.yaml").write_text(yaml.safe_dump(PACK))
     port = free_port()
-    config = {
-        "version": 1,
-        "state_dir": str(tmp_path / "state"),
-        "rulepacks": ["packs"],
-        "targets": {
-            "api": {
-                "protocol": "http",
-                "listen": f"127.0.0.1:{port}",
-                "upstream": upstream.url,
-                "tls": {"enabled": False},
-                "credentials": {"bearer": "upstream-secret"},
-                "max_body": MAX_BODY,
-            }
-        },
+    target: dict[str, Any] = {
+        "protocol": "http",
+        "listen": f"127.0.0.1:{port}",
+        "upstream": upstream.url,
+        "credentials": {"bearer": "upstream-secret"},
+        "max_body": MAX_BODY,
     }
+    if not tls:
+        target["tls"] = {"enabled": False}
+    config = {"version": 1, "state_dir": str(tmp_path / "state"), "rulepacks": ["packs"], "targets": {"api": target}}
     (tmp_path / "lictor.yaml").write_text(yaml.safe_dump(config))
     manager = AddonManager()
     manager.add(*default_addons())
@@ -152,9 +149,15 @@ async def gateway(tmp_path: Path, upstream: Upstream) -> AsyncIterator[tuple[Gat
     await gw.start()
     token = gw.issuer.issue("agent-1", {"role": "agent"}, ttl=600)
     try:
-        yield gw, f"http://127.0.0.1:{port}", token
+        yield gw, port, token
     finally:
         await gw.stop()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, upstream: Upstream) -> AsyncIterator[tuple[Gateway, str, str]]:
+    async with _running_gateway(tmp_path, upstream, tls=False) as (gw, port, token):
+        yield gw, f"http://127.0.0.1:{port}", token
 
 
 def proxy_of(gw: Gateway) -> _proxy.LictorProxy:
@@ -390,33 +393,8 @@ async def test_proxy_style_and_ambiguous_requests_are_refused(
 @pytest.fixture
 async def tls_gateway(tmp_path: Path, upstream: Upstream) -> AsyncIterator[tuple[Gateway, str, str, Path]]:
     """The same gateway with its default TLS listener (as every example runs it)."""
-    (tmp_path / "packs").mkdir()
-    (tmp_path / "packs" / "p.yaml").write_text(yaml.safe_dump(PACK))
-    port = free_port()
-    config = {
-        "version": 1,
-        "state_dir": str(tmp_path / "state"),
-        "rulepacks": ["packs"],
-        "targets": {
-            "api": {
-                "protocol": "http",
-                "listen": f"127.0.0.1:{port}",
-                "upstream": upstream.url,
-                "credentials": {"bearer": "upstream-secret"},
-                "max_body": MAX_BODY,
-            }
-        },
-    }
-    (tmp_path / "lictor.yaml").write_text(yaml.safe_dump(config))
-    manager = AddonManager()
-    manager.add(*default_addons())
-    gw = Gateway(load_config(tmp_path / "lictor.yaml"), manager)
-    await gw.start()
-    token = gw.issuer.issue("agent-1", {"role": "agent"}, ttl=600)
-    try:
+    async with _running_gateway(tmp_path, upstream, tls=True) as (gw, port, token):
         yield gw, f"127.0.0.1:{port}", token, tmp_path / "state" / "tls" / "ca.crt"
-    finally:
-        await gw.stop()
 
 
 async def _tls_open(address: str, ca: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

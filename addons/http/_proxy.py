@@ -760,6 +760,20 @@ class LictorProxy:
         hint: str | None = None,
     ) -> None:
         answer = denial(decision, kubernetes=kubernetes, status=status, hint=hint)
+        self._answer_recorded(
+            flow,
+            session,
+            answer,
+            request.summary,
+            decision,
+            approval_id=decision.approval_id,
+            message=decision.message,
+        )
+
+    def _answer_recorded(
+        self, flow: http.HTTPFlow, session: Session, reply: Answer, summary: str, decision: Decision, **extra: Any
+    ) -> None:
+        """Record a request the gateway answered itself (never forwarded), then send ``reply``."""
         session.record(
             "http",
             {
@@ -767,16 +781,15 @@ class LictorProxy:
                 "flow": flow.id,
                 "method": flow.request.method,
                 "url": redact_query(flow.request.path),
-                "summary": request.summary[:2000],
+                "summary": summary[:2000],
                 "decision": decision.action,
                 "rules": list(decision.rule_ids),
-                "approval_id": decision.approval_id,
-                "message": decision.message,
-                "status": answer.status,
+                **extra,
+                "status": reply.status,
                 "request_size": len(flow.request.raw_content or b""),
             },
         )
-        self._answer(flow, answer)
+        self._answer(flow, reply)
 
     def _access_review(
         self, flow: http.HTTPFlow, session: Session, request: Request, call: K8sCall, body: bytes
@@ -829,22 +842,9 @@ class LictorProxy:
                 "status": status,
             },
         )
-        session.record(
-            "http",
-            {
-                "direction": "in",
-                "flow": flow.id,
-                "method": flow.request.method,
-                "url": redact_query(flow.request.path),
-                "summary": f"{request.summary}: {asked.summary}",
-                "decision": "allow",
-                "rules": ["lictor:access-review"],
-                "answer": verdict.action,
-                "status": answer.status,
-                "request_size": len(body),
-            },
+        self._answer_recorded(
+            flow, session, answer, f"{request.summary}: {asked.summary}", answered, answer=verdict.action
         )
-        self._answer(flow, answer)
 
     def _refuse_spdy(self, flow: http.HTTPFlow, session: Session, request: Request) -> None:
         """SPDY cannot be inspected: answer with the policy's denial if there is one, else explain."""
