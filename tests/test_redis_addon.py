@@ -226,28 +226,36 @@ async def test_resp3_doubles_are_masked_like_their_resp2_bulk_strings(env: Env):
         assert b"4111111111111111" not in data and b"************1111" in data, (hello, data[-80:])
 
 
-async def test_a_held_command_is_withdrawn_when_the_agent_hangs_up_behind_pipelined_commands(env: Env):
-    key = env.prefix + "kept2"
+async def _hold_a_del_with_pings_behind(
+    env: Env, key: str, pings: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    """As a writer, send DEL key (held for approval) with ``pings`` PINGs pipelined behind it; return the
+    connection and the approval id."""
     redis.Redis().set(key, "1")
     token = env.h.gateway.issuer.issue("agent-w", {"role": "writer"})
     reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
     writer.write(encode_command([b"AUTH", token.encode()]))
     await writer.drain()
     assert await reader.readline() == b"+OK\r\n"
-    # more than one read's worth of commands queued behind the held DEL, then the agent hangs up
-    writer.write(encode_command([b"DEL", key.encode()]) + encode_command([b"PING"]) * 20000)
+    writer.write(encode_command([b"DEL", key.encode()]) + encode_command([b"PING"]) * pings)
     await writer.drain()
     for _ in range(200):
         waits = env.h.events(kind="approval")
         if waits:
-            break
+            return reader, writer, str(waits[0]["approval_id"])
         await asyncio.sleep(0.02)
-    assert waits, "the DEL was not held"
+    raise AssertionError("the DEL was not held")
+
+
+async def test_a_held_command_is_withdrawn_when_the_agent_hangs_up_behind_pipelined_commands(env: Env):
+    key = env.prefix + "kept2"
+    # more than one read's worth of commands queued behind the held DEL, then the agent hangs up
+    _, writer, approval_id = await _hold_a_del_with_pings_behind(env, key, 20000)
     writer.close()
     broker = env.h.gateway.approvals
     assert broker is not None
     for _ in range(100):
-        approval = await broker.get(waits[0]["approval_id"])  # type: ignore[attr-defined]
+        approval = await broker.get(approval_id)  # type: ignore[attr-defined]
         if approval.status != "pending":
             break
         await asyncio.sleep(0.05)
@@ -257,22 +265,9 @@ async def test_a_held_command_is_withdrawn_when_the_agent_hangs_up_behind_pipeli
 
 async def test_commands_pipelined_behind_a_held_command_still_run_after_the_approval(env: Env):
     key = env.prefix + "held"
-    redis.Redis().set(key, "1")
-    token = env.h.gateway.issuer.issue("agent-w", {"role": "writer"})
-    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
-    writer.write(encode_command([b"AUTH", token.encode()]))
-    await writer.drain()
-    assert await reader.readline() == b"+OK\r\n"
-    writer.write(encode_command([b"DEL", key.encode()]) + encode_command([b"PING"]) * 3000)
-    await writer.drain()
-    for _ in range(200):
-        waits = env.h.events(kind="approval")
-        if waits:
-            break
-        await asyncio.sleep(0.02)
-    assert waits
+    reader, writer, approval_id = await _hold_a_del_with_pings_behind(env, key, 3000)
     await env.h.gateway.approvals.vote(  # type: ignore[union-attr]
-        testing.identity("human", role="approver"), waits[0]["approval_id"], "approve"
+        testing.identity("human", role="approver"), approval_id, "approve"
     )
     assert await asyncio.wait_for(reader.readline(), 10) == b":1\r\n"
     pongs = 0
