@@ -207,6 +207,49 @@ def test_sigterm_stops_cleanly_and_audit_verifies(line_gateway):
     assert "get x" in table and "line-get" in table
 
 
+def test_ctrl_c_on_the_terminal_stops_cleanly_without_killing_the_drain(gateway_factory, tmp_path):
+    # Ctrl-C in a terminal (make run) signals the whole foreground process group. The recording drain
+    # process died of it, so the last events stayed in the spool and the log showed an error.
+    import signal
+    import subprocess
+
+    from tests.conftest import LICTOR
+
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "lines.yaml").write_text(PACK)
+    port = free_port()
+    gw = gateway_factory(
+        {
+            "rulepacks": [str(packs)],
+            "addons": [str(ROOT / "tests" / "addons" / "lineproto.py")],
+            "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{port}"}},
+        },
+        start=False,
+    )
+    gw.write_config()
+    ready = gw.workdir / "ready"
+    with gw.log_path.open("ab") as log:
+        gw.proc = subprocess.Popen(
+            [LICTOR, "run", "-c", str(gw.config_path), "--ready-file", str(ready)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
+    for _ in range(600):
+        if ready.exists():
+            break
+        time.sleep(0.05)
+    wait_port(port)
+    Client(port, gw.token("agent-3", role="reader")).ask("get y")
+    os.killpg(gw.proc.pid, signal.SIGINT)
+    assert gw.proc.wait(30) == 0, gw.log()
+    log_text = gw.log()
+    assert "drain process" not in log_text and "behind" not in log_text, log_text
+    kinds = [e["kind"] for e in audit_events(gw)]
+    assert kinds[-1] == "gateway.stop" and "session.end" in kinds
+
+
 def test_addon_file_reload_and_broken_edit_denies(gateway_factory, tmp_path):
     import shutil
 

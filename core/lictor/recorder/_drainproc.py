@@ -106,6 +106,10 @@ class DrainProcess:
             stdout=subprocess.PIPE,
             env=env,
             close_fds=True,
+            # Its own process group: Ctrl-C on the gateway's terminal signals the whole foreground group,
+            # and the child must finish the last drain the gateway asks for when it stops. Its life is
+            # the gateway's: stdin's end of file and PR_SET_PDEATHSIG end it.
+            start_new_session=True,
         )
         assert proc.stdin is not None
         hello = {
@@ -286,6 +290,7 @@ def _lock_drain(directory: Path, parent: int) -> int:
 
 
 def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway decides when this process stops
     buf = b""  # stdin is read unbuffered: a command may follow the configuration at once
     while b"\n" not in buf:
         chunk = os.read(0, 65536)
