@@ -448,3 +448,30 @@ def test_unreadable_access_reviews_are_refused(body: bytes, ctype: str) -> None:
 
     with pytest.raises((Unreadable, ValueError)):
         access_review_request(access_review_document(body, ctype), "k8s")
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype"),
+    [
+        (b"%5Fmethod=DELETE", "application/x-www-form-urlencoded"),
+        (b"a=1&%5f%6Dethod=DELETE", "application/x-www-form-urlencoded; charset=utf-8"),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--b--\r\n',
+            "multipart/form-data; boundary=b",
+        ),
+        (b'{"_method": "DELETE"}', "application/json"),
+    ],
+)
+def test_method_override_fields_in_any_body_spelling_are_refused(body: bytes, ctype: str) -> None:
+    from lictor_addons.http._requests import Unreadable, http_request
+
+    with pytest.raises(Unreadable):
+        http_request(
+            method="POST",
+            raw_path="/v1/customers",
+            host="api",
+            headers=[("content-type", ctype)],
+            body=body,
+            content_type=ctype,
+            target="t",
+        )

@@ -693,7 +693,9 @@ class LictorProxy:
             self._record_request(flow, state, body, fields)  # long-lived: recorded now, the response at its end
         else:
             state.pending = self._request_fields(flow, state, body, fields)  # one event with the response
-        self._prepare_upstream(flow, target, call)
+        # A Range request splits a response into pieces that the detectors see one by one (a card number
+        # in two ranges is in neither): when anything must be masked or scrubbed, ask for the whole body.
+        self._prepare_upstream(flow, target, call, whole_body=masking.active or state.tap.scrubber is not None)
         flow.metadata[STATE] = state
         if decision.approval_id:
             flow.metadata["lictor.approval_id"] = decision.approval_id
@@ -920,7 +922,9 @@ class LictorProxy:
             headers["sec-websocket-protocol"] = ", ".join(offered)
         return None
 
-    def _prepare_upstream(self, flow: http.HTTPFlow, target: HttpTarget, call: K8sCall | None) -> None:
+    def _prepare_upstream(
+        self, flow: http.HTTPFlow, target: HttpTarget, call: K8sCall | None, whole_body: bool = True
+    ) -> None:
         """Rewrite the headers for the upstream in one pass: agent credentials, ``X-Lictor-*`` and
         forwarding headers out; the target's credentials and ``Accept-Encoding: identity`` in."""
         headers = flow.request.headers
@@ -934,7 +938,7 @@ class LictorProxy:
         accept: list[bytes] = []
         for name, value in headers.fields:
             lname = name.lower()
-            if lname in drop or lname.startswith(b"x-lictor-"):
+            if lname in drop or lname.startswith(b"x-lictor-") or (whole_body and lname in (b"range", b"if-range")):
                 if lname == b"accept-encoding" and upgrade:
                     kept.append((name, value))
                 continue

@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from lictor import Request
 
@@ -250,6 +251,25 @@ def header_attrs(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
+_MULTIPART_METHOD = re.compile(rb'name\s*=\s*"?_method\b', re.IGNORECASE)
+
+
+def _body_has_method_field(body: bytes, content_type: str) -> bool:
+    """Does a form body carry ``_method`` (Rails, Laravel/Symfony, Express method-override read it as the
+    method)? Form keys are read decoded (``%5Fmethod`` is ``_method`` to every form parser); multipart
+    parts by their ``name``."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/x-www-form-urlencoded" or (not media and b"method" in body and b"=" in body):
+        text = body.decode("latin-1")
+        for pair in text.replace(";", "&").split("&"):
+            key = pair.partition("=")[0].replace("+", " ")
+            if unquote_to_bytes(key).strip() == b"_method":
+                return True
+    if media.startswith("multipart/") and _MULTIPART_METHOD.search(body):
+        return True
+    return False
+
+
 def payload(method: str, raw_path: str, body: bytes) -> str:
     """What an approval is bound to: method, raw path with query, and a digest of the body."""
     return f"{method.upper()} {raw_path} sha256:{hashlib.sha256(body).hexdigest()}"
@@ -281,9 +301,7 @@ def http_request(
     if override:
         raise Unreadable(f"header {override[0]} would make the API run another method or path than decided")
     params = parse_query(query)
-    if "_method" in params or (
-        b"_method=" in body and content_type.split(";", 1)[0].strip().lower() == "application/x-www-form-urlencoded"
-    ):
+    if "_method" in params or _body_has_method_field(body, content_type):
         raise Unreadable("a _method parameter would make the API run another method than decided")
     attrs: dict[str, Any] = {
         "method": method.upper(),
@@ -296,6 +314,8 @@ def http_request(
     }
     flattened = json_attrs(body, content_type)
     if flattened is not None:
+        if any(key.casefold() == "$._method" for key in flattened):  # Laravel reads JSON input as the form
+            raise Unreadable("a _method field would make the API run another method than decided")
         attrs["json"] = flattened
         attrs["json_folded"] = fold_paths(flattened)
     return Request(
