@@ -761,3 +761,35 @@ def test_json_columns_stay_json_when_masked() -> None:
     }
     assert json.loads(columns.mask_json_value(1, doc)) == "[REDACTED:column]"
     assert columns.mask_json_value(0, b"not json 4111111111111111") == b"not json " + red("card").encode()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "sample"),
+    [
+        # re2 keeps (?i) across "|": k also matches the Kelvin sign (3 bytes).
+        (r"(?i)x|k{1000}", "\u212a" * 1000),
+        # \xHH and octal escapes above 0x7f are two-byte characters in UTF-8.
+        (r"[\x80-\xff]{1000}", "\u00ff" * 1000),
+        (r"[\0-\377]{1000}", "\u00ff" * 1000),
+        (r"\377{1000}", "\u00ff" * 1000),
+    ],
+)
+def test_pattern_width_counts_wide_escapes_and_flags(pattern: str, sample: str) -> None:
+    det = compile_detector("wide", pattern)
+    data = sample.encode()
+    assert re2.fullmatch(pattern, sample)
+    assert det.max_len >= len(data)
+    plan = MaskPlan.compile([{"detectors": ["wide"]}], custom_detectors={"wide": det})
+    body = b"hello " + data + b" bye"
+    whole, _ = plan.mask_bytes(body)
+    assert b"[REDACTED:wide]" in whole and data[:20] not in whole
+    stream = plan.stream()
+    chunked = b"".join(stream.feed(body[i : i + 500]) for i in range(0, len(body), 500)) + stream.close()
+    assert chunked == whole
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_mask_json_bytes_refuses_non_json_constants(constant: bytes) -> None:
+    plan = MaskPlan.compile([{"detectors": ["card"]}])
+    with pytest.raises(MaskingError):
+        plan.mask_json_bytes(b'{"x":' + constant + b"}")

@@ -37,6 +37,11 @@ def _str_list(block: Mapping[str, Any], field: str) -> list[str]:
     return list(value)
 
 
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: json.loads accepts them and json.dumps would write them back."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 class ColumnMasker:
     """Masks the values of a result set's columns, by column index.
 
@@ -320,7 +325,7 @@ class MaskPlan:
         Raises :class:`MaskingError` when ``data`` is not JSON.
         """
         try:
-            obj = json.loads(data)
+            obj = json.loads(data, parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as exc:
             raise MaskingError(f"body is not valid JSON: {exc}") from None
         masked, counts = self.mask_json(obj)

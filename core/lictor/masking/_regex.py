@@ -49,11 +49,11 @@ class _Parser:
 
     # -- grammar: alternation > concatenation > repetition > atom --------------------------
     def parse_alternation(self) -> tuple[int, int]:
-        saved_ci = self.ci
         lo, hi = self.parse_concat()
         while self._peek() == "|":
             self.i += 1
-            self.ci = saved_ci
+            # re2 keeps a flag set by "(?i)" up to the end of the enclosing group, across "|":
+            # "(?i)x|k" matches the Kelvin sign. So self.ci is not reset here.
             lo2, hi2 = self.parse_concat()
             lo = min(lo, lo2)
             hi = _UNBOUNDED if _UNBOUNDED in (hi, hi2) else max(hi, hi2)
@@ -192,11 +192,16 @@ class _Parser:
                 self.i += 2
             return 1, self._char_width(chr(cp))
         if c.isdigit():
-            k = 0
-            while k < 2 and self._peek().isdigit():
+            # An octal escape (\377 is U+00FF, two bytes in UTF-8).
+            digits = c
+            while len(digits) < 3 and self._peek() in tuple("01234567"):
+                digits += self._peek()
                 self.i += 1
-                k += 1
-            return 1, 1
+            try:
+                cp = int(digits, 8)
+            except ValueError:  # pragma: no cover - re2 refuses \8, \9
+                return 1, _WIDE
+            return 1, self._char_width(chr(cp))
         return 1, self._char_width(c)
 
     def _parse_class(self) -> int:
@@ -230,6 +235,19 @@ class _Parser:
                     if int(self.p[self.i + 3 : j], 16) > 0x7F:
                         wide = True
                     self.i = j + 1
+                    continue
+                if e == "x":  # \xHH: \x80-\xff are U+0080-U+00FF, two bytes in UTF-8
+                    if int(self.p[self.i + 2 : self.i + 4], 16) > 0x7F:
+                        wide = True
+                    self.i += 4
+                    continue
+                if e.isdigit():  # octal, up to three digits: \200-\377 are two bytes
+                    j = self.i + 1
+                    while j < len(self.p) and j < self.i + 4 and self.p[j] in "01234567":
+                        j += 1
+                    if j == self.i + 1 or int(self.p[self.i + 1 : j], 8) > 0x7F:
+                        wide = True
+                    self.i = max(j, self.i + 2)
                     continue
                 self.i += 2
                 continue
