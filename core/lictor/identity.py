@@ -152,6 +152,20 @@ class LocalIssuer:
         )
 
 
+def _usable_keys(alg: str, keys: Sequence[Any]) -> list[Any]:
+    """``keys`` prepared for ``alg``, without those of another key type: pyjwt raises TypeError for an EC
+    key given to RS256 (and the reverse), which would end verification before the key that signed the
+    token was tried."""
+    algorithm = jwt.get_algorithm_by_name(alg)
+    usable = []
+    for key in keys:
+        try:
+            usable.append(algorithm.prepare_key(key))
+        except (jwt.PyJWTError, TypeError, ValueError):
+            continue
+    return usable
+
+
 class TokenVerifier:
     """Verifies agent JWTs against the configured issuers."""
 
@@ -171,11 +185,15 @@ class TokenVerifier:
             self.issuers[cfg.issuer] = cfg
         self.leeway = leeway
         self._jwks: dict[str, jwt.PyJWKClient] = {}
+        # Static keys, prepared once per algorithm: only those of the algorithm's key type (see _usable_keys).
+        self._static_keys: dict[str, dict[str, list[Any]]] = {}
         for cfg in issuers:
             bad = [a for a in cfg.algorithms if a not in ASYMMETRIC_ALGORITHMS]
             if bad:
                 raise ValueError(f"issuer {cfg.name}: algorithms {bad} are not allowed (asymmetric only)")
-            if cfg.type == "jwks":
+            if cfg.type != "jwks":
+                self._static_keys[cfg.issuer] = {a: _usable_keys(a, cfg.public_keys) for a in cfg.algorithms}
+            else:
                 self._jwks[cfg.issuer] = jwt.PyJWKClient(
                     cfg.jwks_url, cache_keys=False, lifespan=300, timeout=10, cooldown_duration=jwks_cooldown
                 )
@@ -202,24 +220,13 @@ class TokenVerifier:
         keys: list[Any]
         if cfg.type == "jwks":
             try:
-                keys = [self._jwks[cfg.issuer].get_signing_key_from_jwt(token).key]
+                keys = _usable_keys(alg, [self._jwks[cfg.issuer].get_signing_key_from_jwt(token).key])
             except jwt.PyJWTError as exc:
                 raise AuthError(f"cannot find the token's signing key: {exc}") from None
         else:
-            keys = list(cfg.public_keys)
-        # Only keys of the token's algorithm's type: pyjwt raises TypeError for an EC key given to RS256 (and
-        # the reverse), which would end the loop before the key that signed the token was tried.
-        algorithm = jwt.get_algorithm_by_name(alg)
-        usable = []
-        for key in keys:
-            try:
-                algorithm.prepare_key(key)
-            except (jwt.PyJWTError, TypeError, ValueError):
-                continue
-            usable.append(key)
-        if not usable:
+            keys = self._static_keys[cfg.issuer][alg]
+        if not keys:
             raise AuthError(f"issuer {iss!r} has no key for algorithm {alg!r}")
-        keys = usable
         last: Exception | None = None
         for key in keys:
             try:
