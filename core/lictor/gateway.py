@@ -326,24 +326,20 @@ class Gateway:
         try:
             await self.addons.trigger("session_start", session)
         except BaseException:
-            # The session is refused: the caller never gets it, so nobody would ever close it.
-            self.sessions.pop(session.id, None)
+            # The session is refused: the caller never gets it, so nobody would ever close it. Its
+            # session_end hooks do not run: for the addons it never started.
             session.closed = True
-            self.recorder.close(session)
-            self.audit_event(
-                "session.end",
-                {"session": session.id, "reason": "refused: a session_start hook failed"},
-                fail_closed=False,
-            )
+            await self.end_session(session, {"reason": "refused: a session_start hook failed"}, hooks=False)
             raise
         return session
 
-    async def end_session(self, session: Session, summary: Mapping[str, Any]) -> None:
+    async def end_session(self, session: Session, summary: Mapping[str, Any], *, hooks: bool = True) -> None:
         self.sessions.pop(session.id, None)
-        try:
-            await self.addons.trigger("session_end", session)
-        except HookError as exc:
-            log.error("%s", exc)
+        if hooks:
+            try:
+                await self.addons.trigger("session_end", session)
+            except HookError as exc:
+                log.error("%s", exc)
         self.recorder.close(session)
         self.audit_event("session.end", {"session": session.id, **summary}, fail_closed=False)
 
