@@ -451,11 +451,16 @@ def _protobuf_fields(data: bytes) -> list[tuple[int, int, bytes | int]]:
     return out
 
 
-def _protobuf_message(data: bytes, number: int) -> bytes | None:
-    found = [v for n, w, v in _protobuf_fields(data) if n == number and w == 2]
-    if len(found) > 1:
-        raise Unreadable(f"protobuf field {number} appears twice in the access review")
-    return found[0] if found and isinstance(found[0], bytes) else None
+def _protobuf_messages(data: bytes, *numbers: int) -> list[bytes | None]:
+    """The embedded messages (length-delimited fields) ``numbers`` of ``data``, None where absent; a
+    field that appears twice is :class:`Unreadable`."""
+    found: dict[int, bytes] = {}
+    for n, w, v in _protobuf_fields(data):
+        if n in numbers and w == 2 and isinstance(v, bytes):
+            if n in found:
+                raise Unreadable(f"protobuf field {n} appears twice in the access review")
+            found[n] = v
+    return [found.get(n) for n in numbers]
 
 
 def _protobuf_strings(data: bytes, names: Mapping[int, str]) -> dict[str, str]:
@@ -482,12 +487,11 @@ def access_review_document(body: bytes, content_type: str) -> Any:
         return loads_strict(body)
     if not body.startswith(_PROTOBUF_MAGIC):
         raise Unreadable("a Kubernetes protobuf body starts with k8s\\0")
-    raw = _protobuf_message(body[len(_PROTOBUF_MAGIC) :], 2)
-    spec = _protobuf_message(raw, 2) if raw is not None else None
+    [raw] = _protobuf_messages(body[len(_PROTOBUF_MAGIC) :], 2)
+    [spec] = _protobuf_messages(raw, 2) if raw is not None else [None]
     if spec is None:
         raise Unreadable("the access review has no spec")
-    resource = _protobuf_message(spec, 1)
-    non_resource = _protobuf_message(spec, 2)
+    resource, non_resource = _protobuf_messages(spec, 1, 2)
     doc: dict[str, Any] = {}
     if resource is not None:
         doc["resourceAttributes"] = _protobuf_strings(resource, _RESOURCE_ATTRIBUTE_FIELDS)
