@@ -86,6 +86,7 @@ ALLOWED = "lictor.allowed"
 STATE = "lictor.state"
 ANSWERED = "lictor.answered"
 EXPECTS_CONTINUE = "lictor.expect_continue"
+_PARTIAL_HEADERS = frozenset({b"range", b"if-range"})  # ask for part of a response
 LINGER_CLOSE = 2.0  # seconds between a final answer written by Lictor itself and closing the connection
 HEADERS_DONE = "lictor.responseheaders"
 RESPONSE_DONE = "lictor.response"
@@ -252,7 +253,7 @@ class LictorProxy:
             if ctx is not None:
                 self.client_contexts[target.name] = ctx
         self.conns: dict[str, ConnState] = {}
-        self._drop_headers: dict[str, frozenset[bytes]] = {}
+        self._drop_headers: dict[tuple[str, bool], frozenset[bytes]] = {}
         self._tokens: OrderedDict[str, tuple[Identity, float, str]] = OrderedDict()
         self._recent_denials: OrderedDict[tuple[str, str], tuple[float, Decision]] = OrderedDict()
         self.proxyserver: proxyserver.Proxyserver | None = None
@@ -923,22 +924,24 @@ class LictorProxy:
         return None
 
     def _prepare_upstream(
-        self, flow: http.HTTPFlow, target: HttpTarget, call: K8sCall | None, whole_body: bool = True
+        self, flow: http.HTTPFlow, target: HttpTarget, call: K8sCall | None, *, whole_body: bool
     ) -> None:
         """Rewrite the headers for the upstream in one pass: agent credentials, ``X-Lictor-*`` and
-        forwarding headers out; the target's credentials and ``Accept-Encoding: identity`` in."""
+        forwarding headers out (``Range``/``If-Range`` too with ``whole_body``); the target's credentials
+        and ``Accept-Encoding: identity`` in."""
         headers = flow.request.headers
-        drop = self._drop_headers.get(target.name)
+        drop = self._drop_headers.get((target.name, whole_body))
         if drop is None:
             names = {"authorization", "proxy-authorization", "accept-encoding", *FORWARDING_HEADERS}
             names |= {n.lower() for n, _ in target.credentials.headers}
-            drop = self._drop_headers[target.name] = frozenset(n.encode() for n in names)
+            drop = frozenset(n.encode() for n in names) | (_PARTIAL_HEADERS if whole_body else frozenset())
+            self._drop_headers[(target.name, whole_body)] = drop
         upgrade = "upgrade" in headers
         kept: list[tuple[bytes, bytes]] = []
         accept: list[bytes] = []
         for name, value in headers.fields:
             lname = name.lower()
-            if lname in drop or lname.startswith(b"x-lictor-") or (whole_body and lname in (b"range", b"if-range")):
+            if lname in drop or lname.startswith(b"x-lictor-"):
                 if lname == b"accept-encoding" and upgrade:
                     kept.append((name, value))
                 continue
