@@ -1226,9 +1226,21 @@ REDACTED_PASSWORD = b"PASSWORD [REDACTED]"
 def redact_secrets(sql: str) -> str:
     """``sql`` as it may be shown and recorded: the password of ``CREATE/ALTER ROLE ... PASSWORD`` and
     of user mappings' ``OPTIONS (password ...)`` replaced by ``[REDACTED]`` (up to the next option).
-    Texts that never say "password", or that do not parse, come back as they are."""
+    Texts that never say "password", or that do not parse, come back as they are. Every execution of a
+    statement is recorded, so the parse behind this is cached like classification (texts up to 16 KiB)."""
     if _PASSWORD_WORD.search(sql) is None:
         return sql
+    if len(sql) <= _CACHE_MAX_TEXT:
+        return _redacted_cached(sql)
+    return _redacted(sql)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _redacted_cached(sql: str) -> str:
+    return _redacted(sql)
+
+
+def _redacted(sql: str) -> str:
     try:
         raws = _parse(sql, "")
     except ClassificationError:
