@@ -305,12 +305,12 @@ class RowMasker:
         self.json = frozenset(as_json)
         self.numeric = frozenset(numeric)
         self.binary_numbers = binary_numbers
-        self.binary_arrays = binary_arrays
+        # one element masker per array column, made once per result
+        self.binary_arrays = {i: self._array_element_masker(i, elem) for i, elem in binary_arrays.items()}
         self.to_null = frozenset(to_null)
 
-    def _array_element_masker(self, index: int) -> Callable[[bytes], bytes | None]:
+    def _array_element_masker(self, index: int, elem: int) -> Callable[[bytes], bytes | None]:
         masker = self.masker
-        elem = self.binary_arrays[index]
         if elem in _BINARY_NUMBERS:
             return lambda v: None if _number_masked(masker, index, _binary_number_text(elem, v)) else v
         if elem == _JSONB:
@@ -332,7 +332,7 @@ class RowMasker:
                 new = None
             elif i in self.binary_arrays:
                 try:
-                    new = _mask_binary_array(value, self._array_element_masker(i))
+                    new = _mask_binary_array(value, self.binary_arrays[i])
                 except struct.error:  # not a value of its type: nothing of it is relayed
                     new = None
             elif i in self.binary_numbers:
