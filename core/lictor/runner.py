@@ -99,16 +99,17 @@ class PolicyWatcher:
                     and event.event_type in ("created", "modified")
                     and not os.path.islink(src)
                 )
-                watcher.loop.call_soon_threadsafe(watcher._file_event, src, dest, event.event_type, writing)
+                watcher.loop.call_soon_threadsafe(watcher._file_event, src, dest, writing)
 
-        for d in self._watched_roots():
+        roots = self._watched_roots()
+        for d in roots:
             observer.schedule(Handler(), str(d), recursive=True)
         observer.daemon = True
         observer.start()
         self._observer = observer
-        self._roots = self._watched_roots()
+        self._roots = roots
 
-    def _file_event(self, src: str, dest: str, kind: str, writing: bool) -> None:
+    def _file_event(self, src: str, dest: str, writing: bool) -> None:
         if writing:
             self._writing.setdefault(src, self.loop.time())
         else:
@@ -134,12 +135,10 @@ class PolicyWatcher:
             except Exception:
                 log.exception("checking the rule-pack directories failed")
 
-    def schedule(self, delay: float | None = None) -> None:
+    def schedule(self) -> None:
         if self._pending is not None:
             self._pending.cancel()
-        self._pending = self.loop.call_later(
-            self.debounce if delay is None else delay, lambda: asyncio.ensure_future(self.reload())
-        )
+        self._pending = self.loop.call_later(self.debounce, lambda: asyncio.ensure_future(self.reload()))
 
     async def reload(self) -> None:
         if self._writing:
