@@ -139,12 +139,15 @@ class RedisAddon:
         reason = UNSUPPORTED.get(command)
         if reason is not None:
             flow.deny(f"{command.upper()} {reason}", "redis:unsupported")
-        elif command in ("select", "move", "swapdb") or (command == "copy" and _copy_db(request.attrs) is not None):
+        elif command in ("select", "move", "swapdb", "copy"):
             # SELECT switches the connection; MOVE, SWAPDB and COPY ... DB n write to another
             # database than the target's (whatever their keys are called there).
+            copy_db = _copy_db(request.attrs) if command == "copy" else None
+            if command == "copy" and copy_db is None:
+                return  # a COPY within the connection's database
             target = self.targets.get(request.target or flow.session.target)
             db = target.db if target is not None else 0
-            if command == "copy" and _copy_db(request.attrs) == str(db):
+            if copy_db == str(db):
                 return
             flow.deny(
                 f"this target is pinned to database {db}; connect to a target configured for another database",
