@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lictor import Identity, Request, Trace, load_policy
+from lictor import Identity, Policy, Request, Trace, load_policy
 
 from tests.addons.lineproto import VOCABULARY as LINE
 
@@ -110,33 +110,37 @@ def test_elevation_adds_roles(policy):
     assert policy.decide(reader, req("delete x"), extra_roles=["operator"]).action == "allow"
 
 
-def test_allow_must_cover_every_value_and_deny_fires_on_any(tmp_path: Path):
+def _pg_policy(tmp_path: Path, rules: str) -> Policy:
+    """A policy of one role, for every identity, with the given postgres ``rules`` (YAML list items)."""
     from lictor_addons.postgres.vocabulary import VOCABULARY as PG
 
     (tmp_path / "p.yaml").write_text(
-        """
-format: lictor/v1
-metadata: {name: pg}
-identities: [{match: {sub: "*"}, roles: [r]}]
-roles:
-  r:
-    rules:
-      - {id: orders, protocol: postgres, when: {statements: select, tables: [orders, "public.orders"]}, action: allow}
-      - {id: no-del, protocol: postgres, when: {statements: delete}, action: deny}
-"""
+        'format: lictor/v1\nmetadata: {name: pg}\nidentities: [{match: {sub: "*"}, roles: [r]}]\n'
+        "roles:\n  r:\n    rules:\n" + rules
     )
     policy = load_policy([tmp_path], {"postgres": PG}).policy
     assert policy is not None
+    return policy
+
+
+def _pg(kinds: set[str], tables: set[str]) -> Request:
+    return Request("postgres", sorted(kinds)[0], {"kinds": frozenset(kinds), "tables": frozenset(tables)})
+
+
+def test_allow_must_cover_every_value_and_deny_fires_on_any(tmp_path: Path):
+    policy = _pg_policy(
+        tmp_path,
+        """      - {id: orders, protocol: postgres, when: {statements: select, tables: [orders, "public.orders"]}, action: allow}
+      - {id: no-del, protocol: postgres, when: {statements: delete}, action: deny}
+""",
+    )
     who = Identity("a")
 
-    def pg(kinds: set[str], tables: set[str]) -> Request:
-        return Request("postgres", sorted(kinds)[0], {"kinds": frozenset(kinds), "tables": frozenset(tables)})
-
-    assert policy.decide(who, pg({"select"}, {"orders"})).action == "allow"
+    assert policy.decide(who, _pg({"select"}, {"orders"})).action == "allow"
     # a JOIN on another table is not covered by the permission on orders
-    assert policy.decide(who, pg({"select"}, {"orders", "secrets"})).action == "deny"
+    assert policy.decide(who, _pg({"select"}, {"orders", "secrets"})).action == "deny"
     # a data-modifying CTE inside a SELECT is found through the nested kind
-    d = policy.decide(who, pg({"select", "delete"}, {"orders"}))
+    d = policy.decide(who, _pg({"select", "delete"}, {"orders"}))
     assert d.action == "deny" and d.rule_ids == ("no-del",)
     # a missing attribute is never covered, even vacuously
     assert policy.decide(who, Request("postgres", "select", {"kinds": frozenset({"select"})})).action == "deny"
@@ -146,29 +150,19 @@ def test_unless_lifts_a_deny_or_an_approval_only_when_every_value_is_excepted(tm
     # `unless` narrows a rule. On an allow rule any excepted value withdraws the permission; on a deny,
     # approve or mask rule the exception must cover every value, or one excepted table would carry
     # the others past the rule.
-    from lictor_addons.postgres.vocabulary import VOCABULARY as PG
-
-    (tmp_path / "p.yaml").write_text(
-        """
-format: lictor/v1
-metadata: {name: pg}
-identities: [{match: {sub: "*"}, roles: [r]}]
-roles:
-  r:
-    rules:
-      - {id: writes, protocol: postgres, when: {statements: [delete, drop]}, action: allow}
+    policy = _pg_policy(
+        tmp_path,
+        """      - {id: writes, protocol: postgres, when: {statements: [delete, drop]}, action: allow}
       - {id: no-delete, protocol: postgres, when: {statements: delete}, unless: {tables: ["scratch_*"]}, action: deny}
       - {id: drop-held, protocol: postgres, when: {statements: drop}, unless: {tables: ["tmp_*"]}, action: approve,
          approval: {approvers: [r]}}
       - {id: reads, protocol: postgres, when: {statements: select}, unless: {tables: ["secret_*"]}, action: allow}
-"""
+""",
     )
-    policy = load_policy([tmp_path], {"postgres": PG}).policy
-    assert policy is not None
     who = Identity("a")
 
     def pg(kind: str, tables: set[str]) -> Request:
-        return Request("postgres", kind, {"kinds": frozenset({kind}), "tables": frozenset(tables)})
+        return _pg({kind}, tables)
 
     assert policy.decide(who, pg("delete", {"scratch_a"})).action == "allow"
     assert policy.decide(who, pg("delete", {"scratch_a", "orders"})).action == "deny"
