@@ -239,3 +239,23 @@ def test_a_dangling_symlinked_pack_is_an_error_not_a_missing_pack(tmp_path):
     assert result.policy is None
     assert [e.loc.file for e in result.errors] == [str(packs / "guardrails.yaml")]
     assert "cannot read" in result.errors[0].message
+
+
+def test_numeric_bounds_that_can_never_match_are_errors(tmp_path):
+    # `limit: {max: -3}` or `{min: 10, max: 5}` matched nothing: a deny rule written so denied nothing
+    path, result = problems(
+        tmp_path, GOOD.replace("{statements: [select]}", "{statements: [select], limit: {max: -3}}")
+    )
+    assert result.policy is None
+    [error] = result.errors
+    assert str(error).startswith(f"{path}:11:") and "-3 is less than the minimum of 0" in str(error)
+    path, result = problems(
+        tmp_path, GOOD.replace("{statements: [select]}", "{statements: [select], limit: {min: 10, max: 5}}")
+    )
+    assert result.policy is None
+    [error] = result.errors
+    assert str(error).startswith(f"{path}:11:") and "min 10 is greater than max 5" in str(error)
+    _, ok = problems(
+        tmp_path, GOOD.replace("{statements: [select]}", "{statements: [select], limit: {min: 0, max: 5}}")
+    )
+    assert ok.policy is not None, ok.errors

@@ -167,7 +167,7 @@ HTTP_VOCABULARY = Vocabulary(
             json_schema={**_GLOB_MAP, "description": "JSON path ($.a.b) -> value globs"},
             compiler=_mapping_of_globs("json", False, "json_folded"),
         ),
-        Number("body_size", description="request body size in bytes: {max: N}"),
+        Number("body_size", minimum=0, description="request body size in bytes: {max: N}"),
     ),
     index="methods",
     secondary="paths",

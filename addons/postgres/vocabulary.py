@@ -112,7 +112,7 @@ VOCABULARY_FIELDS = (
     Glob("functions", description="functions called anywhere in the statement (bare or schema-qualified)"),
     Glob("columns", description="columns referenced, where known"),
     Boolean("where", attr="has_where", description="UPDATE/DELETE has a WHERE clause"),
-    Number("limit", description="constant LIMIT of a SELECT: {max: N}"),
+    Number("limit", minimum=0, description="constant LIMIT of a SELECT: {max: N}"),
     Boolean("modifies", description="the statement changes data or schema anywhere inside"),
     Boolean("dynamic_sql", description="runs SQL the gateway cannot see (PL/pgSQL EXECUTE of an expression)"),
     Boolean(

@@ -222,20 +222,31 @@ class Boolean(Field):
 
 @dataclass(frozen=True)
 class Number(Field):
-    """A numeric bound: ``{max: N}``, ``{min: N}`` or both. A missing attribute does not match."""
+    """A numeric bound: ``{max: N}``, ``{min: N}`` or both. A missing attribute does not match.
+
+    ``minimum`` is the smallest value the attribute can take (0 for sizes and counts): a bound below it
+    is a mistake in the rule pack (``{max: -3}`` would match nothing), refused when the pack is checked.
+    """
+
+    minimum: float | None = None
 
     def schema(self) -> dict[str, Any]:
+        bound: dict[str, Any] = {"type": "number"}
+        if self.minimum is not None:
+            bound["minimum"] = self.minimum
         return {
             "description": self.description,
             "type": "object",
             "additionalProperties": False,
             "minProperties": 1,
-            "properties": {"max": {"type": "number"}, "min": {"type": "number"}},
+            "properties": {"max": bound, "min": bound},
         }
 
     def compile(self, value: Any) -> Predicate:
         lo = value.get("min")
         hi = value.get("max")
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"{self.name}: min {lo} is greater than max {hi}, so this condition never matches")
         attr = self.attribute
 
         def predicate(request: Request, quantifier: Quantifier) -> bool:
