@@ -629,9 +629,28 @@ def test_json_detectors_on_strings_keys_and_integers() -> None:
     assert out["pan"] == red("card")
     assert out["count"] == 3
     assert out["password"] == red("secret_assignment")
-    assert out["nested"] == [{"apiKey": red("secret_assignment")}, {"credentials": {"user": "u"}}]
+    assert out["nested"] == [{"apiKey": red("secret_assignment")}, {"credentials": {"user": red("secret_assignment")}}]
     assert out["ok"] is True
-    assert counts == {"card": 2, "email": 1, "secret_assignment": 2}
+    assert counts == {"card": 2, "email": 1, "secret_assignment": 3}
+
+
+def test_json_secret_keys_mask_every_scalar_of_a_list_or_object_value() -> None:
+    # {"password": ["x"]} and {"api_key": {"live": "x"}} carried the secrets past the key check
+    plan = plan_for("secret_assignment")
+    doc = {
+        "password": ["hunter2", 12345, None],
+        "api_key": {"live": "sk_live_abc", "test": {"v": "sk_test_def"}, "rotated": True},
+        "tokens": ["not a secret key: left alone"],
+        "note": "plain",
+    }
+    out, counts = plan.mask_json(doc)
+    r = red("secret_assignment")
+    assert out["password"] == [r, r, None]
+    assert out["api_key"] == {"live": r, "test": {"v": r}, "rotated": r}
+    assert out["tokens"] == doc["tokens"] and out["note"] == "plain"
+    assert counts == {"secret_assignment": 5}
+    body, _ = plan.mask_json_bytes(json.dumps(doc).encode())
+    assert b"hunter2" not in body and b"sk_live_abc" not in body and b"sk_test_def" not in body
 
 
 def test_json_masked_keys_never_collide() -> None:

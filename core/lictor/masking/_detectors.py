@@ -177,7 +177,8 @@ _SECRET_KEYS = (
     "|credentials?|authorization"
 )
 SECRET_KEY_AT_END = re.compile(rf"(?i)(?:{_SECRET_KEYS})$")
-"""JSON object keys whose scalar value ``secret_assignment`` masks (the key ends with one of them)."""
+"""JSON object keys whose value ``secret_assignment`` masks (the key ends with one of them); a list or object
+value has every scalar in it masked."""
 
 _BUILTINS = (
     _builtin(

@@ -124,7 +124,8 @@ class JsonMasker:
         except RecursionError:
             raise MaskingError("JSON document nested too deeply to mask") from None
 
-    def _walk(self, value: Any, state: State, counts: Counter[str]) -> Any:
+    def _walk(self, value: Any, state: State, counts: Counter[str], secret: bool = False) -> Any:
+        """``secret``: ``value`` is (inside) the value of a secret key, so every scalar in it is masked."""
         if isinstance(value, dict):
             out: dict[str, Any] = {}
             size = len(value)
@@ -139,16 +140,16 @@ class JsonMasker:
                     counts["path"] += 1
                     v = self.mask_whole(v, done)
                 elif (
-                    self.secret_key is not None
+                    not secret
+                    and self.secret_key is not None
                     and self.mask_secret is not None
                     and v is not None
-                    and not isinstance(v, dict | list)
                     and self.secret_key(k)
                 ):
-                    counts["secret_assignment"] += 1
-                    v = self.mask_secret(v)
+                    # {"password": "x"}, and as well {"password": ["x", "y"]} or {"api_key": {"live": "x"}}
+                    v = self._walk(v, sub, counts, secret=True)
                 else:
-                    v = self._walk(v, sub, counts)
+                    v = self._walk(v, sub, counts, secret)
                 if self.mask_text is not None:
                     k = self.mask_text(k, counts)
                     if k in out:
@@ -170,8 +171,11 @@ class JsonMasker:
                     counts["path"] += 1
                     result.append(self.mask_whole(v, hit))
                 else:
-                    result.append(self._walk(v, sub, counts))
+                    result.append(self._walk(v, sub, counts, secret))
             return result
+        if secret and value is not None and self.mask_secret is not None:
+            counts["secret_assignment"] += 1
+            return self.mask_secret(value)
         if self.mask_text is None:
             return value
         if isinstance(value, str):
