@@ -108,6 +108,20 @@ def test_json_bodies_that_could_be_read_two_ways_are_refused() -> None:
     assert json_attrs(b'{"force": true}', "text/plain") == {"$.force": "true"}
     assert json_attrs(b"{not json", "text/plain") is None
     assert json_attrs(b"plain", "") is None
+    # A byte-order mark, UTF-16 or UTF-32 (read by Python's json, Jackson...) is read too: undeclared, it
+    # carried a body past every json: rule
+    doc = '{"force": true}'
+    for encoded in (
+        b"\xef\xbb\xbf" + doc.encode(),
+        doc.encode("utf-16"),
+        doc.encode("utf-16-le"),
+        doc.encode("utf-32"),
+    ):
+        assert json_attrs(encoded, "text/plain") == {"$.force": "true"}, encoded
+        assert json_attrs(encoded, "application/json") == {"$.force": "true"}, encoded
+    with pytest.raises(Unreadable):
+        json_attrs(b'{"a": "\xff"}', "application/json")
+    assert json_attrs(b'{"a": "\xff"}', "text/plain") is None
     with pytest.raises(ValueError):
         loads_strict(b'{"a":1,"a":2}')
 

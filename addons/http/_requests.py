@@ -223,16 +223,30 @@ def flatten_json(doc: Any, max_leaves: int = MAX_LEAVES) -> dict[str, Any]:
     return out
 
 
+def _json_text(body: bytes) -> str | None:
+    """The body as JSON parsers read it: a UTF-8 byte-order mark, UTF-16 and UTF-32 (which parsers such as
+    Python's and Jackson's detect from the first bytes) decoded; None when it does not decode."""
+    try:
+        return body.decode(json.detect_encoding(body))
+    except UnicodeDecodeError:
+        return None
+
+
 def json_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
     """The ``json`` attribute of a request body, None when the body is not JSON."""
     declared = is_json_type(content_type)
-    stripped = body.lstrip()
-    if not declared and not stripped.startswith((b"{", b"[")):
+    text = _json_text(body)
+    if text is None:
+        if declared:
+            raise Unreadable("the body is declared as JSON but is not valid UTF-8, UTF-16 or UTF-32")
+        return None
+    stripped = text.lstrip()
+    if not declared and not stripped.startswith(("{", "[")):
         return None
     if not stripped:
         return {} if declared else None
     try:
-        doc = loads_strict(body)
+        doc = loads_strict(text)
     except (ValueError, RecursionError) as exc:
         if declared:
             raise Unreadable(f"the body is declared as JSON but is not valid JSON: {exc}") from None
