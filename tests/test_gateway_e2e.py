@@ -148,6 +148,11 @@ def test_hot_reload_keeps_connections_and_rejects_broken_edits(line_gateway):
     assert reply.split()[2] != first
     kinds = [e["kind"] for e in audit_events(gw)]
     assert "policy.rejected" in kinds and kinds.count("policy.loaded") >= 2
+    # the table says why a reload was rejected and what went live, not an empty SUMMARY
+    table = lictor("audit", "list", "--state-dir", str(gw.state_dir), "--kind", "policy.rejected").stdout
+    assert f"kept_version={first} problems={pack}:14:9: unknown key 'colour'" in table, table
+    table = lictor("audit", "list", "--state-dir", str(gw.state_dir), "--kind", "policy.loaded").stdout
+    assert f"previous={first}" in table and f"files={pack}" in table, table
     c.close()
 
 

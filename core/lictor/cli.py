@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +272,26 @@ def _settle_recordings(config: GatewayConfig | None, state: Path) -> None:
         pass  # reading what is there is still right
 
 
+# Fields every event has, or that the other columns show: not repeated in the SUMMARY column.
+_LISTED = frozenset({"seq", "ts", "kind", "identity", "protocol", "action", "rule_ids", "request", "reason"})
+
+
+def _event_summary(event: Mapping[str, Any]) -> str:
+    """SUMMARY for events that are not decisions (``policy.rejected``, ``approval.*``, ``session.end``...):
+    their own fields, ``key=value``, lists by their first item and length."""
+    parts = []
+    for key, value in event.items():
+        if key in _LISTED or value in (None, "", [], {}):
+            continue
+        if isinstance(value, list):
+            more = f" (+{len(value) - 1} more)" if len(value) > 1 else ""
+            value = f"{value[0]}{more}"
+        elif isinstance(value, dict):
+            value = json.dumps(value, default=str, separators=(",", ":"))
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
 def cmd_audit_list(args: argparse.Namespace) -> int:
     audit = _audit(args)
     since = time.time() - parse_duration(args.since) if args.since else None
@@ -289,11 +309,11 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
         who = (e.get("identity") or {}).get("sub", "")
         req = e.get("request") or {}
         rules = ",".join(e.get("rule_ids", []))
-        summary = req.get("summary", e.get("reason", "")) or ""
+        summary = req.get("summary", e.get("reason", "")) or _event_summary(e)
         print(
             f"{e['seq']:>6} {ts:19} {e.get('kind', ''):16} {printable(who)[:16]:16} "
             f"{printable(e.get('protocol', ''))[:10]:10} {printable(e.get('action', ''))[:8]:8} "
-            f"{printable(rules)[:28]:28} {printable(summary, keep='')[:80]}"
+            f"{printable(rules)[:28]:28} {printable(summary, keep='')[:160]}"
         )
     return EXIT_OK
 
