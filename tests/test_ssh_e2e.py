@@ -658,6 +658,24 @@ def test_a_line_ending_in_a_backslash_is_denied(env: Env) -> None:
     assert b"line continuation" in run.stderr
 
 
+def test_comment_lines_in_a_piped_script_run_nothing_and_are_not_denied(env: Env) -> None:
+    # A script's comments were decided as requests for "no program", which no rule allowed: the first
+    # comment ended the script.
+    script = b"#!/bin/sh\n# say hello\n   # indented comment\necho hello # and a trailing comment\n"
+    argv = env.client.ssh_argv(None, "-T")
+    run = subprocess.run(
+        argv, input=script, capture_output=True, env=env.client.env(env.tokens["operator"]), timeout=30,
+        start_new_session=True,
+    )  # fmt: skip
+    assert (run.returncode, run.stdout) == (0, b"hello\n"), run
+    # a line without a program that changes the shell is still decided (and no rule allows it)
+    run = subprocess.run(
+        argv, input=b"# next: a variable\nPATH=/tmp\necho after\n", capture_output=True,
+        env=env.client.env(env.tokens["operator"]), timeout=30, start_new_session=True,
+    )  # fmt: skip
+    assert run.returncode == 126 and run.stdout == b"" and b"lictor: denied" in run.stderr, run
+
+
 def test_observer_gets_no_shell(env: Env) -> None:
     shell = env.client.shell(env.tokens["observer"])
     try:

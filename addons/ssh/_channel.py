@@ -645,6 +645,11 @@ class ChannelHandler:
             max_bytes=TTY_LINE_MAX if self.pty else None,
             reason=self.reason,
         )
+        if len(requests) == 1 and requests[0].action == "empty" and text.lstrip(" \t").startswith("#"):
+            # only a comment (a script's `#!/bin/sh`, `# step 2`): the shell runs nothing, as for a blank
+            # line. Other lines without a program (`PATH=/tmp`, a bare redirection) are still decided.
+            up.stdin.write(text.encode("utf-8") + b"\n")
+            return True
         decision, deciding = await self._decide(requests)
         self._record_decision(decision)
         if decision.action == "allow":
