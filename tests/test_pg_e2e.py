@@ -1029,3 +1029,14 @@ def test_role_passwords_are_neither_recorded_nor_audited(env: PgEnv) -> None:
     assert "PASSWORD [REDACTED]" in recorded and "VALID UNTIL 'infinity'" in recorded
     for secret in (secret_dba, secret_ro):
         assert secret not in recorded and secret not in audit
+
+
+def test_a_dba_still_manages_other_roles(env: PgEnv) -> None:
+    # Changes to the gateway's own login role are refused (tests/test_pg_e2e_upstream.py, on a throwaway
+    # cluster); every other role is the dba's to manage.
+    role = "lictor_other_" + secrets.token_hex(3)
+    with env.connect("dba", autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"ALTER ROLE {role} SET work_mem = '1MB'")
+        conn.execute(f"ALTER ROLE {role} NOLOGIN")
+        conn.execute(f"DROP ROLE {role}")

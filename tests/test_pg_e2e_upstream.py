@@ -187,6 +187,39 @@ def test_scram_and_md5_logins_and_target_selection_by_database(env: Env) -> None
     assert "not served by this gateway" in str(info.value) and "md5, scram" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER USER current_user PASSWORD 'known-to-the-agent'",  # what psql's \password sends
+        "ALTER ROLE app_scram PASSWORD 'known-to-the-agent'",
+        "ALTER ROLE session_user SET search_path = agent_schema, public",
+        "ALTER ROLE current_role SET statement_timeout = 1",
+        "ALTER ROLE ALL SET work_mem = '64kB'",
+        "DO $$ BEGIN ALTER ROLE app_scram SET search_path = agent_schema; END $$",
+    ],
+)
+def test_the_gateway_login_role_cannot_be_changed_through_the_gateway(env: Env, sql: str) -> None:
+    # Every statement is allowed to this agent, but not a change to the role the gateway logs in as: a
+    # password set there would give the agent the gateway's credential, and every other agent's sessions
+    # run as that role.
+    import psycopg
+
+    def login_state() -> list[Any]:
+        return env.cluster.execute(
+            "SELECT a.rolpassword, a.rolvaliduntil, a.rolcanlogin, s.setconfig FROM pg_authid a "
+            "LEFT JOIN pg_db_role_setting s ON s.setrole = a.oid WHERE a.rolname = 'app_scram'"
+        )
+
+    before = login_state()
+    with env.connect("shared", dbname="scram") as conn, pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+        conn.execute(sql)
+    assert "lictor:gateway-login" in str(info.value.diag.message_detail), info.value.diag.message_detail
+    assert "the role the gateway itself logs in as ('app_scram'" in str(info.value)
+    assert login_state() == before
+    with env.connect("shared", dbname="scram") as conn:  # the gateway still logs in
+        assert conn.execute("SELECT current_user").fetchone() == ("app_scram",)
+
+
 def test_upstream_tls_verified_with_the_configured_ca(env: Env) -> None:
     with env.connect("tls") as conn:
         row = conn.execute("SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()

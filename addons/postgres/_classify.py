@@ -102,6 +102,9 @@ class Statement:
     copy_program: str | None = None
     languages: frozenset[str] = frozenset()
     """Languages of DO blocks and function bodies involved (``plpgsql``, ``sql``, ``plpython3u``...)."""
+    roles: frozenset[str] = frozenset()
+    """Roles whose definition the statement changes (ALTER, DROP or RENAME of a role or user): their names,
+    ``current_user``, ``session_user`` or ``current_role`` as written, ``*`` for ``ALTER ROLE ALL``."""
 
 
 READ_ONLY_GUCS = frozenset({"default_transaction_read_only", "transaction_read_only"})
@@ -599,6 +602,24 @@ def _dollar_quote(body: str) -> str:
     return f"${tag}$"
 
 
+_ROLE_SPECS = {
+    "ROLESPEC_CURRENT_USER": "current_user",
+    "ROLESPEC_SESSION_USER": "session_user",
+    "ROLESPEC_CURRENT_ROLE": "current_role",
+    "ROLESPEC_PUBLIC": "public",
+}
+
+
+def _role_name(spec: Any) -> str:
+    """A RoleSpec node as a name: the role's (as the parser folded it), or the keyword it was written as."""
+    if not isinstance(spec, dict):
+        return "*"
+    roletype = spec.get("roletype")
+    if roletype == "ROLESPEC_CSTRING":
+        return str(spec.get("rolename", ""))
+    return _ROLE_SPECS.get(str(roletype), "*")
+
+
 def _slice(sql: str, encoded: bytes | None, location: int, length: int) -> str:
     """libpg_query locations are byte offsets into the UTF-8 text."""
     if encoded is None:
@@ -619,6 +640,7 @@ class _Analysis:
         self.columns: set[str] = set()
         self.settings: set[str] = set()
         self.languages: set[str] = set()
+        self.roles: set[str] = set()
         self.wheres: list[bool] = []
         self.read_write_attempt = False
         self.dynamic = False
@@ -862,6 +884,15 @@ class _Analysis:
             setstmt = body.get("setstmt")
             if setstmt:
                 self._variable_set(setstmt)
+            if key == "AlterRoleSetStmt":
+                role = body.get("role")
+                self.roles.add(_role_name(role) if role else "*")  # no role: ALTER ROLE ALL
+        if key == "AlterRoleStmt":
+            self.roles.add(_role_name(body.get("role")))
+        elif key == "DropRoleStmt":
+            self.roles.update(_role_name(r.get("RoleSpec")) for r in body.get("roles", ()))
+        elif key == "RenameStmt" and body.get("renameType") == "OBJECT_ROLE":
+            self.roles.add(str(body.get("subname", "")))
         elif key == "CallStmt":
             call = body.get("funccall")
             if call:
@@ -1209,6 +1240,7 @@ def _statements(sql: str) -> Iterator[Statement]:
             copy_file=analysis.copy_file,
             copy_program=analysis.copy_program,
             languages=frozenset(analysis.languages),
+            roles=frozenset(analysis.roles),
         )
 
 

@@ -35,6 +35,7 @@ def statement_attrs(st: Statement, database: str = "") -> dict[str, object]:
         "database": database,
         "copy_target": st.copy_target,
         "languages": st.languages,
+        "roles": st.roles,
     }
 
 

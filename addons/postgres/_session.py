@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
-from lictor import Decision, Request, combine
+from lictor import AuditError, Decision, Request, combine
 
 from . import _protocol as pg
 from ._classify import redact_secrets
@@ -533,6 +533,10 @@ class Relay:
         self.read_only = read_only
         self.status = status
         self._on_done = on_done
+        login = listener.upstreams.get(target.name)
+        self._login = login.user if login is not None else ""
+        # What names the role the gateway logs in as: ALTER/DROP/RENAME of one of these is refused
+        self._login_roles = frozenset({"current_user", "session_user", "current_role", "*", self._login})
         self._fe = reader
         self._be = pg.BackendReader()
         self._expect: deque[_Expect] = deque()
@@ -827,7 +831,13 @@ class Relay:
 
     def _decide(self, classified: Classified, extra: Sequence[Decision] = ()) -> tuple[Decision, list[Decision]]:
         decide_now = self.session.decide_now
-        decisions = [decide_now(r) for r in classified.requests]
+        login_roles = self._login_roles
+        decisions = [
+            self._login_change(r)
+            if r.attrs.get("roles") and not login_roles.isdisjoint(r.attrs["roles"])
+            else decide_now(r)
+            for r in classified.requests
+        ]
         # EXECUTE / FETCH are decided as the statement they run.
         for name in classified.executes:
             stmt = self._prepared.get(name)
@@ -858,6 +868,22 @@ class Relay:
         decisions.extend(extra)
         final = decisions[0] if len(decisions) == 1 else combine(decisions)
         return final, decisions
+
+    def _login_change(self, request: Request) -> Decision:
+        """Refuse (and audit) a change to the role the gateway logs in as, whatever the agent's rules say: a
+        new password there would hand the agent the gateway's credential, and NOLOGIN, VALID UNTIL, a
+        rename or ``ALTER ROLE ... SET`` would change or break every other agent's sessions."""
+        refusal = Decision.deny(
+            f"it changes the role the gateway itself logs in as ({self._login!r}, or every role), which every "
+            "agent's connection through this gateway uses; change that role directly on the server",
+            "lictor:gateway-login",
+            self.session.policy.version,
+        )
+        try:
+            self.session.audit(request, refusal)
+        except (AuditError, OSError):
+            log.error("could not audit a refused change of the gateway's login role")
+        return refusal
 
     def _stmt_decision(self, stmt: Prepared) -> Decision:
         now = time.monotonic()

@@ -129,6 +129,11 @@ VOCABULARY_FIELDS = (
         description="where COPY reads or writes: the client (stdin/stdout), a server file or a server program",
     ),
     Glob(
+        "roles",
+        description="roles altered, dropped or renamed (ALTER/DROP ROLE or USER): names, current_user, "
+        "session_user, current_role, or * for ALTER ROLE ALL",
+    ),
+    Glob(
         "languages",
         description="languages of DO blocks and function bodies involved (plpgsql, sql, plpython3u, c, ...)",
     ),
