@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lictor import AddonManager, Decision, Gateway, GatewayConfig, Identity, Request, load_policy
 from lictor.approvals import ApprovalError, PostgresStore
 from lictor.policytest import build_requests
@@ -723,6 +725,22 @@ def test_request_digest_is_stable_and_unambiguous() -> None:
     )
     # Field boundaries cannot be shifted: "ab"+"c" differs from "a"+"bc".
     assert Request("p", "c", target="ab").digest() != Request("p", "bc", target="a").digest()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(st.characters(codec=None, exclude_categories=())), st.text(max_size=3))
+def test_request_digest_is_the_standard_json_form_for_any_text(payload: str, action: str) -> None:
+    # The fast encoder must give the exact bytes of the standard one: control characters, non-ASCII,
+    # U+2028, and lone surrogates (which only the standard encoder takes).
+    standard = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode(["p", "t", action, payload])
+    expected = hashlib.sha256(standard.encode("utf-8", "surrogatepass")).hexdigest()
+    assert Request("p", action, target="t", payload=payload).digest() == expected
+    lone = payload + "\ud800"
+    standard = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode(["p", "t", action, lone])
+    assert (
+        Request("p", action, target="t", payload=lone).digest()
+        == hashlib.sha256(standard.encode("utf-8", "surrogatepass")).hexdigest()
+    )
 
 
 def test_requests_held_by_a_crashed_gateway_are_withdrawn_at_restart(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import orjson
+
 __all__ = ["Action", "Decision", "Request", "combine"]
 
 Action = Literal["allow", "deny", "approve"]
@@ -39,10 +41,16 @@ class Request:
 
     def digest(self) -> str:
         """SHA-256 over what makes this request this request (not the reason or summary)."""
-        # The JSON form approvals stored by earlier versions are bound to (keep it stable). surrogatepass:
-        # the same bytes for every valid string, and no exception for a lone surrogate.
-        text = _digest_json([self.protocol, self.target, self.action, self.payload or self.summary])
-        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        # The JSON form approvals stored by earlier versions are bound to (keep it stable): the standard
+        # encoder's compact, non-ASCII output, which orjson writes byte for byte the same (and a tenth of
+        # the time: this runs for every statement). What orjson refuses (a lone surrogate) goes through
+        # the standard encoder; surrogatepass: no exception for it.
+        parts = [self.protocol, self.target, self.action, self.payload or self.summary]
+        try:
+            data = orjson.dumps(parts)
+        except orjson.JSONEncodeError:
+            data = _digest_json(parts).encode("utf-8", "surrogatepass")
+        return hashlib.sha256(data).hexdigest()
 
 
 _RANK: dict[str, int] = {"allow": 0, "approve": 1, "deny": 2}
