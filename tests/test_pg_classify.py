@@ -327,6 +327,12 @@ CASES: list[tuple[str, dict[str, object]]] = [
     ("REINDEX TABLE t", {"kind": "reindex"}),
     ("LOCK TABLE t IN ACCESS EXCLUSIVE MODE", {"kind": "lock", "modifies": True}),
     ("CHECKPOINT", {"kind": "checkpoint"}),
+    # built-ins that write even in a read-only transaction, or make other sessions wait
+    ("SELECT pg_import_system_collations('public')", {"kind": "select", "modifies": True}),
+    ("SELECT pg_catalog.pg_logical_emit_message(true, 'p', 'x')", {"modifies": True}),
+    ("SELECT pg_try_advisory_lock(42)", {"modifies": True}),
+    ("SELECT txid_current()", {"modifies": True}),
+    ("SELECT pg_export_snapshot()", {"modifies": False}),
     ("LOAD 'auto_explain'", {"kind": "load", "modifies": True}),
     ("COMMENT ON TABLE t IS 'x'", {"kind": "comment", "object_type": "table"}),
     ("SECURITY LABEL ON TABLE t IS 'x'", {"kind": "security_label"}),

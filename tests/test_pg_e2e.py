@@ -433,6 +433,9 @@ EVASIONS: list[tuple[str, str]] = [
     ("readonly", "LOCK TABLE orders"),
     ("readonly", "TRUNCATE orders"),
     ("readonly", "NOTIFY x; DELETE FROM orders"),
+    # built-ins that write or hold locks even in a read-only transaction
+    ("readonly", "SELECT pg_import_system_collations('public')"),
+    ("readonly", "SELECT pg_advisory_lock(42)"),
 ]
 
 

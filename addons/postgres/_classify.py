@@ -159,7 +159,9 @@ SQL_EXECUTING_FUNCTIONS = frozenset(
 )
 
 # Built-in functions that change the database even inside a read-only transaction (PostgreSQL lets
-# large objects be written there), or change what other sessions see: calling one modifies.
+# large objects be written there, and a superuser's pg_import_system_collations writes the catalog), or
+# change what other sessions see or wait for (notifications, advisory locks, replication state, the WAL,
+# transaction ids): calling one modifies.
 MODIFYING_FUNCTIONS = frozenset(
     {
         "lo_create",
@@ -187,6 +189,32 @@ MODIFYING_FUNCTIONS = frozenset(
         "pg_switch_wal",
         "pg_replication_origin_create",
         "pg_replication_origin_drop",
+        "pg_replication_origin_advance",
+        "pg_replication_origin_session_setup",
+        "pg_replication_origin_session_reset",
+        "pg_replication_origin_xact_setup",
+        "pg_replication_origin_xact_reset",
+        "pg_replication_slot_advance",
+        "pg_copy_physical_replication_slot",
+        "pg_copy_logical_replication_slot",
+        "pg_logical_slot_get_changes",
+        "pg_logical_slot_get_binary_changes",
+        "pg_logical_emit_message",
+        "pg_import_system_collations",
+        "pg_backup_start",
+        "pg_backup_stop",
+        "pg_start_backup",
+        "pg_stop_backup",
+        "pg_advisory_lock",
+        "pg_advisory_lock_shared",
+        "pg_advisory_xact_lock",
+        "pg_advisory_xact_lock_shared",
+        "pg_try_advisory_lock",
+        "pg_try_advisory_lock_shared",
+        "pg_try_advisory_xact_lock",
+        "pg_try_advisory_xact_lock_shared",
+        "txid_current",
+        "pg_current_xact_id",
     }
 )
 
