@@ -749,6 +749,46 @@ def test_copy_from_stdin_and_copy_to_stdout_masked(env: PgEnv) -> None:
     assert proc.returncode == 0 and proc.stdout.count("\n") == 20 and "@example.com" not in proc.stdout
 
 
+def test_copy_options_that_rewrite_values_are_refused_where_masking_applies(env: PgEnv) -> None:
+    import psycopg
+
+    # QUOTE '1' would write the card 4111 1111 1111 1111 as 41111111 11111111..., QUOTE '@' an email
+    # as user1@@example.com, a text-format DELIMITER ' ' as 4111\ 1111...: no detector sees them.
+    rewriting = [
+        "COPY customers TO STDOUT (FORMAT csv, QUOTE '1', FORCE_QUOTE *)",
+        "COPY customers TO STDOUT WITH CSV QUOTE AS '@' FORCE QUOTE *",
+        "COPY customers TO STDOUT (FORMAT csv, ESCAPE '1', FORCE_QUOTE *)",
+        "COPY (SELECT card FROM customers) TO STDOUT (DELIMITER ' ')",
+        "COPY customers TO STDOUT (ENCODING 'LATIN1')",
+    ]
+    with env.connect("readonly") as conn:
+        for sql in rewriting:
+            out = bytearray()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                with conn.cursor().copy(sql) as copy:
+                    for chunk in copy:
+                        out += chunk
+            assert "rewrite characters inside values" in str(info.value), sql
+            assert not out, sql
+        # The default options, a CSV delimiter and a header still work, masked.
+        out = bytearray()
+        with conn.cursor().copy("COPY customers TO STDOUT (FORMAT csv, DELIMITER ' ', HEADER, QUOTE '\"')") as copy:
+            for chunk in copy:
+                out += chunk
+        assert out.decode().count("\n") == 21 and "@example.com" not in out.decode()
+    # The extended protocol is refused at Bind, before the server runs anything.
+    raw = RawClient(env.port, env.tokens["readonly"])
+    raw.send(pg.parse("", rewriting[0]), pg.bind("", ""), pg.execute(""), pg.sync())
+    reply = raw.until_ready()
+    assert names(reply) == ["ParseComplete", "ErrorResponse", "ReadyForQuery"]
+    assert "rewrite characters" in reply[1].message  # type: ignore[union-attr]
+    raw.close()
+    # Where no masking applies, the options are the writer's own business.
+    with env.connect("writer") as conn:
+        with conn.cursor().copy(rewriting[0]) as copy:
+            assert b"".join(bytes(c) for c in copy).count(b"\n") == 20
+
+
 # -- cancel ------------------------------------------------------------------------------------------
 
 

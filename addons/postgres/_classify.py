@@ -100,6 +100,10 @@ class Statement:
     """For COPY: ``stdin``, ``stdout``, ``file`` (server-side file) or ``program``."""
     copy_file: str | None = None
     copy_program: str | None = None
+    copy_rewrites: bool = False
+    """A COPY ... TO whose options make COPY rewrite characters inside values (a QUOTE or ESCAPE other than
+    ``"``, a text-format DELIMITER other than tab, comma, semicolon or bar, an ENCODING other than UTF8):
+    the output then holds values in a form that masking detectors do not recognise."""
     languages: frozenset[str] = frozenset()
     """Languages of DO blocks and function bodies involved (``plpgsql``, ``sql``, ``plpython3u``...)."""
     roles: frozenset[str] = frozenset()
@@ -675,6 +679,7 @@ class _Analysis:
         self.copy_target: str | None = None
         self.copy_file: str | None = None
         self.copy_program: str | None = None
+        self.copy_rewrites = False
         self.root_kind: str | None = None
 
     # -- entry points ---------------------------------------------------------------------------------
@@ -1047,6 +1052,8 @@ class _Analysis:
             where, program, path = "file", None, target
         else:
             where, program, path = ("stdin" if body.get("is_from") else "stdout"), None, None
+        if not body.get("is_from") and _copy_rewrites(body.get("options", ())):
+            self.copy_rewrites = True
         if self.copy_target is None or where in ("program", "file"):
             self.copy_target, self.copy_program, self.copy_file = where, program, path
 
@@ -1184,6 +1191,31 @@ class _Analysis:
             self._walk(select if select is not None else stmt, depth, str, root=False)
 
 
+_TEXT_COPY_DELIMITERS = frozenset({"\t", ",", ";", "|"})
+
+
+def _copy_rewrites(options: Iterable[_Node]) -> bool:
+    """Whether COPY ... TO with these options writes some characters of a value otherwise than as they
+    are: CSV doubles or escapes the QUOTE and ESCAPE characters inside a value (``QUOTE '1'`` turns
+    ``4111`` into ``41111111``), text format backslash-escapes the DELIMITER inside a value, and ENCODING
+    converts the bytes. The defaults (and a text-format tab, comma, semicolon or bar) leave values alone."""
+    values: dict[str, Any] = {}
+    for option in options:
+        elem = option.get("DefElem", {})
+        values[str(elem.get("defname", "")).lower()] = elem.get("arg")
+    csv = (_sval(values.get("format")) or "text").lower() == "csv"
+    for name in ("quote", "escape"):
+        if name in values and _sval(values[name]) != '"':
+            return True
+    if "delimiter" in values and not csv and _sval(values["delimiter"]) not in _TEXT_COPY_DELIMITERS:
+        return True
+    if "encoding" in values:
+        encoding = "".join(ch for ch in (_sval(values["encoding"]) or "") if ch.isalnum()).lower()
+        if encoding not in _UTF8_NAMES:
+            return True
+    return False
+
+
 def _constant_select(tree: list[_Node]) -> str | None:
     """The string if ``tree`` is exactly ``SELECT '<constant>'``."""
     if len(tree) != 1:
@@ -1267,6 +1299,7 @@ def _statements(sql: str) -> Iterator[Statement]:
             copy_target=analysis.copy_target,
             copy_file=analysis.copy_file,
             copy_program=analysis.copy_program,
+            copy_rewrites=analysis.copy_rewrites,
             languages=frozenset(analysis.languages),
             roles=frozenset(analysis.roles),
         )

@@ -363,6 +363,7 @@ def build_classified(sql: str, target: str, database: str) -> Classified:
         discard_all=discard_all,
         copy_to="copy_to" in kinds,
         copy_from="copy_from" in kinds,
+        copy_rewrites=any(st.copy_rewrites for st in statements),
         statements=len(statements),
     )
 

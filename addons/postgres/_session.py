@@ -208,6 +208,7 @@ class Classified:
     discard_all: bool = False
     copy_to: bool = False
     copy_from: bool = False
+    copy_rewrites: bool = False  # COPY ... TO options that rewrite characters inside values
     statements: int = 1
 
     def for_text(self, sql: str, reason: str | None) -> "Classified":
@@ -1061,15 +1062,11 @@ class Relay:
         plan = self._mask_plan(decision)
         if plan.is_empty:
             plan = None
-        elif classified.copy_to and plan.has_columns:
-            denial = Decision.deny(
-                "COPY ... TO is not available when column masking applies to your results; use SELECT, "
-                "whose columns the gateway can mask",
-                decision.mask_rule_ids[0] if decision.mask_rule_ids else "lictor:copy-masking",
-                decision.policy_version,
-            )
-            self._record_denial(sql, denial)
-            return self._deny_simple(self._denial_error(classified, [denial], denial))
+        else:
+            denial = self._copy_refusal(classified, decision, plan)
+            if denial is not None:
+                self._record_denial(sql, denial)
+                return self._deny_simple(self._denial_error(classified, [denial], denial))
         self._apply_names(classified, decision, decisions)
         if classified.statements == 1:
             texts = [sql]
@@ -1078,6 +1075,28 @@ class Relay:
         self.stats.statements += len(texts)
         self._push_z(_K_QUERY, None, _QueryRun(texts, decision, plan))
         return None
+
+    @staticmethod
+    def _copy_refusal(classified: Classified, decision: Decision, plan: Any) -> Decision | None:
+        """A COPY ... TO whose output masking could not cover, under a non-empty mask plan."""
+        if not classified.copy_to:
+            return None
+        if plan.has_columns:
+            message = (
+                "COPY ... TO is not available when column masking applies to your results; use SELECT, "
+                "whose columns the gateway can mask"
+            )
+        elif classified.copy_rewrites:
+            message = (
+                "COPY ... TO with a QUOTE, ESCAPE, DELIMITER or ENCODING option is not available when masking "
+                "applies to your results: these options rewrite characters inside values, where masking looks "
+                "for sensitive data; use the default options (FORMAT csv, HEADER, NULL and a comma, semicolon, "
+                "bar or tab delimiter are fine) or SELECT"
+            )
+        else:
+            return None
+        rule_id = decision.mask_rule_ids[0] if decision.mask_rule_ids else "lictor:copy-masking"
+        return Decision.deny(message, rule_id, decision.policy_version)
 
     def _apply_names(
         self, classified: Classified, decision: Decision, decisions: Sequence[Decision] | None = None
@@ -1197,6 +1216,11 @@ class Relay:
             self._record_denial(stmt.text, decision)
             return self._deny_extended(self._denial_error(stmt.classified, [decision], decision))
         plan = stmt.plan
+        if plan is not None and not plan.is_empty:
+            denial = self._copy_refusal(stmt.classified, decision, plan)
+            if denial is not None:
+                self._record_denial(stmt.text, denial)
+                return self._deny_extended(self._denial_error(stmt.classified, [denial], denial))
         if plan is not None and not plan.is_empty and 1 in formats:
             refusal = self._binary_refusal(stmt, formats)
             if refusal is not None:
