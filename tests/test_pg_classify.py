@@ -217,6 +217,33 @@ CASES: list[tuple[str, dict[str, object]]] = [
     ("SELECT set_config('search_path', 'x', false)", {"read_write_attempt": False, "settings": {"search_path"}}),
     ("SELECT set_config(name, 'off', false) FROM names", {"read_write_attempt": True}),  # computed name
     ("SELECT set_config('default_' || 'transaction_read_only', 'off', false)", {"read_write_attempt": True}),
+    # pg_dump's form: the name is pg_settings' column, pinned to constants by the WHERE
+    (
+        "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings "
+        "WHERE name = 'restrict_nonsystem_relation_kind'",
+        {"read_write_attempt": False, "settings": {"restrict_nonsystem_relation_kind"}, "kinds": {"select"}},
+    ),
+    (
+        "SELECT pg_catalog.set_config(s.name, 'off', false) FROM pg_catalog.pg_settings s "
+        "WHERE s.name IN ('jit', 'Role') AND s.setting <> 'off'",
+        {"settings": {"jit", "role"}, "kinds": {"select", "set_role"}},
+    ),
+    (
+        "SELECT set_config(name, 'off', false) FROM pg_settings WHERE name = 'transaction_read_only'",
+        {"read_write_attempt": True, "settings": {"transaction_read_only"}},
+    ),
+    # not pinned: an OR, another table, a CTE of that name, a nested call
+    ("SELECT set_config(name, 'x', false) FROM pg_settings WHERE name = 'jit' OR true", {"read_write_attempt": True}),
+    ("SELECT set_config(name, 'x', false) FROM pg_settings, t WHERE name = 'jit'", {"read_write_attempt": True}),
+    (
+        "WITH pg_settings AS (SELECT 'role' AS name) SELECT set_config(name, 'x', false) FROM pg_settings "
+        "WHERE name = 'jit'",
+        {"read_write_attempt": True, "settings": set()},
+    ),
+    (
+        "SELECT (SELECT set_config(name, 'x', false)) FROM pg_settings WHERE name = 'jit'",
+        {"read_write_attempt": True, "kinds": {"select", "set_role", "set_session_authorization"}},
+    ),
     ("ALTER ROLE me SET default_transaction_read_only = off", {"kind": "alter_role", "read_write_attempt": True}),
     ("ALTER DATABASE d SET default_transaction_read_only = off", {"kind": "alter_other", "read_write_attempt": True}),
     ("ALTER SYSTEM SET default_transaction_read_only = off", {"kind": "alter_system", "read_write_attempt": True}),
@@ -326,6 +353,11 @@ CASES: list[tuple[str, dict[str, object]]] = [
     ("CLUSTER t USING i", {"kind": "cluster"}),
     ("REINDEX TABLE t", {"kind": "reindex"}),
     ("LOCK TABLE t IN ACCESS EXCLUSIVE MODE", {"kind": "lock", "modifies": True}),
+    ("LOCK t", {"kind": "lock", "modifies": True}),
+    ("LOCK TABLE t IN ROW SHARE MODE", {"kind": "lock", "modifies": True}),
+    ("LOCK TABLE t IN ACCESS SHARE MODE", {"kind": "lock", "modifies": False}),  # SELECT's own lock
+    ("SELECT * FROM t FOR KEY SHARE", {"kind": "select", "modifies": True}),  # row locks write the rows
+    ("DECLARE c CURSOR FOR SELECT * FROM t FOR UPDATE", {"kind": "declare_cursor", "modifies": True}),
     ("CHECKPOINT", {"kind": "checkpoint"}),
     # built-ins that write even in a read-only transaction, or make other sessions wait
     ("SELECT pg_import_system_collations('public')", {"kind": "select", "modifies": True}),

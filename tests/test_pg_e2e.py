@@ -393,6 +393,31 @@ def test_readonly_session_is_read_only_at_the_database(env: PgEnv) -> None:
     assert env.fingerprint() == before
 
 
+def test_readonly_takes_a_dump_with_pg_dump_masked(env: PgEnv, tmp_path: Path) -> None:
+    # pg_dump sets row_security off, restrict_nonsystem_relation_kind through set_config over
+    # pg_settings, locks every table IN ACCESS SHARE MODE and, with -j, shares a snapshot.
+    for tool in ("pg_dump", "pg_restore"):
+        require(shutil.which(tool) is not None, f"{tool} is not installed")
+    environ = {**os.environ, "PGPASSWORD": env.tokens["readonly"], "PGSSLMODE": "disable", "PGCONNECT_TIMEOUT": "5"}
+    base = ["pg_dump", "-h", "127.0.0.1", "-p", str(env.port), "-U", "agent-readonly", "-d", "app"]
+    dumps = {
+        "plain": ["-f", str(tmp_path / "plain.sql")],
+        "custom": ["-Fc", "-f", str(tmp_path / "custom.dump")],
+        "directory": ["-Fd", "-j", "2", "-f", str(tmp_path / "dir")],
+        "schema": ["--schema-only", "-f", str(tmp_path / "schema.sql")],
+    }
+    for name, args in dumps.items():
+        proc = subprocess.run([*base, *args], capture_output=True, text=True, timeout=90, env=environ)
+        assert proc.returncode == 0, f"{name}: {proc.stderr}"
+    restored = subprocess.run(
+        ["pg_restore", "-f", "-", str(tmp_path / "custom.dump")], capture_output=True, text=True, check=True
+    ).stdout
+    for text in ((tmp_path / "plain.sql").read_text(), restored):
+        assert "COPY public.customers" in text and "[REDACTED:email]" in text
+        assert "@example.com" not in text and not any(card in text for card in CARDS)
+    assert "CREATE TABLE public.customers" in (tmp_path / "schema.sql").read_text()
+
+
 # -- evasions ---------------------------------------------------------------------------------------------
 
 EVASIONS: list[tuple[str, str]] = [
@@ -436,6 +461,9 @@ EVASIONS: list[tuple[str, str]] = [
     # built-ins that write or hold locks even in a read-only transaction
     ("readonly", "SELECT pg_import_system_collations('public')"),
     ("readonly", "SELECT pg_advisory_lock(42)"),
+    ("readonly", "SELECT * FROM accounts FOR UPDATE"),
+    ("readonly", "LOCK TABLE accounts IN ROW EXCLUSIVE MODE"),
+    ("readonly", "SELECT set_config(name, 'postgres', false) FROM pg_settings WHERE name = 'role'"),
 ]
 
 

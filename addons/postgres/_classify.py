@@ -304,6 +304,7 @@ READ_ONLY_KINDS = frozenset(
         "do",
         "return",
         "copy_to",
+        "lock",  # modifies unless it takes ACCESS SHARE, the lock SELECT takes (see _Analysis.locks)
     }
 )
 
@@ -680,6 +681,9 @@ class _Analysis:
         self.copy_file: str | None = None
         self.copy_program: str | None = None
         self.copy_rewrites = False
+        self.locks = False
+        # set_config() name arguments (by node identity) that a WHERE pins to these setting names
+        self.pinned_names: dict[int, list[str]] = {}
         self.root_kind: str | None = None
 
     # -- entry points ---------------------------------------------------------------------------------
@@ -851,12 +855,21 @@ class _Analysis:
         # Positional arguments come first in a call; the first one is the parameter name.
         positional = [arg for arg in args if "NamedArgExpr" not in arg]
         named = {a["NamedArgExpr"].get("name"): a["NamedArgExpr"].get("arg") for a in args if "NamedArgExpr" in a}
-        name = _sval(positional[0] if positional else named.get("setting_name"))
+        name_arg = positional[0] if positional else named.get("setting_name")
+        name = _sval(name_arg)
         if name is None:
+            pinned = self.pinned_names.get(id(name_arg))
+            if pinned is not None:
+                for name in pinned:
+                    self._set_config_name(name)
+                return
             # The parameter name is computed: it could be any of them, the identity switches included.
             self.read_write_attempt = True
             self.kinds.update(_IDENTITY_SETTINGS.values())
             return
+        self._set_config_name(name)
+
+    def _set_config_name(self, name: str) -> None:
         name = name.strip().lower()
         self.settings.add(name)
         if name in READ_ONLY_GUCS:
@@ -892,6 +905,12 @@ class _Analysis:
             self.root_kind = self.root_kind or kind
         write_keys = _WRITE_KEYS.get(key, ())
 
+        if key == "SelectStmt":
+            if "lockingClause" in body:
+                self.locks = True  # FOR UPDATE / SHARE: row locks, written into the rows
+            self._pin_setting_names(body, ctes)
+        elif key == "LockStmt" and body.get("mode") != _ACCESS_SHARE_LOCK:
+            self.locks = True  # stronger than the lock a SELECT takes
         if key in ("UpdateStmt", "DeleteStmt"):
             self.wheres.append("whereClause" in body)
         elif key == "MergeStmt":
@@ -964,6 +983,34 @@ class _Analysis:
                 stack.append((value, inner, _TARGET))
             else:
                 stack.append((value, inner, 0))
+
+    def _pin_setting_names(self, body: _Node, ctes: frozenset[str]) -> None:
+        """``SELECT set_config(name, ...) FROM pg_settings WHERE name = 'x'`` (or ``name IN ('x', ...)``, also
+        AND-ed with other conditions), as pg_dump sends it: the parameter name is a column, but the WHERE
+        lets only those constants through, so the call sets exactly those settings."""
+        sources = body.get("fromClause") or ()
+        if len(sources) != 1 or "RangeVar" not in sources[0] or "withClause" in body:
+            return
+        relation = sources[0]["RangeVar"]
+        schema = relation.get("schemaname")
+        if relation.get("relname") != "pg_settings" or relation.get("catalogname"):
+            return
+        if schema not in (None, "pg_catalog"):
+            return
+        if schema is None and "pg_settings" in ctes:
+            return
+        alias = (relation.get("alias") or {}).get("aliasname")
+        qualifiers = {alias} if alias else {"pg_settings"}
+        names = _pinned_names(body.get("whereClause"), qualifiers)
+        if names is None:
+            return
+        for target in body.get("targetList", ()):
+            call = target.get("ResTarget", {}).get("val", {}).get("FuncCall")
+            if not call or [n.lower() for n in _names(call.get("funcname", ()))] not in _SET_CONFIG_NAMES:
+                continue
+            args = call.get("args") or ()
+            if args and _is_name_column(args[0], qualifiers):
+                self.pinned_names[id(args[0])] = names
 
     def _with(
         self, with_clause: _Node, ctes: frozenset[str], stack: list[tuple[Any, frozenset[str], int]]
@@ -1216,6 +1263,56 @@ def _copy_rewrites(options: Iterable[_Node]) -> bool:
     return False
 
 
+_ACCESS_SHARE_LOCK = 1  # LockStmt.mode of LOCK ... IN ACCESS SHARE MODE (the lock SELECT takes)
+_SET_CONFIG_NAMES = (["set_config"], ["pg_catalog", "set_config"])
+
+
+def _is_name_column(node: Any, qualifiers: set[str]) -> bool:
+    """``name``, or ``q.name`` for one of ``qualifiers``: pg_settings' ``name`` column."""
+    ref = node.get("ColumnRef") if isinstance(node, dict) else None
+    if not isinstance(ref, dict):
+        return False
+    fields = ref.get("fields", ())
+    if not fields or not all(isinstance(f, dict) and "String" in f for f in fields):
+        return False
+    parts = _names(fields)
+    return parts[-1] == "name" and (len(parts) == 1 or (len(parts) == 2 and parts[0] in qualifiers))
+
+
+def _pinned_names(where: Any, qualifiers: set[str]) -> list[str] | None:
+    """The constants a WHERE restricts pg_settings' ``name`` to (``name = 'x'``, ``name IN ('x', ...)``,
+    either one AND-ed with anything), or None when it does not restrict it to constants."""
+    if not isinstance(where, dict):
+        return None
+    if "BoolExpr" in where:
+        expr = where["BoolExpr"]
+        if expr.get("boolop") != "AND_EXPR":
+            return None
+        for arg in expr.get("args", ()):
+            names = _pinned_names(arg, qualifiers)
+            if names is not None:
+                return names
+        return None
+    expr = where.get("A_Expr")
+    if not isinstance(expr, dict) or _names(expr.get("name", ())) != ["="]:
+        return None
+    left, right = expr.get("lexpr"), expr.get("rexpr")
+    if not _is_name_column(left, qualifiers):
+        left, right = right, left
+        if expr.get("kind") != "AEXPR_OP" or not _is_name_column(left, qualifiers):
+            return None
+    if expr.get("kind") == "AEXPR_OP":
+        items = [right]
+    elif expr.get("kind") == "AEXPR_IN" and isinstance(right, dict) and "List" in right:
+        items = list(right["List"].get("items", ()))
+    else:
+        return None
+    names = [_sval(item) for item in items]
+    if not names or any(n is None for n in names):
+        return None
+    return [str(n) for n in names]
+
+
 def _constant_select(tree: list[_Node]) -> str | None:
     """The string if ``tree`` is exactly ``SELECT '<constant>'``."""
     if len(tree) != 1:
@@ -1275,6 +1372,7 @@ def _statements(sql: str) -> Iterator[Statement]:
         dynamic = analysis.dynamic
         modifies = (
             bool(kinds & MODIFYING_KINDS)
+            or analysis.locks
             or dynamic
             or analysis.copy_target in ("file", "program")
             or not analysis.functions.isdisjoint(MODIFYING_FUNCTIONS)
