@@ -515,6 +515,21 @@ def test_function_call_message_is_denied(env: PgEnv) -> None:
     raw.close()
 
 
+def test_large_objects_through_libpq_fast_path(env: PgEnv, tmp_path: Path) -> None:
+    # psql's \lo_import / \lo_export (like pg_dump and pg_restore) call lo_open, loread, lowrite... by oid.
+    source = tmp_path / "in.txt"
+    source.write_text("large object through the gateway\n")
+    proc = env.psql("dba", "-c", f"\\lo_import {source}", check=True)
+    oid = int(proc.stdout.split()[-1])
+    env.psql("dba", "-c", f"\\lo_export {oid} {tmp_path / 'out.txt'}", check=True)
+    assert (tmp_path / "out.txt").read_text() == source.read_text()
+    # Where masking applies, large object contents (bytes the gateway cannot mask) are refused.
+    proc = env.psql("readonly", "-c", f"\\lo_export {oid} {tmp_path / 'ro.txt'}")
+    assert "large object contents cannot be masked" in proc.stderr and "pg-ro-mask" in proc.stderr
+    assert not (tmp_path / "ro.txt").exists()
+    env.direct("SELECT lo_unlink(%s)", [oid])
+
+
 # -- consistency after a denial ------------------------------------------------------------------------
 
 

@@ -58,6 +58,7 @@ from lictor import AuditError, Decision, Request, combine
 from . import _protocol as pg
 from ._classify import redact_secrets
 from ._pipe import Pipe
+from ._requests import requests_for_sql
 
 if TYPE_CHECKING:
     from lictor import Session, Target
@@ -84,6 +85,25 @@ _B_PARAMDESC, _B_SUSPENDED, _B_EMPTY, _B_COPYIN, _B_COPYOUT, _B_COPYBOTH = b"tsI
 _B_COPYDATA, _B_COPYDONE, _B_FCRESULT = b"dcV"
 
 _NOT_DATAROW = re.compile(rb"[^D]")
+
+# The built-in large-object functions libpq calls through the fast path (lo_open, loread, ... for
+# pg_dump, pg_restore and psql's \lo_export / \lo_import), by their oids, which PostgreSQL never changes
+# and no user function can have (user objects get oids from 16384 on).
+LARGE_OBJECT_FUNCTIONS = {
+    715: "lo_create",
+    952: "lo_open",
+    953: "lo_close",
+    954: "loread",
+    955: "lowrite",
+    956: "lo_lseek",
+    957: "lo_creat",
+    958: "lo_tell",
+    964: "lo_unlink",
+    1004: "lo_truncate",
+    3170: "lo_lseek64",
+    3171: "lo_tell64",
+    3172: "lo_truncate64",
+}
 
 # Expectation kinds: what the server owes for a message the gateway forwarded.
 _K_PARSE, _K_BIND, _K_DESC_S, _K_DESC_P, _K_EXEC, _K_CLOSE = range(6)
@@ -1336,6 +1356,9 @@ class Relay:
     def _on_function_call(self, raw: bytes) -> bytes | None:
         message = pg.decode_frontend(raw)
         assert isinstance(message, pg.FunctionCall)
+        name = LARGE_OBJECT_FUNCTIONS.get(message.oid)
+        if name is not None:
+            return self._large_object_call(message.oid, name)
         request = Request(
             protocol="postgres",
             action="function_call",
@@ -1363,6 +1386,41 @@ class Relay:
         self.stats.statements += 1
         run = Execution(request.summary, decision, None)
         self._push_z(_K_FCALL, None, run)
+        return None
+
+    def _large_object_call(self, oid: int, name: str) -> bytes | None:
+        """A fast-path call of a built-in large-object function: decided as ``SELECT pg_catalog.<name>()``
+        (so ``functions:`` and ``modifies`` rules see it); refused where masking applies, since large
+        object contents are bytes the gateway cannot mask."""
+        (request,) = requests_for_sql(f"SELECT pg_catalog.{name}()", target=self.target.name, database=self.database)
+        summary = f"FUNCTION CALL: pg_catalog.{name} (oid {oid}, protocol-level call)"
+        request = Request(
+            request.protocol,
+            request.action,
+            {**request.attrs, "function_oid": oid},
+            request.target,
+            summary,
+            f"function_call:{oid}:pg_catalog.{name}",
+        )
+        decision = self.session.decide_now(request)
+        if decision.action == "allow" and not self._mask_plan(decision).is_empty:
+            decision = Decision.deny(
+                "large object contents cannot be masked, and masking applies to your results; "
+                "read what you need with SELECT (pg_dump: add -B, which leaves large objects out)",
+                decision.mask_rule_ids[0] if decision.mask_rule_ids else "lictor:mask",
+                decision.policy_version,
+            )
+        elif decision.action == "approve":
+            decision = Decision.deny(
+                f"{decision.message} — protocol-level function calls cannot wait for approval; use SELECT",
+                decision.rule_ids[0],
+                decision.policy_version,
+            )
+        if decision.action != "allow":
+            self._record_denial(summary, decision)
+            return self._deny_simple(self._denial_error(None, [decision], decision, summary))
+        self.stats.statements += 1
+        self._push_z(_K_FCALL, None, Execution(summary, decision, None))
         return None
 
     def _on_terminate(self, raw: bytes) -> bytes | None:
