@@ -215,7 +215,7 @@ CASES: list[tuple[str, dict[str, object]]] = [
         {"read_write_attempt": True},
     ),
     ("SELECT set_config('search_path', 'x', false)", {"read_write_attempt": False, "settings": {"search_path"}}),
-    ("SELECT set_config(name, 'off', false) FROM names", {"read_write_attempt": True}),  # computed name
+    ("SELECT set_config(name, 'off', false) FROM names", {"read_write_attempt": True, "dynamic_sql": True}),
     ("SELECT set_config('default_' || 'transaction_read_only', 'off', false)", {"read_write_attempt": True}),
     # pg_dump's form: the name is pg_settings' column, pinned to constants by the WHERE
     (

@@ -464,6 +464,8 @@ EVASIONS: list[tuple[str, str]] = [
     ("readonly", "SELECT * FROM accounts FOR UPDATE"),
     ("readonly", "LOCK TABLE accounts IN ROW EXCLUSIVE MODE"),
     ("readonly", "SELECT set_config(name, 'postgres', false) FROM pg_settings WHERE name = 'role'"),
+    # a computed setting name: no settings: rule can tell it is dynamic_library_path
+    ("dba", "SELECT set_config(n, '/tmp', false) FROM (VALUES ('dynamic_library_path')) v(n)"),
 ]
 
 

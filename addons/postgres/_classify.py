@@ -863,8 +863,10 @@ class _Analysis:
                 for name in pinned:
                     self._set_config_name(name)
                 return
-            # The parameter name is computed: it could be any of them, the identity switches included.
+            # The parameter name is computed: it could be any of them, the identity switches included, and
+            # no `settings:` rule can tell which (dynamic_library_path, say): what it changes is unseen.
             self.read_write_attempt = True
+            self.dynamic = True
             self.kinds.update(_IDENTITY_SETTINGS.values())
             return
         self._set_config_name(name)

@@ -114,7 +114,11 @@ VOCABULARY_FIELDS = (
     Boolean("where", attr="has_where", description="UPDATE/DELETE has a WHERE clause"),
     Number("limit", minimum=0, description="constant LIMIT of a SELECT: {max: N}"),
     Boolean("modifies", description="the statement changes data or schema anywhere inside"),
-    Boolean("dynamic_sql", description="runs SQL the gateway cannot see (PL/pgSQL EXECUTE of an expression)"),
+    Boolean(
+        "dynamic_sql",
+        description="runs SQL the gateway cannot see (PL/pgSQL EXECUTE of an expression), or sets a setting "
+        "whose name is computed (set_config(expression, ...))",
+    ),
     Boolean(
         "leaves_read_only",
         attr="read_write_attempt",
