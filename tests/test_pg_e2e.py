@@ -975,6 +975,57 @@ def test_held_statement_denied_by_an_approver_or_cancelled_by_the_agent(env: PgE
     assert env.direct("SELECT count(*) > 0 FROM orders") == [(True,)]
 
 
+def test_an_approval_covers_one_bind_with_the_parameter_values_approvers_saw(env: PgEnv) -> None:
+    # psycopg sends parameters in the extended protocol: the statement is held at its Bind, approvers
+    # see the values, and the approval does not stretch to further executions with other values.
+    import psycopg
+
+    env.direct(
+        "CREATE OR REPLACE PROCEDURE add_order(amount int) LANGUAGE sql "
+        "AS $$ INSERT INTO orders (customer_id, amount) VALUES (1, amount) $$"
+    )
+    env_cli = {**os.environ, "LICTOR_TOKEN": env.tokens["dba"]}
+    url = f"http://127.0.0.1:{env.approvals_port}"
+    notices: list[str] = []
+    decided: list[dict[str, Any]] = []
+
+    def decide_when_asked(verdict: str, *reason: str) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for note in list(notices):
+                if "waiting for approval " in note:
+                    approval = note.split("waiting for approval ", 1)[1].split(":", 1)[0]
+                    shown = lictor("approvals", "show", approval, "--json", "--url", url, env=env_cli).stdout
+                    decided.append(json.loads(shown))
+                    lictor("approvals", verdict, approval, "--url", url, *reason, env=env_cli)
+                    return
+            time.sleep(0.1)
+
+    try:
+        with env.connect("writer") as conn:
+            conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+            approver = threading.Thread(target=decide_when_asked, args=("approve",))
+            approver.start()
+            conn.execute("CALL add_order(%s)", [4242], prepare=True)
+            approver.join()
+            assert decided[0]["payload"] == "CALL add_order($1)\n-- parameters: $1 = 4242"
+            # The same prepared statement with another value asks again.
+            notices.clear()
+            denier = threading.Thread(target=decide_when_asked, args=("deny", "--reason", "one was enough"))
+            denier.start()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="one was enough"):
+                conn.execute("CALL add_order(%s)", [999999], prepare=True)
+            denier.join()
+            assert len(decided) == 2 and decided[1]["id"] != decided[0]["id"]
+            assert decided[1]["payload"].endswith("$1 = 999999")
+        assert env.direct(
+            "SELECT count(*) FILTER (WHERE amount = 4242), count(*) FILTER (WHERE amount = 999999) FROM orders"
+        ) == [(1, 0)]
+    finally:
+        env.direct("DELETE FROM orders WHERE amount IN (4242, 999999)")
+        env.direct("DROP PROCEDURE IF EXISTS add_order(int)")
+
+
 def test_a_held_statement_is_withdrawn_when_its_agent_goes_away(env: PgEnv) -> None:
     # Reading from the agent is paused during a hold; its disconnect must still end the request, so
     # that nobody approves a statement whose agent is gone.

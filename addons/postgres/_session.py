@@ -42,14 +42,16 @@ server reports changed settings just before it); a ParameterStatus that shows ei
 """
 
 import asyncio
+import json
 import logging
 import re
 import secrets
 import struct
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
@@ -251,6 +253,7 @@ class Prepared:
     decided_at: float
     plan: Any
     fields: tuple[pg.FieldDescription, ...] | None = None
+    param_types: tuple[int, ...] = ()  # declared in the Parse (kept for statements held at Bind)
 
 
 @dataclass(eq=False)
@@ -261,6 +264,8 @@ class Portal:
     formats: tuple[int, ...]
     fields: tuple[pg.FieldDescription, ...] | None = None
     describe_pending: bool = False
+    decision: Decision | None = None  # an approved Bind: runs under its own approval, not the statement's
+    plan: Any = None
 
 
 class RowMasker:
@@ -911,9 +916,6 @@ class Relay:
         decision = stmt.decision
         if decision.policy_version != self.session.policy.version or now - stmt.decided_at > REDECIDE_SECONDS:
             decision, _ = self._decide(stmt.classified)
-            if decision.action == "approve" and stmt.decision.action == "allow" and stmt.decision.approval_id:
-                # Approved once for this connection's statement: the approval stands for its executions.
-                decision = stmt.decision
             stmt.decision = decision
             stmt.decided_at = now
             stmt.plan = self._mask_plan(decision) if decision.action != "deny" else None
@@ -1137,7 +1139,9 @@ class Relay:
                 index = classified.requests.index(request)
                 if index < len(decisions) and decisions[index].action == "allow":
                     d = decisions[index]
-            self._remember(Prepared(name, request.payload, inner, d, time.monotonic(), self._mask_plan(d)))
+            # An approved PREPARE ran nothing: its executions are decided (and held) afresh, each one.
+            decided_at = time.monotonic() if d.approval_id is None else float("-inf")
+            self._remember(Prepared(name, request.payload, inner, d, decided_at, self._mask_plan(d)))
         for name in classified.closes:
             if name is None:
                 self._cursors.clear()
@@ -1188,23 +1192,16 @@ class Relay:
             self._allow_parse(name, sql, classified, decision)
             return None
         if decision.action == "approve":
-            return self._parse_after_approval(raw, name, sql, classified, decision, decisions)
+            # Preparing runs nothing: the statement is held at each Bind, where its parameter values are
+            # known, so that an approval covers one execution with the values the approvers saw.
+            stmt = Prepared(name, sql, classified, decision, time.monotonic(), self._mask_plan(decision))
+            stmt.param_types = _param_types(raw)
+            self._remember(stmt)
+            self._push(_K_PARSE, name)
+            return None
         self._prepared.pop(name, None)
         self._record_denial(sql, decision)
         return self._deny_extended(self._denial_error(classified, decisions, decision))
-
-    async def _parse_after_approval(
-        self, raw: bytes, name: str, sql: str, classified: Classified, decision: Decision, decisions: list[Decision]
-    ) -> bytes | None:
-        final = await self._approve(classified, decision, decisions)
-        if self.closed:
-            return None
-        if final.action == "allow":
-            self._allow_parse(name, sql, classified, final)
-            return raw
-        self._prepared.pop(name, None)
-        self._record_denial(sql, final)
-        return self._deny_extended(self._denial_error(classified, [final], final))
 
     def _allow_parse(self, name: str, sql: str, classified: Classified, decision: Decision) -> None:
         self._apply_names(classified, decision)
@@ -1225,17 +1222,57 @@ class Relay:
             self._record_denial(f"BIND {stmt_name}", decision)
             return self._deny_extended(self._denial_error(None, [decision], decision, f"Bind of {stmt_name!r}"))
         decision = self._stmt_decision(stmt)
+        if decision.action == "approve":
+            return self._bind_after_approval(raw, portal_name, stmt, param_formats, params, formats)
         if decision.action != "allow":
-            if decision.action == "approve":
-                decision = Decision.deny(
-                    f"{decision.message} — the approval for this prepared statement is no longer valid; "
-                    "prepare it again to ask for a new approval",
-                    decision.rule_ids[0],
-                    decision.policy_version,
-                )
             self._record_denial(stmt.text, decision)
             return self._deny_extended(self._denial_error(stmt.classified, [decision], decision))
-        plan = stmt.plan
+        return self._bind(portal_name, stmt, decision, stmt.plan, param_formats, params, formats)
+
+    async def _bind_after_approval(
+        self,
+        raw: bytes,
+        portal_name: str,
+        stmt: Prepared,
+        param_formats: tuple[int, ...],
+        params: list[bytes | None],
+        formats: tuple[int, ...],
+    ) -> bytes | None:
+        """Hold one Bind of a statement that needs approval: what the approvers see, and what the approval
+        is bound to, is the statement with these parameter values; the approval covers this portal only."""
+        values = _param_text(stmt.param_types, param_formats, params)
+        bound = replace(
+            stmt.classified,
+            requests=tuple(replace(r, payload=f"{r.payload}\n{values}") for r in stmt.classified.requests)
+            if values
+            else stmt.classified.requests,
+        )
+        decision, decisions = self._decide(bound)
+        if decision.action == "approve":
+            decision = await self._approve(bound, decision, decisions)
+            if self.closed:
+                return None
+        if decision.action != "allow":
+            self._record_denial(stmt.text, decision)
+            return self._deny_extended(self._denial_error(bound, [decision], decision))
+        self._apply_names(stmt.classified, decision)
+        result = self._bind(
+            portal_name, stmt, decision, self._mask_plan(decision), param_formats, params, formats, approved=True
+        )
+        return raw if result is None else result
+
+    def _bind(
+        self,
+        portal_name: str,
+        stmt: Prepared,
+        decision: Decision,
+        plan: Any,
+        param_formats: tuple[int, ...],
+        params: list[bytes | None],
+        formats: tuple[int, ...],
+        *,
+        approved: bool = False,
+    ) -> bytes | None:
         if plan is not None and not plan.is_empty:
             denial = self._copy_refusal(stmt.classified, decision, plan)
             if denial is not None:
@@ -1253,7 +1290,10 @@ class Relay:
                 return self._deny_extended(self._denial_error(stmt.classified, [denial], denial))
         if len(self._portals) >= MAX_PREPARED and portal_name not in self._portals:
             self._portals.pop(next(iter(self._portals)))  # forgetting fails closed: Execute is denied
-        self._portals[portal_name] = Portal(portal_name, stmt, (param_formats, params), formats)
+        portal = Portal(portal_name, stmt, (param_formats, params), formats)
+        if approved:
+            portal.decision, portal.plan = decision, plan
+        self._portals[portal_name] = portal
         self._push(_K_BIND)
         return None
 
@@ -1301,8 +1341,8 @@ class Relay:
             self._record_denial(f"EXECUTE {portal_name}", decision)
             return self._deny_extended(self._denial_error(None, [decision], decision, f"Execute of {portal_name!r}"))
         stmt = portal.stmt
-        plan = stmt.plan
-        run = Execution(stmt.text, stmt.decision, None if plan is None or plan.is_empty else plan, stmt.name)
+        decision, plan = (stmt.decision, stmt.plan) if portal.decision is None else (portal.decision, portal.plan)
+        run = Execution(stmt.text, decision, None if plan is None or plan.is_empty else plan, stmt.name)
         run.params = portal.params
         run.portal = portal
         self._segment_execs += 1
@@ -1595,7 +1635,8 @@ class Relay:
             if t == _B_ROWDESC or t == _B_NODATA:
                 expect.popleft()
                 portal = head.data
-                if head.run is None and (portal is None or portal.stmt.plan is None or portal.stmt.plan.is_empty):
+                plan = None if portal is None else portal.stmt.plan if portal.decision is None else portal.plan
+                if head.run is None and (plan is None or plan.is_empty):
                     if portal is not None:  # nothing to mask: the columns are not needed
                         portal.describe_pending = False
                     return None
@@ -1919,6 +1960,49 @@ class _Fatal(Exception):
     def __init__(self, message: str, sqlstate: str) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+
+
+def _param_types(raw: bytes) -> tuple[int, ...]:
+    """The parameter type oids a Parse message declares (0: the server infers the type)."""
+    try:
+        pos = raw.index(b"\0", raw.index(b"\0", 5) + 1) + 1
+        (count,) = _U16.unpack_from(raw, pos)
+        return tuple(struct.unpack_from(f"!{count}I", raw, pos + 2))
+    except (ValueError, struct.error):
+        return ()
+
+
+_PARAM_STRUCTS = {16: "!?", 20: "!q", 21: "!h", 23: "!i", 26: "!I", 700: "!f", 701: "!d"}
+_PARAM_TEXT_TYPES = frozenset({18, 19, 25, 114, 1042, 1043})
+
+
+def _param_value(oid: int, fmt: int, value: bytes | None) -> str:
+    if value is None:
+        return "NULL"
+    text: str | None = None
+    if fmt == 0 or oid in _PARAM_TEXT_TYPES:
+        text = value.decode("utf-8", "replace")
+    elif oid in _PARAM_STRUCTS and len(value) == struct.calcsize(_PARAM_STRUCTS[oid]):
+        return str(struct.unpack(_PARAM_STRUCTS[oid], value)[0]).lower()
+    elif oid == 3802 and value[:1] == b"\1":  # jsonb: version 1, then the text
+        text = value[1:].decode("utf-8", "replace")
+    elif oid == 2950 and len(value) == 16:
+        text = str(uuid.UUID(bytes=value))
+    if text is None:
+        return f"(binary, type oid {oid}) 0x{value.hex()}"
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _param_text(types: tuple[int, ...], param_formats: tuple[int, ...], params: list[bytes | None]) -> str:
+    """A Bind's parameter values as a SQL comment line, for approvers (and the approval's digest)."""
+    if not params:
+        return ""
+    shown = []
+    for i, value in enumerate(params):
+        fmt = param_formats[0] if len(param_formats) == 1 else (param_formats[i] if param_formats else 0)
+        oid = types[i] if i < len(types) else 0
+        shown.append(f"${i + 1} = {_param_value(oid, fmt, value)}")
+    return "-- parameters: " + ", ".join(shown)
 
 
 def _short(sql: str) -> str:
