@@ -596,7 +596,9 @@ def test_api_and_page_authenticate_escape_and_check_csrf(tmp_path: Path) -> None
         dba = gw.issuer.issue("dba-1", {"role": "dba"}, ttl=600)
         reader = gw.issuer.issue("reader-1", {"role": "reader"}, ttl=600)
         agent = await Agent(gw, gw.verifier.verify(gw.issuer.issue("agent-x", {"role": "agent"}))).open()
-        task = agent.ask(sql(gw, "UPDATE t SET a = '<script>alert(1)</script>' WHERE id = 6", reason="<img src=x>"))
+        task = agent.ask(
+            sql(gw, "UPDATE t SET a = '<script>alert(1)</script>\u202e' WHERE id = 6", reason="<img src=x>")
+        )
         aid = await agent.held()
         async with httpx.AsyncClient(base_url=base, timeout=5) as http:
             assert (await http.get("/api/approvals")).status_code == 401
@@ -637,6 +639,8 @@ def test_api_and_page_authenticate_escape_and_check_csrf(tmp_path: Path) -> None
             assert page.status_code == 200
             assert "<script>" not in page.text and "<img" not in page.text
             assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and "&lt;img src=x&gt;" in page.text
+            # a right-to-left override would show the approver the rest of the statement reversed
+            assert "\u202e" not in page.text and "&lt;/script&gt;\\x202e&#x27; WHERE id = 6" in page.text
             record = await gw.approvals.get(aid)  # type: ignore[union-attr]
             assert record is not None and record.digest in page.text
             listing = await http.get("/approvals")

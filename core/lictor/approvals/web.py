@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .._text import printable
 from ..identity import AuthError, Identity
 from ._model import APPROVED, PENDING, Approval, ApprovalError, format_duration
 from .http import BadRequest, HttpRequest, HttpResponse, HttpServer
@@ -46,8 +47,10 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def esc(value: object) -> str:
-    """HTML-escape anything for text and double-quoted attributes."""
-    return html.escape("" if value is None else str(value), quote=True)
+    """HTML-escape anything for text and double-quoted attributes. Characters that are invisible or
+    reorder what follows (bidirectional overrides, zero-width spaces, control characters) are shown
+    as ``\\xNN`` escapes, so that the request an approver reads is the request that runs."""
+    return html.escape(printable(value), quote=True)
 
 
 def _when(ts: float | None) -> str:
