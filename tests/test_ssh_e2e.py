@@ -751,6 +751,9 @@ def test_sftp_put_get_ls_and_denied_paths(env: Env) -> None:
     assert b"uploaded.txt" in proc.stdout
     assert fetched.read_bytes() == local.read_bytes()
     assert not secret.exists() and not outside.exists()
+    # OpenSSH's sftp prints only "not found" for a refused stat: the reason comes on stderr
+    assert b"lictor: denied sftp stat of /etc/hostname by rule lictor:default-deny" in proc.stderr, _err(proc)
+    assert b"by rule op-no-secret-files: secret files stay on the host" in proc.stderr, _err(proc)
     assert env.direct(f"cat {w}/uploaded.txt").stdout == local.read_bytes()
     assert env.direct(f"test -e {w}/marker2").returncode == 1  # removing inside the work directory is allowed
     assert env.direct(f"printf keep > {w}/marker2").returncode == 0
@@ -775,8 +778,12 @@ def test_scp_over_sftp_and_legacy_scp(env: Env) -> None:
     refused = env.client.scp(env.tokens["operator"], "-O", str(local), env.client.remote("/tmp/outside-work.bin"))
     assert refused.returncode != 0
     assert b"lictor: denied" in refused.stderr
+    outside = env.client.scp(env.tokens["operator"], env.client.remote("/etc/hostname"), str(env.tmp / "outside"))
+    assert outside.returncode != 0
+    assert b"lictor: denied sftp stat of /etc/hostname" in outside.stderr, _err(outside)
     observer = env.client.scp(env.tokens["observer"], str(local), env.client.remote(f"{w}/obs.bin"))
     assert observer.returncode != 0
+    assert b"lictor: denied sftp write of " in observer.stderr, _err(observer)
     assert env.direct(f"test -e {w}/obs.bin").returncode == 1
 
 

@@ -4,7 +4,8 @@ asyncssh runs the agent's SFTP subsystem, and the ``scp -t``/``scp -f`` exec req
 scp (``scp -O``), against :class:`ProxySFTPServer`. Each operation becomes a request with channel
 ``sftp`` (or ``scp``), an ``operation`` and the ``paths`` it touches, and is forwarded to an SFTP
 client session on the target only when allowed; a denial is an SFTP "permission denied" status whose
-text is the usual ``lictor: denied ...`` message. OpenSSH 9's ``scp`` speaks SFTP, so rules for
+text is the usual ``lictor: denied ...`` message, also written to the channel's stderr (which OpenSSH's
+clients show, unlike a status text). OpenSSH 9's ``scp`` speaks SFTP, so rules for
 channel ``sftp`` govern it.
 
 Paths. Rules see absolute, normalised paths: a relative path is joined to the target account's home
@@ -219,7 +220,7 @@ class ProxySFTPServer(SFTPServer):
             },
         )
         if decision.action != "allow":
-            raise asyncssh.SFTPPermissionDenied(denial_text(request, decision))
+            raise self._denied(denial_text(request, decision))
         if content and decision.masks:
             message = (
                 f"lictor: denied {self.kind} {operation} of {paths[-1]}: its content would be masked "
@@ -227,7 +228,15 @@ class ProxySFTPServer(SFTPServer):
                 "read it with `cat` over an exec request instead, where output is masked"
             )
             self.session.record("sftp.masked_refused", {"channel": self.number, "paths": list(paths)})
-            raise asyncssh.SFTPPermissionDenied(message)
+            raise self._denied(message)
+
+    def _denied(self, message: str) -> asyncssh.SFTPPermissionDenied:
+        """The denial as an SFTP status, and as a line on the channel's stderr: OpenSSH's sftp and
+        scp show only their own text for a status ("Permission denied", "not found" after a refused
+        stat), but copy the channel's stderr to the user's terminal."""
+        with contextlib.suppress(Exception):
+            self.channel.write_stderr((message + "\n").encode("utf-8", "replace"))
+        return asyncssh.SFTPPermissionDenied(message)
 
     async def _one(self, operation: str, path: bytes) -> bytes:
         paths, real = await self._paths(path)
