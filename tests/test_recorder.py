@@ -656,6 +656,15 @@ def test_replay_and_audit_list_show_an_agents_control_characters_escaped() -> No
     assert printable("a\x1bb\nc", keep="") == "a\\x1bb\\x0ac"
 
 
+def test_replay_marks_allowed_decisions_as_allowed() -> None:
+    from lictor.recorder._replay import render
+
+    allowed = render({"kind": "decision", "t": 0, "data": {"action": "allow", "rule_ids": ["r1"]}})
+    denied = render({"kind": "decision", "t": 0, "data": {"action": "deny", "rule_ids": ["r2"], "summary": "rm x"}})
+    assert allowed is not None and allowed.startswith("✓ ALLOW [r1]")
+    assert denied is not None and denied.startswith("✗ DENY [r2] rm x")
+
+
 def test_listing_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path) -> None:
     async def main() -> None:
         gw = make_gateway(tmp_path)

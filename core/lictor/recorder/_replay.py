@@ -92,7 +92,8 @@ def _render(event: Mapping[str, Any], *, show_input: bool = False) -> str | None
     if kind == "decision":
         rules = ", ".join(map(str, d.get("rule_ids") or [])) or "?"
         what = str(d.get("action", "?")).upper()
-        text = f"✗ {what} [{rules}] {d.get('summary', '')}"
+        mark = "✓" if what == "ALLOW" else "✗"
+        text = f"{mark} {what} [{rules}] {d.get('summary', '')}"
         if d.get("message"):
             text += f"\n  {d.get('message')}"
         return text + "\n"
