@@ -720,6 +720,33 @@ def test_exec_with_a_terminal_gets_one_only_with_raw_shell(env: Env) -> None:
         admin.close()
 
 
+def test_a_terminal_without_raw_shell_is_not_recorded_as_a_denial(env: Env) -> None:
+    # Every terminal of a role without raw_shell was audited as a denied "raw interactive shell":
+    # sessions where nothing was refused were listed under --decision deny.
+    token = env.gw.token("agent-no-raw", role="operator")
+    shell = env.client.shell(token)
+    try:
+        shell.expect(PROMPT)
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+    exec_tty = env.client.shell(token, "echo with-a-terminal")
+    try:
+        exec_tty.expect(rb"with-a-terminal")
+        assert exec_tty.wait(timeout=15) == 0
+    finally:
+        exec_tty.close()
+    events = _session_events(env, "agent-no-raw")
+    shells = [e["data"] for e in events if e.get("kind") == "shell"]
+    assert shells and shells[0]["mode"] == "line"
+    assert [e["data"] for e in events if e.get("kind") == "decision" and e["data"].get("action") != "allow"] == []
+    rows = json.loads(
+        lictor("sessions", "list", "--state-dir", str(env.gw.state_dir), "--sub", "agent-no-raw", "--json").stdout
+    )
+    assert len(rows) == 2 and all(row["decisions"]["deny"] == 0 for row in rows), rows
+
+
 def test_raw_shell_for_trusted_roles(env: Env) -> None:
     shell = env.client.shell(env.tokens["admin"])
     try:

@@ -277,8 +277,7 @@ class ChannelHandler:
             # Keystrokes to a program on a terminal are commands the gateway cannot inspect (a
             # pager's `!cmd`, an editor's `:!cmd`): only roles granted raw_shell get a real terminal
             # on the target; the others run without one and the gateway plays the terminal.
-            raw_req = channel_request("raw_shell", target=self.target, summary=f"terminal for: {command[:200]}")
-            self.cooked = self.session.decide_now(raw_req).action != "allow"
+            self.cooked = not self._raw_terminal(f"terminal for: {command[:200]}")
         requests = requests_for_command(
             command, target=self.target, channel="exec", interactive=self.pty and not self.cooked, reason=self.reason
         )
@@ -329,10 +328,7 @@ class ChannelHandler:
             await self._write_err(denial_text(shell_req, decision) + "\n")
             self._exit(DENIED_STATUS)
             return
-        raw = False
-        if self.pty:
-            raw_req = channel_request("raw_shell", target=self.target, summary="raw interactive shell")
-            raw = self.session.decide_now(raw_req).action == "allow"
+        raw = self.pty and self._raw_terminal("raw interactive shell")
         self.record("shell", {"channel": self.number, "mode": "raw" if raw else "line", "pty": self.pty})
         self._plan = self.agent.session_mask_plan(decision)
         self._mask_source = decision
@@ -349,6 +345,19 @@ class ChannelHandler:
         if not await self._open_upstream(command, raw=False):
             return
         await self._join(line_mode=True)
+
+    def _raw_terminal(self, summary: str) -> bool:
+        """Whether the agent's terminal is joined raw to one on the target (channel ``raw_shell``).
+
+        Not granting it is no denial: the channel goes on with the gateway as the terminal. So the
+        policy is asked first without an audit record (a "deny" for every terminal of a role without
+        ``raw_shell`` would drown the real denials); a grant is then decided in full (hooks, audit).
+        """
+        assert self.session is not None
+        request = channel_request("raw_shell", target=self.target, summary=summary, reason=self.reason)
+        if self.session.policy_decision(request).action != "allow":
+            return False
+        return self.session.decide_now(request).action == "allow"
 
     # -- upstream -----------------------------------------------------------------------------
 
