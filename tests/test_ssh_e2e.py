@@ -814,6 +814,38 @@ def test_scp_over_sftp_and_legacy_scp(env: Env) -> None:
     assert env.direct(f"test -e {w}/obs.bin").returncode == 1
 
 
+def test_an_scp_command_line_run_on_the_target_is_an_exec_request(env: Env) -> None:
+    # Every exec starting with "scp " was taken for the far end of legacy scp: a copy the target
+    # makes itself failed with "scp: one of the arguments -f -t is required".
+    w = env.work
+    copy = env.ssh("admin", f"scp {w}/marker {w}/scp_local_copy")
+    assert copy.returncode == 0, _err(copy)
+    assert env.direct(f"cat {w}/scp_local_copy").stdout == b"keep"
+    denied = env.ssh("observer", f"scp {w}/marker {w}/scp_observer_copy")
+    _assert_denied(denied, "lictor:default-deny")
+    assert env.direct(f"test -e {w}/scp_observer_copy").returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "server"),
+    [
+        ("scp -t /srv/x", True),
+        ("scp -v -r -d -p -t -- /srv/x", True),
+        ("scp -pf '/srv/a b'", True),
+        ("scp f other:/srv/", False),
+        ("scp -r dir other:", False),
+        ("scp -oStrictHostKeyChecking=no f other:", False),
+        ("scp -t", True),
+        ("/usr/bin/scp -t /x", False),
+        ("scp 'unbalanced", False),
+    ],
+)
+def test_only_scp_with_f_or_t_is_served_as_legacy_scp(command: str, server: bool) -> None:
+    from lictor_addons.ssh._sftp import is_scp_server
+
+    assert is_scp_server(command) is server
+
+
 # -- masking and recording -------------------------------------------------------------------------
 
 

@@ -5,8 +5,8 @@ Theory of operation
 
 asyncssh hands each session channel to :func:`handle_process` as an ``SSHServerProcess`` created
 with ``encoding=None`` (bytes in both directions: a channel's encoding is fixed when it is created,
-and a text channel would mangle binary output). SFTP and legacy ``scp -t/-f`` never come here:
-asyncssh runs them against :mod:`._sftp`.
+and a text channel would mangle binary output). SFTP never comes here, and the ``scp -t/-f`` exec
+requests of legacy scp are handed to asyncssh's scp server, against :mod:`._sftp`.
 
 Exec. The command line is analysed (``_shell``) into the programs it would run; each is a request
 and all are decided together (deny wins). A denial writes ``lictor: denied ...`` to stderr and exits
@@ -43,6 +43,7 @@ from lictor import Decision, Request, Session, combine
 from ._lineedit import Echo, Eof, Line, LineEditor, Signal
 from ._record import StreamRecord
 from ._requests import channel_request, denial_text, first_denied, requests_for_command
+from ._sftp import is_scp_server, run_scp_server
 from ._upstream import Lease, UpstreamError
 
 if TYPE_CHECKING:
@@ -151,6 +152,9 @@ async def handle_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
         process.exit(UNREACHABLE_STATUS)
         return
     try:
+        if process.command is not None and is_scp_server(process.command):
+            await run_scp_server(process)
+            return
         await ChannelHandler(agent, process).run()
     except Exception:
         log.exception("ssh channel failed")

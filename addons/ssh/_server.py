@@ -76,7 +76,7 @@ class SshListener:
             server_host_keys=[cfg.host_key],
             process_factory=handle_process,
             sftp_factory=make_sftp_server,
-            allow_scp=True,
+            allow_scp=False,  # asyncssh would take every exec starting with "scp ": see handle_process
             encoding=None,
             line_editor=False,
             agent_forwarding=False,

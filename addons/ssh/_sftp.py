@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import logging
 import posixpath
+import shlex
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +50,7 @@ from ._upstream import Lease, UpstreamError
 if TYPE_CHECKING:
     from ._server import AgentConnection
 
-__all__ = ["OVERRIDDEN", "ProxySFTPServer", "make_sftp_server"]
+__all__ = ["OVERRIDDEN", "ProxySFTPServer", "is_scp_server", "make_sftp_server", "run_scp_server"]
 
 log = logging.getLogger("lictor.ssh")
 
@@ -117,6 +118,42 @@ class _Handle:
 
     def seek(self, *args: Any) -> int:
         raise asyncssh.SFTPOpUnsupported("sparse ranges are not supported through the gateway")
+
+
+_SCP_SERVER_FLAGS = frozenset("dfprtv")
+
+
+def is_scp_server(command: str) -> bool:
+    """Whether an exec request is the far end of legacy scp (``scp -O``): ``scp [-dprv] -f|-t PATH``.
+
+    Any other command line starting with ``scp`` (a copy the target itself makes: ``scp f other:``)
+    is an ordinary exec request, analysed and run on the target like every other.
+    """
+    try:
+        argv = shlex.split(command)
+    except ValueError:
+        return False
+    if not argv or argv[0] != "scp":
+        return False
+    server = False
+    for arg in argv[1:]:
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            break
+        letters = set(arg[1:])
+        if not letters <= _SCP_SERVER_FLAGS:
+            return False  # an option of the scp client
+        server = server or bool(letters & {"f", "t"})
+    return server
+
+
+async def run_scp_server(process: asyncssh.SSHServerProcess[bytes]) -> None:
+    """Serve legacy scp on ``process``'s channel against :class:`ProxySFTPServer`."""
+    from asyncssh.scp import run_scp_server as serve
+
+    command = process.command or ""
+    handler = serve(make_sftp_server(process.channel), command, process.stdin, process.stdout, process.stderr)
+    if handler is not None:
+        await handler
 
 
 async def make_sftp_server(chan: asyncssh.SSHServerChannel[bytes]) -> ProxySFTPServer:
