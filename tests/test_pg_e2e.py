@@ -466,6 +466,10 @@ EVASIONS: list[tuple[str, str]] = [
     ("readonly", "SELECT set_config(name, 'postgres', false) FROM pg_settings WHERE name = 'role'"),
     # a computed setting name: no settings: rule can tell it is dynamic_library_path
     ("dba", "SELECT set_config(n, '/tmp', false) FROM (VALUES ('dynamic_library_path')) v(n)"),
+    # what the gateway's (superuser) login could read for the agent: password hashes, the server's config
+    ("readonly", "SELECT rolname, rolpassword FROM pg_authid"),
+    ("dba", "SELECT usename, passwd FROM pg_catalog.pg_shadow"),
+    ("readonly", "SELECT sourcefile, name, setting FROM pg_file_settings"),
 ]
 
 
