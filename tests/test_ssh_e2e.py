@@ -786,6 +786,45 @@ def test_sftp_put_get_ls_and_denied_paths(env: Env) -> None:
     assert env.direct(f"printf keep > {w}/marker2").returncode == 0
 
 
+def test_an_sftp_session_that_ends_before_its_handshake_leaves_the_connection_and_the_target_clean(
+    env: Env,
+) -> None:
+    # The agent's stdin closed before the SFTP handshake: asyncssh raised into the connection, which closed
+    # the agent's whole connection (every session over a ControlMaster) and left the target's sftp-server
+    # running for ever.
+    control = env.tmp / "cm-sftp-eof"
+    base = env.client.ssh_argv(None, "-o", f"ControlPath={control}")
+    agent_env = env.client.env(env.tokens["operator"])
+    master = subprocess.Popen(
+        [*base[:-1], "-o", "ControlMaster=yes", "-N", base[-1]], env=agent_env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not control.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert control.exists(), "the master connection did not come up"
+        for _ in range(3):
+            subprocess.run(
+                [*base[:-1], "-s", base[-1], "sftp"], stdin=subprocess.DEVNULL, capture_output=True,
+                env=agent_env, timeout=30, start_new_session=True,
+            )  # fmt: skip
+        check = subprocess.run([*base[:-1], "-O", "check", base[-1]], capture_output=True, env=agent_env, timeout=30)
+        assert check.returncode == 0, check.stderr  # the master (the agent's connection) is still up
+        listed = env.client.sftp(env.tokens["operator"], f"ls {env.work}\n")
+        assert listed.returncode == 0, _err(listed)
+        deadline = time.monotonic() + 10
+        left = b""
+        while time.monotonic() < deadline:
+            left = env.direct('pgrep -c -u "$(id -u)" -f "[s]ftp-server" || true').stdout.strip()
+            if left == b"0":
+                break
+            time.sleep(0.2)
+        assert left == b"0", f"{left!r} sftp-server processes left on the target"
+    finally:
+        master.terminate()
+        master.wait(10)
+
+
 def test_scp_over_sftp_and_legacy_scp(env: Env) -> None:
     local = env.tmp / "scp_up.bin"
     local.write_bytes(os.urandom(200_000))

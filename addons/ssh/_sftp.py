@@ -28,12 +28,18 @@ protocols cannot express; read such files with ``cat`` over exec, where output i
 
 Every method of asyncssh's ``SFTPServer`` that would touch the gateway's own file system is
 overridden here; a test checks that no new one appears unnoticed.
+
+asyncssh lets an SFTP session that ends before its handshake (the agent's stdin closed at once), or
+whose server could not be made (the target unreachable), raise into its connection, which then closes
+the agent's whole connection (every channel multiplexed over it) and never releases the upstream
+session. :func:`guard_sftp_sessions` ends such a session alone, with a message and status 1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
 import posixpath
 import shlex
@@ -42,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPName, SFTPServer
+from asyncssh import stream as _stream
 from lictor import Session
 
 from ._requests import denial_text, sftp_request
@@ -50,7 +57,14 @@ from ._upstream import Lease, UpstreamError
 if TYPE_CHECKING:
     from ._server import AgentConnection
 
-__all__ = ["OVERRIDDEN", "ProxySFTPServer", "is_scp_server", "make_sftp_server", "run_scp_server"]
+__all__ = [
+    "OVERRIDDEN",
+    "ProxySFTPServer",
+    "guard_sftp_sessions",
+    "is_scp_server",
+    "make_sftp_server",
+    "run_scp_server",
+]
 
 log = logging.getLogger("lictor.ssh")
 
@@ -154,6 +168,39 @@ async def run_scp_server(process: asyncssh.SSHServerProcess[bytes]) -> None:
     handler = serve(make_sftp_server(process.channel), command, process.stdin, process.stdout, process.stderr)
     if handler is not None:
         await handler
+
+
+def guard_sftp_sessions() -> None:
+    """Run asyncssh's SFTP subsystem sessions through :func:`_guarded` (idempotent)."""
+    original = _stream.run_sftp_server
+    if getattr(original, "lictor_guarded", False):
+        return
+
+    def run_sftp_server(server: Any, reader: Any, writer: Any, version: int) -> Any:
+        return _guarded(original, server, reader, writer, version)
+
+    run_sftp_server.lictor_guarded = True  # type: ignore[attr-defined]
+    _stream.run_sftp_server = run_sftp_server
+
+
+async def _guarded(original: Any, server: Any, reader: Any, writer: Any, version: int) -> None:
+    made: Any = None
+    try:
+        made = await server if inspect.isawaitable(server) else server
+        await original(made, reader, writer, version)
+    except (EOFError, ConnectionError, OSError, asyncssh.Error) as exc:
+        channel = writer.channel
+        if made is None:  # no session on the target: say why
+            message = str(exc) if str(exc).startswith("lictor:") else f"lictor: sftp session not started: {exc}"
+            with contextlib.suppress(Exception):
+                channel.write_stderr(f"{message}\n".encode())
+        else:
+            log.info("sftp session ended before or during its handshake: %s", exc or type(exc).__name__)
+        with contextlib.suppress(Exception):
+            channel.exit(1)
+    finally:
+        if isinstance(made, ProxySFTPServer):
+            made.exit()  # idempotent: releases the upstream session
 
 
 async def make_sftp_server(chan: asyncssh.SSHServerChannel[bytes]) -> ProxySFTPServer:

@@ -90,10 +90,12 @@ class SshAddon:
 
     async def running(self, gateway: Gateway) -> None:
         from ._server import SshListener
+        from ._sftp import guard_sftp_sessions
         from ._window import bound_receive_windows
 
         if self.targets:
             bound_receive_windows()  # channels read slower than their peer writes must not buffer without bound
+            guard_sftp_sessions()  # an SFTP session that fails early must not take the agent's connection down
         for config in self.targets.values():
             listener = SshListener(gateway, config)
             await listener.start()
