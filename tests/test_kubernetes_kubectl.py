@@ -263,6 +263,36 @@ def test_exec_over_websocket_after_approval_with_stdin_inspected(cluster: Cluste
     assert out.returncode == 1 and "destructive commands" in out.stderr
 
 
+def _exec_shell(cluster: Cluster, script: str) -> tuple[int, str, str]:
+    proc = subprocess.Popen(
+        [cluster.kubectl_bin, "exec", "-i", "web-0", "--", "sh"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cluster.env("deployer"),
+    )
+    cluster.approve(cluster.wait_pending())
+    stdout, stderr = proc.communicate(script, timeout=30)
+    return proc.returncode, stdout, stderr
+
+
+def test_exec_stdin_lines_are_checked_as_the_shell_joins_them(cluster: Cluster) -> None:
+    # a backslash before the newline continues the line: the shell runs `rm -rf /data`
+    code, stdout, stderr = _exec_shell(cluster, "echo hello\nr\\\nm -rf /data\necho after\n")
+    assert code == 0, stderr
+    assert stdout.splitlines() == ["hello", "after"]
+    assert "lictor: denied by rule k8s-exec-no-destructive-commands" in stderr
+    assert "m: not found" not in stderr  # neither half reached the test server's shell
+
+    # a line too long to check in one piece is not run at all, and the lines after it are
+    long_line = "echo " + "A" * 200_000 + " ; r\\\nm -rf /data\n"
+    code, stdout, stderr = _exec_shell(cluster, f"echo hello\n{long_line}echo after\n")
+    assert code == 0, stderr
+    assert stdout.splitlines() == ["hello", "after"]
+    assert "cannot be checked, so it is not run" in stderr
+
+
 def test_spdy_is_refused_with_a_message_kubectl_prints(cluster: Cluster) -> None:
     before = len(cluster.upstream(pattern="/exec"))
     out = cluster.kubectl("deployer", "exec", "web-0", "--", "ls", "/", KUBECTL_REMOTE_COMMAND_WEBSOCKETS="false")

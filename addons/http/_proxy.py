@@ -39,8 +39,10 @@ import asyncio
 import base64
 import binascii
 import gc
+import hashlib
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -130,6 +132,7 @@ class WsState:
     inspect_stdin: bool
     maskers: dict[int, Any] = field(default_factory=dict)
     stdin_buf: bytes = b""
+    stdin_skip: bool = False  # dropping the rest of a refused over-long stdin line
     messages: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -219,6 +222,28 @@ def _body_for_record(data: bytes, truncated: bool = False, prefix: str = "") -> 
         return {f"{prefix}body": data.decode("utf-8"), f"{prefix}body_truncated": truncated}
     except UnicodeDecodeError:
         return {f"{prefix}body_b64": base64.b64encode(data).decode(), f"{prefix}body_truncated": truncated}
+
+
+_CONTINUATION = re.compile(rb"\\\n")
+
+
+def _shell_lines(buf: bytes) -> tuple[list[bytes], bytes]:
+    """Split stdin into the complete lines a shell reads (each with its newline) and the unfinished rest.
+
+    A newline preceded by an odd number of backslashes is a line continuation: the shell joins the next line
+    to this one, so it does not end the line."""
+    lines: list[bytes] = []
+    start = 0
+    i = buf.find(b"\n")
+    while i != -1:
+        j = i
+        while j > start and buf[j - 1] == 0x5C:
+            j -= 1
+        if (i - j) % 2 == 0:
+            lines.append(buf[start : i + 1])
+            start = i + 1
+        i = buf.find(b"\n", i + 1)
+    return lines, buf[start:]
 
 
 def _is_shell(argv: tuple[str, ...]) -> bool:
@@ -1363,23 +1388,35 @@ class LictorProxy:
     async def _inspect_stdin(
         self, flow: http.HTTPFlow, state: FlowState, message: Any, data: bytes, final: bool
     ) -> None:
-        """Line-inspected stdin of a non-interactive shell: each line is checked before it reaches the shell."""
+        """Line-inspected stdin of a non-interactive shell: each line is checked before it reaches the shell.
+
+        Lines are split as the shell reads them: a newline after an unescaped backslash continues the line,
+        so ``r\\`` and ``m -rf /`` are checked as the one command they are. A line that grows past
+        :data:`STDIN_LINE_LIMIT` is refused whole (checking it in pieces would let a command straddle two)."""
         ws = state.ws
         assert ws is not None
         buf = ws.stdin_buf + data
-        lines = buf.split(b"\n")
-        rest = lines.pop()  # the unfinished line (empty when buf ends with a newline)
-        complete = [line + b"\n" for line in lines]
+        if ws.stdin_skip:
+            ended, rest = _shell_lines(buf)
+            if not ended and not final:
+                # still inside the refused line: keep only a trailing backslash run, which may continue it
+                ws.stdin_buf = rest[len(rest.rstrip(b"\\")) :]
+                message.drop()
+                return
+            ws.stdin_skip = False
+            buf = buf[len(ended[0]) :] if ended else b""
+        complete, rest = _shell_lines(buf)
         if final and rest:
             complete.append(rest)
             rest = b""
+        refused = b""
         if len(rest) > STDIN_LINE_LIMIT:
-            complete.append(rest)
-            rest = b""
+            refused, rest = rest, b""
+            ws.stdin_skip = True
         ws.stdin_buf = rest
         forward: list[bytes] = []
         for line in complete:
-            text = line.decode("utf-8", "replace").strip()
+            text = _CONTINUATION.sub(b"", line).decode("utf-8", "replace").strip()
             verdict = self._check_line(state, text) if text else None
             self._record_ws(state, flow, "from_agent", "stdin", line, blocked=verdict is not None)
             if verdict is None:
@@ -1387,10 +1424,30 @@ class LictorProxy:
             else:
                 notice = f"lictor: denied by rule {verdict.rule_ids[0]}: {verdict.message}\n".encode()
                 self._inject(flow, True, b"\x02" + notice)
+        if refused:
+            self._refuse_long_line(flow, state, refused)
         if forward:
             message.content = b"\x00" + b"".join(forward)
         else:
             message.drop()
+
+    def _refuse_long_line(self, flow: http.HTTPFlow, state: FlowState, head: bytes) -> None:
+        """A stdin line too long to be checked as one line is not forwarded; the agent is told why."""
+        call = state.call
+        assert call is not None
+        message = f"a stdin line longer than {STDIN_LINE_LIMIT} bytes cannot be checked, so it is not run"
+        decision = Decision.deny(message, UNREADABLE, self.gateway.policy.version)
+        request = Request(
+            protocol="kubernetes",
+            action=str(call.request.attrs["verb"]),
+            attrs={**call.request.attrs, "command": head[:500].decode("utf-8", "replace")},
+            target=state.target.name,
+            summary=f"{call.request.summary} | stdin: {head[:500].decode('utf-8', 'replace')}",
+            payload=f"stdin {call.request.payload} sha256:{hashlib.sha256(head).hexdigest()}",
+        )
+        state.session.audit(request, decision, "stdin")
+        self._record_ws(state, flow, "from_agent", "stdin", head, blocked=True)
+        self._inject(flow, True, f"\x02lictor: denied by rule {UNREADABLE}: {message}\n".encode())
 
     def _check_line(self, state: FlowState, line: str) -> Decision | None:
         """A ``deny`` rule on this command line blocks it (the session itself was already allowed)."""
