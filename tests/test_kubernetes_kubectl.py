@@ -28,6 +28,7 @@ TEST_PACK = {
     "identities": [
         {"match": {"claims": {"role": "secret-lister"}}, "roles": ["secret-lister"]},
         {"match": {"claims": {"role": "secret-reader"}}, "roles": ["secret-reader"]},
+        {"match": {"claims": {"role": "secret-writer"}}, "roles": ["secret-writer"]},
         {"match": {"claims": {"role": "viewer"}}, "roles": ["log-masking"]},
     ],
     "roles": {
@@ -49,6 +50,17 @@ TEST_PACK = {
                     "id": "t-secrets-reveal",
                     "protocol": "kubernetes",
                     "when": {"verbs": ["reveal"], "resources": ["secrets"], "namespaces": ["apps"]},
+                    "action": "allow",
+                }
+            ],
+        },
+        "secret-writer": {
+            "inherits": ["secret-lister"],
+            "rules": [
+                {
+                    "id": "t-secrets-write",
+                    "protocol": "kubernetes",
+                    "when": {"verbs": ["create", "update", "patch"], "resources": ["secrets"], "namespaces": ["apps"]},
                     "action": "allow",
                 }
             ],
@@ -76,7 +88,7 @@ class Cluster:
         self.kubectl_bin = require_binary("kubectl")
         self.oncall = gw.token("oncall-1", role="oncall")
         self.kubeconfigs: dict[str, Path] = {}
-        for role in ("viewer", "deployer", "secret-lister", "secret-reader"):
+        for role in ("viewer", "deployer", "secret-lister", "secret-reader", "secret-writer"):
             token = gw.token(f"{role}-1", role=role)
             out = lictor(
                 "kubeconfig",
@@ -370,6 +382,21 @@ def test_secret_values_are_masked_unless_revealed(cluster: Cluster) -> None:
     assert all(v != REDACTED_B64 for v in revealed.values())
     stored = cluster.kube.get_object("secrets", "db-creds", "apps")
     assert stored is not None and revealed == stored["data"]
+
+
+def test_masked_secret_values_are_not_written_back(cluster: Cluster) -> None:
+    out = cluster.kubectl("secret-writer", "create", "secret", "generic", "round-trip", "--from-literal=pw=real-value")
+    assert out.returncode == 0, out.stderr
+    copy = cluster.kubectl("secret-writer", "get", "secret", "round-trip", "-o", "yaml").stdout
+    assert REDACTED_B64 in copy
+    out = cluster.kubectl("secret-writer", "replace", "--validate=false", "-f", "-", stdin=copy)
+    assert out.returncode == 1 and "Secret values that Lictor masked" in out.stderr, out.stderr
+    assert not cluster.upstream("PUT", "/secrets/round-trip$")
+    stored = cluster.kube.get_object("secrets", "round-trip", "apps")
+    assert stored is not None and base64.b64decode(stored["data"]["pw"]) == b"real-value"
+    # writing real values still works
+    out = cluster.kubectl("secret-writer", "patch", "secret", "round-trip", "-p", '{"stringData":{"pw":"next"}}')
+    assert out.returncode == 0, out.stderr
 
 
 def test_watched_secrets_are_masked_as_they_stream(cluster: Cluster) -> None:

@@ -98,6 +98,10 @@ DEFAULT_DENY = "lictor:default-deny"
 UNREADABLE = "lictor:unreadable-request"
 INTERNAL = "lictor:addon-error"
 SPDY_RULE = "lictor:spdy-refused"
+MASKED_WRITE_RULE = "lictor:masked-secret-write"
+# What a masked Secret value reads as in a request body: base64 in JSON and YAML, raw bytes in protobuf.
+MASKED_SECRET_FORMS = (bodies.REDACTED_B64.encode(), bodies.REDACTED.encode())
+MASKED_SECRET_HINT = f"{bodies.REDACTED}, base64 {bodies.REDACTED_B64}"
 PASSTHROUGH_BUFFER = 256 * 1024  # unmasked responses above this (or of unknown length) stream through
 TOKEN_CACHE_TTL = 60.0
 TOKEN_CACHE_SIZE = 10_000
@@ -663,6 +667,26 @@ class LictorProxy:
         upgrade = first.get("upgrade", "").strip().lower()
         if k8s and upgrade.startswith("spdy"):
             self._refuse_spdy(flow, session, request)
+            return
+
+        if call is not None and call.info.verb in ("create", "update", "patch") and _carries_masked_secret(body):
+            # A Secret read through the gateway and written back (get -o yaml | replace, apply of a saved
+            # copy) would replace the real values with the mask: the service using it would break silently.
+            decision = Decision.deny(
+                f"the request body carries Secret values that Lictor masked ({MASKED_SECRET_HINT}); written "
+                "back, the mask would overwrite what the Secret really holds",
+                MASKED_WRITE_RULE,
+                self.gateway.policy.version,
+            )
+            session.audit(request, decision, "decision")
+            self._deny(
+                flow,
+                session,
+                request,
+                decision,
+                True,
+                hint="send only the keys you change (kubectl patch, or edit without the masked keys), with real values",
+            )
             return
 
         approval_id = first.get("x-lictor-approval", "").strip()
@@ -1580,6 +1604,10 @@ def _tls_records(handler: Any, data: bytes) -> bytes | None:
                     return bytes(out)
         current = current.layer if isinstance(current, proxy_layer.NextLayer) else getattr(current, "child_layer", None)
     return None
+
+
+def _carries_masked_secret(body: bytes) -> bool:
+    return any(form in body for form in MASKED_SECRET_FORMS)
 
 
 def _is_access_review(call: K8sCall) -> bool:
