@@ -8,6 +8,7 @@ unmasked reached the agent.
 
 import asyncio
 import contextlib
+import gzip
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -387,6 +388,15 @@ async def test_proxy_style_and_ambiguous_requests_are_refused(
         + b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
     )
     assert smuggled == b"" or smuggled.startswith(b"HTTP/1.1 4")
+    # a compressed transfer coding: the gateway would decide on bytes the upstream may decompress first
+    body = gzip.compress(b'{"force": true}')
+    compressed = await _raw(
+        url,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\n"
+        + auth
+        + b"Transfer-Encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+    )
+    assert compressed == b"" or compressed.startswith(b"HTTP/1.1 4")
     assert upstream.requests == []
 
 

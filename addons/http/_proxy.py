@@ -513,8 +513,13 @@ class LictorProxy:
             headers = flow.request.headers
             lengths = headers.get_all("content-length")
             problem = ""
+            codings = ",".join(headers.get_all("transfer-encoding")).replace(" ", "").lower()
             if lengths and "transfer-encoding" in headers:
                 problem = "both Content-Length and Transfer-Encoding (request smuggling)"
+            elif codings and codings != "chunked":
+                # gzip/deflate/compress transfer codings reach the upstream as they came, which may decode
+                # them: the body decided on (still compressed) would not be the body it reads
+                problem = f"Transfer-Encoding {codings!r} (only chunked request bodies are read)"
             elif len(set(lengths)) > 1:
                 problem = "conflicting Content-Length headers"
             elif lengths:
