@@ -253,10 +253,11 @@ def test_two_of_three_approvers_each_counting_once_and_one_denial_decides(tmp_pa
         task2 = agent.ask(sql(gw, "DELETE FROM orders WHERE id = 8"))
         aid2 = await agent.held(2)
         await broker.vote(DBA2, aid2, "approve")
-        await broker.vote(DBA1, aid2, "deny", "order 8 is still open")
+        await broker.vote(DBA1, aid2, "deny", "order 8 is\x1b[2K still open")
         denied = await task2
         assert denied.action == "deny" and denied.approval_id == aid2
-        assert denied.message == f"approval {aid2} was denied by dba-1: order 8 is still open"
+        # the approver's reason reaches the agent's terminal: its control characters are escaped
+        assert denied.message == f"approval {aid2} was denied by dba-1: order 8 is\\x1b[2K still open"
         assert denied.rule_ids == ("delete-two",)
         await gw.stop()
 

@@ -116,7 +116,7 @@ def test_cli_lists_shows_approves_and_denies_held_commands(approvals_gateway: An
 
     aid, notice = agent.held("restart api #reason: deploy the fix for INC-7")
     assert notice.startswith(f"waiting for approval {aid}: restarts need an on-call approval")
-    assert f"{gw.url}/approvals/{aid}" in notice and f"lictor approvals approve {aid}" in notice
+    assert f"{gw.url}/approvals/{aid}" in notice and f"lictor approvals approve {aid} --url {gw.url}`" in notice
 
     listed = lictor("approvals", "list", "--url", gw.url, "--token", dba).stdout
     (row,) = [line for line in listed.splitlines() if line.startswith(aid)]

@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from .._text import printable
 from ..identity import Identity, parse_duration
 from ..policy_types import Decision, Request
 from ._model import (
@@ -339,7 +340,9 @@ class ApprovalBroker:
 
     def _how_to_decide(self, approval_id: str) -> str:
         url = self.review_url(approval_id)
-        cli = f"`lictor approvals approve {approval_id}`"
+        # with the URL: the command works as printed from any directory (not only next to lictor.yaml)
+        where = f" --url {self.public_url}" if self.public_url else ""
+        cli = f"`lictor approvals approve {approval_id}{where}`"
         return f"an approver can decide at {url} or with {cli}" if url else f"an approver can decide with {cli}"
 
     def _deny(self, decision: Decision, approval_id: str | None, message: str, status: str | None = None) -> Decision:
@@ -526,8 +529,9 @@ class ApprovalBroker:
         if final.status == APPROVED:
             return await self._resume(session, request, decision, final.id, consumed=False)
         if final.status == DENIED:
-            who = ", ".join(final.decided_by) or "an approver"
-            why = f": {final.decision_reason}" if final.decision_reason else ""
+            # an approver's words go into the agent's error text (and its terminal): no control characters
+            who = printable(", ".join(final.decided_by), keep="") or "an approver"
+            why = f": {printable(final.decision_reason, 2000, keep='')}" if final.decision_reason else ""
             return self._deny(decision, final.id, f"approval {final.id} was denied by {who}{why}", final.status)
         if final.status == EXPIRED:
             return self._deny(
@@ -538,7 +542,7 @@ class ApprovalBroker:
                 final.status,
             )
         if final.status == WITHDRAWN:
-            why = final.decision_reason or "withdrawn"
+            why = printable(final.decision_reason, 2000, keep="") or "withdrawn"
             return self._deny(
                 decision, final.id, f"approval {final.id} was withdrawn ({why}); retry to ask again", final.status
             )
