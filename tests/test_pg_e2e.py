@@ -966,6 +966,10 @@ def test_held_statement_denied_by_an_approver_or_cancelled_by_the_agent(env: PgE
             conn.execute("DROP TABLE orders")
         denier.join()
         assert "not now" in str(info.value) or "denied" in str(info.value)
+        # a denied request cannot be approved any more: the hint does not say to wait for it
+        assert info.value.diag.message_hint == (
+            "This approval request has ended; running the statement again asks for a new approval."
+        )
         assert conn.execute("SELECT count(*) FROM orders").fetchone()[0] > 0
         # The agent gives up a held statement with an ordinary cancel.
         notices.clear()

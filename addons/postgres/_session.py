@@ -979,6 +979,9 @@ class Relay:
                 "No rule allows this for your roles. Run only what your role allows, or ask your security team "
                 "for a rule (or an approval rule) that covers it."
             )
+        elif first.approval_id and first.approval_status not in (None, "pending"):
+            # denied, expired, withdrawn: this request is over; running the statement again asks anew
+            hint = "This approval request has ended; running the statement again asks for a new approval."
         elif first.approval_id or any(
             getattr(self.session.policy.rules_by_id.get(rule), "action", "") == "approve" for rule in first.rule_ids
         ):
