@@ -180,6 +180,24 @@ def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
 # -- holding, voting ------------------------------------------------------------------------------
 
 
+def test_a_request_too_long_to_show_whole_shows_its_beginning_and_its_end(tmp_path: Path) -> None:
+    # A long comment in front pushed what the statement does out of what approvers saw.
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        agent = await Agent(gw, AGENT).open()
+        text = "/* " + "A" * 300_000 + " */ UPDATE t SET a = 1 WHERE id = 99"
+        task = agent.ask(sql(gw, text))
+        aid = await agent.held()
+        record = await gw.approvals.get(aid)  # type: ignore[union-attr]
+        assert record is not None and record.payload_truncated
+        assert record.payload.startswith("/* AAAA") and record.payload.endswith("UPDATE t SET a = 1 WHERE id = 99")
+        assert "characters not shown" in record.payload and len(record.payload) < 270_000
+        task.cancel()
+        await gw.stop()
+
+    run(scenario)
+
+
 def test_held_request_is_released_by_an_approver_and_never_by_its_requester(tmp_path: Path) -> None:
     async def scenario() -> None:
         gw = await make_gateway(tmp_path)

@@ -18,6 +18,7 @@ __all__ = [
     "Vote",
     "format_duration",
     "new_approval_id",
+    "shown_payload",
 ]
 
 PENDING = "pending"
@@ -30,6 +31,17 @@ DECIDED = frozenset({APPROVED, DENIED, EXPIRED, USED, WITHDRAWN})
 
 DEFAULT_TIMEOUT = 15 * 60.0
 MAX_PAYLOAD = 256 * 1024  # characters of the exact request kept for display (the digest covers all of it)
+PAYLOAD_TAIL = 16 * 1024  # of which, for a longer request, its end
+
+
+def shown_payload(payload: str) -> str:
+    """What approvers see of a request: all of it, or when it is longer than :data:`MAX_PAYLOAD` its
+    beginning and its end (a long comment must not push what the statement does out of sight)."""
+    if len(payload) <= MAX_PAYLOAD:
+        return payload
+    head = MAX_PAYLOAD - PAYLOAD_TAIL
+    omitted = len(payload) - head - PAYLOAD_TAIL
+    return f"{payload[:head]}\n… {omitted} characters not shown …\n{payload[-PAYLOAD_TAIL:]}"
 
 
 class ApprovalError(Exception):

@@ -56,6 +56,7 @@ from ._model import (
     ApprovalSpec,
     format_duration,
     new_approval_id,
+    shown_payload,
 )
 from .store import Elevation, PostgresStore, _SqlStore, open_store
 from .webhooks import Webhooks, WebhookTarget
@@ -449,7 +450,7 @@ class ApprovalBroker:
             target=session.target,
             action=request.action,
             summary=request.summary[:4000],
-            payload=payload[:MAX_PAYLOAD],
+            payload=shown_payload(payload),
             payload_truncated=len(payload) > MAX_PAYLOAD,
             attrs=attrs,
             reason=request.reason,

@@ -150,7 +150,7 @@ def _print_approval(a: dict[str, Any], now: float) -> None:
     for line in _safe(a["payload"]).splitlines() or [""]:
         print(f"  {line}")
     if a.get("payload_truncated"):
-        print("  … (truncated; the approval is bound to the digest of the whole request)")
+        print("  … (its middle is not shown; the approval is bound to the digest of the whole request)")
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -310,8 +310,8 @@ class WebApp:
             notes.append(f'<p class="flash ok">Your {"approval" if done == "approve" else "denial"} was recorded.</p>')
         if a.payload_truncated:
             notes.append(
-                '<p class="flash warn">The request is too long to show in full; only its beginning is shown. '
-                "The approval is bound to the digest of the whole request.</p>"
+                '<p class="flash warn">The request is too long to show in full; only its beginning and its end are '
+                "shown. The approval is bound to the digest of the whole request.</p>"
             )
         rows = [
             ("Status", f'<span class="status-{esc(a.status)}">{esc(a.status)}</span>'),
