@@ -117,9 +117,15 @@ def test_asyncpg_pool_and_introspection_for_readonly(env: PgEnv) -> None:  # noq
         async with pool.acquire() as conn:
             out.append(await conn.fetchval("SELECT array_agg(email ORDER BY id) FROM customers"))
             out.append(await conn.fetchval("SELECT pg_sleep(0)"))
+            # asyncpg reads bytea in binary, which the gateway cannot mask: the refusal says what works
+            with pytest.raises(asyncpg.InsufficientPrivilegeError) as info:
+                await conn.fetchval("SELECT convert_to(email, 'UTF8') FROM customers WHERE id = 1")
+            assert "cast the column to text" in str(info.value), info.value
+            out.append(await conn.fetchval("SELECT convert_to(email, 'UTF8')::text FROM customers WHERE id = 1"))
         await pool.close()
         return out
 
     out = asyncio.run(main())
     assert out[:3] == ["[REDACTED:email]"] * 3
     assert out[3][0] == "[REDACTED:email]" and out[4] is None
+    assert "example.com" not in str(out[5]), out[5]

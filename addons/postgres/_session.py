@@ -1303,7 +1303,8 @@ class Relay:
     def _binary_refusal(self, stmt: Prepared, formats: tuple[int, ...]) -> str | None:
         base = (
             "binary result format is refused for results the gateway masks (it can only mask the text form); "
-            "ask for text results (psycopg: binary=False)"
+            "ask for text results (psycopg: binary=False), or cast the column to text in the query (drivers such "
+            "as asyncpg and JDBC choose binary for some types themselves)"
         )
         if stmt.fields is None:
             return None  # decided when the portal's columns are known, before its first row
