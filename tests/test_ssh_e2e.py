@@ -435,6 +435,31 @@ def test_bad_token_is_refused_with_a_reason(env: Env) -> None:
     assert b"Permission denied" in proc.stderr
 
 
+def test_a_connection_runs_nothing_once_its_token_has_expired(env: Env) -> None:
+    short = env.gw.token("agent-short", ttl="3s", role="observer")
+
+    async def run() -> tuple[Any, Any]:
+        async with asyncssh.connect(
+            "127.0.0.1",
+            env.client.port,
+            username="agent",
+            password=short,
+            known_hosts=str(env.client.known_hosts),
+            client_keys=None,
+            agent_path=None,
+            config=None,
+        ) as conn:
+            before = await conn.run("echo before")
+            await asyncio.sleep(3.5)  # the connection stays up (as with ssh's ControlMaster) past the token
+            after = await conn.run("echo after")
+            return before, after
+
+    before, after = asyncio.run(run())
+    assert before.exit_status == 0 and before.stdout == "before\n", before
+    assert after.exit_status == 126 and after.stdout == "", after
+    assert "token has expired" in after.stderr, after.stderr
+
+
 def test_registered_public_key_gets_its_identity(env: Env) -> None:
     args = ["-i", str(env.user_key), "-o", "IdentitiesOnly=yes", "-o", "PreferredAuthentications=publickey"]
     ok = env.client.ssh(None, "echo as-bob", *args, password=False, user="bob")

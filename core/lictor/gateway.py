@@ -347,6 +347,13 @@ class Gateway:
 
     def _policy_decision(self, session: Session, request: Request) -> Decision:
         policy = self.policy
+        expires = session.identity.expires_at
+        if expires is not None and time.time() > expires:
+            # A connection does not outlive the token that opened it (an SSH connection shared by many
+            # commands, a long shell): once the token has expired, nothing more is allowed on it.
+            return Decision.deny(
+                "your token has expired; reconnect with a fresh one", "lictor:token-expired", policy.version
+            )
         extra: tuple[str, ...] = ()
         if self.approvals is not None:
             extra = self.approvals.elevated_roles(session.identity, session.target)
