@@ -304,6 +304,63 @@ def test_a_connection_ends_when_its_token_expires(env: PgEnv) -> None:
         assert "token has expired" in str(info.value)
 
 
+def test_a_recording_store_that_takes_no_writes_gives_clear_refusals(env: PgEnv, tmp_path: Path) -> None:
+    import psycopg
+
+    port = free_port()
+    config = {
+        "state_dir": str(tmp_path / "state"),
+        "identity": {"issuers": [{"type": "lictor"}]},
+        "rulepacks": [str(EXAMPLE_PACKS)],
+        "recordings": {"spool": {"max_bytes": "64KiB", "segment_bytes": "8KiB", "reserve_bytes": "8KiB"}},
+        "targets": {
+            "app": {
+                "protocol": "postgres",
+                "listen": f"127.0.0.1:{port}",
+                "upstream": {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": env.dbname},
+            }
+        },
+    }
+    gw = GatewayProcess(tmp_path, config).start()
+    try:
+        token = gw.token("agent-ro", role="readonly")
+        dsn = f"host=127.0.0.1 port={port} user=agent-ro dbname=app sslmode=disable connect_timeout=5"
+        sessions = gw.state_dir / "recordings" / "sessions"
+        shutil.rmtree(sessions, ignore_errors=True)
+        sessions.parent.mkdir(parents=True, exist_ok=True)
+        sessions.write_text("")  # a file where the local sink writes its directories: it takes no writes
+        refusals: list[str] = []
+        with psycopg.connect(dsn, password=token, autocommit=True) as conn:
+            for i in range(2000):  # until the spool, which the sink no longer empties, is full
+                try:
+                    conn.execute("SELECT %s::text, repeat('x', 200)", (str(i),)).fetchone()
+                except psycopg.errors.InsufficientPrivilege as exc:  # denied, and the connection goes on
+                    assert "audit store is unavailable" in str(exc) and "lictor:audit-unavailable" in str(exc)
+                    refusals.append(str(exc))
+                    if len(refusals) == 3:
+                        break
+                except psycopg.Error as exc:  # a statement that ran but could not be recorded ends the connection
+                    assert conn.closed and "can no longer be recorded" in str(exc), str(exc)
+                    refusals.append(str(exc))
+                    break
+        assert refusals, "the spool never filled up"
+        with pytest.raises(psycopg.OperationalError) as info:
+            psycopg.connect(dsn, password=token)
+        assert "cannot record sessions right now" in str(info.value), str(info.value)
+        sessions.unlink()  # the store is back: the sink catches up, the spool empties
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with psycopg.connect(dsn, password=token, autocommit=True) as conn:
+                    assert conn.execute("SELECT 'back'").fetchone() == ("back",)
+                break
+            except psycopg.Error:
+                assert time.monotonic() < deadline, "the gateway did not take connections again"
+                time.sleep(0.2)
+    finally:
+        gw.stop()
+
+
 def test_gssenc_refused_and_ssl_accepted_on_raw_socket(env: PgEnv) -> None:
     with socket.create_connection(("127.0.0.1", env.port), timeout=5) as sock:
         sock.sendall(pg.gssenc_request())

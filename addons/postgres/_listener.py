@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pgparse
-from lictor import AuthError, Request, Target
+from lictor import AuditError, AuthError, Request, Target
 
 from . import _protocol as pg
 from ._classify import MODIFYING_KINDS, SQL_EXECUTING_FUNCTIONS, ClassificationError, classify
@@ -484,9 +484,18 @@ class _Handshake:
             target = self._select_target(startup)
             params, settings = self._check_parameters(startup)
             identity = await asyncio.wait_for(self._authenticate(target), STARTUP_TIMEOUT)
-            session = await self.gateway.open_session(
-                identity, protocol="postgres", target=target.name, peer=self.peer_text, method="jwt"
-            )
+            try:
+                session = await self.gateway.open_session(
+                    identity, protocol="postgres", target=target.name, peer=self.peer_text, method="jwt"
+                )
+            except AuditError as exc:
+                log.error("postgres session refused: it cannot be recorded: %s", exc)
+                raise _Refused(
+                    "57P03",
+                    "the gateway cannot record sessions right now (its audit and recording store is unavailable), "
+                    "so new connections are refused (fail closed)",
+                    "Retry later: connections are accepted again once the store takes writes.",
+                ) from None
             session.meta["pg_user"] = startup.user or ""
             session.meta["pg_database"] = startup.database or ""
             session.meta["tls"] = self.tls

@@ -646,6 +646,20 @@ class Relay:
     def _fatal(self, sqlstate: str, message: str) -> bytes:
         return pg.error_response("FATAL", sqlstate, message)
 
+    def _unrecordable(self, exc: AuditError) -> None:
+        """What this connection does next could not be recorded (the spool is full or broken): end it."""
+        log.error("session %s: cannot be recorded, closing the connection (fail closed): %s", self.session.id, exc)
+        self.shutdown(
+            "recording unavailable",
+            pg.error_response(
+                "FATAL",
+                "53000",
+                "lictor: this session can no longer be recorded (the gateway's audit and recording store is "
+                "unavailable); the connection is closed (fail closed)",
+                hint="Reconnect later: the gateway accepts connections again once the store takes writes.",
+            ),
+        )
+
     def _protocol_violation(self, what: str) -> None:
         self.shutdown(f"protocol violation: {what}", self._fatal("08P01", f"lictor: protocol violation: {what}"))
 
@@ -746,6 +760,9 @@ class Relay:
         except UnicodeDecodeError:
             self._protocol_violation("text is not valid UTF-8")
             return
+        except AuditError as exc:
+            self._unrecordable(exc)
+            return
         except Exception:
             log.exception("internal error in the PostgreSQL relay; closing the connection (fail closed)")
             self.shutdown(
@@ -801,6 +818,9 @@ class Relay:
             )
             result = self._deny_simple(error) if kind in (_F_QUERY, _F_FCALL) else self._deny_extended(error)
         except ConnectionError:
+            return
+        except AuditError as exc:
+            self._unrecordable(exc)
             return
         except Exception:
             log.exception("internal error while holding a statement; closing the connection (fail closed)")
@@ -1011,16 +1031,21 @@ class Relay:
         return self._deny_parse
 
     def _record_denial(self, sql: str, decision: Decision, kind: str = "statement") -> None:
-        self.session.record(
-            kind,
-            {
-                "sql": redact_secrets(sql)[:RECORD_SQL_LIMIT],
-                "decision": decision.action,
-                "rules": list(decision.rule_ids),
-                "message": decision.message,
-                "policy": decision.policy_version,
-            },
-        )
+        try:
+            self.session.record(
+                kind,
+                {
+                    "sql": redact_secrets(sql)[:RECORD_SQL_LIMIT],
+                    "decision": decision.action,
+                    "rules": list(decision.rule_ids),
+                    "message": decision.message,
+                    "policy": decision.policy_version,
+                },
+            )
+        except AuditError as exc:
+            # Nothing is forwarded: the agent still gets the denial (lictor:audit-unavailable when the spool
+            # takes no writes) on a connection that works again once the recording store is back.
+            log.error("session %s: could not record a denied statement: %s", self.session.id, exc)
 
     # -- Query -----------------------------------------------------------------------------------------
 
@@ -1489,6 +1514,9 @@ class Relay:
             )
         except _Fatal as exc:
             self.shutdown(str(exc), self._fatal(exc.sqlstate, f"lictor: {exc}"))
+        except AuditError as exc:
+            self._unrecordable(exc)
+            return
         except Exception:
             log.exception("internal error relaying the target's answer; closing the connection (fail closed)")
             self.shutdown(
