@@ -195,3 +195,42 @@ def test_two_issuer_entries_with_the_same_iss_are_refused():
     b = IssuerConfig("new", "static", "https://idp", ("lictor",), ("ES256",), public_keys=())
     with pytest.raises(ValueError, match="both have issuer 'https://idp'"):
         TokenVerifier([a, b])
+
+
+def test_a_jwks_endpoint_that_fails_is_refused_cleanly_and_not_asked_again_at_once():
+    """A JWKS endpoint that answers something other than JSON (a login page, a proxy's error page) refuses
+    the token with the reason; later tokens are refused at once, without asking it again, for a cooldown."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            body = b"<html>please log in</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/jwks.json"
+        v = TokenVerifier([IssuerConfig("idp", "jwks", "https://idp", ("lictor",), ("RS256",), jwks_url=url)])
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        claims = {"sub": "agent", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}
+        token = jwt.encode(claims, key, "RS256", headers={"kid": "k1"})
+        assert v.may_fetch(token) and not v.may_fetch("a.b.c")
+        with pytest.raises(AuthError, match="the JWKS could not be read"):
+            v.verify(token)
+        with pytest.raises(AuthError, match=r"failed to load .*retry later"):
+            v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k2"}))
+        assert len(hits) == 1
+    finally:
+        server.shutdown()

@@ -361,6 +361,79 @@ def test_a_recording_store_that_takes_no_writes_gives_clear_refusals(env: PgEnv,
         gw.stop()
 
 
+def test_a_slow_identity_provider_holds_up_no_other_connection(env: PgEnv, tmp_path: Path) -> None:
+    """A login whose token needs the identity provider's keys waits for them; the gateway's other
+    connections go on meanwhile."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import jwt
+    import psycopg
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = {**json.loads(RSAAlgorithm.to_jwk(key.public_key())), "kid": "k1", "alg": "RS256", "use": "sig"}
+
+    class SlowJwks(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            time.sleep(3)
+            body = json.dumps({"keys": [jwk]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    idp = ThreadingHTTPServer(("127.0.0.1", 0), SlowJwks)
+    threading.Thread(target=idp.serve_forever, daemon=True).start()
+    port = free_port()
+    jwks = {"type": "jwks", "issuer": "https://idp", "jwks_url": f"http://127.0.0.1:{idp.server_port}/jwks"}
+    config = {
+        "state_dir": str(tmp_path / "state"),
+        "identity": {"issuers": [{"type": "lictor"}, {**jwks, "algorithms": ["RS256"]}]},
+        "rulepacks": [str(EXAMPLE_PACKS)],
+        "targets": {
+            "app": {
+                "protocol": "postgres",
+                "listen": f"127.0.0.1:{port}",
+                "upstream": {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": env.dbname},
+            }
+        },
+    }
+    gw = GatewayProcess(tmp_path, config).start()
+    try:
+        dsn = f"host=127.0.0.1 port={port} dbname=app sslmode=disable connect_timeout=10"
+        claims = {"sub": "idp-agent", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 600}
+        idp_token = jwt.encode({**claims, "role": "readonly"}, key, "RS256", headers={"kid": "k1"})
+        logins: list[Any] = []
+
+        def login() -> None:
+            try:
+                with psycopg.connect(dsn, user="idp-agent", password=idp_token) as conn:
+                    logins.append(conn.execute("SELECT 'in'").fetchone())
+            except Exception as exc:
+                logins.append(exc)
+
+        with psycopg.connect(dsn, user="a", password=gw.token("agent-ro", role="readonly"), autocommit=True) as conn:
+            waiting = threading.Thread(target=login)
+            waiting.start()
+            slowest, end = 0.0, time.monotonic() + 2.5
+            while time.monotonic() < end:
+                t0 = time.monotonic()
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+                slowest = max(slowest, time.monotonic() - t0)
+                time.sleep(0.02)
+            waiting.join(15)
+        assert slowest < 1.0, f"a statement waited {slowest:.1f}s for another connection's login"
+        assert logins == [("in",)], logins
+    finally:
+        gw.stop()
+        idp.shutdown()
+
+
 def test_gssenc_refused_and_ssl_accepted_on_raw_socket(env: PgEnv) -> None:
     with socket.create_connection(("127.0.0.1", env.port), timeout=5) as sock:
         sock.sendall(pg.gssenc_request())

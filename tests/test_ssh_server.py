@@ -53,7 +53,7 @@ def test_an_offered_key_is_not_an_identity_a_later_password_is(tmp_path: Path) -
         assert agent.validate_public_key("x", admin_key) is True  # asyncssh has not checked a signature yet
         assert not agent._session.done()
         token = h.gateway.issuer.issue("token-agent", {"role": "observer"}, 60)
-        assert agent.validate_password("x", token) is True
+        assert await agent.validate_password("x", token) is True
         await agent.auth_completed()
         session = await agent.ready()
         return session.identity
@@ -72,7 +72,7 @@ def test_a_failed_later_attempt_clears_the_candidate(tmp_path: Path) -> None:
             await agent.ready()
         agent2 = AgentConnection(listener)
         assert agent2.validate_public_key("x", admin_key) is True
-        assert agent2.validate_password("x", "not-a-token") is False
+        assert await agent2.validate_password("x", "not-a-token") is False
         await agent2.auth_completed()
         with pytest.raises(ConnectionError):
             await agent2.ready()

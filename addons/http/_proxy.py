@@ -371,13 +371,13 @@ class LictorProxy:
         io = handler.transports.get(handler.client)
         return handler, (io.writer if io is not None else None)
 
-    def _authenticate(self, token: str, target: HttpTarget, peer: str) -> tuple[Identity, str]:
+    async def _authenticate(self, token: str, target: HttpTarget, peer: str) -> tuple[Identity, str]:
         """The verified identity behind ``token`` and its session key (same subject, issuer and claims)."""
         now = time.time()
         cached = self._tokens.get(token)
         if cached is not None and cached[1] > now:
             return cached[0], cached[2]
-        identity = self.gateway.authenticate(token, protocol=target.protocol, target=target.name, peer=peer)
+        identity = await self.gateway.authenticate_async(token, protocol=target.protocol, target=target.name, peer=peer)
         until = now + TOKEN_CACHE_TTL
         if identity.expires_at is not None:
             until = min(until, identity.expires_at)
@@ -608,7 +608,7 @@ class LictorProxy:
             )
             return
         try:
-            identity, key = self._authenticate(token, target, peer)
+            identity, key = await self._authenticate(token, target, peer)
         except AuthError as exc:
             self._answer(flow, error(401, f"token rejected: {exc}", "get a fresh token", kubernetes=k8s))
             return

@@ -633,7 +633,9 @@ class _Handshake:
         if not token:
             raise _Refused("28P01", "no token given", "Use a Lictor token as the password (PGPASSWORD).")
         try:
-            return self.gateway.authenticate(token, protocol="postgres", target=target.name, peer=self.peer_text)
+            return await self.gateway.authenticate_async(
+                token, protocol="postgres", target=target.name, peer=self.peer_text
+            )
         except AuthError as exc:
             raise _Refused(
                 "28P01",

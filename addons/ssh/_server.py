@@ -166,14 +166,18 @@ class AgentConnection(asyncssh.SSHServer):
     def password_auth_supported(self) -> bool:
         return True
 
-    def validate_password(self, username: str, password: str) -> bool:
+    async def validate_password(self, username: str, password: str) -> bool:
         self._candidate = None
         try:
-            identity = self.gateway.authenticate(password, protocol="ssh", target=self.config.name, peer=self.peer)
+            identity = await self.gateway.authenticate_async(
+                password, protocol="ssh", target=self.config.name, peer=self.peer
+            )
         except AuthError as exc:
+            self._candidate = None  # nothing offered while the token was checked stands in for it
             self._banner(f"lictor: authentication failed: {exc}\n")
             return False
         except Exception:
+            self._candidate = None
             log.exception("ssh target %s: token verification failed", self.config.name)
             self._banner("lictor: authentication failed: internal error\n")
             return False

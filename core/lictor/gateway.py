@@ -16,12 +16,14 @@ and turns any exception on the way into an audited denial. The addon then forwar
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -197,6 +199,7 @@ class Gateway:
         )
         self.issuer = LocalIssuer(self.state_dir)
         self.verifier = self._make_verifier()
+        self._verify_thread: ThreadPoolExecutor | None = None
         # The spool every audit and session event goes through before anything is forwarded.
         self.recordings = SessionRecorder.for_gateway(config, self.audit)
         self.recorder: Recorder = self.recordings
@@ -303,17 +306,36 @@ class Gateway:
     # -- identity -----------------------------------------------------------------------------
 
     def authenticate(self, token: str, *, protocol: str, target: str, peer: str) -> Identity:
-        """Verify an agent token; failures are audited and raise AuthError (message for the agent)."""
+        """Verify an agent token; failures are audited and raise AuthError (message for the agent).
+
+        A token of a JWKS issuer may need the identity provider's keys fetched first: on an event loop,
+        use :meth:`authenticate_async`, which does not hold up the other connections meanwhile."""
         try:
             identity = self.verifier.verify(token)
         except AuthError as exc:
-            self.audit_event(
-                "auth.failed",
-                {"protocol": protocol, "target": target, "peer": peer, "reason": str(exc)},
-                fail_closed=False,
-            )
+            self._auth_failed(exc, protocol, target, peer)
             raise
         return identity
+
+    async def authenticate_async(self, token: str, *, protocol: str, target: str, peer: str) -> Identity:
+        """:meth:`authenticate` for addons on the event loop: a verification that may fetch keys over the
+        network runs in a thread of its own (one at a time: the fetch is shared anyway)."""
+        if not self.verifier.may_fetch(token):
+            return self.authenticate(token, protocol=protocol, target=target, peer=peer)
+        if self._verify_thread is None:
+            self._verify_thread = ThreadPoolExecutor(1, thread_name_prefix="lictor-jwks")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._verify_thread, self.verifier.verify, token)
+        except AuthError as exc:
+            self._auth_failed(exc, protocol, target, peer)
+            raise
+
+    def _auth_failed(self, exc: AuthError, protocol: str, target: str, peer: str) -> None:
+        self.audit_event(
+            "auth.failed",
+            {"protocol": protocol, "target": target, "peer": peer, "reason": str(exc)},
+            fail_closed=False,
+        )
 
     async def open_session(
         self, identity: Identity, *, protocol: str, target: str, peer: str, method: str = "jwt"
@@ -543,5 +565,7 @@ class Gateway:
                     len(self._audit_backlog),
                     ", ".join(kind for kind, _ in self._audit_backlog),
                 )
+            if self._verify_thread is not None:
+                self._verify_thread.shutdown(wait=False, cancel_futures=True)
             self.recordings.stop()
             self.audit.close()

@@ -6,7 +6,9 @@ pyjwt against one of the configured issuers:
 * ``lictor`` — Lictor's own issuer for setups without an identity provider. An Ed25519 key in
   the state directory signs short tokens (well under OpenSSH's 1023-byte password limit).
 * ``jwks`` — an identity provider's JWKS URL, cached, refreshed when a token names an unknown
-  ``kid``.
+  ``kid``. After a failed fetch the provider is not asked again for a cooldown: tokens whose key is
+  not already known are refused at once (``Gateway.authenticate_async`` runs such verifications in a
+  thread, so a slow provider holds up no other connection).
 * ``static`` — one or more PEM public keys.
 
 Only asymmetric algorithms are accepted and each issuer has its own allow-list, so neither
@@ -185,6 +187,10 @@ class TokenVerifier:
             self.issuers[cfg.issuer] = cfg
         self.leeway = leeway
         self._jwks: dict[str, jwt.PyJWKClient] = {}
+        self._jwks_cooldown = jwks_cooldown
+        # When each JWKS last failed to load: for a cooldown, tokens naming a key not already fetched are
+        # refused at once instead of each waiting for an identity provider that is down (fail closed).
+        self._jwks_failed: dict[str, tuple[float, str]] = {}
         # Static keys, prepared once per algorithm: only those of the algorithm's key type (see _usable_keys).
         self._static_keys: dict[str, dict[str, list[Any]]] = {}
         for cfg in issuers:
@@ -197,6 +203,44 @@ class TokenVerifier:
                 self._jwks[cfg.issuer] = jwt.PyJWKClient(
                     cfg.jwks_url, cache_keys=False, lifespan=300, timeout=10, cooldown_duration=jwks_cooldown
                 )
+
+    def may_fetch(self, token: str) -> bool:
+        """Whether verifying ``token`` may fetch an identity provider's keys over the network (its issuer
+        is a JWKS one): callers on an event loop run :meth:`verify` in a thread for such tokens."""
+        token = token.strip()
+        if token.lower().startswith("bearer "):
+            token = token[7:].strip()
+        try:
+            iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError:
+            return False
+        cfg = self.issuers.get(iss) if isinstance(iss, str) else None
+        return cfg is not None and cfg.type == "jwks"
+
+    def _jwks_key(self, issuer: str, kid: Any) -> Any:
+        """The key named ``kid`` in ``issuer``'s JWKS, fetched (again) when needed; raises AuthError."""
+        client = self._jwks[issuer]
+        failed = self._jwks_failed.get(issuer)
+        if failed is not None and time.monotonic() - failed[0] < self._jwks_cooldown:
+            cached = client.jwk_set_cache.get() if client.jwk_set_cache is not None else None
+            for key in cached.keys if isinstance(cached, jwt.PyJWKSet) else ():
+                if key.key_id == kid and key.public_key_use in ("sig", None):
+                    return key.key
+            raise AuthError(
+                f"cannot find the token's signing key: the identity provider's keys failed to load ({failed[1]}); "
+                "retry later"
+            )
+        try:
+            return client.get_signing_key(kid).key
+        except jwt.PyJWKClientConnectionError as exc:
+            self._jwks_failed[issuer] = (time.monotonic(), str(exc))
+            raise AuthError(f"cannot find the token's signing key: {exc}") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"cannot find the token's signing key: {exc}") from None
+        except (OSError, ValueError) as exc:  # a connection reset while reading, a body that is not JSON
+            problem = f"the JWKS could not be read: {type(exc).__name__}: {exc}"
+            self._jwks_failed[issuer] = (time.monotonic(), problem)
+            raise AuthError(f"cannot find the token's signing key: {problem}") from None
 
     def verify(self, token: str) -> Identity:
         """Return the identity in ``token`` or raise AuthError with a reason the agent can act on."""
@@ -219,10 +263,7 @@ class TokenVerifier:
             raise AuthError(f"token algorithm {alg!r} is not allowed for issuer {iss!r}")
         keys: list[Any]
         if cfg.type == "jwks":
-            try:
-                keys = _usable_keys(alg, [self._jwks[cfg.issuer].get_signing_key_from_jwt(token).key])
-            except jwt.PyJWTError as exc:
-                raise AuthError(f"cannot find the token's signing key: {exc}") from None
+            keys = _usable_keys(alg, [self._jwks_key(cfg.issuer, header.get("kid"))])
         else:
             keys = self._static_keys[cfg.issuer][alg]
         if not keys:
