@@ -322,13 +322,20 @@ class Gateway:
         network runs in a thread of its own (one at a time: the fetch is shared anyway)."""
         if not self.verifier.may_fetch(token):
             return self.authenticate(token, protocol=protocol, target=target, peer=peer)
-        if self._verify_thread is None:
-            self._verify_thread = ThreadPoolExecutor(1, thread_name_prefix="lictor-jwks")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._verify_thread, self.verifier.verify, token)
+            return await self.verify_async(token)
         except AuthError as exc:
             self._auth_failed(exc, protocol, target, peer)
             raise
+
+    async def verify_async(self, token: str) -> Identity:
+        """Verify ``token`` (raises ``AuthError``) without blocking the event loop when that may fetch keys;
+        nothing is audited (for the approvals page and API, which audit on their own)."""
+        if not self.verifier.may_fetch(token):
+            return self.verifier.verify(token)
+        if self._verify_thread is None:
+            self._verify_thread = ThreadPoolExecutor(1, thread_name_prefix="lictor-jwks")
+        return await asyncio.get_running_loop().run_in_executor(self._verify_thread, self.verifier.verify, token)
 
     def _auth_failed(self, exc: AuthError, protocol: str, target: str, peer: str) -> None:
         self.audit_event(

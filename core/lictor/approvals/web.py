@@ -200,7 +200,7 @@ class WebApp:
         if not nonce or not hmac.compare_digest(form.get("csrf", "").encode(), self._login_csrf(nonce).encode()):
             return await self.login_form(request, "the login form expired; try again", 403)
         try:
-            identity = self.broker.gateway.verifier.verify(form.get("token", ""))
+            identity = await self.broker.gateway.verify_async(form.get("token", ""))
         except AuthError as exc:
             self.broker.gateway.audit_event(
                 "approvals.login_failed", {"peer": request.peer, "reason": str(exc)}, fail_closed=False
@@ -389,17 +389,17 @@ class WebApp:
 
     # -- JSON API -----------------------------------------------------------------------------------
 
-    def _api_identity(self, request: HttpRequest) -> Identity | HttpResponse:
+    async def _api_identity(self, request: HttpRequest) -> Identity | HttpResponse:
         auth = request.header("authorization")
         if not auth.lower().startswith("bearer "):
             return HttpResponse.json({"error": "send Authorization: Bearer <token>"}, 401)
         try:
-            return self.broker.gateway.verifier.verify(auth)
+            return await self.broker.gateway.verify_async(auth)
         except AuthError as exc:
             return HttpResponse.json({"error": f"authentication failed: {exc}"}, 401)
 
     async def api_get(self, request: HttpRequest) -> HttpResponse:
-        identity = self._api_identity(request)
+        identity = await self._api_identity(request)
         if isinstance(identity, HttpResponse):
             return identity
         rest = request.path[len("/api/approvals") :].strip("/")
@@ -422,7 +422,7 @@ class WebApp:
         return HttpResponse.json({"now": now, "approval": a.to_json()})
 
     async def api_post(self, request: HttpRequest) -> HttpResponse:
-        identity = self._api_identity(request)
+        identity = await self._api_identity(request)
         if isinstance(identity, HttpResponse):
             return identity
         parts = request.path[len("/api/approvals") :].strip("/").split("/")
