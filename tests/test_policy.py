@@ -105,6 +105,26 @@ def test_identity_globs_and_list_claims(policy):
     assert policy.roles_for(Identity("ops-1", {})) == ()
 
 
+def test_claims_match_as_json_writes_them_and_nested_claims_by_their_path(tmp_path: Path):
+    # A JSON true was compared as Python's "True", so `admin: "true"` never matched; Keycloak's
+    # realm_access.roles could not be reached at all.
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: c}\n"
+        'identities:\n  - match: {claims: {admin: "true"}}\n    roles: [a]\n'
+        "  - match: {claims: {realm_access.roles: [sre]}}\n    roles: [b]\n"
+        "roles:\n  a: {rules: []}\n  b: {rules: []}\n"
+    )
+    result = load_policy([tmp_path], {"line": LINE})
+    assert result.policy is not None, result.errors
+    roles_for = result.policy.roles_for
+    assert roles_for(Identity("x", {"admin": True})) == ("a",)
+    assert roles_for(Identity("x", {"admin": False})) == ()
+    assert roles_for(Identity("x", {"realm_access": {"roles": ["dev", "sre"]}})) == ("b",)
+    assert roles_for(Identity("x", {"realm_access": {"roles": ["dev"]}})) == ()
+    # an object has no text of its own: it matches nothing, even a pattern that looks like it
+    assert roles_for(Identity("x", {"admin": {"value": True}, "realm_access": {"roles": {"sre": 1}}})) == ()
+
+
 def test_elevation_adds_roles(policy):
     assert policy.decide(reader, req("delete x")).action == "deny"
     assert policy.decide(reader, req("delete x"), extra_roles=["operator"]).action == "allow"

@@ -53,9 +53,16 @@ class Identity:
     method: str = "jwt"
 
     def claim(self, name: str) -> Any:
+        """The claim ``name``; a dotted name that is not itself a claim reaches into nested objects
+        (``realm_access.roles``, as Keycloak puts a user's roles)."""
         if name == "sub":
             return self.subject
-        return self.claims.get(name)
+        value = self.claims.get(name)
+        if value is None and "." in name:
+            value = self.claims
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, Mapping) else None
+        return value
 
     def to_json(self) -> dict[str, Any]:
         return {"sub": self.subject, "iss": self.issuer, "jti": self.token_id, "method": self.method}

@@ -95,9 +95,19 @@ class IdentityMapping:
                 values = value
             else:
                 values = (value,)
-            if not any(fnmatch.fnmatchcase(str(v), p) for v in values for p in patterns):
+            texts = [_claim_text(v) for v in values if not isinstance(v, (Mapping, list, tuple))]
+            if not any(fnmatch.fnmatchcase(t, p) for t in texts for p in patterns):
                 return False
         return True
+
+
+def _claim_text(value: Any) -> str:
+    """A scalar claim value as rule packs write it: JSON ``true`` is ``"true"`` (Python would say ``"True"``).
+    Objects have no text of their own and match nothing: a mapping names one of their members
+    (``realm_access.roles``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 @dataclass(frozen=True)
