@@ -167,3 +167,18 @@ def test_explain_and_test_need_a_target_when_rules_are_scoped_to_targets(tmp_pat
     assert proc.returncode == 2
     out = lictor("explain", str(tmp_path), "--sub", "a", "--protocol", "ssh", "--target", "prod", "--command", "rm x")
     assert "=> DENY (denied by rule no-rm" in out.stdout
+
+
+def test_run_reports_a_recordings_directory_it_cannot_make_without_a_traceback(tmp_path: Path):
+    # A file where the recordings directory should be ended `lictor run` with a Python traceback.
+    (tmp_path / "notadir").write_text("")
+    (tmp_path / "packs").mkdir()
+    config = tmp_path / "lictor.yaml"
+    config.write_text(
+        f"version: 1\nstate_dir: {tmp_path / 'state'}\nrulepacks: [{tmp_path / 'packs'}]\n"
+        f"recordings:\n  sinks:\n    - {{type: local, path: {tmp_path / 'notadir'}}}\n"
+    )
+    out = lictor("run", "-c", str(config), check=False, timeout=60)
+    assert out.returncode == 1, out
+    assert "gateway failed to start" in out.stderr and "notadir" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr

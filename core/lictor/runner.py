@@ -307,6 +307,9 @@ async def run_gateway(
     except (ConfigError, ValueError) as exc:
         log.error("%s", exc)
         return 1
+    except OSError as exc:  # a state or recordings directory that cannot be made (a file in its place...)
+        log.error("gateway failed to start: %s", exc)
+        return 1
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
