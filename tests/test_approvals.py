@@ -29,6 +29,7 @@ from lictor.policytest import build_requests
 from lictor_addons import default_addons
 
 from tests.conftest import free_port, require
+from tests.idp import HeldJwks
 
 PACK = """
 format: lictor/v1
@@ -615,49 +616,22 @@ def test_http_server_refuses_what_it_does_not_understand(tmp_path: Path) -> None
 def test_the_approvals_api_and_page_do_not_wait_for_a_slow_identity_provider(tmp_path: Path) -> None:
     # A token of a JWKS issuer was verified on the event loop: while the identity provider was slow, the
     # whole gateway (every agent connection, the approvals page) stood still.
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    import jwt
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from jwt.algorithms import RSAAlgorithm
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = {**json.loads(RSAAlgorithm.to_jwk(key.public_key())), "kid": "k1", "alg": "RS256", "use": "sig"}
-    asked, release = threading.Event(), threading.Event()
-
-    class SlowJwks(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            asked.set()
-            release.wait(30)  # the identity provider answers only once the test lets it
-            body = json.dumps({"keys": [jwk]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    idp = ThreadingHTTPServer(("127.0.0.1", 0), SlowJwks)
-    threading.Thread(target=idp.serve_forever, daemon=True).start()
+    idp = HeldJwks()
 
     async def scenario() -> None:
         port = free_port()
-        jwks = {"type": "jwks", "issuer": "https://idp", "jwks_url": f"http://127.0.0.1:{idp.server_port}/jwks"}
-        identity = {"issuers": [{"type": "lictor"}, {**jwks, "algorithms": ["RS256"]}]}
+        identity = {"issuers": [{"type": "lictor"}, idp.issuer]}
         gw = await make_gateway(tmp_path, {"listen": f"127.0.0.1:{port}"}, identity=identity)
         dba = gw.issuer.issue("dba-1", {"role": "dba"}, ttl=600)
-        claims = {"sub": "idp-dba", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 600, "role": "dba"}
-        idp_token = jwt.encode(claims, key, "RS256", headers={"kid": "k1"})
+        idp_token = idp.token("idp-dba", role="dba")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             slow = asyncio.create_task(http.get("/api/approvals", headers={"Authorization": f"Bearer {idp_token}"}))
-            assert await asyncio.to_thread(asked.wait, 15), "the API did not ask the identity provider"
-            backstop = threading.Timer(20, release.set)  # a stalled gateway answers only after this
+            assert await asyncio.to_thread(idp.asked.wait, 15), "the API did not ask the identity provider"
+            backstop = threading.Timer(20, idp.release.set)  # a stalled gateway answers only after this
             backstop.start()
             fast = await http.get("/api/approvals", headers={"Authorization": f"Bearer {dba}"})
-            answered_while_held = not release.is_set()
-            release.set()
+            answered_while_held = not idp.release.is_set()
+            idp.release.set()
             backstop.cancel()
             assert fast.status_code == 200 and answered_while_held
             assert (await slow).status_code == 200
@@ -666,8 +640,7 @@ def test_the_approvals_api_and_page_do_not_wait_for_a_slow_identity_provider(tmp
     try:
         run(scenario)
     finally:
-        release.set()
-        idp.shutdown()
+        idp.close()
 
 
 def test_api_and_page_authenticate_escape_and_check_csrf(tmp_path: Path) -> None:

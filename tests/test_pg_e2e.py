@@ -24,6 +24,7 @@ import pytest
 from lictor_addons.postgres import _protocol as pg
 
 from tests.conftest import ROOT, GatewayProcess, free_port, lictor, require
+from tests.idp import HeldJwks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -304,15 +305,12 @@ def test_a_connection_ends_when_its_token_expires(env: PgEnv) -> None:
         assert "token has expired" in str(info.value)
 
 
-def test_a_recording_store_that_takes_no_writes_gives_clear_refusals(env: PgEnv, tmp_path: Path) -> None:
-    import psycopg
-
-    port = free_port()
-    config = {
+def own_gateway(env: PgEnv, tmp_path: Path, port: int) -> dict[str, Any]:
+    """The config of a gateway of a test's own (the example pack, the test database) on ``port``."""
+    return {
         "state_dir": str(tmp_path / "state"),
         "identity": {"issuers": [{"type": "lictor"}]},
         "rulepacks": [str(EXAMPLE_PACKS)],
-        "recordings": {"spool": {"max_bytes": "64KiB", "segment_bytes": "8KiB", "reserve_bytes": "8KiB"}},
         "targets": {
             "app": {
                 "protocol": "postgres",
@@ -321,6 +319,14 @@ def test_a_recording_store_that_takes_no_writes_gives_clear_refusals(env: PgEnv,
             }
         },
     }
+
+
+def test_a_recording_store_that_takes_no_writes_gives_clear_refusals(env: PgEnv, tmp_path: Path) -> None:
+    import psycopg
+
+    port = free_port()
+    config = own_gateway(env, tmp_path, port)
+    config["recordings"] = {"spool": {"max_bytes": "64KiB", "segment_bytes": "8KiB", "reserve_bytes": "8KiB"}}
     gw = GatewayProcess(tmp_path, config).start()
     try:
         token = gw.token("agent-ro", role="readonly")
@@ -364,53 +370,16 @@ def test_a_recording_store_that_takes_no_writes_gives_clear_refusals(env: PgEnv,
 def test_a_slow_identity_provider_holds_up_no_other_connection(env: PgEnv, tmp_path: Path) -> None:
     """A login whose token needs the identity provider's keys waits for them; the gateway's other
     connections go on meanwhile."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    import jwt
     import psycopg
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from jwt.algorithms import RSAAlgorithm
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = {**json.loads(RSAAlgorithm.to_jwk(key.public_key())), "kid": "k1", "alg": "RS256", "use": "sig"}
-
-    asked, release = threading.Event(), threading.Event()
-
-    class SlowJwks(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            asked.set()
-            release.wait(30)  # the identity provider answers only once the test lets it
-            body = json.dumps({"keys": [jwk]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    idp = ThreadingHTTPServer(("127.0.0.1", 0), SlowJwks)
-    threading.Thread(target=idp.serve_forever, daemon=True).start()
+    idp = HeldJwks()
     port = free_port()
-    jwks = {"type": "jwks", "issuer": "https://idp", "jwks_url": f"http://127.0.0.1:{idp.server_port}/jwks"}
-    config = {
-        "state_dir": str(tmp_path / "state"),
-        "identity": {"issuers": [{"type": "lictor"}, {**jwks, "algorithms": ["RS256"]}]},
-        "rulepacks": [str(EXAMPLE_PACKS)],
-        "targets": {
-            "app": {
-                "protocol": "postgres",
-                "listen": f"127.0.0.1:{port}",
-                "upstream": {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": env.dbname},
-            }
-        },
-    }
+    config = own_gateway(env, tmp_path, port)
+    config["identity"] = {"issuers": [{"type": "lictor"}, idp.issuer]}
     gw = GatewayProcess(tmp_path, config).start()
     try:
         dsn = f"host=127.0.0.1 port={port} dbname=app sslmode=disable connect_timeout=10"
-        claims = {"sub": "idp-agent", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 600}
-        idp_token = jwt.encode({**claims, "role": "readonly"}, key, "RS256", headers={"kid": "k1"})
+        idp_token = idp.token("idp-agent", role="readonly")
         logins: list[Any] = []
 
         def login() -> None:
@@ -423,22 +392,22 @@ def test_a_slow_identity_provider_holds_up_no_other_connection(env: PgEnv, tmp_p
         with psycopg.connect(dsn, user="a", password=gw.token("agent-ro", role="readonly"), autocommit=True) as conn:
             waiting = threading.Thread(target=login)
             waiting.start()
-            assert asked.wait(15), "the login did not ask the identity provider for its keys"
+            assert idp.asked.wait(15), "the login did not ask the identity provider for its keys"
             # While the provider holds that login, statements of another connection still run. (A gateway
             # that waited for the keys would answer only after the release, which comes after 20 s at most.)
-            backstop = threading.Timer(20, release.set)
+            backstop = threading.Timer(20, idp.release.set)
             backstop.start()
             for _ in range(5):
                 assert conn.execute("SELECT 1").fetchone() == (1,)
-            answered_while_held = not release.is_set()
-            release.set()
+            answered_while_held = not idp.release.is_set()
+            idp.release.set()
             backstop.cancel()
             waiting.join(15)
         assert answered_while_held, "statements waited for another connection's login"
         assert logins == [("in",)], logins
     finally:
         gw.stop()
-        idp.shutdown()
+        idp.close()
 
 
 def test_gssenc_refused_and_ssl_accepted_on_raw_socket(env: PgEnv) -> None:
