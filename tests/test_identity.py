@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from typing import Any
 
 import jwt
 import pytest
@@ -105,38 +106,48 @@ def test_parse_duration():
         parse_duration("soon")
 
 
-def test_jwks_is_cached_and_refreshed_on_unknown_kid():
-    """A real JWKS endpoint: keys fetched once, fetched again when a token names a new kid."""
+def _endpoint(answer: Any) -> tuple[str, list[str], Any]:
+    """An HTTP server answering every GET with ``answer()`` (body, content type): its URL, the paths asked
+    for, and the server (to shut down)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from jwt.algorithms import RSAAlgorithm
-
-    keys = {"k1": rsa.generate_private_key(public_exponent=65537, key_size=2048)}
-    hits = []
+    hits: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
+        def do_GET(self) -> None:
             hits.append(self.path)
-            jwks = {"keys": []}
-            for kid, k in keys.items():
-                jwk = json.loads(RSAAlgorithm.to_jwk(k.public_key()))
-                jwk.update({"kid": kid, "alg": "RS256", "use": "sig"})
-                jwks["keys"].append(jwk)
-            body = json.dumps(jwks).encode()
+            body, content_type = answer()
             self.send_response(200)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):
+        def log_message(self, *args: Any) -> None:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}/jwks.json", hits, server
+
+
+def test_jwks_is_cached_and_refreshed_on_unknown_kid():
+    """A real JWKS endpoint: keys fetched once, fetched again when a token names a new kid."""
+    from jwt.algorithms import RSAAlgorithm
+
+    keys = {"k1": rsa.generate_private_key(public_exponent=65537, key_size=2048)}
+
+    def jwks() -> tuple[bytes, str]:
+        doc: dict[str, list[dict[str, str]]] = {"keys": []}
+        for kid, k in keys.items():
+            jwk = json.loads(RSAAlgorithm.to_jwk(k.public_key()))
+            jwk.update({"kid": kid, "alg": "RS256", "use": "sig"})
+            doc["keys"].append(jwk)
+        return json.dumps(doc).encode(), "application/json"
+
+    url, hits, server = _endpoint(jwks)
     try:
-        url = f"http://127.0.0.1:{server.server_port}/jwks.json"
         v = TokenVerifier(
             [IssuerConfig("idp", "jwks", "https://idp", ("lictor",), ("RS256",), jwks_url=url)], jwks_cooldown=0
         )
@@ -200,28 +211,8 @@ def test_two_issuer_entries_with_the_same_iss_are_refused():
 def test_a_jwks_endpoint_that_fails_is_refused_cleanly_and_not_asked_again_at_once():
     """A JWKS endpoint that answers something other than JSON (a login page, a proxy's error page) refuses
     the token with the reason; later tokens are refused at once, without asking it again, for a cooldown."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    hits = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            body = b"<html>please log in</html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, hits, server = _endpoint(lambda: (b"<html>please log in</html>", "text/html"))
     try:
-        url = f"http://127.0.0.1:{server.server_port}/jwks.json"
         v = TokenVerifier([IssuerConfig("idp", "jwks", "https://idp", ("lictor",), ("RS256",), jwks_url=url)])
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         claims = {"sub": "agent", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}
