@@ -419,6 +419,18 @@ def test_watched_secrets_are_masked_as_they_stream(cluster: Cluster) -> None:
         proc.wait(timeout=10)
 
 
+def test_auth_whoami_says_who_the_agent_is_to_lictor(cluster: Cluster) -> None:
+    # Forwarded (or refused), the review described the gateway's own account, or nothing at all.
+    out = cluster.kubectl("viewer", "auth", "whoami")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"Username\s+viewer-1", out.stdout), out.stdout
+    assert re.search(r"Groups\s+\[.*\bviewer\b", out.stdout), out.stdout
+    doc = json.loads(cluster.kubectl("deployer", "auth", "whoami", "-o", "json").stdout)
+    assert doc["kind"] == "SelfSubjectReview" and doc["status"]["userInfo"]["username"] == "deployer-1"
+    assert doc["status"]["userInfo"]["extra"]["lictor.dev/issuer"] == ["lictor"]
+    assert cluster.upstream(pattern="selfsubjectreviews") == []
+
+
 def test_auth_can_i_answers_from_lictors_policy_for_the_agent(cluster: Cluster) -> None:
     # Forwarded, the review would be answered for the gateway's own account; Lictor answers for the agent.
     def can_i(role: str, *args: str) -> tuple[int, str]:

@@ -668,6 +668,9 @@ class LictorProxy:
         if call is not None and _is_access_review(call):
             self._access_review(flow, session, request, call, body)
             return
+        if call is not None and _is_self_review(call):
+            self._self_review(flow, session, request, call)
+            return
 
         upgrade = first.get("upgrade", "").strip().lower()
         if k8s and upgrade.startswith("spdy"):
@@ -902,6 +905,40 @@ class LictorProxy:
         self._answer_recorded(
             flow, session, answer, f"{request.summary}: {asked.summary}", answered, answer=verdict.action
         )
+
+    def _self_review(self, flow: http.HTTPFlow, session: Session, request: Request, call: K8sCall) -> None:
+        """Answer ``kubectl auth whoami`` (a SelfSubjectReview) with who the agent is to Lictor.
+
+        Forwarded, the cluster would describe the gateway's own account. An explicit deny rule on
+        ``selfsubjectreviews`` still refuses it; without one the agent may always ask who it is.
+        """
+        own = session.policy_decision(request)
+        if own.action == "deny" and own.rule_ids and own.rule_ids[0] != "lictor:default-deny":
+            session.audit(request, own)
+            self._deny(flow, session, request, own, True)
+            return
+        identity = session.identity
+        roles = list(session.roles(session.policy))
+        answered = Decision("allow", ("lictor:self-review",), "answered by the gateway", own.policy_version)
+        session.audit(
+            replace(request, summary=f"whoami -> {identity.subject} ({', '.join(roles) or 'no roles'})"), answered
+        )
+        answer = Answer(
+            201,
+            {
+                "kind": "SelfSubjectReview",
+                "apiVersion": f"authentication.k8s.io/{call.info.api_version or 'v1'}",
+                "metadata": {"creationTimestamp": None},
+                "status": {
+                    "userInfo": {
+                        "username": identity.subject,
+                        "groups": roles,  # Lictor's roles: what decides this agent's requests
+                        "extra": {"lictor.dev/issuer": [identity.issuer]},
+                    }
+                },
+            },
+        )
+        self._answer_recorded(flow, session, answer, request.summary, answered, answer="whoami")
 
     def _refuse_spdy(self, flow: http.HTTPFlow, session: Session, request: Request) -> None:
         """SPDY cannot be inspected: answer with the policy's denial if there is one, else explain."""
@@ -1622,6 +1659,19 @@ def _is_access_review(call: K8sCall) -> bool:
         and info.verb == "create"
         and info.api_group == "authorization.k8s.io"
         and info.resource == "selfsubjectaccessreviews"
+        and not info.subresource
+        and not info.name
+        and not info.impersonate
+    )
+
+
+def _is_self_review(call: K8sCall) -> bool:
+    info = call.info
+    return (
+        info.is_resource_request
+        and info.verb == "create"
+        and info.api_group == "authentication.k8s.io"
+        and info.resource == "selfsubjectreviews"
         and not info.subresource
         and not info.name
         and not info.impersonate
