@@ -6,7 +6,8 @@ namespaces, pods (with ``log`` and ``exec``), secrets, configmaps, services and 
 with get / list (``meta.k8s.io/v1`` ``Table`` when asked) / watch (chunked JSON lines) / create / update /
 patch (strategic-merge and merge as a recursive merge, JSON patch) / delete / deletecollection, label and
 field selectors, ``dryRun=All``, and ``Status`` errors. ``pods/NAME/exec`` runs a tiny fake shell over the
-WebSocket channel protocol (``v5.channel.k8s.io``, ``v4.channel.k8s.io``); SPDY upgrades are refused.
+WebSocket channel protocol (``v5.channel.k8s.io``, ``v4.channel.k8s.io``); SPDY upgrades are refused. Files
+that ``tar x`` extracts from stdin (what ``kubectl cp`` runs) are kept in :attr:`KubeAPIServer.files`.
 
 Every request needs ``Authorization: Bearer <token>`` and is recorded (:attr:`KubeAPIServer.requests`) so
 tests can assert what reached the upstream. State lives in memory. kubectl >= 1.32 sends the objects it builds
@@ -34,17 +35,20 @@ import datetime as dt
 import http
 import ipaddress
 import json
+import posixpath
 import re
 import secrets
 import shlex
 import signal
 import ssl
+import tarfile
 import tempfile
 import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -1199,6 +1203,7 @@ class KubeAPIServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ca_path: Path | None = None
         self._store = _Store()
+        self.files: dict[str, bytes] = {}  # what exec'd `tar x` (kubectl cp) extracted, by absolute path
         if seed:
             _seed(self._store)
         self._requests: list[RecordedRequest] = []
@@ -2097,6 +2102,16 @@ class KubeAPIServer:
                     io.err(f"cat: {path}: No such file or directory\n")
                     code = 1
             return code
+        if base == "env":
+            words = list(args)
+            while words and (words[0] in ("-", "-i", "--ignore-environment") or "=" in words[0]):
+                words = words[1:]  # env [-i] [NAME=VALUE]... COMMAND runs the command
+            if words:
+                return await self._command(words, io, env)
+        if base == "tar":
+            return await self._tar(args, io)
+        if base == "test" and len(args) == 2 and args[0] == "-d":
+            return 0 if posixpath.normpath(args[1]).strip("/") in ("", *_ROOT_LISTING.split()) else 1
         if base in ("env", "printenv"):
             io.out("".join(f"{k}={v}\n" for k, v in env.items()))
             return 0
@@ -2140,6 +2155,23 @@ class KubeAPIServer:
             return 127
         io.err(f"sh: {prog}: not found\n")
         return 127
+
+    async def _tar(self, args: list[str], io: _ExecIO) -> int:
+        """``tar xf - [-C DIR]`` (with or without ``-``, ``m``, ``v``): the archive on stdin goes to :attr:`files`."""
+        letters, rest = (args[0].lstrip("-"), args[1:]) if args else ("", [])
+        if "x" not in letters or "f" not in letters or rest[:1] != ["-"]:
+            io.err("tar: this test container only extracts an archive from stdin (tar xf - [-C DIR])\n")
+            return 2
+        directory = rest[2] if rest[1:2] == ["-C"] and len(rest) > 2 else "/"
+        data = b""
+        while (chunk := await io.read()) is not None:
+            data += chunk
+        with tarfile.open(fileobj=BytesIO(data)) as archive:
+            for member in archive.getmembers():
+                content = archive.extractfile(member) if member.isfile() else None
+                if content is not None:
+                    self.files[posixpath.normpath(posixpath.join("/", directory, member.name))] = content.read()
+        return 0
 
     async def _script(self, script: str, io: _ExecIO, env: dict[str, str]) -> int:
         """Run a tiny subset of sh: commands joined by ';', '&&', '||', with '>&2' and '$VAR'."""

@@ -275,9 +275,9 @@ def test_exec_over_websocket_after_approval_with_stdin_inspected(cluster: Cluste
     assert out.returncode == 1 and "destructive commands" in out.stderr
 
 
-def _exec_shell(cluster: Cluster, script: str) -> tuple[int, str, str]:
+def _exec_shell(cluster: Cluster, script: str, command: tuple[str, ...] = ("sh",)) -> tuple[int, str, str]:
     proc = subprocess.Popen(
-        [cluster.kubectl_bin, "exec", "-i", "web-0", "--", "sh"],
+        [cluster.kubectl_bin, "exec", "-i", "web-0", "--", *command],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -303,6 +303,64 @@ def test_exec_stdin_lines_are_checked_as_the_shell_joins_them(cluster: Cluster) 
     assert code == 0, stderr
     assert stdout.splitlines() == ["hello", "after"]
     assert "cannot be checked, so it is not run" in stderr
+
+
+def test_exec_stdin_of_a_shell_behind_a_wrapper_is_checked_too(cluster: Cluster) -> None:
+    # env, nice, timeout... run the shell: its stdin lines are the same commands as those of a plain sh
+    for command in (("env", "sh"), ("/usr/bin/env", "-i", "LANG=C", "sh")):
+        code, stdout, stderr = _exec_shell(cluster, "echo hello\nrm -rf /data\necho after\n", command)
+        assert code == 0, stderr
+        assert stdout.splitlines() == ["hello", "after"]
+        assert "lictor: denied by rule k8s-exec-no-destructive-commands" in stderr
+        assert "rm: not found" not in stderr  # the test server's shell never saw the rm line
+
+
+def test_exec_of_a_program_read_from_stdin_is_refused_before_approval(cluster: Cluster) -> None:
+    before = len(cluster.upstream(pattern="/exec"))
+    script = "import shutil; shutil.rmtree('/data')\n"
+    for command, reader in ((("python3", "-"), "python3"), (("nice", "perl"), "perl"), (("awk", "-f", "-"), "awk")):
+        out = cluster.kubectl("deployer", "exec", "-i", "web-0", "--", *command, stdin=script)
+        assert out.returncode == 1
+        assert out.stderr.startswith("Error from server (Forbidden): lictor: the command's stdin cannot be checked")
+        assert f"{reader} would read its program from stdin" in out.stderr
+        assert "rule lictor:exec-stdin-program" in out.stderr and "whose stdin lines Lictor checks" in out.stderr
+    assert len(cluster.upstream(pattern="/exec")) == before
+    out = lictor("approvals", "list", "--url", cluster.approvals_url(), "--token", cluster.oncall).stdout
+    assert not re.findall(r"\bap-[0-9a-f]+\b", out)  # nobody was asked to approve what cannot run
+
+
+def _approving(cluster: Cluster, args: list[str], stdin: bytes | None = None) -> tuple[int, str]:
+    """Run kubectl, approving every request it holds (kubectl cp execs more than once); (exit code, stderr)."""
+    proc = subprocess.Popen(
+        [cluster.kubectl_bin, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cluster.env("deployer"),
+    )
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.extend(proc.communicate(stdin or b"", timeout=60)))
+    reader.start()
+    approved: set[str] = set()
+    while reader.is_alive():
+        out = lictor("approvals", "list", "--url", cluster.approvals_url(), "--token", cluster.oncall).stdout
+        for approval_id in sorted(set(re.findall(r"\bap-[0-9a-f]+\b", out)) - approved):
+            cluster.approve(approval_id)
+            approved.add(approval_id)
+        reader.join(0.2)
+    return proc.returncode, result[1].decode()
+
+
+def test_data_on_stdin_still_reaches_the_container(cluster: Cluster) -> None:
+    local = cluster.gw.workdir / "notes.txt"
+    local.write_text("rm -rf /data is only text here\n")
+    code, stderr = _approving(cluster, ["cp", str(local), "web-0:/tmp/notes.txt"])
+    assert code == 0, stderr
+    assert cluster.kube.files["/tmp/notes.txt"] == b"rm -rf /data is only text here\n"
+    archive = subprocess.run(["tar", "cf", "-", "notes.txt"], cwd=local.parent, capture_output=True, check=True)
+    code, stderr = _approving(cluster, ["exec", "-i", "web-0", "--", "tar", "xf", "-", "-C", "/srv"], archive.stdout)
+    assert code == 0, stderr
+    assert cluster.kube.files["/srv/notes.txt"] == b"rm -rf /data is only text here\n"
 
 
 def test_spdy_is_refused_with_a_message_kubectl_prints(cluster: Cluster) -> None:

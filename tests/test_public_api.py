@@ -16,6 +16,7 @@ PUBLIC_MODULES = {
     "lictor.masking",
     "lictor.testing",
     "lictor.policy_types",
+    "lictor.shell",
 }
 
 

@@ -1,4 +1,4 @@
-"""Tests for the SSH addon's shell command-line analyser (``lictor_addons.ssh._shell``).
+"""Tests for the shell command-line analyser (``lictor.shell``) that the SSH addon and Kubernetes exec use.
 
 Everything here is text analysis; no command in this file is ever run, except in the differential
 tests at the end, which run generated commands under bash and dash as ``nobody`` with a PATH that
@@ -8,6 +8,7 @@ holds only logging stubs (``evil``, ``mark``) and a few harmless tools.
 import dataclasses
 import itertools
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lictor_addons.ssh._shell import (
+from lictor.shell import (
     MAX_COMMAND_BYTES,
     MAX_SHELL_DEPTH,
     Analysis,
@@ -29,6 +30,7 @@ from lictor_addons.ssh._shell import (
     ShellIncompleteError,
     ShellParseError,
     analyse,
+    stdin_shell,
 )
 
 
@@ -1280,3 +1282,73 @@ def test_shell_line_requests_refuse_a_final_backslash_and_overlong_lines() -> No
     assert "line continuation" in req.attrs["parse_error"]
     (req,) = requests_for_command("echo " + "A" * 4100, target="t", channel="shell_line", max_bytes=4000)
     assert "longer than 4000 bytes" in req.attrs["parse_error"]
+
+
+# --------------------------------------------------------------------------------------------------
+# An argv run without a shell, its stdin the agent's stream (kubectl exec -i)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "reader"),
+    [
+        (["sh"], "sh"),
+        (["/bin/bash", "-s", "arg"], "bash"),
+        (["sh", "-"], "sh"),
+        (["sh", "/dev/stdin"], "sh"),
+        (["env", "sh"], "sh"),
+        (["/usr/bin/env", "-i", "LANG=C", "sh"], "sh"),
+        (["nice", "-n", "5", "sh"], "sh"),
+        (["timeout", "60", "sh"], "sh"),
+        (["nohup", "sh"], "sh"),
+        (["stdbuf", "-oL", "sh"], "sh"),
+        (["setsid", "sh"], "sh"),
+        (["command", "sh"], "sh"),
+        (["exec", "sh"], "sh"),
+        (["busybox", "sh"], "sh"),
+        (["busybox", "env", "sh"], "sh"),
+        (["sudo", "-u", "app", "sh"], "sh"),
+        # stdin is data
+        (["tar", "-xmf", "-", "-C", "/tmp"], None),
+        (["tar", "xf", "-"], None),
+        (["cat"], None),
+        (["tee", "/tmp/f"], None),
+        (["gzip", "-d"], None),
+        (["sh", "-c", "cat > /tmp/f"], None),
+        (["sh", "job.sh"], None),
+        (["python3", "job.py"], None),
+        (["python3", "-c", "import sys; print(sys.stdin.read())"], None),
+        (["awk", "{print $1}"], None),
+        (["xargs", "rm"], None),
+        (["rm *"], None),  # one word: a program of that name, nothing expands without a shell
+    ],
+)
+def test_stdin_shell_finds_the_shell_behind_wrappers(argv: list[str], reader: str | None) -> None:
+    assert stdin_shell(argv) == reader
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["python3", "-"], "python3 would read its program from stdin"),
+        (["python3"], "python3 would read its program from stdin"),
+        (["nice", "perl"], "perl would read its program from stdin"),
+        (["ruby"], "ruby would read its program from stdin"),
+        (["node"], "node would read its program from stdin"),
+        (["php"], "php would read its program from stdin"),
+        (["lua"], "lua would read its program from stdin"),
+        (["tclsh"], "tclsh would read its program from stdin"),
+        (["awk", "-f", "-"], "awk would read its program from stdin"),
+        (["awk", "-f", "/dev/stdin"], "awk would read its program from stdin"),
+        (["psql", "-U", "app"], "psql would read its program from stdin"),
+        (["xargs", "sh"], "input of xargs"),
+        (["sh", "-c", "sh"], "sh would read its program from stdin"),
+        (["sh", "-c", "cat | sh"], "piped into sh"),
+        (["bash", "-c", "exec python3"], "python3 would read its program from stdin"),
+        (["fish"], "fish syntax is not analysed"),
+        (["sh", "a\x00b"], "NUL"),
+    ],
+)
+def test_stdin_shell_refuses_program_text_it_cannot_check(argv: list[str], message: str) -> None:
+    with pytest.raises(ShellParseError, match=re.escape(message)):
+        stdin_shell(argv)

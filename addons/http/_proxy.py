@@ -53,6 +53,7 @@ from typing import Any
 
 import mitmproxy
 from lictor import AuthError, Decision, Gateway, Identity, Request, Session
+from lictor.shell import ShellParseError, stdin_shell
 from mitmproxy import http, tls
 from mitmproxy.addons import next_layer, proxyserver, tlsconfig
 from mitmproxy.connection import Client
@@ -99,6 +100,7 @@ UNREADABLE = "lictor:unreadable-request"
 INTERNAL = "lictor:addon-error"
 SPDY_RULE = "lictor:spdy-refused"
 MASKED_WRITE_RULE = "lictor:masked-secret-write"
+STDIN_PROGRAM_RULE = "lictor:exec-stdin-program"
 # What a masked Secret value reads as in a request body: base64 in JSON and YAML, raw bytes in protobuf.
 MASKED_SECRET_FORMS = (bodies.REDACTED_B64.encode(), bodies.REDACTED.encode())
 MASKED_SECRET_HINT = f"{bodies.REDACTED}, base64 {bodies.REDACTED_B64}"
@@ -115,7 +117,6 @@ CHANNEL_PROTOCOLS = (
     "channel.k8s.io",
 )
 WS_BEARER_PREFIX = "base64url.bearer.authorization.k8s.io."
-SHELLS = frozenset(["sh", "bash", "ash", "dash", "zsh", "ksh", "mksh", "fish", "busybox"])
 SECRET_QUERY_WORDS = ("token", "key", "secret", "password", "passwd", "signature", "auth", "credential")
 SPDY_MESSAGE = (
     "this gateway relays exec, attach and port-forward only over WebSockets, where it can inspect and record "
@@ -248,20 +249,6 @@ def _shell_lines(buf: bytes) -> tuple[list[bytes], bytes]:
             start = i + 1
         i = buf.find(b"\n", i + 1)
     return lines, buf[start:]
-
-
-def _is_shell(argv: tuple[str, ...]) -> bool:
-    if not argv:
-        return False
-    name = argv[0].rsplit("/", 1)[-1]
-    if name not in SHELLS:
-        return False
-    args = argv[1:]
-    if name == "busybox":
-        if not args or args[0] not in ("sh", "ash"):
-            return False
-        args = args[1:]
-    return not any(a == "-c" or (a.startswith("-") and not a.startswith("--") and "c" in a) for a in args)
 
 
 class LictorProxy:
@@ -672,6 +659,18 @@ class LictorProxy:
             self._self_review(flow, session, request, call)
             return
 
+        inspect_stdin = False
+        if call is not None and call.info.subresource == "exec" and call.info.stdin and not call.info.tty:
+            # What reads the agent's stdin: data, a shell whose lines are checked, or program text that
+            # cannot be (python3 -, awk -f -, sh -c 'cat | sh'): refused before anyone is asked to approve it,
+            # and before the SPDY check, so that kubectl's SPDY fallback gets this answer too.
+            try:
+                inspect_stdin = stdin_shell(call.info.exec_command) is not None
+            except ShellParseError as exc:
+                if session.policy_decision(request).action != "deny":  # else the policy's own denial
+                    self._refuse_stdin_program(flow, session, request, str(exc))
+                    return
+
         upgrade = first.get("upgrade", "").strip().lower()
         if k8s and upgrade.startswith("spdy"):
             self._refuse_spdy(flow, session, request)
@@ -740,7 +739,7 @@ class LictorProxy:
             state.tap.scrubber = bodies.Scrubber(secrets)
 
         if upgrade:
-            answer = self._prepare_upgrade(flow, state, upgrade)
+            answer = self._prepare_upgrade(flow, state, upgrade, inspect_stdin)
             if answer is not None:
                 self._record_request(flow, state, body, fields)
                 self._answer(flow, answer)
@@ -962,8 +961,29 @@ class LictorProxy:
             hint="kubectl falls back to SPDY only when the WebSocket attempt fails: check that one",
         )
 
-    def _prepare_upgrade(self, flow: http.HTTPFlow, state: FlowState, upgrade: str) -> Answer | None:
-        """Allowed requests that ask to switch protocols: only WebSockets, and on Kubernetes only channels."""
+    def _refuse_stdin_program(self, flow: http.HTTPFlow, session: Session, request: Request, problem: str) -> None:
+        """``kubectl exec -i`` of a command that would run program text from stdin that cannot be checked."""
+        decision = Decision.deny(
+            f"the command's stdin cannot be checked line by line, so it is not run: {problem}",
+            STDIN_PROGRAM_RULE,
+            self.gateway.policy.version,
+        )
+        session.audit(request, decision, "decision")
+        self._deny(
+            flow,
+            session,
+            request,
+            decision,
+            True,
+            hint="put the script in a file in the container and run that (python3 /path/script.py), or send "
+            "shell commands to sh (kubectl exec -i POD -- sh < script), whose stdin lines Lictor checks",
+        )
+
+    def _prepare_upgrade(
+        self, flow: http.HTTPFlow, state: FlowState, upgrade: str, inspect_stdin: bool
+    ) -> Answer | None:
+        """Allowed requests that ask to switch protocols: only WebSockets, and on Kubernetes only channels.
+        ``inspect_stdin``: a shell reads its commands from the exec's stdin, so each line is checked."""
         headers = flow.request.headers
         k8s = state.target.kubernetes
         if upgrade != "websocket":
@@ -1005,8 +1025,7 @@ class LictorProxy:
                         kubernetes=True,
                     )
                 offered = kept_protocols
-                inspect = info.subresource == "exec" and info.stdin and not info.tty and _is_shell(info.exec_command)
-                state.ws = WsState(channels=True, inspect_stdin=inspect)
+                state.ws = WsState(channels=True, inspect_stdin=inspect_stdin)
         else:
             state.ws = WsState(channels=False, inspect_stdin=False)
         headers.pop("sec-websocket-protocol", None)

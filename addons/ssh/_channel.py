@@ -8,7 +8,7 @@ with ``encoding=None`` (bytes in both directions: a channel's encoding is fixed 
 and a text channel would mangle binary output). SFTP never comes here, and the ``scp -t/-f`` exec
 requests of legacy scp are handed to asyncssh's scp server, against :mod:`._sftp`.
 
-Exec. The command line is analysed (``_shell``) into the programs it would run; each is a request
+Exec. The command line is analysed (``lictor.shell``) into the programs it would run; each is a request
 and all are decided together (deny wins). A denial writes ``lictor: denied ...`` to stderr and exits
 with status 126; an ``approve`` decision holds the channel (the approval id goes to stderr) until a
 human decides. When allowed, the exact same command line is run on the target through a pooled

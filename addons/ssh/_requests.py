@@ -3,7 +3,7 @@
 Shared by the listener and by ``lictor test`` (``request: {protocol: ssh, command: "..."}``).
 
 A command line (an exec request or one line typed into a shell) becomes one request per program it
-would run (see ``_shell``); they are decided together and deny wins. A command line that cannot be
+would run (see ``lictor.shell``); they are decided together and deny wins. A command line that cannot be
 analysed becomes a single request carrying ``parse_error``: the addon's ``request`` hook denies it
 before the policy sees it, under the rule id ``lictor:ssh-unparsable``.
 """
@@ -15,8 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 from lictor import Decision, Request
-
-from ._shell import Invocation, ShellParseError, analyse
+from lictor.shell import Invocation, ShellParseError, analyse
 
 __all__ = [
     "NOT_WRAPPED",

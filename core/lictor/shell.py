@@ -1,4 +1,4 @@
-"""Static analysis of shell command lines for the SSH addon.
+"""Static analysis of shell command lines, for the SSH addon and for Kubernetes exec.
 
 Theory of operation
 ===================
@@ -75,6 +75,12 @@ How it is checked. Besides tables of cases and fuzzing, the tests run generated 
 bash and dash in a sandbox where every program is a logging stub, and require that everything the
 shells ran was reported.
 
+Programs started without a shell. ``kubectl exec -i POD -- ARGV`` runs ``ARGV`` directly, with the
+agent's stream as its standard input. :func:`stdin_shell` applies the same analysis to such an argv to
+tell what becomes of that input: data (``tar xf -``), the commands of a POSIX shell (``sh``, ``env sh``,
+``nice bash -s``), whose lines the caller checks one by one, or program text that cannot be inspected
+(``python3 -``, ``awk -f -``, ``xargs sh``), which raises.
+
 Known limits (documented, not guessed): the content of files the command runs (``sh script.sh``,
 ``source f``, ``~/.bashrc``, git or ssh configuration), the environment the target's sshd provides
 (the SSH addon must not forward agent-chosen variables), the login shell of the target account (it
@@ -86,7 +92,7 @@ are reported as themselves and the rules must treat them as able to run anything
 
 import posixpath
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
@@ -99,6 +105,7 @@ __all__ = [
     "ShellIncompleteError",
     "ShellParseError",
     "analyse",
+    "stdin_shell",
 ]
 
 MAX_COMMAND_BYTES = 64 * 1024
@@ -186,11 +193,11 @@ def analyse(command: str, *, interactive: bool = False, line: bool = False) -> A
     if "\x00" in command:
         raise ShellParseError("the command contains a NUL byte")
     if interactive:
-        for line in command.split("\n"):
-            if line.startswith("^"):
+        for typed in command.split("\n"):
+            if typed.startswith("^"):
                 raise ShellParseError("'^old^new' history substitution is not allowed in interactive lines")
     ctx = _Ctx(interactive=interactive)
-    ctx.line = line
+    ctx.line = line or interactive  # typed text ends with a newline too: a final backslash would continue it
     env = _Env(via=None, stdin=_CHANNEL, redirects=(), depth=0)
     try:
         _analyse_text(command, env, ctx, interactive=interactive)
@@ -198,6 +205,37 @@ def analyse(command: str, *, interactive: bool = False, line: bool = False) -> A
         raise ShellParseError("the command is nested too deeply") from None
     ctx.finish()
     return Analysis(tuple(ctx.out))
+
+
+def stdin_shell(argv: Sequence[str]) -> str | None:
+    """What becomes of the standard input of a program started directly with ``argv`` (no shell in
+    between, no terminal), when that input is the agent's stream: ``kubectl exec -i POD -- ARGV``.
+
+    Returns the name of the program that reads shell commands from it: a POSIX shell reached directly or
+    through wrappers (``sh``, ``bash -s``, ``env sh``, ``nice -n 5 sh``, ``timeout 60 sh``, ``busybox env
+    sh``), or one that starts such a shell (``su``, ``chroot DIR``, ``ssh HOST``). The caller must check
+    each line before the shell reads it. Returns None when no program takes code
+    from it, so it is data (``tar xf -``, ``cat > f``, ``tee f``, ``gzip -d``, ``sh job.sh``,
+    ``python3 job.py``). Raises :class:`ShellParseError` when anything else would run code read from it:
+    an interpreter or command reader (``python3``, ``python3 -``, ``perl``, ``awk -f -``, ``psql``), a
+    shell it reaches through a pipe, ``xargs`` or a command string (``sh -c 'cat | sh'``, ``xargs sh``,
+    ``sh -c sh``), or an ``argv`` that cannot be analysed. Pure function.
+    """
+    if not argv:
+        return None
+    if any("\x00" in a for a in argv):
+        raise ShellParseError("the command contains a NUL byte")
+    if sum(len(a.encode("utf-8", "surrogatepass")) + 1 for a in argv) > MAX_COMMAND_BYTES:
+        raise ShellParseError(f"the command is longer than {MAX_COMMAND_BYTES} bytes")
+    ctx = _Ctx(interactive=False)
+    ctx.stdin_lines_checked = True
+    env = _Env(via=None, stdin=_CHANNEL, redirects=(), depth=0)
+    try:
+        _run([_Arg.plain(a) for a in argv], env, ctx, _CHANNEL, ())
+    except RecursionError:
+        raise ShellParseError("the command is nested too deeply") from None
+    ctx.finish()
+    return ctx.stdin_shell
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1472,6 +1510,8 @@ class _Ctx:
     def __init__(self, *, interactive: bool) -> None:
         self.interactive = interactive
         self.line = False  # the text is a line sent with a newline after it (see analyse)
+        self.stdin_lines_checked = False  # the caller checks each line of the channel (see stdin_shell)
+        self.stdin_shell: str | None = None  # the shell that reads its commands from the channel
         self.out: list[Invocation] = []
         self.tainted: set[str] = set()
         self.taint_all = False
@@ -1943,9 +1983,11 @@ class _Call:
         if kind == "pipe":
             raise ShellParseError(f"program text piped into {self.name} cannot be inspected")
         if kind == "channel":
-            raise ShellParseError(
-                f"{self.name} would read its program from the session's input, which cannot be inspected"
-            )
+            if posix and self.ctx.stdin_lines_checked and self.env.depth == 0:
+                self.ctx.stdin_shell = self.name  # reached through wrappers only: it reads the lines checked
+                return
+            where = "stdin" if self.ctx.stdin_lines_checked else "the session's input"
+            raise ShellParseError(f"{self.name} would read its program from {where}, which cannot be inspected")
         raise ShellParseError(f"{self.name} would read its program from a source that cannot be inspected")
 
 
