@@ -255,18 +255,8 @@ def test_exec_over_websocket_after_approval_with_stdin_inspected(cluster: Cluste
     upgrades = cluster.upstream("GET", "/exec$")
     assert upgrades and all(r.header("upgrade") == "websocket" for r in upgrades)
 
-    script = "echo hello\nrm -rf /data\necho after\n"
-    proc = subprocess.Popen(
-        [cluster.kubectl_bin, "exec", "-i", "web-0", "--", "sh"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cluster.env("deployer"),
-    )
-    cluster.approve(cluster.wait_pending())
-    stdout, stderr = proc.communicate(script, timeout=30)
-    assert proc.returncode == 0, stderr
+    code, stdout, stderr = _exec_shell(cluster, "echo hello\nrm -rf /data\necho after\n")
+    assert code == 0, stderr
     assert stdout.splitlines() == ["hello", "after"]
     assert "lictor: denied by rule k8s-exec-no-destructive-commands" in stderr
     assert "sh: rm: not found" not in stderr  # the test server's shell never saw the rm line

@@ -679,19 +679,13 @@ class LictorProxy:
         if call is not None and call.info.verb in ("create", "update", "patch") and _carries_masked_secret(body):
             # A Secret read through the gateway and written back (get -o yaml | replace, apply of a saved
             # copy) would replace the real values with the mask: the service using it would break silently.
-            decision = Decision.deny(
-                f"the request body carries Secret values that Lictor masked ({MASKED_SECRET_HINT}); written "
-                "back, the mask would overwrite what the Secret really holds",
-                MASKED_WRITE_RULE,
-                self.gateway.policy.version,
-            )
-            session.audit(request, decision, "decision")
-            self._deny(
+            self._refuse(
                 flow,
                 session,
                 request,
-                decision,
-                True,
+                f"the request body carries Secret values that Lictor masked ({MASKED_SECRET_HINT}); written "
+                "back, the mask would overwrite what the Secret really holds",
+                MASKED_WRITE_RULE,
                 hint="send only the keys you change (kubectl patch, or edit without the masked keys), with real values",
             )
             return
@@ -963,21 +957,23 @@ class LictorProxy:
 
     def _refuse_stdin_program(self, flow: http.HTTPFlow, session: Session, request: Request, problem: str) -> None:
         """``kubectl exec -i`` of a command that would run program text from stdin that cannot be checked."""
-        decision = Decision.deny(
-            f"the command's stdin cannot be checked line by line, so it is not run: {problem}",
-            STDIN_PROGRAM_RULE,
-            self.gateway.policy.version,
-        )
-        session.audit(request, decision, "decision")
-        self._deny(
+        self._refuse(
             flow,
             session,
             request,
-            decision,
-            True,
+            f"the command's stdin cannot be checked line by line, so it is not run: {problem}",
+            STDIN_PROGRAM_RULE,
             hint="put the script in a file in the container and run that (python3 /path/script.py), or send "
             "shell commands to sh (kubectl exec -i POD -- sh < script), whose stdin lines Lictor checks",
         )
+
+    def _refuse(
+        self, flow: http.HTTPFlow, session: Session, request: Request, message: str, rule: str, *, hint: str
+    ) -> None:
+        """Deny ``request`` on the gateway's own account (``rule``), audited, whatever the rules allow."""
+        decision = Decision.deny(message, rule, self.gateway.policy.version)
+        session.audit(request, decision, "decision")
+        self._deny(flow, session, request, decision, True, hint=hint)
 
     def _prepare_upgrade(
         self, flow: http.HTTPFlow, state: FlowState, upgrade: str, inspect_stdin: bool
