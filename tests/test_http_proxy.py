@@ -322,6 +322,10 @@ def test_denials_name_the_rule_and_what_to_do(env: Env) -> None:
         token=env.agent,
     )
     assert code == 403 and json.loads(body)["rule"] == "customers-no-credit-limit"
+    # the same field in a form (which many APIs take where they take JSON), urlencoded or multipart
+    for form in (["--data", "name=Jane&credit_limit=1000000"], ["-F", "name=Jane", "-F", "credit_limit=1000000"]):
+        code, body = env.curl(env.url() + "/v1/customers", *form, token=env.agent)
+        assert code == 403 and json.loads(body)["rule"] == "customers-no-credit-limit", (form, body)
     assert env.api.seen("DELETE") == [] and env.api.seen("POST") == []
 
 

@@ -9,6 +9,7 @@ from lictor_addons.http._requests import (
     Unreadable,
     canonical_path,
     flatten_json,
+    form_attrs,
     http_request,
     json_attrs,
     k8s_request,
@@ -394,6 +395,39 @@ def test_json_keys_in_another_case_do_not_walk_past_a_deny(tmp_path) -> None:  #
     # both spellings in one object: two parsers would disagree on which one counts
     with pytest.raises(Unreadable, match="differ only in case"):
         _http("/v1/c", "POST", b'{"limit": 1, "Limit": 2}', "application/json")
+
+
+def test_form_bodies_are_read_by_json_rules(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # An API that takes a form where it takes JSON received a credit limit no json: rule had read.
+    (tmp_path / "p.yaml").write_text(JSON_PACK)
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "a"})
+
+    def post(body: bytes, content_type: str) -> str:
+        return result.policy.decide(who, _http("/v1/c", "POST", body, content_type)).action  # type: ignore[union-attr]
+
+    form = "application/x-www-form-urlencoded"
+    assert post(b"name=x", form) == "allow"
+    for body in (b"name=x&credit_limit=5", b"Credit_Limit=5", b"credit%5Flimit=5", b"name=x;credit_limit=5"):
+        assert post(body, form) == "deny", body
+    # Rails, PHP and Express nest bracketed names
+    assert form_attrs(b"customer%5Bcredit_limit%5D=9&tags[]=a&tags[]=b", form) == {
+        '$["customer[credit_limit]"]': "9",
+        "$.customer.credit_limit": "9",
+        '$["tags[]"]': ["a", "b"],
+        "$.tags[*]": ["a", "b"],
+    }
+    multipart = "multipart/form-data; boundary=----x"
+    parts = (
+        b'------x\r\nContent-Disposition: form-data; name="name"\r\n\r\nJane\r\n'
+        b'------x\r\nContent-Disposition: form-data; name="credit_limit"\r\n\r\n5\r\n'
+        b'------x\r\nContent-Disposition: form-data; name="doc"; filename="a.txt"\r\n\r\nfile body\r\n'
+        b"------x--\r\n"
+    )
+    assert form_attrs(parts, multipart) == {"$.name": "Jane", "$.credit_limit": "5", "$.doc": "a.txt"}
+    assert post(parts, multipart) == "deny"
+    assert post(parts.replace(b"credit_limit", b"nickname"), multipart) == "allow"
 
 
 def test_a_permission_covers_every_value_of_a_json_path_or_query_parameter(tmp_path) -> None:  # type: ignore[no-untyped-def]

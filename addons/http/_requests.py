@@ -254,6 +254,86 @@ def json_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
     return flatten_json(doc)
 
 
+_FORM_SUBKEY = re.compile(r"\[([^\[\]]*)\]")
+
+
+def form_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
+    """The ``json`` attribute of a form body (``application/x-www-form-urlencoded`` or ``multipart/form-data``),
+    None for other bodies: many APIs take a form where they take JSON, so ``json:`` rules read its fields. A field is
+    its ``$.name`` path; a bracketed name (``customer[credit_limit]``, nested by Rails, PHP and Express)
+    is also its nested path (``$.customer.credit_limit``, ``[]`` as ``[*]``)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/x-www-form-urlencoded":
+        fields = _urlencoded_fields(body)
+    elif media == "multipart/form-data":
+        fields = _multipart_fields(body, content_type)
+    else:
+        return None
+    out: dict[str, Any] = {}
+    count = 0
+    for key, value in fields:
+        paths = [_key("$", key)]
+        head = key.split("[", 1)[0]
+        if head and head != key:
+            nested = _key("$", head)
+            for sub in _FORM_SUBKEY.findall(key[len(head) :]):
+                nested = f"{nested}[*]" if sub == "" else _key(nested, sub)
+            paths.append(nested)
+        for path in paths:
+            count += 1
+            if count > MAX_LEAVES:
+                raise Unreadable(f"form body has more than {MAX_LEAVES} fields")
+            have = out.get(path)
+            out[path] = value if have is None else [*(have if isinstance(have, list) else [have]), value]
+    return out
+
+
+def _urlencoded_fields(body: bytes) -> list[tuple[str, str]]:
+    fields = []
+    for pair in body.decode("latin-1").replace(";", "&").split("&"):
+        if pair:
+            raw_key, _, raw_value = pair.partition("=")
+            key = unquote_to_bytes(raw_key.replace("+", " ")).decode("utf-8", "replace")
+            fields.append((key, unquote_to_bytes(raw_value.replace("+", " ")).decode("utf-8", "replace")))
+    return fields
+
+
+_BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+_DISPOSITION_PARAM = re.compile(rb';\s*(name|filename)\s*=\s*(?:"([^"]*)"|([^;\s]*))', re.IGNORECASE)
+FORM_VALUE_LIMIT = 64 * 1024  # of a text part, what rules read (file parts are read by their file name)
+
+
+def _multipart_fields(body: bytes, content_type: str) -> list[tuple[str, str]]:
+    """The named parts of a ``multipart/form-data`` body: a text part's value, a file part's file name.
+    Split with bytes searches (a large upload is not parsed line by line)."""
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        raise Unreadable("the body is declared as multipart/form-data without a boundary")
+    delimiter = b"--" + (found.group(1) or found.group(2)).encode("latin-1", "replace")
+    fields = []
+    for part in body.split(delimiter)[1:]:
+        if part.startswith(b"--"):
+            break  # the closing delimiter
+        head, sep, content = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        params = {}
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-disposition:"):
+                params = {
+                    m.group(1).lower(): (m.group(2) or m.group(3) or b"") for m in _DISPOSITION_PARAM.finditer(line)
+                }
+        name = params.get(b"name")
+        if name is None:
+            continue
+        if b"filename" in params:
+            value = params[b"filename"]
+        else:
+            value = content[: FORM_VALUE_LIMIT + 2].removesuffix(b"\r\n")[:FORM_VALUE_LIMIT]
+        fields.append((name.decode("utf-8", "replace"), value.decode("utf-8", "replace")))
+    return fields
+
+
 def header_attrs(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Lower-case header name -> value (repeats joined with ``, ``), without credentials and X-Lictor-*."""
     out: dict[str, str] = {}
@@ -327,6 +407,8 @@ def http_request(
         "body_size": len(body),
     }
     flattened = json_attrs(body, content_type)
+    if flattened is None:
+        flattened = form_attrs(body, content_type)
     if flattened is not None:
         if any(key.casefold() == "$._method" for key in flattened):  # Laravel reads JSON input as the form
             raise Unreadable("a _method field would make the API run another method than decided")
