@@ -1293,3 +1293,19 @@ def test_a_dba_still_manages_other_roles(env: PgEnv) -> None:
         conn.execute(f"ALTER ROLE {role} SET work_mem = '1MB'")
         conn.execute(f"ALTER ROLE {role} NOLOGIN")
         conn.execute(f"DROP ROLE {role}")
+
+
+def test_subscription_passwords_come_back_masked(env: PgEnv) -> None:
+    # pg_dump reads every subscription's connection string (the gateway's login may be a superuser).
+    name = "lictor_sub_" + secrets.token_hex(3)
+    secret = "s3cret-" + secrets.token_hex(4)
+    env.direct(
+        f"CREATE SUBSCRIPTION {name} CONNECTION 'host=127.0.0.1 dbname=nowhere user=u password={secret}' "
+        "PUBLICATION p WITH (connect = false, enabled = false, slot_name = NONE)"
+    )
+    try:
+        with env.connect("readonly") as conn:
+            (conninfo,) = conn.execute("SELECT subconninfo FROM pg_subscription WHERE subname = %s", (name,)).fetchone()
+        assert secret not in conninfo and "host=127.0.0.1" in conninfo, conninfo
+    finally:
+        env.direct(f"DROP SUBSCRIPTION {name}")
