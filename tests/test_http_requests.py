@@ -149,6 +149,7 @@ def test_kubernetes_attrs() -> None:
         "namespace": "apps",
         "name": "web-0",
         "command": "ls -la",
+        "programs": ["ls"],
     }
     assert call.request.summary == "exec pods/web-0 -n apps -- ls -la"
     lst = k8s_request(method="GET", raw_path="/apis/apps/v1/deployments", headers={}, body=b"", target="c")

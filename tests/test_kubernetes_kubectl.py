@@ -305,6 +305,36 @@ def test_exec_stdin_of_a_shell_behind_a_wrapper_is_checked_too(cluster: Cluster)
         assert "rm: not found" not in stderr  # the test server's shell never saw the rm line
 
 
+def test_exec_stdin_lines_are_decided_by_the_programs_they_run(cluster: Cluster) -> None:
+    # python3 on a line would read the lines after it as Python: the line is refused, and the Python
+    # that follows is not a shell command either, so nothing of it reaches the container
+    script = "echo hello\npython3\nimport os; os.system('rm -rf /data')\necho after\n"
+    code, stdout, stderr = _exec_shell(cluster, script)
+    assert code == 0, stderr
+    assert stdout.splitlines() == ["hello", "after"]
+    assert (
+        "rule lictor:exec-stdin-unparsable: this line cannot be checked, so it is not run: python3 would read" in stderr
+    )
+    assert "not found" not in stderr  # neither line reached the test server's shell
+
+    # quoting hides the program from a pattern on the text, not from the shell analysis
+    code, stdout, stderr = _exec_shell(cluster, "'r'm -rf /data\nr\\m -rf /data\nls /\necho after\n")
+    assert code == 0, stderr
+    assert stdout.splitlines()[-1] == "after" and "etc" in stdout.splitlines()
+    assert stderr.count("lictor: denied by rule k8s-exec-no-destructive-commands") == 2
+    assert "not found" not in stderr
+
+    # a command spread over several lines is decided, and forwarded, once complete
+    code, stdout, stderr = _exec_shell(cluster, "if true; then\n  rm -rf /data\nfi\necho after\n")
+    assert code == 0, stderr
+    assert stdout.splitlines() == ["after"]
+    assert "lictor: denied by rule k8s-exec-no-destructive-commands" in stderr
+
+    out = cluster.kubectl("deployer", "exec", "web-0", "--", "sh", "-c", "cd /; r\\m -rf x")
+    assert out.returncode == 1 and "destructive commands" in out.stderr
+    assert not cluster.upstream(pattern=r"/exec\?.*command=cd")
+
+
 def test_exec_of_a_program_read_from_stdin_is_refused_before_approval(cluster: Cluster) -> None:
     before = len(cluster.upstream(pattern="/exec"))
     script = "import shutil; shutil.rmtree('/data')\n"

@@ -53,7 +53,7 @@ from typing import Any
 
 import mitmproxy
 from lictor import AuthError, Decision, Gateway, Identity, Request, Session
-from lictor.shell import ShellParseError, stdin_shell
+from lictor.shell import ShellIncompleteError, ShellParseError, analyse, stdin_shell
 from mitmproxy import http, tls
 from mitmproxy.addons import next_layer, proxyserver, tlsconfig
 from mitmproxy.connection import Client
@@ -76,6 +76,7 @@ from ._requests import (
     http_request,
     is_json_type,
     k8s_request,
+    line_attrs,
     payload,
     reason_of,
     reveal_request,
@@ -101,6 +102,7 @@ INTERNAL = "lictor:addon-error"
 SPDY_RULE = "lictor:spdy-refused"
 MASKED_WRITE_RULE = "lictor:masked-secret-write"
 STDIN_PROGRAM_RULE = "lictor:exec-stdin-program"
+STDIN_UNPARSABLE_RULE = "lictor:exec-stdin-unparsable"
 # What a masked Secret value reads as in a request body: base64 in JSON and YAML, raw bytes in protobuf.
 MASKED_SECRET_FORMS = (bodies.REDACTED_B64.encode(), bodies.REDACTED.encode())
 MASKED_SECRET_HINT = f"{bodies.REDACTED}, base64 {bodies.REDACTED_B64}"
@@ -138,6 +140,7 @@ class WsState:
     maskers: dict[int, Any] = field(default_factory=dict)
     stdin_buf: bytes = b""
     stdin_skip: bool = False  # dropping the rest of a refused over-long stdin line
+    stdin_held: bytes = b""  # lines of a command not finished yet (if ... fi, a here-document), not forwarded
     messages: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -230,6 +233,11 @@ def _body_for_record(data: bytes, truncated: bool = False, prefix: str = "") -> 
 
 
 _CONTINUATION = re.compile(rb"\\\n")
+
+
+def _shell_text(line: bytes) -> str:
+    """One line of a shell's stdin (with its continuations) as the shell analysis reads it."""
+    return line.decode("utf-8", "replace").removesuffix("\n")
 
 
 def _shell_lines(buf: bytes) -> tuple[list[bytes], bytes]:
@@ -1446,7 +1454,7 @@ class LictorProxy:
             elif channel == 4:
                 self._record_ws(state, flow, direction, "resize", data)
             elif channel == 255:
-                if ws.inspect_stdin and ws.stdin_buf:
+                if ws.inspect_stdin and (ws.stdin_buf or ws.stdin_held):
                     await self._inspect_stdin(flow, state, message, b"", final=True)
                     self._inject(flow, False, content)  # the close signal, after the last line
                 self._record_ws(state, flow, direction, "close", data)
@@ -1487,7 +1495,7 @@ class LictorProxy:
             ws.stdin_skip = False
             buf = buf[len(ended[0]) :] if ended else b""
         complete, rest = _shell_lines(buf)
-        if final and rest:
+        if final and (rest or (ws.stdin_held and not complete)):
             complete.append(rest)
             rest = b""
         refused = b""
@@ -1496,9 +1504,15 @@ class LictorProxy:
             ws.stdin_skip = True
         ws.stdin_buf = rest
         forward: list[bytes] = []
-        for line in complete:
+        for index, ended in enumerate(complete):
+            line = ws.stdin_held + ended
+            ws.stdin_held = b""
             text = _CONTINUATION.sub(b"", line).decode("utf-8", "replace").strip()
-            verdict = self._check_line(state, text) if text else None
+            last = final and index == len(complete) - 1
+            if text and self._incomplete(line) and not last and len(line) <= STDIN_LINE_LIMIT:
+                ws.stdin_held = line  # the shell reads on: decided (and forwarded) whole, once complete
+                continue
+            verdict = self._check_line(state, text, line) if text else None
             self._record_ws(state, flow, "from_agent", "stdin", line, blocked=verdict is not None)
             if verdict is None:
                 forward.append(line)
@@ -1530,11 +1544,29 @@ class LictorProxy:
         self._record_ws(state, flow, "from_agent", "stdin", head, blocked=True)
         self._inject(flow, True, f"\x02lictor: denied by rule {UNREADABLE}: {message}\n".encode())
 
-    def _check_line(self, state: FlowState, line: str) -> Decision | None:
-        """A ``deny`` rule on this command line blocks it (the session itself was already allowed)."""
+    @staticmethod
+    def _incomplete(line: bytes) -> bool:
+        try:
+            analyse(_shell_text(line), line=True)
+        except ShellIncompleteError:
+            return True
+        except ShellParseError:
+            return False
+        return False
+
+    def _check_line(self, state: FlowState, line: str, raw: bytes) -> Decision | None:
+        """A ``deny`` rule on this command line blocks it (the session itself was already allowed), and so
+        does the shell analysis when it cannot tell what the line runs, or when the line starts a program
+        that would read the lines after it as its own code (``python3``, ``sh``, ``perl``)."""
         call = state.call
         assert call is not None
-        attrs = {**call.request.attrs, "command": line}
+        problem = None
+        try:
+            attrs = line_attrs(call.request.attrs, _shell_text(raw))
+        except ShellParseError as exc:
+            problem = str(exc)
+            attrs = {**call.request.attrs, "command": line, "parse_error": problem}
+        attrs["command"] = line
         request = Request(
             protocol="kubernetes",
             action=str(attrs["verb"]),
@@ -1543,6 +1575,15 @@ class LictorProxy:
             summary=f"{call.request.summary} | stdin: {line[:500]}",
             payload=f"stdin {call.request.payload} {line}",
         )
+        if problem is not None:
+            decision = Decision.deny(
+                f"this line cannot be checked, so it is not run: {problem}. Send plain commands, one per line; "
+                "put program text in a file in the container and run that (python3 /path/script.py)",
+                STDIN_UNPARSABLE_RULE,
+                self.gateway.policy.version,
+            )
+            state.session.audit(request, decision, "stdin")
+            return decision
         decision = state.session.policy_decision(request)
         if decision.action == "deny" and decision.rule_ids and decision.rule_ids[0] != DEFAULT_DENY:
             state.session.audit(request, decision, "stdin")

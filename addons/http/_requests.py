@@ -18,7 +18,10 @@ A rule must see what the upstream will act on, so anything two parsers could rea
 * **Kubernetes.** :func:`lictor_addons.http._k8s.resolve` maps the request the way the API server does;
   attributes follow the ``kubernetes`` vocabulary (``verb`` is the friendly verb: ``exec``, ``logs``,
   ``impersonate``...; ``api_group`` is ``core`` for the core group; ``path`` is only set for non-resource
-  URLs so that a ``paths:`` rule can never cover a resource).
+  URLs so that a ``paths:`` rule can never cover a resource). An exec's ``programs`` are those
+  :func:`lictor.shell.analyse_argv` finds in its command (the program, what its wrappers run, the commands
+  of a ``sh -c`` script); a command it cannot analyse carries ``parse_error`` instead, which every
+  restriction on ``programs`` matches and no permission does.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from lictor import Request
+from lictor.shell import ShellParseError, analyse, analyse_argv
 
 from ._k8s import _SUBRESOURCE_ACTIONS, K8sRequest, UnknownRequest, _decode_path, _parse_query, resolve
 
@@ -448,7 +452,21 @@ def k8s_attrs(info: K8sRequest) -> dict[str, Any]:
         attrs["name"] = info.name
     if info.subresource == "exec":
         attrs["command"] = " ".join(info.exec_command)
+        if info.exec_command:
+            try:
+                attrs["programs"] = list(dict.fromkeys(analyse_argv(info.exec_command).names))
+            except ShellParseError as exc:
+                attrs["parse_error"] = str(exc)
     return attrs
+
+
+def line_attrs(attrs: Mapping[str, Any], line: str) -> dict[str, Any]:
+    """The attributes of one line read by an exec'd shell from its stdin: those of the exec, with the line
+    as ``command`` and the programs it runs as ``programs``. Raises :class:`ShellParseError` when the line
+    cannot be analysed, or starts a program that would read the following lines as its own code."""
+    names = analyse(line, line=True).names
+    rest = {k: v for k, v in attrs.items() if k != "parse_error"}
+    return {**rest, "command": line, "programs": list(dict.fromkeys(names))}
 
 
 def k8s_summary(info: K8sRequest) -> str:

@@ -196,6 +196,22 @@ K8S_VERBS = (
     "put",
 )
 
+
+def _programs(value: Any) -> Predicate:
+    """``programs:`` of an exec command or stdin line. A command the shell analysis could not read
+    (``parse_error``) may run anything: every restriction (``any``: deny, approve, mask) matches it and
+    no permission (``all``) covers it."""
+    field = Glob("programs", attr="programs")
+    matches = field.compile(value)
+
+    def pred(request: Request, quantifier: Quantifier) -> bool:
+        if "parse_error" in request.attrs:
+            return quantifier == "any"
+        return matches(request, quantifier)
+
+    return pred
+
+
 K8S_VOCABULARY = Vocabulary(
     protocol="kubernetes",
     fields=(
@@ -220,6 +236,21 @@ K8S_VOCABULARY = Vocabulary(
         Glob("names", attr="name", description="object names"),
         Glob("paths", attr="path", description="non-resource URLs such as /api, /version (discovery)"),
         Glob("commands", attr="command", description="kubectl exec command line (space-joined)"),
+        Custom(
+            "programs",
+            json_schema={
+                "oneOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                ],
+                "description": (
+                    "programs (basenames, globs) an exec command or a line of an exec'd shell's stdin would run, "
+                    "through sh -c, pipelines, $(...) and wrappers (env, nice, xargs, find -exec...); a command "
+                    "that cannot be analysed matches every deny and never an allow"
+                ),
+            },
+            compiler=_programs,
+        ),
     ),
     index="verbs",
     secondary="resources",

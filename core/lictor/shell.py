@@ -105,6 +105,7 @@ __all__ = [
     "ShellIncompleteError",
     "ShellParseError",
     "analyse",
+    "analyse_argv",
     "stdin_shell",
 ]
 
@@ -201,6 +202,29 @@ def analyse(command: str, *, interactive: bool = False, line: bool = False) -> A
     env = _Env(via=None, stdin=_CHANNEL, redirects=(), depth=0)
     try:
         _analyse_text(command, env, ctx, interactive=interactive)
+    except RecursionError:
+        raise ShellParseError("the command is nested too deeply") from None
+    ctx.finish()
+    return Analysis(tuple(ctx.out))
+
+
+def analyse_argv(argv: Sequence[str]) -> Analysis:
+    """Every program started by running ``argv`` directly, without a shell in between: ``kubectl exec POD
+    -- ARGV``. The program is reported with what its wrappers run (``env``, ``nice``, ``xargs``...) and
+    the commands of a ``sh -c`` script, as :func:`analyse` reports them. Its standard input is taken to
+    be empty: what a program reading the agent's stream does with it is :func:`stdin_shell`'s question.
+    Raises :class:`ShellParseError` when it cannot be known with certainty. Pure function.
+    """
+    if not argv:
+        return Analysis(())
+    if any("\x00" in a for a in argv):
+        raise ShellParseError("the command contains a NUL byte")
+    if sum(len(a.encode("utf-8", "surrogatepass")) + 1 for a in argv) > MAX_COMMAND_BYTES:
+        raise ShellParseError(f"the command is longer than {MAX_COMMAND_BYTES} bytes")
+    ctx = _Ctx(interactive=False)
+    env = _Env(via=None, stdin=_NULL, redirects=(), depth=0)
+    try:
+        _run([_Arg.plain(a) for a in argv], env, ctx, _NULL, ())
     except RecursionError:
         raise ShellParseError("the command is nested too deeply") from None
     ctx.finish()
