@@ -311,6 +311,9 @@ async def test_chunked_uploads_are_inspected_and_bodies_over_max_body_answered_4
         # A declared length over max_body: 413 before the body is read.
         big = await client.post(url + "/upload", content=b"x" * (MAX_BODY + 1), headers=auth)
         assert big.status_code == 413, big.text
+        # as JSON (a Kubernetes Status, which kubectl prints), not mitmproxy's HTML page
+        assert big.headers["content-type"] == "application/json", big.text
+        assert big.json()["reason"] == "RequestEntityTooLarge" and "max_body" in big.json()["message"]
     # A chunked body that grows past max_body: 413 once it does (raw socket: the answer comes mid-upload).
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))

@@ -1734,6 +1734,43 @@ def _is_self_review(call: K8sCall) -> bool:
     )
 
 
+_PROXY_ERRORS = {
+    400: ("BadRequest", "the request could not be read"),
+    413: ("RequestEntityTooLarge", "the request body is larger than this gateway accepts (max_body)"),
+    502: ("InternalError", "the gateway could not reach the upstream"),
+}
+
+
+def _json_error_responses() -> None:
+    """Answer with JSON where mitmproxy itself answers an HTTP/1 request (a body over ``max_body``, a
+    request it cannot read): a Kubernetes ``Status``, which kubectl prints as a message and any other
+    client reads as JSON, instead of mitmproxy's HTML page."""
+    from mitmproxy.http import Headers, Response
+    from mitmproxy.net.http import http1
+    from mitmproxy.proxy.layers.http import _http1
+
+    if getattr(_http1.make_error_response, "lictor_json", False):
+        return
+
+    def make_error_response(status_code: int, message: str = "") -> bytes:
+        reason, text = _PROXY_ERRORS.get(status_code, ("InternalError", "the gateway could not handle the request"))
+        detail = f"lictor: {text}" + (f" ({message})" if message and status_code == 400 else "")
+        body = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": detail,
+            "reason": reason,
+            "code": status_code,
+        }
+        headers = Headers(Connection="close", Content_Type="application/json")
+        return bytes(http1.assemble_response(Response.make(status_code, json.dumps(body).encode(), headers)))
+
+    make_error_response.lictor_json = True  # type: ignore[attr-defined]
+    _http1.make_error_response = make_error_response
+
+
 def _request_bodies_only() -> None:
     """Make mitmproxy's ``body_size_limit`` a limit on request bodies only (see the module docstring).
 
@@ -1801,6 +1838,7 @@ class EmbeddedProxy:
         if not log.isEnabledFor(logging.DEBUG):
             logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # per-connection chatter
         _request_bodies_only()
+        _json_error_responses()
         opts = Options()
         master = Master(opts, event_loop=loop, with_termlog=False)
         self.lictor = LictorProxy(self.gateway, self.targets, buffer_limit=self.buffer_limit)
