@@ -1754,7 +1754,7 @@ def _json_error_responses() -> None:
 
     def make_error_response(status_code: int, message: str = "") -> bytes:
         reason, text = _PROXY_ERRORS.get(status_code, ("InternalError", "the gateway could not handle the request"))
-        detail = f"lictor: {text}" + (f" ({message})" if message and status_code == 400 else "")
+        detail = f"lictor: {text}" + (f" ({message})" if message and status_code in (400, 502) else "")
         body = {
             "kind": "Status",
             "apiVersion": "v1",
