@@ -660,10 +660,10 @@ class LictorProxy:
             await self._unreadable(flow, session, target, method, raw_path, body, reason, str(exc))
             return
 
-        if call is not None and _is_access_review(call):
+        if call is not None and _is_review(call, "authorization.k8s.io", "selfsubjectaccessreviews"):
             self._access_review(flow, session, request, call, body)
             return
-        if call is not None and _is_self_review(call):
+        if call is not None and _is_review(call, "authentication.k8s.io", "selfsubjectreviews"):
             self._self_review(flow, session, request, call)
             return
 
@@ -1708,26 +1708,14 @@ def _carries_masked_secret(body: bytes) -> bool:
     return any(form in body for form in MASKED_SECRET_FORMS)
 
 
-def _is_access_review(call: K8sCall) -> bool:
+def _is_review(call: K8sCall, api_group: str, resource: str) -> bool:
+    """A plain create of a review the gateway answers itself (can-i, whoami), not impersonated."""
     info = call.info
     return (
         info.is_resource_request
         and info.verb == "create"
-        and info.api_group == "authorization.k8s.io"
-        and info.resource == "selfsubjectaccessreviews"
-        and not info.subresource
-        and not info.name
-        and not info.impersonate
-    )
-
-
-def _is_self_review(call: K8sCall) -> bool:
-    info = call.info
-    return (
-        info.is_resource_request
-        and info.verb == "create"
-        and info.api_group == "authentication.k8s.io"
-        and info.resource == "selfsubjectreviews"
+        and info.api_group == api_group
+        and info.resource == resource
         and not info.subresource
         and not info.name
         and not info.impersonate
