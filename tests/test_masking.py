@@ -19,6 +19,7 @@ from lictor.masking import (
     compile_detector,
     parse_path,
 )
+from lictor.masking._validators import luhn_ok
 
 KEY = b"test-key-0123456789abcdef"
 ALL = list(BUILTIN_DETECTORS)
@@ -297,6 +298,19 @@ def test_skipped_detector_does_not_lend_its_span_to_the_next() -> None:
     b = compile_detector("b", r"[a-z]{2}")
     plan = MaskPlan.compile([{"detectors": ["a", "b"]}], {"a": a, "b": b}, key=KEY)
     assert plan.mask_text("abcdefghij") == (red("b") * 5, {"b": 5})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40))
+def test_validators_read_only_their_characters_of_any_bytes(data: bytes) -> None:
+    # luhn, mod97 and ssn keep the digits (alphanumerics) of a span and ignore every other byte
+    digits = bytes(b for b in data if 48 <= b <= 57)
+    alnum = bytes(b for b in data if chr(b).isascii() and chr(b).isalnum())
+    passes = len(digits) >= 2 and luhn_ok(digits)
+    assert VALIDATORS["luhn"](data, 0, len(data)) == (len(data) if passes else -1)
+    assert (VALIDATORS["mod97"](data, 0, len(data)) == len(data)) == (
+        bool(alnum) and VALIDATORS["mod97"](alnum, 0, len(alnum)) == len(alnum)
+    )
 
 
 def test_validators_listed() -> None:

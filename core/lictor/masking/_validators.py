@@ -23,6 +23,8 @@ Validator = Callable[[bytes, int, int], int]
 _SEPARATORS = b" -"
 _DIGITS = frozenset(b"0123456789")
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_NOT_DIGITS = bytes(b for b in range(256) if b not in _DIGITS)  # bytes.translate deletion tables
+_NOT_ALNUM = bytes(b for b in range(256) if b not in _ALNUM)
 _HEXCOLON = frozenset(b"0123456789ABCDEFabcdef:")
 _WORD = _ALNUM | frozenset(b"_")
 
@@ -69,7 +71,7 @@ def card(data: bytes, start: int, end: int) -> int:
 
 def luhn(data: bytes, start: int, end: int) -> int:
     """Any digit string whose digits (separators ignored) pass the Luhn check."""
-    digits = bytes(b for b in data[start:end] if b in _DIGITS)
+    digits = data[start:end].translate(None, _NOT_DIGITS)  # in C: custom patterns may offer many candidates
     return end if len(digits) >= 2 and luhn_ok(digits) else -1
 
 
@@ -89,7 +91,7 @@ def _mod97_value(text: bytes) -> int:
 
 def mod97(data: bytes, start: int, end: int) -> int:
     """Alphanumerics (separators ignored) read as an ISO 7064 MOD 97-10 number equal 1 mod 97."""
-    text = bytes(b for b in data[start:end] if b in _ALNUM)
+    text = data[start:end].translate(None, _NOT_ALNUM)
     return end if text and _mod97_value(text) == 1 else -1
 
 
@@ -127,7 +129,7 @@ def iban(data: bytes, start: int, end: int) -> int:
 
 def ssn(data: bytes, start: int, end: int) -> int:
     """US SSN: area not 000, 666 or 900-999; group not 00; serial not 0000."""
-    digits = bytes(b for b in data[start:end] if b in _DIGITS)
+    digits = data[start:end].translate(None, _NOT_DIGITS)
     if len(digits) != 9:
         return -1
     area, group, serial = digits[:3], digits[3:5], digits[5:]
