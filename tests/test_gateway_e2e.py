@@ -126,6 +126,15 @@ def test_hot_reload_keeps_connections_and_rejects_broken_edits(line_gateway):
         time.sleep(0.1)
     assert "lines.yaml:14:9: unknown key 'colour'" in gw.log()
     assert c.ask("get a").split()[2] == first
+    # lictor status says the gateway runs, which policy is live, and why the edit was not taken
+    deadline = time.monotonic() + 10
+    status = lictor("status", "--state-dir", str(gw.state_dir), check=False)
+    while "colour" not in status.stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = lictor("status", "--state-dir", str(gw.state_dir), check=False)
+    assert status.returncode == 0 and "gateway   running: pid" in status.stdout, status
+    assert f"policy    {first}:" in status.stdout, status.stdout
+    assert "rejected reload, previous policy kept:" in status.stdout and "unknown key 'colour'" in status.stdout
 
     # a half-saved edit (the file truncated first, as `cat > lines.yaml` does) is broken too, not "no rules"
     pack.write_text("")
@@ -205,6 +214,8 @@ def test_sigterm_stops_cleanly_and_audit_verifies(line_gateway):
     c = Client(gw.port, gw.token("agent-2", role="reader"))
     c.ask("get x")
     assert gw.stop() == 0
+    status = lictor("status", "--state-dir", str(gw.state_dir), check=False)
+    assert status.returncode == 1 and "gateway   not running (last seen" in status.stdout, status
     kinds = [e["kind"] for e in audit_events(gw)]
     assert kinds[-1] == "gateway.stop" and "session.end" in kinds
     assert "chain intact" in lictor("audit", "verify", "--state-dir", str(gw.state_dir)).stdout

@@ -213,6 +213,58 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Whether the gateway of this state directory runs, its live policy (and why a reload was
+    rejected), its listeners, open sessions and spool. Exit 0 when it runs, 1 when it does not."""
+    from .approvals._model import format_duration
+    from .runner import STATUS_FILE, STATUS_INTERVAL
+
+    state = _state_dir(args, _config(args))
+    path = state / STATUS_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        print(f"no gateway has run with state directory {state} ({path} does not exist)", file=sys.stderr)
+        return EXIT_FAIL
+    except (OSError, ValueError) as exc:
+        print(f"cannot read {path}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    age = max(0.0, time.time() - float(doc.get("updated_at", 0)))
+    alive = bool(doc.get("running")) and _pid_alive(int(doc.get("pid", 0))) and age < 6 * STATUS_INTERVAL
+    if args.json:
+        print(json.dumps({**doc, "running": alive}, indent=2))
+        return EXIT_OK if alive else EXIT_FAIL
+    policy = doc.get("policy") or {}
+    if alive:
+        up = format_duration(time.time() - float(doc.get("started_at", time.time())))
+        print(f"gateway   running: pid {doc.get('pid')}, up {up} (status {format_duration(age)} old)")
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(doc.get("updated_at", 0))))
+        print(f"gateway   not running (last seen {when})")
+    print(f"policy    {policy.get('version', '?')}: {policy.get('rules', '?')} rules")
+    for problem in policy.get("rejected") or []:
+        print(f"          rejected reload, previous policy kept: {printable(problem, keep='')}")
+    for t in doc.get("targets") or []:
+        print(f"target    {printable(t.get('name'))} ({printable(t.get('protocol'))}) on {printable(t.get('listen'))}")
+    if alive:
+        print(f"sessions  {doc.get('sessions', 0)} open")
+        if doc.get("spool_bytes") is not None:
+            print(f"spool     {doc['spool_bytes']} bytes on disk")
+    return EXIT_OK if alive else EXIT_FAIL
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def cmd_kubeconfig(args: argparse.Namespace) -> int:
     import yaml
 
@@ -434,6 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--state-dir")
     with_config(sp)
     sp.set_defaults(func=cmd_token_issue, use_default_config=True)
+
+    sp = sub.add_parser("status", help="is the gateway running; its live policy and why a reload was rejected")
+    with_config(sp)
+    sp.add_argument("--state-dir")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status, use_default_config=True)
 
     sp = sub.add_parser("kubeconfig", help="print a kubeconfig that points kubectl at the gateway")
     sp.add_argument("--server", required=True)

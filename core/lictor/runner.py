@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -330,15 +333,69 @@ async def run_gateway(
         {"policy": gateway.policy.version, "targets": sorted(config.targets)},
         fail_closed=False,
     )
+    status = asyncio.create_task(_publish_status(gateway, config))
     if ready_file:
         await asyncio.to_thread(Path(ready_file).write_text, "ready\n")
     log.info("lictor running (state %s)", config.state_dir)
     await stop.wait()
     log.info("stopping: no new connections; finishing in-flight requests")
+    status.cancel()
     watcher.stop()
     addon_watcher.stop()
     await gateway.stop()
+    await asyncio.to_thread(_write_status, config, {**status_document(gateway, config), "running": False})
     return 0
+
+
+STATUS_FILE = "status.json"
+STATUS_INTERVAL = 5.0
+"""How often a running gateway rewrites ``STATE/status.json`` (``lictor status`` reads it)."""
+
+
+def status_document(gateway: Gateway, config: GatewayConfig) -> dict[str, Any]:
+    """What ``lictor status`` shows: the process, the live policy and why a reload was rejected, the
+    listeners, the open sessions and the recording spool."""
+    spool = getattr(gateway.recordings, "spool", None)
+    return {
+        "running": True,
+        "pid": os.getpid(),
+        "started_at": gateway.started,
+        "updated_at": time.time(),
+        "policy": {
+            "version": gateway.policy.version,
+            "rules": len(gateway.policy.rules),
+            "rejected": list(gateway.policy_problems[:20]),
+        },
+        "targets": [
+            {"name": t.name, "protocol": t.protocol, "listen": str(t.get("listen", ""))}
+            for t in config.targets.values()
+        ],
+        "sessions": len(gateway.sessions),
+        "spool_bytes": getattr(spool, "total_bytes", None),
+    }
+
+
+def _write_status(config: GatewayConfig, doc: dict[str, Any]) -> None:
+    path = Path(config.state_dir) / STATUS_FILE
+    tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)  # readers see the old document or the new one
+
+
+async def _publish_status(gateway: Gateway, config: GatewayConfig) -> None:
+    """Rewrite the status every :data:`STATUS_INTERVAL`, and at once when the policy changes or a reload
+    is rejected (what someone who just edited a pack wants to see)."""
+    shown: tuple[str, list[str]] | None = None
+    written = 0.0
+    while True:
+        now = (gateway.policy.version, gateway.policy_problems)
+        if now != shown or time.monotonic() - written >= STATUS_INTERVAL:
+            try:
+                await asyncio.to_thread(_write_status, config, status_document(gateway, config))
+            except Exception as exc:  # status is for operators: never a reason to stop the gateway
+                log.warning("could not write %s: %s", STATUS_FILE, exc)
+            shown, written = now, time.monotonic()
+        await asyncio.sleep(0.5)
 
 
 def _validate_targets(config: GatewayConfig, manager: AddonManager) -> None:
