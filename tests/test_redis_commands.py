@@ -53,6 +53,9 @@ def test_container_commands_are_named_with_their_subcommand():
         ("XREADGROUP GROUP g c STREAMS s1 >", (b"s1",)),
         ("GEORADIUS g 1 2 3 m STORE dst", (b"g", b"dst")),
         ("GEORADIUS g 1 2 3 m", (b"g",)),
+        # Redis stores into the last STORE key; its key spec names only the first
+        ("GEORADIUS g 1 2 3 m STORE a STORE b", (b"g", b"a", b"b")),
+        ("GEORADIUSBYMEMBER g m 3 m STOREDIST a STOREDIST b", (b"g", b"a", b"b")),
         ("ZUNIONSTORE d 2 a b WEIGHTS 1 2", (b"d", b"a", b"b")),
         ("LMPOP 2 a b LEFT", (b"a", b"b")),
         ("BLMOVE a b LEFT RIGHT 0", (b"a", b"b")),

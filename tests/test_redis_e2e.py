@@ -174,6 +174,24 @@ def test_redis_cli_allowed_and_denied(gw: Gw, prefix: str):
     assert redis.Redis().get(prefix + "k") == b"hello"
 
 
+def test_a_repeated_store_option_cannot_write_outside_the_allowed_keys(gw: Gw, prefix: str):
+    direct = redis.Redis()
+    direct.geoadd(prefix + "g", (13.36, 38.11, "a"))
+    other = "other:" + prefix
+    writer = gw.token("writer")
+    for command in ("GEORADIUS", "GEORADIUSBYMEMBER"):
+        where = ["13.36", "38.11"] if command == "GEORADIUS" else ["a"]
+        for option in ("STORE", "STOREDIST"):
+            out = gw.cli(writer, command, prefix + "g", *where, "10", "km", option, prefix + "x", option, other)
+            assert out.stdout.startswith(f"NOPERM lictor: {command} denied by rule lictor:default-deny: "), out
+    assert direct.exists(other) == 0
+    assert (
+        gw.cli(writer, "GEORADIUS", prefix + "g", "13.36", "38.11", "10", "km", "STORE", prefix + "x").stdout == "1\n"
+    )
+    direct.delete(other)
+    direct.close()
+
+
 def test_redis_cli_resp3_and_masking(gw: Gw, prefix: str):
     redis.Redis().hset(prefix + "customer", mapping={"email": "bob@example.com", "card": CARD, "plan": "gold"})
     out = gw.cli(gw.token("reader"), "HGETALL", prefix + "customer", resp3=True).stdout

@@ -185,6 +185,7 @@ def extract_keys(info: CommandInfo, args: Sequence[bytes]) -> tuple[bytes, ...] 
     argc = len(args)
     positions: list[int] = []
     for spec in info.keyspecs:
+        repeated: list[int] = []
         if spec.not_key:
             continue
         if spec.incomplete:
@@ -202,12 +203,15 @@ def extract_keys(info: CommandInfo, args: Sequence[bytes]) -> tuple[bytes, ...] 
                 candidates = range(startfrom, argc - 1)
             else:
                 candidates = range(argc + startfrom, 1, -1)
-            for i in candidates:
-                if 1 <= i < argc and args[i].lower() == word:
-                    first = i + 1
-                    break
-            if not first:
+            found = [i + 1 for i in candidates if 1 <= i < argc and args[i].lower() == word]
+            if not found:
                 continue  # keyword absent: this spec contributes no key
+            first = found[0]
+            if spec.find == ("range", 0, 1, 0) and len(found) > 1:
+                # One key after an option keyword (GEORADIUS ... STORE key): Redis' key spec
+                # names the first occurrence, but the command's own parser keeps the last one,
+                # so the key written may be any of them.
+                repeated = found[1:]
         else:
             return None
         find = spec.find
@@ -234,6 +238,7 @@ def extract_keys(info: CommandInfo, args: Sequence[bytes]) -> tuple[bytes, ...] 
         if last >= argc or last < first or first >= argc or step < 1:
             return None
         positions.extend(range(first, last + 1, step))
+        positions.extend(repeated)
     return tuple(args[i] for i in positions)
 
 
