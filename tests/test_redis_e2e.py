@@ -251,6 +251,22 @@ def test_redis_py_masks_a_stored_card_number(gw: Gw, prefix: str, protocol: int)
     admin.close()
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_number_stored_as_a_string_is_masked_in_integer_replies(gw: Gw, prefix: str, protocol: int):
+    direct = redis.Redis()
+    direct.set(prefix + "n", CARD.replace(" ", ""))
+    direct.hset(prefix + "h", "card", CARD.replace(" ", ""))
+    writer = gw.client("writer", protocol=protocol)
+    assert writer.incrby(prefix + "n", 0) == b"************1111"
+    assert writer.hincrby(prefix + "h", "card", 0) == b"************1111"
+    assert writer.pipeline().incr(prefix + "c").decrby(prefix + "n", 0).execute() == [1, b"************1111"]
+    assert writer.incr(prefix + "c") == 2  # numbers that are nothing to mask stay integers
+    writer.close()
+    out = gw.cli(gw.token("writer"), "INCRBY", prefix + "n", "0").stdout
+    assert out == "************1111\n"
+    direct.close()
+
+
 def test_hello_3_auth_authenticates(gw: Gw, prefix: str):
     sub = f"hello-{secrets.token_hex(3)}"
     client = gw.client("writer", protocol=3, sub=sub)  # redis-py sends HELLO 3 AUTH <user> <token>

@@ -43,6 +43,7 @@ from .resp import (
     BULK_STRING,
     DOUBLE,
     ERROR,
+    INTEGER,
     PUSH,
     SIMPLE_STRING,
     TYPE_NAMES,
@@ -736,10 +737,11 @@ class Connection:
                     body, counts = plan.mask_bytes(event.body)
                     masked.update(counts)
                     out += bytes([event.prefix]) + body.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
-                elif event.prefix in (DOUBLE, BIG_NUMBER) and not plan.is_empty:
-                    # RESP2 sends these as bulk strings, which are masked: HELLO 3 must not unmask
-                    # them (a card number stored as a sorted-set score). A masked number is no longer
-                    # a number, so it goes out as a bulk string, as RESP2 would have sent it.
+                elif event.prefix in (INTEGER, DOUBLE, BIG_NUMBER) and not plan.is_empty:
+                    # RESP2 sends doubles and big numbers as bulk strings, which are masked: HELLO 3
+                    # must not unmask them (a card number stored as a sorted-set score). Integers can
+                    # be stored values too (INCRBY app:card 0 answers the number stored as a string).
+                    # A masked number is no longer a number, so it goes out as a bulk string.
                     body, counts = plan.mask_bytes(event.body)
                     if body != event.body:
                         masked.update(counts)
