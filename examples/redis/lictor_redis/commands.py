@@ -207,7 +207,12 @@ def extract_keys(info: CommandInfo, args: Sequence[bytes]) -> tuple[bytes, ...] 
             if not found:
                 continue  # keyword absent: this spec contributes no key
             first = found[0]
-            if spec.find == ("range", 0, 1, 0) and len(found) > 1:
+            if len(found) > 1:
+                if spec.find != ("range", 0, 1, 0):
+                    # XREADGROUP COUNT 1 GROUP g STREAMS STREAMS app:1 other > >: the consumer
+                    # is named like the keyword, and the keys Redis reads are not the ones
+                    # after its first occurrence.
+                    return None
                 # One key after an option keyword (GEORADIUS ... STORE key): Redis' key spec
                 # names the first occurrence, but the command's own parser keeps the last one,
                 # so the key written may be any of them.
