@@ -192,6 +192,22 @@ def test_a_repeated_store_option_cannot_write_outside_the_allowed_keys(gw: Gw, p
     direct.close()
 
 
+def test_getdel_waits_for_an_approval_like_del(gw: Gw, prefix: str):
+    direct = redis.Redis()
+    direct.set(prefix + "k", "v")
+    sub = f"getdel-{secrets.token_hex(3)}"
+    token = gw.token("writer", sub=sub)
+    other = gw.cli(token, "GETDEL", "other:" + prefix).stdout
+    assert other.startswith("NOPERM lictor: GETDEL denied by rule redis-delete-only-app-keys: ")
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(cmd("AUTH", token) + cmd("GETDEL", prefix + "k"))
+        held = gw.decisions(sub, 2)
+        assert [d["action"] for d in held] == ["deny", "approve"]
+        assert s.recv(100) == b"+OK\r\n"  # and nothing more: the GETDEL waits
+    assert direct.get(prefix + "k") == b"v"
+    direct.close()
+
+
 def test_redis_cli_resp3_and_masking(gw: Gw, prefix: str):
     redis.Redis().hset(prefix + "customer", mapping={"email": "bob@example.com", "card": CARD, "plan": "gold"})
     out = gw.cli(gw.token("reader"), "HGETALL", prefix + "customer", resp3=True).stdout
