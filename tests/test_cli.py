@@ -182,3 +182,30 @@ def test_run_reports_a_recordings_directory_it_cannot_make_without_a_traceback(t
     assert out.returncode == 1, out
     assert "gateway failed to start" in out.stderr and "notadir" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_an_addon_that_cannot_be_loaded_is_one_line_naming_it(tmp_path: Path):
+    """`--addon` and the config's `addons:` name a file or module; when it cannot be used the
+    command says which and why, without a traceback."""
+    _ls_pack(tmp_path)
+    (tmp_path / "none.py").write_text("x = 1\n")
+    (tmp_path / "refuses.py").write_text(
+        "class Refuses:\n    name = 'refuses'\n\n    def load(self, loader):\n"
+        "        raise RuntimeError('needs option x')\n\n\naddons = [Refuses()]\n"
+    )
+    cases = {
+        "missing.py": "addon missing.py cannot be loaded: FileNotFoundError: addon file",
+        "no_such_module_xyz": "addon no_such_module_xyz cannot be loaded: ModuleNotFoundError",
+        "none.py": "addon none.py cannot be loaded: ImportError: none.py: defines neither",
+        "refuses.py": "addon refuses.py: addon 'refuses' failed in hook 'load': RuntimeError: needs option x",
+    }
+    for spec, message in cases.items():
+        for command in ("check", "test", "explain") if spec == "missing.py" else ("check",):
+            proc = lictor(command, "--addon", spec, "p.yaml", cwd=tmp_path, check=False)
+            assert proc.returncode == 1, (command, spec, proc.stderr)
+            assert message in proc.stderr and "Traceback" not in proc.stderr, (command, spec, proc.stderr)
+    (tmp_path / "lictor.yaml").write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\naddons: [refuses.py]\n")
+    proc = lictor("run", "-c", str(tmp_path / "lictor.yaml"), check=False, timeout=20)
+    assert proc.returncode == 1
+    assert "gateway failed to start: addon refuses.py: addon 'refuses' failed in hook 'load'" in proc.stderr
+    assert "Traceback" not in proc.stderr

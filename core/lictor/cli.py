@@ -16,7 +16,7 @@ from typing import Any
 
 from ._text import printable
 from ._yaml import YamlError, load_documents, plain
-from .addons import AddonManager, load_addon_spec
+from .addons import AddonManager, HookError, load_addon_spec
 from .audit import AuditLog
 from .config import ConfigError, GatewayConfig, load_config
 from .identity import LocalIssuer, parse_duration
@@ -40,15 +40,27 @@ def _manager(
     manager = AddonManager()
     manager.add(*default_addons())
     for spec in extra:
-        manager.add(*load_addon_spec(spec, Path.cwd()))
+        _add_addon(manager, spec, Path.cwd())
     if config is not None:
         base = config.path.parent if config.path else None
         for spec in config.addons:
-            loaded = load_addon_spec(spec, base)
-            manager.add(*loaded)
+            loaded = _add_addon(manager, spec, base)
             if specs is not None:
                 specs[spec] = loaded
     return manager
+
+
+def _add_addon(manager: AddonManager, spec: str, base: Path | None) -> list[Any]:
+    """Load and add the addons of one spec; a file or module that cannot be imported, names no
+    addons or whose ``load`` hook raises is a configuration error that says which addon."""
+    try:
+        loaded = load_addon_spec(spec, base)
+        manager.add(*loaded)
+    except HookError as exc:
+        raise ConfigError(f"addon {spec}: {exc}") from exc
+    except Exception as exc:
+        raise ConfigError(f"addon {spec} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    return loaded
 
 
 def _config(args: argparse.Namespace) -> GatewayConfig | None:
@@ -423,7 +435,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_gateway
 
     specs: dict[str, list[Any]] = {}
-    manager = _manager(config, specs)
+    try:
+        manager = _manager(config, specs)
+    except ConfigError as exc:
+        logging.getLogger("lictor").error("gateway failed to start: %s", exc)
+        return EXIT_FAIL
     return asyncio.run(run_gateway(config, manager, ready_file=args.ready_file, addon_specs=specs))
 
 
