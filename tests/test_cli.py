@@ -209,3 +209,37 @@ def test_an_addon_that_cannot_be_loaded_is_one_line_naming_it(tmp_path: Path):
     assert proc.returncode == 1
     assert "gateway failed to start: addon refuses.py: addon 'refuses' failed in hook 'load'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_addon_request_builder_that_fails_says_what_it_was_given(tmp_path: Path):
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: p}\nidentities: [{match: {sub: '*'}, roles: [r]}]\n"
+        "roles:\n  r:\n    rules:\n      - {id: ok, protocol: line, when: {verbs: get}, action: allow}\n"
+    )
+    addon = str(ROOT / "tests" / "addons" / "lineproto.py")
+    ok = lictor(
+        "explain",
+        "--addon",
+        addon,
+        "p.yaml",
+        "--sub",
+        "a",
+        "--request",
+        "{protocol: line, command: get x}",
+        cwd=tmp_path,
+    )
+    assert "=> ALLOW" in ok.stdout
+    proc = lictor(
+        "explain",
+        "--addon",
+        addon,
+        "p.yaml",
+        "--sub",
+        "a",
+        "--request",
+        "{protocol: line, line: get x}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the 'line' addon cannot build a request from line, protocol: KeyError: 'command'" in proc.stdout

@@ -82,7 +82,17 @@ def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
         raise ValueError(f"unknown protocol {protocol!r}")
     if vocab.build_requests is None:
         raise ValueError(f"protocol {protocol!r} needs `action` and `attrs` in test requests")
-    return list(vocab.build_requests(spec, target))
+    try:
+        return list(vocab.build_requests(spec, target))
+    except ValueError:
+        raise
+    except Exception as exc:
+        # The addon's builder read a key the request does not have, or failed otherwise: say which
+        # protocol's addon and what it was given, not a traceback.
+        given = ", ".join(sorted(str(k) for k in spec)) or "nothing"
+        raise ValueError(
+            f"the {protocol!r} addon cannot build a request from {given}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 _EXPECT_KEYS = frozenset({"action", "rule", "masked", "shadow"})

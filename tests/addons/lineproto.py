@@ -11,9 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from lictor import AuthError, Gateway, Glob, Loader, Request, Vocabulary
+
+
+def build_requests(case: Mapping[str, Any], target: str) -> list[Request]:
+    """A policy test case's ``request: {protocol: line, command: "get x"}`` as the listener makes it."""
+    command = str(case["command"])
+    verb = command.split()[0]
+    attrs = {"command": command, "verb": verb}
+    return [Request(protocol="line", action=verb, attrs=attrs, target=target, summary=command, payload=command)]
+
 
 VOCABULARY = Vocabulary(
     protocol="line",
@@ -22,6 +32,7 @@ VOCABULARY = Vocabulary(
         Glob("verbs", attr="verb", description="the first word"),
     ),
     index="verbs",
+    build_requests=build_requests,
 )
 
 TARGET_SCHEMA = {
