@@ -354,11 +354,16 @@ class Gateway:
         self.recorder.open(session)
         try:
             await self.addons.trigger("session_start", session)
-        except BaseException:
+        except BaseException as exc:
             # The session is refused: the caller never gets it, so nobody would ever close it. Its
-            # session_end hooks do not run: for the addons it never started.
+            # session_end hooks do not run: for the addons it never started. The operator learns which
+            # addon refused it and why, whatever the protocol addon tells the agent.
             session.closed = True
-            await self.end_session(session, {"reason": "refused: a session_start hook failed"}, hooks=False)
+            reason = "refused: a session_start hook failed"
+            if isinstance(exc, HookError):
+                reason = f"refused: {exc}"
+                log.error("session of %s on %s refused: %s", identity.subject, target, exc)
+            await self.end_session(session, {"reason": reason}, hooks=False)
             raise
         return session
 
