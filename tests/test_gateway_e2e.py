@@ -308,3 +308,48 @@ def test_addon_file_reload_and_broken_edit_denies(gateway_factory, tmp_path):
     assert c.ask("get forbidden").startswith("DENIED denyword:block")
     kinds = [e["kind"] for e in audit_events(gw)]
     assert "addon.reload_failed" in kinds and "addon.reloaded" in kinds
+
+
+def test_addon_reload_compiles_the_rule_packs_with_its_new_vocabulary(gateway_factory, tmp_path):
+    """Live rules read the request attributes the vocabulary named when they were compiled: an
+    addon whose reload renames an attribute must not leave a deny rule reading one nobody sets."""
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "lines.yaml").write_text(PACK)
+    addon = tmp_path / "lineproto.py"
+    original = (ROOT / "tests" / "addons" / "lineproto.py").read_text()
+    addon.write_text(original)
+    port = free_port()
+    gw = gateway_factory(
+        {
+            "rulepacks": [str(packs)],
+            "addons": [str(addon)],
+            "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{port}"}},
+        }
+    )
+    wait_port(port)
+    token = gw.token("agent-1", role="reader")
+    assert Client(port, token).ask("get secret").startswith("DENIED line-no-secrets")
+
+    def reloaded(kind: str) -> list[dict]:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            events = audit_events(gw)
+            if any(e["kind"] == kind for e in events):
+                return events
+            time.sleep(0.2)
+        raise AssertionError(gw.log())
+
+    renamed = original.replace('attr="command"', 'attr="line"').replace('{"command": command', '{"line": command')
+    assert 'attrs={"line": command' in renamed and 'attr="line"' in renamed
+    addon.write_text(renamed)
+    reloaded("addon.reloaded")
+    wait_port(port)
+    assert Client(port, token).ask("get secret").startswith("DENIED line-no-secrets")
+    assert Client(port, token).ask("get other").startswith("OK")
+
+    # a vocabulary the live packs no longer load with: the addon's requests are denied, saying why
+    addon.write_text(renamed.replace('Glob("commands"', 'Glob("lines"'))
+    [failed] = [e for e in reloaded("addon.reload_failed") if e["kind"] == "addon.reload_failed"]
+    assert "the rule packs do not load with the reloaded addon" in failed["error"]
+    assert "unknown key 'commands'" in failed["error"]

@@ -260,10 +260,12 @@ class Gateway:
         targets = {t.name: t.protocol for t in self.config.targets.values()}
         return load_policy(self.config.rulepacks, self.addons.vocabularies, targets=targets, mask_key=self._mask_key)
 
-    def apply_policy(self, result: LoadResult) -> bool:
+    def apply_policy(self, result: LoadResult, *, force: bool = False) -> bool:
         """Swap in a compiled policy if it is valid and new; True when a new version went live.
 
-        An invalid result keeps the live policy; both outcomes are logged and audited.
+        An invalid result keeps the live policy; both outcomes are logged and audited. ``force``
+        swaps in a valid policy of the live version too (the same packs compiled with a reloaded
+        addon's vocabulary).
         """
         if result.policy is None:
             self.policy_problems = [str(p) for p in result.errors]
@@ -277,7 +279,7 @@ class Gateway:
             return False
         self.policy_problems = []
         old = self.policy.version
-        if result.policy.version == old:
+        if result.policy.version == old and not force:
             return False
         for problem in result.warnings:
             log.warning("%s", problem)

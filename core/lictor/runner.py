@@ -270,6 +270,17 @@ class AddonWatcher:
                     configure = getattr(addon, "configure", None)
                     if configure is not None:
                         configure(gw)
+                # The live policy's rules were compiled with the old vocabulary and read the request
+                # attributes the old code set: compile the packs again with the new one, or deny.
+                result = gw.compile_policy()
+                if result.policy is None:
+                    problems = "; ".join(str(p) for p in result.errors[:5])
+                    raise ConfigError(f"the rule packs do not load with the reloaded addon: {problems}")
+                if gw.apply_policy(result, force=True):
+                    try:
+                        await gw.addons.trigger("policy_loaded", gw.policy)
+                    except HookError as exc:
+                        log.error("%s", exc)
                     running = getattr(addon, "running", None)
                     if running is not None:
                         result = running(gw)
