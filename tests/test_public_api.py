@@ -83,3 +83,18 @@ def test_the_checker_accepts_public_submodules_imported_from_lictor():
     finally:
         good.unlink()
     assert problems == []
+
+
+def test_the_guide_first_addon_loads_as_written():
+    """docs/addons.md opens with an addon class: copied as it stands, it must load."""
+    from lictor import AddonManager
+
+    text = (ROOT / "docs" / "addons.md").read_text()
+    section = text.split("## An addon is a plain class", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, object] = {}
+    exec(compile(code, "docs/addons.md", "exec"), namespace)
+    manager = AddonManager()
+    manager.add(*namespace["addons"])  # type: ignore[misc]
+    assert "line" in manager.vocabularies and "line" in manager.target_schemas
+    assert manager.option("line_banner") == ""
