@@ -150,3 +150,22 @@ def test_protocols_must_name_protocols_not_be_one_string():
 
     with pytest.raises(ValueError, match="protocols must be a tuple"):
         AddonManager().add(Guard())
+
+
+def test_an_async_request_hook_for_every_protocol_is_refused_when_added():
+    """PostgreSQL and SSH decide synchronously: such a guard would deny all their requests."""
+    from lictor import AddonManager
+
+    class AsyncGuard:
+        name = "async-guard"
+
+        async def request(self, flow):
+            return None
+
+    with pytest.raises(ValueError, match="async 'request' hook must name the protocols it inspects"):
+        AddonManager().add(AsyncGuard())
+
+    class AsyncLineGuard(AsyncGuard):
+        protocols = ("line",)
+
+    AddonManager().add(AsyncLineGuard())

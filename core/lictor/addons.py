@@ -138,6 +138,15 @@ class AddonManager:
             ):
                 # a plain string would be matched by substring, and a guard meant for "redis" run for "re"
                 raise ValueError(f"addon {name!r}: protocols must be a tuple of protocol names, got {wanted!r}")
+            for hook in ("request", "decision"):
+                if wanted is None and inspect.iscoroutinefunction(getattr(addon, hook, None)):
+                    # PostgreSQL and SSH decide on the synchronous path (Session.decide_now), where a
+                    # coroutine cannot run: every one of their requests would be denied at run time.
+                    raise ValueError(
+                        f"addon {name!r}: an async {hook!r} hook must name the protocols it inspects "
+                        f"(protocols = (...)); one that sees every protocol must be a plain function, "
+                        f"because some protocols decide synchronously"
+                    )
             self.addons.append(addon)
             load = getattr(addon, "load", None)
             if load is not None:
