@@ -301,7 +301,9 @@ def test_addon_file_reload_and_broken_edit_denies(gateway_factory, tmp_path):
 
     hook.write_text("this is not python(\n")
     reply = until(lambda r: "lictor:addon-broken" in r, "get anything")
-    assert reply.startswith("DENIED lictor:addon-broken: the addon 'denyword' failed to reload (SyntaxError")
+    assert reply.startswith("DENIED lictor:addon-broken: the addon 'denyword' failed to reload;"), reply
+    assert "SyntaxError" not in reply and "denyword.py" not in reply  # the details are the operators'
+    assert "SyntaxError" in gw.log()
 
     hook.write_text((ROOT / "tests" / "addons" / "denyword.py").read_text())
     assert until(lambda r: r.startswith("OK"), "get anything").startswith("OK")
@@ -353,3 +355,14 @@ def test_addon_reload_compiles_the_rule_packs_with_its_new_vocabulary(gateway_fa
     [failed] = [e for e in reloaded("addon.reload_failed") if e["kind"] == "addon.reload_failed"]
     assert "the rule packs do not load with the reloaded addon" in failed["error"]
     assert "unknown key 'commands'" in failed["error"]
+
+
+def test_a_broken_addon_denies_only_the_protocols_it_inspected():
+    # A typo in one protocol's addon took every protocol of the gateway down with it.
+    from lictor.addons import AddonManager
+    from lictor.runner import BrokenAddon
+
+    manager = AddonManager()
+    manager.add(BrokenAddon("kv", "kv.py", "SyntaxError", ("kv",)), BrokenAddon("guard", "guard.py", "SyntaxError"))
+    assert [name for name, _ in manager.hooks_for("request", "kv")] == ["kv", "guard"]
+    assert [name for name, _ in manager.hooks_for("request", "postgres")] == ["guard"]

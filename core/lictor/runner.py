@@ -180,20 +180,24 @@ class PolicyWatcher:
 
 
 class BrokenAddon:
-    """Stands in for an addon whose file failed to reload: it denies every request.
+    """Stands in for an addon whose file failed to reload: it denies the requests it would have seen.
 
-    The requests the broken addon would have inspected are never passed through unchecked; the
-    denial names the file and the error so an operator sees what to fix.
+    Those are the requests of the protocols it named (its ``protocols``), or every request when it
+    named none: none of them passes unchecked. The agent is told which addon is broken; the error
+    itself (a file name, a Python exception) goes to the log and the audit, for the operators.
     """
 
-    def __init__(self, name: str, spec: str, error: str) -> None:
+    def __init__(self, name: str, spec: str, error: str, protocols: tuple[str, ...] | None = None) -> None:
         self.name = name
         self.spec = spec
         self.error = error
+        if protocols is not None:
+            self.protocols = protocols
 
     def request(self, flow: Any) -> None:
         flow.deny(
-            f"the addon {self.name!r} failed to reload ({self.error}); requests are denied until it is fixed",
+            f"the addon {self.name!r} failed to reload; requests are denied until it is fixed "
+            "(the gateway's log and audit say why)",
             "lictor:addon-broken",
         )
 
@@ -292,7 +296,10 @@ class AddonWatcher:
                 for addon in list(gw.addons.addons):
                     if addon_name(addon) in names:
                         gw.addons.remove(addon)
-                new = [BrokenAddon(n, spec, error) for n in names]
+                scopes = [getattr(a, "protocols", None) for a in old]
+                # one stand-in for every name; it sees what all of them saw (every protocol if one saw all)
+                scope = None if not scopes or None in scopes else tuple(sorted({p for s in scopes for p in s or ()}))
+                new = [BrokenAddon(n, spec, error, scope) for n in names]
                 gw.addons.add(*new)
                 gw.audit_event("addon.reload_failed", {"spec": spec, "error": error}, fail_closed=False)
             else:
