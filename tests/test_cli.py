@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 from pathlib import Path
 
 from tests.conftest import ROOT, lictor
@@ -217,29 +218,12 @@ def test_an_addon_request_builder_that_fails_says_what_it_was_given(tmp_path: Pa
         "roles:\n  r:\n    rules:\n      - {id: ok, protocol: line, when: {verbs: get}, action: allow}\n"
     )
     addon = str(ROOT / "tests" / "addons" / "lineproto.py")
-    ok = lictor(
-        "explain",
-        "--addon",
-        addon,
-        "p.yaml",
-        "--sub",
-        "a",
-        "--request",
-        "{protocol: line, command: get x}",
-        cwd=tmp_path,
-    )
-    assert "=> ALLOW" in ok.stdout
-    proc = lictor(
-        "explain",
-        "--addon",
-        addon,
-        "p.yaml",
-        "--sub",
-        "a",
-        "--request",
-        "{protocol: line, line: get x}",
-        cwd=tmp_path,
-        check=False,
-    )
+
+    def explain(request: str) -> subprocess.CompletedProcess[str]:
+        args = ("explain", "--addon", addon, "p.yaml", "--sub", "a", "--request", request)
+        return lictor(*args, cwd=tmp_path, check=False)
+
+    assert "=> ALLOW" in explain("{protocol: line, command: get x}").stdout
+    proc = explain("{protocol: line, line: get x}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "the 'line' addon cannot build a request from line, protocol: KeyError: 'command'" in proc.stdout
