@@ -169,3 +169,26 @@ def test_an_async_request_hook_for_every_protocol_is_refused_when_added():
         protocols = ("line",)
 
     AddonManager().add(AsyncLineGuard())
+
+
+def test_a_second_addon_cannot_replace_a_protocols_target_schema():
+    # add_vocabulary refused a second vocabulary for a protocol, but add_target_schema silently replaced
+    # the first addon's schema (so the gateway config of that protocol was checked against another one).
+    from lictor import AddonManager
+    from lictor.addons import HookError
+
+    class Intruder:
+        name = "intruder"
+
+        def load(self, loader: object) -> None:
+            loader.add_target_schema("line", {"type": "object"})  # type: ignore[attr-defined]
+
+    manager = AddonManager()
+    manager.add(LineProtocol())
+    with pytest.raises(HookError, match="'line' already has a target schema"):
+        manager.add(Intruder())
+    first = manager.get("lineproto")
+    assert first is not None
+    manager.remove(first)
+    manager.add(LineProtocol())  # the same protocol's addon loaded again (a reload) may declare it anew
+    assert manager.target_schemas["line"]["type"] == "object"

@@ -109,7 +109,11 @@ class Loader:
 
     def add_target_schema(self, protocol: str, schema: Mapping[str, Any]) -> None:
         """The JSON Schema of this protocol's ``targets:`` entries in the gateway config."""
+        owner = self._manager.target_schema_owner.get(protocol)
+        if owner is not None and owner is not self._addon:
+            raise ValueError(f"protocol {protocol!r} already has a target schema (from addon {addon_name(owner)!r})")
         self._manager.target_schemas[protocol] = dict(schema)
+        self._manager.target_schema_owner[protocol] = self._addon
 
 
 class AddonManager:
@@ -123,6 +127,7 @@ class AddonManager:
         self.vocabularies: dict[str, Vocabulary] = {}
         self.vocabulary_owner: dict[str, Any] = {}
         self.target_schemas: dict[str, dict[str, Any]] = {}
+        self.target_schema_owner: dict[str, Any] = {}
         self._hooks: dict[str, list[tuple[str, Callable[..., Any]]]] = {}
         self._for_protocol: dict[tuple[str, str], list[tuple[str, Callable[..., Any]]]] = {}
 
@@ -167,6 +172,10 @@ class AddonManager:
             if owner is addon:
                 del self.vocabulary_owner[proto]
                 del self.vocabularies[proto]
+        for proto, owner in list(self.target_schema_owner.items()):
+            if owner is addon:
+                del self.target_schema_owner[proto]
+                del self.target_schemas[proto]
         self._rebuild()
 
     def get(self, name: str) -> Any | None:
