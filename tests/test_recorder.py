@@ -169,6 +169,10 @@ def test_cli_verify_names_the_first_altered_event(tmp_path: Path) -> None:
     path.write_bytes(b"".join(original.splitlines(keepends=True)[:2] + original.splitlines(keepends=True)[3:]))
     gone = lictor_cli("sessions", "verify", sid[:10], "--state-dir", state)
     assert gone.returncode == 1 and "at event 2" in gone.stdout and "deleted" in gone.stdout
+    # a last line cut in the middle (a write that did not finish on a full disk) is said to be cut short
+    path.write_bytes(original[: len(original) - 40])
+    half = lictor_cli("sessions", "verify", sid, "--state-dir", state)
+    assert half.returncode == 1 and "the last event is cut short" in half.stdout, half.stdout
     # a truncated tail is caught by the signed manifest
     path.write_bytes(b"".join(original.splitlines(keepends=True)[:-2]))
     cut = lictor_cli("sessions", "verify", sid, "--state-dir", state)

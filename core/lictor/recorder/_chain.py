@@ -140,7 +140,14 @@ def verify_session(
         try:
             event = json.loads(line)
         except ValueError:
-            return SessionVerdict(session_id, False, index, False, index, "the event is not valid JSON (edited)")
+            # Every stored event ends with a newline: one without is the last, cut short by a write that
+            # did not finish (a full disk) or by someone; a whole line that does not parse was edited.
+            problem = (
+                "the event is not valid JSON (edited)"
+                if raw.endswith(b"\n")
+                else "the last event is cut short (a write that did not finish, as on a full disk, or an edit)"
+            )
+            return SessionVerdict(session_id, False, index, False, index, problem)
         if not isinstance(event, dict):
             return SessionVerdict(session_id, False, index, False, index, "the event is not a JSON object (edited)")
         if event.get("s") != session_id:
