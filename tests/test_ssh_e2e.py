@@ -102,6 +102,14 @@ def _pack(work: Path) -> dict[str, Any]:
                         "action": "deny",
                         "message": "secret files stay on the host",
                     },
+                    {
+                        "id": "op-held-files",
+                        "protocol": "ssh",
+                        "when": {"channels": ["sftp"], "operations": ["read"], "paths": [f"{work}/held*"]},
+                        "action": "approve",
+                        "message": "held files need an approver",
+                        "approval": {"approvers": ["approver"], "timeout": "30s"},
+                    },
                 ],
             },
             "admin": {
@@ -848,6 +856,47 @@ def test_an_sftp_session_that_ends_before_its_handshake_leaves_the_connection_an
     finally:
         master.terminate()
         master.wait(10)
+
+
+def test_a_path_that_changes_while_it_is_decided_is_not_used(env: Env) -> None:
+    # The path is resolved, decided (here: held for an approver), then used. A link swapped in meanwhile
+    # made the approved read of a file in the work directory read a file outside it.
+    outside = f"/tmp/lictor-outside-{os.getpid()}"
+    held = f"{env.work}/held.txt"
+    assert env.direct(f"printf OUTSIDE-SECRET > {outside} && printf fine > {held}").returncode == 0
+    local = env.tmp / "held_copy.txt"
+    proc = subprocess.Popen(
+        ["sftp", *env.client.options(), "-P", str(env.client.port), f"agent@{env.client.host}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env.client.env(env.tokens["operator"]), start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(f"get {held} {local}\n".encode())
+        proc.stdin.close()
+        deadline = time.monotonic() + 20
+        approval = None
+        while approval is None and time.monotonic() < deadline:
+            listed = lictor("approvals", "list", "--url", env.approvals_url, "--token", env.tokens["approver"]).stdout
+            approval = next((line.split()[0] for line in listed.splitlines() if "held.txt" in line), None)
+            time.sleep(0.2)
+        assert approval, "the read was not held"
+        # while an approver looks at .../held.txt, it becomes a link to a file outside the work directory
+        assert env.direct(f"rm {held} && ln -s {outside} {held}").returncode == 0
+        approve = lictor(
+            "approvals", "approve", approval, "--url", env.approvals_url, "--token", env.tokens["approver"],
+            check=False,
+        )  # fmt: skip
+        assert approve.returncode == 0, approve.stdout + approve.stderr
+        proc.wait(timeout=30)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        env.direct(f"rm -f {held} {outside}")
+    assert not local.exists() or b"OUTSIDE-SECRET" not in local.read_bytes()
+    assert b"the path changed while it was being decided" in err, err
 
 
 def test_scp_over_sftp_and_legacy_scp(env: Env) -> None:

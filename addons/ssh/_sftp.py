@@ -37,6 +37,7 @@ session. :func:`guard_sftp_sessions` ends such a session alone, with a message a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import inspect
@@ -106,6 +107,10 @@ OVERRIDDEN = frozenset(
     }
 )
 """The ``SFTPServer`` methods this proxy replaces (the rest only format or convert values)."""
+
+
+async def _same(real: bytes) -> bytes:
+    return real
 
 
 class _Handle:
@@ -225,6 +230,18 @@ async def make_sftp_server(chan: asyncssh.SSHServerChannel[bytes]) -> ProxySFTPS
     return ProxySFTPServer(chan, agent, session, client, lease, bytes(home), channel, number, reason)
 
 
+_FS_LOCKS: dict[str, asyncio.Lock] = {}
+
+
+def _fs_lock(target: str) -> asyncio.Lock:
+    """One lock per target: an operation's final path check and the operation itself run under it, so
+    no rename or symlink made through the gateway lands between the two."""
+    lock = _FS_LOCKS.get(target)
+    if lock is None:
+        lock = _FS_LOCKS[target] = asyncio.Lock()
+    return lock
+
+
 class ProxySFTPServer(SFTPServer):
     """An SFTP server whose file system is the target's, seen through the policy."""
 
@@ -250,6 +267,7 @@ class ProxySFTPServer(SFTPServer):
         self.number = number
         self.reason = reason
         self._closed = False
+        self._fs = _fs_lock(agent.config.name)
 
     # -- deciding -----------------------------------------------------------------------------
 
@@ -322,10 +340,26 @@ class ProxySFTPServer(SFTPServer):
             self.channel.write_stderr((message + "\n").encode("utf-8", "replace"))
         return asyncssh.SFTPPermissionDenied(message)
 
-    async def _one(self, operation: str, path: bytes) -> bytes:
+    async def _checked(self, path: bytes, decided: list[str]) -> str:
+        """``path`` resolved again, right before it is used (with the target's lock held): the real path,
+        or a denial when it no longer resolves as when it was decided (a link swapped in meanwhile, by
+        this agent or anyone else: the decision, perhaps a human's approval, was about the other)."""
         paths, real = await self._paths(path)
+        if paths != decided:
+            self.session.record("sftp.changed", {"channel": self.number, "decided": decided, "now": paths})
+            raise self._denied(
+                f"lictor: denied {self.kind} of {decided[0]}: the path changed while it was being decided "
+                f"(it now resolves to {paths[-1]}); nothing was done"
+            )
+        return real
+
+    async def _one(self, operation: str, path: bytes, act: Any) -> Any:
+        """Decide ``operation`` on ``path``, then ``act(real path)`` with the path checked again."""
+        paths, _ = await self._paths(path)
         await self._decide(operation, paths)
-        return real.encode("utf-8", "surrogateescape")
+        async with self._fs:
+            real = await self._checked(path, paths)
+            return await act(real.encode("utf-8", "surrogateescape"))
 
     # -- files --------------------------------------------------------------------------------
 
@@ -337,7 +371,9 @@ class ProxySFTPServer(SFTPServer):
             await self._decide("write", paths)
         if reads:
             await self._decide("read", paths, content=True)
-        file = await self.client.open(real.encode("utf-8", "surrogateescape"), pflags, attrs, encoding=None)
+        async with self._fs:
+            real = await self._checked(path, paths)
+            file = await self.client.open(real.encode("utf-8", "surrogateescape"), pflags, attrs, encoding=None)
         return _Handle(file, real, "write" if writes else "read")
 
     def open56(self, *args: Any, **kwargs: Any) -> Any:
@@ -407,71 +443,75 @@ class ProxySFTPServer(SFTPServer):
     # -- names --------------------------------------------------------------------------------
 
     async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
-        real = await self._one("list", path)
+        real = await self._one("list", path, _same)
         async for name in self.client.scandir(real):
             yield name
 
     async def stat(self, path: bytes) -> SFTPAttrs:
-        return await self.client.stat(await self._one("stat", path))
+        attrs: SFTPAttrs = await self._one("stat", path, self.client.stat)
+        return attrs
+
+    async def _lexical_op(self, operation: str, path: bytes, act: Any) -> Any:
+        """Like :meth:`_one`, for operations on the name itself (not what a link points to)."""
+        paths, _ = await self._paths(path)
+        await self._decide(operation, paths)
+        async with self._fs:
+            await self._checked(path, paths)
+            return await act(paths[0].encode("utf-8", "surrogateescape"))
 
     async def lstat(self, path: bytes) -> SFTPAttrs:
-        paths, _ = await self._paths(path)
-        await self._decide("stat", paths)
-        return await self.client.lstat(paths[0].encode("utf-8", "surrogateescape"))
+        attrs: SFTPAttrs = await self._lexical_op("stat", path, self.client.lstat)
+        return attrs
 
     async def readlink(self, path: bytes) -> bytes:
-        paths, _ = await self._paths(path)
-        await self._decide("stat", paths)
-        return bytes(await self.client.readlink(paths[0].encode("utf-8", "surrogateescape")))
+        return bytes(await self._lexical_op("stat", path, self.client.readlink))
 
     async def statvfs(self, path: bytes) -> Any:
-        return await self.client.statvfs(await self._one("stat", path))
+        return await self._one("stat", path, self.client.statvfs)
 
     async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        await self.client.setstat(await self._one("setstat", path), attrs)
+        await self._one("setstat", path, lambda real: self.client.setstat(real, attrs))
 
     async def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        paths, _ = await self._paths(path)
-        await self._decide("setstat", paths)
-        await self.client.setstat(paths[0].encode("utf-8", "surrogateescape"), attrs, follow_symlinks=False)
+        await self._lexical_op("setstat", path, lambda name: self.client.setstat(name, attrs, follow_symlinks=False))
 
     async def remove(self, path: bytes) -> None:
-        paths, _ = await self._paths(path)
-        await self._decide("remove", paths)
-        await self.client.remove(paths[0].encode("utf-8", "surrogateescape"))  # removes the link, not its target
+        await self._lexical_op("remove", path, self.client.remove)  # removes the link, not its target
 
     async def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
-        await self.client.mkdir(await self._one("mkdir", path), attrs)
+        await self._one("mkdir", path, lambda real: self.client.mkdir(real, attrs))
 
     async def rmdir(self, path: bytes) -> None:
-        await self.client.rmdir(await self._one("rmdir", path))
+        await self._one("rmdir", path, self.client.rmdir)
 
-    async def _two(self, operation: str, old: bytes, new: bytes) -> tuple[bytes, bytes]:
+    async def _two(self, operation: str, old: bytes, new: bytes, act: Any) -> None:
         old_paths, _ = await self._paths(old)
-        new_paths, new_real = await self._paths(new)
+        new_paths, _ = await self._paths(new)
         await self._decide(operation, [*old_paths, *new_paths])
-        return old_paths[0].encode("utf-8", "surrogateescape"), new_real.encode("utf-8", "surrogateescape")
+        async with self._fs:
+            await self._checked(old, old_paths)
+            new_real = await self._checked(new, new_paths)
+            await act(old_paths[0].encode("utf-8", "surrogateescape"), new_real.encode("utf-8", "surrogateescape"))
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
-        old, new = await self._two("rename", oldpath, newpath)
-        await self.client.rename(old, new)
+        await self._two("rename", oldpath, newpath, self.client.rename)
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        old, new = await self._two("rename", oldpath, newpath)
-        await self.client.posix_rename(old, new)
+        await self._two("rename", oldpath, newpath, self.client.posix_rename)
 
     async def symlink(self, oldpath: bytes, newpath: bytes) -> None:
         # ``oldpath`` is what the link will point to, stored verbatim; rules see where it resolves
         # from the link's directory, and the link itself.
-        link_paths, link_real = await self._paths(newpath)
+        link_paths, _ = await self._paths(newpath)
         target_text = self._text(oldpath)
         pointed = posixpath.normpath(posixpath.join(posixpath.dirname(link_paths[0]), target_text))
         await self._decide("symlink", [*link_paths, pointed])
-        await self.client.symlink(oldpath, link_real.encode("utf-8", "surrogateescape"))
+        async with self._fs:
+            link_real = await self._checked(newpath, link_paths)
+            await self.client.symlink(oldpath, link_real.encode("utf-8", "surrogateescape"))
 
     async def link(self, oldpath: bytes, newpath: bytes) -> None:
-        old, new = await self._two("link", oldpath, newpath)
-        await self.client.link(old, new)
+        await self._two("link", oldpath, newpath, self.client.link)
 
     def realpath(self, path: bytes) -> Any:
         return self._realpath(path)
