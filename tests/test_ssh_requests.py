@@ -38,6 +38,7 @@ roles:
         action: approve
         approval: {approvers: [everything], timeout: 1s}
       - {id: mask, protocol: ssh, action: mask, mask: {detectors: [card]}}
+      - {id: no-reboot, protocol: ssh, when: {programs: [reboot]}, action: deny, message: power actions are for humans}
   everything:
     rules:
       - {id: all, protocol: ssh, when: {channels: "*"}, action: allow}
@@ -99,6 +100,9 @@ def test_requests_of_one_line_have_distinct_digests() -> None:
         ("ls $(rm -rf /tmp/x)", "deny", "lictor:default-deny"),
         # approval needed for one part, but another part is denied: denied at once, nobody is asked
         ("systemctl restart nginx; rm x", "deny", "lictor:default-deny"),
+        # the wrapper is denied by default, what it runs by a rule: the rule is the answer, whatever the order
+        ("sudo reboot", "deny", "no-reboot"),
+        ("rm x; reboot", "deny", "no-reboot"),
         # this gateway has no approval service configured in the harness: the hold is a denial
         ("systemctl status nginx && systemctl restart nginx", "deny", "restart"),
     ],

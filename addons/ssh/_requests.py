@@ -14,7 +14,7 @@ import posixpath
 import re
 from collections.abc import Iterable, Sequence
 
-from lictor import Decision, Request
+from lictor import Decision, Request, combine
 from lictor.shell import Invocation, ShellParseError, analyse
 
 __all__ = [
@@ -189,11 +189,12 @@ def sftp_request(
 
 
 def first_denied(requests: Sequence[Request], decisions: Sequence[Decision]) -> tuple[Request, Decision]:
-    """The request that decided a combined decision (the first deny, else the first approve)."""
-    for wanted in ("deny", "approve"):
-        for request, decision in zip(requests, decisions, strict=True):
-            if decision.action == wanted:
-                return request, decision
+    """The request that decided a combined decision (the first deny by a rule, else the first deny,
+    else the first approve), as :func:`lictor.combine` chooses it."""
+    combined = combine(decisions)
+    for request, decision in zip(requests, decisions, strict=True):
+        if decision.action == combined.action and decision.rule_ids == combined.rule_ids:
+            return request, decision
     return requests[0], decisions[0]
 
 

@@ -107,11 +107,13 @@ class Decision:
 
 def combine(decisions: Iterable[Decision]) -> Decision:
     """One decision for a request made of parts (statements of a multi-statement string, the
-    programs of a pipeline): deny wins over approve, approve over allow; masks are unioned."""
+    programs of a pipeline): deny wins over approve, approve over allow; masks are unioned. Among
+    denials, one by a rule is reported before the default deny: ``sudo reboot`` is refused by the rule
+    about reboot, not because no rule allows ``sudo``."""
     items = list(decisions)
     if not items:
         raise ValueError("combine() needs at least one decision")
-    worst = max(items, key=lambda d: _RANK[d.action])
+    worst = max(items, key=lambda d: (_RANK[d.action], d.rule_ids != (DEFAULT_DENY,)))
     masks: list[Mapping[str, Any]] = []
     mask_ids: list[str] = []
     shadow: list[str] = []
