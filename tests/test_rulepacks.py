@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lictor import load_policy
+from lictor import Request, load_policy, testing
 from lictor.addons import AddonManager
+from lictor.masking import MaskPlan
+from lictor.policytest import build_requests
 from lictor.rulepacks import schema_json
 from lictor_addons import default_addons
 
@@ -146,7 +148,6 @@ def test_shipped_schema_is_up_to_date():
 
 
 def test_custom_detector_keeps_its_own_style(tmp_path):
-    from lictor.masking import MaskPlan
 
     text = GOOD.replace("        action: allow", "        action: allow\n        mask: {detectors: [employee]}") + (
         "detectors:\n  employee: {pattern: 'EMP-[0-9]{6}', style: partial, keep: 2}\n"
@@ -259,3 +260,26 @@ def test_numeric_bounds_that_can_never_match_are_errors(tmp_path):
         tmp_path, GOOD.replace("{statements: [select]}", "{statements: [select], limit: {min: 0, max: 5}}")
     )
     assert ok.policy is not None, ok.errors
+
+
+def test_shipped_masking_pack_masks_secrets_by_their_name():
+    policy = load_policy([ROOT / "rulepacks"], vocabularies()).policy
+    assert policy is not None
+    reader = testing.identity("agent-1", access="read")
+    http = {"method": "GET", "host": "api", "path": "/v1/apps/1"}
+    configmap = {"verb": "get", "resource": "configmaps", "api_group": "core", "namespace": "apps", "name": "app"}
+    body = {
+        "client": {"access_token": "opaque-0f3a9c", "client_secret": "s3cr3t-value"},
+        "data": {"DB_PASSWORD": "hunter2"},
+    }
+    for protocol, attrs in (("http", http), ("kubernetes", configmap)):
+        decision = policy.decide(reader, Request(protocol=protocol, action="get", attrs=attrs, target="t"))
+        assert decision.action == "allow"
+        masked, _ = MaskPlan.compile(list(decision.masks), key=b"k" * 32).mask_json(body)
+        assert "opaque-0f3a9c" not in json.dumps(masked), protocol
+        assert "s3cr3t-value" not in json.dumps(masked) and "hunter2" not in json.dumps(masked), protocol
+    (select,) = build_requests(policy, {"protocol": "postgres", "sql": "SELECT subconninfo FROM pg_subscription"})
+    decision = policy.decide(reader, select)
+    assert decision.action == "allow"
+    text, _ = MaskPlan.compile(list(decision.masks), key=b"k" * 32).mask_text("host=db user=repl password=s3cr3t")
+    assert "s3cr3t" not in text
