@@ -283,3 +283,22 @@ def test_shipped_masking_pack_masks_secrets_by_their_name():
     assert decision.action == "allow"
     text, _ = MaskPlan.compile(list(decision.masks), key=b"k" * 32).mask_text("host=db user=repl password=s3cr3t")
     assert "s3cr3t" not in text
+
+
+def test_values_of_the_wrong_shape_are_problems_not_crashes(tmp_path):
+    # Each of these stopped `lictor check` with a traceback, and a live reload with no `policy.rejected`.
+    approve = GOOD.replace("action: allow", "action: approve\n        approval: {approvers: [ro], timeout: 15m}")
+    cases = [
+        (GOOD.replace("{role: readonly}", "{role: readonly, email_verified: true}"), 4, "email_verified"),
+        (GOOD.replace("{claims: {role: readonly}}", "{claims: true}"), 4, "claims"),
+        (GOOD.replace("identities:\n  - match: {claims: {role: readonly}}\n    roles: [ro]", "identities: 5"), 3, ""),
+        (GOOD.replace("    rules:\n", "    rules: true\n").split("      - id:")[0], 8, "rules"),
+        (GOOD.replace("when: {statements: [select]}", "when: select"), 11, "when"),
+        (approve.replace("{approvers: [ro], timeout: 15m}", "true"), 13, "approval"),
+        (approve.replace("timeout: 15m", "timeout: null"), 13, "timeout"),
+    ]
+    for text, line, word in cases:
+        path, result = problems(tmp_path, text)
+        assert result.policy is None, text
+        assert [p.loc.line for p in result.errors] == [line], (text, [str(p) for p in result.errors])
+        assert word in result.errors[0].message

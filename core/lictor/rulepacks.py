@@ -10,9 +10,10 @@ Every problem carries ``FILE:LINE:COL``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,7 @@ class _Compiler:
         self.mask_blocks: list[tuple[Mapping[str, Any], Location]] = []
         self.order = 0
         self._when_validators: dict[str, jsonschema.Draft202012Validator] = {}
+        self._schema_problems = False  # the document being compiled already failed the schema check
         base = {name: Vocabulary(name, ()) for name in vocabularies}
         schema = compose_schema(base)
         rule = schema["properties"]["roles"]["additionalProperties"]["properties"]["rules"]["items"]
@@ -326,8 +328,19 @@ class _Compiler:
     def warn(self, loc: Location, message: str) -> None:
         self.problems.append(Problem(loc, _bounded(message), "warning"))
 
+    @contextlib.contextmanager
+    def _part(self, loc: Location) -> Iterator[None]:
+        """Compile one part of a pack. A value of the wrong shape is a problem at ``loc``, never a crash
+        (a crash would stop ``lictor check`` and, on a live reload, leave the rejection unreported)."""
+        try:
+            yield
+        except Exception as exc:
+            if not self._schema_problems:  # otherwise the schema problems already say what is wrong
+                self.error(loc, f"cannot compile this part of the pack ({type(exc).__name__}: {exc})")
+
     def add_document(self, doc: Any, path: Path, fallback: Location) -> None:
         problems = _validate(doc, self.base_schema, fallback)
+        self._schema_problems = bool(problems)
         if problems:
             self.problems.extend(problems)
             if isinstance(doc, dict) and doc.get("format") != FORMAT:
@@ -343,16 +356,20 @@ class _Compiler:
             )
         self.pack_names[name] = locate(doc, ["metadata", "name"], fallback)
         self.packs[name] = {"file": str(path), **plain(meta)} if isinstance(meta, dict) else {}
-        self._detectors(doc, fallback)
-        for i, entry in enumerate(doc.get("identities") or []):
+        with self._part(locate(doc, ["detectors"], fallback)):
+            self._detectors(doc, fallback)
+        identities = doc.get("identities")
+        for i, entry in enumerate(identities if isinstance(identities, list) else []):
             if not isinstance(entry, dict):
                 continue
-            self._identity(doc, name, i, entry, fallback)
+            with self._part(locate(doc, ["identities", i], fallback)):
+                self._identity(doc, name, i, entry, fallback)
         roles = doc.get("roles") or {}
         if isinstance(roles, LocDict):
             for role_name, body in roles.items():
                 if isinstance(body, dict):
-                    self._role(doc, name, role_name, body, fallback)
+                    with self._part(key_location(roles, role_name, fallback)):
+                        self._role(doc, name, role_name, body, fallback)
 
     def _detectors(self, doc: LocDict, fallback: Location) -> None:
         from .masking import MaskingError, compile_detector
@@ -407,11 +424,13 @@ class _Compiler:
             ploc = inh_node.item_locs[j] if isinstance(inh_node, LocList) else loc
             self.role_refs.append((parent, ploc, f"role {role_name!r} inherits"))
         rules: list[CompiledRule] = []
-        for k, rule in enumerate(body.get("rules") or []):
+        rule_nodes = body.get("rules")
+        for k, rule in enumerate(rule_nodes if isinstance(rule_nodes, list) else []):
             if isinstance(rule, dict):
-                compiled = self._rule(doc, pack, role_name, k, rule, fb)
-                if compiled is not None:
-                    rules.append(compiled)
+                with self._part(locate(doc, ["roles", role_name, "rules", k], fb)):
+                    compiled = self._rule(doc, pack, role_name, k, rule, fb)
+                    if compiled is not None:
+                        rules.append(compiled)
         self._shadowed(rules, doc, role_name, fb)
         role = Role(
             role_name,
