@@ -129,6 +129,13 @@ def test_yaml_syntax_error_has_position(tmp_path):
     assert err.loc.file == str(path) and err.loc.line >= 2
 
 
+def test_a_tab_in_the_indentation_is_named(tmp_path):
+    path, result = problems(tmp_path, GOOD.replace("        action: allow", "\taction: allow"))
+    (err,) = result.errors
+    assert (err.loc.line, err.loc.col) == (12, 1)
+    assert err.message.startswith("a tab character: YAML indents with spaces only"), err.message
+
+
 def test_shadowed_rule_is_a_warning(tmp_path):
     text = GOOD.replace(
         "      - id: ro-select",

@@ -151,7 +151,12 @@ def load_documents(text: str, filename: str) -> list[Any]:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         col = mark.column + 1 if mark else 1
-        raise YamlError(Location(filename, line, col), str(exc.problem or exc)) from None
+        message = str(exc.problem or exc)
+        lines = text.splitlines()
+        where = lines[mark.line] if mark and mark.line < len(lines) else ""
+        if mark and where[mark.column : mark.column + 1] == "\t":
+            message = f"a tab character: YAML indents with spaces only, replace it with spaces ({message})"
+        raise YamlError(Location(filename, line, col), message) from None
     except yaml.YAMLError as exc:
         raise YamlError(Location(filename, 1, 1), str(exc)) from None
     finally:
