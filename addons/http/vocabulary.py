@@ -23,6 +23,8 @@ def path_pattern(pattern: str) -> re.Pattern[str]:
     A brace that is not part of a ``{name}`` is an error, not a literal: ``/users/{user-id}`` or an
     unclosed ``/users/{id`` would otherwise never match, and a deny rule written that way would
     silently protect nothing. ``[{]`` matches a literal brace."""
+    if pattern[:1] not in ("/", "*", "?", "["):
+        raise ValueError(f"{pattern!r} can never match: request paths start with '/' (write '/{pattern}')")
     stray = _STRAY_BRACE.search(_TEMPLATE.sub("", _BRACKETED.sub("", pattern)))
     if stray is not None:
         raise ValueError(
@@ -93,6 +95,10 @@ def _mapping_of_globs(attr: str, case_insensitive_keys: bool, folded_attr: str |
     """
 
     def compile_(value: Any) -> Predicate:
+        if folded_attr is not None:
+            for k in value:
+                if k != "$" and not k.startswith(("$.", "$[")):
+                    raise ValueError(f"{k!r} can never match: JSON paths start at the document, as in '$.{k}'")
         wanted = {
             (k.lower() if case_insensitive_keys else k): [
                 glob_to_regex(value_text(p), case_sensitive=True)
