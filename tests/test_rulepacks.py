@@ -147,6 +147,14 @@ def test_shadowed_rule_is_a_warning(tmp_path):
     assert w.loc.line == 12 and "ro-select" in w.message and "can never match" in w.message
 
 
+def test_a_deny_written_after_a_rule_shadows_it_too(tmp_path):
+    # A deny wins whatever the rule order, so the allow above it can never match either.
+    text = GOOD + "      - id: deny-all\n        protocol: postgres\n        action: deny\n"
+    _, result = problems(tmp_path, text)
+    (w,) = result.warnings
+    assert w.loc.line == 9 and "'ro-select' can never match: rule 'deny-all'" in w.message
+
+
 def test_shipped_schema_is_up_to_date():
     shipped = (ROOT / "schema" / "rulepack.schema.json").read_text()
     assert json.loads(shipped) == json.loads(schema_json(vocabularies())), (

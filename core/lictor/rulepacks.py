@@ -571,11 +571,13 @@ class _Compiler:
         )
 
     def _shadowed(self, rules: list[CompiledRule], doc: LocDict, role: str, fb: Location) -> None:
-        """Warn about rules an earlier unconditional-enough deny makes unreachable."""
-        for i, later in enumerate(rules):
+        """Warn about rules an unconditional-enough deny of the same role makes unreachable.
+
+        Rule order does not change a decision, so a deny written after the rule shadows it too."""
+        for later in rules:
             if later.action == "deny":
                 continue
-            for earlier in rules[:i]:
+            for earlier in rules:
                 if earlier.action != "deny" or not earlier.enforce or earlier.protocol != later.protocol:
                     continue
                 if earlier.unless_raw or (earlier.targets and earlier.targets != later.targets):
@@ -594,7 +596,7 @@ class _Compiler:
                 self.warn(
                     later.location or fb,
                     f"rule {later.id!r} can never match: rule {earlier.id!r} ({earlier.source}) denies "
-                    "everything it covers first",
+                    "everything it covers (a deny wins whatever the rule order)",
                 )
                 break
 
