@@ -147,6 +147,16 @@ def test_shadowed_rule_is_a_warning(tmp_path):
     assert w.loc.line == 12 and "ro-select" in w.message and "can never match" in w.message
 
 
+def test_a_yaml_boolean_or_number_where_text_is_expected_says_to_quote_it(tmp_path):
+    path, result = problems(tmp_path, GOOD.replace("{role: readonly}", "{role: readonly, mfa: yes, tenant: 42}"))
+    assert [str(p) for p in result.errors] == [
+        f"{path}:4:43: identities.0.match.claims.mfa: YAML reads this value as the boolean true, not as text: "
+        "put it in quotes",
+        f"{path}:4:56: identities.0.match.claims.tenant: YAML reads this value as the number 42, not as text: "
+        "put it in quotes",
+    ]
+
+
 def test_a_deny_written_after_a_rule_shadows_it_too(tmp_path):
     # A deny wins whatever the rule order, so the allow above it can never match either.
     text = GOOD + "      - id: deny-all\n        protocol: postgres\n        action: deny\n"

@@ -268,6 +268,12 @@ def _error_location(doc: Any, error: jsonschema.ValidationError, fallback: Locat
     if error.validator == "required":
         where = ".".join(str(p) for p in path) or "top level"
         return locate(doc, path, fallback), f"{where}: {message}"
+    if error.validator == "oneOf" and isinstance(error.instance, (bool, int, float)):
+        types = {str(alt.get("type")) for alt in error.validator_value if isinstance(alt, dict)}
+        if "string" in types and "boolean" not in types and "number" not in types:
+            # YAML reads true, yes, 42 and 1.5 as booleans and numbers; here only text or a list of it will do
+            kind = "boolean" if isinstance(error.instance, bool) else "number"
+            message = f"YAML reads this value as the {kind} {json.dumps(error.instance)}, not as text: put it in quotes"
     where = ".".join(str(p) for p in path)
     return locate(doc, path, fallback), f"{where}: {message}" if where else message
 
