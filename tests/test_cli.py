@@ -140,6 +140,17 @@ def test_test_names_a_misspelt_key_in_expect(tmp_path: Path):
     assert "unknown key 'mask' in expect; expected one of: action, masked, rule, shadow" in proc.stdout
 
 
+def test_test_names_an_expected_rule_id_that_no_pack_has(tmp_path: Path):
+    _ls_pack(tmp_path)
+    (tmp_path / "p.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n  - name: typo\n    identity: {sub: a}\n"
+        "    request: {protocol: ssh, action: ls, attrs: {program: ls}}\n    expect: {action: allow, rule: okk}\n"
+    )
+    proc = lictor("test", str(tmp_path), check=False)
+    assert proc.returncode == 1
+    assert "no loaded rule has the id 'okk' (expect.rule)" in proc.stdout
+
+
 def test_test_names_a_misspelt_cases_key(tmp_path: Path):
     _ls_pack(tmp_path)
     (tmp_path / "a.tests.yaml").write_text(

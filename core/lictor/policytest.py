@@ -15,7 +15,7 @@ from typing import Any
 from ._yaml import Location, YamlError, key_location, load_documents, plain
 from .identity import Identity
 from .policy import Policy
-from .policy_types import Decision, Request, combine
+from .policy_types import DEFAULT_DENY, Decision, Request, combine
 from .rulepacks import TESTS_FORMAT
 
 __all__ = ["CaseResult", "TestReport", "build_requests", "identity_from_spec", "run_tests"]
@@ -113,8 +113,14 @@ def _expectation(expect: Any) -> dict[str, Any]:
     raise ValueError("expect must be an action or a mapping with action/rule/masked")
 
 
-def _check(decision: Decision, expect: Mapping[str, Any]) -> str:
+def _check(decision: Decision, expect: Mapping[str, Any], policy: Policy) -> str:
     problems = []
+    known = {r.id for r in policy.rules} | {DEFAULT_DENY}
+    for key in ("rule", "masked", "shadow"):
+        ids = expect.get(key)
+        for rid in [ids] if isinstance(ids, str) else ids or []:
+            if rid not in known:
+                problems.append(f"no loaded rule has the id {rid!r} (expect.{key})")
     if decision.action != expect.get("action"):
         problems.append(f"expected {expect.get('action')}, got {decision.action}")
     rule = expect.get("rule")
@@ -181,7 +187,7 @@ def run_tests(policy: Policy, files: Iterable[Path]) -> TestReport:
                     identity = identity_from_spec(plain(case.get("identity") or {}))
                     requests = build_requests(policy, plain(case.get("request") or {}))
                     decision = combine(policy.decide(identity, r) for r in requests)
-                    problem = _check(decision, _expectation(plain(case.get("expect"))))
+                    problem = _check(decision, _expectation(plain(case.get("expect"))), policy)
                 except Exception as exc:
                     report.cases.append(CaseResult(str(path), line, name, False, None, f"error: {exc}"))
                     continue
