@@ -165,6 +165,21 @@ def test_a_deny_written_after_a_rule_shadows_it_too(tmp_path):
     assert w.loc.line == 9 and "'ro-select' can never match: rule 'deny-all'" in w.message
 
 
+def test_the_examples_in_the_rule_pack_guide_check_and_pass_their_tests(tmp_path):
+    # docs/rulepacks.md opens with a pack and shows a tests file for it: copied as they stand, both must work.
+    import re
+
+    from lictor.policytest import run_tests
+
+    pack, tests = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "rulepacks.md").read_text(), re.S)[:2]
+    write(tmp_path, pack, "payments.yaml")
+    write(tmp_path, tests, "payments.tests.yaml")
+    result = load_policy([tmp_path], vocabularies())
+    assert result.policy is not None, [str(p) for p in result.errors]
+    report = run_tests(result.policy, result.test_files)
+    assert report.cases and all(c.passed for c in report.cases), [c.message for c in report.cases]
+
+
 def test_shipped_schema_is_up_to_date():
     shipped = (ROOT / "schema" / "rulepack.schema.json").read_text()
     assert json.loads(shipped) == json.loads(schema_json(vocabularies())), (
