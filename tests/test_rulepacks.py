@@ -342,3 +342,18 @@ def test_values_of_the_wrong_shape_are_problems_not_crashes(tmp_path):
         assert result.policy is None, text
         assert [p.loc.line for p in result.errors] == [line], (text, [str(p) for p in result.errors])
         assert word in result.errors[0].message
+
+
+def test_a_program_named_with_its_directory_is_an_error(tmp_path):
+    # Programs are matched by basename (`/usr/bin/rm -rf` runs `rm`): a deny on /usr/bin/rm protected nothing.
+    rules = (
+        "      - {id: no-rm, protocol: ssh, when: {programs: [/usr/bin/rm]}, action: deny}\n"
+        "      - {id: no-psql, protocol: kubernetes, when: {verbs: [exec], programs: /usr/bin/psql}, action: deny}\n"
+    )
+    path, result = problems(tmp_path, GOOD + rules)
+    assert [str(p) for p in result.errors] == [
+        f"{path}:13:53: roles.ro.rules.1.when.programs: '/usr/bin/rm' can never match: programs are named "
+        "without their directory (write 'rm')",
+        f"{path}:14:77: roles.ro.rules.2.when.programs: '/usr/bin/psql' can never match: programs are named "
+        "without their directory (write 'psql')",
+    ]

@@ -207,7 +207,7 @@ def _programs(value: Any) -> Predicate:
     """``programs:`` of an exec command or stdin line. A command the shell analysis could not read
     (``parse_error``) may run anything: every restriction (``any``: deny, approve, mask) matches it and
     no permission (``all``) covers it."""
-    field = Glob("programs", attr="programs")
+    field = Glob("programs", attr="programs", basename=True)
     matches = field.compile(value)
 
     def pred(request: Request, quantifier: Quantifier) -> bool:

@@ -61,7 +61,7 @@ VOCABULARY = Vocabulary(
             values=CHANNELS,
             description="exec command, interactive shell (line-inspected), raw shell, sftp, scp, forwarding",
         ),
-        Glob("programs", attr="program", description="program name (basename), e.g. ls, systemctl"),
+        Glob("programs", attr="program", description="program name (basename), e.g. ls, systemctl", basename=True),
         Glob(
             "commands",
             attr="command",

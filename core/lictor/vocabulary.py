@@ -137,6 +137,7 @@ class Glob(Field):
     """One glob or a list of globs matched against a string (or strings) attribute."""
 
     case_sensitive: bool = False
+    basename: bool = False  # the attribute is a program's basename: a pattern with a '/' can never match
 
     def schema(self) -> dict[str, Any]:
         item = {"type": "string", "minLength": 1}
@@ -147,6 +148,10 @@ class Glob(Field):
 
     def compile(self, value: Any) -> Predicate:
         patterns = [str(p) for p in _values(value)]
+        for p in patterns:
+            if self.basename and "/" in p:
+                name = p.rstrip("/").rsplit("/", 1)[-1]
+                raise ValueError(f"{p!r} can never match: programs are named without their directory (write {name!r})")
         attr = self.attribute
         exact = {p if self.case_sensitive else p.lower() for p in patterns if not _GLOB_CHARS.search(p)}
         regexes = [glob_to_regex(p, case_sensitive=self.case_sensitive) for p in patterns if _GLOB_CHARS.search(p)]
