@@ -357,3 +357,16 @@ def test_a_program_named_with_its_directory_is_an_error(tmp_path):
         f"{path}:14:77: roles.ro.rules.2.when.programs: '/usr/bin/psql' can never match: programs are named "
         "without their directory (write 'psql')",
     ]
+
+
+def test_an_approval_block_on_an_allow_rule_is_an_error(tmp_path):
+    # The author expected a human to approve; the rule allowed at once, and lictor check passed.
+    text = GOOD.replace("        action: allow", "        action: allow\n        approval: {approvers: [ro]}")
+    path, result = problems(tmp_path, text)
+    assert result.policy is None
+    assert [str(p) for p in result.errors] == [
+        f"{path}:13:19: rule 'ro-select': an allow rule with an approval block allows without approval; "
+        "write action: approve to hold for a human, or remove the approval block"
+    ]
+    _, result = problems(tmp_path, text.replace("action: allow", "action: deny"))
+    assert result.policy is not None and "is ignored (remove it)" in result.warnings[0].message

@@ -539,10 +539,17 @@ class _Compiler:
                         self.error(locate(doc, [*path, "approval", key], loc), str(exc))
             if approval.get("scope") == "elevation" and not el:
                 self.error(loc, f"rule {rid!r}: scope elevation needs approval.elevate (roles, duration)")
+        elif approval and action == "allow":
+            # the author expected a human to approve, and the rule would allow without one
+            self.error(
+                locate(doc, [*path, "approval"], loc),
+                f"rule {rid!r}: an allow rule with an approval block allows without approval; "
+                "write action: approve to hold for a human, or remove the approval block",
+            )
         elif approval:
             self.warn(
                 locate(doc, [*path, "approval"], loc),
-                f"rule {rid!r}: approval block on a {action} rule is ignored",
+                f"rule {rid!r}: approval block on a {action} rule is ignored (remove it)",
             )
         if not (ok1 and ok2):
             return None
