@@ -370,3 +370,14 @@ def test_an_approval_block_on_an_allow_rule_is_an_error(tmp_path):
     ]
     _, result = problems(tmp_path, text.replace("action: allow", "action: deny"))
     assert result.policy is not None and "is ignored (remove it)" in result.warnings[0].message
+
+
+def test_an_allow_rule_that_is_not_enforced_is_a_warning(tmp_path):
+    # Shadow results exist for deny and approve only: such an allow neither allows nor reports anything.
+    path, result = problems(
+        tmp_path, GOOD.replace("        action: allow", "        action: allow\n        enforce: false")
+    )
+    assert [str(p) for p in result.warnings] == [
+        f"{path}:13:18: warning: rule 'ro-select': enforce: false makes this allow rule do nothing, and nothing is "
+        "reported (shadow results are for deny and approve rules); remove the rule or enforce it"
+    ]

@@ -551,6 +551,12 @@ class _Compiler:
                 locate(doc, [*path, "approval"], loc),
                 f"rule {rid!r}: approval block on a {action} rule is ignored (remove it)",
             )
+        if rule.get("enforce") is False and action in ("allow", "mask"):
+            self.warn(
+                locate(doc, [*path, "enforce"], loc),
+                f"rule {rid!r}: enforce: false makes this {action} rule do nothing, and nothing is reported "
+                "(shadow results are for deny and approve rules); remove the rule or enforce it",
+            )
         if not (ok1 and ok2):
             return None
         when_raw = plain(rule.get("when") or {})
