@@ -84,6 +84,14 @@ def test_explain_shows_roles_rules_and_outcome():
     assert "=> DENY" in out
 
 
+def test_explain_reads_sql_as_a_postgres_request_and_asks_for_a_missing_protocol():
+    out = lictor("explain", str(ROOT / "rulepacks"), "--claim", "access=read", "--sql", "DELETE FROM t").stdout
+    assert "request: DELETE" in out and "=> DENY" in out
+    proc = lictor("explain", str(ROOT / "rulepacks"), "--path", "/x", check=False)
+    assert proc.returncode != 0
+    assert "cannot build the request: the request needs a protocol (loaded: " in proc.stdout
+
+
 def test_token_issue_is_short_and_verifiable(tmp_path: Path):
     token = lictor(
         "token",

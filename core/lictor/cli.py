@@ -169,6 +169,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         value = getattr(args, key, None)
         if value:
             spec[key] = value
+    if "sql" in spec and "protocol" not in spec:
+        spec["protocol"] = "postgres"  # only PostgreSQL requests are SQL
     try:
         requests = build_requests(policy, spec)
     except ValueError as exc:

@@ -79,7 +79,9 @@ def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
         ]
     vocab = policy.vocabularies.get(protocol)
     if vocab is None:
-        raise ValueError(f"unknown protocol {protocol!r}")
+        known = ", ".join(sorted(policy.vocabularies)) or "none"
+        what = f"unknown protocol {protocol!r}" if protocol else "the request needs a protocol"
+        raise ValueError(f"{what} (loaded: {known})")
     if vocab.build_requests is None:
         raise ValueError(f"protocol {protocol!r} needs `action` and `attrs` in test requests")
     try:
