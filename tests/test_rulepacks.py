@@ -381,3 +381,17 @@ def test_an_allow_rule_that_is_not_enforced_is_a_warning(tmp_path):
         f"{path}:13:18: warning: rule 'ro-select': enforce: false makes this allow rule do nothing, and nothing is "
         "reported (shadow results are for deny and approve rules); remove the rule or enforce it"
     ]
+
+
+def test_a_mask_selector_the_protocol_never_applies_is_an_error(tmp_path):
+    # An HTTP response has no columns and SSH output no JSON paths: such a mask block masked nothing.
+    rules = (
+        "      - {id: h, protocol: http, action: mask, mask: {columns: ['*password*']}}\n"
+        "      - {id: s, protocol: ssh, action: mask, mask: {detectors: [card], json_paths: [$.card]}}\n"
+    )
+    path, result = problems(tmp_path, GOOD + rules)
+    assert [str(p) for p in result.errors] == [
+        f"{path}:13:63: rule 'h': mask.columns masks nothing in http responses (they are masked by detectors, "
+        "json_paths)",
+        f"{path}:14:84: rule 's': mask.json_paths masks nothing in ssh responses (they are masked by detectors)",
+    ]

@@ -179,6 +179,7 @@ HTTP_VOCABULARY = Vocabulary(
     secondary="paths",
     description="HTTP requests through the reverse proxy",
     build_requests=build_http_requests,
+    mask_by=("detectors", "json_paths"),
 )
 
 K8S_VERBS = (
@@ -262,4 +263,5 @@ K8S_VOCABULARY = Vocabulary(
     secondary="resources",
     description="Kubernetes API requests, mapped like the API server's RBAC",
     build_requests=build_k8s_requests,
+    mask_by=("detectors", "json_paths"),
 )

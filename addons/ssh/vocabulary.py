@@ -102,4 +102,5 @@ VOCABULARY = Vocabulary(
     index="programs",
     description="SSH exec requests, shell lines, sftp/scp and forwarding",
     build_requests=_build,
+    mask_by=("detectors",),  # output is a byte stream
 )

@@ -516,6 +516,14 @@ class _Compiler:
             self.warn(locate(doc, [*path, "mask"], loc), f"rule {rid!r}: mask on a deny rule has no effect")
         if mask:
             self.mask_blocks.append((plain(mask), locate(doc, [*path, "mask"], loc)))
+        if isinstance(mask, dict) and vocab.mask_by is not None:
+            for key in ("detectors", "columns", "json_paths"):
+                if key in mask and key not in vocab.mask_by:
+                    self.error(
+                        locate(doc, [*path, "mask", key], loc),
+                        f"rule {rid!r}: mask.{key} masks nothing in {protocol} responses "
+                        f"(they are masked by {', '.join(vocab.mask_by)})",
+                    )
         approval = rule.get("approval")
         if action == "approve":
             approval = approval or {}

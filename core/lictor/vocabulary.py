@@ -294,6 +294,10 @@ class Vocabulary:
     ``build_requests(case, target)`` turns the ``request:`` mapping of a policy test case into
     the requests the addon would produce (for instance one per SQL statement). Without it, a test
     case must spell out ``action`` and ``attrs``.
+
+    ``mask_by`` names the ``mask:`` selectors (``detectors``, ``columns``, ``json_paths``) the
+    addon applies to what its targets return; a rule of the protocol with another one is an error,
+    since it would mask nothing. None: any.
     """
 
     protocol: str
@@ -303,6 +307,7 @@ class Vocabulary:
     description: str = ""
     build_requests: RequestBuilder | None = None
     test_request_schema: Mapping[str, Any] | None = None
+    mask_by: tuple[str, ...] | None = None
 
     def field(self, name: str) -> Field:
         for f in self.fields:
