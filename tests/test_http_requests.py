@@ -348,16 +348,21 @@ def test_path_braces_that_are_not_templates_are_errors(tmp_path, pattern: str) -
             "paths: 'api/v1/*' can never match: request paths start with '/' (write '/api/v1/*')",
         ),
         ("{json: {a.b: x}}", "json: 'a.b' can never match: JSON paths start at the document, as in '$.a.b'"),
+        (
+            "{resources: [pods, secret/status]}",
+            "resources: 'secret/status' can never match: resources are plural, as in 'secrets/status'",
+        ),
     ],
 )
 def test_paths_that_no_request_has_are_errors(tmp_path, when: str, message: str) -> None:  # type: ignore[no-untyped-def]
     # Request paths start with "/" and JSON bodies are flattened as "$.a.b": a deny rule written
     # without them would protect nothing.
+    protocol = "kubernetes" if "resources" in when else "http"
     (tmp_path / "p.yaml").write_text(
         "format: lictor/v1\nmetadata: {name: p, owner: sec}\nroles:\n  r:\n    rules:\n"
-        f"      - {{id: d, protocol: http, when: {when}, action: deny}}\n"
+        f"      - {{id: d, protocol: {protocol}, when: {when}, action: deny}}\n"
     )
-    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY, "kubernetes": K8S_VOCABULARY})
     assert [f"{e.loc.line}: {e.message}" for e in result.errors] == [f"6: roles.r.rules.0.when.{message}"]
 
 

@@ -219,6 +219,46 @@ def _programs(value: Any) -> Predicate:
     return pred
 
 
+# kubectl's singular names of built-in resources; the API (and RBAC, and these rules) use the plural
+_K8S_SINGULAR = {
+    "pod": "pods",
+    "secret": "secrets",
+    "configmap": "configmaps",
+    "service": "services",
+    "namespace": "namespaces",
+    "node": "nodes",
+    "deployment": "deployments",
+    "statefulset": "statefulsets",
+    "daemonset": "daemonsets",
+    "replicaset": "replicasets",
+    "job": "jobs",
+    "cronjob": "cronjobs",
+    "ingress": "ingresses",
+    "serviceaccount": "serviceaccounts",
+    "persistentvolumeclaim": "persistentvolumeclaims",
+    "persistentvolume": "persistentvolumes",
+    "role": "roles",
+    "rolebinding": "rolebindings",
+    "clusterrole": "clusterroles",
+    "clusterrolebinding": "clusterrolebindings",
+    "networkpolicy": "networkpolicies",
+    "event": "events",
+}
+
+
+@dataclass(frozen=True)
+class _Resources(Glob):
+    """``resources:`` are the API's plural names: ``pod`` (kubectl's singular) would never match."""
+
+    def compile(self, value: Any) -> Predicate:
+        for pattern in [value] if isinstance(value, str) else value:
+            head, sep, sub = str(pattern).partition("/")
+            plural = _K8S_SINGULAR.get(head.lower())
+            if plural is not None:
+                raise ValueError(f"{pattern!r} can never match: resources are plural, as in {plural + sep + sub!r}")
+        return super().compile(value)
+
+
 K8S_VOCABULARY = Vocabulary(
     protocol="kubernetes",
     fields=(
@@ -232,7 +272,7 @@ K8S_VOCABULARY = Vocabulary(
                 "use the lower-case HTTP method (head, post, put)"
             ),
         ),
-        Glob(
+        _Resources(
             "resources",
             attr="resource",
             description="resource, or resource/subresource (pods/log); `*` covers subresources too",
