@@ -395,3 +395,14 @@ def test_a_mask_selector_the_protocol_never_applies_is_an_error(tmp_path):
         "json_paths)",
         f"{path}:14:84: rule 's': mask.json_paths masks nothing in ssh responses (they are masked by detectors)",
     ]
+
+
+def test_a_relative_sftp_path_is_an_error(tmp_path):
+    # sftp/scp paths are absolute and normalised: a deny on etc/shadow protected nothing.
+    path, result = problems(
+        tmp_path, GOOD + "      - {id: s, protocol: ssh, when: {paths: [etc/shadow]}, action: deny}\n"
+    )
+    assert [str(p) for p in result.errors] == [
+        f"{path}:13:46: roles.ro.rules.1.when.paths: 'etc/shadow' can never match: paths are absolute "
+        "(write '/etc/shadow')"
+    ]

@@ -7,10 +7,11 @@ run; each program is one request, and all of them are decided together (deny win
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from lictor import Request
-from lictor.vocabulary import Boolean, Enum, Glob, Vocabulary
+from lictor.vocabulary import Boolean, Enum, Glob, Predicate, Vocabulary
 
 CHANNELS = (
     "exec",
@@ -24,6 +25,17 @@ CHANNELS = (
     "agent_forwarding",
     "x11",
 )
+
+
+@dataclass(frozen=True)
+class _AbsolutePaths(Glob):
+    """sftp/scp ``paths`` are absolute and normalised: a relative pattern (``etc/shadow``) never matches."""
+
+    def compile(self, value: Any) -> Predicate:
+        for pattern in [value] if isinstance(value, str) else value:
+            if str(pattern)[:1] not in ("/", "*", "?", "["):
+                raise ValueError(f"{pattern!r} can never match: paths are absolute (write '/{pattern}')")
+        return super().compile(value)
 
 
 def _build(case: Mapping[str, Any], target: str) -> Sequence[Request]:
@@ -69,7 +81,7 @@ VOCABULARY = Vocabulary(
         ),
         Glob("args", attr="argv", description="the arguments only, as one string"),
         Glob("writes", attr="writes", description="files written by redirections"),
-        Glob("paths", attr="paths", description="sftp/scp paths"),
+        _AbsolutePaths("paths", attr="paths", description="sftp/scp paths"),
         Enum(
             "operations",
             attr="operation",
