@@ -84,6 +84,16 @@ def test_allow_and_deny_wins(policy):
     assert d.message == "secrets are off limits"
 
 
+def test_a_deny_rule_without_a_message_does_not_repeat_the_request(tmp_path: Path):
+    # Each protocol's denial names the request ("lictor: SELECT: select ... — <message>"): the default
+    # message repeated it ("SELECT: select ... is not allowed for your roles").
+    (tmp_path / "p.yaml").write_text(PACK.replace("        message: secrets are off limits\n", ""))
+    result = load_policy([tmp_path], {"line": LINE})
+    assert result.policy is not None, result.errors
+    d = result.policy.decide(reader, req("get secrets"))
+    assert d.action == "deny" and d.message == "denied by rule no-secrets, which gives no reason"
+
+
 def test_shadow_rules_report_but_do_not_enforce(policy):
     d = policy.decide(reader, req("list all things"))
     assert d.action == "allow"

@@ -330,7 +330,8 @@ class Policy:
         if deny:
             rules = by_order(deny, key=lambda r: r.order)
             first = rules[0]
-            msg = first.message or f"{what} is not allowed for your roles"
+            # every protocol's denial already names the request: the default message does not repeat it
+            msg = first.message or f"denied by rule {first.id}, which gives no reason"
             return Decision(
                 "deny",
                 tuple(r.id for r in rules),
