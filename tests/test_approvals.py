@@ -95,7 +95,10 @@ PACK_UPDATE_DENIED = PACK.replace(
     "      - id: no-updates\n        protocol: postgres\n        when: {statements: [update]}\n"
     "        action: deny\n        message: updates are frozen\n      - id: update-once",
 )
-PACK_UPDATE_ALLOWED = PACK.replace("action: approve\n        message: updates need a DBA", "action: allow")
+PACK_UPDATE_ALLOWED = PACK.replace(
+    "action: approve\n        message: updates need a DBA\n        approval: {approvers: [dba], timeout: 20s}",
+    "action: allow",
+)
 PACK_UPDATE_NEEDS_TWO = PACK.replace(
     "approval: {approvers: [dba], timeout: 20s}", "approval: {approvers: [dba], required: 2}"
 )
