@@ -406,3 +406,16 @@ def test_a_relative_sftp_path_is_an_error(tmp_path):
         f"{path}:13:46: roles.ro.rules.1.when.paths: 'etc/shadow' can never match: paths are absolute "
         "(write '/etc/shadow')"
     ]
+
+
+def test_duplicate_identity_mapping_ids_are_errors(tmp_path):
+    # Two mappings with one id read as one in `lictor explain`: which one gave the roles was ambiguous.
+    text = GOOD.replace(
+        "  - match: {claims: {role: readonly}}\n    roles: [ro]\n",
+        "  - id: ro\n    match: {claims: {role: readonly}}\n    roles: [ro]\n"
+        "  - id: ro\n    match: {sub: 'agent-*'}\n    roles: [ro]\n",
+    )
+    path, result = problems(tmp_path, text)
+    assert result.policy is None
+    [error] = result.errors
+    assert str(error).startswith(f"{path}:7:") and "duplicate identity mapping id 'ro' (also at" in str(error), error

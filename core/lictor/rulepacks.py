@@ -314,6 +314,7 @@ class _Compiler:
         self.role_refs: list[tuple[str, Location, str]] = []
         self.mappings: list[IdentityMapping] = []
         self.rule_ids: dict[str, Location] = {}
+        self.identity_ids: dict[tuple[str, str], Location] = {}  # (pack, id): each pack names its own
         self.pack_names: dict[str, Location] = {}
         self.detectors: dict[str, Any] = {}
         self.packs: dict[str, Mapping[str, Any]] = {}
@@ -417,6 +418,14 @@ class _Compiler:
         for j, role in enumerate(roles):
             loc = roles_node.item_locs[j] if isinstance(roles_node, LocList) else locate(doc, ["identities", i], fb)
             self.role_refs.append((role, loc, "identity mapping"))
+        if "id" in entry:
+            # an identity mapping's id names it in `lictor explain` and in what a pack's tests report
+            mid = (pack, str(entry["id"]))
+            where = locate(doc, ["identities", i, "id"], fb)
+            if mid in self.identity_ids:
+                self.error(where, f"duplicate identity mapping id {mid[1]!r} (also at {self.identity_ids[mid]})")
+            else:
+                self.identity_ids[mid] = where
         self.mappings.append(IdentityMapping(str(entry.get("id", f"{pack}#{i}")), pack, tuple(conditions), roles))
 
     def _role(self, doc: LocDict, pack: str, role_name: str, body: Mapping[str, Any], fb: Location) -> None:
