@@ -312,6 +312,43 @@ def test_addon_file_reload_and_broken_edit_denies(gateway_factory, tmp_path):
     assert "addon.reload_failed" in kinds and "addon.reloaded" in kinds
 
 
+def test_every_addon_of_a_reloaded_file_runs_again(gateway_factory, tmp_path):
+    # After a reload only the file's last addon had its `running` hook called: the others' listeners
+    # stayed stopped.
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    source = (
+        "from pathlib import Path\n"
+        "class Marker:\n"
+        "    def __init__(self, name):\n"
+        "        self.name = name\n"
+        "    async def running(self, gateway):\n"
+        f"        Path({str(marks)!r}, self.name).write_text(VERSION)\n"
+        "addons = [Marker('first'), Marker('second')]\n"
+    )
+    addon = tmp_path / "markers.py"
+    addon.write_text("VERSION = '1'\n" + source)
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "lines.yaml").write_text(PACK)
+    port = free_port()
+    gateway_factory(
+        {
+            "rulepacks": [str(packs)],
+            "addons": [str(ROOT / "tests" / "addons" / "lineproto.py"), str(addon)],
+            "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{port}"}},
+        }
+    )
+    wait_port(port)
+    assert {p.name: p.read_text() for p in marks.iterdir()} == {"first": "1", "second": "1"}
+    addon.write_text("VERSION = '2'\n" + source)
+    deadline = time.monotonic() + 10
+    while (marks / "second").read_text() != "2" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # the addons run in the file's order: once the second one ran again, the first one has too
+    assert {p.name: p.read_text() for p in marks.iterdir()} == {"first": "2", "second": "2"}
+
+
 def test_addon_reload_compiles_the_rule_packs_with_its_new_vocabulary(gateway_factory, tmp_path):
     """Live rules read the request attributes the vocabulary named when they were compiled: an
     addon whose reload renames an attribute must not leave a deny rule reading one nobody sets."""

@@ -285,11 +285,12 @@ class AddonWatcher:
                         await gw.addons.trigger("policy_loaded", gw.policy)
                     except HookError as exc:
                         log.error("%s", exc)
+                for addon in new:  # every addon of the file starts again, not only the last one
                     running = getattr(addon, "running", None)
                     if running is not None:
-                        result = running(gw)
-                        if asyncio.iscoroutine(result):
-                            await result
+                        started = running(gw)
+                        if asyncio.iscoroutine(started):
+                            await started
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 log.error("addon file %s failed to reload; its requests are denied: %s", spec, error)
