@@ -81,7 +81,7 @@ from ._requests import (
     reason_of,
     reveal_request,
 )
-from ._responses import Answer, denial, error
+from ._responses import Answer, denial, error, k8s_status
 from ._tls import client_context, upstream_connection, upstream_context
 
 log = logging.getLogger("lictor.http")
@@ -1723,9 +1723,9 @@ def _is_review(call: K8sCall, api_group: str, resource: str) -> bool:
 
 
 _PROXY_ERRORS = {
-    400: ("BadRequest", "the request could not be read"),
-    413: ("RequestEntityTooLarge", "the request body is larger than this gateway accepts (max_body)"),
-    502: ("InternalError", "the gateway could not reach the upstream"),
+    400: "the request could not be read",
+    413: "the request body is larger than this gateway accepts (max_body)",
+    502: "the gateway could not reach the upstream",
 }
 
 
@@ -1741,17 +1741,9 @@ def _json_error_responses() -> None:
         return
 
     def make_error_response(status_code: int, message: str = "") -> bytes:
-        reason, text = _PROXY_ERRORS.get(status_code, ("InternalError", "the gateway could not handle the request"))
+        text = _PROXY_ERRORS.get(status_code, "the gateway could not handle the request")
         detail = f"lictor: {text}" + (f" ({message})" if message and status_code in (400, 502) else "")
-        body = {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": detail,
-            "reason": reason,
-            "code": status_code,
-        }
+        body = k8s_status(status_code, detail)
         headers = Headers(Connection="close", Content_Type="application/json")
         return bytes(http1.assemble_response(Response.make(status_code, json.dumps(body).encode(), headers)))
 

@@ -941,7 +941,7 @@ class _Analysis:
             if key == "AlterRoleSetStmt":
                 role = body.get("role")
                 self.roles.add(_role_name(role) if role else "*")  # no role: ALTER ROLE ALL
-        if key == "AlterRoleStmt":
+        elif key == "AlterRoleStmt":
             self.roles.add(_role_name(body.get("role")))
         elif key == "DropRoleStmt":
             self.roles.update(_role_name(r.get("RoleSpec")) for r in body.get("roles", ()))

@@ -1997,11 +1997,10 @@ class _Fatal(Exception):
 def _param_types(raw: bytes) -> tuple[int, ...]:
     """The parameter type oids a Parse message declares (0: the server infers the type)."""
     try:
-        pos = raw.index(b"\0", raw.index(b"\0", 5) + 1) + 1
-        (count,) = _U16.unpack_from(raw, pos)
-        return tuple(struct.unpack_from(f"!{count}I", raw, pos + 2))
-    except (ValueError, struct.error):
+        message = pg.decode_frontend(raw)
+    except pg.ProtocolError:
         return ()
+    return message.param_types if isinstance(message, pg.Parse) else ()
 
 
 _PARAM_STRUCTS = {16: "!?", 20: "!q", 21: "!h", 23: "!i", 26: "!I", 700: "!f", 701: "!d"}

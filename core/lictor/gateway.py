@@ -322,8 +322,6 @@ class Gateway:
     async def authenticate_async(self, token: str, *, protocol: str, target: str, peer: str) -> Identity:
         """:meth:`authenticate` for addons on the event loop: a verification that may fetch keys over the
         network runs in a thread of its own (one at a time: the fetch is shared anyway)."""
-        if not self.verifier.may_fetch(token):
-            return self.authenticate(token, protocol=protocol, target=target, peer=peer)
         try:
             return await self.verify_async(token)
         except AuthError as exc:
