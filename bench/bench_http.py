@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
@@ -287,6 +288,20 @@ def start_lictor(
     return proc, state
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and, recursively, its children (Lictor's recording drain)."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += cpu_seconds(int(child))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total
+
+
 def issue_token(state: Path) -> str:
     command = [LICTOR, "token", "issue", "--state-dir", str(state), "--sub", "bench-agent", "--claim", "role=agent"]
     return subprocess.run([*command, "--ttl", "2h"], capture_output=True, text=True, check=True).stdout.strip()
@@ -335,19 +350,18 @@ def main() -> int:
             )
             procs.append(stubbed_proc)
         confdir = str(lictor_state / "tls")
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    "--serve-plain",
-                    str(plain_port),
-                    upstream,
-                    confdir,
-                    "1" if args.tls else "0",
-                ]
-            )
+        plain_proc = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--serve-plain",
+                str(plain_port),
+                upstream,
+                confdir,
+                "1" if args.tls else "0",
+            ]
         )
+        procs.append(plain_proc)
         wait_port(plain_port, timeout=20)
         token = issue_token(lictor_state)
         tokens = {"lictor-stubbed": issue_token(stubbed_state)} if args.diagnose else {}
@@ -369,11 +383,20 @@ def main() -> int:
         check = httpx.get(targets["lictor"], headers={"Authorization": f"Bearer {token}"}, verify=cafile or True)
         assert check.status_code == 200 and "[REDACTED:email]" in check.text, check.text
 
+        pids = {"mitmproxy": plain_proc.pid, "lictor": lictor_proc.pid}
+        if args.diagnose:
+            pids["lictor-stubbed"] = stubbed_proc.pid
+
         def load(name: str, seconds: int) -> dict[str, float]:
             url, tok = targets[name], tokens.get(name, token)
+            before = cpu_seconds(pids[name]) if name in pids else 0.0
             if use_wrk:
-                return run_wrk(url, tok, seconds, args.connections)
-            return run_python_load(url, tok, seconds, args.connections, cafile)
+                result = run_wrk(url, tok, seconds, args.connections)
+            else:
+                result = run_python_load(url, tok, seconds, args.connections, cafile)
+            used = cpu_seconds(pids[name]) - before if name in pids else 0.0
+            result["cpu_us"] = used / max(result["rps"] * seconds, 1) * 1e6
+            return result
 
         for name in targets:
             load(name, 2)  # warm-up
@@ -384,7 +407,7 @@ def main() -> int:
             for name in targets:
                 rounds[name].append(load(name, per_round))
         results = {
-            name: {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms")}
+            name: {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms", "cpu_us")}
             for name, runs in rounds.items()
         }
 
@@ -394,9 +417,10 @@ def main() -> int:
         )
         tls = ", TLS" if args.tls else ""
         print(f"Lictor: JWT on every request, {args.rules} rules, e-mail/card masking, audit + recording{tls}")
-        print(f"{'':16}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+        print(f"{'':16}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'proxy CPU/req':>15}")
         for name, r in results.items():
-            print(f"{name:16}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
+            cpu = f"{r['cpu_us']:>12.0f} µs" if name in pids else ""
+            print(f"{name:16}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{cpu:>15}")
         ratio = results["lictor"]["rps"] / results["mitmproxy"]["rps"]
         print(f"lictor / plain mitmproxy throughput: {ratio:.2f}x (goal >= 0.90x)")
         lictor_r, plain_r, direct_r = results["lictor"], results["mitmproxy"], results["direct"]
