@@ -65,6 +65,7 @@ from mitmproxy.proxy.layers import tls as tls_layers
 from OpenSSL import SSL
 
 from . import _bodies as bodies
+from . import _dispatch
 from ._config import HttpTarget
 from ._requests import (
     FORWARDING_HEADERS,
@@ -1821,6 +1822,7 @@ class EmbeddedProxy:
         _json_error_responses()
         opts = Options()
         master = Master(opts, event_loop=loop, with_termlog=False)
+        _dispatch.install(master)
         self.lictor = LictorProxy(self.gateway, self.targets, buffer_limit=self.buffer_limit)
         ps = proxyserver.Proxyserver()
         self.lictor.proxyserver = ps
