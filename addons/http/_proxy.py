@@ -1795,10 +1795,16 @@ def _eager_for_mitmproxy(previous: Any) -> Any:
     previous factory, so no other addon sees a change.
     """
 
+    ours: dict[Any, bool] = {}  # code object -> is it mitmproxy's (a few dozen coroutine functions)
+
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
         code = getattr(coro, "cr_code", None)
-        if code is not None and code.co_filename.startswith(_MITMPROXY_DIR):
-            return asyncio.eager_task_factory(loop, coro, **kwargs)
+        if code is not None:
+            eager = ours.get(code)
+            if eager is None:
+                eager = ours[code] = code.co_filename.startswith(_MITMPROXY_DIR)
+            if eager:
+                return asyncio.eager_task_factory(loop, coro, **kwargs)
         if previous is not None:
             return previous(loop, coro, **kwargs)  # type: ignore[no-any-return]
         return asyncio.Task(coro, loop=loop, **kwargs)
