@@ -283,6 +283,29 @@ def test_a_number_stored_as_a_string_is_masked_in_integer_replies(gw: Gw, prefix
     direct.close()
 
 
+def test_a_writer_cannot_transform_a_masked_value_server_side(gw: Gw, prefix: str):
+    """A value changed in place (inverted, one character or bit altered, something appended) no longer
+    looks like a card number, so it would come back unmasked, and the agent could undo the change."""
+    direct = redis.Redis()
+    direct.set(prefix + "card", f"paid with {CARD}")
+    writer = gw.client("writer")
+    transforms = [
+        ("BITOP", "NOT", prefix + "copy", prefix + "card"),
+        ("BITOP", "XOR", prefix + "copy", prefix + "card", prefix + "other"),
+        ("SETRANGE", prefix + "card", "10", "5"),
+        ("SETBIT", prefix + "card", "80", "1"),
+        ("APPEND", prefix + "card", "0"),
+    ]
+    for command in transforms:
+        with pytest.raises(redis.exceptions.ResponseError, match="denied by rule redis-no-transforming-writes"):
+            writer.execute_command(*command)
+    assert writer.get(prefix + "card") == b"paid with **** **** **** 1111"
+    writer.close()
+    assert direct.get(prefix + "card") == f"paid with {CARD}".encode()  # nothing changed
+    assert direct.exists(prefix + "copy") == 0
+    direct.close()
+
+
 def test_hello_3_auth_authenticates(gw: Gw, prefix: str):
     sub = f"hello-{secrets.token_hex(3)}"
     client = gw.client("writer", protocol=3, sub=sub)  # redis-py sends HELLO 3 AUTH <user> <token>
