@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import shutil
 import signal
@@ -34,6 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._proc import cpu_seconds  # noqa: E402
 from tests.conftest import free_port, wait_port  # noqa: E402
 
 LICTOR = str(Path(sys.executable).parent / "lictor")
@@ -286,20 +286,6 @@ def start_lictor(
             raise RuntimeError((work / "gateway.log").read_text())
         time.sleep(0.1)
     return proc, state
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a process and, recursively, its children (Lictor's recording drain)."""
-    total = 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                total += cpu_seconds(int(child))
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return total
 
 
 def issue_token(state: Path) -> str:

@@ -9,8 +9,8 @@ masking; ``readonly``: every row goes through the card and email detectors).
 
 For each mode it prints TPS and the ratios against direct and pgbouncer, the p50/p99 latency per
 transaction (from pgbench's per-transaction log) and the latency each proxy adds to direct, and the CPU the
-proxy process used per transaction (all its threads: for Lictor that includes the audit and recording
-pipeline). Nothing here is a pass/fail assertion.
+proxy used per transaction (its process and children: for Lictor that includes the audit and recording
+pipeline, whose drain is a child process). Nothing here is a pass/fail assertion.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._proc import cpu_seconds  # noqa: E402
 from tests.conftest import free_port, wait_port  # noqa: E402
 
 LICTOR = str(Path(sys.executable).parent / "lictor")
@@ -43,11 +44,6 @@ def psql(sql: str, db: str = "postgres") -> None:
     subprocess.run(
         ["psql", "-X", "-q", "-h", PG["host"], "-U", PG["user"], "-d", db, "-c", sql], check=True, capture_output=True
     )
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_pgbouncer(work: Path, port: int) -> subprocess.Popen[bytes]:
