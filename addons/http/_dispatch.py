@@ -50,7 +50,6 @@ class HookDispatch(AddonManager):
         self._handlers: dict[str, Handlers | None] = {}
 
     def register(self, addon: Any) -> Any:
-        self._handlers.clear()
         try:
             return super().register(addon)
         finally:
