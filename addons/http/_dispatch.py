@@ -34,7 +34,7 @@ Handlers = tuple[tuple[Callable[..., Any], ...], ...]
 _FIELDS: dict[type, tuple[str, ...]] = {}
 
 
-def _hook_args(event: hooks.Hook) -> list[Any]:
+def hook_args(event: hooks.Hook) -> list[Any]:
     """``event.args()`` without asking ``dataclasses`` for the fields each time."""
     names = _FIELDS.get(type(event))
     if names is None:
@@ -99,7 +99,7 @@ class HookDispatch(AddonManager):
             return
         if not handlers:
             return
-        args = _hook_args(event)
+        args = hook_args(event)
         for funcs in handlers:
             try:
                 for func in funcs:
@@ -118,7 +118,7 @@ class HookDispatch(AddonManager):
         await self.trigger_event(event)
         if self._handlers_of(hooks.UpdateHook.name) == ():
             return  # no addon listens: skip building the update event
-        message = _hook_args(event)[0]
+        message = hook_args(event)[0]
         if isinstance(message, flow.Flow):
             await self.trigger_event(hooks.UpdateHook([message]))
 

@@ -65,7 +65,7 @@ from mitmproxy.proxy.layers import tls as tls_layers
 from OpenSSL import SSL
 
 from . import _bodies as bodies
-from . import _dispatch
+from . import _dispatch, _lean
 from ._config import HttpTarget
 from ._requests import (
     FORWARDING_HEADERS,
@@ -1752,22 +1752,6 @@ def _json_error_responses() -> None:
     _http1.make_error_response = make_error_response
 
 
-def _unchecked_messages() -> None:
-    """Build mitmproxy's requests and responses without its debug-mode type check.
-
-    mitmproxy checks every field of every ``Request``/``Response`` against its annotation when it is
-    built, but only under ``__debug__``: its release mode (``python -O``) does without. The gateway keeps
-    ``__debug__`` for its own asserts, and here the check costs more CPU per proxied request than the
-    policy decision: about 35 µs per message, two messages per request. Messages are built only by
-    mitmproxy's HTTP parsers and by the gateway's own type-checked code."""
-    from mitmproxy.http import MessageData
-
-    def __post_init__(self: Any) -> None:
-        pass
-
-    MessageData.__post_init__ = __post_init__  # type: ignore[method-assign]
-
-
 def _request_bodies_only() -> None:
     """Make mitmproxy's ``body_size_limit`` a limit on request bodies only (see the module docstring).
 
@@ -1842,7 +1826,7 @@ class EmbeddedProxy:
             logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # per-connection chatter
         _request_bodies_only()
         _json_error_responses()
-        _unchecked_messages()
+        _lean.install()
         opts = Options()
         master = Master(opts, event_loop=loop, with_termlog=False)
         _dispatch.install(master)
