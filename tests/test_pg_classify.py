@@ -606,3 +606,77 @@ def test_role_passwords_are_redacted_for_display_and_records(sql: str, shown: st
     from lictor_addons.postgres._classify import redact_secrets
 
     assert redact_secrets(sql) == shown
+
+
+# -- transforms_data: values computed from table data, which masking would not recognise ----------------
+
+TRANSFORMING = [
+    "SELECT reverse(card) FROM customers",
+    "SELECT substr(card, 1, 8), substr(card, 9) FROM customers",
+    "SELECT card::bytea FROM customers",
+    "SELECT card::varchar(8), card::char FROM customers",  # cut short
+    "SELECT card::float8 FROM customers",  # 4.11111111111111e+15
+    "SELECT card::numeric + 1 FROM customers",
+    "SELECT translate(email, '@', '#'), upper(email) FROM customers",
+    "SELECT string_agg(email, ','), json_agg(c) FROM customers c",
+    "SELECT ascii(substr(card, g, 1)) FROM customers, generate_series(1, 19) g",
+    "SELECT reverse((SELECT card FROM customers LIMIT 1))",
+    "SELECT x FROM customers c, LATERAL regexp_split_to_table(c.card, '') x",
+    "WITH x AS (SELECT reverse(card) AS r FROM customers) SELECT r FROM x",
+    "SELECT card FROM customers UNION SELECT reverse(card) FROM customers",
+    "SELECT 1 UNION ALL (SELECT card FROM customers EXCEPT SELECT reverse(card) FROM customers)",
+    "INSERT INTO t (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET note = reverse(t.card)",
+    "MERGE INTO t USING customers c ON t.id = c.id WHEN MATCHED THEN UPDATE SET note = reverse(c.card)",
+    "COPY (SELECT reverse(card) FROM customers) TO STDOUT",
+    "DECLARE c CURSOR FOR SELECT reverse(card) FROM customers",
+    "PREPARE p AS SELECT encode(convert_to(email, 'UTF8'), 'hex') FROM customers",
+    "EXPLAIN ANALYZE SELECT reverse(card) FROM customers",
+    "SELECT * FROM (VALUES (reverse((SELECT card FROM customers LIMIT 1)))) v",
+    "SELECT set_config('x.y', card, false) FROM customers",
+    "SELECT card || '' FROM customers",
+    "SELECT min(reverse(card)), sum(card::numeric) FROM customers",
+    "SELECT trim(both '4' from card) FROM customers",
+    "SELECT CASE WHEN true THEN reverse(card) END, coalesce(reverse(card), '') FROM customers",
+    "SELECT doc ->> (card) FROM customers",
+    "SELECT reverse(most_common_vals::text) FROM pg_stats",  # statistics hold table data
+    "SELECT reverse(query) FROM pg_stat_activity",  # other sessions' statements, constants included
+    "SELECT encode(lo_get(16400), 'hex')",
+    "INSERT INTO copy_of SELECT reverse(card) FROM customers",
+    "UPDATE t SET note = reverse(card) WHERE id = 1",
+]
+
+NOT_TRANSFORMING = [
+    "SELECT card, email AS e FROM customers",
+    "SELECT * FROM customers",
+    "SELECT c, c.* FROM customers c",
+    "SELECT (SELECT card FROM customers LIMIT 1)",
+    "SELECT count(*), count(reverse(card)), length(reverse(card)) FROM customers",
+    "SELECT id FROM customers WHERE reverse(card) LIKE '1%' ORDER BY upper(email)",  # picks rows only
+    "SELECT max(card), min(email), sum(amount), avg(amount) FROM orders",
+    "SELECT card::text, created_at::date FROM customers",
+    "SELECT card LIKE '4%', card = 'x', card IS NULL, card IN ('a', 'b') FROM customers",
+    "SELECT EXISTS (SELECT 1 FROM customers WHERE card LIKE '4%')",
+    "SELECT coalesce(email, ''), nullif(email, ''), greatest(a, b) FROM customers",
+    "SELECT CASE WHEN substr(card, 1, 1) = '4' THEN 'visa' ELSE card END FROM customers",
+    "SELECT doc ->> 'card', doc #> '{a,b}' FROM t",
+    "SELECT trim(email), ltrim(card) FROM customers",
+    "SELECT date_trunc('day', created_at), extract(year FROM created_at), count(*) FROM orders GROUP BY 1, 2",
+    "SELECT row_number() OVER (ORDER BY card), card FROM customers",
+    "SELECT version(), now()::text, 'a' || 'b', $1::text",
+    "SELECT * FROM generate_series(1, 3) g",
+    "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a",
+    "SELECT upper(table_name) FROM information_schema.tables",
+    "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings WHERE name = 'restrict_nonsystem_relation_kind'",
+    "INSERT INTO t VALUES (1, 'a')",
+    "UPDATE t SET a = 1 WHERE id = 2",
+]
+
+
+@pytest.mark.parametrize("sql", TRANSFORMING)
+def test_values_computed_from_table_data_are_transforms(sql: str) -> None:
+    assert any(st.transforms_data for st in classify(sql)), sql
+
+
+@pytest.mark.parametrize("sql", NOT_TRANSFORMING)
+def test_values_as_stored_counts_and_catalogs_are_not(sql: str) -> None:
+    assert not any(st.transforms_data for st in classify(sql)), sql

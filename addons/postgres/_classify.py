@@ -106,6 +106,14 @@ class Statement:
     the output then holds values in a form that masking detectors do not recognise."""
     languages: frozenset[str] = frozenset()
     """Languages of DO blocks and function bodies involved (``plpgsql``, ``sql``, ``plpython3u``...)."""
+    transforms_data: bool = False
+    """The statement computes what it returns (or stores) from table data, rather than returning values as
+    stored: a function, operator or cast applied to a column, a whole row or a subquery's value (``reverse(card)``,
+    ``substr(card, 1, 8)``, ``card::bytea``, ``string_agg(email, ',')``), in a target, RETURNING or VALUES list
+    or a function in FROM. Plain columns, constants, comparisons (true/false), ``count``, and ``min``/``max``/
+    ``sum``/``avg`` of a column do not count, and neither does computing over the system catalogs only
+    (psql's ``\\d`` queries). Masking recognises values as stored: a role whose results are masked needs
+    this denied, or a transformed value carries the data past the detectors."""
     roles: frozenset[str] = frozenset()
     """Roles whose definition the statement changes (ALTER, DROP or RENAME of a role or user): their names,
     ``current_user``, ``session_user`` or ``current_role`` as written, ``*`` for ``ALTER ROLE ALL``."""
@@ -500,6 +508,9 @@ _PLPGSQL_KINDS = {"PLpgSQL_stmt_commit": "commit", "PLpgSQL_stmt_rollback": "rol
 
 _WRITE = 1
 _TARGET = 2
+# Statements and clauses with output expressions, for Statement.transforms_data.
+_OUTPUT_STATEMENTS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+_OUTPUT_CLAUSES = frozenset({"MergeWhenClause", "OnConflictClause", "RangeFunction", "RangeTableFunc", "JsonTable"})
 _NO_CTES: frozenset[str] = frozenset()
 MAX_NESTING = 8  # DO inside EXECUTE inside a function body...
 _MAX_ASSIGNMENT_SPLITS = 64
@@ -564,6 +575,129 @@ def _refers_to(node: Any, tables: set[str]) -> bool:
             if not qualifiers or qualifiers[-1] in tables:
                 return True
     return False
+
+
+# Output expressions that hand a stored value back as it is, or compute nothing from stored data, for
+# Statement.transforms_data. Functions whose result says only how big a value is:
+_SIZE_FUNCTIONS = frozenset({"count", "length", "char_length", "character_length", "octet_length", "bit_length"})
+# Functions that return one of their arguments as it is, or a part of a date (of plain arguments):
+_PICKING_FUNCTIONS = frozenset({"min", "max", "date_trunc", "date_part", "extract"})
+# Whitespace trimmed from the ends (with one argument: trim(both '4' from card) would cut digits off).
+_TRIM_FUNCTIONS = frozenset({"btrim", "ltrim", "rtrim"})
+# Aggregates of one column: a total, not a value (numbers stored as numbers can still be combined with
+# chosen values; see docs/masking.md).
+_TOTAL_AGGREGATES = frozenset({"sum", "avg"})
+# Casts without a length or precision that keep a value's characters, or whose type cannot hold text.
+# Not numbers: 4111111111111111::numeric + 1 is a card number that masking no longer recognises.
+_PLAIN_CASTS = frozenset({"text", "varchar", "bool", "boolean", "uuid", "date", "timestamp", "timestamptz"})
+# Operators whose result is true or false: what they tell is what a WHERE clause could tell.
+_COMPARISONS = frozenset({"=", "<>", "!=", "<", ">", "<=", ">=", "~", "~*", "!~", "!~*", "~~", "~~*", "!~~", "!~~*"})
+_BOOLEAN_EXPR_KINDS = frozenset(
+    {"AEXPR_LIKE", "AEXPR_ILIKE", "AEXPR_SIMILAR", "AEXPR_IN", "AEXPR_DISTINCT", "AEXPR_NOT_DISTINCT"}
+    | {"AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN", "AEXPR_BETWEEN_SYM", "AEXPR_NOT_BETWEEN_SYM", "AEXPR_OP_ANY"}
+    | {"AEXPR_OP_ALL"}
+)
+# JSON members by a constant key or path: a value as the document stores it.
+_JSON_MEMBER_OPERATORS = frozenset({"->", "->>", "#>", "#>>"})
+# Functions that return stored data without naming a column (large objects).
+_DATA_FUNCTIONS = frozenset({"lo_get", "loread"})
+# System catalogs and statistics views that hold table data (most common values, other sessions' query
+# texts with their constants): computing over these counts as computing over tables.
+_DATA_CATALOGS = frozenset(
+    {"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data", "pg_largeobject"}
+    | {"pg_stat_activity"}
+)
+
+
+def _reads_data(node: Any) -> bool:
+    """Whether an expression reads stored data: a column, a whole row, a subquery or a large object."""
+    for item in _dicts(node):
+        if "ColumnRef" in item or "SubLink" in item:
+            return True
+        call = item.get("FuncCall")
+        if isinstance(call, dict):
+            names = _names(call.get("funcname", ()))
+            if names and names[-1].lower() in _DATA_FUNCTIONS:
+                return True
+    return False
+
+
+def _plain_output(node: Any) -> bool:
+    """Whether an output expression returns stored values as they are (or constants, sizes, true or
+    false): masking then sees what the table holds. See :attr:`Statement.transforms_data`."""
+    if not isinstance(node, dict) or len(node) != 1:
+        return not _reads_data(node)
+    ((key, body),) = node.items()
+    if key == "ResTarget":
+        return _plain_output(body.get("val"))
+    if key in ("ColumnRef", "SubLink", "NullTest", "BooleanTest", "BoolExpr") or not _reads_data(node):
+        # A subquery's value is its own target list's, checked where the walk reaches it; the others are
+        # true or false, as a WHERE clause could tell.
+        return True
+    if key == "TypeCast":
+        type_name = body.get("typeName", {})
+        names = _names(type_name.get("names", ()))
+        plain = bool(names) and names[-1].lower() in _PLAIN_CASTS
+        return (
+            plain
+            and not type_name.get("typmods")
+            and not type_name.get("arrayBounds")
+            and _plain_output(body.get("arg"))
+        )
+    if key == "FuncCall":
+        names = _names(body.get("funcname", ()))
+        name = names[-1].lower() if names else ""
+        args = body.get("args", ())
+        if name in _SIZE_FUNCTIONS or not _reads_data(args):  # row_number() OVER (ORDER BY card): no value of it
+            return True
+        if name in _TOTAL_AGGREGATES:
+            return len(args) == 1 and "ColumnRef" in args[0]
+        if name in _TRIM_FUNCTIONS and len(args) != 1:
+            return False
+        return (name in _PICKING_FUNCTIONS or name in _TRIM_FUNCTIONS) and all(_plain_output(a) for a in args)
+    if key in ("CoalesceExpr", "MinMaxExpr"):
+        return all(_plain_output(a) for a in body.get("args", ()))
+    if key == "CaseExpr":  # one of its results; the conditions tell only which
+        results = [when.get("CaseWhen", {}).get("result") for when in body.get("args", ())]
+        return all(_plain_output(r) for r in [*results, body.get("defresult")])
+    if key == "A_Expr":
+        kind = body.get("kind")
+        operator = _names(body.get("name", ()))
+        if kind in _BOOLEAN_EXPR_KINDS or (kind == "AEXPR_OP" and operator[-1:] and operator[-1] in _COMPARISONS):
+            return True
+        if kind == "AEXPR_NULLIF":
+            return _plain_output(body.get("lexpr"))
+        if kind == "AEXPR_OP" and operator[-1:] and operator[-1] in _JSON_MEMBER_OPERATORS:
+            return _plain_output(body.get("lexpr")) and not _reads_data(body.get("rexpr"))
+        return False
+    if key == "A_Indirection":
+        # (row).field: a stored value; an array subscript or slice is not followed
+        return all("String" in item for item in body.get("indirection", ())) and _plain_output(body.get("arg"))
+    return False
+
+
+def _plain_outputs(body: _Node) -> bool:
+    """Whether every output expression of a statement or clause body is plain (see :func:`_plain_output`).
+    The arms of a UNION and an INSERT's ON CONFLICT clause are bodies without a node name of their own."""
+    for field in ("targetList", "returningList", "values"):
+        if not all(_plain_output(item) for item in body.get(field) or ()):
+            return False
+    for row in body.get("valuesLists") or ():
+        if not all(_plain_output(item) for item in row.get("List", {}).get("items", ())):
+            return False
+    nested = [body.get("larg"), body.get("rarg"), body.get("onConflictClause")]
+    return all(_plain_outputs(part) for part in nested if isinstance(part, dict))
+
+
+def _catalog_relation(name: str) -> bool:
+    """Whether a relation read is a system catalog without table data (``pg_class``, ``information_schema.columns``).
+    Bare ``pg_*`` names are taken as catalogs: PostgreSQL looks them up in pg_catalog first."""
+    parts = name.split(".")
+    if parts[-1] in _DATA_CATALOGS:
+        return False
+    if len(parts) >= 2:
+        return parts[-2] in ("pg_catalog", "information_schema")
+    return parts[0].startswith("pg_")
 
 
 def _names(items: Iterable[Any]) -> list[str]:
@@ -682,6 +816,7 @@ class _Analysis:
         self.copy_program: str | None = None
         self.copy_rewrites = False
         self.locks = False
+        self.transforms = False  # an output expression computes from stored data (see transforms_data)
         # set_config() name arguments (by node identity) that a WHERE pins to these setting names
         self.pinned_names: dict[int, list[str]] = {}
         self.root_kind: str | None = None
@@ -757,10 +892,23 @@ class _Analysis:
                     self.columns.add("*" if "A_Star" in last else str(last.get("String", {}).get("sval", "")).lower())
         elif key in ("A_Const", "String", "Integer", "Float", "Boolean", "ParamRef", "TypeName", "A_Star"):
             pass
+        elif key in _OUTPUT_CLAUSES:
+            self._outputs(key, body)
+            self._push_children(body, ctes, flags, stack)
         elif key.endswith("Stmt"):
             self._statement(key, body, ctes, stack, depth, text, is_root)
         else:
             self._push_children(body, ctes, flags, stack)
+
+    def _outputs(self, key: str, body: _Node) -> None:
+        """Note an output expression (target, RETURNING or VALUES list, function in FROM) that computes
+        from stored data."""
+        if self.transforms:
+            return
+        if key in ("RangeFunction", "RangeTableFunc", "JsonTable"):
+            self.transforms = _reads_data(body)
+            return
+        self.transforms = not _plain_outputs(body)
 
     def _range_var(self, rv: _Node, ctes: frozenset[str], flags: int) -> None:
         name = str(rv.get("relname", ""))
@@ -907,6 +1055,8 @@ class _Analysis:
             self.root_kind = self.root_kind or kind
         write_keys = _WRITE_KEYS.get(key, ())
 
+        if key in _OUTPUT_STATEMENTS:
+            self._outputs(key, body)
         if key == "SelectStmt":
             if "lockingClause" in body:
                 self.locks = True  # FOR UPDATE / SHARE: row locks, written into the rows
@@ -1400,6 +1550,11 @@ def _statements(sql: str) -> Iterator[Statement]:
             copy_file=analysis.copy_file,
             copy_program=analysis.copy_program,
             copy_rewrites=analysis.copy_rewrites,
+            transforms_data=analysis.transforms
+            and (
+                not all(_catalog_relation(name) for name in analysis.read | analysis.written)
+                or not analysis.functions.isdisjoint(_DATA_FUNCTIONS)
+            ),
             languages=frozenset(analysis.languages),
             roles=frozenset(analysis.roles),
         )

@@ -31,6 +31,7 @@ def statement_attrs(st: Statement, database: str = "") -> dict[str, object]:
         "modifies": st.modifies,
         "dynamic_sql": st.dynamic_sql,
         "read_write_attempt": st.read_write_attempt,
+        "transforms_data": st.transforms_data,
         "settings": st.settings,
         "database": database,
         "copy_target": st.copy_target,
