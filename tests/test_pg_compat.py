@@ -87,8 +87,9 @@ def test_dump_script_settings_run_through_psql(env: PgEnv, tmp_path) -> None:  #
     assert "lictor:" in proc.stderr and "keeps it fixed" in proc.stderr
 
 
-def test_readonly_binary_arrays_and_void_are_masked_not_refused(env: PgEnv) -> None:  # noqa: F811
-    with env.connect("readonly") as conn:
+def test_masked_binary_arrays_and_void_are_masked_not_refused(env: PgEnv) -> None:  # noqa: F811
+    # analyst: readonly's masks, and it may compute over columns (ARRAY[...], array_agg), which readonly may not
+    with env.connect("analyst") as conn:
         cur = conn.cursor(binary=True)
         row = cur.execute(
             "SELECT ARRAY[email, NULL, 'plain'], ARRAY[4111111111111111::bigint, 7], "
@@ -104,11 +105,12 @@ def test_readonly_binary_arrays_and_void_are_masked_not_refused(env: PgEnv) -> N
         assert cur.execute("SELECT array_agg(email ORDER BY id) FROM customers").fetchone()[0][0] == "[REDACTED:email]"
 
 
-def test_asyncpg_pool_and_introspection_for_readonly(env: PgEnv) -> None:  # noqa: F811
+def test_asyncpg_pool_and_introspection_for_a_masked_role(env: PgEnv) -> None:  # noqa: F811
     import asyncpg
 
     async def main() -> list[object]:
-        kw = dict(host="127.0.0.1", port=env.port, database="app", user="agent", password=env.tokens["readonly"])
+        # analyst: readonly's masks, and it may compute over columns (array_agg, convert_to)
+        kw = dict(host="127.0.0.1", port=env.port, database="app", user="agent", password=env.tokens["analyst"])
         pool = await asyncpg.create_pool(min_size=1, max_size=1, ssl=False, **kw)
         out: list[object] = []
         for i in range(3):  # each release sends asyncpg's reset query (..., RESET ALL)

@@ -133,6 +133,22 @@ CREATE FUNCTION sneaky_write() RETURNS int LANGUAGE sql AS 'UPDATE accounts SET 
 """
 
 
+# Beside the example: a role with readonly's masks that may compute over columns (the example's readonly may
+# not), to show what masking alone covers and what it does not.
+ANALYST_PACK = """
+format: lictor/v1
+metadata: {name: test-analyst, owner: tests}
+identities:
+  - {id: analysts, match: {claims: {role: analyst}}, roles: [pg-analyst]}
+roles:
+  pg-analyst:
+    inherits: [pg-reader]
+    rules:
+      - {id: analyst-mask-cards, protocol: postgres, action: mask, mask: {detectors: [card], style: partial, keep: 4}}
+      - {id: analyst-mask-emails, protocol: postgres, action: mask, mask: {detectors: [email], style: redact}}
+"""
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgEnv]:
     require(_server_available(), "PostgreSQL at 127.0.0.1:5432 (user postgres, trust) is not reachable")
@@ -160,12 +176,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgEnv]:
             capture_output=True,
             timeout=120,
         )
+        (workdir / "test-packs").mkdir()
+        (workdir / "test-packs" / "analyst.yaml").write_text(ANALYST_PACK)
         config = {
             "version": 1,
             "state_dir": str(workdir / "state"),
             "log": {"level": "info"},
             "identity": {"issuers": [{"type": "lictor"}]},
-            "rulepacks": [str(EXAMPLE_PACKS)],
+            "rulepacks": [str(EXAMPLE_PACKS), str(workdir / "test-packs")],
             "approvals": {"listen": f"127.0.0.1:{e.approvals_port}", "poll_interval": "1s"},
             "targets": {
                 "app": {
@@ -178,14 +196,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgEnv]:
                         "database": dbname,
                         "sslmode": "disable",
                     },
-                    "read_only_roles": ["pg-readonly"],
+                    "read_only_roles": ["pg-readonly", "pg-analyst"],
                 }
             },
         }
         gw = GatewayProcess(workdir, config)
         gw.start()
         e.gateway = gw
-        for role in ("readonly", "writer", "dba", "approver"):
+        for role in ("readonly", "writer", "dba", "approver", "analyst"):
             e.tokens[role] = gw.token(f"agent-{role}", role=role)
         yield e
     finally:
@@ -753,9 +771,10 @@ def test_psycopg_binary_results_and_prepared_statements(env: PgEnv) -> None:
             row = cur.execute("SELECT id, balance, now() AS t FROM accounts WHERE id = %s", [i + 1]).fetchone()
             assert row[0] == i + 1 and row[1] == 100
         assert len(conn.execute("SELECT * FROM customers", binary=True).fetchall()) == 20
-    with env.connect("readonly") as conn:
+    with env.connect("analyst") as conn:
         # Binary results are masked where the gateway can read them: text-like values, and numbers (a
         # number that holds a card comes back as NULL); other binary values are refused, with the reason.
+        # (analyst: readonly's masks, and it may compute a ROW over a column, which readonly may not.)
         cur = conn.cursor(binary=True)
         row = cur.execute(
             "SELECT id, email, card, 4111111111111111::bigint, 4111111111111111::numeric, 7::bigint, now() "
@@ -798,24 +817,93 @@ def test_sql_prepare_and_execute(env: PgEnv) -> None:
     assert env.fingerprint() == before
 
 
+TRANSFORMS = [
+    "SELECT reverse(card) FROM customers",
+    "SELECT left(card, 8), substr(card, 9) FROM customers",
+    "SELECT card::bytea FROM customers",
+    "SELECT translate(email, '@', '#') FROM customers",
+    "SELECT string_agg(card, '') FROM customers",
+    "SELECT ascii(substr(card, g, 1)) FROM customers, generate_series(1, 19) g",
+    "SELECT x FROM customers c, LATERAL regexp_split_to_table(c.card, '') x",
+    "SELECT reverse((SELECT card FROM customers ORDER BY id LIMIT 1))",
+    "SELECT card::numeric + 1 FROM customers WHERE card !~ ' '",
+    "COPY (SELECT reverse(card) FROM customers) TO STDOUT",
+]
+
+
+def test_readonly_cannot_compute_values_past_the_masking(env: PgEnv) -> None:
+    import psycopg
+
+    # What masking alone lets through: a value computed from a card is not a card to the detectors.
+    with env.connect("analyst") as conn:
+        row = conn.execute("SELECT card, reverse(card) FROM customers WHERE id = 1").fetchone()
+    assert row is not None and CARDS[1] not in row[0] and row[1] == CARDS[1][::-1]
+
+    with env.connect("readonly") as conn:
+        for sql in TRANSFORMS:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:  # extended protocol
+                if sql.startswith("COPY"):
+                    with conn.cursor().copy(sql) as copy:
+                        list(copy)
+                else:
+                    conn.execute(sql).fetchall()
+            assert "pg-ro-no-transformed-reads" in str(info.value) and "select the columns themselves" in str(
+                info.value
+            )
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT reverse(email) FROM customers WHERE id = %s", (1,))
+        # a WHERE clause may compute (it only picks rows), but an error there does not show the value
+        for sql in (
+            "SELECT id FROM customers WHERE reverse(card)::int = 0",
+            "SELECT id FROM customers WHERE reverse(email)::date > now()",
+        ):
+            with pytest.raises(psycopg.DataError) as error:
+                conn.execute(sql)
+            assert '"[withheld]"' in str(error.value), error.value
+            assert not any(c[::-1] in str(error.value) for c in CARDS) and "moc.elpmaxe" not in str(error.value)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("PREPARE leak AS SELECT encode(convert_to(email, 'UTF8'), 'hex') FROM customers")
+        # the connection stays usable, and what keeps values as stored is allowed (and masked)
+        row = conn.execute(
+            "SELECT count(*), count(DISTINCT card), max(card), coalesce(min(email), ''), length(max(card)), "
+            "CASE WHEN max(card) LIKE '4%' THEN 'visa' ELSE 'other' END FROM customers"
+        ).fetchone()
+        assert row is not None and row[0] == 20 and row[1] == 4
+        assert not any(c in str(row) for c in CARDS) and "@example.com" not in str(row)
+        assert row[3] == "[REDACTED:email]"
+    proc = env.psql("readonly", "-c", TRANSFORMS[0], "-c", "SELECT card FROM customers WHERE id = 1")  # simple protocol
+    assert "pg-ro-no-transformed-reads" in proc.stderr and "****" in proc.stdout, (proc.stdout, proc.stderr)
+    assert CARDS[1][::-1] not in proc.stdout
+
+
 def test_errors_notices_notifications_and_settings_are_masked_too(env: PgEnv) -> None:
     # Row data also comes back in messages that are not rows: an error quoting the bad value, a
-    # notice, a NOTIFY payload, a setting's new value reported with ParameterStatus.
+    # notice, a NOTIFY payload, a setting's new value reported with ParameterStatus. The analyst role has
+    # readonly's masks and may compute over columns, as these queries do.
     import psycopg
 
     with env.connect("dba") as conn:
         conn.execute(
             "CREATE OR REPLACE FUNCTION note(t text) RETURNS void LANGUAGE plpgsql AS $$BEGIN RAISE NOTICE 'value: %', t; END$$"
         )
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION note_error(t text) RETURNS void LANGUAGE plpgsql "
+            "AS $$BEGIN RAISE EXCEPTION 'value: %', t; END$$"
+        )
     notices: list[str] = []
-    with env.connect("readonly") as conn:
+    with env.connect("analyst") as conn:
         conn.add_notice_handler(lambda d: notices.append(f"{d.message_primary} {d.message_detail or ''}"))
+        # a data exception's quoted value is withheld (it may be one the statement computed), and masked
+        # like any text where it is quoted elsewhere
         with pytest.raises(psycopg.errors.InvalidTextRepresentation) as info:
             conn.execute("SELECT email::int FROM customers ORDER BY id LIMIT 1")
-        assert "[REDACTED:email]" in str(info.value) and "@example.com" not in str(info.value)
+        assert 'integer: "[withheld]"' in str(info.value) and "@example.com" not in str(info.value)
         with pytest.raises(psycopg.errors.InvalidTextRepresentation) as info:
             conn.execute("SELECT card::int FROM customers ORDER BY id LIMIT 1")
-        assert "****" in str(info.value) and not any(c in str(info.value) for c in CARDS)
+        assert "[withheld]" in str(info.value) and not any(c in str(info.value) for c in CARDS)
+        with pytest.raises(psycopg.errors.RaiseException) as raised:
+            conn.execute("SELECT note_error(email) FROM customers ORDER BY id LIMIT 1")
+        assert "[REDACTED:email]" in str(raised.value) and "@example.com" not in str(raised.value)
         conn.execute(
             "SELECT pg_catalog.set_config('application_name', email, false) FROM customers ORDER BY id LIMIT 1"
         )
@@ -851,7 +939,7 @@ def test_errors_notices_notifications_and_settings_are_masked_too(env: PgEnv) ->
             other.execute("SELECT pg_notify('lictor_masking', email) FROM customers ORDER BY id LIMIT 1")
         payloads = [n.payload for n in gen]
         assert payloads == ["[REDACTED:email]"], payloads
-    with env.connect("dba") as conn:  # the dba's notice is not masked: the rule is readonly's
+    with env.connect("dba") as conn:  # the dba's notice is not masked: the rules are analyst's and readonly's
         dba_notices: list[str] = []
         conn.add_notice_handler(lambda d: dba_notices.append(d.message_primary))
         conn.execute("SELECT note(email) FROM customers ORDER BY id LIMIT 1")
