@@ -643,6 +643,24 @@ TRANSFORMING = [
     "SELECT encode(lo_get(16400), 'hex')",
     "INSERT INTO copy_of SELECT reverse(card) FROM customers",
     "UPDATE t SET note = reverse(card) WHERE id = 1",
+    # functional notation: (card).reverse is reverse(card), c.record_send is record_send(c)
+    "SELECT (card).reverse, (email).bytea FROM customers",
+    "SELECT c.card.md5, ((c.card).reverse).md5 FROM customers c",
+    "SELECT c.record_send FROM customers c",
+    "SELECT coalesce((card).to_tsvector::text, '') FROM customers",
+    # a size or a rounding of something computed is that computation
+    "SELECT length(lpad('', substr(card, 1, 1)::int)) FROM customers",
+    "SELECT round(ascii(substr(card, 1, 1))) FROM customers",
+    "SELECT ~ replace(card, ' ', '')::bigint FROM customers",  # prefix ~ is bitwise NOT, not a regex match
+    "SELECT mode() WITHIN GROUP (ORDER BY reverse(card)) FROM customers",
+    # table data without a column or a table name
+    "SELECT translate(table_to_xml('customers', true, false, '')::text, '0123456789', 'abcdefghij')",
+    "SELECT encode(convert_to(cursor_to_xml('c', 10, false, true, '')::text, 'UTF8'), 'base64')",
+    "SELECT reverse(query) FROM pg_stat_get_activity(NULL)",
+    # a setting keeps a value for later: set from table data anywhere, a WHERE clause included
+    "SELECT count(*) FROM customers WHERE set_config('my.x', card, false) <> '' AND id = 1",
+    "SELECT 1 FROM customers WHERE set_config(setting_name => 'my.x', new_value => email, is_local => false) > ''",
+    "EXECUTE q(translate(table_to_xml('customers', true, false, '')::text, '0', 'a'))",
 ]
 
 NOT_TRANSFORMING = [
@@ -650,7 +668,12 @@ NOT_TRANSFORMING = [
     "SELECT * FROM customers",
     "SELECT c, c.* FROM customers c",
     "SELECT (SELECT card FROM customers LIMIT 1)",
-    "SELECT count(*), count(reverse(card)), length(reverse(card)) FROM customers",
+    "SELECT count(*), count(reverse(card)), length(card) FROM customers",
+    "SELECT c.name, c.card, (c).email FROM customers c",
+    "SELECT round(avg(amount), 2), floor(sum(amount)), abs(amount) FROM orders",
+    "SELECT mode() WITHIN GROUP (ORDER BY status) FROM orders",
+    "EXPLAIN SELECT reverse(card) FROM customers",  # a plan, not rows
+    "SELECT set_config('search_path', '', false)",
     "SELECT id FROM customers WHERE reverse(card) LIKE '1%' ORDER BY upper(email)",  # picks rows only
     "SELECT max(card), min(email), sum(amount), avg(amount) FROM orders",
     "SELECT card::text, created_at::date FROM customers",
@@ -680,3 +703,9 @@ def test_values_computed_from_table_data_are_transforms(sql: str) -> None:
 @pytest.mark.parametrize("sql", NOT_TRANSFORMING)
 def test_values_as_stored_counts_and_catalogs_are_not(sql: str) -> None:
     assert not any(st.transforms_data for st in classify(sql)), sql
+
+
+def test_a_long_union_is_classified_without_recursing_per_arm() -> None:
+    sql = "SELECT 1" + " UNION SELECT 1" * 499
+    assert not any(st.transforms_data for st in classify(sql))
+    assert any(st.transforms_data for st in classify(sql + " UNION SELECT reverse(card) FROM customers"))

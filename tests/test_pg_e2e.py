@@ -827,6 +827,9 @@ TRANSFORMS = [
     "SELECT x FROM customers c, LATERAL regexp_split_to_table(c.card, '') x",
     "SELECT reverse((SELECT card FROM customers ORDER BY id LIMIT 1))",
     "SELECT card::numeric + 1 FROM customers WHERE card !~ ' '",
+    "SELECT (card).reverse, c.record_send FROM customers c",  # functional notation
+    "SELECT count(*) FROM customers WHERE set_config('my.x', card, false) <> ''",  # kept for current_setting
+    "SELECT translate(table_to_xml('customers', true, false, '')::text, '0123456789', 'abcdefghij')",
     "COPY (SELECT reverse(card) FROM customers) TO STDOUT",
 ]
 

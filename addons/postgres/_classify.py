@@ -509,7 +509,7 @@ _PLPGSQL_KINDS = {"PLpgSQL_stmt_commit": "commit", "PLpgSQL_stmt_rollback": "rol
 _WRITE = 1
 _TARGET = 2
 # Statements and clauses with output expressions, for Statement.transforms_data.
-_OUTPUT_STATEMENTS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+_OUTPUT_STATEMENTS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "ExecuteStmt"})
 _OUTPUT_CLAUSES = frozenset({"MergeWhenClause", "OnConflictClause", "RangeFunction", "RangeTableFunc", "JsonTable"})
 _NO_CTES: frozenset[str] = frozenset()
 MAX_NESTING = 8  # DO inside EXECUTE inside a function body...
@@ -579,9 +579,11 @@ def _refers_to(node: Any, tables: set[str]) -> bool:
 
 # Output expressions that hand a stored value back as it is, or compute nothing from stored data, for
 # Statement.transforms_data. Functions whose result says only how big a value is:
-_SIZE_FUNCTIONS = frozenset({"count", "length", "char_length", "character_length", "octet_length", "bit_length"})
+_SIZE_FUNCTIONS = frozenset({"length", "char_length", "character_length", "octet_length", "bit_length"})
 # Functions that return one of their arguments as it is, or a part of a date (of plain arguments):
 _PICKING_FUNCTIONS = frozenset({"min", "max", "date_trunc", "date_part", "extract"})
+# Numbers rounded (of plain numbers: round(avg(amount), 2)).
+_ROUNDING_FUNCTIONS = frozenset({"round", "trunc", "ceil", "ceiling", "floor", "abs"})
 # Whitespace trimmed from the ends (with one argument: trim(both '4' from card) would cut digits off).
 _TRIM_FUNCTIONS = frozenset({"btrim", "ltrim", "rtrim"})
 # Aggregates of one column: a total, not a value (numbers stored as numbers can still be combined with
@@ -599,8 +601,32 @@ _BOOLEAN_EXPR_KINDS = frozenset(
 )
 # JSON members by a constant key or path: a value as the document stores it.
 _JSON_MEMBER_OPERATORS = frozenset({"->", "->>", "#>", "#>>"})
-# Functions that return stored data without naming a column (large objects).
-_DATA_FUNCTIONS = frozenset({"lo_get", "loread"})
+# Functions that return stored data without naming a column: large objects, tables and cursors as XML,
+# other sessions' statements, raw pages and decoded WAL (extensions).
+_DATA_FUNCTIONS = frozenset(
+    {"lo_get", "loread", "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema", "schema_to_xml"}
+    | {"schema_to_xmlschema", "schema_to_xml_and_xmlschema", "database_to_xml", "database_to_xmlschema"}
+    | {"database_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema", "query_to_xml", "query_to_xmlschema"}
+    | {"query_to_xml_and_xmlschema", "pg_stat_get_activity", "pg_stat_get_backend_activity", "get_raw_page"}
+    | {"heap_page_items", "pg_logical_slot_peek_changes", "pg_logical_slot_peek_binary_changes"}
+    | {"pg_logical_slot_get_changes", "pg_logical_slot_get_binary_changes"}
+)
+# One-argument functions and types whose name can stand where a field would: PostgreSQL reads (card).reverse,
+# c.card.md5 or c.record_send as reverse(card), md5(c.card), record_send(c) (functional notation). These
+# are PostgreSQL's built-in ones (and type casts) that change text or spell a row: a qualified column or a
+# field with one of these names counts as a call. Extensions' functions are not listed.
+_FIELD_FUNCTIONS = frozenset(
+    {"ascii", "bit", "bit_count", "bytea", "byteaout", "byteasend", "bpcharout", "bpcharsend", "char"}
+    | {"current_setting", "float4", "float8", "gtsvector", "hash_record", "hashbpchar", "hashname", "hashtext"}
+    | {"initcap", "json_build_array", "json_build_object", "jsonb_build_array", "jsonb_build_object", "lower"}
+    | {"md5", "money", "nameout", "namesend", "normalize", "parse_ident", "phraseto_tsquery", "plainto_tsquery"}
+    | {"quote_ident", "quote_literal", "quote_nullable", "record_out", "record_send", "reverse", "row_to_json"}
+    | {"sha224", "sha256", "sha384", "sha512", "similar_to_escape", "textout", "textsend", "to_ascii", "to_json"}
+    | {"to_jsonb", "to_tsquery", "to_tsvector", "ts_debug", "tsquery", "tsvector", "unistr", "unknownout"}
+    | {"unknownsend", "upper", "varbit", "varcharout", "varcharsend", "websearch_to_tsquery", "xml", "xmlcomment"}
+    | {"any_out", "anyelement_out", "anynonarray_out", "anycompatible_out", "anycompatiblenonarray_out"}
+    | {"hstore", "pg_get_viewdef", "txid_snapshot", "pg_snapshot", "jsonpath", "int2vector", "oidvector"}
+)
 # System catalogs and statistics views that hold table data (most common values, other sessions' query
 # texts with their constants): computing over these counts as computing over tables.
 _DATA_CATALOGS = frozenset(
@@ -630,7 +656,9 @@ def _plain_output(node: Any) -> bool:
     ((key, body),) = node.items()
     if key == "ResTarget":
         return _plain_output(body.get("val"))
-    if key in ("ColumnRef", "SubLink", "NullTest", "BooleanTest", "BoolExpr") or not _reads_data(node):
+    if key == "ColumnRef":
+        return not any(_field_name(f) in _FIELD_FUNCTIONS for f in body.get("fields", ())[1:])
+    if key in ("SubLink", "NullTest", "BooleanTest", "BoolExpr") or not _reads_data(node):
         # A subquery's value is its own target list's, checked where the walk reaches it; the others are
         # true or false, as a WHERE clause could tell.
         return True
@@ -648,13 +676,20 @@ def _plain_output(node: Any) -> bool:
         names = _names(body.get("funcname", ()))
         name = names[-1].lower() if names else ""
         args = body.get("args", ())
-        if name in _SIZE_FUNCTIONS or not _reads_data(args):  # row_number() OVER (ORDER BY card): no value of it
+        if body.get("agg_within_group"):  # mode() WITHIN GROUP (ORDER BY x) returns an x
+            order = [item.get("SortBy", {}).get("node") for item in body.get("agg_order", ())]
+            return not _reads_data(args) and all(_plain_output(expr) for expr in order)
+        if name == "count" or not _reads_data(args):  # row_number() OVER (ORDER BY card): no value of it
             return True
         if name in _TOTAL_AGGREGATES:
-            return len(args) == 1 and "ColumnRef" in args[0]
+            return len(args) == 1 and _is_plain_column(args[0])
         if name in _TRIM_FUNCTIONS and len(args) != 1:
             return False
-        return (name in _PICKING_FUNCTIONS or name in _TRIM_FUNCTIONS) and all(_plain_output(a) for a in args)
+        plain_args = all(_plain_output(a) or _is_total(a) for a in args)
+        if name in _ROUNDING_FUNCTIONS:
+            return plain_args
+        kinds = (_PICKING_FUNCTIONS, _TRIM_FUNCTIONS, _SIZE_FUNCTIONS)
+        return any(name in kind for kind in kinds) and all(_plain_output(a) for a in args)
     if key in ("CoalesceExpr", "MinMaxExpr"):
         return all(_plain_output(a) for a in body.get("args", ()))
     if key == "CaseExpr":  # one of its results; the conditions tell only which
@@ -663,7 +698,8 @@ def _plain_output(node: Any) -> bool:
     if key == "A_Expr":
         kind = body.get("kind")
         operator = _names(body.get("name", ()))
-        if kind in _BOOLEAN_EXPR_KINDS or (kind == "AEXPR_OP" and operator[-1:] and operator[-1] in _COMPARISONS):
+        binary = body.get("lexpr") is not None and body.get("rexpr") is not None  # prefix ~ is bitwise NOT
+        if kind in _BOOLEAN_EXPR_KINDS or (kind == "AEXPR_OP" and binary and operator and operator[-1] in _COMPARISONS):
             return True
         if kind == "AEXPR_NULLIF":
             return _plain_output(body.get("lexpr"))
@@ -671,22 +707,49 @@ def _plain_output(node: Any) -> bool:
             return _plain_output(body.get("lexpr")) and not _reads_data(body.get("rexpr"))
         return False
     if key == "A_Indirection":
-        # (row).field: a stored value; an array subscript or slice is not followed
-        return all("String" in item for item in body.get("indirection", ())) and _plain_output(body.get("arg"))
+        # (row).field: a stored value, unless the field names a function; a subscript or slice is not followed
+        fields = body.get("indirection", ())
+        if not all("String" in item and _field_name(item) not in _FIELD_FUNCTIONS for item in fields):
+            return False
+        return _plain_output(body.get("arg"))
     return False
+
+
+def _field_name(node: Any) -> str:
+    value = node.get("String", {}).get("sval") if isinstance(node, dict) else None
+    return str(value).lower() if value is not None else ""
+
+
+def _is_plain_column(node: Any) -> bool:
+    return isinstance(node, dict) and "ColumnRef" in node and _plain_output(node)
+
+
+def _is_total(node: Any) -> bool:
+    """sum(column) or avg(column): a number computed from numbers, which rounding may round."""
+    call = node.get("FuncCall") if isinstance(node, dict) else None
+    if not isinstance(call, dict):
+        return False
+    names = _names(call.get("funcname", ()))
+    args = call.get("args", ())
+    return bool(names) and names[-1].lower() in _TOTAL_AGGREGATES and len(args) == 1 and _is_plain_column(args[0])
 
 
 def _plain_outputs(body: _Node) -> bool:
     """Whether every output expression of a statement or clause body is plain (see :func:`_plain_output`).
     The arms of a UNION and an INSERT's ON CONFLICT clause are bodies without a node name of their own."""
-    for field in ("targetList", "returningList", "values"):
-        if not all(_plain_output(item) for item in body.get(field) or ()):
-            return False
-    for row in body.get("valuesLists") or ():
-        if not all(_plain_output(item) for item in row.get("List", {}).get("items", ())):
-            return False
-    nested = [body.get("larg"), body.get("rarg"), body.get("onConflictClause")]
-    return all(_plain_outputs(part) for part in nested if isinstance(part, dict))
+    pending = [body]
+    while pending:  # iterative: a UNION of hundreds of arms nests that deep
+        part = pending.pop()
+        for field in ("targetList", "returningList", "values", "params"):
+            if not all(_plain_output(item) for item in part.get(field) or ()):
+                return False
+        for row in part.get("valuesLists") or ():
+            if not all(_plain_output(item) for item in row.get("List", {}).get("items", ())):
+                return False
+        pending.extend(
+            p for p in (part.get("larg"), part.get("rarg"), part.get("onConflictClause")) if isinstance(p, dict)
+        )
+    return True
 
 
 def _catalog_relation(name: str) -> bool:
@@ -931,6 +994,14 @@ class _Analysis:
         self._add_function(names)
         if bare == "set_config":
             self._set_config(body.get("args", []))
+            # A setting keeps what it is given for later statements to return (current_setting, SHOW),
+            # wherever the call sits, a WHERE clause included: a value from table data counts as output.
+            args = body.get("args", [])
+            positional = [arg for arg in args if "NamedArgExpr" not in arg]
+            named = [a["NamedArgExpr"].get("arg") for a in args if a.get("NamedArgExpr", {}).get("name") == "new_value"]
+            value = positional[1:2] or named
+            if _reads_data(value):
+                self.transforms = True
         elif bare in SQL_EXECUTING_FUNCTIONS:
             self.dynamic = True
             for arg in body.get("args", []):
@@ -1551,6 +1622,7 @@ def _statements(sql: str) -> Iterator[Statement]:
             copy_program=analysis.copy_program,
             copy_rewrites=analysis.copy_rewrites,
             transforms_data=analysis.transforms
+            and kind != "explain"  # a plan, not rows (EXPLAIN ANALYZE runs the statement: it counts)
             and (
                 not all(_catalog_relation(name) for name in analysis.read | analysis.written)
                 or not analysis.functions.isdisjoint(_DATA_FUNCTIONS)

@@ -128,9 +128,10 @@ VOCABULARY_FIELDS = (
         "transforms_data",
         description="returns (or stores) values computed from table data instead of values as stored: a "
         "function, operator or cast over a column or subquery (reverse(card), substr(card, 1, 8), card::bytea, "
-        "string_agg(email, ',')); plain columns, constants, comparisons, count/length, min/max, sum/avg of a "
-        "column, coalesce, CASE, trim, date parts and catalog-only queries do not count. Deny it where results "
-        "are masked: masking recognises values as stored",
+        "string_agg(email, ','), (card).reverse, table_to_xml(...), set_config of a column's value); plain "
+        "columns, constants, comparisons, count, length/min/max/sum/avg of a column, coalesce, CASE, trim, "
+        "date parts and catalog-only queries do not count. Deny it where results are masked: masking "
+        "recognises values as stored",
     ),
     Glob("settings", description="names of settings changed by SET/RESET"),
     Glob("databases", attr="database", description="the database the agent connected to"),
