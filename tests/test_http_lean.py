@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import os
-from typing import Any
+from typing import Any, ClassVar
 
-from mitmproxy import connection, hooks
+from mitmproxy import connection, hooks, http
 from mitmproxy.options import Options
 from mitmproxy.proxy import context as proxy_context
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
@@ -77,11 +78,54 @@ def test_tasks_keep_their_debug_info_without_reading_the_environment() -> None:
     asyncio.run(main())
 
 
+@dataclasses.dataclass
+class _SeveralFields(hooks.Hook):
+    name: ClassVar[str] = "lictor_test_several_fields"
+    zulu: int
+    alpha: str
+    mike: list[int]
+    skipped: ClassVar[int] = 0
+    init_only: dataclasses.InitVar[int] = 0
+
+
 def test_hook_args_match_mitmproxys() -> None:
     _lean.cached_hook_args()
     _lean.cached_hook_args()
+    assert getattr(hooks.Hook.args, "lictor_lean", False)
     original = _pristine(hooks).Hook.args
     flow = tflow.tflow(resp=True)
-    for hook in (HttpRequestHook(flow), HttpResponseHook(flow), hooks.UpdateHook([flow])):
+    several = _SeveralFields(3, "a", [1], 9)
+    for hook in (HttpRequestHook(flow), HttpResponseHook(flow), hooks.UpdateHook([flow]), several):
         assert hook.args() == original(hook)
-        assert hook.args()[0] is original(hook)[0]
+        assert all(a is b for a, b in zip(hook.args(), original(hook), strict=True))
+    assert several.args() == [3, "a", [1]]  # declaration order, no ClassVar or InitVar
+
+
+def test_messages_are_built_without_the_debug_type_check() -> None:
+    from mitmproxy.http import Headers, RequestData
+
+    def build() -> RequestData:
+        return RequestData(
+            host="example.com", port="443", method=b"GET", scheme=b"https", authority=b"", path=b"/",  # type: ignore[arg-type]
+            http_version=b"HTTP/1.1", headers=Headers(), content=b"", trailers=None, timestamp_start=1.0,
+            timestamp_end=None,
+        )  # fmt: skip
+
+    _lean.unchecked_messages()
+    _lean.unchecked_messages()
+    build()  # a str port: mitmproxy's debug-mode check would raise TypeError
+    request = http.Request.make("GET", "http://example.com/x", b"body")
+    assert request.port == 80 and request.content == b"body"
+
+
+def test_install_puts_every_piece_in_place() -> None:
+    from mitmproxy.http import MessageData
+
+    _lean.install()
+    installed = (
+        MessageData.__post_init__,
+        proxy_context.Context.fork,
+        asyncio_utils.set_task_debug_info,
+        hooks.Hook.args,
+    )
+    assert all(getattr(piece, "lictor_lean", False) for piece in installed)
