@@ -645,7 +645,11 @@ TRANSFORMING = [
     "UPDATE t SET note = reverse(card) WHERE id = 1",
     # functional notation: (card).reverse is reverse(card), c.record_send is record_send(c)
     "SELECT (card).reverse, (email).bytea FROM customers",
-    "SELECT c.card.md5, ((c.card).reverse).md5 FROM customers c",
+    "SELECT ((c.card).reverse).md5, (c.card).bytea FROM customers c",
+    "SELECT (card).macaddr8, (card).xid, trunc((card).numeric, -8) FROM customers",  # types respell digits
+    "SELECT round(card::int8, -8) FROM customers",  # rounding of a cast, not of a total
+    "SELECT encode((17560::oid).lo_get, 'hex')",
+    "SELECT reverse((b).pg_stat_get_backend_activity) FROM generate_series(1, 50) b",
     "SELECT c.record_send FROM customers c",
     "SELECT coalesce((card).to_tsvector::text, '') FROM customers",
     # a size or a rounding of something computed is that computation
@@ -661,6 +665,7 @@ TRANSFORMING = [
     "SELECT count(*) FROM customers WHERE set_config('my.x', card, false) <> '' AND id = 1",
     "SELECT 1 FROM customers WHERE set_config(setting_name => 'my.x', new_value => email, is_local => false) > ''",
     "EXECUTE q(translate(table_to_xml('customers', true, false, '')::text, '0', 'a'))",
+    "SELECT " + "btrim(" * 10 + "reverse(card)" + ")" * 10 + " FROM customers",
 ]
 
 NOT_TRANSFORMING = [
@@ -669,7 +674,10 @@ NOT_TRANSFORMING = [
     "SELECT c, c.* FROM customers c",
     "SELECT (SELECT card FROM customers LIMIT 1)",
     "SELECT count(*), count(reverse(card)), length(card) FROM customers",
-    "SELECT c.name, c.card, (c).email FROM customers c",
+    "SELECT c.name, c.card, (c).email, (c).*, c.host FROM customers c",
+    'SELECT name COLLATE "C", id::int, created_at::time, GROUPING(status) FROM orders GROUP BY ROLLUP (status)',
+    "SELECT round(sum(amount)::numeric, 2) FROM orders",
+    "SELECT " + "btrim(" * 30 + "card" + ")" * 30 + " FROM t",  # once per level, not twice (2**30)
     "SELECT round(avg(amount), 2), floor(sum(amount)), abs(amount) FROM orders",
     "SELECT mode() WITHIN GROUP (ORDER BY status) FROM orders",
     "EXPLAIN SELECT reverse(card) FROM customers",  # a plan, not rows
@@ -709,3 +717,18 @@ def test_a_long_union_is_classified_without_recursing_per_arm() -> None:
     sql = "SELECT 1" + " UNION SELECT 1" * 499
     assert not any(st.transforms_data for st in classify(sql))
     assert any(st.transforms_data for st in classify(sql + " UNION SELECT reverse(card) FROM customers"))
+
+
+@pytest.mark.parametrize(
+    ("sql", "function"),
+    [
+        ("SELECT (('SELECT 1'::text).ts_stat).word", "ts_stat"),
+        ("SELECT 1 FROM customers WHERE (card::bigint).pg_try_advisory_lock", "pg_try_advisory_lock"),
+        ("SELECT c.record_send FROM customers c", "record_send"),
+    ],
+)
+def test_functional_notation_is_a_function_call(sql: str, function: str) -> None:
+    (st,) = classify(sql)
+    assert function in st.functions
+    assert st.dynamic_sql == (function == "ts_stat")
+    assert st.modifies == (function in ("ts_stat", "pg_try_advisory_lock"))

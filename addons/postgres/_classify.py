@@ -36,6 +36,8 @@ from typing import Any
 
 import pgparse
 
+from ._pg_names import CATALOG_RELATIONS, ONE_ARGUMENT_FUNCTIONS, ROW_FUNCTIONS
+
 __all__ = [
     "MODIFYING_FUNCTIONS",
     "MODIFYING_KINDS",
@@ -163,6 +165,7 @@ SQL_EXECUTING_FUNCTIONS = frozenset(
         "query_to_xmlschema",
         "query_to_xml_and_xmlschema",
         "ts_stat",
+        "ts_rewrite",  # ts_rewrite(query, 'SELECT target, substitute FROM ...')
         "dblink",
         "dblink_exec",
         "dblink_open",
@@ -589,9 +592,13 @@ _TRIM_FUNCTIONS = frozenset({"btrim", "ltrim", "rtrim"})
 # Aggregates of one column: a total, not a value (numbers stored as numbers can still be combined with
 # chosen values; see docs/masking.md).
 _TOTAL_AGGREGATES = frozenset({"sum", "avg"})
-# Casts without a length or precision that keep a value's characters, or whose type cannot hold text.
-# Not numbers: 4111111111111111::numeric + 1 is a card number that masking no longer recognises.
-_PLAIN_CASTS = frozenset({"text", "varchar", "bool", "boolean", "uuid", "date", "timestamp", "timestamptz"})
+# Casts without a length or precision that keep a value's characters or digits (a number that holds a card
+# comes back masked). Not numeric, float or money: they respell digits (4.11111111111111e+15); and an
+# operator or rounding over a cast is not plain (card::int8 + 1 is a card number that masking no longer sees).
+_PLAIN_CASTS = frozenset(
+    {"text", "varchar", "bool", "boolean", "uuid", "date", "time", "timetz", "timestamp", "timestamptz"}
+    | {"int2", "int4", "int8", "smallint", "integer", "int", "bigint"}  # a card as a number is masked as one
+)
 # Operators whose result is true or false: what they tell is what a WHERE clause could tell.
 _COMPARISONS = frozenset({"=", "<>", "!=", "<", ">", "<=", ">=", "~", "~*", "!~", "!~*", "~~", "~~*", "!~~", "!~~*"})
 _BOOLEAN_EXPR_KINDS = frozenset(
@@ -611,21 +618,13 @@ _DATA_FUNCTIONS = frozenset(
     | {"heap_page_items", "pg_logical_slot_peek_changes", "pg_logical_slot_peek_binary_changes"}
     | {"pg_logical_slot_get_changes", "pg_logical_slot_get_binary_changes"}
 )
-# One-argument functions and types whose name can stand where a field would: PostgreSQL reads (card).reverse,
-# c.card.md5 or c.record_send as reverse(card), md5(c.card), record_send(c) (functional notation). These
-# are PostgreSQL's built-in ones (and type casts) that change text or spell a row: a qualified column or a
-# field with one of these names counts as a call. Extensions' functions are not listed.
-_FIELD_FUNCTIONS = frozenset(
-    {"ascii", "bit", "bit_count", "bytea", "byteaout", "byteasend", "bpcharout", "bpcharsend", "char"}
-    | {"current_setting", "float4", "float8", "gtsvector", "hash_record", "hashbpchar", "hashname", "hashtext"}
-    | {"initcap", "json_build_array", "json_build_object", "jsonb_build_array", "jsonb_build_object", "lower"}
-    | {"md5", "money", "nameout", "namesend", "normalize", "parse_ident", "phraseto_tsquery", "plainto_tsquery"}
-    | {"quote_ident", "quote_literal", "quote_nullable", "record_out", "record_send", "reverse", "row_to_json"}
-    | {"sha224", "sha256", "sha384", "sha512", "similar_to_escape", "textout", "textsend", "to_ascii", "to_json"}
-    | {"to_jsonb", "to_tsquery", "to_tsvector", "ts_debug", "tsquery", "tsvector", "unistr", "unknownout"}
-    | {"unknownsend", "upper", "varbit", "varcharout", "varcharsend", "websearch_to_tsquery", "xml", "xmlcomment"}
-    | {"any_out", "anyelement_out", "anynonarray_out", "anycompatible_out", "anycompatiblenonarray_out"}
-    | {"hstore", "pg_get_viewdef", "txid_snapshot", "pg_snapshot", "jsonpath", "int2vector", "oidvector"}
+# PostgreSQL reads (card).reverse as reverse(card) and c.record_send as record_send(c) (functional notation):
+# a field named like a built-in function of one argument, or alias.f for one that takes a whole row, is
+# that call (see _pg_names.py; extensions' functions are not known). These keep values or tell a size:
+_PRESERVING_CALLS = frozenset(
+    {"text", "varchar", "bpchar", "name", "length", "char_length", "character_length", "octet_length", "textlen"}
+    | {"bit_length", "btrim", "ltrim", "rtrim", "min", "max", "count", "date", "time", "timetz", "timestamp"}
+    | {"timestamptz", "bool", "uuid", "num_nulls", "num_nonnulls", "pg_column_size", "pg_typeof"}
 )
 # System catalogs and statistics views that hold table data (most common values, other sessions' query
 # texts with their constants): computing over these counts as computing over tables.
@@ -645,6 +644,11 @@ def _reads_data(node: Any) -> bool:
             names = _names(call.get("funcname", ()))
             if names and names[-1].lower() in _DATA_FUNCTIONS:
                 return True
+        indirection = item.get("A_Indirection")
+        if isinstance(indirection, dict) and any(
+            _field_name(f) in _DATA_FUNCTIONS for f in indirection.get("indirection", ())
+        ):
+            return True  # (oid).lo_get
     return False
 
 
@@ -657,8 +661,9 @@ def _plain_output(node: Any) -> bool:
     if key == "ResTarget":
         return _plain_output(body.get("val"))
     if key == "ColumnRef":
-        return not any(_field_name(f) in _FIELD_FUNCTIONS for f in body.get("fields", ())[1:])
-    if key in ("SubLink", "NullTest", "BooleanTest", "BoolExpr") or not _reads_data(node):
+        fields = body.get("fields", ())
+        return not (len(fields) == 2 and _is_call(_field_name(fields[1]), ROW_FUNCTIONS))  # c.record_send
+    if key in ("SubLink", "NullTest", "BooleanTest", "BoolExpr", "GroupingFunc") or not _reads_data(node):
         # A subquery's value is its own target list's, checked where the walk reaches it; the others are
         # true or false, as a WHERE clause could tell.
         return True
@@ -685,11 +690,12 @@ def _plain_output(node: Any) -> bool:
             return len(args) == 1 and _is_plain_column(args[0])
         if name in _TRIM_FUNCTIONS and len(args) != 1:
             return False
-        plain_args = all(_plain_output(a) or _is_total(a) for a in args)
-        if name in _ROUNDING_FUNCTIONS:
-            return plain_args
+        if name in _ROUNDING_FUNCTIONS:  # of a column or a total, not of a cast: round(card::int8, -8)
+            return all(not _reads_data(a) or _is_plain_column(a) or _is_total(a) for a in args)
         kinds = (_PICKING_FUNCTIONS, _TRIM_FUNCTIONS, _SIZE_FUNCTIONS)
         return any(name in kind for kind in kinds) and all(_plain_output(a) for a in args)
+    if key == "CollateClause":
+        return _plain_output(body.get("arg"))
     if key in ("CoalesceExpr", "MinMaxExpr"):
         return all(_plain_output(a) for a in body.get("args", ()))
     if key == "CaseExpr":  # one of its results; the conditions tell only which
@@ -707,12 +713,20 @@ def _plain_output(node: Any) -> bool:
             return _plain_output(body.get("lexpr")) and not _reads_data(body.get("rexpr"))
         return False
     if key == "A_Indirection":
-        # (row).field: a stored value, unless the field names a function; a subscript or slice is not followed
-        fields = body.get("indirection", ())
-        if not all("String" in item and _field_name(item) not in _FIELD_FUNCTIONS for item in fields):
-            return False
+        # (row).field and (row).*: stored values, unless the field names a function ((card).reverse); a
+        # subscript or slice is not followed
+        for item in body.get("indirection", ()):
+            if "A_Star" in item:
+                continue
+            if "String" not in item or _is_call(_field_name(item), ONE_ARGUMENT_FUNCTIONS):
+                return False
         return _plain_output(body.get("arg"))
     return False
+
+
+def _is_call(name: str, functions: frozenset[str]) -> bool:
+    """Whether a field ``name`` is a call of one of ``functions`` that changes what it is given."""
+    return name in functions and name not in _PRESERVING_CALLS
 
 
 def _field_name(node: Any) -> str:
@@ -725,7 +739,9 @@ def _is_plain_column(node: Any) -> bool:
 
 
 def _is_total(node: Any) -> bool:
-    """sum(column) or avg(column): a number computed from numbers, which rounding may round."""
+    """sum(column) or avg(column), cast or not: a number computed from numbers, which rounding may round."""
+    while isinstance(node, dict) and "TypeCast" in node:
+        node = node["TypeCast"].get("arg")
     call = node.get("FuncCall") if isinstance(node, dict) else None
     if not isinstance(call, dict):
         return False
@@ -754,13 +770,14 @@ def _plain_outputs(body: _Node) -> bool:
 
 def _catalog_relation(name: str) -> bool:
     """Whether a relation read is a system catalog without table data (``pg_class``, ``information_schema.columns``).
-    Bare ``pg_*`` names are taken as catalogs: PostgreSQL looks them up in pg_catalog first."""
+    A bare name is one if pg_catalog has it: PostgreSQL looks there first (``pg_stat_statements``, an
+    extension's view in another schema, is not)."""
     parts = name.split(".")
     if parts[-1] in _DATA_CATALOGS:
         return False
     if len(parts) >= 2:
         return parts[-2] in ("pg_catalog", "information_schema")
-    return parts[0].startswith("pg_")
+    return parts[0] in CATALOG_RELATIONS
 
 
 def _names(items: Iterable[Any]) -> list[str]:
@@ -947,7 +964,16 @@ class _Analysis:
         elif key == "FuncCall":
             self._func_call(body, depth)
             self._push_children(body, ctes, flags, stack)
+        elif key == "A_Indirection":
+            for item in body.get("indirection", ()):
+                name = _field_name(item)
+                if name in ONE_ARGUMENT_FUNCTIONS:
+                    self._field_call(name)
+            self._push_children(body, ctes, flags, stack)
         elif key == "ColumnRef":
+            fields = body.get("fields", ())
+            if len(fields) == 2 and _field_name(fields[1]) in ROW_FUNCTIONS:
+                self._field_call(_field_name(fields[1]))
             if flags & _TARGET:
                 fields = body.get("fields", ())
                 if fields:
@@ -1013,6 +1039,13 @@ class _Analysis:
                         self.sql(sql, depth + 1, f"in {bare}() argument")
                     except ClassificationError:
                         continue
+
+    def _field_call(self, name: str) -> None:
+        """A function called in functional notation ((x).name, alias.name): counted as called, so that
+        function rules and the checks by name (SQL-running, modifying, data-reading) see it."""
+        self._add_function([name])
+        if name in SQL_EXECUTING_FUNCTIONS:
+            self.dynamic = True
 
     def _add_function(self, names: list[str]) -> None:
         names = [n for n in names if n]
