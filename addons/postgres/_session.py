@@ -512,16 +512,16 @@ _TEXT_MESSAGES = frozenset((_B_ERROR, _B_NOTICE, _B_NOTIFY, _B_PARAM))
 _REPORT_CODES_KEPT = frozenset("SVCPpFLR")  # severity, SQLSTATE, positions, source location
 
 
-_DATA_EXCEPTION_CLASS = "22"
-_VALUE_FIELDS = frozenset("MDW")  # message, detail, context
-_QUOTED = re.compile(r'"[^\n]*"')  # from the first quote to the last on a line: the value may hold quotes
+_VALUE_FIELDS = frozenset("MDHW")  # message, detail, hint, context
+_QUOTED = re.compile(r'"(?s:.*)"')  # from the first quote to the last: a value may hold quotes and newlines
 _WITHHELD = '"[withheld]"'
+_WITHHELD_CONTEXT = "[withheld: it may quote values]"
 
 
 def _masked_texts(plan: Any, raw: bytes) -> bytes | None:
-    """``raw`` (decoded and encoded by the codec) with its texts masked by ``plan``'s detectors, and the
-    value a data exception (SQLSTATE class 22) quotes withheld; None if unchanged. Raises
-    :class:`pg.ProtocolError` when it does not decode."""
+    """``raw`` (decoded and encoded by the codec) with its texts masked by ``plan``'s detectors, and what
+    an error or notice quotes withheld; None if unchanged. Raises :class:`pg.ProtocolError` when it does
+    not decode."""
 
     def mask(text: str) -> str:
         return str(plan.mask_text(text)[0]).replace("\0", "")
@@ -537,11 +537,14 @@ def _masked_texts(plan: Any, raw: bytes) -> bytes | None:
         return None if value == message.value else pg.parameter_status(message.name, value)
     assert isinstance(message, (pg.ErrorResponse, pg.NoticeResponse))
     fields = {k: v if k in _REPORT_CODES_KEPT or not v else mask(v) for k, v in message.fields.items()}
-    if fields.get("C", "").startswith(_DATA_EXCEPTION_CLASS):
-        # A data exception quotes the value it could not take (invalid input syntax for type integer:
-        # "..."), and a value the statement computed (reverse(card)::int in a WHERE clause) is one the
-        # detectors do not recognise: the quoted part is withheld.
-        fields = {k: _QUOTED.sub(_WITHHELD, v) if k in _VALUE_FIELDS and v else v for k, v in fields.items()}
+    # Errors and notices quote the value they could not take (invalid input syntax for type integer: "...",
+    # relation "..." does not exist), and a value the statement computed (reverse(card)::int or
+    # reverse(card)::regclass in a WHERE clause) is one the detectors do not recognise: quoted parts
+    # are withheld, and so is the context line (JSON data, line 1: ...).
+    fields = {
+        k: (_WITHHELD_CONTEXT if k == "W" else _QUOTED.sub(_WITHHELD, v)) if k in _VALUE_FIELDS and v else v
+        for k, v in fields.items()
+    }
     return None if fields == message.fields else pg.report(raw[:1], fields)
 
 
