@@ -651,6 +651,7 @@ TRANSFORMING = [
     "SELECT encode((17560::oid).lo_get, 'hex')",
     "SELECT reverse((b).pg_stat_get_backend_activity) FROM generate_series(1, 50) b",
     "SELECT c.record_send FROM customers c",
+    "SELECT public.customers.record_send, app.public.customers.row_to_json FROM public.customers",
     "SELECT coalesce((card).to_tsvector::text, '') FROM customers",
     # a size or a rounding of something computed is that computation
     "SELECT length(lpad('', substr(card, 1, 1)::int)) FROM customers",

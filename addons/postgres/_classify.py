@@ -662,7 +662,7 @@ def _plain_output(node: Any) -> bool:
         return _plain_output(body.get("val"))
     if key == "ColumnRef":
         fields = body.get("fields", ())
-        return not (len(fields) == 2 and _is_call(_field_name(fields[1]), ROW_FUNCTIONS))  # c.record_send
+        return not _row_call(fields) or not _is_call(_row_call(fields), ROW_FUNCTIONS)  # c.record_send
     if key in ("SubLink", "NullTest", "BooleanTest", "BoolExpr", "GroupingFunc") or not _reads_data(node):
         # A subquery's value is its own target list's, checked where the walk reaches it; the others are
         # true or false, as a WHERE clause could tell.
@@ -722,6 +722,12 @@ def _plain_output(node: Any) -> bool:
                 return False
         return _plain_output(body.get("arg"))
     return False
+
+
+def _row_call(fields: Any) -> str:
+    """The last name of a qualified reference (alias.f, schema.table.f, db.schema.table.f), which
+    PostgreSQL calls with the whole row when the relation has no such column; "" for a bare name."""
+    return _field_name(fields[-1]) if 2 <= len(fields) <= 4 else ""
 
 
 def _is_call(name: str, functions: frozenset[str]) -> bool:
@@ -972,8 +978,8 @@ class _Analysis:
             self._push_children(body, ctes, flags, stack)
         elif key == "ColumnRef":
             fields = body.get("fields", ())
-            if len(fields) == 2 and _field_name(fields[1]) in ROW_FUNCTIONS:
-                self._field_call(_field_name(fields[1]))
+            if _row_call(fields) in ROW_FUNCTIONS:
+                self._field_call(_row_call(fields))
             if flags & _TARGET:
                 fields = body.get("fields", ())
                 if fields:
