@@ -509,19 +509,41 @@ Handler = Callable[[bytes], "bytes | Coroutine[Any, Any, bytes | None] | None"]
 
 
 _TEXT_MESSAGES = frozenset((_B_ERROR, _B_NOTICE, _B_NOTIFY, _B_PARAM))
-_REPORT_CODES_KEPT = frozenset("SVCPpFLR")  # severity, SQLSTATE, positions, source location
+_REPORT_CODES_KEPT = frozenset("SVCPFLR")  # severity, SQLSTATE, position, source location
 
 
-_VALUE_FIELDS = frozenset("MDHW")  # message, detail, hint, context
-_QUOTED = re.compile(r'"(?s:.*)"')  # from the first quote to the last: a value may hold quotes and newlines
-_WITHHELD = '"[withheld]"'
-_WITHHELD_CONTEXT = "[withheld: it may quote values]"
+_VALUE_FIELDS = frozenset("MDHWqp")  # message, detail, hint, context, internal query and position
+# Conditions whose message names only a command or a state, never a value (their detail is withheld).
+_VALUE_FREE_CONDITIONS = frozenset({"25006", "25P02", "25001", "57014", "57P01", "40001", "40P01", "42501"})
+_CONDITION_CLASSES = {
+    "0A": "feature not supported",
+    "21": "cardinality violation",
+    "22": "data exception",
+    "23": "integrity constraint violation",
+    "25": "invalid transaction state",
+    "2F": "SQL routine exception",
+    "38": "external routine exception",
+    "39": "external routine invocation exception",
+    "3D": "invalid catalog name",
+    "3F": "invalid schema name",
+    "40": "transaction rollback",
+    "42": "syntax error or access rule violation",
+    "53": "insufficient resources",
+    "54": "program limit exceeded",
+    "55": "object not in prerequisite state",
+    "57": "operator intervention",
+    "58": "system error",
+    "P0": "PL/pgSQL error",
+    "XX": "internal error",
+    "00": "notice",
+    "01": "warning",
+}
 
 
 def _masked_texts(plan: Any, raw: bytes) -> bytes | None:
-    """``raw`` (decoded and encoded by the codec) with its texts masked by ``plan``'s detectors, and what
-    an error or notice quotes withheld; None if unchanged. Raises :class:`pg.ProtocolError` when it does
-    not decode."""
+    """``raw`` (decoded and encoded by the codec) with its texts masked by ``plan``'s detectors, and the
+    text of errors and notices raised while a statement ran withheld; None if unchanged. Raises
+    :class:`pg.ProtocolError` when it does not decode."""
 
     def mask(text: str) -> str:
         return str(plan.mask_text(text)[0]).replace("\0", "")
@@ -537,14 +559,24 @@ def _masked_texts(plan: Any, raw: bytes) -> bytes | None:
         return None if value == message.value else pg.parameter_status(message.name, value)
     assert isinstance(message, (pg.ErrorResponse, pg.NoticeResponse))
     fields = {k: v if k in _REPORT_CODES_KEPT or not v else mask(v) for k, v in message.fields.items()}
-    # Errors and notices quote the value they could not take (invalid input syntax for type integer: "...",
-    # relation "..." does not exist), and a value the statement computed (reverse(card)::int or
-    # reverse(card)::regclass in a WHERE clause) is one the detectors do not recognise: quoted parts
-    # are withheld, and so is the context line (JSON data, line 1: ...).
-    fields = {
-        k: (_WITHHELD_CONTEXT if k == "W" else _QUOTED.sub(_WITHHELD, v)) if k in _VALUE_FIELDS and v else v
-        for k, v in fields.items()
-    }
+    if not fields.get("P"):
+        # Raised while the statement ran: the message may print a value the statement computed, which the
+        # detectors do not recognise (WHERE reverse(card)::int = 0 gives invalid input syntax for type
+        # integer: "1111 ..."; others print it unquoted, in hex or in an XML parser's detail). Only the
+        # SQLSTATE and its class are kept, and the message of a few conditions that never print values.
+        code = fields.get("C", "")
+        if code in _VALUE_FREE_CONDITIONS:
+            fields = {k: v for k, v in fields.items() if k not in _VALUE_FIELDS or k == "M"}
+        else:
+            fields = {k: v for k, v in fields.items() if k not in _VALUE_FIELDS}
+            fields["M"] = (
+                f"{_CONDITION_CLASSES.get(code[:2], 'error')} (SQLSTATE {code}); the server's message is withheld "
+                "from sessions whose results are masked, as it may show table data"
+            )
+    else:
+        # Found in the statement's text before it ran (a syntax error, an unknown column): only the context
+        # line, which can quote anything, is withheld.
+        fields = {k: v for k, v in fields.items() if k != "W"}
     return None if fields == message.fields else pg.report(raw[:1], fields)
 
 
