@@ -647,7 +647,7 @@ TRANSFORMING = [
     "SELECT (card).reverse, (email).bytea FROM customers",
     "SELECT ((c.card).reverse).md5, (c.card).bytea FROM customers c",
     "SELECT (card).macaddr8, (card).xid, trunc((card).numeric, -8) FROM customers",  # types respell digits
-    "SELECT round(card::int8, -8) FROM customers",  # rounding of a cast, not of a total
+    "SELECT round(card::numeric, -8) FROM customers",  # rounding of a cast, not of a total
     "SELECT encode((17560::oid).lo_get, 'hex')",
     "SELECT reverse((b).pg_stat_get_backend_activity) FROM generate_series(1, 50) b",
     "SELECT c.record_send FROM customers c",
@@ -667,6 +667,17 @@ TRANSFORMING = [
     "SELECT 1 FROM customers WHERE set_config(setting_name => 'my.x', new_value => email, is_local => false) > ''",
     "EXECUTE q(translate(table_to_xml('customers', true, false, '')::text, '0', 'a'))",
     "SELECT " + "btrim(" * 10 + "reverse(card)" + ")" * 10 + " FROM customers",
+    # a text card made a number can be combined with chosen rows: card + 1, card / 2
+    "SELECT card::int8 FROM customers",
+    "SELECT id, sum(x) FROM (SELECT id, card::int8 FROM customers UNION ALL SELECT id, 1 FROM customers) s(id, x) "
+    "GROUP BY id",
+    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY amount) FROM orders",
+    # one type for all branches: a typed constant beside a number respells it (4.111111111111111e+15)
+    "SELECT coalesce(amount, 0::float8), greatest(amount, pi()) FROM orders",
+    "SELECT CASE WHEN id > 0 THEN amount ELSE 0::float8 END FROM orders",
+    "SELECT amount FROM orders UNION ALL SELECT 0::float8",
+    "VALUES ((SELECT amount FROM orders LIMIT 1)), (pi())",
+    "SELECT lo_get(424242)",
 ]
 
 NOT_TRANSFORMING = [
@@ -676,7 +687,9 @@ NOT_TRANSFORMING = [
     "SELECT (SELECT card FROM customers LIMIT 1)",
     "SELECT count(*), count(reverse(card)), length(card) FROM customers",
     "SELECT c.name, c.card, (c).email, (c).*, c.host FROM customers c",
-    'SELECT name COLLATE "C", id::int, created_at::time, GROUPING(status) FROM orders GROUP BY ROLLUP (status)',
+    'SELECT name COLLATE "C", created_at::time, GROUPING(status) FROM orders GROUP BY ROLLUP (status)',
+    "SELECT card, 'x' FROM customers UNION SELECT email, NULL FROM customers",
+    "SELECT * FROM customers UNION ALL SELECT * FROM customers",
     "SELECT round(sum(amount)::numeric, 2) FROM orders",
     "SELECT " + "btrim(" * 30 + "card" + ")" * 30 + " FROM t",  # once per level, not twice (2**30)
     "SELECT round(avg(amount), 2), floor(sum(amount)), abs(amount) FROM orders",

@@ -587,17 +587,18 @@ _SIZE_FUNCTIONS = frozenset({"length", "char_length", "character_length", "octet
 _PICKING_FUNCTIONS = frozenset({"min", "max", "date_trunc", "date_part", "extract"})
 # Numbers rounded (of plain numbers: round(avg(amount), 2)).
 _ROUNDING_FUNCTIONS = frozenset({"round", "trunc", "ceil", "ceiling", "floor", "abs"})
+# Ordered-set aggregates that return one of the sorted values (percentile_cont interpolates between two).
+_PICKING_ORDERED_SETS = frozenset({"mode", "percentile_disc"})
 # Whitespace trimmed from the ends (with one argument: trim(both '4' from card) would cut digits off).
 _TRIM_FUNCTIONS = frozenset({"btrim", "ltrim", "rtrim"})
 # Aggregates of one column: a total, not a value (numbers stored as numbers can still be combined with
 # chosen values; see docs/masking.md).
 _TOTAL_AGGREGATES = frozenset({"sum", "avg"})
-# Casts without a length or precision that keep a value's characters or digits (a number that holds a card
-# comes back masked). Not numeric, float or money: they respell digits (4.11111111111111e+15); and an
-# operator or rounding over a cast is not plain (card::int8 + 1 is a card number that masking no longer sees).
+# Casts without a length or precision that keep a value's characters, or that only a date, time, truth
+# value or uuid passes. Not numbers: a text card made a number can be summed with a chosen row
+# (card::int8 + 1 is a card that masking no longer sees), and float, numeric and money respell digits.
 _PLAIN_CASTS = frozenset(
     {"text", "varchar", "bool", "boolean", "uuid", "date", "time", "timetz", "timestamp", "timestamptz"}
-    | {"int2", "int4", "int8", "smallint", "integer", "int", "bigint"}  # a card as a number is masked as one
 )
 # Operators whose result is true or false: what they tell is what a WHERE clause could tell.
 _COMPARISONS = frozenset({"=", "<>", "!=", "<", ">", "<=", ">=", "~", "~*", "!~", "!~*", "~~", "~~*", "!~~", "!~~*"})
@@ -681,7 +682,11 @@ def _plain_output(node: Any) -> bool:
         names = _names(body.get("funcname", ()))
         name = names[-1].lower() if names else ""
         args = body.get("args", ())
+        if name in _DATA_FUNCTIONS:  # lo_get(16400): stored data without a column
+            return False
         if body.get("agg_within_group"):  # mode() WITHIN GROUP (ORDER BY x) returns an x
+            if name not in _PICKING_ORDERED_SETS:  # percentile_cont interpolates: card / 2
+                return not _reads_data(body.get("agg_order"))
             order = [item.get("SortBy", {}).get("node") for item in body.get("agg_order", ())]
             return not _reads_data(args) and all(_plain_output(expr) for expr in order)
         if name == "count" or not _reads_data(args):  # row_number() OVER (ORDER BY card): no value of it
@@ -697,10 +702,10 @@ def _plain_output(node: Any) -> bool:
     if key == "CollateClause":
         return _plain_output(body.get("arg"))
     if key in ("CoalesceExpr", "MinMaxExpr"):
-        return all(_plain_output(a) for a in body.get("args", ()))
+        return _one_of_plain(body.get("args", ()))
     if key == "CaseExpr":  # one of its results; the conditions tell only which
         results = [when.get("CaseWhen", {}).get("result") for when in body.get("args", ())]
-        return all(_plain_output(r) for r in [*results, body.get("defresult")])
+        return _one_of_plain([*results, body.get("defresult")])
     if key == "A_Expr":
         kind = body.get("kind")
         operator = _names(body.get("name", ()))
@@ -708,7 +713,7 @@ def _plain_output(node: Any) -> bool:
         if kind in _BOOLEAN_EXPR_KINDS or (kind == "AEXPR_OP" and binary and operator and operator[-1] in _COMPARISONS):
             return True
         if kind == "AEXPR_NULLIF":
-            return _plain_output(body.get("lexpr"))
+            return _one_of_plain([body.get("lexpr"), body.get("rexpr")])
         if kind == "AEXPR_OP" and operator[-1:] and operator[-1] in _JSON_MEMBER_OPERATORS:
             return _plain_output(body.get("lexpr")) and not _reads_data(body.get("rexpr"))
         return False
@@ -722,6 +727,21 @@ def _plain_output(node: Any) -> bool:
                 return False
         return _plain_output(body.get("arg"))
     return False
+
+
+def _one_of_plain(choices: Any) -> bool:
+    """Whether an expression that returns one of ``choices`` (COALESCE, GREATEST, CASE, NULLIF) returns a
+    stored value as it is. PostgreSQL gives all of them one type: beside a value read from a table, only
+    untyped constants and NULL keep its type (COALESCE(x, 0::float8) prints x as 4.111111111111111e+15)."""
+    choices = [c for c in choices if c is not None]
+    if not any(_reads_data(c) for c in choices):
+        return True
+    return all(_plain_output(c) if _reads_data(c) else _untyped(c) for c in choices)
+
+
+def _untyped(node: Any) -> bool:
+    """An untyped constant or NULL (it takes the type of what it stands beside)."""
+    return isinstance(node, dict) and "A_Const" in node
 
 
 def _row_call(fields: Any) -> str:
@@ -759,6 +779,11 @@ def _is_total(node: Any) -> bool:
 def _plain_outputs(body: _Node) -> bool:
     """Whether every output expression of a statement or clause body is plain (see :func:`_plain_output`).
     The arms of a UNION and an INSERT's ON CONFLICT clause are bodies without a node name of their own."""
+    if body.get("larg") is not None and not _set_operation_keeps_types(body):
+        return False
+    rows = [row.get("List", {}).get("items", ()) for row in body.get("valuesLists") or ()]
+    if len(rows) > 1 and not all(_one_of_plain(column) for column in zip(*rows, strict=False)):
+        return False  # VALUES rows give each column one type, as a UNION does
     pending = [body]
     while pending:  # iterative: a UNION of hundreds of arms nests that deep
         part = pending.pop()
@@ -772,6 +797,30 @@ def _plain_outputs(body: _Node) -> bool:
             p for p in (part.get("larg"), part.get("rarg"), part.get("onConflictClause")) if isinstance(p, dict)
         )
     return True
+
+
+def _set_operation_keeps_types(body: _Node) -> bool:
+    """Whether the arms of a UNION/INTERSECT/EXCEPT keep the types of what they read from tables: column by
+    column, beside a value read from a table only untyped constants and NULL (a UNION ALL SELECT 0::float8
+    arm makes every arm's column float8)."""
+    arms: list[list[Any]] = []
+    pending = [body]
+    while pending:
+        part = pending.pop()
+        if part.get("larg") is not None:
+            pending.extend(p for p in (part.get("larg"), part.get("rarg")) if isinstance(p, dict))
+            continue
+        targets = [t.get("ResTarget", {}).get("val") for t in part.get("targetList") or ()]
+        rows = [row.get("List", {}).get("items", ()) for row in part.get("valuesLists") or ()]
+        arms.extend([targets] if targets else rows)
+    if any(any(_is_star(value) for value in arm) for arm in arms):
+        return not any(not _reads_data(value) and not _untyped(value) for arm in arms for value in arm)
+    return all(_one_of_plain(column) for column in zip(*arms, strict=False))
+
+
+def _is_star(node: Any) -> bool:
+    ref = node.get("ColumnRef") if isinstance(node, dict) else None
+    return isinstance(ref, dict) and any("A_Star" in f for f in ref.get("fields", ()))
 
 
 def _catalog_relation(name: str) -> bool:
