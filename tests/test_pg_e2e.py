@@ -868,6 +868,7 @@ def test_readonly_cannot_compute_values_past_the_masking(env: PgEnv) -> None:
             "SELECT 1 FROM customers WHERE make_date(substr(card, 1, 8)::int, 13, 1) IS NULL",
             "SELECT 1 FROM customers WHERE get_bit('\\x00'::bytea, replace(card, ' ', '')::int8 * 3) = 0",
             "SELECT 1 FROM customers WHERE xmlparse(document reverse(card)) IS NULL",
+            "SELECT id FROM customers WHERE ('x ' || reverse(card))::regtype IS NULL",
         ):
             with pytest.raises(psycopg.Error) as error:
                 conn.execute(sql)

@@ -514,7 +514,7 @@ _REPORT_CODES_KEPT = frozenset("SVCPFLR")  # severity, SQLSTATE, position, sourc
 
 _VALUE_FIELDS = frozenset("MDHWqp")  # message, detail, hint, context, internal query and position
 # Conditions whose message names only a command or a state, never a value (their detail is withheld).
-_VALUE_FREE_CONDITIONS = frozenset({"25006", "25P02", "25001", "57014", "57P01", "40001", "40P01", "42501"})
+_VALUE_FREE_CONDITIONS = frozenset({"25006", "25P02", "25001", "57014", "57P01", "40001", "40P01"})
 _CONDITION_CLASSES = {
     "0A": "feature not supported",
     "21": "cardinality violation",
@@ -524,6 +524,18 @@ _CONDITION_CLASSES = {
     "2F": "SQL routine exception",
     "38": "external routine exception",
     "39": "external routine invocation exception",
+    "08": "connection exception",
+    "20": "case not found",
+    "24": "invalid cursor state",
+    "26": "invalid SQL statement name",
+    "28": "invalid authorization specification",
+    "2B": "dependent privilege descriptors still exist",
+    "2D": "invalid transaction termination",
+    "34": "invalid cursor name",
+    "3B": "savepoint exception",
+    "44": "WITH CHECK OPTION violation",
+    "72": "snapshot failure",
+    "HV": "foreign data wrapper error",
     "3D": "invalid catalog name",
     "3F": "invalid schema name",
     "40": "transaction rollback",
@@ -559,7 +571,12 @@ def _masked_texts(plan: Any, raw: bytes) -> bytes | None:
         return None if value == message.value else pg.parameter_status(message.name, value)
     assert isinstance(message, (pg.ErrorResponse, pg.NoticeResponse))
     fields = {k: v if k in _REPORT_CODES_KEPT or not v else mask(v) for k, v in message.fields.items()}
-    if not fields.get("P"):
+    # A position means the server found the problem in the statement's text, before it ran: except a syntax
+    # error (the gateway parsed the text with the same grammar, so that one comes from a value parsed while
+    # the statement ran, as ('x ' || reverse(card))::regtype does) and one with a context line (a value
+    # parsed as a type name: invalid type name "...").
+    before_run = bool(fields.get("P")) and not fields.get("W") and fields.get("C") != "42601"
+    if not before_run:
         # Raised while the statement ran: the message may print a value the statement computed, which the
         # detectors do not recognise (WHERE reverse(card)::int = 0 gives invalid input syntax for type
         # integer: "1111 ..."; others print it unquoted, in hex or in an XML parser's detail). Only the
