@@ -676,6 +676,7 @@ TRANSFORMING = [
     "SELECT coalesce(amount, 0::float8), greatest(amount, pi()) FROM orders",
     "SELECT CASE WHEN id > 0 THEN amount ELSE 0::float8 END FROM orders",
     "SELECT amount FROM orders UNION ALL SELECT 0::float8",
+    "SELECT (o).* FROM orders o UNION ALL SELECT 1, 0::float8, now()",
     "VALUES ((SELECT amount FROM orders LIMIT 1)), (pi())",
     "SELECT lo_get(424242)",
 ]

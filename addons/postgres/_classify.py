@@ -819,8 +819,12 @@ def _set_operation_keeps_types(body: _Node) -> bool:
 
 
 def _is_star(node: Any) -> bool:
-    ref = node.get("ColumnRef") if isinstance(node, dict) else None
-    return isinstance(ref, dict) and any("A_Star" in f for f in ref.get("fields", ()))
+    """``*``, ``t.*`` or ``(t).*``: a number of columns the parse tree does not tell."""
+    if not isinstance(node, dict):
+        return False
+    ref = node.get("ColumnRef") or {}
+    indirection = node.get("A_Indirection") or {}
+    return any("A_Star" in f for f in [*ref.get("fields", ()), *indirection.get("indirection", ())])
 
 
 def _catalog_relation(name: str) -> bool:
