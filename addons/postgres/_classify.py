@@ -641,10 +641,8 @@ def _reads_data(node: Any) -> bool:
         if "ColumnRef" in item or "SubLink" in item:
             return True
         call = item.get("FuncCall")
-        if isinstance(call, dict):
-            names = _names(call.get("funcname", ()))
-            if names and names[-1].lower() in _DATA_FUNCTIONS:
-                return True
+        if isinstance(call, dict) and _call_name(call) in _DATA_FUNCTIONS:
+            return True
         indirection = item.get("A_Indirection")
         if isinstance(indirection, dict) and any(
             _field_name(f) in _DATA_FUNCTIONS for f in indirection.get("indirection", ())
@@ -663,7 +661,7 @@ def _plain_output(node: Any) -> bool:
         return _plain_output(body.get("val"))
     if key == "ColumnRef":
         fields = body.get("fields", ())
-        return not _row_call(fields) or not _is_call(_row_call(fields), ROW_FUNCTIONS)  # c.record_send
+        return not _is_call(_row_call(fields), ROW_FUNCTIONS)  # c.record_send
     if key in ("SubLink", "NullTest", "BooleanTest", "BoolExpr", "GroupingFunc") or not _reads_data(node):
         # A subquery's value is its own target list's, checked where the walk reaches it; the others are
         # true or false, as a WHERE clause could tell.
@@ -679,8 +677,7 @@ def _plain_output(node: Any) -> bool:
             and _plain_output(body.get("arg"))
         )
     if key == "FuncCall":
-        names = _names(body.get("funcname", ()))
-        name = names[-1].lower() if names else ""
+        name = _call_name(body)
         args = body.get("args", ())
         if name in _DATA_FUNCTIONS:  # lo_get(16400): stored data without a column
             return False
@@ -692,7 +689,7 @@ def _plain_output(node: Any) -> bool:
         if name == "count" or not _reads_data(args):  # row_number() OVER (ORDER BY card): no value of it
             return True
         if name in _TOTAL_AGGREGATES:
-            return len(args) == 1 and _is_plain_column(args[0])
+            return _is_total(node)
         if name in _TRIM_FUNCTIONS and len(args) != 1:
             return False
         if name in _ROUNDING_FUNCTIONS:  # of a column or a total, not of a cast: round(card::int8, -8)
@@ -771,9 +768,14 @@ def _is_total(node: Any) -> bool:
     call = node.get("FuncCall") if isinstance(node, dict) else None
     if not isinstance(call, dict):
         return False
-    names = _names(call.get("funcname", ()))
     args = call.get("args", ())
-    return bool(names) and names[-1].lower() in _TOTAL_AGGREGATES and len(args) == 1 and _is_plain_column(args[0])
+    return _call_name(call) in _TOTAL_AGGREGATES and len(args) == 1 and _is_plain_column(args[0])
+
+
+def _call_name(call: _Node) -> str:
+    """A FuncCall's function name, bare and lower-case ("" if it has none)."""
+    names = _names(call.get("funcname", ()))
+    return names[-1].lower() if names else ""
 
 
 def _plain_outputs(body: _Node) -> bool:
@@ -1034,7 +1036,6 @@ class _Analysis:
             if _row_call(fields) in ROW_FUNCTIONS:
                 self._field_call(_row_call(fields))
             if flags & _TARGET:
-                fields = body.get("fields", ())
                 if fields:
                     last = fields[-1]
                     self.columns.add("*" if "A_Star" in last else str(last.get("String", {}).get("sval", "")).lower())
@@ -1079,14 +1080,6 @@ class _Analysis:
         self._add_function(names)
         if bare == "set_config":
             self._set_config(body.get("args", []))
-            # A setting keeps what it is given for later statements to return (current_setting, SHOW),
-            # wherever the call sits, a WHERE clause included: a value from table data counts as output.
-            args = body.get("args", [])
-            positional = [arg for arg in args if "NamedArgExpr" not in arg]
-            named = [a["NamedArgExpr"].get("arg") for a in args if a.get("NamedArgExpr", {}).get("name") == "new_value"]
-            value = positional[1:2] or named
-            if _reads_data(value):
-                self.transforms = True
         elif bare in SQL_EXECUTING_FUNCTIONS:
             self.dynamic = True
             for arg in body.get("args", []):
@@ -1167,6 +1160,10 @@ class _Analysis:
         positional = [arg for arg in args if "NamedArgExpr" not in arg]
         named = {a["NamedArgExpr"].get("name"): a["NamedArgExpr"].get("arg") for a in args if "NamedArgExpr" in a}
         name_arg = positional[0] if positional else named.get("setting_name")
+        # A setting keeps what it is given for later statements to return (current_setting, SHOW),
+        # wherever the call sits, a WHERE clause included: a value from table data counts as output.
+        if _reads_data(positional[1] if len(positional) > 1 else named.get("new_value")):
+            self.transforms = True
         name = _sval(name_arg)
         if name is None:
             pinned = self.pinned_names.get(id(name_arg))

@@ -510,45 +510,43 @@ Handler = Callable[[bytes], "bytes | Coroutine[Any, Any, bytes | None] | None"]
 
 _TEXT_MESSAGES = frozenset((_B_ERROR, _B_NOTICE, _B_NOTIFY, _B_PARAM))
 _REPORT_CODES_KEPT = frozenset("SVCPFLR")  # severity, SQLSTATE, position, source location
-
-
 _VALUE_FIELDS = frozenset("MDHWqp")  # message, detail, hint, context, internal query and position
 # Conditions whose message names only a command or a state, never a value (their detail is withheld).
 _VALUE_FREE_CONDITIONS = frozenset({"25006", "25P02", "25001", "57014", "57P01", "40001", "40P01"})
 _CONDITION_CLASSES = {
+    "00": "notice",
+    "01": "warning",
+    "08": "connection exception",
     "0A": "feature not supported",
+    "20": "case not found",
     "21": "cardinality violation",
     "22": "data exception",
     "23": "integrity constraint violation",
-    "25": "invalid transaction state",
-    "2F": "SQL routine exception",
-    "38": "external routine exception",
-    "39": "external routine invocation exception",
-    "08": "connection exception",
-    "20": "case not found",
     "24": "invalid cursor state",
+    "25": "invalid transaction state",
     "26": "invalid SQL statement name",
     "28": "invalid authorization specification",
     "2B": "dependent privilege descriptors still exist",
     "2D": "invalid transaction termination",
+    "2F": "SQL routine exception",
     "34": "invalid cursor name",
+    "38": "external routine exception",
+    "39": "external routine invocation exception",
     "3B": "savepoint exception",
-    "44": "WITH CHECK OPTION violation",
-    "72": "snapshot failure",
-    "HV": "foreign data wrapper error",
     "3D": "invalid catalog name",
     "3F": "invalid schema name",
     "40": "transaction rollback",
     "42": "syntax error or access rule violation",
+    "44": "WITH CHECK OPTION violation",
     "53": "insufficient resources",
     "54": "program limit exceeded",
     "55": "object not in prerequisite state",
     "57": "operator intervention",
     "58": "system error",
+    "72": "snapshot failure",
+    "HV": "foreign data wrapper error",
     "P0": "PL/pgSQL error",
     "XX": "internal error",
-    "00": "notice",
-    "01": "warning",
 }
 
 
@@ -590,10 +588,6 @@ def _masked_texts(plan: Any, raw: bytes) -> bytes | None:
                 f"{_CONDITION_CLASSES.get(code[:2], 'error')} (SQLSTATE {code}); the server's message is withheld "
                 "from sessions whose results are masked, as it may show table data"
             )
-    else:
-        # Found in the statement's text before it ran (a syntax error, an unknown column): only the context
-        # line, which can quote anything, is withheld.
-        fields = {k: v for k, v in fields.items() if k != "W"}
     return None if fields == message.fields else pg.report(raw[:1], fields)
 
 
