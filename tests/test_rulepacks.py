@@ -217,6 +217,16 @@ def test_nested_aliases_cannot_expand_a_small_file_into_billions_of_values(tmp_p
     assert str(error).startswith(f"{path}:") and "expands to more than 200000 values" in str(error)
 
 
+def test_a_large_pack_written_out_in_full_is_not_mistaken_for_an_alias_bomb():
+    # A generated pack of thousands of rules has more values than aliases may add, and none of them
+    # repeated: only what aliases add is bounded (the file's size bounds the rest).
+    from lictor._yaml import MAX_VALUES, load_documents
+
+    items = ", ".join(f"t{i}" for i in range(MAX_VALUES + 10))
+    [doc] = load_documents(f"tables: [{items}]\n", "big.yaml")
+    assert len(doc["tables"]) == MAX_VALUES + 10
+
+
 def test_anchors_and_merge_keys_within_bounds_still_work(tmp_path):
     text = GOOD.replace("        when: {statements: [select]}", "        when: &w {statements: [select]}")
     text += "      - {id: ro-select-2, protocol: postgres, when: *w, action: allow}\n"

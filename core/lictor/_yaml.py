@@ -96,12 +96,17 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _constr
 MAX_BYTES = 8 << 20
 """Largest YAML file read (a rule pack is a few kilobytes; a huge one is a mistake or an attack)."""
 MAX_VALUES = 200_000
-"""Most values one document may expand to: aliases (``*a``) repeat what their anchor holds, so a
-kilobyte of nested aliases can stand for billions of values (the "billion laughs")."""
+"""Most values aliases may add to one document: an alias (``*a``) repeats what its anchor holds, so a
+kilobyte of nested aliases can stand for billions of values (the "billion laughs"). What is written
+out in full is bounded by :data:`MAX_BYTES` instead (a generated pack of 10,000 rules is legitimate)."""
 
 
 def _expanded_size(root: yaml.Node, filename: str) -> int:
-    """How many values ``root`` stands for once aliases are expanded (shared nodes counted each time)."""
+    """How many values ``root`` stands for once aliases are expanded (shared nodes counted each time).
+
+    Raises when that is more than :data:`MAX_VALUES` beyond the number of distinct nodes, i.e. when the
+    aliases alone would add more than that.
+    """
     sizes: dict[int, int] = {}
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
@@ -120,7 +125,7 @@ def _expanded_size(root: yaml.Node, filename: str) -> int:
             stack.extend((child, False) for child in children if id(child) not in sizes)
             continue
         total = 1 + sum(max(sizes.get(id(child), 1), 1) for child in children)
-        if total > MAX_VALUES:
+        if total - len(sizes) > MAX_VALUES:  # len(sizes): the distinct nodes seen so far
             raise YamlError(
                 _loc(filename, node),
                 f"this document expands to more than {MAX_VALUES} values (nested YAML aliases?); "
