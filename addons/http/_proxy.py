@@ -510,7 +510,15 @@ class LictorProxy:
             lengths = headers.get_all("content-length")
             problem = ""
             codings = ",".join(headers.get_all("transfer-encoding")).replace(" ", "").lower()
-            if lengths and "transfer-encoding" in headers:
+            if any(b"\n" in value or b"\r" in value for _, value in headers.fields):
+                # mitmproxy keeps an obsolete line folding (a header line starting with a space) inside the
+                # previous header's value and forwards it as it came; an upstream that reads the folded line
+                # as a header of its own (Impersonate-User, Transfer-Encoding) would act on what was never
+                # decided. RFC 9112 5.2: a proxy must refuse it or unfold it.
+                problem = (
+                    "a folded header line (obs-fold: a line starting with a space or tab); send each header on one line"
+                )
+            elif lengths and "transfer-encoding" in headers:
                 problem = "both Content-Length and Transfer-Encoding (request smuggling)"
             elif codings and codings != "chunked":
                 # gzip/deflate/compress transfer codings reach the upstream as they came, which may decode
@@ -570,6 +578,20 @@ class LictorProxy:
         k8s = target.kubernetes
         if target.tls and not flow.client_conn.tls_established:
             self._answer(flow, error(400, "this listener only accepts TLS", "connect with https://", kubernetes=k8s))
+            return
+        sent_method = flow.request.data.method.decode("ascii", "backslashreplace")
+        if sent_method != sent_method.upper():
+            # Methods are case-sensitive: "get" is not GET to the upstream, but mitmproxy's Request.method
+            # upper-cases it, so it would be decided as GET and forwarded as "get".
+            self._answer(
+                flow,
+                error(
+                    400,
+                    f"HTTP methods are case-sensitive and {sent_method!r} is not a method this gateway decides",
+                    f"send {sent_method.upper()!r}",
+                    kubernetes=k8s,
+                ),
+            )
             return
         if flow.request.authority or flow.request.method.upper() == "CONNECT":
             # An absolute-form target (GET http://other-host/...) would reach the upstream as such, and an
