@@ -393,6 +393,11 @@ REFUSED = [
     ("sudo -e /etc/sudoers", "session's input"),
     ("curl x | julia", "piped into julia"),
     ("curl x | irb", "piped into irb"),
+    # dash has no $'...': it ends the string at the escaped quote, and the next lines are commands to it
+    ("echo $'\\'\nrm -rf /data\n'", "read differently by bash"),
+    ("parallel rm ::: /a /b", "GNU parallel runs the commands"),
+    ("setarch x86_64 -R rm -rf /", "setarch takes its options after"),
+    ("unshare --bogus rm -rf /", "unknown option --bogus"),
 ]
 
 
@@ -527,7 +532,7 @@ def test_assignments_are_reported_and_tainting_is_per_name() -> None:
         ("echo 'a b' \"c d\" e\\ f", ("a b", "c d", "e f")),
         ('echo "a\\"b" "a\\\\b" "a\\$b" "a\\`b" "a\\xb"', ('a"b', "a\\b", "a$b", "a`b", "a\\xb")),
         ("echo 'it'\\''s'", ("it's",)),
-        ("echo $'a\\tb\\n' $'\\'' $'\\x41\\101\\u00e9'", ("a\tb\n", "'", "AAé")),
+        ("echo $'a\\tb\\n' $'\\x27' $'\\x41\\101\\u00e9'", ("a\tb\n", "'", "AAé")),
         ("echo $'\\e[0m' $'\\cA'", ("\x1b[0m", "\x01")),
         ("echo ''", ("",)),
         ('echo ""', ("",)),
@@ -671,6 +676,18 @@ def test_wrapper_chains_report_every_program() -> None:
         "nocorrect rm -rf /",
         "unbuffer rm -rf /",
         "fakeroot -- rm -rf /",
+        "unshare rm -rf /",
+        "unshare -r -m --mount-proc --propagation private rm -rf /",
+        "nsenter -t 1 -a rm -rf /",
+        "nsenter -t1 -m/proc/1/ns/mnt rm -rf /",
+        "setpriv --reuid=1000 --clear-groups rm -rf /",
+        "strace -f -o /dev/null rm -rf /",
+        "ltrace -o /dev/null rm -rf /",
+        "prlimit --nofile=64 rm -rf /",
+        "ssh-agent rm -rf /",
+        "eatmydata rm -rf /",
+        "linux64 -R rm -rf /",
+        "numactl -l rm -rf /",
     ],
 )
 def test_wrapper_options(command: str) -> None:
@@ -1217,6 +1234,16 @@ def test_differential_known_evasions(sandbox: Sandbox, command: str, expected: s
     assert ran <= set(analyse(command).names)  # ... and the analysis reports them
 
 
+@needs_sandbox
+def test_dash_ends_a_dollar_quote_at_an_escaped_quote_where_bash_does_not(sandbox: Sandbox) -> None:
+    dash = shutil.which("dash")
+    assert dash is not None, "dash is part of every Debian system"
+    command = "true $'\\'\nevil -rf /\n'"
+    assert sandbox.run(dash, command) == {"evil"}  # the second line is a command to dash ...
+    assert "evil" not in sandbox.run(shutil.which("bash") or "bash", command)  # ... and text to bash
+    refused(command, "read differently by bash")  # so the analysis refuses it
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -1308,6 +1335,11 @@ def test_shell_line_requests_refuse_a_final_backslash_and_overlong_lines() -> No
         (["busybox", "sh"], "sh"),
         (["busybox", "env", "sh"], "sh"),
         (["sudo", "-u", "app", "sh"], "sh"),
+        (["unshare", "sh"], "sh"),
+        (["unshare"], "unshare"),  # no program: it starts $SHELL
+        (["strace", "-o", "/dev/null", "sh"], "sh"),
+        (["ssh-agent", "sh"], "sh"),
+        (["nsenter", "-t", "1", "-a"], "nsenter"),
         # stdin is data
         (["tar", "-xmf", "-", "-C", "/tmp"], None),
         (["tar", "xf", "-"], None),

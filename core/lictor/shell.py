@@ -58,7 +58,8 @@ arguments and left to the rules; only POSIX shells' bodies are parsed recursivel
 :data:`MAX_SHELL_DEPTH` levels).
 
 Shell dialects. The target may run bash, dash or zsh. Where they disagree the analysis takes the
-union or refuses: ``<(..)`` and ``{a,b}`` are treated as bash does, ``$'..'`` is decoded, zsh's
+union or refuses: ``<(..)`` and ``{a,b}`` are treated as bash does, ``$'..'`` is decoded (and refused
+with an escaped quote in it, where dash, which has no ``$'..'``, would end the string), zsh's
 ``=cmd``, ``$~x`` and precommand modifiers are handled, ``fish``/``csh`` bodies are refused. Line
 continuations (backslash-newline) are removed by bash before it tokenizes, so they are refused where
 they could join tokens differently from how they read: after ``$``, inside a reserved word, or where
@@ -1349,6 +1350,14 @@ class _Parser:
             d = s[p + 1]
             p += 2
             value: int | None = None
+            if d == "'":
+                # bash reads \' as a quote inside $'...'; dash and other POSIX shells have no $'...' and end
+                # the quoted text right there, so the rest of the line (or the next lines) would be commands
+                # to them and text to this analysis.
+                self.fail(
+                    "\\' inside $'...' is read differently by bash (a quote) and by dash or POSIX sh (the end of the "
+                    "string); write the quote as \\x27 or outside the $'...'"
+                )
             if d in _ANSI_SIMPLE:
                 out += _ANSI_SIMPLE[d].encode()
                 continue
@@ -2327,6 +2336,85 @@ _WRAPPERS: dict[str, _WrapSpec] = {
         _Opts(flags="acphV", long_flags=_fs("--all-tasks", "--cpu-list", "--pid") | _HELP),
         positional=1,
         no_run=_HELP | {"-p", "--pid", "-h", "-V"},
+    ),
+    # util-linux and friends: namespaces, credentials, limits, tracing
+    "unshare": _WrapSpec(
+        _Opts(
+            flags="muinpUCTfrcVh",
+            valued="RwSGl",
+            long_flags=_words("--fork --map-root-user --map-current-user --keep-caps --map-auto") | _HELP,
+            long_valued=_words(
+                "--propagation --setgroups --map-user --map-group --map-users --map-groups --root --wd --setuid"
+                " --setgid --monotonic --boottime --load-interp"
+            ),
+            long_optional=_words("--mount --uts --ipc --net --pid --user --cgroup --time --kill-child --mount-proc"),
+        ),
+        no_run=_HELP | {"-h", "-V"},
+        shell_without_program=True,
+    ),
+    "nsenter": _WrapSpec(
+        _Opts(
+            flags="aeFZcVh",
+            valued="tSGW",
+            optional="muinpUCTrw",
+            long_flags=_words("--all --preserve-credentials --no-fork --follow-context --env --join-cgroup") | _HELP,
+            long_valued=_words("--target --setuid --setgid --wdns"),
+            long_optional=_words("--mount --uts --ipc --net --pid --user --cgroup --time --root --wd"),
+        ),
+        no_run=_HELP | {"-h", "-V"},
+        shell_without_program=True,
+    ),
+    "setpriv": _WrapSpec(
+        _Opts(
+            flags="dVh",
+            long_flags=_words("--clear-groups --keep-groups --init-groups --reset-env --nnp --no-new-privs --dump")
+            | _HELP,
+            long_valued=_words(
+                "--reuid --regid --ruid --rgid --euid --egid --groups --inh-caps --ambient-caps --bounding-set"
+                " --securebits --pdeathsig --selinux-label --apparmor-profile --landlock-access --landlock-rule"
+            ),
+        ),
+        no_run=_HELP | {"-h", "-V", "-d", "--dump"},
+    ),
+    "prlimit": _WrapSpec(
+        _Opts(
+            optional="cdefilmnqrstuvxyR",
+            valued="po",
+            long_flags=_words("--noheadings --raw --verbose") | _HELP,
+            long_valued=_words("--pid --output"),
+            long_optional=_words(
+                "--as --core --cpu --data --fsize --locks --memlock --msgqueue --nice --nofile --nproc --rss"
+                " --rtprio --rttime --sigpending --stack"
+            ),
+        ),
+        no_run=_HELP,
+    ),
+    "strace": _WrapSpec(
+        _Opts(
+            flags="cCdDfFhiqrtTvVwxyzZkn",
+            valued="abeEIoOpPsSuUX",
+            long_flags=_words("--follow-forks --output-separately --summary-only --summary --no-abbrev --verbose")
+            | _HELP,
+            long_valued=_words("--output --trace --attach --string-limit --signal --status --seccomp-bpf --user"),
+        ),
+        no_run=_HELP | {"-h", "-V"},
+    ),
+    "ltrace": _WrapSpec(
+        _Opts(flags="bcCfhiLrStTV", valued="aeEFlnopsuwxXA", long_flags=_HELP, long_valued=_words("--output")),
+        no_run=_HELP | {"-h", "-V"},
+    ),
+    "ssh-agent": _WrapSpec(_Opts(flags="csDdk", valued="aEOPt")),
+    "eatmydata": _WrapSpec(_Opts(long_flags=_HELP), no_run=_HELP),
+    "linux32": _WrapSpec(_Opts(flags="vRFZLXBIST3", long_flags=_HELP), shell_without_program=True, no_run=_HELP),
+    "linux64": _WrapSpec(_Opts(flags="vRFZLXBIST3", long_flags=_HELP), shell_without_program=True, no_run=_HELP),
+    "numactl": _WrapSpec(
+        _Opts(
+            flags="alHs",
+            valued="ipmNC",
+            long_flags=_words("--localalloc --all --hardware --show") | _HELP,
+            long_valued=_words("--interleave --preferred --membind --cpunodebind --physcpubind"),
+        ),
+        no_run=_HELP | {"-H", "-s", "--hardware", "--show"},
     ),
     "chrt": _WrapSpec(
         _Opts(
@@ -3497,6 +3585,11 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "complete": _refuse_options("CW", "complete -C/-W evaluate text as shell code"),
     "bind": _refuse_options("x", "bind -x runs shell code from key bindings"),
     "fc": _refuse("fc runs commands from the history"),
+    "parallel": _refuse("GNU parallel runs the commands it builds from its arguments and input"),
+    "sem": _refuse("GNU parallel's sem runs the commands it builds from its arguments"),
+    "setarch": _refuse(
+        "setarch takes its options after the architecture; use linux32/linux64 or run the program directly"
+    ),
     "r": _refuse("zsh's r runs commands from the history"),
     "sched": _refuse("zsh's sched runs a command string later"),
     "zpty": _refuse("zsh's zpty runs a command string"),
