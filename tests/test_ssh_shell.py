@@ -398,6 +398,8 @@ REFUSED = [
     ("parallel rm ::: /a /b", "GNU parallel runs the commands"),
     ("setarch x86_64 -R rm -rf /", "setarch takes its options after"),
     ("unshare --bogus rm -rf /", "unknown option --bogus"),
+    ("ls /data | awk '{system(\"rm -rf \" $1)}'", "awk's system() or pipes would run text"),
+    ("find / | sed 's/^/rm /e'", "sed's e command would run text"),
 ]
 
 
@@ -1262,6 +1264,23 @@ def test_a_program_file_known_only_at_run_time_may_be_the_session(command: str) 
     refused(command, "would read its program from the session's input")
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        "awk '{print $1}' f",
+        "awk '/a|b/ {n++} END {print n}' < f",
+        "awk 'BEGIN{system(\"date\")}'",  # reads no input: the command is in the program text
+        "ls | awk '{print a || b}'",
+        "sed -n '/error/p' log",
+        "sed -i.bak 's/e/E/g; y/abc/xyz/' f",
+        "ls | sed 's/x/y/w out'",
+        "sed '$!N;P;D' f",
+    ],
+)
+def test_awk_and_sed_that_run_nothing_from_their_input_are_left_to_the_rules(command: str) -> None:
+    assert analyse(command).invocations
+
+
 def test_a_program_file_named_exactly_is_left_to_the_rules() -> None:
     assert names("sh ./deploy.sh") == ["sh"]
     assert names("python3 tools/report.py --all") == ["python3"]
@@ -1379,6 +1398,14 @@ def test_stdin_shell_finds_the_shell_behind_wrappers(argv: list[str], reader: st
         (["bash", "-c", "exec python3"], "python3 would read its program from stdin"),
         (["fish"], "fish syntax is not analysed"),
         (["sh", "a\x00b"], "NUL"),
+        # programs that run the lines they read as commands
+        (["awk", "{system($0)}"], "awk's system() or pipes would run text it reads"),
+        (["gawk", '{print | "sh"}'], "awk's system() or pipes would run text it reads"),
+        (["awk", "--source", "{system($0)}"], "awk's system() or pipes would run text it reads"),
+        (["unshare", "awk", '{ "sh -c " $0 | getline r }'], "awk's system() or pipes would run text it reads"),
+        (["sed", "e"], "sed's e command would run text it reads"),
+        (["sed", "-n", "s/^/rm /e"], "sed's e command would run text it reads"),
+        (["sed", "-e", "p", "-e", "1e"], "sed's e command would run text it reads"),
     ],
 )
 def test_stdin_shell_refuses_program_text_it_cannot_check(argv: list[str], message: str) -> None:

@@ -54,8 +54,9 @@ Wrappers. Programs that run another program are unwrapped, and both are reported
 bodies, ``rsync -e``. Their options are parsed with their real option tables; an unknown option or an
 option position filled by an expansion raises, because it could shift which word is the program.
 Interpreters with inline code (``python -c``, ``perl -e``, ``awk``...) are reported with their
-arguments and left to the rules; only POSIX shells' bodies are parsed recursively (at most
-:data:`MAX_SHELL_DEPTH` levels).
+arguments and left to the rules, except where the code runs the lines the program reads as commands
+(awk's ``system()`` and pipes, sed's ``e``) and those lines come from the session or a pipe: refused.
+Only POSIX shells' bodies are parsed recursively (at most :data:`MAX_SHELL_DEPTH` levels).
 
 Shell dialects. The target may run bash, dash or zsh. Where they disagree the analysis takes the
 union or refuses: ``<(..)`` and ``{a,b}`` are treated as bash does, ``$'..'`` is decoded (and refused
@@ -3015,6 +3016,94 @@ def _h_sqlite(call: _Call) -> None:
     call.program_from_stdin(posix=False)
 
 
+_AWK_RUNS = re.compile(r"\bsystem\s*\(|\|\s*(?:getline\b|&)|\b(?:print|printf)\b[^;{}\n]*(?<!\|)\|(?!\|)")
+
+
+def _runs_its_input(call: _Call, what: str) -> None:
+    """``what`` (awk's system() or pipes, sed's e) runs text as commands: when that text can be the lines
+    the program reads from the session's input or from another program, nothing can check it."""
+    if call.env.appended or call.stdin.kind not in ("null", "file", "text"):
+        call.fail(f"{what} would run text it reads from its input as commands, which cannot be inspected")
+
+
+def _awk_begin_only(program: str) -> bool:
+    """A program of one BEGIN block without getline: awk reads no input, so what system() runs is the
+    program's own text (reported with the arguments, left to the rules). Unsure: False."""
+    m = re.match(r"\s*BEGIN\s*\{", program)
+    if m is None or "getline" in program:
+        return False
+    depth, i, quoted = 1, m.end(), False
+    while i < len(program) and depth:
+        c = program[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        i += 1
+    return depth == 0 and not program[i:].strip()
+
+
+def _sed_runs_commands(script: str) -> bool:
+    """Whether a sed script has GNU sed's ``e`` command or an ``s///e`` flag (unsure: True)."""
+    i, n = 0, len(script)
+
+    def skip_delimited(j: int, delim: str, parts: int) -> int:
+        for _ in range(parts):
+            while j < n and script[j] != delim:
+                j += 2 if script[j] == "\\" else 1
+            if j >= n:
+                raise ValueError
+            j += 1
+        return j
+
+    try:
+        while i < n:
+            c = script[i]
+            if c in " \t\n;{}!" or c.isdigit() or c in "$,~+":
+                i += 1
+                continue
+            if c == "/":
+                i = skip_delimited(i + 1, "/", 1)
+                continue
+            if c == "\\" and i + 1 < n:  # \cREGEXc
+                i = skip_delimited(i + 2, script[i + 1], 1)
+                continue
+            if c == "#" or c in "aicrRwWbtT:v":  # the rest of the line is text, a file or a label
+                end = script.find("\n", i)
+                i = n if end < 0 else end + 1
+                continue
+            if c == "e":
+                return True
+            if c == "s" and i + 1 < n:
+                j = skip_delimited(i + 2, script[i + 1], 2)
+                while j < n and script[j] in "gpiImMe0123456789":
+                    if script[j] == "e":
+                        return True
+                    j += 1
+                if j < n and script[j] == "w":  # the rest of the line is a file name
+                    end = script.find("\n", j)
+                    j = n if end < 0 else end + 1
+                i = j
+                continue
+            if c == "y" and i + 1 < n:
+                i = skip_delimited(i + 2, script[i + 1], 2)
+                continue
+            if c in "dDgGhHlnNpPqQxz=F":
+                i += 1
+                continue
+            return True  # not a command we know: unsure
+    except ValueError:
+        return True
+    return False
+
+
 def _h_awk(call: _Call) -> None:
     spec = _Opts(
         flags="bcCdDgMNOPrStVhkz",
@@ -3027,17 +3116,33 @@ def _h_awk(call: _Call) -> None:
         long_valued=_fs("--field-separator", "--assign", "--file", "--exec", "--source", "--include", "--load"),
         long_optional=_fs("--dump-variables", "--profile", "--pretty-print"),
     )
-    opts, _ = _getopt(call, spec)
+    opts, index = _getopt(call, spec)
+    programs = [o.value or "" for o in opts if o.name in ("--source",)]
     for o in opts:
         if o.name in ("-l", "--load"):
             call.fail("-l loads a shared library")
         if o.name in ("-f", "-E", "--file", "--exec") and (not o.value_known or _is_stdin_path(o.value or "")):
             call.program_from_stdin(posix=False)
+    if not any(o.name in ("-f", "-E", "--file", "--exec") for o in opts) and index < len(call.args):
+        programs.append(call.args[index].text)
+    if any(_AWK_RUNS.search(text) and not _awk_begin_only(text) for text in programs):
+        _runs_its_input(call, "awk's system() or pipes")
 
 
 def _h_sed(call: _Call) -> None:
+    scripts: list[str] = []
+    explicit = False
     for i, a in enumerate(call.args):
         t = a.text
+        if t in ("-e", "--expression") and i + 1 < len(call.args):
+            scripts.append(call.args[i + 1].text)
+            explicit = True
+        elif t.startswith("--expression="):
+            scripts.append(t[13:])
+            explicit = True
+        elif re.fullmatch(r"-[nErsuz]*e.*", t):
+            scripts.append(t.split("e", 1)[1] or (call.args[i + 1].text if i + 1 < len(call.args) else ""))
+            explicit = True
         value: str | None = None
         if t in ("-f", "--file") and i + 1 < len(call.args):
             value = call.args[i + 1].text
@@ -3045,8 +3150,15 @@ def _h_sed(call: _Call) -> None:
             value = t[7:]
         elif re.fullmatch(r"-[a-zA-Z]*f.*", t) and not t.startswith("--"):
             value = t.split("f", 1)[1] or (call.args[i + 1].text if i + 1 < len(call.args) else None)
-        if value is not None and _is_stdin_path(value):
-            call.program_from_stdin(posix=False)
+        if value is not None:
+            explicit = True
+            if _is_stdin_path(value):
+                call.program_from_stdin(posix=False)
+    if not explicit:
+        operands = [a.text for a in call.args if not a.text.startswith("-") or a.text == "-"]
+        scripts.extend(operands[:1])
+    if any(_sed_runs_commands(script) for script in scripts):
+        _runs_its_input(call, "sed's e command")
 
 
 def _h_source(call: _Call) -> None:
