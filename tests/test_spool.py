@@ -464,3 +464,41 @@ def test_a_failed_write_of_held_records_breaks_the_spool(tmp_path: Path, monkeyp
     assert _bodies(spool) == [(1, SESSION, b"written")]
     spool.close()
     assert [r.body for r in Spool(tmp_path / "spool").records()] == [b"written"]
+
+
+@pytest.mark.parametrize("other", ["append", "sync"])
+def test_held_records_lost_by_another_writer_stop_the_holder_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other: str
+) -> None:
+    # Any write writes what is held first: when that fails for another caller (a direct append, the
+    # group-commit thread's sync), the relay that deferred its records must not go on as if they were
+    # written, or it would send what they describe.
+    spool = _spool(tmp_path / "spool")
+    spool.append(AUDIT, b"held decision", defer=True)
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(RecordingError):
+        spool.append(AUDIT, b"direct") if other == "append" else spool.sync()
+    monkeypatch.setattr(os, "write", real_write)
+    assert not spool.holding
+    with pytest.raises(RecordingError, match="held records could not be written"):
+        spool.write_held()
+    spool.close()
+
+
+def test_held_records_are_written_once_they_add_up_to_the_hold_limit(tmp_path: Path) -> None:
+    from lictor.recorder._spool import HOLD_BYTES
+
+    spool = _spool(tmp_path / "spool")
+    body = b"x" * 1000
+    count = 0
+    while spool.written_seq == 0:
+        spool.append(SESSION, body, defer=True)
+        count += 1
+        assert count * (len(body) + 18) < HOLD_BYTES + len(body) + 18  # never more held than the limit
+    assert spool.written_seq == count and not spool.holding
+    spool.close()

@@ -17,7 +17,8 @@ Durability:
   until :meth:`Spool.write_held` (or the next append that is not deferred, a sync, a new segment):
   one ``os.write`` for everything a relay recorded in one turn of its event loop. The relay calls
   ``write_held`` before it sends what those records describe, so the order "in the spool, then
-  forwarded" holds.
+  forwarded" holds. At most :data:`HOLD_BYTES` are held; ``write_held`` raises once the spool is
+  broken, since another writer's failed write may have taken the held records with it.
 * ``fdatasync`` runs every ``fsync_interval`` (group commit): in a background thread of the
   writing process, or, after :meth:`Spool.sync_elsewhere`, in another process that opens the
   segment files itself (the drain process: :class:`GroupCommit`), so the writer's interpreter is
@@ -77,6 +78,9 @@ _HEADER = struct.Struct("<BBIQI")  # magic, type, body length, seq, crc32
 _PREFIX = struct.Struct("<BBIQ")
 HEADER_SIZE = _HEADER.size
 MAX_BODY = 64 << 20
+HOLD_BYTES = 1 << 20
+"""Held (deferred) records are written as soon as they add up to this much, whatever the caller's turn
+holds: a turn of thousands of pipelined statements must not hold their events in memory."""
 _SUFFIX = ".seg"
 
 
@@ -408,6 +412,8 @@ class Spool(_SegmentList):
             if defer:
                 held.append(data)
                 self._held_bytes += len(data)
+                if self._held_bytes >= HOLD_BYTES:
+                    self._write_held()  # early is always in order: before anything the records describe
                 return seq
             segment = self._active
             try:
@@ -426,8 +432,13 @@ class Spool(_SegmentList):
 
     def write_held(self) -> None:
         """Write the records appended with ``defer=True`` (one ``os.write``); raises
-        :class:`RecordingError` when that fails, and the spool then takes no more records."""
+        :class:`RecordingError` when that fails, and the spool then takes no more records.
+
+        Also raises when the spool is broken: held records may have been lost by another writer's
+        failed attempt (any write writes what is held first), and nothing they describe may be sent.
+        """
         with self._lock:
+            self._check_usable()
             if self._held:
                 self._write_held()
 
@@ -453,9 +464,10 @@ class Spool(_SegmentList):
                 self.written_seq = segment.last_seq
                 return
             problem = f"spool write failed (short write: {written} of {size} bytes, disk full?)"
-        self._undo(segment)
         # Unlike a single record's failed write, these records were acknowledged (their sequence
         # numbers are in session hash chains): the spool cannot take them back, so it takes nothing more.
+        # What a short write left stays (complete records were acknowledged; a torn last one is cut when
+        # the spool is opened again): truncating could take back records a drain has already read.
         if not self._failed:
             self._failed = f"{len(held)} held records could not be written: {problem}"
             log.critical("spool %s: %s; refusing new events from now on", self.directory, self._failed)
