@@ -93,10 +93,19 @@ def test_observer_contract(running: Running) -> None:
     ok = running.ssh("observer", "/bin/ls -d / && whoami && id -un && echo done")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == f"/\n{running.sshd.user}\n{running.sshd.user}\ndone\n".encode()
-    for command in ("cat /etc/hostname | grep x", "ls; rm x", f"echo x > {running.sshd.work}/f", "sh -c ls"):
+    marker = running.sshd.work / "observer_marker"
+    for command in (
+        "cat /etc/hostname | grep x",
+        "ls; rm x",
+        f"echo x > {running.sshd.work}/f",
+        "sh -c ls",
+        # bash and dash end $'...' at the quote after \c: the touch runs there, it is not quoted text
+        f"echo $'\\c'; touch {marker}; echo ' \\'",
+    ):
         denied = running.ssh("observer", command)
         assert denied.returncode == 126, (command, denied.stderr)
         assert b"lictor: denied" in denied.stderr
+    assert not marker.exists()
     shell = running.client.shell(running.token("observer"))
     try:
         shell.expect(rb"lictor: denied shell")
@@ -115,6 +124,13 @@ def test_operator_contract(running: Running) -> None:
         shell.expect(rb"\r\n/\r\n")
         shell.send(b"cat /etc/hostname | grep x\r")
         shell.expect(rb"lictor: denied `grep x`")
+        # The shell keeps its variables between lines: a value set by one line is the agent's in the next.
+        marker = running.sshd.work / "operator_marker"
+        shell.send(b"echo ${x:='a[$(touch " + str(marker).encode() + b")]'}\r")
+        shell.expect(rb"a\[\$\(touch [^\r]*\)\]\r\n")
+        shell.send(b"echo $((x))\r")
+        shell.expect(rb"lictor: denied")
+        assert not marker.exists()
         shell.send(b"exit\r")
         assert shell.wait(timeout=15) == 0
     finally:

@@ -400,6 +400,28 @@ REFUSED = [
     ("unshare --bogus rm -rf /", "unknown option --bogus"),
     ("ls /data | awk '{system(\"rm -rf \" $1)}'", "awk's system() or pipes would run text"),
     ("find / | sed 's/^/rm /e'", "sed's e command would run text"),
+    # bash pairs backslashes to find the end of $'...' (\c' is \c, then the end); dash has no $'...'
+    ("echo $'\\c'; evil; echo ' \\'", "\\c followed by a quote or a backslash"),
+    ("echo $'\\c\\'; evil #'", "\\c followed by a quote or a backslash"),
+    # interactive bash expands $(...) in MAILPATH's messages at a later prompt
+    ("echo ${MAILPATH:='/var/log/wtmp?$(evil)'}", "assigning MAILPATH"),
+    ("MAILCHECK=0 ls", "assigning MAILCHECK"),
+    # bash reads NAME[ up to its matching ] across blanks before it decides what the word is
+    ("x[ ' ]=$(evil) ' ]=1", "would be read by bash up to a ']'"),
+    ("x[ # ]=$(evil)", "would be read by bash up to a ']'"),
+    ("a=1 x[ # ]+=$(evil)", "would be read by bash up to a ']'"),
+    # dash runs the lines after a $(...) that opened a here-document; bash reads them as its body
+    ("echo $(cat <<E)\nevil\nE", "here-document opened inside $(...)"),
+    ("x=$(cat <<'E')\nevil\nE", "here-document opened inside $(...)"),
+    # programs that run a program named in their arguments, not modelled
+    ("sg nogroup -c evil", "sg runs a program named in its arguments"),
+    ("split --filter=evil f", "--filter runs a shell command"),
+    ("split --fil evil f", "--filter runs a shell command"),
+    ("perf stat evil", "perf stat runs the command given after it"),
+    ("tmux new -d evil", "runs the commands given in its arguments"),
+    ("screen -dm evil", "runs the commands given in its arguments"),
+    ("valgrind evil", "valgrind runs a program named in its arguments"),
+    ("xvfb-run evil", "xvfb-run runs a program named in its arguments"),
 ]
 
 
@@ -1279,6 +1301,47 @@ def test_a_program_file_known_only_at_run_time_may_be_the_session(command: str) 
 )
 def test_awk_and_sed_that_run_nothing_from_their_input_are_left_to_the_rules(command: str) -> None:
     assert analyse(command).invocations
+
+
+def test_a_transport_s_proxy_command_is_analysed_without_a_destination() -> None:
+    # rsync adds the host after its -e command: ssh's -o options run all the same
+    assert "evil" in names("rsync -e 'ssh -oProxyCommand=\"evil; true\"' /etc/hostname h:/tmp/x")
+    assert "evil" in names("rsync --rsh='ssh -o LocalCommand=evil -o PermitLocalCommand=yes' a h:b")
+
+
+def test_lines_of_one_shell_share_what_they_assign() -> None:
+    from lictor.shell import ShellState
+
+    state = ShellState()
+    assert analyse("echo ${x:='a[$(evil)]'}", line=True, state=state).names == ("echo",)
+    with pytest.raises(ShellParseError, match="arithmetic uses x"):
+        analyse("echo $((x))", line=True, state=state)  # evil would run here
+    analyse("n=5", line=True, state=state)
+    assert analyse("echo $((n + 1))", line=True, state=state).names == ("echo",)  # a number stays a number
+    state = ShellState()
+    analyse("declare -i count", line=True, state=state)
+    with pytest.raises(ShellParseError, match="arithmetic"):
+        analyse("count='a[$(evil)]'", line=True, state=state)  # evaluated as arithmetic on assignment
+    state = ShellState()
+    analyse("source ./env.sh", line=True, state=state)
+    with pytest.raises(ShellParseError, match="arithmetic uses y"):
+        analyse("echo $((y))", line=True, state=state)  # the file may have set anything
+    assert analyse("echo $((x))").names == ("echo",)  # without a state, one line is all there is
+
+
+@needs_sandbox
+@pytest.mark.parametrize("shell", ["bash", "dash"])
+def test_both_shells_end_a_dollar_quote_at_the_quote_after_backslash_c(sandbox: Sandbox, shell: str) -> None:
+    command = "true $'\\c'; evil; true ' \\'"
+    assert "evil" in sandbox.run(shutil.which(shell) or shell, command)
+    refused(command, re.escape("\\c followed by a quote"))
+
+
+@needs_sandbox
+def test_dash_runs_the_lines_after_a_command_substitution_that_opened_a_here_document(sandbox: Sandbox) -> None:
+    command = "true $(cat <<E)\nevil\nE"
+    assert "evil" in sandbox.run(shutil.which("dash") or "dash", command)
+    refused(command, re.escape("here-document opened inside $(...)"))
 
 
 def test_a_program_file_named_exactly_is_left_to_the_rules() -> None:

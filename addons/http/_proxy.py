@@ -53,7 +53,7 @@ from typing import Any
 
 import mitmproxy
 from lictor import AuthError, Decision, Gateway, Identity, Request, Session
-from lictor.shell import ShellIncompleteError, ShellParseError, analyse, stdin_shell
+from lictor.shell import ShellIncompleteError, ShellParseError, ShellState, analyse, stdin_shell
 from mitmproxy import http, tls
 from mitmproxy.addons import next_layer, proxyserver, tlsconfig
 from mitmproxy.connection import Client
@@ -142,6 +142,7 @@ class WsState:
     stdin_buf: bytes = b""
     stdin_skip: bool = False  # dropping the rest of a refused over-long stdin line
     stdin_held: bytes = b""  # lines of a command not finished yet (if ... fi, a here-document), not forwarded
+    shell_state: ShellState = field(default_factory=ShellState)  # what the lines forwarded so far may have set
     messages: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -1585,7 +1586,7 @@ class LictorProxy:
         assert call is not None
         problem = None
         try:
-            attrs = line_attrs(call.request.attrs, _shell_text(raw))
+            attrs = line_attrs(call.request.attrs, _shell_text(raw), state.ws.shell_state if state.ws else None)
         except ShellParseError as exc:
             problem = str(exc)
             attrs = {**call.request.attrs, "command": line, "parse_error": problem}

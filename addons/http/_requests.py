@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from lictor import Request
-from lictor.shell import ShellParseError, analyse, analyse_argv
+from lictor.shell import ShellParseError, ShellState, analyse, analyse_argv
 
 from ._k8s import _SUBRESOURCE_ACTIONS, K8sRequest, UnknownRequest, _decode_path, _parse_query, resolve
 
@@ -460,11 +460,12 @@ def k8s_attrs(info: K8sRequest) -> dict[str, Any]:
     return attrs
 
 
-def line_attrs(attrs: Mapping[str, Any], line: str) -> dict[str, Any]:
+def line_attrs(attrs: Mapping[str, Any], line: str, state: ShellState | None = None) -> dict[str, Any]:
     """The attributes of one line read by an exec'd shell from its stdin: those of the exec, with the line
     as ``command`` and the programs it runs as ``programs``. Raises :class:`ShellParseError` when the line
-    cannot be analysed, or starts a program that would read the following lines as its own code."""
-    names = analyse(line, line=True).names
+    cannot be analysed, or starts a program that would read the following lines as its own code.
+    ``state``: the shell's :class:`~lictor.shell.ShellState` (what its earlier lines may have set)."""
+    names = analyse(line, line=True, state=state).names
     rest = {k: v for k, v in attrs.items() if k != "parse_error"}
     return {**rest, "command": line, "programs": list(dict.fromkeys(names))}
 

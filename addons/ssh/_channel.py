@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 from lictor import Decision, Request, Session, combine
+from lictor.shell import ShellState
 
 from ._lineedit import Echo, Eof, Line, LineEditor, Signal
 from ._record import StreamRecord
@@ -176,6 +177,7 @@ class ChannelHandler:
         self.approval_id: str | None = (env.get("LICTOR_APPROVAL") or None) if env else None
         self.pty = process.term_type is not None
         self.cooked = False
+        self.shell_state = ShellState()  # what the lines sent to the shell so far may have set
         """The agent has a terminal but the target does not: translate newlines and control keys."""
         self.upstream: asyncssh.SSHClientProcess[bytes] | None = None
         self.lease: Lease | None = None
@@ -657,6 +659,7 @@ class ChannelHandler:
             line=True,
             max_bytes=TTY_LINE_MAX if self.pty else None,
             reason=self.reason,
+            state=self.shell_state,
         )
         if len(requests) == 1 and requests[0].action == "empty" and text.lstrip(" \t").startswith("#"):
             # only a comment (a script's `#!/bin/sh`, `# step 2`): the shell runs nothing, as for a blank

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 from lictor import Decision, Request, combine
-from lictor.shell import Invocation, ShellParseError, analyse
+from lictor.shell import Invocation, ShellParseError, ShellState, analyse
 
 __all__ = [
     "NOT_WRAPPED",
@@ -89,19 +89,21 @@ def requests_for_command(
     line: bool = False,
     max_bytes: int | None = None,
     reason: str | None = None,
+    state: ShellState | None = None,
 ) -> list[Request]:
     """One request per program ``command`` would run; one ``parse_error`` request if it cannot be
     analysed; one ``empty`` request (no program) for a blank line.
 
     ``line``: ``command`` is one line of a line-inspected shell, sent with a newline (see
     :func:`analyse`). ``max_bytes``: longest line the target will read whole (a terminal in
-    canonical mode silently cuts longer lines, which would run something else than was decided)."""
+    canonical mode silently cuts longer lines, which would run something else than was decided).
+    ``state``: the :class:`~lictor.shell.ShellState` of the shell this line is sent to."""
     try:
         if max_bytes is not None and len(command.encode("utf-8", "surrogatepass")) > max_bytes:
             raise ShellParseError(
                 f"the line is longer than {max_bytes} bytes, which the target's terminal would cut short"
             )
-        analysis = analyse(command, interactive=interactive, line=line)
+        analysis = analyse(command, interactive=interactive, line=line, state=state)
     except ShellParseError as exc:
         return [
             Request(
