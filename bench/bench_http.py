@@ -243,8 +243,8 @@ def rule_pack(n_rules: int) -> dict[str, Any]:
 STUBBED = """
 import sys
 from lictor.recorder import _recorder
-_recorder.SessionRecorder.audit = lambda self, kind, event, strict=False: None
-_recorder.SessionRecorder.event = lambda self, session, kind, data: None
+_recorder.SessionRecorder.audit = lambda self, kind, event, **kw: None
+_recorder.SessionRecorder.event = lambda self, session, kind, data, **kw: None
 from lictor.cli import main
 sys.exit(main(sys.argv[1:]))
 """

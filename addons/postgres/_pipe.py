@@ -11,11 +11,6 @@ connections' input to handle, and on a busy machine the woken peer takes the CPU
 pgbench with 8 clients on 2 cores, deferring the writes raised throughput by about a quarter. A
 direct ``write``, ``close`` or ``flush`` sends what is queued first; ``abort`` drops it.
 
-Recording: the relay appends its audit and session events deferred (``defer=True``) and registers the
-writer with :func:`defer_records`; every output (the turn's flush, a direct ``write`` or ``close``)
-writes the recorded events first, in one ``os.write`` per turn instead of one per event. If that write
-fails, nothing queued in that turn is sent: those connections are aborted (fail closed).
-
 Flow control: when this side's transport buffers too much outgoing data (the peer reads slower than we
 write), asyncio calls ``pause_writing``; the pipe then pauses reading on the *other* side until
 ``resume_writing``. Several reasons may pause reading at once (back-pressure, an approval hold), so
@@ -26,9 +21,9 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
-__all__ = ["Pipe", "PipeClosed", "defer_records"]
+__all__ = ["Pipe", "PipeClosed"]
 
 log = logging.getLogger("lictor.postgres")
 
@@ -38,53 +33,13 @@ class PipeClosed(ConnectionError):
 
 
 class _Soon:
-    """The pipes with output queued by :meth:`Pipe.write_soon`, flushed once per turn of the loop, and
-    the writers of deferred recording events, run before any of that output is sent."""
+    """The pipes with output queued by :meth:`Pipe.write_soon`, flushed once per turn of the loop."""
 
     loop: asyncio.AbstractEventLoop | None = None
-    scheduled = False
     pipes: list["Pipe"] = []
-    writers: dict[Hashable, Callable[[], None]] = {}
-
-
-def _schedule() -> None:
-    loop = asyncio.get_running_loop()
-    if _Soon.loop is not loop:
-        _Soon.loop, _Soon.pipes, _Soon.writers, _Soon.scheduled = loop, [], {}, False
-    if not _Soon.scheduled:
-        _Soon.scheduled = True
-        loop.call_soon(_flush_soon)
-
-
-def defer_records(key: Hashable, write: Callable[[], None]) -> None:
-    """Run ``write`` (it writes deferred recording events) before any output leaves, at the latest at
-    the end of this turn of the loop. ``key`` names the writer: one call per key and turn."""
-    if key not in _Soon.writers or _Soon.loop is not asyncio.get_running_loop():
-        _schedule()
-        _Soon.writers[key] = write
-
-
-def _write_records() -> bool:
-    """Run the pending record writers; on failure abort every pipe with queued output and say False."""
-    writers, _Soon.writers = _Soon.writers, {}
-    ok = True
-    for write in writers.values():
-        try:
-            write()
-        except Exception:
-            log.exception("recorded events could not be written; aborting the connections that described them")
-            ok = False
-    if not ok:
-        pipes, _Soon.pipes = _Soon.pipes, []
-        for pipe in pipes:
-            pipe.abort()
-    return ok
 
 
 def _flush_soon() -> None:
-    _Soon.scheduled = False
-    if _Soon.writers and not _write_records():
-        return
     pipes, _Soon.pipes = _Soon.pipes, []
     for pipe in pipes:
         try:
@@ -169,9 +124,6 @@ class Pipe(asyncio.Protocol):
     # -- writing and flow control -------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if _Soon.writers and not _write_records():
-            self.abort()
-            return
         if self._soon is not None:
             self.flush()
         transport = self.transport
@@ -191,13 +143,14 @@ class Pipe(asyncio.Protocol):
             soon.append(data)
             return
         self._soon = [data]
-        _schedule()
+        loop = asyncio.get_running_loop()
+        if _Soon.loop is not loop:
+            _Soon.loop, _Soon.pipes = loop, []
+        if not _Soon.pipes:
+            loop.call_soon(_flush_soon)
         _Soon.pipes.append(self)
 
     def flush(self) -> None:
-        if _Soon.writers and not _write_records():
-            self.abort()
-            return
         soon, self._soon = self._soon, None
         if soon and self.transport is not None and not self.closed:
             self.transport.write(soon[0] if len(soon) == 1 else b"".join(soon))

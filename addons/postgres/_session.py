@@ -59,7 +59,7 @@ from lictor import AuditError, Decision, Request, combine
 
 from . import _protocol as pg
 from ._classify import redact_secrets
-from ._pipe import Pipe, defer_records
+from ._pipe import Pipe
 from ._requests import requests_for_sql
 
 if TYPE_CHECKING:
@@ -934,18 +934,14 @@ class Relay:
         return self.listener.classify(self.target.name, self.database, sql)
 
     def _decide(self, classified: Classified, extra: Sequence[Decision] = ()) -> tuple[Decision, list[Decision]]:
-        session = self.session
-        decide_now = session.decide_now
+        decide_now = self.session.decide_now
         login_roles = self._login_roles
-        # The audit events are written with the rest of this turn's, before the statement is forwarded.
         decisions = [
             self._login_change(r)
             if r.attrs.get("roles") and not login_roles.isdisjoint(r.attrs["roles"])
-            else decide_now(r, defer=True)
+            else decide_now(r)
             for r in classified.requests
         ]
-        if classified.requests:
-            defer_records(session.gateway, session.write_deferred)
         # EXECUTE / FETCH are decided as the statement they run.
         for name in classified.executes:
             stmt = self._prepared.get(name)
@@ -1900,7 +1896,7 @@ class Relay:
             record["error"] = getattr(message, "sqlstate", "")
         if q.decision.approval_id:
             record["approval"] = q.decision.approval_id
-        self._record_statement(record)
+        self.session.record("statement", record)
 
     def _exec_message(self, t: int, raw: bytes, head: _Expect) -> bytes | None:
         run: Execution = head.run
@@ -2007,13 +2003,7 @@ class Relay:
             record["error"] = run.error
         if run.decision.approval_id:
             record["approval"] = run.decision.approval_id
-        self._record_statement(record)
-
-    def _record_statement(self, record: dict[str, Any]) -> None:
-        # Written with the rest of this turn's events, before the turn's output (the result) is sent.
-        session = self.session
-        session.record("statement", record, defer=True)
-        defer_records(session.gateway, session.write_deferred)
+        self.session.record("statement", record)
 
     def _ready(self, raw: bytes) -> None:
         self.status = chr(raw[5])

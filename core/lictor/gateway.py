@@ -146,33 +146,17 @@ class Session:
         event cannot be made durable (the caller fails closed)."""
         self.gateway._write_decision(self, request, decision, phase)
 
-    def decide_now(self, request: Request, *, defer: bool = False) -> Decision:
+    def decide_now(self, request: Request) -> Decision:
         """Synchronous variant for the hot path of protocols without hooks that await.
 
         Same steps as :meth:`decide` except holding for approval: an ``approve`` decision is
-        returned as is and the caller must go through :meth:`decide` to hold it. ``defer``: the
-        decision's audit event is written by :meth:`write_deferred` (see :meth:`record`).
+        returned as is and the caller must go through :meth:`decide` to hold it.
         """
-        return self.gateway.decide_sync(self, request, defer=defer)
+        return self.gateway.decide_sync(self, request)
 
-    def record(self, kind: str, data: Mapping[str, Any], *, defer: bool = False) -> None:
-        """Append an event to this session's recording (durable locally when it returns).
-
-        ``defer=True`` is for relays that write their output once per turn of the event loop: the
-        event takes its place in the recording now, and its bytes are written with the others of the
-        turn by :meth:`write_deferred`, which the relay must call before it sends what they describe.
-        Any event that is not deferred writes the deferred ones first.
-        """
-        recorder = self.gateway.recorder
-        if defer and recorder is self.gateway.recordings:
-            self.gateway.recordings.event(self, kind, data, defer=True)
-        else:
-            recorder.event(self, kind, data)
-
-    def write_deferred(self) -> None:
-        """Write the events appended with ``defer=True``; raises ``AuditError`` when that fails (the
-        caller must then not send what they describe: close the connection)."""
-        self.gateway.recordings.write_deferred()
+    def record(self, kind: str, data: Mapping[str, Any]) -> None:
+        """Append an event to this session's recording (durable locally when it returns)."""
+        self.gateway.recorder.event(self, kind, data)
 
     def mask_plan(self, decision: Decision) -> Any:
         """The compiled masking plan for ``decision`` (``MaskPlan.EMPTY`` when nothing is masked)."""
@@ -409,7 +393,7 @@ class Gateway:
             extra = self.approvals.elevated_roles(session.identity, session.target)
         return policy.decide(session.identity, request, roles=session.roles(policy), extra_roles=extra)
 
-    def decide_sync(self, session: Session, request: Request, *, defer: bool = False) -> Decision:
+    def decide_sync(self, session: Session, request: Request) -> Decision:
         try:
             addons, protocol = self.addons, request.protocol
             if addons.hooks_for("request", protocol) or addons.hooks_for("decision", protocol):
@@ -423,7 +407,7 @@ class Gateway:
                 decision = self._policy_decision(session, request)
         except Exception as exc:
             decision = self._failure(exc)
-        return self._audited(session, request, decision, defer=defer)
+        return self._audited(session, request, decision)
 
     async def decide(
         self,
@@ -478,9 +462,7 @@ class Gateway:
             self.policy.version,
         )
 
-    def _write_decision(
-        self, session: Session, request: Request, decision: Decision, phase: str, defer: bool = False
-    ) -> None:
+    def _write_decision(self, session: Session, request: Request, decision: Decision, phase: str) -> None:
         event = {
             "session": session.id,
             "identity": session.identity.to_json(),
@@ -495,15 +477,13 @@ class Gateway:
             "phase": phase,
             **decision.to_json(),
         }
-        self.recordings.audit("decision", event, strict=decision.recording == "strict", defer=defer)
+        self.recordings.audit("decision", event, strict=decision.recording == "strict")
 
-    def _audited(
-        self, session: Session, request: Request, decision: Decision, phase: str = "decision", defer: bool = False
-    ) -> Decision:
+    def _audited(self, session: Session, request: Request, decision: Decision, phase: str = "decision") -> Decision:
         try:
             if self._audit_backlog:
                 self._write_backlog()
-            self._write_decision(session, request, decision, phase, defer)
+            self._write_decision(session, request, decision, phase)
         except (AuditError, OSError) as exc:
             log.error("audit write failed, denying: %s", exc)
             return Decision.deny(

@@ -492,7 +492,7 @@ class SessionRecorder:
 
     # -- the hot path ----------------------------------------------------------------------------------
 
-    def _append(self, rtype: int, body: bytes, reserve: bool = False, defer: bool = False) -> int:
+    def _append(self, rtype: int, body: bytes, reserve: bool = False) -> int:
         spool = self.spool
         if spool.active_size >= spool.segment_bytes and time.monotonic() >= self._rotate_after:
             try:
@@ -501,15 +501,13 @@ class SessionRecorder:
                 self._rotate_later(exc)
             except RecordingError as exc:
                 self._rotate_later(exc)
-        return spool.append(rtype, body, reserve=reserve, defer=defer)
+        return spool.append(rtype, body, reserve=reserve)
 
     def _rotate_later(self, exc: BaseException) -> None:
         log.warning("could not start a new spool segment (%s); appending to the current one", exc)
         self._rotate_after = time.monotonic() + 1.0
 
-    def _session_event(
-        self, sid: str, live: _Live, kind: str, data: Mapping[str, Any], reserve: bool = False, defer: bool = False
-    ) -> int:
+    def _session_event(self, sid: str, live: _Live, kind: str, data: Mapping[str, Any], reserve: bool = False) -> int:
         if type(data) is not dict or "direction" in data:
             data = dict(data)
         direction = data.pop("direction", None) if "direction" in data else None
@@ -524,7 +522,7 @@ class SessionRecorder:
                 "prev": live.prev,
             }
         )
-        seq = self._append(SESSION, body, reserve, defer)
+        seq = self._append(SESSION, body, reserve)
         live.n += 1
         live.prev = sha256_hex(body)
         live.last_seq = seq
@@ -553,30 +551,22 @@ class SessionRecorder:
         if strict:
             self._sync(seq)
 
-    def event(self, session: Session, kind: str, data: Mapping[str, Any], *, defer: bool = False) -> None:
-        """Append one event (``kind`` + JSON ``data``, masked as the agent saw it) to ``session``.
-
-        ``defer``: the event takes its place in the session now and is written by :meth:`write_deferred`
-        (or by the next event that is not deferred), which the caller runs before it forwards what the
-        event describes. Strict recording writes and syncs at once regardless.
-        """
+    def event(self, session: Session, kind: str, data: Mapping[str, Any]) -> None:
+        """Append one event (``kind`` + JSON ``data``, masked as the agent saw it) to ``session``."""
         with self._lock:
             live = self._sessions.get(session.id)
             if live is None:
                 raise RecordingError(f"session {session.id} is not being recorded (closed, or never opened)")
-            seq = self._session_event(session.id, live, kind, data, defer=defer)
+            seq = self._session_event(session.id, live, kind, data)
         if live.strict or self.config.mode == "strict":
             self._sync(seq)
 
-    def audit(self, kind: str, event: Mapping[str, Any], *, strict: bool = False, defer: bool = False) -> None:
-        """Append an audit event; decisions other than ``allow`` also go into their session.
-
-        ``defer`` as for :meth:`event`.
-        """
+    def audit(self, kind: str, event: Mapping[str, Any], *, strict: bool = False) -> None:
+        """Append an audit event; decisions other than ``allow`` also go into their session."""
         body = encode_bytes({"kind": kind, "ts": time.time(), **event})
         sid = event.get("session") if kind == "decision" else None
         with self._lock:
-            seq = self._append(AUDIT, body, defer=defer)
+            seq = self._append(AUDIT, body)
             live = self._sessions.get(sid) if isinstance(sid, str) else None
             if live is not None:
                 assert isinstance(sid, str)
@@ -599,14 +589,9 @@ class SessionRecorder:
                             "phase": event.get("phase", "decision"),
                             "approval_id": event.get("approval_id"),
                         },
-                        defer=defer,
                     )
         if strict or self.config.mode == "strict":
             self._sync(seq)
-
-    def write_deferred(self) -> None:
-        """Write the events appended with ``defer=True`` (raises ``RecordingError`` when that fails)."""
-        self.spool.write_held()
 
     def close(self, session: Session) -> None:
         """End the recording of ``session``: ``session.end`` and the signed manifest."""

@@ -13,12 +13,6 @@ Durability:
 
 * When :meth:`Spool.append` returns, the record is in the kernel's page cache: it survives the
   gateway process being killed (even with SIGKILL), not a kernel crash or power loss.
-* ``append(..., defer=True)`` gives the record its sequence number at once and holds its bytes
-  until :meth:`Spool.write_held` (or the next append that is not deferred, a sync, a new segment):
-  one ``os.write`` for everything a relay recorded in one turn of its event loop. The relay calls
-  ``write_held`` before it sends what those records describe, so the order "in the spool, then
-  forwarded" holds. At most :data:`HOLD_BYTES` are held; ``write_held`` raises once the spool is
-  broken, since another writer's failed write may have taken the held records with it.
 * ``fdatasync`` runs every ``fsync_interval`` (group commit): in a background thread of the
   writing process, or, after :meth:`Spool.sync_elsewhere`, in another process that opens the
   segment files itself (the drain process: :class:`GroupCommit`), so the writer's interpreter is
@@ -27,8 +21,7 @@ Durability:
 * :meth:`Spool.sync` makes everything appended so far durable before it returns (``strict``).
 * A failed or short write is rolled back (``ftruncate`` to the previous end) and raises
   :class:`RecordingError`; a failed ``fdatasync`` marks the spool broken: from then on every
-  append raises, because the page cache may have dropped records already acknowledged. So does
-  a failed write of held records: they were acknowledged with their sequence numbers.
+  append raises, because the page cache may have dropped records already acknowledged.
 
 Readers (the sink drainers) read only what :meth:`append` has published, from their own
 descriptors. A segment is deleted only through :meth:`release`, with a sequence number that every
@@ -78,9 +71,6 @@ _HEADER = struct.Struct("<BBIQI")  # magic, type, body length, seq, crc32
 _PREFIX = struct.Struct("<BBIQ")
 HEADER_SIZE = _HEADER.size
 MAX_BODY = 64 << 20
-HOLD_BYTES = 1 << 20
-"""Held (deferred) records are written as soon as they add up to this much, whatever the caller's turn
-holds: a turn of thousands of pipelined statements must not hold their events in memory."""
 _SUFFIX = ".seg"
 
 
@@ -225,8 +215,6 @@ class Spool(_SegmentList):
         self._pending_fds: list[int] = []
         self._dir_dirty = False
         self._failed: str = ""
-        self._held: list[bytes] = []  # deferred records (see append), in sequence order
-        self._held_bytes = 0
         self._stop = threading.Event()
         self._sync_thread: threading.Thread | None = None
         self._sync_elsewhere = False
@@ -333,8 +321,6 @@ class Spool(_SegmentList):
         """
         with self._lock:
             self._check_usable()
-            if self._held:
-                self._write_held()
             seq = self.written_seq + 1
             path = self.directory / f"{seq:020d}{_SUFFIX}"
             if self._floor.position != seq:
@@ -380,41 +366,28 @@ class Spool(_SegmentList):
         if self._failed:
             raise RecordingError(f"spool {self.directory} cannot make events durable: {self._failed}")
 
-    def append(self, rtype: int, body: bytes, *, reserve: bool = False, defer: bool = False) -> int:
+    def append(self, rtype: int, body: bytes, *, reserve: bool = False) -> int:
         """Append one record; return its sequence number once it is in the page cache.
 
         Raises :class:`SpoolFull` beyond ``max_bytes`` (``reserve`` allows ``reserve_bytes``
         more, for the records that close a session) and :class:`RecordingError` when the write
         fails; a failed write leaves the spool exactly as it was.
-
-        ``defer``: return the sequence number at once and keep the bytes until :meth:`write_held`
-        (or anything that writes: an append that is not deferred, :meth:`sync`, a new segment). The
-        caller must call ``write_held`` before it acts on the record (forwards what it describes).
         """
         with self._lock:
             if self._failed or self._closed or self._active is None:
                 self._check_usable()
                 raise RecordingError(f"spool {self.directory} has no active segment")
-            if self._held and not defer:
-                self._write_held()
-            held = self._held
-            seq = self.written_seq + len(held) + 1
+            seq = self.written_seq + 1
             length = len(body)
             if length > MAX_BODY:
                 raise RecordingError(f"event of {length} bytes is larger than the spool's limit of {MAX_BODY}")
             limit = self.max_bytes + (self.reserve_bytes if reserve else 0)
-            if self.total_bytes + self._held_bytes + length + HEADER_SIZE > limit:
+            if self.total_bytes + length + HEADER_SIZE > limit:
                 raise SpoolFull(
                     f"the recording spool {self.directory} is full ({self.total_bytes} of {self.max_bytes} bytes): "
                     "a recording sink is behind or unreachable"
                 )
             data = _HEADER.pack(_MAGIC, rtype, length, seq, _crc(rtype, length, seq, body)) + body
-            if defer:
-                held.append(data)
-                self._held_bytes += len(data)
-                if self._held_bytes >= HOLD_BYTES:
-                    self._write_held()  # early is always in order: before anything the records describe
-                return seq
             segment = self._active
             try:
                 written = os.write(self._fd, data)
@@ -429,49 +402,6 @@ class Spool(_SegmentList):
             self.total_bytes += written
             self.written_seq = seq
             return seq
-
-    def write_held(self) -> None:
-        """Write the records appended with ``defer=True`` (one ``os.write``); raises
-        :class:`RecordingError` when that fails, and the spool then takes no more records.
-
-        Also raises when the spool is broken: held records may have been lost by another writer's
-        failed attempt (any write writes what is held first), and nothing they describe may be sent.
-        """
-        with self._lock:
-            self._check_usable()
-            if self._held:
-                self._write_held()
-
-    @property
-    def holding(self) -> bool:
-        return bool(self._held)
-
-    def _write_held(self) -> None:
-        held, self._held = self._held, []
-        size, self._held_bytes = self._held_bytes, 0
-        data = held[0] if len(held) == 1 else b"".join(held)
-        segment = self._active
-        assert segment is not None  # a new segment or close writes what is held first
-        try:
-            written = os.write(self._fd, data)
-        except OSError as exc:
-            problem = f"spool write failed ({exc.strerror or exc})"
-        else:
-            if written == size:
-                segment.size += written
-                segment.last_seq = self.written_seq + len(held)
-                self.total_bytes += written
-                self.written_seq = segment.last_seq
-                return
-            problem = f"spool write failed (short write: {written} of {size} bytes, disk full?)"
-        # Unlike a single record's failed write, these records were acknowledged (their sequence
-        # numbers are in session hash chains): the spool cannot take them back, so it takes nothing more.
-        # What a short write left stays (complete records were acknowledged; a torn last one is cut when
-        # the spool is opened again): truncating could take back records a drain has already read.
-        if not self._failed:
-            self._failed = f"{len(held)} held records could not be written: {problem}"
-            log.critical("spool %s: %s; refusing new events from now on", self.directory, self._failed)
-        raise RecordingError(f"{problem}; {len(held)} recorded events were lost, the gateway refuses new ones")
 
     def _undo(self, segment: Segment) -> None:
         try:
@@ -513,8 +443,6 @@ class Spool(_SegmentList):
                 return
             with self._lock:
                 self._check_usable()
-                if self._held:
-                    self._write_held()
                 target = self.written_seq
                 pending, self._pending_fds = self._pending_fds, []
                 fd = self._fd
