@@ -406,6 +406,10 @@ async def test_proxy_style_and_ambiguous_requests_are_refused(
             url, b"GET /ok HTTP/1.1\r\nHost: x\r\n" + auth + b"X-Foo: a\r\n" + fold + b"Impersonate-User: admin\r\n\r\n"
         )
         assert folded == b"" or folded.startswith(b"HTTP/1.1 4")
+    # two Upgrade headers: the gateway decides on the first, a server may act on another (SPDY)
+    twice = b"Upgrade: websocket\r\nUpgrade: SPDY/3.1\r\nConnection: Upgrade\r\n"
+    doubled = await _raw(url, b"GET /ok HTTP/1.1\r\nHost: x\r\n" + auth + twice + b"\r\n")
+    assert doubled == b"" or doubled.startswith(b"HTTP/1.1 4")
     # methods are case-sensitive: "get" must not be decided as GET and forwarded as "get"
     lower = await _raw(url, b"get /ok HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
     assert lower.startswith(b"HTTP/1.1 400") and b"case-sensitive" in lower

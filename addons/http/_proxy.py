@@ -519,6 +519,9 @@ class LictorProxy:
                 problem = (
                     "a folded header line (obs-fold: a line starting with a space or tab); send each header on one line"
                 )
+            elif len(headers.get_all("upgrade")) > 1:
+                # the gateway decides on the first; a server may read another (an exec over SPDY)
+                problem = "more than one Upgrade header"
             elif lengths and "transfer-encoding" in headers:
                 problem = "both Content-Length and Transfer-Encoding (request smuggling)"
             elif codings and codings != "chunked":
