@@ -595,6 +595,14 @@ EVASIONS: list[tuple[str, str]] = [
     ("readonly", "SELECT rolname, rolpassword FROM pg_authid"),
     ("dba", "SELECT usename, passwd FROM pg_catalog.pg_shadow"),
     ("readonly", "SELECT sourcefile, name, setting FROM pg_file_settings"),
+    # an extension's function in functional notation: (x).f is f(x) when no field f exists
+    ("readonly", "SELECT ('UPDATE accounts SET balance = 0'::text).dblink_exec"),
+    ("readonly", "SELECT ('dbname=app'::text).dblink_connect"),
+    # a dangerous function renamed (by DDL or in pg_proc), then called under its new name
+    ("dba", "ALTER FUNCTION pg_catalog.pg_read_file(text) RENAME TO innocent"),
+    ("dba", "UPDATE pg_catalog.pg_proc SET proname = 'innocent' WHERE proname = 'pg_read_file'"),
+    # a catalog named with its database (db.pg_catalog.pg_class is pg_catalog.pg_class)
+    ("writer", "UPDATE app.pg_catalog.pg_class SET relname = 'renamed' WHERE relname = 'accounts'"),
 ]
 
 
@@ -818,6 +826,28 @@ def test_sql_prepare_and_execute(env: PgEnv) -> None:
     assert env.fingerprint() == before
 
 
+def test_a_failed_prepare_does_not_rename_what_the_server_holds(env: PgEnv) -> None:
+    # PREPARE s over an s that exists fails on the server; had the gateway taken s for the new text,
+    # EXECUTE s would be decided as SELECT 1 while the server ran the DDL prepared (and held) before.
+    before = env.fingerprint()
+    raw = RawClient(env.port, env.tokens["writer"])
+    raw.send(pg.parse("s", "CREATE TABLE lictor_collision (x int)"), pg.sync())
+    assert names(raw.until_ready()) == ["ParseComplete", "ReadyForQuery"]  # held at Bind, not at Parse
+    raw.send(pg.query("PREPARE s AS SELECT 1"))
+    [exists] = errors(raw.until_ready())
+    assert exists.sqlstate == "42P05"
+    raw.send(pg.query("EXECUTE s"))
+    [denied] = errors(raw.until_ready())
+    assert denied.sqlstate == "42501" and "prepare it again" in denied.message
+    replies = []
+    for sql in ("DEALLOCATE s", "PREPARE s AS SELECT 1", "EXECUTE s"):
+        raw.send(pg.query(sql))
+        replies += raw.until_ready()
+    assert not errors(replies) and "DataRow" in names(replies)  # prepared again, it runs what it says
+    raw.close()
+    assert env.fingerprint() == before
+
+
 TRANSFORMS = [
     "SELECT reverse(card) FROM customers",
     "SELECT left(card, 8), substr(card, 9) FROM customers",
@@ -1024,6 +1054,10 @@ def test_copy_options_that_rewrite_values_are_refused_where_masking_applies(env:
         "COPY customers TO STDOUT (FORMAT csv, ESCAPE '1', FORCE_QUOTE *)",
         "COPY (SELECT card FROM customers) TO STDOUT (DELIMITER ' ')",
         "COPY customers TO STDOUT (ENCODING 'LATIN1')",
+        # a CSV delimiter that is a digit: a card number without that digit is not quoted, and glued to
+        # the delimiters around it (07411111111111111170) no detector sees it
+        "COPY (SELECT 0, card, 0 FROM customers) TO STDOUT (FORMAT csv, DELIMITER '7')",
+        "COPY customers TO STDOUT (FORMAT csv, DELIMITER 'x')",
     ]
     with env.connect("readonly") as conn:
         for sql in rewriting:

@@ -278,6 +278,15 @@ _FUNCTION_REFERENCING = frozenset(
         "CreateFdwStmt",
         "AlterFdwStmt",
         "CreateRangeStmt",
+        # statements on an existing function (its name in ObjectWithArgs): renaming pg_read_file, moving it to
+        # another schema or dropping it is as good as calling it under another name
+        "RenameStmt",
+        "AlterFunctionStmt",
+        "AlterObjectSchemaStmt",
+        "AlterOwnerStmt",
+        "AlterObjectDependsStmt",
+        "DropStmt",
+        "GrantStmt",
     }
 )
 # Settings whose change is an identity switch (SET ROLE, SET SESSION AUTHORIZATION), by their statement kind.
@@ -1028,7 +1037,10 @@ class _Analysis:
         elif key == "A_Indirection":
             for item in body.get("indirection", ()):
                 name = _field_name(item)
-                if name in ONE_ARGUMENT_FUNCTIONS:
+                if name:
+                    # (x).name is a field of x or a call of name(x): PostgreSQL tries both, and extensions'
+                    # functions (dblink_exec, adminpack's) are in no list here, so every name counts as called
+                    # (function rules are deny lists: a field that shares a dangerous function's name is rare)
                     self._field_call(name)
             self._push_children(body, ctes, flags, stack)
         elif key == "ColumnRef":
@@ -1069,7 +1081,9 @@ class _Analysis:
             if not schema and not catalog and name in ctes:
                 return
             target = self.read
-        parts = [p for p in (catalog, schema, name) if p]
+        # db.schema.table names the current database's schema.table (any other database is an error):
+        # recorded without it, so that rules on schema.table (pg_catalog.*) see it
+        parts = [p for p in (schema, name) if p]
         target.add(".".join(parts).lower())
 
     def _func_call(self, body: _Node, depth: int) -> None:
@@ -1556,17 +1570,21 @@ _TEXT_COPY_DELIMITERS = frozenset({"\t", ",", ";", "|"})
 def _copy_rewrites(options: Iterable[_Node]) -> bool:
     """Whether COPY ... TO with these options writes some characters of a value otherwise than as they
     are: CSV doubles or escapes the QUOTE and ESCAPE characters inside a value (``QUOTE '1'`` turns
-    ``4111`` into ``41111111``), text format backslash-escapes the DELIMITER inside a value, and ENCODING
-    converts the bytes. The defaults (and a text-format tab, comma, semicolon or bar) leave values alone."""
+    ``4111`` into ``41111111``), text format backslash-escapes the DELIMITER inside a value, a CSV DELIMITER
+    that is a digit or a letter glues values to their neighbours (``07411111111111111170``, where a card
+    number without that digit is not quoted), and ENCODING converts the bytes. The defaults (and a tab,
+    comma, semicolon or bar delimiter, or a space in CSV) leave values alone."""
     values: dict[str, Any] = {}
     for option in options:
         elem = option.get("DefElem", {})
         values[str(elem.get("defname", "")).lower()] = elem.get("arg")
-    csv = (_sval(values.get("format")) or "text").lower() == "csv"
     for name in ("quote", "escape"):
         if name in values and _sval(values[name]) != '"':
             return True
-    if "delimiter" in values and not csv and _sval(values["delimiter"]) not in _TEXT_COPY_DELIMITERS:
+    csv = (_sval(values.get("format")) or "text").lower() == "csv"
+    # CSV quotes a value holding its delimiter (a space too), text format backslash-escapes it
+    safe = _TEXT_COPY_DELIMITERS | {" "} if csv else _TEXT_COPY_DELIMITERS
+    if "delimiter" in values and _sval(values["delimiter"]) not in safe:
         return True
     if "encoding" in values:
         encoding = "".join(ch for ch in (_sval(values["encoding"]) or "") if ch.isalnum()).lower()

@@ -456,9 +456,11 @@ class Execution:
         "sql",
         "stmt_name",
         "t0",
+        "touched",
     )
 
     def __init__(self, sql: str, decision: Decision, plan: Any, stmt_name: str | None = None) -> None:
+        self.touched: _Touched | None = None  # names of prepared statements and cursors it creates or drops
         self.sql = sql
         self.decision = decision
         self.plan = plan
@@ -472,12 +474,23 @@ class Execution:
         self.masker_done = False
 
 
+_Touched = tuple[tuple[str, ...], tuple[str, ...]]  # prepared statement names, cursor names
+
+
+def _touched(classified: Classified) -> _Touched | None:
+    """The names of prepared statements and cursors a statement creates or drops (None: none)."""
+    prepared = (*(n for n, _ in classified.prepares), *(n for n in classified.deallocates if n is not None))
+    cursors = (*classified.cursors, *(n for n in classified.closes if n is not None))
+    return (prepared, cursors) if prepared or cursors else None
+
+
 class _QueryRun:
     """A simple Query in flight: its statements, and which one the server is answering."""
 
-    __slots__ = ("decision", "index", "plan", "t0", "texts")
+    __slots__ = ("decision", "index", "plan", "t0", "texts", "touched")
 
-    def __init__(self, texts: list[str], decision: Decision, plan: Any) -> None:
+    def __init__(self, texts: list[str], decision: Decision, plan: Any, touched: _Touched | None = None) -> None:
+        self.touched = touched
         self.texts = texts
         self.decision = decision
         self.plan = plan
@@ -1181,7 +1194,7 @@ class Relay:
         else:
             texts = [r.payload for r in classified.requests]
         self.stats.statements += len(texts)
-        self._push_z(_K_QUERY, None, _QueryRun(texts, decision, plan))
+        self._push_z(_K_QUERY, None, _QueryRun(texts, decision, plan, _touched(classified)))
         return None
 
     @staticmethod
@@ -1430,6 +1443,7 @@ class Relay:
         stmt = portal.stmt
         decision, plan = (stmt.decision, stmt.plan) if portal.decision is None else (portal.decision, portal.plan)
         run = Execution(stmt.text, decision, None if plan is None or plan.is_empty else plan, stmt.name)
+        run.touched = _touched(stmt.classified)
         run.params = portal.params
         run.portal = portal
         self._segment_execs += 1
@@ -1874,7 +1888,20 @@ class Relay:
             return self._poisoned_ready(raw)
         return self._copy_out(t, raw, q.plan, None)
 
+    def _forget(self, touched: _Touched) -> None:
+        """A statement that creates or drops prepared statements or cursors failed: the names it touched were
+        tracked as if it had worked (PREPARE s over an existing s fails, and EXECUTE s would have been decided
+        as the new text while the server ran the old one). Forgotten instead: fails closed, an EXECUTE or
+        FETCH of them is denied until they are prepared or declared again."""
+        prepared, cursors = touched
+        for name in prepared:
+            self._prepared.pop(name, None)
+        for name in cursors:
+            self._cursors.pop(name, None)
+
     def _statement_done(self, q: _QueryRun, complete: bytes | None, error: bytes | None) -> None:
+        if error is not None and q.touched is not None:
+            self._forget(q.touched)
         self._rows = None
         self._copy_plan = None
         index = q.index
@@ -1982,6 +2009,8 @@ class Relay:
     def _finish(self, run: Execution | None, complete: bytes | None) -> None:
         if run is None:
             return
+        if complete is None and run.error and run.touched is not None:
+            self._forget(run.touched)
         tag = complete[5:-1].decode("utf-8", "replace") if complete is not None else None
         self._record_exec(run, tag)
 
