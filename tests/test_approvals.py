@@ -340,6 +340,47 @@ def test_resumed_request_is_decided_again_under_the_live_policy(
     run(scenario)
 
 
+PACK_ALTER_FROZEN = PACK.replace(
+    "      - id: alter-elevates",
+    "      - id: no-alters\n        protocol: postgres\n        when: {statements: [alter_table]}\n"
+    "        action: deny\n        message: change freeze\n      - id: alter-elevates",
+).replace("duration: 1s}", "duration: 10m}")
+
+
+@pytest.mark.parametrize("live", ["frozen", "needs-two"])
+def test_an_elevation_ends_when_its_approval_is_withdrawn(tmp_path: Path, live: str) -> None:
+    # The approval is given, but the request it was for no longer passes the live policy: it is withdrawn,
+    # and so is the elevation it granted (it was kept for its whole duration).
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        broker = gw.approvals
+        assert broker is not None
+        who = ident("agent-7", "agent")
+        agent = await Agent(gw, who).open()
+        task = agent.ask(sql(gw, "ALTER TABLE t ADD COLUMN note text"))
+        aid = await agent.held()
+        pack = (
+            PACK_ALTER_FROZEN
+            if live == "frozen"
+            else PACK.replace(
+                "elevate: {roles: [writer], duration: 1s}", "elevate: {roles: [writer], duration: 10m}, required: 2"
+            )
+        )
+        gw.policy = policy_from(gw, pack, tmp_path)  # a hot reload while the request is held
+        await broker.vote(DBA1, aid, "approve", reason="ok")
+        decision = await task
+        assert decision.action == "deny"
+        got = await broker.get(aid)
+        assert got.status == "withdrawn" and "withdrawn:" in got.decision_reason
+        assert broker.elevated_roles(who, "db") == ()
+        assert broker.store.elevations(time.time()) == []
+        still = await agent.session.decide(sql(gw, "INSERT INTO t VALUES (1)"))
+        assert still.action == "deny" and still.rule_ids == ("lictor:default-deny",)
+        await gw.stop()
+
+    run(scenario)
+
+
 def test_elevation_grants_roles_on_that_target_for_a_while(tmp_path: Path) -> None:
     async def scenario() -> None:
         gw = await make_gateway(tmp_path)
@@ -513,7 +554,8 @@ def test_webhooks_are_signed_slack_compatible_and_retried_after_a_500(tmp_path: 
             },
         )
         agent = await Agent(gw, ident("agent-<b>", "agent")).open()
-        task = agent.ask(sql(gw, "UPDATE t SET a = 5 WHERE id = 5", reason="<!channel> please <http://evil|click>"))
+        reason = "<!channel> please <http://evil|click> \u202e\u2066 ;)lanigiro-ton(\u2069 \x1b[2J\u200b"
+        task = agent.ask(sql(gw, "UPDATE t SET a = 5 WHERE id = 5", reason=reason))
         aid = await agent.held()
         await gw.approvals.vote(DBA1, aid, "approve")  # type: ignore[union-attr]
         assert (await task).allowed
@@ -532,6 +574,10 @@ def test_webhooks_are_signed_slack_compatible_and_retried_after_a_500(tmp_path: 
         assert kinds == ["approval.created", "approval.created", "approval.decided"]
         first, retry = [b for h, b in slack if h["x-lictor-event"] == "approval.created"]
         assert first == retry  # the retry carries the same message (freshly signed)
+        # bidi overrides, zero-width and terminal control characters are shown escaped, not applied
+        for raw in ("\u202e", "\u2066", "\u2069", "\u200b", "\x1b"):
+            assert raw.encode() not in first, repr(raw)
+        assert "\\x202e" in first.decode() and "\\x1b[2J" in first.decode()
         created = json.loads(first)
         assert created["text"].startswith(f"Approval {aid} requested: agent-&lt;b&gt; wants to run")
         text = json.dumps(created)
@@ -543,7 +589,7 @@ def test_webhooks_are_signed_slack_compatible_and_retried_after_a_500(tmp_path: 
         (generic,) = receiver.events("/generic")
         doc = json.loads(generic[1])
         assert doc["event"] == "approval.decided" and doc["approval"]["id"] == aid
-        assert doc["approval"]["reason"] == "<!channel> please <http://evil|click>"
+        assert doc["approval"]["reason"] == reason  # the generic format carries the data as it is
         assert generic[0]["x-lictor-event"] == "approval.decided"
         await gw.stop()
         assert receiver.server is not None

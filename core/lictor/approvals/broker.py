@@ -316,6 +316,19 @@ class ApprovalBroker:
         with self._lock:
             self._elevations = {k: tuple(v) for k, v in fresh.items()}  # one assignment: readers see old or new
 
+    def _withdraw(self, approval_id: str, reason: str, now: float) -> bool:
+        """Withdraw a pending or approved request; the elevation it granted, if any, ends with it."""
+        if not self.store.withdraw(approval_id, reason, now):
+            return False
+        with self._lock:
+            current = {
+                key: kept
+                for key, entries in self._elevations.items()
+                if (kept := tuple(e for e in entries if e.approval_id != approval_id))
+            }
+            self._elevations = current
+        return True
+
     def _add_elevation(self, approval: Approval) -> None:
         if approval.elevated_until is None:
             return
@@ -370,7 +383,7 @@ class ApprovalBroker:
         try:
             self.gateway.audit_event("approval.created", self._audit_record(approval))
         except BaseException:
-            await asyncio.to_thread(self.store.withdraw, approval.id, "audit store unavailable", time.time())
+            await asyncio.to_thread(self._withdraw, approval.id, "audit store unavailable", time.time())
             raise
         self.webhooks.emit("approval.created", approval)
         log.info("approval %s requested by %s for %s", approval.id, identity.subject, request.summary[:200])
@@ -413,7 +426,7 @@ class ApprovalBroker:
     def _withdraw_orphans(self) -> None:
         reason = "the gateway restarted while the request was held; the agent was disconnected"
         for a in self.store.recent(pending=True, limit=1_000_000):
-            if a.spec.mode == "hold" and self.store.withdraw(a.id, reason, time.time()):
+            if a.spec.mode == "hold" and self._withdraw(a.id, reason, time.time()):
                 log.warning("approvals: %s withdrawn: %s", a.id, reason)
                 self.gateway.audit_event(
                     "approval.withdrawn", {"id": a.id, "reason": "gateway restarted"}, fail_closed=False
@@ -421,7 +434,7 @@ class ApprovalBroker:
 
     def _withdraw_now(self, approval_id: str, reason: str) -> None:
         try:
-            if self.store.withdraw(approval_id, reason, time.time()):
+            if self._withdraw(approval_id, reason, time.time()):
                 self.gateway.audit_event("approval.withdrawn", {"id": approval_id, "reason": reason}, fail_closed=False)
         except Exception:
             log.exception("approvals: cannot withdraw %s", approval_id)
@@ -482,7 +495,7 @@ class ApprovalBroker:
         current = approval
         while True:
             if self._stopping:
-                if await asyncio.to_thread(self.store.withdraw, approval.id, "the gateway stopped", time.time()):
+                if await asyncio.to_thread(self._withdraw, approval.id, "the gateway stopped", time.time()):
                     self.gateway.audit_event(
                         "approval.withdrawn", {"id": approval.id, "reason": "gateway stopping"}, fail_closed=False
                     )
@@ -567,7 +580,7 @@ class ApprovalBroker:
         if live.action == "deny":
             if not consumed:
                 await asyncio.to_thread(
-                    self.store.withdraw, approval_id, f"the live policy now denies it ({live.rule_ids[0]})", now
+                    self._withdraw, approval_id, f"the live policy now denies it ({live.rule_ids[0]})", now
                 )
             return replace(
                 live,
@@ -587,7 +600,7 @@ class ApprovalBroker:
             problem = self._still_satisfies(approval, live)
             if problem:
                 if not consumed:
-                    await asyncio.to_thread(self.store.withdraw, approval_id, problem, now)
+                    await asyncio.to_thread(self._withdraw, approval_id, problem, now)
                 return self._deny(live, approval_id, f"approval {approval_id} no longer suffices: {problem}")
         if not consumed:
             ok = await asyncio.to_thread(

@@ -417,9 +417,26 @@ class _SqlStore:
             return changed
 
     def withdraw(self, approval_id: str, reason: str, now: float) -> bool:
-        """Close a request nobody waits for any more (agent gone, policy changed, gateway stopping)."""
+        """Close a request nobody waits for any more (agent gone, policy changed, gateway stopping).
+
+        An approved request may be withdrawn (the live policy no longer lets it run): the time-boxed
+        elevation it granted ends too, and the reason says why it was withdrawn after the approver's.
+        """
         with self._tx() as cur:
-            return self._transition(cur, approval_id, WITHDRAWN, reason, now, (PENDING, APPROVED))
+            cur.execute(
+                self._sql(
+                    "UPDATE {approvals} SET status = ?, decided_at = COALESCE(decided_at, ?), "
+                    "decision_reason = CASE WHEN decision_reason = '' THEN ? "
+                    "ELSE decision_reason || ' (withdrawn: ' || ? || ')' END "
+                    "WHERE id = ? AND status IN (?, ?)"
+                ),
+                (WITHDRAWN, now, reason, reason, approval_id, PENDING, APPROVED),
+            )
+            if cur.rowcount != 1:
+                return False
+            cur.execute(self._sql("DELETE FROM {elevations} WHERE approval_id = ?"), (approval_id,))
+            self._announce(cur, approval_id)
+            return True
 
     def elevations(self, now: float) -> list[Elevation]:
         with self._tx() as cur:

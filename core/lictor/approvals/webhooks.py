@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .._text import printable
 from ._model import Approval, format_duration
 
 __all__ = ["WebhookTarget", "Webhooks", "sign"]
@@ -66,8 +67,19 @@ class WebhookTarget:
 
 
 def _slack_escape(text: str) -> str:
-    # Slack reads <...> as links/mentions (<!channel>); agent-controlled text must not create either.
+    # Slack reads <...> as links/mentions (<!channel>); agent-controlled text must not create either. Control
+    # and format characters (ESC, bidi overrides such as U+202E, zero-width spaces) are shown as \xNN, as on
+    # the page and in the CLI: otherwise the chat could show the approver the characters in another order.
+    text = printable(text, keep="\n")
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("```", "'''")
+
+
+def _clip_request(text: str, limit: int = 1500) -> str:
+    """The request as the approver reads it in the chat: whole, or cut with a mark that says how much more
+    there is (what it does may be in the rest)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"… [{len(text) - limit} more characters: read the whole request on the review page]"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -141,7 +153,7 @@ class Webhooks:
             {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(details)}},
             {
                 "type": "section",
-                "text": {"type": "mrkdwn", "text": "```" + _slack_escape(_clip(a.payload or a.summary, 1500)) + "```"},
+                "text": {"type": "mrkdwn", "text": f"```{_slack_escape(_clip_request(a.payload or a.summary))}```"},
             },
         ]
         link = self.link(a.id)
