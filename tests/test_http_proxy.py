@@ -453,7 +453,16 @@ def test_ticket_mode_answers_at_once_and_the_retry_redeems_it_once(env: Env) -> 
     other = ("-X", "POST", "-H", "Content-Type: application/json", "--data", json.dumps({"name": "Other"}))
     code, out = env.curl(url, *other, "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent)
     assert code == 403  # the approval is bound to the exact request
-    code, out = env.curl(url, *args, "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent)
+    for changed in (  # ... headers included: the approvers read them, the upstream acts on them
+        ("-X", "POST", "-H", "Content-Type: text/plain", "--data", body),
+        (*args, "-H", "X-Account: production"),
+    ):
+        code, out = env.curl(url, *changed, "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent)
+        assert code == 403 and json.loads(out)["rule"] == "lictor:approval-not-redeemable", out
+    # what changes from one try to the next (tracing) does not make it another request
+    code, out = env.curl(
+        url, *args, "-H", "traceparent: 00-1-2-01", "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent
+    )
     assert code == 201, out
     code, out = env.curl(url, *args, "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent)
     assert code == 403  # single use

@@ -368,9 +368,41 @@ def _body_has_method_field(body: bytes, content_type: str) -> bool:
     return False
 
 
-def payload(method: str, raw_path: str, body: bytes) -> str:
-    """What an approval is bound to: method, raw path with query, and a digest of the body."""
-    return f"{method.upper()} {raw_path} sha256:{hashlib.sha256(body).hexdigest()}"
+# Headers that differ from one try of the same request to the next (tracing, the client's clock and
+# session): left out of what an approval is bound to, so that a ticket can be redeemed by a retry.
+_UNBOUND_HEADERS = frozenset(
+    {
+        "content-length",
+        "host",
+        "connection",
+        "keep-alive",
+        "te",
+        "accept-encoding",  # the gateway asks the upstream for identity encoding anyway
+        "date",
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "sentry-trace",
+        "x-request-id",
+        "x-correlation-id",
+        "x-amzn-trace-id",
+        "kubectl-session",
+    }
+)
+
+
+def payload(method: str, raw_path: str, body: bytes, headers: Iterable[tuple[str, str]] = ()) -> str:
+    """What an approval is bound to, and what its approvers read: method, raw path with query, the headers
+    (without credentials, X-Lictor-* and the ones that change from try to try) and a digest of the body. A
+    ticket is then redeemed only by the same request: another Content-Type (a JSON patch read as a merge
+    patch) or another account header does not pass for the one approved."""
+    text = f"{method.upper()} {raw_path} sha256:{hashlib.sha256(body).hexdigest()}"
+    bound = sorted(
+        (k, v) for k, v in header_attrs(headers).items() if k not in _UNBOUND_HEADERS and not k.startswith("x-b3-")
+    )
+    if bound:
+        text += "".join(f"\n{k}: {v}" for k, v in bound)
+    return text
 
 
 def reason_of(value: str | None) -> str | None:
@@ -424,7 +456,7 @@ def http_request(
         attrs=attrs,
         target=target,
         summary=f"{method.upper()} {path}" + (f"?{query}" if query else ""),
-        payload=payload(method, raw_path, body),
+        payload=payload(method, raw_path, body, headers),
         reason=reason,
     )
 
@@ -506,7 +538,7 @@ def k8s_request(
         attrs=attrs,
         target=target,
         summary=k8s_summary(info),
-        payload=payload(method, raw_path, body),
+        payload=payload(method, raw_path, body, headers.items()),
         reason=reason,
     )
     return K8sCall(info, request)
