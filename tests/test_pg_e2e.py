@@ -598,9 +598,13 @@ EVASIONS: list[tuple[str, str]] = [
     # an extension's function in functional notation: (x).f is f(x) when no field f exists
     ("readonly", "SELECT ('UPDATE accounts SET balance = 0'::text).dblink_exec"),
     ("readonly", "SELECT ('dbname=app'::text).dblink_connect"),
+    # ... and on the alias of a function in FROM, which has that function's result type
+    ("readonly", "SELECT t.pg_read_file FROM lower('/etc/hostname') t"),
+    ("readonly", "SELECT t.pg_ls_dir FROM unnest(ARRAY['/']) AS t(c)"),
     # a dangerous function renamed (by DDL or in pg_proc), then called under its new name
     ("dba", "ALTER FUNCTION pg_catalog.pg_read_file(text) RENAME TO innocent"),
     ("dba", "UPDATE pg_catalog.pg_proc SET proname = 'innocent' WHERE proname = 'pg_read_file'"),
+    ("dba", "CREATE VIEW procs AS SELECT * FROM pg_catalog.pg_proc"),  # an updatable view over pg_proc
     # a catalog named with its database (db.pg_catalog.pg_class is pg_catalog.pg_class)
     ("writer", "UPDATE app.pg_catalog.pg_class SET relname = 'renamed' WHERE relname = 'accounts'"),
 ]
@@ -844,7 +848,17 @@ def test_a_failed_prepare_does_not_rename_what_the_server_holds(env: PgEnv) -> N
         raw.send(pg.query(sql))
         replies += raw.until_ready()
     assert not errors(replies) and "DataRow" in names(replies)  # prepared again, it runs what it says
-    raw.close()
+    # A PREPARE sent as a Parse message and never executed does not rename what the server holds either:
+    # EXECUTE t is still the DDL, which needs an approval (and never runs here).
+    raw.send(pg.parse("t", "CREATE TABLE lictor_collision (x int)"), pg.sync())
+    assert names(raw.until_ready()) == ["ParseComplete", "ReadyForQuery"]
+    raw.send(pg.parse("", "PREPARE t AS SELECT 1"), pg.sync())
+    assert names(raw.until_ready()) == ["ParseComplete", "ReadyForQuery"]
+    raw.send(pg.query("EXECUTE t"))
+    held = raw.read_messages(1)
+    assert isinstance(held[0], (pg.ErrorResponse, pg.NoticeResponse)) and "approv" in held[0].message, held
+    assert "CommandComplete" not in names(held)
+    raw.sock.close()
     assert env.fingerprint() == before
 
 

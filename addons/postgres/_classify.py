@@ -954,6 +954,8 @@ class _Analysis:
         self.read: set[str] = set()
         self.written: set[str] = set()
         self.functions: set[str] = set()
+        self.function_aliases: set[str] = set()  # names a function in FROM gives its value (FROM lower(x) t)
+        self.qualified: set[tuple[str, str]] = set()  # (alias, name) of every alias.name
         self.columns: set[str] = set()
         self.settings: set[str] = set()
         self.languages: set[str] = set()
@@ -988,6 +990,11 @@ class _Analysis:
     def statement(self, stmt: _Node, text: Any, depth: int) -> None:
         """Walk one statement (``text`` returns its text, needed only for PL/pgSQL function bodies)."""
         self._walk(stmt, depth, text, root=True)
+        # A function in FROM that returns one value gives its alias that value's type: alias.f is then f(value),
+        # for any f (FROM lower('/etc/hostname') t ... t.pg_read_file), as (x).f is.
+        for alias, name in self.qualified:
+            if alias in self.function_aliases:
+                self._field_call(name)
 
     # -- the tree walk --------------------------------------------------------------------------------
 
@@ -1047,6 +1054,8 @@ class _Analysis:
             fields = body.get("fields", ())
             if _row_call(fields) in ROW_FUNCTIONS:
                 self._field_call(_row_call(fields))
+            if 2 <= len(fields) <= 4 and _field_name(fields[-2]) and _field_name(fields[-1]):
+                self.qualified.add((_field_name(fields[-2]), _field_name(fields[-1])))
             if flags & _TARGET:
                 if fields:
                     last = fields[-1]
@@ -1054,12 +1063,28 @@ class _Analysis:
         elif key in ("A_Const", "String", "Integer", "Float", "Boolean", "ParamRef", "TypeName", "A_Star"):
             pass
         elif key in _OUTPUT_CLAUSES:
+            if key == "RangeFunction":
+                self._function_alias(body)
             self._outputs(key, body)
             self._push_children(body, ctes, flags, stack)
         elif key.endswith("Stmt"):
             self._statement(key, body, ctes, stack, depth, text, is_root)
         else:
             self._push_children(body, ctes, flags, stack)
+
+    def _function_alias(self, body: _Node) -> None:
+        """The name a function in FROM gives its result: its alias, or the function's own name."""
+        alias = body.get("alias")
+        if isinstance(alias, dict) and alias.get("aliasname"):
+            self.function_aliases.add(str(alias["aliasname"]).lower())
+            return
+        for item in body.get("functions", ()):
+            for node in item.get("List", {}).get("items", ()) if isinstance(item, dict) else item:
+                call = node.get("FuncCall") if isinstance(node, dict) else None
+                if isinstance(call, dict):
+                    names = _names(call.get("funcname", ()))
+                    if names:
+                        self.function_aliases.add(names[-1].lower())
 
     def _outputs(self, key: str, body: _Node) -> None:
         """Note an output expression (target, RETURNING or VALUES list, function in FROM) that computes

@@ -449,6 +449,7 @@ class Execution:
         "decision",
         "error",
         "masker_done",
+        "names",
         "params",
         "plan",
         "portal",
@@ -461,6 +462,7 @@ class Execution:
 
     def __init__(self, sql: str, decision: Decision, plan: Any, stmt_name: str | None = None) -> None:
         self.touched: _Touched | None = None  # names of prepared statements and cursors it creates or drops
+        self.names: tuple[Classified, Decision] | None = None  # what to record of them once it completes
         self.sql = sql
         self.decision = decision
         self.plan = plan
@@ -1303,7 +1305,8 @@ class Relay:
         return self._deny_extended(self._denial_error(classified, decisions, decision))
 
     def _allow_parse(self, name: str, sql: str, classified: Classified, decision: Decision) -> None:
-        self._apply_names(classified, decision)
+        # A PREPARE, DECLARE or DEALLOCATE sent as a Parse changes names only once an Execute of it completes
+        # (see _finish): parsed and never executed, it must not rename what the server holds.
         plan = self._mask_plan(decision)
         self._remember(Prepared(name, sql, classified, decision, time.monotonic(), plan))
         self._push(_K_PARSE, name)
@@ -1354,7 +1357,6 @@ class Relay:
         if decision.action != "allow":
             self._record_denial(stmt.text, decision)
             return self._deny_extended(self._denial_error(bound, [decision], decision))
-        self._apply_names(stmt.classified, decision)
         result = self._bind(
             portal_name, stmt, decision, self._mask_plan(decision), param_formats, params, formats, approved=True
         )
@@ -1444,6 +1446,8 @@ class Relay:
         decision, plan = (stmt.decision, stmt.plan) if portal.decision is None else (portal.decision, portal.plan)
         run = Execution(stmt.text, decision, None if plan is None or plan.is_empty else plan, stmt.name)
         run.touched = _touched(stmt.classified)
+        if run.touched is not None:
+            run.names = (stmt.classified, decision)
         run.params = portal.params
         run.portal = portal
         self._segment_execs += 1
@@ -2011,6 +2015,8 @@ class Relay:
             return
         if complete is None and run.error and run.touched is not None:
             self._forget(run.touched)
+        elif complete is not None and run.names is not None:
+            self._apply_names(*run.names)
         tag = complete[5:-1].decode("utf-8", "replace") if complete is not None else None
         self._record_exec(run, tag)
 
