@@ -456,6 +456,7 @@ def test_ticket_mode_answers_at_once_and_the_retry_redeems_it_once(env: Env) -> 
     for changed in (  # ... headers included: the approvers read them, the upstream acts on them
         ("-X", "POST", "-H", "Content-Type: text/plain", "--data", body),
         (*args, "-H", "X-Account: production"),
+        (*args, "-H", "X-Request-Id: another-operation"),  # an idempotency key: another operation
     ):
         code, out = env.curl(url, *changed, "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent)
         assert code == 403 and json.loads(out)["rule"] == "lictor:approval-not-redeemable", out

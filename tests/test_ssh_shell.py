@@ -712,6 +712,8 @@ def test_wrapper_chains_report_every_program() -> None:
         "eatmydata rm -rf /",
         "linux64 -R rm -rf /",
         "numactl -l rm -rf /",
+        "strace -o /dev/null -f --seccomp-bpf rm -rf /",  # a flag
+        "strace -o /dev/null --verbose all rm -rf /",  # takes a value
     ],
 )
 def test_wrapper_options(command: str) -> None:
@@ -1327,6 +1329,17 @@ def test_lines_of_one_shell_share_what_they_assign() -> None:
     with pytest.raises(ShellParseError, match="arithmetic uses y"):
         analyse("echo $((y))", line=True, state=state)  # the file may have set anything
     assert analyse("echo $((x))").names == ("echo",)  # without a state, one line is all there is
+    # A function (or trap) defined before the value is set runs the arithmetic later: the line that sets
+    # it is refused, as it would be with all of them on one line.
+    for first, then in (
+        ("f() { echo $((x)); }", "echo ${x:='a[$(evil)]'}"),
+        ("trap 'echo $((x))' EXIT", "x='a[$(evil)]'"),
+        ('f() { find . -maxdepth 0 "$x" evil \\; ; }', "x=-exec"),
+    ):
+        state = ShellState()
+        analyse(first, line=True, state=state)
+        with pytest.raises(ShellParseError):
+            analyse(then, line=True, state=state)
 
 
 @needs_sandbox
@@ -1469,6 +1482,9 @@ def test_stdin_shell_finds_the_shell_behind_wrappers(argv: list[str], reader: st
         (["sed", "e"], "sed's e command would run text it reads"),
         (["sed", "-n", "s/^/rm /e"], "sed's e command would run text it reads"),
         (["sed", "-e", "p", "-e", "1e"], "sed's e command would run text it reads"),
+        (["sed", "-l", "5", "e"], "sed's e command would run text it reads"),  # 5 is -l's value, e the script
+        (["awk", "-e", "{system($0)}"], "awk's system() or pipes would run text it reads"),
+        (["gawk", '{s = "system"; @s($0)}'], "awk's system() or pipes would run text it reads"),
     ],
 )
 def test_stdin_shell_refuses_program_text_it_cannot_check(argv: list[str], message: str) -> None:

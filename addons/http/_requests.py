@@ -369,7 +369,8 @@ def _body_has_method_field(body: bytes, content_type: str) -> bool:
 
 
 # Headers that differ from one try of the same request to the next (tracing, the client's clock and
-# session): left out of what an approval is bound to, so that a ticket can be redeemed by a retry.
+# session): left out of what an approval is bound to, so that a ticket can be redeemed by a retry. Not
+# X-Request-Id or Idempotency-Key: APIs use them to tell a new operation from a retried one.
 _UNBOUND_HEADERS = frozenset(
     {
         "content-length",
@@ -383,8 +384,6 @@ _UNBOUND_HEADERS = frozenset(
         "tracestate",
         "baggage",
         "sentry-trace",
-        "x-request-id",
-        "x-correlation-id",
         "x-amzn-trace-id",
         "kubectl-session",
     }

@@ -185,15 +185,19 @@ class ShellState:
     A shell that reads its commands line by line keeps its variables between lines: ``echo
     ${x:='a[$(evil)]'}`` then ``echo $((x))`` runs ``evil``, though neither line alone does. Give the
     same instance to :func:`analyse` for every line of one such shell (an SSH shell, ``kubectl exec -i
-    POD -- sh``): names a line assigns count as set by the agent on every later line.
+    POD -- sh``): names a line assigns count as set by the agent on every later line, and names an
+    earlier line uses where a value would be evaluated (arithmetic, option positions) stay checked on the
+    later lines, since a function or trap defined there may run them after the value is set.
     """
 
-    __slots__ = ("int_vars", "taint_all", "tainted")
+    __slots__ = ("arith_names", "int_vars", "taint_all", "tainted", "untainted")
 
     def __init__(self) -> None:
         self.tainted: set[str] = set()
         self.taint_all = False
         self.int_vars: set[str] = set()
+        self.arith_names: set[str] = set()
+        self.untainted: set[str] = set()
 
 
 def analyse(
@@ -226,6 +230,8 @@ def analyse(
         ctx.tainted |= state.tainted
         ctx.taint_all = state.taint_all
         ctx.int_vars |= state.int_vars
+        ctx.arith_names |= state.arith_names
+        ctx.untainted |= state.untainted
     env = _Env(via=None, stdin=_CHANNEL, redirects=(), depth=0)
     try:
         _analyse_text(command, env, ctx, interactive=interactive)
@@ -236,6 +242,8 @@ def analyse(
         state.tainted |= ctx.tainted
         state.taint_all = state.taint_all or ctx.taint_all
         state.int_vars |= ctx.int_vars
+        state.arith_names |= ctx.arith_names
+        state.untainted |= ctx.untainted
     return Analysis(tuple(ctx.out))
 
 
@@ -2439,9 +2447,9 @@ _WRAPPERS: dict[str, _WrapSpec] = {
         _Opts(
             flags="cCdDfFhiqrtTvVwxyzZkn",
             valued="abeEIoOpPsSuUX",
-            long_flags=_words("--follow-forks --output-separately --summary-only --summary --no-abbrev --verbose")
+            long_flags=_words("--follow-forks --output-separately --summary-only --summary --no-abbrev --seccomp-bpf")
             | _HELP,
-            long_valued=_words("--output --trace --attach --string-limit --signal --status --seccomp-bpf --user"),
+            long_valued=_words("--output --trace --attach --string-limit --signal --status --user --verbose --abbrev"),
         ),
         no_run=_HELP | {"-h", "-V"},
     ),
@@ -3061,7 +3069,10 @@ def _h_sqlite(call: _Call) -> None:
     call.program_from_stdin(posix=False)
 
 
-_AWK_RUNS = re.compile(r"\bsystem\s*\(|\|\s*(?:getline\b|&)|\b(?:print|printf)\b[^;{}\n]*(?<!\|)\|(?!\|)")
+_AWK_RUNS = re.compile(
+    r"\bsystem\s*\(|\|\s*(?:getline\b|&)|\b(?:print|printf)\b[^;{}\n]*(?<!\|)\|(?!\|)"
+    r"|@\s*[A-Za-z_]\w*\s*\("  # gawk's indirect call: @f(...) with f = "system"
+)
 
 
 def _runs_its_input(call: _Call, what: str) -> None:
@@ -3162,13 +3173,13 @@ def _h_awk(call: _Call) -> None:
         long_optional=_fs("--dump-variables", "--profile", "--pretty-print"),
     )
     opts, index = _getopt(call, spec)
-    programs = [o.value or "" for o in opts if o.name in ("--source",)]
+    programs = [o.value or "" for o in opts if o.name in ("-e", "--source")]
     for o in opts:
         if o.name in ("-l", "--load"):
             call.fail("-l loads a shared library")
         if o.name in ("-f", "-E", "--file", "--exec") and (not o.value_known or _is_stdin_path(o.value or "")):
             call.program_from_stdin(posix=False)
-    if not any(o.name in ("-f", "-E", "--file", "--exec") for o in opts) and index < len(call.args):
+    if not any(o.name in ("-f", "-E", "--file", "--exec", "-e", "--source") for o in opts) and index < len(call.args):
         programs.append(call.args[index].text)
     if any(_AWK_RUNS.search(text) and not _awk_begin_only(text) for text in programs):
         _runs_its_input(call, "awk's system() or pipes")
@@ -3200,8 +3211,20 @@ def _h_sed(call: _Call) -> None:
             if _is_stdin_path(value):
                 call.program_from_stdin(posix=False)
     if not explicit:
-        operands = [a.text for a in call.args if not a.text.startswith("-") or a.text == "-"]
-        scripts.extend(operands[:1])
+        # the first operand, past the options and the values of -l N / --line-length N
+        args = [a.text for a in call.args]
+        i = 0
+        while i < len(args):
+            t = args[i]
+            if t == "--":
+                scripts.extend(args[i + 1 : i + 2])
+                break
+            if t == "-" or not t.startswith("-"):
+                scripts.append(t)
+                break
+            if t == "--line-length" or (not t.startswith("--") and t.endswith("l") and "l" not in t[1:-1]):
+                i += 1  # its value is the next word
+            i += 1
     if any(_sed_runs_commands(script) for script in scripts):
         _runs_its_input(call, "sed's e command")
 
