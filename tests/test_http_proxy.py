@@ -5,6 +5,7 @@ The upstream records every request it receives, so each test proves what did (an
 
 import contextlib
 import datetime as dt
+import gzip
 import ipaddress
 import json
 import os
@@ -130,6 +131,33 @@ class CustomersAPI:
                         self.send_header("Content-Length", str(len(body)))
                         self.end_headers()
                         self.wfile.write(body)
+                    return
+                if self.path == "/v1/customers/headers":  # the data in response headers
+                    body = b'{"ok": true}'
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Location", f"/v1/customers/by-email/{EMAIL}")
+                    self.send_header("Content-Disposition", f'attachment; filename="{CARD.replace(" ", "")}.pdf"')
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                odd = {
+                    "/v1/customers/utf16": ("application/json; charset=utf-16", "utf-16", []),
+                    "/v1/customers/utf16bom": ("application/json", "utf-16", []),
+                    "/v1/customers/twoencodings": ("text/plain", "gzip", ["identity", "gzip"]),
+                }
+                if self.path in odd:
+                    ctype, encoding, codings = odd[self.path]
+                    doc = json.dumps({"email": EMAIL, "card": CARD})
+                    data = gzip.compress(doc.encode()) if encoding == "gzip" else doc.encode(encoding)
+                    self.send_response(200)
+                    self.send_header("Content-Type", ctype)
+                    for coding in codings:  # two Content-Encoding headers: identity, then gzip
+                        self.send_header("Content-Encoding", coding)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
                     return
                 if self.path == "/v1/customers/big":  # larger than the example's max_body (1 MiB)
                     rows = [{"id": i, "email": EMAIL, "card": CARD, "note": "x" * 200} for i in range(5000)]
@@ -292,6 +320,22 @@ def test_httpx_client_sees_the_same(env: Env) -> None:
         assert resp.status_code == 200 and resp.json()["email"] == "[REDACTED:email]"
         resp = client.get(env.url() + "/v1/customers/7/cards")
         assert resp.status_code == 403 and resp.json()["rule"] == "lictor:default-deny"
+
+
+def test_response_headers_are_masked_and_unreadable_encodings_refused(env: Env) -> None:
+    with httpx.Client(
+        verify=ssl.create_default_context(cafile=env.ca), headers={"Authorization": f"Bearer {env.agent}"}
+    ) as client:
+        resp = client.get(env.url() + "/v1/customers/headers")
+        assert resp.status_code == 200
+        assert EMAIL not in resp.headers["location"] and "[REDACTED:email]" in resp.headers["location"]
+        assert CARD.replace(" ", "") not in resp.headers["content-disposition"]
+        # UTF-16 (declared or by its byte order mark), or a gzip body behind an "identity" header: the
+        # detectors cannot read it, so it is not relayed
+        for path in ("/v1/customers/utf16", "/v1/customers/utf16bom", "/v1/customers/twoencodings"):
+            resp = client.get(env.url() + path)
+            assert resp.status_code == 502, (path, resp.status_code, resp.text)
+            assert EMAIL not in resp.text and "jane.doe" not in resp.content.decode("utf-16", "replace")
 
 
 def test_requests_without_a_valid_token_are_401_and_never_forwarded(env: Env) -> None:

@@ -550,3 +550,19 @@ def test_method_override_fields_in_any_body_spelling_are_refused(body: bytes, ct
             content_type=ctype,
             target="t",
         )
+
+
+def test_a_form_body_that_is_also_json_is_refused() -> None:
+    # {"note": "&credit_limit=9&"} is the field credit_limit to a form parser, and no such field as JSON
+    body = b'{"name": "Jane", "note": "&credit_limit=99999&"}'
+    for media in ("application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        with pytest.raises(Unreadable, match="declared as a form but is also valid JSON"):
+            http_request(
+                method="POST", raw_path="/v1/c", host="h", headers=[("content-type", media)], body=body,
+                content_type=media, target="t",
+            )  # fmt: skip
+    form = http_request(
+        method="POST", raw_path="/v1/c", host="h", headers=[], body=b"name=x&credit_limit=9",
+        content_type="application/x-www-form-urlencoded", target="t",
+    )  # fmt: skip
+    assert form.attrs["json"]["$.credit_limit"] == "9"

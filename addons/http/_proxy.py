@@ -174,6 +174,40 @@ class ConnState:
     waiting: set[asyncio.Task[Any]] = field(default_factory=set)  # request hooks of this connection
 
 
+_ASCII_CHARSETS = frozenset(
+    {"utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "latin1", "latin-1", "iso-8859-15", "windows-1252", "cp1252"}
+)
+# Response headers the detectors leave alone: the framing the gateway itself reads and sets.
+_FRAMING_HEADERS = frozenset({"content-length", "content-type", "content-encoding", "transfer-encoding", "connection"})
+
+
+def _encoding(headers: Any) -> str:
+    """Every Content-Encoding the response declares, joined ("identity" when none): a second header
+    ("identity", then "gzip") must not hide the first's neighbour."""
+    codings = [c.strip().lower() for v in headers.get_all("content-encoding") for c in v.split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    return ", ".join(codings) or "identity"
+
+
+def _charset(content_type: str) -> str | None:
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
+def _mask_headers(resp: http.Response, masking: bodies.Masking) -> None:
+    """Mask what the detectors find in the response's headers (a Location with an e-mail address, a
+    Content-Disposition with a card number): the agent and the recording get them masked."""
+    fields = resp.headers.fields
+    masked = tuple(
+        (name, value if name.lower() in _FRAMING_HEADERS else masking.mask_bytes(value)) for name, value in fields
+    )
+    if masked != fields:
+        resp.headers.fields = masked
+
+
 def _peer(client: Client) -> str:
     addr = client.peername
     if not addr:
@@ -519,9 +553,10 @@ class LictorProxy:
                 problem = (
                     "a folded header line (obs-fold: a line starting with a space or tab); send each header on one line"
                 )
-            elif len(headers.get_all("upgrade")) > 1:
-                # the gateway decides on the first; a server may read another (an exec over SPDY)
-                problem = "more than one Upgrade header"
+            elif len(headers.get_all("upgrade")) > 1 or len(headers.get_all("content-type")) > 1:
+                # the gateway decides on the first; a server may read another (an exec over SPDY, a form
+                # where the gateway read text)
+                problem = "more than one Upgrade or Content-Type header"
             elif lengths and "transfer-encoding" in headers:
                 problem = "both Content-Length and Transfer-Encoding (request smuggling)"
             elif codings and codings != "chunked":
@@ -1073,7 +1108,9 @@ class LictorProxy:
         headers = flow.request.headers
         drop = self._drop_headers.get((target.name, whole_body))
         if drop is None:
-            names = {"authorization", "proxy-authorization", "accept-encoding", *FORWARDING_HEADERS}
+            # TE: no transfer codings but chunked from the upstream (a gzip transfer coding would reach the
+            # agent as bytes the gateway cannot read)
+            names = {"authorization", "proxy-authorization", "accept-encoding", "te", *FORWARDING_HEADERS}
             names |= {n.lower() for n, _ in target.credentials.headers}
             drop = frozenset(n.encode() for n in names) | (_PARTIAL_HEADERS if whole_body else frozenset())
             self._drop_headers[(target.name, whole_body)] = drop
@@ -1256,6 +1293,8 @@ class LictorProxy:
             cleaned = tuple((name, scrubber.whole(value)) for name, value in fields)
             if cleaned != fields:
                 resp.headers.fields = cleaned
+        if state.masking.active:
+            _mask_headers(resp, state.masking)
         if resp.status_code == 101:
             return
         if flow.request.method.upper() == "HEAD" or resp.status_code in (204, 304):
@@ -1263,7 +1302,7 @@ class LictorProxy:
         masking = state.masking
         first = _first(_header_list(resp.headers))
         ctype = first.get("content-type", "")
-        encoding = (first.get("content-encoding", "") or "identity").strip().lower()
+        encoding = _encoding(resp.headers)
         length_s = first.get("content-length")
         length = int(length_s) if length_s is not None and length_s.isdigit() else None
         info = state.call.info if state.call else None
@@ -1281,6 +1320,15 @@ class LictorProxy:
         if encoding != "identity":
             self.replace_at_headers(
                 flow, 502, f"the upstream sent a {encoding}-encoded body that the gateway must mask but cannot decode"
+            )
+            return
+        charset = _charset(ctype)
+        if charset is not None and charset not in _ASCII_CHARSETS:
+            # UTF-16 and the like: card numbers and addresses are not the bytes the detectors look for
+            self.replace_at_headers(
+                flow,
+                502,
+                f"the upstream sent {charset} text that the gateway must mask; it masks UTF-8 (and ASCII) only",
             )
             return
         json_body = is_json_type(ctype)
@@ -1341,9 +1389,13 @@ class LictorProxy:
         raw = resp.raw_content or b""
         flow.metadata["lictor.upstream_size"] = len(raw)
         if raw and state.masking.active:
-            encoding = (resp.headers.get("content-encoding", "") or "identity").strip().lower()
+            encoding = _encoding(resp.headers)
             if encoding != "identity":
                 self._fail_response(flow, f"the upstream sent a {encoding}-encoded body the gateway cannot mask")
+                return
+            if raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")) or b"\x00" in raw[:4]:
+                # UTF-16 or UTF-32 without a charset (a BOM, or JSON's zero bytes around ASCII)
+                self._fail_response(flow, "the upstream sent UTF-16 or UTF-32 text; the gateway masks UTF-8 only")
                 return
             if is_json_type(resp.headers.get("content-type", "")):
                 try:

@@ -255,6 +255,13 @@ def json_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
         if declared:
             raise Unreadable(f"the body is declared as JSON but is not valid JSON: {exc}") from None
         return None
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        # Declared a form, it parses as JSON too: an API that reads the form sees other fields than one that
+        # reads JSON ({"a":"&credit_limit=9&"} is the field credit_limit to a form parser).
+        raise Unreadable(
+            "the body is declared as a form but is also valid JSON; send it as one of them, declared as such"
+        )
     return flatten_json(doc)
 
 
