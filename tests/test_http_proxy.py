@@ -142,6 +142,23 @@ class CustomersAPI:
                     self.end_headers()
                     self.wfile.write(body)
                     return
+                escaped = {  # the e-mail address with its @ written as \u0040
+                    "/v1/customers/textjson": ("text/json", '{"email": "' + EMAIL.replace("@", "\\u0040") + '"}'),
+                    "/v1/customers/ndjson": (
+                        "application/x-ndjson",
+                        "\n".join(json.dumps({"id": i, "email": "zo\u00eb@ex\u00e4mple.com"}) for i in range(3)),
+                    ),
+                    "/v1/customers/xssi": ("application/json", ")]}'\n" + json.dumps({"email": "zo\u00eb@ex.com"})),
+                }
+                if self.path in escaped:
+                    ctype, text = escaped[self.path]
+                    data = text.encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 odd = {
                     "/v1/customers/utf16": ("application/json; charset=utf-16", "utf-16", []),
                     "/v1/customers/utf16bom": ("application/json", "utf-16", []),
@@ -336,6 +353,14 @@ def test_response_headers_are_masked_and_unreadable_encodings_refused(env: Env) 
             resp = client.get(env.url() + path)
             assert resp.status_code == 502, (path, resp.status_code, resp.text)
             assert EMAIL not in resp.text and "jane.doe" not in resp.content.decode("utf-16", "replace")
+        # \u escapes outside one JSON document: read as JSON lines where they are, refused where not
+        resp = client.get(env.url() + "/v1/customers/textjson")
+        assert resp.status_code == 200 and json.loads(resp.text)["email"] == "[REDACTED:email]", resp.text
+        resp = client.get(env.url() + "/v1/customers/ndjson")
+        lines = [json.loads(line) for line in resp.text.splitlines()]
+        assert resp.status_code == 200 and [d["email"] for d in lines] == ["[REDACTED:email]"] * 3, resp.text
+        resp = client.get(env.url() + "/v1/customers/xssi")  # )]}' then the JSON: masked line by line
+        assert resp.status_code == 200 and "zo" not in resp.text and "[REDACTED:email]" in resp.text, resp.text
 
 
 def test_requests_without_a_valid_token_are_401_and_never_forwarded(env: Env) -> None:

@@ -208,6 +208,32 @@ def _mask_headers(resp: http.Response, masking: bodies.Masking) -> None:
         resp.headers.fields = masked
 
 
+_JSON_LIKE = frozenset(
+    {"text/json", "application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines",
+     "application/json-seq"}
+)  # fmt: skip
+
+
+def _json_like(content_type: str) -> bool:
+    """A response masked as JSON: JSON media types, and the JSON lines ones (NDJSON), whose \\u escapes the
+    detectors could not read in the bytes."""
+    return is_json_type(content_type) or content_type.split(";", 1)[0].strip().lower() in _JSON_LIKE
+
+
+def _mask_json_lines(masking: bodies.Masking, raw: bytes) -> bytes | None:
+    """``raw`` masked as one JSON value per line (NDJSON, JSON Lines), None when a line is not JSON."""
+    out: list[bytes] = []
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            out.append(line)
+            continue
+        try:
+            out.append(masking.mask_json_bytes(line))
+        except bodies.BodyError:
+            return None
+    return b"\n".join(out)
+
+
 def _peer(client: Client) -> str:
     addr = client.peername
     if not addr:
@@ -1331,7 +1357,7 @@ class LictorProxy:
                 f"the upstream sent {charset} text that the gateway must mask; it masks UTF-8 (and ASCII) only",
             )
             return
-        json_body = is_json_type(ctype)
+        json_body = _json_like(ctype)
         if masking.needs_document and not json_body:
             self.replace_at_headers(
                 flow,
@@ -1397,17 +1423,25 @@ class LictorProxy:
                 # UTF-16 or UTF-32 without a charset (a BOM, or JSON's zero bytes around ASCII)
                 self._fail_response(flow, "the upstream sent UTF-16 or UTF-32 text; the gateway masks UTF-8 only")
                 return
-            if is_json_type(resp.headers.get("content-type", "")):
+            if _json_like(resp.headers.get("content-type", "")):
                 try:
                     masked = state.masking.mask_json_bytes(raw)
                 except bodies.BodyError as exc:
                     if state.masking.needs_document:
                         self._fail_response(flow, f"the upstream's JSON could not be masked: {exc}")
                         return
-                    masked = state.masking.mask_bytes(raw)
+                    masked = None
             else:
-                masked = state.masking.mask_bytes(raw)
-            resp.content = masked
+                masked = None
+            if masked is None and b"\\u" in raw:
+                # \u escapes outside a JSON document (text/json, NDJSON, a JSON body behind an XSSI prefix):
+                # the detectors read the bytes, where jane\u0040example.com is no address. Read as JSON lines
+                # where it is that; otherwise not relayed.
+                masked = _mask_json_lines(state.masking, raw)
+                if masked is None:
+                    self._fail_response(flow, "the upstream's text has \\u escapes the gateway cannot read as JSON")
+                    return
+            resp.content = state.masking.mask_bytes(raw) if masked is None else masked
         scrubber = state.tap.scrubber
         if scrubber is not None and resp.raw_content:
             cleaned = scrubber.whole(resp.raw_content)
