@@ -347,18 +347,23 @@ PACK_ALTER_FROZEN = PACK.replace(
 ).replace("duration: 1s}", "duration: 10m}")
 
 
+async def _held_alter(tmp_path: Path, who: Identity) -> tuple[Gateway, Any, Agent, Any, str]:
+    """A gateway, its broker, and ``who``'s ALTER TABLE held for an elevation approval."""
+    gw = await make_gateway(tmp_path)
+    broker = gw.approvals
+    assert broker is not None
+    agent = await Agent(gw, who).open()
+    task = agent.ask(sql(gw, "ALTER TABLE t ADD COLUMN note text"))
+    return gw, broker, agent, task, await agent.held()
+
+
 @pytest.mark.parametrize("live", ["frozen", "needs-two"])
 def test_an_elevation_ends_when_its_approval_is_withdrawn(tmp_path: Path, live: str) -> None:
     # The approval is given, but the request it was for no longer passes the live policy: it is withdrawn,
     # and so is the elevation it granted (it was kept for its whole duration).
     async def scenario() -> None:
-        gw = await make_gateway(tmp_path)
-        broker = gw.approvals
-        assert broker is not None
         who = ident("agent-7", "agent")
-        agent = await Agent(gw, who).open()
-        task = agent.ask(sql(gw, "ALTER TABLE t ADD COLUMN note text"))
-        aid = await agent.held()
+        gw, broker, agent, task, aid = await _held_alter(tmp_path, who)
         pack = (
             PACK_ALTER_FROZEN
             if live == "frozen"
@@ -383,15 +388,10 @@ def test_an_elevation_ends_when_its_approval_is_withdrawn(tmp_path: Path, live: 
 
 def test_elevation_grants_roles_on_that_target_for_a_while(tmp_path: Path) -> None:
     async def scenario() -> None:
-        gw = await make_gateway(tmp_path)
-        broker = gw.approvals
-        assert broker is not None
         who = ident("agent-5", "agent")
-        agent = await Agent(gw, who).open()
+        gw, broker, agent, task, aid = await _held_alter(tmp_path, who)
         insert = sql(gw, "INSERT INTO t VALUES (1)")
         assert (await agent.session.decide(insert)).action == "deny"  # not a writer yet
-        task = agent.ask(sql(gw, "ALTER TABLE t ADD COLUMN note text"))
-        aid = await agent.held()
         assert "grants roles writer on this target for 1s" in agent.notices[0][1]
         await broker.vote(DBA2, aid, "approve")
         decision = await task
