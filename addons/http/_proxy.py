@@ -200,12 +200,16 @@ def _charset(content_type: str) -> str | None:
 def _mask_headers(resp: http.Response, masking: bodies.Masking) -> None:
     """Mask what the detectors find in the response's headers (a Location with an e-mail address, a
     Content-Disposition with a card number): the agent and the recording get them masked."""
+    if masking.plan_empty:
+        return
     fields = resp.headers.fields
+    values = [value for name, value in fields if name.lower() not in _FRAMING_HEADERS]
+    if not values or not masking.plan.mask_bytes(b"\n".join(values))[1]:
+        return  # one scan of them all finds nothing (the usual case): no header changes
     masked = tuple(
         (name, value if name.lower() in _FRAMING_HEADERS else masking.mask_bytes(value)) for name, value in fields
     )
-    if masked != fields:
-        resp.headers.fields = masked
+    resp.headers.fields = masked
 
 
 _JSON_LIKE = frozenset(
