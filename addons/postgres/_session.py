@@ -481,6 +481,8 @@ _Touched = tuple[tuple[str, ...], tuple[str, ...]]  # prepared statement names, 
 
 def _touched(classified: Classified) -> _Touched | None:
     """The names of prepared statements and cursors a statement creates or drops (None: none)."""
+    if not (classified.prepares or classified.deallocates or classified.cursors or classified.closes):
+        return None  # the usual case, on every execution
     prepared = (*(n for n, _ in classified.prepares), *(n for n in classified.deallocates if n is not None))
     cursors = (*classified.cursors, *(n for n in classified.closes if n is not None))
     return (prepared, cursors) if prepared or cursors else None
