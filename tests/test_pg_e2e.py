@@ -862,6 +862,32 @@ def test_a_failed_prepare_does_not_rename_what_the_server_holds(env: PgEnv) -> N
     assert env.fingerprint() == before
 
 
+def test_names_created_in_a_pipeline_are_known_to_its_next_statements(env: PgEnv) -> None:
+    # psycopg's pipeline mode and libpq send PREPARE (or DECLARE) and its EXECUTE (FETCH) before one Sync
+    raw = RawClient(env.port, env.tokens["readonly"])
+
+    def run(sql: str) -> bytes:
+        return pg.parse("", sql) + pg.bind("", "") + pg.execute("")
+
+    raw.send(run("PREPARE s1 AS SELECT 1"), run("EXECUTE s1"), pg.sync())
+    reply = raw.until_ready()
+    assert not errors(reply) and "DataRow" in names(reply), reply
+    raw.send(pg.query("BEGIN"))
+    raw.until_ready()
+    raw.send(run("DECLARE c1 CURSOR FOR SELECT 1"), run("FETCH 1 FROM c1"), pg.sync())
+    reply = raw.until_ready()
+    assert not errors(reply) and "DataRow" in names(reply), reply
+    raw.send(pg.query("COMMIT"))
+    raw.until_ready()
+    # DEALLOCATE ALL sent the same way forgets every name, as the server does
+    raw.send(run("DEALLOCATE ALL"), pg.sync())
+    assert not errors(raw.until_ready())
+    raw.send(pg.query("EXECUTE s1"))
+    [denied] = errors(raw.until_ready())
+    assert denied.sqlstate == "42501" and "not prepared through the gateway" in denied.message
+    raw.close()
+
+
 TRANSFORMS = [
     "SELECT reverse(card) FROM customers",
     "SELECT left(card, 8), substr(card, 9) FROM customers",

@@ -449,7 +449,6 @@ class Execution:
         "decision",
         "error",
         "masker_done",
-        "names",
         "params",
         "plan",
         "portal",
@@ -462,7 +461,6 @@ class Execution:
 
     def __init__(self, sql: str, decision: Decision, plan: Any, stmt_name: str | None = None) -> None:
         self.touched: _Touched | None = None  # names of prepared statements and cursors it creates or drops
-        self.names: tuple[Classified, Decision] | None = None  # what to record of them once it completes
         self.sql = sql
         self.decision = decision
         self.plan = plan
@@ -1307,8 +1305,8 @@ class Relay:
         return self._deny_extended(self._denial_error(classified, decisions, decision))
 
     def _allow_parse(self, name: str, sql: str, classified: Classified, decision: Decision) -> None:
-        # A PREPARE, DECLARE or DEALLOCATE sent as a Parse changes names only once an Execute of it completes
-        # (see _finish): parsed and never executed, it must not rename what the server holds.
+        # A PREPARE, DECLARE or DEALLOCATE sent as a Parse changes names when an Execute of it runs (see
+        # _on_execute): parsed and never executed, it must not rename what the server holds.
         plan = self._mask_plan(decision)
         self._remember(Prepared(name, sql, classified, decision, time.monotonic(), plan))
         self._push(_K_PARSE, name)
@@ -1447,9 +1445,13 @@ class Relay:
         stmt = portal.stmt
         decision, plan = (stmt.decision, stmt.plan) if portal.decision is None else (portal.decision, portal.plan)
         run = Execution(stmt.text, decision, None if plan is None or plan.is_empty else plan, stmt.name)
-        run.touched = _touched(stmt.classified)
-        if run.touched is not None:
-            run.names = (stmt.classified, decision)
+        c = stmt.classified
+        if c.prepares or c.deallocates or c.cursors or c.closes or c.discard_all:
+            # A PREPARE, DECLARE, DEALLOCATE or CLOSE sent as a Parse changes names when it is executed (not
+            # when parsed: parsed and never run, it must not rename what the server holds), before its result,
+            # so that the next statement of a pipeline sees them; forgotten if it fails (see _finish).
+            self._apply_names(c, decision)
+            run.touched = _touched(c)
         run.params = portal.params
         run.portal = portal
         self._segment_execs += 1
@@ -2017,8 +2019,6 @@ class Relay:
             return
         if complete is None and run.error and run.touched is not None:
             self._forget(run.touched)
-        elif complete is not None and run.names is not None:
-            self._apply_names(*run.names)
         tag = complete[5:-1].decode("utf-8", "replace") if complete is not None else None
         self._record_exec(run, tag)
 
