@@ -159,6 +159,24 @@ class CustomersAPI:
                     self.end_headers()
                     self.wfile.write(data)
                     return
+                if self.path in ("/v1/customers/utf16stream", "/v1/customers/twotypes"):
+                    self.send_response(200)
+                    if self.path.endswith("twotypes"):  # requests reads the last, the gateway the first
+                        self.send_header("Content-Type", "text/plain")
+                        self.send_header("Content-Type", "text/plain; charset=utf-16le")
+                        data = f"{EMAIL} {CARD}".encode("utf-16le")
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data)
+                        return
+                    self.send_header("Content-Type", "text/plain")  # streamed: chunked, no charset, a BOM
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    data = f"{EMAIL} {CARD}".encode("utf-16")
+                    for part in (data[:3], data[3:]):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
                 odd = {
                     "/v1/customers/utf16": ("application/json; charset=utf-16", "utf-16", []),
                     "/v1/customers/utf16bom": ("application/json", "utf-16", []),
@@ -353,6 +371,13 @@ def test_response_headers_are_masked_and_unreadable_encodings_refused(env: Env) 
             resp = client.get(env.url() + path)
             assert resp.status_code == 502, (path, resp.status_code, resp.text)
             assert EMAIL not in resp.text and "jane.doe" not in resp.content.decode("utf-16", "replace")
+        resp = client.get(env.url() + "/v1/customers/twotypes")
+        assert resp.status_code == 502 and "jane.doe" not in resp.content.decode("utf-16le", "replace")
+        try:  # streamed: the headers are out when the first bytes show UTF-16, so the body is cut
+            streamed = client.get(env.url() + "/v1/customers/utf16stream").content
+        except httpx.HTTPError:
+            streamed = b""
+        assert "jane.doe" not in streamed.decode("utf-16", "replace") and b"j\x00a\x00n" not in streamed
         # \u escapes outside one JSON document: read as JSON lines where they are, refused where not
         resp = client.get(env.url() + "/v1/customers/textjson")
         assert resp.status_code == 200 and json.loads(resp.text)["email"] == "[REDACTED:email]", resp.text

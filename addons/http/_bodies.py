@@ -232,6 +232,13 @@ def passthrough(tap: Tap, on_error: Callable[[Exception], None]) -> StreamFn:
     return _guard(lambda chunk, final: [chunk], tap, on_error)
 
 
+def check_utf8_start(data: bytes) -> None:
+    """Refuse UTF-16 or UTF-32 text (a byte order mark, or zero bytes among the first ones): the detectors
+    read UTF-8, and in those encodings a card number or an address is not the bytes they look for."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")) or b"\x00" in data[:4]:
+        raise BodyError("the upstream sent UTF-16 or UTF-32 text; the gateway masks UTF-8 only")
+
+
 def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None], *, live: bool = False) -> StreamFn:
     """Detector masking across chunk boundaries.
 
@@ -240,8 +247,13 @@ def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None
     newline unless it is a multi-line one such as a PEM block, which is then masked by its fallback pattern).
     """
     masker = masking.plan.stream()
+    head = bytearray()  # the first bytes, until there are 4 to check (see check_utf8_start)
 
     def fn(chunk: bytes, final: bool) -> list[bytes]:
+        if len(head) < 4 and (chunk or final):
+            head.extend(chunk[: 4 - len(head)])
+            if len(head) >= 4 or final:
+                check_utf8_start(bytes(head))
         if final:
             out = masker.close()
             masking.counts.update(masker.counts)
@@ -264,6 +276,7 @@ def document_stream(masking: Masking, limit: int, tap: Tap, on_error: Callable[[
             if len(buf) > limit:
                 raise BodyError(f"JSON response larger than {limit} bytes cannot be masked as a whole")
             return []
+        check_utf8_start(bytes(buf[:4]))
         return [masking.mask_json_bytes(bytes(buf))]
 
     return _guard(fn, tap, on_error)

@@ -190,11 +190,15 @@ def _encoding(headers: Any) -> str:
 
 
 def _charset(content_type: str) -> str | None:
-    for param in content_type.split(";")[1:]:
-        key, _, value = param.partition("=")
-        if key.strip().lower() == "charset":
-            return value.strip().strip('"').lower()
-    return None
+    """The declared charset; with several (clients differ on which counts), the first one that is not
+    ASCII-compatible, so that any of them can refuse."""
+    found = [
+        value.strip().strip('"').lower()
+        for key, _, value in (param.partition("=") for param in content_type.split(";")[1:])
+        if key.strip().lower() == "charset"
+    ]
+    odd = [c for c in found if c not in _ASCII_CHARSETS]
+    return odd[0] if odd else (found[0] if found else None)
 
 
 def _mask_headers(resp: http.Response, masking: bodies.Masking) -> None:
@@ -1352,6 +1356,11 @@ class LictorProxy:
                 flow, 502, f"the upstream sent a {encoding}-encoded body that the gateway must mask but cannot decode"
             )
             return
+        if len(resp.headers.get_all("content-type")) > 1:
+            self.replace_at_headers(
+                flow, 502, "the upstream sent two Content-Type headers; clients differ on which counts"
+            )
+            return
         charset = _charset(ctype)
         if charset is not None and charset not in _ASCII_CHARSETS:
             # UTF-16 and the like: card numbers and addresses are not the bytes the detectors look for
@@ -1423,9 +1432,10 @@ class LictorProxy:
             if encoding != "identity":
                 self._fail_response(flow, f"the upstream sent a {encoding}-encoded body the gateway cannot mask")
                 return
-            if raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")) or b"\x00" in raw[:4]:
-                # UTF-16 or UTF-32 without a charset (a BOM, or JSON's zero bytes around ASCII)
-                self._fail_response(flow, "the upstream sent UTF-16 or UTF-32 text; the gateway masks UTF-8 only")
+            try:
+                bodies.check_utf8_start(raw)  # UTF-16 or UTF-32 without a charset (a BOM, JSON's zero bytes)
+            except bodies.BodyError as exc:
+                self._fail_response(flow, str(exc))
                 return
             if _json_like(resp.headers.get("content-type", "")):
                 try:
