@@ -148,6 +148,9 @@ class ApprovalBroker:
             self.web = WebApp(self, self.server)
         self._waiters: dict[str, asyncio.Event] = {}
         self._elevations: dict[tuple[str, str, str], tuple[Elevation, ...]] = {}
+        # Elevations of withdrawn approvals, until they would have ended: a refresh that read the store
+        # before the withdrawal must not bring them back.
+        self._revoked: dict[str, float] = {}
         self._passes: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._lock = threading.Lock()  # redeem() may run in a worker thread
         self._tasks: list[asyncio.Task[None]] = []
@@ -311,8 +314,13 @@ class ApprovalBroker:
     async def _refresh_elevations(self) -> None:
         rows = await asyncio.to_thread(self.store.elevations, time.time())
         fresh: dict[tuple[str, str, str], list[Elevation]] = {}
+        with self._lock:
+            now = time.time()
+            self._revoked = {aid: until for aid, until in self._revoked.items() if until > now}
+            revoked = set(self._revoked)
         for e in rows:
-            fresh.setdefault(e.key, []).append(e)
+            if e.approval_id not in revoked:
+                fresh.setdefault(e.key, []).append(e)
         with self._lock:
             self._elevations = {k: tuple(v) for k, v in fresh.items()}  # one assignment: readers see old or new
 
@@ -321,6 +329,10 @@ class ApprovalBroker:
         if not self.store.withdraw(approval_id, reason, now):
             return False
         with self._lock:
+            until = max(
+                (e.until for es in self._elevations.values() for e in es if e.approval_id == approval_id), default=0.0
+            )
+            self._revoked[approval_id] = max(until, time.time() + 24 * 3600)
             current = {
                 key: kept
                 for key, entries in self._elevations.items()
@@ -342,7 +354,7 @@ class ApprovalBroker:
         )
         with self._lock:
             current = dict(self._elevations)
-            if any(x.approval_id == e.approval_id for x in current.get(e.key, ())):
+            if e.approval_id in self._revoked or any(x.approval_id == e.approval_id for x in current.get(e.key, ())):
                 return
             current[e.key] = (*current.get(e.key, ()), e)
             self._elevations = current
