@@ -189,16 +189,15 @@ def _encoding(headers: Any) -> str:
     return ", ".join(codings) or "identity"
 
 
-def _charset(content_type: str) -> str | None:
-    """The declared charset; with several (clients differ on which counts), the first one that is not
-    ASCII-compatible, so that any of them can refuse."""
-    found = [
+def _unmaskable_charset(content_type: str) -> str | None:
+    """A declared charset the detectors cannot read (UTF-16 and the like), None when there is none; with
+    several charset parameters (clients differ on which counts), any of them."""
+    found = (
         value.strip().strip('"').lower()
         for key, _, value in (param.partition("=") for param in content_type.split(";")[1:])
         if key.strip().lower() == "charset"
-    ]
-    odd = [c for c in found if c not in _ASCII_CHARSETS]
-    return odd[0] if odd else (found[0] if found else None)
+    )
+    return next((c for c in found if c not in _ASCII_CHARSETS), None)
 
 
 def _mask_headers(resp: http.Response, masking: bodies.Masking) -> None:
@@ -1254,7 +1253,7 @@ class LictorProxy:
         )
         if state.target.kubernetes and state.masking.secrets_response and not state.masking.secrets:
             data["response_body_omitted"] = "revealed secret values"
-        elif (resp.headers.get("content-encoding", "identity").lower() or "identity") == "identity":
+        elif _encoding(resp.headers) == "identity":
             data.update(_body_for_record(body, size_out > len(body), prefix="response_"))
         state.session.record("http", data)
 
@@ -1361,8 +1360,8 @@ class LictorProxy:
                 flow, 502, "the upstream sent two Content-Type headers; clients differ on which counts"
             )
             return
-        charset = _charset(ctype)
-        if charset is not None and charset not in _ASCII_CHARSETS:
+        charset = _unmaskable_charset(ctype)
+        if charset is not None:
             # UTF-16 and the like: card numbers and addresses are not the bytes the detectors look for
             self.replace_at_headers(
                 flow,
@@ -1437,6 +1436,7 @@ class LictorProxy:
             except bodies.BodyError as exc:
                 self._fail_response(flow, str(exc))
                 return
+            masked: bytes | None = None
             if _json_like(resp.headers.get("content-type", "")):
                 try:
                     masked = state.masking.mask_json_bytes(raw)
@@ -1444,9 +1444,6 @@ class LictorProxy:
                     if state.masking.needs_document:
                         self._fail_response(flow, f"the upstream's JSON could not be masked: {exc}")
                         return
-                    masked = None
-            else:
-                masked = None
             if masked is None and b"\\u" in raw:
                 # \u escapes outside a JSON document (text/json, NDJSON, a JSON body behind an XSSI prefix):
                 # the detectors read the bytes, where jane\u0040example.com is no address. Read as JSON lines

@@ -397,14 +397,14 @@ _UNBOUND_HEADERS = frozenset(
 )
 
 
-def payload(method: str, raw_path: str, body: bytes, headers: Iterable[tuple[str, str]] = ()) -> str:
+def payload(method: str, raw_path: str, body: bytes, headers: Mapping[str, str] | None = None) -> str:
     """What an approval is bound to, and what its approvers read: method, raw path with query, the headers
-    (without credentials, X-Lictor-* and the ones that change from try to try) and a digest of the body. A
-    ticket is then redeemed only by the same request: another Content-Type (a JSON patch read as a merge
-    patch) or another account header does not pass for the one approved."""
+    (as :func:`header_attrs` gives them, without the ones that change from try to try) and a digest of the
+    body. A ticket is then redeemed only by the same request: another Content-Type (a JSON patch read as a
+    merge patch) or another account header does not pass for the one approved."""
     text = f"{method.upper()} {raw_path} sha256:{hashlib.sha256(body).hexdigest()}"
     bound = sorted(
-        (k, v) for k, v in header_attrs(headers).items() if k not in _UNBOUND_HEADERS and not k.startswith("x-b3-")
+        (k, v) for k, v in (headers or {}).items() if k not in _UNBOUND_HEADERS and not k.startswith("x-b3-")
     )
     if bound:
         text += "".join(f"\n{k}: {v}" for k, v in bound)
@@ -462,7 +462,7 @@ def http_request(
         attrs=attrs,
         target=target,
         summary=f"{method.upper()} {path}" + (f"?{query}" if query else ""),
-        payload=payload(method, raw_path, body, headers),
+        payload=payload(method, raw_path, body, attrs["headers"]),
         reason=reason,
     )
 
@@ -544,7 +544,7 @@ def k8s_request(
         attrs=attrs,
         target=target,
         summary=k8s_summary(info),
-        payload=payload(method, raw_path, body, headers.items()),
+        payload=payload(method, raw_path, body, header_attrs(headers.items())),
         reason=reason,
     )
     return K8sCall(info, request)
