@@ -148,8 +148,8 @@ class ApprovalBroker:
             self.web = WebApp(self, self.server)
         self._waiters: dict[str, asyncio.Event] = {}
         self._elevations: dict[tuple[str, str, str], tuple[Elevation, ...]] = {}
-        # Elevations of withdrawn approvals, until they would have ended: a refresh that read the store
-        # before the withdrawal must not bring them back.
+        # Withdrawn approvals, for a day (the races are seconds long): neither a refresh that read the store
+        # before the withdrawal nor a vote that finishes after it may bring their elevations back.
         self._revoked: dict[str, float] = {}
         self._passes: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._lock = threading.Lock()  # redeem() may run in a worker thread
@@ -329,10 +329,7 @@ class ApprovalBroker:
         if not self.store.withdraw(approval_id, reason, now):
             return False
         with self._lock:
-            until = max(
-                (e.until for es in self._elevations.values() for e in es if e.approval_id == approval_id), default=0.0
-            )
-            self._revoked[approval_id] = max(until, time.time() + 24 * 3600)
+            self._revoked[approval_id] = time.time() + 24 * 3600
             current = {
                 key: kept
                 for key, entries in self._elevations.items()

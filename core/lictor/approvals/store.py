@@ -365,16 +365,30 @@ class _SqlStore:
             assert after is not None
             return VoteResult(after, status != PENDING)
 
-    def _transition(self, cur: Any, approval_id: str, to: str, reason: str, now: float, sources: Sequence[str]) -> bool:
+    def _transition(
+        self,
+        cur: Any,
+        approval_id: str,
+        to: str,
+        reason: str,
+        now: float,
+        sources: Sequence[str],
+        *,
+        append_reason: bool = False,
+    ) -> bool:
+        """Move a request from one of ``sources`` to ``to``. Its reason is ``reason`` if it has none yet; with
+        ``append_reason``, one it has is kept and ``(to: reason)`` added after it."""
         marks = ", ".join("?" for _ in sources)
+        kept = "decision_reason || ' (' || ? || ': ' || ? || ')'" if append_reason else "decision_reason"
         cur.execute(
             self._sql(
                 "UPDATE {approvals} SET status = ?, decided_at = COALESCE(decided_at, ?), "
-                "decision_reason = CASE WHEN decision_reason = '' THEN ? ELSE decision_reason END "
+                "decision_reason = CASE WHEN decision_reason = '' THEN ? ELSE {kept} END "
                 "WHERE id = ? AND status IN ({marks})",
                 marks=marks,
+                kept=kept,
             ),
-            (to, now, reason, approval_id, *sources),
+            (to, now, reason, *((to, reason) if append_reason else ()), approval_id, *sources),
         )
         changed = bool(cur.rowcount == 1)
         if changed:
@@ -423,19 +437,9 @@ class _SqlStore:
         elevation it granted ends too, and the reason says why it was withdrawn after the approver's.
         """
         with self._tx() as cur:
-            cur.execute(
-                self._sql(
-                    "UPDATE {approvals} SET status = ?, decided_at = COALESCE(decided_at, ?), "
-                    "decision_reason = CASE WHEN decision_reason = '' THEN ? "
-                    "ELSE decision_reason || ' (withdrawn: ' || ? || ')' END "
-                    "WHERE id = ? AND status IN (?, ?)"
-                ),
-                (WITHDRAWN, now, reason, reason, approval_id, PENDING, APPROVED),
-            )
-            if cur.rowcount != 1:
+            if not self._transition(cur, approval_id, WITHDRAWN, reason, now, (PENDING, APPROVED), append_reason=True):
                 return False
             cur.execute(self._sql("DELETE FROM {elevations} WHERE approval_id = ?"), (approval_id,))
-            self._announce(cur, approval_id)
             return True
 
     def elevations(self, now: float) -> list[Elevation]:
