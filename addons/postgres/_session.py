@@ -477,10 +477,15 @@ class Execution:
 _Touched = tuple[tuple[str, ...], tuple[str, ...]]  # prepared statement names, cursor names
 
 
+def _changes_names(c: Classified) -> bool:
+    """Whether a statement creates or drops prepared statements or cursors (rarely: checked per execution)."""
+    return bool(c.prepares or c.deallocates or c.cursors or c.closes or c.discard_all)
+
+
 def _touched(classified: Classified) -> _Touched | None:
     """The names of prepared statements and cursors a statement creates or drops (None: none)."""
-    if not (classified.prepares or classified.deallocates or classified.cursors or classified.closes):
-        return None  # the usual case, on every execution
+    if not _changes_names(classified):
+        return None
     prepared = (*(n for n, _ in classified.prepares), *(n for n in classified.deallocates if n is not None))
     cursors = (*classified.cursors, *(n for n in classified.closes if n is not None))
     return (prepared, cursors) if prepared or cursors else None
@@ -1446,7 +1451,7 @@ class Relay:
         decision, plan = (stmt.decision, stmt.plan) if portal.decision is None else (portal.decision, portal.plan)
         run = Execution(stmt.text, decision, None if plan is None or plan.is_empty else plan, stmt.name)
         c = stmt.classified
-        if c.prepares or c.deallocates or c.cursors or c.closes or c.discard_all:
+        if _changes_names(c):
             # A PREPARE, DECLARE, DEALLOCATE or CLOSE sent as a Parse changes names when it is executed (not
             # when parsed: parsed and never run, it must not rename what the server holds), before its result,
             # so that the next statement of a pipeline sees them; forgotten if it fails (see _finish).

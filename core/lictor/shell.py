@@ -3110,6 +3110,10 @@ def _sed_runs_commands(script: str) -> bool:
     """Whether a sed script has GNU sed's ``e`` command or an ``s///e`` flag (unsure: True)."""
     i, n = 0, len(script)
 
+    def line_end(j: int) -> int:  # past the rest of the line (text, a file name or a label)
+        end = script.find("\n", j)
+        return n if end < 0 else end + 1
+
     def skip_delimited(j: int, delim: str, parts: int) -> int:
         for _ in range(parts):
             while j < n and script[j] != delim:
@@ -3132,8 +3136,7 @@ def _sed_runs_commands(script: str) -> bool:
                 i = skip_delimited(i + 2, script[i + 1], 1)
                 continue
             if c == "#" or c in "aicrRwWbtT:v":  # the rest of the line is text, a file or a label
-                end = script.find("\n", i)
-                i = n if end < 0 else end + 1
+                i = line_end(i)
                 continue
             if c == "e":
                 return True
@@ -3144,8 +3147,7 @@ def _sed_runs_commands(script: str) -> bool:
                         return True
                     j += 1
                 if j < n and script[j] == "w":  # the rest of the line is a file name
-                    end = script.find("\n", j)
-                    j = n if end < 0 else end + 1
+                    j = line_end(j)
                 i = j
                 continue
             if c == "y" and i + 1 < n:
