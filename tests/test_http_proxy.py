@@ -565,6 +565,28 @@ def test_ticket_mode_answers_at_once_and_the_retry_redeems_it_once(env: Env) -> 
     assert len(posts) == 1
 
 
+def test_approvers_read_the_body_of_a_request_that_is_not_json(env: Env) -> None:
+    url = env.url("tickets") + "/v1/customers"
+    text = "name,credit_limit\nAcme,900000\n\x1b]0;owned\x07"
+    code, out = env.curl(url, "-X", "POST", "-H", "Content-Type: text/csv", "--data-binary", text, token=env.agent)
+    assert code == 403, out
+    approval_id = json.loads(out)["approval_id"]
+    approvals = f"http://127.0.0.1:{env.ports['approvals']}"
+    try:
+        shown = lictor("approvals", "show", approval_id, "--url", approvals, "--token", env.lead).stdout
+        assert "body:\n  name,credit_limit\n  Acme,900000\n" in shown, shown
+        assert "\x1b" not in shown and "\\x1b]0;owned\\x07" in shown  # no terminal escapes reach the approver
+        assert '"body_size": 40' in shown and '"text/csv"' in shown  # the other attributes, as JSON
+        with httpx.Client(base_url=approvals, timeout=30) as web:
+            csrf = re.search(r'name="csrf" value="([^"]+)"', web.get("/login").text)
+            assert csrf
+            assert web.post("/login", data={"csrf": csrf.group(1), "token": env.lead}).status_code == 303
+            page = web.get(f"/approvals/{approval_id}").text
+        assert '<pre id="body">name,credit_limit\nAcme,900000\n\\x1b]0;owned\\x07</pre>' in page, page
+    finally:
+        lictor("approvals", "deny", approval_id, "--url", approvals, "--token", env.lead, "--reason", "done")
+
+
 def test_recordings_and_audit_never_hold_credentials(env: Env) -> None:
     env.curl(env.url() + "/v1/customers/99", token=env.agent)
     env.curl(env.url() + "/v1/customers/echostream", token=env.agent)  # the upstream echoes its credential

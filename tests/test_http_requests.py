@@ -6,6 +6,7 @@ import pytest
 from lictor import Identity, load_policy
 from lictor_addons import default_addons
 from lictor_addons.http._requests import (
+    BODY_TEXT_LIMIT,
     Unreadable,
     canonical_path,
     flatten_json,
@@ -92,6 +93,23 @@ def test_http_request_attrs() -> None:
     assert req.summary == "POST /v1/customers?limit=10&tag=a&tag=b"
     assert req.payload.startswith("POST /v1/customers?limit=10&tag=a&tag=b sha256:")
     assert _http("/v1/customers?limit=10&tag=a&tag=b", "POST", body + b" ").digest() != req.digest()
+    assert "body_text" not in a  # approvers read JSON and forms as their fields
+
+
+def test_approvers_read_text_bodies_and_only_text_bodies() -> None:
+    xml = "<order><item>caf\u00e9</item></order>\n".encode()
+    a = _http("/v1/orders", "POST", xml, "application/xml").attrs
+    assert a["body_text"] == xml.decode() and "body_text_omitted_bytes" not in a
+    long = ("é" * (BODY_TEXT_LIMIT + 10)).encode()
+    a = _http("/v1/notes", "PUT", long, "text/plain").attrs
+    assert a["body_text"] == "é" * BODY_TEXT_LIMIT and a["body_text_omitted_bytes"] == 20
+    # Cut through a character far past the limit: still text.
+    a = _http("/v1/notes", "PUT", b"a" + long, "text/plain").attrs
+    assert a["body_text"] == "a" + "é" * (BODY_TEXT_LIMIT - 1)
+    for binary in (b"\x89PNG\r\n\x1a\n\x00\x00", b"ok\x00", "x".encode("utf-16"), b"\xff\xfe\xfd"):
+        a = _http("/v1/blobs", "PUT", binary, "application/octet-stream").attrs
+        assert "body_text" not in a and a["body_size"] == len(binary)
+    assert "body_text" not in _http("/v1/empty", "POST", b"", "text/plain").attrs
 
 
 def test_json_bodies_that_could_be_read_two_ways_are_refused() -> None:

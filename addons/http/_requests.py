@@ -56,6 +56,7 @@ def path_keys(path: str) -> list[str]:
 MAX_DEPTH = 64
 MAX_LEAVES = 100_000
 MAX_REASON = 500
+BODY_TEXT_LIMIT = 16 * 1024  # characters of a text body that approvers read (the digest binds all of it)
 # Headers some frameworks read as another method or path than the request line's: a request carrying one
 # would be decided as one request and executed as another, so it is refused.
 OVERRIDE_HEADERS = frozenset(
@@ -411,6 +412,25 @@ def payload(method: str, raw_path: str, body: bytes, headers: Mapping[str, str] 
     return text
 
 
+def body_text(body: bytes) -> tuple[str, int] | None:
+    """What approvers read of a body that is neither JSON nor a form (XML, plain text, CSV, a script): its
+    text up to :data:`BODY_TEXT_LIMIT` characters, and how many bytes of it are left out; None for a body
+    that is not UTF-8 text or holds a NUL, of which they see the size and digest only. Where it is shown,
+    control characters are shown escaped."""
+    head = body[: BODY_TEXT_LIMIT * 4]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A cut through a character at the end is not binary; anything else is.
+        if len(head) == len(body) or exc.start < len(head) - 3:
+            return None
+        text = head[: exc.start].decode("utf-8")
+    if "\x00" in text:
+        return None
+    shown = text[:BODY_TEXT_LIMIT]
+    return shown, len(body) - len(shown.encode())
+
+
 def reason_of(value: str | None) -> str | None:
     if not value:
         return None
@@ -456,6 +476,12 @@ def http_request(
             raise Unreadable("a _method field would make the API run another method than decided")
         attrs["json"] = flattened
         attrs["json_folded"] = fold_paths(flattened)
+    elif body:
+        readable = body_text(body)
+        if readable is not None:
+            attrs["body_text"], omitted = readable
+            if omitted:
+                attrs["body_text_omitted_bytes"] = omitted
     return Request(
         protocol="http",
         action=method.upper(),

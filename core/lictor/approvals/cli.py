@@ -151,6 +151,18 @@ def _print_approval(a: dict[str, Any], now: float) -> None:
         print(f"  {line}")
     if a.get("payload_truncated"):
         print("  … (its middle is not shown; the approval is bound to the digest of the whole request)")
+    attrs = dict(a.get("attrs") or {})
+    text, omitted = attrs.pop("body_text", None), attrs.pop("body_text_omitted_bytes", 0)
+    if attrs:
+        print("attributes:")
+        for line in _safe(json.dumps(attrs, indent=2, sort_keys=True, ensure_ascii=False)).splitlines():
+            print(f"  {line}")
+    if isinstance(text, str):
+        print("body:")
+        for line in _safe(text).splitlines() or [""]:
+            print(f"  {line}")
+        if omitted:
+            print(f"  … {omitted} more bytes not shown (the approval is bound to the digest of the whole body)")
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -341,7 +341,12 @@ class WebApp:
         body.append(f'<h2>Request</h2><pre id="payload">{esc(a.payload)}</pre>')
         if a.summary and a.summary != a.payload:
             body.append(f"<h3>Summary</h3><pre>{esc(a.summary)}</pre>")
-        body.append(f"<h3>Attributes</h3><pre>{esc(json.dumps(dict(a.attrs), indent=2, sort_keys=True))}</pre>")
+        attrs = dict(a.attrs)
+        text, omitted = attrs.pop("body_text", None), attrs.pop("body_text_omitted_bytes", 0)
+        body.append(f"<h3>Attributes</h3><pre>{esc(json.dumps(attrs, indent=2, sort_keys=True))}</pre>")
+        if isinstance(text, str):
+            more = f"<p>… {int(omitted)} more bytes not shown; the digest covers them</p>" if omitted else ""
+            body.append(f'<h3>Body</h3><pre id="body">{esc(printable(text))}</pre>{more}')
         if a.votes:
             body.append("<h2>Votes</h2><table><thead><tr><th>Approver</th><th>Verdict</th><th>Reason</th><th>When</th>")
             body.append("</tr></thead><tbody>")
