@@ -237,6 +237,41 @@ def test_s3_adopts_a_batch_whose_offset_commit_was_lost(tmp_path: Path, moto_s3:
     assert [r[0] for r in restarted.records("gw1")] == list(range(1, 41))
 
 
+def test_s3_manifest_survives_a_failure_after_its_batch_was_written(tmp_path: Path, moto_s3: MotoS3) -> None:
+    from lictor.recorder import Record
+
+    bucket = f"rec-{uuid.uuid4().hex[:8]}"
+    cfg = moto_s3.sink(bucket)
+    args: dict[str, Any] = {
+        k: cfg[k] for k in ("bucket", "prefix", "endpoint_url", "region", "access_key_id", "secret_access_key")
+    }
+    sink = S3Sink("s3", "gw1", Retention(), create_bucket=True, **args)
+    assert sink.prepare(0) == 0
+    event = b'{"s":"s1","n":0,"t":1,"kind":"session.start","dir":"gw","data":{},"prev":"' + b"0" * 64 + b'"}'
+    manifest = b'{"manifest":{"session":"s1","events":1,"spool":{"gateway":"gw1","first":1,"last":1}},"sig":"x"}'
+    batch = [Record(1, 1, event), Record(2, 3, manifest)]
+    put = sink.client.put_object
+    calls: list[str] = []
+
+    def second_put_times_out(**kwargs: Any) -> Any:
+        calls.append(kwargs["Key"])
+        if len(calls) == 2:
+            raise ConnectionError("read timeout")  # the other object of the batch may or may not be there
+        return put(**kwargs)
+
+    sink.client.put_object = second_put_times_out
+    with pytest.raises(ConnectionError):
+        sink.write(batch)
+    sink.client.put_object = put
+    committed = sink.prepare(0)  # the drainer retries: whatever was adopted is not written again
+    if committed < 2:
+        sink.write(batch)
+    reader = s3_reader(moto_s3, bucket)
+    manifest_raw, lines = reader.load("s1")
+    assert manifest_raw == manifest and lines == [event]
+    assert [r["id"] for r in RemoteStore(reader).rows()] == ["s1"]
+
+
 def line_client(port: int, token: str) -> tuple[socket.socket, Any]:
     sock = socket.create_connection(("127.0.0.1", port), timeout=15)
     reader = sock.makefile("rb")

@@ -784,15 +784,17 @@ class S3Sink:
             if record.type == MANIFEST:
                 sid = str(_json(record.body)["manifest"]["session"])
                 manifests.append((sid, record.body))
-        if lines:
-            key = f"{self._events_prefix()}{records[0].seq:020d}-{records[-1].seq:020d}.log"
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=b"".join(lines))
+        # Manifests first: a batch object is adopted after a failure (see prepare), so once it exists the
+        # manifests it holds must exist too, or a failure between the two writes would lose them for good.
         for sid, body in manifests:
             self.client.put_object(
                 Bucket=self.bucket,
                 Key=f"{self.prefix}{self.gateway_id}/manifests/{session_file_name(sid)}.json",
                 Body=body + b"\n",
             )
+        if lines:
+            key = f"{self._events_prefix()}{records[0].seq:020d}-{records[-1].seq:020d}.log"
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=b"".join(lines))
 
     def _objects(self, prefix: str) -> Iterator[dict[str, Any]]:
         token: str | None = None
