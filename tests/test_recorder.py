@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import time
 from collections.abc import Mapping
@@ -190,6 +191,14 @@ def test_cli_verify_names_the_first_altered_event(tmp_path: Path) -> None:
     path.write_bytes(b"".join(original.splitlines(keepends=True)[:3]))
     unsigned = lictor_cli("sessions", "verify", sid, "--state-dir", state)
     assert unsigned.returncode == 1 and "manifest is missing" in unsigned.stdout, unsigned.stdout
+    # ... and the index edited to call the session open: the audit log still records its end
+    index = sqlite3.connect(tmp_path / "state" / "recordings" / "index.db")
+    with index:
+        index.execute("UPDATE sessions SET ended_at = NULL, signed = 0, events = 3 WHERE id = ?", (sid,))
+    index.close()
+    reopened = lictor_cli("sessions", "verify", "--all", "--state-dir", state)
+    assert reopened.returncode == 1, reopened.stdout
+    assert f"{sid}: BROKEN: the manifest is missing, but the audit log records the end" in reopened.stdout
 
 
 def test_asciicast_export_of_a_terminal_session(tmp_path: Path) -> None:

@@ -72,7 +72,8 @@ def _resolve(source: Store | str | Path | None) -> Store:
         if recorder is None:
             raise RecordingError("no gateway recorder runs in this process: pass source= (a recordings directory)")
         recorder._catch_up_local()
-        return LocalStore(recorder.local_dir, recorder.config.state_dir)
+        audit = recorder.audit_log.path if recorder.audit_log is not None else None
+        return LocalStore(recorder.local_dir, recorder.config.state_dir, audit)
     if isinstance(source, (str, Path)):
         return LocalStore(source)
     return source

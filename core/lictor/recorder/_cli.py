@@ -46,7 +46,10 @@ def _store(args: argparse.Namespace) -> Store:
             assert isinstance(sink, (PostgresSink, S3Sink))
             return RemoteStore(sink, rec.state_dir)
         wait_for_local_store(rec)
-        return LocalStore(rec.local_dir, rec.state_dir)
+        audit = (
+            config.resolve(str(config.section("audit")["sqlite"])) if config.section("audit").get("sqlite") else None
+        )
+        return LocalStore(rec.local_dir, rec.state_dir, audit)
     state = Path(args.state_dir or os.environ.get("LICTOR_STATE_DIR", "state"))
     wait_for_local_store(RecordingsConfig.from_section({}, state))
     return LocalStore(state / "recordings", state)

@@ -35,6 +35,11 @@ class Store(Protocol):
 
     def public_key_path(self) -> Path | None: ...
 
+    def ended(self) -> set[str]:
+        """Sessions that an authenticated record other than the manifest says have ended (each must
+        have its manifest); empty when there is none to ask."""
+        ...
+
 
 def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
@@ -57,9 +62,12 @@ def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
 class LocalStore:
     """The local directory sink's files (``recordings/`` in the state directory by default)."""
 
-    def __init__(self, directory: str | Path, state_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, directory: str | Path, state_dir: str | Path | None = None, audit_path: str | Path | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.state_dir = Path(state_dir) if state_dir is not None else self.directory.parent
+        self.audit_path = Path(audit_path) if audit_path is not None else self.state_dir / "audit.db"
         if not (self.directory / "index.db").exists():
             raise RecordingError(f"no recordings at {self.directory} (index.db is missing)")
 
@@ -97,6 +105,28 @@ class LocalStore:
     def public_key_path(self) -> Path | None:
         path = self.state_dir / "recording.pub"
         return path if path.exists() else None
+
+    def ended(self) -> set[str]:
+        """The sessions whose ``session.end`` is in the audit log: its hash chain (``lictor audit verify``)
+        covers those events, where nothing covers the index's ``ended_at`` and ``signed`` columns."""
+        if not self.audit_path.exists():
+            return set()
+        db = sqlite3.connect(f"file:{self.audit_path}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = db.execute("SELECT body FROM events WHERE kind = 'session.end'").fetchall()
+        except sqlite3.Error:
+            return set()
+        finally:
+            db.close()
+        out = set()
+        for (body,) in rows:
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("session"), str):
+                out.add(doc["session"])
+        return out
 
 
 class RemoteStore:
@@ -138,6 +168,9 @@ class RemoteStore:
     def stream_raw(self, session_id: str) -> tuple[bytes | None, Iterator[bytes]]:
         manifest, lines = self.sink.load(session_id)
         return manifest, iter(lines)
+
+    def ended(self) -> set[str]:
+        return set()  # a remote sink's session rows say it, next to the manifests themselves
 
     def public_key_path(self) -> Path | None:
         if self.state_dir is None:
@@ -238,6 +271,7 @@ def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = Non
     public = load_public_key(key_path) if key_path is not None else None
     verdicts = []
     index: dict[str, dict[str, Any]] | None = None
+    ended: set[str] = set()
     for sid in ids:
         manifest_raw, lines = store.stream_raw(sid)
         try:
@@ -252,10 +286,25 @@ def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = Non
         verdict = verify_session(sid, lines, manifest, public)
         if manifest is None:
             # No manifest: a session still open, or one whose manifest was deleted (perhaps with the events
-            # after some point). The index says which: an ended or signed session must have its manifest.
+            # after some point). The index says which: an ended or signed session must have its manifest;
+            # so does one whose end the audit log records (the index can be edited as easily as the files).
             if index is None:
                 index = {str(r["id"]): r for r in store.rows()}
+                ended = store.ended()
             row = index.get(sid)
+            if sid in ended:
+                verdicts.append(
+                    SessionVerdict(
+                        sid,
+                        False,
+                        verdict.events,
+                        False,
+                        None,
+                        "the manifest is missing, but the audit log records the end of the session "
+                        f"(deleted or truncated? {verdict.events} events left)",
+                    )
+                )
+                continue
             if row is not None and (not row["open"] or row["signed"]):
                 verdict = SessionVerdict(
                     sid,
