@@ -423,6 +423,36 @@ def test_sessions_a_crash_left_open_are_signed_as_interrupted(tmp_path: Path, dr
     assert verdict.ok and verdict.signed and verdict.interrupted
 
 
+def test_numbering_goes_on_after_records_cut_from_the_spool(tmp_path: Path) -> None:
+    async def first_run() -> None:
+        gw = make_gateway(tmp_path, {"drain": "thread"})
+        await gw.start()
+        await run_session(gw, "agent-1", ["echo 1", "echo 2", "echo 3"])
+        await gw.stop()
+
+    asyncio.run(first_run())
+    spool_dir = tmp_path / "state" / "spool"
+    [segment] = spool_dir.glob("*.seg")  # the active one stays after a clean stop, drained
+    data = bytearray(segment.read_bytes())
+    data[data.index(b"echo 2") + 5] ^= 0x01  # a damaged record: it and those after it are cut at restart
+    segment.write_bytes(bytes(data))
+
+    async def second_run() -> str:
+        gw = make_gateway(tmp_path, {"drain": "thread"})
+        await gw.start()
+        sid = await run_session(gw, "agent-2", ["echo 4"])
+        await gw.stop()
+        return sid
+
+    sid = asyncio.run(second_run())
+    audit = AuditLog(tmp_path / "state" / "audit.db")
+    summaries = [e["request"]["summary"] for e in audit.events(kind="decision") if e.get("session") == sid]
+    audit.close()
+    assert summaries == ["echo 4"]  # not taken for a record the audit log already had, and skipped
+    manifest, events = load_session(sid, source=tmp_path / "state" / "recordings")
+    assert manifest is not None and [e["kind"] for e in events][-1] == "session.end"
+
+
 def test_record_after_close_and_unknown_sessions_fail_closed(tmp_path: Path) -> None:
     async def main() -> None:
         gw = make_gateway(tmp_path)

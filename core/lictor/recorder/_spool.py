@@ -249,6 +249,11 @@ class Spool(_SegmentList):
         self._floor = Offset(self.directory / "floor")
         self._floor_seq = self._floor.position
         self.segments: list[Segment] = self._recover()
+        # Sinks may hold records the spool no longer has (a tail lost in a power loss, or cut at a damaged
+        # record, after they were sent): numbering goes on after them, or a sink would take new records for
+        # ones it already has and drop them.
+        for path in (self.directory / "offsets").glob("*.off"):
+            self._floor_seq = max(self._floor_seq, (Offset.peek(path) or 0) + 1)
         self.total_bytes = sum(s.size for s in self.segments)
         self.written_seq = max(self._floor_seq - 1, 0)
         self.synced_seq = self.written_seq
