@@ -423,6 +423,14 @@ def test_sessions_a_crash_left_open_are_signed_as_interrupted(tmp_path: Path, dr
     assert verdict.ok and verdict.signed and verdict.interrupted
 
 
+def audit_events(tmp: Path, kind: str) -> list[dict[str, Any]]:
+    audit = AuditLog(tmp / "state" / "audit.db")
+    try:
+        return list(audit.events(kind=kind))
+    finally:
+        audit.close()
+
+
 def test_numbering_goes_on_after_records_cut_from_the_spool(tmp_path: Path) -> None:
     async def first_run() -> None:
         gw = make_gateway(tmp_path, {"drain": "thread"})
@@ -445,10 +453,10 @@ def test_numbering_goes_on_after_records_cut_from_the_spool(tmp_path: Path) -> N
         return sid
 
     sid = asyncio.run(second_run())
-    audit = AuditLog(tmp_path / "state" / "audit.db")
-    summaries = [e["request"]["summary"] for e in audit.events(kind="decision") if e.get("session") == sid]
-    audit.close()
+    summaries = [e["request"]["summary"] for e in audit_events(tmp_path, "decision") if e.get("session") == sid]
     assert summaries == ["echo 4"]  # not taken for a record the audit log already had, and skipped
+    [cut] = audit_events(tmp_path, "spool.recovered")  # what was cut is in the audit chain, not only the log
+    assert "checksum mismatch" in cut["problem"] and segment.name in cut["problem"]
     manifest, events = load_session(sid, source=tmp_path / "state" / "recordings")
     assert manifest is not None and [e["kind"] for e in events][-1] == "session.end"
 

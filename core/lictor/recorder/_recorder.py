@@ -428,6 +428,13 @@ class SessionRecorder:
                     continue
                 del self._sessions[sid]
                 self.interrupted.append(sid)
+        for problem in self.spool.recovery_problems:
+            # What a restart cut from the spool (a torn write, or a damaged record and those after it) was
+            # never sent to the sinks: the audit chain says so, not only the log.
+            try:
+                self.audit("spool.recovered", {"spool": str(config.spool_dir), "problem": problem})
+            except RecordingError as exc:
+                log.error("could not audit a spool recovery (%s): %s", problem, exc)
         if audit is not None:
             audit.before_read = self._catch_up_local
         self.spool.on_takeover = self._abandon
