@@ -271,3 +271,21 @@ def test_no_memo_for_protocols_with_custom_fields(tmp_path: Path):
     who = Identity("a", {"role": "r"})
     assert result.policy.decide(who, Request("txt", "say", {}, summary="hello there")).action == "allow"
     assert result.policy.decide(who, Request("txt", "say", {}, summary="goodbye")).action == "deny"
+
+
+def test_index_finds_rules_whatever_the_case_of_the_request_value(tmp_path: Path):
+    # Glob fields match ignoring case and index their literals lower-case: a request whose index value has
+    # capitals (a program named `Rscript`) must still find the deny among the candidates.
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: c}\nidentities: [{match: {sub: '*'}, roles: [r]}]\n"
+        "roles:\n  r:\n    rules:\n"
+        "      - {id: any, protocol: line, when: {commands: '*'}, action: allow}\n"
+        "      - {id: no-purge, protocol: line, when: {verbs: [Purge]}, action: deny}\n"
+    )
+    policy = load_policy([tmp_path], {"line": LINE}).policy
+    assert policy is not None
+    who = Identity("x")
+    for line in ("purge all", "Purge all", "PURGE all"):
+        d = policy.decide(who, req(line))
+        assert d.action == "deny" and d.rule_ids == ("no-purge",), line
+    assert policy.decide(who, req("get x")).action == "allow"

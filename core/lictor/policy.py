@@ -268,7 +268,9 @@ class Policy:
                 keys = [raw]
             elif raw is not None:
                 keys = [str(v) for v in raw]
-        keys.append("*")
+        # A case-insensitive field indexes its rules under lower-case literals: `programs: [Rscript]` is
+        # found for the program `Rscript` too (the predicate decides; extra candidates change nothing).
+        keys = [*dict.fromkeys(k for key in keys for k in (key, key.lower())), "*"]
         seen: set[int] = set()
         deny: list[CompiledRule] = []
         approve: list[CompiledRule] = []
