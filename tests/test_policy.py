@@ -289,3 +289,27 @@ def test_index_finds_rules_whatever_the_case_of_the_request_value(tmp_path: Path
         d = policy.decide(who, req(line))
         assert d.action == "deny" and d.rule_ids == ("no-purge",), line
     assert policy.decide(who, req("get x")).action == "allow"
+
+
+def test_a_missing_boolean_covers_no_permission(tmp_path: Path):
+    # An unparsable statement has no `modifies`: "missing is false" would let `modifies: false` allow it.
+    from lictor_addons.postgres._requests import requests_for_sql
+
+    policy = _pg_policy(
+        tmp_path,
+        """      - {id: ro, protocol: postgres, when: {modifies: false}, action: allow}
+      - {id: sel, protocol: postgres, when: {statements: select}, action: allow}
+      - {id: no-dyn, protocol: postgres, when: {statements: select}, unless: {dynamic_sql: false}, action: deny}
+""",
+    )
+    who = Identity("a")
+
+    def decide(sql: str) -> str:
+        return policy.decide(who, requests_for_sql(sql, target="db")[0]).action
+
+    assert decide("SELEC x") == "deny"
+    assert decide("SHOW search_path") == "allow"
+    assert decide(";") == "allow"  # an empty query modifies nothing, and says so
+    # an exception on a deny is not taken from an attribute that is not there either
+    assert policy.decide(who, Request("postgres", "select", {"kinds": frozenset({"select"})})).action == "deny"
+    assert decide("SELECT 1") == "allow"

@@ -87,6 +87,11 @@ def requests_for_sql(sql: str, *, target: str, database: str = "", reason: str |
                     "kinds": frozenset({"empty"}),
                     "tables": frozenset(),
                     "database": database,
+                    # known for an empty query: rules such as `modifies: false` cover it
+                    "modifies": False,
+                    "dynamic_sql": False,
+                    "read_write_attempt": False,
+                    "transforms_data": False,
                 },
                 target=target,
                 summary="empty query",

@@ -214,7 +214,9 @@ class Enum(Field):
 
 @dataclass(frozen=True)
 class Boolean(Field):
-    """True or false; matches when the request attribute equals it (a missing attribute is false)."""
+    """True or false; matches when the request attribute equals it. A missing attribute is false for a
+    restriction (``any``) and covers no permission (``all``): an unparsable statement, which has no
+    ``modifies``, is not allowed by ``modifies: false``."""
 
     def schema(self) -> dict[str, Any]:
         return {"description": self.description, "type": "boolean"}
@@ -222,7 +224,14 @@ class Boolean(Field):
     def compile(self, value: Any) -> Predicate:
         wanted = bool(value)
         attr = self.attribute
-        return lambda request, quantifier: bool(request.attrs.get(attr, False)) is wanted
+
+        def predicate(request: Request, quantifier: Quantifier) -> bool:
+            v = request.attrs.get(attr)
+            if v is None and quantifier == "all":
+                return False
+            return bool(v) is wanted
+
+        return predicate
 
 
 @dataclass(frozen=True)
