@@ -313,3 +313,12 @@ def test_a_missing_boolean_covers_no_permission(tmp_path: Path):
     # an exception on a deny is not taken from an attribute that is not there either
     assert policy.decide(who, Request("postgres", "select", {"kinds": frozenset({"select"})})).action == "deny"
     assert decide("SELECT 1") == "allow"
+
+
+def test_an_unparsable_statement_is_not_covered_by_an_allow_on_tables(tmp_path: Path):
+    from lictor_addons.postgres._requests import requests_for_sql
+
+    policy = _pg_policy(tmp_path, "      - {id: orders, protocol: postgres, when: {tables: [orders]}, action: allow}\n")
+    who = Identity("a")
+    assert policy.decide(who, requests_for_sql("SELECT * FROM orders", target="db")[0]).action == "allow"
+    assert policy.decide(who, requests_for_sql("SELEC * FROM orders", target="db")[0]).action == "deny"

@@ -68,7 +68,8 @@ def requests_for_sql(sql: str, *, target: str, database: str = "", reason: str |
                     "kind": "unknown",
                     "kinds": frozenset({"unknown"}),
                     "parse_error": str(exc),
-                    "tables": frozenset(),
+                    # no `tables`: which tables it touches is unknown, and an empty set would be covered by
+                    # every allow on tables (`tables: [orders]` would allow it)
                     "database": database,
                 },
                 target=target,

@@ -1519,8 +1519,7 @@ class Relay:
             attrs={
                 "kind": "function_call",
                 "kinds": frozenset({"function_call"}),
-                "tables": frozenset(),
-                "database": self.database,
+                "database": self.database,  # no `tables`: a function called by oid may read any
                 "function_oid": message.oid,
             },
             target=self.target.name,
