@@ -123,6 +123,19 @@ def test_unknown_target_reference(tmp_path):
     assert err.loc.line == 11 and "unknown target 'prod'" in err.message
 
 
+def test_a_target_pattern_that_names_no_target_is_a_warning(tmp_path):
+    # target names are matched case-sensitively: `PROD-*` never scopes a rule to `prod-db`, and a deny
+    # written that way would stop nothing
+    text = GOOD.replace("        protocol: postgres", '        protocol: postgres\n        targets: ["PROD-*"]')
+    path, result = problems(tmp_path, text, targets={"prod-db": "postgres"})
+    assert not result.errors
+    (warning,) = result.warnings
+    assert warning.loc.line == 11 and "'PROD-*' matches no target" in warning.message
+    assert "case-sensitive: prod-db" in warning.message
+    _, result = problems(tmp_path, text.replace("PROD-*", "prod-*"), targets={"prod-db": "postgres"})
+    assert not result.problems
+
+
 def test_yaml_syntax_error_has_position(tmp_path):
     path, result = problems(tmp_path, "format: lictor/v1\nmetadata: {name: x\n")
     (err,) = result.errors

@@ -11,6 +11,7 @@ Every problem carries ``FILE:LINE:COL``.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -505,9 +506,14 @@ class _Compiler:
         if self.targets is not None:
             tnode = rule.get("targets")
             for j, t in enumerate(targets):
-                if any(c in t for c in "*?["):
-                    continue
                 tloc = tnode.item_locs[j] if isinstance(tnode, LocList) else locate(doc, [*path, "targets"], loc)
+                if any(c in t for c in "*?["):
+                    # a pattern that names no target makes the rule do nothing, a deny included
+                    if not any(fnmatch.fnmatchcase(name, t) for name in self.targets):
+                        folded = sorted(n for n in self.targets if fnmatch.fnmatchcase(n.lower(), t.lower()))
+                        hint = f" (target names are case-sensitive: {', '.join(folded)})" if folded else ""
+                        self.warn(tloc, f"target pattern {t!r} matches no target in the gateway config{hint}")
+                    continue
                 if t not in self.targets:
                     known = ", ".join(sorted(self.targets)) or "none"
                     self.error(tloc, f"unknown target {t!r} (targets in the gateway config: {known})")
