@@ -103,6 +103,13 @@ def _pack(work: Path) -> dict[str, Any]:
                         "message": "secret files stay on the host",
                     },
                     {
+                        "id": "op-drop-box",
+                        "protocol": "ssh",
+                        "when": {"channels": ["sftp", "scp"], "operations": ["read"], "paths": [f"{work}/drop*"]},
+                        "action": "deny",
+                        "message": "the drop box is write-only",
+                    },
+                    {
                         "id": "op-held-files",
                         "protocol": "ssh",
                         "when": {"channels": ["sftp"], "operations": ["read"], "paths": [f"{work}/held*"]},
@@ -897,6 +904,53 @@ def test_a_path_that_changes_while_it_is_decided_is_not_used(env: Env) -> None:
         env.direct(f"rm -f {held} {outside}")
     assert not local.exists() or b"OUTSIDE-SECRET" not in local.read_bytes()
     assert b"the path changed while it was being decided" in err, err
+
+
+def test_opening_with_create_append_or_truncate_alone_is_decided_as_a_read(env: Env) -> None:
+    # Without the WRITE flag the target opens a file read-only, whatever else is asked for: CREAT or
+    # APPEND alone gave a readable handle that was decided as a write only, so a file the agent may
+    # write but not read (op-drop-box) could be read.
+    drop = f"{env.work}/drop-box.txt"
+    assert env.direct(f"printf DROPPED-CONTENT > {drop}").returncode == 0
+
+    async def run() -> list[str]:
+        results = []
+        async with (
+            asyncssh.connect(
+                "127.0.0.1",
+                env.client.port,
+                username="agent",
+                password=env.tokens["operator"],
+                known_hosts=str(env.client.known_hosts),
+                client_keys=None,
+                agent_path=None,
+                config=None,
+            ) as conn,
+            conn.start_sftp_client() as sftp,
+        ):
+            for flags in (asyncssh.FXF_CREAT, asyncssh.FXF_APPEND, asyncssh.FXF_CREAT | asyncssh.FXF_EXCL):
+                try:
+                    file = await sftp.open(drop.encode(), flags, encoding=None)
+                except asyncssh.SFTPError as exc:
+                    results.append(exc.reason)
+                    continue
+                try:
+                    results.append(repr(await file.read(100, 0)))
+                except asyncssh.SFTPError as exc:
+                    results.append(exc.reason)
+                finally:
+                    await file.close()
+            async with sftp.open(drop.encode(), asyncssh.FXF_WRITE | asyncssh.FXF_APPEND, encoding=None) as file:
+                await file.write(b" and more")  # writing is still allowed
+        return results
+
+    try:
+        results = asyncio.run(run())
+        assert env.direct(f"cat {drop}").stdout == b"DROPPED-CONTENT and more"
+    finally:
+        env.direct(f"rm -f {drop}")
+    assert not any("DROPPED" in r for r in results), results
+    assert sum("lictor: denied sftp read of" in r and "by rule op-drop-box" in r for r in results) == 3, results
 
 
 def test_scp_over_sftp_and_legacy_scp(env: Env) -> None:

@@ -15,9 +15,10 @@ parent). When they differ, both are in ``paths``, so an allow rule must cover bo
 allowed directory does not reach outside it) and a deny rule fires on either. The operation is then
 run on the real path.
 
-Operations: ``read`` (open for reading), ``write`` (open with write, append, create or truncate
-flags), ``list``, ``stat`` (stat, lstat, readlink, statvfs), ``setstat``, ``remove``, ``rename``
-(both paths), ``mkdir``, ``rmdir``, ``symlink`` and ``link`` (the new link and what it points to).
+Operations: ``read`` (open for reading; also create, append or truncate without write, which the
+target opens read-only), ``write`` (open with write, append, create or truncate flags), ``list``,
+``stat`` (stat, lstat, readlink, statvfs), ``setstat``, ``remove``, ``rename`` (both paths),
+``mkdir``, ``rmdir``, ``symlink`` and ``link`` (the new link and what it points to).
 ``realpath`` itself is answered without a decision: SFTP clients canonicalise their working
 directory before anything else, and it reveals only a path name.
 
@@ -116,12 +117,13 @@ async def _same(real: bytes) -> bytes:
 class _Handle:
     """An open file on the target, and what has flowed through it."""
 
-    __slots__ = ("file", "hash", "next", "operation", "path", "read_bytes", "sequential", "written_bytes")
+    __slots__ = ("file", "hash", "next", "operation", "path", "read_bytes", "readable", "sequential", "written_bytes")
 
-    def __init__(self, file: Any, path: str, operation: str) -> None:
+    def __init__(self, file: Any, path: str, operation: str, readable: bool) -> None:
         self.file = file
         self.path = path
         self.operation = operation
+        self.readable = readable
         self.hash = hashlib.sha256()
         self.next = 0
         self.sequential = True
@@ -366,7 +368,9 @@ class ProxySFTPServer(SFTPServer):
     async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> _Handle:
         paths, real = await self._paths(path)
         writes = bool(pflags & _WRITE_FLAGS)
-        reads = bool(pflags & asyncssh.FXF_READ) or not writes
+        # The target opens the file read-only unless WRITE is asked for: CREAT, APPEND or TRUNC alone
+        # give a readable handle there, so they are decided as a read too.
+        reads = bool(pflags & asyncssh.FXF_READ) or not pflags & asyncssh.FXF_WRITE
         if writes:
             await self._decide("write", paths)
         if reads:
@@ -374,13 +378,15 @@ class ProxySFTPServer(SFTPServer):
         async with self._fs:
             real = await self._checked(path, paths)
             file = await self.client.open(real.encode("utf-8", "surrogateescape"), pflags, attrs, encoding=None)
-        return _Handle(file, real, "write" if writes else "read")
+        return _Handle(file, real, "write" if writes else "read", reads)
 
     def open56(self, *args: Any, **kwargs: Any) -> Any:
         raise asyncssh.SFTPOpUnsupported("only SFTP version 3 is supported through the gateway")
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         handle = self._handle(file_obj)
+        if not handle.readable:
+            raise asyncssh.SFTPPermissionDenied("lictor: the file was not opened for reading")
         data = bytes(await handle.file.read(size, offset))
         handle.read_bytes += len(data)
         handle.account(offset, data)
