@@ -760,6 +760,44 @@ def test_exec_with_a_terminal_gets_one_only_with_raw_shell(env: Env) -> None:
         admin.close()
 
 
+def test_a_terminal_type_the_target_would_choke_on_is_refused_and_other_agents_keep_their_channels(
+    env: Env,
+) -> None:
+    # A NUL in the terminal type went to the target in the pty request; sshd took it for a broken packet
+    # and dropped the pooled upstream connection, ending every other agent's channel on it.
+    def connect(role: str) -> Any:
+        return asyncssh.connect(
+            "127.0.0.1",
+            env.client.port,
+            username="agent",
+            password=env.tokens[role],
+            known_hosts=str(env.client.known_hosts),
+            client_keys=None,
+            agent_path=None,
+            config=None,
+        )
+
+    async def run() -> tuple[Any, bytes, bytes]:
+        async with connect("observer") as other_conn, connect("operator") as conn:
+            other = await other_conn.create_process("cat", encoding=None)
+            other.stdin.write(b"before\n")
+            assert await asyncio.wait_for(other.stdout.readline(), 10) == b"before\n"
+            shell = await conn.create_process(term_type="xterm\x00", encoding=None)
+            err = await asyncio.wait_for(shell.stderr.read(), 10)
+            await shell.wait_closed()
+            await asyncio.sleep(0.5)
+            other.stdin.write(b"after\n")
+            after = await asyncio.wait_for(other.stdout.readline(), 10)
+            other.stdin.write_eof()
+            await other.wait_closed()
+            return shell.exit_status, err, after
+
+    status, err, after = asyncio.run(run())
+    assert after == b"after\n"
+    assert status == 255
+    assert b"lictor: the terminal type 'xterm\\x00' is not a terminal name" in err, err
+
+
 def test_a_terminal_without_raw_shell_is_not_recorded_as_a_denial(env: Env) -> None:
     # Every terminal of a role without raw_shell was audited as a denied "raw interactive shell":
     # sessions where nothing was refused were listed under --decision deny.

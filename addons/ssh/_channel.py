@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import shlex
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,10 @@ LINE_SHELL_ENV = (
 )
 """Environment of line-mode shells: a readable prompt, and no pager that would read keystrokes (a pager's
 ``!command`` would run something no rule saw)."""
+
+TERM_TYPE = re.compile(r"[!-~]*")
+"""A terminal type the target is given: printable ASCII. OpenSSH's sshd takes anything else (a NUL)
+as a broken packet and drops the whole connection, with every other agent's channel on it."""
 
 Notify = Callable[[str, str], Awaitable[None]]
 
@@ -368,6 +373,12 @@ class ChannelHandler:
     # -- upstream -----------------------------------------------------------------------------
 
     async def _open_upstream(self, command: str | None, *, raw: bool, subsystem: str | None = None) -> bool:
+        if self.pty and not self.cooked and not TERM_TYPE.fullmatch(self.process.term_type or ""):
+            await self._write_err(
+                f"lictor: the terminal type {self.process.term_type!r} is not a terminal name; set TERM to one\n"
+            )
+            self._exit(UNREACHABLE_STATUS)
+            return False
         try:
             self.lease = await self.agent.pool.acquire()
             kwargs: dict[str, Any] = {"encoding": None}
