@@ -991,6 +991,23 @@ def test_opening_with_create_append_or_truncate_alone_is_decided_as_a_read(env: 
     assert sum("lictor: denied sftp read of" in r and "by rule op-drop-box" in r for r in results) == 3, results
 
 
+def test_a_symlink_is_decided_on_where_it_really_points(env: Env) -> None:
+    # What a new link points to was resolved from the directory as written: through a link to its own
+    # directory (D -> .), D/esc -> ../x looked like a link to x in the work directory, and the target
+    # made esc -> ../x one level up, outside it.
+    w = env.work
+    proc = env.client.sftp(env.tokens["operator"], f"ln -s . {w}/here\nln -s ../outside-link-target {w}/here/escape\n")
+    try:
+        assert env.direct(f"test -L {w}/here").returncode == 0, _err(proc)  # a link inside is allowed
+        assert env.direct(f"test -L {w}/escape").returncode == 1, _err(proc)
+        assert (
+            f"lictor: denied sftp symlink of {w}/here/escape, {w}/escape, {w}/outside-link-target, "
+            f"{w.parent}/outside-link-target by rule lictor:default-deny"
+        ).encode() in proc.stderr, _err(proc)
+    finally:
+        env.direct(f"rm -f {w}/here {w}/escape")
+
+
 def test_scp_over_sftp_and_legacy_scp(env: Env) -> None:
     local = env.tmp / "scp_up.bin"
     local.write_bytes(os.urandom(200_000))

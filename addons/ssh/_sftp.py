@@ -507,11 +507,15 @@ class ProxySFTPServer(SFTPServer):
 
     async def symlink(self, oldpath: bytes, newpath: bytes) -> None:
         # ``oldpath`` is what the link will point to, stored verbatim; rules see where it resolves
-        # from the link's directory, and the link itself.
-        link_paths, _ = await self._paths(newpath)
+        # from the link's directory, and the link itself. The target resolves it from the directory
+        # the link really lands in (``D/esc`` with ``D -> .`` lands one level up), through links.
+        link_paths, link_real = await self._paths(newpath)
         target_text = self._text(oldpath)
+        if "\x00" in target_text:
+            raise asyncssh.SFTPPermissionDenied("lictor: NUL in a path name")
         pointed = posixpath.normpath(posixpath.join(posixpath.dirname(link_paths[0]), target_text))
-        await self._decide("symlink", [*link_paths, pointed])
+        resolved = posixpath.normpath(await self._real(posixpath.join(posixpath.dirname(link_real), target_text)))
+        await self._decide("symlink", [*link_paths, pointed, *([resolved] if resolved != pointed else [])])
         async with self._fs:
             link_real = await self._checked(newpath, link_paths)
             await self.client.symlink(oldpath, link_real.encode("utf-8", "surrogateescape"))
