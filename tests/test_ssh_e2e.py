@@ -516,6 +516,18 @@ def test_unknown_upstream_host_key_is_refused(env: Env) -> None:
     assert b"host key does not match" in proc.stderr
 
 
+def test_legacy_scp_says_why_when_the_target_cannot_be_reached(env: Env) -> None:
+    # sftp (and scp over SFTP) said why; legacy scp got "internal error in the gateway".
+    local = env.tmp / "unreachable.txt"
+    local.write_text("payload\n")
+    up = env.bad_client.scp(env.tokens["operator"], "-O", str(local), env.bad_client.remote("/tmp/unreachable.txt"))
+    down = env.bad_client.ssh(env.tokens["operator"], "scp -f /tmp/unreachable.txt")
+    for proc in (up, down):
+        assert proc.returncode == 1, _err(proc)
+        assert b"lictor: the target's host key does not match" in proc.stderr, _err(proc)
+        assert b"internal error" not in proc.stderr, _err(proc)
+
+
 def test_gateway_logs_in_upstream_with_a_certificate(env: Env) -> None:
     proc = env.cert_client.ssh(env.tokens["observer"], "echo via-certificate")
     assert proc.returncode == 0, _err(proc)

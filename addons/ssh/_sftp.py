@@ -173,8 +173,15 @@ async def run_scp_server(process: asyncssh.SSHServerProcess[bytes]) -> None:
 
     command = process.command or ""
     handler = serve(make_sftp_server(process.channel), command, process.stdin, process.stdout, process.stderr)
-    if handler is not None:
+    if handler is None:
+        return
+    try:
         await handler
+    except (EOFError, ConnectionError, OSError, asyncssh.Error) as exc:  # no session on the target: say why
+        message = str(exc) if str(exc).startswith("lictor:") else f"lictor: scp session not started: {exc}"
+        with contextlib.suppress(Exception):
+            process.stderr.write(f"{message}\n".encode())
+            process.exit(1)
 
 
 def guard_sftp_sessions() -> None:
