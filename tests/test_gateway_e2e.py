@@ -403,3 +403,67 @@ def test_a_broken_addon_denies_only_the_protocols_it_inspected():
     manager.add(BrokenAddon("kv", "kv.py", "SyntaxError", ("kv",)), BrokenAddon("guard", "guard.py", "SyntaxError"))
     assert [name for name, _ in manager.hooks_for("request", "kv")] == ["kv", "guard"]
     assert [name for name, _ in manager.hooks_for("request", "postgres")] == ["guard"]
+
+
+def test_a_reload_that_fails_after_starting_a_listener_stops_it(gateway_factory, tmp_path):
+    # The new code's `running` opened a listener and then raised: the file was marked broken, but
+    # its listener stayed open for good, so the fixed file could never bind its port again.
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "lines.yaml").write_text(PACK)
+    addon = tmp_path / "lineproto.py"
+    original = (ROOT / "tests" / "addons" / "lineproto.py").read_text()
+    addon.write_text(original)
+    port = free_port()
+    gw = gateway_factory(
+        {
+            "rulepacks": [str(packs)],
+            "addons": [str(addon)],
+            "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{port}"}},
+        }
+    )
+    wait_port(port)
+    token = gw.token("agent-1", role="reader")
+    assert Client(port, token).ask("get a").startswith("OK")
+
+    def audited(kind: str, count: int) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if sum(e["kind"] == kind for e in audit_events(gw)) >= count:
+                return
+            time.sleep(0.2)
+        raise AssertionError(gw.log())
+
+    started = "self.servers.append(await asyncio.start_server(handle, host, int(port)))"
+    assert started in original
+    addon.write_text(original.replace(started, started + '\n            raise RuntimeError("after listening")'))
+    audited("addon.reload_failed", 1)
+    addon.write_text(original + "\n")
+    audited("addon.reloaded", 1)
+    assert "Address already in use" not in gw.log()
+    assert Client(port, token).ask("get a").startswith("OK")
+
+
+async def test_a_failed_reload_leaves_none_of_the_new_code_loaded(tmp_path):
+    # The failed file's addons were removed by their old names: one renamed in the edit stayed loaded
+    # (its hooks running), and every later reload was refused as "already loaded".
+    import asyncio
+
+    from lictor import AddonManager, Gateway, GatewayConfig
+    from lictor.runner import AddonWatcher
+
+    addon = tmp_path / "guard.py"
+    source = "class Guard:\n    name = {name!r}\n    def configure(self, gateway):\n{body}\naddons = [Guard()]\n"
+    addon.write_text(source.format(name="guard", body="        pass"))
+    config = GatewayConfig.default(tmp_path / "state")
+    gw = Gateway(config, AddonManager())
+    watcher = AddonWatcher(gw, asyncio.get_running_loop(), {})
+    await watcher.reload(str(addon))
+    assert [type(a).__name__ for a in gw.addons.addons] == ["Guard"]
+    addon.write_text(source.format(name="guard-2", body="        raise ValueError('bad config')"))
+    await watcher.reload(str(addon))
+    assert [(type(a).__name__, a.name) for a in gw.addons.addons] == [("BrokenAddon", "guard")]
+    addon.write_text(source.format(name="guard-2", body="        pass"))
+    await watcher.reload(str(addon))
+    assert [(type(a).__name__, a.name) for a in gw.addons.addons] == [("Guard", "guard-2")]
+    gw.audit.close()

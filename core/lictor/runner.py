@@ -250,6 +250,18 @@ class AddonWatcher:
             handle.cancel()
         self._pending[spec] = self.loop.call_later(0.3, lambda: asyncio.ensure_future(self.reload(spec)))
 
+    async def _done(self, addon: Any, when: str) -> None:
+        from .addons import addon_name
+
+        try:
+            done = getattr(addon, "done", None)
+            if done is not None:
+                result = done(self.gateway)
+                if asyncio.iscoroutine(result):
+                    await result
+        except Exception:
+            log.exception("addon %s failed while stopping %s", addon_name(addon), when)
+
     async def reload(self, spec: str) -> None:
         from .addons import addon_name, load_addon_spec
 
@@ -257,16 +269,11 @@ class AddonWatcher:
             gw = self.gateway
             old = self.specs.get(spec, [])
             for addon in old:
-                try:
-                    done = getattr(addon, "done", None)
-                    if done is not None:
-                        result = done(gw)
-                        if asyncio.iscoroutine(result):
-                            await result
-                except Exception:
-                    log.exception("addon %s failed while stopping for reload", addon_name(addon))
+                await self._done(addon, "for reload")
                 gw.addons.remove(addon)
             names = [addon_name(a) for a in old] or [Path(spec).stem]
+            new: list[Any] = []
+            started_addons: list[Any] = []  # the new ones whose `running` was called (they may hold listeners)
             try:
                 new = load_addon_spec(spec, gw.config.path.parent if gw.config.path else None)
                 gw.addons.add(*new)
@@ -288,14 +295,19 @@ class AddonWatcher:
                 for addon in new:  # every addon of the file starts again, not only the last one
                     running = getattr(addon, "running", None)
                     if running is not None:
+                        started_addons.append(addon)
                         started = running(gw)
                         if asyncio.iscoroutine(started):
                             await started
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 log.error("addon file %s failed to reload; its requests are denied: %s", spec, error)
+                # What the new code started before it failed (a listener) is stopped: it would serve agents
+                # with code that is not loaded, and keep its port from the fixed file's next reload.
+                for addon in started_addons:
+                    await self._done(addon, "after a failed reload")
                 for addon in list(gw.addons.addons):
-                    if addon_name(addon) in names:
+                    if addon_name(addon) in names or any(addon is n for n in new):
                         gw.addons.remove(addon)
                 scopes = [getattr(a, "protocols", None) for a in old]
                 # one stand-in for every name; it sees what all of them saw (every protocol if one saw all)
