@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
-from lictor import testing
+from lictor import Glob, Vocabulary, testing
 
 from tests.addons.lineproto import LineProtocol
 from tests.conftest import free_port
@@ -192,3 +193,21 @@ def test_a_second_addon_cannot_replace_a_protocols_target_schema():
     manager.remove(first)
     manager.add(LineProtocol())  # the same protocol's addon loaded again (a reload) may declare it anew
     assert manager.target_schemas["line"]["type"] == "object"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"index": "verb"}, "index 'verb' names no field (fields: commands, verbs)"),
+        ({"secondary": "command"}, "secondary 'command' names no field"),
+        ({"fields": (Glob("verbs"), Glob("verbs", attr="verb"))}, "two fields are named 'verbs'"),
+        ({"fields": ("verbs",)}, "'verbs' is not a field"),
+        ({"mask_by": ("detector",)}, "mask_by 'detector' is not one of"),
+        ({"protocol": ""}, "protocol must be a non-empty string"),
+    ],
+)
+def test_a_broken_vocabulary_is_refused_saying_what_is_wrong(kwargs, message):
+    # An index naming no field crashed the gateway's start with a bare KeyError from the policy engine.
+    base = {"protocol": "line", "fields": (Glob("commands", attr="command"), Glob("verbs", attr="verb"))}
+    with pytest.raises(ValueError, match="vocabulary '.*': " + re.escape(message)):
+        Vocabulary(**{**base, **kwargs})

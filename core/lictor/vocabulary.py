@@ -318,6 +318,27 @@ class Vocabulary:
     test_request_schema: Mapping[str, Any] | None = None
     mask_by: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        # A mistake here would otherwise surface as a bare KeyError while the gateway starts, or as
+        # rules that silently read another field: say which vocabulary and what is wrong, at once.
+        where = f"vocabulary {self.protocol!r}"
+        if not isinstance(self.protocol, str) or not self.protocol:
+            raise ValueError(f"{where}: protocol must be a non-empty string")
+        names: list[str] = []
+        for f in self.fields:
+            if not isinstance(f, Field):
+                raise ValueError(f"{where}: {f!r} is not a field (Glob, Enum, Boolean, Number, Custom)")
+            if f.name in names:
+                raise ValueError(f"{where}: two fields are named {f.name!r}")
+            names.append(f.name)
+        for role in ("index", "secondary"):
+            name = getattr(self, role)
+            if name is not None and name not in names:
+                raise ValueError(f"{where}: {role} {name!r} names no field (fields: {', '.join(names) or 'none'})")
+        for selector in self.mask_by or ():
+            if selector not in ("detectors", "columns", "json_paths"):
+                raise ValueError(f"{where}: mask_by {selector!r} is not one of detectors, columns, json_paths")
+
     def field(self, name: str) -> Field:
         for f in self.fields:
             if f.name == name:
