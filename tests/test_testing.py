@@ -211,3 +211,23 @@ def test_a_broken_vocabulary_is_refused_saying_what_is_wrong(kwargs, message):
     base = {"protocol": "line", "fields": (Glob("commands", attr="command"), Glob("verbs", attr="verb"))}
     with pytest.raises(ValueError, match="vocabulary '.*': " + re.escape(message)):
         Vocabulary(**{**base, **kwargs})
+
+
+class _Hangs:
+    name = "hangs"
+    protocols = ("line",)
+
+    async def decision(self, flow):
+        await asyncio.Event().wait()  # an external check that never answers
+
+
+async def test_an_async_hook_that_never_returns_is_an_audited_denial(caplog):
+    # The request waited for ever: no decision for the agent, nothing in the audit.
+    async with testing.harness(LineProtocol(), _Hangs(), rulepacks=PACK) as h:
+        h.addons.hook_timeout = 0.2
+        session = await h.session(testing.identity("a", role="reader"), protocol="line")
+        decision = await asyncio.wait_for(session.decide(testing.request("line", "get", verb="get")), 10)
+        testing.assert_decision(decision, "deny", rule="lictor:addon-error")
+        assert "addon 'hangs'" in decision.message
+        assert [e["rule_ids"] for e in h.audit("decision")] == [["lictor:addon-error"]]
+        assert "failed in hook 'decision': TimeoutError: it did not return within 0.2 s" in caplog.text

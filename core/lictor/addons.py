@@ -20,11 +20,14 @@ protocols (the other requests do not pay for them). Without it they run for ever
 
 Unlike mitmproxy's ``safecall``, which logs and swallows an addon's exception and lets the flow
 continue, this manager re-raises every hook failure as :class:`HookError`; the gateway turns a
-failure during a request into an audited denial (fail closed).
+failure during a request into an audited denial (fail closed). An async ``request`` or
+``decision`` hook that has not returned after :attr:`AddonManager.hook_timeout` seconds has failed
+too: the request is denied, not left waiting for ever without a decision or an audit event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import inspect
@@ -118,6 +121,9 @@ class Loader:
 
 class AddonManager:
     """Holds the addons in order and calls their hooks."""
+
+    hook_timeout: float = 30.0
+    """Seconds an async ``request`` or ``decision`` hook may take before the request is denied."""
 
     def __init__(self) -> None:
         self.addons: list[Any] = []
@@ -231,20 +237,35 @@ class AddonManager:
         return entries
 
     async def trigger_for(self, hook: str, protocol: str, *args: Any) -> None:
-        """:meth:`trigger` for the addons that inspect ``protocol``."""
-        await self._run(hook, self.hooks_for(hook, protocol), args)
+        """:meth:`trigger` for the addons that inspect ``protocol``, each bounded by :attr:`hook_timeout`."""
+        await self._run(hook, self.hooks_for(hook, protocol), args, self.hook_timeout)
 
     def trigger_sync_for(self, hook: str, protocol: str, *args: Any) -> None:
         """:meth:`trigger_sync` for the addons that inspect ``protocol``."""
         self._run_sync(hook, self.hooks_for(hook, protocol), args)
 
     @staticmethod
-    async def _run(hook: str, entries: Iterable[tuple[str, Callable[..., Any]]], args: tuple[Any, ...]) -> None:
+    async def _run(
+        hook: str,
+        entries: Iterable[tuple[str, Callable[..., Any]]],
+        args: tuple[Any, ...],
+        seconds: float | None = None,
+    ) -> None:
         for name, fn in entries:
             try:
                 result = fn(*args)
                 if result is not None and inspect.isawaitable(result):
-                    await result
+                    if seconds is None:
+                        await result
+                    else:
+                        deadline = asyncio.timeout(seconds)
+                        try:
+                            async with deadline:
+                                await result
+                        except TimeoutError:
+                            if not deadline.expired():
+                                raise
+                            raise TimeoutError(f"it did not return within {seconds:g} s") from None
             except HookError:
                 raise
             except Exception as exc:
