@@ -231,3 +231,48 @@ async def test_an_async_hook_that_never_returns_is_an_audited_denial(caplog):
         assert "addon 'hangs'" in decision.message
         assert [e["rule_ids"] for e in h.audit("decision")] == [["lictor:addon-error"]]
         assert "failed in hook 'decision': TimeoutError: it did not return within 0.2 s" in caplog.text
+
+
+class _Exits:
+    name = "exits"
+    protocols = ("line",)
+
+    def request(self, flow):
+        if "exit" in flow.request.payload:
+            raise SystemExit(3)  # a library calling sys.exit(): it stopped the whole gateway, unaudited
+
+
+class _AwaitsSomethingCancelled:
+    name = "awaits-cancelled"
+    protocols = ("line",)
+
+    async def decision(self, flow):
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()  # a shared client closed under it, say
+        await future
+
+
+async def test_a_hook_that_exits_or_sees_a_cancellation_is_an_audited_denial():
+    async with testing.harness(LineProtocol(), _Exits(), rulepacks=PACK) as h:
+        session = await h.session(testing.identity("a", role="reader"), protocol="line")
+        exiting = testing.request("line", "get", verb="get", summary="get exit")
+        testing.assert_decision(await session.decide(exiting), "deny", rule="lictor:addon-error")
+        testing.assert_decision(session.decide_now(exiting), "deny", rule="lictor:addon-error")
+        assert [e["rule_ids"] for e in h.audit("decision")] == [["lictor:addon-error"]] * 2
+    async with testing.harness(LineProtocol(), _AwaitsSomethingCancelled(), rulepacks=PACK) as h:
+        session = await h.session(testing.identity("a", role="reader"), protocol="line")
+        decision = await session.decide(testing.request("line", "get", verb="get"))
+        testing.assert_decision(decision, "deny", rule="lictor:addon-error")
+        assert "addon 'awaits-cancelled'" in decision.message
+
+
+async def test_cancelling_a_decision_still_cancels_it():
+    # the agent went away while a hook was waiting: the caller cancels, and that is not an addon failure
+    async with testing.harness(LineProtocol(), _Hangs(), rulepacks=PACK) as h:
+        session = await h.session(testing.identity("a", role="reader"), protocol="line")
+        task = asyncio.ensure_future(session.decide(testing.request("line", "get", verb="get")))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert h.audit("decision") == []

@@ -268,7 +268,12 @@ class AddonManager:
                             raise TimeoutError(f"it did not return within {seconds:g} s") from None
             except HookError:
                 raise
-            except Exception as exc:
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # the caller is being cancelled (an agent that went away): not the addon's failure
+                raise HookError(name, hook, exc) from exc  # something the hook awaited was cancelled
+            except (Exception, SystemExit) as exc:  # sys.exit() in a hook would stop the whole gateway
                 raise HookError(name, hook, exc) from exc
 
     @staticmethod
@@ -279,7 +284,7 @@ class AddonManager:
                 if result is not None and inspect.isawaitable(result):
                     result.close()  # type: ignore[attr-defined]
                     raise TypeError(f"hook {hook!r} must be synchronous")
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise HookError(name, hook, exc) from exc
 
 
