@@ -276,3 +276,17 @@ async def test_cancelling_a_decision_still_cancels_it():
         with pytest.raises(asyncio.CancelledError):
             await task
         assert h.audit("decision") == []
+
+
+async def test_the_harness_checks_targets_against_the_addons_target_schema():
+    # The harness took any target, so a target schema that `lictor run` would refuse configs with
+    # (or a target of a protocol no addon serves) passed every test.
+    from lictor import ConfigError
+
+    bad = {"t": {"protocol": "line", "listen": "127.0.0.1:1", "colour": "red"}}
+    with pytest.raises(ConfigError, match="target 't': Additional properties are not allowed"):
+        async with testing.harness(LineProtocol(), targets=bad):
+            pass
+    with pytest.raises(ConfigError, match="no loaded addon serves protocol 'kv'"):
+        async with testing.harness(LineProtocol(), targets={"k": {"protocol": "kv"}}):
+            pass

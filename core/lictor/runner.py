@@ -16,7 +16,7 @@ from .addons import AddonManager, HookError
 from .config import ConfigError, GatewayConfig
 from .gateway import Gateway
 
-__all__ = ["PolicyWatcher", "run_gateway"]
+__all__ = ["PolicyWatcher", "run_gateway", "validate_targets"]
 
 log = logging.getLogger("lictor")
 
@@ -336,7 +336,7 @@ async def run_gateway(
     loop = asyncio.get_running_loop()
     try:
         manager.set_options(dict(config.section("options")))
-        _validate_targets(config, manager)
+        validate_targets(config, manager)
         gateway = Gateway(config, manager)
     except (ConfigError, ValueError) as exc:
         log.error("%s", exc)
@@ -429,7 +429,8 @@ async def _publish_status(gateway: Gateway, config: GatewayConfig) -> None:
         await asyncio.sleep(0.5)
 
 
-def _validate_targets(config: GatewayConfig, manager: AddonManager) -> None:
+def validate_targets(config: GatewayConfig, manager: AddonManager) -> None:
+    """Check every target against the schema its protocol's addon declared; ConfigError lists the problems."""
     import jsonschema
 
     problems = []

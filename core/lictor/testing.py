@@ -32,6 +32,7 @@ from .identity import Identity
 from .policy import Policy
 from .policy_types import Decision, Request
 from .rulepacks import load_policy
+from .runner import validate_targets
 from .vocabulary import Vocabulary
 
 __all__ = [
@@ -176,9 +177,10 @@ async def harness(
     options: Mapping[str, Any] | None = None,
     start: bool = False,
 ) -> AsyncIterator[Harness]:
-    """A :class:`Harness` for ``addons``: loads them (``load``), sets ``options``, compiles
-    ``rulepacks`` (YAML text), and with ``start=True`` also runs ``configure`` and ``running``
-    (so listeners come up) and, on exit, ``done``."""
+    """A :class:`Harness` for ``addons``: loads them (``load``), sets ``options``, checks ``targets``
+    against the target schemas the addons declared (raising ``ConfigError``, as ``lictor run`` refuses
+    such a config), compiles ``rulepacks`` (YAML text), and with ``start=True`` also runs ``configure``
+    and ``running`` (so listeners come up) and, on exit, ``done``."""
     tmp = None
     if state_dir is None:
         tmp = tempfile.TemporaryDirectory()
@@ -191,6 +193,7 @@ async def harness(
         config = GatewayConfig.default(state_dir)
         for name, settings in (targets or {}).items():
             config.targets[name] = Target(name, str(settings["protocol"]), dict(settings))
+        validate_targets(config, manager)  # as `lictor run` does: against each protocol's target schema
         gateway = Gateway(config, manager)
         recorder = MemoryRecorder()
         gateway.recorder = recorder
