@@ -322,3 +322,30 @@ def test_an_unparsable_statement_is_not_covered_by_an_allow_on_tables(tmp_path: 
     who = Identity("a")
     assert policy.decide(who, requests_for_sql("SELECT * FROM orders", target="db")[0]).action == "allow"
     assert policy.decide(who, requests_for_sql("SELEC * FROM orders", target="db")[0]).action == "deny"
+
+
+def test_no_memo_for_protocols_with_fields_of_their_own_kind(tmp_path: Path):
+    # A Field subclass reading the payload was memoized like the built-in kinds: once one request was
+    # allowed, another with the same attributes but a payload the rule does not cover was allowed too.
+    from dataclasses import dataclass
+
+    from lictor import Field, Glob, Vocabulary
+
+    @dataclass(frozen=True)
+    class PayloadPrefix(Field):
+        def schema(self):
+            return {"type": "string"}
+
+        def compile(self, value):
+            return lambda request, quantifier: request.payload.startswith(value)
+
+    vocab = Vocabulary("kv", (Glob("verbs", attr="verb"), PayloadPrefix("prefix")), index="verbs")
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: t}\nidentities: [{match: {claims: {role: r}}, roles: [r]}]\n"
+        "roles: {r: {rules: [{id: ok, protocol: kv, when: {verbs: get, prefix: 'get app:'}, action: allow}]}}\n"
+    )
+    result = load_policy([tmp_path], {"kv": vocab})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "r"})
+    assert result.policy.decide(who, Request("kv", "get", {"verb": "get"}, payload="get app:1")).action == "allow"
+    assert result.policy.decide(who, Request("kv", "get", {"verb": "get"}, payload="get secret:1")).action == "deny"

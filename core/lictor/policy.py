@@ -25,7 +25,7 @@ from typing import Any
 from ._yaml import Location
 from .identity import Identity
 from .policy_types import DEFAULT_DENY, Decision, Request
-from .vocabulary import Custom, Predicate, Quantifier, Vocabulary
+from .vocabulary import Boolean, Enum, Glob, Number, Predicate, Quantifier, Vocabulary
 
 __all__ = ["CompiledRule", "IdentityMapping", "Policy", "Role", "Trace"]
 
@@ -198,10 +198,12 @@ class Policy:
                     buckets.setdefault(key, _Bucket()).add(rule)
         self._secondary_attr: dict[str, str | None] = {}
         self._index_attr: dict[str, str | None] = {}
-        # Protocols whose rules only read request attributes (built-in field kinds: Custom fields may
-        # read anything): their ``allow`` decisions are memoized by roles, target, action and attrs.
+        # Protocols whose rules only read request attributes (built-in field kinds; Custom fields and other
+        # Field subclasses may read anything, the payload say): their ``allow`` decisions are memoized by
+        # roles, target, action and attrs.
         self._memo_ok: dict[str, bool] = {
-            name: not any(isinstance(f, Custom) for f in vocab.fields) for name, vocab in self.vocabularies.items()
+            name: all(isinstance(f, (Glob, Enum, Boolean, Number)) for f in vocab.fields)
+            for name, vocab in self.vocabularies.items()
         }
         self._memo: dict[Any, Decision] = {}
         for name, vocab in self.vocabularies.items():
