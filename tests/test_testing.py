@@ -290,3 +290,18 @@ async def test_the_harness_checks_targets_against_the_addons_target_schema():
     with pytest.raises(ConfigError, match="no loaded addon serves protocol 'kv'"):
         async with testing.harness(LineProtocol(), targets={"k": {"protocol": "kv"}}):
             pass
+
+
+def test_a_second_vocabulary_for_a_protocol_is_refused_naming_the_addon_that_has_it():
+    from lictor import AddonManager, HookError
+
+    class Intruder:
+        name = "intruder"
+
+        def load(self, loader):
+            loader.add_vocabulary(Vocabulary("line", (Glob("x"),)))
+
+    manager = AddonManager()
+    manager.add(LineProtocol())
+    with pytest.raises(HookError, match=r"protocol 'line' already has a vocabulary \(from addon 'lineproto'\)"):
+        manager.add(Intruder())

@@ -106,7 +106,8 @@ class Loader:
         """Teach rule packs the ``when:`` fields of a protocol."""
         existing = self._manager.vocabularies.get(vocabulary.protocol)
         if existing is not None and existing is not vocabulary:
-            raise ValueError(f"protocol {vocabulary.protocol!r} already has a vocabulary")
+            owner = addon_name(self._manager.vocabulary_owner.get(vocabulary.protocol))
+            raise ValueError(f"protocol {vocabulary.protocol!r} already has a vocabulary (from addon {owner!r})")
         self._manager.vocabularies[vocabulary.protocol] = vocabulary
         self._manager.vocabulary_owner[vocabulary.protocol] = self._addon
 
