@@ -305,3 +305,19 @@ def test_a_second_vocabulary_for_a_protocol_is_refused_naming_the_addon_that_has
     manager.add(LineProtocol())
     with pytest.raises(HookError, match=r"protocol 'line' already has a vocabulary \(from addon 'lineproto'\)"):
         manager.add(Intruder())
+
+
+def test_an_async_load_hook_is_refused_not_skipped():
+    # It was called and never awaited: the addon loaded without its vocabulary or target schema.
+    from lictor import AddonManager, HookError
+
+    class AsyncLoad:
+        name = "async-load"
+
+        async def load(self, loader):
+            loader.add_vocabulary(Vocabulary("kv", (Glob("keys"),)))
+
+    manager = AddonManager()
+    with pytest.raises(HookError, match="hook 'load' must be synchronous"):
+        manager.add(AsyncLoad())
+    assert manager.addons == [] and "kv" not in manager.vocabularies

@@ -163,7 +163,11 @@ class AddonManager:
             load = getattr(addon, "load", None)
             if load is not None:
                 try:
-                    load(Loader(self, addon))
+                    result = load(Loader(self, addon))
+                    if inspect.isawaitable(result):
+                        result.close()  # type: ignore[attr-defined]
+                        # never run: the addon would be loaded without what it meant to declare
+                        raise TypeError("hook 'load' must be synchronous")
                 except Exception as exc:
                     self.remove(addon)
                     raise HookError(name, "load", exc) from exc
