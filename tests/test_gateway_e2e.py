@@ -13,6 +13,7 @@ import socket
 import time
 
 import pytest
+from lictor import Identity, Request
 
 from tests.conftest import ROOT, free_port, lictor, wait_port
 
@@ -466,4 +467,52 @@ async def test_a_failed_reload_leaves_none_of_the_new_code_loaded(tmp_path):
     addon.write_text(source.format(name="guard-2", body="        pass"))
     await watcher.reload(str(addon))
     assert [(type(a).__name__, a.name) for a in gw.addons.addons] == [("Guard", "guard-2")]
+    gw.audit.close()
+
+
+async def test_rule_pack_edits_go_live_while_an_addon_is_broken(tmp_path):
+    # The broken addon's vocabulary went with it: every later edit of the packs was rejected as using an
+    # unknown protocol, so revoking a permission of another protocol kept it allowed until the fix.
+    import asyncio
+
+    from lictor import AddonManager, Gateway, GatewayConfig
+    from lictor.runner import AddonWatcher
+
+    from tests.addons.lineproto import LineProtocol
+
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "lines.yaml").write_text(PACK)
+    (packs / "kv.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: kv}\nidentities: [{match: {claims: {role: reader}}, roles: [kv]}]\n"
+        "roles: {kv: {rules: [{id: kv-get, protocol: kv, "
+        "when: {verbs: get}, action: allow}]}}\n"
+    )
+    addon = tmp_path / "kv.py"
+    addon.write_text(
+        "from lictor import Glob, Vocabulary\n"
+        "class KV:\n"
+        "    name = 'kv'\n"
+        "    protocols = ('kv',)\n"
+        "    def load(self, loader):\n"
+        "        loader.add_vocabulary(Vocabulary('kv', (Glob('verbs', attr='verb'),), index='verbs'))\n"
+        "addons = [KV()]\n"
+    )
+    manager = AddonManager()
+    manager.add(LineProtocol())
+    gw = Gateway(GatewayConfig.default(tmp_path / "state", [str(packs)]), manager)
+    watcher = AddonWatcher(gw, asyncio.get_running_loop(), {})
+    await watcher.reload(str(addon))
+    assert gw.load_policy().policy is not None
+    addon.write_text("this is not python(\n")
+    await watcher.reload(str(addon))
+    (packs / "lines.yaml").write_text(PACK.replace("verbs: [get]", "verbs: [list]"))  # reads revoked
+    result = gw.load_policy()
+    assert result.errors == [] and gw.policy is result.policy
+    session = await gw.open_session(Identity("a", {"role": "reader"}), protocol="line", target="lines", peer="")
+    get = Request("line", "get", {"verb": "get", "command": "get a"})
+    assert session.decide_now(get).rule_ids == ("lictor:default-deny",)
+    kv = Request("kv", "get", {"verb": "get"})
+    assert session.decide_now(kv).rule_ids == ("lictor:addon-broken",)
+    await session.close()
     gw.audit.close()

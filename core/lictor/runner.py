@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .addons import AddonManager, HookError
+from .addons import AddonManager, HookError, Loader
 from .config import ConfigError, GatewayConfig
 from .gateway import Gateway
+from .vocabulary import Vocabulary
 
 __all__ = ["PolicyWatcher", "run_gateway", "validate_targets"]
 
@@ -185,14 +186,29 @@ class BrokenAddon:
     Those are the requests of the protocols it named (its ``protocols``), or every request when it
     named none: none of them passes unchecked. The agent is told which addon is broken; the error
     itself (a file name, a Python exception) goes to the log and the audit, for the operators.
+
+    It keeps the rule vocabularies the broken addon declared: the rule packs go on compiling, so an
+    edit to them (a revocation for another protocol) still goes live while the addon is broken.
     """
 
-    def __init__(self, name: str, spec: str, error: str, protocols: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        spec: str,
+        error: str,
+        protocols: tuple[str, ...] | None = None,
+        vocabularies: tuple[Vocabulary, ...] = (),
+    ) -> None:
         self.name = name
         self.spec = spec
         self.error = error
+        self.vocabularies = vocabularies
         if protocols is not None:
             self.protocols = protocols
+
+    def load(self, loader: Loader) -> None:
+        for vocabulary in self.vocabularies:
+            loader.add_vocabulary(vocabulary)
 
     def request(self, flow: Any) -> None:
         flow.deny(
@@ -268,6 +284,10 @@ class AddonWatcher:
         async with self._lock:
             gw = self.gateway
             old = self.specs.get(spec, [])
+            manager = gw.addons
+            kept = tuple(  # for the stand-ins, should the reload fail
+                v for p, v in manager.vocabularies.items() if any(manager.vocabulary_owner[p] is a for a in old)
+            )
             for addon in old:
                 await self._done(addon, "for reload")
                 gw.addons.remove(addon)
@@ -312,7 +332,8 @@ class AddonWatcher:
                 scopes = [getattr(a, "protocols", None) for a in old]
                 # one stand-in for every name; it sees what all of them saw (every protocol if one saw all)
                 scope = None if not scopes or None in scopes else tuple(sorted({p for s in scopes for p in s or ()}))
-                new = [BrokenAddon(n, spec, error, scope) for n in names]
+                kept = tuple(v for v in kept if v.protocol not in gw.addons.vocabularies)
+                new = [BrokenAddon(n, spec, error, scope, kept if i == 0 else ()) for i, n in enumerate(names)]
                 gw.addons.add(*new)
                 gw.audit_event("addon.reload_failed", {"spec": spec, "error": error}, fail_closed=False)
             else:
