@@ -110,6 +110,20 @@ def _pack(work: Path) -> dict[str, Any]:
                         "message": "the drop box is write-only",
                     },
                     {
+                        "id": "op-frozen",
+                        "protocol": "ssh",
+                        "when": {"channels": ["sftp"], "operations": ["write"], "paths": [f"{work}/frozen*"]},
+                        "action": "deny",
+                        "message": "frozen files keep their content",
+                    },
+                    {
+                        "id": "op-plain-modes",
+                        "protocol": "ssh",
+                        "when": {"channels": ["sftp"], "operations": ["setstat"], "paths": [f"{work}/plain*"]},
+                        "action": "deny",
+                        "message": "plain files keep plain modes",
+                    },
+                    {
                         "id": "op-held-files",
                         "protocol": "ssh",
                         "when": {"channels": ["sftp"], "operations": ["read"], "paths": [f"{work}/held*"]},
@@ -1018,6 +1032,56 @@ def test_a_symlink_is_decided_on_where_it_really_points(env: Env) -> None:
         ).encode() in proc.stderr, _err(proc)
     finally:
         env.direct(f"rm -f {w}/here {w}/escape")
+
+
+def test_a_setstat_that_truncates_is_a_write_and_a_special_mode_on_create_is_a_setstat(env: Env) -> None:
+    frozen, plain = f"{env.work}/frozen.txt", f"{env.work}/plain-tool"
+    assert env.direct(f"printf FROZEN-CONTENT > {frozen}").returncode == 0
+
+    async def run() -> list[str]:
+        results = []
+        async with (
+            asyncssh.connect(
+                "127.0.0.1",
+                env.client.port,
+                username="agent",
+                password=env.tokens["operator"],
+                known_hosts=str(env.client.known_hosts),
+                client_keys=None,
+                agent_path=None,
+                config=None,
+            ) as conn,
+            conn.start_sftp_client() as sftp,
+        ):
+            await sftp.chmod(frozen, 0o640)  # its mode may change, not its content
+            for attempt in (
+                sftp.setstat(frozen, asyncssh.SFTPAttrs(size=0)),
+                sftp.truncate(frozen, 3),
+                sftp.open(plain, "w", asyncssh.SFTPAttrs(permissions=0o4755)),
+            ):
+                try:
+                    await attempt
+                    results.append("done")
+                except asyncssh.SFTPError as exc:
+                    results.append(exc.reason)
+            async with sftp.open(frozen, "rb") as file:
+                try:
+                    await file.setstat(asyncssh.SFTPAttrs(size=0))
+                    results.append("done")
+                except asyncssh.SFTPError as exc:
+                    results.append(exc.reason)
+            async with sftp.open(plain, "w", asyncssh.SFTPAttrs(permissions=0o755)) as file:
+                await file.write("#!/bin/sh\n")  # plain permission bits: the write it is
+        return results
+
+    try:
+        results = asyncio.run(run())
+        assert env.direct(f"cat {frozen}").stdout == b"FROZEN-CONTENT"
+        assert env.direct(f"stat -c %a {frozen} {plain}").stdout.split() == [b"640", b"755"]
+    finally:
+        env.direct(f"rm -f {frozen} {plain}")
+    assert ["by rule op-frozen" in r for r in results] == [True, True, False, True], results
+    assert "lictor: denied sftp setstat of" in results[2] and "by rule op-plain-modes" in results[2], results
 
 
 def test_scp_over_sftp_and_legacy_scp(env: Env) -> None:

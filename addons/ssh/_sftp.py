@@ -17,7 +17,8 @@ run on the real path.
 
 Operations: ``read`` (open for reading; also create, append or truncate without write, which the
 target opens read-only), ``write`` (open with write, append, create or truncate flags), ``list``,
-``stat`` (stat, lstat, readlink, statvfs), ``setstat``, ``remove``, ``rename`` (both paths),
+``stat`` (stat, lstat, readlink, statvfs), ``setstat`` (with a size also ``write``; also an open that
+sets an owner or a setuid, setgid or sticky bit), ``remove``, ``rename`` (both paths),
 ``mkdir``, ``rmdir``, ``symlink`` and ``link`` (the new link and what it points to).
 ``realpath`` itself is answered without a decision: SFTP clients canonicalise their working
 directory before anything else, and it reveals only a path name.
@@ -112,6 +113,19 @@ OVERRIDDEN = frozenset(
 
 async def _same(real: bytes) -> bytes:
     return real
+
+
+def _setstat_writes(attrs: SFTPAttrs) -> tuple[str, ...]:
+    """A setstat with a size truncates or extends the file: it changes what the file holds, a write."""
+    return ("write",) if attrs.size is not None else ()
+
+
+def _special_mode(attrs: SFTPAttrs) -> bool:
+    """Attributes of a file being opened that are more than its permission bits: an owner, or the setuid,
+    setgid or sticky bit (a setuid program owned by the target's user). Clients send the permission bits
+    alone (OpenSSH masks them with 0777), which open decides as the write it is."""
+    mode = attrs.permissions
+    return attrs.uid is not None or attrs.gid is not None or (mode is not None and mode & 0o7000 != 0)
 
 
 class _Handle:
@@ -362,10 +376,11 @@ class ProxySFTPServer(SFTPServer):
             )
         return real
 
-    async def _one(self, operation: str, path: bytes, act: Any) -> Any:
-        """Decide ``operation`` on ``path``, then ``act(real path)`` with the path checked again."""
+    async def _one(self, operation: str, path: bytes, act: Any, also: Sequence[str] = ()) -> Any:
+        """Decide ``operation`` (and ``also``) on ``path``, then ``act(real path)`` with the path checked again."""
         paths, _ = await self._paths(path)
-        await self._decide(operation, paths)
+        for op in (operation, *also):
+            await self._decide(op, paths)
         async with self._fs:
             real = await self._checked(path, paths)
             return await act(real.encode("utf-8", "surrogateescape"))
@@ -382,6 +397,8 @@ class ProxySFTPServer(SFTPServer):
             await self._decide("write", paths)
         if reads:
             await self._decide("read", paths, content=True)
+        if _special_mode(attrs):
+            await self._decide("setstat", paths)
         async with self._fs:
             real = await self._checked(path, paths)
             file = await self.client.open(real.encode("utf-8", "surrogateescape"), pflags, attrs, encoding=None)
@@ -432,7 +449,8 @@ class ProxySFTPServer(SFTPServer):
 
     async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         handle = self._handle(file_obj)
-        await self._decide("setstat", [handle.path])
+        for op in ("setstat", *_setstat_writes(attrs)):
+            await self._decide(op, [handle.path])
         await handle.file.setstat(attrs)
 
     async def fsync(self, file_obj: object) -> None:
@@ -464,10 +482,11 @@ class ProxySFTPServer(SFTPServer):
         attrs: SFTPAttrs = await self._one("stat", path, self.client.stat)
         return attrs
 
-    async def _lexical_op(self, operation: str, path: bytes, act: Any) -> Any:
+    async def _lexical_op(self, operation: str, path: bytes, act: Any, also: Sequence[str] = ()) -> Any:
         """Like :meth:`_one`, for operations on the name itself (not what a link points to)."""
         paths, _ = await self._paths(path)
-        await self._decide(operation, paths)
+        for op in (operation, *also):
+            await self._decide(op, paths)
         async with self._fs:
             await self._checked(path, paths)
             return await act(paths[0].encode("utf-8", "surrogateescape"))
@@ -483,10 +502,12 @@ class ProxySFTPServer(SFTPServer):
         return await self._one("stat", path, self.client.statvfs)
 
     async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        await self._one("setstat", path, lambda real: self.client.setstat(real, attrs))
+        act = lambda real: self.client.setstat(real, attrs)  # noqa: E731
+        await self._one("setstat", path, act, also=_setstat_writes(attrs))
 
     async def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        await self._lexical_op("setstat", path, lambda name: self.client.setstat(name, attrs, follow_symlinks=False))
+        act = lambda name: self.client.setstat(name, attrs, follow_symlinks=False)  # noqa: E731
+        await self._lexical_op("setstat", path, act, also=_setstat_writes(attrs))
 
     async def remove(self, path: bytes) -> None:
         await self._lexical_op("remove", path, self.client.remove)  # removes the link, not its target
