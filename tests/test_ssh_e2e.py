@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator
@@ -108,6 +109,12 @@ def _pack(work: Path) -> dict[str, Any]:
                         "when": {"channels": ["sftp", "scp"], "operations": ["read"], "paths": [f"{work}/drop*"]},
                         "action": "deny",
                         "message": "the drop box is write-only",
+                    },
+                    {
+                        "id": "op-rsync",
+                        "protocol": "ssh",
+                        "when": {"channels": ["exec"], "programs": ["rsync"]},
+                        "action": "allow",
                     },
                     {
                         "id": "op-frozen",
@@ -1110,6 +1117,33 @@ def test_scp_over_sftp_and_legacy_scp(env: Env) -> None:
     assert observer.returncode != 0
     assert b"lictor: denied sftp write of " in observer.stderr, _err(observer)
     assert env.direct(f"test -e {w}/obs.bin").returncode == 1
+
+
+def test_rsync_over_ssh_for_a_role_allowed_rsync(env: Env) -> None:
+    # The far end of `rsync -e ssh` is `rsync --server -logDtpre.iLsfxCIvu . DEST`, whose -e carries protocol
+    # flags: read as rsync's remote-shell option, it named a program no rule allows.
+    rsync = require_binary("rsync")
+    local = env.tmp / "rsync_up.bin"
+    local.write_bytes(os.urandom(50_000))
+    transport = shlex.join(["ssh", *env.client.options(), "-p", str(env.client.port)])
+    up = subprocess.run(
+        [rsync, "-t", "-e", transport, str(local), env.client.remote(f"{env.work}/rsync_up.bin")],
+        capture_output=True,
+        env=env.client.env(env.tokens["operator"]),
+        timeout=60,
+        check=False,
+        start_new_session=True,
+    )
+    try:
+        assert up.returncode == 0, _err(up)
+        assert env.direct(f"sha256sum < {env.work}/rsync_up.bin").stdout.split()[0].decode() == (
+            hashlib.sha256(local.read_bytes()).hexdigest()
+        )
+    finally:
+        env.direct(f"rm -f {env.work}/rsync_up.bin")
+    # A daemon started the same way reads a config that can name programs: still decided on them.
+    daemon = env.ssh("operator", "rsync --server --daemon --config=/tmp/x -e 'no-such-tool /tmp/x' .")
+    _assert_denied(daemon, "lictor:default-deny")
 
 
 def test_an_scp_command_line_run_on_the_target_is_an_exec_request(env: Env) -> None:

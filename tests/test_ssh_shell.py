@@ -797,6 +797,15 @@ def test_ssh_and_transports() -> None:
         ("ssh", "-p 2222", "rsync -e"),
     ]
     assert calls("ssh -n host") == [("ssh", "-n host", None)]
+    # the far end of `rsync -e ssh`: its -e is protocol flags, not a command
+    assert calls("rsync --server -logDtpre.iLsfxCIvu . /srv/drop") == [
+        ("rsync", "--server -logDtpre.iLsfxCIvu . /srv/drop", None)
+    ]
+    assert calls("rsync --server --sender -re.iLsfxC . /srv")[1:] == []
+    # ... but only there: not in daemon mode, nor with --server anywhere but first
+    assert "evil" in names("rsync --server --daemon -e evil .")
+    assert "evil" in names("rsync --server --config=x -e evil .")
+    assert "evil" in names("rsync -e evil --server . /d")
     assert calls("scp -S rm a host:b")[-1] == ("rm", "", "scp -S")
     assert ("cat", "", "ssh") in calls("ssh host cat < local.txt")
     assert names("git -c color.ui=never log") == ["git"]

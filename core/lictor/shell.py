@@ -3595,6 +3595,16 @@ def _h_scp(call: _Call) -> None:
 
 def _h_rsync(call: _Call) -> None:
     args = call.args
+    # The far end of a copy (`rsync -e ssh src host:dst` runs `rsync --server -logDtpre.iLsfxCIvu . dst`
+    # there): a server starts no remote shell, and its -e carries protocol flags, not a command. Not so
+    # in daemon mode (--daemon, whose --config may name programs to run), nor for words known at run time.
+    if (
+        args
+        and all(call.certain(a) for a in args)
+        and args[0].text == "--server"
+        and not any(a.text.startswith(("--da", "--co")) for a in args)
+    ):
+        return
     i = 0
     while i < len(args):
         a = args[i]
