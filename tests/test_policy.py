@@ -273,6 +273,26 @@ def test_no_memo_for_protocols_with_custom_fields(tmp_path: Path):
     assert result.policy.decide(who, Request("txt", "say", {}, summary="goodbye")).action == "deny"
 
 
+def test_a_custom_predicate_that_returns_an_iterator_fails_instead_of_matching(tmp_path: Path):
+    from lictor import Custom, Vocabulary
+
+    def compile_words(value):  # forgot any(): the generator is truthy, so it would match every request
+        return lambda request, quantifier: (w in request.summary for w in value)
+
+    vocab = Vocabulary(
+        protocol="txt",
+        fields=(Custom("mentions", json_schema={"type": "array"}, compiler=compile_words),),
+    )
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: t}\nidentities: [{match: {claims: {role: r}}, roles: [r]}]\n"
+        "roles: {r: {rules: [{id: ok, protocol: txt, when: {mentions: [hello]}, action: allow}]}}\n"
+    )
+    result = load_policy([tmp_path], {"txt": vocab})
+    assert result.policy is not None, result.errors
+    with pytest.raises(TypeError, match="returned generator, not a truth value"):
+        result.policy.decide(Identity("a", {"role": "r"}), Request("txt", "say", {}, summary="goodbye"))
+
+
 def test_index_finds_rules_whatever_the_case_of_the_request_value(tmp_path: Path):
     # Glob fields match ignoring case and index their literals lower-case: a request whose index value has
     # capitals (a program named `Rscript`) must still find the deny among the candidates.

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -285,7 +285,18 @@ class Custom(Field):
     def compile(self, value: Any) -> Predicate:
         if self.compiler is None:
             raise ValueError(f"field {self.name!r} has no compiler")
-        return self.compiler(value)
+        predicate = self.compiler(value)
+        name = self.name
+
+        def checked(request: Request, quantifier: Quantifier) -> bool:
+            # Any truthy result matches (a regex match object does), but an iterator or awaitable is a
+            # predicate that forgot to run (`any(...)` left as a generator): it would match every request.
+            result = predicate(request, quantifier)
+            if isinstance(result, (Iterator, Awaitable)):
+                raise TypeError(f"the predicate of field {name!r} returned {type(result).__name__}, not a truth value")
+            return bool(result)
+
+        return checked
 
 
 RequestBuilder = Callable[[Mapping[str, Any], str], Sequence[Request]]
