@@ -46,14 +46,26 @@ _SLASHES = re.compile(r"/{2,}")
 
 def lexical_path(arg: str) -> str:
     """``arg`` with its path spelled plainly: repeated slashes, ``.`` and ``..`` resolved as text
-    (``//dev/./sda`` -> ``/dev/sda``, ``/etc/../*`` -> ``/*``); for ``of=PATH`` / ``--opt=PATH``, the
-    part after ``=``. Text without a slash is returned as it is."""
+    (``//dev/./sda`` -> ``/dev/sda``, ``/etc/../*`` -> ``/*``), and ``/proc/PID/root`` (``self``,
+    ``thread-self``, a task's), the kernel's link to the root directory, read as ``/``
+    (``/proc/self/root/dev/sda`` -> ``/dev/sda``); for ``of=PATH`` / ``--opt=PATH``, the part after
+    ``=``. Text without a slash is returned as it is."""
     if "/" not in arg:
         return arg
     if "=" in arg and not arg.startswith(("/", ".")):
         key, _, value = arg.partition("=")
         return f"{key}={lexical_path(value)}" if "/" in value else arg
-    return posixpath.normpath(_SLASHES.sub("/", arg))
+    if not arg.startswith("/"):
+        return posixpath.normpath(_SLASHES.sub("/", arg))
+    parts: list[str] = []
+    for part in arg.split("/"):
+        if part == "..":
+            del parts[-1:]
+        elif part not in ("", "."):
+            parts.append(part)
+            if part == "root" and parts[0] == "proc" and (len(parts) == 3 or (len(parts) == 5 and parts[2] == "task")):
+                parts = []  # /proc/PID/root/.. is / too: the link is followed before '..'
+    return "/" + "/".join(parts)
 
 
 def _with_plain(text: str, plain: str) -> str | list[str]:
