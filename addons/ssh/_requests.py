@@ -42,14 +42,18 @@ HARMLESS_WRITES = frozenset({"/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tt
 
 
 _SLASHES = re.compile(r"/{2,}")
+_PROC_LINKS = ("root", "cwd")
+"""``/proc/PID/root`` is the root directory; ``/proc/PID/cwd`` is a process's working directory, which for
+init (``/proc/1/cwd``) and most daemons is the root too: both read as ``/``, so that a deny on ``/*`` sees
+them (an allow on paths then does not cover them, which fails closed)."""
 
 
 def lexical_path(arg: str) -> str:
     """``arg`` with its path spelled plainly: repeated slashes, ``.`` and ``..`` resolved as text
     (``//dev/./sda`` -> ``/dev/sda``, ``/etc/../*`` -> ``/*``), and ``/proc/PID/root`` (``self``,
     ``thread-self``, a task's), the kernel's link to the root directory, read as ``/``
-    (``/proc/self/root/dev/sda`` -> ``/dev/sda``); for ``of=PATH`` / ``--opt=PATH``, the part after
-    ``=``. Text without a slash is returned as it is."""
+    (``/proc/self/root/dev/sda`` -> ``/dev/sda``), as is ``/proc/PID/cwd``; for ``of=PATH`` /
+    ``--opt=PATH``, the part after ``=``. Text without a slash is returned as it is."""
     if "/" not in arg:
         return arg
     if "=" in arg and not arg.startswith(("/", ".")):
@@ -63,7 +67,11 @@ def lexical_path(arg: str) -> str:
             del parts[-1:]
         elif part not in ("", "."):
             parts.append(part)
-            if part == "root" and parts[0] == "proc" and (len(parts) == 3 or (len(parts) == 5 and parts[2] == "task")):
+            if (
+                part in _PROC_LINKS
+                and parts[0] == "proc"
+                and (len(parts) == 3 or (len(parts) == 5 and parts[2] == "task"))
+            ):
                 parts = []  # /proc/PID/root/.. is / too: the link is followed before '..'
     return "/" + "/".join(parts)
 
