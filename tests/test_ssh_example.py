@@ -99,6 +99,16 @@ def test_observer_contract(running: Running) -> None:
         assert denied.returncode == 126, (command, denied.stderr)
         assert b"lictor: denied" in denied.stderr
     assert not marker.exists()
+    # a program named like an allowed one, planted elsewhere on the host, is not that program
+    planted = running.sshd.work / "planted"
+    planted.mkdir(exist_ok=True)
+    (planted / "cat").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (planted / "cat").chmod(0o755)
+    for command in (f"{planted}/cat /etc/hostname", f"cd {planted} && ./cat", f"/usr/bin/../..{planted}/cat"):
+        denied = running.ssh("observer", command)
+        assert denied.returncode == 126, (command, denied.stderr)
+        assert b"lictor: denied" in denied.stderr and b"observer-system-programs" in denied.stderr, denied.stderr
+    assert not marker.exists()
     shell = running.client.shell(running.token("observer"))
     try:
         shell.expect(rb"lictor: denied shell")

@@ -55,6 +55,7 @@ def test_each_program_of_a_command_line_is_a_request() -> None:
     assert attrs[0] == {
         "channel": "exec",
         "program": "cat",
+        "program_path": "cat",
         "command": "cat /etc/hostname",
         "argv": "/etc/hostname",
         "writes": [],
@@ -175,3 +176,14 @@ def test_policy_test_requests_are_built_like_the_gateway_builds_them() -> None:
     assert shell.attrs == {"channel": "shell"}
     with pytest.raises(ValueError, match="unknown ssh channel"):
         build({"channel": "telnet"}, "web")
+
+
+def test_the_program_as_written_is_a_rule_attribute() -> None:
+    # `programs` is the basename: /tmp/x/cat is cat to it. `program_paths` keeps the path, plain too.
+    def paths(command: str) -> list[object]:
+        return [r.attrs["program_path"] for r in requests_for_command(command, target="t")]
+
+    assert paths("cat x") == ["cat"]
+    assert paths("/usr/bin/cat x | ./ls") == ["/usr/bin/cat", ["./ls", "ls"]]
+    assert paths("/usr/bin/../../tmp/p/cat") == [["/usr/bin/../../tmp/p/cat", "/tmp/p/cat"]]
+    assert paths("xargs /tmp/p/cat") == ["xargs", "/tmp/p/cat"]

@@ -75,6 +75,13 @@ VOCABULARY = Vocabulary(
         ),
         Glob("programs", attr="program", description="program name (basename), e.g. ls, systemctl", basename=True),
         Glob(
+            "program_paths",
+            attr="program_path",
+            case_sensitive=True,
+            description="the program as written: cat (found through PATH), /usr/bin/cat, ./cat; a path is also "
+            "given spelled plainly (/usr/bin/../../tmp/cat is /tmp/cat too)",
+        ),
+        Glob(
             "commands",
             attr="command",
             description="program and arguments as one string, e.g. 'systemctl status *', 'rm -rf *'",
