@@ -80,6 +80,26 @@ def test_document_stream_masks_whole_json_and_enforces_its_limit() -> None:
     assert EMAIL not in out and not seen
 
 
+def test_detector_only_json_is_masked_as_parsed_not_as_text() -> None:
+    """Escaped values, numbers and secret keys with a list or object value: the body stays JSON and what
+    mask_json masks in the parsed document is masked in the body."""
+    plan = MaskPlan.compile([{"detectors": ["card", "email", "secret_assignment"]}], key=b"k" * 32)
+    config = json.dumps({"db": {"password": "hunter2"}, "url": "postgres://app:s3cret@db:5432/app"})
+    docs = [
+        {"kind": "ConfigMap", "data": {"config.json": config}},  # JSON inside a string: its quotes are escaped
+        {"card": 4111111111111111, "id": 7},
+        {"password": ["hunter2", "hunter3"], "api_key": {"live": "sk-hunter4"}, "credentials": 12345678},
+    ]
+    for doc in docs:
+        for raw in (json.dumps(doc).encode(), json.dumps(doc).replace("/", "\\/").encode()):  # PHP escapes /
+            out = masking(plan).mask_json_bytes(raw)
+            assert json.loads(out) == plan.mask_json(doc)[0], raw
+            for value in (b"hunter", b"s3cret", b"4111111111111111", b"12345678"):
+                assert value not in out
+    clean = b'{"id": 7, "note": "nothing to mask"}'
+    assert masking(plan).mask_json_bytes(clean) is clean  # relayed as it came
+
+
 def secret(name: str, **data: str) -> dict:  # type: ignore[type-arg]
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
     last = json.dumps({"apiVersion": "v1", "kind": "Secret", "data": encoded, "metadata": {"name": name}})

@@ -198,6 +198,9 @@ class CustomersAPI:
                     rows = [{"id": i, "email": EMAIL, "card": CARD, "note": "x" * 200} for i in range(5000)]
                     self._json(200, {"id": "big", "rows": rows})
                     return
+                if self.path == "/v1/customers/legacy":  # a card number stored and served as a number
+                    self._json(200, {"id": "legacy", "card": int(CARD.replace(" ", "")), "email": EMAIL})
+                    return
                 match = re.fullmatch(r"/v1/customers/(\w+)", self.path)
                 if match:
                     self._json(200, {"id": match.group(1), "email": EMAIL, "card": CARD, "plan": "gold"})
@@ -386,6 +389,12 @@ def test_response_headers_are_masked_and_unreadable_encodings_refused(env: Env) 
         assert resp.status_code == 200 and [d["email"] for d in lines] == ["[REDACTED:email]"] * 3, resp.text
         resp = client.get(env.url() + "/v1/customers/xssi")  # )]}' then the JSON: masked line by line
         assert resp.status_code == 200 and "zo" not in resp.text and "[REDACTED:email]" in resp.text, resp.text
+
+
+def test_masked_json_numbers_leave_the_body_valid_json(env: Env) -> None:
+    code, body = env.curl(env.url() + "/v1/customers/legacy", token=env.agent)
+    assert code == 200, body
+    assert json.loads(body) == {"id": "legacy", "card": "[REDACTED:card]", "email": "[REDACTED:email]"}
 
 
 def test_requests_without_a_valid_token_are_401_and_never_forwarded(env: Env) -> None:
