@@ -201,6 +201,20 @@ def test_flush_and_close() -> None:
     assert stream.counts == {"card": 1}
 
 
+def test_flush_lines_keeps_the_line_being_written() -> None:
+    plan = MaskPlan.compile([{"detectors": ["card"]}])
+    stream = plan.stream()
+    out = stream.feed(b"a 4111111111111111\ncard 4111 1111 ")
+    assert out + stream.flush_lines() == b"a [REDACTED:card]\n"
+    assert stream.flush_lines() == b""  # no newline left: nothing more until the line goes on
+    assert stream.pending == len(b"card 4111 1111 ")
+    out = stream.feed(b"1111 1111 end")
+    assert out + stream.close() == b"card [REDACTED:card] end"
+    assert stream.counts == {"card": 2}
+    with pytest.raises(MaskingError, match="closed"):
+        stream.flush_lines()
+
+
 def _mixed_lines(seed: int) -> bytes:
     rng = random.Random(seed)
     lines = []

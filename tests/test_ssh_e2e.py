@@ -1313,3 +1313,12 @@ def test_sftp_transfers_are_recorded_with_sizes_and_hashes(env: Env) -> None:
     assert data["bytes"] == len(payload)
     assert data["sha256"] == hashlib.sha256(payload).hexdigest()
     assert data["path"] == f"{env.work}/hashed.bin"
+
+
+def test_output_that_pauses_inside_a_value_is_still_masked(env: Env) -> None:
+    # A producer that stalls in the middle of a line (a slow network, a program writing in pieces): without
+    # a terminal nobody waits for a prompt, so an idle pause does not release half a card number.
+    first, second = CARD[:9], CARD[9:]
+    masked = env.ssh("masked", f"printf '{first}'; sleep 0.4; printf '{second} end\\n'")
+    assert masked.returncode == 0, _err(masked)
+    assert masked.stdout == b"[REDACTED:card] end\n"

@@ -501,17 +501,22 @@ class ChannelHandler:
         self, reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes], stream: str
     ) -> None:
         pending_read: asyncio.Future[bytes] | None = None
+        idle = False  # the tail was released as far as it may be since the last output
         try:
             while True:
                 masker = self._masker(stream)
-                if masker is not None and masker.pending:
+                if masker is not None and masker.pending and not idle:
                     if pending_read is None:
                         pending_read = asyncio.ensure_future(reader.read(CHUNK))
                     done, _ = await asyncio.wait({pending_read}, timeout=FLUSH_IDLE)
-                    if not done:  # the target is quiet: release what the masker holds back
-                        self._emit(writer, stream, masker.flush())
+                    if not done:
+                        # The target is quiet: release what the masker holds back. Without a terminal nobody
+                        # waits for a prompt, so only whole lines: a pause inside a value does not split it.
+                        idle = True
+                        self._emit(writer, stream, masker.flush() if self.pty else masker.flush_lines())
                         await writer.drain()
                         continue
+                idle = False
                 if pending_read is not None:
                     data = await pending_read
                     pending_read = None

@@ -58,6 +58,25 @@ class StreamMasker:
             return b""
         return self._run(eof=True)
 
+    def flush_lines(self) -> bytes:
+        """Like :meth:`flush`, up to the last newline held back only: the rest of a line still being written
+        (half a card number from a producer that paused) stays held back for the bytes that complete it."""
+        if self._closed:
+            raise MaskingError("flush_lines() on a closed stream masker")
+        if self._scanner is None:
+            return b""
+        buf = self._buf
+        end = buf.rfind(b"\n", self._pos) + 1
+        if end <= 0:
+            return b""
+        out: list[bytes] = []
+        done = self._scanner.scan(buf[:end], self._pos, True, out, self.counts)
+        cut = max(0, done - CONTEXT)
+        self._buf = buf = buf[cut:]
+        self._pos = done - cut
+        self._scanned = len(buf)
+        return b"".join(out)
+
     def close(self) -> bytes:
         """End of input: return the masked remainder. The masker cannot be fed afterwards."""
         if self._closed:
