@@ -28,6 +28,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import orjson
+
 REDACTED = "[REDACTED:lictor]"
 REDACTED_B64 = base64.b64encode(REDACTED.encode()).decode()
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
@@ -142,14 +144,26 @@ class Masking:
             return data
         if self.needs_document or b"\\u" in data:
             return dumps(self.mask_document(_loads(data)))
-        # Detectors only. Without any escape, a scan of the JSON text that finds nothing means a scan of each
-        # string would find nothing either, and it is several times cheaper than parsing. What it finds is
-        # masked in the parsed document: in the text, an escape hides a value ({\"password\": \"x\"} in a
-        # string, https:\/\/user:pw@host), a card may be a number (masked, it must become a string), and a
-        # secret key's value may be a list or an object (masked whole there, not up to its first quote).
+        # Detectors only. Without any escape, a scan of the JSON text finds exactly what a scan of each string
+        # would, and it is several times cheaper than parsing. Otherwise the parsed document is masked: in the
+        # text, an escape hides a value ({\"password\": \"x\"} in a string, https:\/\/user:pw@host), a card
+        # may be a number (masked, it must become a string), and a secret key's value may be a list or an
+        # object (masked whole there, not up to its first quote).
         masked, counts = self.plan.mask_bytes(data)
-        if not counts and b"\\" not in data:
-            return data
+        if b"\\" not in data:
+            if not counts:
+                return data
+            # Without escapes every string's text is its value, so what the scan masked inside strings is right;
+            # it went wrong only where the result is no longer JSON (a card sent as a number, a secret key whose
+            # value is a list or object). Checking that is a tenth of masking the parsed document.
+            out = bytes(masked)
+            try:
+                orjson.loads(out)
+            except orjson.JSONDecodeError:
+                pass
+            else:
+                self.counts.update(counts)
+                return out
         try:
             doc = json.loads(data)
         except ValueError:  # not JSON after all: masked as text
