@@ -292,6 +292,8 @@ class Custom(Field):
             # Any truthy result matches (a regex match object does), but an iterator or awaitable is a
             # predicate that forgot to run (`any(...)` left as a generator): it would match every request.
             result = predicate(request, quantifier)
+            if result is True or result is False or result is None:
+                return bool(result)
             if isinstance(result, (Iterator, Awaitable)):
                 raise TypeError(f"the predicate of field {name!r} returned {type(result).__name__}, not a truth value")
             return bool(result)
