@@ -648,6 +648,11 @@ TRANSFORMING = [
     "SELECT ((c.card).reverse).md5, (c.card).bytea FROM customers c",
     "SELECT (card).macaddr8, (card).xid, trunc((card).numeric, -8) FROM customers",  # types respell digits
     "SELECT round(card::numeric, -8) FROM customers",  # rounding of a cast, not of a total
+    # a negative (or unknown) scale drops digits: round(card, -4) is the first 12 digits of a number card
+    "SELECT round(card_num, -4), trunc(card_num, -4) FROM customers",
+    "SELECT round(avg(card_num), -4) FROM customers GROUP BY id",
+    "SELECT round(card_num, $1) FROM customers",
+    "SELECT trunc(card_num, 0 - 4) FROM customers",
     "SELECT encode((17560::oid).lo_get, 'hex')",
     "SELECT reverse((b).pg_stat_get_backend_activity) FROM generate_series(1, 50) b",
     "SELECT c.record_send FROM customers c",
@@ -692,6 +697,7 @@ NOT_TRANSFORMING = [
     "SELECT card, 'x' FROM customers UNION SELECT email, NULL FROM customers",
     "SELECT * FROM customers UNION ALL SELECT * FROM customers",
     "SELECT round(sum(amount)::numeric, 2) FROM orders",
+    "SELECT round(amount), trunc(amount, 0), round(amount, 2) FROM orders",
     "SELECT " + "btrim(" * 30 + "card" + ")" * 30 + " FROM t",  # once per level, not twice (2**30)
     "SELECT round(avg(amount), 2), floor(sum(amount)), abs(amount) FROM orders",
     "SELECT mode() WITHIN GROUP (ORDER BY status) FROM orders",

@@ -203,6 +203,11 @@ def test_classification_reused_only_when_constants_do_not_matter(tmp_path: Path)
     second = listener.classify("app", "db", "SELECT set_config('default_transaction_read_only', 'off', false)")
     assert not first.requests[0].attrs["read_write_attempt"]
     assert second.requests[0].attrs["read_write_attempt"]
+    # A rounding's scale decides whether it drops digits: round(x, 2) must not vouch for round(x, -4).
+    kept = listener.classify("app", "db", "SELECT round(card, 2) FROM customers")
+    dropped = listener.classify("app", "db", "SELECT round(card, -4) FROM customers")
+    assert not kept.requests[0].attrs["transforms_data"]
+    assert dropped.requests[0].attrs["transforms_data"]
     # A LIMIT is an attribute rules can match.
     small = listener.classify("app", "db", "SELECT * FROM t LIMIT 5")
     big = listener.classify("app", "db", "SELECT * FROM t LIMIT 50000")

@@ -44,6 +44,7 @@ __all__ = [
     "PARSER_SENSITIVE_SETTINGS",
     "READ_ONLY_GUCS",
     "READ_ONLY_KINDS",
+    "ROUNDING_FUNCTIONS",
     "SQL_EXECUTING_FUNCTIONS",
     "ClassificationError",
     "Statement",
@@ -595,7 +596,7 @@ _SIZE_FUNCTIONS = frozenset({"length", "char_length", "character_length", "octet
 # Functions that return one of their arguments as it is, or a part of a date (of plain arguments):
 _PICKING_FUNCTIONS = frozenset({"min", "max", "date_trunc", "date_part", "extract"})
 # Numbers rounded (of plain numbers: round(avg(amount), 2)).
-_ROUNDING_FUNCTIONS = frozenset({"round", "trunc", "ceil", "ceiling", "floor", "abs"})
+ROUNDING_FUNCTIONS = frozenset({"round", "trunc", "ceil", "ceiling", "floor", "abs"})
 # Ordered-set aggregates that return one of the sorted values (percentile_cont interpolates between two).
 _PICKING_ORDERED_SETS = frozenset({"mode", "percentile_disc"})
 # Whitespace trimmed from the ends (with one argument: trim(both '4' from card) would cut digits off).
@@ -701,8 +702,12 @@ def _plain_output(node: Any) -> bool:
             return _is_total(node)
         if name in _TRIM_FUNCTIONS and len(args) != 1:
             return False
-        if name in _ROUNDING_FUNCTIONS:  # of a column or a total, not of a cast: round(card::int8, -8)
-            return all(not _reads_data(a) or _is_plain_column(a) or _is_total(a) for a in args)
+        if name in ROUNDING_FUNCTIONS:  # of a column or a total, not of a cast: round(card::int8, -8)
+            value, *scale = args
+            # to constant decimal places: a negative scale drops digits, round(card, -4) is substr(card, 1, 12)
+            return (not _reads_data(value) or _is_plain_column(value) or _is_total(value)) and all(
+                _keeps_digits(s) for s in scale
+            )
         kinds = (_PICKING_FUNCTIONS, _TRIM_FUNCTIONS, _SIZE_FUNCTIONS)
         return any(name in kind for kind in kinds) and all(_plain_output(a) for a in args)
     if key == "CollateClause":
@@ -764,6 +769,12 @@ def _is_call(name: str, functions: frozenset[str]) -> bool:
 def _field_name(node: Any) -> str:
     value = node.get("String", {}).get("sval") if isinstance(node, dict) else None
     return str(value).lower() if value is not None else ""
+
+
+def _keeps_digits(scale: Any) -> bool:
+    """Whether a rounding's scale is a constant number of decimal places (0 or more)."""
+    places = _const_int(scale)
+    return places is not None and places >= 0
 
 
 def _is_plain_column(node: Any) -> bool:
