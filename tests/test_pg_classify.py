@@ -362,6 +362,8 @@ CASES: list[tuple[str, dict[str, object]]] = [
     # built-ins that write even in a read-only transaction, or make other sessions wait
     ("SELECT pg_import_system_collations('public')", {"kind": "select", "modifies": True}),
     ("SELECT pg_catalog.pg_logical_emit_message(true, 'p', 'x')", {"modifies": True}),
+    ("SELECT brin_desummarize_range('orders_brin', 0)", {"modifies": True}),
+    ("SELECT brin_summarize_new_values('orders_brin'), gin_clean_pending_list('t_gin')", {"modifies": True}),
     ("SELECT pg_try_advisory_lock(42)", {"modifies": True}),
     ("SELECT txid_current()", {"modifies": True}),
     ("SELECT pg_export_snapshot()", {"modifies": False}),

@@ -175,7 +175,8 @@ SQL_EXECUTING_FUNCTIONS = frozenset(
 )
 
 # Built-in functions that change the database even inside a read-only transaction (PostgreSQL lets
-# large objects be written there, and a superuser's pg_import_system_collations writes the catalog), or
+# large objects be written there, BRIN and GIN indexes be summarized or cleaned, and a superuser's
+# pg_import_system_collations writes the catalog), or
 # change what other sessions see or wait for (notifications, advisory locks, replication state, the WAL,
 # transaction ids): calling one modifies.
 MODIFYING_FUNCTIONS = frozenset(
@@ -217,6 +218,10 @@ MODIFYING_FUNCTIONS = frozenset(
         "pg_logical_slot_get_binary_changes",
         "pg_logical_emit_message",
         "pg_import_system_collations",
+        "brin_summarize_new_values",  # index maintenance, allowed in a read-only transaction
+        "brin_summarize_range",
+        "brin_desummarize_range",
+        "gin_clean_pending_list",
         "pg_backup_start",
         "pg_backup_stop",
         "pg_start_backup",
