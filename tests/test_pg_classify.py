@@ -686,6 +686,13 @@ TRANSFORMING = [
     "SELECT (o).* FROM orders o UNION ALL SELECT 1, 0::float8, now()",
     "VALUES ((SELECT amount FROM orders LIMIT 1)), (pi())",
     "SELECT lo_get(424242)",
+    # JOIN ... USING / NATURAL JOIN gives a merged column the type both sides share: a float prints a bigint
+    # card as 4.111111111111111e+15
+    "SELECT card_big::text FROM customers LEFT JOIN (SELECT 0::float8 AS card_big) t USING (card_big)",
+    "SELECT * FROM customers NATURAL FULL JOIN (VALUES (0::float8)) v(card_big)",
+    "WITH t AS (SELECT 0::float8 AS card_big) SELECT card_big FROM customers JOIN t USING (card_big)",
+    "SELECT j.card_big FROM customers JOIN pg_class AS p(card_big) USING (card_big) AS j",
+    "SELECT 1 UNION SELECT card_big FROM customers JOIN unnest('{0}'::float8[]) u(card_big) USING (card_big)",
 ]
 
 NOT_TRANSFORMING = [
@@ -721,6 +728,8 @@ NOT_TRANSFORMING = [
     "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a",
     "SELECT upper(table_name) FROM information_schema.tables",
     "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings WHERE name = 'restrict_nonsystem_relation_kind'",
+    "SELECT customer_id, amount FROM orders JOIN customers USING (id)",  # tables' own types
+    "SELECT c.card_big, count(*) FROM customers c JOIN (SELECT 0::float8 AS card_big) t USING (card_big) GROUP BY 1",
     "INSERT INTO t VALUES (1, 'a')",
     "UPDATE t SET a = 1 WHERE id = 2",
 ]

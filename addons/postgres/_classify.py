@@ -845,6 +845,69 @@ def _set_operation_keeps_types(body: _Node) -> bool:
     return all(_one_of_plain(column) for column in zip(*arms, strict=False))
 
 
+def _outputs_merged_column(body: _Node, ctes: frozenset[str]) -> bool:
+    """Whether a SELECT (or an arm of its UNION) outputs a column that ``JOIN ... USING`` or ``NATURAL JOIN``
+    merges with a side whose column types the statement picks (a subquery, a function, a CTE, a table
+    with column aliases). PostgreSQL gives a merged column the type both sides share:
+    ``customers LEFT JOIN (SELECT 0::float8 AS card) t USING (card)`` prints a bigint card as
+    4.111111111111111e+15, which no detector recognises. Unqualified names, ``*`` and names qualified by
+    the join's alias may be merged columns; ``customers.card`` is the table's own."""
+    pending = [body]
+    while pending:
+        part = pending.pop()
+        pending.extend(p for p in (part.get("larg"), part.get("rarg")) if isinstance(p, dict))
+        visible = ctes | {str(c.get("CommonTableExpr", {}).get("ctename", "")) for c in _with_ctes(part)}
+        merged: set[str] = set()  # "*": a NATURAL join, any name
+        aliases: set[str] = set()
+        joins = list(part.get("fromClause") or ())
+        while joins:
+            item = joins.pop()
+            join = item.get("JoinExpr") if isinstance(item, dict) else None
+            if not isinstance(join, dict):
+                continue
+            joins.extend(side for side in (join.get("larg"), join.get("rarg")) if isinstance(side, dict))
+            if not (join.get("usingClause") or join.get("isNatural")):
+                continue
+            if _stored_columns(join.get("larg"), visible) and _stored_columns(join.get("rarg"), visible):
+                continue
+            merged.update(["*"] if join.get("isNatural") else (n.lower() for n in _names(join["usingClause"])))
+            for key in ("alias", "join_using_alias"):
+                alias = (join.get(key) or {}).get("aliasname")
+                if alias:
+                    aliases.add(str(alias).lower())
+        if not merged:
+            continue
+        for node in _dicts(part.get("targetList") or ()):
+            ref = node.get("ColumnRef")
+            fields = ref.get("fields", ()) if isinstance(ref, dict) else ()
+            if len(fields) == 1 and ("A_Star" in fields[0] or "*" in merged or _field_name(fields[0]) in merged):
+                return True
+            if len(fields) >= 2 and _field_name(fields[-2]) in aliases:
+                return True
+    return False
+
+
+def _with_ctes(body: _Node) -> list[Any]:
+    with_clause = body.get("withClause")
+    return list(with_clause.get("ctes", ())) if isinstance(with_clause, dict) else []
+
+
+def _stored_columns(side: Any, ctes: frozenset[str]) -> bool:
+    """Whether a join side's columns have the types a table stores: a table (not a CTE) without column
+    aliases, or a join of such tables."""
+    if not isinstance(side, dict):
+        return False
+    relation = side.get("RangeVar")
+    if isinstance(relation, dict):
+        renamed = bool((relation.get("alias") or {}).get("colnames"))
+        cte = not relation.get("schemaname") and str(relation.get("relname", "")) in ctes
+        return not renamed and not cte
+    join = side.get("JoinExpr")
+    if isinstance(join, dict):
+        return _stored_columns(join.get("larg"), ctes) and _stored_columns(join.get("rarg"), ctes)
+    return False
+
+
 def _is_star(node: Any) -> bool:
     """``*``, ``t.*`` or ``(t).*``: a number of columns the parse tree does not tell."""
     if not isinstance(node, dict):
@@ -1273,6 +1336,8 @@ class _Analysis:
         if key in _OUTPUT_STATEMENTS:
             self._outputs(key, body)
         if key == "SelectStmt":
+            if not self.transforms and _outputs_merged_column(body, ctes):
+                self.transforms = True
             if "lockingClause" in body:
                 self.locks = True  # FOR UPDATE / SHARE: row locks, written into the rows
             self._pin_setting_names(body, ctes)
