@@ -350,9 +350,8 @@ def test_every_addon_of_a_reloaded_file_runs_again(gateway_factory, tmp_path):
     assert {p.name: p.read_text() for p in marks.iterdir()} == {"first": "2", "second": "2"}
 
 
-def test_addon_reload_compiles_the_rule_packs_with_its_new_vocabulary(gateway_factory, tmp_path):
-    """Live rules read the request attributes the vocabulary named when they were compiled: an
-    addon whose reload renames an attribute must not leave a deny rule reading one nobody sets."""
+def _line_gateway(gateway_factory, tmp_path):  # type: ignore[no-untyped-def]
+    """A gateway running a copy of the line-protocol addon (edit ``addon`` to reload it) and PACK."""
     packs = tmp_path / "packs"
     packs.mkdir()
     (packs / "lines.yaml").write_text(PACK)
@@ -368,7 +367,13 @@ def test_addon_reload_compiles_the_rule_packs_with_its_new_vocabulary(gateway_fa
         }
     )
     wait_port(port)
-    token = gw.token("agent-1", role="reader")
+    return gw, addon, original, port, gw.token("agent-1", role="reader")
+
+
+def test_addon_reload_compiles_the_rule_packs_with_its_new_vocabulary(gateway_factory, tmp_path):
+    """Live rules read the request attributes the vocabulary named when they were compiled: an
+    addon whose reload renames an attribute must not leave a deny rule reading one nobody sets."""
+    gw, addon, original, port, token = _line_gateway(gateway_factory, tmp_path)
     assert Client(port, token).ask("get secret").startswith("DENIED line-no-secrets")
 
     def reloaded(kind: str) -> list[dict]:
@@ -409,22 +414,7 @@ def test_a_broken_addon_denies_only_the_protocols_it_inspected():
 def test_a_reload_that_fails_after_starting_a_listener_stops_it(gateway_factory, tmp_path):
     # The new code's `running` opened a listener and then raised: the file was marked broken, but
     # its listener stayed open for good, so the fixed file could never bind its port again.
-    packs = tmp_path / "packs"
-    packs.mkdir()
-    (packs / "lines.yaml").write_text(PACK)
-    addon = tmp_path / "lineproto.py"
-    original = (ROOT / "tests" / "addons" / "lineproto.py").read_text()
-    addon.write_text(original)
-    port = free_port()
-    gw = gateway_factory(
-        {
-            "rulepacks": [str(packs)],
-            "addons": [str(addon)],
-            "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{port}"}},
-        }
-    )
-    wait_port(port)
-    token = gw.token("agent-1", role="reader")
+    gw, addon, original, port, token = _line_gateway(gateway_factory, tmp_path)
     assert Client(port, token).ask("get a").startswith("OK")
 
     def audited(kind: str, count: int) -> None:

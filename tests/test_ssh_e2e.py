@@ -198,6 +198,19 @@ class Env:
     def direct(self, command: str) -> subprocess.CompletedProcess[bytes]:
         return self.sshd.run(command)
 
+    def connect(self, role: str = "", token: str | None = None) -> Any:
+        """An asyncssh connection through the gateway with ``role``'s token, or ``token`` (``async with``)."""
+        return asyncssh.connect(
+            "127.0.0.1",
+            self.client.port,
+            username="agent",
+            password=token if token is not None else self.tokens[role],
+            known_hosts=str(self.client.known_hosts),
+            client_keys=None,
+            agent_path=None,
+            config=None,
+        )
+
     def ssh(self, role: str, command: str, *extra: str, **kw: Any) -> subprocess.CompletedProcess[bytes]:
         return self.client.ssh(self.tokens[role], command, *extra, **kw)
 
@@ -427,16 +440,7 @@ def test_unparsable_command_is_denied_with_the_parsers_reason(env: Env) -> None:
 
 def test_exit_signal_and_stderr_are_relayed(env: Env) -> None:
     async def run() -> Any:
-        async with asyncssh.connect(
-            "127.0.0.1",
-            env.client.port,
-            username="agent",
-            password=env.tokens["admin"],
-            known_hosts=str(env.client.known_hosts),
-            client_keys=None,
-            agent_path=None,
-            config=None,
-        ) as conn:
+        async with env.connect("admin") as conn:
             killed = await conn.run("sh -c 'echo to-stderr >&2; kill -TERM $$'", encoding=None)
             return killed
 
@@ -475,16 +479,7 @@ def test_a_connection_runs_nothing_once_its_token_has_expired(env: Env) -> None:
     short = env.gw.token("agent-short", ttl="3s", role="observer")
 
     async def run() -> tuple[Any, Any]:
-        async with asyncssh.connect(
-            "127.0.0.1",
-            env.client.port,
-            username="agent",
-            password=short,
-            known_hosts=str(env.client.known_hosts),
-            client_keys=None,
-            agent_path=None,
-            config=None,
-        ) as conn:
+        async with env.connect(token=short) as conn:
             before = await conn.run("echo before")
             await asyncio.sleep(3.5)  # the connection stays up (as with ssh's ControlMaster) past the token
             after = await conn.run("echo after")
@@ -566,16 +561,7 @@ def test_other_subsystems_are_decided(env: Env) -> None:
 
 def test_port_forwarding_is_decided_by_rules(env: Env) -> None:
     async def attempt(role: str) -> bytes | str:
-        async with asyncssh.connect(
-            "127.0.0.1",
-            env.client.port,
-            username="agent",
-            password=env.tokens[role],
-            known_hosts=str(env.client.known_hosts),
-            client_keys=None,
-            agent_path=None,
-            config=None,
-        ) as conn:
+        async with env.connect(role) as conn:
             try:
                 reader, writer = await conn.open_connection("127.0.0.1", env.sshd.port)
             except asyncssh.ChannelOpenError as exc:
@@ -798,20 +784,8 @@ def test_a_terminal_type_the_target_would_choke_on_is_refused_and_other_agents_k
 ) -> None:
     # A NUL in the terminal type went to the target in the pty request; sshd took it for a broken packet
     # and dropped the pooled upstream connection, ending every other agent's channel on it.
-    def connect(role: str) -> Any:
-        return asyncssh.connect(
-            "127.0.0.1",
-            env.client.port,
-            username="agent",
-            password=env.tokens[role],
-            known_hosts=str(env.client.known_hosts),
-            client_keys=None,
-            agent_path=None,
-            config=None,
-        )
-
     async def run() -> tuple[Any, bytes, bytes]:
-        async with connect("observer") as other_conn, connect("operator") as conn:
+        async with env.connect("observer") as other_conn, env.connect("operator") as conn:
             other = await other_conn.create_process("cat", encoding=None)
             other.stdin.write(b"before\n")
             assert await asyncio.wait_for(other.stdout.readline(), 10) == b"before\n"
@@ -987,16 +961,7 @@ def test_opening_with_create_append_or_truncate_alone_is_decided_as_a_read(env: 
     async def run() -> list[str]:
         results = []
         async with (
-            asyncssh.connect(
-                "127.0.0.1",
-                env.client.port,
-                username="agent",
-                password=env.tokens["operator"],
-                known_hosts=str(env.client.known_hosts),
-                client_keys=None,
-                agent_path=None,
-                config=None,
-            ) as conn,
+            env.connect("operator") as conn,
             conn.start_sftp_client() as sftp,
         ):
             for flags in (asyncssh.FXF_CREAT, asyncssh.FXF_APPEND, asyncssh.FXF_CREAT | asyncssh.FXF_EXCL):
@@ -1048,16 +1013,7 @@ def test_a_setstat_that_truncates_is_a_write_and_a_special_mode_on_create_is_a_s
     async def run() -> list[str]:
         results = []
         async with (
-            asyncssh.connect(
-                "127.0.0.1",
-                env.client.port,
-                username="agent",
-                password=env.tokens["operator"],
-                known_hosts=str(env.client.known_hosts),
-                client_keys=None,
-                agent_path=None,
-                config=None,
-            ) as conn,
+            env.connect("operator") as conn,
             conn.start_sftp_client() as sftp,
         ):
             await sftp.chmod(frozen, 0o640)  # its mode may change, not its content
