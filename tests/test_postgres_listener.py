@@ -356,6 +356,37 @@ async def test_function_call_message_denied(rig_factory: Any) -> None:
     assert got[0].sqlstate == "42501" and "FUNCTION CALL" in got[0].message
 
 
+def _message(code: bytes, body: bytes) -> bytes:
+    return code + struct.pack("!i", len(body) + 4) + body
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _message(b"E", b""),  # Execute without its portal name
+        _message(b"E", b"abcd"),
+        _message(b"D", b""),
+        _message(b"D", b"Sname"),
+        _message(b"C", b"P"),
+        _message(b"P", b"name"),
+        _message(b"P", b"\0SELECT 1"),
+    ],
+)
+async def test_unterminated_strings_are_a_protocol_violation(rig_factory: Any, raw: bytes, caplog: Any) -> None:
+    rig = await rig_factory("dba")
+    assert rig.send(raw) == []
+    (error,) = backend(bytes(rig.agent.take()))
+    assert error.sqlstate == "08P01" and "unterminated string" in error.message
+    assert rig.relay.closed and "Traceback" not in caplog.text
+
+
+async def test_password_message_after_login_is_not_forwarded(rig_factory: Any) -> None:
+    rig = await rig_factory("dba")
+    assert rig.send(_message(b"p", b"secret\0")) == []
+    (error,) = backend(bytes(rig.agent.take()))
+    assert error.sqlstate == "08P01" and rig.relay.closed
+
+
 # -- the relay: extended protocol ---------------------------------------------------------------------------
 
 

@@ -79,7 +79,8 @@ RECORD_PARAM_LIMIT = 256
 # Frontend message types.
 _F_QUERY, _F_PARSE, _F_BIND, _F_DESCRIBE, _F_EXECUTE = b"QPBDE"
 _F_SYNC, _F_FLUSH, _F_CLOSE, _F_FCALL, _F_TERMINATE = b"SHCFX"
-_F_COPYDATA, _F_COPYDONE, _F_COPYFAIL = b"dcf"
+_F_COPYDATA, _F_COPYDONE, _F_COPYFAIL, _F_PASSWORD = b"dcfp"
+_FRONTEND_NAMES = {_F_PARSE: "Parse", _F_DESCRIBE: "Describe", _F_EXECUTE: "Execute", _F_CLOSE: "Close"}
 # Backend message types.
 _B_ROWDESC, _B_DATAROW, _B_COMPLETE, _B_READY, _B_ERROR, _B_NOTICE = b"TDCZEN"
 _B_NOTIFY, _B_PARAM, _B_PARSEOK, _B_BINDOK, _B_CLOSEOK, _B_NODATA = b"AS123n"
@@ -206,7 +207,9 @@ def reason_of(sql: str) -> str | None:
 
 
 def _cstring_at(raw: bytes, pos: int) -> tuple[str, int]:
-    end = raw.index(b"\0", pos)
+    end = raw.find(b"\0", pos)
+    if end < 0:
+        raise pg.ProtocolError(f"malformed {_FRONTEND_NAMES.get(raw[0], 'frontend')} message: unterminated string")
     return raw[pos:end].decode("utf-8"), end + 1
 
 
@@ -682,6 +685,7 @@ class Relay:
             _F_SYNC: self._on_sync,
             _F_FCALL: self._on_function_call,
             _F_TERMINATE: self._on_terminate,
+            _F_PASSWORD: self._on_password,
         }
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -1575,6 +1579,10 @@ class Relay:
         self.stats.statements += 1
         self._push_z(_K_FCALL, None, Execution(summary, decision, None))
         return None
+
+    def _on_password(self, raw: bytes) -> bytes | None:
+        # The gateway logged in to the target itself: an authentication reply now answers nothing.
+        raise pg.ProtocolError("unexpected password message after authentication")
 
     def _on_terminate(self, raw: bytes) -> bytes | None:
         self.agent.on_data = None
