@@ -32,6 +32,8 @@ from lictor_addons.postgres._session import Relay, reason_of
 from lictor_addons.postgres._tls import client_context, ensure_certificate, server_context
 from lictor_addons.postgres.addon import PostgresAddon
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PACK = (ROOT / "examples" / "postgres" / "rulepacks" / "postgres.yaml").read_text()
 TARGET = {
@@ -385,6 +387,42 @@ async def test_password_message_after_login_is_not_forwarded(rig_factory: Any) -
     assert rig.send(_message(b"p", b"secret\0")) == []
     (error,) = backend(bytes(rig.agent.take()))
     assert error.sqlstate == "08P01" and rig.relay.closed
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        struct.pack("!ii", 8, 5 << 16),  # a protocol version nobody speaks
+        struct.pack("!ii", 10, 3 << 16) + b"us",  # a startup packet without its terminator
+        pg.ssl_request() + b"\x16\x03\x01",  # cleartext bytes sent along with SSLRequest
+    ],
+)
+async def test_malformed_startup_is_answered_and_audited(tmp_path: Path, packet: bytes) -> None:
+    target = {**TARGET, "listen": f"127.0.0.1:{free_port()}"}
+    async with testing.harness(PostgresAddon(), rulepacks=PACK, state_dir=tmp_path, targets={"app": target}) as h:
+        listener = PostgresListener(h.gateway)
+        listener.configure([Target("app", "postgres", target)])
+        await listener.start()
+        try:
+            reader, writer = await asyncio.open_connection(*parse_listen(target["listen"]))
+            writer.write(packet)
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+        finally:
+            await listener.stop()
+        refusals = h.audit("connection.refused")
+    (error,) = [m for m in backend(answer.lstrip(b"N")) if isinstance(m, pg.ErrorResponse)]
+    assert error.sqlstate == "08P01"
+    (refused,) = refusals
+    assert refused["sqlstate"] == "08P01" and "protocol violation" in refused["reason"]
+
+
+async def test_why_the_relay_ended_a_session_is_audited(rig_factory: Any) -> None:
+    rig = await rig_factory("dba")
+    ended: list[str] = []
+    rig.relay._on_done = lambda relay: ended.append(relay.end_reason)
+    rig.relay._on_agent(_message(b"E", b""))
+    assert ended and "protocol violation" in ended[0]
 
 
 # -- the relay: extended protocol ---------------------------------------------------------------------------

@@ -505,16 +505,13 @@ class _Handshake:
         except _Refused as exc:
             self.agent.write(pg.error_response("FATAL", exc.sqlstate, f"lictor: {exc}", hint=exc.hint))
             self.agent.close()
-            self.gateway.audit_event(
-                "connection.refused",
-                {"protocol": "postgres", "peer": self.peer_text, "sqlstate": exc.sqlstate, "reason": str(exc)},
-                fail_closed=False,
-            )
+            self._audit_refusal(exc.sqlstate, str(exc))
             if session is not None:
                 await session.close(reason=str(exc))
         except pg.ProtocolError as exc:
             self.agent.write(pg.error_response("FATAL", "08P01", f"lictor: protocol violation: {exc}"))
             self.agent.close()
+            self._audit_refusal("08P01", f"protocol violation: {exc}")
             if session is not None:
                 await session.close(reason=f"protocol violation: {exc}")
         except (PipeClosed, ConnectionError, TimeoutError, ssl.SSLError) as exc:
@@ -530,8 +527,16 @@ class _Handshake:
             log.exception("internal error during PostgreSQL connection set-up (connection refused)")
             self.agent.write(pg.error_response("FATAL", "XX000", "lictor: internal error in the gateway"))
             self.agent.close()
+            self._audit_refusal("XX000", "internal error in the gateway")
             if session is not None:
                 await session.close(reason="internal error")
+
+    def _audit_refusal(self, sqlstate: str, reason: str) -> None:
+        self.gateway.audit_event(
+            "connection.refused",
+            {"protocol": "postgres", "peer": self.peer_text, "sqlstate": sqlstate, "reason": reason},
+            fail_closed=False,
+        )
 
     async def _read(self) -> list[pg.FrontendMessage]:
         while True:
@@ -694,7 +699,12 @@ class _Handshake:
             self.listener.relays.discard(relay)
             self.listener.forget_cancel(fake_pid)
             task = asyncio.ensure_future(
-                session.close(statements=relay.stats.statements, denied=relay.stats.denied, rows=relay.stats.rows)
+                session.close(
+                    statements=relay.stats.statements,
+                    denied=relay.stats.denied,
+                    rows=relay.stats.rows,
+                    reason=relay.end_reason,
+                )
             )
             self.listener._handshakes.add(task)
             task.add_done_callback(self.listener._handshakes.discard)

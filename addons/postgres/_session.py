@@ -671,6 +671,7 @@ class Relay:
         self._deny_parse = pg.parse(f"lictor_denied_{secrets.token_hex(8)}", self._token)
         self.stats = Stats()
         self.closed = False
+        self.end_reason = ""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._hold_task: asyncio.Task[Any] | None = None
         self._expires_at = session.identity.expires_at
@@ -710,6 +711,7 @@ class Relay:
         if self.closed:
             return
         self.closed = True
+        self.end_reason = why
         if fatal is not None:
             self.agent.write(fatal)
         self.agent.on_data = None
