@@ -426,8 +426,21 @@ def test_inline_commands_and_what_is_never_relayed(gw: Gw):
 
 
 def test_protocol_errors_close_the_connection(gw: Gw):
-    replies = _raw(gw.port, cmd("AUTH", gw.token("reader")) + b"*1\r\n+PING\r\n", 3)
+    sub = f"garbage-{secrets.token_hex(3)}"
+    replies = _raw(gw.port, cmd("AUTH", gw.token("reader", sub)) + b"*1\r\n+PING\r\n", 3)
     assert replies == [b"+OK\r\n", b"-ERR Protocol error: expected '$', got '+'\r\n"]
+    # ... and the session says so: recorded, and ended with the reason
+    events = gw.recording(sub)
+    assert [e["data"]["error"] for e in events if e["kind"] == "redis.protocol_error"] == ["expected '$', got '+'"]
+    [end] = [e for e in gw.audit("session.end") if e.get("session") == events[0]["s"]]
+    assert end["reason"] == "protocol error: expected '$', got '+'", end
+    # before login, a refused connection is audited
+    before = len(gw.audit("connection.refused"))
+    assert _raw(gw.port, b"*1\r\n+PING\r\n", 1) == [b"-ERR Protocol error: expected '$', got '+'\r\n"]
+    deadline = time.monotonic() + 10
+    while len(gw.audit("connection.refused")) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "protocol error" in gw.audit("connection.refused")[-1]["reason"]
 
 
 # -- recording --------------------------------------------------------------------------------------

@@ -226,6 +226,7 @@ class Connection:
         self.up_writer: asyncio.StreamWriter | None = None
         self.multi: _Multi | None = None
         self.auth_failures = 0
+        self.end_reason = ""
         self.seq = 0
         self.counts: Counter[str] = Counter()
         self.stop_reading = False
@@ -276,7 +277,8 @@ class Connection:
                     await asyncio.wait_for(w.wait_closed(), 2)
         if self.session is not None:
             with contextlib.suppress(Exception):
-                await self.session.close(commands=self.seq, **dict(self.counts))
+                why = {"reason": self.end_reason} if self.end_reason else {}
+                await self.session.close(commands=self.seq, **dict(self.counts), **why)
 
     # -- reading commands -----------------------------------------------------------------------
 
@@ -297,6 +299,7 @@ class Connection:
                 try:
                     command = self.parser.next_command()
                 except ProtocolError as exc:
+                    self._protocol_error(str(exc))
                     await self._local(encode_error(f"ERR Protocol error: {exc}"), close=True)
                     return
                 if command is None:
@@ -335,6 +338,20 @@ class Connection:
             self.writer.write(bytes(self.out))
             self.out.clear()
         await self.writer.drain()
+
+    def _protocol_error(self, problem: str) -> None:
+        """Bytes that are not RESP end the connection: recorded in its session (which ends saying why), or
+        audited as a refused connection before login."""
+        if self.session is not None:
+            self.end_reason = f"protocol error: {problem}"
+            self._record("redis.protocol_error", {"error": problem})
+            return
+        with contextlib.suppress(Exception):
+            self.gateway.audit_event(
+                "connection.refused",
+                {"protocol": PROTOCOL, "peer": self.peer, "reason": f"protocol error: {problem}"},
+                fail_closed=False,
+            )
 
     def _record(self, kind: str, data: dict[str, Any], strict: bool = False) -> bool:
         """Record an event; False when a strict recording could not be written."""
