@@ -159,6 +159,21 @@ class CustomersAPI:
                     self.end_headers()
                     self.wfile.write(data)
                     return
+                if self.path == "/v1/customers/events":  # server-sent events whose data is JSON with \\u escapes
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    events = [
+                        "event: customer\n" + "data: " + json.dumps({"email": "zo\u00eb@ex\u00e4mple.com"}) + "\n\n",
+                        'data: {"email": "' + EMAIL.replace("@", "\\u0040") + '", "card": "' + CARD + '"}\n\n',
+                    ]
+                    for event in events:
+                        data = event.encode()
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
                 if self.path in ("/v1/customers/utf16stream", "/v1/customers/twotypes"):
                     self.send_response(200)
                     if self.path.endswith("twotypes"):  # requests reads the last, the gateway the first
@@ -389,6 +404,16 @@ def test_response_headers_are_masked_and_unreadable_encodings_refused(env: Env) 
         assert resp.status_code == 200 and [d["email"] for d in lines] == ["[REDACTED:email]"] * 3, resp.text
         resp = client.get(env.url() + "/v1/customers/xssi")  # )]}' then the JSON: masked line by line
         assert resp.status_code == 200 and "zo" not in resp.text and "[REDACTED:email]" in resp.text, resp.text
+
+
+def test_server_sent_events_with_json_escapes_are_masked(env: Env) -> None:
+    code, body = env.curl(env.url() + "/v1/customers/events", token=env.agent)
+    assert code == 200
+    text = body.decode()
+    data = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+    assert len(data) == 2, text
+    assert data[0]["email"] == "[REDACTED:email]" and data[1]["email"] == "[REDACTED:email]", text
+    assert data[1]["card"] == "[REDACTED:card]" and "event: customer" in text
 
 
 def test_masked_json_numbers_leave_the_body_valid_json(env: Env) -> None:

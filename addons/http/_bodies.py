@@ -266,15 +266,77 @@ def check_utf8_start(data: bytes) -> None:
         raise BodyError("the upstream sent UTF-16 or UTF-32 text; the gateway masks UTF-8 only")
 
 
+ESCAPED_LINE_LIMIT = 1024 * 1024  # a line is held back up to this size until it ends, in case it has \u escapes
+
+
+def _escaped_line(masking: Masking, line: bytes) -> bytes:
+    """A streamed line with ``\\u`` escapes, where the detectors cannot read the bytes (``jane\\u0040example.com``
+    is no address): masked as JSON (a JSON line, or the ``data:`` field of a server-sent event), refused when
+    it is neither."""
+    body = line.rstrip(b"\r\n")
+    ending = line[len(body) :]
+    try:
+        return masking.mask_json_bytes(body) + ending
+    except BodyError:
+        if not body.startswith(b"data:"):
+            raise BodyError("the upstream's text has \\u escapes the gateway cannot read as JSON") from None
+    return b"data: " + masking.mask_json_bytes(body[5:]) + ending
+
+
 def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None], *, live: bool = False) -> StreamFn:
     """Detector masking across chunk boundaries.
 
     ``live`` streams (``logs -f``, server-sent events) must not sit on a finished line until more output
     comes: when a chunk ends with a newline the held-back tail is decided at once (a match cannot span that
     newline unless it is a multi-line one such as a PEM block, which is then masked by its fallback pattern).
+
+    A line is held back until it ends (up to ``ESCAPED_LINE_LIMIT``): one with ``\\u`` escapes is masked as JSON
+    (see :func:`_escaped_line`), as a buffered body is.
     """
     masker = masking.plan.stream()
     head = bytearray()  # the first bytes, until there are 4 to check (see check_utf8_start)
+    line = bytearray()  # the start of the current line, held back until it ends
+    fed = b""  # the last byte of the current line already given to the masker (b"" when none was)
+
+    def escaped(done: bytes) -> bytes:
+        out: list[bytes] = []
+        for each in done.split(b"\n")[:-1]:
+            each += b"\n"
+            if b"\\u" in each:
+                out.append(masker.flush())
+                out.append(_escaped_line(masking, each))
+            else:
+                out.append(masker.feed(each))
+        return b"".join(out)
+
+    def lines(chunk: bytes) -> bytes:
+        nonlocal fed
+        out = b""
+        if fed:  # a line too long to hold back is being fed as it comes
+            nl = chunk.find(b"\n")
+            piece = chunk if nl < 0 else chunk[: nl + 1]
+            if b"\\u" in fed + piece:
+                raise BodyError("the upstream's text has \\u escapes in a line too long to read as JSON")
+            out = masker.feed(piece)
+            if nl < 0:
+                fed = piece[-1:]
+                return out
+            fed = b""
+            chunk = chunk[nl + 1 :]
+        last = chunk.rfind(b"\n") + 1
+        line.extend(chunk)
+        if last:
+            cut = len(line) - len(chunk) + last
+            done = bytes(line[:cut])
+            del line[:cut]
+            out += escaped(done) if b"\\u" in done else masker.feed(done)
+        if len(line) > ESCAPED_LINE_LIMIT:
+            if b"\\u" in line:
+                raise BodyError("the upstream's text has \\u escapes in a line too long to read as JSON")
+            out += masker.feed(bytes(line))
+            fed = bytes(line[-1:])
+            line.clear()
+        return out
 
     def fn(chunk: bytes, final: bool) -> list[bytes]:
         if len(head) < 4 and (chunk or final):
@@ -282,10 +344,16 @@ def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None
             if len(head) >= 4 or final:
                 check_utf8_start(bytes(head))
         if final:
-            out = masker.close()
+            out = b""
+            if line:
+                out = (
+                    masker.flush() + _escaped_line(masking, bytes(line)) if b"\\u" in line else masker.feed(bytes(line))
+                )
+                line.clear()
+            out += masker.close()
             masking.counts.update(masker.counts)
             return [out]
-        out = masker.feed(chunk)
+        out = lines(chunk)
         if live and chunk.endswith(b"\n"):
             out += masker.flush()
         return [out]
