@@ -1083,6 +1083,31 @@ def test_copy_from_stdin_and_copy_to_stdout_masked(env: PgEnv) -> None:
     assert proc.returncode == 0 and proc.stdout.count("\n") == 20 and "@example.com" not in proc.stdout
 
 
+def test_copy_of_json_with_unicode_escapes_is_not_relayed_unmasked(env: PgEnv) -> None:
+    import psycopg
+
+    # A json value keeps its text as written: jane\\u0040example.com is an address to any JSON reader, but
+    # not to detectors reading COPY's bytes. SELECT masks it as JSON; COPY carries no types.
+    env.direct("CREATE TABLE profiles (id int, doc json)")
+    try:
+        env.direct(
+            """INSERT INTO profiles VALUES (1, '{"email": "jane\\u0040example.com", "n": "zo\\u00eb@ex.com"}')"""
+        )
+        with env.connect("readonly") as conn:
+            doc = conn.execute("SELECT doc FROM profiles").fetchone()[0]
+            assert doc == {"email": "[REDACTED:email]", "n": "[REDACTED:email]"}
+            for sql in ("COPY profiles TO STDOUT", "COPY profiles TO STDOUT (FORMAT csv)"):
+                out = bytearray()
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    with conn.cursor().copy(sql) as copy:
+                        for chunk in copy:
+                            out += chunk
+                assert b"jane" not in out and b"zo" not in out, (sql, out)
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        env.direct("DROP TABLE profiles")
+
+
 def test_copy_options_that_rewrite_values_are_refused_where_masking_applies(env: PgEnv) -> None:
     import psycopg
 

@@ -88,6 +88,9 @@ _B_PARAMDESC, _B_SUSPENDED, _B_EMPTY, _B_COPYIN, _B_COPYOUT, _B_COPYBOTH = b"tsI
 _B_COPYDATA, _B_COPYDONE, _B_FCRESULT = b"dcV"
 
 _NOT_DATAROW = re.compile(rb"[^D]")
+# A JSON \u escape in COPY output (a json value keeps its text as written): jane\u0040example.com is an address
+# to the agent's JSON reader, not to detectors reading the bytes, and COPY does not say which columns are json.
+_UNICODE_ESCAPE = re.compile(rb"\\u[0-9A-Fa-f]{4}")
 
 # The built-in large-object functions libpq calls through the fast path (lo_open, loread, ... for
 # pg_dump, pg_restore and psql's \lo_export / \lo_import), by their oids, which PostgreSQL never changes
@@ -1974,6 +1977,13 @@ class Relay:
         if t == _B_COPYDATA:
             copy_plan = self._copy_plan
             if copy_plan is not None:
+                if _UNICODE_ESCAPE.search(raw, 5):
+                    self._poison(
+                        "COPY output with \\u escapes (a json value) cannot be masked; use SELECT, which masks "
+                        "json values as JSON",
+                        run,
+                    )
+                    return b""
                 masked, counts = copy_plan.mask_bytes(raw[5:])
                 if counts:
                     self.stats.masked.update(counts)
