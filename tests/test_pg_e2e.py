@@ -1104,6 +1104,15 @@ def test_copy_of_json_with_unicode_escapes_is_not_relayed_unmasked(env: PgEnv) -
                             out += chunk
                 assert b"jane" not in out and b"zo" not in out, (sql, out)
             assert conn.execute("SELECT 1").fetchone() == (1,)
+            # a notification payload with the value (a trigger's row_to_json(NEW)) is masked as JSON
+            conn.execute("LISTEN lictor_json")
+            gen = conn.notifies(timeout=5, stop_after=2)
+            with env.connect("dba") as other:
+                other.execute("SELECT pg_notify('lictor_json', row_to_json(p)::text) FROM profiles p")
+                other.execute("SELECT pg_notify('lictor_json', 'x\\u0040' || doc::text) FROM profiles")
+            payloads = [n.payload for n in gen]
+            assert json.loads(payloads[0]) == {"id": 1, "doc": {"email": "[REDACTED:email]", "n": "[REDACTED:email]"}}
+            assert "jane" not in payloads[1] and "zo" not in payloads[1], payloads
     finally:
         env.direct("DROP TABLE profiles")
 

@@ -587,6 +587,13 @@ def _masked_texts(plan: Any, raw: bytes) -> bytes | None:
     message = pg.decode_backend(raw)
     if isinstance(message, pg.NotificationResponse):
         channel, payload = mask(message.channel), mask(message.payload)
+        if _UNICODE_ESCAPE.search(message.payload.encode()):
+            # JSON (row_to_json of a row with a json column): masked as JSON, or withheld
+            try:
+                doc, _ = plan.mask_json(json.loads(message.payload))
+                payload = json.dumps(doc, ensure_ascii=False).replace("\0", "")
+            except (ValueError, RecursionError):
+                payload = "[REDACTED:lictor]"
         if (channel, payload) == (message.channel, message.payload):
             return None
         return pg.notification_response(message.pid, channel, payload)
