@@ -268,6 +268,20 @@ def test_redis_py_masks_a_stored_card_number(gw: Gw, prefix: str, protocol: int)
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
+def test_a_json_value_with_unicode_escapes_is_masked_as_json(gw: Gw, prefix: str, protocol: int):
+    # json.dumps writes zoë@exämple.com as zo\\u00eb@ex\\u00e4mple.com: an address to the agent's JSON reader,
+    # not to detectors reading the bytes
+    direct = redis.Redis()
+    direct.set(prefix + "j", json.dumps({"email": "zo\u00eb@ex\u00e4mple.com"}).replace("@", "\\u0040"))
+    direct.hset(prefix + "h", "doc", json.dumps(["zo\u00eb@ex\u00e4mple.com"]))
+    reader = gw.client("reader", protocol=protocol)
+    got = json.loads(reader.get(prefix + "j"))
+    assert "zo" not in got["email"] and got["email"].endswith(".com"), got
+    assert "zo" not in reader.hget(prefix + "h", "doc").decode()
+    reader.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
 def test_a_number_stored_as_a_string_is_masked_in_integer_replies(gw: Gw, prefix: str, protocol: int):
     direct = redis.Redis()
     direct.set(prefix + "n", CARD.replace(" ", ""))
