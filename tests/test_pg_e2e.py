@@ -1096,6 +1096,11 @@ def test_copy_of_json_with_unicode_escapes_is_not_relayed_unmasked(env: PgEnv) -
         with env.connect("readonly") as conn:
             doc = conn.execute("SELECT doc FROM profiles").fetchone()[0]
             assert doc == {"email": "[REDACTED:email]", "n": "[REDACTED:email]"}
+            # the same JSON text in a text column
+            for binary in (False, True):
+                text = conn.cursor(binary=binary).execute("SELECT doc::text AS t FROM profiles").fetchone()[0]
+                assert "jane" not in text and "zo" not in text, text
+                assert json.loads(text) == {"email": "[REDACTED:email]", "n": "[REDACTED:email]"}, text
             for sql in ("COPY profiles TO STDOUT", "COPY profiles TO STDOUT (FORMAT csv)"):
                 out = bytearray()
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):

@@ -382,6 +382,8 @@ class RowMasker:
             else:
                 if i in self.numeric:
                     new = None if _number_masked(masker, i, value) else value
+                elif b"\\u" in value and _UNICODE_ESCAPE.search(value) and masker.action(i) == "detect":
+                    new = masker.mask_json_value(i, value)  # JSON in a text column: masked as JSON where it parses
                 else:
                     new = masker.mask_value(i, value)
             if new != value:
