@@ -420,6 +420,9 @@ def test_logs_follow_streams_and_is_masked(cluster: Cluster) -> None:
         assert lines.until("GET /healthz 200") == ["starting web-0", "listening on :8080", "GET /healthz 200"]
         cluster.kube.append_log("apps", "web-0", "login by jane.doe@example.com")
         assert lines.until("login by [REDACTED:email]") == ["login by [REDACTED:email]"]
+        # a JSON log line whose address is written with \\u escapes, as JSON loggers may
+        cluster.kube.append_log("apps", "web-0", '{"msg": "login", "user": "jane.doe\\u0040example.com"}')
+        assert lines.until('{"msg":"login","user":"[REDACTED:email]"}') == ['{"msg":"login","user":"[REDACTED:email]"}']
         assert proc.poll() is None  # still following: the lines came while the stream stayed open
     finally:
         proc.terminate()
