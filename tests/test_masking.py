@@ -826,3 +826,13 @@ def test_mask_json_bytes_refuses_non_json_constants(constant: bytes) -> None:
     plan = MaskPlan.compile([{"detectors": ["card"]}])
     with pytest.raises(MaskingError):
         plan.mask_json_bytes(b'{"x":' + constant + b"}")
+
+
+def test_a_text_value_with_json_escapes_that_is_not_json_is_masked_as_read() -> None:
+    # jane\u0040example.com in a text column, not JSON: the detectors read no address in the bytes,
+    # anyone reading the value does.
+    plan = plan_for("email")
+    cm = plan.columns(["note"])
+    assert cm.mask_json_value(0, b"mail jane\\u0040example.com today") == b"mail [REDACTED:email] today"
+    assert cm.mask_json_value(0, b'{"to": "jane\\u0040example.com"}') == b'{"to":"[REDACTED:email]"}'
+    assert cm.mask_json_value(0, b"caf\\u00e9 au lait") == b"caf\\u00e9 au lait"  # nothing found: as it was

@@ -1118,8 +1118,11 @@ def test_copy_of_json_with_unicode_escapes_is_not_relayed_unmasked(env: PgEnv) -
             payloads = [n.payload for n in gen]
             assert json.loads(payloads[0]) == {"id": 1, "doc": {"email": "[REDACTED:email]", "n": "[REDACTED:email]"}}
             assert "jane" not in payloads[1] and "zo" not in payloads[1], payloads
+            # the escape in plain text, not JSON: whoever reads it reads the address
+            env.direct("""CREATE TABLE notes (t text); INSERT INTO notes VALUES ('mail jane\\u0040example.com now')""")
+            assert conn.execute("SELECT t FROM notes").fetchone() == ("mail [REDACTED:email] now",)
     finally:
-        env.direct("DROP TABLE profiles")
+        env.direct("DROP TABLE IF EXISTS profiles, notes")
 
 
 def test_copy_options_that_rewrite_values_are_refused_where_masking_applies(env: PgEnv) -> None:
