@@ -181,10 +181,10 @@ _ASCII_CHARSETS = frozenset(
 _FRAMING_HEADERS = frozenset({"content-length", "content-type", "content-encoding", "transfer-encoding", "connection"})
 
 
-def _encoding(headers: Any) -> str:
-    """Every Content-Encoding the response declares, joined ("identity" when none): a second header
-    ("identity", then "gzip") must not hide the first's neighbour."""
-    codings = [c.strip().lower() for v in headers.get_all("content-encoding") for c in v.split(",") if c.strip()]
+def _encoding(values: Iterable[str]) -> str:
+    """Every Content-Encoding the response declares (``values``: those headers' values), joined ("identity"
+    when none): a second header ("identity", then "gzip") must not hide the first's neighbour."""
+    codings = [c.strip().lower() for v in values for c in v.split(",") if c.strip()]
     codings = [c for c in codings if c != "identity"]
     return ", ".join(codings) or "identity"
 
@@ -1253,7 +1253,7 @@ class LictorProxy:
         )
         if state.target.kubernetes and state.masking.secrets_response and not state.masking.secrets:
             data["response_body_omitted"] = "revealed secret values"
-        elif _encoding(resp.headers) == "identity":
+        elif _encoding(resp.headers.get_all("content-encoding")) == "identity":
             data.update(_body_for_record(body, size_out > len(body), prefix="response_"))
         state.session.record("http", data)
 
@@ -1333,9 +1333,10 @@ class LictorProxy:
         if flow.request.method.upper() == "HEAD" or resp.status_code in (204, 304):
             return
         masking = state.masking
-        first = _first(_header_list(resp.headers))
+        fields = _header_list(resp.headers)
+        first = _first(fields)
         ctype = first.get("content-type", "")
-        encoding = _encoding(resp.headers)
+        encoding = _encoding(v for k, v in fields if k == "content-encoding")
         length_s = first.get("content-length")
         length = int(length_s) if length_s is not None and length_s.isdigit() else None
         info = state.call.info if state.call else None
@@ -1355,7 +1356,7 @@ class LictorProxy:
                 flow, 502, f"the upstream sent a {encoding}-encoded body that the gateway must mask but cannot decode"
             )
             return
-        if len(resp.headers.get_all("content-type")) > 1:
+        if sum(k == "content-type" for k, _ in fields) > 1:
             self.replace_at_headers(
                 flow, 502, "the upstream sent two Content-Type headers; clients differ on which counts"
             )
@@ -1427,7 +1428,7 @@ class LictorProxy:
         raw = resp.raw_content or b""
         flow.metadata["lictor.upstream_size"] = len(raw)
         if raw and state.masking.active:
-            encoding = _encoding(resp.headers)
+            encoding = _encoding(resp.headers.get_all("content-encoding"))
             if encoding != "identity":
                 self._fail_response(flow, f"the upstream sent a {encoding}-encoded body the gateway cannot mask")
                 return
