@@ -149,8 +149,8 @@ class Masking:
         # text, an escape hides a value ({\"password\": \"x\"} in a string, https:\/\/user:pw@host), a card
         # may be a number (masked, it must become a string), and a secret key's value may be a list or an
         # object (masked whole there, not up to its first quote).
-        masked, counts = self.plan.mask_bytes(data)
         if b"\\" not in data:
+            masked, counts = self.plan.mask_bytes(data)
             if not counts:
                 return data
             # Without escapes every string's text is its value, so what the scan masked inside strings is right;
@@ -167,8 +167,7 @@ class Masking:
         try:
             doc = json.loads(data)
         except ValueError:  # not JSON after all: masked as text
-            self.counts.update(counts)
-            return bytes(masked)
+            return self.mask_bytes(data)
         except RecursionError as exc:
             raise BodyError(f"the body is not valid JSON: {exc}") from None
         return dumps(self.mask_document(doc))
