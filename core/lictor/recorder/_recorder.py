@@ -19,7 +19,7 @@ from ..config import ConfigError
 from ._chain import GENESIS, SigningKey
 from ._drainproc import DrainProcess
 from ._sinks import Drainer, LocalSink, PostgresSink, Retention, S3Sink, Sink
-from ._spool import AUDIT, CARRY, MANIFEST, SESSION, Offset, Spool, SpoolReader, SpoolView, writer_alive
+from ._spool import AUDIT, CARRY, MANIFEST, OFFSETS, SESSION, Offset, Spool, SpoolReader, SpoolView, writer_alive
 from ._util import RecordingError, canonical, encode_bytes, parse_interval, parse_size, sha256_hex
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ class RecordingsConfig:
 
     def offset_path(self, sink: str) -> Path:
         """Where the committed position of ``sink`` is kept (by whichever process drains it)."""
-        return self.spool_dir / "offsets" / f"{sink}.off"
+        return self.spool_dir / OFFSETS / f"{sink}.off"
 
     def to_json(self) -> dict[str, Any]:
         """This configuration as JSON (for the drain process)."""

@@ -71,6 +71,8 @@ _HEADER = struct.Struct("<BBIQI")  # magic, type, body length, seq, crc32
 _PREFIX = struct.Struct("<BBIQ")
 HEADER_SIZE = _HEADER.size
 MAX_BODY = 64 << 20
+OFFSETS = "offsets"
+"""The spool directory's subdirectory where each sink's committed position is kept (``SINK.off``)."""
 _SUFFIX = ".seg"
 
 
@@ -252,7 +254,7 @@ class Spool(_SegmentList):
         # Sinks may hold records the spool no longer has (a tail lost in a power loss, or cut at a damaged
         # record, after they were sent): numbering goes on after them, or a sink would take new records for
         # ones it already has and drop them.
-        for path in (self.directory / "offsets").glob("*.off"):
+        for path in (self.directory / OFFSETS).glob("*.off"):
             self._floor_seq = max(self._floor_seq, (Offset.peek(path) or 0) + 1)
         self.total_bytes = sum(s.size for s in self.segments)
         self.written_seq = max(self._floor_seq - 1, 0)
