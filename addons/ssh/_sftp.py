@@ -502,12 +502,15 @@ class ProxySFTPServer(SFTPServer):
         return await self._one("stat", path, self.client.statvfs)
 
     async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        act = lambda real: self.client.setstat(real, attrs)  # noqa: E731
-        await self._one("setstat", path, act, also=_setstat_writes(attrs))
+        await self._one("setstat", path, lambda real: self.client.setstat(real, attrs), also=_setstat_writes(attrs))
 
     async def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        act = lambda name: self.client.setstat(name, attrs, follow_symlinks=False)  # noqa: E731
-        await self._lexical_op("setstat", path, act, also=_setstat_writes(attrs))
+        await self._lexical_op(
+            "setstat",
+            path,
+            lambda name: self.client.setstat(name, attrs, follow_symlinks=False),
+            also=_setstat_writes(attrs),
+        )
 
     async def remove(self, path: bytes) -> None:
         await self._lexical_op("remove", path, self.client.remove)  # removes the link, not its target
