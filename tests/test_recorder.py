@@ -199,6 +199,13 @@ def test_cli_verify_names_the_first_altered_event(tmp_path: Path) -> None:
     reopened = lictor_cli("sessions", "verify", "--all", "--state-dir", state)
     assert reopened.returncode == 1, reopened.stdout
     assert f"{sid}: BROKEN: the manifest is missing, but the audit log records the end" in reopened.stdout
+    # ... also when the audit row's kind column (which its MAC does not cover) is edited to hide it
+    audit = sqlite3.connect(tmp_path / "state" / "audit.db")
+    with audit:
+        audit.execute("UPDATE events SET kind = 'note' WHERE kind = 'session.end' AND body LIKE ?", (f"%{sid}%",))
+    audit.close()
+    relabelled = lictor_cli("sessions", "verify", "--all", "--state-dir", state)
+    assert f"{sid}: BROKEN: the manifest is missing, but the audit log records the end" in relabelled.stdout
 
 
 def test_asciicast_export_of_a_terminal_session(tmp_path: Path) -> None:

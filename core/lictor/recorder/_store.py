@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..audit import AuditLog
 from ._chain import SessionVerdict, load_public_key, verify_session
 from ._sinks import INDEX_COLUMNS, PostgresSink, S3Sink
 from ._util import RecordingError, parse_interval
@@ -108,25 +109,18 @@ class LocalStore:
 
     def ended(self) -> set[str]:
         """The sessions whose ``session.end`` is in the audit log: its hash chain (``lictor audit verify``)
-        covers those events, where nothing covers the index's ``ended_at`` and ``signed`` columns."""
+        covers those events, where nothing covers the index's ``ended_at`` and ``signed`` columns. Read
+        through :meth:`AuditLog.events`, which filters on the authenticated body, not on the ``kind``
+        column that an edit could change."""
         if not self.audit_path.exists():
             return set()
-        db = sqlite3.connect(f"file:{self.audit_path}?mode=ro", uri=True, timeout=10)
+        audit = AuditLog(self.audit_path)
         try:
-            rows = db.execute("SELECT body FROM events WHERE kind = 'session.end'").fetchall()
-        except sqlite3.Error:
+            return {e["session"] for e in audit.events(kind="session.end") if isinstance(e.get("session"), str)}
+        except (sqlite3.Error, ValueError):
             return set()
         finally:
-            db.close()
-        out = set()
-        for (body,) in rows:
-            try:
-                doc = json.loads(body)
-            except ValueError:
-                continue
-            if isinstance(doc, dict) and isinstance(doc.get("session"), str):
-                out.add(doc["session"])
-        return out
+            audit.close()
 
 
 class RemoteStore:
