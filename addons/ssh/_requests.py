@@ -91,7 +91,7 @@ def invocation_attrs(inv: Invocation, channel: str) -> dict[str, object]:
     return {
         "channel": channel,
         "program": inv.name,
-        "program_path": _with_plain(inv.program, lexical_path(inv.program)) if "/" in inv.program else inv.program,
+        "program_path": _with_plain(inv.program, lexical_path(inv.program)),
         "command": _with_plain(f"{inv.name} {inv.argv_text}".strip(), f"{inv.name} {plain_argv}".strip()),
         "argv": _with_plain(inv.argv_text, plain_argv),
         "writes": writes,
