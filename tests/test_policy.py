@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lictor import Identity, Policy, Request, Trace, load_policy
@@ -253,44 +254,36 @@ def test_allow_decisions_are_memoized_by_roles_and_attributes_only(policy):
 
 
 def test_no_memo_for_protocols_with_custom_fields(tmp_path: Path):
-    from lictor import Custom, Vocabulary
-
     def compile_text(value):  # a Custom predicate may read anything, here the request's summary
         return lambda request, quantifier: value in request.summary
 
-    vocab = Vocabulary(
-        protocol="txt",
-        fields=(Custom("mentions", json_schema={"type": "string"}, compiler=compile_text),),
-    )
+    policy = _mentions_policy(tmp_path, compile_text, {"type": "string"}, "hello")
+    who = Identity("a", {"role": "r"})
+    assert policy.decide(who, Request("txt", "say", {}, summary="hello there")).action == "allow"
+    assert policy.decide(who, Request("txt", "say", {}, summary="goodbye")).action == "deny"
+
+
+def _mentions_policy(tmp_path: Path, compiler: Any, schema: dict[str, Any], when: str) -> Policy:
+    """A policy for protocol ``txt`` whose role ``r`` is allowed on ``mentions: WHEN``, a Custom field."""
+    from lictor import Custom, Vocabulary
+
+    vocab = Vocabulary(protocol="txt", fields=(Custom("mentions", json_schema=schema, compiler=compiler),))
     (tmp_path / "p.yaml").write_text(
         "format: lictor/v1\nmetadata: {name: t}\nidentities: [{match: {claims: {role: r}}, roles: [r]}]\n"
-        "roles: {r: {rules: [{id: ok, protocol: txt, when: {mentions: hello}, action: allow}]}}\n"
+        f"roles: {{r: {{rules: [{{id: ok, protocol: txt, when: {{mentions: {when}}}, action: allow}}]}}}}\n"
     )
     result = load_policy([tmp_path], {"txt": vocab})
     assert result.policy is not None, result.errors
-    who = Identity("a", {"role": "r"})
-    assert result.policy.decide(who, Request("txt", "say", {}, summary="hello there")).action == "allow"
-    assert result.policy.decide(who, Request("txt", "say", {}, summary="goodbye")).action == "deny"
+    return result.policy
 
 
 def test_a_custom_predicate_that_returns_an_iterator_fails_instead_of_matching(tmp_path: Path):
-    from lictor import Custom, Vocabulary
-
     def compile_words(value):  # forgot any(): the generator is truthy, so it would match every request
         return lambda request, quantifier: (w in request.summary for w in value)
 
-    vocab = Vocabulary(
-        protocol="txt",
-        fields=(Custom("mentions", json_schema={"type": "array"}, compiler=compile_words),),
-    )
-    (tmp_path / "p.yaml").write_text(
-        "format: lictor/v1\nmetadata: {name: t}\nidentities: [{match: {claims: {role: r}}, roles: [r]}]\n"
-        "roles: {r: {rules: [{id: ok, protocol: txt, when: {mentions: [hello]}, action: allow}]}}\n"
-    )
-    result = load_policy([tmp_path], {"txt": vocab})
-    assert result.policy is not None, result.errors
+    policy = _mentions_policy(tmp_path, compile_words, {"type": "array"}, "[hello]")
     with pytest.raises(TypeError, match="returned generator, not a truth value"):
-        result.policy.decide(Identity("a", {"role": "r"}), Request("txt", "say", {}, summary="goodbye"))
+        policy.decide(Identity("a", {"role": "r"}), Request("txt", "say", {}, summary="goodbye"))
 
 
 def test_index_finds_rules_whatever_the_case_of_the_request_value(tmp_path: Path):

@@ -218,16 +218,21 @@ def test_s3_sink_outage_during_1000_commands(tmp_path: Path, moto_s3: MotoS3) ->
     assert [r["id"] for r in RemoteStore(reader).rows()] == [sid]
 
 
-def test_s3_adopts_a_batch_whose_offset_commit_was_lost(tmp_path: Path, moto_s3: MotoS3) -> None:
-    from lictor.recorder import Record
-
-    bucket = f"rec-{uuid.uuid4().hex[:8]}"
-    cfg = moto_s3.sink(bucket)
+def _fresh_s3_sink(moto_s3: MotoS3) -> tuple[S3Sink, dict[str, Any]]:
+    """An S3 sink of gateway gw1 on a new bucket, prepared, and the arguments that make it again."""
+    cfg = moto_s3.sink(f"rec-{uuid.uuid4().hex[:8]}")
     args: dict[str, Any] = {
         k: cfg[k] for k in ("bucket", "prefix", "endpoint_url", "region", "access_key_id", "secret_access_key")
     }
     sink = S3Sink("s3", "gw1", Retention(), create_bucket=True, **args)
     assert sink.prepare(0) == 0
+    return sink, args
+
+
+def test_s3_adopts_a_batch_whose_offset_commit_was_lost(tmp_path: Path, moto_s3: MotoS3) -> None:
+    from lictor.recorder import Record
+
+    sink, args = _fresh_s3_sink(moto_s3)
     batch = [Record(seq, 2, b'{"kind":"x","ts":1,"i":%d}' % seq) for seq in range(1, 41)]
     sink.write(batch[:25])  # written, then the gateway died before committing offset 25
     restarted = S3Sink("s3", "gw1", Retention(), **args)
@@ -240,13 +245,7 @@ def test_s3_adopts_a_batch_whose_offset_commit_was_lost(tmp_path: Path, moto_s3:
 def test_s3_manifest_survives_a_failure_after_its_batch_was_written(tmp_path: Path, moto_s3: MotoS3) -> None:
     from lictor.recorder import Record
 
-    bucket = f"rec-{uuid.uuid4().hex[:8]}"
-    cfg = moto_s3.sink(bucket)
-    args: dict[str, Any] = {
-        k: cfg[k] for k in ("bucket", "prefix", "endpoint_url", "region", "access_key_id", "secret_access_key")
-    }
-    sink = S3Sink("s3", "gw1", Retention(), create_bucket=True, **args)
-    assert sink.prepare(0) == 0
+    sink, args = _fresh_s3_sink(moto_s3)
     event = b'{"s":"s1","n":0,"t":1,"kind":"session.start","dir":"gw","data":{},"prev":"' + b"0" * 64 + b'"}'
     manifest = b'{"manifest":{"session":"s1","events":1,"spool":{"gateway":"gw1","first":1,"last":1}},"sig":"x"}'
     batch = [Record(1, 1, event), Record(2, 3, manifest)]
@@ -266,7 +265,7 @@ def test_s3_manifest_survives_a_failure_after_its_batch_was_written(tmp_path: Pa
     committed = sink.prepare(0)  # the drainer retries: whatever was adopted is not written again
     if committed < 2:
         sink.write(batch)
-    reader = s3_reader(moto_s3, bucket)
+    reader = s3_reader(moto_s3, args["bucket"])
     manifest_raw, lines = reader.load("s1")
     assert manifest_raw == manifest and lines == [event]
     assert [r["id"] for r in RemoteStore(reader).rows()] == ["s1"]
