@@ -235,7 +235,7 @@ def test_allow_decisions_are_memoized_by_roles_and_attributes_only(policy):
     again = policy.decide(reader, Request("line", "get", {"command": "get a", "verb": "get"}, summary="other text"))
     assert first.action == "allow" and again is first  # same roles, action and attributes: the memo
     other = policy.decide(reader, req("get b"))
-    assert other.action == "allow" and other is not first  # other attributes: decided again
+    assert other.action == "allow" and len(policy._memo) == 2  # other attributes: decided again
     # A denial names the request in its message: never memoized, so each names its own.
     one, two = policy.decide(nobody, req("get x")), policy.decide(nobody, req("get y"))
     assert "get x" in one.message and "get y" in two.message
@@ -251,6 +251,24 @@ def test_allow_decisions_are_memoized_by_roles_and_attributes_only(policy):
     # Unhashable attribute values: decided without the memo, same result.
     odd = policy.decide(reader, Request("line", "get", {"command": "get a", "verb": "get", "x": ["list"]}))
     assert odd.action == "allow"
+
+
+def test_requests_matched_by_the_same_rules_share_their_decision(tmp_path: Path):
+    # Custom fields: no memo by attributes, but the conclusion from the same matching rules is reused,
+    # except where its message names the request (approvals and the default denial).
+    def compile_text(value):
+        return lambda request, quantifier: value in request.summary
+
+    policy = _mentions_policy(tmp_path, compile_text, {"type": "string"}, "hello")
+    who = Identity("a", {"role": "r"})
+    one = policy.decide(who, Request("txt", "say", {}, summary="hello there"))
+    two = policy.decide(who, Request("txt", "say", {}, summary="hello again"))
+    assert one.action == "allow" and two is one and one.rule_ids == ("ok",)
+    no, nope = (policy.decide(who, Request("txt", "say", {}, summary=s)) for s in ("bye", "ciao"))
+    assert no.action == nope.action == "deny" and "bye" in no.message and "ciao" in nope.message
+    trace = Trace()
+    assert policy.decide(who, Request("txt", "say", {}, summary="hello"), trace=trace) is not one
+    assert trace.decision is not None and trace.decision.rule_ids == ("ok",)
 
 
 def test_no_memo_for_protocols_with_custom_fields(tmp_path: Path):

@@ -59,6 +59,23 @@ class CompiledRule:
             return True
         return any(fnmatch.fnmatchcase(target, t) for t in self.targets)
 
+    def matches(self, request: Request) -> bool:
+        """:meth:`evaluate` without the reason (the decision path, which needs only the verdict)."""
+        if self.targets and not any(fnmatch.fnmatchcase(request.target, t) for t in self.targets):
+            return False
+        if self.action == "allow":
+            quantifier: Quantifier = "all"
+            exception: Quantifier = "any"
+        else:
+            quantifier, exception = "any", "all"
+        for _, pred in self.when:
+            if not pred(request, quantifier):
+                return False
+        for _, pred in self.unless:
+            if pred(request, exception):
+                return False
+        return True
+
     def evaluate(self, request: Request) -> tuple[bool, str]:
         """Whether this rule matches ``request``, and a one-line reason."""
         if not self.target_matches(request.target):
@@ -206,6 +223,7 @@ class Policy:
             for name, vocab in self.vocabularies.items()
         }
         self._memo: dict[Any, Decision] = {}
+        self._concluded: dict[tuple[Any, ...], Decision] = {}
         for name, vocab in self.vocabularies.items():
             self._secondary_attr[name] = vocab.field(vocab.secondary).attribute if vocab.secondary else None
             self._index_attr[name] = vocab.field(vocab.index).attribute if vocab.index else None
@@ -291,9 +309,11 @@ class Policy:
                     if id(rule) in seen:
                         continue
                     seen.add(id(rule))
-                    ok, why = rule.evaluate(request)
                     if trace is not None:
+                        ok, why = rule.evaluate(request)
                         trace.steps.append((rule, ok, why))
+                    else:
+                        ok = rule.matches(request)
                     if not ok:
                         continue
                     if not rule.enforce:
@@ -308,7 +328,20 @@ class Policy:
                         approve.append(rule)
                     else:
                         mask.append(rule)
-        decision = self._conclude(request, held, deny, approve, allow, mask, shadow)
+        if trace is not None or approve or not (deny or allow):
+            # an approval's and the default denial's messages name the request: concluded each time
+            decision = self._conclude(request, held, deny, approve, allow, mask, shadow)
+        else:
+            # Otherwise the decision depends only on the matching rules and the roles held: many requests
+            # (every statement a role may run, every API call under one path rule) share one.
+            outcome = (held, *map(id, deny), None, *map(id, allow), None, *map(id, mask), None, *map(id, shadow))
+            known = self._concluded.get(outcome)
+            if known is None:
+                known = self._conclude(request, held, deny, approve, allow, mask, shadow)
+                if len(self._concluded) >= _MEMO_LIMIT:
+                    self._concluded.clear()
+                self._concluded[outcome] = known
+            decision = known
         if trace is not None:
             trace.decision = decision
         elif memo_key is not None and decision.action == "allow":
