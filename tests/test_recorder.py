@@ -208,6 +208,61 @@ def test_cli_verify_names_the_first_altered_event(tmp_path: Path) -> None:
     assert f"{sid}: BROKEN: the manifest is missing, but the audit log records the end" in relabelled.stdout
 
 
+def test_verify_all_reports_a_session_deleted_with_its_index_row(tmp_path: Path) -> None:
+    async def main() -> tuple[str, str]:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        gone = await run_session(gw, "agent-1", ["echo secret work"])
+        kept = await run_session(gw, "agent-2", ["echo other"])
+        await gw.stop()
+        return gone, kept
+
+    gone, kept = asyncio.run(main())
+    state = tmp_path / "state"
+    for path in (state / "recordings" / "sessions").glob(f"*/{gone}.*"):
+        path.unlink()
+    index = sqlite3.connect(state / "recordings" / "index.db")
+    with index:
+        index.execute("DELETE FROM sessions WHERE id = ?", (gone,))
+    index.close()
+    result = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{gone}: BROKEN: the audit log records this session, but the store holds no recording" in result.stdout
+    assert f"{kept}: OK" in result.stdout and "2 session(s) checked, 1 failed" in result.stdout
+    verdicts = {v.session: v for v in verify_sessions(source=state / "recordings")}
+    assert not verdicts[gone].ok and verdicts[kept].ok
+
+
+def test_a_session_refused_because_its_recording_cannot_start_is_not_reported_missing(tmp_path: Path) -> None:
+    async def main() -> None:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="127.0.0.1:5555")
+        original = gw.recorder.open
+
+        def refuse(session: Any) -> None:
+            raise RecordingError("spool full")
+
+        gw.recorder.open = refuse  # type: ignore[method-assign]
+        with pytest.raises(RecordingError):
+            await gw.open_session(who("agent-2"), protocol="line", target="db", peer="127.0.0.1:5556")
+        gw.recorder.open = original  # type: ignore[method-assign]
+        await session.close()
+        await gw.stop()
+
+    asyncio.run(main())
+    state = tmp_path / "state"
+    result = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 session(s) checked, 0 failed" in result.stdout
+    from lictor import AuditLog
+
+    audit = AuditLog(state / "audit.db")
+    [refused] = [e for e in audit.events(kind="session.end") if e.get("recorded") is False]
+    assert "its recording could not start (spool full)" in refused["reason"]
+    audit.close()
+
+
 def test_asciicast_export_of_a_terminal_session(tmp_path: Path) -> None:
     async def main() -> str:
         gw = make_gateway(tmp_path)

@@ -350,8 +350,20 @@ class Gateway:
         session = Session(self, identity, protocol, target, peer)
         session.meta["auth_method"] = method
         self.audit_event("session.start", session.to_json())  # raises (refusing the session) if not durable
+        try:
+            self.recorder.open(session)
+        except BaseException as exc:
+            # Refused before anything was recorded: the audit log says so, so that a session it knows of
+            # and the recordings lack is never one whose recording was deleted.
+            session.closed = True
+            log.error("session of %s on %s refused: its recording could not start: %s", identity.subject, target, exc)
+            self.audit_event(
+                "session.end",
+                {"session": session.id, "reason": f"refused: its recording could not start ({exc})", "recorded": False},
+                fail_closed=False,
+            )
+            raise
         self.sessions[session.id] = session
-        self.recorder.open(session)
         try:
             await self.addons.trigger("session_start", session)
         except BaseException as exc:

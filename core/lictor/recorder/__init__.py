@@ -120,8 +120,10 @@ def verify_sessions(
     source: Store | str | Path | None = None,
     public_key: str | Path | None = None,
 ) -> list[SessionVerdict]:
-    """Check chains and signatures of ``ids`` (default: every session in the store)."""
+    """Check chains and signatures of ``ids`` (default: every session in the store, and every session the
+    audit log records as recorded: one missing from the store is reported)."""
     store = _resolve(source)
     if ids is None:
         ids = [str(r["id"]) for r in store.rows()]
+        ids += sorted(store.audited() - set(ids))
     return _verify(store, ids, public_key)

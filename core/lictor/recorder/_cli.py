@@ -103,6 +103,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.all:
         ids = [str(r["id"]) for r in sorted(store.rows(), key=lambda r: r.get("started_at") or 0.0)]
+        ids += sorted(store.audited() - set(ids))  # known to the audit log, missing from the index
     elif args.id:
         ids = [resolve_id(store, args.id)]
     else:

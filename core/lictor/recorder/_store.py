@@ -41,6 +41,11 @@ class Store(Protocol):
         have its manifest); empty when there is none to ask."""
         ...
 
+    def audited(self) -> set[str]:
+        """Sessions that an authenticated record other than the recording says were recorded (each must
+        be in the store); empty when there is none to ask."""
+        ...
+
 
 def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
@@ -122,6 +127,28 @@ class LocalStore:
         finally:
             audit.close()
 
+    def audited(self) -> set[str]:
+        """The sessions whose ``session.start`` is in the audit log, but for those refused before their
+        recording started (their ``session.end`` says ``recorded: false``): deleting a session's files
+        and its index row together must not make it vanish from ``verify --all``."""
+        if not self.audit_path.exists():
+            return set()
+        audit = AuditLog(self.audit_path)
+        started: set[str] = set()
+        unrecorded: set[str] = set()
+        try:
+            for e in audit.events():
+                kind = e.get("kind")
+                if kind == "session.start" and isinstance(e.get("id"), str):
+                    started.add(e["id"])
+                elif kind == "session.end" and e.get("recorded") is False and isinstance(e.get("session"), str):
+                    unrecorded.add(e["session"])
+        except (sqlite3.Error, ValueError):
+            return set()
+        finally:
+            audit.close()
+        return started - unrecorded
+
 
 class RemoteStore:
     """A PostgreSQL or S3 sink, read back."""
@@ -165,6 +192,9 @@ class RemoteStore:
 
     def ended(self) -> set[str]:
         return set()  # a remote sink's session rows say it, next to the manifests themselves
+
+    def audited(self) -> set[str]:
+        return set()
 
     def public_key_path(self) -> Path | None:
         if self.state_dir is None:
@@ -266,8 +296,26 @@ def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = Non
     verdicts = []
     index: dict[str, dict[str, Any]] | None = None
     ended: set[str] = set()
+    audited: set[str] | None = None
     for sid in ids:
-        manifest_raw, lines = store.stream_raw(sid)
+        try:
+            manifest_raw, lines = store.stream_raw(sid)
+        except RecordingError:
+            if audited is None:
+                audited = store.audited()
+            if sid not in audited:
+                raise
+            verdicts.append(
+                SessionVerdict(
+                    sid,
+                    False,
+                    0,
+                    False,
+                    None,
+                    "the audit log records this session, but the store holds no recording of it (deleted?)",
+                )
+            )
+            continue
         try:
             manifest = json.loads(manifest_raw) if manifest_raw is not None else None
         except ValueError:
