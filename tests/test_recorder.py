@@ -561,6 +561,36 @@ def test_retention_by_size_and_age(tmp_path: Path) -> None:
     sink.close()
 
 
+@pytest.mark.parametrize("drain", ["process", "thread"])
+def test_sessions_retention_removed_are_audited_and_pass_verify(tmp_path: Path, drain: str) -> None:
+    recordings = {"drain": drain, "retention": {"max_age": "1s"}, "retention_interval": "1s"}
+    directory = tmp_path / "state" / "recordings"
+
+    async def main() -> tuple[str, str]:
+        gw = make_gateway(tmp_path, recordings)
+        await gw.start()
+        old = await run_session(gw, "agent-1", ["echo old"])
+        assert gw.recorder.flush()
+        assert any(r["id"] == old for r in list_sessions(source=directory))
+        deadline = time.monotonic() + 30
+        while any(r["id"] == old for r in list_sessions(source=directory)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        new = await run_session(gw, "agent-2", ["echo new"])
+        await gw.stop()
+        return old, new
+
+    old, new = asyncio.run(main())
+    assert {r["id"] for r in list_sessions(source=directory)} <= {new}  # `old` went (`new` may have too)
+    from lictor import AuditLog
+
+    audit = AuditLog(tmp_path / "state" / "audit.db")
+    removed = [sid for e in audit.events(kind="recording.retention") for sid in e["sessions"]]
+    audit.close()
+    assert old in removed
+    result = lictor_cli("sessions", "verify", "--all", "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 0 and "0 failed" in result.stdout, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(
     ("section", "message"),
     [

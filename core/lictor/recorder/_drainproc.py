@@ -75,6 +75,7 @@ class DrainProcess:
         self.spool = spool
         self.drainers = list(drainers)
         self._by_name = {d.name: d for d in self.drainers}
+        self.on_retention: Callable[[str, list[str]], None] | None = None
         self.audit_paths = (str(audit.path), str(audit.verify_key_path)) if audit is not None else None
         self._lock = threading.Lock()
         self._cond = threading.Condition()
@@ -172,6 +173,9 @@ class DrainProcess:
                 if "fsync_failed" in doc:
                     self.spool.fail(f"fdatasync failed in the drain process: {doc['fsync_failed']}")
                     continue
+                if "retention" in doc:
+                    self._retained(str(doc["retention"]["sink"]), [str(s) for s in doc["retention"]["sessions"]])
+                    continue
                 drainer = self._by_name[str(doc["name"])]
                 drainer.committed = int(doc["committed"])
                 drainer.healthy = bool(doc["healthy"])
@@ -183,6 +187,14 @@ class DrainProcess:
             self._release()  # before waking flush(): it returns with the drained segments gone
             with self._cond:
                 self._cond.notify_all()
+
+    def _retained(self, sink: str, sessions: list[str]) -> None:
+        if self.on_retention is None:
+            return
+        try:
+            self.on_retention(sink, sessions)
+        except Exception as exc:
+            log.error("could not report %d sessions retention removed from %s: %s", len(sessions), sink, exc)
 
     def _release(self) -> None:
         if self.spool.closed:
@@ -342,6 +354,10 @@ def main() -> int:
         with out_lock:
             send({"fsync_failed": message})
 
+    def retention(sink: str, sessions: list[str]) -> None:
+        with out_lock:
+            send({"retention": {"sink": sink, "sessions": sessions}})
+
     group = GroupCommit(config.spool_dir, config.fsync_interval, fsync_failed)
     group.start()
     drainers: list[Drainer] = []
@@ -357,6 +373,7 @@ def main() -> int:
             linger=0.25,
         )
         drainer.on_commit = functools.partial(report, drainer)
+        drainer.on_retention = retention
         drainers.append(drainer)
     for drainer in drainers:
         report(drainer)

@@ -681,11 +681,18 @@ class SessionRecorder:
             for drainer in self.drainers:
                 drainer.close_reader()  # the drain process reads the spool from now on
             self._proc = DrainProcess(self.config, self.spool, self.drainers, self.audit_log)
+            self._proc.on_retention = self._retained
             self._proc.start()
             return
         self.spool.start_sync_thread()
         for drainer in self.drainers:
+            drainer.on_retention = self._retained
             drainer.start()
+
+    def _retained(self, sink: str, sessions: list[str]) -> None:
+        """Audit the sessions retention removed from a local store (``sessions verify`` reads it)."""
+        for start in range(0, len(sessions), 500):
+            self.audit("recording.retention", {"sink": sink, "sessions": sessions[start : start + 500]})
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every sink has committed everything appended so far; False on timeout."""

@@ -167,6 +167,7 @@ class LocalSink:
         self.gateway_id = gateway_id
         self.source = f"spool:{gateway_id}"
         self.retention = retention
+        self.removed: list[str] = []  # sessions retention removed, until the drainer reports them
         self.index = open_index(self.directory / "index.db")
         self._files: collections.OrderedDict[str, _OpenFile] = collections.OrderedDict()
 
@@ -387,6 +388,7 @@ class LocalSink:
             with self.index:
                 self.index.execute("BEGIN IMMEDIATE")
                 self.index.executemany("DELETE FROM sessions WHERE id = ?", [(d[0],) for d in doomed])
+            self.removed += [d[0] for d in doomed]
         return len(doomed)
 
     def close(self) -> None:
@@ -901,6 +903,9 @@ class Drainer:
     spool: Spool | SpoolView
     offset: Offset
     on_commit: Callable[[], None] = lambda: None
+    # Told which sessions retention removed from a local store (the audit log records it, so that
+    # ``sessions verify --all`` tells them from deleted ones).
+    on_retention: Callable[[str, list[str]], None] | None = None
     batch_records: int = 2048
     idle: float = 0.02
     # After a partial batch, wait this long before the next one (flush() wakes it early). The spool
@@ -1059,6 +1064,18 @@ class Drainer:
                 log.info("recording sink %s: retention removed %d sessions/objects", self.name, removed)
         except Exception as exc:
             log.warning("recording sink %s: retention failed: %s", self.name, exc)
+        if isinstance(self.sink, LocalSink) and self.sink.removed:
+            sessions, self.sink.removed = self.sink.removed, []
+            if self.on_retention is not None:
+                try:
+                    self.on_retention(self.name, sessions)
+                except Exception as exc:
+                    log.error(
+                        "recording sink %s: could not report %d sessions retention removed: %s",
+                        self.name,
+                        len(sessions),
+                        exc,
+                    )
 
     def close_reader(self) -> None:
         """Let go of the spool files (another reader takes over); the committed offset stays."""

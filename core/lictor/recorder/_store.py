@@ -129,8 +129,9 @@ class LocalStore:
 
     def audited(self) -> set[str]:
         """The sessions whose ``session.start`` is in the audit log, but for those refused before their
-        recording started (their ``session.end`` says ``recorded: false``): deleting a session's files
-        and its index row together must not make it vanish from ``verify --all``."""
+        recording started (their ``session.end`` says ``recorded: false``) and those retention removed
+        (``recording.retention``): deleting a session's files and its index row together must not make
+        it vanish from ``verify --all``."""
         if not self.audit_path.exists():
             return set()
         audit = AuditLog(self.audit_path)
@@ -143,6 +144,8 @@ class LocalStore:
                     started.add(e["id"])
                 elif kind == "session.end" and e.get("recorded") is False and isinstance(e.get("session"), str):
                     unrecorded.add(e["session"])
+                elif kind == "recording.retention" and isinstance(e.get("sessions"), list):
+                    unrecorded.update(sid for sid in e["sessions"] if isinstance(sid, str))
         except (sqlite3.Error, ValueError):
             return set()
         finally:
