@@ -30,6 +30,7 @@ TEST_PACK = {
         {"match": {"claims": {"role": "secret-reader"}}, "roles": ["secret-reader"]},
         {"match": {"claims": {"role": "secret-writer"}}, "roles": ["secret-writer"]},
         {"match": {"claims": {"role": "viewer"}}, "roles": ["log-masking"]},
+        {"match": {"claims": {"role": "deployer"}}, "roles": ["exec-masking"]},
     ],
     "roles": {
         "secret-lister": {
@@ -64,6 +65,17 @@ TEST_PACK = {
                     "action": "allow",
                 }
             ],
+        },
+        "exec-masking": {
+            "rules": [
+                {
+                    "id": "t-exec-mask",
+                    "protocol": "kubernetes",
+                    "when": {"verbs": ["exec"]},
+                    "action": "mask",
+                    "mask": {"detectors": ["card"]},
+                }
+            ]
         },
         "log-masking": {
             "rules": [
@@ -277,6 +289,28 @@ def _exec_shell(cluster: Cluster, script: str, command: tuple[str, ...] = ("sh",
     cluster.approve(cluster.wait_pending())
     stdout, stderr = proc.communicate(script, timeout=30)
     return proc.returncode, stdout, stderr
+
+
+def test_exec_output_is_masked_when_a_value_is_split_across_messages(cluster: Cluster) -> None:
+    # The container writes the card number in two pieces: two WebSocket messages, the first ending inside it.
+    code, stdout, stderr = _exec_shell(cluster, "echo -n 'paid with 41111111'; echo '11111111 today'\n")
+    assert code == 0, stderr
+    assert "41111111" not in stdout and "11111111" not in stdout, stdout
+    assert stdout.startswith("paid with ") and stdout.endswith(" today\n") and "REDACTED" in stdout, stdout
+    # Output held back for what could follow is not lost when the command ends without a newline.
+    proc = cluster.popen("deployer", "exec", "web-0", "--", "sh", "-c", "echo first; echo -n 'no newline 4111'")
+    cluster.approve(cluster.wait_pending())
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out == "first\nno newline 4111", out
+    # A line held back while the container is quiet is released then, not with the next output.
+    proc = cluster.popen("deployer", "exec", "web-0", "--", "sh", "-c", "echo 'line one'; sleep 30; echo two")
+    try:
+        cluster.approve(cluster.wait_pending())
+        assert Lines(proc).until("line one", timeout=20) == ["line one"]
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def test_exec_stdin_lines_are_checked_as_the_shell_joins_them(cluster: Cluster) -> None:

@@ -111,6 +111,11 @@ PASSTHROUGH_BUFFER = 256 * 1024  # unmasked responses above this (or of unknown 
 TOKEN_CACHE_TTL = 60.0
 TOKEN_CACHE_SIZE = 10_000
 WS_RECORD_LIMIT = 4096
+# Exec/attach output the masker holds back (the start of what may be a card number split across two
+# messages) is released once the container has been quiet this long: all of it with a terminal (a
+# prompt), whole lines without one (a pause inside a value does not split it); all of it before the
+# exec's status message, which ends the output.
+WS_FLUSH_IDLE = 0.05
 STDIN_LINE_LIMIT = 64 * 1024
 CHANNEL_PROTOCOLS = (
     "v5.channel.k8s.io",
@@ -146,6 +151,8 @@ class WsState:
     messages: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    tty: bool = False
+    flush_timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -1124,7 +1131,7 @@ class LictorProxy:
                         kubernetes=True,
                     )
                 offered = kept_protocols
-                state.ws = WsState(channels=True, inspect_stdin=inspect_stdin)
+                state.ws = WsState(channels=True, inspect_stdin=inspect_stdin, tty=info.tty)
         else:
             state.ws = WsState(channels=False, inspect_stdin=False)
         headers.pop("sec-websocket-protocol", None)
@@ -1514,17 +1521,23 @@ class LictorProxy:
         try:
             state = flow.metadata.get(STATE)
             if isinstance(state, FlowState) and state.ws is not None:
-                state.session.record(
-                    "http.websocket",
-                    {
-                        "flow": flow.id,
-                        "event": "end",
-                        "messages": state.ws.messages,
-                        "bytes_from_agent": state.ws.bytes_in,
-                        "bytes_to_agent": state.ws.bytes_out,
-                        "masked": dict(state.masking.counts),
-                    },
-                )
+                ws = state.ws
+                if ws.flush_timer is not None:
+                    ws.flush_timer.cancel()
+                    ws.flush_timer = None
+                _WS_BEFORE.pop(flow.client_conn.id, None)
+                end = {
+                    "flow": flow.id,
+                    "event": "end",
+                    "messages": ws.messages,
+                    "bytes_from_agent": ws.bytes_in,
+                    "bytes_to_agent": ws.bytes_out,
+                    "masked": dict(state.masking.counts),
+                }
+                held = sum(m.pending for m in ws.maskers.values())
+                if held:  # the upstream closed without a status, right after writing them
+                    end["output_held_back"] = held
+                state.session.record("http.websocket", end)
         except Exception:
             log.exception("recording a WebSocket end failed")
 
@@ -1588,16 +1601,68 @@ class LictorProxy:
                 self._record_ws(state, flow, direction, f"refused channel {channel}", data)
         else:
             if channel in (1, 2) and not state.masking.plan_empty:
+                # A value may be split across messages (the container wrote it in two pieces, or the
+                # kubelet's read ended inside it): the masker holds back what more output could still
+                # complete, and releases it with the next message, when the container is idle, or
+                # before the status that ends the exec.
                 masker = ws.maskers.get(channel)
                 if masker is None:
                     masker = ws.maskers[channel] = state.masking.plan.stream()
-                out = masker.feed(data) + masker.flush()
+                data = masker.feed(data)
                 state.masking.counts.update(masker.counts)
                 masker.counts.clear()
-                data = out
+                self._schedule_ws_flush(flow, state)
+                if not data:
+                    message.drop()
+                    return
                 message.content = bytes([channel]) + data
+            elif any(m.pending for m in ws.maskers.values()):
+                self._release_ws_output(flow, state, final=True)  # sent before this message
             name = {1: "stdout", 2: "stderr", 3: "status", 4: "resize"}.get(channel, f"channel {channel}")
             self._record_ws(state, flow, direction, name, data)
+
+    def _schedule_ws_flush(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        ws = state.ws
+        assert ws is not None
+        if ws.flush_timer is not None:
+            ws.flush_timer.cancel()
+            ws.flush_timer = None
+        if any(m.pending for m in ws.maskers.values()):
+            loop = asyncio.get_running_loop()
+            ws.flush_timer = loop.call_later(WS_FLUSH_IDLE, self._idle_ws_flush, flow, state)
+
+    def _idle_ws_flush(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        try:
+            if state.ws is not None:
+                state.ws.flush_timer = None
+            if flow.websocket is None or flow.websocket.timestamp_end is not None:
+                return
+            self._release_ws_output(flow, state, final=False)
+        except Exception:
+            log.exception("releasing held-back exec output failed; closing (fail closed)")
+            self.close_client(flow)
+
+    def _release_ws_output(self, flow: http.HTTPFlow, state: FlowState, *, final: bool) -> None:
+        """Send the exec output the maskers hold back: all of it when ``final`` or with a terminal,
+        else whole lines (see :data:`WS_FLUSH_IDLE`)."""
+        ws = state.ws
+        assert ws is not None
+        if final and ws.flush_timer is not None:
+            ws.flush_timer.cancel()
+            ws.flush_timer = None
+        for channel, masker in ws.maskers.items():
+            if not masker.pending:
+                continue
+            out = masker.flush() if final or ws.tty else masker.flush_lines()
+            state.masking.counts.update(masker.counts)
+            masker.counts.clear()
+            if out:
+                if final:
+                    _ws_send_before_next(flow, bytes([channel]) + out)
+                else:
+                    self._inject(flow, True, bytes([channel]) + out)
+                name = "stdout" if channel == 1 else "stderr"
+                self._record_ws(state, flow, "to_agent", name, out)
 
     async def _inspect_stdin(
         self, flow: http.HTTPFlow, state: FlowState, message: Any, data: bytes, final: bool
@@ -1876,6 +1941,39 @@ def _json_error_responses() -> None:
     _http1.make_error_response = make_error_response
 
 
+# Client connection id -> binary WebSocket messages to send to that client before the next frame to it.
+_WS_BEFORE: dict[str, list[bytes]] = {}
+
+
+def _ws_send_before_next(flow: http.HTTPFlow, data: bytes) -> None:
+    """Send ``data`` (one binary message) to the agent right before the next frame the proxy sends it.
+
+    For output released in the hook of the message that ends an exec (its status): an injected message
+    would be queued behind the close frame that came in the same read, and lost."""
+    _WS_BEFORE.setdefault(flow.client_conn.id, []).append(data)
+
+
+def _ws_messages_before() -> None:
+    """Let :func:`_ws_send_before_next` put messages in front of the next frame mitmproxy sends a client."""
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers import websocket as ws_layer
+    from wsproto.events import BytesMessage
+
+    cls = ws_layer.WebsocketConnection
+    if getattr(cls.send2, "lictor_before", False):
+        return
+
+    def send2(self: Any, event: Any) -> Any:
+        before = _WS_BEFORE.pop(self.conn.id, None) if _WS_BEFORE else None
+        if before is None:
+            return commands.SendData(self.conn, self.send(event))
+        data = b"".join(self.send(BytesMessage(m)) for m in before) + self.send(event)
+        return commands.SendData(self.conn, data)
+
+    send2.lictor_before = True  # type: ignore[attr-defined]
+    cls.send2 = send2
+
+
 def _request_bodies_only() -> None:
     """Make mitmproxy's ``body_size_limit`` a limit on request bodies only (see the module docstring).
 
@@ -1949,6 +2047,7 @@ class EmbeddedProxy:
         if not log.isEnabledFor(logging.DEBUG):
             logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # per-connection chatter
         _request_bodies_only()
+        _ws_messages_before()
         _json_error_responses()
         _lean.install()
         opts = Options()
