@@ -1534,3 +1534,34 @@ def test_subscription_passwords_come_back_masked(env: PgEnv) -> None:
         assert secret not in conninfo and "host=127.0.0.1" in conninfo, conninfo
     finally:
         env.direct(f"DROP SUBSCRIPTION {name}")
+
+
+def test_bytea_values_are_masked_by_the_bytes_they_hold(env: PgEnv) -> None:
+    # A bytea column printed in hex (the default bytea_output) hides a card number or an address from
+    # detectors reading the text: they read the bytes the hex stands for.
+    env.direct("CREATE TABLE blobs (id int, data bytea)")
+    try:
+        env.direct(
+            "INSERT INTO blobs VALUES (1, convert_to('card 4111111111111111 of jane@example.com', 'UTF8')), "
+            "(2, '\\x00ff00ff00ff00ff00ff'::bytea)"
+        )
+        with env.connect("readonly") as conn:
+            rows = conn.execute("SELECT id, data FROM blobs ORDER BY id").fetchall()
+            first = bytes(rows[0][1])
+            assert b"4111111111111111" not in first and b"jane@example.com" not in first, first
+            assert first.startswith(b"card ") and b"[REDACTED:email]" in first, first
+            assert bytes(rows[1][1]) == b"\x00\xff" * 5  # nothing to mask: the value as it is
+            for sql in ("COPY blobs TO STDOUT", "COPY blobs TO STDOUT (FORMAT csv)"):
+                out = bytearray()
+                with conn.cursor().copy(sql) as copy:
+                    for chunk in copy:
+                        out += chunk
+                assert b"4111111111111111".hex().encode() not in out, (sql, out)
+                assert b"jane@example.com".hex().encode() not in out, (sql, out)
+                assert b"00ff00ff00ff00ff00ff" in out, (sql, out)
+        proc = env.psql("readonly", "-At", "-c", "SELECT data FROM blobs WHERE id = 1")
+        assert proc.returncode == 0, proc.stderr
+        shown = bytes.fromhex(proc.stdout.strip()[2:])
+        assert shown.startswith(b"card ") and b"4111111111111111" not in shown and b"jane@" not in shown, shown
+    finally:
+        env.direct("DROP TABLE IF EXISTS blobs")

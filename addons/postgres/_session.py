@@ -120,6 +120,7 @@ _Z_KINDS = frozenset({_K_SYNC, _K_QUERY, _K_FCALL, _K_DENY_Q, _K_ABORT})
 # xml, citext is an extension and has no fixed oid). jsonb's binary form is a version byte then the text.
 _TEXT_LIKE = frozenset({25, 1043, 1042, 19, 18, 705, 114, 142})
 _JSONB = 3802
+_BYTEA = 17
 _JSON_TYPES = frozenset({114, _JSONB})
 _NUMERIC_TYPES = frozenset({20, 21, 23, 26, 700, 701, 790, 1700})  # int8 int2 int4 oid float4/8 money numeric
 # Binary values of these types cannot hold what a detector looks for (at most 10 digits, or no digits
@@ -285,6 +286,7 @@ class RowMasker:
         "binary_arrays",
         "binary_jsonb",
         "binary_numbers",
+        "bytea",
         "counts",
         "json",
         "masker",
@@ -303,6 +305,7 @@ class RowMasker:
         binary_numbers: dict[int, int] = {}
         binary_arrays: dict[int, int] = {}
         to_null: set[int] = set()
+        bytea: set[int] = set()
         for i, f in enumerate(fields):
             action = masker.action(i)
             if action == "pass":
@@ -331,8 +334,11 @@ class RowMasker:
                 as_json.add(i)
             elif f.type_oid in _NUMERIC_TYPES:
                 numeric.add(i)
+            elif f.type_oid == _BYTEA:
+                bytea.add(i)
             targets.append(i)
         self.targets = tuple(targets)
+        self.bytea = frozenset(bytea)
         self.binary_jsonb = frozenset(binary_jsonb)
         self.json = frozenset(as_json)
         self.numeric = frozenset(numeric)
@@ -382,6 +388,8 @@ class RowMasker:
             else:
                 if i in self.numeric:
                     new = None if _number_masked(masker, i, value) else value
+                elif i in self.bytea and value[:2] == b"\\x":
+                    new = _mask_bytea_hex(masker, i, value)
                 elif b"\\u" in value and _UNICODE_ESCAPE.search(value) and masker.action(i) == "detect":
                     new = masker.mask_json_value(i, value)  # JSON in a text column: masked as JSON where it parses
                 else:
@@ -390,6 +398,31 @@ class RowMasker:
                 values[i] = new
                 changed = True
         return pg.encode_datarow(values) if changed else raw
+
+
+def _mask_bytea_hex(masker: Any, index: int, value: bytes) -> bytes:
+    """A bytea in its hex text form (``\\x3431...``, the default ``bytea_output``): the detectors read the
+    bytes it stands for, and a masked value is written back in hex, so that it is still a bytea."""
+    try:
+        raw = bytes.fromhex(value[2:].decode("ascii"))
+    except ValueError:  # not hex after all: read as it is
+        return bytes(masker.mask_value(index, value))
+    masked = masker.mask_value(index, raw)
+    return value if masked == raw else b"\\x" + masked.hex().encode("ascii")
+
+
+# A bytea value in COPY's text or CSV output: \x and at least 8 bytes in hex (shorter holds no value a
+# detector looks for).
+_BYTEA_HEX = re.compile(rb"\\x((?:[0-9a-fA-F]{2}){8,})")
+
+
+def _mask_hex_run(plan: Any, match: re.Match[bytes], counts: Counter[str]) -> bytes:
+    raw = bytes.fromhex(match.group(1).decode("ascii"))
+    masked, found = plan.mask_bytes(raw)
+    if not found:
+        return match.group(0)
+    counts.update(found)
+    return b"\\x" + masked.hex().encode("ascii")
 
 
 def _mask_binary_array(value: bytes, mask_element: Callable[[bytes], bytes | None]) -> bytes:
@@ -1993,7 +2026,12 @@ class Relay:
                         run,
                     )
                     return b""
-                masked, counts = copy_plan.mask_bytes(raw[5:])
+                data = raw[5:]
+                hex_counts: Counter[str] = Counter()
+                if b"\\x" in data:  # bytea values, in hex: the detectors read the bytes they stand for
+                    data = _BYTEA_HEX.sub(lambda m: _mask_hex_run(copy_plan, m, hex_counts), data)
+                masked, counts = copy_plan.mask_bytes(data)
+                counts.update(hex_counts)
                 if counts:
                     self.stats.masked.update(counts)
                     return pg.copy_data(masked)
