@@ -233,6 +233,29 @@ def test_verify_all_reports_a_session_deleted_with_its_index_row(tmp_path: Path)
     assert not verdicts[gone].ok and verdicts[kept].ok
 
 
+def test_verify_reports_sessions_an_audit_log_rolled_back_does_not_know(tmp_path: Path) -> None:
+    async def run(sub: str) -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        sid = await run_session(gw, sub, ["echo hello"])
+        await gw.stop()
+        return sid
+
+    state = tmp_path / "state"
+    first = asyncio.run(run("agent-1"))
+    saved = (state / "audit.db").read_bytes()
+    second = asyncio.run(run("agent-2"))
+    ok = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
+    assert ok.returncode == 0 and "2 session(s) checked, 0 failed" in ok.stdout, ok.stdout + ok.stderr
+    (state / "audit.db").write_bytes(saved)  # the audit log put back as it was before the second session
+    for suffix in ("-wal", "-shm"):
+        (state / f"audit.db{suffix}").unlink(missing_ok=True)
+    rolled = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
+    assert rolled.returncode == 1, rolled.stdout + rolled.stderr
+    assert f"{first}: OK" in rolled.stdout
+    assert f"{second}: BROKEN: the audit log does not record the start of this session" in rolled.stdout
+
+
 def test_a_session_refused_because_its_recording_cannot_start_is_not_reported_missing(tmp_path: Path) -> None:
     async def main() -> None:
         gw = make_gateway(tmp_path)
@@ -469,7 +492,8 @@ def test_sessions_a_crash_left_open_are_signed_as_interrupted(tmp_path: Path, dr
         wait_until(lambda: previous.status()["sinks"][0]["committed"] > 0, 10, "the drain process to commit")
     else:
         assert all(d._thread is not None for d in previous.drainers)
-    recorder = SessionRecorder(RecordingsConfig.from_section({"drain": drain}, tmp_path / "state"))
+    audit = AuditLog(tmp_path / "state" / "audit.db")  # as the restarted gateway's recorder has it
+    recorder = SessionRecorder(RecordingsConfig.from_section({"drain": drain}, tmp_path / "state"), audit=audit)
     assert all(d._thread is None for d in previous.drainers)  # the old drainers let go of the spool
     if child is not None:
         assert not pid_alive(child)  # and so did the old drain process
@@ -477,6 +501,7 @@ def test_sessions_a_crash_left_open_are_signed_as_interrupted(tmp_path: Path, dr
     recorder.start()
     assert recorder.flush(10)
     recorder.stop()
+    audit.close()
     manifest, events = load_session(sid, source=tmp_path / "state" / "recordings")
     assert manifest is not None and manifest["interrupted"] is True and manifest["events"] == len(events) == 7
     assert [e["data"].get("command") for e in events[1:6]] == [f"echo {i}" for i in range(5)]

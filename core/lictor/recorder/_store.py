@@ -46,6 +46,11 @@ class Store(Protocol):
         be in the store); empty when there is none to ask."""
         ...
 
+    def started(self) -> set[str] | None:
+        """Sessions whose start an authenticated record other than the recording holds (every recorded
+        session must be one); None when there is none to ask."""
+        ...
+
 
 def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
@@ -132,8 +137,20 @@ class LocalStore:
         recording started (their ``session.end`` says ``recorded: false``) and those retention removed
         (``recording.retention``): deleting a session's files and its index row together must not make
         it vanish from ``verify --all``."""
+        found = self._audit_sessions()
+        return found[0] - found[1] if found is not None else set()
+
+    def started(self) -> set[str] | None:
+        """The sessions whose ``session.start`` is in the audit log (None without an audit log). The
+        drain process appends a batch's audit events before it indexes the batch's sessions, so every
+        session the index lists has its start there, unless the audit log was rolled back or replaced."""
+        found = self._audit_sessions()
+        return found[0] if found is not None else None
+
+    def _audit_sessions(self) -> tuple[set[str], set[str]] | None:
+        """(started, not expected in the store) from the audit log; None without one."""
         if not self.audit_path.exists():
-            return set()
+            return None
         audit = AuditLog(self.audit_path)
         started: set[str] = set()
         unrecorded: set[str] = set()
@@ -147,10 +164,10 @@ class LocalStore:
                 elif kind == "recording.retention" and isinstance(e.get("sessions"), list):
                     unrecorded.update(sid for sid in e["sessions"] if isinstance(sid, str))
         except (sqlite3.Error, ValueError):
-            return set()
+            return None
         finally:
             audit.close()
-        return started - unrecorded
+        return started, unrecorded
 
 
 class RemoteStore:
@@ -198,6 +215,9 @@ class RemoteStore:
 
     def audited(self) -> set[str]:
         return set()
+
+    def started(self) -> set[str] | None:
+        return None
 
     def public_key_path(self) -> Path | None:
         if self.state_dir is None:
@@ -293,6 +313,9 @@ def iter_events(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
         yield json.loads(line)
 
 
+_NOTHING_TO_ASK: set[str] = set()  # no audit log: the sessions' starts cannot be checked
+
+
 def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = None) -> list[SessionVerdict]:
     key_path = Path(public_key) if public_key else store.public_key_path()
     public = load_public_key(key_path) if key_path is not None else None
@@ -300,6 +323,7 @@ def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = Non
     index: dict[str, dict[str, Any]] | None = None
     ended: set[str] = set()
     audited: set[str] | None = None
+    started: set[str] | None = None
     for sid in ids:
         try:
             manifest_raw, lines = store.stream_raw(sid)
@@ -359,6 +383,20 @@ def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = Non
                     None,
                     f"the manifest is missing, but the index records the session as ended with {row['events']} "
                     "events (deleted or truncated?)",
+                )
+        if verdict.ok:
+            if started is None:
+                asked = store.started()
+                started = _NOTHING_TO_ASK if asked is None else asked
+            if started is not _NOTHING_TO_ASK and sid not in started:
+                verdict = SessionVerdict(
+                    sid,
+                    False,
+                    verdict.events,
+                    verdict.signed,
+                    None,
+                    "the audit log does not record the start of this session: it was rolled back, truncated "
+                    "or replaced (lictor audit verify cannot see that on its own)",
                 )
         verdicts.append(verdict)
     return verdicts
