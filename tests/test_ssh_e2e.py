@@ -1271,6 +1271,36 @@ def test_sftp_transfers_are_recorded_with_sizes_and_hashes(env: Env) -> None:
     assert data["path"] == f"{env.work}/hashed.bin"
 
 
+def test_a_file_read_and_written_through_one_handle_is_recorded_both_ways(env: Env) -> None:
+    path = f"{env.work}/rw.txt"
+    assert env.direct(f"printf 0123456789 > {path}").returncode == 0
+
+    async def run() -> bytes:
+        async with (
+            env.connect(token=env.gw.token("agent-rw", role="operator")) as conn,
+            conn.start_sftp_client() as sftp,
+        ):
+            async with sftp.open(path.encode(), asyncssh.FXF_READ | asyncssh.FXF_WRITE, encoding=None) as file:
+                head = await file.read(4, 0)
+                await file.write(b"abcdef", 4)
+                return bytes(head)
+
+    try:
+        assert asyncio.run(run()) == b"0123"
+        assert env.direct(f"cat {path}").stdout == b"0123abcdef"
+    finally:
+        env.direct(f"rm -f {path}")
+    deadline = time.monotonic() + 10
+    while True:
+        transfers = [e for e in _session_events(env, "agent-rw") if e.get("kind") == "transfer"]
+        if transfers or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    data = transfers[0]["data"]
+    assert data["operation"] == "read+write" and data["bytes_read"] == 4 and data["bytes_written"] == 6, data
+    assert data["sha256"] is None and data["sequential"] is False, data
+
+
 def test_output_that_pauses_inside_a_value_is_still_masked(env: Env) -> None:
     # A producer that stalls in the middle of a line (a slow network, a program writing in pieces): without
     # a terminal nobody waits for a prompt, so an idle pause does not release half a card number.

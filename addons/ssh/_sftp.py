@@ -23,8 +23,9 @@ sets an owner or a setuid, setgid or sticky bit), ``remove``, ``rename`` (both p
 ``realpath`` itself is answered without a decision: SFTP clients canonicalise their working
 directory before anything else, and it reveals only a path name.
 
-Transfers are recorded when the file is closed: path, operation, bytes, and the SHA-256 of the
-data when it was transferred in order from offset 0 (what sftp and scp do). Content whose decision
+Transfers are recorded when the file is closed: path, operation, bytes (read and written), and the
+SHA-256 of the data when it was transferred in one direction, in order from offset 0 (what sftp and
+scp do). Content whose decision
 carries masks is not transferred (reads are denied): masking changes lengths, which file transfer
 protocols cannot express; read such files with ``cat`` over exec, where output is masked.
 
@@ -430,16 +431,21 @@ class ProxySFTPServer(SFTPServer):
         try:
             await handle.file.close()
         finally:
-            moved = handle.written_bytes if handle.operation == "write" else handle.read_bytes
+            # A handle opened for reading and writing may do both: the recording says how much went each
+            # way, and a hash of the two interleaved would describe no file, so there is none.
+            both = bool(handle.read_bytes and handle.written_bytes)
+            sequential = handle.sequential and not both
             self.session.record(
                 "transfer",
                 {
                     "channel": self.number,
-                    "operation": handle.operation,
+                    "operation": "read+write" if both else handle.operation,
                     "path": handle.path,
-                    "bytes": moved,
-                    "sha256": handle.hash.hexdigest() if handle.sequential else None,
-                    "sequential": handle.sequential,
+                    "bytes": handle.read_bytes + handle.written_bytes,
+                    "bytes_read": handle.read_bytes,
+                    "bytes_written": handle.written_bytes,
+                    "sha256": handle.hash.hexdigest() if sequential else None,
+                    "sequential": sequential,
                 },
             )
 
