@@ -150,6 +150,22 @@ def test_cli_lists_shows_approves_and_denies_held_commands(approvals_gateway: An
     assert "approval.refused" in kinds and "approval.used" in kinds
 
 
+def test_a_request_approved_after_the_agents_token_expired_does_not_run(approvals_gateway: Any) -> None:
+    """A connection does not outlive its token, not even through a request it asked for before."""
+    gw = approvals_gateway
+    dba = gw.token("dba-1", role="dba")
+    agent = LineAgent(gw.line_port, gw.token("agent-short", ttl="2s", role="agent"))
+    aid, _ = agent.held("restart api")
+    time.sleep(3)  # the token has expired while the request waits
+    approved = lictor("approvals", "approve", aid, "--url", gw.url, "--token", dba)
+    assert approved.stdout.strip() == f"{aid} is now approved"
+    answer = agent.recv()
+    assert answer.startswith("DENIED lictor:token-expired: ") and "your token has expired" in answer, answer
+    agent.close()
+    shown = json.loads(lictor("approvals", "show", aid, "--json", "--url", gw.url, "--token", dba).stdout)
+    assert shown["status"] == "withdrawn" and "lictor:token-expired" in shown["decision_reason"]
+
+
 def test_cli_explains_a_gateway_without_an_approvals_listener(tmp_path: Path) -> None:
     config = tmp_path / "lictor.yaml"
     config.write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\n")

@@ -578,13 +578,9 @@ class ApprovalBroker:
     ) -> Decision:
         """Decide ``request`` again under the live policy and use the approval up if it still applies."""
         identity = session.identity
-        policy = self.gateway.policy
-        live = policy.decide(
-            identity,
-            request,
-            roles=session.roles(policy),
-            extra_roles=self.elevated_roles(identity, session.target),
-        )
+        # as any other request on this connection: the live policy, elevations, and a token that has expired
+        # meanwhile denies it
+        live = session.policy_decision(request)
         now = time.time()
         if live.action == "deny":
             if not consumed:
