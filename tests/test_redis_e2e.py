@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import redis
 from lictor import AuditLog, LocalIssuer
 
 from tests.conftest import ROOT, GatewayProcess, free_port, lictor, require, require_binary
+from tests.idp import HeldJwks
 
 sys.path.insert(0, str(ROOT / "examples" / "redis"))
 
@@ -245,6 +247,49 @@ def test_authentication_failures(gw: Gw):
         assert time.monotonic() < deadline, failed
         time.sleep(0.1)
     assert all(e["target"] == "cache" for e in failed)
+
+
+def test_a_slow_identity_provider_holds_up_no_other_connection(tmp_path: Path):
+    """A login whose token needs the identity provider's keys waits for them; the gateway's other
+    connections go on meanwhile."""
+    require(_redis_up(), "redis-server on 127.0.0.1:6379")
+    port = free_port()
+    target = {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": {"host": "127.0.0.1", "port": 6379}}
+    with HeldJwks() as idp:
+        config = _config({"cache": target})
+        config["identity"] = {"issuers": [{"type": "lictor"}, idp.issuer]}
+        proc = GatewayProcess(tmp_path, config).start()
+        try:
+            local = Gw(proc, port).client("reader")
+            assert local.ping()
+            logins: list[Any] = []
+
+            def login() -> None:
+                try:
+                    client = redis.Redis(port=port, username="agent", password=idp.token("idp-agent", role="reader"))
+                    logins.append(client.ping())
+                    client.close()
+                except Exception as exc:
+                    logins.append(exc)
+
+            waiting = threading.Thread(target=login)
+            waiting.start()
+            assert idp.asked.wait(15), "the login did not ask the identity provider for its keys"
+            # While the provider holds that login, commands of another connection still run. (A gateway
+            # that waited for the keys would answer only after the release, which comes after 20 s at most.)
+            backstop = threading.Timer(20, idp.release.set)
+            backstop.start()
+            for _ in range(5):
+                assert local.ping()
+            answered_while_held = not idp.release.is_set() and not logins
+            idp.release.set()
+            backstop.cancel()
+            waiting.join(15)
+            local.close()
+        finally:
+            proc.stop()
+    assert answered_while_held, "commands waited for another connection's login"
+    assert logins == [True], logins
 
 
 # -- redis-py: RESP2 and RESP3, masking ---------------------------------------------------------------

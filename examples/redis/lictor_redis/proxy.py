@@ -468,7 +468,8 @@ class Connection:
     async def _login(self, token: bytes, user: bytes | None, via: str) -> bool:
         target = self.target
         try:
-            identity = self.gateway.authenticate(
+            # async: a token whose keys the identity provider must send first holds up no other connection
+            identity = await self.gateway.authenticate_async(
                 token.decode("utf-8", "replace"), protocol=PROTOCOL, target=target.name, peer=self.peer
             )
         except AuthError as exc:
