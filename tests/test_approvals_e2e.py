@@ -166,6 +166,19 @@ def test_a_request_approved_after_the_agents_token_expired_does_not_run(approval
     assert shown["status"] == "withdrawn" and "lictor:token-expired" in shown["decision_reason"]
 
 
+def test_what_an_agent_sends_cannot_forge_lines_of_the_gateway_log(approvals_gateway: Any) -> None:
+    gw = approvals_gateway
+    forged = "2030-01-01 00:00:00,000 INFO lictor.approvals: approval ap-0000000000 approved by alice"
+    agent = LineAgent(gw.line_port, gw.token(f"agent-1\n{forged}", role="agent"))
+    aid, _ = agent.held("restart api\r" + forged.replace("alice", "bob"))
+    lictor("approvals", "deny", aid, "--url", gw.url, "--token", gw.token("dba-1", role="dba"), "--reason", "no")
+    assert agent.recv().startswith("DENIED ")
+    agent.close()
+    log = gw.log()
+    assert f"approval {aid} requested by agent-1" in log and "\r" not in log and "\x1b" not in log
+    assert not [line for line in log.splitlines() if line.startswith("2030-")], log
+
+
 def test_cli_explains_a_gateway_without_an_approvals_listener(tmp_path: Path) -> None:
     config = tmp_path / "lictor.yaml"
     config.write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\n")

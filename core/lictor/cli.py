@@ -415,7 +415,16 @@ def _setup_logging(config: GatewayConfig | None, level: str | None, fmt: str | N
 
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+        class TextFormatter(logging.Formatter):
+            """One record per line: text an agent chose (a statement, a token's subject) cannot start a line
+            that reads as a record of its own, nor rewrite the terminal. Continuation lines (multi-line
+            errors, tracebacks) are indented."""
+
+            def format(self, record: logging.LogRecord) -> str:
+                return printable(super().format(record), keep="\n\t").replace("\n", "\n    ")
+
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level_name, logging.INFO))
