@@ -103,6 +103,32 @@ def test_allow_deny_and_bad_token(line_gateway):
     assert any(e["kind"] == "auth.failed" for e in events)
 
 
+def test_a_huge_unverified_token_is_not_echoed_into_the_answer_and_the_audit(line_gateway):
+    """Refusing a token quotes what it claims (its issuer, algorithm), cut short: an unauthenticated peer
+    cannot make each of its attempts write tens of kilobytes to the audit log."""
+    import base64
+
+    def part(value: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    gw = line_gateway
+    big = "x" * 30_000
+    tokens = [
+        part({"alg": "EdDSA"}) + "." + part({"iss": big, "sub": "a"}) + ".sig",
+        part({"alg": big}) + "." + part({"iss": "lictor", "sub": "a"}) + ".sig",
+    ]
+    for token in tokens:
+        c = Client(gw.port, token)
+        assert c.greeting.startswith("ERROR token ") and "xxx…" in c.greeting, c.greeting[:300]
+        assert len(c.greeting) < 500
+        c.close()
+    deadline = time.monotonic() + 10  # the audit log is a batch behind the spool
+    while len(failed := audit_events(gw, "--kind", "auth.failed")) < 2:
+        assert time.monotonic() < deadline, failed
+        time.sleep(0.1)
+    assert all(len(e["reason"]) < 500 for e in failed), [e["reason"][:300] for e in failed]
+
+
 def test_fault_in_an_addon_hook_is_an_audited_denial(line_gateway):
     gw = line_gateway
     c = Client(gw.port, gw.token("agent-1", role="reader"))

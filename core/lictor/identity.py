@@ -161,6 +161,17 @@ class LocalIssuer:
         )
 
 
+def _clip(text: str, limit: int = 200) -> str:
+    """Error text that may quote the unverified token, cut short: the message goes to the agent and into
+    the audit log, and the token may be as large as the protocol allows."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _shown(value: Any) -> str:
+    """A value read from an unverified token, quoted for an error message (see :func:`_clip`)."""
+    return _clip(repr(value))
+
+
 def _usable_keys(alg: str, keys: Sequence[Any]) -> list[Any]:
     """``keys`` prepared for ``alg``, without those of another key type: pyjwt raises TypeError for an EC
     key given to RS256 (and the reverse), which would end verification before the key that signed the
@@ -242,8 +253,8 @@ class TokenVerifier:
         except jwt.PyJWKClientConnectionError as exc:
             self._jwks_failed[issuer] = (time.monotonic(), str(exc))
             raise AuthError(f"cannot find the token's signing key: {exc}") from None
-        except jwt.PyJWTError as exc:
-            raise AuthError(f"cannot find the token's signing key: {exc}") from None
+        except jwt.PyJWTError as exc:  # the message quotes the token's kid
+            raise AuthError(f"cannot find the token's signing key: {_clip(str(exc))}") from None
         except (OSError, ValueError) as exc:  # a connection reset while reading, a body that is not JSON
             problem = f"the JWKS could not be read: {type(exc).__name__}: {exc}"
             self._jwks_failed[issuer] = (time.monotonic(), problem)
@@ -264,17 +275,17 @@ class TokenVerifier:
         iss = unverified.get("iss")
         cfg = self.issuers.get(iss) if isinstance(iss, str) else None
         if cfg is None:
-            raise AuthError(f"token issuer {iss!r} is not trusted by this gateway")
+            raise AuthError(f"token issuer {_shown(iss)} is not trusted by this gateway")
         alg = header.get("alg")
         if alg not in cfg.algorithms:
-            raise AuthError(f"token algorithm {alg!r} is not allowed for issuer {iss!r}")
+            raise AuthError(f"token algorithm {_shown(alg)} is not allowed for issuer {iss!r}")
         keys: list[Any]
         if cfg.type == "jwks":
             keys = _usable_keys(alg, [self._jwks_key(cfg.issuer, header.get("kid"))])
         else:
             keys = self._static_keys[cfg.issuer][alg]
         if not keys:
-            raise AuthError(f"issuer {iss!r} has no key for algorithm {alg!r}")
+            raise AuthError(f"issuer {iss!r} has no key for algorithm {_shown(alg)}")
         last: Exception | None = None
         for key in keys:
             try:
