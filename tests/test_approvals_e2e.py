@@ -179,6 +179,27 @@ def test_what_an_agent_sends_cannot_forge_lines_of_the_gateway_log(approvals_gat
     assert not [line for line in log.splitlines() if line.startswith("2030-")], log
 
 
+def test_failed_authentications_on_the_approvals_api_are_audited(approvals_gateway: Any) -> None:
+    gw = approvals_gateway
+    other = gw.workdir / "other-issuer"  # a key this gateway does not trust
+    forged = lictor("token", "issue", "--state-dir", str(other), "--sub", "dba-1", "--claim", "role=dba").stdout.strip()
+    for token in (forged, "not-a-token"):
+        result = lictor("approvals", "list", "--url", gw.url, "--token", token, check=False)
+        assert result.returncode == 1 and "gateway refused (401): authentication failed" in result.stderr
+    deadline = time.monotonic() + 10  # the audit log is a batch behind the spool
+    while True:
+        out = lictor("audit", "list", "--json", "--kind", "approvals.login_failed", "--state-dir", str(gw.state_dir))
+        failed = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+        if len(failed) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert [(e["via"], e["reason"].split(":")[0]) for e in failed] == [
+        ("api", "token signature does not verify (Signature verification failed)"),
+        ("api", "no valid JWT presented"),
+    ]
+    assert forged not in out.stdout
+
+
 def test_cli_explains_a_gateway_without_an_approvals_listener(tmp_path: Path) -> None:
     config = tmp_path / "lictor.yaml"
     config.write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\n")

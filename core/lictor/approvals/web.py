@@ -401,6 +401,9 @@ class WebApp:
         try:
             return await self.broker.gateway.verify_async(auth)
         except AuthError as exc:
+            self.broker.gateway.audit_event(
+                "approvals.login_failed", {"peer": request.peer, "reason": str(exc), "via": "api"}, fail_closed=False
+            )
             return HttpResponse.json({"error": f"authentication failed: {exc}"}, 401)
 
     async def api_get(self, request: HttpRequest) -> HttpResponse:
