@@ -92,6 +92,20 @@ def test_explain_reads_sql_as_a_postgres_request_and_asks_for_a_missing_protocol
     assert "cannot build the request: the request needs a protocol (loaded: " in proc.stdout
 
 
+def test_token_issue_refuses_what_the_gateway_would_refuse_with_a_clear_error(tmp_path: Path):
+    for args, message in [
+        (["--sub", "a", "--ttl", "abc"], "--ttl: bad duration 'abc': use forms like 30s, 15m, 1h, 2d"),
+        (["--sub", "a", "--ttl", "1.2.3"], "--ttl: bad duration '1.2.3'"),
+        (["--sub", "a", "--ttl", ""], "--ttl: empty duration"),
+        (["--sub", "a", "--ttl", "0"], "a token must live at least 1s"),
+        (["--sub", " ", "--ttl", "1h"], "--sub must name the agent"),
+    ]:
+        proc = lictor("token", "issue", "--state-dir", str(tmp_path), *args, check=False)
+        assert proc.returncode == 2 and proc.stdout == "", (args, proc.stdout, proc.stderr)
+        assert proc.stderr.startswith("lictor token issue: ") and message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
 def test_token_issue_is_short_and_verifiable(tmp_path: Path):
     token = lictor(
         "token",

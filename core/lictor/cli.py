@@ -219,10 +219,22 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
+    # a token the gateway would refuse (no subject, already expired) is an error here, not at the agent's login
+    if not args.sub.strip():
+        print("lictor token issue: --sub must name the agent", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        print(f"lictor token issue: --ttl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if ttl < 1:
+        print(f"lictor token issue: --ttl {args.ttl!r}: a token must live at least 1s", file=sys.stderr)
+        return EXIT_USAGE
     config = _config(args)
     issuer = LocalIssuer(_state_dir(args, config))
     claims = _parse_kv(args.claim)
-    token = issuer.issue(args.sub, claims, ttl=parse_duration(args.ttl))
+    token = issuer.issue(args.sub, claims, ttl=ttl)
     print(token)
     return EXIT_OK
 

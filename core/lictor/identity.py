@@ -76,18 +76,26 @@ def parse_duration(text: str | int | float) -> float:
     if not s:
         raise ValueError("empty duration")
     units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    problem = f"bad duration {text!r}: use forms like 30s, 15m, 1h, 2d"
+
+    def amount(number: str) -> float:
+        try:
+            return float(number)
+        except ValueError:  # "1.2.3"
+            raise ValueError(problem) from None
+
     total = 0.0
     number = ""
     for ch in s:
         if ch.isdigit() or ch == ".":
             number += ch
         elif ch in units and number:
-            total += float(number) * units[ch]
+            total += amount(number) * units[ch]
             number = ""
         else:
-            raise ValueError(f"bad duration {text!r}: use forms like 30s, 15m, 1h, 2d")
+            raise ValueError(problem)
     if number:
-        total += float(number)
+        total += amount(number)
     return total
 
 
