@@ -200,6 +200,26 @@ def test_failed_authentications_on_the_approvals_api_are_audited(approvals_gatew
     assert forged not in out.stdout
 
 
+def test_the_api_reads_any_limit_it_is_given(approvals_gateway: Any) -> None:
+    gw = approvals_gateway
+    dba = gw.token("dba-1", role="dba")
+    agent = LineAgent(gw.line_port, gw.token("agent-1", role="agent"))
+    aid, _ = agent.held("restart api")
+    for limit in ("9" * 5000, "%C2%B2", "0", "00000000000000000000007", "abc", ""):
+        req = urllib.request.Request(
+            f"{gw.url}/api/approvals?limit={limit}", headers={"Authorization": f"Bearer {dba}"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert [a["id"] for a in json.loads(resp.read())["approvals"]] == [aid], limit
+    agent.close()
+    for length, status in (("\u00b2", b"400"), ("9" * 5000, b"413")):
+        with socket.create_connection(("127.0.0.1", int(gw.url.rsplit(":", 1)[1])), timeout=10) as sock:
+            sock.sendall(
+                f"POST /api/approvals/{aid}/approve HTTP/1.1\r\nContent-Length: {length}\r\n\r\n".encode("latin-1")
+            )
+            assert sock.makefile("rb").readline().split(b" ")[1] == status, length
+
+
 def test_cli_explains_a_gateway_without_an_approvals_listener(tmp_path: Path) -> None:
     config = tmp_path / "lictor.yaml"
     config.write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\n")

@@ -415,9 +415,11 @@ class WebApp:
         if not rest:
             which = request.param("status", "pending")
             pending = {"pending": True, "decided": False, "all": None}.get(which, True)
-            limit = min(
-                max(int(request.param("limit", "100")) if request.param("limit", "").isdigit() else 100, 1), 500
-            )
+            given = request.param("limit", "")
+            limit = 100
+            if given.isascii() and given.isdigit():  # not "²", a digit int() refuses
+                digits = given.lstrip("0") or "0"
+                limit = 500 if len(digits) > 3 else min(max(int(digits), 1), 500)  # int() refuses 4,300 digits
             items = [
                 a for a in await self.broker.recent(pending=pending, limit=limit) if self.broker.may_view(identity, a)
             ]
