@@ -3,6 +3,7 @@
 The upstream records every request it receives, so each test proves what did (and did not) reach it.
 """
 
+import base64
 import contextlib
 import datetime as dt
 import gzip
@@ -617,6 +618,30 @@ def test_approvers_read_the_body_of_a_request_that_is_not_json(env: Env) -> None
             assert web.post("/login", data={"csrf": csrf.group(1), "token": env.lead}).status_code == 303
             page = web.get(f"/approvals/{approval_id}").text
         assert '<pre id="body">name,credit_limit\nAcme,900000\n\\x1b]0;owned\\x07</pre>' in page, page
+    finally:
+        lictor("approvals", "deny", approval_id, "--url", approvals, "--token", env.lead, "--reason", "done")
+
+
+def test_a_token_offered_as_a_websocket_subprotocol_is_not_shown_to_approvers(env: Env) -> None:
+    """Clients that cannot send headers (browsers, kubectl's WebSocket) pass the bearer token as a
+    subprotocol: approvers, the approvals store and webhooks must not get it."""
+    encoded = base64.urlsafe_b64encode(env.agent.encode()).rstrip(b"=").decode()
+    protocols = f"base64url.bearer.authorization.k8s.io.{encoded}, chat"
+    url = env.url("tickets") + "/v1/customers"
+    code, out = env.curl(
+        url,
+        *("-X", "POST", "-H", "Content-Type: application/json", "--data", json.dumps({"name": "WS Customer"})),
+        *("-H", f"Sec-WebSocket-Protocol: {protocols}"),
+    )
+    assert code == 403, out
+    approval_id = json.loads(out)["approval_id"]
+    approvals = f"http://127.0.0.1:{env.ports['approvals']}"
+    try:
+        shown = lictor("approvals", "show", approval_id, "--json", "--url", approvals, "--token", env.lead).stdout
+        record = json.loads(shown)
+        assert encoded not in shown and env.agent not in shown
+        assert record["attrs"]["headers"]["sec-websocket-protocol"] == "chat"
+        assert "\nsec-websocket-protocol: chat" in record["payload"]
     finally:
         lictor("approvals", "deny", approval_id, "--url", approvals, "--token", env.lead, "--reason", "done")
 

@@ -70,6 +70,7 @@ from ._config import HttpTarget
 from ._requests import (
     FORWARDING_HEADERS,
     SECRET_HEADERS,
+    WS_BEARER_PREFIX,
     K8sCall,
     Unreadable,
     access_review_document,
@@ -124,7 +125,6 @@ CHANNEL_PROTOCOLS = (
     "v2.channel.k8s.io",
     "channel.k8s.io",
 )
-WS_BEARER_PREFIX = "base64url.bearer.authorization.k8s.io."
 SECRET_QUERY_WORDS = ("token", "key", "secret", "password", "passwd", "signature", "auth", "credential")
 SPDY_MESSAGE = (
     "this gateway relays exec, attach and port-forward only over WebSockets, where it can inspect and record "

@@ -99,6 +99,8 @@ SECRET_HEADERS = frozenset(
         "x-xsrf-token",
     ]
 )
+# A WebSocket client that cannot send headers (a browser, kubectl) passes its bearer token as a subprotocol.
+WS_BEARER_PREFIX = "base64url.bearer.authorization.k8s.io."
 _MAX_REVIEW_FIELD = 1024
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
@@ -347,12 +349,17 @@ def _multipart_fields(body: bytes, content_type: str) -> list[tuple[str, str]]:
 
 
 def header_attrs(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Lower-case header name -> value (repeats joined with ``, ``), without credentials and X-Lictor-*."""
+    """Lower-case header name -> value (repeats joined with ``, ``), without credentials and X-Lictor-*: not
+    the bearer token offered as a WebSocket subprotocol either (rules, approvers and webhooks read these)."""
     out: dict[str, str] = {}
     for name, value in headers:
         key = name.lower()
         if key in SECRET_HEADERS or key.startswith("x-lictor-"):
             continue
+        if key == "sec-websocket-protocol":
+            value = ", ".join(p.strip() for p in value.split(",") if not p.strip().startswith(WS_BEARER_PREFIX))
+            if not value:
+                continue
         out[key] = f"{out[key]}, {value}" if key in out else value
     return out
 
