@@ -442,3 +442,19 @@ def test_duplicate_identity_mapping_ids_are_errors(tmp_path):
     assert result.policy is None
     [error] = result.errors
     assert str(error).startswith(f"{path}:7:") and "duplicate identity mapping id 'ro' (also at" in str(error), error
+
+
+def test_a_mask_column_glob_with_an_unclosed_bracket_is_an_error(tmp_path):
+    # fnmatch reads "card_[0-9" as a literal: the card columns meant would be returned unmasked
+    text = GOOD + (
+        "      - id: ro-mask\n"
+        "        protocol: postgres\n"
+        "        action: mask\n"
+        '        mask: {columns: ["card_[0-9"]}\n'
+    )
+    path, result = problems(tmp_path, text)
+    assert result.policy is None
+    [error] = result.errors
+    assert str(error).startswith(f"{path}:16:15: ") and "'[' at position 6 is never closed" in str(error)
+    _, ok = problems(tmp_path, text.replace("card_[0-9", "card_[0-9]*"))
+    assert ok.policy is not None, ok.errors

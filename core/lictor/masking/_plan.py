@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from ..vocabulary import glob_to_regex
 from ._detectors import BUILTIN_DETECTORS, SECRET_KEY_AT_END, Detector, compile_detector
 from ._errors import MaskingError
 from ._json import JsonMasker, Step, parse_path, scalar_text
@@ -230,6 +231,11 @@ class MaskPlan:
                 prev = det_styles.get(name)
                 det_styles[name] = style if prev is None else prev.stronger(style)
             for glob in globs:
+                try:
+                    # fnmatch would read an unclosed "[" as a literal: the column meant would go unmasked
+                    glob_to_regex(glob)
+                except ValueError as exc:
+                    raise MaskingError(f"mask.columns: {exc}") from None
                 prev = columns.get(glob.lower())
                 columns[glob.lower()] = block_style if prev is None else prev.stronger(block_style)
             for jpath in jpaths:
