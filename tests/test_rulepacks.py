@@ -305,6 +305,18 @@ def test_a_dangling_symlinked_pack_is_an_error_not_a_missing_pack(tmp_path):
     assert "cannot read" in result.errors[0].message
 
 
+def test_an_editor_lock_file_is_not_a_pack(tmp_path):
+    # Emacs links `.#pack.yaml` to "user@host.pid" while a buffer is modified: a running gateway rejected
+    # every reload (and `lictor check` failed) until the edit was saved
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    write(packs, GOOD)
+    (packs / ".#pack.yaml").symlink_to("root@host.1234:1700000000")
+    result = load_policy([packs], vocabularies())
+    assert result.policy is not None, result.errors
+    assert result.files == [packs / "pack.yaml"]
+
+
 def test_numeric_bounds_that_can_never_match_are_errors(tmp_path):
     # `limit: {max: -3}` or `{min: 10, max: 5}` matched nothing: a deny rule written so denied nothing
     path, result = problems(

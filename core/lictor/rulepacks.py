@@ -234,8 +234,14 @@ def discover(paths: Iterable[str | Path]) -> list[Path]:
         if p.is_dir():
             # A symlinked pack whose target is gone is kept (reading it fails with an error): skipping it would
             # silently drop the pack's rules, deny rules included, from a running gateway.
+            # Emacs marks a file being edited with a dangling symlink `.#name.yaml` (a lock, never a pack): read
+            # as a pack, it would fail the whole load while the buffer is modified.
             found.extend(
-                sorted(x for x in p.rglob("*") if x.suffix in (".yaml", ".yml") and (x.is_file() or x.is_symlink()))
+                sorted(
+                    x
+                    for x in p.rglob("*")
+                    if x.suffix in (".yaml", ".yml") and not x.name.startswith(".#") and (x.is_file() or x.is_symlink())
+                )
             )
         else:
             found.append(p)
