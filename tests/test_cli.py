@@ -162,6 +162,30 @@ def test_test_names_a_misspelt_key_in_expect(tmp_path: Path):
     assert "unknown key 'mask' in expect; expected one of: action, masked, rule, shadow" in proc.stdout
 
 
+def test_test_refuses_requests_whose_mistakes_no_rule_would_see(tmp_path: Path):
+    # Each of these met no rule, so a case expecting a deny passed without testing anything.
+    _ls_pack(tmp_path)
+    (tmp_path / "p.yaml").write_text(
+        (tmp_path / "p.yaml").read_text() + "      - {id: no-rm, protocol: ssh, when: {programs: rm}, action: deny}\n"
+    )
+    (tmp_path / "p.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n"
+        "  - {name: proto, identity: {sub: a}, request: {protocol: shh, action: rm, attrs: {program: rm}}, expect: deny}\n"
+        "  - {name: field, identity: {sub: a}, request: {protocol: ssh, action: rm, attrs: {programs: rm}}, expect: deny}\n"
+        "  - {name: key, identity: {sub: a}, request: {protocol: ssh, comand: rm -rf /}, expect: deny}\n"
+        "  - {name: right, identity: {sub: a}, request: {protocol: ssh, command: rm -rf /}, expect: {action: deny, rule: no-rm}}\n"
+    )
+    proc = lictor("test", str(tmp_path), check=False)
+    assert proc.returncode == 1, proc.stdout
+    assert "proto -> no decision: error: unknown protocol 'shh' (loaded: " in proc.stdout
+    assert (
+        "field -> no decision: error: attrs.programs: rules read the 'programs' field from the attribute 'program'"
+        in (proc.stdout)
+    )
+    assert "key -> no decision: error: unknown key 'comand' in a ssh test request; expected one of: " in proc.stdout
+    assert "PASS" in proc.stdout and "1 passed, 3 failed" in proc.stdout
+
+
 def test_test_names_an_expected_rule_id_that_no_pack_has(tmp_path: Path):
     _ls_pack(tmp_path)
     (tmp_path / "p.tests.yaml").write_text(

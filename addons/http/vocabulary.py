@@ -179,6 +179,19 @@ HTTP_VOCABULARY = Vocabulary(
     secondary="paths",
     description="HTTP requests through the reverse proxy",
     build_requests=build_http_requests,
+    test_request_schema={
+        "type": "object",
+        "properties": {
+            "method": {},
+            "path": {},
+            "host": {},
+            "headers": {},
+            "json": {},
+            "body": {},
+            "content_type": {},
+            "reason": {},
+        },
+    },
     mask_by=("detectors", "json_paths"),
 )
 
@@ -303,5 +316,18 @@ K8S_VOCABULARY = Vocabulary(
     secondary="resources",
     description="Kubernetes API requests, mapped like the API server's RBAC",
     build_requests=build_k8s_requests,
+    test_request_schema={
+        "type": "object",
+        "properties": {
+            "method": {},
+            "path": {},
+            "headers": {},
+            "json": {},
+            "body": {},
+            "content_type": {},
+            "reason": {},
+            "reveal": {},
+        },
+    },
     mask_by=("detectors", "json_paths"),
 )

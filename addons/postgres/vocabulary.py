@@ -169,4 +169,5 @@ VOCABULARY = Vocabulary(
     secondary="tables",
     description="PostgreSQL statements, classified with the real PostgreSQL grammar",
     build_requests=_build,
+    test_request_schema={"type": "object", "properties": {"sql": {}, "database": {}}},
 )

@@ -121,5 +121,19 @@ VOCABULARY = Vocabulary(
     index="programs",
     description="SSH exec requests, shell lines, sftp/scp and forwarding",
     build_requests=_build,
+    test_request_schema={
+        "type": "object",
+        "properties": {
+            "channel": {},
+            "reason": {},
+            "command": {},
+            "pty": {},
+            "operation": {},
+            "path": {},
+            "paths": {},
+            "destination": {},
+            "direction": {},
+        },
+    },
     mask_by=("detectors",),  # output is a byte stream
 )

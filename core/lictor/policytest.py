@@ -17,6 +17,7 @@ from .identity import Identity
 from .policy import Policy
 from .policy_types import DEFAULT_DENY, Decision, Request, combine
 from .rulepacks import TESTS_FORMAT
+from .vocabulary import Boolean, Enum, Glob, Number
 
 __all__ = ["CaseResult", "TestReport", "build_requests", "identity_from_spec", "run_tests"]
 
@@ -66,7 +67,22 @@ def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
         scoped = sorted({r.id for r in policy.rules if r.protocol == protocol and r.targets})
         if scoped:
             raise ValueError(f"the request needs a target (rules {', '.join(scoped[:5])} apply only to some targets)")
+    vocab = policy.vocabularies.get(protocol)
+    if vocab is None:
+        # an `action` + `attrs` request of a misspelt protocol met no rule: every `deny` expectation passed
+        known = ", ".join(sorted(policy.vocabularies)) or "none"
+        what = f"unknown protocol {protocol!r}" if protocol else "the request needs a protocol"
+        raise ValueError(f"{what} (loaded: {known})")
     if "action" in spec:
+        attrs = spec.get("attrs") or {}
+        # attrs are named as the request carries them, which is not always the `when:` field's name
+        # (`statements` reads `kinds`): under the field's name no rule sees the value, and a case expecting
+        # a deny passed without testing it.
+        fields = [f for f in vocab.fields if isinstance(f, (Glob, Enum, Boolean, Number))]
+        read = {f.attribute for f in vocab.fields}
+        for f in fields:
+            if isinstance(attrs, Mapping) and f.name in attrs and f.name not in read:
+                raise ValueError(f"attrs.{f.name}: rules read the {f.name!r} field from the attribute {f.attribute!r}")
         return [
             Request(
                 protocol=protocol,
@@ -77,13 +93,15 @@ def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
                 payload=str(spec.get("payload", "")),
             )
         ]
-    vocab = policy.vocabularies.get(protocol)
-    if vocab is None:
-        known = ", ".join(sorted(policy.vocabularies)) or "none"
-        what = f"unknown protocol {protocol!r}" if protocol else "the request needs a protocol"
-        raise ValueError(f"{what} (loaded: {known})")
     if vocab.build_requests is None:
         raise ValueError(f"protocol {protocol!r} needs `action` and `attrs` in test requests")
+    keys = (vocab.test_request_schema or {}).get("properties")
+    if isinstance(keys, Mapping):
+        # A misspelt key (`comand:`, `databse:`) was ignored: the case tested another request than it says.
+        unknown = sorted(str(k) for k in spec if k not in keys and k not in ("protocol", "target"))
+        if unknown:
+            allowed = ", ".join(sorted({"protocol", "target", *map(str, keys)}))
+            raise ValueError(f"unknown key {unknown[0]!r} in a {protocol} test request; expected one of: {allowed}")
     try:
         return list(vocab.build_requests(spec, target))
     except ValueError:
