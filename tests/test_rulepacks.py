@@ -470,3 +470,21 @@ def test_a_mask_column_glob_with_an_unclosed_bracket_is_an_error(tmp_path):
     assert str(error).startswith(f"{path}:16:15: ") and "'[' at position 6 is never closed" in str(error)
     _, ok = problems(tmp_path, text.replace("card_[0-9", "card_[0-9]*"))
     assert ok.policy is not None, ok.errors
+
+
+def test_look_alike_and_invisible_characters_are_warned_about(tmp_path):
+    # A Cyrillic "s" (U+0455) in `unless: {tables: [secrets]}` made an exception that never applies (the allow
+    # covered the secrets table), and `lictor check` said OK
+    text = GOOD.replace(
+        "{statements: [select]}", '{statements: [select]}\n        unless: {tables: ["\u0455ecrets", "se\u200bcrets"]}'
+    ).replace("metadata: {name: good, owner: security}", "metadata: {name: good, description: Доступ for агенты}")
+    path, result = problems(tmp_path, text)
+    assert result.policy is not None
+    assert [str(w) for w in result.warnings] == [
+        f"{path}:12:27: warning: '\u0455ecrets' holds '\u0455' (CYRILLIC SMALL LETTER DZE, U+0455) at position 1 among "
+        "Latin letters: a look-alike matches only text spelt with the same character; type it again",
+        f"{path}:12:38: warning: 'se\\u200bcrets' holds an invisible character U+200B at position 3; delete it",
+    ]
+    _, result = problems(tmp_path, GOOD.replace("roles: [ro]", "roles: [r\u043e]"))
+    assert [p.severity for p in result.problems] == ["warning", "error"]
+    assert "CYRILLIC SMALL LETTER O" in result.problems[0].message and "unknown role" in result.problems[1].message

@@ -14,6 +14,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +307,42 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
+_PROSE = frozenset({"description", "message", "metadata"})  # free text: words of any script, side by side
+_INVISIBLE = (
+    frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad")
+    | frozenset(map(chr, range(0x202A, 0x202F)))
+    | frozenset(map(chr, range(0x2066, 0x206A)))
+)
+
+
+def _lookalike(text: str) -> str | None:
+    """Why ``text`` likely does not say what it shows: an invisible character, or a word mixing Latin
+    letters with letters of another script (a Cyrillic "e", U+0435, in "reader" matches only text spelt
+    with it)."""
+    if text.isascii():
+        return None
+    for i, ch in enumerate(text):
+        if ch in _INVISIBLE:
+            return f"an invisible character U+{ord(ch):04X} at position {i + 1}; delete it"
+    for word in text.split():
+        latin = foreign = None
+        for ch in word:
+            if not ch.isalpha():
+                continue
+            name = unicodedata.name(ch, "")
+            if name.startswith("LATIN") and ch.isascii():
+                latin = latin or ch
+            elif not name.startswith("LATIN") and foreign is None:
+                foreign = ch
+        if latin and foreign:
+            at = text.index(foreign) + 1
+            return (
+                f"{foreign!r} ({unicodedata.name(foreign, '?')}, U+{ord(foreign):04X}) at position {at} among Latin "
+                "letters: a look-alike matches only text spelt with the same character; type it again"
+            )
+    return None
+
+
 class _Compiler:
     def __init__(
         self,
@@ -361,6 +398,7 @@ class _Compiler:
                 return
         if not isinstance(doc, LocDict):
             return
+        self._lookalikes(doc, doc.loc)
         meta = doc.get("metadata") or {}
         name = str(meta.get("name", path.stem)) if isinstance(meta, dict) else path.stem
         if name in self.pack_names:
@@ -384,6 +422,23 @@ class _Compiler:
                 if isinstance(body, dict):
                     with self._part(key_location(roles, role_name, fallback)):
                         self._role(doc, name, role_name, body, fallback)
+
+    def _lookalikes(self, node: Any, loc: Location) -> None:
+        """Warn about keys and values that do not read as they look (see ``_lookalike``)."""
+        if isinstance(node, LocDict):
+            for key, value in node.items():
+                why = _lookalike(key)
+                if why:
+                    self.warn(node.key_locs.get(key, node.loc), f"{key!r} holds {why}")
+                if key not in _PROSE:
+                    self._lookalikes(value, node.value_locs.get(key, node.loc))
+        elif isinstance(node, LocList):
+            for item, item_loc in zip(node, node.item_locs, strict=False):
+                self._lookalikes(item, item_loc)
+        elif isinstance(node, str):
+            why = _lookalike(node)
+            if why:
+                self.warn(loc, f"{node!r} holds {why}")
 
     def _detectors(self, doc: LocDict, fallback: Location) -> None:
         from .masking import MaskingError, compile_detector
