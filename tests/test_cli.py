@@ -32,6 +32,16 @@ def test_check_reports_file_line_and_exit_1(tmp_path: Path):
     assert f"{bad}:5:13: identity mapping: unknown role 'ghost'" in proc.stdout
 
 
+def test_check_fails_when_it_checks_nothing(tmp_path: Path):
+    # a CI job pointed at a misspelt directory, or at packs saved as .yml.txt, was told "OK"
+    (tmp_path / "p.yml.txt").write_text("format: lictor/v1\n")
+    proc = lictor("check", str(tmp_path), check=False)
+    assert proc.returncode == 1 and "OK" not in proc.stdout
+    assert proc.stdout.strip() == f"no rule pack files (*.yaml, *.yml) under {tmp_path}"
+    proc = lictor("check", check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "give rule pack files or directories, or -c lictor.yaml" in proc.stderr
+
+
 def _ls_pack(tmp_path: Path) -> None:
     """A pack whose only rule allows `ls` over SSH to everyone."""
     (tmp_path / "p.yaml").write_text(

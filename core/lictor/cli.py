@@ -93,8 +93,15 @@ def _packs(args: argparse.Namespace) -> tuple[GatewayConfig | None, AddonManager
 
 def cmd_check(args: argparse.Namespace) -> int:
     config, manager, paths = _packs(args)
+    if not paths:
+        print("nothing to check: give rule pack files or directories, or -c lictor.yaml", file=sys.stderr)
+        return EXIT_USAGE
     targets = {t.name: t.protocol for t in config.targets.values()} if config else None
     result = load_policy(paths, manager.vocabularies, targets=targets)
+    if not result.files and not result.problems:
+        # a misspelt directory of a CI job, or packs saved as .yml.txt: "OK" would pass checking nothing
+        print(f"no rule pack files (*.yaml, *.yml) under {', '.join(map(str, paths))}")
+        return EXIT_FAIL
     for problem in result.problems:
         print(problem)
     if result.errors:
