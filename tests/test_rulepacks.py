@@ -488,3 +488,33 @@ def test_look_alike_and_invisible_characters_are_warned_about(tmp_path):
     _, result = problems(tmp_path, GOOD.replace("roles: [ro]", "roles: [r\u043e]"))
     assert [p.severity for p in result.problems] == ["warning", "error"]
     assert "CYRILLIC SMALL LETTER O" in result.problems[0].message and "unknown role" in result.problems[1].message
+
+
+APPROVE = """
+format: lictor/v1
+metadata: {name: approve}
+identities:
+  - match: {claims: {role: writer}}
+    roles: [writer]
+roles:
+  writer:
+    rules:
+      - id: ddl-approval
+        protocol: postgres
+        when: {statements: [drop]}
+        action: approve
+        approval: {approvers: [dba]}
+  dba: {}
+"""
+
+
+def test_an_approve_rule_nobody_can_approve_is_warned_about(tmp_path):
+    # `dba` is defined but no identity holds it: every DROP waited for its timeout and was denied
+    path, result = problems(tmp_path, APPROVE)
+    assert result.policy is not None
+    [warning] = result.warnings
+    assert str(warning).startswith(f"{path}:13:31: warning: rule 'ddl-approval': no identity mapping grants dba ")
+    granted = APPROVE + "  lead:\n    inherits: [dba]\n"
+    granted = granted.replace("roles: [writer]", "roles: [writer]\n  - match: {sub: lead-*}\n    roles: [lead]")
+    _, result = problems(tmp_path, granted)
+    assert not result.problems, result.problems

@@ -363,6 +363,8 @@ class _Compiler:
         self.detectors: dict[str, Any] = {}
         self.packs: dict[str, Mapping[str, Any]] = {}
         self.mask_blocks: list[tuple[Mapping[str, Any], Location]] = []
+        self.approver_sets: list[tuple[str, tuple[str, ...], Location]] = []  # approve rules: (id, approvers, at)
+        self.elevation_roles: set[str] = set()
         self.order = 0
         self._when_validators: dict[str, jsonschema.Draft202012Validator] = {}
         self._schema_problems = False  # the document being compiled already failed the schema check
@@ -608,12 +610,17 @@ class _Compiler:
                     loc,
                     f"rule {rid!r}: an approve rule needs approval.approvers (the roles that may approve)",
                 )
+            if approval.get("approvers"):
+                self.approver_sets.append(
+                    (rid, _strings(approval.get("approvers")), locate(doc, [*path, "approval", "approvers"], loc))
+                )
             for j, a in enumerate(_strings(approval.get("approvers"))):
                 anode = approval.get("approvers")
                 aloc = anode.item_locs[j] if isinstance(anode, LocList) else loc
                 self.role_refs.append((a, aloc, f"rule {rid!r} approvers"))
             el = approval.get("elevate") or {}
             for a in _strings(el.get("roles")):
+                self.elevation_roles.add(a)
                 self.role_refs.append((a, locate(doc, [*path, "approval", "elevate"], loc), f"rule {rid!r} elevation"))
             for key in ("timeout",):
                 if key in approval:
@@ -710,6 +717,25 @@ class _Compiler:
             if role_name not in self.roles:
                 known = ", ".join(sorted(self.roles)) or "none"
                 self.error(loc, f"{what}: unknown role {role_name!r} (roles defined: {known})")
+        # Roles someone can hold: granted by an identity mapping or an elevation, or inherited from such a role. An
+        # approve rule whose approvers are none of these holds every request it matches until the timeout, then
+        # denies it.
+        held = {r for m in self.mappings for r in m.roles} | self.elevation_roles
+        stack = list(held)
+        while stack:
+            entry = self.roles.get(stack.pop())
+            for parent in entry[0].inherits if entry else ():
+                if parent not in held:
+                    held.add(parent)
+                    stack.append(parent)
+        for rid, approvers, loc in self.approver_sets:
+            if all(a in self.roles for a in approvers) and not held & set(approvers):
+                self.warn(
+                    loc,
+                    f"rule {rid!r}: no identity mapping grants {', '.join(approvers)} (directly or by inheritance), so "
+                    "nobody can approve: what the rule holds waits for its timeout and is denied; map the approvers' "
+                    "identities to one of these roles",
+                )
         for block, loc in self.mask_blocks:
             try:
                 MaskPlan.compile([block], custom_detectors=self.detectors, key=self.mask_key)
