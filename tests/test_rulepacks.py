@@ -278,6 +278,21 @@ def test_a_glob_with_an_unclosed_bracket_is_an_error(tmp_path):
     assert ok.policy is not None, ok.errors
 
 
+def test_unclosed_brackets_in_targets_and_identity_matches_are_errors(tmp_path):
+    # fnmatch read them as literals: a deny scoped to `targets: ["prod-[ab"]` denied nothing, and a mapping
+    # with `sub: "contractor-[0-9"` never gave contractors their restricted role
+    text = GOOD.replace("{claims: {role: readonly}}", '{sub: "agent-[0-9", claims: {team: "[ops"}}').replace(
+        "        protocol: postgres", '        protocol: postgres\n        targets: ["prod-[ab"]'
+    )
+    path, result = problems(tmp_path, text)
+    assert result.policy is None
+    assert [str(e) for e in result.errors] == [
+        f"{path}:4:18: match.sub: 'agent-[0-9': the '[' at position 7 is never closed; write [[] for a literal '['",
+        f"{path}:4:47: match.claims.team: '[ops': the '[' at position 1 is never closed; write [[] for a literal '['",
+        f"{path}:11:19: targets: 'prod-[ab': the '[' at position 6 is never closed; write [[] for a literal '['",
+    ]
+
+
 def test_empty_lists_and_empty_claims_are_refused(tmp_path):
     # `claims: {}` held for every identity (the mapping's roles for everyone); `targets: []` meant every target
     text = GOOD.replace("{claims: {role: readonly}}", "{claims: {}}").replace(

@@ -25,7 +25,7 @@ import jsonschema
 from ._yaml import Location, LocDict, LocList, YamlError, key_location, load_documents, locate, plain
 from .identity import parse_duration
 from .policy import CompiledRule, IdentityMapping, Policy, Role
-from .vocabulary import Predicate, Vocabulary
+from .vocabulary import Predicate, Vocabulary, glob_to_regex
 
 __all__ = [
     "FORMAT",
@@ -425,6 +425,17 @@ class _Compiler:
                     with self._part(key_location(roles, role_name, fallback)):
                         self._role(doc, name, role_name, body, fallback)
 
+    def _globs(self, node: Any, loc: Location, what: str) -> None:
+        """An unclosed ``[`` is read by fnmatch as a literal: the glob would never match what was meant (a deny
+        scoped to ``targets: ["prod-[ab"]`` would deny nothing), so it is an error here as in ``when:``."""
+        items = [node] if isinstance(node, str) else list(node) if isinstance(node, list) else []
+        locs = node.item_locs if isinstance(node, LocList) else [loc] * len(items)
+        for item, item_loc in zip(items, locs, strict=False):
+            try:
+                glob_to_regex(str(item))
+            except ValueError as exc:
+                self.error(item_loc, f"{what}: {exc}")
+
     def _lookalikes(self, node: Any, loc: Location) -> None:
         """Warn about keys and values that do not read as they look (see ``_lookalike``)."""
         if isinstance(node, LocDict):
@@ -475,8 +486,12 @@ class _Compiler:
                 if key in match:
                     claim = "iss" if key == "issuer" else key
                     conditions.append((claim, _strings(match[key])))
+                    self._globs(match[key], locate(doc, ["identities", i, "match", key], fb), f"match.{key}")
             for claim, value in (match.get("claims") or {}).items():
                 conditions.append((str(claim), _strings(value)))
+                self._globs(
+                    value, locate(doc, ["identities", i, "match", "claims", claim], fb), f"match.claims.{claim}"
+                )
         roles = _strings(entry.get("roles"))
         roles_node = entry.get("roles")
         for j, role in enumerate(roles):
@@ -566,6 +581,7 @@ class _Compiler:
             )
             return None
         targets = _strings(rule.get("targets"))
+        self._globs(rule.get("targets"), locate(doc, [*path, "targets"], loc), "targets")
         if self.targets is not None:
             tnode = rule.get("targets")
             for j, t in enumerate(targets):
