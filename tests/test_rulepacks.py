@@ -533,3 +533,50 @@ def test_an_approve_rule_nobody_can_approve_is_warned_about(tmp_path):
     granted = granted.replace("roles: [writer]", "roles: [writer]\n  - match: {sub: lead-*}\n    roles: [lead]")
     _, result = problems(tmp_path, granted)
     assert not result.problems, result.problems
+
+
+def test_shadowed_rules_are_found_without_comparing_every_pair(tmp_path):
+    # A generated role of thousands of rules took minutes to check (and to reload, holding the interpreter)
+    import time
+
+    from lictor.policy import CompiledRule
+    from lictor.rulepacks import _Compiler
+
+    compiler = _Compiler(vocabularies(), None, b"k" * 32)
+    rules = [
+        CompiledRule(
+            id=f"r{i}",
+            pack="big",
+            role="r",
+            protocol="postgres",
+            action="deny" if i % 2 else "allow",
+            enforce=True,
+            message="",
+            order=i,
+            when_raw={"statements": ["select"], "tables": [f"t{i}"]},
+            index_values=frozenset({"select"}),
+            secondary_values=frozenset({f"t{i}"}),
+        )
+        for i in range(4000)
+    ]
+    rules.append(
+        CompiledRule("last", "big", "r", "postgres", "allow", True, "", 4000, when_raw={"tables": ["t7"]}, source="s")
+    )
+    rules.append(
+        CompiledRule(
+            "sel",
+            "big",
+            "r",
+            "postgres",
+            "allow",
+            True,
+            "",
+            4001,
+            when_raw={"statements": ["select"], "tables": ["t7"]},
+        )
+    )
+    started = time.monotonic()
+    compiler._shadowed(rules, None, "r", None)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 1.0
+    assert [w.message.split(":")[0] for w in compiler.problems] == ["rule 'sel' can never match"]
+    assert "rule 'r7'" in compiler.problems[0].message
