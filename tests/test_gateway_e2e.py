@@ -192,6 +192,30 @@ def test_hot_reload_keeps_connections_and_rejects_broken_edits(line_gateway):
     c.close()
 
 
+def test_undoing_a_broken_edit_is_logged_and_audited(line_gateway):
+    # the policy live stays the same, but the log and the audit ended on the rejection, as if still broken
+    gw = line_gateway
+    pack = gw.packs / "lines.yaml"
+    pack.write_text(PACK.replace("action: allow", "action: alow"))
+    deadline = time.monotonic() + 10
+    while "alow" not in gw.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "alow" in gw.log()
+    pack.write_text(PACK)
+    deadline = time.monotonic() + 10
+    while "rule packs load again" not in gw.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "rule packs load again; policy " in gw.log()
+    kinds = [e["kind"] for e in audit_events(gw) if e["kind"].startswith("policy.")]
+    assert kinds[-2:] == ["policy.rejected", "policy.loaded"], kinds
+    deadline = time.monotonic() + 5
+    status = lictor("status", "--state-dir", str(gw.state_dir), check=False).stdout
+    while "rejected reload" in status and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = lictor("status", "--state-dir", str(gw.state_dir), check=False).stdout
+    assert "rejected reload" not in status, status
+
+
 def _wait_reply(c: Client, line: str, want: str, timeout: float = 10) -> str:
     deadline = time.monotonic() + timeout
     reply = c.ask(line)

@@ -277,9 +277,18 @@ class Gateway:
                 fail_closed=False,
             )
             return False
+        rejected = bool(self.policy_problems)
         self.policy_problems = []
         old = self.policy.version
         if result.policy.version == old and not force:
+            if rejected:
+                # the broken edit was undone: say so, or the log and the audit end on the rejection
+                log.info("rule packs load again; policy %s stays live", old)
+                self.audit_event(
+                    "policy.loaded",
+                    {"version": old, "previous": old, "files": [str(f) for f in result.files]},
+                    fail_closed=False,
+                )
             return False
         for problem in result.warnings:
             log.warning("%s", problem)
