@@ -580,3 +580,17 @@ def test_shadowed_rules_are_found_without_comparing_every_pair(tmp_path):
     assert time.monotonic() - started < 1.0
     assert [w.message.split(":")[0] for w in compiler.problems] == ["rule 'sel' can never match"]
     assert "rule 'r7'" in compiler.problems[0].message
+
+
+def test_list_items_yaml_reads_as_booleans_numbers_or_dates_say_so(tmp_path):
+    # `settings: [on]` was reported as "True is not of type 'string'": the author wrote no True
+    text = GOOD.replace("{statements: [select]}", "{statements: [select], settings: [on], tables: [orders, 0x1f]}")
+    path, result = problems(tmp_path, text)
+    assert [str(e) for e in result.errors] == [
+        f"{path}:11:49: settings.0: YAML reads this value as the boolean true, not as text: put it in quotes",
+        f"{path}:11:71: tables.1: YAML reads this value as the number 31, not as text: put it in quotes",
+    ]
+    _, result = problems(
+        tmp_path, GOOD.replace("{statements: [select]}", "{statements: [select], tables: [2024-01-01]}")
+    )
+    assert "tables.0: YAML reads this value as the date 2024-01-01, not as text: put it in quotes" in str(result.errors)

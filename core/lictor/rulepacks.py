@@ -11,6 +11,7 @@ Every problem carries ``FILE:LINE:COL``.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fnmatch
 import hashlib
 import json
@@ -276,12 +277,19 @@ def _error_location(doc: Any, error: jsonschema.ValidationError, fallback: Locat
     if error.validator == "required":
         where = ".".join(str(p) for p in path) or "top level"
         return locate(doc, path, fallback), f"{where}: {message}"
-    if error.validator == "oneOf" and isinstance(error.instance, (bool, int, float)):
-        types = {str(alt.get("type")) for alt in error.validator_value if isinstance(alt, dict)}
+    if isinstance(error.instance, (bool, int, float, datetime.date)):
+        if error.validator == "oneOf":
+            types = {str(alt.get("type")) for alt in error.validator_value if isinstance(alt, dict)}
+        else:  # a list item: `settings: [on]`, `tables: [0x1f]`
+            types = {str(error.validator_value)} if error.validator == "type" else set()
         if "string" in types and "boolean" not in types and "number" not in types:
-            # YAML reads true, yes, 42 and 1.5 as booleans and numbers; here only text or a list of it will do
-            kind = "boolean" if isinstance(error.instance, bool) else "number"
-            message = f"YAML reads this value as the {kind} {json.dumps(error.instance)}, not as text: put it in quotes"
+            # YAML reads true, yes, on, 42, 0x1f and 2024-01-01 as booleans, numbers and dates; here only text will do
+            if isinstance(error.instance, datetime.date):
+                read = f"the date {error.instance.isoformat()}"
+            else:
+                kind = "boolean" if isinstance(error.instance, bool) else "number"
+                read = f"the {kind} {json.dumps(error.instance)}"
+            message = f"YAML reads this value as {read}, not as text: put it in quotes"
     where = ".".join(str(p) for p in path)
     return locate(doc, path, fallback), f"{where}: {message}" if where else message
 
