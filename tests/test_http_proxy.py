@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -210,6 +211,14 @@ class CustomersAPI:
                     self.end_headers()
                     self.wfile.write(data)
                     return
+                if self.path == "/v1/customers/transfercoded":  # deflate as a transfer coding, never asked for
+                    data = zlib.compress(f"contact {EMAIL}, card {CARD}\n".encode())
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Transfer-Encoding", "deflate, chunked")
+                    self.end_headers()
+                    self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+                    return
                 if self.path == "/v1/customers/big":  # larger than the example's max_body (1 MiB)
                     rows = [{"id": i, "email": EMAIL, "card": CARD, "note": "x" * 200} for i in range(5000)]
                     self._json(200, {"id": "big", "rows": rows})
@@ -390,6 +399,9 @@ def test_response_headers_are_masked_and_unreadable_encodings_refused(env: Env) 
             resp = client.get(env.url() + path)
             assert resp.status_code == 502, (path, resp.status_code, resp.text)
             assert EMAIL not in resp.text and "jane.doe" not in resp.content.decode("utf-16", "replace")
+        # a transfer coding (deflate) the gateway does not decode: relayed, the agent would inflate it unmasked
+        code, body = env.curl(env.url() + "/v1/customers/transfercoded", "--raw", token=env.agent)
+        assert code == 502 and b"x\x9c" not in body, (code, body)
         resp = client.get(env.url() + "/v1/customers/twotypes")
         assert resp.status_code == 502 and "jane.doe" not in resp.content.decode("utf-16le", "replace")
         try:  # streamed: the headers are out when the first bytes show UTF-16, so the body is cut

@@ -1363,6 +1363,19 @@ class LictorProxy:
                 flow, 502, f"the upstream sent a {encoding}-encoded body that the gateway must mask but cannot decode"
             )
             return
+        codings = _encoding(v for k, v in fields if k == "transfer-encoding").split(", ")
+        transfer = ", ".join(c for c in codings if c not in ("chunked", "identity"))
+        if transfer:
+            # A transfer coding other than chunked (never asked for: TE is not forwarded) is left on the body by
+            # mitmproxy, which relays it as chunked: the detectors would read compressed bytes, the agent could
+            # inflate them unmasked.
+            self.replace_at_headers(
+                flow,
+                502,
+                f"the upstream sent a body with transfer coding {transfer} that the gateway must mask but cannot "
+                "decode",
+            )
+            return
         if sum(k == "content-type" for k, _ in fields) > 1:
             self.replace_at_headers(
                 flow, 502, "the upstream sent two Content-Type headers; clients differ on which counts"
