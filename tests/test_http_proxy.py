@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from backports import zstd
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -476,6 +477,53 @@ def test_paths_that_could_be_read_two_ways_are_refused(env: Env) -> None:
         code, body = env.curl("--path-as-is", env.url() + path, token=env.agent)
         assert code == 400, (path, body)
         assert json.loads(body)["rule"] == "lictor:unreadable-request"
+    assert len(env.api.seen()) == before
+
+
+def _peak_memory(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def test_compressed_request_bodies_are_read_as_the_upstream_reads_them(env: Env) -> None:
+    form = ("-H", "Content-Type: application/x-www-form-urlencoded", "-m", "5")
+    before = len(env.api.seen())
+    # Two gzip members: servers read both, and the second carries what a deny rule is about
+    members = env.workdir / "members.gz"
+    members.write_bytes(gzip.compress(b"name=Jane") + gzip.compress(b"&credit_limit=99999"))
+    code, body = env.curl(
+        env.url() + "/v1/customers",
+        *form,
+        "-H",
+        "Content-Encoding: gzip",
+        "--data-binary",
+        f"@{members}",
+        token=env.agent,
+    )
+    assert code == 403 and json.loads(body)["rule"] == "customers-no-credit-limit", (code, body)
+    # A codec no server applies (quoted-printable reads "=99" as one byte): a server that ignores the header
+    # reads the credit limit that the decision did not see
+    code, body = env.curl(
+        env.url() + "/v1/customers",
+        *form,
+        "-H",
+        "Content-Encoding: quopri",
+        "--data-binary",
+        "name=Jane&credit_limit=99999",
+        token=env.agent,
+    )
+    assert code == 400 and json.loads(body)["rule"] == "lictor:unreadable-request", (code, body)
+    # 400 MB of zeros in a few kilobytes of zstd: refused (413) without being inflated in the gateway
+    assert env.gw.proc is not None
+    bomb = env.workdir / "bomb.zst"
+    compressor = zstd.ZstdCompressor()
+    bomb.write_bytes(b"".join(compressor.compress(bytes(1 << 20)) for _ in range(400)) + compressor.flush())
+    peak = _peak_memory(env.gw.proc.pid)
+    code, body = env.curl(
+        env.url() + "/v1/customers", *form, "-H", "Content-Encoding: zstd", "--data-binary", f"@{bomb}", token=env.agent
+    )
+    assert code == 413, (code, body)
+    assert _peak_memory(env.gw.proc.pid) - peak < 100 << 20
     assert len(env.api.seen()) == before
 
 

@@ -71,10 +71,12 @@ from ._requests import (
     FORWARDING_HEADERS,
     SECRET_HEADERS,
     WS_BEARER_PREFIX,
+    BodyTooLarge,
     K8sCall,
     Unreadable,
     access_review_document,
     access_review_request,
+    decoded_body,
     http_request,
     is_json_type,
     k8s_request,
@@ -721,11 +723,15 @@ class LictorProxy:
             await self._unreadable(flow, session, target, method, raw_path, b"", reason, "non-ASCII bytes in the path")
             return
         try:
-            body = flow.request.get_content(strict=True) or b""
-        except ValueError as exc:
+            body = decoded_body(flow.request.raw_content or b"", headers.get_all("content-encoding"), target.max_body)
+        except BodyTooLarge:
+            body, size = None, f"more than {target.max_body} bytes decoded"
+        except Unreadable as exc:
             await self._unreadable(flow, session, target, method, raw_path, b"", reason, f"body encoding: {exc}")
             return
-        if len(body) > target.max_body:
+        else:
+            size = f"{len(body)} bytes"
+        if body is None or len(body) > target.max_body:
             await self._unreadable(
                 flow,
                 session,
@@ -734,7 +740,7 @@ class LictorProxy:
                 raw_path,
                 b"",
                 reason,
-                f"the request body ({len(body)} bytes) is larger than this target's max_body ({target.max_body}); "
+                f"the request body ({size}) is larger than this target's max_body ({target.max_body}); "
                 "send less per request",
                 status=413,
             )

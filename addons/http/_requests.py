@@ -29,15 +29,23 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+import brotli
 from lictor import Request
 from lictor.shell import ShellParseError, ShellState, analyse, analyse_argv
 
 from ._k8s import _SUBRESOURCE_ACTIONS, K8sRequest, UnknownRequest, _decode_path, _parse_query, resolve
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
 
 
 def path_keys(path: str) -> list[str]:
@@ -107,6 +115,81 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 class Unreadable(ValueError):
     """The request cannot be read without guessing; it must be denied (the message is for the agent)."""
+
+
+class BodyTooLarge(Unreadable):
+    """The request body, once decoded, is larger than the target accepts."""
+
+
+def _gzip_or_zstd(new: Any, raw: bytes, limit: int) -> bytes:
+    """Every gzip member (zstd frame) in ``raw``, one after the other, as servers read concatenated ones."""
+    out = bytearray()
+    data = raw
+    while data:
+        decoder = new()
+        out += decoder.decompress(data, limit + 1 - len(out))
+        if len(out) > limit:
+            raise BodyTooLarge(f"the decoded body is larger than {limit} bytes")
+        if not decoder.eof:
+            raise ValueError("the body ends inside a compressed stream")
+        data = decoder.unused_data
+    return bytes(out)
+
+
+def _deflate(raw: bytes, limit: int) -> bytes:
+    decoder = zlib.decompressobj()  # the zlib format RFC 9110 names "deflate", header and checksum included
+    out = decoder.decompress(raw, limit + 1)
+    if len(out) > limit:
+        raise BodyTooLarge(f"the decoded body is larger than {limit} bytes")
+    if not decoder.eof or decoder.unused_data:
+        raise ValueError("the body is not one complete zlib stream")
+    return out
+
+
+def _brotli(raw: bytes, limit: int) -> bytes:
+    decoder = brotli.Decompressor()
+    out = decoder.process(raw, output_buffer_limit=limit + 1)
+    if len(out) > limit:
+        raise BodyTooLarge(f"the decoded body is larger than {limit} bytes")
+    if not decoder.is_finished():
+        raise ValueError("the body ends inside a brotli stream")
+    return bytes(out)
+
+
+_DECODERS = {
+    "gzip": lambda raw, limit: _gzip_or_zstd(lambda: zlib.decompressobj(16 + zlib.MAX_WBITS), raw, limit),
+    "deflate": _deflate,
+    "br": _brotli,
+    "zstd": lambda raw, limit: _gzip_or_zstd(zstd.ZstdDecompressor, raw, limit),
+}
+
+
+def decoded_body(raw: bytes, content_encodings: Iterable[str], limit: int) -> bytes:
+    """The request body as a server reads it once it undoes its ``Content-Encoding`` (``content_encodings``:
+    those headers' values), decoded to at most ``limit`` bytes (:class:`BodyTooLarge` beyond: a small
+    compressed body may inflate to gigabytes).
+
+    Only the HTTP content codings are read, each as a server decodes it: every member of a concatenated gzip
+    body (reading the first alone would decide on part of what the server reads), ``deflate`` in the zlib
+    format. Anything else (a codec name no server applies, such as ``base64`` or ``quopri``, two codings, a
+    truncated or trailing stream) is :class:`Unreadable`: a server that ignores the header would read other
+    bytes than the ones decided on.
+    """
+    codings = [c.strip().lower() for value in content_encodings for c in value.split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return raw
+    if len(codings) > 1 or codings[0] not in _DECODERS:
+        raise Unreadable(
+            f"Content-Encoding {', '.join(codings)!r} is not read in a request body; send it plain or with one "
+            "of gzip, deflate, br or zstd"
+        )
+    try:
+        return _DECODERS[codings[0]](raw, limit)
+    except (zlib.error, brotli.error, zstd.ZstdError, ValueError) as exc:
+        if isinstance(exc, Unreadable):
+            raise
+        raise Unreadable(f"the body is not valid {codings[0]}: {exc}") from None
 
 
 def value_text(value: Any) -> str:
