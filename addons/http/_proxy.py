@@ -1595,7 +1595,16 @@ class LictorProxy:
                 message.content = content = cleaned
         if not ws.channels:
             if not message.from_client and not state.masking.plan_empty:
-                content = state.masking.mask_bytes(content)
+                if message.is_text and b"\\u" in content:
+                    # JSON messages (GraphQL subscriptions, socket.io) escape what the detectors look for
+                    # (jane\u0040example.com): masked as JSON, one value per line; otherwise not relayed.
+                    # Binary messages (a port-forward tunnel, compressed data) hold these bytes by chance.
+                    masked = _mask_json_lines(state.masking, content)
+                    if masked is None:
+                        raise bodies.BodyError("a WebSocket message has \\u escapes the gateway cannot read as JSON")
+                    content = masked
+                else:
+                    content = state.masking.mask_bytes(content)
                 message.content = content
             self._record_ws(state, flow, direction, None, content)
             return
