@@ -120,6 +120,7 @@ WS_RECORD_LIMIT = 4096
 # exec's status message, which ends the output.
 WS_FLUSH_IDLE = 0.05
 STDIN_LINE_LIMIT = 64 * 1024
+MAX_REQUEST_HEAD = 1024 * 1024  # request line and headers, as Go's servers (and so the API server) accept
 CHANNEL_PROTOCOLS = (
     "v5.channel.k8s.io",
     "v4.channel.k8s.io",
@@ -1943,6 +1944,7 @@ def _is_review(call: K8sCall, api_group: str, resource: str) -> bool:
 _PROXY_ERRORS = {
     400: "the request could not be read",
     413: "the request body is larger than this gateway accepts (max_body)",
+    431: f"the request line and headers are larger than this gateway accepts ({MAX_REQUEST_HEAD} bytes)",
     502: "the gateway could not reach the upstream",
 }
 
@@ -2000,6 +2002,37 @@ def _ws_messages_before() -> None:
 
     send2.lictor_before = True  # type: ignore[attr-defined]
     cls.send2 = send2
+
+
+def _bounded_request_heads() -> None:
+    """Refuse a request whose request line and headers exceed :data:`MAX_REQUEST_HEAD` with a ``431``.
+
+    mitmproxy buffers a request head that has not ended without any limit (``FIXME: protect against header
+    size DoS`` in its HTTP/1 server), before any hook or token check runs: a client that never ends its
+    headers grew the gateway's memory until it was killed."""
+    from mitmproxy.proxy import commands, events
+    from mitmproxy.proxy.layers.http import _http1
+
+    server_class = _http1.Http1Server
+    original = server_class.read_headers
+    if getattr(original, "lictor_bounded", False):
+        return
+
+    def read_headers(self: Any, event: Any) -> Any:
+        if isinstance(event, events.DataReceived) and len(self.buf) > MAX_REQUEST_HEAD:
+            head = bytes(self.buf)[: MAX_REQUEST_HEAD + 2]
+            if b"\n\r\n" not in head and b"\n\n" not in head:  # where mitmproxy ends a head
+                log.warning(
+                    "refusing a request head larger than %d bytes from %s", MAX_REQUEST_HEAD, self.conn.peername
+                )
+                yield commands.SendData(self.conn, _http1.make_error_response(431))
+                yield commands.CloseConnection(self.conn)
+                self.state = self.done
+                return
+        return (yield from original(self, event))
+
+    read_headers.lictor_bounded = True  # type: ignore[attr-defined]
+    server_class.read_headers = read_headers
 
 
 def _request_bodies_only() -> None:
@@ -2076,6 +2109,7 @@ class EmbeddedProxy:
             logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # per-connection chatter
         _request_bodies_only()
         _ws_messages_before()
+        _bounded_request_heads()
         _json_error_responses()
         _lean.install()
         opts = Options()

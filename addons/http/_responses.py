@@ -19,6 +19,7 @@ _REASONS = {
     404: "NotFound",
     411: "LengthRequired",
     413: "RequestEntityTooLarge",
+    431: "BadRequest",
     500: "InternalError",
     502: "BadGateway",
     503: "ServiceUnavailable",
