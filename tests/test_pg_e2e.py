@@ -135,13 +135,18 @@ CREATE FUNCTION sneaky_write() RETURNS int LANGUAGE sql AS 'UPDATE accounts SET 
 
 
 # Beside the example: a role with readonly's masks that may compute over columns (the example's readonly may
-# not), to show what masking alone covers and what it does not.
+# not), to show what masking alone covers and what it does not; and a writer whose results are masked.
 ANALYST_PACK = """
 format: lictor/v1
 metadata: {name: test-analyst, owner: tests}
 identities:
   - {id: analysts, match: {claims: {role: analyst}}, roles: [pg-analyst]}
+  - {id: loaders, match: {claims: {role: loader}}, roles: [pg-loader]}
 roles:
+  pg-loader:
+    inherits: [pg-writer]
+    rules:
+      - {id: loader-mask-cards, protocol: postgres, action: mask, mask: {detectors: [card], style: partial, keep: 4}}
   pg-analyst:
     inherits: [pg-reader]
     rules:
@@ -204,7 +209,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgEnv]:
         gw = GatewayProcess(workdir, config)
         gw.start()
         e.gateway = gw
-        for role in ("readonly", "writer", "dba", "approver", "analyst"):
+        for role in ("readonly", "writer", "dba", "approver", "analyst", "loader"):
             e.tokens[role] = gw.token(f"agent-{role}", role=role)
         yield e
     finally:
@@ -1081,6 +1086,40 @@ def test_copy_from_stdin_and_copy_to_stdout_masked(env: PgEnv) -> None:
         assert "@example.com" not in out.decode() and out.decode().count("\n") == 20
     proc = env.psql("readonly", "-c", r"\copy customers TO STDOUT")
     assert proc.returncode == 0 and proc.stdout.count("\n") == 20 and "@example.com" not in proc.stdout
+
+
+def test_a_sync_the_server_ignores_during_copy_from_stdin_keeps_the_gateway_in_step(env: PgEnv) -> None:
+    # The server ignores Sync while it reads COPY data. libpq sends one behind an Execute before it knows the
+    # statement is a COPY (PQexecParams, tokio-postgres' copy_in), and one more after CopyDone: counting both,
+    # the gateway waited for a ReadyForQuery that never came, and held every later text with a backslash or
+    # a non-ASCII character for good.
+    c = RawClient(env.port, env.tokens["writer"])
+    try:
+        c.send(pg.parse("", "COPY orders (customer_id, amount) FROM STDIN"), pg.bind("", ""), pg.execute(), pg.sync())
+        assert names(c.read_messages(3)) == ["ParseComplete", "BindComplete", "CopyInResponse"]
+        c.send(pg.copy_data(b"5\t77.25\n"), pg.copy_done(), pg.sync())
+        assert names(c.until_ready()) == ["CommandComplete", "ReadyForQuery"]
+        c.sock.settimeout(5)
+        c.send(pg.query("SELECT 'caf\u00e9 \\ ok'"))
+        rows = [m for m in c.until_ready() if isinstance(m, pg.DataRow)]
+        assert [pg.decode_datarow(r.raw) for r in rows] == [["caf\u00e9 \\ ok".encode()]]
+    finally:
+        c.close()
+    env.direct("DELETE FROM orders WHERE customer_id = 5 AND amount = 77.25")
+    # A Sync sent inside COPY data on purpose: the results of the next statement used to be matched to no
+    # statement at all, and relayed without their masks.
+    c = RawClient(env.port, env.tokens["loader"])
+    try:
+        c.send(pg.query("COPY orders (customer_id, amount) FROM STDIN"))
+        assert names(c.read_messages(1)) == ["CopyInResponse"]
+        c.send(pg.sync(), pg.copy_done())
+        assert names(c.until_ready()) == ["CommandComplete", "ReadyForQuery"]
+        c.sock.settimeout(5)
+        c.send(pg.query("SELECT card FROM customers ORDER BY id"))
+        values = [pg.decode_datarow(m.raw)[0] for m in c.until_ready() if isinstance(m, pg.DataRow)]
+        assert len(values) == 20 and not any(card.encode() in values for card in CARDS), values
+    finally:
+        c.close()
 
 
 def test_copy_of_json_with_unicode_escapes_is_not_relayed_unmasked(env: PgEnv) -> None:

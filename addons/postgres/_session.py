@@ -703,6 +703,12 @@ class Relay:
         self._rows: RowMasker | None = None
         self._exec_pending_masker = False  # an Execute with a mask plan is queued: build its masker lazily
         self._copy_plan: Any = None
+        # A forwarded Query or Execute of COPY ... FROM STDIN, until the agent ends its data: the server
+        # ignores Sync while it reads COPY data (libpq sends one after an Execute before it knows the
+        # statement is a COPY), so such a Sync is owed no ReadyForQuery.
+        self._copy_run: Any = None
+        self._copy_started = False  # the server answered _copy_run with CopyInResponse
+        self._copy_waiters: list[asyncio.Future[None]] = []  # a Sync held until _copy_run is answered
         # The latest mask plan with detectors decided on this connection: server messages that are not
         # rows (errors, notices, notifications, parameter values) can echo masked data too.
         self._text_plan: Any = None
@@ -719,6 +725,7 @@ class Relay:
         self.end_reason = ""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._hold_task: asyncio.Task[Any] | None = None
+        self._hold_kind = 0
         self._expires_at = session.identity.expires_at
         self._user_cancel = False
         self._handlers: dict[int, Handler] = {
@@ -732,6 +739,8 @@ class Relay:
             _F_FCALL: self._on_function_call,
             _F_TERMINATE: self._on_terminate,
             _F_PASSWORD: self._on_password,
+            _F_COPYDONE: self._on_copy_end,
+            _F_COPYFAIL: self._on_copy_end,
         }
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -908,6 +917,7 @@ class Relay:
         self.agent.pause_reading("hold")
         task = asyncio.ensure_future(self._held(coro, kind))
         self._hold_task = task
+        self._hold_kind = kind
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         watcher = asyncio.ensure_future(self._watch_agent_while_held(task))
@@ -926,8 +936,8 @@ class Relay:
     def cancel_hold(self) -> bool:
         """The agent sent a CancelRequest: give up a statement held in the gateway (e.g. for approval)."""
         task = self._hold_task
-        if not self._holding or task is None or task.done():
-            return False
+        if not self._holding or task is None or task.done() or self._hold_kind == _F_SYNC:
+            return False  # a Sync held behind a COPY: the cancel is for the COPY, at the server
         self._user_cancel = True
         task.cancel()
         return True
@@ -1252,7 +1262,10 @@ class Relay:
         else:
             texts = [r.payload for r in classified.requests]
         self.stats.statements += len(texts)
-        self._push_z(_K_QUERY, None, _QueryRun(texts, decision, plan, _touched(classified)))
+        run = _QueryRun(texts, decision, plan, _touched(classified))
+        if classified.copy_from:
+            self._copy_run = run
+        self._push_z(_K_QUERY, None, run)
         return None
 
     @staticmethod
@@ -1510,6 +1523,8 @@ class Relay:
             run.touched = _touched(c)
         run.params = portal.params
         run.portal = portal
+        if c.copy_from and not self._be_skip:
+            self._copy_run = run
         self._segment_execs += 1
         self.stats.statements += 1
         if run.plan is not None and portal.fields is None and stmt.fields is not None:
@@ -1553,10 +1568,57 @@ class Relay:
         return None
 
     def _on_sync(self, raw: bytes) -> bytes | None:
+        if self._copy_run is not None:
+            if self._copy_started:
+                # The server reads COPY data, and ignores a Sync; or it stopped on an error, and its Sync must
+                # come after the agent's CopyDone. Never forwarded, so the server and the gateway agree.
+                return b""
+            return self._sync_behind_copy(raw)
         self._push_sync()
         # Unnamed portals end with the transaction; named ones live on in a transaction block.
         self._portals.pop("", None)
         return None
+
+    async def _sync_behind_copy(self, raw: bytes) -> bytes | None:
+        """A Sync right behind a COPY ... FROM STDIN (libpq sends one after an Execute before it knows the
+        statement is a COPY): held, with what follows, until the server has answered the statement. If it
+        reads COPY data it would ignore the Sync, which is dropped; otherwise it is forwarded and answered."""
+        while self._copy_run is not None and not self._copy_started:
+            waiter = asyncio.get_running_loop().create_future()
+            self._copy_waiters.append(waiter)
+            self._flush_up()
+            await waiter
+        if self._copy_run is not None:
+            return b""
+        self._push_sync()
+        self._portals.pop("", None)
+        return raw
+
+    def _wake_copy_waiters(self) -> None:
+        waiters, self._copy_waiters = self._copy_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _on_copy_end(self, raw: bytes) -> bytes | None:
+        # CopyDone / CopyFail: the server reads the next Sync again (outside COPY, it ignores these).
+        self._copy_run = None
+        self._copy_started = False
+        return None
+
+    def _copy_in_started(self, run: Any) -> None:
+        """The server answered ``run`` with CopyInResponse: the Syncs the agent sent after it, which the
+        server ignores while it reads COPY data, are owed nothing."""
+        if self._copy_run is run:
+            self._copy_started = True
+            self._wake_copy_waiters()
+
+    def _copy_run_done(self, run: Any) -> None:
+        """``run`` finished: a COPY it did not start will not read the agent's data."""
+        if self._copy_run is run:
+            self._copy_run = None
+            self._copy_started = False
+            self._wake_copy_waiters()
 
     def _on_function_call(self, raw: bytes) -> bytes | None:
         message = pg.decode_frontend(raw)
@@ -1775,6 +1837,13 @@ class Relay:
                 expect.popleft()
                 self._ready(raw)
                 return self._poisoned_ready(raw)
+            if t != _B_ERROR:
+                # The server answers a message the gateway did not see it get: what follows cannot be matched
+                # to its statement (nor masked by its plan).
+                raise _Fatal(
+                    "the gateway lost track of which statement the server is answering; the connection is closed",
+                    "08P01",
+                )
             return None
         if kind == _K_PARSE:
             if t == _B_PARSEOK:
@@ -1868,6 +1937,7 @@ class Relay:
         if kind == _K_EXEC and t in (_B_COMPLETE, _B_EMPTY, _B_SUSPENDED, _B_ERROR):
             self._expect.popleft()
             run = head.run
+            self._copy_run_done(run)
             run.error = run.error or "refused"
             self._record_exec(run)
             self._rows = None
@@ -1951,8 +2021,12 @@ class Relay:
             self._expect.popleft()
             self._rows = None
             self._copy_plan = None
+            self._copy_run_done(q)
             self._ready(raw)
             return self._poisoned_ready(raw)
+        if t == _B_COPYIN:
+            self._copy_in_started(q)
+            return None
         return self._copy_out(t, raw, q.plan, None)
 
     def _forget(self, touched: _Touched) -> None:
@@ -2003,6 +2077,9 @@ class Relay:
         if t == _B_ERROR:
             run.error = _sqlstate(raw)
             self._extended_error(None)
+            return None
+        if t == _B_COPYIN:
+            self._copy_in_started(run)
             return None
         return self._copy_out(t, raw, run.plan, run)
 
@@ -2088,6 +2165,7 @@ class Relay:
     def _finish(self, run: Execution | None, complete: bytes | None) -> None:
         if run is None:
             return
+        self._copy_run_done(run)
         if complete is None and run.error and run.touched is not None:
             self._forget(run.touched)
         tag = complete[5:-1].decode("utf-8", "replace") if complete is not None else None
