@@ -714,6 +714,38 @@ def test_denied_message_in_a_pipeline_stops_the_batch(env: PgEnv) -> None:
     raw.close()
 
 
+def test_a_query_inside_an_unsynced_extended_batch_ends_the_connection(env: PgEnv) -> None:
+    # After an error the server skips everything up to Sync, a Query too; the gateway cannot know whether it
+    # ran. Counted as answered, the next statement's rows were matched to the Sync's answer and relayed
+    # without their masks (a readonly agent read card numbers in clear).
+    c = RawClient(env.port, env.tokens["readonly"])
+    c.sock.settimeout(5)
+    seen: list[pg.BackendMessage] = []
+    try:
+        c.send(
+            pg.parse("", "SELECT * FROM no_such_table"),
+            pg.bind("", ""),
+            pg.execute(),
+            pg.query("SELECT 'skipped'"),
+            pg.sync(),
+        )
+        for ready in range(1, 4):
+            while sum(isinstance(m, pg.ReadyForQuery) for m in seen) < ready:
+                data = c.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("closed")
+                seen += c.reader.feed(data)
+            c.send(pg.query("SELECT card FROM customers WHERE id = 1"))
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        c.sock.close()
+    values = [v for m in seen if isinstance(m, pg.DataRow) for v in pg.decode_datarow(m.raw)]
+    assert not any(card.encode() in values for card in CARDS), values
+    fatal = [m for m in seen if isinstance(m, pg.ErrorResponse) and m.severity == "FATAL"]
+    assert fatal and fatal[0].sqlstate == "08P01" and "send Sync before it" in fatal[0].message
+
+
 def test_denial_inside_a_transaction_fails_the_transaction(env: PgEnv) -> None:
     import psycopg
 

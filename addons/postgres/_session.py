@@ -698,6 +698,9 @@ class Relay:
         self._discard = False  # dropping the agent's messages until Sync, after a denial
         self._be_skip = False  # the server is skipping messages until Sync, after an error
         self._segment_execs = 0  # Executes forwarded since the last forwarded Sync
+        # Extended-query messages forwarded since the last Sync: after an error the server skips everything up
+        # to Sync, a Query or function call too, and the gateway cannot know which it ran.
+        self._open_segment = False
         self._pending_z = 0  # ReadyForQuery messages the server still owes
         self._clean_waiters: list[asyncio.Future[None]] = []
         self._rows: RowMasker | None = None
@@ -992,6 +995,7 @@ class Relay:
     def _push_sync(self) -> None:
         self._be_skip = False
         self._segment_execs = 0
+        self._open_segment = False
         self._pending_z += 1
         self._expect.append(_Expect(_K_SYNC))
 
@@ -1194,6 +1198,8 @@ class Relay:
         sql = raw[5:-1].decode("utf-8")
         if "\0" in sql:
             raise pg.ProtocolError("malformed Query message: NUL inside the text")
+        if self._open_segment:
+            raise pg.ProtocolError("a Query inside an extended-query batch; send Sync before it")
         if _lexer_sensitive(raw) and not self._is_clean():
             if self._segment_execs:
                 return self._refuse_sensitive_query(sql)
@@ -1331,6 +1337,7 @@ class Relay:
     # -- extended protocol -----------------------------------------------------------------------------
 
     def _on_parse(self, raw: bytes) -> bytes | Coroutine[Any, Any, bytes | None] | None:
+        self._open_segment = True
         name, pos = _cstring_at(raw, 5)
         sql, pos = _cstring_at(raw, pos)
         if _lexer_sensitive(raw) and not self._is_clean():
@@ -1381,6 +1388,7 @@ class Relay:
         self._push(_K_PARSE, name)
 
     def _on_bind(self, raw: bytes) -> bytes | None:
+        self._open_segment = True
         portal_name, stmt_name, param_formats, params, formats = _parse_bind(raw)
         stmt = self._prepared.get(stmt_name)
         if stmt is None:
@@ -1485,6 +1493,7 @@ class Relay:
         return None
 
     def _on_execute(self, raw: bytes) -> bytes | None:
+        self._open_segment = True
         portal_name, _ = _cstring_at(raw, 5)
         portal = self._portals.get(portal_name)
         if portal is None:
@@ -1541,6 +1550,7 @@ class Relay:
         return None
 
     def _on_describe(self, raw: bytes) -> bytes | None:
+        self._open_segment = True
         kind = raw[5:6]
         name, _ = _cstring_at(raw, 6)
         if kind == b"S":
@@ -1555,6 +1565,7 @@ class Relay:
         return None
 
     def _on_close(self, raw: bytes) -> bytes | None:
+        self._open_segment = True
         kind = raw[5:6]
         name, _ = _cstring_at(raw, 6)
         if kind == b"S":
@@ -1621,6 +1632,8 @@ class Relay:
             self._wake_copy_waiters()
 
     def _on_function_call(self, raw: bytes) -> bytes | None:
+        if self._open_segment:
+            raise pg.ProtocolError("a function call inside an extended-query batch; send Sync before it")
         message = pg.decode_frontend(raw)
         assert isinstance(message, pg.FunctionCall)
         name = LARGE_OBJECT_FUNCTIONS.get(message.oid)
