@@ -307,6 +307,29 @@ async def test_masked_rows_have_their_lengths_rewritten(rig_factory: Any) -> Non
     assert rows == [[b"1", b"[REDACTED:email]"], [b"2", None]]
 
 
+@pytest.mark.parametrize("pending", ["nothing", "a Sync"])
+async def test_an_answer_to_nothing_the_gateway_forwarded_ends_the_session(rig_factory: Any, pending: str) -> None:
+    # Rows the relay cannot match to a statement have no mask plan: were the gateway ever out of step with the
+    # server, relaying them would show what the statement's masks hide. Only an error (FATAL) may come unasked.
+    rig = await rig_factory("readonly")
+    if pending == "a Sync":
+        rig.send(pg.sync())
+    got = rig.reply(
+        pg.row_description([("id", 0, 0, 23, 4, -1, 0), ("email", 0, 0, 25, -1, -1, 0)]),
+        pg.data_row([b"1", b"ann@example.com"]),
+        pg.command_complete("SELECT 1"),
+        ready(),
+    )
+    assert [type(m).__name__ for m in got] == ["ErrorResponse"]
+    assert got[0].severity == "FATAL" and got[0].sqlstate == "08P01" and rig.relay.closed
+
+
+async def test_an_unasked_fatal_error_is_relayed(rig_factory: Any) -> None:
+    rig = await rig_factory("dba")
+    got = rig.reply(pg.error_response("FATAL", "57P01", "terminating connection due to administrator command"))
+    assert [m.sqlstate for m in got] == ["57P01"] and not rig.relay.closed
+
+
 async def test_copy_out_is_masked_row_by_row(rig_factory: Any) -> None:
     rig = await rig_factory("readonly")
     rig.send(pg.query("COPY customers TO STDOUT"))

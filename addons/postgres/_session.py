@@ -88,6 +88,10 @@ _B_PARAMDESC, _B_SUSPENDED, _B_EMPTY, _B_COPYIN, _B_COPYOUT, _B_COPYBOTH = b"tsI
 _B_COPYDATA, _B_COPYDONE, _B_FCRESULT = b"dcV"
 
 _NOT_DATAROW = re.compile(rb"[^D]")
+# The server answers a message the gateway did not see it get: what follows cannot be matched to its statement
+# (nor masked with that statement's plan).
+_LOST_TRACK = "the gateway lost track of which statement the server is answering; the connection is closed"
+
 # A JSON \u escape in COPY output (a json value keeps its text as written): jane\u0040example.com is an address
 # to the agent's JSON reader, not to detectors reading the bytes, and COPY does not say which columns are json.
 _UNICODE_ESCAPE = re.compile(rb"\\u[0-9A-Fa-f]{4}")
@@ -1751,6 +1755,8 @@ class Relay:
                 if rows is None and self._exec_pending_masker:
                     rows = self._exec_masker()
                 if rows is None and not self._drop_segment:
+                    if not self._expect:
+                        raise _Fatal(_LOST_TRACK, "08P01")
                     m = _NOT_DATAROW.search(types, i)
                     j = m.start() if m is not None else n
                     self._count_rows(j - i)
@@ -1835,7 +1841,9 @@ class Relay:
             return None
         expect = self._expect
         if not expect:
-            return None  # an asynchronous error (FATAL) or a message after a protocol desync: relay
+            if t == _B_ERROR:
+                return None  # an asynchronous error (FATAL: shutdown, idle timeout)
+            raise _Fatal(_LOST_TRACK, "08P01")
         head = expect[0]
         kind = head.kind
         if self._drop_segment and t != _B_READY:
@@ -1851,12 +1859,7 @@ class Relay:
                 self._ready(raw)
                 return self._poisoned_ready(raw)
             if t != _B_ERROR:
-                # The server answers a message the gateway did not see it get: what follows cannot be matched
-                # to its statement (nor masked by its plan).
-                raise _Fatal(
-                    "the gateway lost track of which statement the server is answering; the connection is closed",
-                    "08P01",
-                )
+                raise _Fatal(_LOST_TRACK, "08P01")
             return None
         if kind == _K_PARSE:
             if t == _B_PARSEOK:
