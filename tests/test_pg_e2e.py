@@ -1095,6 +1095,49 @@ def test_cursor_fetch_is_masked_like_its_query(env: PgEnv) -> None:
 # -- COPY ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["CLOSE", "COMMIT", "failed Bind"])
+def test_a_portal_name_taken_over_by_a_cursor_is_masked_like_the_cursor(env: PgEnv, how: str) -> None:
+    # Portals and SQL cursors share one namespace on the server. The gateway kept a portal it had seen bound
+    # (to a statement of one int4 column, in binary) after the server's portal of that name was gone, or when
+    # its Bind failed; an Execute of that name then ran a cursor over card numbers, relayed as that int4.
+    c = RawClient(env.port, env.tokens["readonly"])
+    c.sock.settimeout(5)
+    try:
+        c.send(pg.query("BEGIN"))
+        c.until_ready()
+        if how == "failed Bind":
+            c.send(pg.query("DECLARE x CURSOR FOR SELECT card FROM customers ORDER BY id"))
+            c.until_ready()
+        c.send(
+            pg.parse("s1", "SELECT 1::int4 AS c"),
+            pg.bind("x", "s1", result_formats=[1]),
+            pg.describe("P", "x"),
+            pg.execute("x"),
+            pg.sync(),
+        )
+        c.until_ready()
+        if how == "CLOSE":
+            c.send(pg.query("CLOSE x"))
+        elif how == "COMMIT":
+            c.send(pg.query("COMMIT; BEGIN"))
+        if how != "failed Bind":
+            c.until_ready()
+            c.send(pg.query("DECLARE x CURSOR FOR SELECT card FROM customers ORDER BY id"))
+            c.until_ready()
+        else:
+            c.send(pg.query("ROLLBACK; BEGIN; DECLARE x CURSOR FOR SELECT card FROM customers ORDER BY id"))
+            c.until_ready()
+            c.send(pg.bind("x", "s1", result_formats=[1]), pg.sync())  # fails: cursor "x" already exists
+            assert [e.sqlstate for e in errors(c.until_ready())] == ["42P03"]
+        c.send(pg.execute("x", 4), pg.sync())
+        got = c.until_ready()
+    finally:
+        c.close()
+    values = [v for m in got if isinstance(m, pg.DataRow) for v in pg.decode_datarow(m.raw)]
+    assert not any(card.encode() in values for card in CARDS), values
+    assert values or errors(got)
+
+
 def test_copy_from_stdin_and_copy_to_stdout_masked(env: PgEnv) -> None:
     with env.connect("writer") as conn:
         with conn.cursor().copy("COPY orders (customer_id, amount) FROM STDIN") as copy:

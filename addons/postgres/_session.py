@@ -1307,6 +1307,7 @@ class Relay:
         if classified.discard_all:
             self._prepared.clear()
             self._cursors.clear()
+            self._portals.clear()
         for name in classified.deallocates:
             if name is None:
                 self._prepared.clear()
@@ -1322,15 +1323,20 @@ class Relay:
             # An approved PREPARE ran nothing: its executions are decided (and held) afresh, each one.
             decided_at = time.monotonic() if d.approval_id is None else float("-inf")
             self._remember(Prepared(name, request.payload, inner, d, decided_at, self._mask_plan(d)))
+        # Cursors and the extended protocol's portals share one namespace on the server: CLOSE closes either,
+        # and a DECLARE replaces what the gateway knew of a portal of that name (it is gone, or DECLARE fails).
         for name in classified.closes:
             if name is None:
                 self._cursors.clear()
+                self._portals.clear()
             else:
                 self._cursors.pop(name, None)
+                self._portals.pop(name, None)
         for name in classified.cursors:
             if len(self._cursors) >= MAX_PREPARED:
                 self._cursors.clear()
             self._cursors[name] = decision
+            self._portals.pop(name, None)
 
     def _remember(self, stmt: Prepared) -> None:
         if len(self._prepared) >= MAX_PREPARED and stmt.name not in self._prepared:
@@ -1475,8 +1481,11 @@ class Relay:
         portal = Portal(portal_name, stmt, (param_formats, params), formats)
         if approved:
             portal.decision, portal.plan = decision, plan
-        self._portals[portal_name] = portal
-        self._push(_K_BIND)
+        # Portals and SQL cursors share one namespace on the server.
+        self._cursors.pop(portal_name, None)
+        if not self._be_skip:  # the server skips it: the portal of that name, if any, stays what it was
+            self._portals[portal_name] = portal
+        self._push(_K_BIND, portal)
         return None
 
     def _binary_refusal(self, stmt: Prepared, formats: tuple[int, ...]) -> str | None:
@@ -1963,6 +1972,8 @@ class Relay:
             self._expect.popleft()
         elif kind == _K_BIND and t in (_B_BINDOK, _B_ERROR):
             self._expect.popleft()
+            if t == _B_ERROR:
+                self._bind_failed(head.data)
         elif kind == _K_CLOSE and t in (_B_CLOSEOK, _B_ERROR):
             self._expect.popleft()
         elif kind == _K_DESC_S and t in (_B_ROWDESC, _B_NODATA, _B_ERROR):
@@ -2168,6 +2179,8 @@ class Relay:
             head = expect.popleft()
             if head.kind == _K_EXEC:
                 self._finish(head.run, None)
+            elif head.kind == _K_BIND:
+                self._bind_failed(head.data)
         self._rows = None
         self._copy_plan = None
         while expect and expect[0].kind not in _Z_KINDS:
@@ -2175,8 +2188,17 @@ class Relay:
             if item.kind == _K_EXEC:
                 item.run.error = item.run.error or "skipped"
                 self._finish(item.run, None)
+            elif item.kind == _K_BIND:
+                self._bind_failed(item.data)
         if not expect:
             self._be_skip = True
+
+    def _bind_failed(self, portal: Portal | None) -> None:
+        """A Bind failed or was skipped: the server holds no such portal (or another one of that name, a SQL
+        cursor's or an earlier Bind's, whose decision and columns the gateway no longer has): forgotten, so an
+        Execute of that name is denied."""
+        if portal is not None and self._portals.get(portal.name) is portal:
+            del self._portals[portal.name]
 
     def _finish(self, run: Execution | None, complete: bytes | None) -> None:
         if run is None:
