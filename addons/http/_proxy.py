@@ -2005,34 +2005,46 @@ def _ws_messages_before() -> None:
 
 
 def _bounded_request_heads() -> None:
-    """Refuse a request whose request line and headers exceed :data:`MAX_REQUEST_HEAD` with a ``431``.
+    """Refuse a request whose unread bytes pass :data:`MAX_REQUEST_HEAD`: a ``431`` while its head (request
+    line and headers) has not ended, a ``400`` for a chunk-size or trailer line that does not end, or for
+    bytes sent ahead while an earlier request is still being answered.
 
-    mitmproxy buffers a request head that has not ended without any limit (``FIXME: protect against header
-    size DoS`` in its HTTP/1 server), before any hook or token check runs: a client that never ends its
-    headers grew the gateway's memory until it was killed."""
+    mitmproxy's HTTP/1 server appends what the agent sends to its receive buffer with no bound, and reads it
+    only as complete lines (``FIXME: protect against header size DoS`` in its source), before any hook or
+    token check runs: a client that never ended a header line, or a chunk extension, grew the gateway's
+    memory until it was killed."""
     from mitmproxy.proxy import commands, events
     from mitmproxy.proxy.layers.http import _http1
 
     server_class = _http1.Http1Server
-    original = server_class.read_headers
-    if getattr(original, "lictor_bounded", False):
+    if getattr(server_class._handle_event, "lictor_bounded", False):
         return
+    original = _http1.Http1Connection._handle_event
 
-    def read_headers(self: Any, event: Any) -> Any:
-        if isinstance(event, events.DataReceived) and len(self.buf) > MAX_REQUEST_HEAD:
-            head = bytes(self.buf)[: MAX_REQUEST_HEAD + 2]
-            if b"\n\r\n" not in head and b"\n\n" not in head:  # where mitmproxy ends a head
-                log.warning(
-                    "refusing a request head larger than %d bytes from %s", MAX_REQUEST_HEAD, self.conn.peername
-                )
-                yield commands.SendData(self.conn, _http1.make_error_response(431))
-                yield commands.CloseConnection(self.conn)
-                self.state = self.done
-                return
-        return (yield from original(self, event))
+    def handle_event(self: Any, event: Any) -> Any:
+        yield from original(self, event)
+        if (
+            isinstance(event, events.DataReceived)
+            and len(self.buf) > MAX_REQUEST_HEAD
+            and self.state not in (self.passthrough, self.done)
+        ):
+            if self.state == self.read_headers:
+                status, problem = 431, "request line and headers"
+            elif self.state == self.read_body:
+                status, problem = 400, "a chunk-size or trailer line"
+            else:
+                status, problem = 400, "bytes sent before the previous request was answered"
+            problem = f"{problem}: more than {MAX_REQUEST_HEAD} bytes unread"
+            log.warning("refusing a request from %s: %s", self.conn.peername, problem)
+            yield commands.SendData(self.conn, _http1.make_error_response(status, problem))
+            yield commands.CloseConnection(self.conn)
+            if status == 400 and self.stream_id is not None:  # a request under way ends as an error
+                error = self.ReceiveProtocolError(self.stream_id, problem, code=self.ReceiveProtocolError.code)
+                yield _http1.ReceiveHttp(error)
+            self.state = self.done
 
-    read_headers.lictor_bounded = True  # type: ignore[attr-defined]
-    server_class.read_headers = read_headers
+    handle_event.lictor_bounded = True  # type: ignore[attr-defined]
+    server_class._handle_event = handle_event
 
 
 def _request_bodies_only() -> None:
