@@ -825,3 +825,72 @@ def test_websocket_messages_with_json_escapes_are_masked(tmp_path: Path) -> None
         thread.join(5)
     assert [json.loads(m)["email"] for m in got[:2]] == ["[REDACTED:email]"] * 2, got
     assert got[2:] == ["plain [REDACTED:email]"], got  # the message that is not JSON is not relayed
+
+
+def test_a_websocket_message_too_big_to_hold_closes_the_connection(tmp_path: Path) -> None:
+    """The gateway holds a WebSocket message until its last frame: one that never ends must not grow its
+    memory without limit. A big message that fits passes."""
+    ca, cert, key = make_ca(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    stop = loop.create_future()
+    received: list[int] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        with contextlib.suppress(Exception):
+            async for message in ws:
+                received.append(len(message))
+                await ws.send(str(len(message)))
+
+    async def serve_upstream() -> None:
+        async with serve(handler, "127.0.0.1", port, ssl=server_ctx, max_size=None):
+            await stop
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve_upstream(),), daemon=True)
+    thread.start()
+    config = yaml.safe_load((ROOT / "examples" / "http" / "lictor.yaml").read_text())
+    config["rulepacks"] = [str(ROOT / "examples" / "http" / "rulepacks")]
+    config["state_dir"] = str(tmp_path / "state")
+    config["approvals"]["listen"] = f"127.0.0.1:{free_port()}"
+    gw_port = free_port()
+    config["targets"]["customers"].update(
+        listen=f"127.0.0.1:{gw_port}", upstream=f"https://127.0.0.1:{port}", upstream_ca=str(ca), credentials={}
+    )
+    gw = GatewayProcess(tmp_path, config)
+    chunk = b"x" * 65536
+    try:
+        gw.start()
+        token = gw.token("agent-1", role="support-agent")
+        client_ctx = ssl.create_default_context(cafile=str(gw.state_dir / "tls" / "ca.crt"))
+
+        async def talk() -> tuple[str, int | None]:
+            url = f"wss://127.0.0.1:{gw_port}/v1/customers/ws"
+            headers = {"Authorization": f"Bearer {token}"}
+            async with connect(url, ssl=client_ctx, additional_headers=headers, max_size=None) as ws:
+                await ws.send([chunk] * 64)  # 4 MiB in 64 fragments: relayed
+                answer = str(await asyncio.wait_for(ws.recv(), 30))
+
+                async def endless() -> Any:
+                    for _ in range(1024):  # 64 MiB, never as one message the gateway could hold
+                        yield chunk
+
+                with contextlib.suppress(Exception):
+                    await ws.send(endless())
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.recv(), 30)
+                return answer, ws.close_code
+
+        answer, code = asyncio.run(talk())
+        assert gw.proc is not None and gw.proc.poll() is None  # the gateway is still there
+        log = gw.log()
+    finally:
+        gw.stop()
+        loop.call_soon_threadsafe(stop.set_result, None)
+        thread.join(5)
+    assert answer == str(64 * len(chunk)) and received[:1] == [64 * len(chunk)]
+    # 1009 when the agent reads the close frame; 1006 when its own sending sees the connection end first
+    assert code in (1009, 1006), code
+    assert f"the agent sent a message over {16 * 1024 * 1024} bytes" in log, log
+    assert received == [64 * len(chunk)]  # the endless message never reached the upstream

@@ -121,6 +121,8 @@ WS_RECORD_LIMIT = 4096
 WS_FLUSH_IDLE = 0.05
 STDIN_LINE_LIMIT = 64 * 1024
 MAX_REQUEST_HEAD = 1024 * 1024  # request line and headers, as Go's servers (and so the API server) accept
+# A WebSocket message is relayed (and masked) whole: mitmproxy collects its frames until the last one.
+MAX_WS_MESSAGE = 16 * 1024 * 1024
 CHANNEL_PROTOCOLS = (
     "v5.channel.k8s.io",
     "v4.channel.k8s.io",
@@ -2004,6 +2006,50 @@ def _ws_messages_before() -> None:
     cls.send2 = send2
 
 
+def _bounded_websocket_messages() -> None:
+    """Close a WebSocket whose unfinished message exceeds :data:`MAX_WS_MESSAGE` (status 1009).
+
+    mitmproxy collects a message's frames in memory until its last frame, without a limit: one endless
+    fragmented message (from an agent past its upgrade, or from the upstream) grew the gateway's memory
+    until it was killed."""
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers import websocket as ws_layer
+    from wsproto.connection import ConnectionState
+    from wsproto.events import CloseConnection
+
+    cls = ws_layer.WebsocketLayer
+    original = cls.relay_messages
+    if getattr(original, "lictor_bounded", False):
+        return
+
+    def relay_messages(self: Any, event: Any) -> Any:
+        yield from original(self, event)
+        if self._handle_event == self.done:
+            return
+        for src in (self.client_ws, self.server_ws):
+            if sum(len(b) for b in src.frame_buf) <= MAX_WS_MESSAGE:
+                continue
+            side = "agent" if src is self.client_ws else "upstream"
+            log.warning("closing WebSocket %s: the %s sent a message over %d bytes", self.flow.id, side, MAX_WS_MESSAGE)
+            src.frame_buf = [b""]
+            close = CloseConnection(code=1009, reason="message too big for the gateway")
+            for ws in (self.server_ws, self.client_ws):
+                if ws.state in {ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING}:
+                    yield ws.send2(close)
+                yield commands.CloseConnection(ws.conn)
+            websocket = self.flow.websocket
+            websocket.timestamp_end = time.time()
+            websocket.closed_by_client = src is self.client_ws
+            websocket.close_code, websocket.close_reason = close.code, close.reason
+            yield ws_layer.WebsocketEndHook(self.flow)
+            self.flow.live = False
+            self._handle_event = self.done
+            return
+
+    relay_messages.lictor_bounded = True  # type: ignore[attr-defined]
+    cls.relay_messages = relay_messages
+
+
 def _bounded_request_heads() -> None:
     """Refuse a request whose unread bytes pass :data:`MAX_REQUEST_HEAD`: a ``431`` while its head (request
     line and headers) has not ended, a ``400`` for a chunk-size or trailer line that does not end, or for
@@ -2121,6 +2167,7 @@ class EmbeddedProxy:
             logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # per-connection chatter
         _request_bodies_only()
         _ws_messages_before()
+        _bounded_websocket_messages()
         _bounded_request_heads()
         _json_error_responses()
         _lean.install()
