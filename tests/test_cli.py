@@ -196,6 +196,25 @@ def test_test_refuses_requests_whose_mistakes_no_rule_would_see(tmp_path: Path):
     assert "PASS" in proc.stdout and "1 passed, 3 failed" in proc.stdout
 
 
+def test_test_cases_without_an_identity_or_of_the_wrong_shape_fail_clearly(tmp_path: Path):
+    # without `identity:` the case asked as nobody and passed any `deny`; the wrong shapes printed
+    # "'str' object has no attribute 'get'"; `rule: [ok]` failed an allowed case ("expected rule ['ok'], got ok")
+    _ls_pack(tmp_path)
+    (tmp_path / "p.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n"
+        "  - {name: nobody, request: {protocol: ssh, command: rm -rf /}, expect: deny}\n"
+        "  - {name: str, identity: agent-1, request: {protocol: ssh, command: ls}, expect: allow}\n"
+        "  - {name: list, identity: {sub: a}, request: [ssh, ls], expect: allow}\n"
+        "  - {name: rules, identity: {sub: a}, request: {protocol: ssh, command: ls}, expect: {action: allow, rule: [ok]}}\n"
+    )
+    proc = lictor("test", str(tmp_path), check=False)
+    assert proc.returncode == 1
+    assert "nobody -> no decision: error: identity: is missing" in proc.stdout
+    assert "str -> no decision: error: identity: must be a mapping" in proc.stdout
+    assert "list -> no decision: error: request: must be a mapping" in proc.stdout
+    assert "PASS" in proc.stdout and "rules -> allow by ok" in proc.stdout and "1 passed, 3 failed" in proc.stdout
+
+
 def test_test_names_an_expected_rule_id_that_no_pack_has(tmp_path: Path):
     _ls_pack(tmp_path)
     (tmp_path / "p.tests.yaml").write_text(

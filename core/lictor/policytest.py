@@ -144,8 +144,10 @@ def _check(decision: Decision, expect: Mapping[str, Any], policy: Policy) -> str
     if decision.action != expect.get("action"):
         problems.append(f"expected {expect.get('action')}, got {decision.action}")
     rule = expect.get("rule")
-    if rule is not None and rule not in decision.rule_ids:
-        problems.append(f"expected rule {rule}, got {', '.join(decision.rule_ids)}")
+    if rule is not None:
+        wanted = [rule] if isinstance(rule, str) else list(rule)
+        if not set(wanted) <= set(decision.rule_ids):
+            problems.append(f"expected rule {', '.join(map(str, wanted))}, got {', '.join(decision.rule_ids)}")
     masked = expect.get("masked")
     if masked is not None:
         want = set([masked] if isinstance(masked, str) else masked)
@@ -204,8 +206,13 @@ def run_tests(policy: Policy, files: Iterable[Path]) -> TestReport:
                     )
                     continue
                 try:
-                    identity = identity_from_spec(plain(case.get("identity") or {}))
-                    requests = build_requests(policy, plain(case.get("request") or {}))
+                    for key in ("identity", "request"):
+                        # without an identity the case asked as nobody, and every `deny` expectation held
+                        if not isinstance(case.get(key), Mapping):
+                            what = "is missing" if case.get(key) is None else "must be a mapping"
+                            raise ValueError(f"{key}: {what} (see docs/rulepacks.md, Testing)")
+                    identity = identity_from_spec(plain(case["identity"]))
+                    requests = build_requests(policy, plain(case["request"]))
                     decision = combine(policy.decide(identity, r) for r in requests)
                     problem = _check(decision, _expectation(plain(case.get("expect"))), policy)
                 except Exception as exc:
