@@ -367,14 +367,24 @@ def test_path_braces_that_are_not_templates_are_errors(tmp_path, pattern: str) -
         ),
         ("{json: {a.b: x}}", "json: 'a.b' can never match: JSON paths start at the document, as in '$.a.b'"),
         (
+            "{hosts: ['https://api.internal']}",
+            "hosts: 'https://api.internal' can never match: hosts are host names alone, without scheme, port or "
+            "path (write 'api.internal')",
+        ),
+        (
+            "{hosts: ['*.internal', '::1', 'api.internal:8443']}",
+            "hosts: 'api.internal:8443' can never match: hosts are host names alone, without scheme, port or "
+            "path (write 'api.internal')",
+        ),
+        (
             "{resources: [pods, secret/status]}",
             "resources: 'secret/status' can never match: resources are plural, as in 'secrets/status'",
         ),
     ],
 )
 def test_paths_that_no_request_has_are_errors(tmp_path, when: str, message: str) -> None:  # type: ignore[no-untyped-def]
-    # Request paths start with "/" and JSON bodies are flattened as "$.a.b": a deny rule written
-    # without them would protect nothing.
+    # Request paths start with "/", JSON bodies are flattened as "$.a.b" and the host is the upstream's
+    # name alone: a deny rule written otherwise would protect nothing.
     protocol = "kubernetes" if "resources" in when else "http"
     (tmp_path / "p.yaml").write_text(
         "format: lictor/v1\nmetadata: {name: p, owner: sec}\nroles:\n  r:\n    rules:\n"

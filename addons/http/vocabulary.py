@@ -144,11 +144,33 @@ _GLOB_MAP = {
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 
+_HOST_WITH_PORT = re.compile(r"[^:]+:[0-9]+")
+
+
+@dataclass(frozen=True)
+class _HostNames(Glob):
+    """``hosts`` match the upstream's host name as configured (``api.internal``): a pattern with a scheme, a
+    path or a port (``https://api.internal``, ``api.internal:8443``) can never match, and a deny so written
+    would deny nothing."""
+
+    def compile(self, value: Any) -> Predicate:
+        for pattern in [value] if isinstance(value, str) else value:
+            text = str(pattern)
+            if "/" in text or _HOST_WITH_PORT.fullmatch(text):
+                name = text.split("://", 1)[-1].split("/", 1)[0]
+                name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+                raise ValueError(
+                    f"{text!r} can never match: hosts are host names alone, without scheme, port or path "
+                    f"(write {name!r})"
+                )
+        return super().compile(value)
+
+
 HTTP_VOCABULARY = Vocabulary(
     protocol="http",
     fields=(
         Enum("methods", attr="method", values=HTTP_METHODS, description="HTTP methods"),
-        Glob("hosts", attr="host", description="request host (globs)"),
+        _HostNames("hosts", attr="host", description="the upstream's host name, without port (globs)"),
         _Paths(
             "paths",
             attr="path_keys",  # the index; the predicate itself reads `path`
