@@ -576,7 +576,7 @@ def test_shadowed_rules_are_found_without_comparing_every_pair(tmp_path):
         )
     )
     started = time.monotonic()
-    compiler._shadowed(rules, None, "r", None)  # type: ignore[arg-type]
+    compiler._shadowed(rules, None)  # type: ignore[arg-type]
     assert time.monotonic() - started < 1.0
     assert [w.message.split(":")[0] for w in compiler.problems] == ["rule 'sel' can never match"]
     assert "rule 'r7'" in compiler.problems[0].message
@@ -594,3 +594,28 @@ def test_list_items_yaml_reads_as_booleans_numbers_or_dates_say_so(tmp_path):
         tmp_path, GOOD.replace("{statements: [select]}", "{statements: [select], tables: [2024-01-01]}")
     )
     assert "tables.0: YAML reads this value as the date 2024-01-01, not as text: put it in quotes" in str(result.errors)
+
+
+def test_a_rule_shadowed_by_a_deny_of_an_inherited_role_is_warned_about(tmp_path):
+    # every holder of `child` holds `base`: its deny of DELETE wins over child's allow, whatever the tables
+    text = """
+format: lictor/v1
+metadata: {name: inh}
+identities:
+  - match: {sub: a}
+    roles: [child]
+roles:
+  base:
+    rules:
+      - {id: no-delete, protocol: postgres, when: {statements: [delete]}, action: deny}
+  child:
+    inherits: [base]
+    rules:
+      - {id: delete-scratch, protocol: postgres, when: {statements: [delete], tables: [scratch]}, action: allow}
+      - {id: read, protocol: postgres, when: {statements: [select]}, action: allow}
+"""
+    path, result = problems(tmp_path, text)
+    assert [str(w) for w in result.warnings] == [
+        f"{path}:13:9: warning: rule 'delete-scratch' can never match: rule 'no-delete' ({path}:9:9) of role 'base', "
+        "which 'child' inherits, denies everything it covers (a deny wins whatever the rule order)"
+    ]

@@ -533,7 +533,6 @@ class _Compiler:
                     compiled = self._rule(doc, pack, role_name, k, rule, fb)
                     if compiled is not None:
                         rules.append(compiled)
-        self._shadowed(rules, doc, role_name, fb)
         role = Role(
             role_name,
             pack,
@@ -704,10 +703,11 @@ class _Compiler:
             unless_raw=plain(rule.get("unless") or {}),
         )
 
-    def _shadowed(self, rules: list[CompiledRule], doc: LocDict, role: str, fb: Location) -> None:
+    def _shadowed(self, rules: list[CompiledRule], fb: Location, inherited: Sequence[CompiledRule] = ()) -> None:
         """Warn about rules an unconditional-enough deny of the same role makes unreachable.
 
-        Rule order does not change a decision, so a deny written after the rule shadows it too. A deny covers a
+        Rule order does not change a decision, so a deny written after the rule shadows it too; so does a deny
+        of a role it inherits (``inherited``: every holder of the role holds that one too). A deny covers a
         rule when its targets are none or the rule's, it has no ``unless`` and every one of its conditions is
         also one of the rule's (or its only condition is a literal index field that includes the rule's values).
 
@@ -721,7 +721,8 @@ class _Compiler:
         by_shape: dict[tuple[str, tuple[str, ...]], dict[tuple[Any, ...], int]] = {}
         # protocol -> one index value -> (position, targets, index values) of denies on the index field alone
         by_index: dict[str, dict[str, list[tuple[int, tuple[str, ...], frozenset[str]]]]] = {}
-        for pos, rule in enumerate(rules):
+        every = [*rules, *inherited]
+        for pos, rule in enumerate(every):
             if rule.action != "deny" or not rule.enforce or rule.unless_raw:
                 continue
             keys = tuple(sorted(rule.when_raw))
@@ -755,10 +756,11 @@ class _Compiler:
                         break
             if found is None:
                 continue
-            earlier = rules[found]
+            earlier = every[found]
+            of = "" if earlier.role == later.role else f" of role {earlier.role!r}, which {later.role!r} inherits,"
             self.warn(
                 later.location or fb,
-                f"rule {later.id!r} can never match: rule {earlier.id!r} ({earlier.source}) denies "
+                f"rule {later.id!r} can never match: rule {earlier.id!r} ({earlier.source}){of} denies "
                 "everything it covers (a deny wins whatever the rule order)",
             )
 
@@ -793,6 +795,16 @@ class _Compiler:
                 MaskPlan.compile([block], custom_detectors=self.detectors, key=self.mask_key)
             except MaskingError as exc:
                 self.error(loc, str(exc))
+        for name, (role, _) in self.roles.items():
+            ancestors: list[str] = []
+            pending = list(role.inherits)
+            while pending:
+                parent = pending.pop(0)
+                if parent != name and parent not in ancestors and parent in self.roles:
+                    ancestors.append(parent)
+                    pending.extend(self.roles[parent][0].inherits)
+            inherited = [r for a in ancestors for r in self.roles[a][0].rules if r.action == "deny"]
+            self._shadowed(list(role.rules), self.roles[name][1], inherited)
         # inheritance cycles
         for name, (role, loc) in self.roles.items():
             seen: set[str] = set()
