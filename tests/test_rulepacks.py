@@ -619,3 +619,12 @@ roles:
         f"{path}:13:9: warning: rule 'delete-scratch' can never match: rule 'no-delete' ({path}:9:9) of role 'base', "
         "which 'child' inherits, denies everything it covers (a deny wins whatever the rule order)"
     ]
+
+
+def test_a_duplicate_key_names_both_places(tmp_path):
+    # YAML would keep the last `action:`; the author must see which two lines disagree
+    path, result = problems(tmp_path, GOOD.replace("action: allow", "action: deny\n        action: allow"))
+    assert [str(e) for e in result.errors] == [
+        f"{path}:13:9: duplicate key 'action' (also at line 12, column 9): a mapping holds each key once; "
+        "keep one of them"
+    ]

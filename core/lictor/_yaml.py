@@ -75,7 +75,12 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LocDict:
         if not isinstance(key, str):
             key = str(key)
         if key in result:
-            raise YamlError(_loc(loader.filename, key_node), f"duplicate key {key!r}")
+            first = result.key_locs[key]
+            raise YamlError(
+                _loc(loader.filename, key_node),
+                f"duplicate key {key!r} (also at line {first.line}, column {first.col}): "
+                "a mapping holds each key once; keep one of them",
+            )
         result[key] = loader.construct_object(value_node, deep=True)
         result.key_locs[key] = _loc(loader.filename, key_node)
         result.value_locs[key] = _loc(loader.filename, value_node)
