@@ -628,3 +628,16 @@ def test_a_duplicate_key_names_both_places(tmp_path):
         f"{path}:13:9: duplicate key 'action' (also at line 12, column 9): a mapping holds each key once; "
         "keep one of them"
     ]
+
+
+def test_a_merge_key_gives_defaults_the_mapping_overrides(tmp_path):
+    # `<<: *base` then `id: r2` is how YAML reuses a rule; it was refused as a duplicate `id`
+    text = GOOD.replace(
+        "      - id: ro-select\n",
+        "      - &base\n        id: ro-select\n",
+    ) + ("      - <<: *base\n        id: ro-show\n        when: {statements: [show]}\n")
+    _, result = problems(tmp_path, text)
+    assert result.policy is not None, result.errors
+    rules = {r.id: r for r in result.policy.rules}
+    assert rules["ro-show"].when_raw == {"statements": ["show"]} and rules["ro-show"].action == "allow"
+    assert rules["ro-select"].when_raw == {"statements": ["select"]}

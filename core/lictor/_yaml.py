@@ -65,22 +65,28 @@ class _Loader(_Base):  # type: ignore[misc]
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LocDict:
+    # Keys written in this mapping, as opposed to those a merge key (`<<: *base`) brings in: a merged key is a
+    # default that the mapping's own key overrides, and only two written keys are a duplicate.
+    written = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
     loader.flatten_mapping(node)
     result = LocDict()
     result.loc = _loc(loader.filename, node)
     result.key_locs = {}
     result.value_locs = {}
+    own: set[str] = set()
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str):
             key = str(key)
-        if key in result:
+        if key in own and id(key_node) in written:
             first = result.key_locs[key]
             raise YamlError(
                 _loc(loader.filename, key_node),
                 f"duplicate key {key!r} (also at line {first.line}, column {first.col}): "
                 "a mapping holds each key once; keep one of them",
             )
+        if id(key_node) in written:
+            own.add(key)
         result[key] = loader.construct_object(value_node, deep=True)
         result.key_locs[key] = _loc(loader.filename, key_node)
         result.value_locs[key] = _loc(loader.filename, value_node)
