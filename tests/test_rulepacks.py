@@ -641,3 +641,15 @@ def test_a_merge_key_gives_defaults_the_mapping_overrides(tmp_path):
     rules = {r.id: r for r in result.policy.rules}
     assert rules["ro-show"].when_raw == {"statements": ["show"]} and rules["ro-show"].action == "allow"
     assert rules["ro-select"].when_raw == {"statements": ["select"]}
+
+
+def test_a_pack_that_is_not_utf8_names_the_line_and_column(tmp_path):
+    # an editor saving Windows-1252 left "1:1: cannot read: 'utf-8' codec can't decode byte 0xe9 in position 230"
+    path = tmp_path / "pack.yaml"
+    path.write_bytes(
+        GOOD.lstrip("\n").replace("owner: security", "owner: s\u00e9curit\u00e9").encode("utf-8") + b"# caf\xe9\n"
+    )
+    result = load_policy([path], vocabularies())
+    assert [str(e) for e in result.errors] == [
+        f"{path}:13:6: not UTF-8: byte 0xe9 cannot start or continue a character; save the file as UTF-8"
+    ]

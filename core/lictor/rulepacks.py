@@ -839,7 +839,18 @@ def load_policy(
         fallback = Location(str(path), 1, 1)
         try:
             text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
+            # saved as Latin-1 or Windows-1252 by an editor: point at the byte, not at the top of the file
+            before = exc.object[: exc.start]
+            line = before.count(b"\n") + 1
+            col = len(before[before.rfind(b"\n") + 1 :].decode("utf-8", "replace")) + 1
+            compiler.error(
+                Location(str(path), line, col),
+                f"not UTF-8: byte 0x{exc.object[exc.start]:02x} cannot start or continue a character; "
+                "save the file as UTF-8",
+            )
+            continue
+        except OSError as exc:
             compiler.error(fallback, f"cannot read: {exc}")
             continue
         try:
