@@ -225,3 +225,34 @@ def test_a_jwks_endpoint_that_fails_is_refused_cleanly_and_not_asked_again_at_on
         assert len(hits) == 1
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("{type: jwks}", "identity.issuers.0: 'issuer' is a required property"),
+        ("{type: jwks, issuer: https://idp}", "identity.issuers.0: 'jwks_url' is a required property"),
+        ('{type: jwks, issuer: https://idp, jwks_url: ""}', "identity.issuers.0.jwks_url: '' does not match"),
+        ("{type: static, issuer: https://idp}", "identity.issuers.0: 'public_keys' is a required property"),
+        (
+            "{type: static, issuer: https://idp, public_keys: []}",
+            "identity.issuers.0.public_keys: [] should be non-empty",
+        ),
+        ("{type: static, issuer: https://idp, public_keys: [nokey.pem]}", "issuer https://idp: public key nokey.pem: "),
+        (
+            "{type: static, issuer: https://idp, public_keys: [lictor.yaml]}",
+            "issuer https://idp: public key lictor.yaml: ",
+        ),
+        ("{type: lictor, algorithms: []}", "identity.issuers.0.algorithms: [] should be non-empty"),
+        ("{type: lictor, audience: []}", "identity.issuers.0.audience: [] is not valid"),
+    ],
+)
+def test_an_issuer_that_could_verify_no_token_stops_the_gateway_with_a_clear_error(tmp_path, entry, problem):
+    """Instead of a traceback, or a gateway that runs and refuses every token of that issuer."""
+    from tests.conftest import lictor
+
+    config = tmp_path / "lictor.yaml"
+    config.write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\nidentity:\n  issuers:\n    - {entry}\n")
+    proc = lictor("run", "-c", str(config), "--ready-file", str(tmp_path / "ready"), check=False, timeout=30)
+    assert proc.returncode == 1 and problem in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "ready").exists()

@@ -55,12 +55,28 @@ CONFIG_SCHEMA: dict[str, Any] = {
                         "properties": {
                             "type": {"enum": ["lictor", "jwks", "static"]},
                             "name": {"type": "string"},
-                            "issuer": {"type": "string"},
-                            "audience": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-                            "algorithms": {"type": "array", "items": {"type": "string"}},
-                            "jwks_url": {"type": "string"},
-                            "public_keys": {"type": "array", "items": {"type": "string"}},
+                            "issuer": {"type": "string", "minLength": 1},
+                            "audience": {
+                                "oneOf": [
+                                    {"type": "string", "minLength": 1},
+                                    {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                                ]
+                            },
+                            "algorithms": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                            "jwks_url": {"type": "string", "pattern": "^https?://."},
+                            "public_keys": {"type": "array", "minItems": 1, "items": {"type": "string"}},
                         },
+                        # an issuer without its keys would refuse every token it signs, and say so only then
+                        "allOf": [
+                            {
+                                "if": {"properties": {"type": {"const": "jwks"}}},
+                                "then": {"required": ["issuer", "jwks_url"]},
+                            },
+                            {
+                                "if": {"properties": {"type": {"const": "static"}}},
+                                "then": {"required": ["issuer", "public_keys"]},
+                            },
+                        ],
                     },
                 },
             },

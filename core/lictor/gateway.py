@@ -239,7 +239,12 @@ class Gateway:
 
             audience = entry.get("audience", "lictor")
             auds = (audience,) if isinstance(audience, str) else tuple(audience)
-            keys = tuple(load_pem_public_key(self.config.resolve(p).read_bytes()) for p in entry.get("public_keys", []))
+            keys = []
+            for p in entry.get("public_keys", []):
+                try:
+                    keys.append(load_pem_public_key(self.config.resolve(p).read_bytes()))
+                except (OSError, ValueError, TypeError) as exc:  # missing, unreadable, not a PEM public key
+                    raise ValueError(f"identity issuer {entry['issuer']}: public key {p}: {exc}") from None
             issuers.append(
                 IssuerConfig(
                     name=str(entry.get("name", entry.get("issuer", kind))),
@@ -248,7 +253,7 @@ class Gateway:
                     audience=auds,
                     algorithms=tuple(entry.get("algorithms", ["RS256", "ES256", "EdDSA"])),
                     jwks_url=str(entry.get("jwks_url", "")),
-                    public_keys=keys,
+                    public_keys=tuple(keys),
                 )
             )
         return TokenVerifier(issuers, leeway=parse_duration(section.get("leeway", 30)))
