@@ -740,6 +740,34 @@ def test_a_token_offered_as_a_websocket_subprotocol_is_not_shown_to_approvers(en
         lictor("approvals", "deny", approval_id, "--url", approvals, "--token", env.lead, "--reason", "done")
 
 
+def test_credentials_the_gateway_cannot_use_are_an_audited_failed_authentication(env: Env) -> None:
+    attempts = [
+        ("-u", "admin:hunter2"),  # Basic
+        ("-H", f"Authorization: Bearer {env.agent}", "-H", f"Proxy-Authorization: Bearer {env.lead}"),
+        ("-H", "Sec-WebSocket-Protocol: base64url.bearer.authorization.k8s.io._w"),
+    ]
+
+    def failed() -> tuple[str, list[str]]:
+        out = lictor("audit", "list", "--json", "--kind", "auth.failed", "--state-dir", str(env.gw.state_dir)).stdout
+        return out, [json.loads(line)["reason"] for line in out.splitlines() if line.strip()]
+
+    time.sleep(1)  # the audit log is a batch behind the spool
+    before = len(failed()[1])
+    for args in attempts:
+        code, body = env.curl(env.url() + "/v1/customers/42", *args)
+        assert code == 401, body
+    deadline = time.monotonic() + 10
+    while len((found := failed())[1]) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    out, reasons = found
+    assert reasons[-3:] == [
+        "the Authorization header must be `Bearer <token>` (a Lictor-accepted JWT)",
+        "the request carries several different tokens",
+        "malformed bearer token in Sec-WebSocket-Protocol",
+    ], reasons
+    assert "hunter2" not in out and "YWRtaW46aHVudGVyMg" not in out and env.agent not in out
+
+
 def test_recordings_and_audit_never_hold_credentials(env: Env) -> None:
     env.curl(env.url() + "/v1/customers/99", token=env.agent)
     env.curl(env.url() + "/v1/customers/echostream", token=env.agent)  # the upstream echoes its credential

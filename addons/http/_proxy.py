@@ -695,7 +695,12 @@ class LictorProxy:
         first = _first(fields)
         try:
             token = self._token(fields)
-        except BadAuth as exc:
+        except BadAuth as exc:  # credentials were sent (Basic, several tokens...): a failed authentication
+            self.gateway.audit_event(
+                "auth.failed",
+                {"protocol": target.protocol, "target": target.name, "peer": peer, "reason": str(exc)},
+                fail_closed=False,
+            )
             self._answer(flow, error(401, str(exc), "send Authorization: Bearer <token>", kubernetes=k8s))
             return
         if token is None:
