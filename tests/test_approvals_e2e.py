@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import websockets
 
@@ -218,6 +219,19 @@ def test_the_api_reads_any_limit_it_is_given(approvals_gateway: Any) -> None:
                 f"POST /api/approvals/{aid}/approve HTTP/1.1\r\nContent-Length: {length}\r\n\r\n".encode("latin-1")
             )
             assert sock.makefile("rb").readline().split(b" ")[1] == status, length
+
+
+def test_a_token_that_just_expired_is_refused_at_the_page_login_with_a_reason(approvals_gateway: Any) -> None:
+    """The clock leeway lets it verify, but the session would end before it begins: the approver would be
+    sent back to an empty login form, with a successful login audited."""
+    gw = approvals_gateway
+    token = gw.token("dba-1", ttl="1s", role="dba")
+    time.sleep(2)
+    with httpx.Client(base_url=gw.url, timeout=10) as web:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', web.get("/login").text)
+        assert csrf
+        login = web.post("/login", data={"csrf": csrf.group(1), "token": token})
+    assert login.status_code == 401 and "login failed: token expired: get a fresh one" in login.text
 
 
 def test_cli_explains_a_gateway_without_an_approvals_listener(tmp_path: Path) -> None:

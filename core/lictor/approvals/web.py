@@ -201,6 +201,9 @@ class WebApp:
             return await self.login_form(request, "the login form expired; try again", 403)
         try:
             identity = await self.broker.gateway.verify_async(form.get("token", ""))
+            if identity.expires_at is not None and identity.expires_at <= time.time():
+                # accepted within the clock leeway, but a session cannot end before it begins
+                raise AuthError("token expired: get a fresh one")
         except AuthError as exc:
             self.broker.gateway.audit_event(
                 "approvals.login_failed", {"peer": request.peer, "reason": str(exc)}, fail_closed=False
