@@ -256,3 +256,13 @@ def test_an_issuer_that_could_verify_no_token_stops_the_gateway_with_a_clear_err
     proc = lictor("run", "-c", str(config), "--ready-file", str(tmp_path / "ready"), check=False, timeout=30)
     assert proc.returncode == 1 and problem in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "ready").exists()
+
+
+def test_an_exp_too_large_for_a_float_is_refused_like_any_bad_claim(issuer, verifier):
+    """pyjwt accepts any integer; the expiry the gateway keeps is a float, and 10**400 is none."""
+    header = base64.urlsafe_b64encode(b'{"alg":"EdDSA","typ":"JWT"}').rstrip(b"=")
+    body = json.dumps({"sub": "a", "iss": "lictor", "aud": "lictor", "exp": 10**400}).encode()
+    signed = header + b"." + base64.urlsafe_b64encode(body).rstrip(b"=")
+    signature = base64.urlsafe_b64encode(issuer._key.sign(signed)).rstrip(b"=")
+    with pytest.raises(AuthError, match=r"exp\) is out of range"):
+        verifier.verify((signed + b"." + signature).decode())

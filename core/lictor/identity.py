@@ -318,11 +318,15 @@ class TokenVerifier:
             sub = claims.get("sub")
             if not isinstance(sub, str) or not sub:
                 raise AuthError("token has no subject")
+            try:
+                expires_at = float(claims["exp"])
+            except (OverflowError, ValueError):  # an integer of hundreds of digits passes pyjwt's check
+                raise AuthError("invalid token: Expiration Time claim (exp) is out of range") from None
             return Identity(
                 subject=sub,
                 claims=claims,
                 issuer=cfg.issuer,
                 token_id=str(claims.get("jti", "")),
-                expires_at=float(claims["exp"]),
+                expires_at=expires_at,
             )
         raise AuthError(f"token signature does not verify ({last})")
