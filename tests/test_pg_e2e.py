@@ -1386,6 +1386,41 @@ def test_writer_ddl_waits_for_an_approval(env: PgEnv) -> None:
     env.direct("DROP TABLE approved_table")
 
 
+def test_a_statement_approved_after_the_token_expired_is_denied_as_an_ended_approval(env: PgEnv) -> None:
+    import psycopg
+
+    token = env.gateway.token("agent-short-lived", ttl="2s", role="writer")  # type: ignore[union-attr]
+    env_cli = {**os.environ, "LICTOR_TOKEN": env.tokens["dba"]}
+    url = f"http://127.0.0.1:{env.approvals_port}"
+    with env.connect("writer", dsn_extra={"password": token, "user": "agent-short-lived"}) as conn:
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+
+        def approve_after_expiry() -> None:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                for note in list(notices):
+                    if "waiting for approval " in note:
+                        approval = note.split("waiting for approval ", 1)[1].split(":", 1)[0]
+                        time.sleep(3)  # the token expires while the statement waits
+                        lictor("approvals", "approve", approval, "--url", url, env=env_cli)
+                        return
+                time.sleep(0.1)
+
+        approver = threading.Thread(target=approve_after_expiry)
+        approver.start()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute("CREATE TABLE approved_too_late (id int)")
+        approver.join()
+    assert "your token has expired; reconnect with a fresh one" in str(info.value)
+    assert "lictor:token-expired" in (info.value.diag.message_detail or "")
+    # the approval is over (withdrawn): the hint does not say to wait for it
+    assert info.value.diag.message_hint == (
+        "This approval request has ended; running the statement again asks for a new approval."
+    )
+    assert env.direct("SELECT to_regclass('approved_too_late') IS NULL") == [(True,)]
+
+
 def test_held_statement_denied_by_an_approver_or_cancelled_by_the_agent(env: PgEnv) -> None:
     import psycopg
 

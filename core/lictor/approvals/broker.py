@@ -50,6 +50,7 @@ from ._model import (
     EXPIRED,
     MAX_PAYLOAD,
     PENDING,
+    USED,
     WITHDRAWN,
     Approval,
     ApprovalError,
@@ -582,6 +583,7 @@ class ApprovalBroker:
         # meanwhile denies it
         live = session.policy_decision(request)
         now = time.time()
+        ended = USED if consumed else WITHDRAWN  # how the approval ends if it cannot be used: agents are told
         if live.action == "deny":
             if not consumed:
                 await asyncio.to_thread(
@@ -590,6 +592,7 @@ class ApprovalBroker:
             return replace(
                 live,
                 approval_id=approval_id,
+                approval_status=ended,
                 message=f"approval {approval_id} was given, but the policy live now denies this request: "
                 f"{live.message}",
             )
@@ -606,13 +609,13 @@ class ApprovalBroker:
             if problem:
                 if not consumed:
                     await asyncio.to_thread(self._withdraw, approval_id, problem, now)
-                return self._deny(live, approval_id, f"approval {approval_id} no longer suffices: {problem}")
+                return self._deny(live, approval_id, f"approval {approval_id} no longer suffices: {problem}", ended)
         if not consumed:
             ok = await asyncio.to_thread(
                 self.store.consume, approval_id, digest, identity, now, now - approval.spec.timeout
             )
             if not ok:
-                return self._deny(decision, approval_id, f"approval {approval_id} was already used; denied")
+                return self._deny(decision, approval_id, f"approval {approval_id} was already used; denied", USED)
         self.gateway.audit_event(
             "approval.used",
             {"id": approval_id, "session": session.id, "digest": digest, "live_action": live.action},
