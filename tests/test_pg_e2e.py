@@ -867,6 +867,28 @@ def test_sql_prepare_and_execute(env: PgEnv) -> None:
     assert env.fingerprint() == before
 
 
+@pytest.mark.parametrize("name", ["", "s"])
+def test_a_parse_the_server_skips_does_not_replace_the_statement_it_holds(env: PgEnv, name: str) -> None:
+    # After an error the server skips every message up to Sync, a Parse too, and keeps the statement it
+    # held under that name. The gateway took the skipped Parse's text for it: a writer's DROP TABLE, held
+    # for approval at its Bind, ran without one once a skipped "SELECT 1" stood for it.
+    env.direct("CREATE TABLE IF NOT EXISTS parse_skip (id int)")
+    c = RawClient(env.port, env.tokens["writer"])
+    c.sock.settimeout(5)
+    try:
+        c.send(pg.parse(name, "DROP TABLE parse_skip"), pg.sync())
+        assert not errors(c.until_ready())
+        c.send(pg.parse("bad", "SELECT * FROM no_such_table"), pg.parse(name, "SELECT 1"), pg.sync())
+        assert [e.sqlstate for e in errors(c.until_ready())] == ["42P01"]
+        c.send(pg.bind("", name), pg.execute(), pg.sync())
+        got = c.until_ready()
+    finally:
+        c.close()
+    assert [e.sqlstate for e in errors(got)] == ["42501"]
+    assert env.direct("SELECT to_regclass('parse_skip') IS NOT NULL") == [(True,)]
+    env.direct("DROP TABLE parse_skip")
+
+
 def test_a_failed_prepare_does_not_rename_what_the_server_holds(env: PgEnv) -> None:
     # PREPARE s over an s that exists fails on the server; had the gateway taken s for the new text,
     # EXECUTE s would be decided as SELECT 1 while the server ran the DDL prepared (and held) before.

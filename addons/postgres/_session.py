@@ -1383,8 +1383,7 @@ class Relay:
             # known, so that an approval covers one execution with the values the approvers saw.
             stmt = Prepared(name, sql, classified, decision, time.monotonic(), self._mask_plan(decision))
             stmt.param_types = _param_types(raw)
-            self._remember(stmt)
-            self._push(_K_PARSE, name)
+            self._parsed(stmt)
             return None
         self._prepared.pop(name, None)
         self._record_denial(sql, decision)
@@ -1394,8 +1393,21 @@ class Relay:
         # A PREPARE, DECLARE or DEALLOCATE sent as a Parse changes names when an Execute of it runs (see
         # _on_execute): parsed and never executed, it must not rename what the server holds.
         plan = self._mask_plan(decision)
-        self._remember(Prepared(name, sql, classified, decision, time.monotonic(), plan))
-        self._push(_K_PARSE, name)
+        self._parsed(Prepared(name, sql, classified, decision, time.monotonic(), plan))
+
+    def _parsed(self, stmt: Prepared) -> None:
+        """A Parse is forwarded: its statement is known under its name, unless the server skips it (after an
+        error, up to Sync), which leaves what the server holds under that name as it was."""
+        if self._be_skip:
+            return
+        self._remember(stmt)
+        self._push(_K_PARSE, stmt)
+
+    def _parse_failed(self, stmt: Prepared) -> None:
+        """A Parse failed or was skipped: the server does not hold its statement (a skipped Parse leaves an
+        earlier one of that name, whose text the gateway no longer has): forgotten, so a Bind of it is denied."""
+        if self._prepared.get(stmt.name) is stmt:
+            del self._prepared[stmt.name]
 
     def _on_bind(self, raw: bytes) -> bytes | None:
         self._open_segment = True
@@ -1875,7 +1887,6 @@ class Relay:
                 expect.popleft()
                 return None
             if t == _B_ERROR:
-                self._prepared.pop(head.data, None)
                 self._extended_error(None)
             return None
         if kind == _K_BIND:
@@ -1970,6 +1981,8 @@ class Relay:
             pass
         elif kind in (_K_PARSE,) and t in (_B_PARSEOK, _B_ERROR):
             self._expect.popleft()
+            if t == _B_ERROR:
+                self._parse_failed(head.data)
         elif kind == _K_BIND and t in (_B_BINDOK, _B_ERROR):
             self._expect.popleft()
             if t == _B_ERROR:
@@ -2181,6 +2194,8 @@ class Relay:
                 self._finish(head.run, None)
             elif head.kind == _K_BIND:
                 self._bind_failed(head.data)
+            elif head.kind == _K_PARSE:
+                self._parse_failed(head.data)
         self._rows = None
         self._copy_plan = None
         while expect and expect[0].kind not in _Z_KINDS:
@@ -2190,6 +2205,8 @@ class Relay:
                 self._finish(item.run, None)
             elif item.kind == _K_BIND:
                 self._bind_failed(item.data)
+            elif item.kind == _K_PARSE:
+                self._parse_failed(item.data)
         if not expect:
             self._be_skip = True
 
