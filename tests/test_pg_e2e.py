@@ -889,6 +889,32 @@ def test_a_parse_the_server_skips_does_not_replace_the_statement_it_holds(env: P
     env.direct("DROP TABLE parse_skip")
 
 
+def test_a_prepare_the_server_skips_does_not_rename_what_it_holds(env: PgEnv) -> None:
+    # A PREPARE sent as a Parse names its statement when executed; an Execute of its portal that the server
+    # skipped (after an error, up to Sync) named it too: EXECUTE p was then decided and recorded as the skipped
+    # text while the server ran the statement it held.
+    c = RawClient(env.port, env.tokens["writer"])
+    c.sock.settimeout(5)
+    try:
+        c.send(pg.query("BEGIN; PREPARE p AS SELECT 'held'"))
+        assert not errors(c.until_ready())
+        c.send(pg.parse("", "PREPARE p AS SELECT 'skipped'"), pg.bind("q", ""), pg.sync())
+        assert names(c.until_ready()) == ["ParseComplete", "BindComplete", "ReadyForQuery"]
+        c.send(pg.parse("bad", "SELECT * FROM no_such_table"), pg.flush())
+        assert [e.sqlstate for e in errors(c.read_messages(1))] == ["42P01"]  # the rest is skipped, up to Sync
+        c.send(pg.execute("q"), pg.sync())
+        assert names(c.until_ready()) == ["ReadyForQuery"]
+        c.send(pg.query("ROLLBACK"))  # the failed transaction; prepared statements outlive it
+        assert not errors(c.until_ready())
+        c.send(pg.query("EXECUTE p"))
+        got = c.until_ready()
+    finally:
+        c.close()
+    # Forgotten, so denied: the gateway does not know which statement the server holds as p.
+    assert [pg.decode_datarow(m.raw) for m in got if isinstance(m, pg.DataRow)] == []
+    assert [e.sqlstate for e in errors(got)] == ["42501"]
+
+
 def test_a_failed_prepare_does_not_rename_what_the_server_holds(env: PgEnv) -> None:
     # PREPARE s over an s that exists fails on the server; had the gateway taken s for the new text,
     # EXECUTE s would be decided as SELECT 1 while the server ran the DDL prepared (and held) before.

@@ -992,7 +992,7 @@ class Relay:
             # The server is skipping everything up to the next Sync: it will not answer this.
             if kind == _K_EXEC and isinstance(run, Execution):
                 run.error = "skipped"
-                self._record_exec(run)
+                self._finish(run, None)  # the names a PREPARE or DECLARE in it would have made are forgotten
             return
         self._expect.append(_Expect(kind, data, run))
 
