@@ -1909,14 +1909,44 @@ def _redacted(sql: str) -> str:
     return b"".join(out).decode("utf-8", "replace")
 
 
+# The parse tree of a statement takes several hundred bytes of memory per token (a 2 MB `IN (1,1,...)`
+# list took 700 MB): a statement with more tokens than this is refused before it is parsed.
+MAX_TOKENS = 100_000
+# What the count takes as one token each: string constants (standard and escape) and quoted identifiers,
+# which parse to one node whatever their length; then words and numbers; then any other character. The
+# text of function and DO bodies counts token by token: they are parsed too. Each alternative either
+# matches or fails at once or at the one unterminated quote, so the count stays linear in the text.
+_LEXEME = re.compile(
+    r"[Ee]'[^'\\]*(?:(?:\\.|'')[^'\\]*)*'"
+    r"|'[^']*(?:''[^']*)*'"
+    r'|"[^"]*(?:""[^"]*)*"'
+    r"|[A-Za-z_0-9.\x80-\uffff]+"
+    r"|\S",
+)
+
+
+def _check_tokens(sql: str) -> None:
+    """Refuse, before parsing, a text with more than :data:`MAX_TOKENS` tokens (a bound on memory)."""
+    if len(sql) <= MAX_TOKENS:
+        return
+    for count, _ in enumerate(_LEXEME.finditer(sql), 1):
+        if count > MAX_TOKENS:
+            raise ClassificationError(
+                f"the statement has more than {MAX_TOKENS:,} tokens, more than the gateway analyses at once; "
+                "send it in smaller parts (fewer rows per INSERT, shorter IN lists; COPY for bulk data)"
+            )
+
+
 def classify(sql: str) -> list[Statement]:
     """One :class:`Statement` per statement of ``sql``, in order (empty for a blank or ``;``-only text).
 
-    Raises :class:`ClassificationError` when the text, or a body inside it, does not parse.
-    Results for texts up to 16 KiB are cached (LRU, 4096 entries); Statements are immutable.
+    Raises :class:`ClassificationError` when the text, or a body inside it, does not parse, or when it
+    has more than :data:`MAX_TOKENS` tokens. Results for texts up to 16 KiB are cached (LRU, 4096
+    entries); Statements are immutable.
     """
     if len(sql) <= _CACHE_MAX_TEXT:
         return list(_classify_cached(sql))
+    _check_tokens(sql)
     return list(_statements(sql))
 
 
@@ -1924,6 +1954,7 @@ def fingerprint(sql: str) -> str:
     """libpg_query's fingerprint: equal for statements that differ only in constants and formatting."""
     if "\0" in sql:
         raise ClassificationError("NUL character in SQL text")
+    _check_tokens(sql)
     try:
         return str(pgparse.fingerprint(sql))
     except RecursionError:
