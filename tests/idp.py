@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -58,6 +59,24 @@ class HeldJwks:
 
         payload = {"sub": sub, "iss": ISSUER, "aud": "lictor", "exp": time.time() + 600, **claims}
         return jwt.encode(payload, self.key, "RS256", headers={"kid": "k1"})
+
+    def others_go_on(self, login: Callable[[], None], step: Callable[[], bool]) -> bool:
+        """Run ``login`` (a login with one of this provider's tokens) in a thread; once the gateway has asked
+        for the keys, ``step`` (a command on another connection) must succeed five times. Whether all five
+        ran while the keys were held (a gateway that waited for them would answer only after the release,
+        which comes after 20 s at most); the login has ended when this returns."""
+        waiting = threading.Thread(target=login)
+        waiting.start()
+        assert self.asked.wait(15), "the login did not ask the identity provider for its keys"
+        backstop = threading.Timer(20, self.release.set)
+        backstop.start()
+        for _ in range(5):
+            assert step()
+        answered_while_held = not self.release.is_set()
+        self.release.set()
+        backstop.cancel()
+        waiting.join(15)
+        return answered_while_held
 
     def close(self) -> None:
         self.release.set()

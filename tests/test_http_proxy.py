@@ -796,29 +796,20 @@ def test_range_requests_cannot_split_masked_values_between_answers(env: Env) -> 
     assert "range" not in headers and "if-range" not in headers
 
 
-def test_websocket_messages_with_json_escapes_are_masked(tmp_path: Path) -> None:
-    """GraphQL subscriptions and the like send JSON, whose encoders escape non-ASCII letters (and some
-    escape more): the detectors cannot read jane\\u0040example.com in the bytes."""
+@contextlib.contextmanager
+def _websocket_gateway(tmp_path: Path, handler: Any, **serve_options: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The HTTP example's gateway in front of a WebSocket upstream served by ``handler``: yields the
+    gateway's ``wss://`` URL for ``/v1/customers/ws`` and the ``connect()`` options of a support agent;
+    the gateway (``GatewayProcess``) is in the options' ``gateway`` key."""
     ca, cert, key = make_ca(tmp_path)
-    messages = [
-        json.dumps({"email": "zo\u00eb@ex\u00e4mple.com"}),  # Python's json escapes the non-ASCII letters
-        '{"email": "' + EMAIL.replace("@", "\\u0040") + '"}',
-        f"plain {EMAIL}",
-        "not JSON: " + EMAIL.replace("@", "\\u0040"),
-    ]
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
     port = free_port()
     loop = asyncio.new_event_loop()
     stop = loop.create_future()
 
-    async def handler(ws: ServerConnection) -> None:
-        for message in messages:
-            await ws.send(message)
-        await ws.wait_closed()
-
     async def serve_upstream() -> None:
-        async with serve(handler, "127.0.0.1", port, ssl=server_ctx):
+        async with serve(handler, "127.0.0.1", port, ssl=server_ctx, **serve_options):
             await stop
 
     thread = threading.Thread(target=loop.run_until_complete, args=(serve_upstream(),), daemon=True)
@@ -835,22 +826,45 @@ def test_websocket_messages_with_json_escapes_are_masked(tmp_path: Path) -> None
     try:
         gw.start()
         token = gw.token("agent-1", role="support-agent")
-        client_ctx = ssl.create_default_context(cafile=str(gw.state_dir / "tls" / "ca.crt"))
+        options = {
+            "ssl": ssl.create_default_context(cafile=str(gw.state_dir / "tls" / "ca.crt")),
+            "additional_headers": {"Authorization": f"Bearer {token}"},
+            "gateway": gw,
+        }
+        yield f"wss://127.0.0.1:{gw_port}/v1/customers/ws", options
+    finally:
+        gw.stop()
+        loop.call_soon_threadsafe(stop.set_result, None)
+        thread.join(5)
+
+
+def test_websocket_messages_with_json_escapes_are_masked(tmp_path: Path) -> None:
+    """GraphQL subscriptions and the like send JSON, whose encoders escape non-ASCII letters (and some
+    escape more): the detectors cannot read jane\\u0040example.com in the bytes."""
+    messages = [
+        json.dumps({"email": "zo\u00eb@ex\u00e4mple.com"}),  # Python's json escapes the non-ASCII letters
+        '{"email": "' + EMAIL.replace("@", "\\u0040") + '"}',
+        f"plain {EMAIL}",
+        "not JSON: " + EMAIL.replace("@", "\\u0040"),
+    ]
+
+    async def handler(ws: ServerConnection) -> None:
+        for message in messages:
+            await ws.send(message)
+        await ws.wait_closed()
+
+    with _websocket_gateway(tmp_path, handler) as (url, options):
+        options.pop("gateway")
 
         async def receive() -> list[str]:
             got: list[str] = []
-            url = f"wss://127.0.0.1:{gw_port}/v1/customers/ws"
-            async with connect(url, ssl=client_ctx, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+            async with connect(url, **options) as ws:
                 with contextlib.suppress(Exception):  # the connection closes at the unreadable message
                     while True:
                         got.append(str(await asyncio.wait_for(ws.recv(), 5)))
             return got
 
         got = asyncio.run(receive())
-    finally:
-        gw.stop()
-        loop.call_soon_threadsafe(stop.set_result, None)
-        thread.join(5)
     assert [json.loads(m)["email"] for m in got[:2]] == ["[REDACTED:email]"] * 2, got
     assert got[2:] == ["plain [REDACTED:email]"], got  # the message that is not JSON is not relayed
 
@@ -858,12 +872,6 @@ def test_websocket_messages_with_json_escapes_are_masked(tmp_path: Path) -> None
 def test_a_websocket_message_too_big_to_hold_closes_the_connection(tmp_path: Path) -> None:
     """The gateway holds a WebSocket message until its last frame: one that never ends must not grow its
     memory without limit. A big message that fits passes."""
-    ca, cert, key = make_ca(tmp_path)
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert, key)
-    port = free_port()
-    loop = asyncio.new_event_loop()
-    stop = loop.create_future()
     received: list[int] = []
 
     async def handler(ws: ServerConnection) -> None:
@@ -872,31 +880,12 @@ def test_a_websocket_message_too_big_to_hold_closes_the_connection(tmp_path: Pat
                 received.append(len(message))
                 await ws.send(str(len(message)))
 
-    async def serve_upstream() -> None:
-        async with serve(handler, "127.0.0.1", port, ssl=server_ctx, max_size=None):
-            await stop
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve_upstream(),), daemon=True)
-    thread.start()
-    config = yaml.safe_load((ROOT / "examples" / "http" / "lictor.yaml").read_text())
-    config["rulepacks"] = [str(ROOT / "examples" / "http" / "rulepacks")]
-    config["state_dir"] = str(tmp_path / "state")
-    config["approvals"]["listen"] = f"127.0.0.1:{free_port()}"
-    gw_port = free_port()
-    config["targets"]["customers"].update(
-        listen=f"127.0.0.1:{gw_port}", upstream=f"https://127.0.0.1:{port}", upstream_ca=str(ca), credentials={}
-    )
-    gw = GatewayProcess(tmp_path, config)
     chunk = b"x" * 65536
-    try:
-        gw.start()
-        token = gw.token("agent-1", role="support-agent")
-        client_ctx = ssl.create_default_context(cafile=str(gw.state_dir / "tls" / "ca.crt"))
+    with _websocket_gateway(tmp_path, handler, max_size=None) as (url, options):
+        gw = options.pop("gateway")
 
         async def talk() -> tuple[str, int | None]:
-            url = f"wss://127.0.0.1:{gw_port}/v1/customers/ws"
-            headers = {"Authorization": f"Bearer {token}"}
-            async with connect(url, ssl=client_ctx, additional_headers=headers, max_size=None) as ws:
+            async with connect(url, max_size=None, **options) as ws:
                 await ws.send([chunk] * 64)  # 4 MiB in 64 fragments: relayed
                 answer = str(await asyncio.wait_for(ws.recv(), 30))
 
@@ -913,10 +902,6 @@ def test_a_websocket_message_too_big_to_hold_closes_the_connection(tmp_path: Pat
         answer, code = asyncio.run(talk())
         assert gw.proc is not None and gw.proc.poll() is None  # the gateway is still there
         log = gw.log()
-    finally:
-        gw.stop()
-        loop.call_soon_threadsafe(stop.set_result, None)
-        thread.join(5)
     assert answer == str(64 * len(chunk)) and received[:1] == [64 * len(chunk)]
     # 1009 when the agent reads the close frame; 1006 when its own sending sees the connection end first
     assert code in (1009, 1006), code

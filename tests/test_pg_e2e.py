@@ -414,19 +414,7 @@ def test_a_slow_identity_provider_holds_up_no_other_connection(env: PgEnv, tmp_p
                 logins.append(exc)
 
         with psycopg.connect(dsn, user="a", password=gw.token("agent-ro", role="readonly"), autocommit=True) as conn:
-            waiting = threading.Thread(target=login)
-            waiting.start()
-            assert idp.asked.wait(15), "the login did not ask the identity provider for its keys"
-            # While the provider holds that login, statements of another connection still run. (A gateway
-            # that waited for the keys would answer only after the release, which comes after 20 s at most.)
-            backstop = threading.Timer(20, idp.release.set)
-            backstop.start()
-            for _ in range(5):
-                assert conn.execute("SELECT 1").fetchone() == (1,)
-            answered_while_held = not idp.release.is_set()
-            idp.release.set()
-            backstop.cancel()
-            waiting.join(15)
+            answered_while_held = idp.others_go_on(login, lambda: conn.execute("SELECT 1").fetchone() == (1,))
         assert answered_while_held, "statements waited for another connection's login"
         assert logins == [("in",)], logins
     finally:

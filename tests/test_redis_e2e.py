@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -272,19 +271,7 @@ def test_a_slow_identity_provider_holds_up_no_other_connection(tmp_path: Path):
                 except Exception as exc:
                     logins.append(exc)
 
-            waiting = threading.Thread(target=login)
-            waiting.start()
-            assert idp.asked.wait(15), "the login did not ask the identity provider for its keys"
-            # While the provider holds that login, commands of another connection still run. (A gateway
-            # that waited for the keys would answer only after the release, which comes after 20 s at most.)
-            backstop = threading.Timer(20, idp.release.set)
-            backstop.start()
-            for _ in range(5):
-                assert local.ping()
-            answered_while_held = not idp.release.is_set() and not logins
-            idp.release.set()
-            backstop.cancel()
-            waiting.join(15)
+            answered_while_held = idp.others_go_on(login, local.ping)
             local.close()
         finally:
             proc.stop()

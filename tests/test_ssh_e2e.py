@@ -1212,6 +1212,16 @@ def _session_events(env: Env, sub: str) -> list[dict[str, Any]]:
     return events
 
 
+def _transfers(env: Env, sub: str) -> list[dict[str, Any]]:
+    """The ``transfer`` events of ``sub``'s sessions, once there are any (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        transfers = [e for e in _session_events(env, sub) if e.get("kind") == "transfer"]
+        if transfers or time.monotonic() > deadline:
+            return transfers
+        time.sleep(0.3)
+
+
 def test_sessions_are_recorded_with_commands_decisions_and_output(env: Env) -> None:
     token = env.gw.token("agent-recorded", role="operator")
     assert env.client.ssh(token, "echo recorded-output").returncode == 0
@@ -1259,13 +1269,7 @@ def test_sftp_transfers_are_recorded_with_sizes_and_hashes(env: Env) -> None:
     local.write_bytes(payload)
     proc = env.client.sftp(token, f"put {local} {env.work}/hashed.bin\n")
     assert proc.returncode == 0, _err(proc)
-    deadline = time.monotonic() + 10
-    while True:
-        transfers = [e for e in _session_events(env, "agent-transfer") if e.get("kind") == "transfer"]
-        if transfers or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    data = transfers[0].get("data", transfers[0])
+    data = _transfers(env, "agent-transfer")[0]["data"]
     assert data["bytes"] == len(payload)
     assert data["sha256"] == hashlib.sha256(payload).hexdigest()
     assert data["path"] == f"{env.work}/hashed.bin"
@@ -1290,13 +1294,7 @@ def test_a_file_read_and_written_through_one_handle_is_recorded_both_ways(env: E
         assert env.direct(f"cat {path}").stdout == b"0123abcdef"
     finally:
         env.direct(f"rm -f {path}")
-    deadline = time.monotonic() + 10
-    while True:
-        transfers = [e for e in _session_events(env, "agent-rw") if e.get("kind") == "transfer"]
-        if transfers or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    data = transfers[0]["data"]
+    data = _transfers(env, "agent-rw")[0]["data"]
     assert data["operation"] == "read+write" and data["bytes_read"] == 4 and data["bytes_written"] == 6, data
     assert data["sha256"] is None and data["sequential"] is False, data
 
