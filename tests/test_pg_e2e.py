@@ -457,6 +457,14 @@ def test_startup_settings_are_decided_like_set(env: PgEnv) -> None:
     with pytest.raises(psycopg.OperationalError) as info:
         psycopg.connect(env.dsn("readonly", options="'-c statement_timeout=banana'"))
     assert "statement_timeout" in str(info.value)
+    # A setting the server refuses at login for other reasons is the agent's to fix too, not the operators'
+    for setting, reason in (
+        ("transaction_isolation=serializable", "SET TRANSACTION ISOLATION LEVEL must be called before any query"),
+        ("shared_buffers=1MB", 'parameter "shared_buffers" cannot be changed without restarting the server'),
+    ):
+        with pytest.raises(psycopg.OperationalError) as info:
+            psycopg.connect(env.dsn("dba", options=f"'-c {setting}'"))
+        assert reason in str(info.value) and "operators" not in str(info.value), info.value
 
 
 # -- the readonly role ------------------------------------------------------------------------------------

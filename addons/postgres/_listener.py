@@ -665,8 +665,9 @@ class _Handshake:
             upstream = await connect(config, upstream_params, name=f"upstream:{target.name}")
         except UpstreamError as exc:
             log.warning("target %s: login failed: %s", target.name, exc)
-            if exc.sqlstate[:2] in ("22", "42") and exc.sqlstate != "42501":
-                # A bad startup setting of the agent's (invalid value, unknown parameter): say which.
+            if exc.sqlstate[:2] in ("22", "25", "42", "55") and exc.sqlstate != "42501":
+                # A bad startup setting of the agent's (invalid value, unknown parameter, one that cannot be
+                # set at login or without a restart): say which.
                 raise _Refused(exc.sqlstate, f"the target refused the connection: {exc}") from None
             raise _Refused(
                 "08006",
