@@ -450,7 +450,9 @@ def test_exit_signal_and_stderr_are_relayed(env: Env) -> None:
 
 
 def test_reason_from_environment_reaches_the_audit_log(env: Env) -> None:
-    proc = env.ssh("observer", "echo reasoned", "-o", "SetEnv=LICTOR_REASON=checking-the-deploy")
+    # ... printable and at most 500 characters of it, as over HTTP: approvers and the audit read it
+    reason = "checking-the-deploy" + "x" * 5000
+    proc = env.ssh("observer", "echo reasoned", "-o", f"SetEnv=LICTOR_REASON={reason}")
     assert proc.returncode == 0, _err(proc)
     # The audit log is fed from the spool by the drain process: poll it (under load it lags a little).
     deadline = time.monotonic() + 15
@@ -459,7 +461,8 @@ def test_reason_from_environment_reaches_the_audit_log(env: Env) -> None:
         if "checking-the-deploy" in listing.stdout or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert "checking-the-deploy" in listing.stdout
+    [event] = [e for e in map(json.loads, listing.stdout.splitlines()) if "checking-the-deploy" in str(e.get("reason"))]
+    assert event["reason"] == reason[:500], len(event["reason"])
 
 
 # -- authentication --------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from asyncssh import SFTPAttrs, SFTPName, SFTPServer
 from asyncssh import stream as _stream
 from lictor import Session
 
-from ._requests import denial_text, sftp_request
+from ._requests import denial_text, reason_of, sftp_request
 from ._upstream import Lease, UpstreamError
 
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ async def make_sftp_server(chan: asyncssh.SSHServerChannel[bytes]) -> ProxySFTPS
     except Exception:
         lease.release()
         raise
-    reason = chan.get_environment().get("LICTOR_REASON") or None
+    reason = reason_of(chan.get_environment().get("LICTOR_REASON"))
     return ProxySFTPServer(chan, agent, session, client, lease, bytes(home), channel, number, reason)
 
 
