@@ -116,6 +116,15 @@ def test_token_issue_refuses_what_the_gateway_would_refuse_with_a_clear_error(tm
         assert "Traceback" not in proc.stderr
 
 
+def test_token_issue_says_when_it_creates_the_signing_key(tmp_path: Path):
+    # A mistyped --state-dir gave a token signed by a new key, which no gateway accepts, without a word
+    first = lictor("token", "issue", "--state-dir", str(tmp_path / "typo"), "--sub", "agent-1")
+    assert first.stdout.count(".") == 2
+    assert f"{tmp_path / 'typo'} had no signing key; created {tmp_path / 'typo' / 'issuer.key'}" in first.stderr
+    again = lictor("token", "issue", "--state-dir", str(tmp_path / "typo"), "--sub", "agent-1")
+    assert again.stdout.count(".") == 2 and again.stderr == ""
+
+
 def test_token_issue_is_short_and_verifiable(tmp_path: Path):
     token = lictor(
         "token",

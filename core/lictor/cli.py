@@ -239,7 +239,16 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         print(f"lictor token issue: --ttl {args.ttl!r}: a token must live at least 1s", file=sys.stderr)
         return EXIT_USAGE
     config = _config(args)
-    issuer = LocalIssuer(_state_dir(args, config))
+    state = _state_dir(args, config)
+    fresh = not (state / "issuer.key").exists()
+    issuer = LocalIssuer(state)
+    if fresh:
+        # A mistyped --state-dir (or a config the gateway does not run with) gives a token no gateway takes
+        print(
+            f"lictor token issue: {state} had no signing key; created {issuer.key_path}. Only a gateway running "
+            "with this state directory accepts the token.",
+            file=sys.stderr,
+        )
     claims = _parse_kv(args.claim)
     token = issuer.issue(args.sub, claims, ttl=ttl)
     print(token)
