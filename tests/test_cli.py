@@ -116,6 +116,13 @@ def test_token_issue_refuses_what_the_gateway_would_refuse_with_a_clear_error(tm
         assert "Traceback" not in proc.stderr
 
 
+def test_check_counts_a_file_that_does_not_parse_among_the_files_checked(tmp_path: Path):
+    (tmp_path / "bad.yaml").write_text("format: lictor/v1\nroles: [\n")
+    proc = lictor("check", str(tmp_path), check=False)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[-1] == "1 error(s), 0 warning(s) in 1 pack file(s)", proc.stdout
+
+
 def test_token_issue_says_when_it_creates_the_signing_key(tmp_path: Path):
     # A mistyped --state-dir gave a token signed by a new key, which no gateway accepts, without a word
     first = lictor("token", "issue", "--state-dir", str(tmp_path / "typo"), "--sub", "agent-1")

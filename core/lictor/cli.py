@@ -105,7 +105,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     for problem in result.problems:
         print(problem)
     if result.errors:
-        print(f"{len(result.errors)} error(s), {len(result.warnings)} warning(s) in {len(result.files)} pack file(s)")
+        # a file that does not even parse is one of the files checked ("1 error(s) in 0 pack file(s)" read oddly)
+        roots = [Path(x) for x in paths]
+        unread = {
+            p.loc.file for p in result.problems if p.loc.file and any(Path(p.loc.file).is_relative_to(r) for r in roots)
+        }
+        checked = ({str(f) for f in result.files} | unread) - {str(f) for f in result.test_files}
+        print(f"{len(result.errors)} error(s), {len(result.warnings)} warning(s) in {len(checked)} pack file(s)")
         return EXIT_FAIL
     assert result.policy is not None
     if args.strict and result.warnings:
