@@ -465,6 +465,32 @@ def test_reason_from_environment_reaches_the_audit_log(env: Env) -> None:
     assert event["reason"] == reason[:500], len(event["reason"])
 
 
+def test_environment_variables_do_not_grow_the_gateway(env: Env) -> None:
+    # asyncssh kept every `env` request of a channel: 2000 variables of 32 KB, which the gateway neither
+    # forwards nor reads, grew it by over 100 MiB, and the agent could go on sending.
+    assert env.gw.proc is not None
+    pid = env.gw.proc.pid
+    variables = {f"JUNK_{i}": "x" * 32000 for i in range(2000)}
+
+    async def run() -> Any:
+        async with env.connect("observer") as conn:
+            return await conn.run(
+                "echo still-works", env={**variables, "LICTOR_REASON": "env-bound-check"}, encoding=None
+            )
+
+    before = _rss_kib(pid)
+    result = asyncio.run(run())
+    grown = _rss_kib(pid) - before
+    assert result.exit_status == 0 and result.stdout == b"still-works\n", result
+    assert grown < 32 * 1024, f"the gateway grew by {grown // 1024} MiB"
+    listing = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+    deadline = time.monotonic() + 15
+    while "env-bound-check" not in listing.stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+        listing = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+    assert "env-bound-check" in listing.stdout  # the gateway's own variables are still read
+
+
 # -- authentication --------------------------------------------------------------------------------
 
 

@@ -89,6 +89,7 @@ class SshAddon:
             logging.getLogger("asyncssh").setLevel(max(logging.WARNING, logging.getLogger("asyncssh").level))
 
     async def running(self, gateway: Gateway) -> None:
+        from ._env import keep_gateway_variables
         from ._server import SshListener
         from ._sftp import guard_sftp_sessions
         from ._window import bound_receive_windows
@@ -96,6 +97,7 @@ class SshAddon:
         if self.targets:
             bound_receive_windows()  # channels read slower than their peer writes must not buffer without bound
             guard_sftp_sessions()  # an SFTP session that fails early must not take the agent's connection down
+            keep_gateway_variables()  # environment requests are not stored without bound
         for config in self.targets.values():
             listener = SshListener(gateway, config)
             await listener.start()
