@@ -1291,6 +1291,55 @@ def test_sessions_are_recorded_with_commands_decisions_and_output(env: Env) -> N
     assert {"o", "i"} <= codes
 
 
+def _sftp_packet(kind: int, request_id: int, body: bytes) -> bytes:
+    payload = bytes([kind]) + request_id.to_bytes(4, "big") + body
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def _sftp_string(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+async def _sftp_reply(reader: Any) -> tuple[int, bytes]:
+    length = int.from_bytes(await reader.readexactly(4), "big")
+    packet = await reader.readexactly(length)
+    return packet[0], packet[5:]
+
+
+def test_sftp_reads_are_bounded_in_size_and_by_what_the_agent_takes(env: Env) -> None:
+    # One read asking for 64 MiB made the gateway read (and hold, several times over) all of it, and
+    # reads sent without taking the replies piled up in the gateway: the agent chose its memory use.
+    assert env.sshd.run(f"truncate -s 64M {env.work}/sparse.bin").returncode == 0
+    assert env.gw.proc is not None
+    pid = env.gw.proc.pid
+
+    async def run() -> tuple[int, int]:
+        async with env.connect("operator") as conn:
+            writer, reader, _ = await conn.open_session(subsystem="sftp", encoding=None)
+            writer.write((5).to_bytes(4, "big") + bytes([1]) + (3).to_bytes(4, "big"))  # SSH_FXP_INIT, v3
+            assert (await _sftp_reply(reader))[0] == 2  # SSH_FXP_VERSION
+            path = f"{env.work}/sparse.bin".encode()
+            writer.write(_sftp_packet(3, 1, _sftp_string(path) + (1).to_bytes(4, "big") + bytes(4)))  # OPEN, READ
+            kind, body = await _sftp_reply(reader)
+            assert kind == 102, body  # SSH_FXP_HANDLE
+            handle = body[4 : 4 + int.from_bytes(body[:4], "big")]
+            read = _sftp_string(handle) + (0).to_bytes(8, "big")
+            writer.write(_sftp_packet(5, 2, read + (64 << 20).to_bytes(4, "big")))  # READ 64 MiB
+            kind, body = await _sftp_reply(reader)
+            assert kind == 103, body  # SSH_FXP_DATA
+            first = int.from_bytes(body[:4], "big")
+            before = _rss_kib(pid)
+            for i in range(300):  # 75 MiB asked for, no reply taken
+                writer.write(_sftp_packet(5, 10 + i, read + (256 << 10).to_bytes(4, "big")))
+            await writer.drain()
+            await asyncio.sleep(4)
+            return first, _rss_kib(pid) - before
+
+    first, grown = asyncio.run(run())
+    assert 0 < first <= 4 << 20, first
+    assert grown < 32 * 1024, f"the gateway grew by {grown // 1024} MiB"
+
+
 def test_sftp_transfers_are_recorded_with_sizes_and_hashes(env: Env) -> None:
     token = env.gw.token("agent-transfer", role="operator")
     local = env.tmp / "hashed.bin"

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPName, SFTPServer
 from asyncssh import stream as _stream
+from asyncssh.sftp import MAX_SFTP_READ_LEN
 from lictor import Session
 
 from ._requests import denial_text, reason_of, sftp_request
@@ -216,6 +217,8 @@ async def _guarded(original: Any, server: Any, reader: Any, writer: Any, version
     made: Any = None
     try:
         made = await server if inspect.isawaitable(server) else server
+        if isinstance(made, ProxySFTPServer):
+            made.replies = writer
         await original(made, reader, writer, version)
     except (EOFError, ConnectionError, OSError, asyncssh.Error) as exc:
         channel = writer.channel
@@ -292,6 +295,8 @@ class ProxySFTPServer(SFTPServer):
         self.reason = reason
         self._closed = False
         self._fs = _fs_lock(agent.config.name)
+        self.replies: asyncssh.SSHWriter[bytes] | None = None
+        """Where asyncssh writes the SFTP replies (it never waits for the agent to take them)."""
 
     # -- deciding -----------------------------------------------------------------------------
 
@@ -412,7 +417,12 @@ class ProxySFTPServer(SFTPServer):
         handle = self._handle(file_obj)
         if not handle.readable:
             raise asyncssh.SFTPPermissionDenied("lictor: the file was not opened for reading")
-        data = bytes(await handle.file.read(size, offset))
+        # The agent names the length (up to 4 GiB) and may send reads without taking the replies: read at
+        # most what the gateway advertises (a shorter reply is valid SFTP), and only once the agent has
+        # taken the previous replies, so what the gateway holds stays bounded.
+        if self.replies is not None:
+            await self.replies.drain()
+        data = bytes(await handle.file.read(min(size, MAX_SFTP_READ_LEN), offset))
         handle.read_bytes += len(data)
         handle.account(offset, data)
         return data
