@@ -1340,6 +1340,30 @@ def test_sftp_reads_are_bounded_in_size_and_by_what_the_agent_takes(env: Env) ->
     assert grown < 32 * 1024, f"the gateway grew by {grown // 1024} MiB"
 
 
+def test_an_sftp_session_whose_connection_drops_with_a_file_open_ends_on_the_target(env: Env) -> None:
+    # Closing the open file recorded its transfer into the session the dropped connection had already
+    # ended: that raised, so the upstream SFTP session was never ended and its slot never released, and
+    # an sftp-server process stayed on the target for every such drop.
+    def sftp_servers() -> bytes:
+        return env.direct('pgrep -c -u "$(id -u)" -f "[s]ftp-server" || true').stdout.strip()
+
+    async def drop() -> None:
+        conn = await env.connect("operator")
+        sftp = await conn.start_sftp_client()
+        await sftp.open(f"{env.work}/hello.txt", "rb")
+        conn.close()  # no close of the file, no end of the SFTP session
+        await conn.wait_closed()
+
+    for _ in range(3):
+        asyncio.run(drop())
+    deadline = time.monotonic() + 10
+    left = sftp_servers()
+    while left != b"0" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = sftp_servers()
+    assert left == b"0", f"{left!r} sftp-server processes left on the target"
+
+
 def test_sftp_transfers_are_recorded_with_sizes_and_hashes(env: Env) -> None:
     token = env.gw.token("agent-transfer", role="operator")
     local = env.tmp / "hashed.bin"

@@ -361,6 +361,13 @@ class ProxySFTPServer(SFTPServer):
             self.session.record("sftp.masked_refused", {"channel": self.number, "paths": list(paths)})
             raise self._denied(message)
 
+    def _record(self, kind: str, data: dict[str, Any]) -> None:
+        """Record an event of the ending session: when the agent's connection dropped, asyncssh closes the
+        open files and ends the SFTP session after the gateway session may have ended (nothing to record
+        into); the upstream files and session must be ended all the same."""
+        if not self.session.closed:
+            self.session.record(kind, data)
+
     def _denied(self, message: str) -> asyncssh.SFTPPermissionDenied:
         """The denial as an SFTP status, and as a line on the channel's stderr: OpenSSH's sftp and
         scp show only their own text for a status ("Permission denied", "not found" after a refused
@@ -445,7 +452,7 @@ class ProxySFTPServer(SFTPServer):
             # way, and a hash of the two interleaved would describe no file, so there is none.
             both = bool(handle.read_bytes and handle.written_bytes)
             sequential = handle.sequential and not both
-            self.session.record(
+            self._record(
                 "transfer",
                 {
                     "channel": self.number,
@@ -592,7 +599,6 @@ class ProxySFTPServer(SFTPServer):
         if self._closed:
             return
         self._closed = True
-        self.session.record("sftp.end", {"channel": self.number})
         try:
             self.client.exit()
         finally:
@@ -601,3 +607,4 @@ class ProxySFTPServer(SFTPServer):
             # as a failure; the SFTP session itself ended normally.
             with contextlib.suppress(Exception):
                 self.channel.exit(0)
+        self._record("sftp.end", {"channel": self.number})
