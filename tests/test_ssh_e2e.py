@@ -808,6 +808,28 @@ def test_exec_with_a_terminal_gets_one_only_with_raw_shell(env: Env) -> None:
         admin.close()
 
 
+def test_what_the_gateway_echoes_for_a_program_without_a_terminal_is_recorded(env: Env) -> None:
+    # The gateway echoes the keys it plays the terminal for; the recording left the echo out, so a replay
+    # showed the typed line once where the agent saw it twice (typed, then printed by the program).
+    token = env.gw.token("agent-cooked-echo", role="observer")
+    shell = env.client.shell(token, "head -n 1")
+    try:
+        shell.send(b"typed-line\r")
+        shell.expect(rb"typed-line\r\n(.|\n)*typed-line\r\n")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+    deadline = time.monotonic() + 10
+    while True:
+        seen = "".join(
+            e["data"]["data"] for e in _session_events(env, "agent-cooked-echo") if e.get("kind") == "output"
+        )
+        if seen.count("typed-line") >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert seen.count("typed-line\r\n") == 2, seen
+
+
 def test_a_terminal_type_the_target_would_choke_on_is_refused_and_other_agents_keep_their_channels(
     env: Env,
 ) -> None:

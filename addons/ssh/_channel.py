@@ -601,6 +601,7 @@ class ChannelHandler:
         for event in editor.feed(data):
             if isinstance(event, Echo):
                 self.process.stdout.write(event.data)
+                self._record_out("stdout", event.data)
             elif isinstance(event, Line):
                 up.stdin.write(event.text.encode("utf-8") + b"\n")
             elif isinstance(event, Signal):
