@@ -491,6 +491,33 @@ def test_environment_variables_do_not_grow_the_gateway(env: Env) -> None:
     assert "env-bound-check" in listing.stdout  # the gateway's own variables are still read
 
 
+def test_a_connection_has_a_bounded_number_of_open_channels(env: Env) -> None:
+    # Each open channel may buffer up to its window (and takes an upstream slot): one connection opened as
+    # many as it liked, 50 unread `cat /dev/zero` grew the gateway by 240 MiB.
+    async def run() -> tuple[Any, Any, Any]:
+        async with env.connect("admin") as conn:
+            held = [await conn.create_process("sleep 30", encoding=None) for _ in range(32)]
+            refused = await asyncio.wait_for(conn.run("echo over", encoding=None), 20)
+            sftp_refused: Any = None
+            try:
+                async with conn.start_sftp_client():
+                    pass
+            except (asyncssh.Error, OSError) as exc:
+                sftp_refused = exc
+            held.pop().close()
+            await asyncio.sleep(0.5)
+            again = await asyncio.wait_for(conn.run("echo again", encoding=None), 20)
+            for process in held:
+                process.close()
+            return refused, sftp_refused, again
+
+    refused, sftp_refused, again = asyncio.run(run())
+    assert refused.exit_status == 255 and refused.stdout == b"", refused
+    assert b"lictor: this connection already has 32 open channels" in refused.stderr, refused
+    assert sftp_refused is not None
+    assert again.exit_status == 0 and again.stdout == b"again\n", again
+
+
 # -- authentication --------------------------------------------------------------------------------
 
 

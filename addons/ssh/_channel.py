@@ -157,6 +157,12 @@ async def handle_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
     if agent is None:
         process.exit(UNREACHABLE_STATUS)
         return
+    refused = agent.take_channel()
+    if refused is not None:
+        with contextlib.suppress(Exception):
+            process.stderr.write(f"{refused}\n".encode())
+            process.exit(UNREACHABLE_STATUS)
+        return
     try:
         if process.command is not None and is_scp_server(process.command):
             await run_scp_server(process)
@@ -167,6 +173,8 @@ async def handle_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
         with contextlib.suppress(Exception):
             process.stderr.write(b"lictor: internal error in the gateway; the channel was closed\n")
             process.exit(UNREACHABLE_STATUS)
+    finally:
+        agent.release_channel()
 
 
 class ChannelHandler:

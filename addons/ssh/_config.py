@@ -19,6 +19,8 @@ __all__ = ["DEFAULT_LINE_SHELL", "KeyIdentity", "SshTargetConfig", "UpstreamConf
 
 DEFAULT_LINE_SHELL = "/bin/bash"
 DEFAULT_RECORD_LIMIT = 64 << 20
+DEFAULT_MAX_CHANNELS = 32
+"""Channels one agent connection may have open at a time (sessions, SFTP, forwards); OpenSSH allows 10 sessions."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class SshTargetConfig:
     user_cas: tuple[asyncssh.SSHKey, ...] = ()
     line_shell: str = DEFAULT_LINE_SHELL
     record_output_limit: int = DEFAULT_RECORD_LIMIT
+    max_channels: int = DEFAULT_MAX_CHANNELS
     idle_timeout: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -206,5 +209,6 @@ def _parse(name: str, settings: Mapping[str, Any], resolve: Callable[[str], Path
         user_cas=tuple(user_cas),
         line_shell=str(settings.get("line_shell", DEFAULT_LINE_SHELL)),
         record_output_limit=int(settings.get("record_output_limit", DEFAULT_RECORD_LIMIT)),
+        max_channels=int(settings.get("max_channels", DEFAULT_MAX_CHANNELS)),
         idle_timeout=float(settings.get("idle_timeout", 0)),
     )

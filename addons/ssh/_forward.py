@@ -9,6 +9,7 @@ channels byte for byte with flow control in both directions.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import asyncssh
 
@@ -20,8 +21,9 @@ __all__ = ["Bridge"]
 class Bridge:
     """Joins an agent channel and an upstream channel."""
 
-    def __init__(self, lease: Lease) -> None:
+    def __init__(self, lease: Lease, released: Callable[[], None]) -> None:
         self.lease = lease
+        self._released = released
         self.agent_chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self.up_chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self._early: list[bytes] = []
@@ -45,6 +47,7 @@ class Bridge:
                 with contextlib.suppress(Exception):
                     chan.close()
         self.lease.release()
+        self._released()
 
 
 class _AgentSide(asyncssh.SSHTCPSession[bytes]):

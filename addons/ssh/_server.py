@@ -120,6 +120,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._candidate: tuple[Identity, str] | None = None
         self._session: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         self._channels = 0
+        self._open = 0
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -148,6 +149,20 @@ class AgentConnection(asyncssh.SSHServer):
     def next_channel(self) -> int:
         self._channels += 1
         return self._channels
+
+    def take_channel(self) -> str | None:
+        """Count a channel as open; when the connection already has ``max_channels``, the refusal to
+        show the agent (each open channel may buffer up to its window: memory is bounded per connection)."""
+        if self._open >= self.config.max_channels:
+            return (
+                f"lictor: this connection already has {self._open} open channels (the limit); "
+                "close some or open another connection"
+            )
+        self._open += 1
+        return None
+
+    def release_channel(self) -> None:
+        self._open -= 1
 
     async def ready(self) -> Session:
         """The gateway session, once authentication has completed."""
@@ -270,15 +285,19 @@ class AgentConnection(asyncssh.SSHServer):
         )
         if decision.action != "allow":
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, denial_text(request, decision))
+        refused = self.take_channel()
+        if refused is not None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, refused)
         try:
             lease = await self.pool.acquire()
         except UpstreamError as exc:
+            self.release_channel()
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"lictor: {exc}") from None
-        bridge = Bridge(lease)
+        bridge = Bridge(lease, self.release_channel)
         try:
             await lease.conn.create_connection(bridge.upstream_session, host, port)
         except (OSError, asyncssh.Error) as exc:
-            lease.release()
+            bridge.close()
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_CONNECT_FAILED, f"lictor: the target could not connect to {host}:{port}: {exc}"
             ) from None

@@ -215,6 +215,15 @@ def guard_sftp_sessions() -> None:
 
 async def _guarded(original: Any, server: Any, reader: Any, writer: Any, version: int) -> None:
     made: Any = None
+    agent = writer.channel.get_connection().get_owner()
+    refused = agent.take_channel()
+    if refused is not None:
+        if inspect.iscoroutine(server):
+            server.close()  # never started: no upstream session to end
+        with contextlib.suppress(Exception):
+            writer.channel.write_stderr(f"{refused}\n".encode())
+            writer.channel.exit(1)
+        return
     try:
         made = await server if inspect.isawaitable(server) else server
         if isinstance(made, ProxySFTPServer):
@@ -231,6 +240,7 @@ async def _guarded(original: Any, server: Any, reader: Any, writer: Any, version
         with contextlib.suppress(Exception):
             channel.exit(1)
     finally:
+        agent.release_channel()
         if isinstance(made, ProxySFTPServer):
             made.exit()  # idempotent: releases the upstream session
 

@@ -62,6 +62,12 @@ TARGET_SCHEMA: dict[str, Any] = {
         "user_ca": {"type": "array", "items": {"type": "string"}, "description": "trusted user CA key files"},
         "line_shell": {"type": "string", "description": "bash on the target, for line-inspected shells"},
         "record_output_limit": {"type": "integer", "minimum": 0},
+        "max_channels": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 10000,
+            "description": "channels an agent connection may have open at a time (sessions, sftp, forwards)",
+        },
     },
 }
 
