@@ -518,6 +518,29 @@ def test_a_connection_has_a_bounded_number_of_open_channels(env: Env) -> None:
     assert again.exit_status == 0 and again.stdout == b"again\n", again
 
 
+def test_agent_forwarding_is_refused_with_a_message(env: Env) -> None:
+    # OpenSSH asks for agent forwarding without wanting an answer: the gateway refused it silently, and
+    # the agent's command ran without its keys with nothing saying why.
+    require_binary("ssh-agent")
+    socket_path = env.tmp / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        environ = {**env.client.env(env.tokens["admin"]), "SSH_AUTH_SOCK": str(socket_path)}
+        proc = subprocess.run(
+            env.client.ssh_argv("echo auth-sock=$SSH_AUTH_SOCK", "-A"),
+            input=b"", capture_output=True, env=environ, timeout=30, check=False, start_new_session=True,
+        )  # fmt: skip
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    assert proc.returncode == 0, _err(proc)
+    assert proc.stdout == b"auth-sock=\n"
+    assert "lictor: agent forwarding is not allowed through the gateway" in _err(proc)
+
+
 # -- authentication --------------------------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ from lictor.shell import ShellState
 
 from ._lineedit import Echo, Eof, Line, LineEditor, Signal
 from ._record import StreamRecord
+from ._refused import refused_forwarding
 from ._requests import channel_request, denial_text, first_denied, reason_of, requests_for_command
 from ._sftp import is_scp_server, run_scp_server
 from ._upstream import Lease, UpstreamError
@@ -268,6 +269,10 @@ class ChannelHandler:
             return
         command = self.process.command
         subsystem = self.process.subsystem
+        for kind in refused_forwarding(self.process.channel):
+            what = "agent" if kind == "agent" else "X11"
+            self.record("forward", {"channel": self.number, "direction": kind, "action": "deny", "rule_ids": []})
+            await self._write_err(f"lictor: {what} forwarding is not allowed through the gateway; running without it\n")
         try:
             if subsystem is not None:
                 await self._subsystem(subsystem)

@@ -96,6 +96,7 @@ class SshAddon:
 
     async def running(self, gateway: Gateway) -> None:
         from ._env import keep_gateway_variables
+        from ._refused import note_refused_forwarding
         from ._server import SshListener
         from ._sftp import guard_sftp_sessions
         from ._window import bound_receive_windows
@@ -104,6 +105,7 @@ class SshAddon:
             bound_receive_windows()  # channels read slower than their peer writes must not buffer without bound
             guard_sftp_sessions()  # an SFTP session that fails early must not take the agent's connection down
             keep_gateway_variables()  # environment requests are not stored without bound
+            note_refused_forwarding()  # agent and X11 forwarding are refused with a message
         for config in self.targets.values():
             listener = SshListener(gateway, config)
             await listener.start()
