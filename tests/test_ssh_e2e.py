@@ -1436,6 +1436,33 @@ def test_an_sftp_session_whose_connection_drops_with_a_file_open_ends_on_the_tar
     assert left == b"0", f"{left!r} sftp-server processes left on the target"
 
 
+def test_a_terminal_sessions_recording_has_the_agents_terminal_size(env: Env) -> None:
+    # Only later size changes were recorded: a shell on a 132x40 terminal was exported (and replayed) as
+    # an 80x24 one, its lines wrapped where the agent's were not.
+    token = env.gw.token("agent-sized", role="operator")
+    shell = env.client.shell(token, rows=40, cols=132)
+    try:
+        shell.expect(PROMPT)
+        shell.send(b"echo sized\r")
+        shell.expect(PROMPT)
+        shell.send(b"exit\r")
+        shell.wait(timeout=15)
+    finally:
+        shell.close()
+    deadline = time.monotonic() + 10
+    while True:
+        rows = json.loads(
+            lictor("sessions", "list", "--state-dir", str(env.gw.state_dir), "--sub", "agent-sized", "--json").stdout
+        )
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    sid = rows[0].get("id") or rows[0].get("session")
+    cast = lictor("sessions", "export", sid, "--state-dir", str(env.gw.state_dir), "--format", "asciicast").stdout
+    header = json.loads(cast.splitlines()[0])
+    assert (header["width"], header["height"]) == (132, 40), header
+
+
 def test_sftp_transfers_are_recorded_with_sizes_and_hashes(env: Env) -> None:
     token = env.gw.token("agent-transfer", role="operator")
     local = env.tmp / "hashed.bin"

@@ -223,6 +223,12 @@ class ChannelHandler:
             self._record_out("stderr", data)
             await self.process.stderr.drain()
 
+    def _terminal_size(self) -> dict[str, int]:
+        """The agent's terminal size at the start (a recording's replay needs it; later changes are
+        ``resize`` events)."""
+        width, height = self.process.term_size[:2] if self.pty else (0, 0)
+        return {"width": width, "height": height} if width > 0 and height > 0 else {}
+
     def _record_decision(self, decision: Decision) -> None:
         # The gateway already puts every decision other than allow into the session's recording.
         if decision.action == "allow":
@@ -295,7 +301,14 @@ class ChannelHandler:
         assert self.session is not None
         self.record(
             "command",
-            {"channel": self.number, "kind": "exec", "command": command, "pty": self.pty, "reason": self.reason},
+            {
+                "channel": self.number,
+                "kind": "exec",
+                "command": command,
+                "pty": self.pty,
+                "reason": self.reason,
+                **self._terminal_size(),
+            },
         )
         if self.pty:
             # Keystrokes to a program on a terminal are commands the gateway cannot inspect (a
@@ -345,7 +358,7 @@ class ChannelHandler:
     async def _shell(self) -> None:
         assert self.session is not None
         shell_req = channel_request("shell", target=self.target, summary="interactive shell", reason=self.reason)
-        self.record("command", {"channel": self.number, "kind": "shell", "pty": self.pty})
+        self.record("command", {"channel": self.number, "kind": "shell", "pty": self.pty, **self._terminal_size()})
         decision, _ = await self._decide([shell_req])
         self._record_decision(decision)
         if decision.action != "allow":
