@@ -287,6 +287,16 @@ def test_run_reports_a_recordings_directory_it_cannot_make_without_a_traceback(t
     assert "Traceback" not in out.stderr, out.stderr
 
 
+def test_run_on_a_state_dir_a_running_gateway_holds_says_so_without_a_traceback(gateway_factory):
+    # A second `lictor run` on the same state_dir (a forgotten `make run` in another terminal) ended
+    # with a Python traceback around the one line that says what to do.
+    gw = gateway_factory({"rulepacks": []})
+    out = lictor("run", "-c", str(gw.config_path), check=False, timeout=60)
+    assert out.returncode == 1, out
+    assert "gateway failed to start" in out.stderr and "each gateway needs its own state_dir" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+
+
 def test_an_addon_that_cannot_be_loaded_is_one_line_naming_it(tmp_path: Path):
     """`--addon` and the config's `addons:` name a file or module; when it cannot be used the
     command says which and why, without a traceback."""

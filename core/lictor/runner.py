@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .addons import AddonManager, HookError, Loader
+from .audit import AuditError
 from .config import ConfigError, GatewayConfig
 from .gateway import Gateway
 from .vocabulary import Vocabulary
@@ -362,7 +363,7 @@ async def run_gateway(
     except (ConfigError, ValueError) as exc:
         log.error("%s", exc)
         return 1
-    except OSError as exc:  # a state or recordings directory that cannot be made (a file in its place...)
+    except (OSError, AuditError) as exc:  # a state directory that cannot be made, or one another gateway holds
         log.error("gateway failed to start: %s", exc)
         return 1
     stop = asyncio.Event()
