@@ -155,6 +155,20 @@ def test_token_issue_is_short_and_verifiable(tmp_path: Path):
     assert body["exp"] - body["iat"] == 1800
 
 
+def test_an_explicit_state_dir_does_not_read_the_lictor_yaml_of_the_working_directory(tmp_path: Path):
+    # examples/http/README.md: in a second terminal, `cd examples/http` and `lictor token issue --state-dir
+    # state ...`. Its lictor.yaml names the upstream by an environment variable only the gateway's terminal
+    # has, and the token failed with "environment variable LICTOR_HTTP_UPSTREAM is not set".
+    (tmp_path / "lictor.yaml").write_text("version: 1\nstate_dir: elsewhere\nx: ${LICTOR_TEST_UNSET_VARIABLE}\n")
+    state = tmp_path / "state"
+    token = lictor("token", "issue", "--state-dir", "state", "--sub", "agent-1", cwd=tmp_path).stdout.strip()
+    assert token.count(".") == 2 and (state / "issuer.key").exists() and not (tmp_path / "elsewhere").exists()
+    status = lictor("status", "--state-dir", "state", cwd=tmp_path, check=False)
+    assert status.returncode == 1 and "no gateway has run with state directory state" in status.stderr, status
+    audit = lictor("audit", "list", "--state-dir", "state", cwd=tmp_path, check=False)
+    assert audit.returncode == 1 and "no audit log at state/audit.db" in audit.stderr, audit
+
+
 def test_audit_verify_detects_tampering_through_the_cli(tmp_path: Path):
     from lictor import AuditLog
 
