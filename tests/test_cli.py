@@ -7,7 +7,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
-from tests.conftest import ROOT, lictor
+from tests.conftest import ROOT, free_port, lictor
 
 
 def test_check_shipped_packs_pass():
@@ -167,6 +167,32 @@ def test_an_explicit_state_dir_does_not_read_the_lictor_yaml_of_the_working_dire
     assert status.returncode == 1 and "no gateway has run with state directory state" in status.stderr, status
     audit = lictor("audit", "list", "--state-dir", "state", cwd=tmp_path, check=False)
     assert audit.returncode == 1 and "no audit log at state/audit.db" in audit.stderr, audit
+
+
+def test_commands_that_reach_no_target_read_a_config_whose_target_variables_are_unset(tmp_path: Path):
+    # examples/ssh/README.md: the agent's terminal runs `lictor token issue -c examples/ssh/lictor.yaml`; the
+    # target's host, user and key come from variables set only where the gateway runs, and the token failed
+    # with "environment variable LICTOR_SSH_HOST is not set". `lictor run` still needs them.
+    config = tmp_path / "lictor.yaml"
+    approvals_port = free_port()
+    config.write_text(
+        f"version: 1\nstate_dir: {tmp_path / 'state'}\nrulepacks: []\n"
+        f"approvals: {{listen: '127.0.0.1:{approvals_port}'}}\n"
+        "targets:\n  host1:\n    protocol: ssh\n    listen: 127.0.0.1:2222\n"
+        "    upstream:\n      host: ${LICTOR_TEST_UNSET_HOST}\n      user: ${LICTOR_TEST_UNSET_USER}\n"
+    )
+    token = lictor("token", "issue", "-c", str(config), "--sub", "bot-7").stdout.strip()
+    assert token.count(".") == 2 and (tmp_path / "state" / "issuer.key").exists()
+    for args, expected in [
+        (("status",), "no gateway has run with state directory"),
+        (("audit", "list"), "no audit log at"),
+        (("approvals", "list", "--token", token, "--timeout", "2"), "cannot reach the gateway's approvals API"),
+        (("sessions", "list"), "no recordings at"),
+    ]:
+        out = lictor(*args, "-c", str(config), check=False)
+        assert out.returncode != 0 and expected in out.stderr and "is not set" not in out.stderr, (args, out)
+    run = lictor("run", "-c", str(config), check=False)
+    assert run.returncode == 1 and "environment variable LICTOR_TEST_UNSET_HOST is not set" in run.stderr, run
 
 
 def test_audit_verify_detects_tampering_through_the_cli(tmp_path: Path):

@@ -66,13 +66,13 @@ def _add_addon(manager: AddonManager, spec: str, base: Path | None) -> list[Any]
 def _config(args: argparse.Namespace) -> GatewayConfig | None:
     path = getattr(args, "config", None)
     if path:
-        return load_config(path)
+        return load_config(path, offline=True)
     # ./lictor.yaml stands in for -c only where no --state-dir says where the gateway's state is (as for
     # `lictor sessions`): a config that names what only the gateway's environment has must not stop a
     # token or a look at the audit log in another terminal.
     default = Path("lictor.yaml")
     if getattr(args, "use_default_config", False) and not getattr(args, "state_dir", None) and default.exists():
-        return load_config(default)
+        return load_config(default, offline=True)
     return None
 
 

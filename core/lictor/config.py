@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,11 @@ class GatewayConfig:
         return cls(None, Path(state_dir), raw, rulepacks=[Path(p) for p in rulepacks or []])
 
 
-def _interpolate(value: Any, loc: Location, env: Mapping[str, str]) -> Any:
+def _interpolate(
+    value: Any, loc: Location, env: Mapping[str, str], unset_ok: bool = False, unset_ok_keys: Collection[str] = ()
+) -> Any:
+    """``${NAME}`` and ``${NAME:-default}`` from ``env``. An unset variable without a default is an error,
+    except with ``unset_ok`` (below the keys ``unset_ok_keys`` of this mapping), where it is empty."""
     if isinstance(value, str):
 
         def sub(m: re.Match[str]) -> str:
@@ -158,6 +162,8 @@ def _interpolate(value: Any, loc: Location, env: Mapping[str, str]) -> Any:
                 return env[name]
             if default is not None:
                 return default
+            if unset_ok:
+                return ""
             raise ConfigError(f"{loc}: environment variable {name} is not set (use ${{{name}:-default}})")
 
         return _ENV.sub(sub, value)
@@ -165,19 +171,23 @@ def _interpolate(value: Any, loc: Location, env: Mapping[str, str]) -> Any:
         out = LocDict()
         out.loc, out.key_locs, out.value_locs = value.loc, value.key_locs, value.value_locs
         for k, v in value.items():
-            out[k] = _interpolate(v, value.value_locs.get(k, loc), env)
+            out[k] = _interpolate(v, value.value_locs.get(k, loc), env, unset_ok or k in unset_ok_keys)
         return out
     if isinstance(value, LocList):
-        out_list = LocList(_interpolate(v, value.item_locs[i], env) for i, v in enumerate(value))
+        out_list = LocList(_interpolate(v, value.item_locs[i], env, unset_ok) for i, v in enumerate(value))
         out_list.loc, out_list.item_locs = value.loc, value.item_locs
         return out_list
     if isinstance(value, list):
-        return [_interpolate(v, loc, env) for v in value]
+        return [_interpolate(v, loc, env, unset_ok) for v in value]
     return value
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Load and validate ``lictor.yaml``; raise ConfigError with the position of the problem."""
+def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offline: bool = False) -> GatewayConfig:
+    """Load and validate ``lictor.yaml``; raise ConfigError with the position of the problem.
+
+    ``offline``: for commands that never reach a target (tokens, status, audit, approvals, recordings,
+    rule packs), an unset variable in ``targets:`` is empty instead of an error: it names what only the
+    gateway's environment has, such as a target's host or credentials."""
     path = Path(path)
     env = os.environ if env is None else env
     try:
@@ -191,7 +201,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Gatew
     if len(docs) != 1 or not isinstance(docs[0], LocDict):
         raise ConfigError(f"{path}:1:1: the gateway config must be one YAML mapping")
     fallback = Location(str(path), 1, 1)
-    doc = _interpolate(docs[0], fallback, env)
+    doc = _interpolate(docs[0], fallback, env, unset_ok_keys=("targets",) if offline else ())
     validator = jsonschema.Draft202012Validator(CONFIG_SCHEMA)
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
     if errors:

@@ -48,7 +48,7 @@ def _base_url(args: argparse.Namespace) -> str:
     path = args.config or ("lictor.yaml" if Path("lictor.yaml").exists() else None)
     if path is None:
         raise CliError("no gateway to talk to: pass --url http://HOST:PORT or -c lictor.yaml", EXIT_USAGE)
-    config = load_config(path)
+    config = load_config(path, offline=True)
     listen = config.section("approvals").get("listen")
     if not listen:
         raise CliError(

@@ -30,7 +30,7 @@ def _store(args: argparse.Namespace) -> Store:
         return LocalStore(args.dir, args.state_dir or Path(args.dir).parent)
     config_path = args.config or ("lictor.yaml" if Path("lictor.yaml").exists() and not args.state_dir else None)
     if config_path:
-        config = load_config(config_path)
+        config = load_config(config_path, offline=True)
         rec = RecordingsConfig.from_gateway_config(config)
         if args.source and args.source != "local":
             sink_cfg = next((s for s in rec.sinks if s.name == args.source), None)
