@@ -379,3 +379,29 @@ def test_an_addon_request_builder_that_fails_says_what_it_was_given(tmp_path: Pa
     proc = explain("{protocol: line, line: get x}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "the 'line' addon cannot build a request from line, protocol: KeyError: 'command'" in proc.stdout
+
+
+def test_every_command_and_option_says_what_it_is_in_its_help():
+    # `lictor token issue --help` listed --sub, --claim, --ttl and --state-dir without a word, `lictor audit
+    # --help` its list and verify commands, and `-c` read "targets, extra addons" where only state_dir counts.
+    import argparse
+
+    from lictor.cli import build_parser
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if isinstance(action, argparse._SubParsersAction):
+                described = {a.dest for a in action._choices_actions if a.help}
+                for sub_name, sub in action.choices.items():
+                    if sub_name not in described:
+                        missing.append(f"{name} {sub_name}")
+                    walk(sub, f"{name} {sub_name}")
+            elif not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "lictor")
+    assert not missing, missing

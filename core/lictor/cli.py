@@ -495,8 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lictor", description="Lictor: the gateway between agents and production.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_config(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("-c", "--config", help="gateway config (lictor.yaml): targets, extra addons")
+    def with_config(sp: argparse.ArgumentParser, what: str = "its targets and addons") -> None:
+        sp.add_argument("-c", "--config", help=f"gateway config (lictor.yaml): {what}")
+
+    state_help = "the gateway's state directory (default: the config's state_dir, else $LICTOR_STATE_DIR or ./state)"
+    state_config = "its state_dir (default: ./lictor.yaml unless --state-dir is given)"
 
     def with_addons(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -515,68 +518,75 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_check)
 
     sp = sub.add_parser("test", help="run policy tests (format lictor-tests/v1) with rule coverage")
-    sp.add_argument("paths", nargs="*")
+    sp.add_argument("paths", nargs="*", help="rule pack and test files or directories (default: the config's)")
     with_config(sp)
     with_addons(sp)
     sp.add_argument("-q", "--quiet", action="store_true", help="print failures and the summary only")
     sp.set_defaults(func=cmd_test)
 
     sp = sub.add_parser("explain", help="which rules matched a request, in which order, and why")
-    sp.add_argument("paths", nargs="*")
+    sp.add_argument("paths", nargs="*", help="rule pack files or directories (default: the config's)")
     with_config(sp)
     with_addons(sp)
     sp.add_argument("--sub", help="the identity's subject")
-    sp.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument(
+        "--claim", action="append", default=[], metavar="KEY=VALUE", help="a token claim (repeatable; a,b is a list)"
+    )
     sp.add_argument("--request", help="the request as YAML/JSON, e.g. '{protocol: postgres, sql: \"...\"}'")
-    sp.add_argument("--protocol")
-    sp.add_argument("--target")
-    sp.add_argument("--sql")
-    sp.add_argument("--method")
-    sp.add_argument("--path")
-    sp.add_argument("--command")
+    sp.add_argument("--protocol", help="the request's protocol (postgres with --sql)")
+    sp.add_argument("--target", help="the target it is sent to (for rules scoped to targets)")
+    sp.add_argument("--sql", help="a PostgreSQL statement")
+    sp.add_argument("--method", help="an HTTP method")
+    sp.add_argument("--path", help="an HTTP path")
+    sp.add_argument("--command", help="an SSH command line")
     sp.set_defaults(func=cmd_explain)
 
     sp = sub.add_parser("schema", help="print the composed rule-pack JSON Schema")
     with_config(sp)
     with_addons(sp)
-    sp.add_argument("--out")
+    sp.add_argument("--out", help="file to write (default: stdout)")
     sp.set_defaults(func=cmd_schema)
 
     tok = sub.add_parser("token", help="Lictor's own token issuer").add_subparsers(dest="token_cmd", required=True)
     sp = tok.add_parser("issue", help="print a token signed by the gateway's issuer key")
-    sp.add_argument("--sub", required=True)
-    sp.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE")
-    sp.add_argument("--ttl", default="1h")
-    sp.add_argument("--state-dir")
-    with_config(sp)
+    sp.add_argument("--sub", required=True, help="the agent's subject: who the token says it is")
+    sp.add_argument(
+        "--claim", action="append", default=[], metavar="KEY=VALUE", help="a claim (repeatable; a,b is a list)"
+    )
+    sp.add_argument("--ttl", default="1h", help="how long the token is valid: 30s, 15m, 8h, 2d (default: 1h)")
+    sp.add_argument("--state-dir", help=state_help + "; it holds the issuer key")
+    with_config(sp, state_config)
     sp.set_defaults(func=cmd_token_issue, use_default_config=True)
 
     sp = sub.add_parser("status", help="is the gateway running; its live policy and why a reload was rejected")
-    with_config(sp)
-    sp.add_argument("--state-dir")
-    sp.add_argument("--json", action="store_true")
+    with_config(sp, state_config)
+    sp.add_argument("--state-dir", help=state_help)
+    sp.add_argument("--json", action="store_true", help="print JSON instead of text")
     sp.set_defaults(func=cmd_status, use_default_config=True)
 
     sp = sub.add_parser("kubeconfig", help="print a kubeconfig that points kubectl at the gateway")
-    sp.add_argument("--server", required=True)
-    sp.add_argument("--token", required=True)
+    sp.add_argument("--server", required=True, help="the gateway's Kubernetes listener, e.g. https://127.0.0.1:8443")
+    sp.add_argument("--token", required=True, help="the agent's token (`lictor token issue`)")
     sp.add_argument("--ca", help="CA file of the gateway's certificate")
-    sp.add_argument("--insecure", action="store_true")
-    sp.add_argument("--namespace")
+    sp.add_argument("--insecure", action="store_true", help="do not check the gateway's certificate")
+    sp.add_argument("--namespace", help="the context's default namespace")
     sp.set_defaults(func=cmd_kubeconfig)
 
     audit = sub.add_parser("audit", help="list or verify the audit log")
     audit_sub = audit.add_subparsers(dest="audit_cmd")
-    for name, func in (("list", cmd_audit_list), ("verify", cmd_audit_verify)):
-        sp = audit_sub.add_parser(name)
-        with_config(sp)
-        sp.add_argument("--state-dir")
-        sp.add_argument("--db")
+    for name, func, text in (
+        ("list", cmd_audit_list, "audit events, oldest first (the default command)"),
+        ("verify", cmd_audit_verify, "check the hash chain; names the first bad event"),
+    ):
+        sp = audit_sub.add_parser(name, help=text)
+        with_config(sp, "its state_dir and audit.sqlite (default: ./lictor.yaml unless --state-dir is given)")
+        sp.add_argument("--state-dir", help=state_help)
+        sp.add_argument("--db", help="the audit database (default: STATE/audit.db)")
         sp.add_argument("--key", help="the audit verification key (default: state/audit-verify.key)")
         if name == "list":
-            sp.add_argument("--json", action="store_true")
-            sp.add_argument("--since", help="e.g. 1h")
-            sp.add_argument("--kind")
+            sp.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+            sp.add_argument("--since", help="events newer than this long ago, e.g. 1h")
+            sp.add_argument("--kind", help="one event kind, e.g. decision, auth.failed, session.start")
             sp.add_argument(
                 "--where",
                 action="append",
@@ -584,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="FIELD=VALUE",
                 help="filter on a field, e.g. action=deny, identity.sub=agent-1",
             )
-            sp.add_argument("--limit", type=int)
+            sp.add_argument("--limit", type=int, help="the last N events only")
         sp.set_defaults(func=func, use_default_config=True)
     audit.set_defaults(
         func=cmd_audit_list,
@@ -601,9 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sp = sub.add_parser("run", help="run the gateway")
-    sp.add_argument("-c", "--config", required=True)
-    sp.add_argument("--log-level")
-    sp.add_argument("--log-format", choices=["text", "json"])
+    sp.add_argument("-c", "--config", required=True, help="gateway config (lictor.yaml)")
+    sp.add_argument("--log-level", help="debug, info, warning or error (default: the config's log.level)")
+    sp.add_argument("--log-format", choices=["text", "json"], help="default: the config's log.format")
     sp.add_argument("--ready-file", help="write this file once every listener is up")
     sp.set_defaults(func=cmd_run)
 

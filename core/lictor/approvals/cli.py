@@ -215,7 +215,9 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="approvals_cmd", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("-c", "--config", help="gateway config: the API address comes from approvals.listen")
+        sp.add_argument(
+            "-c", "--config", help="gateway config (default: ./lictor.yaml): the API address is its approvals.listen"
+        )
         sp.add_argument("--url", help="the approvals API, e.g. http://127.0.0.1:8470 (overrides the config)")
         sp.add_argument("--token", help="your approver token (default: $LICTOR_TOKEN)")
         sp.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the gateway")
@@ -223,26 +225,26 @@ def register(subparsers: Any) -> None:
     sp = sub.add_parser("list", help="pending requests (or --all / --decided)")
     common(sp)
     group = sp.add_mutually_exclusive_group()
-    group.add_argument("--all", action="store_true")
-    group.add_argument("--decided", action="store_true")
-    sp.add_argument("--limit", type=int, default=100)
-    sp.add_argument("--json", action="store_true")
+    group.add_argument("--all", action="store_true", help="pending and decided requests")
+    group.add_argument("--decided", action="store_true", help="decided requests only")
+    sp.add_argument("--limit", type=int, default=100, help="at most this many (default: 100)")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp.set_defaults(func=_guard(cmd_list))
 
     sp = sub.add_parser("show", help="the full request and context of one approval")
     common(sp)
-    sp.add_argument("id")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("id", help="the approval id, ap-...")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of text")
     sp.set_defaults(func=_guard(cmd_show))
 
     sp = sub.add_parser("approve", help="approve a request (counts once per approver)")
     common(sp)
-    sp.add_argument("id")
-    sp.add_argument("--reason", default="")
+    sp.add_argument("id", help="the approval id, ap-...")
+    sp.add_argument("--reason", default="", help="why (recorded with your vote)")
     sp.set_defaults(func=_guard(cmd_approve))
 
     sp = sub.add_parser("deny", help="deny a request; the agent is told the reason")
     common(sp)
-    sp.add_argument("id")
-    sp.add_argument("--reason", required=True)
+    sp.add_argument("id", help="the approval id, ap-...")
+    sp.add_argument("--reason", required=True, help="why; the agent is told it")
     sp.set_defaults(func=_guard(cmd_deny))

@@ -199,7 +199,7 @@ def register(subparsers: Any) -> None:
     state = sp.add_mutually_exclusive_group()
     state.add_argument("--open", action="store_true", help="sessions still open")
     state.add_argument("--ended", action="store_true", help="ended sessions only")
-    sp.add_argument("--limit", type=int)
+    sp.add_argument("--limit", type=int, help="the newest N sessions only")
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp.set_defaults(func=_run(cmd_list))
 
@@ -213,14 +213,16 @@ def register(subparsers: Any) -> None:
 
     sp = sub.add_parser("export", help="write a session as asciicast v2 or JSON lines")
     _where(sp)
-    sp.add_argument("id")
-    sp.add_argument("--format", choices=["asciicast", "jsonl"], default="jsonl")
+    sp.add_argument("id", help="session id (or a unique prefix)")
+    sp.add_argument(
+        "--format", choices=["asciicast", "jsonl"], default="jsonl", help="default: jsonl, the stored events"
+    )
     sp.add_argument("-o", "--output", help="file to write (default: stdout)")
     sp.set_defaults(func=_run(cmd_export))
 
     sp = subparsers.add_parser("replay", help="replay a recorded session in the terminal, with its timing")
     _where(sp)
-    sp.add_argument("id")
+    sp.add_argument("id", help="session id (or a unique prefix)")
     sp.add_argument("--speed", type=float, default=1.0, help="playback speed factor (2 = twice as fast)")
     sp.add_argument("--no-wait", action="store_true", help="print everything at once")
     sp.add_argument("--max-idle", default="2s", help="cap pauses at this long (default 2s)")
