@@ -1772,3 +1772,29 @@ def test_a_statement_too_big_to_analyse_is_refused_before_it_is_parsed(env: PgEn
         assert "more than 100,000 tokens" in str(err.value) and "smaller parts" in str(err.value), err.value
         assert conn.execute("SELECT length('" + "x" * 5_000_000 + "')").fetchone() == (5_000_000,)
         assert conn.execute("SELECT 1 WHERE 1 IN (" + ",".join(["1"] * 20_000) + ")").fetchone() == (1,)
+
+
+def test_a_client_that_quits_is_audited_as_the_agent_closing_the_connection(env: PgEnv) -> None:
+    # psql sends Terminate and closes; the gateway forwards the Terminate, and when the server's close
+    # arrived before the agent's (now and then with psql, always with a client that lingers after its
+    # Terminate), `lictor audit list` said "target closed the connection".
+    marker = "quit-" + secrets.token_hex(4)
+    client = RawClient(env.port, env.tokens["readonly"])
+    client.send(pg.query(f"SELECT '{marker}'"))
+    client.until_ready()
+    client.send(pg.terminate())
+    assert client.sock.recv(65536) == b""  # the gateway ends the connection; the client never closed it
+    client.sock.close()
+    gw = env.gateway
+    assert gw is not None
+    deadline = time.monotonic() + 30
+    reasons: list[str] = []
+    while time.monotonic() < deadline and not reasons:
+        lines = lictor("audit", "list", "--json", "--state-dir", str(gw.state_dir)).stdout.splitlines()
+        events = [json.loads(line) for line in lines if line.strip()]
+        session = next(
+            (e["session"] for e in events if e["kind"] == "decision" and marker in e["request"]["summary"]), None
+        )
+        reasons = [e["reason"] for e in events if e["kind"] == "session.end" and e["session"] == session]
+        time.sleep(0.3)
+    assert reasons == ["agent closed the connection"], reasons

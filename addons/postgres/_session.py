@@ -1733,6 +1733,8 @@ class Relay:
 
     def _on_terminate(self, raw: bytes) -> bytes | None:
         self.agent.on_data = None
+        # The target closes because the agent asked it to, whichever close arrives first.
+        self.upstream.on_close = lambda exc: self.shutdown("agent closed the connection")
         return None
 
     # -- backend ---------------------------------------------------------------------------------------
