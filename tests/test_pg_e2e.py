@@ -1798,3 +1798,36 @@ def test_a_client_that_quits_is_audited_as_the_agent_closing_the_connection(env:
         reasons = [e["reason"] for e in events if e["kind"] == "session.end" and e["session"] == session]
         time.sleep(0.3)
     assert reasons == ["agent closed the connection"], reasons
+
+
+def test_the_end_of_a_session_is_audited_with_who_and_where(env: PgEnv) -> None:
+    # `lictor audit list --where identity.sub=...` showed an agent's session.start and decisions, not the end
+    # of its sessions: session.end carried the session id only (the table's WHO and PROTO were blank).
+    marker = "end-" + secrets.token_hex(4)
+    env.psql("readonly", "-c", f"SELECT '{marker}'", check=True)
+    gw = env.gateway
+    assert gw is not None
+    deadline = time.monotonic() + 30
+    ends: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not ends:
+        lines = lictor("audit", "list", "--json", "--state-dir", str(gw.state_dir)).stdout.splitlines()
+        events = [json.loads(line) for line in lines if line.strip()]
+        session = next(
+            (e["session"] for e in events if e["kind"] == "decision" and marker in e["request"]["summary"]), None
+        )
+        filtered = lictor(
+            "audit",
+            "list",
+            "--json",
+            "--kind",
+            "session.end",
+            "--where",
+            "identity.sub=agent-readonly",
+            "--state-dir",
+            str(gw.state_dir),
+        ).stdout.splitlines()
+        ends = [e for e in map(json.loads, filtered) if e["session"] == session]
+        time.sleep(0.3)
+    assert len(ends) == 1, ends
+    assert ends[0]["protocol"] == "postgres" and ends[0]["target"] == "app", ends
+    assert ends[0]["identity"]["sub"] == "agent-readonly" and ends[0]["peer"].startswith("127.0.0.1:"), ends

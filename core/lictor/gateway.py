@@ -177,6 +177,11 @@ class Session:
             "identity": self.identity.to_json(),
         }
 
+    def end_json(self) -> dict[str, Any]:
+        """What the audit's ``session.end`` says of the session: which one, whose, where (so that filters on
+        the identity or protocol find the end of a session as they find its start)."""
+        return {"session": self.id, **{k: v for k, v in self.to_json().items() if k != "id"}}
+
 
 class Gateway:
     """Shared state of one gateway process: config, live policy, audit, approvals, recorder."""
@@ -373,7 +378,11 @@ class Gateway:
             log.error("session of %s on %s refused: its recording could not start: %s", identity.subject, target, exc)
             self.audit_event(
                 "session.end",
-                {"session": session.id, "reason": f"refused: its recording could not start ({exc})", "recorded": False},
+                {
+                    **session.end_json(),
+                    "reason": f"refused: its recording could not start ({exc})",
+                    "recorded": False,
+                },
                 fail_closed=False,
             )
             raise
@@ -401,7 +410,7 @@ class Gateway:
             except HookError as exc:
                 log.error("%s", exc)
         self.recorder.close(session)
-        self.audit_event("session.end", {"session": session.id, **summary}, fail_closed=False)
+        self.audit_event("session.end", {**session.end_json(), **summary}, fail_closed=False)
 
     # -- decisions ----------------------------------------------------------------------------
 
