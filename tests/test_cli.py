@@ -208,6 +208,33 @@ def test_audit_verify_detects_tampering_through_the_cli(tmp_path: Path):
     assert proc.returncode == 1 and "event 3 is missing (deleted)" in proc.stdout
 
 
+def test_audit_and_sessions_list_refuse_a_bad_since_or_limit_in_one_line(tmp_path: Path):
+    # `audit list --since abc` ended with a traceback; `--limit -2` listed every event but the first two (and
+    # `sessions list --limit -1` every session but the oldest); `--limit 0` listed everything.
+    from lictor import AuditLog
+
+    log = AuditLog(tmp_path / "audit.db")
+    for i in range(5):
+        log.append("decision", {"n": i})
+    log.close()
+    since = lictor("audit", "list", "--state-dir", str(tmp_path), "--since", "abc", check=False)
+    assert since.returncode == 2 and "Traceback" not in since.stderr, since
+    assert "lictor audit list: --since: bad duration 'abc'" in since.stderr, since.stderr
+    for args in (("audit", "list"), ("sessions", "list"), ("approvals", "list", "--url", "http://127.0.0.1:9")):
+        for bad in ("-2", "0", "x"):
+            out = lictor(
+                *args,
+                "--state-dir" if args[0] != "approvals" else "--token",
+                str(tmp_path),
+                "--limit",
+                bad,
+                check=False,
+            )
+            assert out.returncode == 2 and "argument --limit:" in out.stderr and out.stdout == "", (args, bad, out)
+    listed = lictor("audit", "list", "--state-dir", str(tmp_path), "--json", "--limit", "2").stdout.splitlines()
+    assert [json.loads(line)["n"] for line in listed] == [3, 4]
+
+
 def test_kubeconfig_prints_a_usable_config(tmp_path: Path):
     import yaml
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["printable"]
+__all__ = ["count_arg", "printable"]
 
 
 def printable(text: Any, limit: int | None = None, *, keep: str = "\n\t") -> str:
@@ -15,3 +15,17 @@ def printable(text: Any, limit: int | None = None, *, keep: str = "\n\t") -> str
     if limit is not None and len(out) > limit:
         out = out[: limit - 1] + "…"
     return out
+
+
+def count_arg(text: str) -> int:
+    """An argparse type for counts such as ``--limit``: a whole number of at least 1 (a negative
+    ``--limit`` cut the list from the wrong end, and 0 meant no limit)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

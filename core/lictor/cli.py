@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._text import printable
+from ._text import count_arg, printable
 from ._yaml import YamlError, load_documents, plain
 from .addons import AddonManager, HookError, load_addon_spec
 from .audit import AuditLog
@@ -396,8 +396,12 @@ def _event_summary(event: Mapping[str, Any]) -> str:
 
 
 def cmd_audit_list(args: argparse.Namespace) -> int:
+    try:
+        since = time.time() - parse_duration(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"lictor audit list: --since: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     audit = _audit(args)
-    since = time.time() - parse_duration(args.since) if args.since else None
     filters = dict(_parse_kv(args.where)) if args.where else {}
     events = list(audit.events(since=since, kind=args.kind, filters={k: str(v) for k, v in filters.items()}))
     if args.limit:
@@ -594,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="FIELD=VALUE",
                 help="filter on a field, e.g. action=deny, identity.sub=agent-1",
             )
-            sp.add_argument("--limit", type=int, help="the last N events only")
+            sp.add_argument("--limit", type=count_arg, help="the last N events only")
         sp.set_defaults(func=func, use_default_config=True)
     audit.set_defaults(
         func=cmd_audit_list,

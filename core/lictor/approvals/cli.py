@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .._text import printable
+from .._text import count_arg, printable
 
 __all__ = ["register"]
 
@@ -227,7 +227,7 @@ def register(subparsers: Any) -> None:
     group = sp.add_mutually_exclusive_group()
     group.add_argument("--all", action="store_true", help="pending and decided requests")
     group.add_argument("--decided", action="store_true", help="decided requests only")
-    sp.add_argument("--limit", type=int, default=100, help="at most this many (default: 100)")
+    sp.add_argument("--limit", type=count_arg, default=100, help="at most this many (default: 100)")
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp.set_defaults(func=_guard(cmd_list))
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .._text import printable
+from .._text import count_arg, printable
 from ..config import ConfigError, load_config
 from ._chain import SessionVerdict
 from ._recorder import RecordingsConfig, make_sink, wait_for_local_store
@@ -199,7 +199,7 @@ def register(subparsers: Any) -> None:
     state = sp.add_mutually_exclusive_group()
     state.add_argument("--open", action="store_true", help="sessions still open")
     state.add_argument("--ended", action="store_true", help="ended sessions only")
-    sp.add_argument("--limit", type=int, help="the newest N sessions only")
+    sp.add_argument("--limit", type=count_arg, help="the newest N sessions only")
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp.set_defaults(func=_run(cmd_list))
 
