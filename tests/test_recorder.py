@@ -143,6 +143,28 @@ def test_session_is_recorded_chained_and_signed(tmp_path: Path) -> None:
     audit.close()
 
 
+def test_cli_verify_strict_does_not_call_an_open_session_altered(tmp_path: Path) -> None:
+    # `sessions verify --all --strict` while an agent was still connected summed up as "1 failed — recordings
+    # were altered": a false tampering alarm for a session that was merely not signed yet.
+    async def main() -> tuple[str, subprocess.CompletedProcess[str]]:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        await run_session(gw, "agent-1", ["echo done"])
+        session = await gw.open_session(who("agent-2", "ops"), protocol="line", target="db", peer="127.0.0.1:5555")
+        await session.decide(request("echo open"))
+        state = str(tmp_path / "state")
+        result = await asyncio.to_thread(lictor_cli, "sessions", "verify", "--all", "--strict", "--state-dir", state)
+        await session.close()
+        await gw.stop()
+        return session.id, result
+
+    sid, result = asyncio.run(main())
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{sid}: chain OK" in result.stdout and "UNSIGNED" in result.stdout, result.stdout
+    assert "2 session(s) checked, 1 failed — 1 not signed yet (--strict)" in result.stdout, result.stdout
+    assert "altered" not in result.stdout, result.stdout
+
+
 def test_cli_verify_names_the_first_altered_event(tmp_path: Path) -> None:
     async def main() -> str:
         gw = make_gateway(tmp_path)

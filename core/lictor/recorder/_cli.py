@@ -110,13 +110,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print("give a session id or --all", file=sys.stderr)
         return EXIT_USAGE
     verdicts: list[SessionVerdict] = verify(store, ids, args.key)
-    bad = 0
+    broken = unsigned = 0
     for verdict in verdicts:
         print(verdict)
-        if not verdict.ok or (args.strict and not verdict.signed):
-            bad += 1
-    print(f"{len(verdicts)} session(s) checked, {bad} failed" + ("" if not bad else " — recordings were altered"))
-    return EXIT_FAIL if bad else EXIT_OK
+        if not verdict.ok:
+            broken += 1
+        elif args.strict and not verdict.signed:
+            unsigned += 1
+    why = [f"{broken} altered" if broken else "", f"{unsigned} not signed yet (--strict)" if unsigned else ""]
+    print(
+        f"{len(verdicts)} session(s) checked, {broken + unsigned} failed"
+        + (f" — {', '.join(w for w in why if w)}" if broken or unsigned else "")
+    )
+    return EXIT_FAIL if broken or unsigned else EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
