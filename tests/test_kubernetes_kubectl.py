@@ -275,6 +275,9 @@ def test_exec_over_websocket_after_approval_with_stdin_inspected(cluster: Cluste
 
     out = cluster.kubectl("deployer", "exec", "web-0", "--", "rm", "-rf", "/data")
     assert out.returncode == 1 and "destructive commands" in out.stderr
+    # kubectl cannot add the X-Lictor-Reason header an HTTP client is told about, and names the rule once.
+    assert "X-Lictor-Reason" not in out.stderr and out.stderr.count("k8s-exec-no-destructive-commands") == 1, out
+    assert "(rule k8s-exec-no-destructive-commands; ask the rule's owners if you need it)" in out.stderr, out
 
 
 def _exec_shell(cluster: Cluster, script: str, command: tuple[str, ...] = ("sh",)) -> tuple[int, str, str]:

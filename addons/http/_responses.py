@@ -53,7 +53,7 @@ def _waiting(decision: Decision) -> bool:
     return bool(decision.approval_id) and decision.approval_status == "pending"
 
 
-def _hint(decision: Decision) -> str:
+def _hint(decision: Decision, kubernetes: bool = False) -> str:
     if _waiting(decision):
         return (
             f"once approval {decision.approval_id} is approved, retry the same request with the header "
@@ -81,12 +81,14 @@ def _hint(decision: Decision) -> str:
         )
     if rule.startswith("lictor:"):
         return "the gateway could not check this request; retry later or contact the gateway operators"
+    if kubernetes:  # kubectl sends no headers of the agent's choosing; the message already names the rule
+        return "ask the rule's owners if you need it"
     return f"rule {rule!r} decided this; ask its owners if you need it, or add X-Lictor-Reason to explain why"
 
 
 def denial(decision: Decision, *, kubernetes: bool, status: int = 403, hint: str | None = None) -> Answer:
     """The answer for a denied request (``decision.action == "deny"``)."""
-    hint = hint or _hint(decision)
+    hint = hint or _hint(decision, kubernetes)
     rule = decision.rule_ids[0] if decision.rule_ids else ""
     headers = {"X-Lictor-Rule": rule, "X-Lictor-Policy": decision.policy_version}
     if decision.approval_id:
