@@ -255,7 +255,7 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         # A mistyped --state-dir (or a config the gateway does not run with) gives a token no gateway takes
         print(
             f"lictor token issue: {state} had no signing key; created {issuer.key_path}. Only a gateway running "
-            "with this state directory accepts the token.",
+            "with this state directory accepts the token (pass -c with the gateway's config, or its --state-dir).",
             file=sys.stderr,
         )
     claims = _parse_kv(args.claim)
