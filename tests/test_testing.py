@@ -6,7 +6,7 @@ import asyncio
 import re
 
 import pytest
-from lictor import Glob, Vocabulary, testing
+from lictor import Decision, Glob, Vocabulary, testing
 
 from tests.addons.lineproto import LineProtocol
 from tests.conftest import free_port
@@ -264,6 +264,32 @@ async def test_a_hook_that_exits_or_sees_a_cancellation_is_an_audited_denial():
         decision = await session.decide(testing.request("line", "get", verb="get"))
         testing.assert_decision(decision, "deny", rule="lictor:addon-error")
         assert "addon 'awaits-cancelled'" in decision.message
+
+
+class _ReturnsVerdict:
+    name = "returns-verdict"
+    protocols = ("line",)
+
+    def request(self, flow):
+        if "card" in flow.request.payload:
+            return Decision.deny("no cards", "guard:no-card")  # meant as a denial; flow.deny is the way
+        return None
+
+    async def decision(self, flow):
+        return "secret" not in flow.request.payload  # meant as allowed or not
+
+
+async def test_a_hook_that_returns_a_verdict_instead_of_calling_deny_is_an_audited_denial(caplog):
+    # The returned value was dropped: the request the hook meant to refuse was allowed.
+    async with testing.harness(LineProtocol(), _ReturnsVerdict(), rulepacks=PACK) as h:
+        session = await h.session(testing.identity("a", role="reader"), protocol="line")
+        for summary, hook in (("get card", "request"), ("get secret", "decision")):
+            request = testing.request("line", "get", verb="get", summary=summary)
+            for decision in (await session.decide(request), session.decide_now(request)):
+                testing.assert_decision(decision, "deny", rule="lictor:addon-error")
+                assert "addon 'returns-verdict'" in decision.message
+            assert f"hook '{hook}' returned" in caplog.text and "flow.deny(message, rule_id)" in caplog.text
+        assert [e["rule_ids"] for e in h.audit("decision")] == [["lictor:addon-error"]] * 4
 
 
 async def test_cancelling_a_decision_still_cancels_it():

@@ -32,6 +32,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import reprlib
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -56,6 +57,18 @@ HOOKS = (
     "decision",
     "session_end",
 )
+
+# Hooks whose only way to change a request is ``flow.deny``: a value they return (``False``, a
+# ``Decision``) would otherwise be dropped and the request allowed as if the hook had agreed.
+_FLOW_HOOKS = frozenset({"request", "decision"})
+
+
+def _check_returned(hook: str, result: Any) -> None:
+    if result is not None and hook in _FLOW_HOOKS:
+        raise TypeError(
+            f"hook {hook!r} returned {reprlib.repr(result)}; "
+            "a hook denies with flow.deny(message, rule_id) and returns None"
+        )
 
 
 class HookError(RuntimeError):
@@ -261,16 +274,17 @@ class AddonManager:
                 result = fn(*args)
                 if result is not None and inspect.isawaitable(result):
                     if seconds is None:
-                        await result
+                        result = await result
                     else:
                         deadline = asyncio.timeout(seconds)
                         try:
                             async with deadline:
-                                await result
+                                result = await result
                         except TimeoutError:
                             if not deadline.expired():
                                 raise
                             raise TimeoutError(f"it did not return within {seconds:g} s") from None
+                _check_returned(hook, result)
             except HookError:
                 raise
             except asyncio.CancelledError as exc:
@@ -289,6 +303,7 @@ class AddonManager:
                 if result is not None and inspect.isawaitable(result):
                     result.close()  # type: ignore[attr-defined]
                     raise TypeError(f"hook {hook!r} must be synchronous")
+                _check_returned(hook, result)
             except (Exception, SystemExit) as exc:
                 raise HookError(name, hook, exc) from exc
 
