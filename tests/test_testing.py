@@ -33,6 +33,18 @@ def test_policy_identity_request_helpers():
         testing.policy(PACK.replace("action: allow", "action: allow, colour: red"), LineProtocol())
 
 
+async def test_a_test_request_carries_the_agents_reason_and_payload_not_as_attributes():
+    # `reason=` became an attribute named "reason": the request had no reason, and no test could show
+    # what the audit and the approvers get.
+    r = testing.request("line", "get", verb="get", summary="get x", payload="get x\n", reason="ticket 42")
+    assert (r.reason, r.payload, r.summary) == ("ticket 42", "get x\n", "get x")
+    assert r.attrs == {"verb": "get"}
+    async with testing.harness(LineProtocol(), rulepacks=PACK) as h:
+        session = await h.session(testing.identity("a", role="reader"), protocol="line")
+        testing.assert_decision(await session.decide(r), "allow", rule="get")
+        assert [e["reason"] for e in h.audit("decision")] == ["ticket 42"]
+
+
 async def test_harness_drives_hooks_audit_and_recorder():
     async with testing.harness(LineProtocol(), rulepacks=PACK) as h:
         session = await h.session(testing.identity("a", role="reader"), protocol="line")

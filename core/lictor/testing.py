@@ -51,10 +51,28 @@ def identity(sub: str = "test-agent", **claims: Any) -> Identity:
     return Identity(subject=sub, claims={"sub": sub, **claims}, issuer="lictor")
 
 
-def request(protocol: str, action: str, *, target: str = "", summary: str = "", **attrs: Any) -> Request:
-    """A request with attributes given as keywords (lists become frozensets)."""
+def request(
+    protocol: str,
+    action: str,
+    *,
+    target: str = "",
+    summary: str = "",
+    payload: str = "",
+    reason: str | None = None,
+    **attrs: Any,
+) -> Request:
+    """A request with attributes given as keywords (lists become frozensets). ``payload`` defaults to
+    ``summary``; ``reason`` is the agent's reason (audited, shown to approvers), not an attribute."""
     clean = {k: frozenset(v) if isinstance(v, (list, set, tuple)) else v for k, v in attrs.items()}
-    return Request(protocol, action, clean, target=target, summary=summary or action, payload=summary or action)
+    return Request(
+        protocol,
+        action,
+        clean,
+        target=target,
+        summary=summary or action,
+        payload=payload or summary or action,
+        reason=reason,
+    )
 
 
 def _vocabularies(addons: Iterable[Any], extra: Iterable[Vocabulary] = ()) -> dict[str, Vocabulary]:
