@@ -373,7 +373,18 @@ def test_an_addon_that_cannot_be_loaded_is_one_line_naming_it(tmp_path: Path):
         "class Refuses:\n    name = 'refuses'\n\n    def load(self, loader):\n"
         "        raise RuntimeError('needs option x')\n\n\naddons = [Refuses()]\n"
     )
+    # An addon that is a class, a list or no list at all: a class failed in `load` with a missing argument,
+    # and a list loaded as an addon without hooks (then "no loaded addon serves protocol").
+    (tmp_path / "klass.py").write_text("class Kv:\n    name = 'kv'\n\n\naddons = [Kv]\n")
+    (tmp_path / "nested.py").write_text("class Kv:\n    name = 'kv'\n\n\naddon = [Kv()]\n")
+    (tmp_path / "single.py").write_text("class Kv:\n    name = 'kv'\n\n\naddons = Kv()\n")
     cases = {
+        "klass.py": "addon klass.py cannot be loaded: TypeError: klass.py: `addons` holds the class Kv; give an "
+        "instance: Kv()",
+        "nested.py": "addon nested.py cannot be loaded: TypeError: nested.py: `addon` is one addon object; name several "
+        "with `addons = [...]`",
+        "single.py": "addon single.py cannot be loaded: TypeError: single.py: `addons` must be a list of addon "
+        "objects, got Kv",
         "missing.py": "addon missing.py cannot be loaded: FileNotFoundError: addon file",
         "no_such_module_xyz": "addon no_such_module_xyz cannot be loaded: ModuleNotFoundError",
         "none.py": "addon none.py cannot be loaded: ImportError: none.py: defines neither",

@@ -336,8 +336,21 @@ def load_addon_spec(spec: str, base: Path | None = None) -> list[Any]:
     found: Iterable[Any]
     if hasattr(module, "addons"):
         found = module.addons
+        if not isinstance(found, (list, tuple)):
+            raise TypeError(f"{spec}: `addons` must be a list of addon objects, got {type(found).__name__}")
+        where = "`addons`"
     elif hasattr(module, "addon"):
+        if isinstance(module.addon, (list, tuple)):
+            raise TypeError(f"{spec}: `addon` is one addon object; name several with `addons = [...]`")
         found = [module.addon]
+        where = "`addon`"
     else:
         raise ImportError(f"{spec}: defines neither `addons = [...]` nor `addon`")
+    for addon in found:
+        # A class, a list or a module has no hooks of its own: taken as an addon, it loaded without
+        # error and declared nothing, and the config then failed on "no loaded addon serves protocol".
+        if isinstance(addon, type):
+            raise TypeError(f"{spec}: {where} holds the class {addon.__name__}; give an instance: {addon.__name__}()")
+        if isinstance(addon, (list, tuple, set, dict, str, bytes, ModuleType)) or addon is None:
+            raise TypeError(f"{spec}: {where} holds {type(addon).__name__} {reprlib.repr(addon)}, not an addon object")
     return list(found)
