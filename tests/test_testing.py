@@ -45,6 +45,21 @@ async def test_a_test_request_carries_the_agents_reason_and_payload_not_as_attri
         assert [e["reason"] for e in h.audit("decision")] == ["ticket 42"]
 
 
+async def test_a_request_without_a_target_is_decided_on_its_sessions_target():
+    # An addon that left `target` out of its requests had every rule scoped to a target skipped: the
+    # deny below did not fire on `prod`, while the audit event said the request was on `prod`.
+    pack = PACK + "      - {id: no-get-on-prod, protocol: line, targets: [prod], when: {verbs: get}, action: deny}\n"
+    async with testing.harness(LineProtocol(), rulepacks=pack) as h:
+        session = await h.session(testing.identity("a", role="reader"), protocol="line", target="prod")
+        request = testing.request("line", "get", verb="get")
+        assert request.target == ""
+        testing.assert_decision(await session.decide(request), "deny", rule="no-get-on-prod")
+        testing.assert_decision(session.decide_now(request), "deny", rule="no-get-on-prod")
+        testing.assert_decision(session.policy_decision(request), "deny", rule="no-get-on-prod")
+        other = await h.session(testing.identity("a", role="reader"), protocol="line", target="staging")
+        testing.assert_decision(await other.decide(request), "allow", rule="get")
+
+
 async def test_harness_drives_hooks_audit_and_recorder():
     async with testing.harness(LineProtocol(), rulepacks=PACK) as h:
         session = await h.session(testing.identity("a", role="reader"), protocol="line")

@@ -96,6 +96,12 @@ class Flow:
         self._decision = decision
 
 
+def _on_target(session: Session, request: Request) -> Request:
+    """``request`` on its session's target when the addon named none: rules scoped to that target
+    (a ``deny`` on ``targets: [prod]``) must see it, as the audit event does."""
+    return request if request.target else replace(request, target=session.target)
+
+
 @dataclass(eq=False)
 class Session:
     """One agent connection."""
@@ -139,12 +145,12 @@ class Session:
         For sub-decisions an addon makes inside an already decided request (may this response
         reveal a value, is this stdin line denied); audit the ones it acts on with :meth:`audit`.
         """
-        return self.gateway._policy_decision(self, request)
+        return self.gateway._policy_decision(self, _on_target(self, request))
 
     def audit(self, request: Request, decision: Decision, phase: str = "decision") -> None:
         """Audit a decision the addon made or acted on itself; raises ``AuditError`` when the
         event cannot be made durable (the caller fails closed)."""
-        self.gateway._write_decision(self, request, decision, phase)
+        self.gateway._write_decision(self, _on_target(self, request), decision, phase)
 
     def decide_now(self, request: Request) -> Decision:
         """Synchronous variant for the hot path of protocols without hooks that await.
@@ -429,6 +435,7 @@ class Gateway:
         return policy.decide(session.identity, request, roles=session.roles(policy), extra_roles=extra)
 
     def decide_sync(self, session: Session, request: Request) -> Decision:
+        request = _on_target(session, request)
         try:
             addons, protocol = self.addons, request.protocol
             if addons.hooks_for("request", protocol) or addons.hooks_for("decision", protocol):
@@ -452,6 +459,7 @@ class Gateway:
         *,
         approval: Mapping[str, Any] | None = None,
     ) -> Decision:
+        request = _on_target(session, request)
         try:
             addons, protocol = self.addons, request.protocol
             if addons.hooks_for("request", protocol) or addons.hooks_for("decision", protocol):
