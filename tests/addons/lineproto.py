@@ -81,7 +81,7 @@ class LineProtocol:
             w.close()
             return
         try:
-            identity = gateway.authenticate(line[5:], protocol="line", target=target, peer=peer)
+            identity = await gateway.authenticate_async(line[5:], protocol="line", target=target, peer=peer)
         except AuthError as exc:
             w.write(f"ERROR {exc}\n".encode())
             await w.drain()
