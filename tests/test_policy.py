@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lictor import Identity, Policy, Request, Trace, load_policy
+from lictor import Enum, Glob, Identity, Policy, Request, Trace, Vocabulary, load_policy
 
 from tests.addons.lineproto import VOCABULARY as LINE
 
@@ -320,6 +320,43 @@ def test_index_finds_rules_whatever_the_case_of_the_request_value(tmp_path: Path
         d = policy.decide(who, req(line))
         assert d.action == "deny" and d.rule_ids == ("no-purge",), line
     assert policy.decide(who, req("get x")).action == "allow"
+
+
+def test_bytes_in_a_request_attribute_are_refused_not_matched_as_their_repr(tmp_path: Path):
+    # An addon of a binary protocol that left its attributes as bytes had them matched as "b'...'" (and
+    # an index value iterated as integers): no rule named them, so every deny below was skipped and the
+    # allow on everything let the request through.
+    vocabulary = Vocabulary(
+        protocol="kv",
+        fields=(
+            Glob("verbs", attr="verb"),
+            Glob("keys", attr="key"),
+            Enum("modes", attr="mode", values=("read", "write")),
+        ),
+        index="verbs",
+        secondary="keys",
+    )
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: b}\nidentities: [{match: {sub: '*'}, roles: [r]}]\n"
+        "roles:\n  r:\n    rules:\n"
+        "      - {id: any, protocol: kv, when: {verbs: '*'}, action: allow}\n"
+        "      - {id: no-flush, protocol: kv, when: {verbs: flushall}, action: deny}\n"
+        "      - {id: no-card, protocol: kv, when: {keys: card}, action: deny}\n"
+        "      - {id: no-write, protocol: kv, when: {modes: write}, action: deny}\n"
+    )
+    policy = load_policy([tmp_path], {"kv": vocabulary}).policy
+    assert policy is not None
+    who = Identity("x")
+    for attrs, attr in (
+        ({"verb": b"flushall"}, "verb"),
+        ({"verb": "get", "key": b"card"}, "key"),
+        ({"verb": "get", "key": ["x", b"card"]}, "key"),
+        ({"verb": "set", "mode": b"write"}, "mode"),
+    ):
+        with pytest.raises(TypeError, match=f"request attribute '{attr}' holds bytes"):
+            policy.decide(who, Request("kv", "x", attrs))
+    assert policy.decide(who, Request("kv", "get", {"verb": "get", "key": "card"})).rule_ids == ("no-card",)
+    assert policy.decide(who, Request("kv", "get", {"verb": "get", "key": "x", "mode": "read"})).action == "allow"
 
 
 def test_a_missing_boolean_covers_no_permission(tmp_path: Path):

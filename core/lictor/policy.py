@@ -25,7 +25,7 @@ from typing import Any
 from ._yaml import Location
 from .identity import Identity
 from .policy_types import DEFAULT_DENY, Decision, Request
-from .vocabulary import Boolean, Enum, Glob, Number, Predicate, Quantifier, Vocabulary
+from .vocabulary import Boolean, Enum, Glob, Number, Predicate, Quantifier, Vocabulary, _text, _values
 
 __all__ = ["CompiledRule", "IdentityMapping", "Policy", "Role", "Trace"]
 
@@ -165,13 +165,13 @@ class _Bucket:
         elif isinstance(raw, str):
             values = (raw,)
         else:
-            values = list(raw)
+            values = list(_values(raw))
         if not values:
             # Vacuous "all" matches are possible: every rule is a candidate.
             return self.rules
         found: list[CompiledRule] = list(self.residual)
         for v in values:
-            found.extend(self.by_secondary.get(str(v).lower(), ()))
+            found.extend(self.by_secondary.get(_text(v, secondary_attr).lower(), ()))
         return found
 
 
@@ -287,7 +287,7 @@ class Policy:
             if isinstance(raw, str):
                 keys = [raw]
             elif raw is not None:
-                keys = [str(v) for v in raw]
+                keys = [_text(v, index_attr) for v in _values(raw)]
         # A case-insensitive field indexes its rules under lower-case literals: `programs: [Rscript]` is
         # found for the program `Rscript` too (the predicate decides; extra candidates change nothing).
         keys = [*dict.fromkeys(k for key in keys for k in (key, key.lower())), "*"]

@@ -103,6 +103,14 @@ def _values(value: Any) -> tuple[Any, ...] | frozenset[Any] | set[Any] | list[An
     return (value,)
 
 
+def _text(value: Any, attr: str) -> str:
+    """A request attribute value as the text rules match. Bytes are refused, not matched as their
+    ``str()`` (``"b'card'"``), which no rule names: a ``deny`` would never fire on them."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"request attribute {attr!r} holds bytes ({bytes(value[:40])!r}); rules match text: decode it")
+    return str(value)
+
+
 def _quantify(values: Iterable[Any], test: Callable[[Any], bool], quantifier: Quantifier) -> bool:
     if quantifier == "all":
         return all(test(v) for v in values)
@@ -158,7 +166,7 @@ class Glob(Field):
         fold = not self.case_sensitive
 
         def one(v: Any) -> bool:
-            s = str(v)
+            s = v if type(v) is str else _text(v, attr)
             if (s.lower() if fold else s) in exact:
                 return True
             return any(r.match(s) for r in regexes)
@@ -199,11 +207,14 @@ class Enum(Field):
         if "*" in wanted:
             return lambda request, quantifier: True
 
+        def one(v: Any) -> bool:
+            return (v if type(v) is str else _text(v, attr)) in wanted
+
         def predicate(request: Request, quantifier: Quantifier) -> bool:
             raw = request.attrs.get(attr)
             if raw is None:
                 return False
-            return _quantify(_values(raw), wanted.__contains__, quantifier)
+            return _quantify(_values(raw), one, quantifier)
 
         return predicate
 
