@@ -147,6 +147,26 @@ def test_an_addon_with_options_can_be_removed_and_loaded_again_keeping_the_confi
     assert manager.option("with_option_limit") == 3
 
 
+class _WithNumbers:
+    name = "with-numbers"
+
+    def load(self, loader):
+        loader.add_option("with_numbers_timeout", float, 2.5, "seconds")
+        loader.add_option("with_numbers_limit", int, 10, "a limit")
+
+
+async def test_options_take_numbers_as_yaml_writes_them():
+    # `timeout: 5` was refused for a float option ("must be float, got int"), and `limit: true` was taken
+    # for an int option as 1 (bool is an int to Python).
+    async with testing.harness(_WithNumbers(), options={"with_numbers_timeout": 5}) as h:
+        assert h.addons.option("with_numbers_timeout") == 5.0
+        assert isinstance(h.addons.option("with_numbers_timeout"), float)
+    for name in ("with_numbers_timeout", "with_numbers_limit"):
+        with pytest.raises(ValueError, match=f"option '{name}' must be (float|int), got bool"):
+            async with testing.harness(_WithNumbers(), options={name: True}):
+                pass
+
+
 class _RefusesSessions:
     name = "refuses-sessions"
 

@@ -90,6 +90,18 @@ class Option:
     value: Any = None
 
 
+def _option_value(name: str, typespec: type, value: Any) -> Any:
+    """``value`` for an option of ``typespec``, as YAML gives it: ``5`` is a fine float (``5.0``), but
+    ``true`` is no number (``bool`` is an ``int`` to Python: ``http_idle_timeout: true`` was one second)."""
+    if isinstance(value, bool) and typespec is not bool:
+        raise ValueError(f"option {name!r} must be {typespec.__name__}, got bool")
+    if typespec is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, typespec):
+        raise ValueError(f"option {name!r} must be {typespec.__name__}, got {type(value).__name__}")
+    return value
+
+
 def addon_name(addon: Any) -> str:
     return str(getattr(addon, "name", None) or type(addon).__name__)
 
@@ -108,10 +120,7 @@ class Loader:
             raise ValueError(f"option {name!r} declared twice")
         option = Option(name, typespec, default, help, default)
         if name in manager.configured_options:  # a reloaded addon gets the value the config set
-            value = manager.configured_options[name]
-            if not isinstance(value, typespec):
-                raise ValueError(f"option {name!r} must be {typespec.__name__}, got {type(value).__name__}")
-            option.value = value
+            option.value = _option_value(name, typespec, manager.configured_options[name])
         manager.options[name] = option
         manager.option_owner[name] = self._addon
 
@@ -225,9 +234,7 @@ class AddonManager:
             if opt is None:
                 known = ", ".join(sorted(self.options)) or "none"
                 raise ValueError(f"unknown option {key!r} (declared options: {known})")
-            if not isinstance(value, opt.type):
-                raise ValueError(f"option {key!r} must be {opt.type.__name__}, got {type(value).__name__}")
-            opt.value = value
+            opt.value = _option_value(key, opt.type, value)
             self.configured_options[key] = value
 
     def option(self, name: str) -> Any:
