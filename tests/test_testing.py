@@ -365,6 +365,23 @@ async def test_the_harness_checks_targets_against_the_addons_target_schema():
             pass
 
 
+class _BrokenTargetSchema:
+    name = "broken-target-schema"
+
+    def load(self, loader):
+        loader.add_target_schema("line", {"type": "objekt", "properties": {"listen": {"type": "string"}}})
+
+
+def test_a_target_schema_that_is_no_json_schema_is_refused_when_the_addon_loads():
+    # It loaded, and `lictor run` then stopped with a jsonschema traceback while checking the targets.
+    from lictor import AddonManager, HookError
+
+    with pytest.raises(
+        HookError, match=r"target schema of protocol 'line' is not a JSON Schema: .*objekt.* \(at type\)"
+    ):
+        AddonManager().add(_BrokenTargetSchema())
+
+
 def test_a_second_vocabulary_for_a_protocol_is_refused_naming_the_addon_that_has_it():
     from lictor import AddonManager, HookError
 

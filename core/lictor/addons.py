@@ -138,6 +138,15 @@ class Loader:
         owner = self._manager.target_schema_owner.get(protocol)
         if owner is not None and owner is not self._addon:
             raise ValueError(f"protocol {protocol!r} already has a target schema (from addon {addon_name(owner)!r})")
+        import jsonschema
+
+        try:
+            # checked here, where the addon is named: at start-up a broken schema was a traceback
+            jsonschema.Draft202012Validator.check_schema(dict(schema))
+        except jsonschema.SchemaError as exc:
+            at = "/".join(map(str, exc.absolute_path)) or "the top"
+            problem = f"the target schema of protocol {protocol!r} is not a JSON Schema: {exc.message} (at {at})"
+            raise ValueError(problem) from None
         self._manager.target_schemas[protocol] = dict(schema)
         self._manager.target_schema_owner[protocol] = self._addon
 
