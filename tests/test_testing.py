@@ -365,6 +365,24 @@ async def test_the_harness_checks_targets_against_the_addons_target_schema():
             pass
 
 
+class _VocabularyOnly:
+    name = "vocabulary-only"
+
+    def load(self, loader):
+        loader.add_vocabulary(Vocabulary(protocol="kv", fields=(Glob("verbs", attr="verb"),), index="verbs"))
+
+
+async def test_a_target_of_an_addon_without_a_target_schema_names_the_addon():
+    # It said "no loaded addon serves protocol 'kv'" while the addon giving that protocol was loaded.
+    from lictor import ConfigError
+
+    with pytest.raises(
+        ConfigError, match="addon 'vocabulary-only' gives the vocabulary of protocol 'kv' but no target"
+    ):
+        async with testing.harness(_VocabularyOnly(), targets={"k": {"protocol": "kv", "listen": "127.0.0.1:1"}}):
+            pass
+
+
 class _BrokenTargetSchema:
     name = "broken-target-schema"
 

@@ -455,11 +455,21 @@ def validate_targets(config: GatewayConfig, manager: AddonManager) -> None:
     """Check every target against the schema its protocol's addon declared; ConfigError lists the problems."""
     import jsonschema
 
+    from .addons import addon_name
+
     problems = []
     for target in config.targets.values():
         schema = manager.target_schemas.get(target.protocol)
         where = f"{target.loc}: " if target.loc else ""
         if schema is None:
+            owner = manager.vocabulary_owner.get(target.protocol)
+            if owner is not None:
+                # the addon is loaded: saying that none serves the protocol sent its author looking elsewhere
+                problems.append(
+                    f"{where}target {target.name!r}: addon {addon_name(owner)!r} gives the vocabulary of protocol "
+                    f"{target.protocol!r} but no target schema (loader.add_target_schema in its load hook)"
+                )
+                continue
             known = ", ".join(sorted(manager.target_schemas)) or "none"
             problems.append(
                 f"{where}target {target.name!r}: no loaded addon serves protocol "
