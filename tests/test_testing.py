@@ -339,6 +339,23 @@ async def test_a_hook_that_returns_a_verdict_instead_of_calling_deny_is_an_audit
         assert [e["rule_ids"] for e in h.audit("decision")] == [["lictor:addon-error"]] * 4
 
 
+class _RewritesRequest:
+    name = "rewrites-request"
+    protocols = ("line",)
+
+    def request(self, flow):
+        # meant to have the policy decide a cleaned-up request: the one passed to decide was decided
+        flow.request = testing.request("line", "put", verb="put", summary="put x")
+
+
+async def test_a_hook_cannot_swap_the_request_it_is_shown():
+    async with testing.harness(LineProtocol(), _RewritesRequest(), rulepacks=PACK) as h:
+        session = await h.session(testing.identity("a", role="reader"), protocol="line")
+        request = testing.request("line", "get", verb="get", summary="get x")
+        testing.assert_decision(await session.decide(request), "deny", rule="lictor:addon-error")
+        testing.assert_decision(session.decide_now(request), "deny", rule="lictor:addon-error")
+
+
 async def test_cancelling_a_decision_still_cancels_it():
     # the agent went away while a hook was waiting: the caller cancels, and that is not an addon failure
     async with testing.harness(LineProtocol(), _Hangs(), rulepacks=PACK) as h:

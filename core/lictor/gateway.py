@@ -73,13 +73,19 @@ class Recorder(Protocol):
 class Flow:
     """One request on its way through the hooks. Hooks may deny it; nothing may loosen it."""
 
-    __slots__ = ("_decision", "metadata", "request", "session")
+    __slots__ = ("_decision", "_request", "metadata", "session")
 
     def __init__(self, session: Session, request: Request) -> None:
         self.session = session
-        self.request = request
+        self._request = request
         self._decision: Decision | None = None
         self.metadata: dict[str, Any] = {}
+
+    @property
+    def request(self) -> Request:
+        """The request being decided. Read-only: the policy decides, and the addon forwards, the request
+        the addon passed to ``decide``; a hook that assigned another one changed nothing."""
+        return self._request
 
     @property
     def decision(self) -> Decision | None:
