@@ -1313,6 +1313,19 @@ def _session_events(env: Env, sub: str) -> list[dict[str, Any]]:
     return events
 
 
+def _shell_line(env: Env, token: str, line: bytes, **size: int) -> None:
+    """One line typed into an interactive shell (``ssh -tt``), then ``exit``."""
+    shell = env.client.shell(token, **size)
+    try:
+        shell.expect(PROMPT)
+        shell.send(line + b"\r")
+        shell.expect(PROMPT)
+        shell.send(b"exit\r")
+        shell.wait(timeout=15)
+    finally:
+        shell.close()
+
+
 def _transfers(env: Env, sub: str) -> list[dict[str, Any]]:
     """The ``transfer`` events of ``sub``'s sessions, once there are any (at most 10 s)."""
     deadline = time.monotonic() + 10
@@ -1327,15 +1340,7 @@ def test_sessions_are_recorded_with_commands_decisions_and_output(env: Env) -> N
     token = env.gw.token("agent-recorded", role="operator")
     assert env.client.ssh(token, "echo recorded-output").returncode == 0
     assert env.client.ssh(token, f"rm {env.work}/marker").returncode == 126
-    shell = env.client.shell(token)
-    try:
-        shell.expect(PROMPT)
-        shell.send(b"echo in-the-shell\r")
-        shell.expect(PROMPT)
-        shell.send(b"exit\r")
-        shell.wait(timeout=15)
-    finally:
-        shell.close()
+    _shell_line(env, token, b"echo in-the-shell")
     deadline = time.monotonic() + 10
     while True:
         events = _session_events(env, "agent-recorded")
@@ -1440,15 +1445,7 @@ def test_a_terminal_sessions_recording_has_the_agents_terminal_size(env: Env) ->
     # Only later size changes were recorded: a shell on a 132x40 terminal was exported (and replayed) as
     # an 80x24 one, its lines wrapped where the agent's were not.
     token = env.gw.token("agent-sized", role="operator")
-    shell = env.client.shell(token, rows=40, cols=132)
-    try:
-        shell.expect(PROMPT)
-        shell.send(b"echo sized\r")
-        shell.expect(PROMPT)
-        shell.send(b"exit\r")
-        shell.wait(timeout=15)
-    finally:
-        shell.close()
+    _shell_line(env, token, b"echo sized", rows=40, cols=132)
     deadline = time.monotonic() + 10
     while True:
         rows = json.loads(
