@@ -122,8 +122,4 @@ def verify_sessions(
 ) -> list[SessionVerdict]:
     """Check chains and signatures of ``ids`` (default: every session in the store, and every session the
     audit log records as recorded: one missing from the store is reported)."""
-    store = _resolve(source)
-    if ids is None:
-        ids = [str(r["id"]) for r in store.rows()]
-        ids += sorted(store.audited() - set(ids))
-    return _verify(store, ids, public_key)
+    return _verify(_resolve(source), ids, public_key)

@@ -101,14 +101,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     store = _store(args)
-    if args.all:
-        ids = [str(r["id"]) for r in sorted(store.rows(), key=lambda r: r.get("started_at") or 0.0)]
-        ids += sorted(store.audited() - set(ids))  # known to the audit log, missing from the index
-    elif args.id:
-        ids = [resolve_id(store, args.id)]
-    else:
+    if not args.all and not args.id:
         print("give a session id or --all", file=sys.stderr)
         return EXIT_USAGE
+    # --all (None): the store's sessions, and those the audit log says it should hold
+    ids = None if args.all else [resolve_id(store, args.id)]
     verdicts: list[SessionVerdict] = verify(store, ids, args.key)
     broken = unsigned = 0
     for verdict in verdicts:

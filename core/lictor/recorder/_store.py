@@ -8,6 +8,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,7 +17,7 @@ from ._chain import SessionVerdict, load_public_key, verify_session
 from ._sinks import INDEX_COLUMNS, PostgresSink, S3Sink
 from ._util import RecordingError, parse_interval
 
-__all__ = ["LocalStore", "RemoteStore", "Store", "parse_time", "select_sessions"]
+__all__ = ["AuditedSessions", "LocalStore", "RemoteStore", "Store", "parse_time", "select_sessions"]
 
 
 class Store(Protocol):
@@ -36,20 +37,31 @@ class Store(Protocol):
 
     def public_key_path(self) -> Path | None: ...
 
-    def ended(self) -> set[str]:
-        """Sessions that an authenticated record other than the manifest says have ended (each must
-        have its manifest); empty when there is none to ask."""
+    def audited(self) -> AuditedSessions | None:
+        """What an authenticated record other than the recordings (the audit log) says of the sessions;
+        None when there is none to ask."""
         ...
 
-    def audited(self) -> set[str]:
-        """Sessions that an authenticated record other than the recording says were recorded (each must
-        be in the store); empty when there is none to ask."""
-        ...
 
-    def started(self) -> set[str] | None:
-        """Sessions whose start an authenticated record other than the recording holds (every recorded
-        session must be one); None when there is none to ask."""
-        ...
+@dataclass(frozen=True)
+class AuditedSessions:
+    """The sessions the audit log knows, read in one pass: its hash chain (``lictor audit verify``) covers
+    these events, where nothing covers the index's rows and columns."""
+
+    started: frozenset[str]
+    """``session.start``: every session the index lists has its start there (the drain process appends a
+    batch's audit events before it indexes the batch), unless the audit log was rolled back or replaced."""
+    ended: frozenset[str]
+    """``session.end``: each of these must have its manifest."""
+    unrecorded: frozenset[str]
+    """Started but not to be found in the store: refused before their recording started (``session.end``
+    with ``recorded: false``), or removed by retention (``recording.retention``)."""
+
+    @property
+    def recorded(self) -> frozenset[str]:
+        """The sessions the store must hold: deleting one's files and index row together must not make it
+        vanish from ``verify --all``."""
+        return self.started - self.unrecorded
 
 
 def _summary(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -117,57 +129,31 @@ class LocalStore:
         path = self.state_dir / "recording.pub"
         return path if path.exists() else None
 
-    def ended(self) -> set[str]:
-        """The sessions whose ``session.end`` is in the audit log: its hash chain (``lictor audit verify``)
-        covers those events, where nothing covers the index's ``ended_at`` and ``signed`` columns. Read
-        through :meth:`AuditLog.events`, which filters on the authenticated body, not on the ``kind``
-        column that an edit could change."""
-        if not self.audit_path.exists():
-            return set()
-        audit = AuditLog(self.audit_path)
-        try:
-            return {e["session"] for e in audit.events(kind="session.end") if isinstance(e.get("session"), str)}
-        except (sqlite3.Error, ValueError):
-            return set()
-        finally:
-            audit.close()
-
-    def audited(self) -> set[str]:
-        """The sessions whose ``session.start`` is in the audit log, but for those refused before their
-        recording started (their ``session.end`` says ``recorded: false``) and those retention removed
-        (``recording.retention``): deleting a session's files and its index row together must not make
-        it vanish from ``verify --all``."""
-        found = self._audit_sessions()
-        return found[0] - found[1] if found is not None else set()
-
-    def started(self) -> set[str] | None:
-        """The sessions whose ``session.start`` is in the audit log (None without an audit log). The
-        drain process appends a batch's audit events before it indexes the batch's sessions, so every
-        session the index lists has its start there, unless the audit log was rolled back or replaced."""
-        found = self._audit_sessions()
-        return found[0] if found is not None else None
-
-    def _audit_sessions(self) -> tuple[set[str], set[str]] | None:
-        """(started, not expected in the store) from the audit log; None without one."""
+    def audited(self) -> AuditedSessions | None:
+        """The sessions the audit log knows, read through :meth:`AuditLog.events`, which filters on the
+        authenticated body, not on the ``kind`` column that an edit could change."""
         if not self.audit_path.exists():
             return None
         audit = AuditLog(self.audit_path)
         started: set[str] = set()
+        ended: set[str] = set()
         unrecorded: set[str] = set()
         try:
             for e in audit.events():
                 kind = e.get("kind")
                 if kind == "session.start" and isinstance(e.get("id"), str):
                     started.add(e["id"])
-                elif kind == "session.end" and e.get("recorded") is False and isinstance(e.get("session"), str):
-                    unrecorded.add(e["session"])
+                elif kind == "session.end" and isinstance(e.get("session"), str):
+                    ended.add(e["session"])
+                    if e.get("recorded") is False:
+                        unrecorded.add(e["session"])
                 elif kind == "recording.retention" and isinstance(e.get("sessions"), list):
                     unrecorded.update(sid for sid in e["sessions"] if isinstance(sid, str))
         except (sqlite3.Error, ValueError):
             return None
         finally:
             audit.close()
-        return started, unrecorded
+        return AuditedSessions(frozenset(started), frozenset(ended), frozenset(unrecorded))
 
 
 class RemoteStore:
@@ -210,14 +196,8 @@ class RemoteStore:
         manifest, lines = self.sink.load(session_id)
         return manifest, iter(lines)
 
-    def ended(self) -> set[str]:
-        return set()  # a remote sink's session rows say it, next to the manifests themselves
-
-    def audited(self) -> set[str]:
-        return set()
-
-    def started(self) -> set[str] | None:
-        return None
+    def audited(self) -> AuditedSessions | None:
+        return None  # a remote sink's session rows say when sessions ended, next to the manifests themselves
 
     def public_key_path(self) -> Path | None:
         if self.state_dir is None:
@@ -313,24 +293,24 @@ def iter_events(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
         yield json.loads(line)
 
 
-_NOTHING_TO_ASK: set[str] = set()  # no audit log: the sessions' starts cannot be checked
-
-
-def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = None) -> list[SessionVerdict]:
+def verify(
+    store: Store, ids: Sequence[str] | None = None, public_key: str | Path | None = None
+) -> list[SessionVerdict]:
+    """Check each session of ``ids``; None: every session of the store (oldest first), then those the audit
+    log says were recorded and the store lacks."""
     key_path = Path(public_key) if public_key else store.public_key_path()
     public = load_public_key(key_path) if key_path is not None else None
+    audited = store.audited()
+    if ids is None:
+        ids = [str(r["id"]) for r in sorted(store.rows(), key=lambda r: r.get("started_at") or 0.0)]
+        ids += sorted((audited.recorded if audited else frozenset()) - set(ids))
     verdicts = []
     index: dict[str, dict[str, Any]] | None = None
-    ended: set[str] = set()
-    audited: set[str] | None = None
-    started: set[str] | None = None
     for sid in ids:
         try:
             manifest_raw, lines = store.stream_raw(sid)
         except RecordingError:
-            if audited is None:
-                audited = store.audited()
-            if sid not in audited:
+            if audited is None or sid not in audited.recorded:
                 raise
             verdicts.append(
                 SessionVerdict(
@@ -359,9 +339,8 @@ def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = Non
             # so does one whose end the audit log records (the index can be edited as easily as the files).
             if index is None:
                 index = {str(r["id"]): r for r in store.rows()}
-                ended = store.ended()
             row = index.get(sid)
-            if sid in ended:
+            if audited is not None and sid in audited.ended:
                 verdicts.append(
                     SessionVerdict(
                         sid,
@@ -384,19 +363,15 @@ def verify(store: Store, ids: Sequence[str], public_key: str | Path | None = Non
                     f"the manifest is missing, but the index records the session as ended with {row['events']} "
                     "events (deleted or truncated?)",
                 )
-        if verdict.ok:
-            if started is None:
-                asked = store.started()
-                started = _NOTHING_TO_ASK if asked is None else asked
-            if started is not _NOTHING_TO_ASK and sid not in started:
-                verdict = SessionVerdict(
-                    sid,
-                    False,
-                    verdict.events,
-                    verdict.signed,
-                    None,
-                    "the audit log does not record the start of this session: it was rolled back, truncated "
-                    "or replaced (lictor audit verify cannot see that on its own)",
-                )
+        if verdict.ok and audited is not None and sid not in audited.started:
+            verdict = SessionVerdict(
+                sid,
+                False,
+                verdict.events,
+                verdict.signed,
+                None,
+                "the audit log does not record the start of this session: it was rolled back, truncated "
+                "or replaced (lictor audit verify cannot see that on its own)",
+            )
         verdicts.append(verdict)
     return verdicts
