@@ -771,17 +771,13 @@ class _Compiler:
             if role_name not in self.roles:
                 known = ", ".join(sorted(self.roles)) or "none"
                 self.error(loc, f"{what}: unknown role {role_name!r} (roles defined: {known})")
+        # What each role inherits, directly or through others, nearest first (a role in its own list is a cycle).
+        lineage = {name: self._inherited(name) for name in self.roles}
         # Roles someone can hold: granted by an identity mapping or an elevation, or inherited from such a role. An
         # approve rule whose approvers are none of these holds every request it matches until the timeout, then
         # denies it.
         held = {r for m in self.mappings for r in m.roles} | self.elevation_roles
-        stack = list(held)
-        while stack:
-            entry = self.roles.get(stack.pop())
-            for parent in entry[0].inherits if entry else ():
-                if parent not in held:
-                    held.add(parent)
-                    stack.append(parent)
+        held |= {a for r in held if r in lineage for a in lineage[r]}
         for rid, approvers, loc in self.approver_sets:
             if all(a in self.roles for a in approvers) and not held & set(approvers):
                 self.warn(
@@ -795,29 +791,23 @@ class _Compiler:
                 MaskPlan.compile([block], custom_detectors=self.detectors, key=self.mask_key)
             except MaskingError as exc:
                 self.error(loc, str(exc))
-        for name, (role, _) in self.roles.items():
-            ancestors: list[str] = []
-            pending = list(role.inherits)
-            while pending:
-                parent = pending.pop(0)
-                if parent != name and parent not in ancestors and parent in self.roles:
-                    ancestors.append(parent)
-                    pending.extend(self.roles[parent][0].inherits)
-            inherited = [r for a in ancestors for r in self.roles[a][0].rules if r.action == "deny"]
-            self._shadowed(list(role.rules), self.roles[name][1], inherited)
-        # inheritance cycles
         for name, (role, loc) in self.roles.items():
-            seen: set[str] = set()
-            stack = list(role.inherits)
-            while stack:
-                r = stack.pop()
-                if r == name:
-                    self.error(loc, f"role {name!r} inherits itself (cycle)")
-                    break
-                if r in seen or r not in self.roles:
-                    continue
-                seen.add(r)
-                stack.extend(self.roles[r][0].inherits)
+            inherited = [r for a in lineage[name] if a != name for r in self.roles[a][0].rules if r.action == "deny"]
+            self._shadowed(list(role.rules), loc, inherited)
+            if name in lineage[name]:
+                self.error(loc, f"role {name!r} inherits itself (cycle)")
+
+    def _inherited(self, name: str) -> list[str]:
+        """The defined roles ``name`` inherits, directly or through others, nearest first; ``name`` itself is
+        among them when the inheritance comes back to it (a cycle)."""
+        found: list[str] = []
+        pending = list(self.roles[name][0].inherits)
+        while pending:
+            parent = pending.pop(0)
+            if parent not in found and parent in self.roles:
+                found.append(parent)
+                pending.extend(self.roles[parent][0].inherits)
+        return found
 
 
 def load_policy(
