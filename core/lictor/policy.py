@@ -59,38 +59,38 @@ class CompiledRule:
             return True
         return any(fnmatch.fnmatchcase(target, t) for t in self.targets)
 
-    def matches(self, request: Request) -> bool:
-        """:meth:`evaluate` without the reason (the decision path, which needs only the verdict)."""
-        if self.targets and not any(fnmatch.fnmatchcase(request.target, t) for t in self.targets):
-            return False
-        if self.action == "allow":
-            quantifier: Quantifier = "all"
-            exception: Quantifier = "any"
-        else:
-            quantifier, exception = "any", "all"
-        for _, pred in self.when:
+    def _miss(self, request: Request) -> tuple[str, str] | None:
+        """What keeps this rule from matching ``request``: ``("target", "")``, ``("when", field)`` or
+        ``("unless", field)``; None when it matches.
+
+        An allow rule must cover every value of a list attribute and loses it if any value is excepted;
+        a deny/approve/mask rule fires on any value and is lifted only if every value is excepted."""
+        if not self.target_matches(request.target):
+            return ("target", "")
+        quantifier: Quantifier
+        exception: Quantifier
+        quantifier, exception = ("all", "any") if self.action == "allow" else ("any", "all")
+        for name, pred in self.when:
             if not pred(request, quantifier):
-                return False
-        for _, pred in self.unless:
+                return ("when", name)
+        for name, pred in self.unless:
             if pred(request, exception):
-                return False
-        return True
+                return ("unless", name)
+        return None
+
+    def matches(self, request: Request) -> bool:
+        """Whether this rule matches ``request`` (the decision path, which needs only the verdict)."""
+        return self._miss(request) is None
 
     def evaluate(self, request: Request) -> tuple[bool, str]:
         """Whether this rule matches ``request``, and a one-line reason."""
-        if not self.target_matches(request.target):
+        miss = self._miss(request)
+        if miss is None:
+            return True, "matches"
+        kind, name = miss
+        if kind == "target":
             return False, f"target {request.target!r} not in {list(self.targets)}"
-        # An allow rule must cover every value of a list attribute and loses it if any value is excepted;
-        # a deny/approve/mask rule fires on any value and is lifted only if every value is excepted.
-        quantifier: Quantifier = "all" if self.action == "allow" else "any"
-        exception: Quantifier = "any" if self.action == "allow" else "all"
-        for name, pred in self.when:
-            if not pred(request, quantifier):
-                return False, f"when.{name} does not match"
-        for name, pred in self.unless:
-            if pred(request, exception):
-                return False, f"unless.{name} matches"
-        return True, "matches"
+        return False, f"when.{name} does not match" if kind == "when" else f"unless.{name} matches"
 
 
 @dataclass(frozen=True)
