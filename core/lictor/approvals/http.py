@@ -19,7 +19,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["Handler", "HttpRequest", "HttpResponse", "HttpServer"]
+__all__ = ["Handler", "HttpRequest", "HttpResponse", "HttpServer", "bounded_number"]
 
 log = logging.getLogger("lictor.approvals.http")
 
@@ -39,6 +39,15 @@ SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
     ("Referrer-Policy", "no-referrer"),
     ("Cache-Control", "no-store"),
 )
+
+
+def bounded_number(text: str, ceiling: int) -> int | None:
+    """``text`` as a whole number, ``ceiling`` at most; None unless it is ASCII digits (``²`` is a digit that
+    int() refuses, and int() refuses 4,300 digits, so a longer number than ``ceiling`` is not converted)."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    return ceiling if len(digits) > len(str(ceiling)) else min(int(digits), ceiling)
 
 
 class BadRequest(Exception):
@@ -258,11 +267,9 @@ class HttpServer:
             raise BadRequest(431, "too many headers")
         if "transfer-encoding" in headers:
             raise BadRequest(501, "chunked request bodies are not supported; send Content-Length")
-        length_s = headers.get("content-length", "0")
-        if not (length_s.isascii() and length_s.isdigit()):  # not "²", a digit int() refuses
+        length = bounded_number(headers.get("content-length", "0"), self.max_body + 1)
+        if length is None:
             raise BadRequest(400, "bad Content-Length")
-        digits = length_s.lstrip("0") or "0"
-        length = int(digits) if len(digits) <= 18 else self.max_body + 1  # int() refuses 4,300 digits
         if length > self.max_body:
             raise BadRequest(413, "request body too large")
         body = await reader.readexactly(length) if length else b""

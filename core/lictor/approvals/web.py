@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from .._text import printable
 from ..identity import AuthError, Identity
 from ._model import APPROVED, PENDING, Approval, ApprovalError, format_duration
-from .http import BadRequest, HttpRequest, HttpResponse, HttpServer
+from .http import BadRequest, HttpRequest, HttpResponse, HttpServer, bounded_number
 
 if TYPE_CHECKING:
     from .broker import ApprovalBroker
@@ -418,11 +418,8 @@ class WebApp:
         if not rest:
             which = request.param("status", "pending")
             pending = {"pending": True, "decided": False, "all": None}.get(which, True)
-            given = request.param("limit", "")
-            limit = 100
-            if given.isascii() and given.isdigit():  # not "²", a digit int() refuses
-                digits = given.lstrip("0") or "0"
-                limit = 500 if len(digits) > 3 else min(max(int(digits), 1), 500)  # int() refuses 4,300 digits
+            given = bounded_number(request.param("limit", ""), 500)
+            limit = 100 if given is None else max(given, 1)
             items = [
                 a for a in await self.broker.recent(pending=pending, limit=limit) if self.broker.may_view(identity, a)
             ]
