@@ -76,6 +76,7 @@ from ._requests import (
     Unreadable,
     access_review_document,
     access_review_request,
+    content_codings,
     decoded_body,
     http_request,
     is_json_type,
@@ -194,11 +195,8 @@ _FRAMING_HEADERS = frozenset({"content-length", "content-type", "content-encodin
 
 
 def _encoding(values: Iterable[str]) -> str:
-    """Every Content-Encoding the response declares (``values``: those headers' values), joined ("identity"
-    when none): a second header ("identity", then "gzip") must not hide the first's neighbour."""
-    codings = [c.strip().lower() for v in values for c in v.split(",") if c.strip()]
-    codings = [c for c in codings if c != "identity"]
-    return ", ".join(codings) or "identity"
+    """Every coding the headers' ``values`` declare, joined ("identity" when none)."""
+    return ", ".join(content_codings(values)) or "identity"
 
 
 def _unmaskable_charset(content_type: str) -> str | None:
@@ -732,14 +730,7 @@ class LictorProxy:
             return
         try:
             body = decoded_body(flow.request.raw_content or b"", headers.get_all("content-encoding"), target.max_body)
-        except BodyTooLarge:
-            body, size = None, f"more than {target.max_body} bytes decoded"
-        except Unreadable as exc:
-            await self._unreadable(flow, session, target, method, raw_path, b"", reason, f"body encoding: {exc}")
-            return
-        else:
-            size = f"{len(body)} bytes"
-        if body is None or len(body) > target.max_body:
+        except BodyTooLarge as exc:
             await self._unreadable(
                 flow,
                 session,
@@ -748,10 +739,13 @@ class LictorProxy:
                 raw_path,
                 b"",
                 reason,
-                f"the request body ({size}) is larger than this target's max_body ({target.max_body}); "
+                f"the request body ({exc.size}) is larger than this target's max_body ({target.max_body}); "
                 "send less per request",
                 status=413,
             )
+            return
+        except Unreadable as exc:
+            await self._unreadable(flow, session, target, method, raw_path, b"", reason, f"body encoding: {exc}")
             return
 
         call: K8sCall | None = None
@@ -1377,8 +1371,9 @@ class LictorProxy:
                 flow, 502, f"the upstream sent a {encoding}-encoded body that the gateway must mask but cannot decode"
             )
             return
-        codings = _encoding(v for k, v in fields if k == "transfer-encoding").split(", ")
-        transfer = ", ".join(c for c in codings if c not in ("chunked", "identity"))
+        transfer = ", ".join(
+            c for c in content_codings(v for k, v in fields if k == "transfer-encoding") if c != "chunked"
+        )
         if transfer:
             # A transfer coding other than chunked (never asked for: TE is not forwarded) is left on the body by
             # mitmproxy, which relays it as chunked: the detectors would read compressed bytes, the agent could

@@ -118,7 +118,19 @@ class Unreadable(ValueError):
 
 
 class BodyTooLarge(Unreadable):
-    """The request body, once decoded, is larger than the target accepts."""
+    """The request body, as sent or once decoded, is larger than the target accepts; ``size`` says how
+    large, as far as it was read."""
+
+    def __init__(self, size: str, limit: int) -> None:
+        super().__init__(f"the request body ({size}) is larger than {limit} bytes")
+        self.size = size
+
+
+def content_codings(values: Iterable[str]) -> list[str]:
+    """The codings ``Content-Encoding`` headers (``values``) name, lower-case, in order, without
+    ``identity``: a second header ("identity", then "gzip") must not hide the first's neighbour."""
+    codings = [c.strip().lower() for value in values for c in value.split(",") if c.strip()]
+    return [c for c in codings if c != "identity"]
 
 
 def _gzip_or_zstd(new: Any, raw: bytes, limit: int) -> bytes:
@@ -129,7 +141,7 @@ def _gzip_or_zstd(new: Any, raw: bytes, limit: int) -> bytes:
         decoder = new()
         out += decoder.decompress(data, limit + 1 - len(out))
         if len(out) > limit:
-            raise BodyTooLarge(f"the decoded body is larger than {limit} bytes")
+            raise BodyTooLarge(f"more than {limit} bytes decoded", limit)
         if not decoder.eof:
             raise ValueError("the body ends inside a compressed stream")
         data = decoder.unused_data
@@ -140,7 +152,7 @@ def _deflate(raw: bytes, limit: int) -> bytes:
     decoder = zlib.decompressobj()  # the zlib format RFC 9110 names "deflate", header and checksum included
     out = decoder.decompress(raw, limit + 1)
     if len(out) > limit:
-        raise BodyTooLarge(f"the decoded body is larger than {limit} bytes")
+        raise BodyTooLarge(f"more than {limit} bytes decoded", limit)
     if not decoder.eof or decoder.unused_data:
         raise ValueError("the body is not one complete zlib stream")
     return out
@@ -150,7 +162,7 @@ def _brotli(raw: bytes, limit: int) -> bytes:
     decoder = brotli.Decompressor()
     out = decoder.process(raw, output_buffer_limit=limit + 1)
     if len(out) > limit:
-        raise BodyTooLarge(f"the decoded body is larger than {limit} bytes")
+        raise BodyTooLarge(f"more than {limit} bytes decoded", limit)
     if not decoder.is_finished():
         raise ValueError("the body ends inside a brotli stream")
     return bytes(out)
@@ -166,8 +178,8 @@ _DECODERS = {
 
 def decoded_body(raw: bytes, content_encodings: Iterable[str], limit: int) -> bytes:
     """The request body as a server reads it once it undoes its ``Content-Encoding`` (``content_encodings``:
-    those headers' values), decoded to at most ``limit`` bytes (:class:`BodyTooLarge` beyond: a small
-    compressed body may inflate to gigabytes).
+    those headers' values), of at most ``limit`` bytes as sent and decoded (:class:`BodyTooLarge` beyond: a
+    small compressed body may inflate to gigabytes).
 
     Only the HTTP content codings are read, each as a server decodes it: every member of a concatenated gzip
     body (reading the first alone would decide on part of what the server reads), ``deflate`` in the zlib
@@ -175,9 +187,10 @@ def decoded_body(raw: bytes, content_encodings: Iterable[str], limit: int) -> by
     truncated or trailing stream) is :class:`Unreadable`: a server that ignores the header would read other
     bytes than the ones decided on.
     """
-    codings = [c.strip().lower() for value in content_encodings for c in value.split(",") if c.strip()]
-    codings = [c for c in codings if c != "identity"]
+    codings = content_codings(content_encodings)
     if not codings:
+        if len(raw) > limit:
+            raise BodyTooLarge(f"{len(raw)} bytes", limit)
         return raw
     if len(codings) > 1 or codings[0] not in _DECODERS:
         raise Unreadable(
