@@ -160,6 +160,12 @@ class WsState:
     tty: bool = False
     flush_timer: asyncio.TimerHandle | None = None
 
+    def cancel_flush(self) -> None:
+        """Stop the idle release of held-back output (more output came, or the output ended)."""
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+            self.flush_timer = None
+
 
 @dataclass
 class FlowState:
@@ -1544,9 +1550,7 @@ class LictorProxy:
             state = flow.metadata.get(STATE)
             if isinstance(state, FlowState) and state.ws is not None:
                 ws = state.ws
-                if ws.flush_timer is not None:
-                    ws.flush_timer.cancel()
-                    ws.flush_timer = None
+                ws.cancel_flush()
                 _WS_BEFORE.pop(flow.client_conn.id, None)
                 end = {
                     "flow": flow.id,
@@ -1655,9 +1659,7 @@ class LictorProxy:
     def _schedule_ws_flush(self, flow: http.HTTPFlow, state: FlowState) -> None:
         ws = state.ws
         assert ws is not None
-        if ws.flush_timer is not None:
-            ws.flush_timer.cancel()
-            ws.flush_timer = None
+        ws.cancel_flush()
         if any(m.pending for m in ws.maskers.values()):
             loop = asyncio.get_running_loop()
             ws.flush_timer = loop.call_later(WS_FLUSH_IDLE, self._idle_ws_flush, flow, state)
@@ -1678,9 +1680,8 @@ class LictorProxy:
         else whole lines (see :data:`WS_FLUSH_IDLE`)."""
         ws = state.ws
         assert ws is not None
-        if final and ws.flush_timer is not None:
-            ws.flush_timer.cancel()
-            ws.flush_timer = None
+        if final:
+            ws.cancel_flush()
         for channel, masker in ws.maskers.items():
             if not masker.pending:
                 continue
