@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import mitmproxy
-from lictor import AuthError, Decision, Gateway, Identity, Request, Session
+from lictor import AuthError, Decision, Gateway, Identity, Request, Session, agent_reason
 from lictor.shell import ShellIncompleteError, ShellParseError, ShellState, analyse, stdin_shell
 from mitmproxy import http, tls
 from mitmproxy.addons import next_layer, proxyserver, tlsconfig
@@ -83,7 +83,6 @@ from ._requests import (
     k8s_request,
     line_attrs,
     payload,
-    reason_of,
     reveal_request,
 )
 from ._responses import Answer, denial, error, k8s_status
@@ -726,7 +725,7 @@ class LictorProxy:
         session = await self._session(flow, identity, key, target)
 
         headers = flow.request.headers
-        reason = reason_of(first.get("x-lictor-reason"))
+        reason = agent_reason(first.get("x-lictor-reason"))
         method = flow.request.method.upper()
         try:
             raw_path = flow.request.data.path.decode("ascii")

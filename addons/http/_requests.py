@@ -63,7 +63,6 @@ def path_keys(path: str) -> list[str]:
 
 MAX_DEPTH = 64
 MAX_LEAVES = 100_000
-MAX_REASON = 500
 BODY_TEXT_LIMIT = 16 * 1024  # characters of a text body that approvers read (the digest binds all of it)
 # Headers some frameworks read as another method or path than the request line's: a request carrying one
 # would be decided as one request and executed as another, so it is refused.
@@ -532,13 +531,6 @@ def body_text(body: bytes) -> tuple[str, int] | None:
         return None
     shown = text[:BODY_TEXT_LIMIT]
     return shown, len(body) - len(shown.encode())
-
-
-def reason_of(value: str | None) -> str | None:
-    if not value:
-        return None
-    text = "".join(ch for ch in value if ch.isprintable()).strip()
-    return text[:MAX_REASON] or None
 
 
 def http_request(

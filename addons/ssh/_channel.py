@@ -39,13 +39,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
-from lictor import Decision, Request, Session, combine
+from lictor import Decision, Request, Session, agent_reason, combine
 from lictor.shell import ShellState
 
 from ._lineedit import Echo, Eof, Line, LineEditor, Signal
 from ._record import StreamRecord
 from ._refused import refused_forwarding
-from ._requests import channel_request, denial_text, first_denied, reason_of, requests_for_command
+from ._requests import channel_request, denial_text, first_denied, requests_for_command
 from ._sftp import is_scp_server, run_scp_server
 from ._upstream import Lease, UpstreamError
 
@@ -187,7 +187,7 @@ class ChannelHandler:
         self.number = agent.next_channel()
         self.session: Session | None = None
         env = process.env
-        self.reason = reason_of(env.get("LICTOR_REASON")) if env else None
+        self.reason = agent_reason(env.get("LICTOR_REASON")) if env else None
         self.approval_id: str | None = (env.get("LICTOR_APPROVAL") or None) if env else None
         self.pty = process.term_type is not None
         self.cooked = False

@@ -25,7 +25,6 @@ __all__ = [
     "first_denied",
     "forward_request",
     "invocation_attrs",
-    "reason_of",
     "requests_for_command",
     "sftp_request",
 ]
@@ -47,17 +46,6 @@ _PROC_LINKS = ("root", "cwd")
 """``/proc/PID/root`` is the root directory; ``/proc/PID/cwd`` is a process's working directory, which for
 init (``/proc/1/cwd``) and most daemons is the root too: both read as ``/``, so that a deny on ``/*`` sees
 them (an allow on paths then does not cover them, which fails closed)."""
-
-
-MAX_REASON = 500  # characters of LICTOR_REASON kept (approvers and the audit read it), as over HTTP
-
-
-def reason_of(value: str | None) -> str | None:
-    """The agent's ``LICTOR_REASON``: printable characters only, at most :data:`MAX_REASON` of them."""
-    if not value:
-        return None
-    text = "".join(ch for ch in value if ch.isprintable()).strip()
-    return text[:MAX_REASON] or None
 
 
 def lexical_path(arg: str) -> str:

@@ -54,9 +54,9 @@ import asyncssh
 from asyncssh import SFTPAttrs, SFTPName, SFTPServer
 from asyncssh import stream as _stream
 from asyncssh.sftp import MAX_SFTP_READ_LEN
-from lictor import Session
+from lictor import Session, agent_reason
 
-from ._requests import denial_text, reason_of, sftp_request
+from ._requests import denial_text, sftp_request
 from ._upstream import Lease, UpstreamError
 
 if TYPE_CHECKING:
@@ -263,7 +263,7 @@ async def make_sftp_server(chan: asyncssh.SSHServerChannel[bytes]) -> ProxySFTPS
     except Exception:
         lease.release()
         raise
-    reason = reason_of(chan.get_environment().get("LICTOR_REASON"))
+    reason = agent_reason(chan.get_environment().get("LICTOR_REASON"))
     return ProxySFTPServer(chan, agent, session, client, lease, bytes(home), channel, number, reason)
 
 

@@ -12,13 +12,14 @@ from .config import ConfigError, GatewayConfig, Target, load_config
 from .gateway import ApprovalBroker, Flow, Gateway, Recorder, Session
 from .identity import AuthError, Identity, LocalIssuer, TokenVerifier, parse_duration
 from .policy import Policy, Trace
-from .policy_types import Decision, Request, combine
+from .policy_types import MAX_REASON, Decision, Request, agent_reason, combine
 from .rulepacks import LoadResult, PolicyLoadError, Problem, load_policy
 from .vocabulary import Boolean, Custom, Enum, Field, Glob, Number, Vocabulary
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_REASON",
     "AddonManager",
     "ApprovalBroker",
     "AuditError",
@@ -53,6 +54,7 @@ __all__ = [
     "VerifyResult",
     "Vocabulary",
     "__version__",
+    "agent_reason",
     "combine",
     "load_config",
     "load_policy",

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import orjson
 
-__all__ = ["Action", "Decision", "Request", "combine"]
+__all__ = ["MAX_REASON", "Action", "Decision", "Request", "agent_reason", "combine"]
 
 Action = Literal["allow", "deny", "approve"]
 
@@ -19,6 +19,20 @@ DEFAULT_DENY = "lictor:default-deny"
 ADDON_ERROR = "lictor:addon-error"
 
 _digest_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+MAX_REASON = 500
+"""Characters of an agent's reason a request keeps: approvers, the audit log and webhooks read it."""
+
+
+def agent_reason(value: str | None) -> str | None:
+    """The reason an agent gives for its requests (an ``X-Lictor-Reason`` header, a ``LICTOR_REASON``
+    variable) as a :class:`Request` carries it: printable characters only, at most :data:`MAX_REASON` of
+    them; None when nothing is left."""
+    if not value:
+        return None
+    text = "".join(ch for ch in value if ch.isprintable()).strip()
+    return text[:MAX_REASON] or None
 
 
 @dataclass(frozen=True, slots=True)
