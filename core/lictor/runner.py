@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .addons import AddonManager, HookError, Loader
+from .addons import AddonManager, HookError, Loader, addon_name
 from .audit import AuditError
 from .config import ConfigError, GatewayConfig
 from .gateway import Gateway
@@ -454,8 +454,6 @@ async def _publish_status(gateway: Gateway, config: GatewayConfig) -> None:
 def validate_targets(config: GatewayConfig, manager: AddonManager) -> None:
     """Check every target against the schema its protocol's addon declared; ConfigError lists the problems."""
     import jsonschema
-
-    from .addons import addon_name
 
     problems = []
     for target in config.targets.values():
