@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import time
+from typing import Any
 
 import pytest
 from lictor import Identity, Request
@@ -140,6 +141,15 @@ def test_fault_in_an_addon_hook_is_an_audited_denial(line_gateway):
     assert "injected fault" in gw.log()
 
 
+def _log_once_it_shows(gw: Any, text: str, timeout: float = 10) -> str:
+    """The gateway's log, once it holds ``text`` (a reload is noticed a moment after the edit), or at the
+    deadline."""
+    deadline = time.monotonic() + timeout
+    while text not in gw.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return gw.log()
+
+
 def test_hot_reload_keeps_connections_and_rejects_broken_edits(line_gateway):
     gw = line_gateway
     c = Client(gw.port, gw.token("agent-1", role="reader"))
@@ -148,10 +158,7 @@ def test_hot_reload_keeps_connections_and_rejects_broken_edits(line_gateway):
 
     # a broken edit (unknown key) keeps the last good policy
     pack.write_text(PACK.replace("action: allow", "action: allow\n        colour: red"))
-    deadline = time.monotonic() + 10
-    while "colour" not in gw.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "lines.yaml:14:9: unknown key 'colour'" in gw.log()
+    assert "lines.yaml:14:9: unknown key 'colour'" in _log_once_it_shows(gw, "colour")
     assert c.ask("get a").split()[2] == first
     # lictor status says the gateway runs, which policy is live, and why the edit was not taken
     deadline = time.monotonic() + 10
@@ -165,10 +172,7 @@ def test_hot_reload_keeps_connections_and_rejects_broken_edits(line_gateway):
 
     # a half-saved edit (the file truncated first, as `cat > lines.yaml` does) is broken too, not "no rules"
     pack.write_text("")
-    deadline = time.monotonic() + 10
-    while "lines.yaml:1:1: empty file" not in gw.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "lines.yaml:1:1: empty file" in gw.log()
+    assert "lines.yaml:1:1: empty file" in _log_once_it_shows(gw, "lines.yaml:1:1: empty file")
     assert c.ask("get a").split()[2] == first
 
     # a good edit, saved the way editors do (write elsewhere, rename over), goes live
@@ -197,15 +201,9 @@ def test_undoing_a_broken_edit_is_logged_and_audited(line_gateway):
     gw = line_gateway
     pack = gw.packs / "lines.yaml"
     pack.write_text(PACK.replace("action: allow", "action: alow"))
-    deadline = time.monotonic() + 10
-    while "alow" not in gw.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "alow" in gw.log()
+    assert "alow" in _log_once_it_shows(gw, "alow")
     pack.write_text(PACK)
-    deadline = time.monotonic() + 10
-    while "rule packs load again" not in gw.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "rule packs load again; policy " in gw.log()
+    assert "rule packs load again; policy " in _log_once_it_shows(gw, "rule packs load again")
     kinds = [e["kind"] for e in audit_events(gw) if e["kind"].startswith("policy.")]
     assert kinds[-2:] == ["policy.rejected", "policy.loaded"], kinds
     deadline = time.monotonic() + 5
