@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -782,6 +783,45 @@ def test_drain_process_killed_is_restarted_and_delivers_exactly_once(tmp_path: P
     assert verdict.ok and verdict.signed
     audit = AuditLog(tmp_path / "state" / "audit.db")
     assert audit.verify().ok and len(list(audit.events(kind="decision"))) == 300
+
+
+def test_an_idle_drain_process_sleeps_and_wakes_for_the_next_event(tmp_path: Path) -> None:
+    import os
+
+    def switches(pid: int) -> int:  # voluntary context switches of all its threads: its wake-ups
+        total = 0
+        for status in Path(f"/proc/{pid}/task").glob("*/status"):
+            with contextlib.suppress(FileNotFoundError):
+                for line in status.read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        return total
+
+    async def main() -> None:
+        gw = make_gateway(tmp_path, {})
+        await gw.start()
+        proc = gw.recordings._proc
+        assert proc is not None
+        wait_until(lambda: proc.pid is not None, 10, "the drain process")
+        session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="p")
+        session.record("command", {"command": "echo 1"})
+        assert gw.recordings.flush(10)
+        pid = proc.pid
+        assert pid is not None and pid != os.getpid()
+        await asyncio.sleep(1.0)
+        before = switches(pid)
+        await asyncio.sleep(2.0)
+        woken = switches(pid) - before
+        # Polling the spool (a group commit every 5 ms, drainers every 20 ms) woke it about 500 times.
+        assert woken < 60, woken
+        # Not asleep for good: an event the gateway does not flush reaches the sink by itself.
+        session.record("command", {"command": "echo 2"})
+        spool = gw.recordings.spool
+        wait_until(lambda: all(d.committed >= spool.written_seq for d in gw.recordings.drainers), 10, "the drain")
+        await session.close()
+        await gw.stop()
+
+    asyncio.run(main())
 
 
 _ORPHAN = """

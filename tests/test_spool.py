@@ -318,6 +318,44 @@ def test_group_commit_in_another_process_syncs_grown_segments(tmp_path: Path, mo
     spool.close()
 
 
+def test_an_idle_group_commit_waits_for_the_spool_to_change(tmp_path: Path) -> None:
+    from lictor.recorder._spool import GroupCommit, SpoolWatch
+
+    spool = _spool(tmp_path / "spool")
+    spool.sync_elsewhere()
+    spool.append(SESSION, b'{"x":1}')
+    watch = SpoolWatch.open(tmp_path / "spool")
+    assert watch is not None  # Linux
+    grown: list[float] = []
+    group = GroupCommit(tmp_path / "spool", 0.005, pytest.fail, watch=watch, on_grow=lambda: grown.append(1))
+    rounds = 0
+    real = group.sync_once
+
+    def counted() -> bool:
+        nonlocal rounds
+        rounds += 1
+        return real()
+
+    group.sync_once = counted  # type: ignore[method-assign]
+    group.start()
+    time.sleep(0.5)
+    assert grown == [1]  # the segment the writer had grown, once
+    assert rounds <= 3, rounds  # then idle: no round every 5 ms (100 of them in 0.5 s)
+    for i in range(3):
+        spool.append(SESSION, b'{"x":%d}' % i)
+        name = spool.segments[-1].path.name
+        size = spool.active_size
+        deadline = time.monotonic() + 5
+        while group._fds.get(name, (0, -1))[1] != size:  # synced to the last byte, soon after the write
+            assert time.monotonic() < deadline, (name, size, group._fds)
+            time.sleep(0.005)
+        time.sleep(0.2)
+    assert len(grown) == 4
+    group.stop()
+    watch.close()
+    spool.close()
+
+
 def test_a_failed_group_commit_in_the_drain_process_breaks_the_spool(tmp_path: Path) -> None:
     import io
 

@@ -20,7 +20,9 @@ Protocol, one line each way:
 
 The child also runs the spool's group commit (:class:`~lictor.recorder._spool.GroupCommit`: an
 ``fdatasync`` of the grown segment files every ``fsync_interval``), so that the gateway process
-has no thread waking up 200 times a second to take its interpreter lock.
+has no thread waking up 200 times a second to take its interpreter lock. While nothing is written,
+the child's threads wait on the spool directory (``inotify``, :class:`~lictor.recorder._spool.SpoolWatch`)
+instead of polling it, so an idle gateway costs no CPU here either.
 
 The gateway keeps ownership of the spool: it deletes a segment (:meth:`Spool.release`) once every
 sink's reported committed position is past it; the child never deletes or writes spool files.
@@ -47,7 +49,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ._sinks import Drainer
-from ._spool import GroupCommit, Spool, SpoolView
+from ._spool import GroupCommit, Spool, SpoolView, SpoolWatch
 
 if TYPE_CHECKING:
     from ..audit import AuditLog
@@ -358,9 +360,16 @@ def main() -> int:
         with out_lock:
             send({"retention": {"sink": sink, "sessions": sessions}})
 
-    group = GroupCommit(config.spool_dir, config.fsync_interval, fsync_failed)
-    group.start()
+    # Idle, the threads below block on the spool directory (one wake-up per change) rather than poll it.
+    watch = SpoolWatch.open(config.spool_dir)
     drainers: list[Drainer] = []
+
+    def grown() -> None:
+        for drainer in drainers:
+            drainer.nudge()
+
+    group = GroupCommit(config.spool_dir, config.fsync_interval, fsync_failed, watch=watch, on_grow=grown)
+    group.start()
     for cfg in config.sinks:
         drainer = Drainer(
             make_sink(cfg, config, str(hello["gateway_id"]), audit),
@@ -372,6 +381,8 @@ def main() -> int:
             # drainer at once), cores do, so batches are gathered for longer than in the gateway.
             linger=0.25,
         )
+        if watch is not None and group.running:
+            drainer.idle = 1.0  # the group commit's first round after a write nudges it
         drainer.on_commit = functools.partial(report, drainer)
         drainer.on_retention = retention
         drainers.append(drainer)
@@ -403,6 +414,8 @@ def main() -> int:
                     drainer.wake()
             elif words[0] == "q":
                 group.stop()
+                if watch is not None:
+                    watch.close()
                 _finish(drainers, view, float(words[1]), int(words[2]), report)
                 if audit is not None:
                     audit.close()

@@ -913,6 +913,7 @@ class Drainer:
     # drainer's Python work (and fdatasyncs) from competing with the event loop for the GIL.
     linger: float = 0.05
     _last_batch: int = 0
+    _idle_waiting: bool = False
     retention_interval: float = 3600.0
     committed: int = 0
     healthy: bool = True
@@ -956,6 +957,11 @@ class Drainer:
     def wake(self) -> None:
         self._wake.set()
 
+    def nudge(self) -> None:
+        """The spool grew: wake the drainer if it is waiting for work (never cut a linger short)."""
+        if self._idle_waiting:
+            self._wake.set()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
@@ -977,9 +983,11 @@ class Drainer:
                 continue
             backoff = 0.05
             if not progressed:
+                self._idle_waiting = True
                 self._retention()
                 self._wake.wait(self.idle)
                 self._wake.clear()
+                self._idle_waiting = False
             elif self._last_batch < self.batch_records and self.linger > 0:
                 self._wake.wait(self.linger)
                 self._wake.clear()

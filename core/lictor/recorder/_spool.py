@@ -36,6 +36,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import struct
 import threading
 import uuid
@@ -59,6 +60,7 @@ __all__ = [
     "Spool",
     "SpoolReader",
     "SpoolView",
+    "SpoolWatch",
 ]
 
 log = logging.getLogger("lictor.recorder")
@@ -568,6 +570,57 @@ def _first_record_complete(path: Path) -> bool:
         return False
 
 
+class SpoolWatch:
+    """Wakes a thread of another process when the spool directory changes (Linux ``inotify``).
+
+    The drain process's threads would otherwise poll the spool (hundreds of wake-ups a second on an
+    idle gateway): with a watch they block while nothing is written. Events stay queued in the kernel
+    until :meth:`clear`, so a write between :meth:`clear` and a look at the files is never missed: the
+    next :meth:`wait` returns at once. :meth:`open` returns None where ``inotify`` is unavailable (the
+    callers then poll, as before).
+    """
+
+    # IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+    _MASK = 0x002 | 0x008 | 0x040 | 0x080 | 0x100 | 0x200
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def open(cls, directory: Path) -> SpoolWatch | None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+            if fd < 0:
+                return None
+            if libc.inotify_add_watch(fd, os.fsencode(directory), cls._MASK) < 0:
+                os.close(fd)
+                return None
+        except (OSError, AttributeError):
+            return None
+        return cls(fd)
+
+    def clear(self) -> None:
+        """Forget the changes seen so far."""
+        try:
+            while os.read(self.fd, 65536):
+                pass
+        except BlockingIOError:
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """Block until the directory changed since the last :meth:`clear` (True) or ``timeout`` passed."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        return bool(ready)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class GroupCommit:
     """The periodic ``fdatasync`` of a spool written by another process (see :meth:`Spool.sync_elsewhere`).
 
@@ -576,16 +629,31 @@ class GroupCommit:
     directory. ``fdatasync`` works on any descriptor of the file: the pages the writer's
     ``os.write`` dirtied are flushed all the same. A failure is reported through
     ``on_failure`` (the writer then refuses new events, as its own sync thread would).
+
+    With a :class:`SpoolWatch`, a round that found nothing grown is followed by a wait for the next
+    change instead of the next tick, so an idle gateway's spool costs no wake-ups; the first round
+    after a change runs at once, so the loss window stays ``interval``. ``on_grow`` is called after
+    each round that synced something (the drain process wakes its idle drainers with it).
     """
 
-    def __init__(self, directory: Path, interval: float, on_failure: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        interval: float,
+        on_failure: Callable[[str], None],
+        watch: SpoolWatch | None = None,
+        on_grow: Callable[[], None] | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.interval = interval
         self.on_failure = on_failure
+        self.watch = watch
+        self.on_grow = on_grow
         self._fds: dict[str, tuple[int, int]] = {}  # name -> (descriptor, size synced)
         self._newest: str | None = None
         self._dir_mtime = -1
         self._ticks = 0
+        self._grew = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failed = ""
@@ -596,13 +664,31 @@ class GroupCommit:
         self._thread = threading.Thread(target=self._run, name="lictor-spool-fsync", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval) and not self.failed:
-            self.sync_once()
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
 
-    def sync_once(self) -> None:
+    def _run(self) -> None:
+        grew = True
+        while not self.failed:
+            if grew or self.watch is None:
+                if self._stop.wait(self.interval):
+                    break
+            elif not self.watch.wait(0.5):  # idle: sleep until the spool changes, looking at _stop now and then
+                if self._stop.is_set():
+                    break
+                continue
+            if self.watch is not None:
+                self.watch.clear()  # before looking: a write from now on leaves a change to wait for
+            grew = self.sync_once()
+            if grew and self.on_grow is not None:
+                self.on_grow()
+
+    def sync_once(self) -> bool:
+        """One round; True if a segment had grown (and was synced)."""
         # The writer syncs a segment itself when it seals it, so only the newest one needs this; the
         # directory is listed again only when it changed (a segment started or was released).
+        self._grew = False
         try:
             mtime = os.stat(self.directory).st_mtime_ns
             self._ticks += 1
@@ -615,6 +701,7 @@ class GroupCommit:
                 self._sync_if_grown(self._newest)
         except OSError as exc:
             self._fail(f"fdatasync failed: {exc}")
+        return self._grew
 
     def _rescan(self) -> None:
         names = {n for n in os.listdir(self.directory) if n.endswith(_SUFFIX)}
@@ -642,6 +729,7 @@ class GroupCommit:
         if size != synced:
             os.fdatasync(fd)
             self._fds[name] = (fd, size)
+            self._grew = True
 
     def _fail(self, message: str) -> None:
         self.failed = message
