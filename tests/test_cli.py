@@ -443,3 +443,27 @@ def test_every_command_and_option_says_what_it_is_in_its_help():
 
     walk(build_parser(), "lictor")
     assert not missing, missing
+
+
+def test_test_fails_a_deny_that_holds_only_because_the_identity_has_no_roles(tmp_path: Path):
+    # A misspelt claim left the identity without roles: default deny, so every `deny` case passed
+    # whatever the rules under test said (here: none of them denies `rm`).
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: p}\nidentities: [{match: {claims: {role: ops}}, roles: [ops]}]\n"
+        "roles:\n  ops:\n    rules:\n      - {id: ok, protocol: ssh, when: {programs: [ls, rm]}, action: allow}\n"
+    )
+    (tmp_path / "p.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n"
+        "  - {name: typo, identity: {sub: a, rol: ops}, request: {protocol: ssh, command: rm -rf /}, expect: deny}\n"
+        "  - {name: stranger, identity: {sub: a}, request: {protocol: ssh, command: ls},"
+        " expect: {action: deny, rule: 'lictor:default-deny'}}\n"
+        "  - {name: ops, identity: {sub: a, role: ops}, request: {protocol: ssh, command: ls}, expect: allow}\n"
+    )
+    proc = lictor("test", str(tmp_path), check=False)
+    assert proc.returncode == 1, proc.stdout
+    assert (
+        "typo -> deny by lictor:default-deny: the identity has no roles (no `identities` entry matches its claims), so it is denied "
+        "by default whatever the rules say; give it claims that map to a role, or expect rule: "
+        "lictor:default-deny to test exactly that"
+    ) in proc.stdout
+    assert "2 passed, 1 failed" in proc.stdout

@@ -160,6 +160,17 @@ def _check(decision: Decision, expect: Mapping[str, Any], policy: Policy) -> str
     return "; ".join(problems)
 
 
+def _vacuous_deny(policy: Policy, identity: Identity, decision: Decision, expect: Mapping[str, Any]) -> bool:
+    """A ``deny`` expectation that holds only because nobody is asking: a misspelt claim (``rol: readonly``)
+    leaves the identity without roles, and every such case passes, whatever the rules under test say."""
+    return (
+        expect.get("action") == "deny"
+        and expect.get("rule") is None
+        and decision.rule_ids == (DEFAULT_DENY,)
+        and not policy.roles_for(identity)
+    )
+
+
 _CASE_KEYS = frozenset({"name", "identity", "request", "expect"})
 _CASE_KEY_LIST = ", ".join(sorted(_CASE_KEYS))
 
@@ -214,7 +225,14 @@ def run_tests(policy: Policy, files: Iterable[Path]) -> TestReport:
                     identity = identity_from_spec(plain(case["identity"]))
                     requests = build_requests(policy, plain(case["request"]))
                     decision = combine(policy.decide(identity, r) for r in requests)
-                    problem = _check(decision, _expectation(plain(case.get("expect"))), policy)
+                    expect = _expectation(plain(case.get("expect")))
+                    problem = _check(decision, expect, policy)
+                    if not problem and _vacuous_deny(policy, identity, decision, expect):
+                        problem = (
+                            "the identity has no roles (no `identities` entry matches its claims), so it is "
+                            "denied by default whatever the rules say; give it claims that map to a role, or "
+                            f"expect rule: {DEFAULT_DENY} to test exactly that"
+                        )
                 except Exception as exc:
                     report.cases.append(CaseResult(str(path), line, name, False, None, f"error: {exc}"))
                     continue
