@@ -208,6 +208,38 @@ def test_two_issuer_entries_with_the_same_iss_are_refused():
         TokenVerifier([a, b])
 
 
+def test_a_jwks_key_that_names_its_algorithm_verifies_only_tokens_of_that_algorithm():
+    # The issuer allows RS256 and PS256; its key k1 is declared RS256 only, k2 declares none.
+    from jwt.algorithms import RSAAlgorithm
+
+    keys = {kid: rsa.generate_private_key(public_exponent=65537, key_size=2048) for kid in ("k1", "k2")}
+
+    def jwks() -> tuple[bytes, str]:
+        doc = []
+        for kid, k in keys.items():
+            jwk = {**json.loads(RSAAlgorithm.to_jwk(k.public_key())), "kid": kid, "use": "sig"}
+            if kid == "k1":
+                jwk["alg"] = "RS256"
+            doc.append(jwk)
+        return json.dumps({"keys": doc}).encode(), "application/json"
+
+    url, _, server = _endpoint(jwks)
+    try:
+        v = TokenVerifier([IssuerConfig("idp", "jwks", "https://idp", ("lictor",), ("RS256", "PS256"), jwks_url=url)])
+
+        def token(kid: str, alg: str) -> str:
+            claims = {"sub": f"agent-{kid}", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}
+            return jwt.encode(claims, keys[kid], alg, headers={"kid": kid})
+
+        assert v.verify(token("k1", "RS256")).subject == "agent-k1"
+        with pytest.raises(AuthError, match=r"token algorithm 'PS256' is not its signing key's \('RS256', key 'k1'\)"):
+            v.verify(token("k1", "PS256"))
+        assert v.verify(token("k2", "PS256")).subject == "agent-k2"  # a key without alg: the issuer's list decides
+        assert v.verify(token("k2", "RS256")).subject == "agent-k2"
+    finally:
+        server.shutdown()
+
+
 def test_a_jwks_endpoint_that_fails_is_refused_cleanly_and_not_asked_again_at_once():
     """A JWKS endpoint that answers something other than JSON (a login page, a proxy's error page) refuses
     the token with the reason; later tokens are refused at once, without asking it again, for a cooldown."""

@@ -243,7 +243,7 @@ class TokenVerifier:
         cfg = self.issuers.get(iss) if isinstance(iss, str) else None
         return cfg is not None and cfg.type == "jwks"
 
-    def _jwks_key(self, issuer: str, kid: Any) -> Any:
+    def _jwks_key(self, issuer: str, kid: Any) -> jwt.PyJWK:
         """The key named ``kid`` in ``issuer``'s JWKS, fetched (again) when needed; raises AuthError."""
         client = self._jwks[issuer]
         failed = self._jwks_failed.get(issuer)
@@ -251,13 +251,13 @@ class TokenVerifier:
             cached = client.jwk_set_cache.get() if client.jwk_set_cache is not None else None
             for key in cached.keys if isinstance(cached, jwt.PyJWKSet) else ():
                 if key.key_id == kid and key.public_key_use in ("sig", None):
-                    return key.key
+                    return key
             raise AuthError(
                 f"cannot find the token's signing key: the identity provider's keys failed to load ({failed[1]}); "
                 "retry later"
             )
         try:
-            return client.get_signing_key(kid).key
+            return client.get_signing_key(kid)
         except jwt.PyJWKClientConnectionError as exc:
             self._jwks_failed[issuer] = (time.monotonic(), str(exc))
             raise AuthError(f"cannot find the token's signing key: {exc}") from None
@@ -289,7 +289,14 @@ class TokenVerifier:
             raise AuthError(f"token algorithm {_shown(alg)} is not allowed for issuer {iss!r}")
         keys: list[Any]
         if cfg.type == "jwks":
-            keys = _usable_keys(alg, [self._jwks_key(cfg.issuer, header.get("kid"))])
+            jwk = self._jwks_key(cfg.issuer, header.get("kid"))
+            # A key that names its algorithm is used with that one only (RFC 8725, 3.1): a token signed
+            # with the same RSA key under PS256 or RS512 is not the key holder's RS256.
+            declared = getattr(jwk, "_jwk_data", {}).get("alg")
+            if declared is not None and declared != alg:
+                key = f"{_shown(declared)}, key {_shown(jwk.key_id)}"
+                raise AuthError(f"token algorithm {_shown(alg)} is not its signing key's ({key})")
+            keys = _usable_keys(alg, [jwk.key])
         else:
             keys = self._static_keys[cfg.issuer][alg]
         if not keys:
