@@ -114,7 +114,7 @@ def _env(work: Path, cert: Path, key: Path, ca: Path) -> Iterator[Env]:
         cluster.execute(f"SET password_encryption = 'md5'; CREATE ROLE md5_app LOGIN PASSWORD '{MD5_PASSWORD}'")
         cluster.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)", dbname="app")
         cluster.execute("GRANT SELECT ON t TO app_scram, md5_app, tls_app", dbname="app")
-        ports = {name: free_port() for name in ("shared", "tls", "badpw", "remote")}
+        ports = {name: free_port() for name in ("shared", "tls", "badpw", "remote", "socket")}
         base = {"host": cluster.host, "port": cluster.port, "database": "app", "sslmode": "disable"}
         targets: dict[str, Any] = {
             "scram": {
@@ -138,6 +138,12 @@ def _env(work: Path, cert: Path, key: Path, ca: Path) -> Iterator[Env]:
                     "sslmode": "verify-full",
                     "sslrootcert": str(ca),
                 },
+            },
+            "socket": {  # PGHOST=/run/postgresql: a directory names the server's Unix-domain socket, as in libpq
+                "protocol": "postgres",
+                "listen": f"127.0.0.1:{ports['socket']}",
+                # sslmode applies to TCP only (libpq ignores it for a socket, and so does the gateway)
+                "upstream": {**base, "host": str(cluster.socket_dir), "user": "app_scram", "sslmode": "require"},
             },
             "badpw": {
                 "protocol": "postgres",
@@ -224,6 +230,23 @@ def test_upstream_tls_verified_with_the_configured_ca(env: Env) -> None:
     with env.connect("tls") as conn:
         row = conn.execute("SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
         assert row == ("tls_app", True)
+
+
+def test_an_upstream_host_that_is_a_directory_is_reached_through_its_unix_socket(env: Env) -> None:
+    import threading
+
+    import psycopg
+
+    with env.connect("socket", dbname="socket") as conn:
+        row = conn.execute("SELECT current_user, inet_server_addr() IS NULL FROM t").fetchone()
+        assert row == ("app_scram", True)  # no server address: the gateway came in over the socket
+        # A cancel goes to the same socket.
+        timer = threading.Timer(0.5, conn.cancel)
+        timer.start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(30)")
+        timer.join()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_failed_upstream_login_tells_the_agent_nothing_secret(env: Env) -> None:

@@ -7,6 +7,7 @@ generic error and the details (without the password) go to the gateway log.
 
 import asyncio
 import logging
+import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,7 +58,21 @@ class UpstreamConfig:
             connect_timeout=float(settings.get("connect_timeout") or 10.0),
         )
 
+    @property
+    def socket_path(self) -> str | None:
+        """The Unix-domain socket of a ``host`` that names a directory (libpq: a host beginning with ``/``)."""
+        if not self.host.startswith("/"):
+            return None
+        return os.path.join(self.host, f".s.PGSQL.{self.port}")
+
+    @property
+    def where(self) -> str:
+        """The server's address, for messages."""
+        return self.socket_path or f"{self.host}:{self.port}"
+
     def ssl_context(self) -> ssl.SSLContext | None:
+        if self.socket_path is not None:
+            return None  # as libpq: sslmode applies to TCP only, a local socket never negotiates TLS
         return client_context(self.sslmode, self.sslrootcert)
 
 
@@ -75,8 +90,13 @@ class Upstream:
 
 
 async def _open(config: UpstreamConfig, name: str) -> tuple[Pipe, bool]:
-    """TCP connection, then the SSLRequest dance per sslmode. Returns the pipe and whether TLS is on."""
+    """TCP connection, then the SSLRequest dance per sslmode (or a Unix-domain socket, without TLS).
+    Returns the pipe and whether TLS is on."""
     loop = asyncio.get_running_loop()
+    path = config.socket_path
+    if path is not None:
+        _, pipe = await loop.create_unix_connection(lambda: Pipe(name), path)
+        return pipe, False
     transport, pipe = await loop.create_connection(lambda: Pipe(name), config.host, config.port)
     ctx = config.ssl_context()
     if ctx is None:
@@ -113,13 +133,13 @@ async def connect(config: UpstreamConfig, params: Mapping[str, str], name: str =
     try:
         return await asyncio.wait_for(_connect(config, params, name), config.connect_timeout)
     except TimeoutError:
-        raise UpstreamError(f"timed out connecting to {config.host}:{config.port}") from None
+        raise UpstreamError(f"timed out connecting to {config.where}") from None
     except (OSError, PipeClosed) as exc:
-        raise UpstreamError(f"cannot reach {config.host}:{config.port}: {exc}") from None
+        raise UpstreamError(f"cannot reach {config.where}: {exc}") from None
     except ssl.SSLError as exc:
-        raise UpstreamError(f"TLS with {config.host}:{config.port} failed: {exc}") from None
+        raise UpstreamError(f"TLS with {config.where} failed: {exc}") from None
     except pg.ProtocolError as exc:
-        raise UpstreamError(f"protocol error from {config.host}:{config.port}: {exc}") from None
+        raise UpstreamError(f"protocol error from {config.where}: {exc}") from None
 
 
 async def _connect(config: UpstreamConfig, params: Mapping[str, str], name: str) -> Upstream:
@@ -140,8 +160,8 @@ async def _connect(config: UpstreamConfig, params: Mapping[str, str], name: str)
                     if scram is not None and not scram.done:
                         raise UpstreamError("the target skipped the SCRAM server signature")
                 elif isinstance(message, pg.AuthenticationCleartextPassword):
-                    if not tls:
-                        log.warning("target %s:%s asks for a cleartext password without TLS", config.host, config.port)
+                    if not tls and config.socket_path is None:
+                        log.warning("target %s asks for a cleartext password without TLS", config.where)
                     pipe.write(pg.password_message(config.password))
                 elif isinstance(message, pg.AuthenticationMD5Password):
                     pipe.write(pg.password_message(md5_password(config.user, config.password, message.salt)))
@@ -194,7 +214,7 @@ async def send_cancel(config: UpstreamConfig, pid: int, key: bytes) -> None:
     try:
         pipe, _ = await asyncio.wait_for(_open(config, "cancel"), config.connect_timeout)
     except (OSError, TimeoutError, UpstreamError, PipeClosed, ssl.SSLError, pg.ProtocolError) as exc:
-        log.warning("cancel request to %s:%s failed: %s", config.host, config.port, exc)
+        log.warning("cancel request to %s failed: %s", config.where, exc)
         return
     try:
         pipe.write(pg.cancel_request(pid, key))
