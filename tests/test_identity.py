@@ -260,6 +260,30 @@ def test_a_jwks_endpoint_that_fails_is_refused_cleanly_and_not_asked_again_at_on
 
 
 @pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b'{"keys": []}', "The JWK Set did not contain any keys"),
+        (b"[]", "did not return a JSON object"),
+        (b'{"keys": [{"kty": "RSA", "use": "enc", "kid": "k1", "n": "sXchMw", "e": "AQAB"}]}', "any signing keys"),
+    ],
+)
+def test_a_jwks_without_usable_keys_is_not_asked_again_for_every_token(body: bytes, problem: str) -> None:
+    url, hits, server = _endpoint(lambda: (body, "application/json"))
+    try:
+        v = TokenVerifier([IssuerConfig("idp", "jwks", "https://idp", ("lictor",), ("RS256",), jwks_url=url)])
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        claims = {"sub": "agent", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}
+        with pytest.raises(AuthError, match=f"the JWKS is unusable: .*{problem}"):
+            v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k1"}))
+        for kid in ("k2", "k3", "k4"):
+            with pytest.raises(AuthError, match=r"failed to load .*retry later"):
+                v.verify(jwt.encode(claims, key, "RS256", headers={"kid": kid}))
+        assert len(hits) == 1
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
     ("entry", "problem"),
     [
         ("{type: jwks}", "identity.issuers.0: 'issuer' is a required property"),

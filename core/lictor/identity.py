@@ -257,6 +257,22 @@ class TokenVerifier:
                 "retry later"
             )
         try:
+            # The key set first (from the cache while it is fresh): what fails here is the endpoint's
+            # answer, not the token, so it starts the cooldown. An empty set or a JSON array was asked
+            # for again for every token.
+            client.get_signing_keys()
+        except jwt.PyJWKClientConnectionError as exc:
+            self._jwks_failed[issuer] = (time.monotonic(), str(exc))
+            raise AuthError(f"cannot find the token's signing key: {exc}") from None
+        except jwt.PyJWTError as exc:
+            problem = f"the JWKS is unusable: {_clip(str(exc))}"
+            self._jwks_failed[issuer] = (time.monotonic(), problem)
+            raise AuthError(f"cannot find the token's signing key: {problem}") from None
+        except (OSError, ValueError) as exc:  # a connection reset while reading, a body that is not JSON
+            problem = f"the JWKS could not be read: {type(exc).__name__}: {exc}"
+            self._jwks_failed[issuer] = (time.monotonic(), problem)
+            raise AuthError(f"cannot find the token's signing key: {problem}") from None
+        try:
             return client.get_signing_key(kid)
         except jwt.PyJWKClientConnectionError as exc:
             self._jwks_failed[issuer] = (time.monotonic(), str(exc))
