@@ -258,6 +258,28 @@ def test_a_pack_still_being_written_does_not_go_live(line_gateway):
     c.close()
 
 
+def test_a_pack_moved_in_whole_goes_live_at_once(line_gateway, tmp_path):
+    # A pack written elsewhere and renamed into the directory (an atomic deploy from /tmp, a Kubernetes
+    # ConfigMap's new timestamped directory) is reported as created, and its close happened outside the
+    # watch: taken for a file still open for writing, the new deny went live only after 30 s.
+    gw = line_gateway
+    c = Client(gw.port, gw.token("agent-1", role="reader"))
+    assert c.ask("get orders").startswith("OK")
+    staged = tmp_path / "staged.yaml"
+    staged.write_text(PACK.replace('["* secret*"]', '["* secret*", "* orders*"]'))
+    os.replace(staged, gw.packs / "lines.yaml")
+    assert _wait_reply(c, "get orders", "DENIED", timeout=5).startswith("DENIED line-no-secrets")
+    # a ConfigMap update: files written into a new directory, which then takes the old one's place
+    new = gw.packs / "..2026_01_01_00_00_00.000000001"
+    new.mkdir()
+    (new / "lines.yaml").write_text(PACK.replace('["* secret*"]', '["* secret*", "* invoices*"]'))
+    os.replace(gw.packs / "lines.yaml", tmp_path / "old.yaml")
+    os.symlink(f"{new.name}/lines.yaml", gw.packs / "lines.yaml")
+    assert _wait_reply(c, "get invoices", "DENIED", timeout=5).startswith("DENIED line-no-secrets")
+    assert "open for writing" not in gw.log()
+    c.close()
+
+
 def test_sigterm_stops_cleanly_and_audit_verifies(line_gateway):
     gw = line_gateway
     c = Client(gw.port, gw.token("agent-2", role="reader"))

@@ -23,6 +23,13 @@ __all__ = ["PolicyWatcher", "run_gateway", "validate_targets"]
 log = logging.getLogger("lictor")
 
 
+def _empty(path: str) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except OSError:
+        return False
+
+
 class PolicyWatcher:
     """Watches rule-pack directories (not files: editors save by rename) and reloads on change.
 
@@ -98,10 +105,14 @@ class PolicyWatcher:
                 dest = str(getattr(event, "dest_path", "") or "")
                 if not (any(p.endswith((".yaml", ".yml")) for p in (src, dest)) or event.is_directory):
                     return
+                # A write (or a truncation) means the file is open for writing until it is closed. "created"
+                # does only while the file is empty: a file renamed in from outside the watch (an atomic
+                # deploy from /tmp) and the files of a directory that appeared (a ConfigMap's new version)
+                # are reported as created too, whole, and their close is never seen.
                 writing = (
                     reports_close
                     and not event.is_directory
-                    and event.event_type in ("created", "modified")
+                    and (event.event_type == "modified" or (event.event_type == "created" and _empty(src)))
                     and not os.path.islink(src)
                 )
                 watcher.loop.call_soon_threadsafe(watcher._file_event, src, dest, writing)
