@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -564,3 +565,62 @@ def test_after_the_fact_audit_events_wait_out_a_full_disk(tmp_path: Path) -> Non
         assert log.verify().ok
     finally:
         log.close()
+
+
+def _line_gateway(tmp_path: Path) -> tuple[GatewayProcess, int]:
+    packs = tmp_path / "packs"
+    packs.mkdir(exist_ok=True)
+    (packs / "pack.yaml").write_text(PACK)
+    port = free_port()
+    config: dict[str, Any] = {
+        "rulepacks": [str(packs)],
+        "addons": [str(ROOT / "tests" / "addons" / "lineproto.py")],
+        "targets": {"db": {"protocol": "line", "listen": f"127.0.0.1:{port}"}},
+        "recordings": {"stop_timeout": "1s"},
+    }
+    workdir = tmp_path / "gw"
+    workdir.mkdir(exist_ok=True)
+    return GatewayProcess(workdir, config), port
+
+
+def _commands(port: int, token: str, commands: list[str]) -> None:
+    sock, reader = line_client(port, token)
+    with sock, reader:
+        for command in commands:
+            sock.sendall(f"{command}\n".encode())
+            assert reader.readline().startswith(b"OK "), command
+
+
+def test_an_audit_log_deleted_under_a_running_gateway_loses_no_event(tmp_path: Path) -> None:
+    # SQLite goes on writing to a database file that was deleted: the drain process committed the audit
+    # events of every later command into a file nobody can open, and the spool then let them go.
+    gateway, port = _line_gateway(tmp_path)
+    gateway.start()
+    try:
+        wait_port(port)
+        token = gateway.token("agent-1", role="ops")
+        _commands(port, token, ["echo before"])
+        audit_db = gateway.state_dir / "audit.db"
+
+        def audited_before() -> bool:
+            with contextlib.closing(sqlite3.connect(f"file:{audit_db}?mode=ro", uri=True)) as db:
+                return bool(db.execute("SELECT count(*) FROM events WHERE body LIKE '%echo before%'").fetchone()[0])
+
+        wait_until(audited_before, 10, "the drain process to write the audit log")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{audit_db}{suffix}").unlink(missing_ok=True)
+        _commands(port, token, [f"echo after {i}" for i in range(5)])
+    finally:
+        gateway.stop()
+    gateway.start()  # a new audit log: what the spool still holds goes into it
+    gateway.stop()
+    log = AuditLog(gateway.state_dir / "audit.db")
+    try:
+        summaries = [e["request"]["summary"] for e in log.events(kind="decision")]
+        assert summaries == [f"echo after {i}" for i in range(5)], summaries
+    finally:
+        log.close()
+    verified = lictor("sessions", "verify", "--all", "--state-dir", str(gateway.state_dir), check=False)
+    assert verified.returncode == 1 and "1 failed" in verified.stdout, (
+        verified.stdout
+    )  # the first session's start is gone

@@ -106,6 +106,7 @@ class AuditLog:
             );
             """
         )
+        self._file = self._file_id()  # the file this connection writes, until the path names another
         self._batch_sync = False
         # Called before reads so they see events still on their way from the spool.
         self.before_read: Callable[[], None] | None = None
@@ -116,6 +117,13 @@ class AuditLog:
             self._seq, self._key, self._prev = 0, k0, b"\0" * 32
         else:
             self._seq, self._key, self._prev = int(row[0]), bytes.fromhex(row[1]), bytes.fromhex(row[2])
+
+    def _file_id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
 
     def _load_or_create_k0(self) -> bytes:
         if self.verify_key_path.exists():
@@ -196,6 +204,13 @@ class AuditLog:
         *also: tuple[str, tuple[Any, ...]],
     ) -> None:
         """Insert ``rows`` and move the head in one transaction (with ``also``); then adopt the new head."""
+        if self._file_id() != self._file:
+            # Deleted or replaced while open: SQLite would go on writing to a file no reader can open any
+            # more, and every event written there would be lost. Refuse: the events wait (in the spool).
+            raise AuditError(
+                f"audit store {self.path} was deleted or replaced while in use; nothing more is written to it "
+                "until the gateway is restarted"
+            )
         try:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("INSERT INTO events (seq, ts, kind, body, mac) VALUES (?, ?, ?, ?, ?)", rows)
