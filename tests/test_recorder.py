@@ -279,6 +279,41 @@ def test_verify_reports_sessions_an_audit_log_rolled_back_does_not_know(tmp_path
     assert f"{second}: BROKEN: the audit log does not record the start of this session" in rolled.stdout
 
 
+def test_verify_all_does_not_pass_when_the_audit_log_is_gone_or_unreadable(tmp_path: Path) -> None:
+    # Deleting a session's files and index row, then the audit log that would name it, made verify --all
+    # skip the check and say "1 session(s) checked, 0 failed".
+    async def main() -> tuple[str, str]:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        gone = await run_session(gw, "agent-1", ["echo secret work"])
+        kept = await run_session(gw, "agent-2", ["echo other"])
+        await gw.stop()
+        return gone, kept
+
+    gone, kept = asyncio.run(main())
+    state = tmp_path / "state"
+    for path in (state / "recordings" / "sessions").glob(f"*/{gone}.*"):
+        path.unlink()
+    index = sqlite3.connect(state / "recordings" / "index.db")
+    with index:
+        index.execute("DELETE FROM sessions WHERE id = ?", (gone,))
+    index.close()
+    audit = state / "audit.db"
+    saved = audit.read_bytes()
+    audit.write_bytes(b"not a database " * 512)
+    damaged = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
+    assert damaged.returncode == 1, damaged.stdout + damaged.stderr
+    assert f"{kept}: BROKEN: the audit log {audit} cannot be read" in damaged.stdout, damaged.stdout
+    audit.unlink()
+    missing = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
+    assert missing.returncode == 1, missing.stdout + missing.stderr
+    assert f"{kept}: BROKEN: the audit log {audit} is missing (deleted?)" in missing.stdout, missing.stdout
+    assert not audit.exists()  # verifying created no empty one
+    audit.write_bytes(saved)
+    whole = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
+    assert f"{gone}: BROKEN: the audit log records this session" in whole.stdout and f"{kept}: OK" in whole.stdout
+
+
 def test_a_session_refused_because_its_recording_cannot_start_is_not_reported_missing(tmp_path: Path) -> None:
     async def main() -> None:
         gw = make_gateway(tmp_path)

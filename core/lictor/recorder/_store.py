@@ -56,6 +56,8 @@ class AuditedSessions:
     unrecorded: frozenset[str]
     """Started but not to be found in the store: refused before their recording started (``session.end``
     with ``recorded: false``), or removed by retention (``recording.retention``)."""
+    problem: str = ""
+    """Why the audit log could not be read (missing, damaged): then it vouches for no session."""
 
     @property
     def recorded(self) -> frozenset[str]:
@@ -132,12 +134,18 @@ class LocalStore:
     def audited(self) -> AuditedSessions | None:
         """The sessions the audit log knows, read through :meth:`AuditLog.events`, which filters on the
         authenticated body, not on the ``kind`` column that an edit could change."""
+        # A gateway's state directory always holds its audit log: one that is gone or does not read is no
+        # reason to skip the check (deleting it would hide sessions deleted with their index rows).
+        nothing = frozenset[str]()
         if not self.audit_path.exists():
-            return None
-        audit = AuditLog(self.audit_path)
+            return AuditedSessions(nothing, nothing, nothing, f"the audit log {self.audit_path} is missing (deleted?)")
         started: set[str] = set()
         ended: set[str] = set()
         unrecorded: set[str] = set()
+        try:
+            audit = AuditLog(self.audit_path)
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            return AuditedSessions(nothing, nothing, nothing, f"the audit log {self.audit_path} cannot be read ({exc})")
         try:
             for e in audit.events():
                 kind = e.get("kind")
@@ -149,8 +157,8 @@ class LocalStore:
                         unrecorded.add(e["session"])
                 elif kind == "recording.retention" and isinstance(e.get("sessions"), list):
                     unrecorded.update(sid for sid in e["sessions"] if isinstance(sid, str))
-        except (sqlite3.Error, ValueError):
-            return None
+        except (sqlite3.Error, ValueError) as exc:
+            return AuditedSessions(nothing, nothing, nothing, f"the audit log {self.audit_path} cannot be read ({exc})")
         finally:
             audit.close()
         return AuditedSessions(frozenset(started), frozenset(ended), frozenset(unrecorded))
@@ -370,7 +378,9 @@ def verify(
                 verdict.events,
                 verdict.signed,
                 None,
-                "the audit log does not record the start of this session: it was rolled back, truncated "
+                f"{audited.problem}: nothing shows whether sessions were deleted from the store"
+                if audited.problem
+                else "the audit log does not record the start of this session: it was rolled back, truncated "
                 "or replaced (lictor audit verify cannot see that on its own)",
             )
         verdicts.append(verdict)
