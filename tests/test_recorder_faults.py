@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -624,3 +625,49 @@ def test_an_audit_log_deleted_under_a_running_gateway_loses_no_event(tmp_path: P
     assert verified.returncode == 1 and "1 failed" in verified.stdout, (
         verified.stdout
     )  # the first session's start is gone
+
+
+def test_recordings_deleted_under_a_running_gateway_lose_no_later_event(tmp_path: Path) -> None:
+    # The local sink kept its index and the open session files: after `rm -rf recordings` (or of one session's
+    # file) it went on writing into deleted files, so what was done afterwards was in no recording.
+    gateway, port = _line_gateway(tmp_path)
+    gateway.start()
+    try:
+        wait_port(port)
+        token = gateway.token("agent-1", role="ops")
+        recordings = gateway.state_dir / "recordings"
+
+        def ask(reader: Any, sock: socket.socket, command: str) -> None:
+            sock.sendall(f"{command}\n".encode())
+            assert reader.readline().startswith(b"OK ")
+
+        def stored(command: str) -> list[Path]:
+            return [p for p in recordings.glob("sessions/*/*.jsonl") if command.encode() in p.read_bytes()]
+
+        sock, reader = line_client(port, token)
+        with sock, reader:  # one session's file deleted while it runs
+            ask(reader, sock, "echo one")
+            wait_until(lambda: bool(stored("echo one")), 10, "the local sink")
+            stored("echo one")[0].unlink()
+            ask(reader, sock, "echo two")
+        wait_until(lambda: bool(stored("echo two")), 10, "what followed in a new file")
+        sock, reader = line_client(port, token)
+        with sock, reader:  # the whole store deleted while a session runs
+            ask(reader, sock, "echo before")
+            wait_until(lambda: bool(stored("echo before")), 10, "the local sink")
+            shutil.rmtree(recordings)
+            ask(reader, sock, "echo during")
+        _commands(port, token, [f"echo after {i}" for i in range(3)])
+    finally:
+        gateway.stop()
+    gateway.start()  # what the spool still holds goes into a new store
+    gateway.stop()
+    rows = sorted(list_sessions(source=recordings), key=lambda r: r["started_at"])
+    assert len(rows) == 2, rows  # the first session's row went with the old index
+    commands = {
+        r["id"]: [e["data"]["command"] for e in load_session(r["id"], source=recordings)[1] if e["kind"] == "command"]
+        for r in rows
+    }
+    assert list(commands.values()) == [["echo during"], [f"echo after {i}" for i in range(3)]], commands
+    verdicts = {v.session: v for v in verify_sessions(source=recordings)}
+    assert not verdicts[rows[0]["id"]].ok and verdicts[rows[1]["id"]].ok  # the deleted start shows

@@ -169,6 +169,7 @@ class LocalSink:
         self.retention = retention
         self.removed: list[str] = []  # sessions retention removed, until the drainer reports them
         self.index = open_index(self.directory / "index.db")
+        self._index_file = _file_id(self.directory / "index.db")
         self._files: collections.OrderedDict[str, _OpenFile] = collections.OrderedDict()
 
     def prepare(self, committed: int) -> int:
@@ -210,6 +211,13 @@ class LocalSink:
         return row
 
     def write(self, records: Sequence[Record]) -> None:
+        if _file_id(self.directory / "index.db") != self._index_file:
+            # The recordings directory (or its index) was deleted or replaced: SQLite and the open session
+            # files would go on writing to files nobody can open any more, and the batch would be lost.
+            raise OSError(
+                f"the recordings index {self.directory / 'index.db'} was deleted or replaced while in use; "
+                "nothing more is written to it until the gateway is restarted"
+            )
         parsed: list[tuple[Record, dict[str, Any]]] = []
         audit_rows: list[tuple[int, Mapping[str, Any], bytes]] = []
         ids: list[str] = []
@@ -319,6 +327,11 @@ class LocalSink:
 
     def _open(self, sid: str, rel: str, dirs: set[Path]) -> _OpenFile:
         handle = self._files.get(sid)
+        if handle is not None and os.fstat(handle.fd).st_nlink == 0:
+            # the session's file was deleted: write a new one (a gap that verify reports), not into the void
+            log.error("session %s: its recording file %s was deleted; starting a new one", sid, handle.path)
+            self.forget(sid)
+            handle = None
         if handle is not None:
             self._files.move_to_end(sid)
             return handle
@@ -394,6 +407,14 @@ class LocalSink:
     def close(self) -> None:
         self._drop_files()
         self.index.close()
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _write_all(fd: int, data: bytes) -> None:
