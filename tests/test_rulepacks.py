@@ -320,6 +320,33 @@ def test_a_dangling_symlinked_pack_is_an_error_not_a_missing_pack(tmp_path):
     assert "cannot read" in result.errors[0].message
 
 
+def test_a_directory_linked_into_a_pack_directory_is_an_error_not_skipped(tmp_path):
+    # `packs/baseline -> /usr/share/.../baseline`: the walk does not follow the link, so its deny rules were
+    # left out of the policy while `lictor check` said OK
+    import subprocess
+    import sys
+
+    packs, shared = tmp_path / "packs", tmp_path / "shared"
+    packs.mkdir()
+    shared.mkdir()
+    write(packs, GOOD)
+    write(shared, GOOD.replace("name: good", "name: guard").replace("ro-select", "ro-no-secrets"), "guard.yaml")
+    (packs / "baseline").symlink_to(shared)
+    result = load_policy([packs], vocabularies())
+    assert result.policy is None
+    assert [e.loc.file for e in result.errors] == [str(packs / "baseline")], result.errors
+    assert "list that directory in rulepacks" in result.errors[0].message
+    lictor = str(Path(sys.executable).parent / "lictor")
+    check = subprocess.run([lictor, "check", str(packs)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 1 and f"{packs / 'baseline'}:1:1: a link to the directory" in check.stdout, check
+    # listed itself, or linked within a listed directory (a ConfigMap's `..data`), it is read once, no error
+    both = load_policy([packs, shared], vocabularies())
+    assert both.errors and not any("a link to the directory" in e.message for e in both.errors)  # only duplicates
+    (packs / "baseline").unlink()
+    (packs / "..data").symlink_to(".")
+    assert load_policy([packs], vocabularies()).policy is not None
+
+
 def test_an_editor_lock_file_is_not_a_pack(tmp_path):
     # Emacs links `.#pack.yaml` to "user@host.pid" while a buffer is modified: a running gateway rejected
     # every reload (and `lictor check` failed) until the edit was saved

@@ -230,19 +230,28 @@ def compose_schema(vocabularies: Mapping[str, Vocabulary]) -> dict[str, Any]:
 
 def discover(paths: Iterable[str | Path]) -> list[Path]:
     """YAML files under ``paths`` (files as given, directories recursively), sorted."""
+    given = [Path(raw) for raw in paths]
+    roots = [p.resolve() for p in given if p.is_dir()]
     found: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
+    for p in given:
         if p.is_dir():
             # A symlinked pack whose target is gone is kept (reading it fails with an error): skipping it would
             # silently drop the pack's rules, deny rules included, from a running gateway.
             # Emacs marks a file being edited with a dangling symlink `.#name.yaml` (a lock, never a pack): read
             # as a pack, it would fail the whole load while the buffer is modified.
+            # A symlink to a directory elsewhere is kept too (loading it is an error): the walk does not follow
+            # it, and the packs there, deny rules among them, would be left out without a word. One to a
+            # directory read anyway (a Kubernetes ConfigMap's `..data`, another listed directory) is not.
             found.extend(
                 sorted(
                     x
                     for x in p.rglob("*")
-                    if x.suffix in (".yaml", ".yml") and not x.name.startswith(".#") and (x.is_file() or x.is_symlink())
+                    if (
+                        x.suffix in (".yaml", ".yml")
+                        and not x.name.startswith(".#")
+                        and (x.is_file() or x.is_symlink())
+                    )
+                    or (x.is_symlink() and x.is_dir() and not any(x.resolve().is_relative_to(r) for r in roots))
                 )
             )
         else:
@@ -827,6 +836,13 @@ def load_policy(
     digest = hashlib.sha256()
     for path in files:
         fallback = Location(str(path), 1, 1)
+        if path.is_dir():
+            compiler.error(
+                fallback,
+                f"a link to the directory {path.resolve()}: packs are not read through links to directories; "
+                "list that directory in rulepacks (or pass it to lictor check) instead",
+            )
+            continue
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
