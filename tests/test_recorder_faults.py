@@ -35,7 +35,7 @@ from lictor.recorder import (
 
 from tests.conftest import ROOT, GatewayProcess, free_port, lictor, require, wait_port
 from tests.pgcluster import PgCluster, running_cluster
-from tests.test_recorder import PACK, make_gateway, request, who
+from tests.test_recorder import PACK, make_gateway, request, run_session, who
 from tests.test_spool import tiny_tmpfs
 
 MAIN_PG = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=2"
@@ -671,3 +671,41 @@ def test_recordings_deleted_under_a_running_gateway_lose_no_later_event(tmp_path
     assert list(commands.values()) == [["echo during"], [f"echo after {i}" for i in range(3)]], commands
     verdicts = {v.session: v for v in verify_sessions(source=recordings)}
     assert not verdicts[rows[0]["id"]].ok and verdicts[rows[1]["id"]].ok  # the deleted start shows
+
+
+def test_a_session_that_ends_on_a_full_disk_is_closed_once_the_disk_has_room(tmp_path: Path) -> None:
+    # Its close could not be written, so its recording stayed open until the gateway stopped, while its
+    # session.end reached the audit log: verify --all called it BROKEN ("the manifest is missing") meanwhile.
+    with tiny_tmpfs(tmp_path / "disk", "1m") as disk:
+
+        async def main() -> tuple[str, str]:
+            gw = make_gateway(
+                tmp_path, {"spool": {"path": str(disk / "spool"), "max_bytes": "64MiB", "segment_bytes": "32KiB"}}
+            )
+            await gw.start()
+            session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="p")
+            assert (await session.decide(request("echo 1"))).allowed
+            session.record("command", {"command": "echo 1"})
+            filler = disk / "filler"
+            subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True)
+            for _ in range(100):  # until the page the segment's end still has is full too
+                if not (await session.decide(request("echo " + "x" * 300))).allowed:
+                    break
+            else:
+                raise AssertionError("the disk never filled up")
+            await session.close()  # the disk is full: neither its end nor its manifest can be written
+            filler.unlink()
+            other = await run_session(gw, "agent-2", ["echo 2"])
+            assert gw.recordings.flush(30)
+            state = str(tmp_path / "state")
+            verified = await asyncio.to_thread(lictor, "sessions", "verify", "--all", "--state-dir", state, check=False)
+            rows = {r["id"]: r for r in list_sessions()}
+            await gw.stop()
+            assert "2 session(s) checked, 0 failed" in verified.stdout, verified.stdout
+            assert rows[session.id]["signed"] and not rows[session.id]["open"], rows
+            return session.id, other
+
+        first, _ = asyncio.run(main())
+    _, events = load_session(first, source=tmp_path / "state" / "recordings")
+    assert [e["kind"] for e in events][:2] == ["session.start", "command"] and events[-1]["kind"] == "session.end"
+    assert events[-1]["data"]["reason"] == "closed"

@@ -329,6 +329,7 @@ class _Live:
     first_seq: int = 0
     last_seq: int = 0
     started_at: float = 0.0
+    end_seq: int = 0  # its session.end, once written (the manifest may still be missing)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -394,6 +395,9 @@ class SessionRecorder:
             self._lock = threading.RLock()
             self._sessions: dict[str, _Live] = {}
             self._rotate_after = 0.0
+            # Sessions that ended while the spool took no writes: their end and manifest are written as soon
+            # as it takes writes again (before the next event), not only when the gateway stops.
+            self._unclosed: dict[str, str] = {}
             self._started = False
             self._stopped = False
             self._proc: DrainProcess | None = None
@@ -551,6 +555,8 @@ class SessionRecorder:
         }
         live = _Live(strict=strict, meta=_meta(data), started_at=session.started_at)
         with self._lock:
+            if self._unclosed:
+                self._close_unclosed()
             if session.id in self._sessions:
                 raise RecordingError(f"session {session.id} is already being recorded")
             seq = self._session_event(session.id, live, "session.start", data)
@@ -561,8 +567,10 @@ class SessionRecorder:
     def event(self, session: Session, kind: str, data: Mapping[str, Any]) -> None:
         """Append one event (``kind`` + JSON ``data``, masked as the agent saw it) to ``session``."""
         with self._lock:
+            if self._unclosed:
+                self._close_unclosed()
             live = self._sessions.get(session.id)
-            if live is None:
+            if live is None or session.id in self._unclosed:
                 raise RecordingError(f"session {session.id} is not being recorded (closed, or never opened)")
             seq = self._session_event(session.id, live, kind, data)
         if live.strict or self.config.mode == "strict":
@@ -573,6 +581,8 @@ class SessionRecorder:
         body = encode_bytes({"kind": kind, "ts": time.time(), **event})
         sid = event.get("session") if kind == "decision" else None
         with self._lock:
+            if self._unclosed:
+                self._close_unclosed()
             seq = self._append(AUDIT, body)
             live = self._sessions.get(sid) if isinstance(sid, str) else None
             if live is not None:
@@ -604,12 +614,17 @@ class SessionRecorder:
         """End the recording of ``session``: ``session.end`` and the signed manifest."""
         with self._lock:
             live = self._sessions.get(session.id)
-            if live is None:
+            if live is None or session.id in self._unclosed:
                 return
             try:
                 seq = self._finish(session.id, live, interrupted=False, reason="closed")
             except RecordingError as exc:
-                log.error("could not close the recording of session %s (retried at stop): %s", session.id, exc)
+                log.error(
+                    "could not close the recording of session %s (retried once the spool takes writes): %s",
+                    session.id,
+                    exc,
+                )
+                self._unclosed[session.id] = "closed"
                 return
             del self._sessions[session.id]
         if live.strict or self.config.mode == "strict":
@@ -618,10 +633,30 @@ class SessionRecorder:
             except RecordingError as exc:
                 log.error("session %s: the end of its recording is not durable: %s", session.id, exc)
 
+    def _close_unclosed(self) -> None:
+        """Write the end and manifest of the sessions whose close found the spool taking no writes (under the
+        lock); those that still cannot be written wait for the next event."""
+        for sid, reason in list(self._unclosed.items()):
+            live = self._sessions.get(sid)
+            if live is not None:
+                try:
+                    seq = self._finish(sid, live, interrupted=False, reason=reason)
+                except RecordingError:
+                    return
+                del self._sessions[sid]
+                if live.strict or self.config.mode == "strict":
+                    try:
+                        self.spool.sync(seq)
+                    except RecordingError as exc:
+                        log.error("session %s: the end of its recording is not durable: %s", sid, exc)
+                log.info("the recording of session %s is closed now that the spool takes writes", sid)
+            del self._unclosed[sid]
+
     def _finish(self, sid: str, live: _Live, *, interrupted: bool, reason: str) -> int:
-        end_seq = self._session_event(
+        end_seq = live.end_seq or self._session_event(
             sid, live, "session.end", {"reason": reason, "decisions": dict(live.counts)}, reserve=True
         )
+        live.end_seq = end_seq  # a manifest that fails now does not write the end twice when retried
         meta = live.meta
         manifest = {
             "v": 1,
@@ -743,7 +778,7 @@ class SessionRecorder:
         with self._lock:
             for sid, live in list(self._sessions.items()):
                 try:
-                    self._finish(sid, live, interrupted=False, reason="gateway stopping")
+                    self._finish(sid, live, interrupted=False, reason=self._unclosed.pop(sid, "gateway stopping"))
                     del self._sessions[sid]
                 except RecordingError as exc:
                     log.error("session %s stays open in the spool (signed at next start): %s", sid, exc)
