@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import threading
@@ -255,6 +256,27 @@ def test_held_request_is_released_by_an_approver_and_never_by_its_requester(tmp_
         await gw.stop()
 
     run(scenario)
+
+
+def test_without_an_approvals_api_the_agent_is_not_sent_to_a_command_that_cannot_work(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No approvals.listen: `lictor approvals approve ID` (which talks to that API) cannot decide anything.
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        assert "approvals.listen is not set, so no approver can reach this gateway" in caplog.text
+        agent = await (Agent(gw, AGENT)).open()
+        task = agent.ask(sql(gw, "UPDATE t SET a = 1 WHERE id = 1"))
+        aid = await agent.held()
+        message = agent.notices[0][1]
+        assert "serves no approvals API (approvals.listen is not set)" in message, message
+        assert "lictor approvals approve" not in message
+        await gw.approvals.vote(DBA1, aid, "deny", "not now")  # type: ignore[union-attr]
+        assert (await task).action == "deny"
+        await gw.stop()
+
+    with caplog.at_level(logging.WARNING, logger="lictor.approvals"):
+        run(scenario)
 
 
 def test_two_of_three_approvers_each_counting_once_and_one_denial_decides(tmp_path: Path) -> None:

@@ -230,6 +230,11 @@ class ApprovalBroker:
             log.error("approvals: cannot read elevations (%s)", exc)
         self.webhooks.start()
         self._tasks.append(loop.create_task(self._sweeper(), name="approvals-sweeper"))
+        if self.server is None and not self.store.notifies:
+            log.warning(
+                "approvals: approvals.listen is not set, so no approver can reach this gateway "
+                "(`lictor approvals` and the page use its API): requests held for approval expire denied"
+            )
         if self.server is not None:
             await self.server.start()
             log.info("approvals: page and API on %s", self.server.url)
@@ -367,6 +372,9 @@ class ApprovalBroker:
         # with the URL: the command works as printed from any directory (not only next to lictor.yaml)
         where = f" --url {self.public_url}" if self.public_url else ""
         cli = f"`lictor approvals approve {approval_id}{where}`"
+        if not url and self.server is None and not self.store.notifies:
+            # Nothing serves the approvals API (the CLI talks to it): only this gateway's addons can decide.
+            return "this gateway serves no approvals API (approvals.listen is not set), so no approver can reach it"
         return f"an approver can decide at {url} or with {cli}" if url else f"an approver can decide with {cli}"
 
     def _deny(self, decision: Decision, approval_id: str | None, message: str, status: str | None = None) -> Decision:
