@@ -467,3 +467,19 @@ def test_test_fails_a_deny_that_holds_only_because_the_identity_has_no_roles(tmp
         "lictor:default-deny to test exactly that"
     ) in proc.stdout
     assert "2 passed, 1 failed" in proc.stdout
+
+
+def test_token_issue_refuses_a_config_whose_gateway_would_refuse_the_token(tmp_path: Path):
+    # With only a JWKS issuer configured, a Lictor-signed token is refused at every login.
+    config = tmp_path / "lictor.yaml"
+    config.write_text(
+        f"version: 1\nstate_dir: {tmp_path / 'state'}\nidentity:\n  issuers:\n"
+        "    - {type: jwks, issuer: 'https://idp.example', jwks_url: 'https://idp.example/jwks'}\n"
+    )
+    proc = lictor("token", "issue", "-c", str(config), "--sub", "agent-1", check=False)
+    assert proc.returncode == 2 and not proc.stdout
+    assert "trusts no `type: lictor` issuer, so its gateway would refuse this token" in proc.stderr
+    assert not (tmp_path / "state" / "issuer.key").exists()
+    config.write_text(config.read_text() + "    - {type: lictor}\n")
+    proc = lictor("token", "issue", "-c", str(config), "--sub", "agent-1")
+    assert proc.stdout.count(".") == 2

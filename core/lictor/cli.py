@@ -248,6 +248,17 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         print(f"lictor token issue: --ttl {args.ttl!r}: a token must live at least 1s", file=sys.stderr)
         return EXIT_USAGE
     config = _config(args)
+    if config is not None:
+        issuers = config.section("identity").get("issuers") or [{"type": "lictor"}]
+        if not any(isinstance(entry, dict) and entry.get("type") == "lictor" for entry in issuers):
+            # The gateway of this config verifies only its identity provider's tokens: this one it refuses.
+            print(
+                f"lictor token issue: {config.path} trusts no `type: lictor` issuer, so its gateway would refuse "
+                "this token; get one from the identity provider it names, or add `- type: lictor` under "
+                "identity.issuers",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
     state = _state_dir(args, config)
     fresh = not (state / "issuer.key").exists()
     issuer = LocalIssuer(state)
