@@ -749,6 +749,27 @@ def test_the_agents_terminal_settings_cannot_edit_a_checked_line(env: Env) -> No
     assert env.direct(f"test -e {marker}").returncode == 1
 
 
+def test_a_line_cannot_change_the_targets_terminal_settings(env: Env) -> None:
+    # `stty` is allowed (`stty size`), but `stty kill @` run on the target gave its terminal an erase-line
+    # character: the next checked line "echo x@touch X" reached bash as "touch X".
+    marker = env.work / "edited_by_the_targets_terminal"
+    shell = env.client.shell(env.tokens["operator"])
+    try:
+        shell.expect(PROMPT)
+        for settings in ("kill @", "werase @", "-F /dev/tty lnext @", "eol @", "iuclc", "sane"):
+            shell.send(f"stty {settings}\r".encode())
+            assert b"the target's terminal edits" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
+        shell.send(f"echo x@touch {marker}\r".encode())
+        assert f"x@touch {marker}\r\n".encode() in shell.expect(PROMPT)
+        shell.send(b"stty size\r")
+        assert b"24 80" in shell.expect(PROMPT)
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+    assert env.direct(f"test -e {marker}").returncode == 1, "a command no rule allowed ran on the target"
+
+
 def test_a_denied_line_shows_the_prompt_again(env: Env) -> None:
     shell = env.client.shell(env.tokens["operator"])
     try:

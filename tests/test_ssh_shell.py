@@ -314,6 +314,8 @@ REFUSED = [
     ("chroot /mnt", "session's input"),
     ("su -", "session's input"),
     ("vim /etc/hosts", "session's input"),
+    ("stty kill @", "edits the lines"),
+    ("busybox stty -F /dev/pts/3 eol @", "edits the lines"),
     ("sftp host", "session's input"),
     ("xargs sh", "xargs"),
     ("xargs sh -c", "xargs"),

@@ -3310,6 +3310,22 @@ def _h_pager(call: _Call) -> None:
             call.fail(f"the startup command {a.text!r} runs a shell command")
 
 
+_STTY_QUERIES = frozenset({"-a", "--all", "-g", "--save", "size", "speed"})
+
+
+def _h_stty(call: _Call) -> None:
+    """stty may print settings, not change them: a line shell's terminal on the target has fixed settings
+    (no erase, kill or extra end-of-line character), and ``stty kill @`` there (or ``-F`` on another
+    channel's terminal) would make it edit a checked line: ``echo x@rm -rf /`` reaching bash as
+    ``rm -rf /``."""
+    for a in call.args:
+        if not (call.known(a) and a.text in _STTY_QUERIES):
+            call.fail(
+                f"{a.text!r} may change how the target's terminal edits the lines it reads "
+                "(only stty -a, -g, size and speed are allowed)"
+            )
+
+
 def _h_script(call: _Call) -> None:
     spec = _Opts(
         flags="aefqhV",
@@ -3797,6 +3813,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     **dict.fromkeys(_PAGERS, _h_pager),
     "man": _h_man,
     "script": _h_script,
+    "stty": _h_stty,
     "at": _h_at,
     "batch": _h_at,
     "crontab": _h_crontab,
