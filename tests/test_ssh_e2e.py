@@ -770,6 +770,26 @@ def test_a_line_cannot_change_the_targets_terminal_settings(env: Env) -> None:
     assert env.direct(f"test -e {marker}").returncode == 1, "a command no rule allowed ran on the target"
 
 
+def test_a_line_cannot_choose_another_history_expansion_character(env: Env) -> None:
+    # `!` is refused in typed lines, but after `printf -v histchars Q` the target's bash expanded the
+    # checked `echo "QQ:1"` into `echo "'"; touch X; "'"` (a word of the previous, checked, echo line).
+    marker = env.work / "run_by_history_expansion"
+    shell = env.client.shell(env.tokens["operator"])
+    try:
+        shell.expect(PROMPT)
+        shell.send(b"printf -v histchars Q\r")
+        assert b"histchars" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
+        shell.send(f"echo '\"; touch {marker}; \"'\r".encode())
+        shell.expect(PROMPT)
+        shell.send(b'echo "QQ:1"\r')
+        assert b"QQ:1\r\n" in shell.expect(PROMPT)
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+    assert env.direct(f"test -e {marker}").returncode == 1, "a command no rule allowed ran on the target"
+
+
 def test_a_denied_line_shows_the_prompt_again(env: Env) -> None:
     shell = env.client.shell(env.tokens["operator"])
     try:

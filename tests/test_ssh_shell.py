@@ -447,6 +447,8 @@ DANGEROUS_ASSIGNMENTS = [
     "BASH_ENV=/tmp/x bash -c ls",
     "PS4='$(rm -rf /)'; set -x; ls",
     "PROMPT_COMMAND='rm -rf /'",
+    "printf -v histchars Q",
+    "declare histchars=@",
     "PAGER='sh -c rm' git log",
     "GIT_SSH_COMMAND='rm -rf /' git fetch",
     "EDITOR=rm crontab -e",
