@@ -155,3 +155,25 @@ def test_admin_contract(running: Running) -> None:
         assert denied.returncode == 126, (command, denied.stderr)
         assert b"lictor: denied `" in denied.stderr
     assert running.sshd.run(f"test -e {marker}").returncode == 0
+
+
+def test_admin_line_shell_cannot_turn_line_editing_back_on(running: Running) -> None:
+    # The line shell runs bash --noediting. After `set -o emacs` its readline took the checked line `Z` as
+    # a key macro from an earlier `bind` line and ran `echo ... | xargs rm` (guard-blind-deletes) instead.
+    marker = running.sshd.work / "admin_line_marker"
+    assert running.sshd.run(f"touch {marker}").returncode == 0
+    shell = running.client.shell(running.token("admin"))
+    try:
+        shell.expect(rb"\$ $")
+        for line in ("set -o emacs", "set -eo vi", "shopt -s -o emacs", "shopt -so vi"):
+            shell.send(f"{line}\r".encode())
+            assert b"how commands are read" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
+        shell.send(f'bind \'"Z": "echo {marker} | xargs rm"\'\r'.encode())
+        shell.expect(rb"\$ $")
+        shell.send(b"Z\r")
+        shell.expect(rb"\$ $")
+        shell.send(b"exit\r")
+        shell.wait(timeout=15)
+    finally:
+        shell.close()
+    assert running.sshd.run(f"test -e {marker}").returncode == 0, "a command the guardrails deny ran on the target"

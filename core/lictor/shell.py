@@ -3437,12 +3437,35 @@ def _h_set(call: _Call) -> None:
             _check_shell_option_cluster(call, t, args[i + 1].text if i + 1 < len(args) else "")
 
 
+# -o options that change how commands are read: keyword assignments, history expansion, and line editing
+# (emacs, vi: readline in a line shell started with --noediting would apply key bindings, macros and
+# completion to a line after the gateway checked it).
+_READING_OPTIONS = frozenset({"keyword", "histexpand", "history", "emacs", "vi"})
+
+
 def _check_shell_option_cluster(call: _Call, cluster: str, following: str) -> None:
     """-k puts later NAME=value arguments in the environment; -H/history enable history expansion."""
     if "k" in cluster[1:] or "H" in cluster[1:]:
         call.fail(f"option {cluster} changes how commands are read (keyword assignments or history)")
-    if cluster.endswith("o") and following in ("keyword", "histexpand", "history"):
+    if cluster.endswith("o") and following in _READING_OPTIONS:
         call.fail(f"-o {following} changes how commands are read")
+
+
+def _h_shopt(call: _Call) -> None:
+    """``shopt -s -o NAME`` sets the options of ``set -o``: the same ones are refused."""
+    flags = ""
+    names: list[str] = []
+    for a in call.args:
+        t = a.text
+        if not call.known(a):
+            call.fail(f"{t!r} could be an option of set -o that changes how commands are read")
+        if t.startswith("-") and not names:
+            flags += t[1:]
+        else:
+            names.append(t)
+    for name in names:
+        if "o" in flags and "s" in flags and name in _READING_OPTIONS:
+            call.fail(f"-o {name} changes how commands are read")
 
 
 def _h_unset(call: _Call) -> None:
@@ -3853,6 +3876,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "zpty": _refuse("zsh's zpty runs a command string"),
     "emulate": _refuse_options("c", "emulate -c evaluates a command string"),
     "set": _h_set,
+    "shopt": _h_shopt,
     "systemd-run": _h_systemd_run,
     "socat": _h_socat,
     **dict.fromkeys(("nc", "ncat", "netcat", "nc.traditional", "nc.openbsd"), _h_netcat),
