@@ -146,8 +146,9 @@ class Sshd:
             shutil.rmtree(self.keys_dir, ignore_errors=True)
 
 
-def start_sshd(directory: Path, *, timeout: float = 10.0) -> Sshd:
-    """Start sshd with its configuration in ``directory``; the caller calls :meth:`Sshd.stop`."""
+def start_sshd(directory: Path, *, timeout: float = 10.0, environment: dict[str, str] | None = None) -> Sshd:
+    """Start sshd with its configuration in ``directory``; the caller calls :meth:`Sshd.stop`.
+    ``environment``: variables sshd sets in every session (``SetEnv``), as a host's configuration would."""
     account = _target_account()
     directory.mkdir(parents=True, exist_ok=True)
     host_key = ssh_keygen(directory / "ssh_host_ed25519_key", "sshd-host")
@@ -193,6 +194,7 @@ def start_sshd(directory: Path, *, timeout: float = 10.0) -> Sshd:
                 "MaxStartups 200:30:400",
                 "LogLevel ERROR",
                 "Subsystem sftp /usr/lib/openssh/sftp-server",
+                *(f"SetEnv {name}={value}" for name, value in (environment or {}).items()),
                 "",
             ]
         )

@@ -14,7 +14,9 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from tests.sshd import SSHD, GatewayClient, Sshd, ssh_keygen, start_sshd
 pytestmark = pytest.mark.timeout(120)
 
 CARD = "4111 1111 1111 1111"
+GBK = "zh_CN.GBK"
 
 
 def _pack(work: Path) -> dict[str, Any]:
@@ -217,11 +220,15 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    for binary in ("ssh", "scp", "sftp", "ssh-keygen"):
+    for binary in ("ssh", "scp", "sftp", "ssh-keygen", "localedef"):
         require_binary(binary)
     require(os.path.exists(SSHD), f"{SSHD} (openssh-server) is not installed")
     tmp = tmp_path_factory.mktemp("ssh")
-    sshd = start_sshd(tmp / "sshd")
+    # The target has a GBK locale installed (in its own directory, readable by the target account).
+    locales = Path(tempfile.mkdtemp(prefix="lictor-locales-", dir="/tmp"))
+    locales.chmod(0o755)
+    subprocess.run(["localedef", "-f", "GBK", "-i", "zh_CN", str(locales / GBK)], check=True, capture_output=True)
+    sshd = start_sshd(tmp / "sshd", environment={"LOCPATH": str(locales)})
     try:
         work = sshd.work
         setup = (
@@ -323,6 +330,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             gw.stop()
     finally:
         sshd.stop()
+        shutil.rmtree(locales, ignore_errors=True)
 
 
 def _err(proc: subprocess.CompletedProcess[bytes]) -> str:
@@ -788,6 +796,28 @@ def test_a_line_cannot_choose_another_history_expansion_character(env: Env) -> N
     finally:
         shell.close()
     assert env.direct(f"test -e {marker}").returncode == 1, "a command no rule allowed ran on the target"
+
+
+def test_a_line_cannot_switch_the_shell_to_a_locale_that_reads_quotes_elsewhere(env: Env) -> None:
+    # In GBK the last byte of the UTF-8 "中" and the backslash after it are one character: bash read the
+    # checked `echo 中\' 'x;touch X;#'` (one echo) as `echo 中\ ' 'x`, then `touch X`.
+    marker = env.work / "run_in_gbk"
+    shell = env.client.shell(env.tokens["operator"])
+    try:
+        shell.expect(PROMPT)
+        for line in (f"printf -v LC_ALL {GBK}", f"printf -v LC_CTYPE %s {GBK}"):
+            shell.send(f"{line}\r".encode())
+            assert b"UTF-8 locale" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
+        shell.send(f"echo 中\\' 'x;touch {marker};#'\r".encode())
+        assert f"中' x;touch {marker};#\r\n".encode() in shell.expect(PROMPT)
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+    assert env.direct(f"test -e {marker}").returncode == 1, "a command no rule allowed ran on the target"
+    # the target does have the locale: there, that line runs the touch
+    ran = env.direct(f"cd {env.work} && LC_ALL={GBK} bash -c \"echo 中\\\\' 'x;touch {marker}.direct;#'\"")
+    assert ran.returncode == 0 and env.direct(f"test -e {marker}.direct").returncode == 0, ran
 
 
 def test_a_denied_line_shows_the_prompt_again(env: Env) -> None:

@@ -453,6 +453,10 @@ DANGEROUS_ASSIGNMENTS = [
     "PS4='$(rm -rf /)'; set -x; ls",
     "PROMPT_COMMAND='rm -rf /'",
     "printf -v histchars Q",
+    "LC_ALL=zh_CN.GBK bash -c 'echo ok'",
+    "export LANG=zh_TW.BIG5",
+    "printf -v LC_CTYPE %s zh_CN.GBK",
+    "read LC_ALL",
     "declare histchars=@",
     "PAGER='sh -c rm' git log",
     "GIT_SSH_COMMAND='rm -rf /' git fetch",
@@ -471,6 +475,11 @@ DANGEROUS_ASSIGNMENTS = [
 @pytest.mark.parametrize("command", DANGEROUS_ASSIGNMENTS)
 def test_assignments_that_change_what_runs_are_refused(command: str) -> None:
     refused(command)
+
+
+def test_utf8_c_and_posix_locales_may_be_chosen() -> None:
+    for command in ("LC_ALL=C sort f", "LANG=en_US.UTF-8 ls", "export LC_CTYPE=C.utf8", "LC_ALL=POSIX ls"):
+        assert analyse(command).invocations, command
 
 
 SUBSCRIPT_INJECTIONS = [

@@ -1587,6 +1587,14 @@ _INTEGER_SPECIALS = frozenset(
 )
 
 
+# The locale's character set decides where bash sees quotes and backslashes. In GBK, GB18030, BIG5 or
+# SJIS the last byte of a UTF-8 character and a following backslash are one character, so the line
+# `echo 中\' 'x;rm -rf /;#'`, one echo here, runs rm there. These may only be C, POSIX or a locale with
+# a UTF-8 codeset.
+_LOCALE_VARS = frozenset({"LANG", "LC_ALL", "LC_CTYPE"})
+_SAFE_LOCALE = re.compile(r"|C|POSIX|[A-Za-z0-9_]+\.(?i:utf-?8)(?:@[A-Za-z0-9]+)?")
+
+
 def _dangerous_var(name: str) -> bool:
     return name in _DANGEROUS_VARS or name.startswith(_DANGEROUS_PREFIXES)
 
@@ -1659,6 +1667,11 @@ class _Ctx:
         if assign:
             if _dangerous_var(name):
                 raise ShellParseError(f"{what}: assigning {name} can change which program runs")
+            if name in _LOCALE_VARS and (value is None or not value.literal or not _SAFE_LOCALE.fullmatch(value.text)):
+                raise ShellParseError(
+                    f"{what}: {name} may only be C, POSIX or a UTF-8 locale (in others, such as GBK or BIG5, "
+                    "shells read quotes and backslashes in other places)"
+                )
             if not int_safe:
                 self.tainted.add(name)
                 self.assigned.setdefault(name, []).append(value)
@@ -2243,6 +2256,8 @@ def _wrapper(spec: _WrapSpec) -> Callable[[_Call], None]:
             if not _NAME_RE.fullmatch(name):
                 call.fail(f"unusual environment variable name in {a.text!r}")
             split = _split_assignment(a.word) if a.word is not None else None
+            if split is None and call.known(a):  # an argv without a shell: the text is the value
+                split = (name, [_Seg(a.text.split("=", 1)[1], True)])
             call.ctx.variable_name(
                 name,
                 call.name,
