@@ -177,3 +177,23 @@ def test_admin_line_shell_cannot_turn_line_editing_back_on(running: Running) -> 
     finally:
         shell.close()
     assert running.sshd.run(f"test -e {marker}").returncode == 0, "a command the guardrails deny ran on the target"
+
+
+def test_admin_line_shell_cannot_set_the_targets_kill_character(running: Running) -> None:
+    # After `tset -k @` the target's terminal erased what came before an @: the checked line
+    # "echo x@sh -c '...'" (one echo) reached bash as `sh -c 'echo f | xargs rm'` (guard-blind-deletes).
+    marker = running.sshd.work / "admin_kill_marker"
+    assert running.sshd.run(f"touch {marker}").returncode == 0
+    shell = running.client.shell(running.token("admin"))
+    try:
+        shell.expect(rb"\$ $")
+        for line in ("tset -k @", "reset -Q -k@", "stty kill @"):
+            shell.send(f"{line}\r".encode())
+            assert b"edits the lines it reads" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
+        shell.send(f"echo x@sh -c 'echo {marker} | xargs rm'\r".encode())
+        shell.expect(rb"\$ $")
+        shell.send(b"exit\r")
+        shell.wait(timeout=15)
+    finally:
+        shell.close()
+    assert running.sshd.run(f"test -e {marker}").returncode == 0, "a command the guardrails deny ran on the target"

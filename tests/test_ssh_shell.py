@@ -316,6 +316,8 @@ REFUSED = [
     ("vim /etc/hosts", "session's input"),
     ("stty kill @", "edits the lines"),
     ("busybox stty -F /dev/pts/3 eol @", "edits the lines"),
+    ("tset -k @", "edits the lines"),
+    ("reset -Q -e@", "edits the lines"),
     ("sftp host", "session's input"),
     ("xargs sh", "xargs"),
     ("xargs sh -c", "xargs"),

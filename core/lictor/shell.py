@@ -3341,6 +3341,16 @@ def _h_stty(call: _Call) -> None:
             )
 
 
+def _h_tset(call: _Call) -> None:
+    """tset and reset set the erase, kill and interrupt characters with -e, -k and -i (see _h_stty)."""
+    for a in call.args:
+        if not (call.known(a) and re.fullmatch(r"-[IQVcqrsw]+", a.text)):
+            call.fail(
+                f"{a.text!r} may change how the target's terminal edits the lines it reads "
+                "(only -I, -Q, -V, -c, -q, -r, -s and -w are allowed)"
+            )
+
+
 def _h_script(call: _Call) -> None:
     spec = _Opts(
         flags="aefqhV",
@@ -3852,6 +3862,8 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "man": _h_man,
     "script": _h_script,
     "stty": _h_stty,
+    "tset": _h_tset,
+    "reset": _h_tset,
     "at": _h_at,
     "batch": _h_at,
     "crontab": _h_crontab,
