@@ -5,6 +5,7 @@ with the real OpenSSH client."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -197,3 +198,19 @@ def test_admin_line_shell_cannot_set_the_targets_kill_character(running: Running
     finally:
         shell.close()
     assert running.sshd.run(f"test -e {marker}").returncode == 0, "a command the guardrails deny ran on the target"
+
+
+def test_operator_status_cannot_reach_another_host(running: Running) -> None:
+    # `systemctl status -H HOST` runs the target's ssh to HOST (with the account's keys): the operator's
+    # `systemctl status *` let it connect anywhere the target can reach.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(3)
+        port = listener.getsockname()[1]
+        for command in (f"systemctl status -H nobody@127.0.0.1:{port} x", f"systemctl status --host=127.0.0.1:{port}"):
+            denied = running.ssh("operator", command)
+            assert denied.returncode == 126, (command, denied.stderr)
+            assert b"lictor: denied `ssh -xT" in denied.stderr, denied.stderr
+        with pytest.raises(TimeoutError):
+            listener.accept()[0].close()

@@ -479,6 +479,19 @@ def test_assignments_that_change_what_runs_are_refused(command: str) -> None:
     refused(command)
 
 
+def test_systemd_tools_on_another_host_run_ssh() -> None:
+    for command in (
+        "systemctl status -H ops@db1 nginx",
+        "systemctl -lHdb1 status",
+        "loginctl --ho=db1",
+        "systemd-run -H db1 ls",
+    ):
+        names = [name for name, _, _ in calls(command)]
+        assert "ssh" in names and "systemd-stdio-bridge" in names, command
+    assert [name for name, _, _ in calls("systemctl status -p Hello -- -H")] == ["systemctl"]
+    refused('systemctl status "$unit"', "-H/--host")
+
+
 def test_utf8_c_and_posix_locales_may_be_chosen() -> None:
     for command in ("LC_ALL=C sort f", "LANG=en_US.UTF-8 ls", "export LC_CTYPE=C.utf8", "LC_ALL=POSIX ls"):
         assert analyse(command).invocations, command

@@ -50,9 +50,10 @@ What makes a command unknowable, and therefore an error:
 Wrappers. Programs that run another program are unwrapped, and both are reported: ``sudo``, ``env``,
 ``nohup``, ``timeout``, ``nice``, ``ionice``, ``stdbuf``, ``time``, ``command``, ``builtin``, ``exec``,
 ``setsid``, ``chroot``, ``flock``, ``watch``, ``su``/``runuser``, ``doas``, ``pkexec``, ``xargs``,
-``find -exec``, ``busybox``, ``ssh`` (the remote command), the shells' ``-c`` and ``eval``/``trap``
-bodies, ``rsync -e``. Their options are parsed with their real option tables; an unknown option or an
-option position filled by an expansion raises, because it could shift which word is the program.
+``find -exec``, ``busybox``, ``ssh`` (the remote command; also the one ``systemctl -H HOST`` runs), the
+shells' ``-c`` and ``eval``/``trap`` bodies, ``rsync -e``. Their options are parsed with their real option
+tables; an unknown option or an option position filled by an expansion raises, because it could shift
+which word is the program.
 Interpreters with inline code (``python -c``, ``perl -e``, ``awk``...) are reported with their
 arguments and left to the rules, except where the code runs the lines the program reads as commands
 (awk's ``system()`` and pipes, sed's ``e``) and those lines come from the session or a pipe: refused.
@@ -2509,7 +2510,49 @@ def _h_sudo(call: _Call) -> None:
     _wrapper(_WRAPPERS["sudo"])(call)
 
 
+_SYSTEMD_REMOTE_TOOLS = (
+    *("systemctl", "loginctl", "machinectl", "busctl", "timedatectl", "hostnamectl", "localectl"),
+    *("systemd-analyze", "portablectl", "homectl"),
+)
+
+
+def _systemd_remote_host(call: _Call, args: Sequence[_Arg]) -> _Arg | None:
+    """The host of a systemd tool's -H/--host (getopt_long: anywhere before ``--``, ``--ho`` for ``--host``,
+    in a cluster of short options), or None. A cluster with an H in an option's value counts too."""
+    for i, a in enumerate(args):
+        t = a.text
+        following = args[i + 1] if i + 1 < len(args) else _Arg.plain("")
+        if not call.known(a):
+            if not call.operand_like(a):
+                call.fail(f"{t!r} could be -H/--host, which makes it run ssh to another host")
+        elif t == "--":
+            return None
+        elif t.startswith("--"):
+            name, eq, value = t.partition("=")
+            if len(name) >= 4 and "--host".startswith(name):
+                return _Arg.plain(value) if eq else following
+        elif t.startswith("-") and "H" in t[1:]:
+            rest = t[t.index("H") + 1 :]
+            return _Arg.plain(rest) if rest else following
+    return None
+
+
+def _h_systemd_remote(call: _Call) -> None:
+    """-H HOST runs ``ssh HOST systemd-stdio-bridge``: the target's ssh, with its account's keys, to any host."""
+    host = _systemd_remote_host(call, call.args)
+    if host is not None:
+        argv = [_Arg.plain("ssh"), _Arg.plain("-xT"), _Arg.plain("--"), host, _Arg.plain("systemd-stdio-bridge")]
+        call.run(argv, f"{call.name} -H")
+
+
 def _h_systemd_run(call: _Call) -> None:
+    opts, _ = _getopt(call, _WRAPPERS["systemd-run"].opts)
+    host = next((o for o in opts if o.name in ("-H", "--host")), None)
+    if host is not None:
+        if not host.value_known or host.value is None:
+            call.fail("the host of -H is only known at run time")
+        argv = [_Arg.plain("ssh"), _Arg.plain("-xT"), _Arg.plain("--"), _Arg.plain(host.value)]
+        call.run([*argv, _Arg.plain("systemd-stdio-bridge")], "systemd-run -H")
     for i, a in enumerate(call.args):
         t = a.text
         value = call.args[i + 1].text if t in ("-E", "--setenv") and i + 1 < len(call.args) else None
@@ -3903,6 +3946,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "zpty": _refuse("zsh's zpty runs a command string"),
     "emulate": _refuse_options("c", "emulate -c evaluates a command string"),
     "set": _h_set,
+    **dict.fromkeys(_SYSTEMD_REMOTE_TOOLS, _h_systemd_remote),
     "shopt": _h_shopt,
     "systemd-run": _h_systemd_run,
     "socat": _h_socat,
