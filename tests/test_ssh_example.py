@@ -214,3 +214,19 @@ def test_operator_status_cannot_reach_another_host(running: Running) -> None:
             assert b"lictor: denied `ssh -xT" in denied.stderr, denied.stderr
         with pytest.raises(TimeoutError):
             listener.accept()[0].close()
+
+
+def test_admin_cannot_hide_a_command_in_an_array_value(running: Running) -> None:
+    # `declare -a x='(...)'` is a compound assignment: bash ran the $(...) inside the quoted value, which the
+    # analysis had taken for text, so `xargs rm` (guard-blind-deletes) ran as a declare.
+    marker = running.sshd.work / "admin_array_marker"
+    assert running.sshd.run(f"touch {marker}").returncode == 0
+    for command in (
+        f"declare -a x='([$(echo {marker} | xargs rm)]=1)'",
+        f"v='($(echo {marker} | xargs rm))'; declare -a x=\"$v\"",
+        f"declare -a x; declare x='($(echo {marker} | xargs rm))'",
+    ):
+        denied = running.ssh("admin", command)
+        assert denied.returncode == 126, (command, denied.stderr)
+        assert b"compound assignment" in denied.stderr, denied.stderr
+    assert running.sshd.run(f"test -e {marker}").returncode == 0, "a command the guardrails deny ran on the target"

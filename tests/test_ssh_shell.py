@@ -492,6 +492,10 @@ def test_systemd_tools_on_another_host_run_ssh() -> None:
     refused('systemctl status "$unit"', "-H/--host")
 
 
+def test_a_value_starting_with_a_parenthesis_is_text_for_a_variable_that_is_no_array() -> None:
+    assert [name for name, _, _ in calls("declare x='($(rm -rf /))'; f() { local y=\"$1\"; }")] == ["declare", "local"]
+
+
 def test_utf8_c_and_posix_locales_may_be_chosen() -> None:
     for command in ("LC_ALL=C sort f", "LANG=en_US.UTF-8 ls", "export LC_CTYPE=C.utf8", "LC_ALL=POSIX ls"):
         assert analyse(command).invocations, command
@@ -520,6 +524,12 @@ SUBSCRIPT_INJECTIONS = [
     "declare -i n; n='a[$(rm -rf /)]'",
     "declare -i n; read n",
     "unset 'a[$(rm -rf /)]'",
+    "declare -a x='([$(rm -rf /)]=1)'",
+    "local -A x='([k]=$(rm -rf /))'",
+    'declare -a x="$v"',
+    "read -a x; export x='($(rm -rf /))'",
+    'mapfile; declare MAPFILE="$1"',
+    "declare PIPESTATUS='($(rm -rf /))'",
     "test -v 'a[$(rm -rf /)]'",
     "[ -v 'a[$(rm -rf /)]' ]",
     "[[ -v $x ]]",

@@ -191,7 +191,7 @@ class ShellState:
     later lines, since a function or trap defined there may run them after the value is set.
     """
 
-    __slots__ = ("arith_names", "int_vars", "taint_all", "tainted", "untainted")
+    __slots__ = ("arith_names", "arrays", "int_vars", "taint_all", "tainted", "untainted")
 
     def __init__(self) -> None:
         self.tainted: set[str] = set()
@@ -199,6 +199,7 @@ class ShellState:
         self.int_vars: set[str] = set()
         self.arith_names: set[str] = set()
         self.untainted: set[str] = set()
+        self.arrays: set[str] = set()
 
 
 def analyse(
@@ -233,6 +234,7 @@ def analyse(
         ctx.int_vars |= state.int_vars
         ctx.arith_names |= state.arith_names
         ctx.untainted |= state.untainted
+        ctx.arrays |= state.arrays
     env = _Env(via=None, stdin=_CHANNEL, redirects=(), depth=0)
     try:
         _analyse_text(command, env, ctx, interactive=interactive)
@@ -245,6 +247,7 @@ def analyse(
         state.int_vars |= ctx.int_vars
         state.arith_names |= ctx.arith_names
         state.untainted |= ctx.untainted
+        state.arrays |= ctx.arrays
     return Analysis(tuple(ctx.out))
 
 
@@ -1583,6 +1586,11 @@ _AGENT_CONTROLLED = _words(
     " BASH_ARGC BASH_SOURCE FUNCNAME COPROC READLINE_LINE COMP_LINE COMP_WORDS COMPREPLY PWD"
     " OLDPWD DIRSTACK TERM LANG LANGUAGE DISPLAY TZ COLUMNS LINES"
 )
+# Bash's own arrays: declare gives them a value starting with "(" as a compound assignment (see _h_declare).
+_BASH_ARRAYS = _words(
+    "BASH_REMATCH BASH_ARGV BASH_ARGC BASH_SOURCE BASH_LINENO BASH_VERSINFO FUNCNAME GROUPS DIRSTACK PIPESTATUS"
+    " COMP_WORDS COMPREPLY COPROC MAPFILE BASH_ALIASES BASH_CMDS"
+)
 _INTEGER_SPECIALS = frozenset(
     {"RANDOM", "SRANDOM", "SECONDS", "EPOCHSECONDS", "LINENO", "BASHPID", "PPID", "UID", "EUID", "OPTIND"}
 )
@@ -1615,6 +1623,7 @@ class _Ctx:
         self.assigned: dict[str, list[_Word | None]] = {}  # non-integer values given to each name
         self.int_vars: set[str] = set()  # declared -i: every assigned value is evaluated as arithmetic
         self.untainted: set[str] = set()  # expanded where options are parsed: must come from the target
+        self.arrays: set[str] = set()  # made arrays (declare -a/-A, read -a, mapfile, coproc)
 
     def emit(self, inv: Invocation) -> None:
         if len(self.out) >= MAX_INVOCATIONS:
@@ -1806,6 +1815,7 @@ def _walk_compound(node: _Compound, env: _Env, ctx: _Ctx) -> None:
         body_env = replace(body_env, via="subshell")
     elif kind == "coproc":
         body_env = replace(body_env, via="coproc", stdin=_PIPE)  # the shell writes to it
+        ctx.arrays.add(node.name or "COPROC")
     elif kind == "function":
         # The body runs wherever the function is called, perhaps at the end of a pipe.
         body_env = replace(body_env, via="function", stdin=_UNKNOWN)
@@ -3484,6 +3494,8 @@ def _h_declare(call: _Call) -> None:
             call.ctx.variable_name(t, call.name, assign=False)
             if "i" in flags:
                 call.ctx.int_vars.add(t)
+            if flags & {"a", "A"}:
+                call.ctx.arrays.add(t)
             continue
         name, value = split
         name = name.removesuffix("+")
@@ -3491,6 +3503,17 @@ def _h_declare(call: _Call) -> None:
         if "i" in flags:
             call.ctx.int_vars.add(name)
         call.ctx.variable_name(name, call.name, assign=True, int_safe=_int_safe_value(value), value=value_word)
+        # `declare -a x='([$(cmd)]=1)'` (or "$y" holding that, or any value for a name that is already an
+        # array) is a compound assignment: bash expands its subscripts and values, running $(cmd).
+        array = bool(flags & {"a", "A"}) or name in call.ctx.arrays or name in _BASH_ARRAYS or call.ctx.taint_all
+        first = next((seg for seg in value if not (seg.kind == _LIT and seg.text == "")), None)
+        if array and first is not None and (first.kind != _LIT or first.text.startswith("(")):
+            call.fail(
+                f"the value given to the array {name} may start with '(': bash would read it as a compound "
+                "assignment and expand what is inside, running any $(...) there"
+            )
+        if flags & {"a", "A"}:
+            call.ctx.arrays.add(name)
 
 
 def _h_set(call: _Call) -> None:
@@ -3553,6 +3576,7 @@ def _h_read(call: _Call) -> None:
     for o in opts:
         if o.name == "-a":
             call.ctx.variable_name(o.value if o.value_known else None, "read -a", assign=True)
+            call.ctx.arrays.add(o.value or "")
     for a in call.args[i:]:
         call.ctx.variable_name(a.text if call.known(a) else None, "read", assign=True)
 
@@ -3563,6 +3587,7 @@ def _h_mapfile(call: _Call) -> None:
         call.fail("-C evaluates a callback as shell code")
     for a in call.args[i : i + 1]:
         call.ctx.variable_name(a.text if call.known(a) else None, call.name, assign=True)
+        call.ctx.arrays.add(a.text)
 
 
 def _h_printf(call: _Call) -> None:
