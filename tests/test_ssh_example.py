@@ -230,3 +230,18 @@ def test_admin_cannot_hide_a_command_in_an_array_value(running: Running) -> None
         assert denied.returncode == 126, (command, denied.stderr)
         assert b"compound assignment" in denied.stderr, denied.stderr
     assert running.sshd.run(f"test -e {marker}").returncode == 0, "a command the guardrails deny ran on the target"
+
+
+def test_admin_cannot_name_a_program_through_the_shells_tables(running: Running) -> None:
+    # BASH_CMDS is bash's table of command paths (what `hash -p` fills, which is refused): after
+    # `BASH_CMDS=/usr/bin/xargs`, the program `0` was xargs, and `echo f | 0 rm` deleted f past the guardrail.
+    marker = running.sshd.work / "admin_table_marker"
+    assert running.sshd.run(f"touch {marker}").returncode == 0
+    for command in (
+        f"BASH_CMDS=/usr/bin/xargs; echo {marker} | 0 rm",
+        f"printf -v BASH_ALIASES 'xargs'; echo {marker} | 0 rm",
+    ):
+        denied = running.ssh("admin", command)
+        assert denied.returncode == 126, (command, denied.stderr)
+        assert b"can change which program runs" in denied.stderr, denied.stderr
+    assert running.sshd.run(f"test -e {marker}").returncode == 0, "a command the guardrails deny ran on the target"

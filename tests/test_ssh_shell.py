@@ -460,6 +460,8 @@ DANGEROUS_ASSIGNMENTS = [
     "printf -v LC_CTYPE %s zh_CN.GBK",
     "read LC_ALL",
     "declare histchars=@",
+    "BASH_CMDS=/usr/bin/xargs; echo f | 0 rm",
+    "printf -v BASH_ALIASES 'rm -rf /'",
     "PAGER='sh -c rm' git log",
     "GIT_SSH_COMMAND='rm -rf /' git fetch",
     "EDITOR=rm crontab -e",
