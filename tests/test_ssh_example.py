@@ -188,7 +188,7 @@ def test_admin_line_shell_cannot_set_the_targets_kill_character(running: Running
     shell = running.client.shell(running.token("admin"))
     try:
         shell.expect(rb"\$ $")
-        for line in ("tset -k @", "reset -Q -k@", "stty kill @"):
+        for line in ("tset -k @", "reset -Q -k@", "stty kill @", "echo -F /dev/tty kill @ | xargs stty"):
             shell.send(f"{line}\r".encode())
             assert b"edits the lines it reads" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
         shell.send(f"echo x@sh -c 'echo {marker} | xargs rm'\r".encode())

@@ -2530,6 +2530,8 @@ _SYSTEMD_REMOTE_TOOLS = (
 def _systemd_remote_host(call: _Call, args: Sequence[_Arg]) -> _Arg | None:
     """The host of a systemd tool's -H/--host (getopt_long: anywhere before ``--``, ``--ho`` for ``--host``,
     in a cluster of short options), or None. A cluster with an H in an option's value counts too."""
+    if call.env.appended:
+        call.fail("xargs would append options that are only known at run time: one could be -H/--host")
     for i, a in enumerate(args):
         t = a.text
         following = args[i + 1] if i + 1 < len(args) else _Arg.plain("")
@@ -3387,6 +3389,8 @@ def _h_stty(call: _Call) -> None:
     (no erase, kill or extra end-of-line character), and ``stty kill @`` there (or ``-F`` on another
     channel's terminal) would make it edit a checked line: ``echo x@rm -rf /`` reaching bash as
     ``rm -rf /``."""
+    if call.env.appended:
+        call.fail("xargs would append settings, which may change how the target's terminal edits the lines it reads")
     for a in call.args:
         if not (call.known(a) and a.text in _STTY_QUERIES):
             call.fail(
@@ -3397,6 +3401,8 @@ def _h_stty(call: _Call) -> None:
 
 def _h_tset(call: _Call) -> None:
     """tset and reset set the erase, kill and interrupt characters with -e, -k and -i (see _h_stty)."""
+    if call.env.appended:
+        call.fail("xargs would append options, which may change how the target's terminal edits the lines it reads")
     for a in call.args:
         if not (call.known(a) and re.fullmatch(r"-[IQVcqrsw]+", a.text)):
             call.fail(
