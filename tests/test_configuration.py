@@ -105,3 +105,10 @@ def test_the_guide_s_identity_mapping_pack_passes_its_tests(tmp_path):
     assert result.policy is not None, [str(p) for p in result.errors]
     report = run_tests(result.policy, result.test_files)
     assert len(report.cases) == 3 and all(c.passed for c in report.cases), [c.message for c in report.cases]
+
+
+def test_state_dir_expands_the_home_directory_like_every_other_path(tmp_path, monkeypatch):
+    # It was the one path left as written: `~/lictor` became a directory named `~` next to lictor.yaml.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "lictor.yaml").write_text("version: 1\nstate_dir: ~/lictor-state\n")
+    assert load_config(tmp_path / "lictor.yaml", offline=True).state_dir == tmp_path / "home" / "lictor-state"

@@ -220,7 +220,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offli
                 where = ".".join(map(str, p))
                 lines.append(f"{locate(doc, p, fallback)}: {where + ': ' if where else ''}{error.message}")
         raise ConfigError("\n".join(lines))
-    state_dir = Path(str(doc.get("state_dir", "state")))
+    state_dir = Path(str(doc.get("state_dir", "state"))).expanduser()  # as every other path
     if not state_dir.is_absolute():
         state_dir = path.parent / state_dir
     cfg = GatewayConfig(path=path.resolve(), state_dir=state_dir.resolve(), raw=plain(doc))
