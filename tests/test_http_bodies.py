@@ -130,6 +130,20 @@ def test_secrets_are_masked_in_objects_lists_and_annotations() -> None:
     assert table["rows"][0]["object"]["data"]["a"] == bodies.REDACTED_B64
 
 
+def test_applied_secrets_are_masked_in_metadata_only_objects() -> None:
+    last = secret("db", password="s3cr3t-value")["metadata"]["annotations"][bodies.LAST_APPLIED]
+    meta = {"kind": "PartialObjectMetadata", "metadata": {"name": "db", "annotations": {bodies.LAST_APPLIED: last}}}
+    for secrets_response in (True, False):  # a Table of secrets; anywhere, one that says it is a Secret's
+        table = {"kind": "Table", "rows": [{"cells": ["db"], "object": json.loads(json.dumps(meta))}]}
+        bodies.mask_secrets(table, Counter(), secrets_response=secrets_response)
+        masked = table["rows"][0]["object"]["metadata"]["annotations"][bodies.LAST_APPLIED]
+        assert "s3cr3t" not in masked and json.loads(masked)["data"]["password"] == bodies.REDACTED_B64
+    configmap = {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": "c"}, "data": {"k": "v"}}
+    applied = {**configmap, "metadata": {"name": "c", "annotations": {bodies.LAST_APPLIED: json.dumps(configmap)}}}
+    bodies.mask_secrets(applied, Counter(), secrets_response=False)
+    assert json.loads(applied["metadata"]["annotations"][bodies.LAST_APPLIED])["data"] == {"k": "v"}
+
+
 def test_watch_events_are_masked_one_by_one_whatever_the_chunking() -> None:
     events = [
         {"type": "ADDED", "object": {"kind": "Secret", "metadata": {"name": f"s{i}"}, "data": {"p": "c2VjcmV0"}}}

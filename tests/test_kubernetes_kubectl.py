@@ -502,6 +502,26 @@ def test_secret_values_are_masked_unless_revealed(cluster: Cluster) -> None:
     assert stored is not None and revealed == stored["data"]
 
 
+def test_applied_secret_values_are_masked_in_table_rows(cluster: Cluster) -> None:
+    # `kubectl apply` keeps the whole Secret in an annotation, and the Table kubectl asks for carries each
+    # row's metadata (PartialObjectMetadata, no kind Secret): its values reached kubectl unmasked.
+    applied = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "applied", "namespace": "apps"},
+        "data": {"pw": base64.b64encode(b"applied-pw-value").decode()},
+    }
+    annotations = {"kubectl.kubernetes.io/last-applied-configuration": json.dumps(applied)}
+    cluster.kube.put_object({**applied, "metadata": {**applied["metadata"], "annotations": annotations}})
+    try:
+        out = cluster.kubectl("secret-lister", "get", "secrets", "-v=9")
+        assert out.returncode == 0 and "applied" in out.stdout, out.stderr
+        assert "PartialObjectMetadata" in out.stderr  # the Table kubectl read, as its log shows it
+        assert applied["data"]["pw"] not in out.stderr and REDACTED_B64 in out.stderr
+    finally:
+        cluster.kube.delete_object("secrets", "applied", "apps")
+
+
 def test_masked_secret_values_are_not_written_back(cluster: Cluster) -> None:
     out = cluster.kubectl("secret-writer", "create", "secret", "generic", "round-trip", "--from-literal=pw=real-value")
     assert out.returncode == 0, out.stderr

@@ -83,21 +83,48 @@ def _mask_secret_object(obj: dict[str, Any], counts: Counter[str]) -> None:
             counts["secret"] += 1
 
 
+def _applied_secret(node: dict[str, Any], secrets_response: bool) -> bool:
+    """Does ``node``'s metadata carry a last-applied configuration that repeats a Secret's values? In a
+    response about secrets any object's does (a ``PartialObjectMetadata``, which the server sends for a
+    Table row and for ``as=PartialObjectMetadataList``, is a Secret's metadata); elsewhere, one that says
+    it is a Secret's."""
+    metadata = node.get("metadata")
+    annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
+    if not isinstance(annotations, dict) or LAST_APPLIED not in annotations:
+        return False
+    if secrets_response:
+        return True
+    raw = annotations[LAST_APPLIED]
+    try:
+        inner = json.loads(raw) if isinstance(raw, str) else None
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(inner, dict) and inner.get("kind") == "Secret"
+
+
 def mask_secrets(doc: Any, counts: Counter[str], *, secrets_response: bool) -> Any:
     """Mask Secret values in a parsed Kubernetes response, in place; returns ``doc``.
 
     Every object with ``kind: Secret`` is masked, at any depth (watch events, Table rows, lists). With
     ``secrets_response`` (the request was about the ``secrets`` resource), objects *without* a kind that
     look like API objects (``metadata`` plus ``data``/``stringData``) are masked too: list items carry no
-    kind on the wire.
+    kind on the wire. The last-applied configuration of a Secret's metadata is masked wherever it is, also
+    without the object (``PartialObjectMetadata`` in Table rows, the default of ``kubectl get secrets``).
     """
     stack: list[Any] = [doc]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
             kind = node.get("kind")
-            if kind == "Secret" or (
-                secrets_response and kind is None and "metadata" in node and ("data" in node or "stringData" in node)
+            if (
+                kind == "Secret"
+                or (
+                    secrets_response
+                    and kind is None
+                    and "metadata" in node
+                    and ("data" in node or "stringData" in node)
+                )
+                or _applied_secret(node, secrets_response)
             ):
                 _mask_secret_object(node, counts)
             for key, value in node.items():
