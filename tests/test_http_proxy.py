@@ -475,6 +475,24 @@ def test_denials_name_the_rule_and_what_to_do(env: Env) -> None:
     assert env.api.seen("DELETE") == [] and env.api.seen("POST") == []
 
 
+def test_undeclared_json_that_parsers_read_differently_is_refused(env: Env) -> None:
+    # Sent as text/plain (or without a Content-Type), JSON that the gateway's strict parser refused was read as
+    # text: its credit limit got past the deny and was held for approval instead, while Go's json.NewDecoder
+    # or FastAPI parse it whatever its type (the last duplicate, either case, NaN, invalid UTF-8 as U+FFFD).
+    url = env.url("tickets") + "/v1/customers"  # ticket mode: a request that would be held answers at once
+    for data in (
+        b'{"name": "Jane", "credit_limit": 5, "credit_limit": 5}',
+        b'{"name": "Jane", "credit_limit": 5, "CREDIT_LIMIT": 5}',
+        b'{"name": "Jane", "credit_limit": 5, "n": NaN}',
+        b'{"name": "Jane\xff", "credit_limit": 5}',
+    ):
+        (env.workdir / "body").write_bytes(data)
+        for ctype in ("Content-Type: text/plain", "Content-Type:"):
+            code, body = env.curl(url, "-H", ctype, "--data-binary", f"@{env.workdir / 'body'}", token=env.agent)
+            assert code == 400 and json.loads(body)["rule"] == "lictor:unreadable-request", (data, ctype, body)
+    assert env.api.seen("POST") == []
+
+
 def test_paths_that_could_be_read_two_ways_are_refused(env: Env) -> None:
     before = len(env.api.seen())
     for path in ("/v1/customers/../export", "/v1/customers/%2e%2e/export", "/v1/customers/1;x=1", "//v1/customers/1"):

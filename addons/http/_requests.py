@@ -334,13 +334,31 @@ def _json_text(body: bytes) -> str | None:
         return None
 
 
+def _lenient_json(body: bytes) -> bool:
+    """Would a lenient parser read ``body`` as JSON? Many servers parse a body as JSON whatever its
+    Content-Type (Go's ``json.NewDecoder(r.Body)``, FastAPI without one), keeping the last of duplicate
+    keys, one of keys that differ in case (Go), ``NaN`` (Python), and invalid UTF-8 as U+FFFD (Go, Node)."""
+    try:
+        text = body.decode(json.detect_encoding(body), "replace")
+        if not text.lstrip(" \t\r\n\ufeff").startswith(("{", "[")):
+            return False
+        json.loads(text)
+    except RecursionError:
+        return True  # deeper than Python reads; Go reads 10,000 levels
+    except ValueError:
+        return False
+    return True
+
+
 def json_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
-    """The ``json`` attribute of a request body, None when the body is not JSON."""
+    """The ``json`` attribute of a request body, None when the body is not JSON. A body not declared as JSON
+    that a lenient parser reads as JSON but the strict one does not (duplicate keys, ``NaN``, invalid UTF-8)
+    is :class:`Unreadable`: as text, it would carry its fields past every ``json:`` rule."""
     declared = is_json_type(content_type)
     text = _json_text(body)
     if text is None:
-        if declared:
-            raise Unreadable("the body is declared as JSON but is not valid UTF-8, UTF-16 or UTF-32")
+        if declared or _lenient_json(body):
+            raise Unreadable("the body is JSON but is not valid UTF-8, UTF-16 or UTF-32")
         return None
     stripped = text.lstrip()
     if not declared and not stripped.startswith(("{", "[")):
@@ -352,6 +370,8 @@ def json_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
     except (ValueError, RecursionError) as exc:
         if declared:
             raise Unreadable(f"the body is declared as JSON but is not valid JSON: {exc}") from None
+        if _lenient_json(body):
+            raise Unreadable(f"the body is JSON that parsers read differently: {exc}") from None
         return None
     media = content_type.split(";", 1)[0].strip().lower()
     if media in ("application/x-www-form-urlencoded", "multipart/form-data"):
