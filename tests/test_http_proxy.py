@@ -493,6 +493,17 @@ def test_undeclared_json_that_parsers_read_differently_is_refused(env: Env) -> N
     assert env.api.seen("POST") == []
 
 
+def test_query_parameters_in_another_case_are_read_as_asp_net_reads_them(env: Env) -> None:
+    # ASP.NET binds ?Credit_Limit= to credit_limit: the example's deny on the query parameter must fire
+    url = env.url("tickets") + "/v1/customers"  # ticket mode: a request that would be held answers at once
+    for query in ("Credit_Limit=5", "CREDIT_LIMIT=5"):
+        code, body = env.curl(f"{url}?{query}", "-X", "POST", token=env.agent)
+        assert code == 403 and json.loads(body)["rule"] == "customers-no-credit-limit-in-query", (query, body)
+    code, body = env.curl(f"{url}?Credit_Limit=5&credit_limit=0", "-X", "POST", token=env.agent)
+    assert code == 400 and json.loads(body)["rule"] == "lictor:unreadable-request", body
+    assert env.api.seen("POST") == []
+
+
 def test_paths_that_could_be_read_two_ways_are_refused(env: Env) -> None:
     before = len(env.api.seen())
     for path in ("/v1/customers/../export", "/v1/customers/%2e%2e/export", "/v1/customers/1;x=1", "//v1/customers/1"):

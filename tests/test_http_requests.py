@@ -445,6 +445,7 @@ roles:
       - {id: no-admin, protocol: http, when: {methods: [POST], json: {'$["rôle"]': admin}}, action: deny}
       - {id: safe-items, protocol: http, when: {methods: [PUT], json: {"$.items[*].kind": safe}}, action: allow}
       - {id: expand, protocol: http, when: {methods: [GET], query: {expand: [none, address]}}, action: allow}
+      - {id: no-limit-query, protocol: http, when: {methods: [POST], query: {credit_limit: "*"}}, action: deny}
 """
 
 
@@ -465,6 +466,21 @@ def test_json_keys_in_another_case_do_not_walk_past_a_deny(tmp_path) -> None:  #
     # both spellings in one object: two parsers would disagree on which one counts
     with pytest.raises(Unreadable, match="differ only in case"):
         _http("/v1/c", "POST", b'{"limit": 1, "Limit": 2}', "application/json")
+
+
+def test_query_parameters_in_another_case_do_not_walk_past_a_deny(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # ASP.NET reads query parameters ignoring case: ?Credit_Limit=5 is its credit_limit.
+    (tmp_path / "p.yaml").write_text(JSON_PACK)
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})
+    assert result.policy is not None, result.errors
+    decide, who = result.policy.decide, Identity("a", {"role": "a"})
+    assert decide(who, _http("/v1/c?name=x", "POST")).action == "allow"
+    for spelling in ("credit_limit", "Credit_Limit", "CREDIT_LIMIT"):
+        assert decide(who, _http(f"/v1/c?name=x&{spelling}=5", "POST")).action == "deny", spelling
+    assert decide(who, _http("/v1/c?Expand=none")).action == "deny"  # a permission reads names exactly
+    # both spellings: ASP.NET reads the first value of either, a permission would check only one
+    with pytest.raises(Unreadable, match="differ only in case"):
+        _http("/v1/c?Expand=secrets&expand=none")
 
 
 def test_form_bodies_are_read_by_json_rules(tmp_path) -> None:  # type: ignore[no-untyped-def]

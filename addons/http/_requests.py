@@ -278,8 +278,8 @@ def _key(prefix: str, key: str) -> str:
 
 
 def fold_paths(flattened: Mapping[str, Any]) -> dict[str, Any]:
-    """The flattened body with case-folded paths (``$.Credit_Limit`` -> ``$.credit_limit``), values of
-    paths that fold together merged: what a server that reads keys ignoring case may see."""
+    """The flattened body (or query) with case-folded paths (``$.Credit_Limit`` -> ``$.credit_limit``),
+    values of paths that fold together merged: what a server that reads keys ignoring case may see."""
     out: dict[str, Any] = {}
     for path, value in flattened.items():
         key = path.casefold()
@@ -572,6 +572,12 @@ def http_request(
     if override:
         raise Unreadable(f"header {override[0]} would make the API run another method or path than decided")
     params = parse_query(query)
+    folded_query: dict[str, str] = {}
+    for name in params:
+        other = folded_query.setdefault(name.casefold(), name)
+        if other != name:
+            # ASP.NET reads both as one parameter (the first value wins), the rules would see two
+            raise Unreadable(f"query parameters {other!r} and {name!r} differ only in case")
     if "_method" in params or _body_has_method_field(body, content_type):
         raise Unreadable("a _method parameter would make the API run another method than decided")
     attrs: dict[str, Any] = {
@@ -580,6 +586,7 @@ def http_request(
         "path": path,
         "path_keys": path_keys(path),
         "query": params,
+        "query_folded": fold_paths(params),  # ASP.NET reads ?Credit_Limit= as credit_limit
         "headers": header_attrs(headers),
         "body_size": len(body),
     }

@@ -89,13 +89,14 @@ def _mapping_of_globs(attr: str, case_insensitive_keys: bool, folded_attr: str |
     """A ``name -> value globs`` condition. Every named key must be present; for an ``allow`` rule
     (``all``) every value under it must match, for the others (``any``) one is enough.
 
-    With ``folded_attr`` (JSON bodies) the ``any`` reading also looks at keys spelled in another case,
-    as a server that reads keys ignoring case would: ``{"Credit_Limit": 5}`` does not walk past a deny
-    on ``$.credit_limit``. The ``all`` reading of a permission stays exact.
+    With ``folded_attr`` (JSON bodies, query strings) the ``any`` reading also looks at keys spelled in
+    another case, as a server that reads keys ignoring case would (ASP.NET model binding, Go's JSON):
+    ``{"Credit_Limit": 5}`` or ``?Credit_Limit=5`` does not walk past a deny on ``credit_limit``. The ``all``
+    reading of a permission stays exact.
     """
 
     def compile_(value: Any) -> Predicate:
-        if folded_attr is not None:
+        if attr == "json":
             for k in value:
                 if k != "$" and not k.startswith(("$.", "$[")):
                     raise ValueError(f"{k!r} can never match: JSON paths start at the document, as in '$.{k}'")
@@ -183,7 +184,7 @@ HTTP_VOCABULARY = Vocabulary(
         Custom(
             "query",
             json_schema={**_GLOB_MAP, "description": "query parameter name -> value globs"},
-            compiler=_mapping_of_globs("query", False),
+            compiler=_mapping_of_globs("query", False, "query_folded"),
         ),
         Custom(
             "headers",
