@@ -504,6 +504,20 @@ def test_query_parameters_in_another_case_are_read_as_asp_net_reads_them(env: En
     assert env.api.seen("POST") == []
 
 
+def test_fields_are_read_as_php_names_them(env: Env) -> None:
+    # PHP (Laravel, Symfony) reads credit.limit, "credit limit" and credit[limit as credit_limit, and
+    # .method as Symfony's _method override
+    url = env.url("tickets") + "/v1/customers"  # ticket mode: a request that would be held answers at once
+    for name in ("credit.limit", "credit+limit", "credit[limit"):
+        code, body = env.curl(url, "--data", f"name=Jane&{name}=5", token=env.agent)
+        assert code == 403 and json.loads(body)["rule"] == "customers-no-credit-limit", (name, body)
+        code, body = env.curl(f"{url}?{name}=5", "-X", "POST", "-g", token=env.agent)
+        assert code == 403 and json.loads(body)["rule"] == "customers-no-credit-limit-in-query", (name, body)
+    code, body = env.curl(url, "--data", "name=Jane&.method=DELETE", token=env.agent)
+    assert code == 400 and json.loads(body)["rule"] == "lictor:unreadable-request", body
+    assert env.api.seen("POST") == []
+
+
 def test_paths_that_could_be_read_two_ways_are_refused(env: Env) -> None:
     before = len(env.api.seen())
     for path in ("/v1/customers/../export", "/v1/customers/%2e%2e/export", "/v1/customers/1;x=1", "//v1/customers/1"):

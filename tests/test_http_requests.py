@@ -15,6 +15,7 @@ from lictor_addons.http._requests import (
     json_attrs,
     k8s_request,
     loads_strict,
+    php_name,
     reveal_request,
 )
 from lictor_addons.http.vocabulary import HTTP_VOCABULARY, K8S_VOCABULARY
@@ -514,6 +515,27 @@ def test_form_bodies_are_read_by_json_rules(tmp_path) -> None:  # type: ignore[n
     assert form_attrs(parts, multipart) == {"$.name": "Jane", "$.credit_limit": "5", "$.doc": "a.txt"}
     assert post(parts, multipart) == "deny"
     assert post(parts.replace(b"credit_limit", b"nickname"), multipart) == "allow"
+
+
+def test_fields_are_also_read_by_the_name_php_gives_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # PHP ($_GET, $_POST: Laravel, Symfony) reads dots and spaces in a name, and an unclosed '[', as '_', drops
+    # leading spaces and cuts at a NUL: each of these is its credit_limit (as php's parse_str shows)
+    (tmp_path / "p.yaml").write_text(JSON_PACK)
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})
+    assert result.policy is not None, result.errors
+    decide, who = result.policy.decide, Identity("a", {"role": "a"})
+    form = "application/x-www-form-urlencoded"
+    for name in ("credit.limit", "credit+limit", "+credit_limit", "credit[limit", "credit_limit%00x"):
+        assert decide(who, _http("/v1/c", "POST", f"name=x&{name}=5".encode(), form)).action == "deny", name
+        assert decide(who, _http(f"/v1/c?name=x&{name}=5", "POST")).action == "deny", name
+    assert php_name("a.b[c.d]") == "a_b[c.d]" and php_name("a[b.c") == "a_b_c" and php_name("[a") is None
+    assert form_attrs(b"customer.x[credit_limit]=9", form)["$.customer_x.credit_limit"] == "9"
+    # and Symfony's method override reads _method
+    for spelling in (b".method=DELETE", b"%20_method=DELETE", b"_method%00=DELETE"):
+        with pytest.raises(Unreadable, match="_method"):
+            _http("/v1/c", "POST", spelling, form)
+        with pytest.raises(Unreadable, match="_method"):
+            _http("/v1/c?" + spelling.decode(), "POST")
 
 
 def test_a_permission_covers_every_value_of_a_json_path_or_query_parameter(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -384,13 +384,30 @@ def json_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
 
 
 _FORM_SUBKEY = re.compile(r"\[([^\[\]]*)\]")
+_PHP_MANGLED = re.compile(r"[ .\[]")
+
+
+def php_name(key: str) -> str | None:
+    """The name PHP (``$_GET``, ``$_POST``: Laravel, Symfony, WordPress) gives a query or form field: cut
+    at a NUL, without leading spaces, with spaces and dots before the first ``[`` as ``_``, and an unclosed
+    ``[`` with the spaces, dots and ``[`` after it as ``_`` too (``credit.limit``, ``credit limit``,
+    ``credit[limit`` and ``credit_limit%00x`` are all ``credit_limit``). None when PHP drops the field."""
+    name = key.split("\x00", 1)[0].lstrip(" ")
+    head, bracket, rest = name.partition("[")
+    if not head:
+        return None
+    head = head.replace(" ", "_").replace(".", "_")
+    if bracket and "]" not in rest:
+        head, bracket, rest = head + "_" + _PHP_MANGLED.sub("_", rest), "", ""
+    return head + bracket + rest
 
 
 def form_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
     """The ``json`` attribute of a form body (``application/x-www-form-urlencoded`` or ``multipart/form-data``),
     None for other bodies: many APIs take a form where they take JSON, so ``json:`` rules read its fields. A field is
     its ``$.name`` path; a bracketed name (``customer[credit_limit]``, nested by Rails, PHP and Express)
-    is also its nested path (``$.customer.credit_limit``, ``[]`` as ``[*]``)."""
+    is also its nested path (``$.customer.credit_limit``, ``[]`` as ``[*]``), and a name PHP reads as another
+    (``credit.limit``: see :func:`php_name`) is also that one."""
     media = content_type.split(";", 1)[0].strip().lower()
     if media == "application/x-www-form-urlencoded":
         fields = _urlencoded_fields(body)
@@ -401,14 +418,17 @@ def form_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     count = 0
     for key, value in fields:
-        paths = [_key("$", key)]
-        head = key.split("[", 1)[0]
-        if head and head != key:
-            nested = _key("$", head)
-            for sub in _FORM_SUBKEY.findall(key[len(head) :]):
-                nested = f"{nested}[*]" if sub == "" else _key(nested, sub)
-            paths.append(nested)
-        for path in paths:
+        paths = []
+        php = php_name(key)
+        for name in (key, php) if php is not None and php != key else (key,):
+            paths.append(_key("$", name))
+            head = name.split("[", 1)[0]
+            if head and head != name:
+                nested = _key("$", head)
+                for sub in _FORM_SUBKEY.findall(name[len(head) :]):
+                    nested = f"{nested}[*]" if sub == "" else _key(nested, sub)
+                paths.append(nested)
+        for path in dict.fromkeys(paths):
             count += 1
             if count > MAX_LEAVES:
                 raise Unreadable(f"form body has more than {MAX_LEAVES} fields")
@@ -578,6 +598,10 @@ def http_request(
         if other != name:
             # ASP.NET reads both as one parameter (the first value wins), the rules would see two
             raise Unreadable(f"query parameters {other!r} and {name!r} differ only in case")
+    for name, values in list(params.items()):
+        php = php_name(name)
+        if php is not None and php != name:  # PHP reads ?credit.limit= as credit_limit
+            params[php] = [*params.get(php, []), *values]
     if "_method" in params or _body_has_method_field(body, content_type):
         raise Unreadable("a _method parameter would make the API run another method than decided")
     attrs: dict[str, Any] = {
