@@ -501,6 +501,8 @@ def test_query_parameters_in_another_case_are_read_as_asp_net_reads_them(env: En
         assert code == 403 and json.loads(body)["rule"] == "customers-no-credit-limit-in-query", (query, body)
     code, body = env.curl(f"{url}?Credit_Limit=5&credit_limit=0", "-X", "POST", token=env.agent)
     assert code == 400 and json.loads(body)["rule"] == "lictor:unreadable-request", body
+    code, body = env.curl(url, "--data", "Name=Jane&name=Other", token=env.agent)  # form fields too
+    assert code == 400 and json.loads(body)["rule"] == "lictor:unreadable-request", body
     assert env.api.seen("POST") == []
 
 

@@ -479,6 +479,8 @@ def test_query_parameters_in_another_case_do_not_walk_past_a_deny(tmp_path) -> N
     for spelling in ("credit_limit", "Credit_Limit", "CREDIT_LIMIT"):
         assert decide(who, _http(f"/v1/c?name=x&{spelling}=5", "POST")).action == "deny", spelling
     assert decide(who, _http("/v1/c?Expand=none")).action == "deny"  # a permission reads names exactly
+    with pytest.raises(Unreadable, match="differ only in case"):  # forms too
+        _http("/v1/c", "PUT", b"Expand=secrets&expand=none", "application/x-www-form-urlencoded")
     # both spellings: ASP.NET reads the first value of either, a permission would check only one
     with pytest.raises(Unreadable, match="differ only in case"):
         _http("/v1/c?Expand=secrets&expand=none")

@@ -417,7 +417,12 @@ def form_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {}
     count = 0
+    folded: dict[str, str] = {}
     for key, value in fields:
+        other = folded.setdefault(key.casefold(), key)
+        if other != key:
+            # ASP.NET reads both as one field (the first value wins), a permission would check only one
+            raise Unreadable(f"form fields {other!r} and {key!r} differ only in case")
         paths = []
         php = php_name(key)
         for name in (key, php) if php is not None and php != key else (key,):
