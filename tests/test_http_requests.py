@@ -540,6 +540,35 @@ def test_fields_are_also_read_by_the_name_php_gives_them(tmp_path) -> None:  # t
             _http("/v1/c?" + spelling.decode(), "POST")
 
 
+@pytest.mark.parametrize(
+    "body",
+    [  # each is credit_limit=5 to PHP (or to a parser that decodes base64 parts), and no field to a strict reading
+        b'--b\nContent-Disposition: form-data; name="credit_limit"\n\n5\n--b--\n',
+        b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--b--\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="credit_limit"\r\n\r\n5\r\n--b--\r\n',
+        b'--b\r\nContent-Disposition: form-data;\r\n\tname="credit_limit"\r\n\r\n5\r\n--b--\r\n',
+        b"--b\r\nContent-Disposition: form-data; name='credit_limit'\r\n\r\n5\r\n--b--\r\n",
+        b'--b\r\nContent-Disposition: name="credit_limit"\r\n\r\n5\r\n--b--\r\n',
+        b'--b\r\nContent-Disposition: form-data; name="x"; name="credit_limit"\r\n\r\n5\r\n--b--\r\n',
+        b'--b\r\nContent-Disposition: form-data; name="x"\r\nContent-Disposition: form-data; name="y"\r\n\r\n5\r\n--b--\r\n',
+        b"--b\r\nContent-Disposition: form-data; name*=UTF-8''credit_limit\r\n\r\n5\r\n--b--\r\n",
+        b'--b\r\nContent-Disposition: form-data; name="credit\\_limit"\r\n\r\n5\r\n--b--\r\n',
+        b'--b\r\nContent-Disposition: form-data; name="role"\r\nContent-Transfer-Encoding: base64\r\n\r\nYWRtaW4=\r\n--b--\r\n',
+        b'--b\r\nContent-Disposition: form-data; name="credit_limit"\r\n\r\n5\r\n',
+        b'preamble\r\n--b\r\nContent-Disposition: form-data; name="credit_limit"\r\n\r\n5\r\n--b--\r\n',
+    ],
+)
+def test_multipart_bodies_that_parsers_read_differently_are_refused(body: bytes) -> None:
+    with pytest.raises(Unreadable):
+        form_attrs(body, "multipart/form-data; boundary=b")
+    with pytest.raises(Unreadable):  # and two boundaries
+        form_attrs(b"", "multipart/form-data; boundary=a; boundary=b")
+    ok = (
+        b"--b\r\nContent-Disposition: form-data; name=credit_limit\r\nContent-Transfer-Encoding: 8bit\r\n\r\n5\r\n--b--"
+    )
+    assert form_attrs(ok, "multipart/form-data; boundary=b") == {"$.credit_limit": "5"}
+
+
 def test_a_permission_covers_every_value_of_a_json_path_or_query_parameter(tmp_path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "p.yaml").write_text(JSON_PACK)
     result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})

@@ -453,38 +453,75 @@ def _urlencoded_fields(body: bytes) -> list[tuple[str, str]]:
 
 
 _BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
-_DISPOSITION_PARAM = re.compile(rb';\s*(name|filename)\s*=\s*(?:"([^"]*)"|([^;\s]*))', re.IGNORECASE)
+_TOKEN = rb"[!#$%&*+.^_`|~0-9A-Za-z-]+"  # RFC 9110 token characters, without the quote "'"
+_PART_HEADER = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(.*)")
+_DISPOSITION = re.compile(rb"form-data((?:[ \t]*;[ \t]*[A-Za-z]+=(?:\"[^\"\\\r\n]*\"|" + _TOKEN + rb"))*)[ \t]*", re.I)
+_DISPOSITION_PARAM = re.compile(rb';[ \t]*([A-Za-z]+)=(?:"([^"\\\r\n]*)"|(' + _TOKEN + rb"))")
 FORM_VALUE_LIMIT = 64 * 1024  # of a text part, what rules read (file parts are read by their file name)
 
 
 def _multipart_fields(body: bytes, content_type: str) -> list[tuple[str, str]]:
     """The named parts of a ``multipart/form-data`` body: a text part's value, a file part's file name.
-    Split with bytes searches (a large upload is not parsed line by line)."""
-    found = _BOUNDARY.search(content_type)
-    if found is None:
-        raise Unreadable("the body is declared as multipart/form-data without a boundary")
-    delimiter = b"--" + (found.group(1) or found.group(2)).encode("latin-1", "replace")
+    Split with bytes searches (a large upload is not parsed line by line).
+
+    Only the form clients send is read; anything parsers disagree on is :class:`Unreadable`: PHP, for one,
+    also reads parts after the closing boundary, lines ending in a bare LF, folded headers, a name in single
+    quotes or with a backslash escape, and a Content-Disposition without ``form-data``, all of which a
+    stricter reading would pass over. So: no preamble or epilogue, every ``--boundary`` a delimiter at a
+    line start, header lines ending in CRLF and unfolded, one Content-Disposition per part, ``form-data``
+    with ``name`` and ``filename`` only, each once, quoted without escapes or a token, and no transfer
+    encoding (base64, quoted-printable) that some parsers undo and others do not."""
+    found = _BOUNDARY.findall(content_type)
+    if len(found) != 1:
+        raise Unreadable("the body is declared as multipart/form-data without exactly one boundary")
+    delimiter = b"--" + (found[0][0] or found[0][1]).encode("latin-1", "replace")
+    if not body:
+        return []
+    if not body.startswith(delimiter):
+        raise Unreadable("a multipart/form-data body must start with its boundary")
+    chunks = body[len(delimiter) :].split(b"\r\n" + delimiter)
+    if body.count(delimiter) != len(chunks):
+        raise Unreadable("the multipart boundary appears inside a part, or not at the start of a line")
     fields = []
-    for part in body.split(delimiter)[1:]:
-        if part.startswith(b"--"):
-            break  # the closing delimiter
-        head, sep, content = part.partition(b"\r\n\r\n")
-        if not sep:
-            continue
-        params = {}
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-disposition:"):
-                params = {
-                    m.group(1).lower(): (m.group(2) or m.group(3) or b"") for m in _DISPOSITION_PARAM.finditer(line)
-                }
-        name = params.get(b"name")
+    for i, chunk in enumerate(chunks):
+        if chunk.startswith(b"--"):
+            if i != len(chunks) - 1 or chunk[2:] not in (b"", b"\r\n"):
+                raise Unreadable("a multipart/form-data body goes on after its closing boundary")
+            break
+        head, sep, content = chunk.partition(b"\r\n\r\n")
+        if not head.startswith(b"\r\n") or not sep:
+            raise Unreadable("a multipart part whose headers do not end in a blank line (CRLF)")
+        params: dict[bytes, bytes] | None = None
+        for line in head[2:].split(b"\r\n"):
+            header = _PART_HEADER.fullmatch(line)
+            if header is None or b"\r" in line or b"\n" in line:
+                raise Unreadable(f"a multipart part header that is not one 'Name: value' line: {line[:100]!r}")
+            if header.group(1).lower() == b"content-transfer-encoding":
+                if header.group(2).strip().lower() not in (b"7bit", b"8bit", b"binary"):
+                    # some parsers decode base64 or quoted-printable parts, others read them as they are
+                    raise Unreadable(f"a multipart part with a Content-Transfer-Encoding: {line[:100]!r}")
+                continue
+            if header.group(1).lower() != b"content-disposition":
+                continue
+            disposition = _DISPOSITION.fullmatch(header.group(2))
+            if params is not None or disposition is None:
+                raise Unreadable(f"a multipart part with two or an unreadable Content-Disposition: {line[:100]!r}")
+            params = {}
+            for m in _DISPOSITION_PARAM.finditer(disposition.group(1)):
+                key = m.group(1).lower()
+                if key not in (b"name", b"filename") or key in params:
+                    raise Unreadable(f"a multipart Content-Disposition parameter that is not read: {line[:100]!r}")
+                params[key] = m.group(2) if m.group(2) is not None else m.group(3)
+        name = params.get(b"name") if params else None
         if name is None:
             continue
         if b"filename" in params:
             value = params[b"filename"]
         else:
-            value = content[: FORM_VALUE_LIMIT + 2].removesuffix(b"\r\n")[:FORM_VALUE_LIMIT]
+            value = content[:FORM_VALUE_LIMIT]
         fields.append((name.decode("utf-8", "replace"), value.decode("utf-8", "replace")))
+    else:
+        raise Unreadable("a multipart/form-data body without its closing boundary")
     return fields
 
 
