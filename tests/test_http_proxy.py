@@ -745,6 +745,8 @@ def test_ticket_mode_answers_at_once_and_the_retry_redeems_it_once(env: Env) -> 
         ("-X", "POST", "-H", "Content-Type: text/plain", "--data", body),
         (*args, "-H", "X-Account: production"),
         (*args, "-H", "X-Request-Id: another-operation"),  # an idempotency key: another operation
+        (*args, "-H", "Cookie: account=production"),  # credentials the approvers do not read: another account
+        (*args, "-H", "X-Api-Key: production-key"),
     ):
         code, out = env.curl(url, *changed, "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent)
         assert code == 403 and json.loads(out)["rule"] == "lictor:approval-not-redeemable", out

@@ -582,17 +582,37 @@ _UNBOUND_HEADERS = frozenset(
 )
 
 
-def payload(method: str, raw_path: str, body: bytes, headers: Mapping[str, str] | None = None) -> str:
+def credentials_digest(headers: Iterable[tuple[str, str]]) -> str:
+    """A digest of the credentials an agent sends on to the upstream (``Cookie``, ``X-Api-Key`` ...: the
+    secret headers but its own token, which the gateway replaces), "" without any. Approvers do not read
+    them, but an approval is bound to them: a ticket redeemed with another session cookie would act as
+    another account."""
+    sent = sorted(
+        (name.lower(), value)
+        for name, value in headers
+        if name.lower() in SECRET_HEADERS and name.lower() not in ("authorization", "proxy-authorization")
+    )
+    if not sent:
+        return ""
+    return "sha256:" + hashlib.sha256(json.dumps(sent).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def payload(
+    method: str, raw_path: str, body: bytes, headers: Mapping[str, str] | None = None, credentials: str = ""
+) -> str:
     """What an approval is bound to, and what its approvers read: method, raw path with query, the headers
-    (as :func:`header_attrs` gives them, without the ones that change from try to try) and a digest of the
-    body. A ticket is then redeemed only by the same request: another Content-Type (a JSON patch read as a
-    merge patch) or another account header does not pass for the one approved."""
+    (as :func:`header_attrs` gives them, without the ones that change from try to try), a digest of the
+    body and one of the credentials the agent sends on (:func:`credentials_digest`). A ticket is then
+    redeemed only by the same request: another Content-Type (a JSON patch read as a merge patch), another
+    account header or another session cookie does not pass for the one approved."""
     text = f"{method.upper()} {raw_path} sha256:{hashlib.sha256(body).hexdigest()}"
     bound = sorted(
         (k, v) for k, v in (headers or {}).items() if k not in _UNBOUND_HEADERS and not k.startswith("x-b3-")
     )
     if bound:
         text += "".join(f"\n{k}: {v}" for k, v in bound)
+    if credentials:
+        text += f"\ncredentials (not shown): {credentials}"
     return text
 
 
@@ -676,7 +696,7 @@ def http_request(
         attrs=attrs,
         target=target,
         summary=f"{method.upper()} {path}" + (f"?{query}" if query else ""),
-        payload=payload(method, raw_path, body, attrs["headers"]),
+        payload=payload(method, raw_path, body, attrs["headers"], credentials_digest(headers)),
         reason=reason,
     )
 
@@ -758,7 +778,7 @@ def k8s_request(
         attrs=attrs,
         target=target,
         summary=k8s_summary(info),
-        payload=payload(method, raw_path, body, header_attrs(headers.items())),
+        payload=payload(method, raw_path, body, header_attrs(headers.items()), credentials_digest(headers.items())),
         reason=reason,
     )
     return K8sCall(info, request)
