@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,7 @@ from .conftest import ROOT, GatewayProcess, free_port, lictor, require_binary
 EMAIL = "jane.doe@example.com"
 CARD = "4111 1111 1111 1111"
 UPSTREAM_TOKEN = "upstream-api-token-9f8e7d"
+SLASHED_TOKEN = "upstream/api+token/9f8e7d"  # base64 keys have '/' and '+'
 EXPORT_LINES = 40_000  # ~2.4 MB, streamed in chunks by the upstream
 
 
@@ -138,6 +140,16 @@ class CustomersAPI:
                         self.send_header("Content-Length", str(len(body)))
                         self.end_headers()
                         self.wfile.write(body)
+                    return
+                if self.path == "/v1/customers/echophp":  # reflected as PHP writes it: JSON with "/" escaped
+                    auth = self.headers.get("Authorization", "")
+                    body = json.dumps({"you sent": auth}).replace("/", "\\/").encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Location", "/v1/login?token=" + urllib.parse.quote(auth, safe=""))
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                     return
                 if self.path == "/v1/customers/headers":  # the data in response headers
                     body = b'{"ok": true}'
@@ -334,7 +346,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     workdir = tmp_path_factory.mktemp("http")
     ca, cert, key = make_ca(workdir)
     api = CustomersAPI(cert, key)
-    ports = {"customers": free_port(), "tickets": free_port(), "untrusted": free_port(), "approvals": free_port()}
+    ports = {
+        "customers": free_port(),
+        "tickets": free_port(),
+        "untrusted": free_port(),
+        "slashed": free_port(),
+        "approvals": free_port(),
+    }
     (workdir / "extra").mkdir()
     (workdir / "extra" / "exports.yaml").write_text(yaml.safe_dump(EXPORT_PACK))
     example = yaml.safe_load((ROOT / "examples" / "http" / "lictor.yaml").read_text())
@@ -342,6 +360,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     customers = example["targets"]["customers"]
     example["targets"]["tickets"] = {**customers, "listen": f"127.0.0.1:{ports['tickets']}", "approval_mode": "ticket"}
     example["targets"]["untrusted"] = {**customers, "listen": f"127.0.0.1:{ports['untrusted']}", "upstream_ca": ""}
+    example["targets"]["slashed"] = {
+        **customers,
+        "listen": f"127.0.0.1:{ports['slashed']}",
+        "credentials": {"bearer": SLASHED_TOKEN},
+    }
     env_vars = {
         "LICTOR_HTTP_UPSTREAM": api.url,
         "LICTOR_HTTP_TOKEN": UPSTREAM_TOKEN,
@@ -676,6 +699,20 @@ def test_the_upstream_credential_never_reaches_the_agent_even_when_echoed(env: E
     assert env.api.seen("GET", path)[-1]["headers"]["Authorization"] == f"Bearer {UPSTREAM_TOKEN}"  # it was sent
     body = proc.stdout.split(b"\r\n\r\n", 1)[1]
     assert json.loads(body)["note"] == "you sent " + "*" * len(f"Bearer {UPSTREAM_TOKEN}")
+
+
+def test_the_upstream_credential_never_reaches_the_agent_as_a_reflection_spells_it(env: Env) -> None:
+    # PHP's json_encode writes "/" as "\\/", a query string writes it as %2F: the token in either spelling
+    curl = require_binary("curl")
+    proc = subprocess.run(
+        [curl, "-sS", "-i", "--cacert", env.ca, "-H", f"Authorization: Bearer {env.agent}", env.url("slashed") + "/v1/customers/echophp"],
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0 and b" 200" in proc.stdout.split(b"\r\n", 1)[0], proc.stdout
+    assert env.api.seen("GET", "/v1/customers/echophp")[-1]["headers"]["Authorization"] == f"Bearer {SLASHED_TOKEN}"
+    assert b"9f8e7d" not in proc.stdout, proc.stdout
+    assert b"token=" + b"*" * len(urllib.parse.quote(f"Bearer {SLASHED_TOKEN}", safe="")) in proc.stdout
 
 
 @contextlib.contextmanager

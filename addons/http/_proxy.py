@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_from_bytes
 
 import mitmproxy
 from lictor import AuthError, Decision, Gateway, Identity, Request, Session, agent_reason
@@ -1893,14 +1894,19 @@ _MITMPROXY_DIR = str(Path(mitmproxy.__file__).parent)
 
 
 def _credential_forms(target: HttpTarget) -> tuple[bytes, ...]:
-    """The injected credential values, whole and without their scheme (``Bearer xyz`` and ``xyz``); values
-    shorter than 8 bytes are left out (blanking them would blank ordinary text)."""
+    """The injected credential values, whole and without their scheme (``Bearer xyz`` and ``xyz``), each also
+    as a reflection may write it: JSON with ``/`` escaped (PHP's ``json_encode``) and percent-encoded (a
+    query string, a ``Location``); values shorter than 8 bytes are left out (blanking them would blank
+    ordinary text)."""
     forms: set[bytes] = set()
     for value in target.credentials.secret_values:
         for form in (value, value.split(" ", 1)[1] if " " in value.strip() else ""):
             raw = form.strip().encode("utf-8", "surrogateescape")
             if len(raw) >= 8:
                 forms.add(raw)
+                forms.add(raw.replace(b"/", b"\\/"))
+                forms.add(quote_from_bytes(raw, safe="").encode())
+                forms.add(quote_from_bytes(raw, safe=" ").replace(" ", "+").encode())
     return tuple(forms)
 
 
