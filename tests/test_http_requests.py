@@ -647,6 +647,8 @@ def test_unreadable_access_reviews_are_refused(body: bytes, ctype: str) -> None:
             "multipart/form-data; boundary=b",
         ),
         (b'{"_method": "DELETE"}', "application/json"),
+        (b"_method=DELETE", "application/x-www-form-urlencoded, text/plain"),  # a form to PHP
+        (b"_method=DELETE", "application/x-www-form-urlencoded text/plain"),
     ],
 )
 def test_method_override_fields_in_any_body_spelling_are_refused(body: bytes, ctype: str) -> None:

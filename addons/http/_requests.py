@@ -109,6 +109,7 @@ SECRET_HEADERS = frozenset(
 # A WebSocket client that cannot send headers (a browser, kubectl) passes its bearer token as a subprotocol.
 WS_BEARER_PREFIX = "base64url.bearer.authorization.k8s.io."
 _MAX_REVIEW_FIELD = 1024
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
@@ -653,6 +654,10 @@ def http_request(
     override = sorted({name.lower() for name, _ in headers} & OVERRIDE_HEADERS)
     if override:
         raise Unreadable(f"header {override[0]} would make the API run another method or path than decided")
+    if content_type.strip() and not _MEDIA_TYPE.fullmatch(content_type.split(";", 1)[0].strip()):
+        # PHP reads "application/x-www-form-urlencoded, text/plain" (or with a space) as a form, Laravel
+        # "text/plain, application/json" as JSON: the media type must be one type/subtype
+        raise Unreadable(f"Content-Type {content_type[:100]!r} is not one media type (type/subtype; parameters)")
     params = parse_query(query)
     folded_query: dict[str, str] = {}
     for name in params:
