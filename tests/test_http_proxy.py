@@ -547,6 +547,19 @@ def test_fields_are_read_as_php_names_them(env: Env) -> None:
     assert env.api.seen("POST") == []
 
 
+def test_header_names_are_read_as_cgi_servers_read_them(env: Env) -> None:
+    # PHP, Rack and WSGI servers read X_HTTP_Method_Override as X-HTTP-Method-Override (Symfony honours it)
+    url = env.url("tickets") + "/v1/customers"  # ticket mode: a request that would be held answers at once
+    code, body = env.curl(url, "-H", "X_HTTP_Method_Override: DELETE", "--json", '{"name": "Jane"}', token=env.agent)
+    assert code == 400 and json.loads(body)["rule"] == "lictor:unreadable-request", body
+    assert env.api.seen("POST") == []
+    # ... and X_Forwarded_For as X-Forwarded-For: not forwarded either
+    code, body = env.curl(env.url() + "/v1/customers/cgi", "-H", "X_Forwarded_For: 10.0.0.1", token=env.agent)
+    assert code == 200, body
+    headers = {k.lower() for k in env.api.seen("GET", "/v1/customers/cgi")[-1]["headers"]}
+    assert "x_forwarded_for" not in headers and "x-forwarded-for" not in headers
+
+
 def test_multipart_bodies_are_read_only_as_clients_send_them(env: Env) -> None:
     # PHP reads lines that end in a bare LF, and parts after the closing boundary: a credit limit a strict
     # reading passed over

@@ -270,6 +270,10 @@ def test_default_addons_declare_both_protocols() -> None:
 def test_method_and_path_overrides_are_refused() -> None:
     with pytest.raises(Unreadable, match="x-http-method-override"):
         _http("/v1/customers", "POST", **{"X-HTTP-Method-Override": "DELETE"})
+    with pytest.raises(Unreadable, match="x-http-method-override"):  # the same header to PHP, Rack and WSGI
+        _http("/v1/customers", "POST", **{"X_HTTP_Method_Override": "DELETE"})
+    # header rules read X_Account as X-Account, as those servers do
+    assert _http("/v1/c", X_Account="production").attrs["headers"]["x-account"] == "production"
     with pytest.raises(Unreadable):
         _http("/v1/public", "GET", **{"X-Original-URL": "/admin"})
     with pytest.raises(Unreadable, match="_method"):

@@ -1166,14 +1166,17 @@ class LictorProxy:
             # agent as bytes the gateway cannot read)
             names = {"authorization", "proxy-authorization", "accept-encoding", "te", *FORWARDING_HEADERS}
             names |= {n.lower() for n, _ in target.credentials.headers}
-            drop = frozenset(n.encode() for n in names) | (_PARTIAL_HEADERS if whole_body else frozenset())
+            drop = frozenset(n.replace("_", "-").encode() for n in names) | (
+                _PARTIAL_HEADERS if whole_body else frozenset()
+            )
             self._drop_headers[(target.name, whole_body)] = drop
         upgrade = "upgrade" in headers
         kept: list[tuple[bytes, bytes]] = []
         accept: list[bytes] = []
         for name, value in headers.fields:
             lname = name.lower()
-            if lname in drop or lname.startswith(b"x-lictor-"):
+            cgi = lname.replace(b"_", b"-")  # X_Forwarded_For is X-Forwarded-For to PHP (header_name)
+            if cgi in drop or cgi.startswith(b"x-lictor-"):
                 if lname == b"accept-encoding" and upgrade:
                     kept.append((name, value))
                 continue

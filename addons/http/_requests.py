@@ -526,12 +526,20 @@ def _multipart_fields(body: bytes, content_type: str) -> list[tuple[str, str]]:
     return fields
 
 
+def header_name(name: str) -> str:
+    """A header's name as CGI servers read it: lower-case, ``_`` as ``-``. PHP, Rack and WSGI servers put
+    ``X_HTTP_Method_Override`` and ``X-HTTP-Method-Override`` in the same variable (the last one wins), and
+    Symfony, Laravel and Rails read the method override, forwarding and account headers from there."""
+    return name.lower().replace("_", "-")
+
+
 def header_attrs(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Lower-case header name -> value (repeats joined with ``, ``), without credentials and X-Lictor-*: not
-    the bearer token offered as a WebSocket subprotocol either (rules, approvers and webhooks read these)."""
+    """Header name (:func:`header_name`) -> value (repeats joined with ``, ``), without credentials and
+    X-Lictor-*: not the bearer token offered as a WebSocket subprotocol either (rules, approvers and webhooks
+    read these)."""
     out: dict[str, str] = {}
     for name, value in headers:
-        key = name.lower()
+        key = header_name(name)
         if key in SECRET_HEADERS or key.startswith("x-lictor-"):
             continue
         if key == "sec-websocket-protocol":
@@ -589,9 +597,9 @@ def credentials_digest(headers: Iterable[tuple[str, str]]) -> str:
     them, but an approval is bound to them: a ticket redeemed with another session cookie would act as
     another account."""
     sent = sorted(
-        (name.lower(), value)
+        (header_name(name), value)
         for name, value in headers
-        if name.lower() in SECRET_HEADERS and name.lower() not in ("authorization", "proxy-authorization")
+        if header_name(name) in SECRET_HEADERS and header_name(name) not in ("authorization", "proxy-authorization")
     )
     if not sent:
         return ""
@@ -651,7 +659,7 @@ def http_request(
     path_part, _, query = raw_path.partition("?")
     path = canonical_path(path_part)
     headers = list(headers)
-    override = sorted({name.lower() for name, _ in headers} & OVERRIDE_HEADERS)
+    override = sorted({header_name(name) for name, _ in headers} & OVERRIDE_HEADERS)
     if override:
         raise Unreadable(f"header {override[0]} would make the API run another method or path than decided")
     if content_type.strip() and not _MEDIA_TYPE.fullmatch(content_type.split(";", 1)[0].strip()):
