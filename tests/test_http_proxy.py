@@ -508,6 +508,7 @@ def test_undeclared_json_that_parsers_read_differently_is_refused(env: Env) -> N
         b'{"name": "Jane", "credit_limit": 5, "CREDIT_LIMIT": 5}',
         b'{"name": "Jane", "credit_limit": 5, "n": NaN}',
         b'{"name": "Jane\xff", "credit_limit": 5}',
+        b'{"name": "Jane", "credit_limit": 5}\nsent by a script',  # Go's json.NewDecoder reads the first value
     ):
         (env.workdir / "body").write_bytes(data)
         for ctype in ("Content-Type: text/plain", "Content-Type:"):

@@ -136,6 +136,8 @@ def test_json_bodies_that_could_be_read_two_ways_are_refused() -> None:
         b'{"force": false, "Force": true}',
         b'{"force": true, "n": NaN}',
         b'{"force": true, "n": "\xff"}',
+        b'{"force": true} and then text',  # Go's Decoder and Jackson read the first value only
+        b'{"a": 1}{"force": true}',
         b" [" * 2000 + b"]" * 2000,
     ):
         for ctype in ("text/plain", ""):

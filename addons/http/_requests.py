@@ -338,12 +338,13 @@ def _json_text(body: bytes) -> str | None:
 def _lenient_json(body: bytes) -> bool:
     """Would a lenient parser read ``body`` as JSON? Many servers parse a body as JSON whatever its
     Content-Type (Go's ``json.NewDecoder(r.Body)``, FastAPI without one), keeping the last of duplicate
-    keys, one of keys that differ in case (Go), ``NaN`` (Python), and invalid UTF-8 as U+FFFD (Go, Node)."""
+    keys, one of keys that differ in case (Go), ``NaN`` (Python), invalid UTF-8 as U+FFFD (Go, Node), and
+    reading the first value of the body without looking at what follows it (Go's Decoder, Jackson)."""
     try:
-        text = body.decode(json.detect_encoding(body), "replace")
-        if not text.lstrip(" \t\r\n\ufeff").startswith(("{", "[")):
+        text = body.decode(json.detect_encoding(body), "replace").lstrip(" \t\r\n\ufeff")
+        if not text.startswith(("{", "[")):
             return False
-        json.loads(text)
+        json.JSONDecoder().raw_decode(text)
     except RecursionError:
         return True  # deeper than Python reads; Go reads 10,000 levels
     except ValueError:
