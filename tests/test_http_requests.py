@@ -259,6 +259,39 @@ def test_rules_match_the_attributes(tmp_path) -> None:  # type: ignore[no-untype
     assert decide(logs.request).action == "deny"  # logs is a verb of its own
 
 
+NAMES_PACK = """format: lictor/v1
+metadata: {name: n, owner: sec}
+identities: [{match: {claims: {role: a}}, roles: [r]}]
+roles:
+  r:
+    rules:
+      - {id: cm, protocol: kubernetes, when: {verbs: ["*"], resources: [configmaps]}, action: allow}
+      - {id: not-critical, protocol: kubernetes, when: {verbs: ["*"], names: [critical]}, action: deny}
+      - {id: only-public, protocol: kubernetes, when: {verbs: [get, list], resources: [secrets], names: [public]}, action: allow}
+"""
+
+
+def test_a_restriction_on_names_matches_requests_that_name_no_object(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # a list, a watch, a deletecollection or a create may touch the named object: a deny on it applies
+    (tmp_path / "p.yaml").write_text(NAMES_PACK)
+    result = load_policy([tmp_path], {"kubernetes": K8S_VOCABULARY})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "a"})
+
+    def decide(method: str, path: str) -> str:
+        call = k8s_request(method=method, raw_path=path, headers={}, body=b"", target="c")
+        return result.policy.decide(who, call.request).action  # type: ignore[union-attr]
+
+    cms = "/api/v1/namespaces/apps/configmaps"
+    assert decide("GET", f"{cms}/other") == "allow"
+    for method, path in (("GET", f"{cms}/critical"), ("GET", cms), ("DELETE", cms), ("POST", cms)):
+        assert decide(method, path) == "deny", (method, path)
+    assert decide("GET", f"{cms}?fieldSelector=metadata.name%3Dother") == "allow"  # pinned to another name
+    secrets = "/api/v1/namespaces/apps/secrets"
+    assert decide("GET", f"{secrets}/public") == "allow"
+    assert decide("GET", secrets) == "deny"  # a permission on names covers no list
+
+
 def test_default_addons_declare_both_protocols() -> None:
     http_addon = next(a for a in default_addons() if a.name == "http")
     assert http_addon is not None

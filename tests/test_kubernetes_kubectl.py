@@ -52,7 +52,13 @@ TEST_PACK = {
                     "protocol": "kubernetes",
                     "when": {"verbs": ["reveal"], "resources": ["secrets"], "namespaces": ["apps"]},
                     "action": "allow",
-                }
+                },
+                {
+                    "id": "t-root-key-never-revealed",
+                    "protocol": "kubernetes",
+                    "when": {"verbs": ["reveal"], "resources": ["secrets"], "names": ["root-key"]},
+                    "action": "deny",
+                },
             ],
         },
         "secret-writer": {
@@ -520,6 +526,32 @@ def test_applied_secret_values_are_masked_in_table_rows(cluster: Cluster) -> Non
         assert applied["data"]["pw"] not in out.stderr and REDACTED_B64 in out.stderr
     finally:
         cluster.kube.delete_object("secrets", "applied", "apps")
+
+
+def test_a_deny_on_one_secret_is_not_dodged_by_listing_them_all(cluster: Cluster) -> None:
+    # secret-reader may see the values of Secrets in apps, but never root-key's: listing them all returned it
+    root = base64.b64encode(b"root-key-material").decode()
+    cluster.kube.put_object(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "root-key", "namespace": "apps"},
+            "data": {"k": root},
+        }
+    )
+    try:
+        out = cluster.kubectl("secret-reader", "get", "secret", "root-key", "-o", "json")
+        assert out.returncode == 0 and json.loads(out.stdout)["data"] == {"k": REDACTED_B64}, out.stderr
+        for args in (
+            ["get", "secrets", "-o", "json"],
+            ["get", "secrets", "--watch", "--request-timeout=2s", "-o", "json"],
+        ):
+            out = cluster.kubectl("secret-reader", *args)
+            assert "root-key" in out.stdout and root not in out.stdout, (out.stdout, out.stderr)
+        out = cluster.kubectl("secret-reader", "get", "secret", "db-creds", "-o", "json")  # the others still are
+        assert json.loads(out.stdout)["data"]["password"] != REDACTED_B64
+    finally:
+        cluster.kube.delete_object("secrets", "root-key", "apps")
 
 
 def test_masked_secret_values_are_not_written_back(cluster: Cluster) -> None:

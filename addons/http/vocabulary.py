@@ -255,6 +255,24 @@ def _programs(value: Any) -> Predicate:
     return pred
 
 
+@dataclass(frozen=True)
+class _Names(Glob):
+    """``names:``. A resource request that names no object (a list, a watch or a deletecollection without a
+    field selector pinning one, a create, and the ``reveal`` of such a list) may read, change or delete any
+    of them: every restriction (``any``: deny, approve, mask) with ``names`` matches it, so that a deny on one
+    Secret is not dodged by listing them all. No permission (``all``) with ``names`` covers it."""
+
+    def compile(self, value: Any) -> Predicate:
+        matches = super().compile(value)
+
+        def pred(request: Request, quantifier: Quantifier) -> bool:
+            if quantifier == "any" and "resource" in request.attrs and not request.attrs.get("name"):
+                return True
+            return matches(request, quantifier)
+
+        return pred
+
+
 # kubectl's singular names of built-in resources; the API (and RBAC, and these rules) use the plural
 _K8S_SINGULAR = {
     "pod": "pods",
@@ -316,7 +334,14 @@ K8S_VOCABULARY = Vocabulary(
         Glob("subresources", attr="subresource", description="subresource (log, exec, status, scale, ...)"),
         Glob("api_groups", attr="api_group", description="API group; `core` is the core group"),
         Glob("namespaces", attr="namespace", description="namespace; cluster-scoped requests have none"),
-        Glob("names", attr="name", description="object names"),
+        _Names(
+            "names",
+            attr="name",
+            description=(
+                "object names; a request that names none (a list, a create) matches every deny, approve or mask "
+                "rule with names and no allow"
+            ),
+        ),
         Glob("paths", attr="path", description="non-resource URLs such as /api, /version (discovery)"),
         Glob("commands", attr="command", description="kubectl exec command line (space-joined)"),
         Custom(
