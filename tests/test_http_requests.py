@@ -189,7 +189,13 @@ def test_kubernetes_attrs() -> None:
     }
     assert call.request.summary == "exec pods/web-0 -n apps -- ls -la"
     lst = k8s_request(method="GET", raw_path="/apis/apps/v1/deployments", headers={}, body=b"", target="c")
-    assert lst.request.attrs == {"verb": "list", "resource": "deployments", "api_group": "apps", "namespace": ""}
+    assert lst.request.attrs == {
+        "verb": "list",
+        "resource": "deployments",
+        "api_group": "apps",
+        "namespace": "",
+        "all_namespaces": True,  # every restriction on namespaces matches it
+    }
     disc = k8s_request(method="GET", raw_path="/apis/apps/v1", headers={}, body=b"", target="c")
     assert disc.request.attrs == {"verb": "get", "path": "/apis/apps/v1"}  # paths only for non-resource URLs
     reveal = reveal_request(

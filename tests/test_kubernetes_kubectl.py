@@ -80,7 +80,14 @@ TEST_PACK = {
                     "when": {"verbs": ["exec"]},
                     "action": "mask",
                     "mask": {"detectors": ["card"]},
-                }
+                },
+                {
+                    "id": "t-no-system-pods",
+                    "protocol": "kubernetes",
+                    "when": {"verbs": ["get", "list", "watch"], "resources": ["pods"], "namespaces": ["kube-system"]},
+                    "action": "deny",
+                    "message": "deployers do not read kube-system's pods",
+                },
             ]
         },
         "log-masking": {
@@ -552,6 +559,21 @@ def test_a_deny_on_one_secret_is_not_dodged_by_listing_them_all(cluster: Cluster
         assert json.loads(out.stdout)["data"]["password"] != REDACTED_B64
     finally:
         cluster.kube.delete_object("secrets", "root-key", "apps")
+
+
+def test_a_deny_on_one_namespace_is_not_dodged_by_listing_all_of_them(cluster: Cluster) -> None:
+    cluster.kube.put_object(
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "etcd-0", "namespace": "kube-system"}, "spec": {}}
+    )
+    try:
+        out = cluster.kubectl("deployer", "get", "pods", "-n", "kube-system")
+        assert out.returncode == 1 and "t-no-system-pods" in out.stderr, out.stderr
+        out = cluster.kubectl("deployer", "get", "pods", "--all-namespaces", "-o", "name")
+        assert out.returncode == 1 and "t-no-system-pods" in out.stderr and "etcd-0" not in out.stdout, out
+        out = cluster.kubectl("deployer", "get", "pods", "-n", "apps", "-o", "name")  # one namespace still is
+        assert out.returncode == 0 and "web-0" in out.stdout, out.stderr
+    finally:
+        cluster.kube.delete_object("pods", "etcd-0", "kube-system")
 
 
 def test_masked_secret_values_are_not_written_back(cluster: Cluster) -> None:

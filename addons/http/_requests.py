@@ -732,6 +732,8 @@ def k8s_attrs(info: K8sRequest) -> dict[str, Any]:
         "api_group": info.api_group or "core",
         "namespace": info.namespace,
     }
+    if info.all_namespaces:
+        attrs["all_namespaces"] = True
     if info.subresource:
         attrs["subresource"] = info.subresource
     if info.name:
@@ -967,6 +969,7 @@ def reveal_request(call: K8sCall) -> Request:
         "resource": "secrets",
         "api_group": "core",
         "namespace": info.namespace,
+        **({"all_namespaces": True} if info.all_namespaces else {}),
         **({"name": info.name} if info.name else {}),
     }
     return Request(

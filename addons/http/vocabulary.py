@@ -273,6 +273,24 @@ class _Names(Glob):
         return pred
 
 
+@dataclass(frozen=True)
+class _Namespaces(Glob):
+    """``namespaces:``. A request across all namespaces (``kubectl get pods -A``, and the ``reveal`` of its
+    answer) reads every namespace: every restriction (deny, approve, mask) with ``namespaces`` matches it,
+    so that a deny on ``kube-system`` is not dodged by listing all of them. Permissions read the request's
+    namespace, ``""`` for such a request as for a cluster-scoped one."""
+
+    def compile(self, value: Any) -> Predicate:
+        matches = super().compile(value)
+
+        def pred(request: Request, quantifier: Quantifier) -> bool:
+            if quantifier == "any" and request.attrs.get("all_namespaces") is True:
+                return True
+            return matches(request, quantifier)
+
+        return pred
+
+
 # kubectl's singular names of built-in resources; the API (and RBAC, and these rules) use the plural
 _K8S_SINGULAR = {
     "pod": "pods",
@@ -333,7 +351,14 @@ K8S_VOCABULARY = Vocabulary(
         ),
         Glob("subresources", attr="subresource", description="subresource (log, exec, status, scale, ...)"),
         Glob("api_groups", attr="api_group", description="API group; `core` is the core group"),
-        Glob("namespaces", attr="namespace", description="namespace; cluster-scoped requests have none"),
+        _Namespaces(
+            "namespaces",
+            attr="namespace",
+            description=(
+                "namespace; cluster-scoped requests have none; a request across all namespaces matches every "
+                "deny, approve or mask rule with namespaces"
+            ),
+        ),
         _Names(
             "names",
             attr="name",
