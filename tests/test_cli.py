@@ -177,7 +177,8 @@ def test_commands_that_reach_no_target_read_a_config_whose_target_variables_are_
     approvals_port = free_port()
     config.write_text(
         f"version: 1\nstate_dir: {tmp_path / 'state'}\nrulepacks: []\n"
-        f"approvals: {{listen: '127.0.0.1:{approvals_port}'}}\n"
+        f"approvals:\n  listen: '127.0.0.1:{approvals_port}'\n"
+        "  webhooks: [{url: '${LICTOR_TEST_UNSET_HOOK}', secret: '${LICTOR_TEST_UNSET_HOOK_SECRET}'}]\n"
         "targets:\n  host1:\n    protocol: ssh\n    listen: 127.0.0.1:2222\n"
         "    upstream:\n      host: ${LICTOR_TEST_UNSET_HOST}\n      user: ${LICTOR_TEST_UNSET_USER}\n"
     )
@@ -192,7 +193,7 @@ def test_commands_that_reach_no_target_read_a_config_whose_target_variables_are_
         out = lictor(*args, "-c", str(config), check=False)
         assert out.returncode != 0 and expected in out.stderr and "is not set" not in out.stderr, (args, out)
     run = lictor("run", "-c", str(config), check=False)
-    assert run.returncode == 1 and "environment variable LICTOR_TEST_UNSET_HOST is not set" in run.stderr, run
+    assert run.returncode == 1 and "environment variable LICTOR_TEST_UNSET_HOOK is not set" in run.stderr, run
 
 
 def test_audit_verify_detects_tampering_through_the_cli(tmp_path: Path):

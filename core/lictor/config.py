@@ -186,8 +186,9 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offli
     """Load and validate ``lictor.yaml``; raise ConfigError with the position of the problem.
 
     ``offline``: for commands that never reach a target (tokens, status, audit, approvals, recordings,
-    rule packs), an unset variable in ``targets:`` is empty instead of an error: it names what only the
-    gateway's environment has, such as a target's host or credentials."""
+    rule packs), an unset variable in ``targets:`` or ``approvals:`` is empty instead of an error: it names
+    what only the gateway's environment has, such as a target's host or credentials, or a webhook's secret.
+    (``lictor approvals`` then finds an unset ``approvals.listen`` empty, and says it is not set.)"""
     path = Path(path)
     env = os.environ if env is None else env
     try:
@@ -201,7 +202,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offli
     if len(docs) != 1 or not isinstance(docs[0], LocDict):
         raise ConfigError(f"{path}:1:1: the gateway config must be one YAML mapping")
     fallback = Location(str(path), 1, 1)
-    doc = _interpolate(docs[0], fallback, env, unset_ok_keys=("targets",) if offline else ())
+    doc = _interpolate(docs[0], fallback, env, unset_ok_keys=("targets", "approvals") if offline else ())
     validator = jsonschema.Draft202012Validator(CONFIG_SCHEMA)
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
