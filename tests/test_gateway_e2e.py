@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -576,3 +577,30 @@ async def test_rule_pack_edits_go_live_while_an_addon_is_broken(tmp_path):
     assert session.decide_now(kv).rule_ids == ("lictor:addon-broken",)
     await session.close()
     gw.audit.close()
+
+
+def test_the_masking_key_is_never_readable_by_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It was written with the umask's mode (0644) and chmod-ed after: for a moment any local user could
+    # read the key that keeps hashed card numbers from being found by trying every number.
+    import stat
+
+    from lictor import AddonManager, Gateway, GatewayConfig
+
+    seen: list[int] = []
+    real_chmod = Path.chmod
+
+    def chmod(self: Path, mode: int, **kw: Any) -> None:
+        if self.name == "mask.key":
+            seen.append(stat.S_IMODE(os.stat(self).st_mode))
+        real_chmod(self, mode, **kw)
+
+    monkeypatch.setattr(Path, "chmod", chmod)
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "state").mkdir()
+        Gateway(GatewayConfig.default(tmp_path / "state"), AddonManager())
+    finally:
+        os.umask(old)
+    key = tmp_path / "state" / "mask.key"
+    assert all(mode & 0o077 == 0 for mode in seen), [oct(m) for m in seen]
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(bytes.fromhex(key.read_text().strip())) == 32

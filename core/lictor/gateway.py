@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -239,8 +240,11 @@ class Gateway:
         if path.exists():
             return bytes.fromhex(path.read_text().strip())
         key = secrets.token_bytes(32)
-        path.write_text(key.hex() + "\n")
-        path.chmod(0o600)
+        # Created private, not chmod-ed afterwards: the HMAC key of hash and preserve-length masks is what
+        # keeps a masked card number (few unknown digits) from being found by trying them all.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key.hex() + "\n")
         return key
 
     def _make_verifier(self) -> TokenVerifier:
