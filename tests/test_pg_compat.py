@@ -6,6 +6,7 @@ Shares the database and gateway of test_pg_e2e (its module fixture ``env``)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from lictor_addons.postgres._classify import classify
@@ -131,3 +132,37 @@ def test_asyncpg_pool_and_introspection_for_a_masked_role(env: PgEnv) -> None:  
     assert out[:3] == ["[REDACTED:email]"] * 3
     assert out[3][0] == "[REDACTED:email]" and out[4] is None
     assert "example.com" not in str(out[5]), out[5]
+
+
+def asyncpg_connect(env: PgEnv, role: str) -> Any:  # noqa: F811
+    import asyncpg
+
+    return asyncpg.connect(
+        host="127.0.0.1", port=env.port, database="app", user=f"agent-{role}", password=env.tokens[role], ssl=False
+    )
+
+
+def test_asyncpg_prepare_then_a_plain_statement_and_copy_records(env: PgEnv) -> None:  # noqa: F811
+    # asyncpg's prepare() (and copy_records_to_table's look at the table) ends with Flush, not Sync: the Query
+    # that follows it is no batch the server could skip.
+    async def main() -> list[object]:
+        out: list[object] = []
+        conn = await asyncpg_connect(env, "writer")
+        try:
+            stmt = await conn.prepare("SELECT balance FROM accounts WHERE id = $1")
+            out.append(await conn.execute("UPDATE accounts SET balance = 100 WHERE id = 1"))
+            out.append([await stmt.fetchval(i) for i in (1, 2, 1)])
+            records = [(7000 + i, i) for i in range(500)]
+            out.append(await conn.copy_records_to_table("accounts", records=records, columns=["id", "balance"]))
+            out.append(await conn.fetchval("SELECT count(*) FROM accounts WHERE id >= 7000"))
+        finally:
+            await conn.close()
+        return out
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        count = env.direct("SELECT count(*) FROM accounts WHERE id >= 7000")
+        env.direct("DELETE FROM accounts WHERE id >= 7000")
+    assert out == ["UPDATE 1", [100, 100, 100], "COPY 500", 500], out
+    assert count == [(500,)]

@@ -705,6 +705,7 @@ class Relay:
         # Extended-query messages forwarded since the last Sync: after an error the server skips everything up
         # to Sync, a Query or function call too, and the gateway cannot know which it ran.
         self._open_segment = False
+        self._segment_bound = False  # a Bind was forwarded since the last forwarded Sync
         self._pending_z = 0  # ReadyForQuery messages the server still owes
         self._clean_waiters: list[asyncio.Future[None]] = []
         self._rows: RowMasker | None = None
@@ -1000,6 +1001,7 @@ class Relay:
         self._be_skip = False
         self._segment_execs = 0
         self._open_segment = False
+        self._segment_bound = False
         self._pending_z += 1
         self._expect.append(_Expect(_K_SYNC))
 
@@ -1009,6 +1011,11 @@ class Relay:
 
     def _is_clean(self) -> bool:
         return self._pending_z == 0 and self._segment_execs == 0 and not self._expect
+
+    def _segment_settled(self) -> bool:
+        """The open extended-query segment ran nothing (no Bind, no Execute) and the server answered all of it
+        without an error: it is not skipping to a Sync, so a Query sent now runs, and runs alone."""
+        return self._is_clean() and not self._segment_bound and not self._be_skip and not self._discard
 
     async def _wait_clean(self) -> None:
         while not (self._pending_z == 0 and not self._expect):
@@ -1203,7 +1210,11 @@ class Relay:
         if "\0" in sql:
             raise pg.ProtocolError("malformed Query message: NUL inside the text")
         if self._open_segment:
-            raise pg.ProtocolError("a Query inside an extended-query batch; send Sync before it")
+            if not self._segment_settled():
+                raise pg.ProtocolError("a Query inside an extended-query batch; send Sync before it")
+            # Only Parse, Describe or Close since the last Sync, each answered without an error (asyncpg's
+            # prepare() ends with Flush, not Sync): the server runs the Query as it would after a Sync.
+            self._open_segment = False
         if _lexer_sensitive(raw) and not self._is_clean():
             if self._segment_execs:
                 return self._refuse_sensitive_query(sql)
@@ -1411,6 +1422,7 @@ class Relay:
 
     def _on_bind(self, raw: bytes) -> bytes | None:
         self._open_segment = True
+        self._segment_bound = True
         portal_name, stmt_name, param_formats, params, formats = _parse_bind(raw)
         stmt = self._prepared.get(stmt_name)
         if stmt is None:
