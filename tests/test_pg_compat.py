@@ -166,3 +166,29 @@ def test_asyncpg_prepare_then_a_plain_statement_and_copy_records(env: PgEnv) -> 
         env.direct("DELETE FROM accounts WHERE id >= 7000")
     assert out == ["UPDATE 1", [100, 100, 100], "COPY 500", 500], out
     assert count == [(500,)]
+
+
+def test_asyncpg_cursor_forward_and_fetch_of_its_portal_are_masked(env: PgEnv) -> None:  # noqa: F811
+    # asyncpg's cursors are portals bound in the extended protocol; forward() sends MOVE FORWARD n <portal>.
+    async def main() -> list[object]:
+        out: list[object] = []
+        conn = await asyncpg_connect(env, "readonly")
+        try:
+            async with conn.transaction():
+                cur = await conn.cursor("SELECT id, email, card FROM customers ORDER BY id")
+                out.append([tuple(r) for r in await cur.fetch(1)])
+                out.append(await cur.forward(2))
+                out.append(tuple(await cur.fetchrow() or ()))
+                out.append([tuple(r) for r in await conn.fetch(f"FETCH 1 FROM {cur._portal_name}")])
+                out.append(await conn.execute(f"FETCH 1 FROM {cur._portal_name}"))
+            out.append(await conn.fetchval("SELECT 1"))
+        finally:
+            await conn.close()
+        return out
+
+    out = asyncio.run(main())
+    assert out[0] == [(1, "[REDACTED:email]", "**** **** **** 0004")], out
+    assert out[1] == 2, out
+    assert out[2][:2] == (4, "[REDACTED:email]") and out[2][2].endswith("1111") and "4111" not in out[2][2], out
+    assert out[3][0][:2] == (5, "[REDACTED:email]") and "5500" not in out[3][0][2], out
+    assert out[4] == "FETCH 1" and out[5] == 1, out

@@ -1054,7 +1054,12 @@ class Relay:
                 decisions.append(self._stmt_decision(stmt))
         for name in classified.fetches:
             cursor = self._cursors.get(name)
-            if cursor is None:
+            portal = self._portals.get(name) if cursor is None else None
+            if portal is not None:
+                # A portal bound in the extended protocol (asyncpg's cursors, whose forward() sends MOVE): FETCH
+                # and MOVE are decided, and their rows masked, like the portal's statement.
+                decisions.append(self._stmt_decision(portal.stmt))
+            elif cursor is None:
                 decisions.append(
                     Decision.deny(
                         f"cursor {name!r} was not declared through the gateway, so its query is unknown; "
