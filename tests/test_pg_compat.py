@@ -192,3 +192,120 @@ def test_asyncpg_cursor_forward_and_fetch_of_its_portal_are_masked(env: PgEnv) -
     assert out[2][:2] == (4, "[REDACTED:email]") and out[2][2].endswith("1111") and "4111" not in out[2][2], out
     assert out[3][0][:2] == (5, "[REDACTED:email]") and "5500" not in out[3][0][2], out
     assert out[4] == "FETCH 1" and out[5] == 1, out
+
+
+def test_psycopg2_parameters_savepoints_named_cursors_cancel_and_copy(env: PgEnv) -> None:  # noqa: F811
+    import datetime
+    import decimal
+    import io
+    import threading
+    import uuid
+
+    import psycopg2
+    import psycopg2.extensions
+    import psycopg2.extras
+
+    psycopg2.extras.register_uuid()
+    values = ("it's é\\", 42, decimal.Decimal("1.50"), b"\x00'\x01", [1, None], datetime.date(2024, 2, 29))
+    u = uuid.uuid4()
+    for role in ("readonly", "writer"):
+        conn = psycopg2.connect(env.dsn(role))  # client-side binding: one Query per execute
+        try:
+            cur = conn.cursor()
+            cur.execute("SELECT %s, %s, %s, %s, %s, %s, %s::uuid, %s, %s::jsonb", (*values, u, None, '{"k": "v"}'))
+            row = cur.fetchone()
+            assert (
+                row[:3] == values[:3] and bytes(row[3]) == values[3] and row[4:] == (*values[4:], u, None, {"k": "v"})
+            )
+            cur.execute("SAVEPOINT s1")
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege) as info:
+                cur.execute("DELETE FROM customers")
+            assert info.value.pgerror.startswith("ERROR:  lictor: DELETE") and "HINT:" in info.value.pgerror
+            assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_INERROR
+            cur.execute("ROLLBACK TO SAVEPOINT s1")
+            cur.execute("SELECT count(*) FROM customers")
+            assert cur.fetchone() == (20,)
+            named = conn.cursor(name="agent_rows")  # DECLARE ... CURSOR, then FETCH FORWARD
+            named.itersize = 3
+            named.execute("SELECT id, email, card FROM customers ORDER BY id")
+            rows = list(named)
+            assert len(rows) == 20
+            conn.rollback()
+            masked = role == "readonly"
+            assert all(("@" not in r[1]) == masked and ("*" in r[2]) == masked for r in rows), rows[:2]
+            timer = threading.Timer(0.5, conn.cancel)
+            timer.start()
+            with pytest.raises(psycopg2.errors.QueryCanceled):
+                cur.execute("SELECT pg_sleep(10)")
+            timer.join()
+            conn.rollback()
+            out = io.StringIO()
+            cur.copy_expert("COPY (SELECT email, card FROM customers WHERE id = 1) TO STDOUT WITH CSV", out)
+            assert ("@" not in out.getvalue()) == masked, out.getvalue()
+            conn.rollback()
+            if role == "writer":
+                cur.copy_expert("COPY accounts (id, balance) FROM STDIN", io.StringIO("9001\t5\n9002\t6\n"))
+                conn.commit()
+                assert env.direct("SELECT count(*) FROM accounts WHERE id > 9000") == [(2,)]
+                cur.execute("DELETE FROM accounts WHERE id > %s", (9000,))
+                conn.commit()
+        finally:
+            conn.close()
+
+
+def test_pg8000_prepared_statements_and_a_denial_in_a_transaction(env: PgEnv) -> None:  # noqa: F811
+    import pg8000.native
+
+    conn = pg8000.native.Connection(
+        "agent-readonly", host="127.0.0.1", port=env.port, database="app", password=env.tokens["readonly"]
+    )
+    try:
+        stmt = conn.prepare("SELECT email, card FROM customers WHERE id = :id")
+        rows = [stmt.run(id=i % 20 + 1)[0] for i in range(40)]
+        stmt.close()
+        assert all(r[0] == "[REDACTED:email]" and "*" in r[1] for r in rows), rows[:2]
+        conn.run("BEGIN")
+        with pytest.raises(pg8000.native.DatabaseError) as info:
+            conn.run("UPDATE accounts SET balance = :b WHERE id = 1", b=0)
+        assert info.value.args[0]["C"] == "42501" and "read-only agents cannot change data" in info.value.args[0]["M"]
+        with pytest.raises(pg8000.native.DatabaseError) as info:
+            conn.run("SELECT 1")
+        assert info.value.args[0]["C"] == "25P02"  # the transaction failed, as at the server
+        conn.run("ROLLBACK")
+        assert conn.run("SELECT count(*) FROM generate_series(1, 50000)") == [[50000]]
+    finally:
+        conn.close()
+
+
+def test_sqlalchemy_dialects_initialise_and_nest_transactions(env: PgEnv) -> None:  # noqa: F811
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    def url(driver: str, role: str) -> str:
+        return f"postgresql+{driver}://agent-{role}:{env.tokens[role]}@127.0.0.1:{env.port}/app"
+
+    for role in ("readonly", "writer"):
+        engine = sa.create_engine(url("psycopg", role), connect_args={"sslmode": "disable"})
+        try:
+            customers = sa.Table("customers", sa.MetaData(), autoload_with=engine)
+            with engine.connect() as conn:
+                with pytest.raises(sa.exc.ProgrammingError), conn.begin_nested():
+                    conn.execute(sa.delete(customers))  # no WHERE: denied for both
+                row = conn.execute(sa.select(customers.c.email).where(customers.c.id == 1)).one()
+                assert (row.email == "[REDACTED:email]") == (role == "readonly"), row
+                conn.rollback()
+        finally:
+            engine.dispose()
+
+    async def with_asyncpg() -> object:
+        engine = create_async_engine(url("asyncpg", "readonly"), connect_args={"ssl": False})
+        try:
+            async with engine.connect() as conn:
+                with pytest.raises(sa.exc.ProgrammingError):
+                    async with conn.begin_nested():
+                        await conn.execute(sa.text("DELETE FROM customers WHERE id = 1"))
+                return (await conn.execute(sa.text("SELECT email FROM customers WHERE id = :i"), {"i": 1})).scalar()
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(with_asyncpg()) == "[REDACTED:email]"
