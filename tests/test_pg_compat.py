@@ -309,3 +309,76 @@ def test_sqlalchemy_dialects_initialise_and_nest_transactions(env: PgEnv) -> Non
             await engine.dispose()
 
     assert asyncio.run(with_asyncpg()) == "[REDACTED:email]"
+
+
+def test_asyncpg_binary_results_masked_timeouts_and_a_held_statement(env: PgEnv) -> None:  # noqa: F811
+    import datetime
+    import decimal
+    import os
+    import uuid
+
+    from tests.conftest import lictor
+
+    env.direct(
+        "CREATE TABLE IF NOT EXISTS asyncpg_profiles (id int PRIMARY KEY, doc jsonb, tags text[], cardnum bigint, "
+        "balance numeric, seen timestamptz);"
+        'INSERT INTO asyncpg_profiles VALUES (1, \'{"email": "ann@example.com", "card": 4111111111111111}\', '
+        "ARRAY['bob@example.com', 'plain'], 4111111111111111, 12.5, '2024-01-01Z') ON CONFLICT DO NOTHING"
+    )
+    url = f"http://127.0.0.1:{env.approvals_port}"
+    approver = {**os.environ, "LICTOR_TOKEN": env.tokens["dba"]}
+    params = ("é", 7, decimal.Decimal("1.25"), b"\x00\x01", '{"k": 1}', [1, None], uuid.uuid4(), None)
+    u = params[6]
+
+    async def main() -> list[object]:
+        import asyncpg
+
+        out: list[object] = []
+        ro = await asyncpg_connect(env, "readonly")  # asyncpg asks for binary results of every type it knows
+        try:
+            out.append(tuple(await ro.fetchrow("SELECT doc, tags, cardnum, balance, seen FROM asyncpg_profiles")))
+            with pytest.raises(asyncio.TimeoutError):
+                await ro.fetchval("SELECT pg_sleep(10)", timeout=0.5)
+            async with ro.transaction():
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await ro.execute("UPDATE accounts SET balance = 0 WHERE id = $1", 1)
+                with pytest.raises(asyncpg.InFailedSQLTransactionError):
+                    await ro.fetchval("SELECT 1")
+            assert not ro.is_in_transaction()  # the COMMIT of the failed transaction rolled it back
+        finally:
+            out.append(await ro.fetchval("SELECT $1::int", 3))
+            await ro.close()
+        wr = await asyncpg_connect(env, "writer")
+        notices: list[str] = []
+        wr.add_log_listener(lambda _conn, msg: notices.append(str(msg)))
+        try:
+            row = await wr.fetchrow(
+                "SELECT $1::text, $2::int, $3::numeric, $4::bytea, $5::jsonb, $6::int[], $7::uuid, $8::text", *params
+            )
+            out.append(tuple(row))
+
+            async def approve() -> None:
+                while not any("waiting for approval " in n for n in notices):
+                    await asyncio.sleep(0.1)
+                note = next(n for n in notices if "waiting for approval " in n)
+                ap = note.split("waiting for approval ", 1)[1].split(":", 1)[0]
+                await asyncio.to_thread(lictor, "approvals", "approve", ap, "--url", url, env=approver)
+
+            task = asyncio.create_task(approve())
+            out.append(await wr.execute("CREATE TABLE asyncpg_approved (id int)"))
+            await asyncio.wait_for(task, 15)
+            out.append(await wr.fetchval("SELECT $1::timestamptz", datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)))
+        finally:
+            await wr.close()
+        return out
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        env.direct("DROP TABLE IF EXISTS asyncpg_approved; DROP TABLE asyncpg_profiles")
+    doc, tags, cardnum, balance, seen = out[0]
+    assert "ann@example.com" not in doc and "4111111111111111" not in doc and "[REDACTED:email]" in doc, doc
+    assert tags == ["[REDACTED:email]", "plain"] and cardnum is None and balance == decimal.Decimal("12.5"), out[0]
+    assert seen == datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC) and out[1] == 3, out
+    assert out[2] == (*params[:4], '{"k": 1}', [1, None], u, None), out[2]
+    assert out[3] == "CREATE TABLE" and out[4] == datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC), out
