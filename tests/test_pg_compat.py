@@ -382,3 +382,42 @@ def test_asyncpg_binary_results_masked_timeouts_and_a_held_statement(env: PgEnv)
     assert seen == datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC) and out[1] == 3, out
     assert out[2] == (*params[:4], '{"k": 1}', [1, None], u, None), out[2]
     assert out[3] == "CREATE TABLE" and out[4] == datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC), out
+
+
+def test_card_numbers_in_exponent_notation_inside_values_are_masked(env: PgEnv) -> None:  # noqa: F811
+    # A float8 prints 4111111111111111 as 4.111111111111111e+15, which no detector reads: a float8 column comes
+    # back NULL; so must its ::text, an array of them, a point, and COPY output, in text, and a point in binary.
+    import asyncpg
+    import psycopg
+
+    env.direct(
+        "CREATE TABLE floats (id int, p point, f8 float8, f8a float8[]);"
+        "INSERT INTO floats VALUES (1, point(4111111111111111, 0), 4111111111111111, ARRAY[4111111111111111, 1.5]),"
+        " (2, point(1.5, 2e20), 1.5, ARRAY[1.5, 1e300])"
+    )
+    try:
+        with env.connect("readonly") as conn:
+            rows = conn.execute("SELECT p::text, f8, f8a FROM floats ORDER BY id").fetchall()
+            rows += conn.execute("SELECT p, f8, f8a FROM floats ORDER BY id").fetchall()
+            assert rows[0] == rows[2] == (None, None, None), rows  # p::text, a cast readonly may write, too
+            assert rows[1][0] == "(1.5,2e+20)" and rows[3][1:] == (1.5, [1.5, 1e300]), rows
+            assert conn.execute("SELECT f8::text FROM floats WHERE id = 1").fetchone() == (None,)
+            copied = []
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                with conn.cursor().copy("COPY floats TO STDOUT") as copy:
+                    copied.extend(bytes(data) for data in copy)
+            assert "exponent notation" in str(info.value) and not any(b"4.111" in c for c in copied), copied
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+
+        async def binary() -> object:
+            c = await asyncpg_connect(env, "readonly")
+            try:
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await c.fetchval("SELECT p FROM floats WHERE id = 1")
+                return await c.fetchval("SELECT f8a FROM floats WHERE id = 1")
+            finally:
+                await c.close()
+
+        assert asyncio.run(binary()) == [None, 1.5]
+    finally:
+        env.direct("DROP TABLE floats")
