@@ -421,3 +421,22 @@ def test_card_numbers_in_exponent_notation_inside_values_are_masked(env: PgEnv) 
         assert asyncio.run(binary()) == [None, 1.5]
     finally:
         env.direct("DROP TABLE floats")
+
+
+def test_masked_values_of_number_literal_types_still_load_in_text(env: PgEnv) -> None:  # noqa: F811
+    # psycopg reads results as text: a card masked inside a bigint[], numeric[], int8range or point would be no
+    # value of its type ({************1111}) and the driver would fail on the whole result.
+    env.direct(
+        "CREATE TABLE literals (id int, arr bigint[], na numeric[], r int8range, p point);"
+        "INSERT INTO literals VALUES (1, ARRAY[4111111111111111, 5], ARRAY[4111111111111111], "
+        "int8range(4111111111111111, 4111111111111112), point(340000000000009, 1)), "
+        "(2, ARRAY[5, NULL], ARRAY[1.5], int8range(1, 5), point(1, 2))"
+    )
+    try:
+        with env.connect("readonly") as conn:
+            rows = conn.execute("SELECT arr, na, r, p FROM literals ORDER BY id").fetchall()
+        assert rows[0] == (None, None, None, None), rows
+        assert rows[1][:2] == ([5, None], [1.5]) and (rows[1][2].lower, rows[1][2].upper) == (1, 5), rows
+        assert rows[1][3] == "(1,2)", rows
+    finally:
+        env.direct("DROP TABLE literals")

@@ -156,6 +156,17 @@ _BINARY_ARRAYS = {
     1231: 1700,  # int8 float8 money numeric
 }
 _INT8, _FLOAT8, _MONEY, _NUMERIC = 20, 701, 790, 1700
+# Types whose text form is a literal made of numbers: arrays of int8, numeric, float8 and money, ranges and
+# multiranges of int8 and numeric (and their arrays), geometric types (and their arrays). A detector's mask
+# inside one (``{************1111}``) is no value of the type, and the agent's driver would fail on the
+# whole result: such a value comes back NULL when masking changes it.
+_NUMBER_LITERALS = frozenset(
+    {
+        *(1016, 1231, 1022, 791),
+        *(3926, 3906, 4536, 4532, 3927, 3907, 6157, 6151),
+        *(600, 601, 602, 603, 604, 628, 718, 1017, 1018, 1019, 1020, 1027, 629, 719),
+    }
+)
 _BINARY_NUMBERS = frozenset({_INT8, _FLOAT8, _MONEY, _NUMERIC})  # read as numbers by _binary_number_text
 
 
@@ -317,6 +328,7 @@ class RowMasker:
         "counts",
         "json",
         "masker",
+        "number_literals",
         "numeric",
         "targets",
         "to_null",
@@ -333,6 +345,7 @@ class RowMasker:
         binary_arrays: dict[int, int] = {}
         to_null: set[int] = set()
         bytea: set[int] = set()
+        number_literals: set[int] = set()
         for i, f in enumerate(fields):
             action = masker.action(i)
             if action == "pass":
@@ -363,8 +376,11 @@ class RowMasker:
                 numeric.add(i)
             elif f.type_oid == _BYTEA:
                 bytea.add(i)
+            elif f.type_oid in _NUMBER_LITERALS:
+                number_literals.add(i)
             targets.append(i)
         self.targets = tuple(targets)
+        self.number_literals = frozenset(number_literals)
         self.bytea = frozenset(bytea)
         self.binary_jsonb = frozenset(binary_jsonb)
         self.json = frozenset(as_json)
@@ -423,6 +439,8 @@ class RowMasker:
                     new = masker.mask_value(i, value)
                     if new is not None and _hides_a_number(masker, i, new):
                         new = None  # f8::text, a float8[], a point: masking cannot rewrite a number inside it
+                    elif new != value and i in self.number_literals:
+                        new = None  # {************1111} is no int8[]: NULL, which the driver parses
             if new != value:
                 values[i] = new
                 changed = True
