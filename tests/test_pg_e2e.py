@@ -647,6 +647,47 @@ def test_evasion_denied_extended_protocol(env: PgEnv, role: str, sql: str) -> No
     assert env.fingerprint() == before
 
 
+# contrib functions that run SQL given as text (tablefunc's crosstab, connectby builds its query from names it
+# is given unquoted, xml2's xpath_table from a relation and a condition): what they run is not seen
+QUERY_RUNNING_CONTRIB: list[tuple[str, str]] = [
+    ("dba", "SELECT * FROM crosstab('SELECT 1::text, 1::text, pg_read_file(''/etc/hostname'')') AS t(r text, c text)"),
+    (
+        "readonly",
+        "SELECT * FROM crosstab('SELECT 1::text, 1::text, reverse(card) FROM customers') AS t(r text, c text)",
+    ),
+    (
+        "readonly",
+        "SELECT * FROM crosstab('SELECT 1::text, 1::text, lo_from_bytea(0, ''x'')::text') AS t(r text, c text)",
+    ),
+    (
+        "dba",
+        "SELECT * FROM connectby('accounts a, pg_read_file(''/etc/hostname'') f', 'f', 'f', '1', 0) "
+        "AS t(k text, p text, l int)",
+    ),
+    (
+        "readonly",
+        "SELECT * FROM xpath_table('id', '''<a>''||reverse(card)||''</a>''', 'customers', '/a', 'true') "
+        "AS t(k int, a text)",
+    ),
+]
+
+
+def test_contrib_functions_that_run_sql_text_are_denied(env: PgEnv) -> None:
+    import psycopg
+
+    env.direct("CREATE EXTENSION IF NOT EXISTS tablefunc; CREATE EXTENSION IF NOT EXISTS xml2")
+    try:
+        objects = env.direct("SELECT count(*) FROM pg_largeobject_metadata")
+        for role, sql in QUERY_RUNNING_CONTRIB:
+            with env.connect(role) as conn:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql).fetchall()
+                assert "pg-deny-dynamic-sql" in str(info.value.diag.message_detail), (sql, info.value)
+        assert env.direct("SELECT count(*) FROM pg_largeobject_metadata") == objects
+    finally:
+        env.direct("DROP EXTENSION IF EXISTS tablefunc; DROP EXTENSION IF EXISTS xml2")
+
+
 def test_function_call_message_is_denied(env: PgEnv) -> None:
     raw = RawClient(env.port, env.tokens["readonly"])
     oid = 2240  # pg_read_file(text) in any catalog; the oid alone is all the message carries

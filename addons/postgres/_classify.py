@@ -171,6 +171,14 @@ SQL_EXECUTING_FUNCTIONS = frozenset(
         "dblink_exec",
         "dblink_open",
         "dblink_send_query",
+        # contrib modules that run a query given as text, or built from names given as text (unquoted, so
+        # any expression fits in): tablefunc's crosstab and connectby, xml2's xpath_table
+        "crosstab",
+        "crosstab2",
+        "crosstab3",
+        "crosstab4",
+        "connectby",
+        "xpath_table",
     }
 )
 
@@ -633,6 +641,7 @@ _DATA_FUNCTIONS = frozenset(
     | {"query_to_xml_and_xmlschema", "pg_stat_get_activity", "pg_stat_get_backend_activity", "get_raw_page"}
     | {"heap_page_items", "pg_logical_slot_peek_changes", "pg_logical_slot_peek_binary_changes"}
     | {"pg_logical_slot_get_changes", "pg_logical_slot_get_binary_changes"}
+    | {"crosstab", "crosstab2", "crosstab3", "crosstab4", "connectby", "xpath_table"}
 )
 # PostgreSQL reads (card).reverse as reverse(card) and c.record_send as record_send(c) (functional notation):
 # a field named like a built-in function of one argument, or alias.f for one that takes a whole row, is
