@@ -688,6 +688,32 @@ def test_contrib_functions_that_run_sql_text_are_denied(env: PgEnv) -> None:
         env.direct("DROP EXTENSION IF EXISTS tablefunc; DROP EXTENSION IF EXISTS xml2")
 
 
+def test_objects_that_would_run_sql_text_later_are_denied(env: PgEnv) -> None:
+    """An operator, a cast or a trigger bound to a function that runs SQL text (or that function renamed)
+    runs that text later under a name the statement that uses it does not show."""
+    import psycopg
+
+    env.direct("CREATE EXTENSION IF NOT EXISTS refint")
+    try:
+        for sql in (
+            "CREATE OPERATOR !! (RIGHTARG = text, FUNCTION = ts_stat)",  # SELECT !! 'SELECT pg_read_file(...)'
+            "CREATE TRIGGER leak BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION "
+            "check_primary_key('customer_id', 'customers c, pg_read_file(''/etc/hostname'') f', 'id')",
+            "ALTER FUNCTION ts_stat(text) RENAME TO innocent",
+        ):
+            with env.connect("dba") as conn:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql)
+                assert "pg-deny-dynamic-sql" in str(info.value.diag.message_detail), (sql, info.value)
+        assert env.direct("SELECT count(*) FROM pg_operator WHERE oprname = '!!' AND oprright = 'text'::regtype") == [
+            (0,)
+        ]
+        assert env.direct("SELECT count(*) FROM pg_trigger WHERE tgname = 'leak'") == [(0,)]
+        assert env.direct("SELECT count(*) FROM pg_proc WHERE proname = 'innocent'") == [(0,)]
+    finally:
+        env.direct("DROP EXTENSION IF EXISTS refint")
+
+
 def test_function_call_message_is_denied(env: PgEnv) -> None:
     raw = RawClient(env.port, env.tokens["readonly"])
     oid = 2240  # pg_read_file(text) in any catalog; the oid alone is all the message carries

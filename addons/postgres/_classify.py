@@ -179,6 +179,9 @@ SQL_EXECUTING_FUNCTIONS = frozenset(
         "crosstab4",
         "connectby",
         "xpath_table",
+        # refint's trigger functions, which build their queries from the trigger's arguments, unquoted
+        "check_primary_key",
+        "check_foreign_key",
     }
 )
 
@@ -1208,7 +1211,6 @@ class _Analysis:
         if bare == "set_config":
             self._set_config(body.get("args", []))
         elif bare in SQL_EXECUTING_FUNCTIONS:
-            self.dynamic = True
             for arg in body.get("args", []):
                 sql = _sval(arg.get("NamedArgExpr", {}).get("arg") if "NamedArgExpr" in arg else arg)
                 if sql:
@@ -1223,15 +1225,19 @@ class _Analysis:
         """A function called in functional notation ((x).name, alias.name): counted as called, so that
         function rules and the checks by name (SQL-running, modifying, data-reading) see it."""
         self._add_function([name])
-        if name in SQL_EXECUTING_FUNCTIONS:
-            self.dynamic = True
 
     def _add_function(self, names: list[str]) -> None:
+        """A function the statement calls, or names for an object to call later (an operator's or a cast's
+        function, a trigger's, one renamed): a SQL-running one makes the statement dynamic wherever it is
+        named, since the object then runs text the gateway does not see (``CREATE OPERATOR !! (RIGHTARG =
+        text, FUNCTION = ts_stat)``, then ``SELECT !! '...'``)."""
         names = [n for n in names if n]
         if names:
             self.functions.add(names[-1].lower())
             if len(names) > 1:
                 self.functions.add(".".join(names).lower())
+            if names[-1].lower() in SQL_EXECUTING_FUNCTIONS:
+                self.dynamic = True
 
     def _referenced_functions(self, body: _Node) -> None:
         """Functions an object created here will call (operators, aggregates, casts, types, ...)."""
