@@ -714,6 +714,27 @@ def test_objects_that_would_run_sql_text_later_are_denied(env: PgEnv) -> None:
         env.direct("DROP EXTENSION IF EXISTS refint")
 
 
+def test_readonly_cannot_kill_rows_with_pg_surgery(env: PgEnv) -> None:
+    # pg_surgery writes the heap without looking at whether the transaction is read-only
+    import psycopg
+
+    env.direct("CREATE EXTENSION IF NOT EXISTS pg_surgery; CREATE EXTENSION IF NOT EXISTS pg_visibility")
+    try:
+        before = env.fingerprint()
+        with env.connect("readonly") as conn:
+            for sql in (
+                "SELECT heap_force_kill('accounts', ARRAY['(0,1)']::tid[])",
+                "SELECT heap_force_freeze('accounts'::regclass, ARRAY['(0,2)'::tid])",
+                "SELECT pg_truncate_visibility_map('accounts')",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql)
+                assert "pg-ro-no-writes" in str(info.value.diag.message_detail), (sql, info.value)
+        assert env.fingerprint() == before
+    finally:
+        env.direct("DROP EXTENSION IF EXISTS pg_surgery; DROP EXTENSION IF EXISTS pg_visibility")
+
+
 def test_function_call_message_is_denied(env: PgEnv) -> None:
     raw = RawClient(env.port, env.tokens["readonly"])
     oid = 2240  # pg_read_file(text) in any catalog; the oid alone is all the message carries

@@ -247,6 +247,11 @@ MODIFYING_FUNCTIONS = frozenset(
         "pg_try_advisory_xact_lock_shared",
         "txid_current",
         "pg_current_xact_id",
+        # contrib: pg_surgery kills or freezes heap tuples, pg_visibility clears the visibility map, and
+        # neither looks at whether the transaction is read-only
+        "heap_force_kill",
+        "heap_force_freeze",
+        "pg_truncate_visibility_map",
     }
 )
 
