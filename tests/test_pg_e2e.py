@@ -735,6 +735,25 @@ def test_readonly_cannot_kill_rows_with_pg_surgery(env: PgEnv) -> None:
         env.direct("DROP EXTENSION IF EXISTS pg_surgery; DROP EXTENSION IF EXISTS pg_visibility")
 
 
+def test_readonly_cannot_read_index_keys_with_pageinspect(env: PgEnv) -> None:
+    # bt_page_items(index, block) prints the index's keys as hex bytes, which no detector reads
+    import psycopg
+
+    env.direct("CREATE EXTENSION IF NOT EXISTS pageinspect; CREATE INDEX customers_email ON customers (email)")
+    try:
+        with env.connect("readonly") as conn:
+            for sql in (
+                "SELECT itemoffset, data FROM bt_page_items('customers_email', 1)",
+                "SELECT (bt_page_items('customers_email', 1)).data",
+                "SELECT bt_page_items(get_raw_page('customers_email', 1))",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql).fetchall()
+                assert "pg-ro-no-transformed-reads" in str(info.value.diag.message_detail), (sql, info.value)
+    finally:
+        env.direct("DROP INDEX customers_email; DROP EXTENSION IF EXISTS pageinspect")
+
+
 def test_function_call_message_is_denied(env: PgEnv) -> None:
     raw = RawClient(env.port, env.tokens["readonly"])
     oid = 2240  # pg_read_file(text) in any catalog; the oid alone is all the message carries
