@@ -1836,6 +1836,30 @@ def test_subscription_passwords_come_back_masked(env: PgEnv) -> None:
         env.direct(f"DROP SUBSCRIPTION {name}")
 
 
+def test_user_mapping_passwords_are_not_read_through_information_schema(env: PgEnv) -> None:
+    # information_schema shows a user mapping's options, its password included, to a superuser login
+    import psycopg
+
+    secret = "s3cret-" + secrets.token_hex(4)
+    env.direct(
+        "CREATE EXTENSION IF NOT EXISTS postgres_fdw; CREATE SERVER lictor_remote FOREIGN DATA WRAPPER postgres_fdw "
+        f"OPTIONS (host 'db.invalid'); CREATE USER MAPPING FOR postgres SERVER lictor_remote OPTIONS (password '{secret}')"
+    )
+    try:
+        for role, sql in (
+            ("readonly", "SELECT option_value FROM information_schema.user_mapping_options"),
+            ("dba", "SELECT umoptions FROM information_schema._pg_user_mappings"),
+            ("writer", "SET search_path = information_schema; SELECT option_value FROM user_mapping_options"),
+        ):
+            with env.connect(role) as conn:
+                cur = psycopg.ClientCursor(conn)
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    cur.execute(sql)
+                assert "pg-deny-credential-catalogs" in str(info.value.diag.message_detail), (sql, info.value)
+    finally:
+        env.direct("DROP EXTENSION postgres_fdw CASCADE")
+
+
 def test_bytea_values_are_masked_by_the_bytes_they_hold(env: PgEnv) -> None:
     # A bytea column printed in hex (the default bytea_output) hides a card number or an address from
     # detectors reading the text: they read the bytes the hex stands for.
