@@ -1860,6 +1860,33 @@ def test_user_mapping_passwords_are_not_read_through_information_schema(env: PgE
         env.direct("DROP EXTENSION postgres_fdw CASCADE")
 
 
+def test_a_relation_named_by_a_function_argument_is_a_relation_read(env: PgEnv) -> None:
+    # table_to_xml('pg_authid', ...) reads pg_authid (password hashes, the gateway login's among them) as
+    # SELECT * FROM pg_authid does; a relation given as an oid or a column could be any relation
+    import psycopg
+
+    env.direct("CREATE EXTENSION IF NOT EXISTS pageinspect")
+    try:
+        with env.connect("dba") as conn:
+            # the same statement with another constant is decided anew, not as the table it read before
+            assert "<orders" in conn.execute("SELECT table_to_xml('orders', true, false, '')").fetchone()[0]
+            for sql, rule in (
+                ("SELECT table_to_xml('pg_authid', true, false, '')", "pg-deny-credential-catalogs"),
+                (
+                    "SELECT table_to_xml('pg_catalog.pg_authid'::regclass, true, false, '')",
+                    "pg-deny-credential-catalogs",
+                ),
+                ("SELECT * FROM heap_page_items(get_raw_page('pg_authid', 0))", "pg-deny-credential-catalogs"),
+                ("SELECT table_to_xml(1260, true, false, '')", "pg-deny-dynamic-sql"),  # pg_authid's oid
+                ("SELECT schema_to_xml('pg_catalog', true, false, '')", "pg-deny-dynamic-sql"),
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql).fetchall()
+                assert rule in str(info.value.diag.message_detail), (sql, info.value)
+    finally:
+        env.direct("DROP EXTENSION IF EXISTS pageinspect")
+
+
 def test_bytea_values_are_masked_by_the_bytes_they_hold(env: PgEnv) -> None:
     # A bytea column printed in hex (the default bytea_output) hides a card number or an address from
     # detectors reading the text: they read the bytes the hex stands for.

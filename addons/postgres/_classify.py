@@ -44,6 +44,7 @@ __all__ = [
     "PARSER_SENSITIVE_SETTINGS",
     "READ_ONLY_GUCS",
     "READ_ONLY_KINDS",
+    "RELATION_READING_FUNCTIONS",
     "ROUNDING_FUNCTIONS",
     "SQL_EXECUTING_FUNCTIONS",
     "ClassificationError",
@@ -183,6 +184,16 @@ SQL_EXECUTING_FUNCTIONS = frozenset(
         "check_primary_key",
         "check_foreign_key",
     }
+)
+
+# Functions that read a relation named by their first argument (a regclass, or a relation name as text):
+# the table they read is that argument's, which the statement names only as a constant.
+RELATION_READING_FUNCTIONS = frozenset(
+    {"table_to_xml", "table_to_xml_and_xmlschema", "table_to_xmlschema", "get_raw_page", "bt_page_items"}
+)
+# Functions that read every table of a schema or of the database: no `tables:` rule can see which.
+_SCHEMA_READERS = frozenset(
+    {"schema_to_xml", "schema_to_xml_and_xmlschema", "database_to_xml", "database_to_xml_and_xmlschema"}
 )
 
 # Built-in functions that change the database even inside a read-only transaction (PostgreSQL lets
@@ -946,6 +957,25 @@ def _catalog_relation(name: str) -> bool:
     return parts[0] in CATALOG_RELATIONS
 
 
+def _relation_named(text: str) -> _Node | None:
+    """The relation a regclass-like text names (``pg_authid``, ``"Orders"``, ``pg_catalog.pg_authid``), as a
+    RangeVar, or None if the text is not just a relation name."""
+    try:
+        tree = _parse(f"SELECT FROM {text}", "relation name")
+    except ClassificationError:
+        return None
+    if len(tree) != 1:
+        return None
+    select = tree[0]["stmt"].get("SelectStmt") or {}
+    sources = select.get("fromClause") or ()
+    if set(select) - {"fromClause", "limitOption", "op"} or len(sources) != 1:
+        return None
+    relation = sources[0].get("RangeVar")
+    if not isinstance(relation, dict) or relation.get("alias") or not relation.get("inh", False):
+        return None
+    return relation
+
+
 def _names(items: Iterable[Any]) -> list[str]:
     return [str(item.get("String", {}).get("sval", "")) for item in items if isinstance(item, dict)]
 
@@ -1215,6 +1245,10 @@ class _Analysis:
         self._add_function(names)
         if bare == "set_config":
             self._set_config(body.get("args", []))
+        elif bare in RELATION_READING_FUNCTIONS:
+            self._relation_argument(bare, body.get("args", []))
+        elif bare in _SCHEMA_READERS:
+            self.dynamic = True
         elif bare in SQL_EXECUTING_FUNCTIONS:
             for arg in body.get("args", []):
                 sql = _sval(arg.get("NamedArgExpr", {}).get("arg") if "NamedArgExpr" in arg else arg)
@@ -1225,6 +1259,23 @@ class _Analysis:
                         self.sql(sql, depth + 1, f"in {bare}() argument")
                     except ClassificationError:
                         continue
+
+    def _relation_argument(self, name: str, args: list[_Node]) -> None:
+        """``table_to_xml('pg_authid', ...)``, ``get_raw_page('customers', 0)``: the relation named by the first
+        argument is read, as ``SELECT * FROM pg_authid`` reads it. A name that is not a constant (an oid, a
+        column, an expression) could be any relation, the credential catalogs included: what is read is unseen.
+        bt_page_items also takes a page that get_raw_page read (its relation is recorded there)."""
+        positional = [arg for arg in args if "NamedArgExpr" not in arg]
+        named = {a["NamedArgExpr"].get("name"): a["NamedArgExpr"].get("arg") for a in args if "NamedArgExpr" in a}
+        first = positional[0] if positional else named.get("tbl", named.get("relname"))
+        if name == "bt_page_items" and _call_name((first or {}).get("FuncCall") or {}) == "get_raw_page":
+            return
+        text = _sval(first)
+        relation = _relation_named(text) if text is not None else None
+        if relation is None:
+            self.dynamic = True
+            return
+        self._range_var(relation, _NO_CTES, 0)
 
     def _field_call(self, name: str) -> None:
         """A function called in functional notation ((x).name, alias.name): counted as called, so that

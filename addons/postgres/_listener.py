@@ -31,7 +31,14 @@ import pgparse
 from lictor import AuditError, AuthError, Request, Target
 
 from . import _protocol as pg
-from ._classify import MODIFYING_KINDS, ROUNDING_FUNCTIONS, SQL_EXECUTING_FUNCTIONS, ClassificationError, classify
+from ._classify import (
+    MODIFYING_KINDS,
+    RELATION_READING_FUNCTIONS,
+    ROUNDING_FUNCTIONS,
+    SQL_EXECUTING_FUNCTIONS,
+    ClassificationError,
+    classify,
+)
 from ._pipe import Pipe, PipeClosed
 from ._requests import request_for_statement, requests_for_sql
 from ._session import Classified, Relay, reason_of
@@ -369,8 +376,11 @@ def build_classified(sql: str, target: str, database: str) -> Classified:
 
 
 _SHAPE_KINDS = frozenset({"select", "insert", "update", "delete", "merge"})
-# Functions whose constant arguments the classifier reads (a setting name, SQL text, a rounding's scale).
-_CONSTANT_READERS = frozenset({"set_config", *SQL_EXECUTING_FUNCTIONS, *ROUNDING_FUNCTIONS})
+# Functions whose constant arguments the classifier reads (a setting name, SQL text, a rounding's scale, the
+# relation table_to_xml reads).
+_CONSTANT_READERS = frozenset(
+    {"set_config", *SQL_EXECUTING_FUNCTIONS, *ROUNDING_FUNCTIONS, *RELATION_READING_FUNCTIONS}
+)
 _SHAPE_KEYWORDS = re.compile(r"\b(limit|fetch|offset)\b", re.IGNORECASE)
 
 
