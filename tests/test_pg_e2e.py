@@ -596,6 +596,9 @@ EVASIONS: list[tuple[str, str]] = [
     ("readonly", "SELECT rolname, rolpassword FROM pg_authid"),
     ("dba", "SELECT usename, passwd FROM pg_catalog.pg_shadow"),
     ("readonly", "SELECT sourcefile, name, setting FROM pg_file_settings"),
+    # ... or the password hashes the planner's statistics hold once pg_authid is analyzed
+    ("dba", "SELECT histogram_bounds FROM pg_stats WHERE tablename = 'pg_authid' AND attname = 'rolpassword'"),
+    ("writer", "SELECT stavalues1 FROM pg_catalog.pg_statistic WHERE starelid = 'pg_authid'::regclass"),
     # an extension's function in functional notation: (x).f is f(x) when no field f exists
     ("readonly", "SELECT ('UPDATE accounts SET balance = 0'::text).dblink_exec"),
     ("readonly", "SELECT ('dbname=app'::text).dblink_connect"),
