@@ -322,7 +322,10 @@ CASES: list[tuple[str, dict[str, object]]] = [
         "ALTER TABLE t ADD COLUMN c int DEFAULT f()",
         {"kind": "alter_table", "tables_written": {"t"}, "functions": {"f"}},
     ),
-    ("ALTER TABLE t RENAME TO u", {"kind": "alter_table", "tables_written": {"t"}}),
+    (
+        "ALTER TABLE t RENAME TO u",
+        {"kind": "alter_table", "tables_written": {"t", "u"}},
+    ),  # u: the table under its new name
     ("ALTER FUNCTION f() OWNER TO bob", {"kind": "alter_other"}),
     ("CREATE INDEX ON t (lower(a))", {"kind": "create_index", "tables_written": {"t"}, "functions": {"lower"}}),
     (

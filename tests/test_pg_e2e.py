@@ -1890,6 +1890,37 @@ def test_a_relation_named_by_a_function_argument_is_a_relation_read(env: PgEnv) 
         env.direct("DROP EXTENSION IF EXISTS pageinspect")
 
 
+def test_a_foreign_table_on_a_loopback_server_reads_what_it_names(env: PgEnv) -> None:
+    # postgres_fdw reads the table its options name, on a server that may be this one: pg_authid under
+    # another local name, or under its own name once a view made over the foreign table is in place
+    import psycopg
+
+    env.direct(
+        "CREATE EXTENSION IF NOT EXISTS postgres_fdw; CREATE SERVER lictor_loop FOREIGN DATA WRAPPER postgres_fdw "
+        f"OPTIONS (host '127.0.0.1', port '5432', dbname '{env.dbname}'); "
+        "CREATE USER MAPPING FOR postgres SERVER lictor_loop OPTIONS (user 'postgres')"
+    )
+    try:
+        with env.connect("dba") as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                conn.execute(
+                    "CREATE FOREIGN TABLE innocent (rolname name, rolpassword text) SERVER lictor_loop "
+                    "OPTIONS (schema_name 'pg_catalog', table_name 'pg_authid')"
+                )
+            assert "pg-deny-credential-catalogs" in str(info.value.diag.message_detail), info.value
+            conn.execute(
+                "CREATE FOREIGN TABLE innocent2 (rolname name, rolpassword text) SERVER lictor_loop "
+                "OPTIONS (schema_name 'pg_catalog')"
+            )
+            conn.execute("CREATE VIEW innocent_view AS SELECT * FROM innocent2")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                conn.execute("ALTER FOREIGN TABLE innocent2 RENAME TO pg_authid")
+            assert "pg-deny-credential-catalogs" in str(info.value.diag.message_detail), info.value
+        assert env.direct("SELECT count(*) FROM pg_class WHERE relname IN ('innocent', 'pg_authid')") == [(1,)]
+    finally:
+        env.direct("DROP EXTENSION postgres_fdw CASCADE")
+
+
 def test_bytea_values_are_masked_by_the_bytes_they_hold(env: PgEnv) -> None:
     # A bytea column printed in hex (the default bytea_output) hides a card number or an address from
     # detectors reading the text: they read the bytes the hex stands for.

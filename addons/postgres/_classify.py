@@ -1315,11 +1315,17 @@ class _Analysis:
                         self._add_function(_names(value))
 
     def _fdw_options(self, body: _Node) -> None:
-        """``OPTIONS (program '...')`` / ``(filename '...')``: file_fdw's COPY PROGRAM and COPY FROM a file."""
+        """``OPTIONS (program '...')`` / ``(filename '...')``: file_fdw's COPY PROGRAM and COPY FROM a file.
+        ``OPTIONS (schema_name 'pg_catalog', table_name 'pg_authid')``: the table postgres_fdw reads for a foreign
+        table, on a server that may be this one (a loopback server reads pg_authid under another name)."""
+        remote: dict[str, str] = {}
         for node in _dicts(body):
             elem = node.get("DefElem")
             if isinstance(elem, dict):
-                where = _FDW_SERVER_ACCESS.get(str(elem.get("defname", "")).lower())
+                defname = str(elem.get("defname", "")).lower()
+                where = _FDW_SERVER_ACCESS.get(defname)
+                if defname in ("schema_name", "table_name") and elem.get("defaction") != "DEFELEM_DROP":
+                    remote[defname] = str(_sval(elem.get("arg")) or "")
                 if where is not None and elem.get("defaction") != "DEFELEM_DROP":
                     value = _sval(elem.get("arg"))
                     if self.copy_target != "program":
@@ -1328,6 +1334,8 @@ class _Analysis:
                         self.copy_program = value
                     else:
                         self.copy_file = value
+        if remote.get("table_name"):
+            self.read.add(".".join(p for p in (remote.get("schema_name"), remote["table_name"]) if p).lower())
 
     def _merge_where(self, body: _Node) -> None:
         """A MERGE that updates or deletes matched rows is a WHERE-less write unless a condition (the join
@@ -1448,6 +1456,11 @@ class _Analysis:
             self.roles.update(_role_name(r.get("RoleSpec")) for r in body.get("roles", ()))
         elif key == "RenameStmt" and body.get("renameType") == "OBJECT_ROLE":
             self.roles.add(str(body.get("subname", "")))
+        elif key == "RenameStmt" and body.get("renameType") in _RELATION_OBJECTS and body.get("newname"):
+            # the relation under its new name is written too: a view made over it still reads it, whatever
+            # it is named now (a foreign table renamed pg_authid reads a loopback server's pg_authid)
+            schema = (body.get("relation") or {}).get("schemaname")
+            self.written.add(".".join(p for p in (schema, str(body["newname"])) if p).lower())
         elif key == "CallStmt":
             call = body.get("funccall")
             if call:
