@@ -567,6 +567,9 @@ EVASIONS: list[tuple[str, str]] = [
     ("dba", "SELECT pg_catalog.pg_ls_dir('.')"),
     ("dba", "SELECT lo_import('/etc/passwd')"),
     ("dba", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"),
+    # a signal to every backend to write its memory contexts to the server log
+    ("writer", "SELECT pg_log_backend_memory_contexts(pid) FROM pg_stat_activity"),
+    ("readonly", "SELECT pg_log_backend_memory_contexts(pg_backend_pid())"),
     ("dba", "SELECT * FROM dblink('dbname=postgres', 'select 1') AS t(x int)"),
     ("readonly", "SELECT * INTO stolen FROM customers"),
     ("readonly", "CREATE TABLE stolen AS SELECT * FROM customers"),
