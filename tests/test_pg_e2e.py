@@ -567,6 +567,10 @@ EVASIONS: list[tuple[str, str]] = [
     ("dba", "SELECT pg_catalog.pg_ls_dir('.')"),
     ("dba", "SELECT lo_import('/etc/passwd')"),
     ("dba", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"),
+    # a copied replication slot holds WAL back as a created one does (the server refuses a slot that does
+    # not exist only after the gateway let the call through)
+    ("dba", "SELECT pg_copy_physical_replication_slot('lictor_no_such_slot', 'lictor_copy')"),
+    ("writer", "SELECT pg_replication_slot_advance('lictor_no_such_slot', pg_current_wal_lsn())"),
     # a signal to every backend to write its memory contexts to the server log
     ("writer", "SELECT pg_log_backend_memory_contexts(pid) FROM pg_stat_activity"),
     ("readonly", "SELECT pg_log_backend_memory_contexts(pg_backend_pid())"),
