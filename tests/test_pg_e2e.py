@@ -603,6 +603,8 @@ EVASIONS: list[tuple[str, str]] = [
     ("readonly", "SELECT rolname, rolpassword FROM pg_authid"),
     ("dba", "SELECT usename, passwd FROM pg_catalog.pg_shadow"),
     ("readonly", "SELECT sourcefile, name, setting FROM pg_file_settings"),
+    ("readonly", "SELECT sourcefile, name, setting FROM pg_show_all_file_settings()"),  # the function behind it
+    ("dba", "SELECT * FROM pg_catalog.pg_hba_file_rules()"),
     # ... or the password hashes the planner's statistics hold once pg_authid is analyzed
     ("dba", "SELECT histogram_bounds FROM pg_stats WHERE tablename = 'pg_authid' AND attname = 'rolpassword'"),
     ("writer", "SELECT stavalues1 FROM pg_catalog.pg_statistic WHERE starelid = 'pg_authid'::regclass"),
