@@ -158,46 +158,51 @@ def test_admin_contract(running: Running) -> None:
     assert running.sshd.run(f"test -e {marker}").returncode == 0
 
 
-def test_admin_line_shell_cannot_turn_line_editing_back_on(running: Running) -> None:
-    # The line shell runs bash --noediting. After `set -o emacs` its readline took the checked line `Z` as
-    # a key macro from an earlier `bind` line and ran `echo ... | xargs rm` (guard-blind-deletes) instead.
-    marker = running.sshd.work / "admin_line_marker"
+def _admin_line_shell_attempt(
+    running: Running, marker_name: str, refused: tuple[str, ...], why: bytes, then: list[str]
+) -> None:
+    """As admin in a line shell: each of ``refused`` is denied for ``why``; the lines ``then`` (meant to delete a
+    marker file through what the refused lines would have set up) leave the marker in place."""
+    marker = running.sshd.work / marker_name
     assert running.sshd.run(f"touch {marker}").returncode == 0
     shell = running.client.shell(running.token("admin"))
     try:
         shell.expect(rb"\$ $")
-        for line in ("set -o emacs", "set -eo vi", "shopt -s -o emacs", "shopt -so vi"):
+        for line in refused:
             shell.send(f"{line}\r".encode())
-            assert b"how commands are read" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
-        shell.send(f'bind \'"Z": "echo {marker} | xargs rm"\'\r'.encode())
-        shell.expect(rb"\$ $")
-        shell.send(b"Z\r")
-        shell.expect(rb"\$ $")
+            assert why in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
+        for line in then:
+            shell.send(f"{line.format(marker=marker)}\r".encode())
+            shell.expect(rb"\$ $")
         shell.send(b"exit\r")
         shell.wait(timeout=15)
     finally:
         shell.close()
     assert running.sshd.run(f"test -e {marker}").returncode == 0, "a command the guardrails deny ran on the target"
+
+
+def test_admin_line_shell_cannot_turn_line_editing_back_on(running: Running) -> None:
+    # The line shell runs bash --noediting. After `set -o emacs` its readline took the checked line `Z` as
+    # a key macro from an earlier `bind` line and ran `echo ... | xargs rm` (guard-blind-deletes) instead.
+    _admin_line_shell_attempt(
+        running,
+        "admin_line_marker",
+        ("set -o emacs", "set -eo vi", "shopt -s -o emacs", "shopt -so vi"),
+        b"how commands are read",
+        ['bind \'"Z": "echo {marker} | xargs rm"\'', "Z"],
+    )
 
 
 def test_admin_line_shell_cannot_set_the_targets_kill_character(running: Running) -> None:
     # After `tset -k @` the target's terminal erased what came before an @: the checked line
     # "echo x@sh -c '...'" (one echo) reached bash as `sh -c 'echo f | xargs rm'` (guard-blind-deletes).
-    marker = running.sshd.work / "admin_kill_marker"
-    assert running.sshd.run(f"touch {marker}").returncode == 0
-    shell = running.client.shell(running.token("admin"))
-    try:
-        shell.expect(rb"\$ $")
-        for line in ("tset -k @", "reset -Q -k@", "stty kill @", "echo -F /dev/tty kill @ | xargs stty"):
-            shell.send(f"{line}\r".encode())
-            assert b"edits the lines it reads" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
-        shell.send(f"echo x@sh -c 'echo {marker} | xargs rm'\r".encode())
-        shell.expect(rb"\$ $")
-        shell.send(b"exit\r")
-        shell.wait(timeout=15)
-    finally:
-        shell.close()
-    assert running.sshd.run(f"test -e {marker}").returncode == 0, "a command the guardrails deny ran on the target"
+    _admin_line_shell_attempt(
+        running,
+        "admin_kill_marker",
+        ("tset -k @", "reset -Q -k@", "stty kill @", "echo -F /dev/tty kill @ | xargs stty"),
+        b"edits the lines it reads",
+        ["echo x@sh -c 'echo {marker} | xargs rm'"],
+    )
 
 
 def test_operator_status_cannot_reach_another_host(running: Running) -> None:
