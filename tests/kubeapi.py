@@ -2014,6 +2014,10 @@ class KubeAPIServer:
         for c in pod["spec"]["containers"]:
             if c["name"] == container:
                 env.update({e["name"]: str(e.get("value", "")) for e in c.get("env", [])})
+        # A real exec starts its process through the container runtime, tens of milliseconds after the
+        # upgrade. The emulated commands take no time, and stdout sent in the same instant as the upgrade
+        # answer was once missing from kubectl's output under load (stderr and the exit status arrived).
+        await asyncio.sleep(0.1)
         running = asyncio.ensure_future(self._run_command(command, io, env))
         try:
             await asyncio.wait({running, receiving}, return_when="FIRST_COMPLETED")
