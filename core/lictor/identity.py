@@ -262,27 +262,24 @@ class TokenVerifier:
             # for again for every token.
             client.get_signing_keys()
         except jwt.PyJWKClientConnectionError as exc:
-            self._jwks_failed[issuer] = (time.monotonic(), str(exc))
-            raise AuthError(f"cannot find the token's signing key: {exc}") from None
+            raise self._jwks_unavailable(issuer, str(exc)) from None
         except jwt.PyJWTError as exc:
-            problem = f"the JWKS is unusable: {_clip(str(exc))}"
-            self._jwks_failed[issuer] = (time.monotonic(), problem)
-            raise AuthError(f"cannot find the token's signing key: {problem}") from None
+            raise self._jwks_unavailable(issuer, f"the JWKS is unusable: {_clip(str(exc))}") from None
         except (OSError, ValueError) as exc:  # a connection reset while reading, a body that is not JSON
-            problem = f"the JWKS could not be read: {type(exc).__name__}: {exc}"
-            self._jwks_failed[issuer] = (time.monotonic(), problem)
-            raise AuthError(f"cannot find the token's signing key: {problem}") from None
+            raise self._jwks_unavailable(issuer, f"the JWKS could not be read: {type(exc).__name__}: {exc}") from None
         try:
             return client.get_signing_key(kid)
         except jwt.PyJWKClientConnectionError as exc:
-            self._jwks_failed[issuer] = (time.monotonic(), str(exc))
-            raise AuthError(f"cannot find the token's signing key: {exc}") from None
+            raise self._jwks_unavailable(issuer, str(exc)) from None
         except jwt.PyJWTError as exc:  # the message quotes the token's kid
             raise AuthError(f"cannot find the token's signing key: {_clip(str(exc))}") from None
-        except (OSError, ValueError) as exc:  # a connection reset while reading, a body that is not JSON
-            problem = f"the JWKS could not be read: {type(exc).__name__}: {exc}"
-            self._jwks_failed[issuer] = (time.monotonic(), problem)
-            raise AuthError(f"cannot find the token's signing key: {problem}") from None
+        except (OSError, ValueError) as exc:  # the refetch for an unknown kid failed
+            raise self._jwks_unavailable(issuer, f"the JWKS could not be read: {type(exc).__name__}: {exc}") from None
+
+    def _jwks_unavailable(self, issuer: str, problem: str) -> AuthError:
+        """The error for a failed fetch of ``issuer``'s keys, which starts its cooldown."""
+        self._jwks_failed[issuer] = (time.monotonic(), problem)
+        return AuthError(f"cannot find the token's signing key: {problem}")
 
     def verify(self, token: str) -> Identity:
         """Return the identity in ``token`` or raise AuthError with a reason the agent can act on."""

@@ -230,7 +230,7 @@ class ApprovalBroker:
             log.error("approvals: cannot read elevations (%s)", exc)
         self.webhooks.start()
         self._tasks.append(loop.create_task(self._sweeper(), name="approvals-sweeper"))
-        if self.server is None and not self.store.notifies:
+        if self._unreachable:
             log.warning(
                 "approvals: approvals.listen is not set, so no approver can reach this gateway "
                 "(`lictor approvals` and the page use its API): requests held for approval expire denied"
@@ -367,13 +367,18 @@ class ApprovalBroker:
     def review_url(self, approval_id: str) -> str:
         return f"{self.public_url}/approvals/{approval_id}" if self.public_url else ""
 
+    @property
+    def _unreachable(self) -> bool:
+        """Nothing serves the approvals API (the CLI and the page use it), and no other replica shares the
+        store: only this gateway's addons can decide."""
+        return self.server is None and not self.store.notifies
+
     def _how_to_decide(self, approval_id: str) -> str:
         url = self.review_url(approval_id)
         # with the URL: the command works as printed from any directory (not only next to lictor.yaml)
         where = f" --url {self.public_url}" if self.public_url else ""
         cli = f"`lictor approvals approve {approval_id}{where}`"
-        if not url and self.server is None and not self.store.notifies:
-            # Nothing serves the approvals API (the CLI talks to it): only this gateway's addons can decide.
+        if not url and self._unreachable:
             return "this gateway serves no approvals API (approvals.listen is not set), so no approver can reach it"
         return f"an approver can decide at {url} or with {cli}" if url else f"an approver can decide with {cli}"
 

@@ -627,11 +627,15 @@ class SessionRecorder:
                 self._unclosed[session.id] = "closed"
                 return
             del self._sessions[session.id]
+        self._sync_end(session.id, live, seq)
+
+    def _sync_end(self, sid: str, live: _Live, seq: int) -> None:
+        """In strict mode, make the end of a recording durable (a failure is logged: the session is over)."""
         if live.strict or self.config.mode == "strict":
             try:
                 self._sync(seq)
             except RecordingError as exc:
-                log.error("session %s: the end of its recording is not durable: %s", session.id, exc)
+                log.error("session %s: the end of its recording is not durable: %s", sid, exc)
 
     def _close_unclosed(self) -> None:
         """Write the end and manifest of the sessions whose close found the spool taking no writes (under the
@@ -644,11 +648,7 @@ class SessionRecorder:
                 except RecordingError:
                     return
                 del self._sessions[sid]
-                if live.strict or self.config.mode == "strict":
-                    try:
-                        self.spool.sync(seq)
-                    except RecordingError as exc:
-                        log.error("session %s: the end of its recording is not durable: %s", sid, exc)
+                self._sync_end(sid, live, seq)
                 log.info("the recording of session %s is closed now that the spool takes writes", sid)
             del self._unclosed[sid]
 

@@ -653,7 +653,6 @@ class GroupCommit:
         self._newest: str | None = None
         self._dir_mtime = -1
         self._ticks = 0
-        self._grew = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failed = ""
@@ -688,7 +687,7 @@ class GroupCommit:
         """One round; True if a segment had grown (and was synced)."""
         # The writer syncs a segment itself when it seals it, so only the newest one needs this; the
         # directory is listed again only when it changed (a segment started or was released).
-        self._grew = False
+        grew = False
         try:
             mtime = os.stat(self.directory).st_mtime_ns
             self._ticks += 1
@@ -696,20 +695,20 @@ class GroupCommit:
             if mtime != self._dir_mtime or self._ticks >= 20:
                 self._dir_mtime = mtime
                 self._ticks = 0
-                self._rescan()
+                grew = self._rescan()
             if self._newest is not None:
-                self._sync_if_grown(self._newest)
+                grew = self._sync_if_grown(self._newest) or grew
         except OSError as exc:
             self._fail(f"fdatasync failed: {exc}")
-        return self._grew
+        return grew
 
-    def _rescan(self) -> None:
+    def _rescan(self) -> bool:
         names = {n for n in os.listdir(self.directory) if n.endswith(_SUFFIX)}
         for name in list(self._fds):
             if name not in names:
                 fd, _ = self._fds.pop(name)
                 os.close(fd)
-        new = False
+        new = grew = False
         for name in sorted(names):
             if name not in self._fds:
                 try:
@@ -718,18 +717,21 @@ class GroupCommit:
                     continue  # released in between
                 self._fds[name] = (fd, -1)
                 new = True
-            self._sync_if_grown(name)  # every segment once (the newest is the writer's alone afterwards)
+            # every segment once (the newest is the writer's alone afterwards)
+            grew = self._sync_if_grown(name) or grew
         self._newest = max(self._fds) if self._fds else None
         if new:
             fsync_dir(self.directory)
+        return grew
 
-    def _sync_if_grown(self, name: str) -> None:
+    def _sync_if_grown(self, name: str) -> bool:
         fd, synced = self._fds[name]
         size = os.fstat(fd).st_size
-        if size != synced:
-            os.fdatasync(fd)
-            self._fds[name] = (fd, size)
-            self._grew = True
+        if size == synced:
+            return False
+        os.fdatasync(fd)
+        self._fds[name] = (fd, size)
+        return True
 
     def _fail(self, message: str) -> None:
         self.failed = message
