@@ -506,6 +506,11 @@ def test_a_connection_has_a_bounded_number_of_open_channels(env: Env) -> None:
         async with env.connect("admin") as conn:
             held = [await conn.create_process("sleep 30", encoding=None) for _ in range(32)]
             refused = await asyncio.wait_for(conn.run("echo over", encoding=None), 20)
+            forward_refused: Any = None
+            try:
+                await conn.open_connection("127.0.0.1", 1)
+            except asyncssh.ChannelOpenError as exc:
+                forward_refused = exc
             sftp_refused: Any = None
             try:
                 async with conn.start_sftp_client():
@@ -517,11 +522,15 @@ def test_a_connection_has_a_bounded_number_of_open_channels(env: Env) -> None:
             again = await asyncio.wait_for(conn.run("echo again", encoding=None), 20)
             for process in held:
                 process.close()
-            return refused, sftp_refused, again
+            return refused, forward_refused, sftp_refused, again
 
-    refused, sftp_refused, again = asyncio.run(run())
+    refused, forward_refused, sftp_refused, again = asyncio.run(run())
     assert refused.exit_status == 255 and refused.stdout == b"", refused
     assert b"lictor: this connection already has 32 open channels" in refused.stderr, refused
+    assert forward_refused is not None and "32 open channels" in forward_refused.reason
+    # The rules allowed the forward; the recording says it was refused all the same.
+    (forward,) = _forwards(env, "agent-admin", "127.0.0.1:1")
+    assert forward["action"] == "allow" and forward["result"] == "refused: channel limit", forward
     assert sftp_refused is not None
     assert again.exit_status == 0 and again.stdout == b"again\n", again
 
@@ -660,6 +669,11 @@ def test_port_forwarding_is_decided_by_rules(env: Env) -> None:
     assert asyncio.run(attempt("admin")).startswith(b"SSH-2.0-OpenSSH")
     denied = asyncio.run(attempt("observer"))
     assert isinstance(denied, str) and "lictor: denied port forwarding (local) to 127.0.0.1:" in denied
+    results = {
+        sub: [f["result"] for f in _forwards(env, sub, f"127.0.0.1:{env.sshd.port}")]
+        for sub in ("agent-admin", "agent-obs")
+    }
+    assert "opened" in results["agent-admin"] and results["agent-obs"] == ["denied"], results
 
 
 # -- approvals -------------------------------------------------------------------------------------
@@ -1395,6 +1409,20 @@ def _shell_line(env: Env, token: str, line: bytes, **size: int) -> None:
         shell.wait(timeout=15)
     finally:
         shell.close()
+
+
+def _forwards(env: Env, sub: str, destination: str) -> list[dict[str, Any]]:
+    """The ``forward`` events of ``sub``'s sessions to ``destination``, once there are any (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [
+            e["data"]
+            for e in _session_events(env, sub)
+            if e.get("kind") == "forward" and e["data"].get("destination") == destination
+        ]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.3)
 
 
 def _transfers(env: Env, sub: str) -> list[dict[str, Any]]:

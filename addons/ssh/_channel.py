@@ -277,7 +277,10 @@ class ChannelHandler:
         subsystem = self.process.subsystem
         for kind in refused_forwarding(self.process.channel):
             what = "agent" if kind == "agent" else "X11"
-            self.record("forward", {"channel": self.number, "direction": kind, "action": "deny", "rule_ids": []})
+            self.record(
+                "forward",
+                {"channel": self.number, "direction": kind, "action": "deny", "rule_ids": [], "result": "denied"},
+            )
             await self._write_err(f"lictor: {what} forwarding is not allowed through the gateway; running without it\n")
         try:
             if subsystem is not None:

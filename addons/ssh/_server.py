@@ -274,33 +274,43 @@ class AgentConnection(asyncssh.SSHServer):
         decision = session.decide_now(request)
         if decision.action == "approve":
             decision = await session.decide(request)
-        session.record(
-            "forward",
-            {
-                "direction": "local",
-                "destination": f"{host}:{port}",
-                "action": decision.action,
-                "rule_ids": list(decision.rule_ids),
-            },
-        )
+
+        def record(result: str) -> None:
+            """The forward and what became of it: an allowed forward may still be refused or fail to connect."""
+            session.record(
+                "forward",
+                {
+                    "direction": "local",
+                    "destination": f"{host}:{port}",
+                    "action": decision.action,
+                    "rule_ids": list(decision.rule_ids),
+                    "result": result,
+                },
+            )
+
         if decision.action != "allow":
+            record("denied")
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, denial_text(request, decision))
         refused = self.take_channel()
         if refused is not None:
+            record("refused: channel limit")
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, refused)
         try:
             lease = await self.pool.acquire()
         except UpstreamError as exc:
             self.release_channel()
+            record(f"failed: {exc}")
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"lictor: {exc}") from None
         bridge = Bridge(lease, self.release_channel)
         try:
             await lease.conn.create_connection(bridge.upstream_session, host, port)
         except (OSError, asyncssh.Error) as exc:
             bridge.close()
+            record(f"failed: the target could not connect: {exc}")
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_CONNECT_FAILED, f"lictor: the target could not connect to {host}:{port}: {exc}"
             ) from None
+        record("opened")
         return bridge.agent_session()
 
     def server_requested(self, listen_host: str, listen_port: int) -> Awaitable[bool]:
@@ -317,6 +327,7 @@ class AgentConnection(asyncssh.SSHServer):
                 "destination": f"{host}:{port}",
                 "action": decision.action,
                 "rule_ids": list(decision.rule_ids),
+                "result": "denied" if decision.action != "allow" else "refused: remote forwarding is not supported",
             },
         )
         if decision.action == "allow":
