@@ -921,6 +921,33 @@ def test_replay_and_audit_list_show_an_agents_control_characters_escaped() -> No
     assert printable("a\x1bb\nc", keep="") == "a\\x1bb\\x0ac"
 
 
+def test_replay_keeps_an_agents_terminal_output_from_rewriting_what_the_auditor_sees(tmp_path: Path) -> None:
+    # Terminal output is the agent's: replayed raw, "\x1b[1A\x1b[2K" moved up and erased the line naming the
+    # denied command, and OSC 52 wrote the auditor's clipboard. Colours and same-line edits still show.
+    async def main() -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        session = await gw.open_session(who("agent-tty"), protocol="ssh", target="db", peer="127.0.0.1:1")
+        session.record("command", {"command": "rm -rf /srv"})
+        session.record("output", {"data": "\x1b[1A\x1b[2Kok\r\nx\x1b]52;c;cm0gLXJmIH4K\x07\x1b[?1049h"})
+        session.record("output", {"data": "\x1b[01;34mdir\x1b[0m\x1b[K\r\n", "channel": 1})
+        session.record("input", {"data": "ls\x1b[A\r"})
+        await session.close()
+        await gw.stop()
+        return session.id
+
+    sid = asyncio.run(main())
+    where = ("--state-dir", str(tmp_path / "state"))
+    shown = lictor_cli("replay", sid, "--no-wait", "--input", *where)
+    assert shown.returncode == 0, shown.stderr
+    # (the command line reads its output as text: "\r\n" arrives as "\n")
+    assert "$ rm -rf /srv\n\\x1b[1A\x1b[2Kok\nx\\x1b]52;c;cm0gLXJmIH4K\\x07\\x1b[?1049h" in shown.stdout, shown.stdout
+    assert "\x1b[01;34mdir\x1b[0m\x1b[K\n" in shown.stdout
+    assert "\x1b[2mls\\x1b[A\\x0d\x1b[0m" in shown.stdout
+    raw = lictor_cli("replay", sid, "--no-wait", "--raw", *where)
+    assert "\x1b[1A\x1b[2Kok\nx\x1b]52;c;cm0gLXJmIH4K\x07\x1b[?1049h" in raw.stdout
+
+
 def test_replay_marks_allowed_decisions_as_allowed() -> None:
     from lictor.recorder._replay import render
 

@@ -158,6 +158,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             wait=not args.no_wait,
             max_idle=parse_interval(args.max_idle, "--max-idle"),
             show_input=args.input,
+            raw=args.raw,
         )
     except KeyboardInterrupt:
         return 130
@@ -230,4 +231,9 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--no-wait", action="store_true", help="print everything at once")
     sp.add_argument("--max-idle", default="2s", help="cap pauses at this long (default 2s)")
     sp.add_argument("--input", action="store_true", help="also show terminal input (dimmed)")
+    sp.add_argument(
+        "--raw",
+        action="store_true",
+        help="terminal output exactly as recorded (full-screen programs of a raw shell); it drives your terminal",
+    )
     sp.set_defaults(func=_run(cmd_replay))

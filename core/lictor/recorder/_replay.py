@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TextIO
 
 from .._text import printable
 
-__all__ = ["asciicast_lines", "is_terminal", "render", "replay"]
+__all__ = ["asciicast_lines", "is_terminal", "render", "replay", "terminal_text"]
 
 
 def _when(t: Any) -> str:
@@ -35,16 +36,45 @@ def _indent(text: str, first: str, rest: str) -> str:
     return "\n".join([first + lines[0], *(rest + line for line in lines[1:])])
 
 
-def render(event: Mapping[str, Any], *, show_input: bool = False) -> str | None:
+_CSI = re.compile(r"\x1b\[([0-9;]*)([mKCDG])")
+"""The control sequences terminal output keeps in a replay: colours and attributes (SGR), erasing in the line
+(EL) and moving along it. None of them reaches above the cursor's line, where the replay's own lines are."""
+
+
+def terminal_text(text: str) -> str:
+    """Terminal output the agent controls, made safe for an auditor's terminal: text, newlines, ``\\r``,
+    backspace and tabs, colours and the sequences that stay on the current line pass; every other control
+    character or sequence is shown as ``\\xNN`` escapes. Output could otherwise move the cursor up and erase
+    the replay's lines naming what ran and what was denied, switch to the alternate screen, write the
+    clipboard (OSC 52) or make the terminal answer a query as if typed."""
+    out: list[str] = []
+    start = 0
+    for match in _CSI.finditer(text):
+        out.append(printable(text[start : match.start()], keep="\n\t\r\b"))
+        out.append(match.group(0))
+        start = match.end()
+    out.append(printable(text[start:], keep="\n\t\r\b"))
+    return "".join(out)
+
+
+def render(event: Mapping[str, Any], *, show_input: bool = False, raw: bool = False) -> str | None:
     """The text of one event as the replay shows it (None: nothing to show).
 
-    ``output`` data is returned raw (terminal bytes as recorded, as a terminal replay must); everything
-    else is a line or a block ending in a newline, with control characters escaped: a statement, a
-    command or a URL is the agent's text, and must not drive the auditor's terminal.
+    Everything is a line or a block ending in a newline, with control characters escaped: a statement, a
+    command or a URL is the agent's text, and must not drive the auditor's terminal. Terminal ``output``
+    keeps what draws text on the current line (see :func:`terminal_text`); ``raw=True`` returns it as
+    recorded, for full-screen programs of a raw shell.
     """
     text = _render(event, show_input=show_input)
-    if text is None or str(event.get("kind", "")) in ("output", "input"):
+    if text is None:
         return text
+    kind = str(event.get("kind", ""))
+    if kind == "output":
+        return text if raw else terminal_text(text)
+    if kind == "input":
+        data = event.get("data")
+        typed = str(data.get("data", "")) if isinstance(data, Mapping) else ""
+        return f"\x1b[2m{typed if raw else printable(typed, keep=chr(10) + chr(9))}\x1b[0m"
     return printable(text)
 
 
@@ -108,9 +138,11 @@ def replay(
     wait: bool = True,
     max_idle: float = 2.0,
     show_input: bool = False,
+    raw: bool = False,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Write the dialogue to ``out``, pausing between events as they happened (``speed`` x)."""
+    """Write the dialogue to ``out``, pausing between events as they happened (``speed`` x); ``raw``: terminal
+    output exactly as recorded (see :func:`render`)."""
     previous: float | None = None
     for event in events:
         t = float(event.get("t") or 0.0)
@@ -120,7 +152,7 @@ def replay(
                 out.flush()
                 sleep(delay)
         previous = t
-        text = render(event, show_input=show_input)
+        text = render(event, show_input=show_input, raw=raw)
         if text:
             out.write(text)
     out.flush()
