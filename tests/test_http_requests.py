@@ -514,6 +514,43 @@ def test_json_keys_in_another_case_do_not_walk_past_a_deny(tmp_path) -> None:  #
         _http("/v1/c", "POST", b'{"limit": 1, "Limit": 2}', "application/json")
 
 
+def test_json_numbers_are_compared_by_value_not_spelling(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A server reads 1e6 as the amount 1000000; the rules saw "1000000.0" and a deny on the amount (or on
+    # seven digits and more) let it through.
+    (tmp_path / "p.yaml").write_text(
+        """format: lictor/v1
+metadata: {name: p, owner: sec}
+identities: [{match: {claims: {role: a}}, roles: [r]}]
+roles:
+  r:
+    rules:
+      - {id: pay, protocol: http, when: {methods: [POST]}, action: allow}
+      - {id: no-million, protocol: http, when: {json: {"$.amount": "1000000"}}, action: deny}
+      - {id: no-huge, protocol: http, when: {json: {"$.amount": "?????????*"}}, action: deny}
+"""
+    )
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "a"})
+
+    def post(amount: str) -> tuple[str, tuple[str, ...]]:
+        request = _http("/v1/pay", "POST", f'{{"amount": {amount}}}'.encode(), "application/json")
+        decision = result.policy.decide(who, request)  # type: ignore[union-attr]
+        return decision.action, decision.rule_ids
+
+    assert post("999999") == ("allow", ("pay",))
+    for spelling in ("1000000", "1e6", "1E6", "1e+6", "1000000.0", "10e5", "1000000.000"):
+        assert post(spelling) == ("deny", ("no-million",)), spelling
+    assert post("1e300")[0] == "deny" and post("123456789.5")[0] == "deny"
+    assert json_attrs(b'{"a": 0.5, "b": -0.0, "c": 2.50}', "application/json") == {
+        "$.a": "0.5",
+        "$.b": "0",
+        "$.c": "2.5",
+    }
+    with pytest.raises(Unreadable, match="too large"):
+        json_attrs(b'{"amount": 1e400}', "application/json")
+
+
 def test_query_parameters_in_another_case_do_not_walk_past_a_deny(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # ASP.NET reads query parameters ignoring case: ?Credit_Limit=5 is its credit_limit.
     (tmp_path / "p.yaml").write_text(JSON_PACK)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import sys
 import zlib
@@ -206,7 +207,11 @@ def decoded_body(raw: bytes, content_encodings: Iterable[str], limit: int) -> by
 
 
 def value_text(value: Any) -> str:
-    """How a JSON scalar (or a rule value) is compared: ``true``, ``false``, ``null``, numbers, strings."""
+    """How a JSON scalar (or a rule value) is compared: ``true``, ``false``, ``null``, numbers, strings.
+
+    A number is its value, not its spelling: ``1e6``, ``1E6``, ``1000000.0`` and ``1000000`` are all
+    ``1000000`` (a server reads them as the same amount; as spelled, ``1e6`` walked past a rule on
+    ``1000000`` or on seven digits and more); other fractions are their shortest form (``0.5``)."""
     if value is True:
         return "true"
     if value is False:
@@ -214,7 +219,7 @@ def value_text(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, float):
-        return json.dumps(value)
+        return str(int(value)) if value.is_integer() else json.dumps(value)
     return str(value)
 
 
@@ -251,6 +256,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        # 1e400: Infinity to a parser of doubles, a large number to one of decimals
+        raise ValueError(f"the number {text[:40]} is too large to read one way only")
+    return value
+
+
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     folded: dict[str, str] = {}
@@ -269,7 +282,7 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def loads_strict(data: bytes | str) -> Any:
     """``json.loads`` refusing duplicate keys (also ignoring case) and NaN/Infinity (ValueError,
     RecursionError)."""
-    return json.loads(data, object_pairs_hook=_pairs, parse_constant=_reject_constant)
+    return json.loads(data, object_pairs_hook=_pairs, parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def _key(prefix: str, key: str) -> str:
