@@ -509,9 +509,27 @@ def test_json_keys_in_another_case_do_not_walk_past_a_deny(tmp_path) -> None:  #
     for spelling in ("credit_limit", "Credit_Limit", "CREDIT_LIMIT"):
         assert post(f'{{"name": "x", "{spelling}": 5}}') == "deny", spelling
     assert post('{"RÔLE": "admin"}') == "deny"  # non-ASCII keys fold too
+    # a server that takes a one-item array for its item (Jackson's UNWRAP_SINGLE_VALUE_ARRAYS) sets it too
+    assert post('{"name": "x", "credit_limit": [5]}') == "deny"
+    assert post('{"rôle": ["admin"]}') == "deny"
+    assert post('{"rôle": [["user"], ["admin"]]}') == "deny"
+    assert post('{"rôle": ["user"]}') == "allow"
     # both spellings in one object: two parsers would disagree on which one counts
     with pytest.raises(Unreadable, match="differ only in case"):
         _http("/v1/c", "POST", b'{"limit": 1, "Limit": 2}', "application/json")
+
+
+def test_an_item_list_rule_also_reads_a_lone_object(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # ... and the other way round: a deny on $.items[*].kind fires for {"items": {"kind": ...}}.
+    (tmp_path / "p.yaml").write_text(
+        JSON_PACK + "      - {id: no-unsafe, protocol: http, when: {json: {'$.items[*].kind': unsafe}}, action: deny}\n"
+    )
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "a"})
+    for body in ('{"items": [{"kind": "unsafe"}]}', '{"items": {"kind": "unsafe"}}'):
+        request = _http("/v1/c", "POST", body.encode(), "application/json")
+        assert result.policy.decide(who, request).rule_ids == ("no-unsafe",), body  # type: ignore[union-attr]
 
 
 def test_json_numbers_are_compared_by_value_not_spelling(tmp_path) -> None:  # type: ignore[no-untyped-def]

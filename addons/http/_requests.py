@@ -291,12 +291,19 @@ def _key(prefix: str, key: str) -> str:
     return f"{prefix}[{json.dumps(key, ensure_ascii=False)}]"
 
 
+def fold_path(path: str) -> str:
+    """A path as :func:`fold_paths` reads it."""
+    return path.casefold().replace("[*]", "")
+
+
 def fold_paths(flattened: Mapping[str, Any]) -> dict[str, Any]:
-    """The flattened body (or query) with case-folded paths (``$.Credit_Limit`` -> ``$.credit_limit``),
-    values of paths that fold together merged: what a server that reads keys ignoring case may see."""
+    """The flattened body (or query) with case-folded paths (``$.Credit_Limit`` -> ``$.credit_limit``) and
+    arrays standing for their items (``$.role[*]`` -> ``$.role``), values of paths that fold together merged:
+    what a server that reads keys ignoring case, or takes a one-item array for its item (Jackson's
+    ``UNWRAP_SINGLE_VALUE_ARRAYS``, lenient binders), may see."""
     out: dict[str, Any] = {}
     for path, value in flattened.items():
-        key = path.casefold()
+        key = fold_path(path)
         have = out.get(key)
         if have is None:
             out[key] = value

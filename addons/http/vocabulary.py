@@ -10,7 +10,7 @@ from typing import Any
 from lictor import Request
 from lictor.vocabulary import Custom, Enum, Glob, Number, Predicate, Quantifier, Vocabulary, glob_to_regex
 
-from ._requests import build_http_requests, build_k8s_requests, value_text
+from ._requests import build_http_requests, build_k8s_requests, fold_path, value_text
 
 _TEMPLATE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _BRACKETED = re.compile(r"\[[^\]]*\]")  # glob character classes such as [{]
@@ -91,8 +91,9 @@ def _mapping_of_globs(attr: str, case_insensitive_keys: bool, folded_attr: str |
 
     With ``folded_attr`` (JSON bodies, query strings) the ``any`` reading also looks at keys spelled in
     another case, as a server that reads keys ignoring case would (ASP.NET model binding, Go's JSON):
-    ``{"Credit_Limit": 5}`` or ``?Credit_Limit=5`` does not walk past a deny on ``credit_limit``. The ``all``
-    reading of a permission stays exact.
+    ``{"Credit_Limit": 5}`` or ``?Credit_Limit=5`` does not walk past a deny on ``credit_limit``; and an array
+    stands for its items, as for a server that takes ``["admin"]`` for ``"admin"``: ``{"role": ["admin"]}``
+    does not walk past a deny on ``$.role``. The ``all`` reading of a permission stays exact.
     """
 
     def compile_(value: Any) -> Predicate:
@@ -107,7 +108,7 @@ def _mapping_of_globs(attr: str, case_insensitive_keys: bool, folded_attr: str |
             ]
             for k, v in value.items()
         }
-        folded = {k.casefold(): pats for k, pats in wanted.items()} if folded_attr else wanted
+        folded = {fold_path(k): pats for k, pats in wanted.items()} if folded_attr else wanted
 
         def pred(request: Request, quantifier: Quantifier) -> bool:
             if folded_attr is not None and quantifier == "any":
