@@ -352,8 +352,12 @@ def test_restrictions_match_case_and_trailing_slash_variants_permissions_do_not(
     result = load_policy([tmp_path], {"http": HTTP_VOCABULARY, "kubernetes": K8S_VOCABULARY})
     assert result.policy is not None, result.errors
     who = Identity("a", {"role": "admin"})
-    for path in ("/admin", "/ADMIN", "/Admin/", "/admin/users", "/aDmIn/USERS/"):
+    for path in ("/admin", "/ADMIN", "/Admin/", "/admin/users", "/aDmIn/USERS/", "/admin.json", "/admin/users.csv/"):
         assert result.policy.decide(who, _http(path)).rule_ids == ("no-admin",), path
+    # Rails routes /admin.json (and /admin.tar.gz) to /admin; Spring's suffix matching /admin.x.json too
+    for path in ("/admin.tar.gz", "/ADMIN.x.json"):
+        assert result.policy.decide(who, _http(path)).rule_ids == ("no-admin",), path
+    assert result.policy.decide(who, _http("/.admin")).action == "allow"
     assert result.policy.decide(who, _http("/administrators")).action == "allow"
     # A permission is exact: the path rule covers /reports/1, not /REPORTS/1 (the wildcard rule does).
     from lictor_addons.http.vocabulary import _paths
@@ -393,7 +397,7 @@ def test_the_path_index_never_hides_a_rule(tmp_path) -> None:  # type: ignore[no
     assert indexed is not None and unindexed is not None
     assert indexed._secondary_attr["http"] == "path_keys"  # the index is in use
     who = Identity("a", {"role": "agent"})
-    words = ["v1", "V1", "customers", "admin", "ADMIN", "a", "x.json", "42", "cust1", "b"]
+    words = ["v1", "V1", "customers", "admin", "ADMIN", "a", "x.json", "42", "cust1", "b", "admin.csv", "a.tar.gz"]
     for _ in range(2000):
         path = "/" + "/".join(rng.choice(words) for _ in range(rng.randint(0, 4))) + rng.choice(["", "/"])
         if path == "//":

@@ -49,17 +49,35 @@ else:
     from backports import zstd
 
 
+def path_variants(path: str) -> tuple[str, ...]:
+    """Spellings of ``path`` that many servers route to the same resource: with and without a trailing
+    slash, and without a format suffix on the last segment (``/export.csv``, ``/42.tar.gz``: Rails takes
+    what follows the first dot as the format, Spring's suffix matching what follows the last)."""
+    bare = path.rstrip("/") or "/"
+    if bare == "/":
+        return (path,)
+    variants = [path, bare, bare + "/"]
+    head, _, last = bare.rpartition("/")
+    for cut in (last.find("."), last.rfind(".")):
+        if cut > 0:
+            stem = f"{head}/{last[:cut]}"
+            variants += [stem, stem + "/"]
+    return tuple(dict.fromkeys(variants))
+
+
 def path_keys(path: str) -> list[str]:
-    """The keys a request path is looked up under in the rule index: each prefix at a segment boundary."""
-    bare = path.rstrip("/").lower()
+    """The keys a request path is looked up under in the rule index: each prefix at a segment boundary (of
+    each of its :func:`path_variants`)."""
     keys = ["/"]
-    i = bare.find("/", 1)
-    while i != -1:
-        keys.append(bare[:i])
-        i = bare.find("/", i + 1)
-    if bare:
-        keys.append(bare)
-    return keys
+    for variant in path_variants(path):
+        bare = variant.rstrip("/").lower()
+        i = bare.find("/", 1)
+        while i != -1:
+            keys.append(bare[:i])
+            i = bare.find("/", i + 1)
+        if bare:
+            keys.append(bare)
+    return list(dict.fromkeys(keys))
 
 
 MAX_DEPTH = 64

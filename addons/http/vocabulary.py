@@ -10,7 +10,7 @@ from typing import Any
 from lictor import Request
 from lictor.vocabulary import Custom, Enum, Glob, Number, Predicate, Quantifier, Vocabulary, glob_to_regex
 
-from ._requests import build_http_requests, build_k8s_requests, fold_path, value_text
+from ._requests import build_http_requests, build_k8s_requests, fold_path, path_variants, value_text
 
 _TEMPLATE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _BRACKETED = re.compile(r"\[[^\]]*\]")  # glob character classes such as [{]
@@ -40,8 +40,9 @@ def path_pattern(pattern: str) -> re.Pattern[str]:
 
 def _paths(value: Any) -> Predicate:
     """Allow rules (``all``) match the path exactly. Restrictions (``any``: deny, approve, mask) also match
-    other spellings many servers treat as the same resource: any letter case and with or without a trailing
-    slash, so ``/ADMIN/`` cannot dodge a deny on ``/admin`` at a case-insensitive upstream."""
+    other spellings many servers treat as the same resource: any letter case, with or without a trailing
+    slash and with or without a format suffix (Rails routes ``/admin/export.csv`` to ``/admin/export``, as
+    Spring's suffix matching did), so ``/ADMIN/`` or ``/admin.json`` cannot dodge a deny on ``/admin``."""
     exact = [path_pattern(str(v)) for v in ([value] if isinstance(value, str) else value)]
     loose = [re.compile(p.pattern, p.flags | re.IGNORECASE) for p in exact]
 
@@ -51,9 +52,7 @@ def _paths(value: Any) -> Predicate:
             return False
         if quantifier == "all":
             return any(p.match(path) for p in exact)
-        bare = path.rstrip("/") or "/"
-        variants = (path, bare, bare + "/") if bare != "/" else (path,)
-        return any(p.match(v) for p in loose for v in variants)
+        return any(p.match(v) for p in loose for v in path_variants(path))
 
     return pred
 
