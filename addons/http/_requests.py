@@ -483,8 +483,12 @@ def form_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
 
 
 def _urlencoded_fields(body: bytes) -> list[tuple[str, str]]:
+    if b";" in body:
+        # Some form parsers split fields at ';' (Perl's CGI, Python before 3.9.2), others keep it in the value:
+        # 'limit=5;role=admin' is one field to one server and two to another.
+        raise Unreadable("';' in a form body (fields are separated by '&'; send ';' in a value as %3B)")
     fields = []
-    for pair in body.decode("latin-1").replace(";", "&").split("&"):
+    for pair in body.decode("latin-1").split("&"):
         if pair:
             raw_key, _, raw_value = pair.partition("=")
             key = unquote_to_bytes(raw_key.replace("+", " ")).decode("utf-8", "replace")
