@@ -1288,6 +1288,47 @@ def test_rsync_over_ssh_for_a_role_allowed_rsync(env: Env) -> None:
     _assert_denied(daemon, "lictor:default-deny")
 
 
+def test_git_clone_and_push_over_ssh(env: Env) -> None:
+    # Agents use git over SSH: the far end is `git-upload-pack '/path'` (fetch) and `git-receive-pack` (push),
+    # each an exec request decided on its program, with a binary pack protocol on stdin and stdout.
+    git = require_binary("git")
+    repo = f"{env.work}/repo.git"
+    seeded = env.direct(
+        f"git init -q --bare {repo} && git init -q {env.work}/seed && cd {env.work}/seed && "
+        "git -c user.email=s@x -c user.name=s commit -q --allow-empty -m seed && "
+        f"git push -q {repo} HEAD:refs/heads/main"
+    )
+    assert seeded.returncode == 0, seeded.stderr
+    transport = shlex.join(["ssh", *env.client.options(), "-p", str(env.client.port)])
+    url = f"ssh://agent@{env.client.host}{repo}"
+
+    def run(role: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+        environ = {**env.client.env(env.tokens[role]), "GIT_SSH_COMMAND": transport, "GIT_TERMINAL_PROMPT": "0"}
+        return subprocess.run(
+            [git, *args], cwd=cwd, capture_output=True, env=environ, timeout=60, check=False, start_new_session=True
+        )
+
+    clone = env.tmp / "git_clone"
+    try:
+        cloned = run("admin", "clone", "-q", "-b", "main", url, str(clone))
+        assert cloned.returncode == 0, _err(cloned)
+        (clone / "agent.txt").write_text("from the agent\n")
+        run("admin", "add", "agent.txt", cwd=clone)
+        committed = run("admin", "-c", "user.email=a@x", "-c", "user.name=a", "commit", "-q", "-m", "agent", cwd=clone)
+        assert committed.returncode == 0, _err(committed)
+        pushed = run("admin", "push", "-q", "origin", "main", cwd=clone)
+        assert pushed.returncode == 0, _err(pushed)
+        log = env.direct(f"git --git-dir={repo} log --format=%s main")
+        assert log.stdout.split() == [b"agent", b"seed"], log
+        # a role whose rules do not allow git-upload-pack: refused, and git says why
+        refused = run("observer", "clone", "-q", url, str(env.tmp / "git_refused"))
+        assert refused.returncode != 0
+        assert "lictor: denied" in _err(refused) and "git-upload-pack" in _err(refused), _err(refused)
+    finally:
+        shutil.rmtree(clone, ignore_errors=True)
+        env.direct(f"rm -rf {repo} {env.work}/seed")
+
+
 def test_an_scp_command_line_run_on_the_target_is_an_exec_request(env: Env) -> None:
     # Every exec starting with "scp " was taken for the far end of legacy scp: a copy the target
     # makes itself failed with "scp: one of the arguments -f -t is required".
