@@ -535,6 +535,40 @@ def test_a_connection_has_a_bounded_number_of_open_channels(env: Env) -> None:
     assert again.exit_status == 0 and again.stdout == b"again\n", again
 
 
+def test_an_identity_has_a_bounded_number_of_connections(env: Env) -> None:
+    # Each connection may hold max_channels channels, each buffering up to its window: one agent opening
+    # connections without end grew the gateway without end. 16 per identity and target by default.
+    token = env.gw.token("agent-many", role="observer")
+
+    async def run() -> tuple[bool, bool, bool]:
+        held = [await env.connect(token=token) for _ in range(16)]
+        try:
+            try:
+                async with env.connect(token=token):
+                    refused = False
+            except asyncssh.PermissionDenied:
+                refused = True
+            async with env.connect("observer") as other:  # another identity is not held up
+                other_ok = (await other.run("true")).exit_status == 0
+            held.pop().close()
+            await asyncio.sleep(0.5)
+            async with env.connect(token=token) as again:
+                again_ok = (await again.run("true")).exit_status == 0
+            return refused, other_ok, again_ok
+        finally:
+            for conn in held:
+                conn.close()
+
+    assert asyncio.run(run()) == (True, True, True)
+    deadline = time.monotonic() + 10
+    while True:
+        listing = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "auth.failed", "--json")
+        if "agent-many already has 16 connections" in listing.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "agent-many already has 16 connections open to this target" in listing.stdout, listing.stdout
+
+
 def test_agent_forwarding_is_refused_with_a_message(env: Env) -> None:
     # OpenSSH asks for agent forwarding without wanting an answer: the gateway refused it silently, and
     # the agent's command ran without its keys with nothing saying why.

@@ -20,6 +20,7 @@ __all__ = ["DEFAULT_LINE_SHELL", "KeyIdentity", "SshTargetConfig", "UpstreamConf
 DEFAULT_LINE_SHELL = "/bin/bash"
 DEFAULT_RECORD_LIMIT = 64 << 20
 DEFAULT_MAX_CHANNELS = 32
+DEFAULT_MAX_CONNECTIONS = 16
 """Channels one agent connection may have open at a time (sessions, SFTP, forwards); OpenSSH allows 10 sessions."""
 
 
@@ -62,6 +63,7 @@ class SshTargetConfig:
     line_shell: str = DEFAULT_LINE_SHELL
     record_output_limit: int = DEFAULT_RECORD_LIMIT
     max_channels: int = DEFAULT_MAX_CHANNELS
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     idle_timeout: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -210,5 +212,6 @@ def _parse(name: str, settings: Mapping[str, Any], resolve: Callable[[str], Path
         line_shell=str(settings.get("line_shell", DEFAULT_LINE_SHELL)),
         record_output_limit=int(settings.get("record_output_limit", DEFAULT_RECORD_LIMIT)),
         max_channels=int(settings.get("max_channels", DEFAULT_MAX_CHANNELS)),
+        max_connections=int(settings.get("max_connections", DEFAULT_MAX_CONNECTIONS)),
         idle_timeout=float(settings.get("idle_timeout", 0)),
     )

@@ -61,6 +61,7 @@ class SshListener:
         self.server: asyncssh.SSHAcceptor | None = None
         self.connections: set[AgentConnection] = set()
         self.closing: set[asyncio.Future[None]] = set()
+        self.per_identity: dict[tuple[str, str], int] = {}  # open authenticated connections per (issuer, sub)
 
     @property
     def port(self) -> int:
@@ -121,6 +122,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._session: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         self._channels = 0
         self._open = 0
+        self._counted: tuple[str, str] | None = None  # the identity this connection counts against
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -132,6 +134,13 @@ class AgentConnection(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections.discard(self)
+        if self._counted is not None:
+            left = self.listener.per_identity.get(self._counted, 1) - 1
+            if left > 0:
+                self.listener.per_identity[self._counted] = left
+            else:
+                self.listener.per_identity.pop(self._counted, None)
+            self._counted = None
         if not self._session.done():
             self._session.set_exception(ConnectionError("the connection was closed"))
             self._session.exception()  # nobody waits: mark it retrieved
@@ -174,6 +183,25 @@ class AgentConnection(asyncssh.SSHServer):
 
     # -- authentication -------------------------------------------------------------------------
 
+    def _over_limit(self, identity: Identity) -> bool:
+        """Whether ``identity`` already has ``max_connections`` connections open to this target; if so the
+        refusal is audited and shown to the agent (each connection may hold ``max_channels`` channels, each
+        buffering up to its window: without a limit per identity, one agent could open them without end)."""
+        limit = self.config.max_connections
+        if self.listener.per_identity.get((identity.issuer, identity.subject), 0) < limit:
+            return False
+        reason = (
+            f"{identity.subject} already has {limit} connections open to this target (the limit); "
+            "close one, or share one connection (ssh -o ControlMaster=auto -o ControlPath=...)"
+        )
+        self.gateway.audit_event(
+            "auth.failed",
+            {"protocol": "ssh", "target": self.config.name, "peer": self.peer, "reason": reason},
+            fail_closed=False,
+        )
+        self._banner(f"lictor: {reason}\n")
+        return True
+
     def begin_auth(self, username: str) -> bool:
         self.username = username
         return True  # authentication is always required
@@ -196,6 +224,8 @@ class AgentConnection(asyncssh.SSHServer):
             log.exception("ssh target %s: token verification failed", self.config.name)
             self._banner("lictor: authentication failed: internal error\n")
             return False
+        if self._over_limit(identity):
+            return False
         self._candidate = (identity, "jwt")
         return True
 
@@ -214,6 +244,8 @@ class AgentConnection(asyncssh.SSHServer):
             token_id=entry.fingerprint,
             method="publickey",
         )
+        if self._over_limit(identity):
+            return False
         self._candidate = (identity, "publickey")
         return True
 
@@ -227,6 +259,8 @@ class AgentConnection(asyncssh.SSHServer):
             issuer=f"ssh-user-ca:{key.get_fingerprint('sha256')}",
             method="certificate",
         )
+        if self._over_limit(identity):
+            return False
         self._candidate = (identity, "certificate")
         return True
 
@@ -239,6 +273,16 @@ class AgentConnection(asyncssh.SSHServer):
             self.close()
             return
         identity, method = candidate
+        key = (identity.issuer, identity.subject)
+        if self.listener.per_identity.get(key, 0) >= self.config.max_connections:
+            # another connection of the same identity completed its login meanwhile
+            log.warning("ssh target %s: %s is at its connection limit; closing", self.config.name, identity.subject)
+            self._session.set_exception(ConnectionError("connection limit"))
+            self._session.exception()
+            self.close()
+            return
+        self.listener.per_identity[key] = self.listener.per_identity.get(key, 0) + 1
+        self._counted = key
         try:
             session = await self.gateway.open_session(
                 identity, protocol="ssh", target=self.config.name, peer=self.peer, method=method

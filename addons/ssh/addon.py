@@ -68,6 +68,12 @@ TARGET_SCHEMA: dict[str, Any] = {
             "maximum": 10000,
             "description": "channels an agent connection may have open at a time (sessions, sftp, forwards)",
         },
+        "max_connections": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 100000,
+            "description": "connections one identity may have open to this target at a time",
+        },
     },
 }
 
