@@ -625,3 +625,51 @@ def test_editing_the_addon_file_reloads_it_and_a_broken_edit_fails_closed(
     _wait_for(audited("addon.reloaded", 2))
     _wait_for(works)
     audit.close()
+
+
+SCRIPTER_PACK = """
+format: lictor/v1
+metadata: {name: redis-scripter}
+identities: [{match: {claims: {role: scripter}}, roles: [scripter]}]
+roles:
+  scripter:
+    rules:
+      - {id: scripter-all, protocol: redis, when: {commands: "*"}, action: allow}
+      - {id: scripter-mask, protocol: redis, action: mask, mask: {detectors: [card]}}
+"""
+
+
+def test_a_malformed_multi_does_not_unmask_status_replies(tmp_path: Path, prefix: str):
+    """``MULTI x`` is refused by Redis, which then runs the next commands at once: their replies are
+    masked like any other (a script's status reply is a simple string, not ``+QUEUED``)."""
+    require(_redis_up(), "redis-server on 127.0.0.1:6379")
+    redis.Redis().set(prefix + "card", CARD)
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "scripter.yaml").write_text(SCRIPTER_PACK)
+    port = free_port()
+    target = {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": {"host": "127.0.0.1", "port": 6379}}
+    config = {**_config({"cache": target}), "rulepacks": [str(packs)]}
+    (tmp_path / "gw").mkdir()
+    proc = GatewayProcess(tmp_path / "gw", config).start()
+    try:
+        token = Gw(proc, port).token("scripter")
+        status = "return {ok=redis.call('GET', KEYS[1])}"
+        replies = _raw(
+            port,
+            cmd("AUTH", token)
+            + cmd("MULTI", "x")
+            + cmd("EVAL", status, "1", prefix + "card")
+            + cmd("MULTI")
+            + cmd("EVAL", status, "1", prefix + "card")
+            + cmd("EXEC")
+            + cmd("EVAL", status, "1", prefix + "card"),
+            7,
+        )
+    finally:
+        proc.stop()
+    assert replies[1] == b"-ERR wrong number of arguments for 'multi' command\r\n"
+    assert replies[2] == b"+[REDACTED:card]\r\n"
+    assert replies[3:5] == [b"+OK\r\n", b"+QUEUED\r\n"]
+    assert replies[5] == b"*1\r\n+[REDACTED:card]\r\n"
+    assert replies[6] == b"+[REDACTED:card]\r\n"

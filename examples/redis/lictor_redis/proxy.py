@@ -377,6 +377,12 @@ class Connection:
         if name == b"quit":
             await self._local(OK, close=True)
             return
+        if name in (b"multi", b"exec", b"discard") and len(args) != 1:
+            # Not forwarded: answered with Redis' wrong-number-of-arguments error, which inside MULTI
+            # aborts the transaction. Neither Redis' transaction state nor the gateway's changes, so
+            # both keep agreeing on whether replies are "+QUEUED".
+            await self._command(args)
+            return
         if name == b"multi":
             await self._multi(args)
             return
@@ -749,11 +755,16 @@ class Connection:
                     break
                 continue
             if isinstance(event, Simple):
-                if slot.queued_in is not None and depth == 0 and event.prefix == SIMPLE_STRING:
-                    if event.body == b"QUEUED":
-                        # Redis queued it (WATCH inside MULTI, for one, runs at once): EXEC's
-                        # reply will have an element for it, masked with its plan.
-                        slot.queued_in.plans.append(slot.plan)
+                if (
+                    slot.queued_in is not None
+                    and depth == 0
+                    and event.prefix == SIMPLE_STRING
+                    and event.body == b"QUEUED"
+                ):
+                    # Redis queued it (WATCH inside MULTI, for one, runs at once): EXEC's reply will
+                    # have an element for it, masked with its plan. Any other reply is data (a script's
+                    # status reply, should Redis not be in a transaction after all) and masked below.
+                    slot.queued_in.plans.append(slot.plan)
                     out += event.raw
                 elif event.prefix in (SIMPLE_STRING, ERROR) and not plan.is_empty:
                     body, counts = plan.mask_bytes(event.body)
