@@ -673,3 +673,45 @@ def test_a_malformed_multi_does_not_unmask_status_replies(tmp_path: Path, prefix
     assert replies[3:5] == [b"+OK\r\n", b"+QUEUED\r\n"]
     assert replies[5] == b"*1\r\n+[REDACTED:card]\r\n"
     assert replies[6] == b"+[REDACTED:card]\r\n"
+
+
+REFUSING_ADDON = """
+class RefuseSessions:
+    name = "refuse-sessions"
+
+    def session_start(self, session):
+        raise RuntimeError("no sessions today")
+
+
+addons = [RefuseSessions()]
+"""
+
+
+def test_a_refused_session_is_answered_with_a_resp_error(tmp_path: Path):
+    """A session that the gateway refuses (a session_start hook fails) gets an error reply to its AUTH,
+    and the connection closes; the session is audited as refused."""
+    require(_redis_up(), "redis-server on 127.0.0.1:6379")
+    refuse = tmp_path / "refuse.py"
+    refuse.write_text(REFUSING_ADDON)
+    port = free_port()
+    target = {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": {"host": "127.0.0.1", "port": 6379}}
+    config = _config({"cache": target})
+    config["addons"] = [ADDON, str(refuse)]
+    (tmp_path / "gw").mkdir()
+    proc = GatewayProcess(tmp_path / "gw", config).start()
+    try:
+        gw = Gw(proc, port)
+        token = gw.token("reader", sub="refused-agent")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(cmd("AUTH", token) + cmd("PING"))
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data == b"-ERR lictor: the gateway refused the session (see its log); retry later\r\n"
+        deadline = time.monotonic() + 10  # the audit log is fed from the spool, a batch behind
+        while not (ends := [e for e in gw.audit("session.end") if e["identity"]["sub"] == "refused-agent"]):
+            assert time.monotonic() < deadline, "the refused session was not audited"
+            time.sleep(0.1)
+        assert "no sessions today" in ends[0]["reason"]
+    finally:
+        proc.stop()

@@ -497,9 +497,19 @@ class Connection:
                 encode_error("ERR lictor: the Redis server behind the gateway is unavailable"), close=True
             )
             return False
-        self.session = await self.gateway.open_session(
-            identity, protocol=PROTOCOL, target=target.name, peer=self.peer, method="jwt"
-        )
+        try:
+            self.session = await self.gateway.open_session(
+                identity, protocol=PROTOCOL, target=target.name, peer=self.peer, method="jwt"
+            )
+        except Exception as exc:
+            # A session_start hook refused it (HookError), or the audit log or the recording cannot
+            # take it (fail closed): the gateway has audited why; the agent gets an answer, not a
+            # connection that closes under its AUTH.
+            log.error("redis target %s: session of %s refused: %s", target.name, identity.subject, exc)
+            await self._local(
+                encode_error("ERR lictor: the gateway refused the session (see its log); retry later"), close=True
+            )
+            return False
         self.parser.max_command_bytes = target.max_command_bytes
         self.parser.max_args = 1024 * 1024
         user_text = user.decode("utf-8", "replace")[:200] if user is not None else None
