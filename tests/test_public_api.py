@@ -98,3 +98,67 @@ def test_the_guide_first_addon_loads_as_written():
     manager.add(*namespace["addons"])  # type: ignore[misc]
     assert "line" in manager.vocabularies and "line" in manager.target_schemas
     assert manager.option("line_banner") == ""
+
+
+async def test_the_guide_names_only_attributes_that_exist():
+    """Every ``gateway.x``, ``session.x``, ``decision.x``, ``target.x``, ``flow.x`` and ``h.x`` that
+    docs/addons.md tells addon authors to use exists on the objects a real gateway hands them."""
+    import re
+
+    from lictor import Flow, testing
+    from lictor.masking import MaskPlan
+
+    from tests.addons.lineproto import LineProtocol
+
+    text = (ROOT / "docs" / "addons.md").read_text()
+    audit_kinds = {"session.start", "session.end"}
+    named = {
+        (obj, attr)
+        for obj, attr in re.findall(r"\b(gateway|session|decision|target|flow|h|plan)\.([a-z_]+)\b", text)
+        if f"{obj}.{attr}" not in audit_kinds
+    }
+    flows: list[Flow] = []
+
+    class Capture:
+        name = "capture"
+
+        def decision(self, flow: Flow) -> None:
+            flows.append(flow)
+
+    targets = {"t": {"protocol": "line", "listen": "127.0.0.1:1"}}
+    async with testing.harness(LineProtocol(), Capture(), targets=targets) as h:
+        session = await h.session(protocol="line", target="t")
+        decision = await session.decide(testing.request("line", "get", verb="get", command="get"))
+        objects = {
+            "gateway": h.gateway,
+            "session": session,
+            "decision": decision,
+            "target": h.gateway.targets("line")[0],
+            "flow": flows[0],
+            "h": h,
+            "plan": MaskPlan.EMPTY,
+        }
+        missing = sorted(f"{obj}.{attr}" for obj, attr in named if not hasattr(objects[obj], attr))
+    assert len(named) > 30  # the pattern still finds what the guide names
+    assert missing == []
+
+
+def test_what_the_addons_use_of_the_gateway_is_documented():
+    """The attributes of the gateway, sessions and decisions that the built-in addons and the examples
+    use are in the guide: an addon author must not have to read the built-in addons to find them."""
+    import re
+
+    guide = (ROOT / "docs" / "addons.md").read_text() + (ROOT / "docs" / "approvals.md").read_text()
+    used: dict[str, set[str]] = {}
+    for path in addon_files():
+        if path.parts[-2] == "addons" and path.parent.parent == ROOT / "tests":
+            continue  # the test addons
+        for obj, attr in re.findall(r"\b(gateway|session|decision)\.([a-z][a-z_]*)\b", path.read_text()):
+            used.setdefault(f"{obj}.{attr}", set()).add(str(path.relative_to(ROOT)))
+    undocumented = {
+        name: sorted(paths)
+        for name, paths in used.items()
+        if name not in guide and f"`{name.split('.', 1)[1]}`" not in guide
+    }
+    assert "session.decide" in used  # the pattern still finds what the addons use
+    assert undocumented == {}
