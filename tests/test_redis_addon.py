@@ -162,7 +162,7 @@ async def test_a_held_command_waits_for_an_approval(env: Env):
         assert not pending.done()
         assert redis.Redis().exists(key) == 1  # nothing forwarded while held
         approver = testing.identity("human", role="approver")
-        await env.h.gateway.approvals.vote(approver, waits[0]["approval_id"], "approve")  # type: ignore[union-attr]
+        await env.h.approve(waits[0]["approval_id"], approver)
         assert await asyncio.wait_for(pending, 10) == 1
         assert redis.Redis().exists(key) == 0
     finally:
@@ -226,10 +226,8 @@ async def test_a_held_command_is_withdrawn_when_the_agent_hangs_up(env: Env, pin
     # with 20000 PINGs, more than one read's worth of commands is queued behind the held DEL
     _, writer, approval_id = await _hold_a_del_with_pings_behind(env, key, pings)
     writer.close()
-    broker = env.h.gateway.approvals
-    assert broker is not None
     for _ in range(100):
-        approval = await broker.get(approval_id)  # type: ignore[attr-defined]
+        approval = await env.h.approval(approval_id)
         if approval.status != "pending":
             break
         await asyncio.sleep(0.05)
@@ -240,9 +238,7 @@ async def test_a_held_command_is_withdrawn_when_the_agent_hangs_up(env: Env, pin
 async def test_commands_pipelined_behind_a_held_command_still_run_after_the_approval(env: Env):
     key = env.prefix + "held"
     reader, writer, approval_id = await _hold_a_del_with_pings_behind(env, key, 3000)
-    await env.h.gateway.approvals.vote(  # type: ignore[union-attr]
-        testing.identity("human", role="approver"), approval_id, "approve"
-    )
+    await env.h.approve(approval_id, testing.identity("human", role="approver"))
     assert await asyncio.wait_for(reader.readline(), 10) == b":1\r\n"
     pongs = 0
     while pongs < 3000:

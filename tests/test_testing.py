@@ -446,3 +446,34 @@ def test_an_async_load_hook_is_refused_not_skipped():
     with pytest.raises(HookError, match="hook 'load' must be synchronous"):
         manager.add(AsyncLoad())
     assert manager.addons == [] and "kv" not in manager.vocabularies
+
+
+async def test_the_harness_reads_back_a_held_requests_approval():
+    pack = (
+        PACK.replace(
+            "      - {id: get, protocol: line, when: {verbs: get}, action: allow}\n",
+            "      - {id: get, protocol: line, when: {verbs: get}, action: allow}\n"
+            "      - {id: put, protocol: line, when: {verbs: put}, action: approve, approval: {approvers: [approver]}}\n",
+        )
+        .replace(
+            "identities: [{match: {claims: {role: reader}}, roles: [reader]}]",
+            "identities:\n"
+            "  - {match: {claims: {role: reader}}, roles: [reader]}\n"
+            "  - {match: {claims: {role: approver}}, roles: [approver]}",
+        )
+        .replace("roles:\n  reader:", "roles:\n  approver: {rules: []}\n  reader:")
+    )
+    async with testing.harness(LineProtocol(), rulepacks=pack) as h:
+        session = await h.session(testing.identity("agent-1", role="reader"), protocol="line")
+        held: asyncio.Queue[str] = asyncio.Queue()
+
+        async def notify(approval_id: str, message: str) -> None:
+            held.put_nowait(approval_id)
+
+        decide = asyncio.create_task(session.decide(testing.request("line", "put", verb="put"), notify))
+        approval_id = await asyncio.wait_for(held.get(), 10)
+        assert (await h.approval(approval_id)).status == "pending"
+        await h.approve(approval_id, testing.identity("human-1", role="approver"))
+        testing.assert_decision(await asyncio.wait_for(decide, 10), "allow", rule="put")
+        assert (await h.approval(approval_id)).status != "pending"
+        assert await h.approval("no-such-approval") is None

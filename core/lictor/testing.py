@@ -166,6 +166,15 @@ class Harness:
         """Deny a held request as ``approver``."""
         return await self._vote(approval_id, approver, "deny", reason)
 
+    async def approval(self, approval_id: str) -> Any:
+        """The approval record of ``approval_id`` (None when there is none): its ``status`` is
+        ``pending`` while the request is held, then ``approved``, ``denied``, ``expired``, ``withdrawn``
+        (the agent went away) or ``used``."""
+        get = getattr(self.gateway.approvals, "get", None)
+        if get is None:
+            raise RuntimeError("this gateway has no approval broker that keeps approvals")
+        return await get(approval_id)
+
     async def _vote(self, approval_id: str, approver: Identity, verdict: str, reason: str) -> Any:
         broker = self.gateway.approvals
         vote = getattr(broker, "vote", None)
