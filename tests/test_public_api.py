@@ -24,6 +24,7 @@ def addon_files() -> list[Path]:
     files = sorted((ROOT / "addons").rglob("*.py"))
     files += sorted((ROOT / "examples").rglob("*.py"))
     files += sorted((ROOT / "tests" / "addons").rglob("*.py"))
+    files += sorted((ROOT / "tests").glob("test_redis_*.py"))  # the example's tests, written as an outsider's
     return files
 
 
