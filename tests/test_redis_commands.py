@@ -6,7 +6,7 @@ import socket
 import sys
 
 import pytest
-from lictor import testing
+from lictor import AddonManager, testing
 
 from tests.conftest import ROOT, require
 
@@ -259,3 +259,13 @@ def test_keys_match_redis_command_getkeys(line):
     args = split_inline(line.encode())
     assert c(line).keys is not None
     assert sorted(c(line).keys) == sorted(_raw_command([b"COMMAND", b"GETKEYS", *args]))
+
+
+def test_the_addons_guard_inspects_only_redis_requests():
+    """The Redis addon's request hook is for redis requests: other protocols' decisions do not run it, and
+    a broken edit of the addon file (whose stand-in denies what the addon inspected) denies only redis."""
+    manager = AddonManager()
+    manager.add(RedisAddon())
+    assert [name for name, _ in manager.hooks_for("request", "redis")] == ["redis"]
+    assert manager.hooks_for("request", "postgres") == []
+    assert manager.hooks_for("request", "ssh") == []
