@@ -154,8 +154,11 @@ def test_what_the_addons_use_of_the_gateway_is_documented():
     for path in addon_files():
         if path.parts[-2] == "addons" and path.parent.parent == ROOT / "tests":
             continue  # the test addons
-        for obj, attr in re.findall(r"\b(gateway|session|decision)\.([a-z][a-z_]*)\b", path.read_text()):
+        source = path.read_text()
+        for obj, attr in re.findall(r"\b(gateway|session|decision)\.([a-z][a-z_]*)\b", source):
             used.setdefault(f"{obj}.{attr}", set()).add(str(path.relative_to(ROOT)))
+        for attr in re.findall(r"\bgateway\.config\.([a-z][a-z_]*)\b", source):
+            used.setdefault(f"config.{attr}", set()).add(str(path.relative_to(ROOT)))
     undocumented = {
         name: sorted(paths)
         for name, paths in used.items()

@@ -71,7 +71,7 @@ class PostgresAddon:
 
     def configure(self, gateway: Gateway) -> None:
         """Check the postgres targets (listen addresses, upstreams) and prepare TLS; raise to refuse."""
-        targets = gateway.config.targets_for("postgres")
+        targets = gateway.targets("postgres")
         if not targets:
             self.listener = None
             return

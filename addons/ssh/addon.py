@@ -94,7 +94,7 @@ class SshAddon:
 
     def configure(self, gateway: Gateway) -> None:
         targets: dict[str, SshTargetConfig] = {}
-        for target in gateway.config.targets_for("ssh"):
+        for target in gateway.targets("ssh"):
             targets[target.name] = parse_target(target.name, target.settings, gateway.config.resolve, gateway.state_dir)
         self.targets = targets
         if targets:  # asyncssh logs every channel at INFO; Lictor records what matters itself
