@@ -159,10 +159,16 @@ def test_what_the_addons_use_of_the_gateway_is_documented():
             used.setdefault(f"{obj}.{attr}", set()).add(str(path.relative_to(ROOT)))
         for attr in re.findall(r"\bgateway\.config\.([a-z][a-z_]*)\b", source):
             used.setdefault(f"config.{attr}", set()).add(str(path.relative_to(ROOT)))
-    undocumented = {
-        name: sorted(paths)
-        for name, paths in used.items()
-        if name not in guide and f"`{name.split('.', 1)[1]}`" not in guide
-    }
+        for attr in re.findall(r"\b(?:plan|masker)\.([a-z][a-z_]*)\b", source):  # lictor.masking's objects
+            used.setdefault(f"masking.{attr}", set()).add(str(path.relative_to(ROOT)))
+    masking = (ROOT / "docs" / "masking.md").read_text().split("## API", 1)[1]
+
+    def documented(name: str) -> bool:
+        obj, attr = name.split(".", 1)
+        if obj == "masking":  # the API summary of docs/masking.md lists the methods of plans and maskers
+            return re.search(rf"\b{attr}\b", masking) is not None
+        return name in guide or f"`{attr}`" in guide
+
+    undocumented = {name: sorted(paths) for name, paths in used.items() if not documented(name)}
     assert "session.decide" in used  # the pattern still finds what the addons use
     assert undocumented == {}
