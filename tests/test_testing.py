@@ -477,3 +477,31 @@ async def test_the_harness_reads_back_a_held_requests_approval():
         testing.assert_decision(await asyncio.wait_for(decide, 10), "allow", rule="put")
         assert (await h.approval(approval_id)).status != "pending"
         assert await h.approval("no-such-approval") is None
+
+
+def test_an_empty_collection_is_covered_by_an_allow_and_none_is_not():
+    """docs/addons.md: an empty collection is covered by every allow condition; unknown is None."""
+    vocabulary = Vocabulary(
+        protocol="kv", fields=(Glob("verbs", attr="verb"), Glob("keys", attr="keys")), index="verbs"
+    )
+
+    class KV:
+        name = "kv"
+
+        def load(self, loader):
+            loader.add_vocabulary(vocabulary)
+
+    pack = """
+format: lictor/v1
+metadata: {name: kv}
+identities: [{match: {claims: {role: r}}, roles: [r]}]
+roles:
+  r:
+    rules:
+      - {id: app-keys, protocol: kv, when: {verbs: get, keys: "app:*"}, action: allow}
+"""
+    policy = testing.policy(pack, KV())
+    who = testing.identity("a", role="r")
+    assert policy.decide(who, testing.request("kv", "get", verb="get", keys=[])).action == "allow"
+    assert policy.decide(who, testing.request("kv", "get", verb="get", keys=None)).action == "deny"
+    assert policy.decide(who, testing.request("kv", "get", verb="get")).action == "deny"
