@@ -245,3 +245,17 @@ async def test_commands_pipelined_behind_a_held_command_still_run_after_the_appr
         assert await asyncio.wait_for(reader.readline(), 10) == b"+PONG\r\n"
         pongs += 1
     writer.close()
+
+
+async def test_a_client_name_given_with_hello_is_recorded_masked(env: Env):
+    token = env.h.gateway.issuer.issue("agent-named", {"role": "reader"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    writer.write(
+        encode_command([b"AUTH", token.encode()])
+        + encode_command([b"HELLO", b"3", b"SETNAME", b"4111111111111111"])
+        + encode_command([b"QUIT"])
+    )
+    await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    (hello,) = [e for e in env.h.events(kind="command") if e["command"] == "HELLO"]
+    assert "4111111111111111" not in hello["args"] and hello["args"].startswith("3 SETNAME ")

@@ -578,7 +578,8 @@ class Connection:
             if b"setname" in options:
                 args += [b"SETNAME", options[b"setname"][0]]
         self.seq += 1
-        self._record("command", {"n": self.seq, "command": "HELLO", "args": " ".join(quote(a) for a in args[1:])})
+        shown, _ = RECORD_PLAN.mask_text(" ".join(quote(a) for a in args[1:]))  # the client name is the agent's
+        self._record("command", {"n": self.seq, "command": "HELLO", "args": shown})
         await self._forward(args, Slot(seq=self.seq, command="HELLO"))
 
     # -- transactions ---------------------------------------------------------------------------
