@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,9 @@ class Env:
         self.ports = ports
         self.token = token
 
-    def connect(self, port_name: str, dbname: str = "app", host: str = "127.0.0.1", **kw: Any) -> Any:
+    def connect(
+        self, port_name: str, dbname: str = "app", host: str = "127.0.0.1", password: str | None = None, **kw: Any
+    ) -> Any:
         import psycopg
 
         return psycopg.connect(
@@ -74,7 +77,7 @@ class Env:
             port=self.ports[port_name],
             user="agent",
             dbname=dbname,
-            password=self.token,
+            password=password or self.token,
             connect_timeout=5,
             autocommit=True,
             **kw,
@@ -114,7 +117,7 @@ def _env(work: Path, cert: Path, key: Path, ca: Path) -> Iterator[Env]:
         cluster.execute(f"SET password_encryption = 'md5'; CREATE ROLE md5_app LOGIN PASSWORD '{MD5_PASSWORD}'")
         cluster.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)", dbname="app")
         cluster.execute("GRANT SELECT ON t TO app_scram, md5_app, tls_app", dbname="app")
-        ports = {name: free_port() for name in ("shared", "tls", "badpw", "remote", "socket")}
+        ports = {name: free_port() for name in ("shared", "tls", "badpw", "remote", "socket", "limited")}
         base = {"host": cluster.host, "port": cluster.port, "database": "app", "sslmode": "disable"}
         targets: dict[str, Any] = {
             "scram": {
@@ -144,6 +147,12 @@ def _env(work: Path, cert: Path, key: Path, ca: Path) -> Iterator[Env]:
                 "listen": f"127.0.0.1:{ports['socket']}",
                 # sslmode applies to TCP only (libpq ignores it for a socket, and so does the gateway)
                 "upstream": {**base, "host": str(cluster.socket_dir), "user": "app_scram", "sslmode": "require"},
+            },
+            "limited": {
+                "protocol": "postgres",
+                "listen": f"127.0.0.1:{ports['limited']}",
+                "max_connections": 2,
+                "upstream": {**base, "user": "app_scram", "password": SCRAM_PASSWORD},
             },
             "badpw": {
                 "protocol": "postgres",
@@ -191,6 +200,35 @@ def test_scram_and_md5_logins_and_target_selection_by_database(env: Env) -> None
     with pytest.raises(psycopg.OperationalError) as info:
         env.connect("shared", dbname="nope")
     assert "not served by this gateway" in str(info.value) and "md5, scram" in str(info.value)
+
+
+def test_an_identity_has_a_bounded_number_of_connections(env: Env) -> None:
+    # Each agent connection holds a server backend: an agent looping over connections took them all.
+    import psycopg
+
+    held = [env.connect("limited", dbname="limited") for _ in range(2)]
+    try:
+        with pytest.raises(psycopg.OperationalError) as info:
+            env.connect("limited", dbname="limited")
+        assert "agent-dba already has 2 connections open to target 'limited'" in str(info.value)
+        other = env.gateway.token("agent-other", role="dba")
+        with env.connect("limited", dbname="limited", password=other) as conn:  # another identity is not held up
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:  # the gateway sees the close a moment later
+            try:
+                again = env.connect("limited", dbname="limited")
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        held.append(again)
+        assert again.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        for conn in held:
+            conn.close()
 
 
 @pytest.mark.parametrize(

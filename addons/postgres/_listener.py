@@ -53,6 +53,8 @@ __all__ = ["PostgresListener", "Route", "parse_listen"]
 log = logging.getLogger("lictor.postgres")
 
 STARTUP_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 32
+"""Connections one identity may have open to a target at a time (target option ``max_connections``)."""
 CACHE_LIMIT = 20_000
 CACHE_TEXT_LIMIT = 16_384
 
@@ -183,6 +185,7 @@ class PostgresListener:
         self._cache: dict[tuple[str, str, str], Classified] = {}
         self._shapes: dict[tuple[str, str, str], Classified] = {}
         self._handshakes: set[asyncio.Task[Any]] = set()
+        self.per_identity: dict[tuple[str, str, str], int] = {}  # open connections per (target, issuer, sub)
 
     # -- configuration -----------------------------------------------------------------------------
 
@@ -483,6 +486,8 @@ class _Handshake:
         self.peer_text = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "?"
         self.tls = False
         self.reader = pg.FrontendReader()
+        self._counted: tuple[str, str, str] | None = None  # the identity this connection counts against
+        self._relaying = False  # the relay owns the count from here on
 
     async def run(self) -> None:
         session = None
@@ -494,6 +499,7 @@ class _Handshake:
             target = self._select_target(startup)
             params, settings = self._check_parameters(startup)
             identity = await asyncio.wait_for(self._authenticate(target), STARTUP_TIMEOUT)
+            self._count(target, identity)
             try:
                 session = await self.gateway.open_session(
                     identity, protocol="postgres", target=target.name, peer=self.peer_text, method="jwt"
@@ -540,6 +546,33 @@ class _Handshake:
             self._audit_refusal("XX000", "internal error in the gateway")
             if session is not None:
                 await session.close(reason="internal error")
+        finally:
+            if not self._relaying:
+                self._uncount()
+
+    def _count(self, target: Target, identity: Any) -> None:
+        """Count this connection against its identity, or refuse it at ``max_connections``: each one holds a
+        server backend, and an agent looping over connections would take the database's all."""
+        limit = int(target.get("max_connections", DEFAULT_MAX_CONNECTIONS))
+        key = (target.name, str(identity.issuer), str(identity.subject))
+        if self.listener.per_identity.get(key, 0) >= limit:
+            raise _Refused(
+                "53300",
+                f"{identity.subject} already has {limit} connections open to target {target.name!r} (the limit)",
+                "Close connections you no longer use, or share them (a connection pool of fewer connections).",
+            )
+        self.listener.per_identity[key] = self.listener.per_identity.get(key, 0) + 1
+        self._counted = key
+
+    def _uncount(self) -> None:
+        key, self._counted = self._counted, None
+        if key is None:
+            return
+        left = self.listener.per_identity.get(key, 1) - 1
+        if left > 0:
+            self.listener.per_identity[key] = left
+        else:
+            self.listener.per_identity.pop(key, None)
 
     def _audit_refusal(self, sqlstate: str, reason: str) -> None:
         self.gateway.audit_event(
@@ -707,6 +740,7 @@ class _Handshake:
         )
 
         def done(relay: Relay) -> None:
+            self._uncount()
             self.listener.relays.discard(relay)
             self.listener.forget_cancel(fake_pid)
             task = asyncio.ensure_future(
@@ -732,6 +766,7 @@ class _Handshake:
             status=upstream.status,
             on_done=done,
         )
+        self._relaying = True
         self.listener.relays.add(relay)
         self.listener.attach_cancel(fake_pid, relay)
         self.agent.write(b"".join(hello))

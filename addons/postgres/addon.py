@@ -32,6 +32,12 @@ TARGET_SCHEMA: dict[str, Any] = {
                 "key": {"type": "string"},
             },
         },
+        "max_connections": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 100000,
+            "description": "connections one identity may have open to this target at a time (default 32)",
+        },
         "read_only_roles": {
             "type": "array",
             "items": {"type": "string"},
