@@ -26,6 +26,7 @@ A rule must see what the upstream will act on, so anything two parsers could rea
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -49,6 +50,7 @@ else:
     from backports import zstd
 
 
+@functools.lru_cache(maxsize=4096)  # called for each path rule a request is checked against
 def path_variants(path: str) -> tuple[str, ...]:
     """Spellings of ``path`` that many servers route to the same resource: with and without a trailing
     slash, and without a format suffix on the last segment (``/export.csv``, ``/42.tar.gz``: Rails takes
