@@ -50,8 +50,13 @@ else:
     from backports import zstd
 
 
-@functools.lru_cache(maxsize=4096)  # called for each path rule a request is checked against
 def path_variants(path: str) -> tuple[str, ...]:
+    """:func:`_path_variants`, remembered for recent short paths (it is called for each path rule a request is
+    checked against; the cache holds at most 1024 paths of at most 2 KiB)."""
+    return _recent_variants(path) if len(path) <= 2048 else _path_variants(path)
+
+
+def _path_variants(path: str) -> tuple[str, ...]:
     """Spellings of ``path`` that many servers route to the same resource: with and without a trailing
     slash, and without a format suffix on the last segment (``/export.csv``, ``/42.tar.gz``: Rails takes
     what follows the first dot as the format, Spring's suffix matching what follows the last)."""
@@ -65,6 +70,9 @@ def path_variants(path: str) -> tuple[str, ...]:
             stem = f"{head}/{last[:cut]}"
             variants += [stem, stem + "/"]
     return tuple(dict.fromkeys(variants))
+
+
+_recent_variants = functools.lru_cache(maxsize=1024)(_path_variants)
 
 
 def path_keys(path: str) -> list[str]:
