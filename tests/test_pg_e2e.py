@@ -1237,6 +1237,37 @@ def test_errors_notices_notifications_and_settings_are_masked_too(env: PgEnv) ->
         assert dba_notices and "@example.com" in dba_notices[0]
 
 
+def test_numbers_written_with_group_separators_are_masked_too(env: PgEnv) -> None:
+    # money prints a card stored in it as $4,111,111,111,111,111.00: a detector sees no card there. As a plain
+    # money column it comes back NULL; as text, inside a money[] or a composite it must too.
+    import psycopg
+
+    env.direct(
+        "DROP TABLE IF EXISTS wallets; DROP TYPE IF EXISTS wallet_entry; "
+        "CREATE TYPE wallet_entry AS (amount money, n int); "
+        "CREATE TABLE wallets (id int, amounts money[], amount money, entry wallet_entry)"
+    )
+    env.direct(
+        "INSERT INTO wallets VALUES (1, ARRAY[4111111111111111::money], 4111111111111111::money, "
+        "ROW(4111111111111111::money, 1)), (2, ARRAY[12.5::money], 12.5::money, ROW(1234567.5::money, 2))"
+    )
+    try:
+        with env.connect("readonly") as conn:
+            rows = conn.execute(
+                "SELECT amounts, amount, amount::text, entry, amounts::text FROM wallets ORDER BY id"
+            ).fetchall()
+            assert rows[0] == (None, None, None, None, None), rows
+            assert rows[1][0] == ["$12.50"] and rows[1][2] == "$12.50" and "1,234,567.50" in rows[1][3], rows
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                with conn.cursor().copy("COPY wallets TO STDOUT") as copy:
+                    list(copy)
+            assert "group separators" in str(info.value)
+        proc = env.psql("readonly", "-At", "-c", "SELECT id, amounts, entry FROM wallets ORDER BY id")
+        assert proc.returncode == 0 and "4,111" not in proc.stdout and "1||\n" in proc.stdout, proc
+    finally:
+        env.direct("DROP TABLE wallets; DROP TYPE wallet_entry")
+
+
 def test_cursor_fetch_is_masked_like_its_query(env: PgEnv) -> None:
     import psycopg
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from lictor.masking import MaskPlan
 from lictor_addons.postgres import _protocol as pg
-from lictor_addons.postgres._session import _masked_texts
+from lictor_addons.postgres._session import _CopyNumbers, _hides_a_number, _masked_texts, _number_masked
 
 PLAN = MaskPlan.compile([{"detectors": ["card", "email"]}])
 
@@ -74,3 +74,27 @@ def test_an_error_found_in_the_statements_text_keeps_its_message_masked() -> Non
 def test_a_position_inside_a_value_parsed_while_the_statement_ran_is_not_enough(fields: dict[str, str]) -> None:
     out = _through(b"E", fields)
     assert "withheld" in out["M"] and "1111" not in str(out)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "$4,111,111,111,111,111.00",  # money under lc_monetary C or en_US
+        "4.111.111.111.111.111,00 \u20ac",  # de_DE
+        "4\u202f111\u202f111\u202f111\u202f111\u202f111,00 \u20ac",  # fr_FR: narrow no-break spaces
+        "4\u00a0111\u00a0111\u00a0111\u00a0111\u00a0111,00 \u20ac",  # no-break spaces
+        "CHF 4'111'111'111'111'111.00",
+    ],
+)
+def test_a_card_spelled_as_money_in_any_locale_is_a_masked_number(text: str) -> None:
+    # A masked session may SET lc_monetary: money then prints a card stored in it with other group separators.
+    masker = _CopyNumbers(PLAN)
+    assert _number_masked(masker, 0, text.encode())
+    assert _hides_a_number(masker, 0, f'{{"{text}"}}'.encode())  # inside a money[] or a composite
+    assert not _number_masked(masker, 0, text.replace("4", "5", 1).encode())  # not a valid card: kept
+
+
+def test_ordinary_amounts_are_not_masked_numbers() -> None:
+    masker = _CopyNumbers(PLAN)
+    for text in ("$1,234,567.50", "1.234.567,50 \u20ac", '{"$12.50","$1,000,000,000.00"}', "(3,1)"):
+        assert not _number_masked(masker, 0, text.encode()) and not _hides_a_number(masker, 0, text.encode())

@@ -175,10 +175,36 @@ _BINARY_NUMBERS = frozenset({_INT8, _FLOAT8, _MONEY, _NUMERIC})  # read as numbe
 _EXPONENT_NUMBER = re.compile(rb"[-+]?[0-9]+(?:\.[0-9]+)?[eE][-+]?[0-9]{1,3}(?![0-9])")  # float8: e+308 at most
 
 
+# A number with group separators: money's text form (``$4,111,111,111,111,111.00``; ``4.111.111.111.111.111,00``
+# or with (narrow) no-break spaces under another lc_monetary), also as text, inside a money[] or a composite.
+# The card detector allows spaces and dashes between digits, not these: the digits are read without them.
+_GROUPED_NUMBER = re.compile(
+    rb"(?<![0-9])(?P<whole>[0-9]{1,3}(?:(?:[,.' ]|\xc2\xa0|\xe2\x80\xaf)[0-9]{3}){3,})(?:[.,][0-9]{1,2})?(?![0-9])"
+)
+
+
 def _hides_a_number(masker: Any, index: int, text: bytes) -> bool:
     """Whether a value holds a number in exponent notation that masking would change (``4.111111111111111e+15``,
-    ``f8::text``; ``{4.111111111111111e+15}``, a float8[]; ``(4.111111111111111e+15,0)``, a point)."""
-    return any(_number_masked(masker, index, m.group()) for m in _EXPONENT_NUMBER.finditer(text))
+    ``f8::text``; ``{4.111111111111111e+15}``, a float8[]; ``(4.111111111111111e+15,0)``, a point), or one
+    written with group separators (``{"$4,111,111,111,111,111.00"}``, a money[]; ``m::text``)."""
+    if any(_number_masked(masker, index, m.group()) for m in _EXPONENT_NUMBER.finditer(text)):
+        return True
+    return _grouped_number_masked(masker, index, text)
+
+
+def _grouped_number_masked(masker: Any, index: int, text: bytes) -> bool:
+    """Whether a number written with group separators in ``text`` is one that masking would change when
+    written in plain digits. Which separator is the decimal one depends on the locale: both readings count
+    (the last group of ``4.111.111.111.111,111`` may be the fraction)."""
+    for m in _GROUPED_NUMBER.finditer(text):
+        whole = m.group("whole")
+        digits = bytes(c for c in whole if 48 <= c <= 57)
+        if len(digits) < 12:
+            continue
+        for candidate in (digits, digits[:-3]):
+            if masker.mask_value(index, candidate) != candidate:
+                return True
+    return False
 
 
 class _CopyNumbers:
@@ -200,6 +226,8 @@ def _number_masked(masker: Any, index: int, text: bytes) -> bool:
         return True
     if len(text) - len(text.translate(None, b"0123456789")) < 12 and b"e" not in text.lower():
         return False  # too few digits for anything a built-in detector looks for (and no exponent)
+    if _grouped_number_masked(masker, index, text):
+        return True  # money under an lc_monetary that groups with dots or spaces: 4.111.111.111.111.111,00 €
     kept = bytes(c for c in text if c in b"0123456789.-+eE")
     try:
         number = Decimal(kept.decode())
@@ -2208,8 +2236,9 @@ class Relay:
                 data = raw[5:]
                 if _hides_a_number(_CopyNumbers(copy_plan), 0, data):
                     self._poison(
-                        "COPY output with a number in exponent notation that spells a masked value (a float8 "
-                        "column) cannot be masked; use SELECT, which returns such a value as NULL",
+                        "COPY output with a number in exponent notation or with group separators that spells a "
+                        "masked value (a float8 or money column) cannot be masked; use SELECT, which returns such a "
+                        "value as NULL",
                         run,
                     )
                     return b""
