@@ -672,6 +672,8 @@ TRANSFORMING = [
     "SELECT translate(table_to_xml('customers', true, false, '')::text, '0123456789', 'abcdefghij')",
     "SELECT encode(convert_to(cursor_to_xml('c', 10, false, true, '')::text, 'UTF8'), 'base64')",
     "SELECT reverse(query) FROM pg_stat_get_activity(NULL)",
+    "SELECT reverse(query) FROM pg_stat_statements(true)",  # the function behind the view
+    "SELECT reverse(query) FROM public.pg_stat_statements",
     # a setting keeps a value for later: set from table data anywhere, a WHERE clause included
     "SELECT count(*) FROM customers WHERE set_config('my.x', card, false) <> '' AND id = 1",
     "SELECT 1 FROM customers WHERE set_config(setting_name => 'my.x', new_value => email, is_local => false) > ''",

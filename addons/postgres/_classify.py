@@ -658,6 +658,7 @@ _DATA_FUNCTIONS = frozenset(
     | {"schema_to_xmlschema", "schema_to_xml_and_xmlschema", "database_to_xml", "database_to_xmlschema"}
     | {"database_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema", "query_to_xml", "query_to_xmlschema"}
     | {"query_to_xml_and_xmlschema", "pg_stat_get_activity", "pg_stat_get_backend_activity", "get_raw_page"}
+    | {"pg_stat_statements"}  # the function behind the pg_stat_statements view: statements' texts
     | {"heap_page_items", "bt_page_items", "pg_logical_slot_peek_changes", "pg_logical_slot_peek_binary_changes"}
     | {"pg_logical_slot_get_changes", "pg_logical_slot_get_binary_changes"}
     | {"crosstab", "crosstab2", "crosstab3", "crosstab4", "connectby", "xpath_table"}
