@@ -1,0 +1,145 @@
+"""The example rule pack's guardrails against a server the tests may change: a throwaway cluster
+(tests/pgcluster.py, with pg_stat_statements loaded) behind a real ``lictor run`` gateway, reached with psycopg
+and psql. Roles, tablespaces and other server-wide objects are created here, never on a shared server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, GatewayProcess, free_port, require
+from tests.pgcluster import PgCluster, running_cluster
+
+pytestmark = pytest.mark.timeout(120)
+
+EXAMPLE_PACKS = ROOT / "examples" / "postgres" / "rulepacks"
+PASSWORD = "hunter2-" + os.urandom(4).hex()
+
+
+class Env:
+    def __init__(self, cluster: PgCluster, gateway: GatewayProcess, port: int) -> None:
+        self.cluster = cluster
+        self.gateway = gateway
+        self.port = port
+        self.tokens: dict[str, str] = {}
+
+    def connect(self, role: str, **kw: Any) -> Any:
+        import psycopg
+
+        return psycopg.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user=f"agent-{role}",
+            dbname="app",
+            password=self.tokens[role],
+            sslmode="disable",
+            connect_timeout=5,
+            autocommit=True,
+            **kw,
+        )
+
+    def direct(self) -> Any:
+        """A session of a human at the server, beside the gateway's."""
+        import psycopg
+
+        return psycopg.connect(
+            host=str(self.cluster.socket_dir), port=self.cluster.port, user="postgres", dbname="app", autocommit=True
+        )
+
+    def psql(self, role: str, sql: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PGPASSWORD": self.tokens[role], "PGSSLMODE": "disable", "PGCONNECT_TIMEOUT": "5"}
+        env.pop("PGSERVICE", None)
+        cmd = ["psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(self.port), "-U", f"agent-{role}", "-d", "app"]
+        return subprocess.run([*cmd, "-c", sql], capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    require(shutil.which("psql") is not None, "psql is not installed")
+    work: Path = tmp_path_factory.mktemp("pg-example")
+    settings = {"shared_preload_libraries": "'pg_stat_statements'", "pg_stat_statements.track_utility": "on"}
+    with running_cluster(settings=settings) as cluster:
+        cluster.execute("CREATE DATABASE app")
+        cluster.execute(
+            "CREATE EXTENSION pg_stat_statements; CREATE TABLE customers (id int PRIMARY KEY, email text)", dbname="app"
+        )
+        port = free_port()
+        config = {
+            "version": 1,
+            "state_dir": str(work / "state"),
+            "identity": {"issuers": [{"type": "lictor"}]},
+            "rulepacks": [str(EXAMPLE_PACKS)],
+            "targets": {
+                "app": {
+                    "protocol": "postgres",
+                    "listen": f"127.0.0.1:{port}",
+                    "upstream": {
+                        "host": cluster.host,
+                        "port": cluster.port,
+                        "user": "postgres",  # a superuser login, as in the example: it sees every session
+                        "database": "app",
+                        "sslmode": "disable",
+                    },
+                    "read_only_roles": ["pg-readonly"],
+                }
+            },
+        }
+        gateway = GatewayProcess(work, config).start()
+        try:
+            e = Env(cluster, gateway, port)
+            for role in ("readonly", "writer", "dba"):
+                e.tokens[role] = gateway.token(f"agent-{role}", role=role)
+            yield e
+        finally:
+            gateway.stop()
+
+
+def test_other_sessions_statements_come_back_with_passwords_masked(env: Env) -> None:
+    import psycopg
+
+    # A human sets a password and stays connected: pg_stat_activity keeps the statement as the session's last,
+    # pg_stat_statements keeps it too (utility statements are tracked with their text).
+    with env.direct() as human:
+        human.execute(f"CREATE ROLE report_user LOGIN PASSWORD '{PASSWORD}'")
+        human.execute(f"ALTER ROLE report_user PASSWORD $${PASSWORD}$$")
+        try:
+            for role in ("readonly", "writer", "dba"):
+                with env.connect(role) as conn:
+                    rows = conn.execute(
+                        "SELECT pid, state, query_start, now(), query AS q FROM pg_stat_activity "
+                        "WHERE query LIKE '%report_user%' AND pid <> pg_backend_pid()"
+                    ).fetchall()
+                    assert len(rows) == 1 and rows[0][1] == "idle", rows
+                    assert PASSWORD not in rows[0][4] and "[REDACTED:sql_password" in rows[0][4], rows
+                    texts = conn.execute(
+                        "SELECT query FROM pg_stat_statements WHERE query LIKE '%report_user%'"
+                    ).fetchall()
+                    assert len(texts) == 2 and not any(PASSWORD in t for (t,) in texts), texts
+                    for sql in (
+                        "SELECT reverse(query) FROM pg_stat_activity",
+                        "SELECT query FROM pg_stat_get_activity(NULL)",
+                        "SELECT translate(query, 'aeiou', 'AEIOU') FROM pg_stat_statements",
+                    ):
+                        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                            conn.execute(sql)
+                        assert "other sessions' statements" in str(info.value), info.value
+            with env.connect("dba") as conn:
+                for sql in (
+                    "CREATE TABLE seen AS SELECT query FROM pg_stat_activity",
+                    "CREATE VIEW seen AS SELECT query FROM pg_stat_activity",
+                    "CREATE FUNCTION seen() RETURNS SETOF text LANGUAGE sql AS 'SELECT query FROM pg_stat_activity'",
+                ):
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                        conn.execute(sql)
+            proc = env.psql("readonly", "SELECT query FROM pg_stat_activity WHERE query LIKE 'ALTER ROLE%'")
+            assert proc.returncode == 0 and "ALTER ROLE report_user" in proc.stdout, proc
+            assert PASSWORD not in proc.stdout, proc
+        finally:
+            human.execute("DROP ROLE report_user")
