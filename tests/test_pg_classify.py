@@ -396,6 +396,20 @@ CASES: list[tuple[str, dict[str, object]]] = [
     ("SET CONSTRAINTS ALL DEFERRED", {"kind": "set_constraints"}),
     # Non-ASCII text: locations are byte offsets, text is sliced right
     ("SELECT 'é' FROM ü", {"tables_read": {"ü"}, "text": "SELECT 'é' FROM ü"}),
+    # Object types of DDL: where the server connects and which of its directories it writes, nested ones too
+    ("CREATE SERVER s FOREIGN DATA WRAPPER postgres_fdw", {"kind": "create_other", "objects": {"foreign_server"}}),
+    ("ALTER SERVER s OPTIONS (SET host 'x')", {"kind": "alter_other", "objects": {"foreign_server"}}),
+    ("ALTER SERVER s RENAME TO t", {"objects": {"foreign_server"}}),
+    ("CREATE USER MAPPING FOR u SERVER s OPTIONS (user 'x')", {"objects": {"user_mapping"}}),
+    ("ALTER USER MAPPING FOR u SERVER s OPTIONS (SET user 'x')", {"objects": {"user_mapping"}}),
+    ("CREATE SUBSCRIPTION s CONNECTION 'host=x' PUBLICATION p", {"objects": {"subscription"}}),
+    ("ALTER SUBSCRIPTION s CONNECTION 'host=x'", {"kind": "alter_other", "objects": {"subscription"}}),
+    ("CREATE TABLESPACE t LOCATION '/x'", {"kind": "create_other", "objects": {"tablespace"}}),
+    ("ALTER TABLESPACE t SET (seq_page_cost = 2)", {"objects": {"tablespace"}}),
+    ("CREATE FOREIGN DATA WRAPPER w", {"objects": {"fdw"}}),
+    ("DO $$ BEGIN CREATE SERVER s FOREIGN DATA WRAPPER w; END $$", {"kind": "do", "objects": {"foreign_server"}}),
+    ("CREATE TABLE t (a int)", {"objects": {"table"}}),
+    ("SELECT a FROM t", {"objects": set()}),
 ]
 
 

@@ -6,8 +6,10 @@ and psql. Roles, tablespaces and other server-wide objects are created here, nev
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,3 +145,58 @@ def test_other_sessions_statements_come_back_with_passwords_masked(env: Env) -> 
             assert PASSWORD not in proc.stdout, proc
         finally:
             human.execute("DROP ROLE report_user")
+
+
+def test_a_dba_opens_no_connection_or_directory_of_the_server_to_carry_data_out(env: Env) -> None:
+    # A foreign server or a subscription makes the database connect where the statement says, with the
+    # credentials of a user mapping or a connection string: INSERT INTO a foreign table sends rows there. A
+    # tablespace is a directory of the server's file system. Here the "elsewhere" is another database of the
+    # same cluster, which is where the rows would land.
+    import psycopg
+
+    env.cluster.execute("CREATE DATABASE sink")
+    env.cluster.execute("CREATE TABLE loot (id int, email text)", dbname="sink")
+    env.cluster.execute("INSERT INTO customers VALUES (1, 'ann@example.com') ON CONFLICT DO NOTHING", dbname="app")
+    env.cluster.execute("CREATE EXTENSION IF NOT EXISTS postgres_fdw", dbname="app")
+    directory = Path(tempfile.mkdtemp(prefix="lictor-space-"))  # one the server could use: empty, its own
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam("postgres")
+        os.chown(directory, owner.pw_uid, owner.pw_gid)
+    # a server and a mapping set up by a human: the dba may still use them
+    env.cluster.execute(
+        f"CREATE SERVER reviewed FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '127.0.0.1', port "
+        f"'{env.cluster.port}', dbname 'sink'); CREATE USER MAPPING FOR postgres SERVER reviewed OPTIONS (user 'postgres')",
+        dbname="app",
+    )
+    try:
+        with env.connect("dba") as conn:
+            for sql in (
+                f"CREATE SERVER out FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '127.0.0.1', port "
+                f"'{env.cluster.port}', dbname 'sink')",
+                "ALTER SERVER reviewed OPTIONS (SET dbname 'postgres')",
+                "CREATE USER MAPPING FOR CURRENT_USER SERVER reviewed OPTIONS (user 'someone', password 'x')",
+                "ALTER USER MAPPING FOR postgres SERVER reviewed OPTIONS (SET user 'someone')",
+                "CREATE SUBSCRIPTION copy CONNECTION 'host=127.0.0.1 dbname=sink' PUBLICATION p WITH (connect = false)",
+                f"CREATE TABLESPACE space LOCATION '{directory}'",
+                "DO $$ BEGIN CREATE SERVER out2 FOREIGN DATA WRAPPER postgres_fdw; END $$",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql)
+                assert "pg-deny-remote-and-server-objects" in str(info.value), (sql, info.value)
+            # what a human reviewed stays usable: a foreign table on that server
+            conn.execute("CREATE FOREIGN TABLE loot (id int, email text) SERVER reviewed")
+            assert conn.execute("SELECT count(*) FROM loot").fetchone() == (0,)
+            conn.execute("DROP FOREIGN TABLE loot")
+        assert env.cluster.execute("SELECT srvname FROM pg_foreign_server ORDER BY 1", dbname="app") == [("reviewed",)]
+        assert env.cluster.execute("SELECT count(*) FROM pg_subscription") == [(0,)]
+        assert env.cluster.execute("SELECT count(*) FROM pg_tablespace WHERE spcname = 'space'") == [(0,)]
+        assert env.cluster.execute("SELECT count(*) FROM pg_user_mappings", dbname="app") == [(1,)]
+    finally:
+        env.cluster.execute(
+            "DROP SERVER IF EXISTS out CASCADE; DROP SERVER IF EXISTS out2 CASCADE; DROP SERVER reviewed CASCADE",
+            dbname="app",
+        )
+        env.cluster.execute("DROP SUBSCRIPTION IF EXISTS copy")
+        env.cluster.execute("DROP TABLESPACE IF EXISTS space")
+        env.cluster.execute("DROP DATABASE sink")
+        shutil.rmtree(directory, ignore_errors=True)

@@ -121,6 +121,10 @@ class Statement:
     roles: frozenset[str] = frozenset()
     """Roles whose definition the statement changes (ALTER, DROP or RENAME of a role or user): their names,
     ``current_user``, ``session_user`` or ``current_role`` as written, ``*`` for ``ALTER ROLE ALL``."""
+    objects: frozenset[str] = frozenset()
+    """Types of the objects that DDL, GRANT or COMMENT statements (nested ones included) create, alter, drop,
+    rename or name: ``table``, ``function``, ``foreign_server``, ``user_mapping``, ``subscription``,
+    ``tablespace``, ``fdw``..."""
 
 
 READ_ONLY_GUCS = frozenset({"default_transaction_read_only", "transaction_read_only"})
@@ -1023,6 +1027,22 @@ _OBJECT_TYPES = {
     "CreateTrigStmt": "trigger",
     "RuleStmt": "rule",
     "CreatePolicyStmt": "policy",
+    # where the server connects to, with which credentials, and its directories (no OBJECT_ field in these)
+    "CreateForeignServerStmt": "foreign_server",
+    "AlterForeignServerStmt": "foreign_server",
+    "CreateUserMappingStmt": "user_mapping",
+    "AlterUserMappingStmt": "user_mapping",
+    "DropUserMappingStmt": "user_mapping",
+    "CreateSubscriptionStmt": "subscription",
+    "AlterSubscriptionStmt": "subscription",
+    "DropSubscriptionStmt": "subscription",
+    "CreatePublicationStmt": "publication",
+    "AlterPublicationStmt": "publication",
+    "CreateTableSpaceStmt": "tablespace",
+    "AlterTableSpaceOptionsStmt": "tablespace",
+    "DropTableSpaceStmt": "tablespace",
+    "CreateFdwStmt": "fdw",
+    "AlterFdwStmt": "fdw",
 }
 
 
@@ -1087,6 +1107,7 @@ class _Analysis:
         self.settings: set[str] = set()
         self.languages: set[str] = set()
         self.roles: set[str] = set()
+        self.objects: set[str] = set()
         self.wheres: list[bool] = []
         self.read_write_attempt = False
         self.dynamic = False
@@ -1411,6 +1432,9 @@ class _Analysis:
         self.kinds.add(kind)
         if is_root:
             self.root_kind = self.root_kind or kind
+        object_type = _object_type(key, body)
+        if object_type is not None and key not in _OUTPUT_STATEMENTS:
+            self.objects.add(object_type)
         write_keys = _WRITE_KEYS.get(key, ())
 
         if key in _OUTPUT_STATEMENTS:
@@ -1927,6 +1951,7 @@ def _statements(sql: str) -> Iterator[Statement]:
             ),
             languages=frozenset(analysis.languages),
             roles=frozenset(analysis.roles),
+            objects=frozenset(analysis.objects),
         )
 
 

@@ -37,6 +37,7 @@ def statement_attrs(st: Statement, database: str = "") -> dict[str, object]:
         "copy_target": st.copy_target,
         "languages": st.languages,
         "roles": st.roles,
+        "objects": st.objects,
     }
 
 

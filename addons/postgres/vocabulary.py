@@ -147,6 +147,12 @@ VOCABULARY_FIELDS = (
         "session_user, current_role, or * for ALTER ROLE ALL",
     ),
     Glob(
+        "objects",
+        description="types of the objects that DDL, GRANT or COMMENT statements create, alter, drop, rename or "
+        "name, nested ones included: table, view, function, procedure, schema, role, database, extension, "
+        "foreign_server, user_mapping, subscription, publication, tablespace, fdw, ...",
+    ),
+    Glob(
         "languages",
         description="languages of DO blocks and function bodies involved (plpgsql, sql, plpython3u, c, ...)",
     ),
