@@ -200,3 +200,35 @@ def test_a_dba_opens_no_connection_or_directory_of_the_server_to_carry_data_out(
         env.cluster.execute("DROP TABLESPACE IF EXISTS space")
         env.cluster.execute("DROP DATABASE sink")
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_session_knows_its_own_notifications_by_the_pid_it_was_given(env: Env) -> None:
+    # Drivers skip their own notifications by comparing the notification's pid with the session's
+    # (psycopg's conn.info.backend_pid, asyncpg's get_server_pid(): the BackendKeyData the gateway gave them).
+    import asyncio
+
+    import asyncpg
+
+    with env.connect("writer") as conn, env.direct() as human:
+        conn.execute("LISTEN jobs")
+        gen = conn.notifies(timeout=5, stop_after=2)
+        conn.execute("NOTIFY jobs, 'from the agent'")
+        human.execute("NOTIFY jobs, 'from someone else'")
+        got = [(n.pid, n.payload) for n in gen]
+        expected = [(conn.info.backend_pid, "from the agent"), (human.info.backend_pid, "from someone else")]
+    assert got == expected, got
+
+    async def with_asyncpg() -> tuple[int, int]:
+        aconn = await asyncpg.connect(
+            host="127.0.0.1", port=env.port, user="agent", database="app", password=env.tokens["writer"], ssl=False
+        )
+        try:
+            received: asyncio.Queue[int] = asyncio.Queue()
+            await aconn.add_listener("jobs", lambda _c, pid, _ch, _payload: received.put_nowait(pid))
+            await aconn.execute("NOTIFY jobs")
+            return await asyncio.wait_for(received.get(), 5), aconn.get_server_pid()
+        finally:
+            await aconn.close()
+
+    notified, own = asyncio.run(with_asyncpg())
+    assert notified == own

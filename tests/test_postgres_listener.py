@@ -112,7 +112,7 @@ async def rig_factory(tmp_path: Path) -> AsyncIterator[Any]:
         listener = PostgresListener(h.gateway)
         listener.configure([Target("app", "postgres", TARGET)])
 
-        async def make(role: str) -> Rig:
+        async def make(role: str, backend_pids: tuple[int, int] | None = None) -> Rig:
             session = await h.session(testing.identity(f"agent-{role}", role=role), protocol="postgres", target="app")
             agent, upstream = FakePipe("agent"), FakePipe("upstream")
             reader = pg.FrontendReader()
@@ -128,6 +128,7 @@ async def rig_factory(tmp_path: Path) -> AsyncIterator[Any]:
                 read_only=read_only_session(session, listener.routes[0].target),
                 status="I",
                 on_done=lambda relay: None,
+                backend_pids=backend_pids,
             )
             relay.start(b"", b"")
             return Rig(relay, agent, upstream, h)
@@ -291,6 +292,26 @@ async def test_denied_query_is_replaced_by_a_failing_statement(rig_factory: Any)
     assert error.message.startswith("lictor: DELETE: DELETE FROM orders")
     assert "policy version" in error.fields["D"] and error.fields["H"]
     assert got[1].status == "T"  # the server's own status after the failed statement
+
+
+@pytest.mark.parametrize("role", ["writer", "readonly"])
+async def test_a_notification_the_session_sent_itself_carries_the_pid_the_agent_was_given(
+    rig_factory: Any, role: str
+) -> None:
+    # The agent knows its session by the BackendKeyData pid the gateway gave it, not the server's: drivers
+    # compare a notification's pid with it to skip their own. Other sessions' pids are the server's.
+    rig = await rig_factory(role, backend_pids=(4242, 777))
+    rig.send(pg.query("LISTEN ch"))
+    rig.reply(pg.command_complete("LISTEN"), ready())
+    got = rig.reply(
+        pg.notification_response(4242, "ch", "mine: ann@example.com"),
+        pg.notification_response(5151, "ch", "theirs: bob@example.com"),
+    )
+    assert [(m.pid, m.channel) for m in got] == [(777, "ch"), (5151, "ch")]
+    if role == "readonly":  # masked, the session's own notifications too
+        assert [m.payload for m in got] == ["mine: [REDACTED:email]", "theirs: [REDACTED:email]"]
+    else:
+        assert [m.payload for m in got] == ["mine: ann@example.com", "theirs: bob@example.com"]
 
 
 async def test_masked_rows_have_their_lengths_rewritten(rig_factory: Any) -> None:

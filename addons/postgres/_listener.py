@@ -765,6 +765,7 @@ class _Handshake:
             read_only=read_only,
             status=upstream.status,
             on_done=done,
+            backend_pids=(upstream.pid, fake_pid),
         )
         self._relaying = True
         self.listener.relays.add(relay)

@@ -750,6 +750,7 @@ class Relay:
         read_only: bool,
         status: str,
         on_done: Callable[["Relay"], None],
+        backend_pids: tuple[int, int] | None = None,
     ) -> None:
         self.listener = listener
         self.target = target
@@ -760,6 +761,11 @@ class Relay:
         self.read_only = read_only
         self.status = status
         self._on_done = on_done
+        # The server's pid of this session and the one the agent was given (BackendKeyData): a notification
+        # this session sent itself carries the server's, which the agent's driver compares with its own
+        # (psycopg's conn.info.backend_pid, asyncpg's get_server_pid()) to skip its own notifications.
+        self._own_pid = struct.pack("!i", backend_pids[0]) if backend_pids else None
+        self._agent_pid = struct.pack("!i", backend_pids[1]) if backend_pids else b""
         login = listener.upstreams.get(target.name)
         self._login = login.user if login is not None else ""
         # What names the role the gateway logs in as: ALTER/DROP/RENAME of one of these is refused
@@ -1945,6 +1951,12 @@ class Relay:
 
     def _backend_message(self, t: int, raw: bytes) -> bytes | None:
         """Handle one non-DataRow message; return its replacement (b"" drops it) or None to keep it."""
+        if t == _B_NOTIFY and not self._drop_segment and raw[5:9] == self._own_pid:
+            own = raw[:5] + self._agent_pid + raw[9:]
+            if self._text_plan is None:
+                return own
+            masked = self._mask_server_text(t, own)
+            return own if masked is None else masked
         if t == _B_NOTICE or t == _B_NOTIFY:
             return b"" if self._drop_segment else None
         if t == _B_PARAM:
