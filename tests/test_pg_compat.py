@@ -120,18 +120,33 @@ def test_asyncpg_pool_and_introspection_for_a_masked_role(env: PgEnv) -> None:  
         async with pool.acquire() as conn:
             out.append(await conn.fetchval("SELECT array_agg(email ORDER BY id) FROM customers"))
             out.append(await conn.fetchval("SELECT pg_sleep(0)"))
-            # asyncpg reads bytea in binary, which the gateway cannot mask: the refusal says what works
-            with pytest.raises(asyncpg.InsufficientPrivilegeError) as info:
-                await conn.fetchval("SELECT convert_to(email, 'UTF8') FROM customers WHERE id = 1")
-            assert "cast the column to text" in str(info.value), info.value
+            # asyncpg reads bytea in binary: the bytes are masked as the text form's are, and stay a bytea
+            out.append(await conn.fetchval("SELECT convert_to(email, 'UTF8') FROM customers WHERE id = 1"))
+            out.append(await conn.fetchval("SELECT ARRAY[convert_to(email, 'UTF8'), '\\x00'] FROM customers LIMIT 1"))
             out.append(await conn.fetchval("SELECT convert_to(email, 'UTF8')::text FROM customers WHERE id = 1"))
+            # an enum's binary form cannot be told from another type's by its oid: refused, and the refusal says
+            # what works
+            with pytest.raises(asyncpg.InsufficientPrivilegeError) as info:
+                await conn.fetchval("SELECT mood FROM asyncpg_moods")
+            assert "cast the column to text" in str(info.value) and "set_type_codec" in str(info.value), info.value
+            await conn.set_type_codec("asyncpg_mood", encoder=str, decoder=str, format="text")
+            out.append(await conn.fetchval("SELECT mood FROM asyncpg_moods"))
         await pool.close()
         return out
 
-    out = asyncio.run(main())
+    env.direct(
+        "CREATE TYPE asyncpg_mood AS ENUM ('calm', 'ann@example.com'); "
+        "CREATE TABLE asyncpg_moods AS SELECT 'ann@example.com'::asyncpg_mood AS mood"
+    )
+    try:
+        out = asyncio.run(main())
+    finally:
+        env.direct("DROP TABLE asyncpg_moods; DROP TYPE asyncpg_mood")
     assert out[:3] == ["[REDACTED:email]"] * 3
     assert out[3][0] == "[REDACTED:email]" and out[4] is None
-    assert "example.com" not in str(out[5]), out[5]
+    assert out[5] == b"[REDACTED:email]" and out[6] == [b"[REDACTED:email]", b"\x00"], out[5:7]
+    assert "example.com" not in str(out[7]), out[7]
+    assert out[8] == "[REDACTED:email]", out[8]
 
 
 def asyncpg_connect(env: PgEnv, role: str) -> Any:  # noqa: F811

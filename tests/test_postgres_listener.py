@@ -612,9 +612,14 @@ async def test_binary_results_are_masked_or_refused_when_their_columns_are_known
     )
     assert [type(m).__name__ for m in got] == ONE_ROW_RELAYED
     assert got[2].values == [text_array(b"[REDACTED:email]", None, b"x"), None]
-    # a bytea in binary cannot be masked: the result is withheld
+    # a bytea in binary is its bytes: masked as they are, still a bytea
     rig.send(pg.parse("", query), pg.bind("", "", result_formats=[1]), pg.execute(""), pg.sync())
     got = reply_one_row(rig, [("tags", 0, 0, 17, -1, -1, 1)], [b"\x00binary bytes with bob@example.org"])
+    assert [type(m).__name__ for m in got] == ONE_ROW_RELAYED
+    assert got[2].values == [b"\x00binary bytes with [REDACTED:email]"]
+    # a type without a fixed oid (an enum, a composite) in binary cannot be masked: the result is withheld
+    rig.send(pg.parse("", query), pg.bind("", "", result_formats=[1]), pg.execute(""), pg.sync())
+    got = reply_one_row(rig, [("tags", 0, 0, 16500, -1, -1, 1)], [b"bob@example.org"])
     assert [type(m).__name__ for m in got] == ["ParseComplete", "BindComplete", "ErrorResponse", "ReadyForQuery"]
     assert got[2].sqlstate == "42501" and "binary" in got[2].message
 

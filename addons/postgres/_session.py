@@ -154,6 +154,7 @@ _BINARY_ARRAYS = {
     1022: 701,
     791: 790,
     1231: 1700,  # int8 float8 money numeric
+    1001: 17,  # bytea
 }
 _INT8, _FLOAT8, _MONEY, _NUMERIC = 20, 701, 790, 1700
 # Types whose text form is a literal made of numbers: arrays of int8, numeric, float8 and money, ranges and
@@ -394,6 +395,10 @@ class RowMasker:
                         to_null.add(i)
                     else:
                         binary_arrays[i] = _BINARY_ARRAYS[f.type_oid]
+                    targets.append(i)
+                    continue
+                elif f.type_oid == _BYTEA:
+                    # the bytes themselves, as the hex text form is read: masked, and still a bytea
                     targets.append(i)
                     continue
                 elif f.type_oid not in _TEXT_LIKE:
@@ -1598,7 +1603,8 @@ class Relay:
         base = (
             "binary result format is refused for results the gateway masks (it can only mask the text form); "
             "ask for text results (psycopg: binary=False), or cast the column to text in the query (drivers such "
-            "as asyncpg and JDBC choose binary for some types themselves)"
+            "as asyncpg and JDBC choose binary for some types themselves; asyncpg reads an enum or composite type "
+            "as text after conn.set_type_codec(type_name, encoder=str, decoder=str, format='text'))"
         )
         if stmt.fields is None:
             return None  # decided when the portal's columns are known, before its first row
