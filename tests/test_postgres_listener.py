@@ -377,6 +377,19 @@ async def test_binary_copy_out_is_refused_when_masking_applies(rig_factory: Any)
     )
     assert [type(m).__name__ for m in got] == ["ErrorResponse", "ReadyForQuery"]
     assert "binary COPY" in got[0].message
+    # A notification the server delivers before that ReadyForQuery is another session's, not part of the
+    # refused result: it still reaches the agent, masked.
+    rig.send(pg.query("COPY customers TO STDOUT (FORMAT binary)"))
+    got = rig.reply(
+        pg.copy_out_response(1, [1]),
+        pg.copy_data(b"PGCOPY\n\xff\r\n\x00secret"),
+        pg.copy_done(),
+        pg.command_complete("COPY 1"),
+        pg.notification_response(5151, "jobs", "done for ann@example.com"),
+        ready("I"),
+    )
+    assert [type(m).__name__ for m in got] == ["NotificationResponse", "ErrorResponse", "ReadyForQuery"]
+    assert got[0].payload == "done for [REDACTED:email]" and "binary COPY" in got[1].message
 
 
 async def test_parameter_change_that_breaks_parsing_ends_the_session(rig_factory: Any) -> None:

@@ -1957,13 +1957,17 @@ class Relay:
 
     def _backend_message(self, t: int, raw: bytes) -> bytes | None:
         """Handle one non-DataRow message; return its replacement (b"" drops it) or None to keep it."""
-        if t == _B_NOTIFY and not self._drop_segment and raw[5:9] == self._own_pid:
+        if t == _B_NOTIFY:
+            # Another session's (or this one's) NOTIFY, delivered between statements: never part of a result,
+            # so relayed (masked) even inside a segment whose result was refused.
+            if raw[5:9] != self._own_pid:
+                return None
             own = raw[:5] + self._agent_pid + raw[9:]
             if self._text_plan is None:
                 return own
             masked = self._mask_server_text(t, own)
             return own if masked is None else masked
-        if t == _B_NOTICE or t == _B_NOTIFY:
+        if t == _B_NOTICE:
             return b"" if self._drop_segment else None
         if t == _B_PARAM:
             self._check_parameter(raw)
