@@ -7,6 +7,7 @@ with page scripts disabled: the page must work without JavaScript).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +283,11 @@ class DevTools:
         root = (await self.call("DOM.getDocument", depth=0))["root"]["nodeId"]
         return str((await self.call("DOM.getOuterHTML", nodeId=root))["outerHTML"])
 
+    async def outer_html(self, selector: str) -> str:
+        node = await self.node(selector)
+        assert node, f"no {selector} on the page"
+        return str((await self.call("DOM.getOuterHTML", nodeId=node))["outerHTML"])
+
     async def url(self) -> str:
         history = await self.call("Page.getNavigationHistory")
         return str(history["entries"][history["currentIndex"]]["url"])
@@ -313,7 +320,9 @@ def _chromium_usable() -> bool:
     return os.path.exists(CHROMIUM) and os.access(CHROMIUM, os.X_OK)
 
 
-async def _browse(url: str, token: str, aid: str, profile: Path) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def _chromium(profile: Path) -> AsyncIterator[DevTools]:
+    """Headless Chromium with page scripts disabled, driven over the DevTools protocol."""
     proc = subprocess.Popen(
         [
             CHROMIUM,
@@ -332,7 +341,6 @@ async def _browse(url: str, token: str, aid: str, profile: Path) -> dict[str, An
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    seen: dict[str, Any] = {}
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 20
@@ -347,20 +355,10 @@ async def _browse(url: str, token: str, aid: str, profile: Path) -> dict[str, An
             tools = DevTools(ws)
             await tools.call("Page.enable")
             await tools.call("Emulation.setScriptExecutionDisabled", value=True)
-            await tools.navigate(f"{url}/approvals")
-            seen["redirected_to"] = await tools.url()
-            await tools.type("#token", token)
-            await tools.click("form[action='/login'] button")
-            seen["after_login"] = await tools.url()
-            seen["list"] = await tools.html()
-            await tools.click(f"a[href='/approvals/{aid}']")
-            seen["detail"] = await tools.html()
-            seen["injected_elements"] = await tools.node("dd b, pre b")
-            await tools.type("#approve-reason", "checked from the browser")
-            await tools.click("#approve")
-            seen["after_approve_url"] = await tools.url()
-            seen["after_approve"] = await tools.html()
-            tools.reader.cancel()
+            try:
+                yield tools
+            finally:
+                tools.reader.cancel()
     finally:
         proc.terminate()
         try:
@@ -368,6 +366,45 @@ async def _browse(url: str, token: str, aid: str, profile: Path) -> dict[str, An
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def _log_in(tools: DevTools, url: str, token: str) -> None:
+    await tools.navigate(f"{url}/login")
+    await tools.type("#token", token)
+    await tools.click("form[action='/login'] button")
+    assert await tools.url() == f"{url}/approvals"
+
+
+def _in_chromium(steps: Callable[[DevTools], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    require(_chromium_usable(), f"chromium is not installed at {CHROMIUM}")
+
+    async def main() -> dict[str, Any]:
+        async with _chromium(profile) as tools:
+            return await steps(tools)
+
+    profile = Path(tempfile.mkdtemp(prefix="lictor-chromium-"))
+    try:
+        return asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+async def _browse(url: str, token: str, aid: str, profile: Path) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    async with _chromium(profile) as tools:
+        await tools.navigate(f"{url}/approvals")
+        seen["redirected_to"] = await tools.url()
+        await tools.type("#token", token)
+        await tools.click("form[action='/login'] button")
+        seen["after_login"] = await tools.url()
+        seen["list"] = await tools.html()
+        await tools.click(f"a[href='/approvals/{aid}']")
+        seen["detail"] = await tools.html()
+        seen["injected_elements"] = await tools.node("dd b, pre b")
+        await tools.type("#approve-reason", "checked from the browser")
+        await tools.click("#approve")
+        seen["after_approve_url"] = await tools.url()
+        seen["after_approve"] = await tools.html()
     return seen
 
 
@@ -398,3 +435,27 @@ def test_web_page_in_chromium_logs_in_shows_the_request_and_approves_it(approval
     shown = lictor("approvals", "show", aid, "--json", "--url", gw.url, "--token", dba).stdout
     record = json.loads(shown)
     assert record["status"] == "used" and record["votes"][0]["reason"] == "checked from the browser"
+
+
+def test_the_page_shows_characters_that_render_as_nothing_as_escapes(approvals_gateway: Any) -> None:
+    """Variation selectors, Hangul fillers and tag characters are letters or marks to Python but show as
+    nothing: in a name or a path they make the command that runs differ from the one the approver reads."""
+    gw = approvals_gateway
+    agent = LineAgent(gw.line_port, gw.token("agent-3", role="agent"))
+    hidden = "\u3164\ufe0f\U000e0100\u034f\u2800\u115f"
+    command = "restart payments" + "".join(f"{ch}x{i}" for i, ch in enumerate(hidden))
+    aid, _ = agent.held(command)
+
+    async def steps(tools: DevTools) -> dict[str, Any]:
+        await _log_in(tools, gw.url, gw.token("dba-3", role="dba"))
+        await tools.navigate(f"{gw.url}/approvals/{aid}")
+        return {"payload": await tools.outer_html("#payload"), "list": await tools.html()}
+
+    seen = _in_chromium(steps)
+    assert seen["payload"] == (
+        '<pre id="payload">restart payments\\x3164x0\\xfe0fx1\\xe0100x2\\x34fx3\\x2800x4\\x115fx5</pre>'
+    )
+    assert not set(hidden) & set(seen["list"])
+    lictor("approvals", "deny", aid, "--url", gw.url, "--token", gw.token("dba-3", role="dba"), "--reason", "no")
+    assert agent.recv().startswith("DENIED ")
+    agent.close()
