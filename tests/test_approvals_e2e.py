@@ -26,6 +26,7 @@ import pytest
 import websockets
 
 from tests.conftest import ROOT, free_port, lictor, require, wait_port
+from tests.test_approvals import Agent, make_gateway, sql
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -459,3 +460,35 @@ def test_the_page_shows_characters_that_render_as_nothing_as_escapes(approvals_g
     lictor("approvals", "deny", aid, "--url", gw.url, "--token", gw.token("dba-3", role="dba"), "--reason", "no")
     assert agent.recv().startswith("DENIED ")
     agent.close()
+
+
+def test_the_page_shows_a_long_request_whole_without_a_scroll_box(tmp_path: Path) -> None:
+    """A statement padded with blank lines must not hide its end in a box that scrolls on its own (whose
+    scroll bar some systems do not even draw): the approver reads it down to the decision forms."""
+    require(_chromium_usable(), f"chromium is not installed at {CHROMIUM}")
+    lines = 200
+    text = "UPDATE t SET a = 1 WHERE id = 6" + "\n" * lines + "OR true"
+
+    async def scenario() -> tuple[float, float]:
+        port = free_port()
+        gw = await make_gateway(tmp_path, {"listen": f"127.0.0.1:{port}"})
+        base = f"http://127.0.0.1:{port}"
+        agent = await Agent(gw, gw.verifier.verify(gw.issuer.issue("agent-x", {"role": "agent"}))).open()
+        task = agent.ask(sql(gw, text))
+        aid = await agent.held()
+        profile = Path(tempfile.mkdtemp(prefix="lictor-chromium-"))
+        try:
+            async with _chromium(profile) as tools:
+                await _log_in(tools, base, gw.issuer.issue("dba-1", {"role": "dba"}, ttl=600))
+                await tools.navigate(f"{base}/approvals/{aid}")
+                payload = await tools.call("DOM.getBoxModel", nodeId=await tools.node("#payload"))
+                form = await tools.call("DOM.getBoxModel", nodeId=await tools.node("#approve"))
+        finally:
+            shutil.rmtree(profile, ignore_errors=True)
+            task.cancel()
+            await gw.stop()
+        return float(payload["model"]["height"]), float(form["model"]["content"][1])
+
+    height, approve_top = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert height > lines * 10, height  # every line has its height on the page
+    assert approve_top > height  # the Approve button comes after all of it

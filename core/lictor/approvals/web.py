@@ -65,7 +65,7 @@ header{background:#1d2329;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1rem;
 header a{color:#fff}header .who{margin-left:auto}main{padding:1rem 1.2rem;max-width:72rem}
 table{border-collapse:collapse;width:100%;background:#fff}th,td{border:1px solid #d8dde3;padding:.35rem .5rem;
 text-align:left;vertical-align:top}th{background:#eef1f4}pre{background:#fff;border:1px solid #d8dde3;
-padding:.6rem;white-space:pre-wrap;word-break:break-all;max-height:40rem;overflow:auto}
+padding:.6rem;white-space:pre-wrap;word-break:break-all}
 .flash{padding:.5rem .8rem;border-radius:4px;margin:.5rem 0}.ok{background:#e3f6e8}.err{background:#fde7e7}
 .warn{background:#fff4d6}form.inline{display:inline-block;margin-right:1.5rem;vertical-align:top}
 textarea{width:24rem;height:4rem}button{padding:.35rem .9rem}.status-pending{color:#a05a00;font-weight:bold}
