@@ -492,3 +492,38 @@ def test_the_page_shows_a_long_request_whole_without_a_scroll_box(tmp_path: Path
     height, approve_top = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert height > lines * 10, height  # every line has its height on the page
     assert approve_top > height  # the Approve button comes after all of it
+
+
+def test_one_identity_cannot_flood_the_approvers_with_requests(gateway_factory: Any, tmp_path: Path) -> None:
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "lines.yaml").write_text(PACK)
+    line_port, api_port = free_port(), free_port()
+    gw = gateway_factory(
+        {
+            "rulepacks": [str(packs)],
+            "addons": [str(ROOT / "tests" / "addons" / "lineproto.py")],
+            "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{line_port}"}},
+            "approvals": {"listen": f"127.0.0.1:{api_port}", "max_pending_per_requester": 2},
+        }
+    )
+    wait_port(line_port)
+    wait_port(api_port)
+    url = f"http://127.0.0.1:{api_port}"
+    dba = gw.token("dba-1", role="dba")
+    flooding = [LineAgent(line_port, gw.token("agent-1", role="agent")) for _ in range(3)]
+    first, _ = flooding[0].held("restart api")
+    flooding[1].held("restart db")
+    flooding[2].send("restart cache")
+    answer = flooding[2].recv()
+    assert answer.startswith("DENIED restart-needs-approval: restarts need an on-call approval — and 2 of your ")
+    assert "as many as one identity may have waiting" in answer
+    other = LineAgent(line_port, gw.token("agent-2", role="agent"))
+    other_id, _ = other.held("restart web")  # another agent is not held up by the first one's requests
+    lictor("approvals", "deny", first, "--url", url, "--token", dba, "--reason", "not now")
+    assert flooding[0].recv().startswith("DENIED ")
+    flooding[2].held("restart cache")  # once one is decided, the agent may ask again
+    listed = json.loads(lictor("approvals", "list", "--json", "--url", url, "--token", dba).stdout)
+    assert len(listed) == 3 and other_id in [a["id"] for a in listed]
+    for agent in (*flooding, other):
+        agent.close()

@@ -87,6 +87,11 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "schema": {"type": "string", "description": "PostgreSQL schema for the tables (default lictor)"},
         "poll_interval": {"type": ["string", "number"]},
         "session_ttl": {"type": ["string", "number"], "description": "web login lifetime (default 8h)"},
+        "max_pending_per_requester": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "requests one identity may have waiting at a time (default 20)",
+        },
         "webhook_attempts": {"type": "integer", "minimum": 1, "maximum": 20},
         "webhook_backoff": {"type": ["string", "number"]},
         "webhooks": {
@@ -105,6 +110,10 @@ CONFIG_SCHEMA: dict[str, Any] = {
         },
     },
 }
+
+# Requests one identity may have waiting at a time: a flood of requests would bury other agents' requests
+# (the page lists the newest pending ones) and wear the approvers down.
+DEFAULT_MAX_PENDING = 20
 
 PASS_TTL = 60.0  # seconds a redeemed ticket waits for the retried request to reach hold()
 
@@ -129,6 +138,7 @@ class ApprovalBroker:
         webhooks: Webhooks | None = None,
         poll_interval: float = 2.0,
         session_ttl: float = 8 * 3600.0,
+        max_pending_per_requester: int = DEFAULT_MAX_PENDING,
     ) -> None:
         self.gateway = gateway
         self.store = store
@@ -137,6 +147,7 @@ class ApprovalBroker:
         self.webhooks = webhooks or Webhooks([], self.public_url)
         self.poll_interval = poll_interval
         self.session_ttl = session_ttl
+        self.max_pending_per_requester = max_pending_per_requester
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.server: HttpServer | None = None
         self.web: WebApp | None = None
@@ -195,6 +206,7 @@ class ApprovalBroker:
             webhooks=webhooks,
             poll_interval=parse_duration(section.get("poll_interval", 2.0)),
             session_ttl=parse_duration(section.get("session_ttl", "8h")),
+            max_pending_per_requester=int(section.get("max_pending_per_requester", DEFAULT_MAX_PENDING)),
         )
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -402,7 +414,13 @@ class ApprovalBroker:
             return await self._resume(session, request, decision, ticket, consumed=True)
 
         approval = self._new_approval(session, request, decision, spec, digest)
-        await asyncio.to_thread(self.store.create, approval)
+        if not await asyncio.to_thread(self.store.create, approval, self.max_pending_per_requester):
+            return self._deny(
+                decision,
+                None,
+                f"{decision.message} — and {self.max_pending_per_requester} of your requests already wait for "
+                "approval, as many as one identity may have waiting; retry once some are decided or expired",
+            )
         try:
             self.gateway.audit_event("approval.created", self._audit_record(approval))
         except BaseException:

@@ -97,7 +97,7 @@ class ApprovalStore(Protocol):
 
     notifies: bool  # True when other replicas' changes are announced through ``listen``
 
-    def create(self, approval: Approval) -> None: ...
+    def create(self, approval: Approval, max_pending: int | None = None) -> bool: ...
 
     def get(self, approval_id: str) -> Approval | None: ...
 
@@ -245,7 +245,9 @@ class _SqlStore:
 
     # -- operations -----------------------------------------------------------------------------
 
-    def create(self, approval: Approval) -> None:
+    def create(self, approval: Approval, max_pending: int | None = None) -> bool:
+        """Store a new request; False (nothing stored) when its requester already has ``max_pending``
+        requests pending and not yet past their deadline."""
         a = approval
         values = (
             a.id,
@@ -278,8 +280,19 @@ class _SqlStore:
         )
         marks = ", ".join("?" for _ in _COLUMNS)
         with self._tx() as cur:
+            if max_pending is not None:
+                cur.execute(
+                    self._sql(
+                        "SELECT count(*) FROM {approvals} WHERE status = ? AND requester_sub = ? "
+                        "AND requester_iss = ? AND expires_at > ?"
+                    ),
+                    (PENDING, a.requester_sub, a.requester_iss, a.created_at),
+                )
+                if int(cur.fetchone()[0]) >= max_pending:
+                    return False
             cur.execute(self._sql("INSERT INTO {approvals} ({cols}) VALUES ({marks})", marks=marks), values)
             self._announce(cur, a.id)
+            return True
 
     def get(self, approval_id: str) -> Approval | None:
         with self._tx() as cur:
