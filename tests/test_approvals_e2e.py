@@ -289,6 +289,34 @@ class DevTools:
         assert node, f"no {selector} on the page"
         return str((await self.call("DOM.getOuterHTML", nodeId=node))["outerHTML"])
 
+    async def shown_left_to_right(self, element_id: str) -> str:
+        """The text of the element with ``element_id`` as the page draws it: its pieces (text boxes, after
+        bidirectional reordering) from left to right, top to bottom."""
+        snap = await self.call("DOMSnapshot.captureSnapshot", computedStyles=[])
+        strings, doc = snap["strings"], snap["documents"][0]
+        nodes, layout, boxes = doc["nodes"], doc["layout"], doc["textBoxes"]
+        (root,) = [
+            node
+            for node, pairs in enumerate(nodes["attributes"])
+            if any(strings[pairs[k]] == "id" and strings[pairs[k + 1]] == element_id for k in range(0, len(pairs), 2))
+        ]
+
+        def inside(node: int) -> bool:
+            while node >= 0:
+                if node == root:
+                    return True
+                node = nodes["parentIndex"][node]
+            return False
+
+        pieces = []
+        for i, entry in enumerate(boxes["layoutIndex"]):
+            if inside(layout["nodeIndex"][entry]):
+                text = strings[layout["text"][entry]]
+                start, length = boxes["start"][i], boxes["length"][i]
+                x, y = boxes["bounds"][i][:2]
+                pieces.append((round(y), x, text[start : start + length]))
+        return "".join(text for _, _, text in sorted(pieces))
+
     async def url(self) -> str:
         history = await self.call("Page.getNavigationHistory")
         return str(history["entries"][history["currentIndex"]]["url"])
@@ -527,3 +555,24 @@ def test_one_identity_cannot_flood_the_approvers_with_requests(gateway_factory: 
     assert len(listed) == 3 and other_id in [a["id"] for a in listed]
     for agent in (*flooding, other):
         agent.close()
+
+
+def test_right_to_left_letters_cannot_reorder_the_numbers_the_approver_reads(approvals_gateway: Any) -> None:
+    """Between two Hebrew letters, the bidirectional algorithm draws numbers and operators right to left:
+    without isolating the letters, ``א 1000000 - 1 ב`` showed as ``ב 1 - 1000000 א``."""
+    gw = approvals_gateway
+    agent = LineAgent(gw.line_port, gw.token("agent-4", role="agent"))
+    command = "restart api --budget /*א*/ 1000000 - 1 /*ב*/ --note שלום עולם"
+    aid, _ = agent.held(command)
+
+    async def steps(tools: DevTools) -> dict[str, Any]:
+        await _log_in(tools, gw.url, gw.token("dba-4", role="dba"))
+        await tools.navigate(f"{gw.url}/approvals/{aid}")
+        return {"payload": await tools.shown_left_to_right("payload")}
+
+    seen = _in_chromium(steps)
+    # each right-to-left word reads in its own direction, in its place
+    assert seen["payload"] == "restart api --budget /*א*/ 1000000 - 1 /*ב*/ --note שלום עולם"
+    lictor("approvals", "deny", aid, "--url", gw.url, "--token", gw.token("dba-4", role="dba"), "--reason", "no")
+    assert agent.recv().startswith("DENIED ")
+    agent.close()

@@ -19,6 +19,7 @@ Other parts of the gateway can mount pages behind the same login::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import html
@@ -26,6 +27,7 @@ import json
 import re
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,7 +40,7 @@ from .http import BadRequest, HttpRequest, HttpResponse, HttpServer, bounded_num
 if TYPE_CHECKING:
     from .broker import ApprovalBroker
 
-__all__ = ["WebApp", "esc"]
+__all__ = ["WebApp", "esc", "esc_attr"]
 
 SESSION_COOKIE = "lictor_session"
 LOGIN_COOKIE = "lictor_login"
@@ -46,11 +48,55 @@ MAX_SESSIONS = 10_000
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def esc(value: object) -> str:
-    """HTML-escape anything for text and double-quoted attributes. Characters that are invisible or
-    reorder what follows (bidirectional overrides, zero-width spaces, control characters) are shown
-    as ``\\xNN`` escapes, so that the request an approver reads is the request that runs."""
+def esc_attr(value: object) -> str:
+    """HTML-escape anything for a double-quoted attribute (or a ``<title>``): as :func:`esc`, without markup."""
     return html.escape(printable(value), quote=True)
+
+
+def esc(value: object) -> str:
+    """HTML-escape anything for the text of an element. Characters that are invisible or reorder what
+    follows (bidirectional overrides, zero-width spaces, control characters) are shown as ``\\xNN``
+    escapes, and every run of right-to-left letters (or Arabic digits) is isolated (``<bdi>``), so that the request an
+    approver reads is the request that runs: between two Hebrew or Arabic letters, the bidirectional
+    algorithm would otherwise show numbers and operators right to left (``/*א*/ 1000000 - 1 /*ב*/`` read
+    as ``1 - 1000000``). Right-to-left words read in their own direction, each in its place."""
+    shown = printable(value)
+    if not shown or max(shown) < "\u0590" or not _rtl_run().search(shown):
+        return html.escape(shown, quote=True)
+    out, last = [], 0
+    for m in _rtl_run().finditer(shown):
+        out += [html.escape(shown[last : m.start()], quote=True), "<bdi>", html.escape(m.group(), quote=True), "</bdi>"]
+        last = m.end()
+    out.append(html.escape(shown[last:], quote=True))
+    return "".join(out)
+
+
+@functools.cache
+def _rtl_run() -> re.Pattern[str]:
+    """Runs of right-to-left letters and Arabic digits (bidirectional classes R, AL and AN) with the marks
+    that follow them (NSM)."""
+    strong: list[str] = []
+    marks: list[str] = []
+    for code in range(0x0300, 0x110000):
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        kind = unicodedata.bidirectional(chr(code))
+        if kind in ("R", "AL", "AN"):
+            strong.append(chr(code))
+        elif kind == "NSM":
+            marks.append(chr(code))
+
+    def ranges(chars: list[str]) -> str:
+        spans: list[list[int]] = []
+        for ch in chars:
+            if spans and ord(ch) == spans[-1][1] + 1:
+                spans[-1][1] = ord(ch)
+            else:
+                spans.append([ord(ch), ord(ch)])
+        return "".join(re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "") for a, b in spans)
+
+    first = ranges(strong)
+    return re.compile(f"[{first}][{first}{ranges(marks)}]*")
 
 
 def _when(ts: float | None) -> str:
@@ -125,7 +171,7 @@ class WebApp:
 
     def csrf_field(self, request: HttpRequest) -> str:
         session = self._session(request)
-        return f'<input type="hidden" name="csrf" value="{esc(session.csrf if session else "")}">'
+        return f'<input type="hidden" name="csrf" value="{esc_attr(session.csrf if session else "")}">'
 
     def check_csrf(self, request: HttpRequest, form: dict[str, str]) -> WebSession:
         """The session of a POSTed form whose CSRF token matches; raises BadRequest otherwise."""
@@ -152,7 +198,7 @@ class WebApp:
             )
         doc = (
             '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-            f"<title>{esc(title)} · Lictor</title>"
+            f"<title>{esc_attr(title)} · Lictor</title>"
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             '<link rel="stylesheet" href="/static/lictor.css"></head><body>'
             f'<header><strong>Lictor</strong><a href="/approvals">Approvals</a>{who}</header>'
@@ -185,7 +231,7 @@ class WebApp:
             f"{flash}<p>Log in with your approver token (from your identity provider or "
             "<code>lictor token issue</code>).</p>"
             '<form method="post" action="/login">'
-            f'<input type="hidden" name="csrf" value="{esc(self._login_csrf(nonce))}">'
+            f'<input type="hidden" name="csrf" value="{esc_attr(self._login_csrf(nonce))}">'
             '<p><label for="token">Token</label><br>'
             '<textarea id="token" name="token" required autocomplete="off"></textarea></p>'
             '<p><button type="submit">Log in</button></p></form>'
@@ -266,7 +312,7 @@ class WebApp:
             )
             for a in pending:
                 parts.append(
-                    f'<tr><td><a href="/approvals/{esc(a.id)}">{esc(a.id)}</a></td>'
+                    f'<tr><td><a href="/approvals/{esc_attr(a.id)}">{esc(a.id)}</a></td>'
                     f"<td>{esc(a.requester_sub)}</td><td>{esc(a.target)} ({esc(a.protocol)})</td>"
                     f"<td>{esc(', '.join(a.rule_ids))}</td>"
                     f"<td><code>{esc(_clip(a.summary or a.action, 160))}</code></td>"
@@ -285,8 +331,8 @@ class WebApp:
             )
             for a in history:
                 parts.append(
-                    f'<tr><td><a href="/approvals/{esc(a.id)}">{esc(a.id)}</a></td>'
-                    f'<td class="status-{esc(a.status)}">{esc(a.status)}</td><td>{esc(a.requester_sub)}</td>'
+                    f'<tr><td><a href="/approvals/{esc_attr(a.id)}">{esc(a.id)}</a></td>'
+                    f'<td class="status-{esc_attr(a.status)}">{esc(a.status)}</td><td>{esc(a.requester_sub)}</td>'
                     f"<td>{esc(a.target)}</td><td><code>{esc(_clip(a.summary or a.action, 120))}</code></td>"
                     f"<td>{esc(', '.join(a.decided_by))}</td><td>{esc(_clip(a.decision_reason, 120))}</td>"
                     f"<td>{esc(_when(a.decided_at))}</td></tr>"
@@ -317,7 +363,7 @@ class WebApp:
                 "shown. The approval is bound to the digest of the whole request.</p>"
             )
         rows = [
-            ("Status", f'<span class="status-{esc(a.status)}">{esc(a.status)}</span>'),
+            ("Status", f'<span class="status-{esc_attr(a.status)}">{esc(a.status)}</span>'),
             ("Requester", f"{esc(a.requester_sub)} <small>(issuer {esc(a.requester_iss)})</small>"),
             ("Target", f"{esc(a.target)} ({esc(a.protocol)})"),
             ("Action", esc(a.action)),
@@ -369,7 +415,7 @@ class WebApp:
         if any(v.subject == identity.subject and v.issuer == identity.issuer for v in a.votes):
             return '<p class="flash warn">You already voted; each approver counts once.</p>'
         csrf = self.csrf_field(request)
-        base = f"/approvals/{esc(a.id)}"
+        base = f"/approvals/{esc_attr(a.id)}"
         return (
             "<h2>Decide</h2>"
             f'<form class="inline" method="post" action="{base}/approve">{csrf}'
