@@ -7,7 +7,9 @@ with page scripts disabled: the page must work without JavaScript).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import html
 import json
 import os
 import re
@@ -26,7 +28,7 @@ import pytest
 import websockets
 
 from tests.conftest import ROOT, free_port, lictor, require, wait_port
-from tests.test_approvals import Agent, make_gateway, sql
+from tests.test_approvals import Agent, Receiver, make_gateway, sql
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -576,3 +578,44 @@ def test_right_to_left_letters_cannot_reorder_the_numbers_the_approver_reads(app
     lictor("approvals", "deny", aid, "--url", gw.url, "--token", gw.token("dba-4", role="dba"), "--reason", "no")
     assert agent.recv().startswith("DENIED ")
     agent.close()
+
+
+def test_right_to_left_letters_cannot_reorder_numbers_in_the_chat_or_the_cli(tmp_path: Path) -> None:
+    """The Slack message and ``lictor approvals show`` mark the end of each right-to-left run, so that a chat
+    client (drawn here by Chromium) shows the numbers between two runs in their order."""
+    require(_chromium_usable(), f"chromium is not installed at {CHROMIUM}")
+    statement = "UPDATE accounts SET balance = balance + /*א*/ 1000000 - 1 /*ב*/ WHERE id = 5"
+
+    async def scenario() -> tuple[str, str]:
+        receiver = Receiver()
+        receiver.statuses = []
+        await receiver.start()
+        port = free_port()
+        webhook = {"url": f"http://127.0.0.1:{receiver.port}/slack", "format": "slack"}
+        gw = await make_gateway(tmp_path, {"listen": f"127.0.0.1:{port}", "webhooks": [webhook]})
+        agent = await Agent(gw, gw.verifier.verify(gw.issuer.issue("agent-x", {"role": "agent"}))).open()
+        task = agent.ask(sql(gw, statement))
+        aid = await agent.held()
+        dba = gw.issuer.issue("dba-1", {"role": "dba"}, ttl=600)
+        shown = await asyncio.to_thread(
+            lictor, "approvals", "show", aid, "--url", f"http://127.0.0.1:{port}", "--token", dba
+        )
+        while not receiver.events("/slack"):
+            await asyncio.sleep(0.02)
+        task.cancel()
+        await gw.stop()
+        assert receiver.server is not None
+        receiver.server.close()
+        message = json.loads(receiver.events("/slack")[0][1])
+        (code,) = [b["text"]["text"] for b in message["blocks"] if b.get("text", {}).get("text", "").startswith("```")]
+        return code.strip("`"), shown.stdout
+
+    code, cli = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert f"  {statement.replace('א', 'א\u200e').replace('ב', 'ב\u200e')}\n" in cli
+
+    async def steps(tools: DevTools) -> dict[str, Any]:
+        page = f'<!doctype html><meta charset="utf-8"><pre id="chat">{html.escape(code)}</pre>'
+        await tools.navigate("data:text/html;base64," + base64.b64encode(page.encode()).decode())
+        return {"chat": await tools.shown_left_to_right("chat")}
+
+    assert _in_chromium(steps)["chat"].replace("\u200e", "") == statement

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import re
+import unicodedata
 from typing import Any
 
-__all__ = ["count_arg", "printable"]
+__all__ = ["count_arg", "left_to_right", "printable", "rtl_runs"]
 
 # Characters str.isprintable() accepts that show as nothing or as a blank: Unicode's default-ignorable code
 # points that are not format characters (variation selectors, the combining grapheme joiner, Hangul fillers,
@@ -39,6 +42,48 @@ def printable(text: Any, limit: int | None = None, *, keep: str = "\n\t") -> str
     if limit is not None and len(out) > limit:
         out = out[: limit - 1] + "…"
     return out
+
+
+@functools.cache
+def rtl_runs() -> re.Pattern[str]:
+    """Runs of right-to-left letters and Arabic digits (bidirectional classes R, AL and AN) with the marks
+    that follow them (NSM). Between two of them, the bidirectional algorithm draws numbers and operators
+    right to left: ``/*א*/ 1000000 - 1 /*ב*/`` reads ``/*ב*/ 1 - 1000000 /*א*/``."""
+    strong: list[str] = []
+    marks: list[str] = []
+    for code in range(0x0300, 0x110000):
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        kind = unicodedata.bidirectional(chr(code))
+        if kind in ("R", "AL", "AN"):
+            strong.append(chr(code))
+        elif kind == "NSM":
+            marks.append(chr(code))
+
+    def ranges(chars: list[str]) -> str:
+        spans: list[list[int]] = []
+        for ch in chars:
+            if spans and ord(ch) == spans[-1][1] + 1:
+                spans[-1][1] = ord(ch)
+            else:
+                spans.append([ord(ch), ord(ch)])
+        return "".join(re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "") for a, b in spans)
+
+    first = ranges(strong)
+    return re.compile(f"[{first}][{first}{ranges(marks)}]*")
+
+
+def has_rtl(text: str) -> bool:
+    return bool(text) and max(text) >= "\u0590" and rtl_runs().search(text) is not None
+
+
+def left_to_right(text: str) -> str:
+    """``text`` (already :func:`printable`) with a LEFT-TO-RIGHT MARK after every run of right-to-left letters,
+    so that what lies between two runs keeps its left-to-right order wherever the text is drawn (a chat, a
+    terminal that reorders): each right-to-left word reads in its own direction, in its place."""
+    if not has_rtl(text):
+        return text
+    return rtl_runs().sub(lambda m: m.group() + "\u200e", text)
 
 
 def count_arg(text: str) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .._text import count_arg, printable
+from .._text import count_arg, left_to_right, printable
 
 __all__ = ["register"]
 
@@ -32,8 +32,9 @@ class CliError(Exception):
 
 
 def _safe(text: Any, limit: int | None = None) -> str:
-    """Agent-controlled text without terminal control sequences."""
-    return printable(text, limit)
+    """Agent-controlled text without terminal control sequences, and a left-to-right mark after each run of
+    right-to-left letters (for terminals that reorder text: see left_to_right)."""
+    return left_to_right(printable(text, limit))
 
 
 def _one_line(text: Any, limit: int) -> str:

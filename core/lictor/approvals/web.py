@@ -19,7 +19,6 @@ Other parts of the gateway can mount pages behind the same login::
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import html
@@ -27,12 +26,11 @@ import json
 import re
 import secrets
 import time
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .._text import printable
+from .._text import has_rtl, printable, rtl_runs
 from ..identity import AuthError, Identity
 from ._model import APPROVED, PENDING, Approval, ApprovalError, format_duration
 from .http import BadRequest, HttpRequest, HttpResponse, HttpServer, bounded_number
@@ -61,42 +59,14 @@ def esc(value: object) -> str:
     algorithm would otherwise show numbers and operators right to left (``/*א*/ 1000000 - 1 /*ב*/`` read
     as ``1 - 1000000``). Right-to-left words read in their own direction, each in its place."""
     shown = printable(value)
-    if not shown or max(shown) < "\u0590" or not _rtl_run().search(shown):
+    if not has_rtl(shown):
         return html.escape(shown, quote=True)
     out, last = [], 0
-    for m in _rtl_run().finditer(shown):
+    for m in rtl_runs().finditer(shown):
         out += [html.escape(shown[last : m.start()], quote=True), "<bdi>", html.escape(m.group(), quote=True), "</bdi>"]
         last = m.end()
     out.append(html.escape(shown[last:], quote=True))
     return "".join(out)
-
-
-@functools.cache
-def _rtl_run() -> re.Pattern[str]:
-    """Runs of right-to-left letters and Arabic digits (bidirectional classes R, AL and AN) with the marks
-    that follow them (NSM)."""
-    strong: list[str] = []
-    marks: list[str] = []
-    for code in range(0x0300, 0x110000):
-        if 0xD800 <= code <= 0xDFFF:
-            continue
-        kind = unicodedata.bidirectional(chr(code))
-        if kind in ("R", "AL", "AN"):
-            strong.append(chr(code))
-        elif kind == "NSM":
-            marks.append(chr(code))
-
-    def ranges(chars: list[str]) -> str:
-        spans: list[list[int]] = []
-        for ch in chars:
-            if spans and ord(ch) == spans[-1][1] + 1:
-                spans[-1][1] = ord(ch)
-            else:
-                spans.append([ord(ch), ord(ch)])
-        return "".join(re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "") for a, b in spans)
-
-    first = ranges(strong)
-    return re.compile(f"[{first}][{first}{ranges(marks)}]*")
 
 
 def _when(ts: float | None) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .._text import printable
+from .._text import left_to_right, printable
 from ._model import Approval, format_duration
 
 __all__ = ["WebhookTarget", "Webhooks", "sign"]
@@ -70,7 +70,9 @@ def _slack_escape(text: str) -> str:
     # Slack reads <...> as links/mentions (<!channel>); agent-controlled text must not create either. Control
     # and format characters (ESC, bidi overrides such as U+202E, zero-width spaces) are shown as \xNN, as on
     # the page and in the CLI: otherwise the chat could show the approver the characters in another order.
-    text = printable(text, keep="\n")
+    # Each run of right-to-left letters is followed by a left-to-right mark, so that the numbers and operators
+    # between two runs are not drawn right to left (see left_to_right).
+    text = left_to_right(printable(text, keep="\n"))
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("```", "'''")
 
 
