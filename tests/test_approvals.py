@@ -8,6 +8,7 @@ through ``Session.decide`` exactly as a protocol addon sends them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -401,8 +402,31 @@ def test_an_elevation_ends_when_its_approval_is_withdrawn(tmp_path: Path, live: 
         assert got.status == "withdrawn" and "withdrawn:" in got.decision_reason
         assert broker.elevated_roles(who, "db") == ()
         assert broker.store.elevations(time.time()) == []
+        assert aid in broker._revoked  # a refresh that read the store before cannot bring it back
         still = await agent.session.decide(sql(gw, "INSERT INTO t VALUES (1)"))
         assert still.action == "deny" and still.rule_ids == ("lictor:default-deny",)
+        await gw.stop()
+
+    run(scenario)
+
+
+def test_requests_an_agent_opens_and_drops_leave_nothing_in_memory(tmp_path: Path) -> None:
+    # Only a withdrawn elevation is remembered (for a day): an agent that opens and drops requests one after
+    # the other must not grow the gateway's memory with each of them.
+    async def scenario() -> None:
+        gw = await make_gateway(tmp_path)
+        broker = gw.approvals
+        assert broker is not None
+        agent = await Agent(gw, ident("agent-8", "agent")).open()
+        for n in range(5):
+            task = agent.ask(sql(gw, f"UPDATE t SET a = {n} WHERE id = 1"))
+            aid = await agent.held(n + 1)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            got = await broker.get(aid)
+            assert got is not None and got.status == "withdrawn"
+        assert broker._revoked == {}
         await gw.stop()
 
     run(scenario)

@@ -344,8 +344,14 @@ class ApprovalBroker:
 
     def _withdraw(self, approval_id: str, reason: str, now: float) -> bool:
         """Withdraw a pending or approved request; the elevation it granted, if any, ends with it."""
-        if not self.store.withdraw(approval_id, reason, now):
+        withdrawn = self.store.withdraw(approval_id, reason, now)
+        if withdrawn is None:
             return False
+        if not withdrawn.elevations:
+            # It granted nothing, and being withdrawn it never will (votes need it pending): nothing for a
+            # refresh or a late vote to bring back, so nothing to remember (a day of every withdrawn request
+            # an agent opens and drops would be memory without bound).
+            return True
         with self._lock:
             self._revoked[approval_id] = time.time() + 24 * 3600
             current = {

@@ -92,6 +92,13 @@ class VoteResult:
     decided: bool
 
 
+@dataclass(frozen=True)
+class Withdrawn:
+    """A withdrawal that happened, and how many elevations it ended."""
+
+    elevations: int
+
+
 class ApprovalStore(Protocol):
     """What the broker needs from a store."""
 
@@ -111,7 +118,7 @@ class ApprovalStore(Protocol):
 
     def consume(self, approval_id: str, digest: str, requester: Identity, now: float, not_before: float) -> bool: ...
 
-    def withdraw(self, approval_id: str, reason: str, now: float) -> bool: ...
+    def withdraw(self, approval_id: str, reason: str, now: float) -> Withdrawn | None: ...
 
     def elevations(self, now: float) -> list[Elevation]: ...
 
@@ -443,17 +450,18 @@ class _SqlStore:
                 self._announce(cur, approval_id)
             return changed
 
-    def withdraw(self, approval_id: str, reason: str, now: float) -> bool:
-        """Close a request nobody waits for any more (agent gone, policy changed, gateway stopping).
+    def withdraw(self, approval_id: str, reason: str, now: float) -> Withdrawn | None:
+        """Close a request nobody waits for any more (agent gone, policy changed, gateway stopping); None if
+        it was not pending or approved.
 
         An approved request may be withdrawn (the live policy no longer lets it run): the time-boxed
         elevation it granted ends too, and the reason says why it was withdrawn after the approver's.
         """
         with self._tx() as cur:
             if not self._transition(cur, approval_id, WITHDRAWN, reason, now, (PENDING, APPROVED), append_reason=True):
-                return False
+                return None
             cur.execute(self._sql("DELETE FROM {elevations} WHERE approval_id = ?"), (approval_id,))
-            return True
+            return Withdrawn(max(0, int(cur.rowcount)))
 
     def elevations(self, now: float) -> list[Elevation]:
         with self._tx() as cur:
