@@ -12,7 +12,9 @@ import contextlib
 import html
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -27,7 +29,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import ROOT, free_port, lictor, require, wait_port
+from tests.conftest import LICTOR, ROOT, free_port, lictor, require, wait_port
 from tests.test_approvals import Agent, Receiver, make_gateway, sql
 
 CHROMIUM = "/usr/bin/chromium"
@@ -619,3 +621,47 @@ def test_right_to_left_letters_cannot_reorder_numbers_in_the_chat_or_the_cli(tmp
         return {"chat": await tools.shown_left_to_right("chat")}
 
     assert _in_chromium(steps)["chat"].replace("\u200e", "") == statement
+
+
+def _on_a_terminal(args: list[str], answer: str) -> tuple[int, str]:
+    """Run ``lictor`` with a terminal for its input and output; answer its question with ``answer``."""
+    main, tty = pty.openpty()
+    proc = subprocess.Popen([LICTOR, *args], stdin=tty, stdout=tty, stderr=tty, start_new_session=True)
+    os.close(tty)
+    out = b""
+    answered = False
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if select.select([main], [], [], 1)[0]:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # the terminal closed: the command ended
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if not answered and b"[y/N]" in out:
+                os.write(main, answer.encode() + b"\n")
+                answered = True
+    finally:
+        os.close(main)
+    return proc.wait(timeout=10), out.decode(errors="replace")
+
+
+def test_approving_on_a_terminal_shows_the_request_and_asks_first(approvals_gateway: Any) -> None:
+    """The agent's notice hands out the command; an approver who pastes it sees what they approve."""
+    gw = approvals_gateway
+    dba = gw.token("dba-5", role="dba")
+    agent = LineAgent(gw.line_port, gw.token("agent-5", role="agent"))
+    aid, notice = agent.held("restart payments --drop-queue")
+    command = ["approvals", "approve", aid, "--url", gw.url, "--token", dba]
+    code, out = _on_a_terminal(command, "n")
+    assert code == 1 and f"{aid} not approved" in out, out
+    assert "  restart payments --drop-queue" in out and f"approve {aid} as shown above? [y/N]" in out
+    shown = json.loads(lictor("approvals", "show", aid, "--json", "--url", gw.url, "--token", dba).stdout)
+    assert shown["status"] == "pending" and shown["votes"] == []
+    code, out = _on_a_terminal(command, "y")
+    assert code == 0 and f"{aid} is now approved" in out, out
+    assert agent.recv().startswith("OK restart-needs-approval ")
+    agent.close()

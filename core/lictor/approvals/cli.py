@@ -175,10 +175,26 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _confirmed(args: argparse.Namespace) -> bool:
+    """On a terminal, ``approve`` shows the request and asks first: an agent's notice hands out the very
+    command, and an approver who pastes it must not approve what they never saw."""
+    if args.yes or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return True
+    result = _call(args, "GET", f"/api/approvals/{quote(args.id, safe='')}")
+    _print_approval(result["approval"], float(result.get("now", time.time())))
+    try:
+        answer = input(f"approve {_safe(args.id)} as shown above? [y/N] ")
+    except EOFError:
+        answer = ""
+    return answer.strip().lower() in ("y", "yes")
+
+
 def _vote(args: argparse.Namespace, verdict: str) -> int:
     reason = args.reason or ""
     if verdict == "deny" and not reason.strip():
         raise CliError("deny needs --reason (the agent is told why)", EXIT_USAGE)
+    if verdict == "approve" and not _confirmed(args):
+        raise CliError(f"{_safe(args.id)} not approved")
     result = _call(args, "POST", f"/api/approvals/{quote(args.id, safe='')}/{verdict}", {"reason": reason})
     a = result["approval"]
     if a["status"] == "pending":
@@ -242,6 +258,9 @@ def register(subparsers: Any) -> None:
     common(sp)
     sp.add_argument("id", help="the approval id, ap-...")
     sp.add_argument("--reason", default="", help="why (recorded with your vote)")
+    sp.add_argument(
+        "-y", "--yes", action="store_true", help="do not show the request and ask first (on a terminal, it does)"
+    )
     sp.set_defaults(func=_guard(cmd_approve))
 
     sp = sub.add_parser("deny", help="deny a request; the agent is told the reason")
