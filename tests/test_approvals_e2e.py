@@ -665,3 +665,24 @@ def test_approving_on_a_terminal_shows_the_request_and_asks_first(approvals_gate
     assert code == 0 and f"{aid} is now approved" in out, out
     assert agent.recv().startswith("OK restart-needs-approval ")
     agent.close()
+
+
+def test_the_page_highlights_and_names_characters_outside_ascii(approvals_gateway: Any) -> None:
+    """A Cyrillic letter looks like a Latin one: excluding the account "\u0430dmin" excludes no one."""
+    gw = approvals_gateway
+    agent = LineAgent(gw.line_port, gw.token("agent-6", role="agent"))
+    aid, _ = agent.held("restart all --except \u0430dmin")
+
+    async def steps(tools: DevTools) -> dict[str, Any]:
+        await _log_in(tools, gw.url, gw.token("dba-6", role="dba"))
+        await tools.navigate(f"{gw.url}/approvals/{aid}")
+        return {"payload": await tools.outer_html("#payload"), "note": await tools.outer_html("#non-ascii")}
+
+    seen = _in_chromium(steps)
+    assert seen["payload"] == '<pre id="payload">restart all --except <mark>\u0430</mark>dmin</pre>'
+    assert "U+0430 CYRILLIC SMALL LETTER A" in seen["note"]
+    shown = lictor("approvals", "show", aid, "--url", gw.url, "--token", gw.token("dba-6", role="dba")).stdout
+    assert "note:            the request holds characters outside ASCII: U+0430 CYRILLIC SMALL LETTER A\n" in shown
+    lictor("approvals", "deny", aid, "--url", gw.url, "--token", gw.token("dba-6", role="dba"), "--reason", "no")
+    assert agent.recv().startswith("DENIED ")
+    agent.close()

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -147,13 +148,19 @@ def _print_approval(a: dict[str, Any], now: float) -> None:
         print(f"{k + ':':16} {_one_line(v, 400)}")
     for v in a.get("votes", []):
         print(f"{'vote:':16} {_one_line(v['sub'], 40)} {v['verdict']} {_one_line(v.get('reason', ''), 200)}")
+    attrs = dict(a.get("attrs") or {})
+    text, omitted = attrs.pop("body_text", None), attrs.pop("body_text_omitted_bytes", 0)
+    foreign = dict.fromkeys(ch for ch in printable(a["payload"]) + printable(text or "") if ord(ch) > 0x7F)
+    if foreign:
+        # a Cyrillic a looks like a Latin one: the terminal cannot show the difference, the names can
+        names = [f"U+{ord(ch):04X} {unicodedata.name(ch, '')}".rstrip() for ch in foreign]
+        more = f" and {len(names) - 12} more" if len(names) > 12 else ""
+        print(f"{'note:':16} the request holds characters outside ASCII: {', '.join(names[:12])}{more}")
     print("request:")
     for line in _safe(a["payload"]).splitlines() or [""]:
         print(f"  {line}")
     if a.get("payload_truncated"):
         print("  … (its middle is not shown; the approval is bound to the digest of the whole request)")
-    attrs = dict(a.get("attrs") or {})
-    text, omitted = attrs.pop("body_text", None), attrs.pop("body_text_omitted_bytes", 0)
     if attrs:
         print("attributes:")
         for line in _safe(json.dumps(attrs, indent=2, sort_keys=True, ensure_ascii=False)).splitlines():

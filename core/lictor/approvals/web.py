@@ -26,6 +26,7 @@ import json
 import re
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -67,6 +68,25 @@ def esc(value: object) -> str:
         last = m.end()
     out.append(html.escape(shown[last:], quote=True))
     return "".join(out)
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def esc_marked(value: object) -> tuple[str, list[str]]:
+    """:func:`esc`, with every character outside ASCII highlighted (``<mark>``), and the distinct ones named:
+    a Cyrillic a (U+0430) in ``<> 'admin'`` looks like the Latin one, and the statement would then leave
+    out no one."""
+    shown = printable(value)
+    out, last = [], 0
+    seen: dict[str, None] = {}
+    for m in _NON_ASCII.finditer(shown):
+        out += [html.escape(shown[last : m.start()], quote=True), "<mark>", esc(m.group()), "</mark>"]
+        last = m.end()
+        seen.update(dict.fromkeys(m.group()))
+    out.append(html.escape(shown[last:], quote=True))
+    names = [f"U+{ord(ch):04X} {unicodedata.name(ch, '')}".rstrip() for ch in seen]
+    return "".join(out), names
 
 
 def _when(ts: float | None) -> str:
@@ -357,15 +377,24 @@ class WebApp:
         if a.elevated_until is not None:
             rows.append(("Elevated until", esc(_when(a.elevated_until))))
         body = [*notes, "<dl>", *(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows), "</dl>"]
-        body.append(f'<h2>Request</h2><pre id="payload">{esc(a.payload)}</pre>')
-        if a.summary and a.summary != a.payload:
-            body.append(f"<h3>Summary</h3><pre>{esc(a.summary)}</pre>")
+        payload, foreign = esc_marked(a.payload)
         attrs = dict(a.attrs)
         text, omitted = attrs.pop("body_text", None), attrs.pop("body_text_omitted_bytes", 0)
+        shown_body, body_foreign = esc_marked(text) if isinstance(text, str) else ("", [])
+        foreign += [name for name in body_foreign if name not in foreign]
+        if foreign:
+            listed = ", ".join(foreign[:12]) + (f" and {len(foreign) - 12} more" if len(foreign) > 12 else "")
+            body.append(
+                f'<p class="flash warn" id="non-ascii">The request holds characters outside ASCII (highlighted); some '
+                f"look like ASCII letters or digits but are not: {esc(listed)}.</p>"
+            )
+        body.append(f'<h2>Request</h2><pre id="payload">{payload}</pre>')
+        if a.summary and a.summary != a.payload:
+            body.append(f"<h3>Summary</h3><pre>{esc(a.summary)}</pre>")
         body.append(f"<h3>Attributes</h3><pre>{esc(json.dumps(attrs, indent=2, sort_keys=True))}</pre>")
         if isinstance(text, str):
             more = f"<p>… {int(omitted)} more bytes not shown; the digest covers them</p>" if omitted else ""
-            body.append(f'<h3>Body</h3><pre id="body">{esc(printable(text))}</pre>{more}')
+            body.append(f'<h3>Body</h3><pre id="body">{shown_body}</pre>{more}')
         if a.votes:
             body.append("<h2>Votes</h2><table><thead><tr><th>Approver</th><th>Verdict</th><th>Reason</th><th>When</th>")
             body.append("</tr></thead><tbody>")
