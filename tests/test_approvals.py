@@ -644,6 +644,35 @@ def test_webhooks_are_signed_slack_compatible_and_retried_after_a_500(tmp_path: 
     run(scenario)
 
 
+def test_webhook_messages_waiting_for_delivery_take_bounded_memory(tmp_path: Path) -> None:
+    # Each message carries the request; one full of control characters is six times its size as JSON. An
+    # agent opening request after request while the receiver lags must not pile up gigabytes (1,000 of them).
+    async def scenario() -> None:
+        receiver = Receiver()
+        receiver.statuses = []
+        await receiver.start()
+        gw = await make_gateway(tmp_path, {"webhooks": [{"url": f"http://127.0.0.1:{receiver.port}/generic"}]})
+        broker = gw.approvals
+        assert broker is not None
+        agent = await Agent(gw, ident("agent-9", "agent")).open()
+        task = agent.ask(sql(gw, "UPDATE t SET a = '" + "\x01" * 200_000 + "' WHERE id = 1"))
+        approval = await broker.get(await agent.held())
+        assert approval is not None
+        size = len(broker.webhooks.body(broker.webhooks.targets[0], "approval.created", approval))
+        assert size > 1_000_000
+        failed = broker.webhooks.failed
+        for _ in range(80):  # as many requests: more than the budget holds, far fewer than the queue's 1,000
+            broker.webhooks.emit("approval.created", approval)
+        kept = 64 * 1024 * 1024 // size
+        assert broker.webhooks.failed - failed >= 80 - kept  # the rest was dropped (and logged), not queued
+        task.cancel()
+        await gw.stop()
+        assert receiver.server is not None
+        receiver.server.close()
+
+    run(scenario)
+
+
 def test_unclaimed_tickets_expire_in_the_background_with_a_webhook(tmp_path: Path) -> None:
     async def scenario() -> None:
         receiver = Receiver()

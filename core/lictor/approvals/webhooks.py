@@ -88,6 +88,12 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# What queued and in-flight messages may hold in all: a message carries the request (up to 256 KiB of text,
+# more once JSON-escaped), and an agent that opens request after request while a receiver is down or slow
+# would otherwise fill the queue (1,000 messages) with up to gigabytes.
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+
+
 class Webhooks:
     """Queues and delivers approval events to the configured receivers."""
 
@@ -101,6 +107,7 @@ class Webhooks:
         timeout: float = 10.0,
         queue_size: int = 1000,
         concurrency: int = 8,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
         self.targets = list(targets)
         self.public_url = public_url.rstrip("/")
@@ -109,6 +116,8 @@ class Webhooks:
         self.timeout = timeout
         self._queue: asyncio.Queue[tuple[WebhookTarget, str, bytes]] | None = None
         self._queue_size = queue_size
+        self._max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0  # of the messages queued or being delivered
         self._worker: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._concurrency = concurrency
@@ -172,6 +181,7 @@ class Webhooks:
     def start(self) -> None:
         if self._worker is None and self.targets:
             self._queue = asyncio.Queue(self._queue_size)
+            self._queued_bytes = 0
             self._sem = asyncio.Semaphore(self._concurrency)
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="lictor-webhooks")
 
@@ -183,7 +193,11 @@ class Webhooks:
             if event not in target.events:
                 continue
             try:
-                self._queue.put_nowait((target, event, self.body(target, event, approval)))
+                body = self.body(target, event, approval)
+                if self._queued_bytes + len(body) > self._max_queued_bytes:
+                    raise asyncio.QueueFull
+                self._queue.put_nowait((target, event, body))
+                self._queued_bytes += len(body)
             except asyncio.QueueFull:
                 self.failed += 1
                 log.error("approvals: webhook queue full, dropping %s for %s", event, target.url)
@@ -196,7 +210,7 @@ class Webhooks:
         while True:
             target, event, body = await self._queue.get()
             await self._sem.acquire()
-            task = asyncio.get_running_loop().create_task(self._deliver(target, event, body))
+            task = asyncio.get_running_loop().create_task(self._deliver_once(target, event, body))
             self._inflight.add(task)
             task.add_done_callback(self._done)
 
@@ -206,6 +220,12 @@ class Webhooks:
             self._sem.release()
         if self._queue is not None:
             self._queue.task_done()
+
+    async def _deliver_once(self, target: WebhookTarget, event: str, body: bytes) -> None:
+        try:
+            await self._deliver(target, event, body)
+        finally:
+            self._queued_bytes -= len(body)
 
     async def _deliver(self, target: WebhookTarget, event: str, body: bytes) -> None:
         for attempt in range(self.attempts):
