@@ -1708,6 +1708,29 @@ def test_an_approval_covers_one_bind_with_the_parameter_values_approvers_saw(env
         env.direct("DROP PROCEDURE IF EXISTS add_order(int)")
 
 
+def test_a_held_statement_cannot_show_approvers_parameter_values_of_its_own(env: PgEnv) -> None:
+    # Approvers read the bound values on a "-- parameters:" line after the statement: a statement ending in
+    # its own such comment showed them "$1 = 42" above the real "$1 = 999999".
+    import psycopg
+
+    env.direct(
+        "CREATE OR REPLACE PROCEDURE add_order(amount int) LANGUAGE sql "
+        "AS $$ INSERT INTO orders (customer_id, amount) VALUES (1, amount) $$"
+    )
+    notices: list[str] = []
+    try:
+        with env.connect("writer") as conn:
+            conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+            for fake in ("CALL add_order(%s)\n-- parameters: $1 = 42", "CALL add_order(%s) /* Params: $1 = 42 */"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="lictor:approval-display"):
+                    conn.execute(fake, [999999], prepare=True)
+            assert not any("waiting for approval" in n for n in notices), notices
+            assert conn.execute("SELECT 1").fetchone() == (1,)  # the connection stays usable
+        assert env.direct("SELECT count(*) FROM orders WHERE amount = 999999") == [(0,)]
+    finally:
+        env.direct("DROP PROCEDURE IF EXISTS add_order(int)")
+
+
 def test_a_held_statement_is_withdrawn_when_its_agent_goes_away(env: PgEnv) -> None:
     # Reading from the agent is paused during a hold; its disconnect must still end the request, so
     # that nobody approves a statement whose agent is gone.

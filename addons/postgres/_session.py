@@ -1541,6 +1541,22 @@ class Relay:
         """Hold one Bind of a statement that needs approval: what the approvers see, and what the approval
         is bound to, is the statement with these parameter values; the approval covers this portal only."""
         values = _param_text(stmt.param_types, param_formats, params)
+        if values and _FAKE_PARAMS.search(stmt.text):
+            # Approvers read the values on a "-- parameters:" line after the statement: a comment of the
+            # statement's own that mentions parameters could show them other values than the ones bound.
+            decision = Decision.deny(
+                "a statement held for approval with parameters may not have a comment about parameters (approvers "
+                "would read it as the values bound); remove the comment",
+                "lictor:approval-display",
+                self.session.policy.version,
+            )
+            for request in stmt.classified.requests[:1]:
+                try:
+                    self.session.audit(request, decision)
+                except (AuditError, OSError):
+                    log.error("could not audit a refused approval request")
+            self._record_denial(stmt.text, decision)
+            return self._deny_extended(self._denial_error(None, [decision], decision, _short(stmt.text)))
         bound = replace(
             stmt.classified,
             requests=tuple(replace(r, payload=f"{r.payload}\n{values}") for r in stmt.classified.requests)
@@ -2441,6 +2457,10 @@ def _param_value(oid: int, fmt: int, value: bytes | None) -> str:
     if text is None:
         return f"(binary, type oid {oid}) 0x{value.hex()}"
     return json.dumps(text, ensure_ascii=False)
+
+
+_FAKE_PARAMS = re.compile(r"(?i)(--|/\*)[^\n]*param")
+"""A comment mentioning parameters: in a statement held with bound values it could pass for their line."""
 
 
 def _param_text(types: tuple[int, ...], param_formats: tuple[int, ...], params: list[bytes | None]) -> str:
