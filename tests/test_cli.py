@@ -484,3 +484,68 @@ def test_token_issue_refuses_a_config_whose_gateway_would_refuse_the_token(tmp_p
     config.write_text(config.read_text() + "    - {type: lictor}\n")
     proc = lictor("token", "issue", "-c", str(config), "--sub", "agent-1")
     assert proc.stdout.count(".") == 2
+
+
+def test_check_with_a_config_reports_what_run_would_refuse_and_where(tmp_path: Path):
+    # `check -c` checked the rule packs only: a target, option or section the gateway refuses at start-up
+    # passed CI and stopped the deployment.
+    _ls_pack(tmp_path)
+    state = tmp_path / "state"
+    config = tmp_path / "lictor.yaml"
+    config.write_text(
+        f"version: 1\nstate_dir: {state}\nrulepacks: [p.yaml]\n"
+        "options: {http_idle_timeout: 'ten'}\n"
+        "recordings: {mode: strickt}\n"
+        "approvals: {listen: nohost}\n"
+        "targets:\n"
+        "  db:\n"
+        "    protocol: postgres\n"
+        "    listen: 127.0.0.1:99999\n"
+        "    upstream: {host: db.internal}\n"
+        "  web:\n"
+        "    protocol: ssh\n"
+        "    listen: 127.0.0.1:2222\n"
+        "    upstream: {host: web.internal, user: ops, key: k, known_hosts: kh, prot: 22}\n"
+    )
+    proc = lictor("check", "-c", str(config), check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:-1] == [
+        f"{config}:4:30: option 'http_idle_timeout' must be int, got str",
+        f"{config}:12:3: target 'web': upstream: Additional properties are not allowed ('prot' was unexpected)",
+        f"{config}:5:20: recordings.mode: 'strickt' is not one of ['best_effort', 'strict']",
+        f"{config}:6:21: approvals.listen 'nohost': use host:port, e.g. 127.0.0.1:8470",
+    ], proc.stdout
+    assert lines[-1] == f"4 error(s) in {config}", proc.stdout
+    assert not state.exists()  # nothing was started or written
+
+    # the targets' own checks (the addons' configure hooks) once their schemas pass; `run` says the same
+    config.write_text(
+        f"version: 1\nstate_dir: {state}\n"
+        "targets:\n"
+        "  db:\n"
+        "    protocol: postgres\n"
+        "    listen: 127.0.0.1:99999\n"
+        "    upstream: {host: db.internal}\n"
+    )
+    proc = lictor("check", "-c", str(config), check=False)
+    problem = f"{config}:4:3: target 'db': listen address '127.0.0.1:99999' must be HOST:PORT"
+    assert proc.returncode == 1 and proc.stdout.splitlines() == [problem, f"1 error(s) in {config}"], proc.stdout
+    assert not state.exists()
+    run = lictor("run", "-c", str(config), check=False)
+    assert run.returncode == 1 and problem in run.stderr, run.stderr
+
+
+def test_check_with_a_good_config_starts_nothing(tmp_path: Path):
+    state = tmp_path / "state"
+    config = tmp_path / "lictor.yaml"
+    port = free_port()
+    config.write_text(
+        f"version: 1\nstate_dir: {state}\n"
+        f"targets:\n  api:\n    protocol: http\n    listen: 127.0.0.1:{port}\n    upstream: https://api.internal\n"
+        f"  db:\n    protocol: postgres\n    listen: 127.0.0.1:{port + 1}\n    upstream: {{host: db.internal}}\n"
+    )
+    proc = lictor("check", "-c", str(config), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == f"OK: {config}, 2 target(s); no rule packs (every request is denied)"
+    assert not state.exists()

@@ -95,7 +95,12 @@ class SshAddon:
     def configure(self, gateway: Gateway) -> None:
         targets: dict[str, SshTargetConfig] = {}
         for target in gateway.targets("ssh"):
-            targets[target.name] = parse_target(target.name, target.settings, gateway.config.resolve, gateway.state_dir)
+            try:
+                targets[target.name] = parse_target(
+                    target.name, target.settings, gateway.config.resolve, gateway.state_dir
+                )
+            except ValueError as exc:
+                raise ValueError(f"{target.loc}: {exc}" if target.loc else str(exc)) from None
         self.targets = targets
         if targets:  # asyncssh logs every channel at INFO; Lictor records what matters itself
             logging.getLogger("asyncssh").setLevel(max(logging.WARNING, logging.getLogger("asyncssh").level))

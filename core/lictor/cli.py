@@ -94,8 +94,32 @@ def _packs(args: argparse.Namespace) -> tuple[GatewayConfig | None, AddonManager
     return config, manager, args.paths or (config.rulepacks if config else [])
 
 
+def _check_config(config: GatewayConfig, manager: AddonManager) -> int:
+    """The rest of the gateway config, as ``lictor run`` checks it before it listens (printed as
+    ``FILE:LINE:COL: ...``); the number of errors."""
+    from .runner import check_config
+
+    for unset in config.unset:
+        # read as empty here, as for every command that reaches no target; `lictor run` requires them
+        where, _, name = unset.rpartition(": ")
+        print(f"{where}: warning: environment variable {name} is not set here (lictor run requires it)")
+    try:
+        check_config(config, manager)
+    except ConfigError as exc:
+        print(exc)
+        return len(str(exc).splitlines())
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config, manager, paths = _packs(args)
+    config_errors = _check_config(config, manager) if config is not None else 0
+    if not paths and config is not None:
+        if config_errors:
+            print(f"{config_errors} error(s) in {config.path}")
+            return EXIT_FAIL
+        print(f"OK: {config.path}, {len(config.targets)} target(s); no rule packs (every request is denied)")
+        return EXIT_OK
     if not paths:
         print("nothing to check: give rule pack files or directories, or -c lictor.yaml", file=sys.stderr)
         return EXIT_USAGE
@@ -107,6 +131,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     for problem in result.problems:
         print(problem)
+    if config_errors:
+        assert config is not None
+        print(
+            f"{config_errors} error(s) in {config.path}"
+            + (f"; {len(result.errors)} in rule packs" if result.errors else "")
+        )
+        return EXIT_FAIL
     if result.errors:
         # a file that does not even parse is one of the files checked ("1 error(s) in 0 pack file(s)" read oddly)
         roots = [Path(x) for x in paths]
@@ -525,9 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="load a third-party addon for its rule vocabulary (repeatable)",
         )
 
-    sp = sub.add_parser("check", help="validate rule packs; problems as FILE:LINE:COL")
+    sp = sub.add_parser(
+        "check",
+        help="validate rule packs, and with -c the gateway config as `lictor run` does; problems as FILE:LINE:COL",
+    )
     sp.add_argument("paths", nargs="*", help="rule pack files or directories")
-    with_config(sp)
+    with_config(sp, "checked as `lictor run` checks it before it listens; its rule packs, targets and addons")
     with_addons(sp)
     sp.add_argument("--strict", action="store_true", help="warnings fail too")
     sp.set_defaults(func=cmd_check)

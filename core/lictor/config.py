@@ -129,6 +129,14 @@ class GatewayConfig:
     targets: dict[str, Target] = field(default_factory=dict)
     rulepacks: list[Path] = field(default_factory=list)
     addons: list[str] = field(default_factory=list)
+    doc: Any = None  # the document as parsed, with the position of every key and value
+    unset: list[str] = field(default_factory=list)  # ``LOC: NAME`` of variables read as empty (``offline``)
+
+    def where(self, *path: str | int) -> Location:
+        """The position of the value at ``path`` (keys and list indexes), or of its nearest enclosing value
+        that exists; the file's start when the config has no file."""
+        fallback = Location(str(self.path) if self.path else "<config>", 1, 1)
+        return locate(self.doc, path, fallback) if self.doc is not None else fallback
 
     def section(self, name: str) -> Mapping[str, Any]:
         value = self.raw.get(name) or {}
@@ -150,10 +158,16 @@ class GatewayConfig:
 
 
 def _interpolate(
-    value: Any, loc: Location, env: Mapping[str, str], unset_ok: bool = False, unset_ok_keys: Collection[str] = ()
+    value: Any,
+    loc: Location,
+    env: Mapping[str, str],
+    unset_ok: bool = False,
+    unset_ok_keys: Collection[str] = (),
+    unset: list[str] | None = None,
 ) -> Any:
     """``${NAME}`` and ``${NAME:-default}`` from ``env``. An unset variable without a default is an error,
-    except with ``unset_ok`` (below the keys ``unset_ok_keys`` of this mapping), where it is empty."""
+    except with ``unset_ok`` (below the keys ``unset_ok_keys`` of this mapping), where it is empty (and
+    ``LOC: NAME`` is added to ``unset``)."""
     if isinstance(value, str):
 
         def sub(m: re.Match[str]) -> str:
@@ -163,6 +177,8 @@ def _interpolate(
             if default is not None:
                 return default
             if unset_ok:
+                if unset is not None:
+                    unset.append(f"{loc}: {name}")
                 return ""
             raise ConfigError(f"{loc}: environment variable {name} is not set (use ${{{name}:-default}})")
 
@@ -171,14 +187,14 @@ def _interpolate(
         out = LocDict()
         out.loc, out.key_locs, out.value_locs = value.loc, value.key_locs, value.value_locs
         for k, v in value.items():
-            out[k] = _interpolate(v, value.value_locs.get(k, loc), env, unset_ok or k in unset_ok_keys)
+            out[k] = _interpolate(v, value.value_locs.get(k, loc), env, unset_ok or k in unset_ok_keys, unset=unset)
         return out
     if isinstance(value, LocList):
-        out_list = LocList(_interpolate(v, value.item_locs[i], env, unset_ok) for i, v in enumerate(value))
+        out_list = LocList(_interpolate(v, value.item_locs[i], env, unset_ok, unset=unset) for i, v in enumerate(value))
         out_list.loc, out_list.item_locs = value.loc, value.item_locs
         return out_list
     if isinstance(value, list):
-        return [_interpolate(v, loc, env, unset_ok) for v in value]
+        return [_interpolate(v, loc, env, unset_ok, unset=unset) for v in value]
     return value
 
 
@@ -202,7 +218,8 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offli
     if len(docs) != 1 or not isinstance(docs[0], LocDict):
         raise ConfigError(f"{path}:1:1: the gateway config must be one YAML mapping")
     fallback = Location(str(path), 1, 1)
-    doc = _interpolate(docs[0], fallback, env, unset_ok_keys=("targets", "approvals") if offline else ())
+    unset: list[str] = []
+    doc = _interpolate(docs[0], fallback, env, unset_ok_keys=("targets", "approvals") if offline else (), unset=unset)
     validator = jsonschema.Draft202012Validator(CONFIG_SCHEMA)
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
@@ -224,7 +241,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offli
     state_dir = Path(str(doc.get("state_dir", "state"))).expanduser()  # as every other path
     if not state_dir.is_absolute():
         state_dir = path.parent / state_dir
-    cfg = GatewayConfig(path=path.resolve(), state_dir=state_dir.resolve(), raw=plain(doc))
+    cfg = GatewayConfig(path=path.resolve(), state_dir=state_dir.resolve(), raw=plain(doc), doc=doc, unset=unset)
     cfg.rulepacks = [cfg.resolve(p) for p in doc.get("rulepacks", [])]
     cfg.addons = [str(a) for a in doc.get("addons", [])]
     for name, body in (doc.get("targets") or {}).items():

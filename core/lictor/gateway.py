@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from .addons import AddonManager, HookError
 from .audit import AuditError, AuditLog
-from .config import GatewayConfig, Target
+from .config import ConfigError, GatewayConfig, Target
 from .identity import AuthError, Identity, IssuerConfig, LocalIssuer, TokenVerifier, parse_duration
 from .policy import Policy
 from .policy_types import ADDON_ERROR, Decision, Request
@@ -248,10 +248,12 @@ class Gateway:
         return key
 
     def _make_verifier(self) -> TokenVerifier:
-        section = self.config.section("identity")
+        """The verifier of the ``identity:`` section; ConfigError says which entry is wrong, and where."""
+        config = self.config
+        section = config.section("identity")
         issuers_cfg = section.get("issuers") or [{"type": "lictor"}]
         issuers: list[IssuerConfig] = []
-        for entry in issuers_cfg:
+        for index, entry in enumerate(issuers_cfg):
             kind = entry["type"]
             if kind == "lictor":
                 issuers.append(self.issuer.config())
@@ -261,11 +263,12 @@ class Gateway:
             audience = entry.get("audience", "lictor")
             auds = (audience,) if isinstance(audience, str) else tuple(audience)
             keys = []
-            for p in entry.get("public_keys", []):
+            for k, p in enumerate(entry.get("public_keys", [])):
                 try:
-                    keys.append(load_pem_public_key(self.config.resolve(p).read_bytes()))
+                    keys.append(load_pem_public_key(config.resolve(p).read_bytes()))
                 except (OSError, ValueError, TypeError) as exc:  # missing, unreadable, not a PEM public key
-                    raise ValueError(f"identity issuer {entry['issuer']}: public key {p}: {exc}") from None
+                    where = config.where("identity", "issuers", index, "public_keys", k)
+                    raise ConfigError(f"{where}: identity issuer {entry['issuer']}: public key {p}: {exc}") from None
             issuers.append(
                 IssuerConfig(
                     name=str(entry.get("name", entry.get("issuer", kind))),
@@ -277,7 +280,14 @@ class Gateway:
                     public_keys=tuple(keys),
                 )
             )
-        return TokenVerifier(issuers, leeway=parse_duration(section.get("leeway", 30)))
+        try:
+            leeway = parse_duration(section.get("leeway", 30))
+        except ValueError as exc:
+            raise ConfigError(f"{config.where('identity', 'leeway')}: identity.leeway: {exc}") from None
+        try:
+            return TokenVerifier(issuers, leeway=leeway)
+        except ValueError as exc:
+            raise ConfigError(f"{config.where('identity', 'issuers')}: identity.issuers: {exc}") from None
 
     # -- policy -------------------------------------------------------------------------------
 

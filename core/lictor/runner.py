@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -18,7 +19,7 @@ from .config import ConfigError, GatewayConfig
 from .gateway import Gateway
 from .vocabulary import Vocabulary
 
-__all__ = ["PolicyWatcher", "run_gateway", "validate_targets"]
+__all__ = ["PolicyWatcher", "check_config", "run_gateway", "validate_targets"]
 
 log = logging.getLogger("lictor")
 
@@ -368,11 +369,11 @@ async def run_gateway(
     """Run until SIGTERM/SIGINT; returns the process exit status."""
     loop = asyncio.get_running_loop()
     try:
-        manager.set_options(dict(config.section("options")))
+        apply_options(config, manager)
         validate_targets(config, manager)
         gateway = Gateway(config, manager)
     except (ConfigError, ValueError) as exc:
-        log.error("%s", exc)
+        log.error("%s", located(config, exc))
         return 1
     except (OSError, AuditError) as exc:  # a state directory that cannot be made, or one another gateway holds
         log.error("gateway failed to start: %s", exc)
@@ -383,7 +384,7 @@ async def run_gateway(
     try:
         await gateway.start()
     except Exception as exc:
-        log.error("gateway failed to start: %s", exc)
+        log.error("gateway failed to start: %s", located(config, exc))
         await gateway.stop()
         return 1
     if gateway.policy.version == "empty" and gateway.policy_problems:
@@ -488,5 +489,111 @@ def validate_targets(config: GatewayConfig, manager: AddonManager) -> None:
         for error in jsonschema.Draft202012Validator(schema).iter_errors(dict(target.settings)):
             path = ".".join(map(str, error.absolute_path))
             problems.append(f"{where}target {target.name!r}{': ' + path if path else ''}: {error.message}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def apply_options(config: GatewayConfig, manager: AddonManager) -> None:
+    """Set the addons' options from ``options:``; ConfigError names each key that is unknown or of the wrong
+    type, with its position."""
+    problems = []
+    section = config.section("options")
+    for key, value in section.items():
+        try:
+            manager.set_options({key: value})
+        except ValueError as exc:
+            problems.append(f"{config.where('options', key)}: {exc}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+_LOCATED = re.compile(r"^\S.*?:\d+:\d+: ")
+_SECTION_PATH = re.compile(r"^(approvals|recordings|identity|masking|audit|log)((?:\.[A-Za-z0-9_-]+)*)")
+
+
+def located(config: GatewayConfig, exc: BaseException, section: tuple[str, ...] = ()) -> str:
+    """The lines of a start-up error, each with the ``FILE:LINE:COL`` it is about: kept where the line has
+    one, else that of the config path it begins with (``approvals.listen ...``), else that of the section
+    the failing step reads (a configure hook: ``targets``)."""
+    text = str(exc)
+    if not isinstance(exc, (ValueError, HookError)):
+        return text
+    if isinstance(exc, HookError) and exc.hook != "configure":
+        return text  # a listener that cannot bind, say: not a problem of the file
+    if isinstance(exc, HookError):
+        section = section or ("targets",)
+        text = f"addon {exc.addon!r} refused the config: {exc.original}"
+        if all(_LOCATED.match(line) for line in str(exc.original).splitlines() if line.strip()):
+            text = str(exc.original)  # each line says where and what; the addon's name adds nothing
+    lines = []
+    for line in text.splitlines() or [text]:
+        if _LOCATED.match(line):
+            lines.append(line)
+            continue
+        m = _SECTION_PATH.match(line)
+        if m:
+            parts: list[str | int] = [m.group(1)]
+            parts += [int(p) if p.isdigit() else p for p in m.group(2).split(".") if p]
+            lines.append(f"{config.where(*parts)}: {line}")
+        else:
+            lines.append(f"{config.where(*section)}: {line}")
+    return "\n".join(lines)
+
+
+class _CheckGateway(Gateway):
+    """What the addons' ``configure`` hooks see under ``lictor check -c``: the real config, addons and
+    identity issuers, but a throwaway state directory (keys and certificates an addon makes go there) and
+    no audit log, recorder or approval broker: nothing is opened, started or written where the gateway
+    keeps its state."""
+
+    def __init__(self, config: GatewayConfig, addons: AddonManager, state_dir: Path) -> None:
+        from .identity import LocalIssuer
+        from .policy import Policy
+
+        self.config = config
+        self.state_dir = state_dir
+        self.addons = addons
+        self.policy = Policy.empty(addons.vocabularies)
+        self.policy_problems = []
+        self.sessions = {}
+        self.approvals = None
+        self.issuer = LocalIssuer(state_dir)
+        self.verifier = self._make_verifier()
+        self.started = time.time()
+
+    def audit_event(self, kind: str, event: Any, *, fail_closed: bool = True) -> None:
+        pass
+
+
+def check_config(config: GatewayConfig, manager: AddonManager) -> None:
+    """What ``lictor run`` checks of ``config`` before it listens, through the same code, without starting
+    anything, connecting anywhere or writing to the state directory: the addons' options, every target
+    against its protocol's schema and then its addon's ``configure`` hook, ``recordings:``, ``approvals:``
+    and the identity issuers (key files, algorithms). Raises ConfigError with every problem found, each
+    ``FILE:LINE:COL: ...``."""
+    import tempfile
+
+    from .approvals import ApprovalBroker
+    from .recorder import RecordingsConfig
+
+    problems: list[str] = []
+
+    def step(fn: Any, *args: Any) -> bool:
+        try:
+            fn(*args)
+        except (ConfigError, ValueError, OSError, HookError) as exc:
+            problems.append(located(config, exc))
+            return False
+        return True
+
+    options_ok = step(apply_options, config, manager)
+    targets_ok = step(validate_targets, config, manager)
+    step(RecordingsConfig.from_gateway_config, config)
+    step(ApprovalBroker.check_config, config.section("approvals"), config.state_dir, config.resolve)
+    with tempfile.TemporaryDirectory(prefix="lictor-check-") as tmp:
+        dry: list[_CheckGateway] = []
+        if step(lambda: dry.append(_CheckGateway(config, manager, Path(tmp)))) and options_ok and targets_ok:
+            # configure hooks read targets their schemas passed, and the options as set
+            step(manager.trigger_sync, "configure", dry[0])
     if problems:
         raise ConfigError("\n".join(problems))

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._text import printable
@@ -175,6 +176,21 @@ class ApprovalBroker:
     @classmethod
     def from_config(cls, gateway: Gateway, section: Mapping[str, Any]) -> ApprovalBroker:
         """Build the broker from the gateway config's ``approvals:`` section (ValueError if invalid)."""
+        settings = cls._settings(section)
+        store = open_store(section, gateway.state_dir, gateway.config.resolve)
+        assert store is not None
+        return cls(gateway, store, **settings)
+
+    @classmethod
+    def check_config(cls, section: Mapping[str, Any], state_dir: Path, resolve: Callable[[str], Path]) -> None:
+        """Raise what :meth:`from_config` raises for ``section``, without opening the store or starting
+        anything (``lictor check -c``)."""
+        cls._settings(section)
+        open_store(section, state_dir, resolve, open_sqlite=False)
+
+    @staticmethod
+    def _settings(section: Mapping[str, Any]) -> dict[str, Any]:
+        """The broker's settings from ``section``, validated (ConfigError or ValueError)."""
         import jsonschema
 
         problems = [
@@ -197,17 +213,14 @@ class ApprovalBroker:
             attempts=int(section.get("webhook_attempts", 5)),
             backoff=parse_duration(section.get("webhook_backoff", 1.0)),
         )
-        store = open_store(section, gateway.state_dir, gateway.config.resolve)
-        return cls(
-            gateway,
-            store,
-            listen=listen,
-            public_url=public_url,
-            webhooks=webhooks,
-            poll_interval=parse_duration(section.get("poll_interval", 2.0)),
-            session_ttl=parse_duration(section.get("session_ttl", "8h")),
-            max_pending_per_requester=int(section.get("max_pending_per_requester", DEFAULT_MAX_PENDING)),
-        )
+        return {
+            "listen": listen,
+            "public_url": public_url,
+            "webhooks": webhooks,
+            "poll_interval": parse_duration(section.get("poll_interval", 2.0)),
+            "session_ttl": parse_duration(section.get("session_ttl", "8h")),
+            "max_pending_per_requester": int(section.get("max_pending_per_requester", DEFAULT_MAX_PENDING)),
+        }
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -611,12 +611,15 @@ class PostgresStore(_SqlStore):
                 self._conn = None
 
 
-def open_store(section: Mapping[str, Any], state_dir: Path, resolve: Callable[[str], Path]) -> _SqlStore:
-    """The store named by the ``approvals:`` config section."""
+def open_store(
+    section: Mapping[str, Any], state_dir: Path, resolve: Callable[[str], Path], *, open_sqlite: bool = True
+) -> _SqlStore | None:
+    """The store named by the ``approvals:`` config section (a PostgreSQL store connects when first used).
+    ``open_sqlite=False`` checks the section only: no SQLite file is opened (or created), None returned."""
     kind = section.get("store", "sqlite")
     if kind == "sqlite":
         path = section.get("sqlite")
-        return SqliteStore(resolve(str(path)) if path else state_dir / "approvals.db")
+        return SqliteStore(resolve(str(path)) if path else state_dir / "approvals.db") if open_sqlite else None
     if kind == "postgres":
         dsn = section.get("dsn")
         if not dsn:
