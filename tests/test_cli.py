@@ -549,3 +549,10 @@ def test_check_with_a_good_config_starts_nothing(tmp_path: Path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == f"OK: {config}, 2 target(s); no rule packs (every request is denied)"
     assert not state.exists()
+
+
+def test_run_refuses_an_unknown_log_level_option(tmp_path: Path):
+    (tmp_path / "lictor.yaml").write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\n")
+    proc = lictor("run", "-c", str(tmp_path / "lictor.yaml"), "--log-level", "verbose", check=False, timeout=15)
+    assert proc.returncode == 2 and "invalid choice: 'verbose'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "state").exists()

@@ -112,3 +112,14 @@ def test_state_dir_expands_the_home_directory_like_every_other_path(tmp_path, mo
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "lictor.yaml").write_text("version: 1\nstate_dir: ~/lictor-state\n")
     assert load_config(tmp_path / "lictor.yaml", offline=True).state_dir == tmp_path / "home" / "lictor-state"
+
+
+def test_an_unknown_log_level_is_an_error_that_says_where(tmp_path):
+    # `verbose` was taken as info without a word: the debug lines it was meant to show never came
+    path = tmp_path / "lictor.yaml"
+    path.write_text("version: 1\nlog:\n  format: text\n  level: verbose\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, offline=True)
+    assert str(raised.value) == f"{path}:4:10: log.level 'verbose' is not one of debug, info, warning, error"
+    path.write_text("version: 1\nlog: {level: WARNING}\n")
+    assert load_config(path, offline=True).section("log")["level"] == "WARNING"

@@ -18,7 +18,7 @@ from ._text import count_arg, printable
 from ._yaml import YamlError, load_documents, plain
 from .addons import AddonManager, HookError, load_addon_spec
 from .audit import AuditLog
-from .config import ConfigError, GatewayConfig, load_config
+from .config import LOG_LEVELS, ConfigError, GatewayConfig, load_config
 from .identity import LocalIssuer, parse_duration
 from .policy import Trace
 from .policy_types import combine
@@ -510,7 +510,7 @@ def _setup_logging(config: GatewayConfig | None, level: str | None, fmt: str | N
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, level_name, logging.INFO))
+    root.setLevel(getattr(logging, level_name))  # one of LOG_LEVELS: the config and the option are checked
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -661,7 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("run", help="run the gateway")
     sp.add_argument("-c", "--config", required=True, help="gateway config (lictor.yaml)")
-    sp.add_argument("--log-level", help="debug, info, warning or error (default: the config's log.level)")
+    sp.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="debug, info, warning or error (default: the config's log.level)",
+    )
     sp.add_argument("--log-format", choices=["text", "json"], help="default: the config's log.format")
     sp.add_argument("--ready-file", help="write this file once every listener is up")
     sp.set_defaults(func=cmd_run)

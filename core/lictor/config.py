@@ -21,6 +21,9 @@ from ._yaml import Location, LocDict, LocList, YamlError, key_location, load_doc
 
 __all__ = ["ConfigError", "GatewayConfig", "Target", "load_config"]
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+"""The values of ``log.level`` (and ``lictor run --log-level``), in any case."""
+
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -238,6 +241,12 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offli
                 where = ".".join(map(str, p))
                 lines.append(f"{locate(doc, p, fallback)}: {where + ': ' if where else ''}{error.message}")
         raise ConfigError("\n".join(lines))
+    level = (doc.get("log") or {}).get("level")
+    if level is not None and level.lower() not in LOG_LEVELS:
+        # Python's logging took any other name as info: `verbose` hid the debug lines it was meant to show
+        raise ConfigError(
+            f"{locate(doc, ['log', 'level'], fallback)}: log.level {level!r} is not one of {', '.join(LOG_LEVELS)}"
+        )
     state_dir = Path(str(doc.get("state_dir", "state"))).expanduser()  # as every other path
     if not state_dir.is_absolute():
         state_dir = path.parent / state_dir
