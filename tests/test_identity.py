@@ -301,6 +301,19 @@ def test_a_jwks_without_usable_keys_is_not_asked_again_for_every_token(body: byt
         ),
         ("{type: lictor, algorithms: []}", "identity.issuers.0.algorithms: [] should be non-empty"),
         ("{type: lictor, audience: []}", "identity.issuers.0.audience: [] is not valid"),
+        # keys an issuer of that type does not read were accepted and ignored: an audience that did not narrow
+        # what Lictor's own issuer accepts, public keys of a jwks issuer that verified nothing
+        (
+            "{type: lictor, audience: lictor-prod}",
+            "lictor.yaml:5:22: identity.issuers.0: 'audience' does not apply to a `type: lictor` issuer (its tokens "
+            "always have iss 'lictor', aud 'lictor' and alg EdDSA",
+        ),
+        ("{type: lictor, issuer: https://gw}", "identity.issuers.0: 'issuer' does not apply to a `type: lictor`"),
+        ("{type: lictor, algorithms: [EdDSA]}", "identity.issuers.0: 'algorithms' does not apply to a `type: lictor`"),
+        (
+            "{type: jwks, issuer: https://idp, jwks_url: https://idp/keys, public_keys: [k.pem]}",
+            "identity.issuers.0: 'public_keys' does not apply to a `type: jwks` issuer (its keys come from jwks_url)",
+        ),
     ],
 )
 def test_an_issuer_that_could_verify_no_token_stops_the_gateway_with_a_clear_error(tmp_path, entry, problem):
@@ -322,3 +335,17 @@ def test_an_exp_too_large_for_a_float_is_refused_like_any_bad_claim(issuer, veri
     signature = base64.urlsafe_b64encode(issuer._key.sign(signed)).rstrip(b"=")
     with pytest.raises(AuthError, match=r"exp\) is out of range"):
         verifier.verify((signed + b"." + signature).decode())
+
+
+def test_the_name_of_lictor_s_own_issuer_is_the_configured_one(tmp_path):
+    """`name` is the one key other than `type` a `type: lictor` entry takes; it was accepted and ignored."""
+    from types import SimpleNamespace
+
+    from lictor.config import load_config
+    from lictor.gateway import Gateway
+
+    (tmp_path / "lictor.yaml").write_text("version: 1\nidentity: {issuers: [{type: lictor, name: ci-issuer}]}\n")
+    config = load_config(tmp_path / "lictor.yaml")
+    stand_in = SimpleNamespace(config=config, issuer=LocalIssuer(tmp_path / "state"))
+    verifier = Gateway._make_verifier(stand_in)  # type: ignore[arg-type]
+    assert verifier.issuers["lictor"].name == "ci-issuer"

@@ -201,6 +201,38 @@ def _interpolate(
     return value
 
 
+# The keys each kind of issuer reads: any other was accepted and ignored (an `audience` on Lictor's own
+# issuer did not narrow what it accepts; `public_keys` on a jwks issuer verified nothing).
+_ISSUER_KEYS = {
+    "lictor": ("type", "name"),
+    "jwks": ("type", "name", "issuer", "audience", "algorithms", "jwks_url"),
+    "static": ("type", "name", "issuer", "audience", "algorithms", "public_keys"),
+}
+_WHY = {
+    "lictor": "its tokens always have iss 'lictor', aud 'lictor' and alg EdDSA, signed with STATE/issuer.key; "
+    "to trust tokens with other values, add the issuer that signs them as type jwks or static",
+    "jwks": "its keys come from jwks_url",
+    "static": "its keys are its public_keys",
+}
+
+
+def _check_issuer_keys(doc: LocDict, fallback: Location) -> None:
+    """Refuse a key an issuer of that ``type`` would not read (the schema allows the union of all types')."""
+    issuers = (doc.get("identity") or {}).get("issuers") or []
+    lines = []
+    for index, entry in enumerate(issuers):
+        kind = entry["type"]
+        for key in entry:
+            if key not in _ISSUER_KEYS[kind]:
+                where = key_location(entry, key, fallback)
+                lines.append(
+                    f"{where}: identity.issuers.{index}: {key!r} does not apply to a `type: {kind}` issuer "
+                    f"({_WHY[kind]})"
+                )
+    if lines:
+        raise ConfigError("\n".join(lines))
+
+
 def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offline: bool = False) -> GatewayConfig:
     """Load and validate ``lictor.yaml``; raise ConfigError with the position of the problem.
 
@@ -241,6 +273,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offli
                 where = ".".join(map(str, p))
                 lines.append(f"{locate(doc, p, fallback)}: {where + ': ' if where else ''}{error.message}")
         raise ConfigError("\n".join(lines))
+    _check_issuer_keys(doc, fallback)
     level = (doc.get("log") or {}).get("level")
     if level is not None and level.lower() not in LOG_LEVELS:
         # Python's logging took any other name as info: `verbose` hid the debug lines it was meant to show

@@ -17,6 +17,7 @@ and turns any exception on the way into an audited denial. The addon then forwar
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -256,7 +257,7 @@ class Gateway:
         for index, entry in enumerate(issuers_cfg):
             kind = entry["type"]
             if kind == "lictor":
-                issuers.append(self.issuer.config())
+                issuers.append(dataclasses.replace(self.issuer.config(), name=str(entry.get("name", "lictor"))))
                 continue
             from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
