@@ -123,3 +123,28 @@ def test_an_unknown_log_level_is_an_error_that_says_where(tmp_path):
     assert str(raised.value) == f"{path}:4:10: log.level 'verbose' is not one of debug, info, warning, error"
     path.write_text("version: 1\nlog: {level: WARNING}\n")
     assert load_config(path, offline=True).section("log")["level"] == "WARNING"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        # kept as written: the password sent upstream was the text `${DB-PASS}`
+        ("${DB-PASS}", "'${DB-PASS}': `${` starts no variable reference"),
+        ("${DB_PASS:default}", "'${DB_PASS:default}': `${` starts no variable reference"),
+        ("${DB_PASS", "'${DB_PASS': `${` starts no variable reference"),
+        # the default ended at the first `}`: the value was the text `${HOME/x}`
+        ("${STATE:-${HOME}/x}", "${STATE:-...}: a default cannot contain another ${...}"),
+    ],
+)
+def test_a_dollar_brace_that_is_no_variable_reference_is_an_error(tmp_path, value, problem):
+    path = tmp_path / "lictor.yaml"
+    path.write_text(f'version: 1\nstate_dir: "{value}"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, env={"HOME": "/home/op"}, offline=True)
+    assert str(raised.value).startswith(f"{path}:2:12: {problem}"), raised.value
+
+
+def test_a_literal_dollar_brace_is_written_twice(tmp_path):
+    path = tmp_path / "lictor.yaml"
+    path.write_text('version: 1\nstate_dir: "/srv/$${NAME}/${SUB:-x}"\n')
+    assert load_config(path, env={}).state_dir == Path("/srv/${NAME}/x")

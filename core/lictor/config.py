@@ -2,7 +2,8 @@
 
 Written by whoever deploys the gateway; never mixed with rule packs. Strings may use
 ``${VAR}`` and ``${VAR:-default}`` to take values from the environment (a missing variable
-without a default is an error, not an empty string). Relative paths are relative to the file.
+without a default is an error, not an empty string; ``$${`` is a literal ``${``, any other ``${``
+an error). Relative paths are relative to the file.
 Each protocol addon validates the targets of its protocol with the schema it declares.
 """
 
@@ -24,7 +25,8 @@ __all__ = ["ConfigError", "GatewayConfig", "Target", "load_config"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 """The values of ``log.level`` (and ``lictor run --log-level``), in any case."""
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ``$${`` (a literal ``${``), a reference, or any other ``${``: one that is not a reference is an error
+_ENV = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
 
 
 class ConfigError(ValueError):
@@ -175,6 +177,18 @@ def _interpolate(
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
+            if m.group(0) == "$${":
+                return "${"
+            if name is None:
+                # `${DB-PASS}`, `${PASS:default}`, a missing `}`: it was kept as it stood, as a password, say
+                shown = value[m.start() : m.start() + 40]
+                raise ConfigError(
+                    f"{loc}: {shown!r}: `${{` starts no variable reference: write ${{NAME}} or ${{NAME:-default}} "
+                    "(NAME: letters, digits and _), or $${ for a literal ${"
+                )
+            if default is not None and "${" in default:
+                # `${A:-${B}}` ended at the first `}`: the default was the text `${B` and a `}` was left over
+                raise ConfigError(f"{loc}: ${{{name}:-...}}: a default cannot contain another ${{...}}")
             if name in env and env[name] != "":
                 return env[name]
             if default is not None:
