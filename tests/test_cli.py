@@ -396,11 +396,15 @@ def test_an_addon_that_cannot_be_loaded_is_one_line_naming_it(tmp_path: Path):
             proc = lictor(command, "--addon", spec, "p.yaml", cwd=tmp_path, check=False)
             assert proc.returncode == 1, (command, spec, proc.stderr)
             assert message in proc.stderr and "Traceback" not in proc.stderr, (command, spec, proc.stderr)
-    (tmp_path / "lictor.yaml").write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\naddons: [refuses.py]\n")
-    proc = lictor("run", "-c", str(tmp_path / "lictor.yaml"), check=False, timeout=20)
+    config = tmp_path / "lictor.yaml"
+    config.write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\naddons: [refuses.py]\n")
+    # one the config names says where it is named
+    problem = f"{config}:3:10: addon refuses.py: addon 'refuses' failed in hook 'load'"
+    proc = lictor("run", "-c", str(config), check=False, timeout=20)
     assert proc.returncode == 1
-    assert "gateway failed to start: addon refuses.py: addon 'refuses' failed in hook 'load'" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert f"gateway failed to start: {problem}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = lictor("check", "-c", str(config), check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith(problem), proc.stderr
 
 
 def test_an_addon_request_builder_that_fails_says_what_it_was_given(tmp_path: Path):

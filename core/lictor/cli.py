@@ -43,23 +43,24 @@ def _manager(
         _add_addon(manager, spec, Path.cwd())
     if config is not None:
         base = config.path.parent if config.path else None
-        for spec in config.addons:
-            loaded = _add_addon(manager, spec, base)
+        for index, spec in enumerate(config.addons):
+            loaded = _add_addon(manager, spec, base, f"{config.where('addons', index)}: ")
             if specs is not None:
                 specs[spec] = loaded
     return manager
 
 
-def _add_addon(manager: AddonManager, spec: str, base: Path | None) -> list[Any]:
+def _add_addon(manager: AddonManager, spec: str, base: Path | None, where: str = "") -> list[Any]:
     """Load and add the addons of one spec; a file or module that cannot be imported, names no
-    addons or whose ``load`` hook raises is a configuration error that says which addon."""
+    addons or whose ``load`` hook raises is a configuration error that says which addon (and, for one
+    the config names, ``where``: its ``FILE:LINE:COL: ``)."""
     try:
         loaded = load_addon_spec(spec, base)
         manager.add(*loaded)
     except HookError as exc:
-        raise ConfigError(f"addon {spec}: {exc}") from exc
+        raise ConfigError(f"{where}addon {spec}: {exc}") from exc
     except Exception as exc:
-        raise ConfigError(f"addon {spec} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(f"{where}addon {spec} cannot be loaded: {type(exc).__name__}: {exc}") from exc
     return loaded
 
 
