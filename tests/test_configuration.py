@@ -148,3 +148,21 @@ def test_a_literal_dollar_brace_is_written_twice(tmp_path):
     path = tmp_path / "lictor.yaml"
     path.write_text('version: 1\nstate_dir: "/srv/$${NAME}/${SUB:-x}"\n')
     assert load_config(path, env={}).state_dir == Path("/srv/${NAME}/x")
+
+
+def test_an_empty_path_is_an_error_not_the_config_s_directory(tmp_path):
+    # `state_dir: ${LICTOR_STATE_DIR:-}` put the issuer, audit and masking keys next to lictor.yaml
+    path = tmp_path / "lictor.yaml"
+    path.write_text(
+        'version: 1\nstate_dir: "${LICTOR_STATE_DIR:-}"\nrulepacks: [""]\naudit: {sqlite: ""}\n'
+        'masking: {hash_key_file: ""}\naddons: [""]\n'
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, env={}, offline=True)
+    assert str(raised.value).splitlines() == [
+        f"{path}:6:10: addons.0: '' should be non-empty",
+        f"{path}:4:17: audit.sqlite: '' should be non-empty",
+        f"{path}:5:26: masking.hash_key_file: '' should be non-empty",
+        f"{path}:3:13: rulepacks.0: '' should be non-empty",
+        f"{path}:2:12: state_dir: '' should be non-empty",
+    ]

@@ -38,9 +38,12 @@ CONFIG_SCHEMA: dict[str, Any] = {
     "title": "Lictor gateway config",
     "type": "object",
     "additionalProperties": False,
+    # An empty path (`${STATE_DIR:-}`) is the directory of lictor.yaml: the gateway's private keys would be
+    # written next to its config, which is often in version control or a ConfigMap.
+    "$defs": {"path": {"type": "string", "minLength": 1}},
     "properties": {
         "version": {"const": 1},
-        "state_dir": {"type": "string"},
+        "state_dir": {"$ref": "#/$defs/path"},
         "log": {
             "type": "object",
             "additionalProperties": False,
@@ -86,20 +89,20 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 },
             },
         },
-        "rulepacks": {"type": "array", "items": {"type": "string"}},
+        "rulepacks": {"type": "array", "items": {"$ref": "#/$defs/path"}},
         "audit": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {"sqlite": {"type": "string"}, "postgres": {"type": "string"}},
+            "properties": {"sqlite": {"$ref": "#/$defs/path"}, "postgres": {"type": "string"}},
         },
         "recordings": {"type": "object"},
         "approvals": {"type": "object"},
         "masking": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {"hash_key_file": {"type": "string"}},
+            "properties": {"hash_key_file": {"$ref": "#/$defs/path"}},
         },
-        "addons": {"type": "array", "items": {"type": "string"}},
+        "addons": {"type": "array", "items": {"$ref": "#/$defs/path"}},
         "options": {"type": "object"},
         "targets": {
             "type": "object",
