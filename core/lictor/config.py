@@ -150,6 +150,19 @@ class GatewayConfig:
         value = self.raw.get(name) or {}
         return value if isinstance(value, Mapping) else {}
 
+    def where_key(self, *path: str | int) -> Location:
+        """The position of the last key of ``path`` itself (for an unknown key), else of its mapping."""
+        mapping_loc = self.where(*path[:-1])
+        if self.doc is None:
+            return mapping_loc
+        node: Any = self.doc
+        for part in path[:-1]:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                return mapping_loc
+        return key_location(node, str(path[-1]), mapping_loc)
+
     def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()
         if not p.is_absolute() and self.path is not None:

@@ -488,7 +488,23 @@ def validate_targets(config: GatewayConfig, manager: AddonManager) -> None:
             continue
         for error in jsonschema.Draft202012Validator(schema).iter_errors(dict(target.settings)):
             path = ".".join(map(str, error.absolute_path))
-            problems.append(f"{where}target {target.name!r}{': ' + path if path else ''}: {error.message}")
+            at = ["targets", target.name, *error.absolute_path]
+            if config.doc is None:  # a config made in code: no positions
+                problems.append(f"{where}target {target.name!r}{': ' + path if path else ''}: {error.message}")
+                continue
+            if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+                # each unknown key where it is written (the target's line was a guess in a long entry)
+                declared = set(error.schema.get("properties", {}))
+                patterns = [re.compile(p) for p in error.schema.get("patternProperties", {})]
+                for key in error.instance:
+                    if key not in declared and not any(p.search(key) for p in patterns):
+                        problems.append(
+                            f"{config.where_key(*at, key)}: target {target.name!r}"
+                            f"{': ' + path if path else ''}: unknown key {key!r}"
+                        )
+                continue
+            at_path = f": {path}" if path else ""
+            problems.append(f"{config.where(*at)}: target {target.name!r}{at_path}: {error.message}")
     if problems:
         raise ConfigError("\n".join(problems))
 
