@@ -166,3 +166,11 @@ def test_an_empty_path_is_an_error_not_the_config_s_directory(tmp_path):
         f"{path}:3:13: rulepacks.0: '' should be non-empty",
         f"{path}:2:12: state_dir: '' should be non-empty",
     ]
+
+
+def test_audit_postgres_is_refused_not_ignored(tmp_path):
+    # the audit log is SQLite: a DSN there was accepted, and a fleet's audit events stayed on each replica
+    path = tmp_path / "lictor.yaml"
+    path.write_text("version: 1\naudit:\n  postgres: postgresql://audit@db/lictor\n")
+    with pytest.raises(ConfigError, match=r"lictor.yaml:3:3: audit.postgres is not supported: the audit log is SQLite"):
+        load_config(path, offline=True)

@@ -304,6 +304,14 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offli
                 lines.append(f"{locate(doc, p, fallback)}: {where + ': ' if where else ''}{error.message}")
         raise ConfigError("\n".join(lines))
     _check_issuer_keys(doc, fallback)
+    audit = doc.get("audit") or {}
+    if "postgres" in audit:
+        # accepted and ignored, it let a fleet's operators believe their audit events were gathered there
+        raise ConfigError(
+            f"{key_location(audit, 'postgres', fallback)}: audit.postgres is not supported: the audit log is "
+            "SQLite (audit.sqlite); to gather the audit events of several gateways in PostgreSQL, add a "
+            "recordings sink of type postgres (recordings.sinks)"
+        )
     level = (doc.get("log") or {}).get("level")
     if level is not None and level.lower() not in LOG_LEVELS:
         # Python's logging took any other name as info: `verbose` hid the debug lines it was meant to show
