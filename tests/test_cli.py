@@ -560,3 +560,21 @@ def test_run_refuses_an_unknown_log_level_option(tmp_path: Path):
     proc = lictor("run", "-c", str(tmp_path / "lictor.yaml"), "--log-level", "verbose", check=False, timeout=15)
     assert proc.returncode == 2 and "invalid choice: 'verbose'" in proc.stderr, proc.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_check_with_a_config_creates_no_file_the_config_names(tmp_path: Path):
+    # an SSH target's configured host key is created when the gateway starts; `check -c` made it too
+    import asyncssh
+
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "ops_key").write_bytes(key.export_private_key())
+    (tmp_path / "known_hosts").write_text("web.internal " + key.export_public_key().decode())
+    config = tmp_path / "lictor.yaml"
+    config.write_text(
+        f"version: 1\nstate_dir: {tmp_path / 'state'}\n"
+        f"targets:\n  web:\n    protocol: ssh\n    listen: 127.0.0.1:{free_port()}\n    host_key: keys/gw_host\n"
+        "    upstream: {host: web.internal, user: ops, key: ops_key, known_hosts: known_hosts}\n"
+    )
+    proc = lictor("check", "-c", str(config), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (tmp_path / "keys").exists() and not (tmp_path / "state").exists()

@@ -99,7 +99,9 @@ def _read(path: Path, what: str) -> bytes:
         raise ValueError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
+def _load_or_create_host_key(path: Path, create: bool = True) -> asyncssh.SSHKey:
+    if not path.exists() and not create:  # a check of the config: the key the gateway would make
+        return asyncssh.generate_private_key("ssh-ed25519")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         key = asyncssh.generate_private_key("ssh-ed25519", comment="lictor-gateway")
@@ -129,20 +131,28 @@ def _public_key(text: str, resolve: Callable[[str], Path], what: str) -> asyncss
 
 
 def parse_target(
-    name: str, settings: Mapping[str, Any], resolve: Callable[[str], Path], state_dir: Path
+    name: str,
+    settings: Mapping[str, Any],
+    resolve: Callable[[str], Path],
+    state_dir: Path,
+    *,
+    create_host_key: bool = True,
 ) -> SshTargetConfig:
-    """Load one target; raise ValueError naming the target and setting on any problem."""
+    """Load one target; raise ValueError naming the target and setting on any problem. A missing host key
+    is created, unless ``create_host_key`` is false (``lictor check -c``: nothing is written)."""
     try:
-        return _parse(name, settings, resolve, state_dir)
+        return _parse(name, settings, resolve, state_dir, create_host_key)
     except ValueError as exc:
         raise ValueError(f"ssh target {name!r}: {exc}") from None
 
 
-def _parse(name: str, settings: Mapping[str, Any], resolve: Callable[[str], Path], state_dir: Path) -> SshTargetConfig:
+def _parse(
+    name: str, settings: Mapping[str, Any], resolve: Callable[[str], Path], state_dir: Path, create_host_key: bool
+) -> SshTargetConfig:
     listen_host, listen_port = split_listen(str(settings["listen"]))
     host_key_setting = settings.get("host_key")
     host_key_path = resolve(str(host_key_setting)) if host_key_setting else state_dir / "ssh" / f"{name}_host_ed25519"
-    host_key = _load_or_create_host_key(host_key_path)
+    host_key = _load_or_create_host_key(host_key_path, create_host_key)
 
     up = settings["upstream"]
     key_path = resolve(str(up["key"]))

@@ -97,7 +97,11 @@ class SshAddon:
         for target in gateway.targets("ssh"):
             try:
                 targets[target.name] = parse_target(
-                    target.name, target.settings, gateway.config.resolve, gateway.state_dir
+                    target.name,
+                    target.settings,
+                    gateway.config.resolve,
+                    gateway.state_dir,
+                    create_host_key=not gateway.checking,
                 )
             except ValueError as exc:
                 raise ValueError(f"{target.loc}: {exc}" if target.loc else str(exc)) from None

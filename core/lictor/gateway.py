@@ -200,6 +200,10 @@ class Session:
 class Gateway:
     """Shared state of one gateway process: config, live policy, audit, approvals, recorder."""
 
+    checking = False
+    """True for the stand-in ``lictor check -c`` hands to ``configure`` hooks: check, start and write nothing
+    (its ``state_dir`` is a temporary directory; files named by the config are not created)."""
+
     def __init__(
         self,
         config: GatewayConfig,

@@ -562,6 +562,8 @@ class _CheckGateway(Gateway):
     no audit log, recorder or approval broker: nothing is opened, started or written where the gateway
     keeps its state."""
 
+    checking = True
+
     def __init__(self, config: GatewayConfig, addons: AddonManager, state_dir: Path) -> None:
         from .identity import LocalIssuer
         from .policy import Policy
