@@ -174,3 +174,33 @@ def test_audit_postgres_is_refused_not_ignored(tmp_path):
     path.write_text("version: 1\naudit:\n  postgres: postgresql://audit@db/lictor\n")
     with pytest.raises(ConfigError, match=r"lictor.yaml:3:3: audit.postgres is not supported: the audit log is SQLite"):
         load_config(path, offline=True)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        # an empty key (a file made with `touch`, or cut short) made hash masks a plain hash: a masked card
+        # number, few unknown digits, was found by trying them all
+        ("", "the key is 0 bytes; it must be at least 16 random bytes in hex"),
+        ("abcd\n", "the key is 2 bytes; it must be at least 16 random bytes in hex"),
+        # not hex: the error named neither the file nor the setting
+        ("not hex\n", "not a key in hex (non-hexadecimal number found"),
+    ],
+)
+def test_a_masking_key_that_protects_nothing_stops_the_gateway_and_check(tmp_path, content, problem):
+    from lictor import AddonManager
+    from lictor.cli import main
+
+    (tmp_path / "mask.key").write_text(content)
+    path = tmp_path / "lictor.yaml"
+    path.write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\nmasking: {{hash_key_file: mask.key}}\n")
+    config = load_config(path)
+    with pytest.raises(ConfigError) as raised:
+        Gateway(config, AddonManager())
+    assert str(raised.value).startswith(f"{path}:3:26: masking.hash_key_file: {tmp_path / 'mask.key'}: {problem}")
+    assert main(["check", "-c", str(path)]) == 1
+    (tmp_path / "mask.key").write_text("ab" * 16)
+    assert main(["check", "-c", str(path)]) == 0
+    gateway = Gateway(config, AddonManager())
+    assert gateway._mask_key == b"\xab" * 16
+    gateway.audit.close()

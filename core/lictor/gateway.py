@@ -197,6 +197,39 @@ class Session:
         return {"session": self.id, **{k: v for k, v in self.to_json().items() if k != "id"}}
 
 
+MIN_MASK_KEY_BYTES = 16
+
+
+def load_mask_key(config: GatewayConfig, *, create: bool) -> bytes | None:
+    """The HMAC key of the ``hash`` and ``preserve-length`` masks: ``masking.hash_key_file``, else
+    ``STATE/mask.key``; made when missing if ``create`` (else None). A file that is not at least
+    :data:`MIN_MASK_KEY_BYTES` bytes in hex is a ConfigError: an empty or short key lets a masked card
+    number (few unknown digits) be found by trying them all."""
+    path_s = config.section("masking").get("hash_key_file")
+    path = config.resolve(str(path_s)) if path_s else config.state_dir / "mask.key"
+    where = f"{config.where('masking', 'hash_key_file')}: masking.hash_key_file: " if path_s else ""
+    if path.exists():
+        try:
+            key = bytes.fromhex(path.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{where}{path}: not a key in hex ({exc})") from None
+        if len(key) < MIN_MASK_KEY_BYTES:
+            raise ConfigError(
+                f"{where}{path}: the key is {len(key)} bytes; it must be at least {MIN_MASK_KEY_BYTES} random bytes "
+                "in hex (the gateway makes 32: delete the file to have one made)"
+            )
+        return key
+    if not create:
+        return None
+    key = secrets.token_bytes(32)
+    # Created private, not chmod-ed afterwards: the HMAC key of hash and preserve-length masks is what
+    # keeps a masked card number (few unknown digits) from being found by trying them all.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key.hex() + "\n")
+    return key
+
+
 class Gateway:
     """Shared state of one gateway process: config, live policy, audit, approvals, recorder."""
 
@@ -240,16 +273,8 @@ class Gateway:
     # -- setup --------------------------------------------------------------------------------
 
     def _load_mask_key(self) -> bytes:
-        path_s = self.config.section("masking").get("hash_key_file")
-        path = self.config.resolve(str(path_s)) if path_s else self.state_dir / "mask.key"
-        if path.exists():
-            return bytes.fromhex(path.read_text().strip())
-        key = secrets.token_bytes(32)
-        # Created private, not chmod-ed afterwards: the HMAC key of hash and preserve-length masks is what
-        # keeps a masked card number (few unknown digits) from being found by trying them all.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key.hex() + "\n")
+        key = load_mask_key(self.config, create=True)
+        assert key is not None
         return key
 
     def _make_verifier(self) -> TokenVerifier:

@@ -16,7 +16,7 @@ from typing import Any
 from .addons import AddonManager, HookError, Loader, addon_name
 from .audit import AuditError
 from .config import ConfigError, GatewayConfig
-from .gateway import Gateway
+from .gateway import Gateway, load_mask_key
 from .vocabulary import Vocabulary
 
 __all__ = ["PolicyWatcher", "check_config", "run_gateway", "validate_targets"]
@@ -608,6 +608,7 @@ def check_config(config: GatewayConfig, manager: AddonManager) -> None:
     targets_ok = step(validate_targets, config, manager)
     step(RecordingsConfig.from_gateway_config, config)
     step(ApprovalBroker.check_config, config.section("approvals"), config.state_dir, config.resolve)
+    step(lambda: load_mask_key(config, create=False))
     with tempfile.TemporaryDirectory(prefix="lictor-check-") as tmp:
         dry: list[_CheckGateway] = []
         if step(lambda: dry.append(_CheckGateway(config, manager, Path(tmp)))) and options_ok and targets_ok:
