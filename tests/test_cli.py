@@ -578,3 +578,21 @@ def test_check_with_a_config_creates_no_file_the_config_names(tmp_path: Path):
     proc = lictor("check", "-c", str(config), check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not (tmp_path / "keys").exists() and not (tmp_path / "state").exists()
+
+
+def test_a_broken_issuer_key_is_named_by_run_check_and_token_issue(tmp_path: Path):
+    # `lictor token issue` ended in a traceback, `lictor run` said "lictor.yaml:1:1: Unable to load PEM file",
+    # and `check -c` found nothing wrong
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "issuer.key").write_text("garbage\n")
+    config = tmp_path / "lictor.yaml"
+    config.write_text(f"version: 1\nstate_dir: {state}\n")
+    problem = f"{state / 'issuer.key'}: Lictor's own issuer key is not an unencrypted Ed25519 private key in PEM ("
+    token = lictor("token", "issue", "-c", str(config), "--sub", "a", check=False)
+    assert token.returncode == 1 and token.stderr.startswith(problem), token.stderr
+    checked = lictor("check", "-c", str(config), check=False)
+    assert checked.returncode == 1 and checked.stdout.startswith(problem), checked.stdout
+    run = lictor("run", "-c", str(config), check=False, timeout=15)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"ERROR lictor: {problem}" in run.stderr, run.stderr

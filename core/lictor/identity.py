@@ -123,9 +123,17 @@ class LocalIssuer:
 
     def _load_or_create(self) -> ed25519.Ed25519PrivateKey:
         if self.key_path.exists():
-            key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+            from .config import ConfigError
+
+            # a ConfigError, not AuthError: the gateway and `lictor token issue` stop with the file's name
+            # (this was a traceback, or a PEM parser's message without any name)
+            problem = f"{self.key_path}: Lictor's own issuer key is not an unencrypted Ed25519 private key in PEM"
+            try:
+                key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{problem} ({exc})") from None
             if not isinstance(key, ed25519.Ed25519PrivateKey):
-                raise AuthError(f"{self.key_path}: not an Ed25519 private key")
+                raise ConfigError(f"{problem} (it holds {type(key).__name__})")
             return key
         self.key_path.parent.mkdir(parents=True, exist_ok=True)
         key = ed25519.Ed25519PrivateKey.generate()

@@ -523,7 +523,8 @@ def apply_options(config: GatewayConfig, manager: AddonManager) -> None:
         raise ConfigError("\n".join(problems))
 
 
-_LOCATED = re.compile(r"^\S.*?:\d+:\d+: ")
+# FILE:LINE:COL, or the absolute path of a file the gateway reads besides lictor.yaml (a key in the state)
+_LOCATED = re.compile(r"^(\S.*?:\d+:\d+|/\S*): ")
 _SECTION_PATH = re.compile(r"^(approvals|recordings|identity|masking|audit|log)((?:\.[A-Za-z0-9_-]+)*)")
 
 
@@ -575,7 +576,8 @@ class _CheckGateway(Gateway):
         self.policy_problems = []
         self.sessions = {}
         self.approvals = None
-        self.issuer = LocalIssuer(state_dir)
+        # the gateway's issuer key, read if it is there (not made: that is for the gateway)
+        self.issuer = LocalIssuer(config.state_dir if (config.state_dir / "issuer.key").exists() else state_dir)
         self.verifier = self._make_verifier()
         self.started = time.time()
 
