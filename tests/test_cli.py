@@ -516,7 +516,7 @@ def test_check_with_a_config_reports_what_run_would_refuse_and_where(tmp_path: P
     lines = proc.stdout.splitlines()
     assert lines[:-1] == [
         f"{config}:4:30: option 'http_idle_timeout' must be int, got str",
-        f"{config}:15:72: target 'web': upstream: unknown key 'prot'",
+        f"{config}:15:72: target 'web': upstream: unknown key 'prot' (did you mean 'port'?)",
         f"{config}:5:20: recordings.mode: 'strickt' is not one of ['best_effort', 'strict']",
         f"{config}:6:21: approvals.listen 'nohost': use host:port, e.g. 127.0.0.1:8470",
     ], proc.stdout

@@ -204,3 +204,17 @@ def test_a_masking_key_that_protects_nothing_stops_the_gateway_and_check(tmp_pat
     gateway = Gateway(config, AddonManager())
     assert gateway._mask_key == b"\xab" * 16
     gateway.audit.close()
+
+
+def test_every_unknown_key_is_reported_with_the_key_it_may_mean(tmp_path):
+    # only the first unknown key of a mapping was reported: fix one, run again, find the next
+    path = tmp_path / "lictor.yaml"
+    path.write_text("version: 1\ntarget: {}\nrulepack: [packs]\nlog: {levl: info}\nextra: 1\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, offline=True)
+    assert str(raised.value).splitlines() == [
+        f"{path}:2:1: unknown key 'target' (did you mean 'targets'?)",
+        f"{path}:3:1: unknown key 'rulepack' (did you mean 'rulepacks'?)",
+        f"{path}:5:1: unknown key 'extra'",
+        f"{path}:4:7: unknown key 'levl' (did you mean 'level'?)",
+    ]

@@ -9,6 +9,7 @@ Each protocol addon validates the targets of its protocol with the schema it dec
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Collection, Mapping
@@ -27,6 +28,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # ``$${`` (a literal ``${``), a reference, or any other ``${``: one that is not a reference is an error
 _ENV = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
+
+
+def did_you_mean(key: str, known: Collection[str]) -> str:
+    """`` (did you mean 'targets'?)`` for a misspelt ``key``, or ``""``."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class ConfigError(ValueError):
@@ -292,13 +299,15 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offli
         for error in errors:
             p = list(error.absolute_path)
             if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-                allowed = set(error.schema.get("properties", {}))
+                allowed = list(error.schema.get("properties", {}))
                 extra = [k for k in error.instance if k not in allowed]
                 node = doc
                 for part in p:
                     node = node[part]
-                loc = key_location(node, extra[0], fallback) if extra else locate(doc, p, fallback)
-                lines.append(f"{loc}: unknown key {extra[0] if extra else '?'!r}")
+                for key in extra:  # every one, each where it is written
+                    lines.append(
+                        f"{key_location(node, key, fallback)}: unknown key {key!r}{did_you_mean(key, allowed)}"
+                    )
             else:
                 where = ".".join(map(str, p))
                 lines.append(f"{locate(doc, p, fallback)}: {where + ': ' if where else ''}{error.message}")

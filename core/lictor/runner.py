@@ -15,7 +15,7 @@ from typing import Any
 
 from .addons import AddonManager, HookError, Loader, addon_name
 from .audit import AuditError
-from .config import ConfigError, GatewayConfig
+from .config import ConfigError, GatewayConfig, did_you_mean
 from .gateway import Gateway, load_mask_key
 from .vocabulary import Vocabulary
 
@@ -500,7 +500,7 @@ def validate_targets(config: GatewayConfig, manager: AddonManager) -> None:
                     if key not in declared and not any(p.search(key) for p in patterns):
                         problems.append(
                             f"{config.where_key(*at, key)}: target {target.name!r}"
-                            f"{': ' + path if path else ''}: unknown key {key!r}"
+                            f"{': ' + path if path else ''}: unknown key {key!r}{did_you_mean(key, declared)}"
                         )
                 continue
             at_path = f": {path}" if path else ""
