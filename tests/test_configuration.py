@@ -218,3 +218,18 @@ def test_every_unknown_key_is_reported_with_the_key_it_may_mean(tmp_path):
         f"{path}:5:1: unknown key 'extra'",
         f"{path}:4:7: unknown key 'levl' (did you mean 'level'?)",
     ]
+
+
+def test_relative_paths_of_a_symlinked_config_are_all_relative_to_one_directory(tmp_path):
+    # state_dir was relative to the directory of the symlink, every other path to that of the file it points
+    # to (as a Kubernetes ConfigMap mounts lictor.yaml: a symlink into a directory the next update removes)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "real" / "lictor.yaml").write_text(
+        "version: 1\nstate_dir: state\nrulepacks: [rulepacks]\naudit: {sqlite: audit/audit.db}\n"
+    )
+    (tmp_path / "etc" / "lictor.yaml").symlink_to(tmp_path / "real" / "lictor.yaml")
+    config = load_config(tmp_path / "etc" / "lictor.yaml", offline=True)
+    assert config.state_dir == tmp_path / "etc" / "state"
+    assert config.rulepacks == [tmp_path / "etc" / "rulepacks"]
+    assert config.resolve("audit/audit.db") == tmp_path / "etc" / "audit" / "audit.db"

@@ -328,9 +328,13 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offli
             f"{locate(doc, ['log', 'level'], fallback)}: log.level {level!r} is not one of {', '.join(LOG_LEVELS)}"
         )
     state_dir = Path(str(doc.get("state_dir", "state"))).expanduser()  # as every other path
+    # Relative paths are relative to the directory the file is named in, its symlinks not followed: state_dir
+    # was, the other paths were relative to the directory of the file a symlink points to (a ConfigMap's
+    # timestamped directory, which the next update removes).
+    here = Path(os.path.abspath(path))
     if not state_dir.is_absolute():
-        state_dir = path.parent / state_dir
-    cfg = GatewayConfig(path=path.resolve(), state_dir=state_dir.resolve(), raw=plain(doc), doc=doc, unset=unset)
+        state_dir = here.parent / state_dir
+    cfg = GatewayConfig(path=here, state_dir=state_dir.resolve(), raw=plain(doc), doc=doc, unset=unset)
     cfg.rulepacks = [cfg.resolve(p) for p in doc.get("rulepacks", [])]
     cfg.addons = [str(a) for a in doc.get("addons", [])]
     for name, body in (doc.get("targets") or {}).items():
