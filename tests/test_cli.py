@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -596,3 +597,23 @@ def test_a_broken_issuer_key_is_named_by_run_check_and_token_issue(tmp_path: Pat
     run = lictor("run", "-c", str(config), check=False, timeout=15)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert f"ERROR lictor: {problem}" in run.stderr, run.stderr
+
+
+def test_check_strict_fails_on_a_variable_it_read_as_empty(tmp_path: Path):
+    # `check -c` reads an unset variable under targets: as empty, with a warning; --strict ("warnings fail
+    # too") passed it, and the CI job that set --strict to catch an environment it forgot passed as well
+    _ls_pack(tmp_path)
+    config = tmp_path / "lictor.yaml"
+    config.write_text(
+        f"version: 1\nstate_dir: {tmp_path / 'state'}\nrulepacks: [p.yaml]\n"
+        "targets:\n  db:\n    protocol: postgres\n    listen: 127.0.0.1:6432\n"
+        "    upstream: {host: db.internal, password: '${DB_PASSWORD}'}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DB_PASSWORD"}
+    warning = f"{config}:8:45: warning: environment variable DB_PASSWORD is not set here (lictor run requires it)"
+    relaxed = lictor("check", "-c", str(config), check=False, env=env)
+    assert relaxed.returncode == 0 and relaxed.stdout.startswith(warning + "\nOK: "), relaxed.stdout
+    strict = lictor("check", "--strict", "-c", str(config), check=False, env=env)
+    assert strict.returncode == 1 and strict.stdout.startswith(warning + "\n"), strict.stdout
+    assert strict.stdout.splitlines()[-1].endswith(f"and 1 in {config}; --strict fails on warnings"), strict.stdout
+    assert lictor("check", "--strict", "-c", str(config), env={**env, "DB_PASSWORD": "x"}).stdout.startswith("OK: ")

@@ -115,9 +115,13 @@ def _check_config(config: GatewayConfig, manager: AddonManager) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     config, manager, paths = _packs(args)
     config_errors = _check_config(config, manager) if config is not None else 0
+    unset = len(config.unset) if config is not None else 0  # warnings: variables read as empty
     if not paths and config is not None:
         if config_errors:
             print(f"{config_errors} error(s) in {config.path}")
+            return EXIT_FAIL
+        if args.strict and unset:
+            print(f"0 error(s), {unset} warning(s) in {config.path}; --strict fails on warnings")
             return EXIT_FAIL
         print(f"OK: {config.path}, {len(config.targets)} target(s); no rule packs (every request is denied)")
         return EXIT_OK
@@ -149,8 +153,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{len(result.errors)} error(s), {len(result.warnings)} warning(s) in {len(checked)} pack file(s)")
         return EXIT_FAIL
     assert result.policy is not None
-    if args.strict and result.warnings:
+    if args.strict and (result.warnings or unset):
         count = f"{len(result.warnings)} warning(s) in {len(result.files)} pack file(s)"
+        if unset:
+            count += f" and {unset} in {config.path if config else ''}"
         print(f"0 error(s), {count}; --strict fails on warnings")
         return EXIT_FAIL
     print(
