@@ -8,6 +8,8 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, free_port, lictor
 
 
@@ -617,3 +619,33 @@ def test_check_strict_fails_on_a_variable_it_read_as_empty(tmp_path: Path):
     assert strict.returncode == 1 and strict.stdout.startswith(warning + "\n"), strict.stdout
     assert strict.stdout.splitlines()[-1].endswith(f"and 1 in {config}; --strict fails on warnings"), strict.stdout
     assert lictor("check", "--strict", "-c", str(config), env={**env, "DB_PASSWORD": "x"}).stdout.startswith("OK: ")
+
+
+@pytest.mark.parametrize(
+    ("protocol", "upstream", "problem"),
+    [
+        # each was accepted at start-up and failed at every agent's login, or connected elsewhere
+        ("postgres", "{host: ''}", "upstream.host is empty"),
+        ("postgres", "{host: db.internal, port: 99999}", "upstream.port 99999 is out of range (1-65535)"),
+        ("postgres", "{host: db.internal, port: 0}", "upstream.port 0 is out of range (1-65535)"),
+        ("postgres", "{host: db.internal, port: five}", "upstream.port 'five' is not a port number"),
+        ("ssh", "{host: '', user: ops, key: k, known_hosts: kh}", "upstream.host is empty"),
+        ("ssh", "{host: web, user: '', key: k, known_hosts: kh}", "upstream.user is empty"),
+        ("ssh", "{host: web, user: ops, port: twenty-two, key: k, known_hosts: kh}", "upstream.port 'twenty-two' is"),
+    ],
+)
+def test_check_refuses_an_upstream_no_connection_can_use(tmp_path: Path, capsys, protocol, upstream, problem):
+    import asyncssh
+    from lictor.cli import main
+
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "k").write_bytes(key.export_private_key())
+    (tmp_path / "kh").write_text("web " + key.export_public_key().decode())
+    config = tmp_path / "lictor.yaml"
+    config.write_text(
+        f"version: 1\nstate_dir: {tmp_path / 'state'}\ntargets:\n  t:\n    protocol: {protocol}\n"
+        f"    listen: 127.0.0.1:{free_port()}\n    upstream: {upstream}\n"
+    )
+    assert main(["check", "-c", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"{config}:4:3: ") and problem in out.splitlines()[0], out

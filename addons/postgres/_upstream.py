@@ -45,10 +45,21 @@ class UpstreamConfig:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], resolve: Any) -> "UpstreamConfig":
-        port = int(settings.get("port") or 5432)
+        """A target's ``upstream:``; ValueError names a setting the gateway could never connect with (an empty
+        host, a port that is no number or out of range), at start-up instead of at each agent's login."""
+        host = str(settings["host"]).strip()
+        if not host:
+            raise ValueError("upstream.host is empty")
+        raw_port = settings.get("port")
+        try:
+            port = int(raw_port) if raw_port not in (None, "") else 5432
+        except ValueError:
+            raise ValueError(f"upstream.port {raw_port!r} is not a port number") from None
+        if not 0 < port < 65536:
+            raise ValueError(f"upstream.port {port} is out of range (1-65535)")
         root = settings.get("sslrootcert")
         return cls(
-            host=str(settings["host"]),
+            host=host,
             port=port,
             user=str(settings.get("user") or "postgres"),
             password=str(settings.get("password") or ""),

@@ -177,9 +177,17 @@ def _parse(
         asyncssh.import_known_hosts(text)
     except (asyncssh.KeyImportError, ValueError) as exc:
         raise ValueError(f"upstream.known_hosts: {known_hosts}: {exc}") from None
-    port = int(up.get("port", 22))
+    raw_port = up.get("port", 22)
+    try:
+        port = int(raw_port)
+    except ValueError:
+        raise ValueError(f"upstream.port {raw_port!r} is not a port number") from None
     if not 0 < port <= 65535:
         raise ValueError(f"upstream.port out of range: {port}")
+    # empty, asyncssh would pick for itself: the local host, the gateway process's own user name
+    for name in ("host", "user"):
+        if not str(up[name]).strip():
+            raise ValueError(f"upstream.{name} is empty")
     upstream = UpstreamConfig(
         host=str(up["host"]),
         port=port,
