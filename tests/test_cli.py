@@ -649,3 +649,18 @@ def test_check_refuses_an_upstream_no_connection_can_use(tmp_path: Path, capsys,
     assert main(["check", "-c", str(config)]) == 1
     out = capsys.readouterr().out
     assert out.startswith(f"{config}:4:3: ") and problem in out.splitlines()[0], out
+
+
+def test_an_option_an_addon_refuses_is_reported_where_it_is_set(tmp_path: Path, capsys):
+    # the addon's configure hook names the option; the position was that of `targets:` (or the file's start)
+    from lictor.cli import main
+
+    config = tmp_path / "lictor.yaml"
+    config.write_text(
+        f"version: 1\nstate_dir: {tmp_path / 'state'}\noptions:\n  http_buffer_limit: 1000\n  http_idle_timeout: -5\n"
+        f"targets:\n  api: {{protocol: http, listen: '127.0.0.1:{free_port()}', upstream: 'https://api.internal'}}\n"
+    )
+    assert main(["check", "-c", str(config)]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"{config}:5:22: addon 'http' refused the config: http_idle_timeout and http_buffer_limit must be positive"
+    )

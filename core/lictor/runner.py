@@ -548,10 +548,15 @@ def located(config: GatewayConfig, exc: BaseException, section: tuple[str, ...] 
             lines.append(line)
             continue
         m = _SECTION_PATH.match(line)
+        # an option the config sets, named by an addon that refuses its value (http_idle_timeout: -5)
+        named = [(h.start(), k) for k in config.section("options") if (h := re.search(rf"\b{re.escape(k)}\b", line))]
+        option = min(named)[1] if named else None
         if m:
             parts: list[str | int] = [m.group(1)]
             parts += [int(p) if p.isdigit() else p for p in m.group(2).split(".") if p]
             lines.append(f"{config.where(*parts)}: {line}")
+        elif option is not None:
+            lines.append(f"{config.where('options', option)}: {line}")
         else:
             lines.append(f"{config.where(*section)}: {line}")
     return "\n".join(lines)
