@@ -45,6 +45,7 @@ def _pack(work: Path) -> dict[str, Any]:
             {"match": {"claims": {"role": "observer"}}, "roles": ["observer"]},
             {"match": {"claims": {"role": "operator"}}, "roles": ["operator"]},
             {"match": {"claims": {"role": "admin"}}, "roles": ["admin"]},
+            {"match": {"claims": {"role": "liner"}}, "roles": ["liner"]},
             {"match": {"claims": {"role": "approver"}}, "roles": ["approver"]},
             {"match": {"claims": {"mask": "yes"}}, "roles": ["masked"]},
             {"match": {"sub": "cert-alice"}, "roles": ["observer"]},
@@ -74,7 +75,7 @@ def _pack(work: Path) -> dict[str, Any]:
                     {
                         "id": "op-shell-builtins",
                         "protocol": "ssh",
-                        "when": {"channels": ["shell_line"], "programs": ["cd", "pwd", "exit"]},
+                        "when": {"channels": ["shell_line"], "programs": ["cd", "pwd", "exit", "read", "dd"]},
                         "action": "allow",
                     },
                     {
@@ -161,6 +162,17 @@ def _pack(work: Path) -> dict[str, Any]:
                         "id": "admin-forward",
                         "protocol": "ssh",
                         "when": {"channels": ["port_forward"], "destinations": ["127.0.0.1:*"]},
+                        "action": "allow",
+                    },
+                ]
+            },
+            "liner": {  # any program, in line-mode shells only
+                "rules": [
+                    {"id": "liner-shell", "protocol": "ssh", "when": {"channels": ["shell"]}, "action": "allow"},
+                    {
+                        "id": "liner-all",
+                        "protocol": "ssh",
+                        "when": {"channels": ["shell_line"], "programs": "*"},
                         "action": "allow",
                     },
                 ]
@@ -319,6 +331,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 "observer": gw.token("agent-obs", role="observer"),
                 "operator": gw.token("agent-op", role="operator"),
                 "admin": gw.token("agent-admin", role="admin"),
+                "liner": gw.token("agent-liner", role="liner"),
                 "approver": gw.token("human-approver", role="approver"),
                 "masked": gw.token("agent-masked", role="observer", mask="yes"),
             }
@@ -931,6 +944,102 @@ def test_comment_lines_in_a_piped_script_run_nothing_and_are_not_denied(env: Env
         env=env.client.env(env.tokens["operator"]), timeout=30, start_new_session=True,
     )  # fmt: skip
     assert run.returncode == 126 and run.stdout == b"" and b"lictor: denied" in run.stderr, run
+
+
+# A program that reads only part of a line (`head -c 5` reads "echo ") left the rest of that line, the
+# unchecked " rm -f VICTIM", for the target's bash to run as a command.
+PARTIAL_READERS = ["head -c 5", "dd bs=1 count=5 status=none", "read -t 1 -n 5 x"]
+
+
+@pytest.mark.parametrize("reader", PARTIAL_READERS)
+def test_a_program_reading_part_of_a_typed_line_leaves_nothing_for_the_shell_to_run(env: Env, reader: str) -> None:
+    victim = env.work / f"victim-tty-{reader.split()[0]}"
+    assert env.direct(f"touch {victim}").returncode == 0
+    shell = env.client.shell(env.tokens["operator"])
+    try:
+        shell.expect(PROMPT)
+        # typed ahead while the reader runs: decided as `echo ...`, and never given to the reader
+        shell.send(f"{reader}\recho rm -f {victim}\r".encode())
+        shell.send(b"\x04")  # end of input for the running program
+        shell.expect(rf"\$ rm -f {victim}\r\n[^\n]*\$ $".encode())  # the echo ran, whole, after the reader
+        shell.send(b"echo still-usable\r")
+        shell.expect(rb"still-usable\r\n[^\n]*\$ $")
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+    assert env.direct(f"test -e {victim}").returncode == 0, "an unchecked rest of a line ran on the target"
+
+
+@pytest.mark.parametrize("reader", PARTIAL_READERS)
+def test_a_program_reading_part_of_a_piped_line_leaves_nothing_for_the_shell_to_run(env: Env, reader: str) -> None:
+    victim = env.work / f"victim-pipe-{reader.split()[0]}"
+    assert env.direct(f"touch {victim}").returncode == 0
+    script = f"{reader}\necho rm -f {victim}\necho done\n".encode()
+    run = subprocess.run(
+        env.client.ssh_argv(None, "-T"), input=script, capture_output=True,
+        env=env.client.env(env.tokens["operator"]), timeout=30, start_new_session=True,
+    )  # fmt: skip
+    assert env.direct(f"test -e {victim}").returncode == 0, ("an unchecked rest of a line ran on the target", run)
+    assert (run.returncode, run.stdout) == (0, f"rm -f {victim}\ndone\n".encode()), run
+
+
+def test_a_program_that_prints_the_ready_mark_gets_only_whole_lines_and_leaves_nothing_behind(env: Env) -> None:
+    # The mark the target's bash prints with its prompt is no secret: a line can print it while a program
+    # reads. The gateway then sends the next line early, but the terminal hands it out whole and bash
+    # discards what the program left of it before reading a command.
+    victim = env.work / "victim-forged-mark"
+    assert env.direct(f"touch {victim}").returncode == 0
+    shell = env.client.shell(env.tokens["operator"])
+    try:
+        shell.expect(PROMPT)
+        shell.send(b'printf "\\e]7373;${PS1##*7373;}"; head -c 5; echo " <- read"\r')
+        shell.send(f"echo rm -f {victim}\r".encode())
+        shell.expect(rb"\r\necho  <- read\r\n[^\n]*\$ $")
+        shell.send(b"echo still-usable\r")
+        shell.expect(rb"\nstill-usable\r\n[^\n]*\$ $")
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+    assert env.direct(f"test -e {victim}").returncode == 0, "an unchecked rest of a line ran on the target"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "exec 0< <(printf 'rm -f {victim}\\n')",
+        "unset PROMPT_COMMAND",
+        "read() { :; }",
+        "enable -n read",
+        "trap true DEBUG",
+        "set +m",
+    ],
+)
+def test_a_line_cannot_undo_what_keeps_the_shell_reading_only_checked_lines(env: Env, line: str) -> None:
+    victim = env.work / "victim-undo"
+    assert env.direct(f"touch {victim}").returncode == 0
+    shell = env.client.shell(env.tokens["liner"])  # may run any program, so only the analysis refuses
+    try:
+        shell.expect(PROMPT)
+        shell.send(line.replace("{victim}", str(victim)).encode() + b"\r")
+        assert b"lictor:ssh-unparsable" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
+        shell.send(b"echo still-usable\r")
+        shell.expect(rb"\nstill-usable\r\n[^\n]*\$ $")
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+    assert env.direct(f"test -e {victim}").returncode == 0, "a command no line asked for ran on the target"
+
+
+def test_a_program_in_a_piped_script_that_reads_its_input_gets_its_end_not_the_next_lines(env: Env) -> None:
+    script = b"cat\nhead -n 1\necho after\nhead -c 1 /nonexistent 2>/dev/null\n"
+    run = subprocess.run(
+        env.client.ssh_argv(None, "-T"), input=script, capture_output=True,
+        env=env.client.env(env.tokens["operator"]), timeout=30, start_new_session=True,
+    )  # fmt: skip
+    assert (run.returncode, run.stdout) == (1, b"after\n"), run
 
 
 def test_observer_gets_no_shell(env: Env) -> None:

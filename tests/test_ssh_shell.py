@@ -1466,6 +1466,9 @@ def test_shell_line_requests_refuse_a_final_backslash_and_overlong_lines() -> No
     assert "line continuation" in req.attrs["parse_error"]
     (req,) = requests_for_command("echo " + "A" * 4100, target="t", channel="shell_line", max_bytes=4000)
     assert "longer than 4000 bytes" in req.attrs["parse_error"]
+    for char in "\x03\x04\x1a\x1c":  # the target's terminal would take them as a signal or an end of input
+        (req,) = requests_for_command(f"echo a{char}b", target="t", channel="shell_line", line=True, max_bytes=4000)
+        assert "signal or an end of input" in req.attrs["parse_error"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1552,3 +1555,55 @@ def test_stdin_shell_finds_the_shell_behind_wrappers(argv: list[str], reader: st
 def test_stdin_shell_refuses_program_text_it_cannot_check(argv: list[str], message: str) -> None:
     with pytest.raises(ShellParseError, match=re.escape(message)):
         stdin_shell(argv)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "unset PROMPT_COMMAND",
+        "unset -v PS1",
+        "unset x PS2",
+        "f() { unset PS0; }",
+        "read() { :; }",
+        "function read { return 1; }",
+        "enable -n read",
+        "enable -pn read",
+        "trap true DEBUG",
+        "trap -- 'echo' debug",
+        "trap true $sig",
+        "set +m",
+        "set -e +m",
+        "set +o monitor",
+        "shopt -u -o monitor",
+        "exec </dev/null",
+        "exec 0<file",
+        "exec 0< <(printf 'rm -rf /x\\n')",
+        "exec <&3",
+        "exec 0<&-",
+        "{ exec; } <f",
+    ],
+)
+def test_a_shell_line_may_not_undo_how_the_line_shell_reads_its_lines(command: str) -> None:
+    # The gateway's line shell discards what is left on its terminal before each prompt (PROMPT_COMMAND
+    # with `read`) and marks the prompt (PS1); its commands come from standard input.
+    analyse(command)  # an exec command string: no such shell
+    for interactive in (True, False):
+        refused(command, "line shell", interactive=interactive, line=True)
+
+
+def test_a_shell_line_may_still_read_print_trap_and_redirect() -> None:
+    for command in [
+        "read -r x < f",
+        "declare -p PS1",
+        "echo $PROMPT_COMMAND",
+        "unset -f read",
+        "trap 'echo bye' EXIT",
+        "trap - DEBUG",
+        "set -m",
+        "set +e",
+        "exec 3<f",
+        "exec 2>/dev/null",
+        "exec cat < f",
+        "enable -p",
+    ]:
+        analyse(command, interactive=True, line=True)

@@ -26,6 +26,15 @@ it reads is exactly what was decided. A denied line is never sent; the denial is
 prompt shown again. Without a terminal (a script piped into ``ssh``), lines are decided the same way
 but the first denied line ends the session with 126: a script must not go on after a step of it
 was refused.
+
+What bash reads as a command must be a decided line, whole. A program bash runs shares its input, and
+one that reads part of a line (``head -c 5``) would leave the rest for bash. So an allowed line waits
+in the gateway until bash is about to read a command: before each prompt bash discards what is left
+on its terminal (:data:`READY_DRAIN`), then prints a prompt that ends with a mark (:data:`READY_MARK`);
+the gateway takes the mark out of the output and sends one line. bash always reads from a terminal
+on the target, also for scripts (there without a prompt, and with each line followed by ^D so that a
+program reading its input gets the end of it): a terminal in canonical mode hands out one line per
+read, where a pipe would give a reader the next bytes of later lines.
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import shlex
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -82,23 +93,77 @@ LINE_MODE_TERM_MODES: dict[int, int] = {
 """The terminal modes of a line-mode shell on the target. Never the agent's own: with ``stty kill @`` or
 ``stty iuclc`` passed through, the target's line discipline would turn the checked ``echo @rm -rf /``
 into ``rm -rf /``, or ``RM`` into ``rm``."""
+SCRIPT_TERM_MODES: dict[int, int] = {**LINE_MODE_TERM_MODES, 36: 0, 70: 0}
+"""The target's terminal under a script (an agent without a terminal): no CR-to-NL on input (a script line
+``echo a\rrm x`` stays one line) and no output processing (the agent gets the bytes the programs wrote)."""
+READY_DRAIN = "while read -t 0; do read -r; done"
+"""Run by the target's bash before each prompt (``PROMPT_COMMAND``): whatever is still waiting on its
+terminal (the rest of a line that a program read only part of) is discarded, never read as a command."""
+OUTBOX_MAX = 64 * 1024
+"""Bytes of decided lines held for the target's shell while a command runs (then input waits)."""
 PROMPT_KEEP = 512
 TTY_LINE_MAX = 4000
 """Longest line (UTF-8 bytes, without its newline) sent to a line-mode shell on a terminal. The
 target's terminal is in canonical mode, whose line buffer holds 4095 bytes: Linux silently drops what
 goes past it, so a longer line would reach the shell cut short (an allowed ``echo '...'`` losing its
 closing quote would join the next line into a different command)."""
-LINE_SHELL_ENV = (
-    "PS1='\\u@\\h:\\w\\$ ' PAGER=cat MANPAGER=cat GIT_PAGER=cat SYSTEMD_PAGER=cat SYSTEMD_COLORS=0 LESSSECURE=1"
-)
-"""Environment of line-mode shells: a readable prompt, and no pager that would read keystrokes (a pager's
-``!command`` would run something no rule saw)."""
+LINE_SHELL_ENV = {
+    "PAGER": "cat",
+    "MANPAGER": "cat",
+    "GIT_PAGER": "cat",
+    "SYSTEMD_PAGER": "cat",
+    "SYSTEMD_COLORS": "0",
+    "LESSSECURE": "1",
+}
+"""Environment of line-mode shells: no pager that would read keystrokes (a pager's ``!command`` would run
+something no rule saw). The prompt variables are added per shell (see :meth:`ChannelHandler._shell`)."""
+READY_MARK = "\x1b]7373;{}\x07"
+"""What the target's bash prints at the end of each prompt (an OSC sequence with a nonce of the channel):
+the gateway takes it out of the output and only then sends the next decided line."""
 
 TERM_TYPE = re.compile(r"[!-~]*")
 """A terminal type the target is given: printable ASCII. OpenSSH's sshd takes anything else (a NUL)
 as a broken packet and drops the whole connection, with every other agent's channel on it."""
 
 Notify = Callable[[str, str], Awaitable[None]]
+
+
+class ReadyMarks:
+    """Finds and removes the ready mark in a line-mode shell's output, also when a read splits it.
+
+    A program can print the mark too (the nonce is no secret from the agent: ``echo "$PS1"``). That only
+    makes the gateway send the next decided line early, to a terminal that hands it out whole, and bash
+    discards whatever a program left of it before reading a command (:data:`READY_DRAIN`).
+    """
+
+    def __init__(self, mark: bytes, trailer: bytes = b"") -> None:
+        self.mark = mark
+        self.trailer = trailer
+        self.held = b""
+
+    def feed(self, data: bytes) -> tuple[bytes, int]:
+        """The output without marks, and how many marks it held; a tail that may begin a mark is kept,
+        and so is a final ``trailer``, which is dropped if the output ends there (see :meth:`end`)."""
+        parts = (self.held + data).split(self.mark)
+        data = b"".join(parts)
+        self.held = b""
+        for n in range(min(len(self.mark) - 1, len(data)), 0, -1):
+            if data.endswith(self.mark[:n]):
+                data, self.held = data[:-n], data[-n:]
+                break
+        if not self.held and self.trailer and data.endswith(self.trailer):
+            data, self.held = data[: -len(self.trailer)], self.trailer
+        return data, len(parts) - 1
+
+    def release(self) -> bytes:
+        """What is held back, when the output pauses."""
+        held, self.held = self.held, b""
+        return held
+
+    def end(self) -> bytes:
+        """What is held back, at the end of the output: a trailer there is dropped."""
+        held = self.release()
+        return b"" if held == self.trailer else held
 
 
 async def decide_all(session: Session, requests: Sequence[Request], notify: Notify | None) -> tuple[Decision, Request]:
@@ -201,6 +266,12 @@ class ChannelHandler:
         self._mask_source: Decision | None = None
         self._maskers: dict[str, Any] = {}
         self._records: dict[str, StreamRecord] = {}
+        # Line mode: decided lines wait here until the target's shell is ready to read a command.
+        self._marks: ReadyMarks | None = None
+        self._ready = False
+        self._outbox: deque[bytes | None] = deque()  # None: the end of input
+        self._outbox_size = 0
+        self._space = asyncio.Event()
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -377,12 +448,26 @@ class ChannelHandler:
                 return
             await self._join(line_mode=False)
             return
-        shell = shlex.quote(self.agent.config.line_shell)
-        if self.pty:
-            command = f"exec env {LINE_SHELL_ENV} {shell} --noprofile --norc --noediting -i"
-        else:
-            command = f"exec {shell} --noprofile --norc"
-        if not await self._open_upstream(command, raw=False):
+        # Both with and without the agent's terminal, bash runs interactive on a terminal of the target
+        # (in canonical mode a read returns at most one line) and tells when it is about to read a command:
+        # PROMPT_COMMAND discards what is left on the terminal, then the prompt ends with the ready mark.
+        # Only then does the gateway send the next decided line, so a program never gets a typed line
+        # and never leaves part of one behind for bash to run. Without a terminal there is no visible
+        # prompt and no history expansion (a script's lines are analysed as a non-interactive shell's).
+        nonce = secrets.token_hex(8)
+        # Without a terminal, the "exit" that bash prints as it ends is no output of the script.
+        self._marks = ReadyMarks(READY_MARK.format(nonce).encode(), b"" if self.pty else b"exit\n")
+        prompt = ("\\u@\\h:\\w\\$ " if self.pty else "") + f"\\e]7373;{nonce}\\a"
+        env = {
+            **LINE_SHELL_ENV,
+            "PS1": prompt,
+            "PS2": "> " if self.pty else "",
+            "PROMPT_COMMAND": READY_DRAIN,
+        }
+        assigns = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
+        options = "--noprofile --norc --noediting -i" if self.pty else "--noprofile --norc --noediting +H -i"
+        command = f"exec env {assigns} {shlex.quote(self.agent.config.line_shell)} {options}"
+        if not await self._open_upstream(command, raw=False, line_shell=True):
             return
         await self._join(line_mode=True)
 
@@ -401,7 +486,9 @@ class ChannelHandler:
 
     # -- upstream -----------------------------------------------------------------------------
 
-    async def _open_upstream(self, command: str | None, *, raw: bool, subsystem: str | None = None) -> bool:
+    async def _open_upstream(
+        self, command: str | None, *, raw: bool, subsystem: str | None = None, line_shell: bool = False
+    ) -> bool:
         if self.pty and not self.cooked and not TERM_TYPE.fullmatch(self.process.term_type or ""):
             await self._write_err(
                 f"lictor: the terminal type {self.process.term_type!r} is not a terminal name; set TERM to one\n"
@@ -420,6 +507,8 @@ class ChannelHandler:
                     term_modes=modes,
                     request_pty="force",
                 )
+            elif line_shell:  # a script: the line shell still gets a terminal, set for bytes in and out
+                kwargs.update(term_type="dumb", term_modes=dict(SCRIPT_TERM_MODES), request_pty="force")
             else:
                 kwargs["request_pty"] = False
             if subsystem is not None:
@@ -531,10 +620,11 @@ class ChannelHandler:
     ) -> None:
         pending_read: asyncio.Future[bytes] | None = None
         idle = False  # the tail was released as far as it may be since the last output
+        marks = self._marks if stream == "stdout" else None  # a line shell's terminal: one stream
         try:
             while True:
                 masker = self._masker(stream)
-                if masker is not None and masker.pending and not idle:
+                if ((masker is not None and masker.pending) or (marks is not None and marks.held)) and not idle:
                     if pending_read is None:
                         pending_read = asyncio.ensure_future(reader.read(CHUNK))
                     done, _ = await asyncio.wait({pending_read}, timeout=FLUSH_IDLE)
@@ -542,7 +632,11 @@ class ChannelHandler:
                         # The target is quiet: release what the masker holds back. Without a terminal nobody
                         # waits for a prompt, so only whole lines: a pause inside a value does not split it.
                         idle = True
-                        self._emit(writer, stream, masker.flush() if self.pty else masker.flush_lines())
+                        if marks is not None and marks.held:  # no mark after all
+                            held = marks.release()
+                            self._emit(writer, stream, masker.feed(held) if masker is not None else held)
+                        if masker is not None:
+                            self._emit(writer, stream, masker.flush() if self.pty else masker.flush_lines())
                         await writer.drain()
                         continue
                 idle = False
@@ -552,7 +646,16 @@ class ChannelHandler:
                 else:
                     data = await reader.read(CHUNK)
                 if not data:
+                    if marks is not None:
+                        data = marks.end()
+                        masker = self._masker(stream)
+                        self._emit(writer, stream, masker.feed(data) if masker is not None else data)
                     break
+                if marks is not None:
+                    data, ready = marks.feed(data)
+                    if ready:
+                        self._ready = True
+                        self._dispatch()
                 masker = self._masker(stream)  # a shell line may have added masks meanwhile
                 self._emit(writer, stream, masker.feed(data) if masker is not None else data)
                 await writer.drain()
@@ -654,7 +757,7 @@ class ChannelHandler:
         while True:
             data = await self._read_input()
             if not data:
-                up.stdin.write_eof()
+                await self._send(None)
                 return
             self.record("input", {"channel": self.number, "data": data.decode("utf-8", "replace")})
             for event in editor.feed(data):
@@ -662,9 +765,16 @@ class ChannelHandler:
                     self.process.stdout.write(event.data)
                     self._record_out("stdout", event.data)
                 elif isinstance(event, Signal):
+                    # as a terminal does on ^C, ^Z and ^\: what was typed ahead is dropped
+                    self._outbox.clear()
+                    self._outbox_size = 0
+                    self._space.set()
                     up.stdin.write(event.char)
                 elif isinstance(event, Eof):
-                    up.stdin.write(b"\x04")
+                    if self._ready:
+                        await self._send(b"\x04")  # at the prompt: ends the shell
+                    else:
+                        up.stdin.write(b"\x04")  # the end of input for the running program
                 elif isinstance(event, Line):
                     await self._shell_line(event.text)
             await self.process.stdout.drain()
@@ -678,7 +788,7 @@ class ChannelHandler:
             if not data:
                 if buffer.strip() and not await self._shell_line(buffer.decode("utf-8", "replace")):
                     return
-                up.stdin.write_eof()
+                await self._send(None)
                 return
             buffer += data
             while b"\n" in buffer:
@@ -686,15 +796,13 @@ class ChannelHandler:
                 if not await self._shell_line(line.decode("utf-8", "replace")):
                     return
             if len(buffer) > 64 * 1024:
-                await self._shell_line(buffer.decode("utf-8", "replace"))  # too long: denied by the parser
+                await self._shell_line(buffer.decode("utf-8", "replace"))  # too long: denied
                 return
 
     async def _shell_line(self, text: str) -> bool:
         """Decide one line; send it to the target only if allowed. False ends a script session."""
-        up = self.upstream
-        assert up is not None
         if not text.strip():
-            up.stdin.write(b"\n")
+            await self._send(b"\n")
             return True
         self.record("command", {"channel": self.number, "kind": "shell_line", "command": text, "reason": self.reason})
         requests = requests_for_command(
@@ -703,21 +811,20 @@ class ChannelHandler:
             channel="shell_line",
             interactive=self.pty,
             line=True,
-            max_bytes=TTY_LINE_MAX if self.pty else None,
+            max_bytes=TTY_LINE_MAX,
             reason=self.reason,
             state=self.shell_state,
         )
         if len(requests) == 1 and requests[0].action == "empty" and text.lstrip(" \t").startswith("#"):
             # only a comment (a script's `#!/bin/sh`, `# step 2`): the shell runs nothing, as for a blank
             # line. Other lines without a program (`PATH=/tmp`, a bare redirection) are still decided.
-            up.stdin.write(text.encode("utf-8") + b"\n")
+            await self._send(text.encode("utf-8") + b"\n")
             return True
         decision, deciding = await self._decide(requests)
         self._record_decision(decision)
         if decision.action == "allow":
             self._set_plan(decision)
-            up.stdin.write(text.encode("utf-8") + b"\n")
-            await up.stdin.drain()
+            await self._send(text.encode("utf-8") + b"\n")
             return True
         message = denial_text(deciding, decision)
         if self.pty:
@@ -731,6 +838,33 @@ class ChannelHandler:
         # sent, and the session ends with 126 once the target's shell has exited.
         await self._write_err(message + "\n")
         self._final_status = DENIED_STATUS
-        with contextlib.suppress(Exception):
-            up.stdin.write_eof()
+        await self._send(None)
         return False
+
+    async def _send(self, data: bytes | None) -> None:
+        """Queue a decided line (None: the end of input) for the target's shell; wait while too much is queued."""
+        while self._outbox_size >= OUTBOX_MAX:
+            self._space.clear()
+            await self._space.wait()
+        if data is not None and not self.pty:
+            data += b"\x04"  # a script's program that reads its input gets the end of it, not the next lines
+        self._outbox.append(data)
+        self._outbox_size += len(data or b"")
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Send the next queued line if the target's shell is ready for a command. Called, without awaiting,
+        when a line is queued and when the ready mark comes: a ^C typed after a line cannot overtake it."""
+        up = self.upstream
+        if not (self._ready and self._outbox) or up is None:
+            return
+        data = self._outbox.popleft()
+        self._outbox_size -= len(data or b"")
+        self._space.set()
+        self._ready = False
+        with contextlib.suppress(Exception):  # a target that went away ends the channel elsewhere
+            if data is None:
+                up.stdin.write(b"\x04")
+                up.stdin.write_eof()
+            else:
+                up.stdin.write(data)

@@ -101,6 +101,9 @@ def invocation_attrs(inv: Invocation, channel: str) -> dict[str, object]:
     }
 
 
+_TERMINAL_SPECIAL = re.compile("[\x03\x04\x1a\x1c]")
+
+
 def requests_for_command(
     command: str,
     *,
@@ -117,12 +120,18 @@ def requests_for_command(
 
     ``line``: ``command`` is one line of a line-inspected shell, sent with a newline (see
     :func:`analyse`). ``max_bytes``: longest line the target will read whole (a terminal in
-    canonical mode silently cuts longer lines, which would run something else than was decided).
+    canonical mode silently cuts longer lines, which would run something else than was decided; it
+    would also take ^C, ^D, ^Z and ^\\ in the line as signals or an end of input, so those are refused).
     ``state``: the :class:`~lictor.shell.ShellState` of the shell this line is sent to."""
     try:
         if max_bytes is not None and len(command.encode("utf-8", "surrogatepass")) > max_bytes:
             raise ShellParseError(
                 f"the line is longer than {max_bytes} bytes, which the target's terminal would cut short"
+            )
+        if max_bytes is not None and _TERMINAL_SPECIAL.search(command):
+            raise ShellParseError(
+                "the line holds ^C, ^D, ^Z or ^\\, which the target's terminal would take as a signal or an end "
+                "of input inside the line"
             )
         analysis = analyse(command, interactive=interactive, line=line, state=state)
     except ShellParseError as exc:

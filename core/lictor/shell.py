@@ -72,7 +72,10 @@ history expansion (``!!``, ``^a^b``), comments after a command (zsh without ``IN
 reads them as words) and programs that take commands from keystrokes (editors, pagers, REPLs) are
 refused. Text that stops mid-command (open quote, ``if`` without ``fi``, trailing ``|``, a
 here-document without its body, a final backslash) raises :class:`ShellIncompleteError`, so the
-caller can buffer lines and analyse the whole command before anything reaches the shell.
+caller can buffer lines and analyse the whole command before anything reaches the shell. Lines of a
+line-inspected shell (``line=True``) may not undo how the SSH gateway's shell reads them: ``unset`` of
+the prompt variables, a function named ``read``, ``enable -n``, a ``DEBUG`` trap, job control turned off
+and ``exec`` redirecting the shell's own input are refused (see ``_LINE_SHELL_VARS``).
 
 How it is checked. Besides tables of cases and fuzzing, the tests run generated commands under real
 bash and dash in a sandbox where every program is a logging stub, and require that everything the
@@ -1609,6 +1612,21 @@ def _dangerous_var(name: str) -> bool:
     return name in _DANGEROUS_VARS or name.startswith(_DANGEROUS_PREFIXES)
 
 
+# A line-inspected shell reads each line only when it is ready for a command: before its prompt, its
+# PROMPT_COMMAND (`while read -t 0; do read -r; done`) discards what a program left unread on its input, and
+# the prompt tells the gateway that the next line may come. Lines may not undo that: unset these
+# variables (assigning them is refused everywhere), shadow or disable `read`, run a DEBUG trap before
+# each of those commands (with extdebug it can skip them), turn job control off (background jobs would
+# read the terminal beside the shell), or move the shell's own input elsewhere with `exec <`.
+_LINE_SHELL_VARS = frozenset({"PS0", "PS1", "PS2", "PROMPT_COMMAND"})
+_LINE_SHELL_BUILTINS = frozenset({"read"})
+
+
+def _moves_stdin(op: str) -> bool:
+    """The redirection (``op`` with its descriptor prefix) replaces or closes descriptor 0."""
+    return op.startswith("<") or (op[:1] == "0" and not op[1:2].isdigit())
+
+
 class _Ctx:
     """State shared by every parser and walker of one analysis."""
 
@@ -1818,6 +1836,10 @@ def _walk_compound(node: _Compound, env: _Env, ctx: _Ctx) -> None:
         body_env = replace(body_env, via="coproc", stdin=_PIPE)  # the shell writes to it
         ctx.arrays.add(node.name or "COPROC")
     elif kind == "function":
+        if ctx.line and node.name in _LINE_SHELL_BUILTINS:
+            raise ShellParseError(
+                f"a function named {node.name} would replace the builtin that the line shell's prompt relies on"
+            )
         # The body runs wherever the function is called, perhaps at the end of a pipe.
         body_env = replace(body_env, via="function", stdin=_UNKNOWN)
     elif kind in ("for", "select", "for_positional", "select_positional"):
@@ -3477,6 +3499,10 @@ def _h_trap(call: _Call) -> None:
         return  # list, print or reset
     if call.known(args[0]) and args[0].text in ("-", "-l", "-p", "-P"):
         return
+    if call.ctx.line:
+        for spec in args[1:]:
+            if not call.known(spec) or spec.text.upper() in ("DEBUG", "SIGDEBUG"):
+                call.fail("a DEBUG trap would run before the commands of the line shell's prompt, and could skip them")
     text = call.code(args[0], "the trap command")
     if text.strip():
         call.nested(text, "trap")
@@ -3531,8 +3557,11 @@ def _h_set(call: _Call) -> None:
             call.fail(f"{t!r} could be an option such as -k; use 'set -- ...' for positional parameters")
         if t in ("--", "-"):
             return
+        following = args[i + 1].text if i + 1 < len(args) else ""
         if t.startswith("-") and not t.startswith("--"):
-            _check_shell_option_cluster(call, t, args[i + 1].text if i + 1 < len(args) else "")
+            _check_shell_option_cluster(call, t, following)
+        if t.startswith("+") and call.ctx.line and ("m" in t[1:] or (t.endswith("o") and following == "monitor")):
+            call.fail("turning job control off would let background jobs read the terminal beside the line shell")
 
 
 # -o options that change how commands are read: keyword assignments, history expansion, and line editing
@@ -3564,6 +3593,8 @@ def _h_shopt(call: _Call) -> None:
     for name in names:
         if "o" in flags and "s" in flags and name in _READING_OPTIONS:
             call.fail(f"-o {name} changes how commands are read")
+        if "o" in flags and "u" in flags and name == "monitor" and call.ctx.line:
+            call.fail("turning job control off would let background jobs read the terminal beside the line shell")
 
 
 def _h_unset(call: _Call) -> None:
@@ -3576,6 +3607,8 @@ def _h_unset(call: _Call) -> None:
         if functions:
             continue
         call.ctx.variable_name(t if a.literal else None, "unset", assign=False)
+        if call.ctx.line and t in _LINE_SHELL_VARS:
+            call.fail(f"the line shell's prompt needs {t}")
 
 
 def _h_read(call: _Call) -> None:
@@ -3622,6 +3655,21 @@ def _h_let(call: _Call) -> None:
         if a.word is None or call.placeholder(a):
             call.fail("its expression is only known at run time")
         call.ctx.arith_word(a.word, "let")
+
+
+def _h_enable(call: _Call) -> None:
+    _refuse_options("f", "enable -f loads code into the shell")(call)
+    if call.ctx.line and any(a.text.startswith("-") and "n" in a.text for a in call.args):
+        call.fail("disabling builtins could disable the one that the line shell's prompt relies on")
+
+
+def _h_exec(call: _Call) -> None:
+    """``exec`` without a program keeps its redirections for the shell itself: in a line shell, one of its
+    input would make the shell read its next commands from there instead of the checked lines."""
+    _, i = _getopt(call, _Opts(flags="cl", valued="a"))
+    if call.ctx.line and i >= len(call.args) and any(_moves_stdin(r.op) for r in call.redirects):
+        call.fail("it would make the line shell read its commands from somewhere else than the checked lines")
+    _wrapper(_WRAPPERS["exec"])(call)
 
 
 def _h_wait(call: _Call) -> None:
@@ -3914,6 +3962,7 @@ _PAGERS = ("less", "more", "most", "pager", "pg")
 
 _HANDLERS: dict[str, Callable[[_Call], None]] = {
     **{name: _wrapper(spec) for name, spec in _WRAPPERS.items()},
+    "exec": _h_exec,
     "env": _h_env,
     "sudo": _h_sudo,
     "xargs": _h_xargs,
@@ -3957,7 +4006,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "wait": _h_wait,
     "alias": _refuse_options("", "alias definitions are not allowed (aliases can hide any command)", defining=True),
     "hash": _refuse_options("p", "hash -p and name=path make a name run another program", defining=True),
-    "enable": _refuse_options("f", "enable -f loads code into the shell"),
+    "enable": _h_enable,
     "compgen": _refuse_options("CW", "compgen -C/-W evaluate text as shell code"),
     "complete": _refuse_options("CW", "complete -C/-W evaluate text as shell code"),
     "bind": _refuse_options("x", "bind -x runs shell code from key bindings"),
