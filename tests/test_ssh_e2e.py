@@ -1014,6 +1014,9 @@ def test_a_program_that_prints_the_ready_mark_gets_only_whole_lines_and_leaves_n
         "enable -n read",
         "trap true DEBUG",
         "set +m",
+        # a reader left blocked on the terminal took `echo ` of the next line, and bash ran `rm -f ...`
+        "(head -c 5 <&3 & sleep 0.3) 3<&0",
+        "setsid -f head -c 5",
     ],
 )
 def test_a_line_cannot_undo_what_keeps_the_shell_reading_only_checked_lines(env: Env, line: str) -> None:
@@ -1024,6 +1027,8 @@ def test_a_line_cannot_undo_what_keeps_the_shell_reading_only_checked_lines(env:
         shell.expect(PROMPT)
         shell.send(line.replace("{victim}", str(victim)).encode() + b"\r")
         assert b"lictor:ssh-unparsable" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
+        shell.send(f"echo rm -f {victim}\r".encode())
+        shell.expect(rf"\nrm -f {victim}\r\n[^\n]*\$ $".encode())
         shell.send(b"echo still-usable\r")
         shell.expect(rb"\nstill-usable\r\n[^\n]*\$ $")
         shell.send(b"exit\r")

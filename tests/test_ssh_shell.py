@@ -1607,3 +1607,29 @@ def test_a_shell_line_may_still_read_print_trap_and_redirect() -> None:
         "enable -p",
     ]:
         analyse(command, interactive=True, line=True)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "(head -c 5 <&3 & sleep 1) 3<&0",
+        "{ head -c 5 & }",
+        "f() { head -c 5 & }",
+        "echo $(head -c 5 &)",
+        "bash -c 'head -c 5 <&3 &' 3<&0",
+        "(coproc head -c 5)",
+        "setsid head -c 5",
+        "setsid -f head -c 5",
+        "setsid --fork head -c 5",
+    ],
+)
+def test_a_shell_line_may_not_leave_a_reader_of_the_terminal_beside_the_shell(command: str) -> None:
+    # Only a job the interactive shell starts itself gets a process group the terminal stops when it reads.
+    analyse(command)  # an exec command string: no line shell
+    for interactive in (True, False):
+        refused(command, "line shell", interactive=interactive, line=True)
+
+
+def test_a_shell_line_may_start_jobs_at_its_top() -> None:
+    for command in ["sleep 1 &", "sleep 1 & echo started", "head -c 5 f | sort &", "coproc cat", "setsid -w ls"]:
+        analyse(command, interactive=True, line=True)

@@ -75,7 +75,8 @@ here-document without its body, a final backslash) raises :class:`ShellIncomplet
 caller can buffer lines and analyse the whole command before anything reaches the shell. Lines of a
 line-inspected shell (``line=True``) may not undo how the SSH gateway's shell reads them: ``unset`` of
 the prompt variables, a function named ``read``, ``enable -n``, a ``DEBUG`` trap, job control turned off
-and ``exec`` redirecting the shell's own input are refused (see ``_LINE_SHELL_VARS``).
+and ``exec`` redirecting the shell's own input are refused (see ``_LINE_SHELL_VARS``), and so are ``&``
+and ``coproc`` below the top of the line and ``setsid`` without ``-w`` (see ``_BACKGROUND_READER``).
 
 How it is checked. Besides tables of cases and fuzzing, the tests run generated commands under real
 bash and dash in a sandbox where every program is a logging stub, and require that everything the
@@ -657,6 +658,8 @@ class _Parser:
             items.append(self.parse_and_or())
             self.skip_blanks_comments()
             op = self.peek_op()
+            if op == "&" and self.ctx.line and not (self.top and self.nest == 1):
+                self.fail(_BACKGROUND_READER)
             if op == ";" or op == "&":
                 self.pos += 1
                 continue
@@ -931,6 +934,8 @@ class _Parser:
         return _Compound("function", [body], name=name)
 
     def parse_coproc(self) -> _Compound:
+        if self.ctx.line and not (self.top and self.nest == 1):
+            self.fail(_BACKGROUND_READER)
         self.pos += 6
         self.skip_blanks()
         if self.at_compound_start():
@@ -1619,6 +1624,15 @@ def _dangerous_var(name: str) -> bool:
 # each of those commands (with extdebug it can skip them), turn job control off (background jobs would
 # read the terminal beside the shell), or move the shell's own input elsewhere with `exec <`.
 _LINE_SHELL_VARS = frozenset({"PS0", "PS1", "PS2", "PROMPT_COMMAND"})
+# Only a job the interactive shell starts itself (`cmd &` at the top of a line) gets a process group of its
+# own, which the terminal stops if it reads. A command started in the background inside a subshell, a
+# function or a nested shell stays in the foreground group, can start reading there and keep reading
+# after the line ends, racing bash for the next line: `(head -c 5 <&3 & sleep 1) 3<&0` took `echo ` of
+# the next line, and bash ran the rest. So does a program that `setsid` starts in a session of its own.
+_BACKGROUND_READER = (
+    "in a line shell, '&' and coproc are only allowed at the top of the line (elsewhere the command could "
+    "read the terminal beside the shell and take part of the next line)"
+)
 _LINE_SHELL_BUILTINS = frozenset({"read"})
 
 
@@ -3663,6 +3677,17 @@ def _h_enable(call: _Call) -> None:
         call.fail("disabling builtins could disable the one that the line shell's prompt relies on")
 
 
+def _h_setsid(call: _Call) -> None:
+    opts, _ = _getopt(call, _Opts(flags="cfwhV", long_flags=_fs("--ctty", "--fork", "--wait") | _HELP))
+    names = {o.name for o in opts}
+    if call.ctx.line and not names & {"-w", "--wait", "--help", "--version", "-h", "-V"}:
+        call.fail(
+            "without -w, the program runs on in a session of its own, where it could read the line shell's "
+            "terminal beside the shell and take part of the next line"
+        )
+    _wrapper(_WRAPPERS["setsid"])(call)
+
+
 def _h_exec(call: _Call) -> None:
     """``exec`` without a program keeps its redirections for the shell itself: in a line shell, one of its
     input would make the shell read its next commands from there instead of the checked lines."""
@@ -3963,6 +3988,7 @@ _PAGERS = ("less", "more", "most", "pager", "pg")
 _HANDLERS: dict[str, Callable[[_Call], None]] = {
     **{name: _wrapper(spec) for name, spec in _WRAPPERS.items()},
     "exec": _h_exec,
+    "setsid": _h_setsid,
     "env": _h_env,
     "sudo": _h_sudo,
     "xargs": _h_xargs,
