@@ -515,8 +515,10 @@ def test_environment_variables_do_not_grow_the_gateway(env: Env) -> None:
 def test_a_connection_has_a_bounded_number_of_open_channels(env: Env) -> None:
     # Each open channel may buffer up to its window (and takes an upstream slot): one connection opened as
     # many as it liked, 50 unread `cat /dev/zero` grew the gateway by 240 MiB.
+    token = env.gw.token("channels-admin", role="admin")  # its own subject: its recordings are read below
+
     async def run() -> tuple[Any, Any, Any]:
-        async with env.connect("admin") as conn:
+        async with env.connect(token=token) as conn:
             held = [await conn.create_process("sleep 30", encoding=None) for _ in range(32)]
             refused = await asyncio.wait_for(conn.run("echo over", encoding=None), 20)
             forward_refused: Any = None
@@ -542,7 +544,7 @@ def test_a_connection_has_a_bounded_number_of_open_channels(env: Env) -> None:
     assert b"lictor: this connection already has 32 open channels" in refused.stderr, refused
     assert forward_refused is not None and "32 open channels" in forward_refused.reason
     # The rules allowed the forward; the recording says it was refused all the same.
-    (forward,) = _forwards(env, "agent-admin", "127.0.0.1:1")
+    (forward,) = _forwards(env, "channels-admin", "127.0.0.1:1")
     assert forward["action"] == "allow" and forward["result"] == "refused: channel limit", forward
     assert sftp_refused is not None
     assert again.exit_status == 0 and again.stdout == b"again\n", again
@@ -703,8 +705,11 @@ def test_other_subsystems_are_decided(env: Env) -> None:
 
 
 def test_port_forwarding_is_decided_by_rules(env: Env) -> None:
-    async def attempt(role: str) -> bytes | str:
-        async with env.connect(role) as conn:
+    # (subjects of their own: finding the forward events reads every recorded session of the subject)
+    tokens = {sub: env.gw.token(sub, role=role) for sub, role in (("fwd-admin", "admin"), ("fwd-obs", "observer"))}
+
+    async def attempt(sub: str) -> bytes | str:
+        async with env.connect(token=tokens[sub]) as conn:
             try:
                 reader, writer = await conn.open_connection("127.0.0.1", env.sshd.port)
             except asyncssh.ChannelOpenError as exc:
@@ -713,14 +718,11 @@ def test_port_forwarding_is_decided_by_rules(env: Env) -> None:
             writer.close()
             return bytes(banner)
 
-    assert asyncio.run(attempt("admin")).startswith(b"SSH-2.0-OpenSSH")
-    denied = asyncio.run(attempt("observer"))
+    assert asyncio.run(attempt("fwd-admin")).startswith(b"SSH-2.0-OpenSSH")
+    denied = asyncio.run(attempt("fwd-obs"))
     assert isinstance(denied, str) and "lictor: denied port forwarding (local) to 127.0.0.1:" in denied
-    results = {
-        sub: [f["result"] for f in _forwards(env, sub, f"127.0.0.1:{env.sshd.port}")]
-        for sub in ("agent-admin", "agent-obs")
-    }
-    assert "opened" in results["agent-admin"] and results["agent-obs"] == ["denied"], results
+    results = {sub: [f["result"] for f in _forwards(env, sub, f"127.0.0.1:{env.sshd.port}")] for sub in tokens}
+    assert results == {"fwd-admin": ["opened"], "fwd-obs": ["denied"]}, results
 
 
 # -- approvals -------------------------------------------------------------------------------------
