@@ -88,8 +88,8 @@ class LineAgent:
         self.sock.close()
 
 
-@pytest.fixture
-def approvals_gateway(gateway_factory: Any, tmp_path: Path) -> Any:
+def start_approvals_gateway(gateway_factory: Any, tmp_path: Path, **approvals: Any) -> Any:
+    """A gateway with the line-protocol test target and the approvals API (``approvals`` added to its section)."""
     packs = tmp_path / "packs"
     packs.mkdir()
     (packs / "lines.yaml").write_text(PACK)
@@ -99,7 +99,7 @@ def approvals_gateway(gateway_factory: Any, tmp_path: Path) -> Any:
             "rulepacks": [str(packs)],
             "addons": [str(ROOT / "tests" / "addons" / "lineproto.py")],
             "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{line_port}"}},
-            "approvals": {"listen": f"127.0.0.1:{api_port}"},
+            "approvals": {"listen": f"127.0.0.1:{api_port}", **approvals},
         }
     )
     wait_port(line_port)
@@ -107,6 +107,11 @@ def approvals_gateway(gateway_factory: Any, tmp_path: Path) -> Any:
     gw.line_port = line_port
     gw.url = f"http://127.0.0.1:{api_port}"
     return gw
+
+
+@pytest.fixture
+def approvals_gateway(gateway_factory: Any, tmp_path: Path) -> Any:
+    return start_approvals_gateway(gateway_factory, tmp_path)
 
 
 def audit_kinds(gw: Any) -> list[str]:
@@ -527,21 +532,8 @@ def test_the_page_shows_a_long_request_whole_without_a_scroll_box(tmp_path: Path
 
 
 def test_one_identity_cannot_flood_the_approvers_with_requests(gateway_factory: Any, tmp_path: Path) -> None:
-    packs = tmp_path / "packs"
-    packs.mkdir()
-    (packs / "lines.yaml").write_text(PACK)
-    line_port, api_port = free_port(), free_port()
-    gw = gateway_factory(
-        {
-            "rulepacks": [str(packs)],
-            "addons": [str(ROOT / "tests" / "addons" / "lineproto.py")],
-            "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{line_port}"}},
-            "approvals": {"listen": f"127.0.0.1:{api_port}", "max_pending_per_requester": 2},
-        }
-    )
-    wait_port(line_port)
-    wait_port(api_port)
-    url = f"http://127.0.0.1:{api_port}"
+    gw = start_approvals_gateway(gateway_factory, tmp_path, max_pending_per_requester=2)
+    line_port, url = gw.line_port, gw.url
     dba = gw.token("dba-1", role="dba")
     flooding = [LineAgent(line_port, gw.token("agent-1", role="agent")) for _ in range(3)]
     first, _ = flooding[0].held("restart api")
