@@ -90,6 +90,14 @@ def test_pattern_re2_refuses(tmp_path):
     assert "backref" in str(err) or "re2" in str(err).lower()
 
 
+def test_a_gateway_config_among_the_packs_is_named_as_such(tmp_path):
+    # `lictor check examples/http` reads the directory's lictor.yaml too: "unsupported format None" did not
+    # say that it is the gateway's config, nor how to check it.
+    path, result = problems(tmp_path, "version: 1\nrulepacks: [rulepacks]\ntargets: {}\n")
+    (err,) = result.errors
+    assert "this is a gateway config, not a rule pack" in err.message and f"lictor check -c {path}" in err.message
+
+
 def test_unknown_detector_reference(tmp_path):
     text = GOOD.replace("        action: allow", "        action: allow\n        mask: {detectors: [cardz]}")
     path, result = problems(tmp_path, text)

@@ -880,10 +880,16 @@ def load_policy(
                 compiler.error(getattr(doc, "loc", fallback), "a rule pack must be a mapping")
                 continue
             if doc.get("format") != FORMAT:
-                compiler.error(
-                    locate(doc, ["format"], fallback),
-                    f"unsupported format {doc.get('format')!r}: expected {FORMAT!r} (or {TESTS_FORMAT!r} for tests)",
+                message = (
+                    f"unsupported format {doc.get('format')!r}: expected {FORMAT!r} (or {TESTS_FORMAT!r} for tests)"
                 )
+                if "format" not in doc and ("targets" in doc or "rulepacks" in doc):
+                    # `lictor check examples/http` reads the directory's lictor.yaml as a pack too
+                    message = (
+                        f"this is a gateway config, not a rule pack: `lictor check -c {path}` checks it and the "
+                        "rule packs it lists; give only rule pack files or directories as paths"
+                    )
+                compiler.error(locate(doc, ["format"], fallback), message)
                 continue
             compiler.add_document(doc, path, fallback)
     compiler.finish()
