@@ -110,7 +110,7 @@ def parse_target(target: Target, resolve: Any, state_dir: Path) -> HttpTarget:
     :param state_dir: where derived secrets (a combined client certificate file) are written.
     """
     s: Mapping[str, Any] = target.settings
-    where = f"{target.loc}: target {target.name!r}" if target.loc else f"target {target.name!r}"
+    where = target.where
     listen_host, listen_port = parse_listen(str(s["listen"]), where)
 
     url = urlsplit(str(s["upstream"]))

@@ -127,11 +127,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def _where(target: Target) -> str:
-    """``FILE:LINE:COL: target 'NAME': `` for an error about ``target``."""
-    return f"{target.loc}: target {target.name!r}: " if target.loc else f"target {target.name!r}: "
-
-
 def _is_loopback(peer: Any) -> bool:
     try:
         return ipaddress.ip_address(peer[0]).is_loopback if peer else False
@@ -205,22 +200,22 @@ class PostgresListener:
                     target.get("upstream") or {}, self.gateway.config.resolve
                 )
             except ValueError as exc:
-                raise ValueError(f"{_where(target)}{exc}") from None
+                raise ValueError(f"{target.where}: {exc}") from None
         routes = []
         for (host, port), group in by_address.items():
             tls_settings = [dict(t.get("tls") or {}) for t in group]
             enabled = [s.get("enabled", True) for s in tls_settings]
             if len(set(enabled)) > 1:
-                raise ValueError(f"{_where(group[-1])}targets on {host}:{port} disagree on tls.enabled")
+                raise ValueError(f"{group[-1].where}: targets on {host}:{port} disagree on tls.enabled")
             plaintext = {bool(t.get("allow_plaintext", False)) for t in group}
             if len(plaintext) > 1:
-                raise ValueError(f"{_where(group[-1])}targets on {host}:{port} disagree on allow_plaintext")
+                raise ValueError(f"{group[-1].where}: targets on {host}:{port} disagree on allow_plaintext")
             ctx = None
             if enabled[0]:
                 try:
                     ctx = self._tls_context(tls_settings[0], host)
                 except (ValueError, OSError, ssl.SSLError) as exc:
-                    raise ValueError(f"{_where(group[0])}tls: {exc}") from None
+                    raise ValueError(f"{group[0].where}: tls: {exc}") from None
             routes.append(Route(self, host, port, group, ctx, plaintext.pop()))
         self.routes = routes
 

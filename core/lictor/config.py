@@ -135,6 +135,12 @@ class Target:
     def get(self, key: str, default: Any = None) -> Any:
         return self.settings.get(key, default)
 
+    @property
+    def where(self) -> str:
+        """``FILE:LINE:COL: target 'NAME'`` (``target 'NAME'`` when the config has no positions): how an error
+        about this target starts."""
+        return f"{self.loc}: target {self.name!r}" if self.loc else f"target {self.name!r}"
+
 
 @dataclass
 class GatewayConfig:

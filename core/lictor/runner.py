@@ -470,27 +470,23 @@ def validate_targets(config: GatewayConfig, manager: AddonManager) -> None:
     problems = []
     for target in config.targets.values():
         schema = manager.target_schemas.get(target.protocol)
-        where = f"{target.loc}: " if target.loc else ""
         if schema is None:
             owner = manager.vocabulary_owner.get(target.protocol)
             if owner is not None:
                 # the addon is loaded: saying that none serves the protocol sent its author looking elsewhere
                 problems.append(
-                    f"{where}target {target.name!r}: addon {addon_name(owner)!r} gives the vocabulary of protocol "
+                    f"{target.where}: addon {addon_name(owner)!r} gives the vocabulary of protocol "
                     f"{target.protocol!r} but no target schema (loader.add_target_schema in its load hook)"
                 )
                 continue
             known = ", ".join(sorted(manager.target_schemas)) or "none"
-            problems.append(
-                f"{where}target {target.name!r}: no loaded addon serves protocol "
-                f"{target.protocol!r} (protocols: {known})"
-            )
+            problems.append(f"{target.where}: no loaded addon serves protocol {target.protocol!r} (protocols: {known})")
             continue
         for error in jsonschema.Draft202012Validator(schema).iter_errors(dict(target.settings)):
             path = ".".join(map(str, error.absolute_path))
             at = ["targets", target.name, *error.absolute_path]
             if config.doc is None:  # a config made in code: no positions
-                problems.append(f"{where}target {target.name!r}{': ' + path if path else ''}: {error.message}")
+                problems.append(f"{target.where}{': ' + path if path else ''}: {error.message}")
                 continue
             if error.validator == "additionalProperties" and isinstance(error.instance, dict):
                 # each unknown key where it is written (the target's line was a guess in a long entry)
