@@ -20,8 +20,9 @@ __all__ = ["DEFAULT_LINE_SHELL", "KeyIdentity", "SshTargetConfig", "UpstreamConf
 DEFAULT_LINE_SHELL = "/bin/bash"
 DEFAULT_RECORD_LIMIT = 64 << 20
 DEFAULT_MAX_CHANNELS = 32
-DEFAULT_MAX_CONNECTIONS = 16
 """Channels one agent connection may have open at a time (sessions, SFTP, forwards); OpenSSH allows 10 sessions."""
+DEFAULT_MAX_CONNECTIONS = 16
+"""Connections one identity may have open to a target at a time."""
 
 
 @dataclass(frozen=True)

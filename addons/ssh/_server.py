@@ -61,7 +61,10 @@ class SshListener:
         self.server: asyncssh.SSHAcceptor | None = None
         self.connections: set[AgentConnection] = set()
         self.closing: set[asyncio.Future[None]] = set()
-        self.per_identity: dict[tuple[str, str], int] = {}  # open authenticated connections per (issuer, sub)
+
+    def open_for(self, key: tuple[str, str]) -> int:
+        """How many connections the identity ``key`` (issuer, subject) has logged in and open."""
+        return sum(1 for agent in self.connections if agent.identity_key == key)
 
     @property
     def port(self) -> int:
@@ -122,7 +125,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._session: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         self._channels = 0
         self._open = 0
-        self._counted: tuple[str, str] | None = None  # the identity this connection counts against
+        self.identity_key: tuple[str, str] | None = None  # (issuer, subject) once logged in
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -134,13 +137,6 @@ class AgentConnection(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections.discard(self)
-        if self._counted is not None:
-            left = self.listener.per_identity.get(self._counted, 1) - 1
-            if left > 0:
-                self.listener.per_identity[self._counted] = left
-            else:
-                self.listener.per_identity.pop(self._counted, None)
-            self._counted = None
         if not self._session.done():
             self._session.set_exception(ConnectionError("the connection was closed"))
             self._session.exception()  # nobody waits: mark it retrieved
@@ -188,7 +184,7 @@ class AgentConnection(asyncssh.SSHServer):
         refusal is audited and shown to the agent (each connection may hold ``max_channels`` channels, each
         buffering up to its window: without a limit per identity, one agent could open them without end)."""
         limit = self.config.max_connections
-        if self.listener.per_identity.get((identity.issuer, identity.subject), 0) < limit:
+        if self.listener.open_for((identity.issuer, identity.subject)) < limit:
             return False
         reason = (
             f"{identity.subject} already has {limit} connections open to this target (the limit); "
@@ -274,15 +270,14 @@ class AgentConnection(asyncssh.SSHServer):
             return
         identity, method = candidate
         key = (identity.issuer, identity.subject)
-        if self.listener.per_identity.get(key, 0) >= self.config.max_connections:
+        if self.listener.open_for(key) >= self.config.max_connections:
             # another connection of the same identity completed its login meanwhile
             log.warning("ssh target %s: %s is at its connection limit; closing", self.config.name, identity.subject)
             self._session.set_exception(ConnectionError("connection limit"))
             self._session.exception()
             self.close()
             return
-        self.listener.per_identity[key] = self.listener.per_identity.get(key, 0) + 1
-        self._counted = key
+        self.identity_key = key
         try:
             session = await self.gateway.open_session(
                 identity, protocol="ssh", target=self.config.name, peer=self.peer, method=method
