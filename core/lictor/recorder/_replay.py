@@ -71,10 +71,8 @@ def render(event: Mapping[str, Any], *, show_input: bool = False, raw: bool = Fa
     kind = str(event.get("kind", ""))
     if kind == "output":
         return text if raw else terminal_text(text)
-    if kind == "input":
-        data = event.get("data")
-        typed = str(data.get("data", "")) if isinstance(data, Mapping) else ""
-        return f"\x1b[2m{typed if raw else printable(typed, keep=chr(10) + chr(9))}\x1b[0m"
+    if kind == "input":  # dimmed
+        return f"\x1b[2m{text if raw else printable(text, keep=chr(10) + chr(9))}\x1b[0m"
     return printable(text)
 
 
@@ -85,7 +83,7 @@ def _render(event: Mapping[str, Any], *, show_input: bool = False) -> str | None
     if kind == "output":
         return str(d.get("data", ""))
     if kind == "input":
-        return f"\x1b[2m{d.get('data', '')}\x1b[0m" if show_input else None
+        return str(d.get("data", "")) if show_input else None
     if kind == "resize":
         return None
     if kind == "session.start":
