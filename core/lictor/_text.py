@@ -7,7 +7,7 @@ import re
 import unicodedata
 from typing import Any
 
-__all__ = ["count_arg", "left_to_right", "printable", "rtl_runs"]
+__all__ = ["count_arg", "left_to_right", "non_ascii_names", "printable", "rtl_runs"]
 
 # Characters str.isprintable() accepts that show as nothing or as a blank: Unicode's default-ignorable code
 # points that are not format characters (variation selectors, the combining grapheme joiner, Hangul fillers,
@@ -42,6 +42,12 @@ def printable(text: Any, limit: int | None = None, *, keep: str = "\n\t") -> str
     if limit is not None and len(out) > limit:
         out = out[: limit - 1] + "…"
     return out
+
+
+def non_ascii_names(text: str) -> list[str]:
+    """``U+0430 CYRILLIC SMALL LETTER A`` for each distinct character of ``text`` outside ASCII, in order: a
+    Cyrillic a looks like a Latin one, and a reader can tell them apart only by name."""
+    return [f"U+{ord(ch):04X} {unicodedata.name(ch, '')}".rstrip() for ch in dict.fromkeys(text) if ord(ch) > 0x7F]
 
 
 @functools.cache

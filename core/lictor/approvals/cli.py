@@ -12,14 +12,13 @@ import json
 import os
 import sys
 import time
-import unicodedata
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .._text import count_arg, left_to_right, printable
+from .._text import count_arg, left_to_right, non_ascii_names, printable
 
 __all__ = ["register"]
 
@@ -150,10 +149,9 @@ def _print_approval(a: dict[str, Any], now: float) -> None:
         print(f"{'vote:':16} {_one_line(v['sub'], 40)} {v['verdict']} {_one_line(v.get('reason', ''), 200)}")
     attrs = dict(a.get("attrs") or {})
     text, omitted = attrs.pop("body_text", None), attrs.pop("body_text_omitted_bytes", 0)
-    foreign = dict.fromkeys(ch for ch in printable(a["payload"]) + printable(text or "") if ord(ch) > 0x7F)
-    if foreign:
+    names = non_ascii_names(printable(a["payload"]) + printable(text or ""))
+    if names:
         # a Cyrillic a looks like a Latin one: the terminal cannot show the difference, the names can
-        names = [f"U+{ord(ch):04X} {unicodedata.name(ch, '')}".rstrip() for ch in foreign]
         more = f" and {len(names) - 12} more" if len(names) > 12 else ""
         print(f"{'note:':16} the request holds characters outside ASCII: {', '.join(names[:12])}{more}")
     print("request:")

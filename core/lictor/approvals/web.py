@@ -26,12 +26,11 @@ import json
 import re
 import secrets
 import time
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .._text import has_rtl, printable, rtl_runs
+from .._text import has_rtl, non_ascii_names, printable, rtl_runs
 from ..identity import AuthError, Identity
 from ._model import APPROVED, PENDING, Approval, ApprovalError, format_duration
 from .http import BadRequest, HttpRequest, HttpResponse, HttpServer, bounded_number
@@ -79,14 +78,11 @@ def esc_marked(value: object) -> tuple[str, list[str]]:
     out no one."""
     shown = printable(value)
     out, last = [], 0
-    seen: dict[str, None] = {}
     for m in _NON_ASCII.finditer(shown):
         out += [html.escape(shown[last : m.start()], quote=True), "<mark>", esc(m.group()), "</mark>"]
         last = m.end()
-        seen.update(dict.fromkeys(m.group()))
     out.append(html.escape(shown[last:], quote=True))
-    names = [f"U+{ord(ch):04X} {unicodedata.name(ch, '')}".rstrip() for ch in seen]
-    return "".join(out), names
+    return "".join(out), non_ascii_names(shown)
 
 
 def _when(ts: float | None) -> str:
