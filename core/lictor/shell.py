@@ -658,8 +658,8 @@ class _Parser:
             items.append(self.parse_and_or())
             self.skip_blanks_comments()
             op = self.peek_op()
-            if op == "&" and self.ctx.line and not (self.top and self.nest == 1):
-                self.fail(_BACKGROUND_READER)
+            if op == "&":
+                self.check_background()
             if op == ";" or op == "&":
                 self.pos += 1
                 continue
@@ -933,9 +933,13 @@ class _Parser:
         body = self.parse_command()
         return _Compound("function", [body], name=name)
 
-    def parse_coproc(self) -> _Compound:
+    def check_background(self) -> None:
+        """``&`` or ``coproc`` here: in a line shell, only at the top of the line (see _BACKGROUND_READER)."""
         if self.ctx.line and not (self.top and self.nest == 1):
             self.fail(_BACKGROUND_READER)
+
+    def parse_coproc(self) -> _Compound:
+        self.check_background()
         self.pos += 6
         self.skip_blanks()
         if self.at_compound_start():
@@ -1634,6 +1638,7 @@ _BACKGROUND_READER = (
     "read the terminal beside the shell and take part of the next line)"
 )
 _LINE_SHELL_BUILTINS = frozenset({"read"})
+_JOB_CONTROL_OFF = "turning job control off would let background jobs read the terminal beside the line shell"
 
 
 def _moves_stdin(op: str) -> bool:
@@ -3575,7 +3580,7 @@ def _h_set(call: _Call) -> None:
         if t.startswith("-") and not t.startswith("--"):
             _check_shell_option_cluster(call, t, following)
         if t.startswith("+") and call.ctx.line and ("m" in t[1:] or (t.endswith("o") and following == "monitor")):
-            call.fail("turning job control off would let background jobs read the terminal beside the line shell")
+            call.fail(_JOB_CONTROL_OFF)
 
 
 # -o options that change how commands are read: keyword assignments, history expansion, and line editing
@@ -3608,7 +3613,7 @@ def _h_shopt(call: _Call) -> None:
         if "o" in flags and "s" in flags and name in _READING_OPTIONS:
             call.fail(f"-o {name} changes how commands are read")
         if "o" in flags and "u" in flags and name == "monitor" and call.ctx.line:
-            call.fail("turning job control off would let background jobs read the terminal beside the line shell")
+            call.fail(_JOB_CONTROL_OFF)
 
 
 def _h_unset(call: _Call) -> None:
