@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -772,6 +773,20 @@ def test_approval_that_expires_is_a_denial(env: Env) -> None:
 PROMPT = rb"\$ $"
 
 
+@contextlib.contextmanager
+def _line_shell(client: GatewayClient, *args: Any, **kw: Any) -> Iterator[Any]:
+    """An interactive shell through the gateway (``client.shell(*args, **kw)``), at its first prompt; once the
+    block is done, ``exit`` must end it with status 0."""
+    shell = client.shell(*args, **kw)
+    try:
+        shell.expect(PROMPT)
+        yield shell
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+
+
 def test_line_mode_shell_checks_each_line_before_the_target_sees_it(env: Env) -> None:
     shell = env.client.shell(env.tokens["operator"])
     try:
@@ -806,17 +821,13 @@ def test_the_agents_terminal_settings_cannot_edit_a_checked_line(env: Env) -> No
     # With the agent's own modes on the target's terminal, `stty kill @` turned the checked line
     # "echo @touch X" into "touch X" there, and `iuclc` turned "echo ABC" into "echo abc".
     marker = env.work / "edited_after_check"
-    shell = env.client.shell(env.tokens["operator"], stty=["kill", "@", "erase", "~", "eol", "%", "iuclc"])
-    try:
-        shell.expect(PROMPT)
+    with _line_shell(
+        env.client, env.tokens["operator"], stty=["kill", "@", "erase", "~", "eol", "%", "iuclc"]
+    ) as shell:
         shell.send(f"echo @touch {marker}\r".encode())
         assert f"@touch {marker}".encode() in shell.expect(PROMPT)
         shell.send(b"echo A~B%C\r")
         assert b"A~B%C\r\n" in shell.expect(PROMPT)
-        shell.send(b"exit\r")
-        assert shell.wait(timeout=15) == 0
-    finally:
-        shell.close()
     assert env.direct(f"test -e {marker}").returncode == 1
 
 
@@ -824,9 +835,7 @@ def test_a_line_cannot_change_the_targets_terminal_settings(env: Env) -> None:
     # `stty` is allowed (`stty size`), but `stty kill @` run on the target gave its terminal an erase-line
     # character: the next checked line "echo x@touch X" reached bash as "touch X".
     marker = env.work / "edited_by_the_targets_terminal"
-    shell = env.client.shell(env.tokens["operator"])
-    try:
-        shell.expect(PROMPT)
+    with _line_shell(env.client, env.tokens["operator"]) as shell:
         for settings in ("kill @", "werase @", "-F /dev/tty lnext @", "eol @", "iuclc", "sane"):
             shell.send(f"stty {settings}\r".encode())
             assert b"the target's terminal edits" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
@@ -834,10 +843,6 @@ def test_a_line_cannot_change_the_targets_terminal_settings(env: Env) -> None:
         assert f"x@touch {marker}\r\n".encode() in shell.expect(PROMPT)
         shell.send(b"stty size\r")
         assert b"24 80" in shell.expect(PROMPT)
-        shell.send(b"exit\r")
-        assert shell.wait(timeout=15) == 0
-    finally:
-        shell.close()
     assert env.direct(f"test -e {marker}").returncode == 1, "a command no rule allowed ran on the target"
 
 
@@ -845,19 +850,13 @@ def test_a_line_cannot_choose_another_history_expansion_character(env: Env) -> N
     # `!` is refused in typed lines, but after `printf -v histchars Q` the target's bash expanded the
     # checked `echo "QQ:1"` into `echo "'"; touch X; "'"` (a word of the previous, checked, echo line).
     marker = env.work / "run_by_history_expansion"
-    shell = env.client.shell(env.tokens["operator"])
-    try:
-        shell.expect(PROMPT)
+    with _line_shell(env.client, env.tokens["operator"]) as shell:
         shell.send(b"printf -v histchars Q\r")
         assert b"histchars" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
         shell.send(f"echo '\"; touch {marker}; \"'\r".encode())
         shell.expect(PROMPT)
         shell.send(b'echo "QQ:1"\r')
         assert b"QQ:1\r\n" in shell.expect(PROMPT)
-        shell.send(b"exit\r")
-        assert shell.wait(timeout=15) == 0
-    finally:
-        shell.close()
     assert env.direct(f"test -e {marker}").returncode == 1, "a command no rule allowed ran on the target"
 
 
@@ -865,18 +864,12 @@ def test_a_line_cannot_switch_the_shell_to_a_locale_that_reads_quotes_elsewhere(
     # In GBK the last byte of the UTF-8 "中" and the backslash after it are one character: bash read the
     # checked `echo 中\' 'x;touch X;#'` (one echo) as `echo 中\ ' 'x`, then `touch X`.
     marker = env.work / "run_in_gbk"
-    shell = env.client.shell(env.tokens["operator"])
-    try:
-        shell.expect(PROMPT)
+    with _line_shell(env.client, env.tokens["operator"]) as shell:
         for line in (f"printf -v LC_ALL {GBK}", f"printf -v LC_CTYPE %s {GBK}"):
             shell.send(f"{line}\r".encode())
             assert b"UTF-8 locale" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
         shell.send(f"echo 中\\' 'x;touch {marker};#'\r".encode())
         assert f"中' x;touch {marker};#\r\n".encode() in shell.expect(PROMPT)
-        shell.send(b"exit\r")
-        assert shell.wait(timeout=15) == 0
-    finally:
-        shell.close()
     assert env.direct(f"test -e {marker}").returncode == 1, "a command no rule allowed ran on the target"
     # the target does have the locale: there, that line runs the touch
     ran = env.direct(f"cd {env.work} && LC_ALL={GBK} bash -c \"echo 中\\\\' 'x;touch {marker}.direct;#'\"")
@@ -884,15 +877,9 @@ def test_a_line_cannot_switch_the_shell_to_a_locale_that_reads_quotes_elsewhere(
 
 
 def test_a_denied_line_shows_the_prompt_again(env: Env) -> None:
-    shell = env.client.shell(env.tokens["operator"])
-    try:
-        shell.expect(PROMPT)
+    with _line_shell(env.client, env.tokens["operator"]) as shell:
         shell.send(f"rm {env.work}/marker\r".encode())
         shell.expect(rb"lictor: denied `rm [^\n]*\n[^\n]*\$ $", timeout=5)  # nothing typed after the denial
-        shell.send(b"exit\r")
-        assert shell.wait(timeout=15) == 0
-    finally:
-        shell.close()
     _markers_intact(env)
 
 
@@ -957,19 +944,13 @@ PARTIAL_READERS = ["head -c 5", "dd bs=1 count=5 status=none", "read -t 1 -n 5 x
 def test_a_program_reading_part_of_a_typed_line_leaves_nothing_for_the_shell_to_run(env: Env, reader: str) -> None:
     victim = env.work / f"victim-tty-{reader.split()[0]}"
     assert env.direct(f"touch {victim}").returncode == 0
-    shell = env.client.shell(env.tokens["operator"])
-    try:
-        shell.expect(PROMPT)
+    with _line_shell(env.client, env.tokens["operator"]) as shell:
         # typed ahead while the reader runs: decided as `echo ...`, and never given to the reader
         shell.send(f"{reader}\recho rm -f {victim}\r".encode())
         shell.send(b"\x04")  # end of input for the running program
         shell.expect(rf"\$ rm -f {victim}\r\n[^\n]*\$ $".encode())  # the echo ran, whole, after the reader
         shell.send(b"echo still-usable\r")
         shell.expect(rb"still-usable\r\n[^\n]*\$ $")
-        shell.send(b"exit\r")
-        assert shell.wait(timeout=15) == 0
-    finally:
-        shell.close()
     assert env.direct(f"test -e {victim}").returncode == 0, "an unchecked rest of a line ran on the target"
 
 
@@ -992,18 +973,12 @@ def test_a_program_that_prints_the_ready_mark_gets_only_whole_lines_and_leaves_n
     # discards what the program left of it before reading a command.
     victim = env.work / "victim-forged-mark"
     assert env.direct(f"touch {victim}").returncode == 0
-    shell = env.client.shell(env.tokens["operator"])
-    try:
-        shell.expect(PROMPT)
+    with _line_shell(env.client, env.tokens["operator"]) as shell:
         shell.send(b'printf "\\e]7373;${PS1##*7373;}"; head -c 5; echo " <- read"\r')
         shell.send(f"echo rm -f {victim}\r".encode())
         shell.expect(rb"\r\necho  <- read\r\n[^\n]*\$ $")
         shell.send(b"echo still-usable\r")
         shell.expect(rb"\nstill-usable\r\n[^\n]*\$ $")
-        shell.send(b"exit\r")
-        assert shell.wait(timeout=15) == 0
-    finally:
-        shell.close()
     assert env.direct(f"test -e {victim}").returncode == 0, "an unchecked rest of a line ran on the target"
 
 
@@ -1024,19 +999,13 @@ def test_a_program_that_prints_the_ready_mark_gets_only_whole_lines_and_leaves_n
 def test_a_line_cannot_undo_what_keeps_the_shell_reading_only_checked_lines(env: Env, line: str) -> None:
     victim = env.work / "victim-undo"
     assert env.direct(f"touch {victim}").returncode == 0
-    shell = env.client.shell(env.tokens["liner"])  # may run any program, so only the analysis refuses
-    try:
-        shell.expect(PROMPT)
+    with _line_shell(env.client, env.tokens["liner"]) as shell:  # may run any program, so only the analysis refuses
         shell.send(line.replace("{victim}", str(victim)).encode() + b"\r")
         assert b"lictor:ssh-unparsable" in shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
         shell.send(f"echo rm -f {victim}\r".encode())
         shell.expect(rf"\nrm -f {victim}\r\n[^\n]*\$ $".encode())
         shell.send(b"echo still-usable\r")
         shell.expect(rb"\nstill-usable\r\n[^\n]*\$ $")
-        shell.send(b"exit\r")
-        assert shell.wait(timeout=15) == 0
-    finally:
-        shell.close()
     assert env.direct(f"test -e {victim}").returncode == 0, "a command no line asked for ran on the target"
 
 
@@ -1145,13 +1114,8 @@ def test_a_terminal_without_raw_shell_is_not_recorded_as_a_denial(env: Env) -> N
     # Every terminal of a role without raw_shell was audited as a denied "raw interactive shell":
     # sessions where nothing was refused were listed under --decision deny.
     token = env.gw.token("agent-no-raw", role="operator")
-    shell = env.client.shell(token)
-    try:
-        shell.expect(PROMPT)
-        shell.send(b"exit\r")
-        assert shell.wait(timeout=15) == 0
-    finally:
-        shell.close()
+    with _line_shell(env.client, token):
+        pass  # a shell at its prompt, then exit
     exec_tty = env.client.shell(token, "echo with-a-terminal")
     try:
         exec_tty.expect(rb"with-a-terminal")
