@@ -1580,6 +1580,49 @@ def test_writer_ddl_waits_for_an_approval(env: PgEnv) -> None:
     env.direct("DROP TABLE approved_table")
 
 
+def test_approvers_see_the_rest_of_the_query_and_search_path_changes_of_a_held_statement(env: PgEnv) -> None:
+    # An unqualified name in a held statement is looked up with the connection's search_path: approvers of
+    # DROP TABLE orders must see that an earlier statement (in the same query or before it) pointed it elsewhere.
+    import psycopg
+
+    env_cli = {**os.environ, "LICTOR_TOKEN": env.tokens["dba"]}
+    url = f"http://127.0.0.1:{env.approvals_port}"
+    shown: list[str] = []
+
+    def deny_when_pending() -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            pending = json.loads(lictor("approvals", "list", "--json", "--url", url, env=env_cli).stdout)
+            if pending:
+                approval = pending[0]["id"]
+                shown.append(lictor("approvals", "show", approval, "--url", url, env=env_cli).stdout)
+                lictor("approvals", "deny", approval, "--url", url, "--reason", "not now", env=env_cli)
+                return
+            time.sleep(0.1)
+
+    with env.connect("writer") as conn:
+        conn.execute("SET search_path = lictor_staging, public")
+        denier = threading.Thread(target=deny_when_pending)
+        denier.start()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not now"):
+            conn.execute("CREATE TABLE held_after_path (id int)")
+        denier.join()
+    assert (
+        "search_path was changed earlier in this connection by: SET search_path = lictor_staging, public" in shown[0]
+    ), shown
+
+    denier = threading.Thread(target=deny_when_pending)
+    denier.start()
+    proc = env.psql("writer", "-c", "SET search_path = lictor_other, public; CREATE TABLE held_in_query (id int)")
+    denier.join()
+    assert "not now" in proc.stderr, proc.stderr
+    assert "Statement 2 of 2 in one query; the whole query:" in shown[1], shown[1]
+    assert "SET search_path = lictor_other, public; CREATE TABLE held_in_query (id int)" in shown[1]
+    # What the approval is bound to (and what runs) is the held statement alone.
+    assert "request:\n  CREATE TABLE held_in_query (id int)\n" in shown[1]
+    assert env.direct("SELECT to_regclass('held_after_path'), to_regclass('held_in_query')") == [(None, None)]
+
+
 def test_a_statement_approved_after_the_token_expired_is_denied_as_an_ended_approval(env: PgEnv) -> None:
     import psycopg
 

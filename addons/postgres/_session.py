@@ -74,6 +74,8 @@ log = logging.getLogger("lictor.postgres")
 REDECIDE_SECONDS = 30.0
 MAX_PREPARED = 10_000  # prepared statements / cursors tracked per connection
 RECORD_SQL_LIMIT = 8192
+PATH_CHANGES_SHOWN = 3
+APPROVAL_QUERY_SHOWN = 3000  # characters of a multi-statement query shown with a statement held from it
 RECORD_PARAM_LIMIT = 256
 
 # Frontend message types.
@@ -806,6 +808,9 @@ class Relay:
         self._poison_error: bytes | None = None
         self._prepared: dict[str, Prepared] = {}
         self._portals: dict[str, Portal] = {}
+        # The latest statements run here that changed search_path: approvers of a held statement read its
+        # unqualified names with it (``DROP TABLE orders`` after ``SET search_path = prod``).
+        self._path_changes: deque[str] = deque(maxlen=PATH_CHANGES_SHOWN)
         self._cursors: dict[str, Decision] = {}
         self._token = "LICTOR_DENIED_" + secrets.token_hex(8)
         self._deny_query = pg.query(f"/* lictor: statement denied */ {self._token}")
@@ -1182,8 +1187,11 @@ class Relay:
             stmt.plan = self._mask_plan(decision) if decision.action != "deny" else None
         return decision
 
-    async def _approve(self, classified: Classified, decision: Decision, decisions: list[Decision]) -> Decision:
-        """Hold an ``approve`` decision for a human, statement by statement; deny wins."""
+    async def _approve(
+        self, classified: Classified, decision: Decision, decisions: list[Decision], whole: str | None = None
+    ) -> Decision:
+        """Hold an ``approve`` decision for a human, statement by statement; deny wins. ``whole``: the query the
+        statements came in (approvers of one of several statements see the others too)."""
 
         async def notify(approval_id: str, message: str) -> None:
             text = message if approval_id in message else f"waiting for approval {approval_id}: {message}"
@@ -1197,9 +1205,11 @@ class Relay:
             )
 
         finals: list[Decision] = []
-        for request, d in zip(classified.requests, decisions, strict=False):
+        count = len(classified.requests)
+        for index, (request, d) in enumerate(zip(classified.requests, decisions, strict=False)):
             if d.action == "approve":
-                finals.append(await self.session.decide(request, notify))
+                shown = self._approval_context(request, index, count, whole)
+                finals.append(await self.session.decide(shown, notify))
             else:
                 finals.append(d)
         finals.extend(d for d in decisions[len(classified.requests) :] if d.action != "approve")
@@ -1215,6 +1225,30 @@ class Relay:
         if final.action == "approve":  # defensive: a broker must resolve to allow or deny
             return Decision.deny("approval did not resolve", final.rule_ids[0], final.policy_version)
         return final
+
+    def _approval_context(self, request: Request, index: int, count: int, whole: str | None) -> Request:
+        """``request`` with what else decides what it does in its summary, for approvers: the other statements
+        of its query, and the statements that changed search_path earlier in this connection (an unqualified
+        name in the held statement is looked up with it). The payload, which the approval is bound to, is
+        unchanged."""
+        context: list[str] = []
+        if count > 1 and whole:
+            text = redact_secrets(whole)
+            if len(text) > APPROVAL_QUERY_SHOWN:
+                text = text[: APPROVAL_QUERY_SHOWN - 1] + "…"
+            context.append(f"Statement {index + 1} of {count} in one query; the whole query:\n{text}")
+        if self._path_changes:
+            context.append("search_path was changed earlier in this connection by: " + "; ".join(self._path_changes))
+        if not context:
+            return request
+        return replace(request, summary="\n".join([request.summary, *context]))
+
+    def _note_path_changes(self, classified: Classified) -> None:
+        """Remember the statements about to run that change search_path (SET, RESET, set_config, DISCARD ALL)."""
+        for request in classified.requests:
+            settings = request.attrs.get("settings") or ()
+            if "search_path" in settings or "all" in settings:
+                self._path_changes.append(_short(request.payload))
 
     # -- denials ---------------------------------------------------------------------------------------
 
@@ -1339,7 +1373,7 @@ class Relay:
     async def _query_after_approval(
         self, raw: bytes, sql: str, classified: Classified, decision: Decision, decisions: list[Decision]
     ) -> bytes | None:
-        final = await self._approve(classified, decision, decisions)
+        final = await self._approve(classified, decision, decisions, sql)
         if self.closed:
             return None
         if final.action == "allow":
@@ -1365,6 +1399,7 @@ class Relay:
                 self._record_denial(sql, denial)
                 return self._deny_simple(self._denial_error(classified, [denial], denial))
         self._apply_names(classified, decision, decisions)
+        self._note_path_changes(classified)
         if classified.statements == 1:
             texts = [sql]
         else:
@@ -1671,6 +1706,7 @@ class Relay:
             # so that the next statement of a pipeline sees them; forgotten if it fails (see _finish).
             self._apply_names(c, decision)
             run.touched = _touched(c)
+        self._note_path_changes(c)
         run.params = portal.params
         run.portal = portal
         if c.copy_from and not self._be_skip:

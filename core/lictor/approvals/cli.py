@@ -149,7 +149,10 @@ def _print_approval(a: dict[str, Any], now: float) -> None:
         print(f"{'vote:':16} {_one_line(v['sub'], 40)} {v['verdict']} {_one_line(v.get('reason', ''), 200)}")
     attrs = dict(a.get("attrs") or {})
     text, omitted = attrs.pop("body_text", None), attrs.pop("body_text_omitted_bytes", 0)
-    names = non_ascii_names(printable(a["payload"]) + printable(text or ""))
+    summary = a.get("summary") or ""
+    if summary == a["payload"]:
+        summary = ""
+    names = non_ascii_names(printable(a["payload"]) + printable(text or "") + printable(summary))
     if names:
         # a Cyrillic a looks like a Latin one: the terminal cannot show the difference, the names can
         more = f" and {len(names) - 12} more" if len(names) > 12 else ""
@@ -159,6 +162,11 @@ def _print_approval(a: dict[str, Any], now: float) -> None:
         print(f"  {line}")
     if a.get("payload_truncated"):
         print("  … (its middle is not shown; the approval is bound to the digest of the whole request)")
+    if summary:
+        # as the page shows it: the addon's summary can say what else decides what the request does
+        print("summary:")
+        for line in _safe(summary).splitlines():
+            print(f"  {line}")
     if attrs:
         print("attributes:")
         for line in _safe(json.dumps(attrs, indent=2, sort_keys=True, ensure_ascii=False)).splitlines():
