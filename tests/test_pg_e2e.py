@@ -2072,6 +2072,51 @@ def test_a_statement_too_big_to_analyse_is_refused_before_it_is_parsed(env: PgEn
         assert conn.execute("SELECT 1 WHERE 1 IN (" + ",".join(["1"] * 20_000) + ")").fetchone() == (1,)
 
 
+def test_connections_that_never_log_in_cannot_take_every_descriptor_of_the_gateway(env: PgEnv) -> None:
+    # Each connection that has not logged in holds a descriptor for up to a minute: a local process opened
+    # 19,900 of them and left the gateway 65 descriptors for its agents' upstream connections and its files.
+    import psycopg
+    from lictor_addons.postgres._listener import MAX_SETTING_UP
+
+    idle = [socket.create_connection(("127.0.0.1", env.port)) for _ in range(MAX_SETTING_UP)]
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # the gateway accepts them in its own time
+            try:
+                with env.connect("readonly"):
+                    pass
+            except psycopg.OperationalError as exc:
+                assert "too many connections are being set up at this gateway at once" in str(exc), exc
+                break
+            assert time.monotonic() < deadline, "a connection past the limit was served"
+            time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", env.port)) as late:  # told at once, before its startup packet
+            late.settimeout(10)
+            answer = late.recv(65536)
+        assert answer[:1] == b"E" and b"C53300\0" in answer, answer
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:  # the slots come back as the gateway sees the idle connections close
+        try:
+            with env.connect("readonly") as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+            break
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    gw = env.gateway
+    assert gw is not None
+    events = [
+        json.loads(line)
+        for line in lictor("audit", "list", "--json", "--state-dir", str(gw.state_dir)).stdout.splitlines()
+        if line.strip()
+    ]
+    refused = [e for e in events if e["kind"] == "connection.refused" and e.get("sqlstate") == "53300"]
+    assert refused and refused[0]["count"] >= 1 and "setting up at once" in refused[0]["reason"], refused
+
+
 def test_a_client_that_quits_is_audited_as_the_agent_closing_the_connection(env: PgEnv) -> None:
     # psql sends Terminate and closes; the gateway forwards the Terminate, and when the server's close
     # arrived before the agent's (now and then with psql, always with a client that lingers after its

@@ -53,6 +53,14 @@ __all__ = ["PostgresListener", "Route", "parse_listen"]
 log = logging.getLogger("lictor.postgres")
 
 STARTUP_TIMEOUT = 30.0
+MAX_SETTING_UP = 128
+"""Connections that may be setting up at once (TLS, startup packet, login), over all PostgreSQL listeners.
+Each holds a descriptor for up to twice STARTUP_TIMEOUT without a login: beyond this a connection is refused
+at once (FATAL 53300), so that connections that never log in cannot take every descriptor of the gateway
+(which its agents' upstream connections and its recordings need too)."""
+BUSY_AUDIT_INTERVAL = 10.0
+"""Refusals for too many connections setting up are audited as one event per this many seconds (with a count):
+a flood of connections must not fill the audit spool as well."""
 DEFAULT_MAX_CONNECTIONS = 32
 """Connections one identity may have open to a target at a time (target option ``max_connections``)."""
 CACHE_LIMIT = 20_000
@@ -186,6 +194,9 @@ class PostgresListener:
         self._shapes: dict[tuple[str, str, str], Classified] = {}
         self._handshakes: set[asyncio.Task[Any]] = set()
         self.per_identity: dict[tuple[str, str, str], int] = {}  # open connections per (target, issuer, sub)
+        self.setting_up = 0  # connections not logged in yet (see MAX_SETTING_UP)
+        self._busy_refused = 0  # refused for MAX_SETTING_UP since the last audit event about it
+        self._busy_window: asyncio.TimerHandle | None = None
 
     # -- configuration -----------------------------------------------------------------------------
 
@@ -247,6 +258,9 @@ class PostgresListener:
             log.info("postgres listener on %s:%s for %s", route.host, route.port, names)
 
     async def stop(self) -> None:
+        if self._busy_window is not None:
+            self._busy_window.cancel()
+            self._end_busy_window()
         for route in self.routes:
             if route.server is not None:
                 route.server.close()
@@ -261,6 +275,48 @@ class PostgresListener:
                     await asyncio.wait_for(route.server.wait_closed(), 2)
                 except TimeoutError:
                     pass
+
+    # -- connections setting up --------------------------------------------------------------------
+
+    def set_up(self, _task: "asyncio.Task[Any]") -> None:
+        """A connection's set-up ended (logged in and relayed, refused, or lost)."""
+        self.setting_up -= 1
+
+    def refuse_busy(self, agent: "_AgentProtocol") -> None:
+        """Refuse a connection at once: MAX_SETTING_UP connections are setting up. It gets an ErrorResponse
+        before its startup packet is read (libpq reports it, as it does the server's when it cannot start a
+        backend); the first refusal of a window is audited at once, the rest with a count when it ends."""
+        agent.closed = True
+        transport = agent.transport
+        if transport is not None:
+            transport.write(
+                pg.error_response(
+                    "FATAL",
+                    "53300",
+                    f"lictor: too many connections are being set up at this gateway at once ({MAX_SETTING_UP})",
+                    hint="Retry in a moment.",
+                )
+            )
+            transport.close()
+        self._busy_refused += 1
+        if self._busy_window is None:
+            self._audit_busy()
+            self._busy_window = asyncio.get_running_loop().call_later(BUSY_AUDIT_INTERVAL, self._end_busy_window)
+
+    def _end_busy_window(self) -> None:
+        self._busy_window = None
+        if self._busy_refused:
+            self._audit_busy()
+
+    def _audit_busy(self) -> None:
+        count, self._busy_refused = self._busy_refused, 0
+        reason = f"{MAX_SETTING_UP} connections were setting up at once"
+        log.warning("postgres: refused %d connection(s): %s", count, reason)
+        self.gateway.audit_event(
+            "connection.refused",
+            {"protocol": "postgres", "sqlstate": "53300", "reason": reason, "count": count},
+            fail_closed=False,
+        )
 
     # -- classification cache ----------------------------------------------------------------------
 
@@ -470,9 +526,14 @@ class _AgentProtocol(Pipe):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         listener = self.route.listener
+        if listener.setting_up >= MAX_SETTING_UP:
+            listener.refuse_busy(self)
+            return
+        listener.setting_up += 1
         task = asyncio.ensure_future(_Handshake(self.route, self).run())
         listener._handshakes.add(task)
         task.add_done_callback(listener._handshakes.discard)
+        task.add_done_callback(listener.set_up)
 
 
 class _Refused(Exception):
