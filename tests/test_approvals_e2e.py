@@ -233,6 +233,34 @@ def test_the_api_reads_any_limit_it_is_given(approvals_gateway: Any) -> None:
             assert sock.makefile("rb").readline().split(b" ")[1] == status, length
 
 
+def test_idle_connections_cannot_take_every_descriptor_of_the_gateway(approvals_gateway: Any) -> None:
+    # Each connection that sends nothing is held until the read times out: enough of them took the descriptors
+    # the gateway needs for its agents' connections and its files.
+    from lictor.approvals.http import MAX_CONNECTIONS
+
+    gw = approvals_gateway
+    port = int(gw.url.rsplit(":", 1)[1])
+
+    def status() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /api/approvals HTTP/1.1\r\nHost: x\r\n\r\n")
+            return sock.makefile("rb").readline().split(b" ")[1]
+
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(MAX_CONNECTIONS)]
+    try:
+        deadline = time.monotonic() + 10
+        while status() != b"503":  # the server accepts the idle ones in its own time
+            assert time.monotonic() < deadline, "a connection past the limit was served"
+            time.sleep(0.1)
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while status() != b"401":  # served again (and refused for want of a token) once they are gone
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def test_a_token_that_just_expired_is_refused_at_the_page_login_with_a_reason(approvals_gateway: Any) -> None:
     """The clock leeway lets it verify, but the session would end before it begins: the approver would be
     sent back to an empty login form, with a successful login audited."""

@@ -2,8 +2,9 @@
 
 It serves few, short requests from approvers and the CLI, so it keeps to the simple subset:
 one request per connection (``Connection: close``), bodies only with ``Content-Length`` (no
-chunked uploads: 411/501), bounded request line, headers and body, and a timeout on reading the
-request so idle or slow clients cannot hold connections. Anything malformed gets a 400.
+chunked uploads: 411/501), bounded request line, headers and body, a timeout on reading the
+request and a bound on the connections served at once (:data:`MAX_CONNECTIONS`), so idle or slow clients
+cannot hold connections. Anything malformed gets a 400.
 
 Other parts of the gateway mount pages with :meth:`HttpServer.add_route`.
 """
@@ -27,6 +28,9 @@ MAX_LINE = 8 * 1024
 MAX_HEADERS = 100
 MAX_BODY = 64 * 1024
 READ_TIMEOUT = 10.0
+MAX_CONNECTIONS = 256
+"""Connections served at once; one more is answered 503 and closed at once. Approvers and the CLI open a few:
+this bounds the descriptors that idle or slow connections can take from the gateway process."""
 
 SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
     (
@@ -192,6 +196,16 @@ class HttpServer:
             self._server = None
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._conns) >= MAX_CONNECTIONS:
+            try:
+                await self._write(
+                    writer, HttpResponse.text("too many connections; retry in a moment\n", 503), head_only=False
+                )
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._conns.add(task)
