@@ -75,6 +75,29 @@ async def test_harness_drives_hooks_audit_and_recorder():
         assert "4111 1111 1111 1111" not in masked and counts["card"] == 1
 
 
+async def test_a_flood_of_refusals_is_audited_as_one_event_with_a_count(monkeypatch, tmp_path):
+    # A connection refused at a limit is audited; a flood of them must not fill the audit spool.
+    from lictor import AuditLog
+    from lictor import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "BURST_INTERVAL", 0.2)
+    async with testing.harness(LineProtocol(), rulepacks=PACK, state_dir=tmp_path) as h:
+        event = {"protocol": "line", "reason": "full"}
+        firsts = [h.gateway.audit_burst("line:full", "connection.refused", event) for _ in range(500)]
+        assert firsts == [True] + [False] * 499
+        assert [e["count"] for e in h.audit("connection.refused")] == [1]
+        await asyncio.sleep(0.4)
+        assert [e["count"] for e in h.audit("connection.refused")] == [1, 499]
+        assert h.gateway.audit_burst("line:full", "connection.refused", event)  # a new burst
+        h.gateway.audit_burst("line:full", "connection.refused", event)
+        await h.gateway.stop()  # what is left of a burst is written when the gateway stops
+    audit = AuditLog(tmp_path / "audit.db")
+    try:
+        assert [e["count"] for e in audit.events(kind="connection.refused")] == [1, 499, 1, 1]
+    finally:
+        audit.close()
+
+
 async def test_harness_starts_listeners_of_a_protocol_addon(monkeypatch):
     monkeypatch.delenv("LINEPROTO_FAIL_ON", raising=False)
     port = free_port()

@@ -58,9 +58,6 @@ MAX_SETTING_UP = 128
 Each holds a descriptor for up to twice STARTUP_TIMEOUT without a login: beyond this a connection is refused
 at once (FATAL 53300), so that connections that never log in cannot take every descriptor of the gateway
 (which its agents' upstream connections and its recordings need too)."""
-BUSY_AUDIT_INTERVAL = 10.0
-"""Refusals for too many connections setting up are audited as one event per this many seconds (with a count):
-a flood of connections must not fill the audit spool as well."""
 DEFAULT_MAX_CONNECTIONS = 32
 """Connections one identity may have open to a target at a time (target option ``max_connections``)."""
 CACHE_LIMIT = 20_000
@@ -195,8 +192,6 @@ class PostgresListener:
         self._handshakes: set[asyncio.Task[Any]] = set()
         self.per_identity: dict[tuple[str, str, str], int] = {}  # open connections per (target, issuer, sub)
         self.setting_up = 0  # connections not logged in yet (see MAX_SETTING_UP)
-        self._busy_refused = 0  # refused for MAX_SETTING_UP since the last audit event about it
-        self._busy_window: asyncio.TimerHandle | None = None
 
     # -- configuration -----------------------------------------------------------------------------
 
@@ -258,9 +253,6 @@ class PostgresListener:
             log.info("postgres listener on %s:%s for %s", route.host, route.port, names)
 
     async def stop(self) -> None:
-        if self._busy_window is not None:
-            self._busy_window.cancel()
-            self._end_busy_window()
         for route in self.routes:
             if route.server is not None:
                 route.server.close()
@@ -285,7 +277,7 @@ class PostgresListener:
     def refuse_busy(self, agent: "_AgentProtocol") -> None:
         """Refuse a connection at once: MAX_SETTING_UP connections are setting up. It gets an ErrorResponse
         before its startup packet is read (libpq reports it, as it does the server's when it cannot start a
-        backend); the first refusal of a window is audited at once, the rest with a count when it ends."""
+        backend); the refusals are audited in bursts (a flood must not fill the audit spool as well)."""
         agent.closed = True
         transport = agent.transport
         if transport is not None:
@@ -298,25 +290,10 @@ class PostgresListener:
                 )
             )
             transport.close()
-        self._busy_refused += 1
-        if self._busy_window is None:
-            self._audit_busy()
-            self._busy_window = asyncio.get_running_loop().call_later(BUSY_AUDIT_INTERVAL, self._end_busy_window)
-
-    def _end_busy_window(self) -> None:
-        self._busy_window = None
-        if self._busy_refused:
-            self._audit_busy()
-
-    def _audit_busy(self) -> None:
-        count, self._busy_refused = self._busy_refused, 0
         reason = f"{MAX_SETTING_UP} connections were setting up at once"
-        log.warning("postgres: refused %d connection(s): %s", count, reason)
-        self.gateway.audit_event(
-            "connection.refused",
-            {"protocol": "postgres", "sqlstate": "53300", "reason": reason, "count": count},
-            fail_closed=False,
-        )
+        event = {"protocol": "postgres", "sqlstate": "53300", "reason": reason}
+        if self.gateway.audit_burst("postgres:setting-up", "connection.refused", event):
+            log.warning("postgres: refusing connections: %s (audited with a count every 10 s)", reason)
 
     # -- classification cache ----------------------------------------------------------------------
 

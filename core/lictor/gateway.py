@@ -48,6 +48,17 @@ _RANK = {"allow": 0, "approve": 1, "deny": 2}
 # outcomes) cannot be refused like a decision: while the spool takes no writes they wait in memory,
 # up to this many, and are written, with their own time, before the next event that gets through.
 AUDIT_BACKLOG_LIMIT = 10_000
+BURST_INTERVAL = 10.0
+"""Seconds over which :meth:`Gateway.audit_burst` gathers the events of one key into one."""
+
+
+@dataclass
+class _Burst:
+    kind: str
+    event: Mapping[str, Any]
+    count: int  # events after the first, not yet written
+    handle: asyncio.TimerHandle
+
 
 HoldNotifier = Callable[[str, str], Awaitable[None]]
 
@@ -268,6 +279,7 @@ class Gateway:
         self._empty_plan: Any = None
         self._audit_backlog: deque[tuple[str, dict[str, Any]]] = deque()
         self._audit_overflow = 0
+        self._bursts: dict[str, _Burst] = {}
         self.started = time.time()
 
     # -- setup --------------------------------------------------------------------------------
@@ -599,6 +611,27 @@ class Gateway:
                 raise
             self._keep_for_later(kind, event, exc)
 
+    def audit_burst(self, key: str, kind: str, event: Mapping[str, Any]) -> bool:
+        """Audit an event that can come in floods (a connection refused at a limit) without letting the flood
+        fill the audit spool: the first event of ``key`` is written at once (``count`` 1), the ones after it
+        within :data:`BURST_INTERVAL` seconds as one event with their ``count`` when the interval ends (or
+        the gateway stops). Like ``audit_event(..., fail_closed=False)``, it never raises. Returns True for
+        the first event of a burst (log it then, not every time). Call it from the event loop."""
+        burst = self._bursts.get(key)
+        if burst is not None:
+            burst.count += 1
+            burst.event = event
+            return False
+        self.audit_event(kind, {**event, "count": 1}, fail_closed=False)
+        handle = asyncio.get_running_loop().call_later(BURST_INTERVAL, self._end_burst, key)
+        self._bursts[key] = _Burst(kind, event, 0, handle)
+        return True
+
+    def _end_burst(self, key: str) -> None:
+        burst = self._bursts.pop(key, None)
+        if burst is not None and burst.count:
+            self.audit_event(burst.kind, {**burst.event, "count": burst.count}, fail_closed=False)
+
     def _keep_for_later(self, kind: str, event: Mapping[str, Any], exc: BaseException) -> None:
         if len(self._audit_backlog) >= AUDIT_BACKLOG_LIMIT:
             self._audit_overflow += 1
@@ -662,6 +695,9 @@ class Gateway:
         finally:
             for session in list(self.sessions.values()):
                 await session.close(reason="gateway stopping")
+            for key, burst in list(self._bursts.items()):
+                burst.handle.cancel()
+                self._end_burst(key)
             self.audit_event("gateway.stop", {"uptime": time.time() - self.started}, fail_closed=False)
             if self._audit_backlog:
                 log.error(

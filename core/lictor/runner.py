@@ -580,6 +580,7 @@ class _CheckGateway(Gateway):
         # the gateway's issuer key, read if it is there (not made: that is for the gateway)
         self.issuer = LocalIssuer(config.state_dir if (config.state_dir / "issuer.key").exists() else state_dir)
         self.verifier = self._make_verifier()
+        self._bursts = {}
         self.started = time.time()
 
     def audit_event(self, kind: str, event: Any, *, fail_closed: bool = True) -> None:
