@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -583,6 +584,39 @@ def test_an_identity_has_a_bounded_number_of_connections(env: Env) -> None:
             break
         time.sleep(0.2)
     assert "agent-many already has 16 connections open to this target" in listing.stdout, listing.stdout
+
+
+def test_connections_that_never_log_in_cannot_take_every_descriptor_of_the_gateway(env: Env) -> None:
+    # Each connection that has not logged in holds a descriptor for up to a minute: enough of them took the
+    # descriptors the gateway needs for its agents' upstream connections and its files. As sshd's MaxStartups
+    # does, one past the limit is closed at once.
+    from lictor_addons.ssh._server import MAX_SETTING_UP
+
+    def banner() -> bytes:
+        with socket.create_connection(("127.0.0.1", env.client.port), timeout=10) as sock:
+            try:
+                return sock.recv(64)
+            except ConnectionResetError:
+                return b""
+
+    idle = [socket.create_connection(("127.0.0.1", env.client.port)) for _ in range(MAX_SETTING_UP)]
+    try:
+        deadline = time.monotonic() + 10
+        while banner().startswith(b"SSH-2.0-"):  # the gateway accepts the idle ones in its own time
+            assert time.monotonic() < deadline, "a connection past the limit was served"
+            time.sleep(0.1)
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while not banner().startswith(b"SSH-2.0-"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert env.ssh("observer", "true").returncode == 0
+    listing = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "connection.refused", "--json")
+    events = [json.loads(line) for line in listing.stdout.splitlines() if line.strip()]
+    refused = [e for e in events if e.get("protocol") == "ssh" and "logging in at once" in e.get("reason", "")]
+    assert refused and refused[0]["count"] == 1, listing.stdout
 
 
 def test_agent_forwarding_is_refused_with_a_message(env: Env) -> None:

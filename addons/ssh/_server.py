@@ -49,6 +49,10 @@ __all__ = ["AgentConnection", "SshListener"]
 log = logging.getLogger("lictor.ssh")
 
 LOGIN_TIMEOUT = 60.0
+MAX_SETTING_UP = 128
+"""Connections of one SSH target that may be logging in at once. Each holds a descriptor for up to
+LOGIN_TIMEOUT: beyond this a connection is closed at once (as sshd's MaxStartups does), so that connections
+that never log in cannot take every descriptor of the gateway."""
 
 
 class SshListener:
@@ -62,8 +66,9 @@ class SshListener:
         self.connections: set[AgentConnection] = set()
         self.closing: set[asyncio.Future[None]] = set()
 
-    def open_for(self, key: tuple[str, str]) -> int:
-        """How many connections the identity ``key`` (issuer, subject) has logged in and open."""
+    def open_for(self, key: tuple[str, str] | None) -> int:
+        """How many connections the identity ``key`` (issuer, subject) has logged in and open; with None, how
+        many connections are logging in."""
         return sum(1 for agent in self.connections if agent.identity_key == key)
 
     @property
@@ -133,6 +138,13 @@ class AgentConnection(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
+        if self.listener.open_for(None) >= MAX_SETTING_UP:
+            reason = f"{MAX_SETTING_UP} connections were logging in at once"
+            event = {"protocol": "ssh", "target": self.config.name, "reason": reason}
+            if self.gateway.audit_burst(f"ssh:{self.config.name}:setting-up", "connection.refused", event):
+                log.warning("ssh target %s: refusing connections: %s", self.config.name, reason)
+            conn.abort()
+            return
         self.listener.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
