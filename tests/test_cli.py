@@ -662,5 +662,5 @@ def test_an_option_an_addon_refuses_is_reported_where_it_is_set(tmp_path: Path, 
     )
     assert main(["check", "-c", str(config)]) == 1
     assert capsys.readouterr().out.splitlines()[0] == (
-        f"{config}:5:22: addon 'http' refused the config: http_idle_timeout and http_buffer_limit must be positive"
+        f"{config}:5:22: addon 'http' refused the config: http_idle_timeout must be positive"
     )

@@ -1029,3 +1029,61 @@ def test_a_websocket_message_too_big_to_hold_closes_the_connection(tmp_path: Pat
     assert code in (1009, 1006), code
     assert f"the agent sent a message over {16 * 1024 * 1024} bytes" in log, log
     assert received == [64 * len(chunk)]  # the endless message never reached the upstream
+
+
+def test_connections_that_send_no_request_are_bounded_and_closed(tmp_path: Path) -> None:
+    # A connection that sends nothing was held for the idle timeout (an hour), with no bound on how many: a
+    # local process opening them took every descriptor of the gateway. Now each has http_setup_timeout for its
+    # TLS handshake and first request, and at most 128 wait at once.
+    from lictor_addons.http._proxy import MAX_SETTING_UP
+
+    config = yaml.safe_load((ROOT / "examples" / "http" / "lictor.yaml").read_text())
+    config["rulepacks"] = [str(ROOT / "examples" / "http" / "rulepacks")]
+    config["state_dir"] = str(tmp_path / "state")
+    config["approvals"]["listen"] = f"127.0.0.1:{free_port()}"
+    config["options"] = {"http_setup_timeout": 4}
+    port = free_port()
+    config["targets"]["customers"].update(
+        listen=f"127.0.0.1:{port}", upstream="https://127.0.0.1:9", upstream_ca="", credentials={}
+    )
+    gw = GatewayProcess(tmp_path, config)
+    gw.start()
+
+    def closed_within(sock: socket.socket, seconds: float) -> bool:
+        sock.settimeout(seconds)
+        try:
+            return sock.recv(1) == b""
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_SETTING_UP)]
+        try:
+            deadline = time.monotonic() + 3
+            while True:  # one past the limit is closed at once (the gateway accepts the idle ones in its time)
+                with socket.create_connection(("127.0.0.1", port)) as extra:
+                    if closed_within(extra, 0.5):
+                        break
+                assert time.monotonic() < deadline, "a connection past the limit was kept"
+            assert all(closed_within(sock, 10) for sock in idle)  # and the idle ones at their set-up timeout
+        finally:
+            for sock in idle:
+                sock.close()
+        ctx = ssl.create_default_context(cafile=str(gw.state_dir / "tls" / "ca.crt"))
+        with (
+            socket.create_connection(("127.0.0.1", port)) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"GET /v1/customers/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert tls.recv(64).startswith(b"HTTP/1.1 401")  # served again: no token
+        events = [
+            json.loads(line)
+            for line in lictor("audit", "list", "--json", "--state-dir", str(gw.state_dir)).stdout.splitlines()
+            if line.strip()
+        ]
+        refused = [e for e in events if e["kind"] == "connection.refused" and e.get("protocol") == "http"]
+        assert refused and refused[0]["count"] == 1 and "first request" in refused[0]["reason"], refused
+    finally:
+        gw.stop()

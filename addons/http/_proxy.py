@@ -113,6 +113,10 @@ MASKED_SECRET_FORMS = (bodies.REDACTED_B64.encode(), bodies.REDACTED.encode())
 MASKED_SECRET_HINT = f"{bodies.REDACTED}, base64 {bodies.REDACTED_B64}"
 PASSTHROUGH_BUFFER = 256 * 1024  # unmasked responses above this (or of unknown length) stream through
 TOKEN_CACHE_TTL = 60.0
+MAX_SETTING_UP = 128
+"""Connections that may be waiting for their first request at once (over all HTTP/Kubernetes targets); one
+more is closed at once. With the set-up timeout (option ``http_setup_timeout``), connections that send nothing
+cannot take every descriptor of the gateway (the idle timeout, once a request came, is an hour)."""
 TOKEN_CACHE_SIZE = 10_000
 WS_RECORD_LIMIT = 4096
 # Exec/attach output the masker holds back (the start of what may be a card number split across two
@@ -191,6 +195,7 @@ class ConnState:
     peer: str
     sessions: dict[str, Session] = field(default_factory=dict)
     waiting: set[asyncio.Task[Any]] = field(default_factory=set)  # request hooks of this connection
+    deadline: asyncio.TimerHandle | None = None  # until its first request (set-up timeout); None after it
 
 
 _ASCII_CHARSETS = frozenset(
@@ -347,8 +352,11 @@ def _shell_lines(buf: bytes) -> tuple[list[bytes], bytes]:
 class LictorProxy:
     """The mitmproxy addon that enforces Lictor's policy on every request of every HTTP/Kubernetes target."""
 
-    def __init__(self, gateway: Gateway, targets: Iterable[HttpTarget], *, buffer_limit: int) -> None:
+    def __init__(
+        self, gateway: Gateway, targets: Iterable[HttpTarget], *, buffer_limit: int, setup_timeout: float = 30.0
+    ) -> None:
         self.gateway = gateway
+        self.setup_timeout = setup_timeout
         self.targets = {t.mode_spec: t for t in targets}
         self.buffer_limit = buffer_limit
         # mitmproxy's body_size_limit: it buffers no request body beyond the largest max_body.
@@ -362,6 +370,7 @@ class LictorProxy:
             if ctx is not None:
                 self.client_contexts[target.name] = ctx
         self.conns: dict[str, ConnState] = {}
+        self.setting_up = 0  # connections without a first request yet (MAX_SETTING_UP)
         self._drop_headers: dict[tuple[str, bool], frozenset[bytes]] = {}
         self._tokens: OrderedDict[str, tuple[Identity, float, str]] = OrderedDict()
         self._recent_denials: OrderedDict[tuple[str, str], tuple[float, Decision]] = OrderedDict()
@@ -526,15 +535,44 @@ class LictorProxy:
             if target is None:
                 client.error = "no Lictor target for this listener"
                 return
-            self.conns[client.id] = ConnState(target, _peer(client))
+            if self.setting_up >= MAX_SETTING_UP:
+                client.error = "too many connections are being set up"
+                reason = f"{MAX_SETTING_UP} connections were waiting for their first request at once"
+                event = {"protocol": target.protocol, "reason": reason}
+                if self.gateway.audit_burst("http:setting-up", "connection.refused", event):
+                    log.warning("http: refusing connections: %s", reason)
+                return
+            conn = ConnState(target, _peer(client))
+            conn.deadline = asyncio.get_running_loop().call_later(self.setup_timeout, self._setup_expired, client.id)
+            self.conns[client.id] = conn
+            self.setting_up += 1
         except Exception:
             log.exception("client_connected failed; refusing the connection")
             client.error = "internal error"
+
+    def _set_up(self, conn: ConnState) -> None:
+        """The connection's first request arrived (or it closed): it no longer counts as setting up."""
+        if conn.deadline is not None:
+            conn.deadline.cancel()
+            conn.deadline = None
+            self.setting_up -= 1
+
+    def _setup_expired(self, client_id: str) -> None:
+        """A connection sent no request within the set-up timeout of connecting: close it."""
+        conn = self.conns.get(client_id)
+        if conn is None or conn.deadline is None:
+            return
+        self._set_up(conn)
+        ps = self.proxyserver
+        handler = ps.connections.get(client_id) if ps is not None else None
+        if handler is not None:
+            handler.close_connection(handler.client)
 
     async def client_disconnected(self, client: Client) -> None:
         conn = self.conns.pop(client.id, None)
         if conn is None:
             return
+        self._set_up(conn)
         for task in list(conn.waiting):
             task.cancel()  # a held request nobody waits for any more: its approval is withdrawn
         for session in list(conn.sessions.values()):
@@ -584,6 +622,9 @@ class LictorProxy:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         flow.metadata[ALLOWED] = False
+        conn = self.conns.get(flow.client_conn.id)
+        if conn is not None and conn.deadline is not None:
+            self._set_up(conn)
         # mitmproxy answers Expect: 100-continue itself (and drops the header) once this hook returns
         flow.metadata[EXPECTS_CONTINUE] = flow.request.headers.get("expect", "").lower() == "100-continue"
         try:
@@ -2158,6 +2199,7 @@ class EmbeddedProxy:
         untrusted_ca: str,
         idle_timeout: int,
         buffer_limit: int,
+        setup_timeout: int = 30,
     ) -> None:
         self.gateway = gateway
         self.targets = targets
@@ -2165,6 +2207,7 @@ class EmbeddedProxy:
         self.untrusted_ca = untrusted_ca
         self.idle_timeout = idle_timeout
         self.buffer_limit = buffer_limit
+        self.setup_timeout = setup_timeout
         self.master: Master | None = None
         self._previous_factory: Any = None
         self.lictor: LictorProxy | None = None
@@ -2183,7 +2226,9 @@ class EmbeddedProxy:
         opts = Options()
         master = Master(opts, event_loop=loop, with_termlog=False)
         _dispatch.install(master)
-        self.lictor = LictorProxy(self.gateway, self.targets, buffer_limit=self.buffer_limit)
+        self.lictor = LictorProxy(
+            self.gateway, self.targets, buffer_limit=self.buffer_limit, setup_timeout=self.setup_timeout
+        )
         ps = proxyserver.Proxyserver()
         self.lictor.proxyserver = ps
         master.addons.add(ps, next_layer.NextLayer(), self.lictor, tlsconfig.TlsConfig(), FailClosedGate(self.lictor))

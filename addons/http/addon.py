@@ -22,6 +22,7 @@ log = logging.getLogger("lictor.http")
 PROTOCOLS = ("http", "kubernetes")
 DEFAULT_IDLE_TIMEOUT = 3600
 DEFAULT_BUFFER_LIMIT = 64 * 1024 * 1024
+DEFAULT_SETUP_TIMEOUT = 30
 
 TARGET_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -95,6 +96,12 @@ class HttpAddon:
             "for approval without traffic)",
         )
         loader.add_option(
+            "http_setup_timeout",
+            int,
+            DEFAULT_SETUP_TIMEOUT,
+            "seconds a new HTTP/Kubernetes connection has for its TLS handshake and the headers of its first request",
+        )
+        loader.add_option(
             "http_buffer_limit",
             int,
             DEFAULT_BUFFER_LIMIT,
@@ -124,9 +131,11 @@ class HttpAddon:
         self._options = {
             "idle_timeout": int(options["http_idle_timeout"].value),
             "buffer_limit": int(options["http_buffer_limit"].value),
+            "setup_timeout": int(options["http_setup_timeout"].value),
         }
-        if self._options["idle_timeout"] <= 0 or self._options["buffer_limit"] <= 0:
-            raise ValueError("http_idle_timeout and http_buffer_limit must be positive")
+        refused = [f"http_{name} must be positive" for name, value in self._options.items() if value <= 0]
+        if refused:
+            raise ValueError("; ".join(refused))
         self.targets = targets
         if targets:
             from ._tls import ensure_ca, untrusted_ca
@@ -156,6 +165,7 @@ class HttpAddon:
             untrusted_ca=str(untrusted_ca(gateway.state_dir)),
             idle_timeout=self._options["idle_timeout"],
             buffer_limit=self._options["buffer_limit"],
+            setup_timeout=self._options["setup_timeout"],
         )
         await self.proxy.start()
         log.info("gateway CA for agents: %s", Path(confdir) / "ca.crt")
