@@ -1792,3 +1792,148 @@ def test_output_that_pauses_inside_a_value_is_still_masked(env: Env) -> None:
     masked = env.ssh("masked", f"printf '{first}'; sleep 0.4; printf '{second} end\\n'")
     assert masked.returncode == 0, _err(masked)
     assert masked.stdout == b"[REDACTED:card] end\n"
+
+
+def _stall_reads(pid: int) -> subprocess.Popen[bytes]:
+    """Hold the target's process ``pid`` for a second on its way back from each read (strace injects the delay):
+    a signal sent meanwhile reaches bash after it has read a line, before it has parsed it."""
+    tracer = subprocess.Popen(
+        [require_binary("strace"), "-p", str(pid), "-e", "trace=read", "-e", "inject=read:delay_exit=1000000",
+         "-o", "/dev/null"],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert tracer.stderr is not None
+    said = tracer.stderr.readline()
+    if b"attached" not in said:
+        tracer.kill()
+        tracer.wait()
+        require(False, f"strace cannot attach to the target's shell: {said.decode(errors='replace').strip()}")
+    return tracer
+
+
+def test_an_interrupt_never_makes_the_shell_run_the_rest_of_a_line_it_was_reading(env: Env) -> None:
+    # bash interrupted while it reads a line drops what it has taken in and runs the rest as a command. The ^C
+    # the gateway passed on right after the allowed `'echo' 'x;touch X;#'` made bash run `echo' 'x;touch X;#'`:
+    # `echo x` (not found), then a `touch` no rule allowed.
+    victim = env.work / "victim-interrupted-line"
+    with _line_shell(env.client, env.tokens["operator"]) as shell:
+        shell.send(b"echo pid=$$\r")
+        pid = int(re.findall(rb"pid=(\d+)", shell.expect(rb"pid=\d+\r\n[^\n]*\$ $"))[-1])
+        tracer = _stall_reads(pid)
+        try:
+            shell.send(f"'echo' 'x;touch {victim};#'\r".encode())
+            time.sleep(0.3)  # the line is sent, and bash held on its way back from reading it
+            shell.send(b"\x03")
+            out = shell.expect(PROMPT, timeout=15)
+        finally:
+            tracer.terminate()
+            tracer.wait(timeout=10)
+        assert env.direct(f"test -e {victim}").returncode == 1, ("the rest of a checked line ran", out)
+        assert f"x;touch {victim};#\r\n".encode() in out, out  # the decided line ran, whole
+        shell.send(b"echo still-usable\r")
+        shell.expect(rb"\nstill-usable\r\n[^\n]*\$ $")
+
+
+def test_a_signal_request_never_reaches_a_line_shells_bash(env: Env) -> None:
+    # An SSH "signal" request was passed on to the target, whose sshd sends it to the shell's process group:
+    # bash itself, interrupted the same way after reading the allowed line.
+    victim = env.work / "victim-signal-request"
+
+    async def run() -> tuple[bytes, Any]:
+        async with env.connect("operator") as conn:
+            proc = await conn.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+            buffer = b""
+
+            async def expect(pattern: bytes) -> bytes:
+                nonlocal buffer
+                while (found := re.search(pattern, buffer)) is None:
+                    data = await asyncio.wait_for(proc.stdout.read(65536), 15)
+                    assert data, buffer
+                    buffer += data
+                out, buffer = buffer[: found.end()], buffer[found.end() :]
+                return out
+
+            await expect(PROMPT)
+            proc.stdin.write(b"echo pid=$$\r")
+            pid = int(re.findall(rb"pid=(\d+)", await expect(rb"pid=\d+\r\n[^\n]*\$ $"))[-1])
+            tracer = _stall_reads(pid)
+            try:
+                proc.stdin.write(f"'echo' 'x;touch {victim};#'\r".encode())
+                await asyncio.sleep(0.3)
+                proc.send_signal("INT")
+                out = await expect(PROMPT)
+            finally:
+                tracer.terminate()
+                tracer.wait(timeout=10)
+            assert env.direct(f"test -e {victim}").returncode == 1, ("the rest of a checked line ran", out)
+            proc.stdin.write(b"sleep 30\r")
+            await asyncio.sleep(0.5)
+            proc.send_signal("INT")  # still reaches what a line runs
+            await expect(PROMPT)
+            proc.stdin.write(b"exit\r")
+            await asyncio.wait_for(proc.wait_closed(), 15)
+            # without a terminal (a script) too, and the script goes on
+            script = await conn.create_process(encoding=None)
+            script.stdin.write(b"sleep 30\necho after-signal\n")
+            await asyncio.sleep(0.5)
+            script.send_signal("INT")
+            script.stdin.write_eof()
+            done = await asyncio.wait_for(script.wait(), 15)
+            return out, done.stdout
+
+    out, script_out = asyncio.run(run())
+    assert f"x;touch {victim};#\r\n".encode() in out, out
+    assert script_out.endswith(b"after-signal\n"), script_out
+
+
+def test_interrupt_suspend_and_quit_reach_what_a_line_runs_and_no_line_is_lost(env: Env) -> None:
+    with _line_shell(env.client, env.tokens["liner"]) as shell:
+        # at the prompt: the line being typed is dropped, nothing reaches the target
+        shell.send(b"echo never-sent\x03")
+        shell.expect(rb"never-sent\^C\r\n[^\n]*\$ $")
+        # a running program is interrupted, and the line typed after the ^C runs once the shell is back
+        shell.send(b"sleep 30\r")
+        time.sleep(0.5)
+        shell.send(b"\x03echo after-interrupt\r")
+        shell.expect(rb"\$ after-interrupt\r\n[^\n]*\$ $", timeout=10)
+        # so is a program in a command substitution (in the shell's own process group, which bash never is
+        # signalled in: it then interrupts itself, having read nothing more)
+        shell.send(b"echo [$(sleep 30)] not-shown\r")
+        time.sleep(0.5)
+        shell.send(b"\x03")
+        shell.expect(rb"\^C\r\n[^\n]*\$ $", timeout=10)
+        # ^C right after a line: the line runs (it was decided and sent), or is interrupted, and the shell goes on
+        for n in range(20):
+            shell.send(f"sleep 0.1; echo round-{n}\r\x03".encode())
+            shell.expect(PROMPT, timeout=10)
+        shell.send(b"echo still-usable\r")
+        shell.expect(rb"\nstill-usable\r\n[^\n]*\$ $")
+        assert b"command not found" not in shell.seen
+        # a program that ignores SIGINT goes on
+        shell.send(b"bash -c \"trap '' INT; sleep 1; echo survived\"\r")
+        time.sleep(0.3)
+        shell.send(b"\x03")
+        shell.expect(rb"\^Csurvived\r\n[^\n]*\$ $", timeout=10)
+        # ^Z stops the running program, a job of the shell's
+        shell.send(b"sleep 30\r")
+        time.sleep(0.5)
+        shell.send(b"\x1a")
+        shell.expect(rb"Stopped[^\n]*sleep 30\r\n[^\n]*\$ $", timeout=10)
+        shell.send(b"kill -9 %1\r")
+        shell.expect(PROMPT)
+        # ^\ quits it
+        shell.send(b"sleep 30\r")
+        time.sleep(0.5)
+        shell.send(b"\x1c")
+        shell.expect(rb"Quit[^\n]*\r\n[^\n]*\$ $", timeout=10)
+        # bash's own builtins get no signal (bash is never interrupted); ^D ends a read
+        shell.send(b"read x\r")
+        time.sleep(0.3)
+        shell.send(b"\x03")
+        time.sleep(0.3)
+        shell.send(b"\x04")
+        shell.send(b"echo after-read\r")
+        shell.expect(rb"after-read\r\n[^\n]*\$ $", timeout=10)
+        shell.send(b"true\r")
+        shell.expect(PROMPT)
+        assert b"\x1b]7374" not in shell.seen  # the shell's process id, read by the gateway

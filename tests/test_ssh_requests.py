@@ -8,7 +8,7 @@ import re
 
 import pytest
 from lictor import Decision, testing
-from lictor_addons.ssh._channel import decide_all
+from lictor_addons.ssh._channel import READY_MARK, ShellHello, decide_all
 from lictor_addons.ssh._requests import (
     UNPARSABLE_RULE,
     channel_request,
@@ -187,3 +187,18 @@ def test_the_program_as_written_is_a_rule_attribute() -> None:
     assert paths("/usr/bin/cat x | ./ls") == ["/usr/bin/cat", ["./ls", "ls"]]
     assert paths("/usr/bin/../../tmp/p/cat") == [["/usr/bin/../../tmp/p/cat", "/tmp/p/cat"]]
     assert paths("xargs /tmp/p/cat") == ["xargs", "/tmp/p/cat"]
+
+
+def test_the_line_shells_process_id_is_read_only_before_its_first_prompt() -> None:
+    # The gateway's command prints it before bash starts; after the first prompt, output comes from the
+    # agent's lines, which could print a hello of their own (the nonce is no secret: `echo "$PS1"`).
+    mark = READY_MARK.format("ab12").encode()
+    hello = ShellHello("ab12", mark)
+    out = b"".join(hello.feed(bytes([b])) for b in b"motd\r\n\x1b]7374;ab12;4242\x07")
+    assert (out, hello.pid, hello.done) == (b"motd\r\n", 4242, True)
+    assert hello.feed(b"\x1b]7374;ab12;1\x07") == b"\x1b]7374;ab12;1\x07" and hello.pid == 4242
+    late = ShellHello("ab12", mark)
+    assert late.feed(b"$ " + mark + b"\x1b]7374;ab12;99\x07") == b"$ " + mark + b"\x1b]7374;ab12;99\x07"
+    assert (late.pid, late.done) == (None, True)
+    other = ShellHello("ab12", mark)
+    assert other.feed(b"\x1b]7374;cd34;7\x07\x1b[1m") == b"\x1b]7374;cd34;7\x07\x1b[1m" and other.pid is None

@@ -35,6 +35,11 @@ the gateway takes the mark out of the output and sends one line. bash always rea
 on the target, also for scripts (there without a prompt, and with each line followed by ^D so that a
 program reading its input gets the end of it): a terminal in canonical mode hands out one line per
 read, where a pipe would give a reader the next bytes of later lines.
+
+Nor may bash be interrupted while it reads a line: it drops what it has taken in and runs the rest of what
+it has read as a command. So no character is a signal on its terminal, ^C at the prompt is the gateway's
+own business, and while a line runs a signal goes, through a command of the gateway's in a channel of its
+own, to the program in the terminal's foreground, never to bash (:meth:`ChannelHandler._interrupt`).
 """
 
 from __future__ import annotations
@@ -75,14 +80,12 @@ UNREACHABLE_STATUS = 255
 PTY_ECHO = 53  # RFC 4254 terminal mode opcode
 _DISABLED = 255  # RFC 4254: "255 if none"
 LINE_MODE_TERM_MODES: dict[int, int] = {
-    # Special characters (opcodes 1-18): the signals and end-of-file the gateway itself sends...
-    1: 0x03,  # VINTR ^C
-    2: 0x1C,  # VQUIT ^\
+    # Special characters (opcodes 1-18): the end-of-file the gateway itself sends...
     5: 0x04,  # VEOF ^D
-    10: 0x1A,  # VSUSP ^Z
     # ...and nothing else: erase, kill, word-erase, literal-next, reprint and the extra end-of-line
-    # characters would let the target's terminal edit or split a line after the gateway checked it.
-    **{op: _DISABLED for op in (3, 4, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 18)},
+    # characters would let the target's terminal edit or split a line after the gateway checked it, and
+    # no character is a signal there (^C would interrupt bash as it reads a line: see _interrupt).
+    **{op: _DISABLED for op in (1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)},
     # Input: no case folding, bit stripping or CR/NL games that would change the checked text.
     30: 0, 31: 0, 32: 0, 33: 0, 34: 0, 35: 0, 36: 1, 37: 0, 38: 0, 39: 0, 40: 0, 41: 0, 42: 1,
     # Local: canonical input with signals, no echo (the gateway echoes), no extended editing.
@@ -117,6 +120,46 @@ LINE_SHELL_ENV = {
 }
 """Environment of line-mode shells: no pager that would read keystrokes (a pager's ``!command`` would run
 something no rule saw). The prompt variables are added per shell (see :meth:`ChannelHandler._shell`)."""
+HELLO = "\x1b]7374;{};"
+"""What the gateway's command prints on the target before it starts a line shell: this, the shell's process id
+and BEL. The gateway reads it before the shell's first prompt, when nothing the agent typed has run yet."""
+FOREGROUND_SIGNALS = frozenset({"INT", "QUIT", "TSTP", "TERM", "HUP", "KILL"})
+"""Signals a line shell's agent may send to the program it runs (^C, ^\\, ^Z, or an SSH signal request)."""
+KEY_SIGNALS = {b"\x03": "INT", b"\x1c": "QUIT", b"\x1a": "TSTP"}
+SIGNALS_QUEUED = 8
+SIGNAL_STOP_WAIT = 10.0
+"""Seconds the gateway waits for a signal's helper on the target to end once its line has ended."""
+SIGNAL_SCRIPT = r"""p=$1 sig=$2 own=$3
+read -r s < "/proc/$p/stat" || exit 3
+s=${s##*) }; set -- $s
+g=$3
+(( $4 == p && g == p )) || exit 3
+for (( n = 0; n < 600; n++ )); do
+  read -r s < "/proc/$p/stat" || exit 3
+  s=${s##*) }; set -- $s
+  t=$6
+  if (( t > 0 && t != g )); then kill -s "$sig" -- "-$t" 2>/dev/null; exit 0; fi
+  if (( own )); then
+    hit=0
+    for f in /proc/[0-9]*/stat; do
+      q=${f#/proc/}; q=${q%/stat}
+      (( q == p )) && continue
+      read -r s < "$f" 2>/dev/null || continue
+      s=${s##*) }; set -- $s
+      (( $3 == g )) && kill -s "$sig" "$q" 2>/dev/null && hit=1
+    done
+    (( hit )) && exit 0
+  fi
+  read -t 0.05 -r _; (( $? > 128 )) || exit 1
+done
+exit 2"""
+"""Run on the target (by the line shell's bash, in a channel of its own) to deliver a signal to what a line
+shell runs, never to the shell itself: bash interrupted while it reads a line drops what it has read so far
+and runs the rest of it as a command, a rest the gateway never decided. ``$1`` is the shell's process id (a
+session leader, its own process group), ``$2`` the signal. Every 50 ms, until the gateway closes its input
+(the shell's next prompt) or 30 s have passed: if another process group is in the foreground of the shell's
+terminal (a program the line started), that group gets the signal; if ``$3`` is 1, so do the processes other
+than the shell in the shell's own group (a command substitution's program). The shell itself never does."""
 READY_MARK = "\x1b]7373;{}\x07"
 """What the target's bash prints at the end of each prompt (an OSC sequence with a nonce of the channel):
 the gateway takes it out of the output and only then sends the next decided line."""
@@ -164,6 +207,46 @@ class ReadyMarks:
         """What is held back, at the end of the output: a trailer there is dropped."""
         held = self.release()
         return b"" if held == self.trailer else held
+
+
+class ShellHello:
+    """Finds the line shell's process id, which the gateway's command prints (:data:`HELLO`) before bash
+    starts, in the output before the shell's first ready mark (later output may come from the agent's lines)."""
+
+    def __init__(self, nonce: str, mark: bytes) -> None:
+        self.prefix = HELLO.format(nonce).encode()
+        self.pattern = re.compile(re.escape(self.prefix) + rb"([0-9]{1,10})\x07")
+        self.mark = mark
+        self.held = b""
+        self.pid: int | None = None
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        """The output without the hello; a tail that may begin it is held back."""
+        if self.done:
+            return data
+        data, self.held = self.held + data, b""
+        found = self.pattern.search(data)
+        mark = data.find(self.mark)
+        if found is not None and (mark < 0 or found.start() < mark):
+            self.done = True
+            pid = int(found.group(1))
+            self.pid = pid if pid > 1 else None
+            return data[: found.start()] + data[found.end() :]
+        if mark >= 0:  # the first prompt came without a hello: no process id, ever
+            self.done = True
+            return data
+        start = data.rfind(b"\x1b")
+        if start >= 0 and len(data) - start <= len(self.prefix) + 11:
+            tail = data[start:]
+            if self.prefix.startswith(tail[: len(self.prefix)]):
+                self.held = tail
+                return data[:start]
+        return data
+
+    def release(self) -> bytes:
+        held, self.held = self.held, b""
+        return held
 
 
 async def decide_all(session: Session, requests: Sequence[Request], notify: Notify | None) -> tuple[Decision, Request]:
@@ -268,7 +351,12 @@ class ChannelHandler:
         self._records: dict[str, StreamRecord] = {}
         # Line mode: decided lines wait here until the target's shell is ready to read a command.
         self._marks: ReadyMarks | None = None
+        self._hello: ShellHello | None = None
         self._ready = False
+        self._in_flight = False  # a line was sent and the shell has not been ready since
+        self._line_done = asyncio.Event()  # set when the shell is ready again after a line
+        self._signals: deque[str] = deque()  # for what the line in flight runs
+        self._signaller: asyncio.Future[None] | None = None
         self._outbox: deque[bytes | None] = deque()  # None: the end of input
         self._outbox_size = 0
         self._space = asyncio.Event()
@@ -457,6 +545,7 @@ class ChannelHandler:
         nonce = secrets.token_hex(8)
         # Without a terminal, the "exit" that bash prints as it ends is no output of the script.
         self._marks = ReadyMarks(READY_MARK.format(nonce).encode(), b"" if self.pty else b"exit\n")
+        self._hello = ShellHello(nonce, self._marks.mark)
         prompt = ("\\u@\\h:\\w\\$ " if self.pty else "") + f"\\e]7373;{nonce}\\a"
         env = {
             **LINE_SHELL_ENV,
@@ -466,7 +555,10 @@ class ChannelHandler:
         }
         assigns = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
         options = "--noprofile --norc --noediting -i" if self.pty else "--noprofile --norc --noediting +H -i"
-        command = f"exec env {assigns} {shlex.quote(self.agent.config.line_shell)} {options}"
+        # First the shell's process id (for signals, see _interrupt), then bash in place of this process.
+        hello = shlex.quote(HELLO.format(nonce).replace("\x1b", "\\033") + "%s\\007")
+        shell = shlex.quote(self.agent.config.line_shell)
+        command = f'printf {hello} "$$"; exec env {assigns} {shell} {options}'
         if not await self._open_upstream(command, raw=False, line_shell=True):
             return
         await self._join(line_mode=True)
@@ -555,6 +647,8 @@ class ChannelHandler:
         finally:
             feed.cancel()
             closed.cancel()
+            if self._signaller is not None:
+                self._signaller.cancel()
             for task in (out, err, feed):
                 if not task.done():
                     task.cancel()
@@ -647,15 +741,17 @@ class ChannelHandler:
                     data = await reader.read(CHUNK)
                 if not data:
                     if marks is not None:
-                        data = marks.end()
+                        data = marks.feed(self._hello.release())[0] if self._hello is not None else b""
+                        data += marks.end()
                         masker = self._masker(stream)
                         self._emit(writer, stream, masker.feed(data) if masker is not None else data)
                     break
                 if marks is not None:
+                    if self._hello is not None and not self._hello.done:
+                        data = self._hello.feed(data)
                     data, ready = marks.feed(data)
                     if ready:
-                        self._ready = True
-                        self._dispatch()
+                        self._shell_ready()
                 masker = self._masker(stream)  # a shell line may have added masks meanwhile
                 self._emit(writer, stream, masker.feed(data) if masker is not None else data)
                 await writer.drain()
@@ -693,10 +789,16 @@ class ChannelHandler:
                     up.change_terminal_size(exc.width, exc.height, exc.pixwidth, exc.pixheight)
                 self.record("resize", {"channel": self.number, "width": exc.width, "height": exc.height})
             except asyncssh.SignalReceived as exc:
+                if self._marks is not None:  # a line shell: never to bash itself (see _interrupt)
+                    self._interrupt(str(exc.signal), key=False)
+                    continue
                 self.record("signal", {"channel": self.number, "signal": exc.signal})
                 with contextlib.suppress(Exception):
                     up.send_signal(exc.signal)
             except asyncssh.BreakReceived as exc:
+                if self._marks is not None:  # a break on a line shell's terminal could interrupt bash
+                    self.record("signal", {"channel": self.number, "signal": "break", "delivered": False})
+                    continue
                 with contextlib.suppress(Exception):
                     up.send_break(exc.msec)
 
@@ -765,11 +867,7 @@ class ChannelHandler:
                     self.process.stdout.write(event.data)
                     self._record_out("stdout", event.data)
                 elif isinstance(event, Signal):
-                    # as a terminal does on ^C, ^Z and ^\: what was typed ahead is dropped
-                    self._outbox.clear()
-                    self._outbox_size = 0
-                    self._space.set()
-                    up.stdin.write(event.char)
+                    self._interrupt(KEY_SIGNALS[event.char], key=True)
                 elif isinstance(event, Eof):
                     if self._ready:
                         await self._send(b"\x04")  # at the prompt: ends the shell
@@ -853,18 +951,133 @@ class ChannelHandler:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Send the next queued line if the target's shell is ready for a command. Called, without awaiting,
-        when a line is queued and when the ready mark comes: a ^C typed after a line cannot overtake it."""
+        """Send the next queued line if the target's shell is ready for a command and no signal for the line
+        before is still on its way. Called, without awaiting, when a line is queued, when the ready mark
+        comes and when a signal's helper has ended."""
         up = self.upstream
-        if not (self._ready and self._outbox) or up is None:
+        if not (self._ready and self._outbox) or up is None or self._signaller is not None:
             return
         data = self._outbox.popleft()
         self._outbox_size -= len(data or b"")
         self._space.set()
         self._ready = False
+        self._in_flight = True
+        self._line_done.clear()
         with contextlib.suppress(Exception):  # a target that went away ends the channel elsewhere
             if data is None:
                 up.stdin.write(b"\x04")
                 up.stdin.write_eof()
             else:
                 up.stdin.write(data)
+
+    # -- signals in line shells ----------------------------------------------------------------
+
+    def _shell_ready(self) -> None:
+        """The ready mark came: the line sent last has ended and bash is about to read a command."""
+        self._ready = True
+        self._in_flight = False
+        self._signals.clear()  # for a line that has ended
+        self._line_done.set()
+        if self._hello is not None:
+            self._hello.done = True  # later output may come from the agent's lines
+        self._dispatch()
+
+    def _interrupt(self, signal: str, *, key: bool) -> None:
+        """^C, ^\\ or ^Z (``key``), or an SSH signal request, in a line shell.
+
+        No signal ever reaches the target's bash, and no ^C byte its terminal: bash interrupted while it reads
+        or parses a line drops what it has taken in so far and runs the rest of what it has read as a command,
+        a rest no rule decided (``echo 'x;rm -rf /srv/app;#'`` cut inside the quotes runs the ``rm``). At the
+        prompt the gateway handles the key itself: the line being typed is dropped and the prompt shown
+        again. While a line runs, a helper on the target signals the program the line started, never bash
+        (:data:`SIGNAL_SCRIPT`), and the next line waits until bash is ready again and the helper has ended.
+        """
+        if key:  # as a terminal does: what was typed ahead is dropped
+            self._outbox.clear()
+            self._outbox_size = 0
+            self._space.set()
+        if signal not in FOREGROUND_SIGNALS:
+            self.record("signal", {"channel": self.number, "signal": signal, "delivered": False})
+            return
+        if not self._in_flight:  # at the prompt (or before it): nothing runs, nothing is sent
+            if not key:
+                self.record("signal", {"channel": self.number, "signal": signal, "delivered": False})
+            elif self.pty:
+                redraw = b"\r\n" + self._prompt
+                self.process.stdout.write(redraw)
+                self._record_out("stdout", redraw)
+            return
+        if len(self._signals) < SIGNALS_QUEUED:
+            self._signals.append(signal)
+        if self._signaller is None:
+            self._signaller = asyncio.ensure_future(self._deliver_signals())
+
+    async def _deliver_signals(self) -> None:
+        signal = ""
+        try:
+            while self._signals and self._in_flight:
+                signal = self._signals.popleft()
+                self.record("signal", {"channel": self.number, "signal": signal})
+                await self._signal_foreground(signal)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the signal is not delivered; nothing reached bash
+            log.warning("ssh channel %s: delivering a signal failed: %s", self.number, exc)
+            await self._write_err(f"lictor: the {signal_text(signal)} could not be delivered on the target\n")
+        finally:
+            self._signaller = None
+            self._dispatch()
+
+    async def _signal_foreground(self, signal: str) -> None:
+        """Run :data:`SIGNAL_SCRIPT` on the target (on the line shell's own upstream connection) until it has
+        signalled, given up, or the line has ended (then its input is closed and it ends within 50 ms)."""
+        pid = self._hello.pid if self._hello is not None else None
+        lease = self.lease
+        if pid is None or lease is None:
+            raise RuntimeError("the line shell's process id is not known")
+        own = "0" if signal == "TSTP" else "1"  # a stopped command substitution would hang bash
+        command = shlex.join(
+            [
+                "exec",
+                self.agent.config.line_shell,
+                "--noprofile",
+                "--norc",
+                "-c",
+                SIGNAL_SCRIPT,
+                "lictor-signal",
+                str(pid),
+                signal,
+                own,
+            ]
+        )
+        helper = await asyncio.wait_for(
+            lease.conn.create_process(command, encoding=None, request_pty=False), SIGNAL_STOP_WAIT
+        )
+        ended = asyncio.ensure_future(helper.wait_closed())
+        line_done = asyncio.ensure_future(self._line_done.wait())
+        try:
+            await asyncio.wait({ended, line_done}, return_when=asyncio.FIRST_COMPLETED)
+            if not ended.done():
+                helper.stdin.write_eof()
+                try:
+                    await asyncio.wait_for(asyncio.shield(ended), SIGNAL_STOP_WAIT)
+                except TimeoutError:  # it can only signal what the shell runs, never the shell: go on
+                    log.warning("ssh channel %s: a signal's helper on the target did not end", self.number)
+                    return
+        finally:
+            line_done.cancel()
+            if not ended.done():
+                ended.cancel()
+                helper.close()
+        status = helper.exit_status
+        if status == 2:
+            await self._write_err(
+                f"lictor: the {signal_text(signal)} was dropped: for 30 s no program of the line was in the"
+                " foreground (bash itself, running a builtin, is never interrupted)\n"
+            )
+        elif status not in (0, 1):
+            raise RuntimeError(f"the signal's helper on the target ended with status {status}")
+
+
+def signal_text(signal: str) -> str:
+    return {"INT": "interrupt (^C)", "QUIT": "quit (^\\)", "TSTP": "suspend (^Z)"}.get(signal, f"signal {signal}")

@@ -3,8 +3,8 @@
 In line mode the target shell never sees keystrokes: the gateway echoes what the agent types, keeps
 the line, and hands over a complete line only when Enter is pressed, so it can be analysed and
 decided before anything reaches the target. Supported keys: printable text (UTF-8), Backspace
-(DEL or ^H), ^U (erase line), ^W (erase word), Enter (CR, LF or CRLF), ^C / ^Z / ^\\ (passed to the
-target as the terminal's interrupt, suspend and quit characters; the line is discarded), ^D (end of
+(DEL or ^H), ^U (erase line), ^W (erase word), Enter (CR, LF or CRLF), ^C / ^Z / ^\\ (interrupt,
+suspend and quit, which the gateway delivers itself; the line is discarded), ^D (end of
 input on an empty line, ignored otherwise). Escape sequences (arrow keys, function keys, bracketed
 paste markers) are swallowed; text pasted with newlines becomes several lines. Other control
 characters ring the bell.

@@ -121,7 +121,8 @@ def requests_for_command(
     ``line``: ``command`` is one line of a line-inspected shell, sent with a newline (see
     :func:`analyse`). ``max_bytes``: longest line the target will read whole (a terminal in
     canonical mode silently cuts longer lines, which would run something else than was decided; it
-    would also take ^C, ^D, ^Z and ^\\ in the line as signals or an end of input, so those are refused).
+    would also take ^D in the line as an end of input, so that is refused, and ^C, ^Z and ^\\ with it,
+    which must never be signals to the shell there).
     ``state``: the :class:`~lictor.shell.ShellState` of the shell this line is sent to."""
     try:
         if max_bytes is not None and len(command.encode("utf-8", "surrogatepass")) > max_bytes:
