@@ -226,6 +226,9 @@ def test_secret_assignment_masks_value_only() -> None:
         == f'"pw": 1, password: "{red("secret_assignment")}" x'
     )
     assert masked("secret_assignment", "postgres://app:pw@db/x") == f"postgres://app:{red('secret_assignment')}@db/x"
+    # an element of an array's text form keeps its closing brace; a brace inside a value is masked with it
+    assert masked("secret_assignment", "{app.api_key=k3y}") == f"{{app.api_key={red('secret_assignment')}}}"
+    assert masked("secret_assignment", "token=a}b}") == f"token={red('secret_assignment')}}}"
 
 
 def test_aws_secret_needs_its_key_name() -> None:

@@ -173,6 +173,17 @@ def test_value_run_cut_inside_a_multibyte_character() -> None:
         assert stream_chunks(plan, [data[:i], data[i:]]) == whole, i
 
 
+def test_value_run_cut_after_a_brace_it_may_take() -> None:
+    # a } is part of an unquoted value when a character other than white space, a comma or } follows it: a
+    # chunk that ends on it cannot tell yet (also far past where the detector's pattern matched)
+    plan = MaskPlan.compile([{"detectors": ["secret_assignment"]}])
+    data = b"{password=" + b"a" * 300 + b"}b}cd} password=e} x"
+    whole = plan.mask_bytes(data)
+    assert whole[0] == b"{password=[REDACTED:secret_assignment]} password=[REDACTED:secret_assignment]} x"
+    for i in range(len(data) + 1):
+        assert stream_chunks(plan, [data[:i], data[i:]]) == whole, i
+
+
 def test_pem_block_held_until_complete() -> None:
     plan = MaskPlan.compile([{"detectors": ["private_key"]}])
     stream = plan.stream()

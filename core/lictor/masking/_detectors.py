@@ -225,7 +225,8 @@ _BUILTINS = (
         r"(?:\"([^\"\r\n])|'([^'\r\n])|([^\s\"',;&]))"
         r"|://[!-.0-9;-?A-~]{1,32}:([!-.0-?A-~]{1,64})@",
         groups=(1, 2, 3, 4),
-        extend=(r"[^\"\r\n]*", r"[^'\r\n]*", r"[^\s\"',;&]*", None),
+        # } ends an unquoted value before white space, a comma, } or the end (an element of an array's text form)
+        extend=(r"[^\"\r\n]*", r"[^'\r\n]*", r"(?:[^\s\"',;&}]|\}[^\s\"',;&}])*", None),
         extend_limit=SECRET_LIMIT,
     ),
     _builtin(
