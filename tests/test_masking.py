@@ -231,6 +231,37 @@ def test_secret_assignment_masks_value_only() -> None:
     assert masked("secret_assignment", "token=a}b}") == f"token={red('secret_assignment')}}}"
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # libpq's key=value form: unquoted up to white space (a backslash escapes the next character), or quoted
+        # with \' and \\ inside; secret_assignment stops at , ; & and at the first quote
+        ("host=db port=5432 password=a,b;c&d user=x", "host=db port=5432 password={r} user=x"),
+        ("host=db password = 'a b' user=x", "host=db password = '{r}' user=x"),
+        ("host=db password='a \\'b c' user=x", "host=db password='{r}' user=x"),
+        ("password=a\\ b user=x", "password={r} user=x"),
+        ("sslpassword=k3y sslmode=require", "sslpassword={r} sslmode=require"),
+        # an array's text form (pg_db_role_setting.setconfig) doubles the backslash: masked past it
+        ("{\"app.dsn=host=db password='x \\\\'y z'\"}", "{\"app.dsn=host=db password='{r}'\"}"),
+        # an unquoted array element ends at } or , (psql's \\drds, pg_dump read setconfig arrays): still an array
+        ("{app.dsn=password=x}y,search_path=z}", "{app.dsn=password={r}}"),
+        ('{"x password=a b",y}', '{"x password={r} b",y}'),
+        ("password=a}b c", "password={r} c"),
+        # URIs, with a long user name and a password of characters secret_assignment stops at
+        ("postgresql://" + "u" * 40 + ":p,q;r@db/app", "postgresql://" + "u" * 40 + ":{r}@db/app"),
+        ("jdbc:postgresql://app:pw@db/x?sslmode=require", "jdbc:postgresql://app:{r}@db/x?sslmode=require"),
+        # neither a password nor a port
+        ("postgresql://db:5432/app password", "postgresql://db:5432/app password"),
+        ("password_encryption = scram-sha-256", "password_encryption = scram-sha-256"),
+    ],
+)
+def test_conninfo_password_masks_the_value_as_libpq_reads_it(text: str, expected: str) -> None:
+    r = red("conninfo_password")
+    assert masked("conninfo_password", text) == expected.replace("{r}", r)
+    # beside secret_assignment (the masking pack's), the connection-string reading wins where both match
+    assert plan_for("secret_assignment", "conninfo_password").mask_text(text)[0] == expected.replace("{r}", r)
+
+
 def test_aws_secret_needs_its_key_name() -> None:
     secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
     assert masked("aws_secret_access_key", f"aws_secret_access_key = {secret}") == (

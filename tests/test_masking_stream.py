@@ -168,18 +168,19 @@ def test_value_run_cut_inside_a_multibyte_character() -> None:
     plan = PLANS["redact"]
     data = ("password=" + "h" * 200 + "-naïve café").encode()
     whole = plan.mask_bytes(data)
-    assert whole[0] == b"password=[REDACTED:secret_assignment] caf\xc3\xa9"
+    assert whole[0] == b"password=[REDACTED:conninfo_password] caf\xc3\xa9"
     for i in range(len(data) + 1):
         assert stream_chunks(plan, [data[:i], data[i:]]) == whole, i
 
 
-def test_value_run_cut_after_a_brace_it_may_take() -> None:
+@pytest.mark.parametrize("detector", ["conninfo_password", "secret_assignment"])
+def test_value_run_cut_after_a_brace_it_may_take(detector: str) -> None:
     # a } is part of an unquoted value when a character other than white space, a comma or } follows it: a
     # chunk that ends on it cannot tell yet (also far past where the detector's pattern matched)
-    plan = MaskPlan.compile([{"detectors": ["secret_assignment"]}])
+    plan = MaskPlan.compile([{"detectors": [detector]}])
     data = b"{password=" + b"a" * 300 + b"}b}cd} password=e} x"
     whole = plan.mask_bytes(data)
-    assert whole[0] == b"{password=[REDACTED:secret_assignment]} password=[REDACTED:secret_assignment]} x"
+    assert whole[0] == f"{{password=[REDACTED:{detector}]}} password=[REDACTED:{detector}]}} x".encode()
     for i in range(len(data) + 1):
         assert stream_chunks(plan, [data[:i], data[i:]]) == whole, i
 

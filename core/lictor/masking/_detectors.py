@@ -49,7 +49,7 @@ _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 RESERVED_LABELS = frozenset({"column", "path"})
 _BUILTIN_NAMES = frozenset(
     {
-        "private_key", "jwt", "aws_access_key_id", "github_token", "slack_token", "stripe_key",
+        "private_key", "jwt", "aws_access_key_id", "github_token", "slack_token", "stripe_key", "conninfo_password",
         "secret_assignment", "aws_secret_access_key", "card", "iban", "ssn", "email", "ipv6", "ipv4", "phone",
     }
 )  # fmt: skip
@@ -218,6 +218,21 @@ _BUILTINS = (
         r"\b(?:(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{10}|whsec_[A-Za-z0-9]{24})",
         extend=(r"[A-Za-z0-9]*",),
         extend_limit=TOKEN_LIMIT,
+    ),
+    _builtin(
+        "conninfo_password",
+        # libpq connection strings (primary_conninfo, a subscription's, a setting holding one): the value of
+        # password= (and sslpassword=), quoted ('...' with \' and \\ inside) or up to white space (\ escapes the
+        # next character), and the password of a URI's user:password@. An array's or JSON's text doubles
+        # backslashes: \\' is taken as an escaped quote too, which masks more, never less. Before
+        # secret_assignment, which stops an unquoted value at , ; & and a quoted one at the first quote.
+        r"(?i:password)[ \t\r\n\f\v]{0,16}=[ \t\r\n\f\v]{0,16}(?:'((?s:[^'\\]|\\{1,2}.))|((?s:[^\s'\\]|\\{1,2}.)))"
+        r"|\b[A-Za-z][A-Za-z0-9+.-]{0,31}://[^\s:@/]{0,128}:([^\s@/]{1,128})@",
+        groups=(1, 2, 3),
+        # an unquoted value is not taken to end in " or } before white space, a comma, } or the end: those close
+        # an element of an array's text form ({app.dsn=password=x}), which stays well-formed
+        extend=(r"(?s:[^'\\]|\\{1,2}.)*", r"(?s:[^\s\\\"}]|\\{1,2}.|[\"}][^\s,}])*", None),
+        extend_limit=SECRET_LIMIT,
     ),
     _builtin(
         "secret_assignment",

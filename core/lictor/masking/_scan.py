@@ -127,7 +127,7 @@ class _Extension:
             end = self.match(ANCHOR_START, data, start, endpos)[0][1] if start < endpos else start
             # The run may go on in the next chunk: it reached the end of the buffer, or it
             # stopped at what may be only the first bytes of a multi-byte character, or at the last
-            # byte, which a two-byte alternative may take with the next one (} in secret_assignment).
+            # byte, which a two-byte alternative may take with the next one (} in secret_assignment, conninfo_password).
             if not complete and (end >= n - 1 or (data[end] >= 0x80 and n - end < 4)):
                 return -1
             if end > e:
