@@ -783,3 +783,94 @@ def test_functional_notation_is_a_function_call(sql: str, function: str) -> None
     assert function in st.functions
     assert st.dynamic_sql == (function == "ts_stat")
     assert st.modifies == (function in ("ts_stat", "pg_try_advisory_lock"))
+
+
+SETTINGS_READ: list[tuple[str, set[str]]] = [
+    ("SHOW primary_conninfo", {"primary_conninfo"}),
+    ("SHOW ALL", {"all"}),
+    ("SHOW TRANSACTION ISOLATION LEVEL", {"transaction_isolation"}),
+    (
+        "SELECT current_setting('Primary_Conninfo'), pg_catalog.current_setting('app.dsn', true)",
+        {"primary_conninfo", "app.dsn"},
+    ),
+    ("SELECT current_setting($1)", {"all"}),
+    ("SELECT current_setting(name) FROM t", {"all"}),
+    ("SELECT ('primary_conninfo'::text).current_setting", {"all"}),
+    ("SELECT setting FROM pg_settings WHERE name = 'primary_conninfo'", {"primary_conninfo"}),
+    (
+        "SELECT s.setting FROM pg_catalog.pg_settings s WHERE s.name IN ('work_mem', 'shared_buffers') AND true",
+        {"work_mem", "shared_buffers"},
+    ),
+    ("SELECT setting FROM pg_settings WHERE name = 'work_mem' OR true", {"all"}),
+    ("SELECT setting FROM pg_settings", {"all"}),
+    ("SELECT * FROM pg_settings s, pg_class c WHERE s.name = 'work_mem'", {"all"}),
+    ("SELECT * FROM pg_show_all_settings()", {"all"}),
+    ("SELECT setconfig FROM pg_db_role_setting", {"all"}),
+    ("SELECT * FROM pg_file_settings", {"all"}),
+    ("DO $$ BEGIN RAISE NOTICE '%', current_setting('primary_conninfo'); END $$", {"primary_conninfo"}),
+    ("SELECT subconninfo FROM pg_subscription", set()),
+    ("SELECT setting FROM myschema.pg_settings", set()),
+    ("WITH pg_settings AS (SELECT 1 AS setting) SELECT setting FROM pg_settings", set()),
+    ("SET work_mem = '64MB'", set()),
+]
+
+
+@pytest.mark.parametrize(("sql", "names"), SETTINGS_READ)
+def test_settings_whose_values_a_statement_reads(sql: str, names: set[str]) -> None:
+    assert set().union(*(st.settings_read for st in classify(sql))) == names, sql
+
+
+TRANSFORMING_SETTINGS = [
+    "SELECT reverse(current_setting('primary_conninfo'))",
+    "SELECT encode(convert_to(current_setting('primary_conninfo'), 'UTF8'), 'hex')",
+    "SELECT current_setting('primary_conninfo')::int",
+    "SELECT current_setting('primary_conninfo')::varchar(8)",
+    "SELECT row(current_setting('primary_conninfo'))",
+    "SELECT reverse(setting) FROM pg_settings WHERE name = 'primary_conninfo'",
+    "SELECT name, translate(boot_val, 'a', 'b') FROM pg_catalog.pg_settings",
+    "SELECT reverse(a.setting) FROM pg_show_all_settings() a",
+    "SELECT reverse(v) FROM current_setting('primary_conninfo') v",
+    "SELECT (SELECT reverse(t.v)) FROM (SELECT current_setting('primary_conninfo') v) t",
+    "WITH c AS (SELECT setting AS v FROM pg_settings) SELECT reverse(v) FROM c",
+    "SELECT reverse(s::text) FROM pg_db_role_setting s",
+    "SELECT row_to_json(s.*) FROM pg_db_role_setting s",
+    "SELECT setconfig[1] FROM pg_db_role_setting",
+    "SELECT reverse(array_to_string(setconfig, ',')) FROM pg_db_role_setting",
+    "SELECT array_to_string(setconfig, name) FROM pg_db_role_setting, t",
+    "SELECT reverse(subconninfo) FROM pg_subscription",
+    "SELECT reverse(u) FROM pg_db_role_setting s, unnest(s.setconfig) u",
+    "SELECT reverse(c) FROM (SELECT subconninfo AS c FROM pg_catalog.pg_subscription) s",
+    "SELECT 1 WHERE set_config('application_name', current_setting('primary_conninfo'), false) IS NOT NULL",
+    "DO $$ DECLARE x text := current_setting('primary_conninfo'); BEGIN RAISE NOTICE '%', reverse(x); END $$",
+]
+NOT_TRANSFORMING_SETTINGS = [
+    "SHOW primary_conninfo",
+    "SELECT current_setting('primary_conninfo'), current_setting('primary_conninfo')::text AS c",
+    "SELECT coalesce(current_setting('app.dsn', true), ''), length(current_setting('primary_conninfo'))",
+    "SELECT * FROM current_setting('primary_conninfo') v",
+    "SELECT name, setting, COALESCE(unit, ''), short_desc, vartype FROM pg_settings WHERE vartype IN ('bool', 'integer')",
+    # psql's \dconfig+, \drds and \dRs+, pg_dump's database settings and its set-up
+    "SELECT s.name, pg_catalog.current_setting(s.name), s.vartype, pg_catalog.array_to_string(p.paracl, E'\\n') "
+    "FROM pg_catalog.pg_settings s LEFT JOIN pg_catalog.pg_parameter_acl p ON pg_catalog.lower(s.name) = p.parname",
+    "SELECT rolname, datname, pg_catalog.array_to_string(setconfig, E'\\n') FROM pg_catalog.pg_db_role_setting s "
+    "LEFT JOIN pg_catalog.pg_database d ON d.oid = setdatabase LEFT JOIN pg_catalog.pg_roles r ON r.oid = setrole",
+    "SELECT subname, pg_catalog.pg_get_userbyid(subowner), subconninfo FROM pg_catalog.pg_subscription",
+    "SELECT unnest(setconfig) FROM pg_db_role_setting WHERE setrole = 0 AND setdatabase = '16384'::oid",
+    "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings WHERE name = 'restrict_nonsystem_relation_kind'",
+    "EXPLAIN SELECT reverse(current_setting('primary_conninfo'))",
+    # a subquery in FROM that reads no setting passes none on (SQLAlchemy's reflection of tables)
+    "SELECT CASE WHEN a.amname != current_setting($1) THEN a.amname END, i.names FROM pg_class c "
+    "JOIN pg_am a ON c.relam = a.oid LEFT JOIN (SELECT inhrelid, array_agg(relname) AS names FROM pg_inherits "
+    "JOIN pg_class ON inhparent = pg_class.oid GROUP BY inhrelid) i ON c.oid = i.inhrelid",
+    "SELECT reverse(email) FROM customers",
+]
+
+
+@pytest.mark.parametrize("sql", TRANSFORMING_SETTINGS)
+def test_values_computed_from_settings_are_transforms(sql: str) -> None:
+    assert any(st.transforms_settings for st in classify(sql)), sql
+
+
+@pytest.mark.parametrize("sql", NOT_TRANSFORMING_SETTINGS)
+def test_settings_as_they_are_are_not(sql: str) -> None:
+    assert not any(st.transforms_settings for st in classify(sql)), sql

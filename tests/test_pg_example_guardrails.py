@@ -23,6 +23,10 @@ pytestmark = pytest.mark.timeout(120)
 
 EXAMPLE_PACKS = ROOT / "examples" / "postgres" / "rulepacks"
 PASSWORD = "hunter2-" + os.urandom(4).hex()
+# A standby's connection string, as a human would set it (this server is no standby: the setting only sits
+# there, readable by a superuser): a quoted password with characters secret_assignment stops at.
+REPLICATION_PASSWORD = "r3p,l;" + os.urandom(4).hex()
+PRIMARY_CONNINFO = f"host=primary.internal user=replicator password='{REPLICATION_PASSWORD} x' sslmode=prefer"
 
 
 class Env:
@@ -66,7 +70,11 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     require(shutil.which("psql") is not None, "psql is not installed")
     work: Path = tmp_path_factory.mktemp("pg-example")
-    settings = {"shared_preload_libraries": "'pg_stat_statements'", "pg_stat_statements.track_utility": "on"}
+    settings = {
+        "shared_preload_libraries": "'pg_stat_statements'",
+        "pg_stat_statements.track_utility": "on",
+        "primary_conninfo": "'" + PRIMARY_CONNINFO.replace("'", "''") + "'",
+    }
     with running_cluster(settings=settings) as cluster:
         cluster.execute("CREATE DATABASE app")
         cluster.execute(
@@ -145,6 +153,110 @@ def test_other_sessions_statements_come_back_with_passwords_masked(env: Env) -> 
             assert PASSWORD not in proc.stdout, proc
         finally:
             human.execute("DROP ROLE report_user")
+
+
+def test_settings_that_hold_passwords_come_back_masked_and_cannot_be_computed_over(env: Env) -> None:
+    import psycopg
+
+    # Where a password sits in settings: the server's primary_conninfo, a database's and a role's settings
+    # (ALTER DATABASE/ROLE ... SET: pg_db_role_setting, and current_setting() in their sessions), a subscription.
+    env.cluster.execute(f"ALTER DATABASE app SET app.dsn = 'postgresql://report:{PASSWORD}@db.internal/app'")
+    env.cluster.execute(f"ALTER ROLE postgres IN DATABASE app SET app.secret = 'password={PASSWORD}'")
+    env.cluster.execute(
+        f"CREATE SUBSCRIPTION mirror CONNECTION 'host=127.0.0.1 port=1 dbname=app password={PASSWORD}' "
+        "PUBLICATION p WITH (connect = false)",
+        dbname="app",
+    )
+    secrets = (PASSWORD, REPLICATION_PASSWORD, REPLICATION_PASSWORD[::-1])
+    try:
+        for role in ("readonly", "writer", "dba"):
+            with env.connect(role) as conn:
+                # the same statements with other constants first: what they read is not what these read
+                conn.execute("SELECT current_setting('search_path')")
+                conn.execute("SELECT setting FROM pg_settings WHERE name = 'work_mem'")
+                for sql in (
+                    "SHOW primary_conninfo",
+                    "SELECT current_setting('primary_conninfo')",
+                    "SELECT setting FROM pg_settings WHERE name = 'primary_conninfo'",
+                ):
+                    ((value,),) = conn.execute(sql).fetchall()
+                    assert value.startswith("host=primary.internal user=replicator password='"), (sql, value)
+                    assert value.endswith("' sslmode=prefer") and "[REDACTED:conninfo_password]" in value, value
+                    assert not any(secret in value for secret in secrets), (sql, value)
+                for sql in (
+                    "SHOW ALL",
+                    "SELECT * FROM pg_settings",
+                    "SELECT * FROM pg_show_all_settings()",
+                    "SELECT current_setting('app.dsn'), current_setting('app.secret')",
+                    "SELECT setdatabase, setconfig FROM pg_db_role_setting",
+                    "SELECT unnest(setconfig) FROM pg_db_role_setting",
+                    "SELECT subname, subconninfo FROM pg_subscription",
+                ):
+                    rows = conn.execute(sql).fetchall()
+                    assert rows and not any(secret in str(rows) for secret in secrets), (sql, rows)
+                assert "db.internal" in str(conn.execute("SELECT current_setting('app.dsn')").fetchall())
+                # ordinary settings come back as they are, computed over or not (no mask applies: the session
+                # is not masked by them)
+                assert conn.execute("SHOW search_path").fetchone() == ('"$user", public',)
+                assert conn.execute(
+                    "SELECT setting::int * 8192 FROM pg_settings WHERE name = 'shared_buffers'"
+                ).fetchone() == (16 * 1024 * 1024,)
+                for sql in (
+                    "SELECT reverse(current_setting('primary_conninfo'))",
+                    "SELECT encode(convert_to(current_setting('primary_conninfo'), 'UTF8'), 'hex')",
+                    "SELECT reverse(setting) FROM pg_settings WHERE name = 'primary_conninfo'",
+                    "SELECT name, translate(setting, 'abc', 'ABC') FROM pg_settings",
+                    "SELECT reverse(v) FROM current_setting('primary_conninfo') v",
+                    "SELECT reverse(array_to_string(setconfig, ',')) FROM pg_db_role_setting",
+                    "SELECT set_config('application_name', current_setting('primary_conninfo'), false)",
+                    "SELECT reverse(c) FROM (SELECT subconninfo AS c FROM pg_subscription) s",
+                ):
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                        conn.execute(sql)
+                    assert "come back with passwords masked" in str(info.value), (sql, info.value)
+                assert conn.execute("SHOW application_name").fetchone() != (PRIMARY_CONNINFO,)
+        with env.connect("dba") as conn:
+            for sql in (
+                "CREATE TABLE seen AS SELECT current_setting('primary_conninfo') AS c",
+                "CREATE TABLE seen AS SELECT name, setting FROM pg_settings",
+                "CREATE VIEW seen AS SELECT setconfig FROM pg_db_role_setting",
+                "CREATE TABLE seen AS SELECT subconninfo FROM pg_subscription",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(sql)
+            # the error of a cast while the statement ran would print the value: computing, denied before it runs
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT current_setting('primary_conninfo')::int")
+        assert env.cluster.execute("SELECT count(*) FROM pg_class WHERE relname = 'seen'", dbname="app") == [(0,)]
+        # psql's \dconfig, \drds and \dRs+ and pg_dump read them, and show them masked
+        for command, expected in (
+            ("\\dconfig *conninfo*", "host=primary.internal"),
+            ("\\dconfig+ primary_conninfo", "password='[REDACTED:conninfo_password]' sslmode=prefer"),
+            ("\\drds", "app.dsn=postgresql://report:[REDACTED:conninfo_password]@db.internal/app"),
+            ("\\dRs+", "mirror"),
+        ):
+            proc = env.psql("readonly", command)
+            assert proc.returncode == 0 and expected in proc.stdout, (command, proc)
+            assert not any(secret in proc.stdout for secret in secrets), proc
+        require(shutil.which("pg_dump") is not None, "pg_dump is not installed")
+        environ = {**os.environ, "PGPASSWORD": env.tokens["readonly"], "PGSSLMODE": "disable"}
+        proc = subprocess.run(
+            ["pg_dump", "-h", "127.0.0.1", "-p", str(env.port), "-U", "agent-readonly", "-d", "app", "-C", "-s"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env=environ,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert (
+            "CREATE SUBSCRIPTION mirror CONNECTION 'host=127.0.0.1 port=1 dbname=app password=[REDACTED" in proc.stdout
+        )
+        assert 'ALTER DATABASE app SET "app.dsn" TO' in proc.stdout, proc.stdout
+        assert not any(secret in proc.stdout for secret in secrets), proc.stdout
+    finally:
+        env.cluster.execute("ALTER SUBSCRIPTION mirror SET (slot_name = NONE); DROP SUBSCRIPTION mirror", dbname="app")
+        env.cluster.execute("ALTER ROLE postgres IN DATABASE app RESET ALL; ALTER DATABASE app RESET ALL")
 
 
 def test_a_dba_opens_no_connection_or_directory_of_the_server_to_carry_data_out(env: Env) -> None:

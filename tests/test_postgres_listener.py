@@ -211,6 +211,17 @@ def test_classification_reused_only_when_constants_do_not_matter(tmp_path: Path)
     dropped = listener.classify("app", "db", "SELECT round(card, -4) FROM customers")
     assert not kept.requests[0].attrs["transforms_data"]
     assert dropped.requests[0].attrs["transforms_data"]
+    # The setting a statement reads is a constant: current_setting('search_path') must not vouch for
+    # current_setting('primary_conninfo'), nor pg_settings WHERE name = 'work_mem' for another name.
+    for harmless, secret in (
+        ("SELECT current_setting('search_path')", "SELECT current_setting('primary_conninfo')"),
+        (
+            "SELECT setting FROM pg_settings WHERE name = 'work_mem'",
+            "SELECT setting FROM pg_settings WHERE name = 'primary_conninfo'",
+        ),
+    ):
+        assert listener.classify("app", "db", harmless).requests[0].attrs["settings_read"] != {"primary_conninfo"}
+        assert listener.classify("app", "db", secret).requests[0].attrs["settings_read"] == {"primary_conninfo"}
     # A LIMIT is an attribute rules can match.
     small = listener.classify("app", "db", "SELECT * FROM t LIMIT 5")
     big = listener.classify("app", "db", "SELECT * FROM t LIMIT 50000")

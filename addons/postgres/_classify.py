@@ -125,6 +125,19 @@ class Statement:
     """Types of the objects that DDL, GRANT or COMMENT statements (nested ones included) create, alter, drop,
     rename or name: ``table``, ``function``, ``foreign_server``, ``user_mapping``, ``subscription``,
     ``tablespace``, ``fdw``..."""
+    settings_read: frozenset[str] = frozenset()
+    """Run-time parameters whose values the statement reads, lower-cased: ``SHOW name``, ``current_setting('name')``,
+    ``pg_settings`` with ``WHERE name = 'name'``; ``all`` for ``SHOW ALL``, a name that is not a constant, and any
+    other read of ``pg_settings``, ``pg_show_all_settings()``, ``pg_file_settings`` or ``pg_db_role_setting``
+    (roles' and databases' settings)."""
+    transforms_settings: bool = False
+    """An output computes over a setting's value or a subscription's connection string instead of returning it
+    as it is: a function, operator or cast over ``current_setting()``, ``pg_settings.setting``,
+    ``pg_db_role_setting.setconfig`` or ``pg_subscription.subconninfo`` (``reverse(current_setting('x'))``,
+    ``setting::int``), also a new value of ``set_config`` taken from one, anywhere. The value itself,
+    ``current_setting(name)`` of any name, ``unnest`` or ``array_to_string`` of such an array with constant
+    separators (psql's ``\\drds``, pg_dump's database settings) and other columns do not count; where a
+    statement reads those relations through a subquery, CTE or function in FROM, any column may be one of them."""
 
 
 READ_ONLY_GUCS = frozenset({"default_transaction_read_only", "transaction_read_only"})
@@ -683,6 +696,104 @@ _DATA_CATALOGS = frozenset(
 )
 
 
+# Relations whose rows hold settings' values or connection strings (passwords in libpq's conninfo, in a
+# custom setting), and their columns that hold them (Statement.transforms_settings).
+_SETTING_RELATIONS = frozenset({"pg_settings", "pg_file_settings", "pg_db_role_setting", "pg_subscription"})
+_SETTING_COLUMNS = frozenset({"setting", "reset_val", "boot_val", "setconfig", "subconninfo"})
+# Functions that return settings' values: current_setting(name), the function behind pg_settings.
+_SETTING_FUNCTIONS = frozenset({"current_setting", "pg_show_all_settings"})
+# Calls that return the elements of an array as they are: psql's \drds array_to_string(setconfig, E'\n'),
+# pg_dump's unnest(setconfig). With constant separators, each element (a name=value) stays whole.
+_ELEMENT_CALLS = frozenset({"unnest", "array_to_string"})
+_A_SETTING = {"ColumnRef": {"fields": [{"String": {"sval": "setting"}}]}}
+
+
+def _setting_source(node: Any, derived: bool, aliases: frozenset[str]) -> bool:
+    """Whether an expression may hold a setting's value or a connection string (see
+    Statement.transforms_settings) in a statement that reads some: a call of current_setting() or
+    pg_show_all_settings(), a column of _SETTING_COLUMNS, a whole row of a relation of _SETTING_RELATIONS, ``*``,
+    a subquery, or any column when ``derived``: a subquery, CTE or function in FROM of the statement may pass one
+    on under another name (FROM current_setting('x') v, see :func:`_carries_settings`)."""
+    for item in _dicts(node):
+        call = item.get("FuncCall")
+        if isinstance(call, dict) and _call_name(call) in _SETTING_FUNCTIONS:
+            return True
+        indirection = item.get("A_Indirection")
+        if isinstance(indirection, dict) and any(
+            _field_name(f) in _SETTING_FUNCTIONS for f in indirection.get("indirection", ())
+        ):
+            return True  # ('primary_conninfo'::text).current_setting
+        if "SubLink" in item or "A_Star" in item:
+            return True
+        ref = item.get("ColumnRef")
+        if isinstance(ref, dict):
+            names = [_field_name(f) for f in ref.get("fields", ())]
+            if derived or (names and names[-1] in _SETTING_COLUMNS) or (len(names) == 1 and names[0] in aliases):
+                return True
+    return False
+
+
+def _carries_settings(node: Any, aliases: frozenset[str]) -> bool:
+    """Whether a subquery, CTE or function in FROM may pass a setting's value or a connection string on under
+    another name: it calls current_setting() or pg_show_all_settings(), reads a relation of _SETTING_RELATIONS,
+    or refers to a column of _SETTING_COLUMNS or to one of those relations (LATERAL unnest(s.setconfig))."""
+    for item in _dicts(node):
+        call = item.get("FuncCall")
+        if isinstance(call, dict) and _call_name(call) in _SETTING_FUNCTIONS:
+            return True
+        indirection = item.get("A_Indirection")
+        if isinstance(indirection, dict) and any(
+            _field_name(f) in _SETTING_FUNCTIONS for f in indirection.get("indirection", ())
+        ):
+            return True
+        relation = str(item.get("relname", ""))
+        if relation in _SETTING_RELATIONS and item.get("schemaname") in (None, "pg_catalog"):
+            return True
+        ref = item.get("ColumnRef")
+        if isinstance(ref, dict):
+            names = [_field_name(f) for f in ref.get("fields", ())]
+            if names and (names[-1] in _SETTING_COLUMNS or names[0] in aliases):
+                return True
+    return False
+
+
+def _settings_as_columns(node: Any) -> Any:
+    """A copy of an expression with the calls that return a setting's value as it is replaced by a column:
+    current_setting(...), pg_show_all_settings(), unnest(column) and array_to_string(column, constant...).
+    :func:`_plain_output` then tells a value as it is from one computed over."""
+    if isinstance(node, list):
+        return [_settings_as_columns(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    call = node.get("FuncCall")
+    if isinstance(call, dict) and len(node) == 1:
+        name = _call_name(call)
+        args = call.get("args") or ()
+        if name in _SETTING_FUNCTIONS:
+            return _A_SETTING
+        if name in _ELEMENT_CALLS and args and not any(k in call for k in ("agg_order", "agg_filter", "over")):
+            first, *rest = args
+            inner = _settings_as_columns(first)
+            column = isinstance(inner, dict) and "ColumnRef" in inner and not _is_star(inner)
+            if column and len(rest) <= (2 if name == "array_to_string" else 0) and all(_untyped(a) for a in rest):
+                return _A_SETTING
+    return {key: _settings_as_columns(value) for key, value in node.items()}
+
+
+def _output_expressions(body: _Node) -> Iterator[Any]:
+    """The output expressions of a statement or clause body (as :func:`_plain_outputs` reads them)."""
+    pending = [body]
+    while pending:
+        part = pending.pop()
+        for field in ("targetList", "returningList", "values", "params"):
+            yield from part.get(field) or ()
+        for row in part.get("valuesLists") or ():
+            yield from row.get("List", {}).get("items", ())
+        pending.extend(
+            p for p in (part.get("larg"), part.get("rarg"), part.get("onConflictClause")) if isinstance(p, dict)
+        )
+
+
 def _reads_data(node: Any) -> bool:
     """Whether an expression reads stored data: a column, a whole row, a subquery or a large object."""
     for item in _dicts(node):
@@ -1119,6 +1230,14 @@ class _Analysis:
         self.transforms = False  # an output expression computes from stored data (see transforms_data)
         # set_config() name arguments (by node identity) that a WHERE pins to these setting names
         self.pinned_names: dict[int, list[str]] = {}
+        # settings' values read (Statement.settings_read), and what transforms_settings is decided from
+        self.settings_read: set[str] = set()
+        self.pinned_reads: dict[int, list[str]] = {}  # pg_settings in FROM (by node identity), its rows pinned
+        self.setting_relations = False  # a relation of _SETTING_RELATIONS, or pg_show_all_settings(), is read
+        self.setting_aliases: set[str] = set()  # their names and aliases (a whole row: reverse(s::text))
+        self.derived: list[Any] = []  # subqueries, CTEs and functions in FROM
+        self.output_bodies: list[tuple[str, _Node]] = []
+        self.new_setting_values: list[Any] = []  # set_config's new values
         self.root_kind: str | None = None
 
     # -- entry points ---------------------------------------------------------------------------------
@@ -1211,6 +1330,8 @@ class _Analysis:
         elif key in ("A_Const", "String", "Integer", "Float", "Boolean", "ParamRef", "TypeName", "A_Star"):
             pass
         elif key in _OUTPUT_CLAUSES:
+            if key in ("RangeFunction", "RangeTableFunc", "JsonTable"):
+                self.derived.append(body)
             if key == "RangeFunction":
                 self._function_alias(body)
             self._outputs(key, body)
@@ -1218,6 +1339,8 @@ class _Analysis:
         elif key.endswith("Stmt"):
             self._statement(key, body, ctes, stack, depth, text, is_root)
         else:
+            if key == "RangeSubselect":
+                self.derived.append(body)
             self._push_children(body, ctes, flags, stack)
 
     def _function_alias(self, body: _Node) -> None:
@@ -1237,6 +1360,7 @@ class _Analysis:
     def _outputs(self, key: str, body: _Node) -> None:
         """Note an output expression (target, RETURNING or VALUES list, function in FROM) that computes
         from stored data."""
+        self.output_bodies.append((key, body))
         if self.transforms:
             return
         if key in ("RangeFunction", "RangeTableFunc", "JsonTable"):
@@ -1258,6 +1382,14 @@ class _Analysis:
         # recorded without it, so that rules on schema.table (pg_catalog.*) see it
         parts = [p for p in (schema, name) if p]
         target.add(".".join(parts).lower())
+        if name in _SETTING_RELATIONS and schema in (None, "pg_catalog"):
+            self.setting_relations = True
+            alias = (rv.get("alias") or {}).get("aliasname")
+            self.setting_aliases.add(str(alias or name).lower())
+            if name == "pg_settings":
+                self.settings_read.update(self.pinned_reads.get(id(rv), ["all"]))
+            elif name != "pg_subscription":
+                self.settings_read.add("all")
 
     def _func_call(self, body: _Node, depth: int) -> None:
         names = _names(body.get("funcname", ()))
@@ -1265,6 +1397,8 @@ class _Analysis:
             return
         bare = names[-1].lower()
         self._add_function(names)
+        if bare in _SETTING_FUNCTIONS:
+            self._setting_call(bare, body.get("args") or [])
         if bare == "set_config":
             self._set_config(body.get("args", []))
         elif bare in RELATION_READING_FUNCTIONS:
@@ -1303,6 +1437,47 @@ class _Analysis:
         """A function called in functional notation ((x).name, alias.name): counted as called, so that
         function rules and the checks by name (SQL-running, modifying, data-reading) see it."""
         self._add_function([name])
+        if name in _SETTING_FUNCTIONS:
+            self._setting_call(name, [])
+
+    def _setting_call(self, name: str, args: list[_Node]) -> None:
+        """current_setting('name') reads that setting; of a name that is not a constant, any (also
+        pg_show_all_settings(), every setting)."""
+        if name == "pg_show_all_settings":
+            self.setting_relations = True  # a function in FROM, whose columns are then any column
+        first = args[0] if args else None
+        if isinstance(first, dict) and "NamedArgExpr" in first:
+            first = None
+        value = _sval(first) if name == "current_setting" and first is not None else None
+        self.settings_read.add(value.strip().lower() if value is not None else "all")
+
+    def transforms_settings(self) -> bool:
+        """See Statement.transforms_settings."""
+        if not (self.settings_read or self.setting_relations):
+            return False
+        aliases = frozenset(self.setting_aliases)
+        derived = any(_carries_settings(body, aliases) for body in self.derived)
+
+        def source(node: Any) -> bool:
+            return _setting_source(node, derived, aliases)
+
+        if self.languages:
+            return True  # a DO block's or a function's variables carry a value where no output shows it
+        if any(source(value) for value in self.new_setting_values):
+            return True  # a setting keeps it for later statements to show, under a name no rule masks
+        for key, body in self.output_bodies:
+            if key == "RangeFunction":
+                items = [item.get("List", {}).get("items", ()) for item in body.get("functions", ())]
+                expressions: list[Any] = [parts[0] for parts in items if parts]
+            elif key in _OUTPUT_STATEMENTS:
+                expressions = list(_output_expressions(body))
+            else:  # XMLTABLE, JSON_TABLE, MERGE's and ON CONFLICT's clauses: over any of them, computed
+                expressions = [body]
+                if source(body):
+                    return True
+            if any(source(e) and not _plain_output(_settings_as_columns(e)) for e in expressions):
+                return True
+        return False
 
     def _add_function(self, names: list[str]) -> None:
         """A function the statement calls, or names for an object to call later (an operator's or a cast's
@@ -1381,8 +1556,11 @@ class _Analysis:
         name_arg = positional[0] if positional else named.get("setting_name")
         # A setting keeps what it is given for later statements to return (current_setting, SHOW),
         # wherever the call sits, a WHERE clause included: a value from table data counts as output.
-        if _reads_data(positional[1] if len(positional) > 1 else named.get("new_value")):
+        new_value = positional[1] if len(positional) > 1 else named.get("new_value")
+        if _reads_data(new_value):
             self.transforms = True
+        if new_value is not None:
+            self.new_setting_values.append(new_value)
         name = _sval(name_arg)
         if name is None:
             pinned = self.pinned_names.get(id(name_arg))
@@ -1445,6 +1623,9 @@ class _Analysis:
             if "lockingClause" in body:
                 self.locks = True  # FOR UPDATE / SHARE: row locks, written into the rows
             self._pin_setting_names(body, ctes)
+            self._pin_setting_reads(body, ctes)
+        elif key == "VariableShowStmt":
+            self.settings_read.add(str(body.get("name", "")).lower() or "all")
         elif key == "LockStmt" and body.get("mode") != _ACCESS_SHARE_LOCK:
             self.locks = True  # stronger than the lock a SELECT takes
         if key in ("UpdateStmt", "DeleteStmt"):
@@ -1553,11 +1734,29 @@ class _Analysis:
             if args and _is_name_column(args[0], qualifiers):
                 self.pinned_names[id(args[0])] = names
 
+    def _pin_setting_reads(self, body: _Node, ctes: frozenset[str]) -> None:
+        """``SELECT setting FROM pg_settings WHERE name = 'x'`` (or ``name IN ('x', ...)``, also AND-ed with other
+        conditions) reads only setting x: settings_read names those, not ``all``."""
+        sources = body.get("fromClause") or ()
+        if len(sources) != 1 or "RangeVar" not in sources[0] or "withClause" in body:
+            return
+        relation = sources[0]["RangeVar"]
+        if relation.get("relname") != "pg_settings" or relation.get("catalogname"):
+            return
+        schema = relation.get("schemaname")
+        if schema not in (None, "pg_catalog") or (schema is None and "pg_settings" in ctes):
+            return
+        alias = (relation.get("alias") or {}).get("aliasname")
+        names = _pinned_names(body.get("whereClause"), {alias} if alias else {"pg_settings"})
+        if names is not None:
+            self.pinned_reads[id(relation)] = [n.strip().lower() for n in names]
+
     def _with(
         self, with_clause: _Node, ctes: frozenset[str], stack: list[tuple[Any, frozenset[str], int]]
     ) -> frozenset[str]:
         entries = [cte.get("CommonTableExpr", {}) for cte in with_clause.get("ctes", ())]
         names = [str(entry.get("ctename", "")) for entry in entries]
+        self.derived.extend(entries)
         recursive = bool(with_clause.get("recursive"))
         for index, entry in enumerate(entries):
             visible = ctes | frozenset(names if recursive else names[:index])
@@ -1952,6 +2151,8 @@ def _statements(sql: str) -> Iterator[Statement]:
             languages=frozenset(analysis.languages),
             roles=frozenset(analysis.roles),
             objects=frozenset(analysis.objects),
+            settings_read=frozenset(analysis.settings_read),
+            transforms_settings=kind != "explain" and analysis.transforms_settings(),
         )
 
 

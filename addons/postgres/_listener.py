@@ -432,7 +432,7 @@ def constant_insensitive(classified: Classified, normalized: str) -> bool:
 
     True only for one plain SELECT/INSERT/UPDATE/DELETE/MERGE whose classification reads no constant:
     no ``set_config`` or SQL-running function (their arguments are read), no LIMIT/FETCH/OFFSET (the
-    limit is an attribute), no settings, no dynamic SQL, no bodies, no COPY.
+    limit is an attribute), no settings changed or read, no dynamic SQL, no bodies, no COPY.
     """
     if classified.statements != 1 or len(classified.requests) != 1:
         return False
@@ -442,6 +442,8 @@ def constant_insensitive(classified: Classified, normalized: str) -> bool:
     if attrs.get("limit") is not None or attrs.get("dynamic_sql") or attrs.get("read_write_attempt"):
         return False
     if attrs.get("settings") or attrs.get("languages") or attrs.get("copy_target") is not None:
+        return False
+    if attrs.get("settings_read"):  # current_setting('x'), pg_settings WHERE name = 'x': the name is a constant
         return False
     functions = attrs.get("functions") or ()
     if any(str(f).rsplit(".", 1)[-1] in _CONSTANT_READERS for f in functions):

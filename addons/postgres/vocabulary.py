@@ -134,6 +134,20 @@ VOCABULARY_FIELDS = (
         "recognises values as stored",
     ),
     Glob("settings", description="names of settings changed by SET/RESET"),
+    Glob(
+        "settings_read",
+        description="names of settings whose values the statement reads: SHOW name, current_setting('name'), "
+        "pg_settings WHERE name = 'name'; all for SHOW ALL, a computed name, any other read of pg_settings, "
+        "pg_show_all_settings(), pg_file_settings or pg_db_role_setting (roles' and databases' settings)",
+    ),
+    Boolean(
+        "transforms_settings",
+        description="computes over a setting's value or a subscription's connection string instead of returning "
+        "it as it is: a function, operator or cast over current_setting(), pg_settings.setting, "
+        "pg_db_role_setting.setconfig or pg_subscription.subconninfo (reverse(current_setting('x')), "
+        "setting::int), or set_config of such a value; the value itself, current_setting(name), unnest and "
+        "array_to_string of such an array do not count. Deny it where those values are masked",
+    ),
     Glob("databases", attr="database", description="the database the agent connected to"),
     Enum(
         "copy",
