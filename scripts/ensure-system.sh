@@ -14,6 +14,7 @@ have chromium /usr/bin/chromium || need+=(chromium)
 have kubectl /usr/bin/kubectl || need+=(kubectl)
 have redis-cli /usr/bin/redis-cli || need+=(redis-tools)
 have curl /usr/bin/curl || need+=(curl)
+have strace /usr/bin/strace || need+=(strace)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # `ensure-system.sh bench`: also the load generator of bench/bench_http.py (it falls back to a
 # Python client without it, which takes CPU from the proxies it measures).
