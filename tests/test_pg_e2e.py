@@ -829,6 +829,37 @@ def test_denied_message_in_a_pipeline_stops_the_batch(env: PgEnv) -> None:
     raw.close()
 
 
+def test_text_the_settings_decide_may_follow_begin_in_an_unsynced_batch(env: PgEnv) -> None:
+    # pgjdbc sends BEGIN and a transaction's first statement without a Sync between them. BEGIN, SAVEPOINT and
+    # RELEASE change no setting, so a backslash or non-ASCII text after them is read with the settings of the
+    # last ReadyForQuery; after any other Bind or Execute the server's settings are unknown until the next one.
+    raw = RawClient(env.port, env.tokens["readonly"])
+
+    def batch(*before: str) -> list[pg.BackendMessage]:
+        msgs = [m for sql in before for m in (pg.parse("", sql), pg.bind("", ""), pg.execute(""))]
+        raw.send(*msgs, pg.parse("", "SELECT 'é\\'"), pg.bind("", ""), pg.execute(""), pg.sync())
+        return raw.until_ready()
+
+    reply = batch("BEGIN", "SAVEPOINT s", "RELEASE SAVEPOINT s")
+    rows = [pg.decode_datarow(m.raw) for m in reply if isinstance(m, pg.DataRow)]
+    assert not errors(reply) and rows == [["é\\".encode()]], reply
+    assert reply[-1].status == "T"  # type: ignore[union-attr]
+    raw.send(pg.query("ROLLBACK"))
+    raw.until_ready()
+    # after any other Bind and Execute the server's settings are unknown until its next ReadyForQuery
+    for before in (
+        ["SELECT 1"],
+        ["BEGIN", "SAVEPOINT s", "ROLLBACK TO SAVEPOINT s"],  # restores what the savepoint saw
+        ["BEGIN", "SELECT set_config('application_name', 'x', false)"],
+    ):
+        reply = batch(*before)
+        denied = errors(reply)
+        assert len(denied) == 1 and "lictor:pipeline-sensitive-text" in denied[0].fields.get("D", ""), (before, reply)
+        raw.send(pg.query("ROLLBACK"))
+        raw.until_ready()
+    raw.close()
+
+
 def test_a_query_inside_an_unsynced_extended_batch_ends_the_connection(env: PgEnv) -> None:
     # After an error the server skips everything up to Sync, a Query too; the gateway cannot know whether it
     # ran. Counted as answered, the next statement's rows were matched to the Sync's answer and relayed

@@ -291,6 +291,18 @@ def _lexer_sensitive(raw: bytes) -> bool:
     return b"\\" in raw or not raw.isascii()
 
 
+# Statements whose Bind and Execute change no setting: no planning, no user code (event triggers do not fire for
+# them). pgjdbc sends BEGIN ahead of a transaction's first statement without a Sync between. Not ROLLBACK or
+# ROLLBACK TO (they restore earlier values, which may have been set and reset in an earlier batch), nor COMMIT
+# (deferred triggers run).
+_SETTINGS_INERT = frozenset({"begin", "savepoint", "release"})
+
+
+def _settings_inert(stmt: "Prepared") -> bool:
+    kinds = stmt.classified.kinds
+    return bool(kinds) and kinds <= _SETTINGS_INERT
+
+
 @dataclass(eq=False)
 class Classified:
     """A SQL text as the gateway understands it: one request per statement, plus naming side effects."""
@@ -790,6 +802,9 @@ class Relay:
         # to Sync, a Query or function call too, and the gateway cannot know which it ran.
         self._open_segment = False
         self._segment_bound = False  # a Bind was forwarded since the last forwarded Sync
+        # A Bind or Execute forwarded since the last forwarded Sync could have changed a setting (it was not of a
+        # BEGIN, SAVEPOINT or RELEASE): the server's settings are known again only at its ReadyForQuery.
+        self._segment_may_set = False
         self._pending_z = 0  # ReadyForQuery messages the server still owes
         self._clean_waiters: list[asyncio.Future[None]] = []
         self._rows: RowMasker | None = None
@@ -1089,6 +1104,7 @@ class Relay:
         self._segment_execs = 0
         self._open_segment = False
         self._segment_bound = False
+        self._segment_may_set = False
         self._pending_z += 1
         self._expect.append(_Expect(_K_SYNC))
 
@@ -1484,6 +1500,11 @@ class Relay:
         name, pos = _cstring_at(raw, 5)
         sql, pos = _cstring_at(raw, pos)
         if _lexer_sensitive(raw) and not self._is_clean():
+            if self._segment_execs and self._pending_z == 0 and not self._segment_may_set:
+                # Everything up to the last Sync is answered (its ReadyForQuery reported the settings), and this
+                # batch has bound and run only statements that change no setting (pgjdbc's BEGIN before a
+                # transaction's first statement): the server reads this text with the settings the gateway knows.
+                return self._parse(raw, name, sql)
             if self._segment_execs:
                 decision = Decision.deny(
                     "a statement with a backslash or a non-ASCII character cannot follow unsynchronized "
@@ -1547,6 +1568,8 @@ class Relay:
         self._segment_bound = True
         portal_name, stmt_name, param_formats, params, formats = _parse_bind(raw)
         stmt = self._prepared.get(stmt_name)
+        if stmt is None or not _settings_inert(stmt):
+            self._segment_may_set = True
         if stmt is None:
             decision = Decision.deny(
                 f"prepared statement {stmt_name!r} is unknown to the gateway (it was not prepared through it, "
@@ -1672,6 +1695,8 @@ class Relay:
         self._open_segment = True
         portal_name, _ = _cstring_at(raw, 5)
         portal = self._portals.get(portal_name)
+        if portal is None or not _settings_inert(portal.stmt):
+            self._segment_may_set = True
         if portal is None:
             if portal_name in self._cursors:
                 # A SQL cursor executed as a portal: decided and masked like its DECLARE.
