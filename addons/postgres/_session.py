@@ -171,6 +171,9 @@ _NUMBER_LITERALS = frozenset(
     }
 )
 _BINARY_NUMBERS = frozenset({_INT8, _FLOAT8, _MONEY, _NUMERIC})  # read as numbers by _binary_number_text
+# Geometric types whose binary form is a fixed number of float8 values (point x, y; lseg and box two points;
+# line A, B, C; circle x, y, radius): each is read as a float8. pgjdbc reads point and box in binary.
+_BINARY_FLOAT8_TUPLES = {600: 2, 601: 4, 603: 4, 628: 3, 718: 3}
 
 
 # A number in exponent notation (``4.111111111111111e+15``: a float8's text form, also as text, inside an array,
@@ -365,6 +368,7 @@ class RowMasker:
 
     __slots__ = (
         "binary_arrays",
+        "binary_floats",
         "binary_jsonb",
         "binary_numbers",
         "bytea",
@@ -386,6 +390,7 @@ class RowMasker:
         numeric: set[int] = set()
         binary_numbers: dict[int, int] = {}
         binary_arrays: dict[int, int] = {}
+        binary_floats: dict[int, int] = {}
         to_null: set[int] = set()
         bytea: set[int] = set()
         number_literals: set[int] = set()
@@ -415,6 +420,13 @@ class RowMasker:
                     # the bytes themselves, as the hex text form is read: masked, and still a bytea
                     targets.append(i)
                     continue
+                elif f.type_oid in _BINARY_FLOAT8_TUPLES:
+                    if action == "whole":
+                        to_null.add(i)
+                    else:
+                        binary_floats[i] = _BINARY_FLOAT8_TUPLES[f.type_oid]
+                    targets.append(i)
+                    continue
                 elif f.type_oid not in _TEXT_LIKE:
                     raise _BinaryRefused(f.name, f.type_oid)
             if f.type_oid in _JSON_TYPES:
@@ -433,6 +445,7 @@ class RowMasker:
         self.json = frozenset(as_json)
         self.numeric = frozenset(numeric)
         self.binary_numbers = binary_numbers
+        self.binary_floats = binary_floats
         # one element masker per array column, made once per result
         self.binary_arrays = {i: self._array_element_masker(i, elem) for i, elem in binary_arrays.items()}
         self.to_null = frozenset(to_null)
@@ -463,6 +476,19 @@ class RowMasker:
                     new = _mask_binary_array(value, self.binary_arrays[i])
                 except struct.error:  # not a value of its type: nothing of it is relayed
                     new = None
+            elif i in self.binary_floats:
+                # NULL when masking would change any of its numbers (a point at 4111111111111111), or when it is
+                # not a value of its type: nothing of it is relayed
+                count = self.binary_floats[i]
+                new = (
+                    None
+                    if len(value) != 8 * count
+                    or any(
+                        _number_masked(masker, i, _binary_number_text(_FLOAT8, value[k : k + 8]))
+                        for k in range(0, 8 * count, 8)
+                    )
+                    else value
+                )
             elif i in self.binary_numbers:
                 try:
                     new = (
