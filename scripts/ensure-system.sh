@@ -15,6 +15,11 @@ have kubectl /usr/bin/kubectl || need+=(kubectl)
 have redis-cli /usr/bin/redis-cli || need+=(redis-tools)
 have curl /usr/bin/curl || need+=(curl)
 have strace /usr/bin/strace || need+=(strace)
+# pgjdbc (the PostgreSQL JDBC driver) and a JDK, to compile and run tests/drivers/PgJdbc.java.
+[ -f /usr/share/java/postgresql.jar ] || need+=(libpostgresql-jdbc-java)
+have javac /usr/bin/javac || need+=(default-jdk-headless)
+# node and npm: the tests install node-postgres with npm themselves (into .venv/node-pg).
+have npm /usr/bin/npm || need+=(nodejs npm)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # `ensure-system.sh bench`: also the load generator of bench/bench_http.py (it falls back to a
 # Python client without it, which takes CPU from the proxies it measures).
