@@ -166,6 +166,16 @@ def test_pgjdbc_batches_for_a_writer(env: PgEnv, jdbc_classes: Path) -> None:  #
     assert out["after"] == "200" and count == [(200,)], out
 
 
+def test_pgjdbc_autosave_always_ends_the_connection_with_what_to_do(env: PgEnv, jdbc_classes: Path) -> None:  # noqa: F811
+    # its SAVEPOINT is a Query inside an unfinished extended-query batch: after an error there the server skips it,
+    # and the gateway could not tell what ran; the error names the setting
+    out = jdbc(env, jdbc_classes, "readonly", "autosave", "sslmode=disable&autosave=always")
+    assert out["select"].startswith("08P01 FATAL: lictor: protocol violation: a Query inside"), out
+    assert "autosave at never or conservative" in out["select"] and out["closed"] == "true", out
+    out = jdbc(env, jdbc_classes, "readonly", "autosave", "sslmode=disable&autosave=conservative")
+    assert out["select"] == "[REDACTED:email]", out
+
+
 def test_node_postgres_queries_named_statements_denials_and_masking(env: PgEnv, node_pg: Path) -> None:  # noqa: F811
     ca = env.gateway.state_dir / "tls" / "postgres" / "ca.pem"  # type: ignore[union-attr]
     try:

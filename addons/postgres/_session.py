@@ -1374,7 +1374,10 @@ class Relay:
             raise pg.ProtocolError("malformed Query message: NUL inside the text")
         if self._open_segment:
             if not self._segment_settled():
-                raise pg.ProtocolError("a Query inside an extended-query batch; send Sync before it")
+                raise pg.ProtocolError(
+                    "a Query inside an extended-query batch; send Sync before it (pgjdbc's autosave=always sends "
+                    "its SAVEPOINT so: leave autosave at never or conservative)"
+                )
             # Only Parse, Describe or Close since the last Sync, each answered without an error (asyncpg's
             # prepare() ends with Flush, not Sync): the server runs the Query as it would after a Sync.
             self._open_segment = False

@@ -62,6 +62,7 @@ public class PgJdbc {
                 case "fetch" -> fetch(c);
                 case "metadata" -> metadata(c);
                 case "batch" -> batch(c);
+                case "autosave" -> autosave(c);
                 default -> throw new IllegalArgumentException(scenario);
             }
         }
@@ -214,5 +215,16 @@ public class PgJdbc {
         c.rollback();
         out("after", first(c, "SELECT count(*) FROM accounts WHERE id >= 7000"));
         c.commit();
+    }
+
+    // autosave=always: pgjdbc sends SAVEPOINT as a Query after BEGIN's Execute, before any Sync.
+    static void autosave(Connection c) throws SQLException {
+        c.setAutoCommit(false);
+        try {
+            out("select", first(c, "SELECT email FROM customers WHERE id = 1"));
+        } catch (SQLException e) {
+            out("select", error(e));
+        }
+        out("closed", c.isClosed());
     }
 }
