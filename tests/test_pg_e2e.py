@@ -860,6 +860,31 @@ def test_text_the_settings_decide_may_follow_begin_in_an_unsynced_batch(env: PgE
     raw.close()
 
 
+def test_the_bytes_of_a_message_around_its_text_are_not_read_as_text(env: PgEnv) -> None:
+    # A Parse's length (92 is a backslash, 128 and up not ASCII) and its parameter types (text[] is 0x03F1) are
+    # binary: after an Execute in the same batch they made an ASCII statement "a statement with a backslash or
+    # a non-ASCII character" and it was denied.
+    raw = RawClient(env.port, env.tokens["readonly"])
+    for length, types in ((92, ()), (0xF1, ()), (60, (1009,))):
+        sql = "SELECT 2 AS x"
+        sql += " " * (length + 1 - len(pg.parse("", sql, types)))
+        parse = pg.parse("", sql, types)
+        assert types or parse[4] == length, parse
+        params = [b"{a}"] if types else []
+        raw.send(
+            pg.parse("", "SELECT 1"),
+            pg.bind("", ""),
+            pg.execute(""),
+            parse,
+            pg.bind("", "", params=params),
+            pg.execute(""),
+            pg.sync(),
+        )
+        reply = raw.until_ready()
+        assert not errors(reply) and names(reply).count("DataRow") == 2, (length, types, reply)
+    raw.close()
+
+
 def test_a_query_inside_an_unsynced_extended_batch_ends_the_connection(env: PgEnv) -> None:
     # After an error the server skips everything up to Sync, a Query too; the gateway cannot know whether it
     # ran. Counted as answered, the next statement's rows were matched to the Sync's answer and relayed

@@ -289,9 +289,10 @@ def _cstring_at(raw: bytes, pos: int) -> tuple[str, int]:
     return raw[pos:end].decode("utf-8"), end + 1
 
 
-def _lexer_sensitive(raw: bytes) -> bool:
-    """A text whose reading depends on standard_conforming_strings or the client encoding."""
-    return b"\\" in raw or not raw.isascii()
+def _lexer_sensitive(sql: str) -> bool:
+    """A text whose reading depends on standard_conforming_strings or the client encoding (the text alone: the
+    message's length and a Parse's parameter types are binary, and may hold any byte)."""
+    return "\\" in sql or not sql.isascii()
 
 
 # Statements whose Bind and Execute change no setting: no planning, no user code (event triggers do not fire for
@@ -1381,7 +1382,7 @@ class Relay:
             # Only Parse, Describe or Close since the last Sync, each answered without an error (asyncpg's
             # prepare() ends with Flush, not Sync): the server runs the Query as it would after a Sync.
             self._open_segment = False
-        if _lexer_sensitive(raw) and not self._is_clean():
+        if _lexer_sensitive(sql) and not self._is_clean():
             if self._segment_execs:
                 return self._refuse_sensitive_query(sql)
             return self._query_when_clean(raw, sql)
@@ -1528,7 +1529,7 @@ class Relay:
         self._open_segment = True
         name, pos = _cstring_at(raw, 5)
         sql, pos = _cstring_at(raw, pos)
-        if _lexer_sensitive(raw) and not self._is_clean():
+        if _lexer_sensitive(sql) and not self._is_clean():
             if self._segment_execs and self._pending_z == 0 and not self._segment_may_set:
                 # Everything up to the last Sync is answered (its ReadyForQuery reported the settings), and this
                 # batch has bound and run only statements that change no setting (pgjdbc's BEGIN before a
