@@ -140,6 +140,13 @@ def test_pgjdbc_transaction_with_text_literals_a_denial_and_rollback(env: PgEnv,
     assert env.direct("SELECT count(*) FROM accounts WHERE balance = 100 AND id <= 10") == [(10,)]
 
 
+def test_pgjdbc_text_literal_after_a_statement_evicted_from_its_cache(env: PgEnv, jdbc_classes: Path) -> None:  # noqa: F811
+    options = "sslmode=disable&preparedStatementCacheQueries=1&socketTimeout=10"
+    out = jdbc(env, jdbc_classes, "readonly", "evicted", options)
+    assert out["email6"] == "[REDACTED:email]" and out["card6"] == "****-******-*0009", out
+    assert out["literal"] == "é", out
+
+
 def test_pgjdbc_fetch_size_cursor_and_metadata_over_verified_tls(env: PgEnv, jdbc_classes: Path) -> None:  # noqa: F811
     out = jdbc(env, jdbc_classes, "readonly", "fetch")
     assert out["rows"] == "20", out

@@ -860,6 +860,33 @@ def test_text_the_settings_decide_may_follow_begin_in_an_unsynced_batch(env: PgE
     raw.close()
 
 
+def test_text_the_settings_decide_after_unanswered_close_and_answered_bind(env: PgEnv) -> None:
+    raw = RawClient(env.port, env.tokens["readonly"])
+    raw.sock.settimeout(5)
+    raw.send(pg.parse("s_1", "SELECT 1"), pg.sync())
+    raw.until_ready()
+    # pgjdbc closes statements it evicted from its cache ahead of the next query, without a Sync between: the
+    # server answers the Close only at the Sync, behind the text, which waited for that answer for good
+    raw.send(pg.close("S", "s_1"), pg.parse("", "SELECT 'é'"), pg.bind("", ""), pg.execute(""), pg.sync())
+    reply = raw.until_ready()
+    assert names(reply) == [
+        "CloseComplete",
+        "ParseComplete",
+        "BindComplete",
+        "DataRow",
+        "CommandComplete",
+        "ReadyForQuery",
+    ], reply
+    # a Bind plans its statement and can run functions (one marked immutable, a domain's check) that change a
+    # setting, which the server reports only at its next ReadyForQuery: answered after a Flush, it is not enough
+    raw.send(pg.parse("", "SELECT 1"), pg.bind("", ""), pg.flush())
+    assert names(raw.read_messages(2)) == ["ParseComplete", "BindComplete"]
+    raw.send(pg.parse("", "SELECT 'é\\'"), pg.bind("", ""), pg.execute(""), pg.sync())
+    denied = errors(raw.until_ready())
+    assert len(denied) == 1 and "lictor:pipeline-sensitive-text" in denied[0].fields.get("D", ""), denied
+    raw.close()
+
+
 def test_the_bytes_of_a_message_around_its_text_are_not_read_as_text(env: PgEnv) -> None:
     # A Parse's length (92 is a backslash, 128 and up not ASCII) and its parameter types (text[] is 0x03F1) are
     # binary: after an Execute in the same batch they made an ASCII statement "a statement with a backslash or

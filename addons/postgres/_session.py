@@ -1529,28 +1529,31 @@ class Relay:
         self._open_segment = True
         name, pos = _cstring_at(raw, 5)
         sql, pos = _cstring_at(raw, pos)
-        if _lexer_sensitive(sql) and not self._is_clean():
-            if self._segment_execs and self._pending_z == 0 and not self._segment_may_set:
-                # Everything up to the last Sync is answered (its ReadyForQuery reported the settings), and this
-                # batch has bound and run only statements that change no setting (pgjdbc's BEGIN before a
-                # transaction's first statement): the server reads this text with the settings the gateway knows.
-                return self._parse(raw, name, sql)
-            if self._segment_execs:
+        # The server reads this text with the settings the gateway knows once everything up to the last Sync
+        # is answered (its ReadyForQuery reported them) and this batch has bound and run only statements that
+        # change no setting (pgjdbc's BEGIN before a transaction's first statement). Its Parse, Describe and
+        # Close messages change none either, and the server answers them only at a Sync or Flush: not awaited.
+        if _lexer_sensitive(sql) and (self._pending_z or self._segment_may_set):
+            if self._segment_may_set:
                 decision = Decision.deny(
                     "a statement with a backslash or a non-ASCII character cannot follow unsynchronized "
-                    "Execute messages in a pipeline (the gateway must see the server's settings first); "
+                    "Bind or Execute messages in a pipeline (the gateway must see the server's settings first); "
                     "send Sync before it",
                     "lictor:pipeline-sensitive-text",
                     self.session.policy.version,
                 )
                 self._record_denial(sql, decision)
                 return self._deny_extended(self._denial_error(None, [decision], decision, _short(sql)))
-            return self._parse_when_clean(raw, name, sql)
+            return self._parse_when_settled(raw, name, sql)
         return self._parse(raw, name, sql)
 
-    async def _parse_when_clean(self, raw: bytes, name: str, sql: str) -> bytes | None:
+    async def _parse_when_settled(self, raw: bytes, name: str, sql: str) -> bytes | None:
         # Only earlier, already synchronized work is outstanding: it finishes without us.
-        await self._wait_clean()
+        while self._pending_z:
+            waiter = asyncio.get_running_loop().create_future()
+            self._clean_waiters.append(waiter)
+            self._flush_up()
+            await waiter
         result = self._parse(raw, name, sql)
         if isinstance(result, Coroutine):
             return await result
@@ -2478,11 +2481,11 @@ class Relay:
         self._pending_z -= 1
         if self._pending_z <= 0:
             self._pending_z = 0
-            if not self._expect:
-                waiters, self._clean_waiters = self._clean_waiters, []
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_result(None)
+            # each waiter checks what it waits for (_wait_clean: no answers owed either)
+            waiters, self._clean_waiters = self._clean_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     @staticmethod
     def _fields(raw: bytes) -> tuple[pg.FieldDescription, ...]:

@@ -63,6 +63,7 @@ public class PgJdbc {
                 case "metadata" -> metadata(c);
                 case "batch" -> batch(c);
                 case "autosave" -> autosave(c);
+                case "evicted" -> evicted(c);
                 default -> throw new IllegalArgumentException(scenario);
             }
         }
@@ -226,5 +227,22 @@ public class PgJdbc {
             out("select", error(e));
         }
         out("closed", c.isClosed());
+    }
+
+    // With preparedStatementCacheQueries=1 the second server-side statement evicts the first: pgjdbc sends its
+    // Close ahead of the next query, without a Sync between them.
+    static void evicted(Connection c) throws SQLException {
+        for (String column : new String[] {"email", "card"}) {
+            try (PreparedStatement ps = c.prepareStatement("SELECT " + column + " FROM customers WHERE id = ?")) {
+                for (int i = 1; i <= 6; i++) {
+                    ps.setInt(1, i);
+                    try (ResultSet rs = ps.executeQuery()) {
+                        rs.next();
+                        out(column + i, rs.getString(1));
+                    }
+                }
+            }
+        }
+        out("literal", first(c, "SELECT 'é'"));
     }
 }
