@@ -708,6 +708,18 @@ _ELEMENT_CALLS = frozenset({"unnest", "array_to_string"})
 _A_SETTING = {"ColumnRef": {"fields": [{"String": {"sval": "setting"}}]}}
 
 
+def _calls_setting_function(item: _Node) -> bool:
+    """A node that calls current_setting() or pg_show_all_settings(), also as ``('primary_conninfo'::text)
+    .current_setting``."""
+    call = item.get("FuncCall")
+    if isinstance(call, dict) and _call_name(call) in _SETTING_FUNCTIONS:
+        return True
+    indirection = item.get("A_Indirection")
+    return isinstance(indirection, dict) and any(
+        _field_name(f) in _SETTING_FUNCTIONS for f in indirection.get("indirection", ())
+    )
+
+
 def _setting_source(node: Any, derived: bool, aliases: frozenset[str]) -> bool:
     """Whether an expression may hold a setting's value or a connection string (see
     Statement.transforms_settings) in a statement that reads some: a call of current_setting() or
@@ -715,15 +727,7 @@ def _setting_source(node: Any, derived: bool, aliases: frozenset[str]) -> bool:
     a subquery, or any column when ``derived``: a subquery, CTE or function in FROM of the statement may pass one
     on under another name (FROM current_setting('x') v, see :func:`_carries_settings`)."""
     for item in _dicts(node):
-        call = item.get("FuncCall")
-        if isinstance(call, dict) and _call_name(call) in _SETTING_FUNCTIONS:
-            return True
-        indirection = item.get("A_Indirection")
-        if isinstance(indirection, dict) and any(
-            _field_name(f) in _SETTING_FUNCTIONS for f in indirection.get("indirection", ())
-        ):
-            return True  # ('primary_conninfo'::text).current_setting
-        if "SubLink" in item or "A_Star" in item:
+        if _calls_setting_function(item) or "SubLink" in item or "A_Star" in item:
             return True
         ref = item.get("ColumnRef")
         if isinstance(ref, dict):
@@ -738,13 +742,7 @@ def _carries_settings(node: Any, aliases: frozenset[str]) -> bool:
     another name: it calls current_setting() or pg_show_all_settings(), reads a relation of _SETTING_RELATIONS,
     or refers to a column of _SETTING_COLUMNS or to one of those relations (LATERAL unnest(s.setconfig))."""
     for item in _dicts(node):
-        call = item.get("FuncCall")
-        if isinstance(call, dict) and _call_name(call) in _SETTING_FUNCTIONS:
-            return True
-        indirection = item.get("A_Indirection")
-        if isinstance(indirection, dict) and any(
-            _field_name(f) in _SETTING_FUNCTIONS for f in indirection.get("indirection", ())
-        ):
+        if _calls_setting_function(item):
             return True
         relation = str(item.get("relname", ""))
         if relation in _SETTING_RELATIONS and item.get("schemaname") in (None, "pg_catalog"):
