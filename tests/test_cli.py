@@ -664,3 +664,26 @@ def test_an_option_an_addon_refuses_is_reported_where_it_is_set(tmp_path: Path, 
     assert capsys.readouterr().out.splitlines()[0] == (
         f"{config}:5:22: addon 'http' refused the config: http_idle_timeout must be positive"
     )
+
+
+def test_packs_given_with_a_config_that_loads_more_say_so_when_they_do_not_load(capsys) -> None:
+    # The quickstart's pack inherits a role of the baseline packs its config also loads: given alone with -c, it
+    # failed with "unknown role 'read-only'" and nothing said the gateway reads it together with others.
+    from lictor.cli import main
+
+    for command in ("test", "check"):
+        args = [command, "examples/quickstart/rulepacks", "-c", "examples/quickstart/lictor.yaml"]
+        cwd = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            assert main(args) == 1
+            out = capsys.readouterr().out
+            assert "unknown role 'read-only'" in out, out
+            assert out.splitlines()[-1] == (
+                "note: only the paths given were read; examples/quickstart/lictor.yaml also loads rulepacks: leave "
+                f"the paths out to read the packs as the gateway does (lictor {command} -c examples/quickstart/lictor.yaml)"
+            ), out
+            assert main([command, "-c", "examples/quickstart/lictor.yaml"]) == 0
+            capsys.readouterr()
+        finally:
+            os.chdir(cwd)

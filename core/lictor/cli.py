@@ -95,6 +95,23 @@ def _packs(args: argparse.Namespace) -> tuple[GatewayConfig | None, AddonManager
     return config, manager, args.paths or (config.rulepacks if config else [])
 
 
+def _only_these_packs(args: argparse.Namespace, config: GatewayConfig | None) -> str | None:
+    """When rule-pack paths were given with ``-c``: the note that the gateway loads other packs too (a pack there
+    may inherit a role of one of them), for a load that failed; None otherwise."""
+    if config is None or not args.paths or not config.rulepacks:
+        return None
+    given = {Path(p).resolve() for p in args.paths}
+    others = [p for p in config.rulepacks if Path(p).resolve() not in given]
+    if not others:
+        return None
+    shown = ", ".join(os.path.relpath(p) for p in others)
+    name = args.config or config.path
+    return (
+        f"note: only the paths given were read; {name} also loads {shown}: leave the paths out to read "
+        f"the packs as the gateway does (lictor {args.command} -c {name})"
+    )
+
+
 def _check_config(config: GatewayConfig, manager: AddonManager) -> int:
     """The rest of the gateway config, as ``lictor run`` checks it before it listens (printed as
     ``FILE:LINE:COL: ...``); the number of errors."""
@@ -151,6 +168,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         }
         checked = ({str(f) for f in result.files} | unread) - {str(f) for f in result.test_files}
         print(f"{len(result.errors)} error(s), {len(result.warnings)} warning(s) in {len(checked)} pack file(s)")
+        if (note := _only_these_packs(args, config)) is not None:
+            print(note)
         return EXIT_FAIL
     assert result.policy is not None
     if args.strict and (result.warnings or unset):
@@ -167,12 +186,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    _, manager, paths = _packs(args)
+    config, manager, paths = _packs(args)
     result = load_policy(paths, manager.vocabularies)
     if result.policy is None:
         for problem in result.errors:
             print(problem)
         print("rule packs do not load; fix them first (lictor check)")
+        if (note := _only_these_packs(args, config)) is not None:
+            print(note)
         return EXIT_FAIL
     if not result.test_files:
         print("no test files (format: lictor-tests/v1) found under " + ", ".join(map(str, paths)))
