@@ -715,3 +715,31 @@ def test_a_refused_session_is_answered_with_a_resp_error(tmp_path: Path):
         assert "no sessions today" in ends[0]["reason"]
     finally:
         proc.stop()
+
+
+def test_connections_that_never_authenticate_are_bounded(gw: Gw) -> None:
+    # Each connection may wait auth_timeout to authenticate, holding a descriptor: enough of them took every
+    # descriptor of the gateway. One past the limit is told so and closed.
+    from lictor_redis.addon import MAX_LOGGING_IN
+
+    def answer() -> bytes:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(200)
+
+    idle = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(MAX_LOGGING_IN)]
+    try:
+        deadline = time.monotonic() + 10
+        while not answer().startswith(b"-ERR lictor: too many connections are logging in at once"):
+            assert time.monotonic() < deadline, "a connection past the limit was served"
+            time.sleep(0.1)
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while not answer().startswith(b"-NOAUTH"):  # served again (and asked to authenticate)
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert gw.client("reader").ping()
+    refused = [e for e in gw.audit("connection.refused") if "waiting to authenticate" in e.get("reason", "")]
+    assert refused and refused[0]["count"] == 1 and refused[0]["protocol"] == "redis", refused

@@ -11,11 +11,16 @@ from typing import Any
 from lictor import Flow, Gateway, Loader
 
 from .proxy import Connection, RedisTarget
+from .resp import encode_error
 from .vocabulary import PROTOCOL, VOCABULARY
 
 __all__ = ["TARGET_SCHEMA", "UNSUPPORTED", "RedisAddon"]
 
 log = logging.getLogger("lictor.redis")
+
+MAX_LOGGING_IN = 128
+"""Connections that may be waiting to authenticate at once (each may wait ``auth_timeout``); one more is told so
+and closed, so that connections that never log in cannot take every descriptor of the gateway."""
 
 TARGET_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -114,6 +119,7 @@ class RedisAddon:
         self.targets: dict[str, RedisTarget] = {}
         self.servers: list[asyncio.Server] = []
         self.connections: set[asyncio.Task[None]] = set()
+        self.live: set[Connection] = set()
 
     def load(self, loader: Loader) -> None:
         loader.add_vocabulary(VOCABULARY)
@@ -163,19 +169,37 @@ class RedisAddon:
             async def handle(
                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: RedisTarget = target
             ) -> None:
+                if sum(1 for c in self.live if c.session is None) >= MAX_LOGGING_IN:
+                    await self._refuse_busy(gateway, target, writer)
+                    return
                 task = asyncio.current_task()
                 assert task is not None
                 self.connections.add(task)
+                connection = Connection(gateway, target, reader, writer)
+                self.live.add(connection)
                 try:
-                    await Connection(gateway, target, reader, writer).run()
+                    await connection.run()
                 except asyncio.CancelledError:
                     pass  # the addon is stopping; run() has closed the connection and its session
                 finally:
                     self.connections.discard(task)
+                    self.live.discard(connection)
 
             server = await asyncio.start_server(handle, target.host, target.port)
             self.servers.append(server)
             log.info("redis target %s listening on %s:%s", target.name, target.host, target.port)
+
+    @staticmethod
+    async def _refuse_busy(gateway: Gateway, target: RedisTarget, writer: asyncio.StreamWriter) -> None:
+        """Tell a connection that too many are logging in, and close it; audited in bursts (``audit_burst``)."""
+        reason = f"{MAX_LOGGING_IN} connections were waiting to authenticate at once"
+        event = {"protocol": PROTOCOL, "target": target.name, "reason": reason}
+        if gateway.audit_burst(f"redis:{target.name}:logging-in", "connection.refused", event):
+            log.warning("redis target %s: refusing connections: %s", target.name, reason)
+        with contextlib.suppress(Exception):
+            writer.write(encode_error("ERR lictor: too many connections are logging in at once; retry in a moment"))
+            await asyncio.wait_for(writer.drain(), 2)
+        writer.close()
 
     async def done(self, gateway: Gateway) -> None:
         """Stop accepting, then end open connections (their sessions close and are audited)."""
