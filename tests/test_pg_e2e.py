@@ -1627,6 +1627,29 @@ def test_pgbench_through_the_gateway(env: PgEnv, mode: str) -> None:
     assert "number of failed transactions: 0" in proc.stdout
 
 
+def test_a_withheld_error_message_says_since_which_rule_and_how_to_get_messages_back(env: PgEnv) -> None:
+    # A writer's session is masked once it has read settings wholesale (SHOW ALL): from then on the server's
+    # errors came back as "data exception (SQLSTATE 22012); the server's message is withheld ..." with nothing
+    # saying why this session, or that a new connection has the messages.
+    import psycopg
+
+    with env.connect("writer") as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero) as before:
+            conn.execute("SELECT 1/0")
+        assert "division by zero" in str(before.value)
+        conn.execute("SHOW ALL").fetchall()
+        with pytest.raises(psycopg.errors.DivisionByZero) as after:
+            conn.execute("SELECT 1/0")
+        message = str(after.value)
+        assert "SQLSTATE 22012" in message and "(this one since rule pg-mask-setting-secrets)" in message, message
+        assert "a new connection gets full messages until it reads masked data" in message, message
+    with env.connect("readonly") as conn:  # masked from its first statement, whatever it reads
+        conn.execute("SELECT 1").fetchall()
+        with pytest.raises(psycopg.errors.DivisionByZero) as ro:
+            conn.execute("SELECT 1/0")
+        assert "this one since rule" in str(ro.value) and "new connection" not in str(ro.value), ro.value
+
+
 def test_writer_ddl_waits_for_an_approval(env: PgEnv) -> None:
     import psycopg
 

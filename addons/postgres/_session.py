@@ -732,9 +732,9 @@ _CONDITION_CLASSES = {
 }
 
 
-def _masked_texts(plan: Any, raw: bytes) -> bytes | None:
+def _masked_texts(plan: Any, raw: bytes, why: str = "from sessions whose results are masked") -> bytes | None:
     """``raw`` (decoded and encoded by the codec) with its texts masked by ``plan``'s detectors, and the
-    text of errors and notices raised while a statement ran withheld; None if unchanged. Raises
+    text of errors and notices raised while a statement ran withheld (saying ``why``); None if unchanged. Raises
     :class:`pg.ProtocolError` when it does not decode."""
 
     def mask(text: str) -> str:
@@ -773,10 +773,8 @@ def _masked_texts(plan: Any, raw: bytes) -> bytes | None:
             fields = {k: v for k, v in fields.items() if k not in _VALUE_FIELDS or k == "M"}
         else:
             fields = {k: v for k, v in fields.items() if k not in _VALUE_FIELDS}
-            fields["M"] = (
-                f"{_CONDITION_CLASSES.get(code[:2], 'error')} (SQLSTATE {code}); the server's message is withheld "
-                "from sessions whose results are masked, as it may show table data"
-            )
+            condition = _CONDITION_CLASSES.get(code[:2], "error")
+            fields["M"] = f"{condition} (SQLSTATE {code}); the server's message is withheld {why}"
     return None if fields == message.fields else pg.report(raw[:1], fields)
 
 
@@ -846,6 +844,7 @@ class Relay:
         # The latest mask plan with detectors decided on this connection: server messages that are not
         # rows (errors, notices, notifications, parameter values) can echo masked data too.
         self._text_plan: Any = None
+        self._masked_since = ""  # the mask rules of the first statement that made _text_plan (for the agent)
         self._drop_segment = False  # swallowing the rest of a poisoned result, up to ReadyForQuery
         self._poison_error: bytes | None = None
         self._prepared: dict[str, Prepared] = {}
@@ -2050,15 +2049,24 @@ class Relay:
     def _mask_plan(self, decision: Decision) -> Any:
         plan = self.session.mask_plan(decision)
         if plan is not None and plan.has_detectors:
+            if self._text_plan is None:
+                self._masked_since = ", ".join(decision.mask_rule_ids)
             self._text_plan = plan
         return plan
+
+    def _withheld_why(self) -> str:
+        """What a withheld error message says of why (see _masked_texts): since which rule, and for a session that
+        is masked only since it read such data, that a new connection gets the messages."""
+        since = f" (this one since rule {self._masked_since})" if self._masked_since else ""
+        again = "" if self.read_only else "; a new connection gets full messages until it reads masked data"
+        return f"from sessions whose results are masked{since}, as it may show what was masked{again}"
 
     def _mask_server_text(self, t: int, raw: bytes) -> bytes | None:
         """``raw`` (an ErrorResponse, NoticeResponse, NotificationResponse or ParameterStatus) with detector
         matches masked in its texts, or None when nothing needed masking. ``invalid input syntax for type
         integer: "ann@example.com"``, a RAISE NOTICE or a pg_notify() payload carry row data too."""
         try:
-            return _masked_texts(self._text_plan, raw)
+            return _masked_texts(self._text_plan, raw, self._withheld_why())
         except (pg.ProtocolError, ValueError):
             # Not well formed: nothing of it reaches the agent unmasked.
             if t == _B_ERROR:
