@@ -5,6 +5,7 @@ Real-server tests must fail, not skip, when ``CI`` is set: use :func:`require`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -44,6 +45,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``check`` until it holds; fail, naming ``what``, after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def idle_connections(port: int, count: int) -> Iterator[list[socket.socket]]:
+    """``count`` connections to 127.0.0.1:``port`` that send nothing (as a flood that never logs in would),
+    closed on exit."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:

@@ -29,7 +29,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import LICTOR, ROOT, free_port, lictor, require, wait_port
+from tests.conftest import LICTOR, ROOT, free_port, idle_connections, lictor, require, wait_port, wait_until
 from tests.test_approvals import Agent, Receiver, make_gateway, sql
 
 CHROMIUM = "/usr/bin/chromium"
@@ -246,19 +246,11 @@ def test_idle_connections_cannot_take_every_descriptor_of_the_gateway(approvals_
             sock.sendall(b"GET /api/approvals HTTP/1.1\r\nHost: x\r\n\r\n")
             return sock.makefile("rb").readline().split(b" ")[1]
 
-    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(MAX_CONNECTIONS)]
-    try:
-        deadline = time.monotonic() + 10
-        while status() != b"503":  # the server accepts the idle ones in its own time
-            assert time.monotonic() < deadline, "a connection past the limit was served"
-            time.sleep(0.1)
-    finally:
-        for sock in idle:
-            sock.close()
-    deadline = time.monotonic() + 10
-    while status() != b"401":  # served again (and refused for want of a token) once they are gone
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    with idle_connections(port, MAX_CONNECTIONS):
+        # the server accepts the idle ones in its own time; then one more gets 503
+        wait_until(lambda: status() == b"503", 10, "a 503 for the connection past the limit")
+    # served again (and refused for want of a token) once they are gone
+    wait_until(lambda: status() == b"401", 10, "connections to be served again")
 
 
 def test_a_token_that_just_expired_is_refused_at_the_page_login_with_a_reason(approvals_gateway: Any) -> None:

@@ -36,7 +36,7 @@ from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from .conftest import ROOT, GatewayProcess, free_port, lictor, require_binary
+from .conftest import ROOT, GatewayProcess, free_port, idle_connections, lictor, require_binary, wait_until
 
 EMAIL = "jane.doe@example.com"
 CARD = "4111 1111 1111 1111"
@@ -1059,18 +1059,15 @@ def test_connections_that_send_no_request_are_bounded_and_closed(tmp_path: Path)
             return True
 
     try:
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_SETTING_UP)]
-        try:
-            deadline = time.monotonic() + 3
-            while True:  # one past the limit is closed at once (the gateway accepts the idle ones in its time)
+        with idle_connections(port, MAX_SETTING_UP) as idle:
+
+            def extra_closed() -> bool:
                 with socket.create_connection(("127.0.0.1", port)) as extra:
-                    if closed_within(extra, 0.5):
-                        break
-                assert time.monotonic() < deadline, "a connection past the limit was kept"
+                    return closed_within(extra, 0.5)
+
+            # one past the limit is closed at once (the gateway accepts the idle ones in its time)
+            wait_until(extra_closed, 3, "the connection past the limit to be closed")
             assert all(closed_within(sock, 10) for sock in idle)  # and the idle ones at their set-up timeout
-        finally:
-            for sock in idle:
-                sock.close()
         ctx = ssl.create_default_context(cafile=str(gw.state_dir / "tls" / "ca.crt"))
         with (
             socket.create_connection(("127.0.0.1", port)) as raw,

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from lictor_addons.postgres import _protocol as pg
 
-from tests.conftest import ROOT, GatewayProcess, free_port, lictor, require
+from tests.conftest import ROOT, GatewayProcess, free_port, idle_connections, lictor, require, wait_until
 from tests.idp import HeldJwks
 
 pytestmark = pytest.mark.timeout(120)
@@ -2184,34 +2184,30 @@ def test_connections_that_never_log_in_cannot_take_every_descriptor_of_the_gatew
     import psycopg
     from lictor_addons.postgres._listener import MAX_SETTING_UP
 
-    idle = [socket.create_connection(("127.0.0.1", env.port)) for _ in range(MAX_SETTING_UP)]
-    try:
-        deadline = time.monotonic() + 10
-        while True:  # the gateway accepts them in its own time
-            try:
-                with env.connect("readonly"):
-                    pass
-            except psycopg.OperationalError as exc:
-                assert "too many connections are being set up at this gateway at once" in str(exc), exc
-                break
-            assert time.monotonic() < deadline, "a connection past the limit was served"
-            time.sleep(0.1)
+    def refused() -> bool:
+        try:
+            with env.connect("readonly"):
+                return False
+        except psycopg.OperationalError as exc:
+            assert "too many connections are being set up at this gateway at once" in str(exc), exc
+            return True
+
+    def served() -> bool:
+        try:
+            with env.connect("readonly") as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    with idle_connections(env.port, MAX_SETTING_UP):
+        # the gateway accepts the idle ones in its own time; then one more is refused
+        wait_until(refused, 10, "a refusal of the connection past the limit")
         with socket.create_connection(("127.0.0.1", env.port)) as late:  # told at once, before its startup packet
             late.settimeout(10)
             answer = late.recv(65536)
         assert answer[:1] == b"E" and b"C53300\0" in answer, answer
-    finally:
-        for sock in idle:
-            sock.close()
-    deadline = time.monotonic() + 10
-    while True:  # the slots come back as the gateway sees the idle connections close
-        try:
-            with env.connect("readonly") as conn:
-                assert conn.execute("SELECT 1").fetchone() == (1,)
-            break
-        except psycopg.OperationalError:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+    wait_until(served, 10, "the slots to come back as the gateway sees the idle connections close")
     gw = env.gateway
     assert gw is not None
     events = [

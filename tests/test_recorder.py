@@ -41,7 +41,7 @@ from lictor.recorder import (
     verify_sessions,
 )
 
-from tests.conftest import LICTOR
+from tests.conftest import LICTOR, wait_until
 
 PACK = """
 format: lictor/v1
@@ -771,14 +771,6 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_drain_process_killed_is_restarted_and_delivers_exactly_once(tmp_path: Path) -> None:

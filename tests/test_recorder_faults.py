@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +33,12 @@ from lictor.recorder import (
     verify_sessions,
 )
 
-from tests.conftest import ROOT, GatewayProcess, free_port, lictor, require, wait_port
+from tests.conftest import ROOT, GatewayProcess, free_port, lictor, require, wait_port, wait_until
 from tests.pgcluster import PgCluster, running_cluster
 from tests.test_recorder import PACK, make_gateway, request, run_session, who
 from tests.test_spool import tiny_tmpfs
 
 MAIN_PG = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=2"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class MotoS3:

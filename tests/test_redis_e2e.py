@@ -23,7 +23,16 @@ import pytest
 import redis
 from lictor import AuditLog, LocalIssuer
 
-from tests.conftest import ROOT, GatewayProcess, free_port, lictor, require, require_binary
+from tests.conftest import (
+    ROOT,
+    GatewayProcess,
+    free_port,
+    idle_connections,
+    lictor,
+    require,
+    require_binary,
+    wait_until,
+)
 from tests.idp import HeldJwks
 
 sys.path.insert(0, str(ROOT / "examples" / "redis"))
@@ -727,19 +736,11 @@ def test_connections_that_never_authenticate_are_bounded(gw: Gw) -> None:
             sock.sendall(b"PING\r\n")
             return sock.recv(200)
 
-    idle = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(MAX_LOGGING_IN)]
-    try:
-        deadline = time.monotonic() + 10
-        while not answer().startswith(b"-ERR lictor: too many connections are logging in at once"):
-            assert time.monotonic() < deadline, "a connection past the limit was served"
-            time.sleep(0.1)
-    finally:
-        for sock in idle:
-            sock.close()
-    deadline = time.monotonic() + 10
-    while not answer().startswith(b"-NOAUTH"):  # served again (and asked to authenticate)
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    busy = b"-ERR lictor: too many connections are logging in at once"
+    with idle_connections(gw.port, MAX_LOGGING_IN):
+        wait_until(lambda: answer().startswith(busy), 10, "a refusal of the connection past the limit")
+    # served again (and asked to authenticate)
+    wait_until(lambda: answer().startswith(b"-NOAUTH"), 10, "connections to be served again")
     assert gw.client("reader").ping()
     refused = [e for e in gw.audit("connection.refused") if "waiting to authenticate" in e.get("reason", "")]
     assert refused and refused[0]["count"] == 1 and refused[0]["protocol"] == "redis", refused

@@ -29,7 +29,7 @@ import asyncssh
 import pytest
 import yaml
 
-from tests.conftest import GatewayProcess, free_port, lictor, require, require_binary
+from tests.conftest import GatewayProcess, free_port, idle_connections, lictor, require, require_binary, wait_until
 from tests.sshd import SSHD, GatewayClient, Sshd, ssh_keygen, start_sshd
 
 pytestmark = pytest.mark.timeout(120)
@@ -599,19 +599,10 @@ def test_connections_that_never_log_in_cannot_take_every_descriptor_of_the_gatew
             except ConnectionResetError:
                 return b""
 
-    idle = [socket.create_connection(("127.0.0.1", env.client.port)) for _ in range(MAX_SETTING_UP)]
-    try:
-        deadline = time.monotonic() + 10
-        while banner().startswith(b"SSH-2.0-"):  # the gateway accepts the idle ones in its own time
-            assert time.monotonic() < deadline, "a connection past the limit was served"
-            time.sleep(0.1)
-    finally:
-        for sock in idle:
-            sock.close()
-    deadline = time.monotonic() + 10
-    while not banner().startswith(b"SSH-2.0-"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    with idle_connections(env.client.port, MAX_SETTING_UP):
+        # the gateway accepts the idle ones in its own time; then one more is closed
+        wait_until(lambda: not banner().startswith(b"SSH-2.0-"), 10, "the connection past the limit to be closed")
+    wait_until(lambda: banner().startswith(b"SSH-2.0-"), 10, "connections to be served again")
     assert env.ssh("observer", "true").returncode == 0
     listing = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "connection.refused", "--json")
     events = [json.loads(line) for line in listing.stdout.splitlines() if line.strip()]
