@@ -708,16 +708,19 @@ _ELEMENT_CALLS = frozenset({"unnest", "array_to_string"})
 _A_SETTING = {"ColumnRef": {"fields": [{"String": {"sval": "setting"}}]}}
 
 
-def _calls_setting_function(item: _Node) -> bool:
-    """A node that calls current_setting() or pg_show_all_settings(), also as ``('primary_conninfo'::text)
-    .current_setting``."""
+def _calls_one_of(item: _Node, names: frozenset[str]) -> bool:
+    """A node that calls a function of ``names``, also in attribute notation (``(oid).lo_get``,
+    ``('primary_conninfo'::text).current_setting``)."""
     call = item.get("FuncCall")
-    if isinstance(call, dict) and _call_name(call) in _SETTING_FUNCTIONS:
+    if isinstance(call, dict) and _call_name(call) in names:
         return True
     indirection = item.get("A_Indirection")
-    return isinstance(indirection, dict) and any(
-        _field_name(f) in _SETTING_FUNCTIONS for f in indirection.get("indirection", ())
-    )
+    return isinstance(indirection, dict) and any(_field_name(f) in names for f in indirection.get("indirection", ()))
+
+
+def _calls_setting_function(item: _Node) -> bool:
+    """A node that calls current_setting() or pg_show_all_settings()."""
+    return _calls_one_of(item, _SETTING_FUNCTIONS)
 
 
 def _setting_source(node: Any, derived: bool, aliases: frozenset[str]) -> bool:
@@ -795,16 +798,8 @@ def _output_expressions(body: _Node) -> Iterator[Any]:
 def _reads_data(node: Any) -> bool:
     """Whether an expression reads stored data: a column, a whole row, a subquery or a large object."""
     for item in _dicts(node):
-        if "ColumnRef" in item or "SubLink" in item:
+        if "ColumnRef" in item or "SubLink" in item or _calls_one_of(item, _DATA_FUNCTIONS):
             return True
-        call = item.get("FuncCall")
-        if isinstance(call, dict) and _call_name(call) in _DATA_FUNCTIONS:
-            return True
-        indirection = item.get("A_Indirection")
-        if isinstance(indirection, dict) and any(
-            _field_name(f) in _DATA_FUNCTIONS for f in indirection.get("indirection", ())
-        ):
-            return True  # (oid).lo_get
     return False
 
 
