@@ -565,13 +565,18 @@ def test_run_refuses_an_unknown_log_level_option(tmp_path: Path):
     assert not (tmp_path / "state").exists()
 
 
-def test_check_with_a_config_creates_no_file_the_config_names(tmp_path: Path):
-    # an SSH target's configured host key is created when the gateway starts; `check -c` made it too
+def _ssh_key_and_known_hosts(key_file: Path, known_hosts: Path, host: str) -> None:
+    """An SSH private key for an upstream, and a known_hosts file that names ``host`` with its public key."""
     import asyncssh
 
     key = asyncssh.generate_private_key("ssh-ed25519")
-    (tmp_path / "ops_key").write_bytes(key.export_private_key())
-    (tmp_path / "known_hosts").write_text("web.internal " + key.export_public_key().decode())
+    key_file.write_bytes(key.export_private_key())
+    known_hosts.write_text(f"{host} " + key.export_public_key().decode())
+
+
+def test_check_with_a_config_creates_no_file_the_config_names(tmp_path: Path):
+    # an SSH target's configured host key is created when the gateway starts; `check -c` made it too
+    _ssh_key_and_known_hosts(tmp_path / "ops_key", tmp_path / "known_hosts", "web.internal")
     config = tmp_path / "lictor.yaml"
     config.write_text(
         f"version: 1\nstate_dir: {tmp_path / 'state'}\n"
@@ -635,12 +640,9 @@ def test_check_strict_fails_on_a_variable_it_read_as_empty(tmp_path: Path):
     ],
 )
 def test_check_refuses_an_upstream_no_connection_can_use(tmp_path: Path, capsys, protocol, upstream, problem):
-    import asyncssh
     from lictor.cli import main
 
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    (tmp_path / "k").write_bytes(key.export_private_key())
-    (tmp_path / "kh").write_text("web " + key.export_public_key().decode())
+    _ssh_key_and_known_hosts(tmp_path / "k", tmp_path / "kh", "web")
     config = tmp_path / "lictor.yaml"
     config.write_text(
         f"version: 1\nstate_dir: {tmp_path / 'state'}\ntargets:\n  t:\n    protocol: {protocol}\n"
