@@ -1979,6 +1979,53 @@ def test_statements_are_recorded_with_masked_params_and_tags(env: PgEnv) -> None
     assert "user5@example.com" not in text
 
 
+def _recorded_statements(env: PgEnv, marker: str, has: str) -> list[dict[str, Any]]:
+    """The statements of the one recorded session whose recording mentions ``marker`` and ``has``."""
+    gw = env.gateway
+    assert gw is not None
+    found: list[dict[str, Any]] = []
+
+    def recorded() -> bool:
+        listing = lictor("sessions", "list", "--json", "--state-dir", str(gw.state_dir), check=False)
+        for session in json.loads(listing.stdout or "[]") if listing.returncode == 0 else []:
+            out = lictor("sessions", "export", session["id"], "--state-dir", str(gw.state_dir), check=False).stdout
+            if marker in out and has in out:
+                events = [json.loads(line) for line in out.splitlines() if line.strip()]
+                found[:] = [e["data"] for e in events if e.get("kind") == "statement"]
+                return True
+        return False
+
+    wait_until(recorded, 20, f"a recording with {marker} and {has}")
+    return found
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_a_statement_running_when_the_agent_goes_is_recorded(env: PgEnv, protocol: str) -> None:
+    # Statements were recorded when the server answered: one still running when the connection ended (the
+    # agent killed, the network gone) was in the audit log's decisions only, not in the session's recording.
+    marker = "running-" + secrets.token_hex(4)
+    sql = f"SELECT pg_sleep(3), '{marker}'"
+    conn = env.connect("writer")
+    if protocol == "simple":
+        conn.pgconn.send_query(sql.encode())
+    else:
+        conn.pgconn.send_query_params(sql.replace(f"'{marker}'", "$1::text").encode(), [marker.encode()])
+    conn.pgconn.flush()
+    running = "pg_sleep(3)"
+    wait_until(
+        lambda: env.direct("SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s", [f"%{running}%"]),
+        15,
+        "the statement to run on the server",
+    )
+    conn.close()
+    [statement] = [s for s in _recorded_statements(env, marker, '"unanswered"') if s.get("error") == "unanswered"]
+    assert statement["decision"] == "allow" and running in statement["sql"], statement
+    if protocol == "extended":
+        assert statement["params"] == [marker], statement
+    else:
+        assert marker in statement["sql"] and statement["ended"] == "agent closed the connection", statement
+
+
 def test_role_passwords_are_neither_recorded_nor_audited(env: PgEnv) -> None:
     import psycopg
 

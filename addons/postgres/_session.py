@@ -902,6 +902,7 @@ class Relay:
             return
         self.closed = True
         self.end_reason = why
+        self._record_unanswered(why)
         if fatal is not None:
             self.agent.write(fatal)
         self.agent.on_data = None
@@ -916,6 +917,31 @@ class Relay:
             task.cancel()
         log.debug("session %s ended: %s", self.session.id, why)
         self._on_done(self)
+
+    def _record_unanswered(self, why: str) -> None:
+        """Statements the server had not answered when the connection ended go into the recording too: the
+        one running then (which may have changed data) is otherwise only in the audit log's decision."""
+        try:
+            for head in self._expect:
+                run = head.run
+                if head.kind == _K_QUERY and isinstance(run, _QueryRun):
+                    for text in run.texts[run.index :]:
+                        self.session.record(
+                            "statement",
+                            {
+                                "sql": redact_secrets(text)[:RECORD_SQL_LIMIT],
+                                "decision": run.decision.action,
+                                "rules": list(run.decision.rule_ids),
+                                "ms": round((time.perf_counter() - run.t0) * 1000, 3),
+                                "error": "unanswered",
+                                "ended": why,
+                            },
+                        )
+                elif head.kind == _K_EXEC and isinstance(run, Execution):
+                    run.error = "unanswered"
+                    self._record_exec(run)
+        except AuditError as exc:
+            log.error("session %s: statements running at its end could not be recorded: %s", self.session.id, exc)
 
     def _fatal(self, sqlstate: str, message: str) -> bytes:
         return pg.error_response("FATAL", sqlstate, message)
