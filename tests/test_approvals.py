@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lictor import AddonManager, Decision, Gateway, GatewayConfig, Identity, Request, load_policy
-from lictor.approvals import ApprovalError, PostgresStore
+from lictor.approvals import Approval, ApprovalError, ApprovalSpec, PostgresStore, SqliteStore
 from lictor.policytest import build_requests
 from lictor_addons import default_addons
 
@@ -550,6 +550,12 @@ def test_bad_approvals_config_is_refused(tmp_path: Path) -> None:
         asyncio.run(make_gateway(tmp_path, {"webhooks": [{"url": "http://x/", "format": "teams"}]}, name="g2"))
     with pytest.raises(ValueError, match="host:port"):
         asyncio.run(make_gateway(tmp_path, {"listen": "8470"}, name="g3"))
+    # a bare number is seconds: `retention: 30` meant as days would remove each decision at once
+    for n, retention in enumerate((30, "30m", "-1d", "soon", float("inf"), float("nan"))):
+        with pytest.raises(ValueError, match=r"approvals\.retention"):
+            asyncio.run(make_gateway(tmp_path, {"retention": retention}, name=f"r{n}"))
+    with pytest.raises(ValueError, match=r"approvals\.retention: True is not of type"):
+        asyncio.run(make_gateway(tmp_path, {"retention": True}, name="r-bool"))
 
 
 # -- webhooks ---------------------------------------------------------------------------------------
@@ -892,6 +898,183 @@ def test_approval_on_one_replica_releases_the_request_held_on_another(tmp_path: 
             PostgresStore(dsn, schema).drop()
 
     run(scenario)
+
+
+# -- retention --------------------------------------------------------------------------------------
+
+DAY = 86400.0
+PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+
+def _request(aid: str, created: float, timeout: float = 900.0, **spec: Any) -> Approval:
+    return Approval(
+        id=aid,
+        status="pending",
+        created_at=created,
+        expires_at=created + timeout,
+        requester_sub="agent-1",
+        requester_iss="lictor",
+        session_id="s-1",
+        peer="test",
+        protocol="postgres",
+        target="db",
+        action="update",
+        summary=f"UPDATE t SET a = 1 -- {aid}",
+        payload=f"UPDATE t SET a = 1 -- {aid}",
+        payload_truncated=False,
+        attrs={},
+        reason=None,
+        digest=hashlib.sha256(aid.encode()).hexdigest(),
+        rule_ids=("update-once",),
+        rule_message="updates need a DBA",
+        policy_version="v1",
+        spec=ApprovalSpec(approvers=("dba",), timeout=timeout, **spec),
+    )
+
+
+def _fill_for_retention(store: Any, now: float) -> tuple[set[str], set[str]]:
+    """Requests in every state, most of them 40 days old, with retention 30 days in mind: (the ids that ended
+    before it, the ids that must stay)."""
+    requester = ident("agent-1", "agent")
+    old = now - 40 * DAY
+    gone: set[str] = set()
+    kept: set[str] = set()
+
+    def new(aid: str, created: float, timeout: float = 900.0, **spec: Any) -> str:
+        assert store.create(_request(aid, created, timeout, **spec))
+        return aid
+
+    gone.add(new("ap-denied0000", old))
+    store.vote("ap-denied0000", DBA1, "deny", "no", old + 60)
+    gone.add(new("ap-expired000", old))
+    assert store.expire_due(old + 900) == ["ap-expired000"]
+    gone.add(new("ap-used000000", old))
+    store.vote("ap-used000000", DBA1, "approve", "", old + 60)
+    assert store.consume("ap-used000000", _request("ap-used000000", old).digest, requester, old + 90, old - 840)
+    gone.add(new("ap-withdrawn0", old))
+    assert store.withdraw("ap-withdrawn0", "the agent stopped waiting", old + 30)
+    gone.add(new("ap-stale00000", old))  # approved, never used, and its window of use closed 40 days ago
+    store.vote("ap-stale00000", DBA1, "approve", "", old + 60)
+    gone.add(new("ap-elevended0", old, scope="elevation", elevate_roles=("writer",), elevate_duration=3600.0))
+    store.vote("ap-elevended0", DBA1, "approve", "", old + 60)  # its elevation ended 40 days ago
+
+    kept.add(new("ap-pending000", old, timeout=50 * DAY))  # still waiting for approvers
+    kept.add(new("ap-overdue000", old))  # past its deadline, but nothing has expired it yet: still pending
+    kept.add(new("ap-usable0000", old, timeout=45 * DAY))  # approved 40 days ago, usable for 45
+    store.vote("ap-usable0000", DBA2, "approve", "", old + 60)
+    elevated = new("ap-elevlive00", old, scope="elevation", elevate_roles=("writer",), elevate_duration=60 * DAY)
+    store.vote(elevated, DBA1, "approve", "", old + 60)  # its elevation lasts 20 more days
+    assert store.consume(elevated, _request(elevated, old).digest, requester, old + 90, old - 840)
+    kept.add(elevated)
+    kept.add(new("ap-recent0000", now - DAY))
+    store.vote("ap-recent0000", DBA1, "deny", "no", now - DAY + 60)
+    kept.add(new("ap-border0000", now - 30 * DAY + 600))  # denied 30 days ago less ten minutes
+    store.vote("ap-border0000", DBA1, "deny", "no", now - 30 * DAY + 600)
+    return gone, kept
+
+
+def _rows(store: Any, table: str, ids: set[str]) -> int:
+    column = "id" if table == "approvals" else "approval_id"
+    with store._tx() as cur:
+        marks = ", ".join("?" for _ in ids)
+        cur.execute(store._sql(f"SELECT count(*) FROM {{{table}}} WHERE {column} IN ({marks})"), tuple(ids))
+        return int(cur.fetchone()[0])
+
+
+def _check_retention(store: Any) -> None:
+    now = time.time()
+    gone, kept = _fill_for_retention(store, now)
+    assert _rows(store, "votes", gone) == 4 and _rows(store, "elevations", gone) == 1
+    removed: list[str] = []
+    while batch := store.prune(now - 30 * DAY, 2):  # small batches, each its own transaction
+        assert len(batch) <= 2
+        removed += batch
+    assert sorted(removed) == sorted(gone)
+    for table in ("approvals", "votes", "elevations"):
+        assert _rows(store, table, gone) == 0, table
+    for aid in gone:
+        assert store.get(aid) is None
+    assert {a.id for a in store.recent(limit=100)} == kept
+    assert [e.approval_id for e in store.elevations(now)] == ["ap-elevlive00"]
+    usable = store.get("ap-usable0000")
+    assert usable is not None and usable.status == "approved" and [v.subject for v in usable.votes] == ["dba-2"]
+    # what stayed still works: the usable approval is used once, the pending request can be decided
+    digest = _request("ap-usable0000", 0).digest
+    assert store.consume("ap-usable0000", digest, ident("agent-1", "agent"), now, now - 45 * DAY)
+    assert store.vote("ap-pending000", DBA1, "approve", "", now).decided
+    assert store.prune(now - 30 * DAY, 100) == []
+
+
+def test_retention_removes_requests_that_ended_and_keeps_the_rest_sqlite(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "approvals.db")
+    try:
+        _check_retention(store)
+    finally:
+        store.close()
+
+
+def test_retention_removes_requests_that_ended_and_keeps_the_rest_postgres() -> None:
+    require(_postgres_up(), "PostgreSQL at 127.0.0.1:5432 (database test) is not reachable")
+    store = PostgresStore(PG_DSN, f"lictor_test_{secrets.token_hex(4)}")
+    try:
+        _check_retention(store)
+    finally:
+        store.drop()
+        store.close()
+
+
+def test_replicas_pruning_at_once_remove_each_request_once_and_skip_locked_ones() -> None:
+    require(_postgres_up(), "PostgreSQL at 127.0.0.1:5432 (database test) is not reachable")
+    import psycopg
+
+    schema = f"lictor_test_{secrets.token_hex(4)}"
+    first, second = PostgresStore(PG_DSN, schema), PostgresStore(PG_DSN, schema)
+    try:
+        now = time.time()
+        old = now - 40 * DAY
+        ids = {f"ap-{i:010x}" for i in range(120)}
+        for aid in sorted(ids):
+            assert first.create(_request(aid, old))
+            first.vote(aid, DBA1, "deny", "no", old + 60)
+        # a vote or withdrawal in progress on another replica holds a request's row: pruning passes it by
+        with psycopg.connect(PG_DSN, autocommit=False) as holder:
+            holder.execute(f"SELECT id FROM {schema}.approvals WHERE id = %s FOR UPDATE", ("ap-0000000000",))
+            outcome: dict[str, list[str]] = {}
+            pruner = threading.Thread(target=lambda: outcome.setdefault("ids", first.prune(now - 30 * DAY, 500)))
+            pruner.start()
+            pruner.join(10)
+            assert not pruner.is_alive(), "pruning waited for a locked request"
+            assert sorted(outcome["ids"]) == sorted(ids - {"ap-0000000000"})
+            holder.rollback()
+        assert first.prune(now - 30 * DAY, 500) == ["ap-0000000000"]
+
+        # two replicas pruning the same backlog at once, in small batches
+        again = {"ap-1" + aid[4:] for aid in ids}
+        for aid in sorted(again):
+            assert first.create(_request(aid, old))
+            first.vote(aid, DBA1, "deny", "no", old + 60)
+        removed: list[list[str]] = [[], []]
+        errors: list[BaseException] = []
+
+        def prune(store: PostgresStore, into: list[str]) -> None:
+            try:
+                while batch := store.prune(now - 30 * DAY, 7):
+                    into.extend(batch)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=prune, args=(s, r)) for s, r in zip((first, second), removed, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors and not any(t.is_alive() for t in threads)
+        assert sorted(removed[0] + removed[1]) == sorted(again)  # each removed once, by one of them
+        assert first.recent(limit=1000) == []
+    finally:
+        first.drop()
+        first.close()
+        second.close()
 
 
 def test_request_digest_is_stable_and_unambiguous() -> None:

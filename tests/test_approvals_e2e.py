@@ -17,6 +17,7 @@ import re
 import select
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -161,6 +162,52 @@ def test_cli_lists_shows_approves_and_denies_held_commands(approvals_gateway: An
     kinds = audit_kinds(gw)
     assert kinds.count("approval.created") == 2 and kinds.count("approval.decided") == 2
     assert "approval.refused" in kinds and "approval.used" in kinds
+
+
+def test_requests_that_ended_longer_than_the_retention_ago_leave_the_store_not_the_audit_log(
+    approvals_gateway: Any,
+) -> None:
+    gw = approvals_gateway
+    dba = gw.token("dba-1", role="dba")
+    agent = LineAgent(gw.line_port, gw.token("agent-1", role="agent"))
+    old, _ = agent.held("restart api")
+    lictor("approvals", "deny", old, "--url", gw.url, "--token", dba, "--reason", "not during peak")
+    assert agent.recv().startswith("DENIED ")
+    recent, _ = agent.held("restart db")
+    lictor("approvals", "deny", recent, "--url", gw.url, "--token", dba, "--reason", "later")
+    assert agent.recv().startswith("DENIED ")
+    agent.close()
+    gw.stop()
+    forty_days = 40 * 86400.0  # pass for the first request: its times move back
+    with contextlib.closing(sqlite3.connect(gw.state_dir / "approvals.db")) as db, db:
+        db.execute(
+            "UPDATE approvals SET created_at = created_at - ?, expires_at = expires_at - ?, "
+            "decided_at = decided_at - ? WHERE id = ?",
+            (forty_days, forty_days, forty_days, old),
+        )
+    gw.start()  # the first pruning pass runs as the gateway starts (default retention: 30d)
+    wait_until(lambda: "approvals: removed 1 request(s) that ended more than 30d ago" in gw.log(), 20, "pruning")
+
+    gone = f"not found: no approval request {old} that you may decide (requests that ended are removed from the store "
+    shown = lictor("approvals", "show", old, "--url", gw.url, "--token", dba, check=False)
+    assert shown.returncode == 1 and gone in shown.stderr and "the audit log keeps their decisions" in shown.stderr
+    approve = lictor("approvals", "approve", old, "--yes", "--url", gw.url, "--token", dba, check=False)
+    assert approve.returncode == 1 and f"not found: no approval request {old} (" in approve.stderr
+    history = lictor("approvals", "list", "--decided", "--url", gw.url, "--token", dba).stdout
+    assert recent in history and old not in history
+    kept = json.loads(lictor("approvals", "show", recent, "--json", "--url", gw.url, "--token", dba).stdout)
+    assert kept["status"] == "denied" and kept["decision_reason"] == "later"
+
+    # the audit log still holds who asked for what, and who decided what, and why
+    out = lictor("audit", "list", "--json", "--state-dir", str(gw.state_dir)).stdout
+    events = [json.loads(line) for line in out.splitlines() if line.strip()]
+    about = {e["kind"]: e for e in events if e.get("id") == old}
+    assert about["approval.created"]["request"]["summary"] == "restart api"
+    assert about["approval.created"]["requester"]["sub"] == "agent-1"
+    assert about["approval.voted"]["approver"]["sub"] == "dba-1" and about["approval.voted"]["verdict"] == "deny"
+    assert about["approval.decided"]["status"] == "denied" and about["approval.decided"]["reason"] == "not during peak"
+    (pruned,) = [e for e in events if e["kind"] == "approval.pruned"]
+    assert pruned["ids"] == [old] and pruned["retention"] == 30 * 86400
 
 
 def test_a_request_approved_after_the_agents_token_expired_does_not_run(approvals_gateway: Any) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import threading
@@ -93,6 +94,10 @@ CONFIG_SCHEMA: dict[str, Any] = {
             "minimum": 1,
             "description": "requests one identity may have waiting at a time (default 20)",
         },
+        "retention": {
+            "type": ["string", "number"],
+            "description": "how long requests that ended stay in the store (default 30d, at least 1h)",
+        },
         "webhook_attempts": {"type": "integer", "minimum": 1, "maximum": 20},
         "webhook_backoff": {"type": ["string", "number"]},
         "webhooks": {
@@ -118,6 +123,26 @@ DEFAULT_MAX_PENDING = 20
 
 PASS_TTL = 60.0  # seconds a redeemed ticket waits for the retried request to reach hold()
 
+# Requests that ended (and their votes and elevations) stay in the store this long; the audit log keeps their
+# decisions for good. Shorter than an hour is refused: a bare number is seconds, and ``retention: 30`` meant
+# as days would remove each decision half a minute after it was made.
+DEFAULT_RETENTION = "30d"
+MIN_RETENTION = 3600.0
+PRUNE_INTERVAL = 600.0  # seconds between pruning passes (the first one runs when the broker starts)
+PRUNE_BATCH = 500  # requests removed per transaction: no pass holds the store's lock for long
+PRUNE_BATCHES = 20  # transactions per sweep; a larger backlog goes on at the next sweep
+
+
+def parse_retention(value: str | float) -> float:
+    """``approvals.retention`` in seconds: a finite duration of at least :data:`MIN_RETENTION`."""
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise ValueError(f"approvals.retention: {exc}") from None
+    if not math.isfinite(seconds) or seconds < MIN_RETENTION:
+        raise ValueError(f"approvals.retention {value!r}: use a duration of at least 1h, e.g. 30d")
+    return seconds
+
 
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
@@ -140,6 +165,7 @@ class ApprovalBroker:
         poll_interval: float = 2.0,
         session_ttl: float = 8 * 3600.0,
         max_pending_per_requester: int = DEFAULT_MAX_PENDING,
+        retention: float = 30 * 86400.0,
     ) -> None:
         self.gateway = gateway
         self.store = store
@@ -149,6 +175,8 @@ class ApprovalBroker:
         self.poll_interval = poll_interval
         self.session_ttl = session_ttl
         self.max_pending_per_requester = max_pending_per_requester
+        self.retention = retention
+        self._prune_at = 0.0  # time.monotonic() of the next pruning pass
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.server: HttpServer | None = None
         self.web: WebApp | None = None
@@ -220,6 +248,7 @@ class ApprovalBroker:
             "poll_interval": parse_duration(section.get("poll_interval", 2.0)),
             "session_ttl": parse_duration(section.get("session_ttl", "8h")),
             "max_pending_per_requester": int(section.get("max_pending_per_requester", DEFAULT_MAX_PENDING)),
+            "retention": parse_retention(section.get("retention", DEFAULT_RETENTION)),
         }
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -293,7 +322,8 @@ class ApprovalBroker:
         self._started = False
 
     async def _sweeper(self) -> None:
-        """Expire overdue requests (ticket mode has nobody waiting) and refresh elevations."""
+        """Expire overdue requests (ticket mode has nobody waiting), refresh elevations and remove requests
+        that ended longer than the retention ago."""
         assert self._refresh_wanted is not None
         healthy = True
         while True:
@@ -306,6 +336,7 @@ class ApprovalBroker:
                 for approval_id in await asyncio.to_thread(self.store.expire_due, time.time()):
                     await self._announce_expired(approval_id)
                 await self._refresh_elevations()
+                await self._prune()
                 if not healthy:
                     log.warning("approvals: the store is reachable again")
                     healthy = True
@@ -315,6 +346,41 @@ class ApprovalBroker:
                 if healthy:  # once per outage, not once per poll
                     log.error("approvals: store unavailable (%s); new approvals are denied until it is back", exc)
                     healthy = False
+
+    async def _prune(self) -> None:
+        """One pruning pass when it is due: requests that ended before ``now - retention`` go, a batch per
+        transaction (see :meth:`~lictor.approvals.store._SqlStore.prune` for what counts as ended). Each
+        batch removed is audited (``approval.pruned``, with the ids) and the pass logged."""
+        if time.monotonic() < self._prune_at:
+            return
+        before = time.time() - self.retention
+        removed = 0
+        full = False
+        try:
+            for _ in range(PRUNE_BATCHES):
+                ids = await asyncio.to_thread(self.store.prune, before, PRUNE_BATCH)
+                if ids:
+                    removed += len(ids)
+                    self.gateway.audit_event(
+                        "approval.pruned",
+                        {"ids": ids, "retention": self.retention, "ended_before": before},
+                        fail_closed=False,
+                    )
+                full = len(ids) == PRUNE_BATCH
+                if not full:
+                    break
+        except Exception as exc:  # nothing is removed then, which is safe; approvals go on
+            log.warning("approvals: removing requests past approvals.retention failed (%s); retrying later", exc)
+            full = False
+        # a backlog larger than one pass goes on at the next sweep, the expiry of pending requests in between
+        self._prune_at = time.monotonic() + (0.0 if full else PRUNE_INTERVAL)
+        if removed:
+            log.info(
+                "approvals: removed %d request(s) that ended more than %s ago from the store (approvals.retention); "
+                "the audit log keeps their decisions",
+                removed,
+                format_duration(self.retention),
+            )
 
     def _on_change(self, approval_id: str) -> None:
         """Another replica (or this one) changed ``approval_id`` ("" = anything)."""
@@ -760,6 +826,13 @@ class ApprovalBroker:
     async def get(self, approval_id: str) -> Approval | None:
         return await asyncio.to_thread(self.store.get, approval_id)
 
+    def not_found(self, approval_id: str, suffix: str = "") -> str:
+        """What an approver is told about an id the store does not hold (or holds, but not for them)."""
+        return (
+            f"no approval request {approval_id}{suffix} (requests that ended are removed from the store "
+            f"{format_duration(self.retention)} later; the audit log keeps their decisions)"
+        )
+
     async def recent(self, *, pending: bool | None = None, limit: int = 100) -> list[Approval]:
         """The newest approvals (``pending`` True: waiting ones; False: decided ones; None: all)."""
         return await asyncio.to_thread(lambda: self.store.recent(pending=pending, limit=limit))
@@ -771,7 +844,7 @@ class ApprovalBroker:
             raise ApprovalError("a denial needs a reason (the agent is told why)", 400)
         approval = await asyncio.to_thread(self.store.get, approval_id)
         if approval is None:
-            raise ApprovalError(f"no approval request {approval_id}", 404)
+            raise ApprovalError(self.not_found(approval_id), 404)
         if approval.is_requester(approver):
             self.gateway.audit_event(
                 "approval.refused",

@@ -85,6 +85,8 @@ def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any]
             message = json.loads(exc.read()).get("error", "")
         except ValueError:
             message = ""
+        if exc.code == 404:
+            raise CliError(f"not found: {message or exc.reason}") from None
         raise CliError(f"gateway refused ({exc.code}): {message or exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)

@@ -122,6 +122,8 @@ class ApprovalStore(Protocol):
 
     def elevations(self, now: float) -> list[Elevation]: ...
 
+    def prune(self, before: float, limit: int) -> list[str]: ...
+
     def close(self) -> None: ...
 
 
@@ -134,6 +136,7 @@ class _SqlStore:
 
     notifies = False
     _for_update = ""
+    _skip_locked = ""
     _pyformat = False
 
     def __init__(self) -> None:
@@ -168,6 +171,7 @@ class _SqlStore:
                 replica TEXT NOT NULL, decided_at {real}, decided_by TEXT NOT NULL DEFAULT '[]',
                 decision_reason TEXT NOT NULL DEFAULT '', used_at {real}, elevated_until {real})""",
             f"CREATE INDEX IF NOT EXISTS {a.replace('.', '_')}_pending ON {a} (status, expires_at)",
+            f"CREATE INDEX IF NOT EXISTS {a.replace('.', '_')}_decided ON {a} (decided_at)",
             f"""CREATE TABLE IF NOT EXISTS {v} (
                 approval_id TEXT NOT NULL, voter_sub TEXT NOT NULL, voter_iss TEXT NOT NULL,
                 verdict TEXT NOT NULL, reason TEXT NOT NULL, at {real} NOT NULL, claims TEXT NOT NULL,
@@ -476,6 +480,49 @@ class _SqlStore:
                 for sub, iss, target, roles, until, aid in cur.fetchall()
             ]
 
+    def prune(self, before: float, limit: int) -> list[str]:
+        """Remove at most ``limit`` requests that ended before ``before``, with their votes and elevations, in
+        one short transaction; returns the ids removed (oldest first).
+
+        A request ends when nothing can change it or come of it any more: denied or expired when decided;
+        used when used; approved or withdrawn when its window of use (the rule's timeout after the
+        approval, ``expires_at - created_at``) has passed, since an approval withdrawn when its request
+        resumed was withdrawn within that window. An elevation it granted must have ended before
+        ``before`` too. Pending requests, and statuses not named here, are never removed. On PostgreSQL
+        the rows are locked ``SKIP LOCKED``: replicas pruning at once remove different requests, and a
+        vote or withdrawal in progress is neither waited for nor lost.
+        """
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT a.id FROM {approvals} AS a WHERE a.status IN (?, ?, ?, ?, ?) AND a.decided_at < ? "
+                    "AND (CASE WHEN a.status IN (?, ?) THEN a.decided_at WHEN a.status = ? THEN a.used_at "
+                    "ELSE a.decided_at + (a.expires_at - a.created_at) END) < ? "
+                    "AND (a.elevated_until IS NULL OR a.elevated_until < ?) "
+                    "AND NOT EXISTS (SELECT 1 FROM {elevations} AS e WHERE e.approval_id = a.id AND e.until >= ?) "
+                    "ORDER BY a.decided_at LIMIT ?{skip_locked}",
+                    skip_locked=self._skip_locked,
+                ),
+                (
+                    *(APPROVED, USED, DENIED, EXPIRED, WITHDRAWN),
+                    before,
+                    *(DENIED, EXPIRED),
+                    USED,
+                    before,
+                    before,
+                    before,
+                    int(limit),
+                ),
+            )
+            ids = [str(r[0]) for r in cur.fetchall()]
+            if not ids:
+                return []
+            marks = ", ".join("?" for _ in ids)
+            cur.execute(self._sql("DELETE FROM {votes} WHERE approval_id IN ({marks})", marks=marks), tuple(ids))
+            cur.execute(self._sql("DELETE FROM {elevations} WHERE approval_id IN ({marks})", marks=marks), tuple(ids))
+            cur.execute(self._sql("DELETE FROM {approvals} WHERE id IN ({marks})", marks=marks), tuple(ids))
+            return ids
+
 
 class SqliteStore(_SqlStore):
     """The default store: a SQLite file in the state directory (one gateway process)."""
@@ -524,6 +571,7 @@ class PostgresStore(_SqlStore):
 
     notifies = True
     _for_update = " FOR UPDATE"
+    _skip_locked = " FOR UPDATE SKIP LOCKED"
     _pyformat = True
 
     def __init__(self, dsn: str, schema: str = "lictor") -> None:

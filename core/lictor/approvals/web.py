@@ -333,8 +333,13 @@ class WebApp:
     ) -> HttpResponse:
         a = await self.broker.get(approval_id)
         if a is None or not self.broker.may_view(identity, a):
+            kept = format_duration(self.broker.retention)
             return self.page(
-                "Not found", "<p>No such approval request, or it is not yours to decide.</p>", request, 404
+                "Not found",
+                "<p>No such approval request, or it is not yours to decide. Requests that ended are removed "
+                f"{kept} later; the audit log keeps their decisions.</p>",
+                request,
+                404,
             )
         now = time.time()
         done = request.param("done")
@@ -469,7 +474,7 @@ class WebApp:
             return HttpResponse.json({"error": "not found"}, 404)
         a = await self.broker.get(rest)
         if a is None or not self.broker.may_view(identity, a):
-            return HttpResponse.json({"error": f"no approval request {rest} that you may decide"}, 404)
+            return HttpResponse.json({"error": self.broker.not_found(rest, " that you may decide")}, 404)
         return HttpResponse.json({"now": now, "approval": a.to_json()})
 
     async def api_post(self, request: HttpRequest) -> HttpResponse:
