@@ -25,7 +25,7 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lictor import AddonManager, Decision, Gateway, GatewayConfig, Identity, Request, load_policy
+from lictor import AddonManager, AuditError, Decision, Gateway, GatewayConfig, Identity, Request, load_policy
 from lictor.approvals import Approval, ApprovalError, ApprovalSpec, PostgresStore, SqliteStore
 from lictor.policytest import build_requests
 from lictor_addons import default_addons
@@ -122,13 +122,19 @@ def write_pack(directory: Path, text: str = PACK) -> Path:
 
 
 async def make_gateway(
-    tmp_path: Path, approvals: dict[str, Any] | None = None, name: str = "gw", identity: dict[str, Any] | None = None
+    tmp_path: Path,
+    approvals: dict[str, Any] | None = None,
+    name: str = "gw",
+    identity: dict[str, Any] | None = None,
+    recordings: dict[str, Any] | None = None,
 ) -> Gateway:
     packs = write_pack(tmp_path / "packs")
     state = tmp_path / name
     raw = {"version": 1, "state_dir": str(state), "rulepacks": [str(packs)], "approvals": approvals or {}}
     if identity is not None:
         raw["identity"] = identity
+    if recordings is not None:
+        raw["recordings"] = recordings
     config = GatewayConfig(None, state, raw, rulepacks=[packs])
     manager = AddonManager()
     manager.add(*default_addons())
@@ -538,6 +544,40 @@ def test_an_agent_that_goes_away_withdraws_its_request(tmp_path: Path) -> None:
         assert (await gw.approvals.get(aid)).status == "withdrawn"  # type: ignore[union-attr]
         with pytest.raises(ApprovalError, match="already withdrawn"):
             await gw.approvals.vote(DBA1, aid, "approve")  # type: ignore[union-attr]
+        await gw.stop()
+
+    run(scenario)
+
+
+def test_a_vote_the_store_took_reaches_the_audit_log_even_when_the_spool_is_full_at_that_moment(
+    tmp_path: Path,
+) -> None:
+    # The store records a vote before it is audited: refusing the audit event then would undo nothing, and
+    # would leave the vote and its outcome only in the store, which approvals.retention empties.
+    async def scenario() -> None:
+        spool = {"max_bytes": 60_000, "segment_bytes": 8192, "reserve_bytes": 8192}
+        gw = await make_gateway(tmp_path, recordings={"drain": "thread", "spool": spool})
+        broker = gw.approvals
+        assert broker is not None
+        agent = await Agent(gw, ident("agent-15", "agent")).open()
+        aid = (await agent.session.decide(sql(gw, "DROP TABLE archive_2019"))).approval_id
+        assert aid
+        for drainer in gw.recordings.drainers:
+            drainer.stop()  # the only sink stops taking events: the spool fills up
+        with pytest.raises(AuditError, match="full"):
+            for i in range(1000):
+                gw.audit_event("test.filler", {"n": i, "pad": "x" * 500})
+        after = await broker.vote(DBA1, aid, "approve", "checked the backup")
+        assert after.status == "approved"
+        for drainer in gw.recordings.drainers:
+            drainer.start()
+        assert gw.recordings.flush(10)
+        gw.audit_event("test.after", {})  # the next event that gets through writes the ones kept meanwhile
+        assert gw.recordings.flush(10)
+        (voted,) = [e for e in audit(gw, "approval.voted") if e["id"] == aid]
+        (decided,) = [e for e in audit(gw, "approval.decided") if e["id"] == aid]
+        assert voted["approver"]["sub"] == "dba-1" and voted["reason"] == "checked the backup"
+        assert decided["status"] == "approved" and decided["delayed"] is True
         await gw.stop()
 
     run(scenario)

@@ -865,9 +865,12 @@ class ApprovalBroker:
             )
         result = await asyncio.to_thread(self.store.vote, approval_id, approver, verdict, reason, time.time())
         after = result.approval
+        # The store has the vote (and the outcome) already: these events report what happened, and wait in the
+        # gateway's backlog while the spool takes no writes (refusing them would only lose them).
         self.gateway.audit_event(
             "approval.voted",
             {"id": approval_id, "approver": approver.to_json(), "verdict": verdict, "reason": reason},
+            fail_closed=False,
         )
         if result.decided:
             self.gateway.audit_event(
@@ -880,6 +883,7 @@ class ApprovalBroker:
                     "votes": [v.to_json() for v in after.votes],
                     "elevated_until": after.elevated_until,
                 },
+                fail_closed=False,
             )
             self.webhooks.emit("approval.decided", after)
             if after.status == APPROVED:
