@@ -583,6 +583,39 @@ def test_a_vote_the_store_took_reaches_the_audit_log_even_when_the_spool_is_full
     run(scenario)
 
 
+def test_an_approval_the_store_marked_used_reaches_the_audit_log_even_when_the_spool_is_full(tmp_path: Path) -> None:
+    # The store marks the approval used before that is audited: refusing the event then left the approval
+    # used up with no trace of it in the audit log, which approvals.retention leaves as the only record.
+    async def scenario() -> None:
+        spool = {"max_bytes": 60_000, "segment_bytes": 8192, "reserve_bytes": 8192}
+        gw = await make_gateway(tmp_path, recordings={"drain": "thread", "spool": spool})
+        broker = gw.approvals
+        assert broker is not None
+        agent = await Agent(gw, ident("agent-16", "agent")).open()
+        task = agent.ask(sql(gw, "UPDATE t SET a = 2 WHERE id = 2"))
+        aid = await agent.held()
+        for drainer in gw.recordings.drainers:
+            drainer.stop()
+        with pytest.raises(AuditError, match="full"):
+            for i in range(1000):
+                gw.audit_event("test.filler", {"n": i, "pad": "x" * 500})
+        await broker.vote(DBA1, aid, "approve", "checked the backup")
+        with contextlib.suppress(AuditError):
+            decision = await task
+            assert decision.action == "deny", decision  # what cannot be audited does not run
+        assert (await broker.get(aid)).status == "used"  # type: ignore[union-attr]
+        for drainer in gw.recordings.drainers:
+            drainer.start()
+        assert gw.recordings.flush(10)
+        gw.audit_event("test.after", {})
+        assert gw.recordings.flush(10)
+        (used,) = [e for e in audit(gw, "approval.used") if e["id"] == aid]
+        assert used["session"] == agent.session.id and used["delayed"] is True
+        await gw.stop()
+
+    run(scenario)
+
+
 def test_bad_approvals_config_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="colour"):
         asyncio.run(make_gateway(tmp_path, {"colour": "red"}))

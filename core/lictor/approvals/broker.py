@@ -732,9 +732,12 @@ class ApprovalBroker:
             )
             if not ok:
                 return self._deny(decision, approval_id, f"approval {approval_id} was already used; denied", USED)
+        # The store has it used up already: the event reports what happened and waits in the gateway's backlog
+        # while the spool takes no writes. The request itself is audited (fail closed) when it is decided.
         self.gateway.audit_event(
             "approval.used",
             {"id": approval_id, "session": session.id, "digest": digest, "live_action": live.action},
+            fail_closed=False,
         )
         if approval.elevated_until is not None:
             self._add_elevation(approval)
