@@ -549,31 +549,45 @@ def test_an_agent_that_goes_away_withdraws_its_request(tmp_path: Path) -> None:
     run(scenario)
 
 
+async def _gateway_with_a_small_spool(tmp_path: Path) -> Gateway:
+    spool = {"max_bytes": 60_000, "segment_bytes": 8192, "reserve_bytes": 8192}
+    return await make_gateway(tmp_path, recordings={"drain": "thread", "spool": spool})
+
+
+def _fill_the_spool(gw: Gateway) -> None:
+    """Stop the only sink and write until the spool takes no more."""
+    for drainer in gw.recordings.drainers:
+        drainer.stop()
+    with pytest.raises(AuditError, match="full"):
+        for i in range(1000):
+            gw.audit_event("test.filler", {"n": i, "pad": "x" * 500})
+
+
+def _drain_the_spool(gw: Gateway) -> None:
+    """Start the sink again; the next event that gets through writes the ones the gateway kept meanwhile."""
+    for drainer in gw.recordings.drainers:
+        drainer.start()
+    assert gw.recordings.flush(10)
+    gw.audit_event("test.after", {})
+    assert gw.recordings.flush(10)
+
+
 def test_a_vote_the_store_took_reaches_the_audit_log_even_when_the_spool_is_full_at_that_moment(
     tmp_path: Path,
 ) -> None:
     # The store records a vote before it is audited: refusing the audit event then would undo nothing, and
     # would leave the vote and its outcome only in the store, which approvals.retention empties.
     async def scenario() -> None:
-        spool = {"max_bytes": 60_000, "segment_bytes": 8192, "reserve_bytes": 8192}
-        gw = await make_gateway(tmp_path, recordings={"drain": "thread", "spool": spool})
+        gw = await _gateway_with_a_small_spool(tmp_path)
         broker = gw.approvals
         assert broker is not None
         agent = await Agent(gw, ident("agent-15", "agent")).open()
         aid = (await agent.session.decide(sql(gw, "DROP TABLE archive_2019"))).approval_id
         assert aid
-        for drainer in gw.recordings.drainers:
-            drainer.stop()  # the only sink stops taking events: the spool fills up
-        with pytest.raises(AuditError, match="full"):
-            for i in range(1000):
-                gw.audit_event("test.filler", {"n": i, "pad": "x" * 500})
+        _fill_the_spool(gw)
         after = await broker.vote(DBA1, aid, "approve", "checked the backup")
         assert after.status == "approved"
-        for drainer in gw.recordings.drainers:
-            drainer.start()
-        assert gw.recordings.flush(10)
-        gw.audit_event("test.after", {})  # the next event that gets through writes the ones kept meanwhile
-        assert gw.recordings.flush(10)
+        _drain_the_spool(gw)
         (voted,) = [e for e in audit(gw, "approval.voted") if e["id"] == aid]
         (decided,) = [e for e in audit(gw, "approval.decided") if e["id"] == aid]
         assert voted["approver"]["sub"] == "dba-1" and voted["reason"] == "checked the backup"
@@ -587,28 +601,19 @@ def test_an_approval_the_store_marked_used_reaches_the_audit_log_even_when_the_s
     # The store marks the approval used before that is audited: refusing the event then left the approval
     # used up with no trace of it in the audit log, which approvals.retention leaves as the only record.
     async def scenario() -> None:
-        spool = {"max_bytes": 60_000, "segment_bytes": 8192, "reserve_bytes": 8192}
-        gw = await make_gateway(tmp_path, recordings={"drain": "thread", "spool": spool})
+        gw = await _gateway_with_a_small_spool(tmp_path)
         broker = gw.approvals
         assert broker is not None
         agent = await Agent(gw, ident("agent-16", "agent")).open()
         task = agent.ask(sql(gw, "UPDATE t SET a = 2 WHERE id = 2"))
         aid = await agent.held()
-        for drainer in gw.recordings.drainers:
-            drainer.stop()
-        with pytest.raises(AuditError, match="full"):
-            for i in range(1000):
-                gw.audit_event("test.filler", {"n": i, "pad": "x" * 500})
+        _fill_the_spool(gw)
         await broker.vote(DBA1, aid, "approve", "checked the backup")
         with contextlib.suppress(AuditError):
             decision = await task
             assert decision.action == "deny", decision  # what cannot be audited does not run
         assert (await broker.get(aid)).status == "used"  # type: ignore[union-attr]
-        for drainer in gw.recordings.drainers:
-            drainer.start()
-        assert gw.recordings.flush(10)
-        gw.audit_event("test.after", {})
-        assert gw.recordings.flush(10)
+        _drain_the_spool(gw)
         (used,) = [e for e in audit(gw, "approval.used") if e["id"] == aid]
         assert used["session"] == agent.session.id and used["delayed"] is True
         await gw.stop()
