@@ -521,6 +521,25 @@ def test_nesting_is_bounded() -> None:
         classify(nest(_classify.MAX_NESTING + 2))
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "SELECT {open}setting{close} FROM pg_settings",
+        "SELECT {open}current_setting('work_mem'){close}",
+        "SELECT {open}1{close}",
+    ],
+)
+def test_deep_nesting_is_a_classification_error_at_every_depth(shape: str) -> None:
+    # The parser takes trees deeper than the recursive walks over them (the settings analysis): between the
+    # two, a RecursionError escaped, and the connection ended without the statement in any decision.
+    for depth in range(100, 700, 20):
+        sql = shape.format(open="upper(" * depth, close=")" * depth)
+        try:
+            classify(sql)
+        except ClassificationError as exc:
+            assert "too deeply" in str(exc) or "memory exhausted" in str(exc), exc
+
+
 def test_cache_returns_equal_immutable_results() -> None:
     sql = "SELECT a FROM cached_table WHERE id = 1"
     first = classify(sql)

@@ -976,6 +976,24 @@ def test_denial_inside_a_transaction_fails_the_transaction(env: PgEnv) -> None:
     assert env.fingerprint() == before
 
 
+def test_statements_nested_too_deeply_to_analyze_are_denied_and_the_connection_stays(env: PgEnv) -> None:
+    import psycopg
+
+    denied = 0
+    with env.connect("dba", autocommit=True) as conn:
+        for depth in range(200, 600, 25):
+            sql = "SELECT " + "upper(" * depth + "setting" + ")" * depth + " FROM pg_settings WHERE name = 'work_mem'"
+            try:
+                conn.execute(sql)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                assert "too deeply" in str(exc) or "memory exhausted" in str(exc), exc
+                denied += 1
+            except psycopg.errors.ProgramLimitExceeded:
+                pass  # the server's own limit
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert denied
+
+
 def test_connection_usable_after_denials_simple_and_extended(env: PgEnv) -> None:
     import psycopg
 

@@ -2095,58 +2095,67 @@ def _statements(sql: str) -> Iterator[Statement]:
         raise ClassificationError("NUL character in SQL text")
     encoded = None if sql.isascii() else sql.encode("utf-8")
     for raw in _parse(sql, ""):
-        stmt: _Node = raw["stmt"]
-        location = raw.get("stmt_location", 0)
-        length = raw.get("stmt_len", 0)
-        text = _slice(sql, encoded, location, length)
-        ((node_type, body),) = stmt.items()
-        analysis = _Analysis()
-        analysis.statement(stmt, lambda text=text: text, 0)
-        kind = analysis.root_kind or "unknown"
-        analysis.kinds.add(kind)
-        kinds = frozenset(analysis.kinds)
-        prepared = body.get("name") if node_type in ("PrepareStmt", "ExecuteStmt", "DeallocateStmt") else None
-        dynamic = analysis.dynamic
-        modifies = (
-            bool(kinds & MODIFYING_KINDS)
-            or analysis.locks
-            or dynamic
-            or analysis.copy_target in ("file", "program")
-            or not analysis.functions.isdisjoint(MODIFYING_FUNCTIONS)
-        )
-        yield Statement(
-            kind=kind,
-            kinds=kinds,
-            text=text,
-            node=node_type,
-            tables_read=frozenset(analysis.read),
-            tables_written=frozenset(analysis.written),
-            functions=frozenset(analysis.functions),
-            columns=frozenset(analysis.columns),
-            settings=frozenset(analysis.settings),
-            has_where=(all(analysis.wheres) if analysis.wheres else None),
-            limit=_limit(stmt),
-            modifies=modifies,
-            read_write_attempt=analysis.read_write_attempt,
-            dynamic_sql=dynamic,
-            prepared_name=str(prepared) if prepared is not None else None,
-            object_type=_object_type(node_type, body),
-            copy_target=analysis.copy_target,
-            copy_file=analysis.copy_file,
-            copy_program=analysis.copy_program,
-            copy_rewrites=analysis.copy_rewrites,
-            transforms_data=analysis.transforms
-            and kind != "explain"  # a plan, not rows (EXPLAIN ANALYZE runs the statement: it counts)
-            and (
-                not all(_catalog_relation(name) for name in analysis.read | analysis.written)
-                or not analysis.functions.isdisjoint(_DATA_FUNCTIONS)
-            ),
-            languages=frozenset(analysis.languages),
-            roles=frozenset(analysis.roles),
-            objects=frozenset(analysis.objects),
-            settings_read=frozenset(analysis.settings_read),
-            transforms_settings=kind != "explain" and analysis.transforms_settings(),
-        )
+        try:
+            statement = _statement(raw, sql, encoded)
+        except RecursionError:
+            # The walks over the tree recurse once per level too; the parser takes deeper trees than they do.
+            raise ClassificationError("statement nested too deeply to analyze") from None
+        yield statement
+
+
+def _statement(raw: _Node, sql: str, encoded: bytes | None) -> Statement:
+    stmt: _Node = raw["stmt"]
+    location = raw.get("stmt_location", 0)
+    length = raw.get("stmt_len", 0)
+    text = _slice(sql, encoded, location, length)
+    ((node_type, body),) = stmt.items()
+    analysis = _Analysis()
+    analysis.statement(stmt, lambda text=text: text, 0)
+    kind = analysis.root_kind or "unknown"
+    analysis.kinds.add(kind)
+    kinds = frozenset(analysis.kinds)
+    prepared = body.get("name") if node_type in ("PrepareStmt", "ExecuteStmt", "DeallocateStmt") else None
+    dynamic = analysis.dynamic
+    modifies = (
+        bool(kinds & MODIFYING_KINDS)
+        or analysis.locks
+        or dynamic
+        or analysis.copy_target in ("file", "program")
+        or not analysis.functions.isdisjoint(MODIFYING_FUNCTIONS)
+    )
+    return Statement(
+        kind=kind,
+        kinds=kinds,
+        text=text,
+        node=node_type,
+        tables_read=frozenset(analysis.read),
+        tables_written=frozenset(analysis.written),
+        functions=frozenset(analysis.functions),
+        columns=frozenset(analysis.columns),
+        settings=frozenset(analysis.settings),
+        has_where=(all(analysis.wheres) if analysis.wheres else None),
+        limit=_limit(stmt),
+        modifies=modifies,
+        read_write_attempt=analysis.read_write_attempt,
+        dynamic_sql=dynamic,
+        prepared_name=str(prepared) if prepared is not None else None,
+        object_type=_object_type(node_type, body),
+        copy_target=analysis.copy_target,
+        copy_file=analysis.copy_file,
+        copy_program=analysis.copy_program,
+        copy_rewrites=analysis.copy_rewrites,
+        transforms_data=analysis.transforms
+        and kind != "explain"  # a plan, not rows (EXPLAIN ANALYZE runs the statement: it counts)
+        and (
+            not all(_catalog_relation(name) for name in analysis.read | analysis.written)
+            or not analysis.functions.isdisjoint(_DATA_FUNCTIONS)
+        ),
+        languages=frozenset(analysis.languages),
+        roles=frozenset(analysis.roles),
+        objects=frozenset(analysis.objects),
+        settings_read=frozenset(analysis.settings_read),
+        transforms_settings=kind != "explain" and analysis.transforms_settings(),
+    )
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
