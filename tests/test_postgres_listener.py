@@ -493,6 +493,23 @@ async def test_why_the_relay_ended_a_session_is_audited(rig_factory: Any) -> Non
     assert ended and "protocol violation" in ended[0]
 
 
+async def test_an_internal_error_ends_the_session_and_is_audited(rig_factory: Any, monkeypatch: Any) -> None:
+    # A defect in the gateway closed the connection with XX000 and a log line: the statement it was handling was
+    # in no decision, and the audit log did not show that anything had gone wrong.
+    rig = await rig_factory("writer")
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(rig.relay.listener, "classify", broken)
+    assert rig.send(pg.query("SELECT 1")) == []
+    (fatal,) = backend(bytes(rig.agent.take()))  # type: ignore[arg-type]
+    assert isinstance(fatal, pg.ErrorResponse) and fatal.sqlstate == "XX000" and rig.agent.closed
+    (error,) = rig.harness.audit("session.error")
+    assert error["session"] == rig.relay.session.id and error["while"] == "relaying the agent's messages"
+    assert error["error"] == "RuntimeError: a defect" and error["target"] == "app"
+
+
 # -- the relay: extended protocol ---------------------------------------------------------------------------
 
 

@@ -960,6 +960,26 @@ class Relay:
             ),
         )
 
+    def _internal_error(self, doing: str, exc: Exception) -> None:
+        """A defect in the gateway: the connection ends (fail closed), and the audit log says so, with what the
+        gateway was doing: the statement it was handling is in no decision."""
+        log.error("internal error %s; closing the connection (fail closed)", doing, exc_info=exc)
+        self.listener.gateway.audit_event(
+            "session.error",
+            {
+                "session": self.session.id,
+                "protocol": "postgres",
+                "target": self.target.name,
+                "while": doing,
+                "error": f"{type(exc).__name__}: {exc}"[:500],
+            },
+            fail_closed=False,
+        )
+        self.shutdown(
+            "internal error",
+            self._fatal("XX000", "lictor: internal error in the gateway; the connection is closed (fail closed)"),
+        )
+
     def _protocol_violation(self, what: str) -> None:
         self.shutdown(f"protocol violation: {what}", self._fatal("08P01", f"lictor: protocol violation: {what}"))
 
@@ -1063,12 +1083,8 @@ class Relay:
         except AuditError as exc:
             self._unrecordable(exc)
             return
-        except Exception:
-            log.exception("internal error in the PostgreSQL relay; closing the connection (fail closed)")
-            self.shutdown(
-                "internal error",
-                self._fatal("XX000", "lictor: internal error in the gateway; the connection is closed (fail closed)"),
-            )
+        except Exception as exc:
+            self._internal_error("relaying the agent's messages", exc)
             return
         if fwd < size:
             up.append(data[fwd:] if fwd else data)
@@ -1123,12 +1139,8 @@ class Relay:
         except AuditError as exc:
             self._unrecordable(exc)
             return
-        except Exception:
-            log.exception("internal error while holding a statement; closing the connection (fail closed)")
-            self.shutdown(
-                "internal error",
-                self._fatal("XX000", "lictor: internal error in the gateway; the connection is closed (fail closed)"),
-            )
+        except Exception as exc:
+            self._internal_error("holding a statement", exc)
             return
         if self.closed:
             return
@@ -1993,12 +2005,8 @@ class Relay:
         except AuditError as exc:
             self._unrecordable(exc)
             return
-        except Exception:
-            log.exception("internal error relaying the target's answer; closing the connection (fail closed)")
-            self.shutdown(
-                "internal error",
-                self._fatal("XX000", "lictor: internal error in the gateway; the connection is closed (fail closed)"),
-            )
+        except Exception as exc:
+            self._internal_error("relaying the target's answer", exc)
 
     def _run_backend(self, data: bytes, offsets: list[int], types: bytes) -> bytes:
         n = len(offsets)
