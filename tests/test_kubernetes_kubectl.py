@@ -29,7 +29,7 @@ TEST_PACK = {
         {"match": {"claims": {"role": "secret-lister"}}, "roles": ["secret-lister"]},
         {"match": {"claims": {"role": "secret-reader"}}, "roles": ["secret-reader"]},
         {"match": {"claims": {"role": "secret-writer"}}, "roles": ["secret-writer"]},
-        {"match": {"claims": {"role": "viewer"}}, "roles": ["log-masking"]},
+        {"match": {"claims": {"role": "viewer"}}, "roles": ["log-masking", "env-masking"]},
         {"match": {"claims": {"role": "deployer"}}, "roles": ["exec-masking"]},
     ],
     "roles": {
@@ -88,6 +88,17 @@ TEST_PACK = {
                     "action": "deny",
                     "message": "deployers do not read kube-system's pods",
                 },
+            ]
+        },
+        "env-masking": {
+            "rules": [
+                {
+                    "id": "t-env-mask",
+                    "protocol": "kubernetes",
+                    "when": {"resources": ["pods"]},
+                    "action": "mask",
+                    "mask": {"json_paths": ["$.spec.containers[*].env[*].value"]},
+                }
             ]
         },
         "log-masking": {
@@ -497,6 +508,55 @@ def test_watch_streams(cluster: Cluster) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_json_path_masks_apply_to_each_object_of_lists_watches_and_tables(cluster: Cluster) -> None:
+    # t-env-mask names a pod's field; the pod in a list, a watch event or a Table row was shown unmasked.
+    def env_values(pod: dict[str, Any]) -> list[str]:
+        return [e["value"] for c in pod["spec"]["containers"] for e in c.get("env", [])]
+
+    out = cluster.kubectl("viewer", "get", "pod", "web-0", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    assert env_values(json.loads(out.stdout)) == ["[REDACTED:path]"]
+    out = cluster.kubectl("viewer", "get", "pods", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    values = [v for pod in json.loads(out.stdout)["items"] for v in env_values(pod)]
+    assert values and set(values) == {"[REDACTED:path]"}
+    proc = cluster.popen("viewer", "get", "pods", "--watch", "-o", "jsonpath={.spec.containers[0].env[0].value}{'\\n'}")
+    try:
+        lines = Lines(proc)
+        assert lines.queue.get(timeout=20) == "[REDACTED:path]"  # the list kubectl reads first
+        pod = cluster.kube.get_object("pods", "web-0", "apps")
+        assert pod is not None
+        pod["metadata"] = {"name": "watched-0", "namespace": "apps"}
+        pod["spec"]["containers"][0]["env"] = [{"name": "TOKEN", "value": "watched-value"}]
+        cluster.kube.put_object(pod)
+        assert lines.queue.get(timeout=20) == "[REDACTED:path]"  # the watch event
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        cluster.kube.delete_object("pods", "watched-0", "apps")
+    curl = require_binary("curl")
+    token = yaml.safe_load(cluster.kubeconfigs["viewer"].read_text())["users"][0]["user"]["token"]
+    table = subprocess.run(
+        [
+            curl,
+            "-sS",
+            "--cacert",
+            str(cluster.gw.state_dir / "tls" / "ca.crt"),
+            "-H",
+            f"Authorization: Bearer {token}",
+            "-H",
+            "Accept: application/json;as=Table;v=v1;g=meta.k8s.io",
+            f"https://127.0.0.1:{cluster.ports['gateway']}/api/v1/namespaces/apps/pods?includeObject=Object",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    values = [v for row in json.loads(table.stdout)["rows"] for v in env_values(row["object"])]
+    assert values and set(values) == {"[REDACTED:path]"}
+    assert b"production" not in table.stdout
 
 
 def test_secret_values_are_masked_unless_revealed(cluster: Cluster) -> None:

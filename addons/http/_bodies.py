@@ -135,6 +135,45 @@ def mask_secrets(doc: Any, counts: Counter[str], *, secrets_response: bool) -> A
     return doc
 
 
+def _embedded_objects(doc: Any) -> list[tuple[Any, Any]]:
+    """Where a Kubernetes response carries API objects inside another document: the ``items`` of a list,
+    the ``object`` of a watch event, the ``object`` of a Table row; nested ones too (a watch event of a
+    Table). Returned as (container, key), outer ones before those inside them."""
+    found: list[tuple[Any, Any]] = []
+    stack: list[Any] = [doc]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        here: list[tuple[Any, Any]] = []
+        items = node.get("items")
+        if isinstance(items, list):
+            here += [(items, i) for i, item in enumerate(items) if isinstance(item, dict)]
+        rows = node.get("rows")
+        if isinstance(rows, list):
+            here += [(row, "object") for row in rows if isinstance(row, dict) and isinstance(row.get("object"), dict)]
+        if isinstance(node.get("type"), str) and isinstance(node.get("object"), dict):
+            here.append((node, "object"))
+        for container, key in here:
+            found.append((container, key))
+            stack.append(container[key])
+    return found
+
+
+def mask_embedded_objects(doc: Any, plan: Any, counts: Counter[str]) -> Any:
+    """Apply the plan's anchored JSON paths to every API object ``doc`` embeds, as to the object itself.
+
+    A rule's ``json_paths`` name a field of an object (``$.spec.containers[*].env[*].value``); the same pod
+    reaches the agent as the whole document of a get, but as an item of a list (``kubectl get pods -o
+    yaml``), the object of a watch event (``-w``) or of a Table row (``includeObject=Object``): masked only
+    at the root, it would be masked for one request and shown for the next. Inner objects are masked first
+    and put back into the outer ones, which are masked after them."""
+    for container, key in reversed(_embedded_objects(doc)):
+        container[key], found = plan.mask_json_anchored(container[key])
+        counts.update(found)
+    return doc
+
+
 class Masking:
     """Everything that applies to one response: the decision's plan and Kubernetes Secret masking."""
 
@@ -164,6 +203,8 @@ class Masking:
         if not self.plan_empty:
             doc, counts = self.plan.mask_json(doc)
             self.counts.update(counts)
+            if self.kubernetes and self.plan.has_json_paths:
+                doc = mask_embedded_objects(doc, self.plan, self.counts)
         return doc
 
     def mask_json_bytes(self, data: bytes) -> bytes:

@@ -168,6 +168,11 @@ class MaskPlan:
             (lambda k: SECRET_KEY_AT_END.search(k) is not None) if secret is not None else None,
             (lambda v: self._mask_json_scalar(v, secret, "secret_assignment")) if secret is not None else None,
         )
+        # The paths anchored at the root ($.a.b, not $..b), alone: applied again to a document embedded in
+        # the response (see mask_json_anchored), where recursive ones already reached.
+        self._anchored = JsonMasker(
+            tuple(p for p in parsed if not p[0][0].deep), self._mask_json_whole, None, None, None
+        )
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -340,6 +345,16 @@ class MaskPlan:
         if self.is_empty:
             return obj, counts
         return self._json.mask(obj, counts), counts
+
+    def mask_json_anchored(self, obj: Any) -> tuple[Any, Counter[str]]:
+        """Apply only the JSON paths anchored at the root (``$.spec.x``, not ``$..x``) to ``obj``, taken
+        as a document of its own: an object a response embeds (an item of a list, the object of a watch
+        event), which :meth:`mask_json` of the whole response reached with its detectors and recursive
+        paths but not with paths written for the object. Returns a new value and the counts."""
+        counts: Counter[str] = Counter()
+        if not self._anchored.paths:
+            return obj, counts
+        return self._anchored.mask(obj, counts), counts
 
     def mask_json_bytes(self, data: bytes) -> tuple[bytes, Counter[str]]:
         """Parse, mask and serialize a JSON document (compact UTF-8 output).
