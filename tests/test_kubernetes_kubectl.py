@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import ROOT, GatewayProcess, free_port, lictor, require_binary
+from .conftest import ROOT, GatewayProcess, free_port, lictor, require_binary, wait_until
 from .kubeapi import KubeAPIServer
 
 REDACTED_B64 = base64.b64encode(b"[REDACTED:lictor]").decode()
@@ -649,6 +649,40 @@ def test_masked_secret_values_are_not_written_back(cluster: Cluster) -> None:
     # writing real values still works
     out = cluster.kubectl("secret-writer", "patch", "secret", "round-trip", "-p", '{"stringData":{"pw":"next"}}')
     assert out.returncode == 0, out.stderr
+
+
+def test_secret_values_written_by_patches_are_not_recorded(cluster: Cluster) -> None:
+    # A patch carries the values without the Secret around them: the recording kept them in clear.
+    out = cluster.kubectl("secret-writer", "create", "secret", "generic", "patched", "--from-literal=pw=first")
+    assert out.returncode == 0, out.stderr
+    written = {
+        "merge": base64.b64encode(b"merge-patched-value").decode(),
+        "json": base64.b64encode(b"json-patched-value").decode(),
+        "string": "string-data-value",
+    }
+    patches = [
+        ("strategic", json.dumps({"data": {"pw": written["merge"]}})),
+        ("json", json.dumps([{"op": "replace", "path": "/data/pw", "value": written["json"]}])),
+        ("merge", json.dumps({"stringData": {"extra": written["string"]}})),
+    ]
+    for kind, patch in patches:
+        out = cluster.kubectl("secret-writer", "patch", "secret", "patched", "--type", kind, "-p", patch)
+        assert out.returncode == 0, out.stderr
+    stored = cluster.kube.get_object("secrets", "patched", "apps")
+    assert stored is not None and stored["data"]["pw"] == written["json"]
+    sessions = cluster.gw.state_dir / "recordings" / "sessions"
+
+    def recorded() -> str:
+        return "".join(p.read_text() for p in sessions.rglob("*.jsonl"))
+
+    def patch_records() -> int:
+        return sum('"method":"PATCH"' in line and "/secrets/patched" in line for line in recorded().splitlines())
+
+    wait_until(lambda: patch_records() >= 3, 20, "the patches' recordings")
+    text = recorded()
+    assert '"request_body":' in text and REDACTED_B64 in text
+    for value in written.values():
+        assert value not in text
 
 
 def test_watched_secrets_are_masked_as_they_stream(cluster: Cluster) -> None:

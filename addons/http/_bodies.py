@@ -40,7 +40,7 @@ class BodyError(Exception):
     """A body could not be masked; it must not be relayed."""
 
 
-def _loads(data: bytes | str) -> Any:
+def loads(data: bytes | str) -> Any:
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:
@@ -135,6 +135,24 @@ def mask_secrets(doc: Any, counts: Counter[str], *, secrets_response: bool) -> A
     return doc
 
 
+def mask_secret_write(doc: Any, counts: Counter[str]) -> Any:
+    """Mask, in place, the Secret values of a request body written to ``secrets``; returns ``doc``.
+
+    A create or update carries a whole Secret, but a merge or strategic-merge patch only its changed fields
+    (``{"data": {"pw": "..."}}``, ``{"stringData": ...}``: no kind, no metadata) and a JSON patch a list of
+    operations whose ``value`` may be one value, a whole ``data`` map or a last-applied annotation: the
+    top-level ``data``, ``stringData`` and last-applied configuration of an object, and the ``value`` of
+    every operation, are masked."""
+    if isinstance(doc, dict):
+        _mask_secret_object(doc, counts)
+    elif isinstance(doc, list):
+        for op in doc:
+            if isinstance(op, dict) and op.get("value") is not None:
+                op["value"] = REDACTED
+                counts["secret"] += 1
+    return mask_secrets(doc, counts, secrets_response=True)
+
+
 def _embedded_objects(doc: Any) -> list[tuple[Any, Any]]:
     """Where a Kubernetes response carries API objects inside another document: the ``items`` of a list,
     the ``object`` of a watch event, the ``object`` of a Table row; nested ones too (a watch event of a
@@ -211,7 +229,7 @@ class Masking:
         if not data.strip():
             return data
         if self.needs_document or b"\\u" in data:
-            return dumps(self.mask_document(_loads(data)))
+            return dumps(self.mask_document(loads(data)))
         # Detectors only. Without any escape, a scan of the JSON text finds exactly what a scan of each string
         # would, and it is several times cheaper than parsing. Otherwise the parsed document is masked: in the
         # text, an escape hides a value ({\"password\": \"x\"} in a string, https:\/\/user:pw@host), a card

@@ -1277,13 +1277,21 @@ class LictorProxy:
         masking = bodies.Masking(
             state.masking.plan, kubernetes=state.target.kubernetes, secrets=True, secrets_response=True
         )
+        if state.target.kubernetes and state.call and state.call.info.resource == "secrets":
+            # A patch names its values without the Secret around them ({"data": {...}}, JSON patch values):
+            # masked as writes to secrets, and not recorded at all when not read as JSON (protobuf, YAML).
+            if not truncated:
+                try:
+                    doc = bodies.mask_secret_write(bodies.loads(body), masking.counts)
+                    return _body_for_record(bodies.dumps(masking.mask_document(doc)), prefix="request_")
+                except (bodies.BodyError, ValueError):  # not JSON, or too deep to mask
+                    pass
+            return {"request_body_omitted": "secret values"}
         if not truncated and (is_json_type(content_type) or body.lstrip()[:1] in (b"{", b"[")):
             try:
                 return _body_for_record(masking.mask_json_bytes(body), prefix="request_")
             except bodies.BodyError:
                 log.debug("request body of a JSON request is not JSON; recorded as bytes")
-        if state.target.kubernetes and state.call and state.call.info.resource == "secrets":
-            return {"request_body_omitted": "secret values"}
         return _body_for_record(masking.mask_bytes(head), truncated, prefix="request_")
 
     def _record_response(self, flow: http.HTTPFlow, state: FlowState) -> None:
