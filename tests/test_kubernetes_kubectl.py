@@ -160,6 +160,17 @@ class Cluster:
             [self.kubectl_bin, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env(role)
         )
 
+    def curl(self, role: str, path: str, *headers: str) -> tuple[int, bytes]:
+        """curl GET ``path`` through the gateway with ``role``'s token and ``headers``; (status, body)."""
+        token = yaml.safe_load(self.kubeconfigs[role].read_text())["users"][0]["user"]["token"]
+        args = [require_binary("curl"), "-sS", "--cacert", str(self.gw.state_dir / "tls" / "ca.crt")]
+        for header in (f"Authorization: Bearer {token}", *headers):
+            args += ["-H", header]
+        url = f"https://127.0.0.1:{self.ports['gateway']}{path}"
+        out = subprocess.run([*args, "-w", "\n%{http_code}", url], capture_output=True, timeout=60, check=True)
+        body, _, code = out.stdout.rpartition(b"\n")
+        return int(code), body
+
     def approvals_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['approvals']}"
 
@@ -536,27 +547,29 @@ def test_json_path_masks_apply_to_each_object_of_lists_watches_and_tables(cluste
         proc.terminate()
         proc.wait(timeout=10)
         cluster.kube.delete_object("pods", "watched-0", "apps")
-    curl = require_binary("curl")
-    token = yaml.safe_load(cluster.kubeconfigs["viewer"].read_text())["users"][0]["user"]["token"]
-    table = subprocess.run(
-        [
-            curl,
-            "-sS",
-            "--cacert",
-            str(cluster.gw.state_dir / "tls" / "ca.crt"),
-            "-H",
-            f"Authorization: Bearer {token}",
-            "-H",
-            "Accept: application/json;as=Table;v=v1;g=meta.k8s.io",
-            f"https://127.0.0.1:{cluster.ports['gateway']}/api/v1/namespaces/apps/pods?includeObject=Object",
-        ],
-        capture_output=True,
-        timeout=60,
-        check=True,
+    code, table = cluster.curl(
+        "viewer",
+        "/api/v1/namespaces/apps/pods?includeObject=Object",
+        "Accept: application/json;as=Table;v=v1;g=meta.k8s.io",
     )
-    values = [v for row in json.loads(table.stdout)["rows"] for v in env_values(row["object"])]
+    assert code == 200, table
+    values = [v for row in json.loads(table)["rows"] for v in env_values(row["object"])]
     assert values and set(values) == {"[REDACTED:path]"}
-    assert b"production" not in table.stdout
+    assert b"production" not in table
+
+
+def test_authenticating_proxy_identity_headers_are_refused(cluster: Cluster) -> None:
+    # With a client certificate the API server trusts as a front proxy's (the gateway's own may be one), it
+    # takes X-Remote-User/-Group/-Extra-* as who is asking: a viewer would have been system:masters upstream.
+    for header in ("X-Remote-User: system:admin", "X-Remote-Group: system:masters", "X-Remote-Extra-Scopes: all"):
+        code, body = cluster.curl("viewer", "/api/v1/namespaces/apps/pods", header)
+        status = json.loads(body)
+        assert code == 403 and status["kind"] == "Status" and status["code"] == 403, body
+        assert "authenticating proxy" in status["message"], body
+    code, body = cluster.curl("viewer", "/api/v1/namespaces/apps/pods")  # without them: allowed
+    assert code == 200, body
+    assert not any(r.header("x-remote-user") or r.header("x-remote-group") for r in cluster.kube.requests)
+    assert not any(k.lower().startswith("x-remote-") for r in cluster.kube.requests for k, _ in r.headers)
 
 
 def test_secret_values_are_masked_unless_revealed(cluster: Cluster) -> None:

@@ -41,7 +41,10 @@ Theory of operation
    thinks is asking, so it must never hide behind the verb); otherwise the verb. ``kubectl exec`` over
    WebSocket is a GET (verb ``get``), over SPDY a POST (verb ``create``); both are action ``exec``.
 5. **Fail closed.** Unknown methods, malformed query strings (``;`` separators, bad escapes), invalid
-   field selectors and unknown ``Impersonate-*`` headers raise :class:`UnknownRequest`.
+   field selectors, unknown ``Impersonate-*`` headers and the identity headers of an authenticating proxy
+   (``X-Remote-User``, ``X-Remote-Group``, ``X-Remote-Uid``, ``X-Remote-Extra-*``: the API server believes
+   them from a client certificate it trusts for that, which may be the one the gateway sends) raise
+   :class:`UnknownRequest`.
 """
 
 import re
@@ -500,12 +503,23 @@ def _header_items(headers: Mapping[str, str]) -> Iterable[tuple[str, str]]:
             yield key.lower(), value
 
 
+# The identity an authenticating front proxy vouches for (the API server's --requestheader-* defaults): read
+# from any request made with a client certificate the server trusts for that, which may be the gateway's own.
+_PROXY_IDENTITY_HEADERS = frozenset(["x-remote-user", "x-remote-group", "x-remote-uid"])
+_PROXY_EXTRA_PREFIX = "x-remote-extra-"
+
+
 def _read_headers(headers: Mapping[str, str]) -> tuple[tuple[Impersonation, ...], str]:
     found: list[Impersonation] = []
     upgrade = ""
     for key, value in _header_items(headers):
         if key == "upgrade":
             upgrade = value.strip().lower()
+        if key in _PROXY_IDENTITY_HEADERS or key.startswith(_PROXY_EXTRA_PREFIX):
+            raise UnknownRequest(
+                f"the {key!r} header names the user an authenticating proxy vouches for; the API server would "
+                "take the request as that user's"
+            )
         if not key.startswith("impersonate-"):
             continue
         value = value.strip()
