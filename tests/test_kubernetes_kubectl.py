@@ -410,7 +410,16 @@ def test_exec_stdin_lines_are_decided_by_the_programs_they_run(cluster: Cluster)
 def test_exec_of_a_program_read_from_stdin_is_refused_before_approval(cluster: Cluster) -> None:
     before = len(cluster.upstream(pattern="/exec"))
     script = "import shutil; shutil.rmtree('/data')\n"
-    for command, reader in ((("python3", "-"), "python3"), (("nice", "perl"), "perl"), (("awk", "-f", "-"), "awk")):
+    readers = [
+        (("python3", "-"), "python3"),
+        (("nice", "perl"), "perl"),
+        (("awk", "-f", "-"), "awk"),
+        (("redis-cli", "-h", "cache"), "redis-cli"),  # FLUSHALL on stdin
+        (("cqlsh", "cassandra-0"), "cqlsh"),
+        (("duckdb", "/data/app.db"), "duckdb"),
+        (("scala",), "scala"),
+    ]
+    for command, reader in readers:
         out = cluster.kubectl("deployer", "exec", "-i", "web-0", "--", *command, stdin=script)
         assert out.returncode == 1
         assert out.stderr.startswith("Error from server (Forbidden): lictor: the command's stdin cannot be checked")

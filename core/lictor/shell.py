@@ -3073,8 +3073,31 @@ for _repl, _inline in {
     "lldb": "-o --one-line",
     "deno": "eval",
     "bun": "-e --eval",
+    "scala": "-e",
+    "groovy": "-e",
+    "groovysh": "",
+    "kotlinc": "",
+    "ocaml": "",
+    "swift": "",
+    "clojure": "-e --eval",
+    "clj": "-e --eval",
+    "cqlsh": "-e --execute",
+    "clickhouse-client": "-q --query",
+    "sqlcmd": "-Q -q",
+    "influx": "-execute",
 }.items():
     _INTERPRETERS.setdefault(_repl, _Interp(inline=_words(_inline)))
+# Database shells whose operands name the server or data source (host, DSN), not a script: they read SQL or
+# CQL from stdin unless given it inline.
+_INTERPRETERS["cqlsh"] = _Interp(inline=_fs("-e", "--execute"), operand_is_script=False)
+_INTERPRETERS["isql"] = _INTERPRETERS["iusql"] = _Interp(operand_is_script=False)
+# Redis clients run the command given as arguments; without one (or with --pipe) they run those of stdin.
+_INTERPRETERS["redis-cli"] = _Interp(
+    values=_fs("-h", "-p", "-a", "-n", "-u", "-s", "--user", "--pass"),
+    flags="xce",
+    info=_fs("-v", "--version", "--help"),
+)
+_INTERPRETERS["valkey-cli"] = _INTERPRETERS["keydb-cli"] = _INTERPRETERS["redis-cli"]
 _INTERPRETERS["nodejs"] = _INTERPRETERS["node"]
 _INTERPRETERS["luajit"] = _INTERPRETERS["lua"]
 _INTERPRETERS["wish"] = _INTERPRETERS["tclsh"]
@@ -4008,6 +4031,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     **dict.fromkeys(_OTHER_SHELLS, _h_other_shell),
     **{name: _interpreter(spec) for name, spec in _INTERPRETERS.items()},
     "sqlite3": _h_sqlite,
+    "duckdb": _h_sqlite,  # the same shell: a database file, then SQL inline or from stdin
     **dict.fromkeys(("awk", "gawk", "mawk", "nawk", "busybox-awk"), _h_awk),
     "sed": _h_sed,
     "source": _h_source,
