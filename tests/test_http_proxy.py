@@ -561,6 +561,33 @@ def test_header_names_are_read_as_cgi_servers_read_them(env: Env) -> None:
     assert "x_forwarded_for" not in headers and "x-forwarded-for" not in headers
 
 
+def test_identity_headers_of_authenticating_proxies_are_not_forwarded(env: Env) -> None:
+    # An application behind oauth2-proxy, Grafana's auth proxy or a cloud identity-aware proxy takes these
+    # headers for who the user is: an agent that sent its own was that user upstream.
+    sent = {
+        "X-Forwarded-User": "admin",
+        "X-Forwarded-Email": "admin@example.com",
+        "X-Forwarded-Groups": "admins",
+        "X-Auth-Request-User": "admin",
+        "X-Remote-User": "admin",
+        "Remote-User": "admin",
+        "X-WEBAUTH-USER": "admin",
+        "X_Webauth_User": "admin",
+        "X-Authenticated-Userid": "admin",
+        "X-Consumer-Username": "admin",
+        "X-Goog-Authenticated-User-Email": "accounts.google.com:admin@example.com",
+        "X-Amzn-Oidc-Identity": "admin",
+        "Cf-Access-Authenticated-User-Email": "admin@example.com",
+        "X-Ms-Client-Principal-Name": "admin",
+    }
+    args = [arg for name, value in sent.items() for arg in ("-H", f"{name}: {value}")]
+    code, body = env.curl(env.url() + "/v1/customers/who", *args, "-H", "X-Request-Id: kept", token=env.agent)
+    assert code == 200, body
+    headers = {k.lower().replace("_", "-") for k in env.api.seen("GET", "/v1/customers/who")[-1]["headers"]}
+    assert headers.isdisjoint(name.lower().replace("_", "-") for name in sent), headers
+    assert "x-request-id" in headers
+
+
 def test_multipart_bodies_are_read_only_as_clients_send_them(env: Env) -> None:
     # PHP reads lines that end in a bare LF, and parts after the closing boundary: a credit limit a strict
     # reading passed over

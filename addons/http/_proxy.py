@@ -70,6 +70,7 @@ from . import _dispatch, _lean
 from ._config import HttpTarget
 from ._requests import (
     FORWARDING_HEADERS,
+    IDENTITY_HEADER_PREFIXES,
     SECRET_HEADERS,
     WS_BEARER_PREFIX,
     BodyTooLarge,
@@ -1217,7 +1218,7 @@ class LictorProxy:
         for name, value in headers.fields:
             lname = name.lower()
             cgi = lname.replace(b"_", b"-")  # X_Forwarded_For is X-Forwarded-For to PHP (header_name)
-            if cgi in drop or cgi.startswith(b"x-lictor-"):
+            if cgi in drop or cgi.startswith(b"x-lictor-") or cgi.startswith(IDENTITY_HEADER_PREFIXES):
                 if lname == b"accept-encoding" and upgrade:
                     kept.append((name, value))
                 continue

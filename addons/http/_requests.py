@@ -121,6 +121,25 @@ FORWARDING_HEADERS = frozenset(
         "true-client-ip",
     ]
 )
+# Headers an authenticating proxy in front of an application sets to say who the user is (oauth2-proxy, Grafana's
+# and Kubernetes' front proxies, Kong, cloud identity-aware proxies): an upstream that sits behind one trusts
+# them. Lictor is the one that authenticates here, so an agent's own are never forwarded.
+IDENTITY_HEADER_PREFIXES = (
+    b"x-forwarded-",
+    b"x-auth-request-",
+    b"x-remote-",
+    b"remote-user",
+    b"x-webauth-",
+    b"x-authenticated-",
+    b"x-consumer-",
+    b"x-credential-",
+    b"x-ms-client-principal",
+    b"x-goog-authenticated-user-",
+    b"x-goog-iap-",
+    b"x-amzn-oidc-",
+    b"cf-access-",
+    b"x-pomerium-",
+)
 SECRET_HEADERS = frozenset(
     [
         "authorization",
