@@ -461,6 +461,36 @@ def test_unparsable_command_is_denied_with_the_parsers_reason(env: Env) -> None:
     assert "cannot be analysed" in err
 
 
+def test_a_command_that_is_not_utf8_is_denied_audited_and_recorded_escaped(env: Env) -> None:
+    # asyncssh refused the exec request before any handler ran: ssh said only "exec request failed on
+    # channel 0" (255), and neither the audit log nor the session's recording had anything of it.
+    token = env.gw.token("agent-latin1", role="admin")
+    command = b"touch " + str(env.work).encode() + b"/caf\xe9"
+    proc = subprocess.run(
+        [*env.client.ssh_argv(None), command],
+        capture_output=True,
+        env=env.client.env(token),
+        timeout=30,
+        check=False,
+        start_new_session=True,
+    )
+    err = _assert_denied(proc, "lictor:ssh-unparsable")
+    assert "not valid UTF-8" in err, err
+    assert env.direct(f"ls {env.work}").stdout.count(b"caf") == 0
+    shown = f"touch {env.work}/caf\\xe9"
+    deadline = time.monotonic() + 15
+    while True:
+        audit = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+        denials = [e for e in map(json.loads, audit.stdout.splitlines()) if shown in e["request"]["summary"]]
+        if denials or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert denials, audit.stdout[-2000:]
+    assert all(e.get("action") == "deny" for e in denials), denials
+    commands = [e["data"] for e in _session_events(env, "agent-latin1") if e.get("kind") == "command"]
+    assert [c["command"] for c in commands] == [shown], commands
+
+
 def test_exit_signal_and_stderr_are_relayed(env: Env) -> None:
     async def run() -> Any:
         async with env.connect("admin") as conn:

@@ -58,6 +58,7 @@ import asyncssh
 from lictor import Decision, Request, Session, agent_reason, combine
 from lictor.shell import ShellState
 
+from ._exec import shown
 from ._lineedit import Echo, Eof, Line, LineEditor, Signal
 from ._record import StreamRecord
 from ._refused import refused_forwarding
@@ -313,7 +314,7 @@ async def handle_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
             process.exit(UNREACHABLE_STATUS)
         return
     try:
-        if process.command is not None and is_scp_server(process.command):
+        if process.command is not None and shown(process.command) == process.command and is_scp_server(process.command):
             await run_scp_server(process)
             return
         await ChannelHandler(agent, process).run()
@@ -466,7 +467,7 @@ class ChannelHandler:
             {
                 "channel": self.number,
                 "kind": "exec",
-                "command": command,
+                "command": shown(command),
                 "pty": self.pty,
                 "reason": self.reason,
                 **self._terminal_size(),
@@ -476,7 +477,7 @@ class ChannelHandler:
             # Keystrokes to a program on a terminal are commands the gateway cannot inspect (a
             # pager's `!cmd`, an editor's `:!cmd`): only roles granted raw_shell get a real terminal
             # on the target; the others run without one and the gateway plays the terminal.
-            self.cooked = not self._raw_terminal(f"terminal for: {command[:200]}")
+            self.cooked = not self._raw_terminal(f"terminal for: {shown(command)[:200]}")
         requests = requests_for_command(
             command, target=self.target, channel="exec", interactive=self.pty and not self.cooked, reason=self.reason
         )

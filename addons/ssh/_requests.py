@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from lictor import Decision, Request, combine
 from lictor.shell import Invocation, ShellParseError, ShellState, analyse
 
+from ._exec import shown, undecodable
+
 __all__ = [
     "NOT_WRAPPED",
     "UNPARSABLE_RULE",
@@ -125,6 +127,10 @@ def requests_for_command(
     which must never be signals to the shell there).
     ``state``: the :class:`~lictor.shell.ShellState` of the shell this line is sent to."""
     try:
+        offset = undecodable(command)
+        if offset is not None:  # bytes the analysis cannot read: shown escaped, never as they came
+            command = shown(command)
+            raise ShellParseError(f"the command is not valid UTF-8 (byte {offset}; such bytes are shown as \\xNN)")
         if max_bytes is not None and len(command.encode("utf-8", "surrogatepass")) > max_bytes:
             raise ShellParseError(
                 f"the line is longer than {max_bytes} bytes, which the target's terminal would cut short"

@@ -111,6 +111,7 @@ class SshAddon:
 
     async def running(self, gateway: Gateway) -> None:
         from ._env import keep_gateway_variables
+        from ._exec import accept_undecodable_commands
         from ._refused import note_refused_forwarding
         from ._server import SshListener
         from ._sftp import guard_sftp_sessions
@@ -121,6 +122,7 @@ class SshAddon:
             guard_sftp_sessions()  # an SFTP session that fails early must not take the agent's connection down
             keep_gateway_variables()  # environment requests are not stored without bound
             note_refused_forwarding()  # agent and X11 forwarding are refused with a message
+            accept_undecodable_commands()  # a command that is not UTF-8 is denied and audited, not dropped unseen
         for config in self.targets.values():
             listener = SshListener(gateway, config)
             await listener.start()
