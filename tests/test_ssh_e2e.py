@@ -757,6 +757,31 @@ def test_other_subsystems_are_decided(env: Env) -> None:
     assert "`netconf`" in err
 
 
+def test_a_subsystem_name_that_is_not_ascii_is_denied_audited_and_recorded_escaped(env: Env) -> None:
+    # asyncssh refused it before the gateway saw it: "subsystem request failed" (255), nothing audited.
+    token = env.gw.token("agent-subsystem-bytes", role="admin")
+    proc = subprocess.run(
+        [*env.client.ssh_argv(None, "-s"), b"net\xffconf"],
+        capture_output=True,
+        env=env.client.env(token),
+        timeout=30,
+        check=False,
+        start_new_session=True,
+    )
+    err = _assert_denied(proc, "lictor:ssh-unparsable")
+    assert "denied this subsystem" in err and "not ASCII" in err, err
+    deadline = time.monotonic() + 15
+    while True:
+        audit = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+        denials = [e for e in map(json.loads, audit.stdout.splitlines()) if "net\\xffconf" in e["request"]["summary"]]
+        if denials or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [e["action"] for e in denials] == ["deny"], audit.stdout[-2000:]
+    commands = [e["data"] for e in _session_events(env, "agent-subsystem-bytes") if e.get("kind") == "command"]
+    assert [c["command"] for c in commands] == ["net\\xffconf"], commands
+
+
 # -- forwarding -------------------------------------------------------------------------------------
 
 

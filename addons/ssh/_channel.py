@@ -58,7 +58,7 @@ import asyncssh
 from lictor import Decision, Request, Session, agent_reason, combine
 from lictor.shell import ShellState
 
-from ._exec import shown
+from ._exec import shown, undecodable
 from ._lineedit import Echo, Eof, Line, LineEditor, Signal
 from ._record import StreamRecord
 from ._refused import refused_forwarding
@@ -495,10 +495,14 @@ class ChannelHandler:
     # -- other subsystems (sftp never comes here) ---------------------------------------------
 
     async def _subsystem(self, name: str) -> None:
+        attrs: dict[str, Any] = {"channel": "subsystem", "program": name, "command": name, "argv": ""}
+        if undecodable(name) is not None:  # bytes no rule can name: denied, and shown escaped
+            name = shown(name)
+            attrs = {"channel": "subsystem", "parse_error": "the subsystem name is not ASCII"}
         request = Request(
             protocol="ssh",
             action=name,
-            attrs={"channel": "subsystem", "program": name, "command": name, "argv": ""},
+            attrs=attrs,
             target=self.target,
             summary=f"subsystem {name}",
             payload=f"subsystem {name}",

@@ -1,4 +1,4 @@
-"""Exec requests whose command is not valid UTF-8: decided (denied) and audited, never dropped unseen.
+"""Exec and subsystem requests that are not text: decided (denied) and audited, never dropped unseen.
 
 asyncssh answers an exec request whose command bytes do not decode as UTF-8 with a channel request
 failure before any handler runs: OpenSSH's ``ssh`` then prints only ``exec request failed on channel 0``
@@ -7,7 +7,8 @@ failure before any handler runs: OpenSSH's ``ssh`` then prints only ``exec reque
 bytes kept as surrogates (``surrogateescape``); :func:`undecodable` finds them and :func:`shown` is the
 command as it may be written to a terminal or a log (those bytes as ``\\xNN``). The command line is then
 denied as unparsable with that text (see ``requests_for_command``): the shell analysis reads text, and
-bytes it cannot read are a command it cannot know.
+bytes it cannot read are a command it cannot know. A subsystem name that is not ASCII (which asyncssh refused
+the same way) is kept and denied likewise.
 """
 
 from __future__ import annotations
@@ -40,10 +41,17 @@ def _process_exec_request(self: Any, packet: SSHPacket) -> bool:
     return bool(self._start_session(command=command.decode("utf-8", "surrogateescape")))
 
 
+def _process_subsystem_request(self: Any, packet: SSHPacket) -> bool:
+    name = packet.get_string()
+    packet.check_end()
+    return bool(self._start_session(subsystem=name.decode("ascii", "surrogateescape")))
+
+
 def accept_undecodable_commands() -> None:
-    """Install the exec request handler on asyncssh's server channels (idempotent)."""
+    """Install the exec and subsystem request handlers on asyncssh's server channels (idempotent)."""
     cls = _channel.SSHServerChannel
     if getattr(cls._process_exec_request, "lictor_undecodable", False):
         return
     _process_exec_request.lictor_undecodable = True  # type: ignore[attr-defined]
     cls._process_exec_request = _process_exec_request  # type: ignore[method-assign]
+    cls._process_subsystem_request = _process_subsystem_request  # type: ignore[method-assign]

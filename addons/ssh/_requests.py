@@ -240,7 +240,7 @@ def first_denied(requests: Sequence[Request], decisions: Sequence[Decision]) -> 
 def _what(request: Request) -> str:
     attrs = request.attrs
     if "parse_error" in attrs:
-        return "this command line"
+        return "this subsystem" if attrs.get("channel") == "subsystem" else "this command line"
     if attrs.get("command"):
         return f"`{_as_written(attrs['command'])}`"
     if attrs.get("destination"):
@@ -272,7 +272,8 @@ def denial_text(request: Request, decision: Decision) -> str:
     message = decision.message.rstrip(".") or "denied"
     error = request.attrs.get("parse_error")
     if error is not None:  # denied whatever the policy says; name the real reason
-        rule, message = UNPARSABLE_RULE, f"the command line cannot be analysed: {error}".rstrip(".")
+        what = "subsystem request" if request.attrs.get("channel") == "subsystem" else "command line"
+        rule, message = UNPARSABLE_RULE, f"the {what} cannot be analysed: {error}".rstrip(".")
     text = f"lictor: denied {_what(request)} by rule {rule}: {message} (policy {decision.policy_version})."
     step = _next_step(request, decision)
     return f"{text} {step}" if step else text
