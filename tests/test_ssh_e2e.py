@@ -806,6 +806,43 @@ def test_port_forwarding_is_decided_by_rules(env: Env) -> None:
     assert results == {"fwd-admin": ["opened"], "fwd-obs": ["denied"]}, results
 
 
+def test_socket_forwarding_is_decided_audited_recorded_and_refused_with_a_message(env: Env) -> None:
+    # asyncssh refused Unix socket forwarding unseen: `ssh -L sock:/path` said only "Connection refused",
+    # and neither the audit log nor the recording had the attempt.
+    token = env.gw.token("fwd-socket", role="admin")
+    local = env.tmp / "forwarded.sock"
+    local.unlink(missing_ok=True)
+    forward = subprocess.Popen(
+        env.client.ssh_argv(None, "-N", "-L", f"{local}:/run/lictor-none.sock", log_level="INFO"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env.client.env(token),
+        start_new_session=True,
+    )
+    try:
+        wait_until(local.exists, 15, "the local end of the forward")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(local))
+            sock.settimeout(15)
+            assert sock.recv(100) == b""  # refused: the client closes its end
+    finally:
+        forward.terminate()
+        _, stderr = forward.communicate(timeout=15)
+    assert b"lictor: denied socket forwarding (local) to /run/lictor-none.sock" in stderr, stderr
+    remote = env.client.ssh(
+        token, "", "-N", "-o", "ExitOnForwardFailure=yes", "-R", f"{env.work}/remote.sock:127.0.0.1:{env.sshd.port}"
+    )
+    assert remote.returncode == 255 and b"forwarding failed" in remote.stderr, remote
+    assert not (env.work / "remote.sock").exists()
+    for destination in ("/run/lictor-none.sock", f"{env.work}/remote.sock"):
+        found = [(f["action"], f["result"]) for f in _forwards(env, "fwd-socket", destination)]
+        assert found == [("deny", "denied")], (destination, found)
+    audit = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+    summaries = [e["request"]["summary"] for e in map(json.loads, audit.stdout.splitlines())]
+    assert "socket forwarding (local) to /run/lictor-none.sock" in summaries, summaries[-5:]
+
+
 # -- approvals -------------------------------------------------------------------------------------
 
 

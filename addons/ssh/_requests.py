@@ -29,6 +29,7 @@ __all__ = [
     "invocation_attrs",
     "requests_for_command",
     "sftp_request",
+    "socket_forward_request",
 ]
 
 UNPARSABLE_RULE = "lictor:ssh-unparsable"
@@ -211,6 +212,19 @@ def forward_request(direction: str, host: str, port: int, *, target: str) -> Req
     )
 
 
+def socket_forward_request(direction: str, path: str, *, target: str) -> Request:
+    """A Unix socket forwarding request (``ssh -L LOCAL:/path`` is ``local``, ``ssh -R /path:...`` is ``remote``):
+    ``destination`` is the socket's path on the target."""
+    return Request(
+        protocol="ssh",
+        action="port_forward",
+        attrs={"channel": "port_forward", "destination": path, "direction": direction, "socket": True},
+        target=target,
+        summary=f"socket forwarding ({direction}) to {path}",
+        payload=f"port_forward {direction} unix {path}",
+    )
+
+
 def sftp_request(
     operation: str, paths: Sequence[str], *, target: str, channel: str = "sftp", reason: str | None = None
 ) -> Request:
@@ -244,7 +258,8 @@ def _what(request: Request) -> str:
     if attrs.get("command"):
         return f"`{_as_written(attrs['command'])}`"
     if attrs.get("destination"):
-        return f"port forwarding ({attrs.get('direction', 'local')}) to {attrs['destination']}"
+        kind = "socket" if attrs.get("socket") else "port"
+        return f"{kind} forwarding ({attrs.get('direction', 'local')}) to {attrs['destination']}"
     if attrs.get("operation"):
         return f"{attrs.get('channel', 'sftp')} {attrs['operation']} of {', '.join(map(str, attrs.get('paths') or []))}"
     return str(attrs.get("channel", request.action)).replace("_", " ")

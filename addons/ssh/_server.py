@@ -40,7 +40,7 @@ from lictor import AuthError, Decision, Gateway, Identity, Session
 from ._channel import handle_process
 from ._config import SshTargetConfig
 from ._forward import Bridge
-from ._requests import denial_text, forward_request
+from ._requests import denial_text, forward_request, socket_forward_request
 from ._sftp import make_sftp_server
 from ._upstream import UpstreamError, UpstreamPool
 
@@ -363,6 +363,43 @@ class AgentConnection(asyncssh.SSHServer):
             ) from None
         record("opened")
         return bridge.agent_session()
+
+    def unix_connection_requested(self, dest_path: str) -> Awaitable[asyncssh.SSHUNIXSession[bytes]]:
+        return self._forward_socket("local", dest_path)
+
+    def unix_server_requested(self, listen_path: str) -> Awaitable[bool]:
+        return self._forward_socket_remote(listen_path)
+
+    def _socket_refused(self, session: Session, direction: str, path: str) -> str:
+        """Decide (and audit) a Unix socket forwarding request, record it, and return the refusal: the gateway
+        does not forward sockets, whatever the policy says (asyncssh refused them unseen, with nothing in the
+        audit log or the recording and "Connection refused" as the only word to the agent)."""
+        request = socket_forward_request(direction, path, target=self.config.name)
+        decision = session.decide_now(request)
+        allowed = decision.action == "allow"
+        session.record(
+            "forward",
+            {
+                "direction": f"{direction}-socket",
+                "destination": path,
+                "action": decision.action,
+                "rule_ids": list(decision.rule_ids),
+                "result": "refused: socket forwarding is not supported" if allowed else "denied",
+            },
+        )
+        if allowed:
+            return f"lictor: socket forwarding ({direction}) to {path} is not supported by the gateway"
+        return denial_text(request, decision)
+
+    async def _forward_socket(self, direction: str, path: str) -> asyncssh.SSHUNIXSession[bytes]:
+        session = await self.ready()
+        message = self._socket_refused(session, direction, path)
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, message)
+
+    async def _forward_socket_remote(self, path: str) -> bool:
+        session = await self.ready()
+        self._socket_refused(session, "remote", path)
+        return False
 
     def server_requested(self, listen_host: str, listen_port: int) -> Awaitable[bool]:
         return self._forward_remote(listen_host, listen_port)
