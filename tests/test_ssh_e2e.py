@@ -1739,6 +1739,28 @@ def test_sessions_are_recorded_with_commands_decisions_and_output(env: Env) -> N
     assert {"o", "i"} <= codes
 
 
+def test_what_an_agent_pipes_into_a_command_is_recorded(env: Env) -> None:
+    # Only the number of bytes was recorded: what `ssh host psql < queries.sql` sent, or the content of
+    # `ssh host 'cat > file' < data`, was nowhere in the session's recording.
+    token = env.gw.token("agent-piped", role="observer")
+    text = b"piped line one\npiped line two\n"
+    binary = b"\xff\xfe" + bytes(range(256)) * 4
+    assert env.client.ssh(token, "cat > /dev/null", input=text).returncode == 0
+    assert env.client.ssh(token, "cat > /dev/null", input=binary).returncode == 0
+    deadline = time.monotonic() + 15
+    while True:
+        events = _session_events(env, "agent-piped")
+        sums = [e["data"] for e in events if e.get("kind") == "input.bytes"]
+        if len(sums) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    typed = "".join(e["data"]["data"] for e in events if e.get("kind") == "input")
+    assert typed == text.decode(), events
+    assert sorted(s["sha256"] for s in sums) == sorted(hashlib.sha256(d).hexdigest() for d in (text, binary)), sums
+    [summary] = [e["data"] for e in events if e.get("kind") == "input.binary"]
+    assert summary["bytes"] == len(binary) and summary["sha256"] == hashlib.sha256(binary).hexdigest(), summary
+
+
 def _sftp_packet(kind: int, request_id: int, body: bytes) -> bytes:
     payload = bytes([kind]) + request_id.to_bytes(4, "big") + body
     return len(payload).to_bytes(4, "big") + payload

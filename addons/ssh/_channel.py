@@ -811,16 +811,23 @@ class ChannelHandler:
         up = self.upstream
         assert up is not None
         editor = LineEditor() if self.cooked else None
-        total = 0
+        # Without a terminal the input is data for the program (or commands for it: `ssh host psql < q.sql`),
+        # recorded as its output is: text up to the limit, then its size and SHA-256.
+        piped = (
+            None
+            if self.pty
+            else StreamRecord(self.record, self.number, "stdin", self.agent.config.record_output_limit, "input")
+        )
         try:
             while True:
                 data = await self._read_input()
                 if not data:
                     up.stdin.write_eof()
                     return
-                if self.pty:
+                if piped is not None:
+                    piped.feed(data)
+                else:
                     self.record("input", {"channel": self.number, "data": data.decode("utf-8", "replace")})
-                total += len(data)
                 if editor is not None:
                     if not self._cooked_input(editor, data):
                         return
@@ -828,8 +835,9 @@ class ChannelHandler:
                     up.stdin.write(data)
                 await up.stdin.drain()
         finally:
-            if not self.pty and total:
-                self.record("input.bytes", {"channel": self.number, "bytes": total})
+            if piped is not None and piped.total:
+                summary = piped.close()
+                self.record("input.bytes", {"channel": self.number, "bytes": piped.total, "sha256": summary["sha256"]})
 
     def _cooked_input(self, editor: LineEditor, data: bytes) -> bool:
         """The agent's terminal keys for a program that has no terminal on the target: the gateway is

@@ -5,7 +5,8 @@ stderr), ``input`` events what the agent typed, ``resize`` events the terminal s
 not UTF-8 text (a binary file sent through ``cat``) cannot be represented in a terminal recording:
 from the first byte that does not decode, the stream is recorded as a count and a SHA-256 only
 (``output.binary`` at the end). Past ``limit`` bytes a text stream is also summarised the same way,
-so a recording stays bounded whatever the command prints.
+so a recording stays bounded whatever the command prints. The input of a program without a terminal (what
+an agent pipes into ``ssh host 'psql'``) is recorded the same way, as ``input`` events (``input.binary``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,20 @@ __all__ = ["StreamRecord"]
 class StreamRecord:
     """Records one output stream of one channel (bounded memory)."""
 
-    __slots__ = ("_decoder", "_hash", "_limit", "_record", "binary", "channel", "recorded", "stream", "total")
+    __slots__ = (
+        "_decoder", "_hash", "_limit", "_record", "binary", "channel", "kind", "recorded", "stream", "total",
+    )  # fmt: skip
 
-    def __init__(self, record: Callable[[str, dict[str, Any]], None], channel: int, stream: str, limit: int) -> None:
+    def __init__(
+        self,
+        record: Callable[[str, dict[str, Any]], None],
+        channel: int,
+        stream: str,
+        limit: int,
+        kind: str = "output",
+    ) -> None:
         self._record = record
+        self.kind = kind
         self.channel = channel
         self.stream = stream
         self._limit = limit
@@ -36,7 +47,7 @@ class StreamRecord:
 
     def _event(self, text: str) -> dict[str, Any]:
         event: dict[str, Any] = {"data": text, "channel": self.channel}
-        if self.stream != "stdout":
+        if self.stream not in ("stdout", "stdin"):
             event["stream"] = self.stream
         return event
 
@@ -58,7 +69,7 @@ class StreamRecord:
             return
         if text:
             self.recorded += len(data)
-            self._record("output", self._event(text))
+            self._record(self.kind, self._event(text))
 
     def close(self) -> dict[str, Any]:
         """End of stream: record the summary; return it (bytes, sha256, whether text was recorded)."""
@@ -75,9 +86,9 @@ class StreamRecord:
                 self.binary = True
                 tail = ""
             if tail:
-                self._record("output", self._event(tail))
+                self._record(self.kind, self._event(tail))
         if self.binary:
             summary["recorded_bytes"] = self.recorded
-            self._record("output.binary", summary)
+            self._record(f"{self.kind}.binary", summary)
         summary["binary"] = self.binary
         return summary
