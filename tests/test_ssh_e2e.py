@@ -491,6 +491,15 @@ def test_a_command_that_is_not_utf8_is_denied_audited_and_recorded_escaped(env: 
     assert [c["command"] for c in commands] == [shown], commands
 
 
+def test_a_program_read_through_an_option_from_the_agents_input_is_denied(env: Env) -> None:
+    # `psql -f -` passed (only a script operand was checked) and ran `\!` commands piped by the agent, unseen.
+    marker = env.work / "psql_ran"
+    script = f"\\! touch {marker}\n".encode()
+    proc = env.ssh("admin", "psql -X -h 127.0.0.1 -U postgres -d postgres -f -", input=script)
+    assert "would read its program from the session's input" in _assert_denied(proc, "lictor:ssh-unparsable")
+    assert not marker.exists()
+
+
 def test_exit_signal_and_stderr_are_relayed(env: Env) -> None:
     async def run() -> Any:
         async with env.connect("admin") as conn:

@@ -1348,6 +1348,28 @@ def test_a_program_file_known_only_at_run_time_may_be_the_session(command: str) 
 @pytest.mark.parametrize(
     "command",
     [
+        "psql -f -",
+        "psql --file=-",
+        "psql -f-",
+        "psql -X -f /dev/stdin",
+        "psql -f $f",
+        "php -f -",
+        "R --file=/dev/stdin",
+    ],
+)
+def test_a_program_file_named_by_an_option_may_be_the_session(command: str) -> None:
+    # `psql -f -` read its program (with `\! rm ...`) from the agent's input, unseen: only the operand was checked.
+    refused(command, "would read its program from the session's input")
+
+
+@pytest.mark.parametrize("command", ["psql -f q.sql", "psql --file=q.sql", "psql -f - < q.sql", "php -f x.php"])
+def test_a_program_file_named_by_an_option_is_left_to_the_rules(command: str) -> None:
+    assert [inv.name for inv in analyse(command).invocations] == [command.split()[0]]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
         "awk '{print $1}' f",
         "awk '/a|b/ {n++} END {print n}' < f",
         "awk 'BEGIN{system(\"date\")}'",  # reads no input: the command is in the program text

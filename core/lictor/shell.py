@@ -3150,6 +3150,8 @@ def _interpreter(spec: _Interp) -> Callable[[_Call], None]:
                     result = "info"
                 elif key in spec.script:
                     result = "script"
+                    value = args[i + 1] if "=" not in t and i + 1 < len(args) else None
+                    interactive = interactive or _script_from_session(call, a, t.partition("=")[2], value, "=" in t)
                 elif key in spec.interactive:
                     interactive = True
                 elif key in spec.values and "=" not in t:
@@ -3165,6 +3167,9 @@ def _interpreter(spec: _Interp) -> Callable[[_Call], None]:
                         result = "info"
                     elif opt in spec.script:
                         result = "script"
+                        rest = t[j + 1 :]
+                        value = args[i + 1] if not rest and i + 1 < len(args) else None
+                        interactive = interactive or _script_from_session(call, a, rest, value, bool(rest))
                     elif opt in spec.values:
                         step = 2 if j + 1 == len(t) else 1  # the value is the next word or the rest of this one
                     elif t[j] in spec.attached:
@@ -3191,6 +3196,16 @@ def _interpreter(spec: _Interp) -> Callable[[_Call], None]:
             call.program_from_stdin(posix=False)
 
     return handle
+
+
+def _script_from_session(call: _Call, arg: _Arg, attached: str, value: _Arg | None, has_attached: bool) -> bool:
+    """Whether the program file an option names (``psql -f -``, ``php -f /dev/stdin``, ``R --file=-``) is, or
+    may be, the session's input: ``-``, a path to standard input, a value only known at run time, or none."""
+    if has_attached:
+        return attached == "-" or not call.known(arg) or arg.glob or arg.brace or _is_stdin_path(attached)
+    if value is None:
+        return True
+    return value.text == "-" or _may_read_session(call, value)
 
 
 def _h_sqlite(call: _Call) -> None:
