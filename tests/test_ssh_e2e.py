@@ -500,6 +500,16 @@ def test_a_program_read_through_an_option_from_the_agents_input_is_denied(env: E
     assert not marker.exists()
 
 
+def test_a_makefile_read_from_the_agents_input_is_denied(env: Env) -> None:
+    # `make -f -` was reported as `make` alone and ran the recipes piped by the agent, unseen.
+    marker = env.work / "make_ran"
+    proc = env.ssh("admin", "make -f -", input=f"all:\n\ttouch {marker}\n".encode())
+    assert "would read its program from the session's input" in _assert_denied(proc, "lictor:ssh-unparsable")
+    assert not marker.exists()
+    netns = env.ssh("admin", f"ip netns exec lictor-none touch {marker}")
+    assert "runs the command given after it" in _assert_denied(netns, "lictor:ssh-unparsable")
+
+
 def test_exit_signal_and_stderr_are_relayed(env: Env) -> None:
     async def run() -> Any:
         async with env.connect("admin") as conn:

@@ -1362,6 +1362,39 @@ def test_a_program_file_named_by_an_option_may_be_the_session(command: str) -> N
     refused(command, "would read its program from the session's input")
 
 
+@pytest.mark.parametrize(
+    ("command", "why"),
+    [
+        ("make -f -", "would read its program from the session's input"),
+        ("make -f- all", "would read its program from the session's input"),
+        ("make --file=/dev/stdin", "would read its program from the session's input"),
+        ("make --eval='x:;rm y' x", "make --eval runs make code"),
+        ("m4", "would read its program from the session's input"),
+        ("m4 -D a=b", "would read its program from the session's input"),
+        ("m4 -", "would read its program from the session's input"),
+        ("ip netns exec ns rm -rf /srv", "runs the command given after it"),
+        ("ip -n x netns exec ns rm", "runs the command given after it"),
+        ("ip vrf exec blue rm x", "runs the command given after it"),
+        ("ip -batch -", "from a file"),
+        ("gosu nobody rm x", "runs a program named in its arguments"),
+        ("su-exec nobody rm x", "runs a program named in its arguments"),
+        ("systemd-nspawn -D / rm x", "runs a program named in its arguments"),
+        ("lxc-attach -n c -- rm x", "runs a program named in its arguments"),
+        ("capsh -- -c 'rm x'", "runs a program named in its arguments"),
+        ("mpirun rm x", "runs a program named in its arguments"),
+    ],
+)
+def test_programs_that_run_other_programs_or_read_a_program_are_refused(command: str, why: str) -> None:
+    # Each ran a program (or make recipes, m4 syscmd) that no rule saw: only the first program was reported.
+    refused(command, why)
+
+
+@pytest.mark.parametrize("command", ["make", "make -C dir all", "make -f Makefile", "m4 x.m4", "m4 -D a=b x.m4",
+                                     "m4 < x.m4", "ip addr show", "ip -br a", "ip netns list", "ip -s link"])  # fmt: skip
+def test_make_m4_and_ip_with_their_input_in_files_are_left_to_the_rules(command: str) -> None:
+    assert [inv.name for inv in analyse(command).invocations] == [command.split()[0]]
+
+
 @pytest.mark.parametrize("command", ["psql -f q.sql", "psql --file=q.sql", "psql -f - < q.sql", "php -f x.php"])
 def test_a_program_file_named_by_an_option_is_left_to_the_rules(command: str) -> None:
     assert [inv.name for inv in analyse(command).invocations] == [command.split()[0]]

@@ -3449,7 +3449,72 @@ _UNMODELLED_RUNNERS = (
     *("envdir", "envuidgid", "cgexec", "start-stop-daemon", "systemd-cat", "systemd-inhibit", "nq", "entr"),
     *("lckdo", "chronic", "ifne", "expect", "run-parts", "tcpsvd", "tcpserver", "pee", "mispipe", "dtach"),
     *("abduco", "sg", "newgrp", "gdbserver", "ltrace64", "catchsegv.sh", "cpulimit", "trickle", "ionice.sh"),
+    *("gosu", "su-exec", "mpirun", "mpiexec", "srun", "systemd-nspawn", "lxc-attach", "lxc-execute", "toolbox"),
+    *("distrobox-enter", "nocache", "capsh"),
 )
+
+
+def _h_ip(call: _Call) -> None:
+    """``ip netns exec NS CMD`` and ``ip vrf exec VRF CMD`` run CMD; ``ip -batch FILE`` runs ip commands from a
+    file (``-`` is the session's input), which may be those."""
+    words = [a.text for a in call.args]
+    if any(not call.certain(a) for a in call.args):
+        call.fail("its subcommand or options are only known at run time")
+    if "exec" in words:  # `ip [OPTIONS] netns exec` (objects and options may be abbreviated): refused wherever
+        call.fail("ip netns/vrf exec runs the command given after it, which is not analysed here")
+    for word in words:
+        if not word.startswith("-"):
+            return
+        option = word.lstrip("-")
+        if option and "batch".startswith(option.split("=")[0]) and option[0] == "b":
+            call.fail("ip -batch runs ip commands (such as netns exec) from a file, which cannot be inspected")
+
+
+_M4_VALUES = frozenset(("-D", "-U", "-I", "-d", "-l", "-o", "-t", "-F", "-R", "--define", "--undefine",
+                        "--include", "--debugfile", "--arglength", "--error-output", "--trace",
+                        "--freeze-state", "--reload-state"))  # fmt: skip
+
+
+def _h_m4(call: _Call) -> None:
+    """m4 runs ``syscmd``/``esyscmd`` of the text it reads: without an input file, that is the session's input."""
+    operands: list[_Arg] = []
+    skip = False
+    for a in call.args:
+        if skip:
+            skip = False
+        elif not call.certain(a):
+            call.fail("its options are only known at run time")
+        elif a.text.startswith("-") and a.text != "-":
+            skip = a.text in _M4_VALUES  # the value is the next word
+        else:
+            operands.append(a)
+    if any(a.text == "-" or _may_read_session(call, a) for a in operands):
+        call.program_from_stdin(posix=False)
+    elif not operands and not any(call.known(a) and a.text in ("--help", "--version") for a in call.args):
+        call.program_from_stdin(posix=False)
+
+
+def _h_make(call: _Call) -> None:
+    """make runs the recipes of its makefile as shell commands: one read from the session's input, or given
+    inline with ``--eval``, is a program no rule sees (a makefile on disk is like ``sh script.sh``)."""
+    args = call.args
+    for i, a in enumerate(args):
+        if not call.certain(a):
+            call.fail("its options are only known at run time")
+        t = a.text
+        if t == "--":
+            return
+        key, eq, value = t.partition("=")
+        if key in ("--eval", "-E") or (t.startswith("-E") and not t.startswith("--")):
+            call.fail("make --eval runs make code given inline, whose recipes are shell commands")
+        if key in ("--file", "--makefile") or (len(key) >= 3 and "--makefile".startswith(key) and key != "--"):
+            target = value if eq else (args[i + 1].text if i + 1 < len(args) else "-")
+        elif t.startswith("-f") and not t.startswith("--"):
+            target = t[2:] or (args[i + 1].text if i + 1 < len(args) else "-")
+        else:
+            continue
+        if target == "-" or _is_stdin_path(target):
+            call.program_from_stdin(posix=False)
 
 
 def _h_pager(call: _Call) -> None:
@@ -4106,6 +4171,11 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "scp": _h_scp,
     "sftp": _h_scp,
     "rsync": _h_rsync,
+    "ip": _h_ip,
+    "m4": _h_m4,
+    "gm4": _h_m4,
+    "make": _h_make,
+    "gmake": _h_make,
     "tar": _h_tar,
     "git": _h_git,
     "zip": _h_zip,
