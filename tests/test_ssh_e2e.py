@@ -521,6 +521,30 @@ def test_exit_signal_and_stderr_are_relayed(env: Env) -> None:
     assert result.stderr == b"to-stderr\n"
 
 
+def test_breaks_and_signals_relayed_to_a_command_are_recorded(env: Env) -> None:
+    # A break was relayed to the target and left out of the recording (signals were in it).
+    token = env.gw.token("agent-breaks", role="admin")
+
+    async def run() -> Any:
+        async with env.connect(token=token) as conn:
+            process = await conn.create_process("cat", encoding=None)
+            process.send_break(250)
+            process.stdin.write(b"after-break\n")
+            assert await process.stdout.readexactly(12) == b"after-break\n"
+            process.send_signal("TERM")
+            return await process.wait(check=False)
+
+    result = asyncio.run(run())
+    assert result.exit_signal is not None and result.exit_signal[0] == "TERM", result
+    deadline = time.monotonic() + 15
+    while True:
+        signals = [e["data"] for e in _session_events(env, "agent-breaks") if e.get("kind") == "signal"]
+        if len(signals) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert [(s["signal"], s.get("msec")) for s in signals] == [("break", 250), ("TERM", None)], signals
+
+
 def test_reason_from_environment_reaches_the_audit_log(env: Env) -> None:
     # ... printable and at most 500 characters of it, as over HTTP: approvers and the audit read it
     reason = "checking-the-deploy" + "x" * 5000

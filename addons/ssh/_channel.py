@@ -804,6 +804,7 @@ class ChannelHandler:
                 if self._marks is not None:  # a break on a line shell's terminal could interrupt bash
                     self.record("signal", {"channel": self.number, "signal": "break", "delivered": False})
                     continue
+                self.record("signal", {"channel": self.number, "signal": "break", "msec": exc.msec})
                 with contextlib.suppress(Exception):
                     up.send_break(exc.msec)
 
