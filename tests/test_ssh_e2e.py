@@ -1411,6 +1411,36 @@ def test_a_path_that_changes_while_it_is_decided_is_not_used(env: Env) -> None:
     assert b"the path changed while it was being decided" in err, err
 
 
+def test_an_sftp_operation_held_for_an_approver_says_so(env: Env) -> None:
+    # The transfer stood still with nothing said: no "waiting for approval", no id to give an approver.
+    held = f"{env.work}/held-notice.txt"
+    assert env.direct(f"printf approved-content > {held}").returncode == 0
+    local = env.tmp / "held_notice_copy.txt"
+    proc = subprocess.Popen(
+        ["sftp", *env.client.options(), "-P", str(env.client.port), f"agent@{env.client.host}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env.client.env(env.tokens["operator"]), start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write(f"get {held} {local}\n".encode())
+        proc.stdin.close()
+        lines = [proc.stderr.readline().decode() for _ in range(2)]  # sftp's "Connected to ...", then the gateway's
+        match = re.search(r"lictor: waiting for approval (\S+?):", lines[-1])
+        assert match, lines
+        approve = lictor(
+            "approvals", "approve", match.group(1), "--url", env.approvals_url, "--token", env.tokens["approver"],
+            check=False,
+        )  # fmt: skip
+        assert approve.returncode == 0, approve.stdout + approve.stderr
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        env.direct(f"rm -f {held}")
+    assert local.read_bytes() == b"approved-content"
+
+
 def test_opening_with_create_append_or_truncate_alone_is_decided_as_a_read(env: Env) -> None:
     # Without the WRITE flag the target opens a file read-only, whatever else is asked for: CREAT or
     # APPEND alone gave a readable handle that was decided as a write only, so a file the agent may

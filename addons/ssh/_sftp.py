@@ -349,7 +349,7 @@ class ProxySFTPServer(SFTPServer):
         request = sftp_request(operation, paths, target=self.agent.config.name, channel=self.kind, reason=self.reason)
         decision = self.session.decide_now(request)
         if decision.action == "approve":
-            decision = await self.session.decide(request)
+            decision = await self.session.decide(request, self._notify)
         self.session.record(
             "sftp",
             {
@@ -370,6 +370,13 @@ class ProxySFTPServer(SFTPServer):
             )
             self.session.record("sftp.masked_refused", {"channel": self.number, "paths": list(paths)})
             raise self._denied(message)
+
+    async def _notify(self, approval_id: str, message: str) -> None:
+        """An operation held for an approver: the agent is told on the channel's stderr, which OpenSSH's sftp and
+        scp show (without it, the transfer just stood still, with no approval id to give an approver)."""
+        self._record("approval.waiting", {"channel": self.number, "approval_id": approval_id})
+        with contextlib.suppress(Exception):
+            self.channel.write_stderr(f"lictor: {message}\n".encode("utf-8", "replace"))
 
     def _record(self, kind: str, data: dict[str, Any]) -> None:
         """Record an event of the ending session: when the agent's connection dropped, asyncssh closes the
