@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -1439,6 +1440,37 @@ def test_an_sftp_operation_held_for_an_approver_says_so(env: Env) -> None:
             proc.kill()
         env.direct(f"rm -f {held}")
     assert local.read_bytes() == b"approved-content"
+
+
+def test_an_sftp_agent_that_goes_away_while_held_withdraws_its_request(env: Env) -> None:
+    # The approval stayed pending for an agent that was gone: an approver was still asked, and approving it
+    # would have carried out the operation for nobody.
+    held = f"{env.work}/held-withdrawn.txt"
+    assert env.direct(f"printf x > {held}").returncode == 0
+    proc = subprocess.Popen(
+        ["sftp", *env.client.options(), "-P", str(env.client.port), f"agent@{env.client.host}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env.client.env(env.tokens["operator"]), start_new_session=True,
+    )  # fmt: skip
+
+    def pending() -> list[str]:
+        listed = lictor("approvals", "list", "--url", env.approvals_url, "--token", env.tokens["approver"]).stdout
+        return [line for line in listed.splitlines() if "held-withdrawn.txt" in line]
+
+    try:
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write(f"get {held} {env.tmp / 'withdrawn_copy.txt'}\n".encode())
+        proc.stdin.flush()
+        lines = [proc.stderr.readline().decode() for _ in range(2)]
+        assert "waiting for approval" in lines[-1], lines
+        assert pending()
+        os.killpg(proc.pid, signal.SIGKILL)  # sftp and the ssh it runs: the connection drops
+        proc.wait(timeout=10)
+        wait_until(lambda: not pending(), 15, "the held request to be withdrawn")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        env.direct(f"rm -f {held}")
 
 
 def test_opening_with_create_append_or_truncate_alone_is_decided_as_a_read(env: Env) -> None:

@@ -54,7 +54,7 @@ import asyncssh
 from asyncssh import SFTPAttrs, SFTPName, SFTPServer
 from asyncssh import stream as _stream
 from asyncssh.sftp import MAX_SFTP_READ_LEN
-from lictor import Session, agent_reason
+from lictor import Decision, Request, Session, agent_reason
 
 from ._requests import denial_text, sftp_request
 from ._upstream import Lease, UpstreamError
@@ -349,7 +349,7 @@ class ProxySFTPServer(SFTPServer):
         request = sftp_request(operation, paths, target=self.agent.config.name, channel=self.kind, reason=self.reason)
         decision = self.session.decide_now(request)
         if decision.action == "approve":
-            decision = await self.session.decide(request, self._notify)
+            decision = await self._held(request)
         self.session.record(
             "sftp",
             {
@@ -370,6 +370,22 @@ class ProxySFTPServer(SFTPServer):
             )
             self.session.record("sftp.masked_refused", {"channel": self.number, "paths": list(paths)})
             raise self._denied(message)
+
+    async def _held(self, request: Request) -> Decision:
+        """Wait for an approver; an agent that goes away meanwhile withdraws the request, as for exec (an approver
+        would otherwise still be asked, and the operation carried out for nobody once approved)."""
+        decide = asyncio.ensure_future(self.session.decide(request, self._notify))
+        closed = asyncio.ensure_future(self.channel.wait_closed())
+        try:
+            done, _ = await asyncio.wait({decide, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if decide not in done:
+            decide.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await decide
+            raise asyncssh.SFTPConnectionLost("lictor: the agent went away while the operation waited for an approver")
+        return decide.result()
 
     async def _notify(self, approval_id: str, message: str) -> None:
         """An operation held for an approver: the agent is told on the channel's stderr, which OpenSSH's sftp and
