@@ -1939,6 +1939,34 @@ def test_an_sftp_session_whose_connection_drops_with_a_file_open_ends_on_the_tar
     assert left == b"0", f"{left!r} sftp-server processes left on the target"
 
 
+def test_a_transfer_cut_short_by_a_dropped_connection_is_recorded(env: Env) -> None:
+    # The transfer event was written when asyncssh closed the file, after the dropped connection had ended
+    # the session: a file read (or written) and then the connection cut left only the decision behind.
+    token = env.gw.token("agent-dropped-transfer", role="operator")
+
+    async def drop() -> bytes:
+        conn = await env.connect(token=token)
+        sftp = await conn.start_sftp_client()
+        file = await sftp.open(f"{env.work}/hello.txt", "rb")
+        data = bytes(await file.read())
+        conn.close()  # no close of the file, no end of the SFTP session
+        await conn.wait_closed()
+        return data
+
+    data = asyncio.run(drop())
+    assert data == b"hello file\n"
+    deadline = time.monotonic() + 15
+    while True:
+        events = _session_events(env, "agent-dropped-transfer")
+        transfers = [e["data"] for e in events if e.get("kind") == "transfer"]
+        if transfers or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert [(t["path"], t["bytes_read"], t["sha256"], t.get("interrupted")) for t in transfers] == [
+        (f"{env.work}/hello.txt", len(data), hashlib.sha256(data).hexdigest(), True)
+    ], transfers
+
+
 def test_a_terminal_sessions_recording_has_the_agents_terminal_size(env: Env) -> None:
     # Only later size changes were recorded: a shell on a 132x40 terminal was exported (and replayed) as
     # an 80x24 one, its lines wrapped where the agent's were not.

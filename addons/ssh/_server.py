@@ -131,6 +131,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._channels = 0
         self._open = 0
         self.identity_key: tuple[str, str] | None = None  # (issuer, subject) once logged in
+        self.sftp_servers: set[Any] = set()  # the SFTP sessions of this connection (ProxySFTPServer)
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -155,6 +156,11 @@ class AgentConnection(asyncssh.SSHServer):
             return
         if self._session.exception() is None:
             session = self._session.result()
+            for server in list(self.sftp_servers):  # files still open: their transfers, before the session ends
+                try:
+                    server.record_open_transfers()
+                except Exception:
+                    log.exception("ssh target %s: recording the open transfers failed", self.config.name)
             task = asyncio.ensure_future(session.close(channels=self._channels, reason=str(exc) if exc else "closed"))
             self.listener.closing.add(task)
             task.add_done_callback(self.listener.closing.discard)

@@ -133,7 +133,10 @@ def _special_mode(attrs: SFTPAttrs) -> bool:
 class _Handle:
     """An open file on the target, and what has flowed through it."""
 
-    __slots__ = ("file", "hash", "next", "operation", "path", "read_bytes", "readable", "sequential", "written_bytes")
+    __slots__ = (
+        "file", "hash", "next", "operation", "path", "read_bytes", "readable", "recorded", "sequential",
+        "written_bytes",
+    )  # fmt: skip
 
     def __init__(self, file: Any, path: str, operation: str, readable: bool) -> None:
         self.file = file
@@ -145,6 +148,23 @@ class _Handle:
         self.sequential = True
         self.read_bytes = 0
         self.written_bytes = 0
+        self.recorded = False
+
+    def transfer(self, channel: int) -> dict[str, Any]:
+        """The ``transfer`` event of this handle: a handle opened for reading and writing may do both, so the
+        recording says how much went each way, and a hash of the two interleaved would describe no file."""
+        both = bool(self.read_bytes and self.written_bytes)
+        sequential = self.sequential and not both
+        return {
+            "channel": channel,
+            "operation": "read+write" if both else self.operation,
+            "path": self.path,
+            "bytes": self.read_bytes + self.written_bytes,
+            "bytes_read": self.read_bytes,
+            "bytes_written": self.written_bytes,
+            "sha256": self.hash.hexdigest() if sequential else None,
+            "sequential": sequential,
+        }
 
     def account(self, offset: int, data: bytes) -> None:
         if offset != self.next:
@@ -307,6 +327,8 @@ class ProxySFTPServer(SFTPServer):
         self._fs = _fs_lock(agent.config.name)
         self.replies: asyncssh.SSHWriter[bytes] | None = None
         """Where asyncssh writes the SFTP replies (it never waits for the agent to take them)."""
+        self.handles: set[_Handle] = set()
+        agent.sftp_servers.add(self)
 
     # -- deciding -----------------------------------------------------------------------------
 
@@ -448,7 +470,9 @@ class ProxySFTPServer(SFTPServer):
         async with self._fs:
             real = await self._checked(path, paths)
             file = await self.client.open(real.encode("utf-8", "surrogateescape"), pflags, attrs, encoding=None)
-        return _Handle(file, real, "write" if writes else "read", reads)
+        handle = _Handle(file, real, "write" if writes else "read", reads)
+        self.handles.add(handle)
+        return handle
 
     def open56(self, *args: Any, **kwargs: Any) -> Any:
         raise asyncssh.SFTPOpUnsupported("only SFTP version 3 is supported through the gateway")
@@ -478,26 +502,21 @@ class ProxySFTPServer(SFTPServer):
 
     async def close(self, file_obj: object) -> None:
         handle = self._handle(file_obj)
+        self.handles.discard(handle)
         try:
             await handle.file.close()
         finally:
-            # A handle opened for reading and writing may do both: the recording says how much went each
-            # way, and a hash of the two interleaved would describe no file, so there is none.
-            both = bool(handle.read_bytes and handle.written_bytes)
-            sequential = handle.sequential and not both
-            self._record(
-                "transfer",
-                {
-                    "channel": self.number,
-                    "operation": "read+write" if both else handle.operation,
-                    "path": handle.path,
-                    "bytes": handle.read_bytes + handle.written_bytes,
-                    "bytes_read": handle.read_bytes,
-                    "bytes_written": handle.written_bytes,
-                    "sha256": handle.hash.hexdigest() if sequential else None,
-                    "sequential": sequential,
-                },
-            )
+            if not handle.recorded:
+                handle.recorded = True
+                self._record("transfer", handle.transfer(self.number))
+
+    def record_open_transfers(self) -> None:
+        """The agent's connection dropped: record what went through the files still open now, while the session
+        can still be recorded into (asyncssh closes them only after the session has ended)."""
+        for handle in list(self.handles):
+            if not handle.recorded:
+                handle.recorded = True
+                self._record("transfer", {**handle.transfer(self.number), "interrupted": True})
 
     async def fstat(self, file_obj: object) -> SFTPAttrs:
         attrs: SFTPAttrs = await self._handle(file_obj).file.stat()
@@ -632,6 +651,7 @@ class ProxySFTPServer(SFTPServer):
         if self._closed:
             return
         self._closed = True
+        self.agent.sftp_servers.discard(self)
         try:
             self.client.exit()
         finally:
