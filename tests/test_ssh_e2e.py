@@ -710,6 +710,23 @@ def test_agent_forwarding_is_refused_with_a_message(env: Env) -> None:
 # -- authentication --------------------------------------------------------------------------------
 
 
+def test_a_tunnel_device_is_refused_with_a_message_and_recorded(env: Env) -> None:
+    # `ssh -w` was refused by asyncssh unseen ("TUN/TAP request refused"), with nothing in the recording.
+    token = env.gw.token("agent-tunnel", role="admin")
+
+    async def attempt() -> str:
+        async with env.connect(token=token) as conn:
+            try:
+                await conn.open_tun(7)
+            except asyncssh.ChannelOpenError as exc:
+                return exc.reason
+            return "opened"
+
+    assert "lictor: tunnel devices (ssh -w, tun7) are not allowed through the gateway" in asyncio.run(attempt())
+    found = [(f["action"], f["result"]) for f in _forwards(env, "agent-tunnel", "tun7")]
+    assert found == [("deny", "denied")], found
+
+
 def test_bad_token_is_refused_with_a_reason(env: Env) -> None:
     argv = env.client.ssh_argv("id", "-o", "NumberOfPasswordPrompts=1", log_level="INFO")
     proc = subprocess.run(

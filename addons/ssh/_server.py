@@ -370,6 +370,26 @@ class AgentConnection(asyncssh.SSHServer):
         record("opened")
         return bridge.agent_session()
 
+    def tun_requested(self, unit: int | None) -> Awaitable[asyncssh.SSHTunTapSession]:
+        return self._tunnel_refused("tun", unit)
+
+    def tap_requested(self, unit: int | None) -> Awaitable[asyncssh.SSHTunTapSession]:
+        return self._tunnel_refused("tap", unit)
+
+    async def _tunnel_refused(self, kind: str, unit: int | None) -> asyncssh.SSHTunTapSession:
+        """``ssh -w``: a network device on the target is never granted (it would route the agent's traffic past
+        every rule); recorded like refused agent forwarding, and the agent told why (asyncssh refused it unseen)."""
+        session = await self.ready()
+        device = f"{kind}{'' if unit is None else unit}"
+        session.record(
+            "forward",
+            {"direction": "tunnel", "destination": device, "action": "deny", "rule_ids": [], "result": "denied"},
+        )
+        raise asyncssh.ChannelOpenError(
+            asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+            f"lictor: tunnel devices (ssh -w, {device}) are not allowed through the gateway",
+        )
+
     def unix_connection_requested(self, dest_path: str) -> Awaitable[asyncssh.SSHUNIXSession[bytes]]:
         return self._forward_socket("local", dest_path)
 
