@@ -867,6 +867,37 @@ def test_port_forwarding_is_decided_by_rules(env: Env) -> None:
     assert results == {"fwd-admin": ["opened"], "fwd-obs": ["denied"]}, results
 
 
+def test_how_much_went_through_a_port_forward_is_recorded(env: Env) -> None:
+    # The recording had the forward's opening only: nothing of when it ended or what went through it.
+    token = env.gw.token("fwd-amounts", role="admin")
+    destination = f"127.0.0.1:{env.sshd.port}"
+
+    async def forward(drop: bool) -> bytes:
+        conn = await env.connect(token=token)
+        reader, writer = await conn.open_connection("127.0.0.1", env.sshd.port)
+        banner = bytes(await asyncio.wait_for(reader.readline(), 10))
+        writer.write(b"SSH-2.0-lictor-test\r\n")
+        await writer.drain()
+        if not drop:
+            writer.close()
+            await asyncio.sleep(0.5)
+        conn.close()  # with drop, the forward is still open when the connection goes
+        await conn.wait_closed()
+        return banner
+
+    banners = [asyncio.run(forward(drop)) for drop in (False, True)]
+    deadline = time.monotonic() + 15
+    while True:
+        ends = [e["data"] for e in _session_events(env, "fwd-amounts") if e.get("kind") == "forward.end"]
+        if len(ends) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert [e["destination"] for e in ends] == [destination, destination], ends
+    for end, banner in zip(ends, banners, strict=True):
+        assert end["bytes_sent"] == len(b"SSH-2.0-lictor-test\r\n"), end
+        assert end["bytes_received"] >= len(banner) > 0, end
+
+
 def test_socket_forwarding_is_decided_audited_recorded_and_refused_with_a_message(env: Env) -> None:
     # asyncssh refused Unix socket forwarding unseen: `ssh -L sock:/path` said only "Connection refused",
     # and neither the audit log nor the recording had the attempt.

@@ -24,6 +24,8 @@ class Bridge:
     def __init__(self, lease: Lease, released: Callable[[], None]) -> None:
         self.lease = lease
         self._released = released
+        self.ended: Callable[[Bridge], None] | None = None
+        """Called once the bridge has closed (set once both channels are open)."""
         self.agent_chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self.up_chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self._early: list[bytes] = []
@@ -48,6 +50,8 @@ class Bridge:
                     chan.close()
         self.lease.release()
         self._released()
+        if self.ended is not None:
+            self.ended(self)
 
 
 class _AgentSide(asyncssh.SSHTCPSession[bytes]):

@@ -132,6 +132,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._open = 0
         self.identity_key: tuple[str, str] | None = None  # (issuer, subject) once logged in
         self.sftp_servers: set[Any] = set()  # the SFTP sessions of this connection (ProxySFTPServer)
+        self.bridges: set[Bridge] = set()  # the open port forwards of this connection
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -156,6 +157,8 @@ class AgentConnection(asyncssh.SSHServer):
             return
         if self._session.exception() is None:
             session = self._session.result()
+            for bridge in list(self.bridges):  # forwards still open: how much went through, before the session ends
+                bridge.close()
             for server in list(self.sftp_servers):  # files still open: their transfers, before the session ends
                 try:
                     server.record_open_transfers()
@@ -358,6 +361,16 @@ class AgentConnection(asyncssh.SSHServer):
             self.release_channel()
             record(f"failed: {exc}")
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"lictor: {exc}") from None
+
+        def ended(bridge: Bridge) -> None:
+            """How much went each way, once the forward has closed (the recording had only its opening)."""
+            self.bridges.discard(bridge)
+            if not session.closed:
+                session.record(
+                    "forward.end",
+                    {"destination": f"{host}:{port}", "bytes_sent": bridge.sent, "bytes_received": bridge.received},
+                )
+
         bridge = Bridge(lease, self.release_channel)
         try:
             await lease.conn.create_connection(bridge.upstream_session, host, port)
@@ -368,6 +381,8 @@ class AgentConnection(asyncssh.SSHServer):
                 asyncssh.OPEN_CONNECT_FAILED, f"lictor: the target could not connect to {host}:{port}: {exc}"
             ) from None
         record("opened")
+        bridge.ended = ended
+        self.bridges.add(bridge)
         return bridge.agent_session()
 
     def tun_requested(self, unit: int | None) -> Awaitable[asyncssh.SSHTunTapSession]:
