@@ -462,6 +462,24 @@ def test_unparsable_command_is_denied_with_the_parsers_reason(env: Env) -> None:
     assert "cannot be analysed" in err
 
 
+def test_the_audit_log_names_the_rule_the_agent_is_told_for_an_unparsable_command(env: Env) -> None:
+    # The policy's default deny replaced the addon's: the agent read lictor:ssh-unparsable, the audit log
+    # said lictor:default-deny ("no rule allows exec: unparsable command ...").
+    token = env.gw.token("agent-unparsable-audit", role="admin")
+    _assert_denied(env.client.ssh(token, "echo 'audit-unterminated"), "lictor:ssh-unparsable")
+    deadline = time.monotonic() + 15
+    while True:
+        audit = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+        found = [
+            e for e in map(json.loads, audit.stdout.splitlines()) if "audit-unterminated" in e["request"]["summary"]
+        ]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [(e["action"], e["rule_ids"]) for e in found] == [("deny", ["lictor:ssh-unparsable"])], found
+    assert "cannot be analysed" in found[0]["message"], found
+
+
 def test_a_command_that_is_not_utf8_is_denied_audited_and_recorded_escaped(env: Env) -> None:
     # asyncssh refused the exec request before any handler ran: ssh said only "exec request failed on
     # channel 0" (255), and neither the audit log nor the session's recording had anything of it.

@@ -4,7 +4,7 @@ Hooks: ``load`` declares the vocabulary and the target schema; ``configure`` loa
 keys and files (a problem refuses the config); ``running`` starts one asyncssh listener per target;
 ``done`` stops accepting, closes agent connections and the upstream pool; ``request`` denies a
 command line the shell analysis could not read (rule ``lictor:ssh-unparsable``), before the policy
-sees it. See docs/ssh.md.
+sees it (and ``decision`` names that rule again, where the policy's own denial would replace it). See docs/ssh.md.
 """
 
 from __future__ import annotations
@@ -143,3 +143,9 @@ class SshAddon:
         error = request.attrs.get("parse_error")
         if error is not None:
             flow.deny(f"the command line cannot be analysed: {error}", UNPARSABLE_RULE)
+
+    def decision(self, flow: Flow) -> None:
+        """The policy's own denial of an unparsable request (no rule allows a request without a program) took the
+        place of the hook's: the audit log named ``lictor:default-deny`` where the agent was told
+        ``lictor:ssh-unparsable``. The parser's reason is what decided it, and what the audit log says."""
+        self.request(flow)
