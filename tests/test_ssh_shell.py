@@ -1369,6 +1369,8 @@ def test_a_program_file_named_by_an_option_may_be_the_session(command: str) -> N
         ("make -f- all", "would read its program from the session's input"),
         ("make --file=/dev/stdin", "would read its program from the session's input"),
         ("make --eval='x:;rm y' x", "make --eval runs make code"),
+        ("cmake -P /dev/stdin", "would read its program from the session's input"),
+        ("cmake -P -", "would read its program from the session's input"),
         ("m4", "would read its program from the session's input"),
         ("m4 -D a=b", "would read its program from the session's input"),
         ("m4 -", "would read its program from the session's input"),
@@ -1390,7 +1392,7 @@ def test_programs_that_run_other_programs_or_read_a_program_are_refused(command:
 
 
 @pytest.mark.parametrize("command", ["make", "make -C dir all", "make -f Makefile", "m4 x.m4", "m4 -D a=b x.m4",
-                                     "m4 < x.m4", "ip addr show", "ip -br a", "ip netns list", "ip -s link"])  # fmt: skip
+                                     "m4 < x.m4", "cmake -P x.cmake", "cmake --build .", "ip addr show", "ip -br a", "ip netns list", "ip -s link"])  # fmt: skip
 def test_make_m4_and_ip_with_their_input_in_files_are_left_to_the_rules(command: str) -> None:
     assert [inv.name for inv in analyse(command).invocations] == [command.split()[0]]
 

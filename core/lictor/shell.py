@@ -3494,6 +3494,17 @@ def _h_m4(call: _Call) -> None:
         call.program_from_stdin(posix=False)
 
 
+def _h_cmake(call: _Call) -> None:
+    """``cmake -P FILE`` runs a CMake script (``execute_process`` runs programs): one that is the session's input
+    is a program no rule sees (a script on disk is like ``sh script.sh``)."""
+    args = call.args
+    for i, a in enumerate(args):
+        if not call.certain(a):
+            call.fail("its options are only known at run time")
+        if a.text == "-P" and (i + 1 >= len(args) or args[i + 1].text == "-" or _may_read_session(call, args[i + 1])):
+            call.program_from_stdin(posix=False)
+
+
 def _h_make(call: _Call) -> None:
     """make runs the recipes of its makefile as shell commands: one read from the session's input, or given
     inline with ``--eval``, is a program no rule sees (a makefile on disk is like ``sh script.sh``)."""
@@ -4175,6 +4186,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "m4": _h_m4,
     "gm4": _h_m4,
     "make": _h_make,
+    "cmake": _h_cmake,
     "gmake": _h_make,
     "tar": _h_tar,
     "git": _h_git,
