@@ -63,6 +63,14 @@ def _pack(work: Path) -> dict[str, Any]:
                         "action": "allow",
                     },
                     {
+                        "id": "obs-no-sha256sum-on-web1",
+                        "protocol": "ssh",
+                        "targets": ["web1"],
+                        "when": {"programs": ["sha256sum"]},
+                        "action": "deny",
+                        "message": "checksums are not taken on web1",
+                    },
+                    {
                         "id": "obs-no-writes",
                         "protocol": "ssh",
                         "when": {"writes": "*"},
@@ -391,6 +399,25 @@ def test_denied_exec_exits_126_names_the_rule_and_changes_nothing(env: Env) -> N
     redirect = env.ssh("observer", f"echo gone > {env.work}/marker")
     assert "observers do not write files" in _assert_denied(redirect, "obs-no-writes")
     _markers_intact(env)
+
+
+def test_a_rule_for_a_named_target_decides_on_that_target(env: Env) -> None:
+    # The target's name in lictor.yaml is what rules' `targets` match and what the audit log and the
+    # recordings show, whatever the names of its upstream settings.
+    proc = env.ssh("observer", f"sha256sum {env.work}/hello.txt")
+    assert "checksums are not taken on web1" in _assert_denied(proc, "obs-no-sha256sum-on-web1")
+    deadline = time.monotonic() + 15
+    while True:
+        listing = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+        events = [
+            e
+            for e in map(json.loads, listing.stdout.splitlines())
+            if "obs-no-sha256sum-on-web1" in e.get("rule_ids", [])
+        ]
+        if events or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert events and {e.get("target") for e in events} == {"web1"}, events
 
 
 def test_binary_output_is_byte_identical(env: Env) -> None:

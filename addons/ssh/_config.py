@@ -186,9 +186,9 @@ def _parse(
     if not 0 < port <= 65535:
         raise ValueError(f"upstream.port out of range: {port}")
     # empty, asyncssh would pick for itself: the local host, the gateway process's own user name
-    for name in ("host", "user"):
-        if not str(up[name]).strip():
-            raise ValueError(f"upstream.{name} is empty")
+    for setting in ("host", "user"):
+        if not str(up[setting]).strip():
+            raise ValueError(f"upstream.{setting} is empty")
     upstream = UpstreamConfig(
         host=str(up["host"]),
         port=port,
