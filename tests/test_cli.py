@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -365,6 +366,28 @@ def test_run_on_a_state_dir_a_running_gateway_holds_says_so_without_a_traceback(
     out = lictor("run", "-c", str(gw.config_path), check=False, timeout=60)
     assert out.returncode == 1, out
     assert "gateway failed to start" in out.stderr and "each gateway needs its own state_dir" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_run_on_an_approvals_address_in_use_names_the_setting_and_what_to_do(tmp_path: Path):
+    # Every example's approvals page is on 127.0.0.1:8470: a second example started on the same machine
+    # failed with the bind error alone, which named neither approvals.listen nor a way out.
+    (tmp_path / "packs").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "lictor.yaml"
+        config.write_text(
+            f"version: 1\nstate_dir: {tmp_path / 'state'}\nrulepacks: [{tmp_path / 'packs'}]\n"
+            f"approvals:\n  listen: 127.0.0.1:{port}\n"
+        )
+        out = lictor("run", "-c", str(config), check=False, timeout=60)
+    assert out.returncode == 1, out
+    assert (
+        f"gateway failed to start: {config}:5:11: approvals.listen 127.0.0.1:{port}: cannot listen there "
+        "(address already in use): stop what listens there, or give this gateway another address in approvals.listen"
+    ) in out.stderr, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
 
 

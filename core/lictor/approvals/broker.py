@@ -290,7 +290,15 @@ class ApprovalBroker:
                 "(`lictor approvals` and the page use its API): requests held for approval expire denied"
             )
         if self.server is not None:
-            await self.server.start()
+            try:
+                await self.server.start()
+            except OSError as exc:
+                # Every example listens on 127.0.0.1:8470: a second gateway on one machine ends here.
+                why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+                raise ValueError(
+                    f"approvals.listen {self.server.url.removeprefix('http://')}: cannot listen there ({why}): "
+                    "stop what listens there, or give this gateway another address in approvals.listen"
+                ) from exc
             log.info("approvals: page and API on %s", self.server.url)
 
     async def stop(self) -> None:
