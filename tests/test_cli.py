@@ -659,6 +659,9 @@ def test_check_strict_fails_on_a_variable_it_read_as_empty(tmp_path: Path):
         ("postgres", "{host: db.internal, port: five}", "upstream.port 'five' is not a port number"),
         ("ssh", "{host: '', user: ops, key: k, known_hosts: kh}", "upstream.host is empty"),
         ("ssh", "{host: web, user: '', key: k, known_hosts: kh}", "upstream.user is empty"),
+        # an empty file named the config's directory: "cannot read DIR: Is a directory"
+        ("ssh", "{host: web, user: ops, key: '', known_hosts: kh}", "upstream.key is empty"),
+        ("ssh", "{host: web, user: ops, key: k, known_hosts: ''}", "upstream.known_hosts is empty"),
         ("ssh", "{host: web, user: ops, port: twenty-two, key: k, known_hosts: kh}", "upstream.port 'twenty-two' is"),
     ],
 )

@@ -156,6 +156,11 @@ def _parse(
     host_key = _load_or_create_host_key(host_key_path, create_host_key)
 
     up = settings["upstream"]
+    # empty, asyncssh would pick for itself: the local host, the gateway process's own user name; an empty
+    # file would name the directory of lictor.yaml (`lictor check -c` reads an unset ${VAR} as empty)
+    for setting in ("host", "user", "key", "known_hosts"):
+        if not str(up[setting]).strip():
+            raise ValueError(f"upstream.{setting} is empty")
     key_path = resolve(str(up["key"]))
     key_data = _read(key_path, "upstream.key")
     try:
@@ -185,10 +190,6 @@ def _parse(
         raise ValueError(f"upstream.port {raw_port!r} is not a port number") from None
     if not 0 < port <= 65535:
         raise ValueError(f"upstream.port out of range: {port}")
-    # empty, asyncssh would pick for itself: the local host, the gateway process's own user name
-    for setting in ("host", "user"):
-        if not str(up[setting]).strip():
-            raise ValueError(f"upstream.{setting} is empty")
     upstream = UpstreamConfig(
         host=str(up["host"]),
         port=port,
