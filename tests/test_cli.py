@@ -391,6 +391,29 @@ def test_run_on_an_approvals_address_in_use_names_the_setting_and_what_to_do(tmp
     assert "Traceback" not in out.stderr, out.stderr
 
 
+def test_run_on_a_postgres_listen_address_in_use_names_the_target_and_what_to_do(tmp_path: Path):
+    # The quickstart and the PostgreSQL example listen on 127.0.0.1:6432, where a pgbouncer often is: the
+    # gateway printed the bind error alone, which named neither the target nor a way out.
+    (tmp_path / "packs").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "lictor.yaml"
+        config.write_text(
+            f"version: 1\nstate_dir: {tmp_path / 'state'}\nrulepacks: [{tmp_path / 'packs'}]\n"
+            f"targets:\n  app:\n    protocol: postgres\n    listen: 127.0.0.1:{port}\n"
+            "    upstream: {host: 127.0.0.1, user: postgres}\n"
+        )
+        out = lictor("run", "-c", str(config), check=False, timeout=60)
+    assert out.returncode == 1, out
+    assert (
+        f"postgres target app: cannot listen on 127.0.0.1:{port} (address already in use): stop what listens "
+        "there, or give the target another listen address"
+    ) in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+
+
 def test_an_addon_that_cannot_be_loaded_is_one_line_naming_it(tmp_path: Path):
     """`--addon` and the config's `addons:` name a file or module; when it cannot be used the
     command says which and why, without a traceback."""

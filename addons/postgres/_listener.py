@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import os
 import re
 import secrets
 import ssl
@@ -242,14 +243,22 @@ class PostgresListener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for route in self.routes:
-            route.server = await loop.create_server(
-                lambda route=route: _AgentProtocol(route),  # type: ignore[misc]
-                route.host,
-                route.port,
-                reuse_address=True,
-                backlog=512,
-            )
             names = ", ".join(t.name for t in route.targets)
+            try:
+                route.server = await loop.create_server(
+                    lambda route=route: _AgentProtocol(route),  # type: ignore[misc]
+                    route.host,
+                    route.port,
+                    reuse_address=True,
+                    backlog=512,
+                )
+            except OSError as exc:
+                # a pgbouncer or another gateway on 6432, say: name the setting and the way out
+                why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+                raise OSError(
+                    f"postgres target {names}: cannot listen on {route.host}:{route.port} ({why}): stop what "
+                    "listens there, or give the target another listen address",
+                ) from exc
             log.info("postgres listener on %s:%s for %s", route.host, route.port, names)
 
     async def stop(self) -> None:
