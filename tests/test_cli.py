@@ -391,10 +391,16 @@ def test_run_on_an_approvals_address_in_use_names_the_setting_and_what_to_do(tmp
     assert "Traceback" not in out.stderr, out.stderr
 
 
-def test_run_on_a_postgres_listen_address_in_use_names_the_target_and_what_to_do(tmp_path: Path):
-    # The quickstart and the PostgreSQL example listen on 127.0.0.1:6432, where a pgbouncer often is: the
-    # gateway printed the bind error alone, which named neither the target nor a way out.
+@pytest.mark.parametrize("protocol", ["postgres", "ssh"])
+def test_run_on_a_listen_address_in_use_names_the_target_and_what_to_do(tmp_path: Path, protocol: str):
+    # The quickstart and the PostgreSQL example listen on 127.0.0.1:6432, where a pgbouncer often is (and the
+    # SSH example on 2222): the gateway printed the bind error alone, which named neither the target nor a way out.
     (tmp_path / "packs").mkdir()
+    if protocol == "postgres":
+        upstream = "{host: 127.0.0.1, user: postgres}"
+    else:
+        _ssh_key_and_known_hosts(tmp_path / "ops_key", tmp_path / "known_hosts", "web.internal")
+        upstream = "{host: web.internal, user: ops, key: ops_key, known_hosts: known_hosts}"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -402,13 +408,12 @@ def test_run_on_a_postgres_listen_address_in_use_names_the_target_and_what_to_do
         config = tmp_path / "lictor.yaml"
         config.write_text(
             f"version: 1\nstate_dir: {tmp_path / 'state'}\nrulepacks: [{tmp_path / 'packs'}]\n"
-            f"targets:\n  app:\n    protocol: postgres\n    listen: 127.0.0.1:{port}\n"
-            "    upstream: {host: 127.0.0.1, user: postgres}\n"
+            f"targets:\n  app:\n    protocol: {protocol}\n    listen: 127.0.0.1:{port}\n    upstream: {upstream}\n"
         )
         out = lictor("run", "-c", str(config), check=False, timeout=60)
     assert out.returncode == 1, out
     assert (
-        f"postgres target app: cannot listen on 127.0.0.1:{port} (address already in use): stop what listens "
+        f"{protocol} target app: cannot listen on 127.0.0.1:{port} (address already in use): stop what listens "
         "there, or give the target another listen address"
     ) in out.stderr, out.stderr
     assert "Traceback" not in out.stderr, out.stderr

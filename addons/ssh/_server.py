@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable
 from typing import Any
 
@@ -78,7 +79,18 @@ class SshListener:
 
     async def start(self) -> None:
         cfg = self.config
-        self.server = await asyncssh.create_server(
+        try:
+            self.server = await self._create_server(cfg)
+        except OSError as exc:
+            why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise OSError(
+                f"ssh target {cfg.name}: cannot listen on {cfg.listen_host}:{cfg.listen_port} ({why}): stop what "
+                "listens there, or give the target another listen address",
+            ) from exc
+        log.info("ssh target %s: listening on %s:%s", cfg.name, cfg.listen_host, self.port)
+
+    async def _create_server(self, cfg: Any) -> Any:
+        return await asyncssh.create_server(
             lambda: AgentConnection(self),
             cfg.listen_host,
             cfg.listen_port,
@@ -100,7 +112,6 @@ class SshListener:
             config=None,
             server_version="Lictor",
         )
-        log.info("ssh target %s: listening on %s:%s", cfg.name, cfg.listen_host, self.port)
 
     async def stop(self) -> None:
         if self.server is not None:
