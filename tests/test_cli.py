@@ -391,13 +391,15 @@ def test_run_on_an_approvals_address_in_use_names_the_setting_and_what_to_do(tmp
     assert "Traceback" not in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("protocol", ["postgres", "ssh"])
+@pytest.mark.parametrize("protocol", ["postgres", "ssh", "http"])
 def test_run_on_a_listen_address_in_use_names_the_target_and_what_to_do(tmp_path: Path, protocol: str):
     # The quickstart and the PostgreSQL example listen on 127.0.0.1:6432, where a pgbouncer often is (and the
     # SSH example on 2222): the gateway printed the bind error alone, which named neither the target nor a way out.
     (tmp_path / "packs").mkdir()
     if protocol == "postgres":
         upstream = "{host: 127.0.0.1, user: postgres}"
+    elif protocol == "http":
+        upstream = "https://127.0.0.1:9/\n    tls: {enabled: false}"
     else:
         _ssh_key_and_known_hosts(tmp_path / "ops_key", tmp_path / "known_hosts", "web.internal")
         upstream = "{host: web.internal, user: ops, key: ops_key, known_hosts: known_hosts}"
@@ -412,10 +414,20 @@ def test_run_on_a_listen_address_in_use_names_the_target_and_what_to_do(tmp_path
         )
         out = lictor("run", "-c", str(config), check=False, timeout=60)
     assert out.returncode == 1, out
-    assert (
-        f"{protocol} target app: cannot listen on 127.0.0.1:{port} (address already in use): stop what listens "
-        "there, or give the target another listen address"
-    ) in out.stderr, out.stderr
+    if protocol == "http":  # mitmproxy logs the reason itself
+        assert (
+            "address already in use" in out.stderr
+            and (
+                f"cannot listen for the HTTP/Kubernetes targets: app on 127.0.0.1:{port} (why is in the line above): "
+                "stop what listens there, or give the target another listen address"
+            )
+            in out.stderr
+        ), out.stderr
+    else:
+        assert (
+            f"{protocol} target app: cannot listen on 127.0.0.1:{port} (address already in use): stop what listens "
+            "there, or give the target another listen address"
+        ) in out.stderr, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
 
 

@@ -2266,6 +2266,7 @@ class EmbeddedProxy:
             raise RuntimeError(
                 "cannot listen for the HTTP/Kubernetes targets: "
                 + ", ".join(f"{t.name} on {t.listen_host}:{t.listen_port}" for t in self.targets)
+                + " (why is in the line above): stop what listens there, or give the target another listen address"
             )
         await master.running()
         # Everything loaded so far (mitmproxy, policy, detectors) lives as long as the process; keep the
