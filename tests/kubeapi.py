@@ -1,11 +1,13 @@
 """A small Kubernetes-API-compatible server for tests: the real ``kubectl`` talks to it as to a cluster.
 
 It speaks the API server's wire format for what kubectl and the gateway tests need: discovery (``/version``,
-``/api``, ``/apis``, ``/api/v1``, ``/apis/apps/v1``; OpenAPI answers 404, which kubectl accepts), and
-namespaces, pods (with ``log`` and ``exec``), secrets, configmaps, services and deployments (with ``scale``),
-with get / list (``meta.k8s.io/v1`` ``Table`` when asked) / watch (chunked JSON lines) / create / update /
-patch (strategic-merge and merge as a recursive merge, JSON patch) / delete / deletecollection, label and
-field selectors, ``dryRun=All``, and ``Status`` errors. ``pods/NAME/exec`` runs a tiny fake shell over the
+``/api``, ``/apis``, ``/api/v1``, ``/apis/apps/v1``, ``/apis/authentication.k8s.io/v1``; OpenAPI answers 404,
+which kubectl accepts), and namespaces, pods (with ``log`` and ``exec``), secrets, service accounts (with
+``token``: a TokenRequest answered with a JWT-shaped token and its expiry, what ``kubectl create token`` asks
+for), configmaps, services and deployments (with ``scale``), ``tokenreviews`` of the tokens it issued (create
+only, answered with the review's spec and the account's user info), with get / list (``meta.k8s.io/v1``
+``Table`` when asked) / watch (chunked JSON lines) / create / update / patch (strategic-merge and merge as a
+recursive merge, JSON patch) / delete / deletecollection, label and field selectors, ``dryRun=All``, and ``Status`` errors. ``pods/NAME/exec`` runs a tiny fake shell over the
 WebSocket channel protocol (``v5.channel.k8s.io``, ``v4.channel.k8s.io``); SPDY upgrades are refused. Files
 that ``tar x`` extracts from stdin (what ``kubectl cp`` runs) are kept in :attr:`KubeAPIServer.files`.
 
@@ -234,6 +236,7 @@ class ResourceType:
     columns: tuple[Column, ...] = ()
     cells: Callable[[Obj], list[Any]] = field(default=lambda obj: [])
     subresources: tuple[Obj, ...] = ()
+    verbs: tuple[str, ...] = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
 
     @property
     def api_version(self) -> str:
@@ -249,7 +252,7 @@ class ResourceType:
             "singularName": self.kind.lower(),
             "namespaced": self.namespaced,
             "kind": self.kind,
-            "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+            "verbs": list(self.verbs),
         }
         if self.short_names:
             main["shortNames"] = list(self.short_names)
@@ -370,6 +373,29 @@ RESOURCES: tuple[ResourceType, ...] = (
     ResourceType(
         "",
         "v1",
+        "serviceaccounts",
+        "ServiceAccount",
+        True,
+        ("sa",),
+        columns=(_NAME_COL, Column("Secrets", type="integer"), _AGE_COL),
+        cells=lambda o: [
+            o["metadata"]["name"],
+            len(o.get("secrets") or []),
+            _age(o["metadata"].get("creationTimestamp")),
+        ],
+        subresources=(
+            {
+                "name": "serviceaccounts/token",
+                "group": "authentication.k8s.io",
+                "version": "v1",
+                "kind": "TokenRequest",
+                "verbs": ["create"],
+            },
+        ),
+    ),
+    ResourceType(
+        "",
+        "v1",
         "configmaps",
         "ConfigMap",
         True,
@@ -430,10 +456,15 @@ RESOURCES: tuple[ResourceType, ...] = (
             {"name": "deployments/status", "kind": "Deployment", "verbs": ["get", "patch", "update"]},
         ),
     ),
+    # Not stored: the API server answers a TokenReview it is sent (create only) and keeps nothing.
+    ResourceType("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False, verbs=("create",)),
 )
 _BY_PATH = {(r.group, r.version, r.resource): r for r in RESOURCES}
 _BY_NAME = {r.resource: r for r in RESOURCES}
-_GROUPS = {"apps": "v1"}
+_GROUPS = {"apps": "v1", "authentication.k8s.io": "v1"}
+# The audience of tokens the server issues when a TokenRequest names none (the API server's --api-audiences).
+API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
+ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -687,6 +718,21 @@ _PB: dict[str, dict[int, tuple[str, str, str]]] = {
         4: ("protocol", "str", ""),
     },
     "EnvVar": {1: ("name", "str", ""), 2: ("value", "str", "")},
+    "ServiceAccount": {1: ("metadata", "msg", "ObjectMeta")},
+    "TokenRequest": {1: ("metadata", "msg", "ObjectMeta"), 2: ("spec", "msg", "TokenRequestSpec")},
+    "TokenRequestSpec": {
+        1: ("audiences", "rep_str", ""),
+        3: ("boundObjectRef", "msg", "BoundObjectReference"),
+        4: ("expirationSeconds", "int?", ""),
+    },
+    "BoundObjectReference": {
+        1: ("kind", "str", ""),
+        2: ("apiVersion", "str", ""),
+        3: ("name", "str", ""),
+        4: ("uid", "str", ""),
+    },
+    "TokenReview": {1: ("metadata", "msg", "ObjectMeta"), 2: ("spec", "msg", "TokenReviewSpec")},
+    "TokenReviewSpec": {1: ("token", "str", ""), 2: ("audiences", "rep_str", "")},
     "Namespace": {1: ("metadata", "msg", "ObjectMeta"), 2: ("spec", "msg", "NamespaceSpec")},
     "NamespaceSpec": {1: ("finalizers", "rep_str", "")},
     "Secret": {
@@ -849,6 +895,7 @@ class _Store:
         self.logs: dict[tuple[str, str, str], list[str]] = {}
         self.log_listeners: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[str | None], tuple[str, str, str]]]
         self.log_listeners = set()
+        self.tokens: dict[str, Obj] = {}  # issued service-account tokens: their claims
 
     def _event(self, rtype: ResourceType, kind: str, obj: Obj) -> None:
         event = {"type": kind, "object": copy.deepcopy(obj)}
@@ -1036,6 +1083,11 @@ def _seed(store: _Store) -> None:
     ts = _now()
     for name in ("default", "kube-system", "apps"):
         store.create(_BY_NAME["namespaces"], {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        # what the service-account controller creates in every namespace
+        store.create(
+            _BY_NAME["serviceaccounts"],
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": name}},
+        )
     store.create(
         _BY_NAME["pods"],
         {
@@ -1607,6 +1659,13 @@ class KubeAPIServer:
         if subresource:
             return await self._subresource(req, reader, writer, rtype, namespace, name, subresource, dry_run)
         store = self._store
+        if rtype.resource == "tokenreviews":
+            if method != "POST" or name:
+                raise APIError(
+                    405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
+                )
+            await self._send_json(writer, 201, self._token_review(req, rtype), req)
+            return True
         if method in ("GET", "HEAD"):
             if name:
                 await self._send_object(req, writer, rtype, store.get(rtype, namespace, name))
@@ -1851,6 +1910,13 @@ class KubeAPIServer:
             return await self._logs(req, reader, writer, namespace, name)
         if key == ("pods", "exec") and req.method in ("GET", "POST"):
             return await self._exec(req, reader, writer, namespace, name)
+        if key == ("serviceaccounts", "token"):
+            if req.method != "POST":
+                raise APIError(
+                    405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
+                )
+            await self._send_json(writer, 201, self._token_request(req, store.get(rtype, namespace, name)), req)
+            return True
         if key == ("deployments", "scale"):
             dep = store.get(rtype, namespace, name)
             if req.method == "GET":
@@ -1870,6 +1936,95 @@ class KubeAPIServer:
                 await self._send_json(writer, 200, _scale(store.replace(rtype, dep, dry_run=dry_run)), req)
                 return True
         raise APIError(404, "NotFound", "the server could not find the requested resource")
+
+    # ----------------------------------------------------------------------------------- tokens
+
+    def _token_request(self, req: _Request, account: Obj) -> Obj:
+        """``serviceaccounts/NAME/token``: a TokenRequest in, the same TokenRequest with a signed-looking JWT
+        for the account in ``status`` out (the token is not stored by the API server, only its claims here)."""
+        review_type = ResourceType("authentication.k8s.io", "v1", "tokenrequests", "TokenRequest", True)
+        meta = account["metadata"]
+        request = self._body_object(req, review_type, meta["namespace"])
+        spec = request.get("spec") or {}
+        if not isinstance(spec, dict):
+            raise _bad_request("spec must be an object")
+        audiences = spec.get("audiences") or [API_AUDIENCE]
+        seconds = spec.get("expirationSeconds") or 3600
+        if not isinstance(seconds, int) or seconds < 600:
+            raise APIError(
+                422,
+                "Invalid",
+                'TokenRequest.authentication.k8s.io "" is invalid: spec.expirationSeconds: Invalid value: '
+                f"{seconds}: may not specify a duration less than 10 minutes",
+            )
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        expires = now + dt.timedelta(seconds=seconds)
+        claims = {
+            "aud": audiences,
+            "exp": int(expires.timestamp()),
+            "iat": int(now.timestamp()),
+            "iss": ISSUER,
+            "jti": str(uuid.uuid4()),
+            "kubernetes.io": {
+                "namespace": meta["namespace"],
+                "serviceaccount": {"name": meta["name"], "uid": meta["uid"]},
+            },
+            "nbf": int(now.timestamp()),
+            "sub": f"system:serviceaccount:{meta['namespace']}:{meta['name']}",
+        }
+
+        def segment(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        header = segment(json.dumps({"alg": "RS256", "kid": "kubeapi-test"}, separators=(",", ":")).encode())
+        token = f"{header}.{segment(json.dumps(claims, separators=(',', ':')).encode())}.{segment(secrets.token_bytes(256))}"
+        with self._store.lock:
+            self._store.tokens[token] = claims
+        return {
+            "kind": "TokenRequest",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "creationTimestamp": None},
+            "spec": {
+                "audiences": audiences,
+                "expirationSeconds": seconds,
+                "boundObjectRef": spec.get("boundObjectRef"),
+            },
+            "status": {"token": token, "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ")},
+        }
+
+    def _token_review(self, req: _Request, rtype: ResourceType) -> Obj:
+        """``tokenreviews``: who a token authenticates as. The review comes back with its ``spec`` (the token
+        included) and the answer in ``status``; nothing is stored."""
+        review = self._body_object(req, rtype, "")
+        spec = review.get("spec") or {}
+        if not isinstance(spec, dict) or not spec.get("token"):
+            raise APIError(
+                422, "Invalid", 'TokenReview.authentication.k8s.io "" is invalid: spec.token: Required value'
+            )
+        with self._store.lock:
+            claims = self._store.tokens.get(spec["token"])
+        wanted = spec.get("audiences") or [API_AUDIENCE]
+        status: Obj = {"user": {}}
+        if claims is None or claims["exp"] <= dt.datetime.now(dt.UTC).timestamp():
+            status["error"] = "[invalid bearer token, service account token has expired or is not valid]"
+        elif not set(wanted) & set(claims["aud"]):
+            status["error"] = "[invalid bearer token, token audiences don't match]"
+        else:
+            k8s = claims["kubernetes.io"]
+            namespace, account = k8s["namespace"], k8s["serviceaccount"]
+            status = {
+                "authenticated": True,
+                "user": {
+                    "username": claims["sub"],
+                    "uid": account["uid"],
+                    "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"],
+                    "extra": {"authentication.kubernetes.io/credential-id": [f"JTI={claims['jti']}"]},
+                },
+                "audiences": [a for a in wanted if a in claims["aud"]],
+            }
+        meta = review.get("metadata") or {}
+        meta["creationTimestamp"] = None
+        return {**review, "metadata": meta, "status": status}
 
     # ----------------------------------------------------------------------------------- logs
 

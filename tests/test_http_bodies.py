@@ -189,3 +189,19 @@ def test_scrubber_blanks_credentials_across_chunks_without_delaying_lines() -> N
         assert len(out) == len(text)
     scrubber = bodies.Scrubber([secret])
     assert scrubber.feed([b'{"event": 1}\n'], False) == [b'{"event": 1}\n']  # a finished line is not held
+
+
+def test_service_account_tokens_are_masked_wherever_a_decoder_would_read_them() -> None:
+    counts: Counter[str] = Counter()
+    issued = {
+        "kind": "TokenRequest",
+        "spec": {"audiences": ["x"]},
+        "status": {"token": "a.b.c", "expirationTimestamp": "t"},
+    }
+    assert bodies.mask_tokens(issued, counts)["status"] == {"token": bodies.REDACTED, "expirationTimestamp": "t"}
+    review = {"Spec": {"Token": "a.b.c"}, "status": None}
+    assert bodies.mask_tokens(review, counts) == {"Spec": {"Token": bodies.REDACTED}, "status": None}
+    assert counts["token"] == 2
+    for unknown in (["a.b.c"], {"spec": "a.b.c"}, {"status": ["a.b.c"]}):
+        with pytest.raises(bodies.BodyError):
+            bodies.mask_tokens(unknown, counts)

@@ -31,6 +31,7 @@ TEST_PACK = {
         {"match": {"claims": {"role": "secret-writer"}}, "roles": ["secret-writer"]},
         {"match": {"claims": {"role": "viewer"}}, "roles": ["log-masking", "env-masking"]},
         {"match": {"claims": {"role": "deployer"}}, "roles": ["exec-masking"]},
+        {"match": {"claims": {"role": "token-issuer"}}, "roles": ["token-issuer"]},
     ],
     "roles": {
         "secret-lister": {
@@ -70,6 +71,27 @@ TEST_PACK = {
                     "when": {"verbs": ["create", "update", "patch"], "resources": ["secrets"], "namespaces": ["apps"]},
                     "action": "allow",
                 }
+            ],
+        },
+        "token-issuer": {
+            "inherits": ["viewer"],
+            "rules": [
+                {
+                    "id": "t-token-create",
+                    "protocol": "kubernetes",
+                    "when": {"verbs": ["create"], "resources": ["serviceaccounts/token"], "namespaces": ["apps"]},
+                    "action": "allow",
+                },
+                {
+                    "id": "t-token-review",
+                    "protocol": "kubernetes",
+                    "when": {
+                        "verbs": ["create"],
+                        "api_groups": ["authentication.k8s.io"],
+                        "resources": ["tokenreviews"],
+                    },
+                    "action": "allow",
+                },
             ],
         },
         "exec-masking": {
@@ -124,7 +146,7 @@ class Cluster:
         self.kubectl_bin = require_binary("kubectl")
         self.oncall = gw.token("oncall-1", role="oncall")
         self.kubeconfigs: dict[str, Path] = {}
-        for role in ("viewer", "deployer", "secret-lister", "secret-reader", "secret-writer"):
+        for role in ("viewer", "deployer", "secret-lister", "secret-reader", "secret-writer", "token-issuer"):
             token = gw.token(f"{role}-1", role=role)
             out = lictor(
                 "kubeconfig",
@@ -160,12 +182,15 @@ class Cluster:
             [self.kubectl_bin, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env(role)
         )
 
-    def curl(self, role: str, path: str, *headers: str) -> tuple[int, bytes]:
-        """curl GET ``path`` through the gateway with ``role``'s token and ``headers``; (status, body)."""
+    def curl(self, role: str, path: str, *headers: str, data: str | None = None) -> tuple[int, bytes]:
+        """curl GET (POST with ``data``) ``path`` through the gateway with ``role``'s token and ``headers``;
+        (status, body)."""
         token = yaml.safe_load(self.kubeconfigs[role].read_text())["users"][0]["user"]["token"]
         args = [require_binary("curl"), "-sS", "--cacert", str(self.gw.state_dir / "tls" / "ca.crt")]
         for header in (f"Authorization: Bearer {token}", *headers):
             args += ["-H", header]
+        if data is not None:
+            args += ["--data-binary", data]
         url = f"https://127.0.0.1:{self.ports['gateway']}{path}"
         out = subprocess.run([*args, "-w", "\n%{http_code}", url], capture_output=True, timeout=60, check=True)
         body, _, code = out.stdout.rpartition(b"\n")
@@ -763,3 +788,56 @@ def test_auth_can_i_answers_from_lictors_policy_for_the_agent(cluster: Cluster) 
     summaries = [e["request"]["summary"] for e in reviews]
     assert "can-i delete deployments.apps -n apps -> approve" in summaries, summaries
     assert "can-i get secrets -n apps -> deny" in summaries, summaries
+
+
+def test_service_account_tokens_reach_the_agent_but_not_the_recording(cluster: Cluster) -> None:
+    # A TokenRequest's answer and a TokenReview (request and answer) hold a live token: recorded in clear before.
+    out = cluster.kubectl("token-issuer", "create", "token", "default", "--duration=1h")
+    assert out.returncode == 0, out.stderr
+    issued = out.stdout.strip()
+    assert re.fullmatch(r"[\w-]+\.[\w-]+\.[\w-]+", issued), issued
+    assert cluster.upstream("POST", "/namespaces/apps/serviceaccounts/default/token$")
+    out = cluster.kubectl("token-issuer", "create", "token", "default", "--audience=vault", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    second = json.loads(out.stdout)["status"]["token"]
+    review = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": issued}})
+    code, body = cluster.curl(
+        "token-issuer",
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        "Content-Type: application/json",
+        data=review,
+    )
+    assert code == 201, body
+    answer = json.loads(body)
+    assert answer["status"]["authenticated"] is True
+    assert answer["status"]["user"]["username"] == "system:serviceaccount:apps:default"
+    assert answer["spec"]["token"] == issued
+    # still refused where no rule allows it
+    out = cluster.kubectl("viewer", "create", "token", "default")
+    assert out.returncode == 1 and "lictor: no rule allows create serviceaccounts/default" in out.stderr, out.stderr
+
+    sessions = cluster.gw.state_dir / "recordings" / "sessions"
+
+    def recorded(path: str) -> list[dict[str, Any]]:
+        lines = "".join(p.read_text() for p in sessions.rglob("*.jsonl")).splitlines()
+        events = [json.loads(line) for line in lines if path in line]
+        return [e["data"] for e in events if e["kind"] == "http" and e["data"].get("url") == path]
+
+    token_path = "/api/v1/namespaces/apps/serviceaccounts/default/token"
+    review_path = "/apis/authentication.k8s.io/v1/tokenreviews"
+    wait_until(lambda: len(recorded(token_path)) >= 3, 20, "the token requests' recordings")
+    wait_until(lambda: recorded(review_path), 20, "the review's recording")
+    (reviewed,) = recorded(review_path)
+    assert json.loads(reviewed["request_body"])["spec"]["token"] == "[REDACTED:lictor]"
+    assert json.loads(reviewed["response_body"])["spec"]["token"] == "[REDACTED:lictor]"
+    assert json.loads(reviewed["response_body"])["status"]["authenticated"] is True
+    created = [r for r in recorded(token_path) if r.get("status") == 201]
+    assert len(created) == 2
+    for record in created:
+        assert json.loads(record["response_body"])["status"]["token"] == "[REDACTED:lictor]"
+    for path in cluster.gw.state_dir.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            for token in (issued, second):
+                assert token.encode() not in content, path
+                assert token.split(".")[2].encode() not in content, path

@@ -18,6 +18,9 @@ then closes the client connection, so the agent sees a truncated response, never
 Kubernetes Secrets: values under ``data`` (base64) and ``stringData`` of every Secret object are replaced
 (``data`` by valid base64 of ``[REDACTED:lictor]``, so typed clients still decode the object), and the
 ``kubectl.kubernetes.io/last-applied-configuration`` annotation, which repeats them, is masked the same way.
+
+Service-account tokens: the agent gets the token a TokenRequest issues, but recordings get
+:func:`mask_tokens`' copy of it and of a TokenReview, without the token.
 """
 
 from __future__ import annotations
@@ -151,6 +154,27 @@ def mask_secret_write(doc: Any, counts: Counter[str]) -> Any:
                 op["value"] = REDACTED
                 counts["secret"] += 1
     return mask_secrets(doc, counts, secrets_response=True)
+
+
+def mask_tokens(doc: Any, counts: Counter[str]) -> Any:
+    """Mask, in place, the service-account token of a TokenRequest (``status.token``: what the API server
+    issues) or a TokenReview (``spec.token``: what is checked, and the answer repeats it); returns ``doc``.
+
+    Field names are compared without case (a decoder may match ``Token`` to ``token``). :class:`BodyError`
+    when ``doc`` is not an object, or its ``spec`` or ``status`` neither an object nor null: where the token
+    would be is then unknown."""
+    if not isinstance(doc, dict):
+        raise BodyError("a token request or review that is not a JSON object")
+    for part, section in doc.items():
+        if part.lower() not in ("spec", "status") or section is None:
+            continue
+        if not isinstance(section, dict):
+            raise BodyError(f"the {part} of a token request or review is not an object")
+        for key in section:
+            if key.lower() == "token" and section[key] is not None:
+                section[key] = REDACTED
+                counts["token"] += 1
+    return doc
 
 
 def _embedded_objects(doc: Any) -> list[tuple[Any, Any]]:

@@ -44,7 +44,7 @@ import json
 import logging
 import re
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
@@ -1278,6 +1278,8 @@ class LictorProxy:
         masking = bodies.Masking(
             state.masking.plan, kubernetes=state.target.kubernetes, secrets=True, secrets_response=True
         )
+        if state.target.kubernetes and _carries_token(state.call):
+            return _without_tokens(body, truncated, "request_", masking)
         if state.target.kubernetes and state.call and state.call.info.resource == "secrets":
             # A patch names its values without the Secret around them ({"data": {...}}, JSON patch values):
             # masked as writes to secrets, and not recorded at all when not read as JSON (protobuf, YAML).
@@ -1327,6 +1329,12 @@ class LictorProxy:
         )
         if state.target.kubernetes and state.masking.secrets_response and not state.masking.secrets:
             data["response_body_omitted"] = "revealed secret values"
+        elif state.target.kubernetes and _carries_token(state.call):
+            # the agent got the token it was allowed to create; the recording does not keep it
+            if _encoding(resp.headers.get_all("content-encoding")) == "identity":
+                data.update(_without_tokens(body, size_out > len(body), "response_"))
+            else:
+                data["response_body_omitted"] = "service-account token"
         elif _encoding(resp.headers.get_all("content-encoding")) == "identity":
             data.update(_body_for_record(body, size_out > len(body), prefix="response_"))
         state.session.record("http", data)
@@ -1986,6 +1994,32 @@ def _tls_records(handler: Any, data: bytes) -> bytes | None:
 
 def _carries_masked_secret(body: bytes) -> bool:
     return any(form in body for form in MASKED_SECRET_FORMS)
+
+
+def _carries_token(call: K8sCall | None) -> bool:
+    """A request about service-account tokens, whose bodies carry one: a TokenRequest (the ``token``
+    subresource; its answer holds the token issued) or a TokenReview (request and answer hold the token
+    checked). Any resource's ``token`` subresource and ``tokenreviews`` of any group count, and any verb."""
+    if call is None or not call.info.is_resource_request:
+        return False
+    return call.info.subresource == "token" or call.info.resource == "tokenreviews"
+
+
+def _without_tokens(body: bytes, truncated: bool, prefix: str, masking: bodies.Masking | None = None) -> dict[str, Any]:
+    """A body of a request about tokens (see :func:`_carries_token`) as recorded: with the token masked
+    (and ``masking``'s rules applied), or left out when it cannot be read as one whole JSON document
+    (protobuf, YAML, cut at the recording limit)."""
+    if not body:
+        return {}
+    if not truncated:
+        try:
+            doc = bodies.mask_tokens(bodies.loads(body), Counter())
+            if masking is not None:
+                doc = masking.mask_document(doc)
+            return _body_for_record(bodies.dumps(doc), prefix=prefix)
+        except (bodies.BodyError, ValueError, RecursionError):
+            pass
+    return {f"{prefix}body_omitted": "service-account token"}
 
 
 def _is_review(call: K8sCall, api_group: str, resource: str) -> bool:
