@@ -7,7 +7,9 @@ import os
 import socket
 import sqlite3
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -369,9 +371,8 @@ def test_run_on_a_state_dir_a_running_gateway_holds_says_so_without_a_traceback(
     assert "Traceback" not in out.stderr, out.stderr
 
 
-def test_run_on_an_approvals_address_in_use_names_the_setting_and_what_to_do(tmp_path: Path):
-    # Every example's approvals page is on 127.0.0.1:8470: a second example started on the same machine
-    # failed with the bind error alone, which named neither approvals.listen nor a way out.
+def _run_with_a_port_taken(tmp_path: Path, rest: Callable[[int], str]) -> tuple[int, Any]:
+    """``lictor run`` of a config whose ``rest`` is given a port something else listens on; its port and result."""
     (tmp_path / "packs").mkdir()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -379,10 +380,16 @@ def test_run_on_an_approvals_address_in_use_names_the_setting_and_what_to_do(tmp
         port = taken.getsockname()[1]
         config = tmp_path / "lictor.yaml"
         config.write_text(
-            f"version: 1\nstate_dir: {tmp_path / 'state'}\nrulepacks: [{tmp_path / 'packs'}]\n"
-            f"approvals:\n  listen: 127.0.0.1:{port}\n"
+            f"version: 1\nstate_dir: {tmp_path / 'state'}\nrulepacks: [{tmp_path / 'packs'}]\n" + rest(port)
         )
-        out = lictor("run", "-c", str(config), check=False, timeout=60)
+        return port, lictor("run", "-c", str(config), check=False, timeout=60)
+
+
+def test_run_on_an_approvals_address_in_use_names_the_setting_and_what_to_do(tmp_path: Path):
+    # Every example's approvals page is on 127.0.0.1:8470: a second example started on the same machine
+    # failed with the bind error alone, which named neither approvals.listen nor a way out.
+    config = tmp_path / "lictor.yaml"
+    port, out = _run_with_a_port_taken(tmp_path, lambda port: f"approvals:\n  listen: 127.0.0.1:{port}\n")
     assert out.returncode == 1, out
     assert (
         f"gateway failed to start: {config}:5:11: approvals.listen 127.0.0.1:{port}: cannot listen there "
@@ -395,7 +402,6 @@ def test_run_on_an_approvals_address_in_use_names_the_setting_and_what_to_do(tmp
 def test_run_on_a_listen_address_in_use_names_the_target_and_what_to_do(tmp_path: Path, protocol: str):
     # The quickstart and the PostgreSQL example listen on 127.0.0.1:6432, where a pgbouncer often is (and the
     # SSH example on 2222): the gateway printed the bind error alone, which named neither the target nor a way out.
-    (tmp_path / "packs").mkdir()
     if protocol == "postgres":
         upstream = "{host: 127.0.0.1, user: postgres}"
     elif protocol == "http":
@@ -403,16 +409,12 @@ def test_run_on_a_listen_address_in_use_names_the_target_and_what_to_do(tmp_path
     else:
         _ssh_key_and_known_hosts(tmp_path / "ops_key", tmp_path / "known_hosts", "web.internal")
         upstream = "{host: web.internal, user: ops, key: ops_key, known_hosts: known_hosts}"
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        config = tmp_path / "lictor.yaml"
-        config.write_text(
-            f"version: 1\nstate_dir: {tmp_path / 'state'}\nrulepacks: [{tmp_path / 'packs'}]\n"
+    port, out = _run_with_a_port_taken(
+        tmp_path,
+        lambda port: (
             f"targets:\n  app:\n    protocol: {protocol}\n    listen: 127.0.0.1:{port}\n    upstream: {upstream}\n"
-        )
-        out = lictor("run", "-c", str(config), check=False, timeout=60)
+        ),
+    )
     assert out.returncode == 1, out
     if protocol == "http":  # mitmproxy logs the reason itself
         assert (

@@ -1464,6 +1464,15 @@ def test_an_sftp_session_that_ends_before_its_handshake_leaves_the_connection_an
         master.wait(10)
 
 
+def _operator_sftp(env: Env) -> subprocess.Popen[bytes]:
+    """Real sftp as the operator, commands on its stdin, in its own process group."""
+    return subprocess.Popen(
+        ["sftp", *env.client.options(), "-P", str(env.client.port), f"agent@{env.client.host}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env.client.env(env.tokens["operator"]), start_new_session=True,
+    )  # fmt: skip
+
+
 def test_a_path_that_changes_while_it_is_decided_is_not_used(env: Env) -> None:
     # The path is resolved, decided (here: held for an approver), then used. A link swapped in meanwhile
     # made the approved read of a file in the work directory read a file outside it.
@@ -1471,11 +1480,7 @@ def test_a_path_that_changes_while_it_is_decided_is_not_used(env: Env) -> None:
     held = f"{env.work}/held.txt"
     assert env.direct(f"printf OUTSIDE-SECRET > {outside} && printf fine > {held}").returncode == 0
     local = env.tmp / "held_copy.txt"
-    proc = subprocess.Popen(
-        ["sftp", *env.client.options(), "-P", str(env.client.port), f"agent@{env.client.host}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=env.client.env(env.tokens["operator"]), start_new_session=True,
-    )  # fmt: skip
+    proc = _operator_sftp(env)
     try:
         assert proc.stdin is not None
         proc.stdin.write(f"get {held} {local}\n".encode())
@@ -1510,11 +1515,7 @@ def test_an_sftp_operation_held_for_an_approver_says_so(env: Env) -> None:
     held = f"{env.work}/held-notice.txt"
     assert env.direct(f"printf approved-content > {held}").returncode == 0
     local = env.tmp / "held_notice_copy.txt"
-    proc = subprocess.Popen(
-        ["sftp", *env.client.options(), "-P", str(env.client.port), f"agent@{env.client.host}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=env.client.env(env.tokens["operator"]), start_new_session=True,
-    )  # fmt: skip
+    proc = _operator_sftp(env)
     try:
         assert proc.stdin is not None and proc.stderr is not None
         proc.stdin.write(f"get {held} {local}\n".encode())
@@ -1540,11 +1541,7 @@ def test_an_sftp_agent_that_goes_away_while_held_withdraws_its_request(env: Env)
     # would have carried out the operation for nobody.
     held = f"{env.work}/held-withdrawn.txt"
     assert env.direct(f"printf x > {held}").returncode == 0
-    proc = subprocess.Popen(
-        ["sftp", *env.client.options(), "-P", str(env.client.port), f"agent@{env.client.host}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=env.client.env(env.tokens["operator"]), start_new_session=True,
-    )  # fmt: skip
+    proc = _operator_sftp(env)
 
     def pending() -> list[str]:
         listed = lictor("approvals", "list", "--url", env.approvals_url, "--token", env.tokens["approver"]).stdout
