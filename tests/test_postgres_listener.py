@@ -505,7 +505,7 @@ async def test_an_internal_error_ends_the_session_and_is_audited(rig_factory: An
     assert rig.send(pg.query("SELECT 1")) == []
     (fatal,) = backend(bytes(rig.agent.take()))  # type: ignore[arg-type]
     assert isinstance(fatal, pg.ErrorResponse) and fatal.sqlstate == "XX000" and rig.agent.closed
-    (error,) = rig.harness.audit("session.error")
+    (error,) = rig.harness.audit("postgres.internal_error")
     assert error["session"] == rig.relay.session.id and error["while"] == "relaying the agent's messages"
     assert error["error"] == "RuntimeError: a defect" and error["target"] == "app"
 

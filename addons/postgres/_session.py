@@ -965,7 +965,7 @@ class Relay:
         gateway was doing: the statement it was handling is in no decision."""
         log.error("internal error %s; closing the connection (fail closed)", doing, exc_info=exc)
         self.listener.gateway.audit_event(
-            "session.error",
+            "postgres.internal_error",
             {
                 "session": self.session.id,
                 "protocol": "postgres",
