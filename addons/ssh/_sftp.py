@@ -502,13 +502,16 @@ class ProxySFTPServer(SFTPServer):
 
     async def close(self, file_obj: object) -> None:
         handle = self._handle(file_obj)
+        # Recorded before the target's file is closed: while that is awaited, a dropped connection ends the session
+        # (record_open_transfers no longer sees this handle), and nothing could be recorded after it.
         self.handles.discard(handle)
-        try:
-            await handle.file.close()
-        finally:
-            if not handle.recorded:
-                handle.recorded = True
-                self._record("transfer", handle.transfer(self.number))
+        if not handle.recorded:
+            handle.recorded = True
+            transfer = handle.transfer(self.number)
+            # asyncssh closes the files the agent left open when the SFTP channel ends: a close on a closing
+            # channel is no request of the agent's (its connection dropped, or it went without closing them).
+            self._record("transfer", {**transfer, "interrupted": True} if self._chan.is_closing() else transfer)
+        await handle.file.close()
 
     def record_open_transfers(self) -> None:
         """The agent's connection dropped: record what went through the files still open now, while the session
