@@ -547,9 +547,16 @@ def test_sessions_a_crash_left_open_are_signed_as_interrupted(tmp_path: Path, dr
     child = previous._proc.pid if previous._proc is not None else None
     if drain == "process":
         assert child is not None and all(d._thread is None for d in previous.drainers)
-        wait_until(lambda: previous.status()["sinks"][0]["committed"] > 0, 10, "the drain process to commit")
     else:
         assert all(d._thread is not None for d in previous.drainers)
+
+    def caught_up() -> bool:
+        status = previous.status()
+        return all(sink["committed"] >= status["spool"]["written"] for sink in status["sinks"])
+
+    # A dead gateway writes nothing more: its drainers, left running here, must be done before the restarted
+    # gateway's audit log is opened, or a batch they commit after it puts that log's head behind the file's.
+    wait_until(caught_up, 10, "the crashed gateway's drainers to catch up")
     audit = AuditLog(tmp_path / "state" / "audit.db")  # as the restarted gateway's recorder has it
     recorder = SessionRecorder(RecordingsConfig.from_section({"drain": drain}, tmp_path / "state"), audit=audit)
     assert all(d._thread is None for d in previous.drainers)  # the old drainers let go of the spool
