@@ -45,7 +45,7 @@ import logging
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
@@ -1279,17 +1279,11 @@ class LictorProxy:
             state.masking.plan, kubernetes=state.target.kubernetes, secrets=True, secrets_response=True
         )
         if state.target.kubernetes and _carries_token(state.call):
-            return _without_tokens(body, truncated, "request_", masking)
+            return _masked_or_omitted(body, truncated, "request_", bodies.mask_tokens, "service-account token", masking)
         if state.target.kubernetes and state.call and state.call.info.resource == "secrets":
             # A patch names its values without the Secret around them ({"data": {...}}, JSON patch values):
             # masked as writes to secrets, and not recorded at all when not read as JSON (protobuf, YAML).
-            if not truncated:
-                try:
-                    doc = bodies.mask_secret_write(bodies.loads(body), masking.counts)
-                    return _body_for_record(bodies.dumps(masking.mask_document(doc)), prefix="request_")
-                except (bodies.BodyError, ValueError):  # not JSON, or too deep to mask
-                    pass
-            return {"request_body_omitted": "secret values"}
+            return _masked_or_omitted(body, truncated, "request_", bodies.mask_secret_write, "secret values", masking)
         if not truncated and (is_json_type(content_type) or body.lstrip()[:1] in (b"{", b"[")):
             try:
                 return _body_for_record(masking.mask_json_bytes(body), prefix="request_")
@@ -1332,7 +1326,11 @@ class LictorProxy:
         elif state.target.kubernetes and _carries_token(state.call):
             # the agent got the token it was allowed to create; the recording does not keep it
             if _encoding(resp.headers.get_all("content-encoding")) == "identity":
-                data.update(_without_tokens(body, size_out > len(body), "response_"))
+                data.update(
+                    _masked_or_omitted(
+                        body, size_out > len(body), "response_", bodies.mask_tokens, "service-account token"
+                    )
+                )
             else:
                 data["response_body_omitted"] = "service-account token"
         elif _encoding(resp.headers.get_all("content-encoding")) == "identity":
@@ -2005,21 +2003,28 @@ def _carries_token(call: K8sCall | None) -> bool:
     return call.info.subresource == "token" or call.info.resource == "tokenreviews"
 
 
-def _without_tokens(body: bytes, truncated: bool, prefix: str, masking: bodies.Masking | None = None) -> dict[str, Any]:
-    """A body of a request about tokens (see :func:`_carries_token`) as recorded: with the token masked
-    (and ``masking``'s rules applied), or left out when it cannot be read as one whole JSON document
-    (protobuf, YAML, cut at the recording limit)."""
+def _masked_or_omitted(
+    body: bytes,
+    truncated: bool,
+    prefix: str,
+    mask: Callable[[Any, Counter[str]], Any],
+    what: str,
+    masking: bodies.Masking | None = None,
+) -> dict[str, Any]:
+    """A body that carries credentials (a Secret's values, a service-account token: see :func:`_carries_token`)
+    as recorded: read as JSON, with ``mask`` (then ``masking``'s rules) applied, or left out, saying ``what``
+    it holds, when it cannot be read as one whole JSON document (protobuf, YAML, cut at the recording limit)."""
     if not body:
         return {}
     if not truncated:
         try:
-            doc = bodies.mask_tokens(bodies.loads(body), Counter())
+            doc = mask(bodies.loads(body), Counter())
             if masking is not None:
                 doc = masking.mask_document(doc)
             return _body_for_record(bodies.dumps(doc), prefix=prefix)
-        except (bodies.BodyError, ValueError, RecursionError):
+        except (bodies.BodyError, ValueError, RecursionError):  # not JSON, or too deep to mask
             pass
-    return {f"{prefix}body_omitted": "service-account token"}
+    return {f"{prefix}body_omitted": what}
 
 
 def _is_review(call: K8sCall, api_group: str, resource: str) -> bool:
