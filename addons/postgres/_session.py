@@ -666,6 +666,18 @@ class _QueryRun:
         self.index = 0
         self.t0 = time.perf_counter()
 
+    def record(self, text: str, now: float) -> dict[str, Any]:
+        """The ``statement`` event of one of its statements, as far as the decision and the clock tell."""
+        record: dict[str, Any] = {
+            "sql": redact_secrets(text)[:RECORD_SQL_LIMIT],
+            "decision": self.decision.action,
+            "rules": list(self.decision.rule_ids),
+            "ms": round((now - self.t0) * 1000, 3),
+        }
+        if self.decision.approval_id:
+            record["approval"] = self.decision.approval_id
+        return record
+
 
 class _Expect:
     __slots__ = ("data", "kind", "run")
@@ -925,18 +937,9 @@ class Relay:
             for head in self._expect:
                 run = head.run
                 if head.kind == _K_QUERY and isinstance(run, _QueryRun):
+                    now = time.perf_counter()
                     for text in run.texts[run.index :]:
-                        self.session.record(
-                            "statement",
-                            {
-                                "sql": redact_secrets(text)[:RECORD_SQL_LIMIT],
-                                "decision": run.decision.action,
-                                "rules": list(run.decision.rule_ids),
-                                "ms": round((time.perf_counter() - run.t0) * 1000, 3),
-                                "error": "unanswered",
-                                "ended": why,
-                            },
-                        )
+                        self.session.record("statement", {**run.record(text, now), "error": "unanswered", "ended": why})
                 elif head.kind == _K_EXEC and isinstance(run, Execution):
                     run.error = "unanswered"
                     self._record_exec(run)
@@ -1185,7 +1188,11 @@ class Relay:
         return self._is_clean() and not self._segment_bound and not self._be_skip and not self._discard
 
     async def _wait_clean(self) -> None:
-        while not (self._pending_z == 0 and not self._expect):
+        await self._wait_for(lambda: self._pending_z == 0 and not self._expect)
+
+    async def _wait_for(self, done: Callable[[], bool]) -> None:
+        """Wait until ``done()``, checked again at each ReadyForQuery (what was held back is sent meanwhile)."""
+        while not done():
             waiter = asyncio.get_running_loop().create_future()
             self._clean_waiters.append(waiter)
             self._flush_up()
@@ -1586,11 +1593,7 @@ class Relay:
 
     async def _parse_when_settled(self, raw: bytes, name: str, sql: str) -> bytes | None:
         # Only earlier, already synchronized work is outstanding: it finishes without us.
-        while self._pending_z:
-            waiter = asyncio.get_running_loop().create_future()
-            self._clean_waiters.append(waiter)
-            self._flush_up()
-            await waiter
+        await self._wait_for(lambda: not self._pending_z)
         result = self._parse(raw, name, sql)
         if isinstance(result, Coroutine):
             return await result
@@ -2352,12 +2355,7 @@ class Relay:
         index = q.index
         q.index += 1
         now = time.perf_counter()
-        record: dict[str, Any] = {
-            "sql": redact_secrets(q.texts[index] if index < len(q.texts) else q.texts[-1])[:RECORD_SQL_LIMIT],
-            "decision": q.decision.action,
-            "rules": list(q.decision.rule_ids),
-            "ms": round((now - q.t0) * 1000, 3),
-        }
+        record = q.record(q.texts[index] if index < len(q.texts) else q.texts[-1], now)
         q.t0 = now
         if complete is not None:
             tag = complete[5:-1].decode("utf-8", "replace")
@@ -2366,8 +2364,6 @@ class Relay:
         elif error is not None:
             message = pg.decode_backend(error)
             record["error"] = getattr(message, "sqlstate", "")
-        if q.decision.approval_id:
-            record["approval"] = q.decision.approval_id
         self.session.record("statement", record)
 
     def _exec_message(self, t: int, raw: bytes, head: _Expect) -> bytes | None:
