@@ -133,10 +133,7 @@ def _special_mode(attrs: SFTPAttrs) -> bool:
 class _Handle:
     """An open file on the target, and what has flowed through it."""
 
-    __slots__ = (
-        "file", "hash", "next", "operation", "path", "read_bytes", "readable", "recorded", "sequential",
-        "written_bytes",
-    )  # fmt: skip
+    __slots__ = ("file", "hash", "next", "operation", "path", "read_bytes", "readable", "sequential", "written_bytes")
 
     def __init__(self, file: Any, path: str, operation: str, readable: bool) -> None:
         self.file = file
@@ -148,7 +145,6 @@ class _Handle:
         self.sequential = True
         self.read_bytes = 0
         self.written_bytes = 0
-        self.recorded = False
 
     def transfer(self, channel: int) -> dict[str, Any]:
         """The ``transfer`` event of this handle: a handle opened for reading and writing may do both, so the
@@ -328,6 +324,7 @@ class ProxySFTPServer(SFTPServer):
         self.replies: asyncssh.SSHWriter[bytes] | None = None
         """Where asyncssh writes the SFTP replies (it never waits for the agent to take them)."""
         self.handles: set[_Handle] = set()
+        """The open files whose transfer is not recorded yet."""
         agent.sftp_servers.add(self)
 
     # -- deciding -----------------------------------------------------------------------------
@@ -504,22 +501,23 @@ class ProxySFTPServer(SFTPServer):
         handle = self._handle(file_obj)
         # Recorded before the target's file is closed: while that is awaited, a dropped connection ends the session
         # (record_open_transfers no longer sees this handle), and nothing could be recorded after it.
-        self.handles.discard(handle)
-        if not handle.recorded:
-            handle.recorded = True
-            transfer = handle.transfer(self.number)
+        if handle in self.handles:
+            self.handles.discard(handle)
             # asyncssh closes the files the agent left open when the SFTP channel ends: a close on a closing
             # channel is no request of the agent's (its connection dropped, or it went without closing them).
-            self._record("transfer", {**transfer, "interrupted": True} if self._chan.is_closing() else transfer)
+            self._record_transfer(handle, interrupted=self._chan.is_closing())
         await handle.file.close()
 
     def record_open_transfers(self) -> None:
         """The agent's connection dropped: record what went through the files still open now, while the session
         can still be recorded into (asyncssh closes them only after the session has ended)."""
-        for handle in list(self.handles):
-            if not handle.recorded:
-                handle.recorded = True
-                self._record("transfer", {**handle.transfer(self.number), "interrupted": True})
+        handles, self.handles = self.handles, set()
+        for handle in handles:
+            self._record_transfer(handle, interrupted=True)
+
+    def _record_transfer(self, handle: _Handle, interrupted: bool) -> None:
+        transfer = handle.transfer(self.number)
+        self._record("transfer", {**transfer, "interrupted": True} if interrupted else transfer)
 
     async def fstat(self, file_obj: object) -> SFTPAttrs:
         attrs: SFTPAttrs = await self._handle(file_obj).file.stat()
