@@ -582,6 +582,10 @@ _CACHE_MAX_TEXT = 16384
 type _Node = dict[str, Any]
 
 
+# Python's recursion limit reached (decoding the parser's tree, or walking it): the statement is not analyzed.
+_TOO_DEEP = "statement nested too deeply to analyze"
+
+
 def _parse(sql: str, where: str) -> list[_Node]:
     try:
         tree: list[_Node] = pgparse.parse(sql)
@@ -592,7 +596,7 @@ def _parse(sql: str, where: str) -> list[_Node]:
         raise ClassificationError(f"{where}: {message}" if where else message, position or None) from None
     except RecursionError:
         # pgparse decodes the tree with the json module, which recurses once per level of nesting.
-        message = "statement nested too deeply to analyze"
+        message = _TOO_DEEP
         raise ClassificationError(f"{where}: {message}" if where else message) from None
 
 
@@ -2099,7 +2103,7 @@ def _statements(sql: str) -> Iterator[Statement]:
             statement = _statement(raw, sql, encoded)
         except RecursionError:
             # The walks over the tree recurse once per level too; the parser takes deeper trees than they do.
-            raise ClassificationError("statement nested too deeply to analyze") from None
+            raise ClassificationError(_TOO_DEEP) from None
         yield statement
 
 
@@ -2271,7 +2275,7 @@ def fingerprint(sql: str) -> str:
     try:
         return str(pgparse.fingerprint(sql))
     except RecursionError:
-        raise ClassificationError("statement nested too deeply to analyze") from None
+        raise ClassificationError(_TOO_DEEP) from None
     except pgparse.PGQueryError as exc:
         position = getattr(exc, "position", None)
         raise ClassificationError(getattr(exc, "message", None) or str(exc), position or None) from None
