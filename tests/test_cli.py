@@ -79,7 +79,8 @@ def test_test_names_a_misspelt_key_in_a_case_with_its_line(tmp_path: Path):
     proc = lictor("test", str(tmp_path), check=False)
     assert proc.returncode == 1
     assert (
-        f"FAIL {tmp_path / 'p.tests.yaml'}:5 typo -> no decision: unknown key 'requets' in a test case; "
+        f"FAIL {tmp_path / 'p.tests.yaml'}:5 typo -> no decision: unknown key 'requets' in a test case "
+        "(did you mean 'request'?); "
         "expected one of: expect, identity, name, request"
     ) in proc.stdout
 
@@ -259,7 +260,10 @@ def test_test_names_a_misspelt_key_in_expect(tmp_path: Path):
     )
     proc = lictor("test", str(tmp_path), check=False)
     assert proc.returncode == 1
-    assert "unknown key 'mask' in expect; expected one of: action, masked, rule, shadow" in proc.stdout
+    assert (
+        "unknown key 'mask' in expect (did you mean 'masked'?); expected one of: action, masked, rule, shadow"
+        in proc.stdout
+    )
 
 
 def test_test_refuses_requests_whose_mistakes_no_rule_would_see(tmp_path: Path):
@@ -282,7 +286,10 @@ def test_test_refuses_requests_whose_mistakes_no_rule_would_see(tmp_path: Path):
         "field -> no decision: error: attrs.programs: rules read the 'programs' field from the attribute 'program'"
         in (proc.stdout)
     )
-    assert "key -> no decision: error: unknown key 'comand' in a ssh test request; expected one of: " in proc.stdout
+    assert (
+        "key -> no decision: error: unknown key 'comand' in a ssh test request (did you mean 'command'?); expected one of: "
+        in proc.stdout
+    )
     assert "PASS" in proc.stdout and "1 passed, 3 failed" in proc.stdout
 
 

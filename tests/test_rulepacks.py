@@ -72,7 +72,22 @@ def test_unknown_when_field_names_the_vocabulary(tmp_path):
     path, result = problems(tmp_path, GOOD.replace("{statements: [select]}", "{statements: [select], tabels: [x]}"))
     (err,) = result.errors
     assert err.loc.line == 11 and "unknown key 'tabels' in roles.ro.rules.0.when" in err.message
-    assert "tables" in err.message
+    assert "(did you mean 'tables'?)" in err.message
+
+
+def test_a_misspelt_value_names_the_likely_one_first(tmp_path):
+    # The list of every statement kind is long: the author should not have to read it to find the typo.
+    path, result = problems(tmp_path, GOOD.replace("[select]", "[copy_programm]").replace("allow", "Deny"))
+    assert str(result.errors[0]).startswith(
+        f"{path}:11:29: statements.0: unknown value 'copy_programm' "
+        "(did you mean 'copy_program'?); expected one of: select, insert,"
+    )
+    assert str(result.errors[1]) == (
+        f"{path}:12:17: roles.ro.rules.0.action: unknown value 'Deny' (did you mean 'deny'?); "
+        "expected one of: allow, deny, approve, mask"
+    )
+    _, unrelated = problems(tmp_path, GOOD.replace("[select]", "[frobnicate]"))
+    assert "unknown value 'frobnicate'; expected one of: select" in str(unrelated.errors[0])
 
 
 def test_dangling_role_reference(tmp_path):

@@ -8,7 +8,8 @@ PyYAML's composer knows the marks of every node; we keep them by building ``LocD
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import difflib
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,3 +210,9 @@ def plain(value: Any) -> Any:
     if isinstance(value, list):
         return [plain(v) for v in value]
     return value
+
+
+def did_you_mean(key: str, known: Collection[str]) -> str:
+    """`` (did you mean 'targets'?)`` for a misspelt ``key``, or ``""``."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""

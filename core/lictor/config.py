@@ -9,7 +9,6 @@ Each protocol addon validates the targets of its protocol with the schema it dec
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Collection, Mapping
@@ -19,7 +18,7 @@ from typing import Any
 
 import jsonschema
 
-from ._yaml import Location, LocDict, LocList, YamlError, key_location, load_documents, locate, plain
+from ._yaml import Location, LocDict, LocList, YamlError, did_you_mean, key_location, load_documents, locate, plain
 
 __all__ = ["ConfigError", "GatewayConfig", "Target", "load_config"]
 
@@ -28,12 +27,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # ``$${`` (a literal ``${``), a reference, or any other ``${``: one that is not a reference is an error
 _ENV = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
-
-
-def did_you_mean(key: str, known: Collection[str]) -> str:
-    """`` (did you mean 'targets'?)`` for a misspelt ``key``, or ``""``."""
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class ConfigError(ValueError):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._yaml import Location, YamlError, key_location, load_documents, plain
+from ._yaml import Location, YamlError, did_you_mean, key_location, load_documents, plain
 from .identity import Identity
 from .policy import Policy
 from .policy_types import DEFAULT_DENY, Decision, Request, combine
@@ -101,7 +101,10 @@ def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
         unknown = sorted(str(k) for k in spec if k not in keys and k not in ("protocol", "target"))
         if unknown:
             allowed = ", ".join(sorted({"protocol", "target", *map(str, keys)}))
-            raise ValueError(f"unknown key {unknown[0]!r} in a {protocol} test request; expected one of: {allowed}")
+            hint = did_you_mean(unknown[0], [*map(str, keys), "protocol", "target"])
+            raise ValueError(
+                f"unknown key {unknown[0]!r} in a {protocol} test request{hint}; expected one of: {allowed}"
+            )
     try:
         return list(vocab.build_requests(spec, target))
     except ValueError:
@@ -126,7 +129,8 @@ def _expectation(expect: Any) -> dict[str, Any]:
         unknown = sorted(set(expect) - _EXPECT_KEYS)
         if unknown:
             allowed = ", ".join(sorted(_EXPECT_KEYS))
-            raise ValueError(f"unknown key {unknown[0]!r} in expect; expected one of: {allowed}")
+            hint = did_you_mean(unknown[0], _EXPECT_KEYS)
+            raise ValueError(f"unknown key {unknown[0]!r} in expect{hint}; expected one of: {allowed}")
         if "action" not in expect:
             raise ValueError("expect needs an action (allow, deny or approve)")
         return dict(expect)
@@ -191,8 +195,11 @@ def run_tests(policy: Policy, files: Iterable[Path]) -> TestReport:
                 # `case:` for `cases:` would otherwise run nothing from this file, silently
                 key = unknown_top[0] if unknown_top else "cases"
                 at = key_location(doc, key, Location(str(path), 1, 1))
+                hint = did_you_mean(key, ("format", "cases"))
                 what = (
-                    f"unknown key {key!r} in a test file; expected: format, cases" if unknown_top else "no cases: list"
+                    f"unknown key {key!r} in a test file{hint}; expected: format, cases"
+                    if unknown_top
+                    else "no cases: list"
                 )
                 report.errors.append(f"{at}: {what}")
                 continue
@@ -212,7 +219,8 @@ def run_tests(policy: Policy, files: Iterable[Path]) -> TestReport:
                             name,
                             False,
                             None,
-                            f"unknown key {unknown[0]!r} in a test case; expected one of: {_CASE_KEY_LIST}",
+                            f"unknown key {unknown[0]!r} in a test case{did_you_mean(unknown[0], _CASE_KEYS)}; "
+                            f"expected one of: {_CASE_KEY_LIST}",
                         )
                     )
                     continue

@@ -23,7 +23,7 @@ from typing import Any
 
 import jsonschema
 
-from ._yaml import Location, LocDict, LocList, YamlError, key_location, load_documents, locate, plain
+from ._yaml import Location, LocDict, LocList, YamlError, did_you_mean, key_location, load_documents, locate, plain
 from .identity import parse_duration
 from .policy import CompiledRule, IdentityMapping, Policy, Role
 from .vocabulary import Predicate, Vocabulary, glob_to_regex
@@ -282,7 +282,14 @@ def _error_location(doc: Any, error: jsonschema.ValidationError, fallback: Locat
             loc = key_location(node, extra[0], locate(doc, path, fallback))
             where = ".".join(str(p) for p in path) or "top level"
             hint = f"; expected one of: {', '.join(sorted(allowed))}" if allowed else ""
-            return loc, f"unknown key {extra[0]!r} in {where}{hint}"
+            return loc, f"unknown key {extra[0]!r} in {where}{did_you_mean(extra[0], allowed)}{hint}"
+    if error.validator == "enum" and isinstance(error.instance, str) and isinstance(error.validator_value, list):
+        # `statements: [copy_programm]`: name the likely value before the list of every value
+        known = [str(v) for v in error.validator_value]
+        where = ".".join(str(p) for p in path)
+        hint = did_you_mean(error.instance, known)
+        message = f"unknown value {error.instance!r}{hint}; expected one of: {', '.join(known)}"
+        return locate(doc, path, fallback), f"{where}: {message}" if where else message
     if error.validator == "required":
         where = ".".join(str(p) for p in path) or "top level"
         return locate(doc, path, fallback), f"{where}: {message}"

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ._yaml import did_you_mean
 from .addons import AddonManager, HookError, Loader, addon_name
 from .audit import AuditError
-from .config import ConfigError, GatewayConfig, did_you_mean
+from .config import ConfigError, GatewayConfig
 from .gateway import Gateway, load_mask_key
 from .vocabulary import Vocabulary
 
