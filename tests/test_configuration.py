@@ -132,8 +132,8 @@ def test_an_unknown_log_level_is_an_error_that_says_where(tmp_path):
         ("${DB-PASS}", "'${DB-PASS}': `${` starts no variable reference"),
         ("${DB_PASS:default}", "'${DB_PASS:default}': `${` starts no variable reference"),
         ("${DB_PASS", "'${DB_PASS': `${` starts no variable reference"),
-        # the default ended at the first `}`: the value was the text `${HOME/x}`
-        ("${STATE:-${HOME}/x}", "${STATE:-...}: a default cannot contain another ${...}"),
+        # the inner default ended at the first `}`: the value was the text `${C` followed by `}}`
+        ("${A:-${B:-${C}}}", "${B:-...}: a default may hold references one level deep only"),
     ],
 )
 def test_a_dollar_brace_that_is_no_variable_reference_is_an_error(tmp_path, value, problem):
@@ -142,6 +142,29 @@ def test_a_dollar_brace_that_is_no_variable_reference_is_an_error(tmp_path, valu
     with pytest.raises(ConfigError) as raised:
         load_config(path, env={"HOME": "/home/op"}, offline=True)
     assert str(raised.value).startswith(f"{path}:2:12: {problem}"), raised.value
+
+
+def test_a_default_may_name_another_variable(tmp_path):
+    # `${LICTOR_APPROVALS_LISTEN:-127.0.0.1:${LICTOR_APPROVALS_PORT:-8470}}`: either variable moves the address
+    path = tmp_path / "lictor.yaml"
+    path.write_text('version: 1\nstate_dir: "${STATE:-${HOME}/x}/${SUB:-${NAME:-s}}"\n')
+    assert load_config(path, env={"HOME": "/home/op"}).state_dir == Path("/home/op/x/s")
+    assert load_config(path, env={"HOME": "/home/op", "NAME": "n"}).state_dir == Path("/home/op/x/n")
+    assert load_config(path, env={"STATE": "/srv", "SUB": "b", "NAME": "n"}).state_dir == Path("/srv/b")
+    with pytest.raises(ConfigError, match="environment variable HOME is not set"):
+        load_config(path, env={})
+
+
+@pytest.mark.parametrize("example", ["http", "kubernetes", "postgres", "redis", "ssh"])
+def test_every_example_moves_its_approvals_page_with_either_variable(example):
+    # Two examples at once both want 8470; the README names one variable for all of them.
+    path = Path(__file__).parent.parent / "examples" / example / "lictor.yaml"
+    for env, listen in [
+        ({}, "127.0.0.1:8470"),
+        ({"LICTOR_APPROVALS_PORT": "8471"}, "127.0.0.1:8471"),
+        ({"LICTOR_APPROVALS_LISTEN": "0.0.0.0:8472", "LICTOR_APPROVALS_PORT": "8471"}, "0.0.0.0:8472"),
+    ]:
+        assert load_config(path, env=env, offline=True).section("approvals")["listen"] == listen, env
 
 
 def test_a_literal_dollar_brace_is_written_twice(tmp_path):

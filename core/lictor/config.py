@@ -25,8 +25,12 @@ __all__ = ["ConfigError", "GatewayConfig", "Target", "load_config"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 """The values of ``log.level`` (and ``lictor run --log-level``), in any case."""
 
-# ``$${`` (a literal ``${``), a reference, or any other ``${``: one that is not a reference is an error
-_ENV = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
+# ``$${`` (a literal ``${``), a reference, or any other ``${``: one that is not a reference is an error. A
+# reference is ``${NAME}`` or ``${NAME:-default}``, whose default may hold references in turn, one level deep
+# (``${LISTEN:-127.0.0.1:${PORT:-8470}}``).
+_REF = r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}"
+_ENV = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^}$]|\$\$\{|\$(?!\{)|" + _REF + r")*))?\}|\$\{")
+_NESTED = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")  # inside a default
 
 
 class ConfigError(ValueError):
@@ -208,13 +212,15 @@ def _interpolate(
                     f"{loc}: {shown!r}: `${{` starts no variable reference: write ${{NAME}} or ${{NAME:-default}} "
                     "(NAME: letters, digits and _), or $${ for a literal ${"
                 )
-            if default is not None and "${" in default:
-                # `${A:-${B}}` ended at the first `}`: the default was the text `${B` and a `}` was left over
-                raise ConfigError(f"{loc}: ${{{name}:-...}}: a default cannot contain another ${{...}}")
             if name in env and env[name] != "":
                 return env[name]
             if default is not None:
-                return default
+                if "${" not in default:
+                    return default
+                if m.re is _NESTED:
+                    # `${A:-${B:-${C}}}` ended at the first `}`: the default was the text `${C` and `}}` were left
+                    raise ConfigError(f"{loc}: ${{{name}:-...}}: a default may hold references one level deep only")
+                return _NESTED.sub(sub, default)
             if unset_ok:
                 if unset is not None:
                     unset.append(f"{loc}: {name}")
