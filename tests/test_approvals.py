@@ -340,16 +340,21 @@ def test_an_unanswered_request_expires_and_the_agent_is_told(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    ("pack", "action", "text"),
+    ("pack", "action", "text", "why"),
     [
-        (PACK_UPDATE_DENIED, "deny", "the policy live now denies this request: updates are frozen"),
-        (PACK_UPDATE_ALLOWED, "allow", ""),
-        (PACK_UPDATE_NEEDS_TWO, "deny", "no longer suffices: the live rule update-once needs 2 approval(s)"),
+        (PACK_UPDATE_DENIED, "deny", "the policy live now denies this request: updates are frozen", "now denies"),
+        (PACK_UPDATE_ALLOWED, "allow", "", ""),
+        (
+            PACK_UPDATE_NEEDS_TWO,
+            "deny",
+            "no longer suffices: the live rule update-once needs 2 approval(s)",
+            "the live rule update-once needs 2",
+        ),
     ],
     ids=["now-denied", "now-allowed", "now-needs-two"],
 )
 def test_resumed_request_is_decided_again_under_the_live_policy(
-    tmp_path: Path, pack: str, action: str, text: str
+    tmp_path: Path, pack: str, action: str, text: str, why: str
 ) -> None:
     async def scenario() -> None:
         gw = await make_gateway(tmp_path)
@@ -364,6 +369,10 @@ def test_resumed_request_is_decided_again_under_the_live_policy(
         assert text in decision.message
         status = (await gw.approvals.get(aid)).status  # type: ignore[union-attr]
         assert status == ("used" if action == "allow" else "withdrawn")
+        # the audit log says when and why it was withdrawn, as for any other withdrawal
+        withdrawn = audit(gw, "approval.withdrawn")
+        assert [e["id"] for e in withdrawn] == ([] if action == "allow" else [aid])
+        assert all(why in e["reason"] for e in withdrawn), withdrawn
         await gw.stop()
 
     run(scenario)

@@ -566,6 +566,11 @@ class ApprovalBroker:
                     "approval.withdrawn", {"id": a.id, "reason": "gateway restarted"}, fail_closed=False
                 )
 
+    async def _withdraw_audited(self, approval_id: str, reason: str, now: float) -> None:
+        """Withdraw an approval its request can no longer use, and say so in the audit log."""
+        if await asyncio.to_thread(self._withdraw, approval_id, reason, now):
+            self.gateway.audit_event("approval.withdrawn", {"id": approval_id, "reason": reason}, fail_closed=False)
+
     def _withdraw_now(self, approval_id: str, reason: str) -> None:
         try:
             if self._withdraw(approval_id, reason, time.time()):
@@ -710,9 +715,7 @@ class ApprovalBroker:
         ended = USED if consumed else WITHDRAWN  # how the approval ends if it cannot be used: agents are told
         if live.action == "deny":
             if not consumed:
-                await asyncio.to_thread(
-                    self._withdraw, approval_id, f"the live policy now denies it ({live.rule_ids[0]})", now
-                )
+                await self._withdraw_audited(approval_id, f"the live policy now denies it ({live.rule_ids[0]})", now)
             return replace(
                 live,
                 approval_id=approval_id,
@@ -732,7 +735,7 @@ class ApprovalBroker:
             problem = self._still_satisfies(approval, live)
             if problem:
                 if not consumed:
-                    await asyncio.to_thread(self._withdraw, approval_id, problem, now)
+                    await self._withdraw_audited(approval_id, problem, now)
                 return self._deny(live, approval_id, f"approval {approval_id} no longer suffices: {problem}", ended)
         if not consumed:
             ok = await asyncio.to_thread(
