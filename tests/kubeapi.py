@@ -1246,6 +1246,9 @@ class KubeAPIServer:
         self.host = host
         self.port = port
         self.log_tick = log_tick
+        # JSON answers larger than this many bytes are written chunked, without a Content-Length, as Go's net/http
+        # writes a body the handler did not size (the API server's lists, once past 2 KiB); None: all sized.
+        self.chunk_over: int | None = None
         self.version = version
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
@@ -1480,6 +1483,10 @@ class KubeAPIServer:
         ]
         if close:
             lines.append("Connection: close")
+        if self.chunk_over is not None and len(body) > self.chunk_over and not head_only:
+            lines[2] = "Transfer-Encoding: chunked"
+            parts = [body[i : i + 32768] for i in range(0, len(body), 32768)]
+            body = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body))
         await writer.drain()
 

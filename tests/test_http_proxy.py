@@ -43,6 +43,7 @@ CARD = "4111 1111 1111 1111"
 UPSTREAM_TOKEN = "upstream-api-token-9f8e7d"
 SLASHED_TOKEN = "upstream/api+token/9f8e7d"  # base64 keys have '/' and '+'
 EXPORT_LINES = 40_000  # ~2.4 MB, streamed in chunks by the upstream
+BUFFER_LIMIT = 2 << 20  # the gateway's http_buffer_limit here; /v1/reports/full is larger
 
 
 def make_ca(directory: Path) -> tuple[Path, Path, Path]:
@@ -240,6 +241,23 @@ class CustomersAPI:
                     rows = [{"id": i, "email": EMAIL, "card": CARD, "note": "x" * 200} for i in range(5000)]
                     self._json(200, {"id": "big", "rows": rows})
                     return
+                if self.path in ("/v1/reports/full", "/v1/reports/fullstream"):  # larger than BUFFER_LIMIT
+                    rows = [{"id": i, "email": EMAIL, "note": "x" * 200} for i in range(12_000)]
+                    data = json.dumps({"rows": rows}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    if self.path.endswith("stream"):  # of unknown length, as a server writing as it encodes sends it
+                        self.send_header("Transfer-Encoding", "chunked")
+                        self.end_headers()
+                        for i in range(0, len(data), 65536):
+                            chunk = data[i : i + 65536]
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.write(b"0\r\n\r\n")
+                    else:
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data)
+                    return
                 if self.path == "/v1/customers/legacy":  # a card number stored and served as a number
                     self._json(200, {"id": "legacy", "card": int(CARD.replace(" ", "")), "email": EMAIL})
                     return
@@ -296,6 +314,19 @@ EXPORT_PACK = {
                     "when": {"paths": ["/v1/export"]},
                     "action": "mask",
                     "mask": {"detectors": ["email", "card"]},
+                },
+                {
+                    "id": "reports",
+                    "protocol": "http",
+                    "when": {"methods": ["GET"], "paths": ["/v1/reports/*"]},
+                    "action": "allow",
+                },
+                {
+                    "id": "reports-mask",
+                    "protocol": "http",
+                    "when": {"paths": ["/v1/reports/*"]},
+                    "action": "mask",
+                    "mask": {"json_paths": ["$.rows[*].email"]},
                 },
             ]
         }
@@ -375,6 +406,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     saved = {k: os.environ.get(k) for k in env_vars}
     os.environ.update(env_vars)
     example["state_dir"] = str(workdir / "state")
+    example["options"] = {"http_buffer_limit": BUFFER_LIMIT}
     gw = GatewayProcess(workdir, example)
     try:
         gw.start()
@@ -728,6 +760,36 @@ def test_masked_json_larger_than_max_body_is_masked_not_refused(env: Env) -> Non
     doc = json.loads(body)
     assert len(doc["rows"]) == 5000
     assert EMAIL.encode() not in body and CARD.encode() not in body
+
+
+@pytest.mark.parametrize("path", ["/v1/reports/full", "/v1/reports/fullstream"])
+def test_a_json_document_too_large_to_mask_is_answered_with_an_error_not_cut(env: Env, path: str) -> None:
+    # Masked by JSON path, the document must be read whole, up to http_buffer_limit: a larger one was relayed
+    # as a 200 whose body stopped short, which the agent could not tell from a network fault.
+    code, body = env.curl(env.url() + path, token=env.agent)
+    assert code == 502, body[:300]
+    doc = json.loads(body)
+    assert doc["error"] == "bad_gateway" and doc["rule"] == "lictor:response-too-large", doc
+    assert f"larger than the {BUFFER_LIMIT} bytes" in doc["message"] and "not relayed" in doc["message"], doc
+    assert "pagination" in doc["hint"], doc
+    assert EMAIL.encode() not in body
+
+    def refused() -> list[dict[str, Any]]:
+        out = lictor("audit", "list", "--json", "--kind", "http.response_refused", "--state-dir", str(env.gw.state_dir))
+        return [e for e in map(json.loads, out.stdout.splitlines()) if e.get("url") == path]
+
+    wait_until(refused, 20, "the refusal's audit event")
+    (event,) = refused()
+    assert event["rule"] == "lictor:response-too-large" and event["upstream_status"] == 200, event
+    sessions = env.gw.state_dir / "recordings" / "sessions"
+
+    def recorded() -> list[dict[str, Any]]:
+        lines = "".join(p.read_text() for p in sessions.rglob("*.jsonl")).splitlines()
+        events = [json.loads(line)["data"] for line in lines if path in line]
+        return [e for e in events if e.get("url") == path and e.get("rule") == "lictor:response-too-large"]
+
+    wait_until(recorded, 20, "the refusal's recording")
+    assert recorded()[0]["status"] == 502
 
 
 @pytest.mark.parametrize("path", ["/v1/customers/echo", "/v1/customers/echostream"])

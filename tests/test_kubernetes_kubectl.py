@@ -20,6 +20,7 @@ from .conftest import ROOT, GatewayProcess, free_port, lictor, require_binary, w
 from .kubeapi import KubeAPIServer
 
 REDACTED_B64 = base64.b64encode(b"[REDACTED:lictor]").decode()
+BUFFER_LIMIT = 256 * 1024  # the gateway's http_buffer_limit here
 
 # Roles only the tests need, next to the example's rule pack.
 TEST_PACK = {
@@ -228,6 +229,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         example_dir = ROOT / "examples" / "kubernetes"
         config["rulepacks"] = [str((example_dir / p).resolve()) for p in config["rulepacks"]] + [str(workdir / "extra")]
         config["state_dir"] = str(workdir / "state")
+        config["options"] = {"http_buffer_limit": BUFFER_LIMIT}
         env_vars = {
             "LICTOR_K8S_SERVER": kube.url,
             "LICTOR_K8S_TOKEN": kube.token,
@@ -640,6 +642,48 @@ def test_applied_secret_values_are_masked_in_table_rows(cluster: Cluster) -> Non
         assert applied["data"]["pw"] not in out.stderr and REDACTED_B64 in out.stderr
     finally:
         cluster.kube.delete_object("secrets", "applied", "apps")
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["sized", "chunked"])
+def test_a_list_too_large_to_mask_is_a_status_kubectl_prints(cluster: Cluster, chunked: bool) -> None:
+    # A Secret list is masked as one document, up to http_buffer_limit: a larger one was relayed as a 200 cut
+    # short (kubectl: "unexpected EOF"), with no word of why or what to do. The API server writes a large list
+    # chunked, of unknown length, as well as sized.
+
+    def refused() -> list[dict[str, Any]]:
+        out = lictor(
+            "audit", "list", "--json", "--kind", "http.response_refused", "--state-dir", str(cluster.gw.state_dir)
+        ).stdout
+        return [e for e in map(json.loads, out.splitlines()) if e["url"].startswith("/api/v1/namespaces/apps/secrets?")]
+
+    before = len(refused())
+    value = base64.b64encode(b"v" * 2048).decode()
+    names = [f"bulk-{i}" for i in range(150)]  # about 420 KiB as a list
+    for name in names:
+        cluster.kube.put_object(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": name, "namespace": "apps"},
+                "data": {"v": value},
+            }
+        )
+    cluster.kube.chunk_over = 2048 if chunked else None
+    try:
+        out = cluster.kubectl("secret-lister", "get", "secrets", "-o", "json")
+    finally:
+        cluster.kube.chunk_over = None
+        for name in names:
+            cluster.kube.delete_object("secrets", name, "apps")
+    assert out.returncode == 1 and "bulk-" not in out.stdout, out.stdout[:300]  # kubectl prints an empty List
+    assert out.stderr.startswith("Error from server (BadGateway): lictor: the response ("), out.stderr
+    assert f"is larger than the {BUFFER_LIMIT} bytes this gateway masks as one JSON document" in out.stderr
+    assert "--chunk-size" in out.stderr and "--field-selector" in out.stderr, out.stderr
+    assert value not in out.stderr
+    code, body = cluster.curl("secret-lister", "/api/v1/namespaces/apps/secrets")
+    assert code == 200 and len(json.loads(body)["items"]) < 10  # the same list, smaller, is relayed
+    wait_until(lambda: len(refused()) > before, 20, "the refusal's audit event")
+    assert refused()[-1]["rule"] == "lictor:response-too-large"
 
 
 def test_a_deny_on_one_secret_is_not_dodged_by_listing_them_all(cluster: Cluster) -> None:

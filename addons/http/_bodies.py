@@ -470,15 +470,33 @@ def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None
     return _guard(fn, tap, on_error)
 
 
-def document_stream(masking: Masking, limit: int, tap: Tap, on_error: Callable[[Exception], None]) -> StreamFn:
-    """Buffer a JSON document of unknown length (up to ``limit`` bytes), mask it whole at the end."""
+def document_stream(
+    masking: Masking,
+    limit: int,
+    tap: Tap,
+    on_error: Callable[[Exception], None],
+    too_large: Callable[[], bytes] | None = None,
+) -> StreamFn:
+    """Buffer a JSON document of unknown length (up to ``limit`` bytes), mask it whole at the end.
+
+    Past ``limit``, what was buffered is dropped and so is the rest of the body: ``too_large()`` gives what the
+    agent gets instead (it is called once, while the response's head can still be replaced); without it, the
+    stream fails."""
     buf = bytearray()
+    refused = False
 
     def fn(chunk: bytes, final: bool) -> list[bytes]:
+        nonlocal refused
+        if refused:
+            return []
         if not final:
             buf.extend(chunk)
             if len(buf) > limit:
-                raise BodyError(f"JSON response larger than {limit} bytes cannot be masked as a whole")
+                if too_large is None:
+                    raise BodyError(f"JSON response larger than {limit} bytes cannot be masked as a whole")
+                refused = True
+                buf.clear()
+                return [too_large()]
             return []
         check_utf8_start(bytes(buf[:4]))
         return [masking.mask_json_bytes(bytes(buf))]

@@ -25,7 +25,9 @@ that declares or reaches more, before buffering it; a body over its own target's
 a download larger than ``max_body`` would get a 502: :func:`_request_bodies_only` keeps that check to
 requests (what a response buffers is bounded by the ``responseheaders`` hook). Responses
 are relayed through ``response.stream`` functions that mask on the way (see :mod:`._bodies`), or buffered
-(known length up to ``http_buffer_limit``) and masked in the ``response`` hook.
+(known length up to ``http_buffer_limit``) and masked in the ``response`` hook. A JSON document masked whole
+that is larger is answered with an error; of unknown length, its head waits until its body is known to fit
+(:func:`_held_response_heads`).
 
 Sessions: one Lictor session per client connection and identity. The bearer token is verified on every
 request (verified tokens are cached until they expire, for at most a minute); a request without one is
@@ -109,6 +111,8 @@ SPDY_RULE = "lictor:spdy-refused"
 MASKED_WRITE_RULE = "lictor:masked-secret-write"
 STDIN_PROGRAM_RULE = "lictor:exec-stdin-program"
 STDIN_UNPARSABLE_RULE = "lictor:exec-stdin-unparsable"
+TOO_LARGE_RULE = "lictor:response-too-large"
+HOLD_HEAD = "lictor.hold_head"  # the response's head waits for the first bytes its stream function relays
 # What a masked Secret value reads as in a request body: base64 in JSON and YAML, raw bytes in protobuf.
 MASKED_SECRET_FORMS = (bodies.REDACTED_B64.encode(), bodies.REDACTED.encode())
 MASKED_SECRET_HINT = f"{bodies.REDACTED}, base64 {bodies.REDACTED_B64}"
@@ -1359,15 +1363,19 @@ class LictorProxy:
         """Answer instead of an upstream response whose headers are known but whose body is not relayed."""
         target = self._target(flow.client_conn)
         kubernetes = bool(target and target.kubernetes)
-        answer = error(status, message, "retry later or contact the gateway operators", kubernetes=kubernetes)
+        self._answer_at_headers(
+            flow, error(status, message, "retry later or contact the gateway operators", kubernetes=kubernetes)
+        )
+        state = flow.metadata.get(STATE)
+        if isinstance(state, FlowState):
+            self._record_failure(flow, state, status=status, error=message)
+
+    def _answer_at_headers(self, flow: http.HTTPFlow, answer: Answer) -> None:
+        """Send ``answer`` instead of the upstream's response, whose head arrived; its body is read and dropped."""
         body = answer.encode()
         resp = flow.response
         assert resp is not None
-        resp.status_code = status
-        resp.reason = ""
-        resp.headers = http.Headers(
-            [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        )
+        _answer_head(resp, answer, len(body))
         sent = False
 
         def stream(chunk: bytes) -> list[bytes]:
@@ -1379,9 +1387,40 @@ class LictorProxy:
 
         resp.stream = stream
         flow.metadata[ANSWERED] = True
-        state = flow.metadata.get(STATE)
-        if isinstance(state, FlowState):
-            self._record_failure(flow, state, status=status, error=message)
+
+    def _too_large(self, flow: http.HTTPFlow, state: FlowState, size: str) -> Answer:
+        """The answer to a response that must be masked as one JSON document but is larger than
+        ``http_buffer_limit``: not relayed, audited and recorded; the agent learns how to ask for less."""
+        kubernetes = state.target.kubernetes
+        resp = flow.response
+        message = (
+            f"the response ({size}) is larger than the {self.buffer_limit} bytes this gateway masks as one JSON "
+            "document, so it was not relayed"
+        )
+        if kubernetes:
+            hint = (
+                "ask for less at a time: smaller pages (kubectl --chunk-size=50, or limit= and continue= in the "
+                "API), a label or field selector (-l, --field-selector), one namespace, or one object by name"
+            )
+        else:
+            hint = "ask for less at a time: smaller pages (the API's limit or pagination parameters) or a filter"
+        self.gateway.audit_event(
+            "http.response_refused",
+            {
+                "target": state.target.name,
+                "session": state.session.id,
+                "flow": flow.id,
+                "method": flow.request.method,
+                "url": redact_query(state.request_path),
+                "upstream_status": resp.status_code if resp is not None else 0,
+                "rule": TOO_LARGE_RULE,
+                "problem": message,
+            },
+            fail_closed=False,
+        )
+        self._record_failure(flow, state, status=502, error=message, rule=TOO_LARGE_RULE)
+        flow.metadata[ANSWERED] = True
+        return error(502, message, hint, kubernetes=kubernetes, rule=TOO_LARGE_RULE)
 
     def _streamed(self, flow: http.HTTPFlow, state: FlowState, fn: bodies.StreamFn, transformed: bool) -> None:
         resp = flow.response
@@ -1477,8 +1516,21 @@ class LictorProxy:
             self._streamed(flow, state, bodies.json_event_stream(masking, self.buffer_limit, state.tap, failed), True)
         elif json_body and length is not None and length <= self.buffer_limit:
             return  # buffered; masked whole in the response hook
+        elif json_body and length is not None:
+            self._answer_at_headers(flow, self._too_large(flow, state, f"{length} bytes"))
         elif json_body:
-            self._streamed(flow, state, bodies.document_stream(masking, self.buffer_limit, state.tap, failed), True)
+            # Of unknown length: the head waits until the body is known to fit, so that a larger one can still be
+            # answered with an error the agent reads rather than cut short after a 200.
+            def too_large() -> bytes:
+                answer = self._too_large(flow, state, f"more than {self.buffer_limit} bytes")
+                body = answer.encode() + b"\n"  # a line end: the credential scrubber holds back no part of it
+                assert resp is not None
+                _answer_head(resp, answer, len(body))
+                return body
+
+            flow.metadata[HOLD_HEAD] = True
+            stream = bodies.document_stream(masking, self.buffer_limit, state.tap, failed, too_large)
+            self._streamed(flow, state, stream, True)
         else:
             self._streamed(flow, state, bodies.byte_stream(masking, state.tap, failed, live=live), True)
 
@@ -1952,6 +2004,16 @@ class FailClosedGate:
 _MITMPROXY_DIR = str(Path(mitmproxy.__file__).parent)
 
 
+def _answer_head(resp: http.Response, answer: Answer, length: int) -> None:
+    """Make ``resp``'s head (not sent yet) that of ``answer``, whose body is ``length`` bytes."""
+    resp.status_code = answer.status
+    resp.reason = ""
+    resp.headers = http.Headers(
+        [(b"content-type", b"application/json"), (b"content-length", str(length).encode())]
+        + [(name.encode(), value.encode()) for name, value in answer.headers.items()]
+    )
+
+
 def _credential_forms(target: HttpTarget) -> tuple[bytes, ...]:
     """The injected credential values, whole and without their scheme (``Bearer xyz`` and ``xyz``), each also
     as a reflection may write it: JSON with ``/`` escaped (PHP's ``json_encode``) and percent-encoded (a
@@ -2191,6 +2253,42 @@ def _bounded_request_heads() -> None:
     server_class._handle_event = handle_event
 
 
+def _held_response_heads() -> None:
+    """Send the head of a streamed response whose flow has :data:`HOLD_HEAD` right before the first bytes its
+    stream function relays (or the end of the response), not when it arrives from the upstream.
+
+    Until then the stream function may still replace the status and headers: a JSON document of unknown
+    length that turns out too large to mask is answered with an error the agent reads, not cut short after a
+    ``200`` it already received."""
+    from mitmproxy.proxy.layers.http import ResponseHeaders, SendHttp
+
+    stream_class = http_layers.HttpStream
+    start, relay = stream_class.start_response_stream, stream_class.state_stream_response_body
+    if getattr(start, "lictor_held", False):
+        return
+
+    def start_response_stream(self: Any) -> Any:
+        if not self.flow.metadata.get(HOLD_HEAD):
+            return (yield from start(self))
+        self.server_state = self.state_stream_response_body
+        return None
+
+    def state_stream_response_body(self: Any, event: Any) -> Any:
+        for command in relay(self, event):
+            if (
+                isinstance(command, SendHttp)
+                and command.connection is self.context.client
+                and self.flow.metadata.pop(HOLD_HEAD, False)
+            ):
+                head = ResponseHeaders(self.stream_id, self.flow.response, end_stream=False)
+                yield SendHttp(head, self.context.client)
+            yield command
+
+    start_response_stream.lictor_held = True  # type: ignore[attr-defined]
+    stream_class.start_response_stream = start_response_stream
+    stream_class.state_stream_response_body = state_stream_response_body
+
+
 def _request_bodies_only() -> None:
     """Make mitmproxy's ``body_size_limit`` a limit on request bodies only (see the module docstring).
 
@@ -2266,6 +2364,7 @@ class EmbeddedProxy:
         if not log.isEnabledFor(logging.DEBUG):
             logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # per-connection chatter
         _request_bodies_only()
+        _held_response_heads()
         _ws_messages_before()
         _bounded_websocket_messages()
         _bounded_request_heads()
