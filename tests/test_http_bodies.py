@@ -205,3 +205,29 @@ def test_service_account_tokens_are_masked_wherever_a_decoder_would_read_them() 
     for unknown in (["a.b.c"], {"spec": "a.b.c"}, {"status": ["a.b.c"]}):
         with pytest.raises(bodies.BodyError):
             bodies.mask_tokens(unknown, counts)
+
+
+def test_oauth_credentials_are_masked_by_field_name_in_json_and_forms() -> None:
+    counts: Counter[str] = Counter()
+    doc = {
+        "AccessToken": "a",
+        "result": [{"refreshToken": "r", "id-token": None}],
+        "grant_type": "authorization_code",
+        "code": "c",
+        "nested": {"code": 404, "token_type": "Bearer"},  # no grant here: an ordinary code
+    }
+    assert bodies.mask_credentials(doc, counts) == {
+        "AccessToken": bodies.REDACTED,
+        "result": [{"refreshToken": bodies.REDACTED, "id-token": None}],
+        "grant_type": "authorization_code",
+        "code": bodies.REDACTED,
+        "nested": {"code": 404, "token_type": "Bearer"},
+    }
+    assert counts["credential"] == 3
+    form = b"grant_type=authorization_code&code=xyz&client%5Fsecret=s3&Password=p+w&scope=a+b&redirect_uri=x"
+    masked = bodies.mask_form_credentials(form, Counter())
+    assert masked == (
+        b"grant_type=authorization_code&code=%5BREDACTED%3Alictor%5D&client%5Fsecret=%5BREDACTED%3Alictor%5D"
+        b"&Password=%5BREDACTED%3Alictor%5D&scope=a+b&redirect_uri=x"
+    )
+    assert bodies.mask_form_credentials(b"code=1&state=2", Counter()) == b"code=1&state=2"

@@ -43,6 +43,15 @@ CARD = "4111 1111 1111 1111"
 UPSTREAM_TOKEN = "upstream-api-token-9f8e7d"
 SLASHED_TOKEN = "upstream/api+token/9f8e7d"  # base64 keys have '/' and '+'
 EXPORT_LINES = 40_000  # ~2.4 MB, streamed in chunks by the upstream
+# What an OAuth token endpoint gives out and is sent (grant_type=password, then refresh_token).
+ISSUED = {
+    "access_token": "at-5mT9qLw2vXr8ZkP1",
+    "refresh_token": "rt-Hq7Yd3Nc6Vb0Jf4S",
+    "id_token": "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlLTk4NzY1",
+}
+CLIENT_SECRET = "cs-Gx2Wq8Lp5Rt1Ym7N"
+PASSWORD = "pw-Zr4Kd9Tb3Hs6Qe"
+SESSION_COOKIE = "sid-Uv1Mn8Xc5Fw2Ja"
 BUFFER_LIMIT = 2 << 20  # the gateway's http_buffer_limit here; /v1/reports/full is larger
 
 
@@ -270,6 +279,23 @@ class CustomersAPI:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 self._record(body)
+                if self.path in ("/oauth/token", "/oauth/token-form", "/oauth/token-big"):  # RFC 6749 5.1, or a form
+                    issued = {**ISSUED, "token_type": "Bearer", "expires_in": 3600, "scope": "customers.read"}
+                    if self.path.endswith("big"):  # longer than the recording keeps
+                        issued = {**issued, "claims": "x" * 70_000}
+                    data = (
+                        urllib.parse.urlencode(issued).encode()
+                        if self.path.endswith("form")
+                        else json.dumps({"data": issued}).encode()
+                    )
+                    self.send_response(200)
+                    ctype = "application/x-www-form-urlencoded" if self.path.endswith("form") else "application/json"
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Set-Cookie", f"sid={SESSION_COOKIE}; HttpOnly")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 self._json(201, {"created": json.loads(body or b"{}"), "email": EMAIL})
 
             def do_DELETE(self) -> None:
@@ -314,6 +340,12 @@ EXPORT_PACK = {
                     "when": {"paths": ["/v1/export"]},
                     "action": "mask",
                     "mask": {"detectors": ["email", "card"]},
+                },
+                {
+                    "id": "oauth",
+                    "protocol": "http",
+                    "when": {"methods": ["POST"], "paths": ["/oauth/token", "/oauth/token-form", "/oauth/token-big"]},
+                    "action": "allow",
                 },
                 {
                     "id": "reports",
@@ -994,6 +1026,56 @@ def test_recordings_and_audit_never_hold_credentials(env: Env) -> None:
     assert found_request
     assert env.agent not in env.gw.log() and UPSTREAM_TOKEN not in env.gw.log()
     env.gw.start()
+
+
+def test_oauth_tokens_reach_the_agent_but_not_the_recording(env: Env) -> None:
+    # No mask rule covers the token endpoint: its answer and the secrets sent to it were recorded in clear.
+    form = urllib.parse.urlencode(
+        {"grant_type": "password", "username": "svc", "password": PASSWORD, "client_secret": CLIENT_SECRET}
+    )
+    code, body = env.curl(
+        env.url() + "/oauth/token", "--data-binary", form, "-H", "Content-Type: application/x-www-form-urlencoded",
+        "-H", f"Cookie: sid={SESSION_COOKIE}", token=env.agent,
+    )  # fmt: skip
+    assert code == 200, body
+    assert json.loads(body)["data"]["access_token"] == ISSUED["access_token"]  # the agent asked for its token
+    assert env.api.seen("POST", "/oauth/token")[-1]["body"] == form.encode()
+    refresh = json.dumps({"grant_type": "refresh_token", "refresh_token": ISSUED["refresh_token"]})
+    code, body = env.curl(
+        env.url() + "/oauth/token-form", "--data-binary", refresh, "-H", "Content-Type: application/json",
+        token=env.agent,
+    )  # fmt: skip
+    assert code == 200, body
+    assert urllib.parse.parse_qs(body.decode())["refresh_token"] == [ISSUED["refresh_token"]]
+    code, body = env.curl(env.url() + "/oauth/token-big", "--data-binary", form, token=env.agent)
+    assert code == 200 and json.loads(body)["data"]["id_token"] == ISSUED["id_token"], body[-300:]
+
+    sessions = env.gw.state_dir / "recordings" / "sessions"
+
+    def recorded(path: str) -> list[dict[str, Any]]:
+        lines = "".join(p.read_text() for p in sessions.rglob("*.jsonl")).splitlines()
+        events = [json.loads(line)["data"] for line in lines if path in line]
+        return [e for e in events if e.get("url") == path and "status" in e]
+
+    paths = ("/oauth/token", "/oauth/token-form", "/oauth/token-big")
+    wait_until(lambda: all(recorded(path) for path in paths), 20, "the token requests' recordings")
+    (first,) = recorded("/oauth/token")
+    sent = urllib.parse.parse_qs(first["request_body"])
+    assert sent["password"] == sent["client_secret"] == ["[REDACTED:lictor]"] and sent["username"] == ["svc"]
+    answer = json.loads(first["response_body"])["data"]
+    assert {answer[k] for k in ISSUED} == {"[REDACTED:lictor]"} and answer["expires_in"] == 3600, answer
+    assert first["request_headers"]["cookie"] == first["response_headers"]["set-cookie"] == "[REDACTED]"
+    (second,) = recorded("/oauth/token-form")
+    assert json.loads(second["request_body"]) == {"grant_type": "refresh_token", "refresh_token": "[REDACTED:lictor]"}
+    answer = urllib.parse.parse_qs(second["response_body"])
+    assert {answer[k][0] for k in ISSUED} == {"[REDACTED:lictor]"} and answer["scope"] == ["customers.read"]
+    (third,) = recorded("/oauth/token-big")  # cut at 64 KiB, the JSON cannot be read whole to mask it
+    assert third["response_body_omitted"] == "credentials" and "response_body" not in third, third.keys()
+    for path in env.gw.state_dir.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            for value in (*ISSUED.values(), CLIENT_SECRET, PASSWORD, SESSION_COOKIE):
+                assert value.encode() not in content, (path, value)
 
 
 def test_range_requests_cannot_split_masked_values_between_answers(env: Env) -> None:

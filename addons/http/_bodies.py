@@ -20,7 +20,9 @@ Kubernetes Secrets: values under ``data`` (base64) and ``stringData`` of every S
 ``kubectl.kubernetes.io/last-applied-configuration`` annotation, which repeats them, is masked the same way.
 
 Service-account tokens: the agent gets the token a TokenRequest issues, but recordings get
-:func:`mask_tokens`' copy of it and of a TokenReview, without the token.
+:func:`mask_tokens`' copy of it and of a TokenReview, without the token. Likewise, recordings of HTTP targets get
+the bodies of OAuth token requests and answers (and any JSON or form body with such fields) without the
+credentials: :func:`mask_credentials`, :func:`mask_form_credentials`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import quote_plus, unquote_plus
 
 import orjson
 
@@ -175,6 +178,72 @@ def mask_tokens(doc: Any, counts: Counter[str]) -> Any:
                 section[key] = REDACTED
                 counts["token"] += 1
     return doc
+
+
+# OAuth 2.0 and OpenID Connect credentials (RFC 6749, 7523, 7636, 8628, 8693) and passwords, by field name
+# written without case, "_" or "-" (access_token, accessToken, AccessToken).
+CREDENTIAL_FIELDS = frozenset(
+    {
+        "accesstoken",
+        "refreshtoken",
+        "idtoken",
+        "clientsecret",
+        "clientassertion",
+        "assertion",
+        "password",
+        "subjecttoken",
+        "actortoken",
+        "codeverifier",
+        "devicecode",
+    }
+)
+# ... and the authorization code, where a token request (one with a grant_type) sends it.
+GRANT_CODE = "code"
+
+
+def credential_name(name: str, grant: bool) -> bool:
+    """Is ``name`` the name of a credential field (``grant``: of a token request, where ``code`` is one)?"""
+    folded = name.lower().replace("_", "").replace("-", "")
+    return folded in CREDENTIAL_FIELDS or (grant and folded == GRANT_CODE)
+
+
+def has_grant(names: Iterable[Any]) -> bool:
+    return any(isinstance(name, str) and name.lower().replace("-", "_") == "grant_type" for name in names)
+
+
+def mask_credentials(doc: Any, counts: Counter[str]) -> Any:
+    """Mask, in place, the values of credential fields (:data:`CREDENTIAL_FIELDS`, and ``code`` next to a
+    ``grant_type``) at any depth of a parsed JSON document; returns ``doc``. For recordings: an OAuth token
+    endpoint's answer carries live tokens, its request a client secret, a password or a refresh token."""
+    stack: list[Any] = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            grant = has_grant(node)
+            for key, value in node.items():
+                if isinstance(key, str) and value is not None and credential_name(key, grant):
+                    node[key] = REDACTED
+                    counts["credential"] += 1
+                elif isinstance(value, (dict, list)):
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return doc
+
+
+def mask_form_credentials(data: bytes, counts: Counter[str]) -> bytes:
+    """The same for an ``application/x-www-form-urlencoded`` body: the value of each credential field is
+    replaced, every other byte is kept."""
+    pairs = data.split(b"&")
+    names = [unquote_plus(pair.split(b"=", 1)[0].decode("utf-8", "replace")) for pair in pairs]
+    grant = has_grant(names)
+    out = []
+    for pair, name in zip(pairs, names, strict=True):
+        if b"=" in pair and credential_name(name.strip(), grant):
+            pair = pair.split(b"=", 1)[0] + b"=" + quote_plus(REDACTED).encode()
+            counts["credential"] += 1
+        out.append(pair)
+    return b"&".join(out)
 
 
 def _embedded_objects(doc: Any) -> list[tuple[Any, Any]]:

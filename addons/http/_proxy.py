@@ -1288,6 +1288,10 @@ class LictorProxy:
             # A patch names its values without the Secret around them ({"data": {...}}, JSON patch values):
             # masked as writes to secrets, and not recorded at all when not read as JSON (protobuf, YAML).
             return _masked_or_omitted(body, truncated, "request_", bodies.mask_secret_write, "secret values", masking)
+        if not state.target.kubernetes:
+            recorded = _credentials_masked(body, truncated, content_type, "request_", masking)
+            if recorded is not None:
+                return recorded
         if not truncated and (is_json_type(content_type) or body.lstrip()[:1] in (b"{", b"[")):
             try:
                 return _body_for_record(masking.mask_json_bytes(body), prefix="request_")
@@ -1338,7 +1342,11 @@ class LictorProxy:
             else:
                 data["response_body_omitted"] = "service-account token"
         elif _encoding(resp.headers.get_all("content-encoding")) == "identity":
-            data.update(_body_for_record(body, size_out > len(body), prefix="response_"))
+            truncated = size_out > len(body)
+            recorded = None
+            if not state.target.kubernetes:  # an OAuth token endpoint's answer: the agent got it, not the recording
+                recorded = _credentials_masked(body, truncated, resp.headers.get("content-type", ""), "response_")
+            data.update(_body_for_record(body, truncated, prefix="response_") if recorded is None else recorded)
         state.session.record("http", data)
 
     def _audit_refused(self, flow: http.HTTPFlow, target: HttpTarget | None, problem: str) -> None:
@@ -2087,6 +2095,43 @@ def _masked_or_omitted(
         except (bodies.BodyError, ValueError, RecursionError):  # not JSON, or too deep to mask
             pass
     return {f"{prefix}body_omitted": what}
+
+
+_JSON_KEY = re.compile(rb'"((?:[^"\\]|\\.){0,256})"\s*:')
+# Every credential field name holds one of these words (``code`` only next to a grant), or is escaped.
+_CREDENTIAL_WORDS = re.compile(rb"(?i)token|secret|assertion|password|verifier|device|grant|\\")
+
+
+def _may_carry_credentials(body: bytes) -> bool:
+    """Does JSON text (maybe cut short) name a credential field (see :func:`bodies.credential_name`)? A key
+    with an escape counts: ``\\u0070assword`` is ``password`` to a JSON parser."""
+    if _CREDENTIAL_WORDS.search(body) is None:  # the usual body: no key to look at one by one
+        return False
+    grant = b"grant" in body.lower()
+    for match in _JSON_KEY.finditer(body):
+        key = match.group(1)
+        if b"\\" in key or bodies.credential_name(key.decode("utf-8", "replace"), grant):
+            return True
+    return False
+
+
+def _credentials_masked(
+    body: bytes, truncated: bool, content_type: str, prefix: str, masking: bodies.Masking | None = None
+) -> dict[str, Any] | None:
+    """An HTTP body as recorded without the credentials it carries by well-known field names (an OAuth token
+    request's client secret, password or refresh token; the token endpoint's answer): masked in a form and in
+    JSON, JSON left out when it cannot be read whole (cut at the recording limit). ``masking``'s rules apply too.
+    None when the body is neither, or names no such field: it is recorded as any other."""
+    head = body[: bodies.RECORD_LIMIT]
+    if content_type.split(";", 1)[0].strip().lower() == "application/x-www-form-urlencoded":
+        counts: Counter[str] = Counter()
+        masked = bodies.mask_form_credentials(head, counts)  # field by field: a cut value is masked all the same
+        if not counts:
+            return None
+        return _body_for_record(masked if masking is None else masking.mask_bytes(masked), truncated, prefix)
+    if not (is_json_type(content_type) or head.lstrip()[:1] in (b"{", b"[")) or not _may_carry_credentials(head):
+        return None
+    return _masked_or_omitted(body, truncated, prefix, bodies.mask_credentials, "credentials", masking)
 
 
 def _is_review(call: K8sCall, api_group: str, resource: str) -> bool:
