@@ -30,7 +30,7 @@ TEST_PACK = {
         {"match": {"claims": {"role": "secret-lister"}}, "roles": ["secret-lister"]},
         {"match": {"claims": {"role": "secret-reader"}}, "roles": ["secret-reader"]},
         {"match": {"claims": {"role": "secret-writer"}}, "roles": ["secret-writer"]},
-        {"match": {"claims": {"role": "viewer"}}, "roles": ["log-masking", "env-masking"]},
+        {"match": {"claims": {"role": "viewer"}}, "roles": ["log-masking", "env-masking", "rules-reviewer"]},
         {"match": {"claims": {"role": "deployer"}}, "roles": ["exec-masking"]},
         {"match": {"claims": {"role": "token-issuer"}}, "roles": ["token-issuer"]},
     ],
@@ -121,6 +121,20 @@ TEST_PACK = {
                     "when": {"resources": ["pods"]},
                     "action": "mask",
                     "mask": {"json_paths": ["$.spec.containers[*].env[*].value"]},
+                }
+            ]
+        },
+        "rules-reviewer": {
+            "rules": [
+                {
+                    "id": "t-rules-review",
+                    "protocol": "kubernetes",
+                    "when": {
+                        "verbs": ["create"],
+                        "api_groups": ["authorization.k8s.io"],
+                        "resources": ["selfsubjectrulesreviews"],
+                    },
+                    "action": "allow",
                 }
             ]
         },
@@ -832,6 +846,27 @@ def test_auth_can_i_answers_from_lictors_policy_for_the_agent(cluster: Cluster) 
     summaries = [e["request"]["summary"] for e in reviews]
     assert "can-i delete deployments.apps -n apps -> approve" in summaries, summaries
     assert "can-i get secrets -n apps -> deny" in summaries, summaries
+
+
+def test_auth_can_i_list_is_refused_with_what_to_ask_instead(cluster: Cluster) -> None:
+    # Allowed (t-rules-review), the review was forwarded: the cluster listed the gateway's own permissions as if
+    # they were the agent's.
+    out = cluster.kubectl("viewer", "auth", "can-i", "--list", "-n", "apps")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stderr.startswith("Error from server (Forbidden): lictor: kubectl auth can-i --list is not answered"), (
+        out.stderr
+    )
+    assert "rule lictor:rules-review" in out.stderr and "kubectl auth can-i VERB RESOURCE" in out.stderr, out.stderr
+    assert cluster.upstream(pattern="selfsubjectrulesreviews") == []
+    out = cluster.kubectl("deployer", "auth", "can-i", "--list")  # no rule allows it: the same answer
+    assert out.returncode == 1 and "rule lictor:rules-review" in out.stderr, out.stderr
+
+    def reviews() -> list[dict[str, Any]]:
+        out = lictor("audit", "list", "--state-dir", str(cluster.gw.state_dir), "--kind", "decision", "--json").stdout
+        return [e for e in map(json.loads, out.splitlines()) if e["rule_ids"] == ["lictor:rules-review"]]
+
+    wait_until(lambda: len(reviews()) >= 2, 20, "the refusals' audit events")
+    assert {e["action"] for e in reviews()} == {"deny"}
 
 
 def test_service_account_tokens_reach_the_agent_but_not_the_recording(cluster: Cluster) -> None:

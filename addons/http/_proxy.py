@@ -112,6 +112,7 @@ MASKED_WRITE_RULE = "lictor:masked-secret-write"
 STDIN_PROGRAM_RULE = "lictor:exec-stdin-program"
 STDIN_UNPARSABLE_RULE = "lictor:exec-stdin-unparsable"
 TOO_LARGE_RULE = "lictor:response-too-large"
+RULES_REVIEW_RULE = "lictor:rules-review"
 HOLD_HEAD = "lictor.hold_head"  # the response's head waits for the first bytes its stream function relays
 # What a masked Secret value reads as in a request body: base64 in JSON and YAML, raw bytes in protobuf.
 MASKED_SECRET_FORMS = (bodies.REDACTED_B64.encode(), bodies.REDACTED.encode())
@@ -828,6 +829,9 @@ class LictorProxy:
         if call is not None and _is_review(call, "authentication.k8s.io", "selfsubjectreviews"):
             self._self_review(flow, session, request, call)
             return
+        if call is not None and _is_review(call, "authorization.k8s.io", "selfsubjectrulesreviews"):
+            self._rules_review(flow, session, request)
+            return
 
         inspect_stdin = False
         if call is not None and call.info.subresource == "exec" and call.info.stdin and not call.info.tty:
@@ -1102,6 +1106,34 @@ class LictorProxy:
             },
         )
         self._answer_recorded(flow, session, answer, request.summary, answered, answer="whoami")
+
+    def _rules_review(self, flow: http.HTTPFlow, session: Session, request: Request) -> None:
+        """Refuse ``kubectl auth can-i --list`` (a SelfSubjectRulesReview), saying what to ask instead.
+
+        Forwarded, even where a rule allows it, the cluster would list what the gateway's own account may do,
+        which is not what the agent may do. Nor do Lictor's rules reduce to such a list of grants: deny rules
+        win over them, approvals hold, names, paths and bodies narrow them. A list built from them would say yes
+        where Lictor says no, so none is given; one question at a time (``can-i VERB RESOURCE``) is answered.
+        """
+        own = session.policy_decision(request)
+        refusal = Decision.deny(
+            "kubectl auth can-i --list is not answered through this gateway: the cluster would list its own "
+            "account's permissions, not yours, and Lictor's rules (deny rules, approvals, names) are no such list",
+            RULES_REVIEW_RULE,
+            own.policy_version,
+        )
+        if own.action == "deny" and own.rule_ids and own.rule_ids[0] != "lictor:default-deny":
+            refusal = own  # an explicit rule's denial names its rule
+        session.audit(request, refusal)
+        self._deny(
+            flow,
+            session,
+            request,
+            refusal,
+            True,
+            hint="ask about one action at a time: kubectl auth can-i VERB RESOURCE [-n NAMESPACE], answered from "
+            "Lictor's rules for you",
+        )
 
     def _refuse_spdy(self, flow: http.HTTPFlow, session: Session, request: Request) -> None:
         """SPDY cannot be inspected: answer with the policy's denial if there is one, else explain."""
