@@ -537,6 +537,70 @@ def test_a_command_that_is_not_utf8_is_denied_audited_and_recorded_escaped(env: 
     assert [c["command"] for c in commands] == [shown], commands
 
 
+def _decisions_of(env: Env, sub: str, count: int) -> list[dict[str, Any]]:
+    """The audited decisions of ``sub``'s sessions, once there are ``count`` of them (at most 15 s)."""
+    sessions = {e["s"] for e in _session_events(env, sub) if e.get("kind") == "session.start"}
+    deadline = time.monotonic() + 15
+    while True:
+        audit = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+        found = [e for e in map(json.loads, audit.stdout.splitlines()) if e.get("session") in sessions]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_a_command_line_too_long_to_forward_is_denied_audited_and_recorded(env: Env) -> None:
+    # asyncssh read packets of at most 256 KiB: a longer exec request (three arguments of 100 KB) closed
+    # the connection ("Max packet size exceeded", status 255), with nothing in the audit log but the end.
+    token = env.gw.token("agent-long-command", role="admin")
+    filler = "x" * 100_000
+    argv = [*env.client.ssh_argv(f"touch {env.work}/made-by-a-long-command; :"), filler, filler, filler]
+    proc = subprocess.run(argv, capture_output=True, env=env.client.env(token), timeout=30, check=False)
+    err = _assert_denied(proc, "lictor:ssh-unparsable")
+    assert "the command is longer than 65536 bytes" in err, err
+    assert b"made-by-a-long-command" not in env.direct(f"ls {env.work}").stdout
+    [denial] = _decisions_of(env, "agent-long-command", 1)
+    assert (denial["action"], denial["rule_ids"]) == ("deny", ["lictor:ssh-unparsable"]), denial
+    events = _session_events(env, "agent-long-command")
+    [command] = [e["data"] for e in events if e.get("kind") == "command"]
+    assert command["command"].startswith(f"touch {env.work}/made-by-a-long-command; : xxx"), command
+    assert [e["data"]["rule_ids"] for e in events if e.get("kind") == "decision"] == [["lictor:ssh-unparsable"]]
+
+
+def test_a_packet_longer_than_the_gateway_reads_closes_the_connection_audited(env: Env) -> None:
+    # Past what the gateway reads at all, the connection still closes (the packet is not read), but the
+    # refusal is audited and recorded in the session: it left no trace but the session's end.
+    token = env.gw.token("agent-huge-packet", role="admin")
+
+    async def run() -> None:
+        async with env.connect(token=token) as conn:
+            assert (await conn.run("echo before", encoding=None)).stdout == b"before\n"
+            with pytest.raises((asyncssh.Error, OSError)):
+                await conn.run("echo " + "x" * (5 * 1024 * 1024), encoding=None)
+
+    asyncio.run(run())
+    denials = [e for e in _decisions_of(env, "agent-huge-packet", 2) if e["action"] == "deny"]
+    assert [(e["rule_ids"], e["request"]["action"]) for e in denials] == [
+        (["lictor:ssh-unparsable"], "oversized_packet")
+    ], denials
+    assert "longer than the 4194304 bytes the gateway reads" in denials[0]["message"], denials
+    recorded = [e["data"] for e in _session_events(env, "agent-huge-packet") if e.get("kind") == "decision"]
+    assert any("oversized packet" in d.get("summary", "") for d in recorded), recorded
+
+
+def test_a_subsystem_name_too_long_to_forward_is_denied(env: Env) -> None:
+    async def run() -> tuple[Any, bytes]:
+        async with env.connect("admin") as conn:
+            process = await conn.create_process(subsystem="n" * 300_000, encoding=None)
+            err = await asyncio.wait_for(process.stderr.read(), 10)
+            await process.wait_closed()
+            return process.exit_status, err
+
+    status, err = asyncio.run(run())
+    assert status == 126, err
+    assert b"denied this subsystem by rule lictor:ssh-unparsable" in err and b"300000 bytes, longer than 255" in err
+
+
 def test_a_program_read_through_an_option_from_the_agents_input_is_denied(env: Env) -> None:
     # `psql -f -` passed (only a script operand was checked) and ran `\!` commands piped by the agent, unseen.
     marker = env.work / "psql_ran"
@@ -589,6 +653,34 @@ def test_breaks_and_signals_relayed_to_a_command_are_recorded(env: Env) -> None:
             break
         time.sleep(0.3)
     assert [(s["signal"], s.get("msec")) for s in signals] == [("break", 250), ("TERM", None)], signals
+
+
+def test_a_signal_name_too_long_for_the_target_is_dropped_and_the_channel_goes_on(env: Env) -> None:
+    # The gateway reads packets of up to 4 MiB from agents, the target's sshd 256 KiB: a signal request with a
+    # 300 KB name, relayed, would have dropped the pooled upstream connection and every channel on it.
+    token = env.gw.token("agent-long-signal", role="admin")
+
+    async def run() -> bytes:
+        async with env.connect(token=token) as conn:
+            process = await conn.create_process("cat", encoding=None)
+            process.stdin.write(b"before\n")
+            assert await asyncio.wait_for(process.stdout.readline(), 10) == b"before\n"
+            process.send_signal("X" * 300_000)
+            await asyncio.sleep(0.5)
+            process.stdin.write(b"after\n")
+            after = await asyncio.wait_for(process.stdout.readline(), 10)
+            process.stdin.write_eof()
+            await process.wait_closed()
+            return bytes(after)
+
+    assert asyncio.run(run()) == b"after\n"
+    deadline = time.monotonic() + 10
+    while True:
+        signals = [e["data"] for e in _session_events(env, "agent-long-signal") if e.get("kind") == "signal"]
+        if signals or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert [(s["signal"], s["delivered"]) for s in signals] == [("X" * 64 + "...", False)], signals
 
 
 def test_reason_from_environment_reaches_the_audit_log(env: Env) -> None:
@@ -910,6 +1002,32 @@ def test_port_forwarding_is_decided_by_rules(env: Env) -> None:
     assert isinstance(denied, str) and "lictor: denied port forwarding (local) to 127.0.0.1:" in denied
     results = {sub: [f["result"] for f in _forwards(env, sub, f"127.0.0.1:{env.sshd.port}")] for sub in tokens}
     assert results == {"fwd-admin": ["opened"], "fwd-obs": ["denied"]}, results
+
+
+def test_a_forward_to_a_host_name_too_long_for_the_target_is_denied_and_other_agents_keep_their_channels(
+    env: Env,
+) -> None:
+    # The gateway reads packets of up to 4 MiB from agents, the target's sshd 256 KiB: a host name of 300 KB,
+    # allowed by the rule on `127.0.0.1:*`, would have dropped the pooled upstream connection.
+    async def run() -> tuple[str, bytes]:
+        async with env.connect("observer") as other_conn, env.connect("admin") as conn:
+            other = await other_conn.create_process("cat", encoding=None)
+            other.stdin.write(b"before\n")
+            assert await asyncio.wait_for(other.stdout.readline(), 10) == b"before\n"
+            with pytest.raises(asyncssh.ChannelOpenError) as refused:
+                await conn.open_connection("127.0.0.1:" + "x" * 300_000, 22)
+            await asyncio.sleep(0.5)
+            other.stdin.write(b"after\n")
+            after = await asyncio.wait_for(other.stdout.readline(), 10)
+            other.stdin.write_eof()
+            await other.wait_closed()
+            return refused.value.reason, after
+
+    reason, after = asyncio.run(run())
+    assert after == b"after\n"
+    assert "by rule lictor:ssh-unparsable: the destination host name is 300010 bytes, longer than 255" in reason, (
+        reason[:300]
+    )
 
 
 def test_how_much_went_through_a_port_forward_is_recorded(env: Env) -> None:
@@ -1338,17 +1456,21 @@ def test_what_the_gateway_echoes_for_a_program_without_a_terminal_is_recorded(en
     assert seen.count("typed-line\r\n") == 2, seen
 
 
+@pytest.mark.parametrize(
+    ("term", "shown"), [("xterm\x00", b"'xterm\\x00'"), ("x" * 300_000, b"'" + b"x" * 300 + b"'")], ids=["nul", "long"]
+)
 def test_a_terminal_type_the_target_would_choke_on_is_refused_and_other_agents_keep_their_channels(
-    env: Env,
+    env: Env, term: str, shown: bytes
 ) -> None:
     # A NUL in the terminal type went to the target in the pty request; sshd took it for a broken packet
-    # and dropped the pooled upstream connection, ending every other agent's channel on it.
+    # and dropped the pooled upstream connection, ending every other agent's channel on it. So would a
+    # terminal type longer than sshd's packets.
     async def run() -> tuple[Any, bytes, bytes]:
         async with env.connect("observer") as other_conn, env.connect("operator") as conn:
             other = await other_conn.create_process("cat", encoding=None)
             other.stdin.write(b"before\n")
             assert await asyncio.wait_for(other.stdout.readline(), 10) == b"before\n"
-            shell = await conn.create_process(term_type="xterm\x00", encoding=None)
+            shell = await conn.create_process(term_type=term, encoding=None)
             err = await asyncio.wait_for(shell.stderr.read(), 10)
             await shell.wait_closed()
             await asyncio.sleep(0.5)
@@ -1361,7 +1483,7 @@ def test_a_terminal_type_the_target_would_choke_on_is_refused_and_other_agents_k
     status, err, after = asyncio.run(run())
     assert after == b"after\n"
     assert status == 255
-    assert b"lictor: the terminal type 'xterm\\x00' is not a terminal name" in err, err
+    assert b"lictor: the terminal type " + shown + b" is not a terminal name" in err, err[:500]
 
 
 def test_a_terminal_without_raw_shell_is_not_recorded_as_a_denial(env: Env) -> None:

@@ -128,6 +128,10 @@ FOREGROUND_SIGNALS = frozenset({"INT", "QUIT", "TSTP", "TERM", "HUP", "KILL"})
 """Signals a line shell's agent may send to the program it runs (^C, ^\\, ^Z, or an SSH signal request)."""
 KEY_SIGNALS = {b"\x03": "INT", b"\x1c": "QUIT", b"\x1a": "TSTP"}
 SIGNALS_QUEUED = 8
+SIGNAL_NAME_MAX = 64
+"""Longest signal name relayed to the target (SSH's are ``INT``, ``TERM``..., extensions ``NAME@domain``). A
+request with a longer one is dropped: the gateway reads packets of up to 4 MiB from agents, and a signal
+request past the 256 KiB the target's sshd reads would end the pooled upstream connection."""
 SIGNAL_STOP_WAIT = 10.0
 """Seconds the gateway waits for a signal's helper on the target to end once its line has ended."""
 SIGNAL_SCRIPT = r"""p=$1 sig=$2 own=$3
@@ -165,9 +169,13 @@ READY_MARK = "\x1b]7373;{}\x07"
 """What the target's bash prints at the end of each prompt (an OSC sequence with a nonce of the channel):
 the gateway takes it out of the output and only then sends the next decided line."""
 
-TERM_TYPE = re.compile(r"[!-~]*")
-"""A terminal type the target is given: printable ASCII. OpenSSH's sshd takes anything else (a NUL)
-as a broken packet and drops the whole connection, with every other agent's channel on it."""
+TERM_TYPE = re.compile(r"[!-~]{0,255}")
+"""A terminal type the target is given: printable ASCII, as long as a file name (terminfo looks it up as one).
+OpenSSH's sshd takes anything else (a NUL, or a request past its 256 KiB packets) as a broken packet and drops
+the whole connection, with every other agent's channel on it."""
+SUBSYSTEM_NAME_MAX = 255
+"""Longest subsystem name decided and forwarded (a longer request would end the pooled upstream connection
+as a long terminal type would); a longer one is denied as unparsable."""
 
 Notify = Callable[[str, str], Awaitable[None]]
 
@@ -499,6 +507,10 @@ class ChannelHandler:
         if undecodable(name) is not None:  # bytes no rule can name: denied, and shown escaped
             name = shown(name)
             attrs = {"channel": "subsystem", "parse_error": "the subsystem name is not ASCII"}
+        elif len(name) > SUBSYSTEM_NAME_MAX:  # denied; its audit event and recording keep the start of it
+            error = f"the subsystem name is {len(name)} bytes, longer than {SUBSYSTEM_NAME_MAX}"
+            name = name[:SUBSYSTEM_NAME_MAX] + "..."
+            attrs = {"channel": "subsystem", "parse_error": error}
         request = Request(
             protocol="ssh",
             action=name,
@@ -588,7 +600,8 @@ class ChannelHandler:
     ) -> bool:
         if self.pty and not self.cooked and not TERM_TYPE.fullmatch(self.process.term_type or ""):
             await self._write_err(
-                f"lictor: the terminal type {self.process.term_type!r} is not a terminal name; set TERM to one\n"
+                f"lictor: the terminal type {(self.process.term_type or '')[:300]!r} is not a terminal name; "
+                "set TERM to one\n"
             )
             self._exit(UNREACHABLE_STATUS)
             return False
@@ -794,6 +807,10 @@ class ChannelHandler:
                     up.change_terminal_size(exc.width, exc.height, exc.pixwidth, exc.pixheight)
                 self.record("resize", {"channel": self.number, "width": exc.width, "height": exc.height})
             except asyncssh.SignalReceived as exc:
+                if len(exc.signal) > SIGNAL_NAME_MAX:  # see SIGNAL_NAME_MAX: neither relayed nor kept whole
+                    cut = exc.signal[:SIGNAL_NAME_MAX] + "..."
+                    self.record("signal", {"channel": self.number, "signal": cut, "delivered": False})
+                    continue
                 if self._marks is not None:  # a line shell: never to bash itself (see _interrupt)
                     self._interrupt(str(exc.signal), key=False)
                     continue

@@ -259,7 +259,9 @@ def _what(request: Request) -> str:
         return f"`{_as_written(attrs['command'])}`"
     if attrs.get("destination"):
         kind = "socket" if attrs.get("socket") else "port"
-        return f"{kind} forwarding ({attrs.get('direction', 'local')}) to {attrs['destination']}"
+        destination = str(attrs["destination"])  # the agent's text: shown cut, the message must fit a packet
+        cut = destination if len(destination) <= 300 else destination[:300] + "..."
+        return f"{kind} forwarding ({attrs.get('direction', 'local')}) to {cut}"
     if attrs.get("operation"):
         return f"{attrs.get('channel', 'sftp')} {attrs['operation']} of {', '.join(map(str, attrs.get('paths') or []))}"
     return str(attrs.get("channel", request.action)).replace("_", " ")

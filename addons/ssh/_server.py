@@ -36,12 +36,12 @@ from collections.abc import Awaitable
 from typing import Any
 
 import asyncssh
-from lictor import AuthError, Decision, Gateway, Identity, Session
+from lictor import AuthError, Decision, Gateway, Identity, Request, Session
 
 from ._channel import handle_process
 from ._config import SshTargetConfig
 from ._forward import Bridge
-from ._requests import denial_text, forward_request, socket_forward_request
+from ._requests import UNPARSABLE_RULE, denial_text, forward_request, socket_forward_request
 from ._sftp import make_sftp_server
 from ._upstream import UpstreamError, UpstreamPool
 
@@ -54,6 +54,16 @@ MAX_SETTING_UP = 128
 """Connections of one SSH target that may be logging in at once. Each holds a descriptor for up to
 LOGIN_TIMEOUT: beyond this a connection is closed at once (as sshd's MaxStartups does), so that connections
 that never log in cannot take every descriptor of the gateway."""
+MAX_PACKET = 4 * 1024 * 1024
+"""Longest SSH packet read from an agent once it has logged in (asyncssh reads 256 KiB, and closed the
+connection on a longer exec request, unaudited). Twice the 2 MiB Linux gives a program's arguments by
+default, so a command ``ssh`` can be given arrives whole and is denied with a message the agent can act on
+(the analysis reads 64 KiB of it); a longer packet still closes the connection, audited (``_oversized``).
+Before login the limit stays asyncssh's: those connections hold no session yet."""
+MAX_HOST_NAME = 255
+"""Longest destination host name of a port forward (a DNS name has at most 253 characters). A longer one
+would end the pooled upstream connection, with other agents' channels on it: OpenSSH's sshd drops its
+connection on a packet over 256 KiB, which the gateway reads from agents (``MAX_PACKET``)."""
 
 
 class SshListener:
@@ -168,6 +178,10 @@ class AgentConnection(asyncssh.SSHServer):
             return
         if self._session.exception() is None:
             session = self._session.result()
+            try:
+                self._oversized(session, exc)
+            except Exception:
+                log.exception("ssh target %s: auditing an oversized packet failed", self.config.name)
             for bridge in list(self.bridges):  # forwards still open: how much went through, before the session ends
                 bridge.close()
             for server in list(self.sftp_servers):  # files still open: their transfers, before the session ends
@@ -178,6 +192,29 @@ class AgentConnection(asyncssh.SSHServer):
             task = asyncio.ensure_future(session.close(channels=self._channels, reason=str(exc) if exc else "closed"))
             self.listener.closing.add(task)
             task.add_done_callback(self.listener.closing.discard)
+
+    def _oversized(self, session: Session, exc: Exception | None) -> None:
+        """When asyncssh closed the connection for a packet longer than it reads, audit (and so record) that as a
+        denial of the session: whatever the packet asked for was refused, and the agent saw only the connection
+        close ("Max packet size exceeded")."""
+        conn = self.conn
+        length = getattr(conn, "_pktlen", 0)
+        limit = getattr(conn, "_max_recv_pktlen", MAX_PACKET)
+        if not isinstance(exc, asyncssh.ProtocolError) or length <= limit:
+            return
+        message = (
+            f"a packet of {length} bytes is longer than the {limit} bytes the gateway reads; "
+            "the connection was closed and what the packet asked for was not done"
+        )
+        request = Request(
+            protocol="ssh",
+            action="oversized_packet",
+            attrs={"channel": "connection", "parse_error": message},
+            target=self.config.name,
+            summary=f"oversized packet ({length} bytes)",
+            payload=f"oversized packet {length}",
+        )
+        session.audit(request, Decision.deny(message, UNPARSABLE_RULE, session.policy.version))
 
     def close(self) -> None:
         if self.conn is not None:
@@ -293,6 +330,8 @@ class AgentConnection(asyncssh.SSHServer):
         return True
 
     async def auth_completed(self) -> None:
+        if self.conn is not None and getattr(self.conn, "_max_recv_pktlen", MAX_PACKET) < MAX_PACKET:
+            self.conn._max_recv_pktlen = MAX_PACKET  # see MAX_PACKET
         candidate, self._candidate = self._candidate, None
         if candidate is None:  # cannot happen with the methods enabled; refuse rather than guess
             log.error("ssh target %s: authentication completed without an identity; closing", self.config.name)
@@ -342,7 +381,12 @@ class AgentConnection(asyncssh.SSHServer):
     async def _forward_local(self, host: str, port: int) -> asyncssh.SSHTCPSession[bytes]:
         session = await self.ready()
         request = forward_request("local", host, port, target=self.config.name)
-        decision = session.decide_now(request)
+        if len(host) > MAX_HOST_NAME:  # denied whatever the rules say (a rule on `*:22` would match it)
+            message = f"the destination host name is {len(host)} bytes, longer than {MAX_HOST_NAME}"
+            decision = Decision.deny(message, UNPARSABLE_RULE, session.policy.version)
+            session.audit(request, decision)
+        else:
+            decision = session.decide_now(request)
         if decision.action == "approve":
             decision = await session.decide(request)
 
