@@ -2211,6 +2211,35 @@ def test_sftp_transfers_are_recorded_with_sizes_and_hashes(env: Env) -> None:
     assert data["path"] == f"{env.work}/hashed.bin"
 
 
+def test_the_names_sftp_returns_are_recorded_and_a_long_listing_is_cut(env: Env) -> None:
+    # realpath answers and directory listings were decided but what they returned was in no recording: a
+    # replay showed `ls` without the names the agent then acted on.
+    token = env.gw.token("agent-listing", role="operator")
+    listing = f"{env.work}/listing"
+    made = env.direct(f"mkdir {listing} && cd {listing} && touch $(seq -f 'n%04g' 1 1005) && printf x > {listing}.txt")
+    assert made.returncode == 0, made
+    proc = env.client.sftp(token, f"cd {listing}\nls\nls {env.work}\n")
+    assert proc.returncode == 0, _err(proc)
+    assert b"n1005" in proc.stdout and b"listing.txt" in proc.stdout
+    deadline = time.monotonic() + 10
+    while True:
+        names = [e for e in _session_events(env, "agent-listing") if e.get("kind") == "sftp.names"]
+        lists = [e["data"] for e in names if e["data"]["operation"] == "list"]
+        if len(lists) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert {e["dir"] for e in names} == {"out"}, names
+    resolved = [(e["data"]["path"], e["data"]["names"]) for e in names if e["data"]["operation"] == "realpath"]
+    assert (listing, [listing]) in resolved, resolved
+    [long, work] = sorted(lists, key=lambda d: d["path"], reverse=True)
+    assert (long["path"], long["count"], long["truncated"], long["complete"]) == (listing, 1007, True, True), {
+        k: v for k, v in long.items() if k != "names"
+    }
+    assert len(long["names"]) == 1000 and set(long["names"]) <= {".", ".."} | {f"n{i:04}" for i in range(1, 1006)}
+    assert (work["path"], work["truncated"], work["complete"]) == (str(env.work), False, True), work
+    assert {"listing", "listing.txt", "hello.txt"} <= set(work["names"]) and work["count"] == len(work["names"])
+
+
 def test_a_file_read_and_written_through_one_handle_is_recorded_both_ways(env: Env) -> None:
     path = f"{env.work}/rw.txt"
     assert env.direct(f"printf 0123456789 > {path}").returncode == 0

@@ -21,7 +21,8 @@ target opens read-only), ``write`` (open with write, append, create or truncate 
 sets an owner or a setuid, setgid or sticky bit), ``remove``, ``rename`` (both paths),
 ``mkdir``, ``rmdir``, ``symlink`` and ``link`` (the new link and what it points to).
 ``realpath`` itself is answered without a decision: SFTP clients canonicalise their working
-directory before anything else, and it reveals only a path name.
+directory before anything else, and it reveals only a path name. What it and a directory listing
+returned is recorded (``sftp.names``; at most ``LISTED_NAMES_MAX`` names of a listing).
 
 Transfers are recorded when the file is closed: path, operation, bytes (read and written), and the
 SHA-256 of the data when it was transferred in one direction, in order from offset 0 (what sftp and
@@ -56,6 +57,7 @@ from asyncssh import stream as _stream
 from asyncssh.sftp import MAX_SFTP_READ_LEN
 from lictor import Decision, Request, Session, agent_reason
 
+from ._exec import shown
 from ._requests import denial_text, sftp_request
 from ._upstream import Lease, UpstreamError
 
@@ -113,8 +115,18 @@ OVERRIDDEN = frozenset(
 """The ``SFTPServer`` methods this proxy replaces (the rest only format or convert values)."""
 
 
+LISTED_NAMES_MAX = 1000
+"""Names of one directory listing kept in its ``sftp.names`` event (``count`` says how many the agent got,
+``truncated`` that there were more): a directory of a million files must not make one event of them all."""
+
+
 async def _same(real: bytes) -> bytes:
     return real
+
+
+def _name(name: bytes | str) -> str:
+    """A name the target returned, as text for the recording (bytes that are not UTF-8 as ``\\xNN``)."""
+    return shown(name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else name)
 
 
 def _setstat_writes(attrs: SFTPAttrs) -> tuple[str, ...]:
@@ -551,8 +563,30 @@ class ProxySFTPServer(SFTPServer):
 
     async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
         real = await self._one("list", path, _same)
-        async for name in self.client.scandir(real):
-            yield name
+        names: list[str] = []
+        count = 0
+        complete = False
+        try:
+            async for name in self.client.scandir(real):
+                count += 1
+                if len(names) < LISTED_NAMES_MAX:
+                    names.append(_name(name.filename))
+                yield name
+            complete = True
+        finally:  # also when the agent closes the listing before its end: what it got so far
+            self._record(
+                "sftp.names",
+                {
+                    "channel": self.number,
+                    "operation": "list",
+                    "path": _name(real),
+                    "names": names,
+                    "count": count,
+                    "truncated": count > len(names),
+                    "complete": complete,
+                    "direction": "out",
+                },
+            )
 
     async def stat(self, path: bytes) -> SFTPAttrs:
         attrs: SFTPAttrs = await self._one("stat", path, self.client.stat)
@@ -634,7 +668,19 @@ class ProxySFTPServer(SFTPServer):
         return self._realpath(path)
 
     async def _realpath(self, path: bytes) -> bytes:
-        return bytes(await self.client.realpath(self._lexical(path).encode("utf-8", "surrogateescape")))
+        lexical = self._lexical(path)
+        real = bytes(await self.client.realpath(lexical.encode("utf-8", "surrogateescape")))
+        self._record(
+            "sftp.names",
+            {
+                "channel": self.number,
+                "operation": "realpath",
+                "path": lexical,
+                "names": [_name(real)],
+                "direction": "out",
+            },
+        )
+        return real
 
     def map_path(self, path: bytes) -> bytes:
         raise asyncssh.SFTPOpUnsupported("local paths are never used by the gateway")
