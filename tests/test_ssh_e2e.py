@@ -2416,3 +2416,27 @@ def test_interrupt_suspend_and_quit_reach_what_a_line_runs_and_no_line_is_lost(e
         shell.send(b"true\r")
         shell.expect(PROMPT)
         assert b"\x1b]7374" not in shell.seen  # the shell's process id, read by the gateway
+
+
+def test_lines_typed_ahead_that_an_interrupt_drops_are_recorded_and_the_agent_is_told(env: Env) -> None:
+    # ^C drops the lines typed ahead, as a terminal does; but the agent had seen them echoed, the recording
+    # had them as allowed commands, and nothing said that they never ran.
+    token = env.gw.token("agent-typed-ahead", role="liner")
+    with _line_shell(env.client, token) as shell:
+        shell.send(b"sleep 31\r")
+        wait_until(lambda: env.direct("pgrep -fx 'sleep 31'").returncode == 0, 10, "the sleep to run")
+        shell.send(b"echo typed-ahead-one\recho typed-ahead-two\r\x03")
+        shell.expect(rb"dropped 2 lines typed ahead, which did not run: `echo typed-ahead-one`, `echo typed-ahead-two`")
+        shell.expect(PROMPT, timeout=10)
+        shell.send(b"echo after-drop\r")
+        shell.expect(rb"\nafter-drop\r\n[^\n]*\$ $", timeout=10)
+        assert b"\ntyped-ahead-one\r\n" not in shell.seen and b"\ntyped-ahead-two\r\n" not in shell.seen
+    deadline = time.monotonic() + 10
+    while True:
+        dropped = [e["data"] for e in _session_events(env, "agent-typed-ahead") if e.get("kind") == "lines.dropped"]
+        if dropped or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert [(d["signal"], d["lines"]) for d in dropped] == [
+        ("INT", ["echo typed-ahead-one", "echo typed-ahead-two"])
+    ], dropped

@@ -132,6 +132,8 @@ SIGNAL_NAME_MAX = 64
 """Longest signal name relayed to the target (SSH's are ``INT``, ``TERM``..., extensions ``NAME@domain``). A
 request with a longer one is dropped: the gateway reads packets of up to 4 MiB from agents, and a signal
 request past the 256 KiB the target's sshd reads would end the pooled upstream connection."""
+DROPPED_SHOWN = 5
+"""Lines typed ahead and dropped by ^C, ^\\ or ^Z that the agent's notice lists (the recording has them all)."""
 SIGNAL_STOP_WAIT = 10.0
 """Seconds the gateway waits for a signal's helper on the target to end once its line has ended."""
 SIGNAL_SCRIPT = r"""p=$1 sig=$2 own=$3
@@ -1023,7 +1025,9 @@ class ChannelHandler:
         again. While a line runs, a helper on the target signals the program the line started, never bash
         (:data:`SIGNAL_SCRIPT`), and the next line waits until bash is ready again and the helper has ended.
         """
-        if key:  # as a terminal does: what was typed ahead is dropped
+        notice = b""
+        if key:  # as a terminal does: what was typed ahead is dropped (and the agent told which lines)
+            notice = self._dropped(signal, list(self._outbox))
             self._outbox.clear()
             self._outbox_size = 0
             self._space.set()
@@ -1034,14 +1038,35 @@ class ChannelHandler:
             if not key:
                 self.record("signal", {"channel": self.number, "signal": signal, "delivered": False})
             elif self.pty:
-                redraw = b"\r\n" + self._prompt
+                redraw = notice + b"\r\n" + self._prompt
                 self.process.stdout.write(redraw)
                 self._record_out("stdout", redraw)
             return
+        if notice:  # right after the ^C the agent's terminal shows, before what the program and bash print next
+            self.process.stdout.write(notice + b"\r\n")
+            self._record_out("stdout", notice + b"\r\n")
         if len(self._signals) < SIGNALS_QUEUED:
             self._signals.append(signal)
         if self._signaller is None:
             self._signaller = asyncio.ensure_future(self._deliver_signals())
+
+    def _dropped(self, signal: str, queued: Sequence[bytes | None]) -> bytes:
+        """Lines typed ahead that a key drops before the target saw them. The agent saw them echoed and the
+        recording has them as allowed commands: they are recorded as dropped, and the returned notice (to show
+        on the agent's terminal, on the line after the key's echo) lists them."""
+        lines = [
+            "^D" if data is None or data == b"\x04" else data.decode("utf-8", "replace").rstrip("\n") for data in queued
+        ]
+        lines = [line for line in lines if line.strip()]
+        if not lines:
+            return b""
+        self.record("lines.dropped", {"channel": self.number, "signal": signal, "lines": lines})
+        listed = ", ".join(f"`{line[:100]}`" for line in lines[:DROPPED_SHOWN])
+        more = f" and {len(lines) - DROPPED_SHOWN} more" if len(lines) > DROPPED_SHOWN else ""
+        return (
+            f"\r\nlictor: the {signal_text(signal)} dropped {len(lines)} line{'s' if len(lines) > 1 else ''} "
+            f"typed ahead, which did not run: {listed}{more}"
+        ).encode("utf-8", "replace")
 
     async def _deliver_signals(self) -> None:
         signal = ""
