@@ -766,6 +766,30 @@ def test_readonly_cannot_read_index_keys_with_pageinspect(env: PgEnv) -> None:
         env.direct("DROP INDEX customers_email; DROP EXTENSION IF EXISTS pageinspect")
 
 
+def test_readonly_cannot_call_an_extension_function_in_attribute_notation(env: PgEnv) -> None:
+    # (card).show_trgm is show_trgm(card): pg_trgm's trigrams of a card are its digits three by three, which no
+    # detector reads; an extension's function is in no list of the gateway, and a relation's alias may be a
+    # column's name (FROM customers card), so a field of anything but a catalog counts as computed
+    import psycopg
+
+    env.direct("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+    try:
+        with env.connect("readonly") as conn:
+            for sql in (
+                "SELECT (card).show_trgm FROM customers WHERE id = 1",
+                "SELECT (c.card).show_trgm FROM customers c WHERE id = 1",
+                "SELECT (card).show_trgm FROM customers card WHERE id = 1",
+                "SELECT (coalesce(card, '')).show_trgm FROM customers WHERE id = 1",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql).fetchall()
+                assert "pg-ro-no-transformed-reads" in str(info.value.diag.message_detail), (sql, info.value)
+            row = conn.execute("SELECT c.card, (c).* FROM customers c WHERE id = 1").fetchone()
+            assert row is not None and CARDS[1] not in str(row) and "@example.com" not in str(row)
+    finally:
+        env.direct("DROP EXTENSION IF EXISTS pg_trgm")
+
+
 def test_function_call_message_is_denied(env: PgEnv) -> None:
     raw = RawClient(env.port, env.tokens["readonly"])
     oid = 2240  # pg_read_file(text) in any catalog; the oid alone is all the message carries

@@ -36,7 +36,7 @@ from typing import Any
 
 import pgparse
 
-from ._pg_names import CATALOG_RELATIONS, ONE_ARGUMENT_FUNCTIONS, ROW_FUNCTIONS
+from ._pg_names import CATALOG_RELATIONS, ROW_FUNCTIONS
 
 __all__ = [
     "MODIFYING_FUNCTIONS",
@@ -685,8 +685,8 @@ _DATA_FUNCTIONS = frozenset(
     | {"crosstab", "crosstab2", "crosstab3", "crosstab4", "connectby", "xpath_table"}
 )
 # PostgreSQL reads (card).reverse as reverse(card) and c.record_send as record_send(c) (functional notation):
-# a field named like a built-in function of one argument, or alias.f for one that takes a whole row, is
-# that call (see _pg_names.py; extensions' functions are not known). These keep values or tell a size:
+# alias.f for a built-in function that takes a whole row is that call (see _pg_names.py), and (x).f may be a
+# call of any function, an extension's too. These keep values or tell a size:
 _PRESERVING_CALLS = frozenset(
     {"text", "varchar", "bpchar", "name", "length", "char_length", "character_length", "octet_length", "textlen"}
     | {"bit_length", "btrim", "ltrim", "rtrim", "min", "max", "count", "date", "time", "timetz", "timestamp"}
@@ -875,12 +875,14 @@ def _plain_output(node: Any) -> bool:
             return _plain_output(body.get("lexpr")) and not _reads_data(body.get("rexpr"))
         return False
     if key == "A_Indirection":
-        # (row).field and (row).*: stored values, unless the field names a function ((card).reverse); a
-        # subscript or slice is not followed
+        # (row).*: stored values. (x).name is a field of a row or a call of name(x): (card).reverse, and
+        # (card).show_trgm of an extension, which no list here knows; a row's name may be a column's too (FROM
+        # customers card: (card) is the column). Only names that keep values are followed (alias.column reads
+        # a column); a subscript or slice is not
         for item in body.get("indirection", ()):
             if "A_Star" in item:
                 continue
-            if "String" not in item or _is_call(_field_name(item), ONE_ARGUMENT_FUNCTIONS):
+            if "String" not in item or _field_name(item) not in _PRESERVING_CALLS:
                 return False
         return _plain_output(body.get("arg"))
     return False
