@@ -507,14 +507,17 @@ class RowMasker:
                     new = None if _number_masked(masker, i, value) else value
                 elif i in self.bytea and value[:2] == b"\\x":
                     new = _mask_bytea_hex(masker, i, value)
-                elif b"\\u" in value and _UNICODE_ESCAPE.search(value) and masker.action(i) == "detect":
-                    new = masker.mask_json_value(i, value)  # JSON in a text column: masked as JSON where it parses
                 else:
-                    new = masker.mask_value(i, value)
-                    if new is not None and _hides_a_number(masker, i, new):
-                        new = None  # f8::text, a float8[], a point: masking cannot rewrite a number inside it
-                    elif new != value and i in self.number_literals:
-                        new = None  # {************1111} is no int8[]: NULL, which the driver parses
+                    # a bytea in hex inside a text: data::text, a whole row, a bytea[]
+                    text = _mask_hex_runs(masker, i, value) if b"\\x" in value else value
+                    if b"\\u" in text and _UNICODE_ESCAPE.search(text) and masker.action(i) == "detect":
+                        new = masker.mask_json_value(i, text)  # JSON in a text column: masked as JSON where it parses
+                    else:
+                        new = masker.mask_value(i, text)
+                        if new is not None and _hides_a_number(masker, i, new):
+                            new = None  # f8::text, a float8[], a point: masking cannot rewrite a number inside it
+                        elif new != value and i in self.number_literals:
+                            new = None  # {************1111} is no int8[]: NULL, which the driver parses
             if new != value:
                 values[i] = new
                 changed = True
@@ -535,6 +538,18 @@ def _mask_bytea_hex(masker: Any, index: int, value: bytes) -> bytes:
 # A bytea value in COPY's text or CSV output: \x and at least 8 bytes in hex (shorter holds no value a
 # detector looks for).
 _BYTEA_HEX = re.compile(rb"\\x((?:[0-9a-fA-F]{2}){8,})")
+
+
+def _mask_hex_runs(masker: Any, index: int, value: bytes) -> bytes:
+    """A text value with bytea values in it, in hex (``data::text``, a whole row or an array that holds a
+    bytea): the detectors read the bytes each one stands for, and a masked one is written back in hex."""
+
+    def one(match: re.Match[bytes]) -> bytes:
+        raw = bytes.fromhex(match.group(1).decode("ascii"))
+        masked = masker.mask_value(index, raw)
+        return match.group(0) if masked == raw else b"\\x" + masked.hex().encode("ascii")
+
+    return _BYTEA_HEX.sub(one, value)
 
 
 def _mask_hex_run(plan: Any, match: re.Match[bytes], counts: Counter[str]) -> bytes:
