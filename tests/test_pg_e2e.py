@@ -1558,6 +1558,26 @@ def test_copy_of_json_with_unicode_escapes_is_not_relayed_unmasked(env: PgEnv) -
         env.direct("DROP TABLE IF EXISTS profiles, notes")
 
 
+def test_json_with_unicode_escapes_inside_a_row_or_an_array_is_masked(env: PgEnv) -> None:
+    # A whole row or an array prints a json value inside its own text, its backslashes doubled
+    # (""jane\\u0040example.com""): the escape is still one to whoever reads the row and then the JSON.
+    env.direct("CREATE TABLE profiles (id int, doc json, docs json[])")
+    try:
+        env.direct(
+            """INSERT INTO profiles VALUES (1, '{"email": "jane\\u0040example.com"}', """
+            """ARRAY['{"email": "zo\\u00eb@ex.com"}'::json])"""
+        )
+        with env.connect("readonly") as conn:
+            for sql in ("SELECT p FROM profiles p", "SELECT p::text FROM profiles p", "SELECT docs FROM profiles"):
+                shown = str(conn.execute(sql).fetchall())
+                assert "jane" not in shown and "zo" not in shown, (sql, shown)
+                assert "[REDACTED:email]" in shown, (sql, shown)
+            [(docs,)] = conn.execute("SELECT docs FROM profiles").fetchall()
+            assert docs == [{"email": "[REDACTED:email]"}], docs  # still a json[] to the driver
+    finally:
+        env.direct("DROP TABLE IF EXISTS profiles")
+
+
 def test_copy_options_that_rewrite_values_are_refused_where_masking_applies(env: PgEnv) -> None:
     import psycopg
 

@@ -44,7 +44,9 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_U_ESCAPE = re.compile(rb"\\u([0-9A-Fa-f]{4})")
+# A JSON \u escape, also with its backslash doubled (or doubled again) as a row's or an array's text writes
+# a json value inside it: ""jane\\u0040example.com"" is still an escape to whoever reads the row, then the JSON.
+_U_ESCAPE = re.compile(rb"\\+u([0-9A-Fa-f]{4})")
 
 
 def _unescape(m: re.Match[bytes]) -> bytes:
