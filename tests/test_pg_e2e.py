@@ -2298,6 +2298,31 @@ def test_bytea_values_in_text_are_masked_by_the_bytes_they_hold(env: PgEnv) -> N
         env.direct("DROP TABLE IF EXISTS blobs")
 
 
+def test_bytea_values_in_notifications_are_masked_by_the_bytes_they_hold(env: PgEnv) -> None:
+    # a trigger's pg_notify(..., row_to_json(NEW)::text) carries a bytea column in hex, as a row does
+    env.direct("CREATE TABLE blobs (id int, data bytea)")
+    try:
+        env.direct("INSERT INTO blobs VALUES (1, convert_to('card 4111111111111111 of jane@example.com', 'UTF8'))")
+        with env.connect("readonly") as conn:
+            conn.execute("LISTEN lictor_blobs")
+            gen = conn.notifies(timeout=5, stop_after=3)
+            with env.connect("dba") as other:
+                other.execute("SELECT pg_notify('lictor_blobs', data::text) FROM blobs")
+                other.execute("SELECT pg_notify('lictor_blobs', row_to_json(b)::text) FROM blobs b")
+                # with a \u escape too (chr(1) is written \u0001), the payload is read as JSON
+                other.execute(
+                    "SELECT pg_notify('lictor_blobs', json_build_object('n', chr(1), 'b', data)::text) FROM blobs"
+                )
+            payloads = [n.payload for n in gen]
+        assert len(payloads) == 3, payloads
+        for payload in payloads:
+            assert b"4111111111111111".hex() not in payload and b"jane@example.com".hex() not in payload, payload
+            assert (b"*" * 12 + b"1111").hex() in payload, payload  # masked, still in hex
+        assert json.loads(payloads[1])["id"] == 1  # still JSON
+    finally:
+        env.direct("DROP TABLE IF EXISTS blobs")
+
+
 def test_a_statement_too_big_to_analyse_is_refused_before_it_is_parsed(env: PgEnv) -> None:
     # Parsing takes memory per token (a 2 MB IN list took the gateway 700 MB): past a bound the statement
     # is refused, with what to do instead. A long string constant is one token and passes.

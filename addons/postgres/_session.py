@@ -764,8 +764,15 @@ def _masked_texts(plan: Any, raw: bytes, why: str = "from sessions whose results
     text of errors and notices raised while a statement ran withheld (saying ``why``); None if unchanged. Raises
     :class:`pg.ProtocolError` when it does not decode."""
 
+    def bytea(text: str) -> str:
+        """A bytea in hex (a row_to_json payload, a row in a notice) read as its bytes, and masked in hex."""
+        if "\\x" not in text:
+            return text
+        counts: Counter[str] = Counter()
+        return _BYTEA_HEX.sub(lambda m: _mask_hex_run(plan, m, counts), text.encode()).decode()
+
     def mask(text: str) -> str:
-        return str(plan.mask_text(text)[0]).replace("\0", "")
+        return str(plan.mask_text(bytea(text))[0]).replace("\0", "")
 
     message = pg.decode_backend(raw)
     if isinstance(message, pg.NotificationResponse):
@@ -773,7 +780,7 @@ def _masked_texts(plan: Any, raw: bytes, why: str = "from sessions whose results
         if _UNICODE_ESCAPE.search(message.payload.encode()):
             # JSON (row_to_json of a row with a json column): masked as JSON, or withheld
             try:
-                doc, _ = plan.mask_json(json.loads(message.payload))
+                doc, _ = plan.mask_json(json.loads(bytea(message.payload)))
                 payload = json.dumps(doc, ensure_ascii=False).replace("\0", "")
             except (ValueError, RecursionError):
                 payload = "[REDACTED:lictor]"
