@@ -2298,6 +2298,28 @@ def test_bytea_values_in_text_are_masked_by_the_bytes_they_hold(env: PgEnv) -> N
         env.direct("DROP TABLE IF EXISTS blobs")
 
 
+def test_bytea_values_in_json_documents_are_masked_by_the_bytes_they_hold(env: PgEnv) -> None:
+    # an audit table keeps to_jsonb(NEW) of rows with a bytea column: the bytea is a string in hex there
+    env.direct("CREATE TABLE blobs (id int, data bytea); CREATE TABLE audit (id int, doc jsonb, doc_text json)")
+    try:
+        env.direct(
+            "INSERT INTO blobs VALUES (1, convert_to('card 4111111111111111 of jane@example.com', 'UTF8')); "
+            "INSERT INTO audit SELECT id, to_jsonb(b), row_to_json(b) FROM blobs b"
+        )
+        with env.connect("readonly") as conn:
+            for binary in (False, True):
+                row = conn.cursor(binary=binary).execute("SELECT doc, doc_text FROM audit").fetchone()
+                assert row is not None
+                for doc in row:
+                    data = doc["data"]
+                    assert data.startswith("\\x"), data  # still a bytea in hex
+                    shown = bytes.fromhex(data[2:])
+                    assert b"4111111111111111" not in shown and b"jane@example.com" not in shown, shown
+                    assert shown.startswith(b"card ") and shown.endswith(b"[REDACTED:email]"), shown
+    finally:
+        env.direct("DROP TABLE IF EXISTS blobs, audit")
+
+
 def test_bytea_values_in_notifications_are_masked_by_the_bytes_they_hold(env: PgEnv) -> None:
     # a trigger's pg_notify(..., row_to_json(NEW)::text) carries a bytea column in hex, as a row does
     env.direct("CREATE TABLE blobs (id int, data bytea)")

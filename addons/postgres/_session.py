@@ -498,10 +498,12 @@ class RowMasker:
                 except struct.error:  # not a value of its type: nothing of it is relayed
                     new = None
             elif i in self.json:
-                if i in self.binary_jsonb and value[:1] == b"\x01":
-                    new = b"\x01" + masker.mask_json_value(i, value[1:])
+                # a bytea in hex in a string of it (to_jsonb of a row with a bytea column): read as its bytes
+                text = _mask_hex_runs(masker, i, value) if b"\\x" in value else value
+                if i in self.binary_jsonb and text[:1] == b"\x01":
+                    new = b"\x01" + masker.mask_json_value(i, text[1:])
                 else:
-                    new = masker.mask_json_value(i, value)
+                    new = masker.mask_json_value(i, text)
             else:
                 if i in self.numeric:
                     new = None if _number_masked(masker, i, value) else value
