@@ -726,6 +726,26 @@ def test_objects_that_would_run_sql_text_later_are_denied(env: PgEnv) -> None:
         env.direct("DROP EXTENSION IF EXISTS refint")
 
 
+def test_a_dba_reads_no_server_file_through_adminpack_1_0(env: PgEnv) -> None:
+    # CREATE EXTENSION adminpack VERSION '1.0' brings back its old names: pg_file_read is pg_read_file (the
+    # same built-in function, by its old C name), pg_file_length reads pg_stat_file, pg_logfile_rotate is
+    # pg_rotate_logfile
+    import psycopg
+
+    with env.connect("dba") as conn:
+        conn.execute("CREATE EXTENSION adminpack VERSION '1.0'")
+        try:
+            for sql in (
+                "SELECT pg_file_read('/etc/hostname', 0, 100)",
+                "SELECT pg_catalog.pg_file_length('/etc/hostname')",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql).fetchall()
+                assert "pg-deny-dangerous-functions" in str(info.value.diag.message_detail), (sql, info.value)
+        finally:
+            conn.execute("DROP EXTENSION adminpack")
+
+
 def test_readonly_cannot_kill_rows_with_pg_surgery(env: PgEnv) -> None:
     # pg_surgery writes the heap without looking at whether the transaction is read-only
     import psycopg
