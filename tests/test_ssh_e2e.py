@@ -620,6 +620,16 @@ def test_a_makefile_read_from_the_agents_input_is_denied(env: Env) -> None:
     assert "runs the command given after it" in _assert_denied(netns, "lictor:ssh-unparsable")
 
 
+def test_a_shell_in_a_container_reading_the_agents_input_is_denied(env: Env) -> None:
+    # `docker exec -i c sh` was reported as `docker` alone: a rule allowing docker let the agent's input run
+    # as the commands of a shell in the container, and `kubectl exec` the same in a pod.
+    marker = env.work / "container_ran"
+    for command in ("docker exec -i c sh", "kubectl exec -i pod -- sh"):
+        proc = env.ssh("admin", command, input=f"touch {marker}\n".encode())
+        assert "sh would read its program from the session's input" in _assert_denied(proc, "lictor:ssh-unparsable")
+    assert not marker.exists()
+
+
 def test_exit_signal_and_stderr_are_relayed(env: Env) -> None:
     async def run() -> Any:
         async with env.connect("admin") as conn:

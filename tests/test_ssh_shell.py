@@ -1690,3 +1690,87 @@ def test_a_shell_line_may_not_leave_a_reader_of_the_terminal_beside_the_shell(co
 def test_a_shell_line_may_start_jobs_at_its_top() -> None:
     for command in ["sleep 1 &", "sleep 1 & echo started", "head -c 5 f | sort &", "coproc cat", "setsid -w ls"]:
         analyse(command, interactive=True, line=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Programs run in a container or a pod
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("docker exec c rm -rf /srv", ("rm", "-rf /srv", "docker exec")),
+        ("docker container exec -u root -w /tmp c rm x", ("rm", "x", "docker exec")),
+        ("docker -H unix:///run/docker.sock exec c rm x", ("rm", "x", "docker exec")),
+        ("podman exec -t c rm x", ("rm", "x", "podman exec")),
+        ("nerdctl -n k8s.io exec c rm x", ("rm", "x", "nerdctl exec")),
+        ("docker run --rm -v /:/host img rm -rf /host", ("rm", "-rf /host", "docker run")),
+        ("docker run --entrypoint /bin/rm img -rf /srv", ("rm", "-rf /srv", "docker run")),
+        ("docker create img rm x", ("rm", "x", "docker create")),
+        ("docker run --health-cmd 'rm x' img", ("rm", "x", "docker run --health-cmd")),
+        ("docker -H ssh://ops@db:2222 ps", ("ssh", "-p 2222 -- ops@db docker system dial-stdio", "docker -H")),
+        ("kubectl exec pod -- rm -rf /srv", ("rm", "-rf /srv", "kubectl exec")),
+        ("kubectl -n prod exec -c app pod -n prod -- rm x", ("rm", "x", "kubectl exec")),
+        ("kubectl exec -n -- pod -- rm x", ("rm", "x", "kubectl exec")),  # the first -- is the namespace
+        ("kubectl exec pod rm x", ("rm", "x", "kubectl exec")),  # the form older kubectl still runs
+        ("kubectl debug pod --image=busybox -- rm x", ("rm", "x", "kubectl debug")),
+        ("kubectl run x --image=busybox --command -- rm x", ("rm", "x", "kubectl run")),
+        ("crictl exec c rm x", ("rm", "x", "crictl exec")),
+        ("crictl -r unix:///run/containerd.sock exec -s c rm x", ("rm", "x", "crictl exec")),
+        ("sudo docker exec c sh -c 'rm x'", ("rm", "x", "sh -c")),
+    ],
+)
+def test_a_program_run_in_a_container_or_a_pod_is_reported(command: str, expected: tuple[str, str, str | None]) -> None:
+    # Only docker, kubectl or crictl was reported: a rule allowing them let any program run in the container.
+    assert expected in calls(command)
+
+
+@pytest.mark.parametrize(
+    ("command", "why"),
+    [
+        ("docker exec -i c sh", "sh would read its program from the session's input"),
+        ("docker exec -it c bash -s", "bash would read its program from the session's input"),
+        ("podman exec -i c python3", "python3 would read its program from the session's input"),
+        ("docker run -i busybox", "docker would read its program from the session's input"),  # the image's command
+        ("docker run -it --entrypoint sh img", "sh would read its program from the session's input"),
+        ("docker run -a stdin img sh", "sh would read its program from the session's input"),
+        ("docker start -ai c", "would read its program from the session's input"),
+        ("docker attach c", "would read its program from the session's input"),
+        ("docker exec -e LD_PRELOAD=/tmp/x.so c ls", "LD_PRELOAD can change which program runs"),
+        ("docker exec --env-file vars c ls", "--env-file"),
+        ("docker exec $c rm x", "only known at run time"),
+        ("docker compose exec web rm x", "compose exec"),
+        ("docker compose -f - up", "would read its program from the session's input"),
+        ("echo c | xargs docker exec", "input of xargs"),
+        ("kubectl exec -i pod -- sh", "sh would read its program from the session's input"),
+        ("kubectl exec pod -it -- sh", "sh would read its program from the session's input"),
+        ("kubectl attach -i pod", "would read its program from the session's input"),
+        ("kubectl debug node/n -it --image=busybox", "would read its program from the session's input"),
+        ("kubectl run x -i --image=busybox", "would read its program from the session's input"),
+        ("kubectl run x --image=busybox --overrides={} ", "--overrides"),
+        ("kubectl debug pod --image=busybox --env=BASH_ENV=/tmp/x -- sh -c ls", "BASH_ENV can change"),
+        ("kubectl create job j --image=busybox -- rm x", "kubectl create"),
+        ("crictl exec -it c sh", "sh would read its program from the session's input"),
+        ("crictl exec --name web rm x", "unknown option --name"),
+    ],
+)
+def test_a_container_program_reading_the_session_or_hidden_from_the_analysis_is_refused(command: str, why: str) -> None:
+    refused(command, re.escape(why))
+
+
+def test_container_tools_that_run_nothing_new_are_left_to_the_rules() -> None:
+    for command in ["docker ps -a", "docker run -d nginx", "docker exec c", "docker attach --no-stdin c",
+                    "docker start c", "docker compose ps", "docker ps -q | xargs docker rm", "kubectl get pods -A",
+                    "kubectl attach pod", "kubectl logs -f pod", "crictl ps", "docker exec -i c cat < /dev/null"]:  # fmt: skip
+        assert "docker" in names(command) or "kubectl" in names(command) or "crictl" in names(command)
+        assert not {"sh", "rm"} & set(names(command))
+
+
+def test_stdin_shell_finds_a_shell_run_in_a_container() -> None:
+    # like `ssh HOST`: the lines of the container's shell are checked one by one
+    assert stdin_shell(["docker", "exec", "-i", "c", "sh"]) == "sh"
+    assert stdin_shell(["kubectl", "exec", "-i", "pod", "--", "sh"]) == "sh"
+    assert stdin_shell(["docker", "exec", "c", "cat"]) is None
+    with pytest.raises(ShellParseError, match="would read its program from stdin"):
+        stdin_shell(["docker", "run", "-i", "busybox"])

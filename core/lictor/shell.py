@@ -51,7 +51,9 @@ Wrappers. Programs that run another program are unwrapped, and both are reported
 ``nohup``, ``timeout``, ``nice``, ``ionice``, ``stdbuf``, ``time``, ``command``, ``builtin``, ``exec``,
 ``setsid``, ``chroot``, ``flock``, ``watch``, ``su``/``runuser``, ``doas``, ``pkexec``, ``xargs``,
 ``find -exec``, ``busybox``, ``ssh`` (the remote command; also the one ``systemctl -H HOST`` runs), the
-shells' ``-c`` and ``eval``/``trap`` bodies, ``rsync -e``. Their options are parsed with their real option
+shells' ``-c`` and ``eval``/``trap`` bodies, ``rsync -e``, and what runs in a container or a pod (``docker``,
+``podman``, ``nerdctl`` ``exec``/``run``/``create``, ``kubectl exec``/``debug``/``run``, ``crictl exec``), with
+the session's input when ``-i`` keeps it open. Their options are parsed with their real option
 tables; an unknown option or an option position filled by an expansion raises, because it could shift
 which word is the program.
 Interpreters with inline code (``python -c``, ``perl -e``, ``awk``...) are reported with their
@@ -92,8 +94,8 @@ Known limits (documented, not guessed): the content of files the command runs (`
 ``source f``, ``~/.bashrc``, git or ssh configuration), the environment the target's sshd provides
 (the SSH addon must not forward agent-chosen variables), the login shell of the target account (it
 must be a POSIX shell), a program copied under another name, and programs that run commands from
-their own arguments but are not modelled here (``strace``, ``parallel``, ``make``, ``kubectl exec``,
-``docker run``, GNU ``sed``'s ``e`` command...) are outside what text analysis can see: such programs
+their own arguments but are not modelled here (``parallel``, ``make``, the command an image runs when
+``docker run`` names none...) are outside what text analysis can see: such programs
 are reported as themselves and the rules must treat them as able to run anything.
 """
 
@@ -2182,6 +2184,13 @@ def _getopt(call: _Call, spec: _Opts, start: int = 0, *, permute: bool = False) 
     Returns the options and the index of the first operand. An option position holding a word whose
     text is only known at run time raises: it could be an option that shifts the program's position.
     """
+    opts, i, _ = _getopt_dash(call, spec, start)
+    return opts, i
+
+
+def _getopt_dash(call: _Call, spec: _Opts, start: int = 0) -> tuple[list[_Opt], int, bool]:
+    """:func:`_getopt`, and whether it stopped at a ``--`` that ends the options (not one that is an option's
+    value: ``-n --``)."""
     args = call.args
     opts: list[_Opt] = []
     i = start
@@ -2195,7 +2204,7 @@ def _getopt(call: _Call, spec: _Opts, start: int = 0, *, permute: bool = False) 
                 call.fail(f"the option position holding {t!r} would come from the input of find or xargs")
             call.fail(f"the option position holding {t!r} is only known at run time")
         if t == "--":
-            return opts, i + 1
+            return opts, i + 1, True
         if t.startswith("--") and len(t) > 2:
             key, eq, value = t.partition("=")
             full = _long_option(call, key, spec)
@@ -2232,7 +2241,7 @@ def _getopt(call: _Call, spec: _Opts, start: int = 0, *, permute: bool = False) 
             i += 1
             continue
         break
-    return opts, i
+    return opts, i, False
 
 
 def _value_opt(call: _Call, name: str, index: int) -> _Opt:
@@ -4097,6 +4106,314 @@ def _h_man(call: _Call) -> None:
     _h_pager(call)
 
 
+# --------------------------------------------------------------------------------------------------
+# Programs that run a program in a container, a pod or a machine
+# --------------------------------------------------------------------------------------------------
+
+_DOCKER_GLOBAL = _Opts(
+    flags="Dv",
+    valued="cHl",
+    long_flags=_words("--debug --tls --tlsverify") | _HELP,
+    long_valued=_words("--config --context --host --log-level --tlscacert --tlscert --tlskey"),
+)
+_CONTAINER_GLOBALS = {
+    "docker": _DOCKER_GLOBAL,
+    "podman": _DOCKER_GLOBAL,
+    "nerdctl": replace(
+        _DOCKER_GLOBAL,
+        valued="cHlna",
+        long_flags=_DOCKER_GLOBAL.long_flags | _words("--debug-full --experimental --insecure-registry"),
+        long_valued=_DOCKER_GLOBAL.long_valued
+        | _words("--address --namespace --snapshotter --storage-driver --hosts-dir"),
+    ),
+}
+_CONTAINER_EXEC = _Opts(
+    flags="dit",
+    valued="euw",
+    long_flags=_words("--detach --interactive --tty --privileged --help"),
+    long_valued=_words("--detach-keys --env --env-file --user --workdir"),
+)
+_CONTAINER_RUN = _Opts(
+    flags="ditPq",
+    valued="acehlmpuvw",
+    long_flags=_words(
+        "--detach --disable-content-trust --help --init --interactive --no-healthcheck --oom-kill-disable"
+        " --privileged --publish-all --quiet --read-only --rm --sig-proxy --tty --use-api-socket"
+    ),
+    long_valued=_words(
+        "--add-host --annotation --attach --blkio-weight --blkio-weight-device --cap-add --cap-drop --cgroup-parent"
+        " --cgroupns --cidfile --cpu-count --cpu-percent --cpu-period --cpu-quota --cpu-rt-period --cpu-rt-runtime"
+        " --cpu-shares --cpus --cpuset-cpus --cpuset-mems --detach-keys --device --device-cgroup-rule"
+        " --device-read-bps --device-read-iops --device-write-bps --device-write-iops --dns --dns-option"
+        " --dns-search --domainname --entrypoint --env --env-file --expose --gpus --group-add --health-cmd"
+        " --health-interval --health-retries --health-start-interval --health-start-period --health-timeout"
+        " --hostname --io-maxbandwidth --io-maxiops --ip --ip6 --ipc --isolation --kernel-memory --label"
+        " --label-file --link --link-local-ip --log-driver --log-opt --mac-address --memory --memory-reservation"
+        " --memory-swap --memory-swappiness --mount --name --network --network-alias --oom-score-adj --pid"
+        " --pids-limit --platform --publish --pull --restart --runtime --security-opt --shm-size --stop-signal"
+        " --stop-timeout --storage-opt --sysctl --tmpfs --ulimit --user --userns --uts --volume --volume-driver"
+        " --volumes-from --workdir"
+    ),
+)
+
+
+def _container_env(call: _Call, opts: list[_Opt]) -> None:
+    """-e/--env NAME[=value] reaches the program in the container: the same names as ``env``'s are refused; an
+    --env-file holds names nobody sees."""
+    for o in opts:
+        if o.name == "--env-file":
+            call.fail("--env-file sets variables that cannot be seen, which can change which program runs")
+        if o.name in ("-e", "--env", "-E", "--setenv"):
+            if not o.value_known or o.value is None:
+                call.fail(f"the variable of {o.name} is only known at run time")
+            name = o.value.split("=", 1)[0]
+            if _dangerous_var(name) or not _NAME_RE.fullmatch(name):
+                call.fail(f"{o.name} {name} can change which program runs in the container")
+
+
+def _container_run(call: _Call, verb: str, spec: _Opts) -> None:
+    """``docker exec CONTAINER ARGV`` and ``docker run IMAGE [ARGV]``: ARGV runs in the container, without a
+    shell, with the session's input when -i (or --attach stdin) keeps it open. Without ARGV the image's own
+    command runs: what it is cannot be known, so it may not read the session's input."""
+    opts, i = _getopt(call, spec)
+    names = {o.name for o in opts}
+    if names & _HELP:
+        return
+    _container_env(call, opts)
+    attached = bool(names & {"-i", "--interactive"}) or any(
+        o.name in ("-a", "--attach") and (not o.value_known or (o.value or "").lower() == "stdin") for o in opts
+    )
+    stdin = call.stdin if attached else _NULL
+    via = f"{call.name} {verb}"
+    for o in opts:
+        if o.name == "--health-cmd":
+            if not o.value_known or o.value is None:
+                call.fail("the command of --health-cmd is only known at run time")
+            call.nested(o.value, f"{via} --health-cmd", stdin=_NULL)
+    if i >= len(call.args):
+        if call.env.appended:
+            call.fail("the container and its command would come from the input of xargs")
+        return
+    argv = call.args[i + 1 :]
+    entrypoint = next((o for o in reversed(opts) if o.name == "--entrypoint"), None)
+    if entrypoint is not None and entrypoint.value != "":
+        if not entrypoint.value_known or entrypoint.value is None:
+            call.fail("the program of --entrypoint is only known at run time")
+        argv = [_Arg.plain(entrypoint.value), *argv]
+    if argv:
+        call.run(argv, via, stdin=stdin)
+    elif call.env.appended:
+        call.fail("the command it runs in the container would come from the input of xargs")
+    elif verb != "exec":
+        _Call(call.name, [], call.env, call.ctx, stdin, call.redirects).program_from_stdin(posix=False)
+
+
+def _h_container(call: _Call) -> None:
+    """docker, podman, nerdctl: ``exec``, ``run`` and ``create`` run a program in a container (``create`` when it
+    is started); ``attach`` and ``start -i`` give the session's input to a program started earlier, which may be
+    a shell."""
+    opts, i = _getopt(call, _CONTAINER_GLOBALS[call.name])
+    if {o.name for o in opts} & (_HELP | {"-v"}):
+        return
+    for o in opts:
+        if o.name in ("-H", "--host") and call.name == "docker":
+            _ssh_url_host(call, o.value, o.value_known, f"{call.name} -H")
+    args = call.args[i:]
+    verb = ""
+    while args and not verb:
+        if not call.certain(args[0]):
+            call.fail(f"the subcommand {args[0].text!r} is only known at run time")
+        verb = args[0].text
+        args = args[1:]
+        if verb == "container":
+            verb = ""
+    sub = replace(call, args=args)
+    if verb in ("exec", "run", "create"):
+        _container_run(sub, verb, _CONTAINER_EXEC if verb == "exec" else _CONTAINER_RUN)
+    elif verb == "attach":
+        if not any(call.known(a) and a.text.startswith("--no-stdin") for a in args):
+            call.program_from_stdin(posix=False)
+    elif verb == "start":
+        if any(
+            not call.known(a) or re.fullmatch(r"-[a-z]*i[a-z]*", a.text) or a.text.split("=")[0] == "--interactive"
+            for a in args
+        ):
+            call.program_from_stdin(posix=False)
+    elif verb == "compose":
+        for a in args:
+            if not call.known(a) or a.text in ("run", "exec"):
+                call.fail("'compose run' and 'compose exec' run the command given after them, which is not analysed")
+            if _is_stdin_path(a.text) or a.text in ("-f-", "--file=-"):
+                call.program_from_stdin(posix=False)  # a compose file with commands in it
+    elif verb == "service" and any(not call.known(a) or a.text in ("create", "update") for a in args):
+        call.fail("'service create' and 'service update' run the command given in a container, which is not analysed")
+    elif not verb and call.env.appended:
+        call.fail("its subcommand would come from the input of xargs")
+
+
+def _ssh_url_host(call: _Call, value: str | None, known: bool, via: str) -> None:
+    """A daemon address ``ssh://[USER@]HOST[:PORT]``: the client reaches it with the target's ssh, with its
+    account's keys, to run the daemon's client there."""
+    if not known or value is None:
+        call.fail(f"the address given to {via} is only known at run time")
+    if value.lower().startswith("ssh://"):
+        m = re.fullmatch(r"ssh://([^/:]+)(?::([0-9]+))?/?", value, re.IGNORECASE)
+        if m is None:
+            call.fail(f"unsupported ssh address {value!r}")
+        port = [_Arg.plain("-p"), _Arg.plain(m.group(2))] if m.group(2) else []
+        argv = [_Arg.plain("ssh"), *port, _Arg.plain("--"), _Arg.plain(m.group(1))]
+        call.run([*argv, _Arg.plain(call.name), _Arg.plain("system"), _Arg.plain("dial-stdio")], via)
+
+
+_KUBECTL_GLOBAL = _Opts(
+    flags="h",
+    valued="nsv",
+    long_flags=_words("--disable-compression --insecure-skip-tls-verify --match-server-version --warnings-as-errors")
+    | _HELP,
+    long_valued=_words(
+        "--as --as-group --as-uid --cache-dir --certificate-authority --client-certificate --client-key --cluster"
+        " --context --kubeconfig --log-flush-frequency --namespace --password --profile --profile-output"
+        " --request-timeout --server --tls-server-name --token --user --username --v --vmodule"
+    ),
+)
+_KUBECTL_COMMANDS = {
+    "exec": _Opts(
+        flags="qit",
+        valued="cf",
+        long_flags=_words("--quiet --stdin --tty"),
+        long_valued=_words("--container --filename --pod-running-timeout"),
+    ),
+    "attach": _Opts(
+        flags="qit",
+        valued="c",
+        long_flags=_words("--quiet --stdin --tty"),
+        long_valued=_words("--container --pod-running-timeout"),
+    ),
+    "debug": _Opts(
+        flags="qit",
+        valued="cf",
+        long_flags=_words(
+            "--arguments-only --attach --keep-annotations --keep-init-containers --keep-labels --keep-liveness"
+            " --keep-readiness --keep-startup --quiet --replace --same-node --share-processes --stdin --tty"
+        ),
+        long_valued=_words(
+            "--container --copy-to --custom --env --filename --image --image-pull-policy --profile --set-image --target"
+        ),
+    ),
+    "run": _Opts(
+        flags="qitR",
+        valued="fklo",
+        long_flags=_words(
+            "--allow-missing-template-keys --attach --command --expose --force --leave-stdin-open --privileged --quiet"
+            " --recursive --rm --save-config --show-managed-fields --stdin --tty --wait"
+        ),
+        long_valued=_words(
+            "--annotations --env --field-manager --filename --grace-period --image --image-pull-policy --kustomize"
+            " --labels --output --override-type --overrides --pod-running-timeout --port --restart --template --timeout"
+        ),
+        long_optional=_words("--dry-run --cascade"),
+    ),
+}
+
+
+def _h_kubectl(call: _Call) -> None:
+    """``kubectl exec POD -- ARGV``, ``kubectl debug ... -- ARGV`` and ``kubectl run NAME --image=I -- ARGV`` run
+    ARGV in a pod (without a shell), with the session's input when -i/--stdin; ``kubectl attach -i`` gives it to
+    a program started earlier, which may be a shell. Options may follow the operands, up to ``--``."""
+    first, i = _getopt(call, _KUBECTL_GLOBAL)
+    if i >= len(call.args) or {o.name for o in first} & (_HELP | {"-h"}):
+        if call.env.appended:
+            call.fail("its subcommand would come from the input of xargs")
+        return
+    if not call.certain(call.args[i]):
+        call.fail(f"the subcommand {call.args[i].text!r} is only known at run time")
+    verb = call.args[i].text
+    if verb == "create" and any(call.known(a) and a.text == "--" for a in call.args):
+        call.fail("'kubectl create' runs the command given after -- in a pod, which is not analysed here")
+    spec = _KUBECTL_COMMANDS.get(verb)
+    if spec is None:
+        return
+    spec = _Opts(
+        flags=spec.flags + _KUBECTL_GLOBAL.flags,
+        valued=spec.valued + _KUBECTL_GLOBAL.valued,
+        long_flags=spec.long_flags | _KUBECTL_GLOBAL.long_flags,
+        long_valued=spec.long_valued | _KUBECTL_GLOBAL.long_valued,
+        long_optional=spec.long_optional,
+    )
+    sub = replace(call, args=call.args[i + 1 :])
+    if sub.env.appended:
+        call.fail("xargs would append options or a command that are only known at run time")
+    opts: list[_Opt] = []
+    operands: list[_Arg] = []
+    after_dash: list[_Arg] | None = None
+    j = 0
+    while j < len(sub.args):
+        got, k, dashed = _getopt_dash(sub, spec, j)
+        opts.extend(got)
+        if dashed:
+            after_dash = sub.args[k:]
+            break
+        if k >= len(sub.args):
+            break
+        operands.append(sub.args[k])
+        j = k + 1
+    names = {o.name for o in opts}
+    if names & (_HELP | {"-h"}):
+        return
+    stdin = call.stdin if names & {"-i", "--stdin"} else _NULL
+    if verb == "attach":
+        if stdin is not _NULL:
+            call.program_from_stdin(posix=False)
+        return
+    for o in opts:
+        if o.name in ("--overrides", "--custom"):
+            call.fail(f"{o.name} can set the command and the environment of the container, which are not analysed")
+    _container_env(sub, opts)
+    argv = after_dash if after_dash is not None else operands[1:]
+    if argv:
+        sub.run(argv, f"kubectl {verb}", stdin=stdin)
+    elif verb != "exec":
+        _Call(call.name, [], call.env, call.ctx, stdin, call.redirects).program_from_stdin(posix=False)
+
+
+_CRICTL_GLOBAL = _Opts(
+    flags="Dhv",
+    valued="cirt",
+    long_flags=_words("--debug --enable-tracing") | _HELP,
+    long_valued=_words(
+        "--config --image-endpoint --runtime-endpoint --timeout --tracing-endpoint --tracing-sampling-rate-per-million"
+    ),
+)
+_CRICTL_EXEC = _Opts(
+    flags="itsh", long_flags=_words("--interactive --tty --sync --help"), long_valued=_words("--timeout --transport")
+)
+
+
+def _h_crictl(call: _Call) -> None:
+    """``crictl exec [-i] CONTAINER ARGV`` runs ARGV in the container, without a shell; ``crictl attach -i``
+    gives the session's input to a program started earlier."""
+    opts, i = _getopt(call, _CRICTL_GLOBAL)
+    if i >= len(call.args) or {o.name for o in opts} & (_HELP | {"-h", "-v"}):
+        return
+    if not call.certain(call.args[i]):
+        call.fail(f"the subcommand {call.args[i].text!r} is only known at run time")
+    verb = call.args[i].text
+    sub = replace(call, args=call.args[i + 1 :])
+    if verb == "attach":
+        if any(not call.known(a) or re.fullmatch(r"-[a-z]*i[a-z]*|--(?:interactive|stdin)", a.text) for a in sub.args):
+            call.program_from_stdin(posix=False)
+        return
+    if verb != "exec":
+        return
+    opts, j = _getopt(sub, _CRICTL_EXEC)
+    if {o.name for o in opts} & {"-h", "--help"} or j >= len(sub.args):
+        if sub.env.appended:
+            call.fail("the container and its command would come from the input of xargs")
+        return
+    stdin = call.stdin if {o.name for o in opts} & {"-i", "--interactive"} else _NULL
+    sub.run(sub.args[j + 1 :], "crictl exec", stdin=stdin)
+
+
 _KEYSTROKE_READERS = (
     *("ed", "red", "ex", "vi", "vim", "nvim", "view", "vimdiff", "rvim", "emacs", "nano", "pico"),
     *("sudoedit", "visudo", "vipw", "vigr"),
@@ -4191,6 +4508,9 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "tar": _h_tar,
     "git": _h_git,
     "zip": _h_zip,
+    **dict.fromkeys(_CONTAINER_GLOBALS, _h_container),
+    "kubectl": _h_kubectl,
+    "crictl": _h_crictl,
 }
 
 
