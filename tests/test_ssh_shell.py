@@ -1774,3 +1774,15 @@ def test_stdin_shell_finds_a_shell_run_in_a_container() -> None:
     assert stdin_shell(["docker", "exec", "c", "cat"]) is None
     with pytest.raises(ShellParseError, match="would read its program from stdin"):
         stdin_shell(["docker", "run", "-i", "busybox"])
+
+
+def test_machinectl_shell_reports_its_program_and_refuses_a_shell_reading_the_session() -> None:
+    # `machinectl shell root@.host /bin/rm -rf /srv` ran rm as root on the host, reported as machinectl alone.
+    assert ("rm", "-rf /srv", "machinectl shell") in calls("machinectl shell root@.host /bin/rm -rf /srv")
+    assert ("rm", "x", "machinectl shell") in calls("machinectl -q shell --uid=0 web rm x")
+    for command in ["machinectl shell", "machinectl shell root@.host", "machinectl login web"]:
+        refused(command, "machinectl would read its program from the session's input")
+    refused("machinectl shell -E LD_PRELOAD=/tmp/x.so .host /bin/ls", "LD_PRELOAD can change which program runs")
+    assert names("machinectl list") == ["machinectl"]
+    assert names("machinectl shell .host /bin/ls < /dev/null")[-1] == "ls"
+    assert "ssh" in names("machinectl -H h status")

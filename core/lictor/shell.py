@@ -53,9 +53,9 @@ Wrappers. Programs that run another program are unwrapped, and both are reported
 ``find -exec``, ``busybox``, ``ssh`` (the remote command; also the one ``systemctl -H HOST`` runs), the
 shells' ``-c`` and ``eval``/``trap`` bodies, ``rsync -e``, and what runs in a container or a pod (``docker``,
 ``podman``, ``nerdctl`` ``exec``/``run``/``create``, ``kubectl exec``/``debug``/``run``, ``crictl exec``), with
-the session's input when ``-i`` keeps it open. Their options are parsed with their real option
-tables; an unknown option or an option position filled by an expansion raises, because it could shift
-which word is the program.
+the session's input when ``-i`` keeps it open, and ``machinectl shell`` (in a container or on the host).
+Their options are parsed with their real option tables; an unknown option or an option position filled
+by an expansion raises, because it could shift which word is the program.
 Interpreters with inline code (``python -c``, ``perl -e``, ``awk``...) are reported with their
 arguments and left to the rules, except where the code runs the lines the program reads as commands
 (awk's ``system()`` and pipes, sed's ``e``) and those lines come from the session or a pipe: refused.
@@ -4414,6 +4414,49 @@ def _h_crictl(call: _Call) -> None:
     sub.run(sub.args[j + 1 :], "crictl exec", stdin=stdin)
 
 
+_MACHINECTL_OPTS = _Opts(
+    flags="halqV",
+    valued="psHMnoE",
+    long_flags=_words(
+        "--value --all --full --no-pager --no-legend --no-ask-password --read-only --mkdir --quiet --force"
+    )
+    | _HELP,
+    long_valued=_words(
+        "--property --kill-whom --signal --host --machine --lines --output --verify --uid --setenv --max-addresses"
+        " --format --runner"
+    ),
+)
+
+
+def _h_machinectl(call: _Call) -> None:
+    """``machinectl shell [[USER@]MACHINE [ARGV]]`` runs ARGV (or the user's shell, reading the session's input)
+    in a container or on the host (``.host``), as any user; ``machinectl login`` asks for a login on the
+    session's input and then runs a shell."""
+    _h_systemd_remote(call)
+    opts, i = _getopt(call, _MACHINECTL_OPTS)
+    if i >= len(call.args) or {o.name for o in opts} & (_HELP | {"-h", "-V"}):
+        return
+    if not call.certain(call.args[i]):
+        call.fail(f"the verb {call.args[i].text!r} is only known at run time")
+    verb = call.args[i].text
+    if verb == "login":
+        call.program_from_stdin(posix=False)
+        return
+    if verb != "shell":
+        return
+    sub = replace(call, args=call.args[i + 1 :])
+    more, j = _getopt(sub, _MACHINECTL_OPTS)
+    for o in opts + more:
+        if o.name in ("-E", "--setenv"):
+            _container_env(sub, [o])
+    if j + 1 < len(sub.args):
+        sub.run(sub.args[j + 1 :], "machinectl shell")
+    elif sub.env.appended:
+        call.fail("the machine and its command would come from the input of xargs")
+    else:
+        call.program_from_stdin(posix=True, via="machinectl shell")
+
+
 _KEYSTROKE_READERS = (
     *("ed", "red", "ex", "vi", "vim", "nvim", "view", "vimdiff", "rvim", "emacs", "nano", "pico"),
     *("sudoedit", "visudo", "vipw", "vigr"),
@@ -4511,6 +4554,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     **dict.fromkeys(_CONTAINER_GLOBALS, _h_container),
     "kubectl": _h_kubectl,
     "crictl": _h_crictl,
+    "machinectl": _h_machinectl,
 }
 
 
