@@ -1786,3 +1786,56 @@ def test_machinectl_shell_reports_its_program_and_refuses_a_shell_reading_the_se
     assert names("machinectl list") == ["machinectl"]
     assert names("machinectl shell .host /bin/ls < /dev/null")[-1] == "ls"
     assert "ssh" in names("machinectl -H h status")
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("apt-get -o APT::Update::Pre-Invoke::=touch update", ("touch", "", "apt-get -o APT::Update::Pre-Invoke")),
+        ("apt-get -o 'DPkg::Pre-Invoke::=rm -rf /srv' install x", ("rm", "-rf /srv", "apt-get -o DPkg::Pre-Invoke")),
+        ("apt -oDPkg::Post-Invoke::=rm\\ x install y", ("rm", "x", "apt -o DPkg::Post-Invoke")),
+        ("apt-get -yqo apt::update::post-invoke-success::=rm\\ x update", ("rm", "x", "apt-get -o apt::update::post-invoke-success")),
+        ("apt-get install y --option=Binary::apt-get::DPkg::Pre-Invoke::=rm\\ x", ("rm", "x", "apt-get -o Binary::apt-get::DPkg::Pre-Invoke")),
+        ("apt-get --option DPkg::Pre-Install-Pkgs::='rm x' install y", ("rm", "x", "apt-get -o DPkg::Pre-Install-Pkgs")),
+        ("apt-get -o Dpkg::Options::=--pre-invoke='rm x' install y", ("rm", "x", "dpkg --pre-invoke")),
+        ("dpkg --pre-invoke='rm x' -i x.deb", ("rm", "x", "dpkg --pre-invoke")),
+        ("dpkg -i x.deb --post-invoke 'rm x'", ("rm", "x", "dpkg --post-invoke")),
+        ("dpkg --status-logger='rm x' -i x.deb", ("rm", "x", "dpkg --status-logger")),
+    ],
+)  # fmt: skip
+def test_commands_apt_and_dpkg_run_from_their_options_are_reported(
+    command: str, expected: tuple[str, str, str | None]
+) -> None:
+    # Only apt-get or dpkg was reported: a rule allowing `apt-get update` ran any hook command given with -o.
+    assert expected in calls(command)
+
+
+@pytest.mark.parametrize(
+    ("command", "why"),
+    [
+        ("apt-get -o DPkg::Pre-Invoke::=sh install x", "sh would read its program from the session's input"),
+        ("apt-get -o DPkg::Pre-Install-Pkgs::=sh install x", "piped into sh"),  # it reads the list of packages
+        ("dpkg --status-logger=sh -i x.deb", "piped into sh"),
+        ("apt-get -o Dpkg::Options::=--pre-invoke -o Dpkg::Options::=rm install x", "in the same word"),
+        ("apt-get -o Dir::Bin::dpkg=/tmp/x install y", "makes it run another program"),
+        ("apt-get -o Dir=/tmp/root install y", "makes it run another program"),
+        ("apt-get -o RootDir=/tmp/root install y", "makes it run another program"),
+        ("apt-get -o Acquire::http::Proxy-Auto-Detect=/tmp/x update", "makes it run another program"),
+        ("apt-get -o APT::Key::GPGVCommand=/tmp/x update", "makes it run another program"),
+        ("apt-get -c /tmp/apt.conf update", "reads configuration"),
+        ("apt-get --config-file=/tmp/apt.conf update", "reads configuration"),
+        ("apt-get -o \"$x\" update", "only known at run time"),
+        ("apt-get -o $x update", "only known at run time"),
+        ("echo x | xargs apt-get install", "could be -o"),
+        ("APT_CONFIG=/tmp/apt.conf apt-get update", "APT_CONFIG"),
+    ],
+)  # fmt: skip
+def test_apt_and_dpkg_options_hiding_what_runs_are_refused(command: str, why: str) -> None:
+    refused(command, re.escape(why))
+
+
+def test_apt_and_dpkg_with_ordinary_options_are_left_to_the_rules() -> None:
+    for command in ["apt-get update", "apt-get install -y nginx", "apt-get -t bookworm-backports install x",
+                    "apt-get install --only-upgrade x", "apt-get -o Dpkg::Options::=--force-confold install x",
+                    "apt-get -o Acquire::Retries=3 update", "apt-cache policy nginx", "dpkg -l", "dpkg -i x.deb"]:  # fmt: skip
+        assert names(command) == [command.split()[0]]

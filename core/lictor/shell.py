@@ -53,7 +53,8 @@ Wrappers. Programs that run another program are unwrapped, and both are reported
 ``find -exec``, ``busybox``, ``ssh`` (the remote command; also the one ``systemctl -H HOST`` runs), the
 shells' ``-c`` and ``eval``/``trap`` bodies, ``rsync -e``, and what runs in a container or a pod (``docker``,
 ``podman``, ``nerdctl`` ``exec``/``run``/``create``, ``kubectl exec``/``debug``/``run``, ``crictl exec``), with
-the session's input when ``-i`` keeps it open, and ``machinectl shell`` (in a container or on the host).
+the session's input when ``-i`` keeps it open, ``machinectl shell`` (in a container or on the host), and
+the hooks of ``apt -o`` and ``dpkg --pre-invoke``.
 Their options are parsed with their real option tables; an unknown option or an option position filled
 by an expansion raises, because it could shift which word is the program.
 Interpreters with inline code (``python -c``, ``perl -e``, ``awk``...) are reported with their
@@ -1591,7 +1592,7 @@ _DANGEROUS_VARS = _words(
     " EDITOR VISUAL SUDO_EDITOR SUDO_ASKPASS SSH_ASKPASS LESSOPEN LESSCLOSE LESSKEY BROWSER"
     " TAR_OPTIONS RSYNC_RSH RSYNC_CONNECT_PROG GCONV_PATH HOSTALIASES LOCPATH NLSPATH OPENSSL_CONF"
     " OPENSSL_ENGINES TERMINFO TERMINFO_DIRS MAIL MAILPATH MAILCHECK TMOUT INPUTRC FCEDIT HISTFILE histchars"
-    " BASH_ALIASES BASH_CMDS"
+    " BASH_ALIASES BASH_CMDS APT_CONFIG"
 )
 _DANGEROUS_PREFIXES = ("LD_", "DYLD_", "BASH_FUNC_", "GIT_", "PYTHON", "MALLOC_", "GLIBC_")
 # Variables whose value the agent can choose (or that copy text of the command line); they may not
@@ -4092,6 +4093,94 @@ def _h_git(call: _Call) -> None:
                 call.fail(f"'git {sub} {d}' runs a command")
 
 
+# dpkg runs these with ``sh -c``: --status-logger with the status lines on its input
+_DPKG_COMMANDS = {"--pre-invoke": "dpkg --pre-invoke", "--post-invoke": "dpkg --post-invoke",
+                  "--status-logger": "dpkg --status-logger"}  # fmt: skip
+
+
+def _dpkg_options(call: _Call, words: Sequence[_Arg], *, split: bool) -> None:
+    """The commands dpkg's --pre-invoke, --post-invoke and --status-logger run. ``split``: a value may be the
+    next word (dpkg's own command line; apt's ``Dpkg::Options`` give one word each and cannot split them)."""
+    for i, a in enumerate(words):
+        if not call.known(a):
+            if call.operand_like(a):
+                continue
+            call.fail(f"the option position holding {a.text!r} is only known at run time")
+        key, eq, value = a.text.partition("=")
+        if key == "--":
+            return
+        if key not in _DPKG_COMMANDS:
+            continue
+        if not eq:
+            if not split or i + 1 >= len(words):
+                call.fail(f"{key} needs its command in the same word")
+            value = call.code(words[i + 1], f"the command of {key}")
+        call.nested(value, _DPKG_COMMANDS[key], stdin=_PIPE if key == "--status-logger" else None)
+
+
+def _h_dpkg(call: _Call) -> None:
+    if call.env.appended:
+        call.fail("xargs would append options that are only known at run time: one could be --pre-invoke")
+    _dpkg_options(call, call.args, split=True)
+
+
+# apt configuration items (any scope: Binary::apt-get::...) whose value is a shell command apt runs, and items
+# that make it run other programs or read other configuration (Dir::Bin::dpkg, Dir::Etc::parts, RootDir...)
+_APT_HOOK = re.compile(r"invoke|pre-install-pkgs", re.IGNORECASE)
+_APT_RUNS = re.compile(r"(?:^|::)(?:dir|rootdir)(?:::|$)|proxy-?auto-?detect|command|dpkg::path", re.IGNORECASE)
+
+
+def _h_apt(call: _Call) -> None:
+    """apt's ``-o KEY=VALUE`` sets any configuration item, among them the hooks apt runs with ``sh -c``
+    (``DPkg::Pre-Invoke``, ``APT::Update::Post-Invoke-Success``...) and the options it gives dpkg
+    (``Dpkg::Options::=--pre-invoke=CMD``); ``-c FILE`` reads configuration that may set them."""
+    if call.env.appended:
+        call.fail("xargs would append options that are only known at run time: one could be -o")
+    args = call.args
+    items: list[_Arg] = []
+    for i, a in enumerate(args):
+        t = a.text
+        following = args[i + 1] if i + 1 < len(args) else None
+        if not call.known(a):
+            if call.operand_like(a):
+                continue
+            call.fail(f"the option position holding {t!r} is only known at run time")
+        if t == "--":
+            break
+        key, eq, value = t.partition("=")
+        if t.startswith("--"):
+            if len(key) >= 4 and "--config-file".startswith(key):
+                call.fail("--config-file reads configuration that can name commands to run")
+            if len(key) >= 4 and "--option".startswith(key):
+                if eq:
+                    items.append(_Arg.plain(value))
+                elif following is not None:
+                    items.append(following)
+            continue
+        m = re.fullmatch(r"-[A-Za-z]*?([oc])(.*)", t, re.DOTALL)
+        if m is None:
+            continue
+        if m.group(1) == "c":
+            call.fail("-c reads configuration that can name commands to run")
+        if m.group(2):
+            items.append(_Arg.plain(m.group(2)))
+        elif following is not None:
+            items.append(following)
+    dpkg_options: list[_Arg] = []
+    for item in items:
+        if not call.known(item):
+            call.fail(f"the configuration item {item.text!r} is only known at run time")
+        key, _, value = item.text.partition("=")
+        key = key.strip()
+        if _APT_HOOK.search(key):
+            call.nested(value, f"{call.name} -o {key.rstrip(':')}", stdin=_PIPE if "pkgs" in key.lower() else None)
+        elif _APT_RUNS.search(key):
+            call.fail(f"-o {key} makes it run another program or read other configuration")
+        elif re.search(r"dpkg::options", key, re.IGNORECASE):
+            dpkg_options.append(_Arg.plain(value))
+    _dpkg_options(call, dpkg_options, split=False)
+
+
 def _h_zip(call: _Call) -> None:
     for a in call.args:
         if a.text.startswith("-TT") or (a.text.startswith("--unzip") and len(a.text) > 7):
@@ -4555,6 +4644,8 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "kubectl": _h_kubectl,
     "crictl": _h_crictl,
     "machinectl": _h_machinectl,
+    **dict.fromkeys(("apt", "apt-get", "apt-cache", "apt-mark", "aptitude"), _h_apt),
+    "dpkg": _h_dpkg,
 }
 
 
