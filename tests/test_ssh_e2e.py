@@ -1841,9 +1841,36 @@ def test_rsync_over_ssh_for_a_role_allowed_rsync(env: Env) -> None:
         )
     finally:
         env.direct(f"rm -f {env.work}/rsync_up.bin")
-    # A daemon started the same way reads a config that can name programs: still decided on them.
-    daemon = env.ssh("operator", "rsync --server --daemon --config=/tmp/x -e 'no-such-tool /tmp/x' .")
+    # A daemon started the same way: its -e is decided on the programs it names.
+    daemon = env.ssh("operator", "rsync --server --daemon -e 'no-such-tool /tmp/x' .")
     _assert_denied(daemon, "lictor:default-deny")
+
+
+def test_an_rsync_daemon_with_a_configuration_of_the_agents_choosing_is_denied(env: Env) -> None:
+    # `rsync --config=FILE --server --daemon .` (what `rsync --rsync-path='rsync --config=FILE' host::m` runs) was
+    # allowed by a rule for rsync, and the daemon ran the `pre-xfer exec` command of that file.
+    rsync = require_binary("rsync")
+    marker = env.work / "rsync_hook_ran"
+    config = env.work / "rsyncd-hook.conf"
+    config.write_text(f"use chroot = no\n[m]\npath = {env.work}\npre-xfer exec = touch {marker}\n")
+    config.chmod(0o644)
+    transport = shlex.join(["ssh", *env.client.options(), "-p", str(env.client.port)])
+    try:
+        listing = subprocess.run(
+            [rsync, "-e", transport, f"--rsync-path=rsync --config={config}", f"agent@{env.client.host}::m/"],
+            capture_output=True,
+            env=env.client.env(env.tokens["operator"]),
+            timeout=60,
+            check=False,
+            start_new_session=True,
+        )
+        assert listing.returncode != 0, listing.stdout
+        assert "lictor:ssh-unparsable" in _err(listing), _err(listing)
+        assert "--config file or --dparam items can name commands" in _err(listing), _err(listing)
+        assert not marker.exists()
+    finally:
+        config.unlink()
+        env.direct(f"rm -f {marker}")
 
 
 def test_git_clone_and_push_over_ssh(env: Env) -> None:

@@ -1839,3 +1839,26 @@ def test_apt_and_dpkg_with_ordinary_options_are_left_to_the_rules() -> None:
                     "apt-get install --only-upgrade x", "apt-get -o Dpkg::Options::=--force-confold install x",
                     "apt-get -o Acquire::Retries=3 update", "apt-cache policy nginx", "dpkg -l", "dpkg -i x.deb"]:  # fmt: skip
         assert names(command) == [command.split()[0]]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "rsync --server --daemon --config=/tmp/r.conf .",
+        "rsync --server --daemon --config /tmp/r.conf .",
+        "rsync --config=/tmp/r.conf --server --daemon .",  # what --rsync-path='rsync --config=FILE' host::m runs
+        "rsync --daemon --dparam='pre-xfer exec=rm x'",
+        "rsync --daemon -M 'post-xfer exec=rm x'",
+        "rsync --daemon -vM'early exec=rm x'",
+        "rsync --daemon $opts",
+    ],
+)
+def test_an_rsync_daemon_configured_on_its_command_line_is_refused(command: str) -> None:
+    # Reported as rsync alone, the daemon ran the pre-xfer exec command of a configuration the agent chose.
+    refused(command, "--config|only known at run time")
+
+
+def test_an_rsync_daemon_with_its_default_configuration_is_left_to_the_rules() -> None:
+    assert names("rsync --server --daemon .") == ["rsync"]
+    assert names("rsync --daemon --no-detach --port=8730") == ["rsync"]
+    assert names("rsync --server --daemon -e evil .") == ["rsync", "evil"]

@@ -3936,6 +3936,15 @@ def _h_scp(call: _Call) -> None:
 
 def _h_rsync(call: _Call) -> None:
     args = call.args
+    if any(call.known(a) and a.text == "--daemon" for a in args):
+        # A daemon (also `--server --daemon`, run over a remote shell) runs the `pre-xfer exec`, `post-xfer exec`
+        # and `early exec` commands of its configuration: a file named by --config, or items set with --dparam.
+        for a in args:
+            t = a.text
+            if not call.known(a):
+                call.fail(f"{t!r} is only known at run time and could be --config or --dparam")
+            if t.startswith(("--config", "--dparam")) or re.match(r"-[0-9A-Za-z]*M", t):
+                call.fail("a daemon's --config file or --dparam items can name commands it runs")
     # The far end of a copy (`rsync -e ssh src host:dst` runs `rsync --server -logDtpre.iLsfxCIvu . dst`
     # there): a server starts no remote shell, and its -e carries protocol flags, not a command. Not so
     # in daemon mode (--daemon, whose --config may name programs to run), nor for words known at run time.
