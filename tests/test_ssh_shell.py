@@ -1862,3 +1862,14 @@ def test_an_rsync_daemon_with_its_default_configuration_is_left_to_the_rules() -
     assert names("rsync --server --daemon .") == ["rsync"]
     assert names("rsync --daemon --no-detach --port=8730") == ["rsync"]
     assert names("rsync --server --daemon -e evil .") == ["rsync", "evil"]
+
+
+def test_openssl_without_a_command_reads_its_commands_from_the_session() -> None:
+    # openssl 1.1 with no argument is a prompt running the commands it reads (`engine` loads any library).
+    refused("openssl", "openssl would read its program from the session's input")
+    refused("echo version | openssl", "piped into openssl")
+    with pytest.raises(ShellParseError, match="openssl would read its program from stdin"):
+        stdin_shell(["openssl"])
+    assert names("openssl < /dev/null") == ["openssl"]
+    for command in ["openssl version", "openssl x509 -noout -text -in cert.pem", "openssl s_client -connect h:443"]:
+        assert names(command) == ["openssl"]

@@ -4190,6 +4190,15 @@ def _h_apt(call: _Call) -> None:
     _dpkg_options(call, dpkg_options, split=False)
 
 
+def _h_openssl(call: _Call) -> None:
+    """Without a command, openssl (before 3.0) reads its commands from its input, as a shell does: ``engine``
+    there can load a library that runs any code."""
+    if not call.args:
+        if call.env.appended:
+            call.fail("its command would come from the input of xargs")
+        call.program_from_stdin(posix=False)
+
+
 def _h_zip(call: _Call) -> None:
     for a in call.args:
         if a.text.startswith("-TT") or (a.text.startswith("--unzip") and len(a.text) > 7):
@@ -4655,6 +4664,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "machinectl": _h_machinectl,
     **dict.fromkeys(("apt", "apt-get", "apt-cache", "apt-mark", "aptitude"), _h_apt),
     "dpkg": _h_dpkg,
+    "openssl": _h_openssl,
 }
 
 
