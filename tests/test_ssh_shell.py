@@ -1873,3 +1873,49 @@ def test_openssl_without_a_command_reads_its_commands_from_the_session() -> None
     assert names("openssl < /dev/null") == ["openssl"]
     for command in ["openssl version", "openssl x509 -noout -text -in cert.pem", "openssl s_client -connect h:443"]:
         assert names(command) == ["openssl"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "printf '%s\\n' ';' 'rm -rf /srv' | xargs ssh host ls",  # ssh joins its words into the remote command
+        "echo '; rm x' | xargs watch ls",  # and so does watch
+        "echo -exec rm {} + | xargs find /srv",
+        "echo --to-command=rm | xargs tar -xf a.tar",
+        "echo --checkpoint-action=exec=rm | xargs tar -cf a.tar",
+        "echo -c 'rm x' | xargs flock /tmp/l",
+        "echo rm x | xargs busybox",
+        "echo e | xargs sed",
+        "echo -e e | xargs sed -n p",
+        "echo --expression=1e f | xargs sed -i s/a/b/",
+        "echo '{system($0)}' | xargs awk",
+        "echo +!rm | xargs less",
+        "echo -P rm | xargs man",
+        "echo --filter=rm | xargs split",
+        "echo -e rm | xargs rsync a",
+        "echo -S rm | xargs scp a",
+        "echo -oProxyCommand=rm | xargs ssh -n host",
+        "echo EXEC:rm | xargs socat -",
+        "echo -e sh | xargs nc -l 8080",
+        "echo --eval=x | xargs make",
+        "echo -c core.pager=rm log | xargs git",
+        "echo config core.pager rm | xargs git",
+        "echo -TT rm | xargs zip a.zip",
+        "echo netns exec n rm x | xargs ip",
+        "echo exec c rm x | xargs crictl",
+        "echo new -d rm | xargs tmux",
+        "echo -c rm | xargs script -q",
+        "echo db .shell rm | xargs sqlite3",
+    ],
+)
+def test_words_xargs_appends_to_a_program_decided_on_its_words_are_refused(command: str) -> None:
+    # The handler saw only the words given: xargs appended an option, a primary or code that ran rm, unseen.
+    refused(command, "xargs would append")
+
+
+def test_xargs_may_append_file_names_after_a_final_double_dash() -> None:
+    for command in ["find . -name '*.log' -print0 | xargs -0 tar czf logs.tgz --",
+                    "grep -l foo -r . | xargs sed -i 's/foo/bar/g' --", "ls | xargs rsync -a -- ", "ls | xargs less --",
+                    "ls | xargs rm", "ls | xargs grep -l foo", "ls | xargs wc -l"]:  # fmt: skip
+        analyse(command)
+    refused("ls | xargs sed --", "xargs would append")  # the script itself would come from the input

@@ -2052,7 +2052,23 @@ def _run(
     ctx.emit(Invocation(head.text, name, texts, " ".join(texts), redirects, env.via, assignments))
     handler = _handler_for(name)
     if handler is not None:
+        if env.appended and handler in _APPEND_UNSAFE:
+            _check_appended(name, rest, handler)
         handler(_Call(name, rest, env, ctx, stdin, redirects))
+
+
+def _check_appended(name: str, rest: list[_Arg], handler: Callable[["_Call"], None]) -> None:
+    """xargs appends words only known at run time to a program whose handler decides on its words."""
+    if handler in _APPEND_AFTER_DASHES:
+        if rest and rest[-1].literal and rest[-1].text == "--":
+            return  # after --, what xargs appends can only be operands (file names)
+        raise ShellParseError(
+            f"{name}: xargs would append words only known at run time, which could be options that run a command; "
+            "end its arguments with -- so that they can only be file names"
+        )
+    raise ShellParseError(
+        f"{name}: xargs would append words only known at run time, which could be options or code that run a command"
+    )
 
 
 @dataclass(slots=True)
@@ -3387,6 +3403,11 @@ def _h_sed(call: _Call) -> None:
             if t == "--line-length" or (not t.startswith("--") and t.endswith("l") and "l" not in t[1:-1]):
                 i += 1  # its value is the next word
             i += 1
+    if call.env.appended and not (scripts and call.args and call.known(call.args[-1]) and call.args[-1].text == "--"):
+        call.fail(
+            "xargs would append words only known at run time, which could be a script or options; give the script "
+            "and end the arguments with -- so that they can only be file names"
+        )
     if any(_sed_runs_commands(script) for script in scripts):
         _runs_its_input(call, "sed's e command")
 
@@ -4666,6 +4687,17 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "dpkg": _h_dpkg,
     "openssl": _h_openssl,
 }
+
+
+# Handlers that decide on the words of their command line (options that run a command, code joined into one
+# command string, a subcommand or program they name): what xargs appends to them is not seen. Some take only
+# operands after a final `--`; sed checks itself (its script must then be among the words given).
+_APPEND_UNSAFE = frozenset(
+    {_h_find, _h_watch, _h_flock, _h_busybox, _h_awk, _h_command_reader, _h_script, _h_pager, _h_man, _h_split}
+    | {_h_perf, _h_socat, _h_netcat, _h_ssh, _h_scp, _h_rsync, _h_ip, _h_make, _h_cmake, _h_tar, _h_git, _h_zip}
+    | {_h_sqlite, _h_crictl}
+)
+_APPEND_AFTER_DASHES = frozenset({_h_tar, _h_rsync, _h_scp, _h_split, _h_pager, _h_man})
 
 
 def _handler_for(name: str) -> Callable[[_Call], None] | None:
