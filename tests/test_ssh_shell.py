@@ -1919,3 +1919,15 @@ def test_xargs_may_append_file_names_after_a_final_double_dash() -> None:
                     "ls | xargs rm", "ls | xargs grep -l foo", "ls | xargs wc -l"]:  # fmt: skip
         analyse(command)
     refused("ls | xargs sed --", "xargs would append")  # the script itself would come from the input
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["vim.basic f", "vim.tiny f", "editor f", "sensible-editor f", "vim.nox f", "nvi f", "mcedit f", "emacs-nox f",
+     "micro f", "joe f", "sudo vim.basic /etc/hosts"],
+)  # fmt: skip
+def test_editors_under_the_names_distributions_install_read_the_session(command: str) -> None:
+    # `vim.basic` (Debian's vim, also run as `editor`) was taken for a program whose input is data: its `:!`
+    # commands from the session's input ran unseen.
+    refused(command, "would read its program from the session's input")
+    refused(command.replace(" f", " f < /dev/null"), "keystrokes|terminal", interactive=True)

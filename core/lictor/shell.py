@@ -4588,9 +4588,13 @@ def _h_machinectl(call: _Call) -> None:
 _KEYSTROKE_READERS = (
     *("ed", "red", "ex", "vi", "vim", "nvim", "view", "vimdiff", "rvim", "emacs", "nano", "pico"),
     *("sudoedit", "visudo", "vipw", "vigr"),
+    # the names distributions install editors under (Debian's alternatives, vim's builds) and other editors
+    *("editor", "sensible-editor", "vim.basic", "vim.tiny", "vim.nox", "vim.gtk", "vim.gtk3", "gvim", "nvi"),
+    *("elvis", "vile", "emacs-nox", "emacsclient", "jed", "joe", "jmacs", "jpico", "mcedit", "micro", "mg"),
+    *("ne", "kak", "hx"),
 )
 _COMMAND_READERS = ("gdb", "ftp", "lftp", "tmux", "screen", "telnet", "mail", "mutt")
-_PAGERS = ("less", "more", "most", "pager", "pg")
+_PAGERS = ("less", "more", "most", "pager", "pg", "sensible-pager")
 
 _HANDLERS: dict[str, Callable[[_Call], None]] = {
     **{name: _wrapper(spec) for name, spec in _WRAPPERS.items()},
