@@ -1931,3 +1931,32 @@ def test_editors_under_the_names_distributions_install_read_the_session(command:
     # commands from the session's input ran unseen.
     refused(command, "would read its program from the session's input")
     refused(command.replace(" f", " f < /dev/null"), "keystrokes|terminal", interactive=True)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "vim -es -c '!rm x' -c q f < /dev/null",
+        "vim -es +'!rm x' f < /dev/null",
+        "vim.basic --cmd 'call system(\"rm x\")' -es f < /dev/null",
+        "ex -c '!rm x' f < /dev/null",
+        "gdb -batch -ex 'shell rm x' < /dev/null",
+        "gdb -batch --ex='shell rm x' < /dev/null",
+        "gdb -batch -eva 'shell rm x' < /dev/null",  # gdb takes an abbreviated -eval-command
+        "gdb -batch -iex 'shell rm x' < /dev/null",
+        "emacs --batch --eval '(shell-command \"rm x\")' < /dev/null",
+        "emacs -batch -f my-function < /dev/null",
+        "lftp -c '!rm x' < /dev/null",
+        "lftp -e '!rm x' host < /dev/null",
+        "mutt -e 'source \"rm x|\"' < /dev/null",
+    ],
+)
+def test_a_command_given_to_an_editor_or_a_debugger_in_its_options_is_refused(command: str) -> None:
+    # With their input empty they were left to the rules as vim or gdb, and ran the shell command of -c or -ex.
+    refused(command, "gives it a command to run")
+
+
+def test_editors_and_debuggers_with_files_and_positions_are_left_to_the_rules() -> None:
+    for command in ["vim -es +12 f < /dev/null", "vim -es +/foo f < /dev/null", "gdb -batch -x cmds.gdb prog < /dev/null",
+                    "emacs --batch --file x < /dev/null", "lftp host < /dev/null"]:  # fmt: skip
+        assert len(names(command)) == 1

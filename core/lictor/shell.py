@@ -3430,6 +3430,15 @@ def _h_command_reader(call: _Call) -> None:
     """Programs that take commands (able to start a shell) from the terminal or their input."""
     if call.ctx.interactive:
         call.fail("it takes commands typed at the terminal, which cannot be inspected")
+    inline = _READER_INLINE.get(_READER_FAMILY.get(call.name, call.name))
+    if inline is not None:
+        for a in call.args:
+            if not call.known(a):
+                if call.operand_like(a):
+                    continue
+                call.fail(f"the option position holding {a.text!r} is only known at run time")
+            if inline.fullmatch(a.text):
+                call.fail(f"{a.text!r} gives it a command to run, which can run a shell command")
     if call.name in ("sftp",):
         for i, a in enumerate(call.args):
             if a.text == "-b" and i + 1 < len(call.args):
@@ -4594,6 +4603,24 @@ _KEYSTROKE_READERS = (
     *("ne", "kak", "hx"),
 )
 _COMMAND_READERS = ("gdb", "ftp", "lftp", "tmux", "screen", "telnet", "mail", "mutt")
+# Options whose value is a command in the program's own language, which can run a shell command (vim's `-c '!rm x'`
+# and `+cmd`, gdb's `-ex 'shell rm x'`, emacs' `--eval '(shell-command "rm x")'`, lftp's `-c '!rm x'`): they run
+# whatever the input is. gdb's and emacs' long options may be abbreviated.
+_READER_INLINE = {
+    "vim": re.compile(r"-c.*|--cmd(?:=.*)?|\+(?![0-9]*$|/).*", re.S),
+    "gdb": re.compile(r"--?(?:ex|iex|eva[a-z-]*|init-e[a-z-]*)(?:=.*)?", re.S),
+    "emacs": re.compile(r"--?(?:ev[a-z]*|exe[a-z]*|f|fu[a-z]*)(?:=.*)?", re.S),
+    "lftp": re.compile(r"-[ce].*", re.S),
+    "mutt": re.compile(r"-e.*", re.S),
+}
+_READER_FAMILY = {
+    **dict.fromkeys(
+        ("ex", "vi", "nvim", "view", "vimdiff", "rvim", "vim.basic", "vim.tiny", "vim.nox", "vim.gtk", "vim.gtk3"),
+        "vim",
+    ),
+    **dict.fromkeys(("gvim", "editor", "sensible-editor"), "vim"),
+    **dict.fromkeys(("emacs-nox", "emacsclient"), "emacs"),
+}
 _PAGERS = ("less", "more", "most", "pager", "pg", "sensible-pager")
 
 _HANDLERS: dict[str, Callable[[_Call], None]] = {
