@@ -1960,3 +1960,13 @@ def test_editors_and_debuggers_with_files_and_positions_are_left_to_the_rules() 
     for command in ["vim -es +12 f < /dev/null", "vim -es +/foo f < /dev/null", "gdb -batch -x cmds.gdb prog < /dev/null",
                     "emacs --batch --file x < /dev/null", "lftp host < /dev/null"]:  # fmt: skip
         assert len(names(command)) == 1
+
+
+def test_strace_output_piped_into_a_command_is_reported() -> None:
+    # strace -o '|CMD' runs CMD with sh -c: it was reported as strace and its traced program only.
+    for command in ["strace -o '|rm x' true", "strace -o '!rm x' true", "strace --output='|rm x' true",
+                    "strace -fo'|rm x' true"]:  # fmt: skip
+        assert ("rm", "x", "strace -o") in calls(command)
+    refused("strace -o '|sh' true", "piped into sh")
+    refused('strace -o "$f" true', "only known at run time")
+    assert names("strace -o /tmp/trace true") == ["strace", "true"]

@@ -3836,6 +3836,18 @@ def _h_enable(call: _Call) -> None:
         call.fail("disabling builtins could disable the one that the line shell's prompt relies on")
 
 
+def _h_strace(call: _Call) -> None:
+    """strace -o '|CMD' (or '!CMD') pipes its trace into CMD, run by a shell."""
+    opts, _ = _getopt(call, _WRAPPERS["strace"].opts)
+    for o in opts:
+        if o.name in ("-o", "--output"):
+            if not o.value_known or o.value is None:
+                call.fail("the output of -o is only known at run time; '|CMD' there runs CMD")
+            if o.value.startswith(("|", "!")):
+                call.nested(o.value[1:], "strace -o", stdin=_PIPE)
+    _wrapper(_WRAPPERS["strace"])(call)
+
+
 def _h_setsid(call: _Call) -> None:
     opts, _ = _getopt(call, _Opts(flags="cfwhV", long_flags=_fs("--ctty", "--fork", "--wait") | _HELP))
     names = {o.name for o in opts}
@@ -4627,6 +4639,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     **{name: _wrapper(spec) for name, spec in _WRAPPERS.items()},
     "exec": _h_exec,
     "setsid": _h_setsid,
+    "strace": _h_strace,
     "env": _h_env,
     "sudo": _h_sudo,
     "xargs": _h_xargs,
