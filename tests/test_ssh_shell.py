@@ -1970,3 +1970,13 @@ def test_strace_output_piped_into_a_command_is_reported() -> None:
     refused("strace -o '|sh' true", "piped into sh")
     refused('strace -o "$f" true', "only known at run time")
     assert names("strace -o /tmp/trace true") == ["strace", "true"]
+
+
+def test_the_command_tcpdump_runs_on_its_capture_files_is_reported() -> None:
+    # tcpdump -z CMD runs CMD on each file it closes (-C, -G): it was reported as tcpdump alone.
+    assert ("rm", "", "tcpdump -z") in calls("tcpdump -G 1 -W 1 -w x.pcap -z rm")
+    assert ("x", "", "tcpdump -z") in calls("tcpdump -nz/tmp/x -w f -C 1")
+    refused('tcpdump -w f -C 1 -z "$c"', "comes from an expansion")
+    refused("tcpdump -w f -C 1 $opts", "only known at run time")
+    assert names("tcpdump -iz -nn port 80") == ["tcpdump"]  # z is the interface's name
+    refused("echo -z rm | xargs tcpdump -w f -C 1", "xargs would append")

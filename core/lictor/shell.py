@@ -4241,6 +4241,27 @@ def _h_openssl(call: _Call) -> None:
         call.program_from_stdin(posix=False)
 
 
+def _h_tcpdump(call: _Call) -> None:
+    """tcpdump -z CMD runs CMD (without a shell, the file as its argument) on each capture file it closes."""
+    args = call.args
+    for i, a in enumerate(args):
+        if not call.known(a):
+            if call.operand_like(a):
+                continue
+            call.fail(f"the option position holding {a.text!r} is only known at run time")
+        t = a.text
+        if not t.startswith("-") or t.startswith("--"):
+            continue
+        for j, ch in enumerate(t[1:], start=1):
+            if ch == "z":
+                program = _Arg.plain(t[j + 1 :]) if j + 1 < len(t) else args[i + 1] if i + 1 < len(args) else None
+                if program is None:
+                    call.fail("-z needs a command")
+                call.run([program], "tcpdump -z", stdin=_NULL)
+            if ch in "BcCEFGijMmQrsTVwWyzZ":
+                break  # the rest of the word, or the next one, is its value
+
+
 def _h_zip(call: _Call) -> None:
     for a in call.args:
         if a.text.startswith("-TT") or (a.text.startswith("--unzip") and len(a.text) > 7):
@@ -4730,6 +4751,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     **dict.fromkeys(("apt", "apt-get", "apt-cache", "apt-mark", "aptitude"), _h_apt),
     "dpkg": _h_dpkg,
     "openssl": _h_openssl,
+    "tcpdump": _h_tcpdump,
 }
 
 
@@ -4739,7 +4761,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
 _APPEND_UNSAFE = frozenset(
     {_h_find, _h_watch, _h_flock, _h_busybox, _h_awk, _h_command_reader, _h_script, _h_pager, _h_man, _h_split}
     | {_h_perf, _h_socat, _h_netcat, _h_ssh, _h_scp, _h_rsync, _h_ip, _h_make, _h_cmake, _h_tar, _h_git, _h_zip}
-    | {_h_sqlite, _h_crictl}
+    | {_h_sqlite, _h_crictl, _h_tcpdump}
 )
 _APPEND_AFTER_DASHES = frozenset({_h_tar, _h_rsync, _h_scp, _h_split, _h_pager, _h_man})
 
