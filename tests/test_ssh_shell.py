@@ -1980,3 +1980,16 @@ def test_the_command_tcpdump_runs_on_its_capture_files_is_reported() -> None:
     refused("tcpdump -w f -C 1 $opts", "only known at run time")
     assert names("tcpdump -iz -nn port 80") == ["tcpdump"]  # z is the interface's name
     refused("echo -z rm | xargs tcpdump -w f -C 1", "xargs would append")
+
+
+def test_the_credential_command_of_wget_is_reported() -> None:
+    # wget --use-askpass=CMD runs CMD: it was reported as wget alone.
+    assert ("x", "", "wget --use-askpass") in calls("wget --use-askpass=/tmp/x http://h/")
+    assert ("x", "", "wget --use-askpass") in calls("wget --use-a /tmp/x http://h/")
+    for command in ["wget -e use_askpass=/tmp/x http://h/", "wget -qe 'use-askpass = /tmp/x' http://h/",
+                    "wget --execute=useaskpass=/tmp/x http://h/", "wget --config=/tmp/rc http://h/",
+                    "WGETRC=/tmp/rc wget http://h/", "WGET_ASKPASS=/tmp/x wget http://h/",
+                    "echo --use-askpass=/tmp/x | xargs wget http://h/"]:  # fmt: skip
+        refused(command)
+    for command in ["wget -O out.html http://h/", "wget -e robots=off -r http://h/", "wget -q -O- http://h/"]:
+        assert names(command) == ["wget"]

@@ -1592,7 +1592,7 @@ _DANGEROUS_VARS = _words(
     " EDITOR VISUAL SUDO_EDITOR SUDO_ASKPASS SSH_ASKPASS LESSOPEN LESSCLOSE LESSKEY BROWSER"
     " TAR_OPTIONS RSYNC_RSH RSYNC_CONNECT_PROG GCONV_PATH HOSTALIASES LOCPATH NLSPATH OPENSSL_CONF"
     " OPENSSL_ENGINES TERMINFO TERMINFO_DIRS MAIL MAILPATH MAILCHECK TMOUT INPUTRC FCEDIT HISTFILE histchars"
-    " BASH_ALIASES BASH_CMDS APT_CONFIG"
+    " BASH_ALIASES BASH_CMDS APT_CONFIG WGETRC WGET_ASKPASS"
 )
 _DANGEROUS_PREFIXES = ("LD_", "DYLD_", "BASH_FUNC_", "GIT_", "PYTHON", "MALLOC_", "GLIBC_")
 # Variables whose value the agent can choose (or that copy text of the command line); they may not
@@ -4262,6 +4262,43 @@ def _h_tcpdump(call: _Call) -> None:
                 break  # the rest of the word, or the next one, is its value
 
 
+def _h_wget(call: _Call) -> None:
+    """wget --use-askpass=CMD runs CMD to ask for credentials; so does a ``use_askpass`` command given with -e or
+    read from a --config file."""
+    args = call.args
+    for i, a in enumerate(args):
+        if not call.known(a):
+            if call.operand_like(a):
+                continue
+            call.fail(f"the option position holding {a.text!r} is only known at run time")
+        t = a.text
+        if t == "--":
+            return
+        key, eq, value = t.partition("=")
+        following = args[i + 1] if i + 1 < len(args) else None
+        execute: str | None = None
+        if t.startswith("--"):
+            if len(key) >= 7 and "--use-askpass".startswith(key):
+                program = _Arg.plain(value) if eq else following
+                if program is None:
+                    call.fail("--use-askpass needs a command")
+                call.run([program], "wget --use-askpass", stdin=_NULL)
+            elif len(key) >= 6 and "--config".startswith(key):
+                call.fail("--config reads wgetrc commands, which can name a command to run (use_askpass)")
+            elif len(key) >= 5 and "--execute".startswith(key):
+                execute = value if eq else call.code(following, "the command of --execute") if following else ""
+        elif t.startswith("-"):
+            for j, ch in enumerate(t[1:], start=1):
+                if ch == "e":
+                    rest = t[j + 1 :]
+                    execute = rest or (call.code(following, "the command of -e") if following else "")
+                    break
+                if ch in "OoaiBtTwQPlARDIXUSY":
+                    break
+        if execute is not None and re.sub(r"[\s_-]", "", execute.split("=", 1)[0]).lower() == "useaskpass":
+            call.fail("-e use_askpass runs a command to ask for credentials")
+
+
 def _h_zip(call: _Call) -> None:
     for a in call.args:
         if a.text.startswith("-TT") or (a.text.startswith("--unzip") and len(a.text) > 7):
@@ -4752,6 +4789,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "dpkg": _h_dpkg,
     "openssl": _h_openssl,
     "tcpdump": _h_tcpdump,
+    "wget": _h_wget,
 }
 
 
@@ -4761,7 +4799,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
 _APPEND_UNSAFE = frozenset(
     {_h_find, _h_watch, _h_flock, _h_busybox, _h_awk, _h_command_reader, _h_script, _h_pager, _h_man, _h_split}
     | {_h_perf, _h_socat, _h_netcat, _h_ssh, _h_scp, _h_rsync, _h_ip, _h_make, _h_cmake, _h_tar, _h_git, _h_zip}
-    | {_h_sqlite, _h_crictl, _h_tcpdump}
+    | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget}
 )
 _APPEND_AFTER_DASHES = frozenset({_h_tar, _h_rsync, _h_scp, _h_split, _h_pager, _h_man})
 
