@@ -366,6 +366,8 @@ REFUSED = [
     ("tar --to-command='rm -rf /' -xf a.tar", "--to-command"),
     ("tar --checkpoint=1 --checkpoint-action=exec='rm -rf /' -cf a.tar x", "--checkpoint-action"),
     ("tar xIf 'rm -rf /' a.tar", "-I or -F"),
+    ("tar --rmt-command='rm -rf /' -cf host:/x .", "--rmt-command"),
+    ("tar --rmt=/tmp/x -cf host:/x .", "--rmt"),
     ("zip -TT 'rm -rf /' a.zip b", "runs a command"),
     ("man -P 'rm -rf /' ls", "pager"),
     ("less +'!rm -rf /' x", "shell command"),

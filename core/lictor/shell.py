@@ -4049,6 +4049,7 @@ _TAR_DANGEROUS = (
     "--checkpoint-action",
     "--use-compress-program",
     "--rsh-command",
+    "--rmt-command",
     "--info-script",
     "--new-volume-script",
 )
