@@ -1995,3 +1995,12 @@ def test_the_credential_command_of_wget_is_reported() -> None:
         refused(command)
     for command in ["wget -O out.html http://h/", "wget -e robots=off -r http://h/", "wget -q -O- http://h/"]:
         assert names(command) == ["wget"]
+
+
+def test_the_preprocessor_ripgrep_runs_on_each_file_is_reported() -> None:
+    # rg --pre CMD runs CMD on every file it searches: it was reported as rg alone.
+    assert ("x", "", "rg --pre") in calls("rg --pre /tmp/x foo .")
+    assert ("rm", "", "rg --pre") in calls("rg -i --pre=rm foo .")
+    for command in ["RIPGREP_CONFIG_PATH=/tmp/rc rg foo", "echo --pre=rm | xargs rg foo", 'rg --pre "$p" foo']:
+        refused(command)
+    assert names("rg -n --pre-glob '*.gz' foo .") == ["rg"]

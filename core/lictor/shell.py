@@ -1592,7 +1592,7 @@ _DANGEROUS_VARS = _words(
     " EDITOR VISUAL SUDO_EDITOR SUDO_ASKPASS SSH_ASKPASS LESSOPEN LESSCLOSE LESSKEY BROWSER"
     " TAR_OPTIONS RSYNC_RSH RSYNC_CONNECT_PROG GCONV_PATH HOSTALIASES LOCPATH NLSPATH OPENSSL_CONF"
     " OPENSSL_ENGINES TERMINFO TERMINFO_DIRS MAIL MAILPATH MAILCHECK TMOUT INPUTRC FCEDIT HISTFILE histchars"
-    " BASH_ALIASES BASH_CMDS APT_CONFIG WGETRC WGET_ASKPASS"
+    " BASH_ALIASES BASH_CMDS APT_CONFIG WGETRC WGET_ASKPASS RIPGREP_CONFIG_PATH"
 )
 _DANGEROUS_PREFIXES = ("LD_", "DYLD_", "BASH_FUNC_", "GIT_", "PYTHON", "MALLOC_", "GLIBC_")
 # Variables whose value the agent can choose (or that copy text of the command line); they may not
@@ -4300,6 +4300,24 @@ def _h_wget(call: _Call) -> None:
             call.fail("-e use_askpass runs a command to ask for credentials")
 
 
+def _h_rg(call: _Call) -> None:
+    """ripgrep's --pre CMD runs CMD on every file it searches (the file's path as argument, its content as input)."""
+    args = call.args
+    for i, a in enumerate(args):
+        if not call.known(a):
+            if call.operand_like(a):
+                continue
+            call.fail(f"the option position holding {a.text!r} is only known at run time")
+        key, eq, value = a.text.partition("=")
+        if key == "--":
+            return
+        if key == "--pre":
+            program = _Arg.plain(value) if eq else args[i + 1] if i + 1 < len(args) else None
+            if program is None:
+                call.fail("--pre needs a command")
+            call.run([program], "rg --pre", stdin=_FILE)
+
+
 def _h_zip(call: _Call) -> None:
     for a in call.args:
         if a.text.startswith("-TT") or (a.text.startswith("--unzip") and len(a.text) > 7):
@@ -4791,6 +4809,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "openssl": _h_openssl,
     "tcpdump": _h_tcpdump,
     "wget": _h_wget,
+    **dict.fromkeys(("rg", "ripgrep"), _h_rg),
 }
 
 
@@ -4800,7 +4819,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
 _APPEND_UNSAFE = frozenset(
     {_h_find, _h_watch, _h_flock, _h_busybox, _h_awk, _h_command_reader, _h_script, _h_pager, _h_man, _h_split}
     | {_h_perf, _h_socat, _h_netcat, _h_ssh, _h_scp, _h_rsync, _h_ip, _h_make, _h_cmake, _h_tar, _h_git, _h_zip}
-    | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget}
+    | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget, _h_rg}
 )
 _APPEND_AFTER_DASHES = frozenset({_h_tar, _h_rsync, _h_scp, _h_split, _h_pager, _h_man})
 
