@@ -2004,3 +2004,18 @@ def test_the_preprocessor_ripgrep_runs_on_each_file_is_reported() -> None:
     for command in ["RIPGREP_CONFIG_PATH=/tmp/rc rg foo", "echo --pre=rm | xargs rg foo", 'rg --pre "$p" foo']:
         refused(command)
     assert names("rg -n --pre-glob '*.gz' foo .") == ["rg"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["run0 rm x", "run0", "schroot -c buster -- rm x", "dchroot -c buster rm x", "lxc exec c -- rm x", "lxc shell c",
+     "incus exec c -- sh", "incus console vm", "echo exec c rm | xargs lxc"],
+)  # fmt: skip
+def test_more_programs_that_run_a_command_they_are_given_are_refused(command: str) -> None:
+    # run0 (systemd's sudo), schroot and LXD/Incus ran the program named after them, reported as themselves.
+    refused(command, "run|xargs")
+
+
+def test_lxd_clients_that_run_nothing_are_left_to_the_rules() -> None:
+    assert names("lxc list") == ["lxc"]
+    assert names("incus info c") == ["incus"]

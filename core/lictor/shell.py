@@ -3490,7 +3490,7 @@ _UNMODELLED_RUNNERS = (
     *("lckdo", "chronic", "ifne", "expect", "run-parts", "tcpsvd", "tcpserver", "pee", "mispipe", "dtach"),
     *("abduco", "sg", "newgrp", "gdbserver", "ltrace64", "catchsegv.sh", "cpulimit", "trickle", "ionice.sh"),
     *("gosu", "su-exec", "mpirun", "mpiexec", "srun", "systemd-nspawn", "lxc-attach", "lxc-execute", "toolbox"),
-    *("distrobox-enter", "nocache", "capsh"),
+    *("distrobox-enter", "nocache", "capsh", "run0", "schroot", "dchroot", "lxc-unshare"),
 )
 
 
@@ -4318,6 +4318,14 @@ def _h_rg(call: _Call) -> None:
             call.run([program], "rg --pre", stdin=_FILE)
 
 
+def _h_lxd(call: _Call) -> None:
+    """``lxc exec``/``incus exec`` (and ``shell``, ``console``) run a command, or a shell on the session's input, in
+    a container or a virtual machine, with options not modelled here."""
+    for a in call.args:
+        if not call.known(a) or a.text in ("exec", "shell", "console"):
+            call.fail("'exec', 'shell' and 'console' run a command in a container, which is not analysed here")
+
+
 def _h_zip(call: _Call) -> None:
     for a in call.args:
         if a.text.startswith("-TT") or (a.text.startswith("--unzip") and len(a.text) > 7):
@@ -4810,6 +4818,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "tcpdump": _h_tcpdump,
     "wget": _h_wget,
     **dict.fromkeys(("rg", "ripgrep"), _h_rg),
+    **dict.fromkeys(("lxc", "incus"), _h_lxd),
 }
 
 
@@ -4819,7 +4828,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
 _APPEND_UNSAFE = frozenset(
     {_h_find, _h_watch, _h_flock, _h_busybox, _h_awk, _h_command_reader, _h_script, _h_pager, _h_man, _h_split}
     | {_h_perf, _h_socat, _h_netcat, _h_ssh, _h_scp, _h_rsync, _h_ip, _h_make, _h_cmake, _h_tar, _h_git, _h_zip}
-    | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget, _h_rg}
+    | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget, _h_rg, _h_lxd}
 )
 _APPEND_AFTER_DASHES = frozenset({_h_tar, _h_rsync, _h_scp, _h_split, _h_pager, _h_man})
 
