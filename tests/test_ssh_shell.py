@@ -2019,3 +2019,30 @@ def test_more_programs_that_run_a_command_they_are_given_are_refused(command: st
 def test_lxd_clients_that_run_nothing_are_left_to_the_rules() -> None:
     assert names("lxc list") == ["lxc"]
     assert names("incus info c") == ["incus"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "git config set core.pager 'rm x'",  # git 2.46's syntax
+        "git config -f .git/config core.pager 'rm x'",
+        "git config --file .git/config core.pager 'rm x'",
+        "git config --type bool core.pager x",
+        'git config "$k" v',
+        "git instaweb --httpd='rm x'",
+        "git daemon --access-hook='rm x'",
+        "git send-email --sendmail-cmd='rm x' p.patch",
+        "git send-email --to-cmd='rm x' p.patch",
+        "git send-email --smtp-server=/tmp/x p.patch",
+        "git send-email --smtp-server /tmp/x p.patch",
+    ],
+)
+def test_git_settings_and_subcommands_that_run_a_command_are_refused(command: str) -> None:
+    # The key was looked for as the first operand only, and these subcommands' options were not known.
+    refused(command, "run|only known at run time")
+
+
+def test_git_settings_that_run_nothing_are_left_to_the_rules() -> None:
+    for command in ["git config --get core.pager", "git config --unset core.pager", "git config user.name 'A B'",
+                    "git send-email --smtp-server=smtp.example.com p.patch", "git daemon --export-all"]:  # fmt: skip
+        assert names(command) == ["git"]

@@ -4093,6 +4093,9 @@ _GIT_DANGEROUS_SUB = {
     "archive": ("--exec",),
     "send-pack": ("--receive-pack", "--exec"),
     "fetch-pack": ("--upload-pack", "--exec"),
+    "instaweb": ("",),
+    "daemon": ("--access-hook",),
+    "send-email": ("--sendmail-cmd", "--to-cmd", "--cc-cmd", "--header-cmd"),
 }
 
 
@@ -4125,10 +4128,22 @@ def _h_git(call: _Call) -> None:
     sub = args[i].text
     rest = args[i + 1 :]
     if sub == "config":
-        operands = [r for r in rest if not r.text.startswith("-")]
-        if len(operands) >= 2 and _GIT_DANGEROUS_KEY.match(operands[0].text):
-            call.fail(f"setting {operands[0].text} can make git run a command")
+        # The key is not always the first operand: `git config set KEY VALUE`, `-f FILE KEY VALUE`, `--type T ...`.
+        # A key that can run a command, followed by any word (a value), is refused.
+        operands = [r for r in rest if not (call.known(r) and r.text.startswith("-"))]
+        for k, r in enumerate(operands):
+            if not call.known(r):
+                call.fail(f"the argument {r.text!r} is only known at run time and could be a key that runs a command")
+            if k + 1 < len(operands) and _GIT_DANGEROUS_KEY.match(r.text):
+                call.fail(f"setting {r.text} can make git run a command")
         return
+    if sub == "send-email":  # --smtp-server=/path is a sendmail-like program it runs
+        for k, r in enumerate(rest):
+            server = r.text[14:] if r.text.startswith("--smtp-server=") else None
+            if r.text == "--smtp-server" and k + 1 < len(rest):
+                server = rest[k + 1].text if call.known(rest[k + 1]) else "/"
+            if not call.known(r) or (server is not None and not server[:1].isalnum()):
+                call.fail("'git send-email --smtp-server' with a path runs that program")
     dangerous = _GIT_DANGEROUS_SUB.get(sub)
     if dangerous is None:
         return
