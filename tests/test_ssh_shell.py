@@ -2046,3 +2046,23 @@ def test_git_settings_that_run_nothing_are_left_to_the_rules() -> None:
     for command in ["git config --get core.pager", "git config --unset core.pager", "git config user.name 'A B'",
                     "git send-email --smtp-server=smtp.example.com p.patch", "git daemon --export-all"]:  # fmt: skip
         assert names(command) == ["git"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["git commit", "git commit -a", "git commit -m x -e", "git commit -c HEAD", "git commit $opts -m x",
+     "git tag -a v1", "git notes add", "git merge -e main", "kubectl edit deploy web",
+     "kubectl create deploy web --image=nginx --edit", "systemctl edit nginx", "systemctl --user edit x",
+     "machinectl edit web", "sudo systemctl edit nginx"],
+)  # fmt: skip
+def test_a_program_starting_an_editor_on_the_sessions_input_is_refused(command: str) -> None:
+    # The editor git, kubectl or systemctl starts read `:!CMD` from the session's input: reported as git alone.
+    refused(command, "it starts an editor")
+
+
+def test_a_program_that_starts_no_editor_or_one_on_an_empty_input_is_left_to_the_rules() -> None:
+    for command in ["git commit -m x", "git commit -am x", 'git commit -m "$msg"', "git commit --amend --no-edit",
+                    "git commit -F msg.txt", "git commit --fixup HEAD", "git commit < /dev/null", "git tag v1",
+                    "git tag -a v1 -m x", "git notes add -m x", "git merge main", "git revert HEAD",
+                    "kubectl get pods", "systemctl edit x < /dev/null", "systemctl status nginx"]:  # fmt: skip
+        assert names(command) == [command.split()[0]]

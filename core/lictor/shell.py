@@ -2623,6 +2623,15 @@ def _h_systemd_remote(call: _Call) -> None:
     if host is not None:
         argv = [_Arg.plain("ssh"), _Arg.plain("-xT"), _Arg.plain("--"), host, _Arg.plain("systemd-stdio-bridge")]
         call.run(argv, f"{call.name} -H")
+    if any(not call.known(a) or a.text == "edit" for a in call.args):
+        _starts_an_editor(call)
+
+
+def _starts_an_editor(call: _Call) -> None:
+    """The program starts an editor (``$EDITOR``, vi) on its own input: commands such as vi's ``:!CMD`` that the
+    editor reads there run unseen, as with ``vi`` itself."""
+    if call.stdin.kind not in ("null", "file") or call.env.appended:
+        call.fail("it starts an editor, which would read its commands from its input; that cannot be inspected")
 
 
 def _h_systemd_run(call: _Call) -> None:
@@ -4099,6 +4108,36 @@ _GIT_DANGEROUS_SUB = {
 }
 
 
+_GIT_MESSAGE = re.compile(r"--(?:message|file|reuse-message|fixup|no-edit)(?:=.*)?|-[a-zA-Z]*[mFC].*", re.S)
+_GIT_EDIT = re.compile(r"--(?:edit|reedit-message)(?:=.*)?|-[a-zA-Z]*[ec].*", re.S)
+_GIT_VALUED = re.compile(
+    r"-[a-zA-Z]*[mFCctu]|--(?:message|file|reuse-message|reedit-message|author|date|cleanup|trailer)"
+)
+
+
+def _git_starts_an_editor(call: _Call, sub: str, rest: Sequence[_Arg]) -> bool:
+    """Whether git would start an editor for a message: ``git commit`` and ``git notes add`` without -m, -F or -C,
+    ``git tag -a`` without a message, any of them (and merge, revert, cherry-pick) with -e."""
+    if sub not in ("commit", "tag", "notes", "merge", "revert", "cherry-pick"):
+        return False
+    message = edit = False
+    for k, r in enumerate(rest):
+        if not call.known(r):
+            if k == 0 or not (call.known(rest[k - 1]) and _GIT_VALUED.fullmatch(rest[k - 1].text)):
+                edit = True  # could be -e
+            continue
+        edit = edit or bool(_GIT_EDIT.fullmatch(r.text))
+        message = message or bool(_GIT_MESSAGE.fullmatch(r.text))
+    words = {r.text for r in rest if call.known(r)}
+    if sub == "tag":
+        return edit or (not message and bool(words & {"-a", "--annotate", "-s", "--sign", "-u", "--local-user"}))
+    if sub == "notes":
+        return edit or "edit" in words or (not message and bool(words & {"add", "append"}))
+    if sub == "commit":
+        return edit or not message
+    return edit
+
+
 def _h_git(call: _Call) -> None:
     args = call.args
     i = 0
@@ -4144,6 +4183,8 @@ def _h_git(call: _Call) -> None:
                 server = rest[k + 1].text if call.known(rest[k + 1]) else "/"
             if not call.known(r) or (server is not None and not server[:1].isalnum()):
                 call.fail("'git send-email --smtp-server' with a path runs that program")
+    if _git_starts_an_editor(call, sub, rest):
+        _starts_an_editor(call)
     dangerous = _GIT_DANGEROUS_SUB.get(sub)
     if dangerous is None:
         return
@@ -4579,6 +4620,10 @@ def _h_kubectl(call: _Call) -> None:
     verb = call.args[i].text
     if verb == "create" and any(call.known(a) and a.text == "--" for a in call.args):
         call.fail("'kubectl create' runs the command given after -- in a pod, which is not analysed here")
+    if verb in ("edit", "create") and any(
+        call.known(a) and a.text.split("=")[0] in ("--edit", "edit") for a in call.args
+    ):
+        _starts_an_editor(call)  # kubectl edit, kubectl create --edit
     spec = _KUBECTL_COMMANDS.get(verb)
     if spec is None:
         return
