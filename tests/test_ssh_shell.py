@@ -2066,3 +2066,20 @@ def test_a_program_that_starts_no_editor_or_one_on_an_empty_input_is_left_to_the
                     "git tag -a v1 -m x", "git notes add -m x", "git merge main", "git revert HEAD",
                     "kubectl get pods", "systemctl edit x < /dev/null", "systemctl status nginx"]:  # fmt: skip
         assert names(command) == [command.split()[0]]
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["ansible all -a 'rm -rf /srv'", "ansible web -m shell -a 'rm x'", "ansible all -mraw", "ansible all -m copy",
+     "ansible all -m ping -e ansible_python_interpreter=/tmp/x", "ansible-console all", "ansible-playbook /dev/stdin",
+     "ansible-playbook -i hosts -", "ansible $hosts -m ping", "echo -a rm | xargs ansible all"],
+)  # fmt: skip
+def test_ansible_running_commands_on_its_hosts_is_refused(command: str) -> None:
+    # ansible ran the command of -a (its default module is `command`) on every host, reported as ansible alone.
+    refused(command)
+
+
+def test_ansible_reading_its_hosts_is_left_to_the_rules() -> None:
+    for command in ["ansible all -m ping", "ansible web -i hosts -m setup -vvv", "ansible all --list-hosts",
+                    "ansible-playbook -i hosts site.yml"]:  # fmt: skip
+        assert names(command) == [command.split()[0]]

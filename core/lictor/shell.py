@@ -4382,6 +4382,42 @@ def _h_lxd(call: _Call) -> None:
             call.fail("'exec', 'shell' and 'console' run a command in a container, which is not analysed here")
 
 
+_ANSIBLE_READ_ONLY = frozenset({"ping", "setup", "gather_facts", "ansible.builtin.ping", "ansible.builtin.setup"})
+
+
+def _h_ansible(call: _Call) -> None:
+    """``ansible HOSTS -a CMD`` runs CMD on every host (``command`` is the default module; ``shell``, ``raw`` and
+    most others run or change anything there), and extra variables can choose the programs it starts. Only
+    read-only modules without arguments are left to the rules; ``ansible-console`` is a prompt reading commands,
+    and a playbook that is the session's input is a program nobody sees."""
+    if call.name == "ansible-console":
+        call.program_from_stdin(posix=False)
+        return
+    if call.env.appended:
+        call.fail("xargs would append options that are only known at run time: one could be -a")
+    if call.name == "ansible-playbook":
+        if any(not call.known(a) or _is_stdin_path(a.text) for a in call.args):
+            call.program_from_stdin(posix=False)
+        return
+    module = "command"
+    args = call.args
+    for i, a in enumerate(args):
+        t = a.text
+        if not call.known(a):
+            call.fail(f"{t!r} is only known at run time and could be a module or its arguments")
+        key, eq, value = t.partition("=")
+        if key in ("-m", "--module-name"):
+            module = value if eq else args[i + 1].text if i + 1 < len(args) else ""
+        elif t.startswith("-m") and not t.startswith("--"):
+            module = t[2:]
+        elif key in ("-a", "--args", "-e", "--extra-vars") or (
+            re.match(r"-[a-zA-Z]*[ae]", t) and not t.startswith("--")
+        ):
+            call.fail(f"{t.split('=')[0]} gives the commands or variables it runs on the hosts, which are not analysed")
+    if module not in _ANSIBLE_READ_ONLY and not {a.text for a in args} & {"--list-hosts", "--version", "--help", "-h"}:
+        call.fail(f"the module {module!r} runs commands or changes the hosts, which is not analysed here")
+
+
 def _h_zip(call: _Call) -> None:
     for a in call.args:
         if a.text.startswith("-TT") or (a.text.startswith("--unzip") and len(a.text) > 7):
@@ -4879,6 +4915,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "wget": _h_wget,
     **dict.fromkeys(("rg", "ripgrep"), _h_rg),
     **dict.fromkeys(("lxc", "incus"), _h_lxd),
+    **dict.fromkeys(("ansible", "ansible-console", "ansible-playbook"), _h_ansible),
 }
 
 
