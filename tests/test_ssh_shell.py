@@ -2083,3 +2083,20 @@ def test_ansible_reading_its_hosts_is_left_to_the_rules() -> None:
     for command in ["ansible all -m ping", "ansible web -i hosts -m setup -vvv", "ansible all --list-hosts",
                     "ansible-playbook -i hosts site.yml"]:  # fmt: skip
         assert names(command) == [command.split()[0]]
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["ssh -I /tmp/x.so host ls", "ssh -o PKCS11Provider=/tmp/x.so host ls", "ssh -oSecurityKeyProvider=/tmp/x.so host ls",
+     "scp -o PKCS11Provider=/tmp/x.so a h:b", "ssh host -I /tmp/x.so ls", "ssh -F /dev/stdin host ls",
+     "scp -F /dev/stdin a h:b", 'ssh -F "$f" host ls'],
+)  # fmt: skip
+def test_ssh_loading_a_library_or_reading_its_configuration_from_the_session_is_refused(command: str) -> None:
+    # A PKCS#11 or security key provider is a library whose code ssh runs; a configuration read from the session
+    # names commands (ProxyCommand). Both were left to the rules as ssh.
+    refused(command, "library|session's input")
+
+
+def test_ssh_with_its_own_keys_and_configuration_is_left_to_the_rules() -> None:
+    for command in ["ssh -i key host ls", "ssh -F ~/.ssh/alt host ls", "ssh -o SecurityKeyProvider=internal host ls"]:
+        assert names(command) == ["ssh", "ls"]

@@ -3916,10 +3916,12 @@ def _ssh_config_option(call: _Call, opt: _Opt) -> str | None:
     """Check one ``-o`` option; return the remote command it sets, if any."""
     if not opt.value_known or opt.value is None:
         call.fail("an -o option is only known at run time")
-    m = re.match(r"\s*([A-Za-z]+)\s*(?:=\s*|\s+)(.*)", opt.value, re.S)
+    m = re.match(r"\s*([A-Za-z0-9]+)\s*(?:=\s*|\s+)(.*)", opt.value, re.S)
     key, value = (m.group(1).lower(), m.group(2).strip()) if m else (opt.value.strip().lower(), "")
     if key in ("match", "include", "host"):
         call.fail(f"-o {key} is not supported")
+    if key in ("pkcs11provider", "securitykeyprovider") and value.lower() not in ("none", "internal", ""):
+        call.fail(f"-o {key} loads a library into {call.name}, which runs its code")
     if key in _SSH_COMMAND_KEYS and value.lower() != "none":
         call.nested(value, f"{call.name} -o {key}", stdin=_UNKNOWN)
     if key in ("setenv", "sendenv"):
@@ -3932,9 +3934,20 @@ def _ssh_config_option(call: _Call, opt: _Opt) -> str | None:
     return None
 
 
+def _ssh_files(call: _Call, opts: list[_Opt]) -> None:
+    """-I loads a PKCS#11 library (its code runs in ssh); -F reads a configuration, which names commands
+    (ProxyCommand): one that is the session's input is a program nobody sees."""
+    for o in opts:
+        if o.name == "-I":
+            call.fail("-I loads a PKCS#11 library, whose code runs in ssh")
+        if o.name == "-F" and (not o.value_known or _is_stdin_path(o.value or "")):
+            call.program_from_stdin(posix=False)
+
+
 def _h_ssh(call: _Call) -> None:
     opts, i = _getopt(call, _SSH_OPTS)
     args = call.args
+    _ssh_files(call, opts)
     if i >= len(args):
         # usage, -V, -G without a destination... or a transport (rsync -e, git's GIT_SSH) that adds the
         # host later: the -o options (ProxyCommand, LocalCommand) run all the same
@@ -3943,6 +3956,7 @@ def _h_ssh(call: _Call) -> None:
                 _ssh_config_option(call, o)
         return
     more, j = _getopt(call, _SSH_OPTS, i + 1)  # OpenSSH reads options after the destination too
+    _ssh_files(call, more)
     opts += more
     names = {o.name for o in opts}
     remote: str | None = None
@@ -3970,6 +3984,7 @@ def _h_scp(call: _Call) -> None:
     else:
         spec = _Opts(flags="46aCfNpqrv", valued="BbcDFiJlPRSos")
     opts, _ = _permute(call, spec)
+    _ssh_files(call, opts)
     for o in opts:
         if o.name == "-o":
             _ssh_config_option(call, o)
