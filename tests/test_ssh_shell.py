@@ -2100,3 +2100,23 @@ def test_ssh_loading_a_library_or_reading_its_configuration_from_the_session_is_
 def test_ssh_with_its_own_keys_and_configuration_is_left_to_the_rules() -> None:
     for command in ["ssh -i key host ls", "ssh -F ~/.ssh/alt host ls", "ssh -o SecurityKeyProvider=internal host ls"]:
         assert names(command) == ["ssh", "ls"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["openssl req -engine /tmp/x.so -new", "openssl engine dynamic -pre SO_PATH:/tmp/x.so -pre LOAD",
+     "openssl req -keygen_engine /tmp/x.so -new", "openssl x509 -provider-path /tmp -provider x -in c",
+     'openssl x509 -in c -engine "$e"', 'openssl x509 "$o" /tmp/x.so', "echo -engine /tmp/x.so | xargs openssl req"],
+)  # fmt: skip
+def test_openssl_loading_a_library_is_refused(command: str) -> None:
+    # An engine given by its path, SO_PATH and a provider directory load a library whose code openssl runs.
+    refused(command, "library|xargs would append")
+
+
+def test_openssl_with_files_and_named_engines_is_left_to_the_rules() -> None:
+    for command in [
+        "openssl req -engine pkcs11 -new",
+        'openssl x509 -noout -in "$f"',
+        "openssl s_client -connect h:443",
+    ]:
+        assert names(command) == ["openssl"]

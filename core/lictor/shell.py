@@ -4311,6 +4311,23 @@ def _h_openssl(call: _Call) -> None:
         if call.env.appended:
             call.fail("its command would come from the input of xargs")
         call.program_from_stdin(posix=False)
+    # An engine given by its path, engine's SO_PATH and a provider directory load a library whose code runs in it.
+    args = call.args
+    for i, a in enumerate(args):
+        value = args[i + 1] if i + 1 < len(args) else None
+        if value is None:
+            continue
+        library = not call.known(value) or "/" in value.text or value.text.upper().startswith("SO_PATH")
+        if not call.known(a):
+            if library:
+                call.fail(f"{a.text!r} is only known at run time and could be an option that loads a library")
+            continue
+        if not call.known(value) and a.text.endswith(("engine", "-pre", "-post", "-provider-path")):
+            call.fail(f"the value of {a.text} is only known at run time and could be a library")
+        if (a.text.endswith("engine") and "/" in value.text) or a.text == "-provider-path":
+            call.fail(f"{a.text} loads a library, whose code runs in openssl")
+        if a.text in ("-pre", "-post") and value.text.upper().startswith("SO_PATH"):
+            call.fail("engine's SO_PATH loads a library, whose code runs in openssl")
 
 
 def _h_tcpdump(call: _Call) -> None:
@@ -4940,7 +4957,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
 _APPEND_UNSAFE = frozenset(
     {_h_find, _h_watch, _h_flock, _h_busybox, _h_awk, _h_command_reader, _h_script, _h_pager, _h_man, _h_split}
     | {_h_perf, _h_socat, _h_netcat, _h_ssh, _h_scp, _h_rsync, _h_ip, _h_make, _h_cmake, _h_tar, _h_git, _h_zip}
-    | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget, _h_rg, _h_lxd}
+    | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget, _h_rg, _h_lxd, _h_openssl}
 )
 _APPEND_AFTER_DASHES = frozenset({_h_tar, _h_rsync, _h_scp, _h_split, _h_pager, _h_man})
 
