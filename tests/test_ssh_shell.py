@@ -2120,3 +2120,20 @@ def test_openssl_with_files_and_named_engines_is_left_to_the_rules() -> None:
         "openssl s_client -connect h:443",
     ]:
         assert names(command) == ["openssl"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["bundle exec rm x", "poetry run rm x", "pipenv run rm x", "uv run rm x", "npx rm", "uvx rm", "npm exec -- rm x",
+     "npm x rm", "pnpm dlx rm", "yarn dlx rm", "conda run -n e rm x", "rbenv exec rm x", "mise exec -- rm x",
+     "nix-shell --run 'rm x'", "nix run nixpkgs#hello", "poetry $sub", "echo run rm | xargs poetry"],
+)  # fmt: skip
+def test_environment_managers_running_a_program_are_refused(command: str) -> None:
+    # bundle exec, poetry run, npx... ran the program after them, reported as bundle, poetry or npx alone.
+    refused(command, "runs the program|xargs would append")
+
+
+def test_environment_managers_managing_their_environment_are_left_to_the_rules() -> None:
+    for command in ["bundle install", "poetry install", "uv pip install x", "npm run build", "npm install",
+                    "yarn install", "conda list", "nix build"]:  # fmt: skip
+        assert names(command) == [command.split()[0]]

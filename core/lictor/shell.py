@@ -4450,6 +4450,30 @@ def _h_ansible(call: _Call) -> None:
         call.fail(f"the module {module!r} runs commands or changes the hosts, which is not analysed here")
 
 
+# Project and environment managers whose subcommand runs the program given after it (bundle exec rake, poetry run
+# python, npm exec -- CMD, nix-shell --run CMD), with options of their own: refused rather than taken for a
+# program whose arguments are data. Running a project's own scripts (npm run, make) stays with the rules.
+_ENV_RUNNERS = {
+    **dict.fromkeys(("bundle", "rbenv", "pyenv", "direnv", "stack", "cabal", "opam"), frozenset({"exec"})),
+    **dict.fromkeys(
+        ("poetry", "pipenv", "pipx", "conda", "mamba", "micromamba", "uv", "hatch", "pdm"), frozenset({"run"})
+    ),
+    **dict.fromkeys(("npm", "pnpm", "yarn", "bun"), frozenset({"exec", "x", "dlx", "explore"})),
+    **dict.fromkeys(("asdf", "mise", "rtx", "nvm"), frozenset({"exec", "x", "run", "env"})),
+    "nix": frozenset({"run", "shell", "develop"}),
+    "guix": frozenset({"shell", "environment"}),
+}
+_ENV_RUNNER_ALWAYS = ("npx", "pnpx", "bunx", "uvx", "nix-shell")
+
+
+def _h_env_runner(call: _Call) -> None:
+    if call.name in _ENV_RUNNER_ALWAYS:
+        call.fail(f"{call.name} runs the program it is given (or a shell), which is not analysed here")
+    for a in call.args:
+        if not call.known(a) or a.text in _ENV_RUNNERS[call.name]:
+            call.fail(f"'{call.name} {a.text}' runs the program given after it, which is not analysed here")
+
+
 def _h_zip(call: _Call) -> None:
     for a in call.args:
         if a.text.startswith("-TT") or (a.text.startswith("--unzip") and len(a.text) > 7):
@@ -4948,6 +4972,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     **dict.fromkeys(("rg", "ripgrep"), _h_rg),
     **dict.fromkeys(("lxc", "incus"), _h_lxd),
     **dict.fromkeys(("ansible", "ansible-console", "ansible-playbook"), _h_ansible),
+    **dict.fromkeys((*_ENV_RUNNERS, *_ENV_RUNNER_ALWAYS), _h_env_runner),
 }
 
 
@@ -4957,7 +4982,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
 _APPEND_UNSAFE = frozenset(
     {_h_find, _h_watch, _h_flock, _h_busybox, _h_awk, _h_command_reader, _h_script, _h_pager, _h_man, _h_split}
     | {_h_perf, _h_socat, _h_netcat, _h_ssh, _h_scp, _h_rsync, _h_ip, _h_make, _h_cmake, _h_tar, _h_git, _h_zip}
-    | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget, _h_rg, _h_lxd, _h_openssl}
+    | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget, _h_rg, _h_lxd, _h_openssl, _h_env_runner}
 )
 _APPEND_AFTER_DASHES = frozenset({_h_tar, _h_rsync, _h_scp, _h_split, _h_pager, _h_man})
 
