@@ -2137,3 +2137,17 @@ def test_environment_managers_managing_their_environment_are_left_to_the_rules()
     for command in ["bundle install", "poetry install", "uv pip install x", "npm run build", "npm install",
                     "yarn install", "conda list", "nix build"]:  # fmt: skip
         assert names(command) == [command.split()[0]]
+
+
+def test_the_helper_programs_of_sort_diff3_and_sdiff_are_reported() -> None:
+    # sort --compress-program=PROG and diff3/sdiff --diff-program=PROG run PROG: reported as sort or diff3 alone.
+    assert ("rm", "", "sort --compress-program") in calls("sort --compress-program=rm f")
+    assert ("rm", "", "sort --compress-program") in calls("sort -S 1 --compress-prog rm f")
+    assert ("rm", "", "diff3 --diff-program") in calls("diff3 --diff-program=rm a b c")
+    assert ("rm", "", "sdiff --diff-program") in calls("sdiff --diff=rm a b")
+    refused("sort --comp=sh f", "piped into sh")
+    refused('sort "$(printf -- --compress-program=rm)" f', "could be --compress-program")
+    refused('o=--compress-program=rm; sort "$o" f', "set by this command line")
+    refused("echo --compress-program=rm | xargs sort", "xargs would append")
+    for command in ["sort -u f", 'sort "$f"', 'sort -k2 -t, "$HOME/x"', "ls | sort -r", "diff3 a b c"]:
+        assert names(command)[-1] in ("sort", "diff3")

@@ -4474,6 +4474,33 @@ def _h_env_runner(call: _Call) -> None:
             call.fail(f"'{call.name} {a.text}' runs the program given after it, which is not analysed here")
 
 
+_HELPER_OPTIONS = {"sort": "--compress-program", "diff3": "--diff-program", "sdiff": "--diff-program"}
+
+
+def _h_helper_program(call: _Call) -> None:
+    """GNU sort --compress-program=PROG runs PROG on its temporary files, diff3 and sdiff --diff-program=PROG run
+    PROG instead of diff (long options may be abbreviated)."""
+    option = _HELPER_OPTIONS[call.name]
+    args = call.args
+    for i, a in enumerate(args):
+        if not call.known(a):
+            if call.operand_like(a):
+                continue
+            segs = [g for g in a.word.segs if g.text] if a.word is not None else []
+            if segs and segs[0].kind == _PARAM and segs[0].name and _NAME_RE.fullmatch(segs[0].name):
+                _require_untainted(call, segs[0].name)  # a path from the target's environment ("$HOME/x")
+                continue
+            call.fail(f"the option position holding {a.text!r} is only known at run time; it could be {option}")
+        key, eq, value = a.text.partition("=")
+        if key == "--":
+            return
+        if len(key) >= 4 and option.startswith(key):
+            program = _Arg.plain(value) if eq else args[i + 1] if i + 1 < len(args) else None
+            if program is None:
+                call.fail(f"{option} needs a program")
+            call.run([program], f"{call.name} {option}", stdin=_PIPE)
+
+
 def _h_zip(call: _Call) -> None:
     for a in call.args:
         if a.text.startswith("-TT") or (a.text.startswith("--unzip") and len(a.text) > 7):
@@ -4973,6 +5000,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     **dict.fromkeys(("lxc", "incus"), _h_lxd),
     **dict.fromkeys(("ansible", "ansible-console", "ansible-playbook"), _h_ansible),
     **dict.fromkeys((*_ENV_RUNNERS, *_ENV_RUNNER_ALWAYS), _h_env_runner),
+    **dict.fromkeys(_HELPER_OPTIONS, _h_helper_program),
 }
 
 
@@ -4982,7 +5010,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
 _APPEND_UNSAFE = frozenset(
     {_h_find, _h_watch, _h_flock, _h_busybox, _h_awk, _h_command_reader, _h_script, _h_pager, _h_man, _h_split}
     | {_h_perf, _h_socat, _h_netcat, _h_ssh, _h_scp, _h_rsync, _h_ip, _h_make, _h_cmake, _h_tar, _h_git, _h_zip}
-    | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget, _h_rg, _h_lxd, _h_openssl, _h_env_runner}
+    | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget, _h_rg, _h_lxd, _h_openssl, _h_env_runner, _h_helper_program}
 )
 _APPEND_AFTER_DASHES = frozenset({_h_tar, _h_rsync, _h_scp, _h_split, _h_pager, _h_man})
 
