@@ -453,6 +453,92 @@ def test_transaction_results_are_masked_per_command(gw: Gw, prefix: str):
     client.close()
 
 
+CONSUMER_PACK = """
+format: lictor/v1
+metadata: {name: redis-stream-consumer}
+identities: [{match: {claims: {role: consumer}}, roles: [consumer]}]
+roles:
+  consumer:
+    rules:
+      - {id: consumer-streams, protocol: redis, when: {categories: [read, write, blocking, transaction], keys: "app:*"},
+         action: allow}
+      - {id: consumer-mask, protocol: redis, action: mask, mask: {detectors: [card, email], style: partial, keep: 4}}
+"""
+
+# 1796022979316-0 reads as a Luhn-valid card number to the card detector: one stream ID in ten does
+STREAM_IDS = [b"1796022979316-0", b"1796022979324-0", b"1796022979332-0"]
+ENTRY_0 = (STREAM_IDS[0], {b"card": b"**** **** **** 1111"})
+ENTRY_1 = (STREAM_IDS[1], {b"email": b"***@******e.com"})
+
+
+@pytest.fixture(scope="module")
+def consumer_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gw]:
+    """A gateway whose ``consumer`` role may read streams with XREAD and XREADGROUP (``blocking``),
+    values masked."""
+    require(_redis_up(), "redis-server on 127.0.0.1:6379")
+    workdir = tmp_path_factory.mktemp("redis-consumer-gw")
+    (workdir / "packs").mkdir()
+    (workdir / "packs" / "consumer.yaml").write_text(CONSUMER_PACK)
+    port = free_port()
+    target = {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": {"host": "127.0.0.1", "port": 6379}}
+    proc = GatewayProcess(workdir, {**_config({"cache": target}), "rulepacks": [str(workdir / "packs")]}).start()
+    try:
+        yield Gw(proc, port)
+    finally:
+        proc.stop()
+
+
+def _stream(prefix: str) -> str:
+    stream = prefix + "events"
+    direct = redis.Redis()
+    direct.xadd(stream, {"card": CARD}, id=STREAM_IDS[0])
+    direct.xadd(stream, {"email": "bob@example.com"}, id=STREAM_IDS[1])
+    direct.xgroup_create(stream, "g", id="0")
+    direct.close()
+    return stream
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_stream_entry_ids_are_not_masked_and_reading_continues_from_them(gw: Gw, prefix: str, protocol: int):
+    stream = _stream(prefix)
+    reader = gw.client("reader", protocol=protocol)
+    entries = reader.xrange(stream)
+    assert entries == [ENTRY_0, ENTRY_1]  # values masked, IDs as stored
+    assert [i for i, _ in reader.xrevrange(stream)] == STREAM_IDS[1::-1]
+    # continuing after the last ID read
+    assert reader.xrange(stream, min=b"(" + entries[0][0]) == [ENTRY_1]
+    assert reader.xrange(stream, min=b"(" + entries[1][0]) == []
+    reader.close()
+    writer = gw.client("writer", protocol=protocol)
+    assert writer.xadd(stream, {"note": "x"}, id=STREAM_IDS[2]) == STREAM_IDS[2]
+    # inside a transaction, each element keeps the shape of its command's reply
+    pipe = writer.pipeline(transaction=True)
+    pipe.get(prefix + "missing").xrange(stream, count=1)
+    assert pipe.execute() == [None, [ENTRY_0]]
+    writer.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_stream_consumers_continue_from_the_ids_they_read(consumer_gw: Gw, prefix: str, protocol: int):
+    stream = _stream(prefix)
+    client = consumer_gw.client("consumer", protocol=protocol)
+    got = client.xread({stream: "0"}, count=1)
+    first = got[stream.encode()][0] if protocol == 3 else got[0][1]
+    assert first == [ENTRY_0]
+    got = client.xread({stream: first[0][0]})
+    assert (got[stream.encode()][0] if protocol == 3 else got[0][1]) == [ENTRY_1]
+    got = client.xreadgroup("g", "c1", {stream: ">"}, count=1)
+    assert (got[stream.encode()][0] if protocol == 3 else got[0][1]) == [ENTRY_0]
+    pending = client.xpending(stream, "g")
+    assert (pending["min"], pending["max"]) == (STREAM_IDS[0], STREAM_IDS[0])
+    assert [p["message_id"] for p in client.xpending_range(stream, "g", "-", "+", 10)] == [STREAM_IDS[0]]
+    assert client.xautoclaim(stream, "g", "c2", 0, justid=True) == [STREAM_IDS[0]]
+    assert client.xautoclaim(stream, "g", "c3", 0) == [b"0-0", [ENTRY_0], []]
+    assert client.xclaim(stream, "g", "c1", 0, [STREAM_IDS[0]]) == [ENTRY_0]
+    assert client.xack(stream, "g", STREAM_IDS[0]) == 1
+    client.close()
+
+
 # -- protocol details -------------------------------------------------------------------------------
 
 

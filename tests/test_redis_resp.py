@@ -212,6 +212,27 @@ def test_resp3_types_and_done_flags():
     assert attribute.done is False  # an attribute is not a reply on its own
 
 
+def test_reply_events_say_where_their_item_sits():
+    # [[id, [field, value]]], then a map {stream: [...]} with an attribute before its value
+    data = b"*1\r\n*2\r\n$3\r\n1-0\r\n*2\r\n+f\r\n+v\r\n%1\r\n+s\r\n|1\r\n+a\r\n+b\r\n*1\r\n+x\r\n"
+    paths = [(type(e).__name__, e.path) for e in events(data) if not isinstance(e, (BulkChunk, BulkEnd))]
+    assert paths == [
+        ("AggregateStart", ()),
+        ("AggregateStart", (0,)),
+        ("BulkStart", (0, 0)),
+        ("AggregateStart", (0, 1)),
+        ("Simple", (0, 1, 0)),
+        ("Simple", (0, 1, 1)),
+        ("AggregateStart", ()),
+        ("Simple", (0,)),  # a map's key...
+        ("AggregateStart", (1,)),
+        ("Simple", (1, -1)),  # inside an attribute
+        ("Simple", (1, -1)),
+        ("AggregateStart", (1,)),  # ...and its value, which the attribute annotates
+        ("Simple", (1, 0)),
+    ]
+
+
 def test_attribute_inside_an_array_does_not_count_as_an_element():
     evs = events(b"*2\r\n|1\r\n+k\r\n+v\r\n:1\r\n:2\r\n")
     assert [e.done for e in evs] == [False, False, False, False, False, True]

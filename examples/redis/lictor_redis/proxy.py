@@ -46,6 +46,7 @@ from .resp import (
     DOUBLE,
     ERROR,
     INTEGER,
+    MAP,
     PUSH,
     SIMPLE_STRING,
     TYPE_NAMES,
@@ -62,6 +63,7 @@ from .resp import (
     encode_command,
     encode_error,
 )
+from .shapes import shape_for
 from .vocabulary import PROTOCOL, request_for
 
 __all__ = ["Connection", "RedisTarget", "UpstreamError"]
@@ -157,9 +159,10 @@ class RedisTarget:
 
 @dataclass
 class _Multi:
-    """A transaction being queued: the plans of the commands upstream queued, in order."""
+    """A transaction being queued: the plans and names of the commands upstream queued, in order."""
 
     plans: list[Any] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
     aborted: bool = False
 
 
@@ -170,6 +173,7 @@ class Slot:
     local: bytes | None = None  # the gateway's own reply
     plan: Any = MaskPlan.EMPTY  # masking plan of an upstream reply
     element_plans: list[Any] | None = None  # EXEC: one plan per element of the reply array
+    element_commands: list[str] | None = None  # EXEC: the command each element answers
     replace: bytes | None = None  # read the upstream reply, drop it, send this instead
     seq: int = 0
     command: str = ""
@@ -226,6 +230,7 @@ class Connection:
         self.replies = ReplyParser()
         self.queue: asyncio.Queue[Slot | None] = asyncio.Queue(maxsize=1024)
         self.session: Session | None = None
+        self.resp3 = False  # since a HELLO 3 succeeded
         self.up_reader: asyncio.StreamReader | None = None
         self.up_writer: asyncio.StreamWriter | None = None
         self.multi: _Multi | None = None
@@ -600,7 +605,10 @@ class Connection:
             await self._forward([b"DISCARD"], Slot(replace=EXECABORT, seq=self.seq, command="EXEC"))
             return
         self._record("command", {"n": self.seq, "command": "EXEC", "decision": "gateway"})
-        await self._forward(args, Slot(element_plans=multi.plans, seq=self.seq, command="EXEC"))
+        await self._forward(
+            args,
+            Slot(element_plans=multi.plans, element_commands=multi.commands, seq=self.seq, command="EXEC"),
+        )
 
     # -- ordinary commands ----------------------------------------------------------------------
 
@@ -733,8 +741,11 @@ class Connection:
         first: int | None = None
         element = -1
         plan = slot.plan
+        shape = shape_for(slot.command.lower(), self.resp3)
         buffering: bytearray | None = None
         bulk_prefix = BULK_STRING
+        bulk_path: tuple[int, ...] = ()
+        path: tuple[int, ...] = ()
         oversize = False
         drop = slot.replace is not None
         while True:
@@ -761,6 +772,11 @@ class Connection:
                 if starts_item:
                     element += 1
                     plan = slot.element_plans[element] if 0 <= element < len(slot.element_plans) else MaskPlan.EMPTY
+                    commands = slot.element_commands or []
+                    shape = shape_for(commands[element].lower() if element < len(commands) else "", self.resp3)
+            if isinstance(event, (Simple, AggregateStart, BulkStart)):
+                # where the item sits in the reply to its own command (inside EXEC's array: in its element)
+                path = event.path[1:] if slot.element_plans is not None else event.path
             if drop:
                 if event.done:
                     break
@@ -776,8 +792,9 @@ class Connection:
                     # have an element for it, masked with its plan. Any other reply is data (a script's
                     # status reply, should Redis not be in a transaction after all) and masked below.
                     slot.queued_in.plans.append(slot.plan)
+                    slot.queued_in.commands.append(slot.command)
                     out += event.raw
-                elif event.prefix in (SIMPLE_STRING, ERROR) and not plan.is_empty:
+                elif event.prefix in (SIMPLE_STRING, ERROR) and not plan.is_empty and not shape.is_id(path, event.body):
                     body, counts = plan.mask_bytes(event.body)
                     masked.update(counts)
                     out += bytes([event.prefix]) + body.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
@@ -798,6 +815,7 @@ class Connection:
                 if event.length >= 0 and not plan.is_empty and event.prefix in (BULK_STRING, BULK_ERROR, VERBATIM):
                     buffering = bytearray()
                     bulk_prefix = event.prefix
+                    bulk_path = path
                     oversize = event.length > self.target.mask_max_value
                 else:
                     out += event.raw
@@ -815,6 +833,8 @@ class Connection:
                             f"ERR lictor: a value larger than {self.target.mask_max_value} bytes cannot be masked; "
                             "it was withheld"
                         )
+                    elif bulk_prefix == BULK_STRING and shape.is_id(bulk_path, bytes(buffering)):
+                        out += b"$%d\r\n%b\r\n" % (len(buffering), buffering)  # a stream entry ID: structure
                     else:
                         out += self._mask_bulk(bulk_prefix, bytes(buffering), plan, masked)
                     buffering = None
@@ -835,6 +855,8 @@ class Connection:
             first = slot.replace[0]
         size += len(out)
         self.out += out
+        if slot.command == "HELLO" and not drop and first in (ARRAY, MAP):
+            self.resp3 = first == MAP  # the protocol the replies that follow come in
         info: dict[str, Any] = {"type": TYPE_NAMES.get(first or 0, "?"), "bytes": size}
         if masked:
             info["masked"] = dict(masked)

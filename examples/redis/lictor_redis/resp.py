@@ -10,7 +10,8 @@ Two parsers, one per direction, in the style of h11:
   values; it yields small events (:class:`Simple`, :class:`AggregateStart`, :class:`BulkStart`,
   :class:`BulkChunk`, :class:`BulkEnd`) so that a bulk string of hundreds of megabytes streams
   through in chunks. Each event carries its nesting ``depth`` and whether it completes a
-  top-level reply (``done``), which is all a proxy needs to match replies to commands.
+  top-level reply (``done``), which is all a proxy needs to match replies to commands; an event
+  that starts an item also says where the item sits in the reply (``path``).
 
 Theory of operation of the reply parser: a stack holds one frame per open aggregate with the
 number of items still expected (two per entry for maps and attributes). When an item completes,
@@ -26,7 +27,7 @@ Limits keep memory bounded: a line (simple string, error, number, header) may no
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "AggregateStart",
@@ -349,6 +350,7 @@ class Simple:
     body: bytes
     depth: int
     done: bool
+    path: tuple[int, ...] = field(default=(), compare=False)  # see ReplyParser.path
 
     @property
     def raw(self) -> bytes:
@@ -363,6 +365,7 @@ class AggregateStart:
     count: int
     depth: int
     done: bool
+    path: tuple[int, ...] = field(default=(), compare=False)  # see ReplyParser.path
 
     @property
     def raw(self) -> bytes:
@@ -377,6 +380,7 @@ class BulkStart:
     length: int
     depth: int
     done: bool
+    path: tuple[int, ...] = field(default=(), compare=False)  # see ReplyParser.path
 
     @property
     def raw(self) -> bytes:
@@ -412,7 +416,7 @@ class ReplyParser:
         self.chunk = chunk
         self._buf = bytearray()
         self._pos = 0
-        self._stack: list[list[int]] = []  # [prefix, items still expected]
+        self._stack: list[list[int]] = []  # [prefix, items still expected, items in all]
         self._bulk_left: int | None = None  # payload bytes of the current bulk still to emit
         self._bulk_depth = 0
 
@@ -430,6 +434,12 @@ class ReplyParser:
     @property
     def depth(self) -> int:
         return len(self._stack)
+
+    @property
+    def path(self) -> tuple[int, ...]:
+        """Where the next item sits: its index in each open aggregate, outermost first (a map's keys
+        and values counted one by one: key 0, value 1, key 2...; -1 inside an attribute)."""
+        return tuple(-1 if f[0] == ATTRIBUTE else f[2] - f[1] for f in self._stack)
 
     def _complete(self) -> bool:
         """An item finished; True when that finished a top-level reply."""
@@ -456,6 +466,7 @@ class ReplyParser:
         prefix = self._buf[self._pos]
         body = bytes(self._buf[self._pos + 1 : end])
         depth = len(self._stack)
+        path = self.path
         if prefix in LINE_TYPES:
             if prefix == INTEGER:
                 _parse_int(body, "integer")
@@ -464,30 +475,31 @@ class ReplyParser:
             elif prefix == BOOLEAN and body not in (b"t", b"f"):
                 raise ProtocolError("invalid boolean")
             self._pos = end + 2
-            return Simple(prefix, body, depth, self._complete())
+            return Simple(prefix, body, depth, self._complete(), path)
         if prefix in BULK_TYPES:
             length = _parse_int(body, "bulk length")
             if length < -1:
                 raise ProtocolError("invalid bulk length")
             self._pos = end + 2
             if length == -1:
-                return BulkStart(prefix, -1, depth, self._complete())
+                return BulkStart(prefix, -1, depth, self._complete(), path)
             self._bulk_left = length
             self._bulk_depth = depth
-            return BulkStart(prefix, length, depth, False)
+            return BulkStart(prefix, length, depth, False, path)
         if prefix in AGGREGATE_TYPES:
             count = _parse_int(body, "aggregate length")
             if count < -1 or (count == -1 and prefix not in (ARRAY, MAP, SET)):
                 raise ProtocolError("invalid aggregate length")
             self._pos = end + 2
             if count == 0 and prefix == ATTRIBUTE:
-                return AggregateStart(prefix, 0, depth, False)  # annotates the value that follows
+                return AggregateStart(prefix, 0, depth, False, path)  # annotates the value that follows
             if count <= 0:
-                return AggregateStart(prefix, count, depth, self._complete())
+                return AggregateStart(prefix, count, depth, self._complete(), path)
             if depth >= self.max_depth:
                 raise ProtocolError(f"reply nested deeper than {self.max_depth}")
-            self._stack.append([prefix, count * (2 if prefix in (MAP, ATTRIBUTE) else 1)])
-            return AggregateStart(prefix, count, depth, False)
+            items = count * (2 if prefix in (MAP, ATTRIBUTE) else 1)
+            self._stack.append([prefix, items, items])
+            return AggregateStart(prefix, count, depth, False, path)
         raise ProtocolError(f"unknown reply type byte {bytes([prefix])!r}")
 
     def _bulk_body(self) -> ReplyEvent | None:

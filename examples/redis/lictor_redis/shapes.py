@@ -1,0 +1,69 @@
+"""Where a reply carries structure rather than stored values, by command.
+
+Masking reads every string of a reply, but some strings are not values a client reads, they are
+what it builds on:
+
+* **Stream entry IDs** (``1526919030474-55``): a millisecond time and a sequence number, which a
+  card detector can take for a card number. A client continues reading from the last ID it got
+  (``XREAD ... STREAMS s <id>``, ``XRANGE s (<id> +``), so a masked ID breaks it. The positions
+  where a command's reply holds IDs are listed here (a path of indices, ``None`` for any), and a
+  string there is left alone only if it has the shape of an ID; everything else is masked.
+Paths count the items of a map one by one (key 0, value 1, key 2...), as
+:attr:`~lictor_redis.resp.ReplyParser.path` does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["STREAM_ID", "Shape", "shape_for"]
+
+Pattern = tuple[int | None, ...]
+
+STREAM_ID = re.compile(rb"\A[0-9]{1,20}-[0-9]{1,20}\Z")
+
+
+def _match(pattern: Pattern, path: tuple[int, ...]) -> bool:
+    return len(pattern) == len(path) and all(p is None or p == i for p, i in zip(pattern, path, strict=True))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Paths of a reply: ``ids`` (stream entry IDs)."""
+
+    ids: tuple[Pattern, ...] = ()
+
+    def is_id(self, path: tuple[int, ...], value: bytes) -> bool:
+        return any(_match(p, path) for p in self.ids) and STREAM_ID.match(value) is not None
+
+
+PLAIN = Shape()
+_ANY = None
+# An entry is [id, [field, value, ...]]; a list of them is what XRANGE answers.
+_ENTRIES = Shape(ids=((_ANY, 0),))
+
+_RESP2: dict[str, Shape] = {
+    "xadd": Shape(ids=((),)),
+    "xrange": _ENTRIES,
+    "xrevrange": _ENTRIES,
+    "xclaim": Shape(ids=((_ANY, 0), (_ANY,))),  # entries, or IDs with JUSTID
+    # [next id, entries (or IDs with JUSTID), deleted IDs]
+    "xautoclaim": Shape(ids=((0,), (1, _ANY, 0), (1, _ANY), (2, _ANY))),
+    # [[stream, entries], ...]
+    "xread": Shape(ids=((_ANY, 1, _ANY, 0),)),
+    "xreadgroup": Shape(ids=((_ANY, 1, _ANY, 0),)),
+    # [count, smallest id, greatest id, consumers] or [[id, consumer, idle, deliveries], ...]
+    "xpending": Shape(ids=((1,), (2,), (_ANY, 0))),
+}
+_RESP3 = {
+    **_RESP2,
+    # a map {stream: entries}
+    "xread": Shape(ids=((_ANY, _ANY, 0),)),
+    "xreadgroup": Shape(ids=((_ANY, _ANY, 0),)),
+}
+
+
+def shape_for(command: str, resp3: bool) -> Shape:
+    """The shape of the reply to ``command`` (lower case, with its subcommand)."""
+    return (_RESP3 if resp3 else _RESP2).get(command, PLAIN)
