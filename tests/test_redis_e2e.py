@@ -453,6 +453,33 @@ def test_transaction_results_are_masked_per_command(gw: Gw, prefix: str):
     client.close()
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_map_keys_and_set_members_that_mask_alike_stay_distinct(gw: Gw, prefix: str, protocol: int):
+    # both addresses mask to *****@******e.com: a client building a dict or a set would keep one
+    alice, carol = "alice@example.com", "carol@example.com"
+    direct = redis.Redis()
+    direct.hset(prefix + "h", mapping={alice: "1", carol: "2", "n": "3"})
+    direct.sadd(prefix + "s", alice, carol)
+    direct.xadd(prefix + "events", {alice: "1", carol: "2"}, id="1-1")
+    reader = gw.client("reader", protocol=protocol)
+    got = reader.hgetall(prefix + "h")
+    assert sorted(got.values()) == [b"1", b"2", b"3"]
+    assert sorted(got) == [b"*****@******e.com", b"*****@******e.com#2", b"n"]
+    assert reader.smembers(prefix + "s") == {b"*****@******e.com", b"*****@******e.com#2"}
+    assert len(reader.hscan(prefix + "h")[1]) == 3
+    assert len(set(reader.sscan(prefix + "s")[1])) == 2
+    assert sorted(reader.xrange(prefix + "events")[0][1].values()) == [b"1", b"2"]
+    assert reader.hkeys(prefix + "h").count(b"*****@******e.com") == 2  # a list may repeat itself
+    reader.close()
+    writer = gw.client("writer", protocol=protocol)
+    pipe = writer.pipeline(transaction=True)
+    pipe.hgetall(prefix + "h").hgetall(prefix + "h")
+    assert [len(h) for h in pipe.execute()] == [3, 3]
+    writer.close()
+    out = gw.cli(gw.token("reader"), "HGETALL", prefix + "h", resp3=True).stdout
+    assert '"*****@******e.com" =>' in out and '"*****@******e.com#2" =>' in out, out
+
+
 CONSUMER_PACK = """
 format: lictor/v1
 metadata: {name: redis-stream-consumer}

@@ -48,6 +48,7 @@ from .resp import (
     INTEGER,
     MAP,
     PUSH,
+    SET,
     SIMPLE_STRING,
     TYPE_NAMES,
     VERBATIM,
@@ -746,6 +747,8 @@ class Connection:
         bulk_prefix = BULK_STRING
         bulk_path: tuple[int, ...] = ()
         path: tuple[int, ...] = ()
+        # open maps and sets whose masked keys (members) must stay distinct: (path, step, masked so far)
+        groups: list[tuple[tuple[int, ...], int, set[bytes]]] = []
         oversize = False
         drop = slot.replace is not None
         while True:
@@ -777,6 +780,8 @@ class Connection:
             if isinstance(event, (Simple, AggregateStart, BulkStart)):
                 # where the item sits in the reply to its own command (inside EXEC's array: in its element)
                 path = event.path[1:] if slot.element_plans is not None else event.path
+                while groups and not (len(path) > len(groups[-1][0]) and path[: len(groups[-1][0])] == groups[-1][0]):
+                    groups.pop()  # an item outside the innermost open group: that group is over
             if drop:
                 if event.done:
                     break
@@ -797,7 +802,10 @@ class Connection:
                 elif event.prefix in (SIMPLE_STRING, ERROR) and not plan.is_empty and not shape.is_id(path, event.body):
                     body, counts = plan.mask_bytes(event.body)
                     masked.update(counts)
-                    out += bytes([event.prefix]) + body.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
+                    body = body.replace(b"\r", b" ").replace(b"\n", b" ")
+                    if body != event.body:
+                        body = self._distinct(groups, path, body)
+                    out += bytes([event.prefix]) + body + b"\r\n"
                 elif event.prefix in (INTEGER, DOUBLE, BIG_NUMBER) and not plan.is_empty:
                     # RESP2 sends doubles and big numbers as bulk strings, which are masked: HELLO 3
                     # must not unmask them (a card number stored as a sorted-set score). Integers can
@@ -806,11 +814,18 @@ class Connection:
                     body, counts = plan.mask_bytes(event.body)
                     if body != event.body:
                         masked.update(counts)
+                        body = self._distinct(groups, path, body)
                         out += b"$%d\r\n%b\r\n" % (len(body), body)
                     else:
                         out += event.raw
                 else:
                     out += event.raw
+            elif isinstance(event, AggregateStart):
+                if event.count > 0 and event.prefix != ATTRIBUTE and not plan.is_empty:
+                    step = 2 if event.prefix == MAP else 1 if event.prefix == SET else shape.distinct(path)
+                    if step:
+                        groups.append((path, step, set()))
+                out += event.raw
             elif isinstance(event, BulkStart):
                 if event.length >= 0 and not plan.is_empty and event.prefix in (BULK_STRING, BULK_ERROR, VERBATIM):
                     buffering = bytearray()
@@ -836,7 +851,11 @@ class Connection:
                     elif bulk_prefix == BULK_STRING and shape.is_id(bulk_path, bytes(buffering)):
                         out += b"$%d\r\n%b\r\n" % (len(buffering), buffering)  # a stream entry ID: structure
                     else:
-                        out += self._mask_bulk(bulk_prefix, bytes(buffering), plan, masked)
+                        value = bytes(buffering)
+                        data = self._mask_bulk(bulk_prefix, value, plan, masked)
+                        if data != value:
+                            data = self._distinct(groups, bulk_path, data)
+                        out += b"%c%d\r\n%b\r\n" % (bulk_prefix, len(data), data)
                     buffering = None
                 else:
                     out += b"\r\n"
@@ -875,8 +894,24 @@ class Connection:
             except (ValueError, RecursionError):
                 pass
         masked.update(counts)
-        data = head + body
-        return b"%c%d\r\n%b\r\n" % (prefix, len(data), data)
+        return head + body
+
+    @staticmethod
+    def _distinct(groups: list[tuple[tuple[int, ...], int, set[bytes]]], path: tuple[int, ...], value: bytes) -> bytes:
+        """A masked map key or set member that repeats an earlier masked one of the same map or set
+        gets a suffix (``#2``, ``#3``...): a client building a dict or a set would merge them and
+        silently lose entries."""
+        if not groups:
+            return value
+        where, step, seen = groups[-1]
+        if len(path) != len(where) + 1 or path[-1] % step:
+            return value
+        out, n = value, 1
+        while out in seen:
+            n += 1
+            out = b"%b#%d" % (value, n)
+        seen.add(out)
+        return out
 
     async def _skip_push(self, event: AggregateStart) -> None:
         """Out-of-band pushes are not expected (subscriptions and tracking are refused): drop them."""

@@ -1,13 +1,19 @@
 """Where a reply carries structure rather than stored values, by command.
 
-Masking reads every string of a reply, but some strings are not values a client reads, they are
-what it builds on:
+Masking reads every string of a reply, but two kinds of strings are not values a client reads,
+they are what it builds on:
 
 * **Stream entry IDs** (``1526919030474-55``): a millisecond time and a sequence number, which a
   card detector can take for a card number. A client continues reading from the last ID it got
   (``XREAD ... STREAMS s <id>``, ``XRANGE s (<id> +``), so a masked ID breaks it. The positions
   where a command's reply holds IDs are listed here (a path of indices, ``None`` for any), and a
   string there is left alone only if it has the shape of an ID; everything else is masked.
+* **Map keys and set members**: a client builds a dict or a set from them, so two keys that mask
+  to the same text (``alice@example.com`` and ``carol@example.com`` both become
+  ``*****@******e.com``) would merge and lose an entry. A masked key that repeats an earlier
+  masked key of the same map gets a suffix (``*****@******e.com#2``). RESP3 maps and sets say
+  what they are; RESP2 sends them as flat arrays, listed here per command.
+
 Paths count the items of a map one by one (key 0, value 1, key 2...), as
 :attr:`~lictor_redis.resp.ReplyParser.path` does.
 """
@@ -30,37 +36,57 @@ def _match(pattern: Pattern, path: tuple[int, ...]) -> bool:
 
 @dataclass(frozen=True)
 class Shape:
-    """Paths of a reply: ``ids`` (stream entry IDs)."""
+    """Paths of a reply: ``ids`` (stream entry IDs), ``maps`` (flat arrays of field, value...) and
+    ``sets`` (arrays of distinct members)."""
 
     ids: tuple[Pattern, ...] = ()
+    maps: tuple[Pattern, ...] = ()
+    sets: tuple[Pattern, ...] = ()
 
     def is_id(self, path: tuple[int, ...], value: bytes) -> bool:
         return any(_match(p, path) for p in self.ids) and STREAM_ID.match(value) is not None
+
+    def distinct(self, path: tuple[int, ...]) -> int:
+        """For the aggregate at ``path``: 2 if its keys (even items) must stay distinct, 1 if all its
+        items must, 0 otherwise."""
+        if any(_match(p, path) for p in self.maps):
+            return 2
+        if any(_match(p, path) for p in self.sets):
+            return 1
+        return 0
 
 
 PLAIN = Shape()
 _ANY = None
 # An entry is [id, [field, value, ...]]; a list of them is what XRANGE answers.
-_ENTRIES = Shape(ids=((_ANY, 0),))
+_ENTRIES = Shape(ids=((_ANY, 0),), maps=((_ANY, 1),))
 
 _RESP2: dict[str, Shape] = {
     "xadd": Shape(ids=((),)),
     "xrange": _ENTRIES,
     "xrevrange": _ENTRIES,
-    "xclaim": Shape(ids=((_ANY, 0), (_ANY,))),  # entries, or IDs with JUSTID
+    "xclaim": Shape(ids=((_ANY, 0), (_ANY,)), maps=((_ANY, 1),)),  # entries, or IDs with JUSTID
     # [next id, entries (or IDs with JUSTID), deleted IDs]
-    "xautoclaim": Shape(ids=((0,), (1, _ANY, 0), (1, _ANY), (2, _ANY))),
+    "xautoclaim": Shape(ids=((0,), (1, _ANY, 0), (1, _ANY), (2, _ANY)), maps=((1, _ANY, 1),)),
     # [[stream, entries], ...]
-    "xread": Shape(ids=((_ANY, 1, _ANY, 0),)),
-    "xreadgroup": Shape(ids=((_ANY, 1, _ANY, 0),)),
+    "xread": Shape(ids=((_ANY, 1, _ANY, 0),), maps=((_ANY, 1, _ANY, 1),)),
+    "xreadgroup": Shape(ids=((_ANY, 1, _ANY, 0),), maps=((_ANY, 1, _ANY, 1),)),
     # [count, smallest id, greatest id, consumers] or [[id, consumer, idle, deliveries], ...]
     "xpending": Shape(ids=((1,), (2,), (_ANY, 0))),
+    "hgetall": Shape(maps=((),)),
+    "hscan": Shape(maps=((1,),)),  # [cursor, [field, value, ...]]
+    "sscan": Shape(sets=((1,),)),
+    "config get": Shape(maps=((),)),
+    "smembers": Shape(sets=((),)),
+    "sunion": Shape(sets=((),)),
+    "sinter": Shape(sets=((),)),
+    "sdiff": Shape(sets=((),)),
 }
 _RESP3 = {
     **_RESP2,
     # a map {stream: entries}
-    "xread": Shape(ids=((_ANY, _ANY, 0),)),
-    "xreadgroup": Shape(ids=((_ANY, _ANY, 0),)),
+    "xread": Shape(ids=((_ANY, _ANY, 0),), maps=((_ANY, _ANY, 1),)),
+    "xreadgroup": Shape(ids=((_ANY, _ANY, 0),), maps=((_ANY, _ANY, 1),)),
 }
 
 
