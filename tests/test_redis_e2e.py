@@ -546,6 +546,25 @@ def test_stream_entry_ids_are_not_masked_and_reading_continues_from_them(gw: Gw,
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
+def test_stream_ids_in_xinfo_replies_are_not_masked(consumer_gw: Gw, prefix: str, protocol: int):
+    stream = _stream(prefix)
+    client = consumer_gw.client("consumer", protocol=protocol)
+    assert client.xreadgroup("g", "c1", {stream: ">"}, count=1)
+    info = client.xinfo_stream(stream)
+    assert (info["last-generated-id"], info["recorded-first-entry-id"]) == (STREAM_IDS[1], STREAM_IDS[0])
+    assert (info["first-entry"], info["last-entry"]) == (ENTRY_0, ENTRY_1)
+    assert client.xinfo_groups(stream)[0]["last-delivered-id"] == STREAM_IDS[0]
+    full = client.xinfo_stream(stream, full=True)
+    assert full["entries"] == dict([ENTRY_0, ENTRY_1])  # redis-py: {id: fields}
+    (group,) = full["groups"]
+    assert group["last-delivered-id"] == STREAM_IDS[0]
+    assert [p[0] for p in group["pending"]] == [STREAM_IDS[0]]
+    consumer = {k.decode() if isinstance(k, bytes) else k: v for k, v in group["consumers"][0].items()}
+    assert [p[0] for p in consumer["pending"]] == [STREAM_IDS[0]]
+    client.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
 def test_stream_consumers_continue_from_the_ids_they_read(consumer_gw: Gw, prefix: str, protocol: int):
     stream = _stream(prefix)
     client = consumer_gw.client("consumer", protocol=protocol)

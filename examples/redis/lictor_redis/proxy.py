@@ -64,7 +64,7 @@ from .resp import (
     encode_command,
     encode_error,
 )
-from .shapes import shape_for
+from .shapes import reply_kind, shape_for
 from .vocabulary import PROTOCOL, request_for
 
 __all__ = ["Connection", "RedisTarget", "UpstreamError"]
@@ -174,10 +174,11 @@ class Slot:
     local: bytes | None = None  # the gateway's own reply
     plan: Any = MaskPlan.EMPTY  # masking plan of an upstream reply
     element_plans: list[Any] | None = None  # EXEC: one plan per element of the reply array
-    element_commands: list[str] | None = None  # EXEC: the command each element answers
+    element_commands: list[str] | None = None  # EXEC: the reply kind of the command each element answers
     replace: bytes | None = None  # read the upstream reply, drop it, send this instead
     seq: int = 0
     command: str = ""
+    kind: str = ""  # the shape of the reply (shapes.reply_kind); the command in lower case if empty
     close: bool = False
     queued_in: _Multi | None = None  # inside MULTI: on "+QUEUED", ``plan`` joins this transaction
 
@@ -675,7 +676,8 @@ class Connection:
             await self._local(_denial(c.name, decision), seq=seq, command=c.name)
             return
         self.counts["allowed"] += 1
-        await self._forward(args, Slot(plan=plan, seq=seq, command=c.name, queued_in=self.multi))
+        slot = Slot(plan=plan, seq=seq, command=c.name, kind=reply_kind(c.command, c.args), queued_in=self.multi)
+        await self._forward(args, slot)
 
     async def _watch_agent(self) -> None:
         """While a command is held: if the agent hangs up, stop waiting (the approval is withdrawn
@@ -742,13 +744,15 @@ class Connection:
         first: int | None = None
         element = -1
         plan = slot.plan
-        shape = shape_for(slot.command.lower(), self.resp3)
+        shape = shape_for(slot.kind or slot.command.lower(), self.resp3)
         buffering: bytearray | None = None
         bulk_prefix = BULK_STRING
         bulk_path: tuple[int, ...] = ()
         path: tuple[int, ...] = ()
         # open maps and sets whose masked keys (members) must stay distinct: (path, step, masked so far)
         groups: list[tuple[tuple[int, ...], int, set[bytes]]] = []
+        # XINFO: names[n] is the last name (even item) of the open aggregate whose items' paths have length n
+        names: list[bytes | None] = []
         oversize = False
         drop = slot.replace is not None
         while True:
@@ -776,12 +780,17 @@ class Connection:
                     element += 1
                     plan = slot.element_plans[element] if 0 <= element < len(slot.element_plans) else MaskPlan.EMPTY
                     commands = slot.element_commands or []
-                    shape = shape_for(commands[element].lower() if element < len(commands) else "", self.resp3)
+                    shape = shape_for(commands[element] if element < len(commands) else "", self.resp3)
             if isinstance(event, (Simple, AggregateStart, BulkStart)):
                 # where the item sits in the reply to its own command (inside EXEC's array: in its element)
                 path = event.path[1:] if slot.element_plans is not None else event.path
                 while groups and not (len(path) > len(groups[-1][0]) and path[: len(groups[-1][0])] == groups[-1][0]):
                     groups.pop()  # an item outside the innermost open group: that group is over
+                if shape.named and path and path[-1] % 2 == 0:
+                    del names[len(path) :]
+                    names += [None] * (len(path) + 1 - len(names))
+                    if isinstance(event, Simple) and len(event.body) <= 64:
+                        names[len(path)] = event.body
             if drop:
                 if event.done:
                     break
@@ -797,9 +806,13 @@ class Connection:
                     # have an element for it, masked with its plan. Any other reply is data (a script's
                     # status reply, should Redis not be in a transaction after all) and masked below.
                     slot.queued_in.plans.append(slot.plan)
-                    slot.queued_in.commands.append(slot.command)
+                    slot.queued_in.commands.append(slot.kind or slot.command.lower())
                     out += event.raw
-                elif event.prefix in (SIMPLE_STRING, ERROR) and not plan.is_empty and not shape.is_id(path, event.body):
+                elif (
+                    event.prefix in (SIMPLE_STRING, ERROR)
+                    and not plan.is_empty
+                    and not shape.is_id(path, event.body, names)
+                ):
                     body, counts = plan.mask_bytes(event.body)
                     masked.update(counts)
                     body = body.replace(b"\r", b" ").replace(b"\n", b" ")
@@ -848,10 +861,12 @@ class Connection:
                             f"ERR lictor: a value larger than {self.target.mask_max_value} bytes cannot be masked; "
                             "it was withheld"
                         )
-                    elif bulk_prefix == BULK_STRING and shape.is_id(bulk_path, bytes(buffering)):
+                    elif bulk_prefix == BULK_STRING and shape.is_id(bulk_path, bytes(buffering), names):
                         out += b"$%d\r\n%b\r\n" % (len(buffering), buffering)  # a stream entry ID: structure
                     else:
                         value = bytes(buffering)
+                        if shape.named and bulk_path and bulk_path[-1] % 2 == 0 and len(value) <= 64:
+                            names[len(bulk_path)] = value  # a name of XINFO's maps (set to None at its start)
                         data = self._mask_bulk(bulk_prefix, value, plan, masked)
                         if data != value:
                             data = self._distinct(groups, bulk_path, data)

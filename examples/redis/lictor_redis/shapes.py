@@ -6,8 +6,11 @@ they are what it builds on:
 * **Stream entry IDs** (``1526919030474-55``): a millisecond time and a sequence number, which a
   card detector can take for a card number. A client continues reading from the last ID it got
   (``XREAD ... STREAMS s <id>``, ``XRANGE s (<id> +``), so a masked ID breaks it. The positions
-  where a command's reply holds IDs are listed here (a path of indices, ``None`` for any), and a
-  string there is left alone only if it has the shape of an ID; everything else is masked.
+  where a command's reply holds IDs are listed here (a path of indices, ``None`` for any); in
+  ``XINFO`` replies, which are maps of named values, they are the values of the names that hold
+  IDs (``last-delivered-id``; ``first-entry``, ``entries`` and ``pending`` hold records that start
+  with one). A string there is left alone only if it has the shape of an ID; everything else is
+  masked.
 * **Map keys and set members**: a client builds a dict or a set from them, so two keys that mask
   to the same text (``alice@example.com`` and ``carol@example.com`` both become
   ``*****@******e.com``) would merge and lose an entry. A masked key that repeats an earlier
@@ -21,13 +24,18 @@ Paths count the items of a map one by one (key 0, value 1, key 2...), as
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["STREAM_ID", "Shape", "shape_for"]
+__all__ = ["STREAM_ID", "Shape", "reply_kind", "shape_for"]
 
 Pattern = tuple[int | None, ...]
 
 STREAM_ID = re.compile(rb"\A[0-9]{1,20}-[0-9]{1,20}\Z")
+# XINFO: names whose value is an ID, an entry [id, fields], or a list of records that start with an ID
+ID_NAMES = frozenset({b"last-generated-id", b"max-deleted-entry-id", b"recorded-first-entry-id", b"last-delivered-id"})
+ENTRY_NAMES = frozenset({b"first-entry", b"last-entry"})
+LIST_NAMES = frozenset({b"entries", b"pending"})
 
 
 def _match(pattern: Pattern, path: tuple[int, ...]) -> bool:
@@ -36,15 +44,33 @@ def _match(pattern: Pattern, path: tuple[int, ...]) -> bool:
 
 @dataclass(frozen=True)
 class Shape:
-    """Paths of a reply: ``ids`` (stream entry IDs), ``maps`` (flat arrays of field, value...) and
-    ``sets`` (arrays of distinct members)."""
+    """Paths of a reply: ``ids`` (stream entry IDs), ``maps`` (flat arrays of field, value...),
+    ``sets`` (arrays of distinct members) and ``named`` (the lengths of the paths of the items of
+    XINFO's maps of named values)."""
 
     ids: tuple[Pattern, ...] = ()
     maps: tuple[Pattern, ...] = ()
     sets: tuple[Pattern, ...] = ()
+    named: frozenset[int] = frozenset()
 
-    def is_id(self, path: tuple[int, ...], value: bytes) -> bool:
-        return any(_match(p, path) for p in self.ids) and STREAM_ID.match(value) is not None
+    def is_id(self, path: tuple[int, ...], value: bytes, names: Sequence[bytes | None] = ()) -> bool:
+        """Whether ``value`` at ``path`` is an entry ID; ``names[n]``: the last name (the item at an
+        even index) of the open aggregate whose items have paths of length ``n``."""
+        if STREAM_ID.match(value) is None:
+            return False
+        if any(_match(p, path) for p in self.ids):
+            return True
+        n = len(path)
+
+        def name(depth: int) -> bytes | None:
+            return names[depth] if 0 <= depth < len(names) else None
+
+        if n in self.named and path[-1] % 2 == 1 and name(n) in ID_NAMES:
+            return True  # last-delivered-id <id>
+        if n - 1 in self.named and path[-1] == 0 and path[-2] % 2 == 1 and name(n - 1) in ENTRY_NAMES:
+            return True  # first-entry [<id>, [field, value...]]
+        # entries [[<id>, [field, value...]], ...]; pending [[<id>, consumer, time, count], ...]
+        return n - 2 in self.named and path[-1] == 0 and path[-3] % 2 == 1 and name(n - 2) in LIST_NAMES
 
     def distinct(self, path: tuple[int, ...]) -> int:
         """For the aggregate at ``path``: 2 if its keys (even items) must stay distinct, 1 if all its
@@ -73,6 +99,10 @@ _RESP2: dict[str, Shape] = {
     "xreadgroup": Shape(ids=((_ANY, 1, _ANY, 0),), maps=((_ANY, 1, _ANY, 1),)),
     # [count, smallest id, greatest id, consumers] or [[id, consumer, idle, deliveries], ...]
     "xpending": Shape(ids=((1,), (2,), (_ANY, 0))),
+    # {name: value...}; FULL: groups [{name: value...}], each with consumers [{name: value...}]
+    "xinfo stream": Shape(named=frozenset({1})),
+    "xinfo stream full": Shape(named=frozenset({1, 3, 5})),
+    "xinfo groups": Shape(named=frozenset({2})),
     "hgetall": Shape(maps=((),)),
     "hscan": Shape(maps=((1,),)),  # [cursor, [field, value, ...]]
     "sscan": Shape(sets=((1,),)),
@@ -90,6 +120,14 @@ _RESP3 = {
 }
 
 
-def shape_for(command: str, resp3: bool) -> Shape:
-    """The shape of the reply to ``command`` (lower case, with its subcommand)."""
-    return (_RESP3 if resp3 else _RESP2).get(command, PLAIN)
+def reply_kind(command: str, args: Sequence[bytes]) -> str:
+    """What :func:`shape_for` takes: the command (lower case, with its subcommand), with `` full``
+    for ``XINFO STREAM key FULL``, whose reply has another shape."""
+    if command == "xinfo stream" and any(a.lower() == b"full" for a in args[1:]):
+        return "xinfo stream full"
+    return command
+
+
+def shape_for(kind: str, resp3: bool) -> Shape:
+    """The shape of the reply to a command of this :func:`reply_kind`."""
+    return (_RESP3 if resp3 else _RESP2).get(kind, PLAIN)
