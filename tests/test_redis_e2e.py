@@ -546,6 +546,27 @@ def test_stream_entry_ids_are_not_masked_and_reading_continues_from_them(gw: Gw,
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
+def test_replies_name_back_the_keys_the_agent_sent_unmasked(consumer_gw: Gw, prefix: str, protocol: int):
+    # the reply says which key each result comes from; a client matches it with the keys it asked for
+    stream, queue = prefix + "alice@example.com:events", prefix + "alice@example.com:queue"
+    direct = redis.Redis()
+    direct.xadd(stream, {"card": CARD}, id=STREAM_IDS[0])
+    direct.rpush(queue, "bob@example.com", "x", "y")
+    direct.close()
+    client = consumer_gw.client("consumer", protocol=protocol)
+    got = client.xread({stream: "0"})
+    assert (got[stream.encode()][0] if protocol == 3 else got[0][1]) == [ENTRY_0]
+    if protocol == 2:
+        assert got[0][0] == stream.encode()
+    assert list(client.blpop([queue], timeout=1)) == [queue.encode(), b"***@******e.com"]
+    assert client.lmpop(1, queue, direction="LEFT") == [queue.encode(), [b"x"]]
+    pipe = client.pipeline(transaction=True)
+    pipe.lpop(queue).xread({stream: "0"})
+    assert pipe.execute()[1] == ({stream.encode(): [[ENTRY_0]]} if protocol == 3 else [[stream.encode(), [ENTRY_0]]])
+    client.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
 def test_stream_ids_in_xinfo_replies_are_not_masked(consumer_gw: Gw, prefix: str, protocol: int):
     stream = _stream(prefix)
     client = consumer_gw.client("consumer", protocol=protocol)

@@ -164,6 +164,7 @@ class _Multi:
 
     plans: list[Any] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
+    keys: list[tuple[bytes, ...]] = field(default_factory=list)
     aborted: bool = False
 
 
@@ -179,6 +180,8 @@ class Slot:
     seq: int = 0
     command: str = ""
     kind: str = ""  # the shape of the reply (shapes.reply_kind); the command in lower case if empty
+    keys: tuple[bytes, ...] = ()  # the command's keys, which some replies name back (XREAD, BLPOP)
+    element_keys: list[tuple[bytes, ...]] | None = None  # EXEC: the keys of the command each element answers
     close: bool = False
     queued_in: _Multi | None = None  # inside MULTI: on "+QUEUED", ``plan`` joins this transaction
 
@@ -609,7 +612,13 @@ class Connection:
         self._record("command", {"n": self.seq, "command": "EXEC", "decision": "gateway"})
         await self._forward(
             args,
-            Slot(element_plans=multi.plans, element_commands=multi.commands, seq=self.seq, command="EXEC"),
+            Slot(
+                element_plans=multi.plans,
+                element_commands=multi.commands,
+                element_keys=multi.keys,
+                seq=self.seq,
+                command="EXEC",
+            ),
         )
 
     # -- ordinary commands ----------------------------------------------------------------------
@@ -676,7 +685,8 @@ class Connection:
             await self._local(_denial(c.name, decision), seq=seq, command=c.name)
             return
         self.counts["allowed"] += 1
-        slot = Slot(plan=plan, seq=seq, command=c.name, kind=reply_kind(c.command, c.args), queued_in=self.multi)
+        kind = reply_kind(c.command, c.args)
+        slot = Slot(plan=plan, seq=seq, command=c.name, kind=kind, keys=c.keys or (), queued_in=self.multi)
         await self._forward(args, slot)
 
     async def _watch_agent(self) -> None:
@@ -745,6 +755,7 @@ class Connection:
         element = -1
         plan = slot.plan
         shape = shape_for(slot.kind or slot.command.lower(), self.resp3)
+        keys = slot.keys
         buffering: bytearray | None = None
         bulk_prefix = BULK_STRING
         bulk_path: tuple[int, ...] = ()
@@ -781,6 +792,8 @@ class Connection:
                     plan = slot.element_plans[element] if 0 <= element < len(slot.element_plans) else MaskPlan.EMPTY
                     commands = slot.element_commands or []
                     shape = shape_for(commands[element] if element < len(commands) else "", self.resp3)
+                    element_keys = slot.element_keys or []
+                    keys = element_keys[element] if element < len(element_keys) else ()
             if isinstance(event, (Simple, AggregateStart, BulkStart)):
                 # where the item sits in the reply to its own command (inside EXEC's array: in its element)
                 path = event.path[1:] if slot.element_plans is not None else event.path
@@ -807,11 +820,13 @@ class Connection:
                     # status reply, should Redis not be in a transaction after all) and masked below.
                     slot.queued_in.plans.append(slot.plan)
                     slot.queued_in.commands.append(slot.kind or slot.command.lower())
+                    slot.queued_in.keys.append(slot.keys)
                     out += event.raw
                 elif (
                     event.prefix in (SIMPLE_STRING, ERROR)
                     and not plan.is_empty
                     and not shape.is_id(path, event.body, names)
+                    and not shape.is_key(path, event.body, keys)
                 ):
                     body, counts = plan.mask_bytes(event.body)
                     masked.update(counts)
@@ -861,8 +876,11 @@ class Connection:
                             f"ERR lictor: a value larger than {self.target.mask_max_value} bytes cannot be masked; "
                             "it was withheld"
                         )
-                    elif bulk_prefix == BULK_STRING and shape.is_id(bulk_path, bytes(buffering), names):
-                        out += b"$%d\r\n%b\r\n" % (len(buffering), buffering)  # a stream entry ID: structure
+                    elif bulk_prefix == BULK_STRING and (
+                        shape.is_id(bulk_path, bytes(buffering), names)
+                        or shape.is_key(bulk_path, bytes(buffering), keys)
+                    ):
+                        out += b"$%d\r\n%b\r\n" % (len(buffering), buffering)  # an entry ID or a key the agent named
                     else:
                         value = bytes(buffering)
                         if shape.named and bulk_path and bulk_path[-1] % 2 == 0 and len(value) <= 64:

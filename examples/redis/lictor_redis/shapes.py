@@ -16,6 +16,10 @@ they are what it builds on:
   ``*****@******e.com``) would merge and lose an entry. A masked key that repeats an earlier
   masked key of the same map gets a suffix (``*****@******e.com#2``). RESP3 maps and sets say
   what they are; RESP2 sends them as flat arrays, listed here per command.
+* **Key names the agent sent**: ``XREAD`` and the blocking pops (``BLPOP``, ``LMPOP``...) answer
+  with the name of the key each result comes from, which the client matches with the keys it
+  asked for (redis-py builds a dict keyed by stream). A string there that is one of the command's
+  own keys is left alone: the agent named it, so it learns nothing from it.
 
 Paths count the items of a map one by one (key 0, value 1, key 2...), as
 :attr:`~lictor_redis.resp.ReplyParser.path` does.
@@ -52,6 +56,11 @@ class Shape:
     maps: tuple[Pattern, ...] = ()
     sets: tuple[Pattern, ...] = ()
     named: frozenset[int] = frozenset()
+    key_names: tuple[Pattern, ...] = ()
+
+    def is_key(self, path: tuple[int, ...], value: bytes, keys: Sequence[bytes]) -> bool:
+        """Whether ``value`` at ``path`` names back one of the command's own ``keys``."""
+        return value in keys and any(_match(p, path) for p in self.key_names)
 
     def is_id(self, path: tuple[int, ...], value: bytes, names: Sequence[bytes | None] = ()) -> bool:
         """Whether ``value`` at ``path`` is an entry ID; ``names[n]``: the last name (the item at an
@@ -95,14 +104,18 @@ _RESP2: dict[str, Shape] = {
     # [next id, entries (or IDs with JUSTID), deleted IDs]
     "xautoclaim": Shape(ids=((0,), (1, _ANY, 0), (1, _ANY), (2, _ANY)), maps=((1, _ANY, 1),)),
     # [[stream, entries], ...]
-    "xread": Shape(ids=((_ANY, 1, _ANY, 0),), maps=((_ANY, 1, _ANY, 1),)),
-    "xreadgroup": Shape(ids=((_ANY, 1, _ANY, 0),), maps=((_ANY, 1, _ANY, 1),)),
+    "xread": Shape(ids=((_ANY, 1, _ANY, 0),), maps=((_ANY, 1, _ANY, 1),), key_names=((_ANY, 0),)),
+    "xreadgroup": Shape(ids=((_ANY, 1, _ANY, 0),), maps=((_ANY, 1, _ANY, 1),), key_names=((_ANY, 0),)),
     # [count, smallest id, greatest id, consumers] or [[id, consumer, idle, deliveries], ...]
     "xpending": Shape(ids=((1,), (2,), (_ANY, 0))),
     # {name: value...}; FULL: groups [{name: value...}], each with consumers [{name: value...}]
     "xinfo stream": Shape(named=frozenset({1})),
     "xinfo stream full": Shape(named=frozenset({1, 3, 5})),
     "xinfo groups": Shape(named=frozenset({2})),
+    # [key, element] / [key, member, score] / [key, [elements]] / [key, [[member, score], ...]]
+    **dict.fromkeys(
+        ["blpop", "brpop", "bzpopmin", "bzpopmax", "lmpop", "blmpop", "zmpop", "bzmpop"], Shape(key_names=((0,),))
+    ),
     "hgetall": Shape(maps=((),)),
     "hscan": Shape(maps=((1,),)),  # [cursor, [field, value, ...]]
     "sscan": Shape(sets=((1,),)),
@@ -115,8 +128,8 @@ _RESP2: dict[str, Shape] = {
 _RESP3 = {
     **_RESP2,
     # a map {stream: entries}
-    "xread": Shape(ids=((_ANY, _ANY, 0),), maps=((_ANY, _ANY, 1),)),
-    "xreadgroup": Shape(ids=((_ANY, _ANY, 0),), maps=((_ANY, _ANY, 1),)),
+    "xread": Shape(ids=((_ANY, _ANY, 0),), maps=((_ANY, _ANY, 1),), key_names=((_ANY,),)),
+    "xreadgroup": Shape(ids=((_ANY, _ANY, 0),), maps=((_ANY, _ANY, 1),), key_names=((_ANY,),)),
 }
 
 
