@@ -567,6 +567,26 @@ def test_replies_name_back_the_keys_the_agent_sent_unmasked(consumer_gw: Gw, pre
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
+def test_expiry_times_are_integers_not_masked_values(gw: Gw, prefix: str, protocol: int):
+    # 1896022979314 (ms) is Luhn-valid: to the card detector, thirteen digits of a card number
+    at = 1896022979314
+    direct = redis.Redis()
+    direct.set(prefix + "k", "v")
+    direct.pexpireat(prefix + "k", at)
+    reader = gw.client("reader", protocol=protocol)
+    assert reader.pexpiretime(prefix + "k") == at
+    assert reader.expiretime(prefix + "k") == at // 1000
+    assert 0 < reader.pttl(prefix + "k") <= at
+    reader.close()
+    writer = gw.client("writer", protocol=protocol)
+    writer.set(prefix + "n", CARD.replace(" ", ""))
+    pipe = writer.pipeline(transaction=True)
+    pipe.pexpiretime(prefix + "k").incrby(prefix + "n", 0)
+    assert pipe.execute() == [at, b"************1111"]  # a stored number is still masked
+    writer.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
 def test_stream_ids_in_xinfo_replies_are_not_masked(consumer_gw: Gw, prefix: str, protocol: int):
     stream = _stream(prefix)
     client = consumer_gw.client("consumer", protocol=protocol)

@@ -834,7 +834,11 @@ class Connection:
                     if body != event.body:
                         body = self._distinct(groups, path, body)
                     out += bytes([event.prefix]) + body + b"\r\n"
-                elif event.prefix in (INTEGER, DOUBLE, BIG_NUMBER) and not plan.is_empty:
+                elif (
+                    event.prefix in (INTEGER, DOUBLE, BIG_NUMBER)
+                    and not plan.is_empty
+                    and not (event.prefix == INTEGER and shape.plain_integers)
+                ):
                     # RESP2 sends doubles and big numbers as bulk strings, which are masked: HELLO 3
                     # must not unmask them (a card number stored as a sorted-set score). Integers can
                     # be stored values too (INCRBY app:card 0 answers the number stored as a string).

@@ -16,6 +16,11 @@ they are what it builds on:
   ``*****@******e.com``) would merge and lose an entry. A masked key that repeats an earlier
   masked key of the same map gets a suffix (``*****@******e.com#2``). RESP3 maps and sets say
   what they are; RESP2 sends them as flat arrays, listed here per command.
+* **Times and counts**: an integer reply is masked because it can be a stored value
+  (``INCRBY app:card 0``), but ``PEXPIRETIME`` answers a time in milliseconds, as do the
+  ``seen-time`` and ``delivery-time`` of ``XINFO STREAM FULL``: thirteen digits, which one time in
+  ten pass the card detector. The integers of these replies are never stored values, and are
+  left alone (``plain_integers``).
 * **Key names the agent sent**: ``XREAD`` and the blocking pops (``BLPOP``, ``LMPOP``...) answer
   with the name of the key each result comes from, which the client matches with the keys it
   asked for (redis-py builds a dict keyed by stream). A string there that is one of the command's
@@ -57,6 +62,7 @@ class Shape:
     sets: tuple[Pattern, ...] = ()
     named: frozenset[int] = frozenset()
     key_names: tuple[Pattern, ...] = ()
+    plain_integers: bool = False
 
     def is_key(self, path: tuple[int, ...], value: bytes, keys: Sequence[bytes]) -> bool:
         """Whether ``value`` at ``path`` names back one of the command's own ``keys``."""
@@ -107,11 +113,13 @@ _RESP2: dict[str, Shape] = {
     "xread": Shape(ids=((_ANY, 1, _ANY, 0),), maps=((_ANY, 1, _ANY, 1),), key_names=((_ANY, 0),)),
     "xreadgroup": Shape(ids=((_ANY, 1, _ANY, 0),), maps=((_ANY, 1, _ANY, 1),), key_names=((_ANY, 0),)),
     # [count, smallest id, greatest id, consumers] or [[id, consumer, idle, deliveries], ...]
-    "xpending": Shape(ids=((1,), (2,), (_ANY, 0))),
+    "xpending": Shape(ids=((1,), (2,), (_ANY, 0)), plain_integers=True),
     # {name: value...}; FULL: groups [{name: value...}], each with consumers [{name: value...}]
-    "xinfo stream": Shape(named=frozenset({1})),
-    "xinfo stream full": Shape(named=frozenset({1, 3, 5})),
-    "xinfo groups": Shape(named=frozenset({2})),
+    "xinfo stream": Shape(named=frozenset({1}), plain_integers=True),
+    "xinfo stream full": Shape(named=frozenset({1, 3, 5}), plain_integers=True),
+    "xinfo groups": Shape(named=frozenset({2}), plain_integers=True),
+    "xinfo consumers": Shape(plain_integers=True),
+    **dict.fromkeys(["ttl", "pttl", "expiretime", "pexpiretime"], Shape(plain_integers=True)),
     # [key, element] / [key, member, score] / [key, [elements]] / [key, [[member, score], ...]]
     **dict.fromkeys(
         ["blpop", "brpop", "bzpopmin", "bzpopmax", "lmpop", "blmpop", "zmpop", "bzmpop"], Shape(key_names=((0,),))
