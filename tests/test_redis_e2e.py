@@ -443,6 +443,22 @@ def test_commands_redis_runs_at_once_inside_multi_get_no_element_in_exec(gw: Gw,
     assert replies[4] == b"*1\r\n$24\r\ncard **** **** **** 1111\r\n"
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_transaction_whose_watched_key_changed_answers_null(gw: Gw, prefix: str, protocol: int):
+    # EXEC answers a null (*-1 in RESP2) when a watched key changed: clients raise WatchError and retry
+    writer = gw.client("writer", protocol=protocol)
+    writer.set(prefix + "balance", "1")
+    with writer.pipeline(transaction=True) as pipe:
+        pipe.watch(prefix + "balance")
+        redis.Redis().set(prefix + "balance", "2")  # another client changes it
+        pipe.multi()
+        pipe.set(prefix + "balance", "3")
+        with pytest.raises(redis.WatchError):
+            pipe.execute()
+    assert writer.get(prefix + "balance") == b"2"
+    writer.close()
+
+
 def test_transaction_results_are_masked_per_command(gw: Gw, prefix: str):
     client = gw.client("writer", protocol=3)
     pipe = client.pipeline(transaction=True)

@@ -775,8 +775,9 @@ class Connection:
             if first is None and not (isinstance(event, AggregateStart) and event.prefix == ATTRIBUTE):
                 first = event.prefix if isinstance(event, (Simple, AggregateStart, BulkStart)) else None
                 if slot.element_plans is not None and not drop:
-                    if not (isinstance(event, AggregateStart) and event.prefix == ARRAY):
-                        plan = MaskPlan.EMPTY  # an error or a null (WATCH failed): nothing of the data
+                    if not (isinstance(event, AggregateStart) and event.prefix == ARRAY) or event.count < 0:
+                        # an error or a null (WATCH failed: "_" in RESP3, "*-1" in RESP2): nothing of the data
+                        plan = MaskPlan.EMPTY
                     elif event.count != len(slot.element_plans):
                         log.error(
                             "EXEC reply has %d elements for %d queued commands", event.count, len(slot.element_plans)
