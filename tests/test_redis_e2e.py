@@ -551,6 +551,9 @@ def test_stream_entry_ids_are_not_masked_and_reading_continues_from_them(gw: Gw,
     # continuing after the last ID read
     assert reader.xrange(stream, min=b"(" + entries[0][0]) == [ENTRY_1]
     assert reader.xrange(stream, min=b"(" + entries[1][0]) == []
+    got = reader.xread({stream: entries[0][0]})
+    assert (got[stream.encode()][0] if protocol == 3 else got[0][1]) == [ENTRY_1]
+    assert reader.xread({stream: entries[1][0]}) in ([], {})
     reader.close()
     writer = gw.client("writer", protocol=protocol)
     assert writer.xadd(stream, {"note": "x"}, id=STREAM_IDS[2]) == STREAM_IDS[2]
