@@ -52,6 +52,10 @@ ISSUED = {
 CLIENT_SECRET = "cs-Gx2Wq8Lp5Rt1Ym7N"
 PASSWORD = "pw-Zr4Kd9Tb3Hs6Qe"
 SESSION_COOKIE = "sid-Uv1Mn8Xc5Fw2Ja"
+# Sent in requests held for approval: the approvers must not read them.
+HELD_PASSWORD = "pw-Hd5Lq2Wn8Xc3Rv"
+HELD_SECRET = "cs-Hd7Mk4Pz1Tb6Yw"
+HELD_CODE = "ac-Hd9Gv3Js5Qn2Lx"
 BUFFER_LIMIT = 2 << 20  # the gateway's http_buffer_limit here; /v1/reports/full is larger
 
 
@@ -279,7 +283,8 @@ class CustomersAPI:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 self._record(body)
-                if self.path in ("/oauth/token", "/oauth/token-form", "/oauth/token-big"):  # RFC 6749 5.1, or a form
+                oauth = ("/oauth/token", "/oauth/token-form", "/oauth/token-big", "/oauth/token-held")
+                if self.path.partition("?")[0] in oauth:  # RFC 6749 5.1, or a form
                     issued = {**ISSUED, "token_type": "Bearer", "expires_in": 3600, "scope": "customers.read"}
                     if self.path.endswith("big"):  # longer than the recording keeps
                         issued = {**issued, "claims": "x" * 70_000}
@@ -346,6 +351,13 @@ EXPORT_PACK = {
                     "protocol": "http",
                     "when": {"methods": ["POST"], "paths": ["/oauth/token", "/oauth/token-form", "/oauth/token-big"]},
                     "action": "allow",
+                },
+                {
+                    "id": "oauth-held",
+                    "protocol": "http",
+                    "when": {"methods": ["POST"], "paths": ["/oauth/token-held"]},
+                    "action": "approve",
+                    "approval": {"approvers": ["support-lead"], "timeout": "15m"},
                 },
                 {
                     "id": "reports",
@@ -981,6 +993,62 @@ def test_a_token_offered_as_a_websocket_subprotocol_is_not_shown_to_approvers(en
         assert "\nsec-websocket-protocol: chat" in record["payload"]
     finally:
         lictor("approvals", "deny", approval_id, "--url", approvals, "--token", env.lead, "--reason", "done")
+
+
+def test_approvers_do_not_read_the_credentials_of_a_held_request(env: Env) -> None:
+    """A held OAuth token request: approvers read what it asks for, not the password, client secret or code
+    the agent sends (the CLI, the page, the store, webhooks, the audit); the approval is still bound to them."""
+    url = env.url("tickets") + "/oauth/token-held"
+    form = urllib.parse.urlencode(
+        {"grant_type": "password", "username": "svc", "password": HELD_PASSWORD, "client_secret": HELD_SECRET}
+    )
+    doc = json.dumps({"grant_type": "authorization_code", "code": HELD_CODE, "client_id": "svc"})
+    cases = [
+        (url, form, "application/x-www-form-urlencoded", form.replace(HELD_PASSWORD, "another-password")),
+        (f"{url}?client_secret={HELD_SECRET}", doc, "application/json", doc.replace(HELD_CODE, "another-code")),
+    ]
+    approvals = f"http://127.0.0.1:{env.ports['approvals']}"
+    jar = str(env.workdir / "approver-cookies")
+    curl = require_binary("curl")
+
+    def page(path: str, *args: str) -> str:
+        cmd = [curl, "-sS", "-b", jar, "-c", jar, *args, approvals + path]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page("/login"))
+    assert csrf
+    page("/login", "--data-urlencode", f"csrf={csrf.group(1)}", "--data-urlencode", f"token={env.lead}")
+    for target, body, ctype, changed in cases:
+        args = ("-X", "POST", "-H", f"Content-Type: {ctype}", "--data-binary", body)
+        code, out = env.curl(target, *args, token=env.agent)
+        assert code == 403, out
+        approval_id = json.loads(out)["approval_id"]
+        listed = lictor("approvals", "list", "--url", approvals, "--token", env.lead).stdout
+        shown = lictor("approvals", "show", approval_id, "--url", approvals, "--token", env.lead).stdout
+        record = lictor("approvals", "show", approval_id, "--json", "--url", approvals, "--token", env.lead).stdout
+        html = page(f"/approvals/{approval_id}")
+        assert approval_id in listed and "/oauth/token-held" in shown and approval_id in html, html
+        attrs = json.loads(record)["attrs"]
+        assert attrs["json"]["$.grant_type"] in ("password", "authorization_code"), attrs  # the rest is shown
+        for what in (listed, shown, record, html):
+            for value in (HELD_PASSWORD, HELD_SECRET, HELD_CODE):
+                assert value not in what and urllib.parse.quote(value) not in what, (value, what)
+        env.approve(approval_id)
+        other = ("-X", "POST", "-H", f"Content-Type: {ctype}", "--data-binary", changed)
+        code, out = env.curl(target, *other, "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent)
+        assert code == 403 and json.loads(out)["rule"] == "lictor:approval-not-redeemable", out  # bound to them
+        code, out = env.curl(target, *args, "-H", f"X-Lictor-Approval: {approval_id}", token=env.agent)
+        assert code == 200, out
+        assert env.api.seen("POST")[-1]["body"] == body.encode()  # sent on unchanged
+    audit = lictor("audit", "list", "--json", "--state-dir", str(env.gw.state_dir)).stdout
+    assert "approval.created" in audit and "/oauth/token-held" in audit
+    for path in env.gw.state_dir.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            for value in (HELD_PASSWORD, HELD_SECRET, HELD_CODE):
+                assert value.encode() not in content, (path, value)
+    for value in (HELD_PASSWORD, HELD_SECRET, HELD_CODE):
+        assert value not in audit and value not in env.gw.log()
 
 
 def test_credentials_the_gateway_cannot_use_are_an_audited_failed_authentication(env: Env) -> None:

@@ -790,3 +790,44 @@ def test_a_form_body_that_is_also_json_is_refused() -> None:
         content_type="application/x-www-form-urlencoded", target="t",
     )  # fmt: skip
     assert form.attrs["json"]["$.credit_limit"] == "9"
+
+
+def test_approvers_read_the_request_without_its_credentials() -> None:
+    multipart = (
+        b'--XX\r\nContent-Disposition: form-data; name="Client-Secret"\r\n\r\ns3cr3t\r\n'
+        b'--XX\r\nContent-Disposition: form-data; name="username"\r\n\r\nsvc\r\n--XX--\r\n'
+    )
+    req = http_request(
+        method="POST", raw_path="/t?refresh_token=rt1&x=1", host="h", headers=[], body=multipart,
+        content_type="multipart/form-data; boundary=XX", target="t",
+    )  # fmt: skip
+    assert req.attrs["json"]["$.Client-Secret"] == "s3cr3t" and req.attrs["query"]["refresh_token"] == ["rt1"]
+    shown = req.shown_attrs
+    assert shown is not None
+    assert shown["json"] == {"$.Client-Secret": "[REDACTED:lictor]", "$.username": "svc"}
+    assert shown["json_folded"]["$.client-secret"] == "[REDACTED:lictor]"
+    assert shown["query"] == {"refresh_token": ["[REDACTED:lictor]"], "x": ["1"]}
+    assert "rt1" not in req.summary and "rt1" not in req.payload
+    body = b'{"a": {"grant_type": "authorization_code", "code": "c1"}, "code": "ZIP", "b c": {"password": ["p", "q"]}}'
+    req = http_request(
+        method="POST", raw_path="/t", host="h", headers=[], body=body, content_type="application/json", target="t"
+    )
+    assert req.shown_attrs is not None
+    assert req.shown_attrs["json"] == {
+        "$.a.grant_type": "authorization_code",
+        "$.a.code": "[REDACTED:lictor]",
+        "$.code": "ZIP",  # not next to a grant_type: not a credential
+        '$["b c"].password[*]': ["[REDACTED:lictor]"] * 2,
+    }
+    plain = http_request(
+        method="POST", raw_path="/t?x=1", host="h", headers=[], body=b'{"name": "x"}', content_type="", target="t"
+    )
+    assert plain.shown_attrs is None
+    # the approval is bound to the real query: another credential is another request, shown the same
+    one, two = (
+        http_request(
+            method="POST", raw_path=f"/t?refresh_token={t}", host="h", headers=[], body=b"", content_type="", target="t"
+        )
+        for t in ("rt1", "rt2")
+    )
+    assert one.summary == two.summary == "POST /t?refresh_token=[REDACTED]" and one.digest() != two.digest()

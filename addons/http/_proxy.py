@@ -87,6 +87,7 @@ from ._requests import (
     k8s_request,
     line_attrs,
     payload,
+    redact_query,
     reveal_request,
 )
 from ._responses import Answer, denial, error, k8s_status
@@ -141,7 +142,6 @@ CHANNEL_PROTOCOLS = (
     "v2.channel.k8s.io",
     "channel.k8s.io",
 )
-SECRET_QUERY_WORDS = ("token", "key", "secret", "password", "passwd", "signature", "auth", "credential")
 SPDY_MESSAGE = (
     "this gateway relays exec, attach and port-forward only over WebSockets, where it can inspect and record "
     "them; SPDY is refused. Use kubectl 1.30 or newer (WebSockets are the default since 1.31; on 1.29/1.30 "
@@ -279,21 +279,6 @@ def _peer(client: Client) -> str:
 def _identity_key(identity: Identity) -> str:
     claims = {k: v for k, v in identity.claims.items() if k not in ("exp", "iat", "nbf", "jti")}
     return json.dumps([identity.issuer, identity.subject, claims], sort_keys=True, default=str)
-
-
-def redact_query(raw_path: str) -> str:
-    """The path with values of query parameters that look like credentials replaced (for recordings)."""
-    path, sep, query = raw_path.partition("?")
-    if not sep:
-        return path
-    parts = []
-    for pair in query.split("&"):
-        name, eq, _ = pair.partition("=")
-        if eq and any(word in name.lower() for word in SECRET_QUERY_WORDS):
-            parts.append(f"{name}=[REDACTED]")
-        else:
-            parts.append(pair)
-    return f"{path}?{'&'.join(parts)}"
 
 
 def _header_list(headers: http.Headers) -> list[tuple[str, str]]:

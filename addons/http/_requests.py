@@ -33,6 +33,7 @@ import math
 import re
 import sys
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ import brotli
 from lictor import Request
 from lictor.shell import ShellParseError, ShellState, analyse, analyse_argv
 
+from ._bodies import REDACTED, credential_name, mask_form_credentials
 from ._k8s import _SUBRESOURCE_ACTIONS, K8sRequest, UnknownRequest, _decode_path, _parse_query, resolve
 
 if sys.version_info >= (3, 14):
@@ -678,6 +680,30 @@ def credentials_digest(headers: Iterable[tuple[str, str]]) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(sent).encode("utf-8", "surrogatepass")).hexdigest()
 
 
+SECRET_QUERY_WORDS = ("token", "key", "secret", "password", "passwd", "signature", "auth", "credential")
+
+
+def secret_query_name(name: str) -> bool:
+    """Is the value of query parameter ``name`` a credential (recordings, the audit and approvers do not get it)?"""
+    return any(word in name.lower() for word in SECRET_QUERY_WORDS)
+
+
+def redact_query(raw_path: str) -> str:
+    """The path with values of query parameters that look like credentials replaced (for recordings, the
+    audit and approvers)."""
+    path, sep, query = raw_path.partition("?")
+    if not sep:
+        return path
+    parts = []
+    for pair in query.split("&"):
+        name, eq, _ = pair.partition("=")
+        if eq and secret_query_name(name):
+            parts.append(f"{name}=[REDACTED]")
+        else:
+            parts.append(pair)
+    return f"{path}?{'&'.join(parts)}"
+
+
 def payload(
     method: str, raw_path: str, body: bytes, headers: Mapping[str, str] | None = None, credentials: str = ""
 ) -> str:
@@ -685,8 +711,10 @@ def payload(
     (as :func:`header_attrs` gives them, without the ones that change from try to try), a digest of the
     body and one of the credentials the agent sends on (:func:`credentials_digest`). A ticket is then
     redeemed only by the same request: another Content-Type (a JSON patch read as a merge patch), another
-    account header or another session cookie does not pass for the one approved."""
-    text = f"{method.upper()} {raw_path} sha256:{hashlib.sha256(body).hexdigest()}"
+    account header or another session cookie does not pass for the one approved. Credentials in the query
+    (:func:`redact_query`) are not shown, but bound all the same by a digest of the whole path."""
+    shown = redact_query(raw_path)
+    text = f"{method.upper()} {shown} sha256:{hashlib.sha256(body).hexdigest()}"
     bound = sorted(
         (k, v) for k, v in (headers or {}).items() if k not in _UNBOUND_HEADERS and not k.startswith("x-b3-")
     )
@@ -694,6 +722,9 @@ def payload(
         text += "".join(f"\n{k}: {v}" for k, v in bound)
     if credentials:
         text += f"\ncredentials (not shown): {credentials}"
+    if shown != raw_path:
+        digest = hashlib.sha256(raw_path.encode("utf-8", "surrogatepass")).hexdigest()
+        text += f"\nquery credentials (not shown): sha256:{digest}"
     return text
 
 
@@ -716,6 +747,76 @@ def body_text(body: bytes) -> tuple[str, int] | None:
     return shown, len(body) - len(shown.encode())
 
 
+_CREDENTIAL_PATH_WORDS = re.compile(r"(?i)token|secret|assertion|password|verifier|device|code")
+
+
+def _path_parent_name(path: str) -> tuple[str, str]:
+    """The parent and the last key of a flattened path (``$.a["b c"][*]`` -> ``$.a``, ``b c``)."""
+    while path.endswith("[*]"):
+        path = path[:-3]
+    if path.endswith('"]'):
+        start = path.rfind('["')
+        while start > 0:
+            try:
+                key = json.loads(path[start + 1 : -1])
+            except ValueError:
+                start = path.rfind('["', 0, start)
+                continue
+            if isinstance(key, str):
+                return path[:start], key
+            break
+        return path, ""
+    parent, _, key = path.rpartition(".")
+    return parent, key
+
+
+def _masked(value: Any) -> Any:
+    return [REDACTED] * len(value) if isinstance(value, list) else REDACTED
+
+
+def _shown_fields(flattened: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A flattened body (``json`` or ``json_folded``) as approvers read it: the values of credential fields
+    (:func:`credential_name`, ``code`` next to a ``grant_type``) replaced; None when it has none."""
+    named = {path: _path_parent_name(path) for path in flattened if _CREDENTIAL_PATH_WORDS.search(path)}
+    if not named:
+        return None
+    grants = {
+        parent for parent, name in map(_path_parent_name, flattened) if name.lower().replace("-", "_") == "grant_type"
+    }
+    found = [path for path, (parent, name) in named.items() if credential_name(name, parent in grants)]
+    if not found:
+        return None
+    return {**flattened, **{path: _masked(flattened[path]) for path in found}}
+
+
+def _shown_query(params: Mapping[str, Any]) -> dict[str, Any] | None:
+    found = [name for name in params if secret_query_name(name)]
+    if not found:
+        return None
+    return {**params, **{name: _masked(params[name]) for name in found}}
+
+
+def shown_attrs(attrs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``attrs`` of an HTTP request as approvers read them (:attr:`Request.shown_attrs`): without the values of
+    credentials in the query and the body (an OAuth client secret, a password), which are the agent's own and
+    no approver needs to read; None when there are none."""
+    shown: dict[str, Any] = {}
+    for key, mask in (
+        ("query", _shown_query),
+        ("query_folded", _shown_query),
+        ("json", _shown_fields),
+        ("json_folded", _shown_fields),
+    ):
+        if key in attrs and (masked := mask(attrs[key])) is not None:
+            shown[key] = masked
+    if "body_text" in attrs:
+        counts: Counter[str] = Counter()
+        text = mask_form_credentials(attrs["body_text"].encode("utf-8", "surrogatepass"), counts)
+        if counts:
+            shown["body_text"] = text.decode("utf-8", "surrogatepass")
+    return {**attrs, **shown} if shown else None
+
+
 def http_request(
     *,
     method: str,
@@ -729,6 +830,7 @@ def http_request(
 ) -> Request:
     """The ``http`` protocol request for one HTTP request (``raw_path`` may carry the query)."""
     path_part, _, query = raw_path.partition("?")
+    shown_query = redact_query(raw_path).partition("?")[2]
     path = canonical_path(path_part)
     headers = list(headers)
     override = sorted({header_name(name) for name, _ in headers} & OVERRIDE_HEADERS)
@@ -780,9 +882,10 @@ def http_request(
         action=method.upper(),
         attrs=attrs,
         target=target,
-        summary=f"{method.upper()} {path}" + (f"?{query}" if query else ""),
+        summary=f"{method.upper()} {path}" + (f"?{shown_query}" if query else ""),
         payload=payload(method, raw_path, body, attrs["headers"], credentials_digest(headers)),
         reason=reason,
+        shown_attrs=shown_attrs(attrs),
     )
 
 

@@ -42,7 +42,9 @@ class Request:
     ``action`` is the protocol's primary verb (SQL statement kind, HTTP method, Kubernetes verb,
     program name); ``attrs`` carries every attribute the protocol's rule vocabulary matches on.
     ``payload`` is the exact request (SQL text, method + URL + body digest, command line); an
-    approval is bound to its digest.
+    approval is bound to its digest. ``shown_attrs``, when set, is what approvers (the approvals store,
+    page and webhooks) read instead of ``attrs``: the same attributes without the credentials the agent
+    sends (a password, a client secret), which the rules still match on in ``attrs``.
     """
 
     protocol: str
@@ -52,6 +54,7 @@ class Request:
     summary: str = ""
     payload: str = ""
     reason: str | None = None
+    shown_attrs: Mapping[str, Any] | None = None
 
     def digest(self) -> str:
         """SHA-256 over what makes this request this request (not the reason or summary)."""

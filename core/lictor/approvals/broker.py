@@ -585,10 +585,11 @@ class ApprovalBroker:
         payload = request.payload or request.summary
         import json
 
+        shown = request.attrs if request.shown_attrs is None else request.shown_attrs
         try:
-            attrs = json.loads(json.dumps(dict(request.attrs), default=_plain))
+            attrs = json.loads(json.dumps(dict(shown), default=_plain))
         except (TypeError, ValueError):
-            attrs = {"unserializable": repr(request.attrs)[:2000]}
+            attrs = {"unserializable": repr(shown)[:2000]}
         return Approval(
             id=new_approval_id(),
             status=PENDING,
