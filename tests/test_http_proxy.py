@@ -1051,6 +1051,44 @@ def test_approvers_do_not_read_the_credentials_of_a_held_request(env: Env) -> No
         assert value not in audit and value not in env.gw.log()
 
 
+def test_credentials_in_the_query_reach_neither_the_recording_nor_the_audit(env: Env) -> None:
+    """The query is redacted by the names of the credential fields of a body too (``assertion``,
+    ``code_verifier``, ``code`` next to a ``grant_type``), read decoded as the upstream reads them."""
+    secrets = {
+        "code": "ac-Qy4Lm8",
+        "code_verifier": "cv-Qy6Tn2",
+        "client_assertion": "ca-Qy1Vb5",
+        "pass%77ord": "pw-Qy9Rk3",
+    }
+    query = "grant_type=authorization_code&" + "&".join(f"{k}={v}" for k, v in secrets.items()) + "&scope=read"
+    code, body = env.curl(env.url() + "/oauth/token?" + query, "-X", "POST", token=env.agent)
+    assert code == 200, body
+    assert env.api.seen("POST")[-1]["path"] == "/oauth/token?" + query  # the agent's request is sent on as it is
+    refused = f"/oauth/token?scope=read;assertion={secrets['client_assertion']}x"
+    code, body = env.curl(env.url() + refused, "-X", "POST", token=env.agent)
+    assert code == 400, body  # ';' in the query: refused, and audited
+    redacted = "grant_type=authorization_code&" + "&".join(f"{k}=[REDACTED]" for k in secrets) + "&scope=read"
+    sessions = env.gw.state_dir / "recordings" / "sessions"
+
+    def recorded() -> list[dict[str, Any]]:
+        lines = "".join(p.read_text() for p in sessions.rglob("*.jsonl")).splitlines()
+        events = [json.loads(line)["data"] for line in lines if "scope=read" in line]
+        return [e for e in events if e.get("url") == "/oauth/token?" + redacted and "status" in e]
+
+    wait_until(recorded, 20, "the token request's recording")
+
+    def audited() -> str:
+        return lictor("audit", "list", "--json", "--state-dir", str(env.gw.state_dir)).stdout
+
+    wait_until(lambda: "scope=read;assertion=[REDACTED]" in audited(), 20, "the refused request's audit")
+    audit = audited()
+    assert f"POST /oauth/token?{redacted}" in audit
+    for value in secrets.values():
+        assert value not in audit and value not in env.gw.log()
+        for path in env.gw.state_dir.rglob("*"):
+            assert not path.is_file() or value.encode() not in path.read_bytes(), (path, value)
+
+
 def test_credentials_the_gateway_cannot_use_are_an_audited_failed_authentication(env: Env) -> None:
     attempts = [
         ("-u", "admin:hunter2"),  # Basic

@@ -946,7 +946,7 @@ class LictorProxy:
             action="unreadable",
             attrs={},
             target=target.name,
-            summary=f"{method} {raw_path[:500]}",
+            summary=f"{method} {redact_query(raw_path)[:500]}",
             payload=payload(method, raw_path, body),
             reason=reason,
         )

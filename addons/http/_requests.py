@@ -37,13 +37,13 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_plus, unquote_to_bytes
 
 import brotli
 from lictor import Request
 from lictor.shell import ShellParseError, ShellState, analyse, analyse_argv
 
-from ._bodies import REDACTED, credential_name, mask_form_credentials
+from ._bodies import REDACTED, credential_name, has_grant, mask_form_credentials
 from ._k8s import _SUBRESOURCE_ACTIONS, K8sRequest, UnknownRequest, _decode_path, _parse_query, resolve
 
 if sys.version_info >= (3, 14):
@@ -683,25 +683,30 @@ def credentials_digest(headers: Iterable[tuple[str, str]]) -> str:
 SECRET_QUERY_WORDS = ("token", "key", "secret", "password", "passwd", "signature", "auth", "credential")
 
 
-def secret_query_name(name: str) -> bool:
-    """Is the value of query parameter ``name`` a credential (recordings, the audit and approvers do not get it)?"""
-    return any(word in name.lower() for word in SECRET_QUERY_WORDS)
+_QUERY_SEPARATORS = re.compile(r"([&;])")
+
+
+def secret_query_name(name: str, grant: bool) -> bool:
+    """Is the value of query parameter ``name`` (decoded) a credential, so that recordings, the audit and
+    approvers do not get it? One named with a word of :data:`SECRET_QUERY_WORDS`, or a credential field of a
+    body (:func:`credential_name`: ``assertion``, ``code_verifier``, ``code`` where a ``grant_type`` is sent)."""
+    return credential_name(name, grant) or any(word in name.lower() for word in SECRET_QUERY_WORDS)
 
 
 def redact_query(raw_path: str) -> str:
-    """The path with values of query parameters that look like credentials replaced (for recordings, the
-    audit and approvers)."""
+    """The path with values of query parameters that look like credentials (:func:`secret_query_name`, their
+    names read decoded as the upstream reads them) replaced (for recordings, the audit and approvers)."""
     path, sep, query = raw_path.partition("?")
     if not sep:
         return path
-    parts = []
-    for pair in query.split("&"):
-        name, eq, _ = pair.partition("=")
-        if eq and secret_query_name(name):
-            parts.append(f"{name}=[REDACTED]")
-        else:
-            parts.append(pair)
-    return f"{path}?{'&'.join(parts)}"
+    parts = _QUERY_SEPARATORS.split(query)  # ';' too: some servers split at it (such a query is refused)
+    names = [unquote_plus(pair.partition("=")[0]) for pair in parts[::2]]
+    grant = has_grant(names)
+    for i, name in zip(range(0, len(parts), 2), names, strict=True):
+        raw_name, eq, _ = parts[i].partition("=")
+        if eq and secret_query_name(name, grant):
+            parts[i] = f"{raw_name}=[REDACTED]"
+    return f"{path}?{''.join(parts)}"
 
 
 def payload(
@@ -790,7 +795,8 @@ def _shown_fields(flattened: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _shown_query(params: Mapping[str, Any]) -> dict[str, Any] | None:
-    found = [name for name in params if secret_query_name(name)]
+    grant = has_grant(params)
+    found = [name for name in params if secret_query_name(name, grant)]
     if not found:
         return None
     return {**params, **{name: _masked(params[name]) for name in found}}
