@@ -231,3 +231,22 @@ def test_oauth_credentials_are_masked_by_field_name_in_json_and_forms() -> None:
         b"&Password=%5BREDACTED%3Alictor%5D&scope=a+b&redirect_uri=x"
     )
     assert bodies.mask_form_credentials(b"code=1&state=2", Counter()) == b"code=1&state=2"
+
+
+def test_multipart_credentials_are_masked_part_by_part_also_cut_short() -> None:
+    body = (
+        b'--XX\r\nContent-Disposition: form-data; name="grant_type"\r\n\r\nauthorization_code\r\n'
+        b'--XX\r\nContent-Disposition: form-data; name="file"; filename="password"\r\n\r\nfile data\r\n'
+        b"--XX\r\nContent-Disposition: form-data; name=code\r\n\r\nac-123\r\n"
+        b'--XX\r\nContent-Disposition: form-data; name="Client-Secret"\r\n\r\ncs-456\r\n--XX--\r\n'
+    )
+    counts: Counter[str] = Counter()
+    masked = bodies.mask_multipart_credentials(body, b"XX", counts)
+    assert masked == body.replace(b"ac-123", b"[REDACTED:lictor]").replace(b"cs-456", b"[REDACTED:lictor]")
+    assert counts["credential"] == 2
+    cut = body[: body.index(b"cs-456") + 3]  # cut inside the secret: what is there is masked all the same
+    assert bodies.mask_multipart_credentials(cut, b"XX", Counter()).endswith(
+        b'"Client-Secret"\r\n\r\n[REDACTED:lictor]'
+    )
+    assert bodies.multipart_boundary('multipart/form-data; boundary="a b"') == b"a b"
+    assert bodies.multipart_boundary("multipart/form-data") is None

@@ -1089,6 +1089,32 @@ def test_credentials_in_the_query_reach_neither_the_recording_nor_the_audit(env:
             assert not path.is_file() or value.encode() not in path.read_bytes(), (path, value)
 
 
+def test_multipart_token_requests_reach_the_upstream_but_not_the_recording(env: Env) -> None:
+    password, secret = "pw-Mp3Xv7Lc1", "cs-Mp8Dq2Wz6"
+    fields = {"grant_type": "password", "username": "svc-multipart", "password": password, "client_secret": secret}
+    args = [arg for name, value in fields.items() for arg in ("-F", f"{name}={value}")]
+    code, body = env.curl(env.url() + "/oauth/token?multipart", *args, token=env.agent)
+    assert code == 200, body
+    sent = env.api.seen("POST", "/oauth/token?multipart")[-1]["body"]
+    assert password.encode() in sent and secret.encode() in sent  # the agent's request is sent on as it is
+    sessions = env.gw.state_dir / "recordings" / "sessions"
+
+    def recorded() -> list[dict[str, Any]]:
+        lines = "".join(p.read_text() for p in sessions.rglob("*.jsonl")).splitlines()
+        events = [json.loads(line)["data"] for line in lines if "svc-multipart" in line]
+        return [e for e in events if e.get("url") == "/oauth/token?multipart" and "status" in e]
+
+    wait_until(recorded, 20, "the token request's recording")
+    (event,) = recorded()
+    parts = event["request_body"].split("\r\n\r\n")
+    values = [p.split("\r\n", 1)[0] for p in parts[1:]]
+    assert values == ["password", "svc-multipart", "[REDACTED:lictor]", "[REDACTED:lictor]"], parts
+    for path in env.gw.state_dir.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert password.encode() not in content and secret.encode() not in content, path
+
+
 def test_credentials_the_gateway_cannot_use_are_an_audited_failed_authentication(env: Env) -> None:
     attempts = [
         ("-u", "admin:hunter2"),  # Basic

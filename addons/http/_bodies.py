@@ -22,13 +22,14 @@ Kubernetes Secrets: values under ``data`` (base64) and ``stringData`` of every S
 Service-account tokens: the agent gets the token a TokenRequest issues, but recordings get
 :func:`mask_tokens`' copy of it and of a TokenReview, without the token. Likewise, recordings of HTTP targets get
 the bodies of OAuth token requests and answers (and any JSON or form body with such fields) without the
-credentials: :func:`mask_credentials`, :func:`mask_form_credentials`.
+credentials: :func:`mask_credentials`, :func:`mask_form_credentials`, :func:`mask_multipart_credentials`.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -244,6 +245,40 @@ def mask_form_credentials(data: bytes, counts: Counter[str]) -> bytes:
             counts["credential"] += 1
         out.append(pair)
     return b"&".join(out)
+
+
+_BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+_PART_NAME = re.compile(rb'(?i)[;\s]name\s*=\s*(?:"([^"\r\n]*)"|([^;\s]+))')
+
+
+def multipart_boundary(content_type: str) -> bytes | None:
+    """The boundary of a ``multipart/form-data`` Content-Type; None without exactly one."""
+    found = _BOUNDARY.findall(content_type)
+    if len(found) != 1:
+        return None
+    return (found[0][0] or found[0][1]).encode("latin-1", "replace")
+
+
+def mask_multipart_credentials(data: bytes, boundary: bytes, counts: Counter[str]) -> bytes:
+    """The same for a ``multipart/form-data`` body (maybe cut short): the value of each part named as a
+    credential field is replaced (to its end, or to the end of ``data`` when it is cut), every other byte is
+    kept."""
+    delimiter = b"\r\n--" + boundary
+    pieces = (b"\r\n" + data).split(delimiter)  # the first is what comes before the first part
+    names: list[str | None] = []
+    for piece in pieces[1:]:
+        head, sep, _ = piece.partition(b"\r\n\r\n")
+        found = _PART_NAME.search(head) if sep else None
+        names.append((found.group(1) or found.group(2) or b"").decode("utf-8", "replace") if found else None)
+    grant = has_grant(names)
+    out = pieces[:1]
+    for piece, name in zip(pieces[1:], names, strict=True):
+        if name is not None and credential_name(name.strip(), grant):
+            head, sep, _ = piece.partition(b"\r\n\r\n")
+            piece = head + sep + REDACTED.encode()
+            counts["credential"] += 1
+        out.append(piece)
+    return delimiter.join(out)[2:]
 
 
 def _embedded_objects(doc: Any) -> list[tuple[Any, Any]]:

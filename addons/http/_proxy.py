@@ -2136,13 +2136,20 @@ def _credentials_masked(
     body: bytes, truncated: bool, content_type: str, prefix: str, masking: bodies.Masking | None = None
 ) -> dict[str, Any] | None:
     """An HTTP body as recorded without the credentials it carries by well-known field names (an OAuth token
-    request's client secret, password or refresh token; the token endpoint's answer): masked in a form and in
-    JSON, JSON left out when it cannot be read whole (cut at the recording limit). ``masking``'s rules apply too.
-    None when the body is neither, or names no such field: it is recorded as any other."""
+    request's client secret, password or refresh token; the token endpoint's answer): masked in a form
+    (urlencoded or multipart) and in JSON, JSON left out when it cannot be read whole (cut at the recording
+    limit). ``masking``'s rules apply too. None when the body is neither, or names no such field: it is recorded
+    as any other."""
     head = body[: bodies.RECORD_LIMIT]
-    if content_type.split(";", 1)[0].strip().lower() == "application/x-www-form-urlencoded":
+    media = content_type.split(";", 1)[0].strip().lower()
+    boundary = bodies.multipart_boundary(content_type) if media == "multipart/form-data" else None
+    if media == "application/x-www-form-urlencoded" or boundary is not None:
         counts: Counter[str] = Counter()
-        masked = bodies.mask_form_credentials(head, counts)  # field by field: a cut value is masked all the same
+        # field by field: a cut value is masked all the same
+        if boundary is None:
+            masked = bodies.mask_form_credentials(head, counts)
+        else:
+            masked = bodies.mask_multipart_credentials(head, boundary, counts)
         if not counts:
             return None
         return _body_for_record(masked if masking is None else masking.mask_bytes(masked), truncated, prefix)
