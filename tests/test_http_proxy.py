@@ -1294,6 +1294,43 @@ def test_websocket_messages_with_json_escapes_are_masked(tmp_path: Path) -> None
     assert got[2:] == ["plain [REDACTED:email]"], got  # the message that is not JSON is not relayed
 
 
+def test_websocket_messages_are_recorded_without_credentials(tmp_path: Path) -> None:
+    """A JSON API over a WebSocket (a login, a token pushed to the client): the agent and the upstream get the
+    credentials, the recording does not."""
+    login = json.dumps({"op": "login", "user": "svc", "password": PASSWORD})
+    issued = json.dumps({"op": "session", "data": {"access_token": ISSUED["access_token"], "expires_in": 60}})
+
+    async def handler(ws: ServerConnection) -> None:
+        got = await ws.recv()
+        await ws.send(issued if json.loads(got)["password"] == PASSWORD else "{}")
+        await ws.wait_closed()
+
+    with _websocket_gateway(tmp_path, handler) as (url, options):
+        gw = options.pop("gateway")
+
+        async def exchange() -> str:
+            async with connect(url, **options) as ws:
+                await ws.send(login)
+                return str(await asyncio.wait_for(ws.recv(), 10))
+
+        assert asyncio.run(exchange()) == issued
+    events = [
+        json.loads(line)
+        for path in (gw.state_dir / "recordings" / "sessions").rglob("*.jsonl")
+        for line in path.read_text().splitlines()
+        if '"http.ws"' in line
+    ]
+    bodies = {e["dir"]: json.loads(e["data"]["body"]) for e in events if "body" in e["data"]}
+    assert bodies == {
+        "in": {"op": "login", "user": "svc", "password": "[REDACTED:lictor]"},
+        "out": {"op": "session", "data": {"access_token": "[REDACTED:lictor]", "expires_in": 60}},
+    }, events
+    for path in gw.state_dir.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert PASSWORD.encode() not in content and ISSUED["access_token"].encode() not in content, path
+
+
 def test_a_websocket_message_too_big_to_hold_closes_the_connection(tmp_path: Path) -> None:
     """The gateway holds a WebSocket message until its last frame: one that never ends must not grow its
     memory without limit. A big message that fits passes."""

@@ -1971,7 +1971,9 @@ class LictorProxy:
             state.session.record("resize", event)
             return
         event["direction"] = "in" if direction == "from_agent" else "out"
-        event.update(_body_for_record(head, len(data) > len(head)))
+        # JSON messages (an API's login, a token pushed to the client) without their credentials
+        masked = _credentials_masked(head, len(data) > len(head), "", "")
+        event.update(_body_for_record(head, len(data) > len(head)) if masked is None else masked)
         state.session.record("http.ws", event)
 
 
@@ -2135,11 +2137,11 @@ def _may_carry_credentials(body: bytes) -> bool:
 def _credentials_masked(
     body: bytes, truncated: bool, content_type: str, prefix: str, masking: bodies.Masking | None = None
 ) -> dict[str, Any] | None:
-    """An HTTP body as recorded without the credentials it carries by well-known field names (an OAuth token
-    request's client secret, password or refresh token; the token endpoint's answer): masked in a form
-    (urlencoded or multipart) and in JSON, JSON left out when it cannot be read whole (cut at the recording
-    limit). ``masking``'s rules apply too. None when the body is neither, or names no such field: it is recorded
-    as any other."""
+    """An HTTP body or WebSocket message as recorded without the credentials it carries by well-known field
+    names (an OAuth token request's client secret, password or refresh token; the token endpoint's answer):
+    masked in a form (urlencoded or multipart) and in JSON, JSON left out when it cannot be read whole (cut at
+    the recording limit). ``masking``'s rules apply too. None when the body is neither, or names no such field:
+    it is recorded as any other."""
     head = body[: bodies.RECORD_LIMIT]
     media = content_type.split(";", 1)[0].strip().lower()
     boundary = bodies.multipart_boundary(content_type) if media == "multipart/form-data" else None
