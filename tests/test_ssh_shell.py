@@ -1923,6 +1923,21 @@ def test_xargs_may_append_file_names_after_a_final_double_dash() -> None:
     refused("ls | xargs sed --", "xargs would append")  # the script itself would come from the input
 
 
+def test_xargs_may_append_operands_to_sort_rg_and_wget_after_a_final_double_dash() -> None:
+    # After --, sort, diff3, sdiff, rg and wget take only files or URLs: what xargs appends cannot be
+    # --compress-program, --pre or --use-askpass there, so these common forms are reported as before.
+    assert names("cat files | xargs sort -u --") == ["cat", "xargs", "sort"]
+    assert names("find . -name '*.log' | xargs rg -l ERROR --") == ["find", "xargs", "rg"]
+    assert names("cat urls.txt | xargs -n1 wget -q --") == ["cat", "xargs", "wget"]
+    assert names("cat pairs | xargs -n3 diff3 --") == ["cat", "xargs", "diff3"]
+    assert ("rm", "", "sort --compress-program") in calls("ls | xargs sort --compress-program=rm --")
+    assert ("rm", "", "rg --pre") in calls("ls | xargs rg --pre rm foo --")
+    for command in ["echo --compress-program=rm | xargs sort", "echo --pre=rm | xargs rg foo",
+                    "echo --use-askpass=rm | xargs wget", "echo -- --pre=rm | xargs rg foo -- x",
+                    "echo --diff-program=rm | xargs sdiff"]:  # fmt: skip
+        refused(command, "xargs would append")
+
+
 @pytest.mark.parametrize(
     "command",
     ["vim.basic f", "vim.tiny f", "editor f", "sensible-editor f", "vim.nox f", "nvi f", "mcedit f", "emacs-nox f",

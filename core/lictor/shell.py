@@ -5012,7 +5012,9 @@ _APPEND_UNSAFE = frozenset(
     | {_h_perf, _h_socat, _h_netcat, _h_ssh, _h_scp, _h_rsync, _h_ip, _h_make, _h_cmake, _h_tar, _h_git, _h_zip}
     | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget, _h_rg, _h_lxd, _h_openssl, _h_env_runner, _h_helper_program}
 )
-_APPEND_AFTER_DASHES = frozenset({_h_tar, _h_rsync, _h_scp, _h_split, _h_pager, _h_man})
+_APPEND_AFTER_DASHES = frozenset(
+    {_h_tar, _h_rsync, _h_scp, _h_split, _h_pager, _h_man, _h_helper_program, _h_rg, _h_wget}
+)
 
 
 def _handler_for(name: str) -> Callable[[_Call], None] | None:
