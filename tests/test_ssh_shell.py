@@ -1761,6 +1761,15 @@ def test_a_container_program_reading_the_session_or_hidden_from_the_analysis_is_
     refused(command, re.escape(why))
 
 
+def test_a_compose_subcommand_xargs_would_append_is_refused() -> None:
+    # `echo exec web rm x | xargs docker compose` ran rm in the container, reported as docker alone.
+    for command in ["echo exec web rm x | xargs docker compose", "echo exec web rm x | xargs docker compose -f c.yml",
+                    "echo run web rm | xargs podman compose --project-name app --dry-run"]:  # fmt: skip
+        refused(command, "compose subcommand would come from the input of xargs")
+    assert names("echo web | xargs docker compose logs") == ["echo", "xargs", "docker"]
+    assert names("echo web | xargs docker compose -f c.yml restart") == ["echo", "xargs", "docker"]
+
+
 def test_container_tools_that_run_nothing_new_are_left_to_the_rules() -> None:
     for command in ["docker ps -a", "docker run -d nginx", "docker exec c", "docker attach --no-stdin c",
                     "docker start c", "docker compose ps", "docker ps -q | xargs docker rm", "kubectl get pods -A",

@@ -4536,6 +4536,12 @@ _CONTAINER_GLOBALS = {
         | _words("--address --namespace --snapshotter --storage-driver --hosts-dir"),
     ),
 }
+_COMPOSE_GLOBALS = _Opts(
+    flags="h",
+    valued="fp",
+    long_flags=_words("--all-resources --compatibility --dry-run --help"),
+    long_valued=_words("--ansi --env-file --file --parallel --profile --progress --project-directory --project-name"),
+)
 _CONTAINER_EXEC = _Opts(
     flags="dit",
     valued="euw",
@@ -4654,6 +4660,8 @@ def _h_container(call: _Call) -> None:
                 call.fail("'compose run' and 'compose exec' run the command given after them, which is not analysed")
             if _is_stdin_path(a.text) or a.text in ("-f-", "--file=-"):
                 call.program_from_stdin(posix=False)  # a compose file with commands in it
+        if call.env.appended and _getopt(sub, _COMPOSE_GLOBALS)[1] >= len(args):
+            call.fail("its compose subcommand would come from the input of xargs")
     elif verb == "service" and any(not call.known(a) or a.text in ("create", "update") for a in args):
         call.fail("'service create' and 'service update' run the command given in a container, which is not analysed")
     elif not verb and call.env.appended:
