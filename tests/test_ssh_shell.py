@@ -1721,6 +1721,9 @@ def test_a_shell_line_may_start_jobs_at_its_top() -> None:
         ("crictl exec c rm x", ("rm", "x", "crictl exec")),
         ("crictl -r unix:///run/containerd.sock exec -s c rm x", ("rm", "x", "crictl exec")),
         ("sudo docker exec c sh -c 'rm x'", ("rm", "x", "sh -c")),
+        ("docker compose exec web rm x", ("rm", "x", "docker compose exec")),
+        ("docker compose -f c.yml -p app exec -T -u root -w /app web rm x", ("rm", "x", "docker compose exec")),
+        ("podman compose exec --index 2 web rm x", ("rm", "x", "podman compose exec")),
     ],
 )
 def test_a_program_run_in_a_container_or_a_pod_is_reported(command: str, expected: tuple[str, str, str | None]) -> None:
@@ -1742,7 +1745,12 @@ def test_a_program_run_in_a_container_or_a_pod_is_reported(command: str, expecte
         ("docker exec -e LD_PRELOAD=/tmp/x.so c ls", "LD_PRELOAD can change which program runs"),
         ("docker exec --env-file vars c ls", "--env-file"),
         ("docker exec $c rm x", "only known at run time"),
-        ("docker compose exec web rm x", "compose exec"),
+        ("docker compose run web rm x", "compose run"),
+        ("docker compose exec web sh", "sh would read its program from the session's input"),
+        ("docker compose exec -e LD_PRELOAD=/tmp/x.so web ls", "LD_PRELOAD can change which program runs"),
+        ("docker compose exec --env-file vars web ls", "unknown option --env-file"),
+        ("docker compose exec web $c", "comes from an expansion"),
+        ("echo ls | xargs docker compose exec web", "input of xargs"),
         ("docker compose -f - up", "would read its program from the session's input"),
         ("echo c | xargs docker exec", "input of xargs"),
         ("kubectl exec -i pod -- sh", "sh would read its program from the session's input"),
@@ -1783,6 +1791,7 @@ def test_stdin_shell_finds_a_shell_run_in_a_container() -> None:
     assert stdin_shell(["docker", "exec", "-i", "c", "sh"]) == "sh"
     assert stdin_shell(["kubectl", "exec", "-i", "pod", "--", "sh"]) == "sh"
     assert stdin_shell(["docker", "exec", "c", "cat"]) is None
+    assert stdin_shell(["docker", "compose", "exec", "-T", "web", "sh"]) == "sh"
     with pytest.raises(ShellParseError, match="would read its program from stdin"):
         stdin_shell(["docker", "run", "-i", "busybox"])
 

@@ -4542,6 +4542,12 @@ _COMPOSE_GLOBALS = _Opts(
     long_flags=_words("--all-resources --compatibility --dry-run --help"),
     long_valued=_words("--ansi --env-file --file --parallel --profile --progress --project-directory --project-name"),
 )
+_COMPOSE_EXEC = _Opts(
+    flags="dTit",
+    valued="euw",
+    long_flags=_words("--detach --dry-run --interactive --no-TTY --privileged --tty --help"),
+    long_valued=_words("--env --index --user --workdir"),
+)
 _CONTAINER_EXEC = _Opts(
     flags="dit",
     valued="euw",
@@ -4655,17 +4661,42 @@ def _h_container(call: _Call) -> None:
         ):
             call.program_from_stdin(posix=False)
     elif verb == "compose":
-        for a in args:
-            if not call.known(a) or a.text in ("run", "exec"):
-                call.fail("'compose run' and 'compose exec' run the command given after them, which is not analysed")
-            if _is_stdin_path(a.text) or a.text in ("-f-", "--file=-"):
-                call.program_from_stdin(posix=False)  # a compose file with commands in it
-        if call.env.appended and _getopt(sub, _COMPOSE_GLOBALS)[1] >= len(args):
-            call.fail("its compose subcommand would come from the input of xargs")
+        _compose(sub)
     elif verb == "service" and any(not call.known(a) or a.text in ("create", "update") for a in args):
         call.fail("'service create' and 'service update' run the command given in a container, which is not analysed")
     elif not verb and call.env.appended:
         call.fail("its subcommand would come from the input of xargs")
+
+
+def _compose(call: _Call) -> None:
+    """``docker compose [OPTIONS] exec [OPTIONS] SERVICE ARGV`` runs ARGV in the service's running container, as
+    ``docker exec`` does, with the session's input open (compose's -i is on by default). ``run`` starts a new
+    container with the service's entrypoint, taken from the compose file: what runs there is not seen."""
+    args = call.args
+    for a in args:
+        if call.known(a) and (_is_stdin_path(a.text) or a.text in ("-f-", "--file=-")):
+            call.program_from_stdin(posix=False)  # a compose file with commands in it
+    opts, i = _getopt(call, _COMPOSE_GLOBALS) if call.env.appended or "exec" in [a.text for a in args] else ([], 0)
+    if call.env.appended and i >= len(args):
+        call.fail("its compose subcommand would come from the input of xargs")
+    if not {o.name for o in opts} & _HELP and i < len(args) and call.certain(args[i]) and args[i].text == "exec":
+        sub = replace(call, args=args[i + 1 :])
+        opts, j = _getopt(sub, _COMPOSE_EXEC)
+        if {o.name for o in opts} & _HELP:
+            return
+        _container_env(sub, opts)
+        if j + 1 >= len(sub.args):
+            if call.env.appended:
+                call.fail("the service or the command it runs in the container would come from the input of xargs")
+            call.fail("'compose exec' needs a service and the command to run in it")
+        sub.run(sub.args[j + 1 :], f"{call.name} compose exec", stdin=call.stdin)
+        return
+    for a in args:
+        if not call.known(a) or a.text in ("run", "exec"):
+            call.fail(
+                "'compose run' (and 'compose exec' after options not known here) run the command given after them, "
+                "which is not analysed"
+            )
 
 
 def _ssh_url_host(call: _Call, value: str | None, known: bool, via: str) -> None:
