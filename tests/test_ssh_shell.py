@@ -1934,11 +1934,28 @@ def test_words_xargs_appends_to_a_program_decided_on_its_words_are_refused(comma
 
 
 def test_xargs_may_append_file_names_after_a_final_double_dash() -> None:
-    for command in ["find . -name '*.log' -print0 | xargs -0 tar czf logs.tgz --",
+    for command in ["find . -name '*.log' -print0 | xargs -0 tar czf logs.tgz --", "ls | xargs tar -C /srv -cf a.tar --",
+                    "ls | xargs rsync -av --delete --", "ls | xargs sort -T /tmp -- ", "ls | xargs sed -n -e 1p --",
                     "grep -l foo -r . | xargs sed -i 's/foo/bar/g' --", "ls | xargs rsync -a -- ", "ls | xargs less --",
                     "ls | xargs rm", "ls | xargs grep -l foo", "ls | xargs wc -l"]:  # fmt: skip
         analyse(command)
     refused("ls | xargs sed --", "xargs would append")  # the script itself would come from the input
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["echo --to-command=rm | xargs tar xf --", "echo --to-command=rm | xargs tar -xf a.tar -C --",
+     "echo --to-command=rm | xargs tar cfT a.tar --", "echo -e rm | xargs rsync -a --exclude --",
+     "echo -S rm | xargs scp -F --", "echo --filter=rm | xargs split -b --", "echo -P rm | xargs man -L --",
+     "echo +!rm | xargs less -p --", "echo -e 1e\\ rm | xargs sed -f --", "echo -e 1e\\ rm | xargs sed -l --",
+     "echo --compress-program=rm | xargs sort -T --", "echo --pre=rm | xargs rg -e --",
+     "echo --use-askpass=rm | xargs wget -O --", "echo --diff-program=rm | xargs sdiff -o --",
+     'echo --to-command=rm | xargs tar -xf a.tar "$o" --'],
+)  # fmt: skip
+def test_a_final_double_dash_that_is_an_options_value_lets_xargs_append_options(command: str) -> None:
+    # The final -- was taken for the end of the options, but it was the value of -C, of tar's f, of -T...: what
+    # xargs appended after it were options again, and --to-command=rm ran rm unseen.
+    refused(command, "xargs would append")
 
 
 def test_xargs_may_append_operands_to_sort_rg_and_wget_after_a_final_double_dash() -> None:

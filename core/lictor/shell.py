@@ -2060,7 +2060,7 @@ def _run(
 def _check_appended(name: str, rest: list[_Arg], handler: Callable[["_Call"], None]) -> None:
     """xargs appends words only known at run time to a program whose handler decides on its words."""
     if handler in _APPEND_AFTER_DASHES:
-        if rest and rest[-1].literal and rest[-1].text == "--":
+        if _final_dashes_end_options(name, rest):
             return  # after --, what xargs appends can only be operands (file names)
         raise ShellParseError(
             f"{name}: xargs would append words only known at run time, which could be options that run a command; "
@@ -2069,6 +2069,31 @@ def _check_appended(name: str, rest: list[_Arg], handler: Callable[["_Call"], No
     raise ShellParseError(
         f"{name}: xargs would append words only known at run time, which could be options or code that run a command"
     )
+
+
+def _final_dashes_end_options(name: str, words: Sequence[_Arg]) -> bool:
+    """``words`` end with a ``--`` that ends the options, not one that is the value of the option before it (``tar
+    xf --``, ``sort -T --``, ``rsync --exclude --``): only then can what follows it be nothing but operands. The
+    word before it must be an operand, an attached value or options known to take none."""
+    if not words or not words[-1].literal or words[-1].text != "--":
+        return False
+    flags, long_flags = _DASHES_END_OPTIONS.get(name, ("", frozenset()))
+    first = words[0].text
+    if name == "tar" and words[0].literal and not first.startswith("-"):
+        # the old form's letters (xf, czf) take their values from the words after them, in order
+        if sum(ch not in flags for ch in first) >= len(words) - 1:
+            return False
+    if len(words) < 2:
+        return True
+    prev = words[-2]
+    if not prev.literal:
+        return False
+    t = prev.text
+    if t in ("-", "--") or not t.startswith("-"):
+        return True
+    if t.startswith("--"):
+        return "=" in t or t in long_flags
+    return all(ch in flags for ch in t[1:])
 
 
 @dataclass(slots=True)
@@ -3412,7 +3437,7 @@ def _h_sed(call: _Call) -> None:
             if t == "--line-length" or (not t.startswith("--") and t.endswith("l") and "l" not in t[1:-1]):
                 i += 1  # its value is the next word
             i += 1
-    if call.env.appended and not (scripts and call.args and call.known(call.args[-1]) and call.args[-1].text == "--"):
+    if call.env.appended and not (scripts and _final_dashes_end_options("sed", call.args)):
         call.fail(
             "xargs would append words only known at run time, which could be a script or options; give the script "
             "and end the arguments with -- so that they can only be file names"
@@ -5054,6 +5079,30 @@ _APPEND_UNSAFE = frozenset(
 _APPEND_AFTER_DASHES = frozenset(
     {_h_tar, _h_rsync, _h_scp, _h_split, _h_pager, _h_man, _h_helper_program, _h_rg, _h_wget}
 )
+
+# Short options that take no value (and long ones, exactly as written), of the programs that may get what xargs
+# appends after a final `--`: the word before that `--` must not be an option whose value it would be.
+_DASHES_END_OPTIONS: dict[str, tuple[str, frozenset[str]]] = {
+    "tar": ("AcdrtuxzjJZvpkmOSWhlaPiBGMnUwo", _words("--verbose --extract --create --list --gzip --bzip2 --xz")),
+    "rsync": (
+        "avzrlptgoDHAXSxunhcWqPRbdkKLOiICyFm8E0sJUN46",
+        _words(
+            "--archive --verbose --compress --recursive --delete --delete-after --progress --partial --dry-run"
+            " --checksum --update --stats --human-readable --inplace --remove-source-files --ignore-existing"
+        ),
+    ),
+    "scp": ("346ABCOpqRrsTv", frozenset()),
+    "split": ("dexu", frozenset()),
+    "man": ("acdDfkKiIluwWtZ7", frozenset()),
+    "sed": ("nrEsuzi", _words("--quiet --silent --regexp-extended --separate --unbuffered --null-data --posix")),
+    "sort": ("bdfgiMhnRrVcCmsuz", _words("--unique --reverse --numeric-sort --human-numeric-sort --version-sort")),
+    "diff3": ("AeExX3imTa", frozenset()),
+    "sdiff": ("abBdEHilstWZ", frozenset()),
+    "rg": ("ilnwvxcoqsSFHINuUzLap0.", frozenset()),
+    "ripgrep": ("ilnwvxcoqsSFHINuUzLap0.", frozenset()),
+    "wget": ("qvdNrpkKmcSxEHFLb46", frozenset()),
+    **dict.fromkeys(_PAGERS, ("RSNiFXrMmEeKsUwcaGgQqLIdJfl", frozenset())),
+}
 
 
 def _handler_for(name: str) -> Callable[[_Call], None] | None:
