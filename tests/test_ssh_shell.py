@@ -2110,6 +2110,30 @@ def test_a_program_starting_an_editor_on_the_sessions_input_is_refused(command: 
     refused(command, "it starts an editor")
 
 
+@pytest.mark.parametrize(
+    "command",
+    ["git add -e", "git add --edit f", "git add -p", "git add -vp f", "git add --interactive", "git add --pat",
+     "git checkout -p", "git reset -p HEAD f", "git restore --patch f", "git stash -p", "git stash push -p",
+     "git commit -m x -p", "git commit --interactive", "git config -e", "git config --global --edit",
+     "git config edit", "git branch --edit-description", "git am -i p.patch", "x=-e; git add $x",
+     'x=-p; git checkout -t "$x"'],
+)  # fmt: skip
+def test_git_options_that_start_an_editor_or_a_prompt_for_one_are_refused(command: str) -> None:
+    # git add -e and git config -e start the editor on the session's input; the prompt of -p and -i reads its
+    # answers there, and `e` starts the editor: its :!CMD ran unseen, reported as git alone.
+    refused(command, "it starts an editor|could inject an option")
+
+
+def test_git_options_that_start_no_editor_are_left_to_the_rules() -> None:
+    for command in ["git add -A", "git add -u .", 'git add "$f"', "git add -- -e", "git add -p < /dev/null",
+                    "git checkout -b fix", "git checkout -- f", 'git checkout "$BRANCH"', "git stash show -p",
+                    "git stash pop", "git reset --hard HEAD", "git restore --staged f", "git commit -am x",
+                    "git config --global user.email a@b", "git branch -a", "git am p.patch", "git log -p",
+                    'msg="fix: x"; git commit -m "$msg"', 'for f in *.log; do git add -- "$f"; done',
+                    'b=fix; git checkout -b "$b"']:  # fmt: skip
+        assert names(command)[-1] == "git"
+
+
 def test_a_program_that_starts_no_editor_or_one_on_an_empty_input_is_left_to_the_rules() -> None:
     for command in ["git commit -m x", "git commit -am x", 'git commit -m "$msg"', "git commit --amend --no-edit",
                     "git commit -F msg.txt", "git commit --fixup HEAD", "git commit < /dev/null", "git tag v1",

@@ -4155,9 +4155,66 @@ _GIT_VALUED = re.compile(
 )
 
 
+# Options that start an editor on a file (git add -e, git config -e) or a prompt reading the input whose `e` answer
+# starts one (git add -p, git checkout -p, git am -i): short letters (alone or in a group) and long options.
+_GIT_EDITING = {
+    "add": ("epi", ("--edit", "--patch", "--interactive")),
+    "checkout": ("p", ("--patch",)),
+    "reset": ("p", ("--patch",)),
+    "restore": ("p", ("--patch",)),
+    "stash": ("p", ("--patch",)),
+    "commit": ("p", ("--patch", "--interactive")),
+    "config": ("e", ("--edit",)),
+    "branch": ("", ("--edit-description",)),
+    "am": ("i", ("--interactive",)),
+}
+
+# Their options that take the next word as their value
+_GIT_EDITING_VALUED = {
+    "commit": re.compile(r"-[a-zA-Z]*[mFCct]|--(?:message|file|reuse-message|reedit-message|template|author|date)"),
+    "checkout": re.compile(r"-[a-zA-Z]*[bB]|--orphan"),
+}
+
+
+def _git_edits(call: _Call, sub: str, rest: Sequence[_Arg]) -> bool:
+    """Whether git would start an editor, or a prompt that starts one, through one of :data:`_GIT_EDITING`'s options
+    (or ``git config edit``); a word only known at run time could be one, unless it is a variable of the target's."""
+    letters, longs = _GIT_EDITING[sub]
+    if sub == "stash" and rest and call.known(rest[0]) and not rest[0].text.startswith("-"):
+        if rest[0].text not in ("push", "save"):
+            return False  # git stash show -p shows a diff
+    if sub == "config" and any(call.known(r) and r.text == "edit" for r in rest):
+        return True
+    for k, r in enumerate(rest):
+        if not call.known(r):
+            valued = _GIT_EDITING_VALUED.get(sub)
+            if call.operand_like(r) or (
+                k and valued is not None and call.known(rest[k - 1]) and valued.fullmatch(rest[k - 1].text)
+            ):
+                continue  # not an option, or the value of one (git commit -m "$msg", git checkout -b "$name")
+            segs = [g for g in r.word.segs if g.text] if r.word is not None else []
+            if len(segs) == 1 and segs[0].kind == _PARAM and segs[0].name and _NAME_RE.fullmatch(segs[0].name):
+                _require_untainted(call, segs[0].name)
+                continue
+            return True
+        t = r.text
+        if t == "--":
+            return False
+        if t.startswith("--"):
+            key = t.split("=", 1)[0]
+            if len(key) > 3 and any(option.startswith(key) for option in longs):
+                return True
+        elif t.startswith("-") and any(ch in letters for ch in t[1:]):
+            return True
+    return False
+
+
 def _git_starts_an_editor(call: _Call, sub: str, rest: Sequence[_Arg]) -> bool:
     """Whether git would start an editor for a message: ``git commit`` and ``git notes add`` without -m, -F or -C,
-    ``git tag -a`` without a message, any of them (and merge, revert, cherry-pick) with -e."""
+    ``git tag -a`` without a message, any of them (and merge, revert, cherry-pick) with -e; or through
+    :func:`_git_edits`."""
+    if sub in _GIT_EDITING and _git_edits(call, sub, rest):
+        return True
     if sub not in ("commit", "tag", "notes", "merge", "revert", "cherry-pick"):
         return False
     message = edit = False
@@ -4207,6 +4264,8 @@ def _h_git(call: _Call) -> None:
     sub = args[i].text
     rest = args[i + 1 :]
     if sub == "config":
+        if _git_starts_an_editor(call, sub, rest):
+            _starts_an_editor(call)
         # The key is not always the first operand: `git config set KEY VALUE`, `-f FILE KEY VALUE`, `--type T ...`.
         # A key that can run a command, followed by any word (a value), is refused.
         operands = [r for r in rest if not (call.known(r) and r.text.startswith("-"))]
