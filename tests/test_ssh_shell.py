@@ -1724,6 +1724,8 @@ def test_a_shell_line_may_start_jobs_at_its_top() -> None:
         ("docker compose exec web rm x", ("rm", "x", "docker compose exec")),
         ("docker compose -f c.yml -p app exec -T -u root -w /app web rm x", ("rm", "x", "docker compose exec")),
         ("podman compose exec --index 2 web rm x", ("rm", "x", "podman compose exec")),
+        ("docker-compose exec web rm x", ("rm", "x", "docker-compose exec")),
+        ("docker-compose -f c.yml exec -T web rm x", ("rm", "x", "docker-compose exec")),
     ],
 )
 def test_a_program_run_in_a_container_or_a_pod_is_reported(command: str, expected: tuple[str, str, str | None]) -> None:
@@ -1746,6 +1748,10 @@ def test_a_program_run_in_a_container_or_a_pod_is_reported(command: str, expecte
         ("docker exec --env-file vars c ls", "--env-file"),
         ("docker exec $c rm x", "only known at run time"),
         ("docker compose run web rm x", "compose run"),
+        ("docker-compose run web rm x", "compose run"),
+        ("docker-compose exec web sh", "sh would read its program from the session's input"),
+        ("docker-compose -f - up", "would read its program from the session's input"),
+        ("echo exec web rm x | xargs docker-compose", "input of xargs"),
         ("docker compose exec web sh", "sh would read its program from the session's input"),
         ("docker compose exec -e LD_PRELOAD=/tmp/x.so web ls", "LD_PRELOAD can change which program runs"),
         ("docker compose exec --env-file vars web ls", "unknown option --env-file"),
@@ -1784,6 +1790,7 @@ def test_container_tools_that_run_nothing_new_are_left_to_the_rules() -> None:
                     "kubectl attach pod", "kubectl logs -f pod", "crictl ps", "docker exec -i c cat < /dev/null"]:  # fmt: skip
         assert "docker" in names(command) or "kubectl" in names(command) or "crictl" in names(command)
         assert not {"sh", "rm"} & set(names(command))
+    assert names("docker-compose ps") == names("docker-compose logs -f web") == ["docker-compose"]
 
 
 def test_stdin_shell_finds_a_shell_run_in_a_container() -> None:

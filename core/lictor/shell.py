@@ -4753,9 +4753,10 @@ def _h_container(call: _Call) -> None:
 
 
 def _compose(call: _Call) -> None:
-    """``docker compose [OPTIONS] exec [OPTIONS] SERVICE ARGV`` runs ARGV in the service's running container, as
-    ``docker exec`` does, with the session's input open (compose's -i is on by default). ``run`` starts a new
-    container with the service's entrypoint, taken from the compose file: what runs there is not seen."""
+    """``docker compose [OPTIONS] exec [OPTIONS] SERVICE ARGV`` (or ``docker-compose ...``) runs ARGV in the
+    service's running container, as ``docker exec`` does, with the session's input open (compose's -i is on by
+    default). ``run`` starts a new container with the service's entrypoint, taken from the compose file: what runs
+    there is not seen."""
     args = call.args
     for a in args:
         if call.known(a) and (_is_stdin_path(a.text) or a.text in ("-f-", "--file=-")):
@@ -4773,7 +4774,8 @@ def _compose(call: _Call) -> None:
             if call.env.appended:
                 call.fail("the service or the command it runs in the container would come from the input of xargs")
             call.fail("'compose exec' needs a service and the command to run in it")
-        sub.run(sub.args[j + 1 :], f"{call.name} compose exec", stdin=call.stdin)
+        via = f"{call.name} exec" if call.name == "docker-compose" else f"{call.name} compose exec"
+        sub.run(sub.args[j + 1 :], via, stdin=call.stdin)
         return
     for a in args:
         if not call.known(a) or a.text in ("run", "exec"):
@@ -5111,6 +5113,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "git": _h_git,
     "zip": _h_zip,
     **dict.fromkeys(_CONTAINER_GLOBALS, _h_container),
+    "docker-compose": _compose,
     "kubectl": _h_kubectl,
     "crictl": _h_crictl,
     "machinectl": _h_machinectl,
