@@ -1965,6 +1965,19 @@ def test_a_final_double_dash_that_is_an_options_value_lets_xargs_append_options(
     refused(command, "xargs would append")
 
 
+def test_xargs_may_append_paths_to_git_subcommands_that_take_them_after_a_final_double_dash() -> None:
+    # git add/rm/checkout/restore/diff/log/ls-files take only paths after --: these common forms were refused.
+    for command in ["git ls-files -m | xargs git add --", "git ls-files -z | xargs -0 git rm --cached --",
+                    "ls | xargs git -C /srv/app checkout HEAD --", "ls | xargs git diff --stat --",
+                    "ls | xargs git -c color.ui=never log --oneline --"]:  # fmt: skip
+        assert names(command)[-1] == "git"
+    for command in ["echo -e | xargs git add", "echo -c core.pager=rm log | xargs git", "echo log | xargs git --",
+                    "echo -e | xargs git add --chmod --", "echo -e | xargs git commit -m x --",
+                    "echo x | xargs git -C -- add", "echo x | xargs git -C dir --",
+                    "echo --ext-diff | xargs git diff -S --", "echo x | xargs git difftool --"]:  # fmt: skip
+        refused(command, "xargs would append")
+
+
 def test_xargs_may_append_operands_to_sort_rg_and_wget_after_a_final_double_dash() -> None:
     # After --, sort, diff3, sdiff, rg and wget take only files or URLs: what xargs appends cannot be
     # --compress-program, --pre or --use-askpass there, so these common forms are reported as before.

@@ -2059,6 +2059,16 @@ def _run(
 
 def _check_appended(name: str, rest: list[_Arg], handler: Callable[["_Call"], None]) -> None:
     """xargs appends words only known at run time to a program whose handler decides on its words."""
+    if handler is _h_git:
+        sub = _git_subcommand(rest)
+        key = f"git {sub[0]}" if sub is not None else ""
+        if sub is not None and key in _DASHES_END_OPTIONS and _final_dashes_end_options(key, sub[1]):
+            return  # git add ... --: after --, what xargs appends can only be paths
+        raise ShellParseError(
+            f"{name}: xargs would append words only known at run time, which could be options that run a command; "
+            "name a subcommand that takes paths (add, rm, checkout, restore, diff, log, ls-files) and end its "
+            "arguments with -- so that they can only be paths"
+        )
     if handler in _APPEND_AFTER_DASHES:
         if _final_dashes_end_options(name, rest):
             return  # after --, what xargs appends can only be operands (file names)
@@ -2069,6 +2079,23 @@ def _check_appended(name: str, rest: list[_Arg], handler: Callable[["_Call"], No
     raise ShellParseError(
         f"{name}: xargs would append words only known at run time, which could be options or code that run a command"
     )
+
+
+def _git_subcommand(args: Sequence[_Arg]) -> tuple[str, Sequence[_Arg]] | None:
+    """git's subcommand and the words after it, past its global options (None if there is none, or a word before
+    it is only known at run time)."""
+    i = 0
+    while i < len(args):
+        if not args[i].literal:
+            return None
+        t = args[i].text
+        if t in ("-c", "-C", "--git-dir", "--work-tree", "--namespace", "--super-prefix"):
+            i += 2
+        elif t.startswith("-"):
+            i += 1
+        else:
+            return t, args[i + 1 :]
+    return None
 
 
 def _final_dashes_end_options(name: str, words: Sequence[_Arg]) -> bool:
@@ -5164,6 +5191,14 @@ _DASHES_END_OPTIONS: dict[str, tuple[str, frozenset[str]]] = {
     "ripgrep": ("ilnwvxcoqsSFHINuUzLap0.", frozenset()),
     "wget": ("qvdNrpkKmcSxEHFLb46", frozenset()),
     **dict.fromkeys(_PAGERS, ("RSNiFXrMmEeKsUwcaGgQqLIdJfl", frozenset())),
+    # git subcommands whose words after -- are paths
+    "git add": ("vfnNuA", _words("--all --update --verbose --force --dry-run --intent-to-add --no-all")),
+    "git rm": ("nfrq", _words("--cached --force --quiet --dry-run --ignore-unmatch")),
+    "git checkout": ("fqm", _words("--force --quiet --merge --ours --theirs")),
+    "git restore": ("WSq", _words("--staged --worktree --quiet --ours --theirs")),
+    "git diff": ("pRwbuz", _words("--stat --name-only --name-status --cached --staged --numstat")),
+    "git log": ("p", _words("--oneline --stat --follow --name-only")),
+    "git ls-files": ("cdmosuzkt", _words("--cached --deleted --modified --others --stage --unmerged --killed")),
 }
 
 
