@@ -1978,6 +1978,19 @@ def test_xargs_may_append_paths_to_git_subcommands_that_take_them_after_a_final_
         refused(command, "xargs would append")
 
 
+def test_xargs_may_append_package_names_to_apt_after_a_final_double_dash() -> None:
+    # apt's own command line parser takes only package names after --: these were refused with any word appended.
+    for command in ["cat pkgs.txt | xargs apt-get install -y --", "cat pkgs.txt | xargs sudo apt-get install -y --",
+                    "cat pkgs | xargs apt install --no-install-recommends --", "cat pkgs | xargs apt-mark hold --",
+                    "cat pkgs | xargs apt-cache policy --"]:  # fmt: skip
+        assert "apt" in names(command)[-1]
+    for command in ["echo -o APT::Update::Pre-Invoke::=rm | xargs apt-get update",
+                    "echo -o x | xargs apt-get install -y", "echo x | xargs apt-get install -t --",
+                    "echo x | xargs apt-get -o --", "echo x | xargs apt-cache -p --",
+                    "echo x | xargs aptitude install --"]:  # fmt: skip
+        refused(command, "one could be -o")
+
+
 def test_xargs_may_append_operands_to_sort_rg_and_wget_after_a_final_double_dash() -> None:
     # After --, sort, diff3, sdiff, rg and wget take only files or URLs: what xargs appends cannot be
     # --compress-program, --pre or --use-askpass there, so these common forms are reported as before.

@@ -4368,8 +4368,11 @@ def _h_apt(call: _Call) -> None:
     """apt's ``-o KEY=VALUE`` sets any configuration item, among them the hooks apt runs with ``sh -c``
     (``DPkg::Pre-Invoke``, ``APT::Update::Post-Invoke-Success``...) and the options it gives dpkg
     (``Dpkg::Options::=--pre-invoke=CMD``); ``-c FILE`` reads configuration that may set them."""
-    if call.env.appended:
-        call.fail("xargs would append options that are only known at run time: one could be -o")
+    if call.env.appended and not (call.name != "aptitude" and _final_dashes_end_options(call.name, call.args)):
+        call.fail(
+            "xargs would append options that are only known at run time: one could be -o; end its arguments with -- "
+            "so that they can only be package names"
+        )
     args = call.args
     items: list[_Arg] = []
     for i, a in enumerate(args):
@@ -5191,6 +5194,13 @@ _DASHES_END_OPTIONS: dict[str, tuple[str, frozenset[str]]] = {
     "ripgrep": ("ilnwvxcoqsSFHINuUzLap0.", frozenset()),
     "wget": ("qvdNrpkKmcSxEHFLb46", frozenset()),
     **dict.fromkeys(_PAGERS, ("RSNiFXrMmEeKsUwcaGgQqLIdJfl", frozenset())),
+    **dict.fromkeys(
+        ("apt", "apt-get"),
+        (
+            "yqsdfmubV",
+            _words("--yes --assume-yes --quiet --no-install-recommends --fix-broken --reinstall --purge --simulate"),
+        ),
+    ),
     # git subcommands whose words after -- are paths
     "git add": ("vfnNuA", _words("--all --update --verbose --force --dry-run --intent-to-add --no-all")),
     "git rm": ("nfrq", _words("--cached --force --quiet --dry-run --ignore-unmatch")),
