@@ -2125,6 +2125,14 @@ def test_git_settings_and_subcommands_that_run_a_command_are_refused(command: st
     refused(command, "run|only known at run time")
 
 
+def test_the_value_of_git_attr_source_is_not_taken_for_the_subcommand() -> None:
+    # git --attr-source TREE takes the next word: in `git --attr-source log mergetool` the subcommand is mergetool,
+    # which runs a merge tool, but log was checked.
+    refused("git --attr-source log mergetool", "'git mergetool' runs commands")
+    refused("echo mergetool | xargs git --attr-source log --", "xargs would append")
+    assert names("git --attr-source HEAD log") == names("git --attr-source=HEAD log") == ["git"]
+
+
 def test_git_settings_that_run_nothing_are_left_to_the_rules() -> None:
     for command in ["git config --get core.pager", "git config --unset core.pager", "git config user.name 'A B'",
                     "git send-email --smtp-server=smtp.example.com p.patch", "git daemon --export-all"]:  # fmt: skip

@@ -2089,7 +2089,7 @@ def _git_subcommand(args: Sequence[_Arg]) -> tuple[str, Sequence[_Arg]] | None:
         if not args[i].literal:
             return None
         t = args[i].text
-        if t in ("-c", "-C", "--git-dir", "--work-tree", "--namespace", "--super-prefix"):
+        if t == "-c" or t in _GIT_VALUED_GLOBALS:
             i += 2
         elif t.startswith("-"):
             i += 1
@@ -4236,6 +4236,10 @@ def _git_edits(call: _Call, sub: str, rest: Sequence[_Arg]) -> bool:
     return False
 
 
+# git's options before the subcommand that take the next word as their value (-c aside)
+_GIT_VALUED_GLOBALS = frozenset({"-C", "--git-dir", "--work-tree", "--namespace", "--super-prefix", "--attr-source"})
+
+
 def _git_starts_an_editor(call: _Call, sub: str, rest: Sequence[_Arg]) -> bool:
     """Whether git would start an editor for a message: ``git commit`` and ``git notes add`` without -m, -F or -C,
     ``git tag -a`` without a message, any of them (and merge, revert, cherry-pick) with -e; or through
@@ -4279,7 +4283,7 @@ def _h_git(call: _Call) -> None:
             continue
         if t.startswith("--config-env") or t.startswith("--exec-path="):
             call.fail(f"{t.split('=')[0]} can make git run a command")
-        if t in ("-C", "--git-dir", "--work-tree", "--namespace", "--super-prefix"):
+        if t in _GIT_VALUED_GLOBALS:
             i += 2
             continue
         if t.startswith("-"):
