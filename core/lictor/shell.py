@@ -102,7 +102,7 @@ are reported as themselves and the rules must treat them as able to run anything
 
 import posixpath
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
@@ -2156,6 +2156,16 @@ class _Call:
         """Whatever it expands to cannot be taken for an option."""
         return bool(arg.lead) and arg.lead[0] not in "-+"
 
+    def option_words(self, words: Sequence[_Arg] | None = None) -> Iterator[tuple[int, _Arg]]:
+        """Each of ``words`` (the arguments) with its index, for a program that reads options among them: a word
+        only known at run time is skipped where it cannot be taken for an option, and refused where it could."""
+        for i, a in enumerate(self.args if words is None else words):
+            if not self.known(a):
+                if self.operand_like(a):
+                    continue
+                self.fail(f"the option position holding {a.text!r} is only known at run time")
+            yield i, a
+
     def code(self, arg: _Arg, what: str) -> str:
         """Text of an argument that will be parsed as shell code: it must be certain."""
         if not self.known(arg):
@@ -3493,11 +3503,7 @@ def _h_command_reader(call: _Call) -> None:
         call.fail("it takes commands typed at the terminal, which cannot be inspected")
     inline = _READER_INLINE.get(_READER_FAMILY.get(call.name, call.name))
     if inline is not None:
-        for a in call.args:
-            if not call.known(a):
-                if call.operand_like(a):
-                    continue
-                call.fail(f"the option position holding {a.text!r} is only known at run time")
+        for _, a in call.option_words():
             if inline.fullmatch(a.text):
                 call.fail(f"{a.text!r} gives it a command to run, which can run a shell command")
     if call.name in ("sftp",):
@@ -4339,11 +4345,7 @@ _DPKG_COMMANDS = {"--pre-invoke": "dpkg --pre-invoke", "--post-invoke": "dpkg --
 def _dpkg_options(call: _Call, words: Sequence[_Arg], *, split: bool) -> None:
     """The commands dpkg's --pre-invoke, --post-invoke and --status-logger run. ``split``: a value may be the
     next word (dpkg's own command line; apt's ``Dpkg::Options`` give one word each and cannot split them)."""
-    for i, a in enumerate(words):
-        if not call.known(a):
-            if call.operand_like(a):
-                continue
-            call.fail(f"the option position holding {a.text!r} is only known at run time")
+    for i, a in call.option_words(words):
         key, eq, value = a.text.partition("=")
         if key == "--":
             return
@@ -4451,11 +4453,7 @@ def _h_openssl(call: _Call) -> None:
 def _h_tcpdump(call: _Call) -> None:
     """tcpdump -z CMD runs CMD (without a shell, the file as its argument) on each capture file it closes."""
     args = call.args
-    for i, a in enumerate(args):
-        if not call.known(a):
-            if call.operand_like(a):
-                continue
-            call.fail(f"the option position holding {a.text!r} is only known at run time")
+    for i, a in call.option_words(args):
         t = a.text
         if not t.startswith("-") or t.startswith("--"):
             continue
@@ -4473,11 +4471,7 @@ def _h_wget(call: _Call) -> None:
     """wget --use-askpass=CMD runs CMD to ask for credentials; so does a ``use_askpass`` command given with -e or
     read from a --config file."""
     args = call.args
-    for i, a in enumerate(args):
-        if not call.known(a):
-            if call.operand_like(a):
-                continue
-            call.fail(f"the option position holding {a.text!r} is only known at run time")
+    for i, a in call.option_words(args):
         t = a.text
         if t == "--":
             return
@@ -4509,11 +4503,7 @@ def _h_wget(call: _Call) -> None:
 def _h_rg(call: _Call) -> None:
     """ripgrep's --pre CMD runs CMD on every file it searches (the file's path as argument, its content as input)."""
     args = call.args
-    for i, a in enumerate(args):
-        if not call.known(a):
-            if call.operand_like(a):
-                continue
-            call.fail(f"the option position holding {a.text!r} is only known at run time")
+    for i, a in call.option_words(args):
         key, eq, value = a.text.partition("=")
         if key == "--":
             return
