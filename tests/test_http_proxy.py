@@ -574,6 +574,20 @@ def test_denials_name_the_rule_and_what_to_do(env: Env) -> None:
     assert env.api.seen("DELETE") == [] and env.api.seen("POST") == []
 
 
+def test_a_token_that_just_expired_is_told_to_get_a_fresh_one(env: Env) -> None:
+    # Within the identity leeway the token still authenticates, and the decision refuses it: retrying later
+    # with the same token cannot help, so the hint must not say so.
+    token = env.gw.token("agent-1", ttl="1s", role="support-agent")
+    payload = token.split(".")[1]
+    expires = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
+    while time.time() <= expires + 0.5:
+        time.sleep(0.2)
+    code, body = env.curl(env.url() + "/v1/customers/42", token=token)
+    doc = json.loads(body)
+    assert code == 403 and doc["rule"] == "lictor:token-expired", body
+    assert "fresh token" in doc["hint"] and "retry later" not in doc["hint"], doc
+
+
 def test_undeclared_json_that_parsers_read_differently_is_refused(env: Env) -> None:
     # Sent as text/plain (or without a Content-Type), JSON that the gateway's strict parser refused was read as
     # text: its credit limit got past the deny and was held for approval instead, while Go's json.NewDecoder

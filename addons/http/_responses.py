@@ -79,6 +79,9 @@ def _hint(decision: Decision, kubernetes: bool = False) -> str:
             "check the approval id and that the request is exactly the one approved (method, URL, body); "
             "without X-Lictor-Approval the request asks for a new approval"
         )
+    if rule == "lictor:token-expired":
+        # Retrying with the same token is refused again: only a fresh token helps.
+        return "get a fresh token (from your identity provider or `lictor token issue`) and send the request again"
     if rule.startswith("lictor:"):
         return "the gateway could not check this request; retry later or contact the gateway operators"
     if kubernetes:  # kubectl sends no headers of the agent's choosing; the message already names the rule
