@@ -246,6 +246,8 @@ def test_failed_authentications_on_the_approvals_api_are_audited(approvals_gatew
     for token in (forged, "not-a-token"):
         result = lictor("approvals", "list", "--url", gw.url, "--token", token, check=False)
         assert result.returncode == 1 and "gateway refused (401): authentication failed" in result.stderr
+        # the address is named: with two gateways on one machine, the token may be for the other one
+        assert f"approvals API at {gw.url}; is that the gateway whose approver token this is?" in result.stderr
     deadline = time.monotonic() + 10  # the audit log is a batch behind the spool
     while True:
         out = lictor("audit", "list", "--json", "--kind", "approvals.login_failed", "--state-dir", str(gw.state_dir))

@@ -70,7 +70,8 @@ def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any]
     token = args.token or os.environ.get("LICTOR_TOKEN", "")
     if not token:
         raise CliError("no token: pass --token or set LICTOR_TOKEN (an approver's token)", EXIT_USAGE)
-    url = _base_url(args) + path
+    base = _base_url(args)
+    url = base + path
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - http(s) URL from config/--url
     req.add_header("Authorization", f"Bearer {token.strip()}")
@@ -87,7 +88,12 @@ def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any]
             message = ""
         if exc.code == 404:
             raise CliError(f"not found: {message or exc.reason}") from None
-        raise CliError(f"gateway refused ({exc.code}): {message or exc.reason}") from None
+        where = f"approvals API at {base}"
+        if exc.code == 401:
+            # A token that does not verify is often one from another gateway answering on this address (two
+            # gateways on one machine, each with its own issuer): name the address so that it can be checked.
+            where += "; is that the gateway whose approver token this is?"
+        raise CliError(f"gateway refused ({exc.code}): {message or exc.reason} ({where})") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise CliError(f"cannot reach the gateway's approvals API at {url}: {reason}") from None
