@@ -67,6 +67,13 @@ async def test_the_request_hook_refuses_what_cannot_be_relayed_whatever_the_poli
             testing.assert_decision(decision, "deny", rule="redis:unsupported")
             assert line.split()[0] in decision.message
         testing.assert_decision(await admin.decide(req("SELECT 5")), "deny", rule="redis:db-pinned")
+        # a role whose rules deny them too is told they are unsupported, not to ask for a rule that cannot help
+        writer = await h.session(testing.identity("w", role="writer"), protocol="redis", target="cache")
+        for line in ["SUBSCRIBE ch", "MONITOR", "CLIENT TRACKING ON"]:
+            decision = await writer.decide(req(line))
+            testing.assert_decision(decision, "deny", rule="redis:unsupported")
+            assert "ask your security team" not in decision.message
+        assert [e["rule_ids"] for e in h.audit("decision")][-3:] == [["redis:unsupported"]] * 3
 
 
 def test_a_plaintext_listener_off_loopback_is_refused():

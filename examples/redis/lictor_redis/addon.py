@@ -161,6 +161,11 @@ class RedisAddon:
                 "redis:db-pinned",
             )
 
+    def decision(self, flow: Flow) -> None:
+        """A policy denial takes the place of the ``request`` hook's: a role without a rule for ``SUBSCRIBE`` was
+        told to ask for one, which could not help. What the gateway cannot relay is said so, in the audit too."""
+        self.request(flow)
+
     async def running(self, gateway: Gateway) -> None:
         if not self.targets:
             self.configure(gateway)
