@@ -4,6 +4,8 @@ with the real OpenSSH client."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import socket
 import subprocess
@@ -81,6 +83,24 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         proc.terminate()
         proc.wait(timeout=15)
         sshd.stop()
+
+
+def test_a_token_that_just_expired_is_told_to_connect_again_with_a_fresh_one(running: Running) -> None:
+    # Within the identity leeway the token still logs in, and every command is refused as expired: the denial
+    # must not send the agent to retry later with the same token.
+    token = lictor(
+        "token", "issue", "--state-dir", str(running.state), "--sub", "late-bot", "--claim", "role=observer",
+        "--ttl", "1s",
+    ).stdout.strip()  # fmt: skip
+    payload = token.split(".")[1]
+    expires = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
+    while time.time() <= expires + 0.5:
+        time.sleep(0.2)
+    denied = running.client.ssh(token, "uptime")
+    assert denied.returncode == 126, denied.stderr
+    text = denied.stderr.decode()
+    assert "by rule lictor:token-expired" in text and "fresh token" in text, text
+    assert "Retry later" not in text, text
 
 
 def test_observer_contract(running: Running) -> None:

@@ -278,6 +278,8 @@ def _next_step(request: Request, decision: Decision) -> str:
         return ""  # the policy's default-deny message already says what to do
     if decision.approval_id or (decision.approval is not None):
         return "The approval was not granted; ask an approver, or run something else."
+    if rule == "lictor:token-expired":
+        return "Retrying on this connection cannot help; connect again with a fresh token."
     if rule.startswith("lictor:"):
         return "Retry later or contact the gateway operators."
     return "This is a deliberate restriction; do it another way or ask the rule pack owners."
