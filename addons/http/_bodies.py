@@ -200,6 +200,8 @@ CREDENTIAL_FIELDS = frozenset(
 )
 # ... and the authorization code, where a token request (one with a grant_type) sends it.
 GRANT_CODE = "code"
+# A word that every name of CREDENTIAL_FIELDS holds: a quick test that a text may name none of them.
+CREDENTIAL_WORDS = "token|secret|assertion|password|verifier|device"
 
 
 def credential_name(name: str, grant: bool) -> bool:
@@ -208,8 +210,13 @@ def credential_name(name: str, grant: bool) -> bool:
     return folded in CREDENTIAL_FIELDS or (grant and folded == GRANT_CODE)
 
 
+def is_grant_type(name: Any) -> bool:
+    """Is ``name`` the ``grant_type`` of a token request (any case, ``-`` for ``_``)?"""
+    return isinstance(name, str) and name.lower().replace("-", "_") == "grant_type"
+
+
 def has_grant(names: Iterable[Any]) -> bool:
-    return any(isinstance(name, str) and name.lower().replace("-", "_") == "grant_type" for name in names)
+    return any(map(is_grant_type, names))
 
 
 def mask_credentials(doc: Any, counts: Counter[str]) -> Any:

@@ -2118,7 +2118,7 @@ def _masked_or_omitted(
 
 _JSON_KEY = re.compile(rb'"((?:[^"\\]|\\.){0,256})"\s*:')
 # Every credential field name holds one of these words (``code`` only next to a grant), or is escaped.
-_CREDENTIAL_WORDS = re.compile(rb"(?i)token|secret|assertion|password|verifier|device|grant|\\")
+_CREDENTIAL_WORDS = re.compile(f"(?i){bodies.CREDENTIAL_WORDS}|grant|\\\\".encode())
 
 
 def _may_carry_credentials(body: bytes) -> bool:

@@ -43,7 +43,15 @@ import brotli
 from lictor import Request
 from lictor.shell import ShellParseError, ShellState, analyse, analyse_argv
 
-from ._bodies import REDACTED, credential_name, has_grant, mask_form_credentials
+from ._bodies import (
+    CREDENTIAL_WORDS,
+    GRANT_CODE,
+    REDACTED,
+    credential_name,
+    has_grant,
+    is_grant_type,
+    mask_form_credentials,
+)
 from ._k8s import _SUBRESOURCE_ACTIONS, K8sRequest, UnknownRequest, _decode_path, _parse_query, resolve
 
 if sys.version_info >= (3, 14):
@@ -752,7 +760,7 @@ def body_text(body: bytes) -> tuple[str, int] | None:
     return shown, len(body) - len(shown.encode())
 
 
-_CREDENTIAL_PATH_WORDS = re.compile(r"(?i)token|secret|assertion|password|verifier|device|code")
+_CREDENTIAL_PATH_WORDS = re.compile(f"(?i){CREDENTIAL_WORDS}|{GRANT_CODE}")
 
 
 def _path_parent_name(path: str) -> tuple[str, str]:
@@ -785,9 +793,7 @@ def _shown_fields(flattened: Mapping[str, Any]) -> dict[str, Any] | None:
     named = {path: _path_parent_name(path) for path in flattened if _CREDENTIAL_PATH_WORDS.search(path)}
     if not named:
         return None
-    grants = {
-        parent for parent, name in map(_path_parent_name, flattened) if name.lower().replace("-", "_") == "grant_type"
-    }
+    grants = {parent for parent, name in map(_path_parent_name, flattened) if is_grant_type(name)}
     found = [path for path, (parent, name) in named.items() if credential_name(name, parent in grants)]
     if not found:
         return None
