@@ -171,7 +171,7 @@ def requests_for_command(
     for i, inv in enumerate(invocations):
         attrs = invocation_attrs(inv, channel)
         written = _as_written(attrs["command"])
-        whole = command if len(command) <= 300 else command[:300] + "..."
+        whole = _cut(command)
         out.append(
             Request(
                 protocol="ssh",
@@ -251,6 +251,11 @@ def first_denied(requests: Sequence[Request], decisions: Sequence[Decision]) -> 
     return requests[0], decisions[0]
 
 
+def _cut(text: str, limit: int = 300) -> str:
+    """The first ``limit`` characters of the agent's ``text``, and ``...`` when there are more."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _what(request: Request) -> str:
     attrs = request.attrs
     if "parse_error" in attrs:
@@ -259,9 +264,8 @@ def _what(request: Request) -> str:
         return f"`{_as_written(attrs['command'])}`"
     if attrs.get("destination"):
         kind = "socket" if attrs.get("socket") else "port"
-        destination = str(attrs["destination"])  # the agent's text: shown cut, the message must fit a packet
-        cut = destination if len(destination) <= 300 else destination[:300] + "..."
-        return f"{kind} forwarding ({attrs.get('direction', 'local')}) to {cut}"
+        # the agent's text: shown cut, the message must fit a packet
+        return f"{kind} forwarding ({attrs.get('direction', 'local')}) to {_cut(str(attrs['destination']))}"
     if attrs.get("operation"):
         return f"{attrs.get('channel', 'sftp')} {attrs['operation']} of {', '.join(map(str, attrs.get('paths') or []))}"
     return str(attrs.get("channel", request.action)).replace("_", " ")

@@ -527,6 +527,13 @@ class ProxySFTPServer(SFTPServer):
         for handle in handles:
             self._record_transfer(handle, interrupted=True)
 
+    def _record_names(self, operation: str, path: str, names: list[str], **extra: Any) -> None:
+        """What a ``realpath`` or a listing returned to the agent (an ``sftp.names`` event)."""
+        self._record(
+            "sftp.names",
+            {"channel": self.number, "operation": operation, "path": path, "names": names, **extra, "direction": "out"},
+        )
+
     def _record_transfer(self, handle: _Handle, interrupted: bool) -> None:
         transfer = handle.transfer(self.number)
         self._record("transfer", {**transfer, "interrupted": True} if interrupted else transfer)
@@ -574,19 +581,7 @@ class ProxySFTPServer(SFTPServer):
                 yield name
             complete = True
         finally:  # also when the agent closes the listing before its end: what it got so far
-            self._record(
-                "sftp.names",
-                {
-                    "channel": self.number,
-                    "operation": "list",
-                    "path": _name(real),
-                    "names": names,
-                    "count": count,
-                    "truncated": count > len(names),
-                    "complete": complete,
-                    "direction": "out",
-                },
-            )
+            self._record_names("list", _name(real), names, count=count, truncated=count > len(names), complete=complete)
 
     async def stat(self, path: bytes) -> SFTPAttrs:
         attrs: SFTPAttrs = await self._one("stat", path, self.client.stat)
@@ -670,16 +665,7 @@ class ProxySFTPServer(SFTPServer):
     async def _realpath(self, path: bytes) -> bytes:
         lexical = self._lexical(path)
         real = bytes(await self.client.realpath(lexical.encode("utf-8", "surrogateescape")))
-        self._record(
-            "sftp.names",
-            {
-                "channel": self.number,
-                "operation": "realpath",
-                "path": lexical,
-                "names": [_name(real)],
-                "direction": "out",
-            },
-        )
+        self._record_names("realpath", lexical, [_name(real)])
         return real
 
     def map_path(self, path: bytes) -> bytes:
