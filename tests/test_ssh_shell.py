@@ -2266,3 +2266,63 @@ def test_the_helper_programs_of_sort_diff3_and_sdiff_are_reported() -> None:
     refused("echo --compress-program=rm | xargs sort", "xargs would append")
     for command in ["sort -u f", 'sort "$f"', 'sort -k2 -t, "$HOME/x"', "ls | sort -r", "diff3 a b c"]:
         assert names(command)[-1] in ("sort", "diff3")
+
+
+@pytest.mark.parametrize(
+    ("command", "why"),
+    [
+        # GNU tar and cpio reach `host:file` by running `rsh host /usr/sbin/rmt` (or the --rsh-command given)
+        ("tar -cf backup-host:/x.tar /data", "names another host"),
+        ("tar cvf root@h:x /data", "names another host"),
+        ("tar -czvfh:x /data", "names another host"),
+        ("tar --file=h:x -c /data", "names another host"),
+        ("tar -c --file h:x /data", "names another host"),
+        ('tar -C /data -cf "backup-$H:x" .', "names another host"),
+        ("TAPE=h:x tar -c /data", "TAPE"),
+        ("cpio -o -F h:x < list", "names another host"),
+        ("cpio -oOh:x < list", "names another host"),
+        ("cpio -i -I user@h:x", "names another host"),
+        ("cpio -o --rsh-command=/bin/sh -F localhost:x < list", "--rsh-command"),
+        ("cpio -o --rsh=./evil -F /tmp/x < list", "--rsh-command"),
+        ("cpio -o --bogus < list", "unknown option"),
+        ("echo --rsh-command=/bin/sh | xargs cpio -o", "xargs would append"),
+        # servers that start a program for whoever connects
+        ("busybox telnetd -l /bin/sh -p 2323", "whoever connects"),
+        ("telnetd -F", "whoever connects"),
+        ("busybox tcpsvd 0 2323 sh", "whoever connects"),
+        ("tcpserver 0 2323 sh", "whoever connects"),
+        ("inetd /tmp/inetd.conf", "whoever connects"),
+        # virsh's own shell reads the session's input; `console` hands it to a guest
+        ("virsh", "session's input"),
+        ("virsh -q -c qemu:///system", "session's input"),
+        ("virsh console guest1", "guest's console"),
+        ("virsh 'list; console guest1'", "guest's console"),
+        ("virsh -c qemu+ssh://root@h/system list", "starts a program to connect"),
+        ("LIBVIRT_DEFAULT_URI=qemu+ext:///system?command=/tmp/x virsh list", "LIBVIRT_DEFAULT_URI"),
+    ],
+)
+def test_archives_on_other_hosts_network_servers_and_virsh_s_shell_are_refused(command: str, why: str) -> None:
+    # Each ran a program no rule saw (rsh or the --rsh-command, a shell per connection, virsh commands typed
+    # later): only the first program was reported.
+    refused(command, why)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "tar -czf /tmp/a.tar.gz /data",
+        "tar xzf a.tar.gz -C /tmp",
+        "tar -cf ./a:b.tar /data",
+        "tar --force-local -cf a:b.tar /data",
+        "tar -cf x.tar 'a:b'",
+        "tar -C /data -cvf /tmp/x.tar .",
+        "cpio -idmv < a.cpio",
+        "cpio -o -O /tmp/a.cpio < list",
+        "cpio -o --force-local -F a:b < list",
+        "virsh list --all",
+        "virsh -c qemu:///system dominfo guest1",
+        "virsh --help",
+    ],
+)
+def test_local_archives_and_virsh_commands_are_left_to_the_rules(command: str) -> None:
+    assert [inv.name for inv in analyse(command).invocations] == [command.split()[0]]

@@ -1590,9 +1590,10 @@ _DANGEROUS_VARS = _words(
     " PYTHONHOME PYTHONSTARTUP PYTHONINSPECT PYTHONUSERBASE PERL5OPT PERL5LIB PERLLIB PERL5DB"
     " RUBYOPT RUBYLIB NODE_OPTIONS NODE_PATH PAGER MANPAGER MANOPT SYSTEMD_PAGER SYSTEMD_EDITOR"
     " EDITOR VISUAL SUDO_EDITOR SUDO_ASKPASS SSH_ASKPASS LESSOPEN LESSCLOSE LESSKEY BROWSER"
-    " TAR_OPTIONS RSYNC_RSH RSYNC_CONNECT_PROG GCONV_PATH HOSTALIASES LOCPATH NLSPATH OPENSSL_CONF"
+    " TAR_OPTIONS TAPE RSYNC_RSH RSYNC_CONNECT_PROG GCONV_PATH HOSTALIASES LOCPATH NLSPATH OPENSSL_CONF"
     " OPENSSL_ENGINES TERMINFO TERMINFO_DIRS MAIL MAILPATH MAILCHECK TMOUT INPUTRC FCEDIT HISTFILE histchars"
     " BASH_ALIASES BASH_CMDS APT_CONFIG WGETRC WGET_ASKPASS RIPGREP_CONFIG_PATH"
+    " LIBVIRT_DEFAULT_URI VIRSH_DEFAULT_CONNECT_URI"
 )
 _DANGEROUS_PREFIXES = ("LD_", "DYLD_", "BASH_FUNC_", "GIT_", "PYTHON", "MALLOC_", "GLIBC_")
 # Variables whose value the agent can choose (or that copy text of the command line); they may not
@@ -2729,6 +2730,42 @@ def _h_netcat(call: _Call) -> None:
         t = a.text
         if t.startswith(("--exec", "--sh-exec", "--lua-exec")) or re.fullmatch(r"-[A-Za-z]*[ec].*", t):
             call.fail("-e/-c run a program fed from the network")
+
+
+# Servers that start a program for each network connection (a login, a shell, or the program named in their
+# arguments or configuration), fed from the network rather than the session.
+_NETWORK_SERVERS = ("telnetd", "in.telnetd", "utelnetd", "tcpsvd", "udpsvd", "tcpserver", "inetd", "xinetd")
+
+
+def _h_network_server(call: _Call) -> None:
+    call.fail("it starts a program (a login, a shell or the one it is given) for whoever connects over the network")
+
+
+_VIRSH = _Opts(
+    flags="hqrtv",
+    valued="cdeklK",
+    optional="V",
+    long_flags=_words("--help --quiet --readonly --timing --no-pkttyagent"),
+    long_valued=_words("--connect --debug --escape --keepalive-interval --keepalive-count --log"),
+    long_optional=_words("--version"),
+)
+
+
+def _h_virsh(call: _Call) -> None:
+    opts, i = _getopt(call, _VIRSH)
+    if any(o.name in ("-h", "--help", "-v", "-V", "--version") for o in opts):
+        return
+    for o in opts:
+        if o.name in ("-c", "--connect") and (
+            not o.value_known or re.search(r"\+(?:ssh|libssh2?|ext)\b", o.value or "", re.IGNORECASE)
+        ):
+            call.fail("a connection URI with the ssh or ext transport (qemu+ssh://...) starts a program to connect")
+    if i >= len(call.args):
+        _h_command_reader(call)  # its own shell, reading commands from the terminal or the input
+        return
+    for a in call.args[i:]:
+        if not call.known(a) or re.search(r"(?:^|[;\s])console(?:$|[;\s])", a.text):
+            call.fail("`virsh console` gives the session's input to a guest's console, where it cannot be inspected")
 
 
 def _h_env(call: _Call) -> None:
@@ -4137,6 +4174,58 @@ _TAR_DANGEROUS = (
 )
 
 
+def _remote_archive(text: str) -> bool:
+    """``[user@]host:file``, which GNU tar and cpio reach by starting a remote shell (``rsh host /usr/sbin/rmt``):
+    a colon after the first character with no ``/`` before it."""
+    colon = text.find(":")
+    return colon > 0 and "/" not in text[:colon]
+
+
+def _refuse_remote_archive(call: _Call, values: list[_Arg]) -> None:
+    if any(a.text.startswith("--forc") and "--force-local".startswith(a.text) for a in call.args):
+        return
+    for a in values:
+        if _remote_archive(a.text):
+            call.fail(
+                f"the archive {a.text!r} names another host, which {call.name} reaches by starting a remote shell; "
+                "copy the file with scp or rsync instead, or add --force-local if it is a local file"
+            )
+
+
+_TAR_VALUED = "bCfFgHIKLNTVX"  # short options of GNU tar that take a value
+
+
+def _tar_archives(call: _Call) -> list[_Arg]:
+    """The archive names given to tar (``-f NAME``, ``-fNAME``, ``cvf NAME``, ``--file=NAME``)."""
+    args, found, i = call.args, [], 0
+    if args and call.known(args[0]) and re.fullmatch(r"[A-Za-z0-9]+", args[0].text):
+        letters = [c for c in args[0].text if c in _TAR_VALUED]  # old style: each letter's value, in order
+        found += [args[1 + k] for k, c in enumerate(letters) if c == "f" and 1 + k < len(args)]
+        i = 1 + len(letters)
+    while i < len(args):
+        t = args[i].text
+        if t == "--" and args[i].literal:
+            break
+        if t == "--file" and i + 1 < len(args):
+            found.append(args[i + 1])
+            i += 1
+        elif t.startswith("--file="):
+            found.append(replace(args[i], text=t[len("--file=") :]))
+        elif re.match(r"-[A-Za-z0-9]", t):
+            for j in range(1, len(t)):
+                if t[j] in _TAR_VALUED:
+                    if j + 1 < len(t):
+                        if t[j] == "f":
+                            found.append(replace(args[i], text=t[j + 1 :]))
+                    elif i + 1 < len(args):
+                        if t[j] == "f":
+                            found.append(args[i + 1])
+                        i += 1
+                    break
+        i += 1
+    return found
+
+
 def _h_tar(call: _Call) -> None:
     for index, a in enumerate(call.args):
         if not call.certain(a):
@@ -4150,6 +4239,33 @@ def _h_tar(call: _Call) -> None:
                 call.fail(f"option {key} runs a command")
         elif (t.startswith("-") or index == 0) and re.fullmatch(r"-?[A-Za-z0-9]+", t) and any(c in t for c in "IF"):
             call.fail(f"option cluster {t!r} includes -I or -F, which run a command")
+    _refuse_remote_archive(call, _tar_archives(call))
+
+
+_CPIO = _Opts(
+    flags="iopt0aAbBcdfLlmnrsSuvV",
+    valued="CDEFHIMORW",
+    long_flags=_words(
+        "--absolute-filenames --append --create --dereference --device-independent --dot --extract --force-local"
+        " --ignore-devno --link --list --make-directories --no-absolute-filenames --no-preserve-owner --nonmatching"
+        " --null --numeric-uid-gid --only-verify-crc --pass-through --preserve-modification-time --quiet --rename"
+        " --renumber-inodes --reproducible --reset-access-time --sparse --swap --swap-bytes --swap-halfwords"
+        " --to-stdout --unconditional --verbose"
+    )
+    | _HELP,
+    long_valued=_words(
+        "--block-size --directory --file --format --io-size --message --owner --pattern-file --rsh-command --warning"
+    ),
+)
+
+
+def _h_cpio(call: _Call) -> None:
+    opts, _ = _permute(call, _CPIO)
+    if any(o.name == "--rsh-command" for o in opts):
+        call.fail("--rsh-command names the command it runs to reach a remote archive")
+    _refuse_remote_archive(
+        call, [_Arg(o.value or "", o.value_known, True, "") for o in opts if o.name in ("-F", "--file", "-I", "-O")]
+    )
 
 
 _GIT_DANGEROUS_KEY = re.compile(
@@ -5122,6 +5238,8 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "shopt": _h_shopt,
     "systemd-run": _h_systemd_run,
     "socat": _h_socat,
+    **dict.fromkeys(_NETWORK_SERVERS, _h_network_server),
+    "virsh": _h_virsh,
     **dict.fromkeys(("nc", "ncat", "netcat", "nc.traditional", "nc.openbsd"), _h_netcat),
     "ssh": _h_ssh,
     "scp": _h_scp,
@@ -5134,6 +5252,7 @@ _HANDLERS: dict[str, Callable[[_Call], None]] = {
     "cmake": _h_cmake,
     "gmake": _h_make,
     "tar": _h_tar,
+    "cpio": _h_cpio,
     "git": _h_git,
     "zip": _h_zip,
     **dict.fromkeys(_CONTAINER_GLOBALS, _h_container),
@@ -5161,6 +5280,7 @@ _APPEND_UNSAFE = frozenset(
     {_h_find, _h_watch, _h_flock, _h_busybox, _h_awk, _h_command_reader, _h_script, _h_pager, _h_man, _h_split}
     | {_h_perf, _h_socat, _h_netcat, _h_ssh, _h_scp, _h_rsync, _h_ip, _h_make, _h_cmake, _h_tar, _h_git, _h_zip}
     | {_h_sqlite, _h_crictl, _h_tcpdump, _h_wget, _h_rg, _h_lxd, _h_openssl, _h_env_runner, _h_helper_program}
+    | {_h_cpio, _h_virsh}
 )
 _APPEND_AFTER_DASHES = frozenset(
     {_h_tar, _h_rsync, _h_scp, _h_split, _h_pager, _h_man, _h_helper_program, _h_rg, _h_wget}
