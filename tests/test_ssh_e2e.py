@@ -588,6 +588,33 @@ def test_a_packet_longer_than_the_gateway_reads_closes_the_connection_audited(en
     assert any("oversized packet" in d.get("summary", "") for d in recorded), recorded
 
 
+def _connection_refusals(env: Env) -> list[dict[str, Any]]:
+    audit = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "connection.refused", "--json")
+    return [e for e in map(json.loads, audit.stdout.splitlines()) if e.get("protocol") == "ssh"]
+
+
+def test_a_connection_breaking_the_protocol_before_login_is_audited(env: Env) -> None:
+    # Before login there is no session to record in: a packet longer than the gateway reads (or text that is not
+    # SSH) closed the connection with nothing in the audit log.
+    before = len(_connection_refusals(env))
+    with socket.create_connection(("127.0.0.1", env.client.port), timeout=10) as sock:
+        sock.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+        banner = sock.recv(256)
+        assert banner.startswith(b"SSH-2.0-"), banner
+        sock.sendall((8 * 1024 * 1024).to_bytes(4, "big") + b"\x04" + b"\x00" * 1024)
+        while sock.recv(65536):  # the gateway closes the connection
+            pass
+    expected = re.compile(r"a packet of 8388608 bytes before login is longer than the \d+ bytes the gateway reads")
+    deadline = time.monotonic() + 25  # a burst of refusals is written as one event at most 10 s after it began
+    while True:
+        found = [e for e in _connection_refusals(env)[before:] if expected.fullmatch(e.get("reason", ""))]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert found, _connection_refusals(env)[before:]
+    assert found[0]["target"] and found[0]["peer"].startswith("127.0.0.1:"), found
+
+
 def test_a_subsystem_name_too_long_to_forward_is_denied(env: Env) -> None:
     async def run() -> tuple[Any, bytes]:
         async with env.connect("admin") as conn:

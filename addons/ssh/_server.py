@@ -175,6 +175,8 @@ class AgentConnection(asyncssh.SSHServer):
         if not self._session.done():
             self._session.set_exception(ConnectionError("the connection was closed"))
             self._session.exception()  # nobody waits: mark it retrieved
+            if isinstance(exc, asyncssh.ProtocolError):
+                self._refused_before_login(exc)
             return
         if self._session.exception() is None:
             session = self._session.result()
@@ -192,6 +194,21 @@ class AgentConnection(asyncssh.SSHServer):
             task = asyncio.ensure_future(session.close(channels=self._channels, reason=str(exc) if exc else "closed"))
             self.listener.closing.add(task)
             task.add_done_callback(self.listener.closing.discard)
+
+    def _refused_before_login(self, exc: asyncssh.ProtocolError) -> None:
+        """A connection asyncssh closed for breaking the protocol before anyone logged in (a packet longer than it
+        reads, text that is not SSH): there is no session to record it in, so it is audited as a refused
+        connection, floods of them as one event with a count."""
+        length = getattr(self.conn, "_pktlen", 0)
+        limit = getattr(self.conn, "_max_recv_pktlen", MAX_PACKET)
+        reason = (
+            f"a packet of {length} bytes before login is longer than the {limit} bytes the gateway reads"
+            if length > limit
+            else f"the client broke the SSH protocol before login: {exc.reason}"
+        )
+        event = {"protocol": "ssh", "target": self.config.name, "peer": self.peer, "reason": reason}
+        if self.gateway.audit_burst(f"ssh:{self.config.name}:protocol-error", "connection.refused", event):
+            log.warning("ssh target %s: closed a connection from %s: %s", self.config.name, self.peer, reason)
 
     def _oversized(self, session: Session, exc: Exception | None) -> None:
         """When asyncssh closed the connection for a packet longer than it reads, audit (and so record) that as a
