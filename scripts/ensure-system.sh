@@ -21,6 +21,10 @@ have javac /usr/bin/javac || need+=(default-jdk-headless)
 # node and npm: the tests install node-postgres with npm themselves (into .venv/node-pg).
 have npm /usr/bin/npm || need+=(nodejs npm)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+# PL/Python for the server's version: the tests prove an agent cannot run it under a trusted language's name.
+for dir in /usr/lib/postgresql/*/; do
+    [ -f "${dir}lib/plpython3.so" ] || need+=("postgresql-plpython3-$(basename "$dir")")
+done
 # `ensure-system.sh bench`: also the load generator of bench/bench_http.py (it falls back to a
 # Python client without it, which takes CPU from the proxies it measures).
 if [ "${1:-}" = bench ]; then have wrk /usr/bin/wrk || need+=(wrk); fi

@@ -7,6 +7,7 @@ statement is proven denied *and* the data proven unchanged by checking directly 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -744,6 +745,41 @@ def test_a_dba_reads_no_server_file_through_adminpack_1_0(env: PgEnv) -> None:
                 assert "pg-deny-dangerous-functions" in str(info.value.diag.message_detail), (sql, info.value)
         finally:
             conn.execute("DROP EXTENSION adminpack")
+
+
+def test_a_dba_cannot_put_an_untrusted_language_under_a_trusted_name(env: PgEnv) -> None:
+    # With PL/Python installed, a dba renamed plpgsql away and plpython3u to plpgsql (or created a language
+    # named plpgsql on PL/Python's handler): a body valid in both languages was analysed as PL/pgSQL and ran
+    # Python, with the server's operating-system rights.
+    import psycopg
+
+    marker = f"/tmp/lictor-language-{secrets.token_hex(4)}"
+    env.direct("CREATE EXTENSION IF NOT EXISTS plpython3u")
+    languages = env.direct("SELECT lanname, lanplcallfoid FROM pg_language ORDER BY 1")
+    try:
+        with env.connect("dba") as conn:
+            for sql in (
+                "ALTER LANGUAGE plpgsql RENAME TO plpgsql_before",
+                "ALTER LANGUAGE plpython3u RENAME TO plpgsql",
+                "ALTER LANGUAGE plpgsql OWNER TO pg_database_owner",
+                "CREATE LANGUAGE plpgsql_two HANDLER plpython3_call_handler",
+                "CREATE TRUSTED LANGUAGE plpgsql_three HANDLER plpython3_call_handler",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql)
+                assert "pg-deny-language-changes" in str(info.value.diag.message_detail), (sql, info.value)
+            conn.execute(
+                "CREATE FUNCTION polyglot() RETURNS text LANGUAGE plpgsql AS "
+                f"$$--1;import os;os.system('touch {marker}')\nBEGIN\nRETURN 'plpgsql';\nEND$$"
+            )
+            assert conn.execute("SELECT polyglot()").fetchone() == ("plpgsql",)  # it is still PL/pgSQL
+        assert env.direct("SELECT lanname, lanplcallfoid FROM pg_language ORDER BY 1") == languages
+        assert not os.path.exists(marker)
+    finally:
+        env.direct("DROP FUNCTION IF EXISTS polyglot()")
+        env.direct("DROP EXTENSION IF EXISTS plpython3u")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker)
 
 
 def test_readonly_cannot_kill_rows_with_pg_surgery(env: PgEnv) -> None:

@@ -1137,6 +1137,7 @@ _OBJECT_TYPES = {
     "CreateTrigStmt": "trigger",
     "RuleStmt": "rule",
     "CreatePolicyStmt": "policy",
+    "CreatePLangStmt": "language",
     # where the server connects to, with which credentials, and its directories (no OBJECT_ field in these)
     "CreateForeignServerStmt": "foreign_server",
     "AlterForeignServerStmt": "foreign_server",
