@@ -2298,6 +2298,7 @@ def test_the_helper_programs_of_sort_diff3_and_sdiff_are_reported() -> None:
         ("virsh console guest1", "guest's console"),
         ("virsh 'list; console guest1'", "guest's console"),
         ("virsh -c qemu+ssh://root@h/system list", "starts a program to connect"),
+        ('virsh -c "$URI" list', "only known at run time"),
         ("LIBVIRT_DEFAULT_URI=qemu+ext:///system?command=/tmp/x virsh list", "LIBVIRT_DEFAULT_URI"),
     ],
 )

@@ -2756,9 +2756,11 @@ def _h_virsh(call: _Call) -> None:
     if any(o.name in ("-h", "--help", "-v", "-V", "--version") for o in opts):
         return
     for o in opts:
-        if o.name in ("-c", "--connect") and (
-            not o.value_known or re.search(r"\+(?:ssh|libssh2?|ext)\b", o.value or "", re.IGNORECASE)
-        ):
+        if o.name not in ("-c", "--connect"):
+            continue
+        if not o.value_known:
+            call.fail("its connection URI is only known at run time (qemu+ssh:// or qemu+ext:// start a program)")
+        if re.search(r"\+(?:ssh|libssh2?|ext)\b", o.value or "", re.IGNORECASE):
             call.fail("a connection URI with the ssh or ext transport (qemu+ssh://...) starts a program to connect")
     if i >= len(call.args):
         _h_command_reader(call)  # its own shell, reading commands from the terminal or the input
