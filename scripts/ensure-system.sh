@@ -23,7 +23,9 @@ have npm /usr/bin/npm || need+=(nodejs npm)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # PL/Python for the server's version: the tests prove an agent cannot run it under a trusted language's name.
 for dir in /usr/lib/postgresql/*/; do
-    [ -x "${dir}bin/postgres" ] && [ ! -f "${dir}lib/plpython3.so" ] && need+=("postgresql-plpython3-$(basename "$dir")")
+    if [ -x "${dir}bin/postgres" ] && [ ! -f "${dir}lib/plpython3.so" ]; then
+        need+=("postgresql-plpython3-$(basename "$dir")")
+    fi
 done
 # `ensure-system.sh bench`: also the load generator of bench/bench_http.py (it falls back to a
 # Python client without it, which takes CPU from the proxies it measures).

@@ -74,6 +74,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         "shared_preload_libraries": "'pg_stat_statements'",
         "pg_stat_statements.track_utility": "on",
         "primary_conninfo": "'" + PRIMARY_CONNINFO.replace("'", "''") + "'",
+        "wal_level": "logical",  # a change-data capture slot, as a human would set one up
     }
     with running_cluster(settings=settings) as cluster:
         cluster.execute("CREATE DATABASE app")
@@ -344,3 +345,36 @@ def test_a_session_knows_its_own_notifications_by_the_pid_it_was_given(env: Env)
 
     notified, own = asyncio.run(with_asyncpg())
     assert notified == own
+
+
+def test_no_agent_reads_consumes_or_writes_the_change_stream(env: Env) -> None:
+    # A logical slot a human set up for change-data capture holds every table's changes: reading them gave a
+    # writer or a dba rows of any table whatever its rules say (get_* also consumed them, so the subscriber lost
+    # them), and pg_logical_emit_message wrote into the stream every consumer reads. Backups and log rotation
+    # (under pg_rotate_logfile_old, the built-in behind an old name) were theirs too. (Read-only agents were
+    # already refused these as writes or computed reads.)
+    import psycopg
+
+    with env.direct() as human:
+        human.execute("CREATE TABLE IF NOT EXISTS payroll (id int, salary int)")
+        human.execute("SELECT pg_create_logical_replication_slot('cdc', 'test_decoding')")
+        try:
+            human.execute("INSERT INTO payroll VALUES (1, 250000)")
+            for role, sql in (
+                ("writer", "SELECT data FROM pg_logical_slot_get_changes('cdc', NULL, NULL)"),
+                ("writer", "SELECT data FROM pg_catalog.pg_logical_slot_peek_changes('cdc', NULL, NULL)"),
+                ("dba", "SELECT * FROM pg_logical_slot_get_binary_changes('cdc', NULL, NULL)"),
+                ("writer", "SELECT pg_logical_emit_message(true, 'cdc', 'injected')"),
+                ("dba", "SELECT pg_backup_start('agent')"),
+                ("dba", "SELECT pg_rotate_logfile_old()"),
+            ):
+                with env.connect(role) as conn:
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                        conn.execute(sql).fetchall()
+                    assert "pg-deny-dangerous-functions" in str(info.value), (role, sql, info.value)
+            changes = [r[0] for r in human.execute("SELECT data FROM pg_logical_slot_peek_changes('cdc', NULL, NULL)")]
+            assert any("salary[integer]:250000" in c for c in changes), changes  # still there for the subscriber
+            assert not any("injected" in c for c in changes), changes
+        finally:
+            human.execute("SELECT pg_drop_replication_slot('cdc')")
+            human.execute("DROP TABLE payroll")
