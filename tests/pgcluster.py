@@ -133,6 +133,30 @@ class PgCluster:
     def stop(self) -> None:
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
+    def standby(self) -> "PgCluster":
+        """Start a streaming standby of this cluster on a free port (its ``pg_hba.conf`` must let the superuser
+        connect for replication over the Unix socket). Its files are under this cluster's directory; stop it
+        with :meth:`stop` before this cluster goes."""
+        base = self.base / "standby"
+        base.mkdir()
+        if self.run_as:
+            owner = pwd.getpwnam(self.run_as)
+            os.chown(base, owner.pw_uid, owner.pw_gid)
+        other = PgCluster(base, self.bindir, free_port(), self.run_as)
+        backup = self._run(
+            str(self.bindir / "pg_basebackup"),
+            *("-h", str(self.socket_dir), "-p", str(self.port), "-U", SUPERUSER),
+            *("-D", str(other.data), "-R", "-X", "stream", "--no-sync", "--checkpoint=fast"),
+        )
+        self._check(backup, "pg_basebackup")
+        with (other.data / "postgresql.conf").open("a") as fh:
+            fh.write(f"port = {other.port}\nunix_socket_directories = '{other.socket_dir}'\n")
+        started = other._run(
+            str(self.bindir / "pg_ctl"), "-D", str(other.data), "-l", str(other.log), "-w", "-t", "60", "start"
+        )
+        other._check(started, "pg_ctl start (standby)")
+        return other
+
     def execute(self, sql: str, params: Sequence[Any] | None = None, dbname: str = "postgres") -> list[Any]:
         """Run ``sql`` as the superuser over the Unix socket (trusted); return the rows, if any."""
         import psycopg

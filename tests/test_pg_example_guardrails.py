@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, GatewayProcess, free_port, require
-from tests.pgcluster import PgCluster, running_cluster
+from tests.pgcluster import DEFAULT_HBA, PgCluster, running_cluster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -359,6 +359,7 @@ def test_no_agent_reads_consumes_or_writes_the_change_stream(env: Env) -> None:
         human.execute("CREATE TABLE IF NOT EXISTS payroll (id int, salary int)")
         human.execute("SELECT pg_create_logical_replication_slot('cdc', 'test_decoding')")
         try:
+            human.execute("SET synchronous_commit = on")  # decoding reads only what is flushed (the cluster has it off)
             human.execute("INSERT INTO payroll VALUES (1, 250000)")
             for role, sql in (
                 ("writer", "SELECT data FROM pg_logical_slot_get_changes('cdc', NULL, NULL)"),
@@ -378,3 +379,50 @@ def test_no_agent_reads_consumes_or_writes_the_change_stream(env: Env) -> None:
         finally:
             human.execute("SELECT pg_drop_replication_slot('cdc')")
             human.execute("DROP TABLE payroll")
+
+
+def test_a_readonly_agent_on_a_read_replica_cannot_pause_its_replay(tmp_path: Path) -> None:
+    # Read-only agents are typically pointed at a standby. pg_wal_replay_pause() runs there in a read-only
+    # transaction, and the replica then stays behind its primary until someone resumes it.
+    import psycopg
+
+    with running_cluster(hba=(*DEFAULT_HBA, "local replication all trust")) as primary:
+        primary.execute("CREATE DATABASE app")
+        standby = primary.standby()
+        try:
+            port = free_port()
+            config = {
+                "version": 1,
+                "state_dir": str(tmp_path / "state"),
+                "identity": {"issuers": [{"type": "lictor"}]},
+                "rulepacks": [str(EXAMPLE_PACKS)],
+                "targets": {
+                    "replica": {
+                        "protocol": "postgres",
+                        "listen": f"127.0.0.1:{port}",
+                        "upstream": {
+                            "host": standby.host,
+                            "port": standby.port,
+                            "user": "postgres",
+                            "database": "app",
+                            "sslmode": "disable",
+                        },
+                        "read_only_roles": ["pg-readonly"],
+                    }
+                },
+            }
+            gateway = GatewayProcess(tmp_path, config).start()
+            try:
+                token = gateway.token("agent-reader", role="readonly")
+                dsn = dict(host="127.0.0.1", port=port, user="agent", dbname="app", sslmode="disable")
+                with psycopg.connect(**dsn, password=token, autocommit=True, connect_timeout=5) as conn:
+                    assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+                    for sql in ("SELECT pg_wal_replay_pause()", "SELECT pg_catalog.pg_wal_replay_resume()"):
+                        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                            conn.execute(sql)
+                        assert "pg-deny-dangerous-functions" in str(info.value), (sql, info.value)
+            finally:
+                gateway.stop()
+            assert standby.execute("SELECT pg_is_wal_replay_paused()") == [(False,)]
+        finally:
+            standby.stop()
