@@ -90,6 +90,19 @@ def test_a_misspelt_value_names_the_likely_one_first(tmp_path):
     assert "unknown value 'frobnicate'; expected one of: select" in str(unrelated.errors[0])
 
 
+def test_a_misspelt_mask_key_or_style_is_reported_once(tmp_path):
+    # The schema's error (with its suggestion) was followed by the mask compiler's own for the same key.
+    mask = "        action: mask\n        mask: {detector: [email], style: blurred}"
+    path, result = problems(tmp_path, GOOD.replace("        action: allow", mask))
+    assert [str(p) for p in result.errors] == [
+        f"{path}:13:15: roles.ro.rules.0.mask: needs one of detectors, columns, json_paths, not empty",
+        f"{path}:13:16: unknown key 'detector' in roles.ro.rules.0.mask (did you mean 'detectors'?); "
+        "expected one of: columns, detectors, json_paths, keep, style",
+        f"{path}:13:42: roles.ro.rules.0.mask.style: unknown value 'blurred'; "
+        "expected one of: redact, partial, hash, preserve-length",
+    ]
+
+
 def test_dangling_role_reference(tmp_path):
     path, result = problems(tmp_path, GOOD.replace("roles: [ro]", "roles: [read-only]"))
     (err,) = result.errors

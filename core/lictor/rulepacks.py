@@ -293,6 +293,12 @@ def _error_location(doc: Any, error: jsonschema.ValidationError, fallback: Locat
     if error.validator == "required":
         where = ".".join(str(p) for p in path) or "top level"
         return locate(doc, path, fallback), f"{where}: {message}"
+    alternatives = error.validator_value if error.validator == "anyOf" else None
+    if isinstance(alternatives, list) and all(isinstance(a, dict) and a.get("required") for a in alternatives):
+        # a mask block's `detectors`, `columns` or `json_paths`: say which keys, not "not valid under any schema"
+        names = [str(name) for a in alternatives for name in a["required"]]
+        where = ".".join(str(p) for p in path) or "top level"
+        return locate(doc, path, fallback), f"{where}: needs one of {', '.join(names)}, not empty"
     if isinstance(error.instance, (bool, int, float, datetime.date)):
         if error.validator == "oneOf":
             types = {str(alt.get("type")) for alt in error.validator_value if isinstance(alt, dict)}
@@ -781,7 +787,7 @@ class _Compiler:
             )
 
     def finish(self) -> None:
-        from .masking import MaskingError, MaskPlan
+        from .masking import STYLES, MaskingError, MaskPlan
 
         for role_name, loc, what in self.role_refs:
             if role_name not in self.roles:
@@ -803,6 +809,11 @@ class _Compiler:
                     "identities to one of these roles",
                 )
         for block, loc in self.mask_blocks:
+            if isinstance(block, Mapping) and (
+                set(block) - {"detectors", "columns", "json_paths", "style", "keep"}
+                or block.get("style", "redact") not in STYLES
+            ):
+                continue  # the schema has reported the unknown key or style, with a suggestion: not twice
             try:
                 MaskPlan.compile([block], custom_detectors=self.detectors, key=self.mask_key)
             except MaskingError as exc:
