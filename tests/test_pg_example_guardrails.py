@@ -426,3 +426,21 @@ def test_a_readonly_agent_on_a_read_replica_cannot_pause_its_replay(tmp_path: Pa
             assert standby.execute("SELECT pg_is_wal_replay_paused()") == [(False,)]
         finally:
             standby.stop()
+
+
+def test_no_agent_reads_a_server_file_through_pg_read_file_old(env: Env) -> None:
+    # PostgreSQL 11 to 15 keep the function behind adminpack 1.0's pg_file_read as a built-in of its own,
+    # pg_read_file_old: a superuser login (the gateway's) reads any file of the server with it
+    import psycopg
+
+    if env.cluster.execute("SELECT count(*) FROM pg_proc WHERE proname = 'pg_read_file_old'") == [(0,)]:
+        pytest.skip("this PostgreSQL has no pg_read_file_old")
+    for role in ("readonly", "writer", "dba"):
+        with env.connect(role) as conn:
+            for sql in (
+                "SELECT pg_read_file_old('PG_VERSION', 0, 100)",
+                "SELECT pg_catalog.pg_read_file_old(f, 0, 100) FROM (VALUES ('PG_VERSION')) v(f)",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql).fetchall()
+                assert "pg-deny-dangerous-functions" in str(info.value.diag.message_detail), (role, sql, info.value)

@@ -1,0 +1,100 @@
+"""rulepacks/baseline-postgres.yaml beside a pack that allows an agent every statement, through a real ``lictor run``
+gateway in front of a throwaway cluster (tests/pgcluster.py) that the tests may change: the baseline alone holds
+its guardrails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, GatewayProcess, free_port
+from tests.pgcluster import PgCluster, running_cluster
+
+pytestmark = pytest.mark.timeout(120)
+
+ALLOW_ALL = """
+format: lictor/v1
+metadata: {name: allow-all, description: every statement for the tests' agent, owner: tests}
+identities:
+  - id: everyone
+    match: {sub: "*"}
+    roles: [everything]
+roles:
+  everything:
+    rules:
+      - id: allow-all
+        protocol: postgres
+        when: {statements: "*"}
+        action: allow
+"""
+
+
+class Env:
+    def __init__(self, cluster: PgCluster, port: int, token: str) -> None:
+        self.cluster = cluster
+        self.port = port
+        self.token = token
+
+    def connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user="agent",
+            dbname="app",
+            password=self.token,
+            sslmode="disable",
+            connect_timeout=5,
+            autocommit=True,
+        )
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    work: Path = tmp_path_factory.mktemp("pg-baseline")
+    (work / "allow-all.yaml").write_text(ALLOW_ALL)
+    with running_cluster() as cluster:
+        cluster.execute("CREATE DATABASE app")
+        port = free_port()
+        config = {
+            "version": 1,
+            "state_dir": str(work / "state"),
+            "identity": {"issuers": [{"type": "lictor"}]},
+            "rulepacks": [str(ROOT / "rulepacks" / "baseline-postgres.yaml"), str(work / "allow-all.yaml")],
+            "targets": {
+                "app": {
+                    "protocol": "postgres",
+                    "listen": f"127.0.0.1:{port}",
+                    "upstream": {
+                        "host": cluster.host,
+                        "port": cluster.port,
+                        "user": "postgres",  # a superuser login: what the guardrails are for
+                        "database": "app",
+                        "sslmode": "disable",
+                    },
+                }
+            },
+        }
+        gateway = GatewayProcess(work, config).start()
+        try:
+            yield Env(cluster, port, gateway.token("agent"))
+        finally:
+            gateway.stop()
+
+
+def test_no_server_file_is_read_through_pg_read_file_old(env: Env) -> None:
+    # PostgreSQL 11 to 15 keep the function behind adminpack 1.0's pg_file_read as a built-in of its own
+    import psycopg
+
+    if env.cluster.execute("SELECT count(*) FROM pg_proc WHERE proname = 'pg_read_file_old'") == [(0,)]:
+        pytest.skip("this PostgreSQL has no pg_read_file_old")
+    with env.connect() as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute("SELECT pg_read_file_old('PG_VERSION', 0, 100)").fetchall()
+        assert "pg-deny-server-files" in str(info.value.diag.message_detail), info.value
+        assert conn.execute("SELECT 1").fetchone() == (1,)
