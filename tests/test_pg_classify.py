@@ -343,6 +343,14 @@ CASES: list[tuple[str, dict[str, object]]] = [
         "CREATE RULE r AS ON INSERT TO t DO INSTEAD DELETE FROM u",
         {"kind": "create_rule", "kinds": {"create_rule", "delete"}},
     ),
+    (
+        'CREATE RULE "_RETURN" AS ON SELECT TO t DO INSTEAD SELECT * FROM pg_catalog.pg_proc',
+        {
+            "kind": "create_rule",
+            "kinds": {"create_rule", "create_view", "select"},
+            "tables_read": {"pg_catalog.pg_proc"},
+        },
+    ),
     ("CREATE POLICY p ON t USING (owner = current_user)", {"kind": "create_policy", "tables_written": {"t"}}),
     ("CREATE SEQUENCE sq", {"kind": "create_sequence", "tables_written": {"sq"}}),
     ("CREATE TYPE ty AS (a int)", {"kind": "create_other"}),

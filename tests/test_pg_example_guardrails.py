@@ -444,3 +444,26 @@ def test_no_agent_reads_a_server_file_through_pg_read_file_old(env: Env) -> None
                 with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
                     conn.execute(sql).fetchall()
                 assert "pg-deny-dangerous-functions" in str(info.value.diag.message_detail), (role, sql, info.value)
+
+
+def test_a_dba_makes_no_table_a_view_of_a_catalog_with_an_on_select_rule(env: Env) -> None:
+    # PostgreSQL 15 and older turn a table into a view with CREATE RULE "_RETURN" AS ON SELECT: over pg_proc,
+    # an updatable view through which pg_read_file is renamed and then called under its new name
+    import psycopg
+
+    with env.connect("dba") as conn:
+        conn.execute("CREATE TABLE procs (LIKE pg_catalog.pg_proc)")
+        try:
+            for sql in (
+                'CREATE RULE "_RETURN" AS ON SELECT TO procs DO INSTEAD SELECT * FROM pg_catalog.pg_proc',
+                'CREATE OR REPLACE RULE "_RETURN" AS ON SELECT TO procs DO INSTEAD SELECT * FROM pg_proc',
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql)
+                assert "pg-no-views-over-catalogs" in str(info.value.diag.message_detail), (sql, info.value)
+            with pytest.raises(psycopg.errors.UndefinedFunction):
+                conn.execute("UPDATE procs SET proname = 'innocent' WHERE proname = 'pg_read_file'")
+                conn.execute("SELECT innocent('PG_VERSION')")
+        finally:
+            conn.execute("DROP TABLE IF EXISTS procs")
+    assert env.cluster.execute("SELECT count(*) FROM pg_proc WHERE proname = 'innocent'", dbname="app") == [(0,)]

@@ -1667,6 +1667,10 @@ class _Analysis:
             # it is named now (a foreign table renamed pg_authid reads a loopback server's pg_authid)
             schema = (body.get("relation") or {}).get("schemaname")
             self.written.add(".".join(p for p in (schema, str(body["newname"])) if p).lower())
+        elif key == "RuleStmt" and body.get("event") == "CMD_SELECT":
+            # An ON SELECT rule is a view's query: CREATE RULE "_RETURN" turns a table into a view of what the
+            # rule selects (PostgreSQL 15 and older), updatable like any simple view
+            self.kinds.add("create_view")
         elif key == "CallStmt":
             call = body.get("funccall")
             if call:
