@@ -384,7 +384,17 @@ CASES: list[tuple[str, dict[str, object]]] = [
     ("REFRESH MATERIALIZED VIEW mv", {"kind": "refresh_matview", "tables_written": {"mv"}}),
     ("REASSIGN OWNED BY a TO b", {"kind": "reassign_owned"}),
     ("DROP OWNED BY a", {"kind": "drop_owned"}),
-    ("IMPORT FOREIGN SCHEMA s FROM SERVER srv INTO t", {"kind": "import_foreign_schema"}),
+    ("IMPORT FOREIGN SCHEMA s FROM SERVER srv INTO t", {"kind": "import_foreign_schema", "tables_read": {"s.*"}}),
+    (
+        "IMPORT FOREIGN SCHEMA pg_catalog LIMIT TO (pg_proc) FROM SERVER srv INTO t",
+        {"tables_read": {"pg_proc", "pg_catalog.pg_proc"}},
+    ),
+    # postgres_fdw reads the remote table of the foreign table's own name when the options give only a schema
+    (
+        "CREATE FOREIGN TABLE s.pg_proc (oid oid) SERVER srv OPTIONS (schema_name 'pg_catalog')",
+        {"tables_read": {"pg_catalog.pg_proc"}, "tables_written": {"s.pg_proc"}},
+    ),
+    ("ALTER FOREIGN TABLE ft OPTIONS (ADD schema_name 'pg_catalog')", {"tables_read": {"pg_catalog.ft"}}),
     ("CREATE DATABASE d", {"kind": "create_database"}),
     # Session and transaction control
     ("SHOW search_path", {"kind": "show", "modifies": False}),

@@ -2285,10 +2285,14 @@ def test_a_foreign_table_on_a_loopback_server_reads_what_it_names(env: PgEnv) ->
                     "OPTIONS (schema_name 'pg_catalog', table_name 'pg_authid')"
                 )
             assert "pg-deny-credential-catalogs" in str(info.value.diag.message_detail), info.value
-            conn.execute(
-                "CREATE FOREIGN TABLE innocent2 (rolname name, rolpassword text) SERVER lictor_loop "
-                "OPTIONS (schema_name 'pg_catalog')"
-            )
+            # a remote table in pg_catalog by the foreign table's own name (postgres_fdw's default table_name)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                conn.execute(
+                    "CREATE FOREIGN TABLE innocent2 (rolname name, rolpassword text) SERVER lictor_loop "
+                    "OPTIONS (schema_name 'pg_catalog')"
+                )
+            assert "pg-no-views-over-catalogs" in str(info.value.diag.message_detail), info.value
+            conn.execute("CREATE FOREIGN TABLE innocent2 (rolname name, rolpassword text) SERVER lictor_loop")
             conn.execute("CREATE VIEW innocent_view AS SELECT * FROM innocent2")
             with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
                 conn.execute("ALTER FOREIGN TABLE innocent2 RENAME TO pg_authid")

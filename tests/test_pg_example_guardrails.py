@@ -467,3 +467,41 @@ def test_a_dba_makes_no_table_a_view_of_a_catalog_with_an_on_select_rule(env: En
         finally:
             conn.execute("DROP TABLE IF EXISTS procs")
     assert env.cluster.execute("SELECT count(*) FROM pg_proc WHERE proname = 'innocent'", dbname="app") == [(0,)]
+
+
+def test_a_dba_makes_no_foreign_table_over_a_catalog_on_a_loopback_server(env: Env) -> None:
+    # A human's postgres_fdw server that is this very database: a foreign table on it over pg_proc is updatable,
+    # and renaming pg_read_file through it lets the dba call it under the new name
+    import psycopg
+
+    env.cluster.execute(
+        "CREATE EXTENSION IF NOT EXISTS postgres_fdw; CREATE SERVER loopback FOREIGN DATA WRAPPER postgres_fdw "
+        f"OPTIONS (host '{env.cluster.socket_dir}', port '{env.cluster.port}', dbname 'app'); "
+        "CREATE USER MAPPING FOR postgres SERVER loopback OPTIONS (user 'postgres')",
+        dbname="app",
+    )
+    try:
+        with env.connect("dba") as conn:
+            # what a human reviewed stays usable
+            conn.execute("CREATE FOREIGN TABLE procs (oid oid, proname name, pronargs int2) SERVER loopback")
+            for sql in (
+                "CREATE FOREIGN TABLE fp (oid oid, proname name, pronargs int2) SERVER loopback "
+                "OPTIONS (schema_name 'pg_catalog', table_name 'pg_proc')",
+                "CREATE FOREIGN TABLE public.pg_proc (oid oid, proname name, pronargs int2) SERVER loopback "
+                "OPTIONS (schema_name 'pg_catalog')",
+                "ALTER FOREIGN TABLE procs OPTIONS (ADD schema_name 'pg_catalog', table_name 'pg_proc')",
+                "ALTER FOREIGN TABLE procs OPTIONS (ADD table_name 'pg_proc')",
+                "ALTER FOREIGN TABLE procs OPTIONS (ADD schema_name 'pg_catalog')",
+                "IMPORT FOREIGN SCHEMA pg_catalog LIMIT TO (pg_proc) FROM SERVER loopback INTO public",
+                "IMPORT FOREIGN SCHEMA pg_catalog FROM SERVER loopback INTO public",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql)
+                assert "pg-no-views-over-catalogs" in str(info.value.diag.message_detail), (sql, info.value)
+            with pytest.raises(psycopg.errors.Error):  # procs reads public.procs, which does not exist
+                conn.execute("UPDATE procs SET proname = 'innocent' WHERE proname = 'pg_read_file'")
+        tables = env.cluster.execute("SELECT relname FROM pg_class WHERE relkind = 'f' ORDER BY 1", dbname="app")
+        assert tables == [("procs",)]
+        assert env.cluster.execute("SELECT count(*) FROM pg_proc WHERE proname = 'innocent'", dbname="app") == [(0,)]
+    finally:
+        env.cluster.execute("DROP SERVER loopback CASCADE", dbname="app")

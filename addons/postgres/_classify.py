@@ -1531,8 +1531,22 @@ class _Analysis:
                         self.copy_program = value
                     else:
                         self.copy_file = value
-        if remote.get("table_name"):
-            self.read.add(".".join(p for p in (remote.get("schema_name"), remote["table_name"]) if p).lower())
+        # postgres_fdw's default table_name is the foreign table's own name (schema_name's is its own schema's,
+        # which is a catalog's only if the foreign table is in pg_catalog, a write there)
+        local = body.get("relation") or (body.get("base") or {}).get("relation") or {}
+        table = remote.get("table_name") or (str(local.get("relname", "")) if remote.get("schema_name") else "")
+        if table:
+            self.read.add(".".join(p for p in (remote.get("schema_name"), table) if p).lower())
+
+    def _imported_tables(self, body: _Node) -> None:
+        """``IMPORT FOREIGN SCHEMA pg_catalog FROM SERVER loopback INTO public``: the foreign tables it makes read
+        the remote schema's tables, those of ``LIMIT TO`` or, otherwise, every one (``pg_catalog.*``)."""
+        schema = str(body.get("remote_schema", "")).lower()
+        names = [str(item.get("RangeVar", {}).get("relname", "")).lower() for item in body.get("table_list") or ()]
+        if body.get("list_type") == "FDW_IMPORT_SCHEMA_LIMIT_TO":
+            self.read.update(f"{schema}.{name}" for name in names)
+        else:
+            self.read.add(f"{schema}.*")
 
     def _merge_where(self, body: _Node) -> None:
         """A MERGE that updates or deletes matched rows is a WHERE-less write unless a condition (the join
@@ -1636,6 +1650,8 @@ class _Analysis:
             self._referenced_functions(body)
         if key in ("CreateForeignTableStmt", "AlterTableStmt", "CreateForeignServerStmt", "AlterForeignServerStmt"):
             self._fdw_options(body)
+        elif key == "ImportForeignSchemaStmt":
+            self._imported_tables(body)
         if key in ("UpdateStmt", "InsertStmt"):
             for item in body.get("targetList" if key == "UpdateStmt" else "cols", ()):
                 name = item.get("ResTarget", {}).get("name")
