@@ -98,3 +98,30 @@ def test_no_server_file_is_read_through_pg_read_file_old(env: Env) -> None:
             conn.execute("SELECT pg_read_file_old('PG_VERSION', 0, 100)").fetchall()
         assert "pg-deny-server-files" in str(info.value.diag.message_detail), info.value
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_no_function_is_renamed_past_the_guardrails_through_the_catalog(env: Env) -> None:
+    # pg_read_file renamed in pg_proc (directly, through an updatable view, or through a table an ON SELECT rule
+    # made a view) would be called under its new name: the function rules go by name
+    import psycopg
+
+    with env.connect() as conn:
+        conn.execute("CREATE TABLE procs (LIKE pg_catalog.pg_proc)")
+        try:
+            writes, views = "pg-write-no-catalogs", "pg-no-views-over-catalogs"
+            for sql, rule in (
+                ("UPDATE pg_catalog.pg_proc SET proname = 'innocent' WHERE proname = 'pg_read_file'", writes),
+                ("UPDATE pg_proc SET prosrc = 'pg_read_file_all' WHERE proname = 'md5'", writes),
+                ("CREATE VIEW procs_view AS SELECT * FROM pg_catalog.pg_proc", views),
+                ('CREATE RULE "_RETURN" AS ON SELECT TO procs DO INSTEAD SELECT * FROM pg_proc', views),
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    conn.execute(sql)
+                assert rule in str(info.value.diag.message_detail), (sql, info.value)
+        finally:
+            conn.execute("DROP TABLE IF EXISTS procs")
+    assert env.cluster.execute("SELECT count(*) FROM pg_proc WHERE proname = 'innocent'", dbname="app") == [(0,)]
+    assert env.cluster.execute("SELECT count(*) FROM pg_class WHERE relname = 'procs_view'", dbname="app") == [(0,)]
+    assert env.cluster.execute("SELECT prosrc FROM pg_proc WHERE proname = 'md5' LIMIT 1", dbname="app") != [
+        ("pg_read_file_all",)
+    ]
