@@ -125,3 +125,23 @@ def test_no_function_is_renamed_past_the_guardrails_through_the_catalog(env: Env
     assert env.cluster.execute("SELECT prosrc FROM pg_proc WHERE proname = 'md5' LIMIT 1", dbname="app") != [
         ("pg_read_file_all",)
     ]
+
+
+def test_no_password_hash_is_read_from_the_statistics_toast_table(env: Env) -> None:
+    # With a few dozen roles, pg_authid's histogram of password hashes is stored in pg_statistic's TOAST table
+    import psycopg
+
+    roles = [f"toasted_{i}" for i in range(40)]
+    env.cluster.execute("; ".join(f"CREATE ROLE {r} LOGIN PASSWORD 'pw-{r}'" for r in roles))
+    try:
+        env.cluster.execute("ANALYZE pg_authid", dbname="app")
+        with env.connect() as conn:
+            for sql in (
+                "SELECT chunk_data FROM pg_toast.pg_toast_2619",
+                "SET search_path = pg_toast; SELECT chunk_data FROM pg_toast_2619",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                    psycopg.ClientCursor(conn).execute(sql)
+                assert "pg-deny-credential-catalogs" in str(info.value.diag.message_detail), (sql, info.value)
+    finally:
+        env.cluster.execute("; ".join(f"DROP ROLE {r}" for r in roles))

@@ -505,3 +505,31 @@ def test_a_dba_makes_no_foreign_table_over_a_catalog_on_a_loopback_server(env: E
         assert env.cluster.execute("SELECT count(*) FROM pg_proc WHERE proname = 'innocent'", dbname="app") == [(0,)]
     finally:
         env.cluster.execute("DROP SERVER loopback CASCADE", dbname="app")
+
+
+def test_no_agent_reads_password_hashes_from_the_statistics_toast_table(env: Env) -> None:
+    # With a few dozen roles, ANALYZE stores pg_authid's histogram of password hashes out of line, in pg_statistic's
+    # TOAST table: its chunks hold the hashes as they are
+    import psycopg
+
+    roles = [f"toasted_{i}" for i in range(40)]
+    env.cluster.execute("; ".join(f"CREATE ROLE {r} LOGIN PASSWORD 'pw-{r}'" for r in roles))
+    try:
+        env.cluster.execute("ANALYZE pg_authid", dbname="app")
+        found = env.cluster.execute(
+            "SELECT count(*) FROM pg_authid a WHERE rolname LIKE 'toasted_%' AND EXISTS (SELECT FROM "
+            "pg_toast.pg_toast_2619 t WHERE position(convert_to(substr(rolpassword, 20, 16), 'UTF8') IN chunk_data) > 0)",
+            dbname="app",
+        )
+        assert found[0][0] > 0  # what an agent would read
+        for role in ("readonly", "dba"):
+            with env.connect(role) as conn:
+                for sql in (
+                    "SELECT chunk_data FROM pg_toast.pg_toast_2619",
+                    "SET search_path = pg_toast; SELECT chunk_data FROM pg_toast_2619",
+                ):
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                        psycopg.ClientCursor(conn).execute(sql)
+                    assert "pg-deny-credential-catalogs" in str(info.value.diag.message_detail), (role, sql, info.value)
+    finally:
+        env.cluster.execute("; ".join(f"DROP ROLE {r}" for r in roles))
