@@ -5,6 +5,7 @@ its guardrails.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,29 @@ def test_no_password_hash_is_read_from_the_statistics_toast_table(env: Env) -> N
                 assert "pg-deny-credential-catalogs" in str(info.value.diag.message_detail), (sql, info.value)
     finally:
         env.cluster.execute("; ".join(f"DROP ROLE {r}" for r in roles))
+
+
+def test_a_user_mapping_password_under_a_quoted_option_name_comes_back_masked(env: Env) -> None:
+    # OPTIONS ("user" 'app', "password" '...'), as tools that quote every identifier write it, stays in
+    # pg_stat_activity as the idle human session's last statement
+    import psycopg
+
+    password = "quoted-" + os.urandom(4).hex()
+    env.cluster.execute(
+        "CREATE EXTENSION IF NOT EXISTS postgres_fdw; CREATE SERVER quoted FOREIGN DATA WRAPPER postgres_fdw",
+        dbname="app",
+    )
+    try:
+        with psycopg.connect(
+            host=str(env.cluster.socket_dir), port=env.cluster.port, user="postgres", dbname="app", autocommit=True
+        ) as human:
+            human.execute(
+                f"""CREATE USER MAPPING FOR postgres SERVER quoted OPTIONS ("user" 'app', "password" '{password}')"""
+            )
+            with env.connect() as conn:
+                (activity,) = conn.execute(
+                    "SELECT query FROM pg_stat_activity WHERE query LIKE '%SERVER quoted%' AND pid <> pg_backend_pid()"
+                ).fetchone()
+            assert password not in activity and "[REDACTED:sql_password" in activity, activity
+    finally:
+        env.cluster.execute("DROP SERVER quoted CASCADE", dbname="app")

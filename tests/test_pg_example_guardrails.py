@@ -533,3 +533,27 @@ def test_no_agent_reads_password_hashes_from_the_statistics_toast_table(env: Env
                     assert "pg-deny-credential-catalogs" in str(info.value.diag.message_detail), (role, sql, info.value)
     finally:
         env.cluster.execute("; ".join(f"DROP ROLE {r}" for r in roles))
+
+
+def test_a_user_mapping_password_under_a_quoted_option_name_comes_back_masked(env: Env) -> None:
+    # Tools that quote every identifier write OPTIONS ("user" 'app', "password" '...'): the statement stays in
+    # pg_stat_activity (the human's session is idle) and in pg_stat_statements
+    env.cluster.execute(
+        "CREATE EXTENSION IF NOT EXISTS postgres_fdw; CREATE SERVER quoted FOREIGN DATA WRAPPER postgres_fdw",
+        dbname="app",
+    )
+    try:
+        with env.direct() as human:
+            human.execute(
+                f"""CREATE USER MAPPING FOR postgres SERVER quoted OPTIONS ("user" 'app', "password" '{PASSWORD}')"""
+            )
+            for role in ("readonly", "dba"):
+                with env.connect(role) as conn:
+                    (activity,) = conn.execute(
+                        "SELECT query FROM pg_stat_activity WHERE query LIKE '%SERVER quoted%' AND pid <> pg_backend_pid()"
+                    ).fetchone()
+                    assert PASSWORD not in activity and "[REDACTED:sql_password" in activity, activity
+                    texts = conn.execute("SELECT query FROM pg_stat_statements WHERE query LIKE '%SERVER quoted%'")
+                    assert not any(PASSWORD in t for (t,) in texts), texts
+    finally:
+        env.cluster.execute("DROP SERVER quoted CASCADE", dbname="app")
