@@ -103,6 +103,21 @@ def test_a_misspelt_mask_key_or_style_is_reported_once(tmp_path):
     ]
 
 
+def test_a_bad_duration_and_a_value_that_should_be_a_list_are_explained_once(tmp_path):
+    # A bad duration was reported twice at one place (the schema's regular expression, then the parser's own
+    # words); a single name where a list belongs got "'ro' is not of type 'array'".
+    text = GOOD.replace("roles: [ro]", "roles: ro").replace(
+        "        action: allow", "        action: approve\n        approval: {approvers: [ro], timeout: 10 minutes}"
+    )
+    path, result = problems(tmp_path, text)
+    messages = [str(p) for p in result.errors]
+    assert f"{path}:5:12: identities.0.roles: a list is expected here: write [ro]" in messages, messages
+    durations = [m for m in messages if "10 minutes" in m]
+    assert durations == [
+        f"{path}:13:46: roles.ro.rules.0.approval.timeout: bad duration '10 minutes': use forms like 30s, 15m, 1h, 2d"
+    ], messages
+
+
 def test_dangling_role_reference(tmp_path):
     path, result = problems(tmp_path, GOOD.replace("roles: [ro]", "roles: [read-only]"))
     (err,) = result.errors

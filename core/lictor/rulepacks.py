@@ -293,6 +293,12 @@ def _error_location(doc: Any, error: jsonschema.ValidationError, fallback: Locat
     if error.validator == "required":
         where = ".".join(str(p) for p in path) or "top level"
         return locate(doc, path, fallback), f"{where}: {message}"
+    if error.validator == "type" and error.validator_value == "array" and isinstance(error.instance, str):
+        where = ".".join(str(p) for p in path)
+        return locate(doc, path, fallback), f"{where}: a list is expected here: write [{error.instance}]"
+    if error.validator == "pattern" and error.validator_value == _DURATION["oneOf"][0]["pattern"]:
+        where = ".".join(str(p) for p in path)
+        return locate(doc, path, fallback), f"{where}: bad duration {error.instance!r}: use forms like 30s, 15m, 1h, 2d"
     alternatives = error.validator_value if error.validator == "anyOf" else None
     if isinstance(alternatives, list) and all(isinstance(a, dict) and a.get("required") for a in alternatives):
         # a mask block's `detectors`, `columns` or `json_paths`: say which keys, not "not valid under any schema"
@@ -406,7 +412,10 @@ class _Compiler:
         self.base_schema = schema
 
     def error(self, loc: Location, message: str) -> None:
-        self.problems.append(Problem(loc, _bounded(message)))
+        message = _bounded(message)
+        if any(p.loc == loc and p.message.endswith(f": {message}") for p in self.problems):
+            return  # the schema said it already, naming where (a bad duration)
+        self.problems.append(Problem(loc, message))
 
     def warn(self, loc: Location, message: str) -> None:
         self.problems.append(Problem(loc, _bounded(message), "warning"))
