@@ -243,6 +243,17 @@ def test_every_unknown_key_is_reported_with_the_key_it_may_mean(tmp_path):
     ]
 
 
+def test_a_misspelt_value_names_the_likely_one(tmp_path):
+    path = tmp_path / "lictor.yaml"
+    path.write_text("version: 1\nidentity:\n  issuers: [{type: jwsk}]\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, offline=True)
+    assert str(raised.value) == (
+        f"{path}:3:20: identity.issuers.0.type: unknown value 'jwsk' (did you mean 'jwks'?); "
+        "expected one of: lictor, jwks, static"
+    )
+
+
 def test_relative_paths_of_a_symlinked_config_are_all_relative_to_one_directory(tmp_path):
     # state_dir was relative to the directory of the symlink, every other path to that of the file it points
     # to (as a Kubernetes ConfigMap mounts lictor.yaml: a symlink into a directory the next update removes)

@@ -313,6 +313,12 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, offli
                     lines.append(
                         f"{key_location(node, key, fallback)}: unknown key {key!r}{did_you_mean(key, allowed)}"
                     )
+            elif error.validator == "enum" and isinstance(error.instance, str):
+                known = [str(v) for v in error.validator_value]
+                lines.append(
+                    f"{locate(doc, p, fallback)}: {'.'.join(map(str, p))}: unknown value {error.instance!r}"
+                    f"{did_you_mean(error.instance, known)}; expected one of: {', '.join(known)}"
+                )
             else:
                 where = ".".join(map(str, p))
                 lines.append(f"{locate(doc, p, fallback)}: {where + ': ' if where else ''}{error.message}")
