@@ -7,6 +7,7 @@ statement is proven denied *and* the data proven unchanged by checking directly 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -871,6 +872,81 @@ def test_large_objects_through_libpq_fast_path(env: PgEnv, tmp_path: Path) -> No
     assert "large object contents cannot be masked" in proc.stderr and "pg-ro-mask" in proc.stderr
     assert not (tmp_path / "ro.txt").exists()
     env.direct("SELECT lo_unlink(%s)", [oid])
+
+
+def _session_decisions(env: PgEnv, marker: str, denials: int) -> list[dict[str, Any]]:
+    """The audited decisions of the one session that ran a statement with ``marker``, once it has ``denials``."""
+    gw = env.gateway
+    assert gw is not None
+    found: list[dict[str, Any]] = []
+
+    def audited() -> bool:
+        lines = lictor("audit", "list", "--json", "--kind", "decision", "--state-dir", str(gw.state_dir)).stdout
+        events = [json.loads(line) for line in lines.splitlines() if line.strip()]
+        session = next((e["session"] for e in events if marker in e["request"]["summary"]), None)
+        found[:] = [e for e in events if e["session"] == session]
+        return sum(e["action"] == "deny" for e in found) >= denials
+
+    wait_until(audited, 20, f"{denials} denials in the audit log of the session that ran {marker}")
+    return found
+
+
+def test_refusals_of_statements_the_rules_allow_are_audited_as_denials(env: PgEnv, tmp_path: Path) -> None:
+    # A large object read, a COPY with options that rewrite values, a binary result masking cannot cover (asyncpg
+    # reads an enum in binary) and a FETCH of a cursor the gateway never saw are allowed by readonly's rules and
+    # refused by the gateway: the agent was told "Denied by rule ...", and the audit log said they were allowed.
+    import asyncpg
+
+    oid = env.direct("SELECT lo_from_bytea(0, 'large object')")[0][0]
+    env.direct(
+        "CREATE TYPE mood AS ENUM ('calm'); CREATE TABLE moods (id int, mood mood); INSERT INTO moods VALUES (1, 'calm')"
+    )
+    binary_marker = "binary_" + secrets.token_hex(4)
+
+    async def binary_enum() -> str:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=env.port, user="agent", database="app", password=env.tokens["readonly"], ssl=False
+        )
+        try:
+            await conn.fetchval(f"SELECT 1 AS {binary_marker}")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError) as denied:
+                await conn.fetch("SELECT mood FROM moods")
+            return str(denied.value)
+        finally:
+            await conn.close()
+
+    try:
+        marker = "refusals_" + secrets.token_hex(4)
+        proc = env.psql(
+            "readonly",
+            "-c",
+            f"SELECT 1 AS {marker}",
+            "-c",
+            "COPY (SELECT email FROM customers WHERE id = 1) TO STDOUT (FORMAT csv, QUOTE '@')",
+            "-c",
+            "FETCH 1 FROM no_such_cursor",
+            "-c",
+            f"\\lo_export {oid} {tmp_path / 'out'}",
+        )
+        assert proc.stderr.count("ERROR:  lictor:") == 3, proc.stderr
+        assert "binary result format is refused" in asyncio.run(binary_enum())
+    finally:
+        env.direct("DROP TABLE moods; DROP TYPE mood")
+        env.direct("SELECT lo_unlink(%s)", [oid])
+    denied = {
+        e["request"]["summary"].split(" (")[0]: (e["rule_ids"], e["phase"])
+        for e in _session_decisions(env, f"1 AS {marker}", 3)
+        if e["action"] == "deny"
+    }
+    assert denied == {
+        "COPY TO: COPY": (["pg-ro-mask-cards"], "masking"),
+        "FETCH: FETCH 1 FROM no_such_cursor": (["lictor:unknown-cursor"], "protocol"),
+        "FUNCTION CALL: pg_catalog.lo_open": (["pg-ro-mask-cards"], "masking"),
+    }, denied
+    binary = [e for e in _session_decisions(env, f"1 AS {binary_marker}", 1) if e["action"] == "deny"]
+    assert [(e["request"]["summary"], e["rule_ids"], e["phase"]) for e in binary] == [
+        ("SELECT: SELECT mood FROM moods", ["pg-ro-mask-cards"], "masking")
+    ], binary
 
 
 # -- consistency after a denial ------------------------------------------------------------------------

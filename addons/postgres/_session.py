@@ -1240,14 +1240,14 @@ class Relay:
         for name in classified.executes:
             stmt = self._prepared.get(name)
             if stmt is None:
-                decisions.append(
-                    Decision.deny(
-                        f"prepared statement {name!r} was not prepared through the gateway, so its statement "
-                        "is unknown; prepare it again in this connection",
-                        "lictor:unknown-prepared-statement",
-                        self.session.policy.version,
-                    )
+                unknown = Decision.deny(
+                    f"prepared statement {name!r} was not prepared through the gateway, so its statement "
+                    "is unknown; prepare it again in this connection",
+                    "lictor:unknown-prepared-statement",
+                    self.session.policy.version,
                 )
+                self._audit_refusal(classified.requests, unknown, "protocol")
+                decisions.append(unknown)
             else:
                 decisions.append(self._stmt_decision(stmt))
         for name in classified.fetches:
@@ -1258,14 +1258,14 @@ class Relay:
                 # and MOVE are decided, and their rows masked, like the portal's statement.
                 decisions.append(self._stmt_decision(portal.stmt))
             elif cursor is None:
-                decisions.append(
-                    Decision.deny(
-                        f"cursor {name!r} was not declared through the gateway, so its query is unknown; "
-                        "declare it with DECLARE in this connection",
-                        "lictor:unknown-cursor",
-                        self.session.policy.version,
-                    )
+                unknown = Decision.deny(
+                    f"cursor {name!r} was not declared through the gateway, so its query is unknown; "
+                    "declare it with DECLARE in this connection",
+                    "lictor:unknown-cursor",
+                    self.session.policy.version,
                 )
+                self._audit_refusal(classified.requests, unknown, "protocol")
+                decisions.append(unknown)
             else:
                 decisions.append(cursor)
         decisions.extend(extra)
@@ -1416,6 +1416,16 @@ class Relay:
         self._push(_K_DENY_P, error)
         return self._deny_parse
 
+    def _audit_refusal(self, requests: Sequence[Request], decision: Decision, phase: str) -> None:
+        """Audit a denial the gateway makes of requests the rules allowed (and the policy audited as allowed):
+        a result masking cannot cover (``phase`` "masking"), a name or call the gateway cannot decide
+        ("protocol"). The request is denied whether or not this event is written."""
+        for request in requests:
+            try:
+                self.session.audit(request, decision, phase)
+            except (AuditError, OSError) as exc:
+                log.error("session %s: could not audit a refused statement: %s", self.session.id, exc)
+
     def _record_denial(self, sql: str, decision: Decision, kind: str = "statement") -> None:
         try:
             self.session.record(
@@ -1510,6 +1520,7 @@ class Relay:
         else:
             denial = self._copy_refusal(classified, decision, plan)
             if denial is not None:
+                self._audit_refusal(classified.requests, denial, "masking")
                 self._record_denial(sql, denial)
                 return self._deny_simple(self._denial_error(classified, [denial], denial))
         self._apply_names(classified, decision, decisions)
@@ -1746,6 +1757,7 @@ class Relay:
         if plan is not None and not plan.is_empty:
             denial = self._copy_refusal(stmt.classified, decision, plan)
             if denial is not None:
+                self._audit_refusal(stmt.classified.requests, denial, "masking")
                 self._record_denial(stmt.text, denial)
                 return self._deny_extended(self._denial_error(stmt.classified, [denial], denial))
         if plan is not None and not plan.is_empty and 1 in formats:
@@ -1756,6 +1768,7 @@ class Relay:
                     decision.mask_rule_ids[0] if decision.mask_rule_ids else "lictor:mask",
                     decision.policy_version,
                 )
+                self._audit_refusal(stmt.classified.requests, denial, "masking")
                 self._record_denial(stmt.text, denial)
                 return self._deny_extended(self._denial_error(stmt.classified, [denial], denial))
         if len(self._portals) >= MAX_PREPARED and portal_name not in self._portals:
@@ -1959,6 +1972,7 @@ class Relay:
                     decision.rule_ids[0],
                     decision.policy_version,
                 )
+                self._audit_refusal((request,), decision, "protocol")
             self._record_denial(request.summary, decision)
             return self._deny_simple(self._denial_error(None, [decision], decision, request.summary))
         self.stats.statements += 1
@@ -1988,12 +2002,14 @@ class Relay:
                 decision.mask_rule_ids[0] if decision.mask_rule_ids else "lictor:mask",
                 decision.policy_version,
             )
+            self._audit_refusal((request,), decision, "masking")
         elif decision.action == "approve":
             decision = Decision.deny(
                 f"{decision.message} — protocol-level function calls cannot wait for approval; use SELECT",
                 decision.rule_ids[0],
                 decision.policy_version,
             )
+            self._audit_refusal((request,), decision, "protocol")
         if decision.action != "allow":
             self._record_denial(summary, decision)
             return self._deny_simple(self._denial_error(None, [decision], decision, summary))
