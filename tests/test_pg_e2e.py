@@ -1150,6 +1150,23 @@ def test_statements_nested_too_deeply_to_analyze_are_denied_and_the_connection_s
     assert denied
 
 
+def test_the_hint_of_a_denied_fetch_or_execute_speaks_of_several_statements_only_when_there_were(env: PgEnv) -> None:
+    # FETCH and EXECUTE are decided as themselves and as what they run: two decisions for one statement, and
+    # the hint of an unknown cursor's denial said "A message with several statements is denied as a whole".
+    proc = env.psql(
+        "readonly",
+        "-c",
+        "FETCH 1 FROM no_such_cursor",
+        "-c",
+        "EXECUTE no_such_statement",
+        "-c",
+        "SELECT 1; DELETE FROM orders WHERE id = 1",
+    )
+    hints = [line for line in proc.stderr.splitlines() if line.startswith("HINT:")]
+    assert len(hints) == 3, proc.stderr
+    assert ["several statements" in hint for hint in hints] == [False, False, True], hints
+
+
 def test_connection_usable_after_denials_simple_and_extended(env: PgEnv) -> None:
     import psycopg
 

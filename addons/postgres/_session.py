@@ -1394,7 +1394,8 @@ class Relay:
             hint = "An approver must allow this statement; retry once it is approved, or ask an approver."
         else:
             hint = "This statement is blocked by policy. Rewrite it within your permissions, or ask your security team."
-        if len(decisions) > 1:
+        if classified is not None and classified.statements > 1:
+            # (not the decisions: an EXECUTE or FETCH is decided as itself and as what it runs)
             hint += " A message with several statements is denied as a whole."
         reason = first.message or "denied"
         if first.rule_ids and first.rule_ids[0] == "lictor:default-deny":
