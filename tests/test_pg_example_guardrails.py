@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lictor_addons.postgres import _protocol as pg
 
 from tests.conftest import ROOT, GatewayProcess, free_port, require
 from tests.pgcluster import DEFAULT_HBA, PgCluster, running_cluster
+from tests.test_pg_e2e import RawClient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -152,6 +154,50 @@ def test_other_sessions_statements_come_back_with_passwords_masked(env: Env) -> 
             proc = env.psql("readonly", "SELECT query FROM pg_stat_activity WHERE query LIKE 'ALTER ROLE%'")
             assert proc.returncode == 0 and "ALTER ROLE report_user" in proc.stdout, proc
             assert PASSWORD not in proc.stdout, proc
+        finally:
+            human.execute("DROP ROLE report_user")
+
+
+def test_a_prepared_fetch_or_execute_is_decided_on_what_it_names_when_it_runs(env: Env) -> None:
+    # psycopg prepares a statement run often enough (or with prepare=True): a prepared FETCH or EXECUTE kept the
+    # decision and masks of the cursor or statement it named when prepared, and ran on the one declared or
+    # prepared under that name since: other sessions' passwords came back in clear.
+    activity = "SELECT query FROM pg_stat_activity WHERE query LIKE '%report_user%' AND pid <> pg_backend_pid()"
+    with env.direct() as human:
+        human.execute(f"CREATE ROLE report_user LOGIN PASSWORD '{PASSWORD}'")
+        try:
+            # In one pipeline: a portal bound on the FETCH, then the cursor declared again, then the portal run.
+            raw = RawClient(env.port, env.tokens["dba"])
+            raw.send(pg.query("DECLARE b CURSOR WITH HOLD FOR SELECT 'harmless'"))
+            raw.until_ready()
+            redeclare = ("CLOSE b", f"DECLARE b CURSOR WITH HOLD FOR {activity}")
+            raw.send(
+                pg.parse("fetch_b", "FETCH 1 FROM b"),
+                pg.bind("p", "fetch_b"),
+                *(m for sql in redeclare for m in (pg.parse("", sql), pg.bind("", ""), pg.execute(""))),
+                pg.execute("p"),
+                pg.sync(),
+            )
+            reply = raw.until_ready()
+            raw.close()
+            rows = [pg.decode_datarow(m.raw) for m in reply if isinstance(m, pg.DataRow)]
+            denied = [m for m in reply if isinstance(m, pg.ErrorResponse)]
+            assert not rows and len(denied) == 1, reply
+            assert "lictor:renamed-after-bind" in denied[0].fields.get("D", ""), denied
+            for role in ("readonly", "dba"):
+                with env.connect(role) as conn:
+                    conn.execute("DECLARE a CURSOR WITH HOLD FOR SELECT 'harmless'")
+                    assert conn.execute("FETCH 1 FROM a", prepare=True).fetchone() == ("harmless",)
+                    conn.execute("CLOSE a")
+                    conn.execute(f"DECLARE a CURSOR WITH HOLD FOR {activity}")
+                    (fetched,) = conn.execute("FETCH 1 FROM a", prepare=True).fetchone()
+                    conn.execute("PREPARE p AS SELECT 'harmless'")
+                    assert conn.execute("EXECUTE p", prepare=True).fetchone() == ("harmless",)
+                    conn.execute("DEALLOCATE p")
+                    conn.execute(f"PREPARE p AS {activity}")
+                    (executed,) = conn.execute("EXECUTE p", prepare=True).fetchone()
+                    for text in (fetched, executed):
+                        assert PASSWORD not in text and "[REDACTED:sql_password" in text, (role, text)
         finally:
             human.execute("DROP ROLE report_user")
 

@@ -346,6 +346,8 @@ class Prepared:
     plan: Any
     fields: tuple[pg.FieldDescription, ...] | None = None
     param_types: tuple[int, ...] = ()  # declared in the Parse (kept for statements held at Bind)
+    # FETCH / EXECUTE: the cursors, portals and prepared statements it named when decided (see _names_of)
+    named: tuple[object, ...] = ()
 
 
 @dataclass(eq=False)
@@ -358,6 +360,7 @@ class Portal:
     describe_pending: bool = False
     decision: Decision | None = None  # an approved Bind: runs under its own approval, not the statement's
     plan: Any = None
+    named: tuple[object, ...] = ()  # FETCH / EXECUTE: what its names held when it was bound
 
 
 class RowMasker:
@@ -1291,12 +1294,37 @@ class Relay:
     def _stmt_decision(self, stmt: Prepared) -> Decision:
         now = time.monotonic()
         decision = stmt.decision
-        if decision.policy_version != self.session.policy.version or now - stmt.decided_at > REDECIDE_SECONDS:
+        renamed = self._renamed(stmt, stmt.named)
+        if (
+            renamed
+            or decision.policy_version != self.session.policy.version
+            or now - stmt.decided_at > REDECIDE_SECONDS
+        ):
             decision, _ = self._decide(stmt.classified)
             stmt.decision = decision
             stmt.decided_at = now
             stmt.plan = self._mask_plan(decision) if decision.action != "deny" else None
+            stmt.named = self._names_of(stmt.classified)
+            if renamed:
+                stmt.fields = None  # the columns of what it names now: the server describes them again
         return decision
+
+    def _names_of(self, classified: Classified) -> tuple[object, ...]:
+        """The cursors, portals and prepared statements a FETCH or EXECUTE names, as the gateway knows them now
+        (each DECLARE, Bind and PREPARE makes a new object): a prepared FETCH or EXECUTE runs on what its names
+        hold when it runs, so its decision is made again once they hold something else."""
+        if not (classified.fetches or classified.executes):
+            return ()
+        cursors, portals = self._cursors, self._portals
+        return (
+            *(self._prepared.get(name) for name in classified.executes),
+            *(cursors[name] if name in cursors else portals.get(name) for name in classified.fetches),
+        )
+
+    def _renamed(self, stmt: Prepared, named: tuple[object, ...]) -> bool:
+        """Whether a FETCH or EXECUTE names other cursors or statements now than ``named``."""
+        now = self._names_of(stmt.classified)
+        return len(now) != len(named) or any(a is not b for a, b in zip(now, named, strict=False))
 
     async def _approve(
         self, classified: Classified, decision: Decision, decisions: list[Decision], whole: str | None = None
@@ -1594,7 +1622,9 @@ class Relay:
         for name in classified.cursors:
             if len(self._cursors) >= MAX_PREPARED:
                 self._cursors.clear()
-            self._cursors[name] = decision
+            # a new object for each DECLARE (the policy may hand out one Decision for equal requests): a FETCH
+            # prepared on an earlier cursor of this name sees that it names another one now
+            self._cursors[name] = replace(decision)
             self._portals.pop(name, None)
 
     def _remember(self, stmt: Prepared) -> None:
@@ -1646,6 +1676,7 @@ class Relay:
             # known, so that an approval covers one execution with the values the approvers saw.
             stmt = Prepared(name, sql, classified, decision, time.monotonic(), self._mask_plan(decision))
             stmt.param_types = _param_types(raw)
+            stmt.named = self._names_of(classified)
             self._parsed(stmt)
             return None
         self._prepared.pop(name, None)
@@ -1656,7 +1687,9 @@ class Relay:
         # A PREPARE, DECLARE or DEALLOCATE sent as a Parse changes names when an Execute of it runs (see
         # _on_execute): parsed and never executed, it must not rename what the server holds.
         plan = self._mask_plan(decision)
-        self._parsed(Prepared(name, sql, classified, decision, time.monotonic(), plan))
+        stmt = Prepared(name, sql, classified, decision, time.monotonic(), plan)
+        stmt.named = self._names_of(classified)
+        self._parsed(stmt)
 
     def _parsed(self, stmt: Prepared) -> None:
         """A Parse is forwarded: its statement is known under its name, unless the server skips it (after an
@@ -1775,6 +1808,7 @@ class Relay:
         if len(self._portals) >= MAX_PREPARED and portal_name not in self._portals:
             self._portals.pop(next(iter(self._portals)))  # forgetting fails closed: Execute is denied
         portal = Portal(portal_name, stmt, (param_formats, params), formats)
+        portal.named = self._names_of(stmt.classified)
         if approved:
             portal.decision, portal.plan = decision, plan
         # Portals and SQL cursors share one namespace on the server.
@@ -1833,6 +1867,19 @@ class Relay:
             self._record_denial(f"EXECUTE {portal_name}", decision)
             return self._deny_extended(self._denial_error(None, [decision], decision, f"Execute of {portal_name!r}"))
         stmt = portal.stmt
+        if self._renamed(stmt, portal.named):
+            # A pipeline declared or prepared again, after this Bind, what its FETCH or EXECUTE names: the server
+            # runs it on that, the decision and the columns were those of the earlier one.
+            refusal = Decision.deny(
+                "the cursor or prepared statement it names was declared or prepared again after it was bound; "
+                "bind it again",
+                "lictor:renamed-after-bind",
+                self.session.policy.version,
+            )
+            self._portals.pop(portal_name, None)
+            self._audit_refusal(stmt.classified.requests, refusal, "protocol")
+            self._record_denial(stmt.text, refusal)
+            return self._deny_extended(self._denial_error(stmt.classified, [refusal], refusal))
         decision, plan = (stmt.decision, stmt.plan) if portal.decision is None else (portal.decision, portal.plan)
         run = Execution(stmt.text, decision, None if plan is None or plan.is_empty else plan, stmt.name)
         c = stmt.classified
