@@ -202,6 +202,33 @@ def test_a_prepared_fetch_or_execute_is_decided_on_what_it_names_when_it_runs(en
             human.execute("DROP ROLE report_user")
 
 
+def test_a_cursor_a_do_block_may_have_opened_is_not_fetched_as_the_one_declared_before(env: Env) -> None:
+    import psycopg
+
+    # A DO block closed the cursor the gateway knew as `a` and opened another portal under that name; FETCH was
+    # decided and masked as the DECLARE before it, and showed other sessions' passwords in clear.
+    activity = "SELECT query FROM pg_stat_activity WHERE query LIKE '%report_user%' AND pid <> pg_backend_pid()"
+    reopen = f"DO $$DECLARE r refcursor := 'a'; BEGIN CLOSE r; OPEN r FOR {activity}; END$$"
+    with env.direct() as human:
+        human.execute(f"CREATE ROLE report_user LOGIN PASSWORD '{PASSWORD}'")
+        try:
+            with env.connect("dba") as conn:
+                conn.execute("BEGIN")
+                conn.execute("DECLARE a CURSOR FOR SELECT 'harmless'")
+                conn.execute(reopen)
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="declare it with DECLARE"):
+                    conn.execute("FETCH ALL FROM a")
+                conn.execute("ROLLBACK")
+                # a cursor declared after the DO block is fetched as usual
+                conn.execute("BEGIN")
+                conn.execute(reopen.replace("CLOSE r; ", ""))
+                conn.execute("DECLARE b CURSOR FOR SELECT 'harmless'")
+                assert conn.execute("FETCH ALL FROM b").fetchall() == [("harmless",)]
+                conn.execute("ROLLBACK")
+        finally:
+            human.execute("DROP ROLE report_user")
+
+
 def test_settings_that_hold_passwords_come_back_masked_and_cannot_be_computed_over(env: Env) -> None:
     import psycopg
 

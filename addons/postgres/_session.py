@@ -659,9 +659,21 @@ class Execution:
 _Touched = tuple[tuple[str, ...], tuple[str, ...]]  # prepared statement names, cursor names
 
 
+# Statements that run procedural code, which can close and open cursors under names it computes (PL/pgSQL's
+# OPEN of a refcursor holding 'a'): the gateway cannot tell which, and forgets every cursor and portal it knows.
+_OPAQUE_CURSOR_KINDS = frozenset({"do", "call"})
+
+
 def _changes_names(c: Classified) -> bool:
     """Whether a statement creates or drops prepared statements or cursors (rarely: checked per execution)."""
-    return bool(c.prepares or c.deallocates or c.cursors or c.closes or c.discard_all)
+    return bool(
+        c.prepares
+        or c.deallocates
+        or c.cursors
+        or c.closes
+        or c.discard_all
+        or not c.kinds.isdisjoint(_OPAQUE_CURSOR_KINDS)
+    )
 
 
 def _touched(classified: Classified) -> _Touched | None:
@@ -1593,6 +1605,11 @@ class Relay:
         """Track prepared statements and cursors the statement creates or removes (optimistically)."""
         if classified.discard_all:
             self._prepared.clear()
+            self._cursors.clear()
+            self._portals.clear()
+        elif not classified.kinds.isdisjoint(_OPAQUE_CURSOR_KINDS):
+            # A FETCH of a name it may have reused would be decided and masked as what was declared before:
+            # forgotten, a FETCH or Execute of them is denied until they are declared or bound again.
             self._cursors.clear()
             self._portals.clear()
         for name in classified.deallocates:
