@@ -229,6 +229,40 @@ def test_a_cursor_a_do_block_may_have_opened_is_not_fetched_as_the_one_declared_
             human.execute("DROP ROLE report_user")
 
 
+def test_code_that_reads_a_cursor_by_name_does_not_run_while_a_masked_cursor_is_open(env: Env) -> None:
+    import psycopg
+
+    # FETCH from a cursor over pg_stat_activity is masked; a DO block's PL/pgSQL FETCH of a refcursor holding its
+    # name, or cursor_to_xml('a', ...), read the same rows past the masking, and stored them in a table.
+    activity = "SELECT query FROM pg_stat_activity WHERE query LIKE '%report_user%' AND pid <> pg_backend_pid()"
+    store = "DO $$DECLARE r refcursor := 'a'; q text; BEGIN FETCH r INTO q; INSERT INTO seen VALUES (q); END$$"
+    with env.direct() as human:
+        human.execute(f"CREATE ROLE report_user LOGIN PASSWORD '{PASSWORD}'")
+        human.execute("CREATE TABLE seen (q text)")
+        try:
+            with env.connect("dba") as conn:
+                for sql in (store, "SELECT cursor_to_xml('a', 1, false, false, '')"):
+                    conn.execute("BEGIN")
+                    conn.execute(f"DECLARE a CURSOR FOR {activity}")
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="CLOSE ALL"):
+                        conn.execute(sql)
+                    conn.execute("ROLLBACK")
+                    conn.execute("CLOSE ALL")
+                # with no masked cursor open, a DO block runs; prepared then, it is decided again once one is
+                conn.execute("BEGIN")
+                conn.execute("DECLARE a CURSOR FOR SELECT 'harmless'")
+                conn.execute(store, prepare=True)
+                conn.execute("CLOSE a")
+                conn.execute(f"DECLARE a CURSOR FOR {activity}")
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="CLOSE ALL"):
+                    conn.execute(store, prepare=True)
+                conn.execute("ROLLBACK")
+            assert human.execute("SELECT q FROM seen").fetchall() == []
+        finally:
+            human.execute("DROP TABLE seen")
+            human.execute("DROP ROLE report_user")
+
+
 def test_settings_that_hold_passwords_come_back_masked_and_cannot_be_computed_over(env: Env) -> None:
     import psycopg
 

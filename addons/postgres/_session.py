@@ -324,6 +324,7 @@ class Classified:
     copy_from: bool = False
     copy_rewrites: bool = False  # COPY ... TO options that rewrite characters inside values
     statements: int = 1
+    reads_cursors: bool | None = None  # see _reads_cursors (None: not worked out yet)
 
     def for_text(self, sql: str, reason: str | None) -> "Classified":
         """This classification for another text of the same single statement (other constants)."""
@@ -662,6 +663,19 @@ _Touched = tuple[tuple[str, ...], tuple[str, ...]]  # prepared statement names, 
 # Statements that run procedural code, which can close and open cursors under names it computes (PL/pgSQL's
 # OPEN of a refcursor holding 'a'): the gateway cannot tell which, and forgets every cursor and portal it knows.
 _OPAQUE_CURSOR_KINDS = frozenset({"do", "call"})
+# Built-in functions that read a cursor by its name (a text value).
+_CURSOR_READING_FUNCTIONS = frozenset({"cursor_to_xml", "cursor_to_xmlschema"})
+
+
+def _reads_cursors(classified: Classified) -> bool:
+    """Whether a statement can read a cursor other than by FETCH or MOVE: procedural code (PL/pgSQL's FETCH of
+    a refcursor holding the cursor's name) or a function that takes the name as a value."""
+    reads = classified.reads_cursors
+    if reads is None:
+        reads = classified.reads_cursors = not classified.kinds.isdisjoint(_OPAQUE_CURSOR_KINDS) or any(
+            not _CURSOR_READING_FUNCTIONS.isdisjoint(r.attrs.get("functions") or ()) for r in classified.requests
+        )
+    return reads
 
 
 def _changes_names(c: Classified) -> bool:
@@ -1251,6 +1265,19 @@ class Relay:
             else decide_now(r)
             for r in classified.requests
         ]
+        if _reads_cursors(classified):
+            masked = self._masked_cursor()
+            if masked is not None:
+                name, rule = masked
+                refusal = Decision.deny(
+                    f"cursor {name!r} is open and its rows are masked, and this statement can read a cursor by its "
+                    "name past the masking (a DO block or CALL, cursor_to_xml); close it first (CLOSE ALL), or "
+                    "FETCH from it",
+                    rule,
+                    self.session.policy.version,
+                )
+                self._audit_refusal(classified.requests, refusal, "masking")
+                decisions.append(refusal)
         # EXECUTE / FETCH are decided as the statement they run.
         for name in classified.executes:
             stmt = self._prepared.get(name)
@@ -1321,17 +1348,34 @@ class Relay:
                 stmt.fields = None  # the columns of what it names now: the server describes them again
         return decision
 
+    def _masked_cursor(self) -> tuple[str, str] | None:
+        """A cursor or named portal the gateway knows whose rows are masked, with its first mask rule."""
+        for name, decision in self._cursors.items():
+            if not self._mask_plan(decision).is_empty:
+                return name, decision.mask_rule_ids[0] if decision.mask_rule_ids else "lictor:mask"
+        for name, portal in self._portals.items():
+            # the unnamed portal is dropped by the next Query or Bind, before a statement of either runs
+            decision = portal.decision or portal.stmt.decision
+            if name and decision.action != "deny" and not self._mask_plan(decision).is_empty:
+                return name, decision.mask_rule_ids[0] if decision.mask_rule_ids else "lictor:mask"
+        return None
+
     def _names_of(self, classified: Classified) -> tuple[object, ...]:
         """The cursors, portals and prepared statements a FETCH or EXECUTE names, as the gateway knows them now
         (each DECLARE, Bind and PREPARE makes a new object): a prepared FETCH or EXECUTE runs on what its names
-        hold when it runs, so its decision is made again once they hold something else."""
-        if not (classified.fetches or classified.executes):
-            return ()
-        cursors, portals = self._cursors, self._portals
-        return (
-            *(self._prepared.get(name) for name in classified.executes),
-            *(cursors[name] if name in cursors else portals.get(name) for name in classified.fetches),
-        )
+        hold when it runs, so its decision is made again once they hold something else. For a statement that
+        can read cursors by a name it computes (see _reads_cursors): whether a masked cursor is open."""
+        if classified.fetches or classified.executes:
+            cursors, portals = self._cursors, self._portals
+            names: tuple[object, ...] = (
+                *(self._prepared.get(name) for name in classified.executes),
+                *(cursors[name] if name in cursors else portals.get(name) for name in classified.fetches),
+            )
+        else:
+            names = ()
+        if _reads_cursors(classified):
+            names += (self._masked_cursor() is None,)
+        return names
 
     def _renamed(self, stmt: Prepared, named: tuple[object, ...]) -> bool:
         """Whether a FETCH or EXECUTE names other cursors or statements now than ``named``."""
