@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -2341,6 +2342,87 @@ def test_output_that_pauses_inside_a_value_is_still_masked(env: Env) -> None:
     masked = env.ssh("masked", f"printf '{first}'; sleep 0.4; printf '{second} end\\n'")
     assert masked.returncode == 0, _err(masked)
     assert masked.stdout == b"[REDACTED:card] end\n"
+
+
+def test_a_program_waiting_for_the_agents_answer_gets_it_through_masked_output(env: Env) -> None:
+    # Without a terminal, a pause released whole lines only: the end of what a program wrote before waiting for
+    # the agent (a prompt; a protocol turn of git-upload-pack or rsync --server) stayed in the gateway, and both
+    # sides waited for ever. `git clone` over ssh hung for every role whose output is masked. While the agent's
+    # input is open, a longer pause (ANSWER_IDLE) now releases the line being written too.
+    token = env.gw.token("agent-masked-admin", role="admin", mask="yes")
+    command = f"printf 'card {CARD} ready> '; read -r answer; printf 'got %s\\n' \"$answer\""
+    proc = subprocess.Popen(
+        env.client.ssh_argv(command),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env.client.env(token),
+        start_new_session=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        seen = b""
+        deadline = time.monotonic() + 15
+        while not seen.endswith(b"ready> "):
+            assert time.monotonic() < deadline, f"the prompt did not reach the agent: {seen!r}"
+            if select.select([proc.stdout], [], [], 0.5)[0]:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                assert chunk, f"the output ended early: {seen!r}"
+                seen += chunk
+        assert seen == b"card [REDACTED:card] ready> "
+        proc.stdin.write(b"yes\n")
+        proc.stdin.close()
+        assert proc.stdout.read() == b"got yes\n"
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    # A shorter pause inside a value, with the agent's input open all along, still does not split it.
+    split = subprocess.Popen(
+        env.client.ssh_argv(f"printf '{CARD[:9]}'; sleep 0.3; printf '{CARD[9:]} end\\n'"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env.client.env(token),
+        start_new_session=True,
+    )
+    assert split.stdin is not None and split.stdout is not None
+    try:
+        assert split.stdout.read() == b"[REDACTED:card] end\n"
+    finally:
+        split.stdin.close()
+        split.wait(timeout=15)
+    git = require_binary("git")
+    repo = f"{env.work}/masked_repo.git"
+    # a fixed commit: a random one's hash may hold digits that pass for a card number, which masking changes
+    seeded = env.direct(
+        f"git init -q --bare {repo} && git init -q {env.work}/masked_seed && cd {env.work}/masked_seed && "
+        "GIT_AUTHOR_DATE='2020-01-01T00:00:00Z' GIT_COMMITTER_DATE='2020-01-01T00:00:00Z' "
+        "git -c user.email=s@x -c user.name=s commit -q --allow-empty -m seed && "
+        f"git push -q {repo} HEAD:refs/heads/main"
+    )
+    assert seeded.returncode == 0, seeded.stderr
+    clone = env.tmp / "masked_clone"
+    environ = {
+        **env.client.env(token),
+        "GIT_SSH_COMMAND": shlex.join(["ssh", *env.client.options(), "-p", str(env.client.port)]),
+        "GIT_TERMINAL_PROMPT": "0",
+    }
+    try:
+        cloned = subprocess.run(
+            [git, "clone", "-q", "-b", "main", f"ssh://agent@{env.client.host}{repo}", str(clone)],
+            capture_output=True,
+            env=environ,
+            timeout=30,
+            check=False,
+            start_new_session=True,
+        )
+        assert cloned.returncode == 0, _err(cloned)
+        assert subprocess.run([git, "-C", str(clone), "log", "--format=%s"], capture_output=True).stdout == b"seed\n"
+    finally:
+        shutil.rmtree(clone, ignore_errors=True)
+        env.direct(f"rm -rf {repo} {env.work}/masked_seed")
 
 
 def _stall_reads(pid: int) -> subprocess.Popen[bytes]:

@@ -76,6 +76,9 @@ log = logging.getLogger("lictor.ssh")
 CHUNK = 256 * 1024
 FLUSH_IDLE = 0.05
 """Seconds of upstream silence after which a masker's held-back tail is released (interactive)."""
+ANSWER_IDLE = 0.5
+"""Seconds of more silence, without a terminal and with the agent's input open, after which the line being
+written is released too: the target may be waiting for the agent's answer to it."""
 DENIED_STATUS = 126
 UNREACHABLE_STATUS = 255
 PTY_ECHO = 53  # RFC 4254 terminal mode opcode
@@ -359,6 +362,7 @@ class ChannelHandler:
         self._plan: Any = None
         self._mask_source: Decision | None = None
         self._maskers: dict[str, Any] = {}
+        self._input_ended = False  # the agent sent the end of its input: nothing on the target waits for it
         self._records: dict[str, StreamRecord] = {}
         # Line mode: decided lines wait here until the target's shell is ready to read a command.
         self._marks: ReadyMarks | None = None
@@ -734,6 +738,7 @@ class ChannelHandler:
     ) -> None:
         pending_read: asyncio.Future[bytes] | None = None
         idle = False  # the tail was released as far as it may be since the last output
+        answer = False  # without a terminal, the rest of the line was released too (see ANSWER_IDLE)
         marks = self._marks if stream == "stdout" else None  # a line shell's terminal: one stream
         try:
             while True:
@@ -753,6 +758,19 @@ class ChannelHandler:
                             self._emit(writer, stream, masker.flush() if self.pty else masker.flush_lines())
                         await writer.drain()
                         continue
+                if idle and not answer and masker is not None and masker.pending and not self._input_ended:
+                    # Still quiet, with the agent's input open: the target may be waiting for the agent's
+                    # answer to the line it wrote (a prompt; a protocol turn of rsync or git-upload-pack, which
+                    # never ends in a newline). Holding it, both sides waited for ever.
+                    if pending_read is None:
+                        pending_read = asyncio.ensure_future(reader.read(CHUNK))
+                    done, _ = await asyncio.wait({pending_read}, timeout=ANSWER_IDLE)
+                    if not done:
+                        answer = True
+                        self._emit(writer, stream, masker.flush())
+                        await writer.drain()
+                        continue
+                answer = False
                 idle = False
                 if pending_read is not None:
                     data = await pending_read
@@ -803,7 +821,10 @@ class ChannelHandler:
         assert up is not None
         while True:
             try:
-                return await self.process.stdin.read(CHUNK)
+                data = await self.process.stdin.read(CHUNK)
+                if not data:
+                    self._input_ended = True
+                return data
             except asyncssh.TerminalSizeChanged as exc:
                 with contextlib.suppress(Exception):
                     up.change_terminal_size(exc.width, exc.height, exc.pixwidth, exc.pixheight)
