@@ -161,6 +161,28 @@ def test_operator_contract(running: Running) -> None:
         shell.close()
 
 
+def test_a_command_spread_over_lines_is_refused_with_how_to_write_it_on_one(running: Running) -> None:
+    # A line shell decides each line alone: a here-document or an `if` over several lines is refused. The
+    # refusal told the agent to drop expansions from program names, which has nothing to do with it.
+    one_line = b"write all of it on one line"
+    shell = running.client.shell(running.token("operator"))
+    try:
+        shell.expect(rb"\$ $")
+        for line in (b"cat <<EOF", b"if true", b"echo a \\"):
+            shell.send(line + b"\r")
+            denied = shell.expect(rb"lictor: denied[^\n]*\n[^\n]*\$ $")
+            assert one_line in denied and b"expansions" not in denied, denied
+        shell.send(b"cat <<< 'from one line'\r")
+        shell.expect(rb"\r\nfrom one line\r\n")
+        shell.send(b"exit\r")
+        assert shell.wait(timeout=15) == 0
+    finally:
+        shell.close()
+    script = running.client.ssh(running.token("operator"), "", "-T", input=b"echo one\ncat <<EOF\nabc\nEOF\n")
+    assert script.returncode == 126 and script.stdout == b"one\n", script
+    assert one_line in script.stderr, script.stderr
+
+
 def test_admin_contract(running: Running) -> None:
     marker = running.sshd.work / "admin_marker"
     ok = running.ssh("admin", f"touch {marker} && ls {marker}")

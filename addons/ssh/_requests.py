@@ -251,6 +251,10 @@ def first_denied(requests: Sequence[Request], decisions: Sequence[Decision]) -> 
     return requests[0], decisions[0]
 
 
+_UNFINISHED_LINE = ("incomplete command:", "the line ends with a line continuation")
+"""How the analysis says a shell line stops in the middle of a command (which the next line would go on)."""
+
+
 def _cut(text: str, limit: int = 300) -> str:
     """The first ``limit`` characters of the agent's ``text``, and ``...`` when there are more."""
     return text if len(text) <= limit else text[:limit] + "..."
@@ -273,6 +277,12 @@ def _what(request: Request) -> str:
 
 def _next_step(request: Request, decision: Decision) -> str:
     rule = decision.rule_ids[0] if decision.rule_ids else ""
+    error = str(request.attrs.get("parse_error", ""))
+    if request.attrs.get("channel") == "shell_line" and error.startswith(_UNFINISHED_LINE):
+        return (
+            "Each line is decided and run alone, so a command cannot go on over several lines; write all of "
+            "it on one line (the text of a here-document as `<<< 'text'` or from printf, `if ...; then ...; fi`)."
+        )
     if "parse_error" in request.attrs or rule == UNPARSABLE_RULE:
         return (
             "The gateway only forwards command lines it can fully analyse; rewrite it as plain "
