@@ -183,6 +183,17 @@ def test_a_command_spread_over_lines_is_refused_with_how_to_write_it_on_one(runn
     assert one_line in script.stderr, script.stderr
 
 
+def test_a_script_for_a_shell_on_the_sessions_input_is_refused_with_where_to_send_it(running: Running) -> None:
+    # `ssh HOST bash -s < script.sh` is refused (bash would run what the gateway never sees); the refusal's
+    # next step asked for "plain programs with literal arguments" instead of naming the way that works.
+    script = b"echo one\nid -un\n"
+    refused = running.client.ssh(running.token("operator"), "bash -s", input=script)
+    assert refused.returncode == 126, refused
+    assert b"ssh -T HOST < script.sh" in refused.stderr and b"literal arguments" not in refused.stderr, refused.stderr
+    ran = running.client.ssh(running.token("operator"), "", "-T", input=script)
+    assert ran.returncode == 0 and ran.stdout == f"one\n{running.sshd.user}\n".encode(), ran
+
+
 def test_admin_contract(running: Running) -> None:
     marker = running.sshd.work / "admin_marker"
     ok = running.ssh("admin", f"touch {marker} && ls {marker}")

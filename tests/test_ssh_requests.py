@@ -149,6 +149,10 @@ def test_denial_text_names_what_rule_policy_and_next_step() -> None:
     text = denial_text(bad, Decision.deny("x", "lictor:default-deny", "v1"))
     assert text.startswith(f"lictor: denied this command line by rule {UNPARSABLE_RULE}: the command line cannot")
     assert "literal arguments" in text
+    # a shell on the session's input is sent where its lines are decided; other interpreters are not shells
+    for command, step in (("sudo bash -s", "ssh -T HOST < script.sh"), ("python3 -", "literal arguments")):
+        (bad,) = requests_for_command(command, target="web")
+        assert step in denial_text(bad, Decision.deny("x", "lictor:default-deny", "v1")), command
 
 
 def test_other_requests_have_readable_denials() -> None:

@@ -253,6 +253,8 @@ def first_denied(requests: Sequence[Request], decisions: Sequence[Decision]) -> 
 
 _UNFINISHED_LINE = ("incomplete command:", "the line ends with a line continuation")
 """How the analysis says a shell line stops in the middle of a command (which the next line would go on)."""
+_SHELL_ON_INPUT = re.compile(r"(?:ba|da|k|mk|z|a)?sh would read its program from the session's input")
+"""How the analysis refuses a shell run on the session's input (`ssh HOST bash -s < script.sh`)."""
 
 
 def _cut(text: str, limit: int = 300) -> str:
@@ -282,6 +284,11 @@ def _next_step(request: Request, decision: Decision) -> str:
         return (
             "Each line is decided and run alone, so a command cannot go on over several lines; write all of "
             "it on one line (the text of a here-document as `<<< 'text'` or from printf, `if ...; then ...; fi`)."
+        )
+    if request.attrs.get("channel") == "exec" and _SHELL_ON_INPUT.match(error):
+        return (
+            "To run a shell script, send it as the input of a session without a command (`ssh -T HOST < "
+            "script.sh`), if your roles have a shell there: each of its lines is decided as a typed line would be."
         )
     if "parse_error" in request.attrs or rule == UNPARSABLE_RULE:
         return (
