@@ -1591,6 +1591,33 @@ def test_sftp_put_get_ls_and_denied_paths(env: Env) -> None:
     assert env.direct(f"printf keep > {w}/marker2").returncode == 0
 
 
+def test_an_sftp_path_that_is_not_utf8_is_denied_with_a_reason_audited_and_recorded(env: Env) -> None:
+    # The refusal was a bare SFTP status: OpenSSH's sftp printed only "Permission denied", and neither the audit
+    # log nor the session's recording had the operation.
+    token = env.gw.token("agent-latin1-files", role="operator")
+    local = env.tmp / "caf\udce9"  # the file name's bytes: caf\xe9
+    local.write_bytes(b"latin-1 name\n")
+    proc = subprocess.run(
+        ["sftp", *env.client.options(), "-P", str(env.client.port), f"agent@{env.client.host}"],
+        input=b"put " + os.fsencode(local) + b" " + str(env.work).encode() + b"/caf\xe9\n",
+        capture_output=True,
+        env=env.client.env(token),
+        timeout=30,
+        check=False,
+        start_new_session=True,
+    )
+    err = _err(proc)
+    assert "lictor: denied this sftp operation by rule lictor:ssh-unparsable" in err, err
+    assert f"{env.work}/caf\\xe9" in err and "not valid UTF-8" in err and "UTF-8 path names only" in err, err
+    assert env.direct(f"ls {env.work}").stdout.count(b"caf") == 0
+    denials = _decisions_of(env, "agent-latin1-files", 1)  # sftp asks twice: is it a directory, then the open
+    assert denials and {(e["action"], *e["rule_ids"]) for e in denials} == {("deny", "lictor:ssh-unparsable")}, denials
+    assert all(f"{env.work}/caf\\xe9" in e["request"]["summary"] for e in denials), denials
+    events = [e["data"] for e in _session_events(env, "agent-latin1-files") if e.get("kind") == "sftp"]
+    assert events and all((e["operation"], e["paths"], e["action"]) == ("unparsable", [f"{env.work}/caf\\xe9"], "deny")
+               for e in events), events  # fmt: skip
+
+
 def test_an_sftp_session_that_ends_before_its_handshake_leaves_the_connection_and_the_target_clean(
     env: Env,
 ) -> None:

@@ -265,6 +265,8 @@ def _cut(text: str, limit: int = 300) -> str:
 def _what(request: Request) -> str:
     attrs = request.attrs
     if "parse_error" in attrs:
+        if attrs.get("channel") in ("sftp", "scp"):
+            return f"this {attrs['channel']} operation"
         return "this subsystem" if attrs.get("channel") == "subsystem" else "this command line"
     if attrs.get("command"):
         return f"`{_as_written(attrs['command'])}`"
@@ -290,6 +292,8 @@ def _next_step(request: Request, decision: Decision) -> str:
             "To run a shell script, send it as the input of a session without a command (`ssh -T HOST < "
             "script.sh`), if your roles have a shell there: each of its lines is decided as a typed line would be."
         )
+    if request.attrs.get("channel") in ("sftp", "scp") and error:
+        return "The gateway decides file operations on UTF-8 path names only; give the file such a name."
     if "parse_error" in request.attrs or rule == UNPARSABLE_RULE:
         return (
             "The gateway only forwards command lines it can fully analyse; rewrite it as plain "
@@ -311,7 +315,9 @@ def denial_text(request: Request, decision: Decision) -> str:
     rule = ", ".join(decision.rule_ids) or "lictor:default-deny"
     message = decision.message.rstrip(".") or "denied"
     error = request.attrs.get("parse_error")
-    if error is not None:  # denied whatever the policy says; name the real reason
+    if error is not None and request.attrs.get("channel") in ("sftp", "scp"):  # the error names the path
+        rule, message = UNPARSABLE_RULE, str(error).rstrip(".")
+    elif error is not None:  # denied whatever the policy says; name the real reason
         what = "subsystem request" if request.attrs.get("channel") == "subsystem" else "command line"
         rule, message = UNPARSABLE_RULE, f"the {what} cannot be analysed: {error}".rstrip(".")
     text = f"lictor: denied {_what(request)} by rule {rule}: {message} (policy {decision.policy_version})."

@@ -49,7 +49,7 @@ import logging
 import posixpath
 import shlex
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPName, SFTPServer
@@ -57,8 +57,8 @@ from asyncssh import stream as _stream
 from asyncssh.sftp import MAX_SFTP_READ_LEN
 from lictor import Decision, Request, Session, agent_reason
 
-from ._exec import shown
-from ._requests import denial_text, sftp_request
+from ._exec import shown, undecodable
+from ._requests import _cut, denial_text, sftp_request
 from ._upstream import Lease, UpstreamError
 
 if TYPE_CHECKING:
@@ -342,15 +342,41 @@ class ProxySFTPServer(SFTPServer):
     # -- deciding -----------------------------------------------------------------------------
 
     def _text(self, path: bytes) -> str:
-        try:
-            return path.decode("utf-8")
-        except UnicodeDecodeError:
-            raise asyncssh.SFTPPermissionDenied("lictor: path names must be UTF-8 through the gateway") from None
+        text = path.decode("utf-8", "surrogateescape")
+        offset = undecodable(text)
+        if offset is not None:
+            self._unreadable(shown(text), f"it is not valid UTF-8 (byte {offset}; such bytes are shown as \\xNN)")
+        if "\x00" in text:
+            self._unreadable(text.replace("\x00", "\\x00"), "it holds a NUL byte")
+        return text
+
+    def _unreadable(self, path: str, why: str) -> NoReturn:
+        """Deny (and audit and record, with ``path`` as it may be shown) an operation on a path name the rules
+        cannot read. The agent was told only "Permission denied", and nothing of it was audited."""
+        request = Request(
+            protocol="ssh",
+            action="unparsable",
+            attrs={"channel": self.kind, "parse_error": f"the path name {_cut(path)} cannot be read: {why}"},
+            target=self.agent.config.name,
+            summary=f"{self.kind}: unreadable path name ({why}): {_cut(path)}",
+            payload=f"{self.kind} unparsable {path}",
+            reason=self.reason,
+        )
+        decision = self.session.decide_now(request)  # denied whatever the policy says (the addon's request hook)
+        self._record(
+            "sftp",
+            {
+                "channel": self.number,
+                "operation": "unparsable",
+                "paths": [path],
+                "action": decision.action,
+                "rule_ids": list(decision.rule_ids),
+            },
+        )
+        raise self._denied(denial_text(request, decision))
 
     def _lexical(self, path: bytes) -> str:
         text = self._text(path)
-        if "\x00" in text:
-            raise asyncssh.SFTPPermissionDenied("lictor: NUL in a path name")
         joined = posixpath.normpath(posixpath.join(self.home, text))
         if joined.startswith("//"):
             joined = "/" + joined.lstrip("/")
@@ -647,8 +673,6 @@ class ProxySFTPServer(SFTPServer):
         # the link really lands in (``D/esc`` with ``D -> .`` lands one level up), through links.
         link_paths, link_real = await self._paths(newpath)
         target_text = self._text(oldpath)
-        if "\x00" in target_text:
-            raise asyncssh.SFTPPermissionDenied("lictor: NUL in a path name")
         pointed = posixpath.normpath(posixpath.join(posixpath.dirname(link_paths[0]), target_text))
         resolved = posixpath.normpath(await self._real(posixpath.join(posixpath.dirname(link_real), target_text)))
         await self._decide("symlink", [*link_paths, pointed, *([resolved] if resolved != pointed else [])])

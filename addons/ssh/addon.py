@@ -141,7 +141,9 @@ class SshAddon:
         if request.protocol != "ssh":
             return
         error = request.attrs.get("parse_error")
-        if error is not None:
+        if error is not None and request.attrs.get("channel") in ("sftp", "scp"):  # names the path itself
+            flow.deny(str(error), UNPARSABLE_RULE)
+        elif error is not None:
             flow.deny(f"the command line cannot be analysed: {error}", UNPARSABLE_RULE)
 
     def decision(self, flow: Flow) -> None:
