@@ -194,6 +194,17 @@ def test_a_script_for_a_shell_on_the_sessions_input_is_refused_with_where_to_sen
     assert ran.returncode == 0 and ran.stdout == f"one\n{running.sshd.user}\n".encode(), ran
 
 
+def test_a_shell_line_too_long_for_the_targets_terminal_says_how_to_send_it(running: Running) -> None:
+    # The refusal's next step asked for "plain programs with literal arguments", as if the line could not be read.
+    long_line = "echo " + "a" * 4100
+    script = running.client.ssh(running.token("operator"), "", "-T", input=f"{long_line}\n".encode())
+    assert script.returncode == 126, script
+    assert b"longer than 4000 bytes" in script.stderr and b"as an exec request" in script.stderr, script.stderr
+    assert b"literal arguments" not in script.stderr, script.stderr
+    ran = running.ssh("operator", long_line)
+    assert ran.returncode == 0 and ran.stdout == f"{long_line[5:]}\n".encode(), ran.stderr
+
+
 def test_admin_contract(running: Running) -> None:
     marker = running.sshd.work / "admin_marker"
     ok = running.ssh("admin", f"touch {marker} && ls {marker}")

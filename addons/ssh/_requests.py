@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 from lictor import Decision, Request, combine
-from lictor.shell import Invocation, ShellParseError, ShellState, analyse
+from lictor.shell import MAX_COMMAND_BYTES, Invocation, ShellParseError, ShellState, analyse
 
 from ._exec import shown, undecodable
 
@@ -133,9 +133,7 @@ def requests_for_command(
             command = shown(command)
             raise ShellParseError(f"the command is not valid UTF-8 (byte {offset}; such bytes are shown as \\xNN)")
         if max_bytes is not None and len(command.encode("utf-8", "surrogatepass")) > max_bytes:
-            raise ShellParseError(
-                f"the line is longer than {max_bytes} bytes, which the target's terminal would cut short"
-            )
+            raise ShellParseError(f"{_LONG_LINE} {max_bytes} bytes, which the target's terminal would cut short")
         if max_bytes is not None and _TERMINAL_SPECIAL.search(command):
             raise ShellParseError(
                 "the line holds ^C, ^D, ^Z or ^\\, which the target's terminal would take as a signal or an end "
@@ -253,6 +251,8 @@ def first_denied(requests: Sequence[Request], decisions: Sequence[Decision]) -> 
 
 _UNFINISHED_LINE = ("incomplete command:", "the line ends with a line continuation")
 """How the analysis says a shell line stops in the middle of a command (which the next line would go on)."""
+_LONG_LINE = "the line is longer than"
+"""How the analysis refuses a shell line longer than the target's terminal reads whole."""
 _SHELL_ON_INPUT = re.compile(r"(?:ba|da|k|mk|z|a)?sh would read its program from the session's input")
 """How the analysis refuses a shell run on the session's input (`ssh HOST bash -s < script.sh`)."""
 
@@ -286,6 +286,11 @@ def _next_step(request: Request, decision: Decision) -> str:
         return (
             "Each line is decided and run alone, so a command cannot go on over several lines; write all of "
             "it on one line (the text of a here-document as `<<< 'text'` or from printf, `if ...; then ...; fi`)."
+        )
+    if request.attrs.get("channel") == "shell_line" and error.startswith(_LONG_LINE):
+        return (
+            f"Run a longer command as an exec request (`ssh HOST 'COMMAND'`), which takes up to "
+            f"{MAX_COMMAND_BYTES} bytes."
         )
     if request.attrs.get("channel") == "exec" and _SHELL_ON_INPUT.match(error):
         return (
