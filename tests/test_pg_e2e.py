@@ -870,6 +870,7 @@ def test_large_objects_through_libpq_fast_path(env: PgEnv, tmp_path: Path) -> No
     # Where masking applies, large object contents (bytes the gateway cannot mask) are refused.
     proc = env.psql("readonly", "-c", f"\\lo_export {oid} {tmp_path / 'ro.txt'}")
     assert "large object contents cannot be masked" in proc.stderr and "pg-ro-mask" in proc.stderr
+    assert "read table columns instead" in proc.stderr, proc.stderr
     assert not (tmp_path / "ro.txt").exists()
     env.direct("SELECT lo_unlink(%s)", [oid])
 

@@ -2106,8 +2106,9 @@ class Relay:
         decision = self.session.decide_now(request)
         if decision.action == "allow" and not self._mask_plan(decision).is_empty:
             decision = Decision.deny(
-                "large object contents cannot be masked, and masking applies to your results; "
-                "read what you need with SELECT (pg_dump: add -B, which leaves large objects out)",
+                "large object contents cannot be masked, and masking applies to your results, so large objects "
+                "are not read through the gateway for you; read table columns instead (pg_dump: add -B, which "
+                "leaves large objects out)",
                 decision.mask_rule_ids[0] if decision.mask_rule_ids else "lictor:mask",
                 decision.policy_version,
             )
