@@ -1157,6 +1157,56 @@ def test_credentials_the_gateway_cannot_use_are_an_audited_failed_authentication
     assert "hunter2" not in out and "YWRtaW46aHVudGVyMg" not in out and env.agent not in out
 
 
+def test_the_gateway_configured_as_a_proxy_is_refused_with_what_to_do_and_audited(env: Env) -> None:
+    # An agent that sets the gateway as its HTTPS or HTTP proxy sends CONNECT, or an absolute-form target.
+    curl = require_binary("curl")
+    proxy = [
+        "--proxy",
+        env.url(),
+        "--proxy-cacert",
+        env.ca,
+        "--proxy-header",
+        f"Proxy-Authorization: Bearer {env.agent}",
+    ]
+
+    def refused() -> list[str]:
+        out = lictor("audit", "list", "--json", "--kind", "http.refused", "--state-dir", str(env.gw.state_dir)).stdout
+        return [json.loads(line)["problem"] for line in out.splitlines() if line.strip()]
+
+    time.sleep(1)  # the audit log is a batch behind the spool
+    before, forwarded = len(refused()), len(env.api.seen())
+    tunnel = subprocess.run(
+        [curl, "-sS", "-v", *proxy, "https://elsewhere.example/v1/customers/42"], capture_output=True, timeout=30
+    )
+    assert b"CONNECT tunnel failed, response 400" in tunnel.stderr, tunnel.stderr
+    with socket.create_connection(("127.0.0.1", env.ports["customers"])) as raw:
+        ctx = ssl.create_default_context(cafile=env.ca)
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(
+                b"CONNECT elsewhere.example:443 HTTP/1.1\r\nHost: elsewhere.example:443\r\n"
+                + f"Proxy-Authorization: Bearer {env.agent}\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer
+    message = json.loads(body)["message"]
+    assert "mitmproxy" not in message and "reverse proxy" in message and "base URL" in message, message
+    code, body = env.curl("http://elsewhere.example/v1/customers/42", *proxy)
+    assert code == 400 and b"origin-form" in body, body
+    code, body = env.curl(env.url() + "/v1/customers/42", "-X", "get", token=env.agent)
+    assert code == 400 and b"case-sensitive" in body, body
+    deadline = time.monotonic() + 10
+    while len(problems := refused()) < before + 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    new = problems[before:]
+    assert len(new) == 4 and sum("CONNECT elsewhere.example:443" in p for p in new) == 2, new
+    assert any("GET /v1/customers/42 for host elsewhere.example" in p for p in new), new
+    assert any("'get'" in p for p in new), new
+    assert len(env.api.seen()) == forwarded  # none of them reached the upstream
+
+
 def test_recordings_and_audit_never_hold_credentials(env: Env) -> None:
     env.curl(env.url() + "/v1/customers/99", token=env.agent)
     env.curl(env.url() + "/v1/customers/echostream", token=env.agent)  # the upstream echoes its credential

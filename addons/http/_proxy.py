@@ -622,6 +622,11 @@ class LictorProxy:
             target = self._target(flow.client_conn)
             if target is None:
                 raise RuntimeError("no target for this connection")
+            if flow.request.method.upper() == "CONNECT":
+                # mitmproxy refuses it itself once this hook returns (see make_error_response): no other
+                # hook sees it, so the refusal is audited here
+                self._audit_refused(flow, target, f"a proxy request ({_proxy_target(flow)}); answered 400")
+                return
             headers = flow.request.headers
             lengths = headers.get_all("content-length")
             problem = ""
@@ -703,6 +708,7 @@ class LictorProxy:
         if sent_method != sent_method.upper():
             # Methods are case-sensitive: "get" is not GET to the upstream, but mitmproxy's Request.method
             # upper-cases it, so it would be decided as GET and forwarded as "get".
+            self._audit_refused(flow, target, f"method {sent_method[:40]!r} in another case; answered 400")
             self._answer(
                 flow,
                 error(
@@ -716,15 +722,8 @@ class LictorProxy:
         if flow.request.authority or flow.request.method.upper() == "CONNECT":
             # An absolute-form target (GET http://other-host/...) would reach the upstream as such, and an
             # origin server routes by the host in it: the request must look exactly like what was decided.
-            self._answer(
-                flow,
-                error(
-                    400,
-                    "this is a reverse proxy: send origin-form requests (GET /path), not proxy requests",
-                    "use the gateway's URL as the API's base URL instead of configuring it as a proxy",
-                    kubernetes=k8s,
-                ),
-            )
+            self._audit_refused(flow, target, f"a proxy request ({_proxy_target(flow)}); answered 400")
+            self._answer(flow, error(400, PROXY_REQUEST_MESSAGE, PROXY_REQUEST_HINT, kubernetes=k8s))
             return
         peer = _peer(flow.client_conn)
         fields = _header_list(flow.request.headers)
@@ -2160,6 +2159,14 @@ def _credentials_masked(
     return _masked_or_omitted(body, truncated, prefix, bodies.mask_credentials, "credentials", masking)
 
 
+def _proxy_target(flow: http.HTTPFlow) -> str:
+    """A proxy request's method and target as the audit shows them: no credentials of its query."""
+    req = flow.request
+    if req.method.upper() == "CONNECT":
+        return f"CONNECT {req.authority or req.host_header or ''}"[:300]
+    return f"{req.method} {redact_query(req.path)} for host {req.authority}"[:300]
+
+
 def _is_review(call: K8sCall, api_group: str, resource: str) -> bool:
     """A plain create of a review the gateway answers itself (can-i, whoami), not impersonated."""
     info = call.info
@@ -2173,6 +2180,13 @@ def _is_review(call: K8sCall, api_group: str, resource: str) -> bool:
         and not info.impersonate
     )
 
+
+# What an agent that set the gateway as its proxy (HTTPS_PROXY, curl --proxy) is told: CONNECT, or an
+# absolute-form target (GET http://host/...).
+PROXY_REQUEST_MESSAGE = "this is a reverse proxy: send origin-form requests (GET /path), not proxy requests"
+PROXY_REQUEST_HINT = "use the gateway's URL as the API's base URL instead of configuring it as a proxy"
+# mitmproxy's own refusal of CONNECT in reverse mode, answered before any hook can answer instead
+_MITMPROXY_CONNECT_ERROR = "mitmproxy received an HTTP CONNECT request"
 
 _PROXY_ERRORS = {
     400: "the request could not be read",
@@ -2196,6 +2210,8 @@ def _json_error_responses() -> None:
     def make_error_response(status_code: int, message: str = "") -> bytes:
         text = _PROXY_ERRORS.get(status_code, "the gateway could not handle the request")
         detail = f"lictor: {text}" + (f" ({message})" if message and status_code in (400, 502) else "")
+        if message.startswith(_MITMPROXY_CONNECT_ERROR):
+            detail = f"lictor: {PROXY_REQUEST_MESSAGE} (CONNECT); {PROXY_REQUEST_HINT}"
         body = k8s_status(status_code, detail)
         headers = Headers(Connection="close", Content_Type="application/json")
         return bytes(http1.assemble_response(Response.make(status_code, json.dumps(body).encode(), headers)))
