@@ -1129,6 +1129,29 @@ def test_multipart_token_requests_reach_the_upstream_but_not_the_recording(env: 
             assert password.encode() not in content and secret.encode() not in content, path
 
 
+def test_signatures_and_session_ids_in_the_query_reach_neither_the_recording_nor_the_audit(env: Env) -> None:
+    # An Azure shared access signature (sig), a JWT or a session id passed in the URL: credentials by name.
+    values = {
+        "sig": "sg-Qm4Tz8Wc1Lx6",
+        "jwt": "jw-Bn3Yk7Hd2Rs5",
+        "SID": "sd-Vc9Gp4Ne6Ja1",
+        "session_id": "ss-Mt2Xw5Lq8Fz3",
+    }
+    query = "sv=2024-05-04&" + "&".join(f"{k}={v}" for k, v in values.items())
+    code, body = env.curl(env.url() + "/v1/customers/77?" + query, token=env.agent)
+    assert env.api.seen("GET", "/v1/customers/77?" + query), (code, body)  # the upstream gets them as sent
+    redacted = "sv=2024-05-04&" + "&".join(f"{k}=[REDACTED]" for k in values)
+
+    def audited() -> str:
+        return lictor("audit", "list", "--json", "--state-dir", str(env.gw.state_dir)).stdout
+
+    wait_until(lambda: f"/v1/customers/77?{redacted}" in audited(), 20, "the request's audit event")
+    for path in env.gw.state_dir.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(v.encode() in content for v in values.values()), path
+
+
 def test_credentials_the_gateway_cannot_use_are_an_audited_failed_authentication(env: Env) -> None:
     attempts = [
         ("-u", "admin:hunter2"),  # Basic

@@ -689,6 +689,9 @@ def credentials_digest(headers: Iterable[tuple[str, str]]) -> str:
 
 
 SECRET_QUERY_WORDS = ("token", "key", "secret", "password", "passwd", "signature", "auth", "credential")
+# ... and query parameters whose whole name (without case, "_" or "-") says it carries one: an Azure shared
+# access signature (sig), a JWT, a session id.
+SECRET_QUERY_NAMES = frozenset({"sig", "jwt", "sid", "sessionid"})
 
 
 _QUERY_SEPARATORS = re.compile(r"([&;])")
@@ -697,8 +700,14 @@ _QUERY_SEPARATORS = re.compile(r"([&;])")
 def secret_query_name(name: str, grant: bool) -> bool:
     """Is the value of query parameter ``name`` (decoded) a credential, so that recordings, the audit and
     approvers do not get it? One named with a word of :data:`SECRET_QUERY_WORDS`, or a credential field of a
-    body (:func:`credential_name`: ``assertion``, ``code_verifier``, ``code`` where a ``grant_type`` is sent)."""
-    return credential_name(name, grant) or any(word in name.lower() for word in SECRET_QUERY_WORDS)
+    body (:func:`credential_name`: ``assertion``, ``code_verifier``, ``code`` where a ``grant_type`` is sent), or
+    one of :data:`SECRET_QUERY_NAMES`."""
+    lowered = name.lower()
+    return (
+        credential_name(name, grant)
+        or any(word in lowered for word in SECRET_QUERY_WORDS)
+        or lowered.replace("_", "").replace("-", "") in SECRET_QUERY_NAMES
+    )
 
 
 def redact_query(raw_path: str) -> str:
