@@ -77,3 +77,32 @@ def test_gateway_ca_is_created_once(tmp_path: Path) -> None:
     assert b"BEGIN CERTIFICATE" in ca
     assert ensure_ca(tmp_path) == confdir and (confdir / "ca.crt").read_bytes() == ca
     assert untrusted_ca(tmp_path).read_bytes() != ca
+
+
+def test_locations_on_the_upstream_become_paths_on_the_gateway(tmp_path: Path) -> None:
+    from lictor_addons.http._proxy import location_for_agent
+
+    t = target(tmp_path)  # https://api.example.com:8443/base
+    moved = {
+        "https://api.example.com:8443/base/v1/x?page=2#f": "/v1/x?page=2#f",
+        "https://API.example.com:8443/base": "/",
+        "/base/v1/x": "/v1/x",
+    }
+    for location, expected in moved.items():
+        assert location_for_agent(location, t) == expected, location
+    kept = [
+        "https://api.example.com/base/v1/x",  # another port
+        "http://api.example.com:8443/base/v1/x",  # another scheme
+        "https://other.example.com:8443/base/v1/x",
+        "https://user:pw@api.example.com:8443/base/v1/x",
+        "https://api.example.com:8443/elsewhere",  # outside the base path
+        "https://api.example.com:8443/basement",
+        "/elsewhere",
+        "v1/x",
+        "https://api.example.com:99999/base",  # not a port
+    ]
+    for location in kept:
+        assert location_for_agent(location, t) is None, location
+    plain = target(tmp_path, upstream="http://10.0.0.5")
+    assert location_for_agent("http://10.0.0.5:80/v1/x", plain) == "/v1/x"
+    assert location_for_agent("/v1/x", plain) is None

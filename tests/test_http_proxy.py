@@ -165,6 +165,12 @@ class CustomersAPI:
                     self.end_headers()
                     self.wfile.write(body)
                     return
+                if self.path == "/v1/customers/moved":  # an absolute URL built from the Host header it got
+                    self.send_response(301)
+                    self.send_header("Location", f"https://{self.headers['Host']}/v1/customers/42")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path == "/v1/customers/headers":  # the data in response headers
                     body = b'{"ok": true}'
                     self.send_response(200)
@@ -521,6 +527,22 @@ def test_response_headers_are_masked_and_unreadable_encodings_refused(env: Env) 
         assert resp.status_code == 200 and [d["email"] for d in lines] == ["[REDACTED:email]"] * 3, resp.text
         resp = client.get(env.url() + "/v1/customers/xssi")  # )]}' then the JSON: masked line by line
         assert resp.status_code == 200 and "zo" not in resp.text and "[REDACTED:email]" in resp.text, resp.text
+
+
+def test_redirects_to_the_upstreams_own_url_are_followed_through_the_gateway(env: Env) -> None:
+    # Frameworks build absolute URLs from the Host header, which names the upstream: followed as such, the
+    # agent would leave the gateway for an address it cannot (and must not) reach.
+    curl = require_binary("curl")
+    auth = f"Authorization: Bearer {env.agent}"
+    out = subprocess.run(
+        [curl, "-sS", "-i", "-L", "--cacert", env.ca, "-H", auth, env.url() + "/v1/customers/moved"],
+        capture_output=True,
+        timeout=30,
+    )
+    text = out.stdout.decode()
+    assert "Location: /v1/customers/42\r\n" in text, (text, out.stderr)
+    assert env.api.url not in text and out.returncode == 0, (text, out.stderr)
+    assert text.rstrip().endswith("}") and json.loads(text[text.rindex("\r\n\r\n") :])["email"] == "[REDACTED:email]"
 
 
 def test_server_sent_events_with_json_escapes_are_masked(env: Env) -> None:

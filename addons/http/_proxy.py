@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote_from_bytes
+from urllib.parse import quote_from_bytes, urlsplit, urlunsplit
 
 import mitmproxy
 from lictor import AuthError, Decision, Gateway, Identity, Request, Session, agent_reason
@@ -1463,6 +1463,7 @@ class LictorProxy:
             raise RuntimeError("upstream response for a flow Lictor did not allow")
         resp = flow.response
         assert resp is not None
+        _relocate_headers(resp, state.target)
         scrubber = state.tap.scrubber
         if scrubber is not None:
             fields = resp.headers.fields
@@ -2157,6 +2158,60 @@ def _credentials_masked(
     if not (is_json_type(content_type) or head.lstrip()[:1] in (b"{", b"[")) or not _may_carry_credentials(head):
         return None
     return _masked_or_omitted(body, truncated, prefix, bodies.mask_credentials, "credentials", masking)
+
+
+_LOCATION_HEADERS = (b"location", b"content-location")
+
+
+def _relocate_headers(resp: http.Response, target: HttpTarget) -> None:
+    """Rewrite the ``Location`` and ``Content-Location`` headers that name the upstream's own URL (see
+    :func:`location_for_agent`), so that an agent following them stays behind the gateway."""
+    fields = resp.headers.fields
+    if not any(name.lower() in _LOCATION_HEADERS for name, _ in fields):
+        return
+    out = []
+    for name, value in fields:
+        if name.lower() in _LOCATION_HEADERS:
+            moved = location_for_agent(value.decode("utf-8", "surrogateescape"), target)
+            if moved is not None:
+                value = moved.encode("utf-8", "surrogateescape")
+        out.append((name, value))
+    resp.headers.fields = tuple(out)
+
+
+def location_for_agent(value: str, target: HttpTarget) -> str | None:
+    """A ``Location`` the upstream answered, as the agent must follow it; None to leave it as it is.
+
+    The gateway sends the upstream its own host name (``Host``), from which frameworks build absolute URLs
+    (a redirect, the ``Location`` of a ``201 Created``): followed as such, the agent would leave the gateway
+    for an address it cannot reach, or reach it without the gateway. Such a URL, and a path under the
+    target's base path, become a path on the gateway (the base path taken off), which every client resolves
+    against the URL it asked: the gateway's."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    absolute = bool(parts.scheme or parts.netloc)
+    if absolute:
+        default = 443 if parts.scheme.lower() == "https" else 80
+        if (
+            parts.scheme.lower() != target.scheme
+            or parts.username is not None
+            or (parts.hostname or "").lower() != target.upstream_host.lower()
+            or (port or default) != target.upstream_port
+        ):
+            return None
+    elif not parts.path.startswith("/"):
+        return None  # a relative path (or none): the agent resolves it against the gateway's URL already
+    path = parts.path or "/"
+    if target.base_path:
+        if path != target.base_path and not path.startswith(target.base_path + "/"):
+            return None  # outside what the target exposes: no path on the gateway reaches it
+        path = path[len(target.base_path) :] or "/"
+    elif not absolute:
+        return None
+    return urlunsplit(("", "", path, parts.query, parts.fragment))
 
 
 def _proxy_target(flow: http.HTTPFlow) -> str:
