@@ -102,6 +102,7 @@ class CustomersAPI:
     def __init__(self, cert: Path, key: Path) -> None:
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
+        self.feed_release = threading.Event()  # /v1/customers/feed sends its last line once this is set
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -164,6 +165,21 @@ class CustomersAPI:
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)
+                    return
+                if self.path == "/v1/customers/feed":  # JSON lines, written as they happen (a log, a generation)
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/x-ndjson")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(2):
+                        if i:
+                            api.feed_release.wait(30)
+                        line = (
+                            json.dumps({"seq": i, "email": EMAIL, "card": int(CARD.replace(" ", ""))}) + "\n"
+                        ).encode()
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
                     return
                 if self.path == "/v1/customers/moved":  # an absolute URL built from the Host header it got
                     self.send_response(301)
@@ -553,6 +569,26 @@ def test_server_sent_events_with_json_escapes_are_masked(env: Env) -> None:
     assert len(data) == 2, text
     assert data[0]["email"] == "[REDACTED:email]" and data[1]["email"] == "[REDACTED:email]", text
     assert data[1]["card"] == "[REDACTED:card]" and "event: customer" in text
+
+
+def test_json_lines_are_relayed_as_the_upstream_writes_them_and_masked(env: Env) -> None:
+    # A JSON lines stream of unknown length (an event feed, a model's generation) was held until it ended, and
+    # one longer than http_buffer_limit was refused: each line is a JSON value, masked on its own.
+    env.api.feed_release.clear()
+    with (
+        httpx.Client(verify=ssl.create_default_context(cafile=env.ca), timeout=10) as client,
+        client.stream(
+            "GET", env.url() + "/v1/customers/feed", headers={"Authorization": f"Bearer {env.agent}"}
+        ) as resp,
+    ):
+        lines = resp.iter_lines()
+        first = json.loads(next(lines))  # before the upstream writes the second line
+        env.api.feed_release.set()
+        rest = [json.loads(line) for line in lines if line.strip()]
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/x-ndjson"
+    assert [d["seq"] for d in [first, *rest]] == [0, 1], rest
+    for doc in (first, *rest):
+        assert doc["email"] == "[REDACTED:email]" and doc["card"] == "[REDACTED:card]", doc
 
 
 def test_masked_json_numbers_leave_the_body_valid_json(env: Env) -> None:

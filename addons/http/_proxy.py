@@ -248,6 +248,14 @@ _JSON_LIKE = frozenset(
 )  # fmt: skip
 
 
+# JSON lines: one JSON value per line, which a stream of unknown length relays line by line.
+_JSON_LINES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"})
+
+
+def _json_lines(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() in _JSON_LINES
+
+
 def _json_like(content_type: str) -> bool:
     """A response masked as JSON: JSON media types, and the JSON lines ones (NDJSON), whose \\u escapes the
     detectors could not read in the bytes."""
@@ -1537,7 +1545,9 @@ class LictorProxy:
                 "as JSON",
             )
             return
-        if json_body and live:
+        if json_body and (live or (length is None and _json_lines(ctype))):
+            # Kubernetes watches, and JSON lines of unknown length (a feed, a generation written as it goes):
+            # each value is masked and relayed as it ends, not held until the stream does
             self._streamed(flow, state, bodies.json_event_stream(masking, self.buffer_limit, state.tap, failed), True)
         elif json_body and length is not None and length <= self.buffer_limit:
             return  # buffered; masked whole in the response hook
