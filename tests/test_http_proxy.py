@@ -561,6 +561,36 @@ def test_redirects_to_the_upstreams_own_url_are_followed_through_the_gateway(env
     assert text.rstrip().endswith("}") and json.loads(text[text.rindex("\r\n\r\n") :])["email"] == "[REDACTED:email]"
 
 
+def test_responses_the_gateway_cannot_mask_are_audited_and_not_worth_retrying(env: Env) -> None:
+    # The upstream's answer is in a form the detectors cannot read: the agent gets the same 502 on every try,
+    # and the operators must learn that this API's answers are being withheld.
+    paths = [
+        "/v1/customers/utf16",
+        "/v1/customers/utf16bom",
+        "/v1/customers/twoencodings",
+        "/v1/customers/transfercoded",
+    ]
+
+    def refused() -> list[dict[str, Any]]:
+        out = lictor("audit", "list", "--json", "--kind", "http.response_refused", "--state-dir", str(env.gw.state_dir))
+        events = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+        return [e for e in events if e.get("url") in paths]
+
+    time.sleep(1)  # the audit log is a batch behind the spool
+    before = len(refused())
+    for path in paths:
+        code, body = env.curl(env.url() + path, token=env.agent)
+        doc = json.loads(body)
+        assert code == 502 and doc["rule"] == "lictor:response-unmaskable", (path, body)
+        assert "retry later" not in doc["hint"] and "same answer" in doc["hint"], doc
+    wait_until(lambda: len(refused()) >= before + len(paths), 20, "the refusals' audit events")
+    events = refused()[before:]
+    assert sorted(e["url"] for e in events) == sorted(paths), events
+    for event in events:
+        assert event["rule"] == "lictor:response-unmaskable" and event["upstream_status"] == 200, event
+        assert event["problem"].startswith("the upstream sent"), event
+
+
 def test_server_sent_events_with_json_escapes_are_masked(env: Env) -> None:
     code, body = env.curl(env.url() + "/v1/customers/events", token=env.agent)
     assert code == 200

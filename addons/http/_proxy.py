@@ -113,6 +113,13 @@ MASKED_WRITE_RULE = "lictor:masked-secret-write"
 STDIN_PROGRAM_RULE = "lictor:exec-stdin-program"
 STDIN_UNPARSABLE_RULE = "lictor:exec-stdin-unparsable"
 TOO_LARGE_RULE = "lictor:response-too-large"
+# A response withheld because the upstream sent it in a form the gateway cannot mask (compressed, UTF-16...).
+UNMASKABLE_RULE = "lictor:response-unmaskable"
+RETRY_HINT = "retry later or contact the gateway operators"
+UNMASKABLE_HINT = (
+    "the upstream sends this answer in a form the gateway cannot mask, so retrying gets the same answer; "
+    "ask the gateway operators or the API's owners"
+)
 RULES_REVIEW_RULE = "lictor:rules-review"
 HOLD_HEAD = "lictor.hold_head"  # the response's head waits for the first bytes its stream function relays
 # What a masked Secret value reads as in a request body: base64 in JSON and YAML, raw bytes in protobuf.
@@ -1391,16 +1398,38 @@ class LictorProxy:
             self.replace_at_headers(flow, 502, "the gateway could not check the upstream's response")
         flow.metadata[HEADERS_DONE] = True
 
-    def replace_at_headers(self, flow: http.HTTPFlow, status: int, message: str) -> None:
-        """Answer instead of an upstream response whose headers are known but whose body is not relayed."""
+    def replace_at_headers(self, flow: http.HTTPFlow, status: int, message: str, *, unmaskable: bool = False) -> None:
+        """Answer instead of an upstream response whose headers are known but whose body is not relayed
+        (``unmaskable``: because the gateway cannot mask it as the upstream sent it; audited)."""
         target = self._target(flow.client_conn)
         kubernetes = bool(target and target.kubernetes)
-        self._answer_at_headers(
-            flow, error(status, message, "retry later or contact the gateway operators", kubernetes=kubernetes)
-        )
+        hint, rule = (UNMASKABLE_HINT, UNMASKABLE_RULE) if unmaskable else (RETRY_HINT, "")
         state = flow.metadata.get(STATE)
+        if isinstance(state, FlowState) and unmaskable:
+            self._audit_response_refused(flow, state, rule, message)  # with the upstream's status, not ours
+        self._answer_at_headers(flow, error(status, message, hint, kubernetes=kubernetes, rule=rule))
         if isinstance(state, FlowState):
-            self._record_failure(flow, state, status=status, error=message)
+            if unmaskable:
+                self._record_failure(flow, state, status=status, error=message, rule=rule)
+            else:
+                self._record_failure(flow, state, status=status, error=message)
+
+    def _audit_response_refused(self, flow: http.HTTPFlow, state: FlowState, rule: str, problem: str) -> None:
+        resp = flow.response
+        self.gateway.audit_event(
+            "http.response_refused",
+            {
+                "target": state.target.name,
+                "session": state.session.id,
+                "flow": flow.id,
+                "method": flow.request.method,
+                "url": redact_query(state.request_path),
+                "upstream_status": resp.status_code if resp is not None else 0,
+                "rule": rule,
+                "problem": problem,
+            },
+            fail_closed=False,
+        )
 
     def _answer_at_headers(self, flow: http.HTTPFlow, answer: Answer) -> None:
         """Send ``answer`` instead of the upstream's response, whose head arrived; its body is read and dropped."""
@@ -1424,7 +1453,6 @@ class LictorProxy:
         """The answer to a response that must be masked as one JSON document but is larger than
         ``http_buffer_limit``: not relayed, audited and recorded; the agent learns how to ask for less."""
         kubernetes = state.target.kubernetes
-        resp = flow.response
         message = (
             f"the response ({size}) is larger than the {self.buffer_limit} bytes this gateway masks as one JSON "
             "document, so it was not relayed"
@@ -1436,20 +1464,7 @@ class LictorProxy:
             )
         else:
             hint = "ask for less at a time: smaller pages (the API's limit or pagination parameters) or a filter"
-        self.gateway.audit_event(
-            "http.response_refused",
-            {
-                "target": state.target.name,
-                "session": state.session.id,
-                "flow": flow.id,
-                "method": flow.request.method,
-                "url": redact_query(state.request_path),
-                "upstream_status": resp.status_code if resp is not None else 0,
-                "rule": TOO_LARGE_RULE,
-                "problem": message,
-            },
-            fail_closed=False,
-        )
+        self._audit_response_refused(flow, state, TOO_LARGE_RULE, message)
         self._record_failure(flow, state, status=502, error=message, rule=TOO_LARGE_RULE)
         flow.metadata[ANSWERED] = True
         return error(502, message, hint, kubernetes=kubernetes, rule=TOO_LARGE_RULE)
@@ -1505,7 +1520,10 @@ class LictorProxy:
             return
         if encoding != "identity":
             self.replace_at_headers(
-                flow, 502, f"the upstream sent a {encoding}-encoded body that the gateway must mask but cannot decode"
+                flow,
+                502,
+                f"the upstream sent a {encoding}-encoded body that the gateway must mask but cannot decode",
+                unmaskable=True,
             )
             return
         transfer = ", ".join(
@@ -1520,11 +1538,12 @@ class LictorProxy:
                 502,
                 f"the upstream sent a body with transfer coding {transfer} that the gateway must mask but cannot "
                 "decode",
+                unmaskable=True,
             )
             return
         if sum(k == "content-type" for k, _ in fields) > 1:
             self.replace_at_headers(
-                flow, 502, "the upstream sent two Content-Type headers; clients differ on which counts"
+                flow, 502, "the upstream sent two Content-Type headers; clients differ on which counts", unmaskable=True
             )
             return
         charset = _unmaskable_charset(ctype)
@@ -1534,6 +1553,7 @@ class LictorProxy:
                 flow,
                 502,
                 f"the upstream sent {charset} text that the gateway must mask; it masks UTF-8 (and ASCII) only",
+                unmaskable=True,
             )
             return
         json_body = _json_like(ctype)
@@ -1543,6 +1563,7 @@ class LictorProxy:
                 502,
                 f"the upstream answered {ctype or 'without a content type'}; the gateway masks this response only "
                 "as JSON",
+                unmaskable=True,
             )
             return
         if json_body and (live or (length is None and _json_lines(ctype))):
@@ -1582,16 +1603,22 @@ class LictorProxy:
         base = pending or {"direction": "out", "flow": flow.id, "method": flow.request.method}
         state.session.record("http", {**base, **details})
 
-    def _fail_response(self, flow: http.HTTPFlow, message: str) -> None:
+    def _fail_response(self, flow: http.HTTPFlow, message: str, *, unmaskable: bool = False) -> None:
         state = flow.metadata.get(STATE)
+        rule = UNMASKABLE_RULE if unmaskable else ""
         if isinstance(state, FlowState):
-            self._record_failure(flow, state, status=502, error=message)
+            if unmaskable:
+                self._audit_response_refused(flow, state, rule, message)
+                self._record_failure(flow, state, status=502, error=message, rule=rule)
+            else:
+                self._record_failure(flow, state, status=502, error=message)
             if state.streamed:
                 self.close_client(flow)
                 return
         target = self._target(flow.client_conn)
         kubernetes = bool(target and target.kubernetes)
-        answer = error(502, message, "retry later or contact the gateway operators", kubernetes=kubernetes)
+        hint = UNMASKABLE_HINT if unmaskable else RETRY_HINT
+        answer = error(502, message, hint, kubernetes=kubernetes, rule=rule)
         flow.response = http.Response.make(502, answer.encode(), {"Content-Type": "application/json"})
         flow.metadata[ANSWERED] = True
 
@@ -1611,12 +1638,14 @@ class LictorProxy:
         if raw and state.masking.active:
             encoding = _encoding(resp.headers.get_all("content-encoding"))
             if encoding != "identity":
-                self._fail_response(flow, f"the upstream sent a {encoding}-encoded body the gateway cannot mask")
+                self._fail_response(
+                    flow, f"the upstream sent a {encoding}-encoded body the gateway cannot mask", unmaskable=True
+                )
                 return
             try:
                 bodies.check_utf8_start(raw)  # UTF-16 or UTF-32 without a charset (a BOM, JSON's zero bytes)
             except bodies.BodyError as exc:
-                self._fail_response(flow, str(exc))
+                self._fail_response(flow, str(exc), unmaskable=True)
                 return
             masked: bytes | None = None
             if _json_like(resp.headers.get("content-type", "")):
@@ -1624,7 +1653,7 @@ class LictorProxy:
                     masked = state.masking.mask_json_bytes(raw)
                 except bodies.BodyError as exc:
                     if state.masking.needs_document:
-                        self._fail_response(flow, f"the upstream's JSON could not be masked: {exc}")
+                        self._fail_response(flow, f"the upstream's JSON could not be masked: {exc}", unmaskable=True)
                         return
             if masked is None and b"\\u" in raw:
                 # \u escapes outside a JSON document (text/json, NDJSON, a JSON body behind an XSSI prefix):
@@ -1632,7 +1661,9 @@ class LictorProxy:
                 # where it is that; otherwise not relayed.
                 masked = _mask_json_lines(state.masking, raw)
                 if masked is None:
-                    self._fail_response(flow, "the upstream's text has \\u escapes the gateway cannot read as JSON")
+                    self._fail_response(
+                        flow, "the upstream's text has \\u escapes the gateway cannot read as JSON", unmaskable=True
+                    )
                     return
             resp.content = state.masking.mask_bytes(raw) if masked is None else masked
         scrubber = state.tap.scrubber
