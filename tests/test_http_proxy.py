@@ -181,6 +181,16 @@ class CustomersAPI:
                         self.wfile.flush()
                     self.wfile.write(b"0\r\n\r\n")
                     return
+                if self.path == "/v1/customers/page1":  # pagination links built from the Host header it got
+                    body = b'{"items": []}'
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    base = f"https://{self.headers['Host']}/v1/customers"
+                    self.send_header("Link", f'<{base}/page2>; rel="next", <https://elsewhere.example/x>; rel="help"')
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if self.path == "/v1/customers/moved":  # an absolute URL built from the Host header it got
                     self.send_response(301)
                     self.send_header("Location", f"https://{self.headers['Host']}/v1/customers/42")
@@ -589,6 +599,18 @@ def test_responses_the_gateway_cannot_mask_are_audited_and_not_worth_retrying(en
     for event in events:
         assert event["rule"] == "lictor:response-unmaskable" and event["upstream_status"] == 200, event
         assert event["problem"].startswith("the upstream sent"), event
+
+
+def test_pagination_links_to_the_upstreams_own_url_are_followed_through_the_gateway(env: Env) -> None:
+    import requests
+
+    auth = {"Authorization": f"Bearer {env.agent}"}
+    resp = requests.get(env.url() + "/v1/customers/page1", headers=auth, verify=env.ca, timeout=30)
+    assert resp.status_code == 200 and env.api.url not in resp.headers["link"], resp.headers
+    assert resp.links["help"]["url"] == "https://elsewhere.example/x", resp.links  # another host: as it was
+    following = requests.get(urllib.parse.urljoin(resp.url, resp.links["next"]["url"]), headers=auth, verify=env.ca)
+    assert following.url == env.url() + "/v1/customers/page2"
+    assert following.status_code == 200 and following.json()["email"] == "[REDACTED:email]", following.text
 
 
 def test_server_sent_events_with_json_escapes_are_masked(env: Env) -> None:

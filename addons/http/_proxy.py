@@ -2201,19 +2201,27 @@ def _credentials_masked(
     return _masked_or_omitted(body, truncated, prefix, bodies.mask_credentials, "credentials", masking)
 
 
-_LOCATION_HEADERS = (b"location", b"content-location")
+_LOCATION_HEADERS = (b"location", b"content-location", b"link")
+_LINK_TARGET = re.compile(r"<([^>]*)>")
 
 
 def _relocate_headers(resp: http.Response, target: HttpTarget) -> None:
-    """Rewrite the ``Location`` and ``Content-Location`` headers that name the upstream's own URL (see
-    :func:`location_for_agent`), so that an agent following them stays behind the gateway."""
+    """Rewrite the ``Location`` and ``Content-Location`` headers, and the targets of ``Link`` (pagination:
+    ``<...?page=2>; rel="next"``), that name the upstream's own URL (see :func:`location_for_agent`), so that
+    an agent following them stays behind the gateway."""
     fields = resp.headers.fields
     if not any(name.lower() in _LOCATION_HEADERS for name, _ in fields):
         return
     out = []
     for name, value in fields:
         if name.lower() in _LOCATION_HEADERS:
-            moved = location_for_agent(value.decode("utf-8", "surrogateescape"), target)
+            text = value.decode("utf-8", "surrogateescape")
+            if name.lower() == b"link":
+                moved: str | None = _LINK_TARGET.sub(
+                    lambda m: f"<{location_for_agent(m.group(1), target) or m.group(1)}>", text
+                )
+            else:
+                moved = location_for_agent(text, target)
             if moved is not None:
                 value = moved.encode("utf-8", "surrogateescape")
         out.append((name, value))
