@@ -894,6 +894,32 @@ def test_request_lines_that_never_end_are_refused_at_a_bound(env: Env) -> None:
     assert code == 200
 
 
+def test_request_heads_too_large_are_audited(env: Env) -> None:
+    # As a body over max_body is: refused before any token check, and the operators learn who sent it.
+    def refused() -> list[str]:
+        out = lictor("audit", "list", "--json", "--kind", "http.refused", "--state-dir", str(env.gw.state_dir)).stdout
+        return [json.loads(line)["problem"] for line in out.splitlines() if line.strip()]
+
+    time.sleep(1)  # the audit log is a batch behind the spool
+    before = len(refused())
+    ctx = ssl.create_default_context(cafile=env.ca)
+    address = ("127.0.0.1", env.ports["customers"])
+    with ctx.wrap_socket(socket.create_connection(address), server_hostname="127.0.0.1") as s:
+        s.settimeout(3)
+        headers = "".join(f"X-Padding-{i}: {'a' * 8000}\r\n" for i in range(140))  # 1.1 MB of whole lines
+        with contextlib.suppress(OSError):
+            s.sendall(f"GET /v1/customers/1 HTTP/1.1\r\nHost: api\r\n{headers}\r\n".encode())
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    wait_until(lambda: len(refused()) > before, 20, "the refusal's audit event")
+    (problem,) = refused()[before:]
+    assert problem.startswith("request line and headers: more than 1048576 bytes unread"), problem
+    assert "answered 431" in problem, problem
+
+
 def test_plain_http_to_a_tls_listener_is_refused(env: Env) -> None:
     with httpx.Client() as client:
         resp = client.get(

@@ -1388,6 +1388,15 @@ class LictorProxy:
             fail_closed=False,
         )
 
+    def head_refused(self, client: Client, problem: str) -> None:
+        """Audit a request whose head mitmproxy could not even read within its bound (see _bounded_request_heads)."""
+        target = self._target(client)
+        self.gateway.audit_event(
+            "http.refused",
+            {"target": target.name if target is not None else "", "peer": _peer(client), "problem": problem},
+            fail_closed=False,
+        )
+
     # -- responses ----------------------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -2401,6 +2410,10 @@ def _bounded_websocket_messages() -> None:
     cls.relay_messages = relay_messages
 
 
+# Told of each request refused by _bounded_request_heads, before any hook sees it: (client, problem).
+_HEAD_REFUSALS: list[Callable[[Client, str], None]] = []
+
+
 def _bounded_request_heads() -> None:
     """Refuse a request whose unread bytes pass :data:`MAX_REQUEST_HEAD`: a ``431`` while its head (request
     line and headers) has not ended, a ``400`` for a chunk-size or trailer line that does not end, or for
@@ -2433,6 +2446,11 @@ def _bounded_request_heads() -> None:
                 status, problem = 400, "bytes sent before the previous request was answered"
             problem = f"{problem}: more than {MAX_REQUEST_HEAD} bytes unread"
             log.warning("refusing a request from %s: %s", self.conn.peername, problem)
+            for report in _HEAD_REFUSALS:
+                try:
+                    report(self.conn, f"{problem}; answered {status}")
+                except Exception:
+                    log.exception("auditing a refused request failed")
             yield commands.SendData(self.conn, _http1.make_error_response(status, problem))
             yield commands.CloseConnection(self.conn)
             if status == 400 and self.stream_id is not None:  # a request under way ends as an error
@@ -2567,6 +2585,7 @@ class EmbeddedProxy:
         self.lictor = LictorProxy(
             self.gateway, self.targets, buffer_limit=self.buffer_limit, setup_timeout=self.setup_timeout
         )
+        _HEAD_REFUSALS.append(self.lictor.head_refused)
         ps = proxyserver.Proxyserver()
         self.lictor.proxyserver = ps
         master.addons.add(ps, next_layer.NextLayer(), self.lictor, tlsconfig.TlsConfig(), FailClosedGate(self.lictor))
@@ -2627,4 +2646,6 @@ class EmbeddedProxy:
             await asyncio.sleep(0)
             await master.done()
             self.master = None
+            if self.lictor is not None and self.lictor.head_refused in _HEAD_REFUSALS:
+                _HEAD_REFUSALS.remove(self.lictor.head_refused)
             asyncio.get_running_loop().set_task_factory(self._previous_factory)
