@@ -2410,6 +2410,42 @@ def _bounded_websocket_messages() -> None:
     cls.relay_messages = relay_messages
 
 
+def _trailers_dropped() -> None:
+    """Drop the trailer section of a chunked HTTP/1 body (request or response) instead of crashing.
+
+    mitmproxy raises ``NotImplementedError`` on HTTP/1 trailers: the connection's handler crashed and the
+    agent waited for the end of the body until the idle timeout. Trailer fields are neither decided nor
+    masked, and RFC 9110 (6.5) lets a recipient discard them: the body now ends without them."""
+    import h11
+    from mitmproxy.proxy.layers.http import _http1
+
+    make = _http1.make_body_reader
+    if getattr(make, "lictor_trailers", False):
+        return
+
+    class NoTrailers:
+        def __init__(self, reader: Any) -> None:
+            self.reader = reader
+
+        def _strip(self, event: Any) -> Any:
+            if isinstance(event, h11.EndOfMessage) and event.headers:
+                log.warning("dropping the trailer section of a chunked body (%d fields)", len(event.headers))
+                return h11.EndOfMessage()
+            return event
+
+        def __call__(self, buf: Any) -> Any:
+            return self._strip(self.reader(buf))
+
+        def read_eof(self) -> Any:
+            return self._strip(self.reader.read_eof())
+
+    def make_body_reader(expected_size: int | None) -> Any:
+        return NoTrailers(make(expected_size))
+
+    make_body_reader.lictor_trailers = True  # type: ignore[attr-defined]
+    _http1.make_body_reader = make_body_reader
+
+
 # Told of each request refused by _bounded_request_heads, before any hook sees it: (client, problem).
 _HEAD_REFUSALS: list[Callable[[Client, str], None]] = []
 
@@ -2577,6 +2613,7 @@ class EmbeddedProxy:
         _ws_messages_before()
         _bounded_websocket_messages()
         _bounded_request_heads()
+        _trailers_dropped()
         _json_error_responses()
         _lean.install()
         opts = Options()
