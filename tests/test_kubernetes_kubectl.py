@@ -7,6 +7,7 @@ import os
 import queue
 import re
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -920,3 +921,41 @@ def test_service_account_tokens_reach_the_agent_but_not_the_recording(cluster: C
             for token in (issued, second):
                 assert token.encode() not in content, path
                 assert token.split(".")[2].encode() not in content, path
+
+
+def test_kubectl_gets_a_fresh_token_from_its_credential_plugin_when_its_token_expires(cluster: Cluster) -> None:
+    # A token past its expiry but within the identity leeway was refused with a 403, on which kubectl gives up;
+    # its credential plugins (as OAuth clients) are asked for a fresh token on a 401 only, as the API server
+    # answers an expired one.
+    work = cluster.gw.workdir / "exec-plugin"
+    work.mkdir()
+    tokens = [cluster.gw.token("viewer-exec", role="viewer", ttl="2s"), cluster.gw.token("viewer-exec", role="viewer")]
+    calls = work / "calls"
+    plugin = work / "plugin.py"
+    plugin.write_text(
+        "import json, pathlib, sys\n"
+        f"calls = pathlib.Path({str(calls)!r})\n"
+        "n = int(calls.read_text()) if calls.exists() else 0\n"
+        "calls.write_text(str(n + 1))\n"
+        f"token = {tokens!r}[min(n, 1)]\n"
+        "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1', 'kind': 'ExecCredential',\n"
+        "                  'status': {'token': token}}))\n"
+    )
+    config = yaml.safe_load(cluster.kubeconfigs["viewer"].read_text())
+    config["users"][0]["user"] = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1",
+            "command": sys.executable,
+            "args": [str(plugin)],
+            "interactiveMode": "Never",
+        }
+    }
+    kubeconfig = work / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+    payload = tokens[0].split(".")[1]
+    expires = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
+    while time.time() <= expires + 0.5:  # expired, and within the gateway's leeway
+        time.sleep(0.2)
+    proc = cluster.kubectl("viewer", "get", "pods", "-o", "name", KUBECONFIG=str(kubeconfig))
+    assert proc.returncode == 0, proc.stderr
+    assert calls.read_text() == "2", "kubectl did not ask its plugin for a fresh token"

@@ -94,6 +94,11 @@ def denial(decision: Decision, *, kubernetes: bool, status: int = 403, hint: str
     hint = hint or _hint(decision, kubernetes)
     rule = decision.rule_ids[0] if decision.rule_ids else ""
     headers = {"X-Lictor-Rule": rule, "X-Lictor-Policy": decision.policy_version}
+    if rule == "lictor:token-expired" and status == 403:
+        # An expired token is a 401 wherever it is checked (the API server answers so): kubectl's credential
+        # plugins and OAuth clients get a fresh token on a 401 only, and would give up on a 403.
+        status = 401
+        headers["WWW-Authenticate"] = 'Bearer realm="lictor", error="invalid_token"'
     if decision.approval_id:
         headers["X-Lictor-Approval"] = decision.approval_id
     if kubernetes:
