@@ -443,6 +443,39 @@ def test_commands_redis_runs_at_once_inside_multi_get_no_element_in_exec(gw: Gw,
     assert replies[4] == b"*1\r\n$24\r\ncard **** **** **** 1111\r\n"
 
 
+def test_a_transaction_queued_before_the_token_expired_does_not_run_after_it(gw: Gw, prefix: str):
+    """A connection does not outlive its token: EXEC is what runs the queued writes, so it is refused."""
+    sub = f"agent-short-{secrets.token_hex(3)}"
+    token = gw.issuer.issue(sub, {"role": "writer"}, ttl=2)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(cmd("AUTH", token) + cmd("MULTI") + cmd("SET", prefix + "late", "1"))
+        parser = ReplyParser()
+        replies: list[bytes] = []
+        current = bytearray()
+
+        def read(count: int) -> None:
+            while len(replies) < count:
+                parser.feed(s.recv(65536))
+                for event in parser.events():
+                    current.extend(getattr(event, "raw", b""))
+                    if event.done:
+                        replies.append(bytes(current))
+                        current.clear()
+
+        read(3)
+        assert replies == [b"+OK\r\n", b"+OK\r\n", b"+QUEUED\r\n"]
+        time.sleep(3)  # the token expires with the transaction queued
+        s.sendall(cmd("EXEC") + cmd("PING"))
+        read(5)
+    assert replies[3].startswith(b"-NOPERM lictor: EXEC denied by rule lictor:token-expired: your token has expired")
+    assert replies[4].startswith(b"-NOPERM lictor: PING denied by rule lictor:token-expired")
+    assert redis.Redis().get(prefix + "late") is None  # the queued SET never ran
+    (exec_denial,) = [e for e in gw.decisions(sub, 3) if e["request"]["action"] == "exec"]
+    assert exec_denial["action"] == "deny" and exec_denial["rule_ids"] == ["lictor:token-expired"]
+    recorded = [e["data"] for e in gw.recording(sub) if e["kind"] == "command"]
+    assert {"command": "EXEC", "decision": "deny", "rules": ["lictor:token-expired"]}.items() <= recorded[-2].items()
+
+
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_a_transaction_whose_watched_key_changed_answers_null(gw: Gw, prefix: str, protocol: int):
     # EXEC answers a null (*-1 in RESP2) when a watched key changed: clients raise WatchError and retry

@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -605,6 +606,11 @@ class Connection:
             await self._plain(args, "EXEC")  # upstream answers "EXEC without MULTI"
             return
         self.seq += 1
+        if self._token_expired():
+            # EXEC is what runs the queued commands: after the token expired it runs nothing, as no
+            # other command would run then.
+            await self._refuse_expired_exec(args)
+            return
         if multi.aborted:
             self._record("command", {"n": self.seq, "command": "EXEC", "decision": "gateway", "aborted": True})
             await self._forward([b"DISCARD"], Slot(replace=EXECABORT, seq=self.seq, command="EXEC"))
@@ -620,6 +626,35 @@ class Connection:
                 command="EXEC",
             ),
         )
+
+    def _token_expired(self) -> bool:
+        expires = self.session.identity.expires_at if self.session is not None else None
+        return expires is not None and time.time() > expires
+
+    async def _refuse_expired_exec(self, args: tuple[bytes, ...]) -> None:
+        """Discard the upstream transaction and answer EXEC with the denial of an expired token
+        (audited and recorded like any other denial)."""
+        assert self.session is not None
+        session = self.session
+        decision = Decision.deny(
+            "your token has expired; reconnect with a fresh one", "lictor:token-expired", session.policy.version
+        )
+        try:
+            session.audit(request_for(classify(args), args, target=self.target.name), decision)
+        except Exception:
+            log.exception("redis connection %s: the denial of EXEC could not be audited", self.peer)
+        self.counts["denied"] += 1
+        self._record(
+            "command",
+            {
+                "n": self.seq,
+                "command": "EXEC",
+                "decision": decision.action,
+                "rules": list(decision.rule_ids),
+                "policy": decision.policy_version,
+            },
+        )
+        await self._forward([b"DISCARD"], Slot(replace=_denial("EXEC", decision), seq=self.seq, command="EXEC"))
 
     # -- ordinary commands ----------------------------------------------------------------------
 
