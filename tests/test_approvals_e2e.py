@@ -164,6 +164,28 @@ def test_cli_lists_shows_approves_and_denies_held_commands(approvals_gateway: An
     assert "approval.refused" in kinds and "approval.used" in kinds
 
 
+def test_listing_with_a_token_that_may_approve_nothing_is_refused_not_answered_empty(approvals_gateway: Any) -> None:
+    """An agent's token in LICTOR_TOKEN by mistake: "no pending approval requests" would say nothing waits."""
+    gw = approvals_gateway
+    agent = LineAgent(gw.line_port, gw.token("agent-1", role="agent"))
+    aid, _ = agent.held("restart api")
+    other = gw.token("agent-2", role="agent")
+    listed = lictor("approvals", "list", "--url", gw.url, "--token", other, check=False)
+    assert listed.returncode == 1, listed.stdout
+    assert "gateway refused (403): agent-2 is authenticated but none of its roles may approve anything" in listed.stderr
+    dba = lictor("approvals", "list", "--url", gw.url, "--token", gw.token("dba-1", role="dba")).stdout
+    assert aid in dba  # an approver still sees it
+    agent.close()
+    deadline = time.monotonic() + 10  # the audit log is a batch behind the spool
+    while True:
+        out = lictor("audit", "list", "--json", "--kind", "approvals.login_refused", "--state-dir", str(gw.state_dir))
+        refused = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+        if refused or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert [(e["via"], e["identity"]["sub"]) for e in refused] == [("api", "agent-2")]
+
+
 def test_requests_that_ended_longer_than_the_retention_ago_leave_the_store_not_the_audit_log(
     approvals_gateway: Any,
 ) -> None:

@@ -462,6 +462,18 @@ class WebApp:
         rest = request.path[len("/api/approvals") :].strip("/")
         now = time.time()
         if not rest:
+            if not self.broker.is_approver(identity):
+                # as the page refuses its login: an empty list would tell whoever passed an agent's token by
+                # mistake that nothing is waiting
+                self.broker.gateway.audit_event(
+                    "approvals.login_refused",
+                    {"peer": request.peer, "identity": identity.to_json(), "via": "api"},
+                    fail_closed=False,
+                )
+                return HttpResponse.json(
+                    {"error": f"{identity.subject} is authenticated but none of its roles may approve anything here"},
+                    403,
+                )
             which = request.param("status", "pending")
             pending = {"pending": True, "decided": False, "all": None}.get(which, True)
             given = bounded_number(request.param("limit", ""), 500)
