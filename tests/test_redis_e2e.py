@@ -338,6 +338,36 @@ def test_a_number_stored_as_a_string_is_masked_in_integer_replies(gw: Gw, prefix
     direct.close()
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_score_masked_by_zscore_is_not_read_back_as_coordinates(gw: Gw, prefix: str, protocol: int):
+    """GEOPOS decodes any sorted-set score into the coordinates it stands for, and they give the score back
+    whole (so do distances from points the agent chooses): a card number stored as a score (masked by
+    ZSCORE) would be read through them."""
+    direct = redis.Redis()
+    direct.zadd(prefix + "z", {"m": 4111111111111111})
+    direct.geoadd(prefix + "geo", (13.361389, 38.115556, "alice@example.com"))
+    reader = gw.client("reader", protocol=protocol)
+    assert gw.cli(gw.token("reader"), "ZSCORE", prefix + "z", "m").stdout == "************1111\n"
+    for command in (
+        ("GEOPOS", prefix + "z", "m"),
+        ("GEOHASH", prefix + "z", "m"),
+        ("GEOSEARCH", prefix + "z", "FROMLONLAT", "0", "0", "BYRADIUS", "20000", "km", "WITHCOORD"),
+        ("GEORADIUS_RO", prefix + "z", "0", "0", "20000", "km", "withcoord"),
+        ("GEORADIUSBYMEMBER_RO", prefix + "z", "m", "1", "km", "WITHCOORD"),
+        # three distances from points of the agent's choosing pin the place down as exactly
+        ("GEOSEARCH", prefix + "z", "FROMLONLAT", "0", "0", "BYRADIUS", "20000", "km", "WITHDIST"),
+        ("GEODIST", prefix + "geo", "alice@example.com", "alice@example.com"),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError, match="by rule redis-no-decoded-scores"):
+            reader.execute_command(*command)
+    # searching by area still works, members masked
+    found = reader.execute_command("GEOSEARCH", prefix + "geo", "FROMLONLAT", "13", "38", "BYRADIUS", "200", "km")
+    assert found == [b"*****@******e.com"]
+    assert reader.ping()
+    reader.close()
+    direct.close()
+
+
 def test_a_writer_cannot_transform_a_masked_value_server_side(gw: Gw, prefix: str):
     """A value changed in place (inverted, one character or bit altered, something appended) no longer
     looks like a card number, so it would come back unmasked, and the agent could undo the change."""
