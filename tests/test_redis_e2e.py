@@ -9,11 +9,13 @@ which never reach a server).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -216,6 +218,40 @@ def test_getdel_waits_for_an_approval_like_del(gw: Gw, prefix: str):
         assert s.recv(100) == b"+OK\r\n"  # and nothing more: the GETDEL waits
     assert direct.get(prefix + "k") == b"v"
     direct.close()
+
+
+def test_redis_py_as_the_readme_builds_it_waits_for_an_approver(tmp_path: Path, prefix: str):
+    """redis-py gives up on a reply after 5 seconds by default and sends the command again: a held DEL
+    would become a series of withdrawn requests. The client the README shows waits for the approver."""
+    require(_redis_up(), "redis-server on 127.0.0.1:6379")
+    readme = (ROOT / "examples" / "redis" / "README.md").read_text()
+    shown = re.search(r"redis-py: `(redis\.Redis\(port=6380, [^`]*\))`", readme)
+    assert shown, "the README shows how to build a redis-py client"
+    port, api = free_port(), free_port()
+    target = {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": {"host": "127.0.0.1", "port": 6379}}
+    config = {**_config({"cache": target}), "approvals": {"listen": f"127.0.0.1:{api}"}}
+    proc = GatewayProcess(tmp_path, config).start()
+    try:
+        gw = Gw(proc, port)
+        redis.Redis().set(prefix + "old", "v")
+        code = shown.group(1).replace("port=6380", f"port={port}")
+        client = eval(code, {"redis": redis, "token": gw.token("writer", sub="py-writer")})
+        approver = gw.token("approver", sub="human-1")
+        url = f"http://127.0.0.1:{api}"
+        result: list[Any] = []
+        deleting = threading.Thread(target=lambda: result.append(client.delete(prefix + "old")))
+        deleting.start()
+        assert gw.decisions("py-writer", 1)
+        time.sleep(6)  # longer than redis-py's default socket timeout
+        listed = lictor("approvals", "list", "--all", "--json", "--url", url, "--token", approver).stdout
+        asked = [a for a in json.loads(listed) if a["requester"]["sub"] == "py-writer"]
+        assert [a["status"] for a in asked] == ["pending"]  # one request, not one withdrawn per retry
+        lictor("approvals", "approve", asked[0]["id"], "--url", url, "--token", approver)
+        deleting.join(timeout=20)
+        assert result == [1] and redis.Redis().get(prefix + "old") is None
+        client.close()
+    finally:
+        proc.stop()
 
 
 def test_redis_cli_resp3_and_masking(gw: Gw, prefix: str):
