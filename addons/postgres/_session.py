@@ -1282,14 +1282,14 @@ class Relay:
         for name in classified.executes:
             stmt = self._prepared.get(name)
             if stmt is None:
-                unknown = Decision.deny(
-                    f"prepared statement {name!r} was not prepared through the gateway, so its statement "
-                    "is unknown; prepare it again in this connection",
-                    "lictor:unknown-prepared-statement",
-                    self.session.policy.version,
+                decisions.append(
+                    self._unknown_name(
+                        classified,
+                        f"prepared statement {name!r} was not prepared through the gateway, so its statement "
+                        "is unknown; prepare it again in this connection",
+                        "lictor:unknown-prepared-statement",
+                    )
                 )
-                self._audit_refusal(classified.requests, unknown, "protocol")
-                decisions.append(unknown)
             else:
                 decisions.append(self._stmt_decision(stmt))
         for name in classified.fetches:
@@ -1300,14 +1300,14 @@ class Relay:
                 # and MOVE are decided, and their rows masked, like the portal's statement.
                 decisions.append(self._stmt_decision(portal.stmt))
             elif cursor is None:
-                unknown = Decision.deny(
-                    f"cursor {name!r} was not declared through the gateway, so its query is unknown; "
-                    "declare it with DECLARE in this connection",
-                    "lictor:unknown-cursor",
-                    self.session.policy.version,
+                decisions.append(
+                    self._unknown_name(
+                        classified,
+                        f"cursor {name!r} was not declared through the gateway, so its query is unknown; "
+                        "declare it with DECLARE in this connection",
+                        "lictor:unknown-cursor",
+                    )
                 )
-                self._audit_refusal(classified.requests, unknown, "protocol")
-                decisions.append(unknown)
             else:
                 decisions.append(cursor)
         decisions.extend(extra)
@@ -1500,6 +1500,12 @@ class Relay:
         self._discard = True
         self._push(_K_DENY_P, error)
         return self._deny_parse
+
+    def _unknown_name(self, classified: Classified, message: str, rule: str) -> Decision:
+        """The denial of an EXECUTE or FETCH of a name the gateway does not know, audited."""
+        unknown = Decision.deny(message, rule, self.session.policy.version)
+        self._audit_refusal(classified.requests, unknown, "protocol")
+        return unknown
 
     def _audit_refusal(self, requests: Sequence[Request], decision: Decision, phase: str) -> None:
         """Audit a denial the gateway makes of requests the rules allowed (and the policy audited as allowed):
