@@ -2327,3 +2327,21 @@ def test_archives_on_other_hosts_network_servers_and_virsh_s_shell_are_refused(c
 )
 def test_local_archives_and_virsh_commands_are_left_to_the_rules(command: str) -> None:
     assert [inv.name for inv in analyse(command).invocations] == [command.split()[0]]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "GIT_AUTHOR_NAME=agent GIT_AUTHOR_EMAIL=agent@example.com git commit -m 'fix'",
+        "GIT_COMMITTER_DATE='2024-01-01T00:00:00' GIT_AUTHOR_DATE=now git commit --amend --no-edit",
+        "env GIT_COMMITTER_NAME=agent GIT_COMMITTER_EMAIL=a@example.com git merge main",
+    ],
+)
+def test_git_s_author_and_committer_variables_may_be_set(command: str) -> None:
+    # They only name who and when; every GIT_* was refused as "can change which program runs".
+    assert analyse(command).invocations[-1].name == "git"
+
+
+@pytest.mark.parametrize("name", ["GIT_SSH_COMMAND", "GIT_DIR", "GIT_CONFIG_GLOBAL", "GIT_PAGER", "GIT_EXEC_PATH"])
+def test_other_git_variables_are_still_refused(name: str) -> None:
+    refused(f"{name}=/tmp/x git log", "can change which program runs")

@@ -1621,7 +1621,17 @@ _LOCALE_VARS = frozenset({"LANG", "LC_ALL", "LC_CTYPE"})
 _SAFE_LOCALE = re.compile(r"|C|POSIX|[A-Za-z0-9_]+\.(?i:utf-?8)(?:@[A-Za-z0-9]+)?")
 
 
+# git's variables that only name who and when (git reads them as text and runs nothing with them): agents set
+# them to sign their commits. Every other GIT_* can run a command or load a configuration (GIT_SSH_COMMAND,
+# GIT_PAGER, GIT_CONFIG_*, GIT_DIR with its hooks).
+_GIT_IDENTITY_VARS = frozenset(
+    f"GIT_{who}_{what}" for who in ("AUTHOR", "COMMITTER") for what in ("NAME", "EMAIL", "DATE")
+)
+
+
 def _dangerous_var(name: str) -> bool:
+    if name in _GIT_IDENTITY_VARS:
+        return False
     return name in _DANGEROUS_VARS or name.startswith(_DANGEROUS_PREFIXES)
 
 
