@@ -344,6 +344,10 @@ class CustomersAPI:
                     return
                 self._json(201, {"created": json.loads(body or b"{}"), "email": EMAIL})
 
+            def do_PATCH(self) -> None:
+                self._record(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+                self._json(200, {"patched": True})
+
             def do_DELETE(self) -> None:
                 self._record()
                 self._json(204, {})
@@ -404,6 +408,12 @@ EXPORT_PACK = {
                     "id": "reports",
                     "protocol": "http",
                     "when": {"methods": ["GET"], "paths": ["/v1/reports/*"]},
+                    "action": "allow",
+                },
+                {
+                    "id": "customers-patch",
+                    "protocol": "http",
+                    "when": {"methods": ["PATCH"], "paths": ["/v1/customers/{id}"]},
                     "action": "allow",
                 },
                 {
@@ -707,6 +717,43 @@ def test_denials_name_the_rule_and_what_to_do(env: Env) -> None:
         code, body = env.curl(env.url() + "/v1/customers", *form, token=env.agent)
         assert code == 403 and json.loads(body)["rule"] == "customers-no-credit-limit", (form, body)
     assert env.api.seen("DELETE") == [] and env.api.seen("POST") == []
+
+
+def test_a_json_patch_is_decided_on_the_fields_it_sets(env: Env) -> None:
+    # A pack that allows PATCH: the JSON Patch that sets the credit limit was read as $[*].op, $[*].path and
+    # $[*].value, walked past the deny on $.credit_limit and reached the API.
+    url = env.url() + "/v1/customers/42"
+    for ops, ctype in (
+        ([{"op": "replace", "path": "/credit_limit", "value": 1000000}], "application/json-patch+json"),
+        ([{"op": "add", "path": "/credit_limit", "value": 1e6}], "application/json-patch+json"),
+        ([{"op": "move", "from": "/pending_limit", "path": "/credit_limit"}], "application/json-patch+json"),
+        ([{"op": "remove", "path": "/credit_limit"}], "application/json-patch+json"),
+        ([{"op": "replace", "path": "/credit_limit", "value": 1000000}], "application/json"),
+        ({"credit_limit": 1000000}, "application/merge-patch+json"),
+    ):
+        code, body = env.curl(
+            url, "-X", "PATCH", "-H", f"Content-Type: {ctype}", "--data", json.dumps(ops), token=env.agent
+        )
+        assert code == 403 and json.loads(body)["rule"] == "customers-no-credit-limit", (ops, body)
+    # a patch that cannot be read is refused, not guessed at
+    for bad in ('[{"op": "replace", "path": "credit_limit", "value": 5}]', '{"op": "remove", "path": "/x"}'):
+        code, body = env.curl(
+            url, "-X", "PATCH", "-H", "Content-Type: application/json-patch+json", "--data", bad, token=env.agent
+        )
+        assert code == 400 and json.loads(body)["rule"] == "lictor:unreadable-request", (bad, body)
+    assert env.api.seen("PATCH") == []
+    ops = [{"op": "replace", "path": "/name", "value": "Jane"}]
+    code, body = env.curl(
+        url,
+        "-X",
+        "PATCH",
+        "-H",
+        "Content-Type: application/json-patch+json",
+        "--data",
+        json.dumps(ops),
+        token=env.agent,
+    )
+    assert code == 200 and len(env.api.seen("PATCH")) == 1, body
 
 
 def test_a_token_that_just_expired_is_told_to_get_a_fresh_one(env: Env) -> None:

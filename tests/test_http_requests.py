@@ -831,3 +831,70 @@ def test_approvers_read_the_request_without_its_credentials() -> None:
         for t in ("rt1", "rt2")
     )
     assert one.summary == two.summary == "POST /t?refresh_token=[REDACTED]" and one.digest() != two.digest()
+
+
+def test_a_json_patch_is_read_as_the_fields_it_sets(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # [{"op": "replace", "path": "/credit_limit", ...}] flattened as $[*].op, $[*].path and $[*].value: the
+    # deny on $.credit_limit never saw the field the patch sets, so a pack that allows PATCH let it through.
+    (tmp_path / "p.yaml").write_text(
+        JSON_PACK.replace("methods: [POST]", "methods: [POST, PATCH]")
+        + "      - {id: notes, protocol: http, when: {methods: [PATCH], json: {'$.note': 'ok*'}}, action: allow}\n"
+        + "      - {id: tags, protocol: http, when: {methods: [PATCH], json: {'$.tags[*]': '*'}}, action: allow}\n"
+    )
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "a"})
+
+    def patch(ops: list[dict[str, object]], ctype: str = "application/json-patch+json") -> tuple[str, ...]:
+        request = _http("/v1/c/42", "PATCH", json.dumps(ops).encode(), ctype)
+        return result.policy.decide(who, request).rule_ids  # type: ignore[union-attr]
+
+    def replace(path: str, value: object = 1000000) -> list[dict[str, object]]:
+        return [{"op": "replace", "path": path, "value": value}]
+
+    assert patch(replace("/name", "Jane")) == ("writes",)
+    for ops in (
+        replace("/credit_limit"),
+        replace("/Credit_Limit"),  # read ignoring case, as for a JSON body
+        [{"op": "add", "path": "/credit_limit", "value": 5}],
+        [{"op": "remove", "path": "/credit_limit"}],  # taken away, as a merge patch's null
+        [{"op": "move", "from": "/credit_limit", "path": "/old_limit"}],
+        [{"op": "copy", "from": "/credit_limit", "path": "/old_limit"}],
+        [{"op": "copy", "from": "/old_limit", "path": "/credit_limit"}],
+        [{"op": "test", "path": "/name", "value": "Jane"}, *replace("/credit_limit")],
+        replace("", {"name": "Jane", "credit_limit": 5}),  # the whole document
+    ):
+        assert patch(ops) == ("no-limit",), ops
+    # ~1 is '/', ~0 is '~'; an index or '-' is an array item, or a member so named
+    assert patch(replace("/rôle", "admin")) == ("no-admin",)
+    assert patch(replace("/a~1b", "admin")) == ("writes",)
+    assert (
+        _http("/v1/c", "PATCH", json.dumps(replace("/a~1b~0c/0")).encode(), "application/json-patch+json").attrs[
+            "json"
+        ]['$["a/b~c"][*]']
+        == "1000000"
+    )
+    assert "tags" in patch([{"op": "add", "path": "/tags/-", "value": "x"}])
+    # a copied value may be anything: no permission's value glob covers it
+    assert "notes" in patch(replace("/note", "ok, done"))
+    assert "notes" not in patch([{"op": "copy", "from": "/other", "path": "/note"}])
+    # sent as application/json, an array of operations is still applied as a patch by some servers
+    assert patch(replace("/credit_limit"), "application/json") == ("no-limit",)
+    # a merge patch already carries the fields it sets (null for one it takes away)
+    for body in (b'{"credit_limit": 5}', b'{"credit_limit": null}'):
+        request = _http("/v1/c/42", "PATCH", body, "application/merge-patch+json")
+        assert result.policy.decide(who, request).rule_ids == ("no-limit",)  # type: ignore[union-attr]
+    # a patch that cannot be read is refused
+    for bad in (
+        b'{"op": "replace", "path": "/credit_limit", "value": 5}',
+        b'[{"op": "set", "path": "/credit_limit", "value": 5}]',
+        b'[{"op": "replace", "path": "credit_limit", "value": 5}]',
+        b'[{"op": "replace", "path": "/credit_limit~2", "value": 5}]',
+        b'[{"op": "replace", "path": "/credit_limit"}]',
+        b'[{"op": "move", "path": "/credit_limit"}]',
+        b'[{"op": "copy", "from": 5, "path": "/x"}]',
+        b'[{"op": "replace", "value": 5}]',
+        b"[5]",
+    ):
+        with pytest.raises(Unreadable):
+            _http("/v1/c/42", "PATCH", bad, "application/json-patch+json")

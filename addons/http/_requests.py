@@ -15,6 +15,8 @@ A rule must see what the upstream will act on, so anything two parsers could rea
   that are not plain names) -> value text (``true``, ``null``, ``12``, strings as they are). Duplicate
   keys, ``NaN``, nesting deeper than :data:`MAX_DEPTH` and more than :data:`MAX_LEAVES` leaves are
   refused: a ``deny`` rule on ``$.force`` must not be dodged by ``{"force": false, "force": true}``.
+  A JSON Patch is also read as the fields it sets (:func:`patch_fields`): ``$.credit_limit`` for
+  ``[{"op": "replace", "path": "/credit_limit", ...}]``.
 * **Kubernetes.** :func:`lictor_addons.http._k8s.resolve` maps the request the way the API server does;
   attributes follow the ``kubernetes`` vocabulary (``verb`` is the friendly verb: ``exec``, ``logs``,
   ``impersonate``...; ``api_group`` is ``core`` for the core group; ``path`` is only set for non-resource
@@ -459,7 +461,109 @@ def json_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
         raise Unreadable(
             "the body is declared as a form but is also valid JSON; send it as one of them, declared as such"
         )
-    return flatten_json(doc)
+    flattened = flatten_json(doc)
+    if media == "application/json-patch+json" or _looks_like_patch(doc):
+        for path, value in patch_fields(doc).items():
+            have = flattened.get(path)
+            flattened[path] = value if have is None else [*_listed(have), *_listed(value)]
+    return flattened
+
+
+class CopiedValue(str):
+    """The value a JSON Patch ``copy`` or ``move`` puts at a path (or reads from one): what it is only the server
+    knows. Every restriction on the path matches it, no permission's value globs do."""
+
+
+# Operations of a JSON Patch (RFC 6902) and the member each needs besides "path".
+_PATCH_OPS = {"add": "value", "replace": "value", "test": "value", "remove": "", "copy": "from", "move": "from"}
+_POINTER_ESCAPE = re.compile(r"~(?![01])")
+_ARRAY_TOKEN = re.compile(r"-|0|[1-9][0-9]*")
+_MAX_AMBIGUOUS_TOKENS = 6
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _looks_like_patch(doc: Any) -> bool:
+    """A JSON array of objects with ``op`` and ``path``, sent without the JSON Patch media type: some servers
+    (ASP.NET Core's JsonPatchDocument, hand-written handlers) apply it as one all the same."""
+    return (
+        isinstance(doc, list) and bool(doc) and all(isinstance(op, dict) and "op" in op and "path" in op for op in doc)
+    )
+
+
+def pointer_paths(pointer: Any) -> list[str]:
+    """The flattened paths (``$.a.b``, ``$.items[*].id``) a JSON Pointer (RFC 6901: ``/a/b``, ``~1`` for ``/``,
+    ``~0`` for ``~``) names. A token that is an array index or ``-`` names a member of that name in an object,
+    so both readings are returned (``/items/0`` is ``$.items[*]`` and ``$.items["0"]``). :class:`Unreadable` for
+    a pointer that is not one."""
+    if not isinstance(pointer, str) or (pointer and not pointer.startswith("/")):
+        raise Unreadable(f"the JSON Patch path {str(pointer)[:100]!r} is not a JSON Pointer (it starts with '/')")
+    if _POINTER_ESCAPE.search(pointer):
+        raise Unreadable(f"the JSON Pointer {pointer[:100]!r} has a '~' that is not ~0 or ~1")
+    tokens = pointer.split("/")[1:]
+    if len(tokens) > MAX_DEPTH:
+        raise Unreadable(f"the JSON Pointer {pointer[:100]!r} is deeper than {MAX_DEPTH} levels")
+    if sum(1 for t in tokens if _ARRAY_TOKEN.fullmatch(t)) > _MAX_AMBIGUOUS_TOKENS:
+        raise Unreadable(f"the JSON Pointer {pointer[:100]!r} has more than {_MAX_AMBIGUOUS_TOKENS} array indexes")
+    paths = ["$"]
+    for token in tokens:
+        key = token.replace("~1", "/").replace("~0", "~")
+        nexts = [_key(p, key) for p in paths]
+        if _ARRAY_TOKEN.fullmatch(token):
+            nexts += [f"{p}[*]" for p in paths]
+        paths = nexts
+    return paths
+
+
+def patch_fields(doc: Any) -> dict[str, Any]:
+    """The fields a JSON Patch (RFC 6902) sets, flattened as a JSON body carrying them would be: the ``value`` of
+    an ``add`` or ``replace`` under its path, ``null`` where ``remove`` or ``move`` takes a field away (as a merge
+    patch says it), a :class:`CopiedValue` where ``copy`` or ``move`` puts one and where it is copied from. A
+    ``test`` sets nothing. :class:`Unreadable` for a document that is not a list of such operations."""
+    if not isinstance(doc, list):
+        raise Unreadable("a JSON Patch is a JSON array of operations")
+    out: dict[str, Any] = {}
+    count = 0
+
+    def put(path: str, value: Any) -> None:
+        nonlocal count
+        count += len(value) if isinstance(value, list) else 1
+        if count > MAX_LEAVES:
+            raise Unreadable(f"JSON Patch sets more than {MAX_LEAVES} values")
+        have = out.get(path)
+        out[path] = value if have is None else [*_listed(have), *_listed(value)]
+
+    for i, op in enumerate(doc):
+        name = op.get("op") if isinstance(op, dict) else None
+        if not isinstance(name, str) or name not in _PATCH_OPS:
+            raise Unreadable(
+                f"JSON Patch operation {i} is not one of {', '.join(_PATCH_OPS)} (an object with op and path)"
+            )
+        if "path" not in op:
+            raise Unreadable(f"JSON Patch operation {i} ({name}) has no path")
+        member = _PATCH_OPS[name]
+        if member and member not in op:
+            raise Unreadable(f"JSON Patch operation {i} ({name}) has no {member}")
+        targets = pointer_paths(op["path"])
+        if name == "test":
+            continue
+        if name == "remove":
+            for path in targets:
+                put(path, "null")
+        elif member == "value":
+            for path in targets:
+                for key, value in flatten_json(op["value"]).items():
+                    put(path + key[1:], value)
+        else:
+            source = op["from"]
+            sources = pointer_paths(source)
+            for path in targets:
+                put(path, CopiedValue(f"({'moved' if name == 'move' else 'copied'} from {source})"))
+            for path in sources:
+                put(path, "null" if name == "move" else CopiedValue(f"(copied to {op['path']})"))
+    return out
 
 
 _FORM_SUBKEY = re.compile(r"\[([^\[\]]*)\]")

@@ -10,7 +10,7 @@ from typing import Any
 from lictor import Request
 from lictor.vocabulary import Custom, Enum, Glob, Number, Predicate, Quantifier, Vocabulary, glob_to_regex
 
-from ._requests import build_http_requests, build_k8s_requests, fold_path, path_variants, value_text
+from ._requests import CopiedValue, build_http_requests, build_k8s_requests, fold_path, path_variants, value_text
 
 _TEMPLATE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _BRACKETED = re.compile(r"\[[^\]]*\]")  # glob character classes such as [{]
@@ -122,7 +122,10 @@ def _mapping_of_globs(attr: str, case_insensitive_keys: bool, folded_attr: str |
                 if values is None:
                     return False
                 vals = [values] if isinstance(values, (str, int, float, bool)) else list(values)
-                matched = (any(p.match(value_text(v)) for p in pats) for v in vals)
+                # a value a JSON Patch copies from elsewhere may be anything: every restriction matches it
+                matched = (
+                    not every if isinstance(v, CopiedValue) else any(p.match(value_text(v)) for p in pats) for v in vals
+                )
                 if not vals or not (all(matched) if every else any(matched)):
                     return False
             return True
