@@ -1663,6 +1663,14 @@ class KubeAPIServer:
     ) -> bool:
         method = req.method
         dry_run = req.query.get("dryRun", []) == ["All"]
+        if method == "DELETE" and req.body:
+            # as the API server: a delete's DeleteOptions come from its body when it has one (kubectl sends
+            # {"dryRun": ["All"]} there), the query is then not read
+            try:
+                options = json.loads(req.body)
+            except ValueError:
+                raise _bad_request("the body of a delete is not a DeleteOptions") from None
+            dry_run = isinstance(options, dict) and options.get("dryRun") == ["All"]
         if subresource:
             return await self._subresource(req, reader, writer, rtype, namespace, name, subresource, dry_run)
         store = self._store

@@ -1,6 +1,7 @@
 """How HTTP and Kubernetes requests become policy requests (lictor_addons.http._requests)."""
 
 import json
+from typing import Any
 
 import pytest
 from lictor import Identity, load_policy
@@ -898,3 +899,77 @@ def test_a_json_patch_is_read_as_the_fields_it_sets(tmp_path) -> None:  # type: 
     ):
         with pytest.raises(Unreadable):
             _http("/v1/c/42", "PATCH", bad, "application/json-patch+json")
+
+
+def test_a_kubernetes_dry_run_is_an_attribute_rules_and_approvers_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # dryRun was parsed and never used: a dry-run delete was held and shown to approvers as a plain delete, and
+    # no rule could tell it from one.
+    deploy = "/apis/apps/v1/namespaces/apps/deployments"
+
+    def k8s(method: str, path: str, body: bytes = b"") -> Any:
+        return k8s_request(method=method, raw_path=path, headers={}, body=body, target="c").request
+
+    options = b'{"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"'
+    dry = {
+        ("POST", f"{deploy}?dryRun=All", b"{}"): True,
+        ("PUT", f"{deploy}/web?dryRun=All", b"{}"): True,
+        ("PATCH", f"{deploy}/web/scale?dryRun=All", b"{}"): True,
+        ("DELETE", f"{deploy}/web?dryRun=All", b""): True,
+        ("DELETE", f"{deploy}/web", options + b', "dryRun": ["All"]}'): True,  # kubectl delete --dry-run=server
+        ("DELETE", f"{deploy}?labelSelector=a%3Db", options + b', "dryRun": ["All"]}'): True,
+        # not dry runs: a body that says nothing of one (the API server then ignores the query), other values
+        ("DELETE", f"{deploy}/web?dryRun=All", options + b"}"): False,
+        ("DELETE", f"{deploy}/web?dryRun=All", b"not json"): False,
+        ("DELETE", f"{deploy}/web", options + b', "dryRun": ["all"]}'): False,
+        ("PATCH", f"{deploy}/web?dryRun=all", b"{}"): False,
+        ("PATCH", f"{deploy}/web?dryRun=All&dryRun=All", b"{}"): False,
+        ("PATCH", f"{deploy}/web", b'{"dryRun": ["All"]}'): False,  # an object's field, not an option
+        ("DELETE", f"{deploy}?dryRun=All", b""): False,
+        ("POST", "/api/v1/namespaces/apps/pods/web-0/eviction?dryRun=All", b"{}"): False,
+    }
+    for (method, path, body), expected in dry.items():
+        request = k8s(method, path, body)
+        assert request.attrs["dry_run"] is expected, (method, path, body)
+        assert request.summary.endswith(" (dry run)") is expected, request.summary
+    assert k8s("DELETE", f"{deploy}/web?dryRun=All").summary == "delete deployments.apps/web -n apps (dry run)"
+    # reads, exec and the like have no dry run: the API server runs them whatever the query says
+    for method, path in (
+        ("GET", "/api/v1/namespaces/apps/secrets/db?dryRun=All"),
+        ("POST", "/api/v1/namespaces/apps/pods/web-0/exec?command=rm&stdout=true&dryRun=All"),
+    ):
+        request = k8s(method, path)
+        assert "dry_run" not in request.attrs and "dry run" not in request.summary, request
+
+    (tmp_path / "p.yaml").write_text(
+        """format: lictor/v1
+metadata: {name: p, owner: sec}
+identities: [{match: {claims: {role: a}}, roles: [r]}]
+roles:
+  r:
+    rules:
+      - id: delete-held
+        protocol: kubernetes
+        when: {verbs: [delete]}
+        unless: {dry_run: true}
+        action: approve
+        approval: {approvers: [r]}
+      - {id: delete-dry-run, protocol: kubernetes, when: {verbs: [delete], dry_run: true}, action: allow}
+      - {id: writes, protocol: kubernetes, when: {verbs: [patch], dry_run: false}, action: allow}
+      - {id: no-real-pod-deletes, protocol: kubernetes, when: {resources: [pods], dry_run: false}, action: deny}
+"""
+    )
+    result = load_policy([tmp_path], {"kubernetes": K8S_VOCABULARY})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "a"})
+
+    def decide(method: str, path: str, body: bytes = b"") -> tuple[str, tuple[str, ...]]:
+        decision = result.policy.decide(who, k8s(method, path, body))  # type: ignore[union-attr]
+        return decision.action, decision.rule_ids
+
+    assert decide("DELETE", f"{deploy}/web", options + b', "dryRun": ["All"]}') == ("allow", ("delete-dry-run",))
+    assert decide("DELETE", f"{deploy}/web?dryRun=All", options + b"}") == ("approve", ("delete-held",))
+    assert decide("DELETE", f"{deploy}/web") == ("approve", ("delete-held",))
+    assert decide("PATCH", f"{deploy}/web", b"{}") == ("allow", ("writes",))
+    assert decide("GET", f"{deploy}/web?dryRun=All") == ("deny", ("lictor:default-deny",))  # no dry run to allow
+    assert decide("DELETE", "/api/v1/namespaces/apps/pods/web-0")[1] == ("no-real-pod-deletes",)
+    assert decide("DELETE", "/api/v1/namespaces/apps/pods/web-0?dryRun=All") == ("allow", ("delete-dry-run",))

@@ -346,6 +346,12 @@ def test_list_update_conflict_and_json_patch(kubeapi: KubeAPIServer) -> None:
 def test_dry_run_and_deletecollection(kubeapi: KubeAPIServer) -> None:
     status, _ = _call(kubeapi, "DELETE", "/apis/apps/v1/namespaces/apps/deployments/web?dryRun=All")
     assert status == 200 and kubeapi.get_object("deployments", "web", "apps") is not None
+    # as the API server: DeleteOptions in the body (what kubectl sends) decide, the query is then not read
+    web = "/apis/apps/v1/namespaces/apps/deployments/web"
+    status, _ = _call(kubeapi, "DELETE", web, {"kind": "DeleteOptions", "apiVersion": "v1", "dryRun": ["All"]})
+    assert status == 200 and kubeapi.get_object("deployments", "web", "apps") is not None
+    status, _ = _call(kubeapi, "DELETE", web + "?dryRun=All", {"kind": "DeleteOptions", "apiVersion": "v1"})
+    assert status == 200 and kubeapi.get_object("deployments", "web", "apps") is None
     status, deleted = _call(kubeapi, "DELETE", "/api/v1/namespaces/apps/pods?labelSelector=app%3Dweb")
     assert status == 200 and [p["metadata"]["name"] for p in deleted["items"]] == ["web-0"]
     assert kubeapi.list_objects("pods", "apps") == []

@@ -106,6 +106,13 @@ TEST_PACK = {
                     "mask": {"detectors": ["card"]},
                 },
                 {
+                    "id": "t-configmap-delete-held",
+                    "protocol": "kubernetes",
+                    "when": {"verbs": ["delete"], "resources": ["configmaps"], "namespaces": ["apps"]},
+                    "action": "approve",
+                    "approval": {"approvers": ["oncall"], "timeout": "15m"},
+                },
+                {
                     "id": "t-no-system-pods",
                     "protocol": "kubernetes",
                     "when": {"verbs": ["get", "list", "watch"], "resources": ["pods"], "namespaces": ["kube-system"]},
@@ -333,6 +340,39 @@ def test_deleting_a_deployment_waits_for_on_call(cluster: Cluster) -> None:
     assert proc.returncode == 0, stderr
     assert 'deployment.apps "old" deleted' in stdout
     assert cluster.kube.get_object("deployments", "old", "apps") is None
+
+
+def test_a_server_dry_run_is_decided_and_audited_as_one(cluster: Cluster) -> None:
+    # kubectl delete --dry-run=server sends {"dryRun": ["All"]} in the DeleteOptions: it was held for the on-call
+    # engineer as a plain delete. The example pack allows dry runs where it holds the real delete.
+    before = len(cluster.upstream("DELETE", "/deployments/"))
+    out = cluster.kubectl("deployer", "delete", "deployment", "web", "--dry-run=server")
+    assert out.returncode == 0 and 'deployment.apps "web" deleted (server dry run)' in out.stdout, out.stderr
+    assert cluster.kube.get_object("deployments", "web", "apps") is not None
+    [sent] = cluster.upstream("DELETE", "/deployments/")[before:]
+    assert json.loads(sent.body)["dryRun"] == ["All"]
+
+    def decisions() -> list[dict[str, Any]]:
+        out = lictor("audit", "list", "--state-dir", str(cluster.gw.state_dir), "--kind", "decision", "--json").stdout
+        return [e for e in map(json.loads, out.splitlines()) if e["rule_ids"] == ["k8s-deploy-delete-dry-run"]]
+
+    wait_until(lambda: decisions(), 20, "the dry run's audit event")
+    [event] = decisions()
+    assert event["request"]["summary"] == "delete deployments.apps/web -n apps (dry run)", event
+    # held, it is shown to the approvers as a dry run
+    cluster.kube.put_object({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "dry", "namespace": "apps"}})
+    proc = cluster.popen("deployer", "delete", "configmap", "dry", "--dry-run=server")
+    approval_id = cluster.wait_pending()
+    shown = lictor("approvals", "list", "--url", cluster.approvals_url(), "--token", cluster.oncall).stdout
+    assert "delete configmaps/dry -n apps (dry run)" in shown, shown
+    cluster.approve(approval_id)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and 'configmap "dry" deleted (server dry run)' in stdout, stderr
+    assert cluster.kube.get_object("configmaps", "dry", "apps") is not None
+    # a dry run is no more allowed than the real thing to whom the real thing is not
+    out = cluster.kubectl("viewer", "delete", "deployment", "web", "--dry-run=server")
+    assert out.returncode == 1 and "lictor: no rule allows delete deployments.apps/web -n apps (dry run)" in out.stderr
+    assert len(cluster.upstream("DELETE", "/deployments/")) == before + 1
 
 
 def test_exec_over_websocket_after_approval_with_stdin_inspected(cluster: Cluster) -> None:

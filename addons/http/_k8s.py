@@ -98,7 +98,7 @@ class K8sRequest:
     ports: tuple[str, ...] = ()
     label_selector: str = ""
     field_selector: str = ""
-    dry_run: bool = False
+    dry_run: bool = False  # ?dryRun=All; the policy request's says whether the server surely runs a dry run
     impersonate: tuple[Impersonation, ...] = ()
     upgrade: str = ""
 

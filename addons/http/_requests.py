@@ -28,6 +28,7 @@ A rule must see what the upstream will act on, so anything two parsers could rea
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -1022,6 +1023,31 @@ class K8sCall:
     request: Request
 
 
+# Requests the API server can run as a dry run (nothing persisted), and the subresources whose handlers are the
+# resource's own storage, which honours it. Others (eviction, binding, token, exec ...) are never taken for one.
+_DRY_RUN_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
+_DRY_RUN_SUBRESOURCES = frozenset({"", "status", "scale"})
+
+
+def k8s_dry_run(info: K8sRequest, body: bytes) -> bool:
+    """Will the API server surely run this request as a dry run (``dryRun=All``: admission and validation run,
+    nothing is persisted)? A create, update or patch reads it from the query (``dryRun=All``, exactly once); a
+    delete from the ``DeleteOptions`` in its body (``{"dryRun": ["All"]}``, what ``kubectl delete
+    --dry-run=server`` sends) and from the query only when the body is empty, as the API server does: a body
+    without it makes a ``?dryRun=All`` delete a real one. Anything else is not a dry run."""
+    if not info.is_resource_request or info.action not in _DRY_RUN_VERBS:
+        return False
+    if info.subresource not in _DRY_RUN_SUBRESOURCES:
+        return False
+    if info.action in ("delete", "deletecollection") and body:
+        try:
+            options = loads_strict(body)
+        except (ValueError, RecursionError):
+            return False
+        return isinstance(options, dict) and options.get("dryRun") == ["All"]
+    return info.dry_run and info.action != "deletecollection"
+
+
 def k8s_attrs(info: K8sRequest) -> dict[str, Any]:
     if not info.is_resource_request:
         return {"verb": info.action, "path": info.path}
@@ -1031,6 +1057,8 @@ def k8s_attrs(info: K8sRequest) -> dict[str, Any]:
         "api_group": info.api_group or "core",
         "namespace": info.namespace,
     }
+    if info.action in _DRY_RUN_VERBS:
+        attrs["dry_run"] = info.dry_run
     if info.all_namespaces:
         attrs["all_namespaces"] = True
     if info.subresource:
@@ -1068,6 +1096,8 @@ def k8s_summary(info: K8sRequest) -> str:
         text += f" ({info.subresource})"
     if info.exec_command:
         text += " -- " + " ".join(info.exec_command)
+    if info.dry_run:
+        text += " (dry run)"
     return text
 
 
@@ -1086,6 +1116,7 @@ def k8s_request(
         info = resolve(method, path_part, query, headers)
     except UnknownRequest as exc:
         raise Unreadable(str(exc)) from None
+    info = dataclasses.replace(info, dry_run=k8s_dry_run(info, body))
     attrs = k8s_attrs(info)
     request = Request(
         protocol="kubernetes",

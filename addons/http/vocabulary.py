@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lictor import Request
-from lictor.vocabulary import Custom, Enum, Glob, Number, Predicate, Quantifier, Vocabulary, glob_to_regex
+from lictor.vocabulary import Boolean, Custom, Enum, Glob, Number, Predicate, Quantifier, Vocabulary, glob_to_regex
 
 from ._requests import CopiedValue, build_http_requests, build_k8s_requests, fold_path, path_variants, value_text
 
@@ -371,6 +371,13 @@ K8S_VOCABULARY = Vocabulary(
             ),
         ),
         Glob("paths", attr="path", description="non-resource URLs such as /api, /version (discovery)"),
+        Boolean(
+            "dry_run",
+            description=(
+                "a create, update, patch or delete the API server runs as a dry run, nothing persisted (dryRun=All, "
+                "kubectl --dry-run=server); other requests are no dry run"
+            ),
+        ),
         Glob("commands", attr="command", description="kubectl exec command line (space-joined)"),
         Custom(
             "programs",
