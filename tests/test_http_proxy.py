@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import socket
 import ssl
 import subprocess
@@ -754,6 +755,22 @@ def test_a_json_patch_is_decided_on_the_fields_it_sets(env: Env) -> None:
         token=env.agent,
     )
     assert code == 200 and len(env.api.seen("PATCH")) == 1, body
+
+
+def test_a_password_set_by_a_json_patch_is_not_recorded(env: Env) -> None:
+    # A patch operation's value was recorded as it was sent: the credential is named by its path, not its key.
+    secret = "patched-" + secrets.token_hex(6)
+    ops = [{"op": "replace", "path": "/password", "value": secret}, {"op": "replace", "path": "/name", "value": "J"}]
+    args = ("-X", "PATCH", "-H", "Content-Type: application/json-patch+json", "--data", json.dumps(ops))
+    code, body = env.curl(env.url() + "/v1/customers/42", *args, token=env.agent)
+    assert code == 200 and env.api.seen("PATCH")[-1]["body"] == json.dumps(ops).encode(), body  # sent on as it was
+    deadline = time.monotonic() + 15
+    while not any(b"/password" in p.read_bytes() for p in env.gw.state_dir.rglob("*.jsonl")):
+        assert time.monotonic() < deadline, "the PATCH was not recorded"
+        time.sleep(0.2)
+    for path in env.gw.state_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
 
 
 def test_a_token_that_just_expired_is_told_to_get_a_fresh_one(env: Env) -> None:

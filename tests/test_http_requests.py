@@ -1,11 +1,13 @@
 """How HTTP and Kubernetes requests become policy requests (lictor_addons.http._requests)."""
 
 import json
+from collections import Counter
 from typing import Any
 
 import pytest
 from lictor import Identity, load_policy
 from lictor_addons import default_addons
+from lictor_addons.http._bodies import mask_credentials
 from lictor_addons.http._requests import (
     BODY_TEXT_LIMIT,
     Unreadable,
@@ -791,6 +793,26 @@ def test_a_form_body_that_is_also_json_is_refused() -> None:
         content_type="application/x-www-form-urlencoded", target="t",
     )  # fmt: skip
     assert form.attrs["json"]["$.credit_limit"] == "9"
+
+
+def test_approvers_do_not_read_a_credential_a_patch_operation_sets() -> None:
+    # JSON Patch and SCIM PATCH name the credential in the operation's path; its value was shown as it was sent.
+    patch = b'[{"op": "replace", "path": "/user/password", "value": "p1"}, {"op": "add", "path": "/n", "value": "x"}]'
+    scim = b'{"Operations": [{"op": "replace", "path": "password", "value": "p2"}]}'
+    for body, ctype, key in (
+        (patch, "application/json-patch+json", "$[*].value"),
+        (scim, "application/scim+json", "$.Operations[*].value"),
+    ):
+        req = http_request(
+            method="PATCH", raw_path="/u/1", host="h", headers=[], body=body, content_type=ctype, target="t"
+        )
+        assert req.shown_attrs is not None, body
+        shown = json.dumps(req.shown_attrs["json"])
+        assert "p1" not in shown and "p2" not in shown and "[REDACTED:lictor]" in shown, shown
+        assert key in req.shown_attrs["json"], shown
+    counts: Counter[str] = Counter()
+    recorded = mask_credentials(json.loads(patch), counts)
+    assert recorded[0]["value"] == "[REDACTED:lictor]" and recorded[1]["value"] == "x" and counts["credential"] == 1
 
 
 def test_approvers_read_the_request_without_its_credentials() -> None:

@@ -219,6 +219,15 @@ def has_grant(names: Iterable[Any]) -> bool:
     return any(map(is_grant_type, names))
 
 
+def patch_sets_credential(path: Any) -> bool:
+    """Whether a patch operation's ``path`` (a JSON Pointer, ``/user/password``, or a SCIM path,
+    ``password``) ends in the name of a credential field: its ``value`` is then one."""
+    if not isinstance(path, str):
+        return False
+    last = re.split(r"[/.]", path)[-1].replace("~1", "/").replace("~0", "~")
+    return credential_name(last, False)
+
+
 def mask_credentials(doc: Any, counts: Counter[str]) -> Any:
     """Mask, in place, the values of credential fields (:data:`CREDENTIAL_FIELDS`, and ``code`` next to a
     ``grant_type``) at any depth of a parsed JSON document; returns ``doc``. For recordings: an OAuth token
@@ -228,8 +237,14 @@ def mask_credentials(doc: Any, counts: Counter[str]) -> Any:
         node = stack.pop()
         if isinstance(node, dict):
             grant = has_grant(node)
+            # a patch operation setting a credential ({"op": "replace", "path": "/password", "value": ...})
+            patched = "op" in node and node.get("value") is not None and patch_sets_credential(node.get("path"))
             for key, value in node.items():
-                if isinstance(key, str) and value is not None and credential_name(key, grant):
+                if (
+                    isinstance(key, str)
+                    and value is not None
+                    and (credential_name(key, grant) or (patched and key == "value"))
+                ):
                     node[key] = REDACTED
                     counts["credential"] += 1
                 elif isinstance(value, (dict, list)):

@@ -2173,7 +2173,8 @@ _CREDENTIAL_WORDS = re.compile(f"(?i){bodies.CREDENTIAL_WORDS}|grant|\\\\".encod
 
 def _may_carry_credentials(body: bytes) -> bool:
     """Does JSON text (maybe cut short) name a credential field (see :func:`bodies.credential_name`)? A key
-    with an escape counts: ``\\u0070assword`` is ``password`` to a JSON parser."""
+    with an escape counts: ``\\u0070assword`` is ``password`` to a JSON parser; so does a patch operation where
+    a credential word appears (its path may name the field)."""
     if _CREDENTIAL_WORDS.search(body) is None:  # the usual body: no key to look at one by one
         return False
     grant = b"grant" in body.lower()
@@ -2181,7 +2182,8 @@ def _may_carry_credentials(body: bytes) -> bool:
         key = match.group(1)
         if b"\\" in key or bodies.credential_name(key.decode("utf-8", "replace"), grant):
             return True
-    return False
+    # a patch operation names the field it sets in its path ({"op": "replace", "path": "/password", ...})
+    return b'"op"' in body
 
 
 def _credentials_masked(

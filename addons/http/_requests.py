@@ -54,6 +54,7 @@ from ._bodies import (
     has_grant,
     is_grant_type,
     mask_form_credentials,
+    patch_sets_credential,
 )
 from ._k8s import _SUBRESOURCE_ACTIONS, K8sRequest, UnknownRequest, _decode_path, _parse_query, resolve
 
@@ -905,10 +906,15 @@ def _shown_fields(flattened: Mapping[str, Any]) -> dict[str, Any] | None:
     """A flattened body (``json`` or ``json_folded``) as approvers read it: the values of credential fields
     (:func:`credential_name`, ``code`` next to a ``grant_type``) replaced; None when it has none."""
     named = {path: _path_parent_name(path) for path in flattened if _CREDENTIAL_PATH_WORDS.search(path)}
-    if not named:
-        return None
-    grants = {parent for parent, name in map(_path_parent_name, flattened) if is_grant_type(name)}
-    found = [path for path, (parent, name) in named.items() if credential_name(name, parent in grants)]
+    found: list[str] = []
+    if named:
+        grants = {parent for parent, name in map(_path_parent_name, flattened) if is_grant_type(name)}
+        found = [path for path, (parent, name) in named.items() if credential_name(name, parent in grants)]
+    # a JSON Patch (or SCIM PATCH) operation setting a credential: its value is among the operations' values
+    for ops in ("$[*]", "$.Operations[*]", "$.operations[*]"):
+        paths = flattened.get(f"{ops}.path")
+        if f"{ops}.value" in flattened and any(map(patch_sets_credential, _listed(paths))):
+            found.append(f"{ops}.value")
     if not found:
         return None
     return {**flattened, **{path: _masked(flattened[path]) for path in found}}
