@@ -993,3 +993,40 @@ def test_verify_reports_a_non_object_manifest_and_checks_the_other_sessions(tmp_
         verdicts = {v.session: v for v in verify_sessions(source=recordings)}
         assert not verdicts[first].ok and "manifest" in verdicts[first].problem, (text, verdicts[first])
         assert verdicts[second].ok and verdicts[second].signed
+
+
+def test_verify_reports_a_signed_session_whose_decisions_an_audit_log_rolled_back_lost(tmp_path: Path) -> None:
+    # An audit log put back as it was while a session was open still held that session's start, so verify
+    # --all passed although the decisions the signed manifest counts were gone from it.
+    state = tmp_path / "state"
+    saved = tmp_path / "audit-copy.db"
+
+    async def main() -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="127.0.0.1:5555")
+        assert (await session.decide(request("echo before"))).allowed
+        assert gw.recordings.flush(5)
+        copy = sqlite3.connect(saved)
+        with contextlib.closing(sqlite3.connect(state / "audit.db")) as live:
+            live.backup(copy)
+        copy.close()
+        assert not (await session.decide(request("rm -rf /data"))).allowed
+        await session.close()
+        await gw.stop()
+        return session.id
+
+    sid = asyncio.run(main())
+    ok = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
+    assert ok.returncode == 0 and f"{sid}: OK" in ok.stdout, ok.stdout + ok.stderr
+    for suffix in ("-wal", "-shm"):
+        (state / f"audit.db{suffix}").unlink(missing_ok=True)
+    (state / "audit.db").write_bytes(saved.read_bytes())
+    assert lictor_cli("audit", "verify", "--state-dir", str(state)).returncode == 0  # its own chain is intact
+    rolled = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
+    assert rolled.returncode == 1, rolled.stdout + rolled.stderr
+    assert (
+        f"{sid}: BROKEN: the audit log holds 0 of the 1 'deny' decisions the signed manifest counts" in rolled.stdout
+    ), rolled.stdout
+    [verdict] = verify_sessions([sid], source=state / "recordings")
+    assert not verdict.ok

@@ -8,7 +8,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,6 +58,9 @@ class AuditedSessions:
     with ``recorded: false``), or removed by retention (``recording.retention``)."""
     problem: str = ""
     """Why the audit log could not be read (missing, damaged): then it vouches for no session."""
+    decisions: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    """The ``decision`` events of each session, by action: at least as many as its signed manifest counts
+    (they reach the spool before the manifest), unless the audit log was rolled back or truncated."""
 
     @property
     def recorded(self) -> frozenset[str]:
@@ -142,6 +145,7 @@ class LocalStore:
         started: set[str] = set()
         ended: set[str] = set()
         unrecorded: set[str] = set()
+        decisions: dict[str, dict[str, int]] = {}
         try:
             audit = AuditLog(self.audit_path)
         except (sqlite3.Error, OSError, ValueError) as exc:
@@ -157,11 +161,14 @@ class LocalStore:
                         unrecorded.add(e["session"])
                 elif kind == "recording.retention" and isinstance(e.get("sessions"), list):
                     unrecorded.update(sid for sid in e["sessions"] if isinstance(sid, str))
+                elif kind == "decision" and isinstance(e.get("session"), str):
+                    counts = decisions.setdefault(e["session"], {})
+                    counts[str(e.get("action"))] = counts.get(str(e.get("action")), 0) + 1
         except (sqlite3.Error, ValueError) as exc:
             return AuditedSessions(nothing, nothing, nothing, f"the audit log {self.audit_path} cannot be read ({exc})")
         finally:
             audit.close()
-        return AuditedSessions(frozenset(started), frozenset(ended), frozenset(unrecorded))
+        return AuditedSessions(frozenset(started), frozenset(ended), frozenset(unrecorded), decisions=decisions)
 
 
 class RemoteStore:
@@ -383,5 +390,30 @@ def verify(
                 else "the audit log does not record the start of this session: it was rolled back, truncated "
                 "or replaced (lictor audit verify cannot see that on its own)",
             )
+        if verdict.ok and verdict.signed and audited is not None and isinstance(manifest, dict):
+            missing = _decisions_missing(manifest, audited.decisions.get(sid, {}))
+            if missing:
+                verdict = SessionVerdict(
+                    sid,
+                    False,
+                    verdict.events,
+                    verdict.signed,
+                    None,
+                    f"{missing}: it was rolled back or truncated (lictor audit verify cannot see that on its own)",
+                )
         verdicts.append(verdict)
     return verdicts
+
+
+def _decisions_missing(manifest: Mapping[str, Any], audited: Mapping[str, int]) -> str:
+    """What the audit log lacks of the decisions a (verified) signed manifest counts; "" if nothing."""
+    counts = (manifest.get("manifest") or {}).get("decisions") or {}
+    if not isinstance(counts, Mapping):
+        return ""
+    for action, count in sorted(counts.items()):
+        if isinstance(count, int) and audited.get(str(action), 0) < count:
+            return (
+                f"the audit log holds {audited.get(str(action), 0)} of the {count} {str(action)!r} decisions "
+                "the signed manifest counts"
+            )
+    return ""
