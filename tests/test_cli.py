@@ -764,3 +764,37 @@ def test_packs_given_with_a_config_that_loads_more_say_so_when_they_do_not_load(
             capsys.readouterr()
         finally:
             os.chdir(cwd)
+
+
+def test_audit_verify_reports_an_emptied_or_unreadable_log_and_writes_nothing(tmp_path: Path):
+    # An audit log emptied in place (`: > audit.db`) passed as "audit log OK: 0 events": verifying made it a new
+    # log, with tables and a chain head, and with no verification key around it even created one. A file that
+    # is not a database ended in a traceback.
+    from lictor import AuditLog
+
+    log = AuditLog(tmp_path / "audit.db")
+    for i in range(3):
+        log.append("decision", {"n": i})
+    log.close()
+    db = tmp_path / "audit.db"
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"audit.db{suffix}").unlink(missing_ok=True)
+    db.write_bytes(b"")
+    for command in ("verify", "list"):
+        out = lictor("audit", command, "--state-dir", str(tmp_path), check=False)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out
+        assert f"audit log BROKEN: {db} holds no audit chain (emptied or replaced)" in out.stderr, out
+    assert db.read_bytes() == b""
+    db.write_bytes(b"not a database at all, but long enough to look like a file header.....")
+    out = lictor("audit", "verify", "--state-dir", str(tmp_path), check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out
+    assert f"audit log BROKEN: {db} cannot be read (file is not a database)" in out.stderr, out
+    # another SQLite file named with --db, with no verification key next to it: nothing is created there
+    other = tmp_path / "other" / "index.db"
+    other.parent.mkdir()
+    sqlite3.connect(other).execute("CREATE TABLE sessions (id TEXT)").connection.close()
+    out = lictor("audit", "verify", "--db", str(other), check=False)
+    assert out.returncode == 1 and f"audit log BROKEN: {other} holds no audit chain" in out.stderr, out
+    assert sorted(p.name for p in other.parent.iterdir()) == ["index.db"]
+    tables = sqlite3.connect(other).execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == [("sessions",)]

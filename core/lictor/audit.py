@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AuditError", "AuditLog", "VerifyResult"]
+__all__ = ["AuditError", "AuditLog", "VerifyResult", "chain_problem"]
 
 _RATCHET = b"lictor-ratchet"
 
@@ -310,6 +310,23 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def chain_problem(path: str | Path) -> str:
+    """Why ``path`` is not an audit log that can be read ("" when it is one), found without writing to it:
+    opening a file as an :class:`AuditLog` makes an empty or foreign SQLite file a new, valid, empty log."""
+    path = Path(path)
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {str(r[0]) for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"events", "head"} <= tables or db.execute("SELECT count(*) FROM head").fetchone()[0] == 0:
+                return f"{path} holds no audit chain (emptied or replaced)"
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return f"{path} cannot be read ({exc})"
+    return ""
 
 
 def _field_matches(event: Mapping[str, Any], key: str, value: str) -> bool:

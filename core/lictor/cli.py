@@ -17,7 +17,7 @@ from typing import Any
 from ._text import count_arg, printable
 from ._yaml import YamlError, load_documents, plain
 from .addons import AddonManager, HookError, load_addon_spec
-from .audit import AuditLog
+from .audit import AuditLog, chain_problem
 from .config import LOG_LEVELS, ConfigError, GatewayConfig, load_config
 from .identity import LocalIssuer, parse_duration
 from .policy import Trace
@@ -428,6 +428,9 @@ def _audit(args: argparse.Namespace) -> AuditLog:
     if not db.exists():
         raise SystemExit(f"no audit log at {db}")
     _settle_recordings(config, state)
+    problem = chain_problem(db)
+    if problem:
+        raise SystemExit(f"audit log BROKEN: {problem}")
     return AuditLog(db, verify_key_path=args.key if getattr(args, "key", None) else db.parent / "audit-verify.key")
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..audit import AuditLog
+from ..audit import AuditLog, chain_problem
 from ._chain import SessionVerdict, load_public_key, verify_session
 from ._sinks import INDEX_COLUMNS, PostgresSink, S3Sink
 from ._util import RecordingError, parse_interval
@@ -146,6 +146,9 @@ class LocalStore:
         ended: set[str] = set()
         unrecorded: set[str] = set()
         decisions: dict[str, dict[str, int]] = {}
+        problem = chain_problem(self.audit_path)  # opening an emptied file as an AuditLog would make it a new log
+        if problem:
+            return AuditedSessions(nothing, nothing, nothing, f"the audit log {problem}")
         try:
             audit = AuditLog(self.audit_path)
         except (sqlite3.Error, OSError, ValueError) as exc:
