@@ -798,3 +798,27 @@ def test_audit_verify_reports_an_emptied_or_unreadable_log_and_writes_nothing(tm
     assert sorted(p.name for p in other.parent.iterdir()) == ["index.db"]
     tables = sqlite3.connect(other).execute("SELECT name FROM sqlite_master").fetchall()
     assert tables == [("sessions",)]
+
+
+def test_audit_verify_without_its_key_says_where_it_looked(tmp_path: Path):
+    # The verification key may be kept offline (only `audit verify` needs it); without it, or with a file that
+    # is not a key, verify ended in a traceback.
+    from lictor import AuditLog
+
+    log = AuditLog(tmp_path / "audit.db")
+    log.append("decision", {"n": 1})
+    log.close()
+    key = tmp_path / "audit-verify.key"
+    offline = tmp_path / "offline.key"
+    key.rename(offline)
+    out = lictor("audit", "verify", "--state-dir", str(tmp_path), check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out
+    assert f"no audit verification key at {key}: give the key kept offline with --key FILE" in out.stderr, out
+    assert lictor("audit", "list", "--state-dir", str(tmp_path)).returncode == 0  # listing needs no key
+    ok = lictor("audit", "verify", "--state-dir", str(tmp_path), "--key", str(offline))
+    assert "audit log OK: 1 events" in ok.stdout
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key\n")
+    out = lictor("audit", "verify", "--state-dir", str(tmp_path), "--key", str(bad), check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out
+    assert f"{bad} is not an audit verification key (64 hex digits)" in out.stderr, out

@@ -500,7 +500,24 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     audit = _audit(args)
-    result = audit.verify()
+    key_path = audit.verify_key_path
+    try:
+        key = bytes.fromhex(key_path.read_text().strip())
+    except FileNotFoundError:
+        print(
+            f"lictor audit verify: no audit verification key at {key_path}: give the key kept offline with --key FILE",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        print(
+            f"lictor audit verify: {key_path} is not an audit verification key (64 hex digits): {exc}", file=sys.stderr
+        )
+        return EXIT_USAGE
+    if len(key) != 32:
+        print(f"lictor audit verify: {key_path} is not an audit verification key (64 hex digits)", file=sys.stderr)
+        return EXIT_USAGE
+    result = audit.verify(key)
     print(result)
     return EXIT_OK if result.ok else EXIT_FAIL
 
