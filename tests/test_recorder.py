@@ -1030,3 +1030,38 @@ def test_verify_reports_a_signed_session_whose_decisions_an_audit_log_rolled_bac
     ), rolled.stdout
     [verdict] = verify_sessions([sid], source=state / "recordings")
     assert not verdict.ok
+
+
+def test_replay_and_export_say_when_the_recording_does_not_verify(tmp_path: Path) -> None:
+    # A recording edited after the fact replayed and exported as if it were what the agent did, exit 0: only
+    # `sessions verify`, which the auditor may not run first, said it was altered.
+    async def main() -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        sid = await run_session(gw, "agent-1", ["echo hello", "rm -rf /data"])
+        await gw.stop()
+        return sid
+
+    sid = asyncio.run(main())
+    state = str(tmp_path / "state")
+    for args in (
+        ("replay", sid, "--no-wait"),
+        ("sessions", "export", sid),
+        ("sessions", "export", sid, "--format", "asciicast"),
+    ):
+        clean = lictor_cli(*args, "--state-dir", state)
+        assert clean.returncode == 0 and "does not verify" not in clean.stderr, clean
+    [path] = (tmp_path / "state" / "recordings" / "sessions").glob(f"*/{sid}.jsonl")
+    path.write_text(path.read_text().replace("rm -rf /data", "ls -la /data"))
+    for args in (
+        ("replay", sid, "--no-wait"),
+        ("sessions", "export", sid),
+        ("sessions", "export", sid, "--format", "asciicast"),
+    ):
+        out = lictor_cli(*args, "--state-dir", state)
+        assert out.returncode == 1, out
+        assert "ls -la /data" in out.stdout  # still shown: it is what the store holds
+        assert (
+            f"lictor: WARNING: session {sid} does not verify (BROKEN at event 2: " in out.stderr
+            and "what is shown may have been altered" in out.stderr
+        ), out.stderr

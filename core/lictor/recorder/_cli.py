@@ -122,9 +122,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_FAIL if broken or unsigned else EXIT_OK
 
 
+def _warn_unless_verified(store: Store, sid: str) -> bool:
+    """Check the session as ``sessions verify`` does; if it does not verify, say so on stderr (before the
+    session is shown, which may then be what someone edited) and return False."""
+    [verdict] = verify(store, [sid])
+    if verdict.ok:
+        return True
+    problem = str(verdict).removeprefix(f"{sid}: ")
+    print(
+        f"lictor: WARNING: session {sid} does not verify ({problem}); what is shown may have been altered "
+        f"(lictor sessions verify {sid})",
+        file=sys.stderr,
+    )
+    return False
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     store = _store(args)
     sid = resolve_id(store, args.id)
+    verified = _warn_unless_verified(store, sid)
     manifest_raw, lines = store.stream_raw(sid)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
@@ -140,16 +156,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    return EXIT_OK
+    return EXIT_OK if verified else EXIT_FAIL
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     store = _store(args)
     sid = resolve_id(store, args.id)
-    _, lines = store.stream_raw(sid)
     if args.speed <= 0:
         print("--speed must be positive", file=sys.stderr)
         return EXIT_USAGE
+    verified = _warn_unless_verified(store, sid)
+    _, lines = store.stream_raw(sid)
     try:
         replay(
             iter_events(lines),
@@ -162,7 +179,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         return 130
-    return EXIT_OK
+    return EXIT_OK if verified else EXIT_FAIL
 
 
 def _run(func: Any) -> Any:
