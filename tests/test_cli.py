@@ -822,3 +822,21 @@ def test_audit_verify_without_its_key_says_where_it_looked(tmp_path: Path):
     out = lictor("audit", "verify", "--state-dir", str(tmp_path), "--key", str(bad), check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out
     assert f"{bad} is not an audit verification key (64 hex digits)" in out.stderr, out
+
+
+def test_sessions_commands_name_a_remote_sink_they_cannot_reach(tmp_path: Path):
+    # `lictor sessions list --source pg` with the database down ended in a psycopg traceback.
+    pg_port, s3_port = free_port(), free_port()
+    config = tmp_path / "lictor.yaml"
+    config.write_text(
+        f"version: 1\nstate_dir: {tmp_path / 'state'}\nrulepacks: []\n"
+        "recordings:\n  sinks:\n    - {type: local}\n"
+        f"    - {{type: postgres, name: pg, dsn: 'host=127.0.0.1 port={pg_port} dbname=x user=x connect_timeout=2'}}\n"
+        f"    - {{type: s3, name: archive, bucket: b, endpoint_url: 'http://127.0.0.1:{s3_port}', region: us-east-1,"
+        " access_key_id: k, secret_access_key: s}\n"
+    )
+    for source in ("pg", "archive"):
+        for args in (("sessions", "list"), ("sessions", "verify", "--all"), ("replay", "abc")):
+            out = lictor(*args, "-c", str(config), "--source", source, check=False, timeout=120)
+            assert out.returncode == 1 and "Traceback" not in out.stderr, (source, args, out.stderr[-600:])
+            assert f"lictor: cannot read the recordings sink {source!r}: " in out.stderr, (source, args, out.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fnmatch
 import json
@@ -181,7 +182,21 @@ class RemoteStore:
         self.sink = sink
         self.state_dir = state_dir
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Say which sink could not be read (down, unreachable, refused) instead of the driver's traceback."""
+        try:
+            yield
+        except RecordingError:
+            raise
+        except Exception as exc:  # psycopg's and botocore's errors: the drivers load only with their sinks
+            raise RecordingError(f"cannot read the recordings sink {self.sink.name!r}: {exc}") from exc
+
     def rows(self) -> list[dict[str, Any]]:
+        with self._reading():
+            return self._rows()
+
+    def _rows(self) -> list[dict[str, Any]]:
         if isinstance(self.sink, PostgresSink):
             return [_summary(r) for r in self.sink.list_rows()]
         out = []
@@ -208,10 +223,11 @@ class RemoteStore:
         return out
 
     def load_raw(self, session_id: str) -> tuple[bytes | None, list[bytes]]:
-        return self.sink.load(session_id)
+        with self._reading():
+            return self.sink.load(session_id)
 
     def stream_raw(self, session_id: str) -> tuple[bytes | None, Iterator[bytes]]:
-        manifest, lines = self.sink.load(session_id)
+        manifest, lines = self.load_raw(session_id)
         return manifest, iter(lines)
 
     def audited(self) -> AuditedSessions | None:
