@@ -709,3 +709,29 @@ def test_a_session_that_ends_on_a_full_disk_is_closed_once_the_disk_has_room(tmp
     _, events = load_session(first, source=tmp_path / "state" / "recordings")
     assert [e["kind"] for e in events][:2] == ["session.start", "command"] and events[-1]["kind"] == "session.end"
     assert events[-1]["data"]["reason"] == "closed"
+
+
+def test_status_shows_a_recordings_sink_that_is_down(tmp_path: Path) -> None:
+    # A sink that could not be written (database down) showed only in the gateway's log: `lictor status` gave the
+    # spool's size, so nothing said that records were piling up for it.
+    gateway, port = _line_gateway(tmp_path)
+    dead = free_port()
+    gateway.config["recordings"]["sinks"] = [
+        {"type": "local"},
+        {"type": "postgres", "name": "pg", "dsn": f"host=127.0.0.1 port={dead} dbname=x user=x connect_timeout=1"},
+    ]
+    gateway.start()
+    try:
+        wait_port(port)
+        _commands(port, gateway.token("agent-1", role="ops"), ["echo one"])
+        deadline = time.monotonic() + 30
+        status = lictor("status", "--state-dir", str(gateway.state_dir), check=False)
+        while "pg: unavailable" not in status.stdout and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = lictor("status", "--state-dir", str(gateway.state_dir), check=False)
+        assert status.returncode == 0, status
+        assert "sink      local: ok, " in status.stdout, status.stdout
+        line = next(x for x in status.stdout.splitlines() if "pg: unavailable" in x)
+        assert "records behind" in line and "connection failed" in line, line
+    finally:
+        gateway.stop()

@@ -371,6 +371,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"sessions  {doc.get('sessions', 0)} open")
         if doc.get("spool_bytes") is not None:
             print(f"spool     {doc['spool_bytes']} bytes on disk")
+        recordings = doc.get("recordings") or {}
+        if recordings.get("broken"):
+            print("spool     BROKEN: a sync failed; every event is refused until the gateway is restarted")
+        written = int(recordings.get("written") or 0)
+        for sink in recordings.get("sinks") or []:
+            behind = max(0, written - int(sink.get("committed") or 0))
+            health = "ok" if sink.get("healthy") else f"unavailable ({sink.get('failures') or 0} failed attempts)"
+            error = "" if sink.get("healthy") or not sink.get("last_error") else f": {sink['last_error']}"
+            name = printable(sink.get("name"))
+            print(f"sink      {name}: {health}, {behind} records behind{printable(error, keep='')}")
     return EXIT_OK if alive else EXIT_FAIL
 
 

@@ -438,6 +438,24 @@ def status_document(gateway: Gateway, config: GatewayConfig) -> dict[str, Any]:
         ],
         "sessions": len(gateway.sessions),
         "spool_bytes": getattr(spool, "total_bytes", None),
+        "recordings": _recordings_status(gateway),
+    }
+
+
+def _recordings_status(gateway: Gateway) -> dict[str, Any] | None:
+    """The spool's last record and whether it is broken, and each sink's committed position and health."""
+    status = getattr(gateway.recordings, "status", None)
+    if status is None:
+        return None
+    doc = status()
+    spool = doc.get("spool") or {}
+    return {
+        "written": spool.get("written"),
+        "broken": bool(spool.get("broken")),
+        "sinks": [
+            {k: sink.get(k) for k in ("name", "committed", "healthy", "last_error", "failures")}
+            for sink in doc.get("sinks") or []
+        ],
     }
 
 
