@@ -1380,6 +1380,8 @@ class Relay:
     def _renamed(self, stmt: Prepared, named: tuple[object, ...]) -> bool:
         """Whether a FETCH or EXECUTE names other cursors or statements now than ``named``."""
         now = self._names_of(stmt.classified)
+        if not now and not named:  # it names nothing (most statements): checked at every Bind and Execute
+            return False
         return len(now) != len(named) or any(a is not b for a, b in zip(now, named, strict=False))
 
     async def _approve(
