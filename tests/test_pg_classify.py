@@ -426,6 +426,11 @@ CASES: list[tuple[str, dict[str, object]]] = [
     ("CREATE TRUSTED LANGUAGE pl2 HANDLER plpython3_call_handler", {"kind": "create_other", "objects": {"language"}}),
     ("ALTER LANGUAGE plpython3u RENAME TO plpgsql", {"kind": "alter_other", "objects": {"language"}}),
     ("ALTER LANGUAGE plpgsql OWNER TO bob", {"kind": "alter_other", "objects": {"language"}}),
+    # without HANDLER, the server runs CREATE LANGUAGE as CREATE EXTENSION: it still creates a language
+    ("CREATE LANGUAGE plpython3u", {"kind": "create_other", "objects": {"language"}}),
+    ("create /* x /* y */ */ or replace\n-- z\nTRUSTED PROCEDURAL LANGUAGE plperlu", {"objects": {"language"}}),
+    ("CREATE EXTENSION pg_trgm", {"kind": "create_extension", "objects": {"extension"}}),
+    ('/* language */ CREATE EXTENSION IF NOT EXISTS "language"', {"kind": "create_extension"}),
     ("ALTER TABLESPACE t SET (seq_page_cost = 2)", {"objects": {"tablespace"}}),
     ("CREATE FOREIGN DATA WRAPPER w", {"objects": {"fdw"}}),
     ("DO $$ BEGIN CREATE SERVER s FOREIGN DATA WRAPPER w; END $$", {"kind": "do", "objects": {"foreign_server"}}),

@@ -765,6 +765,8 @@ def test_a_dba_cannot_put_an_untrusted_language_under_a_trusted_name(env: PgEnv)
                 "ALTER LANGUAGE plpgsql OWNER TO pg_database_owner",
                 "CREATE LANGUAGE plpgsql_two HANDLER plpython3_call_handler",
                 "CREATE TRUSTED LANGUAGE plpgsql_three HANDLER plpython3_call_handler",
+                # without HANDLER the server runs it as CREATE EXTENSION IF NOT EXISTS plpython3u
+                "CREATE OR REPLACE LANGUAGE plpython3u",
             ):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
                     conn.execute(sql)

@@ -1167,6 +1167,43 @@ def _object_type(node_type: str, body: _Node) -> str | None:
     return _OBJECT_TYPES.get(node_type)
 
 
+_LEADING_WORD = re.compile(r"\s*([A-Za-z_]+)")
+
+
+def _skip_comments(sql: str, pos: int) -> int:
+    """The position of the first character at or after ``pos`` that is not white space or a comment."""
+    while True:
+        while pos < len(sql) and sql[pos].isspace():
+            pos += 1
+        if sql.startswith("--", pos):
+            end = sql.find("\n", pos)
+            pos = len(sql) if end < 0 else end + 1
+        elif sql.startswith("/*", pos):
+            depth, pos = 1, pos + 2  # block comments nest
+            while pos < len(sql) and depth:
+                if sql.startswith("/*", pos):
+                    depth, pos = depth + 1, pos + 2
+                elif sql.startswith("*/", pos):
+                    depth, pos = depth - 1, pos + 2
+                else:
+                    pos += 1
+        else:
+            return pos
+
+
+def _spelled_create_extension(sql: str) -> bool:
+    """Whether a statement parsed as CreateExtensionStmt was written CREATE EXTENSION (not CREATE LANGUAGE)."""
+    words = []
+    pos = 0
+    for _ in range(2):
+        match = _LEADING_WORD.match(sql, _skip_comments(sql, pos))
+        if match is None:
+            return False
+        words.append(match.group(1).lower())
+        pos = match.end()
+    return words == ["create", "extension"]
+
+
 def _dollar_quote(body: str) -> str:
     """A dollar-quote tag that cannot end early inside ``body`` (no ``$tag`` anywhere in it)."""
     tag = "lictor_do"
@@ -1620,6 +1657,10 @@ class _Analysis:
                 self.kinds.add(kind)
                 self.root_kind = self.root_kind or kind
             return
+        if key == "CreateExtensionStmt" and not _spelled_create_extension(text()):
+            # CREATE LANGUAGE without HANDLER: the server runs it as CREATE EXTENSION of that name, which
+            # creates the language; it is decided as the language creation it was written as.
+            key = "CreatePLangStmt"
         kind = self._kind(key, body)
         self.kinds.add(kind)
         if is_root:
