@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -220,6 +221,27 @@ def test_admin_contract(running: Running) -> None:
         assert denied.returncode == 126, (command, denied.stderr)
         assert b"lictor: denied `" in denied.stderr
     assert running.sshd.run(f"test -e {marker}").returncode == 0
+
+
+def test_no_role_copies_files_and_the_readme_says_so(running: Running, tmp_path: Path) -> None:
+    # The README's table is what an agent reads to know what it may do: every role's row must say that
+    # scp and sftp are refused, as they are for every role of this pack.
+    rows = {
+        cells[1].strip(" `"): cells
+        for line in (EXAMPLE / "README.md").read_text().splitlines()
+        if line.startswith("| `") and (cells := re.split(r"(?<!\\)\|", line))
+    }
+    local = tmp_path / "upload.txt"
+    local.write_text("data\n")
+    for role in ("observer", "operator", "admin"):
+        assert "sftp/scp" in rows[role][3], rows[role]
+        remote = running.sshd.work / f"{role}_upload.txt"
+        copied = running.client.scp(running.token(role), str(local), running.client.remote(remote))
+        assert copied.returncode != 0, copied.stderr
+        assert b"lictor: denied sftp" in copied.stderr, copied.stderr
+        assert not remote.exists()
+        listed = running.client.sftp(running.token(role), f"ls {running.sshd.work}\n")
+        assert b"lictor: denied sftp" in listed.stderr, listed.stderr
 
 
 def _admin_line_shell_attempt(
