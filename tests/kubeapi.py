@@ -2,7 +2,8 @@
 
 It speaks the API server's wire format for what kubectl and the gateway tests need: discovery (``/version``,
 ``/api``, ``/apis``, ``/api/v1``, ``/apis/apps/v1``, ``/apis/authentication.k8s.io/v1``; OpenAPI answers 404,
-which kubectl accepts), and namespaces, pods (with ``log`` and ``exec``), secrets, service accounts (with
+which kubectl accepts but for validating a manifest: ``kubectl apply --validate=false``), and namespaces, pods
+(with ``log`` and ``exec``), secrets, service accounts (with
 ``token``: a TokenRequest answered with a JWT-shaped token and its expiry, what ``kubectl create token`` asks
 for), configmaps, services and deployments (with ``scale``), ``tokenreviews`` of the tokens it issued (create
 only, answered with the review's spec and the account's user info), with get / list (``meta.k8s.io/v1``

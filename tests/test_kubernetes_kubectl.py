@@ -323,6 +323,37 @@ def test_deployer_rolls_out_in_apps_only(cluster: Cluster) -> None:
     assert out.returncode == 1 and cluster.upstream("POST", "/secrets") == []
 
 
+def test_deployer_applies_manifests_as_the_readme_says_against_the_test_server(cluster: Cluster) -> None:
+    # The test server publishes no OpenAPI: kubectl's validation stops before any request, and the README
+    # tells a user trying the example against it to turn validation off.
+    manifest = yaml.safe_dump(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "applied", "namespace": "apps", "labels": {"app": "applied"}},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "applied"}},
+                "template": {
+                    "metadata": {"labels": {"app": "applied"}},
+                    "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]},
+                },
+            },
+        }
+    )
+    out = cluster.kubectl("deployer", "apply", "-f", "-", stdin=manifest)
+    assert out.returncode == 1 and "failed to download openapi" in out.stderr, out.stderr
+    readme = (ROOT / "examples" / "kubernetes" / "README.md").read_text()
+    assert "kubectl apply --validate=false -f" in readme
+    for args in (["--dry-run=server"], [], []):  # a server dry run, the create, then a second apply
+        out = cluster.kubectl("deployer", "apply", "--validate=false", *args, "-f", "-", stdin=manifest)
+        assert out.returncode == 0, out.stderr
+    dep = cluster.kube.get_object("deployments", "applied", "apps")
+    assert dep is not None and dep["spec"]["replicas"] == 2
+    out = cluster.kubectl("deployer", "rollout", "status", "deployment", "applied", "--timeout=10s")
+    assert out.returncode == 0, out.stderr
+
+
 def test_deleting_a_deployment_waits_for_on_call(cluster: Cluster) -> None:
     cluster.kube.put_object(
         {
