@@ -223,9 +223,9 @@ def test_admin_contract(running: Running) -> None:
     assert running.sshd.run(f"test -e {marker}").returncode == 0
 
 
-def test_no_role_copies_files_and_the_readme_says_so(running: Running, tmp_path: Path) -> None:
-    # The README's table is what an agent reads to know what it may do: every role's row must say that
-    # scp and sftp are refused, as they are for every role of this pack.
+def test_only_admin_copies_files_and_the_readme_says_so(running: Running, tmp_path: Path) -> None:
+    # "admin may run anything but destructive commands": scp and sftp are how agents move files, and were
+    # refused to admin too. The README's table is what an agent reads to know what it may do.
     rows = {
         cells[1].strip(" `"): cells
         for line in (EXAMPLE / "README.md").read_text().splitlines()
@@ -233,7 +233,7 @@ def test_no_role_copies_files_and_the_readme_says_so(running: Running, tmp_path:
     }
     local = tmp_path / "upload.txt"
     local.write_text("data\n")
-    for role in ("observer", "operator", "admin"):
+    for role in ("observer", "operator"):
         assert "sftp/scp" in rows[role][3], rows[role]
         remote = running.sshd.work / f"{role}_upload.txt"
         copied = running.client.scp(running.token(role), str(local), running.client.remote(remote))
@@ -242,6 +242,15 @@ def test_no_role_copies_files_and_the_readme_says_so(running: Running, tmp_path:
         assert not remote.exists()
         listed = running.client.sftp(running.token(role), f"ls {running.sshd.work}\n")
         assert b"lictor: denied sftp" in listed.stderr, listed.stderr
+    assert "`scp` and `sftp`" in rows["admin"][2], rows["admin"]
+    remote = running.sshd.work / "admin_upload.txt"
+    copied = running.client.scp(running.token("admin"), str(local), running.client.remote(remote))
+    assert copied.returncode == 0, copied.stderr
+    assert running.sshd.run(f"cat {remote}").stdout == b"data\n"
+    listed = running.client.sftp(running.token("admin"), f"ls {running.sshd.work}\n")
+    assert b"admin_upload.txt" in listed.stdout, (listed.stdout, listed.stderr)
+    device = running.client.sftp(running.token("admin"), f"put {local} /dev/sda\n")
+    assert b"lictor: denied sftp write of /dev/sda by rule guard-device-files" in device.stderr, device.stderr
 
 
 def _admin_line_shell_attempt(
