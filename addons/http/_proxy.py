@@ -1382,15 +1382,13 @@ class LictorProxy:
 
     def _audit_refused(self, flow: http.HTTPFlow, target: HttpTarget | None, problem: str) -> None:
         """Audit a request refused before any decision (its body was never forwarded)."""
-        self.gateway.audit_event(
-            "http.refused",
-            {"target": target.name if target is not None else "", "peer": _peer(flow.client_conn), "problem": problem},
-            fail_closed=False,
-        )
+        self._audit_client_refused(flow.client_conn, target, problem)
 
     def head_refused(self, client: Client, problem: str) -> None:
         """Audit a request whose head mitmproxy could not even read within its bound (see _bounded_request_heads)."""
-        target = self._target(client)
+        self._audit_client_refused(client, self._target(client), problem)
+
+    def _audit_client_refused(self, client: Client, target: HttpTarget | None, problem: str) -> None:
         self.gateway.audit_event(
             "http.refused",
             {"target": target.name if target is not None else "", "peer": _peer(client), "problem": problem},
@@ -1414,14 +1412,20 @@ class LictorProxy:
         kubernetes = bool(target and target.kubernetes)
         hint, rule = (UNMASKABLE_HINT, UNMASKABLE_RULE) if unmaskable else (RETRY_HINT, "")
         state = flow.metadata.get(STATE)
-        if isinstance(state, FlowState) and unmaskable:
-            self._audit_response_refused(flow, state, rule, message)  # with the upstream's status, not ours
-        self._answer_at_headers(flow, error(status, message, hint, kubernetes=kubernetes, rule=rule))
         if isinstance(state, FlowState):
-            if unmaskable:
-                self._record_failure(flow, state, status=status, error=message, rule=rule)
-            else:
-                self._record_failure(flow, state, status=status, error=message)
+            self._record_refusal(flow, state, status, message, unmaskable)  # audited with the upstream's status
+        self._answer_at_headers(flow, error(status, message, hint, kubernetes=kubernetes, rule=rule))
+
+    def _record_refusal(
+        self, flow: http.HTTPFlow, state: FlowState, status: int, message: str, unmaskable: bool
+    ) -> None:
+        """Record a response answered with ``status`` instead; one the gateway cannot mask as the upstream sent
+        it is also audited, under :data:`UNMASKABLE_RULE`."""
+        if unmaskable:
+            self._audit_response_refused(flow, state, UNMASKABLE_RULE, message)
+            self._record_failure(flow, state, status=status, error=message, rule=UNMASKABLE_RULE)
+        else:
+            self._record_failure(flow, state, status=status, error=message)
 
     def _audit_response_refused(self, flow: http.HTTPFlow, state: FlowState, rule: str, problem: str) -> None:
         resp = flow.response
@@ -1614,19 +1618,14 @@ class LictorProxy:
 
     def _fail_response(self, flow: http.HTTPFlow, message: str, *, unmaskable: bool = False) -> None:
         state = flow.metadata.get(STATE)
-        rule = UNMASKABLE_RULE if unmaskable else ""
         if isinstance(state, FlowState):
-            if unmaskable:
-                self._audit_response_refused(flow, state, rule, message)
-                self._record_failure(flow, state, status=502, error=message, rule=rule)
-            else:
-                self._record_failure(flow, state, status=502, error=message)
+            self._record_refusal(flow, state, 502, message, unmaskable)
             if state.streamed:
                 self.close_client(flow)
                 return
         target = self._target(flow.client_conn)
         kubernetes = bool(target and target.kubernetes)
-        hint = UNMASKABLE_HINT if unmaskable else RETRY_HINT
+        hint, rule = (UNMASKABLE_HINT, UNMASKABLE_RULE) if unmaskable else (RETRY_HINT, "")
         answer = error(502, message, hint, kubernetes=kubernetes, rule=rule)
         flow.response = http.Response.make(502, answer.encode(), {"Content-Type": "application/json"})
         flow.metadata[ANSWERED] = True
