@@ -354,6 +354,56 @@ def test_deployer_applies_manifests_as_the_readme_says_against_the_test_server(c
     assert out.returncode == 0, out.stderr
 
 
+def test_deployer_cannot_roll_out_pods_with_the_nodes_privileges(cluster: Cluster) -> None:
+    def manifest(name: str, pod: dict[str, object]) -> str:
+        return yaml.safe_dump(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": name, "namespace": "apps", "labels": {"app": name}},
+                "spec": {
+                    "selector": {"matchLabels": {"app": name}},
+                    "template": {"metadata": {"labels": {"app": name}}, "spec": pod},
+                },
+            }
+        )
+
+    web = {"containers": [{"name": "web", "image": "nginx:1.27"}]}
+    privileged = {"containers": [{"name": "web", "image": "nginx:1.27", "securityContext": {"privileged": True}}]}
+    for verb in (["create", "--validate=false"], ["apply", "--validate=false"]):
+        out = cluster.kubectl("deployer", *verb, "-f", "-", stdin=manifest("root", privileged))
+        assert out.returncode == 1, out.stdout
+        assert "k8s-deploy-no-privileged-containers" in out.stderr and "node's privileges" in out.stderr
+    assert cluster.kube.get_object("deployments", "root", "apps") is None
+
+    out = cluster.kubectl("deployer", "apply", "--validate=false", "-f", "-", stdin=manifest("web", web))
+    assert out.returncode == 0, out.stderr
+    refused = [
+        ["patch", "deployment", "web", "-p", '{"spec":{"template":{"spec":{"hostNetwork":true}}}}'],
+        ["patch", "deployment", "web", "--type=merge", "-p", '{"spec":{"template":{"spec":{"hostPID":true}}}}'],
+        [
+            "patch", "deployment", "web", "--type=json", "-p",
+            '[{"op":"add","path":"/spec/template/spec/volumes","value":[{"name":"r","hostPath":{"path":"/"}}]}]',
+        ],
+        [
+            "patch", "deployment", "web", "--type=json", "-p",
+            '[{"op":"add","path":"/spec/template/spec/containers/0/securityContext",'
+            '"value":{"capabilities":{"add":["SYS_ADMIN"]}}}]',
+        ],
+    ]  # fmt: skip
+    for args in refused:
+        out = cluster.kubectl("deployer", *args)
+        assert out.returncode == 1 and "node's privileges" in out.stderr, (args, out.stderr)
+    out = cluster.kubectl("deployer", "set", "image", "deployment/web", "web=nginx:1.28")
+    assert out.returncode == 0, out.stderr
+    dep = cluster.kube.get_object("deployments", "web", "apps")
+    assert dep is not None
+    spec = dep["spec"]["template"]["spec"]
+    assert spec["containers"][0]["image"] == "nginx:1.28"
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("volumes")
+    assert "securityContext" not in spec["containers"][0]
+
+
 def test_deleting_a_deployment_waits_for_on_call(cluster: Cluster) -> None:
     cluster.kube.put_object(
         {

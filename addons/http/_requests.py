@@ -57,6 +57,9 @@ from ._bodies import (
     patch_sets_credential,
 )
 from ._k8s import _SUBRESOURCE_ACTIONS, K8sRequest, UnknownRequest, _decode_path, _parse_query, resolve
+from ._k8s_proto import MAGIC as PROTOBUF_MAGIC
+from ._k8s_proto import MEDIA_TYPE as PROTOBUF
+from ._k8s_proto import ProtobufUnreadable, protobuf_fields, read_object
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -1124,6 +1127,16 @@ def k8s_request(
         raise Unreadable(str(exc)) from None
     info = dataclasses.replace(info, dry_run=k8s_dry_run(info, body))
     attrs = k8s_attrs(info)
+    shown: dict[str, Any] | None = None
+    if body:
+        content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+        body_attrs = k8s_body_attrs(body, content_type)
+        if body_attrs:
+            # Approvers read the request without its body: a Secret's values, a container's environment.
+            shown = dict(attrs)
+            attrs.update(body_attrs)
+            if "body_unreadable" in body_attrs:
+                shown["body_unreadable"] = body_attrs["body_unreadable"]
     request = Request(
         protocol="kubernetes",
         action=str(attrs["verb"]),
@@ -1132,11 +1145,39 @@ def k8s_request(
         summary=k8s_summary(info),
         payload=payload(method, raw_path, body, header_attrs(headers.items()), credentials_digest(headers.items())),
         reason=reason,
+        shown_attrs=shown,
     )
     return K8sCall(info, request)
 
 
-_PROTOBUF_MAGIC = b"k8s\x00"
+def k8s_body_attrs(body: bytes, content_type: str) -> dict[str, Any]:
+    """The ``json`` attributes of a Kubernetes request body: the object a create or an update sends, the fields a
+    merge or strategic merge patch sets, what a JSON Patch puts where (as for HTTP bodies), the object of a
+    protobuf body (:mod:`._k8s_proto`, with ``json_holes`` where it may set what the gateway did not read). A
+    body the API server may read but the gateway cannot (YAML that is not JSON, protobuf of a kind without a
+    schema) is ``body_unreadable``: every restriction with ``json:`` matches it and no permission with ``json:``
+    covers it. Invalid JSON declared as JSON is :class:`Unreadable` (the API server refuses it too)."""
+    if not body:
+        return {}
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == PROTOBUF:
+        try:
+            doc, holes = read_object(body)
+        except ProtobufUnreadable as exc:
+            return {"body_unreadable": f"{media}: {exc}"}
+        if "$" in holes:
+            return {"body_unreadable": f"{media}: {doc['kind'] or 'an object'} ({doc['apiVersion']}) is not read"}
+        flattened = flatten_json(doc)
+        attrs = {"json": flattened, "json_folded": fold_paths(flattened)}
+        if holes:
+            attrs["json_holes"] = sorted(set(holes))
+        return attrs
+    flattened = json_attrs(body, content_type)
+    if flattened is None:
+        return {"body_unreadable": media or "a body without Content-Type"}
+    return {"json": flattened, "json_folded": fold_paths(flattened)}
+
+
 _RESOURCE_ATTRIBUTE_FIELDS = {
     1: "namespace",
     2: "verb",
@@ -1150,44 +1191,12 @@ _NON_RESOURCE_ATTRIBUTE_FIELDS = {1: "path", 2: "verb"}
 
 
 def _protobuf_fields(data: bytes) -> list[tuple[int, int, bytes | int]]:
-    """``(field number, wire type, value)`` of one protobuf message, bounded; :class:`Unreadable` when
-    it is not one."""
-    out: list[tuple[int, int, bytes | int]] = []
-    pos, end = 0, len(data)
-
-    def varint() -> int:
-        nonlocal pos
-        value = shift = 0
-        while True:
-            if pos >= end or shift > 63:
-                raise Unreadable("truncated protobuf varint in the access review")
-            byte = data[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value
-
-    while pos < end:
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            out.append((number, wire, varint()))
-        elif wire == 2:
-            length = varint()
-            if pos + length > end:
-                raise Unreadable("truncated protobuf field in the access review")
-            out.append((number, wire, data[pos : pos + length]))
-            pos += length
-        elif wire == 1 and pos + 8 <= end:
-            out.append((number, wire, data[pos : pos + 8]))
-            pos += 8
-        elif wire == 5 and pos + 4 <= end:
-            out.append((number, wire, data[pos : pos + 4]))
-            pos += 4
-        else:
-            raise Unreadable(f"unexpected protobuf wire type {wire} in the access review")
-    return out
+    """``(field number, wire type, value)`` of one protobuf message of an access review; :class:`Unreadable`
+    when it is not one."""
+    try:
+        return protobuf_fields(data)
+    except ProtobufUnreadable as exc:
+        raise Unreadable(f"{exc} in the access review") from None
 
 
 def _protobuf_messages(data: bytes, *numbers: int) -> list[bytes | None]:
@@ -1222,11 +1231,11 @@ def access_review_document(body: bytes, content_type: str) -> Any:
     protobuf (``application/vnd.kubernetes.protobuf``): the magic ``k8s\\0``, then a ``runtime.Unknown``
     whose ``raw`` (field 2) is the review; only its spec's attributes are read."""
     media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/vnd.kubernetes.protobuf":
+    if media != PROTOBUF:
         return loads_strict(body)
-    if not body.startswith(_PROTOBUF_MAGIC):
+    if not body.startswith(PROTOBUF_MAGIC):
         raise Unreadable("a Kubernetes protobuf body starts with k8s\\0")
-    [raw] = _protobuf_messages(body[len(_PROTOBUF_MAGIC) :], 2)
+    [raw] = _protobuf_messages(body[len(PROTOBUF_MAGIC) :], 2)
     [spec] = _protobuf_messages(raw, 2) if raw is not None else [None]
     if spec is None:
         raise Unreadable("the access review has no spec")
@@ -1353,8 +1362,10 @@ def build_http_requests(case: Mapping[str, Any], target: str) -> Sequence[Reques
 def build_k8s_requests(case: Mapping[str, Any], target: str) -> Sequence[Request]:
     """``request: {method: GET, path: /api/v1/namespaces/apps/pods}`` (``reveal: true`` asks the reveal
     question instead, as the proxy does for responses with Secret values)."""
-    body, _ = _test_body(case)
+    body, content_type = _test_body(case)
     headers = {str(k): str(v) for k, v in (case.get("headers") or {}).items()}
+    if content_type and not any(k.lower() == "content-type" for k in headers):
+        headers["Content-Type"] = content_type
     call = k8s_request(
         method=str(case.get("method", "GET")),
         raw_path=str(case.get("path", "/")),

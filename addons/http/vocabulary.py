@@ -258,6 +258,43 @@ def _programs(value: Any) -> Predicate:
     return pred
 
 
+def _under(path: str, hole: str) -> bool:
+    return path == hole or path.startswith((hole + ".", hole + "["))
+
+
+def _k8s_json(value: Any) -> Predicate:
+    """``json:`` of a Kubernetes request body, read as for HTTP. A body the gateway cannot read (YAML that is
+    not JSON, protobuf of a kind it has no schema for) may set anything: every restriction (``any``: deny,
+    approve, mask) matches it and no permission (``all``) covers it. So does a path under one of a protobuf
+    body's ``json_holes`` (a part the gateway did not read); the other paths decide as usual."""
+    matches = _mapping_of_globs("json", False, "json_folded")(value)
+    folded = {key: fold_path(key) for key in value}
+    partial: dict[frozenset[str], Predicate] = {}
+
+    def pred(request: Request, quantifier: Quantifier) -> bool:
+        attrs = request.attrs
+        if "body_unreadable" in attrs:
+            return quantifier == "any"
+        holes = attrs.get("json_holes")
+        if holes:
+            hidden = {key for key, path in folded.items() if any(_under(path, fold_path(h)) for h in holes)}
+            if hidden:
+                if quantifier == "all":
+                    return False
+                rest = frozenset(folded) - hidden
+                if not rest:
+                    return True
+                check = partial.get(rest)
+                if check is None:
+                    check = partial[rest] = _mapping_of_globs("json", False, "json_folded")(
+                        {key: value[key] for key in rest}
+                    )
+                return check(request, quantifier)
+        return matches(request, quantifier)
+
+    return pred
+
+
 @dataclass(frozen=True)
 class _Names(Glob):
     """``names:``. A resource request that names no object (a list, a watch or a deletecollection without a
@@ -377,6 +414,18 @@ K8S_VOCABULARY = Vocabulary(
                 "a create, update, patch or delete the API server runs as a dry run, nothing persisted (dryRun=All, "
                 "kubectl --dry-run=server); other requests are no dry run"
             ),
+        ),
+        Custom(
+            "json",
+            json_schema={
+                **_GLOB_MAP,
+                "description": (
+                    "JSON path ($.spec.template.spec.hostNetwork) -> value globs, in the object a create or update "
+                    "sends and the fields a patch sets (merge, strategic merge, JSON Patch); a body the gateway "
+                    "cannot read (protobuf, YAML that is not JSON) matches every deny and never an allow"
+                ),
+            },
+            compiler=_k8s_json,
         ),
         Glob("commands", attr="command", description="kubectl exec command line (space-joined)"),
         Custom(
