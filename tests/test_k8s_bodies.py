@@ -197,3 +197,18 @@ def test_approvers_read_the_request_without_its_body() -> None:
     ).request
     assert request.attrs["json"]["$.stringData.password"] == "hunter2"
     assert request.shown_attrs is not None and "hunter2" not in json.dumps(request.shown_attrs)
+
+
+def test_a_policy_test_case_says_which_json_its_body_is(tmp_path: Path) -> None:
+    # `json:` with `content_type: application/json-patch+json` was sent as application/json, so a JSON Patch
+    # in a rule pack's tests was read as a document ($[*].path ...), not as the fields it sets.
+    from lictor_addons.http._requests import build_k8s_requests
+
+    case = {
+        "method": "PATCH",
+        "path": f"{DEPLOYMENTS}/web",
+        "content_type": "application/json-patch+json",
+        "json": [{"op": "add", "path": "/spec/template/spec/hostNetwork", "value": True}],
+    }
+    [request] = build_k8s_requests(case, "cluster")
+    assert request.attrs["json"]["$.spec.template.spec.hostNetwork"] == "true"

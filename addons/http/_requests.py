@@ -1333,7 +1333,8 @@ def reveal_request(call: K8sCall) -> Request:
 
 def _test_body(case: Mapping[str, Any]) -> tuple[bytes, str]:
     if "json" in case and case["json"] is not None:
-        return json.dumps(case["json"]).encode(), "application/json"
+        # a JSON Patch or a merge patch is JSON too: content_type says which
+        return json.dumps(case["json"]).encode(), str(case.get("content_type") or "application/json")
     body = case.get("body", "")
     return (body.encode() if isinstance(body, str) else bytes(body)), str(case.get("content_type", ""))
 
