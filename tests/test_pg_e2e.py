@@ -121,7 +121,7 @@ class PgEnv:
             "app",
             *args,
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, **kw)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 60), env=env, **kw)
         if check and proc.returncode != 0:
             raise AssertionError(f"psql failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -2117,6 +2117,48 @@ def test_a_held_statement_is_withdrawn_when_its_agent_goes_away(env: PgEnv) -> N
         time.sleep(0.2)
     assert shown["status"] == "withdrawn", shown
     assert env.direct("SELECT count(*) > 0 FROM orders") == [(True,)]
+
+
+def test_a_held_statement_ends_at_the_sessions_statement_timeout(env: PgEnv) -> None:
+    # The server would end a statement that runs longer than statement_timeout; one the gateway holds for an
+    # approval has not reached it, so the gateway ends the wait then (node-postgres's `statement_timeout` is
+    # how its agents give up: it has no cancel), and withdraws the request.
+    env_cli = {**os.environ, "LICTOR_TOKEN": env.tokens["dba"]}
+    url = f"http://127.0.0.1:{env.approvals_port}"
+    started = time.monotonic()
+    proc = env.psql(
+        "writer",
+        "-c",
+        "SET statement_timeout = '1500ms'",
+        "-c",
+        "DROP TABLE orders",
+        "-c",
+        "SELECT 'still usable'",
+        env={"PGOPTIONS": "-c statement_timeout=5min"},
+        timeout=30,
+    )
+    assert time.monotonic() - started < 20
+    assert "waiting for approval" in proc.stderr
+    assert "ERROR:  lictor: canceling statement due to statement timeout" in proc.stderr, proc.stderr
+    assert "statement_timeout = 1.5s" in proc.stderr
+    assert "still usable" in proc.stdout
+    approval = proc.stderr.split("waiting for approval ", 1)[1].split(":", 1)[0]
+    shown = json.loads(lictor("approvals", "show", approval, "--json", "--url", url, env=env_cli).stdout)
+    assert shown["status"] == "withdrawn", shown
+    assert env.direct("SELECT count(*) > 0 FROM orders") == [(True,)]
+    # A timeout set with SET LOCAL in the transaction counts as well, and the server still answers the agent
+    # with its own SQLSTATE: 57014, as for a statement the server cancelled itself.
+    with env.connect("writer", autocommit=False) as conn:
+        import psycopg
+
+        conn.execute("SET LOCAL statement_timeout = 1000")
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled) as info:
+            conn.execute("TRUNCATE orders")
+        assert time.monotonic() - started < 20
+        assert "statement_timeout = 1s" in str(info.value)
+        conn.rollback()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 # -- memory ---------------------------------------------------------------------------------------

@@ -120,7 +120,8 @@ LARGE_OBJECT_FUNCTIONS = {
 # Expectation kinds: what the server owes for a message the gateway forwarded.
 _K_PARSE, _K_BIND, _K_DESC_S, _K_DESC_P, _K_EXEC, _K_CLOSE = range(6)
 _K_SYNC, _K_QUERY, _K_FCALL, _K_DENY_P, _K_DENY_Q, _K_ABORT = range(6, 12)
-_Z_KINDS = frozenset({_K_SYNC, _K_QUERY, _K_FCALL, _K_DENY_Q, _K_ABORT})
+_K_SETTING = 12  # the gateway's own SHOW of a setting (statement_timeout before a hold): answered to the gateway
+_Z_KINDS = frozenset({_K_SYNC, _K_QUERY, _K_FCALL, _K_DENY_Q, _K_ABORT, _K_SETTING})
 
 # Types whose binary representation is the text itself (text, varchar, bpchar, name, char, unknown, json,
 # xml, citext is an extension and has no fixed oid). jsonb's binary form is a version byte then the text.
@@ -929,6 +930,7 @@ class Relay:
         self._hold_kind = 0
         self._expires_at = session.identity.expires_at
         self._user_cancel = False
+        self._reading_setting = False  # a _K_SETTING is owed: its DataRow is the gateway's, not the agent's
         self._handlers: dict[int, Handler] = {
             _F_QUERY: self._on_query,
             _F_PARSE: self._on_parse,
@@ -1587,10 +1589,46 @@ class Relay:
         self._record_denial(sql, decision)
         return self._deny_simple(self._denial_error(classified, decisions, decision))
 
+    async def _statement_timeout(self) -> float | None:
+        """The session's statement_timeout in seconds (None: none), asked of the server once the statements
+        before the held one are answered: the agent's SET, SET LOCAL, set_config, options or role default, as
+        the server would apply it. None in a failed transaction (the server would refuse the statement)."""
+        await self._wait_clean()
+        if self.closed or self.status == "E":
+            return None
+        answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._reading_setting = True
+        self._push_z(_K_SETTING, answer)
+        self._up.append(pg.query("SHOW statement_timeout"))
+        self._flush_up()
+        return _timeout_seconds(await answer)
+
     async def _query_after_approval(
         self, raw: bytes, sql: str, classified: Classified, decision: Decision, decisions: list[Decision]
     ) -> bytes | None:
-        final = await self._approve(classified, decision, decisions, sql)
+        # A statement held here has not reached the server, whose statement_timeout would end it: the wait for
+        # an approval ends at the same time (node-postgres's `statement_timeout` is how its agents give up).
+        # Where the query itself changes it (`SET statement_timeout = 0; VACUUM`), the value before it is not
+        # the one the held statement would run with: the wait is not bounded (as before; cancel ends it).
+        timeout = None if _sets_statement_timeout(classified) else await self._statement_timeout()
+        if self.closed:
+            return None
+        try:
+            final = await asyncio.wait_for(self._approve(classified, decision, decisions, sql), timeout)
+        except TimeoutError:
+            if self.closed:
+                return None
+            assert timeout is not None
+            return self._deny_simple(
+                pg.error_response(
+                    "ERROR",
+                    "57014",
+                    "lictor: canceling statement due to statement timeout (it was held by the gateway for an "
+                    f"approval, which did not come within statement_timeout = {timeout:g}s)",
+                    hint="Raise statement_timeout (SET statement_timeout = 0 waits until an approver decides) "
+                    "and run it again to ask again.",
+                )
+            )
         if self.closed:
             return None
         if final.action == "allow":
@@ -2177,7 +2215,7 @@ class Relay:
         i = 0
         while i < n:
             t = types[i]
-            if t == _B_DATAROW:
+            if t == _B_DATAROW and not self._reading_setting:
                 rows = self._rows
                 if rows is None and self._exec_pending_masker:
                     rows = self._exec_masker()
@@ -2388,6 +2426,21 @@ class Relay:
         if kind == _K_ABORT:
             if t == _B_READY:
                 expect.popleft()
+                self._ready(raw)
+            return b""
+        if kind == _K_SETTING:
+            answer: asyncio.Future[str | None] = head.data
+            if t == _B_DATAROW:
+                row = pg.decode_backend(raw)
+                assert isinstance(row, pg.DataRow)
+                value = row.values[0] if row.values else None
+                if not answer.done():
+                    answer.set_result(None if value is None else bytes(value).decode("utf-8", "replace"))
+            elif t == _B_READY:
+                expect.popleft()
+                self._reading_setting = False
+                if not answer.done():
+                    answer.set_result(None)  # an error instead of a row: as if unset
                 self._ready(raw)
             return b""
         return None
@@ -2763,6 +2816,29 @@ def _param_text(types: tuple[int, ...], param_formats: tuple[int, ...], params: 
         oid = types[i] if i < len(types) else 0
         shown.append(f"${i + 1} = {_param_value(oid, fmt, value)}")
     return "-- parameters: " + ", ".join(shown)
+
+
+def _sets_statement_timeout(classified: Classified) -> bool:
+    """Whether one of the statements changes statement_timeout (SET, RESET, set_config, DISCARD ALL)."""
+    for request in classified.requests:
+        settings = request.attrs.get("settings") or ()
+        if "statement_timeout" in settings or "all" in settings:
+            return True
+    return False
+
+
+_TIME_UNITS_MS = {"": 1, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+_TIME_SETTING = re.compile(r"([0-9]+)\s*(ms|s|min|h|d)?")
+
+
+def _timeout_seconds(shown: str | None) -> float | None:
+    """A time setting as SHOW gives it (``0``, ``2500ms``, ``2s``, ``1min``) in seconds; None for 0 (no
+    timeout) or anything else."""
+    m = _TIME_SETTING.fullmatch((shown or "").strip())
+    if m is None:
+        return None
+    ms = int(m.group(1)) * _TIME_UNITS_MS[m.group(2) or ""]
+    return ms / 1000 if ms > 0 else None
 
 
 def _short(sql: str) -> str:
