@@ -590,7 +590,12 @@ def test_a_dba_makes_no_foreign_table_over_a_catalog_on_a_loopback_server(env: E
     try:
         with env.connect("dba") as conn:
             # what a human reviewed stays usable
-            conn.execute("CREATE FOREIGN TABLE procs (oid oid, proname name, pronargs int2) SERVER loopback")
+            # over a remote table that does not exist: without table_name it is public.procs, itself, and reading
+            # it opens loopback connections until the server has no slot left
+            conn.execute(
+                "CREATE FOREIGN TABLE procs (oid oid, proname name, pronargs int2) SERVER loopback "
+                "OPTIONS (table_name 'no_such_table')"
+            )
             for sql in (
                 "CREATE FOREIGN TABLE fp (oid oid, proname name, pronargs int2) SERVER loopback "
                 "OPTIONS (schema_name 'pg_catalog', table_name 'pg_proc')",
@@ -605,7 +610,7 @@ def test_a_dba_makes_no_foreign_table_over_a_catalog_on_a_loopback_server(env: E
                 with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
                     conn.execute(sql)
                 assert "pg-no-views-over-catalogs" in str(info.value.diag.message_detail), (sql, info.value)
-            with pytest.raises(psycopg.errors.Error):  # procs reads public.procs, which does not exist
+            with pytest.raises(psycopg.errors.UndefinedTable):  # procs reads public.no_such_table
                 conn.execute("UPDATE procs SET proname = 'innocent' WHERE proname = 'pg_read_file'")
         tables = env.cluster.execute("SELECT relname FROM pg_class WHERE relkind = 'f' ORDER BY 1", dbname="app")
         assert tables == [("procs",)]
