@@ -76,8 +76,49 @@ def test_flipped_byte_is_detected_by_the_checksum(tmp_path: Path) -> None:
     data[data.index(b'"value":"3"') + 9] ^= 0x01
     path.write_bytes(bytes(data))
     spool = Spool(tmp_path / "spool")
-    assert "checksum" in spool.recovery_problems[0]
-    assert [r.seq for r in spool.records()] == [1, 2, 3]  # cut at the bad record, reported
+    [problem] = spool.recovery_problems
+    assert "checksum" in problem and "record 4 is damaged and lost" in problem, problem
+    # valid records after it mean it was damaged in place, not torn: only it is lost, and reported
+    assert [r.seq for r in spool.records()] == [1, 2, 3, 5]
+    assert [p.name for p in (tmp_path / "spool" / "damaged").iterdir()] == [f"{path.name}.{spool.segments[0].size}"]
+    spool.start_segment()
+    assert spool.append(SESSION, b'{"value":"next"}') == 6
+    spool.close()
+
+
+def test_recovery_from_damage_interrupted_midway_gives_the_same_spool(tmp_path: Path) -> None:
+    spool = _spool(tmp_path / "spool")
+    for i in range(8):
+        spool.append(SESSION, b'{"value":"%d"}' % i)
+    path = spool.segments[-1].path
+    spool.close()
+    data = bytearray(path.read_bytes())
+    for value in (b"2", b"5"):  # two damaged records, each followed by valid ones
+        data[data.index(b'"value":"%s"' % value) + 9] ^= 0x01
+    path.write_bytes(bytes(data))
+    spool = Spool(tmp_path / "spool")
+    assert len(spool.recovery_problems) == 2
+    assert [r.seq for r in spool.records()] == [1, 2, 4, 5, 7, 8]
+    spool.close()
+    path.write_bytes(bytes(data))  # as if the machine stopped before the damaged segment was cut
+    spool = Spool(tmp_path / "spool")
+    assert [r.seq for r in spool.records()] == [1, 2, 4, 5, 7, 8]
+    reader = SpoolView(tmp_path / "spool")  # the drain process's view reads across the lost numbers
+    assert [r.seq for r in SpoolReader(reader, 1).read()] == [2, 4, 5, 7, 8]
+    spool.close()
+
+
+def test_bytes_before_a_segments_first_record_are_set_aside_not_the_records(tmp_path: Path) -> None:
+    spool = _spool(tmp_path / "spool")
+    for i in range(3):
+        spool.append(SESSION, b'{"value":"%d"}' % i)
+    path = spool.segments[-1].path
+    spool.close()
+    path.write_bytes(b"\0" * 40 + path.read_bytes())
+    spool = Spool(tmp_path / "spool")
+    [problem] = spool.recovery_problems
+    assert "40 bytes that are no record are damaged and lost" in problem, problem
+    assert [r.seq for r in spool.records()] == [1, 2, 3]
     spool.close()
 
 

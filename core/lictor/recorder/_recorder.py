@@ -433,8 +433,8 @@ class SessionRecorder:
                 del self._sessions[sid]
                 self.interrupted.append(sid)
         for problem in self.spool.recovery_problems:
-            # What a restart cut from the spool (a torn write, or a damaged record and those after it) was
-            # never sent to the sinks: the audit chain says so, not only the log.
+            # What a restart cut from the spool (a torn write) or found damaged in it (records lost between
+            # valid ones) may never have reached the sinks: the audit chain says so, not only the log.
             try:
                 self.audit("spool.recovered", {"spool": str(config.spool_dir), "problem": problem})
             except RecordingError as exc:

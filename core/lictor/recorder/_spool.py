@@ -27,7 +27,11 @@ Readers (the sink drainers) read only what :meth:`append` has published, from th
 descriptors. A segment is deleted only through :meth:`release`, with a sequence number that every
 sink has committed; the active segment is never deleted, so the directory always tells the next
 sequence number. On open, every segment is checked record by record; a torn tail (a write the
-machine did not finish) is cut off and reported.
+machine did not finish) is cut off and reported. A bad record followed by valid ones is not a torn
+write (only the last write can be torn) but damage in place: the valid records after it are moved to
+a segment of their own, the damaged bytes to ``damaged/``, and the numbers they held are reported
+lost (the recorder audits every recovery problem, and the session chains they belonged to show the
+gap). Nothing valid is cut.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._util import RecordingError, SpoolFull, fsync_dir
+from ._util import RecordingError, SpoolFull, fsync_dir, write_atomic
 
 __all__ = [
     "AUDIT",
@@ -76,6 +80,7 @@ MAX_BODY = 64 << 20
 OFFSETS = "offsets"
 """The spool directory's subdirectory where each sink's committed position is kept (``SINK.off``)."""
 _SUFFIX = ".seg"
+_DAMAGED = "damaged"  # the spool directory's subdirectory where recovery keeps the bytes of damaged records
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +134,8 @@ def _parse(buf: bytes, pos: int, expect_seq: int | None) -> tuple[Record, int] |
     return Record(seq, rtype, body), end
 
 
-def _scan(path: Path, first_seq: int) -> tuple[int, int, str]:
-    """(valid bytes, last seq, problem) of a segment file; problem is "" when the file is whole."""
-    data = path.read_bytes()
+def _scan(data: bytes, first_seq: int) -> tuple[int, int, str]:
+    """(valid bytes, last seq, problem) of a segment's bytes; problem is "" when they are whole."""
     pos, seq = 0, first_seq
     problem = ""
     while pos < len(data):
@@ -146,6 +150,26 @@ def _scan(path: Path, first_seq: int) -> tuple[int, int, str]:
         pos = parsed[1]
         seq += 1
     return pos, seq - 1, problem
+
+
+def _resync(data: bytes, start: int, after_seq: int) -> tuple[int, int] | None:
+    """(byte position, sequence number) of the first whole, valid record at or after ``start`` that is
+    numbered above ``after_seq``; None when there is none (what follows ``start`` is a torn tail).
+
+    A write the machine did not finish can only be the last one: valid records after a bad one mean
+    the bad one was damaged in place (a flipped bit, a bad sector), and those records are whole.
+    """
+    magic = bytes([_MAGIC])
+    pos = data.find(magic, start)
+    while pos >= 0:
+        try:
+            parsed = _parse(data, pos, None)
+        except CorruptSpool:
+            parsed = None
+        if parsed is not None and parsed[0].seq > after_seq:
+            return pos, parsed[0].seq
+        pos = data.find(magic, pos + 1)
+    return None
 
 
 class _SegmentList:
@@ -289,15 +313,41 @@ class Spool(_SegmentList):
 
     def _recover(self) -> list[Segment]:
         segments: list[Segment] = []
-        for path in sorted(self.directory.glob("*" + _SUFFIX)):
+        paths = sorted(self.directory.glob("*" + _SUFFIX))
+        index = 0
+        while index < len(paths):
+            path = paths[index]
+            index += 1
             try:
                 first = int(path.stem)
             except ValueError:
                 continue
-            size, last, problem = _scan(path, first)
+            data = path.read_bytes()
+            size, last, problem = _scan(data, first)
             if problem:
-                dropped = path.stat().st_size - size
-                message = f"spool segment {path.name}: {problem}; cut {dropped} bytes after record {last}"
+                found = _resync(data, size, last)
+                if found is None:
+                    message = f"spool segment {path.name}: {problem}; cut {len(data) - size} bytes after record {last}"
+                else:
+                    kept = self._split(path, data, size, last, found)
+                    pos, seq = found
+                    if seq == last + 1:
+                        lost = f"{pos - size} bytes that are no record are"
+                    else:
+                        lost = f"record {last + 1} is" if seq == last + 2 else f"records {last + 1} to {seq - 1} are"
+                    message = (
+                        f"spool segment {path.name}: {problem}; {lost} damaged and lost"
+                        + (f" (the {pos - size} bytes are kept in {_DAMAGED}/{path.name}.{size})" if pos > size else "")
+                        + f"; the valid records that follow, from {seq} on, are kept in {kept.name}"
+                    )
+                    if kept == path:
+                        # Bytes before the segment's first record: the segment now starts at that record.
+                        self.recovery_problems.append(message)
+                        log.error("%s", message)
+                        index -= 1
+                        continue
+                    if kept not in paths[index:]:
+                        paths.insert(index, kept)  # checked in turn: it may be damaged further on
                 self.recovery_problems.append(message)
                 log.error("%s", message)
                 with open(path, "r+b") as fh:
@@ -311,6 +361,19 @@ class Spool(_SegmentList):
                 continue
             segments.append(Segment(first, path, size, last, sealed=True))
         return segments
+
+    def _split(self, path: Path, data: bytes, size: int, last: int, found: tuple[int, int]) -> Path:
+        """Move the valid records after a damaged span of ``path`` to a segment of their own (named after
+        their first sequence number, so numbering stays in order and the damaged numbers stay unused), and
+        the damaged bytes to ``damaged/``; return the new segment. Written before ``path`` is cut: a crash
+        in between finds the same damage again and writes the same files."""
+        pos, seq = found
+        if pos > size:
+            (self.directory / _DAMAGED).mkdir(exist_ok=True)
+            write_atomic(self.directory / _DAMAGED / f"{path.name}.{size}", data[size:pos])
+        kept = self.directory / f"{seq:020d}{_SUFFIX}"
+        write_atomic(kept, data[pos:])
+        return kept
 
     # -- writing -------------------------------------------------------------------------------
 
