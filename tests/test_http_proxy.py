@@ -1011,13 +1011,26 @@ def test_request_heads_too_large_are_audited(env: Env) -> None:
     assert "answered 431" in problem, problem
 
 
-def test_plain_http_to_a_tls_listener_is_refused(env: Env) -> None:
+def test_plain_http_to_a_tls_listener_is_refused_and_audited(env: Env) -> None:
+    def refused() -> list[dict[str, Any]]:
+        out = lictor("audit", "list", "--json", "--kind", "http.refused", "--state-dir", str(env.gw.state_dir)).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    time.sleep(1)  # the audit log is a batch behind the spool
+    before = len(refused())
     with httpx.Client() as client:
         resp = client.get(
             f"http://127.0.0.1:{env.ports['customers']}/v1/customers/1",
             headers={"Authorization": f"Bearer {env.agent}"},
         )
     assert resp.status_code == 400
+    code, body = env.curl(env.url().replace("https://", "http://") + "/v1/customers/1", token=env.agent)
+    assert code == 400 and json.loads(body)["hint"] == "connect with https://"
+    # every refusal is audited: the operators learn who sent what the listener refused
+    wait_until(lambda: len(refused()) >= before + 2, 20, "the refusals' audit events")
+    events = refused()[before:]
+    assert [e["problem"] for e in events] == ["plain HTTP on a TLS listener; answered 400"] * 2, events
+    assert all(e["target"] == "customers" and e["peer"].startswith("127.0.0.1:") for e in events)
 
 
 def test_upstream_certificate_is_verified(env: Env) -> None:

@@ -717,6 +717,7 @@ class LictorProxy:
             raise RuntimeError("no target for this connection")
         k8s = target.kubernetes
         if target.tls and not flow.client_conn.tls_established:
+            self._audit_refused(flow, target, "plain HTTP on a TLS listener; answered 400")
             self._answer(flow, error(400, "this listener only accepts TLS", "connect with https://", kubernetes=k8s))
             return
         sent_method = flow.request.data.method.decode("ascii", "backslashreplace")
