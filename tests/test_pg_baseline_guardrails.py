@@ -172,3 +172,44 @@ def test_a_user_mapping_password_under_a_quoted_option_name_comes_back_masked(en
             assert password not in activity and "[REDACTED:sql_password" in activity, activity
     finally:
         env.cluster.execute("DROP SERVER quoted CASCADE", dbname="app")
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "ALTER ROLE {role} PASSWORD'{pw}'",  # no space before the quote: PostgreSQL reads it all the same
+        "ALTER ROLE {role} ENCRYPTED PASSWORD'{pw}'",
+        "ALTER ROLE {role} PASSWORD\f'{pw}'",  # any white space PostgreSQL skips
+        "ALTER ROLE {role} PASSWORD/* set by ops */'{pw}'",  # a comment between the two
+        "ALTER ROLE {role} PASSWORD -- set by ops\n '{pw}'",
+        "ALTER ROLE {role} PASSWORD E'se\\'{pw}'",  # an escaped quote inside an E'' string
+        "ALTER ROLE {role} PASSWORD U&'{pw}'",  # a Unicode-escape string
+        "ALTER ROLE {role} PASSWORD/**/$q${pw}$q$",
+        """CREATE USER MAPPING FOR postgres SERVER spelled OPTIONS ("password"'{pw}')""",
+    ],
+)
+def test_a_role_password_comes_back_masked_however_it_is_spelled(env: Env, spelling: str) -> None:
+    # The password of an idle human session's ALTER ROLE stays in pg_stat_activity as its last statement.
+    import psycopg
+
+    role = "spelled_" + os.urandom(3).hex()
+    password = "pw" + os.urandom(6).hex()
+    env.cluster.execute(f"CREATE ROLE {role}")
+    env.cluster.execute(
+        "CREATE EXTENSION IF NOT EXISTS postgres_fdw; CREATE SERVER IF NOT EXISTS spelled FOREIGN DATA WRAPPER postgres_fdw",
+        dbname="app",
+    )
+    try:
+        with psycopg.connect(
+            host=str(env.cluster.socket_dir), port=env.cluster.port, user="postgres", dbname="app", autocommit=True
+        ) as human:
+            human.execute(spelling.format(role=role, pw=password).encode())
+            with env.connect() as conn:
+                (activity,) = conn.execute(
+                    "SELECT query FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+                    (f"%{password}%",),
+                ).fetchone()
+            assert password not in activity and "[REDACTED:sql_password" in activity, activity
+    finally:
+        env.cluster.execute("DROP SERVER spelled CASCADE", dbname="app")
+        env.cluster.execute(f"DROP ROLE {role}")
