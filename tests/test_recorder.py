@@ -1032,6 +1032,41 @@ def test_verify_reports_a_signed_session_whose_decisions_an_audit_log_rolled_bac
     assert not verdict.ok
 
 
+def test_verify_reports_a_signed_session_whose_end_an_audit_log_rolled_back_lost(tmp_path: Path) -> None:
+    # An audit log put back as it was after a session's last decision (it lost only the session's end and
+    # the gateway's stop) passed both its own verify and sessions verify: nothing signed vouched for the end.
+    state = tmp_path / "state"
+    saved = tmp_path / "audit-copy.db"
+
+    async def main() -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="127.0.0.1:5555")
+        assert (await session.decide(request("echo before"))).allowed
+        assert not (await session.decide(request("rm -rf /data"))).allowed
+        assert gw.recordings.flush(5)
+        copy = sqlite3.connect(saved)
+        with contextlib.closing(sqlite3.connect(state / "audit.db")) as live:
+            live.backup(copy)
+        copy.close()
+        await session.close()
+        await gw.stop()
+        return session.id
+
+    sid = asyncio.run(main())
+    ok = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
+    assert ok.returncode == 0 and f"{sid}: OK" in ok.stdout, ok.stdout + ok.stderr
+    for suffix in ("-wal", "-shm"):
+        (state / f"audit.db{suffix}").unlink(missing_ok=True)
+    (state / "audit.db").write_bytes(saved.read_bytes())
+    assert lictor_cli("audit", "verify", "--state-dir", str(state)).returncode == 0  # its own chain is intact
+    rolled = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
+    assert rolled.returncode == 1, rolled.stdout + rolled.stderr
+    assert f"{sid}: BROKEN: the audit log does not record the end of this session" in rolled.stdout, rolled.stdout
+    manifest, _ = load_session(sid, source=state / "recordings")
+    assert manifest is not None and manifest["audited_end"] is True  # what the signed manifest vouches for
+
+
 def test_replay_and_export_say_when_the_recording_does_not_verify(tmp_path: Path) -> None:
     # A recording edited after the fact replayed and exported as if it were what the agent did, exit 0: only
     # `sessions verify`, which the auditor may not run first, said it was altered.

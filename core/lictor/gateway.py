@@ -477,8 +477,10 @@ class Gateway:
                 await self.addons.trigger("session_end", session)
             except HookError as exc:
                 log.error("%s", exc)
-        self.recorder.close(session)
+        # The audit's end first: the signed manifest that closes the recording then vouches for it (see
+        # ``audited_end`` in docs/recording.md), so an audit log rolled back to before it does not go unseen.
         self.audit_event("session.end", {**session.end_json(), **summary}, fail_closed=False)
+        self.recorder.close(session)
 
     # -- decisions ----------------------------------------------------------------------------
 

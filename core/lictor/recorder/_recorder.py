@@ -330,6 +330,7 @@ class _Live:
     last_seq: int = 0
     started_at: float = 0.0
     end_seq: int = 0  # its session.end, once written (the manifest may still be missing)
+    audited_end: bool = False  # the audit's session.end of it is in the spool (before its manifest, then)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -584,6 +585,10 @@ class SessionRecorder:
             if self._unclosed:
                 self._close_unclosed()
             seq = self._append(AUDIT, body)
+            if kind == "session.end":
+                ended = self._sessions.get(str(event.get("session")))
+                if ended is not None:
+                    ended.audited_end = True
             live = self._sessions.get(sid) if isinstance(sid, str) else None
             if live is not None:
                 assert isinstance(sid, str)
@@ -674,6 +679,11 @@ class SessionRecorder:
             "interrupted": interrupted,
             "spool": {"gateway": self.spool.gateway_id, "first": live.first_seq, "last": end_seq},
         }
+        if live.audited_end:
+            # The audit log holds this session's end (it reached the spool first): an audit log rolled back to
+            # before it, which its own chain cannot show, does not pass `sessions verify` (a session whose end
+            # could not be audited then, on a full disk or after a crash, is signed without the promise).
+            manifest["audited_end"] = True
         return self.spool.append(MANIFEST, canonical(self.key.sign(manifest)), reserve=True)
 
     def _strict_for(self, session: Session) -> bool:

@@ -420,6 +420,23 @@ def verify(
                     None,
                     f"{missing}: it was rolled back or truncated (lictor audit verify cannot see that on its own)",
                 )
+        if (
+            verdict.ok
+            and verdict.signed
+            and audited is not None
+            and isinstance(manifest, dict)
+            and (manifest.get("manifest") or {}).get("audited_end") is True
+            and sid not in audited.ended
+        ):
+            verdict = SessionVerdict(
+                sid,
+                False,
+                verdict.events,
+                verdict.signed,
+                None,
+                "the audit log does not record the end of this session, which the signed manifest says it holds: "
+                "it was rolled back or truncated (lictor audit verify cannot see that on its own)",
+            )
         verdicts.append(verdict)
     return verdicts
 
