@@ -777,6 +777,10 @@ def test_a_record_damaged_in_the_spool_loses_only_itself(tmp_path: Path, moto_s3
     [problem] = [e["problem"] for e in AuditLog(gateway.state_dir / "audit.db").events(kind="spool.recovered")]
     assert "checksum mismatch" in problem and "damaged and lost" in problem, problem
     assert len(list((gateway.state_dir / "spool" / "damaged").iterdir())) == 1  # kept for a look
-    # the loss is not silent: the session's chain in the sink shows the missing event
+    # the loss is not silent: the audit log's verification names it, and the session's chain in the sink
+    # shows the missing event
+    audit_verified = lictor("audit", "verify", "--state-dir", str(gateway.state_dir))
+    assert "chain intact" in audit_verified.stdout and "WARNING: event" in audit_verified.stdout
+    assert "spool.recovered" in audit_verified.stdout and "damaged and lost" in audit_verified.stdout
     verified = lictor("sessions", "verify", "--all", "-c", str(gateway.config_path), "--source", "s3", check=False)
     assert verified.returncode == 1 and "BROKEN" in verified.stdout, verified.stdout
