@@ -686,9 +686,18 @@ def test_masked_json_numbers_leave_the_body_valid_json(env: Env) -> None:
 
 
 def test_requests_without_a_valid_token_are_401_and_never_forwarded(env: Env) -> None:
+    def refused() -> list[dict[str, Any]]:
+        out = lictor("audit", "list", "--json", "--kind", "http.refused", "--state-dir", str(env.gw.state_dir)).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    time.sleep(1)  # the audit log is a batch behind the spool
+    audited = len(refused())
     before = len(env.api.seen())
     code, body = env.curl(env.url() + "/v1/customers/1")
     assert code == 401 and json.loads(body)["error"] == "unauthorized"
+    # a request without any token is refused, and audited as every refusal is
+    wait_until(lambda: len(refused()) > audited, 20, "the refusal's audit event")
+    assert [e["problem"] for e in refused()[audited:]] == ["no bearer token; answered 401"]
     code, body = env.curl(env.url() + "/v1/customers/1", token=env.agent[:-4] + "AAAA")
     assert code == 401 and "token rejected" in json.loads(body)["message"]
     code, body = env.curl(env.url() + "/v1/customers/1", "-u", "agent:password")

@@ -755,6 +755,8 @@ class LictorProxy:
             self._answer(flow, error(401, str(exc), "send Authorization: Bearer <token>", kubernetes=k8s))
             return
         if token is None:
+            # No credentials at all: not a failed authentication (auth.failed), but a refusal all the same.
+            self._audit_refused(flow, target, "no bearer token; answered 401")
             self._answer(
                 flow,
                 error(
