@@ -196,6 +196,10 @@ async def test_failure_while_deciding_answers_500_and_forwards_nothing(
     assert resp.status_code == 500
     assert resp.json()["rule"] == "lictor:addon-error"
     assert upstream.requests == []
+    # the refusal is audited: the allow decision before it is not what happened to the request
+    [refused] = [e for e in gw.audit.events(kind="http.refused")]
+    assert refused["problem"] == "internal error in the gateway while checking this request; answered 500"
+    assert refused["target"] == "api"
 
 
 async def test_failure_of_the_failure_path_is_caught_by_the_gate(

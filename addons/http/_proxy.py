@@ -397,8 +397,10 @@ class LictorProxy:
         flow.response = http.Response.make(answer.status, answer.encode(), headers)
 
     def _internal_error(self, flow: http.HTTPFlow, where: str) -> None:
-        """Fail closed from anywhere in request handling: answer 500, or kill if even that fails."""
+        """Fail closed from anywhere in request handling: answer 500, or kill if even that fails; audited."""
         flow.metadata[ALLOWED] = False
+        target: HttpTarget | None = None
+        outcome = "answered 500"
         try:
             target = self._target(flow.client_conn)
             kubernetes = bool(target and target.kubernetes)
@@ -414,8 +416,14 @@ class LictorProxy:
             )
         except Exception:
             log.exception("cannot even answer the failed flow; killing it")
+            outcome = "connection closed"
             if flow.killable:
                 flow.kill()
+        try:
+            # Whatever was decided before the failure (an allow, even), this is what happened to the request.
+            self._audit_refused(flow, target, f"internal error in the gateway while {where}; {outcome}")
+        except Exception:
+            log.exception("could not audit the failed flow")
 
     def _final_answer_and_close(self, flow: http.HTTPFlow, answer: Answer) -> None:
         """Write ``answer`` straight to the agent's connection and close it (after mitmproxy gave up on
