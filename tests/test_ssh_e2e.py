@@ -133,6 +133,12 @@ def _pack(work: Path) -> dict[str, Any]:
                         "action": "allow",
                     },
                     {
+                        "id": "op-rsync-transfers",
+                        "protocol": "ssh",
+                        "when": {"channels": ["rsync"], "paths": [str(work), f"{work}/*"]},
+                        "action": "allow",
+                    },
+                    {
                         "id": "op-frozen",
                         "protocol": "ssh",
                         "when": {"channels": ["sftp"], "operations": ["write"], "paths": [f"{work}/frozen*"]},
@@ -171,6 +177,12 @@ def _pack(work: Path) -> dict[str, Any]:
                         "action": "allow",
                     },
                     {
+                        "id": "admin-transfers",
+                        "protocol": "ssh",
+                        "when": {"channels": ["git", "rsync"]},
+                        "action": "allow",
+                    },
+                    {
                         "id": "admin-forward",
                         "protocol": "ssh",
                         "when": {"channels": ["port_forward"], "destinations": ["127.0.0.1:*"]},
@@ -198,7 +210,14 @@ def _pack(work: Path) -> dict[str, Any]:
                         "when": {"channels": ["exec", "shell_line", "shell", "sftp"]},
                         "action": "mask",
                         "mask": {"detectors": ["card"], "style": "redact"},
-                    }
+                    },
+                    {
+                        "id": "mask-rsync",
+                        "protocol": "ssh",
+                        "when": {"channels": ["rsync"]},
+                        "action": "mask",
+                        "mask": {"detectors": ["card"], "style": "redact"},
+                    },
                 ]
             },
         },
@@ -1902,9 +1921,10 @@ def test_rsync_over_ssh_for_a_role_allowed_rsync(env: Env) -> None:
         )
     finally:
         env.direct(f"rm -f {env.work}/rsync_up.bin")
-    # A daemon started the same way: its -e is decided on the programs it names.
+    # A daemon started the same way serves the modules of a configuration, whose paths cannot be decided.
     daemon = env.ssh("operator", "rsync --server --daemon -e 'no-such-tool /tmp/x' .")
-    _assert_denied(daemon, "lictor:default-deny")
+    _assert_denied(daemon, "lictor:ssh-unparsable")
+    assert b"daemon" in daemon.stderr, daemon.stderr
 
 
 def test_an_rsync_daemon_with_a_configuration_of_the_agents_choosing_is_denied(env: Env) -> None:
@@ -1936,7 +1956,8 @@ def test_an_rsync_daemon_with_a_configuration_of_the_agents_choosing_is_denied(e
 
 def test_git_clone_and_push_over_ssh(env: Env) -> None:
     # Agents use git over SSH: the far end is `git-upload-pack '/path'` (fetch) and `git-receive-pack` (push),
-    # each an exec request decided on its program, with a binary pack protocol on stdin and stdout.
+    # each an exec request decided as the file transfer it is (channel git), with a binary pack protocol on stdin
+    # and stdout.
     git = require_binary("git")
     repo = f"{env.work}/repo.git"
     seeded = env.direct(
@@ -1966,10 +1987,23 @@ def test_git_clone_and_push_over_ssh(env: Env) -> None:
         assert pushed.returncode == 0, _err(pushed)
         log = env.direct(f"git --git-dir={repo} log --format=%s main")
         assert log.stdout.split() == [b"agent", b"seed"], log
-        # a role whose rules do not allow git-upload-pack: refused, and git says why
+        # a role without a git rule: refused, and git says why
         refused = run("observer", "clone", "-q", url, str(env.tmp / "git_refused"))
         assert refused.returncode != 0
-        assert "lictor: denied" in _err(refused) and "git-upload-pack" in _err(refused), _err(refused)
+        assert f"lictor: denied git read of {repo} by rule lictor:default-deny" in _err(refused), _err(refused)
+        # a role whose transfers would be masked: an rsync stream cannot be, so it is refused, and says where to look
+        masked = subprocess.run(
+            [require_binary("rsync"), "-e", transport, env.client.remote(f"{repo}/HEAD"), str(env.tmp / "HEAD")],
+            capture_output=True,
+            env=env.client.env(env.gw.token("agent-masked-admin", role="admin", mask="yes")),
+            timeout=60,
+            check=False,
+            start_new_session=True,
+        )
+        assert masked.returncode != 0
+        assert f"lictor: denied rsync read of {repo}/HEAD: its content would be masked (rule mask-rsync)" in _err(
+            masked
+        ), _err(masked)
     finally:
         shutil.rmtree(clone, ignore_errors=True)
         env.direct(f"rm -rf {repo} {env.work}/seed")
@@ -2420,9 +2454,9 @@ def test_a_program_waiting_for_the_agents_answer_gets_it_through_masked_output(e
     finally:
         split.stdin.close()
         split.wait(timeout=15)
+    # git's far end is a file transfer (channel git), which the mask rule does not cover: the clone is unmasked.
     git = require_binary("git")
     repo = f"{env.work}/masked_repo.git"
-    # a fixed commit: a random one's hash may hold digits that pass for a card number, which masking changes
     seeded = env.direct(
         f"git init -q --bare {repo} && git init -q {env.work}/masked_seed && cd {env.work}/masked_seed && "
         "GIT_AUTHOR_DATE='2020-01-01T00:00:00Z' GIT_COMMITTER_DATE='2020-01-01T00:00:00Z' "

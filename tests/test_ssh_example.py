@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import time
@@ -251,6 +252,63 @@ def test_only_admin_copies_files_and_the_readme_says_so(running: Running, tmp_pa
     assert b"admin_upload.txt" in listed.stdout, (listed.stdout, listed.stderr)
     device = running.client.sftp(running.token("admin"), f"put {local} /dev/sda\n")
     assert b"lictor: denied sftp write of /dev/sda by rule guard-device-files" in device.stderr, device.stderr
+
+
+def _transfer_client(running: Running, role: str) -> dict[str, str]:
+    env = running.client.env(running.token(role))
+    env["GIT_SSH_COMMAND"] = shlex.join(["ssh", *running.client.options(), "-p", str(running.client.port)])
+    return env
+
+
+def test_git_and_rsync_are_file_transfers_admin_gets_whole_and_others_are_refused(
+    running: Running, tmp_path: Path
+) -> None:
+    # git's and rsync's far ends speak binary protocols over exec. Masked like command output, a ref name or hash
+    # with a Luhn-valid digit run broke `git clone`, and a file with a card number hung an rsync pull: they are
+    # file transfers, decided and relayed like scp and sftp (the README's table says who may).
+    require_binary("git")
+    require_binary("rsync")
+    work = running.sshd.work
+    repo, card = work / "cards.git", work / "cards.txt"
+    made = running.sshd.run(
+        f"git init -q {repo} && cd {repo} && echo data > f && git add f && "
+        "git -c user.name=a -c user.email=a@b commit -qm first && git branch 4111111111111111 && "
+        f"printf 'card 4111 1111 1111 1111\\n' > {card}"
+    )
+    assert made.returncode == 0, made.stderr
+    url = f"ssh://agent@{running.client.host}:{running.client.port}{repo}"
+    env = _transfer_client(running, "admin")
+    clone = tmp_path / "clone"
+    cloned = subprocess.run(["git", "clone", "-q", url, str(clone)], env=env, capture_output=True, timeout=60)
+    assert cloned.returncode == 0, cloned.stderr
+    branches = subprocess.run(["git", "-C", str(clone), "branch", "-r"], capture_output=True, text=True).stdout
+    assert "origin/4111111111111111" in branches, branches
+    pushed = subprocess.run(
+        f"git -C {clone} -c user.name=a -c user.email=a@b commit -q --allow-empty -m second && "
+        f"git -C {clone} push -q origin HEAD:refs/heads/pushed",
+        shell=True, env=env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr
+    copy = tmp_path / "cards.txt"
+    pulled = subprocess.run(
+        ["rsync", "-e", env["GIT_SSH_COMMAND"], running.client.remote(card), str(copy)],
+        env=env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert pulled.returncode == 0, pulled.stderr
+    assert copy.read_bytes() == b"card 4111 1111 1111 1111\n"
+    for role in ("observer", "operator"):
+        env = _transfer_client(running, role)
+        refused = subprocess.run(
+            ["git", "clone", "-q", url, str(tmp_path / role)], env=env, capture_output=True, timeout=60
+        )
+        assert refused.returncode != 0
+        assert f"lictor: denied git read of {repo} by rule lictor:default-deny".encode() in refused.stderr
+        refused = subprocess.run(
+            ["rsync", "-e", env["GIT_SSH_COMMAND"], running.client.remote(card), str(tmp_path / f"{role}.txt")],
+            env=env, capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode != 0
+        assert f"lictor: denied rsync read of {card} by rule lictor:default-deny".encode() in refused.stderr
 
 
 def _admin_line_shell_attempt(

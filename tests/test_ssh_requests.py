@@ -206,3 +206,71 @@ def test_the_line_shells_process_id_is_read_only_before_its_first_prompt() -> No
     assert (late.pid, late.done) == (None, True)
     other = ShellHello("ab12", mark)
     assert other.feed(b"\x1b]7374;cd34;7\x07\x1b[1m") == b"\x1b]7374;cd34;7\x07\x1b[1m" and other.pid is None
+
+
+@pytest.mark.parametrize(
+    ("command", "channel", "operation", "paths"),
+    [
+        ("git-upload-pack '/srv/git/app.git'", "git", "read", ["/srv/git/app.git"]),
+        ("git-upload-archive '/srv/git//app.git/'", "git", "read", ["/srv/git/app.git"]),
+        ("git-receive-pack 'app.git'", "git", "write", ["app.git"]),
+        ("git receive-pack '~/app.git'", "git", "write", ["~/app.git"]),
+        ("rsync --server --sender -logDtpre.iLsfxCIvu . /var/log/syslog /etc/hostname", "rsync", "read",
+         ["/var/log/syslog", "/etc/hostname"]),
+        ("rsync --server -e.LsfxCIvu . /srv/app/", "rsync", "write", ["/srv/app"]),
+        ("rsync --server -logDtpre.iLsfxCIvu --delete --partial-dir .p --backup-dir /srv/old . /srv/app/", "rsync",
+         ["write", "remove"], ["/srv/app", "/srv/app/.p", "/srv/old"]),
+        ("rsync --server --sender -vlogDtprze.iLsfxCIvu --remove-source-files . /srv/out", "rsync", ["read", "remove"],
+         ["/srv/out"]),
+    ],
+)  # fmt: skip
+def test_git_and_rsync_servers_are_decided_as_file_transfers(
+    command: str, channel: str, operation: object, paths: list[str]
+) -> None:
+    # Their output is a binary protocol: masking it broke `git clone` (a Luhn-valid digit run in a ref or a
+    # hash) and hung rsync. They are the file transfers sftp and scp are, and are decided as such.
+    [attrs] = _attrs(command)
+    assert attrs == {"channel": channel, "operation": operation, "paths": paths}
+
+
+@pytest.mark.parametrize(
+    ("command", "why"),
+    [
+        ("cd /srv && git-upload-pack app.git", "whole command line"),
+        ("sudo rsync --server --sender -e.LsfxCIvu . /etc/shadow", "whole command line"),
+        ("git-upload-pack /srv/*.git", "only known at run time"),
+        ("/tmp/planted/git-upload-pack /srv/app.git", "run by its name"),
+        ("./rsync --server --sender -e.LsfxCIvu . /srv/app", "run by its name"),
+        ("git-upload-pack $HOME/app.git", "only known at run time"),
+        ("git-upload-pack ~root/app.git", "only known at run time"),
+        ("git-upload-pack --timeout=1 a b", "no other argument"),
+        ("rsync --server --sender -Le.LsfxCIvu . /srv/app", "--copy-links"),
+        ("rsync --server -se.LsfxCIvu .", "--secluded-args"),
+        ("rsync --server --log-file=/etc/cron.d/x -e.LsfxCIvu . /srv/app", "--log-file"),
+        ("rsync --server --files-from=/etc/list -e.LsfxCIvu . /srv/app", "--files-from"),
+        ("rsync --server --suffix=/../../x -be.LsfxCIvu . /srv/app", "--suffix"),
+        ("rsync --server --daemon .", "--daemon"),
+        ("rsync --server -e.LsfxCIvu", "`.`"),
+    ],
+)
+def test_transfers_the_gateway_cannot_see_whole_are_refused(command: str, why: str) -> None:
+    [attrs] = _attrs(command)
+    assert attrs["channel"] == "exec" and why in str(attrs["parse_error"]), attrs
+
+
+def test_a_transfer_is_allowed_by_a_transfer_rule_only() -> None:
+    policy = testing.policy(
+        PACK.replace(
+            "  everything:",
+            "      - {id: files, protocol: ssh, when: {channels: [git], paths: ['/srv/*'], operations: [read]},"
+            " action: allow}\n  everything:",
+        ),
+        vocabularies=[VOCABULARY],
+    )
+    reader = testing.identity("r", role="reader")
+    [clone] = requests_for_command("git-upload-pack '/srv/app.git'", target="web")
+    [push] = requests_for_command("git-receive-pack '/srv/app.git'", target="web")
+    assert policy.decide(reader, clone).action == "allow"
+    denied = policy.decide(reader, push)
+    assert denied.action == "deny"
+    assert "denied git write of /srv/app.git by rule lictor:default-deny" in denial_text(push, denied)

@@ -56,14 +56,22 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 from lictor import Decision, Request, Session, agent_reason, combine
-from lictor.shell import ShellState
+from lictor.shell import ShellState, analyse
 
 from ._exec import shown, undecodable
 from ._lineedit import Echo, Eof, Line, LineEditor, Signal
 from ._record import StreamRecord
 from ._refused import refused_forwarding
-from ._requests import channel_request, denial_text, first_denied, requests_for_command
-from ._sftp import is_scp_server, run_scp_server
+from ._requests import (
+    TRANSFER_CHANNELS,
+    channel_request,
+    denial_text,
+    first_denied,
+    requests_for_command,
+    transfer_of,
+    transfer_request,
+)
+from ._sftp import is_scp_server, run_scp_server, transfer_paths
 from ._upstream import Lease, UpstreamError
 
 if TYPE_CHECKING:
@@ -495,6 +503,9 @@ class ChannelHandler:
         requests = requests_for_command(
             command, target=self.target, channel="exec", interactive=self.pty and not self.cooked, reason=self.reason
         )
+        if requests[0].attrs.get("channel") in TRANSFER_CHANNELS:
+            await self._transfer(command)
+            return
         decision, deciding = await self._decide(requests)
         self._record_decision(decision)
         if decision.action != "allow":
@@ -502,6 +513,48 @@ class ChannelHandler:
             self._exit(DENIED_STATUS)
             return
         self._plan = self.agent.session_mask_plan(decision)
+        if not await self._open_upstream(command, raw=True):
+            return
+        await self._join(line_mode=False)
+
+    async def _transfer(self, command: str) -> None:
+        """git's and rsync's far ends: decided as the file transfers they are (their paths resolved as sftp
+        resolves them), then relayed as they are. Their binary protocols cannot be masked: masking changes
+        lengths (a git pack or an rsync stream breaks or hangs), so a decision that would mask is refused."""
+        transfer = transfer_of(analyse(command).invocations)
+        assert transfer is not None
+        try:
+            lease = await self.agent.pool.acquire()
+            try:
+                paths = await transfer_paths(lease, transfer.paths)
+            finally:
+                lease.release()
+        except UpstreamError as exc:
+            await self._write_err(f"lictor: {exc}\n")
+            self._exit(UNREACHABLE_STATUS)
+            return
+        except (OSError, asyncssh.Error) as exc:
+            log.error("ssh target %s: resolving the paths of a transfer failed: %s", self.target, exc)
+            await self._write_err("lictor: the target refused the channel; retry later\n")
+            self._exit(UNREACHABLE_STATUS)
+            return
+        request = transfer_request(transfer, paths, command, target=self.target, reason=self.reason)
+        decision, _ = await self._decide([request])
+        self._record_decision(decision)
+        if decision.action != "allow":
+            await self._write_err(denial_text(request, decision) + "\n")
+            self._exit(DENIED_STATUS)
+            return
+        if decision.masks:
+            self.record("transfer.masked_refused", {"channel": self.number, "paths": paths})
+            await self._write_err(
+                f"lictor: denied {transfer.channel} {'+'.join(transfer.operations)} of {', '.join(paths)[:300]}: its "
+                f"content would be masked (rule {', '.join(decision.mask_rule_ids)}) and file transfers cannot be "
+                "masked; read such files with `cat` over an exec request instead, where output is masked\n"
+            )
+            self._exit(DENIED_STATUS)
+            return
+        self._plan = None  # relayed as is, recorded by size and hash
         if not await self._open_upstream(command, raw=True):
             return
         await self._join(line_mode=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import posixpath
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from lictor import Decision, Request, combine
 from lictor.shell import MAX_COMMAND_BYTES, Invocation, ShellParseError, ShellState, analyse
@@ -21,18 +22,25 @@ from ._exec import shown, undecodable
 
 __all__ = [
     "NOT_WRAPPED",
+    "TRANSFER_CHANNELS",
     "UNPARSABLE_RULE",
+    "Transfer",
     "channel_request",
     "denial_text",
     "first_denied",
     "forward_request",
+    "home_paths",
     "invocation_attrs",
     "requests_for_command",
     "sftp_request",
     "socket_forward_request",
+    "transfer_of",
+    "transfer_request",
 ]
 
 UNPARSABLE_RULE = "lictor:ssh-unparsable"
+TRANSFER_CHANNELS = ("git", "rsync")
+"""Channels of the file transfer programs an exec request may start (see :func:`transfer_of`)."""
 
 NOT_WRAPPED = frozenset({"pipeline", "subshell"})
 """``via`` values that do not count as "started by another program" for ``via_wrapper``: a program in
@@ -140,6 +148,7 @@ def requests_for_command(
                 "of input inside the line"
             )
         analysis = analyse(command, interactive=interactive, line=line, state=state)
+        transfer = transfer_of(analysis.invocations) if channel == "exec" else None
     except ShellParseError as exc:
         return [
             Request(
@@ -152,6 +161,9 @@ def requests_for_command(
                 reason=reason,
             )
         ]
+    if transfer is not None:
+        paths = [home_paths([p], "/")[0] if p.startswith("/") else p for p in transfer.paths]
+        return [transfer_request(transfer, paths, command, target=target, reason=reason)]
     invocations = analysis.invocations
     if not invocations:
         return [
@@ -239,6 +251,188 @@ def sftp_request(
     )
 
 
+# -- file transfer programs run over exec ------------------------------------------------------
+
+GIT_TRANSFERS = {"upload-pack": "read", "upload-archive": "read", "receive-pack": "write"}
+"""The far ends of ``git clone``/``fetch``/``archive --remote`` and ``git push`` over ssh, and what they do
+to the repository named."""
+
+_RSYNC_LETTERS = frozenset("vqbunlWHdrRxSOJUNmpEAXogDtczIyi")
+"""Letters of the option bundle an rsync client sends its server (``-logDtpre.iLsfxCIvu``) that change
+neither which files are touched nor where: the rest of the bundle after ``e`` is the client's capabilities."""
+_RSYNC_LINK_LETTERS = {"L": "--copy-links", "k": "--copy-dirlinks", "K": "--keep-dirlinks"}
+_RSYNC_FLAGS = frozenset(
+    {
+        "--server", "--sender", "--force", "--ignore-errors", "--delay-updates", "--numeric-ids", "--inplace",
+        "--append", "--append-verify", "--size-only", "--no-implied-dirs", "--safe-links", "--munge-links",
+        "--fake-super", "--mkpath", "--ignore-missing-args", "--existing", "--ignore-existing",
+        "--ignore-non-existing", "--fsync", "--open-noatime", "--preallocate", "--super", "--no-super", "--qsort",
+        "--old-args", "--delete", "--delete-before", "--delete-during", "--delete-delay", "--delete-after",
+        "--delete-excluded", "--delete-missing-args", "--remove-source-files",
+    }
+)  # fmt: skip
+"""Long options an rsync client sends its server that take no value and touch no other file."""
+_RSYNC_VALUES = frozenset(
+    {
+        "--bwlimit", "--max-delete", "--min-size", "--max-size", "--timeout", "--suffix", "--usermap", "--groupmap",
+        "--chmod", "--checksum-choice", "--compress-choice", "--compress-level", "--info", "--debug", "--max-alloc",
+        "--modify-window", "--stop-at", "--stop-after", "--checksum-seed", "--iconv", "--block-size",
+    }
+)  # fmt: skip
+"""Long options with a value (``--name=value``) that names no file."""
+_RSYNC_DIRS = frozenset({"--backup-dir", "--partial-dir", "--temp-dir", "--link-dest", "--copy-dest", "--compare-dest"})
+"""Long options naming a directory the server reads or writes (``--name DIR`` or ``--name=DIR``); a relative one is
+inside the destination."""
+_UNKNOWN_AT_RUN_TIME = re.compile(r"[$`*?\[{]")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A file transfer program run as the whole command line: ``git-upload-pack 'repo'`` or ``rsync --server``."""
+
+    channel: str
+    """``git`` or ``rsync``."""
+    operations: tuple[str, ...]
+    """``read`` (the agent gets files), ``write`` (it sends them), and ``remove`` for rsync's deletes."""
+    paths: tuple[str, ...]
+    """As written: absolute, relative to the account's home, or ``~/...``."""
+
+
+def transfer_of(invocations: Sequence[Invocation]) -> Transfer | None:
+    """The file transfer an exec request starts, or None for an ordinary command line.
+
+    Such a program speaks a binary protocol to the agent, whose output cannot be masked or inspected: it is
+    decided as the file transfer it is (channel ``git`` or ``rsync``, ``operation``, ``paths``), like sftp and
+    scp. Raises :class:`ShellParseError` when it is not the whole command line, or names what it touches in a
+    way the gateway cannot see (a wildcard or an expansion, rsync's ``-s``, ``--files-from``, ``--log-file``,
+    an option it does not know)."""
+    found = [inv for inv in invocations if _transfer_program(inv) is not None]
+    if not found:
+        return None
+    inv = found[0]
+    program = _transfer_program(inv)
+    if inv.name == "rsync" and "--daemon" in inv.args:
+        raise ShellParseError(
+            "rsync --server --daemon serves the modules of a configuration file, whose paths the gateway cannot "
+            "see; copy with `rsync -e ssh HOST:PATH` instead"
+        )
+    if len(invocations) > 1 or inv.via is not None or inv.redirects or inv.assignments:
+        raise ShellParseError(
+            f"{program} speaks a file transfer protocol to the agent, and is only run as the whole command line "
+            "(as git and rsync send it)"
+        )
+    if inv.program != inv.name:  # a transfer rule allows the transfer, not whatever program bears its name
+        raise ShellParseError(
+            f"{program} is run by its name (found through the target's PATH), not as {_cut(inv.program, 100)!r}"
+        )
+    if inv.name == "rsync":
+        return _rsync_transfer(inv.args)
+    args = list(inv.args[1:] if inv.name == "git" else inv.args)
+    sub = inv.args[0] if inv.name == "git" else inv.name.removeprefix("git-")
+    options = [a for a in args if a.startswith("-")]
+    paths = [a for a in args if not a.startswith("-")]
+    if len(paths) != 1 or any(o not in ("--strict", "--stateless-rpc", "--advertise-refs") for o in options):
+        raise ShellParseError(f"{program} takes the repository's path and no other argument through the gateway")
+    return Transfer("git", (GIT_TRANSFERS[sub],), (_transfer_path(program, paths[0]),))
+
+
+def _transfer_program(inv: Invocation) -> str | None:
+    if inv.name in ("git-upload-pack", "git-upload-archive", "git-receive-pack"):
+        return inv.name
+    if inv.name == "git" and inv.args and inv.args[0] in GIT_TRANSFERS:
+        return f"git {inv.args[0]}"
+    if inv.name == "rsync" and "--server" in inv.args:
+        return "rsync --server"
+    return None
+
+
+def _transfer_path(program: str, path: str) -> str:
+    if _UNKNOWN_AT_RUN_TIME.search(path) or (path.startswith("~") and not re.match(r"~(/|$)", path)):
+        raise ShellParseError(
+            f"{program} would be given {_cut(path, 100)!r}, whose files are only known at run time; name them "
+            "plainly (no wildcards, variables or ~user)"
+        )
+    return path
+
+
+def _rsync_transfer(args: Sequence[str]) -> Transfer:
+    program = "rsync --server"
+    refused = "makes rsync touch files other than the ones named, or hides them from the gateway"
+    sender, removes = False, False
+    dirs: list[str] = []
+    rest = list(args)
+    while rest and rest[0] != ".":
+        arg = rest.pop(0)
+        name, has_value, value = arg.partition("=")
+        if arg == "--sender":
+            sender = True
+        elif arg in _RSYNC_FLAGS:
+            removes = removes or arg.startswith(("--delete", "--remove"))
+        elif name in _RSYNC_VALUES and has_value and "/" not in value:
+            pass
+        elif name in _RSYNC_DIRS:
+            if not has_value:
+                if not rest or rest[0] == ".":
+                    raise ShellParseError(f"{program}: {arg} without its directory")
+                value = rest.pop(0)
+            dirs.append(_transfer_path(program, value))
+        elif re.fullmatch(r"-[A-Za-z][.A-Za-z]*", arg):
+            letters = arg[1:].partition("e")[0]
+            for letter in letters:
+                if letter in _RSYNC_LINK_LETTERS:
+                    raise ShellParseError(
+                        f"{program}: {_RSYNC_LINK_LETTERS[letter]} (-{letter}) follows links out of the files "
+                        "named; copy without it"
+                    )
+                if letter == "s":
+                    raise ShellParseError(
+                        f"{program}: -s (--secluded-args) sends the file names inside the transfer, where the "
+                        "gateway cannot see them; copy without it"
+                    )
+                if letter not in _RSYNC_LETTERS:
+                    raise ShellParseError(f"{program}: the option -{letter} {refused}, or is unknown to the gateway")
+        else:
+            raise ShellParseError(f"{program}: the option {_cut(arg, 100)} {refused}, or is unknown to the gateway")
+    if not rest:
+        raise ShellParseError(f"{program} without the `.` that comes before the files it is given")
+    paths = [_transfer_path(program, p) for p in rest[1:]]
+    if not paths:
+        raise ShellParseError(f"{program} names no file")
+    if dirs:  # relative: inside the destination (the receiver's first path)
+        base = paths[0] if paths[0].endswith("/") else posixpath.dirname(paths[0]) or "."
+        paths += [d if d.startswith(("/", "~")) else posixpath.join(base, d) for d in dirs]
+    operations = ("read",) if sender else ("write",)
+    return Transfer("rsync", operations + (("remove",) if removes else ()), tuple(paths))
+
+
+def transfer_request(
+    transfer: Transfer, paths: Sequence[str], command: str, *, target: str, reason: str | None = None
+) -> Request:
+    """The request of a file transfer run over exec, with its ``paths`` absolute and normalised."""
+    operation: str | list[str] = transfer.operations[0] if len(transfer.operations) == 1 else list(transfer.operations)
+    what = "+".join(transfer.operations)
+    shown_paths = ", ".join(paths)
+    return Request(
+        protocol="ssh",
+        action=transfer.channel,
+        attrs={"channel": transfer.channel, "operation": operation, "paths": list(paths)},
+        target=target,
+        summary=f"{transfer.channel} {what} {_cut(shown_paths)}",
+        payload=f"{command}\n{transfer.channel} {what} " + "\x00".join(paths),
+        reason=reason,
+    )
+
+
+def home_paths(paths: Sequence[str], home: str) -> list[str]:
+    """``paths`` as written by an agent, made absolute against the account's ``home`` and normalised."""
+    out = []
+    for path in paths:
+        path = home + path[1:] if path == "~" or path.startswith("~/") else path
+        joined = posixpath.normpath(posixpath.join(home, path))
+        out.append("/" + joined.lstrip("/"))
+    return out
+
+
 def first_denied(requests: Sequence[Request], decisions: Sequence[Decision]) -> tuple[Request, Decision]:
     """The request that decided a combined decision (the first deny by a rule, else the first deny,
     else the first approve), as :func:`lictor.combine` chooses it."""
@@ -275,7 +469,9 @@ def _what(request: Request) -> str:
         # the agent's text: shown cut, the message must fit a packet
         return f"{kind} forwarding ({attrs.get('direction', 'local')}) to {_cut(str(attrs['destination']))}"
     if attrs.get("operation"):
-        return f"{attrs.get('channel', 'sftp')} {attrs['operation']} of {', '.join(map(str, attrs.get('paths') or []))}"
+        operation = attrs["operation"]
+        operation = "+".join(map(str, operation)) if isinstance(operation, list) else operation
+        return f"{attrs.get('channel', 'sftp')} {operation} of {', '.join(map(str, attrs.get('paths') or []))}"
     return str(attrs.get("channel", request.action)).replace("_", " ")
 
 

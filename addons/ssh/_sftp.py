@@ -70,7 +70,9 @@ __all__ = [
     "guard_sftp_sessions",
     "is_scp_server",
     "make_sftp_server",
+    "real_path",
     "run_scp_server",
+    "transfer_paths",
 ]
 
 log = logging.getLogger("lictor.ssh")
@@ -295,6 +297,41 @@ async def make_sftp_server(chan: asyncssh.SSHServerChannel[bytes]) -> ProxySFTPS
     return ProxySFTPServer(chan, agent, session, client, lease, bytes(home), channel, number, reason)
 
 
+async def real_path(client: asyncssh.SFTPClient, lexical: str) -> str:
+    """Where ``lexical`` (absolute, normalised) really is on the target, links followed; for a path that does
+    not exist yet, the real location of its parent joined with its name."""
+    try:
+        real = await client.realpath(lexical.encode())
+        return bytes(real).decode("utf-8", "surrogateescape")
+    except asyncssh.SFTPError:
+        parent, name = posixpath.split(lexical)
+        if not name or parent == lexical:
+            return lexical
+        try:
+            real_parent = bytes(await client.realpath(parent.encode())).decode("utf-8", "surrogateescape")
+        except asyncssh.SFTPError:
+            return lexical
+        return posixpath.join(real_parent, name)
+
+
+async def transfer_paths(lease: Lease, written: Sequence[str]) -> list[str]:
+    """The ``paths`` of a file transfer run over exec (git, rsync) as sftp gives them to rules: each path the
+    agent wrote, made absolute against the account's home and normalised, and where it really is when a link
+    makes that differ."""
+    from ._requests import home_paths
+
+    client = await lease.conn.start_sftp_client()
+    try:
+        home = bytes(await client.realpath(b".")).decode("utf-8", "surrogateescape")
+        out: list[str] = []
+        for lexical in home_paths(written, home):
+            real = await real_path(client, lexical)
+            out += [lexical] if real == lexical else [lexical, real]
+        return list(dict.fromkeys(out))
+    finally:
+        client.exit()
+
+
 _FS_LOCKS: dict[str, asyncio.Lock] = {}
 
 
@@ -383,18 +420,7 @@ class ProxySFTPServer(SFTPServer):
         return joined
 
     async def _real(self, lexical: str) -> str:
-        try:
-            real = await self.client.realpath(lexical.encode())
-            return bytes(real).decode("utf-8", "surrogateescape")
-        except asyncssh.SFTPError:
-            parent, name = posixpath.split(lexical)
-            if not name or parent == lexical:
-                return lexical
-            try:
-                real_parent = bytes(await self.client.realpath(parent.encode())).decode("utf-8", "surrogateescape")
-            except asyncssh.SFTPError:
-                return lexical
-            return posixpath.join(real_parent, name)
+        return await real_path(self.client, lexical)
 
     async def _paths(self, path: bytes) -> tuple[list[str], str]:
         """(paths for the rules, the real path to operate on)."""

@@ -20,6 +20,8 @@ CHANNELS = (
     "raw_shell",
     "sftp",
     "scp",
+    "git",
+    "rsync",
     "subsystem",
     "port_forward",
     "agent_forwarding",
@@ -71,7 +73,8 @@ VOCABULARY = Vocabulary(
             "channels",
             attr="channel",
             values=CHANNELS,
-            description="exec command, interactive shell (line-inspected), raw shell, sftp, scp, forwarding",
+            description="exec command, interactive shell (line-inspected), raw shell, sftp, scp, git and rsync "
+            "transfers, forwarding",
         ),
         Glob("programs", attr="program", description="program name (basename), e.g. ls, systemctl", basename=True),
         Glob(
@@ -88,7 +91,7 @@ VOCABULARY = Vocabulary(
         ),
         Glob("args", attr="argv", description="the arguments only, as one string"),
         Glob("writes", attr="writes", description="files written by redirections"),
-        _AbsolutePaths("paths", attr="paths", description="sftp/scp paths"),
+        _AbsolutePaths("paths", attr="paths", description="sftp/scp/git/rsync paths"),
         Enum(
             "operations",
             attr="operation",
@@ -105,7 +108,7 @@ VOCABULARY = Vocabulary(
                 "link",
                 "setstat",
             ),
-            description="sftp operations",
+            description="sftp, scp, git and rsync operations",
         ),
         Boolean(
             "via_wrapper",
