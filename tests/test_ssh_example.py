@@ -311,6 +311,21 @@ def test_git_and_rsync_are_file_transfers_admin_gets_whole_and_others_are_refuse
         assert f"lictor: denied rsync read of {card} by rule lictor:default-deny".encode() in refused.stderr
 
 
+def test_admin_backs_up_to_the_login_home_with_an_excluded_pattern(running: Running) -> None:
+    # "$HOME" is the login user's home like ~, and an unquoted --exclude=*.tmp only ever expands to --exclude
+    # options: both were refused as "only known at run time", while ~/backup.tgz and '--exclude=*.tmp' worked.
+    work = running.sshd.work
+    made = running.sshd.run(f"mkdir -p {work}/tree && touch {work}/tree/keep {work}/tree/drop.tmp")
+    assert made.returncode == 0, made.stderr
+    backed = running.ssh(
+        "admin", f'cd {work} && tar -czf "$HOME/backup.tgz" --exclude=*.tmp tree && tar -tzf ~/backup.tgz'
+    )
+    assert backed.returncode == 0, backed.stderr
+    assert sorted(backed.stdout.split()) == [b"tree/", b"tree/keep"]
+    unknown = running.ssh("admin", f"cd {work} && tar -czf $HOME/b.tgz --exclude *.tmp tree")
+    assert unknown.returncode == 126 and b"lictor:ssh-unparsable" in unknown.stderr, unknown.stderr
+
+
 def _admin_line_shell_attempt(
     running: Running, marker_name: str, refused: tuple[str, ...], why: bytes, then: list[str]
 ) -> None:

@@ -2345,3 +2345,33 @@ def test_git_s_author_and_committer_variables_may_be_set(command: str) -> None:
 @pytest.mark.parametrize("name", ["GIT_SSH_COMMAND", "GIT_DIR", "GIT_CONFIG_GLOBAL", "GIT_PAGER", "GIT_EXEC_PATH"])
 def test_other_git_variables_are_still_refused(name: str) -> None:
     refused(f"{name}=/tmp/x git log", "can change which program runs")
+
+
+def test_the_login_home_and_pattern_values_are_not_taken_for_options() -> None:
+    # "$HOME" is the login user's home, an absolute path like ~ (a command line cannot assign HOME), and an
+    # unquoted glob in the value of an option that only takes a pattern expands to that option again: neither
+    # can put an option where the analysis did not see one. Both were refused as "only known at run time".
+    for command in [
+        'tar -czf "$HOME/backup.tgz" dir',
+        "tar -czf $HOME/backup.tgz dir",
+        'tar -xzf b.tgz -C "${HOME}"',
+        "tar -czf ~/b.tgz --exclude=*.tmp dir",
+        "tar czf b.tgz --exclude=*.tmp --exclude=.cache* dir",
+        'rsync -a --include=*/ --exclude=*.tmp "$HOME/src/" /srv/dst',
+    ]:
+        assert names(command)[-1] in ("tar", "rsync"), command
+    for command, why in [
+        ("tar -C $HOME -czf b.tgz dir", "only known at run time"),  # unset, the bare word would vanish
+        ('tar -czf "$HOME"-x dir', "only known at run time"),
+        ('tar -czf "${HOME:--x}/b" dir', "only known at run time"),
+        ('tar -czf "$HOMEDIR/b" dir', "only known at run time"),
+        ('source ./env; tar -czf "$HOME/b" dir', "set by this command line"),
+        ("HOME=/tmp tar -czf $HOME/b dir", "assigning HOME"),
+        ("tar -czf b.tgz --exclude *.tmp dir", "only known at run time"),  # a separate word: none or several
+        ("tar -czf b.tgz --exclude={a,b} dir", "only known at run time"),
+        ("tar -czf b.tgz --excl*=x dir", "only known at run time"),
+        ("tar -cf b.tar --to-command=*.sh dir", "only known at run time"),
+        ("rsync -a --rsh=*.sh a b", "only known at run time"),
+        ("rsync -a --exclude=$x a b", "only known at run time"),
+    ]:
+        refused(command, why)

@@ -2165,7 +2165,30 @@ class _Call:
 
     def operand_like(self, arg: _Arg) -> bool:
         """Whatever it expands to cannot be taken for an option."""
-        return bool(arg.lead) and arg.lead[0] not in "-+"
+        if arg.lead:
+            return arg.lead[0] not in "-+"
+        return self.home_rooted(arg)
+
+    def home_rooted(self, arg: _Arg) -> bool:
+        """``"$HOME"``, ``"$HOME/x"``, ``$HOME/x``: under the login user's home, an absolute path that comes from
+        the target like ``~`` (a command line cannot assign HOME, see ``_DANGEROUS_VARS``; unset, ``"$HOME/x"``
+        is ``/x`` and ``"$HOME"`` an empty word). Not a bare unquoted ``$HOME``, which would vanish if unset."""
+        segs = [g for g in arg.word.segs if g.text] if arg.word is not None else []
+        if not segs or segs[0].kind != _PARAM or segs[0].name != "HOME" or self.placeholder(arg):
+            return False
+        if len(segs) > 1 and segs[1].kind == _LIT and segs[1].text.startswith("/"):
+            pass
+        elif not (len(segs) == 1 and segs[0].quoted):
+            return False
+        self.ctx.untainted.add("HOME")  # checked when the analysis ends: never set by a line
+        return True
+
+    def pattern_value(self, arg: _Arg, options: frozenset[str]) -> bool:
+        """``--exclude=*.tmp`` unquoted, for one of ``options`` that only take a pattern: every word the glob
+        expands to (none with nullglob) is that option again, with another pattern, so it takes no other
+        option's place."""
+        key, eq, _ = arg.lead.partition("=")
+        return bool(eq) and key in options and self.known(arg) and arg.glob and not arg.brace
 
     def option_words(self, words: Sequence[_Arg] | None = None) -> Iterator[tuple[int, _Arg]]:
         """Each of ``words`` (the arguments) with its index, for a program that reads options among them: a word
@@ -4107,6 +4130,10 @@ def _h_scp(call: _Call) -> None:
         _h_command_reader(call)
 
 
+_RSYNC_PATTERNS = frozenset({"--exclude", "--include"})
+"""rsync's options whose value is only a pattern (see :meth:`_Call.pattern_value`)."""
+
+
 def _h_rsync(call: _Call) -> None:
     args = call.args
     if any(call.known(a) and a.text == "--daemon" for a in args):
@@ -4133,7 +4160,7 @@ def _h_rsync(call: _Call) -> None:
         a = args[i]
         t = a.text
         if not call.certain(a):
-            if call.operand_like(a):
+            if call.operand_like(a) or call.pattern_value(a, _RSYNC_PATTERNS):
                 i += 1
                 continue
             call.fail(f"the option position holding {t!r} is only known at run time")
@@ -4238,10 +4265,14 @@ def _tar_archives(call: _Call) -> list[_Arg]:
     return found
 
 
+_TAR_PATTERNS = frozenset({"--exclude"})
+"""tar's options whose value is only a pattern (see :meth:`_Call.pattern_value`)."""
+
+
 def _h_tar(call: _Call) -> None:
     for index, a in enumerate(call.args):
         if not call.certain(a):
-            if call.operand_like(a):
+            if call.operand_like(a) or call.pattern_value(a, _TAR_PATTERNS):
                 continue
             call.fail(f"the option position holding {a.text!r} is only known at run time")
         t = a.text
