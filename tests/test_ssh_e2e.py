@@ -1118,6 +1118,44 @@ def test_how_much_went_through_a_port_forward_is_recorded(env: Env) -> None:
         assert end["bytes_received"] >= len(banner) > 0, end
 
 
+def test_remote_port_forwarding_is_refused_with_a_reason_the_agent_sees_and_the_audit_keeps(env: Env) -> None:
+    # The SSH reply to `ssh -R` carries no text: OpenSSH said only "remote port forwarding failed", and when the
+    # policy allowed it, the audit log had an allow for a forward the gateway then refused.
+    tokens = {sub: env.gw.token(sub, role=role) for sub, role in (("rfwd-admin", "admin"), ("rfwd-obs", "observer"))}
+    forward = ["-R", "127.0.0.1:18080:127.0.0.1:22"]
+    admin = env.client.ssh(tokens["rfwd-admin"], "echo ran", *forward)
+    assert admin.returncode == 0 and admin.stdout == b"ran\n", _err(admin)
+    assert (
+        b"lictor: denied port forwarding (remote) to 127.0.0.1:18080 by rule lictor:ssh-unsupported: remote port "
+        b"forwarding (-R) is not supported by the gateway" in admin.stderr
+    ), admin.stderr
+    assert b"forward from your side instead (ssh -L or -D)" in admin.stderr, admin.stderr
+    observer = env.client.ssh(tokens["rfwd-obs"], "echo ran", *forward)
+    assert b"lictor: denied port forwarding (remote) to 127.0.0.1:18080 by rule lictor:default-deny" in observer.stderr
+    # without a session channel, `ssh -v` shows it (a debug message: OpenSSH shows those at debug level only)
+    quiet = subprocess.run(
+        [*env.client.ssh_argv(None, "-N", "-o", "ExitOnForwardFailure=yes", *forward, log_level="DEBUG")],
+        capture_output=True,
+        env=env.client.env(tokens["rfwd-obs"]),
+        timeout=30,
+        check=False,
+        start_new_session=True,
+    )
+    assert quiet.returncode == 255, _err(quiet)
+    assert b"Remote: lictor: denied port forwarding (remote) to 127.0.0.1:18080" in quiet.stderr, _err(quiet)
+    audit = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+    found = [
+        (e["identity"]["sub"], e["action"], e["rule_ids"], e.get("phase"))
+        for e in map(json.loads, audit.stdout.splitlines())
+        if e["request"]["summary"] == "port forwarding (remote) to 127.0.0.1:18080"
+    ]
+    assert ("rfwd-admin", "deny", ["lictor:ssh-unsupported"], "protocol") in found, found
+    assert ("rfwd-obs", "deny", ["lictor:default-deny"], "decision") in found, found
+    assert [f["result"] for f in _forwards(env, "rfwd-admin", "127.0.0.1:18080")] == [
+        "refused: remote forwarding is not supported"
+    ]
+
+
 def test_socket_forwarding_is_decided_audited_recorded_and_refused_with_a_message(env: Env) -> None:
     # asyncssh refused Unix socket forwarding unseen: `ssh -L sock:/path` said only "Connection refused",
     # and neither the audit log nor the recording had the attempt.

@@ -464,6 +464,8 @@ class ChannelHandler:
                 {"channel": self.number, "direction": kind, "action": "deny", "rule_ids": [], "result": "denied"},
             )
             await self._write_err(f"lictor: {what} forwarding is not allowed through the gateway; running without it\n")
+        for text in await self.agent.remote_forward_refusals():  # ssh -R: its refusal carries no text
+            await self._write_err(text + "\n")
         try:
             if subsystem is not None:
                 await self._subsystem(subsystem)

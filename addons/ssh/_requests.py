@@ -24,6 +24,7 @@ __all__ = [
     "NOT_WRAPPED",
     "TRANSFER_CHANNELS",
     "UNPARSABLE_RULE",
+    "UNSUPPORTED_RULE",
     "Transfer",
     "channel_request",
     "denial_text",
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 UNPARSABLE_RULE = "lictor:ssh-unparsable"
+UNSUPPORTED_RULE = "lictor:ssh-unsupported"
+"""The rule id of what the policy allows but the gateway does not do (remote port forwarding)."""
 TRANSFER_CHANNELS = ("git", "rsync")
 """Channels of the file transfer programs an exec request may start (see :func:`transfer_of`)."""
 
@@ -504,6 +507,11 @@ def _next_step(request: Request, decision: Decision) -> str:
         return ""  # the policy's default-deny message already says what to do
     if decision.approval_id or (decision.approval is not None):
         return "The approval was not granted; ask an approver, or run something else."
+    if rule == UNSUPPORTED_RULE:
+        return (
+            "The gateway opens no listening port on the target; forward from your side instead (ssh -L or -D), "
+            "if a rule allows it."
+        )
     if rule == "lictor:token-expired":
         return "Retrying on this connection cannot help; connect again with a fresh token."
     if rule.startswith("lictor:"):

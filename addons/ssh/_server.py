@@ -41,7 +41,7 @@ from lictor import AuthError, Decision, Gateway, Identity, Request, Session
 from ._channel import handle_process
 from ._config import SshTargetConfig
 from ._forward import Bridge
-from ._requests import UNPARSABLE_RULE, denial_text, forward_request, socket_forward_request
+from ._requests import UNPARSABLE_RULE, UNSUPPORTED_RULE, denial_text, forward_request, socket_forward_request
 from ._sftp import make_sftp_server
 from ._upstream import UpstreamError, UpstreamPool
 
@@ -136,6 +136,10 @@ class SshListener:
         await self.pool.close()
 
 
+REFUSALS_TOLD = 8
+"""Refused remote forwards of one connection kept to be told on its next session channel."""
+
+
 class AgentConnection(asyncssh.SSHServer):
     """One agent's SSH connection: authentication, its gateway session, and its channels."""
 
@@ -154,6 +158,7 @@ class AgentConnection(asyncssh.SSHServer):
         self.identity_key: tuple[str, str] | None = None  # (issuer, subject) once logged in
         self.sftp_servers: set[Any] = set()  # the SFTP sessions of this connection (ProxySFTPServer)
         self.bridges: set[Bridge] = set()  # the open port forwards of this connection
+        self._refusals: list[asyncio.Future[str | None]] = []  # remote forwards refused, for the next session
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -515,22 +520,49 @@ class AgentConnection(asyncssh.SSHServer):
         return False
 
     def server_requested(self, listen_host: str, listen_port: int) -> Awaitable[bool]:
-        return self._forward_remote(listen_host, listen_port)
+        told: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._refusals.append(told)  # taken (in order) by the session channels opened after this request
+        del self._refusals[:-REFUSALS_TOLD]  # an agent asking again and again: the last ones are told (all audited)
+        return self._forward_remote(listen_host, listen_port, told)
 
-    async def _forward_remote(self, host: str, port: int) -> bool:
-        session = await self.ready()
-        request = forward_request("remote", host, port, target=self.config.name)
-        decision = session.decide_now(request)
-        session.record(
-            "forward",
-            {
-                "direction": "remote",
-                "destination": f"{host}:{port}",
-                "action": decision.action,
-                "rule_ids": list(decision.rule_ids),
-                "result": "denied" if decision.action != "allow" else "refused: remote forwarding is not supported",
-            },
-        )
-        if decision.action == "allow":
-            log.warning("ssh target %s: remote port forwarding allowed by policy, not supported", self.config.name)
-        return False  # remote forwarding (-R) is not supported by this gateway
+    async def _forward_remote(self, host: str, port: int, told: asyncio.Future[str | None]) -> bool:
+        """Decide (and audit) an ``ssh -R`` request, which is refused whatever the policy says. The SSH reply to
+        it carries no text (OpenSSH prints only "remote port forwarding failed"): the reason goes to the agent as
+        a debug message (``ssh -v`` shows it) and on the stderr of the session channels it opens next."""
+        text: str | None = None
+        try:
+            session = await self.ready()
+            request = forward_request("remote", host, port, target=self.config.name)
+            decision = session.decide_now(request)
+            result = "denied"
+            if decision.action == "allow":  # the policy allows it; the gateway does not forward to the agent
+                log.warning("ssh target %s: remote port forwarding allowed by policy, not supported", self.config.name)
+                result = "refused: remote forwarding is not supported"
+                message = "remote port forwarding (-R) is not supported by the gateway"
+                decision = Decision.deny(message, UNSUPPORTED_RULE, decision.policy_version)
+                session.audit(request, decision, phase="protocol")  # what the agent got
+            session.record(
+                "forward",
+                {
+                    "direction": "remote",
+                    "destination": f"{host}:{port}",
+                    "action": decision.action,
+                    "rule_ids": list(decision.rule_ids),
+                    "result": result,
+                },
+            )
+            text = denial_text(request, decision)
+            if self.conn is not None:
+                with contextlib.suppress(Exception):
+                    self.conn.send_debug(text, always_display=True)
+        finally:
+            if not told.done():
+                told.set_result(text)
+        return False
+
+    async def remote_forward_refusals(self) -> list[str]:
+        """Why the remote forwards asked for on this connection so far were refused, each told once: a session
+        channel writes them to its stderr."""
+        taken, self._refusals = self._refusals, []
+        texts = [await told for told in taken]
+        return [text for text in texts if text]
