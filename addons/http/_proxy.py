@@ -2460,6 +2460,8 @@ def _trailers_dropped() -> None:
 
 # Told of each request refused by _bounded_request_heads, before any hook sees it: (client, problem).
 _HEAD_REFUSALS: list[Callable[[Client, str], None]] = []
+# The empty line that ends a request head (mitmproxy reads lines ending in LF, with or without CR).
+_HEAD_END = re.compile(rb"\n\r?\n")
 
 
 def _bounded_request_heads() -> None:
@@ -2480,6 +2482,16 @@ def _bounded_request_heads() -> None:
     original = _http1.Http1Connection._handle_event
 
     def handle_event(self: Any, event: Any) -> Any:
+        if (
+            isinstance(event, events.DataReceived)
+            and self.state == self.read_headers
+            and len(self.buf) + len(event.data) > MAX_REQUEST_HEAD
+            and _HEAD_END.search(bytes(self.buf) + event.data, 0, MAX_REQUEST_HEAD + 2) is None
+        ):
+            # A head over the bound that arrives with its end in one read is refused as one that has not ended
+            # yet would be: whether the agent's bytes come in one read or several must not decide.
+            yield from refuse(self, 431, "request line and headers")
+            return
         yield from original(self, event)
         if (
             isinstance(event, events.DataReceived)
@@ -2487,24 +2499,26 @@ def _bounded_request_heads() -> None:
             and self.state not in (self.passthrough, self.done)
         ):
             if self.state == self.read_headers:
-                status, problem = 431, "request line and headers"
+                yield from refuse(self, 431, "request line and headers")
             elif self.state == self.read_body:
-                status, problem = 400, "a chunk-size or trailer line"
+                yield from refuse(self, 400, "a chunk-size or trailer line")
             else:
-                status, problem = 400, "bytes sent before the previous request was answered"
-            problem = f"{problem}: more than {MAX_REQUEST_HEAD} bytes unread"
-            log.warning("refusing a request from %s: %s", self.conn.peername, problem)
-            for report in _HEAD_REFUSALS:
-                try:
-                    report(self.conn, f"{problem}; answered {status}")
-                except Exception:
-                    log.exception("auditing a refused request failed")
-            yield commands.SendData(self.conn, _http1.make_error_response(status, problem))
-            yield commands.CloseConnection(self.conn)
-            if status == 400 and self.stream_id is not None:  # a request under way ends as an error
-                error = self.ReceiveProtocolError(self.stream_id, problem, code=self.ReceiveProtocolError.code)
-                yield _http1.ReceiveHttp(error)
-            self.state = self.done
+                yield from refuse(self, 400, "bytes sent before the previous request was answered")
+
+    def refuse(self: Any, status: int, problem: str) -> Any:
+        problem = f"{problem}: more than {MAX_REQUEST_HEAD} bytes unread"
+        log.warning("refusing a request from %s: %s", self.conn.peername, problem)
+        for report in _HEAD_REFUSALS:
+            try:
+                report(self.conn, f"{problem}; answered {status}")
+            except Exception:
+                log.exception("auditing a refused request failed")
+        yield commands.SendData(self.conn, _http1.make_error_response(status, problem))
+        yield commands.CloseConnection(self.conn)
+        if status == 400 and self.stream_id is not None:  # a request under way ends as an error
+            error = self.ReceiveProtocolError(self.stream_id, problem, code=self.ReceiveProtocolError.code)
+            yield _http1.ReceiveHttp(error)
+        self.state = self.done
 
     handle_event.lictor_bounded = True  # type: ignore[attr-defined]
     server_class._handle_event = handle_event
