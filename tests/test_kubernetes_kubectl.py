@@ -390,6 +390,15 @@ def test_deployer_cannot_roll_out_pods_with_the_nodes_privileges(cluster: Cluste
             '[{"op":"add","path":"/spec/template/spec/containers/0/securityContext",'
             '"value":{"capabilities":{"add":["SYS_ADMIN"]}}}]',
         ],
+        # the API server's JSON Patch reads +0, 00 and -1 (the last item) as array indexes, as Go's Atoi does
+        *(
+            [
+                "patch", "deployment", "web", "--type=json", "-p",
+                f'[{{"op":"add","path":"/spec/template/spec/containers/{index}/securityContext",'
+                '"value":{"privileged":true}}]',
+            ]
+            for index in ("+0", "00", "-1")
+        ),
     ]  # fmt: skip
     for args in refused:
         out = cluster.kubectl("deployer", *args)

@@ -482,7 +482,9 @@ class CopiedValue(str):
 # Operations of a JSON Patch (RFC 6902) and the member each needs besides "path".
 _PATCH_OPS = {"add": "value", "replace": "value", "test": "value", "remove": "", "copy": "from", "move": "from"}
 _POINTER_ESCAPE = re.compile(r"~(?![01])")
-_ARRAY_TOKEN = re.compile(r"-|0|[1-9][0-9]*")
+# What an array index is to the patch's reader: RFC 6901 says 0 or a number without leading zeros, but the
+# Kubernetes API server (Go's evanphx/json-patch, strconv.Atoi) also reads 00, +0 and -1 (from the end).
+_ARRAY_TOKEN = re.compile(r"-|[+-]?[0-9]+")
 _MAX_AMBIGUOUS_TOKENS = 6
 
 
@@ -501,7 +503,8 @@ def _looks_like_patch(doc: Any) -> bool:
 def pointer_paths(pointer: Any) -> list[str]:
     """The flattened paths (``$.a.b``, ``$.items[*].id``) a JSON Pointer (RFC 6901: ``/a/b``, ``~1`` for ``/``,
     ``~0`` for ``~``) names. A token that is an array index or ``-`` names a member of that name in an object,
-    so both readings are returned (``/items/0`` is ``$.items[*]`` and ``$.items["0"]``). :class:`Unreadable` for
+    so both readings are returned (``/items/0`` is ``$.items[*]`` and ``$.items["0"]``); so does a token that
+    some servers read as an index (``+0``, ``00``, ``-1``). :class:`Unreadable` for
     a pointer that is not one."""
     if not isinstance(pointer, str) or (pointer and not pointer.startswith("/")):
         raise Unreadable(f"the JSON Patch path {str(pointer)[:100]!r} is not a JSON Pointer (it starts with '/')")
