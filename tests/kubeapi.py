@@ -621,6 +621,25 @@ def _json_patch(doc: Any, ops: Any) -> Any:
                 raise APIError(422, "Invalid", f"path {op['path']!r} does not exist")
         last = parts[-1]
         kind = op["op"]
+        if kind in ("copy", "move"):
+            # as the API server's json-patch does: the value at "from", then an add of it at "path"
+            source = _pointer(op.get("from", ""))
+            if not source:
+                raise APIError(422, "Invalid", "cannot copy or move the whole document")
+            holder: Any = doc
+            for part in source[:-1]:
+                holder = holder[int(part)] if isinstance(holder, list) else holder.get(part)
+                if holder is None:
+                    raise APIError(422, "Invalid", f"path {op['from']!r} does not exist")
+            try:
+                key = int(source[-1]) if isinstance(holder, list) else source[-1]
+                value = copy.deepcopy(holder[key])
+                if kind == "move":
+                    del holder[key]
+            except (KeyError, IndexError, ValueError):
+                raise APIError(422, "Invalid", f"{kind}: path {op['from']!r} does not exist") from None
+            op = {"op": "add", "path": op["path"], "value": value}
+            kind = "add"
         if kind in ("add", "replace"):
             value = copy.deepcopy(op.get("value"))
             if isinstance(parent, list):

@@ -399,6 +399,20 @@ def test_deployer_cannot_roll_out_pods_with_the_nodes_privileges(cluster: Cluste
             ]
             for index in ("+0", "00", "-1")
         ),
+        # a JSON Patch move or copy puts an object the request shows elsewhere at a deny rule's parent path
+        [
+            "patch", "deployment", "web", "--type=json", "-p",
+            '[{"op":"add","path":"/spec/template/spec/containers/0/sc","value":{"privileged":true}},'
+            '{"op":"move","from":"/spec/template/spec/containers/0/sc",'
+            '"path":"/spec/template/spec/containers/0/securityContext"}]',
+        ],
+        [
+            "patch", "deployment", "web", "--type=json", "-p",
+            '[{"op":"add","path":"/metadata/annotations/pod","value":{"hostPID":true,'
+            '"containers":[{"name":"web","image":"nginx:1.27"}]}},'
+            '{"op":"copy","from":"/metadata/annotations/pod","path":"/spec/template/spec"},'
+            '{"op":"remove","path":"/metadata/annotations/pod"}]',
+        ],
     ]  # fmt: skip
     for args in refused:
         out = cluster.kubectl("deployer", *args)

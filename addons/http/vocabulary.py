@@ -84,6 +84,22 @@ class _Paths(Custom):
         return frozenset(k for k in keys if k is not None)
 
 
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith((parent + ".", parent + "["))
+
+
+def _copied_paths(flattened: Mapping[str, Any]) -> list[str]:
+    """The paths where a JSON Patch ``copy`` or ``move`` puts a value the request does not show."""
+    if "$[*].op" not in flattened and "$.op" not in flattened:
+        return []  # not a JSON Patch (flattened, or folded): the cheap answer for every other body
+    return [
+        path
+        for path, value in flattened.items()
+        if isinstance(value, CopiedValue)
+        or (isinstance(value, list) and any(isinstance(v, CopiedValue) for v in value))
+    ]
+
+
 def _mapping_of_globs(attr: str, case_insensitive_keys: bool, folded_attr: str | None = None) -> Any:
     """A ``name -> value globs`` condition. Every named key must be present; for an ``allow`` rule
     (``all``) every value under it must match, for the others (``any``) one is enough.
@@ -117,7 +133,13 @@ def _mapping_of_globs(attr: str, case_insensitive_keys: bool, folded_attr: str |
             if not isinstance(have, Mapping):
                 return False
             every = quantifier == "all"
+            copied = _copied_paths(have) if attr == "json" else ()
             for key, pats in keys.items():
+                if copied and any(_under(key, path) for path in copied):
+                    # a JSON Patch copies or moves an object to this key's parent: it may hold any value here
+                    if every:
+                        return False
+                    continue
                 values = have.get(key)
                 if values is None:
                     return False
@@ -256,10 +278,6 @@ def _programs(value: Any) -> Predicate:
         return matches(request, quantifier)
 
     return pred
-
-
-def _under(path: str, hole: str) -> bool:
-    return path == hole or path.startswith((hole + ".", hole + "["))
 
 
 def _k8s_json(value: Any) -> Predicate:
