@@ -399,6 +399,12 @@ def test_deployer_cannot_roll_out_pods_with_the_nodes_privileges(cluster: Cluste
             ]
             for index in ("+0", "00", "-1")
         ),
+        # containerd and CRI-O read capability names in any case
+        [
+            "patch", "deployment", "web", "-p",
+            '{"spec":{"template":{"spec":{"containers":[{"name":"web","securityContext":'
+            '{"capabilities":{"add":["sys_admin"]}}}]}}}}',
+        ],
         # a JSON Patch move or copy puts an object the request shows elsewhere at a deny rule's parent path
         [
             "patch", "deployment", "web", "--type=json", "-p",
