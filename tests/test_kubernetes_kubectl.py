@@ -352,6 +352,19 @@ def test_deployer_applies_manifests_as_the_readme_says_against_the_test_server(c
     assert dep is not None and dep["spec"]["replicas"] == 2
     out = cluster.kubectl("deployer", "rollout", "status", "deployment", "applied", "--timeout=10s")
     assert out.returncode == 0, out.stderr
+    # kubectl edit validates what was edited the same way
+    editor = cluster.gw.workdir / "edit-replicas.sh"
+    editor.write_text("#!/bin/sh\nsed -i 's/replicas: 2/replicas: 3/' \"$1\"\n")
+    editor.chmod(0o755)
+    before = len(cluster.upstream("PATCH", "/deployments/applied"))
+    out = cluster.kubectl("deployer", "edit", "deployment", "applied", KUBE_EDITOR=str(editor))
+    assert out.returncode == 1 and 'deployments.apps "applied" is invalid' in out.stderr, out.stderr
+    assert len(cluster.upstream("PATCH", "/deployments/applied")) == before
+    assert "kubectl edit deployment web --validate=false" in readme
+    out = cluster.kubectl("deployer", "edit", "deployment", "applied", "--validate=false", KUBE_EDITOR=str(editor))
+    assert out.returncode == 0 and "deployment.apps/applied edited" in out.stdout, out.stderr
+    dep = cluster.kube.get_object("deployments", "applied", "apps")
+    assert dep is not None and dep["spec"]["replicas"] == 3
 
 
 def test_deployer_cannot_roll_out_pods_with_the_nodes_privileges(cluster: Cluster) -> None:
