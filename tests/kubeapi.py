@@ -8,7 +8,7 @@ which kubectl accepts but for validating a manifest: ``kubectl apply --validate=
 for), configmaps, services and deployments (with ``scale``), ``tokenreviews`` of the tokens it issued (create
 only, answered with the review's spec and the account's user info), with get / list (``meta.k8s.io/v1``
 ``Table`` when asked) / watch (chunked JSON lines) / create / update / patch (strategic-merge and merge as a
-recursive merge, JSON patch) / delete / deletecollection, label and field selectors, ``dryRun=All``, and ``Status`` errors. ``pods/NAME/exec`` runs a tiny fake shell over the
+recursive merge, JSON patch with copy and move, server-side apply as a merge or a create) / delete / deletecollection, label and field selectors, ``dryRun=All``, and ``Status`` errors. ``pods/NAME/exec`` runs a tiny fake shell over the
 WebSocket channel protocol (``v5.channel.k8s.io``, ``v4.channel.k8s.io``); SPDY upgrades are refused. Files
 that ``tar x`` extracts from stdin (what ``kubectl cp`` runs) are kept in :attr:`KubeAPIServer.files`.
 
@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -676,6 +677,7 @@ def _json_patch(doc: Any, ops: Any) -> Any:
 # commands set; other fields are skipped. A field is (json name, kind, message schema); kinds: str, bytes,
 # int, int? (a pointer: kept even when zero), bool, msg, rep_str, rep_msg, map_str, map_bytes, intorstr.
 PROTOBUF = "application/vnd.kubernetes.protobuf"
+APPLY_PATCH = "application/apply-patch+yaml"
 _PB_MAGIC = b"k8s\x00"
 _PB: dict[str, dict[int, tuple[str, str, str]]] = {
     "Unknown": {1: ("typeMeta", "msg", "TypeMeta"), 2: ("raw", "bytes", "")},
@@ -1165,6 +1167,10 @@ def _seed(store: _Store) -> None:
 
 
 # --------------------------------------------------------------------------------------------- HTTP
+
+
+def _media(req: "_Request") -> str:
+    return (req.header("content-type") or "").split(";")[0].strip().lower()
 
 
 @dataclass
@@ -1726,6 +1732,20 @@ class KubeAPIServer:
                 raise _bad_request("the name of the object does not match the name on the URL")
             await self._send_json(writer, 200, store.replace(rtype, obj, dry_run=dry_run), req)
             return True
+        if method == "PATCH" and name and _media(req) == APPLY_PATCH:
+            # server-side apply (kubectl apply --server-side), simplified: the applied object merged into the
+            # live one, or created (no field managers, no conflicts)
+            applied = self._applied_object(req, rtype, namespace, name)
+            try:
+                current = store.get(rtype, namespace, name)
+            except APIError as exc:
+                if exc.code != 404:
+                    raise
+                await self._send_json(writer, 201, store.create(rtype, applied, dry_run=dry_run), req)
+                return True
+            patched = _merge_patch(current, applied)
+            await self._send_json(writer, 200, store.replace(rtype, patched, dry_run=dry_run), req)
+            return True
         if method == "PATCH" and name:
             current = store.get(rtype, namespace, name)
             patched = self._apply_patch(req, current)
@@ -1780,6 +1800,24 @@ class KubeAPIServer:
             meta.pop("namespace", None)
         return obj
 
+    def _applied_object(self, req: _Request, rtype: ResourceType, namespace: str, name: str) -> Obj:
+        """The object of a server-side apply: YAML (kubectl sends JSON, which is YAML too) of the URL's kind."""
+        try:
+            obj = yaml.safe_load(req.body or b"")
+        except yaml.YAMLError as exc:
+            raise _bad_request(f"error decoding YAML: {exc}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+            raise _bad_request("an applied configuration is an object with metadata")
+        if obj.get("kind") != rtype.kind or obj.get("apiVersion") != rtype.api_version:
+            raise _bad_request(f"the applied object is not a {rtype.api_version} {rtype.kind}")
+        meta = obj["metadata"]
+        if meta.get("name", name) != name or (namespace and meta.get("namespace", namespace) != namespace):
+            raise _bad_request("the applied object's name or namespace does not match the URL")
+        meta["name"] = name
+        if rtype.namespaced:
+            meta["namespace"] = namespace
+        return obj
+
     def _apply_patch(self, req: _Request, current: Obj) -> Obj:
         content_type = (req.header("content-type") or "").split(";")[0].strip()
         patch = json.loads(req.body or b"null")
@@ -1794,7 +1832,8 @@ class KubeAPIServer:
                 415,
                 "UnsupportedMediaType",
                 "the body of the request was in an unknown format - accepted media types include: "
-                "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json",
+                "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, "
+                f"{APPLY_PATCH}",
             )
         if not isinstance(result, dict) or not isinstance(result.get("metadata"), dict):
             raise APIError(422, "Invalid", "the patch removed the object's metadata")

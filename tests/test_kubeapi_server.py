@@ -338,9 +338,20 @@ def test_list_update_conflict_and_json_patch(kubeapi: KubeAPIServer) -> None:
     )
     assert status == 200 and patched["data"] == {"b": "3"}
     status, bad = _call(
-        kubeapi, "PATCH", "/api/v1/namespaces/apps/configmaps/c", {}, content_type="application/apply-patch+yaml"
+        kubeapi, "PATCH", "/api/v1/namespaces/apps/configmaps/c", {}, content_type="application/apply-patch+cbor"
     )
     assert status == 415 and bad["reason"] == "UnsupportedMediaType"
+    # server-side apply: merged into the live object, or created
+    applied = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"c": "4"}}
+    for name, code in (("c", 200), ("new", 201)):
+        applied["metadata"]["name"] = name
+        status, obj = _call(
+            kubeapi, "PATCH", f"/api/v1/namespaces/apps/configmaps/{name}", applied,
+            content_type="application/apply-patch+yaml",
+        )  # fmt: skip
+        assert status == code and obj["metadata"]["namespace"] == "apps", obj
+    assert kubeapi.get_object("configmaps", "c", "apps")["data"] == {"b": "3", "c": "4"}
+    assert kubeapi.get_object("configmaps", "new", "apps")["data"] == {"c": "4"}
 
 
 def test_dry_run_and_deletecollection(kubeapi: KubeAPIServer) -> None:

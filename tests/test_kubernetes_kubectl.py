@@ -367,6 +367,43 @@ def test_deployer_applies_manifests_as_the_readme_says_against_the_test_server(c
     assert dep is not None and dep["spec"]["replicas"] == 3
 
 
+def test_deployer_applies_server_side(cluster: Cluster) -> None:
+    # kubectl apply --server-side sends the object as JSON under application/apply-patch+yaml
+    def manifest(replicas: int, **container: object) -> str:
+        return yaml.safe_dump(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "ssa", "namespace": "apps"},
+                "spec": {
+                    "replicas": replicas,
+                    "selector": {"matchLabels": {"app": "ssa"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "ssa"}},
+                        "spec": {"containers": [{"name": "web", "image": "nginx:1.27", **container}]},
+                    },
+                },
+            }
+        )
+
+    for replicas in (1, 2):  # the create, then an update
+        out = cluster.kubectl(
+            "deployer", "apply", "--server-side", "--validate=false", "-f", "-", stdin=manifest(replicas)
+        )
+        assert out.returncode == 0 and "deployment.apps/ssa serverside-applied" in out.stdout, out.stderr
+    dep = cluster.kube.get_object("deployments", "ssa", "apps")
+    assert dep is not None and dep["spec"]["replicas"] == 2
+    [sent, *_] = cluster.upstream("PATCH", "/deployments/ssa")
+    assert sent.header("content-type") == "application/apply-patch+yaml"
+    out = cluster.kubectl(
+        "deployer", "apply", "--server-side", "--validate=false", "-f", "-",
+        stdin=manifest(2, securityContext={"privileged": True}),
+    )  # fmt: skip
+    assert out.returncode == 1 and "k8s-deploy-no-privileged-containers" in out.stderr, out.stderr
+    dep = cluster.kube.get_object("deployments", "ssa", "apps")
+    assert dep is not None and "securityContext" not in dep["spec"]["template"]["spec"]["containers"][0]
+
+
 def test_deployer_cannot_roll_out_pods_with_the_nodes_privileges(cluster: Cluster) -> None:
     def manifest(name: str, pod: dict[str, object]) -> str:
         return yaml.safe_dump(
