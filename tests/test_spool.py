@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -106,6 +107,30 @@ def test_recovery_from_damage_interrupted_midway_gives_the_same_spool(tmp_path: 
     reader = SpoolView(tmp_path / "spool")  # the drain process's view reads across the lost numbers
     assert [r.seq for r in SpoolReader(reader, 1).read()] == [2, 4, 5, 7, 8]
     spool.close()
+
+
+def test_a_stray_checksummed_record_in_a_damaged_span_is_not_taken_for_the_next_one(tmp_path: Path) -> None:
+    # Recovery resynchronised on any record with a valid checksum numbered above the last good one: a stray one
+    # in the damaged bytes (another spool's block, or made up) was kept and sent to the sinks as real, numbering
+    # went on from it, and the real records after it, numbered below it, were cut.
+    spool = _spool(tmp_path / "spool")
+    for i in range(10):
+        spool.append(SESSION, b'{"value":"%d"}' % i)
+    path = spool.segments[-1].path
+    spool.close()
+    for stray in (10**6, 2**64 - 1):
+        shutil.rmtree(tmp_path / "damaged-copy", ignore_errors=True)
+        shutil.copytree(tmp_path / "spool", tmp_path / "damaged-copy")
+        copy = tmp_path / "damaged-copy" / path.name
+        real = encode_record(5, SESSION, b'{"value":"4"}')
+        copy.write_bytes(path.read_bytes().replace(real, encode_record(stray, AUDIT, b'{"value":"X"}')))
+        reopened = Spool(tmp_path / "damaged-copy")
+        [problem] = reopened.recovery_problems
+        assert "record 5 is damaged and lost" in problem and "from 6 on" in problem, problem
+        assert [r.body for r in reopened.records()] == [b'{"value":"%d"}' % i for i in range(10) if i != 4]
+        reopened.start_segment()
+        assert reopened.append(SESSION, b'{"value":"next"}') == 11
+        reopened.close()
 
 
 def test_bytes_before_a_segments_first_record_are_set_aside_not_the_records(tmp_path: Path) -> None:

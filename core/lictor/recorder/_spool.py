@@ -158,6 +158,10 @@ def _resync(data: bytes, start: int, after_seq: int) -> tuple[int, int] | None:
 
     A write the machine did not finish can only be the last one: valid records after a bad one mean
     the bad one was damaged in place (a flipped bit, a bad sector), and those records are whole.
+    Damage in place keeps every byte where it was, so the records it lost (``after_seq + 1`` up to the
+    one found) filled the bytes before it, each at least a header: a checksummed record numbered
+    beyond that (a stray one, from another spool's blocks or made up) is not the one that follows,
+    and taking it would number on from it and cut the real records after it.
     """
     magic = bytes([_MAGIC])
     pos = data.find(magic, start)
@@ -166,7 +170,7 @@ def _resync(data: bytes, start: int, after_seq: int) -> tuple[int, int] | None:
             parsed = _parse(data, pos, None)
         except CorruptSpool:
             parsed = None
-        if parsed is not None and parsed[0].seq > after_seq:
+        if parsed is not None and after_seq < parsed[0].seq <= after_seq + 1 + (pos - start) // HEADER_SIZE:
             return pos, parsed[0].seq
         pos = data.find(magic, pos + 1)
     return None
