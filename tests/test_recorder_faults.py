@@ -32,6 +32,7 @@ from lictor.recorder import (
     load_session,
     verify_sessions,
 )
+from lictor.recorder._spool import SESSION, encode_record
 
 from tests.conftest import ROOT, GatewayProcess, free_port, lictor, require, wait_port, wait_until
 from tests.pgcluster import PgCluster, running_cluster
@@ -784,3 +785,55 @@ def test_a_record_damaged_in_the_spool_loses_only_itself(tmp_path: Path, moto_s3
     assert "spool.recovered" in audit_verified.stdout and "damaged and lost" in audit_verified.stdout
     verified = lictor("sessions", "verify", "--all", "-c", str(gateway.config_path), "--source", "s3", check=False)
     assert verified.returncode == 1 and "BROKEN" in verified.stdout, verified.stdout
+
+
+def test_a_spool_recovery_the_full_spool_could_not_audit_is_audited_at_the_next_start(
+    tmp_path: Path, moto_s3: MotoS3
+) -> None:
+    # A restart that cut a torn write from a full spool (the S3 sink down) could not audit spool.recovered and
+    # only logged it; the next start found nothing to recover, so the audit log never said anything was cut.
+    bucket = f"rec-{uuid.uuid4().hex[:8]}"
+    gateway, port = _line_gateway(tmp_path)
+    gateway.config["recordings"]["sinks"] = [moto_s3.sink(bucket)]
+    gateway.config["recordings"]["spool"] = {"max_bytes": "32KiB"}
+    moto_s3.stop()  # the sink is down: everything stays in the spool, until it is full
+    try:
+        gateway.start()
+        wait_port(port)
+        sock, reader = line_client(port, gateway.token("agent-1", role="ops"))
+        with sock, reader:
+            for i in range(1000):
+                sock.sendall(f"echo {i} {'x' * 200}\n".encode())
+                if not reader.readline().startswith(b"OK "):
+                    break  # refused: the spool is full
+            else:
+                raise AssertionError("the spool never filled up")
+        gateway.stop()
+        segment = max((gateway.state_dir / "spool").glob("*.seg"))
+        with open(segment, "ab") as fh:
+            fh.write(encode_record(10**6, SESSION, b'{"never":"finished"}')[:30])  # a write the machine did not finish
+        gateway.start()  # the spool is still full: the recovery cannot be audited now
+        wait_port(port)
+        gateway.stop()
+    finally:
+        moto_s3.start()
+    audit = AuditLog(gateway.state_dir / "audit.db")
+    assert not list(audit.events(kind="spool.recovered"))
+    gateway.start()  # the sink is back: it drains the spool, which then takes writes again
+    try:
+        wait_port(port)
+        token = gateway.token("agent-1", role="ops")
+
+        def audited() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=15) as sock, sock.makefile("rb") as reader:
+                sock.sendall(f"AUTH {token}\necho again\n".encode())
+                reader.readline()  # the session is refused while the spool is still full
+            return bool(list(audit.events(kind="spool.recovered")))
+
+        wait_until(audited, 30, "the recovery to be audited once the spool takes writes")
+    finally:
+        gateway.stop()
+    [problem] = [e["problem"] for e in audit.events(kind="spool.recovered")]
+    assert "incomplete record" in problem and "cut 30 bytes" in problem, problem
+    verified = lictor("audit", "verify", "--state-dir", str(gateway.state_dir))
+    assert "chain intact" in verified.stdout and "cut 30 bytes" in verified.stdout, verified.stdout

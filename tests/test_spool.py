@@ -133,6 +133,41 @@ def test_a_stray_checksummed_record_in_a_damaged_span_is_not_taken_for_the_next_
         reopened.close()
 
 
+def test_recovery_killed_midway_reports_again_what_it_had_already_cut(tmp_path: Path) -> None:
+    # Recovery cut the first damaged segment, then the process was killed: the next recovery found only the
+    # second one, and the loss in the first was never reported (nor audited).
+    spool = _spool(tmp_path / "spool", segment_bytes=200)
+    for i in range(20):
+        if spool.active_size >= spool.segment_bytes:
+            spool.start_segment((CARRY, b"{}"))
+        spool.append(SESSION, b'{"value":"%02d"}' % i)
+    spool.close()
+    for value in (b"03", b"15"):  # in two segments
+        [path] = [p for p in (tmp_path / "spool").glob("*.seg") if b'"value":"%s"' % value in p.read_bytes()]
+        data = path.read_bytes()
+        path.write_bytes(data.replace(b'"value":"%s"' % value, b'"value":"%s"' % value[::-1]))
+    # die (SIGKILL) after the first segment is cut and synced, before the second one is looked at
+    child = (
+        "import os, signal, sys; from pathlib import Path; from lictor.recorder import Spool\n"
+        "calls = []; real = os.fsync\n"
+        "def fsync(fd):\n"
+        "    real(fd); calls.append(fd)\n"
+        "    if len(calls) == 5: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.fsync = fsync; Spool(Path(sys.argv[1]))\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", child, str(tmp_path / "spool")], capture_output=True, check=False)
+    assert killed.returncode == -9, killed.stderr.decode()
+    spool = Spool(tmp_path / "spool")
+    assert len(spool.recovery_problems) == 2, spool.recovery_problems
+    assert "record 4 is damaged" in spool.recovery_problems[0], spool.recovery_problems
+    spool.recovery_reported(spool.recovery_problems[:1])  # audited: the next start does not report it again
+    spool.close()
+    spool = Spool(tmp_path / "spool")
+    [problem] = spool.recovery_problems
+    assert "record 4 is damaged" not in problem, problem
+    spool.close()
+
+
 def test_bytes_before_a_segments_first_record_are_set_aside_not_the_records(tmp_path: Path) -> None:
     spool = _spool(tmp_path / "spool")
     for i in range(3):

@@ -433,17 +433,37 @@ class SessionRecorder:
                     continue
                 del self._sessions[sid]
                 self.interrupted.append(sid)
-        for problem in self.spool.recovery_problems:
-            # What a restart cut from the spool (a torn write) or found damaged in it (records lost between
-            # valid ones) may never have reached the sinks: the audit chain says so, not only the log.
-            try:
-                self.audit("spool.recovered", {"spool": str(config.spool_dir), "problem": problem})
-            except RecordingError as exc:
-                log.error("could not audit a spool recovery (%s): %s", problem, exc)
+        # What a restart cut from the spool (a torn write) or found damaged in it (records lost between valid
+        # ones) may never have reached the sinks: the audit chain says so, not only the log. What the spool
+        # cannot take now (it is full) is audited before the next audit event it takes.
+        self._recoveries = list(self.spool.recovery_problems)
+        self._audit_recoveries(at_start=True)
         if audit is not None:
             audit.before_read = self._catch_up_local
         self.spool.on_takeover = self._abandon
         _CURRENT.append(weakref.ref(self))
+
+    def _audit_recoveries(self, *, at_start: bool = False) -> None:
+        """Audit the spool's recovery problems (``spool.recovered``) not audited yet; the spool forgets each once
+        its event is durable, so a gateway stopped before then audits it at its next start."""
+        done: list[str] = []
+        with self._lock:
+            try:
+                for problem in self._recoveries:
+                    body = {"kind": "spool.recovered", "ts": time.time(), "spool": str(self.config.spool_dir)}
+                    self._append(AUDIT, encode_bytes({**body, "problem": problem}))
+                    done.append(problem)
+            except RecordingError as exc:
+                if at_start:
+                    log.error("could not audit a spool recovery yet (%s): %s", self._recoveries[len(done)], exc)
+            if not done:
+                return
+            self._recoveries = self._recoveries[len(done) :]
+        try:
+            self.spool.sync()
+            self.spool.recovery_reported(done)
+        except (RecordingError, OSError) as exc:
+            log.error("the spool recovery is audited again at the next start: %s", exc)
 
     @classmethod
     def for_gateway(cls, config: GatewayConfig, audit: AuditLog | None) -> SessionRecorder:
@@ -579,6 +599,8 @@ class SessionRecorder:
 
     def audit(self, kind: str, event: Mapping[str, Any], *, strict: bool = False) -> None:
         """Append an audit event; decisions other than ``allow`` also go into their session."""
+        if self._recoveries:
+            self._audit_recoveries()
         body = encode_bytes({"kind": kind, "ts": time.time(), **event})
         sid = event.get("session") if kind == "decision" else None
         with self._lock:

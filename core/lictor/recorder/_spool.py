@@ -31,7 +31,8 @@ machine did not finish) is cut off and reported. A bad record followed by valid 
 write (only the last write can be torn) but damage in place: the valid records after it are moved to
 a segment of their own, the damaged bytes to ``damaged/``, and the numbers they held are reported
 lost (the recorder audits every recovery problem, and the session chains they belonged to show the
-gap). Nothing valid is cut.
+gap). Nothing valid is cut. Each problem is noted in ``recovered`` before recovery changes a file and
+kept there until the recorder has audited it (:meth:`Spool.recovery_reported`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ OFFSETS = "offsets"
 """The spool directory's subdirectory where each sink's committed position is kept (``SINK.off``)."""
 _SUFFIX = ".seg"
 _DAMAGED = "damaged"  # the spool directory's subdirectory where recovery keeps the bytes of damaged records
+# What recovery found, one problem a line, written before it changes any file and removed once the problems
+# are audited (Spool.recovery_reported): a restart stopped in between reports them again, not nothing.
+_REPORTS = "recovered"
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +279,7 @@ class Spool(_SegmentList):
 
     def _open_files(self) -> None:
         self.gateway_id = self._gateway_id()
-        self.recovery_problems: list[str] = []
+        self.recovery_problems: list[str] = self._unreported()
         # The first sequence number of the newest segment ever started, kept in place (no new
         # blocks needed), so sequence numbers are never reused even if every segment is gone.
         self._floor = Offset(self.directory / "floor")
@@ -315,6 +319,35 @@ class Spool(_SegmentList):
         path.write_text(gid + "\n")
         return gid
 
+    def _unreported(self) -> list[str]:
+        try:
+            text = (self.directory / _REPORTS).read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [line for line in text.splitlines() if line]
+
+    def _report(self, message: str) -> None:
+        """Note a recovery problem, durably before recovery acts on it (best effort: on a full disk it is
+        only in memory and the log, as before)."""
+        log.error("%s", message)
+        if message in self.recovery_problems:
+            return  # found again by a recovery that a stop interrupted
+        self.recovery_problems.append(message)
+        try:
+            write_atomic(self.directory / _REPORTS, "".join(f"{m}\n" for m in self.recovery_problems).encode())
+        except OSError as exc:
+            log.error("spool %s: could not keep the recovery problem until it is audited: %s", self.directory, exc)
+
+    def recovery_reported(self, problems: list[str]) -> None:
+        """These recovery problems are audited (in the spool, durably): a restart does not report them again."""
+        rest = [m for m in self.recovery_problems if m not in problems]
+        if rest:
+            write_atomic(self.directory / _REPORTS, "".join(f"{m}\n" for m in rest).encode())
+        else:
+            (self.directory / _REPORTS).unlink(missing_ok=True)
+            fsync_dir(self.directory)
+        self.recovery_problems = rest
+
     def _recover(self) -> list[Segment]:
         segments: list[Segment] = []
         paths = sorted(self.directory.glob("*" + _SUFFIX))
@@ -333,8 +366,8 @@ class Spool(_SegmentList):
                 if found is None:
                     message = f"spool segment {path.name}: {problem}; cut {len(data) - size} bytes after record {last}"
                 else:
-                    kept = self._split(path, data, size, last, found)
                     pos, seq = found
+                    kept = self.directory / f"{seq:020d}{_SUFFIX}"
                     if seq == last + 1:
                         lost = f"{pos - size} bytes that are no record are"
                     else:
@@ -344,16 +377,15 @@ class Spool(_SegmentList):
                         + (f" (the {pos - size} bytes are kept in {_DAMAGED}/{path.name}.{size})" if pos > size else "")
                         + f"; the valid records that follow, from {seq} on, are kept in {kept.name}"
                     )
+                    self._report(message)
+                    self._split(path, data, size, found, kept)
                     if kept == path:
                         # Bytes before the segment's first record: the segment now starts at that record.
-                        self.recovery_problems.append(message)
-                        log.error("%s", message)
                         index -= 1
                         continue
                     if kept not in paths[index:]:
                         paths.insert(index, kept)  # checked in turn: it may be damaged further on
-                self.recovery_problems.append(message)
-                log.error("%s", message)
+                self._report(message)
                 with open(path, "r+b") as fh:
                     fh.truncate(size)
                     os.fsync(fh.fileno())
@@ -366,18 +398,16 @@ class Spool(_SegmentList):
             segments.append(Segment(first, path, size, last, sealed=True))
         return segments
 
-    def _split(self, path: Path, data: bytes, size: int, last: int, found: tuple[int, int]) -> Path:
-        """Move the valid records after a damaged span of ``path`` to a segment of their own (named after
-        their first sequence number, so numbering stays in order and the damaged numbers stay unused), and
-        the damaged bytes to ``damaged/``; return the new segment. Written before ``path`` is cut: a crash
-        in between finds the same damage again and writes the same files."""
-        pos, seq = found
+    def _split(self, path: Path, data: bytes, size: int, found: tuple[int, int], kept: Path) -> None:
+        """Move the valid records after a damaged span of ``path`` to the segment ``kept`` (named after their
+        first sequence number, so numbering stays in order and the damaged numbers stay unused), and the
+        damaged bytes to ``damaged/``. Written before ``path`` is cut: a crash in between finds the same
+        damage again and writes the same files."""
+        pos, _ = found
         if pos > size:
             (self.directory / _DAMAGED).mkdir(exist_ok=True)
             write_atomic(self.directory / _DAMAGED / f"{path.name}.{size}", data[size:pos])
-        kept = self.directory / f"{seq:020d}{_SUFFIX}"
         write_atomic(kept, data[pos:])
-        return kept
 
     # -- writing -------------------------------------------------------------------------------
 
