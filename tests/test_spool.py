@@ -168,6 +168,35 @@ def test_recovery_killed_midway_reports_again_what_it_had_already_cut(tmp_path: 
     spool.close()
 
 
+def test_recovery_killed_while_writing_a_segment_leaves_no_copy_behind(tmp_path: Path) -> None:
+    # A recovery killed while writing the segment of the records after a damaged one left the temporary file
+    # behind, outside every limit: each restart stopped there kept one more copy of them.
+    spool = _spool(tmp_path / "spool")
+    for i in range(50):
+        spool.append(SESSION, b'{"value":"%02d"}' % i)
+    path = spool.segments[-1].path
+    spool.close()
+    path.write_bytes(path.read_bytes().replace(b'"value":"03"', b'"value":"30"'))
+    child = (
+        "import os, signal, sys; from pathlib import Path; from lictor.recorder import Spool\n"
+        "real = os.replace\n"
+        "def replace(src, dst):\n"
+        "    if str(dst).endswith('.seg'): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(src, dst)\n"
+        "os.replace = replace; Spool(Path(sys.argv[1]))\n"
+    )
+    for _ in range(2):
+        killed = subprocess.run(
+            [sys.executable, "-c", child, str(tmp_path / "spool")], capture_output=True, check=False
+        )
+        assert killed.returncode == -9, killed.stderr.decode()
+    assert list((tmp_path / "spool").glob(".*.tmp"))  # what the killed recoveries were writing
+    spool = Spool(tmp_path / "spool")
+    assert [r.seq for r in spool.records()] == [s for s in range(1, 51) if s != 4]
+    assert not list((tmp_path / "spool").glob(".*.tmp")) and not list((tmp_path / "spool").glob("damaged/.*.tmp"))
+    spool.close()
+
+
 def test_bytes_before_a_segments_first_record_are_set_aside_not_the_records(tmp_path: Path) -> None:
     spool = _spool(tmp_path / "spool")
     for i in range(3):

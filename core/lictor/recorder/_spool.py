@@ -279,6 +279,7 @@ class Spool(_SegmentList):
 
     def _open_files(self) -> None:
         self.gateway_id = self._gateway_id()
+        self._remove_leftovers()
         self.recovery_problems: list[str] = self._unreported()
         # The first sequence number of the newest segment ever started, kept in place (no new
         # blocks needed), so sequence numbers are never reused even if every segment is gone.
@@ -318,6 +319,13 @@ class Spool(_SegmentList):
         gid = uuid.uuid4().hex[:16]
         path.write_text(gid + "\n")
         return gid
+
+    def _remove_leftovers(self) -> None:
+        """Remove the temporary files of an atomic write (a new segment, damaged bytes) that a stop cut short:
+        recovery writes them again, and they are counted in no limit, so each such stop would leave a copy."""
+        for directory in (self.directory, self.directory / _DAMAGED):
+            for leftover in directory.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
 
     def _unreported(self) -> list[str]:
         try:
