@@ -311,6 +311,30 @@ def test_git_and_rsync_are_file_transfers_admin_gets_whole_and_others_are_refuse
         assert f"lictor: denied rsync read of {card} by rule lictor:default-deny".encode() in refused.stderr
 
 
+def test_rsync_server_options_the_gateway_would_misread_are_refused_and_run_nothing(
+    running: Running, tmp_path: Path
+) -> None:
+    # rsync reads options after the files too (`. FILE --log-file=PATH` wrote PATH), and a bare -e takes the `.` as
+    # its value (the next word becomes the directory the files are named from): the gateway read both as files.
+    require_binary("rsync")
+    work = running.sshd.work
+    made = running.sshd.run(f"echo data > {work}/misread.txt")
+    assert made.returncode == 0, made.stderr
+    env = _transfer_client(running, "admin")
+    for server, why in (
+        (f"rsync --server --sender -logDtpre.iLsfxCIvu . {work}/misread.txt --log-file={work}/misread.log", b"after"),
+        (f"rsync --server --sender -logDtpre . {work} --log-file={work}/misread.log", b"next word"),
+    ):
+        refused = subprocess.run(
+            ["rsync", "-e", env["GIT_SSH_COMMAND"], f"--rsync-path={server} #",
+             running.client.remote(f"{work}/misread.txt"), str(tmp_path / "copy.txt")],
+            env=env, capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode != 0
+        assert b"lictor:ssh-unparsable" in refused.stderr and why in refused.stderr, refused.stderr
+    assert running.sshd.run(f"test -e {work}/misread.log").returncode != 0, "the refused rsync server ran"
+
+
 def test_admin_backs_up_to_the_login_home_with_an_excluded_pattern(running: Running) -> None:
     # "$HOME" is the login user's home like ~, and an unquoted --exclude=*.tmp only ever expands to --exclude
     # options: both were refused as "only known at run time", while ~/backup.tgz and '--exclude=*.tmp' worked.

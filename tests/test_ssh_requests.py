@@ -251,6 +251,13 @@ def test_git_and_rsync_servers_are_decided_as_file_transfers(
         ("rsync --server --suffix=/../../x -be.LsfxCIvu . /srv/app", "--suffix"),
         ("rsync --server --daemon .", "--daemon"),
         ("rsync --server -e.LsfxCIvu", "`.`"),
+        # rsync reads options after the files too, and -e without its value takes the `.` (then the next word is
+        # the directory the files are named from)
+        ("rsync --server --sender -e.LsfxCIvu . /srv/app --log-file=/etc/cron.d/x", "after the `.`"),
+        ("rsync --server --sender -e.LsfxCIvu . /srv/app -L", "after the `.`"),
+        ("rsync --server -e.LsfxCIvu . /srv/app -- -x", "after the `.`"),
+        ("rsync --server --sender -ve . /etc shadow", "next word"),
+        ("rsync --server --sender -e . /etc shadow", "next word"),
     ],
 )
 def test_transfers_the_gateway_cannot_see_whole_are_refused(command: str, why: str) -> None:

@@ -380,7 +380,12 @@ def _rsync_transfer(args: Sequence[str]) -> Transfer:
                 value = rest.pop(0)
             dirs.append(_transfer_path(program, value))
         elif re.fullmatch(r"-[A-Za-z][.A-Za-z]*", arg):
-            letters = arg[1:].partition("e")[0]
+            letters, has_e, info = arg[1:].partition("e")
+            if has_e and not info:  # -e takes a value: without one attached, rsync takes the next word (the `.`)
+                raise ShellParseError(
+                    f"{program}: {arg} would take the next word as its value, and the word after it as the "
+                    "directory the files are named from; give -e its value in the same word (-e.LsfxC)"
+                )
             for letter in letters:
                 if letter in _RSYNC_LINK_LETTERS:
                     raise ShellParseError(
@@ -398,6 +403,12 @@ def _rsync_transfer(args: Sequence[str]) -> Transfer:
             raise ShellParseError(f"{program}: the option {_cut(arg, 100)} {refused}, or is unknown to the gateway")
     if not rest:
         raise ShellParseError(f"{program} without the `.` that comes before the files it is given")
+    late = [p for p in rest[1:] if p.startswith("-")]
+    if late:  # rsync reads options wherever they are, also after the files (`. /srv/app --log-file=/etc/x`)
+        raise ShellParseError(
+            f"{program}: {_cut(late[0], 100)} after the `.` is an option rsync would read, not a file; options go "
+            "before the `.`, and a file whose name starts with - is named ./-name"
+        )
     paths = [_transfer_path(program, p) for p in rest[1:]]
     if not paths:
         raise ShellParseError(f"{program} names no file")
