@@ -1965,6 +1965,41 @@ def test_rsync_over_ssh_for_a_role_allowed_rsync(env: Env) -> None:
     assert b"daemon" in daemon.stderr, daemon.stderr
 
 
+def test_a_transfer_path_leaving_through_a_link_and_dot_dot_is_decided_where_it_leads(env: Env) -> None:
+    # rsync opens `WORK/l/../secret` as the kernel does: `..` after the link `l` leads out of WORK. The gateway
+    # resolved the `..` as text first (WORK/secret) and let a role allowed WORK read a file outside it.
+    rsync = require_binary("rsync")
+    outside = f"{env.work}-outside"
+    made = env.direct(
+        f"mkdir -p {outside}/d && echo secret > {outside}/secret && ln -sfn {outside}/d {env.work}/out_link"
+    )
+    assert made.returncode == 0, made.stderr
+    transport = shlex.join(["ssh", *env.client.options(), "-p", str(env.client.port)])
+    copy = env.tmp / "leaked_secret"
+    try:
+        pulled = subprocess.run(
+            [rsync, "-e", transport, env.client.remote(f"{env.work}/out_link/../secret"), str(copy)],
+            capture_output=True, env=env.client.env(env.tokens["operator"]), timeout=60, check=False,
+            start_new_session=True,
+        )  # fmt: skip
+        assert pulled.returncode != 0 and not copy.exists(), "a file outside the allowed directory was read"
+        assert f"denied rsync read of {env.work}/secret, {outside}/secret by rule lictor:default-deny" in _err(
+            pulled
+        ), _err(pulled)
+        # a link and `..` that lead back inside are allowed
+        assert env.direct(f"echo inside > {env.work}/inside.txt").returncode == 0
+        back = f"{env.work}/out_link/../../{env.work.name}/inside.txt"
+        inside = subprocess.run(
+            [rsync, "-e", transport, env.client.remote(back), str(env.tmp / "inside.txt")],
+            capture_output=True, env=env.client.env(env.tokens["operator"]), timeout=60, check=False,
+            start_new_session=True,
+        )  # fmt: skip
+        assert inside.returncode == 0, _err(inside)
+        assert (env.tmp / "inside.txt").read_bytes() == b"inside\n"
+    finally:
+        env.direct(f"rm -rf {outside} {env.work}/out_link {env.work}/inside.txt")
+
+
 def test_an_rsync_daemon_with_a_configuration_of_the_agents_choosing_is_denied(env: Env) -> None:
     # `rsync --config=FILE --server --daemon .` (what `rsync --rsync-path='rsync --config=FILE' host::m` runs) was
     # allowed by a rule for rsync, and the daemon ran the `pre-xfer exec` command of that file.

@@ -314,18 +314,35 @@ async def real_path(client: asyncssh.SFTPClient, lexical: str) -> str:
         return posixpath.join(real_parent, name)
 
 
+async def _kernel_path(client: asyncssh.SFTPClient, path: str) -> str:
+    """Where the program given ``path`` (absolute, as written) reaches: each ``..`` taken after the links before
+    it are followed, as the kernel does (``/srv/l/../x`` with ``l`` a link to ``/etc/ssh`` is ``/etc/x``); for a
+    path that does not exist yet, its nearest existing ancestor's real location joined with the rest."""
+    path = "/" + path.strip("/")
+    try:
+        real = await client.realpath(path.encode())
+        return posixpath.normpath(bytes(real).decode("utf-8", "surrogateescape"))
+    except asyncssh.SFTPError:
+        parent, name = posixpath.split(path)
+        if parent == path:
+            return path
+        return posixpath.normpath(posixpath.join(await _kernel_path(client, parent), name))
+
+
 async def transfer_paths(lease: Lease, written: Sequence[str]) -> list[str]:
     """The ``paths`` of a file transfer run over exec (git, rsync) as sftp gives them to rules: each path the
     agent wrote, made absolute against the account's home and normalised, and where it really is when a link
-    makes that differ."""
+    makes that differ. Unlike sftp's, the program opens the path as written, not the gateway's reading of it: its
+    ``..`` are taken after the links before them (:func:`_kernel_path`), not resolved as text first."""
     from ._requests import home_paths
 
     client = await lease.conn.start_sftp_client()
     try:
         home = bytes(await client.realpath(b".")).decode("utf-8", "surrogateescape")
         out: list[str] = []
-        for lexical in home_paths(written, home):
-            real = await real_path(client, lexical)
+        for path, lexical in zip(written, home_paths(written, home), strict=True):
+            path = home + path[1:] if path == "~" or path.startswith("~/") else path
+            real = await _kernel_path(client, posixpath.join(home, path))
             out += [lexical] if real == lexical else [lexical, real]
         return list(dict.fromkeys(out))
     finally:
