@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
 import re
 import select
 import shlex
@@ -41,6 +42,7 @@ GBK = "zh_CN.GBK"
 
 
 def _pack(work: Path) -> dict[str, Any]:
+    home = pwd.getpwuid(work.stat().st_uid).pw_dir  # the target account's
     read_programs = ["ls", "cat", "echo", "id", "whoami", "head", "printf", "sha256sum", "stty", "true", "sleep", "tty"]
     return {
         "format": "lictor/v1",
@@ -52,6 +54,7 @@ def _pack(work: Path) -> dict[str, Any]:
             {"match": {"claims": {"role": "liner"}}, "roles": ["liner"]},
             {"match": {"claims": {"role": "approver"}}, "roles": ["approver"]},
             {"match": {"claims": {"mask": "yes"}}, "roles": ["masked"]},
+            {"match": {"claims": {"role": "home-sync"}}, "roles": ["home-sync"]},
             {"match": {"sub": "cert-alice"}, "roles": ["observer"]},
         ],
         "roles": {
@@ -202,6 +205,16 @@ def _pack(work: Path) -> dict[str, Any]:
                 ]
             },
             "approver": {"rules": []},
+            "home-sync": {
+                "rules": [
+                    {
+                        "id": "home-rsync",
+                        "protocol": "ssh",
+                        "when": {"channels": ["rsync"], "paths": [home, f"{home}/*"]},
+                        "action": "allow",
+                    }
+                ]
+            },
             "masked": {
                 "rules": [
                     {
@@ -1998,6 +2011,38 @@ def test_a_transfer_path_leaving_through_a_link_and_dot_dot_is_decided_where_it_
         assert (env.tmp / "inside.txt").read_bytes() == b"inside\n"
     finally:
         env.direct(f"rm -rf {outside} {env.work}/out_link {env.work}/inside.txt")
+
+
+def test_a_quoted_tilde_is_decided_as_the_file_of_that_name_too(env: Env) -> None:
+    # The analysis reads '~/x' and ~/x alike, but quoted the ~ is not expanded: rsync opens ./~/x. With a link named
+    # ~ to / (rsync -l pushes one), a role allowed its home read /etc files while rules saw ~/etc/...
+    rsync = require_binary("rsync")
+    home = pwd.getpwuid(env.work.stat().st_uid).pw_dir
+    transport = shlex.join(["ssh", *env.client.options(), "-p", str(env.client.port)])
+    token = env.gw.token("agent-home-sync", role="home-sync")
+    try:
+        # the home directory, named with ~, syncs
+        assert env.direct(f"echo mine > {home}/tilde_mine").returncode == 0
+        mine = subprocess.run(
+            [rsync, "-e", transport, env.client.remote("~/tilde_mine"), str(env.tmp / "tilde_mine")],
+            capture_output=True, env=env.client.env(token), timeout=60, check=False, start_new_session=True,
+        )  # fmt: skip
+        assert mine.returncode == 0, _err(mine)
+        assert (env.tmp / "tilde_mine").read_bytes() == b"mine\n"
+        made = env.direct(f"echo secret > {env.work}/tilde_secret && ln -sfn / {home}/~")
+        assert made.returncode == 0, made.stderr
+        copy = env.tmp / "tilde_secret"
+        server = f"rsync --server --sender -e.LsfxCIvu . '~/{str(env.work).lstrip('/')}/tilde_secret' #"
+        pulled = subprocess.run(
+            [rsync, "-e", transport, f"--rsync-path={server}", env.client.remote("tilde_secret"), str(copy)],
+            capture_output=True, env=env.client.env(token), timeout=60, check=False, start_new_session=True,
+        )  # fmt: skip
+        assert pulled.returncode != 0 and not copy.exists(), "a file outside the home directory was read"
+        assert f"denied rsync read of {home}{env.work}/tilde_secret, {home}/~{env.work}/tilde_secret, " in _err(
+            pulled
+        ), _err(pulled)
+    finally:
+        env.direct(f"rm -f {home}/~ {home}/tilde_mine {env.work}/tilde_secret")
 
 
 def test_an_rsync_daemon_with_a_configuration_of_the_agents_choosing_is_denied(env: Env) -> None:

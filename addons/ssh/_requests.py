@@ -336,7 +336,7 @@ def transfer_of(invocations: Sequence[Invocation]) -> Transfer | None:
     paths = [a for a in args if not a.startswith("-")]
     if len(paths) != 1 or any(o not in ("--strict", "--stateless-rpc", "--advertise-refs") for o in options):
         raise ShellParseError(f"{program} takes the repository's path and no other argument through the gateway")
-    return Transfer("git", (GIT_TRANSFERS[sub],), (_transfer_path(program, paths[0]),))
+    return Transfer("git", (GIT_TRANSFERS[sub],), _tilde_readings([_transfer_path(program, paths[0])]))
 
 
 def _transfer_program(inv: Invocation) -> str | None:
@@ -416,7 +416,17 @@ def _rsync_transfer(args: Sequence[str]) -> Transfer:
         base = paths[0] if paths[0].endswith("/") else posixpath.dirname(paths[0]) or "."
         paths += [d if d.startswith(("/", "~")) else posixpath.join(base, d) for d in dirs]
     operations = ("read",) if sender else ("write",)
-    return Transfer("rsync", operations + (("remove",) if removes else ()), tuple(paths))
+    return Transfer("rsync", operations + (("remove",) if removes else ()), _tilde_readings(paths))
+
+
+def _tilde_readings(paths: Sequence[str]) -> tuple[str, ...]:
+    """``paths``, and for one starting with ``~`` also the file of that name in the home directory: the analysis
+    reads ``'~/x'`` and ``~/x`` alike, but quoted the ``~`` is not expanded, and rsync (git with ``--strict``)
+    opens ``./~/x``, which a link named ``~`` may take anywhere."""
+    out: list[str] = []
+    for path in paths:
+        out += [path, f"./{path}"] if path == "~" or path.startswith("~/") else [path]
+    return tuple(dict.fromkeys(out))
 
 
 def transfer_request(
