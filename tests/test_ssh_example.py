@@ -335,6 +335,35 @@ def test_rsync_server_options_the_gateway_would_misread_are_refused_and_run_noth
     assert running.sshd.run(f"test -e {work}/misread.log").returncode != 0, "the refused rsync server ran"
 
 
+def test_admin_rsync_cannot_empty_the_root_or_write_into_proc(running: Running, tmp_path: Path) -> None:
+    # rsync names the files of a tree inside its stream: `--delete` into / is `rm -rf /`, and a push into /proc/ with
+    # --inplace writes /proc/sysrq-trigger; both went through, the guards only seeing / and /proc. (-n: a dry run,
+    # should the guard fail.)
+    require_binary("rsync")
+    env = _transfer_client(running, "admin")
+    empty, trigger = tmp_path / "empty", tmp_path / "sysrq-trigger"
+    empty.mkdir()
+    trigger.write_text("h")
+    for args in (
+        ["-rn", "--delete", "--max-delete=1", f"{empty}/", running.client.remote("/")],
+        ["-rn", "--remove-source-files", running.client.remote("/"), str(tmp_path / "root")],
+        ["-n", "-W", "--inplace", str(trigger), running.client.remote("/proc/")],
+    ):
+        refused = subprocess.run(
+            ["rsync", "-e", env["GIT_SSH_COMMAND"], *args], env=env, capture_output=True, timeout=60
+        )
+        assert refused.returncode != 0
+        assert b"by rule guard-transfer-trees" in refused.stderr, refused.stderr
+    work = running.sshd.work
+    assert running.sshd.run(f"mkdir -p {work}/synced && touch {work}/synced/stale").returncode == 0
+    synced = subprocess.run(
+        ["rsync", "-e", env["GIT_SSH_COMMAND"], "-az", "--delete", f"{empty}/", running.client.remote(f"{work}/synced/")],
+        env=env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert synced.returncode == 0, synced.stderr
+    assert running.sshd.run(f"test -e {work}/synced/stale").returncode != 0
+
+
 def test_admin_backs_up_to_the_login_home_with_an_excluded_pattern(running: Running) -> None:
     # "$HOME" is the login user's home like ~, and an unquoted --exclude=*.tmp only ever expands to --exclude
     # options: both were refused as "only known at run time", while ~/backup.tgz and '--exclude=*.tmp' worked.
