@@ -364,6 +364,25 @@ def test_admin_rsync_cannot_empty_the_root_or_write_into_proc(running: Running, 
     assert running.sshd.run(f"test -e {work}/synced/stale").returncode != 0
 
 
+def test_admin_rsyncs_with_resumable_transfers_and_statistics(running: Running, tmp_path: Path) -> None:
+    # `rsync -P` (--partial --progress) sends the server `--log-format=X --partial`, and `--stats` is sent too: all
+    # were refused as options unknown to the gateway, though they touch only the files being copied.
+    require_binary("rsync")
+    env = _transfer_client(running, "admin")
+    work = running.sshd.work
+    local = tmp_path / "resumable.bin"
+    local.write_bytes(os.urandom(100_000))
+    for args in (
+        ["-aP", "--stats", str(local), running.client.remote(f"{work}/")],
+        ["-avzP", running.client.remote(f"{work}/resumable.bin"), str(tmp_path / "back.bin")],
+    ):
+        copied = subprocess.run(
+            ["rsync", "-e", env["GIT_SSH_COMMAND"], *args], env=env, capture_output=True, timeout=60
+        )
+        assert copied.returncode == 0, copied.stderr
+    assert (tmp_path / "back.bin").read_bytes() == local.read_bytes()
+
+
 def test_admin_backs_up_to_the_login_home_with_an_excluded_pattern(running: Running) -> None:
     # "$HOME" is the login user's home like ~, and an unquoted --exclude=*.tmp only ever expands to --exclude
     # options: both were refused as "only known at run time", while ~/backup.tgz and '--exclude=*.tmp' worked.

@@ -219,6 +219,8 @@ def test_the_line_shells_process_id_is_read_only_before_its_first_prompt() -> No
         ("rsync --server --sender -logDtpre.iLsfxCIvu . /var/log/syslog /etc/hostname", "rsync", "read",
          ["/var/log/syslog", "/etc/hostname"]),
         ("rsync --server -e.LsfxCIvu . /srv/app/", "rsync", "write", ["/srv/app"]),
+        ("rsync --server -logDtpre.iLsfxCIvu --log-format=X --partial --stats . /srv/app/", "rsync", "write",
+         ["/srv/app"]),
         ("rsync --server -logDtpre.iLsfxCIvu --delete --partial-dir .p --backup-dir /srv/old . /srv/app/", "rsync",
          ["write", "remove"], ["/srv/app", "/srv/app/.p", "/srv/old"]),
         ("rsync --server --sender -vlogDtprze.iLsfxCIvu --remove-source-files . /srv/out", "rsync", ["read", "remove"],

@@ -271,7 +271,7 @@ _RSYNC_FLAGS = frozenset(
         "--fake-super", "--mkpath", "--ignore-missing-args", "--existing", "--ignore-existing",
         "--ignore-non-existing", "--fsync", "--open-noatime", "--preallocate", "--super", "--no-super", "--qsort",
         "--old-args", "--delete", "--delete-before", "--delete-during", "--delete-delay", "--delete-after",
-        "--delete-excluded", "--delete-missing-args", "--remove-source-files",
+        "--delete-excluded", "--delete-missing-args", "--remove-source-files", "--partial", "--stats",
     }
 )  # fmt: skip
 """Long options an rsync client sends its server that take no value and touch no other file."""
@@ -279,7 +279,8 @@ _RSYNC_VALUES = frozenset(
     {
         "--bwlimit", "--max-delete", "--min-size", "--max-size", "--timeout", "--suffix", "--usermap", "--groupmap",
         "--chmod", "--checksum-choice", "--compress-choice", "--compress-level", "--info", "--debug", "--max-alloc",
-        "--modify-window", "--stop-at", "--stop-after", "--checksum-seed", "--iconv", "--block-size",
+        "--modify-window", "--stop-at", "--stop-after", "--checksum-seed", "--iconv", "--block-size", "--log-format",
+        "--out-format",
     }
 )  # fmt: skip
 """Long options with a value (``--name=value``) that names no file."""
