@@ -208,9 +208,9 @@ def _pack(work: Path) -> dict[str, Any]:
             "home-sync": {
                 "rules": [
                     {
-                        "id": "home-rsync",
+                        "id": "home-transfers",
                         "protocol": "ssh",
-                        "when": {"channels": ["rsync"], "paths": [home, f"{home}/*"]},
+                        "when": {"channels": ["rsync", "git"], "paths": [home, f"{home}/*"]},
                         "action": "allow",
                     }
                 ]
@@ -2043,6 +2043,36 @@ def test_a_quoted_tilde_is_decided_as_the_file_of_that_name_too(env: Env) -> Non
         ), _err(pulled)
     finally:
         env.direct(f"rm -f {home}/~ {home}/tilde_mine {env.work}/tilde_secret")
+
+
+def test_a_git_path_is_decided_with_where_the_names_git_tries_after_it_lead(env: Env) -> None:
+    # git's far end given `~/app` opens `~/app.git` when `~/app` is not a repository: a link by that name took a
+    # role allowed its home to a repository elsewhere, while rules saw ~/app.
+    git = require_binary("git")
+    home = pwd.getpwuid(env.work.stat().st_uid).pw_dir
+    elsewhere = f"{env.work}/elsewhere.git"
+    made = env.direct(
+        f"git init -q --bare {elsewhere} && ln -sfn {elsewhere} {home}/app.git && git init -q --bare {home}/mine.git"
+    )
+    assert made.returncode == 0, made.stderr
+    transport = shlex.join(["ssh", *env.client.options(), "-p", str(env.client.port)])
+    client_env = {**env.client.env(env.gw.token("agent-home-git", role="home-sync")), "GIT_SSH_COMMAND": transport}
+    try:
+        linked = subprocess.run(
+            [git, "clone", "-q", f"agent@{env.client.host}:app", str(env.tmp / "app")],
+            capture_output=True, env=client_env, timeout=60, check=False, start_new_session=True,
+        )  # fmt: skip
+        assert linked.returncode != 0, "a repository outside the home directory was read"
+        assert f"denied git read of {home}/app, {elsewhere}" in _err(linked), _err(linked)
+        assert "by rule lictor:default-deny" in _err(linked), _err(linked)
+        mine = subprocess.run(
+            [git, "clone", "-q", f"agent@{env.client.host}:mine", str(env.tmp / "mine")],
+            capture_output=True, env=client_env, timeout=60, check=False, start_new_session=True,
+        )  # fmt: skip
+        assert mine.returncode == 0, _err(mine)
+    finally:
+        env.direct(f"rm -rf {elsewhere} {home}/app.git {home}/mine.git")
+        shutil.rmtree(env.tmp / "mine", ignore_errors=True)
 
 
 def test_an_rsync_daemon_with_a_configuration_of_the_agents_choosing_is_denied(env: Env) -> None:

@@ -528,7 +528,7 @@ class ChannelHandler:
         try:
             lease = await self.agent.pool.acquire()
             try:
-                paths = await transfer_paths(lease, transfer.paths)
+                paths = await transfer_paths(lease, transfer.paths, git=transfer.channel == "git")
             finally:
                 lease.release()
         except UpstreamError as exc:

@@ -329,10 +329,15 @@ async def _kernel_path(client: asyncssh.SFTPClient, path: str) -> str:
         return posixpath.normpath(posixpath.join(await _kernel_path(client, parent), name))
 
 
-async def transfer_paths(lease: Lease, written: Sequence[str]) -> list[str]:
+GIT_SUFFIXES = ("/.git", ".git/.git", ".git")
+"""What git's far end also tries when the path it is given is not a repository (``enter_repo``)."""
+
+
+async def transfer_paths(lease: Lease, written: Sequence[str], *, git: bool = False) -> list[str]:
     """The ``paths`` of a file transfer run over exec (git, rsync) as sftp gives them to rules: each path the
     agent wrote, made absolute against the account's home and normalised, and where it really is when a link
-    makes that differ. Unlike sftp's, the program opens the path as written, not the gateway's reading of it: its
+    makes that differ (for ``git``, also where a link leads at the names git tries after it, ``PATH.git`` and
+    ``PATH/.git``). Unlike sftp's, the program opens the path as written, not the gateway's reading of it: its
     ``..`` are taken after the links before them (:func:`_kernel_path`), not resolved as text first."""
     from ._requests import home_paths
 
@@ -342,8 +347,13 @@ async def transfer_paths(lease: Lease, written: Sequence[str]) -> list[str]:
         out: list[str] = []
         for path, lexical in zip(written, home_paths(written, home), strict=True):
             path = home + path[1:] if path == "~" or path.startswith("~/") else path
-            real = await _kernel_path(client, posixpath.join(home, path))
+            joined = posixpath.join(home, path)
+            real = await _kernel_path(client, joined)
             out += [lexical] if real == lexical else [lexical, real]
+            for suffix in GIT_SUFFIXES if git else ():  # `app` opens `app.git`: where a link there leads, too
+                real = await _kernel_path(client, "/" + (joined.strip("/") + suffix).lstrip("/"))
+                if real != posixpath.normpath("/" + (lexical.strip("/") + suffix).lstrip("/")):
+                    out.append(real)
         return list(dict.fromkeys(out))
     finally:
         client.exit()
