@@ -2075,6 +2075,33 @@ def test_a_git_path_is_decided_with_where_the_names_git_tries_after_it_lead(env:
         shutil.rmtree(env.tmp / "mine", ignore_errors=True)
 
 
+def test_a_relative_backup_dir_is_decided_inside_a_destination_named_without_a_slash(env: Env) -> None:
+    # `rsync -b --backup-dir=l/bk src/ HOST:WORK/dst` keeps backups in WORK/dst/l/bk (dst is a directory); the gateway
+    # read it as WORK/l/bk, so a link WORK/dst/l to a directory outside WORK took the backups there.
+    rsync = require_binary("rsync")
+    outside = f"{env.work}-backups"
+    made = env.direct(
+        f"mkdir -p {outside} {env.work}/dst && echo old > {env.work}/dst/f && ln -sfn {outside} {env.work}/dst/l"
+    )
+    assert made.returncode == 0, made.stderr
+    source = env.tmp / "backup_src"
+    source.mkdir(exist_ok=True)
+    (source / "f").write_text("new\n")
+    transport = shlex.join(["ssh", *env.client.options(), "-p", str(env.client.port)])
+    try:
+        pushed = subprocess.run(
+            [rsync, "-rI", "-b", "--backup-dir=l/bk", "-e", transport, f"{source}/",
+             env.client.remote(f"{env.work}/dst")],
+            capture_output=True, env=env.client.env(env.tokens["operator"]), timeout=60, check=False,
+            start_new_session=True,
+        )  # fmt: skip
+        assert env.direct(f"test -e {outside}/bk/f").returncode != 0, "a backup was written outside the allowed tree"
+        assert pushed.returncode != 0
+        assert f"{outside}/bk" in _err(pushed) and "by rule lictor:default-deny" in _err(pushed), _err(pushed)
+    finally:
+        env.direct(f"rm -rf {outside} {env.work}/dst")
+
+
 def test_an_rsync_daemon_with_a_configuration_of_the_agents_choosing_is_denied(env: Env) -> None:
     # `rsync --config=FILE --server --daemon .` (what `rsync --rsync-path='rsync --config=FILE' host::m` runs) was
     # allowed by a rule for rsync, and the daemon ran the `pre-xfer exec` command of that file.

@@ -221,6 +221,9 @@ def test_the_line_shells_process_id_is_read_only_before_its_first_prompt() -> No
         ("rsync --server -e.LsfxCIvu . /srv/app/", "rsync", "write", ["/srv/app"]),
         ("rsync --server -logDtpre.iLsfxCIvu --log-format=X --partial --stats . /srv/app/", "rsync", "write",
          ["/srv/app"]),
+        # without a trailing /, the destination may be the directory a relative --backup-dir is in, or a file in it
+        ("rsync --server -be.LsfxCIvu --backup-dir bk . /srv/app", "rsync", "write",
+         ["/srv/app", "/srv/app/bk", "/srv/bk"]),
         ("rsync --server -logDtpre.iLsfxCIvu --delete --partial-dir .p --backup-dir /srv/old . /srv/app/", "rsync",
          ["write", "remove"], ["/srv/app", "/srv/app/.p", "/srv/old"]),
         ("rsync --server --sender -vlogDtprze.iLsfxCIvu --remove-source-files . /srv/out", "rsync", ["read", "remove"],

@@ -413,9 +413,10 @@ def _rsync_transfer(args: Sequence[str]) -> Transfer:
     paths = [_transfer_path(program, p) for p in rest[1:]]
     if not paths:
         raise ShellParseError(f"{program} names no file")
-    if dirs:  # relative: inside the destination (the receiver's first path)
-        base = paths[0] if paths[0].endswith("/") else posixpath.dirname(paths[0]) or "."
-        paths += [d if d.startswith(("/", "~")) else posixpath.join(base, d) for d in dirs]
+    if dirs:  # relative: inside the destination directory, the receiver's first path or, if that is a file, its parent
+        dest = paths[0]
+        bases = [dest] if dest.endswith("/") else [dest, posixpath.dirname(dest) or "."]
+        paths += [d if d.startswith(("/", "~")) else posixpath.join(base, d) for d in dirs for base in bases]
     operations = ("read",) if sender else ("write",)
     return Transfer("rsync", operations + (("remove",) if removes else ()), _tilde_readings(paths))
 
