@@ -365,8 +365,9 @@ def test_admin_rsync_cannot_empty_the_root_or_write_into_proc(running: Running, 
 
 
 def test_admin_rsyncs_with_resumable_transfers_and_statistics(running: Running, tmp_path: Path) -> None:
-    # `rsync -P` (--partial --progress) sends the server `--log-format=X --partial`, and `--stats` is sent too: all
-    # were refused as options unknown to the gateway, though they touch only the files being copied.
+    # `rsync -P` (--partial --progress) sends the server `--log-format=X --partial`, and `--stats`, -C
+    # (--cvs-exclude) and -B2048 (--block-size) are sent too: all were refused as options unknown to the gateway,
+    # though they touch only the files being copied.
     require_binary("rsync")
     env = _transfer_client(running, "admin")
     work = running.sshd.work
@@ -375,6 +376,7 @@ def test_admin_rsyncs_with_resumable_transfers_and_statistics(running: Running, 
     for args in (
         ["-aP", "--stats", str(local), running.client.remote(f"{work}/")],
         ["-avzP", running.client.remote(f"{work}/resumable.bin"), str(tmp_path / "back.bin")],
+        ["-aC", "-B", "2048", str(local), running.client.remote(f"{work}/cvs.bin")],
     ):
         copied = subprocess.run(
             ["rsync", "-e", env["GIT_SSH_COMMAND"], *args], env=env, capture_output=True, timeout=60

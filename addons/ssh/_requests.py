@@ -260,7 +260,7 @@ GIT_TRANSFERS = {"upload-pack": "read", "upload-archive": "read", "receive-pack"
 """The far ends of ``git clone``/``fetch``/``archive --remote`` and ``git push`` over ssh, and what they do
 to the repository named."""
 
-_RSYNC_LETTERS = frozenset("vqbunlWHdrRxSOJUNmpEAXogDtczIyi")
+_RSYNC_LETTERS = frozenset("vqbunlWHdrRxSOJUNmpEAXogDtczIyiC")
 """Letters of the option bundle an rsync client sends its server (``-logDtpre.iLsfxCIvu``) that change
 neither which files are touched nor where: the rest of the bundle after ``e`` is the client's capabilities."""
 _RSYNC_LINK_LETTERS = {"L": "--copy-links", "k": "--copy-dirlinks", "K": "--keep-dirlinks"}
@@ -380,6 +380,8 @@ def _rsync_transfer(args: Sequence[str]) -> Transfer:
                     raise ShellParseError(f"{program}: {arg} without its directory")
                 value = rest.pop(0)
             dirs.append(_transfer_path(program, value))
+        elif re.fullmatch(r"-B[0-9]+", arg):  # --block-size, as the client sends it
+            pass
         elif re.fullmatch(r"-[A-Za-z][.A-Za-z]*", arg):
             letters, has_e, info = arg[1:].partition("e")
             if has_e and not info:  # -e takes a value: without one attached, rsync takes the next word (the `.`)
