@@ -2102,6 +2102,33 @@ def test_a_relative_backup_dir_is_decided_inside_a_destination_named_without_a_s
         env.direct(f"rm -rf {outside} {env.work}/dst")
 
 
+def test_a_backup_dir_with_an_unexpanded_tilde_is_decided_inside_the_destination(env: Env) -> None:
+    # `--backup-dir=~/bk` (attached, the shell leaves the ~) is a directory named ~ inside the destination: the gateway
+    # read it as the home's bk, so a link named ~ in the destination took backups anywhere.
+    rsync = require_binary("rsync")
+    home = pwd.getpwuid(env.work.stat().st_uid).pw_dir
+    outside = f"{env.work}/tilde_backups"
+    made = env.direct(f"mkdir -p {outside} {home}/tdst && echo old > {home}/tdst/f && ln -sfn {outside} {home}/tdst/~")
+    assert made.returncode == 0, made.stderr
+    source = env.tmp / "tilde_backup_src"
+    source.mkdir(exist_ok=True)
+    (source / "f").write_text("new\n")
+    transport = shlex.join(["ssh", *env.client.options(), "-p", str(env.client.port)])
+    server = "rsync --server -brIe.iLsfxCIvu --backup-dir=~/bk . tdst/ #"
+    try:
+        pushed = subprocess.run(
+            [rsync, "-rI", "-b", "--backup-dir=x", "-e", transport, f"--rsync-path={server}", f"{source}/",
+             env.client.remote("tdst/")],
+            capture_output=True, env=env.client.env(env.gw.token("agent-home-backup", role="home-sync")),
+            timeout=60, check=False, start_new_session=True,
+        )  # fmt: skip
+        assert env.direct(f"test -e {outside}/bk/f").returncode != 0, "a backup was written outside the home"
+        assert pushed.returncode != 0
+        assert f"{outside}/bk" in _err(pushed) and "by rule lictor:default-deny" in _err(pushed), _err(pushed)
+    finally:
+        env.direct(f"rm -rf {outside} {home}/tdst")
+
+
 def test_an_rsync_daemon_with_a_configuration_of_the_agents_choosing_is_denied(env: Env) -> None:
     # `rsync --config=FILE --server --daemon .` (what `rsync --rsync-path='rsync --config=FILE' host::m` runs) was
     # allowed by a rule for rsync, and the daemon ran the `pre-xfer exec` command of that file.

@@ -222,6 +222,8 @@ def test_the_line_shells_process_id_is_read_only_before_its_first_prompt() -> No
         ("rsync --server -logDtpre.iLsfxCIvu --log-format=X --partial --stats . /srv/app/", "rsync", "write",
          ["/srv/app"]),
         ("rsync --server -logDtprCe.iLsfxCIvu -B2048 . /srv/app/", "rsync", "write", ["/srv/app"]),
+        ("rsync --server -be.LsfxCIvu --backup-dir=~/bk . /srv/app/", "rsync", "write",
+         ["/srv/app", "/srv/app/~/bk", "~/bk", "./~/bk"]),
         # without a trailing /, the destination may be the directory a relative --backup-dir is in, or a file in it
         ("rsync --server -be.LsfxCIvu --backup-dir bk . /srv/app", "rsync", "write",
          ["/srv/app", "/srv/app/bk", "/srv/bk"]),

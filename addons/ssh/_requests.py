@@ -418,7 +418,9 @@ def _rsync_transfer(args: Sequence[str]) -> Transfer:
     if dirs:  # relative: inside the destination directory, the receiver's first path or, if that is a file, its parent
         dest = paths[0]
         bases = [dest] if dest.endswith("/") else [dest, posixpath.dirname(dest) or "."]
-        paths += [d if d.startswith(("/", "~")) else posixpath.join(base, d) for d in dirs for base in bases]
+        for d in dirs:  # a ~ the shell does not expand (quoted, or after `=`) is a directory named ~ in there
+            paths += [d] if d.startswith("/") else [posixpath.join(base, d) for base in bases]
+            paths += [d] if d == "~" or d.startswith("~/") else []
     operations = ("read",) if sender else ("write",)
     return Transfer("rsync", operations + (("remove",) if removes else ()), _tilde_readings(paths))
 
