@@ -55,6 +55,7 @@ def _pack(work: Path) -> dict[str, Any]:
             {"match": {"claims": {"role": "approver"}}, "roles": ["approver"]},
             {"match": {"claims": {"mask": "yes"}}, "roles": ["masked"]},
             {"match": {"claims": {"role": "home-sync"}}, "roles": ["home-sync"]},
+            {"match": {"claims": {"role": "held-sync"}}, "roles": ["held-sync"]},
             {"match": {"sub": "cert-alice"}, "roles": ["observer"]},
         ],
         "roles": {
@@ -205,6 +206,17 @@ def _pack(work: Path) -> dict[str, Any]:
                 ]
             },
             "approver": {"rules": []},
+            "held-sync": {
+                "rules": [
+                    {
+                        "id": "held-rsync",
+                        "protocol": "ssh",
+                        "when": {"channels": ["rsync"], "paths": [str(work), f"{work}/*"]},
+                        "action": "approve",
+                        "approval": {"approvers": ["approver"], "timeout": "30s"},
+                    }
+                ]
+            },
             "home-sync": {
                 "rules": [
                     {
@@ -1241,6 +1253,44 @@ def test_approval_holds_the_command_until_an_approver_decides(env: Env) -> None:
         if proc.poll() is None:
             proc.kill()
     assert env.direct(f"test -e {target}").returncode == 0
+
+
+def test_a_transfer_whose_links_change_while_it_is_approved_is_refused(env: Env) -> None:
+    # git and rsync open the paths as written: approved while a link led inside the allowed tree, the transfer ran
+    # once the link had been turned elsewhere, and read what nobody approved.
+    rsync = require_binary("rsync")
+    inside, outside = f"{env.work}/held_inside", f"{env.work}-held_outside"
+    made = env.direct(
+        f"mkdir -p {inside} {outside} && echo approved > {inside}/s && echo secret > {outside}/s && "
+        f"ln -sfn {inside} {env.work}/held_link"
+    )
+    assert made.returncode == 0, made.stderr
+    transport = shlex.join(["ssh", *env.client.options(), "-p", str(env.client.port)])
+    copy = env.tmp / "held_copy"
+    proc = subprocess.Popen(
+        [rsync, "-e", transport, env.client.remote(f"{env.work}/held_link/s"), str(copy)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env.client.env(env.gw.token("agent-held-sync", role="held-sync")), start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        match = re.search(r"waiting for approval (\S+?):", line)
+        assert match, line
+        assert env.direct(f"ln -sfn {outside} {env.work}/held_link").returncode == 0
+        approve = lictor(
+            "approvals", "approve", match.group(1), "--url", env.approvals_url, "--token", env.tokens["approver"],
+            check=False,
+        )  # fmt: skip
+        assert approve.returncode == 0, approve.stdout + approve.stderr
+        assert proc.wait(timeout=30) != 0
+        err = proc.stderr.read().decode()
+        assert not copy.exists() or copy.read_bytes() != b"secret\n", "a file nobody approved was read"
+        assert "changed" in err and f"{outside}/s" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        env.direct(f"rm -rf {inside} {outside} {env.work}/held_link")
 
 
 def test_approval_that_expires_is_a_denial(env: Env) -> None:

@@ -64,6 +64,7 @@ from ._record import StreamRecord
 from ._refused import refused_forwarding
 from ._requests import (
     TRANSFER_CHANNELS,
+    Transfer,
     channel_request,
     denial_text,
     first_denied,
@@ -525,20 +526,8 @@ class ChannelHandler:
         lengths (a git pack or an rsync stream breaks or hangs), so a decision that would mask is refused."""
         transfer = transfer_of(analyse(command).invocations)
         assert transfer is not None
-        try:
-            lease = await self.agent.pool.acquire()
-            try:
-                paths = await transfer_paths(lease, transfer.paths, git=transfer.channel == "git")
-            finally:
-                lease.release()
-        except UpstreamError as exc:
-            await self._write_err(f"lictor: {exc}\n")
-            self._exit(UNREACHABLE_STATUS)
-            return
-        except (OSError, asyncssh.Error) as exc:
-            log.error("ssh target %s: resolving the paths of a transfer failed: %s", self.target, exc)
-            await self._write_err("lictor: the target refused the channel; retry later\n")
-            self._exit(UNREACHABLE_STATUS)
+        paths = await self._transfer_paths(transfer)
+        if paths is None:
             return
         request = transfer_request(transfer, paths, command, target=self.target, reason=self.reason)
         decision, _ = await self._decide([request])
@@ -556,10 +545,42 @@ class ChannelHandler:
             )
             self._exit(DENIED_STATUS)
             return
+        if decision.approval_id:  # held for a human: links may have been changed meanwhile, and git and rsync
+            again = await self._transfer_paths(transfer)  # open the paths as written, not what was approved
+            if again is None:
+                return
+            if again != paths:
+                self.record("transfer.paths_changed", {"channel": self.number, "paths": paths, "now": again})
+                await self._write_err(
+                    f"lictor: denied {transfer.channel} {'+'.join(transfer.operations)} of {', '.join(paths)[:300]}: "
+                    f"while it was being approved, where its paths lead changed (now {', '.join(again)[:300]}); "
+                    "run it again to have that decided\n"
+                )
+                self._exit(DENIED_STATUS)
+                return
         self._plan = None  # relayed as is, recorded by size and hash
         if not await self._open_upstream(command, raw=True):
             return
         await self._join(line_mode=False)
+
+    async def _transfer_paths(self, transfer: Transfer) -> list[str] | None:
+        """The transfer's paths as rules see them (:func:`transfer_paths`), or None once the agent was told why
+        they could not be found."""
+        try:
+            lease = await self.agent.pool.acquire()
+            try:
+                return await transfer_paths(lease, transfer.paths, git=transfer.channel == "git")
+            finally:
+                lease.release()
+        except UpstreamError as exc:
+            await self._write_err(f"lictor: {exc}\n")
+            self._exit(UNREACHABLE_STATUS)
+            return None
+        except (OSError, asyncssh.Error) as exc:
+            log.error("ssh target %s: resolving the paths of a transfer failed: %s", self.target, exc)
+            await self._write_err("lictor: the target refused the channel; retry later\n")
+            self._exit(UNREACHABLE_STATUS)
+            return None
 
     # -- other subsystems (sftp never comes here) ---------------------------------------------
 
