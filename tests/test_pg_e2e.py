@@ -2133,7 +2133,7 @@ def test_a_held_statement_ends_at_the_sessions_statement_timeout(env: PgEnv) -> 
         "-c",
         "DROP TABLE orders",
         "-c",
-        "SELECT 'still usable'",
+        "SELECT 'still usable after the statement timeout'",
         env={"PGOPTIONS": "-c statement_timeout=5min"},
         timeout=30,
     )
@@ -2146,6 +2146,11 @@ def test_a_held_statement_ends_at_the_sessions_statement_timeout(env: PgEnv) -> 
     shown = json.loads(lictor("approvals", "show", approval, "--json", "--url", url, env=env_cli).stdout)
     assert shown["status"] == "withdrawn", shown
     assert env.direct("SELECT count(*) > 0 FROM orders") == [(True,)]
+    # The recording shows the statement as denied (it never ran), not only as held.
+    recorded = _recorded_statements(env, "still usable after the statement timeout", "DROP TABLE orders")
+    ended = [s for s in recorded if s["sql"] == "DROP TABLE orders"]
+    assert len(ended) == 1 and ended[0]["decision"] == "deny", recorded
+    assert "statement_timeout = 1.5s" in ended[0]["message"], ended
     # A timeout set with SET LOCAL in the transaction counts as well, and the server still answers the agent
     # with its own SQLSTATE: 57014, as for a statement the server cancelled itself.
     with env.connect("writer", autocommit=False) as conn:

@@ -1619,6 +1619,13 @@ class Relay:
             if self.closed:
                 return None
             assert timeout is not None
+            # Recorded as the denial it is to the agent: replaying the session shows the statement never ran.
+            ended = Decision.deny(
+                f"the approval did not come within statement_timeout = {timeout:g}s; the request was withdrawn",
+                decision.rule_ids[0],
+                decision.policy_version,
+            )
+            self._record_denial(sql, ended)
             return self._deny_simple(
                 pg.error_response(
                     "ERROR",
