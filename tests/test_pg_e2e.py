@@ -2166,6 +2166,23 @@ def test_a_held_statement_ends_at_the_sessions_statement_timeout(env: PgEnv) -> 
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+def test_the_gateways_statement_timeout_lookup_shows_the_agent_nothing(env: PgEnv) -> None:
+    # Before holding a Query the gateway asks the server for statement_timeout itself; what the server says of
+    # that SHOW (the notices of a raised client_min_messages) is not the agent's: it sees its two statements.
+    proc = env.psql(
+        "writer",
+        "-c",
+        "SET client_min_messages = debug5",
+        "-c",
+        "SET statement_timeout = 300",
+        "-c",
+        "DROP TABLE orders",
+        timeout=30,
+    )
+    assert "canceling statement due to statement timeout" in proc.stderr, proc.stderr
+    assert proc.stderr.count("StartTransaction") == 2, proc.stderr
+
+
 # -- memory ---------------------------------------------------------------------------------------
 
 

@@ -2326,7 +2326,9 @@ class Relay:
             masked = self._mask_server_text(t, own)
             return own if masked is None else masked
         if t == _B_NOTICE:
-            return b"" if self._drop_segment else None
+            # The answer to the gateway's own SHOW (client_min_messages = debug5 reports its transaction) is not
+            # the agent's: only the statements it sent are.
+            return b"" if self._drop_segment or self._reading_setting else None
         if t == _B_PARAM:
             self._check_parameter(raw)
             return None
