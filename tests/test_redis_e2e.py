@@ -404,6 +404,30 @@ def test_a_score_masked_by_zscore_is_not_read_back_as_coordinates(gw: Gw, prefix
     direct.close()
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_masked_score_is_not_read_back_through_a_computed_one(gw: Gw, prefix: str, protocol: int):
+    """ZUNION and ZINTER WITHSCORES answer scores the server computed: halved by WEIGHTS 0.5 or doubled by a
+    key named twice, a card number stored as a score no longer looks like one, and is one multiplication
+    away from the stored value that ZSCORE masks."""
+    direct = redis.Redis()
+    direct.zadd(prefix + "z", {"m": 4111111111111111})
+    reader = gw.client("reader", protocol=protocol)
+    for command in (
+        ("ZUNION", "1", prefix + "z", "WEIGHTS", "0.5", "WITHSCORES"),
+        ("ZUNION", "2", prefix + "z", prefix + "z", "WITHSCORES"),
+        ("zinter", "1", prefix + "z", "weights", "0.001", "withscores"),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError, match="by rule redis-no-computed-scores"):
+            reader.execute_command(*command)
+    out = gw.cli(gw.token("reader"), "ZUNION", "1", prefix + "z", "WEIGHTS", "0.5", "WITHSCORES")
+    assert "denied by rule redis-no-computed-scores" in out.stdout and "2055555555555555" not in out.stdout
+    # the members of a union, and the stored scores, still come back (masked)
+    assert reader.execute_command("ZUNION", "2", prefix + "z", prefix + "z") == [b"m"]
+    assert gw.cli(gw.token("reader"), "ZRANGE", prefix + "z", "0", "-1", "WITHSCORES").stdout == "m\n************1111\n"
+    reader.close()
+    direct.close()
+
+
 def test_a_writer_cannot_transform_a_masked_value_server_side(gw: Gw, prefix: str):
     """A value changed in place (inverted, one character or bit altered, something appended) no longer
     looks like a card number, so it would come back unmasked, and the agent could undo the change."""
