@@ -254,6 +254,94 @@ def test_redis_py_as_the_readme_builds_it_waits_for_an_approver(tmp_path: Path, 
         proc.stop()
 
 
+OPS_PACK = """
+format: lictor/v1
+metadata: {name: redis-ops}
+identities:
+  - {match: {claims: {role: ops}}, roles: [ops]}
+  - {match: {claims: {role: approver}}, roles: [ops-approver]}
+roles:
+  ops:
+    rules:
+      - {id: ops-settings, protocol: redis, when: {commands: [CONFIG SET, MIGRATE, ACL SETUSER]}, action: approve,
+         approval: {approvers: [ops-approver]}}
+  ops-approver: {rules: []}
+"""
+
+
+def test_approvers_read_no_password_an_agent_sends_on_to_redis(tmp_path: Path, prefix: str):
+    """A held CONFIG SET requirepass, MIGRATE ... AUTH2 or ACL SETUSER >password would show the password to
+    approvers (the approval page, `lictor approvals show`) and keep it in the approvals store. They read
+    [REDACTED] and a digest, and the approval still runs the command the agent sent."""
+    require(_redis_up(), "redis-server on 127.0.0.1:6379")
+    (tmp_path / "packs").mkdir()
+    (tmp_path / "packs" / "ops.yaml").write_text(OPS_PACK)
+    port, api = free_port(), free_port()
+    target = {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": {"host": "127.0.0.1", "port": 6379}}
+    config = {
+        **_config({"cache": target}),
+        "rulepacks": [str(tmp_path / "packs")],
+        "approvals": {"listen": f"127.0.0.1:{api}"},
+    }
+    proc = GatewayProcess(tmp_path, config).start()
+    try:
+        gw = Gw(proc, port)
+        ops, approver = gw.token("ops", sub="ops-1"), gw.token("approver", sub="human-1")
+        url = f"http://127.0.0.1:{api}"
+        held = {
+            "config": ["CONFIG", "SET", "masterauth", "Config-Secret-1"],
+            "migrate": [
+                "MIGRATE",
+                "127.0.0.1",
+                "1",
+                "",
+                "0",
+                "100",
+                *"AUTH2 bob Migrate-Secret-2 KEYS".split(),
+                prefix,
+            ],
+            "acl": ["ACL", "SETUSER", "somebody", ">Acl-Secret-3"],
+        }
+        clients = {name: redis.Redis(port=port, username="agent", password=ops, socket_timeout=None) for name in held}
+        results: dict[str, Any] = {}
+
+        def send(name: str) -> None:
+            try:
+                results[name] = clients[name].execute_command(*held[name])
+            except redis.exceptions.RedisError as exc:
+                results[name] = exc
+
+        threads = [threading.Thread(target=send, args=(name,)) for name in held]
+        for thread in threads:
+            thread.start()
+        assert gw.decisions("ops-1", 3)
+        listed = json.loads(lictor("approvals", "list", "--json", "--url", url, "--token", approver).stdout)
+        assert len(listed) == 3
+        shown = [lictor("approvals", "show", a["id"], "--url", url, "--token", approver).stdout for a in listed]
+        shown += [
+            lictor("approvals", "show", a["id"], "--json", "--url", url, "--token", approver).stdout for a in listed
+        ]
+        text = "\n".join(shown) + json.dumps(listed)
+        assert "CONFIG SET masterauth [REDACTED] (passwords: sha256:" in text, text
+        assert "AUTH2 [REDACTED] [REDACTED] KEYS" in text
+        for secret in ("Config-Secret-1", "Migrate-Secret-2", "Acl-Secret-3"):
+            assert secret not in text
+        # the approval is bound to the real arguments and runs them (no such key: MIGRATE connects nowhere)
+        migrate = next(a["id"] for a in listed if a["summary"].startswith("MIGRATE"))
+        lictor("approvals", "approve", migrate, "--url", url, "--token", approver)
+        threads[1].join(timeout=20)
+        assert results["migrate"] == b"NOKEY"
+    finally:
+        proc.stop()  # the other two were never approved: they end withdrawn, nothing changed on the server
+    for thread in threads:
+        thread.join(timeout=20)
+    for client in clients.values():
+        client.close()
+    stored = b"".join(f.read_bytes() for f in proc.state_dir.rglob("*") if f.is_file())
+    for secret in (b"Config-Secret-1", b"Migrate-Secret-2", b"Acl-Secret-3"):
+        assert secret not in stored
+
+
 def test_redis_cli_resp3_and_masking(gw: Gw, prefix: str):
     redis.Redis().hset(prefix + "customer", mapping={"email": "bob@example.com", "card": CARD, "plan": "gold"})
     out = gw.cli(gw.token("reader"), "HGETALL", prefix + "customer", resp3=True).stdout

@@ -42,6 +42,7 @@ __all__ = [
     "display",
     "lookup",
     "quote",
+    "secret_args",
     "table",
 ]
 
@@ -268,6 +269,33 @@ def classify(args: Sequence[bytes]) -> Classified:
     else:
         keys = extract_keys(info, args)
     return Classified(command, True, info.categories, info.types, keys, rest)
+
+
+# -- credentials ----------------------------------------------------------------------------------
+
+# CONFIG SET parameters whose values are secrets (requirepass, masterauth, tls-key-file-pass...).
+_SECRET_CONFIG = (b"pass", b"auth", b"secret", b"key")
+
+
+def secret_args(c: Classified) -> frozenset[int]:
+    """The positions in ``c.args`` that carry a password the agent sends on to Redis: the passwords of
+    ``MIGRATE ... AUTH password`` and ``AUTH2 user password``, the values of ``CONFIG SET`` parameters
+    named like a secret, and the ``>password``, ``<password``, ``#hash`` and ``!hash`` rules of ``ACL``
+    subcommands. They are kept out of what approvers and recordings read."""
+    found: set[int] = set()
+    redact = 0
+    for i, arg in enumerate(c.args):
+        low = arg.lower()
+        if redact:
+            found.add(i)
+            redact -= 1
+        elif c.command == "migrate" and low in (b"auth", b"auth2"):
+            redact = 1 if low == b"auth" else 2
+        elif c.command == "config set" and i % 2 == 1 and any(s in c.args[i - 1].lower() for s in _SECRET_CONFIG):
+            found.add(i)
+        elif c.command.startswith("acl ") and arg[:1] in (b">", b"<", b"#", b"!"):
+            found.add(i)
+    return frozenset(found)
 
 
 # -- display --------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from typing import Any
 from lictor import AuthError, Decision, Gateway, Session
 from lictor.masking import MaskPlan
 
-from .commands import Classified, classify, quote
+from .commands import Classified, classify, quote, secret_args
 from .resp import (
     ARRAY,
     ATTRIBUTE,
@@ -85,9 +85,6 @@ PREAUTH_MAX_BYTES = 64 * 1024  # a JWT fits; nothing big is parsed before the ag
 PREAUTH_MAX_ARGS = 16
 
 _UNICODE_ESCAPE = re.compile(rb"\\u[0-9A-Fa-f]{4}")
-
-# Arguments whose values are secrets, redacted in recordings whatever the masking rules say.
-_SECRET_CONFIG = (b"pass", b"auth", b"secret", b"key")
 
 # Detectors applied to the argument summaries in recordings (values are recorded masked even
 # for denied commands, which have no masking plan of their own).
@@ -195,22 +192,8 @@ def _denial(name: str, decision: Decision) -> bytes:
 
 def _args_summary(c: Classified, max_args: int = 16, limit: int = 64) -> str:
     """Arguments for the recording: truncated, with secret-bearing ones redacted."""
-    shown: list[str] = []
-    redact = 0
-    for i, arg in enumerate(c.args[:max_args]):
-        low = arg.lower()
-        if redact:
-            shown.append("[REDACTED]")
-            redact -= 1
-        elif c.command == "migrate" and low in (b"auth", b"auth2"):
-            shown.append(quote(arg))
-            redact = 1 if low == b"auth" else 2
-        elif c.command == "config set" and i % 2 == 1 and any(s in c.args[i - 1].lower() for s in _SECRET_CONFIG):
-            shown.append("[REDACTED]")
-        elif c.command.startswith("acl ") and arg[:1] in (b">", b"<", b"#", b"!"):
-            shown.append("[REDACTED]")
-        else:
-            shown.append(quote(arg, limit))
+    secret = secret_args(c)
+    shown = ["[REDACTED]" if i in secret else quote(arg, limit) for i, arg in enumerate(c.args[:max_args])]
     if len(c.args) > max_args:
         shown.append(f"…(+{len(c.args) - max_args} args)")
     return " ".join(shown)

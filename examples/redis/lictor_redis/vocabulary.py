@@ -23,12 +23,13 @@ by a rule with ``keys``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lictor import Enum, Glob, Request, Vocabulary
 
-from .commands import CATEGORIES, TYPES, Classified, classify, display, quote
+from .commands import CATEGORIES, TYPES, Classified, classify, display, quote, secret_args
 from .resp import ProtocolError, split_inline
 
 __all__ = ["PROTOCOL", "VOCABULARY", "build_requests", "request_for"]
@@ -43,7 +44,11 @@ def _text(value: bytes) -> str:
 
 
 def request_for(c: Classified, args: Sequence[bytes], target: str = "", reason: str | None = None) -> Request:
-    """The request the policy decides for the command ``args`` (classified as ``c``)."""
+    """The request the policy decides for the command ``args`` (classified as ``c``).
+
+    The rules match the real arguments; approvers read passwords sent on to Redis (``CONFIG SET
+    requirepass``, ``MIGRATE ... AUTH``, ``ACL SETUSER >...``, see :func:`secret_args`) as
+    ``[REDACTED]``, and the payload carries their digest instead, to which an approval stays bound."""
     attrs: dict[str, Any] = {
         "command": c.command,
         "categories": c.categories,
@@ -51,14 +56,26 @@ def request_for(c: Classified, args: Sequence[bytes], target: str = "", reason: 
         "keys": None if c.keys is None else frozenset(_text(k) for k in c.keys),
         "args": tuple(_text(a) for a in c.args),
     }
+    secret = secret_args(c)
+    names = args[: len(args) - len(c.args)]  # the command name, and the subcommand of a container
+    payload = " ".join(quote(a) for a in names)
+    shown: dict[str, Any] | None = None
+    if secret:
+        shown = {**attrs, "args": tuple("[REDACTED]" if i in secret else a for i, a in enumerate(attrs["args"]))}
+        digest = hashlib.sha256(b"\0".join(c.args[i] for i in sorted(secret))).hexdigest()
+        rest = ["[REDACTED]" if i in secret else quote(a) for i, a in enumerate(c.args)]
+        payload = " ".join([payload, *rest, f"(passwords: sha256:{digest})"])
+    else:
+        payload = " ".join(quote(a) for a in args)
     return Request(
         protocol=PROTOCOL,
         action=c.command if c.known else "unknown",
         attrs=attrs,
         target=target,
         summary=display(c),
-        payload=" ".join(quote(a) for a in args),
+        payload=payload,
         reason=reason,
+        shown_attrs=shown,
     )
 
 
