@@ -569,6 +569,40 @@ def test_a_pipeline_in_one_write_is_decided_command_by_command(gw: Gw, prefix: s
     assert [d["action"] for d in decisions].count("deny") == 1
 
 
+def test_an_agent_that_hangs_up_during_a_blocking_pop_pops_nothing(gw: Gw, prefix: str):
+    """Redis drops a blocked client that hangs up. A BLPOP the gateway kept waiting upstream for an agent
+    that is gone would pop the next value pushed and lose it; replies before it still reach an agent that
+    only half-closed, as from Redis."""
+    direct = redis.Redis()
+    admin = gw.token("admin")
+    agent = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    agent.sendall(
+        encode_command([b"AUTH", b"agent", admin.encode()]) + encode_command([b"BLPOP", prefix.encode() + b"q", b"0"])
+    )
+    assert agent.recv(100) == b"+OK\r\n"
+    time.sleep(0.5)  # the BLPOP waits upstream
+    agent.close()
+    time.sleep(0.5)
+    direct.rpush(prefix + "q", "job-1")
+    time.sleep(0.3)
+    assert direct.lrange(prefix + "q", 0, -1) == [b"job-1"]
+    # half-closed after GET and BLPOP: the GET is answered, the BLPOP is dropped
+    direct.set(prefix + "k", "v")
+    agent = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    agent.sendall(
+        encode_command([b"AUTH", b"agent", admin.encode()])
+        + encode_command([b"GET", prefix.encode() + b"k"])
+        + encode_command([b"BLPOP", prefix.encode() + b"q2", b"0"])
+    )
+    agent.shutdown(socket.SHUT_WR)
+    received = b""
+    while chunk := agent.recv(1000):
+        received += chunk
+    assert received == b"+OK\r\n$1\r\nv\r\n"
+    agent.close()
+    direct.close()
+
+
 def test_redis_py_pipeline_without_transaction_continues_after_a_denial(gw: Gw, prefix: str):
     client = gw.client("writer")
     pipe = client.pipeline(transaction=False)

@@ -182,6 +182,7 @@ class Slot:
     element_keys: list[tuple[bytes, ...]] | None = None  # EXEC: the keys of the command each element answers
     close: bool = False
     queued_in: _Multi | None = None  # inside MULTI: on "+QUEUED", ``plan`` joins this transaction
+    blocking: bool = False  # may wait upstream for others' writes (BLPOP, XREAD BLOCK), or unknown
 
 
 def _denial(name: str, decision: Decision) -> bytes:
@@ -231,6 +232,8 @@ class Connection:
         self.up_buffer = bytearray()  # commands decided but not yet written upstream
         self.out = bytearray()  # replies not yet written to the agent
         self.reading: asyncio.Task[None] | None = None
+        self.agent_eof = False  # the agent closed its side
+        self.relaying_blocking = False  # the responder waits for the reply to a blocking command
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -242,8 +245,10 @@ class Connection:
             if reading in done and not reading.cancelled():
                 if reading.exception() is not None:
                     log.error("redis connection %s failed", self.peer, exc_info=reading.exception())
-                # Let the responder deliver what is queued (the agent may have half-closed).
-                if not responder.done():
+                # Let the responder deliver what is queued (the agent may have half-closed), but
+                # not wait for a blocking command: Redis drops a blocked client that hangs up, and a
+                # BLPOP kept waiting for nobody would pop the next value pushed, lost to everyone.
+                if not responder.done() and not (self.agent_eof and self.relaying_blocking):
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self._drain_replies(responder), timeout=30)
             if responder.done() and not responder.cancelled() and responder.exception() is not None:
@@ -291,6 +296,7 @@ class Connection:
             else:
                 data = await self.reader.read(65536)
             if not data:
+                self.agent_eof = True
                 return
             self.parser.feed(data)
             while not self.stop_reading:
@@ -704,7 +710,11 @@ class Connection:
             return
         self.counts["allowed"] += 1
         kind = reply_kind(c.command, c.args)
-        slot = Slot(plan=plan, seq=seq, command=c.name, kind=kind, keys=c.keys or (), queued_in=self.multi)
+        # Inside MULTI a blocking command does not block; an unknown one might (a module's).
+        blocking = self.multi is None and (c.categories is None or "blocking" in c.categories)
+        slot = Slot(
+            plan=plan, seq=seq, command=c.name, kind=kind, keys=c.keys or (), queued_in=self.multi, blocking=blocking
+        )
         await self._forward(args, slot)
 
     async def _watch_agent(self) -> None:
@@ -744,7 +754,12 @@ class Connection:
                         {"n": slot.seq, "direction": "out", "type": "error", "bytes": len(slot.local), "gateway": True},
                     )
             else:
+                if slot.blocking and self.agent_eof:
+                    await self._flush_agent()  # the replies before it (the agent may have half-closed)
+                    return  # the agent hung up: Redis would not wait for nobody either
+                self.relaying_blocking = slot.blocking
                 info = await self._relay(slot)
+                self.relaying_blocking = False
                 self._record("reply", {"n": slot.seq, "direction": "out", **info})
             if slot.close or self.queue.empty() or len(self.out) >= 64 * 1024:
                 await self._flush_agent()
