@@ -310,6 +310,11 @@ def resolve_id(store: Store, session_id: str) -> str:
     raise RecordingError(f"{session_id!r} matches {len(ids)} sessions; give more of the id")
 
 
+def _broken(sid: str, problem: str, *, events: int = 0, signed: bool = False) -> SessionVerdict:
+    """A session that fails verification for ``problem`` found beside its chain (not at one of its events)."""
+    return SessionVerdict(sid, False, events, signed, None, problem)
+
+
 def _read_lines(path: Path) -> Iterator[bytes]:
     if not path.exists():
         return
@@ -347,12 +352,8 @@ def verify(
             if audited is None or sid not in audited.recorded:
                 raise
             verdicts.append(
-                SessionVerdict(
+                _broken(
                     sid,
-                    False,
-                    0,
-                    False,
-                    None,
                     "the audit log records this session, but the store holds no recording of it (deleted?)",
                 )
             )
@@ -360,11 +361,11 @@ def verify(
         try:
             manifest = json.loads(manifest_raw) if manifest_raw is not None else None
         except ValueError:
-            verdicts.append(SessionVerdict(sid, False, 0, False, None, "the manifest is not valid JSON (edited)"))
+            verdicts.append(_broken(sid, "the manifest is not valid JSON (edited)"))
             continue
         if manifest_raw is not None and not isinstance(manifest, dict):
             # e.g. ``null`` or ``[]``: a manifest file is there, but it is not a signed manifest document
-            verdicts.append(SessionVerdict(sid, False, 0, False, None, "the manifest is not a JSON object (edited)"))
+            verdicts.append(_broken(sid, "the manifest is not a JSON object (edited)"))
             continue
         verdict = verify_session(sid, lines, manifest, public)
         if manifest is None:
@@ -376,49 +377,39 @@ def verify(
             row = index.get(sid)
             if audited is not None and sid in audited.ended:
                 verdicts.append(
-                    SessionVerdict(
+                    _broken(
                         sid,
-                        False,
-                        verdict.events,
-                        False,
-                        None,
                         "the manifest is missing, but the audit log records the end of the session "
                         f"(deleted or truncated? {verdict.events} events left)",
+                        events=verdict.events,
                     )
                 )
                 continue
             if row is not None and (not row["open"] or row["signed"]):
-                verdict = SessionVerdict(
+                verdict = _broken(
                     sid,
-                    False,
-                    verdict.events,
-                    False,
-                    None,
                     f"the manifest is missing, but the index records the session as ended with {row['events']} "
                     "events (deleted or truncated?)",
+                    events=verdict.events,
                 )
         if verdict.ok and audited is not None and sid not in audited.started:
-            verdict = SessionVerdict(
+            verdict = _broken(
                 sid,
-                False,
-                verdict.events,
-                verdict.signed,
-                None,
                 f"{audited.problem}: nothing shows whether sessions were deleted from the store"
                 if audited.problem
                 else "the audit log does not record the start of this session: it was rolled back, truncated "
                 "or replaced (lictor audit verify cannot see that on its own)",
+                events=verdict.events,
+                signed=verdict.signed,
             )
         if verdict.ok and verdict.signed and audited is not None and isinstance(manifest, dict):
             missing = _decisions_missing(manifest, audited.decisions.get(sid, {}))
             if missing:
-                verdict = SessionVerdict(
+                verdict = _broken(
                     sid,
-                    False,
-                    verdict.events,
-                    verdict.signed,
-                    None,
                     f"{missing}: it was rolled back or truncated (lictor audit verify cannot see that on its own)",
+                    events=verdict.events,
+                    signed=verdict.signed,
                 )
         if (
             verdict.ok
@@ -428,14 +419,12 @@ def verify(
             and (manifest.get("manifest") or {}).get("audited_end") is True
             and sid not in audited.ended
         ):
-            verdict = SessionVerdict(
+            verdict = _broken(
                 sid,
-                False,
-                verdict.events,
-                verdict.signed,
-                None,
                 "the audit log does not record the end of this session, which the signed manifest says it holds: "
                 "it was rolled back or truncated (lictor audit verify cannot see that on its own)",
+                events=verdict.events,
+                signed=verdict.signed,
             )
         verdicts.append(verdict)
     return verdicts
