@@ -729,6 +729,19 @@ def test_denials_name_the_rule_and_what_to_do(env: Env) -> None:
     assert env.api.seen("DELETE") == [] and env.api.seen("POST") == []
 
 
+def test_a_body_over_max_body_is_refused_as_every_refusal_is_whatever_the_upload(env: Env, tmp_path: Path) -> None:
+    # curl sends a large file with Content-Length (answered 413 before the body is read) and a piped one
+    # chunked (answered 413 once it grows past max_body): the agent reads the same error and hint either way.
+    big = tmp_path / "import.csv"
+    big.write_bytes(b"x" * 2_000_000)  # over the example's max_body (1 MiB)
+    reason = ["-H", "X-Lictor-Reason: CRM import", "-H", "Content-Type: text/csv"]
+    for upload in (["--data-binary", f"@{big}"], ["-X", "POST", "-H", "Transfer-Encoding: chunked", "-T", str(big)]):
+        code, body = env.curl(env.url() + "/v1/customers", *reason, *upload, token=env.agent)
+        doc = json.loads(body)
+        assert code == 413 and doc["error"] == "too_large" and doc["hint"] == "send a smaller body", (upload, body)
+    assert env.pending() == [] and env.api.seen("POST", "/v1/customers") == []
+
+
 def test_a_json_patch_is_decided_on_the_fields_it_sets(env: Env) -> None:
     # A pack that allows PATCH: the JSON Patch that sets the credit limit was read as $[*].op, $[*].path and
     # $[*].value, walked past the deny on $.credit_limit and reached the API.

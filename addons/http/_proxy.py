@@ -90,7 +90,7 @@ from ._requests import (
     redact_query,
     reveal_request,
 )
-from ._responses import Answer, denial, error, k8s_status
+from ._responses import Answer, denial, error, error_name, k8s_status
 from ._tls import client_context, upstream_connection, upstream_context
 
 log = logging.getLogger("lictor.http")
@@ -2319,12 +2319,19 @@ _PROXY_ERRORS = {
     431: f"the request line and headers are larger than this gateway accepts ({MAX_REQUEST_HEAD} bytes)",
     502: "the gateway could not reach the upstream",
 }
+_PROXY_HINTS = {
+    400: "retrying the same bytes cannot help; send a well-formed HTTP/1.1 request",
+    413: "send a smaller body",
+    431: "send fewer or shorter headers, or a shorter URL",
+    502: "retry later; if it persists, ask the gateway operators",
+}
 
 
 def _json_error_responses() -> None:
     """Answer with JSON where mitmproxy itself answers an HTTP/1 request (a body over ``max_body``, a
-    request it cannot read): a Kubernetes ``Status``, which kubectl prints as a message and any other
-    client reads as JSON, instead of mitmproxy's HTML page."""
+    request it cannot read), instead of mitmproxy's HTML page. mitmproxy does not say which target the
+    connection is for, so the document is both answers: a Kubernetes ``Status``, which kubectl prints as
+    a message, with the ``error`` and ``hint`` an HTTP target's agent reads in every other refusal."""
     from mitmproxy.http import Headers, Response
     from mitmproxy.net.http import http1
     from mitmproxy.proxy.layers.http import _http1
@@ -2335,9 +2342,11 @@ def _json_error_responses() -> None:
     def make_error_response(status_code: int, message: str = "") -> bytes:
         text = _PROXY_ERRORS.get(status_code, "the gateway could not handle the request")
         detail = f"lictor: {text}" + (f" ({message})" if message and status_code in (400, 502) else "")
+        hint = _PROXY_HINTS.get(status_code, "retry later; if it persists, ask the gateway operators")
         if message.startswith(_MITMPROXY_CONNECT_ERROR):
             detail = f"lictor: {PROXY_REQUEST_MESSAGE} (CONNECT); {PROXY_REQUEST_HINT}"
-        body = k8s_status(status_code, detail)
+            hint = PROXY_REQUEST_HINT
+        body = {**k8s_status(status_code, detail), "error": error_name(status_code), "hint": hint}
         headers = Headers(Connection="close", Content_Type="application/json")
         return bytes(http1.assemble_response(Response.make(status_code, json.dumps(body).encode(), headers)))
 

@@ -30,6 +30,7 @@ _ERRORS = {
     403: "forbidden",
     411: "length_required",
     413: "too_large",
+    431: "headers_too_large",
     500: "internal_error",
     502: "bad_gateway",
     503: "unavailable",
@@ -137,6 +138,11 @@ def error(status: int, message: str, hint: str, *, kubernetes: bool, rule: str =
     if rule:
         body["rule"] = rule
     return Answer(status, body, headers)
+
+
+def error_name(status: int) -> str:
+    """The ``error`` an HTTP target's answers carry for ``status`` (``too_large`` for 413...)."""
+    return _ERRORS.get(status, "error")
 
 
 def k8s_status(code: int, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
