@@ -53,6 +53,20 @@ def test_byte_stream_of_many_small_chunks_equals_whole_masking() -> None:
     assert tap.size_in == len(text) and tap.size_out == len(out) and len(tap.head) == 100
 
 
+def test_markup_is_masked_as_its_character_references_read() -> None:
+    page = b"<p>jane.doe&#64;example.com</p><p>4111&#x20;1111&#32;1111&#32;1111</p><p>a &amp; &lt;b&gt; &#34;</p>\n"
+    m = masking()
+    m.markup = True
+    assert m.mask_bytes(page) == (
+        b"<p>[REDACTED:email]</p><p>[REDACTED:card]</p><p>a &amp; &lt;b&gt; &#34;</p>\n"  # markup kept as written
+    )
+    # a line too long to hold back cannot be read reference by reference: not relayed
+    seen, on_error = errors()
+    long_line = [b"x" * (bodies.ESCAPED_LINE_LIMIT + 10), b" jane.doe&#64;example.com\n"]
+    run(bodies.byte_stream(m, bodies.Tap(), on_error), long_line)  # type: ignore[arg-type]
+    assert len(seen) == 1 and "character references" in str(seen[0])
+
+
 def test_passthrough_never_emits_empty_chunks() -> None:
     seen, on_error = errors()
     out = run(bodies.passthrough(bodies.Tap(), on_error), [b"a", b"b"])  # type: ignore[arg-type]

@@ -8,11 +8,13 @@ import base64
 import contextlib
 import datetime as dt
 import gzip
+import html
 import ipaddress
 import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import ssl
 import subprocess
@@ -248,6 +250,27 @@ class CustomersAPI:
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                         self.wfile.flush()
                     self.wfile.write(b"0\r\n\r\n")
+                    return
+                if self.path in ("/v1/customers/page", "/v1/customers/pagestream"):  # HTML, as a browser reads it
+                    page = (
+                        "<html><body><p>Contact: " + EMAIL.replace("@", "&#64;") + "</p>"
+                        "<p>Billing: " + EMAIL.replace("@", "&#x40;").replace(".", "&period;") + "</p>"
+                        "<p>Card: " + CARD.replace(" ", "&#32;") + "</p><p>Terms &amp; &lt;conditions&gt;</p>"
+                        "</body></html>\n"
+                    )
+                    data = page.encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    if self.path.endswith("stream"):
+                        self.send_header("Transfer-Encoding", "chunked")
+                        self.end_headers()
+                        for i in range(0, len(data), 5):  # references split across chunks
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(data[i : i + 5]), data[i : i + 5]))
+                        self.wfile.write(b"0\r\n\r\n")
+                    else:
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data)
                     return
                 if self.path in ("/v1/customers/utf16stream", "/v1/customers/twotypes"):
                     self.send_response(200)
@@ -657,6 +680,26 @@ def test_server_sent_events_with_json_escapes_are_masked(env: Env) -> None:
     assert len(data) == 2, text
     assert data[0]["email"] == "[REDACTED:email]" and data[1]["email"] == "[REDACTED:email]", text
     assert data[1]["card"] == "[REDACTED:card]" and "event: customer" in text
+
+
+@pytest.mark.parametrize("path", ["/v1/customers/page", "/v1/customers/pagestream"])
+def test_html_is_masked_as_a_browser_reads_its_character_references(env: Env, path: str) -> None:
+    # jane.doe&#64;example.com is what a browser shows (and an agent reads) as jane.doe@example.com
+    for compressed in ([], ["--compressed"]):
+        code, body = env.curl(env.url() + path, *compressed, token=env.agent)
+        assert code == 200, body
+        text = html.unescape(body.decode())
+        assert EMAIL not in text and CARD not in text and "jane.doe" not in text, body
+        assert text.count("[REDACTED:email]") == 2 and "[REDACTED:card]" in text, body
+        assert b"Terms &amp; &lt;conditions&gt;" in body  # markup stays markup
+    chromium = shutil.which("chromium")
+    if chromium is not None:  # as a browser renders it (a page saved by an agent and opened)
+        page = env.workdir / "page.html"
+        page.write_bytes(env.curl(env.url() + path, token=env.agent)[1])
+        dom = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--dump-dom", page.as_uri()], capture_output=True, timeout=60
+        ).stdout.decode()
+        assert "[REDACTED:email]" in dom and "@" not in dom and "4111" not in dom, dom
 
 
 def test_json_lines_are_relayed_as_the_upstream_writes_them_and_masked(env: Env) -> None:

@@ -28,6 +28,7 @@ credentials: :func:`mask_credentials`, :func:`mask_form_credentials`, :func:`mas
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 from collections import Counter
@@ -342,6 +343,29 @@ def mask_embedded_objects(doc: Any, plan: Any, counts: Counter[str]) -> Any:
     return doc
 
 
+# A character reference of HTML or XML: numeric (&#64; &#x40;) or named (&commat;), the ';' optional as HTML
+# parsers read legacy ones.
+_REFERENCE = re.compile(rb"&(?:#[0-9]{1,8}|#[xX][0-9A-Fa-f]{1,8}|[A-Za-z][A-Za-z0-9]{0,31});?")
+_MARKUP_SIGNIFICANT = frozenset("<>&\"'")
+
+
+def _plain_character(match: re.Match[bytes]) -> bytes:
+    text = html.unescape(match.group().decode("ascii"))
+    if len(text) != 1 or not " " <= text <= "~" or text in _MARKUP_SIGNIFICANT:
+        return match.group()  # not one printable ASCII character, or one that is markup: kept as written
+    return text.encode("ascii")
+
+
+def plain_references(data: bytes) -> bytes:
+    """HTML or XML with its character references to printable ASCII characters written as those characters
+    (``jane&#64;example.com`` as ``jane@example.com``), as a browser shows them: in the references the
+    detectors would find no address or card number. The characters of markup (``<`` ``&`` quotes) stay
+    references; ASCII reads the same in UTF-8 and in the single-byte charsets the gateway relays."""
+    if b"&" not in data:
+        return data
+    return _REFERENCE.sub(_plain_character, data)
+
+
 class Masking:
     """Everything that applies to one response: the decision's plan and Kubernetes Secret masking."""
 
@@ -350,6 +374,7 @@ class Masking:
         self.kubernetes = kubernetes
         self.secrets = secrets  # mask Secret values (not revealed)
         self.secrets_response = secrets_response
+        self.markup = False  # HTML or XML: character references are read as the characters they stand for
         self.counts: Counter[str] = Counter()
 
     @property
@@ -411,6 +436,8 @@ class Masking:
     def mask_bytes(self, data: bytes) -> bytes:
         if self.plan_empty:
             return data
+        if self.markup:
+            data = plain_references(data)
         out, counts = self.plan.mask_bytes(data)
         self.counts.update(counts)
         return bytes(out)
@@ -533,6 +560,9 @@ def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None
     line = bytearray()  # the start of the current line, held back until it ends
     fed = b""  # the last byte of the current line already given to the masker (b"" when none was)
 
+    def plain(data: bytes) -> bytes:
+        return plain_references(data) if masking.markup else data
+
     def escaped(done: bytes) -> bytes:
         out: list[bytes] = []
         for each in done.split(b"\n")[:-1]:
@@ -541,7 +571,7 @@ def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None
                 out.append(masker.flush())
                 out.append(_escaped_line(masking, each))
             else:
-                out.append(masker.feed(each))
+                out.append(masker.feed(plain(each)))
         return b"".join(out)
 
     def lines(chunk: bytes) -> bytes:
@@ -552,6 +582,8 @@ def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None
             piece = chunk if nl < 0 else chunk[: nl + 1]
             if b"\\u" in fed + piece:
                 raise BodyError("the upstream's text has \\u escapes in a line too long to read as JSON")
+            if masking.markup and b"&" in fed + piece:  # a reference may straddle two pieces
+                raise BodyError("the upstream's markup has character references in a line too long to read")
             out = masker.feed(piece)
             if nl < 0:
                 fed = piece[-1:]
@@ -564,10 +596,12 @@ def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None
             cut = len(line) - len(chunk) + last
             done = bytes(line[:cut])
             del line[:cut]
-            out += escaped(done) if b"\\u" in done else masker.feed(done)
+            out += escaped(done) if b"\\u" in done else masker.feed(plain(done))
         if len(line) > ESCAPED_LINE_LIMIT:
             if b"\\u" in line:
                 raise BodyError("the upstream's text has \\u escapes in a line too long to read as JSON")
+            if masking.markup and b"&" in line:
+                raise BodyError("the upstream's markup has character references in a line too long to read")
             out += masker.feed(bytes(line))
             fed = bytes(line[-1:])
             line.clear()
@@ -582,7 +616,9 @@ def byte_stream(masking: Masking, tap: Tap, on_error: Callable[[Exception], None
             out = b""
             if line:
                 out = (
-                    masker.flush() + _escaped_line(masking, bytes(line)) if b"\\u" in line else masker.feed(bytes(line))
+                    masker.flush() + _escaped_line(masking, bytes(line))
+                    if b"\\u" in line
+                    else masker.feed(plain(bytes(line)))
                 )
                 line.clear()
             out += masker.close()

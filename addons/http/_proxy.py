@@ -269,6 +269,13 @@ def _json_like(content_type: str) -> bool:
     return is_json_type(content_type) or content_type.split(";", 1)[0].strip().lower() in _JSON_LIKE
 
 
+def _markup(content_type: str) -> bool:
+    """HTML or XML, whose character references a browser or parser reads as the characters they stand for;
+    without a type too, as browsers then sniff the body and render what looks like HTML."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in ("", "text/html", "text/xml", "application/xml", "application/xhtml+xml") or media.endswith("+xml")
+
+
 def _mask_json_lines(masking: bodies.Masking, raw: bytes) -> bytes | None:
     """``raw`` masked as one JSON value per line (NDJSON, JSON Lines), None when a line is not JSON."""
     out: list[bytes] = []
@@ -1532,6 +1539,7 @@ class LictorProxy:
         length = int(length_s) if length_s is not None and length_s.isdigit() else None
         info = state.call.info if state.call else None
         live = bool(info and (info.watch or info.follow)) or ctype.lower().startswith("text/event-stream")
+        masking.markup = _markup(ctype)
 
         def failed(exc: Exception) -> None:
             log.error("masking %s failed, closing the connection (fail closed): %s", flow.id, exc)
