@@ -226,6 +226,17 @@ class CustomersAPI:
                         "\n".join(json.dumps({"id": i, "email": "zo\u00eb@ex\u00e4mple.com"}) for i in range(3)),
                     ),
                     "/v1/customers/xssi": ("application/json", ")]}'\n" + json.dumps({"email": "zo\u00eb@ex.com"})),
+                    "/v1/customers/rich": (  # HTML in JSON fields (a CMS page, a rich-text note)
+                        "application/json",
+                        json.dumps(
+                            {
+                                "bio": "<p>" + EMAIL.replace("@", "&#64;") + "</p>",
+                                "escaped": "<p>" + EMAIL.replace("@", "AMPcommat;") + "</p>",
+                                "card": CARD.replace(" ", "&#32;"),
+                                "terms": "a &amp; b &#34;c&#34; &#92;n",
+                            }
+                        ).replace("AMP", "\\u0026"),  # the & of the reference escaped in JSON
+                    ),
                 }
                 if self.path in escaped:
                     ctype, text = escaped[self.path]
@@ -700,6 +711,15 @@ def test_html_is_masked_as_a_browser_reads_its_character_references(env: Env, pa
             [chromium, "--headless", "--no-sandbox", "--dump-dom", page.as_uri()], capture_output=True, timeout=60
         ).stdout.decode()
         assert "[REDACTED:email]" in dom and "@" not in dom and "4111" not in dom, dom
+
+
+def test_html_in_json_fields_is_masked_as_a_browser_reads_it(env: Env) -> None:
+    code, body = env.curl(env.url() + "/v1/customers/rich", token=env.agent)
+    assert code == 200, body
+    doc = json.loads(body)
+    assert doc["bio"] == "<p>[REDACTED:email]</p>" and doc["escaped"] == "<p>[REDACTED:email]</p>", doc
+    assert doc["card"] == "[REDACTED:card]", doc
+    assert doc["terms"] == "a &amp; b &#34;c&#34; &#92;n", doc  # markup, quotes and backslashes stay references
 
 
 def test_json_lines_are_relayed_as_the_upstream_writes_them_and_masked(env: Env) -> None:

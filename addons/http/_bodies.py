@@ -346,7 +346,9 @@ def mask_embedded_objects(doc: Any, plan: Any, counts: Counter[str]) -> Any:
 # A character reference of HTML or XML: numeric (&#64; &#x40;) or named (&commat;), the ';' optional as HTML
 # parsers read legacy ones.
 _REFERENCE = re.compile(rb"&(?:#[0-9]{1,8}|#[xX][0-9A-Fa-f]{1,8}|[A-Za-z][A-Za-z0-9]{0,31});?")
-_MARKUP_SIGNIFICANT = frozenset("<>&\"'")
+_REFERENCE_TEXT = re.compile(r"&(?:#[0-9]{1,8}|#[xX][0-9A-Fa-f]{1,8}|[A-Za-z][A-Za-z0-9]{0,31});?")
+# The characters of markup, and JSON's backslash: written as references they stay so.
+_MARKUP_SIGNIFICANT = frozenset("<>&\"'\\")
 
 
 def _plain_character(match: re.Match[bytes]) -> bytes:
@@ -364,6 +366,30 @@ def plain_references(data: bytes) -> bytes:
     if b"&" not in data:
         return data
     return _REFERENCE.sub(_plain_character, data)
+
+
+def may_reference(data: bytes) -> bool:
+    """JSON text whose strings may hold a character reference: a ``&``, written or escaped (``\\u0026``)."""
+    return b"&" in data or b"\\u0026" in data.lower()
+
+
+def _plain_text_character(match: re.Match[str]) -> str:
+    text = html.unescape(match.group())
+    if len(text) != 1 or not " " <= text <= "~" or text in _MARKUP_SIGNIFICANT:
+        return match.group()
+    return text
+
+
+def _plain_strings(doc: Any) -> Any:
+    """``doc`` with :func:`plain_references` applied to its string values (HTML in a JSON field: a CMS page, a
+    rich-text note). Keys stay as they are: two could become one."""
+    if isinstance(doc, str):
+        return _REFERENCE_TEXT.sub(_plain_text_character, doc) if "&" in doc else doc
+    if isinstance(doc, list):
+        return [_plain_strings(v) for v in doc]
+    if isinstance(doc, dict):
+        return {k: _plain_strings(v) for k, v in doc.items()}
+    return doc
 
 
 class Masking:
@@ -390,7 +416,11 @@ class Masking:
     def active(self) -> bool:
         return not self.plan_empty or (self.secrets and self.secrets_response)
 
-    def mask_document(self, doc: Any) -> Any:
+    def mask_document(self, doc: Any, *, references: bool = False) -> Any:
+        """``references``: the document's text has a ``&``, so a string may hold HTML whose character
+        references hide what the detectors look for (``jane&#64;example.com``); read as a browser shows it."""
+        if references and not self.plan_empty:
+            doc = _plain_strings(doc)
         if self.secrets:
             mask_secrets(doc, self.counts, secrets_response=self.secrets_response)
         if not self.plan_empty:
@@ -404,13 +434,13 @@ class Masking:
         if not data.strip():
             return data
         if self.needs_document or b"\\u" in data:
-            return dumps(self.mask_document(loads(data)))
+            return dumps(self.mask_document(loads(data), references=may_reference(data)))
         # Detectors only. Without any escape, a scan of the JSON text finds exactly what a scan of each string
         # would, and it is several times cheaper than parsing. Otherwise the parsed document is masked: in the
         # text, an escape hides a value ({\"password\": \"x\"} in a string, https:\/\/user:pw@host), a card
         # may be a number (masked, it must become a string), and a secret key's value may be a list or an
         # object (masked whole there, not up to its first quote).
-        if b"\\" not in data:
+        if b"\\" not in data and b"&" not in data:  # a & may begin a character reference (see mask_document)
             masked, counts = self.plan.mask_bytes(data)
             if not counts:
                 return data
@@ -431,7 +461,7 @@ class Masking:
             return self.mask_bytes(data)
         except RecursionError as exc:
             raise BodyError(f"the body is not valid JSON: {exc}") from None
-        return dumps(self.mask_document(doc))
+        return dumps(self.mask_document(doc, references=may_reference(data)))
 
     def mask_bytes(self, data: bytes) -> bytes:
         if self.plan_empty:
@@ -701,7 +731,7 @@ def json_event_stream(masking: Masking, limit: int, tap: Tap, on_error: Callable
                     continue
                 except RecursionError as exc:
                     raise BodyError(f"watch event nested too deeply: {exc}") from None
-                out.append(dumps(masking.mask_document(doc)) + b"\n")
+                out.append(dumps(masking.mask_document(doc, references=may_reference(segment))) + b"\n")
             begin = search = nl + 1
         del buf[:begin]
         if len(buf) > limit:

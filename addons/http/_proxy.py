@@ -2177,7 +2177,7 @@ def _masked_or_omitted(
         try:
             doc = mask(bodies.loads(body), Counter())
             if masking is not None:
-                doc = masking.mask_document(doc)
+                doc = masking.mask_document(doc, references=bodies.may_reference(body))
             return _body_for_record(bodies.dumps(doc), prefix=prefix)
         except (bodies.BodyError, ValueError, RecursionError):  # not JSON, or too deep to mask
             pass
