@@ -225,6 +225,17 @@ class CustomersAPI:
                         "application/x-ndjson",
                         "\n".join(json.dumps({"id": i, "email": "zo\u00eb@ex\u00e4mple.com"}) for i in range(3)),
                     ),
+                    "/v1/customers/links": (  # the address percent-encoded in URLs (a pagination link, a mailto:)
+                        "application/json",
+                        json.dumps(
+                            {
+                                "next": "/v1/customers?email=" + EMAIL.replace("@", "%40") + "&page=2",
+                                "plus": "/v1/customers?email=jane%2Bbilling%40example.com",
+                                "contact": '<a href="mailto:' + EMAIL.replace("@", "%40") + '">write</a>',
+                                "handle": "/v1/search?q=a%40b&tag=foo%20%40jane.smith",
+                            }
+                        ),
+                    ),
                     "/v1/customers/xssi": ("application/json", ")]}'\n" + json.dumps({"email": "zo\u00eb@ex.com"})),
                     "/v1/customers/rich": (  # HTML in JSON fields (a CMS page, a rich-text note)
                         "application/json",
@@ -711,6 +722,16 @@ def test_html_is_masked_as_a_browser_reads_its_character_references(env: Env, pa
             [chromium, "--headless", "--no-sandbox", "--dump-dom", page.as_uri()], capture_output=True, timeout=60
         ).stdout.decode()
         assert "[REDACTED:email]" in dom and "@" not in dom and "4111" not in dom, dom
+
+
+def test_addresses_percent_encoded_in_urls_are_masked(env: Env) -> None:
+    code, body = env.curl(env.url() + "/v1/customers/links", token=env.agent)
+    assert code == 200, body
+    doc = json.loads(body)
+    assert doc["next"] == "/v1/customers?email=[REDACTED:email]&page=2", doc
+    assert doc["plus"] == "/v1/customers?email=[REDACTED:email]", doc
+    assert doc["contact"] == '<a href="mailto:[REDACTED:email]">write</a>', doc
+    assert doc["handle"] == "/v1/search?q=a%40b&tag=foo%20%40jane.smith", doc  # no address in them
 
 
 def test_html_in_json_fields_is_masked_as_a_browser_reads_it(env: Env) -> None:

@@ -303,6 +303,34 @@ def test_email_local_part_starts_at_the_word() -> None:
     assert masked("email", "a@b.co,c@d.co") == f"{red('email')},{red('email')}"
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("mailto:jane.doe%40example.com", "mailto:{email}"),
+        ('<a href="mailto:jane.doe%40example.com?subject=Hi">', '<a href="mailto:{email}?subject=Hi">'),
+        ("/v1/customers?email=jane.doe%40example.com&page=2", "/v1/customers?email={email}&page=2"),
+        ("?email=jane%2Bbilling%40example.com", "?email={email}"),
+        ("?email=jane%2bbilling%40Example.COM", "?email={email}"),
+        ("?email=jane+billing%40example.com", "?email={email}"),
+        ("?to=zo%C3%AB%40example.com", "?to={email}"),
+        # not addresses: no domain, a one-letter top-level label, a local part ending in an escaped space
+        ("?q=a%40b&r=1", "?q=a%40b&r=1"),
+        ("?q=a%40b.c", "?q=a%40b.c"),
+        ("?tag=foo%20%40jane.smith", "?tag=foo%20%40jane.smith"),
+        ("?q=%40jane.smith", "?q=%40jane.smith"),
+        ("50%40", "50%40"),
+    ],
+)
+def test_email_with_its_at_percent_encoded_is_masked(text: str, expected: str) -> None:
+    assert masked("email", text) == expected.format(email=red("email"))
+
+
+def test_email_percent_encoded_keeps_its_length_when_the_style_does() -> None:
+    text = "mailto:jane.doe%40example.com"
+    out = plan_for("email", style="preserve-length").mask_text(text)[0]
+    assert len(out) == len(text) and "jane" not in out and out.startswith("mailto:")
+
+
 def test_detectors_adjacent_to_each_other() -> None:
     text = "4111111111111111 john@example.com 10.0.0.1 123-45-6789"
     out, counts = plan_for(*ALL).mask_text(text)

@@ -264,8 +264,9 @@ _BUILTINS = (
     _builtin("ssn", r"\b\d{3}(?:-\d{2}-|\ \d{2}\ )\d{4}\b", "ssn"),
     _builtin(
         "email",
-        # Internationalized addresses too (zoë@exämple.com): any non-ASCII character counts as a letter.
-        r"(?:[A-Za-z0-9._%+-]|[^\x00-\x7f])@(?:[A-Za-z0-9]|[^\x00-\x7f])",
+        # Internationalized addresses too (zoë@exämple.com): any non-ASCII character counts as a letter. In a
+        # URL the @ is percent-encoded (mailto:jane%40example.com, ?email=jane%2Bx%40example.com).
+        r"(?:[A-Za-z0-9._%+-]|[^\x00-\x7f])(?:@|%40)(?:[A-Za-z0-9]|[^\x00-\x7f])",
         "email",
         extend=(r"(?:[A-Za-z0-9.-]|[^\x00-\x7f])*",),
         extend_limit=EMAIL_LIMIT,

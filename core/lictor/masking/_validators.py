@@ -194,18 +194,31 @@ def aws_secret(data: bytes, start: int, end: int) -> int:
 
 
 _LETTERS = string.ascii_letters.encode()
+# Hex of the percent-escapes that may end a local part before %40: an ASCII character allowed there (+ above all)
+# or a byte of a UTF-8 character (zo%C3%AB%40example.com).
+_LOCAL_ESCAPES = frozenset(
+    f"{b:02X}".encode()
+    for b in range(256)
+    if b >= 0x80 or chr(b) in string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-"
+)
 
 
 def email(data: bytes, start: int, end: int) -> int:
     """E-mail address: the domain is trimmed to its last label of 2-24 letters after a dot (digits
-    right after those letters are not part of it)."""
+    right after those letters are not part of it). In a URL the ``@`` may be written ``%40``; the local
+    part then does not end in an escape of a character no address has there (``foo%20%40bar.com``)."""
     at = data.find(b"@", start, end)
+    domain = at + 1
     if at < 0:
-        return -1
-    while end > at + 1:
-        while end > at + 1 and data[end - 1] in b".-":
+        # the domain never holds a %: the last %40 is the separator (the local part may hold one too)
+        at = data.rfind(b"%40", start, end)
+        if at < 0 or (at - 3 >= start and data[at - 3] == 37 and data[at - 2 : at].upper() not in _LOCAL_ESCAPES):
+            return -1
+        domain = at + 3
+    while end > domain:
+        while end > domain and data[end - 1] in b".-":
             end -= 1
-        dot = data.rfind(b".", at + 1, end)
+        dot = data.rfind(b".", domain, end)
         if dot < 0:
             return -1
         tld = data[dot + 1 : end]
