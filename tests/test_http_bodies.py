@@ -67,6 +67,18 @@ def test_markup_is_masked_as_its_character_references_read() -> None:
     assert len(seen) == 1 and "character references" in str(seen[0])
 
 
+def test_markup_no_break_spaces_between_digit_groups_are_read_as_spaces() -> None:
+    m = masking()
+    m.markup = True
+    refs = ["&nbsp;", "&#160;", "&#xA0;", "&#x202f;", "&#8199;", "&nbsp"]
+    for ref in refs:
+        page = b"<p>" + CARD.replace(b" ", ref.encode()) + b"</p>"
+        assert m.mask_bytes(page) == b"<p>[REDACTED:card]</p>", ref
+    # elsewhere a no-break space stays as written, and a number that fails Luhn is not masked
+    page = b"<p>a&nbsp;b&nbsp;1</p><p>4111&nbsp;1111&nbsp;1111&nbsp;1112</p>"
+    assert m.mask_bytes(page) == b"<p>a&nbsp;b&nbsp;1</p><p>4111 1111 1111 1112</p>"
+
+
 def test_passthrough_never_emits_empty_chunks() -> None:
     seen, on_error = errors()
     out = run(bodies.passthrough(bodies.Tap(), on_error), [b"a", b"b"])  # type: ignore[arg-type]

@@ -236,6 +236,24 @@ class CustomersAPI:
                             }
                         ),
                     ),
+                    "/v1/customers/spaced": (  # digit groups separated by no-break spaces, as UTF-8 characters
+                        "application/json",
+                        json.dumps(
+                            {
+                                "card": CARD.replace(" ", "\u00a0"),
+                                "narrow": CARD.replace(" ", "\u202f"),
+                                "figure": CARD.replace(" ", "\u2007"),
+                                "reference": "4111 1111 1111 1112".replace(" ", "\u00a0"),  # fails Luhn
+                            },
+                            ensure_ascii=False,
+                        ),
+                    ),
+                    "/v1/customers/spacedtext": ("text/plain; charset=utf-8", f"card {CARD.replace(' ', '\u202f')}\n"),
+                    "/v1/customers/spacedpage": (
+                        "text/html; charset=utf-8",
+                        "<p>" + CARD.replace(" ", "&nbsp;") + "</p><p>" + CARD.replace(" ", "&#160;") + "</p>"
+                        "<p>Order&nbsp;12&nbsp;345</p>",
+                    ),
                     "/v1/customers/xssi": ("application/json", ")]}'\n" + json.dumps({"email": "zo\u00eb@ex.com"})),
                     "/v1/customers/rich": (  # HTML in JSON fields (a CMS page, a rich-text note)
                         "application/json",
@@ -732,6 +750,19 @@ def test_addresses_percent_encoded_in_urls_are_masked(env: Env) -> None:
     assert doc["plus"] == "/v1/customers?email=[REDACTED:email]", doc
     assert doc["contact"] == '<a href="mailto:[REDACTED:email]">write</a>', doc
     assert doc["handle"] == "/v1/search?q=a%40b&tag=foo%20%40jane.smith", doc  # no address in them
+
+
+def test_card_numbers_grouped_with_no_break_spaces_are_masked(env: Env) -> None:
+    code, body = env.curl(env.url() + "/v1/customers/spaced", token=env.agent)
+    assert code == 200, body
+    doc = json.loads(body)
+    assert doc["card"] == doc["narrow"] == doc["figure"] == "[REDACTED:card]", doc
+    assert doc["reference"] == "4111\u00a01111\u00a01111\u00a01112", doc  # not a card number
+    code, body = env.curl(env.url() + "/v1/customers/spacedtext", token=env.agent)
+    assert (code, body) == (200, b"card [REDACTED:card]\n"), body
+    code, body = env.curl(env.url() + "/v1/customers/spacedpage", token=env.agent)
+    assert code == 200 and body.count(b"[REDACTED:card]") == 2 and b"4111" not in body, body
+    assert b"<p>Order&nbsp;12 345</p>" in body, body  # only between digits does the reference become a space
 
 
 def test_html_in_json_fields_is_masked_as_a_browser_reads_it(env: Env) -> None:

@@ -204,6 +204,22 @@ def test_card_trailing_group_not_swallowed() -> None:
     assert masked("card", "4111 1111 1111 1111 123") == f"{red('card')} 123"
 
 
+@pytest.mark.parametrize("space", ["\u00a0", "\u202f", "\u2007"])
+def test_card_grouped_with_no_break_spaces_is_masked(space: str) -> None:
+    card = "4111 1111 1111 1111".replace(" ", space)
+    assert masked("card", f"card {card}.") == f"card {red('card')}."
+    assert masked("card", "3782 822463 10005".replace(" ", space)) == red("card")  # 4-6-5
+    assert masked("card", f"{card}{space}123") == f"{red('card')}{space}123"  # a trailing group is dropped
+    # Luhn still decides
+    for text in ("4111 1111 1111 1112", "1234 5678 9012 3456", "0000 0000 0000 0000"):
+        assert masked("card", text.replace(" ", space)) == text.replace(" ", space)
+    assert masked("card", f"4111{space}1111 1111-1111") == f"4111{space}1111 1111-1111"  # dashes and spaces mixed
+    # the styles keep the separators, and the byte length where they say so
+    assert plan_for("card", style="partial").mask_text(card)[0] == "**** **** **** 1111".replace(" ", space)
+    out = plan_for("card", style="preserve-length").mask_text(card)[0]
+    assert len(out.encode()) == len(card.encode()) and out.count(space) == 3 and "4111" not in out
+
+
 def test_secret_assignment_masks_value_only() -> None:
     cases = {
         "password=hunter2": "password=",

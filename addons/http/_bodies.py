@@ -358,14 +358,22 @@ def _plain_character(match: re.Match[bytes]) -> bytes:
     return text.encode("ascii")
 
 
+# A reference to a no-break space (U+00A0, figure U+2007, narrow U+202F) between two digits: the separator of a
+# card number's groups (4111&nbsp;1111&nbsp;...), written as an ASCII space for the same reason.
+_DIGIT_SPACE = r"(?<=[0-9])&(?:nbsp|#0*160|#[xX]0*[aA]0|#0*8199|#[xX]0*2007|#0*8239|#[xX]0*202[fF]);?(?=[0-9])"
+_DIGIT_SPACE_BYTES = re.compile(_DIGIT_SPACE.encode())
+_DIGIT_SPACE_TEXT = re.compile(_DIGIT_SPACE)
+
+
 def plain_references(data: bytes) -> bytes:
     """HTML or XML with its character references to printable ASCII characters written as those characters
     (``jane&#64;example.com`` as ``jane@example.com``), as a browser shows them: in the references the
     detectors would find no address or card number. The characters of markup (``<`` ``&`` quotes) stay
-    references; ASCII reads the same in UTF-8 and in the single-byte charsets the gateway relays."""
+    references; ASCII reads the same in UTF-8 and in the single-byte charsets the gateway relays. A no-break
+    space written as a reference between two digits becomes an ASCII space (``4111&nbsp;1111...``)."""
     if b"&" not in data:
         return data
-    return _REFERENCE.sub(_plain_character, data)
+    return _REFERENCE.sub(_plain_character, _DIGIT_SPACE_BYTES.sub(b" ", data))
 
 
 def may_reference(data: bytes) -> bool:
@@ -384,7 +392,7 @@ def _plain_strings(doc: Any) -> Any:
     """``doc`` with :func:`plain_references` applied to its string values (HTML in a JSON field: a CMS page, a
     rich-text note). Keys stay as they are: two could become one."""
     if isinstance(doc, str):
-        return _REFERENCE_TEXT.sub(_plain_text_character, doc) if "&" in doc else doc
+        return _REFERENCE_TEXT.sub(_plain_text_character, _DIGIT_SPACE_TEXT.sub(" ", doc)) if "&" in doc else doc
     if isinstance(doc, list):
         return [_plain_strings(v) for v in doc]
     if isinstance(doc, dict):

@@ -171,6 +171,9 @@ def _builtin(name: str, pattern: str, validator: str | None = None, **extra: Any
 
 _H = "[0-9A-Fa-f]{1,4}"
 _V4 = r"(?:\d{1,3}\.){3}\d{1,3}"
+# A space between digit groups, no-break ones included (U+00A0, U+2007, U+202F): an alternation of the
+# characters themselves, which reads the same as UTF-8 bytes.
+_SP = "(?: |\u00a0|\u2007|\u202f)"
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _SECRET_KEYS = (
     "password|passwd|passphrase|secret|token|api[_-]?key|apikey|access[_-]?key|private[_-]?key"
@@ -255,8 +258,11 @@ _BUILTINS = (
         "card",
         # Bounded by non-digits, not only by word boundaries: 'a'||card or card||'z' glues letters to it.
         # (Not [^0-9]: in UTF-8 mode that cannot match a byte of invalid UTF-8 next to the number.)
-        r"(?:\b|[A-Za-z_])(\d{13,19}|\d{4}(?: \d{4}){2} \d{1,4}(?: \d{1,3})?|\d{4}(?:-\d{4}){2}-\d{1,4}(?:-\d{1,3})?"
-        r"|\d{4}[ -]\d{6}[ -]\d{4,5})(?:\b|[A-Za-z_])",
+        # Groups separated by spaces, a no-break space included (U+00A0, narrow U+202F, figure U+2007: what
+        # formatted amounts and localized output put between digit groups), or by dashes.
+        rf"(?:\b|[A-Za-z_])(\d{{13,19}}|\d{{4}}(?:{_SP}\d{{4}}){{2}}{_SP}\d{{1,4}}(?:{_SP}\d{{1,3}})?"
+        r"|\d{4}(?:-\d{4}){2}-\d{1,4}(?:-\d{1,3})?"
+        rf"|\d{{4}}(?:{_SP}|-)\d{{6}}(?:{_SP}|-)\d{{4,5}})(?:\b|[A-Za-z_])",
         "card",
         group=1,
     ),

@@ -4,13 +4,13 @@ All styles work on UTF-8 bytes and return UTF-8 bytes:
 
 - ``redact``: ``[REDACTED:<label>]``.
 - ``partial``: every letter and digit becomes ``*`` except the last ``keep`` of them; other
-  characters (separators, ``@``, ``.``) are kept so the shape stays readable. At most half of
+  characters (separators, no-break spaces, ``@``, ``.``) are kept so the shape stays readable. At most half of
   the letters and digits are ever kept, so a short value is never shown whole.
 - ``hash``: ``[HASH:<label>:<16 hex>]``, the first 64 bits of HMAC-SHA256(key, value). The
   same value gives the same token under every label, so equality and joins still work.
 - ``preserve-length``: the same number of bytes; ASCII digits become digits, ASCII letters
-  letters of the same case, other ASCII characters are kept, and each byte of a non-ASCII
-  character becomes an ASCII letter (so the byte length is kept and the result is valid
+  letters of the same case, other ASCII characters and no-break spaces are kept, and each byte
+  of another non-ASCII character becomes an ASCII letter (so the byte length is kept and the result is valid
   UTF-8). The replacement characters come from HMAC-SHA256(key, value): deterministic per key,
   different for different values.
 """
@@ -103,11 +103,28 @@ def apply_style(style: Style, key: bytes, label: str, value: bytes) -> bytes:
     if kind == "partial":
         return _partial(value, style.keep)
     ks = _keystream(key, value, len(value))
-    return bytes([_PRESERVE[(b << 8) | k] for b, k in zip(value, ks, strict=False)])
+    return _keep_spaces(value, bytes([_PRESERVE[(b << 8) | k] for b, k in zip(value, ks, strict=False)]))
+
+
+# No-break spaces (U+00A0, U+2007, U+202F) separate digit groups as a space does: partial and preserve-length
+# keep them where they are, as they keep ASCII separators.
+_WIDE_SPACES = ("\u00a0".encode(), "\u2007".encode(), "\u202f".encode())
+
+
+def _keep_spaces(value: bytes, masked: bytes) -> bytes:
+    if value.isascii():
+        return masked
+    out = bytearray(masked)
+    for space in _WIDE_SPACES:
+        at = value.find(space)
+        while at >= 0:
+            out[at : at + len(space)] = space
+            at = value.find(space, at + len(space))
+    return bytes(out)
 
 
 def _partial(value: bytes, keep: int) -> bytes:
-    masked = value.translate(_PARTIAL_TABLE)
+    masked = _keep_spaces(value, value.translate(_PARTIAL_TABLE))
     if keep == 0:
         return masked
     # Positions of ASCII letters and digits: the only characters partial keeps.

@@ -56,17 +56,35 @@ def _trim_groups(data: bytes, start: int, end: int, check: Callable[[bytes], boo
     return -1
 
 
+# No-break spaces between a card's digit groups, in UTF-8: U+00A0, U+2007 (figure), U+202F (narrow).
+_WIDE_SPACES = ("\u00a0".encode(), "\u2007".encode(), "\u202f".encode())
+_CARD_SEPARATORS = (b" ", b"-", *_WIDE_SPACES)
+
+
 def _card_ok(span: bytes) -> bool:
+    if not span.isascii():
+        for space in _WIDE_SPACES:
+            span = span.replace(space, b"")
     digits = span.translate(None, _SEPARATORS)
     return 13 <= len(digits) <= 19 and digits[0] != 48 and luhn_ok(digits)
 
 
 def card(data: bytes, start: int, end: int) -> int:
-    """Payment card: 13-19 digits (spaces or dashes allowed), not starting with 0, Luhn valid.
+    """Payment card: 13-19 digits (spaces, no-break spaces or dashes allowed), not starting with 0,
+    Luhn valid.
 
     A trailing group the pattern took in (``4111 1111 1111 1111 123``) may be dropped; a
     grouped card has at most two groups too many to be tried."""
-    return _trim_groups(data, start, end, _card_ok, b" -", 3)
+    for _ in range(3):
+        if _card_ok(data[start:end]):
+            return end
+        cut = max(data.rfind(sep, start, end) for sep in _CARD_SEPARATORS)
+        if cut <= start:
+            return -1
+        end = cut
+        while end > start and (sep := next((s for s in _CARD_SEPARATORS if data.endswith(s, start, end)), None)):
+            end -= len(sep)
+    return -1
 
 
 def luhn(data: bytes, start: int, end: int) -> int:
