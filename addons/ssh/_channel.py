@@ -572,15 +572,19 @@ class ChannelHandler:
                 return await transfer_paths(lease, transfer.paths, git=transfer.channel == "git")
             finally:
                 lease.release()
-        except UpstreamError as exc:
+        except (UpstreamError, OSError, asyncssh.Error) as exc:
+            await self._upstream_failed(exc, "resolving the paths of a transfer")
+            return None
+
+    async def _upstream_failed(self, exc: Exception, doing: str) -> None:
+        """Tell the agent the target could not be reached (:class:`UpstreamError` says why) or refused what the
+        gateway asked of it while ``doing`` (logged), and end the channel."""
+        if isinstance(exc, UpstreamError):
             await self._write_err(f"lictor: {exc}\n")
-            self._exit(UNREACHABLE_STATUS)
-            return None
-        except (OSError, asyncssh.Error) as exc:
-            log.error("ssh target %s: resolving the paths of a transfer failed: %s", self.target, exc)
+        else:
+            log.error("ssh target %s: %s failed: %s", self.target, doing, exc)
             await self._write_err("lictor: the target refused the channel; retry later\n")
-            self._exit(UNREACHABLE_STATUS)
-            return None
+        self._exit(UNREACHABLE_STATUS)
 
     # -- other subsystems (sftp never comes here) ---------------------------------------------
 
@@ -709,14 +713,8 @@ class ChannelHandler:
                 self.upstream = await self.lease.conn.create_process(**kwargs)
             else:
                 self.upstream = await self.lease.conn.create_process(command, **kwargs)
-        except UpstreamError as exc:
-            await self._write_err(f"lictor: {exc}\n")
-            self._exit(UNREACHABLE_STATUS)
-            return False
-        except (OSError, asyncssh.Error) as exc:
-            log.error("ssh target %s: opening a channel failed: %s", self.target, exc)
-            await self._write_err("lictor: the target refused the channel; retry later\n")
-            self._exit(UNREACHABLE_STATUS)
+        except (UpstreamError, OSError, asyncssh.Error) as exc:
+            await self._upstream_failed(exc, "opening a channel")
             return False
         return True
 
