@@ -995,9 +995,11 @@ def test_verify_reports_a_non_object_manifest_and_checks_the_other_sessions(tmp_
         assert verdicts[second].ok and verdicts[second].signed
 
 
-def test_verify_reports_a_signed_session_whose_decisions_an_audit_log_rolled_back_lost(tmp_path: Path) -> None:
-    # An audit log put back as it was while a session was open still held that session's start, so verify
-    # --all passed although the decisions the signed manifest counts were gone from it.
+def _roll_back_the_audit_log(tmp_path: Path, *, copied_after_the_denial: bool) -> tuple[Path, str, str]:
+    """A session with an allowed and a denied request whose audit log is copied while the session is open
+    (before or after the denial), then put back once the gateway stopped: (state dir, session id, what
+    ``sessions verify --all`` says of it then, which must fail). Both verifications passed before the copy was
+    put back, and the audit log's own chain still verifies after."""
     state = tmp_path / "state"
     saved = tmp_path / "audit-copy.db"
 
@@ -1006,12 +1008,15 @@ def test_verify_reports_a_signed_session_whose_decisions_an_audit_log_rolled_bac
         await gw.start()
         session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="127.0.0.1:5555")
         assert (await session.decide(request("echo before"))).allowed
+        if copied_after_the_denial:
+            assert not (await session.decide(request("rm -rf /data"))).allowed
         assert gw.recordings.flush(5)
         copy = sqlite3.connect(saved)
         with contextlib.closing(sqlite3.connect(state / "audit.db")) as live:
             live.backup(copy)
         copy.close()
-        assert not (await session.decide(request("rm -rf /data"))).allowed
+        if not copied_after_the_denial:
+            assert not (await session.decide(request("rm -rf /data"))).allowed
         await session.close()
         await gw.stop()
         return session.id
@@ -1025,9 +1030,14 @@ def test_verify_reports_a_signed_session_whose_decisions_an_audit_log_rolled_bac
     assert lictor_cli("audit", "verify", "--state-dir", str(state)).returncode == 0  # its own chain is intact
     rolled = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
     assert rolled.returncode == 1, rolled.stdout + rolled.stderr
-    assert (
-        f"{sid}: BROKEN: the audit log holds 0 of the 1 'deny' decisions the signed manifest counts" in rolled.stdout
-    ), rolled.stdout
+    return state, sid, rolled.stdout
+
+
+def test_verify_reports_a_signed_session_whose_decisions_an_audit_log_rolled_back_lost(tmp_path: Path) -> None:
+    # An audit log put back as it was while a session was open still held that session's start, so verify
+    # --all passed although the decisions the signed manifest counts were gone from it.
+    state, sid, said = _roll_back_the_audit_log(tmp_path, copied_after_the_denial=False)
+    assert f"{sid}: BROKEN: the audit log holds 0 of the 1 'deny' decisions the signed manifest counts" in said, said
     [verdict] = verify_sessions([sid], source=state / "recordings")
     assert not verdict.ok
 
@@ -1035,34 +1045,8 @@ def test_verify_reports_a_signed_session_whose_decisions_an_audit_log_rolled_bac
 def test_verify_reports_a_signed_session_whose_end_an_audit_log_rolled_back_lost(tmp_path: Path) -> None:
     # An audit log put back as it was after a session's last decision (it lost only the session's end and
     # the gateway's stop) passed both its own verify and sessions verify: nothing signed vouched for the end.
-    state = tmp_path / "state"
-    saved = tmp_path / "audit-copy.db"
-
-    async def main() -> str:
-        gw = make_gateway(tmp_path)
-        await gw.start()
-        session = await gw.open_session(who("agent-1"), protocol="line", target="db", peer="127.0.0.1:5555")
-        assert (await session.decide(request("echo before"))).allowed
-        assert not (await session.decide(request("rm -rf /data"))).allowed
-        assert gw.recordings.flush(5)
-        copy = sqlite3.connect(saved)
-        with contextlib.closing(sqlite3.connect(state / "audit.db")) as live:
-            live.backup(copy)
-        copy.close()
-        await session.close()
-        await gw.stop()
-        return session.id
-
-    sid = asyncio.run(main())
-    ok = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
-    assert ok.returncode == 0 and f"{sid}: OK" in ok.stdout, ok.stdout + ok.stderr
-    for suffix in ("-wal", "-shm"):
-        (state / f"audit.db{suffix}").unlink(missing_ok=True)
-    (state / "audit.db").write_bytes(saved.read_bytes())
-    assert lictor_cli("audit", "verify", "--state-dir", str(state)).returncode == 0  # its own chain is intact
-    rolled = lictor_cli("sessions", "verify", "--all", "--state-dir", str(state))
-    assert rolled.returncode == 1, rolled.stdout + rolled.stderr
-    assert f"{sid}: BROKEN: the audit log does not record the end of this session" in rolled.stdout, rolled.stdout
+    state, sid, said = _roll_back_the_audit_log(tmp_path, copied_after_the_denial=True)
+    assert f"{sid}: BROKEN: the audit log does not record the end of this session" in said, said
     manifest, _ = load_session(sid, source=state / "recordings")
     assert manifest is not None and manifest["audited_end"] is True  # what the signed manifest vouches for
 
