@@ -526,6 +526,11 @@ class Env:
             self.lead,
         )
 
+    def audited(self, kind: str) -> list[dict[str, Any]]:
+        """The audit log's events of ``kind``, oldest first (a batch behind the spool)."""
+        out = lictor("audit", "list", "--json", "--kind", kind, "--state-dir", str(self.gw.state_dir)).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
     def pending(self) -> list[str]:
         out = lictor("approvals", "list", "--url", f"http://127.0.0.1:{self.ports['approvals']}", "--token", self.lead)
         return re.findall(r"\bap-[0-9a-f]+\b", out.stdout)
@@ -665,9 +670,7 @@ def test_responses_the_gateway_cannot_mask_are_audited_and_not_worth_retrying(en
     ]
 
     def refused() -> list[dict[str, Any]]:
-        out = lictor("audit", "list", "--json", "--kind", "http.response_refused", "--state-dir", str(env.gw.state_dir))
-        events = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-        return [e for e in events if e.get("url") in paths]
+        return [e for e in env.audited("http.response_refused") if e.get("url") in paths]
 
     time.sleep(1)  # the audit log is a batch behind the spool
     before = len(refused())
@@ -802,8 +805,7 @@ def test_masked_json_numbers_leave_the_body_valid_json(env: Env) -> None:
 
 def test_requests_without_a_valid_token_are_401_and_never_forwarded(env: Env) -> None:
     def refused() -> list[dict[str, Any]]:
-        out = lictor("audit", "list", "--json", "--kind", "http.refused", "--state-dir", str(env.gw.state_dir)).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
+        return env.audited("http.refused")
 
     time.sleep(1)  # the audit log is a batch behind the spool
     audited = len(refused())
@@ -1125,8 +1127,7 @@ def test_request_lines_that_never_end_are_refused_at_a_bound(env: Env) -> None:
 def test_request_heads_too_large_are_audited(env: Env) -> None:
     # As a body over max_body is: refused before any token check, and the operators learn who sent it.
     def refused() -> list[str]:
-        out = lictor("audit", "list", "--json", "--kind", "http.refused", "--state-dir", str(env.gw.state_dir)).stdout
-        return [json.loads(line)["problem"] for line in out.splitlines() if line.strip()]
+        return [event["problem"] for event in env.audited("http.refused")]
 
     time.sleep(1)  # the audit log is a batch behind the spool
     before = len(refused())
@@ -1150,8 +1151,7 @@ def test_request_heads_too_large_are_audited(env: Env) -> None:
 
 def test_plain_http_to_a_tls_listener_is_refused_and_audited(env: Env) -> None:
     def refused() -> list[dict[str, Any]]:
-        out = lictor("audit", "list", "--json", "--kind", "http.refused", "--state-dir", str(env.gw.state_dir)).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
+        return env.audited("http.refused")
 
     time.sleep(1)  # the audit log is a batch behind the spool
     before = len(refused())
@@ -1210,8 +1210,7 @@ def test_a_json_document_too_large_to_mask_is_answered_with_an_error_not_cut(env
     assert EMAIL.encode() not in body
 
     def refused() -> list[dict[str, Any]]:
-        out = lictor("audit", "list", "--json", "--kind", "http.response_refused", "--state-dir", str(env.gw.state_dir))
-        return [e for e in map(json.loads, out.stdout.splitlines()) if e.get("url") == path]
+        return [e for e in env.audited("http.response_refused") if e.get("url") == path]
 
     wait_until(refused, 20, "the refusal's audit event")
     (event,) = refused()
@@ -1570,8 +1569,7 @@ def test_the_gateway_configured_as_a_proxy_is_refused_with_what_to_do_and_audite
     ]
 
     def refused() -> list[str]:
-        out = lictor("audit", "list", "--json", "--kind", "http.refused", "--state-dir", str(env.gw.state_dir)).stdout
-        return [json.loads(line)["problem"] for line in out.splitlines() if line.strip()]
+        return [event["problem"] for event in env.audited("http.refused")]
 
     time.sleep(1)  # the audit log is a batch behind the spool
     before, forwarded = len(refused()), len(env.api.seen())
