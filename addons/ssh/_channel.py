@@ -447,6 +447,17 @@ class ChannelHandler:
             raise ConnectionError("the agent closed the channel while waiting for a decision")
         return decide.result()
 
+    async def _allowed(self, requests: Sequence[Request]) -> Decision | None:
+        """Decide ``requests`` and record the decision; when it is not an allow, tell the agent why and end the
+        channel (None)."""
+        decision, deciding = await self._decide(requests)
+        self._record_decision(decision)
+        if decision.action != "allow":
+            await self._write_err(denial_text(deciding, decision) + "\n")
+            self._exit(DENIED_STATUS)
+            return None
+        return decision
+
     # -- entry --------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -509,11 +520,8 @@ class ChannelHandler:
         if requests[0].attrs.get("channel") in TRANSFER_CHANNELS:
             await self._transfer(command)
             return
-        decision, deciding = await self._decide(requests)
-        self._record_decision(decision)
-        if decision.action != "allow":
-            await self._write_err(denial_text(deciding, decision) + "\n")
-            self._exit(DENIED_STATUS)
+        decision = await self._allowed(requests)
+        if decision is None:
             return
         self._plan = self.agent.session_mask_plan(decision)
         if not await self._open_upstream(command, raw=True):
@@ -530,11 +538,8 @@ class ChannelHandler:
         if paths is None:
             return
         request = transfer_request(transfer, paths, command, target=self.target, reason=self.reason)
-        decision, _ = await self._decide([request])
-        self._record_decision(decision)
-        if decision.action != "allow":
-            await self._write_err(denial_text(request, decision) + "\n")
-            self._exit(DENIED_STATUS)
+        decision = await self._allowed([request])
+        if decision is None:
             return
         if decision.masks:
             self.record("transfer.masked_refused", {"channel": self.number, "paths": paths})
@@ -607,11 +612,7 @@ class ChannelHandler:
             reason=self.reason,
         )
         self.record("command", {"channel": self.number, "kind": "subsystem", "command": name})
-        decision, _ = await self._decide([request])
-        self._record_decision(decision)
-        if decision.action != "allow":
-            await self._write_err(denial_text(request, decision) + "\n")
-            self._exit(DENIED_STATUS)
+        if await self._allowed([request]) is None:
             return
         self._plan = None  # an uninspected protocol: relayed as is, recorded by size and hash
         if not await self._open_upstream(None, raw=True, subsystem=name):
@@ -624,11 +625,8 @@ class ChannelHandler:
         assert self.session is not None
         shell_req = channel_request("shell", target=self.target, summary="interactive shell", reason=self.reason)
         self.record("command", {"channel": self.number, "kind": "shell", "pty": self.pty, **self._terminal_size()})
-        decision, _ = await self._decide([shell_req])
-        self._record_decision(decision)
-        if decision.action != "allow":
-            await self._write_err(denial_text(shell_req, decision) + "\n")
-            self._exit(DENIED_STATUS)
+        decision = await self._allowed([shell_req])
+        if decision is None:
             return
         raw = self.pty and self._raw_terminal("raw interactive shell")
         self.record("shell", {"channel": self.number, "mode": "raw" if raw else "line", "pty": self.pty})
