@@ -455,6 +455,12 @@ def test_deployer_cannot_roll_out_pods_with_the_nodes_privileges(cluster: Cluste
             '{"spec":{"template":{"spec":{"containers":[{"name":"web","securityContext":'
             '{"capabilities":{"add":["sys_admin"]}}}]}}}}',
         ],
+        # only the capabilities Pod Security's baseline lets a container add: SYS_BOOT loads kernels (kexec_load)
+        [
+            "patch", "deployment", "web", "-p",
+            '{"spec":{"template":{"spec":{"containers":[{"name":"web","securityContext":'
+            '{"capabilities":{"add":["NET_BIND_SERVICE","SYS_BOOT"]}}}]}}}}',
+        ],
         # a JSON Patch move or copy puts an object the request shows elsewhere at a deny rule's parent path
         [
             "patch", "deployment", "web", "--type=json", "-p",
