@@ -2677,3 +2677,68 @@ def test_the_end_of_a_session_is_audited_with_who_and_where(env: PgEnv) -> None:
     assert len(ends) == 1, ends
     assert ends[0]["protocol"] == "postgres" and ends[0]["target"] == "app", ends
     assert ends[0]["identity"]["sub"] == "agent-readonly" and ends[0]["peer"].startswith("127.0.0.1:"), ends
+
+
+def _run_as(conn: Any, how: str, sql: str) -> str:
+    """Run ``sql`` with libpq as a Query ("simple") or as Parse, Bind and Execute in one pipeline segment
+    ("extended"), and return the SQLSTATE it failed with ("" if none)."""
+    from psycopg import pq
+
+    pgconn = conn.pgconn
+    result = pgconn.exec_(sql.encode()) if how == "simple" else pgconn.exec_params(sql.encode(), [])
+    if result.status == pq.ExecStatus.FATAL_ERROR:
+        return (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+    return ""
+
+
+@pytest.mark.parametrize("how", ["simple", "extended", "prepared"])
+def test_a_statement_in_a_failed_transaction_is_refused_as_the_server_would_without_a_hold(
+    env: PgEnv, how: str
+) -> None:
+    # In a transaction that has already failed the server refuses every statement but ROLLBACK/COMMIT with 25P02:
+    # approvers must not be asked about a statement that cannot run. The transaction ends normally after.
+    import psycopg
+    from psycopg import pq
+
+    env_cli = {**os.environ, "LICTOR_TOKEN": env.tokens["dba"]}
+    url = f"http://127.0.0.1:{env.approvals_port}"
+    with env.connect("writer", autocommit=False) as conn:
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("SELECT 1")
+        if how == "prepared":  # prepared before the transaction failed, run after
+            assert conn.pgconn.prepare(b"held_truncate", b"TRUNCATE orders").status == pq.ExecStatus.COMMAND_OK
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+        timer = threading.Timer(5.0, conn.cancel)  # a hold would wait for an approver: give up then
+        timer.start()
+        try:
+            if how == "prepared":
+                result = conn.pgconn.exec_prepared(b"held_truncate", [])
+                state = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+            else:
+                state = _run_as(conn, how, "TRUNCATE orders")
+        finally:
+            timer.cancel()
+        assert state == "25P02", (state, notices)
+        assert not any("waiting for approval" in n for n in notices), notices
+        conn.rollback()
+        assert conn.execute("SELECT count(*) > 0 FROM orders").fetchone() == (True,)
+    pending = json.loads(lictor("approvals", "list", "--json", "--url", url, env=env_cli).stdout)
+    assert not [a for a in pending if "TRUNCATE orders" in a.get("summary", "")], pending
+    # In a failed transaction, ROLLBACK TO SAVEPOINT still runs, and what follows it is decided (and held) as ever.
+    with env.connect("writer", autocommit=False) as conn:
+        notices = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("SAVEPOINT s")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+        conn.execute("ROLLBACK TO SAVEPOINT s")
+        timer = threading.Timer(2.0, conn.cancel)
+        timer.start()
+        state = _run_as(conn, "simple" if how == "simple" else "extended", "TRUNCATE orders")
+        timer.join()
+        assert state == "57014", state
+        assert any("waiting for approval" in n for n in notices), notices
+        conn.rollback()
+    assert env.direct("SELECT count(*) > 0 FROM orders") == [(True,)]

@@ -123,6 +123,13 @@ _K_SYNC, _K_QUERY, _K_FCALL, _K_DENY_P, _K_DENY_Q, _K_ABORT = range(6, 12)
 _K_SETTING = 12  # the gateway's own SHOW of a setting (statement_timeout before a hold): answered to the gateway
 _Z_KINDS = frozenset({_K_SYNC, _K_QUERY, _K_FCALL, _K_DENY_Q, _K_ABORT, _K_SETTING})
 
+# What the server runs in a failed transaction (its IsTransactionExitStmt): COMMIT (which rolls back), ROLLBACK,
+# ROLLBACK TO SAVEPOINT and PREPARE TRANSACTION; it refuses anything else with 25P02.
+_ENDS_FAILED_TRANSACTION = frozenset({"commit", "rollback", "prepare_transaction"})
+_FAILED_TRANSACTION = pg.error_response(
+    "ERROR", "25P02", "current transaction is aborted, commands ignored until end of transaction block"
+)
+
 # Types whose binary representation is the text itself (text, varchar, bpchar, name, char, unknown, json,
 # xml, citext is an extension and has no fixed oid). jsonb's binary form is a version byte then the text.
 _TEXT_LIKE = frozenset({25, 1043, 1042, 19, 18, 705, 114, 142})
@@ -898,6 +905,7 @@ class Relay:
         self._segment_may_set = False
         self._pending_z = 0  # ReadyForQuery messages the server still owes
         self._clean_waiters: list[asyncio.Future[None]] = []
+        self._answer_waiters: list[asyncio.Future[None]] = []  # woken by any answer from the server
         self._rows: RowMasker | None = None
         self._exec_pending_masker = False  # an Execute with a mask plan is queued: build its masker lazily
         self._copy_plan: Any = None
@@ -976,10 +984,11 @@ class Relay:
         self.upstream.on_data = None
         self.upstream.close()
         self.agent.close()
-        for waiter in self._clean_waiters:
+        for waiter in (*self._clean_waiters, *self._answer_waiters):
             if not waiter.done():
                 waiter.set_exception(ConnectionError(why))
         self._clean_waiters.clear()
+        self._answer_waiters.clear()
         for task in list(self._tasks):
             task.cancel()
         log.debug("session %s ended: %s", self.session.id, why)
@@ -1241,6 +1250,45 @@ class Relay:
         """The open extended-query segment ran nothing (no Bind, no Execute) and the server answered all of it
         without an error: it is not skipping to a Sync, so a Query sent now runs, and runs alone."""
         return self._is_clean() and not self._segment_bound and not self._be_skip and not self._discard
+
+    async def _wait_answered(self) -> None:
+        """Wait until the server has answered every message forwarded before (a Flush makes it answer those of
+        an open extended-query segment), or reported an error and skips the rest of the segment."""
+        if not self._expect:
+            return
+        self._up.append(pg.flush())
+        self._flush_up()
+        while self._expect and not self.closed:
+            waiter = asyncio.get_running_loop().create_future()
+            self._answer_waiters.append(waiter)
+            await waiter
+
+    @staticmethod
+    def _wake(waiters: list[asyncio.Future[None]]) -> None:
+        woken = list(waiters)
+        waiters.clear()
+        for waiter in woken:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _refused_in_failed_transaction(self, classified: Classified, sql: str) -> Decision | None:
+        """In a transaction that has already failed (the server's last word), the server refuses every
+        statement but one ending the transaction or rolling back to a savepoint (SQLSTATE 25P02) and, in a
+        query of several, those after it: such a statement cannot run, so no approver is asked about it. The
+        refusal, audited and recorded; None when the statement would run."""
+        if self.status != "E" or not classified.requests:
+            return None
+        if classified.requests[0].action in _ENDS_FAILED_TRANSACTION:
+            return None
+        refusal = Decision.deny(
+            "current transaction is aborted, commands ignored until end of transaction block (the statement was "
+            "not held for approval: it cannot run)",
+            "lictor:failed-transaction",
+            self.session.policy.version,
+        )
+        self._audit_refusal(classified.requests, refusal, "protocol")
+        self._record_denial(sql, refusal)
+        return refusal
 
     async def _wait_clean(self) -> None:
         await self._wait_for(lambda: self._pending_z == 0 and not self._expect)
@@ -1610,6 +1658,11 @@ class Relay:
         # an approval ends at the same time (node-postgres's `statement_timeout` is how its agents give up).
         # Where the query itself changes it (`SET statement_timeout = 0; VACUUM`), the value before it is not
         # the one the held statement would run with: the wait is not bounded (as before; cancel ends it).
+        await self._wait_clean()
+        if self.closed:
+            return None
+        if self._refused_in_failed_transaction(classified, sql) is not None:
+            return self._deny_simple(_FAILED_TRANSACTION)
         timeout = None if _sets_statement_timeout(classified) else await self._statement_timeout()
         if self.closed:
             return None
@@ -1871,6 +1924,22 @@ class Relay:
                     log.error("could not audit a refused approval request")
             self._record_denial(stmt.text, decision)
             return self._deny_extended(self._denial_error(None, [decision], decision, _short(stmt.text)))
+        # An earlier message of this segment may have failed (the server then skips this Bind), or the
+        # transaction may have failed before it: what the server has answered so far says.
+        executed_before = self._segment_execs > 0
+        await self._wait_answered()
+        if self.closed:
+            return None
+        if self._be_skip:
+            skipped = Decision.deny(
+                "not run: an earlier message of its pipeline failed, so the server skipped it",
+                "lictor:failed-transaction",
+                self.session.policy.version,
+            )
+            self._record_denial(stmt.text, skipped)
+            return self._deny_extended(_FAILED_TRANSACTION)  # skipped by the server too: the agent sees nothing
+        if not executed_before and self._refused_in_failed_transaction(stmt.classified, stmt.text) is not None:
+            return self._deny_extended(_FAILED_TRANSACTION)
         bound = replace(
             stmt.classified,
             requests=tuple(replace(r, payload=f"{r.payload}\n{values}") for r in stmt.classified.requests)
@@ -2201,6 +2270,8 @@ class Relay:
                 out = self._run_backend(block.data, block.offsets, block.types)
                 if out and not self.closed:
                     self.agent.write_soon(out)
+                if self._answer_waiters:
+                    self._wake(self._answer_waiters)
         except pg.ProtocolError as exc:
             self.shutdown(
                 f"target protocol error: {exc}",
