@@ -2742,3 +2742,76 @@ def test_a_statement_in_a_failed_transaction_is_refused_as_the_server_would_with
         assert any("waiting for approval" in n for n in notices), notices
         conn.rollback()
     assert env.direct("SELECT count(*) > 0 FROM orders") == [(True,)]
+
+
+def test_a_statement_held_at_its_bind_ends_at_the_sessions_statement_timeout(env: PgEnv) -> None:
+    # As for a Query: a statement held at its Bind (Parse, Bind, Execute in one pipeline segment, where the
+    # gateway cannot send a Query of its own) waits no longer than statement_timeout, and its request is withdrawn.
+    import psycopg
+
+    env_cli = {**os.environ, "LICTOR_TOKEN": env.tokens["dba"]}
+    url = f"http://127.0.0.1:{env.approvals_port}"
+    marker = "bind-timeout-" + secrets.token_hex(4)
+    with env.connect("writer", dsn_extra={"options": "'-c statement_timeout=5min'"}) as conn:
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("SET statement_timeout = '1500ms'")
+        timer = threading.Timer(20.0, conn.cancel)  # without a bound the wait would last until the approval expires
+        timer.start()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled) as info:
+                conn.execute("TRUNCATE orders", prepare=True)
+        finally:
+            timer.cancel()
+        assert "canceling statement due to statement timeout" in str(info.value), info.value
+        assert "statement_timeout = 1.5s" in str(info.value)
+        approval = next(n for n in notices if "waiting for approval " in n).split("waiting for approval ", 1)[1]
+        approval = approval.split(":", 1)[0]
+        shown = json.loads(lictor("approvals", "show", approval, "--json", "--url", url, env=env_cli).stdout)
+        assert shown["status"] == "withdrawn", shown
+        # Set earlier in the same pipeline segment, unsynchronized: the value the statement would run with.
+        notices.clear()
+        with pytest.raises(psycopg.errors.QueryCanceled) as info:
+            with conn.pipeline():
+                conn.execute("SET statement_timeout = 1000")
+                conn.execute("SELECT %s::text", [marker])
+                conn.execute("TRUNCATE orders")
+        assert "statement_timeout = 1s" in str(info.value), info.value
+        assert any("waiting for approval" in n for n in notices), notices
+        assert conn.execute("SELECT 'still usable'").fetchone() == ("still usable",)
+    assert env.direct("SELECT count(*) > 0 FROM orders") == [(True,)]
+    recorded = _recorded_statements(env, marker, "TRUNCATE orders")
+    ended = [s for s in recorded if s["sql"] == "TRUNCATE orders"]
+    assert ended and ended[-1]["decision"] == "deny" and "statement_timeout = 1s" in ended[-1]["message"], recorded
+
+
+def test_a_statement_held_at_its_bind_runs_once_approved_after_the_gateway_read_statement_timeout(env: PgEnv) -> None:
+    # The gateway reads statement_timeout in the middle of the agent's unsynchronized segment: the agent's
+    # unnamed statement and portal are untouched, and the approved statement runs as sent.
+    env_cli = {**os.environ, "LICTOR_TOKEN": env.tokens["dba"]}
+    url = f"http://127.0.0.1:{env.approvals_port}"
+    table = "approved_" + secrets.token_hex(4)
+    with env.connect("writer") as conn:
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("SET statement_timeout = '30s'")
+
+        def approve_when_asked() -> None:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                for note in list(notices):
+                    if "waiting for approval " in note:
+                        approval = note.split("waiting for approval ", 1)[1].split(":", 1)[0]
+                        lictor("approvals", "approve", approval, "--url", url, env=env_cli)
+                        return
+                time.sleep(0.1)
+
+        approver = threading.Thread(target=approve_when_asked)
+        approver.start()
+        assert _run_as(conn, "extended", f"CREATE TABLE {table} (id int)") == ""
+        approver.join()
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("30s",)
+    try:
+        assert env.direct(f"SELECT to_regclass('{table}') IS NOT NULL") == [(True,)]
+    finally:
+        env.direct(f"DROP TABLE IF EXISTS {table}")

@@ -121,6 +121,9 @@ LARGE_OBJECT_FUNCTIONS = {
 _K_PARSE, _K_BIND, _K_DESC_S, _K_DESC_P, _K_EXEC, _K_CLOSE = range(6)
 _K_SYNC, _K_QUERY, _K_FCALL, _K_DENY_P, _K_DENY_Q, _K_ABORT = range(6, 12)
 _K_SETTING = 12  # the gateway's own SHOW of a setting (statement_timeout before a hold): answered to the gateway
+# The gateway's own SHOW of a setting inside an open extended-query segment (before a Bind it holds), as Parse, Bind,
+# Execute and Close of a statement and portal of its own: answered to the gateway, no ReadyForQuery.
+_K_SETTING_IN_SEGMENT = 13
 _Z_KINDS = frozenset({_K_SYNC, _K_QUERY, _K_FCALL, _K_DENY_Q, _K_ABORT, _K_SETTING})
 
 # What the server runs in a failed transaction (its IsTransactionExitStmt): COMMIT (which rolls back), ROLLBACK,
@@ -1651,6 +1654,49 @@ class Relay:
         self._flush_up()
         return _timeout_seconds(await answer)
 
+    async def _statement_timeout_in_segment(self) -> float | None:
+        """The session's statement_timeout in seconds (None: none) before a Bind held in an open extended-query
+        segment, once the server has answered what came before it without an error (``_wait_answered``).
+
+        A Query cannot be sent there: the server would run it as the end of the segment (dropping the agent's
+        unnamed statement and portal, ending its implicit transaction). The gateway parses, binds, executes
+        and closes a statement and portal of its own instead, with a name nobody else uses, and a Flush: the
+        server answers them in the segment, in the agent's transaction, after the agent's SET (pipelined
+        before, unsynchronized) has run, and the agent's statements and portals stay as they were."""
+        name = f"lictor_setting_{secrets.token_hex(8)}"
+        answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._reading_setting = True
+        self._push(_K_SETTING_IN_SEGMENT, answer, [2])  # done at the second CloseComplete
+        self._up.append(
+            pg.parse(name, "SHOW statement_timeout")
+            + pg.bind(name, name)
+            + pg.execute(name)
+            + pg.close("S", name)
+            + pg.close("P", name)
+            + pg.flush()
+        )
+        self._flush_up()
+        return _timeout_seconds(await answer)
+
+    def _held_past_statement_timeout(self, sql: str, decision: Decision, timeout: float) -> bytes:
+        """The wait for an approval lasted the session's statement_timeout: the request is withdrawn (the
+        caller cancelled it), the statement recorded as the denial it is to the agent, and the agent gets
+        57014, as from the server."""
+        ended = Decision.deny(
+            f"the approval did not come within statement_timeout = {timeout:g}s; the request was withdrawn",
+            decision.rule_ids[0],
+            decision.policy_version,
+        )
+        self._record_denial(sql, ended)
+        return pg.error_response(
+            "ERROR",
+            "57014",
+            "lictor: canceling statement due to statement timeout (it was held by the gateway for an "
+            f"approval, which did not come within statement_timeout = {timeout:g}s)",
+            hint="Raise statement_timeout (SET statement_timeout = 0 waits until an approver decides) "
+            "and run it again to ask again.",
+        )
+
     async def _query_after_approval(
         self, raw: bytes, sql: str, classified: Classified, decision: Decision, decisions: list[Decision]
     ) -> bytes | None:
@@ -1673,22 +1719,7 @@ class Relay:
                 return None
             assert timeout is not None
             # Recorded as the denial it is to the agent: replaying the session shows the statement never ran.
-            ended = Decision.deny(
-                f"the approval did not come within statement_timeout = {timeout:g}s; the request was withdrawn",
-                decision.rule_ids[0],
-                decision.policy_version,
-            )
-            self._record_denial(sql, ended)
-            return self._deny_simple(
-                pg.error_response(
-                    "ERROR",
-                    "57014",
-                    "lictor: canceling statement due to statement timeout (it was held by the gateway for an "
-                    f"approval, which did not come within statement_timeout = {timeout:g}s)",
-                    hint="Raise statement_timeout (SET statement_timeout = 0 waits until an approver decides) "
-                    "and run it again to ask again.",
-                )
-            )
+            return self._deny_simple(self._held_past_statement_timeout(sql, decision, timeout))
         if self.closed:
             return None
         if final.action == "allow":
@@ -1946,9 +1977,23 @@ class Relay:
             if values
             else stmt.classified.requests,
         )
+        timeout = None
+        if not _sets_statement_timeout(stmt.classified) and not self._drop_segment:
+            # The statement would run with the session's statement_timeout: the wait for an approval ends then.
+            timeout = await self._statement_timeout_in_segment()
+            if self.closed:
+                return None
+            if self._be_skip:  # the gateway's SHOW failed (the agent got the server's error): skipped too
+                return self._deny_extended(_FAILED_TRANSACTION)
         decision, decisions = self._decide(bound)
         if decision.action == "approve":
-            decision = await self._approve(bound, decision, decisions)
+            try:
+                decision = await asyncio.wait_for(self._approve(bound, decision, decisions), timeout)
+            except TimeoutError:
+                if self.closed:
+                    return None
+                assert timeout is not None
+                return self._deny_extended(self._held_past_statement_timeout(stmt.text, decision, timeout))
             if self.closed:
                 return None
         if decision.action != "allow":
@@ -2507,6 +2552,26 @@ class Relay:
             if t == _B_READY:
                 expect.popleft()
                 self._ready(raw)
+            return b""
+        if kind == _K_SETTING_IN_SEGMENT:
+            found: asyncio.Future[str | None] = head.data
+            if t == _B_DATAROW:
+                row = pg.decode_backend(raw)
+                assert isinstance(row, pg.DataRow)
+                value = row.values[0] if row.values else None
+                if not found.done():
+                    found.set_result(None if value is None else bytes(value).decode("utf-8", "replace"))
+            elif t == _B_CLOSEOK or t == _B_ERROR:
+                head.run[0] -= 1
+                if t == _B_ERROR or not head.run[0]:
+                    expect.popleft()
+                    self._reading_setting = False
+                    if not found.done():
+                        found.set_result(None)
+                if t == _B_ERROR:
+                    # The server skips the rest of the segment (the agent's Bind too): the agent is told why.
+                    self._extended_error(None, popped=True)
+                    return None
             return b""
         if kind == _K_SETTING:
             answer: asyncio.Future[str | None] = head.data
