@@ -1440,6 +1440,24 @@ def test_readonly_cannot_compute_values_past_the_masking(env: PgEnv) -> None:
     assert CARDS[1][::-1] not in proc.stdout
 
 
+def test_explain_does_not_print_execute_parameters_computed_from_table_data(env: PgEnv) -> None:
+    # EXPLAIN EXECUTE evaluates the parameters to plan the prepared statement with them, and the plan prints
+    # their values: a reversed table_to_xml of the customers would show every card and address.
+    leak = "reverse(table_to_xml('customers', true, false, '')::text)"
+    proc = env.psql(
+        "readonly",
+        "-c",
+        "PREPARE by_note(text) AS SELECT id FROM customers WHERE note = $1",
+        "-c",
+        f"EXPLAIN EXECUTE by_note({leak})",
+        "-c",
+        "EXPLAIN EXECUTE by_note('note 1')",  # a parameter of the agent's own
+    )
+    assert "pg-ro-no-transformed-reads" in proc.stderr, (proc.stdout, proc.stderr)
+    assert "moc.elpmaxe" not in proc.stdout and not any(c[::-1] in proc.stdout for c in CARDS), proc.stdout
+    assert "Filter: (note = 'note 1'::text)" in proc.stdout, proc.stdout
+
+
 def test_errors_notices_notifications_and_settings_are_masked_too(env: PgEnv) -> None:
     # Row data also comes back in messages that are not rows: an error quoting the bad value, a
     # notice, a NOTIFY payload, a setting's new value reported with ParameterStatus. The analyst role has

@@ -2191,6 +2191,9 @@ def _statement(raw: _Node, sql: str, encoded: bytes | None) -> Statement:
         or analysis.copy_target in ("file", "program")
         or not analysis.functions.isdisjoint(MODIFYING_FUNCTIONS)
     )
+    # EXPLAIN without ANALYZE shows a plan, not rows. But EXPLAIN EXECUTE evaluates the EXECUTE's parameters to
+    # plan the statement with them, and the plan prints their values (Filter: (note = '...'::text)).
+    plan_only = kind == "explain" and not _explains_execute_with_params(body)
     return Statement(
         kind=kind,
         kinds=kinds,
@@ -2213,7 +2216,7 @@ def _statement(raw: _Node, sql: str, encoded: bytes | None) -> Statement:
         copy_program=analysis.copy_program,
         copy_rewrites=analysis.copy_rewrites,
         transforms_data=analysis.transforms
-        and kind != "explain"  # a plan, not rows (EXPLAIN ANALYZE runs the statement: it counts)
+        and not plan_only  # (EXPLAIN ANALYZE runs the statement: it counts)
         and (
             not all(_catalog_relation(name) for name in analysis.read | analysis.written)
             or not analysis.functions.isdisjoint(_DATA_FUNCTIONS)
@@ -2222,8 +2225,14 @@ def _statement(raw: _Node, sql: str, encoded: bytes | None) -> Statement:
         roles=frozenset(analysis.roles),
         objects=frozenset(analysis.objects),
         settings_read=frozenset(analysis.settings_read),
-        transforms_settings=kind != "explain" and analysis.transforms_settings(),
+        transforms_settings=not plan_only and analysis.transforms_settings(),
     )
+
+
+def _explains_execute_with_params(body: _Node) -> bool:
+    """Whether an EXPLAIN's statement is an EXECUTE with parameters, which EXPLAIN evaluates."""
+    execute = body.get("query", {}).get("ExecuteStmt")
+    return isinstance(execute, dict) and bool(execute.get("params"))
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
