@@ -755,6 +755,11 @@ TRANSFORMING = [
     "SELECT (o).* FROM orders o UNION ALL SELECT 1, 0::float8, now()",
     "VALUES ((SELECT amount FROM orders LIMIT 1)), (pi())",
     "SELECT lo_get(424242)",
+    # a large object's 2 KB pages: a value written across two of them is whole in neither
+    "SELECT loid, pageno, data FROM pg_largeobject ORDER BY 1, 2",
+    "SELECT x FROM (SELECT l FROM pg_catalog.pg_largeobject l) s(x)",
+    "COPY pg_largeobject TO STDOUT",
+    "COPY pg_catalog.pg_largeobject (pageno, data) TO STDOUT",
     # JOIN ... USING / NATURAL JOIN gives a merged column the type both sides share: a float prints a bigint
     # card as 4.111111111111111e+15
     "SELECT card_big::text FROM customers LEFT JOIN (SELECT 0::float8 AS card_big) t USING (card_big)",
@@ -800,6 +805,8 @@ NOT_TRANSFORMING = [
     "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings WHERE name = 'restrict_nonsystem_relation_kind'",
     "SELECT customer_id, amount FROM orders JOIN customers USING (id)",  # tables' own types
     "SELECT c.card_big, count(*) FROM customers c JOIN (SELECT 0::float8 AS card_big) t USING (card_big) GROUP BY 1",
+    "SELECT loid, count(*), max(pageno) FROM pg_largeobject GROUP BY loid",
+    "COPY pg_largeobject (loid, pageno) TO STDOUT",
     "INSERT INTO t VALUES (1, 'a')",
     "UPDATE t SET a = 1 WHERE id = 2",
 ]

@@ -1458,6 +1458,26 @@ def test_explain_does_not_print_execute_parameters_computed_from_table_data(env:
     assert "Filter: (note = 'note 1'::text)" in proc.stdout, proc.stdout
 
 
+def test_large_object_pages_are_not_read_where_masking_applies(env: PgEnv) -> None:
+    # pg_largeobject holds a large object in pages of 2 KB: a card number written across two pages is whole in
+    # neither, and each page came back unmasked, to be put together by the agent.
+    content = "x" * 2040 + " card " + CARDS[0] + " and " + "y" * 100
+    [(oid,)] = env.direct("SELECT lo_from_bytea(0, convert_to(%s, 'UTF8'))", (content,))
+    try:
+        proc = env.psql(
+            "readonly",
+            "-At",
+            "-c",
+            f"SELECT pageno, data FROM pg_largeobject WHERE loid = {oid} ORDER BY pageno",
+            "-c",
+            f"COPY (SELECT loid, pageno FROM pg_largeobject WHERE loid = {oid}) TO STDOUT",
+        )
+        assert proc.stderr.count("pg-ro-no-transformed-reads") == 1, proc.stderr
+        assert CARDS[0][:2].encode().hex() not in proc.stdout and f"{oid}\t0" in proc.stdout, proc.stdout
+    finally:
+        env.direct("SELECT lo_unlink(%s)", (oid,))
+
+
 def test_errors_notices_notifications_and_settings_are_masked_too(env: PgEnv) -> None:
     # Row data also comes back in messages that are not rows: an error quoting the bad value, a
     # notice, a NOTIFY payload, a setting's new value reported with ParameterStatus. The analyst role has

@@ -700,6 +700,10 @@ _DATA_CATALOGS = frozenset(
 )
 
 
+# Large objects' contents, in pages of 2 KB (see _Analysis.reads_large_object_pages).
+_LARGE_OBJECT_PAGES = frozenset({"pg_largeobject", "pg_catalog.pg_largeobject"})
+
+
 # Relations whose rows hold settings' values or connection strings (passwords in libpq's conninfo, in a
 # custom setting), and their columns that hold them (Statement.transforms_settings).
 _SETTING_RELATIONS = frozenset({"pg_settings", "pg_file_settings", "pg_db_role_setting", "pg_subscription"})
@@ -1274,6 +1278,7 @@ class _Analysis:
         self.setting_aliases: set[str] = set()  # their names and aliases (a whole row: reverse(s::text))
         self.derived: list[Any] = []  # subqueries, CTEs and functions in FROM
         self.output_bodies: list[tuple[str, _Node]] = []
+        self.copied: list[_Node] = []  # COPY table TO statements
         self.new_setting_values: list[Any] = []  # set_config's new values
         self.root_kind: str | None = None
 
@@ -1516,6 +1521,28 @@ class _Analysis:
                 return True
         return False
 
+    def reads_large_object_pages(self) -> bool:
+        """Whether the statement outputs anything of ``pg_largeobject`` but its keys (``loid``, ``pageno``): a
+        page is a 2 KB piece of a large object, and a value written across two pages is whole in neither, where
+        detectors would see it (any column named otherwise, a whole row or ``*`` counts)."""
+        if not self.read & _LARGE_OBJECT_PAGES:
+            return False
+        for copy in self.copied:
+            relation = copy.get("relation", {})
+            listed = {_field_name(column) for column in copy.get("attlist") or ()}
+            named = ".".join(p for p in (relation.get("schemaname"), relation.get("relname")) if p).lower()
+            if named in _LARGE_OBJECT_PAGES and (not listed or listed - {"loid", "pageno"}):
+                return True
+        for key, body in self.output_bodies:
+            expressions = list(_output_expressions(body)) if key in _OUTPUT_STATEMENTS else [body]
+            for item in _dicts(expressions):
+                ref = item.get("ColumnRef")
+                if isinstance(ref, dict):
+                    fields = ref.get("fields", ())
+                    if not fields or _field_name(fields[-1]) not in ("loid", "pageno"):
+                        return True
+        return False
+
     def _add_function(self, names: list[str]) -> None:
         """A function the statement calls, or names for an object to call later (an operator's or a cast's
         function, a trigger's, one renamed): a SQL-running one makes the statement dynamic wherever it is
@@ -1701,6 +1728,9 @@ class _Analysis:
         elif key == "CopyStmt":
             self._copy(body)
             write_keys = ("relation",) if body.get("is_from") else ()
+            if not body.get("is_from") and "relation" in body:
+                # COPY table TO: the table's columns (or those listed) are its output
+                self.copied.append(body)
         elif key == "TransactionStmt":
             self._transaction_modes(body.get("options", ()))
         elif key == "DiscardStmt":
@@ -2215,7 +2245,7 @@ def _statement(raw: _Node, sql: str, encoded: bytes | None) -> Statement:
         copy_file=analysis.copy_file,
         copy_program=analysis.copy_program,
         copy_rewrites=analysis.copy_rewrites,
-        transforms_data=analysis.transforms
+        transforms_data=(analysis.transforms or analysis.reads_large_object_pages())
         and not plan_only  # (EXPLAIN ANALYZE runs the statement: it counts)
         and (
             not all(_catalog_relation(name) for name in analysis.read | analysis.written)
