@@ -1478,6 +1478,35 @@ def test_large_object_pages_are_not_read_where_masking_applies(env: PgEnv) -> No
         env.direct("SELECT lo_unlink(%s)", (oid,))
 
 
+def test_character_references_do_not_hide_what_is_masked(env: PgEnv) -> None:
+    # An xml value (or HTML kept in a text column) read by any XML or HTML program holds the address and the card
+    # number it writes with character references; the detectors read the bytes, in which there is neither.
+    env.direct("DROP TABLE IF EXISTS pages; CREATE TABLE pages (id int, doc xml, note text, notes text[])")
+    env.direct(
+        "INSERT INTO pages VALUES (1, '<c><e>jane&#64;example.com</e><n>4111&#32;1111&#32;1111&#32;1111</n></c>', "
+        "'<p>jane&#x40;example.com</p>', ARRAY['jane&#64;example.com']), "
+        "(2, '<p>Tom &#38; Jerry&#33;</p>', '<p>Tom &#38; Jerry&#33;</p>', ARRAY['&#33;'])"
+    )
+    try:
+        with env.connect("readonly") as conn:
+            for binary in (False, True):
+                with conn.cursor(binary=binary) as cur:
+                    rows = cur.execute("SELECT doc::text, note, notes FROM pages ORDER BY id").fetchall()
+                text = str(rows[0])
+                assert "jane" not in text and "4111" not in text and "[REDACTED:email]" in text, rows
+                assert "1111 1111 1111" not in text and "1111" in text, rows
+                # nothing to mask: relayed as written
+                assert rows[1] == ("<p>Tom &#38; Jerry&#33;</p>", "<p>Tom &#38; Jerry&#33;</p>", ["&#33;"]), rows
+            with conn.cursor().copy("COPY (SELECT doc, note FROM pages ORDER BY id) TO STDOUT") as copy:
+                out = b"".join(bytes(data) for data in copy).decode()
+            assert "jane" not in out and "4111" not in out and "[REDACTED:email]" in out, out
+            assert "<p>Tom &#38; Jerry&#33;</p>" in out, out
+        proc = env.psql("readonly", "-At", "-c", "SELECT doc FROM pages ORDER BY id")
+        assert proc.returncode == 0 and "jane" not in proc.stdout and "4111" not in proc.stdout, proc
+    finally:
+        env.direct("DROP TABLE pages")
+
+
 def test_errors_notices_notifications_and_settings_are_masked_too(env: PgEnv) -> None:
     # Row data also comes back in messages that are not rows: an error quoting the bad value, a
     # notice, a NOTIFY payload, a setting's new value reported with ParameterStatus. The analyst role has

@@ -42,6 +42,7 @@ server reports changed settings just before it); a ParameterStatus that shows ei
 """
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -198,6 +199,36 @@ _EXPONENT_NUMBER = re.compile(rb"[-+]?[0-9]+(?:\.[0-9]+)?[eE][-+]?[0-9]{1,3}(?![
 _GROUPED_NUMBER = re.compile(
     rb"(?<![0-9])(?P<whole>[0-9]{1,3}(?:(?:[,.' ]|\xc2\xa0|\xe2\x80\xaf)[0-9]{3}){3,})(?:[.,][0-9]{1,2})?(?![0-9])"
 )
+
+
+# A numeric character reference of XML or HTML (&#64;, &#x40;). An xml value, or HTML kept in a text column (a
+# rich-text note), that writes an address or a card number with them (jane&#64;example.com, 4111&#32;1111 ...)
+# holds one for every program that reads it as XML or HTML, while the detectors read the bytes, and see none.
+_CHARACTER_REFERENCE = re.compile(rb"&#(?:[0-9]{1,8}|[xX][0-9A-Fa-f]{1,8});")
+# Characters of markup, escapes and COPY's delimiters: kept as references (written out, they would change the
+# value's structure).
+_KEPT_REFERENCES = frozenset(b"<>&\"'\\,;|")
+_NO_BREAK_SPACES = frozenset({0xA0, 0x2007, 0x202F})  # separators of a card's groups, as the detectors read them
+
+
+def _plain_reference(match: re.Match[bytes]) -> bytes:
+    digits = match.group()[2:-1]
+    code = int(digits[1:], 16) if digits[:1] in (b"x", b"X") else int(digits)
+    if 0x20 <= code <= 0x7E and code not in _KEPT_REFERENCES:
+        return bytes((code,))
+    if code in _NO_BREAK_SPACES:
+        return chr(code).encode()
+    return match.group()
+
+
+def _referenced_masked(mask: Callable[[bytes], bytes], value: bytes) -> bytes:
+    """``value`` with its character references to printable ASCII characters (and no-break spaces) written as
+    those characters, masked by ``mask``, when that masks anything; else ``value`` as it is."""
+    plain = _CHARACTER_REFERENCE.sub(_plain_reference, value)
+    if plain == value:
+        return value
+    masked = mask(plain)
+    return value if masked == plain else masked
 
 
 def _hides_a_number(masker: Any, index: int, text: bytes) -> bool:
@@ -474,7 +505,9 @@ class RowMasker:
             return lambda v: b"\x01" + masker.mask_json_value(index, v[1:]) if v[:1] == b"\x01" else None
         if elem in _JSON_TYPES:
             return lambda v: masker.mask_json_value(index, v)
-        return lambda v: masker.mask_value(index, v)
+        return lambda v: masker.mask_value(
+            index, _referenced_masked(lambda p: masker.mask_value(index, p), v) if b"&#" in v else v
+        )
 
     def mask(self, raw: bytes) -> bytes:
         values: list[bytes | None] = pg.decode_datarow(raw)
@@ -527,6 +560,8 @@ class RowMasker:
                 else:
                     # a bytea in hex inside a text: data::text, a whole row, a bytea[]
                     text = _mask_hex_runs(masker, i, value) if b"\\x" in value else value
+                    if b"&#" in text:  # an xml value, HTML in a text: jane&#64;example.com
+                        text = _referenced_masked(functools.partial(masker.mask_value, i), text)
                     if b"\\u" in text and _UNICODE_ESCAPE.search(text) and masker.action(i) == "detect":
                         new = masker.mask_json_value(i, text)  # JSON in a text column: masked as JSON where it parses
                     else:
@@ -2769,6 +2804,14 @@ class Relay:
                     )
                     return b""
                 hex_counts: Counter[str] = Counter()
+                if b"&#" in data:  # an xml value, HTML in a text: jane&#64;example.com
+
+                    def referenced(value: bytes) -> bytes:
+                        masked, found = copy_plan.mask_bytes(value)
+                        hex_counts.update(found)
+                        return bytes(masked)
+
+                    data = _referenced_masked(referenced, data)
                 if b"\\x" in data:  # bytea values, in hex: the detectors read the bytes they stand for
                     data = _BYTEA_HEX.sub(lambda m: _mask_hex_run(copy_plan, m, hex_counts), data)
                 masked, counts = copy_plan.mask_bytes(data)
