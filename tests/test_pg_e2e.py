@@ -1507,6 +1507,29 @@ def test_character_references_do_not_hide_what_is_masked(env: PgEnv) -> None:
         env.direct("DROP TABLE pages")
 
 
+def test_html_in_json_strings_is_masked_as_its_character_references_read(env: PgEnv) -> None:
+    # A json or jsonb field holding HTML (a CMS page, a rich-text note) writes an address with a character
+    # reference that a browser rendering the field shows as one; the detectors read the string as written.
+    env.direct("DROP TABLE IF EXISTS cms; CREATE TABLE cms (id int, page jsonb, raw json, pages jsonb[])")
+    env.direct(
+        """INSERT INTO cms VALUES
+        (1, '{"body": "<p>jane&#64;example.com</p>"}', '{"body": "<p>4111&#32;1111&#32;1111&#32;1111</p>"}',
+         ARRAY['"jane&#64;example.com"'::jsonb]),
+        (2, '{"body": "<p>Tom &#38; Jerry&#33;</p>"}', '{"body": "&#33;"}', ARRAY['"&#33;"'::jsonb])"""
+    )
+    try:
+        with env.connect("readonly") as conn:
+            for binary in (False, True):
+                with conn.cursor(binary=binary) as cur:
+                    rows = cur.execute("SELECT page, raw, pages FROM cms ORDER BY id").fetchall()
+                assert rows[0][:2] == ({"body": "<p>[REDACTED:email]</p>"}, {"body": "<p>**** **** **** 1111</p>"})
+                assert "jane" not in str(rows[0][2]), rows
+                # nothing to mask: relayed as written
+                assert rows[1] == ({"body": "<p>Tom &#38; Jerry&#33;</p>"}, {"body": "&#33;"}, ["&#33;"]), rows
+    finally:
+        env.direct("DROP TABLE cms")
+
+
 def test_errors_notices_notifications_and_settings_are_masked_too(env: PgEnv) -> None:
     # Row data also comes back in messages that are not rows: an error quoting the bad value, a
     # notice, a NOTIFY payload, a setting's new value reported with ParameterStatus. The analyst role has

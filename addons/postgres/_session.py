@@ -502,9 +502,9 @@ class RowMasker:
         if elem in _BINARY_NUMBERS:
             return lambda v: None if _number_masked(masker, index, _binary_number_text(elem, v)) else v
         if elem == _JSONB:
-            return lambda v: b"\x01" + masker.mask_json_value(index, v[1:]) if v[:1] == b"\x01" else None
+            return lambda v: b"\x01" + self._mask_json(index, v[1:]) if v[:1] == b"\x01" else None
         if elem in _JSON_TYPES:
-            return lambda v: masker.mask_json_value(index, v)
+            return lambda v: self._mask_json(index, v)
         return lambda v: masker.mask_value(
             index, _referenced_masked(lambda p: masker.mask_value(index, p), v) if b"&#" in v else v
         )
@@ -549,9 +549,9 @@ class RowMasker:
                 # a bytea in hex in a string of it (to_jsonb of a row with a bytea column): read as its bytes
                 text = _mask_hex_runs(masker, i, value) if b"\\x" in value else value
                 if i in self.binary_jsonb and text[:1] == b"\x01":
-                    new = b"\x01" + masker.mask_json_value(i, text[1:])
+                    new = b"\x01" + self._mask_json(i, text[1:])
                 else:
-                    new = masker.mask_json_value(i, text)
+                    new = self._mask_json(i, text)
             else:
                 if i in self.numeric:
                     new = None if _number_masked(masker, i, value) else value
@@ -574,6 +574,20 @@ class RowMasker:
                 values[i] = new
                 changed = True
         return pg.encode_datarow(values) if changed else raw
+
+    def _mask_json(self, index: int, text: bytes) -> bytes:
+        """A JSON document masked; one whose strings hold character references (HTML in a field: a CMS page, a
+        rich-text note) masked as they read, when that finds something (see _referenced_masked)."""
+        masker = self.masker
+        if b"&#" in text:
+            plain = _CHARACTER_REFERENCE.sub(_plain_reference, text)  # quotes and backslashes stay references
+            if plain != text:
+                before = self.counts.total()
+                masked: bytes = masker.mask_json_value(index, plain)
+                if self.counts.total() > before:
+                    return masked
+        result: bytes = masker.mask_json_value(index, text)
+        return result
 
 
 def _mask_bytea_hex(masker: Any, index: int, value: bytes) -> bytes:
