@@ -492,3 +492,69 @@ def test_admin_cannot_name_a_program_through_the_shells_tables(running: Running)
         assert denied.returncode == 126, (command, denied.stderr)
         assert b"can change which program runs" in denied.stderr, denied.stderr
     assert running.sshd.run(f"test -e {marker}").returncode == 0, "a command the guardrails deny ran on the target"
+
+
+def _held_for_approval(argv: list[str], env: dict[str, str], input: bytes = b"") -> bytes:
+    """Run a client until the gateway says it holds the request; then end it (which withdraws the request).
+    Returns what the client wrote to stderr; fails if the client ends without being held."""
+    import select
+
+    proc = subprocess.Popen(
+        argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(input)
+    proc.stdin.close()
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"lictor: waiting for approval" not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, seen
+            ready, _, _ = select.select([proc.stderr], [], [], left)
+            if ready:
+                data = os.read(proc.stderr.fileno(), 65536)
+                assert data, f"{argv} ended without being held: {seen!r}"
+                seen += data
+    finally:
+        proc.kill()
+        proc.wait(timeout=15)
+        proc.stderr.close()
+    return seen
+
+
+def test_admin_writes_to_the_accounts_startup_files_wait_for_an_approver(running: Running, tmp_path: Path) -> None:
+    # Every role runs as the same account on the target, whose login shell reads ~/.bashrc for each exec request
+    # and whose sshd runs ~/.ssh/rc for each session: `uptime() { touch X; }` planted there by admin made an
+    # observer's allowed `uptime` run `touch`, and a key added to ~/.ssh/authorized_keys logs in around the
+    # gateway. The guard holds such writes for an approver by every channel; the files are named here under the work
+    # directory (the rules cannot know the home), so the account's own startup files stay as they are.
+    require_binary("rsync")
+    work = running.sshd.work
+    assert running.sshd.run(f"mkdir -p {work}/.ssh").returncode == 0
+    local = tmp_path / "authorized_keys"
+    local.write_text("ssh-ed25519 AAAA planted\n")
+    admin = running.client.env(running.token("admin"))
+    for command in (
+        f"echo 'uptime() {{ touch {work}/ran; }}' >> {work}/.bashrc",
+        f"echo 'touch {work}/ran' >| {work}/.ssh/rc",
+        f"echo ssh-ed25519 AAAA planted | tee -a {work}/.ssh/authorized_keys",
+    ):
+        held = _held_for_approval(running.client.ssh_argv(command), admin)
+        assert b"startup files" in held, (command, held)
+    sftp = ["sftp", *running.client.options(), "-P", str(running.client.port), f"agent@{running.client.host}"]
+    for operations in (
+        f"put {local} {work}/.ssh/authorized_keys\n",
+        f"put {local} {work}/x\nrename {work}/x {work}/.profile\n",
+    ):
+        held = _held_for_approval(sftp, admin, operations.encode())
+        assert b"startup files" in held, (operations, held)
+    # rsync names the files it writes inside its stream: into the home as a whole (a dry run), they could be these
+    env = _transfer_client(running, "admin")
+    held = _held_for_approval(["rsync", "-n", "-e", env["GIT_SSH_COMMAND"], str(local), running.client.remote("")], env)
+    assert b"into a home directory" in held, held
+    listed = running.sshd.run(f"ls -A {work} {work}/.ssh")
+    assert b".bashrc" not in listed.stdout and b"rc" not in listed.stdout.split(), listed.stdout
+    assert b"authorized_keys" not in listed.stdout and b".profile" not in listed.stdout, listed.stdout
+    assert not (work / "ran").exists()
