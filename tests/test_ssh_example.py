@@ -558,3 +558,25 @@ def test_admin_writes_to_the_accounts_startup_files_wait_for_an_approver(running
     assert b".bashrc" not in listed.stdout and b"rc" not in listed.stdout.split(), listed.stdout
     assert b"authorized_keys" not in listed.stdout and b".profile" not in listed.stdout, listed.stdout
     assert not (work / "ran").exists()
+
+
+def test_sftp_cannot_bring_its_own_server_past_the_decided_operations(running: Running, tmp_path: Path) -> None:
+    # `sftp -s /usr/lib/openssh/sftp-server` asks for that program as a command, which admin may run: the file
+    # operations then went through it undecided (a write of ~/.ssh/rc, or of a disk device, that the sftp subsystem
+    # holds or denies).
+    work = running.sshd.work
+    assert running.sshd.run(f"mkdir -p {work}/.ssh").returncode == 0
+    local = tmp_path / "rc"
+    local.write_text(f"touch {work}/ran\n")
+    put = subprocess.run(
+        ["sftp", *running.client.options(), "-s", "/usr/lib/openssh/sftp-server", "-P", str(running.client.port),
+         f"agent@{running.client.host}"],
+        input=f"put {local} {work}/.ssh/rc\n".encode(), capture_output=True, env=running.client.env(running.token("admin")),
+        timeout=30, start_new_session=True,
+    )  # fmt: skip
+    assert put.returncode != 0, put.stderr
+    assert b"lictor: denied this command line by rule lictor:ssh-unparsable" in put.stderr, put.stderr
+    assert b"sftp subsystem" in put.stderr, put.stderr
+    assert running.sshd.run(f"test -e {work}/.ssh/rc").returncode != 0
+    copied = running.client.sftp(running.token("admin"), f"put {local} {work}/copied\n")
+    assert copied.returncode == 0, copied.stderr

@@ -267,6 +267,10 @@ def test_git_and_rsync_servers_are_decided_as_file_transfers(
         ("rsync --server -e.LsfxCIvu . /srv/app -- -x", "after the `.`"),
         ("rsync --server --sender -ve . /etc shadow", "next word"),
         ("rsync --server --sender -e . /etc shadow", "next word"),
+        # what `sftp -s /usr/lib/openssh/sftp-server` sends: SFTP outside the subsystem, whose operations no rule saw
+        ("/usr/lib/openssh/sftp-server", "sftp subsystem"),
+        ("cd / && exec /usr/libexec/openssh/sftp-server -e", "sftp subsystem"),
+        ("sh -c 'sftp-server -d /'", "sftp subsystem"),
     ],
 )
 def test_transfers_the_gateway_cannot_see_whole_are_refused(command: str, why: str) -> None:

@@ -260,6 +260,9 @@ GIT_TRANSFERS = {"upload-pack": "read", "upload-archive": "read", "receive-pack"
 """The far ends of ``git clone``/``fetch``/``archive --remote`` and ``git push`` over ssh, and what they do
 to the repository named."""
 
+SFTP_SERVERS = frozenset({"sftp-server", "gesftpserver"})
+"""SFTP servers (OpenSSH's, Green End's): run over exec, they would serve file operations no rule decides."""
+
 _RSYNC_LETTERS = frozenset("vqbunlWHdrRxSOJUNmpEAXogDtczIyiC")
 """Letters of the option bundle an rsync client sends its server (``-logDtpre.iLsfxCIvu``) that change
 neither which files are touched nor where: the rest of the bundle after ``e`` is the client's capabilities."""
@@ -310,6 +313,14 @@ def transfer_of(invocations: Sequence[Invocation]) -> Transfer | None:
     scp. Raises :class:`ShellParseError` when it is not the whole command line, or names what it touches in a
     way the gateway cannot see (a wildcard or an expansion, rsync's ``-s``, ``--files-from``, ``--log-file``,
     an option it does not know)."""
+    for inv in invocations:
+        if inv.name in SFTP_SERVERS:
+            # `sftp -s /usr/lib/openssh/sftp-server` runs it as a command: the agent then reads and writes any file
+            # through it, operation by operation, where the gateway sees only the bytes of a protocol
+            raise ShellParseError(
+                f"{inv.name} speaks SFTP to the agent, and its file operations are decided only through the sftp "
+                "subsystem; use sftp or scp without -s or -S"
+            )
     found = [inv for inv in invocations if _transfer_program(inv) is not None]
     if not found:
         return None
