@@ -580,3 +580,14 @@ def test_sftp_cannot_bring_its_own_server_past_the_decided_operations(running: R
     assert running.sshd.run(f"test -e {work}/.ssh/rc").returncode != 0
     copied = running.client.sftp(running.token("admin"), f"put {local} {work}/copied\n")
     assert copied.returncode == 0, copied.stderr
+
+
+def test_admin_commands_scheduled_for_later_wait_for_an_approver(running: Running) -> None:
+    # crontab and at install commands that run later, as the account, from a file the gateway does not read: a
+    # job planted by admin went on running outside the gateway, whatever the guardrails say.
+    jobs = running.sshd.work / "jobs"
+    assert running.sshd.run(f"echo '* * * * * touch {running.sshd.work}/ran' > {jobs}").returncode == 0
+    admin = running.client.env(running.token("admin"))
+    for command in (f"crontab {jobs}", f"at now + 1 hour < {jobs}"):
+        held = _held_for_approval(running.client.ssh_argv(command), admin)
+        assert b"run commands later" in held, (command, held)
