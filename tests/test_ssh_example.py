@@ -591,3 +591,14 @@ def test_admin_commands_scheduled_for_later_wait_for_an_approver(running: Runnin
     for command in (f"crontab {jobs}", f"at now + 1 hour < {jobs}"):
         held = _held_for_approval(running.client.ssh_argv(command), admin)
         assert b"run commands later" in held, (command, held)
+
+
+def test_admin_cannot_write_a_startup_file_through_a_pattern(running: Running) -> None:
+    # bash expands a pattern in a redirection when it matches one file: `>> ~/.bashr?` appended to ~/.bashrc, which
+    # the rules saw only as the name `~/.bashr?`.
+    work = running.sshd.work
+    assert running.sshd.run(f"touch {work}/.bashrc").returncode == 0
+    admin = running.client.env(running.token("admin"))
+    held = _held_for_approval(running.client.ssh_argv(f"echo 'uptime() {{ :; }}' >> {work}/.bashr?"), admin)
+    assert b"startup files" in held, held
+    assert running.sshd.run(f"cat {work}/.bashrc").stdout == b""
