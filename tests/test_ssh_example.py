@@ -602,3 +602,17 @@ def test_admin_cannot_write_a_startup_file_through_a_pattern(running: Running) -
     held = _held_for_approval(running.client.ssh_argv(f"echo 'uptime() {{ :; }}' >> {work}/.bashr?"), admin)
     assert b"startup files" in held, held
     assert running.sshd.run(f"cat {work}/.bashrc").stdout == b""
+
+
+def test_admin_cannot_write_a_startup_file_with_other_writing_programs(running: Running) -> None:
+    # Programs other than cp, tee and sed write the files their arguments name too: inline Python appended to
+    # ~/.bashrc, `git clone URL ~/.ssh` filled ~/.ssh, and went through unheld.
+    work = running.sshd.work
+    admin = running.client.env(running.token("admin"))
+    for command in (
+        f'python3 -c \'open("{work}/.bashrc", "a").write("uptime() {{ :; }}\\n")\'',
+        f"git clone -q {work}/none.git {work}/.ssh",
+    ):
+        held = _held_for_approval(running.client.ssh_argv(command), admin)
+        assert b"startup files" in held, (command, held)
+    assert b"uptime" not in running.sshd.run(f"cat {work}/.bashrc").stdout
