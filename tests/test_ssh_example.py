@@ -616,3 +616,15 @@ def test_admin_cannot_write_a_startup_file_with_other_writing_programs(running: 
         held = _held_for_approval(running.client.ssh_argv(command), admin)
         assert b"startup files" in held, (command, held)
     assert b"uptime" not in running.sshd.run(f"cat {work}/.bashrc").stdout
+
+
+def test_observer_cannot_connect_to_other_ports_through_a_redirection(running: Running) -> None:
+    # bash opens /dev/tcp/HOST/PORT as a connection: `cat < /dev/tcp/127.0.0.1/PORT` printed the banner of a
+    # service the target reaches, though observers may only read files and run their six programs.
+    port = running.sshd.port
+    for command in (f"cat < /dev/tcp/127.0.0.1/{port}", f"x=/dev/tcp/127.0.0.1/{port}; cat < $x"):
+        denied = running.ssh("observer", command)
+        assert denied.returncode == 126, (command, denied.stdout, denied.stderr)
+        assert b"by rule observer-no-writes" in denied.stderr, denied.stderr
+        assert b"SSH-2.0" not in denied.stdout
+    assert running.ssh("observer", "cat < /etc/hostname").returncode == 0

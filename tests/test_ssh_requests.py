@@ -294,3 +294,20 @@ def test_a_transfer_is_allowed_by_a_transfer_rule_only() -> None:
     denied = policy.decide(reader, push)
     assert denied.action == "deny"
     assert "denied git write of /srv/app.git by rule lictor:default-deny" in denial_text(push, denied)
+
+
+@pytest.mark.parametrize(
+    ("command", "writes"),
+    [
+        # bash opens a socket for /dev/tcp and /dev/udp whichever way it redirects: `cat < /dev/tcp/HOST/PORT`
+        # connected an observer, whose rules forbid writes, to any port the target reaches
+        ("cat < /dev/tcp/10.0.0.9/5432", ["/dev/tcp/10.0.0.9/5432"]),
+        ("cat 3</dev/udp/10.0.0.9/53 <&3", ["/dev/udp/10.0.0.9/53"]),
+        ("x=/dev/tcp/10.0.0.9/22; cat < $x", ["$x"]),
+        ("cat < /etc/hostname", []),
+        ('cat < "$HOME/notes"', []),
+        ("cat <<< $x", []),
+    ],
+)
+def test_a_redirection_that_may_connect_is_a_write(command: str, writes: list[str]) -> None:
+    assert _attrs(command)[-1]["writes"] == writes

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from lictor import Decision, Request, combine
-from lictor.shell import MAX_COMMAND_BYTES, Invocation, ShellParseError, ShellState, analyse
+from lictor.shell import MAX_COMMAND_BYTES, Invocation, Redirect, ShellParseError, ShellState, analyse
 
 from ._exec import shown, undecodable
 
@@ -53,6 +53,18 @@ do count."""
 
 HARMLESS_WRITES = frozenset({"/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tty"})
 """Redirection targets left out of ``writes``: they change no file (the terminal or the channel)."""
+
+_RUN_TIME_NAME = re.compile(r"[$`]")
+
+
+def _connects(redirect: Redirect) -> bool:
+    """Whether a redirection that reads may open a network connection: bash takes ``/dev/tcp/HOST/PORT`` and
+    ``/dev/udp/HOST/PORT`` for one whichever way it redirects, and a name only known at run time may be one
+    (``"$HOME/x"`` is the home)."""
+    if redirect.writes or redirect.body is not None or not redirect.op.endswith("<"):
+        return False
+    target = redirect.target
+    return target.startswith(("/dev/tcp/", "/dev/udp/")) or bool(_RUN_TIME_NAME.search(target.removeprefix("$HOME/")))
 
 
 _SLASHES = re.compile(r"/{2,}")
@@ -99,7 +111,7 @@ def invocation_attrs(inv: Invocation, channel: str) -> dict[str, object]:
     """The rule attributes of one program a command line would run. Arguments, commands and written
     files are also given with their paths spelled plainly (:func:`lexical_path`), so that a rule on
     ``/dev/sd*`` or ``/`` is not walked past by ``//dev/./sda`` or ``/.//``."""
-    writes = [r.target for r in inv.redirects if r.writes and r.target not in HARMLESS_WRITES]
+    writes = [r.target for r in inv.redirects if (r.writes and r.target not in HARMLESS_WRITES) or _connects(r)]
     writes += [p for p in (lexical_path(w) for w in writes) if p not in writes]
     plain_argv = " ".join(lexical_path(a) for a in inv.args)
     return {
