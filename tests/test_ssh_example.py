@@ -628,3 +628,17 @@ def test_observer_cannot_connect_to_other_ports_through_a_redirection(running: R
         assert b"by rule observer-no-writes" in denied.stderr, denied.stderr
         assert b"SSH-2.0" not in denied.stdout
     assert running.ssh("observer", "cat < /etc/hostname").returncode == 0
+
+
+def test_admin_rsync_into_the_directory_of_the_homes_waits_for_an_approver(running: Running, tmp_path: Path) -> None:
+    # rsync names the files of a tree inside its stream: into /home, they may be ops/.bashrc or ops/.ssh/rc, which an
+    # rsync into one home as a whole already waited for. (-n: a dry run, should the hold fail.)
+    require_binary("rsync")
+    tree = tmp_path / "homes" / "ops"
+    tree.mkdir(parents=True)
+    (tree / ".bashrc").write_text("uptime() { :; }\n")
+    env = _transfer_client(running, "admin")
+    held = _held_for_approval(
+        ["rsync", "-rn", "-e", env["GIT_SSH_COMMAND"], f"{tmp_path / 'homes'}/", running.client.remote("/home/")], env
+    )
+    assert b"into a home directory" in held, held
