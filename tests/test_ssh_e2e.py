@@ -1006,6 +1006,30 @@ def test_user_certificate_principal_is_the_identity(env: Env) -> None:
     assert wrong_principal.returncode == 255
 
 
+def test_a_user_certificate_without_principals_is_refused(env: Env) -> None:
+    # asyncssh takes a certificate that names no principals as valid for every user name, and the user name is
+    # the identity: its holder logged in as whoever it named. OpenSSH's sshd refuses such a certificate.
+    key = ssh_keygen(env.tmp / "no_principals_key", "no-principals")
+    subprocess.run(
+        ["ssh-keygen", "-q", "-s", str(env.tmp / "user_ca"), "-I", "no-principals", "-V", "-5m:+1h", f"{key}.pub"],
+        check=True,
+        capture_output=True,
+    )
+    args = [
+        "-i", str(key), "-o", f"CertificateFile={key}-cert.pub", "-o", "IdentitiesOnly=yes",
+        "-o", "PreferredAuthentications=publickey",
+    ]  # fmt: skip
+    argv = env.client.ssh_argv("echo as-cert-alice", *args, user="cert-alice", password=False, log_level="INFO")
+    proc = subprocess.run(
+        argv, capture_output=True, env=env.client.env(None), timeout=30, start_new_session=True, check=False
+    )
+    assert proc.returncode == 255 and proc.stdout == b"", _err(proc)
+    assert b"certificate names no principals" in proc.stderr, _err(proc)
+    audit = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "auth.failed", "--json")
+    reasons = [json.loads(line)["reason"] for line in audit.stdout.splitlines()]
+    assert any("certificate names no principals" in r and "cert-alice" in r for r in reasons), reasons
+
+
 def test_unknown_upstream_host_key_is_refused(env: Env) -> None:
     proc = env.bad_client.ssh(env.tokens["observer"], "echo should-not-run")
     assert proc.returncode == 255

@@ -11,7 +11,8 @@ Three ways in, each ending in an :class:`~lictor.Identity`:
 * **public key** registered in the target's ``public_keys`` (``{key, sub, claims}``).
 * **OpenSSH user certificate** signed by a CA listed in ``user_ca``; asyncssh checks the signature,
   validity and that the SSH user name is one of the certificate's principals; the identity's
-  subject is that user name.
+  subject is that user name. A certificate without principals is refused, as sshd refuses it
+  (asyncssh would take it for any user name: see ``AgentConnection._require_principals``).
 
 asyncssh calls ``validate_public_key``/``validate_ca_key`` *before* it checks the signature that
 proves possession of the key (and also for the "would you accept this key?" probe that carries no
@@ -159,6 +160,8 @@ class AgentConnection(asyncssh.SSHServer):
         self.sftp_servers: set[Any] = set()  # the SFTP sessions of this connection (ProxySFTPServer)
         self.bridges: set[Bridge] = set()  # the open port forwards of this connection
         self._refusals: list[asyncio.Future[str | None]] = []  # remote forwards refused, for the next session
+        self._certificates_unchecked = False  # see _require_principals
+        self._told_no_principals = False
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -174,6 +177,35 @@ class AgentConnection(asyncssh.SSHServer):
             conn.abort()
             return
         self.listener.connections.add(self)
+        self._require_principals(conn)
+
+    def _require_principals(self, conn: asyncssh.SSHServerConnection) -> None:
+        """Refuse user certificates that name no principals, as OpenSSH's sshd does ("Certificate lacks
+        principal list"). asyncssh takes such a certificate as valid for every user name, and the user name
+        is the identity's subject: its holder would log in as whoever it named. asyncssh shows the certificate
+        to no public callback (``validate_ca_key`` gets only the CA's key), so its check is wrapped; where it
+        cannot be, no certificate is accepted."""
+        check = getattr(conn, "_validate_openssh_certificate", None)
+        if check is None:
+            self._certificates_unchecked = True
+            return
+
+        async def principals_required(username: str, cert: Any) -> Any:
+            if not cert.principals:
+                self._candidate = None
+                if not self._told_no_principals:
+                    self._told_no_principals = True
+                    reason = f"the certificate names no principals, so it cannot log in as {username!r}"
+                    self.gateway.audit_event(
+                        "auth.failed",
+                        {"protocol": "ssh", "target": self.config.name, "peer": self.peer, "reason": reason},
+                        fail_closed=False,
+                    )
+                    self._banner(f"lictor: authentication failed: {reason}\n")
+                return None
+            return await check(username, cert)
+
+        conn._validate_openssh_certificate = principals_required  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections.discard(self)
@@ -339,6 +371,11 @@ class AgentConnection(asyncssh.SSHServer):
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         self._candidate = None
         if not self.config.is_trusted_ca(key) or not username:
+            return False
+        if self._certificates_unchecked:
+            log.error(
+                "ssh target %s: cannot check user certificates' principals; refusing the certificate", self.config.name
+            )
             return False
         identity = Identity(
             subject=username,
