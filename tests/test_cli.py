@@ -840,3 +840,37 @@ def test_sessions_commands_name_a_remote_sink_they_cannot_reach(tmp_path: Path):
             out = lictor(*args, "-c", str(config), "--source", source, check=False, timeout=120)
             assert out.returncode == 1 and "Traceback" not in out.stderr, (source, args, out.stderr[-600:])
             assert f"lictor: cannot read the recordings sink {source!r}: " in out.stderr, (source, args, out.stderr)
+
+
+def test_audit_and_sessions_list_show_a_subject_s_line_breaks_escaped(tmp_path: Path):
+    # A token's subject is text the token's holder may have chosen: a newline in it started a line of its own in
+    # `audit list` and `sessions list`, which read as another event or session (here, another identity's).
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import GatewayProcess, wait_port
+
+    port = free_port()
+    target = {"protocol": "http", "listen": f"127.0.0.1:{port}", "upstream": "http://127.0.0.1:9"}
+    gw = GatewayProcess(tmp_path, {"rulepacks": [], "targets": {"api": {**target, "tls": {"enabled": False}}}})
+    gw.start()
+    try:
+        wait_port(port)
+        forged = "    99 2026-11-30 12:00:00 decision         admin"
+        token = gw.token(f"agent-7\n{forged}")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/x", headers={"Authorization": f"Bearer {token}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 403  # default deny: a session, a decision, nothing sent upstream
+    finally:
+        gw.stop()
+    state = str(gw.state_dir)
+    events = lictor("audit", "list", "--state-dir", state, "--json").stdout.splitlines()
+    audit = lictor("audit", "list", "--state-dir", state).stdout.splitlines()
+    sessions = lictor("sessions", "list", "--state-dir", state).stdout.splitlines()
+    assert len(audit) == 1 + len(events), audit  # a heading, then one line per event
+    assert len(sessions) == 1 + 1, sessions  # a heading and the one session
+    of_the_session = [line for line in audit[1:] if line.split()[3] in ("session.start", "decision", "session.end")]
+    assert len(of_the_session) == 3, audit
+    for line in [*of_the_session, sessions[1]]:
+        assert "agent-7\\x0a" in line, line

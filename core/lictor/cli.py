@@ -496,12 +496,13 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
     print(f"{'SEQ':>6} {'TIME':19} {'KIND':16} {'WHO':16} {'PROTO':10} {'ACTION':8} {'RULES':28} SUMMARY")
     for e in events:
         ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("ts", 0)))
+        # a subject's line break would start a line that reads as another event: shown as \x0a, as in the summary
         who = (e.get("identity") or {}).get("sub", "")
         req = e.get("request") or {}
         rules = ",".join(e.get("rule_ids", []))
         summary = req.get("summary", e.get("reason", "")) or _event_summary(e)
         print(
-            f"{e['seq']:>6} {ts:19} {e.get('kind', ''):16} {printable(who)[:16]:16} "
+            f"{e['seq']:>6} {ts:19} {e.get('kind', ''):16} {printable(who, keep='')[:16]:16} "
             f"{printable(e.get('protocol', ''))[:10]:10} {printable(e.get('action', ''))[:8]:8} "
             f"{printable(rules)[:28]:28} {printable(summary, keep='')[:160]}"
         )

@@ -87,10 +87,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         f"{'EVENTS':>6} {'ALLOW':>5} {'DENY':>5} {'APPR':>5} STATE"
     )
     for r in rows:
+        # one line per session: a line break in a token's subject is shown as \x0a, not started
         state = "open" if r["open"] else ("interrupted" if r["interrupted"] else "ended")
         d = r["decisions"]
         print(
-            f"{r['id'][:12]:12} {_ts(r['started_at']):19} {_duration(r):>8} {printable(r['sub'])[:16]:16} "
+            f"{r['id'][:12]:12} {_ts(r['started_at']):19} {_duration(r):>8} {printable(r['sub'], keep='')[:16]:16} "
             f"{printable(r['target'])[:14]:14} {printable(r['protocol'])[:10]:10} {r['events']:>6} {d['allow']:>5} "
             f"{d['deny']:>5} {d['approve']:>5} {state}"
         )
