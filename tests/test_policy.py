@@ -136,6 +136,30 @@ def test_claims_match_as_json_writes_them_and_nested_claims_by_their_path(tmp_pa
     assert roles_for(Identity("x", {"admin": {"value": True}, "realm_access": {"roles": {"sre": 1}}})) == ()
 
 
+def test_an_email_its_issuer_has_not_verified_matches_no_email_condition(tmp_path: Path):
+    # Identity providers with self-service sign-up issue tokens for any address typed in, with
+    # email_verified false until the mail is answered: `email: "*@example.com"` granted its roles to anyone
+    # who signed up as ceo@example.com.
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: e}\n"
+        'identities:\n  - match: {email: "*@example.com"}\n    roles: [staff]\n'
+        '  - match: {claims: {email: "*@example.com"}}\n    roles: [also]\n'
+        "roles:\n  staff: {rules: []}\n  also: {rules: []}\n"
+    )
+    result = load_policy([tmp_path], {"line": LINE})
+    assert result.policy is not None, result.errors
+    roles_for = result.policy.roles_for
+    for unverified in (False, "false", None, 0, "no"):
+        assert roles_for(Identity("x", {"email": "ceo@example.com", "email_verified": unverified})) == ()
+    for verified in (True, "true"):
+        assert roles_for(Identity("x", {"email": "ceo@example.com", "email_verified": verified})) == (
+            "staff",
+            "also",
+        )
+    # a provider that does not say (Lictor's own tokens, most providers' access tokens) is taken at its word
+    assert roles_for(Identity("x", {"email": "ceo@example.com"})) == ("staff", "also")
+
+
 def test_elevation_adds_roles(policy):
     assert policy.decide(reader, req("delete x")).action == "deny"
     assert policy.decide(reader, req("delete x"), extra_roles=["operator"]).action == "allow"

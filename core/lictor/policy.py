@@ -108,6 +108,8 @@ class IdentityMapping:
             values: Iterable[Any]
             if value is None:
                 return False
+            if claim == "email" and not _email_verified(identity):
+                return False
             if isinstance(value, (list, tuple, set, frozenset)):
                 values = value
             else:
@@ -116,6 +118,16 @@ class IdentityMapping:
             if not any(fnmatch.fnmatchcase(t, p) for t in texts for p in patterns):
                 return False
         return True
+
+
+def _email_verified(identity: Identity) -> bool:
+    """Whether ``identity``'s ``email`` may be matched: not when the token says the issuer has not verified it
+    (OpenID Connect's ``email_verified`` claim, anything but ``true``). Providers with self-service sign-up
+    issue tokens for whatever address was typed in; one that does not say is taken at its word."""
+    if "email_verified" not in identity.claims:
+        return True
+    verified = identity.claims["email_verified"]
+    return verified is True or verified == "true"
 
 
 def _claim_text(value: Any) -> str:
