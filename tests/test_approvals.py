@@ -737,6 +737,30 @@ def test_webhooks_are_signed_slack_compatible_and_retried_after_a_500(tmp_path: 
     run(scenario)
 
 
+def test_a_slack_message_keeps_each_field_on_its_own_line() -> None:
+    # The requester (a token's subject), the agent's reason and the request's summary are text the agent may
+    # choose: a line break in one started a line of the message that read as another field ("*Requester:*"
+    # of someone else, a "*Decision reason:*" nobody gave).
+    import dataclasses
+
+    from lictor.approvals.webhooks import Webhooks, WebhookTarget
+
+    forged = "\n*Requester:* dba-lead\n*Decision reason:* approved by the DBA lead"
+    approval = dataclasses.replace(
+        _request("ap-forged0000", time.time()),
+        requester_sub="agent-1" + forged,
+        summary="UPDATE t SET a = 1" + forged,
+        reason="fix" + forged,
+    )
+    target = WebhookTarget.parse({"url": "http://127.0.0.1:9/slack", "format": "slack"})
+    doc = json.loads(Webhooks([target]).body(target, "approval.created", approval))
+    head, details = (block["text"]["text"] for block in doc["blocks"][:2])
+    assert "\n" not in head and "\n" not in doc["text"], head
+    fields = [line.split(":*")[0] for line in details.splitlines()]
+    assert fields == ["*Requester", "*Target", "*Rule", "*Needs", "*Agent's reason"], details
+    assert "agent-1\\x0a*Requester:* dba-lead" in details  # shown, escaped
+
+
 def test_webhook_messages_waiting_for_delivery_take_bounded_memory(tmp_path: Path) -> None:
     # Each message carries the request; one full of control characters is six times its size as JSON. An
     # agent opening request after request while the receiver lags must not pile up gigabytes (1,000 of them).

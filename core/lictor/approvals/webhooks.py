@@ -66,14 +66,21 @@ class WebhookTarget:
         return cls(url, fmt, str(secret).encode() if secret else None, frozenset(events))
 
 
-def _slack_escape(text: str) -> str:
+def _slack_escape(text: str, keep: str = "\n") -> str:
     # Slack reads <...> as links/mentions (<!channel>); agent-controlled text must not create either. Control
     # and format characters (ESC, bidi overrides such as U+202E, zero-width spaces) are shown as \xNN, as on
     # the page and in the CLI: otherwise the chat could show the approver the characters in another order.
     # Each run of right-to-left letters is followed by a left-to-right mark, so that the numbers and operators
     # between two runs are not drawn right to left (see left_to_right).
-    text = left_to_right(printable(text, keep="\n"))
+    text = left_to_right(printable(text, keep=keep))
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("```", "'''")
+
+
+def _slack_field(text: str) -> str:
+    """A field of the message's heading or details, each on a line of its own: a line break in text the agent
+    chose (its token's subject, its reason, the request) is shown as ``\\x0a``, not started, so it cannot add a
+    line that reads as another field (``*Requester:*`` of someone else, a ``*Decision reason:*``)."""
+    return _slack_escape(text, keep="")
 
 
 def _clip_request(text: str, limit: int = 1500) -> str:
@@ -138,27 +145,27 @@ class Webhooks:
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
     def _slack(self, event: str, a: Approval) -> dict[str, Any]:
-        who = _slack_escape(a.requester_sub)
-        target = _slack_escape(a.target)
-        rule = _slack_escape(", ".join(a.rule_ids))
-        summary = _slack_escape(_clip(a.summary or a.action, 200))
+        who = _slack_field(a.requester_sub)
+        target = _slack_field(a.target)
+        rule = _slack_field(", ".join(a.rule_ids))
+        summary = _slack_field(_clip(a.summary or a.action, 200))
         if event == "approval.created":
             head = f"Approval {a.id} requested: {who} wants to run {summary} on {target}"
         elif event == "approval.expired":
             head = f"Approval {a.id} expired after {format_duration(a.spec.timeout)}: {summary} on {target}"
         else:
-            by = _slack_escape(", ".join(a.decided_by) or "?")
+            by = _slack_field(", ".join(a.decided_by) or "?")
             head = f"Approval {a.id} {a.status} by {by}: {summary} on {target}"
         details = [
             f"*Requester:* {who}",
-            f"*Target:* {target} ({_slack_escape(a.protocol)})",
+            f"*Target:* {target} ({_slack_field(a.protocol)})",
             f"*Rule:* {rule}",
-            f"*Needs:* {_slack_escape(a.spec.describe())}",
+            f"*Needs:* {_slack_field(a.spec.describe())}",
         ]
         if a.reason:
-            details.append(f"*Agent's reason:* {_slack_escape(_clip(a.reason, 500))}")
+            details.append(f"*Agent's reason:* {_slack_field(_clip(a.reason, 500))}")
         if a.decision_reason and event != "approval.created":
-            details.append(f"*Decision reason:* {_slack_escape(_clip(a.decision_reason, 500))}")
+            details.append(f"*Decision reason:* {_slack_field(_clip(a.decision_reason, 500))}")
         blocks: list[dict[str, Any]] = [
             {"type": "section", "text": {"type": "mrkdwn", "text": head}},
             {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(details)}},
