@@ -956,6 +956,19 @@ def test_bad_token_is_refused_with_a_reason(env: Env) -> None:
     assert b"Permission denied" in proc.stderr
 
 
+def test_a_token_longer_than_openssh_s_password_limit_is_refused_with_what_to_do(env: Env) -> None:
+    # OpenSSH sends at most 1023 bytes of a password: a longer token arrived cut, and the agent read "malformed
+    # token: Invalid crypto padding", which says nothing of what to do.
+    long_token = env.gw.token("agent-long", role="observer", note="x" * 900)
+    assert len(long_token) > 1023
+    argv = env.client.ssh_argv("id", "-o", "NumberOfPasswordPrompts=1", log_level="INFO")
+    proc = subprocess.run(
+        argv, capture_output=True, env=env.client.env(long_token), timeout=30, start_new_session=True, check=False
+    )
+    assert proc.returncode == 255
+    assert b"OpenSSH sends at most 1023 bytes of a password" in proc.stderr, proc.stderr
+
+
 def test_a_connection_runs_nothing_once_its_token_has_expired(env: Env) -> None:
     short = env.gw.token("agent-short", ttl="3s", role="observer")
 

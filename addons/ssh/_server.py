@@ -55,6 +55,9 @@ MAX_SETTING_UP = 128
 """Connections of one SSH target that may be logging in at once. Each holds a descriptor for up to
 LOGIN_TIMEOUT: beyond this a connection is closed at once (as sshd's MaxStartups does), so that connections
 that never log in cannot take every descriptor of the gateway."""
+OPENSSH_PASSWORD_MAX = 1023
+"""Bytes of a password OpenSSH's ``ssh`` sends at most: a longer token arrives cut, and fails to verify with a
+message about its encoding; a failed password of exactly this length is told why."""
 MAX_PACKET = 4 * 1024 * 1024
 """Longest SSH packet read from an agent once it has logged in (asyncssh reads 256 KiB, and closed the
 connection on a longer exec request, unaudited). Twice the 2 MiB Linux gives a program's arguments by
@@ -336,7 +339,13 @@ class AgentConnection(asyncssh.SSHServer):
             )
         except AuthError as exc:
             self._candidate = None  # nothing offered while the token was checked stands in for it
-            self._banner(f"lictor: authentication failed: {exc}\n")
+            cut = ""
+            if len(password.encode()) == OPENSSH_PASSWORD_MAX:
+                cut = (
+                    f" (OpenSSH sends at most {OPENSSH_PASSWORD_MAX} bytes of a password, and this one is that long: "
+                    "the token was probably cut; use a shorter token, or a key or certificate)"
+                )
+            self._banner(f"lictor: authentication failed: {exc}{cut}\n")
             return False
         except Exception:
             self._candidate = None
