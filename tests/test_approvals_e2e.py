@@ -89,11 +89,11 @@ class LineAgent:
         self.sock.close()
 
 
-def start_approvals_gateway(gateway_factory: Any, tmp_path: Path, **approvals: Any) -> Any:
+def start_approvals_gateway(gateway_factory: Any, tmp_path: Path, pack: str = PACK, **approvals: Any) -> Any:
     """A gateway with the line-protocol test target and the approvals API (``approvals`` added to its section)."""
     packs = tmp_path / "packs"
     packs.mkdir()
-    (packs / "lines.yaml").write_text(PACK)
+    (packs / "lines.yaml").write_text(pack)
     line_port, api_port = free_port(), free_port()
     gw = gateway_factory(
         {
@@ -642,6 +642,38 @@ def test_one_identity_cannot_flood_the_approvers_with_requests(gateway_factory: 
     assert len(listed) == 3 and other_id in [a["id"] for a in listed]
     for agent in (*flooding, other):
         agent.close()
+
+
+def test_requests_for_other_approvers_cannot_push_a_request_out_of_an_approvers_list(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    """The lists were the newest requests of all, then those the approver may decide: newer requests for
+    another team's approvers (or from agents filling the store) left "no pending approval requests" while one
+    waited for this approver."""
+    pack = PACK.replace(
+        "  dba:\n",
+        "      - id: reboot-needs-netops\n        protocol: line\n        when: {verbs: [reboot]}\n"
+        "        action: approve\n        approval: {approvers: [netops], mode: ticket, timeout: 60s}\n"
+        "  netops:\n    rules: []\n  dba:\n",
+    ).replace("    roles: [dba]\n", "    roles: [dba]\n  - match: {claims: {role: netops}}\n    roles: [netops]\n")
+    gw = start_approvals_gateway(gateway_factory, tmp_path, pack=pack)
+    dba = gw.token("dba-1", role="dba")
+    token = gw.token("agent-1", role="agent")
+    agent = LineAgent(gw.line_port, token)
+    aid, _ = agent.held("restart api")
+    other = LineAgent(gw.line_port, token)
+    for n in range(5):  # newer than the one for the DBAs
+        other.send(f"reboot host-{n}")
+        assert other.recv().startswith("DENIED reboot-needs-netops: "), n
+    listed = lictor("approvals", "list", "--limit", "3", "--url", gw.url, "--token", dba).stdout
+    assert [line.split()[0] for line in listed.splitlines()[1:]] == [aid], listed
+    headers = {"Authorization": f"Bearer {dba}"}
+    with httpx.Client(base_url=gw.url, timeout=10, headers=headers) as api:
+        for which in ("pending", "all"):
+            got = api.get("/api/approvals", params={"status": which, "limit": "1"}).json()["approvals"]
+            assert [a["id"] for a in got] == [aid], which
+    agent.close()
+    other.close()
 
 
 def test_right_to_left_letters_cannot_reorder_the_numbers_the_approver_reads(approvals_gateway: Any) -> None:

@@ -32,6 +32,7 @@ is checked against the clock on each call, so a stale map never extends an eleva
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -851,6 +852,23 @@ class ApprovalBroker:
     async def recent(self, *, pending: bool | None = None, limit: int = 100) -> list[Approval]:
         """The newest approvals (``pending`` True: waiting ones; False: decided ones; None: all)."""
         return await asyncio.to_thread(lambda: self.store.recent(pending=pending, limit=limit))
+
+    async def recent_for(self, identity: Identity, *, pending: bool | None = None, limit: int = 100) -> list[Approval]:
+        """The newest ``limit`` approvals that ``identity`` may decide (see :meth:`recent`). Chosen among those
+        it may decide, not among all: newer requests for other approvers would push its own out of its list."""
+        roles = self.gateway.policy.roles_for(identity)
+        found: list[Approval] = []
+        before: tuple[float, str] | None = None
+        while roles and len(found) < limit:
+            batch = max(limit - len(found), 100)
+            rows = await asyncio.to_thread(
+                functools.partial(self.store.recent, pending=pending, limit=batch, approvers=roles, before=before)
+            )
+            found.extend(a for a in rows if self.may_view(identity, a))
+            if len(rows) < batch:
+                break
+            before = (rows[-1].created_at, rows[-1].id)
+        return found[:limit]
 
     async def vote(self, approver: Identity, approval_id: str, verdict: str, reason: str = "") -> Approval:
         """Record ``approver``'s ``approve``/``deny``; raises ApprovalError with a reason if refused."""

@@ -108,7 +108,14 @@ class ApprovalStore(Protocol):
 
     def get(self, approval_id: str) -> Approval | None: ...
 
-    def recent(self, *, pending: bool | None = None, limit: int = 100) -> list[Approval]: ...
+    def recent(
+        self,
+        *,
+        pending: bool | None = None,
+        limit: int = 100,
+        approvers: Sequence[str] | None = None,
+        before: tuple[float, str] | None = None,
+    ) -> list[Approval]: ...
 
     def vote(self, approval_id: str, voter: Identity, verdict: str, reason: str, now: float) -> VoteResult: ...
 
@@ -125,6 +132,11 @@ class ApprovalStore(Protocol):
     def prune(self, before: float, limit: int) -> list[str]: ...
 
     def close(self) -> None: ...
+
+
+def _like(text: str) -> str:
+    """``text`` for a LIKE pattern with ``ESCAPE '\\'``: its ``%`` and ``_`` match only themselves."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _dumps(value: Any) -> str:
@@ -309,16 +321,41 @@ class _SqlStore:
         with self._tx() as cur:
             return self._get(cur, approval_id)
 
-    def recent(self, *, pending: bool | None = None, limit: int = 100) -> list[Approval]:
-        where = ""
+    def recent(
+        self,
+        *,
+        pending: bool | None = None,
+        limit: int = 100,
+        approvers: Sequence[str] | None = None,
+        before: tuple[float, str] | None = None,
+    ) -> list[Approval]:
+        """The newest requests (``pending`` True: waiting ones; False: the others; None: all), newest first.
+
+        ``approvers``: only requests whose approval block may name one of these roles (a coarse match on the
+        stored block: the caller checks the roles exactly). ``before``: only requests older than this
+        ``(created_at, id)``, to read on after the last one of a previous call.
+        """
+        conditions: list[str] = []
+        params: list[Any] = []
         if pending is True:
-            where = f"WHERE status = '{PENDING}'"
+            conditions.append(f"status = '{PENDING}'")
         elif pending is False:
-            where = f"WHERE status <> '{PENDING}'"
+            conditions.append(f"status <> '{PENDING}'")
+        if approvers is not None:
+            if not approvers:
+                return []
+            conditions.append("(" + " OR ".join("spec LIKE ? ESCAPE '\\'" for _ in approvers) + ")")
+            params.extend(f"%{_like(json.dumps(str(role), ensure_ascii=False))}%" for role in approvers)
+        if before is not None:
+            conditions.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params.extend((before[0], before[0], before[1]))
+        where = "WHERE " + " AND ".join(conditions) if conditions else ""
         with self._tx() as cur:
             cur.execute(
-                self._sql("SELECT {cols} FROM {approvals} {where} ORDER BY created_at DESC LIMIT ?", where=where),
-                (int(limit),),
+                self._sql(
+                    "SELECT {cols} FROM {approvals} {where} ORDER BY created_at DESC, id DESC LIMIT ?", where=where
+                ),
+                (*params, int(limit)),
             )
             rows = cur.fetchall()
             votes = self._votes(cur, [r[0] for r in rows])

@@ -288,8 +288,8 @@ class WebApp:
 
     async def _list_page(self, request: HttpRequest, identity: Identity) -> HttpResponse:
         now = time.time()
-        pending = [a for a in await self.broker.recent(pending=True, limit=200) if self.broker.may_view(identity, a)]
-        history = [a for a in await self.broker.recent(pending=False, limit=100) if self.broker.may_view(identity, a)]
+        pending = await self.broker.recent_for(identity, pending=True, limit=200)
+        history = await self.broker.recent_for(identity, pending=False, limit=100)
         parts = ["<h2>Pending</h2>"]
         if pending:
             parts.append(
@@ -478,9 +478,7 @@ class WebApp:
             pending = {"pending": True, "decided": False, "all": None}.get(which, True)
             given = bounded_number(request.param("limit", ""), 500)
             limit = 100 if given is None else max(given, 1)
-            items = [
-                a for a in await self.broker.recent(pending=pending, limit=limit) if self.broker.may_view(identity, a)
-            ]
+            items = await self.broker.recent_for(identity, pending=pending, limit=limit)
             return HttpResponse.json({"now": now, "approvals": [a.to_json() for a in items]})
         if "/" in rest or not _ID.match(rest):
             return HttpResponse.json({"error": "not found"}, 404)
