@@ -89,11 +89,15 @@ class LineAgent:
         self.sock.close()
 
 
-def start_approvals_gateway(gateway_factory: Any, tmp_path: Path, pack: str = PACK, **approvals: Any) -> Any:
+def start_approvals_gateway(
+    gateway_factory: Any, tmp_path: Path, pack: str = PACK, more_packs: dict[str, str] | None = None, **approvals: Any
+) -> Any:
     """A gateway with the line-protocol test target and the approvals API (``approvals`` added to its section)."""
     packs = tmp_path / "packs"
     packs.mkdir()
     (packs / "lines.yaml").write_text(pack)
+    for name, text in (more_packs or {}).items():
+        (packs / name).write_text(text)
     line_port, api_port = free_port(), free_port()
     gw = gateway_factory(
         {
@@ -674,6 +678,49 @@ def test_requests_for_other_approvers_cannot_push_a_request_out_of_an_approvers_
             assert [a["id"] for a in got] == [aid], which
     agent.close()
     other.close()
+
+
+SECURITY_PACK = """
+format: lictor/v1
+metadata: {name: security-approvals}
+identities:
+  - match: {claims: {role: agent}}
+    roles: [payments-agent]
+  - match: {claims: {role: security}}
+    roles: [security]
+roles:
+  payments-agent:
+    rules:
+      - id: payments-restart-needs-two-security
+        protocol: line
+        when: {commands: ["restart payments*"]}
+        action: approve
+        approval: {approvers: [security], required: 2, timeout: 30s}
+  security:
+    rules: []
+"""
+
+
+def test_a_request_two_teams_rules_hold_needs_the_approvers_of_both(gateway_factory: Any, tmp_path: Path) -> None:
+    """Only the first approve rule's approval block counted: one DBA released what the security team's pack
+    gives to two of its approvers (and which one came first was the packs' file names)."""
+    gw = start_approvals_gateway(gateway_factory, tmp_path, more_packs={"z-security.yaml": SECURITY_PACK})
+    dba = gw.token("dba-1", role="dba")
+    security = [gw.token(f"security-{n}", role="security") for n in (1, 2)]
+    agent = LineAgent(gw.line_port, gw.token("agent-1", role="agent"))
+    aid, notice = agent.held("restart payments")
+    assert "needs 1 approval(s) from role dba and 2 approval(s) from role security; expires in 30s" in notice
+    approved = lictor("approvals", "approve", aid, "--url", gw.url, "--token", dba)
+    assert approved.stdout.strip().endswith("1 of 3 approvals; still waiting for more"), approved.stdout
+    shown = lictor("approvals", "show", aid, "--url", gw.url, "--token", security[0]).stdout
+    assert "needs:           1 of roles dba and 2 of roles security" in shown and "status:          pending" in shown
+    with httpx.Client(base_url=gw.url, timeout=10) as api:
+        for n, token in enumerate(security):
+            voted = api.post(f"/api/approvals/{aid}/approve", json={}, headers={"Authorization": f"Bearer {token}"})
+            assert voted.json()["approval"]["status"] == ("pending", "approved")[n], voted.text
+    answer = agent.recv()
+    assert answer.startswith("OK restart-needs-approval,payments-restart-needs-two-security "), answer
+    agent.close()
 
 
 def test_right_to_left_letters_cannot_reorder_the_numbers_the_approver_reads(approvals_gateway: Any) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._yaml import Location
-from .identity import Identity
+from .identity import Identity, parse_duration
 from .policy_types import DEFAULT_DENY, Decision, Request
 from .vocabulary import Boolean, Enum, Glob, Number, Predicate, Quantifier, Vocabulary, _text, _values
 
@@ -128,6 +128,29 @@ def _email_verified(identity: Identity) -> bool:
         return True
     verified = identity.claims["email_verified"]
     return verified is True or verified == "true"
+
+
+def _combined_approval(rules: Sequence[CompiledRule]) -> Mapping[str, Any]:
+    """The approval block of a request that ``approve`` rules hold: the first one's, and when they ask different
+    approvers (or counts), every one's ``approvers``/``required`` under ``all_of`` (each must be met) and the
+    shortest ``timeout``. Which pack or rule comes first must not decide who approves: a request that one team's
+    rule gives to two of its approvers is not released by one approver of another team whose rule also holds it."""
+    block = dict(rules[0].approval or {})
+    groups: list[dict[str, Any]] = []
+    for rule in rules:
+        approval = rule.approval or {}
+        group = {"approvers": list(approval.get("approvers") or ()), "required": approval.get("required", 1)}
+        if group not in groups:
+            groups.append(group)
+    if len(groups) > 1:
+        from .approvals._model import DEFAULT_TIMEOUT
+
+        block["all_of"] = groups
+        try:
+            block["timeout"] = min(parse_duration((r.approval or {}).get("timeout", DEFAULT_TIMEOUT)) for r in rules)
+        except ValueError:
+            pass  # the broker refuses the block that holds it (fail closed)
+    return block
 
 
 def _claim_text(value: Any) -> str:
@@ -405,7 +428,7 @@ class Policy:
                 masks=mask_blocks,
                 mask_rule_ids=mask_ids,
                 shadow_rule_ids=shadow_ids,
-                approval=first.approval or {},
+                approval=_combined_approval(rules),
                 explanation=f"held for approval by rule {first.id} ({first.source})",
                 recording=recording,
             )

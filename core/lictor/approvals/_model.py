@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,17 +81,36 @@ class ApprovalSpec:
     elevate_roles: tuple[str, ...] = ()
     elevate_duration: float = 0.0
     mode: str = "hold"
+    groups: tuple[tuple[tuple[str, ...], int], ...] = ()
+    """When several ``approve`` rules hold one request: each one's ``(approvers, required)``, all of which must be
+    met; ``approvers`` is then all their roles and ``required`` their counts added up. Empty for one rule."""
+
+    @property
+    def requirements(self) -> tuple[tuple[tuple[str, ...], int], ...]:
+        """Every ``(approver roles, approvals needed)`` that must be met."""
+        return self.groups or ((self.approvers, self.required),)
+
+    def unmet(self, voters: Sequence[Collection[str]]) -> tuple[tuple[str, ...], int] | None:
+        """The first requirement that approvers holding ``voters`` roles (one collection each) do not meet."""
+        for roles, needed in self.requirements:
+            if sum(1 for held in voters if set(held) & set(roles)) < needed:
+                return roles, needed
+        return None
 
     @classmethod
     def parse(cls, block: Mapping[str, Any] | None) -> ApprovalSpec:
         """Read a rule's approval block; anything not understood raises ValueError (fail closed)."""
         block = block or {}
-        approvers = block.get("approvers") or []
-        if isinstance(approvers, str) or not approvers or not all(isinstance(a, str) and a for a in approvers):
-            raise ValueError("approval.approvers must name at least one role")
-        required = block.get("required", 1)
-        if not isinstance(required, int) or isinstance(required, bool) or required < 1:
-            raise ValueError(f"approval.required must be a positive integer, got {required!r}")
+        groups: tuple[tuple[tuple[str, ...], int], ...] = ()
+        if block.get("all_of") is not None:
+            parts = block["all_of"]
+            if not isinstance(parts, (list, tuple)) or not parts or not all(isinstance(g, Mapping) for g in parts):
+                raise ValueError("approval.all_of must list approver groups")
+            groups = tuple(_group(g) for g in parts)
+            approvers = tuple(dict.fromkeys(r for roles, _ in groups for r in roles))
+            required = sum(n for _, n in groups)
+        else:
+            approvers, required = _group(block)
         timeout = parse_duration(block.get("timeout", DEFAULT_TIMEOUT))
         if timeout <= 0:
             raise ValueError("approval.timeout must be positive")
@@ -109,10 +128,10 @@ class ApprovalSpec:
             duration = parse_duration(elevate.get("duration", 0))
             if not roles or duration <= 0:
                 raise ValueError("approval.scope elevation needs elevate.roles and a positive elevate.duration")
-        return cls(tuple(approvers), required, timeout, scope, roles, duration, mode)
+        return cls(approvers, required, timeout, scope, roles, duration, mode, groups if len(groups) > 1 else ())
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "approvers": list(self.approvers),
             "required": self.required,
             "timeout": self.timeout,
@@ -122,6 +141,9 @@ class ApprovalSpec:
             else None,
             "mode": self.mode,
         }
+        if self.groups:
+            out["all_of"] = [{"approvers": list(roles), "required": needed} for roles, needed in self.groups]
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ApprovalSpec:
@@ -134,21 +156,32 @@ class ApprovalSpec:
             elevate_roles=tuple(elevate.get("roles") or ()),
             elevate_duration=float(elevate.get("duration") or 0.0),
             mode=str(data["mode"]),
+            groups=tuple((tuple(g["approvers"]), int(g["required"])) for g in data.get("all_of") or ()),
         )
 
     def describe(self) -> str:
-        who = ", ".join(self.approvers)
-        text = (
-            f"{self.required} approval(s) from role {who}"
-            if len(self.approvers) == 1
-            else (f"{self.required} approval(s) from roles {who}")
-        )
+        text = " and ".join(_describe_group(roles, needed) for roles, needed in self.requirements)
         if self.scope == "elevation":
             text += (
                 f"; grants roles {', '.join(self.elevate_roles)} on this target for "
                 f"{format_duration(self.elevate_duration)}"
             )
         return text
+
+
+def _group(block: Mapping[str, Any]) -> tuple[tuple[str, ...], int]:
+    approvers = block.get("approvers") or []
+    if isinstance(approvers, str) or not approvers or not all(isinstance(a, str) and a for a in approvers):
+        raise ValueError("approval.approvers must name at least one role")
+    required = block.get("required", 1)
+    if not isinstance(required, int) or isinstance(required, bool) or required < 1:
+        raise ValueError(f"approval.required must be a positive integer, got {required!r}")
+    return tuple(approvers), required
+
+
+def _describe_group(roles: Sequence[str], needed: int) -> str:
+    who = ", ".join(roles)
+    return f"{needed} approval(s) from role {who}" if len(roles) == 1 else f"{needed} approval(s) from roles {who}"
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,7 @@ from ._model import (
     Approval,
     ApprovalError,
     ApprovalSpec,
+    Vote,
     format_duration,
     new_approval_id,
     shown_payload,
@@ -764,19 +765,24 @@ class ApprovalBroker:
             spec = ApprovalSpec.parse(live.approval)
         except ValueError as exc:
             return f"the live approval rule is unusable ({exc})"
-        policy = self.gateway.policy
-        valid = 0
-        for vote in approval.votes:
-            if vote.verdict != "approve" or approval.is_requester(vote.identity()):
-                continue
-            if set(policy.roles_for(vote.identity())) & set(spec.approvers):
-                valid += 1
-        if valid < spec.required:
+        unmet = spec.unmet(self._approvers_roles(approval, approval.votes))
+        if unmet is not None:
+            roles, _ = unmet
+            valid = sum(1 for held in self._approvers_roles(approval, approval.votes) if set(held) & set(roles))
             return (
                 f"the live rule {live.rule_ids[0]} needs {spec.describe()} and {valid} of the given approvals "
-                "qualify; retry to ask again"
+                f"qualify for role {', '.join(roles)}; retry to ask again"
             )
         return ""
+
+    def _approvers_roles(self, approval: Approval, votes: Sequence[Vote]) -> list[tuple[str, ...]]:
+        """The roles that the approvers of ``votes`` hold under the live policy (not the requester's)."""
+        policy = self.gateway.policy
+        return [
+            policy.roles_for(v.identity())
+            for v in votes
+            if v.verdict == "approve" and not approval.is_requester(v.identity())
+        ]
 
     # -- tickets ----------------------------------------------------------------------------------
 
@@ -896,7 +902,16 @@ class ApprovalBroker:
                 "you hold none of them",
                 403,
             )
-        result = await asyncio.to_thread(self.store.vote, approval_id, approver, verdict, reason, time.time())
+        result = await asyncio.to_thread(
+            self.store.vote,
+            approval_id,
+            approver,
+            verdict,
+            reason,
+            time.time(),
+            # the rules of several teams may hold one request: each one's approvers must have approved
+            lambda current, votes: current.spec.unmet(self._approvers_roles(current, votes)) is None,
+        )
         after = result.approval
         # The store has the vote (and the outcome) already: these events report what happened, and wait in the
         # gateway's backlog while the spool takes no writes (refusing them would only lose them).

@@ -131,6 +131,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _needs(spec: dict[str, Any]) -> str:
+    """``2 of roles dba``; with several rules' approvers, each group that must approve."""
+    groups = spec.get("all_of") or [spec]
+    return " and ".join(f"{g['required']} of roles {', '.join(g['approvers'])}" for g in groups)
+
+
 def _print_approval(a: dict[str, Any], now: float) -> None:
     spec = a["approval"]
     rows = [
@@ -140,7 +146,7 @@ def _print_approval(a: dict[str, Any], now: float) -> None:
         ("target", f"{a['target']} ({a['protocol']})"),
         ("action", a["action"]),
         ("rule", f"{', '.join(a['rule_ids'])}: {a['rule_message']}"),
-        ("needs", f"{spec['required']} of roles {', '.join(spec['approvers'])} (scope {spec['scope']})"),
+        ("needs", f"{_needs(spec)} (scope {spec['scope']})"),
         ("approvals", f"{a['approvals_given']} of {spec['required']}"),
         ("time left", _left(a, now)),
         ("agent's reason", a.get("reason") or "(none)"),

@@ -92,6 +92,9 @@ class VoteResult:
     decided: bool
 
 
+Satisfied = Callable[[Approval, Sequence[Vote]], bool]
+
+
 @dataclass(frozen=True)
 class Withdrawn:
     """A withdrawal that happened, and how many elevations it ended."""
@@ -117,7 +120,15 @@ class ApprovalStore(Protocol):
         before: tuple[float, str] | None = None,
     ) -> list[Approval]: ...
 
-    def vote(self, approval_id: str, voter: Identity, verdict: str, reason: str, now: float) -> VoteResult: ...
+    def vote(
+        self,
+        approval_id: str,
+        voter: Identity,
+        verdict: str,
+        reason: str,
+        now: float,
+        satisfied: Satisfied | None = None,
+    ) -> VoteResult: ...
 
     def expire(self, approval_id: str, now: float) -> bool: ...
 
@@ -361,11 +372,21 @@ class _SqlStore:
             votes = self._votes(cur, [r[0] for r in rows])
             return [self._row(r, votes[r[0]]) for r in rows]
 
-    def vote(self, approval_id: str, voter: Identity, verdict: str, reason: str, now: float) -> VoteResult:
+    def vote(
+        self,
+        approval_id: str,
+        voter: Identity,
+        verdict: str,
+        reason: str,
+        now: float,
+        satisfied: Satisfied | None = None,
+    ) -> VoteResult:
         """Record ``voter``'s verdict and decide the request when it has enough approvals (or one denial).
 
         The caller has checked that ``voter`` may approve (roles under the live policy, not the
         requester); this transaction enforces the rest: pending, not expired, one vote per approver.
+        ``satisfied(request, votes)``, when given, must also hold of the votes with this one for the request to
+        be approved (each group of an approval block with ``all_of``).
         """
         if verdict not in ("approve", "deny"):
             raise ApprovalError(f"unknown verdict {verdict!r}", 400)
@@ -392,7 +413,12 @@ class _SqlStore:
             elevated_until: float | None = None
             if verdict == "deny":
                 status, by = DENIED, [voter.subject]
-            elif approvals >= current.spec.required:
+            elif approvals >= current.spec.required and (
+                satisfied is None
+                or satisfied(
+                    current, [*current.votes, Vote(voter.subject, voter.issuer, verdict, reason, now, voter.claims)]
+                )
+            ):
                 status = APPROVED
                 by = [v.subject for v in current.votes if v.verdict == "approve"] + [voter.subject]
                 if current.spec.scope == "elevation":
