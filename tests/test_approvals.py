@@ -18,6 +18,7 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -786,6 +787,40 @@ def test_webhook_messages_waiting_for_delivery_take_bounded_memory(tmp_path: Pat
         await gw.stop()
         assert receiver.server is not None
         receiver.server.close()
+
+    run(scenario)
+
+
+def test_one_agents_requests_cannot_take_the_webhook_queue_from_the_others(tmp_path: Path) -> None:
+    # While the receiver lags (a chat service answering 429), messages wait; an agent opening request after request
+    # took all the room there is, and the messages about every other agent's requests were dropped: approvers
+    # were told only about the flood.
+    async def scenario() -> None:
+        lagging = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # takes messages, never answers
+        port = lagging.sockets[0].getsockname()[1]
+        gw = await make_gateway(tmp_path, {"webhooks": [{"url": f"http://127.0.0.1:{port}/generic"}]})
+        broker = gw.approvals
+        assert broker is not None
+        flooding = await Agent(gw, ident("agent-9", "agent")).open()
+        task = flooding.ask(sql(gw, "UPDATE t SET a = '" + "\x01" * 200_000 + "' WHERE id = 1"))
+        big = await broker.get(await flooding.held())
+        assert big is not None
+        for _ in range(1_100):  # more than the whole queue's room, in bytes and in messages
+            broker.webhooks.emit("approval.created", big)
+        small = replace(big, payload="x", summary="x", attrs={})
+        for _ in range(2):
+            for _ in range(1_100):
+                broker.webhooks.emit("approval.created", small)
+            await asyncio.sleep(0.5)  # the first few are taken out of the queue to be delivered
+        failed = broker.webhooks.failed
+        other = await Agent(gw, ident("agent-1", "agent")).open()
+        other_task = other.ask(sql(gw, "UPDATE t SET a = 2 WHERE id = 7"))
+        aid = await other.held()
+        assert broker.webhooks.failed == failed, aid  # queued, not dropped
+        task.cancel()
+        other_task.cancel()
+        await gw.stop()
+        lagging.close()
 
     run(scenario)
 

@@ -99,6 +99,7 @@ def _clip(text: str, limit: int) -> str:
 # more once JSON-escaped), and an agent that opens request after request while a receiver is down or slow
 # would otherwise fill the queue (1,000 messages) with up to gigabytes.
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
+REQUESTER_SHARE = 4  # one requester's messages may take a quarter of the queue (messages and bytes) at most
 
 
 class Webhooks:
@@ -121,10 +122,13 @@ class Webhooks:
         self.attempts = max(1, attempts)
         self.backoff = backoff
         self.timeout = timeout
-        self._queue: asyncio.Queue[tuple[WebhookTarget, str, bytes]] | None = None
+        self._queue: asyncio.Queue[tuple[WebhookTarget, str, bytes, tuple[str, str]]] | None = None
         self._queue_size = queue_size
         self._max_queued_bytes = max_queued_bytes
         self._queued_bytes = 0  # of the messages queued or being delivered
+        # and per requester (subject, issuer): messages, bytes. One requester's share is bounded, so that an agent
+        # opening request after request while a receiver lags cannot crowd out the messages about other requests.
+        self._by_requester: dict[tuple[str, str], tuple[int, int]] = {}
         self._worker: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._concurrency = concurrency
@@ -199,12 +203,28 @@ class Webhooks:
         for target in self.targets:
             if event not in target.events:
                 continue
+            key = (approval.requester_sub, approval.requester_iss)
             try:
                 body = self.body(target, event, approval)
                 if self._queued_bytes + len(body) > self._max_queued_bytes:
                     raise asyncio.QueueFull
-                self._queue.put_nowait((target, event, body))
+                count, size = self._by_requester.get(key, (0, 0))
+                if count + 1 > max(1, self._queue_size // REQUESTER_SHARE) or (
+                    size + len(body) > self._max_queued_bytes // REQUESTER_SHARE
+                ):
+                    self.failed += 1
+                    log.error(
+                        "approvals: %d webhook messages about requests of %s wait for delivery, as many as one "
+                        "requester may have waiting; dropping %s for %s",
+                        count,
+                        printable(approval.requester_sub, 200, keep=""),
+                        event,
+                        target.url,
+                    )
+                    continue
+                self._queue.put_nowait((target, event, body, key))
                 self._queued_bytes += len(body)
+                self._by_requester[key] = (count + 1, size + len(body))
             except asyncio.QueueFull:
                 self.failed += 1
                 log.error("approvals: webhook queue full, dropping %s for %s", event, target.url)
@@ -215,9 +235,9 @@ class Webhooks:
     async def _run(self) -> None:
         assert self._queue is not None and self._sem is not None
         while True:
-            target, event, body = await self._queue.get()
+            target, event, body, key = await self._queue.get()
             await self._sem.acquire()
-            task = asyncio.get_running_loop().create_task(self._deliver_once(target, event, body))
+            task = asyncio.get_running_loop().create_task(self._deliver_once(target, event, body, key))
             self._inflight.add(task)
             task.add_done_callback(self._done)
 
@@ -228,11 +248,14 @@ class Webhooks:
         if self._queue is not None:
             self._queue.task_done()
 
-    async def _deliver_once(self, target: WebhookTarget, event: str, body: bytes) -> None:
+    async def _deliver_once(self, target: WebhookTarget, event: str, body: bytes, key: tuple[str, str]) -> None:
         try:
             await self._deliver(target, event, body)
         finally:
             self._queued_bytes -= len(body)
+            count, size = self._by_requester.pop(key, (1, len(body)))
+            if count > 1:
+                self._by_requester[key] = (count - 1, size - len(body))
 
     async def _deliver(self, target: WebhookTarget, event: str, body: bytes) -> None:
         for attempt in range(self.attempts):
