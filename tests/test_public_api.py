@@ -172,3 +172,16 @@ def test_what_the_addons_use_of_the_gateway_is_documented():
     undocumented = {name: sorted(paths) for name, paths in used.items() if not documented(name)}
     assert "session.decide" in used  # the pattern still finds what the addons use
     assert undocumented == {}
+
+
+def test_masking_plans_are_typed_for_addons_checked_with_mypy():
+    """An addon author who runs mypy on their addon gets the type the guide names: a masking plan is
+    a ``MaskPlan`` (so a misspelt ``plan.mask_txt`` is an error), not ``Any`` that lets every typo
+    through. The masking package is imported lazily, so the annotation names it for type checkers."""
+    import typing
+
+    from lictor import Gateway, Session
+    from lictor.masking import MaskPlan
+
+    for method in (Session.mask_plan, Gateway.mask_plan):
+        assert typing.get_type_hints(method, localns={"MaskPlan": MaskPlan})["return"] is MaskPlan

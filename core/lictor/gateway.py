@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .addons import AddonManager, HookError
 from .audit import AuditError, AuditLog
@@ -37,6 +37,9 @@ from .policy import Policy
 from .policy_types import ADDON_ERROR, Decision, Request
 from .recorder import SessionRecorder
 from .rulepacks import LoadResult, load_policy
+
+if TYPE_CHECKING:  # the masking package (re2) is imported on first use, not with lictor
+    from .masking import MaskPlan
 
 __all__ = ["ApprovalBroker", "Flow", "Gateway", "Recorder", "Session"]
 
@@ -183,7 +186,7 @@ class Session:
         """Append an event to this session's recording (durable locally when it returns)."""
         self.gateway.recorder.event(self, kind, data)
 
-    def mask_plan(self, decision: Decision) -> Any:
+    def mask_plan(self, decision: Decision) -> MaskPlan:
         """The compiled masking plan for ``decision`` (``MaskPlan.EMPTY`` when nothing is masked)."""
         return self.gateway.mask_plan(decision)
 
@@ -275,8 +278,8 @@ class Gateway:
         self.approvals: ApprovalBroker | None = _ApprovalBroker.from_config(self, config.section("approvals"))
         self.sessions: dict[str, Session] = {}
         self._mask_key = self._load_mask_key()
-        self._mask_cache: dict[tuple[str, tuple[str, ...]], Any] = {}
-        self._empty_plan: Any = None
+        self._mask_cache: dict[tuple[str, tuple[str, ...]], MaskPlan] = {}
+        self._empty_plan: MaskPlan | None = None
         self._audit_backlog: deque[tuple[str, dict[str, Any]]] = deque()
         self._audit_overflow = 0
         self._bursts: dict[str, _Burst] = {}
@@ -656,7 +659,7 @@ class Gateway:
 
     # -- masking ------------------------------------------------------------------------------
 
-    def mask_plan(self, decision: Decision) -> Any:
+    def mask_plan(self, decision: Decision) -> MaskPlan:
         if not decision.masks:
             empty = self._empty_plan
             if empty is None:  # the masking package (re2) is imported on first use, not with lictor
