@@ -185,3 +185,18 @@ def test_masking_plans_are_typed_for_addons_checked_with_mypy():
 
     for method in (Session.mask_plan, Gateway.mask_plan):
         assert typing.get_type_hints(method, localns={"MaskPlan": MaskPlan})["return"] is MaskPlan
+
+
+def test_the_guide_says_that_recording_can_fail_in_every_mode():
+    """``session.record`` raises when an event cannot be made durable in best-effort mode too (a full
+    spool while a sink is down): the guide must not tell addon authors it raises only in strict mode,
+    and must name the exception, which is public (the recorder's own class is not)."""
+    import re
+
+    from lictor import AuditError
+    from lictor.recorder import RecordingError, SpoolFull
+
+    text = " ".join((ROOT / "docs" / "addons.md").read_text().split())
+    assert issubclass(SpoolFull, RecordingError) and issubclass(RecordingError, AuditError)
+    assert re.search(r"`session\.record` raises `lictor\.AuditError`[^.]*whatever the role's recording mode", text)
+    assert "syncs to disk before it returns and raises if it cannot" not in text
