@@ -200,3 +200,42 @@ def test_the_guide_says_that_recording_can_fail_in_every_mode():
     assert issubclass(SpoolFull, RecordingError) and issubclass(RecordingError, AuditError)
     assert re.search(r"`session\.record` raises `lictor\.AuditError`[^.]*whatever the role's recording mode", text)
     assert "syncs to disk before it returns and raises if it cannot" not in text
+
+
+async def test_the_guide_names_the_status_a_held_request_has_once_it_went_through():
+    """Testing an approval as the guide shows (hold, approve, await the ``decide``) leaves the approval
+    ``used``: an author who asserts what the guide lists must not be told ``approved``."""
+    import asyncio
+    import re
+
+    from lictor import testing
+
+    from tests.addons.lineproto import LineProtocol
+
+    pack = """
+format: lictor/v1
+metadata: {name: held}
+identities:
+  - {match: {claims: {role: ops}}, roles: [ops]}
+  - {match: {claims: {role: boss}}, roles: [boss]}
+roles:
+  ops:
+    rules:
+      - {id: hold-rm, protocol: line, when: {verbs: rm}, action: approve, approval: {approvers: [boss]}}
+  boss: {}
+"""
+    text = " ".join((ROOT / "docs" / "addons.md").read_text().split())
+    sentence = text.split("`await h.approval(approval_id)` to read it back", 1)[1].split(").", 1)[0]
+    async with testing.harness(LineProtocol(), rulepacks=pack) as h:
+        session = await h.session(testing.identity("agent-1", role="ops"), protocol="line")
+        held: asyncio.Queue[str] = asyncio.Queue()
+
+        async def notify(approval_id: str, message: str) -> None:
+            held.put_nowait(approval_id)
+
+        task = asyncio.create_task(session.decide(testing.request("line", "rm", verb="rm", command="rm x"), notify))
+        approval_id = await held.get()
+        await h.approve(approval_id, testing.identity("boss-1", role="boss"))
+        testing.assert_decision(await task, "allow")
+        status = (await h.approval(approval_id)).status
+    assert re.search(rf"`{status}` once the approved request went through", sentence), (status, sentence)
