@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -239,3 +240,68 @@ roles:
         testing.assert_decision(await task, "allow")
         status = (await h.approval(approval_id)).status
     assert re.search(rf"`{status}` once the approved request went through", sentence), (status, sentence)
+
+
+async def test_the_guide_watcher_withdraws_a_held_request_when_the_agent_hangs_up():
+    """The guide's ``decide_watching``, copied as it stands, returns the decision while the agent waits
+    and withdraws the approval (raising ``ConnectionError``) when the agent hangs up during the hold."""
+    import asyncio
+
+    from lictor import testing
+
+    from tests.addons.lineproto import LineProtocol
+
+    text = (ROOT / "docs" / "addons.md").read_text()
+    section = text.split("### Watching a held request", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/addons.md", "exec"), namespace)
+    decide_watching = namespace["decide_watching"]
+    pack = """
+format: lictor/v1
+metadata: {name: held}
+identities:
+  - {match: {claims: {role: ops}}, roles: [ops]}
+  - {match: {claims: {role: boss}}, roles: [boss]}
+roles:
+  ops:
+    rules:
+      - {id: hold-rm, protocol: line, when: {verbs: rm}, action: approve, approval: {approvers: [boss]}}
+  boss: {}
+"""
+    async with testing.harness(LineProtocol(), rulepacks=pack) as h:
+        held: asyncio.Queue[str] = asyncio.Queue()
+        outcomes: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def notify(approval_id: str, message: str) -> None:
+            held.put_nowait(approval_id)
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            session = await h.session(testing.identity("agent-1", role="ops"), protocol="line")
+            request = testing.request("line", "rm", verb="rm", command="rm x")
+            try:
+                outcomes.put_nowait(await decide_watching(session, request, reader, notify))
+                outcomes.put_nowait(await reader.readline())  # the stream reads on after the watch
+            except ConnectionError as exc:
+                outcomes.put_nowait(exc)
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)  # waits for its reply
+            approval_id = await held.get()
+            await h.approve(approval_id, testing.identity("boss-1", role="boss"))
+            testing.assert_decision(await outcomes.get(), "allow", rule="hold-rm")
+            writer.write(b"next\n")
+            assert await outcomes.get() == b"next\n"
+            writer.close()
+
+            _, writer = await asyncio.open_connection("127.0.0.1", port)  # hangs up during the hold
+            approval_id = await held.get()
+            writer.close()
+            assert isinstance(await outcomes.get(), ConnectionError)
+            assert (await h.approval(approval_id)).status == "withdrawn"
+        finally:
+            server.close()
+            await server.wait_closed()
