@@ -150,6 +150,18 @@ async def test_request_hooks_run_for_the_protocols_an_addon_names():
         assert watcher.seen == ["line", "line", "other"]  # no `protocols`: every request
 
 
+async def test_a_hook_denial_is_reported_when_the_policy_denies_the_request_too():
+    # The policy's own denial (no rule allows a put) replaced the hook's: the agent and the audit were
+    # told "no rule allows", and a broken addon's stand-in or a guard's reason never showed.
+    async with testing.harness(LineProtocol(), _DenyPuts(), rulepacks=PACK) as h:
+        session = await h.session(testing.identity("a", role="reader"), protocol="line")
+        put = testing.request("line", "put", verb="put", command="put x")
+        for decision in (await session.decide(put), session.decide_now(put)):
+            testing.assert_decision(decision, "deny", rule="test:no-puts")
+            assert decision.message == "no puts"
+        assert [e["rule_ids"] for e in h.audit("decision")] == [["test:no-puts"]] * 2
+
+
 class _WithOption:
     name = "with-option"
 

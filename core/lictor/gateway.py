@@ -113,8 +113,10 @@ class Flow:
         self._decision = Decision.deny(message, rule_id, version)
 
     def _set(self, decision: Decision) -> None:
-        if self._decision is not None and _RANK[decision.action] < _RANK[self._decision.action]:
-            return  # a hook denied before the policy ran: the policy may not loosen that
+        if self._decision is not None and _RANK[decision.action] <= _RANK[self._decision.action]:
+            # a hook denied before the policy ran: the policy may not loosen that, and its own denial
+            # (no rule allows it) must not hide the hook's rule id and message from the agent and the audit
+            return
         self._decision = decision
 
 
