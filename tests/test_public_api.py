@@ -305,3 +305,46 @@ roles:
         finally:
             server.close()
             await server.wait_closed()
+
+
+async def test_a_failed_reload_of_the_guide_addon_denies_only_its_protocol(tmp_path: Path):
+    """The guide's first addon, copied to a file, then broken: the stand-in denies line requests only,
+    not those of the other protocols the gateway serves (they would all be refused by one typo)."""
+    import asyncio
+
+    from lictor import AddonManager, Gateway, GatewayConfig, Identity, Request, Vocabulary
+    from lictor.runner import AddonWatcher
+    from lictor.vocabulary import Glob
+
+    text = (ROOT / "docs" / "addons.md").read_text()
+    code = text.split("## An addon is a plain class", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    addon = tmp_path / "line_addon.py"
+    addon.write_text(code)
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "kv.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: kv}\nidentities: [{match: {claims: {role: r}}, roles: [r]}]\n"
+        "roles: {r: {rules: [{id: kv-get, protocol: kv, when: {verbs: get}, action: allow}]}}\n"
+    )
+
+    class KV:
+        name = "kv"
+
+        def load(self, loader: Any) -> None:
+            loader.add_vocabulary(Vocabulary("kv", (Glob("verbs", attr="verb"),), index="verbs"))
+
+    manager = AddonManager()
+    manager.add(KV())
+    gw = Gateway(GatewayConfig.default(tmp_path / "state", [str(packs)]), manager)
+    watcher = AddonWatcher(gw, asyncio.get_running_loop(), {})
+    await watcher.reload(str(addon))
+    assert gw.load_policy().policy is not None
+    addon.write_text(code + "\nthis is not python(\n")
+    await watcher.reload(str(addon))
+    session = await gw.open_session(Identity("a", {"role": "r"}), protocol="kv", target="t", peer="")
+    line = session.decide_now(Request("line", "get", {"verb": "get", "command": "get a"}))
+    kv = session.decide_now(Request("kv", "get", {"verb": "get"}))
+    await session.close()
+    gw.audit.close()
+    assert line.rule_ids == ("lictor:addon-broken",)
+    assert kv.allowed, kv.rule_ids
