@@ -348,3 +348,38 @@ async def test_a_failed_reload_of_the_guide_addon_denies_only_its_protocol(tmp_p
     gw.audit.close()
     assert line.rule_ids == ("lictor:addon-broken",)
     assert kv.allowed, kv.rule_ids
+
+
+def test_the_guide_command_lines_for_a_third_party_protocol_work(tmp_path: Path):
+    """The guide's ``lictor check/test/explain/schema --addon`` lines, run as written on a pack of the
+    guide's protocol, pass; and ``explain --help`` does not tell an addon author ``--command`` is SSH's."""
+    import shlex
+
+    from tests.conftest import lictor
+
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "line.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: line}\n"
+        "identities: [{match: {claims: {role: reader}}, roles: [reader]}]\n"
+        "roles: {reader: {rules: [{id: line-get, protocol: line, when: {verbs: get}, action: allow}]}}\n"
+    )
+    (packs / "line.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n"
+        "  - {name: get, identity: {sub: a, claims: {role: reader}}, request: {protocol: line, command: get x},"
+        " expect: {action: allow, rule: line-get}}\n"
+    )
+    text = (ROOT / "docs" / "addons.md").read_text()
+    block = text.split("The command line knows your protocol only when it loads your addon", 1)[1]
+    lines = block.split("```sh\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    outputs = {}
+    for line in lines:
+        argv = [a.replace("packs/", f"{packs}/") for a in shlex.split(line)]
+        assert argv[0] == "lictor", line
+        outputs[argv[1]] = lictor(*argv[1:], cwd=ROOT).stdout
+    assert set(outputs) == {"check", "test", "explain", "schema"}
+    assert "1 passed, 0 failed" in outputs["test"]
+    assert "=> ALLOW" in outputs["explain"] and "line-get" in outputs["explain"]
+    assert '"line"' in (packs / "rulepack.schema.json").read_text()
+    help_text = " ".join(lictor("explain", "--help").stdout.split())
+    assert "--command COMMAND a command line (ssh, or a third-party protocol" in help_text, help_text

@@ -652,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sql", help="a PostgreSQL statement")
     sp.add_argument("--method", help="an HTTP method")
     sp.add_argument("--path", help="an HTTP path")
-    sp.add_argument("--command", help="an SSH command line")
+    sp.add_argument("--command", help="a command line (ssh, or a third-party protocol: its addon reads `command`)")
     sp.set_defaults(func=cmd_explain)
 
     sp = sub.add_parser("schema", help="print the composed rule-pack JSON Schema")
