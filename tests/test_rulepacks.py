@@ -244,6 +244,48 @@ def test_the_examples_in_the_rule_pack_guide_check_and_pass_their_tests(tmp_path
     assert report.cases and all(c.passed for c in report.cases), [c.message for c in report.cases]
 
 
+def test_an_empty_masked_or_shadow_expectation_means_none_apply(tmp_path):
+    # `masked: []` (the role sees values in clear) passed whatever masked them: the expected ids were
+    # checked as a subset of the mask rules, and the empty set is a subset of every set.
+    from lictor.policytest import run_tests
+
+    pack = """
+format: lictor/v1
+metadata: {name: clear}
+identities: [{match: {claims: {role: auditor}}, roles: [auditor]}]
+roles:
+  auditor:
+    rules:
+      - {id: read, protocol: postgres, when: {statements: select}, action: allow}
+      - {id: mask-cards, protocol: postgres, action: mask, mask: {detectors: [card]}}
+      - {id: try-no-where, protocol: postgres, when: {statements: select}, action: deny, enforce: false}
+"""
+    tests = """
+format: lictor-tests/v1
+cases:
+  - name: auditors see cards in clear
+    identity: {sub: a, claims: {role: auditor}}
+    request: {protocol: postgres, sql: "SELECT card FROM customers"}
+    expect: {action: allow, masked: []}
+  - name: no shadow rule would deny
+    identity: {sub: a, claims: {role: auditor}}
+    request: {protocol: postgres, sql: "SELECT card FROM customers"}
+    expect: {action: allow, shadow: []}
+  - name: the masks are named
+    identity: {sub: a, claims: {role: auditor}}
+    request: {protocol: postgres, sql: "SELECT card FROM customers"}
+    expect: {action: allow, masked: [mask-cards], shadow: [try-no-where]}
+"""
+    write(tmp_path, pack, "clear.yaml")
+    write(tmp_path, tests, "clear.tests.yaml")
+    result = load_policy([tmp_path], vocabularies())
+    assert result.policy is not None, [str(p) for p in result.errors]
+    report = run_tests(result.policy, result.test_files)
+    assert [c.passed for c in report.cases] == [False, False, True], [c.message for c in report.cases]
+    assert "expected no mask rules, got mask-cards" in report.cases[0].message
+    assert "expected no shadow rules, got try-no-where" in report.cases[1].message
+
+
 def test_shipped_schema_is_up_to_date():
     shipped = (ROOT / "schema" / "rulepack.schema.json").read_text()
     assert json.loads(shipped) == json.loads(schema_json(vocabularies())), (

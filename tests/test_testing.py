@@ -162,6 +162,15 @@ async def test_a_hook_denial_is_reported_when_the_policy_denies_the_request_too(
         assert [e["rule_ids"] for e in h.audit("decision")] == [["test:no-puts"]] * 2
 
 
+def test_assert_decision_with_no_mask_rules_expected_fails_on_a_masked_decision():
+    # `masked=[]` (nothing is masked for this role) passed whatever masked the result.
+    policy = testing.policy(PACK, LineProtocol())
+    d = policy.decide(testing.identity("a", role="reader"), testing.request("line", "get", verb="get", command="get x"))
+    with pytest.raises(AssertionError, match=r"expected no mask rules, got \('mask-cards',\)"):
+        testing.assert_decision(d, "allow", masked=[])
+    testing.assert_decision(d, "allow", masked=["mask-cards"])
+
+
 class _WithOption:
     name = "with-option"
 

@@ -152,15 +152,17 @@ def _check(decision: Decision, expect: Mapping[str, Any], policy: Policy) -> str
         wanted = [rule] if isinstance(rule, str) else list(rule)
         if not set(wanted) <= set(decision.rule_ids):
             problems.append(f"expected rule {', '.join(map(str, wanted))}, got {', '.join(decision.rule_ids)}")
-    masked = expect.get("masked")
-    if masked is not None:
-        want = set([masked] if isinstance(masked, str) else masked)
-        if not want <= set(decision.mask_rule_ids):
-            problems.append(f"expected mask rules {sorted(want)}, got {list(decision.mask_rule_ids)}")
-    if expect.get("shadow") is not None:
-        want = set([expect["shadow"]] if isinstance(expect["shadow"], str) else expect["shadow"])
-        if not want <= set(decision.shadow_rule_ids):
-            problems.append(f"expected shadow rules {sorted(want)}, got {list(decision.shadow_rule_ids)}")
+    # Each named id must be among the decision's; an empty list says none may be (`masked: []`: the role
+    # reads values in clear), which a subset test would pass whatever applied.
+    for key, kind, got in (("masked", "mask", decision.mask_rule_ids), ("shadow", "shadow", decision.shadow_rule_ids)):
+        ids = expect.get(key)
+        if ids is None:
+            continue
+        want = set([ids] if isinstance(ids, str) else ids)
+        if not want and got:
+            problems.append(f"expected no {kind} rules, got {', '.join(got)}")
+        elif not want <= set(got):
+            problems.append(f"expected {kind} rules {sorted(want)}, got {list(got)}")
     return "; ".join(problems)
 
 

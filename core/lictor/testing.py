@@ -101,11 +101,16 @@ def policy(yaml_text: str | Sequence[str], *addons: Any, vocabularies: Iterable[
 def assert_decision(
     decision: Decision, action: str, *, rule: str | None = None, masked: Iterable[str] | None = None
 ) -> None:
-    """Assert the action (and optionally a deciding rule and mask rules) of ``decision``."""
+    """Assert the action (and optionally a deciding rule and mask rules) of ``decision``.
+
+    ``rule`` must be among ``decision.rule_ids``; ``masked`` names ids of ``mask`` rules that must be
+    among ``decision.mask_rule_ids``, and ``masked=[]`` asserts that no mask rule applies."""
     assert decision.action == action, f"expected {action}, got {decision.action}: {decision.explanation}"
     if rule is not None:
         assert rule in decision.rule_ids, f"expected rule {rule}, got {decision.rule_ids}"
     if masked is not None:
+        masked = list(masked)
+        assert masked or not decision.mask_rule_ids, f"expected no mask rules, got {decision.mask_rule_ids}"
         missing = set(masked) - set(decision.mask_rule_ids)
         assert not missing, f"expected mask rules {sorted(missing)}, got {decision.mask_rule_ids}"
 
