@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from lictor import Request, load_policy, testing
 from lictor.addons import AddonManager
 from lictor.masking import MaskPlan
@@ -773,3 +774,43 @@ def test_a_pack_that_is_not_utf8_names_the_line_and_column(tmp_path):
     assert [str(e) for e in result.errors] == [
         f"{path}:13:6: not UTF-8: byte 0xe9 cannot start or continue a character; save the file as UTF-8"
     ]
+
+
+def test_a_test_request_is_checked_against_the_schema_its_protocol_declares():
+    # Only the keys of `test_request_schema` were read: `size: "200000"` (quoted) reached the builder as a
+    # string, a Number field never matches one, and a case expecting the size limit to deny passed.
+    from lictor import Glob, Number, Vocabulary
+
+    def build(case, target):
+        verb = str(case["command"]).split()[0].lower()
+        attrs = {"verb": verb, "size": case.get("size", 0)}
+        return [Request(protocol="mail", action=verb, attrs=attrs, target=target, summary=str(case["command"]))]
+
+    vocabulary = Vocabulary(
+        "mail",
+        (Glob("verbs", attr="verb"), Number("size", attr="size")),
+        index="verbs",
+        build_requests=build,
+        test_request_schema={
+            "type": "object",
+            "properties": {"command": {"type": "string"}, "size": {"type": "integer", "minimum": 0}},
+        },
+    )
+
+    class Mail:
+        name = "mail"
+
+        def load(self, loader):
+            loader.add_vocabulary(vocabulary)
+
+    pack = (
+        "format: lictor/v1\nmetadata: {name: mail}\nidentities: [{match: {claims: {role: r}}, roles: [r]}]\n"
+        "roles: {r: {rules: [{id: small, protocol: mail, when: {verbs: data, size: {max: 100}}, action: allow}]}}\n"
+    )
+    policy = testing.policy(pack, Mail())
+    (request,) = build_requests(policy, {"protocol": "mail", "command": "DATA", "size": 10})
+    assert request.attrs["size"] == 10
+    with pytest.raises(ValueError, match=r"^request\.size: '200000' is not of type 'integer'$"):
+        build_requests(policy, {"protocol": "mail", "command": "DATA", "size": "200000"})
+    with pytest.raises(ValueError, match=r"^request\.size: -1 is less than the minimum of 0$"):
+        build_requests(policy, {"protocol": "mail", "command": "DATA", "size": -1})

@@ -105,6 +105,10 @@ def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
             raise ValueError(
                 f"unknown key {unknown[0]!r} in a {protocol} test request{hint}; expected one of: {allowed}"
             )
+    if vocab.test_request_schema:
+        # The rest of the schema holds too: a quoted number (`size: "200000"`) would reach the builder as a
+        # string, which a Number field never matches, and a case expecting a denial pass for that reason.
+        _check_request(vocab.test_request_schema, {k: v for k, v in spec.items() if k not in ("protocol", "target")})
     try:
         return list(vocab.build_requests(spec, target))
     except ValueError:
@@ -116,6 +120,14 @@ def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
         raise ValueError(
             f"the {protocol!r} addon cannot build a request from {given}: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _check_request(schema: Mapping[str, Any], request: Mapping[str, Any]) -> None:
+    import jsonschema
+
+    for error in sorted(jsonschema.Draft202012Validator(schema).iter_errors(request), key=lambda e: list(e.path)):
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.path)
+        raise ValueError(f"request{where}: {error.message}")
 
 
 _EXPECT_KEYS = frozenset({"action", "rule", "masked", "shadow"})

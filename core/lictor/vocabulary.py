@@ -328,7 +328,8 @@ class Vocabulary:
     the requests the addon would produce (for instance one per SQL statement). Without it, a test
     case must spell out ``action`` and ``attrs``. ``test_request_schema`` (an object schema) names in
     its ``properties`` the keys such a ``request:`` may have besides ``protocol`` and ``target``;
-    ``lictor test`` refuses any other key, which the builder would ignore.
+    ``lictor test`` refuses any other key, which the builder would ignore, and checks the request
+    against the schema (a quoted number where an ``integer`` is declared is refused).
 
     ``mask_by`` names the ``mask:`` selectors (``detectors``, ``columns``, ``json_paths``) the
     addon applies to what its targets return; a rule of the protocol with another one is an error,
