@@ -383,3 +383,45 @@ def test_the_guide_command_lines_for_a_third_party_protocol_work(tmp_path: Path)
     assert '"line"' in (packs / "rulepack.schema.json").read_text()
     help_text = " ".join(lictor("explain", "--help").stdout.split())
     assert "--command COMMAND a command line (ssh, or a third-party protocol" in help_text, help_text
+
+
+async def test_the_guide_says_how_recorded_kinds_replay(tmp_path: Path):
+    """What the guide says of ``session.record``: ``command`` and a reply kind of the addon's own replay as
+    a text dialogue, the reply with no direction unless its data gives one; ``output`` makes a terminal
+    replay in which only the terminal streams show."""
+    import json
+
+    from lictor import AddonManager, Gateway, GatewayConfig, Identity
+    from lictor.recorder import asciicast_lines, load_session
+
+    from tests.addons.lineproto import LineProtocol
+
+    text = " ".join((ROOT / "docs" / "addons.md").read_text().split())
+    assert "[kinds and directions](recording.md#events)" in text
+    assert 'stored with no direction unless `data` says `"direction": "out"`' in text
+    assert "a session that has them replays as a terminal, and only those events show" in text
+    manager = AddonManager()
+    manager.add(LineProtocol())
+    gw = Gateway(GatewayConfig.default(tmp_path / "state"), manager)
+    await gw.start()
+    sessions = []
+    for replies in (
+        [("reply", {"code": 250}), ("reply", {"code": 221, "direction": "out"})],
+        [("output", {"data": "250 ok"})],
+    ):
+        session = await gw.open_session(Identity("a", {}, issuer="lictor"), protocol="line", target="t", peer="p")
+        session.record("command", {"command": "VRFY bob"})
+        for kind, data in replies:
+            session.record(kind, data)
+        await session.close()
+        sessions.append(session.id)
+    await gw.stop()
+    casts = []
+    for sid in sessions:
+        manifest, events = load_session(sid, source=tmp_path / "state" / "recordings")
+        casts.append("".join(json.loads(line)[2] for line in list(asciicast_lines(manifest, events))[1:]))
+        if sid == sessions[0]:
+            dirs = [(e["kind"], e["dir"]) for e in events if e["kind"] not in ("session.start", "session.end")]
+            assert dirs == [("command", "in"), ("reply", ""), ("reply", "out")]
+    assert "$ VRFY bob\r\n" in casts[0] and '[reply] {"code": 250}' in casts[0]
+    assert casts[1] == "250 ok"
