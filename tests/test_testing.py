@@ -549,3 +549,31 @@ roles:
     assert policy.decide(who, testing.request("kv", "get", verb="get", keys=[])).action == "allow"
     assert policy.decide(who, testing.request("kv", "get", verb="get", keys=None)).action == "deny"
     assert policy.decide(who, testing.request("kv", "get", verb="get")).action == "deny"
+
+
+class _RefusesListen:
+    name = "refuses-listen"
+
+    def load(self, loader):
+        loader.add_target_schema("line", {"type": "object", "properties": {"listen": {"type": "string"}}})
+
+    def configure(self, gateway):
+        for target in gateway.targets("line"):
+            if ":" not in str(target.get("listen")):
+                raise ValueError(f"{target.where}: listen is not HOST:PORT")
+
+
+async def test_the_harness_runs_configure_only_when_started_as_the_guide_says():
+    # A test of what `configure` refuses, written without start=True, passed without running it.
+    from lictor import HookError
+
+    from tests.conftest import ROOT
+
+    guide = " ".join((ROOT / "docs" / "addons.md").read_text().split())
+    assert "your `configure`, `running` and (on exit) `done` hooks run only with `start=True`" in guide
+    targets = {"t": {"protocol": "line", "listen": "nowhere"}}
+    async with testing.harness(_RefusesListen(), targets=targets):
+        pass  # configure did not run
+    with pytest.raises(HookError, match="failed in hook 'configure': ValueError: target 't': listen is not"):
+        async with testing.harness(_RefusesListen(), targets=targets, start=True):
+            pass
