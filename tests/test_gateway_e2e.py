@@ -604,3 +604,43 @@ def test_the_masking_key_is_never_readable_by_others(tmp_path: Path, monkeypatch
     key = tmp_path / "state" / "mask.key"
     assert all(mode & 0o077 == 0 for mode in seen), [oct(m) for m in seen]
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(bytes.fromhex(key.read_text().strip())) == 32
+
+
+def test_what_agents_did_is_not_readable_by_other_users(gateway_factory, tmp_path):
+    # The audit log, the approval requests and the recordings index were created with the umask's mode (0644):
+    # every local user could read the statements, commands and token claims in them. The session recordings
+    # next to them were 0640 already.
+    import stat
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "audit.db").touch(mode=0o644)  # as an older version left it: the gateway takes it back
+    os.chmod(state / "audit.db", 0o644)
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "lines.yaml").write_text(PACK)
+    port = free_port()
+    old = os.umask(0o022)
+    try:
+        gw = gateway_factory(
+            {
+                "state_dir": str(state),
+                "rulepacks": [str(packs)],
+                "addons": [str(ROOT / "tests" / "addons" / "lineproto.py")],
+                "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{port}"}},
+            }
+        )
+    finally:
+        os.umask(old)
+    wait_port(port)
+    c = Client(port, gw.token("agent-1", role="reader"))
+    assert c.ask("get orders").startswith("OK line-get ")
+    c.close()
+    assert gw.stop() == 0
+    held = [
+        p for p in state.rglob("*") if p.is_file() and p.name.split("-")[0] in ("audit.db", "approvals.db", "index.db")
+    ]
+    assert {p.name for p in held} >= {"audit.db", "approvals.db", "index.db"}, held
+    assert any(p.suffix == ".jsonl" for p in state.rglob("*"))
+    for p in [*held, *(q for q in state.rglob("*") if q.suffix in (".jsonl", ".json") and "sessions" in q.parts)]:
+        assert stat.S_IMODE(p.stat().st_mode) & 0o007 == 0, (p, oct(p.stat().st_mode))

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._files import private_database
+
 __all__ = ["AuditError", "AuditLog", "VerifyResult", "chain_problem"]
 
 _RATCHET = b"lictor-ratchet"
@@ -81,6 +83,7 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.verify_key_path = Path(verify_key_path or self.path.parent / "audit-verify.key")
         self._lock = threading.Lock()
+        private_database(self.path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .._files import private_database
 from ..audit import AuditLog
 from ._spool import AUDIT, CARRY, MANIFEST, SESSION, TYPE_NAMES, Offset, Record, Spool, SpoolReader, SpoolView
 from ._util import decode_json, fsync_dir, write_atomic
@@ -133,6 +134,7 @@ INDEX_COLUMNS = (
 
 
 def open_index(path: Path) -> sqlite3.Connection:
+    private_database(path)
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
