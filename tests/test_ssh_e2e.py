@@ -1018,6 +1018,12 @@ def test_user_certificate_principal_is_the_identity(env: Env) -> None:
     wrong_principal = env.client.ssh(None, "echo x", *args, password=False, user="mallory")
     assert wrong_principal.returncode == 255
 
+    def audited() -> bool:
+        listing = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "auth.failed", "--json")
+        return any("for 'mallory': not one of its principals" in line for line in listing.stdout.splitlines())
+
+    wait_until(audited, 15, "the refused certificate's auth.failed event")
+
 
 def test_a_user_certificate_without_principals_is_refused(env: Env) -> None:
     # asyncssh takes a certificate that names no principals as valid for every user name, and the user name is
@@ -1041,6 +1047,31 @@ def test_a_user_certificate_without_principals_is_refused(env: Env) -> None:
     audit = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "auth.failed", "--json")
     reasons = [json.loads(line)["reason"] for line in audit.stdout.splitlines()]
     assert any("certificate names no principals" in r and "cert-alice" in r for r in reasons), reasons
+
+
+def test_a_login_with_keys_the_target_does_not_accept_is_audited(env: Env) -> None:
+    # A refused token was audited; a refused public key or certificate was not: a login attempt with a key that
+    # is no longer registered (a leaked one) left no trace in the audit log.
+    stranger = ssh_keygen(env.tmp / "stranger_key", "stranger")
+    args = ["-i", str(stranger), "-o", "IdentitiesOnly=yes", "-o", "PreferredAuthentications=publickey"]
+    proc = env.client.ssh(None, "echo in", *args, password=False, user="key-bob")
+    assert proc.returncode == 255 and proc.stdout == b"", _err(proc)
+    fingerprint = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", f"{stranger}.pub"], capture_output=True, text=True, check=True
+    ).stdout.split()[1]
+
+    def audited() -> bool:
+        listing = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "auth.failed", "--json")
+        return any(fingerprint in json.loads(line)["reason"] for line in listing.stdout.splitlines())
+
+    wait_until(audited, 15, "the refused key's auth.failed event")
+    # a login that succeeds, after a key the target does not accept was tried first, is not a refusal
+    before = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "auth.failed", "--json")
+    ok = env.client.ssh(env.tokens["observer"], "echo in", "-i", str(stranger), "-o", "IdentitiesOnly=yes",
+                        "-o", "PreferredAuthentications=publickey,password", password=False)  # fmt: skip
+    assert ok.returncode == 0 and ok.stdout == b"in\n", _err(ok)
+    after = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "auth.failed", "--json")
+    assert after.stdout == before.stdout
 
 
 def test_unknown_upstream_host_key_is_refused(env: Env) -> None:

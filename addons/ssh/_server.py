@@ -142,6 +142,8 @@ class SshListener:
 
 REFUSALS_TOLD = 8
 """Refused remote forwards of one connection kept to be told on its next session channel."""
+KEYS_REFUSED_TOLD = 8
+"""Refused public keys and certificates of one connection named in its audited refusal."""
 
 
 class AgentConnection(asyncssh.SSHServer):
@@ -164,6 +166,7 @@ class AgentConnection(asyncssh.SSHServer):
         self.bridges: set[Bridge] = set()  # the open port forwards of this connection
         self._refusals: list[asyncio.Future[str | None]] = []  # remote forwards refused, for the next session
         self._certificates_unchecked = False  # see _require_principals
+        self._keys_refused: list[str] = []  # public keys and certificates refused, audited if no login follows
         self._told_no_principals = False
 
     # -- connection -----------------------------------------------------------------------------
@@ -206,7 +209,13 @@ class AgentConnection(asyncssh.SSHServer):
                     )
                     self._banner(f"lictor: authentication failed: {reason}\n")
                 return None
-            return await check(username, cert)
+            key = await check(username, cert)
+            if key is None and self.config.is_trusted_ca(cert.signing_key):
+                self._key_refused(
+                    f"certificate {cert.key.get_fingerprint('sha256')} for {username!r}: not one of its principals, "
+                    "outside its validity or from an address it does not allow"
+                )
+            return key
 
         conn._validate_openssh_certificate = principals_required  # type: ignore[attr-defined]
 
@@ -217,6 +226,7 @@ class AgentConnection(asyncssh.SSHServer):
             self._session.exception()  # nobody waits: mark it retrieved
             if isinstance(exc, asyncssh.ProtocolError):
                 self._refused_before_login(exc)
+            self._audit_keys_refused()
             return
         if self._session.exception() is None:
             session = self._session.result()
@@ -234,6 +244,23 @@ class AgentConnection(asyncssh.SSHServer):
             task = asyncio.ensure_future(session.close(channels=self._channels, reason=str(exc) if exc else "closed"))
             self.listener.closing.add(task)
             task.add_done_callback(self.listener.closing.discard)
+
+    def _key_refused(self, what: str) -> None:
+        if what not in self._keys_refused and len(self._keys_refused) < KEYS_REFUSED_TOLD:
+            self._keys_refused.append(what)
+
+    def _audit_keys_refused(self) -> None:
+        """A connection that never logged in and offered public keys or certificates the target does not accept:
+        audited once, as each failed token is (asyncssh refuses a key without a word to anyone). A login that
+        succeeds after the client tried its other keys first is not a refusal."""
+        if not self._keys_refused:
+            return
+        reason = f"no public key or certificate offered was accepted: {', '.join(self._keys_refused)}"
+        self.gateway.audit_event(
+            "auth.failed",
+            {"protocol": "ssh", "target": self.config.name, "peer": self.peer, "reason": reason},
+            fail_closed=False,
+        )
 
     def _refused_before_login(self, exc: asyncssh.ProtocolError) -> None:
         """A connection asyncssh closed for breaking the protocol before anyone logged in (a packet longer than it
@@ -364,6 +391,7 @@ class AgentConnection(asyncssh.SSHServer):
         self._candidate = None
         entry = self.config.key_identity(key)
         if entry is None:
+            self._key_refused(f"public key {key.get_fingerprint('sha256')} is not registered")
             return False
         identity = Identity(
             subject=entry.subject,
@@ -379,7 +407,10 @@ class AgentConnection(asyncssh.SSHServer):
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         self._candidate = None
-        if not self.config.is_trusted_ca(key) or not username:
+        if not self.config.is_trusted_ca(key):
+            self._key_refused(f"certificate signed by {key.get_fingerprint('sha256')}, not a trusted CA")
+            return False
+        if not username:
             return False
         if self._certificates_unchecked:
             log.error(
