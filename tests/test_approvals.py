@@ -919,6 +919,31 @@ def test_the_approvals_api_and_page_do_not_wait_for_a_slow_identity_provider(tmp
         idp.close()
 
 
+def test_the_api_takes_no_vote_from_a_token_that_has_expired(tmp_path: Path) -> None:
+    # The clock leeway lets a token in a little after its exp; the page refused such a login ("a session cannot
+    # end before it begins") and a protocol session denies every request once exp has passed, but the API took
+    # the vote of an approver whose token had expired 10 seconds earlier.
+    async def scenario() -> None:
+        port = free_port()
+        gw = await make_gateway(tmp_path, {"listen": f"127.0.0.1:{port}"})
+        expired = gw.issuer.issue("dba-1", {"role": "dba"}, ttl=-10)
+        assert gw.verifier.verify(expired).subject == "dba-1"  # within the leeway
+        agent = await Agent(gw, gw.verifier.verify(gw.issuer.issue("agent-x", {"role": "agent"}))).open()
+        task = agent.ask(sql(gw, "UPDATE t SET a = 1 WHERE id = 6"))
+        aid = await agent.held()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            headers = {"Authorization": f"Bearer {expired}"}
+            vote = await http.post(f"/api/approvals/{aid}/approve", headers=headers)
+            assert vote.status_code == 401 and "token expired" in vote.json()["error"], vote.text
+            assert (await http.get("/api/approvals", headers=headers)).status_code == 401
+        approval = await gw.approvals.get(aid)  # type: ignore[union-attr]
+        assert approval is not None and approval.pending
+        task.cancel()
+        await gw.stop()
+
+    run(scenario)
+
+
 def test_api_and_page_authenticate_escape_and_check_csrf(tmp_path: Path) -> None:
     async def scenario() -> None:
         port = free_port()

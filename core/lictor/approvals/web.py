@@ -448,7 +448,12 @@ class WebApp:
         if not auth.lower().startswith("bearer "):
             return HttpResponse.json({"error": "send Authorization: Bearer <token>"}, 401)
         try:
-            return await self.broker.gateway.verify_async(auth)
+            identity = await self.broker.gateway.verify_async(auth)
+            if identity.expires_at is not None and identity.expires_at <= time.time():
+                # accepted within the clock leeway: each call is a new use, and a token is not used after its exp
+                # (the page's login refuses it, a protocol session denies every request once exp has passed)
+                raise AuthError("token expired: get a fresh one")
+            return identity
         except AuthError as exc:
             self.broker.gateway.audit_event(
                 "approvals.login_failed", {"peer": request.peer, "reason": str(exc), "via": "api"}, fail_closed=False
