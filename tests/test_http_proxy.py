@@ -1009,6 +1009,11 @@ def test_identity_headers_of_authenticating_proxies_are_not_forwarded(env: Env) 
         "X-Amzn-Oidc-Identity": "admin",
         "Cf-Access-Authenticated-User-Email": "admin@example.com",
         "X-Ms-Client-Principal-Name": "admin",
+        "X-Userinfo": "eyJzdWIiOiJhZG1pbiJ9",
+        "X-Id-Token": "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.",
+        "X-Access-Token": "admin-token",
+        "X-Jwt-Payload": "eyJzdWIiOiJhZG1pbiJ9",
+        "X-Auth-User": "admin",
     }
     args = [arg for name, value in sent.items() for arg in ("-H", f"{name}: {value}")]
     code, body = env.curl(env.url() + "/v1/customers/who", *args, "-H", "X-Request-Id: kept", token=env.agent)

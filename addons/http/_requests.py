@@ -156,6 +156,11 @@ IDENTITY_HEADER_PREFIXES = (
     b"x-amzn-oidc-",
     b"cf-access-",
     b"x-pomerium-",
+    b"x-userinfo",  # Kong's OpenID Connect plugin: the user info, base64 JSON
+    b"x-id-token",  # and the ID token
+    b"x-access-token",
+    b"x-jwt-payload",  # Istio (outputPayloadToHeader) and Envoy's JWT filter: a verified token's claims
+    b"x-auth-user",  # Traefik forward authentication's usual header
 )
 SECRET_HEADERS = frozenset(
     [
