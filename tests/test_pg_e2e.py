@@ -1484,7 +1484,7 @@ def test_character_references_do_not_hide_what_is_masked(env: PgEnv) -> None:
     env.direct("DROP TABLE IF EXISTS pages; CREATE TABLE pages (id int, doc xml, note text, notes text[])")
     env.direct(
         "INSERT INTO pages VALUES (1, '<c><e>jane&#64;example.com</e><n>4111&#32;1111&#32;1111&#32;1111</n></c>', "
-        "'<p>jane&#x40;example.com</p>', ARRAY['jane&#64;example.com']), "
+        "'<p>jane&#x40;example.com</p>', ARRAY['jane&#64;example.com', 'jane&commat;example&period;com']), "
         "(2, '<p>Tom &#38; Jerry&#33;</p>', '<p>Tom &#38; Jerry&#33;</p>', ARRAY['&#33;'])"
     )
     try:

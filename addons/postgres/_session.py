@@ -43,6 +43,7 @@ server reports changed settings just before it); a ParameterStatus that shows ei
 
 import asyncio
 import functools
+import html
 import json
 import logging
 import re
@@ -201,10 +202,11 @@ _GROUPED_NUMBER = re.compile(
 )
 
 
-# A numeric character reference of XML or HTML (&#64;, &#x40;). An xml value, or HTML kept in a text column (a
-# rich-text note), that writes an address or a card number with them (jane&#64;example.com, 4111&#32;1111 ...)
-# holds one for every program that reads it as XML or HTML, while the detectors read the bytes, and see none.
-_CHARACTER_REFERENCE = re.compile(rb"&#(?:[0-9]{1,8}|[xX][0-9A-Fa-f]{1,8});")
+# A character reference of XML or HTML: numeric (&#64;, &#x40;) or HTML's named ones (&commat;, &period;). An xml
+# value, or HTML kept in a text column (a rich-text note), that writes an address or a card number with them
+# (jane&#64;example.com, 4111&#32;1111 ...) holds one for every program that reads it as XML or HTML, while the
+# detectors read the bytes, and see none.
+_CHARACTER_REFERENCE = re.compile(rb"&(?:#[0-9]{1,8}|#[xX][0-9A-Fa-f]{1,8}|[A-Za-z][A-Za-z0-9]{1,31});")
 # Characters of markup, escapes and COPY's delimiters: kept as references (written out, they would change the
 # value's structure).
 _KEPT_REFERENCES = frozenset(b"<>&\"'\\,;|")
@@ -213,7 +215,13 @@ _NO_BREAK_SPACES = frozenset({0xA0, 0x2007, 0x202F})  # separators of a card's g
 
 def _plain_reference(match: re.Match[bytes]) -> bytes:
     digits = match.group()[2:-1]
-    code = int(digits[1:], 16) if digits[:1] in (b"x", b"X") else int(digits)
+    if match.group()[1:2] != b"#":  # named: &commat;
+        text = html.unescape(match.group().decode("ascii"))
+        if len(text) != 1:
+            return match.group()  # unknown, or more than one character
+        code = ord(text)
+    else:
+        code = int(digits[1:], 16) if digits[:1] in (b"x", b"X") else int(digits)
     if 0x20 <= code <= 0x7E and code not in _KEPT_REFERENCES:
         return bytes((code,))
     if code in _NO_BREAK_SPACES:
@@ -506,7 +514,7 @@ class RowMasker:
         if elem in _JSON_TYPES:
             return lambda v: self._mask_json(index, v)
         return lambda v: masker.mask_value(
-            index, _referenced_masked(lambda p: masker.mask_value(index, p), v) if b"&#" in v else v
+            index, _referenced_masked(lambda p: masker.mask_value(index, p), v) if b"&" in v else v
         )
 
     def mask(self, raw: bytes) -> bytes:
@@ -560,7 +568,7 @@ class RowMasker:
                 else:
                     # a bytea in hex inside a text: data::text, a whole row, a bytea[]
                     text = _mask_hex_runs(masker, i, value) if b"\\x" in value else value
-                    if b"&#" in text:  # an xml value, HTML in a text: jane&#64;example.com
+                    if b"&" in text:  # an xml value, HTML in a text: jane&#64;example.com
                         text = _referenced_masked(functools.partial(masker.mask_value, i), text)
                     if b"\\u" in text and _UNICODE_ESCAPE.search(text) and masker.action(i) == "detect":
                         new = masker.mask_json_value(i, text)  # JSON in a text column: masked as JSON where it parses
@@ -579,7 +587,7 @@ class RowMasker:
         """A JSON document masked; one whose strings hold character references (HTML in a field: a CMS page, a
         rich-text note) masked as they read, when that finds something (see _referenced_masked)."""
         masker = self.masker
-        if b"&#" in text:
+        if b"&" in text:
             plain = _CHARACTER_REFERENCE.sub(_plain_reference, text)  # quotes and backslashes stay references
             if plain != text:
                 before = self.counts.total()
@@ -2818,7 +2826,7 @@ class Relay:
                     )
                     return b""
                 hex_counts: Counter[str] = Counter()
-                if b"&#" in data:  # an xml value, HTML in a text: jane&#64;example.com
+                if b"&" in data:  # an xml value, HTML in a text: jane&#64;example.com
 
                     def referenced(value: bytes) -> bytes:
                         masked, found = copy_plan.mask_bytes(value)
