@@ -742,6 +742,7 @@ TRANSFORMING = [
     "EXECUTE q(translate(table_to_xml('customers', true, false, '')::text, '0', 'a'))",
     # EXPLAIN evaluates an EXECUTE's parameters, and its plan prints them
     "EXPLAIN EXECUTE q(translate(table_to_xml('customers', true, false, '')::text, '0', 'a'))",
+    "EXPLAIN CREATE TABLE t AS EXECUTE q(translate(table_to_xml('customers', true, false, '')::text, '0', 'a'))",
     "SELECT " + "btrim(" * 10 + "reverse(card)" + ")" * 10 + " FROM customers",
     # a text card made a number can be combined with chosen rows: card + 1, card / 2
     "SELECT card::int8 FROM customers",
@@ -786,6 +787,7 @@ NOT_TRANSFORMING = [
     "SELECT mode() WITHIN GROUP (ORDER BY status) FROM orders",
     "EXPLAIN SELECT reverse(card) FROM customers",  # a plan, not rows
     "EXPLAIN EXECUTE q('a', 1 + 2)",
+    "EXPLAIN CREATE TABLE t AS EXECUTE q",
     "SELECT set_config('search_path', '', false)",
     "SELECT id FROM customers WHERE reverse(card) LIKE '1%' ORDER BY upper(email)",  # picks rows only
     "SELECT max(card), min(email), sum(amount), avg(amount) FROM orders",
@@ -901,6 +903,7 @@ TRANSFORMING_SETTINGS = [
     "SELECT 1 WHERE set_config('application_name', current_setting('primary_conninfo'), false) IS NOT NULL",
     "DO $$ DECLARE x text := current_setting('primary_conninfo'); BEGIN RAISE NOTICE '%', reverse(x); END $$",
     "EXPLAIN EXECUTE q(reverse(current_setting('primary_conninfo')))",
+    "EXPLAIN CREATE TABLE t AS EXECUTE q(reverse(current_setting('primary_conninfo')))",
 ]
 NOT_TRANSFORMING_SETTINGS = [
     "SHOW primary_conninfo",

@@ -2260,8 +2260,11 @@ def _statement(raw: _Node, sql: str, encoded: bytes | None) -> Statement:
 
 
 def _explains_execute_with_params(body: _Node) -> bool:
-    """Whether an EXPLAIN's statement is an EXECUTE with parameters, which EXPLAIN evaluates."""
-    execute = body.get("query", {}).get("ExecuteStmt")
+    """Whether an EXPLAIN's statement is an EXECUTE with parameters (also as CREATE TABLE AS EXECUTE, which
+    EXPLAIN plans as the EXECUTE, without creating anything), whose parameters EXPLAIN evaluates."""
+    query = body.get("query", {})
+    query = query.get("CreateTableAsStmt", {}).get("query", query)
+    execute = query.get("ExecuteStmt") if isinstance(query, dict) else None
     return isinstance(execute, dict) and bool(execute.get("params"))
 
 
