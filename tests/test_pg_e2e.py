@@ -1507,6 +1507,18 @@ def test_character_references_do_not_hide_what_is_masked(env: PgEnv) -> None:
         env.direct("DROP TABLE pages")
 
 
+def test_character_references_in_notifications_do_not_hide_what_is_masked(env: PgEnv) -> None:
+    # An application's trigger notifies listeners with a row holding HTML (a rich-text note), written with
+    # character references: a readonly agent listening gets it masked as the HTML reads.
+    with env.connect("readonly") as conn:
+        conn.execute("LISTEN lictor_html")
+        gen = conn.notifies(timeout=5, stop_after=2)
+        env.direct("SELECT pg_notify('lictor_html', '<p>jane&#64;example.com</p>')")
+        env.direct("SELECT pg_notify('lictor_html', 'Tom &#38; Jerry&#33;')")
+        payloads = [n.payload for n in gen]
+    assert payloads == ["<p>[REDACTED:email]</p>", "Tom &#38; Jerry&#33;"], payloads
+
+
 def test_html_in_json_strings_is_masked_as_its_character_references_read(env: PgEnv) -> None:
     # A json or jsonb field holding HTML (a CMS page, a rich-text note) writes an address with a character
     # reference that a browser rendering the field shows as one; the detectors read the string as written.

@@ -871,7 +871,10 @@ def _masked_texts(plan: Any, raw: bytes, why: str = "from sessions whose results
         return _BYTEA_HEX.sub(lambda m: _mask_hex_run(plan, m, counts), text.encode()).decode()
 
     def mask(text: str) -> str:
-        return str(plan.mask_text(bytea(text))[0]).replace("\0", "")
+        text = bytea(text)
+        if "&" in text:  # HTML or XML in it: jane&#64;example.com
+            text = _referenced_masked(lambda v: bytes(plan.mask_bytes(v)[0]), text.encode()).decode()
+        return str(plan.mask_text(text)[0]).replace("\0", "")
 
     message = pg.decode_backend(raw)
     if isinstance(message, pg.NotificationResponse):
