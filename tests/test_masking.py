@@ -117,7 +117,7 @@ NEAR_MISSES = {
         "411111111111",  # 12 digits
         "41111111111111111111",  # 20 digits
         "x41111111111111112",  # glued to a word, Luhn fails
-        "4111.1111.1111.1111",
+        "4111.1111 1111-1111",  # separators mixed
         "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16",
     ],
     "email": ["foo@bar", "user@localhost", "@example.com", "a@b.c", "foo@bar.123", "foo @ bar.com"],
@@ -218,6 +218,17 @@ def test_card_grouped_with_no_break_spaces_is_masked(space: str) -> None:
     assert plan_for("card", style="partial").mask_text(card)[0] == "**** **** **** 1111".replace(" ", space)
     out = plan_for("card", style="preserve-length").mask_text(card)[0]
     assert len(out.encode()) == len(card.encode()) and out.count(space) == 3 and "4111" not in out
+
+
+def test_card_grouped_with_dots_is_masked() -> None:
+    # 4111.1111.1111.1111 (as some countries group numbers) went out in clear
+    assert masked("card", "card 4111.1111.1111.1111.") == f"card {red('card')}."
+    assert masked("card", "3782.822463.10005") == red("card")  # 4-6-5
+    assert masked("card", "4111.1111.1111.1111.123") == f"{red('card')}.123"  # a trailing group is dropped
+    assert plan_for("card", style="partial").mask_text("4111.1111.1111.1111")[0] == "****.****.****.1111"
+    # Luhn still decides, and dotted numbers that are not grouped as cards are left alone
+    for text in ("4111.1111.1111.1112", "2024.1111.2222.3333", "192.168.1.1", "1.2.3.4", "4111.1111 1111-1111"):
+        assert masked("card", text) == text
 
 
 def test_secret_assignment_masks_value_only() -> None:

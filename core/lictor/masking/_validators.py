@@ -58,19 +58,19 @@ def _trim_groups(data: bytes, start: int, end: int, check: Callable[[bytes], boo
 
 # No-break spaces between a card's digit groups, in UTF-8: U+00A0, U+2007 (figure), U+202F (narrow).
 _WIDE_SPACES = ("\u00a0".encode(), "\u2007".encode(), "\u202f".encode())
-_CARD_SEPARATORS = (b" ", b"-", *_WIDE_SPACES)
+_CARD_SEPARATORS = (b" ", b"-", b".", *_WIDE_SPACES)
 
 
 def _card_ok(span: bytes) -> bool:
     if not span.isascii():
         for space in _WIDE_SPACES:
             span = span.replace(space, b"")
-    digits = span.translate(None, _SEPARATORS)
+    digits = span.translate(None, b" -.")
     return 13 <= len(digits) <= 19 and digits[0] != 48 and luhn_ok(digits)
 
 
 def card(data: bytes, start: int, end: int) -> int:
-    """Payment card: 13-19 digits (spaces, no-break spaces or dashes allowed), not starting with 0,
+    """Payment card: 13-19 digits (spaces, no-break spaces, dashes or dots allowed), not starting with 0,
     Luhn valid.
 
     A trailing group the pattern took in (``4111 1111 1111 1111 123``) may be dropped; a
