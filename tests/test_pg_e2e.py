@@ -2917,3 +2917,112 @@ def test_a_statement_held_at_its_bind_runs_once_approved_after_the_gateway_read_
         assert env.direct(f"SELECT to_regclass('{table}') IS NOT NULL") == [(True,)]
     finally:
         env.direct(f"DROP TABLE IF EXISTS {table}")
+
+
+def _recorded_events(env: PgEnv, marker: str) -> list[dict[str, Any]]:
+    """Every event of the one recorded session whose recording mentions ``marker``."""
+    gw = env.gateway
+    assert gw is not None
+    found: list[dict[str, Any]] = []
+
+    def recorded() -> bool:
+        listing = lictor("sessions", "list", "--json", "--state-dir", str(gw.state_dir), check=False)
+        for session in json.loads(listing.stdout or "[]") if listing.returncode == 0 else []:
+            out = lictor("sessions", "export", session["id"], "--state-dir", str(gw.state_dir), check=False).stdout
+            if marker in out and '"kind":"session.end"' in out:
+                found[:] = [json.loads(line) for line in out.splitlines() if line.strip()]
+                return True
+        return False
+
+    wait_until(recorded, 20, f"an ended recording with {marker}")
+    return found
+
+
+@pytest.mark.parametrize("how", ["simple", "extended"])
+def test_a_held_statement_is_audited_once_as_held_and_once_as_resolved(env: PgEnv, how: str) -> None:
+    # A security team reads one decision event for the hold (approve) and one for how it ended: approved,
+    # denied, cancelled by the agent, or given up at statement_timeout; the recording shows the same.
+    gw = env.gateway
+    assert gw is not None
+    env_cli = {**os.environ, "LICTOR_TOKEN": env.tokens["dba"]}
+    url = f"http://127.0.0.1:{env.approvals_port}"
+    tag = secrets.token_hex(4)
+    table = f"audited_{tag}"
+    sql = {
+        "approved": f"/* approved-{tag} */ CREATE TABLE {table} (id int)",
+        "denied": f"/* denied-{tag} */ TRUNCATE orders",
+        "cancelled": f"/* cancelled-{tag} */ TRUNCATE orders",
+        "timed-out": f"/* timed-out-{tag} */ TRUNCATE orders",
+    }
+    try:
+        with env.connect("writer") as conn:
+            notices: list[str] = []
+            conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+
+            def act_when_asked(verdict: str) -> None:
+                deadline = time.monotonic() + 15
+                try:
+                    while time.monotonic() < deadline:
+                        for note in list(notices):
+                            if "waiting for approval " in note:
+                                if verdict == "cancel":
+                                    conn.cancel()
+                                else:
+                                    approval = note.split("waiting for approval ", 1)[1].split(":", 1)[0]
+                                    lictor("approvals", verdict, approval, "--url", url, "--reason", "ok", env=env_cli)
+                                return
+                        time.sleep(0.1)
+                    conn.cancel()  # no hold to act on in time: the statement fails on its SQLSTATE instead
+                except BaseException:
+                    conn.cancel()  # the hold must not outlive the test
+                    raise
+
+            for outcome, verdict, state in (
+                ("approved", "approve", ""),
+                ("denied", "deny", "42501"),
+                ("cancelled", "cancel", "57014"),
+            ):
+                notices.clear()
+                actor = threading.Thread(target=act_when_asked, args=(verdict,))
+                actor.start()
+                assert _run_as(conn, how, sql[outcome]) == state, outcome
+                actor.join()
+            conn.execute("SET statement_timeout = 1500")
+            assert _run_as(conn, how, sql["timed-out"]) == "57014"
+    finally:
+        env.direct(f"DROP TABLE IF EXISTS {table}")
+
+    audit = [
+        json.loads(line)
+        for line in lictor(
+            "audit", "list", "--json", "--kind", "decision", "--state-dir", str(gw.state_dir)
+        ).stdout.splitlines()
+        if line.strip()
+    ]
+    events = _recorded_events(env, f"approved-{tag}")
+    for outcome, text in sql.items():
+        mine = [e for e in audit if f"{outcome}-{tag}" in e["request"]["summary"]]
+        if how == "extended":  # the Parse is decided (and audited) too, before the hold at the Bind
+            assert mine[0]["phase"] == "decision" and mine[0]["approval_id"] is None, mine
+            mine = mine[1:]
+        assert [(e["phase"], e["action"]) for e in mine] == [
+            ("decision", "approve"),
+            ("approval", "allow" if outcome == "approved" else "deny"),
+        ], (outcome, mine)
+        assert mine[0]["request"]["digest"] == mine[1]["request"]["digest"]
+        assert mine[1]["approval_id"], mine
+        resolution = mine[1]["message"]
+        if outcome == "cancelled":
+            assert "withdrawn: the agent cancelled the statement while it was held" in resolution, resolution
+        if outcome == "timed-out":
+            assert "withdrawn: statement_timeout = 1.5s ran out" in resolution, resolution
+        recorded = [e for e in events if e.get("kind") and f"{outcome}-{tag}" in json.dumps(e["data"])]
+        decisions = [(e["data"]["phase"], e["data"]["action"]) for e in recorded if e["kind"] == "decision"]
+        # (allowed decisions are not copied into a session's recording: its statement event says it ran)
+        expected = [("decision", "approve")] + ([] if outcome == "approved" else [("approval", "deny")])
+        if how == "extended":
+            expected.insert(0, ("decision", "approve"))  # the Parse's
+        assert decisions == expected, (outcome, decisions)
+        statements = [e["data"] for e in recorded if e["kind"] == "statement"]
+        assert len(statements) == 1, (outcome, recorded)
+        assert statements[0]["decision"] == ("allow" if outcome == "approved" else "deny"), (outcome, statements)

@@ -128,6 +128,8 @@ _K_SETTING = 12  # the gateway's own SHOW of a setting (statement_timeout before
 _K_SETTING_IN_SEGMENT = 13
 _Z_KINDS = frozenset({_K_SYNC, _K_QUERY, _K_FCALL, _K_DENY_Q, _K_ABORT, _K_SETTING})
 
+_CANCELLED_BY_AGENT = "the agent cancelled the statement while it was held"
+
 # What the server runs in a failed transaction (its IsTransactionExitStmt): COMMIT (which rolls back), ROLLBACK,
 # ROLLBACK TO SAVEPOINT and PREPARE TRANSACTION; it refuses anything else with 25P02.
 _ENDS_FAILED_TRANSACTION = frozenset({"commit", "rollback", "prepare_transaction"})
@@ -1053,7 +1055,7 @@ class Relay:
         self._clean_waiters.clear()
         self._answer_waiters.clear()
         for task in list(self._tasks):
-            task.cancel()
+            task.cancel(why)  # a held statement's request is withdrawn with this reason
         log.debug("session %s ended: %s", self.session.id, why)
         self._on_done(self)
 
@@ -1247,7 +1249,7 @@ class Relay:
         if not self._holding or task is None or task.done() or self._hold_kind == _F_SYNC:
             return False  # a Sync held behind a COPY: the cancel is for the COPY, at the server
         self._user_cancel = True
-        task.cancel()
+        task.cancel(_CANCELLED_BY_AGENT)
         return True
 
     async def _held(self, coro: Coroutine[Any, Any, bytes | None], kind: int) -> None:
@@ -1519,7 +1521,8 @@ class Relay:
         for index, (request, d) in enumerate(zip(classified.requests, decisions, strict=False)):
             if d.action == "approve":
                 shown = self._approval_context(request, index, count, whole)
-                finals.append(await self.session.decide(shown, notify))
+                # decide_now audited the decision: the hold audits only its resolution.
+                finals.append(await self.session.hold(shown, d, notify))
             else:
                 finals.append(d)
         finals.extend(d for d in decisions[len(classified.requests) :] if d.action != "approve")
@@ -1738,6 +1741,32 @@ class Relay:
         self._flush_up()
         return _timeout_seconds(await answer)
 
+    async def _approve_within(
+        self, sql: str, limit: float | None, coro: Coroutine[Any, Any, Decision]
+    ) -> Decision | None:
+        """Hold (``coro``, see _approve) no longer than ``limit`` seconds (None: until it resolves): None
+        when the time ran out. The hold runs in a task of its own, cancelled with the reason (which the audit
+        log gives as its resolution) when the time runs out or this one is cancelled; a cancel from the agent
+        is recorded as the statement's end, and passed on."""
+        hold = asyncio.ensure_future(coro)
+        try:
+            done, _ = await asyncio.wait({hold}, timeout=limit)
+        except asyncio.CancelledError as exc:
+            hold.cancel(exc.args[0] if exc.args and isinstance(exc.args[0], str) else None)
+            if self._user_cancel and not self.closed:
+                cancelled = Decision.deny(
+                    f"{_CANCELLED_BY_AGENT}; the request was withdrawn", "lictor:cancelled", self.session.policy.version
+                )
+                self._record_denial(sql, cancelled)
+            raise
+        if hold in done:
+            return hold.result()
+        hold.cancel(f"statement_timeout = {limit:g}s ran out while the statement was held")
+        await asyncio.wait({hold})  # its withdrawal audited; a cancel of this task still ends the wait
+        if hold.cancelled():
+            return None
+        return hold.result()  # resolved as the time ran out
+
     def _held_past_statement_timeout(self, sql: str, decision: Decision, timeout: float) -> bytes:
         """The wait for an approval lasted the session's statement_timeout: the request is withdrawn (the
         caller cancelled it), the statement recorded as the denial it is to the agent, and the agent gets
@@ -1772,16 +1801,13 @@ class Relay:
         timeout = None if _sets_statement_timeout(classified) else await self._statement_timeout()
         if self.closed:
             return None
-        try:
-            final = await asyncio.wait_for(self._approve(classified, decision, decisions, sql), timeout)
-        except TimeoutError:
-            if self.closed:
-                return None
+        final = await self._approve_within(sql, timeout, self._approve(classified, decision, decisions, sql))
+        if self.closed:
+            return None
+        if final is None:
             assert timeout is not None
             # Recorded as the denial it is to the agent: replaying the session shows the statement never ran.
             return self._deny_simple(self._held_past_statement_timeout(sql, decision, timeout))
-        if self.closed:
-            return None
         if final.action == "allow":
             result = self._allow_query(raw, sql, classified, final)
             return raw if result is None else result
@@ -2047,15 +2073,13 @@ class Relay:
                 return self._deny_extended(_FAILED_TRANSACTION)
         decision, decisions = self._decide(bound)
         if decision.action == "approve":
-            try:
-                decision = await asyncio.wait_for(self._approve(bound, decision, decisions), timeout)
-            except TimeoutError:
-                if self.closed:
-                    return None
-                assert timeout is not None
-                return self._deny_extended(self._held_past_statement_timeout(stmt.text, decision, timeout))
+            final = await self._approve_within(stmt.text, timeout, self._approve(bound, decision, decisions))
             if self.closed:
                 return None
+            if final is None:
+                assert timeout is not None
+                return self._deny_extended(self._held_past_statement_timeout(stmt.text, decision, timeout))
+            decision = final
         if decision.action != "allow":
             self._record_denial(stmt.text, decision)
             return self._deny_extended(self._denial_error(bound, [decision], decision))

@@ -163,6 +163,13 @@ class Session:
         """
         return await self.gateway.decide(self, request, notify, approval=approval)
 
+    async def hold(self, request: Request, decision: Decision, notify: HoldNotifier | None = None) -> Decision:
+        """Hold ``request``, which :meth:`decide_now` answered ``approve`` (and audited), until approved,
+        denied or expired, and audit that resolution (phase ``approval``). Never raises but
+        ``CancelledError``: cancelled (the agent gave up), the request is withdrawn and audited as denied,
+        with the cancel message (``task.cancel(msg)``) as the reason."""
+        return await self.gateway.hold(self, request, decision, notify)
+
     def policy_decision(self, request: Request) -> Decision:
         """What the live policy alone says (time-boxed elevations included): no hooks, no audit.
 
@@ -545,6 +552,25 @@ class Gateway:
         decision = self._audited(session, request, decision)
         if decision.action != "approve":
             return decision
+        return await self._hold(session, request, decision, notify, approval)
+
+    async def hold(
+        self, session: Session, request: Request, decision: Decision, notify: HoldNotifier | None = None
+    ) -> Decision:
+        """See :meth:`Session.hold`."""
+        request = _on_target(session, request)
+        if decision.action != "approve":
+            return decision
+        return await self._hold(session, request, decision, notify, None)
+
+    async def _hold(
+        self,
+        session: Session,
+        request: Request,
+        decision: Decision,
+        notify: HoldNotifier | None,
+        approval: Mapping[str, Any] | None,
+    ) -> Decision:
         if self.approvals is None:
             final = Decision.deny(
                 f"{decision.message} — but this gateway has no approval service configured, so it is denied",

@@ -546,9 +546,17 @@ class ApprovalBroker:
                     f"expires in {format_duration(spec.timeout)}; {self._how_to_decide(approval.id)}",
                 )
             final = await self._wait(approval, event)
-        except asyncio.CancelledError:
-            # The agent went away (or the gateway is cancelling): nobody waits for this any more.
-            self._withdraw_now(approval.id, "the agent stopped waiting")
+        except asyncio.CancelledError as exc:
+            # The agent went away or gave up (or the gateway is cancelling): nobody waits for this any more.
+            # The request's resolution is audited like any other (approved, denied, expired), with why.
+            why = exc.args[0] if exc.args and isinstance(exc.args[0], str) and exc.args[0] else None
+            reason = why or "the agent stopped waiting"
+            self._withdraw_now(approval.id, reason)
+            withdrawn = self._deny(decision, approval.id, f"{decision.message} — withdrawn: {reason}", WITHDRAWN)
+            try:
+                session.audit(request, withdrawn, phase="approval")
+            except Exception:
+                log.exception("approvals: cannot audit the withdrawal of %s", approval.id)
             raise
         except BaseException:
             self._withdraw_now(approval.id, "error while waiting")
