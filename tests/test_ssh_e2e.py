@@ -1321,6 +1321,10 @@ def test_approval_holds_the_command_until_an_approver_decides(env: Env) -> None:
         if proc.poll() is None:
             proc.kill()
     assert env.direct(f"test -e {target}").returncode == 0
+    # Audited once as held and once as resolved (it was audited twice as held)
+    audit = lictor("audit", "list", "--state-dir", str(env.gw.state_dir), "--kind", "decision", "--json")
+    touches = [json.loads(line) for line in audit.stdout.splitlines() if str(target) in line]
+    assert [(e["action"], e["phase"]) for e in touches] == [("approve", "decision"), ("allow", "approval")], touches
 
 
 def test_a_transfer_whose_links_change_while_it_is_approved_is_refused(env: Env) -> None:

@@ -291,7 +291,7 @@ async def decide_all(session: Session, requests: Sequence[Request], notify: Noti
         if decision.action != "approve":
             finals.append(decision)
             continue
-        held = await session.decide(request, notify)
+        held = await session.hold(request, decision, notify)
         if held.action != "allow":
             return held, request
         finals.append(held)

@@ -187,7 +187,7 @@ class Session:
         """Synchronous variant for the hot path of protocols without hooks that await.
 
         Same steps as :meth:`decide` except holding for approval: an ``approve`` decision is
-        returned as is and the caller must go through :meth:`decide` to hold it.
+        returned as is (audited) and the caller holds it with :meth:`hold`.
         """
         return self.gateway.decide_sync(self, request)
 
