@@ -349,3 +349,18 @@ def test_the_name_of_lictor_s_own_issuer_is_the_configured_one(tmp_path):
     stand_in = SimpleNamespace(config=config, issuer=LocalIssuer(tmp_path / "state"))
     verifier = Gateway._make_verifier(stand_in)  # type: ignore[arg-type]
     assert verifier.issuers["lictor"].name == "ci-issuer"
+
+
+@pytest.mark.parametrize(
+    ("claim", "value"),
+    [("exp", "4102444800"), ("nbf", "0"), ("iat", "1700000000"), ("exp", [4102444800])],
+)
+def test_times_that_are_not_json_numbers_are_refused(issuer, verifier, claim, value):
+    """pyjwt reads "exp": "4102444800" as a number: an identity provider that wrote its times as strings
+    would issue tokens whose expiry no reviewer sees."""
+    header = base64.urlsafe_b64encode(b'{"alg":"EdDSA","typ":"JWT"}').rstrip(b"=")
+    payload = {"sub": "a", "iss": "lictor", "aud": "lictor", "exp": int(time.time()) + 60, claim: value}
+    signed = header + b"." + base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=")
+    signature = base64.urlsafe_b64encode(issuer._key.sign(signed)).rstrip(b"=")
+    with pytest.raises(AuthError, match=r"invalid token"):
+        verifier.verify((signed + b"." + signature).decode())

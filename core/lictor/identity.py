@@ -18,6 +18,7 @@ Only asymmetric algorithms are accepted and each issuer has its own allow-list, 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import uuid
@@ -346,10 +347,17 @@ class TokenVerifier:
             sub = claims.get("sub")
             if not isinstance(sub, str) or not sub:
                 raise AuthError("token has no subject")
+            for name in ("exp", "nbf", "iat"):
+                # NumericDate is a JSON number (RFC 7519): pyjwt also takes a string of digits ("exp": "1796...")
+                value = claims.get(name, 0)
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise AuthError(f"invalid token: the {name} claim is not a number")
             try:
                 expires_at = float(claims["exp"])
             except (OverflowError, ValueError):  # an integer of hundreds of digits passes pyjwt's check
                 raise AuthError("invalid token: Expiration Time claim (exp) is out of range") from None
+            if not math.isfinite(expires_at):
+                raise AuthError("invalid token: Expiration Time claim (exp) is out of range")
             return Identity(
                 subject=sub,
                 claims=claims,
