@@ -848,3 +848,25 @@ def test_the_page_highlights_and_names_characters_outside_ascii(approvals_gatewa
     lictor("approvals", "deny", aid, "--url", gw.url, "--token", gw.token("dba-6", role="dba"), "--reason", "no")
     assert agent.recv().startswith("DENIED ")
     agent.close()
+
+
+def test_one_identity_cannot_open_requests_without_end(gateway_factory: Any, tmp_path: Path) -> None:
+    """The pending cap counts only requests still waiting: an agent that retried as each one was refused (or
+    that it gave up on) opened requests without end, each one a message to the approvers."""
+    gw = start_approvals_gateway(gateway_factory, tmp_path, max_requests_per_requester_per_hour=3)
+    dba = gw.token("dba-1", role="dba")
+    agent = LineAgent(gw.line_port, gw.token("agent-1", role="agent"))
+    for n in range(3):
+        aid, _ = agent.held(f"restart api-{n}")
+        lictor("approvals", "deny", aid, "--url", gw.url, "--token", dba, "--reason", "not now")
+        assert agent.recv().startswith("DENIED ")
+    agent.send("restart api-3")
+    answer = agent.recv()
+    assert answer.startswith("DENIED restart-needs-approval: restarts need an on-call approval — and you opened 3 ")
+    assert "as many as one identity may" in answer
+    listed = json.loads(lictor("approvals", "list", "--json", "--all", "--url", gw.url, "--token", dba).stdout)
+    assert not any("api-3" in a["summary"] for a in listed), listed  # no request was opened for it
+    other = LineAgent(gw.line_port, gw.token("agent-2", role="agent"))
+    other.held("restart web")  # another agent is not held up by the first one's requests
+    for a in (agent, other):
+        a.close()

@@ -32,6 +32,7 @@ is checked against the clock on each call, so a stale map never extends an eleva
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import math
@@ -96,6 +97,11 @@ CONFIG_SCHEMA: dict[str, Any] = {
             "minimum": 1,
             "description": "requests one identity may have waiting at a time (default 20)",
         },
+        "max_requests_per_requester_per_hour": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "requests one identity may open in an hour, whatever became of them (default 120)",
+        },
         "retention": {
             "type": ["string", "number"],
             "description": "how long requests that ended stay in the store (default 30d, at least 1h)",
@@ -122,6 +128,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
 # Requests one identity may have waiting at a time: a flood of requests would bury other agents' requests
 # (the page lists the newest pending ones) and wear the approvers down.
 DEFAULT_MAX_PENDING = 20
+DEFAULT_MAX_PER_HOUR = 120
 
 PASS_TTL = 60.0  # seconds a redeemed ticket waits for the retried request to reach hold()
 
@@ -167,6 +174,7 @@ class ApprovalBroker:
         poll_interval: float = 2.0,
         session_ttl: float = 8 * 3600.0,
         max_pending_per_requester: int = DEFAULT_MAX_PENDING,
+        max_requests_per_requester_per_hour: int = DEFAULT_MAX_PER_HOUR,
         retention: float = 30 * 86400.0,
     ) -> None:
         self.gateway = gateway
@@ -177,6 +185,9 @@ class ApprovalBroker:
         self.poll_interval = poll_interval
         self.session_ttl = session_ttl
         self.max_pending_per_requester = max_pending_per_requester
+        self.max_requests_per_requester_per_hour = max_requests_per_requester_per_hour
+        # When each identity (issuer, subject) opened its requests in the last hour (time.monotonic()).
+        self._opened: dict[tuple[str, str], collections.deque[float]] = {}
         self.retention = retention
         self._prune_at = 0.0  # time.monotonic() of the next pruning pass
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
@@ -250,8 +261,31 @@ class ApprovalBroker:
             "poll_interval": parse_duration(section.get("poll_interval", 2.0)),
             "session_ttl": parse_duration(section.get("session_ttl", "8h")),
             "max_pending_per_requester": int(section.get("max_pending_per_requester", DEFAULT_MAX_PENDING)),
+            "max_requests_per_requester_per_hour": int(
+                section.get("max_requests_per_requester_per_hour", DEFAULT_MAX_PER_HOUR)
+            ),
             "retention": parse_retention(section.get("retention", DEFAULT_RETENTION)),
         }
+
+    def _may_open(self, identity: Identity) -> bool:
+        """Whether ``identity`` may open another request: at most ``max_requests_per_requester_per_hour`` in any
+        hour, counted in this process. The pending cap alone let an agent that retries (a client timeout, a
+        hang-up, a denial) open requests without end, each one a message to the approvers and a row kept for
+        ``retention``."""
+        now = time.monotonic()
+        key = (identity.issuer, identity.subject)
+        opened = self._opened.get(key)
+        if opened is None:
+            if len(self._opened) >= 10_000:  # drop identities whose hour has passed
+                for k in [k for k, q in self._opened.items() if not q or q[-1] <= now - 3600]:
+                    del self._opened[k]
+            opened = self._opened[key] = collections.deque()
+        while opened and opened[0] <= now - 3600:
+            opened.popleft()
+        if len(opened) >= self.max_requests_per_requester_per_hour:
+            return False  # the denial is audited; a log line per retry would flood the log
+        opened.append(now)
+        return True
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -508,6 +542,13 @@ class ApprovalBroker:
         if ticket is not None:
             return await self._resume(session, request, decision, ticket, consumed=True)
 
+        if not self._may_open(identity):
+            return self._deny(
+                decision,
+                None,
+                f"{decision.message} — and you opened {self.max_requests_per_requester_per_hour} approval requests "
+                "in the last hour, as many as one identity may; retry later, or ask an approver",
+            )
         approval = self._new_approval(session, request, decision, spec, digest)
         if not await asyncio.to_thread(self.store.create, approval, self.max_pending_per_requester):
             return self._deny(
