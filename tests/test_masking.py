@@ -220,6 +220,34 @@ def test_card_grouped_with_no_break_spaces_is_masked(space: str) -> None:
     assert len(out.encode()) == len(card.encode()) and out.count(space) == 3 and "4111" not in out
 
 
+@pytest.mark.parametrize("space", ["\u00a0", "\u202f", "\u2007", "\u2009"])
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("card", "4111 1111 1111 1111"),
+        ("phone", "+1 415 555 2671"),
+        ("phone", "+33 6 12 34 56 78"),
+        ("phone", "06 12 34 56 78"),
+        ("phone", "415 555 2671"),
+        ("ssn", "123 45 6789"),
+        ("iban", "DE89 3704 0044 0532 0130 00"),
+    ],
+)
+def test_values_grouped_with_no_break_or_thin_spaces_are_masked(name: str, text: str, space: str) -> None:
+    # Localized output and HTML (&nbsp;) group phone numbers, SSNs and IBANs with no-break spaces, and some
+    # locales group digits with thin spaces: only cards were found with no-break spaces, and nothing with thin ones
+    grouped = text.replace(" ", space)
+    assert masked(name, f"x {grouped}.") == f"x {red(name)}.", grouped
+    partial = plan_for(name, style="partial").mask_text(grouped)[0]
+    assert partial.count(space) == text.count(" ") and partial != grouped, partial  # the groups stay readable
+
+
+def test_no_break_spaces_do_not_make_near_misses_match() -> None:
+    for name, text in (("iban", "DE89 3704 0044 0532 0130 01"), ("ssn", "000 45 6789"), ("phone", "06 12.34 56 78")):
+        grouped = text.replace(" ", "\u00a0")
+        assert masked(name, grouped) == grouped
+
+
 def test_card_grouped_with_dots_is_masked() -> None:
     # 4111.1111.1111.1111 (as some countries group numbers) went out in clear
     assert masked("card", "card 4111.1111.1111.1111.") == f"card {red('card')}."

@@ -171,9 +171,10 @@ def _builtin(name: str, pattern: str, validator: str | None = None, **extra: Any
 
 _H = "[0-9A-Fa-f]{1,4}"
 _V4 = r"(?:\d{1,3}\.){3}\d{1,3}"
-# A space between digit groups, no-break ones included (U+00A0, U+2007, U+202F): an alternation of the
-# characters themselves, which reads the same as UTF-8 bytes.
-_SP = "(?: |\u00a0|\u2007|\u202f)"
+# A space between digit groups, no-break and thin ones included (U+00A0, U+2007, U+202F, U+2009): an alternation
+# of the characters themselves, which reads the same as UTF-8 bytes. _SEP adds a dot and a dash (phone numbers).
+_SP = "(?: |\u00a0|\u2007|\u202f|\u2009)"
+_SEP = "(?:[ .-]|\u00a0|\u2007|\u202f|\u2009)"
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _SECRET_KEYS = (
     "password|passwd|passphrase|secret|token|api[_-]?key|apikey|access[_-]?key|private[_-]?key"
@@ -267,8 +268,8 @@ _BUILTINS = (
         "card",
         group=1,
     ),
-    _builtin("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", "iban"),
-    _builtin("ssn", r"\b\d{3}(?:-\d{2}-|\ \d{2}\ )\d{4}\b", "ssn"),
+    _builtin("iban", rf"\b[A-Z]{{2}}\d{{2}}(?:{_SP}?[A-Z0-9]){{11,30}}\b", "iban"),
+    _builtin("ssn", rf"\b\d{{3}}(?:-\d{{2}}-|{_SP}\d{{2}}{_SP})\d{{4}}\b", "ssn"),
     _builtin(
         "email",
         # Internationalized addresses too (zoë@exämple.com): any non-ASCII character counts as a letter. In a
@@ -290,9 +291,10 @@ _BUILTINS = (
     _builtin("ipv4", rf"\b{_OCTET}(?:\.{_OCTET}){{3}}\b", "ipv4"),
     _builtin(
         "phone",
-        r"\+[1-9]\d{0,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,4}){1,6}\b"
-        r"|(?:\([2-9]\d{2}\)[ ]?|\b[2-9]\d{2}[-. ])[2-9]\d{2}[-. ]\d{4}\b"
-        r"|\b0[1-9]\d{0,3}(?:[ .-]\d{2,4}){2,4}\b",
+        # Groups separated by a space (no-break and thin ones included), a dot or a dash.
+        rf"\+[1-9]\d{{0,3}}(?:{_SEP}?\(\d{{1,4}}\))?(?:{_SEP}?\d{{1,4}}){{1,6}}\b"
+        rf"|(?:\([2-9]\d{{2}}\){_SP}?|\b[2-9]\d{{2}}{_SEP})[2-9]\d{{2}}{_SEP}\d{{4}}\b"
+        rf"|\b0[1-9]\d{{0,3}}(?:{_SEP}\d{{2,4}}){{2,4}}\b",
         "phone",
     ),
 )

@@ -106,9 +106,9 @@ def apply_style(style: Style, key: bytes, label: str, value: bytes) -> bytes:
     return _keep_spaces(value, bytes([_PRESERVE[(b << 8) | k] for b, k in zip(value, ks, strict=False)]))
 
 
-# No-break spaces (U+00A0, U+2007, U+202F) separate digit groups as a space does: partial and preserve-length
-# keep them where they are, as they keep ASCII separators.
-_WIDE_SPACES = ("\u00a0".encode(), "\u2007".encode(), "\u202f".encode())
+# No-break and thin spaces (U+00A0, U+2007, U+202F, U+2009) separate digit groups as a space does: partial and
+# preserve-length keep them where they are, as they keep ASCII separators.
+_WIDE_SPACES = ("\u00a0".encode(), "\u2007".encode(), "\u202f".encode(), "\u2009".encode())
 
 
 def _keep_spaces(value: bytes, masked: bytes) -> bytes:

@@ -56,8 +56,18 @@ def _trim_groups(data: bytes, start: int, end: int, check: Callable[[bytes], boo
     return -1
 
 
-# No-break spaces between a card's digit groups, in UTF-8: U+00A0, U+2007 (figure), U+202F (narrow).
-_WIDE_SPACES = ("\u00a0".encode(), "\u2007".encode(), "\u202f".encode())
+# No-break and thin spaces between digit groups, in UTF-8: U+00A0, U+2007 (figure), U+202F (narrow), U+2009 (thin).
+_WIDE_SPACES = ("\u00a0".encode(), "\u2007".encode(), "\u202f".encode(), "\u2009".encode())
+
+
+def _narrow(span: bytes) -> bytes:
+    """``span`` with its no-break and thin spaces as ASCII spaces (for the checks, which count separators)."""
+    if not span.isascii():
+        for space in _WIDE_SPACES:
+            span = span.replace(space, b" ")
+    return span
+
+
 _CARD_SEPARATORS = (b" ", b"-", b".", *_WIDE_SPACES)
 
 
@@ -131,7 +141,7 @@ _IBAN_LENGTHS: Mapping[bytes, int] = {
 
 
 def _iban_ok(span: bytes) -> bool:
-    text = span.translate(None, b" ")
+    text = _narrow(span).translate(None, b" ")
     if not 15 <= len(text) <= 34:
         return False
     expected = _IBAN_LENGTHS.get(text[:2])
@@ -157,6 +167,7 @@ def ssn(data: bytes, start: int, end: int) -> int:
 
 
 def _phone_ok(span: bytes) -> bool:
+    span = _narrow(span)
     digits = sum(1 for b in span if b in _DIGITS)
     if span[:1] == b"+":
         return 8 <= digits <= 15
