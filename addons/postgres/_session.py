@@ -2640,11 +2640,7 @@ class Relay:
         if kind == _K_SETTING_IN_SEGMENT:
             found: asyncio.Future[str | None] = head.data
             if t == _B_DATAROW:
-                row = pg.decode_backend(raw)
-                assert isinstance(row, pg.DataRow)
-                value = row.values[0] if row.values else None
-                if not found.done():
-                    found.set_result(None if value is None else bytes(value).decode("utf-8", "replace"))
+                _answer_setting(found, raw)
             elif t == _B_CLOSEOK or t == _B_ERROR:
                 head.run[0] -= 1
                 if t == _B_ERROR or not head.run[0]:
@@ -2660,11 +2656,7 @@ class Relay:
         if kind == _K_SETTING:
             answer: asyncio.Future[str | None] = head.data
             if t == _B_DATAROW:
-                row = pg.decode_backend(raw)
-                assert isinstance(row, pg.DataRow)
-                value = row.values[0] if row.values else None
-                if not answer.done():
-                    answer.set_result(None if value is None else bytes(value).decode("utf-8", "replace"))
+                _answer_setting(answer, raw)
             elif t == _B_READY:
                 expect.popleft()
                 self._reading_setting = False
@@ -3007,6 +2999,15 @@ class _Fatal(Exception):
     def __init__(self, message: str, sqlstate: str) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+
+
+def _answer_setting(answer: "asyncio.Future[str | None]", raw: bytes) -> None:
+    """Answer the gateway's own ``SHOW`` with the value in DataRow ``raw`` (None when NULL)."""
+    row = pg.decode_backend(raw)
+    assert isinstance(row, pg.DataRow)
+    value = row.values[0] if row.values else None
+    if not answer.done():
+        answer.set_result(None if value is None else bytes(value).decode("utf-8", "replace"))
 
 
 def _param_types(raw: bytes) -> tuple[int, ...]:
