@@ -644,3 +644,23 @@ def test_what_agents_did_is_not_readable_by_other_users(gateway_factory, tmp_pat
     assert any(p.suffix == ".jsonl" for p in state.rglob("*"))
     for p in [*held, *(q for q in state.rglob("*") if q.suffix in (".jsonl", ".json") and "sessions" in q.parts)]:
         assert stat.S_IMODE(p.stat().st_mode) & 0o007 == 0, (p, oct(p.stat().st_mode))
+
+
+def test_a_database_of_another_owner_is_opened_as_it_is(tmp_path, monkeypatch):
+    # Only its owner may change a file's mode: an auditor's `lictor audit list` on a log an older gateway left
+    # readable by others must read it, not fail because it could not take the permissions away.
+    import sqlite3
+    import stat
+
+    from lictor._files import private_database
+
+    db = tmp_path / "audit.db"
+    sqlite3.connect(db).close()
+    os.chmod(db, 0o644)
+
+    def chmod(path: Any, mode: int, **kw: Any) -> None:
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    private_database(db)
+    assert stat.S_IMODE(db.stat().st_mode) == 0o644

@@ -36,3 +36,7 @@ def private_database(path: str | Path) -> None:
                 os.chmod(name, mode & ~0o007)
         except FileNotFoundError:
             continue
+        except PermissionError:
+            # Not the file's owner (an auditor's `lictor audit list`): the gateway, which owns it, takes the
+            # permissions away when it opens it.
+            continue
