@@ -21,6 +21,21 @@ PUBLIC_MODULES = {
 }
 
 
+# The line protocol's `rm` held for a `boss` approver: the guide's approval examples run against it.
+HELD_RM_PACK = """
+format: lictor/v1
+metadata: {name: held}
+identities:
+  - {match: {claims: {role: ops}}, roles: [ops]}
+  - {match: {claims: {role: boss}}, roles: [boss]}
+roles:
+  ops:
+    rules:
+      - {id: hold-rm, protocol: line, when: {verbs: rm}, action: approve, approval: {approvers: [boss]}}
+  boss: {}
+"""
+
+
 def addon_files() -> list[Path]:
     files = sorted((ROOT / "addons").rglob("*.py"))
     files += sorted((ROOT / "examples").rglob("*.py"))
@@ -213,21 +228,9 @@ async def test_the_guide_names_the_status_a_held_request_has_once_it_went_throug
 
     from tests.addons.lineproto import LineProtocol
 
-    pack = """
-format: lictor/v1
-metadata: {name: held}
-identities:
-  - {match: {claims: {role: ops}}, roles: [ops]}
-  - {match: {claims: {role: boss}}, roles: [boss]}
-roles:
-  ops:
-    rules:
-      - {id: hold-rm, protocol: line, when: {verbs: rm}, action: approve, approval: {approvers: [boss]}}
-  boss: {}
-"""
     text = " ".join((ROOT / "docs" / "addons.md").read_text().split())
     sentence = text.split("`await h.approval(approval_id)` to read it back", 1)[1].split(").", 1)[0]
-    async with testing.harness(LineProtocol(), rulepacks=pack) as h:
+    async with testing.harness(LineProtocol(), rulepacks=HELD_RM_PACK) as h:
         session = await h.session(testing.identity("agent-1", role="ops"), protocol="line")
         held: asyncio.Queue[str] = asyncio.Queue()
 
@@ -257,19 +260,7 @@ async def test_the_guide_watcher_withdraws_a_held_request_when_the_agent_hangs_u
     namespace: dict[str, Any] = {}
     exec(compile(code, "docs/addons.md", "exec"), namespace)
     decide_watching = namespace["decide_watching"]
-    pack = """
-format: lictor/v1
-metadata: {name: held}
-identities:
-  - {match: {claims: {role: ops}}, roles: [ops]}
-  - {match: {claims: {role: boss}}, roles: [boss]}
-roles:
-  ops:
-    rules:
-      - {id: hold-rm, protocol: line, when: {verbs: rm}, action: approve, approval: {approvers: [boss]}}
-  boss: {}
-"""
-    async with testing.harness(LineProtocol(), rulepacks=pack) as h:
+    async with testing.harness(LineProtocol(), rulepacks=HELD_RM_PACK) as h:
         held: asyncio.Queue[str] = asyncio.Queue()
         outcomes: asyncio.Queue[Any] = asyncio.Queue()
 

@@ -202,11 +202,7 @@ class AgentConnection(asyncssh.SSHServer):
                 if not self._told_no_principals:
                     self._told_no_principals = True
                     reason = f"the certificate names no principals, so it cannot log in as {username!r}"
-                    self.gateway.audit_event(
-                        "auth.failed",
-                        {"protocol": "ssh", "target": self.config.name, "peer": self.peer, "reason": reason},
-                        fail_closed=False,
-                    )
+                    self._audit_login_refused(reason)
                     self._banner(f"lictor: authentication failed: {reason}\n")
                 return None
             key = await check(username, cert)
@@ -245,6 +241,14 @@ class AgentConnection(asyncssh.SSHServer):
             self.listener.closing.add(task)
             task.add_done_callback(self.listener.closing.discard)
 
+    def _audit_login_refused(self, reason: str) -> None:
+        """Audit a login this connection was refused (``auth.failed``; never fails the connection's close)."""
+        self.gateway.audit_event(
+            "auth.failed",
+            {"protocol": "ssh", "target": self.config.name, "peer": self.peer, "reason": reason},
+            fail_closed=False,
+        )
+
     def _key_refused(self, what: str) -> None:
         if what not in self._keys_refused and len(self._keys_refused) < KEYS_REFUSED_TOLD:
             self._keys_refused.append(what)
@@ -256,11 +260,7 @@ class AgentConnection(asyncssh.SSHServer):
         if not self._keys_refused:
             return
         reason = f"no public key or certificate offered was accepted: {', '.join(self._keys_refused)}"
-        self.gateway.audit_event(
-            "auth.failed",
-            {"protocol": "ssh", "target": self.config.name, "peer": self.peer, "reason": reason},
-            fail_closed=False,
-        )
+        self._audit_login_refused(reason)
 
     def _refused_before_login(self, exc: asyncssh.ProtocolError) -> None:
         """A connection asyncssh closed for breaking the protocol before anyone logged in (a packet longer than it
@@ -343,11 +343,7 @@ class AgentConnection(asyncssh.SSHServer):
             f"{identity.subject} already has {limit} connections open to this target (the limit); "
             "close one, or share one connection (ssh -o ControlMaster=auto -o ControlPath=...)"
         )
-        self.gateway.audit_event(
-            "auth.failed",
-            {"protocol": "ssh", "target": self.config.name, "peer": self.peer, "reason": reason},
-            fail_closed=False,
-        )
+        self._audit_login_refused(reason)
         self._banner(f"lictor: {reason}\n")
         return True
 
