@@ -108,14 +108,14 @@ def apply_style(style: Style, key: bytes, label: str, value: bytes) -> bytes:
 
 # No-break and thin spaces (U+00A0, U+2007, U+202F, U+2009) separate digit groups as a space does: partial and
 # preserve-length keep them where they are, as they keep ASCII separators.
-_WIDE_SPACES = ("\u00a0".encode(), "\u2007".encode(), "\u202f".encode(), "\u2009".encode())
+WIDE_SPACES = ("\u00a0".encode(), "\u2007".encode(), "\u202f".encode(), "\u2009".encode())
 
 
 def _keep_spaces(value: bytes, masked: bytes) -> bytes:
     if value.isascii():
         return masked
     out = bytearray(masked)
-    for space in _WIDE_SPACES:
+    for space in WIDE_SPACES:
         at = value.find(space)
         while at >= 0:
             out[at : at + len(space)] = space

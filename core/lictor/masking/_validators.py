@@ -18,6 +18,8 @@ import ipaddress
 import string
 from collections.abc import Callable, Mapping
 
+from ._styles import WIDE_SPACES  # no-break and thin spaces, which separate digit groups as a space does
+
 Validator = Callable[[bytes, int, int], int]
 
 _SEPARATORS = b" -"
@@ -56,26 +58,19 @@ def _trim_groups(data: bytes, start: int, end: int, check: Callable[[bytes], boo
     return -1
 
 
-# No-break and thin spaces between digit groups, in UTF-8: U+00A0, U+2007 (figure), U+202F (narrow), U+2009 (thin).
-_WIDE_SPACES = ("\u00a0".encode(), "\u2007".encode(), "\u202f".encode(), "\u2009".encode())
-
-
 def _narrow(span: bytes) -> bytes:
     """``span`` with its no-break and thin spaces as ASCII spaces (for the checks, which count separators)."""
     if not span.isascii():
-        for space in _WIDE_SPACES:
+        for space in WIDE_SPACES:
             span = span.replace(space, b" ")
     return span
 
 
-_CARD_SEPARATORS = (b" ", b"-", b".", *_WIDE_SPACES)
+_CARD_SEPARATORS = (b" ", b"-", b".", *WIDE_SPACES)
 
 
 def _card_ok(span: bytes) -> bool:
-    if not span.isascii():
-        for space in _WIDE_SPACES:
-            span = span.replace(space, b"")
-    digits = span.translate(None, b" -.")
+    digits = _narrow(span).translate(None, b" -.")
     return 13 <= len(digits) <= 19 and digits[0] != 48 and luhn_ok(digits)
 
 
