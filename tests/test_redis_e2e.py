@@ -964,6 +964,14 @@ def test_commands_and_replies_are_recorded_masked(gw: Gw, prefix: str):
     assert CARD not in json.dumps(get + denied) and token not in json.dumps(get + denied)
 
 
+def test_an_argument_cut_short_in_the_recording_is_masked_before_the_cut(gw: Gw, prefix: str):
+    sub = f"cut-{secrets.token_hex(3)}"
+    value = "x" * 54 + CARD.replace(" ", "")  # the recording keeps 64 bytes of it: 10 digits of the card
+    assert "NOPERM" in gw.cli(gw.token("reader", sub=sub), "SET", prefix + "k", value).stdout
+    command = next(e["data"] for e in gw.recording(sub) if e["kind"] == "command")
+    assert "4111111111" not in command["args"] and "[REDACTED" in command["args"], command["args"]
+
+
 def test_raw_card_numbers_and_tokens_stay_out_of_audit_and_recordings(gw: Gw, prefix: str):
     redis.Redis().set(prefix + "card", CARD)
     token = gw.token("reader")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lictor import AuthError, Decision, Gateway, Session
-from lictor.masking import MaskPlan
+from lictor.masking import MAX_CUSTOM_MATCH, MaskPlan
 
 from .commands import Classified, classify, quote, secret_args
 from .resp import (
@@ -191,10 +191,22 @@ def _denial(name: str, decision: Decision) -> bytes:
     return encode_error(f"NOPERM lictor: {name} denied by rule {rule}: {message} (policy {decision.policy_version})")
 
 
-def _args_summary(c: Classified, max_args: int = 16, limit: int = 64) -> str:
-    """Arguments for the recording: truncated, with secret-bearing ones redacted."""
+def _shown_arg(arg: bytes, plans: tuple[MaskPlan, ...], limit: int) -> str:
+    """One argument for the recording, masked by ``plans`` before it is cut at ``limit`` bytes: cut first, a
+    card number across the cut would keep its first digits, too few to be recognised (and recorded as such)."""
+    window = arg[: limit + MAX_CUSTOM_MATCH]  # a match that starts before the cut ends in it
+    for plan in plans:
+        window, _ = plan.mask_bytes(window)
+    text = quote(window[:limit])
+    if len(arg) > limit:
+        text += f"…(+{len(arg) - limit} bytes)"
+    return text
+
+
+def _args_summary(c: Classified, plans: tuple[MaskPlan, ...] = (), max_args: int = 16, limit: int = 64) -> str:
+    """Arguments for the recording: masked by ``plans``, truncated, with secret-bearing ones redacted."""
     secret = secret_args(c)
-    shown = ["[REDACTED]" if i in secret else quote(arg, limit) for i, arg in enumerate(c.args[:max_args])]
+    shown = ["[REDACTED]" if i in secret else _shown_arg(arg, plans, limit) for i, arg in enumerate(c.args[:max_args])]
     if len(c.args) > max_args:
         shown.append(f"…(+{len(c.args) - max_args} args)")
     return " ".join(shown)
@@ -681,7 +693,7 @@ class Connection:
             if watchers:  # a watcher's read() must be over before the read loop reads again
                 await asyncio.wait(watchers)
         plan = session.mask_plan(decision) if decision.allowed else MaskPlan.EMPTY
-        summary, _ = RECORD_PLAN.mask_text(_args_summary(c))
+        summary, _ = RECORD_PLAN.mask_text(_args_summary(c, (RECORD_PLAN, plan)))
         if not plan.is_empty:
             summary, _ = plan.mask_text(summary)
         record = {
