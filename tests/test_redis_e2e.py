@@ -446,6 +446,19 @@ def test_a_json_value_with_unicode_escapes_is_masked_as_json(gw: Gw, prefix: str
     reader.close()
 
 
+def test_a_value_with_unicode_escapes_that_is_not_json_is_masked_as_read(gw: Gw, prefix: str):
+    # JSON lines, or a line of text with JSON-escaped strings in it: no JSON document, but anyone reads the
+    # addresses in them
+    lines = [json.dumps({"email": "zo\u00eb@ex\u00e4mple.com"}), json.dumps({"email": "jane@example.com"})]
+    direct = redis.Redis()
+    direct.set(prefix + "lines", "\n".join(lines))
+    direct.set(prefix + "text", "contact: jane\\u0040example.com")
+    reader = gw.client("reader")
+    got = reader.mget(prefix + "lines", prefix + "text")
+    assert all(b"@" in v and b"jane" not in v and b"zo" not in v and b"u0040" not in v for v in got), got
+    reader.close()
+
+
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_a_number_stored_as_a_string_is_masked_in_integer_replies(gw: Gw, prefix: str, protocol: int):
     direct = redis.Redis()

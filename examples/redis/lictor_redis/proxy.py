@@ -85,6 +85,12 @@ PREAUTH_MAX_BYTES = 64 * 1024  # a JWT fits; nothing big is parsed before the ag
 PREAUTH_MAX_ARGS = 16
 
 _UNICODE_ESCAPE = re.compile(rb"\\u[0-9A-Fa-f]{4}")
+_UNICODE_ESCAPES = re.compile(rb"\\+u([0-9A-Fa-f]{4})")  # escaped once or more (JSON in a JSON string)
+
+
+def _unescape(m: re.Match[bytes]) -> bytes:
+    return chr(int(m.group(1), 16)).encode("utf-8", "surrogatepass")
+
 
 # Detectors applied to the argument summaries in recordings (values are recorded masked even
 # for denied commands, which have no masking plan of their own).
@@ -975,7 +981,12 @@ class Connection:
                 doc, counts = plan.mask_json(json.loads(value[len(head) :]))
                 body = json.dumps(doc, ensure_ascii=False).encode("utf-8", "surrogatepass")
             except (ValueError, RecursionError):
-                pass
+                # JSON lines, or text with escaped strings in it: anyone reads jane\u0040example.com as an
+                # address, so what the detectors find once the escapes are read is masked, in the text as read
+                plain = _UNICODE_ESCAPES.sub(_unescape, value[len(head) :])
+                found, more = plan.mask_bytes(plain)
+                if more.total() > counts.total():
+                    body, counts = found, more
         masked.update(counts)
         return head + body
 
