@@ -977,6 +977,33 @@ def test_commands_and_replies_are_recorded_masked(gw: Gw, prefix: str):
     assert CARD not in json.dumps(get + denied) and token not in json.dumps(get + denied)
 
 
+def test_commands_the_gateway_answers_itself_are_recorded(gw: Gw):
+    sub = f"self-{secrets.token_hex(3)}"
+    other = gw.token("admin")
+    payload = b"".join(
+        [
+            *(cmd("AUTH", "agent", gw.token("reader", sub=sub)), cmd("AUTH", "agent", other), cmd("SELECT", "0")),
+            *(cmd("HELLO", "3", "AUTH", "agent", other), cmd("MULTI"), cmd("HELLO", "3"), cmd("EXEC"), cmd("QUIT")),
+        ]
+    )
+    replies = _raw(gw.port, payload, 8)
+    assert replies[1].startswith(b"-ERR lictor: already authenticated") and replies[2] == b"+OK\r\n", replies
+    events = gw.recording(sub)
+    commands = [(e["data"]["command"], e["data"]["decision"]) for e in events if e["kind"] == "command"]
+    assert commands == [
+        ("AUTH", "gateway"),  # another identity's token: refused, and recorded (the token never is)
+        ("SELECT", "gateway"),
+        ("HELLO", "gateway"),
+        ("MULTI", "gateway"),
+        ("HELLO", "gateway"),  # inside MULTI: refused, which aborts the transaction
+        ("EXEC", "gateway"),
+        ("QUIT", "gateway"),
+    ], commands
+    replies_recorded = [e["data"]["type"] for e in events if e["kind"] == "reply"]
+    assert replies_recorded == ["error", "simple", "error", "simple", "error", "error", "simple"], replies_recorded
+    assert other not in json.dumps(events)
+
+
 def test_an_argument_cut_short_in_the_recording_is_masked_before_the_cut(gw: Gw, prefix: str):
     sub = f"cut-{secrets.token_hex(3)}"
     value = "x" * 54 + CARD.replace(" ", "")  # the recording keeps 64 bytes of it: 10 digits of the card

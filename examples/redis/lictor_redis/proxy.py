@@ -393,7 +393,7 @@ class Connection:
             await self._before_auth(args)
             return
         if name == b"quit":
-            await self._local(OK, close=True)
+            await self._answer("QUIT", OK, close=True)
             return
         if name in (b"multi", b"exec", b"discard") and len(args) != 1:
             # Not forwarded: answered with Redis' wrong-number-of-arguments error, which inside MULTI
@@ -412,25 +412,34 @@ class Connection:
             await self._plain(args, "DISCARD")
             return
         if name in (b"auth", b"hello", b"select"):
+            what = name.decode().upper()
             if self.multi is not None:
                 self.multi.aborted = True
-                await self._local(encode_error(f"ERR lictor: {name.decode().upper()} is not allowed inside MULTI"))
+                await self._answer(what, encode_error(f"ERR lictor: {what} is not allowed inside MULTI"), multi=True)
                 return
             if name == b"auth":
-                sub = self.session.identity.subject
-                await self._local(
-                    encode_error(
-                        f"ERR lictor: already authenticated as {sub}; open a new connection to change identity"
-                    )
-                )
+                await self._refuse_reauth("AUTH")
                 return
             if name == b"hello":
                 await self._hello(args)
                 return
             if len(args) == 2 and args[1].strip() == str(self.target.db).encode():
-                await self._local(OK)  # already there: the gateway pins the database
+                await self._answer("SELECT", OK, args=quote(args[1], 64))  # already there: the database is pinned
                 return
         await self._command(args)
+
+    async def _answer(self, what: str, reply: bytes, *, close: bool = False, **record: Any) -> None:
+        """Answer a command the gateway handles itself (never relayed, no decision of the policy), recorded."""
+        self.seq += 1
+        self._record("command", {"n": self.seq, "command": what, "decision": "gateway", **record})
+        await self._local(reply, close=close, seq=self.seq, command=what)
+
+    async def _refuse_reauth(self, what: str) -> None:
+        """AUTH (or HELLO ... AUTH) on a logged-in connection: the identity stays; the attempt is recorded, never
+        the token it carried."""
+        sub = self.session.identity.subject if self.session else "?"
+        error = f"ERR lictor: already authenticated as {sub}; open a new connection to change identity"
+        await self._answer(what, encode_error(error), error="already authenticated")
 
     async def _plain(self, args: tuple[bytes, ...] | list[bytes], what: str) -> None:
         """Forward a transaction-control command (decided by the gateway, recorded)."""
@@ -578,13 +587,10 @@ class Connection:
     async def _hello(self, args: tuple[bytes, ...]) -> None:
         proto, options, error = self._parse_hello(args)
         if error is not None:
-            await self._local(error)
+            await self._answer("HELLO", error, error="invalid arguments")  # which may hold a token: not recorded
             return
         if b"auth" in options:
-            sub = self.session.identity.subject if self.session else "?"
-            await self._local(
-                encode_error(f"ERR lictor: already authenticated as {sub}; open a new connection to change identity")
-            )
+            await self._refuse_reauth("HELLO")
             return
         await self._hello_upstream(proto, options)
 
@@ -769,7 +775,13 @@ class Connection:
                 if slot.seq:
                     self._record(
                         "reply",
-                        {"n": slot.seq, "direction": "out", "type": "error", "bytes": len(slot.local), "gateway": True},
+                        {
+                            "n": slot.seq,
+                            "direction": "out",
+                            "type": TYPE_NAMES.get(slot.local[0], "?"),
+                            "bytes": len(slot.local),
+                            "gateway": True,
+                        },
                     )
             else:
                 if slot.blocking and self.agent_eof:
