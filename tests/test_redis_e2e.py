@@ -775,13 +775,14 @@ ENTRY_1 = (STREAM_IDS[1], {b"email": b"***@******e.com"})
 @pytest.fixture(scope="module")
 def consumer_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gw]:
     """A gateway whose ``consumer`` role may read streams with XREAD and XREADGROUP (``blocking``),
-    values masked."""
+    values masked, and whose agents have 2 seconds to authenticate."""
     require(_redis_up(), "redis-server on 127.0.0.1:6379")
     workdir = tmp_path_factory.mktemp("redis-consumer-gw")
     (workdir / "packs").mkdir()
     (workdir / "packs" / "consumer.yaml").write_text(CONSUMER_PACK)
     port = free_port()
-    target = {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": {"host": "127.0.0.1", "port": 6379}}
+    upstream = {"host": "127.0.0.1", "port": 6379}
+    target = {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": upstream, "auth_timeout": 2}
     proc = GatewayProcess(workdir, {**_config({"cache": target}), "rulepacks": [str(workdir / "packs")]}).start()
     try:
         yield Gw(proc, port)
@@ -1209,6 +1210,19 @@ def test_a_refused_session_is_answered_with_a_resp_error(tmp_path: Path):
         assert "no sessions today" in ends[0]["reason"]
     finally:
         proc.stop()
+
+
+def test_auth_timeout_bounds_the_whole_login_not_each_read(consumer_gw: Gw) -> None:
+    # a PING now and then reset the timer: MAX_LOGGING_IN such connections kept every agent out for good
+    with socket.create_connection(("127.0.0.1", consumer_gw.port), timeout=10) as sock:
+        start, replies = time.monotonic(), b""
+        while not replies.endswith(b"authentication timed out\r\n") and time.monotonic() - start < 6:
+            sock.sendall(b"PING\r\n")
+            replies += sock.recv(200)
+            time.sleep(0.5)
+        assert replies.endswith(b"-ERR lictor: authentication timed out\r\n"), replies
+        assert 1.5 < time.monotonic() - start < 4
+        assert sock.recv(200) == b""  # closed
 
 
 def test_connections_that_never_authenticate_are_bounded(gw: Gw) -> None:

@@ -252,6 +252,9 @@ class Connection:
         self.reading: asyncio.Task[None] | None = None
         self.agent_eof = False  # the agent closed its side
         self.relaying_blocking = False  # the responder waits for the reply to a blocking command
+        # auth_timeout bounds the whole login, not each read: a connection that sends a byte, or a PING, now and
+        # then would otherwise hold one of the MAX_LOGGING_IN places for good
+        self.auth_deadline = time.monotonic() + target.auth_timeout
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -307,7 +310,10 @@ class Connection:
         while not self.stop_reading:
             if self.session is None:
                 try:
-                    data = await asyncio.wait_for(self.reader.read(65536), self.target.auth_timeout)
+                    left = self.auth_deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    data = await asyncio.wait_for(self.reader.read(65536), left)
                 except TimeoutError:
                     await self._local(encode_error("ERR lictor: authentication timed out"), close=True)
                     return
