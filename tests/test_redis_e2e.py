@@ -475,6 +475,16 @@ def test_a_number_stored_as_a_string_is_masked_in_integer_replies(gw: Gw, prefix
     direct.close()
 
 
+def test_a_masked_member_is_not_read_a_few_characters_at_a_time_by_lex_ranges(gw: Gw, prefix: str):
+    redis.Redis().zadd(prefix + "z", {CARD.replace(" ", ""): 0})
+    token = gw.token("reader")
+    assert gw.cli(token, "ZRANGE", prefix + "z", "0", "-1").stdout == "************1111\n"
+    # is the member between 4111 and 4112? then between 41111 and 41112?... about fifty questions read it whole
+    for command in (("ZLEXCOUNT", "[4111", "(4112"), ("ZRANGE", "[4111", "(4112", "BYLEX")):
+        out = gw.cli(token, command[0], prefix + "z", *command[1:]).stdout
+        assert out.startswith(f"NOPERM lictor: {command[0]} denied by rule redis-no-lex-ranges"), out
+
+
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_a_score_masked_by_zscore_is_not_read_back_as_coordinates(gw: Gw, prefix: str, protocol: int):
     """GEOPOS decodes any sorted-set score into the coordinates it stands for, and they give the score back
