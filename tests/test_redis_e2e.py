@@ -475,7 +475,7 @@ def test_a_number_stored_as_a_string_is_masked_in_integer_replies(gw: Gw, prefix
     direct.close()
 
 
-def test_a_masked_member_is_not_read_a_few_characters_at_a_time_by_lex_ranges(gw: Gw, prefix: str):
+def test_a_masked_member_is_not_read_a_few_characters_at_a_time(gw: Gw, prefix: str):
     redis.Redis().zadd(prefix + "z", {CARD.replace(" ", ""): 0})
     token = gw.token("reader")
     assert gw.cli(token, "ZRANGE", prefix + "z", "0", "-1").stdout == "************1111\n"
@@ -483,6 +483,12 @@ def test_a_masked_member_is_not_read_a_few_characters_at_a_time_by_lex_ranges(gw
     for command in (("ZLEXCOUNT", "[4111", "(4112"), ("ZRANGE", "[4111", "(4112", "BYLEX")):
         out = gw.cli(token, command[0], prefix + "z", *command[1:]).stdout
         assert out.startswith(f"NOPERM lictor: {command[0]} denied by rule redis-no-lex-ranges"), out
+    # or does a member match 4*? 41*?... a few questions per character, ? standing for any one
+    redis.Redis().sadd(prefix + "s", CARD.replace(" ", ""))
+    for command in (("SSCAN", prefix + "s", "0", "MATCH", "4*"), ("ZSCAN", prefix + "z", "0", "match", "4???*")):
+        out = gw.cli(token, *command).stdout
+        assert out.startswith(f"NOPERM lictor: {command[0]} denied by rule redis-no-member-patterns"), out
+    assert gw.cli(token, "SSCAN", prefix + "s", "0").stdout == "0\n************1111\n"
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
