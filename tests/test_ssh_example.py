@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LICTOR, ROOT, free_port, lictor, require, require_binary
+from tests.conftest import LICTOR, ROOT, free_port, lictor, require, require_binary, wait_until
 from tests.sshd import SSHD, GatewayClient, Sshd, start_sshd
 
 EXAMPLE = ROOT / "examples" / "ssh"
@@ -642,3 +642,41 @@ def test_admin_rsync_into_the_directory_of_the_homes_waits_for_an_approver(runni
         ["rsync", "-rn", "-e", env["GIT_SSH_COMMAND"], f"{tmp_path / 'homes'}/", running.client.remote("/home/")], env
     )
     assert b"into a home directory" in held, held
+
+
+def _sessions_of(running: Running, sub: str) -> list[dict[str, object]]:
+    listing = lictor("sessions", "list", "--state-dir", str(running.state), "--sub", sub, "--json")
+    return list(json.loads(listing.stdout))
+
+
+def test_a_replay_shows_what_was_denied_after_output_that_conceals_text(running: Running) -> None:
+    # Output may set colours (ls does), so a replay keeps SGR sequences: `echo -e '\033[8m'` left the auditor's
+    # terminal concealing text, and the replay's lines after it (the denied rm, the end of the session) showed
+    # as nothing.
+    token = lictor(
+        "token", "issue", "--state-dir", str(running.state), "--sub", "conceal-bot", "--claim", "role=operator"
+    )
+    shell = running.client.shell(token.stdout.strip())
+    try:
+        shell.expect(rb"\$ $")
+        shell.send(b"echo -e 'ok\\033[8m\\033[30;40m'\r")
+        shell.expect(rb"ok\x1b\[8m[^$]*\$ $")
+        shell.send(b"rm -rf /tmp/lictor-conceal\r")
+        shell.expect(rb"lictor: denied")
+        shell.send(b"exit\r")
+        shell.wait(timeout=15)
+    finally:
+        shell.close()
+    ended: list[dict[str, object]] = []
+    wait_until(
+        lambda: ended.extend(r for r in _sessions_of(running, "conceal-bot") if not r["open"]) or ended, 15, "the end"
+    )
+    shown = lictor("replay", str(ended[0]["id"]), "--no-wait", "--state-dir", str(running.state)).stdout
+    assert "\x1b[8m" in shown, shown  # the output as the agent's terminal got it
+    # What the terminal's attributes are at each of the replay's own lines: reset, whatever output came before.
+    lines = [m for m in re.finditer(r"^(?:\x1b\[0m)?(\$ rm -rf|✗ DENY|── end of session)", shown, re.M)]
+    assert len(lines) == 3, shown
+    for line in lines:
+        before = shown[: line.start(1)]
+        assert before.rfind("\x1b[0m") > before.rfind("\x1b[8m"), shown
+        assert before.rfind("\x1b[0m") > before.rfind("\x1b[30;40m"), shown

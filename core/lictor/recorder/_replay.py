@@ -142,6 +142,7 @@ def replay(
     """Write the dialogue to ``out``, pausing between events as they happened (``speed`` x); ``raw``: terminal
     output exactly as recorded (see :func:`render`)."""
     previous: float | None = None
+    styled = False  # terminal output since the last reset set colours or attributes
     for event in events:
         t = float(event.get("t") or 0.0)
         if wait and previous is not None and t > previous:
@@ -152,8 +153,20 @@ def replay(
         previous = t
         text = render(event, show_input=show_input, raw=raw)
         if text:
+            if event.get("kind") == "output":
+                styled = styled or "\x1b" in text
+            elif styled:
+                # The attributes terminal output set (concealed, black on black) would otherwise hide the
+                # replay's own lines after it: what ran, what was denied, the end of the session.
+                text = _RESET + text
+                styled = False
             out.write(text)
+    if styled:
+        out.write(_RESET)  # and leave the auditor's terminal as it was
     out.flush()
+
+
+_RESET = "\x1b[0m"
 
 
 def is_terminal(events: Iterable[Mapping[str, Any]]) -> bool:
