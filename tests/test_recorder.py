@@ -1084,3 +1084,29 @@ def test_replay_and_export_say_when_the_recording_does_not_verify(tmp_path: Path
             f"lictor: WARNING: session {sid} does not verify (BROKEN at event 2: " in out.stderr
             and "what is shown may have been altered" in out.stderr
         ), out.stderr
+
+
+def test_verify_shows_what_an_edited_file_says_with_its_control_characters_escaped(tmp_path: Path) -> None:
+    # The key id of a manifest is text from the file: an edited manifest printed "\r\x1b[2K... OK ..." and
+    # "\x1b[8m" raw in `sessions verify` (and in the warning of `replay`), so a terminal showed the session as
+    # verified and hid the BROKEN verdict.
+    async def main() -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        sid = await run_session(gw, "agent-1", ["echo hello", "rm -rf /data"])
+        await gw.stop()
+        return sid
+
+    sid = asyncio.run(main())
+    state = str(tmp_path / "state")
+    [path] = (tmp_path / "state" / "recordings" / "sessions").glob(f"*/{sid}.manifest.json")
+    doc = json.loads(path.read_text())
+    doc["manifest"]["decisions"] = {"allow": 2}
+    doc["key"] = f"\r\x1b[2K{sid}: OK, 7 events, chain intact, manifest signed\n\x1b[8m"
+    path.write_text(json.dumps(doc))
+    verified = lictor_cli("sessions", "verify", sid, "--state-dir", state)
+    replayed = lictor_cli("replay", sid, "--no-wait", "--state-dir", state)
+    assert verified.returncode == 1 and replayed.returncode == 1
+    for shown in (verified.stdout, replayed.stderr):
+        assert "BROKEN: the manifest is signed by key \\x0d\\x1b[2K" in shown, shown
+        assert "\x1b" not in shown and "\r" not in shown and "\\x0a\\x1b[8m, not by" in shown, shown

@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from .._text import printable
 from ._util import RecordingError, b64, canonical, sha256_hex, unb64
 
 __all__ = ["GENESIS", "SessionVerdict", "SigningKey", "load_public_key", "verify_manifest", "verify_session"]
@@ -117,13 +118,16 @@ class SessionVerdict:
     interrupted: bool = False
 
     def __str__(self) -> str:
+        # One line, control characters escaped: the id and the problem quote the files checked, which someone
+        # who edited them chose (a "\r\x1b[2K...: OK" in a manifest would redraw the verdict on a terminal).
+        session, problem = printable(self.session, keep=""), printable(self.problem, keep="")
         if not self.ok:
             where = f" at event {self.first_bad}" if self.first_bad is not None else ""
-            return f"{self.session}: BROKEN{where}: {self.problem}"
+            return f"{session}: BROKEN{where}: {problem}"
         if not self.signed:
-            return f"{self.session}: chain OK ({self.events} events), UNSIGNED: {self.problem}"
+            return f"{session}: chain OK ({self.events} events), UNSIGNED: {problem}"
         note = " (interrupted: signed at gateway restart)" if self.interrupted else ""
-        return f"{self.session}: OK, {self.events} events, chain intact, manifest signed{note}"
+        return f"{session}: OK, {self.events} events, chain intact, manifest signed{note}"
 
 
 def verify_session(

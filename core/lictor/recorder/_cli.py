@@ -129,10 +129,11 @@ def _warn_unless_verified(store: Store, sid: str) -> bool:
     [verdict] = verify(store, [sid])
     if verdict.ok:
         return True
-    problem = str(verdict).removeprefix(f"{sid}: ")
+    shown = printable(sid, keep="")
+    problem = str(verdict).removeprefix(f"{shown}: ")
     print(
-        f"lictor: WARNING: session {sid} does not verify ({problem}); what is shown may have been altered "
-        f"(lictor sessions verify {sid})",
+        f"lictor: WARNING: session {shown} does not verify ({problem}); what is shown may have been altered "
+        f"(lictor sessions verify {shown})",
         file=sys.stderr,
     )
     return False
