@@ -837,3 +837,46 @@ def test_a_spool_recovery_the_full_spool_could_not_audit_is_audited_at_the_next_
     assert "incomplete record" in problem and "cut 30 bytes" in problem, problem
     verified = lictor("audit", "verify", "--state-dir", str(gateway.state_dir))
     assert "chain intact" in verified.stdout and "cut 30 bytes" in verified.stdout, verified.stdout
+
+
+def test_a_session_a_crash_left_open_has_its_end_audited_so_its_manifest_cannot_go_unseen(tmp_path: Path) -> None:
+    # A session the killed gateway left open was signed at the restart, but its end reached no audit log: its
+    # manifest deleted and its last events cut, with its index row marked open again, it verified as a session
+    # still open ("UNSIGNED", 0 failed) and its end and the denial before it were gone.
+    gateway, port = _line_gateway(tmp_path)
+    gateway.start()
+    try:
+        wait_port(port)
+        sock, reader = line_client(port, gateway.token("agent-1", role="ops"))
+        for command in ("echo one", "rm -rf /data"):
+            sock.sendall(f"{command}\n".encode())
+            reader.readline()
+        os.kill(gateway.pid, signal.SIGKILL)
+        assert gateway.proc is not None and gateway.proc.wait(10) == -signal.SIGKILL
+        sock.close()
+        gateway.start()  # signs the session as interrupted
+        wait_port(port)
+    finally:
+        gateway.stop()
+    state = gateway.state_dir
+    [row] = list_sessions(source=state / "recordings")
+    assert row["interrupted"] and row["signed"]
+    log = AuditLog(state / "audit.db")
+    try:
+        [end] = [e for e in log.events(kind="session.end") if e["session"] == row["id"]]
+    finally:
+        log.close()
+    assert end["interrupted"] is True and end["identity"]["sub"] == "agent-1" and end["protocol"] == "line"
+    verified = lictor("sessions", "verify", "--all", "--state-dir", str(state), check=False)
+    assert verified.returncode == 0 and "interrupted" in verified.stdout, verified.stdout
+    manifest = json.loads(next((state / "recordings").glob(f"sessions/*/{row['id']}.manifest.json")).read_text())
+    assert manifest["manifest"]["audited_end"] is True
+
+    [path] = (state / "recordings").glob(f"sessions/*/{row['id']}.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(line for line in lines if b'"kind":"session.end"' not in line))
+    next(path.parent.glob(f"{row['id']}.manifest.json")).unlink()
+    with contextlib.closing(sqlite3.connect(state / "recordings" / "index.db")) as db, db:
+        db.execute("UPDATE sessions SET ended_at = NULL, signed = 0, interrupted = 0 WHERE id = ?", (row["id"],))
+    verified = lictor("sessions", "verify", "--all", "--state-dir", str(state), check=False)
+    assert verified.returncode == 1 and "the manifest is missing, but the audit log records the end" in verified.stdout

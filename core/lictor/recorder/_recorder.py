@@ -342,6 +342,7 @@ class _Live:
             "first_seq": self.first_seq,
             "last_seq": self.last_seq,
             "started_at": self.started_at,
+            "audited_end": self.audited_end,
         }
 
     @classmethod
@@ -355,6 +356,7 @@ class _Live:
             first_seq=int(doc.get("first_seq") or 0),
             last_seq=int(doc.get("last_seq") or 0),
             started_at=float(doc.get("started_at") or 0.0),
+            audited_end=bool(doc.get("audited_end")),
         )
 
 
@@ -425,6 +427,7 @@ class SessionRecorder:
             log.warning("session %s was interrupted (the gateway stopped without closing it): signing it now", sid)
             with self._lock:
                 try:
+                    self._audit_interrupted(sid, self._sessions[sid])
                     self._finish(
                         sid, self._sessions[sid], interrupted=True, reason="interrupted: the gateway restarted"
                     )
@@ -442,6 +445,25 @@ class SessionRecorder:
             audit.before_read = self._catch_up_local
         self.spool.on_takeover = self._abandon
         _CURRENT.append(weakref.ref(self))
+
+    def _audit_interrupted(self, sid: str, live: _Live) -> None:
+        """The audit's ``session.end`` of a session the dead process left open, unless it got there first: like
+        every other ended session, its end is in the audit log, and its manifest says so (``audited_end``), so
+        that deleting the manifest (and cutting the events before it) does not pass as a session still open."""
+        if live.audited_end:
+            return
+        meta = live.meta
+        event = {
+            "kind": "session.end",
+            "ts": time.time(),
+            "session": sid,
+            **{k: meta.get(k, "") for k in ("protocol", "target", "peer")},
+            "identity": meta.get("identity") or {},
+            "reason": "interrupted: the gateway restarted",
+            "interrupted": True,
+        }
+        self._append(AUDIT, encode_bytes(event), reserve=True)
+        live.audited_end = True
 
     def _audit_recoveries(self, *, at_start: bool = False) -> None:
         """Audit the spool's recovery problems (``spool.recovered``) not audited yet; the spool forgets each once
@@ -510,6 +532,8 @@ class SessionRecorder:
                     live = state[str(doc["session"])]
                     action = str(doc.get("action"))
                     live.counts[action] = live.counts.get(action, 0) + 1
+                elif doc.get("kind") == "session.end" and doc.get("session") in state:
+                    state[str(doc["session"])].audited_end = True  # audited before the process died
             elif record.type == CARRY:
                 state = self._parse_carry(record.body)
         return state
