@@ -874,3 +874,49 @@ def test_audit_and_sessions_list_show_a_subject_s_line_breaks_escaped(tmp_path: 
     assert len(of_the_session) == 3, audit
     for line in [*of_the_session, sessions[1]]:
         assert "agent-7\\x0a" in line, line
+
+
+def test_listings_escape_what_an_edited_store_says(tmp_path: Path):
+    # `sessions list` printed the id, target and protocol of the index, and `audit list` the kind and protocol of
+    # the events, as they were: a row edited by hand ("\x1b[1A\x1b[2K" in an id) erased the line above it, and a
+    # line break started a line that read as another session.
+    import sqlite3
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import GatewayProcess, wait_port
+
+    port = free_port()
+    target = {"protocol": "http", "listen": f"127.0.0.1:{port}", "upstream": "http://127.0.0.1:9"}
+    gw = GatewayProcess(tmp_path, {"rulepacks": [], "targets": {"api": {**target, "tls": {"enabled": False}}}})
+    gw.start()
+    try:
+        wait_port(port)
+        token = gw.token("agent-7")
+        for _ in range(2):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/x", headers={"Authorization": f"Bearer {token}"})
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(request, timeout=10)
+    finally:
+        gw.stop()
+    state = gw.state_dir
+    erase = "\x1b[1A\x1b[2K"
+    with sqlite3.connect(state / "recordings" / "index.db") as db:
+        [(sid,)] = db.execute("SELECT id FROM sessions ORDER BY started_at LIMIT 1").fetchall()
+        db.execute(
+            "UPDATE sessions SET id = ?, protocol = ?, target = ? WHERE id = ?", (erase + sid, "http\nx", "a\tb", sid)
+        )
+    db.close()
+    with sqlite3.connect(state / "audit.db") as db:
+        db.execute(
+            'UPDATE events SET body = replace(body, \'"protocol":"http"\', ?)', ('"protocol":"' + '\\u001b[8m"',)
+        )
+        db.execute('UPDATE events SET body = replace(body, \'"kind":"decision"\', ?)', ('"kind":"' + '\\u001b[2J"',))
+    db.close()
+    sessions = lictor("sessions", "list", "--state-dir", str(state)).stdout
+    audit = lictor("audit", "list", "--state-dir", str(state)).stdout
+    assert "\\x1b[1A" in sessions and "http\\x0ax" in sessions and "a\\x09b" in sessions, sessions
+    assert len(sessions.splitlines()) == 1 + 2, sessions
+    assert "\\x1b[2J" in audit and "\\x1b[8m" in audit, audit
+    for shown in (sessions, audit):
+        assert "\x1b" not in shown and "\t" not in shown, shown

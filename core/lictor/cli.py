@@ -502,9 +502,9 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
         rules = ",".join(e.get("rule_ids", []))
         summary = req.get("summary", e.get("reason", "")) or _event_summary(e)
         print(
-            f"{e['seq']:>6} {ts:19} {e.get('kind', ''):16} {printable(who, keep='')[:16]:16} "
-            f"{printable(e.get('protocol', ''))[:10]:10} {printable(e.get('action', ''))[:8]:8} "
-            f"{printable(rules)[:28]:28} {printable(summary, keep='')[:160]}"
+            f"{e['seq']:>6} {ts:19} {printable(e.get('kind', ''), keep='')[:16]:16} {printable(who, keep='')[:16]:16} "
+            f"{printable(e.get('protocol', ''), keep='')[:10]:10} {printable(e.get('action', ''), keep='')[:8]:8} "
+            f"{printable(rules, keep='')[:28]:28} {printable(summary, keep='')[:160]}"
         )
     return EXIT_OK
 

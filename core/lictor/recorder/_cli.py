@@ -87,12 +87,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         f"{'EVENTS':>6} {'ALLOW':>5} {'DENY':>5} {'APPR':>5} STATE"
     )
     for r in rows:
-        # one line per session: a line break in a token's subject is shown as \x0a, not started
+        # one line per session, control characters escaped: a line break in a token's subject is shown as \x0a,
+        # not started, and an index edited by hand cannot move the cursor over the lines around its row
         state = "open" if r["open"] else ("interrupted" if r["interrupted"] else "ended")
         d = r["decisions"]
+        sid, sub, target, protocol = (printable(r[k], keep="") for k in ("id", "sub", "target", "protocol"))
         print(
-            f"{r['id'][:12]:12} {_ts(r['started_at']):19} {_duration(r):>8} {printable(r['sub'], keep='')[:16]:16} "
-            f"{printable(r['target'])[:14]:14} {printable(r['protocol'])[:10]:10} {r['events']:>6} {d['allow']:>5} "
+            f"{sid[:12]:12} {_ts(r['started_at']):19} {_duration(r):>8} {sub[:16]:16} "
+            f"{target[:14]:14} {protocol[:10]:10} {r['events']:>6} {d['allow']:>5} "
             f"{d['deny']:>5} {d['approve']:>5} {state}"
         )
     if not rows:
