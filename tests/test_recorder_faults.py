@@ -880,3 +880,46 @@ def test_a_session_a_crash_left_open_has_its_end_audited_so_its_manifest_cannot_
         db.execute("UPDATE sessions SET ended_at = NULL, signed = 0, interrupted = 0 WHERE id = ?", (row["id"],))
     verified = lictor("sessions", "verify", "--all", "--state-dir", str(state), check=False)
     assert verified.returncode == 1 and "the manifest is missing, but the audit log records the end" in verified.stdout
+
+
+def test_http_agents_are_told_the_gateway_cannot_record_when_the_spool_is_full(tmp_path: Path) -> None:
+    # A full spool (here: the local sink held up by a lock on the audit log) refuses new sessions: the HTTP target
+    # answered "500 internal error in the gateway" (rule lictor:addon-error) and logged a traceback per request.
+    # It is no fault of the gateway: 503, lictor:audit-unavailable, retry later, one line in the log.
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    target = {"protocol": "http", "listen": f"127.0.0.1:{port}", "upstream": "http://127.0.0.1:9"}
+    config = {
+        "rulepacks": [],
+        "targets": {"api": {**target, "tls": {"enabled": False}}},
+        "recordings": {"stop_timeout": "1s", "spool": {"max_bytes": "24KiB", "segment_bytes": "8KiB"}},
+    }
+    gateway = GatewayProcess(tmp_path, config).start()
+    statuses: list[int] = []
+    answers: list[dict[str, Any]] = []
+    try:
+        wait_port(port)
+        token = gateway.token("agent-1")
+        with contextlib.closing(sqlite3.connect(gateway.state_dir / "audit.db", isolation_level=None)) as lock:
+            lock.execute("BEGIN EXCLUSIVE")  # the drain process cannot commit: the spool only grows
+            for _ in range(60):
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/x", headers={"Authorization": f"Bearer {token}"}
+                )
+                try:
+                    urllib.request.urlopen(request, timeout=10)
+                except urllib.error.HTTPError as refused:
+                    statuses.append(refused.code)
+                    answers.append(json.loads(refused.read()))
+                if statuses[-1] == 503:
+                    break
+            lock.execute("COMMIT")
+    finally:
+        gateway.stop()
+    assert statuses[0] == 403 and statuses[-1] == 503, statuses  # denied by default, then not recordable
+    assert set(statuses) <= {403, 503}, statuses
+    assert answers[-1]["rule"] == "lictor:audit-unavailable" and "retry later" in answers[-1]["hint"], answers[-1]
+    log = gateway.log_path.read_text()
+    assert "request not forwarded: it cannot be recorded" in log and "Traceback" not in log, log[-3000:]

@@ -55,7 +55,7 @@ from typing import Any
 from urllib.parse import quote_from_bytes, urlsplit, urlunsplit
 
 import mitmproxy
-from lictor import AuthError, Decision, Gateway, Identity, Request, Session, agent_reason
+from lictor import AuditError, AuthError, Decision, Gateway, Identity, Request, Session, agent_reason
 from lictor.shell import ShellIncompleteError, ShellParseError, ShellState, analyse, stdin_shell
 from mitmproxy import http, tls
 from mitmproxy.addons import next_layer, proxyserver, tlsconfig
@@ -108,6 +108,7 @@ WS_SEEN = "lictor.ws_seen"
 DEFAULT_DENY = "lictor:default-deny"
 UNREADABLE = "lictor:unreadable-request"
 INTERNAL = "lictor:addon-error"
+AUDIT_UNAVAILABLE = "lictor:audit-unavailable"
 SPDY_RULE = "lictor:spdy-refused"
 MASKED_WRITE_RULE = "lictor:masked-secret-write"
 STDIN_PROGRAM_RULE = "lictor:exec-stdin-program"
@@ -403,24 +404,34 @@ class LictorProxy:
         headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **answer.headers}
         flow.response = http.Response.make(answer.status, answer.encode(), headers)
 
-    def _internal_error(self, flow: http.HTTPFlow, where: str) -> None:
-        """Fail closed from anywhere in request handling: answer 500, or kill if even that fails; audited."""
+    def _internal_error(self, flow: http.HTTPFlow, where: str, *, unrecordable: bool = False) -> None:
+        """Fail closed from anywhere in request handling: answer 500 (503 when the request could not be recorded),
+        or kill if even that fails; audited."""
         flow.metadata[ALLOWED] = False
         target: HttpTarget | None = None
-        outcome = "answered 500"
+        status = 503 if unrecordable else 500
+        outcome = f"answered {status}"
         try:
             target = self._target(flow.client_conn)
             kubernetes = bool(target and target.kubernetes)
-            self._answer(
-                flow,
-                error(
+            if unrecordable:
+                answer = error(
+                    503,
+                    "the gateway cannot record requests right now (its audit and recording store is unavailable), "
+                    "so the request was not forwarded (fail closed)",
+                    "retry later: requests go through again once the store takes writes",
+                    kubernetes=kubernetes,
+                    rule=AUDIT_UNAVAILABLE,
+                )
+            else:
+                answer = error(
                     500,
                     f"internal error in the gateway while {where}; the request was not forwarded (fail closed)",
                     "retry later or contact the gateway operators",
                     kubernetes=kubernetes,
                     rule=INTERNAL,
-                ),
-            )
+                )
+            self._answer(flow, answer)
         except Exception:
             log.exception("cannot even answer the failed flow; killing it")
             outcome = "connection closed"
@@ -428,7 +439,8 @@ class LictorProxy:
                 flow.kill()
         try:
             # Whatever was decided before the failure (an allow, even), this is what happened to the request.
-            self._audit_refused(flow, target, f"internal error in the gateway while {where}; {outcome}")
+            why = "it could not be recorded" if unrecordable else f"internal error in the gateway while {where}"
+            self._audit_refused(flow, target, f"{why}; {outcome}")
         except Exception:
             log.exception("could not audit the failed flow")
 
@@ -719,6 +731,11 @@ class LictorProxy:
             conn.waiting.add(task)  # cancelled if the agent goes away (e.g. while held for approval)
         try:
             await self._request(flow)
+        except AuditError as exc:
+            # The spool is full or broken (a sink down, a full disk): nothing can be recorded, so nothing goes.
+            # Not a fault of the gateway: one line in the log, and the agent is told to retry later.
+            log.error("request not forwarded: it cannot be recorded (fail closed): %s", exc)
+            self._internal_error(flow, "checking this request", unrecordable=True)
         except Exception:
             log.exception("request handling failed; denying (fail closed)")
             self._internal_error(flow, "checking this request")
