@@ -680,3 +680,53 @@ def test_a_replay_shows_what_was_denied_after_output_that_conceals_text(running:
         before = shown[: line.start(1)]
         assert before.rfind("\x1b[0m") > before.rfind("\x1b[8m"), shown
         assert before.rfind("\x1b[0m") > before.rfind("\x1b[30;40m"), shown
+
+
+def test_output_the_full_spool_cannot_record_does_not_reach_the_agent(running: Running, tmp_path: Path) -> None:
+    # Output was written to the agent, then recorded: with the spool's disk full, `cat` of a file reached the
+    # agent whole while the recording had none of it ("lictor: internal error in the gateway").
+    from tests.conftest import GatewayProcess
+    from tests.test_spool import tiny_tmpfs
+
+    sshd = running.sshd
+    port = free_port()
+    with tiny_tmpfs(tmp_path / "disk", "1m") as disk:
+        config = {
+            "rulepacks": [str(EXAMPLE / "rulepacks")],
+            "approvals": {"listen": f"127.0.0.1:{free_port()}"},
+            "recordings": {"stop_timeout": "1s", "spool": {"path": str(disk / "spool")}},
+            "targets": {
+                "host1": {
+                    "protocol": "ssh",
+                    "listen": f"127.0.0.1:{port}",
+                    "upstream": {
+                        "host": sshd.host,
+                        "port": sshd.port,
+                        "user": sshd.user,
+                        "key": str(sshd.client_key),
+                        "known_hosts": str(sshd.known_hosts),
+                    },
+                }
+            },
+        }
+        gateway = GatewayProcess(tmp_path, config).start()
+        try:
+            host_key = gateway.state_dir / "ssh" / "host1_host_ed25519.pub"
+            client = GatewayClient.create(tmp_path / "client", port, " ".join(host_key.read_text().split()[:2]))
+            token = gateway.token("full-bot", role="admin")
+            ran = subprocess.Popen(
+                client.ssh_argv("sleep 1.5; echo SECRET-LINE; cat /etc/services"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=client.env(token),
+                start_new_session=True,
+            )
+            time.sleep(0.7)  # the command was decided and runs: now the disk fills up
+            subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=4k"], capture_output=True)
+            out, err = ran.communicate(timeout=30)
+            (disk / "filler").unlink()
+        finally:
+            gateway.stop()
+    assert b"SECRET-LINE" not in out and out == b"", out[:300]
+    assert b"lictor: this session can no longer be recorded" in err, err
+    assert "Traceback" not in gateway.log(), gateway.log()[-3000:]

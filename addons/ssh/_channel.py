@@ -55,7 +55,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
-from lictor import Decision, Request, Session, agent_reason, combine
+from lictor import AuditError, Decision, Request, Session, agent_reason, combine
 from lictor.shell import ShellState, analyse
 
 from ._exec import shown, undecodable
@@ -340,6 +340,17 @@ async def handle_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
             await run_scp_server(process)
             return
         await ChannelHandler(agent, process).run()
+    except AuditError as exc:
+        # The spool is full or broken: what the channel does next cannot be recorded, so it ends (fail closed).
+        log.error(
+            "ssh target %s: a channel can no longer be recorded, closing it (fail closed): %s", agent.config.name, exc
+        )
+        with contextlib.suppress(Exception):
+            process.stderr.write(
+                b"lictor: this session can no longer be recorded (the gateway's audit and recording store is "
+                b"unavailable); the channel was closed (fail closed); retry later\n"
+            )
+            process.exit(UNREACHABLE_STATUS)
     except Exception:
         log.exception("ssh channel failed")
         with contextlib.suppress(Exception):
@@ -792,8 +803,8 @@ class ChannelHandler:
             return
         if self.cooked:  # what a terminal's ONLCR would do
             data = data.replace(b"\n", b"\r\n")
+        self._record_out(stream, data)  # first: what cannot be recorded (a full spool) is not sent (it raises)
         writer.write(data)
-        self._record_out(stream, data)
         if stream == "stdout" and self.pty:
             cut = data.rfind(b"\n")
             self._prompt = (data[cut + 1 :] if cut >= 0 else self._prompt + data)[-PROMPT_KEEP:]
@@ -960,8 +971,8 @@ class ChannelHandler:
         assert up is not None
         for event in editor.feed(data):
             if isinstance(event, Echo):
-                self.process.stdout.write(event.data)
                 self._record_out("stdout", event.data)
+                self.process.stdout.write(event.data)
             elif isinstance(event, Line):
                 up.stdin.write(event.text.encode("utf-8") + b"\n")
             elif isinstance(event, Signal):
@@ -990,8 +1001,8 @@ class ChannelHandler:
             self.record("input", {"channel": self.number, "data": data.decode("utf-8", "replace")})
             for event in editor.feed(data):
                 if isinstance(event, Echo):
-                    self.process.stdout.write(event.data)
                     self._record_out("stdout", event.data)
+                    self.process.stdout.write(event.data)
                 elif isinstance(event, Signal):
                     self._interrupt(KEY_SIGNALS[event.char], key=True)
                 elif isinstance(event, Eof):
