@@ -730,3 +730,48 @@ def test_output_the_full_spool_cannot_record_does_not_reach_the_agent(running: R
     assert b"SECRET-LINE" not in out and out == b"", out[:300]
     assert b"lictor: this session can no longer be recorded" in err, err
     assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+
+
+def test_a_shell_whose_input_cannot_be_recorded_ends_saying_so(running: Running, tmp_path: Path) -> None:
+    # The task reading the agent's keys died on the recording failure unnoticed: the shell answered nothing more,
+    # said nothing and logged nothing, and stayed so after the disk had room again.
+    from tests.conftest import GatewayProcess
+    from tests.test_spool import tiny_tmpfs
+
+    sshd = running.sshd
+    port = free_port()
+    with tiny_tmpfs(tmp_path / "disk", "1m") as disk:
+        config = {
+            "rulepacks": [str(EXAMPLE / "rulepacks")],
+            "approvals": {"listen": f"127.0.0.1:{free_port()}"},
+            "recordings": {"stop_timeout": "1s", "spool": {"path": str(disk / "spool")}},
+            "targets": {
+                "host1": {
+                    "protocol": "ssh",
+                    "listen": f"127.0.0.1:{port}",
+                    "upstream": {
+                        "host": sshd.host,
+                        "port": sshd.port,
+                        "user": sshd.user,
+                        "key": str(sshd.client_key),
+                        "known_hosts": str(sshd.known_hosts),
+                    },
+                }
+            },
+        }
+        gateway = GatewayProcess(tmp_path, config).start()
+        try:
+            host_key = gateway.state_dir / "ssh" / "host1_host_ed25519.pub"
+            client = GatewayClient.create(tmp_path / "client", port, " ".join(host_key.read_text().split()[:2]))
+            shell = client.shell(gateway.token("full-bot", role="operator"))
+            try:
+                shell.expect(rb"\$ $")
+                subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=4k"], capture_output=True)
+                shell.send(b"echo " + b"x" * 6000 + b"\r")  # more than the spool's last page has room for
+                told = shell.expect(rb"can no longer be recorded[^\n]*\n", timeout=10)
+                assert b"retry later" in told and shell.wait(timeout=10) != 0
+            finally:
+                shell.close()
+                (disk / "filler").unlink(missing_ok=True)
+        finally:
+            gateway.stop()

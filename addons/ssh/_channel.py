@@ -740,12 +740,18 @@ class ChannelHandler:
         feed = asyncio.ensure_future(self._line_input() if line_mode else self._raw_input())
         closed = asyncio.ensure_future(self.process.channel.wait_closed())
         try:
-            pending: set[asyncio.Future[Any]] = {out, err, closed}
+            pending: set[asyncio.Future[Any]] = {out, err, closed, feed}
             while out in pending or err in pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 if closed in done:  # the agent went away: stop the command
                     self._close_upstream()
                     break
+                failed = feed.exception() if feed in done and not feed.cancelled() else None
+                if isinstance(failed, AuditError):
+                    # The agent's input can no longer be recorded: nothing more is read, so nothing more may
+                    # run; unnoticed, the channel waited for ever for output, even once the spool had room.
+                    self._close_upstream()
+                    raise failed
             for task in (out, err):
                 if task.done() and not task.cancelled() and not self.process.channel.is_closing():
                     exc = task.exception()
