@@ -1110,3 +1110,26 @@ def test_verify_shows_what_an_edited_file_says_with_its_control_characters_escap
     for shown in (verified.stdout, replayed.stderr):
         assert "BROKEN: the manifest is signed by key \\x0d\\x1b[2K" in shown, shown
         assert "\x1b" not in shown and "\r" not in shown and "\\x0a\\x1b[8m, not by" in shown, shown
+
+
+def test_verify_tells_an_edited_event_from_a_last_event_cut_short(tmp_path: Path) -> None:
+    # The store hands lines over without their newline, so every line that did not parse was reported as "the
+    # last event is cut short (a write that did not finish, as on a full disk...)", an edit in the middle too.
+    async def main() -> list[str]:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        sids = [await run_session(gw, f"agent-{i}", ["echo hello", "rm -rf /data"]) for i in range(2)]
+        await gw.stop()
+        return sids
+
+    edited, cut = asyncio.run(main())
+    state = str(tmp_path / "state")
+    [path] = (tmp_path / "state" / "recordings" / "sessions").glob(f"*/{edited}.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = b"[" + lines[1][1:]
+    path.write_bytes(b"".join(lines))
+    [path] = (tmp_path / "state" / "recordings" / "sessions").glob(f"*/{cut}.jsonl")
+    path.write_bytes(path.read_bytes()[:-10])
+    shown = lictor_cli("sessions", "verify", "--all", "--state-dir", state).stdout
+    assert f"{edited}: BROKEN at event 1: the event is not valid JSON (edited)" in shown, shown
+    assert f"{cut}: BROKEN at event " in shown and "the last event is cut short" in shown.split(cut)[1], shown

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,16 @@ def verify_manifest(doc: Mapping[str, Any], public: ed25519.Ed25519PublicKey) ->
     return ""
 
 
+def _with_last(lines: Iterable[bytes]) -> Iterator[tuple[bytes, bool]]:
+    """Each of ``lines`` with whether it is the last one (read one ahead: the lines may be streamed)."""
+    stream = iter(lines)
+    current = next(stream, None)
+    while current is not None:
+        following = next(stream, None)
+        yield current, following is None
+        current = following
+
+
 @dataclass(frozen=True)
 class SessionVerdict:
     """The result of checking one session: ``first_bad`` is the event number to look at."""
@@ -139,17 +149,18 @@ def verify_session(
     """Check the chain of ``lines`` (the stored event bytes, in order) and the signed manifest."""
     prev = GENESIS
     count = 0
-    for index, raw in enumerate(lines):
+    for index, (raw, last) in enumerate(_with_last(lines)):
         line = raw.rstrip(b"\n")
         try:
             event = json.loads(line)
         except ValueError:
-            # Every stored event ends with a newline: one without is the last, cut short by a write that
-            # did not finish (a full disk) or by someone; a whole line that does not parse was edited.
+            # Every stored event ends with a newline: only the last one can be cut short by a write that did
+            # not finish (a full disk), or by someone; a line with others after it that does not parse was
+            # edited (the stores hand lines over without their newline: the position tells).
             problem = (
-                "the event is not valid JSON (edited)"
-                if raw.endswith(b"\n")
-                else "the last event is cut short (a write that did not finish, as on a full disk, or an edit)"
+                "the last event is cut short (a write that did not finish, as on a full disk, or an edit)"
+                if last and not raw.endswith(b"\n")
+                else "the event is not valid JSON (edited)"
             )
             return SessionVerdict(session_id, False, index, False, index, problem)
         if not isinstance(event, dict):
