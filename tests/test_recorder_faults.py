@@ -923,3 +923,32 @@ def test_http_agents_are_told_the_gateway_cannot_record_when_the_spool_is_full(t
     assert answers[-1]["rule"] == "lictor:audit-unavailable" and "retry later" in answers[-1]["hint"], answers[-1]
     log = gateway.log_path.read_text()
     assert "request not forwarded: it cannot be recorded" in log and "Traceback" not in log, log[-3000:]
+
+
+def test_the_command_line_says_what_a_dead_gateway_left_in_its_spool(tmp_path: Path) -> None:
+    # Killed while its local sink was behind, a gateway leaves records in its spool that reach the audit log and
+    # the recordings only when it starts again: meanwhile `audit verify` said "audit log OK" and `sessions list`
+    # showed the store as if it were everything, with no word of the denials still waiting in the spool.
+    gateway, port = _line_gateway(tmp_path)
+    gateway.start()
+    state = str(gateway.state_dir)
+    try:
+        wait_port(port)
+        token = gateway.token("agent-1", role="ops")
+        _commands(port, token, ["echo stored"])
+        assert "left" not in lictor("audit", "verify", "--state-dir", state).stderr
+        with contextlib.closing(sqlite3.connect(gateway.state_dir / "audit.db", isolation_level=None)) as lock:
+            lock.execute("BEGIN EXCLUSIVE")  # the drain process cannot store anything more
+            _commands(port, token, ["echo waiting", "echo more"])
+            os.kill(gateway.pid, signal.SIGKILL)
+            assert gateway.proc is not None and gateway.proc.wait(10) == -signal.SIGKILL
+            lock.execute("COMMIT")
+        for args in (("audit", "verify"), ("sessions", "list")):
+            shown = lictor(*args, "--state-dir", state, check=False)
+            assert "audit and session record(s) that are not stored yet" in shown.stderr, (args, shown.stderr)
+            assert "echo waiting" not in shown.stdout, (args, shown.stdout)
+        gateway.start()  # stores what the spool held
+    finally:
+        gateway.stop()
+    shown = lictor("audit", "list", "--state-dir", state)
+    assert "echo waiting" in shown.stdout and "not stored yet" not in shown.stderr, shown.stderr

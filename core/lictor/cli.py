@@ -448,12 +448,13 @@ def _settle_recordings(config: GatewayConfig | None, state: Path) -> None:
     """Let a running gateway's drain process write what its spool holds now (bounded), so that what was
     just done shows up."""
     from .recorder import RecordingsConfig
-    from .recorder._recorder import wait_for_local_store
+    from .recorder._recorder import local_store_note
 
     try:
         rec = RecordingsConfig.from_gateway_config(config) if config else RecordingsConfig.from_section({}, state)
-        if not wait_for_local_store(rec):
-            print("lictor: the gateway's drain process is behind; showing what is stored so far", file=sys.stderr)
+        note = local_store_note(rec)
+        if note:
+            print(f"lictor: {note}", file=sys.stderr)
     except (ConfigError, OSError, ValueError):
         pass  # reading what is there is still right
 

@@ -14,7 +14,7 @@ from typing import Any
 from .._text import count_arg, printable
 from ..config import ConfigError, load_config
 from ._chain import SessionVerdict
-from ._recorder import RecordingsConfig, make_sink, wait_for_local_store
+from ._recorder import RecordingsConfig, local_store_note, make_sink
 from ._replay import asciicast_lines, replay
 from ._sinks import PostgresSink, Retention, S3Sink
 from ._store import LocalStore, RemoteStore, Store, iter_events, resolve_id, select_sessions, verify
@@ -45,14 +45,25 @@ def _store(args: argparse.Namespace) -> Store:
             sink = make_sink(replace(sink_cfg, retention=Retention()), rec, gid, None)
             assert isinstance(sink, (PostgresSink, S3Sink))
             return RemoteStore(sink, rec.state_dir)
-        wait_for_local_store(rec)
+        _settle(rec)
         audit = (
             config.resolve(str(config.section("audit")["sqlite"])) if config.section("audit").get("sqlite") else None
         )
         return LocalStore(rec.local_dir, rec.state_dir, audit)
     state = Path(args.state_dir or os.environ.get("LICTOR_STATE_DIR", "state"))
-    wait_for_local_store(RecordingsConfig.from_section({}, state))
+    _settle(RecordingsConfig.from_section({}, state))
     return LocalStore(state / "recordings", state)
+
+
+def _settle(rec: RecordingsConfig) -> None:
+    """Let the local store catch up with a running gateway's spool; say on stderr when it does not hold
+    everything the spool holds (a gateway behind, or one that stopped before storing it)."""
+    try:
+        note = local_store_note(rec)
+    except (OSError, ValueError):
+        return  # reading what is there is still right
+    if note:
+        print(f"lictor: {note}", file=sys.stderr)
 
 
 def _ts(t: Any) -> str:

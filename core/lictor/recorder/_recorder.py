@@ -264,6 +264,38 @@ class RecordingsConfig:
         return cls.from_section(config.section("recordings"), config.state_dir, config.resolve)
 
 
+def local_store_note(config: RecordingsConfig, timeout: float = 3.0) -> str:
+    """For readers in another process: let a running gateway's local store catch up with its spool (see
+    :func:`wait_for_local_store`); "" when the local store holds what the spool holds, else what to tell the
+    reader: a gateway that died (SIGKILL, a crash) or stopped while a sink was down leaves records in its
+    spool that reach the audit log and the recordings only when it starts again, and an intact chain says
+    nothing of them."""
+    if writer_alive(config.spool_dir):
+        if wait_for_local_store(config, timeout):
+            return ""
+        return "the gateway's drain process is behind; showing what is stored so far"
+    local = next((s.name for s in config.sinks if s.type == "local"), "local")
+    committed = Offset.peek(config.offset_path(local)) or 0
+    reader = SpoolReader(SpoolView(config.spool_dir), committed)
+    left, more = 0, True
+    try:
+        for _ in range(4):  # at most ~16 MiB of the spool: enough to tell
+            batch = reader.read()
+            if not batch:
+                more = False
+                break
+            left += sum(1 for record in batch if record.type != CARRY)
+    finally:
+        reader.close()
+    if not left:
+        return ""
+    return (
+        f"the spool {config.spool_dir} holds {left}{' or more' if more else ''} audit and session record(s) that "
+        "are not stored yet (the gateway stopped before it could store them: they are when it starts again); "
+        "showing what is stored"
+    )
+
+
 def wait_for_local_store(config: RecordingsConfig, timeout: float = 3.0) -> bool:
     """For readers in another process (``lictor audit list``, ``lictor sessions``): wait, at most
     ``timeout`` seconds, until a running gateway's local store (the audit log and local recordings)
