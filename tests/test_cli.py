@@ -920,3 +920,45 @@ def test_listings_escape_what_an_edited_store_says(tmp_path: Path):
     assert "\\x1b[2J" in audit and "\\x1b[8m" in audit, audit
     for shown in (sessions, audit):
         assert "\x1b" not in shown and "\t" not in shown, shown
+
+
+def test_audit_list_lists_an_edited_log_that_audit_verify_names(tmp_path: Path):
+    # `audit verify` names an edited event; `audit list`, which shows what the edit changed, stopped on it with a
+    # TypeError traceback when a rule id was a number or the time a string.
+    import sqlite3
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import GatewayProcess, wait_port
+
+    port = free_port()
+    target = {"protocol": "http", "listen": f"127.0.0.1:{port}", "upstream": "http://127.0.0.1:9"}
+    gw = GatewayProcess(tmp_path, {"rulepacks": [], "targets": {"api": {**target, "tls": {"enabled": False}}}})
+    gw.start()
+    try:
+        wait_port(port)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/x", headers={"Authorization": f"Bearer {gw.token('a')}"}
+        )
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(request, timeout=10)
+    finally:
+        gw.stop()
+    state = str(gw.state_dir)
+    with sqlite3.connect(gw.state_dir / "audit.db") as db:
+        db.execute(
+            """UPDATE events SET body = replace(body, '"rule_ids":[', '"rule_ids":[7,') WHERE kind = 'decision'"""
+        )
+        db.execute(
+            """UPDATE events SET body = replace(body, '"ts":', '"ts":"noon","was":') WHERE kind = 'session.end'"""
+        )
+        db.execute(
+            """UPDATE events SET body = replace(body, '"identity":{', '"identity":"x","i":{') WHERE kind = 'session.start'"""
+        )
+    db.close()
+    assert "BROKEN" in lictor("audit", "verify", "--state-dir", state, check=False).stdout
+    listed = lictor("audit", "list", "--state-dir", state, check=False)
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert any(" decision " in line and "7,lictor:default-deny" in line for line in lines), listed.stdout
+    assert any(line.split()[1:3] == ["?", "session.end"] for line in lines), listed.stdout

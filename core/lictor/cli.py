@@ -496,11 +496,18 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'SEQ':>6} {'TIME':19} {'KIND':16} {'WHO':16} {'PROTO':10} {'ACTION':8} {'RULES':28} SUMMARY")
     for e in events:
-        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("ts", 0)))
+        # An edited event (which `audit verify` names) is listed as it reads: the listing is what shows the edit.
+        try:
+            ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(e.get("ts") or 0)))
+        except (TypeError, ValueError, OverflowError, OSError):
+            ts = "?"
         # a subject's line break would start a line that reads as another event: shown as \x0a, as in the summary
-        who = (e.get("identity") or {}).get("sub", "")
-        req = e.get("request") or {}
-        rules = ",".join(e.get("rule_ids", []))
+        identity = e.get("identity")
+        who = identity.get("sub", "") if isinstance(identity, Mapping) else ""
+        request = e.get("request")
+        req: Mapping[str, Any] = request if isinstance(request, Mapping) else {}
+        rule_ids = e.get("rule_ids")
+        rules = ",".join(map(str, rule_ids)) if isinstance(rule_ids, list) else str(rule_ids or "")
         summary = req.get("summary", e.get("reason", "")) or _event_summary(e)
         print(
             f"{e['seq']:>6} {ts:19} {printable(e.get('kind', ''), keep='')[:16]:16} {printable(who, keep='')[:16]:16} "
