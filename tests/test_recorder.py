@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sqlite3
 import subprocess
 import time
@@ -1133,3 +1134,27 @@ def test_verify_tells_an_edited_event_from_a_last_event_cut_short(tmp_path: Path
     shown = lictor_cli("sessions", "verify", "--all", "--state-dir", state).stdout
     assert f"{edited}: BROKEN at event 1: the event is not valid JSON (edited)" in shown, shown
     assert f"{cut}: BROKEN at event " in shown and "the last event is cut short" in shown.split(cut)[1], shown
+
+
+def test_replay_and_export_show_what_follows_an_edited_event(tmp_path: Path) -> None:
+    # A recording that does not verify is shown as the store holds it, after a warning: but an event whose time
+    # was not a number, or a line that was not a JSON object, stopped the replay there ("could not convert string
+    # to float", a traceback for asciicast), so the denial after it was not shown.
+    async def main() -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        sid = await run_session(gw, "agent-1", ["echo hello", "echo again", "rm -rf /data"])
+        await gw.stop()
+        return sid
+
+    sid = asyncio.run(main())
+    [path] = (tmp_path / "state" / "recordings" / "sessions").glob(f"*/{sid}.jsonl")
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = re.sub(rb'"t":[0-9.]+', b'"t":"later"', lines[1])
+    lines[2] = b"[1,2]\n"
+    path.write_bytes(b"".join(lines))
+    state = str(tmp_path / "state")
+    for args in (("replay", sid, "--no-wait"), ("sessions", "export", sid, "--format", "asciicast")):
+        shown = lictor_cli(*args, "--state-dir", state)
+        assert shown.returncode == 1 and "does not verify" in shown.stderr and "Traceback" not in shown.stderr, shown
+        assert "rm -rf /data" in shown.stdout and "[unreadable]" in shown.stdout, shown.stdout

@@ -165,13 +165,24 @@ def cmd_export(args: argparse.Namespace) -> int:
             if manifest_raw is not None:
                 out.write(manifest_raw.decode() + "\n")
         else:
-            manifest = json.loads(manifest_raw)["manifest"] if manifest_raw else None
+            manifest = _manifest_body(manifest_raw)
             for text in asciicast_lines(manifest, iter_events(lines), title=f"lictor session {sid}"):
                 out.write(text + "\n")
     finally:
         if out is not sys.stdout:
             out.close()
     return EXIT_OK if verified else EXIT_FAIL
+
+
+def _manifest_body(raw: bytes | None) -> dict[str, Any] | None:
+    """The manifest's body for the asciicast header; None when there is none that reads (an edited one was
+    already named by the warning)."""
+    try:
+        doc = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    body = doc.get("manifest") if isinstance(doc, dict) else None
+    return body if isinstance(body, dict) else None
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

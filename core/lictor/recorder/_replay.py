@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -57,6 +58,14 @@ def terminal_text(text: str) -> str:
     return "".join(out)
 
 
+def _time(event: Mapping[str, Any]) -> float | None:
+    """The event's time; None when it is not a number (an edited recording: shown all the same)."""
+    t = event.get("t")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t):
+        return float(t)
+    return None
+
+
 def render(event: Mapping[str, Any], *, show_input: bool = False, raw: bool = False) -> str | None:
     """The text of one event as the replay shows it (None: nothing to show).
 
@@ -65,7 +74,10 @@ def render(event: Mapping[str, Any], *, show_input: bool = False, raw: bool = Fa
     keeps what draws text on the current line (see :func:`terminal_text`); ``raw=True`` returns it as
     recorded, for full-screen programs of a raw shell.
     """
-    text = _render(event, show_input=show_input)
+    try:
+        text = _render(event, show_input=show_input)
+    except (TypeError, ValueError, AttributeError):  # fields of unexpected types (an edited recording)
+        text = f"[{event.get('kind', '')}] {json.dumps(event.get('data'), ensure_ascii=False, default=str)}\n"
     if text is None:
         return text
     kind = str(event.get("kind", ""))
@@ -144,13 +156,14 @@ def replay(
     previous: float | None = None
     styled = False  # terminal output since the last reset set colours or attributes
     for event in events:
-        t = float(event.get("t") or 0.0)
-        if wait and previous is not None and t > previous:
-            delay = min(t - previous, max_idle) / max(speed, 1e-6)
-            if delay > 0.0005:
-                out.flush()
-                sleep(delay)
-        previous = t
+        t = _time(event)
+        if t is not None:
+            if wait and previous is not None and t > previous:
+                delay = min(t - previous, max_idle) / max(speed, 1e-6)
+                if delay > 0.0005:
+                    out.flush()
+                    sleep(delay)
+            previous = t
         text = render(event, show_input=show_input, raw=raw)
         if text:
             if event.get("kind") == "output":
@@ -194,7 +207,7 @@ def asciicast_lines(
     """
     stream = iter(events)
     head = list(itertools.islice(stream, _PEEK))
-    start = float(head[0].get("t") or 0.0) if head else 0.0
+    start = next((t for t in map(_time, head) if t is not None), 0.0)
     width, height = 80, 24
     for event in head:
         data = event.get("data")
@@ -218,8 +231,10 @@ def asciicast_lines(
         header["duration"] = round(float(manifest["ended_at"]) - start, 6)
     yield json.dumps(header)
     terminal = is_terminal(head)
+    at = 0.0
     for event in itertools.chain(head, stream):
-        at = round(max(float(event.get("t") or start) - start, 0.0), 6)
+        t = _time(event)
+        at = round(max(t - start, 0.0), 6) if t is not None else at  # no time of its own: with the one before
         kind = event.get("kind")
         data = event.get("data")
         d: Mapping[str, Any] = data if isinstance(data, Mapping) else {}

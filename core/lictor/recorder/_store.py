@@ -328,8 +328,17 @@ def parse_events(lines: Iterable[bytes]) -> list[dict[str, Any]]:
 
 
 def iter_events(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The events to show (replay, export): a line that is not a JSON object (an edit, a write cut short) is
+    shown as what it is, an ``unreadable`` event, and the events after it still are."""
     for line in lines:
-        yield json.loads(line)
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        if isinstance(event, dict):
+            yield event
+        else:
+            yield {"kind": "unreadable", "data": {"line": line.decode("utf-8", "replace")}}
 
 
 def verify(
