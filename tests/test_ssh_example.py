@@ -5,6 +5,7 @@ with the real OpenSSH client."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -682,9 +684,9 @@ def test_a_replay_shows_what_was_denied_after_output_that_conceals_text(running:
         assert before.rfind("\x1b[0m") > before.rfind("\x1b[30;40m"), shown
 
 
-def test_output_the_full_spool_cannot_record_does_not_reach_the_agent(running: Running, tmp_path: Path) -> None:
-    # Output was written to the agent, then recorded: with the spool's disk full, `cat` of a file reached the
-    # agent whole while the recording had none of it ("lictor: internal error in the gateway").
+@contextlib.contextmanager
+def _gateway_with_spool_on_a_tiny_disk(running: Running, tmp_path: Path) -> Iterator[tuple[Any, GatewayClient, Path]]:
+    """A gateway on the example's pack whose spool lies on a 1 MiB tmpfs the test can fill."""
     from tests.conftest import GatewayProcess
     from tests.test_spool import tiny_tmpfs
 
@@ -713,65 +715,48 @@ def test_output_the_full_spool_cannot_record_does_not_reach_the_agent(running: R
         try:
             host_key = gateway.state_dir / "ssh" / "host1_host_ed25519.pub"
             client = GatewayClient.create(tmp_path / "client", port, " ".join(host_key.read_text().split()[:2]))
-            token = gateway.token("full-bot", role="admin")
-            ran = subprocess.Popen(
-                client.ssh_argv("sleep 1.5; echo SECRET-LINE; cat /etc/services"),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=client.env(token),
-                start_new_session=True,
-            )
-            time.sleep(0.7)  # the command was decided and runs: now the disk fills up
-            subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=4k"], capture_output=True)
-            out, err = ran.communicate(timeout=30)
-            (disk / "filler").unlink()
+            yield gateway, client, disk
         finally:
             gateway.stop()
+
+
+def _fill(disk: Path) -> None:
+    subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=4k"], capture_output=True)
+
+
+def test_output_the_full_spool_cannot_record_does_not_reach_the_agent(running: Running, tmp_path: Path) -> None:
+    # Output was written to the agent, then recorded: with the spool's disk full, `cat` of a file reached the
+    # agent whole while the recording had none of it ("lictor: internal error in the gateway").
+    with _gateway_with_spool_on_a_tiny_disk(running, tmp_path) as (gateway, client, disk):
+        token = gateway.token("full-bot", role="admin")
+        ran = subprocess.Popen(
+            client.ssh_argv("echo STARTED; sleep 1.5; echo SECRET-LINE; cat /etc/services"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=client.env(token),
+            start_new_session=True,
+        )
+        assert ran.stdout is not None
+        first = ran.stdout.readline()  # the command was decided and runs: now the disk fills up
+        _fill(disk)
+        out, err = ran.communicate(timeout=30)
+        (disk / "filler").unlink()
+    assert first == b"STARTED\n", (first, err)
     assert b"SECRET-LINE" not in out and out == b"", out[:300]
     assert b"lictor: this session can no longer be recorded" in err, err
     assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
 
 
-def test_a_shell_whose_input_cannot_be_recorded_ends_saying_so(running: Running, tmp_path: Path) -> None:
-    # The task reading the agent's keys died on the recording failure unnoticed: the shell answered nothing more,
-    # said nothing and logged nothing, and stayed so after the disk had room again.
-    from tests.conftest import GatewayProcess
-    from tests.test_spool import tiny_tmpfs
-
-    sshd = running.sshd
-    port = free_port()
-    with tiny_tmpfs(tmp_path / "disk", "1m") as disk:
-        config = {
-            "rulepacks": [str(EXAMPLE / "rulepacks")],
-            "approvals": {"listen": f"127.0.0.1:{free_port()}"},
-            "recordings": {"stop_timeout": "1s", "spool": {"path": str(disk / "spool")}},
-            "targets": {
-                "host1": {
-                    "protocol": "ssh",
-                    "listen": f"127.0.0.1:{port}",
-                    "upstream": {
-                        "host": sshd.host,
-                        "port": sshd.port,
-                        "user": sshd.user,
-                        "key": str(sshd.client_key),
-                        "known_hosts": str(sshd.known_hosts),
-                    },
-                }
-            },
-        }
-        gateway = GatewayProcess(tmp_path, config).start()
-        try:
-            host_key = gateway.state_dir / "ssh" / "host1_host_ed25519.pub"
-            client = GatewayClient.create(tmp_path / "client", port, " ".join(host_key.read_text().split()[:2]))
-            shell = client.shell(gateway.token("full-bot", role="operator"))
-            try:
-                shell.expect(rb"\$ $")
-                subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=4k"], capture_output=True)
-                shell.send(b"echo " + b"x" * 6000 + b"\r")  # more than the spool's last page has room for
-                told = shell.expect(rb"can no longer be recorded[^\n]*\n", timeout=10)
-                assert b"retry later" in told and shell.wait(timeout=10) != 0
-            finally:
-                shell.close()
-                (disk / "filler").unlink(missing_ok=True)
-        finally:
-            gateway.stop()
+def test_a_session_the_full_spool_cannot_record_is_refused_with_a_reason(running: Running, tmp_path: Path) -> None:
+    # The login succeeded, the session could not be opened (its start cannot be spooled), and the connection
+    # closed with nothing for the agent to read but "Connection closed".
+    with _gateway_with_spool_on_a_tiny_disk(running, tmp_path) as (gateway, client, disk):
+        token = gateway.token("full-bot", role="admin")
+        _fill(disk)
+        # the segment the spool writes in has room left: output that cannot be recorded takes it
+        spent = client.ssh(token, "cat /etc/services /etc/services")
+        ran = client.ssh(token, "echo RAN")
+        (disk / "filler").unlink()
+    assert b"lictor: this session can no longer be recorded" in spent.stderr, spent.stderr
+    assert ran.returncode != 0 and b"RAN" not in ran.stdout, ran
+    assert b"the gateway cannot record a session now" in ran.stderr and b"retry later" in ran.stderr, ran.stderr

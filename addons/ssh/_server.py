@@ -304,6 +304,15 @@ class AgentConnection(asyncssh.SSHServer):
         if self.conn is not None:
             self.conn.close()
 
+    def _disconnect(self, reason: str) -> None:
+        """Close the connection with ``reason``, which the agent's ssh prints ("Received disconnect ...")."""
+        if self.conn is None:
+            return
+        try:
+            self.conn.disconnect(asyncssh.DISC_SERVICE_NOT_AVAILABLE, reason)
+        except Exception:
+            self.conn.close()
+
     def next_channel(self) -> int:
         self._channels += 1
         return self._channels
@@ -453,7 +462,8 @@ class AgentConnection(asyncssh.SSHServer):
             if not self._session.done():
                 self._session.set_exception(ConnectionError(f"the session could not be recorded ({exc})"))
                 self._session.exception()
-            self.close()
+            # past authentication no banner can be sent: the disconnect's reason is what ssh prints
+            self._disconnect("lictor: the gateway cannot record a session now, so it opens none; retry later")
             return
         session.meta["ssh_user"] = self.username
         if self._session.done():  # the connection went away meanwhile
