@@ -353,6 +353,43 @@ def test_explain_and_test_need_a_target_when_rules_are_scoped_to_targets(tmp_pat
     assert "=> DENY (denied by rule no-rm" in out.stdout
 
 
+def test_explain_and_test_with_a_config_load_the_packs_as_the_gateway_does(tmp_path: Path, capsys) -> None:
+    # A deny scoped to `targets: [App]` when the config's target is `app`: `lictor run` refuses the pack and keeps
+    # its last good policy, while `explain -c` and `test -c` read the edit as live and reported it denying.
+    from lictor.cli import main
+
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: p}\nidentities: [{match: {sub: '*'}, roles: [r]}]\n"
+        "roles:\n  r:\n    rules:\n      - {id: ok, protocol: postgres, when: {statements: select}, action: allow}\n"
+        "      - {id: no-orders, protocol: postgres, targets: [App], when: {tables: orders}, action: deny}\n"
+    )
+    (packs / "p.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n  - name: no orders\n    identity: {sub: a}\n"
+        "    request: {protocol: postgres, target: App, sql: select * from orders}\n"
+        "    expect: {action: deny, rule: no-orders}\n"
+    )
+    config = tmp_path / "lictor.yaml"
+    config.write_text(
+        f"version: 1\nstate_dir: {tmp_path / 'state'}\nrulepacks: [packs]\n"
+        f"targets:\n  app:\n    protocol: postgres\n    listen: 127.0.0.1:{free_port()}\n    upstream: {{host: db}}\n"
+    )
+    refused = f"{packs / 'p.yaml'}:8:55: unknown target 'App' (targets in the gateway config: app)"
+    assert main(["check", "-c", str(config)]) == 1
+    assert refused in capsys.readouterr().out
+    for command in (["test"], ["explain", "--sub", "a", "--target", "App", "--sql", "select * from orders"]):
+        assert main([command[0], "-c", str(config), *command[1:]]) == 1
+        out = capsys.readouterr().out
+        assert refused in out and "DENY" not in out and "passed" not in out, out
+    # and a request to a target the gateway does not have is not explained as if it reached one
+    (packs / "p.yaml").write_text((packs / "p.yaml").read_text().replace("[App]", "[app]"))
+    assert main(["explain", "-c", str(config), "--sub", "a", "--target", "App", "--sql", "select 1"]) == 2
+    assert "unknown target 'App' (targets in " in capsys.readouterr().out
+    assert main(["explain", "-c", str(config), "--sub", "a", "--target", "app", "--sql", "select * from orders"]) == 0
+    assert "=> DENY (denied by rule no-orders" in capsys.readouterr().out
+
+
 def test_run_reports_a_recordings_directory_it_cannot_make_without_a_traceback(tmp_path: Path):
     # A file where the recordings directory should be ended `lictor run` with a Python traceback.
     (tmp_path / "notadir").write_text("")

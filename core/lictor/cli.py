@@ -129,6 +129,13 @@ def _check_config(config: GatewayConfig, manager: AddonManager) -> int:
     return 0
 
 
+def _config_targets(config: GatewayConfig | None) -> dict[str, str] | None:
+    """The gateway config's targets (name -> protocol), which ``lictor run`` checks the packs' ``targets`` against:
+    with ``-c``, ``test`` and ``explain`` load the packs as the gateway does, so a pack it would refuse (and keep
+    the last good policy instead) is not tested or explained as if it were live."""
+    return {t.name: t.protocol for t in config.targets.values()} if config is not None else None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config, manager, paths = _packs(args)
     config_errors = _check_config(config, manager) if config is not None else 0
@@ -145,8 +152,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not paths:
         print("nothing to check: give rule pack files or directories, or -c lictor.yaml", file=sys.stderr)
         return EXIT_USAGE
-    targets = {t.name: t.protocol for t in config.targets.values()} if config else None
-    result = load_policy(paths, manager.vocabularies, targets=targets)
+    result = load_policy(paths, manager.vocabularies, targets=_config_targets(config))
     if not result.files and not result.problems:
         # a misspelt directory of a CI job, or packs saved as .yml.txt: "OK" would pass checking nothing
         print(f"no rule pack files (*.yaml, *.yml) under {', '.join(map(str, paths))}")
@@ -187,7 +193,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     config, manager, paths = _packs(args)
-    result = load_policy(paths, manager.vocabularies)
+    result = load_policy(paths, manager.vocabularies, targets=_config_targets(config))
     if result.policy is None:
         for problem in result.errors:
             print(problem)
@@ -221,11 +227,12 @@ def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    _, manager, paths = _packs(args)
-    result = load_policy(paths, manager.vocabularies)
+    config, manager, paths = _packs(args)
+    result = load_policy(paths, manager.vocabularies, targets=_config_targets(config))
     if result.policy is None:
         for problem in result.errors:
             print(problem)
+        print("rule packs do not load; fix them first (lictor check)")
         return EXIT_FAIL
     policy = result.policy
     claims = _parse_kv(args.claim)
@@ -246,6 +253,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
             spec[key] = value
     if "sql" in spec and "protocol" not in spec:
         spec["protocol"] = "postgres"  # only PostgreSQL requests are SQL
+    if config is not None and spec.get("target") and str(spec["target"]) not in config.targets:
+        # target names are case-sensitive: the gateway never sees a request to `App` when its target is `app`
+        known = ", ".join(sorted(config.targets)) or "none"
+        print(f"cannot build the request: unknown target {spec['target']!r} (targets in {config.path}: {known})")
+        return EXIT_USAGE
     try:
         requests = build_requests(policy, spec)
     except ValueError as exc:
