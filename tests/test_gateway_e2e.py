@@ -281,6 +281,30 @@ def test_a_pack_moved_in_whole_goes_live_at_once(line_gateway, tmp_path):
     c.close()
 
 
+def test_an_edit_of_a_pack_linked_from_another_directory_goes_live(line_gateway, tmp_path):
+    # A pack that is a symlink to a shared file elsewhere: an edit of that file happens outside the watched
+    # directory, and the gateway kept enforcing the pack as it was (a new deny never went live).
+    gw = line_gateway
+    c = Client(gw.port, gw.token("agent-1", role="reader"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    extra = shared / "extra.yaml"
+    rule = "      - {id: no-RID, protocol: line, when: {commands: ['* WORD*']}, action: deny}\n"
+    extra.write_text(
+        "format: lictor/v1\nmetadata: {name: extra}\nroles:\n  reader-extra:\n    rules:\n"
+        + rule.replace("RID", "a").replace("WORD", "invoices")
+        + "identities: [{match: {claims: {role: reader}}, roles: [reader-extra]}]\n"
+    )
+    os.symlink(extra, gw.packs / "extra.yaml")
+    assert _wait_reply(c, "get invoices", "DENIED", timeout=5).startswith("DENIED no-a")
+    assert c.ask("get orders").startswith("OK")
+    text = extra.read_text()
+    with open(extra, "w") as fh:  # an edit in place, as most editors save
+        fh.write(text.replace("    rules:\n", "    rules:\n" + rule.replace("RID", "b").replace("WORD", "orders"), 1))
+    assert _wait_reply(c, "get orders", "DENIED", timeout=5).startswith("DENIED no-b")
+    c.close()
+
+
 def test_sigterm_stops_cleanly_and_audit_verifies(line_gateway):
     gw = line_gateway
     c = Client(gw.port, gw.token("agent-2", role="reader"))

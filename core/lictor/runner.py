@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -47,6 +48,9 @@ class PolicyWatcher:
       (``mv new rulepacks``), re-created or is a symlink switched to another directory, its events stop.
       The configured paths are polled every ``poll_interval`` seconds; when what they name changes, the
       watches are set again and the packs reloaded.
+    * A pack that is a symlink to a file in another directory (a shared baseline) changes where the link points,
+      not in a watched directory: the directories such links lead to are watched too (not recursively), and the
+      set of them is worked out again on every reload.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class PolicyWatcher:
         self._lock = asyncio.Lock()
         self._writing: dict[str, float] = {}  # pack files open for writing -> when first seen
         self._roots: dict[Path, tuple[int, int]] = {}
+        self._linked: frozenset[Path] = frozenset()  # directories outside the roots that pack symlinks lead to
         self._poller: asyncio.Task[None] | None = None
         self.reloads = 0
 
@@ -80,9 +85,38 @@ class PolicyWatcher:
             except OSError:
                 continue
             roots.setdefault(d, (st.st_dev, st.st_ino))
+        for d in self._linked:
+            try:
+                st = d.stat()
+            except OSError:
+                continue
+            roots.setdefault(d, (st.st_dev, st.st_ino))
         return roots
 
+    def _linked_dirs(self) -> frozenset[Path]:
+        """The directories, outside the configured ones, of the files that pack symlinks lead to: an edit there
+        changes a pack, and no watched directory reports it."""
+        from .rulepacks import discover
+
+        inside: list[Path] = []
+        for p in self.gateway.config.rulepacks:
+            with contextlib.suppress(OSError):
+                inside.append((p if p.is_dir() else p.parent).resolve())
+        linked: set[Path] = set()
+        for f in discover(self.gateway.config.rulepacks):
+            try:
+                parent = f.resolve(strict=True).parent
+            except (OSError, RuntimeError):  # a broken link or a loop: an error of the load itself
+                continue
+            if not any(parent.is_relative_to(d) for d in inside):
+                linked.add(parent)
+        return frozenset(linked)
+
     def start(self) -> None:
+        try:
+            self._linked = self._linked_dirs()
+        except Exception:
+            log.exception("finding the directories rule-pack symlinks lead to failed")
         self._start_observer()
         self._poller = self.loop.create_task(self._poll())
 
@@ -121,7 +155,7 @@ class PolicyWatcher:
 
         roots = self._watched_roots()
         for d in roots:
-            observer.schedule(Handler(), str(d), recursive=True)
+            observer.schedule(Handler(), str(d), recursive=d not in self._linked)
         observer.daemon = True
         observer.start()
         self._observer = observer
@@ -173,6 +207,17 @@ class PolicyWatcher:
         async with self._lock:
             gw = self.gateway
             result = await asyncio.to_thread(gw.compile_policy)
+            try:
+                linked = await asyncio.to_thread(self._linked_dirs)
+            except Exception:
+                log.exception("finding the directories rule-pack symlinks lead to failed")
+                linked = self._linked
+            if linked != self._linked:
+                # a pack now links to a file elsewhere (or no longer does): watch where the links lead
+                self._linked = linked
+                self._stop_observer()
+                self._start_observer()
+                self.schedule()  # an edit while no watch was set is not lost
             if not gw.apply_policy(result):
                 return
             self.reloads += 1
