@@ -438,6 +438,27 @@ def test_path_braces_that_are_not_templates_are_errors(tmp_path, pattern: str) -
             "paths: 'api/v1/*' can never match: request paths start with '/' (write '/api/v1/*')",
         ),
         ("{json: {a.b: x}}", "json: 'a.b' can never match: JSON paths start at the document, as in '$.a.b'"),
+        # bodies are flattened as $.a.b, $.items[*].id and $["odd key"]: a key written otherwise is never found
+        (
+            '{json: {"$.addresses[0].country": x}}',
+            "json: '$.addresses[0].country' can never match: the gateway reads this path as '$.addresses[*].country' "
+            "(array items are read as [*], whatever their index); write that",
+        ),
+        (
+            """{json: {"$['vip']": x}}""",
+            "json: \"$['vip']\" can never match: the gateway reads this path as '$.vip' (a plain name follows a dot, "
+            "any other key is in double quotes as in JSON); write that",
+        ),
+        (
+            """{json: {'$.a["b"].odd key': x}}""",
+            """json: '$.a["b"].odd key' can never match: the gateway reads this path as '$.a.b["odd key"]' (a plain """
+            "name follows a dot, any other key is in double quotes as in JSON); write that",
+        ),
+        (
+            '{json: {"$..role": x}}',
+            "json: '$..role' can never match: JSON paths are literal keys (the part at position 2 is not one); write "
+            'them as $.a.b, $.items[*].id (every array item) or $["odd key"]',
+        ),
         (
             "{hosts: ['https://api.internal']}",
             "hosts: 'https://api.internal' can never match: hosts are host names alone, without scheme, port or "
@@ -464,6 +485,15 @@ def test_paths_that_no_request_has_are_errors(tmp_path, when: str, message: str)
     )
     result = load_policy([tmp_path], {"http": HTTP_VOCABULARY, "kubernetes": K8S_VOCABULARY})
     assert [f"{e.loc.line}: {e.message}" for e in result.errors] == [f"6: roles.r.rules.0.when.{message}"]
+
+
+def test_json_paths_spelt_as_the_gateway_reads_bodies_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    when = """{json: {$: x, $.a-b: x, '$.items[*].id': x, '$["odd key"][*]': x, '$["café"]': x, '$[*].op': x}}"""
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: p, owner: sec}\nroles:\n  r:\n    rules:\n"
+        f"      - {{id: d, protocol: http, when: {when}, action: deny}}\n"
+    )
+    assert load_policy([tmp_path], {"http": HTTP_VOCABULARY}).errors == []
 
 
 def test_a_bracketed_brace_is_a_literal(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,7 +11,15 @@ from typing import Any
 from lictor import Request
 from lictor.vocabulary import Boolean, Custom, Enum, Glob, Number, Predicate, Quantifier, Vocabulary, glob_to_regex
 
-from ._requests import CopiedValue, build_http_requests, build_k8s_requests, fold_path, path_variants, value_text
+from ._requests import (
+    CopiedValue,
+    _key,
+    build_http_requests,
+    build_k8s_requests,
+    fold_path,
+    path_variants,
+    value_text,
+)
 
 _TEMPLATE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _BRACKETED = re.compile(r"\[[^\]]*\]")  # glob character classes such as [{]
@@ -100,6 +109,58 @@ def _copied_paths(flattened: Mapping[str, Any]) -> list[str]:
     ]
 
 
+_INDEX = re.compile(r"\[(-?[0-9]+)\]")
+
+
+def _json_path_problem(path: str) -> str | None:
+    """Why the ``json:`` key ``path`` can never name a path of a body as the gateway flattens it, or None.
+
+    A body is read as ``$.a.b``, ``$.items[*].id`` and ``$["odd key"]`` (a key that is not a plain name, in JSON
+    quotes): a key written otherwise (``$.items[0].id``, ``$['vip']``, ``$["vip"]``) is looked up as written and
+    never found, and a deny so written would deny nothing."""
+    if path != "$" and not path.startswith(("$.", "$[")):
+        return f"{path!r} can never match: JSON paths start at the document, as in '$.{path}'"
+    canonical, i, n, indexed = "$", 1, len(path), False
+    decoder = json.JSONDecoder()
+    while i < n:
+        if path.startswith("[*]", i):
+            canonical, i = canonical + "[*]", i + 3
+            continue
+        index = _INDEX.match(path, i)
+        if index is not None:
+            canonical, i, indexed = canonical + "[*]", index.end(), True
+            continue
+        name: str | None = None
+        start = i
+        if path[i] == "." and i + 1 < n and path[i + 1] not in ".[":
+            end = min((j for j in (path.find(".", i + 1), path.find("[", i + 1)) if j >= 0), default=n)
+            name, i = path[i + 1 : end], end
+        elif path.startswith("['", i) and "']" in path[i + 2 :]:
+            end = path.index("']", i + 2)
+            name, i = path[i + 2 : end], end + 2
+        elif path.startswith('["', i):
+            try:
+                key, end = decoder.raw_decode(path, i + 1)
+            except ValueError:
+                key, end = None, i
+            if isinstance(key, str) and path[end : end + 1] == "]":
+                name, i = key, end + 1
+        if name is None or name == "*":
+            return (
+                f"{path!r} can never match: JSON paths are literal keys (the part at position {start + 1} is not one); "
+                'write them as $.a.b, $.items[*].id (every array item) or $["odd key"]'
+            )
+        canonical = _key(canonical, name)
+    if canonical != path:
+        why = (
+            "array items are read as [*], whatever their index"
+            if indexed
+            else "a plain name follows a dot, any other key is in double quotes as in JSON"
+        )
+        return f"{path!r} can never match: the gateway reads this path as {canonical!r} ({why}); write that"
+    return None
+
+
 def _mapping_of_globs(attr: str, case_insensitive_keys: bool, folded_attr: str | None = None) -> Any:
     """A ``name -> value globs`` condition. Every named key must be present; for an ``allow`` rule
     (``all``) every value under it must match, for the others (``any``) one is enough.
@@ -114,8 +175,9 @@ def _mapping_of_globs(attr: str, case_insensitive_keys: bool, folded_attr: str |
     def compile_(value: Any) -> Predicate:
         if attr == "json":
             for k in value:
-                if k != "$" and not k.startswith(("$.", "$[")):
-                    raise ValueError(f"{k!r} can never match: JSON paths start at the document, as in '$.{k}'")
+                problem = _json_path_problem(str(k))
+                if problem is not None:
+                    raise ValueError(problem)
         wanted = {
             (k.lower() if case_insensitive_keys else k): [
                 glob_to_regex(value_text(p), case_sensitive=True)
