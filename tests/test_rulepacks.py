@@ -142,6 +142,17 @@ def test_a_gateway_config_among_the_packs_is_named_as_such(tmp_path):
     assert "this is a gateway config, not a rule pack" in err.message and f"lictor check -c {path}" in err.message
 
 
+def test_tests_in_a_pack_file_are_named_as_such(tmp_path):
+    # "unsupported format 'lictor-tests/v1': expected 'lictor/v1' (or 'lictor-tests/v1' for tests)" offered the
+    # format the file already had, and did not say that a file holds packs or tests
+    path, result = problems(tmp_path, GOOD + "---\nformat: lictor-tests/v1\ncases: []\n")
+    (err,) = result.errors
+    assert str(err) == (
+        f"{path}:{GOOD.count(chr(10)) + 1}:9: policy tests (lictor-tests/v1) in a file that holds a rule pack: a file "
+        "holds packs or tests, not both; move the tests to a file of their own (such as NAME.tests.yaml)"
+    )
+
+
 def test_unknown_detector_reference(tmp_path):
     text = GOOD.replace("        action: allow", "        action: allow\n        mask: {detectors: [cardz]}")
     path, result = problems(tmp_path, text)

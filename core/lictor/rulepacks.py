@@ -910,7 +910,13 @@ def load_policy(
                 message = (
                     f"unsupported format {doc.get('format')!r}: expected {FORMAT!r} (or {TESTS_FORMAT!r} for tests)"
                 )
-                if "format" not in doc and ("targets" in doc or "rulepacks" in doc):
+                if doc.get("format") == TESTS_FORMAT:
+                    # accepted as the format of a tests file, and refused here: say what is wrong with it
+                    message = (
+                        f"policy tests ({TESTS_FORMAT}) in a file that holds a rule pack: a file holds packs or "
+                        "tests, not both; move the tests to a file of their own (such as NAME.tests.yaml)"
+                    )
+                elif "format" not in doc and ("targets" in doc or "rulepacks" in doc):
                     # `lictor check examples/http` reads the directory's lictor.yaml as a pack too
                     message = (
                         f"this is a gateway config, not a rule pack: `lictor check -c {path}` checks it and the "
