@@ -305,6 +305,26 @@ def test_an_edit_of_a_pack_linked_from_another_directory_goes_live(line_gateway,
     c.close()
 
 
+def test_a_symlink_loop_among_the_packs_is_a_rejected_reload(line_gateway):
+    # Resolving a.yaml -> b.yaml -> a.yaml raised: the reload died with a traceback in the log, and neither the audit
+    # nor `lictor status` said that the edit was not taken.
+    gw = line_gateway
+    c = Client(gw.port, gw.token("agent-1", role="reader"))
+    first = c.ask("get a").split()[2]
+    os.symlink("loop-b.yaml", gw.packs / "loop-a.yaml")
+    os.symlink("loop-a.yaml", gw.packs / "loop-b.yaml")
+    log = _log_once_it_shows(gw, "loop-b.yaml:1:1: cannot read")
+    assert f"{gw.packs / 'loop-a.yaml'}:1:1: cannot read: [Errno 40] Too many levels of symbolic links" in log, log
+    assert "Traceback" not in log
+    assert c.ask("get secret-plans").startswith("DENIED line-no-secrets") and c.ask("get a").split()[2] == first
+    deadline = time.monotonic() + 10  # the audit log is a batch behind the spool
+    while not (rejected := audit_events(gw, "--kind", "policy.rejected")):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert "loop-a.yaml:1:1: cannot read" in rejected[-1]["problems"][0], rejected
+    c.close()
+
+
 def test_sigterm_stops_cleanly_and_audit_verifies(line_gateway):
     gw = line_gateway
     c = Client(gw.port, gw.token("agent-2", role="reader"))
@@ -552,6 +572,29 @@ async def test_a_failed_reload_leaves_none_of_the_new_code_loaded(tmp_path):
     addon.write_text(source.format(name="guard-2", body="        pass"))
     await watcher.reload(str(addon))
     assert [(type(a).__name__, a.name) for a in gw.addons.addons] == [("Guard", "guard-2")]
+    gw.audit.close()
+
+
+async def test_a_reload_that_fails_unforeseen_is_audited_as_rejected(tmp_path, monkeypatch):
+    # Any exception of a reload ended its task with a traceback: the live policy stayed, but nothing audited the
+    # rejection or showed it in `lictor status`.
+    import asyncio
+
+    from lictor import AddonManager, Gateway, GatewayConfig
+    from lictor.runner import PolicyWatcher
+
+    gw = Gateway(GatewayConfig.default(tmp_path / "state", [str(tmp_path)]), AddonManager())
+    before = gw.policy.version
+
+    def fail() -> None:
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(gw, "compile_policy", fail)
+    await PolicyWatcher(gw, asyncio.get_running_loop()).reload()
+    assert gw.policy.version == before
+    assert gw.policy_problems == [
+        f"{tmp_path}:1:1: the rule packs could not be loaded (RuntimeError: the disk went away)"
+    ]
     gw.audit.close()
 
 

@@ -15,6 +15,7 @@ import datetime
 import fnmatch
 import hashlib
 import json
+import os
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -259,7 +260,9 @@ def discover(paths: Iterable[str | Path]) -> list[Path]:
     seen: set[Path] = set()
     result = []
     for f in found:
-        r = f.resolve()
+        # realpath, not resolve(): a symlink loop (a.yaml -> b.yaml -> a.yaml) is kept, and reading it is an error
+        # with its position; resolve() raised, which stopped `lictor check` and a live reload with a traceback
+        r = Path(os.path.realpath(f))
         if r not in seen:
             seen.add(r)
             result.append(f)

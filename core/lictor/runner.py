@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._yaml import did_you_mean
+from ._yaml import Location, did_you_mean
 from .addons import AddonManager, HookError, Loader, addon_name
 from .audit import AuditError
 from .config import ConfigError, GatewayConfig
 from .gateway import Gateway, load_mask_key
+from .rulepacks import LoadResult, Problem, discover
 from .vocabulary import Vocabulary
 
 __all__ = ["PolicyWatcher", "check_config", "run_gateway", "validate_targets"]
@@ -96,8 +97,6 @@ class PolicyWatcher:
     def _linked_dirs(self) -> frozenset[Path]:
         """The directories, outside the configured ones, of the files that pack symlinks lead to: an edit there
         changes a pack, and no watched directory reports it."""
-        from .rulepacks import discover
-
         inside: list[Path] = []
         for p in self.gateway.config.rulepacks:
             with contextlib.suppress(OSError):
@@ -206,7 +205,16 @@ class PolicyWatcher:
             self._writing.clear()
         async with self._lock:
             gw = self.gateway
-            result = await asyncio.to_thread(gw.compile_policy)
+            try:
+                result = await asyncio.to_thread(gw.compile_policy)
+            except Exception as exc:
+                # A load that fails in an unforeseen way is a rejected reload like any other: the live policy stays,
+                # and the log, the audit and `lictor status` say why (the task's traceback alone said nothing there).
+                log.exception("loading the rule packs failed")
+                where = Location(str(gw.config.rulepacks[0]) if gw.config.rulepacks else "rulepacks", 1, 1)
+                result = LoadResult(
+                    None, [Problem(where, f"the rule packs could not be loaded ({type(exc).__name__}: {exc})")]
+                )
             try:
                 linked = await asyncio.to_thread(self._linked_dirs)
             except Exception:
