@@ -586,6 +586,38 @@ def test_test_fails_a_deny_that_holds_only_because_the_identity_has_no_roles(tmp
     assert "2 passed, 1 failed" in proc.stdout
 
 
+def test_test_fails_a_deny_whose_claims_grant_nothing_beyond_a_baseline_role(tmp_path: Path, capsys) -> None:
+    # The shipped examples grant a guardrail role to `sub: "*"`: with a misspelt claim the identity still held
+    # that role, so the check for an identity without roles let every such `deny` case pass vacuously.
+    from lictor.cli import main
+
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: p}\nidentities:\n  - {match: {sub: '*'}, roles: [base]}\n"
+        "  - {match: {claims: {role: ops}}, roles: [ops]}\nroles:\n"
+        "  base:\n    rules:\n      - {id: no-shutdown, protocol: ssh, when: {programs: shutdown}, action: deny}\n"
+        "  ops:\n    rules:\n      - {id: ok, protocol: ssh, when: {programs: [ls, rm]}, action: allow}\n"
+    )
+    (tmp_path / "p.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n"
+        "  - {name: typo, identity: {sub: a, rol: ops}, request: {protocol: ssh, command: rm -rf /}, expect: deny}\n"
+        "  - {name: value, identity: {sub: a, role: op}, request: {protocol: ssh, command: rm -rf /}, expect: deny}\n"
+        "  - {name: ops, identity: {sub: a, role: ops}, request: {protocol: ssh, command: cat x}, expect: deny}\n"
+        "  - {name: base, identity: {sub: a}, request: {protocol: ssh, command: cat x}, expect: deny}\n"
+        "  - {name: stranger, identity: {sub: a, rol: ops}, request: {protocol: ssh, command: ls},"
+        " expect: {action: deny, rule: 'lictor:default-deny'}}\n"
+    )
+    assert main(["test", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "typo -> deny by lictor:default-deny: the identity's claims (rol) grant no role beyond those of every "
+        "identity with its sub (base), so it is denied by default whatever the rules under test say; no "
+        "`identities` entry reads the claim 'rol' (did you mean 'role'?); give it claims that map to a role, or "
+        "expect rule: lictor:default-deny to test exactly that"
+    ) in out, out
+    assert "value -> deny by lictor:default-deny: the identity's claims (role) grant no role beyond" in out, out
+    assert "3 passed, 2 failed" in out, out
+
+
 def test_token_issue_refuses_a_config_whose_gateway_would_refuse_the_token(tmp_path: Path):
     # With only a JWKS issuer configured, a Lictor-signed token is refused at every login.
     config = tmp_path / "lictor.yaml"

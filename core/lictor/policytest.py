@@ -178,14 +178,36 @@ def _check(decision: Decision, expect: Mapping[str, Any], policy: Policy) -> str
     return "; ".join(problems)
 
 
-def _vacuous_deny(policy: Policy, identity: Identity, decision: Decision, expect: Mapping[str, Any]) -> bool:
-    """A ``deny`` expectation that holds only because nobody is asking: a misspelt claim (``rol: readonly``)
-    leaves the identity without roles, and every such case passes, whatever the rules under test say."""
+def _vacuous_deny(policy: Policy, identity: Identity, decision: Decision, expect: Mapping[str, Any]) -> str | None:
+    """Why a ``deny`` expectation holds only because nobody is asking, or None: a misspelt claim (``rol: readonly``,
+    ``role: read-only``) maps the identity to no role, or to none beyond those every identity with its ``sub`` holds
+    (a baseline granted to ``sub: "*"``), and every such case passes whatever the rules under test say."""
+    if not (expect.get("action") == "deny" and expect.get("rule") is None and decision.rule_ids == (DEFAULT_DENY,)):
+        return None
+    held = policy.roles_for(identity)
+    advice = f"give it claims that map to a role, or expect rule: {DEFAULT_DENY} to test exactly that"
+    if not held:
+        return (
+            "the identity has no roles (no `identities` entry matches its claims), so it is denied by default "
+            f"whatever the rules say; {advice}"
+        )
+    own = ("sub", "iss")
+    extra = [k for k in identity.claims if k not in own]
+    if not extra:
+        return None
+    bare = Identity(
+        subject=identity.subject, claims={k: v for k, v in identity.claims.items() if k in own}, issuer=identity.issuer
+    )
+    if policy.roles_for(bare) != held:
+        return None
+    read = {claim for mapping in policy.mappings for claim, _ in mapping.conditions}
+    unread = [k for k in extra if k not in read]
+    hint = ""
+    if unread:
+        hint = f"; no `identities` entry reads the claim {unread[0]!r}{did_you_mean(unread[0], read)}"
     return (
-        expect.get("action") == "deny"
-        and expect.get("rule") is None
-        and decision.rule_ids == (DEFAULT_DENY,)
-        and not policy.roles_for(identity)
+        f"the identity's claims ({', '.join(extra)}) grant no role beyond those of every identity with its sub "
+        f"({', '.join(held)}), so it is denied by default whatever the rules under test say{hint}; {advice}"
     )
 
 
@@ -249,12 +271,8 @@ def run_tests(policy: Policy, files: Iterable[Path]) -> TestReport:
                     decision = combine(policy.decide(identity, r) for r in requests)
                     expect = _expectation(plain(case.get("expect")))
                     problem = _check(decision, expect, policy)
-                    if not problem and _vacuous_deny(policy, identity, decision, expect):
-                        problem = (
-                            "the identity has no roles (no `identities` entry matches its claims), so it is "
-                            "denied by default whatever the rules say; give it claims that map to a role, or "
-                            f"expect rule: {DEFAULT_DENY} to test exactly that"
-                        )
+                    if not problem:
+                        problem = _vacuous_deny(policy, identity, decision, expect) or ""
                 except Exception as exc:
                     report.cases.append(CaseResult(str(path), line, name, False, None, f"error: {exc}"))
                     continue
