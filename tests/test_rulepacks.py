@@ -383,6 +383,28 @@ def test_a_glob_with_an_unclosed_bracket_is_an_error(tmp_path):
     assert ok.policy is not None, ok.errors
 
 
+def test_a_glob_range_whose_ends_are_reversed_is_an_error(tmp_path):
+    # fnmatch drops the range: "cust[o-a]mers" matched no table, so a deny written that way denied nothing, and a
+    # mapping or a target scope with such a range matched nobody
+    text = GOOD.replace("{claims: {role: readonly}}", '{sub: "agent-[9-0]*"}').replace(
+        "        protocol: postgres", '        protocol: postgres\n        targets: ["prod-[b-a]"]'
+    )
+    text = text.replace("{statements: [select]}", '{statements: [select], tables: ["cust[o-a]mers"]}')
+    path, result = problems(tmp_path, text)
+    assert result.policy is None
+    why = "matches no character (its first character comes after its last)"
+    assert [str(e) for e in result.errors] == [
+        f"{path}:4:18: match.sub: 'agent-[9-0]*': the range '9-0' {why}; write '0-9'",
+        f"{path}:11:19: targets: 'prod-[b-a]': the range 'b-a' {why}; write 'a-b'",
+        f"{path}:12:46: roles.ro.rules.0.when.tables: 'cust[o-a]mers': the range 'o-a' {why}; write 'a-o'",
+    ]
+    _, ok = problems(
+        tmp_path,
+        GOOD.replace("{statements: [select]}", '{statements: [select], tables: ["t[a-c-e]", "[]-a]", "[-a]"]}'),
+    )
+    assert ok.policy is not None, ok.errors
+
+
 def test_unclosed_brackets_in_targets_and_identity_matches_are_errors(tmp_path):
     # fnmatch read them as literals: a deny scoped to `targets: ["prod-[ab"]` denied nothing, and a mapping
     # with `sub: "contractor-[0-9"` never gave contractors their restricted role

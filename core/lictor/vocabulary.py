@@ -59,8 +59,40 @@ def glob_to_regex(pattern: str, *, case_sensitive: bool = False) -> re.Pattern[s
     if at is not None:
         # fnmatch would read it as a literal "[", so "tables: [app_[ab]" would never match what was meant
         raise ValueError(f"{pattern!r}: the '[' at position {at + 1} is never closed; write [[] for a literal '['")
+    empty = _reversed_range(pattern)
+    if empty is not None:
+        # fnmatch drops a range whose ends are reversed: "[z-a]" matches no character, and "[z-a]*" nothing at all
+        raise ValueError(
+            f"{pattern!r}: the range {empty!r} matches no character (its first character comes after its last); "
+            f"write {empty[2] + '-' + empty[0]!r}"
+        )
     flags = 0 if case_sensitive else re.IGNORECASE
     return re.compile(fnmatch.translate(pattern), flags | re.DOTALL)
+
+
+def _reversed_range(pattern: str) -> str | None:
+    """The first range ``x-y`` of a character class whose ``x`` comes after ``y`` (fnmatch's reading), or None."""
+    i, n = 0, len(pattern)
+    while i < n:
+        if pattern[i] != "[":
+            i += 1
+            continue
+        j = i + 1
+        if j < n and pattern[j] == "!":
+            j += 1
+        if j < n and pattern[j] == "]":
+            j += 1
+        end = pattern.find("]", j)
+        if end < 0:
+            return None
+        body = pattern[i + 1 : end]
+        k = 1 if body.startswith("!") else 0
+        while k < len(body):
+            if k + 2 < len(body) and body[k + 1] == "-" and body[k] > body[k + 2]:
+                return body[k : k + 3]
+            k += 3 if k + 2 < len(body) and body[k + 1] == "-" else 1
+        i = end + 1
+    return None
 
 
 def _unclosed_bracket(pattern: str) -> int | None:
