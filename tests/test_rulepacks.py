@@ -500,6 +500,17 @@ def test_numeric_bounds_that_can_never_match_are_errors(tmp_path):
     assert result.policy is None
     [error] = result.errors
     assert str(error).startswith(f"{path}:11:") and "min 10 is greater than max 5" in str(error)
+    # YAML reads .nan and .inf as numbers: no limit compares with NaN, so a deny with `{min: .nan}` denied nothing
+    for bound, shown in (
+        ("min: .nan", "min must be a finite number, not nan"),
+        ("max: .NaN", "max must be a finite number, not nan"),
+        ("min: .inf", "min must be a finite number, not inf"),
+    ):
+        path, result = problems(
+            tmp_path, GOOD.replace("{statements: [select]}", f"{{statements: [select], limit: {{{bound}}}}}")
+        )
+        [error] = result.errors
+        assert str(error).startswith(f"{path}:11:") and str(error).endswith(f"limit: {shown}"), str(error)
     _, ok = problems(
         tmp_path, GOOD.replace("{statements: [select]}", "{statements: [select], limit: {min: 0, max: 5}}")
     )

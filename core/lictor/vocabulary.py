@@ -23,6 +23,7 @@ Matching semantics, the same for every field kind that takes a list:
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -302,6 +303,10 @@ class Number(Field):
     def compile(self, value: Any) -> Predicate:
         lo = value.get("min")
         hi = value.get("max")
+        for key, bound in (("min", lo), ("max", hi)):
+            # YAML reads .nan and .inf as numbers: no value compares with NaN, and none reaches an infinite min
+            if isinstance(bound, float) and not math.isfinite(bound):
+                raise ValueError(f"{self.name}: {key} must be a finite number, not {bound}")
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"{self.name}: min {lo} is greater than max {hi}, so this condition never matches")
         attr = self.attribute
