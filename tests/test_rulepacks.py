@@ -212,6 +212,32 @@ def test_a_tab_in_the_indentation_is_named(tmp_path):
     assert err.message.startswith("a tab character: YAML indents with spaces only"), err.message
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "at"),
+    [
+        ("        protocol: postgres", "\u00a0       protocol: postgres", (10, 1)),  # pasted from a web page
+        ("action: allow", "action:\u00a0allow", (12, 16)),
+        ("      - id: ro-select", "\u200b      - id: ro-select", (9, 1)),
+        ("  - match", "\ufeff  - match", (4, 1)),  # files joined with cat, the second one saved with a BOM
+    ],
+)
+def test_a_space_look_alike_where_yaml_wants_a_space_is_named(tmp_path, before: str, after: str, at: tuple) -> None:
+    # The parser stopped a line or so later, where everything looks right ("mapping values are not allowed in this
+    # context" at the colon of the next key): the character to replace was not named, nor where it is.
+    assert before in GOOD
+    path, result = problems(tmp_path, GOOD.replace(before, after, 1))
+    (err,) = result.errors
+    assert (err.loc.line, err.loc.col) == at, str(err)
+    ch = after.strip(" -abcdefilnorstw:")[0]
+    assert err.message.startswith(f"U+{ord(ch):04X} "), err.message
+    assert "is not one to YAML: replace it with a space, or delete it (the parser stopped at line" in err.message
+    # a no-break space inside quoted text is no suspect for an error elsewhere
+    _, result = problems(
+        tmp_path, GOOD.replace("owner: security}", 'owner: "sec\u00a0ops"}').replace("}\nidentities", "\nidentities", 1)
+    )
+    assert result.errors and not result.errors[0].message.startswith("U+"), result.errors
+
+
 def test_shadowed_rule_is_a_warning(tmp_path):
     text = GOOD.replace(
         "      - id: ro-select",

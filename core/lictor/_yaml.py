@@ -9,6 +9,7 @@ PyYAML's composer knows the marks of every node; we keep them by building ``LocD
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -173,11 +174,51 @@ def load_documents(text: str, filename: str) -> list[Any]:
         where = lines[mark.line] if mark and mark.line < len(lines) else ""
         if mark and where[mark.column : mark.column + 1] == "\t":
             message = f"a tab character: YAML indents with spaces only, replace it with spaces ({message})"
+        elif mark and (odd := _odd_space_before(text, mark.line, mark.column)) is not None:
+            # a no-break space pasted from a web page or a chat shows as a space, and YAML reads it as a letter: the
+            # parser stops later, at a place that looks right
+            at, ch = odd
+            before = text[:at]
+            odd_line = before.count("\n") + 1
+            odd_col = at - (before.rfind("\n") + 1) + 1
+            name = unicodedata.name(ch, "")
+            raise YamlError(
+                Location(filename, odd_line, odd_col),
+                f"U+{ord(ch):04X} {name} here, which shows as a space (or as nothing) but is not one to YAML: "
+                f"replace it with a space, or delete it (the parser stopped at line {line}, column {col}: {message})",
+            ) from None
         raise YamlError(Location(filename, line, col), message) from None
     except yaml.YAMLError as exc:
         raise YamlError(Location(filename, 1, 1), str(exc)) from None
     finally:
         loader.dispose()
+
+
+# Characters that look like a space, or like nothing, and that YAML reads as part of a word (a BOM is skipped at the
+# very start of a file only).
+_ODD_SPACES = frozenset("\u00a0\u1680\u180e\u200b\u200c\u200d\u202f\u205f\u2060\u3000\ufeff") | frozenset(
+    map(chr, range(0x2000, 0x200B))
+)
+
+
+def _odd_space_before(text: str, line: int, column: int) -> tuple[int, str] | None:
+    """The last look-alike of a space where YAML expects one (in an indentation, after ``:`` or ``-``) on the
+    0-based ``line`` where the parser stopped or on the three lines before it, at or before ``column``; or None."""
+    lines = text.splitlines(keepends=True)
+    starts = [0]
+    for piece in lines:
+        starts.append(starts[-1] + len(piece))
+    for number in range(min(line, len(lines) - 1), max(line - 3, 0) - 1, -1):
+        piece = lines[number]
+        last = column if number == line else len(piece) - 1
+        for col in range(min(last, len(piece) - 1), -1, -1):
+            ch = piece[col]
+            if ch not in _ODD_SPACES or (number == 0 and col == 0 and ch == "\ufeff"):
+                continue
+            lead = piece[:col]
+            if ch == "\ufeff" or not lead.strip(" " + "".join(_ODD_SPACES)) or lead.rstrip(" ").endswith((":", "-")):
+                return starts[number] + col, ch
+    return None
 
 
 def locate(root: Any, path: Iterable[Any], fallback: Location) -> Location:
