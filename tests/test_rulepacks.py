@@ -696,6 +696,18 @@ def test_look_alike_and_invisible_characters_are_warned_about(tmp_path):
     assert "CYRILLIC SMALL LETTER O" in result.problems[0].message and "unknown role" in result.problems[1].message
 
 
+def test_a_space_look_alike_in_a_value_is_warned_about(tmp_path):
+    # `tables: [customers, orders]` pasted from a web page holds a no-break space: the item "\xa0orders" is no
+    # table's name, and a deny written so let SELECTs on orders through with `lictor check` saying OK
+    text = GOOD.replace("{statements: [select]}", "{statements: [select]}\n        unless: {tables: [a,\u00a0orders]}")
+    text += 'detectors:\n  spaced_id: {pattern: "ID\u00a0[0-9]{6}"}\n'  # a detector may look for one on purpose
+    path, result = problems(tmp_path, text)
+    assert [str(w) for w in result.warnings] == [
+        f"{path}:12:29: warning: '\\xa0orders' holds U+00A0 NO-BREAK SPACE at position 1, which shows as a space but "
+        "is not one (the value matches only text spelt with it); delete it or type a space"
+    ]
+
+
 APPROVE = """
 format: lictor/v1
 metadata: {name: approve}

@@ -354,7 +354,11 @@ _INVISIBLE = (
 )
 
 
-def _lookalike(text: str) -> str | None:
+# Characters drawn as a space that YAML keeps in a value (it separates words with spaces and tabs only).
+_SPACE_LOOKALIKES = frozenset("\u00a0\u1680\u202f\u205f\u3000") | frozenset(map(chr, range(0x2000, 0x200B)))
+
+
+def _lookalike(text: str, spaces: bool = True) -> str | None:
     """Why ``text`` likely does not say what it shows: an invisible character, or a word mixing Latin
     letters with letters of another script (a Cyrillic "e", U+0435, in "reader" matches only text spelt
     with it)."""
@@ -363,6 +367,12 @@ def _lookalike(text: str) -> str | None:
     for i, ch in enumerate(text):
         if ch in _INVISIBLE:
             return f"an invisible character U+{ord(ch):04X} at position {i + 1}; delete it"
+        if spaces and ch in _SPACE_LOOKALIKES:
+            # `tables: [secrets, audit_log]` pasted from a web page: the item is "\xa0audit_log", which no table is
+            return (
+                f"U+{ord(ch):04X} {unicodedata.name(ch, '')} at position {i + 1}, which shows as a space but is not "
+                "one (the value matches only text spelt with it); delete it or type a space"
+            )
     for word in text.split():
         latin = foreign = None
         for ch in word:
@@ -407,6 +417,7 @@ class _Compiler:
         self.order = 0
         self._when_validators: dict[str, jsonschema.Draft202012Validator] = {}
         self._schema_problems = False  # the document being compiled already failed the schema check
+        self._doc: Any = None  # the document being compiled
         base = {name: Vocabulary(name, ()) for name in vocabularies}
         schema = compose_schema(base)
         rule = schema["properties"]["roles"]["additionalProperties"]["properties"]["rules"]["items"]
@@ -442,6 +453,7 @@ class _Compiler:
                 return
         if not isinstance(doc, LocDict):
             return
+        self._doc = doc
         self._lookalikes(doc, doc.loc)
         meta = doc.get("metadata") or {}
         name = str(meta.get("name", path.stem)) if isinstance(meta, dict) else path.stem
@@ -478,20 +490,25 @@ class _Compiler:
             except ValueError as exc:
                 self.error(item_loc, f"{what}: {exc}")
 
-    def _lookalikes(self, node: Any, loc: Location) -> None:
-        """Warn about keys and values that do not read as they look (see ``_lookalike``)."""
+    def _lookalikes(self, node: Any, loc: Location, spaces: bool = True) -> None:
+        """Warn about keys and values that do not read as they look (see ``_lookalike``). ``spaces``: warn about
+        look-alikes of a space too (not in detector patterns, which may look for a no-break space on purpose)."""
         if isinstance(node, LocDict):
             for key, value in node.items():
-                why = _lookalike(key)
+                why = _lookalike(key, spaces)
                 if why:
                     self.warn(node.key_locs.get(key, node.loc), f"{key!r} holds {why}")
                 if key not in _PROSE:
-                    self._lookalikes(value, node.value_locs.get(key, node.loc))
+                    self._lookalikes(
+                        value,
+                        node.value_locs.get(key, node.loc),
+                        spaces and not (node is self._doc and key == "detectors"),
+                    )
         elif isinstance(node, LocList):
             for item, item_loc in zip(node, node.item_locs, strict=False):
-                self._lookalikes(item, item_loc)
+                self._lookalikes(item, item_loc, spaces)
         elif isinstance(node, str):
-            why = _lookalike(node)
+            why = _lookalike(node, spaces)
             if why:
                 self.warn(loc, f"{node!r} holds {why}")
 
