@@ -242,6 +242,37 @@ def test_a_replaced_rulepack_directory_is_watched_again(line_gateway):
     c.close()
 
 
+def test_edits_behind_a_symlinked_rulepack_directory_go_live(gateway_factory, tmp_path):
+    # Deploys point `rulepacks` at `current -> releases/N`. The watch was set on the link itself (watchdog does not
+    # follow it), so a switch of the link went live but no edit of the packs behind it did, before or after.
+    releases = tmp_path / "releases"
+    for n in (1, 2):
+        (releases / str(n)).mkdir(parents=True)
+        (releases / str(n) / "lines.yaml").write_text(PACK)
+    current = tmp_path / "current"
+    current.symlink_to(releases / "1")
+    port = free_port()
+    gw = gateway_factory(
+        {
+            "rulepacks": [str(current)],
+            "addons": [str(ROOT / "tests" / "addons" / "lineproto.py")],
+            "targets": {"lines": {"protocol": "line", "listen": f"127.0.0.1:{port}"}},
+        }
+    )
+    wait_port(port)
+    c = Client(port, gw.token("agent-1", role="reader"))
+    assert c.ask("get orders").startswith("OK")
+    deny = PACK.replace('["* secret*"]', '["* secret*", "* WORD*"]')
+    (releases / "1" / "lines.yaml").write_text(deny.replace("WORD", "orders"))
+    assert _wait_reply(c, "get orders", "DENIED", timeout=5).startswith("DENIED line-no-secrets")
+    (tmp_path / "next").symlink_to(releases / "2")
+    os.replace(tmp_path / "next", current)
+    assert _wait_reply(c, "get orders", "OK", timeout=5).startswith("OK")
+    (releases / "2" / "lines.yaml").write_text(deny.replace("WORD", "invoices"))
+    assert _wait_reply(c, "get invoices", "DENIED", timeout=5).startswith("DENIED line-no-secrets")
+    c.close()
+
+
 def test_a_pack_still_being_written_does_not_go_live(line_gateway):
     # The first part of a pack parses as a pack without its last rule (a deny): loading it while the file is
     # still open for writing would allow what the deny stops.

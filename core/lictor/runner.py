@@ -153,8 +153,17 @@ class PolicyWatcher:
                 watcher.loop.call_soon_threadsafe(watcher._file_event, src, dest, writing)
 
         roots = self._watched_roots()
+        watched: set[Path] = set()
         for d in roots:
-            observer.schedule(Handler(), str(d), recursive=d not in self._linked)
+            # The directory a symlink names (`current -> releases/2`), not the link: watchdog watches a link itself
+            # (IN_DONT_FOLLOW), which reports no edit of the packs behind it. A switch of the link is the poll's.
+            try:
+                where = d.resolve(strict=True)
+            except (OSError, RuntimeError):
+                continue
+            if where not in watched:
+                watched.add(where)
+                observer.schedule(Handler(), str(where), recursive=d not in self._linked)
         observer.daemon = True
         observer.start()
         self._observer = observer
