@@ -708,6 +708,20 @@ def test_a_space_look_alike_in_a_value_is_warned_about(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("key", ["when", "unless"])
+def test_a_condition_block_that_is_not_a_mapping_is_an_error_not_a_crash(tmp_path, key: str) -> None:
+    # `when: select` (a deny elsewhere in the role) stopped `lictor check` with a TypeError, and a live reload
+    # reported no position: compiled as no condition, the block reached the shadowing check as a string
+    text = GOOD.replace(
+        "        action: allow",
+        f"        action: allow\n      - {{id: d, protocol: postgres, {key}: select, action: deny}}",
+    )
+    path, result = problems(tmp_path, text)
+    assert [str(e) for e in result.errors] == [
+        f"{path}:13:{43 if key == 'when' else 45}: roles.ro.rules.1.{key}: 'select' is not of type 'object'"
+    ]
+
+
 APPROVE = """
 format: lictor/v1
 metadata: {name: approve}

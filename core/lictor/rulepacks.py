@@ -599,8 +599,12 @@ class _Compiler:
     ) -> tuple[tuple[tuple[str, Predicate], ...], bool]:
         preds: list[tuple[str, Predicate]] = []
         ok = True
-        if not isinstance(block, dict):
+        if block is None:
             return (), True
+        if not isinstance(block, dict):
+            # `when: select`: the schema says it is not a mapping; compiled as "no condition", the rule would have
+            # matched every request (and the checks that read its conditions failed on it)
+            return (), False
         validator = self._when_validators.get(vocab.protocol)
         if validator is None:
             validator = jsonschema.Draft202012Validator(vocab.when_schema())
