@@ -618,6 +618,29 @@ def test_test_fails_a_deny_whose_claims_grant_nothing_beyond_a_baseline_role(tmp
     assert "3 passed, 2 failed" in out, out
 
 
+def test_test_refuses_an_expected_rule_list_that_names_no_rule(tmp_path: Path, capsys) -> None:
+    # `rule: []` checked no rule, and as a rule was "named" the case also escaped the check for an identity that
+    # holds no role: a misspelt claim passed; `rule: 5` failed with "'int' object is not iterable"
+    from lictor.cli import main
+
+    (tmp_path / "p.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: p}\nidentities: [{match: {claims: {role: ops}}, roles: [ops]}]\n"
+        "roles:\n  ops:\n    rules:\n      - {id: ok, protocol: ssh, when: {programs: [ls, rm]}, action: allow}\n"
+    )
+    (tmp_path / "p.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n"
+        "  - {name: empty, identity: {sub: a, rol: ops}, request: {protocol: ssh, command: rm -rf /},"
+        " expect: {action: deny, rule: []}}\n"
+        "  - {name: number, identity: {sub: a, role: ops}, request: {protocol: ssh, command: ls},"
+        " expect: {action: allow, masked: 5}}\n"
+    )
+    assert main(["test", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "empty -> no decision: error: expect.rule: an empty list names no rule; name the deciding rule" in out, out
+    assert "number -> no decision: error: expect.masked must be a rule id or a list of rule ids" in out, out
+    assert "0 passed, 2 failed" in out, out
+
+
 def test_token_issue_refuses_a_config_whose_gateway_would_refuse_the_token(tmp_path: Path):
     # With only a JWKS issuer configured, a Lictor-signed token is refused at every login.
     config = tmp_path / "lictor.yaml"

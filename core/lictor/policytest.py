@@ -145,6 +145,15 @@ def _expectation(expect: Any) -> dict[str, Any]:
             raise ValueError(f"unknown key {unknown[0]!r} in expect{hint}; expected one of: {allowed}")
         if "action" not in expect:
             raise ValueError("expect needs an action (allow, deny or approve)")
+        for key in ("rule", "masked", "shadow"):
+            ids = expect.get(key)
+            if ids is None or isinstance(ids, str):
+                continue
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise ValueError(f"expect.{key} must be a rule id or a list of rule ids")
+            if key == "rule" and not ids:
+                # it named no rule to check, and a deny so expected passed even for an identity without roles
+                raise ValueError("expect.rule: an empty list names no rule; name the deciding rule or leave rule out")
         return dict(expect)
     raise ValueError("expect must be an action or a mapping with action/rule/masked")
 
