@@ -722,6 +722,16 @@ def test_a_condition_block_that_is_not_a_mapping_is_an_error_not_a_crash(tmp_pat
     ]
 
 
+def test_rule_ids_of_the_gateways_own_decisions_are_reserved(tmp_path):
+    # An allow rule named lictor:default-deny went live: the audit log read "allow ... lictor:default-deny", and a
+    # policy test expecting the default deny could be met by a pack's rule
+    path, result = problems(tmp_path, GOOD.replace("id: ro-select", 'id: "Lictor:default-deny"'))
+    assert [str(e) for e in result.errors] == [
+        f"{path}:9:13: rule id 'Lictor:default-deny': ids starting with 'lictor:' are reserved for the gateway's own "
+        "decisions; name the rule otherwise"
+    ]
+
+
 APPROVE = """
 format: lictor/v1
 metadata: {name: approve}

@@ -629,6 +629,15 @@ class _Compiler:
         path: list[Any] = ["roles", role, "rules", k]
         loc = locate(doc, path, fb)
         rid = str(rule.get("id", ""))
+        if rid.lower().startswith("lictor:"):
+            # the gateway's own decisions carry these ids (lictor:default-deny...): a rule so named would read, in
+            # the audit log and in policy tests, as one of them
+            self.error(
+                locate(doc, [*path, "id"], loc),
+                f"rule id {rid!r}: ids starting with 'lictor:' are reserved for the gateway's own decisions; "
+                "name the rule otherwise",
+            )
+            return None
         if rid in self.rule_ids:
             self.error(locate(doc, [*path, "id"], loc), f"duplicate rule id {rid!r} (also at {self.rule_ids[rid]})")
             return None
