@@ -356,6 +356,21 @@ def test_a_symlink_loop_among_the_packs_is_a_rejected_reload(line_gateway):
     c.close()
 
 
+def test_a_pack_whose_suffix_is_upper_case_goes_live(line_gateway):
+    # `deny.YAML`, as saved on Windows, was neither loaded nor watched: its deny never went live, and `lictor check`
+    # said OK with one file fewer
+    gw = line_gateway
+    c = Client(gw.port, gw.token("agent-1", role="reader"))
+    assert c.ask("get invoices").startswith("OK")
+    (gw.packs / "deny.YAML").write_text(
+        "format: lictor/v1\nmetadata: {name: deny}\nidentities: [{match: {claims: {role: reader}}, roles: [d]}]\n"
+        "roles:\n  d:\n    rules:\n      - {id: no-invoices, protocol: line, when: {commands: ['* invoices*']}, "
+        "action: deny}\n"
+    )
+    assert _wait_reply(c, "get invoices", "DENIED", timeout=5).startswith("DENIED no-invoices")
+    c.close()
+
+
 def test_sigterm_stops_cleanly_and_audit_verifies(line_gateway):
     gw = line_gateway
     c = Client(gw.port, gw.token("agent-2", role="reader"))

@@ -240,6 +240,7 @@ def discover(paths: Iterable[str | Path]) -> list[Path]:
             # silently drop the pack's rules, deny rules included, from a running gateway.
             # Emacs marks a file being edited with a dangling symlink `.#name.yaml` (a lock, never a pack): read
             # as a pack, it would fail the whole load while the buffer is modified.
+            # `deny.YAML` (saved on Windows) is a pack too: left out, its deny rules would be missing without a word.
             # A symlink to a directory elsewhere is kept too (loading it is an error): the walk does not follow
             # it, and the packs there, deny rules among them, would be left out without a word. One to a
             # directory read anyway (a Kubernetes ConfigMap's `..data`, another listed directory) is not.
@@ -248,7 +249,7 @@ def discover(paths: Iterable[str | Path]) -> list[Path]:
                     x
                     for x in p.rglob("*")
                     if (
-                        x.suffix in (".yaml", ".yml")
+                        x.suffix.lower() in (".yaml", ".yml")
                         and not x.name.startswith(".#")
                         and (x.is_file() or x.is_symlink())
                     )

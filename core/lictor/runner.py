@@ -138,7 +138,7 @@ class PolicyWatcher:
                     return
                 src = str(event.src_path)
                 dest = str(getattr(event, "dest_path", "") or "")
-                if not (any(p.endswith((".yaml", ".yml")) for p in (src, dest)) or event.is_directory):
+                if not (any(p.lower().endswith((".yaml", ".yml")) for p in (src, dest)) or event.is_directory):
                     return
                 # A write (or a truncation) means the file is open for writing until it is closed. "created"
                 # does only while the file is empty: a file renamed in from outside the watch (an atomic
