@@ -732,6 +732,17 @@ def test_rule_ids_of_the_gateways_own_decisions_are_reserved(tmp_path):
     ]
 
 
+def test_a_key_without_a_value_is_named_as_such(tmp_path):
+    # `when:` with its conditions commented out read "None is not of type 'object'": Python's word for YAML's null
+    text = GOOD.replace("        when: {statements: [select]}", "        when:\n        #  statements: [select]")
+    path, result = problems(tmp_path, text.replace("roles: [ro]", "roles:"))
+    assert [str(e) for e in result.errors] == [
+        f"{path}:{line}: {where}: no value (a key with nothing after it, or only a comment, is null to YAML); "
+        "write its value"
+        for line, where in (("5:11", "identities.0.roles"), ("11:14", "roles.ro.rules.0.when"))
+    ]
+
+
 APPROVE = """
 format: lictor/v1
 metadata: {name: approve}

@@ -294,6 +294,12 @@ def _error_location(doc: Any, error: jsonschema.ValidationError, fallback: Locat
         hint = did_you_mean(error.instance, known)
         message = f"unknown value {error.instance!r}{hint}; expected one of: {', '.join(known)}"
         return locate(doc, path, fallback), f"{where}: {message}" if where else message
+    if error.instance is None and error.validator in ("type", "oneOf", "anyOf") and path:
+        # `when:` with its conditions commented out: "None is not of type 'object'" named Python's word for it
+        where = ".".join(str(p) for p in path)
+        return locate(doc, path, fallback), (
+            f"{where}: no value (a key with nothing after it, or only a comment, is null to YAML); write its value"
+        )
     if error.validator == "required":
         where = ".".join(str(p) for p in path) or "top level"
         return locate(doc, path, fallback), f"{where}: {message}"
