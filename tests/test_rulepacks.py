@@ -743,6 +743,18 @@ def test_a_key_without_a_value_is_named_as_such(tmp_path):
     ]
 
 
+def test_an_empty_condition_block_is_an_error(tmp_path):
+    # `when: {}` (a template that rendered no condition) read as no condition: an allow rule so written allowed
+    # every request of its protocol, as `targets: []` would have allowed every target
+    text = GOOD.replace("        when: {statements: [select]}", "        when: {}\n        unless: {}")
+    path, result = problems(tmp_path, text)
+    assert [str(e) for e in result.errors] == [
+        f"{path}:11:15: roles.ro.rules.0.when: empty; it would read as no condition (on an allow rule: every request "
+        "of the protocol): write its conditions, or leave when out for a rule that applies to every request",
+        f"{path}:12:17: roles.ro.rules.0.unless: empty; write the exemption's conditions, or leave unless out",
+    ]
+
+
 APPROVE = """
 format: lictor/v1
 metadata: {name: approve}

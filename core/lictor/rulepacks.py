@@ -131,8 +131,14 @@ def _rule_schema(protocols: Sequence[str]) -> dict[str, Any]:
             "description": {"type": "string"},
             "protocol": {"type": "string", "enum": list(protocols)},
             "targets": {**_STRING_OR_STRINGS, "description": "target names (globs); default: all"},
-            "when": {"type": "object", "description": "conditions; vocabulary depends on the protocol"},
-            "unless": {"type": "object", "description": "exemptions; same vocabulary as when"},
+            # `when: {}` (a template that rendered no condition) would read as "no condition": on an allow rule,
+            # every request of the protocol; a rule meant for every request leaves `when` out
+            "when": {
+                "type": "object",
+                "minProperties": 1,
+                "description": "conditions; vocabulary depends on the protocol",
+            },
+            "unless": {"type": "object", "minProperties": 1, "description": "exemptions; same vocabulary as when"},
             "action": {"enum": list(ACTIONS)},
             "message": {"type": "string", "description": "shown to the agent on deny/approve"},
             "enforce": {"type": "boolean", "description": "false: shadow mode, audit only"},
@@ -299,6 +305,14 @@ def _error_location(doc: Any, error: jsonschema.ValidationError, fallback: Locat
         where = ".".join(str(p) for p in path)
         return locate(doc, path, fallback), (
             f"{where}: no value (a key with nothing after it, or only a comment, is null to YAML); write its value"
+        )
+    if error.validator == "minProperties" and error.instance == {} and path and path[-1] in ("when", "unless"):
+        where = ".".join(str(p) for p in path)
+        if path[-1] == "unless":
+            return locate(doc, path, fallback), f"{where}: empty; write the exemption's conditions, or leave unless out"
+        return locate(doc, path, fallback), (
+            f"{where}: empty; it would read as no condition (on an allow rule: every request of the protocol): "
+            "write its conditions, or leave when out for a rule that applies to every request"
         )
     if error.validator == "required":
         where = ".".join(str(p) for p in path) or "top level"
