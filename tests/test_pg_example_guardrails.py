@@ -669,3 +669,13 @@ def test_a_user_mapping_password_under_a_quoted_option_name_comes_back_masked(en
                     assert not any(PASSWORD in t for (t,) in texts), texts
     finally:
         env.cluster.execute("DROP SERVER quoted CASCADE", dbname="app")
+
+
+def test_a_dba_creates_no_untrusted_language_as_the_extension_it_ships_as(env: Env) -> None:
+    # CREATE LANGUAGE was denied, and CREATE EXTENSION plpython3u, which creates the same language, went through.
+    done = env.psql("dba", "CREATE EXTENSION plpython3u")
+    assert done.returncode != 0 and "pg-deny-language-changes" in done.stderr, done
+    with env.direct() as human:
+        assert human.execute("SELECT count(*) FROM pg_language WHERE lanname = 'plpython3u'").fetchone() == (0,)
+    created = env.psql("dba", "CREATE EXTENSION IF NOT EXISTS pgcrypto; DROP EXTENSION pgcrypto")
+    assert created.returncode == 0, created  # other extensions stay the dba's to install

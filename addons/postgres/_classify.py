@@ -1695,6 +1695,10 @@ class _Analysis:
         object_type = _object_type(key, body)
         if object_type is not None and key not in _OUTPUT_STATEMENTS:
             self.objects.add(object_type)
+        if key == "CreateExtensionStmt" and str(body.get("extname", "")).lower().startswith("pl"):
+            # procedural languages ship as extensions of their name (plpython3u, plperlu, pltclu, plsh, ...):
+            # CREATE EXTENSION of one creates the language, so it also counts as a language object
+            self.objects.add("language")
         write_keys = _WRITE_KEYS.get(key, ())
 
         if key in _OUTPUT_STATEMENTS:
