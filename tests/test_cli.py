@@ -48,6 +48,19 @@ def test_check_fails_when_it_checks_nothing(tmp_path: Path):
     assert proc.returncode == 2 and "give rule pack files or directories, or -c lictor.yaml" in proc.stderr
 
 
+def test_check_refuses_a_pack_linked_to_a_fifo_or_a_device_instead_of_blocking(tmp_path: Path):
+    # reading a FIFO blocks until a writer comes, /dev/zero never ends: `lictor check`, and a live reload (holding
+    # its lock, so no later edit went live), hung without a word
+    _ls_pack(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "pipe.yaml").symlink_to(tmp_path / "fifo")
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    proc = lictor("check", str(tmp_path), check=False, timeout=30)
+    assert proc.returncode == 1, proc.stdout
+    for name in ("pipe.yaml", "zero.yaml"):
+        assert f"{tmp_path / name}:1:1: not a regular file (a FIFO, device or socket)" in proc.stdout, proc.stdout
+
+
 def _ls_pack(tmp_path: Path) -> None:
     """A pack whose only rule allows `ls` over SSH to everyone."""
     (tmp_path / "p.yaml").write_text(

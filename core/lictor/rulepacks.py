@@ -47,6 +47,7 @@ IDENT = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$"
 
 
 MAX_MESSAGE = 2000  # a problem quotes the offending value; a huge value is cut, not logged whole
+MAX_PACK_BYTES = 16 << 20  # the largest shipped pack is ~50 KiB; a link to a huge file is a mistake, not a pack
 
 
 def _bounded(message: str) -> str:
@@ -924,6 +925,19 @@ def load_policy(
                 "list that directory in rulepacks (or pass it to lictor check) instead",
             )
             continue
+        if path.exists() and not path.is_file():
+            # a FIFO or a device (a pack linked to /dev/zero): reading it would block or never end, and with it
+            # the reload, which holds its lock meanwhile, so no later edit of any pack would go live
+            compiler.error(fallback, "not a regular file (a FIFO, device or socket): rule packs are read from files")
+            continue
+        with contextlib.suppress(OSError):
+            if path.stat().st_size > MAX_PACK_BYTES:
+                compiler.error(
+                    fallback,
+                    f"{path.stat().st_size} bytes, more than a rule pack may have ({MAX_PACK_BYTES}); "
+                    "split it into several files",
+                )
+                continue
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
