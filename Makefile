@@ -32,8 +32,12 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# Test modules run in parallel, one worker per core (at most 4: they share the local PostgreSQL and Redis), each
+# module whole on one worker, as its module-scoped servers and gateway expect. PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 unit: setup system
-	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 test: setup system lint typecheck unit
 
