@@ -71,8 +71,9 @@ def glob_to_regex(pattern: str, *, case_sensitive: bool = False) -> re.Pattern[s
     return re.compile(fnmatch.translate(pattern), flags | re.DOTALL)
 
 
-def _reversed_range(pattern: str) -> str | None:
-    """The first range ``x-y`` of a character class whose ``x`` comes after ``y`` (fnmatch's reading), or None."""
+def _classes(pattern: str) -> Iterator[tuple[int, int]]:
+    """Each ``[`` that starts a character class (fnmatch's reading): its index and that of the ``]`` closing it,
+    or -1 (fnmatch then reads the ``[`` as itself, and no later ``[`` is closed either)."""
     i, n = 0, len(pattern)
     while i < n:
         if pattern[i] != "[":
@@ -84,35 +85,27 @@ def _reversed_range(pattern: str) -> str | None:
         if j < n and pattern[j] == "]":
             j += 1
         end = pattern.find("]", j)
+        yield i, end
         if end < 0:
-            return None
-        body = pattern[i + 1 : end]
+            return
+        i = end + 1
+
+
+def _reversed_range(pattern: str) -> str | None:
+    """The first range ``x-y`` of a character class whose ``x`` comes after ``y`` (fnmatch's reading), or None."""
+    for start, end in _classes(pattern):
+        body = pattern[start + 1 : end] if end >= 0 else ""
         k = 1 if body.startswith("!") else 0
         while k < len(body):
             if k + 2 < len(body) and body[k + 1] == "-" and body[k] > body[k + 2]:
                 return body[k : k + 3]
             k += 3 if k + 2 < len(body) and body[k + 1] == "-" else 1
-        i = end + 1
     return None
 
 
 def _unclosed_bracket(pattern: str) -> int | None:
     """The index of a ``[`` that starts no character class (fnmatch's reading), or None."""
-    i, n = 0, len(pattern)
-    while i < n:
-        if pattern[i] == "[":
-            j = i + 1
-            if j < n and pattern[j] == "!":
-                j += 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            end = pattern.find("]", j)
-            if end < 0:
-                return i
-            i = end + 1
-        else:
-            i += 1
-    return None
+    return next((start for start, end in _classes(pattern) if end < 0), None)
 
 
 _SCALARS = (str, bytes, int, float, bool)
