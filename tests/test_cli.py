@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, free_port, lictor
+from tests.conftest import ROOT, GatewayProcess, free_port, lictor
 
 
 def test_check_shipped_packs_pass():
@@ -947,13 +947,13 @@ def test_sessions_commands_name_a_remote_sink_they_cannot_reach(tmp_path: Path):
             assert f"lictor: cannot read the recordings sink {source!r}: " in out.stderr, (source, args, out.stderr)
 
 
-def test_audit_and_sessions_list_show_a_subject_s_line_breaks_escaped(tmp_path: Path):
-    # A token's subject is text the token's holder may have chosen: a newline in it started a line of its own in
-    # `audit list` and `sessions list`, which read as another event or session (here, another identity's).
+def _refused_http_requests(tmp_path: Path, sub: str, count: int = 1) -> GatewayProcess:
+    """A gateway with one HTTP target and no rule packs, stopped after ``count`` requests with a token of ``sub``,
+    each refused (default deny: a session and a decision each, nothing sent upstream)."""
     import urllib.error
     import urllib.request
 
-    from tests.conftest import GatewayProcess, wait_port
+    from tests.conftest import wait_port
 
     port = free_port()
     target = {"protocol": "http", "listen": f"127.0.0.1:{port}", "upstream": "http://127.0.0.1:9"}
@@ -961,14 +961,22 @@ def test_audit_and_sessions_list_show_a_subject_s_line_breaks_escaped(tmp_path: 
     gw.start()
     try:
         wait_port(port)
-        forged = "    99 2026-11-30 12:00:00 decision         admin"
-        token = gw.token(f"agent-7\n{forged}")
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/x", headers={"Authorization": f"Bearer {token}"})
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=10)
-        assert refused.value.code == 403  # default deny: a session, a decision, nothing sent upstream
+        token = gw.token(sub)
+        for _ in range(count):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/x", headers={"Authorization": f"Bearer {token}"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 403
     finally:
         gw.stop()
+    return gw
+
+
+def test_audit_and_sessions_list_show_a_subject_s_line_breaks_escaped(tmp_path: Path):
+    # A token's subject is text the token's holder may have chosen: a newline in it started a line of its own in
+    # `audit list` and `sessions list`, which read as another event or session (here, another identity's).
+    forged = "    99 2026-11-30 12:00:00 decision         admin"
+    gw = _refused_http_requests(tmp_path, f"agent-7\n{forged}")
     state = str(gw.state_dir)
     events = lictor("audit", "list", "--state-dir", state, "--json").stdout.splitlines()
     audit = lictor("audit", "list", "--state-dir", state).stdout.splitlines()
@@ -986,24 +994,8 @@ def test_listings_escape_what_an_edited_store_says(tmp_path: Path):
     # the events, as they were: a row edited by hand ("\x1b[1A\x1b[2K" in an id) erased the line above it, and a
     # line break started a line that read as another session.
     import sqlite3
-    import urllib.error
-    import urllib.request
 
-    from tests.conftest import GatewayProcess, wait_port
-
-    port = free_port()
-    target = {"protocol": "http", "listen": f"127.0.0.1:{port}", "upstream": "http://127.0.0.1:9"}
-    gw = GatewayProcess(tmp_path, {"rulepacks": [], "targets": {"api": {**target, "tls": {"enabled": False}}}})
-    gw.start()
-    try:
-        wait_port(port)
-        token = gw.token("agent-7")
-        for _ in range(2):
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/x", headers={"Authorization": f"Bearer {token}"})
-            with pytest.raises(urllib.error.HTTPError):
-                urllib.request.urlopen(request, timeout=10)
-    finally:
-        gw.stop()
+    gw = _refused_http_requests(tmp_path, "agent-7", count=2)
     state = gw.state_dir
     erase = "\x1b[1A\x1b[2K"
     with sqlite3.connect(state / "recordings" / "index.db") as db:
@@ -1031,24 +1023,8 @@ def test_audit_list_lists_an_edited_log_that_audit_verify_names(tmp_path: Path):
     # `audit verify` names an edited event; `audit list`, which shows what the edit changed, stopped on it with a
     # TypeError traceback when a rule id was a number or the time a string.
     import sqlite3
-    import urllib.error
-    import urllib.request
 
-    from tests.conftest import GatewayProcess, wait_port
-
-    port = free_port()
-    target = {"protocol": "http", "listen": f"127.0.0.1:{port}", "upstream": "http://127.0.0.1:9"}
-    gw = GatewayProcess(tmp_path, {"rulepacks": [], "targets": {"api": {**target, "tls": {"enabled": False}}}})
-    gw.start()
-    try:
-        wait_port(port)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/x", headers={"Authorization": f"Bearer {gw.token('a')}"}
-        )
-        with pytest.raises(urllib.error.HTTPError):
-            urllib.request.urlopen(request, timeout=10)
-    finally:
-        gw.stop()
+    gw = _refused_http_requests(tmp_path, "a")
     state = str(gw.state_dir)
     with sqlite3.connect(gw.state_dir / "audit.db") as db:
         db.execute(

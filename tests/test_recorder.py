@@ -110,19 +110,25 @@ async def run_session(gw: Gateway, sub: str, commands: list[str], *, target: str
     return session.id
 
 
+def _one_session(tmp_path: Path, commands: list[str]) -> str:
+    """The id of a session of agent-1 that ran ``commands`` through a gateway started and stopped for it."""
+
+    async def main() -> str:
+        gw = make_gateway(tmp_path)
+        await gw.start()
+        sid = await run_session(gw, "agent-1", commands)
+        await gw.stop()
+        return sid
+
+    return asyncio.run(main())
+
+
 def lictor_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([LICTOR, *args], capture_output=True, text=True, timeout=60)
 
 
 def test_session_is_recorded_chained_and_signed(tmp_path: Path) -> None:
-    async def main() -> str:
-        gw = make_gateway(tmp_path)
-        await gw.start()
-        sid = await run_session(gw, "agent-1", ["echo hello", "rm -rf /data", "ls /tmp"])
-        await gw.stop()
-        return sid
-
-    sid = asyncio.run(main())
+    sid = _one_session(tmp_path, ["echo hello", "rm -rf /data", "ls /tmp"])
     recordings = tmp_path / "state" / "recordings"
     manifest, events = load_session(sid, source=recordings)
     assert [e["kind"] for e in events] == ["session.start", "command", "decision", "command", "session.end"]
@@ -1055,14 +1061,7 @@ def test_verify_reports_a_signed_session_whose_end_an_audit_log_rolled_back_lost
 def test_replay_and_export_say_when_the_recording_does_not_verify(tmp_path: Path) -> None:
     # A recording edited after the fact replayed and exported as if it were what the agent did, exit 0: only
     # `sessions verify`, which the auditor may not run first, said it was altered.
-    async def main() -> str:
-        gw = make_gateway(tmp_path)
-        await gw.start()
-        sid = await run_session(gw, "agent-1", ["echo hello", "rm -rf /data"])
-        await gw.stop()
-        return sid
-
-    sid = asyncio.run(main())
+    sid = _one_session(tmp_path, ["echo hello", "rm -rf /data"])
     state = str(tmp_path / "state")
     for args in (
         ("replay", sid, "--no-wait"),
@@ -1091,14 +1090,7 @@ def test_verify_shows_what_an_edited_file_says_with_its_control_characters_escap
     # The key id of a manifest is text from the file: an edited manifest printed "\r\x1b[2K... OK ..." and
     # "\x1b[8m" raw in `sessions verify` (and in the warning of `replay`), so a terminal showed the session as
     # verified and hid the BROKEN verdict.
-    async def main() -> str:
-        gw = make_gateway(tmp_path)
-        await gw.start()
-        sid = await run_session(gw, "agent-1", ["echo hello", "rm -rf /data"])
-        await gw.stop()
-        return sid
-
-    sid = asyncio.run(main())
+    sid = _one_session(tmp_path, ["echo hello", "rm -rf /data"])
     state = str(tmp_path / "state")
     [path] = (tmp_path / "state" / "recordings" / "sessions").glob(f"*/{sid}.manifest.json")
     doc = json.loads(path.read_text())
@@ -1140,14 +1132,7 @@ def test_replay_and_export_show_what_follows_an_edited_event(tmp_path: Path) -> 
     # A recording that does not verify is shown as the store holds it, after a warning: but an event whose time
     # was not a number, or a line that was not a JSON object, stopped the replay there ("could not convert string
     # to float", a traceback for asciicast), so the denial after it was not shown.
-    async def main() -> str:
-        gw = make_gateway(tmp_path)
-        await gw.start()
-        sid = await run_session(gw, "agent-1", ["echo hello", "echo again", "rm -rf /data"])
-        await gw.stop()
-        return sid
-
-    sid = asyncio.run(main())
+    sid = _one_session(tmp_path, ["echo hello", "echo again", "rm -rf /data"])
     [path] = (tmp_path / "state" / "recordings" / "sessions").glob(f"*/{sid}.jsonl")
     lines = path.read_bytes().splitlines(keepends=True)
     lines[1] = re.sub(rb'"t":[0-9.]+', b'"t":"later"', lines[1])
