@@ -3026,3 +3026,31 @@ def test_a_held_statement_is_audited_once_as_held_and_once_as_resolved(env: PgEn
         statements = [e["data"] for e in recorded if e["kind"] == "statement"]
         assert len(statements) == 1, (outcome, recorded)
         assert statements[0]["decision"] == ("allow" if outcome == "approved" else "deny"), (outcome, statements)
+
+
+def test_statements_after_a_refused_result_in_a_pipeline_do_not_run(env: PgEnv) -> None:
+    # A result refused by the gateway (a binary value of a masked column it cannot mask) ends the pipeline for the
+    # agent, which reads an error and then nothing until ReadyForQuery, as after a server error. The statements
+    # after it in the same pipeline were still decided and sent: the server ran them, and the INSERT was
+    # committed while the agent was told the pipeline had failed.
+    env.direct("DELETE FROM accounts WHERE id = 77")
+    c = RawClient(env.port, env.tokens["loader"])
+    try:
+        c.sock.settimeout(10)
+        c.send(
+            pg.parse("", "SELECT to_tsvector('simple', '4111 1111 1111 1111') AS v"),
+            pg.bind("", "", (), (), (1,)),
+            pg.execute(""),
+            pg.parse("", "INSERT INTO accounts VALUES (77, 1)"),
+            pg.bind("", ""),
+            pg.execute(""),
+            pg.sync(),
+        )
+        got = c.until_ready()
+        assert [e.sqlstate for e in errors(got)] == ["42501"], names(got)
+        assert "CommandComplete" not in names(got), names(got)
+        c.send(pg.query("SELECT 1"))
+        assert "DataRow" in names(c.until_ready())
+    finally:
+        c.close()
+    assert env.direct("SELECT count(*) FROM accounts WHERE id = 77") == [(0,)]

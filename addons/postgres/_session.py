@@ -968,6 +968,7 @@ class Relay:
         # A Bind or Execute forwarded since the last forwarded Sync could have changed a setting (it was not of a
         # BEGIN, SAVEPOINT or RELEASE): the server's settings are known again only at its ReadyForQuery.
         self._segment_may_set = False
+        self._segment_masked = False  # an Execute with a mask plan in the open segment: its Sync waits (see _on_sync)
         self._pending_z = 0  # ReadyForQuery messages the server still owes
         self._clean_waiters: list[asyncio.Future[None]] = []
         self._answer_waiters: list[asyncio.Future[None]] = []  # woken by any answer from the server
@@ -1287,6 +1288,7 @@ class Relay:
     def _push(self, kind: int, data: Any = None, run: Any = None) -> None:
         if kind == _K_EXEC and run.plan is not None:
             self._exec_pending_masker = True
+            self._segment_masked = True
         if self._be_skip:
             # The server is skipping everything up to the next Sync: it will not answer this.
             if kind == _K_EXEC and isinstance(run, Execution):
@@ -1297,6 +1299,7 @@ class Relay:
 
     def _push_sync(self) -> None:
         self._be_skip = False
+        self._segment_masked = False
         self._segment_execs = 0
         self._open_segment = False
         self._segment_bound = False
@@ -2257,10 +2260,30 @@ class Relay:
                 # come after the agent's CopyDone. Never forwarded, so the server and the gateway agree.
                 return b""
             return self._sync_behind_copy(raw)
+        if self._segment_masked and not self.read_only:
+            return self._sync_after_masked_results(raw)
         self._push_sync()
         # Unnamed portals end with the transaction; named ones live on in a transaction block.
         self._portals.pop("", None)
         return None
+
+    async def _sync_after_masked_results(self, raw: bytes) -> bytes | None:
+        """A Sync ending a segment with a result to mask, in a session that may write: held until the server has
+        answered the segment. A result the gateway refuses (masking cannot cover it) is an error to the agent,
+        which then takes nothing of the segment to have run, as after an error of the server. The server saw no
+        error, and would commit the segment's implicit transaction at this Sync (an INSERT after the refused
+        SELECT): a failing message goes before it, and the server rolls back as after an error of its own."""
+        await self._wait_answered()
+        if self.closed:
+            return None
+        prefix = b""
+        if self._drop_segment and not self._be_skip:
+            self.stats.denied += 1
+            self._push(_K_DENY_P, _FAILED_TRANSACTION)
+            prefix = self._deny_parse
+        self._push_sync()
+        self._portals.pop("", None)
+        return prefix + raw
 
     async def _sync_behind_copy(self, raw: bytes) -> bytes | None:
         """A Sync right behind a COPY ... FROM STDIN (libpq sends one after an Execute before it knows the
