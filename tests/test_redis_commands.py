@@ -148,6 +148,37 @@ def test_binary_keys_match_one_to_one():
     assert key.encode("utf-8", "surrogateescape") == b"app:\xff"
 
 
+def test_a_long_command_shows_approvers_a_part_bound_to_the_whole_by_its_digest():
+    """Every argument is decided; approvers read the first ones, each cut, and the digest of all of them (quoting
+    a million keys, or a binary value of megabytes, took seconds of the event loop every agent shares)."""
+    from lictor_redis import request_for
+
+    keys = [b"app:%d" % i for i in range(5000)]
+    args = [b"EXISTS", *keys]
+    req = request_for(classify(args), args)
+    assert req.attrs["keys"] == {k.decode() for k in keys} and len(req.attrs["args"]) == 5000  # what is decided
+    assert len(req.payload) < 8000 and req.payload.startswith("EXISTS app:0 app:1 ")
+    assert "…(+4744 args) (the whole command: 5000 args, " in req.payload
+    shown = req.shown_attrs
+    assert (
+        shown is not None and len(shown["args"]) == len(shown["keys"]) == 257 and shown["keys"][-1] == "…(+4744 keys)"
+    )
+    other = [*args[:-1], b"app:other"]  # differs after what is shown: another digest, which an approval is bound to
+    assert request_for(classify(other), other).digest() != req.digest()
+    value = bytes(range(256)) * 1024
+    blob = request_for(classify([b"SET", b"app:blob", value]), [b"SET", b"app:blob", value])
+    assert blob.attrs["args"][1] == value.decode("utf-8", "surrogateescape")
+    assert len(blob.payload) < 1000 and 'SET app:blob "\\x00\\x01' in blob.payload
+    assert "(the whole command: 2 args, 262152 bytes, sha256:" in blob.payload
+    # passwords stay out of a long command's payload too, and out of the digest of the whole: theirs follows
+    acl = [b"ACL", b"SETUSER", b"bob", b">Secret-1", *[b"~app:%d" % i for i in range(300)]]
+    held = request_for(classify(acl), acl)
+    assert "Secret-1" not in held.payload + repr(held.shown_attrs) and "[REDACTED]" in held.payload
+    assert "(passwords: sha256:" in held.payload
+    # a short command is shown whole, as before
+    assert request_for(classify([b"MGET", b"app:1", b"a b"]), [b"MGET", b"app:1", b"a b"]).payload == 'MGET app:1 "a b"'
+
+
 def test_build_requests_errors():
     with pytest.raises(ValueError, match="command"):
         build_requests({"protocol": "redis"}, "")

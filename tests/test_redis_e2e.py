@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from lictor import AuditLog, LocalIssuer
@@ -61,9 +62,10 @@ def _config(targets: dict[str, Any]) -> dict[str, Any]:
 class Gw:
     """The running gateway with helpers to get tokens and read its audit log and recordings."""
 
-    def __init__(self, proc: GatewayProcess, port: int) -> None:
+    def __init__(self, proc: GatewayProcess, port: int, api: str = "") -> None:
         self.proc = proc
         self.port = port
+        self.api = api  # the approvals API, when the gateway has one
         self.issuer = LocalIssuer(proc.state_dir)
 
     def token(self, role: str, sub: str | None = None) -> str:
@@ -117,12 +119,13 @@ class Gw:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gw]:
     require(_redis_up(), "redis-server on 127.0.0.1:6379")
-    port = free_port()
+    port, api = free_port(), free_port()
     workdir = tmp_path_factory.mktemp("redis-gw")
     target = {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": {"host": "127.0.0.1", "port": 6379}}
-    proc = GatewayProcess(workdir, _config({"cache": target})).start()
+    config = {**_config({"cache": target}), "approvals": {"listen": f"127.0.0.1:{api}"}}
+    proc = GatewayProcess(workdir, config).start()
     try:
-        yield Gw(proc, port)
+        yield Gw(proc, port, f"http://127.0.0.1:{api}")
     finally:
         proc.stop()
 
@@ -202,6 +205,99 @@ def test_a_repeated_store_option_cannot_write_outside_the_allowed_keys(gw: Gw, p
     )
     direct.delete(other)
     direct.close()
+
+
+def _replies(s: socket.socket, count: int) -> list[bytes]:
+    """``count`` top-level replies read from ``s``, raw."""
+    parser = ReplyParser()
+    out: list[bytes] = []
+    current = bytearray()
+    while len(out) < count:
+        data = s.recv(65536)
+        assert data, f"the gateway closed the connection after {len(out)} of {count} replies: {out[-3:]}"
+        parser.feed(data)
+        for event in parser.events():
+            current += (
+                event.data if hasattr(event, "data") else (b"\r\n" if not hasattr(event, "prefix") else event.raw)
+            )
+            if event.done:
+                out.append(bytes(current))
+                current.clear()
+    return out
+
+
+def test_a_command_with_more_arguments_than_max_args_is_refused_in_step(gw: Gw, prefix: str):
+    """A command of more than ``limits.max_args`` (65536) arguments is read to its end, not kept nor decided, and
+    refused with an error naming the limit; the commands after it (a transaction too) go on in step."""
+    sub = f"bulk-{secrets.token_hex(3)}"
+    over = cmd("EXISTS", *[f"{prefix}{i}" for i in range(65536)])  # with its name: 65537 arguments
+    at_limit = cmd("EXISTS", *[f"{prefix}{i}" for i in range(65535)])
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
+        s.sendall(cmd("AUTH", gw.token("reader", sub=sub)) + over + cmd("PING") + at_limit)
+        s.sendall(cmd("MULTI") + over + cmd("GET", prefix + "k") + cmd("EXEC") + cmd("PING"))
+        replies = _replies(s, 9)
+    limit = (
+        b"-ERR lictor: EXISTS has 65537 arguments, more than this target's limit of 65536 (limits.max_args); "
+        b"split it into smaller commands\r\n"
+    )
+    abort = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+    assert replies == [
+        b"+OK\r\n",
+        limit,
+        b"+PONG\r\n",
+        b":0\r\n",
+        b"+OK\r\n",
+        limit,
+        b"+QUEUED\r\n",
+        abort,
+        b"+PONG\r\n",
+    ]
+    refused = [d for d in gw.decisions(sub, 4) if d["rule_ids"] == ["redis:max-args"]]
+    assert [(d["action"], d["request"]["summary"]) for d in refused] == [("deny", "EXISTS (65537 args)")] * 2
+
+
+def test_a_pipeline_released_at_once_leaves_other_agents_their_turn(gw: Gw, prefix: str):
+    """Commands pipelined behind a held DEL wait in the gateway, all read; once the approver decides, they are
+    decided one after the other on the event loop every agent shares. Another agent, PINGing meanwhile, gets its
+    turns among them: its PINGs are decided between the pipeline's first and last commands, not after them."""
+    sub, other = f"burst-{secrets.token_hex(3)}", f"pinger-{secrets.token_hex(3)}"
+    exists = cmd("EXISTS", *[f"{prefix}{i}" for i in range(2000)])
+    count = 100
+    done = threading.Event()
+    pongs: list[bytes] = []
+
+    def ping(s: socket.socket) -> None:
+        while not done.is_set():
+            s.sendall(cmd("PING"))
+            pongs.append(s.recv(100))
+
+    with (
+        socket.create_connection(("127.0.0.1", gw.port), timeout=20) as burst,
+        socket.create_connection(("127.0.0.1", gw.port), timeout=20) as pinger,
+    ):
+        pinger.sendall(cmd("AUTH", gw.token("reader", sub=other)))
+        assert pinger.recv(100) == b"+OK\r\n"
+        burst.sendall(cmd("AUTH", gw.token("writer", sub=sub)) + cmd("DEL", prefix + "gone") + exists * count)
+        assert [d["action"] for d in gw.decisions(sub, 1)] == ["approve"]
+        approver = {"Authorization": f"Bearer {gw.token('approver', sub='human-1')}"}
+        listed = httpx.get(f"{gw.api}/api/approvals?status=pending", headers=approver).json()["approvals"]
+        (held,) = [a["id"] for a in listed if a["requester"]["sub"] == sub]
+        pinging = threading.Thread(target=ping, args=(pinger,))
+        pinging.start()
+        try:
+            denied = httpx.post(f"{gw.api}/api/approvals/{held}/deny", json={"reason": "not now"}, headers=approver)
+            assert denied.status_code == 200, denied.text
+            replies = _replies(burst, 2 + count)
+        finally:
+            done.set()
+            pinging.join(timeout=20)
+    assert replies[2:] == [b":0\r\n"] * count and set(pongs) == {b"+PONG\r\n"}
+    decisions = [d for d in gw.audit("decision") if d["identity"]["sub"] in (sub, other) and d["phase"] == "decision"]
+    order = [(d["identity"]["sub"], d["request"]["action"]) for d in decisions]
+    pipeline = [i for i, step in enumerate(order) if step == (sub, "exists")]
+    assert len(pipeline) == count
+    between = [step for step in order[pipeline[0] : pipeline[-1]] if step[0] == other]
+    assert between, "the other agent waited for the whole pipeline"
 
 
 def test_getdel_waits_for_an_approval_like_del(gw: Gw, prefix: str):

@@ -127,6 +127,30 @@ def test_limits_before_authentication_are_small():
         parser.next_command()
 
 
+def test_a_command_over_the_argument_limit_is_read_to_its_end_and_refused_in_step():
+    parser = CommandParser(args_limit=4)
+    big = encode_command([b"EXISTS", *[b"app:%d" % i for i in range(9)]])
+    parser.feed(big[:30])
+    assert parser.next_command() is None
+    parser.feed(big[30:] + encode_command([b"GET", b"app:1"]) + b"MGET a b c d e\r\nPING\r\n")
+    refused = parser.next_command()
+    assert refused is not None and refused.too_many == 10 and refused.size == len(big)
+    assert refused.args == (b"EXISTS", b"app:0")  # what names it, not the arguments
+    assert parser.next_command() == Command((b"GET", b"app:1"), len(encode_command([b"GET", b"app:1"])))
+    inline = parser.next_command()
+    assert inline is not None and (inline.too_many, inline.args) == (6, (b"MGET", b"a"))
+    assert parser.next_command() == Command((b"PING",), 6, inline=True)
+    long_name = CommandParser(args_limit=1)
+    long_name.feed(encode_command([b"X" * 1000, b"Y" * 1000]))
+    named = long_name.next_command()
+    assert named is not None and named.args == (b"X" * 64, b"Y" * 64)
+    exact = CommandParser(args_limit=4)
+    exact.feed(encode_command([b"MGET", b"a", b"b", b"c"]))
+    assert exact.next_command() == Command(
+        (b"MGET", b"a", b"b", b"c"), len(encode_command([b"MGET", b"a", b"b", b"c"]))
+    )
+
+
 def test_inline_line_without_end_is_bounded():
     parser = CommandParser(max_inline=100)
     parser.feed(b"x" * 101)

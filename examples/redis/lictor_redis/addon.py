@@ -41,6 +41,12 @@ TARGET_SCHEMA: dict[str, Any] = {
             "properties": {
                 "max_command_bytes": {"type": "integer", "minimum": 1024},
                 "mask_max_value": {"type": "integer", "minimum": 1024},
+                "max_args": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": 1024 * 1024,
+                    "description": "arguments of one command (default 65536); more are refused, unread",
+                },
             },
         },
         "upstream": {

@@ -34,7 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from lictor import AuthError, Decision, Gateway, Session
+from lictor import AuthError, Decision, Gateway, Request, Session
 from lictor.masking import MAX_CUSTOM_MATCH, MaskPlan
 
 from .commands import Classified, classify, quote, secret_args
@@ -83,6 +83,16 @@ EXECABORT = encode_error("EXECABORT Transaction discarded because of previous er
 MAX_AUTH_FAILURES = 3
 PREAUTH_MAX_BYTES = 64 * 1024  # a JWT fits; nothing big is parsed before the agent is known
 PREAUTH_MAX_ARGS = 16
+MAX_ARGS = 65536
+"""Default ``limits.max_args``: arguments of one command. Every argument is decided (and each key matched by the
+rules) before the command is forwarded, on the event loop all connections share: a million of them held every
+other agent for seconds. Bulk loads send far fewer per command (batches of hundreds to thousands of keys or
+fields; ``redis-cli --pipe`` sends what it is given, one command per line)."""
+# Between two commands of a pipeline, other connections get a turn once this much was handled since the last
+# one: a pipeline already buffered (behind a command held for approval, say) is otherwise decided to its end first.
+TURN_COMMANDS = 64
+TURN_ARGS = 4096
+TURN_BYTES = 1024 * 1024
 
 _UNICODE_ESCAPE = re.compile(rb"\\u[0-9A-Fa-f]{4}")
 _UNICODE_ESCAPES = re.compile(rb"\\+u([0-9A-Fa-f]{4})")  # escaped once or more (JSON in a JSON string)
@@ -136,6 +146,7 @@ class RedisTarget:
     auth_timeout: float = 30.0
     max_command_bytes: int = 64 * 1024 * 1024
     mask_max_value: int = 16 * 1024 * 1024
+    max_args: int = MAX_ARGS
 
     @classmethod
     def from_settings(cls, name: str, settings: Any) -> RedisTarget:
@@ -159,6 +170,7 @@ class RedisTarget:
             auth_timeout=float(settings.get("auth_timeout", 30.0)),
             max_command_bytes=int(limits.get("max_command_bytes", 64 * 1024 * 1024)),
             mask_max_value=int(limits.get("mask_max_value", 16 * 1024 * 1024)),
+            max_args=int(limits.get("max_args", MAX_ARGS)),
         )
 
 
@@ -307,6 +319,7 @@ class Connection:
     # -- reading commands -----------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
+        commands = handled = size = 0  # since other connections last had a turn
         while not self.stop_reading:
             if self.session is None:
                 try:
@@ -333,6 +346,14 @@ class Connection:
                 if command is None:
                     break
                 await self._handle(command)
+                # reader.read() returns at once while bytes are buffered, and an allowed command awaits nothing:
+                # a long pipeline would be decided to its end before any other connection's command
+                commands += 1
+                handled += command.too_many or len(command.args)
+                size += command.size
+                if commands >= TURN_COMMANDS or handled >= TURN_ARGS or size >= TURN_BYTES:
+                    commands = handled = size = 0
+                    await asyncio.sleep(0)
             # Pipelined commands went out in one write; now wait for the agent's next bytes.
             await self._flush_upstream()
 
@@ -398,6 +419,9 @@ class Connection:
         if self.session is None:
             await self._before_auth(args)
             return
+        if command.too_many:
+            await self._too_many(command)
+            return
         if name == b"quit":
             await self._answer("QUIT", OK, close=True)
             return
@@ -433,6 +457,35 @@ class Connection:
                 await self._answer("SELECT", OK, args=quote(args[1], 64))  # already there: the database is pinned
                 return
         await self._command(args)
+
+    async def _too_many(self, command: Command) -> None:
+        """A command with more arguments than ``limits.max_args``, read but not kept: refused (and audited),
+        never decided nor forwarded; inside MULTI it aborts the transaction, as a queueing error does."""
+        assert self.session is not None
+        c = classify(command.args)
+        name = c.name
+        limit = self.target.max_args
+        problem = f"{name} has {command.too_many} arguments, more than this target's limit of {limit} (limits.max_args)"
+        self.seq += 1
+        self.counts["denied"] += 1
+        if self.multi is not None:
+            self.multi.aborted = True
+        request = Request(
+            protocol=PROTOCOL,
+            action=c.command if c.known else "unknown",
+            attrs={"command": c.command},
+            target=self.target.name,
+            summary=f"{name} ({command.too_many} args)",
+            payload=f"{name} ({command.too_many} args, {command.size} bytes, not kept)",
+        )
+        decision = Decision.deny(problem, "redis:max-args", self.session.policy.version)
+        try:
+            self.session.audit(request, decision)
+        except Exception:
+            log.exception("redis connection %s: the refusal of %s could not be audited", self.peer, name)
+        record = {"n": self.seq, "command": name, "args": f"({command.too_many} args)", "decision": decision.action}
+        self._record("command", {**record, "rules": list(decision.rule_ids), "policy": decision.policy_version})
+        await self._local(encode_error(f"ERR lictor: {problem}; split it into smaller commands"), seq=self.seq)
 
     async def _answer(self, what: str, reply: bytes, *, close: bool = False, **record: Any) -> None:
         """Answer a command the gateway handles itself (never relayed, no decision of the policy), recorded."""
@@ -544,7 +597,8 @@ class Connection:
             )
             return False
         self.parser.max_command_bytes = target.max_command_bytes
-        self.parser.max_args = 1024 * 1024
+        self.parser.max_args = 1024 * 1024  # Redis' own limit: more is a protocol error
+        self.parser.args_limit = target.max_args
         user_text = user.decode("utf-8", "replace")[:200] if user is not None else None
         self._record("auth", {"via": via, "user": user_text, "subject": identity.subject})
         return True

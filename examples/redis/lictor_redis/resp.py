@@ -106,12 +106,7 @@ def _parse_int(raw: bytes, what: str) -> int:
 
 def encode_command(args: Sequence[bytes]) -> bytes:
     """A command as a RESP array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        parts.append(b"$%d\r\n" % len(arg))
-        parts.append(bytes(arg))
-        parts.append(CRLF)
-    return b"".join(parts)
+    return b"".join([b"*%d\r\n" % len(args), *[b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in args]])
 
 
 def _one_line(text: str | bytes) -> bytes:
@@ -222,11 +217,15 @@ def split_inline(line: bytes) -> list[bytes]:
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One complete command: its arguments (``args[0]`` is the command name) and wire size."""
+    """One complete command: its arguments (``args[0]`` is the command name) and wire size.
+
+    ``too_many``: the command had this many arguments, more than the parser's ``args_limit``; it was read
+    to its end but not kept, and ``args`` holds only its first two arguments, cut at 64 bytes (to name it)."""
 
     args: tuple[bytes, ...]
     size: int
     inline: bool = False
+    too_many: int = 0
 
 
 class CommandParser:
@@ -235,6 +234,11 @@ class CommandParser:
     ``feed(data)`` appends bytes; ``next_command()`` returns the next complete :class:`Command`
     or None when more bytes are needed. Empty commands (``*0``, ``*-1``, blank inline lines) are
     skipped, as Redis does.
+
+    More than ``max_args`` arguments is a protocol error (Redis' own limit is 1024 * 1024). A command with
+    more than ``args_limit`` (None: no such limit) but at most ``max_args`` is read to its end without
+    keeping its arguments and returned with ``too_many`` set: the caller refuses it and the stream stays in
+    step.
     """
 
     def __init__(
@@ -243,15 +247,19 @@ class CommandParser:
         max_command_bytes: int = 64 * 1024 * 1024,
         max_args: int = 1024 * 1024,
         max_inline: int = 64 * 1024,
+        args_limit: int | None = None,
     ) -> None:
         self.max_command_bytes = max_command_bytes
         self.max_args = max_args
         self.max_inline = max_inline
+        self.args_limit = args_limit
         self._buf = bytearray()
         self._pos = 0
         # state of a partially read multibulk command
         self._expected: int | None = None
         self._args: list[bytes] = []
+        self._read = 0  # arguments read (kept in _args unless skipping)
+        self._skip = False  # more arguments than args_limit: read, not kept
         self._size = 0
         self._bulk_len: int | None = None
 
@@ -296,6 +304,8 @@ class CommandParser:
                     args = split_inline(raw)
                     if not args:
                         continue
+                    if self.args_limit is not None and len(args) > self.args_limit:
+                        return Command(_naming(args), self._pos - start, inline=True, too_many=len(args))
                     return Command(tuple(args), self._pos - start, inline=True)
                 header = self._line(64, "multibulk count")
                 if header is None:
@@ -307,8 +317,10 @@ class CommandParser:
                     continue
                 self._expected = count
                 self._args = []
+                self._read = 0
+                self._skip = self.args_limit is not None and count > self.args_limit
                 self._size = len(header) + 2
-            while len(self._args) < (self._expected or 0):
+            while self._read < (self._expected or 0):
                 if self._bulk_len is None:
                     header = self._line(64, "bulk length")
                     if header is None:
@@ -329,14 +341,25 @@ class CommandParser:
                 end = self._pos + self._bulk_len
                 if self._buf[end : end + 2] != CRLF:
                     raise ProtocolError("bulk string not terminated by CRLF")
-                self._args.append(bytes(self._buf[self._pos : end]))
+                if not self._skip:
+                    self._args.append(bytes(self._buf[self._pos : end]))
+                elif self._read < 2:
+                    self._args.append(bytes(self._buf[self._pos : min(end, self._pos + 64)]))
+                self._read += 1
                 self._pos = end + 2
                 self._bulk_len = None
-            command = Command(tuple(self._args), self._size)
+            command = Command(tuple(self._args), self._size, too_many=(self._expected or 0) if self._skip else 0)
             self._expected = None
             self._args = []
+            self._read = 0
+            self._skip = False
             self._size = 0
             return command
+
+
+def _naming(args: Sequence[bytes]) -> tuple[bytes, ...]:
+    """What is kept of a command refused for its number of arguments: the first two, cut at 64 bytes."""
+    return tuple(a[:64] for a in args[:2])
 
 
 # -- server -> client -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any
 from lictor import Enum, Glob, Request, Vocabulary
 
 from .commands import CATEGORIES, TYPES, Classified, classify, display, quote, secret_args
-from .resp import ProtocolError, split_inline
+from .resp import ProtocolError, encode_command, split_inline
 
 __all__ = ["PROTOCOL", "VOCABULARY", "build_requests", "request_for"]
 
@@ -43,12 +43,29 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "surrogateescape")
 
 
+SHOWN_ARGS = 256
+"""Arguments of a long command that approvers read (each cut at :data:`SHOWN_ARG_BYTES`); the digest of the whole
+command stands for the rest."""
+SHOWN_ARG_BYTES = 128
+LONG_BYTES = 64 * 1024
+"""A command with more than :data:`SHOWN_ARGS` arguments or :data:`LONG_BYTES` bytes of them is long: its payload
+shows a part of it, not every byte of it quoted (which took seconds for a million keys, or a 4 MiB binary value)."""
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOWN_ARG_BYTES else f"{text[:SHOWN_ARG_BYTES]}…(+{len(text) - SHOWN_ARG_BYTES} chars)"
+
+
 def request_for(c: Classified, args: Sequence[bytes], target: str = "", reason: str | None = None) -> Request:
     """The request the policy decides for the command ``args`` (classified as ``c``).
 
-    The rules match the real arguments; approvers read passwords sent on to Redis (``CONFIG SET
+    The rules match the real arguments, every one of them; approvers read passwords sent on to Redis (``CONFIG SET
     requirepass``, ``MIGRATE ... AUTH``, ``ACL SETUSER >...``, see :func:`secret_args`) as
-    ``[REDACTED]``, and the payload carries their digest instead, to which an approval stays bound."""
+    ``[REDACTED]``, and the payload carries their digest instead, to which an approval stays bound.
+
+    Of a long command (see :data:`LONG_BYTES`) approvers read the first :data:`SHOWN_ARGS` arguments, each cut,
+    and the number and size of them all; the payload then ends with the SHA-256 of the whole command (its
+    passwords left out: their own digest follows), so that an approval stays bound to every byte of it."""
     attrs: dict[str, Any] = {
         "command": c.command,
         "categories": c.categories,
@@ -58,15 +75,32 @@ def request_for(c: Classified, args: Sequence[bytes], target: str = "", reason: 
     }
     secret = secret_args(c)
     names = args[: len(args) - len(c.args)]  # the command name, and the subcommand of a container
-    payload = " ".join(quote(a) for a in names)
+    size = sum(map(len, c.args))
+    long = len(c.args) > SHOWN_ARGS or size > LONG_BYTES
     shown: dict[str, Any] | None = None
-    if secret:
+    if long:
+        shown_args = tuple("[REDACTED]" if i in secret else _cut(a) for i, a in enumerate(attrs["args"][:SHOWN_ARGS]))
+        more = len(c.args) - SHOWN_ARGS
+        shown = {**attrs, "args": shown_args + ((f"…(+{more} args)",) if more > 0 else ())}
+        if c.keys is not None:
+            keys = tuple(_cut(_text(k)) for k in c.keys[:SHOWN_ARGS])
+            more = len(c.keys) - SHOWN_ARGS
+            shown["keys"] = keys + ((f"…(+{more} keys)",) if more > 0 else ())
+        whole = c.args if not secret else tuple(b"" if i in secret else a for i, a in enumerate(c.args))
+        rest = ["[REDACTED]" if i in secret else quote(a, SHOWN_ARG_BYTES) for i, a in enumerate(c.args[:SHOWN_ARGS])]
+        if len(c.args) > SHOWN_ARGS:
+            rest.append(f"…(+{len(c.args) - SHOWN_ARGS} args)")
+        digest = hashlib.sha256(encode_command([*names, *whole])).hexdigest()
+        rest.append(f"(the whole command: {len(c.args)} args, {size} bytes, sha256:{digest})")
+    elif secret:
         shown = {**attrs, "args": tuple("[REDACTED]" if i in secret else a for i, a in enumerate(attrs["args"]))}
-        digest = hashlib.sha256(b"\0".join(c.args[i] for i in sorted(secret))).hexdigest()
         rest = ["[REDACTED]" if i in secret else quote(a) for i, a in enumerate(c.args)]
-        payload = " ".join([payload, *rest, f"(passwords: sha256:{digest})"])
     else:
-        payload = " ".join(quote(a) for a in args)
+        rest = [quote(a) for a in c.args]
+    if secret:
+        digest = hashlib.sha256(b"\0".join(c.args[i] for i in sorted(secret))).hexdigest()
+        rest.append(f"(passwords: sha256:{digest})")
+    payload = " ".join([*(quote(a) for a in names), *rest])
     return Request(
         protocol=PROTOCOL,
         action=c.command if c.known else "unknown",
