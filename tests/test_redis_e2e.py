@@ -259,7 +259,8 @@ def test_a_command_with_more_arguments_than_max_args_is_refused_in_step(gw: Gw, 
 def test_a_pipeline_released_at_once_leaves_other_agents_their_turn(gw: Gw, prefix: str):
     """Commands pipelined behind a held DEL wait in the gateway, all read; once the approver decides, they are
     decided one after the other on the event loop every agent shares. Another agent, PINGing meanwhile, gets its
-    turns among them: its PINGs are decided between the pipeline's first and last commands, not after them."""
+    turns among them: its PINGs are decided between the pipeline's first and last commands, not after them, and
+    while a command of 100001 arguments is read (to be refused: more than limits.max_args), not after it."""
     sub, other = f"burst-{secrets.token_hex(3)}", f"pinger-{secrets.token_hex(3)}"
     exists = cmd("EXISTS", *[f"{prefix}{i}" for i in range(2000)])
     count = 100
@@ -277,7 +278,9 @@ def test_a_pipeline_released_at_once_leaves_other_agents_their_turn(gw: Gw, pref
     ):
         pinger.sendall(cmd("AUTH", gw.token("reader", sub=other)))
         assert pinger.recv(100) == b"+OK\r\n"
-        burst.sendall(cmd("AUTH", gw.token("writer", sub=sub)) + cmd("DEL", prefix + "gone") + exists * count)
+        big = cmd("EXISTS", *[f"{prefix}{i}" for i in range(100000)])
+        burst.sendall(cmd("AUTH", gw.token("writer", sub=sub)) + cmd("DEL", prefix + "gone") + exists + big)
+        burst.sendall(exists * count)
         assert [d["action"] for d in gw.decisions(sub, 1)] == ["approve"]
         approver = {"Authorization": f"Bearer {gw.token('approver', sub='human-1')}"}
         listed = httpx.get(f"{gw.api}/api/approvals?status=pending", headers=approver).json()["approvals"]
@@ -287,17 +290,18 @@ def test_a_pipeline_released_at_once_leaves_other_agents_their_turn(gw: Gw, pref
         try:
             denied = httpx.post(f"{gw.api}/api/approvals/{held}/deny", json={"reason": "not now"}, headers=approver)
             assert denied.status_code == 200, denied.text
-            replies = _replies(burst, 2 + count)
+            replies = _replies(burst, 4 + count)
         finally:
             done.set()
             pinging.join(timeout=20)
-    assert replies[2:] == [b":0\r\n"] * count and set(pongs) == {b"+PONG\r\n"}
+    assert replies[2] == b":0\r\n" and replies[3].startswith(b"-ERR lictor: EXISTS has 100001 arguments, more ")
+    assert replies[4:] == [b":0\r\n"] * count and set(pongs) == {b"+PONG\r\n"}
     decisions = [d for d in gw.audit("decision") if d["identity"]["sub"] in (sub, other) and d["phase"] == "decision"]
-    order = [(d["identity"]["sub"], d["request"]["action"]) for d in decisions]
-    pipeline = [i for i, step in enumerate(order) if step == (sub, "exists")]
-    assert len(pipeline) == count
-    between = [step for step in order[pipeline[0] : pipeline[-1]] if step[0] == other]
-    assert between, "the other agent waited for the whole pipeline"
+    order = [(d["identity"]["sub"], d["request"]["action"], d["rule_ids"][0]) for d in decisions]
+    pipeline = [i for i, step in enumerate(order) if step[:2] == (sub, "exists")]
+    assert len(pipeline) == 2 + count and order[pipeline[1]][2] == "redis:max-args"
+    assert any(step[0] == other for step in order[pipeline[0] : pipeline[1]]), "PINGs waited for the long command"
+    assert any(step[0] == other for step in order[pipeline[2] : pipeline[-1]]), "PINGs waited for the pipeline"
 
 
 def test_getdel_waits_for_an_approval_like_del(gw: Gw, prefix: str):

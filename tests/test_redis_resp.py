@@ -151,6 +151,22 @@ def test_a_command_over_the_argument_limit_is_read_to_its_end_and_refused_in_ste
     )
 
 
+def test_a_long_buffered_command_is_read_over_several_calls():
+    """What one call reads is bounded (``max_steps`` arguments or empty commands), so that a caller can let other
+    work run between calls; ``pending`` tells it that the rest is already buffered."""
+    big = encode_command([b"EXISTS", *[b"app:%d" % i for i in range(9)]])
+    for limit in (None, 4):
+        parser = CommandParser(max_steps=3, args_limit=limit)
+        parser.feed(b"*0\r\n" * 5 + big + encode_command([b"PING"]))
+        calls = 0
+        while (command := parser.next_command()) is None:
+            assert parser.pending
+            calls += 1
+        assert calls >= 4 and command.size == len(big) and command.too_many == (10 if limit else 0)
+        assert parser.next_command() == Command((b"PING",), 14) and not parser.pending
+        assert parser.next_command() is None and not parser.pending  # wants bytes now
+
+
 def test_inline_line_without_end_is_bounded():
     parser = CommandParser(max_inline=100)
     parser.feed(b"x" * 101)

@@ -344,6 +344,9 @@ class Connection:
                     await self._local(encode_error(f"ERR Protocol error: {exc}"), close=True)
                     return
                 if command is None:
+                    if self.parser.pending:  # a long command already buffered: read on after others' turn
+                        await asyncio.sleep(0)
+                        continue
                     break
                 await self._handle(command)
                 # reader.read() returns at once while bytes are buffered, and an allowed command awaits nothing:

@@ -238,7 +238,9 @@ class CommandParser:
     More than ``max_args`` arguments is a protocol error (Redis' own limit is 1024 * 1024). A command with
     more than ``args_limit`` (None: no such limit) but at most ``max_args`` is read to its end without
     keeping its arguments and returned with ``too_many`` set: the caller refuses it and the stream stays in
-    step.
+    step. One call reads at most ``max_steps`` arguments (or empty commands): a command of a million arguments
+    already buffered (pipelined behind a command held for approval) is read over several calls, between which
+    the caller lets other work run.
     """
 
     def __init__(
@@ -248,11 +250,14 @@ class CommandParser:
         max_args: int = 1024 * 1024,
         max_inline: int = 64 * 1024,
         args_limit: int | None = None,
+        max_steps: int = 4096,
     ) -> None:
         self.max_command_bytes = max_command_bytes
         self.max_args = max_args
         self.max_inline = max_inline
         self.args_limit = args_limit
+        self.max_steps = max_steps
+        self.pending = False  # the last next_command() stopped at max_steps, not for want of bytes
         self._buf = bytearray()
         self._pos = 0
         # state of a partially read multibulk command
@@ -285,7 +290,15 @@ class CommandParser:
         return line
 
     def next_command(self) -> Command | None:
+        """The next complete command, or None: more bytes are needed, or (``pending``) ``max_steps`` arguments
+        were read in this call and the rest of what is buffered waits for the next call."""
+        self.pending = False
+        steps = 0
         while True:
+            steps += 1
+            if steps > self.max_steps:
+                self.pending = True
+                return None
             if self._expected is None:
                 if self._pos >= len(self._buf):
                     return None
@@ -321,6 +334,10 @@ class CommandParser:
                 self._skip = self.args_limit is not None and count > self.args_limit
                 self._size = len(header) + 2
             while self._read < (self._expected or 0):
+                steps += 1
+                if steps > self.max_steps:
+                    self.pending = True
+                    return None
                 if self._bulk_len is None:
                     header = self._line(64, "bulk length")
                     if header is None:
