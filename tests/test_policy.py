@@ -277,6 +277,25 @@ def test_allow_decisions_are_memoized_by_roles_and_attributes_only(policy):
     assert odd.action == "allow"
 
 
+def test_the_memo_keeps_no_long_attribute_values_alive(policy):
+    # The memo's keys are the attribute values: 4096 allowed requests of a few MiB each (Redis SETs of big
+    # values, 64 MiB allowed) stayed alive in it, gigabytes for one agent to fill.
+    import gc
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20):
+            assert policy.decide(reader, req(f"get {i} " + "x" * (1 << 20))).action == "allow"
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 2 << 20, kept
+    assert policy.decide(reader, req("get a")) is policy.decide(reader, req("get a"))  # short ones still share
+
+
 def test_requests_matched_by_the_same_rules_share_their_decision(tmp_path: Path):
     # Custom fields: no memo by attributes, but the conclusion from the same matching rules is reused,
     # except where its message names the request (approvals and the default denial).

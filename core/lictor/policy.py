@@ -30,6 +30,28 @@ from .vocabulary import Boolean, Enum, Glob, Number, Predicate, Quantifier, Voca
 __all__ = ["CompiledRule", "IdentityMapping", "Policy", "Role", "Trace"]
 
 _MEMO_LIMIT = 4096  # memoized allow decisions per compiled policy (cleared when full)
+# The memo's key holds the request's attribute values: a request whose values are longer than this in all (a
+# Redis SET of a 64 MiB value, an HTTP body field) is decided without it, so the memo stays under
+# _MEMO_LIMIT * _MEMO_MAX_CHARS characters instead of keeping thousands of such values alive.
+_MEMO_MAX_CHARS = 16 * 1024
+_TEXT = (str, bytes)
+_COLLECTIONS = (tuple, list, frozenset, set)
+
+
+def _memo_size_ok(attrs: Mapping[str, Any]) -> bool:
+    """Whether the attribute values, and the strings in their collections, are short enough to memoize."""
+    left = _MEMO_MAX_CHARS
+    for value in attrs.values():
+        if isinstance(value, _TEXT):
+            left -= len(value)
+        elif isinstance(value, _COLLECTIONS):
+            left -= len(value)
+            for item in value:
+                if isinstance(item, _TEXT):
+                    left -= len(item)
+        if left < 0:
+            return False
+    return True
 
 
 @dataclass(frozen=True, eq=False)
@@ -379,7 +401,7 @@ class Policy:
             decision = known
         if trace is not None:
             trace.decision = decision
-        elif memo_key is not None and decision.action == "allow":
+        elif memo_key is not None and decision.action == "allow" and _memo_size_ok(request.attrs):
             if len(self._memo) >= _MEMO_LIMIT:
                 self._memo.clear()
             self._memo[memo_key] = decision
