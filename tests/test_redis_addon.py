@@ -266,3 +266,30 @@ async def test_a_client_name_given_with_hello_is_recorded_masked(env: Env):
     writer.close()
     (hello,) = [e for e in env.h.events(kind="command") if e["command"] == "HELLO"]
     assert "4111111111111111" not in hello["args"] and hello["args"].startswith("3 SETNAME ")
+
+
+async def test_a_command_whose_record_cannot_be_written_is_refused_not_forwarded(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+):
+    # session.record raising AuditError is a refusal (docs/addons.md): for a role without `recording: strict`, the
+    # addon logged it and forwarded the command all the same, so the target ran a command the recording lacks.
+    from lictor import AuditError
+    from lictor.gateway import Session
+
+    real = Session.record
+
+    def record(self: Session, kind: str, data: dict) -> None:
+        if kind == "command" and data.get("command") == "SET":
+            raise AuditError("the recording spool is full")
+        real(self, kind, data)
+
+    monkeypatch.setattr(Session, "record", record)
+    key = env.prefix + "unrecorded"
+    writer = env.client("writer")
+    try:
+        with pytest.raises(redis.exceptions.ResponseError, match="recording is unavailable"):
+            await writer.set(key, "1")
+        assert await writer.get(key) is None  # the connection goes on
+    finally:
+        await writer.aclose()
+    assert redis.Redis().exists(key) == 0

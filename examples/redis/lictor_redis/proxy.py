@@ -782,10 +782,11 @@ class Connection:
             record["approval_id"] = decision.approval_id
         if decision.mask_rule_ids:
             record["mask_rules"] = list(decision.mask_rule_ids)
-        recorded = self._record("command", record, strict=decision.recording == "strict")
+        # whatever the role's recording mode: a command the recording lacks is never forwarded
+        recorded = self._record("command", record, strict=True)
         if decision.allowed and not recorded:
             decision = Decision.deny(
-                "the session recording is unavailable and this role requires it; retry later",
+                "the session recording is unavailable, and nothing unrecorded is forwarded; retry later",
                 "lictor:recording-unavailable",
                 decision.policy_version,
             )
