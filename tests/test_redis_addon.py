@@ -273,8 +273,7 @@ async def test_a_command_whose_record_cannot_be_written_is_refused_not_forwarded
 ):
     # session.record raising AuditError is a refusal (docs/addons.md): for a role without `recording: strict`, the
     # addon logged it and forwarded the command all the same, so the target ran a command the recording lacks.
-    from lictor import AuditError
-    from lictor.gateway import Session
+    from lictor import AuditError, Session
 
     real = Session.record
 
@@ -293,3 +292,4 @@ async def test_a_command_whose_record_cannot_be_written_is_refused_not_forwarded
     finally:
         await writer.aclose()
     assert redis.Redis().exists(key) == 0
+
