@@ -293,3 +293,45 @@ async def test_a_command_whose_record_cannot_be_written_is_refused_not_forwarded
         await writer.aclose()
     assert redis.Redis().exists(key) == 0
 
+
+async def test_one_identity_may_hold_only_max_connections_at_once(tmp_path: Path):
+    # Each connection holds a Redis connection and buffers: an agent looping over connections took them without end.
+    require(_redis_up(), "redis-server on 127.0.0.1:6379")
+    port = free_port()
+    target = {"protocol": "redis", "listen": f"127.0.0.1:{port}", "upstream": {"host": "127.0.0.1"}}
+    targets = {"cache": {**target, "max_connections": 2}}
+    async with testing.harness(RedisAddon(), rulepacks=PACK, targets=targets, start=True, state_dir=tmp_path) as h:
+
+        def client(sub: str) -> aioredis.Redis:
+            token = h.gateway.issuer.issue(sub, {"role": "reader"})
+            return aioredis.Redis(port=port, username="agent", password=token, single_connection_client=True)
+
+        held = [client("looper"), client("looper")]
+        try:
+            for c in held:
+                assert await c.ping()
+            third = client("looper")
+            with pytest.raises(redis.exceptions.ResponseError, match="looper already has 2 connections open"):
+                await third.ping()
+            await third.aclose()
+            other = client("someone-else")  # the limit is per identity
+            assert await other.ping()
+            await other.aclose()
+            await held.pop().aclose()
+            again = client("looper")
+            for _ in range(50):  # the gateway sees the close when it reads the end of the stream
+                try:
+                    assert await again.ping()
+                    break
+                except redis.exceptions.ResponseError:
+                    await again.aclose()
+                    again = client("looper")
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("a connection closed still counted against the limit")
+            await again.aclose()
+        finally:
+            for c in held:
+                await c.aclose()
+        refused = [e for e in h.audit("connection.refused") if e.get("sub") == "looper"]
+        assert refused and "the limit" in refused[0]["reason"], h.audit("connection.refused")

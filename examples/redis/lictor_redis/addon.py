@@ -35,6 +35,12 @@ TARGET_SCHEMA: dict[str, Any] = {
             "description": "listen on a non-loopback address although tokens then cross the network in clear",
         },
         "auth_timeout": {"type": "number", "exclusiveMinimum": 0, "description": "seconds to authenticate"},
+        "max_connections": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 100000,
+            "description": "connections one identity may have open to this target at a time (default 32)",
+        },
         "limits": {
             "type": "object",
             "additionalProperties": False,
@@ -186,7 +192,7 @@ class RedisAddon:
                 task = asyncio.current_task()
                 assert task is not None
                 self.connections.add(task)
-                connection = Connection(gateway, target, reader, writer)
+                connection = Connection(gateway, target, reader, writer, self.live)
                 self.live.add(connection)
                 try:
                     await connection.run()

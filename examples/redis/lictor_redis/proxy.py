@@ -31,6 +31,7 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +145,7 @@ class RedisTarget:
     db: int = 0
     connect_timeout: float = 5.0
     auth_timeout: float = 30.0
+    max_connections: int = 32
     max_command_bytes: int = 64 * 1024 * 1024
     mask_max_value: int = 16 * 1024 * 1024
     max_args: int = MAX_ARGS
@@ -168,6 +170,7 @@ class RedisTarget:
             db=int(up.get("db", 0)),
             connect_timeout=float(up.get("connect_timeout", 5.0)),
             auth_timeout=float(settings.get("auth_timeout", 30.0)),
+            max_connections=int(settings.get("max_connections", 32)),
             max_command_bytes=int(limits.get("max_command_bytes", 64 * 1024 * 1024)),
             mask_max_value=int(limits.get("mask_max_value", 16 * 1024 * 1024)),
             max_args=int(limits.get("max_args", MAX_ARGS)),
@@ -239,9 +242,12 @@ class Connection:
         target: RedisTarget,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        peers: Collection[Connection] = (),
     ) -> None:
         self.gateway = gateway
         self.target = target
+        self.peers = peers  # the gateway's connections, to count an identity's
+        self.identity_key: tuple[str, str, str] | None = None
         self.reader = reader
         self.writer = writer
         peer = writer.get_extra_info("peername")
@@ -576,6 +582,28 @@ class Connection:
             log.exception("redis target %s: token verification failed", target.name)
             await self._local(encode_error("ERR lictor: the token could not be verified; retry later"), close=True)
             return False
+        # Each connection holds a Redis connection and may buffer a command and a reply: without a limit per
+        # identity, one agent looping over connections could take the gateway's memory and Redis' maxclients.
+        key = (target.name, str(identity.issuer), str(identity.subject))
+        if sum(1 for c in self.peers if c.identity_key == key) >= target.max_connections:
+            reason = (
+                f"{identity.subject} already has {target.max_connections} connections open to this target "
+                "(the limit); close connections you no longer use, or share them (a smaller pool)"
+            )
+            self.gateway.audit_event(
+                "connection.refused",
+                {
+                    "protocol": PROTOCOL,
+                    "target": target.name,
+                    "peer": self.peer,
+                    "sub": identity.subject,
+                    "reason": reason,
+                },
+                fail_closed=False,
+            )
+            await self._local(encode_error(f"ERR lictor: {reason}"), close=True)
+            return False
+        self.identity_key = key  # counted from here (no await since the count)
         try:
             await self._connect_upstream()
         except (OSError, TimeoutError, UpstreamError, ProtocolError) as exc:
