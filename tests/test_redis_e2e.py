@@ -144,25 +144,31 @@ def prefix() -> Iterator[str]:
 
 
 def _raw(port: int, payload: bytes, replies: int) -> list[bytes]:
-    """Send ``payload`` in one write; return ``replies`` top-level replies as raw bytes."""
+    """Send ``payload`` in one write; return ``replies`` top-level replies as raw bytes (fewer if it closes)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(payload)
-        parser = ReplyParser()
-        out: list[bytes] = []
-        current = bytearray()
-        while len(out) < replies:
-            data = s.recv(65536)
-            if not data:
-                break
-            parser.feed(data)
-            for event in parser.events():
-                current += (
-                    event.data if hasattr(event, "data") else (b"\r\n" if not hasattr(event, "prefix") else event.raw)
-                )
-                if event.done:
-                    out.append(bytes(current))
-                    current.clear()
-        return out
+        return _replies(s, replies, closed_ok=True)
+
+
+def _replies(s: socket.socket, count: int, closed_ok: bool = False) -> list[bytes]:
+    """``count`` top-level replies read from ``s``, raw (fewer if the gateway closes and ``closed_ok``)."""
+    parser = ReplyParser()
+    out: list[bytes] = []
+    current = bytearray()
+    while len(out) < count:
+        data = s.recv(65536)
+        if not data and closed_ok:
+            break
+        assert data, f"the gateway closed the connection after {len(out)} of {count} replies: {out[-3:]}"
+        parser.feed(data)
+        for event in parser.events():
+            current += (
+                event.data if hasattr(event, "data") else (b"\r\n" if not hasattr(event, "prefix") else event.raw)
+            )
+            if event.done:
+                out.append(bytes(current))
+                current.clear()
+    return out
 
 
 def cmd(*args: str | bytes) -> bytes:
@@ -205,25 +211,6 @@ def test_a_repeated_store_option_cannot_write_outside_the_allowed_keys(gw: Gw, p
     )
     direct.delete(other)
     direct.close()
-
-
-def _replies(s: socket.socket, count: int) -> list[bytes]:
-    """``count`` top-level replies read from ``s``, raw."""
-    parser = ReplyParser()
-    out: list[bytes] = []
-    current = bytearray()
-    while len(out) < count:
-        data = s.recv(65536)
-        assert data, f"the gateway closed the connection after {len(out)} of {count} replies: {out[-3:]}"
-        parser.feed(data)
-        for event in parser.events():
-            current += (
-                event.data if hasattr(event, "data") else (b"\r\n" if not hasattr(event, "prefix") else event.raw)
-            )
-            if event.done:
-                out.append(bytes(current))
-                current.clear()
-    return out
 
 
 def test_a_command_with_more_arguments_than_max_args_is_refused_in_step(gw: Gw, prefix: str):
