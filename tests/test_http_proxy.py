@@ -203,6 +203,14 @@ class CustomersAPI:
                     self.end_headers()
                     self.wfile.write(body)
                     return
+                if self.path == "/v1/customers/garbled":  # a header line broken by the data in it (a newline)
+                    auth = self.headers.get("Authorization", "")
+                    self.wfile.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Note: customer\r\n"
+                        + f"{EMAIL} {CARD} {auth}\r\nContent-Length: 2\r\n\r\nok".encode()
+                    )
+                    self.close_connection = True
+                    return
                 if self.path == "/v1/customers/moved":  # an absolute URL built from the Host header it got
                     self.send_response(301)
                     self.send_header("Location", f"https://{self.headers['Host']}/v1/customers/42")
@@ -657,6 +665,30 @@ def test_redirects_to_the_upstreams_own_url_are_followed_through_the_gateway(env
     assert "Location: /v1/customers/42\r\n" in text, (text, out.stderr)
     assert env.api.url not in text and out.returncode == 0, (text, out.stderr)
     assert text.rstrip().endswith("}") and json.loads(text[text.rindex("\r\n\r\n") :])["email"] == "[REDACTED:email]"
+
+
+def test_a_response_the_gateway_cannot_parse_is_not_quoted_to_the_agent_or_the_recording(env: Env) -> None:
+    # mitmproxy's parse error quotes the line it could not read: customer data and the credential echoed
+    code, body = env.curl(env.url() + "/v1/customers/garbled", token=env.agent)
+    assert code == 502 and json.loads(body)["error"] == "bad_gateway", body
+    for leak in (EMAIL, CARD, UPSTREAM_TOKEN):
+        assert leak.encode() not in body, body
+    assert env.api.seen("GET", "/v1/customers/garbled")
+    recorded: list[str] = []
+
+    def flushed() -> bool:
+        recorded[:] = [
+            event
+            for path in (env.gw.state_dir / "recordings").rglob("*.jsonl")
+            for event in path.read_text().splitlines()
+            if "/v1/customers/garbled" in event and '"error"' in event
+        ]
+        return bool(recorded)
+
+    wait_until(flushed, 10, "the failed request's recording")
+    assert "Invalid header line" in recorded[0], recorded
+    for leak in (EMAIL, CARD, UPSTREAM_TOKEN):
+        assert leak not in recorded[0], recorded
 
 
 def test_responses_the_gateway_cannot_mask_are_audited_and_not_worth_retrying(env: Env) -> None:

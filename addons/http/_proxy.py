@@ -1742,10 +1742,11 @@ class LictorProxy:
                     )
             if isinstance(state, FlowState) and flow.error is not None:
                 pending, state.pending = state.pending, None
+                msg = unquoted_error(flow.error.msg)
                 if pending is not None:
-                    state.session.record("http", {**pending, "error": flow.error.msg})
+                    state.session.record("http", {**pending, "error": msg})
                 else:
-                    state.session.record("http.error", {"flow": flow.id, "error": flow.error.msg})
+                    state.session.record("http.error", {"flow": flow.id, "error": msg})
         except Exception:
             log.exception("recording a flow error failed")
 
@@ -2338,6 +2339,18 @@ PROXY_REQUEST_HINT = "use the gateway's URL as the API's base URL instead of con
 # mitmproxy's own refusal of CONNECT in reverse mode, answered before any hook can answer instead
 _MITMPROXY_CONNECT_ERROR = "mitmproxy received an HTTP CONNECT request"
 
+# What mitmproxy quotes in its error messages: the bytes it could not parse (repr of bytes or str).
+_QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'|b?\"(?:[^\"\\]|\\.)*\"")
+
+
+def unquoted_error(message: str) -> str:
+    """mitmproxy's error ``message`` without the text it quotes: a response it could not parse is quoted as
+    the upstream sent it (customer data, the target's credential echoed back), unmasked."""
+    text = _QUOTED.sub("[...]", message)
+    cut = min((i for i in (text.find("'"), text.find('"')) if i != -1), default=-1)
+    return text if cut == -1 else text[:cut] + "[...]"  # a quote left open: nothing after it is kept
+
+
 _PROXY_ERRORS = {
     400: "the request could not be read",
     413: "the request body is larger than this gateway accepts (max_body)",
@@ -2366,7 +2379,9 @@ def _json_error_responses() -> None:
 
     def make_error_response(status_code: int, message: str = "") -> bytes:
         text = _PROXY_ERRORS.get(status_code, "the gateway could not handle the request")
-        detail = f"lictor: {text}" + (f" ({message})" if message and status_code in (400, 502) else "")
+        # A 400's message is about the agent's own bytes; a 502's may quote the upstream's (a header line it
+        # could not parse: customer data, or the gateway's credential echoed), which no detector has read.
+        detail = f"lictor: {text}" + (f" ({message})" if message and status_code == 400 else "")
         hint = _PROXY_HINTS.get(status_code, "retry later; if it persists, ask the gateway operators")
         if message.startswith(_MITMPROXY_CONNECT_ERROR):
             detail = f"lictor: {PROXY_REQUEST_MESSAGE} (CONNECT); {PROXY_REQUEST_HINT}"
