@@ -1721,7 +1721,9 @@ def test_range_requests_cannot_split_masked_values_between_answers(env: Env) -> 
 
 
 @contextlib.contextmanager
-def _websocket_gateway(tmp_path: Path, handler: Any, **serve_options: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+def _websocket_gateway(
+    tmp_path: Path, handler: Any, credentials: dict[str, Any] | None = None, **serve_options: Any
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """The HTTP example's gateway in front of a WebSocket upstream served by ``handler``: yields the
     gateway's ``wss://`` URL for ``/v1/customers/ws`` and the ``connect()`` options of a support agent;
     the gateway (``GatewayProcess``) is in the options' ``gateway`` key."""
@@ -1744,7 +1746,10 @@ def _websocket_gateway(tmp_path: Path, handler: Any, **serve_options: Any) -> It
     config["approvals"]["listen"] = f"127.0.0.1:{free_port()}"
     gw_port = free_port()
     config["targets"]["customers"].update(
-        listen=f"127.0.0.1:{gw_port}", upstream=f"https://127.0.0.1:{port}", upstream_ca=str(ca), credentials={}
+        listen=f"127.0.0.1:{gw_port}",
+        upstream=f"https://127.0.0.1:{port}",
+        upstream_ca=str(ca),
+        credentials=credentials or {},
     )
     gw = GatewayProcess(tmp_path, config)
     try:
@@ -1791,6 +1796,34 @@ def test_websocket_messages_with_json_escapes_are_masked(tmp_path: Path) -> None
         got = asyncio.run(receive())
     assert [json.loads(m)["email"] for m in got[:2]] == ["[REDACTED:email]"] * 2, got
     assert got[2:] == ["plain [REDACTED:email]"], got  # the message that is not JSON is not relayed
+
+
+def test_a_websocket_close_reason_is_masked(tmp_path: Path) -> None:
+    """The reason of the upstream's close frame is text it chose (whose session ended, what was wrong)."""
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send("hello")
+        token = ws.request.headers["Authorization"] if ws.request else ""
+        await ws.close(4000, f"{EMAIL} {CARD} {token}")
+
+    with _websocket_gateway(tmp_path, handler, {"bearer": UPSTREAM_TOKEN}) as (url, options):
+        gw = options.pop("gateway")
+
+        async def receive() -> tuple[list[str], str | None]:
+            got: list[str] = []
+            async with connect(url, **options) as ws:
+                with contextlib.suppress(Exception):
+                    while True:
+                        got.append(str(await asyncio.wait_for(ws.recv(), 5)))
+                return got, ws.close_reason
+
+        got, reason = asyncio.run(receive())
+    assert got == ["hello"], got
+    assert reason is not None and reason.startswith("[REDACTED:email] [REDACTED:card] ****"), reason
+    assert UPSTREAM_TOKEN not in reason, reason
+    for path in (gw.state_dir / "recordings").rglob("*.jsonl"):
+        text = path.read_text()
+        assert EMAIL not in text and CARD not in text, path
 
 
 def test_websocket_messages_are_recorded_without_credentials(tmp_path: Path) -> None:

@@ -1755,6 +1755,8 @@ class LictorProxy:
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         try:
             state = flow.metadata.get(STATE)
+            if isinstance(state, FlowState):
+                _WS_CLOSE[flow.client_conn.id] = lambda reason: _close_reason(state, reason)
             if isinstance(state, FlowState) and flow.response is not None:
                 state.session.record(
                     "http.websocket",
@@ -1768,6 +1770,7 @@ class LictorProxy:
             log.exception("recording a WebSocket start failed")
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
+        _WS_CLOSE.pop(flow.client_conn.id, None)
         try:
             state = flow.metadata.get(STATE)
             if isinstance(state, FlowState) and state.ws is not None:
@@ -2396,6 +2399,26 @@ def _json_error_responses() -> None:
 
 # Client connection id -> binary WebSocket messages to send to that client before the next frame to it.
 _WS_BEFORE: dict[str, list[bytes]] = {}
+# Client connection id -> what makes a close frame's reason fit for that client (see websocket_start).
+_WS_CLOSE: dict[str, Callable[[str], str]] = {}
+
+
+def _close_reason(state: FlowState, reason: str) -> str:
+    """A WebSocket close reason the agent may read: the target's credentials blanked and the rules' detectors
+    applied, as to a text message; none when it cannot be masked so (``\\u`` escapes) or masking fails."""
+    try:
+        data = reason.encode("utf-8", "surrogatepass")
+        if state.tap.scrubber is not None:
+            data = state.tap.scrubber.whole(data)
+        if not state.masking.plan_empty:
+            if b"\\u" in data:
+                return ""
+            data = state.masking.mask_bytes(data)
+        # a close frame holds at most 123 bytes of reason; a masked one may have grown past it
+        return data[:123].decode("utf-8", "ignore")
+    except Exception:
+        log.exception("masking a WebSocket close reason failed; sent without one")
+        return ""
 
 
 def _ws_send_before_next(flow: http.HTTPFlow, data: bytes) -> None:
@@ -2410,13 +2433,17 @@ def _ws_messages_before() -> None:
     """Let :func:`_ws_send_before_next` put messages in front of the next frame mitmproxy sends a client."""
     from mitmproxy.proxy import commands
     from mitmproxy.proxy.layers import websocket as ws_layer
-    from wsproto.events import BytesMessage
+    from wsproto.events import BytesMessage, CloseConnection
 
     cls = ws_layer.WebsocketConnection
     if getattr(cls.send2, "lictor_before", False):
         return
 
     def send2(self: Any, event: Any) -> Any:
+        if isinstance(event, CloseConnection) and event.reason and isinstance(self.conn, Client):
+            # mitmproxy relays the upstream's close frame as it came: its reason is the upstream's text
+            clean = _WS_CLOSE.get(self.conn.id)
+            event = CloseConnection(code=event.code, reason=clean(event.reason) if clean else "")
         before = _WS_BEFORE.pop(self.conn.id, None) if _WS_BEFORE else None
         if before is None:
             return commands.SendData(self.conn, self.send(event))
