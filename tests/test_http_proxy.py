@@ -854,6 +854,33 @@ def test_requests_without_a_valid_token_are_401_and_never_forwarded(env: Env) ->
     assert len(env.api.seen()) == before
 
 
+def test_a_denied_head_leaves_the_connection_usable(env: Env) -> None:
+    # A HEAD answer has no body: the denial's JSON written after it was read as the next response
+    curl = require_binary("curl")
+    auth = ["--cacert", env.ca, "-H", f"Authorization: Bearer {env.agent}"]
+    proc = subprocess.run(
+        [
+            curl,
+            "-sS",
+            "-i",
+            *auth,
+            "-I",
+            env.url() + "/v1/customers/42",
+            "--next",
+            "-i",
+            *auth,
+            env.url() + "/v1/customers/43",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    head, _, rest = proc.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403") and b"X-Lictor-Rule: lictor:default-deny" in head, proc.stdout
+    assert rest.startswith(b"HTTP/1.1 200"), proc.stdout
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["id"] == "43", proc.stdout
+
+
 def test_denials_name_the_rule_and_what_to_do(env: Env) -> None:
     code, body = env.curl(env.url() + "/v1/customers/42", "-X", "DELETE", token=env.agent)
     assert code == 403

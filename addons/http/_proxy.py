@@ -2498,6 +2498,31 @@ def _bounded_websocket_messages() -> None:
     cls.relay_messages = relay_messages
 
 
+def _head_answers_without_body() -> None:
+    """Send no body after the head of a response to ``HEAD``.
+
+    mitmproxy writes whatever body a response set in a hook has, whatever the request's method: the JSON of
+    the gateway's own answers (a ``403`` to a ``HEAD`` no rule allows) went out after the head, where the agent's
+    client, which reads no body after a ``HEAD`` (RFC 9110, 9.3.2), read the next response. ``curl -I`` and then
+    a ``GET`` on the same connection failed with ``Received HTTP/0.9``. The head keeps its ``Content-Length``
+    (the size a ``GET`` would have had); the recording keeps the answer."""
+    from mitmproxy.proxy.layers.http import _http1
+    from mitmproxy.proxy.layers.http._events import ResponseData
+
+    cls = _http1.Http1Server
+    original = cls.send
+    if getattr(original, "lictor_head", False):
+        return
+
+    def send(self: Any, event: Any) -> Any:
+        if isinstance(event, ResponseData) and self.request is not None and self.request.method.upper() == "HEAD":
+            return
+        yield from original(self, event)
+
+    send.lictor_head = True  # type: ignore[attr-defined]
+    cls.send = send
+
+
 def _trailers_dropped() -> None:
     """Drop the trailer section of a chunked HTTP/1 body (request or response) instead of crashing.
 
@@ -2716,6 +2741,7 @@ class EmbeddedProxy:
         _bounded_websocket_messages()
         _bounded_request_heads()
         _trailers_dropped()
+        _head_answers_without_body()
         _json_error_responses()
         _lean.install()
         opts = Options()
