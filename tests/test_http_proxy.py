@@ -1019,6 +1019,16 @@ def test_query_parameters_in_another_case_are_read_as_asp_net_reads_them(env: En
     assert env.api.seen("POST") == []
 
 
+def test_query_parameters_in_brackets_are_read_as_the_array_or_hash_servers_read(env: Env) -> None:
+    # Rails, PHP and Express read ?credit_limit[]=5 as the parameter credit_limit holding ["5"] (Number(["5"]) is
+    # 5 in JavaScript, (int) of an array 1 in PHP): the example's deny on the query parameter must fire
+    url = env.url("tickets") + "/v1/customers"  # ticket mode: a request that would be held answers at once
+    for query in ("credit_limit[]=5", "credit_limit%5B%5D=5", "credit_limit[0]=5", "Credit_Limit[]=5"):
+        code, body = env.curl(f"{url}?{query}", "-g", "-X", "POST", token=env.agent)
+        assert code == 403 and json.loads(body)["rule"] == "customers-no-credit-limit-in-query", (query, body)
+    assert env.api.seen("POST") == []
+
+
 def test_fields_are_read_as_php_names_them(env: Env) -> None:
     # PHP (Laravel, Symfony) reads credit.limit, "credit limit" and credit[limit as credit_limit, and
     # .method as Symfony's _method override

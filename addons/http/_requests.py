@@ -598,6 +598,19 @@ def php_name(key: str) -> str | None:
     return head + bracket + rest
 
 
+def bracketed_heads(params: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """``params`` with the values of a bracketed name (``credit_limit[]``, ``credit_limit[0]``) also under the
+    name before its brackets: Rails, PHP and Express read ``?credit_limit[]=5`` as ``credit_limit`` holding
+    ``["5"]``, which code that expects one value takes for ``5`` (JavaScript's ``Number(["5"])``), as an array
+    in a JSON body stands for its items."""
+    out = {name: list(values) for name, values in params.items()}
+    for name, values in params.items():
+        head = name.split("[", 1)[0]
+        if head and head != name and name.endswith("]"):
+            out.setdefault(head, []).extend(values)
+    return out
+
+
 def form_attrs(body: bytes, content_type: str) -> dict[str, Any] | None:
     """The ``json`` attribute of a form body (``application/x-www-form-urlencoded`` or ``multipart/form-data``),
     None for other bodies: many APIs take a form where they take JSON, so ``json:`` rules read its fields. A field is
@@ -1002,7 +1015,7 @@ def http_request(
         "path": path,
         "path_keys": path_keys(path),
         "query": params,
-        "query_folded": fold_paths(params),  # ASP.NET reads ?Credit_Limit= as credit_limit
+        "query_folded": fold_paths(bracketed_heads(params)),  # ASP.NET reads ?Credit_Limit= as credit_limit
         "headers": header_attrs(headers),
         "body_size": len(body),
     }
