@@ -262,6 +262,10 @@ class CustomersAPI:
                         "<p>" + CARD.replace(" ", "&nbsp;") + "</p><p>" + CARD.replace(" ", "&#160;") + "</p>"
                         "<p>Order&nbsp;12&nbsp;345</p>",
                     ),
+                    "/v1/customers/notes": (  # Markdown (CommonMark) renders character references as HTML does
+                        "text/markdown; charset=utf-8",
+                        "Contact: " + EMAIL.replace("@", "&#64;") + ", card " + CARD.replace(" ", "&#32;") + "\n",
+                    ),
                     "/v1/customers/xssi": ("application/json", ")]}'\n" + json.dumps({"email": "zo\u00eb@ex.com"})),
                     "/v1/customers/rich": (  # HTML in JSON fields (a CMS page, a rich-text note)
                         "application/json",
@@ -775,6 +779,11 @@ def test_html_is_masked_as_a_browser_reads_its_character_references(env: Env, pa
             [chromium, "--headless", "--no-sandbox", "--dump-dom", page.as_uri()], capture_output=True, timeout=60
         ).stdout.decode()
         assert "[REDACTED:email]" in dom and "@" not in dom and "4111" not in dom, dom
+
+
+def test_markdown_is_masked_as_its_renderers_read_its_character_references(env: Env) -> None:
+    code, body = env.curl(env.url() + "/v1/customers/notes", token=env.agent)
+    assert code == 200 and body == b"Contact: [REDACTED:email], card [REDACTED:card]\n", body
 
 
 def test_addresses_percent_encoded_in_urls_are_masked(env: Env) -> None:

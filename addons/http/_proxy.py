@@ -270,11 +270,17 @@ def _json_like(content_type: str) -> bool:
     return is_json_type(content_type) or content_type.split(";", 1)[0].strip().lower() in _JSON_LIKE
 
 
+_MARKUP = frozenset(
+    {"", "text/html", "text/xml", "application/xml", "application/xhtml+xml", "text/markdown", "text/x-markdown"}
+)
+
+
 def _markup(content_type: str) -> bool:
     """HTML or XML, whose character references a browser or parser reads as the characters they stand for;
-    without a type too, as browsers then sniff the body and render what looks like HTML."""
+    Markdown, whose renderers read them so too (CommonMark's entity and numeric references); without a type
+    too, as browsers then sniff the body and render what looks like HTML."""
     media = content_type.split(";", 1)[0].strip().lower()
-    return media in ("", "text/html", "text/xml", "application/xml", "application/xhtml+xml") or media.endswith("+xml")
+    return media in _MARKUP or media.endswith("+xml")
 
 
 def _mask_json_lines(masking: bodies.Masking, raw: bytes) -> bytes | None:
