@@ -211,6 +211,11 @@ class CustomersAPI:
                     )
                     self.close_connection = True
                     return
+                if self.path == "/v1/customers/hinted":  # 103 Early Hints before the answer (Rails, Node, nginx)
+                    self.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </assets/app.css>; rel=preload\r\n\r\n")
+                    self.wfile.flush()
+                    self._json(200, {"id": "hinted", "email": EMAIL})
+                    return
                 if self.path == "/v1/customers/moved":  # an absolute URL built from the Host header it got
                     self.send_response(301)
                     self.send_header("Location", f"https://{self.headers['Host']}/v1/customers/42")
@@ -861,6 +866,14 @@ def test_requests_without_a_valid_token_are_401_and_never_forwarded(env: Env) ->
     code, body = env.curl(env.url() + "/v1/customers/1", "-u", "agent:password")
     assert code == 401
     assert len(env.api.seen()) == before
+
+
+def test_interim_responses_of_the_upstream_are_not_taken_for_its_answer(env: Env) -> None:
+    # mitmproxy took the 103 for the final answer: the agent got a 103 with a chunked body, never the 200
+    code, body = env.curl(env.url() + "/v1/customers/hinted", token=env.agent)
+    assert code == 200 and json.loads(body) == {"id": "hinted", "email": "[REDACTED:email]"}, (code, body)
+    code, body = env.curl(env.url() + "/v1/customers/42", token=env.agent)
+    assert code == 200 and json.loads(body)["id"] == "42", (code, body)
 
 
 def test_a_denied_head_leaves_the_connection_usable(env: Env) -> None:

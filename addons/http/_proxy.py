@@ -2631,6 +2631,39 @@ def _bounded_request_heads() -> None:
     server_class._handle_event = handle_event
 
 
+# The status line of an interim (1xx) response other than 101 Switching Protocols.
+_INTERIM_STATUS = re.compile(rb"HTTP/1\.[01] 1(?!01)[0-9][0-9][ \r\n]")
+
+
+def _interim_responses_skipped() -> None:
+    """Read past the upstream's interim responses (``100 Continue``, ``103 Early Hints``) to its answer.
+
+    mitmproxy's HTTP/1 client took the first response head for the answer: after a ``103`` the agent got that
+    status with a chunked body (which no client reads after a 1xx, so its connection broke), never the
+    upstream's real answer, which was left unread. Interim responses have no body (RFC 9110, 15.2); they are
+    dropped, and the answer after them is read, decided and masked as any."""
+    from mitmproxy.proxy import events
+    from mitmproxy.proxy.layers.http import _http1
+
+    cls = _http1.Http1Client
+    original = cls.read_headers
+    if getattr(original, "lictor_interim", False):
+        return
+
+    def read_headers(self: Any, event: Any) -> Any:
+        if isinstance(event, events.DataReceived) and self.request is not None:
+            while True:
+                data = bytes(self.buf)
+                end = _HEAD_END.search(data)
+                if end is None or not _INTERIM_STATUS.match(data):
+                    break
+                self.buf.maybe_extract_at_most(end.end())
+        yield from original(self, event)
+
+    read_headers.lictor_interim = True  # type: ignore[attr-defined]
+    cls.read_headers = read_headers
+
+
 def _held_response_heads() -> None:
     """Send the head of a streamed response whose flow has :data:`HOLD_HEAD` right before the first bytes its
     stream function relays (or the end of the response), not when it arrives from the upstream.
@@ -2748,6 +2781,7 @@ class EmbeddedProxy:
         _bounded_request_heads()
         _trailers_dropped()
         _head_answers_without_body()
+        _interim_responses_skipped()
         _json_error_responses()
         _lean.install()
         opts = Options()
