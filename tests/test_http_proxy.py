@@ -1082,6 +1082,19 @@ def test_header_names_are_read_as_cgi_servers_read_them(env: Env) -> None:
     assert "x_forwarded_for" not in headers and "x-forwarded-for" not in headers
 
 
+def test_headers_named_as_connection_options_reach_the_upstream_as_decided(env: Env) -> None:
+    # Connection: X-Dry-Run would have a proxy before the API (Go's ReverseProxy, Traefik) remove the header the
+    # rules read, or the target's credentials, after the decision
+    listed = "keep-alive, X-Dry-Run, Authorization"
+    code, body = env.curl(
+        env.url() + "/v1/customers/conn", "-H", f"Connection: {listed}", "-H", "X-Dry-Run: true", token=env.agent
+    )
+    assert code == 200, body
+    headers = {k.lower(): v for k, v in env.api.seen("GET", "/v1/customers/conn")[-1]["headers"].items()}
+    assert headers.get("connection", "").lower() == "keep-alive", headers
+    assert headers["x-dry-run"] == "true" and headers["authorization"] == f"Bearer {UPSTREAM_TOKEN}", headers
+
+
 def test_identity_headers_of_authenticating_proxies_are_not_forwarded(env: Env) -> None:
     # An application behind oauth2-proxy, Grafana's auth proxy or a cloud identity-aware proxy takes these
     # headers for who the user is: an agent that sent its own was that user upstream.

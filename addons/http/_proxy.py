@@ -100,6 +100,7 @@ STATE = "lictor.state"
 ANSWERED = "lictor.answered"
 EXPECTS_CONTINUE = "lictor.expect_continue"
 _PARTIAL_HEADERS = frozenset({b"range", b"if-range"})  # ask for part of a response
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})  # Connection options that name no header
 LINGER_CLOSE = 2.0  # seconds between a final answer written by Lictor itself and closing the connection
 HEADERS_DONE = "lictor.responseheaders"
 RESPONSE_DONE = "lictor.response"
@@ -1300,6 +1301,14 @@ class LictorProxy:
                 continue
             if call is not None and lname == b"accept":
                 accept.append(value)
+                continue
+            if lname == b"connection":
+                # A header named here is removed by every proxy that follows RFC 9110 (7.6.1) before the API
+                # (Go's ReverseProxy, Traefik, Caddy, Apache): one the rules read (X-Dry-Run: true) or the
+                # target's credentials would not reach it. Only the options that name no header go on.
+                options = [o.strip() for o in value.split(b",") if o.strip().lower() in _CONNECTION_OPTIONS]
+                if options:
+                    kept.append((name, b", ".join(options)))
                 continue
             kept.append((name, value))
         kept.extend((n.encode(), v.encode()) for n, v in target.credentials.headers)
