@@ -6,11 +6,15 @@ their tests must fail here, not in a reader's terminal."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, lictor
+from tests.conftest import LICTOR, ROOT, free_port, lictor, require, require_binary, wait_until
 
 EXAMPLES = ROOT / "examples"
 
@@ -39,3 +43,52 @@ def test_example_packs_check_clean_and_pass_their_tests(example: str) -> None:
     summary = re.search(r"^(\d+) passed, (\d+) failed$", tested.stdout, re.M)
     assert summary and int(summary.group(1)) >= 5 and summary.group(2) == "0", tested.stdout
     assert re.search(r"^coverage: (\d+)/\1 rules exercised \(100%\)$", tested.stdout, re.M), tested.stdout
+
+
+def test_quickstart_reads_pgsslmode_as_libpq_does(tmp_path: Path) -> None:
+    # The quickstart fronts "the server named by libpq's PG* variables", but read PGSSLMODE nowhere: with
+    # PGSSLMODE=require it logged in to a server without TLS in plaintext, where libpq would have refused.
+    import psycopg
+
+    psql = require_binary("psql")
+    ssl = None
+    with contextlib.suppress(psycopg.OperationalError):
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", connect_timeout=5) as conn:
+            ssl = conn.execute("SHOW ssl").fetchone()
+    require(ssl is not None, "PostgreSQL at 127.0.0.1:5432 (user postgres, trust) is not reachable")
+    if not ssl or ssl[0] != "off":
+        pytest.skip("the PostgreSQL at 127.0.0.1:5432 has TLS on: nothing for PGSSLMODE=require to refuse")
+    port = free_port()
+    env = {
+        **os.environ,
+        "LICTOR_STATE_DIR": str(tmp_path / "state"),
+        "LICTOR_PG_PORT": str(port),
+        "PGHOST": "127.0.0.1",
+        "PGPORT": "5432",
+        "PGUSER": "postgres",
+        "PGDATABASE": "postgres",
+        "PGSSLMODE": "require",
+    }
+    config = str(EXAMPLES / "quickstart" / "lictor.yaml")
+    ready = tmp_path / "ready"
+    with (tmp_path / "gateway.log").open("wb") as log:
+        gateway = subprocess.Popen(
+            [LICTOR, "run", "-c", config, "--ready-file", str(ready)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_until(ready.exists, 30, "the quickstart gateway to listen")
+        token = lictor("token", "issue", "-c", config, "--sub", "agent-1", "--claim", "access=read", env=env)
+        agent_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        out = subprocess.run(
+            [psql, f"host=127.0.0.1 port={port} dbname=postgres user=agent-1 sslmode=disable", "-Atc", "select 1"],
+            env={**agent_env, "PGPASSWORD": token.stdout.strip(), "PGCONNECT_TIMEOUT": "5"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=15)
+    assert out.returncode != 0, out.stdout
+    assert "cannot connect to target 'main'" in out.stderr, out.stderr
+    assert "the target refused TLS but sslmode is require" in (tmp_path / "gateway.log").read_text()
