@@ -8,6 +8,7 @@ of the real Redis server on 127.0.0.1:6379.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import socket
 import sys
@@ -19,7 +20,7 @@ import redis
 import redis.asyncio as aioredis
 from lictor import testing
 
-from tests.conftest import ROOT, free_port, require
+from tests.conftest import ROOT, free_port, lictor, require
 
 sys.path.insert(0, str(ROOT / "examples" / "redis"))
 
@@ -335,3 +336,16 @@ async def test_one_identity_may_hold_only_max_connections_at_once(tmp_path: Path
                 await c.aclose()
         refused = [e for e in h.audit("connection.refused") if e.get("sub") == "looper"]
         assert refused and "the limit" in refused[0]["reason"], h.audit("connection.refused")
+
+
+def test_ports_out_of_range_are_refused_before_start():
+    # LICTOR_REDIS_PORT=99999 passed `lictor check -c` and the gateway listened on 34463 (the socket layer
+    # wraps a port past 65535) while logging 99999; an upstream port past it is refused the same way.
+    env = {**os.environ, "LICTOR_REDIS_PORT": "99999", "REDIS_PORT": "70000"}
+    out = lictor("check", "-c", str(ROOT / "examples" / "redis" / "lictor.yaml"), env=env, check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "listen must be HOST:PORT with a port from 1 to 65535, got '127.0.0.1:99999'" in out.stdout + out.stderr
+    env = {**os.environ, "REDIS_PORT": "70000"}
+    out = lictor("check", "-c", str(ROOT / "examples" / "redis" / "lictor.yaml"), env=env, check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "upstream.port must be a port from 1 to 65535, got '70000'" in out.stdout + out.stderr

@@ -131,6 +131,11 @@ class UpstreamError(RuntimeError):
     """The upstream Redis server is unreachable, refused our login or broke the protocol."""
 
 
+def _is_port(text: str) -> bool:
+    """A TCP port as written in a config: ASCII digits, 1 to 65535 (the socket layer would wrap 99999 to 34463)."""
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
+
+
 @dataclass(frozen=True)
 class RedisTarget:
     """A ``protocol: redis`` target of the gateway config."""
@@ -154,9 +159,12 @@ class RedisTarget:
     def from_settings(cls, name: str, settings: Any) -> RedisTarget:
         listen = str(settings.get("listen", ""))
         host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"target {name!r}: listen must be HOST:PORT, got {listen!r}")
+        if not sep or not _is_port(port):
+            raise ValueError(f"target {name!r}: listen must be HOST:PORT with a port from 1 to 65535, got {listen!r}")
         up = dict(settings.get("upstream") or {})
+        upstream_port = str(up.get("port", 6379)).strip()
+        if not _is_port(upstream_port):
+            raise ValueError(f"target {name!r}: upstream.port must be a port from 1 to 65535, got {upstream_port!r}")
         password = up.get("password")
         limits = dict(settings.get("limits") or {})
         return cls(
@@ -164,7 +172,7 @@ class RedisTarget:
             host=host.strip("[]") or "127.0.0.1",
             port=int(port),
             upstream_host=str(up.get("host", "127.0.0.1")),
-            upstream_port=int(up.get("port", 6379)),
+            upstream_port=int(upstream_port),
             username=str(up["username"]) if up.get("username") else None,
             password=None if password in (None, "") else str(password),
             db=int(up.get("db", 0)),
