@@ -455,6 +455,18 @@ def test_run_on_an_approvals_address_in_use_names_the_setting_and_what_to_do(tmp
     assert "Traceback" not in out.stderr, out.stderr
 
 
+def test_an_approvals_port_past_65535_is_refused_by_check():
+    # LICTOR_APPROVALS_PORT=99999 passed `lictor check -c`, and the gateway served the approvals page on 34463
+    # (the socket layer wraps the port) while `lictor approvals -c` looked for it on 99999.
+    env = {**os.environ, "LICTOR_APPROVALS_PORT": "99999"}
+    proc = lictor("check", "-c", str(ROOT / "examples" / "postgres" / "lictor.yaml"), env=env, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (
+        "approvals.listen '127.0.0.1:99999': use host:port with a port from 1 to 65535, e.g. 127.0.0.1:8470"
+        in proc.stdout
+    ), proc.stdout
+
+
 @pytest.mark.parametrize("protocol", ["postgres", "ssh", "http"])
 def test_run_on_a_listen_address_in_use_names_the_target_and_what_to_do(tmp_path: Path, protocol: str):
     # The quickstart and the PostgreSQL example listen on 127.0.0.1:6432, where a pgbouncer often is (and the
@@ -698,7 +710,7 @@ def test_check_with_a_config_reports_what_run_would_refuse_and_where(tmp_path: P
         f"{config}:4:30: option 'http_idle_timeout' must be int, got str",
         f"{config}:15:72: target 'web': upstream: unknown key 'prot' (did you mean 'port'?)",
         f"{config}:5:20: recordings.mode: 'strickt' is not one of ['best_effort', 'strict']",
-        f"{config}:6:21: approvals.listen 'nohost': use host:port, e.g. 127.0.0.1:8470",
+        f"{config}:6:21: approvals.listen 'nohost': use host:port with a port from 1 to 65535, e.g. 127.0.0.1:8470",
     ], proc.stdout
     assert lines[-1] == f"4 error(s) in {config}", proc.stdout
     assert not state.exists()  # nothing was started or written

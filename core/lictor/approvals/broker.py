@@ -155,8 +155,9 @@ def parse_retention(value: str | float) -> float:
 
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"approvals.listen {text!r}: use host:port, e.g. 127.0.0.1:8470")
+    # A port past 65535 would be wrapped by the socket layer (99999 listens on 34463), out of approvers' reach.
+    if not sep or not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"approvals.listen {text!r}: use host:port with a port from 1 to 65535, e.g. 127.0.0.1:8470")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
