@@ -2002,6 +2002,39 @@ def test_writer_ddl_waits_for_an_approval(env: PgEnv) -> None:
     env.direct("DROP TABLE approved_table")
 
 
+def test_writer_ddl_on_roles_and_default_privileges_waits_for_an_approval_too(env: PgEnv) -> None:
+    # The contract: a writer's DDL waits for a human, whatever kind it is. CREATE ROLE and ALTER DEFAULT PRIVILEGES
+    # were denied outright ("no rule allows it"), so a writer could not even ask.
+    import psycopg
+
+    env_cli = {**os.environ, "LICTOR_TOKEN": env.tokens["dba"]}
+    url = f"http://127.0.0.1:{env.approvals_port}"
+
+    def decide(verb: str) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            pending = json.loads(lictor("approvals", "list", "--json", "--url", url, env=env_cli).stdout)
+            if pending:
+                lictor("approvals", verb, pending[0]["id"], "--url", url, "--reason", "checked", env=env_cli)
+                return
+            time.sleep(0.1)
+
+    role = "lictor_rv_never_" + secrets.token_hex(3)
+    with env.connect("writer") as conn:
+        decider = threading.Thread(target=decide, args=("deny",))
+        decider.start()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="was denied by"):
+            conn.execute(f"CREATE ROLE {role} NOLOGIN")
+        decider.join()
+        decider = threading.Thread(target=decide, args=("approve",))
+        decider.start()
+        conn.execute("ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO PUBLIC")
+        decider.join()
+    assert env.direct("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)) == [(0,)]
+    assert env.direct("SELECT count(*) FROM pg_default_acl") == [(1,)]
+    env.direct("ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE SELECT ON TABLES FROM PUBLIC")
+
+
 def test_approvers_see_the_rest_of_the_query_and_search_path_changes_of_a_held_statement(env: PgEnv) -> None:
     # An unqualified name in a held statement is looked up with the connection's search_path: approvers of
     # DROP TABLE orders must see that an earlier statement (in the same query or before it) pointed it elsewhere.
