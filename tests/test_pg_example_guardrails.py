@@ -257,6 +257,10 @@ def test_code_that_reads_a_cursor_by_name_does_not_run_while_a_masked_cursor_is_
                 with pytest.raises(psycopg.errors.InsufficientPrivilege, match="CLOSE ALL"):
                     conn.execute(store, prepare=True)
                 conn.execute("ROLLBACK")
+            # nor when the cursor is declared in the same query as the code that reads it
+            for sql in (store, "SELECT cursor_to_xml('a', 1, false, false, '')"):
+                proc = env.psql("dba", f"BEGIN; DECLARE a CURSOR FOR {activity}; {sql}; COMMIT")
+                assert "CLOSE ALL" in proc.stderr and PASSWORD not in proc.stdout, (proc.stdout, proc.stderr)
             assert human.execute("SELECT q FROM seen").fetchall() == []
         finally:
             human.execute("DROP TABLE seen")

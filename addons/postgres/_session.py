@@ -1385,6 +1385,16 @@ class Relay:
         ]
         if _reads_cursors(classified):
             masked = self._masked_cursor()
+            if masked is None and classified.cursors:
+                # a cursor this same query declares is not known yet: masked, the code after it could read it
+                masked = next(
+                    (
+                        (classified.cursors[0], d.mask_rule_ids[0] if d.mask_rule_ids else "lictor:mask")
+                        for d in decisions
+                        if d.action != "deny" and not self._mask_plan(d).is_empty
+                    ),
+                    None,
+                )
             if masked is not None:
                 name, rule = masked
                 refusal = Decision.deny(
