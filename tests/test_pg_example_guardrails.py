@@ -683,3 +683,29 @@ def test_a_dba_creates_no_untrusted_language_as_the_extension_it_ships_as(env: E
         assert human.execute("SELECT count(*) FROM pg_language WHERE lanname = 'plpython3u'").fetchone() == (0,)
     created = env.psql("dba", "CREATE EXTENSION IF NOT EXISTS pgcrypto; DROP EXTENSION pgcrypto")
     assert created.returncode == 0, created  # other extensions stay the dba's to install
+
+
+def test_a_cursor_or_statement_is_used_in_the_query_that_declares_or_prepares_it(env: Env) -> None:
+    # psql -c "BEGIN; DECLARE c ...; FETCH ..." was denied: the FETCH named a cursor the gateway did not know yet.
+    env.cluster.execute(
+        "INSERT INTO customers VALUES (9101, 'jane.roe@example.com') ON CONFLICT DO NOTHING", dbname="app"
+    )
+    try:
+        proc = env.psql(
+            "readonly", "BEGIN; DECLARE c CURSOR FOR SELECT email FROM customers WHERE id = 9101; FETCH c; COMMIT"
+        )
+        assert proc.stdout.split() == ["BEGIN", "DECLARE", "CURSOR", "[REDACTED:email]", "COMMIT"], (
+            proc.stdout,
+            proc.stderr,
+        )
+        proc = env.psql("writer", "PREPARE p(int) AS UPDATE customers SET email = email WHERE id = $1; EXECUTE p(9101)")
+        assert proc.returncode == 0, proc.stderr
+        # what the query's own PREPARE or DECLARE no longer holds is still unknown
+        for sql in (
+            "PREPARE p AS SELECT 1; DEALLOCATE p; EXECUTE p",
+            "BEGIN; DECLARE c CURSOR FOR SELECT 1; CLOSE c; DO $$BEGIN NULL; END$$; FETCH c; COMMIT",
+        ):
+            proc = env.psql("dba", sql)
+            assert "through the gateway" in proc.stderr, (sql, proc.stderr)
+    finally:
+        env.cluster.execute("DELETE FROM customers WHERE id = 9101", dbname="app")

@@ -182,7 +182,16 @@ def test_names_of_prepared_statements_and_cursors() -> None:
     c = build_classified("CREATE TABLE x AS EXECUTE q(1)", "app", "")
     assert c.executes == ("q",)
     c = build_classified("DECLARE c1 CURSOR FOR SELECT 1; FETCH 2 FROM c1; MOVE c1; CLOSE c1; CLOSE ALL", "app", "")
-    assert c.cursors == ("c1",) and c.fetches == ("c1", "c1") and c.closes == ("c1", None)
+    # a cursor this query declares is fetched as declared here (with the query's decision), not looked up
+    assert c.cursors == ("c1",) and c.fetches == () and c.closes == ("c1", None)
+    c = build_classified(
+        "FETCH c1; DECLARE c1 CURSOR FOR SELECT 1; CLOSE c1; MOVE c1; DECLARE c1 CURSOR FOR SELECT 1", "app", ""
+    )
+    assert c.fetches == ("c1", "c1")
+    c = build_classified(
+        "DECLARE c1 CURSOR FOR SELECT 1; CALL p(); FETCH c1; PREPARE q AS SELECT 1; EXECUTE q", "app", ""
+    )
+    assert c.fetches == ("c1",) and c.executes == ()
     c = build_classified("PREPARE p(int) AS SELECT $1; DEALLOCATE p; DEALLOCATE ALL; DISCARD ALL", "app", "")
     assert [n for n, _ in c.prepares] == ["p"] and c.deallocates == ("p", None) and c.discard_all
     c = build_classified("SELEC nope", "app", "")

@@ -388,27 +388,51 @@ def build_classified(sql: str, target: str, database: str) -> Classified:
     fetches: list[str] = []
     closes: list[str | None] = []
     discard_all = False
+    # Names an earlier statement of this query prepared or declared: an EXECUTE or FETCH of one runs what this
+    # query's own PREPARE or DECLARE holds, which is decided (and masked) with the query. Procedural code (DO,
+    # CALL) may close and open cursors of any name: after it, names are looked up as the gateway knew them.
+    prepared_here: set[str] = set()
+    declared_here: set[str] = set()
     for st in statements:
         request = request_for_statement(st, target=target, database=database, reason=reason)
         requests_list.append(request)
         kinds |= st.kinds
+        if st.kinds & {"do", "call"}:
+            prepared_here.clear()
+            declared_here.clear()
         if st.kind == "prepare" and st.prepared_name:
             prepares.append((st.prepared_name, request))
+            prepared_here.add(st.prepared_name)
         elif st.kind == "deallocate":
             deallocates.append(st.prepared_name)
+            if st.prepared_name is None:
+                prepared_here.clear()
+            else:
+                prepared_here.discard(st.prepared_name)
         if not (st.kinds & {"execute", "declare_cursor", "fetch", "close_cursor", "discard"}):
             continue
         for node_type, body in _nodes(st.text):
             if node_type == "ExecuteStmt":
-                executes.append(str(body.get("name", "")))
+                name = str(body.get("name", ""))
+                if name not in prepared_here:
+                    executes.append(name)
             elif node_type == "DeclareCursorStmt":
                 cursors.append(str(body.get("portalname", "")))
+                declared_here.add(cursors[-1])
             elif node_type == "FetchStmt":
-                fetches.append(str(body.get("portalname", "")))
+                name = str(body.get("portalname", ""))
+                if name not in declared_here:
+                    fetches.append(name)
             elif node_type == "ClosePortalStmt":
                 closes.append(str(body["portalname"]) if body.get("portalname") else None)
+                if closes[-1] is None:
+                    declared_here.clear()
+                else:
+                    declared_here.discard(closes[-1])
             elif node_type == "DiscardStmt" and body.get("target") == "DISCARD_ALL":
                 discard_all = True
+                prepared_here.clear()
+                declared_here.clear()
     return Classified(
         requests=tuple(requests_list),
         kinds=frozenset(kinds),
