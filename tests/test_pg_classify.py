@@ -30,7 +30,14 @@ CASES: list[tuple[str, dict[str, object]]] = [
     ("MERGE INTO t USING s ON s.id = t.id WHEN MATCHED THEN DELETE", {"has_where": True}),
     ("MERGE INTO t AS x USING s ON s.id = x.id WHEN MATCHED THEN DELETE", {"has_where": True}),
     ("MERGE INTO t USING s ON true WHEN MATCHED AND t.id = 5 THEN DELETE", {"has_where": True}),
-    ("MERGE INTO t USING s ON s.id = 1 WHEN NOT MATCHED THEN INSERT VALUES (1)", {"has_where": None}),
+    # a MERGE that only inserts changes no row (`where: false` denies a missing attribute)
+    ("MERGE INTO t USING s ON s.id = 1 WHEN NOT MATCHED THEN INSERT VALUES (1)", {"has_where": True}),
+    # NOT MATCHED BY SOURCE changes the rows the join condition does not match: only its own AND restricts them
+    (
+        "MERGE INTO t USING s ON s.id = t.id WHEN MATCHED THEN DELETE WHEN NOT MATCHED BY SOURCE THEN DELETE",
+        {"has_where": False},
+    ),
+    ("MERGE INTO t USING s ON s.id = t.id WHEN NOT MATCHED BY SOURCE AND t.id > 5 THEN DELETE", {"has_where": True}),
     # set_config() of role / session_authorization is SET ROLE / SET SESSION AUTHORIZATION
     ("SELECT set_config('role', 'pg_read_all_data', false)", {"kinds": {"select", "set_role"}}),
     ("SELECT set_config('Session_Authorization', 'root', false)", {"kinds": {"select", "set_session_authorization"}}),

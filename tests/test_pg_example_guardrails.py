@@ -709,3 +709,25 @@ def test_a_cursor_or_statement_is_used_in_the_query_that_declares_or_prepares_it
             assert "through the gateway" in proc.stderr, (sql, proc.stderr)
     finally:
         env.cluster.execute("DELETE FROM customers WHERE id = 9101", dbname="app")
+
+
+def test_a_writers_merge_inserts_freely_and_changes_no_row_its_key_does_not_match(env: Env) -> None:
+    import psycopg
+
+    try:
+        with env.connect("writer") as conn:
+            # an insert-only MERGE changes no row: it was denied as an UPDATE without a WHERE
+            upsert = (
+                "MERGE INTO customers c USING (VALUES (9201, 'a@example.org')) v(id, email) ON c.id = v.id "
+                "WHEN NOT MATCHED THEN INSERT (id, email) VALUES (v.id, v.email)"
+            )
+            assert conn.execute(upsert).rowcount == 1
+            # WHEN NOT MATCHED BY SOURCE (PostgreSQL 17) deletes every row the key does not match; it was let through
+            # (this server is older: the gateway denies it before the server could)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="need a WHERE"):
+                conn.execute(
+                    "MERGE INTO customers c USING (VALUES (9201)) v(id) ON c.id = v.id "
+                    "WHEN MATCHED THEN UPDATE SET email = c.email WHEN NOT MATCHED BY SOURCE THEN DELETE"
+                )
+    finally:
+        env.cluster.execute("DELETE FROM customers WHERE id = 9201", dbname="app")

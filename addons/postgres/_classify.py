@@ -1621,11 +1621,22 @@ class _Analysis:
         if alias:
             names = {str(alias).lower()}
         join_refers = _refers_to(body.get("joinCondition"), names)
+        changes = False
         for clause in body.get("mergeWhenClauses", ()):
             when = clause.get("MergeWhenClause", {})
-            matched = when.get("matchKind") == "MERGE_WHEN_MATCHED" or when.get("matched") is True
-            if matched and when.get("commandType") in ("CMD_UPDATE", "CMD_DELETE"):
+            if when.get("commandType") not in ("CMD_UPDATE", "CMD_DELETE"):
+                continue
+            changes = True
+            kind = when.get("matchKind")
+            if kind == "MERGE_WHEN_MATCHED" or (kind is None and when.get("matched") is True):
                 self.wheres.append(join_refers or _refers_to(when.get("condition"), names))
+            else:
+                # WHEN NOT MATCHED BY SOURCE (PostgreSQL 17) changes the target's rows that the join condition
+                # does not match: only the clause's own condition restricts them
+                self.wheres.append(_refers_to(when.get("condition"), names))
+        if not changes:
+            # it only inserts (or does nothing): no row of the target is changed, as with INSERT ... SELECT
+            self.wheres.append(True)
 
     def _set_config(self, args: list[_Node]) -> None:
         # Positional arguments come first in a call; the first one is the parameter name.
