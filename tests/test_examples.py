@@ -92,3 +92,12 @@ def test_quickstart_reads_pgsslmode_as_libpq_does(tmp_path: Path) -> None:
     assert out.returncode != 0, out.stdout
     assert "cannot connect to target 'main'" in out.stderr, out.stderr
     assert "the target refused TLS but sslmode is require" in (tmp_path / "gateway.log").read_text()
+
+
+def test_the_postgres_example_documents_every_variable_its_config_reads() -> None:
+    # A reader whose port 6432 is taken (a pgbouncer) must find the override in the example's README.
+    config = (EXAMPLES / "postgres" / "lictor.yaml").read_text()
+    readme = (EXAMPLES / "postgres" / "README.md").read_text()
+    variables = set(re.findall(r"\$\{([A-Z_]+)", config))
+    assert {"LICTOR_PG_PORT", "PGHOST"} <= variables
+    assert not {v for v in variables if v not in readme}
