@@ -2394,6 +2394,12 @@ def test_statements_are_recorded_with_masked_params_and_tags(env: PgEnv) -> None
 
 def _recorded_statements(env: PgEnv, marker: str, has: str) -> list[dict[str, Any]]:
     """The statements of the one recorded session whose recording mentions ``marker`` and ``has``."""
+    return [e["data"] for e in _recorded_events(env, marker, has) if e.get("kind") == "statement"]
+
+
+def _recorded_events(env: PgEnv, marker: str, has: str = '"kind":"session.end"') -> list[dict[str, Any]]:
+    """Every event of the one recorded session whose recording mentions ``marker`` and ``has`` (by default: its
+    end, so that the recording is whole)."""
     gw = env.gateway
     assert gw is not None
     found: list[dict[str, Any]] = []
@@ -2403,8 +2409,7 @@ def _recorded_statements(env: PgEnv, marker: str, has: str) -> list[dict[str, An
         for session in json.loads(listing.stdout or "[]") if listing.returncode == 0 else []:
             out = lictor("sessions", "export", session["id"], "--state-dir", str(gw.state_dir), check=False).stdout
             if marker in out and has in out:
-                events = [json.loads(line) for line in out.splitlines() if line.strip()]
-                found[:] = [e["data"] for e in events if e.get("kind") == "statement"]
+                found[:] = [json.loads(line) for line in out.splitlines() if line.strip()]
                 return True
         return False
 
@@ -2950,25 +2955,6 @@ def test_a_statement_held_at_its_bind_runs_once_approved_after_the_gateway_read_
         assert env.direct(f"SELECT to_regclass('{table}') IS NOT NULL") == [(True,)]
     finally:
         env.direct(f"DROP TABLE IF EXISTS {table}")
-
-
-def _recorded_events(env: PgEnv, marker: str) -> list[dict[str, Any]]:
-    """Every event of the one recorded session whose recording mentions ``marker``."""
-    gw = env.gateway
-    assert gw is not None
-    found: list[dict[str, Any]] = []
-
-    def recorded() -> bool:
-        listing = lictor("sessions", "list", "--json", "--state-dir", str(gw.state_dir), check=False)
-        for session in json.loads(listing.stdout or "[]") if listing.returncode == 0 else []:
-            out = lictor("sessions", "export", session["id"], "--state-dir", str(gw.state_dir), check=False).stdout
-            if marker in out and '"kind":"session.end"' in out:
-                found[:] = [json.loads(line) for line in out.splitlines() if line.strip()]
-                return True
-        return False
-
-    wait_until(recorded, 20, f"an ended recording with {marker}")
-    return found
 
 
 @pytest.mark.parametrize("how", ["simple", "extended"])
