@@ -222,9 +222,9 @@ def main() -> int:
         "relay (diagnosis only: what the relay itself costs, and the ceiling for any Python proxy)",
     )
     args = ap.parse_args()
-    for tool in ("psql", "pgbench"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is not installed")
+    for tool, path in (("psql", None), ("pgbench", None), ("pgbouncer", "/usr/sbin/pgbouncer")):
+        if not shutil.which(tool) and not (path and os.access(path, os.X_OK)):
+            raise SystemExit(f"{tool} is not installed (`make bench`, or scripts/ensure-system.sh bench, installs it)")
     work = Path(tempfile.mkdtemp(prefix="lictor-bench-pg-"))
     os.chmod(work, 0o755)
     db = f"lictor_bench_{secrets.token_hex(4)}"
