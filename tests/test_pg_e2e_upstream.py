@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from lictor_addons.postgres._tls import ensure_certificate
 
-from tests.conftest import GatewayProcess, free_port, require
+from tests.conftest import LICTOR, GatewayProcess, free_port, lictor, require, wait_until
 from tests.pgcluster import DEFAULT_HBA, PgCluster, running_cluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -61,8 +61,11 @@ def _non_loopback_address() -> str | None:
 
 
 class Env:
-    def __init__(self, cluster: PgCluster, gateway: GatewayProcess, ports: dict[str, int], token: str) -> None:
+    def __init__(
+        self, cluster: PgCluster, gateway: GatewayProcess, ports: dict[str, int], token: str, ca: Path
+    ) -> None:
         self.cluster = cluster
+        self.ca = ca
         self.gateway = gateway
         self.ports = ports
         self.token = token
@@ -179,7 +182,7 @@ def _env(work: Path, cert: Path, key: Path, ca: Path) -> Iterator[Env]:
         gateway = GatewayProcess(work, config).start()
         try:
             token = gateway.token("agent-dba", role="dba")
-            e = Env(cluster, gateway, ports, token)
+            e = Env(cluster, gateway, ports, token, ca)
             e.remote = remote  # type: ignore[attr-defined]
             yield e
         finally:
@@ -268,6 +271,58 @@ def test_upstream_tls_verified_with_the_configured_ca(env: Env) -> None:
     with env.connect("tls") as conn:
         row = conn.execute("SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
         assert row == ("tls_app", True)
+
+
+@pytest.mark.parametrize(("example", "claim"), [("postgres", "role=readonly"), ("quickstart", "access=read")])
+def test_the_examples_verify_the_target_against_the_ca_pgsslrootcert_names(
+    env: Env, tmp_path: Path, example: str, claim: str
+) -> None:
+    # The examples take their target from libpq's variables; with PGSSLMODE=verify-full they checked the server
+    # against the system's CAs only, so a database with its own CA (the usual case) could not be reached at all.
+    config = str(ROOT / "examples" / example / "lictor.yaml")
+    port = free_port()
+    variables = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "LICTOR_"))}
+    gateway_env = {
+        **variables,
+        "LICTOR_STATE_DIR": str(tmp_path / "state"),
+        "LICTOR_PG_PORT": str(port),
+        "LICTOR_APPROVALS_PORT": str(free_port()),
+        "PGHOST": "localhost",
+        "PGPORT": str(env.cluster.port),
+        "PGUSER": "tls_app",
+        "PGPASSWORD": TLS_PASSWORD,
+        "PGDATABASE": "app",
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": str(env.ca),
+    }
+    # A file that holds no CA certificate stops the gateway at start, naming the file (not the server).
+    (tmp_path / "not-a-ca.pem").write_text("not a certificate\n")
+    checked = lictor(
+        "check", "-c", config, env={**gateway_env, "PGSSLROOTCERT": str(tmp_path / "not-a-ca.pem")}, check=False
+    )
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert f"upstream.sslrootcert {tmp_path / 'not-a-ca.pem'}: cannot load it as CA certificates" in checked.stdout
+
+    ready = tmp_path / "ready"
+    with (tmp_path / "gateway.log").open("wb") as log:
+        gateway = subprocess.Popen(
+            [LICTOR, "run", "-c", config, "--ready-file", str(ready)], env=gateway_env, stdout=log, stderr=log
+        )
+    try:
+        wait_until(ready.exists, 30, f"the {example} example's gateway to listen")
+        token = lictor("token", "issue", "-c", config, "--sub", "agent-1", "--claim", claim, env=gateway_env)
+        out = subprocess.run(
+            ["psql", f"host=127.0.0.1 port={port} dbname=app user=agent-1 sslmode=disable", "-XAtc",
+             "SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"],
+            env={**variables, "PGPASSWORD": token.stdout.strip(), "PGCONNECT_TIMEOUT": "5"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )  # fmt: skip
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=15)
+    assert (out.returncode, out.stdout.strip()) == (0, "tls_app|t"), out.stderr + (tmp_path / "gateway.log").read_text()
 
 
 def test_an_upstream_host_that_is_a_directory_is_reached_through_its_unix_socket(env: Env) -> None:

@@ -58,7 +58,7 @@ class UpstreamConfig:
         if not 0 < port < 65536:
             raise ValueError(f"upstream.port {port} is out of range (1-65535)")
         root = settings.get("sslrootcert")
-        return cls(
+        config = cls(
             host=host,
             port=port,
             user=str(settings.get("user") or "postgres"),
@@ -68,6 +68,10 @@ class UpstreamConfig:
             sslrootcert=resolve(str(root)) if root else None,
             connect_timeout=float(settings.get("connect_timeout") or 10.0),
         )
+        # A CA file that cannot be read would fail every login, each with a connection error that names the
+        # server rather than the file: refuse it when the gateway starts (and in `lictor check -c`).
+        config.ssl_context()
+        return config
 
     @property
     def socket_path(self) -> str | None:
@@ -82,9 +86,15 @@ class UpstreamConfig:
         return self.socket_path or f"{self.host}:{self.port}"
 
     def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for a login; ValueError when ``sslrootcert`` cannot be loaded."""
         if self.socket_path is not None:
             return None  # as libpq: sslmode applies to TCP only, a local socket never negotiates TLS
-        return client_context(self.sslmode, self.sslrootcert)
+        try:
+            return client_context(self.sslmode, self.sslrootcert)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            message = f"upstream.sslrootcert {self.sslrootcert}: cannot load it as CA certificates ({reason})"
+            raise ValueError(message) from None
 
 
 @dataclass
@@ -108,8 +118,11 @@ async def _open(config: UpstreamConfig, name: str) -> tuple[Pipe, bool]:
     if path is not None:
         _, pipe = await loop.create_unix_connection(lambda: Pipe(name), path)
         return pipe, False
+    try:
+        ctx = config.ssl_context()
+    except ValueError as exc:  # the CA file went away (or changed) since the gateway started
+        raise UpstreamError(str(exc)) from None
     transport, pipe = await loop.create_connection(lambda: Pipe(name), config.host, config.port)
-    ctx = config.ssl_context()
     if ctx is None:
         return pipe, False
     reader = pg.BackendReader()
