@@ -291,6 +291,37 @@ def test_a_pipeline_released_at_once_leaves_other_agents_their_turn(gw: Gw, pref
     assert any(step[0] == other for step in order[pipeline[2] : pipeline[-1]]), "PINGs waited for the pipeline"
 
 
+def test_a_long_masked_reply_leaves_other_agents_their_turn(gw: Gw, prefix: str):
+    """A reply arrives faster than the gateway masks it, so relaying it seldom waits for the socket: another
+    agent's PINGs were answered about once per 10,000 masked items of a reader's LRANGE (each waiting up to a
+    second). The relay now gives the shared event loop a turn every few hundred items."""
+    items = 100_000
+    direct = redis.Redis()
+    for start in range(0, items, 10_000):
+        direct.rpush(prefix + "mails", *[f"u{i}@example.com" for i in range(start, start + 10_000)])
+    reader, pinger = gw.client("reader"), gw.client("reader")
+    pinger.ping()
+    relaying = threading.Event()
+    pongs = 0
+
+    def ping() -> None:
+        nonlocal pongs
+        while relaying.is_set():
+            assert pinger.ping() is True
+            pongs += 1
+
+    relaying.set()
+    pinging = threading.Thread(target=ping)
+    pinging.start()
+    try:
+        values = reader.lrange(prefix + "mails", 0, -1)
+    finally:
+        relaying.clear()
+        pinging.join(timeout=20)
+    assert len(values) == items and values[0] == b"**@******e.com" and b"@example.com" not in b"".join(values)
+    assert pongs >= items // 1000, f"{pongs} PINGs answered while {items} items were relayed"
+
+
 def test_getdel_waits_for_an_approval_like_del(gw: Gw, prefix: str):
     direct = redis.Redis()
     direct.set(prefix + "k", "v")

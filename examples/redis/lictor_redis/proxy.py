@@ -94,6 +94,8 @@ fields; ``redis-cli --pipe`` sends what it is given, one command per line)."""
 TURN_COMMANDS = 64
 TURN_ARGS = 4096
 TURN_BYTES = 1024 * 1024
+# Items of one reply relayed (and masked) between two turns of the other connections.
+RELAY_SLICE = 256
 
 _UNICODE_ESCAPE = re.compile(rb"\\u[0-9A-Fa-f]{4}")
 _UNICODE_ESCAPES = re.compile(rb"\\+u([0-9A-Fa-f]{4})")  # escaped once or more (JSON in a JSON string)
@@ -929,8 +931,15 @@ class Connection:
         names: list[bytes | None] = []
         oversize = False
         drop = slot.replace is not None
+        events = 0
         while True:
             event = await self._next_event()
+            events += 1
+            if not events % RELAY_SLICE:
+                # A long reply arrives faster than it is masked, so reading it seldom waits: give the loop, which
+                # every agent's commands share, a turn now and then (a reader's LRANGE of 100,000 masked items held
+                # other agents' PINGs for up to 0.9 s)
+                await asyncio.sleep(0)
             depth = event.depth
             if depth == 0 and isinstance(event, AggregateStart) and event.prefix == PUSH and first is None:
                 await self._skip_push(event)
