@@ -2359,6 +2359,46 @@ def test_million_row_result_streams_with_bounded_memory(env: PgEnv) -> None:
     assert peak - start_rss < 150 * 1024
 
 
+def test_a_long_masked_result_leaves_other_agents_their_turn(env: PgEnv) -> None:
+    """Rows come in faster than the gateway masks them: once an agent's answer had piled up in the sockets, each
+    read from the target held thousands of rows, masked in one go while every other agent on the gateway waited
+    (SELECT 1 was answered 7 times while 300,000 masked rows were relayed, once after 8 s). The relay masks a few
+    hundred rows at a time and lets the other connections have their turn in between."""
+    rows = 100_000
+    answered = 0
+    connected, relaying = threading.Event(), threading.Event()
+
+    def ping() -> None:
+        nonlocal answered
+        with env.connect("writer") as conn:
+            connected.set()
+            relaying.wait(30)
+            while relaying.is_set():
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+                answered += 1
+
+    pinging = threading.Thread(target=ping)
+    pinging.start()
+    raw = RawClient(env.port, env.tokens["readonly"])
+    try:
+        assert connected.wait(10)
+        raw.send(pg.query(f"SELECT 'u' || g || '@ex.com' FROM generate_series(1, {rows}) g"))
+        time.sleep(1)  # the agent does not read yet: the answer piles up in the sockets, as behind a slow agent
+        relaying.set()
+        reader, received, done = pg.BackendReader(), 0, False
+        while not done:
+            block = reader.feed_block(raw.sock.recv(1 << 20))
+            received += block.types.count(b"D")
+            assert b"@ex.com" not in block.data
+            done = b"Z" in block.types
+    finally:
+        relaying.clear()
+        pinging.join(timeout=30)
+        raw.close()
+    assert received == rows
+    assert answered >= rows // 4000, f"{answered} other statements answered while {rows} masked rows were relayed"
+
+
 # -- recording ------------------------------------------------------------------------------------
 
 

@@ -79,6 +79,11 @@ RECORD_SQL_LIMIT = 8192
 PATH_CHANGES_SHOWN = 3
 APPROVAL_QUERY_SHOWN = 3000  # characters of a multi-statement query shown with a statement held from it
 RECORD_PARAM_LIMIT = 256
+# The target's answer is relayed this many messages at a time when there are more; once a turn of the event loop
+# has taken RELAY_TURN_SECONDS, the rest waits for the next turn (reading from the target paused meanwhile). Masking
+# a 256 KiB read of rows took a quarter of a second, and every other agent on the gateway waited for it.
+RELAY_SLICE = 256
+RELAY_TURN_SECONDS = 0.002
 
 # Frontend message types.
 _F_QUERY, _F_PARSE, _F_BIND, _F_DESCRIBE, _F_EXECUTE = b"QPBDE"
@@ -954,6 +959,8 @@ class Relay:
         self._login_roles = frozenset({"current_user", "session_user", "current_role", "*", self._login})
         self._fe = reader
         self._be = pg.BackendReader()
+        # the rest of the target's answer (block, first message not yet relayed), for the loop's next turns
+        self._be_backlog: deque[tuple[pg.Block, int]] = deque()
         self._expect: deque[_Expect] = deque()
         self._up: list[bytes] = []
         self._pending: deque[tuple[bytes, list[int], bytes, int]] = deque()
@@ -2428,23 +2435,71 @@ class Relay:
             return
         try:
             block = self._be.feed_block(data)
-            if block:
-                out = self._run_backend(block.data, block.offsets, block.types)
-                if out and not self.closed:
-                    self.agent.write_soon(out)
-                if self._answer_waiters:
-                    self._wake(self._answer_waiters)
-        except pg.ProtocolError as exc:
+            if not block:
+                return
+            if self._be_backlog:  # reading is paused, but what was read before keeps its place
+                self._be_backlog.append((block, 0))
+            elif len(block) <= RELAY_SLICE:
+                self._relay_backend(block.data, block.offsets, block.types)
+            else:
+                self._be_backlog.append((block, 0))
+                self._relay_backlog()
+        except Exception as exc:
+            self._backend_failed(exc)
+
+    def _relay_backend(self, data: bytes, offsets: list[int], types: bytes) -> None:
+        out = self._run_backend(data, offsets, types)
+        if out and not self.closed:
+            self.agent.write_soon(out)
+        if self._answer_waiters:
+            self._wake(self._answer_waiters)
+
+    def _relay_backlog(self) -> None:
+        """Relay the backlog a slice at a time until this turn of the loop has taken RELAY_TURN_SECONDS; then
+        pause reading from the target and come back on the next turn, after the other connections' callbacks."""
+        backlog = self._be_backlog
+        deadline = time.perf_counter() + RELAY_TURN_SECONDS
+        while backlog and not self.closed:
+            block, start = backlog[0]
+            offsets = block.offsets
+            n = len(offsets)
+            stop = min(start + RELAY_SLICE, n)
+            base = offsets[start]
+            end = offsets[stop] if stop < n else len(block.data)
+            if stop < n:
+                backlog[0] = (block, stop)
+            else:
+                backlog.popleft()
+            self._relay_backend(block.data[base:end], [o - base for o in offsets[start:stop]], block.types[start:stop])
+            if backlog and time.perf_counter() > deadline:
+                break
+        if backlog and not self.closed:
+            self.upstream.pause_reading("relay")
+            asyncio.get_running_loop().call_soon(self._relay_later)
+        else:
+            backlog.clear()
+            self.upstream.resume_reading("relay")
+
+    def _relay_later(self) -> None:
+        try:
+            self._relay_backlog()
+        except Exception as exc:
+            self._backend_failed(exc)
+
+    def _backend_failed(self, exc: Exception) -> None:
+        """Relaying the target's answer failed: the connection ends (every path below shuts it down), so what is
+        left of the answer is dropped."""
+        self._be_backlog.clear()
+        if isinstance(exc, pg.ProtocolError):
             self.shutdown(
                 f"target protocol error: {exc}",
                 self._fatal("08P01", "lictor: the target sent data the gateway could not read; connection closed"),
             )
-        except _Fatal as exc:
+        elif isinstance(exc, _Fatal):
             self.shutdown(str(exc), self._fatal(exc.sqlstate, f"lictor: {exc}"))
-        except AuditError as exc:
+        elif isinstance(exc, AuditError):
             self._unrecordable(exc)
-            return
-        except Exception as exc:
+        else:
             self._internal_error("relaying the target's answer", exc)
 
     def _run_backend(self, data: bytes, offsets: list[int], types: bytes) -> bytes:
