@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 from lictor.masking import MaskPlan
 from lictor_addons.postgres import _protocol as pg
-from lictor_addons.postgres._session import _CopyNumbers, _hides_a_number, _masked_texts, _number_masked
+from lictor_addons.postgres._session import (
+    _EXPONENT_NUMBER,
+    _GROUPED_NUMBER,
+    _NUMBER_HINT,
+    _CopyNumbers,
+    _hides_a_number,
+    _masked_texts,
+    _number_masked,
+)
 
 PLAN = MaskPlan.compile([{"detectors": ["card", "email"]}])
 
@@ -98,3 +106,21 @@ def test_ordinary_amounts_are_not_masked_numbers() -> None:
     masker = _CopyNumbers(PLAN)
     for text in ("$1,234,567.50", "1.234.567,50 \u20ac", '{"$12.50","$1,000,000,000.00"}', "(3,1)"):
         assert not _number_masked(masker, 0, text.encode()) and not _hides_a_number(masker, 0, text.encode())
+
+
+def test_the_quick_check_for_numbers_never_rules_out_one_the_full_patterns_find() -> None:
+    # _hides_a_number runs on every masked text value; one search of _NUMBER_HINT skips the two full patterns,
+    # so it must find something wherever either of them would.
+    import random
+
+    alphabet = "0123456789eE+-., '$x{}()\u00a0\u202f".encode()
+    rnd = random.Random(20261130)
+    ruled_out = 0
+    for _ in range(100_000):
+        text = bytes(rnd.choice(alphabet) for _ in range(rnd.randint(1, 24)))
+        if _NUMBER_HINT.search(text) is None:
+            assert _EXPONENT_NUMBER.search(text) is None and _GROUPED_NUMBER.search(text) is None, text
+            ruled_out += 1
+    assert 10_000 < ruled_out < 90_000  # both kinds of text were drawn
+    for text in ("4.111111111111111e+15", "{4111111111111111E0}", "4\u202f111\u202f111\u202f111\u202f111"):
+        assert _NUMBER_HINT.search(text.encode())

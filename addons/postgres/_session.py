@@ -208,6 +208,10 @@ _GROUPED_NUMBER = re.compile(
     rb"(?<![0-9])(?P<whole>[0-9]{1,3}(?:(?:[,.' ]|\xc2\xa0|\xe2\x80\xaf)[0-9]{3}){3,})(?:[.,][0-9]{1,2})?(?![0-9])"
 )
 
+# What every match of _EXPONENT_NUMBER or _GROUPED_NUMBER holds: a digit before an exponent, or before a separator
+# and three digits. One search rules both out for a value without them.
+_NUMBER_HINT = re.compile(rb"[0-9](?:[eE][-+]?[0-9]|(?:[,.' ]|\xc2\xa0|\xe2\x80\xaf)[0-9]{3})")
+
 
 # A character reference of XML or HTML: numeric (&#64;, &#x40;) or HTML's named ones (&commat;, &period;). An xml
 # value, or HTML kept in a text column (a rich-text note), that writes an address or a card number with them
@@ -250,6 +254,8 @@ def _hides_a_number(masker: Any, index: int, text: bytes) -> bool:
     """Whether a value holds a number in exponent notation that masking would change (``4.111111111111111e+15``,
     ``f8::text``; ``{4.111111111111111e+15}``, a float8[]; ``(4.111111111111111e+15,0)``, a point), or one
     written with group separators (``{"$4,111,111,111,111,111.00"}``, a money[]; ``m::text``)."""
+    if _NUMBER_HINT.search(text) is None:
+        return False  # neither kind of number is in it (the check of almost every masked value)
     if any(_number_masked(masker, index, m.group()) for m in _EXPONENT_NUMBER.finditer(text)):
         return True
     return _grouped_number_masked(masker, index, text)
