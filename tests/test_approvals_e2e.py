@@ -473,6 +473,7 @@ async def _chromium(profile: Path) -> AsyncIterator[DevTools]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(profile)},  # its scratch directories go with the profile
     )
     try:
         port_file = profile / "DevToolsActivePort"

@@ -781,7 +781,17 @@ def test_html_is_masked_as_a_browser_reads_its_character_references(env: Env, pa
         page = env.workdir / "page.html"
         page.write_bytes(env.curl(env.url() + path, token=env.agent)[1])
         dom = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--dump-dom", page.as_uri()], capture_output=True, timeout=60
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                f"--user-data-dir={env.workdir / 'chromium'}",
+                "--dump-dom",
+                page.as_uri(),
+            ],
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "TMPDIR": str(env.workdir)},  # its scratch directories, removed with the test's
         ).stdout.decode()
         assert "[REDACTED:email]" in dom and "@" not in dom and "4111" not in dom, dom
 

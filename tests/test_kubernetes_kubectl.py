@@ -188,7 +188,9 @@ class Cluster:
         self.tokens = [yaml.safe_load(p.read_text())["users"][0]["user"]["token"] for p in self.kubeconfigs.values()]
 
     def env(self, role: str, **extra: str) -> dict[str, str]:
-        return {**os.environ, "KUBECONFIG": str(self.kubeconfigs[role]), "HOME": str(self.gw.workdir), **extra}
+        # TMPDIR: `kubectl edit` leaves its copy of a rejected edit there
+        work = str(self.gw.workdir)
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfigs[role]), "HOME": work, "TMPDIR": work, **extra}
 
     def kubectl(self, role: str, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
