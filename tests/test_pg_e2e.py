@@ -26,7 +26,16 @@ from typing import Any
 import pytest
 from lictor_addons.postgres import _protocol as pg
 
-from tests.conftest import ROOT, GatewayProcess, free_port, idle_connections, lictor, require, wait_until
+from tests.conftest import (
+    ROOT,
+    GatewayProcess,
+    free_port,
+    idle_connections,
+    lictor,
+    require,
+    require_binary,
+    wait_until,
+)
 from tests.idp import HeldJwks
 
 pytestmark = pytest.mark.timeout(120)
@@ -2397,6 +2406,45 @@ def test_a_long_masked_result_leaves_other_agents_their_turn(env: PgEnv) -> None
         raw.close()
     assert received == rows
     assert answered >= rows // 4000, f"{answered} other statements answered while {rows} masked rows were relayed"
+
+
+def test_concurrent_strict_sessions_share_their_fdatasyncs(env: PgEnv) -> None:
+    """The readonly role records strictly: every decision and every statement's record is on disk before the
+    statement goes on, or its answer back. One fdatasync per event, in the event loop every connection shares,
+    held every agent for each of them (8 readonly pgbench clients: 533 TPS, 12 ms added at the median). The
+    relay now syncs once per turn of the loop, before the turn's output leaves: concurrent sessions share it."""
+    clients, statements = 8, 40
+    pid = env.gateway.pid  # type: ignore[union-attr]
+    tracer = subprocess.Popen(
+        [require_binary("strace"), "-f", "-p", str(pid), "-e", "trace=fdatasync", "-o", str(env.workdir / "syncs")],
+        stderr=subprocess.PIPE,
+    )
+    assert tracer.stderr is not None
+    said = tracer.stderr.readline()
+    require(b"attached" in said, f"strace cannot attach to the gateway: {said.decode(errors='replace').strip()}")
+    try:
+        # not prepared: each statement's Parse is decided, so each statement is two strict events
+        conns = [env.connect("readonly", prepare_threshold=None) for _ in range(clients)]
+        start = threading.Barrier(clients)
+
+        def run(conn: Any) -> None:
+            start.wait(10)
+            for i in range(statements):
+                assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in conns]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for conn in conns:
+            conn.close()
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+    syncs = (env.workdir / "syncs").read_text().count("fdatasync(")
+    strict_events = clients * statements * 2
+    assert 0 < syncs < strict_events // 2, f"{syncs} fdatasync calls for {strict_events} strict events"
 
 
 # -- recording ------------------------------------------------------------------------------------

@@ -67,3 +67,33 @@ async def test_abort_drops_what_is_queued() -> None:
     await asyncio.sleep(0)
     assert transport.writes == []
     peer.close()
+
+
+async def test_output_waits_for_what_it_depends_on_and_is_dropped_when_that_fails() -> None:
+    # The relay's hook makes the strict recording's events durable before any output leaves; when it cannot, the
+    # output must not leave at all.
+    pipe, transport, peer = await _connected_pipe()
+    asked: list[bool] = []
+    durable = True
+
+    def ready() -> bool:
+        asked.append(durable)
+        if not durable:
+            pipe.drop_queued()
+        return durable
+
+    pipe.before_output = ready
+    pipe.write_soon(b"a")
+    pipe.write_soon(b"b")
+    await asyncio.sleep(0)
+    assert transport.writes == [b"ab"] and asked == [True]  # asked once for the turn's output
+    durable = False
+    pipe.write_soon(b"c")
+    await asyncio.sleep(0)
+    pipe.write(b"d")
+    assert transport.writes == [b"ab"] and asked == [True, False, False]
+    pipe.before_output = None  # (the relay clears it to say why, in a last message)
+    pipe.write(b"e")
+    pipe.close()
+    assert await _read_all(peer, 3) == b"abe"
+    peer.close()

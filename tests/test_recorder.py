@@ -497,6 +497,38 @@ def test_strict_role_is_fsynced_before_returning(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_strict_syncs_deferred_on_one_thread_are_owed_until_synced_once(tmp_path: Path) -> None:
+    # An addon that writes its output once per turn of the event loop defers the fdatasync of each strict event to
+    # one sync_owed() before that output; what other threads write is synced as before.
+    async def main() -> None:
+        gw = make_gateway(tmp_path, {"spool": {"fsync_interval": "1h"}})
+        await gw.start()
+        spool = gw.recordings.spool
+        careful = await gw.open_session(who("agent-y", "careful"), protocol="line", target="db", peer="p")
+        assert spool.synced_seq == spool.written_seq and not gw.owes_sync()
+        deferred = gw.defer_strict_sync()
+        with deferred:
+            assert careful.decide_now(request("echo careful")).allowed
+            with deferred:  # re-entrant
+                careful.record("output", {"data": "careful"})
+            careful.record("output", {"data": "more"})
+            assert spool.synced_seq < spool.written_seq and gw.owes_sync()
+            # another thread's strict event is synced before it returns, and so it covers the owed ones too
+            await asyncio.to_thread(careful.record, "output", {"data": "from a thread"})
+            assert spool.synced_seq == spool.written_seq and not gw.owes_sync()
+            careful.record("output", {"data": "again"})
+        assert gw.owes_sync()  # leaving the block does not sync: sync_owed() does, once
+        written = spool.written_seq
+        gw.sync_owed()
+        assert spool.synced_seq == written and not gw.owes_sync()
+        careful.record("output", {"data": "not deferred"})
+        assert spool.synced_seq == spool.written_seq
+        await careful.close()
+        await gw.stop()
+
+    asyncio.run(main())
+
+
 def test_replayed_batches_after_a_lost_offset_commit_add_nothing(tmp_path: Path) -> None:
     async def record(first: int) -> str:
         gw = make_gateway(tmp_path)

@@ -11,6 +11,10 @@ connections' input to handle, and on a busy machine the woken peer takes the CPU
 pgbench with 8 clients on 2 cores, deferring the writes raised throughput by about a quarter. A
 direct ``write``, ``close`` or ``flush`` sends what is queued first; ``abort`` drops it.
 
+Durability: ``before_output`` (the relay's) runs before anything is written; it makes the events of a strict
+recording that the output depends on durable, one ``fdatasync`` for all the connections of a turn, and when that
+fails it ends the connection and the output is dropped.
+
 Flow control: when this side's transport buffers too much outgoing data (the peer reads slower than we
 write), asyncio calls ``pause_writing``; the pipe then pauses reading on the *other* side until
 ``resume_writing``. Several reasons may pause reading at once (back-pressure, an approval hold), so
@@ -61,6 +65,8 @@ class Pipe(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._pause_reasons: set[str] = set()
         self._soon: list[bytes] | None = None
+        # Runs before any output is written; False drops it (what it depends on could not be made durable)
+        self.before_output: Callable[[], bool] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -128,7 +134,9 @@ class Pipe(asyncio.Protocol):
             self.flush()
         transport = self.transport
         if transport is not None and not self.closed:
-            transport.write(data)
+            ready = self.before_output
+            if ready is None or ready():
+                transport.write(data)
 
     def write_soon(self, data: bytes) -> None:
         """Queue ``data`` until the loop has run every callback of this turn (one write per pipe).
@@ -153,6 +161,9 @@ class Pipe(asyncio.Protocol):
     def flush(self) -> None:
         soon, self._soon = self._soon, None
         if soon and self.transport is not None and not self.closed:
+            ready = self.before_output
+            if ready is not None and not ready():
+                return
             self.transport.write(soon[0] if len(soon) == 1 else b"".join(soon))
 
     def peer_gone(self) -> bool:
@@ -195,6 +206,10 @@ class Pipe(asyncio.Protocol):
         self.flush()
         if self.transport is not None:
             self.transport.close()
+
+    def drop_queued(self) -> None:
+        """Forget the output queued by :meth:`write_soon` (it must not go out)."""
+        self._soon = None
 
     def abort(self) -> None:
         self._soon = None

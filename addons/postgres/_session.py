@@ -965,6 +965,7 @@ class Relay:
         self._login_roles = frozenset({"current_user", "session_user", "current_role", "*", self._login})
         self._fe = reader
         self._be = pg.BackendReader()
+        self._deferred_syncs = listener.gateway.defer_strict_sync()
         # the rest of the target's answer (block, first message not yet relayed), for the loop's next turns
         self._be_backlog: deque[tuple[pg.Block, int]] = deque()
         self._expect: deque[_Expect] = deque()
@@ -1042,6 +1043,7 @@ class Relay:
         self.upstream.on_close = lambda exc: self.shutdown("target closed the connection")
         self.agent.on_data = self._on_agent
         self.upstream.on_data = self._on_upstream
+        self.agent.before_output = self.upstream.before_output = self._durable
         if upstream_leftover:
             self._on_upstream(upstream_leftover)
         if agent_leftover:
@@ -1050,6 +1052,24 @@ class Relay:
             self.shutdown("agent closed the connection")
         elif self.upstream.closed:
             self.shutdown("target closed the connection")
+
+    def _durable(self) -> bool:
+        """Before output leaves (see _pipe): the strict recording's events deferred while the loop handled this turn
+        (see _on_agent) are made durable, in one fdatasync for every connection. When they cannot be, the output
+        is dropped and the connection ends, as when an event cannot be written."""
+        gateway = self.listener.gateway
+        if not gateway.owes_sync():
+            return True
+        try:
+            gateway.sync_owed()
+        except AuditError as exc:
+            for pipe in (self.agent, self.upstream):
+                pipe.before_output = None
+                pipe.drop_queued()
+            if not self.closed:
+                self._unrecordable(exc)
+            return False
+        return True
 
     def shutdown(self, why: str, fatal: bytes | None = None) -> None:
         if self.closed:
@@ -1134,6 +1154,12 @@ class Relay:
     def _on_agent(self, data: bytes) -> None:
         if self.closed:
             return
+        # Events of a strict recording written while this runs are synced once, before the turn's output leaves
+        # (_durable), not one by one: an fdatasync per statement stalled every connection on the gateway.
+        with self._deferred_syncs:
+            self._agent_data(data)
+
+    def _agent_data(self, data: bytes) -> None:
         expires = self._expires_at
         if expires is not None and time.time() > expires:
             # A connection does not outlive the token that opened it.
@@ -2439,6 +2465,10 @@ class Relay:
     def _on_upstream(self, data: bytes) -> None:
         if self.closed:
             return
+        with self._deferred_syncs:
+            self._upstream_data(data)
+
+    def _upstream_data(self, data: bytes) -> None:
         try:
             block = self._be.feed_block(data)
             if not block:
@@ -2487,10 +2517,11 @@ class Relay:
             self.upstream.resume_reading("relay")
 
     def _relay_later(self) -> None:
-        try:
-            self._relay_backlog()
-        except Exception as exc:
-            self._backend_failed(exc)
+        with self._deferred_syncs:
+            try:
+                self._relay_backlog()
+            except Exception as exc:
+                self._backend_failed(exc)
 
     def _backend_failed(self, exc: Exception) -> None:
         """Relaying the target's answer failed: the connection ends (every path below shuts it down), so what is

@@ -405,6 +405,21 @@ def current_recorder() -> SessionRecorder | None:
     return None
 
 
+class DeferredSyncs:
+    """See :meth:`SessionRecorder.defer_syncs` (re-entrant; one object can be entered again and again)."""
+
+    __slots__ = ("_local",)
+
+    def __init__(self, local: threading.local) -> None:
+        self._local = local
+
+    def __enter__(self) -> None:
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._local.depth -= 1
+
+
 class SessionRecorder:
     """Records sessions and audit events durably; implements the gateway's ``Recorder``.
 
@@ -436,6 +451,10 @@ class SessionRecorder:
             self._started = False
             self._stopped = False
             self._proc: DrainProcess | None = None
+            # Strict events appended while this thread defers their fdatasync (see defer_syncs), and the last of
+            # them: one sync_owed() makes them all durable.
+            self._deferring = threading.local()
+            self._owed = 0
             orphans = self._recover()
             self._sessions.update(orphans)
             self.spool.start_segment((CARRY, self._carry()))
@@ -619,7 +638,28 @@ class SessionRecorder:
         return seq
 
     def _sync(self, seq: int) -> None:
+        if getattr(self._deferring, "depth", 0):
+            if seq > self._owed:
+                self._owed = seq
+            return
         self.spool.sync(seq)
+
+    def defer_syncs(self) -> DeferredSyncs:
+        """A context manager: on this thread, strict events appended inside it are not synced one by one; they
+        are owed until :meth:`sync_owed`, which the caller must run before anything that depends on them leaves
+        the gateway (an event loop that writes its output once per turn: one ``fdatasync`` per turn)."""
+        return DeferredSyncs(self._deferring)
+
+    def owes_sync(self) -> bool:
+        """Whether strict events appended under :meth:`defer_syncs` are not yet on disk."""
+        return self._owed > self.spool.synced_seq
+
+    def sync_owed(self) -> None:
+        """Make the strict events owed by :meth:`defer_syncs` durable (one ``fdatasync`` for all of them).
+        Raises :class:`RecordingError` when they cannot be (nothing that depends on them may then go out)."""
+        owed = self._owed
+        if owed > self.spool.synced_seq:
+            self.spool.sync(owed)
 
     def open(self, session: Session) -> None:
         """Start recording ``session`` (its first event, ``session.start``)."""
