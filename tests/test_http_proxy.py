@@ -1019,6 +1019,35 @@ def test_a_token_that_just_expired_is_told_to_get_a_fresh_one(env: Env) -> None:
     assert "fresh token" in doc["hint"] and "retry later" not in doc["hint"], doc
 
 
+def test_an_object_at_a_denied_json_key_is_denied_and_never_forwarded(env: Env) -> None:
+    url = env.url() + "/v1/customers/42"
+    for body in (
+        {"credit_limit": {"value": 5}},
+        {"credit_limit": {"$gt": 0}},
+        {"credit_limit": [{"value": 5}]},
+        {"credit_limit": {}},
+    ):
+        data = json.dumps({"name": "Object Limit", **body})
+        code, out = env.curl(
+            url, "-X", "PATCH", "-H", "Content-Type: application/json", "--data", data, token=env.agent
+        )
+        assert code == 403 and json.loads(out)["rule"] == "customers-no-credit-limit", (body, out)
+    code, out = env.curl(
+        url,
+        "-X",
+        "PATCH",
+        "-H",
+        "Content-Type: application/json",
+        "--data",
+        '{"name": "Object Limit"}',
+        token=env.agent,
+    )
+    assert code == 200, out
+    assert [json.loads(r["body"]) for r in env.api.seen("PATCH") if b"Object Limit" in r["body"]] == [
+        {"name": "Object Limit"}
+    ]
+
+
 def test_undeclared_json_that_parsers_read_differently_is_refused(env: Env) -> None:
     # Sent as text/plain (or without a Content-Type), JSON that the gateway's strict parser refused was read as
     # text: its credit limit got past the deny and was held for approval instead, while Go's json.NewDecoder

@@ -573,6 +573,39 @@ def test_an_item_list_rule_also_reads_a_lone_object(tmp_path) -> None:  # type: 
         assert result.policy.decide(who, request).rule_ids == ("no-unsafe",), body  # type: ignore[union-attr]
 
 
+def test_an_object_or_array_at_a_restricted_key_matches_it_and_no_permission_covers_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # {"credit_limit": {"value": 5}} or a MongoDB operator ({"$gt": 0}) is no value a glob compares, and a server
+    # may read it as the amount; the deny on $.credit_limit saw no value there and let it through.
+    (tmp_path / "p.yaml").write_text(JSON_PACK)
+    result = load_policy([tmp_path], {"http": HTTP_VOCABULARY})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "a"})
+
+    def decide(method: str, body: str, ctype: str = "application/json") -> tuple[str, tuple[str, ...]]:
+        decision = result.policy.decide(who, _http("/v1/c", method, body.encode(), ctype))  # type: ignore[union-attr]
+        return decision.action, decision.rule_ids
+
+    for body in (
+        '{"credit_limit": {"value": 5}}',
+        '{"credit_limit": {"$gt": 0}}',
+        '{"Credit_Limit": {"value": 5}}',
+        '{"credit_limit": [{"value": 5}]}',
+        '{"credit_limit": {}}',
+        '{"credit_limit": []}',
+        '{"credit_limit": [[]]}',
+        '{"rôle": {"name": "user"}}',  # a restriction on a value matches an object there whatever it holds
+    ):
+        assert decide("POST", body)[0] == "deny", body
+    assert decide("POST", "credit_limit[value]=5", "application/x-www-form-urlencoded") == ("deny", ("no-limit",))
+    patch = '[{"op": "add", "path": "/credit_limit", "value": {}}]'
+    assert decide("POST", patch, "application/json-patch+json") == ("deny", ("no-limit",))
+    assert decide("POST", '{"name": {"first": "x"}, "limits": {}, "credit": []}') == ("allow", ("writes",))
+    # a permission on every item's kind covers no item whose kind is an object, nor an empty one
+    assert decide("PUT", '{"items": [{"kind": "safe"}]}')[0] == "allow"
+    for body in ('{"items": [{"kind": "safe"}, {"kind": {"$ne": "safe"}}]}', '{"items": [{"kind": {}}]}'):
+        assert decide("PUT", body)[0] == "deny", body
+
+
 def test_json_numbers_are_compared_by_value_not_spelling(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # A server reads 1e6 as the amount 1000000; the rules saw "1000000.0" and a deny on the amount (or on
     # seven digits and more) let it through.

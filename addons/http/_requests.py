@@ -365,12 +365,12 @@ def fold_path(path: str) -> str:
     return path.casefold().replace("[*]", "")
 
 
-def fold_paths(flattened: Mapping[str, Any]) -> dict[str, Any]:
+def fold_paths(flattened: Mapping[str, Any]) -> FlatBody:
     """The flattened body (or query) with case-folded paths (``$.Credit_Limit`` -> ``$.credit_limit``) and
     arrays standing for their items (``$.role[*]`` -> ``$.role``), values of paths that fold together merged:
     what a server that reads keys ignoring case, or takes a one-item array for its item (Jackson's
     ``UNWRAP_SINGLE_VALUE_ARRAYS``, lenient binders), may see."""
-    out: dict[str, Any] = {}
+    out = FlatBody()
     for path, value in flattened.items():
         key = fold_path(path)
         have = out.get(key)
@@ -382,8 +382,45 @@ def fold_paths(flattened: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+class EmptyValue(str):
+    """An empty object or array in a body (``{}``, ``[]``): not a value the rules' globs compare, and one a
+    server may read as anything its code expects there. Every restriction on its path matches it, no
+    permission's value globs do."""
+
+
+class FlatBody(dict[str, Any]):
+    """A flattened body (:func:`flatten_json`, :func:`form_attrs`, :func:`fold_paths`) that remembers which of
+    its paths hold an object or array (:func:`nested_paths`), computed once for all the rules."""
+
+    __slots__ = ("nested",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nested: frozenset[str] | None = None
+
+
+_PATH_STEP = re.compile(r"[.\[]")
+
+
+def nested_paths(flattened: Mapping[str, Any]) -> frozenset[str]:
+    """The paths of ``flattened`` that hold an object or array with members: those a longer path goes through
+    (``$.a`` and ``$.a.b`` for ``$.a.b.c``, ``$.a.b`` and ``$.a.b[*]`` for ``$.a.b[*].c``). A cut inside a quoted
+    key (``$["a.b"]``) gives a prefix no rule can name, which is harmless."""
+    if isinstance(flattened, FlatBody) and flattened.nested is not None:
+        return flattened.nested
+    out: set[str] = set()
+    for path in flattened:
+        for step in _PATH_STEP.finditer(path, 2):
+            out.add(path[: step.start()])
+    nested = frozenset(out)
+    if isinstance(flattened, FlatBody):
+        flattened.nested = nested
+    return nested
+
+
 def flatten_json(doc: Any, max_leaves: int = MAX_LEAVES) -> dict[str, Any]:
-    """``{"a": {"b": [1, 2]}}`` -> ``{"$.a.b[*]": ["1", "2"]}``; one value or a list per path."""
+    """``{"a": {"b": [1, 2]}}`` -> ``{"$.a.b[*]": ["1", "2"]}``; one value or a list per path. An empty object or
+    array inside the document is the :class:`EmptyValue` ``{}`` or ``[]`` at its path."""
     out: dict[str, Any] = {}
     count = 0
     stack: list[tuple[str, Any, int]] = [("$", doc, 0)]
@@ -391,17 +428,22 @@ def flatten_json(doc: Any, max_leaves: int = MAX_LEAVES) -> dict[str, Any]:
         path, node, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise Unreadable(f"JSON body nested deeper than {MAX_DEPTH} levels")
-        if isinstance(node, dict):
-            for k, v in node.items():
-                stack.append((_key(path, k), v, depth + 1))
-        elif isinstance(node, list):
-            for v in node:
-                stack.append((path + "[*]", v, depth + 1))
+        if isinstance(node, (dict, list)) and (node or path == "$"):
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    stack.append((_key(path, k), v, depth + 1))
+            else:
+                for v in node:
+                    stack.append((path + "[*]", v, depth + 1))
         else:
             count += 1
             if count > max_leaves:
                 raise Unreadable(f"JSON body has more than {max_leaves} values")
-            text = value_text(node)
+            text = (
+                EmptyValue("{}" if isinstance(node, dict) else "[]")
+                if isinstance(node, (dict, list))
+                else value_text(node)
+            )
             have = out.get(path)
             if have is None:
                 out[path] = text
@@ -567,6 +609,8 @@ def patch_fields(doc: Any) -> dict[str, Any]:
                 put(path, "null")
         elif member == "value":
             for path in targets:
+                if isinstance(op["value"], (dict, list)) and not op["value"]:
+                    put(path, EmptyValue(json.dumps(op["value"])))
                 for key, value in flatten_json(op["value"]).items():
                     put(path + key[1:], value)
         else:
@@ -1025,7 +1069,7 @@ def http_request(
     if flattened is not None:
         if any(key.casefold() == "$._method" for key in flattened):  # Laravel reads JSON input as the form
             raise Unreadable("a _method field would make the API run another method than decided")
-        attrs["json"] = flattened
+        attrs["json"] = FlatBody(flattened)
         attrs["json_folded"] = fold_paths(flattened)
     elif body:
         readable = body_text(body)
@@ -1189,14 +1233,14 @@ def k8s_body_attrs(body: bytes, content_type: str) -> dict[str, Any]:
         if "$" in holes:
             return {"body_unreadable": f"{media}: {doc['kind'] or 'an object'} ({doc['apiVersion']}) is not read"}
         flattened = flatten_json(doc)
-        attrs = {"json": flattened, "json_folded": fold_paths(flattened)}
+        attrs = {"json": FlatBody(flattened), "json_folded": fold_paths(flattened)}
         if holes:
             attrs["json_holes"] = sorted(set(holes))
         return attrs
     flattened = json_attrs(body, content_type)
     if flattened is None:
         return {"body_unreadable": media or "a body without Content-Type"}
-    return {"json": flattened, "json_folded": fold_paths(flattened)}
+    return {"json": FlatBody(flattened), "json_folded": fold_paths(flattened)}
 
 
 _RESOURCE_ATTRIBUTE_FIELDS = {

@@ -13,10 +13,12 @@ from lictor.vocabulary import Boolean, Custom, Enum, Glob, Number, Predicate, Qu
 
 from ._requests import (
     CopiedValue,
+    EmptyValue,
     _key,
     build_http_requests,
     build_k8s_requests,
     fold_path,
+    nested_paths,
     path_variants,
     value_text,
 )
@@ -195,22 +197,34 @@ def _mapping_of_globs(attr: str, case_insensitive_keys: bool, folded_attr: str |
             if not isinstance(have, Mapping):
                 return False
             every = quantifier == "all"
-            copied = _copied_paths(have) if attr == "json" else ()
+            body = attr == "json"
+            copied = _copied_paths(have) if body else ()
             for key, pats in keys.items():
                 if copied and any(_under(key, path) for path in copied):
                     # a JSON Patch copies or moves an object to this key's parent: it may hold any value here
                     if every:
                         return False
                     continue
+                # An object or array at the key ({"credit_limit": {"value": 5}}, a MongoDB operator, PHP's
+                # credit_limit[value]=5) is no value the globs compare, and a server may read it as the value
+                # its code expects there: every restriction matches it, no permission covers it.
                 values = have.get(key)
                 if values is None:
+                    if body and not every and key in nested_paths(have):
+                        continue
                     return False
                 vals = [values] if isinstance(values, (str, int, float, bool)) else list(values)
-                # a value a JSON Patch copies from elsewhere may be anything: every restriction matches it
+                # a value a JSON Patch copies from elsewhere, or an empty object or array, may be anything:
+                # every restriction matches it
                 matched = (
-                    not every if isinstance(v, CopiedValue) else any(p.match(value_text(v)) for p in pats) for v in vals
+                    not every if isinstance(v, (CopiedValue, EmptyValue)) else any(p.match(value_text(v)) for p in pats)
+                    for v in vals
                 )
                 if not vals or not (all(matched) if every else any(matched)):
+                    if body and not every and key in nested_paths(have):
+                        continue
+                    return False
+                if body and every and key in nested_paths(have):
                     return False
             return True
 
