@@ -1487,6 +1487,45 @@ def test_ticket_mode_answers_at_once_and_the_retry_redeems_it_once(env: Env) -> 
     assert len(posts) == 1
 
 
+def test_a_redeemed_ticket_reaches_the_upstream_as_it_was_approved(env: Env) -> None:
+    url = env.url("tickets") + "/v1/customers"
+    body = json.dumps({"name": "Baggage Customer"})
+    args = ("-X", "POST", "-H", "Content-Type: application/json", "--data", body, "-H", "X-Account: staging")
+    args += ("-H", "baggage: tenant=staging")  # services read application values from W3C baggage
+    code, out = env.curl(
+        url, *args, "-H", "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", token=env.agent
+    )
+    assert code == 403, out
+    approval_id = json.loads(out)["approval_id"]
+    env.approve(approval_id)
+    redeem = ("-H", f"X-Lictor-Approval: {approval_id}")
+    for changed in (
+        ("-X", "POST", "-H", "Content-Type: application/json", "--data", body, "-H", "X-Account: staging"),
+        (*args[:-2], "-H", "baggage: tenant=production"),
+        (*args[:6], "-H", "X_Account: staging", *args[-2:]),  # nginx drops it, Go reads another header
+        (*args, "-H", "X-Account: production"),  # a second field, which some servers read first
+    ):
+        code, out = env.curl(url, *changed, *redeem, token=env.agent)
+        assert code == 403 and json.loads(out)["rule"] == "lictor:approval-not-redeemable", (changed, out)
+    tries = (  # a retry's own tracing and clock: not approved, not forwarded
+        "-H",
+        "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "-H",
+        "tracestate: vendor=other",
+        "-H",
+        "X-B3-TraceId: 463ac35c9f6413ad",
+        "-H",
+        "Date: Tue, 01 Dec 2026 08:00:00 GMT",
+    )
+    code, out = env.curl(url, *args, *tries, *redeem, token=env.agent)
+    assert code == 201, out
+    posts = [r for r in env.api.seen("POST") if b"Baggage Customer" in r["body"]]
+    assert len(posts) == 1
+    headers = {k.lower(): v for k, v in posts[0]["headers"].items()}
+    assert headers["baggage"] == "tenant=staging" and headers["x-account"] == "staging", headers
+    assert not {"traceparent", "tracestate", "x-b3-traceid", "date", "x_account"} & set(headers), headers
+
+
 def test_approvers_read_the_body_of_a_request_that_is_not_json(env: Env) -> None:
     url = env.url("tickets") + "/v1/customers"
     text = "name,credit_limit\nAcme,900000\n\x1b]0;owned\x07"

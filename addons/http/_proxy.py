@@ -89,6 +89,7 @@ from ._requests import (
     payload,
     redact_query,
     reveal_request,
+    try_header,
 )
 from ._responses import Answer, denial, error, error_name, k8s_status
 from ._tls import client_context, upstream_connection, upstream_context
@@ -906,6 +907,7 @@ class LictorProxy:
             return
 
         approval_id = first.get("x-lictor-approval", "").strip()
+        redeemed = False
         if approval_id:
             approvals = self.gateway.approvals
             redeem = getattr(approvals, "redeem", None)
@@ -922,6 +924,7 @@ class LictorProxy:
                 session.audit(request, decision, "approval")
                 self._deny(flow, session, request, decision, k8s)
                 return
+            redeemed = True
 
         decision = await self._decide(flow, session, request, target)
         if decision.action != "allow":
@@ -961,7 +964,9 @@ class LictorProxy:
             state.pending = self._request_fields(flow, state, body, fields)  # one event with the response
         # A Range request splits a response into pieces that the detectors see one by one (a card number
         # in two ranges is in neither): when anything must be masked or scrubbed, ask for the whole body.
-        self._prepare_upstream(flow, target, call, whole_body=masking.active or state.tap.scrubber is not None)
+        self._prepare_upstream(
+            flow, target, call, whole_body=masking.active or state.tap.scrubber is not None, redeemed=redeemed
+        )
         flow.metadata[STATE] = state
         if decision.approval_id:
             flow.metadata["lictor.approval_id"] = decision.approval_id
@@ -1273,10 +1278,17 @@ class LictorProxy:
         return None
 
     def _prepare_upstream(
-        self, flow: http.HTTPFlow, target: HttpTarget, call: K8sCall | None, *, whole_body: bool
+        self,
+        flow: http.HTTPFlow,
+        target: HttpTarget,
+        call: K8sCall | None,
+        *,
+        whole_body: bool,
+        redeemed: bool = False,
     ) -> None:
         """Rewrite the headers for the upstream in one pass: agent credentials, ``X-Lictor-*`` and
-        forwarding headers out (``Range``/``If-Range`` too with ``whole_body``); the target's credentials
+        forwarding headers out (``Range``/``If-Range`` too with ``whole_body``, the headers of one try that
+        no approval binds with ``redeemed``: a ticket's retry goes on as approved); the target's credentials
         and ``Accept-Encoding: identity`` in."""
         headers = flow.request.headers
         drop = self._drop_headers.get((target.name, whole_body))
@@ -1295,7 +1307,12 @@ class LictorProxy:
         for name, value in headers.fields:
             lname = name.lower()
             cgi = lname.replace(b"_", b"-")  # X_Forwarded_For is X-Forwarded-For to PHP (header_name)
-            if cgi in drop or cgi.startswith(b"x-lictor-") or cgi.startswith(IDENTITY_HEADER_PREFIXES):
+            if (
+                cgi in drop
+                or cgi.startswith(b"x-lictor-")
+                or cgi.startswith(IDENTITY_HEADER_PREFIXES)
+                or (redeemed and try_header(cgi.decode("latin-1")))
+            ):
                 if lname == b"accept-encoding" and upgrade:
                     kept.append((name, value))
                 continue

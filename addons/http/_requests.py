@@ -825,26 +825,23 @@ def _body_has_method_field(body: bytes, content_type: str) -> bool:
     return False
 
 
-# Headers that differ from one try of the same request to the next (tracing, the client's clock and
-# session): left out of what an approval is bound to, so that a ticket can be redeemed by a retry. Not
-# X-Request-Id or Idempotency-Key: APIs use them to tell a new operation from a retried one.
-_UNBOUND_HEADERS = frozenset(
-    {
-        "content-length",
-        "host",
-        "connection",
-        "keep-alive",
-        "te",
-        "accept-encoding",  # the gateway asks the upstream for identity encoding anyway
-        "date",
-        "traceparent",
-        "tracestate",
-        "baggage",
-        "sentry-trace",
-        "x-amzn-trace-id",
-        "kubectl-session",
-    }
+# Headers the gateway sets, rewrites or removes towards the upstream whatever the agent sent (the framing,
+# the upstream's Host, identity encoding): no part of what an approval is bound to.
+_GATEWAY_HEADERS = frozenset({"content-length", "host", "connection", "te", "accept-encoding"})
+# Headers that differ from one try of the same request to the next (tracing ids, the client's clock and
+# session): left out of what an approval is bound to, so that a ticket can be redeemed by a retry, and not
+# forwarded with the retry that redeems it (nobody approved its values). Not X-Request-Id or Idempotency-Key:
+# APIs use them to tell a new operation from a retried one; nor `baggage`, which carries the application's
+# own values (a tenant, a user, a feature flag) and stays the same from one try to the next.
+TRY_HEADERS = frozenset(
+    {"keep-alive", "date", "traceparent", "tracestate", "sentry-trace", "x-amzn-trace-id", "kubectl-session"}
 )
+
+
+def try_header(name: str) -> bool:
+    """Is ``name`` (as :func:`header_name` gives it) a header of one try (:data:`TRY_HEADERS`, Zipkin's
+    ``X-B3-*``)?"""
+    return name in TRY_HEADERS or name.startswith("x-b3-")
 
 
 def credentials_digest(headers: Iterable[tuple[str, str]]) -> str:
@@ -900,20 +897,38 @@ def redact_query(raw_path: str) -> str:
     return f"{path}?{''.join(parts)}"
 
 
+def _bound_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The header fields an approval is bound to, as sent (lower-case names, ``X_Account`` apart from
+    ``X-Account``, repeated fields one by one): all but the credentials and ``X-Lictor-*`` (as for
+    :func:`header_attrs`), the headers the gateway sets and those of one try (:func:`try_header`)."""
+    out = []
+    for name, value in headers:
+        key = header_name(name)
+        if key in SECRET_HEADERS or key.startswith("x-lictor-") or key in _GATEWAY_HEADERS or try_header(key):
+            continue
+        if key == "sec-websocket-protocol":
+            value = ", ".join(p.strip() for p in value.split(",") if not p.strip().startswith(WS_BEARER_PREFIX))
+            if not value:
+                continue
+        out.append((name.lower(), value))
+    out.sort(key=lambda field: field[0])  # stable: repeated fields keep their order, which servers read
+    return out
+
+
 def payload(
-    method: str, raw_path: str, body: bytes, headers: Mapping[str, str] | None = None, credentials: str = ""
+    method: str, raw_path: str, body: bytes, headers: Iterable[tuple[str, str]] = (), credentials: str = ""
 ) -> str:
-    """What an approval is bound to, and what its approvers read: method, raw path with query, the headers
-    (as :func:`header_attrs` gives them, without the ones that change from try to try), a digest of the
-    body and one of the credentials the agent sends on (:func:`credentials_digest`). A ticket is then
-    redeemed only by the same request: another Content-Type (a JSON patch read as a merge patch), another
-    account header or another session cookie does not pass for the one approved. Credentials in the query
-    (:func:`redact_query`) are not shown, but bound all the same by a digest of the whole path."""
+    """What an approval is bound to, and what its approvers read: method, raw path with query, the header
+    fields as sent (:func:`_bound_headers`: without the ones that change from try to try, which are not
+    forwarded with a redeemed ticket), a digest of the body and one of the credentials the agent sends on
+    (:func:`credentials_digest`). A ticket is then redeemed only by the same request: another Content-Type
+    (a JSON patch read as a merge patch), another account header, the same one spelt ``X_Account`` (which
+    nginx drops and Go reads as another header) or another session cookie does not pass for the one
+    approved. Credentials in the query (:func:`redact_query`) are not shown, but bound all the same by a
+    digest of the whole path."""
     shown = redact_query(raw_path)
     text = f"{method.upper()} {shown} sha256:{hashlib.sha256(body).hexdigest()}"
-    bound = sorted(
-        (k, v) for k, v in (headers or {}).items() if k not in _UNBOUND_HEADERS and not k.startswith("x-b3-")
-    )
+    bound = _bound_headers(headers)
     if bound:
         text += "".join(f"\n{k}: {v}" for k, v in bound)
     if credentials:
@@ -1083,7 +1098,7 @@ def http_request(
         attrs=attrs,
         target=target,
         summary=f"{method.upper()} {path}" + (f"?{shown_query}" if query else ""),
-        payload=payload(method, raw_path, body, attrs["headers"], credentials_digest(headers)),
+        payload=payload(method, raw_path, body, headers, credentials_digest(headers)),
         reason=reason,
         shown_attrs=shown_attrs(attrs),
     )
@@ -1183,8 +1198,10 @@ def k8s_request(
     body: bytes,
     target: str,
     reason: str | None = None,
+    fields: Sequence[tuple[str, str]] = (),
 ) -> K8sCall:
-    """The ``kubernetes`` protocol request; :class:`Unreadable` for paths the API server could read otherwise."""
+    """The ``kubernetes`` protocol request; :class:`Unreadable` for paths the API server could read otherwise.
+    ``fields`` are the header fields as sent (``headers`` joins repeated ones), which an approval is bound to."""
     path_part, _, query = raw_path.partition("?")
     try:
         info = resolve(method, path_part, query, headers)
@@ -1208,7 +1225,7 @@ def k8s_request(
         attrs=attrs,
         target=target,
         summary=k8s_summary(info),
-        payload=payload(method, raw_path, body, header_attrs(headers.items()), credentials_digest(headers.items())),
+        payload=payload(method, raw_path, body, fields or headers.items(), credentials_digest(headers.items())),
         reason=reason,
         shown_attrs=shown,
     )
