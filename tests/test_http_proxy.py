@@ -262,6 +262,21 @@ class CustomersAPI:
                         ),
                     ),
                     "/v1/customers/spacedtext": ("text/plain; charset=utf-8", f"card {CARD.replace(' ', '\u202f')}\n"),
+                    "/v1/customers/encodedcard": (  # the groups' spaces as a form or a URL encodes them
+                        "application/x-www-form-urlencoded",
+                        f"id=7&card={CARD.replace(' ', '+')}&backup={CARD.replace(' ', '%20')}&sum=1+2+3",
+                    ),
+                    "/v1/customers/encodedlinks": (
+                        "application/json",
+                        json.dumps(
+                            {
+                                "next": "/v1/search?q=" + CARD.replace(" ", "%20") + "&page=2",
+                                "form": "/v1/search?q=" + CARD.replace(" ", "+"),
+                                "after": "/v1/search?q=visa%20" + CARD.replace(" ", "%20"),
+                                "reference": "/v1/search?q=4111+1111+1111+1112",  # fails Luhn
+                            }
+                        ),
+                    ),
                     "/v1/customers/spacedpage": (
                         "text/html; charset=utf-8",
                         "<p>" + CARD.replace(" ", "&nbsp;") + "</p><p>" + CARD.replace(" ", "&#160;") + "</p>"
@@ -822,6 +837,19 @@ def test_card_numbers_grouped_with_no_break_spaces_are_masked(env: Env) -> None:
     code, body = env.curl(env.url() + "/v1/customers/spacedpage", token=env.agent)
     assert code == 200 and body.count(b"[REDACTED:card]") == 2 and b"4111" not in body, body
     assert b"<p>Order&nbsp;12 345</p>" in body, body  # only between digits does the reference become a space
+
+
+def test_card_numbers_grouped_with_url_encoded_spaces_are_masked(env: Env) -> None:
+    code, body = env.curl(env.url() + "/v1/customers/encodedcard", token=env.agent)
+    assert (code, body) == (200, b"id=7&card=[REDACTED:card]&backup=[REDACTED:card]&sum=1+2+3"), body
+    code, body = env.curl(env.url() + "/v1/customers/encodedlinks", token=env.agent)
+    assert code == 200, body
+    assert json.loads(body) == {
+        "next": "/v1/search?q=[REDACTED:card]&page=2",
+        "form": "/v1/search?q=[REDACTED:card]",
+        "after": "/v1/search?q=visa%20[REDACTED:card]",
+        "reference": "/v1/search?q=4111+1111+1111+1112",
+    }, body
 
 
 def test_html_in_json_fields_is_masked_as_a_browser_reads_it(env: Env) -> None:

@@ -259,6 +259,23 @@ def test_card_grouped_with_dots_is_masked() -> None:
         assert masked("card", text) == text
 
 
+@pytest.mark.parametrize("space", ["+", "%20"])
+def test_card_grouped_with_url_encoded_spaces_is_masked(space: str) -> None:
+    # ?q=4111+1111+1111+1111 (a form, Python's urlencode) or %20 (encodeURIComponent) went out in clear
+    card = "4111 1111 1111 1111".replace(" ", space)
+    assert masked("card", f"/search?q={card}&page=2") == f"/search?q={red('card')}&page=2"
+    assert masked("card", f"q=visa%20{card}") == f"q=visa%20{red('card')}"  # after an escape ending in a digit
+    assert masked("card", "3782 822463 10005".replace(" ", space)) == red("card")  # 4-6-5
+    assert masked("card", f"{card}{space}123") == f"{red('card')}{space}123"  # a trailing group is dropped
+    assert plan_for("card", style="partial").mask_text(card)[0] == "**** **** **** 1111".replace(" ", space)
+    out = plan_for("card", style="preserve-length").mask_text(card)[0]
+    assert len(out) == len(card) and out.count(space) == 3 and "4111" not in out
+    # Luhn still decides, and separators stay one kind per number
+    for text in ("4111 1111 1111 1112", "2024 1111 2222 3333", "4111 1111+1111%201111", "1+2+3+4"):
+        assert masked("card", text.replace(" ", space)) == text.replace(" ", space)
+    assert masked("card", "q=%204111111111111111") == f"q=%20{red('card')}"
+
+
 def test_secret_assignment_masks_value_only() -> None:
     cases = {
         "password=hunter2": "password=",

@@ -260,11 +260,14 @@ _BUILTINS = (
         # Bounded by non-digits, not only by word boundaries: 'a'||card or card||'z' glues letters to it.
         # (Not [^0-9]: in UTF-8 mode that cannot match a byte of invalid UTF-8 next to the number.)
         # Groups separated by spaces, a no-break space included (U+00A0, narrow U+202F, figure U+2007: what
-        # formatted amounts and localized output put between digit groups), by dashes, or by dots.
-        rf"(?:\b|[A-Za-z_])(\d{{13,19}}|\d{{4}}(?:{_SP}\d{{4}}){{2}}{_SP}\d{{1,4}}(?:{_SP}\d{{1,3}})?"
+        # formatted amounts and localized output put between digit groups), by dashes, or by dots; and by a
+        # space as a URL or a form encodes it (?q=4111+1111+..., %20), after an escaped character too (%20).
+        rf"(?:\b|[A-Za-z_]|%[0-9A-Fa-f]{{2}})(\d{{13,19}}|\d{{4}}(?:{_SP}\d{{4}}){{2}}{_SP}\d{{1,4}}(?:{_SP}\d{{1,3}})?"
         r"|\d{4}(?:-\d{4}){2}-\d{1,4}(?:-\d{1,3})?"
         r"|\d{4}(?:\.\d{4}){2}\.\d{1,4}(?:\.\d{1,3})?"
-        rf"|\d{{4}}(?:{_SP}|-|\.)\d{{6}}(?:{_SP}|-|\.)\d{{4,5}})(?:\b|[A-Za-z_])",
+        r"|\d{4}(?:\+\d{4}){2}\+\d{1,4}(?:\+\d{1,3})?"
+        r"|\d{4}(?:%20\d{4}){2}%20\d{1,4}(?:%20\d{1,3})?"
+        rf"|\d{{4}}(?:{_SP}|-|\.|\+|%20)\d{{6}}(?:{_SP}|-|\.|\+|%20)\d{{4,5}})(?:\b|[A-Za-z_])",
         "card",
         group=1,
     ),

@@ -4,12 +4,12 @@ All styles work on UTF-8 bytes and return UTF-8 bytes:
 
 - ``redact``: ``[REDACTED:<label>]``.
 - ``partial``: every letter and digit becomes ``*`` except the last ``keep`` of them; other
-  characters (separators, no-break spaces, ``@``, ``.``) are kept so the shape stays readable. At most half of
-  the letters and digits are ever kept, so a short value is never shown whole.
+  characters (separators, no-break spaces and ``%20``, ``@``, ``.``) are kept so the shape stays
+  readable. At most half of the letters and digits are ever kept, so a short value is never shown whole.
 - ``hash``: ``[HASH:<label>:<16 hex>]``, the first 64 bits of HMAC-SHA256(key, value). The
   same value gives the same token under every label, so equality and joins still work.
 - ``preserve-length``: the same number of bytes; ASCII digits become digits, ASCII letters
-  letters of the same case, other ASCII characters and no-break spaces are kept, and each byte
+  letters of the same case, other ASCII characters, no-break spaces and ``%20`` are kept, and each byte
   of another non-ASCII character becomes an ASCII letter (so the byte length is kept and the result is valid
   UTF-8). The replacement characters come from HMAC-SHA256(key, value): deterministic per key,
   different for different values.
@@ -111,11 +111,15 @@ def apply_style(style: Style, key: bytes, label: str, value: bytes) -> bytes:
 WIDE_SPACES = ("\u00a0".encode(), "\u2007".encode(), "\u202f".encode(), "\u2009".encode())
 
 
+# ... and so does a space a URL encodes (4111%201111...): kept whole, the escape stays one.
+URL_SPACE = b"%20"
+
+
 def _keep_spaces(value: bytes, masked: bytes) -> bytes:
-    if value.isascii():
+    if value.isascii() and URL_SPACE not in value:
         return masked
     out = bytearray(masked)
-    for space in WIDE_SPACES:
+    for space in (*WIDE_SPACES, URL_SPACE):
         at = value.find(space)
         while at >= 0:
             out[at : at + len(space)] = space
@@ -127,8 +131,10 @@ def _partial(value: bytes, keep: int) -> bytes:
     masked = _keep_spaces(value, value.translate(_PARTIAL_TABLE))
     if keep == 0:
         return masked
-    # Positions of ASCII letters and digits: the only characters partial keeps.
+    # Positions of ASCII letters and digits: the only characters partial keeps (not the 20 of a %20).
     positions = [i for i, b in enumerate(value) if 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122]
+    if URL_SPACE in value:
+        positions = [i for i in positions if value[i - 1 : i + 1] != b"%2" and value[i - 2 : i + 1] != URL_SPACE]
     keep = min(keep, len(positions) // 2)
     if keep == 0:
         return masked

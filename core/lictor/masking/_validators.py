@@ -66,28 +66,40 @@ def _narrow(span: bytes) -> bytes:
     return span
 
 
-_CARD_SEPARATORS = (b" ", b"-", b".", *WIDE_SPACES)
+# ... and a space as URLs and forms encode it (+, %20)
+_CARD_SEPARATORS = (b" ", b"-", b".", b"+", b"%20", *WIDE_SPACES)
+# The separators a span may hold, by the first byte after its first group of four.
+_CARD_SEPARATORS_AFTER = {
+    first: tuple(sep for sep in _CARD_SEPARATORS if sep[0] == first) for first in {sep[0] for sep in _CARD_SEPARATORS}
+}
 
 
 def _card_ok(span: bytes) -> bool:
-    digits = _narrow(span).translate(None, b" -.")
+    if b"%" in span:
+        span = span.replace(b"%20", b" ")
+    digits = _narrow(span).translate(None, b" -.+")
     return 13 <= len(digits) <= 19 and digits[0] != 48 and luhn_ok(digits)
 
 
 def card(data: bytes, start: int, end: int) -> int:
-    """Payment card: 13-19 digits (spaces, no-break spaces, dashes or dots allowed), not starting with 0,
-    Luhn valid.
+    """Payment card: 13-19 digits (spaces, no-break spaces, dashes or dots allowed, and spaces encoded as
+    ``+`` or ``%20``), not starting with 0, Luhn valid.
 
     A trailing group the pattern took in (``4111 1111 1111 1111 123``) may be dropped; a
     grouped card has at most two groups too many to be tried."""
+    # The built-in pattern puts one kind of separator between all the groups: only that one is looked for.
+    seps = _CARD_SEPARATORS_AFTER.get(data[start + 4], _CARD_SEPARATORS) if end - start > 4 else _CARD_SEPARATORS
     for _ in range(3):
-        if _card_ok(data[start:end]):
+        span = data[start:end]
+        if _card_ok(span):
             return end
-        cut = max(data.rfind(sep, start, end) for sep in _CARD_SEPARATORS)
+        if span.isdigit():  # no group to drop
+            return -1
+        cut = max(data.rfind(sep, start, end) for sep in seps)
         if cut <= start:
             return -1
         end = cut
-        while end > start and (sep := next((s for s in _CARD_SEPARATORS if data.endswith(s, start, end)), None)):
+        while end > start and (sep := next((s for s in seps if data.endswith(s, start, end)), None)):
             end -= len(sep)
     return -1
 
