@@ -262,6 +262,18 @@ class CustomersAPI:
                         ),
                     ),
                     "/v1/customers/spacedtext": ("text/plain; charset=utf-8", f"card {CARD.replace(' ', '\u202f')}\n"),
+                    "/v1/customers/plainref": (  # an @ written as a character reference, in text no browser renders
+                        "text/plain; charset=utf-8",
+                        "Contact: " + EMAIL.replace("@", "&#64;") + "\n",
+                    ),
+                    "/v1/customers/refs.csv": (
+                        "text/csv",
+                        "id,email\n1," + EMAIL.replace("@", "&commat;") + "\n2," + EMAIL.replace("@", "&#x40;") + "\n",
+                    ),
+                    "/v1/customers/script": (  # ... and as a JavaScript escape
+                        "application/javascript",
+                        "var contact = '" + EMAIL.replace("@", "\\x40") + "';\n",
+                    ),
                     "/v1/customers/encodedcard": (  # the groups' spaces as a form or a URL encodes them
                         "application/x-www-form-urlencoded",
                         f"id=7&card={CARD.replace(' ', '+')}&backup={CARD.replace(' ', '%20')}&sum=1+2+3",
@@ -307,6 +319,20 @@ class CustomersAPI:
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
+                    return
+                if self.path == "/v1/customers/htmlevents":  # server-sent HTML fragments (htmx, Turbo Streams)
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for event in (
+                        "event: contact\ndata: <p>" + EMAIL.replace("@", "&#64;") + "</p>\n\n",
+                        "data: <p>" + EMAIL.replace("@", "&commat;") + "</p>\n\n",
+                    ):
+                        data = event.encode()
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
                     return
                 if self.path == "/v1/customers/events":  # server-sent events whose data is JSON with \\u escapes
                     self.send_response(200)
@@ -837,6 +863,20 @@ def test_card_numbers_grouped_with_no_break_spaces_are_masked(env: Env) -> None:
     code, body = env.curl(env.url() + "/v1/customers/spacedpage", token=env.agent)
     assert code == 200 and body.count(b"[REDACTED:card]") == 2 and b"4111" not in body, body
     assert b"<p>Order&nbsp;12 345</p>" in body, body  # only between digits does the reference become a space
+
+
+def test_addresses_with_their_at_written_as_a_reference_or_an_escape_are_masked(env: Env) -> None:
+    for path, expected in (
+        ("/v1/customers/plainref", b"Contact: [REDACTED:email]\n"),
+        ("/v1/customers/refs.csv", b"id,email\n1,[REDACTED:email]\n2,[REDACTED:email]\n"),
+        ("/v1/customers/script", b"var contact = '[REDACTED:email]';\n"),
+        (
+            "/v1/customers/htmlevents",
+            b"event: contact\ndata: <p>[REDACTED:email]</p>\n\ndata: <p>[REDACTED:email]</p>\n\n",
+        ),
+    ):
+        code, body = env.curl(env.url() + path, token=env.agent)
+        assert (code, body) == (200, expected), (path, body)
 
 
 def test_card_numbers_grouped_with_url_encoded_spaces_are_masked(env: Env) -> None:

@@ -397,6 +397,30 @@ def test_email_with_its_at_percent_encoded_is_masked(text: str, expected: str) -
     assert masked("email", text) == expected.format(email=red("email"))
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("var contact = 'jane.doe\\x40example.com';", "var contact = '{email}';"),
+        ("Contact: jane.doe&#64;example.com.", "Contact: {email}."),
+        ("1,jane.doe&#064;example.com,gold", "1,{email},gold"),
+        ("data: <p>jane.doe&#x40;example.com</p>", "data: <p>{email}</p>"),
+        ("data: <p>jane.doe&#X40;example.com</p>", "data: <p>{email}</p>"),
+        ("jane.doe&commat;example.com", "{email}"),
+        ("jane%2Bx&#64;example.com", "{email}"),
+        # not addresses: no domain, a one-letter top-level label, no local part, a reference without its ';'
+        ("a&#64;b", "a&#64;b"),
+        ("a\\x40b.c", "a\\x40b.c"),
+        ("&#64;jane.smith", "&#64;jane.smith"),
+        ("50&commat; each", "50&commat; each"),
+        ("jane&#64example.com", "jane&#64example.com"),
+    ],
+)
+def test_email_with_its_at_written_as_an_escape_or_a_reference_is_masked(text: str, expected: str) -> None:
+    # In JavaScript source, plain text, CSV and event streams, which no browser renders as HTML, the @ stays written
+    # so; the detector reads it as the @ it stands for.
+    assert masked("email", text) == expected.format(email=red("email"))
+
+
 def test_email_percent_encoded_keeps_its_length_when_the_style_does() -> None:
     text = "mailto:jane.doe%40example.com"
     out = plan_for("email", style="preserve-length").mask_text(text)[0]

@@ -276,8 +276,11 @@ _BUILTINS = (
     _builtin(
         "email",
         # Internationalized addresses too (zoë@exämple.com): any non-ASCII character counts as a letter. In a
-        # URL the @ is percent-encoded (mailto:jane%40example.com, ?email=jane%2Bx%40example.com).
-        r"(?:[A-Za-z0-9._%+-]|[^\x00-\x7f])(?:@|%40)(?:[A-Za-z0-9]|[^\x00-\x7f])",
+        # URL the @ is percent-encoded (mailto:jane%40example.com, ?email=jane%2Bx%40example.com); in JavaScript
+        # (and C, Python, shell) source it may be an escape (jane\x40example.com), and in text no browser renders
+        # (plain text, CSV, an event stream) an HTML character reference (jane&#64;example.com, &commat;).
+        r"(?:[A-Za-z0-9._%+-]|[^\x00-\x7f])(?:@|%40|\\x40|&#0{0,3}64;|&#[xX]0{0,2}40;|&commat;)"
+        r"(?:[A-Za-z0-9]|[^\x00-\x7f])",
         "email",
         extend=(r"(?:[A-Za-z0-9.-]|[^\x00-\x7f])*",),
         extend_limit=EMAIL_LIMIT,

@@ -15,6 +15,7 @@ copy of the candidate.
 """
 
 import ipaddress
+import re
 import string
 from collections.abc import Callable, Mapping
 
@@ -239,18 +240,31 @@ _LOCAL_ESCAPES = frozenset(
 )
 
 
+# An @ written otherwise: percent-encoded, a source code escape, an HTML character reference.
+_WRITTEN_AT = re.compile(rb"%40|\\x40|&#0{0,3}64;|&#[xX]0{0,2}40;|&commat;")
+
+
 def email(data: bytes, start: int, end: int) -> int:
     """E-mail address: the domain is trimmed to its last label of 2-24 letters after a dot (digits
     right after those letters are not part of it). In a URL the ``@`` may be written ``%40``; the local
-    part then does not end in an escape of a character no address has there (``foo%20%40bar.com``)."""
+    part then does not end in an escape of a character no address has there (``foo%20%40bar.com``). It may
+    also be written ``\x40`` (JavaScript, C, Python) or as a character reference (``&#64;``, ``&#x40;``,
+    ``&commat;``)."""
     at = data.find(b"@", start, end)
     domain = at + 1
     if at < 0:
-        # the domain never holds a %: the last %40 is the separator (the local part may hold one too)
+        # the domain never holds a %, \ or &: the last one is the separator (the local part may hold a %40 too)
         at = data.rfind(b"%40", start, end)
-        if at < 0 or (at - 3 >= start and data[at - 3] == 37 and data[at - 2 : at].upper() not in _LOCAL_ESCAPES):
+        if at >= 0 and data.find(b"\\", at, end) < 0 and data.find(b"&", at, end) < 0:
+            domain = at + 3  # the common case, without the regular expression
+        else:
+            spans = [m.span() for m in _WRITTEN_AT.finditer(data, start, end)]
+            if not spans:
+                return -1
+            at, domain = spans[-1]
+        escaped = at - 3 >= start and data[at - 3] == 37  # %40 after another escape: foo%20%40bar.com
+        if data[at] == 37 and escaped and data[at - 2 : at].upper() not in _LOCAL_ESCAPES:
             return -1
-        domain = at + 3
     while end > domain:
         while end > domain and data[end - 1] in b".-":
             end -= 1
