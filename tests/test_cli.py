@@ -1055,3 +1055,35 @@ def test_audit_list_lists_an_edited_log_that_audit_verify_names(tmp_path: Path):
     lines = listed.stdout.splitlines()
     assert any(" decision " in line and "7,lictor:default-deny" in line for line in lines), listed.stdout
     assert any(line.split()[1:3] == ["?", "session.end"] for line in lines), listed.stdout
+
+
+def test_check_reports_the_errors_a_duplicate_id_or_role_would_hide_in_the_same_run(tmp_path: Path):
+    # A duplicate rule id, a reserved one or a duplicate role stopped the checking of that rule or role: its other
+    # errors showed only in the next run, once the name was fixed.
+    (tmp_path / "a.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: a}\nroles:\n  reader:\n    rules:\n"
+        "      - {id: r1, protocol: postgres, when: {statements: [select]}, action: allow}\n"
+        "      - {id: r1, protocol: postgers, action: allow}\n"
+        "      - {id: 'lictor:r2', protocol: postgres, when: {statement: [select]}, action: allow}\n"
+        "detectors:\n  emp: {pattern: 'EMP-[0-9]{6}'}\n"
+    )
+    (tmp_path / "b.yaml").write_text(
+        "format: lictor/v1\nmetadata: {name: b}\ndetectors:\n  emp: {pattern: '(?<=x)y'}\nroles:\n  reader:\n"
+        "    inherits: [ghost]\n    rules:\n      - {id: r3, protocol: postgres, action: alow}\n"
+    )
+    proc = lictor("check", str(tmp_path), check=False)
+    assert proc.returncode == 1, proc.stdout
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for expected in (
+        f"{a}:7:14: duplicate rule id 'r1' (also at {a}:6:14)",
+        f"{a}:7:28: unknown protocol 'postgers'",
+        f"{a}:8:14: rule id 'lictor:r2': ids starting with 'lictor:' are reserved",
+        f"{a}:8:54: unknown key 'statement' in roles.reader.rules.2.when (did you mean 'statements'?)",
+        f"{b}:4:8: duplicate detector 'emp'",
+        f"{b}:4:18: detector 'emp'",
+        f"{b}:6:3: duplicate role 'reader' (also at {a}:4:3)",
+        f"{b}:7:16: role 'reader' inherits: unknown role 'ghost'",
+        f"{b}:9:46: roles.reader.rules.0.action: unknown value 'alow' (did you mean 'allow'?)",
+    ):
+        assert expected in proc.stdout, (expected, proc.stdout)
+    assert proc.stdout.splitlines()[-1] == "9 error(s), 0 warning(s) in 2 pack file(s)", proc.stdout

@@ -542,13 +542,13 @@ class _Compiler:
             return
         for det_name, spec in dets.items():
             loc = locate(doc, ["detectors", det_name], fallback)
-            if det_name in self.detectors:
-                self.error(loc, f"duplicate detector {det_name!r}")
-                continue
+            duplicate = det_name in self.detectors
+            if duplicate:
+                self.error(loc, f"duplicate detector {det_name!r}")  # its pattern is still checked, not kept
             if not isinstance(spec, dict) or "pattern" not in spec:
                 continue
             try:
-                self.detectors[det_name] = compile_detector(
+                detector = compile_detector(
                     det_name,
                     str(spec["pattern"]),
                     spec.get("validator"),
@@ -556,6 +556,8 @@ class _Compiler:
                     style=spec.get("style"),
                     keep=spec.get("keep"),
                 )
+                if not duplicate:
+                    self.detectors[det_name] = detector
             except MaskingError as exc:
                 self.error(locate(doc, ["detectors", det_name, "pattern"], loc), str(exc))
 
@@ -590,9 +592,11 @@ class _Compiler:
 
     def _role(self, doc: LocDict, pack: str, role_name: str, body: Mapping[str, Any], fb: Location) -> None:
         loc = key_location(doc["roles"], role_name, fb)
-        if role_name in self.roles:
+        duplicate = role_name in self.roles
+        if duplicate:
+            # the body is still compiled (and not kept): its own errors are reported in the same load, not one
+            # load later, once the name is fixed
             self.error(loc, f"duplicate role {role_name!r} (also at {self.roles[role_name][1]})")
-            return
         inherits = _strings(body.get("inherits"))
         inh_node = body.get("inherits")
         for j, parent in enumerate(inherits):
@@ -614,7 +618,8 @@ class _Compiler:
             str(body.get("recording", "best_effort")),
             tuple(rules),
         )
-        self.roles[role_name] = (role, loc)
+        if not duplicate:
+            self.roles[role_name] = (role, loc)
 
     def _conditions(
         self, doc: LocDict, path: list[Any], vocab: Vocabulary, block: Any, fb: Location
@@ -651,6 +656,9 @@ class _Compiler:
         path: list[Any] = ["roles", role, "rules", k]
         loc = locate(doc, path, fb)
         rid = str(rule.get("id", ""))
+        # A rule whose id is refused is still checked to the end (and then not kept): every error of a load is
+        # reported together, not the rest of the rule's one load after its id is fixed.
+        id_ok = True
         if rid.lower().startswith("lictor:"):
             # the gateway's own decisions carry these ids (lictor:default-deny...): a rule so named would read, in
             # the audit log and in policy tests, as one of them
@@ -659,11 +667,12 @@ class _Compiler:
                 f"rule id {rid!r}: ids starting with 'lictor:' are reserved for the gateway's own decisions; "
                 "name the rule otherwise",
             )
-            return None
-        if rid in self.rule_ids:
+            id_ok = False
+        elif rid in self.rule_ids:
             self.error(locate(doc, [*path, "id"], loc), f"duplicate rule id {rid!r} (also at {self.rule_ids[rid]})")
-            return None
-        self.rule_ids[rid] = locate(doc, [*path, "id"], loc)
+            id_ok = False
+        else:
+            self.rule_ids[rid] = locate(doc, [*path, "id"], loc)
         protocol = str(rule.get("protocol", ""))
         vocab = self.vocabularies.get(protocol)
         if vocab is None:
@@ -757,7 +766,7 @@ class _Compiler:
                 f"rule {rid!r}: enforce: false makes this {action} rule do nothing, and nothing is reported "
                 "(shadow results are for deny and approve rules); remove the rule or enforce it",
             )
-        if not (ok1 and ok2):
+        if not (ok1 and ok2 and id_ok):
             return None
         when_raw = plain(rule.get("when") or {})
         index_values: frozenset[str] | None = None
