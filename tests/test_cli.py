@@ -1087,3 +1087,17 @@ def test_check_reports_the_errors_a_duplicate_id_or_role_would_hide_in_the_same_
     ):
         assert expected in proc.stdout, (expected, proc.stdout)
     assert proc.stdout.splitlines()[-1] == "9 error(s), 0 warning(s) in 2 pack file(s)", proc.stdout
+
+
+def test_test_fails_on_a_document_among_the_tests_that_is_not_tests(tmp_path: Path):
+    # a second document whose format is misspelt ran none of its cases, and the run passed
+    _ls_pack(tmp_path)
+    case = "cases:\n  - {name: n, identity: {sub: a}, request: {protocol: ssh, command: ls}, expect: allow}\n"
+    (tmp_path / "p.tests.yaml").write_text(f"format: lictor-tests/v1\n{case}---\nformat: lictor-test/v1\n{case}")
+    proc = lictor("check", str(tmp_path), check=False)
+    assert proc.returncode == 0, proc.stdout
+    assert f"{tmp_path / 'p.tests.yaml'}:5:1: warning: a document of format 'lictor-test/v1'" in proc.stdout
+    proc = lictor("test", str(tmp_path), check=False)
+    assert proc.returncode == 1, proc.stdout
+    assert f"ERROR {tmp_path / 'p.tests.yaml'}:5:1: a document of format 'lictor-test/v1'" in proc.stdout
+    assert proc.stdout.strip().endswith("1 passed, 1 failed"), proc.stdout

@@ -777,3 +777,25 @@ def test_a_database_of_another_owner_is_opened_as_it_is(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "chmod", chmod)
     private_database(db)
     assert stat.S_IMODE(db.stat().st_mode) == 0o644
+
+
+def test_a_tests_file_that_does_not_parse_does_not_keep_a_pack_edit_from_going_live(line_gateway):
+    # The packs are what enforces; the tests beside them are for `lictor test`. A tests file with a YAML error failed
+    # the whole load: a good edit of the policy (a new deny, say) stayed out until someone fixed the tests.
+    gw = line_gateway
+    c = Client(gw.port, gw.token("agent-1", role="reader"))
+    assert c.ask("get orders").startswith("OK")
+    tests = gw.packs / "lines.tests.yaml"
+    tests.write_text("format: lictor-tests/v1\ncases:\n  - name: broken\n    identity: {sub: a\n")
+    (gw.packs / "lines.yaml").write_text(PACK.replace('["* secret*"]', '["* secret*", "* orders*"]'))
+    assert _wait_reply(c, "get orders", "DENIED").startswith("DENIED line-no-secrets")
+    log = _log_once_it_shows(gw, "policy tests that do not parse")
+    assert f"{tests}:5:1: warning: policy tests that do not parse" in log, log
+    assert "rule pack problem" not in log, log
+    # `lictor check` says what the gateway does (it loads the packs) and warns; `lictor test` fails on the file
+    check = lictor("check", "-c", str(gw.config_path), check=False)
+    assert check.returncode == 0 and f"{tests}:5:1: warning: policy tests that do not parse" in check.stdout, check
+    assert lictor("check", "--strict", "-c", str(gw.config_path), check=False).returncode == 1
+    test = lictor("test", "-c", str(gw.config_path), check=False)
+    assert test.returncode == 1 and f"ERROR {tests}:5:1: " in test.stdout, test.stdout
+    c.close()

@@ -233,7 +233,13 @@ def run_tests(policy: Policy, files: Iterable[Path]) -> TestReport:
             report.errors.append(str(exc))
             continue
         for doc in docs:
+            if doc is None:
+                continue
             if not isinstance(doc, dict) or doc.get("format") != TESTS_FORMAT:
+                # a misspelt format (`lictor-test/v1`) would otherwise run none of the document's cases, silently
+                fmt = doc.get("format") if isinstance(doc, dict) else None
+                at = getattr(doc, "loc", Location(str(path), 1, 1))
+                report.errors.append(f"{at}: a document of format {fmt!r} among policy tests: expected {TESTS_FORMAT}")
                 continue
             unknown_top = sorted(set(doc) - {"format", "cases"})
             if unknown_top or not isinstance(doc.get("cases"), list):

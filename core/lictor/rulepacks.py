@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -910,6 +911,15 @@ class _Compiler:
         return found
 
 
+# A file whose top level says it holds policy tests, and nowhere that it holds a pack: read even when it does not parse.
+_TESTS_LINE = re.compile(r"^format[ \t]*:[ \t]*(['\"]?)" + re.escape(TESTS_FORMAT) + r"\1[ \t]*(#.*)?\r?$", re.M)
+_PACK_LINE = re.compile(r"^format[ \t]*:[ \t]*['\"]?" + re.escape(FORMAT), re.M)
+_NOT_TESTS = (
+    "a document of format {fmt!r} in a file of policy tests: `lictor test` fails on it (a file holds packs or tests, "
+    "not both; tests are format: " + TESTS_FORMAT + ")"
+)
+
+
 def load_policy(
     paths: Iterable[str | Path],
     vocabularies: Mapping[str, Vocabulary],
@@ -966,6 +976,12 @@ def load_policy(
         try:
             docs = load_documents(text, str(path))
         except YamlError as exc:
+            if _TESTS_LINE.search(text) and not _PACK_LINE.search(text):
+                # Policy tests, not policy: what enforces is the packs, and a tests file that does not parse must not
+                # keep a good edit of them from going live (nor fail a gateway's start). `lictor test` fails on it.
+                result.test_files.append(path)
+                compiler.warn(exc.loc, f"policy tests that do not parse ({exc.message}); `lictor test` fails on them")
+                continue
             compiler.error(exc.loc, exc.message)
             continue
         docs = [d for d in docs if d is not None]
@@ -974,8 +990,13 @@ def load_policy(
             # rules from a running gateway. To remove a pack, delete its file.
             compiler.error(fallback, "empty file: a rule pack file must hold a pack (delete the file to remove one)")
             continue
-        if all(isinstance(d, dict) and d.get("format") == TESTS_FORMAT for d in docs):
+        formats = [d.get("format") if isinstance(d, dict) else None for d in docs]
+        if TESTS_FORMAT in formats and FORMAT not in formats:
+            # policy tests (a document among them that is not, a misspelt format, is for `lictor test` to fail on)
             result.test_files.append(path)
+            for doc, fmt in zip(docs, formats, strict=True):
+                if fmt != TESTS_FORMAT:
+                    compiler.warn(getattr(doc, "loc", fallback), _NOT_TESTS.format(fmt=fmt))
             continue
         result.files.append(path)
         digest.update(path.name.encode() + b"\0" + text.encode() + b"\0")
