@@ -799,3 +799,60 @@ def test_a_tests_file_that_does_not_parse_does_not_keep_a_pack_edit_from_going_l
     test = lictor("test", "-c", str(gw.config_path), check=False)
     assert test.returncode == 1 and f"ERROR {tests}:5:1: " in test.stdout, test.stdout
     c.close()
+
+
+def test_a_role_the_config_names_must_be_one_the_packs_define(gateway_factory, tmp_path):
+    # `read_only_roles: [raeder]` passed `lictor check -c` and `lictor run`: sessions of `reader` were not read-only
+    # at the database, and nothing said so. The config is checked against the packs, as the packs' targets are
+    # against the config; a pack edit that drops such a role is a rejected reload.
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "lines.yaml").write_text(PACK)
+    port = free_port()
+    gw = gateway_factory(
+        {
+            "rulepacks": [str(packs)],
+            "addons": [str(ROOT / "tests" / "addons" / "lineproto.py")],
+            "targets": {
+                "lines": {"protocol": "line", "listen": f"127.0.0.1:{port}"},
+                "db": {
+                    "protocol": "postgres",
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "read_only_roles": ["writer", "raeder"],
+                    "upstream": {"host": "127.0.0.1"},
+                },
+            },
+        },
+        start=False,
+    )
+    gw.write_config()
+    lines = gw.config_path.read_text().splitlines()
+    row = next(i for i, line in enumerate(lines, 1) if "raeder" in line)
+    where = f"{gw.config_path}:{row}:{lines[row - 1].index('raeder') + 1}"
+    check = lictor("check", "-c", str(gw.config_path), check=False)
+    assert check.returncode == 1, check.stdout
+    assert f"{where}: target 'db': read_only_roles: unknown role 'raeder' (roles defined: reader)" in check.stdout
+    assert "unknown role 'writer'" in check.stdout, check.stdout  # every one, not the first
+    # the gateway refuses to start on it, before it listens
+    run = lictor("run", "-c", str(gw.config_path), check=False, timeout=30)
+    assert run.returncode == 1, run.stderr
+    assert "gateway failed to start: " in run.stderr, run.stderr
+    assert f"    {where}: target 'db': read_only_roles: unknown role 'raeder'" in run.stderr, run.stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1)
+
+    gw.config["targets"]["db"]["read_only_roles"] = ["reader"]
+    gw.start()
+    wait_port(port)
+    assert lictor("check", "-c", str(gw.config_path), check=False).returncode == 0
+    c = Client(port, gw.token("agent-1", role="reader"))
+    first = c.ask("get a").split()[2]
+    (packs / "lines.yaml").write_text(PACK.replace("[reader]", "[readers]").replace("  reader:", "  readers:"))
+    log = _log_once_it_shows(gw, "unknown role 'reader'")
+    assert f"{gw.config_path}:" in log and "target 'db': read_only_roles: unknown role 'reader'" in log, log
+    assert c.ask("get a").split()[2] == first  # the policy that defines the role stays live
+    c.close()
+    # a pack that does not parse is one error, not also one about each role the config names
+    (packs / "lines.yaml").write_text(PACK + "  writer: [\n")
+    check = lictor("check", "-c", str(gw.config_path), check=False)
+    assert check.returncode == 1 and "lines.yaml:20:1: " in check.stdout and "lictor.yaml" not in check.stdout, check

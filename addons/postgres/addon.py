@@ -40,7 +40,7 @@ TARGET_SCHEMA: dict[str, Any] = {
         },
         "read_only_roles": {
             "type": "array",
-            "items": {"type": "string"},
+            "items": {"type": "string", "format": "lictor-role"},  # roles the rule packs must define
             "description": "roles whose sessions run with default_transaction_read_only=on at the database",
         },
         "upstream": {

@@ -136,6 +136,12 @@ def _config_targets(config: GatewayConfig | None) -> dict[str, str] | None:
     return {t.name: t.protocol for t in config.targets.values()} if config is not None else None
 
 
+def _config_roles(config: GatewayConfig | None, manager: AddonManager) -> list[Any]:
+    """The roles the gateway config names (``read_only_roles``), which the packs must define, as ``lictor run``
+    checks them."""
+    return config.role_references(manager.target_schemas) if config is not None else []
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config, manager, paths = _packs(args)
     config_errors = _check_config(config, manager) if config is not None else 0
@@ -152,7 +158,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not paths:
         print("nothing to check: give rule pack files or directories, or -c lictor.yaml", file=sys.stderr)
         return EXIT_USAGE
-    result = load_policy(paths, manager.vocabularies, targets=_config_targets(config))
+    result = load_policy(
+        paths, manager.vocabularies, targets=_config_targets(config), role_references=_config_roles(config, manager)
+    )
     if not result.files and not result.problems:
         # a misspelt directory of a CI job, or packs saved as .yml.txt: "OK" would pass checking nothing
         print(f"no rule pack files (*.yaml, *.yml) under {', '.join(map(str, paths))}")
@@ -193,7 +201,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     config, manager, paths = _packs(args)
-    result = load_policy(paths, manager.vocabularies, targets=_config_targets(config))
+    result = load_policy(
+        paths, manager.vocabularies, targets=_config_targets(config), role_references=_config_roles(config, manager)
+    )
     if result.policy is None:
         for problem in result.errors:
             print(problem)
@@ -228,7 +238,9 @@ def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     config, manager, paths = _packs(args)
-    result = load_policy(paths, manager.vocabularies, targets=_config_targets(config))
+    result = load_policy(
+        paths, manager.vocabularies, targets=_config_targets(config), role_references=_config_roles(config, manager)
+    )
     if result.policy is None:
         for problem in result.errors:
             print(problem)

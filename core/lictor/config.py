@@ -20,7 +20,10 @@ import jsonschema
 
 from ._yaml import Location, LocDict, LocList, YamlError, did_you_mean, key_location, load_documents, locate, plain
 
-__all__ = ["ConfigError", "GatewayConfig", "Target", "load_config"]
+__all__ = ["ROLE_FORMAT", "ConfigError", "GatewayConfig", "Target", "load_config"]
+
+ROLE_FORMAT = "lictor-role"
+"""The ``format`` a target schema gives a string that names a rule-pack role (``read_only_roles``)."""
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 """The values of ``log.level`` (and ``lictor run --log-level``), in any case."""
@@ -181,6 +184,33 @@ class GatewayConfig:
 
     def targets_for(self, protocol: str) -> list[Target]:
         return [t for t in self.targets.values() if t.protocol == protocol]
+
+    def role_references(self, schemas: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Location, str]]:
+        """The rule-pack roles the targets' settings name: each string its protocol's target schema marks with
+        ``"format": "lictor-role"`` (``read_only_roles``), as (role, where it is written, what names it). The
+        rule packs must define them: a misspelt one would leave its sessions without what the setting gives."""
+        found: dict[tuple[str, Location], str] = {}
+
+        def walk(schema: Any, value: Any, path: list[str | int], target: Target) -> None:
+            if not isinstance(schema, Mapping):
+                return
+            if schema.get("format") == ROLE_FORMAT and isinstance(value, str):
+                what = ".".join(str(p) for p in path if isinstance(p, str))
+                found.setdefault((value, self.where("targets", target.name, *path)), f"target {target.name!r}: {what}")
+            for key in ("allOf", "anyOf", "oneOf"):
+                for alternative in schema.get(key) or ():
+                    walk(alternative, value, path, target)
+            properties = schema.get("properties")
+            if isinstance(value, Mapping) and isinstance(properties, Mapping):
+                for key, item in value.items():
+                    walk(properties.get(key), item, [*path, str(key)], target)
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    walk(schema.get("items"), item, [*path, i], target)
+
+        for target in self.targets.values():
+            walk(schemas.get(target.protocol), target.settings, [], target)
+        return [(role, loc, what) for (role, loc), what in found.items()]
 
     @classmethod
     def default(cls, state_dir: str | Path, rulepacks: list[str] | None = None) -> GatewayConfig:

@@ -349,7 +349,13 @@ class Gateway:
     def compile_policy(self) -> LoadResult:
         """Parse, validate and compile the configured rule packs off to the side (no swap)."""
         targets = {t.name: t.protocol for t in self.config.targets.values()}
-        return load_policy(self.config.rulepacks, self.addons.vocabularies, targets=targets, mask_key=self._mask_key)
+        return load_policy(
+            self.config.rulepacks,
+            self.addons.vocabularies,
+            targets=targets,
+            mask_key=self._mask_key,
+            role_references=self.config.role_references(self.addons.target_schemas),
+        )
 
     def apply_policy(self, result: LoadResult, *, force: bool = False) -> bool:
         """Swap in a compiled policy if it is valid and new; True when a new version went live.
@@ -732,7 +738,16 @@ class Gateway:
     async def start(self) -> None:
         self.recordings.start()
         self.addons.trigger_sync("configure", self)
-        self.load_policy()
+        result = self.load_policy()
+        if self.config.doc is not None:
+            # A role the config names (read_only_roles) that no pack defines is the config's error, and the config is
+            # read only now: refused here, before anything listens, so that the deployment that brought it fails
+            # (and the replicas it would replace keep serving). A pack edit that drops such a role later is a
+            # rejected reload like any other: the policy that defines it stays live.
+            config_file = self.config.where().file
+            wrong = [p for p in result.errors if p.loc.file == config_file]
+            if wrong:
+                raise ConfigError("\n".join(str(p) for p in wrong))
         await self.addons.trigger("policy_loaded", self.policy)
         if (start_approvals := getattr(self.approvals, "start", None)) is not None:
             await start_approvals()  # approval page/API, expiry sweeper, webhooks, LISTEN

@@ -926,10 +926,13 @@ def load_policy(
     *,
     targets: Mapping[str, str] | None = None,
     mask_key: bytes = b"lictor-check-only-key-32-bytes!!",
+    role_references: Iterable[tuple[str, Location, str]] = (),
 ) -> LoadResult:
     """Load every rule pack under ``paths``. The result has a Policy only when there are no errors.
 
-    Files whose ``format`` is ``lictor-tests/v1`` are policy tests: listed, not loaded.
+    Files whose ``format`` is ``lictor-tests/v1`` are policy tests: listed, not loaded. ``targets`` (name ->
+    protocol) and ``role_references`` (role, location, what names it) come from the gateway config: the packs'
+    ``targets`` must name its targets, and the roles it names must be defined by the packs.
     """
     files = discover(paths)
     result = LoadResult(policy=None, files=[])
@@ -1023,6 +1026,10 @@ def load_policy(
                 compiler.error(locate(doc, ["format"], fallback), message)
                 continue
             compiler.add_document(doc, path, fallback)
+    if len(result.files) + len(result.test_files) == len(files):
+        # Only when every pack was read: a role of a pack that does not parse would be "unknown" here, a second error
+        # about the config for what one error in the pack says.
+        compiler.role_refs.extend(role_references)
     compiler.finish()
     result.problems = sorted(compiler.problems, key=lambda p: (p.loc.file, p.loc.line, p.loc.col))
     if not result.errors:
