@@ -285,8 +285,15 @@ def test_a_pack_still_being_written_does_not_go_live(line_gateway):
         fh.flush()
         time.sleep(2)  # well past the reload debounce
         assert c.ask("get secret-plans").startswith("DENIED line-no-secrets")
+        # the log says why the edit is not live yet (a reload that never came read as a lost edit)
+        log = _log_once_it_shows(gw, "open for writing")
+        assert (
+            f"rule-pack files open for writing ({gw.packs / 'lines.yaml'}): the reload waits until they are closed"
+            in log
+        )
         fh.write(sep + tail.replace("secrets are off limits", "still off limits"))
     assert _wait_reply(c, "get secret-plans", "DENIED line-no-secrets: still").endswith("still off limits")
+    assert " live (was " in gw.log().split("until they are closed")[-1], gw.log()  # then it went live, and says so
     c.close()
 
 

@@ -71,6 +71,7 @@ class PolicyWatcher:
         self._pending: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
         self._writing: dict[str, float] = {}  # pack files open for writing -> when first seen
+        self._waited_for: set[str] = set()  # those of them a reload has waited for (and said so)
         self._roots: dict[Path, tuple[int, int]] = {}
         self._linked: frozenset[Path] = frozenset()  # directories outside the roots that pack symlinks lead to
         self._poller: asyncio.Task[None] | None = None
@@ -201,10 +202,21 @@ class PolicyWatcher:
         self._pending = self.loop.call_later(self.debounce, lambda: asyncio.ensure_future(self.reload()))
 
     async def reload(self) -> None:
+        self._waited_for &= set(self._writing)
         if self._writing:
             oldest = min(self._writing.values())
             if self.loop.time() - oldest < self.write_grace:
                 self.schedule()  # a pack file is still open for writing: it may be half written
+                if new := sorted(set(self._writing) - self._waited_for):
+                    # said once per file, so that an edit that does not go live at once is not taken for a lost one
+                    log.info(
+                        "rule-pack files open for writing (%s): the reload waits until they are closed (at most "
+                        "%.0fs); policy %s stays live meanwhile",
+                        ", ".join(new),
+                        self.write_grace,
+                        self.gateway.policy.version,
+                    )
+                    self._waited_for.update(new)
                 return
             log.warning(
                 "rule-pack files open for writing for over %.0fs (%s); loading them as they are",
