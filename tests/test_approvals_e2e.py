@@ -341,6 +341,23 @@ def test_a_token_that_just_expired_is_refused_at_the_page_login_with_a_reason(ap
     assert login.status_code == 401 and "login failed: token expired: get a fresh one" in login.text
 
 
+def test_cli_given_the_link_to_a_page_says_what_url_it_takes(approvals_gateway: Any) -> None:
+    """The agent's notice links to the page (URL/approvals/ID): given as --url, the CLI reaches HTML pages."""
+    gw = approvals_gateway
+    agent = LineAgent(gw.line_port, gw.token("agent-1", role="agent"))
+    aid, _ = agent.held("restart api")
+    dba = gw.token("dba-1", role="dba")
+    for args in (("list",), ("show", aid), ("approve", aid, "--yes")):
+        page = f"{gw.url}/approvals" if args[0] == "list" else f"{gw.url}/approvals/{aid}"
+        result = lictor("approvals", *args, "--url", page, "--token", dba, check=False)
+        assert result.returncode == 1, result.stdout
+        assert "Traceback" not in result.stderr, result.stderr
+        assert "--url takes the address the gateway's approvals.listen serves" in result.stderr, result.stderr
+    listed = lictor("approvals", "list", "--url", gw.url, "--token", dba).stdout
+    assert aid in listed  # nothing was decided
+    agent.close()
+
+
 def test_cli_explains_a_gateway_without_an_approvals_listener(tmp_path: Path) -> None:
     config = tmp_path / "lictor.yaml"
     config.write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\n")

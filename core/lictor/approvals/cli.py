@@ -66,6 +66,12 @@ def _base_url(args: argparse.Namespace) -> str:
     return f"http://{host}:{port}"
 
 
+_URL_HINT = (
+    "--url takes the address the gateway's approvals.listen serves, such as http://127.0.0.1:8470, "
+    "not the link to a page such as http://127.0.0.1:8470/approvals/ap-..."
+)
+
+
 def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     token = args.token or os.environ.get("LICTOR_TOKEN", "")
     if not token:
@@ -80,14 +86,17 @@ def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any]
         req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as resp:  # noqa: S310
-            result = json.loads(resp.read() or b"{}")
+            raw = resp.read()
     except urllib.error.HTTPError as exc:
         try:
-            message = json.loads(exc.read()).get("error", "")
+            answer = json.loads(exc.read())
         except ValueError:
-            message = ""
+            answer = None
+        message = str(answer.get("error", "")) if isinstance(answer, dict) else ""
         if exc.code == 404:
-            raise CliError(f"not found: {message or exc.reason}") from None
+            if not message:  # not the API's own answer (which names the id): another page or server
+                raise CliError(f"not found: {url} is not the approvals API ({_URL_HINT})") from None
+            raise CliError(f"not found: {message}") from None
         where = f"approvals API at {base}"
         if exc.code == 401:
             # A token that does not verify is often one from another gateway answering on this address (two
@@ -97,6 +106,11 @@ def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any]
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise CliError(f"cannot reach the gateway's approvals API at {url}: {reason}") from None
+    try:
+        result = json.loads(raw or b"{}")
+    except ValueError:
+        # the address of a page (the link in an agent's notice) or of another server: it answers with HTML
+        raise CliError(f"the answer from {url} is not the approvals API's ({_URL_HINT})") from None
     if not isinstance(result, dict):
         raise CliError("unexpected answer from the gateway")
     return result
