@@ -473,6 +473,36 @@ def test_path_braces_that_are_not_templates_are_errors(tmp_path, pattern: str) -
             "{resources: [pods, secret/status]}",
             "resources: 'secret/status' can never match: resources are plural, as in 'secrets/status'",
         ),
+        # as kubectl and Lictor's own denials name a resource ("delete deployments.apps/web -n apps")
+        (
+            "{resources: [pods, deployments.apps]}",
+            "resources: 'deployments.apps' can never match: resources are named without their API group (write "
+            "'deployments' and api_groups: ['apps'])",
+        ),
+        (
+            "{resources: [deployments.apps/scale]}",
+            "resources: 'deployments.apps/scale' can never match: resources are named without their API group "
+            "(write 'deployments/scale' and api_groups: ['apps'])",
+        ),
+        (
+            "{resources: [deploy]}",
+            "resources: 'deploy' can never match: resources are the API's plural names, not kubectl's short names "
+            "(write 'deployments')",
+        ),
+        (
+            "{resources: [deployments], api_groups: [apps/v1]}",
+            "api_groups: 'apps/v1' can never match: API groups are named without their version (write 'apps')",
+        ),
+        (
+            "{resources: [pods], subresources: [pods/exec]}",
+            "subresources: 'pods/exec' can never match: subresources are named alone (write 'exec', or resources: "
+            "['pods/exec'])",
+        ),
+        (
+            "{resources: [configmaps], api_groups: [v1]}",
+            "api_groups: 'v1' can never match: it is an API version, not a group (the group of apiVersion v1 is "
+            "'core'; others are named without their version: 'apps', 'batch')",
+        ),
     ],
 )
 def test_paths_that_no_request_has_are_errors(tmp_path, when: str, message: str) -> None:  # type: ignore[no-untyped-def]

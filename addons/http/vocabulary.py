@@ -452,9 +452,39 @@ _K8S_SINGULAR = {
 }
 
 
+# kubectl's short names of built-in resources (kubectl api-resources)
+_K8S_SHORT = {
+    "po": "pods",
+    "cm": "configmaps",
+    "svc": "services",
+    "ns": "namespaces",
+    "sa": "serviceaccounts",
+    "ep": "endpoints",
+    "ev": "events",
+    "rc": "replicationcontrollers",
+    "pvc": "persistentvolumeclaims",
+    "pv": "persistentvolumes",
+    "deploy": "deployments",
+    "rs": "replicasets",
+    "ds": "daemonsets",
+    "sts": "statefulsets",
+    "cj": "cronjobs",
+    "ing": "ingresses",
+    "netpol": "networkpolicies",
+    "hpa": "horizontalpodautoscalers",
+    "pdb": "poddisruptionbudgets",
+    "crd": "customresourcedefinitions",
+    "csr": "certificatesigningrequests",
+    "sc": "storageclasses",
+    "pc": "priorityclasses",
+}
+
+
 @dataclass(frozen=True)
 class _Resources(Glob):
-    """``resources:`` are the API's plural names: ``pod`` (kubectl's singular) would never match."""
+    """``resources:`` are the API's plural names, without their group: ``pod`` (kubectl's singular), ``deploy``
+    (its short name) or ``deployments.apps`` (its ``resource.group``, as denials and summaries name a resource)
+    would never match."""
 
     def compile(self, value: Any) -> Predicate:
         for pattern in [value] if isinstance(value, str) else value:
@@ -462,6 +492,56 @@ class _Resources(Glob):
             plural = _K8S_SINGULAR.get(head.lower())
             if plural is not None:
                 raise ValueError(f"{pattern!r} can never match: resources are plural, as in {plural + sep + sub!r}")
+            plural = _K8S_SHORT.get(head.lower())
+            if plural is not None:
+                raise ValueError(
+                    f"{pattern!r} can never match: resources are the API's plural names, not kubectl's short names "
+                    f"(write {plural + sep + sub!r})"
+                )
+            if "." in head and "[" not in head:  # no resource name holds a dot
+                name, _, group = head.partition(".")
+                raise ValueError(
+                    f"{pattern!r} can never match: resources are named without their API group (write "
+                    f"{name + sep + sub!r} and api_groups: [{group!r}])"
+                )
+        return super().compile(value)
+
+
+@dataclass(frozen=True)
+class _Subresources(Glob):
+    """``subresources:`` are named alone: ``pods/exec`` would never match (that is ``resources: [pods/exec]``)."""
+
+    def compile(self, value: Any) -> Predicate:
+        for pattern in [value] if isinstance(value, str) else value:
+            text = str(pattern)
+            if "/" in text and "[" not in text:  # no subresource holds a slash
+                raise ValueError(
+                    f"{pattern!r} can never match: subresources are named alone (write "
+                    f"{text.rpartition('/')[2]!r}, or resources: [{text!r}])"
+                )
+        return super().compile(value)
+
+
+_K8S_VERSION = re.compile(r"v[0-9]+(?:(?:alpha|beta)[0-9]+)?", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class _ApiGroups(Glob):
+    """``api_groups:`` are group names alone: ``apps/v1`` (an apiVersion) would never match."""
+
+    def compile(self, value: Any) -> Predicate:
+        for pattern in [value] if isinstance(value, str) else value:
+            text = str(pattern)
+            if "/" in text and "[" not in text:  # no API group holds a slash
+                raise ValueError(
+                    f"{pattern!r} can never match: API groups are named without their version (write "
+                    f"{text.partition('/')[0] or 'core'!r})"
+                )
+            if _K8S_VERSION.fullmatch(text):  # the core group's apiVersion, or a version alone
+                raise ValueError(
+                    f"{pattern!r} can never match: it is an API version, not a group (the group of apiVersion v1 "
+                    "is 'core'; others are named without their version: 'apps', 'batch')"
+                )
         return super().compile(value)
 
 
@@ -483,8 +563,8 @@ K8S_VOCABULARY = Vocabulary(
             attr="resource",
             description="resource, or resource/subresource (pods/log); `*` covers subresources too",
         ),
-        Glob("subresources", attr="subresource", description="subresource (log, exec, status, scale, ...)"),
-        Glob("api_groups", attr="api_group", description="API group; `core` is the core group"),
+        _Subresources("subresources", attr="subresource", description="subresource (log, exec, status, scale, ...)"),
+        _ApiGroups("api_groups", attr="api_group", description="API group; `core` is the core group"),
         _Namespaces(
             "namespaces",
             attr="namespace",
