@@ -499,6 +499,11 @@ def test_path_braces_that_are_not_templates_are_errors(tmp_path, pattern: str) -
             "['pods/exec'])",
         ),
         (
+            "{resources: [secrets], names: [other, secret/db-creds]}",
+            "names: 'secret/db-creds' can never match: names are the object's name alone, as in the API's paths "
+            "(write 'db-creds', and the resource under resources:, not 'secret' as kubectl -o name prints it)",
+        ),
+        (
             "{resources: [configmaps], api_groups: [v1]}",
             "api_groups: 'v1' can never match: it is an API version, not a group (the group of apiVersion v1 is "
             "'core'; others are named without their version: 'apps', 'batch')",

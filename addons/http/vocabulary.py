@@ -394,9 +394,18 @@ class _Names(Glob):
     """``names:``. A resource request that names no object (a list, a watch or a deletecollection without a
     field selector pinning one, a create, and the ``reveal`` of such a list) may read, change or delete any
     of them: every restriction (``any``: deny, approve, mask) with ``names`` matches it, so that a deny on one
-    Secret is not dodged by listing them all. No permission (``all``) with ``names`` covers it."""
+    Secret is not dodged by listing them all. No permission (``all``) with ``names`` covers it. A name holds no
+    ``/``: ``secret/db-creds`` (kubectl's ``-o name``) would never match the object it names."""
 
     def compile(self, value: Any) -> Predicate:
+        for pattern in [value] if isinstance(value, str) else value:
+            text = str(pattern)
+            if "/" in text and "[" not in text:
+                kind, _, name = text.rpartition("/")
+                raise ValueError(
+                    f"{pattern!r} can never match: names are the object's name alone, as in the API's paths (write "
+                    f"{name!r}, and the resource under resources:, not {kind!r} as kubectl -o name prints it)"
+                )
         matches = super().compile(value)
 
         def pred(request: Request, quantifier: Quantifier) -> bool:
