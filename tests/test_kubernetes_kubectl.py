@@ -817,6 +817,39 @@ def test_json_path_masks_apply_to_each_object_of_lists_watches_and_tables(cluste
     assert b"production" not in table
 
 
+def test_json_path_masks_apply_to_the_last_applied_configuration(cluster: Cluster) -> None:
+    # kubectl apply keeps a copy of what it applied in an annotation: t-env-mask masked the pod's env value, and
+    # the same value was shown in that copy (a string, which the path did not reach).
+    applied = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "applied-0", "namespace": "apps"},
+        "spec": {"containers": [{"name": "app", "image": "busybox", "env": [{"name": "DB", "value": "hunter2-pw"}]}]},
+    }
+    pod = json.loads(json.dumps(applied))
+    pod["metadata"]["annotations"] = {"kubectl.kubernetes.io/last-applied-configuration": json.dumps(applied) + "\n"}
+    cluster.kube.put_object(pod)
+    try:
+        for args in (("get", "pod", "applied-0", "-o", "json"), ("get", "pods", "-o", "yaml"), ("get", "pods")):
+            out = cluster.kubectl("viewer", *args)
+            assert out.returncode == 0, out.stderr
+            assert "hunter2" not in out.stdout
+        out = cluster.kubectl("viewer", "get", "pod", "applied-0", "-o", "json")
+        annotation = json.loads(out.stdout)["metadata"]["annotations"][
+            "kubectl.kubernetes.io/last-applied-configuration"
+        ]
+        assert json.loads(annotation)["spec"]["containers"][0]["env"] == [{"name": "DB", "value": "[REDACTED:path]"}]
+        for accept in (
+            "Accept: application/json;as=Table;v=v1;g=meta.k8s.io",  # rows carry the metadata (kubectl get)
+            "Accept: application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io",
+        ):
+            code, body = cluster.curl("viewer", "/api/v1/namespaces/apps/pods", accept)
+            assert code == 200 and b"applied-0" in body, body
+            assert b"hunter2" not in body
+    finally:
+        cluster.kube.delete_object("pods", "applied-0", "apps")
+
+
 def test_authenticating_proxy_identity_headers_are_refused(cluster: Cluster) -> None:
     # With a client certificate the API server trusts as a front proxy's (the gateway's own may be one), it
     # takes X-Remote-User/-Group/-Extra-* as who is asking: a viewer would have been system:masters upstream.

@@ -343,6 +343,31 @@ def mask_embedded_objects(doc: Any, plan: Any, counts: Counter[str]) -> Any:
     return doc
 
 
+def mask_applied_configurations(doc: Any, plan: Any, counts: Counter[str]) -> None:
+    """Mask, in place, the ``kubectl.kubernetes.io/last-applied-configuration`` annotation of ``doc`` and of each
+    API object it embeds, as the object it repeats: ``kubectl apply`` keeps there a copy of what it applied
+    (``env`` values and all), which the plan's paths, naming the object's fields, would not reach inside a
+    string. One that is not a JSON object is masked whole."""
+    for node in [doc, *(container[key] for container, key in _embedded_objects(doc))]:
+        metadata = node.get("metadata") if isinstance(node, dict) else None
+        annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
+        if not isinstance(annotations, dict) or LAST_APPLIED not in annotations:
+            continue
+        raw = annotations[LAST_APPLIED]
+        try:
+            inner = json.loads(raw) if isinstance(raw, str) else None
+        except (ValueError, RecursionError):
+            inner = None
+        if not isinstance(inner, dict):
+            annotations[LAST_APPLIED] = REDACTED
+            counts["path"] += 1
+            continue
+        masked, found = plan.mask_json(inner)
+        if found:
+            annotations[LAST_APPLIED] = json.dumps(masked, ensure_ascii=False, separators=(",", ":")) + "\n"
+            counts.update(found)
+
+
 # A character reference of HTML or XML: numeric (&#64; &#x40;) or named (&commat;), the ';' optional as HTML
 # parsers read legacy ones.
 _REFERENCE = re.compile(rb"&(?:#[0-9]{1,8}|#[xX][0-9A-Fa-f]{1,8}|[A-Za-z][A-Za-z0-9]{0,31});?")
@@ -431,6 +456,8 @@ class Masking:
             doc = _plain_strings(doc)
         if self.secrets:
             mask_secrets(doc, self.counts, secrets_response=self.secrets_response)
+        if self.kubernetes and self.plan.has_json_paths:
+            mask_applied_configurations(doc, self.plan, self.counts)
         if not self.plan_empty:
             doc, counts = self.plan.mask_json(doc)
             self.counts.update(counts)
