@@ -305,6 +305,38 @@ def test_a_restriction_on_names_matches_requests_that_name_no_object(tmp_path) -
     assert decide("GET", secrets) == "deny"  # a permission on names covers no list
 
 
+STATUS_PACK = """format: lictor/v1
+metadata: {name: s, owner: sec}
+identities: [{match: {claims: {role: a}}, roles: [r]}]
+roles:
+  r:
+    rules:
+      - {id: read, protocol: kubernetes, when: {verbs: [get]}, action: allow}
+      - {id: no-system-pods, protocol: kubernetes, when: {resources: [pods], namespaces: [kube-system]}, action: deny}
+      - {id: write-pods, protocol: kubernetes, when: {verbs: [update], resources: [pods]}, action: allow}
+"""
+
+
+def test_a_restriction_on_a_resource_matches_the_subresources_that_answer_with_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # GET pods/x/status (or ephemeralcontainers) answers with the pod itself: a deny on pods holds for it
+    (tmp_path / "p.yaml").write_text(STATUS_PACK)
+    result = load_policy([tmp_path], {"kubernetes": K8S_VOCABULARY})
+    assert result.policy is not None, result.errors
+    who = Identity("a", {"role": "a"})
+
+    def decide(method: str, path: str) -> str:
+        call = k8s_request(method=method, raw_path=path, headers={}, body=b"", target="c")
+        return result.policy.decide(who, call.request).action  # type: ignore[union-attr]
+
+    system = "/api/v1/namespaces/kube-system/pods/x"
+    for sub in ("", "/status", "/ephemeralcontainers"):
+        assert decide("GET", system + sub) == "deny", sub
+    assert decide("GET", system + "/log") == "deny"  # logs: a verb no rule allows here
+    assert decide("GET", "/api/v1/namespaces/apps/pods/x/status") == "allow"  # read allows every resource
+    assert decide("PUT", "/api/v1/namespaces/apps/pods/x") == "allow"
+    assert decide("PUT", "/api/v1/namespaces/apps/pods/x/status") == "deny"  # a permission on pods: not status
+
+
 def test_default_addons_declare_both_protocols() -> None:
     http_addon = next(a for a in default_addons() if a.name == "http")
     assert http_addon is not None

@@ -850,6 +850,32 @@ def test_json_path_masks_apply_to_the_last_applied_configuration(cluster: Cluste
         cluster.kube.delete_object("pods", "applied-0", "apps")
 
 
+def test_rules_on_a_resource_hold_for_its_status_which_answers_with_the_object(cluster: Cluster) -> None:
+    # GET pods/NAME/status answers with the whole pod: t-no-system-pods (deny) and t-env-mask (mask) name pods,
+    # and kubectl get --subresource=status read a kube-system pod, env values unmasked.
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "sys-0", "namespace": "kube-system"},
+        "spec": {"containers": [{"name": "app", "image": "busybox", "env": [{"name": "K", "value": "status-secret"}]}]},
+    }
+    cluster.kube.put_object(pod)
+    try:
+        out = cluster.kubectl(
+            "deployer", "get", "pod", "sys-0", "-n", "kube-system", "--subresource=status", "-o", "json"
+        )
+        assert out.returncode == 1 and "status-secret" not in out.stdout
+        assert "Error from server (Forbidden): lictor: deployers do not read kube-system's pods" in out.stderr
+        assert cluster.upstream(pattern="/namespaces/kube-system/pods/sys-0/status") == []
+        out = cluster.kubectl(
+            "viewer", "get", "pod", "sys-0", "-n", "kube-system", "--subresource=status", "-o", "json"
+        )
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["spec"]["containers"][0]["env"] == [{"name": "K", "value": "[REDACTED:path]"}]
+    finally:
+        cluster.kube.delete_object("pods", "sys-0", "kube-system")
+
+
 def test_authenticating_proxy_identity_headers_are_refused(cluster: Cluster) -> None:
     # With a client certificate the API server trusts as a front proxy's (the gateway's own may be one), it
     # takes X-Remote-User/-Group/-Extra-* as who is asking: a viewer would have been system:masters upstream.

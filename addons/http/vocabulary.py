@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -489,11 +490,27 @@ _K8S_SHORT = {
 }
 
 
+# Subresources whose GET answers with the whole object they belong to (kubectl get --subresource=status).
+_OBJECT_SUBRESOURCES = ("status", "ephemeralcontainers", "resize", "approval")
+
+
 @dataclass(frozen=True)
 class _Resources(Glob):
     """``resources:`` are the API's plural names, without their group: ``pod`` (kubectl's singular), ``deploy``
     (its short name) or ``deployments.apps`` (its ``resource.group``, as denials and summaries name a resource)
-    would never match."""
+    would never match.
+
+    A restriction (``any``: deny, approve, mask) naming a resource (``pods``) also matches its subresources
+    that read or write the whole object (``pods/status``, ``pods/ephemeralcontainers`` ...): the GET of
+    ``pods/x/status`` answers with the pod, spec and all, so a deny on reading pods, or a mask of their
+    fields, is not dodged by ``kubectl get pod x --subresource=status``. A permission (``all``) naming
+    ``pods`` does not cover ``pods/status``, as in RBAC."""
+
+    def literals(self, value: Any) -> frozenset[str] | None:
+        found = super().literals(value)
+        if found is None:
+            return None
+        return found | {f"{r}/{sub}" for r in found if "/" not in r for sub in _OBJECT_SUBRESOURCES}
 
     def compile(self, value: Any) -> Predicate:
         for pattern in [value] if isinstance(value, str) else value:
@@ -513,7 +530,20 @@ class _Resources(Glob):
                     f"{pattern!r} can never match: resources are named without their API group (write "
                     f"{name + sep + sub!r} and api_groups: [{group!r}])"
                 )
-        return super().compile(value)
+        matches = super().compile(value)
+
+        def pred(request: Request, quantifier: Quantifier) -> bool:
+            if matches(request, quantifier):
+                return True
+            resource = request.attrs.get("resource")
+            if quantifier != "any" or not isinstance(resource, str):
+                return False
+            head, _, sub = resource.partition("/")
+            if sub not in _OBJECT_SUBRESOURCES:
+                return False
+            return matches(dataclasses.replace(request, attrs={**request.attrs, "resource": head}), quantifier)
+
+        return pred
 
 
 @dataclass(frozen=True)
