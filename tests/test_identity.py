@@ -364,3 +364,74 @@ def test_times_that_are_not_json_numbers_are_refused(issuer, verifier, claim, va
     signature = base64.urlsafe_b64encode(issuer._key.sign(signed)).rstrip(b"=")
     with pytest.raises(AuthError, match=r"invalid token"):
         verifier.verify((signed + b"." + signature).decode())
+
+
+def _jwks_of(key: Any, kid: str = "k1") -> dict[str, Any]:
+    from jwt.algorithms import RSAAlgorithm
+
+    return {"keys": [{**json.loads(RSAAlgorithm.to_jwk(key.public_key())), "kid": kid, "alg": "RS256", "use": "sig"}]}
+
+
+def test_a_jwks_endpoint_that_trickles_its_answer_is_cut_off_at_the_deadline():
+    """An endpoint sending a byte now and then never hit urllib's timeout, which bounds each read: the fetch,
+    and every login waiting for it, went on for as long as the endpoint liked. The whole answer has a
+    deadline; the token is refused with it and later ones at once (the cooldown)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    release, hits = threading.Event(), []
+    body = json.dumps(_jwks_of(rsa.generate_private_key(public_exponent=65537, key_size=2048))).encode()
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for byte in body:  # a byte every 0.2 s until the test ends: about 100 s for the whole set
+                if release.wait(0.2):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    backstop = threading.Timer(60, release.set)
+    backstop.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/jwks"
+        v = TokenVerifier(
+            [IssuerConfig("idp", "jwks", "https://idp", ("lictor",), ("RS256",), jwks_url=url)], jwks_timeout=1
+        )
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        claims = {"sub": "agent", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}
+        with pytest.raises(AuthError, match=r"no complete answer within 1 s"):
+            v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k1"}))
+        assert not release.is_set(), "the fetch went on until the endpoint stopped"
+        with pytest.raises(AuthError, match=r"failed to load .*no complete answer.*retry later"):
+            v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k1"}))
+        assert len(hits) == 1
+    finally:
+        release.set()
+        backstop.cancel()
+        server.shutdown()
+
+
+def test_a_jwks_answer_larger_than_a_key_set_is_refused_without_reading_it_whole():
+    """The answer was read into memory whole, however large; a key set is a few kilobytes."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    huge = json.dumps({"padding": "x" * (2 << 20), **_jwks_of(key)}).encode()
+    url, hits, server = _endpoint(lambda: (huge, "application/json"))
+    try:
+        v = TokenVerifier([IssuerConfig("idp", "jwks", "https://idp", ("lictor",), ("RS256",), jwks_url=url)])
+        claims = {"sub": "agent", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}
+        with pytest.raises(AuthError, match="the answer is larger than 1048576 bytes"):
+            v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k1"}))
+        with pytest.raises(AuthError, match=r"failed to load .*retry later"):
+            v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k1"}))
+        assert len(hits) == 1
+    finally:
+        server.shutdown()

@@ -18,9 +18,15 @@ Only asymmetric algorithms are accepted and each issuer has its own allow-list, 
 
 from __future__ import annotations
 
+import http.client
+import json
 import math
 import os
+import socket
+import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 __all__ = ["AuthError", "Identity", "IssuerConfig", "LocalIssuer", "TokenVerifier", "parse_duration"]
 
+JWKS_TIMEOUT = 10.0  # seconds for a whole JWKS answer, from connecting to its last byte
+JWKS_MAX_BYTES = 1 << 20  # a provider's key set is a few kilobytes
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
 LOCAL_ISSUER = "lictor"
 LOCAL_AUDIENCE = "lictor"
@@ -203,12 +211,103 @@ def _usable_keys(alg: str, keys: Sequence[Any]) -> list[Any]:
     return usable
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class _JwksClient(jwt.PyJWKClient):
+    """pyjwt's JWKS client with a deadline for the whole answer and a limit on its size.
+
+    urllib's timeout bounds each read, not the answer: an endpoint that sent a byte every few seconds held
+    the fetch, and every login waiting for that issuer's keys, for as long as it went on; and the body was
+    read whole into memory however large it was. Here a timer shuts the connection's sockets down when
+    ``timeout`` has passed, which ends a read blocked on them, and at most ``JWKS_MAX_BYTES`` are read."""
+
+    def fetch_data(self) -> Any:
+        sockets: list[socket.socket] = []
+        expired = threading.Event()
+
+        def watched(base: type[http.client.HTTPConnection]) -> Any:
+            class Connection(base):  # type: ignore[misc,valid-type]
+                def __init__(self, *args: Any, **kwargs: Any) -> None:
+                    super().__init__(*args, **kwargs)
+                    create: Any = getattr(self, "_create_connection")  # noqa: B009 (set in __init__)
+
+                    def create_connection(*a: Any, **kw: Any) -> socket.socket:
+                        sock: socket.socket = create(*a, **kw)
+                        sockets.append(sock)  # until TLS takes it over
+                        return sock
+
+                    self._create_connection = create_connection
+
+                def connect(self) -> None:
+                    super().connect()
+                    sockets.append(self.sock)  # the TLS socket, or the same plain one
+
+            return Connection
+
+        class Http(urllib.request.HTTPHandler):
+            def http_open(self, req: Any) -> Any:
+                return self.do_open(watched(http.client.HTTPConnection), req)
+
+        class Https(urllib.request.HTTPSHandler):
+            def https_open(self, req: Any) -> Any:
+                return self.do_open(watched(http.client.HTTPSConnection), req, context=self._context)  # type: ignore[attr-defined]
+
+        def cut() -> None:
+            expired.set()
+            for sock in sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # not connected yet, or handed over to TLS
+                    pass
+
+        handlers: list[Any] = [_NoRedirect(), Http(), Https(context=self.ssl_context)]
+        timer = threading.Timer(self.timeout, cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            opener = urllib.request.build_opener(*handlers)
+            request = urllib.request.Request(url=self.uri, headers=self.headers)  # noqa: S310 (http(s), checked at init)
+            with opener.open(request, timeout=self.timeout) as resp:
+                body = resp.read(JWKS_MAX_BYTES + 1)
+            if expired.is_set():
+                raise OSError("cut")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if isinstance(exc, urllib.error.HTTPError):
+                exc.close()
+            if expired.is_set():
+                problem = f"no complete answer within {self.timeout:g} s"
+            else:
+                problem = str(exc) if isinstance(exc, urllib.error.URLError) else f"{type(exc).__name__}: {exc}"
+            raise jwt.PyJWKClientConnectionError(f'Fail to fetch data from the url, err: "{problem}"') from None
+        finally:
+            timer.cancel()
+        if len(body) > JWKS_MAX_BYTES:
+            raise jwt.PyJWKClientConnectionError(
+                f'Fail to fetch data from the url, err: "the answer is larger than {JWKS_MAX_BYTES} bytes"'
+            )
+        jwk_set = self._as_jwk_set_payload(json.loads(body))
+        if self.jwk_set_cache is not None:
+            self.jwk_set_cache.put(jwk_set)
+        self._last_successful_fetch = time.monotonic()  # pyjwt's cooldown for unknown kids counts from here
+        return jwk_set
+
+
 class TokenVerifier:
     """Verifies agent JWTs against the configured issuers."""
 
-    def __init__(self, issuers: Sequence[IssuerConfig], leeway: float = 30.0, jwks_cooldown: float = 30.0) -> None:
+    def __init__(
+        self,
+        issuers: Sequence[IssuerConfig],
+        leeway: float = 30.0,
+        jwks_cooldown: float = 30.0,
+        jwks_timeout: float = JWKS_TIMEOUT,
+    ) -> None:
         """``jwks_cooldown``: minimum seconds between refetches of a JWKS for unknown ``kid`` values,
-        so tokens with random kids cannot make the gateway hammer the identity provider."""
+        so tokens with random kids cannot make the gateway hammer the identity provider.
+        ``jwks_timeout``: seconds a JWKS endpoint has for its whole answer."""
         if not issuers:
             raise ValueError("at least one token issuer must be configured")
         self.issuers: dict[str, IssuerConfig] = {}
@@ -235,8 +334,12 @@ class TokenVerifier:
             if cfg.type != "jwks":
                 self._static_keys[cfg.issuer] = {a: _usable_keys(a, cfg.public_keys) for a in cfg.algorithms}
             else:
-                self._jwks[cfg.issuer] = jwt.PyJWKClient(
-                    cfg.jwks_url, cache_keys=False, lifespan=300, timeout=10, cooldown_duration=jwks_cooldown
+                self._jwks[cfg.issuer] = _JwksClient(
+                    cfg.jwks_url,
+                    cache_keys=False,
+                    lifespan=300,
+                    timeout=jwks_timeout,
+                    cooldown_duration=jwks_cooldown,
                 )
 
     def may_fetch(self, token: str) -> bool:
