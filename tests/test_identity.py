@@ -435,3 +435,21 @@ def test_a_jwks_answer_larger_than_a_key_set_is_refused_without_reading_it_whole
         assert len(hits) == 1
     finally:
         server.shutdown()
+
+
+def test_a_jwks_answer_nested_too_deeply_is_refused_like_one_that_is_not_json():
+    """Python's JSON parser raises RecursionError, not ValueError, on deep nesting: the login ended as an
+    internal error without its reason, and every later token asked the endpoint again."""
+    nested = b'{"keys": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    url, hits, server = _endpoint(lambda: (nested, "application/json"))
+    try:
+        v = TokenVerifier([IssuerConfig("idp", "jwks", "https://idp", ("lictor",), ("RS256",), jwks_url=url)])
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        claims = {"sub": "agent", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}
+        with pytest.raises(AuthError, match="the JWKS could not be read: ValueError: its JSON is nested too deeply"):
+            v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k1"}))
+        with pytest.raises(AuthError, match=r"failed to load .*retry later"):
+            v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k2"}))
+        assert len(hits) == 1
+    finally:
+        server.shutdown()

@@ -288,7 +288,11 @@ class _JwksClient(jwt.PyJWKClient):
             raise jwt.PyJWKClientConnectionError(
                 f'Fail to fetch data from the url, err: "the answer is larger than {JWKS_MAX_BYTES} bytes"'
             )
-        jwk_set = self._as_jwk_set_payload(json.loads(body))
+        try:
+            data = json.loads(body)
+        except RecursionError:  # not a ValueError: it ended the login as an internal error, without cooldown
+            raise ValueError("its JSON is nested too deeply") from None
+        jwk_set = self._as_jwk_set_payload(data)
         if self.jwk_set_cache is not None:
             self.jwk_set_cache.put(jwk_set)
         self._last_successful_fetch = time.monotonic()  # pyjwt's cooldown for unknown kids counts from here
