@@ -26,7 +26,7 @@ ISSUER = "https://idp"
 
 
 class HeldJwks:
-    def __init__(self) -> None:
+    def __init__(self, issuer: str = ISSUER) -> None:
         from cryptography.hazmat.primitives.asymmetric import rsa
         from jwt.algorithms import RSAAlgorithm
 
@@ -52,12 +52,13 @@ class HeldJwks:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{self.server.server_port}/jwks"
-        self.issuer = {"type": "jwks", "issuer": ISSUER, "jwks_url": url, "algorithms": ["RS256"]}
+        self.iss = issuer
+        self.issuer = {"type": "jwks", "issuer": issuer, "jwks_url": url, "algorithms": ["RS256"]}
 
     def token(self, sub: str, **claims: Any) -> str:
         import jwt
 
-        payload = {"sub": sub, "iss": ISSUER, "aud": "lictor", "exp": time.time() + 600, **claims}
+        payload = {"sub": sub, "iss": self.iss, "aud": "lictor", "exp": time.time() + 600, **claims}
         return jwt.encode(payload, self.key, "RS256", headers={"kid": "k1"})
 
     def others_go_on(self, login: Callable[[], None], step: Callable[[], bool]) -> bool:

@@ -433,6 +433,42 @@ def test_a_slow_identity_provider_holds_up_no_other_connection(env: PgEnv, tmp_p
         idp.close()
 
 
+def test_a_slow_identity_provider_holds_up_no_login_with_another_provider_s_token(env: PgEnv, tmp_path: Path) -> None:
+    """Each JWKS issuer's tokens are verified in a thread of its own: while one provider is slow to answer,
+    logins with another provider's tokens go on (they waited in line behind its fetch, for up to its 10 s)."""
+    import psycopg
+
+    slow, other = HeldJwks(), HeldJwks("https://other-idp")
+    other.release.set()
+    port = free_port()
+    config = own_gateway(env, tmp_path, port)
+    config["identity"] = {"issuers": [slow.issuer, other.issuer]}
+    gw = GatewayProcess(tmp_path, config).start()
+    try:
+        dsn = f"host=127.0.0.1 port={port} dbname=app sslmode=disable connect_timeout=30"
+        logins: list[Any] = []
+
+        def login() -> None:
+            try:
+                with psycopg.connect(dsn, user="slow", password=slow.token("slow-agent", role="readonly")) as conn:
+                    logins.append(conn.execute("SELECT 'in'").fetchone())
+            except Exception as exc:
+                logins.append(exc)
+
+        def other_login() -> bool:
+            with psycopg.connect(dsn, user="other", password=other.token("other-agent", role="readonly")) as conn:
+                return conn.execute("SELECT 1").fetchone() == (1,)
+
+        assert slow.others_go_on(login, other_login)
+        # had the other logins waited for the slow provider's fetch, it would have been cut off at its deadline
+        # before they ran, and this login refused
+        assert logins == [("in",)], logins
+    finally:
+        gw.stop()
+        slow.close()
+        other.close()
+
+
 def test_gssenc_refused_and_ssl_accepted_on_raw_socket(env: PgEnv) -> None:
     with socket.create_connection(("127.0.0.1", env.port), timeout=5) as sock:
         sock.sendall(pg.gssenc_request())

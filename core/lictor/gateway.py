@@ -279,7 +279,8 @@ class Gateway:
         )
         self.issuer = LocalIssuer(self.state_dir)
         self.verifier = self._make_verifier()
-        self._verify_thread: ThreadPoolExecutor | None = None
+        # One thread per JWKS issuer: a provider slow to answer holds up only the logins with its own tokens.
+        self._verify_threads: dict[str, ThreadPoolExecutor] = {}
         # The spool every audit and session event goes through before anything is forwarded.
         self.recordings = SessionRecorder.for_gateway(config, self.audit)
         self.recorder: Recorder = self.recordings
@@ -427,7 +428,7 @@ class Gateway:
 
     async def authenticate_async(self, token: str, *, protocol: str, target: str, peer: str) -> Identity:
         """:meth:`authenticate` for addons on the event loop: a verification that may fetch keys over the
-        network runs in a thread of its own (one at a time: the fetch is shared anyway)."""
+        network runs in its issuer's thread (one at a time per issuer: the fetch is shared anyway)."""
         try:
             return await self.verify_async(token)
         except AuthError as exc:
@@ -437,11 +438,13 @@ class Gateway:
     async def verify_async(self, token: str) -> Identity:
         """Verify ``token`` (raises ``AuthError``) without blocking the event loop when that may fetch keys;
         nothing is audited (for the approvals page and API, which audit on their own)."""
-        if not self.verifier.may_fetch(token):
+        issuer = self.verifier.jwks_issuer(token)
+        if issuer is None:
             return self.verifier.verify(token)
-        if self._verify_thread is None:
-            self._verify_thread = ThreadPoolExecutor(1, thread_name_prefix="lictor-jwks")
-        return await asyncio.get_running_loop().run_in_executor(self._verify_thread, self.verifier.verify, token)
+        thread = self._verify_threads.get(issuer)
+        if thread is None:
+            thread = self._verify_threads[issuer] = ThreadPoolExecutor(1, thread_name_prefix="lictor-jwks")
+        return await asyncio.get_running_loop().run_in_executor(thread, self.verifier.verify, token)
 
     def _auth_failed(self, exc: AuthError, protocol: str, target: str, peer: str) -> None:
         self.audit_event(
@@ -772,7 +775,7 @@ class Gateway:
                     len(self._audit_backlog),
                     ", ".join(kind for kind, _ in self._audit_backlog),
                 )
-            if self._verify_thread is not None:
-                self._verify_thread.shutdown(wait=False, cancel_futures=True)
+            for thread in self._verify_threads.values():
+                thread.shutdown(wait=False, cancel_futures=True)
             self.recordings.stop()
             self.audit.close()

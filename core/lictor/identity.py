@@ -8,7 +8,7 @@ pyjwt against one of the configured issuers:
 * ``jwks`` — an identity provider's JWKS URL, cached, refreshed when a token names an unknown
   ``kid``. After a failed fetch the provider is not asked again for a cooldown: tokens whose key is
   not already known are refused at once (``Gateway.authenticate_async`` runs such verifications in a
-  thread, so a slow provider holds up no other connection).
+  thread of the issuer's, so a slow provider holds up no other connection and no other issuer's logins).
 * ``static`` — one or more PEM public keys.
 
 Only asymmetric algorithms are accepted and each issuer has its own allow-list, so neither
@@ -349,15 +349,21 @@ class TokenVerifier:
     def may_fetch(self, token: str) -> bool:
         """Whether verifying ``token`` may fetch an identity provider's keys over the network (its issuer
         is a JWKS one): callers on an event loop run :meth:`verify` in a thread for such tokens."""
+        return self.jwks_issuer(token) is not None
+
+    def jwks_issuer(self, token: str) -> str | None:
+        """The JWKS issuer whose keys verifying ``token`` may fetch over the network, or None: callers on an
+        event loop run :meth:`verify` for such tokens in a thread of that issuer's, so that a provider slow
+        to answer holds up no login with another issuer's tokens."""
         token = token.strip()
         if token.lower().startswith("bearer "):
             token = token[7:].strip()
         try:
             iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
         except jwt.PyJWTError:
-            return False
+            return None
         cfg = self.issuers.get(iss) if isinstance(iss, str) else None
-        return cfg is not None and cfg.type == "jwks"
+        return cfg.issuer if cfg is not None and cfg.type == "jwks" else None
 
     def _jwks_key(self, issuer: str, kid: Any) -> jwt.PyJWK:
         """The key named ``kid`` in ``issuer``'s JWKS, fetched (again) when needed; raises AuthError."""
