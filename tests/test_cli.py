@@ -129,6 +129,10 @@ def test_token_issue_refuses_what_the_gateway_would_refuse_with_a_clear_error(tm
         (["--sub", "a", "--ttl", ""], "--ttl: empty duration"),
         (["--sub", "a", "--ttl", "0"], "a token must live at least 1s"),
         (["--sub", " ", "--ttl", "1h"], "--sub must name the agent"),
+        (
+            ["--sub", "a", "--ttl", "1" + "0" * 400],
+            "--ttl: bad duration '100000000000000000000000000000000000000…': too large",
+        ),
     ]:
         proc = lictor("token", "issue", "--state-dir", str(tmp_path), *args, check=False)
         assert proc.returncode == 2 and proc.stdout == "", (args, proc.stdout, proc.stderr)

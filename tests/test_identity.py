@@ -104,6 +104,9 @@ def test_parse_duration():
     assert parse_duration(2) == 2
     with pytest.raises(ValueError):
         parse_duration("soon")
+    for endless in ("1" + "0" * 400, float("inf")):  # a token's lifetime, a leeway written `.inf` in YAML
+        with pytest.raises(ValueError):
+            parse_duration(endless)
 
 
 def _endpoint(answer: Any) -> tuple[str, list[str], Any]:

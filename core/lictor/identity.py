@@ -78,8 +78,10 @@ class Identity:
 
 
 def parse_duration(text: str | int | float) -> float:
-    """Parse ``90``, ``90s``, ``15m``, ``1h``, ``2d`` or ``1h30m`` into seconds."""
+    """Parse ``90``, ``90s``, ``15m``, ``1h``, ``2d`` or ``1h30m`` into seconds (a finite number)."""
     if isinstance(text, (int, float)):
+        if not math.isfinite(text):
+            raise ValueError(f"bad duration {text!r}: not a finite number")
         return float(text)
     s = text.strip().lower()
     if not s:
@@ -105,6 +107,8 @@ def parse_duration(text: str | int | float) -> float:
             raise ValueError(problem)
     if number:
         total += amount(number)
+    if not math.isfinite(total):  # hundreds of digits: a token with it as its lifetime ended in a traceback
+        raise ValueError(f"bad duration {_clip(text, 40)!r}: too large")
     return total
 
 
