@@ -456,3 +456,26 @@ def test_a_jwks_answer_nested_too_deeply_is_refused_like_one_that_is_not_json():
         assert len(hits) == 1
     finally:
         server.shutdown()
+
+
+def test_an_issuer_key_open_to_every_local_user_is_closed_to_them_and_reported(gateway_factory, tmp_path):
+    """A key copied in with the umask's mode (0644) was used as it was, without a word: any local user could
+    read it and mint any identity for the gateway."""
+    import os
+    import stat
+
+    from tests.conftest import lictor
+
+    gw = gateway_factory({}, start=False)
+    key = gw.state_dir / "issuer.key"
+    LocalIssuer(gw.state_dir)
+    os.chmod(key, 0o644)
+    proc = lictor("token", "issue", "--state-dir", str(gw.state_dir), "--sub", "agent-1")
+    assert proc.stdout.count(".") == 2
+    assert f"{key} was open to every local user (mode 644)" in proc.stderr, proc.stderr
+    assert stat.S_IMODE(key.stat().st_mode) == 0o640
+    os.chmod(key, 0o604)
+    gw.start()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert f"{key} was open to every local user (mode 604)" in gw.log(), gw.log()
+    assert "whoever read it can mint any identity: if that may have happened, delete it" in gw.log()

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import math
 import os
 import socket
+import stat
 import threading
 import time
 import urllib.error
@@ -36,6 +38,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+
+log = logging.getLogger("lictor")
 
 __all__ = ["AuthError", "Identity", "IssuerConfig", "LocalIssuer", "TokenVerifier", "parse_duration"]
 
@@ -147,6 +151,7 @@ class LocalIssuer:
                 raise ConfigError(f"{problem} ({exc})") from None
             if not isinstance(key, ed25519.Ed25519PrivateKey):
                 raise ConfigError(f"{problem} (it holds {type(key).__name__})")
+            self._keep_from_others()
             return key
         self.key_path.parent.mkdir(parents=True, exist_ok=True)
         key = ed25519.Ed25519PrivateKey.generate()
@@ -157,6 +162,29 @@ class LocalIssuer:
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
         return key
+
+    def _keep_from_others(self) -> None:
+        """Take other users' permissions away from a key that has them (copied in with the umask's mode, or
+        chmod-ed by hand), and say so: any local user who read it can mint any identity. The group's are left
+        as they are (a group allowed to run `lictor token issue`)."""
+        try:
+            mode = stat.S_IMODE(self.key_path.stat().st_mode)
+        except OSError:
+            return
+        if not mode & 0o007:
+            return
+        advice = "whoever read it can mint any identity: if that may have happened, delete it (a new key is made"
+        advice += " on the next start, and the tokens signed with this one stop verifying)"
+        try:
+            os.chmod(self.key_path, mode & ~0o007)
+        except OSError as exc:  # not the file's owner
+            log.warning(
+                "%s is open to every local user (mode %o) and stays so (%s); %s", self.key_path, mode, exc, advice
+            )
+        else:
+            log.warning(
+                "%s was open to every local user (mode %o); it is not any more, but %s", self.key_path, mode, advice
+            )
 
     @property
     def public_key(self) -> ed25519.Ed25519PublicKey:
