@@ -479,3 +479,21 @@ def test_an_issuer_key_open_to_every_local_user_is_closed_to_them_and_reported(g
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert f"{key} was open to every local user (mode 604)" in gw.log(), gw.log()
     assert "whoever read it can mint any identity: if that may have happened, delete it" in gw.log()
+
+
+def test_a_jwks_key_whose_alg_is_not_a_string_is_skipped_like_any_unusable_key():
+    """pyjwt raises TypeError for a key whose "alg" is a list or an object: every token of the provider, whatever
+    its key, ended as an internal error, and the endpoint was asked again for each."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    good = _jwks_of(key)["keys"][0]
+    body = json.dumps({"keys": [{**good, "kid": "k0", "alg": ["RS256"]}, {**good, "kid": "k9", "alg": {}}, good]})
+    url, hits, server = _endpoint(lambda: (body.encode(), "application/json"))
+    try:
+        v = TokenVerifier([IssuerConfig("idp", "jwks", "https://idp", ("lictor",), ("RS256",), jwks_url=url)])
+        claims = {"sub": "agent", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}
+        assert v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k1"})).subject == "agent"
+        with pytest.raises(AuthError, match='Unable to find a signing key that matches: "k0"'):
+            v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k0"}))
+        assert len(hits) == 1
+    finally:
+        server.shutdown()

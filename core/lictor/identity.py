@@ -325,6 +325,12 @@ class _JwksClient(jwt.PyJWKClient):
         except RecursionError:  # not a ValueError: it ended the login as an internal error, without cooldown
             raise ValueError("its JSON is nested too deeply") from None
         jwk_set = self._as_jwk_set_payload(data)
+        keys = jwk_set.get("keys")
+        if isinstance(keys, list):
+            # pyjwt skips a key it cannot use, but raises TypeError for one whose "alg" is not a string (a list,
+            # an object): that ended every login with the provider's tokens as an internal error
+            usable = [k for k in keys if not (isinstance(k, dict) and isinstance(k.get("alg"), list | dict))]
+            jwk_set = {**jwk_set, "keys": usable}
         if self.jwk_set_cache is not None:
             self.jwk_set_cache.put(jwk_set)
         self._last_successful_fetch = time.monotonic()  # pyjwt's cooldown for unknown kids counts from here
