@@ -497,3 +497,31 @@ def test_a_jwks_key_whose_alg_is_not_a_string_is_skipped_like_any_unusable_key()
         assert len(hits) == 1
     finally:
         server.shutdown()
+
+
+def test_keys_of_different_types_sharing_a_kid_each_verify_their_tokens():
+    """RFC 7517 lets keys of different types share a kid ("equivalent alternatives"): only the first key of
+    the set with the token's kid was tried, so the tokens signed with the other were refused."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_jwk = {**json.loads(ECAlgorithm.to_jwk(ec_key.public_key())), "kid": "k1", "use": "sig"}
+    body = json.dumps({"keys": [ec_jwk, *_jwks_of(rsa_key)["keys"]]}).encode()
+    url, hits, server = _endpoint(lambda: (body, "application/json"))
+    try:
+        v = TokenVerifier(
+            [IssuerConfig("idp", "jwks", "https://idp", ("lictor",), ("RS256", "ES256", "PS256"), jwks_url=url)]
+        )
+        claims = {"sub": "agent", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}
+        assert v.verify(jwt.encode(claims, ec_key, "ES256", headers={"kid": "k1"})).subject == "agent"
+        assert v.verify(jwt.encode(claims, rsa_key, "RS256", headers={"kid": "k1"})).subject == "agent"
+        # the RSA key names RS256: the same key under PS256 is still refused
+        with pytest.raises(AuthError, match="token algorithm 'PS256' is not its signing key's"):
+            v.verify(jwt.encode(claims, rsa_key, "PS256", headers={"kid": "k1"}))
+        with pytest.raises(AuthError, match="signature"):
+            v.verify(jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), "ES256", headers={"kid": "k1"}))
+        assert len(hits) == 1
+    finally:
+        server.shutdown()

@@ -436,6 +436,20 @@ class TokenVerifier:
         except (OSError, ValueError) as exc:  # the refetch for an unknown kid failed
             raise self._jwks_unavailable(issuer, f"the JWKS could not be read: {type(exc).__name__}: {exc}") from None
 
+    def _jwks_keys(self, issuer: str, kid: Any) -> list[jwt.PyJWK]:
+        """The keys named ``kid`` in ``issuer``'s JWKS (see :meth:`_jwks_key`). Keys of different types may
+        share a kid (RFC 7517, 4.5: "equivalent alternatives"): pyjwt gives the first, which refused the
+        tokens signed with the others."""
+        first = self._jwks_key(issuer, kid)
+        cache = self._jwks[issuer].jwk_set_cache
+        cached = cache.get() if cache is not None else None
+        same = [
+            key
+            for key in (cached.keys if isinstance(cached, jwt.PyJWKSet) else ())
+            if key.key_id == kid and key.public_key_use in ("sig", None)
+        ]
+        return same or [first]
+
     def _jwks_unavailable(self, issuer: str, problem: str) -> AuthError:
         """The error for a failed fetch of ``issuer``'s keys, which starts its cooldown."""
         self._jwks_failed[issuer] = (time.monotonic(), problem)
@@ -462,14 +476,18 @@ class TokenVerifier:
             raise AuthError(f"token algorithm {_shown(alg)} is not allowed for issuer {iss!r}")
         keys: list[Any]
         if cfg.type == "jwks":
-            jwk = self._jwks_key(cfg.issuer, header.get("kid"))
-            # A key that names its algorithm is used with that one only (RFC 8725, 3.1): a token signed
-            # with the same RSA key under PS256 or RS512 is not the key holder's RS256.
-            declared = getattr(jwk, "_jwk_data", {}).get("alg")
-            if declared is not None and declared != alg:
-                key = f"{_shown(declared)}, key {_shown(jwk.key_id)}"
-                raise AuthError(f"token algorithm {_shown(alg)} is not its signing key's ({key})")
-            keys = _usable_keys(alg, [jwk.key])
+            keys = []
+            refused = ""
+            for jwk in self._jwks_keys(cfg.issuer, header.get("kid")):
+                # A key that names its algorithm is used with that one only (RFC 8725, 3.1): a token signed
+                # with the same RSA key under PS256 or RS512 is not the key holder's RS256.
+                declared = getattr(jwk, "_jwk_data", {}).get("alg")
+                if declared is not None and declared != alg:
+                    refused = refused or f"{_shown(declared)}, key {_shown(jwk.key_id)}"
+                    continue
+                keys += _usable_keys(alg, [jwk.key])
+            if not keys and refused:
+                raise AuthError(f"token algorithm {_shown(alg)} is not its signing key's ({refused})")
         else:
             keys = self._static_keys[cfg.issuer][alg]
         if not keys:
