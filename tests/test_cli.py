@@ -799,6 +799,22 @@ def test_a_broken_issuer_key_is_named_by_run_check_and_token_issue(tmp_path: Pat
     assert f"ERROR lictor: {problem}" in run.stderr, run.stderr
 
 
+def test_an_issuer_key_that_cannot_be_read_is_named_by_token_issue_and_run(tmp_path: Path):
+    # `lictor token issue` by a user not allowed to read the key (or with a directory in its place) ended in
+    # a traceback
+    state = tmp_path / "state"
+    (state / "issuer.key").mkdir(parents=True)
+    config = tmp_path / "lictor.yaml"
+    config.write_text(f"version: 1\nstate_dir: {state}\n")
+    problem = f"{state / 'issuer.key'}: cannot read Lictor's own issuer key: Is a directory"
+    token = lictor("token", "issue", "-c", str(config), "--sub", "a", check=False)
+    assert token.returncode == 1 and token.stderr.startswith(problem), token.stderr
+    assert "Traceback" not in token.stderr
+    run = lictor("run", "-c", str(config), check=False, timeout=15)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"ERROR lictor: {problem}" in run.stderr, run.stderr
+
+
 def test_check_strict_fails_on_a_variable_it_read_as_empty(tmp_path: Path):
     # `check -c` reads an unset variable under targets: as empty, with a warning; --strict ("warnings fail
     # too") passed it, and the CI job that set --strict to catch an environment it forgot passed as well

@@ -146,7 +146,11 @@ class LocalIssuer:
             # (this was a traceback, or a PEM parser's message without any name)
             problem = f"{self.key_path}: Lictor's own issuer key is not an unencrypted Ed25519 private key in PEM"
             try:
-                key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+                pem = self.key_path.read_bytes()
+            except OSError as exc:  # not allowed to read it (`lictor token issue` as another user), a directory
+                raise ConfigError(f"{self.key_path}: cannot read Lictor's own issuer key: {exc.strerror}") from None
+            try:
+                key = serialization.load_pem_private_key(pem, password=None)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"{problem} ({exc})") from None
             if not isinstance(key, ed25519.Ed25519PrivateKey):
