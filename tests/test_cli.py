@@ -1121,3 +1121,45 @@ def test_test_fails_on_a_document_among_the_tests_that_is_not_tests(tmp_path: Pa
     assert proc.returncode == 1, proc.stdout
     assert f"ERROR {tmp_path / 'p.tests.yaml'}:5:1: a document of format 'lictor-test/v1'" in proc.stdout
     assert proc.stdout.strip().endswith("1 passed, 1 failed"), proc.stdout
+
+
+def test_explain_and_test_refuse_requests_and_identities_of_the_wrong_shape_clearly(tmp_path: Path):
+    # `attrs: [..]` ended `lictor explain` with a traceback; a quoted boolean (`modifies: "false"`, which is true), a
+    # list for the target, or claims given as a list were taken as some other request or identity than the case shows
+    _ls_pack(tmp_path)
+    for request, problem in (
+        ("{protocol: postgres, action: select, attrs: [1]}", "attrs must be a mapping of attribute names to values"),
+        ("{protocol: postgres, action: select, attrs: {kinds: [select], modifies: 'false'}}", "attrs.modifies: true"),
+        ("{protocol: http, action: GET, attrs: {method: GET, body_size: '5'}}", "attrs.body_size: a number expected"),
+        ("{protocol: ssh, action: exec, attrs: {program: {ls: 1}}}", "attrs.program: a string or a list of strings"),
+        ("{protocol: ssh, command: ls, target: [a, b]}", "target must be a string, not a list (['a', 'b'])"),
+        ("{protocol: ssh, action: [exec]}", "action must be a string, not a list (['exec'])"),
+    ):
+        proc = lictor("explain", str(tmp_path), "--request", request, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stdout.startswith(f"cannot build the request: {problem}"), proc.stdout
+    proc = lictor("explain", str(tmp_path), "--claim", "=x", "--sql", "SELECT 1", check=False)
+    assert proc.returncode == 1 and "expected KEY=VALUE, got '=x' (no key)" in proc.stderr, proc.stderr
+    # an empty statement is a PostgreSQL request, not one without a protocol
+    proc = lictor("explain", str(tmp_path), "--sql", "", check=False)
+    assert proc.returncode == 0 and "request: empty query" in proc.stdout, proc.stdout
+
+    (tmp_path / "p.tests.yaml").write_text(
+        "format: lictor-tests/v1\ncases:\n"
+        "  - {name: claims, identity: {claims: [role]}, request: {protocol: ssh, command: ls}, expect: allow}\n"
+        "  - {name: attrs, identity: {sub: a}, request: {protocol: ssh, action: exec, attrs: [ls]}, expect: deny}\n"
+        "  - {name: action, identity: {sub: a}, request: {protocol: ssh, command: ls}, expect: {action: [allow]}}\n"
+        "  - {name: alow, identity: {sub: a}, request: {protocol: ssh, command: ls}, expect: alow}\n"
+    )
+    proc = lictor("test", str(tmp_path), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for line, name, problem in (
+        (3, "claims", "identity.claims must be a mapping of claim names to values, not a list (['role'])"),
+        (4, "attrs", "attrs must be a mapping of attribute names to values, not a list (['ls'])"),
+        (5, "action", "expect.action: a list (['allow']) is not an action; expected one of: allow, deny, approve"),
+        (6, "alow", "expect: a string ('alow') is not an action (did you mean 'allow'?)"),
+    ):
+        assert f"FAIL {tmp_path / 'p.tests.yaml'}:{line} {name} -> no decision: error: {problem}" in proc.stdout, (
+            line,
+            proc.stdout,
+        )

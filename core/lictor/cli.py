@@ -226,6 +226,8 @@ def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
         if "=" not in item:
             raise SystemExit(f"expected KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
+        if not k:
+            raise SystemExit(f"expected KEY=VALUE, got {item!r} (no key)")
         value: Any = v
         if "," in v:
             value = [x for x in v.split(",") if x]
@@ -261,7 +263,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         spec = plain(docs[0]) if docs and isinstance(docs[0], dict) else {}
     for key in ("protocol", "target", "sql", "method", "path", "command"):
         value = getattr(args, key, None)
-        if value:
+        if value is not None:  # `--sql ''` is an empty statement, not a request without SQL (and so without protocol)
             spec[key] = value
     if "sql" in spec and "protocol" not in spec:
         spec["protocol"] = "postgres"  # only PostgreSQL requests are SQL

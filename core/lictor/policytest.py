@@ -49,7 +49,11 @@ class TestReport:
 
 def identity_from_spec(spec: Mapping[str, Any]) -> Identity:
     """``{sub: x, claims: {...}}`` or a flat mapping of claims with ``sub``."""
-    claims = dict(spec.get("claims") or {})
+    given = spec.get("claims") or {}
+    if not isinstance(given, Mapping):
+        # `claims: [role, reader]`: what a token carries is a JSON object of claims
+        raise ValueError(f"identity.claims must be a mapping of claim names to values, not {_kind(given)}")
+    claims = dict(given)
     for k, v in spec.items():
         if k not in ("claims",):
             claims.setdefault(k, v)
@@ -59,6 +63,11 @@ def identity_from_spec(spec: Mapping[str, Any]) -> Identity:
 
 
 def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
+    for key in ("protocol", "target", "action"):
+        # `target: [a, b]` was read as the target named "['a', 'b']", which no rule names: a deny scoped to
+        # those targets never fired, and a case expecting the default deny passed
+        if key in spec and not isinstance(spec[key], str):
+            raise ValueError(f"{key} must be a string, not {_kind(spec[key])}")
     protocol = str(spec.get("protocol", ""))
     target = str(spec.get("target", ""))
     if not target:
@@ -75,6 +84,9 @@ def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
         raise ValueError(f"{what} (loaded: {known})")
     if "action" in spec:
         attrs = spec.get("attrs") or {}
+        if not isinstance(attrs, Mapping):
+            raise ValueError(f"attrs must be a mapping of attribute names to values, not {_kind(attrs)}")
+        _check_attrs(vocab, attrs)
         # attrs are named as the request carries them, which is not always the `when:` field's name
         # (`statements` reads `kinds`): under the field's name no rule sees the value, and a case expecting
         # a deny passed without testing it.
@@ -122,6 +134,36 @@ def build_requests(policy: Policy, spec: Mapping[str, Any]) -> list[Request]:
         ) from exc
 
 
+def _kind(value: Any) -> str:
+    """How a value of the wrong type is named in a message: its YAML/JSON kind, and the value when short."""
+    name = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), "a mapping" if isinstance(value, Mapping) else type(value).__name__
+    )
+    shown = repr(value)
+    return f"{name} ({shown})" if len(shown) <= 40 else name
+
+
+def _check_attrs(vocab: Any, attrs: Mapping[str, Any]) -> None:
+    """Each attribute a rule of the protocol reads must have a value of the field's type: a YAML string where a
+    boolean is read (`modifies: "false"`) is true, and a number where a number is read but quoted never matches,
+    so a case would test another request than it shows."""
+    for f in vocab.fields:
+        value = attrs.get(f.attribute)
+        if value is None:
+            continue
+        where = f"attrs.{f.attribute}"
+        if isinstance(f, Boolean) and not isinstance(value, bool):
+            raise ValueError(f"{where}: true or false expected, not {_kind(value)}")
+        if isinstance(f, Number) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{where}: a number expected, not {_kind(value)}")
+        if isinstance(f, (Glob, Enum)):
+            items = value if isinstance(value, list) else [value]
+            if isinstance(value, (Mapping, bool)) or not all(
+                isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items
+            ):
+                raise ValueError(f"{where}: a string or a list of strings expected, not {_kind(value)}")
+
+
 def _check_request(schema: Mapping[str, Any], request: Mapping[str, Any]) -> None:
     import jsonschema
 
@@ -133,7 +175,17 @@ def _check_request(schema: Mapping[str, Any], request: Mapping[str, Any]) -> Non
 _EXPECT_KEYS = frozenset({"action", "rule", "masked", "shadow"})
 
 
+_ACTIONS = ("allow", "deny", "approve")
+
+
 def _expectation(expect: Any) -> dict[str, Any]:
+    action = expect.get("action") if isinstance(expect, Mapping) else expect
+    if isinstance(expect, str) or (isinstance(expect, Mapping) and "action" in expect):
+        if action not in _ACTIONS:
+            # `expect: alow` or `action: [deny]` could only fail, and said "expected ['deny'], got deny"
+            where = "expect.action" if isinstance(expect, Mapping) else "expect"
+            hint = did_you_mean(action, _ACTIONS) if isinstance(action, str) else ""
+            raise ValueError(f"{where}: {_kind(action)} is not an action{hint}; expected one of: {', '.join(_ACTIONS)}")
     if isinstance(expect, str):
         return {"action": expect}
     if isinstance(expect, Mapping):
