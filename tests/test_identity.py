@@ -525,3 +525,35 @@ def test_keys_of_different_types_sharing_a_kid_each_verify_their_tokens():
         assert len(hits) == 1
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("answer", [b'{"keys": []}', b"[]"])
+def test_an_unusable_answer_to_the_refetch_for_an_unknown_kid_starts_the_cooldown(answer: bytes) -> None:
+    """Once the cooldown after the last fetch had passed, a token naming an unknown kid fetched the set again;
+    when that answer had no key to use, nothing held the next one back: every token with a made-up kid (no
+    signature needed) made the gateway ask the identity provider again."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    bodies = [json.dumps(_jwks_of(key)).encode()]
+    url, hits, server = _endpoint(lambda: (bodies[-1], "application/json"))
+    try:
+        v = TokenVerifier(
+            [IssuerConfig("idp", "jwks", "https://idp", ("lictor",), ("RS256",), jwks_url=url)], jwks_cooldown=3
+        )
+        claims = {"sub": "agent", "iss": "https://idp", "aud": "lictor", "exp": time.time() + 60}
+        assert v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k1"})).subject == "agent"
+        bodies.append(answer)
+        made_up = iter(range(10**6))
+        deadline = time.monotonic() + 30
+        while len(hits) == 1:  # until the cooldown after the first fetch has passed and a made-up kid refetched
+            assert time.monotonic() < deadline, "no token with an unknown kid fetched the key set again"
+            with pytest.raises(AuthError):
+                v.verify(jwt.encode(claims, key, "RS256", headers={"kid": f"made-up-{next(made_up)}"}))
+            time.sleep(0.1)
+        for _ in range(3):
+            with pytest.raises(AuthError, match=r"failed to load \(the JWKS is unusable: .*retry later"):
+                v.verify(jwt.encode(claims, key, "RS256", headers={"kid": f"made-up-{next(made_up)}"}))
+        assert len(hits) == 2
+        # the keys fetched before still verify their tokens meanwhile
+        assert v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k1"})).subject == "agent"
+    finally:
+        server.shutdown()

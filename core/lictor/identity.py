@@ -252,6 +252,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+class _UnusableJwks(jwt.PyJWKClientError):
+    """The key set the endpoint answered has no key to use (empty, not an object, encryption keys only)."""
+
+
 class _JwksClient(jwt.PyJWKClient):
     """pyjwt's JWKS client with a deadline for the whole answer and a limit on its size.
 
@@ -259,6 +263,16 @@ class _JwksClient(jwt.PyJWKClient):
     the fetch, and every login waiting for that issuer's keys, for as long as it went on; and the body was
     read whole into memory however large it was. Here a timer shuts the connection's sockets down when
     ``timeout`` has passed, which ends a read blocked on them, and at most ``JWKS_MAX_BYTES`` are read."""
+
+    def get_signing_keys(self, refresh: bool = False) -> list[jwt.PyJWK]:
+        """pyjwt's, with a key set that has no key to use told apart from a token whose kid is not in it: both
+        were PyJWKClientError when the set was fetched again for an unknown kid."""
+        try:
+            return super().get_signing_keys(refresh)
+        except jwt.PyJWKClientConnectionError:
+            raise
+        except jwt.PyJWTError as exc:
+            raise _UnusableJwks(str(exc)) from None
 
     def fetch_data(self) -> Any:
         sockets: list[socket.socket] = []
@@ -435,6 +449,8 @@ class TokenVerifier:
             return client.get_signing_key(kid)
         except jwt.PyJWKClientConnectionError as exc:
             raise self._jwks_unavailable(issuer, str(exc)) from None
+        except _UnusableJwks as exc:  # what the refetch for an unknown kid got: asked again for every such token
+            raise self._jwks_unavailable(issuer, f"the JWKS is unusable: {_clip(str(exc))}") from None
         except jwt.PyJWTError as exc:  # the message quotes the token's kid
             raise AuthError(f"cannot find the token's signing key: {_clip(str(exc))}") from None
         except (OSError, ValueError) as exc:  # the refetch for an unknown kid failed
