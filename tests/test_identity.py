@@ -557,3 +557,18 @@ def test_an_unusable_answer_to_the_refetch_for_an_unknown_kid_starts_the_cooldow
         assert v.verify(jwt.encode(claims, key, "RS256", headers={"kid": "k1"})).subject == "agent"
     finally:
         server.shutdown()
+
+
+def test_a_negative_leeway_stops_the_gateway_with_a_clear_error(tmp_path):
+    """A negative leeway was taken: every token was refused as "not valid yet" for that long after it was
+    issued, and refused that long before its exp."""
+    from tests.conftest import lictor
+
+    config = tmp_path / "lictor.yaml"
+    config.write_text(f"version: 1\nstate_dir: {tmp_path / 'state'}\nidentity:\n  leeway: -60\n")
+    problem = "lictor.yaml:4:11: identity.leeway: -60 is negative: it is the clock skew allowed for exp, nbf and iat"
+    checked = lictor("check", "-c", str(config), check=False)
+    assert checked.returncode == 1 and problem in checked.stdout, checked.stdout
+    proc = lictor("run", "-c", str(config), "--ready-file", str(tmp_path / "ready"), check=False, timeout=30)
+    assert proc.returncode == 1 and problem in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "ready").exists()

@@ -340,6 +340,11 @@ class Gateway:
             leeway = parse_duration(section.get("leeway", 30))
         except ValueError as exc:
             raise ConfigError(f"{config.where('identity', 'leeway')}: identity.leeway: {exc}") from None
+        if leeway < 0:  # it refused every token for that long after it was issued, as "not valid yet"
+            raise ConfigError(
+                f"{config.where('identity', 'leeway')}: identity.leeway: {section.get('leeway')!r} is negative: "
+                "it is the clock skew allowed for exp, nbf and iat (0 allows none)"
+            )
         try:
             return TokenVerifier(issuers, leeway=leeway)
         except ValueError as exc:
