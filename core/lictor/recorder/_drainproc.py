@@ -179,15 +179,17 @@ class DrainProcess:
                     self._retained(str(doc["retention"]["sink"]), [str(s) for s in doc["retention"]["sessions"]])
                     continue
                 drainer = self._by_name[str(doc["name"])]
-                drainer.committed = int(doc["committed"])
-                drainer.healthy = bool(doc["healthy"])
-                drainer.last_error = str(doc["last_error"])
-                drainer.failures = int(doc["failures"])
+                committed, healthy = int(doc["committed"]), bool(doc["healthy"])
+                last_error, failures = str(doc["last_error"]), int(doc["failures"])
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("unexpected output from the recording drain process: %r (%s)", raw[:200], exc)
                 continue
-            self._release()  # before waking flush(): it returns with the drained segments gone
+            # Under the lock wait() checks ``committed`` with: it wakes on its own every 50 ms, and one wake-up
+            # between the new position and the release returned from flush() with drained segments still there.
             with self._cond:
+                drainer.committed, drainer.healthy = committed, healthy
+                drainer.last_error, drainer.failures = last_error, failures
+                self._release()  # before waking flush(): it returns with the drained segments gone
                 self._cond.notify_all()
 
     def _retained(self, sink: str, sessions: list[str]) -> None:
