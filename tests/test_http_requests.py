@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -284,16 +285,24 @@ roles:
 """
 
 
-def test_a_restriction_on_names_matches_requests_that_name_no_object(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    # a list, a watch, a deletecollection or a create may touch the named object: a deny on it applies
-    (tmp_path / "p.yaml").write_text(NAMES_PACK)
+def _k8s_actions(tmp_path: Any, pack: str) -> Callable[[str, str], str]:
+    """What ``pack`` decides (the action) for role ``a`` on a Kubernetes request without a body."""
+    (tmp_path / "p.yaml").write_text(pack)
     result = load_policy([tmp_path], {"kubernetes": K8S_VOCABULARY})
-    assert result.policy is not None, result.errors
+    policy = result.policy
+    assert policy is not None, result.errors
     who = Identity("a", {"role": "a"})
 
     def decide(method: str, path: str) -> str:
         call = k8s_request(method=method, raw_path=path, headers={}, body=b"", target="c")
-        return result.policy.decide(who, call.request).action  # type: ignore[union-attr]
+        return policy.decide(who, call.request).action
+
+    return decide
+
+
+def test_a_restriction_on_names_matches_requests_that_name_no_object(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # a list, a watch, a deletecollection or a create may touch the named object: a deny on it applies
+    decide = _k8s_actions(tmp_path, NAMES_PACK)
 
     cms = "/api/v1/namespaces/apps/configmaps"
     assert decide("GET", f"{cms}/other") == "allow"
@@ -319,14 +328,7 @@ roles:
 
 def test_a_restriction_on_a_resource_matches_the_subresources_that_answer_with_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # GET pods/x/status (or ephemeralcontainers) answers with the pod itself: a deny on pods holds for it
-    (tmp_path / "p.yaml").write_text(STATUS_PACK)
-    result = load_policy([tmp_path], {"kubernetes": K8S_VOCABULARY})
-    assert result.policy is not None, result.errors
-    who = Identity("a", {"role": "a"})
-
-    def decide(method: str, path: str) -> str:
-        call = k8s_request(method=method, raw_path=path, headers={}, body=b"", target="c")
-        return result.policy.decide(who, call.request).action  # type: ignore[union-attr]
+    decide = _k8s_actions(tmp_path, STATUS_PACK)
 
     system = "/api/v1/namespaces/kube-system/pods/x"
     for sub in ("", "/status", "/ephemeralcontainers"):
