@@ -308,6 +308,41 @@ def test_the_api_reads_any_limit_it_is_given(approvals_gateway: Any) -> None:
             assert sock.makefile("rb").readline().split(b" ")[1] == status, length
 
 
+def test_the_api_answers_its_errors_in_json_as_documented(approvals_gateway: Any) -> None:
+    # docs/approvals.md: errors are {"error": "..."}. Those the HTTP server answers itself (a body that is not JSON,
+    # a path or method the API does not have) came as text, which a client parsing the API's JSON choked on.
+    gw = approvals_gateway
+    dba = {"Authorization": f"Bearer {gw.token('dba-1', role='dba')}"}
+    agent = LineAgent(gw.line_port, gw.token("agent-1", role="agent"))
+    aid, _ = agent.held("restart api")
+    with httpx.Client(base_url=gw.url, timeout=10, headers=dba) as api:
+        answers = [
+            api.post(f"/api/approvals/{aid}/approve", content=b"reason=ok", headers={"Content-Type": "text/plain"}),
+            api.post(
+                f"/api/approvals/{aid}/approve", content=b"{not json", headers={"Content-Type": "application/json"}
+            ),
+            api.get("/api/nothing-here"),
+            api.delete(f"/api/approvals/{aid}"),
+        ]
+        page = api.get("/nothing-here")  # the page's own errors stay text
+    assert [(r.status_code, r.headers["content-type"]) for r in answers] == [
+        (415, "application/json"),
+        (400, "application/json"),
+        (404, "application/json"),
+        (405, "application/json"),
+    ]
+    assert [r.json() for r in answers] == [
+        {"error": "expected application/json"},
+        {"error": "malformed JSON body"},
+        {"error": "Not Found"},
+        {"error": "Method Not Allowed"},
+    ]
+    assert page.status_code == 404 and page.headers["content-type"].startswith("text/plain")
+    lictor("approvals", "deny", aid, "--url", gw.url, "--token", gw.token("dba-1", role="dba"), "--reason", "no")
+    assert agent.recv().startswith("DENIED ")
+    agent.close()
+
+
 def test_idle_connections_cannot_take_every_descriptor_of_the_gateway(approvals_gateway: Any) -> None:
     # Each connection that sends nothing is held until the read times out: enough of them took the descriptors
     # the gateway needs for its agents' connections and its files.

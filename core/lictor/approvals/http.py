@@ -212,13 +212,14 @@ class HttpServer:
         peer = writer.get_extra_info("peername")
         peer_s = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
         method = "GET"
+        request: HttpRequest | None = None
         try:
             try:
                 request = await asyncio.wait_for(self._read(reader, peer_s), READ_TIMEOUT)
                 method = request.method
                 response = await self._dispatch(request)
             except BadRequest as exc:
-                response = HttpResponse.text(str(exc) + "\n", exc.status)
+                response = _error(request, str(exc), exc.status)
             except (TimeoutError, asyncio.IncompleteReadError, ValueError, ConnectionError):
                 return
             await self._write(writer, response, head_only=method == "HEAD")
@@ -234,14 +235,14 @@ class HttpServer:
     async def _dispatch(self, request: HttpRequest) -> HttpResponse:
         handler = self._match(request.method, request.path)
         if isinstance(handler, int):
-            return HttpResponse.text(HTTPStatus(handler).phrase + "\n", handler)
+            return _error(request, HTTPStatus(handler).phrase, handler)
         try:
             return await handler(request)
         except BadRequest:
             raise
         except Exception:
             log.exception("error handling %s %s", request.method, request.path)
-            return HttpResponse.text("internal error\n", 500)
+            return _error(request, "internal error", 500)
 
     async def _read(self, reader: asyncio.StreamReader, peer: str) -> HttpRequest:
         try:
@@ -314,3 +315,10 @@ class HttpServer:
         head = f"HTTP/1.1 {response.status} {phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
         writer.write(head.encode("latin-1") + (b"" if head_only else response.body))
         await writer.drain()
+
+
+def _error(request: HttpRequest | None, message: str, status: int) -> HttpResponse:
+    """An error the server answers itself: ``{"error": ...}`` under ``/api/`` (what API clients parse), else text."""
+    if request is not None and (request.path == "/api" or request.path.startswith("/api/")):
+        return HttpResponse.json({"error": message}, status)
+    return HttpResponse.text(message + "\n", status)

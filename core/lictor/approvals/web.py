@@ -206,6 +206,8 @@ class WebApp:
         return resp
 
     async def root(self, request: HttpRequest) -> HttpResponse:
+        if request.path == "/api" or request.path.startswith("/api/"):
+            return HttpResponse.json({"error": "Not Found"}, 404)
         if request.path != "/":
             return HttpResponse.text("Not Found\n", 404)
         return HttpResponse.redirect("/approvals")
