@@ -41,6 +41,18 @@ def require_binary(name: str) -> str:
     return path
 
 
+def attach_strace(pid: int, *args: str) -> subprocess.Popen[bytes]:
+    """strace with ``args`` on the running process ``pid``, returned once it has attached (it says so on stderr)."""
+    tracer = subprocess.Popen([require_binary("strace"), "-p", str(pid), *args], stderr=subprocess.PIPE)
+    assert tracer.stderr is not None
+    said = tracer.stderr.readline()
+    if b"attached" not in said:
+        tracer.kill()
+        tracer.wait()
+        require(False, f"strace cannot attach to process {pid}: {said.decode(errors='replace').strip()}")
+    return tracer
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

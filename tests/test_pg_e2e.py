@@ -29,11 +29,11 @@ from lictor_addons.postgres import _protocol as pg
 from tests.conftest import (
     ROOT,
     GatewayProcess,
+    attach_strace,
     free_port,
     idle_connections,
     lictor,
     require,
-    require_binary,
     wait_until,
 )
 from tests.idp import HeldJwks
@@ -2456,13 +2456,7 @@ def test_concurrent_strict_sessions_share_their_fdatasyncs(env: PgEnv) -> None:
     relay now syncs once per turn of the loop, before the turn's output leaves: concurrent sessions share it."""
     clients, statements = 8, 40
     pid = env.gateway.pid  # type: ignore[union-attr]
-    tracer = subprocess.Popen(
-        [require_binary("strace"), "-f", "-p", str(pid), "-e", "trace=fdatasync", "-o", str(env.workdir / "syncs")],
-        stderr=subprocess.PIPE,
-    )
-    assert tracer.stderr is not None
-    said = tracer.stderr.readline()
-    require(b"attached" in said, f"strace cannot attach to the gateway: {said.decode(errors='replace').strip()}")
+    tracer = attach_strace(pid, "-f", "-e", "trace=fdatasync", "-o", str(env.workdir / "syncs"))
     try:
         # not prepared: each statement's Parse is decided, so each statement is two strict events
         conns = [env.connect("readonly", prepare_threshold=None) for _ in range(clients)]

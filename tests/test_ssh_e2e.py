@@ -32,7 +32,16 @@ import asyncssh
 import pytest
 import yaml
 
-from tests.conftest import GatewayProcess, free_port, idle_connections, lictor, require, require_binary, wait_until
+from tests.conftest import (
+    GatewayProcess,
+    attach_strace,
+    free_port,
+    idle_connections,
+    lictor,
+    require,
+    require_binary,
+    wait_until,
+)
 from tests.sshd import SSHD, GatewayClient, Sshd, ssh_keygen, start_sshd
 
 pytestmark = pytest.mark.timeout(120)
@@ -2813,18 +2822,7 @@ def test_a_program_waiting_for_the_agents_answer_gets_it_through_masked_output(e
 def _stall_reads(pid: int) -> subprocess.Popen[bytes]:
     """Hold the target's process ``pid`` for a second on its way back from each read (strace injects the delay):
     a signal sent meanwhile reaches bash after it has read a line, before it has parsed it."""
-    tracer = subprocess.Popen(
-        [require_binary("strace"), "-p", str(pid), "-e", "trace=read", "-e", "inject=read:delay_exit=1000000",
-         "-o", "/dev/null"],
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    assert tracer.stderr is not None
-    said = tracer.stderr.readline()
-    if b"attached" not in said:
-        tracer.kill()
-        tracer.wait()
-        require(False, f"strace cannot attach to the target's shell: {said.decode(errors='replace').strip()}")
-    return tracer
+    return attach_strace(pid, "-e", "trace=read", "-e", "inject=read:delay_exit=1000000", "-o", "/dev/null")
 
 
 def test_an_interrupt_never_makes_the_shell_run_the_rest_of_a_line_it_was_reading(env: Env) -> None:
