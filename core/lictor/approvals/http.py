@@ -219,7 +219,7 @@ class HttpServer:
                 method = request.method
                 response = await self._dispatch(request)
             except BadRequest as exc:
-                response = _error(request, str(exc), exc.status)
+                response = error_response(request, str(exc), exc.status)
             except (TimeoutError, asyncio.IncompleteReadError, ValueError, ConnectionError):
                 return
             await self._write(writer, response, head_only=method == "HEAD")
@@ -235,14 +235,14 @@ class HttpServer:
     async def _dispatch(self, request: HttpRequest) -> HttpResponse:
         handler = self._match(request.method, request.path)
         if isinstance(handler, int):
-            return _error(request, HTTPStatus(handler).phrase, handler)
+            return error_response(request, HTTPStatus(handler).phrase, handler)
         try:
             return await handler(request)
         except BadRequest:
             raise
         except Exception:
             log.exception("error handling %s %s", request.method, request.path)
-            return _error(request, "internal error", 500)
+            return error_response(request, "internal error", 500)
 
     async def _read(self, reader: asyncio.StreamReader, peer: str) -> HttpRequest:
         try:
@@ -317,7 +317,7 @@ class HttpServer:
         await writer.drain()
 
 
-def _error(request: HttpRequest | None, message: str, status: int) -> HttpResponse:
+def error_response(request: HttpRequest | None, message: str, status: int) -> HttpResponse:
     """An error the server answers itself: ``{"error": ...}`` under ``/api/`` (what API clients parse), else text."""
     if request is not None and (request.path == "/api" or request.path.startswith("/api/")):
         return HttpResponse.json({"error": message}, status)

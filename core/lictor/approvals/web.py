@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from .._text import has_rtl, non_ascii_names, printable, rtl_runs
 from ..identity import AuthError, Identity
 from ._model import APPROVED, PENDING, Approval, ApprovalError, format_duration
-from .http import BadRequest, HttpRequest, HttpResponse, HttpServer, bounded_number
+from .http import BadRequest, HttpRequest, HttpResponse, HttpServer, bounded_number, error_response
 
 if TYPE_CHECKING:
     from .broker import ApprovalBroker
@@ -206,10 +206,8 @@ class WebApp:
         return resp
 
     async def root(self, request: HttpRequest) -> HttpResponse:
-        if request.path == "/api" or request.path.startswith("/api/"):
-            return HttpResponse.json({"error": "Not Found"}, 404)
         if request.path != "/":
-            return HttpResponse.text("Not Found\n", 404)
+            return error_response(request, "Not Found", 404)
         return HttpResponse.redirect("/approvals")
 
     async def login_form(self, request: HttpRequest, error: str = "", status: int = 200) -> HttpResponse:
